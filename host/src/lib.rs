@@ -1,0 +1,2 @@
+//! gve: the Grid Virtualization Engine.
+pub mod plugin;

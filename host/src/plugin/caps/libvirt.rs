@@ -1,0 +1,481 @@
+//! libvirt capability: connections the host opens with libvirt's C library (the
+//! `virt` crate) for the URIs the operator granted to the plugin. A URI not on the
+//! list is refused with `denied` before any connection is made; migration
+//! destinations are checked the same way. Every libvirt call runs on a blocking
+//! thread with the plugin's call budget, so a hung libvirtd cannot stall the executor.
+
+use std::sync::{Arc, Once};
+use std::time::Duration;
+
+use virt::connect::Connect;
+use virt::domain::Domain as VirtDomain;
+use virt::error::ErrorNumber;
+use virt::storage_pool::StoragePool;
+use virt::storage_vol::StorageVol;
+use wasmtime::component::Resource;
+
+use crate::plugin::bindings::gve::hypervisor::libvirt::{
+    Domain, DomainState, Host, HostConnection, MigrateFlags, NodeInfo, UndefineFlags, Volume,
+};
+use crate::plugin::bindings::types::Error;
+use crate::plugin::state::HostState;
+
+/// What one plugin may open.
+#[derive(Clone, Debug)]
+pub struct LibvirtCap {
+    plugin: Arc<str>,
+    allowed: Arc<Vec<String>>,
+    timeout: Duration,
+}
+
+impl LibvirtCap {
+    /// The capability of `plugin`: exactly the URIs in `allowed`.
+    pub fn new(plugin: Arc<str>, allowed: Vec<String>, timeout: Duration) -> LibvirtCap {
+        LibvirtCap { plugin, allowed: Arc::new(allowed), timeout }
+    }
+
+    /// Refuses a URI that is not granted, naming the plugin and what is granted.
+    pub fn check(&self, uri: &str) -> Result<(), Error> {
+        if self.allowed.iter().any(|g| g == uri) {
+            return Ok(());
+        }
+        let granted = if self.allowed.is_empty() { "none".to_string() } else { self.allowed.join(", ") };
+        tracing::warn!(plugin = &*self.plugin, uri, "libvirt URI refused: not granted");
+        Err(Error::Denied(format!(
+            "libvirt URI '{uri}' is not granted to plugin '{}' (granted: {granted})",
+            self.plugin
+        )))
+    }
+}
+
+/// An open libvirt connection, closed when the plugin drops it.
+pub struct Connection {
+    uri: String,
+    conn: Arc<Conn>,
+}
+
+/// `virt::connect::Connect` closes nothing on drop; this does.
+struct Conn(Connect);
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        let _ = self.0.close();
+    }
+}
+
+fn quiet_libvirt() {
+    static ONCE: Once = Once::new();
+    // libvirt prints every error to stderr by default; errors reach the plugin instead.
+    ONCE.call_once(virt::error::clear_error_callback);
+}
+
+/// Maps a libvirt error to the contract's error kinds.
+fn map_err(e: virt::error::Error) -> Error {
+    let m = format!("libvirt: {}", e.message());
+    match e.code() {
+        ErrorNumber::NoDomain
+        | ErrorNumber::NoStorageVolume
+        | ErrorNumber::NoStoragePool
+        | ErrorNumber::NoDomainSnapshot
+        | ErrorNumber::NoNetwork => Error::NotFound(m),
+        ErrorNumber::DomExist | ErrorNumber::StorageVolExist => Error::AlreadyExists(m),
+        ErrorNumber::InvalidArg | ErrorNumber::XmlError | ErrorNumber::XmlDetail => {
+            Error::InvalidArgument(m)
+        }
+        ErrorNumber::OperationInvalid => Error::InvalidState(m),
+        ErrorNumber::NoSupport | ErrorNumber::ArgumentUnsupported => Error::Unsupported(m),
+        ErrorNumber::AuthFailed
+        | ErrorNumber::AuthCancelled
+        | ErrorNumber::AccessDenied
+        | ErrorNumber::OperationDenied => Error::Denied(m),
+        ErrorNumber::OperationTimeout => Error::Timeout(m),
+        ErrorNumber::NoConnect | ErrorNumber::AgentUnresponsive | ErrorNumber::OperationUnsupported => {
+            Error::Unavailable(m)
+        }
+        _ => Error::Backend(m),
+    }
+}
+
+/// Refuses strings libvirt's C API cannot take (the `virt` crate panics on them).
+fn no_nul(args: &[&str]) -> Result<(), Error> {
+    match args.iter().find(|a| a.contains('\0')) {
+        Some(_) => Err(Error::InvalidArgument("argument contains a NUL byte".into())),
+        None => Ok(()),
+    }
+}
+
+fn lookup(c: &Connect, domain: &str) -> Result<VirtDomain, Error> {
+    let by_uuid = domain.len() == 36 && domain.chars().filter(|&ch| ch == '-').count() == 4;
+    let r = if by_uuid {
+        VirtDomain::lookup_by_uuid_string(c, domain)
+    } else {
+        VirtDomain::lookup_by_name(c, domain)
+    };
+    r.map_err(map_err)
+}
+
+fn describe(d: &VirtDomain) -> Result<Domain, Error> {
+    let info = d.get_info().map_err(map_err)?;
+    let state = match info.state {
+        1 => DomainState::Running,
+        2 => DomainState::Blocked,
+        3 => DomainState::Paused,
+        4 => DomainState::Shutdown,
+        5 => DomainState::Shutoff,
+        6 => DomainState::Crashed,
+        7 => DomainState::PmSuspended,
+        _ => DomainState::NoState,
+    };
+    Ok(Domain {
+        name: d.get_name().map_err(map_err)?,
+        uuid: d.get_uuid_string().map_err(map_err)?,
+        id: d.get_id(),
+        state,
+        persistent: d.is_persistent().map_err(map_err)?,
+        has_managed_save: d.has_managed_save(0).unwrap_or(false),
+        max_memory_kib: info.max_mem,
+        memory_kib: info.memory,
+        vcpus: info.nr_virt_cpu,
+    })
+}
+
+fn volume(v: &StorageVol) -> Result<Volume, Error> {
+    let info = v.get_info().map_err(map_err)?;
+    Ok(Volume {
+        name: v.get_name().map_err(map_err)?,
+        path: v.get_path().map_err(map_err)?,
+        capacity_bytes: info.capacity,
+        allocation_bytes: info.allocation,
+    })
+}
+
+fn pool(c: &Connect, name: &str) -> Result<StoragePool, Error> {
+    StoragePool::lookup_by_name(c, name).map_err(map_err)
+}
+
+fn migrate_flags(f: MigrateFlags) -> u32 {
+    use virt::sys::*;
+    let table = [
+        (MigrateFlags::LIVE, VIR_MIGRATE_LIVE),
+        (MigrateFlags::PEER_TO_PEER, VIR_MIGRATE_PEER2PEER),
+        (MigrateFlags::TUNNELLED, VIR_MIGRATE_TUNNELLED),
+        (MigrateFlags::PERSIST_DESTINATION, VIR_MIGRATE_PERSIST_DEST),
+        (MigrateFlags::UNDEFINE_SOURCE, VIR_MIGRATE_UNDEFINE_SOURCE),
+        (MigrateFlags::NON_SHARED_DISK, VIR_MIGRATE_NON_SHARED_DISK),
+        (MigrateFlags::NON_SHARED_INCREMENTAL, VIR_MIGRATE_NON_SHARED_INC),
+        (MigrateFlags::AUTO_CONVERGE, VIR_MIGRATE_AUTO_CONVERGE),
+        (MigrateFlags::UNSAFE_MIGRATION, VIR_MIGRATE_UNSAFE),
+    ];
+    table.iter().filter(|(w, _)| f.contains(*w)).fold(0, |acc, (_, v)| acc | *v as u32)
+}
+
+fn undefine_flags(f: UndefineFlags) -> u32 {
+    use virt::sys::*;
+    let mut v = 0;
+    if f.contains(UndefineFlags::MANAGED_SAVE) {
+        v |= VIR_DOMAIN_UNDEFINE_MANAGED_SAVE;
+    }
+    if f.contains(UndefineFlags::SNAPSHOTS_METADATA) {
+        v |= VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA;
+    }
+    if f.contains(UndefineFlags::NVRAM) {
+        v |= VIR_DOMAIN_UNDEFINE_NVRAM;
+    }
+    v
+}
+
+fn open_blocking(uri: &str) -> Result<Conn, Error> {
+    quiet_libvirt();
+    Connect::open(Some(uri)).map(Conn).map_err(map_err)
+}
+
+impl HostState {
+    /// Runs `f` on the connection behind `this` on a blocking thread, within the
+    /// plugin's call budget.
+    async fn on_conn<T: Send + 'static>(
+        &mut self,
+        this: &Resource<Connection>,
+        op: &'static str,
+        f: impl FnOnce(&Connect) -> Result<T, Error> + Send + 'static,
+    ) -> wasmtime::Result<Result<T, Error>> {
+        let conn = self.table().get(this)?.conn.clone();
+        Ok(self.libvirt.blocking(op, move || f(&conn.0)).await)
+    }
+}
+
+impl LibvirtCap {
+    async fn blocking<T: Send + 'static>(
+        &self,
+        op: &'static str,
+        f: impl FnOnce() -> Result<T, Error> + Send + 'static,
+    ) -> Result<T, Error> {
+        match tokio::time::timeout(self.timeout, tokio::task::spawn_blocking(f)).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(join)) => Err(Error::Backend(format!("libvirt {op} failed on its thread: {join}"))),
+            Err(_) => Err(Error::Timeout(format!(
+                "libvirt {op} did not answer within {:?}",
+                self.timeout
+            ))),
+        }
+    }
+}
+
+impl Host for HostState {}
+
+/// Implements a connection method: NUL-checks the string arguments, then runs the
+/// body on the connection's blocking thread.
+macro_rules! conn_op {
+    ($self:ident, $this:ident, $op:literal, [$($s:ident),*], |$c:ident| $body:expr) => {{
+        $(let $s: String = $s;)*
+        if let Err(e) = no_nul(&[$($s.as_str()),*]) {
+            return Ok(Err(e));
+        }
+        $self.on_conn(&$this, $op, move |$c: &Connect| $body).await
+    }};
+}
+
+impl HostConnection for HostState {
+    async fn open(&mut self, uri: String) -> wasmtime::Result<Result<Resource<Connection>, Error>> {
+        if let Err(e) = self.libvirt.check(&uri).and_then(|_| no_nul(&[&uri])) {
+            return Ok(Err(e));
+        }
+        let u = uri.clone();
+        match self.libvirt.blocking("open", move || open_blocking(&u)).await {
+            Ok(conn) => Ok(Ok(self.table().push(Connection { uri, conn: Arc::new(conn) })?)),
+            Err(e) => Ok(Err(e)),
+        }
+    }
+
+    async fn uri(&mut self, this: Resource<Connection>) -> wasmtime::Result<String> {
+        Ok(self.table().get(&this)?.uri.clone())
+    }
+
+    async fn hostname(&mut self, this: Resource<Connection>) -> wasmtime::Result<Result<String, Error>> {
+        conn_op!(self, this, "hostname", [], |c| c.get_hostname().map_err(map_err))
+    }
+
+    async fn hypervisor_type(&mut self, this: Resource<Connection>) -> wasmtime::Result<Result<String, Error>> {
+        conn_op!(self, this, "hypervisor-type", [], |c| c.get_type().map_err(map_err))
+    }
+
+    async fn hypervisor_version(&mut self, this: Resource<Connection>) -> wasmtime::Result<Result<String, Error>> {
+        conn_op!(self, this, "hypervisor-version", [], |c| {
+            let v = c.get_hyp_version().map_err(map_err)?;
+            Ok(format!("{}.{}.{}", v / 1_000_000, (v / 1000) % 1000, v % 1000))
+        })
+    }
+
+    async fn node_info(&mut self, this: Resource<Connection>) -> wasmtime::Result<Result<NodeInfo, Error>> {
+        conn_op!(self, this, "node-info", [], |c| {
+            let n = c.get_node_info().map_err(map_err)?;
+            Ok(NodeInfo {
+                model: n.model,
+                memory_kib: n.memory,
+                cpus: n.cpus,
+                mhz: n.mhz,
+                nodes: n.nodes,
+                sockets: n.sockets,
+                cores: n.cores,
+                threads: n.threads,
+            })
+        })
+    }
+
+    async fn node_free_memory(&mut self, this: Resource<Connection>) -> wasmtime::Result<Result<u64, Error>> {
+        conn_op!(self, this, "node-free-memory", [], |c| c.get_free_memory().map_err(map_err))
+    }
+
+    async fn list_domains(&mut self, this: Resource<Connection>) -> wasmtime::Result<Result<Vec<Domain>, Error>> {
+        conn_op!(self, this, "list-domains", [], |c| {
+            let all = c.list_all_domains(0).map_err(map_err)?;
+            all.iter().map(describe).collect()
+        })
+    }
+
+    async fn lookup_domain(&mut self, this: Resource<Connection>, domain: String) -> wasmtime::Result<Result<Domain, Error>> {
+        conn_op!(self, this, "lookup-domain", [domain], |c| describe(&lookup(c, &domain)?))
+    }
+
+    async fn domain_xml(&mut self, this: Resource<Connection>, domain: String, inactive: bool) -> wasmtime::Result<Result<String, Error>> {
+        conn_op!(self, this, "domain-xml", [domain], |c| {
+            let flags = if inactive { virt::sys::VIR_DOMAIN_XML_INACTIVE } else { 0 };
+            lookup(c, &domain)?.get_xml_desc(flags).map_err(map_err)
+        })
+    }
+
+    async fn define_domain(&mut self, this: Resource<Connection>, xml: String) -> wasmtime::Result<Result<Domain, Error>> {
+        conn_op!(self, this, "define-domain", [xml], |c| {
+            describe(&VirtDomain::define_xml(c, &xml).map_err(map_err)?)
+        })
+    }
+
+    async fn undefine_domain(&mut self, this: Resource<Connection>, domain: String, flags: UndefineFlags) -> wasmtime::Result<Result<(), Error>> {
+        conn_op!(self, this, "undefine-domain", [domain], |c| {
+            lookup(c, &domain)?.undefine_flags(undefine_flags(flags)).map_err(map_err)
+        })
+    }
+
+    async fn start_domain(&mut self, this: Resource<Connection>, domain: String) -> wasmtime::Result<Result<Domain, Error>> {
+        conn_op!(self, this, "start-domain", [domain], |c| {
+            let d = lookup(c, &domain)?;
+            d.create().map_err(map_err)?;
+            describe(&d)
+        })
+    }
+
+    async fn shutdown_domain(&mut self, this: Resource<Connection>, domain: String) -> wasmtime::Result<Result<(), Error>> {
+        conn_op!(self, this, "shutdown-domain", [domain], |c| {
+            lookup(c, &domain)?.shutdown().map(drop).map_err(map_err)
+        })
+    }
+
+    async fn destroy_domain(&mut self, this: Resource<Connection>, domain: String) -> wasmtime::Result<Result<(), Error>> {
+        conn_op!(self, this, "destroy-domain", [domain], |c| lookup(c, &domain)?.destroy().map_err(map_err))
+    }
+
+    async fn suspend_domain(&mut self, this: Resource<Connection>, domain: String) -> wasmtime::Result<Result<(), Error>> {
+        conn_op!(self, this, "suspend-domain", [domain], |c| {
+            lookup(c, &domain)?.suspend().map(drop).map_err(map_err)
+        })
+    }
+
+    async fn resume_domain(&mut self, this: Resource<Connection>, domain: String) -> wasmtime::Result<Result<(), Error>> {
+        conn_op!(self, this, "resume-domain", [domain], |c| {
+            lookup(c, &domain)?.resume().map(drop).map_err(map_err)
+        })
+    }
+
+    async fn managed_save(&mut self, this: Resource<Connection>, domain: String) -> wasmtime::Result<Result<(), Error>> {
+        conn_op!(self, this, "managed-save", [domain], |c| {
+            lookup(c, &domain)?.managed_save(0).map(drop).map_err(map_err)
+        })
+    }
+
+    async fn migrate_domain(
+        &mut self,
+        this: Resource<Connection>,
+        domain: String,
+        destination_uri: String,
+        flags: MigrateFlags,
+        bandwidth_mibps: u64,
+    ) -> wasmtime::Result<Result<(), Error>> {
+        if let Err(e) = self.libvirt.check(&destination_uri) {
+            return Ok(Err(e));
+        }
+        let p2p = flags.contains(MigrateFlags::PEER_TO_PEER);
+        conn_op!(self, this, "migrate-domain", [domain, destination_uri], |c| {
+            let d = lookup(c, &domain)?;
+            let f = migrate_flags(flags);
+            if p2p {
+                d.migrate_to_uri(&destination_uri, f, None, bandwidth_mibps).map_err(map_err)
+            } else {
+                let dest = open_blocking(&destination_uri)?;
+                d.migrate(&dest.0, f, None, None, bandwidth_mibps).map(drop).map_err(map_err)
+            }
+        })
+    }
+
+    async fn create_snapshot(&mut self, this: Resource<Connection>, domain: String, xml: String) -> wasmtime::Result<Result<String, Error>> {
+        conn_op!(self, this, "create-snapshot", [domain, xml], |c| {
+            let d = lookup(c, &domain)?;
+            let s = virt::domain_snapshot::DomainSnapshot::create_xml(&d, &xml, 0).map_err(map_err)?;
+            s.get_name().map_err(map_err)
+        })
+    }
+
+    async fn list_snapshots(&mut self, this: Resource<Connection>, domain: String) -> wasmtime::Result<Result<Vec<String>, Error>> {
+        conn_op!(self, this, "list-snapshots", [domain], |c| {
+            let d = lookup(c, &domain)?;
+            let all = d.list_all_snapshots(0).map_err(map_err)?;
+            all.iter().map(|s| s.get_name().map_err(map_err)).collect()
+        })
+    }
+
+    async fn revert_snapshot(&mut self, this: Resource<Connection>, domain: String, snapshot: String) -> wasmtime::Result<Result<(), Error>> {
+        conn_op!(self, this, "revert-snapshot", [domain, snapshot], |c| {
+            let d = lookup(c, &domain)?;
+            let s = virt::domain_snapshot::DomainSnapshot::lookup_by_name(&d, &snapshot, 0).map_err(map_err)?;
+            s.revert(0).map_err(map_err)
+        })
+    }
+
+    async fn delete_snapshot(&mut self, this: Resource<Connection>, domain: String, snapshot: String) -> wasmtime::Result<Result<(), Error>> {
+        conn_op!(self, this, "delete-snapshot", [domain, snapshot], |c| {
+            let d = lookup(c, &domain)?;
+            let s = virt::domain_snapshot::DomainSnapshot::lookup_by_name(&d, &snapshot, 0).map_err(map_err)?;
+            s.delete(0).map_err(map_err)
+        })
+    }
+
+    async fn list_storage_pools(&mut self, this: Resource<Connection>) -> wasmtime::Result<Result<Vec<String>, Error>> {
+        conn_op!(self, this, "list-storage-pools", [], |c| {
+            let pools = c.list_all_storage_pools(0).map_err(map_err)?;
+            pools.iter().map(|p| p.get_name().map_err(map_err)).collect()
+        })
+    }
+
+    async fn refresh_storage_pool(&mut self, this: Resource<Connection>, name: String) -> wasmtime::Result<Result<(), Error>> {
+        conn_op!(self, this, "refresh-storage-pool", [name], |c| {
+            pool(c, &name)?.refresh(0).map(drop).map_err(map_err)
+        })
+    }
+
+    async fn list_volumes(&mut self, this: Resource<Connection>, name: String) -> wasmtime::Result<Result<Vec<Volume>, Error>> {
+        conn_op!(self, this, "list-volumes", [name], |c| {
+            let vols = pool(c, &name)?.list_all_volumes(0).map_err(map_err)?;
+            vols.iter().map(volume).collect()
+        })
+    }
+
+    async fn lookup_volume(&mut self, this: Resource<Connection>, path: String) -> wasmtime::Result<Result<Volume, Error>> {
+        conn_op!(self, this, "lookup-volume", [path], |c| {
+            volume(&StorageVol::lookup_by_path(c, &path).map_err(map_err)?)
+        })
+    }
+
+    async fn create_volume(&mut self, this: Resource<Connection>, name: String, xml: String) -> wasmtime::Result<Result<Volume, Error>> {
+        conn_op!(self, this, "create-volume", [name, xml], |c| {
+            volume(&StorageVol::create_xml(&pool(c, &name)?, &xml, 0).map_err(map_err)?)
+        })
+    }
+
+    async fn clone_volume(&mut self, this: Resource<Connection>, name: String, xml: String, source_path: String) -> wasmtime::Result<Result<Volume, Error>> {
+        conn_op!(self, this, "clone-volume", [name, xml, source_path], |c| {
+            let src = StorageVol::lookup_by_path(c, &source_path).map_err(map_err)?;
+            volume(&StorageVol::create_xml_from(&pool(c, &name)?, &xml, &src, 0).map_err(map_err)?)
+        })
+    }
+
+    async fn delete_volume(&mut self, this: Resource<Connection>, path: String) -> wasmtime::Result<Result<(), Error>> {
+        conn_op!(self, this, "delete-volume", [path], |c| {
+            StorageVol::lookup_by_path(c, &path).map_err(map_err)?.delete(0).map_err(map_err)
+        })
+    }
+
+    async fn qemu_agent_command(&mut self, this: Resource<Connection>, domain: String, command: String, timeout_seconds: i32) -> wasmtime::Result<Result<String, Error>> {
+        conn_op!(self, this, "qemu-agent-command", [domain, command], |c| {
+            lookup(c, &domain)?.qemu_agent_command(&command, timeout_seconds, 0).map_err(map_err)
+        })
+    }
+
+    async fn drop(&mut self, this: Resource<Connection>) -> wasmtime::Result<()> {
+        let conn = self.table().delete(this)?;
+        // Closing a connection can block on a hung daemon: not on the executor.
+        tokio::task::spawn_blocking(move || drop(conn));
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refuses_ungranted_uris_by_name() {
+        let cap = LibvirtCap::new("kvm".into(), vec!["test:///default".into()], Duration::from_secs(1));
+        assert!(cap.check("test:///default").is_ok());
+        let Err(Error::Denied(m)) = cap.check("qemu:///system") else { panic!("not denied") };
+        assert!(m.contains("qemu:///system") && m.contains("kvm") && m.contains("test:///default"), "{m}");
+        assert!(no_nul(&["a\0b"]).is_err());
+    }
+}

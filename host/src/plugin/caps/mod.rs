@@ -1,0 +1,60 @@
+//! Capabilities lent to plugins, one module each, each with its own policy check.
+//!
+//! | module | what | policy |
+//! |---|---|---|
+//! | [`log`] | log lines tagged with the plugin name | always; lines capped in size |
+//! | [`config`] | the plugin's own config values | always; only its own |
+//! | [`http`] | outgoing wasi:http | authority allow-list, checked before DNS/connect; timeouts clamped |
+//! | [`libvirt`] | libvirt connections | URI allow-list, checked before connecting; calls off the executor |
+//! | [`guest_channel`] | in-guest agent of a VM via its driver | granted or refused |
+//! | [`files`] | preopened directories (WASI) | only granted directories, read-only by default |
+
+pub mod config;
+pub mod files;
+pub mod guest_channel;
+pub mod http;
+pub mod libvirt;
+pub mod log;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use super::grants::Effective;
+
+/// Everything one plugin version is lent, shared by all its instances.
+#[derive(Clone)]
+pub struct Policies {
+    /// The grants it gets (grants intersected with the manifest's requests).
+    pub effective: Arc<Effective>,
+    /// Config values.
+    pub config: Arc<BTreeMap<String, String>>,
+    /// HTTP allow-list hook.
+    pub http: http::HttpPolicy,
+    /// libvirt access.
+    pub libvirt: libvirt::LibvirtCap,
+    /// Guest channel access.
+    pub guest_channel: guest_channel::GuestChannelCap,
+}
+
+impl Policies {
+    /// Builds the policies of plugin `name` from its effective grants.
+    pub fn new(
+        name: &str,
+        effective: Effective,
+        call_timeout: std::time::Duration,
+        router: Option<Arc<dyn guest_channel::GuestChannel>>,
+    ) -> Policies {
+        let name: Arc<str> = Arc::from(name);
+        let effective = Arc::new(effective);
+        Policies {
+            config: Arc::new(effective.config.clone()),
+            http: http::HttpPolicy::new(name.clone(), effective.http.clone(), call_timeout),
+            libvirt: libvirt::LibvirtCap::new(name.clone(), effective.libvirt.clone(), call_timeout),
+            guest_channel: guest_channel::GuestChannelCap::new(
+                name,
+                if effective.guest_channel { router } else { None },
+            ),
+            effective,
+        }
+    }
+}

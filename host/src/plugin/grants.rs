@@ -1,0 +1,189 @@
+//! The operator's grants and limits for one plugin: what it may reach and how much it
+//! may use. Grants are the only source of authority; a manifest request without a
+//! grant gets nothing, and a grant the manifest did not request is not given.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::manifest::Requests;
+
+/// A directory lent to a plugin.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct DirGrant {
+    /// Absolute directory on the host.
+    pub host: PathBuf,
+    /// Path the plugin sees it at (e.g. `/images`).
+    pub guest: String,
+    /// Read-only unless set.
+    #[serde(default)]
+    pub writable: bool,
+}
+
+/// What the operator grants a plugin.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Grants {
+    /// Outgoing HTTP authorities, `host:port` (the port is required).
+    pub http: Vec<String>,
+    /// libvirt URIs the plugin may open or migrate to (exact match).
+    pub libvirt: Vec<String>,
+    /// Whether the plugin may reach VMs' in-guest agents.
+    pub guest_channel: bool,
+    /// Directories preopened for the plugin.
+    pub directories: Vec<DirGrant>,
+    /// The plugin's own configuration values.
+    pub config: BTreeMap<String, String>,
+}
+
+/// Resource limits applied to each instance of a plugin.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Limits {
+    /// Linear memory cap per instance, MiB.
+    pub memory_mib: u64,
+    /// Wall-clock budget of one contract call, milliseconds.
+    pub call_timeout_ms: u64,
+    /// Most instances of this plugin alive at once (across all sessions).
+    pub max_instances: u32,
+    /// Most instances per session; the manifest's `concurrency` lowers it further.
+    pub session_instances: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { memory_mib: 64, call_timeout_ms: 30_000, max_instances: 64, session_instances: 8 }
+    }
+}
+
+impl Limits {
+    /// The per-call budget.
+    pub fn call_timeout(&self) -> Duration {
+        Duration::from_millis(self.call_timeout_ms)
+    }
+
+    /// Checks the limits against the engine's ceilings.
+    pub fn validate(&self, max_memory_mib: u64) -> Result<(), String> {
+        if self.memory_mib == 0 || self.memory_mib > max_memory_mib {
+            return Err(format!(
+                "memory-mib must be between 1 and {max_memory_mib} (the engine's ceiling), not {}",
+                self.memory_mib
+            ));
+        }
+        if self.call_timeout_ms == 0 {
+            return Err("call-timeout-ms must be positive".into());
+        }
+        if self.max_instances == 0 || self.session_instances == 0 {
+            return Err("max-instances and session-instances must be positive".into());
+        }
+        Ok(())
+    }
+}
+
+/// Grants intersected with the manifest's requests: exactly what the plugin gets.
+#[derive(Debug, Clone, Default)]
+pub struct Effective {
+    /// Allowed HTTP authorities (lower-case `host:port`).
+    pub http: Vec<String>,
+    /// Allowed libvirt URIs.
+    pub libvirt: Vec<String>,
+    /// Guest channel allowed.
+    pub guest_channel: bool,
+    /// Preopened directories.
+    pub directories: Vec<DirGrant>,
+    /// Configuration values.
+    pub config: BTreeMap<String, String>,
+    /// Granted but not requested (reported to the operator, not given).
+    pub ignored: Vec<String>,
+}
+
+impl Grants {
+    /// Checks the grants' own syntax.
+    pub fn validate(&self) -> Result<(), String> {
+        for a in &self.http {
+            let (host, port) = a
+                .rsplit_once(':')
+                .ok_or_else(|| format!("http grant '{a}' must be host:port"))?;
+            if host.is_empty() || port.parse::<u16>().is_err() {
+                return Err(format!("http grant '{a}' must be host:port with a numeric port"));
+            }
+        }
+        for u in &self.libvirt {
+            if !u.contains(':') {
+                return Err(format!("libvirt grant '{u}' is not a URI"));
+            }
+        }
+        for d in &self.directories {
+            if !d.host.is_absolute() {
+                return Err(format!("directory grant {} must be an absolute path", d.host.display()));
+            }
+            if !d.guest.starts_with('/') {
+                return Err(format!("directory grant guest path '{}' must start with /", d.guest));
+            }
+        }
+        Ok(())
+    }
+
+    /// What the plugin actually gets given what it asked for.
+    pub fn effective(&self, requests: &Requests) -> Effective {
+        let mut e = Effective { config: self.config.clone(), ..Default::default() };
+        let mut take = |requested: bool, granted: bool, what: &str| {
+            if granted && !requested {
+                e.ignored.push(what.to_string());
+            }
+            requested && granted
+        };
+        let http = take(requests.http, !self.http.is_empty(), "http");
+        let libvirt = take(requests.libvirt, !self.libvirt.is_empty(), "libvirt");
+        let guest = take(requests.guest_channel, self.guest_channel, "guest-channel");
+        let fs = take(requests.filesystem, !self.directories.is_empty(), "filesystem");
+        if http {
+            e.http = self.http.iter().map(|a| a.to_ascii_lowercase()).collect();
+        }
+        if libvirt {
+            e.libvirt = self.libvirt.clone();
+        }
+        e.guest_channel = guest;
+        if fs {
+            e.directories = self.directories.clone();
+        }
+        e
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_requested_and_granted_is_given() {
+        let g = Grants {
+            http: vec!["Example.org:443".into()],
+            libvirt: vec!["test:///default".into()],
+            guest_channel: true,
+            ..Default::default()
+        };
+        let r = Requests { http: true, libvirt: false, guest_channel: true, filesystem: true };
+        let e = g.effective(&r);
+        assert_eq!(e.http, vec!["example.org:443"]);
+        assert!(e.libvirt.is_empty());
+        assert!(e.guest_channel);
+        assert!(e.directories.is_empty());
+        assert_eq!(e.ignored, vec!["libvirt"]);
+    }
+
+    #[test]
+    fn bad_grants_are_named() {
+        let g = Grants { http: vec!["example.org".into()], ..Default::default() };
+        assert!(g.validate().unwrap_err().contains("example.org"));
+        let g = Grants {
+            directories: vec![DirGrant { host: "rel".into(), guest: "/x".into(), writable: false }],
+            ..Default::default()
+        };
+        assert!(g.validate().unwrap_err().contains("absolute"));
+        assert!(Limits { memory_mib: 4096, ..Default::default() }.validate(1024).is_err());
+    }
+}
