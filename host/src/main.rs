@@ -1,1 +1,15 @@
-fn main() {}
+//! The `gve` binary.
+
+use clap::Parser;
+
+#[tokio::main]
+async fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("GVE_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = gve::cli::Cli::parse();
+    std::process::exit(gve::cli::run(cli).await);
+}

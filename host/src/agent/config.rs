@@ -1,0 +1,71 @@
+//! The agent's configuration file (TOML).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::plugin::PluginSpec;
+
+/// Everything an agent needs to start.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct AgentConfig {
+    /// Address to listen on (loopback by default).
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// Directory for the agent's database and artifact cache.
+    pub data_dir: PathBuf,
+    /// Bearer token of the agent's administrator (plugin management).
+    pub admin_token: String,
+    /// Plugins to load at start, by name.
+    #[serde(default)]
+    pub plugins: BTreeMap<String, PluginSpec>,
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 7070))
+}
+
+/// Why a configuration could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read agent config {path}: {source}")]
+    Read {
+        /// File.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid.
+    #[error("agent config {path}: {message}")]
+    Invalid {
+        /// File.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+impl AgentConfig {
+    /// Reads a config file; relative paths in it are taken relative to the file.
+    pub fn read(path: &Path) -> Result<AgentConfig, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        let invalid = |message: String| ConfigError::Invalid { path: path.to_path_buf(), message };
+        let mut cfg: AgentConfig = toml::from_str(&text).map_err(|e| invalid(e.to_string()))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        cfg.data_dir = base.join(&cfg.data_dir);
+        for (name, spec) in &mut cfg.plugins {
+            spec.bundle = base.join(&spec.bundle);
+            crate::plugin::manifest::validate_name(name).map_err(|m| invalid(format!("plugins.{name}: {m}")))?;
+        }
+        if cfg.admin_token.len() < 16 {
+            return Err(invalid("admin-token must be at least 16 characters".into()));
+        }
+        Ok(cfg)
+    }
+}

@@ -1,0 +1,183 @@
+//! HTTP plumbing shared by the site and agent services: request/response types,
+//! JSON bodies with a size cap, bearer-token authentication, and errors mapped to
+//! status codes with a JSON body `{"error": {"kind", "message"}}`.
+
+pub mod client;
+pub mod server;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::{Method, StatusCode};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::plugin::{ErrorKind, PluginError};
+
+/// The response type of every handler.
+pub type Response = hyper::Response<Full<Bytes>>;
+
+/// Largest JSON request body accepted, bytes.
+pub const MAX_JSON_BODY: usize = 1 << 20;
+
+/// An error as the API reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{message} ({kind})")]
+pub struct ApiError {
+    /// The contract's error kind (or `unauthorized`, `not-found` for routes).
+    pub kind: String,
+    /// What went wrong, with the object involved.
+    pub message: String,
+    /// HTTP status.
+    #[serde(skip)]
+    pub status: u16,
+}
+
+#[derive(Serialize, Deserialize)]
+struct ErrorBody {
+    error: ApiError,
+}
+
+impl ApiError {
+    /// An error with an explicit status and kind.
+    pub fn new(status: StatusCode, kind: &str, message: impl Into<String>) -> ApiError {
+        ApiError { kind: kind.to_string(), message: message.into(), status: status.as_u16() }
+    }
+
+    /// 400 with kind `invalid-argument`.
+    pub fn bad_request(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, "invalid-argument", message)
+    }
+
+    /// 401: no or wrong credentials.
+    pub fn unauthorized() -> ApiError {
+        ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "missing or invalid bearer token")
+    }
+
+    /// 404 for a path no route serves.
+    pub fn no_route(method: &Method, path: &str) -> ApiError {
+        ApiError::new(StatusCode::NOT_FOUND, "not-found", format!("no such endpoint: {method} {path}"))
+    }
+
+    /// The status code for a contract error kind.
+    pub fn status_of(kind: ErrorKind) -> StatusCode {
+        match kind {
+            ErrorKind::NotFound => StatusCode::NOT_FOUND,
+            ErrorKind::AlreadyExists | ErrorKind::InvalidState => StatusCode::CONFLICT,
+            ErrorKind::InvalidArgument => StatusCode::BAD_REQUEST,
+            ErrorKind::Unsupported => StatusCode::NOT_IMPLEMENTED,
+            ErrorKind::Denied => StatusCode::FORBIDDEN,
+            ErrorKind::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorKind::Backend => StatusCode::BAD_GATEWAY,
+        }
+    }
+
+    /// The JSON response for this error.
+    pub fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        json_response(status, &ErrorBody { error: self })
+    }
+
+    /// Parses an error response body (for clients).
+    pub fn from_body(status: u16, body: &[u8]) -> ApiError {
+        match serde_json::from_slice::<ErrorBody>(body) {
+            Ok(mut b) => {
+                b.error.status = status;
+                b.error
+            }
+            Err(_) => ApiError {
+                kind: "backend".into(),
+                message: format!("HTTP {status}: {}", String::from_utf8_lossy(body).trim()),
+                status,
+            },
+        }
+    }
+}
+
+impl From<PluginError> for ApiError {
+    fn from(e: PluginError) -> ApiError {
+        let kind = e.kind();
+        ApiError::new(ApiError::status_of(kind), kind.as_str(), e.to_string())
+    }
+}
+
+/// A JSON response.
+pub fn json_response<T: Serialize + ?Sized>(status: StatusCode, value: &T) -> Response {
+    let body = serde_json::to_vec_pretty(value).unwrap_or_else(|e| {
+        format!("{{\"error\":{{\"kind\":\"backend\",\"message\":\"cannot encode response: {e}\"}}}}").into_bytes()
+    });
+    hyper::Response::builder()
+        .status(status)
+        .header(hyper::header::CONTENT_TYPE, "application/json")
+        .body(Full::new(Bytes::from(body)))
+        .unwrap_or_else(|_| hyper::Response::new(Full::new(Bytes::new())))
+}
+
+/// 200 with a JSON body.
+pub fn ok<T: Serialize + ?Sized>(value: &T) -> Result<Response, ApiError> {
+    Ok(json_response(StatusCode::OK, value))
+}
+
+/// Reads a JSON body of at most [`MAX_JSON_BODY`] bytes into `T`; errors say what is wrong.
+pub async fn read_json<T: DeserializeOwned>(body: Incoming) -> Result<T, ApiError> {
+    let bytes = Limited::new(body, MAX_JSON_BODY)
+        .collect()
+        .await
+        .map_err(|e| ApiError::bad_request(format!("cannot read request body (limit {MAX_JSON_BODY} bytes): {e}")))?
+        .to_bytes();
+    serde_json::from_slice(&bytes).map_err(|e| ApiError::bad_request(format!("malformed JSON body: {e}")))
+}
+
+/// Checks `Authorization: Bearer <token>` against `expected` in constant time.
+pub fn check_bearer<B>(req: &hyper::Request<B>, expected: &str) -> Result<(), ApiError> {
+    let given = req
+        .headers()
+        .get(hyper::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .ok_or_else(ApiError::unauthorized)?;
+    if constant_time_eq(given.as_bytes(), expected.as_bytes()) {
+        Ok(())
+    } else {
+        Err(ApiError::unauthorized())
+    }
+}
+
+/// Compares two byte strings without an early exit on the first difference.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Splits a path into its non-empty segments.
+pub fn segments(path: &str) -> Vec<&str> {
+    path.split('/').filter(|s| !s.is_empty()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_round_trip_through_json() {
+        let e = ApiError::from(PluginError::NotLoaded("kvm".into()));
+        assert_eq!(e.status, 404);
+        let resp = e.clone().into_response();
+        assert_eq!(resp.status(), 404);
+        let body = serde_json::to_vec(&ErrorBody { error: e.clone() }).unwrap();
+        assert_eq!(ApiError::from_body(404, &body), e);
+        assert_eq!(ApiError::from_body(502, b"oops").kind, "backend");
+    }
+
+    #[test]
+    fn bearer_check() {
+        let req = hyper::Request::builder().header("authorization", "Bearer s3cret").body(()).unwrap();
+        assert!(check_bearer(&req, "s3cret").is_ok());
+        assert!(check_bearer(&req, "s3cre").is_err());
+        let anon = hyper::Request::builder().body(()).unwrap();
+        assert_eq!(check_bearer(&anon, "s3cret").unwrap_err().status, 401);
+    }
+}

@@ -1,0 +1,49 @@
+//! A small HTTP/1.1 server on hyper: one task per connection, graceful stop.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+
+use super::Response;
+
+/// Something that answers requests.
+pub trait Handler: Send + Sync + 'static {
+    /// Answers one request; errors are already turned into responses.
+    fn handle(&self, req: hyper::Request<Incoming>) -> impl Future<Output = Response> + Send;
+}
+
+/// Serves `handler` on `listener` until `stop` resolves.
+pub async fn serve<H: Handler>(listener: TcpListener, handler: Arc<H>, stop: impl Future<Output = ()>) {
+    tokio::pin!(stop);
+    loop {
+        let (stream, peer): (_, SocketAddr) = tokio::select! {
+            _ = &mut stop => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let handler = handler.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| {
+                let handler = handler.clone();
+                async move { Ok::<_, std::convert::Infallible>(handler.handle(req).await) }
+            });
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+            {
+                tracing::debug!(%peer, "connection ended: {e}");
+            }
+        });
+    }
+}

@@ -1,0 +1,189 @@
+//! `gve plugin ...`: list, show, load, replace and unload plugins of a running agent.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use hyper::Method;
+
+use super::output::{self, Output};
+use crate::api::client::Client;
+use crate::api::ApiError;
+use crate::plugin::{DirGrant, Grants, Limits, PluginSpec, PluginSummary};
+
+/// Arguments of `gve plugin`.
+#[derive(Debug, clap::Args)]
+pub struct PluginArgs {
+    /// Agent URL.
+    #[arg(long, env = "GVE_AGENT_URL", default_value = "http://127.0.0.1:7070", global = true)]
+    pub url: String,
+    /// Admin bearer token of the agent.
+    #[arg(long, env = "GVE_TOKEN", global = true, hide_env_values = true)]
+    pub token: Option<String>,
+    /// Output format.
+    #[arg(long, short, value_enum, default_value_t, global = true)]
+    pub output: Output,
+    /// What to do.
+    #[command(subcommand)]
+    pub action: Action,
+}
+
+/// Plugin actions.
+#[derive(Debug, clap::Subcommand)]
+pub enum Action {
+    /// List loaded plugins.
+    List,
+    /// Show one plugin.
+    Show {
+        /// Plugin name.
+        name: String,
+    },
+    /// Load a plugin bundle (a directory with gve-plugin.toml).
+    Load(SpecArgs),
+    /// Replace a loaded plugin with another version, without stopping calls.
+    Replace {
+        /// Plugin name.
+        name: String,
+        /// The new version.
+        #[command(flatten)]
+        spec: SpecArgs,
+    },
+    /// Unload a plugin.
+    Unload {
+        /// Plugin name.
+        name: String,
+    },
+}
+
+/// A bundle plus the operator's grants and limits.
+#[derive(Debug, clap::Args)]
+pub struct SpecArgs {
+    /// Bundle directory or manifest file (as the agent sees it).
+    pub bundle: PathBuf,
+    /// Allow outgoing HTTP to HOST:PORT (repeatable).
+    #[arg(long = "grant-http", value_name = "HOST:PORT")]
+    pub http: Vec<String>,
+    /// Allow the libvirt URI (repeatable).
+    #[arg(long = "grant-libvirt", value_name = "URI")]
+    pub libvirt: Vec<String>,
+    /// Preopen a directory: HOST_DIR:GUEST_PATH[:rw] (repeatable).
+    #[arg(long = "grant-dir", value_name = "HOST:GUEST[:rw]")]
+    pub dirs: Vec<String>,
+    /// Allow the in-guest agent channel.
+    #[arg(long = "grant-guest-channel")]
+    pub guest_channel: bool,
+    /// A config value KEY=VALUE (repeatable).
+    #[arg(long = "config", value_name = "KEY=VALUE")]
+    pub config: Vec<String>,
+    /// Memory cap per instance, MiB.
+    #[arg(long)]
+    pub memory_mib: Option<u64>,
+    /// Budget of one call, milliseconds.
+    #[arg(long)]
+    pub call_timeout_ms: Option<u64>,
+}
+
+impl SpecArgs {
+    fn spec(&self) -> Result<PluginSpec, ApiError> {
+        let mut dirs = Vec::new();
+        for d in &self.dirs {
+            let parts: Vec<&str> = d.split(':').collect();
+            let (host, guest, writable) = match parts.as_slice() {
+                [h, g] => (h, g, false),
+                [h, g, "rw"] => (h, g, true),
+                _ => return Err(ApiError::bad_request(format!("--grant-dir '{d}' must be HOST:GUEST or HOST:GUEST:rw"))),
+            };
+            let host = std::path::absolute(host).map_err(|e| ApiError::bad_request(format!("--grant-dir {host}: {e}")))?;
+            dirs.push(DirGrant { host, guest: guest.to_string(), writable });
+        }
+        let mut config = BTreeMap::new();
+        for kv in &self.config {
+            let (k, v) = kv
+                .split_once('=')
+                .ok_or_else(|| ApiError::bad_request(format!("--config '{kv}' must be KEY=VALUE")))?;
+            config.insert(k.to_string(), v.to_string());
+        }
+        let mut limits = Limits::default();
+        if let Some(m) = self.memory_mib {
+            limits.memory_mib = m;
+        }
+        if let Some(t) = self.call_timeout_ms {
+            limits.call_timeout_ms = t;
+        }
+        let bundle = std::path::absolute(&self.bundle)
+            .map_err(|e| ApiError::bad_request(format!("{}: {e}", self.bundle.display())))?;
+        Ok(PluginSpec {
+            bundle,
+            grants: Grants {
+                http: self.http.clone(),
+                libvirt: self.libvirt.clone(),
+                guest_channel: self.guest_channel,
+                directories: dirs,
+                config,
+            },
+            limits,
+        })
+    }
+}
+
+/// Runs a plugin command; returns the exit code.
+pub async fn run(args: PluginArgs) -> i32 {
+    match act(&args).await {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("error: {}", e.message);
+            super::exit_code(&e)
+        }
+    }
+}
+
+async fn act(args: &PluginArgs) -> Result<(), ApiError> {
+    let client = Client::new(&args.url, args.token.clone())?;
+    let one = |s: PluginSummary| print(args.output, &[s]);
+    match &args.action {
+        Action::List => {
+            let all: Vec<PluginSummary> = client.get("/v1/plugins").await?;
+            print(args.output, &all);
+        }
+        Action::Show { name } => one(client.get(&format!("/v1/plugins/{name}")).await?),
+        Action::Load(spec) => one(client.call(Method::POST, "/v1/plugins", Some(&spec.spec()?)).await?),
+        Action::Replace { name, spec } => {
+            one(client.call(Method::PUT, &format!("/v1/plugins/{name}"), Some(&spec.spec()?)).await?)
+        }
+        Action::Unload { name } => {
+            let v: serde_json::Value = client.call::<(), _>(Method::DELETE, &format!("/v1/plugins/{name}"), None).await?;
+            match args.output {
+                Output::Json => output::json(&v),
+                Output::Table => println!("unloaded {name}"),
+            }
+        }
+    }
+    Ok(())
+}
+
+fn print(out: Output, plugins: &[PluginSummary]) {
+    match out {
+        Output::Json => output::json(plugins),
+        Output::Table => {
+            let rows: Vec<Vec<String>> = plugins
+                .iter()
+                .map(|p| {
+                    let exports = match (p.driver, p.guest) {
+                        (true, true) => "driver+guest",
+                        (true, false) => "driver",
+                        _ => "guest",
+                    };
+                    vec![
+                        p.name.clone(),
+                        p.version.clone(),
+                        p.contract.clone(),
+                        exports.to_string(),
+                        p.hypervisor_kind.clone().unwrap_or_else(|| "-".into()),
+                        p.origin.clone(),
+                        p.sha256[..12.min(p.sha256.len())].to_string(),
+                    ]
+                })
+                .collect();
+            output::table(&["NAME", "VERSION", "CONTRACT", "EXPORTS", "KIND", "ORIGIN", "SHA256"], &rows);
+        }
+    }
+}
