@@ -1,0 +1,7 @@
+//! Integration tests of the gve crate: one binary, a module per area.
+
+mod admin;
+mod contract;
+mod hostile;
+mod lifecycle;
+mod support;
