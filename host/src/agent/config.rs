@@ -53,15 +53,21 @@ pub enum ConfigError {
 impl AgentConfig {
     /// Reads a config file; relative paths in it are taken relative to the file.
     pub fn read(path: &Path) -> Result<AgentConfig, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
-        let invalid = |message: String| ConfigError::Invalid { path: path.to_path_buf(), message };
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let invalid = |message: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            message,
+        };
         let mut cfg: AgentConfig = toml::from_str(&text).map_err(|e| invalid(e.to_string()))?;
         let base = path.parent().unwrap_or(Path::new("."));
         cfg.data_dir = base.join(&cfg.data_dir);
         for (name, spec) in &mut cfg.plugins {
             spec.bundle = base.join(&spec.bundle);
-            crate::plugin::manifest::validate_name(name).map_err(|m| invalid(format!("plugins.{name}: {m}")))?;
+            crate::plugin::manifest::validate_name(name)
+                .map_err(|m| invalid(format!("plugins.{name}: {m}")))?;
         }
         if cfg.admin_token.len() < 16 {
             return Err(invalid("admin-token must be at least 16 characters".into()));

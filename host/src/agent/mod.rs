@@ -63,7 +63,9 @@ impl AgentApi {
 
 impl Handler for AgentApi {
     async fn handle(&self, req: Request<Incoming>) -> Response {
-        self.route(req).await.unwrap_or_else(ApiError::into_response)
+        self.route(req)
+            .await
+            .unwrap_or_else(ApiError::into_response)
     }
 }
 
@@ -85,28 +87,47 @@ impl Agent {
             engine: Default::default(),
         })?;
         for (name, spec) in &config.plugins {
-            let summary = plugins
-                .load(spec.clone())
-                .await
-                .map_err(|source| AgentError::ConfiguredPlugin { name: name.clone(), source })?;
+            let summary = plugins.load(spec.clone()).await.map_err(|source| {
+                AgentError::ConfiguredPlugin {
+                    name: name.clone(),
+                    source,
+                }
+            })?;
             if summary.name != *name {
                 return Err(AgentError::ConfiguredPlugin {
                     name: name.clone(),
-                    source: PluginError::Config(format!("the bundle holds plugin '{}'", summary.name)),
+                    source: PluginError::Config(format!(
+                        "the bundle holds plugin '{}'",
+                        summary.name
+                    )),
                 });
             }
         }
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
-            .map_err(|source| AgentError::Listen { addr: config.listen, source })?;
-        let addr = listener.local_addr().map_err(|source| AgentError::Listen { addr: config.listen, source })?;
-        let handler = Arc::new(AgentApi { plugins: plugins.clone(), admin_token: config.admin_token });
+            .map_err(|source| AgentError::Listen {
+                addr: config.listen,
+                source,
+            })?;
+        let addr = listener.local_addr().map_err(|source| AgentError::Listen {
+            addr: config.listen,
+            source,
+        })?;
+        let handler = Arc::new(AgentApi {
+            plugins: plugins.clone(),
+            admin_token: config.admin_token,
+        });
         let (tx, rx) = oneshot::channel();
         let task = tokio::spawn(api::server::serve(listener, handler, async {
             let _ = rx.await;
         }));
         tracing::info!(%addr, "agent listening");
-        Ok(Agent { addr, plugins, stop: Some(tx), task })
+        Ok(Agent {
+            addr,
+            plugins,
+            stop: Some(tx),
+            task,
+        })
     }
 
     /// Stops serving and waits for the accept loop to end.
@@ -119,7 +140,8 @@ impl Agent {
 
     /// Serves until the process is asked to stop (Ctrl-C / SIGTERM).
     pub async fn run_until_signal(self) {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {},
             _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending::<()>().await } } => {},

@@ -15,7 +15,11 @@ use crate::api::{json_response, ok, read_json, ApiError, Response};
 use crate::plugin::{PluginHost, PluginSpec};
 
 /// Serves `/v1/plugins...`; `rest` is the path after `/v1/plugins`.
-pub async fn handle(host: &PluginHost, req: Request<Incoming>, rest: &[&str]) -> Result<Response, ApiError> {
+pub async fn handle(
+    host: &PluginHost,
+    req: Request<Incoming>,
+    rest: &[&str],
+) -> Result<Response, ApiError> {
     let method = req.method().clone();
     match (method, rest) {
         (Method::GET, []) => ok(&host.list()),

@@ -23,7 +23,9 @@ impl Client {
     /// A client for `base` (e.g. `http://127.0.0.1:7070`).
     pub fn new(base: &str, token: Option<String>) -> Result<Client, ApiError> {
         if !base.starts_with("http://") {
-            return Err(ApiError::bad_request(format!("URL '{base}' must start with http://")));
+            return Err(ApiError::bad_request(format!(
+                "URL '{base}' must start with http://"
+            )));
         }
         Ok(Client {
             base: base.trim_end_matches('/').to_string(),
@@ -47,7 +49,8 @@ impl Client {
         let bytes = match body {
             Some(b) => {
                 req = req.header(hyper::header::CONTENT_TYPE, "application/json");
-                serde_json::to_vec(b).map_err(|e| ApiError::bad_request(format!("cannot encode request: {e}")))?
+                serde_json::to_vec(b)
+                    .map_err(|e| ApiError::bad_request(format!("cannot encode request: {e}")))?
             }
             None => Vec::new(),
         };
@@ -55,21 +58,36 @@ impl Client {
             .body(Full::new(Bytes::from(bytes)))
             .map_err(|e| ApiError::bad_request(format!("bad request for {url}: {e}")))?;
         let resp = self.http.request(req).await.map_err(|e| {
-            ApiError::new(hyper::StatusCode::SERVICE_UNAVAILABLE, "unavailable", format!("{method} {url}: {e}"))
+            ApiError::new(
+                hyper::StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                format!("{method} {url}: {e}"),
+            )
         })?;
         let status = resp.status();
         let body = resp
             .into_body()
             .collect()
             .await
-            .map_err(|e| ApiError::new(status, "unavailable", format!("{method} {url}: reading the answer: {e}")))?
+            .map_err(|e| {
+                ApiError::new(
+                    status,
+                    "unavailable",
+                    format!("{method} {url}: reading the answer: {e}"),
+                )
+            })?
             .to_bytes();
         if !status.is_success() {
             return Err(ApiError::from_body(status.as_u16(), &body));
         }
         let body: &[u8] = if body.is_empty() { b"null" } else { &body };
-        serde_json::from_slice(body)
-            .map_err(|e| ApiError::new(status, "backend", format!("{method} {url}: unexpected answer: {e}")))
+        serde_json::from_slice(body).map_err(|e| {
+            ApiError::new(
+                status,
+                "backend",
+                format!("{method} {url}: unexpected answer: {e}"),
+            )
+        })
     }
 
     /// GET and decode.

@@ -41,7 +41,11 @@ struct ErrorBody {
 impl ApiError {
     /// An error with an explicit status and kind.
     pub fn new(status: StatusCode, kind: &str, message: impl Into<String>) -> ApiError {
-        ApiError { kind: kind.to_string(), message: message.into(), status: status.as_u16() }
+        ApiError {
+            kind: kind.to_string(),
+            message: message.into(),
+            status: status.as_u16(),
+        }
     }
 
     /// 400 with kind `invalid-argument`.
@@ -51,12 +55,20 @@ impl ApiError {
 
     /// 401: no or wrong credentials.
     pub fn unauthorized() -> ApiError {
-        ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "missing or invalid bearer token")
+        ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "missing or invalid bearer token",
+        )
     }
 
     /// 404 for a path no route serves.
     pub fn no_route(method: &Method, path: &str) -> ApiError {
-        ApiError::new(StatusCode::NOT_FOUND, "not-found", format!("no such endpoint: {method} {path}"))
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not-found",
+            format!("no such endpoint: {method} {path}"),
+        )
     }
 
     /// The status code for a contract error kind.
@@ -105,7 +117,10 @@ impl From<PluginError> for ApiError {
 /// A JSON response.
 pub fn json_response<T: Serialize + ?Sized>(status: StatusCode, value: &T) -> Response {
     let body = serde_json::to_vec_pretty(value).unwrap_or_else(|e| {
-        format!("{{\"error\":{{\"kind\":\"backend\",\"message\":\"cannot encode response: {e}\"}}}}").into_bytes()
+        format!(
+            "{{\"error\":{{\"kind\":\"backend\",\"message\":\"cannot encode response: {e}\"}}}}"
+        )
+        .into_bytes()
     });
     hyper::Response::builder()
         .status(status)
@@ -124,9 +139,14 @@ pub async fn read_json<T: DeserializeOwned>(body: Incoming) -> Result<T, ApiErro
     let bytes = Limited::new(body, MAX_JSON_BODY)
         .collect()
         .await
-        .map_err(|e| ApiError::bad_request(format!("cannot read request body (limit {MAX_JSON_BODY} bytes): {e}")))?
+        .map_err(|e| {
+            ApiError::bad_request(format!(
+                "cannot read request body (limit {MAX_JSON_BODY} bytes): {e}"
+            ))
+        })?
         .to_bytes();
-    serde_json::from_slice(&bytes).map_err(|e| ApiError::bad_request(format!("malformed JSON body: {e}")))
+    serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::bad_request(format!("malformed JSON body: {e}")))
 }
 
 /// Checks `Authorization: Bearer <token>` against `expected` in constant time.
@@ -174,7 +194,10 @@ mod tests {
 
     #[test]
     fn bearer_check() {
-        let req = hyper::Request::builder().header("authorization", "Bearer s3cret").body(()).unwrap();
+        let req = hyper::Request::builder()
+            .header("authorization", "Bearer s3cret")
+            .body(())
+            .unwrap();
         assert!(check_bearer(&req, "s3cret").is_ok());
         assert!(check_bearer(&req, "s3cre").is_err());
         let anon = hyper::Request::builder().body(()).unwrap();

@@ -18,7 +18,11 @@ pub trait Handler: Send + Sync + 'static {
 }
 
 /// Serves `handler` on `listener` until `stop` resolves.
-pub async fn serve<H: Handler>(listener: TcpListener, handler: Arc<H>, stop: impl Future<Output = ()>) {
+pub async fn serve<H: Handler>(
+    listener: TcpListener,
+    handler: Arc<H>,
+    stop: impl Future<Output = ()>,
+) {
     tokio::pin!(stop);
     loop {
         let (stream, peer): (_, SocketAddr) = tokio::select! {

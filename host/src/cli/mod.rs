@@ -25,7 +25,7 @@ pub enum Command {
     Agent(agent::AgentArgs),
     /// Manage the plugins of a running agent.
     #[command(subcommand_required = true)]
-    Plugin(plugin::PluginArgs),
+    Plugin(Box<plugin::PluginArgs>),
     /// Print shell completions.
     Completions {
         /// Shell to generate for.
@@ -37,7 +37,7 @@ pub enum Command {
 pub async fn run(cli: Cli) -> i32 {
     match cli.command {
         Command::Agent(a) => agent::run(a).await,
-        Command::Plugin(p) => plugin::run(p).await,
+        Command::Plugin(p) => plugin::run(*p).await,
         Command::Completions { shell } => {
             use clap::CommandFactory;
             clap_complete::generate(shell, &mut Cli::command(), "gve", &mut std::io::stdout());

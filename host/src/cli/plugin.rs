@@ -14,7 +14,12 @@ use crate::plugin::{DirGrant, Grants, Limits, PluginSpec, PluginSummary};
 #[derive(Debug, clap::Args)]
 pub struct PluginArgs {
     /// Agent URL.
-    #[arg(long, env = "GVE_AGENT_URL", default_value = "http://127.0.0.1:7070", global = true)]
+    #[arg(
+        long,
+        env = "GVE_AGENT_URL",
+        default_value = "http://127.0.0.1:7070",
+        global = true
+    )]
     pub url: String,
     /// Admin bearer token of the agent.
     #[arg(long, env = "GVE_TOKEN", global = true, hide_env_values = true)]
@@ -90,16 +95,25 @@ impl SpecArgs {
             let (host, guest, writable) = match parts.as_slice() {
                 [h, g] => (h, g, false),
                 [h, g, "rw"] => (h, g, true),
-                _ => return Err(ApiError::bad_request(format!("--grant-dir '{d}' must be HOST:GUEST or HOST:GUEST:rw"))),
+                _ => {
+                    return Err(ApiError::bad_request(format!(
+                        "--grant-dir '{d}' must be HOST:GUEST or HOST:GUEST:rw"
+                    )))
+                }
             };
-            let host = std::path::absolute(host).map_err(|e| ApiError::bad_request(format!("--grant-dir {host}: {e}")))?;
-            dirs.push(DirGrant { host, guest: guest.to_string(), writable });
+            let host = std::path::absolute(host)
+                .map_err(|e| ApiError::bad_request(format!("--grant-dir {host}: {e}")))?;
+            dirs.push(DirGrant {
+                host,
+                guest: guest.to_string(),
+                writable,
+            });
         }
         let mut config = BTreeMap::new();
         for kv in &self.config {
-            let (k, v) = kv
-                .split_once('=')
-                .ok_or_else(|| ApiError::bad_request(format!("--config '{kv}' must be KEY=VALUE")))?;
+            let (k, v) = kv.split_once('=').ok_or_else(|| {
+                ApiError::bad_request(format!("--config '{kv}' must be KEY=VALUE"))
+            })?;
             config.insert(k.to_string(), v.to_string());
         }
         let mut limits = Limits::default();
@@ -145,12 +159,20 @@ async fn act(args: &PluginArgs) -> Result<(), ApiError> {
             print(args.output, &all);
         }
         Action::Show { name } => one(client.get(&format!("/v1/plugins/{name}")).await?),
-        Action::Load(spec) => one(client.call(Method::POST, "/v1/plugins", Some(&spec.spec()?)).await?),
-        Action::Replace { name, spec } => {
-            one(client.call(Method::PUT, &format!("/v1/plugins/{name}"), Some(&spec.spec()?)).await?)
-        }
+        Action::Load(spec) => one(client
+            .call(Method::POST, "/v1/plugins", Some(&spec.spec()?))
+            .await?),
+        Action::Replace { name, spec } => one(client
+            .call(
+                Method::PUT,
+                &format!("/v1/plugins/{name}"),
+                Some(&spec.spec()?),
+            )
+            .await?),
         Action::Unload { name } => {
-            let v: serde_json::Value = client.call::<(), _>(Method::DELETE, &format!("/v1/plugins/{name}"), None).await?;
+            let v: serde_json::Value = client
+                .call::<(), _>(Method::DELETE, &format!("/v1/plugins/{name}"), None)
+                .await?;
             match args.output {
                 Output::Json => output::json(&v),
                 Output::Table => println!("unloaded {name}"),
@@ -183,7 +205,12 @@ fn print(out: Output, plugins: &[PluginSummary]) {
                     ]
                 })
                 .collect();
-            output::table(&["NAME", "VERSION", "CONTRACT", "EXPORTS", "KIND", "ORIGIN", "SHA256"], &rows);
+            output::table(
+                &[
+                    "NAME", "VERSION", "CONTRACT", "EXPORTS", "KIND", "ORIGIN", "SHA256",
+                ],
+                &rows,
+            );
         }
     }
 }

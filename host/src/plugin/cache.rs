@@ -42,7 +42,10 @@ impl ArtifactCache {
     /// A cache in `dir` (created if missing).
     pub fn new(dir: impl Into<PathBuf>) -> Result<ArtifactCache> {
         let dir = dir.into();
-        std::fs::create_dir_all(&dir).map_err(|source| PluginError::Io { path: dir.clone(), source })?;
+        std::fs::create_dir_all(&dir).map_err(|source| PluginError::Io {
+            path: dir.clone(),
+            source,
+        })?;
         Ok(ArtifactCache { dir })
     }
 
@@ -70,7 +73,9 @@ impl ArtifactCache {
             // deserialize and is recompiled below.
             match unsafe { Component::deserialize_file(engine, &path) } {
                 Ok(c) => return Ok((c, Origin::Cached)),
-                Err(e) => tracing::warn!(plugin, path = %path.display(), "discarding cached artifact: {e:#}"),
+                Err(e) => {
+                    tracing::warn!(plugin, path = %path.display(), "discarding cached artifact: {e:#}")
+                }
             }
         }
         let runtime = |action, e: wasmtime::Error| PluginError::Runtime {
@@ -78,13 +83,23 @@ impl ArtifactCache {
             action,
             message: format!("{e:#}"),
         };
-        let artifact = engine.precompile_component(bytes).map_err(|e| runtime("compile", e))?;
-        let tmp = self.dir.join(format!(".{}.{}.tmp", std::process::id(), uuid::Uuid::new_v4()));
-        let io = |source| PluginError::Io { path: path.clone(), source };
+        let artifact = engine
+            .precompile_component(bytes)
+            .map_err(|e| runtime("compile", e))?;
+        let tmp = self.dir.join(format!(
+            ".{}.{}.tmp",
+            std::process::id(),
+            uuid::Uuid::new_v4()
+        ));
+        let io = |source| PluginError::Io {
+            path: path.clone(),
+            source,
+        };
         std::fs::write(&tmp, &artifact).map_err(io)?;
         std::fs::rename(&tmp, &path).map_err(io)?;
         // SAFETY: the artifact was produced just above by this engine.
-        let c = unsafe { Component::deserialize(engine, &artifact) }.map_err(|e| runtime("load", e))?;
+        let c =
+            unsafe { Component::deserialize(engine, &artifact) }.map_err(|e| runtime("load", e))?;
         Ok((c, Origin::Compiled))
     }
 }

@@ -11,7 +11,11 @@ pub const PACKAGE: &str = "gve:hypervisor";
 
 /// Contract versions this host accepts, newest first. A component whose version is
 /// semver-compatible with one of these (same major, or same minor for 0.x) is accepted.
-pub const ACCEPTED: &[ContractVersion] = &[ContractVersion { major: 0, minor: 1, patch: 0 }];
+pub const ACCEPTED: &[ContractVersion] = &[ContractVersion {
+    major: 0,
+    minor: 1,
+    patch: 0,
+}];
 
 /// A version of the `gve:hypervisor` package.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -27,11 +31,17 @@ pub struct ContractVersion {
 impl ContractVersion {
     /// Parses `gve:hypervisor@X.Y.Z` (or a bare `X.Y.Z`).
     pub fn parse(s: &str) -> Result<ContractVersion, String> {
-        let v = s.strip_prefix(PACKAGE).and_then(|r| r.strip_prefix('@')).unwrap_or(s);
-        let v = semver::Version::parse(v).map_err(|e| {
-            format!("contract '{s}' is not of the form {PACKAGE}@X.Y.Z: {e}")
-        })?;
-        Ok(ContractVersion { major: v.major, minor: v.minor, patch: v.patch })
+        let v = s
+            .strip_prefix(PACKAGE)
+            .and_then(|r| r.strip_prefix('@'))
+            .unwrap_or(s);
+        let v = semver::Version::parse(v)
+            .map_err(|e| format!("contract '{s}' is not of the form {PACKAGE}@X.Y.Z: {e}"))?;
+        Ok(ContractVersion {
+            major: v.major,
+            minor: v.minor,
+            patch: v.patch,
+        })
     }
 
     /// True when a host implementing `self` can run a plugin built against `other`.
@@ -105,7 +115,11 @@ pub fn inspect(engine: &Engine, component: &Component) -> Result<Exports, String
         }
     }
     if !driver && !guest {
-        let has = if other_exports.is_empty() { "nothing".to_string() } else { other_exports.join(", ") };
+        let has = if other_exports.is_empty() {
+            "nothing".to_string()
+        } else {
+            other_exports.join(", ")
+        };
         let found: Vec<_> = versions.iter().map(|(n, _)| n.as_str()).collect();
         return Err(format!(
             "the component exports neither {PACKAGE}/driver nor {PACKAGE}/guest (it exports {has}{}); \
@@ -126,13 +140,20 @@ pub fn inspect(engine: &Engine, component: &Component) -> Result<Exports, String
         match version {
             None => version = Some(v),
             Some(first) if first != v => {
-                return Err(format!("the component mixes contract versions {first} and {v}"))
+                return Err(format!(
+                    "the component mixes contract versions {first} and {v}"
+                ))
             }
             Some(_) => {}
         }
     }
-    let version = version.ok_or_else(|| format!("the component's {PACKAGE} exports carry no version"))?;
-    Ok(Exports { driver, guest, version })
+    let version =
+        version.ok_or_else(|| format!("the component's {PACKAGE} exports carry no version"))?;
+    Ok(Exports {
+        driver,
+        guest,
+        version,
+    })
 }
 
 /// Splits `gve:hypervisor/driver@0.1.0` into (`driver`, `0.1.0`).
@@ -159,7 +180,10 @@ mod tests {
 
     #[test]
     fn splits_names() {
-        assert_eq!(split("gve:hypervisor/driver@0.1.0"), Some(("driver", "0.1.0")));
+        assert_eq!(
+            split("gve:hypervisor/driver@0.1.0"),
+            Some(("driver", "0.1.0"))
+        );
         assert_eq!(split("wasi:cli/run@0.2.0"), None);
         assert!(accepted_description().contains("gve:hypervisor@0.1.x"));
     }

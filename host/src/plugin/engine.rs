@@ -23,7 +23,10 @@ pub struct EngineSettings {
 
 impl Default for EngineSettings {
     fn default() -> Self {
-        EngineSettings { total_instances: 512, max_memory_mib: 1024 }
+        EngineSettings {
+            total_instances: 256,
+            max_memory_mib: 1024,
+        }
     }
 }
 
@@ -56,7 +59,11 @@ impl PluginEngine {
                 }
             })
             .map_err(|e| PluginError::Config(format!("cannot start the epoch thread: {e}")))?;
-        Ok(PluginEngine { engine, settings, stop })
+        Ok(PluginEngine {
+            engine,
+            settings,
+            stop,
+        })
     }
 
     /// The wasmtime engine.
@@ -84,6 +91,11 @@ fn config(settings: &EngineSettings) -> Config {
     cfg.concurrency_support(false);
     cfg.epoch_interruption(true);
     cfg.cranelift_opt_level(wasmtime::OptLevel::Speed);
+    // Reserve no more address space per memory than the largest cap allows: the
+    // default 4 GiB per slot would reserve terabytes for a few hundred slots.
+    let max_bytes = settings.max_memory_mib << 20;
+    cfg.memory_reservation(max_bytes);
+    cfg.memory_guard_size(32 << 20);
     let mut pool = PoolingAllocationConfig::default();
     let n = settings.total_instances;
     pool.total_component_instances(n);

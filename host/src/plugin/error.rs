@@ -65,7 +65,10 @@ pub struct DriverError {
 impl DriverError {
     /// Builds an error of `kind` with `message`.
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
-        DriverError { kind, message: message.into() }
+        DriverError {
+            kind,
+            message: message.into(),
+        }
     }
 }
 

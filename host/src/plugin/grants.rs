@@ -55,7 +55,12 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { memory_mib: 64, call_timeout_ms: 30_000, max_instances: 64, session_instances: 8 }
+        Limits {
+            memory_mib: 64,
+            call_timeout_ms: 30_000,
+            max_instances: 64,
+            session_instances: 8,
+        }
     }
 }
 
@@ -108,7 +113,9 @@ impl Grants {
                 .rsplit_once(':')
                 .ok_or_else(|| format!("http grant '{a}' must be host:port"))?;
             if host.is_empty() || port.parse::<u16>().is_err() {
-                return Err(format!("http grant '{a}' must be host:port with a numeric port"));
+                return Err(format!(
+                    "http grant '{a}' must be host:port with a numeric port"
+                ));
             }
         }
         for u in &self.libvirt {
@@ -118,10 +125,16 @@ impl Grants {
         }
         for d in &self.directories {
             if !d.host.is_absolute() {
-                return Err(format!("directory grant {} must be an absolute path", d.host.display()));
+                return Err(format!(
+                    "directory grant {} must be an absolute path",
+                    d.host.display()
+                ));
             }
             if !d.guest.starts_with('/') {
-                return Err(format!("directory grant guest path '{}' must start with /", d.guest));
+                return Err(format!(
+                    "directory grant guest path '{}' must start with /",
+                    d.guest
+                ));
             }
         }
         Ok(())
@@ -129,7 +142,10 @@ impl Grants {
 
     /// What the plugin actually gets given what it asked for.
     pub fn effective(&self, requests: &Requests) -> Effective {
-        let mut e = Effective { config: self.config.clone(), ..Default::default() };
+        let mut e = Effective {
+            config: self.config.clone(),
+            ..Default::default()
+        };
         let mut take = |requested: bool, granted: bool, what: &str| {
             if granted && !requested {
                 e.ignored.push(what.to_string());
@@ -139,7 +155,11 @@ impl Grants {
         let http = take(requests.http, !self.http.is_empty(), "http");
         let libvirt = take(requests.libvirt, !self.libvirt.is_empty(), "libvirt");
         let guest = take(requests.guest_channel, self.guest_channel, "guest-channel");
-        let fs = take(requests.filesystem, !self.directories.is_empty(), "filesystem");
+        let fs = take(
+            requests.filesystem,
+            !self.directories.is_empty(),
+            "filesystem",
+        );
         if http {
             e.http = self.http.iter().map(|a| a.to_ascii_lowercase()).collect();
         }
@@ -166,7 +186,12 @@ mod tests {
             guest_channel: true,
             ..Default::default()
         };
-        let r = Requests { http: true, libvirt: false, guest_channel: true, filesystem: true };
+        let r = Requests {
+            http: true,
+            libvirt: false,
+            guest_channel: true,
+            filesystem: true,
+        };
         let e = g.effective(&r);
         assert_eq!(e.http, vec!["example.org:443"]);
         assert!(e.libvirt.is_empty());
@@ -177,13 +202,25 @@ mod tests {
 
     #[test]
     fn bad_grants_are_named() {
-        let g = Grants { http: vec!["example.org".into()], ..Default::default() };
+        let g = Grants {
+            http: vec!["example.org".into()],
+            ..Default::default()
+        };
         assert!(g.validate().unwrap_err().contains("example.org"));
         let g = Grants {
-            directories: vec![DirGrant { host: "rel".into(), guest: "/x".into(), writable: false }],
+            directories: vec![DirGrant {
+                host: "rel".into(),
+                guest: "/x".into(),
+                writable: false,
+            }],
             ..Default::default()
         };
         assert!(g.validate().unwrap_err().contains("absolute"));
-        assert!(Limits { memory_mib: 4096, ..Default::default() }.validate(1024).is_err());
+        assert!(Limits {
+            memory_mib: 4096,
+            ..Default::default()
+        }
+        .validate(1024)
+        .is_err());
     }
 }

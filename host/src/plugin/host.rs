@@ -95,7 +95,9 @@ pub struct Slot {
 impl Slot {
     /// The current version, or `NotLoaded` after an unload.
     pub fn current(&self) -> Result<Arc<Loaded>> {
-        self.current.load_full().ok_or_else(|| PluginError::NotLoaded(self.name.clone()))
+        self.current
+            .load_full()
+            .ok_or_else(|| PluginError::NotLoaded(self.name.clone()))
     }
 }
 
@@ -118,8 +120,11 @@ impl PluginHost {
     /// Creates the engine, the artifact cache and the linker with every capability.
     pub fn new(config: HostConfig) -> Result<PluginHost> {
         let engine = PluginEngine::new(config.engine)?;
-        let cache_dir = std::path::absolute(&config.cache_dir)
-            .map_err(|source| PluginError::Io { path: config.cache_dir.clone(), source })?;
+        let cache_dir =
+            std::path::absolute(&config.cache_dir).map_err(|source| PluginError::Io {
+                path: config.cache_dir.clone(),
+                source,
+            })?;
         let cache = ArtifactCache::new(cache_dir)?;
         let linker = linker(engine.engine())?;
         Ok(PluginHost {
@@ -142,7 +147,11 @@ impl PluginHost {
     /// Sets the router by which plugins granted the guest channel reach VMs' agents.
     /// Applies to plugins loaded or replaced afterwards.
     pub fn set_guest_channel(&self, router: Arc<dyn GuestChannel>) {
-        *self.inner.guest_channel.write().unwrap_or_else(|p| p.into_inner()) = Some(router);
+        *self
+            .inner
+            .guest_channel
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = Some(router);
     }
 
     /// Loads a plugin that is not loaded yet.
@@ -153,9 +162,16 @@ impl PluginHost {
             return Err(PluginError::AlreadyLoaded(loaded.name.to_string()));
         }
         let summary = summary(&loaded);
-        let slot = Slot { name: loaded.name.to_string(), current: ArcSwapOption::from(Some(loaded)) };
+        let slot = Slot {
+            name: loaded.name.to_string(),
+            current: ArcSwapOption::from(Some(loaded)),
+        };
         slots.insert(slot.name.clone(), Arc::new(slot));
-        tracing::info!(plugin = summary.name, version = summary.version, "plugin loaded");
+        tracing::info!(
+            plugin = summary.name,
+            version = summary.version,
+            "plugin loaded"
+        );
         Ok(summary)
     }
 
@@ -196,7 +212,11 @@ impl PluginHost {
     /// Every loaded plugin.
     pub fn list(&self) -> Vec<PluginSummary> {
         let slots = self.inner.slots.read().unwrap_or_else(|p| p.into_inner());
-        slots.values().filter_map(|s| s.current().ok()).map(|l| summary(&l)).collect()
+        slots
+            .values()
+            .filter_map(|s| s.current().ok())
+            .map(|l| summary(&l))
+            .collect()
     }
 
     /// One loaded plugin.
@@ -207,14 +227,19 @@ impl PluginHost {
     /// The slot of a loaded plugin.
     pub fn slot(&self, name: &str) -> Result<Arc<Slot>> {
         let slots = self.inner.slots.read().unwrap_or_else(|p| p.into_inner());
-        slots.get(name).cloned().ok_or_else(|| PluginError::NotLoaded(name.to_string()))
+        slots
+            .get(name)
+            .cloned()
+            .ok_or_else(|| PluginError::NotLoaded(name.to_string()))
     }
 
     /// Calls the driver's `info` on a fresh instance.
     pub async fn driver_info(&self, name: &str) -> Result<types::DriverInfo> {
         let loaded = self.slot(name)?.current()?;
         let mut inst = loaded.instantiate().await?;
-        guarded!(&mut inst, "info", driver, |d, store| async { d.call_info(store).await.map(Ok) })
+        guarded!(&mut inst, "info", driver, |d, store| async {
+            d.call_info(store).await.map(Ok)
+        })
     }
 
     /// Opens a driver session on `endpoint`.
@@ -264,9 +289,17 @@ impl PluginHost {
             Ok::<_, PluginError>((c, origin, sha))
         })
         .await
-        .map_err(|e| PluginError::Runtime { plugin: name.clone(), action: "compile", message: e.to_string() })??;
-        let exports = contract::inspect(self.engine(), &component)
-            .map_err(|message| PluginError::Contract { plugin: name.clone(), message })?;
+        .map_err(|e| PluginError::Runtime {
+            plugin: name.clone(),
+            action: "compile",
+            message: e.to_string(),
+        })??;
+        let exports = contract::inspect(self.engine(), &component).map_err(|message| {
+            PluginError::Contract {
+                plugin: name.clone(),
+                message,
+            }
+        })?;
         if exports.version != bundle.contract {
             return Err(PluginError::Manifest {
                 path: bundle.manifest_path.clone(),
@@ -280,7 +313,12 @@ impl PluginHost {
         if !effective.ignored.is_empty() {
             tracing::warn!(plugin = name, ignored = ?effective.ignored, "grants given but not requested by the manifest are not lent");
         }
-        let router = self.inner.guest_channel.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let router = self
+            .inner
+            .guest_channel
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         let policies = Policies::new(&name, effective, spec.limits.call_timeout(), router);
         let generation = self.inner.generation.fetch_add(1, Ordering::Relaxed) + 1;
         let mut loaded = Loaded::new(
@@ -297,7 +335,9 @@ impl PluginHost {
         if exports.driver {
             let loaded_arc = Arc::new(loaded);
             let mut inst = loaded_arc.instantiate().await?;
-            let info = guarded!(&mut inst, "info", driver, |d, store| async { d.call_info(store).await.map(Ok) })?;
+            let info = guarded!(&mut inst, "info", driver, |d, store| async {
+                d.call_info(store).await.map(Ok)
+            })?;
             drop(inst);
             loaded = Arc::try_unwrap(loaded_arc).map_err(|_| PluginError::Runtime {
                 plugin: name.clone(),
@@ -321,7 +361,10 @@ impl PluginHost {
 }
 
 fn read(path: &Path) -> Result<Vec<u8>> {
-    std::fs::read(path).map_err(|source| PluginError::Io { path: path.to_path_buf(), source })
+    std::fs::read(path).map_err(|source| PluginError::Io {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 /// The linker every plugin is instantiated with: WASI (filesystem limited to granted
@@ -359,7 +402,10 @@ pub fn capability_names(c: types::Capabilities) -> Vec<String> {
         (C::GUEST_NATIVE, "guest-native"),
         (C::GUEST_AGENT_CHANNEL, "guest-agent-channel"),
     ];
-    all.iter().filter(|(f, _)| c.contains(*f)).map(|(_, n)| n.to_string()).collect()
+    all.iter()
+        .filter(|(f, _)| c.contains(*f))
+        .map(|(_, n)| n.to_string())
+        .collect()
 }
 
 fn summary(l: &Loaded) -> PluginSummary {
@@ -368,9 +414,20 @@ fn summary(l: &Loaded) -> PluginSummary {
     let dirs: Vec<String> = e
         .directories
         .iter()
-        .map(|d| format!("{} -> {}{}", d.host.display(), d.guest, if d.writable { " (rw)" } else { "" }))
+        .map(|d| {
+            format!(
+                "{} -> {}{}",
+                d.host.display(),
+                d.guest,
+                if d.writable { " (rw)" } else { "" }
+            )
+        })
         .collect();
-    for (k, v) in [("http", e.http.clone()), ("libvirt", e.libvirt.clone()), ("directories", dirs)] {
+    for (k, v) in [
+        ("http", e.http.clone()),
+        ("libvirt", e.libvirt.clone()),
+        ("directories", dirs),
+    ] {
         if !v.is_empty() {
             granted.insert(k.to_string(), v);
         }
@@ -391,7 +448,11 @@ fn summary(l: &Loaded) -> PluginSummary {
         driver: l.exports.driver,
         guest: l.exports.guest,
         hypervisor_kind: l.driver_info.as_ref().map(|i| i.hypervisor_kind.clone()),
-        capabilities: l.driver_info.as_ref().map(|i| capability_names(i.capabilities)).unwrap_or_default(),
+        capabilities: l
+            .driver_info
+            .as_ref()
+            .map(|i| capability_names(i.capabilities))
+            .unwrap_or_default(),
         granted,
         ignored_grants: e.ignored.clone(),
         limits: l.limits,

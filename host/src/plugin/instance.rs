@@ -86,14 +86,22 @@ impl Loaded {
             action,
             message: format!("{e:#}"),
         };
-        let pre = linker.instantiate_pre(component).map_err(|e| runtime("link its imports", e))?;
+        let pre = linker
+            .instantiate_pre(component)
+            .map_err(|e| runtime("link its imports", e))?;
         let driver = if exports.driver {
-            Some(driver_export::GuestIndices::new(&pre).map_err(|e| runtime("find its driver export", e))?)
+            Some(
+                driver_export::GuestIndices::new(&pre)
+                    .map_err(|e| runtime("find its driver export", e))?,
+            )
         } else {
             None
         };
         let guest = if exports.guest {
-            Some(guest_export::GuestIndices::new(&pre).map_err(|e| runtime("find its guest export", e))?)
+            Some(
+                guest_export::GuestIndices::new(&pre)
+                    .map_err(|e| runtime("find its guest export", e))?,
+            )
         } else {
             None
         };
@@ -117,9 +125,12 @@ impl Loaded {
 
     /// Instantiates afresh, waiting for an instance slot if the plugin is at its cap.
     pub async fn instantiate(self: &Arc<Self>) -> Result<Instance> {
-        let permit = self.instances.clone().acquire_owned().await.map_err(|_| {
-            PluginError::NotLoaded(self.name.to_string())
-        })?;
+        let permit = self
+            .instances
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| PluginError::NotLoaded(self.name.to_string()))?;
         let state = HostState::new(
             self.name.clone(),
             &self.policies,
@@ -141,7 +152,11 @@ impl Loaded {
             message: format!("{e:#}"),
         };
         store.data_mut().limiter.deadline = Some(Instant::now() + self.limits.call_timeout());
-        let instance = self.pre.instantiate_async(&mut store).await.map_err(runtime)?;
+        let instance = self
+            .pre
+            .instantiate_async(&mut store)
+            .await
+            .map_err(runtime)?;
         store.data_mut().limiter.deadline = None;
         let driver = match &self.driver {
             Some(ix) => Some(ix.load(&mut store, &instance).map_err(runtime)?),
@@ -151,7 +166,14 @@ impl Loaded {
             Some(ix) => Some(ix.load(&mut store, &instance).map_err(runtime)?),
             None => None,
         };
-        Ok(Instance { loaded: self.clone(), store, driver, guest, poisoned: false, _permit: permit })
+        Ok(Instance {
+            loaded: self.clone(),
+            store,
+            driver,
+            guest,
+            poisoned: false,
+            _permit: permit,
+        })
     }
 }
 
@@ -161,7 +183,10 @@ impl Instance {
         &mut self,
         op: &'static str,
         budget: Duration,
-        outcome: std::result::Result<wasmtime::Result<std::result::Result<T, types::Error>>, tokio::time::error::Elapsed>,
+        outcome: std::result::Result<
+            wasmtime::Result<std::result::Result<T, types::Error>>,
+            tokio::time::error::Elapsed,
+        >,
     ) -> Result<T> {
         let stopped = {
             let l = &mut self.store.data_mut().limiter;
@@ -171,7 +196,11 @@ impl Instance {
         let plugin = self.loaded.name.to_string();
         match outcome {
             Ok(Ok(Ok(v))) => Ok(v),
-            Ok(Ok(Err(e))) => Err(PluginError::Driver { plugin, op, error: DriverError::from(e) }),
+            Ok(Ok(Err(e))) => Err(PluginError::Driver {
+                plugin,
+                op,
+                error: DriverError::from(e),
+            }),
             Err(_elapsed) => {
                 self.poisoned = true;
                 Err(PluginError::Deadline { plugin, op, budget })
@@ -188,7 +217,11 @@ impl Instance {
                     },
                     None => match trap.downcast_ref::<Trap>() {
                         Some(Trap::UnreachableCodeReached) => PluginError::Panic { plugin, op },
-                        _ => PluginError::Trap { plugin, op, message: format!("{trap:#}") },
+                        _ => PluginError::Trap {
+                            plugin,
+                            op,
+                            message: format!("{trap:#}"),
+                        },
                     },
                 })
             }

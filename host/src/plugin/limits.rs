@@ -28,7 +28,11 @@ pub struct Limiter {
 impl Limiter {
     /// A limiter with a memory cap in bytes.
     pub fn new(memory_cap: usize) -> Limiter {
-        Limiter { memory_cap, deadline: None, stopped: None }
+        Limiter {
+            memory_cap,
+            deadline: None,
+            stopped: None,
+        }
     }
 
     /// The memory cap in bytes.

@@ -80,22 +80,38 @@ pub struct Bundle {
 impl Bundle {
     /// Reads a bundle from a directory (or from the path of its manifest file).
     pub fn read(path: &Path) -> Result<Bundle> {
-        let manifest_path =
-            if path.is_dir() { path.join(MANIFEST_FILE) } else { path.to_path_buf() };
-        let text = std::fs::read_to_string(&manifest_path)
-            .map_err(|source| PluginError::Io { path: manifest_path.clone(), source })?;
+        let manifest_path = if path.is_dir() {
+            path.join(MANIFEST_FILE)
+        } else {
+            path.to_path_buf()
+        };
+        let text = std::fs::read_to_string(&manifest_path).map_err(|source| PluginError::Io {
+            path: manifest_path.clone(),
+            source,
+        })?;
         let manifest = Manifest::parse(&text).map_err(|message| PluginError::Manifest {
             path: manifest_path.clone(),
             message,
         })?;
         let dir = manifest_path.parent().unwrap_or(Path::new("."));
         let component_path = dir.join(&manifest.component);
-        let component_path = std::path::absolute(&component_path)
-            .map_err(|source| PluginError::Io { path: component_path.clone(), source })?;
+        let component_path =
+            std::path::absolute(&component_path).map_err(|source| PluginError::Io {
+                path: component_path.clone(),
+                source,
+            })?;
         let contract = ContractVersion::parse(&manifest.contract).map_err(|message| {
-            PluginError::Manifest { path: manifest_path.clone(), message }
+            PluginError::Manifest {
+                path: manifest_path.clone(),
+                message,
+            }
         })?;
-        Ok(Bundle { manifest, manifest_path, component_path, contract })
+        Ok(Bundle {
+            manifest,
+            manifest_path,
+            component_path,
+            contract,
+        })
     }
 }
 
@@ -134,7 +150,9 @@ pub fn validate_name(name: &str) -> std::result::Result<(), String> {
     let ok = !name.is_empty()
         && name.len() <= 64
         && name.starts_with(|c: char| c.is_ascii_lowercase())
-        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
     if ok {
         Ok(())
     } else {
@@ -171,7 +189,8 @@ concurrency = 4
     fn refuses_bad_fields_with_their_names() {
         let e = Manifest::parse(&GOOD.replace("memory.wasm", "../x.wasm")).unwrap_err();
         assert!(e.contains("plain file name"), "{e}");
-        let e = Manifest::parse(&GOOD.replace("name = \"memory\"", "name = \"Mem ory\"")).unwrap_err();
+        let e =
+            Manifest::parse(&GOOD.replace("name = \"memory\"", "name = \"Mem ory\"")).unwrap_err();
         assert!(e.contains("a-z"), "{e}");
         let e = Manifest::parse(&GOOD.replace("http = true", "htp = true")).unwrap_err();
         assert!(e.contains("htp"), "{e}");

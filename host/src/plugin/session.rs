@@ -12,7 +12,9 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use wasmtime::component::ResourceAny;
 
-use super::bindings::types::{self, Capabilities, Credentials, ExecRequest, ExecResult, FileInfo, HostInfo, VmInfo, VmProfile};
+use super::bindings::types::{
+    self, Capabilities, Credentials, ExecRequest, ExecResult, FileInfo, HostInfo, VmInfo, VmProfile,
+};
 use super::error::{PluginError, Result};
 use super::host::Slot;
 use super::instance::{guarded, Instance};
@@ -40,9 +42,18 @@ struct Pool {
 }
 
 impl Pool {
-    async fn new(slot: Arc<Slot>, kind: Kind, endpoint: &str, credentials: Credentials) -> Result<Arc<Pool>> {
+    async fn new(
+        slot: Arc<Slot>,
+        kind: Kind,
+        endpoint: &str,
+        credentials: Credentials,
+    ) -> Result<Arc<Pool>> {
         let loaded = slot.current()?;
-        let size = loaded.limits.session_instances.min(loaded.bundle.manifest.limits.concurrency).max(1);
+        let size = loaded
+            .limits
+            .session_instances
+            .min(loaded.bundle.manifest.limits.concurrency)
+            .max(1);
         let pool = Arc::new(Pool {
             slot,
             kind,
@@ -69,7 +80,9 @@ impl Pool {
         loop {
             let candidate = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
             match candidate {
-                Some(live) if live.inst.loaded.generation == loaded.generation => return Ok((live, permit)),
+                Some(live) if live.inst.loaded.generation == loaded.generation => {
+                    return Ok((live, permit))
+                }
                 Some(stale) => drop(stale),
                 None => break,
             }
@@ -77,12 +90,12 @@ impl Pool {
         let mut inst = loaded.instantiate().await?;
         let (endpoint, creds) = (self.endpoint.as_str(), &self.credentials);
         let session = match self.kind {
-            Kind::Driver => {
-                guarded!(&mut inst, "open", driver, |d, store| d.session().call_open(store, endpoint, creds))?
-            }
-            Kind::Guest => {
-                guarded!(&mut inst, "open", guest, |g, store| g.guest_session().call_open(store, endpoint, creds))?
-            }
+            Kind::Driver => guarded!(&mut inst, "open", driver, |d, store| d
+                .session()
+                .call_open(store, endpoint, creds))?,
+            Kind::Guest => guarded!(&mut inst, "open", guest, |g, store| g
+                .guest_session()
+                .call_open(store, endpoint, creds))?,
         };
         Ok((Live { inst, session }, permit))
     }
@@ -91,14 +104,21 @@ impl Pool {
     fn give_back(&self, live: Live) {
         let current = self.slot.current().ok().map(|l| l.generation);
         if !live.inst.poisoned && current == Some(live.inst.loaded.generation) {
-            self.idle.lock().unwrap_or_else(|p| p.into_inner()).push(live);
+            self.idle
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(live);
         }
     }
 
     /// Refuses an operation the driver did not declare, before entering the plugin.
     fn require(&self, op: &'static str, needed: Capabilities) -> Result<()> {
         let loaded = self.slot.current()?;
-        let declared = loaded.driver_info.as_ref().map(|i| i.capabilities).unwrap_or(Capabilities::empty());
+        let declared = loaded
+            .driver_info
+            .as_ref()
+            .map(|i| i.capabilities)
+            .unwrap_or(Capabilities::empty());
         if declared.contains(needed) {
             Ok(())
         } else {
@@ -134,8 +154,14 @@ macro_rules! driver_op {
 }
 
 impl DriverSession {
-    pub(crate) async fn open(slot: Arc<Slot>, endpoint: &str, credentials: Credentials) -> Result<DriverSession> {
-        Ok(DriverSession { pool: Pool::new(slot, Kind::Driver, endpoint, credentials).await? })
+    pub(crate) async fn open(
+        slot: Arc<Slot>,
+        endpoint: &str,
+        credentials: Credentials,
+    ) -> Result<DriverSession> {
+        Ok(DriverSession {
+            pool: Pool::new(slot, Kind::Driver, endpoint, credentials).await?,
+        })
     }
 
     /// The endpoint this session is open on.
@@ -185,7 +211,11 @@ impl DriverSession {
 
     /// Copies a VM or template (`linked`: copy-on-write).
     pub async fn clone_vm(&self, source: &str, name: &str, linked: bool) -> Result<VmInfo> {
-        let cap = if linked { Capabilities::CLONE | Capabilities::LINKED_CLONE } else { Capabilities::CLONE };
+        let cap = if linked {
+            Capabilities::CLONE | Capabilities::LINKED_CLONE
+        } else {
+            Capabilities::CLONE
+        };
         self.clone_checked(cap, source, name, linked).await
     }
 
@@ -194,7 +224,11 @@ impl DriverSession {
 
     /// Moves a VM to `destination` (`live`: while running).
     pub async fn migrate(&self, vm: &str, destination: &str, live: bool) -> Result<VmInfo> {
-        let cap = if live { Capabilities::MIGRATE | Capabilities::LIVE_MIGRATE } else { Capabilities::MIGRATE };
+        let cap = if live {
+            Capabilities::MIGRATE | Capabilities::LIVE_MIGRATE
+        } else {
+            Capabilities::MIGRATE
+        };
         self.migrate_checked(cap, vm, destination, live).await
     }
 
@@ -229,15 +263,23 @@ pub struct Download {
 }
 
 impl GuestSession {
-    pub(crate) async fn open(slot: Arc<Slot>, endpoint: &str, credentials: Credentials) -> Result<GuestSession> {
-        Ok(GuestSession { pool: Pool::new(slot, Kind::Guest, endpoint, credentials).await? })
+    pub(crate) async fn open(
+        slot: Arc<Slot>,
+        endpoint: &str,
+        credentials: Credentials,
+    ) -> Result<GuestSession> {
+        Ok(GuestSession {
+            pool: Pool::new(slot, Kind::Guest, endpoint, credentials).await?,
+        })
     }
 
     /// Runs a command in the guest.
     pub async fn exec(&self, vm: &str, request: &ExecRequest) -> Result<ExecResult> {
         let (mut live, _permit) = self.pool.take().await?;
         let s = live.session;
-        let r = guarded!(&mut live.inst, "exec", guest, |g, store| g.guest_session().call_exec(store, s, vm, request));
+        let r = guarded!(&mut live.inst, "exec", guest, |g, store| g
+            .guest_session()
+            .call_exec(store, s, vm, request));
         self.pool.give_back(live);
         r
     }
@@ -246,20 +288,33 @@ impl GuestSession {
     pub async fn stat(&self, vm: &str, path: &str) -> Result<FileInfo> {
         let (mut live, _permit) = self.pool.take().await?;
         let s = live.session;
-        let r = guarded!(&mut live.inst, "stat", guest, |g, store| g.guest_session().call_stat(store, s, vm, path));
+        let r = guarded!(&mut live.inst, "stat", guest, |g, store| g
+            .guest_session()
+            .call_stat(store, s, vm, path));
         self.pool.give_back(live);
         r
     }
 
     /// Starts writing a guest file.
-    pub async fn upload(&self, vm: &str, path: &str, mode: u32, create_parents: bool) -> Result<Upload> {
+    pub async fn upload(
+        &self,
+        vm: &str,
+        path: &str,
+        mode: u32,
+        create_parents: bool,
+    ) -> Result<Upload> {
         let (mut live, permit) = self.pool.take().await?;
         let s = live.session;
         let r = guarded!(&mut live.inst, "upload", guest, |g, store| g
             .guest_session()
             .call_upload(store, s, vm, path, mode, create_parents));
         match r {
-            Ok(upload) => Ok(Upload { pool: self.pool.clone(), live: Some(live), upload, _permit: permit }),
+            Ok(upload) => Ok(Upload {
+                pool: self.pool.clone(),
+                live: Some(live),
+                upload,
+                _permit: permit,
+            }),
             Err(e) => {
                 self.pool.give_back(live);
                 Err(e)
@@ -271,7 +326,9 @@ impl GuestSession {
     pub async fn download(&self, vm: &str, path: &str) -> Result<Download> {
         let (mut live, permit) = self.pool.take().await?;
         let s = live.session;
-        let r = guarded!(&mut live.inst, "download", guest, |g, store| g.guest_session().call_download(store, s, vm, path));
+        let r = guarded!(&mut live.inst, "download", guest, |g, store| g
+            .guest_session()
+            .call_download(store, s, vm, path));
         let download = match r {
             Ok(d) => d,
             Err(e) => {
@@ -286,7 +343,14 @@ impl GuestSession {
             g.download().call_mode(store, download).await.map(Ok)
         });
         let (size, mode) = (size?, mode?);
-        Ok(Download { pool: self.pool.clone(), live: Some(live), download, size, mode, _permit: permit })
+        Ok(Download {
+            pool: self.pool.clone(),
+            live: Some(live),
+            download,
+            size,
+            mode,
+            _permit: permit,
+        })
     }
 }
 
@@ -303,7 +367,9 @@ impl Upload {
     pub async fn write(&mut self, chunk: &[u8]) -> Result<()> {
         let mut live = live_or_gone(&mut self.live, &self.pool.slot.name, "upload-write")?;
         let u = self.upload;
-        let r = guarded!(&mut live.inst, "upload-write", guest, |g, store| g.upload().call_write(store, u, chunk));
+        let r = guarded!(&mut live.inst, "upload-write", guest, |g, store| g
+            .upload()
+            .call_write(store, u, chunk));
         if !live.inst.poisoned {
             self.live = Some(live);
         }
@@ -314,7 +380,9 @@ impl Upload {
     pub async fn finish(mut self) -> Result<FileInfo> {
         let mut live = live_or_gone(&mut self.live, &self.pool.slot.name, "upload-finish")?;
         let u = self.upload;
-        let r = guarded!(&mut live.inst, "upload-finish", guest, |g, store| g.upload().call_finish(store, u));
+        let r = guarded!(&mut live.inst, "upload-finish", guest, |g, store| g
+            .upload()
+            .call_finish(store, u));
         let _ = u.resource_drop_async(&mut live.inst.store).await;
         self.pool.give_back(live);
         r
@@ -326,7 +394,9 @@ impl Download {
     pub async fn read(&mut self, max: u32) -> Result<Vec<u8>> {
         let mut live = live_or_gone(&mut self.live, &self.pool.slot.name, "download-read")?;
         let d = self.download;
-        let r = guarded!(&mut live.inst, "download-read", guest, |g, store| g.download().call_read(store, d, max));
+        let r = guarded!(&mut live.inst, "download-read", guest, |g, store| g
+            .download()
+            .call_read(store, d, max));
         if !live.inst.poisoned {
             self.live = Some(live);
         }
@@ -336,7 +406,10 @@ impl Download {
     /// Ends the transfer and returns the instance to its pool.
     pub async fn close(mut self) {
         if let Some(mut live) = self.live.take() {
-            let _ = self.download.resource_drop_async(&mut live.inst.store).await;
+            let _ = self
+                .download
+                .resource_drop_async(&mut live.inst.store)
+                .await;
             self.pool.give_back(live);
         }
     }

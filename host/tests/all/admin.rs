@@ -11,7 +11,13 @@ const TOKEN: &str = "test-admin-token-0123456789";
 
 async fn gve(agent: &Agent, args: &[&str]) -> (i32, String, String) {
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_gve"))
-        .args(["plugin", "--url", &format!("http://{}", agent.addr), "--token", TOKEN])
+        .args([
+            "plugin",
+            "--url",
+            &format!("http://{}", agent.addr),
+            "--token",
+            TOKEN,
+        ])
         .args(args)
         .output()
         .await
@@ -42,10 +48,24 @@ async fn cli_lists_loads_replaces_and_unloads_plugins() {
     let (code, out, err) = gve(&agent, &["list"]).await;
     assert_eq!(code, 0, "{err}");
     assert!(out.lines().next().unwrap().starts_with("NAME"), "{out}");
-    assert!(out.contains("memory") && out.contains("driver+guest"), "{out}");
+    assert!(
+        out.contains("memory") && out.contains("driver+guest"),
+        "{out}"
+    );
 
     let hostile = bundle("hostile");
-    let (code, out, err) = gve(&agent, &["load", hostile.to_str().unwrap(), "--grant-http", "127.0.0.1:9", "--output", "json"]).await;
+    let (code, out, err) = gve(
+        &agent,
+        &[
+            "load",
+            hostile.to_str().unwrap(),
+            "--grant-http",
+            "127.0.0.1:9",
+            "--output",
+            "json",
+        ],
+    )
+    .await;
     assert_eq!(code, 0, "{err}");
     let loaded: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(loaded[0]["name"], "hostile");
@@ -56,11 +76,26 @@ async fn cli_lists_loads_replaces_and_unloads_plugins() {
     assert_eq!(code, 6, "{err}");
     assert!(err.contains("already loaded"), "{err}");
 
-    let v2 = edited_bundle("hostile", |m| m.replace("version = \"0.1.0\"", "version = \"0.2.0\""));
-    let (code, out, err) = gve(&agent, &["replace", "hostile", v2.path().to_str().unwrap(), "--config", "version=0.2.0"]).await;
+    let v2 = edited_bundle("hostile", |m| {
+        m.replace("version = \"0.1.0\"", "version = \"0.2.0\"")
+    });
+    let (code, out, err) = gve(
+        &agent,
+        &[
+            "replace",
+            "hostile",
+            v2.path().to_str().unwrap(),
+            "--config",
+            "version=0.2.0",
+        ],
+    )
+    .await;
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("0.2.0"), "{out}");
-    assert_eq!(agent.plugins.driver_info("hostile").await.unwrap().version, "0.2.0");
+    assert_eq!(
+        agent.plugins.driver_info("hostile").await.unwrap().version,
+        "0.2.0"
+    );
 
     let (code, out, _) = gve(&agent, &["unload", "hostile"]).await;
     assert_eq!((code, out.trim()), (0, "unloaded hostile"));
@@ -73,16 +108,30 @@ async fn cli_lists_loads_replaces_and_unloads_plugins() {
 async fn admin_api_refuses_bad_tokens_and_bad_bodies() {
     let (agent, _dir) = agent_with_memory().await;
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_gve"))
-        .args(["plugin", "--url", &format!("http://{}", agent.addr), "--token", "wrong-token", "list"])
+        .args([
+            "plugin",
+            "--url",
+            &format!("http://{}", agent.addr),
+            "--token",
+            "wrong-token",
+            "list",
+        ])
         .output()
         .await
         .unwrap();
     assert_eq!(out.status.code(), Some(5));
     assert!(String::from_utf8_lossy(&out.stderr).contains("bearer token"));
 
-    let client = gve::api::client::Client::new(&format!("http://{}", agent.addr), Some(TOKEN.into())).unwrap();
-    let bad: Result<serde_json::Value, _> =
-        client.call(hyper::Method::POST, "/v1/plugins", Some(&serde_json::json!({"bundel": "/x"}))).await;
+    let client =
+        gve::api::client::Client::new(&format!("http://{}", agent.addr), Some(TOKEN.into()))
+            .unwrap();
+    let bad: Result<serde_json::Value, _> = client
+        .call(
+            hyper::Method::POST,
+            "/v1/plugins",
+            Some(&serde_json::json!({"bundel": "/x"})),
+        )
+        .await;
     let e = bad.unwrap_err();
     assert_eq!((e.status, e.kind.as_str()), (400, "invalid-argument"));
     assert!(e.message.contains("bundel"), "{}", e.message);

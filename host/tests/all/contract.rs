@@ -19,7 +19,10 @@ fn profile(name: &str) -> VmProfile {
         os_version: Some("12".into()),
         platform: Some("amd64".into()),
         network: None,
-        labels: vec![Label { key: "owner".into(), value: "alice".into() }],
+        labels: vec![Label {
+            key: "owner".into(),
+            value: "alice".into(),
+        }],
     }
 }
 
@@ -36,19 +39,31 @@ async fn driver_lifecycle_through_the_host() {
     assert!(summary.capabilities.contains(&"live-migrate".to_string()));
 
     let info = host.driver_info("memory").await.unwrap();
-    assert_eq!((info.name.as_str(), info.hypervisor_kind.as_str()), ("memory", "memory"));
+    assert_eq!(
+        (info.name.as_str(), info.hypervisor_kind.as_str()),
+        ("memory", "memory")
+    );
 
     // A bad endpoint fails at open with the driver's own error kind.
-    let err = host.open_driver("memory", "vsphere://x", no_creds()).await.err().unwrap();
+    let err = host
+        .open_driver("memory", "vsphere://x", no_creds())
+        .await
+        .err()
+        .unwrap();
     assert_eq!(kind(&err), ErrorKind::InvalidArgument, "{err}");
 
-    let s = host.open_driver("memory", "memory:a", no_creds()).await.unwrap();
+    let s = host
+        .open_driver("memory", "memory:a", no_creds())
+        .await
+        .unwrap();
     let hi = s.host_info().await.unwrap();
     assert_eq!(hi.hypervisor_kind, "memory");
     assert_eq!(hi.used_instances, 0);
 
     let templates = s.list_templates().await.unwrap();
-    assert!(templates.iter().any(|t| t.name == "debian-12" && t.is_template));
+    assert!(templates
+        .iter()
+        .any(|t| t.name == "debian-12" && t.is_template));
     assert!(s.list_vms().await.unwrap().is_empty());
 
     let vm = s.create(&profile("web-1")).await.unwrap();
@@ -59,43 +74,83 @@ async fn driver_lifecycle_through_the_host() {
     assert_eq!(kind(&dup), ErrorKind::AlreadyExists, "{dup}");
     let mut bad = profile("web-x");
     bad.template = Some("no-such-template".into());
-    assert_eq!(kind(&s.create(&bad).await.unwrap_err()), ErrorKind::NotFound);
+    assert_eq!(
+        kind(&s.create(&bad).await.unwrap_err()),
+        ErrorKind::NotFound
+    );
 
     assert_eq!(s.get_vm(&vm.id).await.unwrap().name, "web-1");
     assert_eq!(s.get_vm("web-1").await.unwrap().id, vm.id);
-    assert_eq!(kind(&s.get_vm("nope").await.unwrap_err()), ErrorKind::NotFound);
+    assert_eq!(
+        kind(&s.get_vm("nope").await.unwrap_err()),
+        ErrorKind::NotFound
+    );
 
     let running = s.start(&vm.id).await.unwrap();
     assert_eq!(running.state, VmState::Running);
-    assert_eq!(kind(&s.start(&vm.id).await.unwrap_err()), ErrorKind::InvalidState);
+    assert_eq!(
+        kind(&s.start(&vm.id).await.unwrap_err()),
+        ErrorKind::InvalidState
+    );
     assert_eq!(s.host_info().await.unwrap().used_instances, 1);
 
     assert_eq!(s.suspend(&vm.id).await.unwrap().state, VmState::Suspended);
     assert_eq!(s.resume(&vm.id).await.unwrap().state, VmState::Running);
 
     let linked = s.clone_vm("debian-12", "web-2", true).await.unwrap();
-    assert_eq!((linked.name.as_str(), linked.state), ("web-2", VmState::Stopped));
+    assert_eq!(
+        (linked.name.as_str(), linked.state),
+        ("web-2", VmState::Stopped)
+    );
     let full = s.clone_vm(&vm.id, "web-3", false).await.unwrap();
     assert_eq!(full.resources.main_memory_mib, 512);
     let refused = s.clone_vm(&vm.id, "web-4", true).await.unwrap_err();
-    assert_eq!(kind(&refused), ErrorKind::InvalidState, "linked clone of a running VM: {refused}");
+    assert_eq!(
+        kind(&refused),
+        ErrorKind::InvalidState,
+        "linked clone of a running VM: {refused}"
+    );
 
-    let reply = s.guest_agent_command(&vm.id, r#"{"execute":"guest-ping"}"#, 1000).await.unwrap();
+    let reply = s
+        .guest_agent_command(&vm.id, r#"{"execute":"guest-ping"}"#, 1000)
+        .await
+        .unwrap();
     assert_eq!(reply.replace(' ', ""), r#"{"return":{}}"#);
-    let stopped_reply = s.guest_agent_command(&linked.id, r#"{"execute":"guest-ping"}"#, 1000).await.unwrap_err();
+    let stopped_reply = s
+        .guest_agent_command(&linked.id, r#"{"execute":"guest-ping"}"#, 1000)
+        .await
+        .unwrap_err();
     assert_eq!(kind(&stopped_reply), ErrorKind::Unavailable);
 
     let moved = s.migrate(&vm.id, "memory:b", true).await.unwrap();
-    assert_eq!((moved.host.as_str(), moved.state), ("memory:b", VmState::Running));
-    assert_eq!(kind(&s.get_vm(&vm.id).await.unwrap_err()), ErrorKind::NotFound);
-    let b = host.open_driver("memory", "memory:b", no_creds()).await.unwrap();
+    assert_eq!(
+        (moved.host.as_str(), moved.state),
+        ("memory:b", VmState::Running)
+    );
+    assert_eq!(
+        kind(&s.get_vm(&vm.id).await.unwrap_err()),
+        ErrorKind::NotFound
+    );
+    let b = host
+        .open_driver("memory", "memory:b", no_creds())
+        .await
+        .unwrap();
     assert_eq!(b.get_vm("web-1").await.unwrap().state, VmState::Running);
-    assert_eq!(b.shutdown("web-1", false).await.unwrap().state, VmState::Stopped);
-    assert_eq!(kind(&b.shutdown("web-1", true).await.unwrap_err()), ErrorKind::InvalidState);
+    assert_eq!(
+        b.shutdown("web-1", false).await.unwrap().state,
+        VmState::Stopped
+    );
+    assert_eq!(
+        kind(&b.shutdown("web-1", true).await.unwrap_err()),
+        ErrorKind::InvalidState
+    );
 
     s.destroy(&full.id).await.unwrap();
     s.destroy(&linked.id).await.unwrap();
-    assert_eq!(kind(&s.destroy(&linked.id).await.unwrap_err()), ErrorKind::NotFound);
+    assert_eq!(
+        kind(&s.destroy(&linked.id).await.unwrap_err()),
+        ErrorKind::NotFound
+    );
     assert!(s.list_vms().await.unwrap().is_empty());
     assert_eq!(b.list_vms().await.unwrap().len(), 1);
 }
@@ -106,10 +161,22 @@ async fn credentials_come_from_the_operator_config() {
     let mut grants = Grants::default();
     grants.config.insert("password".into(), "hunter2".into());
     host.load(spec("memory", grants)).await.unwrap();
-    let wrong = Credentials { username: Some("u".into()), password: Some("nope".into()), token: None };
-    let err = host.open_driver("memory", "memory:a", wrong).await.err().unwrap();
+    let wrong = Credentials {
+        username: Some("u".into()),
+        password: Some("nope".into()),
+        token: None,
+    };
+    let err = host
+        .open_driver("memory", "memory:a", wrong)
+        .await
+        .err()
+        .unwrap();
     assert_eq!(err.kind(), ErrorKind::Denied, "{err}");
-    let right = Credentials { username: Some("u".into()), password: Some("hunter2".into()), token: None };
+    let right = Credentials {
+        username: Some("u".into()),
+        password: Some("hunter2".into()),
+        token: None,
+    };
     host.open_driver("memory", "memory:a", right).await.unwrap();
 }
 
@@ -128,16 +195,31 @@ fn exec(argv: &[&str]) -> ExecRequest {
 async fn guest_operations_through_the_host() {
     let (host, _dir) = host();
     host.load(spec("memory", Grants::default())).await.unwrap();
-    let d = host.open_driver("memory", "memory:g", no_creds()).await.unwrap();
+    let d = host
+        .open_driver("memory", "memory:g", no_creds())
+        .await
+        .unwrap();
     let vm = d.create(&profile("g-1")).await.unwrap();
-    let g = host.open_guest("memory", "memory:g", no_creds()).await.unwrap();
+    let g = host
+        .open_guest("memory", "memory:g", no_creds())
+        .await
+        .unwrap();
 
     // The guest must be running.
-    assert_eq!(g.exec(&vm.id, &exec(&["true"])).await.unwrap_err().kind(), ErrorKind::Unavailable);
+    assert_eq!(
+        g.exec(&vm.id, &exec(&["true"])).await.unwrap_err().kind(),
+        ErrorKind::Unavailable
+    );
     d.start(&vm.id).await.unwrap();
 
-    let r = g.exec(&vm.id, &exec(&["echo", "hello", "grid"])).await.unwrap();
-    assert_eq!((r.exit_code, r.stdout.as_slice()), (Some(0), &b"hello grid\n"[..]));
+    let r = g
+        .exec(&vm.id, &exec(&["echo", "hello", "grid"]))
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.exit_code, r.stdout.as_slice()),
+        (Some(0), &b"hello grid\n"[..])
+    );
     let r = g.exec(&vm.id, &exec(&["false"])).await.unwrap();
     assert_eq!(r.exit_code, Some(1));
     let r = g.exec(&vm.id, &exec(&["frobnicate"])).await.unwrap();
@@ -145,7 +227,10 @@ async fn guest_operations_through_the_host() {
     assert!(String::from_utf8_lossy(&r.stderr).contains("frobnicate"));
     let mut cat = exec(&["cat"]);
     cat.stdin = vec![0, 159, 255, 10];
-    assert_eq!(g.exec(&vm.id, &cat).await.unwrap().stdout, vec![0, 159, 255, 10]);
+    assert_eq!(
+        g.exec(&vm.id, &cat).await.unwrap().stdout,
+        vec![0, 159, 255, 10]
+    );
     let mut sleepy = exec(&["sleep", "10"]);
     sleepy.timeout_ms = 100;
     let r = g.exec(&vm.id, &sleepy).await.unwrap();
@@ -158,7 +243,10 @@ async fn guest_operations_through_the_host() {
 
     // Chunked upload, then stat and chunked download of the same bytes.
     let content: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
-    let mut up = g.upload(&vm.id, "/opt/app/data.bin", 0o640, true).await.unwrap();
+    let mut up = g
+        .upload(&vm.id, "/opt/app/data.bin", 0o640, true)
+        .await
+        .unwrap();
     for chunk in content.chunks(64 * 1024) {
         up.write(chunk).await.unwrap();
     }
@@ -167,7 +255,10 @@ async fn guest_operations_through_the_host() {
     use sha2::Digest;
     assert_eq!(info.sha256, hex::encode(sha2::Sha256::digest(&content)));
     let st = g.stat(&vm.id, "/opt/app/data.bin").await.unwrap();
-    assert_eq!((st.size, st.mode, &st.sha256), (info.size, info.mode, &info.sha256));
+    assert_eq!(
+        (st.size, st.mode, &st.sha256),
+        (info.size, info.mode, &info.sha256)
+    );
 
     let mut down = g.download(&vm.id, "/opt/app/data.bin").await.unwrap();
     assert_eq!(down.size, content.len() as u64);
@@ -183,7 +274,14 @@ async fn guest_operations_through_the_host() {
     down.close().await;
     assert_eq!(back, content);
 
-    let missing = g.upload(&vm.id, "/no/such/dir/f", 0o600, false).await.err().unwrap();
+    let missing = g
+        .upload(&vm.id, "/no/such/dir/f", 0o600, false)
+        .await
+        .err()
+        .unwrap();
     assert_eq!(missing.kind(), ErrorKind::NotFound, "{missing}");
-    assert_eq!(g.stat(&vm.id, "/nope").await.unwrap_err().kind(), ErrorKind::NotFound);
+    assert_eq!(
+        g.stat(&vm.id, "/nope").await.unwrap_err().kind(),
+        ErrorKind::NotFound
+    );
 }

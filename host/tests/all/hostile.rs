@@ -7,13 +7,17 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use gve::plugin::{DirGrant, DriverSession, ErrorKind, Grants, PluginError, PluginHost, PluginSpec};
+use gve::plugin::{
+    DirGrant, DriverSession, ErrorKind, Grants, PluginError, PluginHost, PluginSpec,
+};
 
 use crate::support::{host, no_creds, spec};
 
 async fn open(host: &PluginHost, spec: PluginSpec) -> DriverSession {
     host.load(spec).await.unwrap();
-    host.open_driver("hostile", "anywhere", no_creds()).await.unwrap()
+    host.open_driver("hostile", "anywhere", no_creds())
+        .await
+        .unwrap()
 }
 
 /// A normal call still works on the session.
@@ -34,8 +38,14 @@ async fn infinite_loop_is_stopped_at_its_deadline() {
     assert!(matches!(err, PluginError::Deadline { .. }), "{err}");
     assert!(err.to_string().contains("hostile"), "{err}");
     assert_eq!(err.kind(), ErrorKind::Timeout);
-    assert!(took >= Duration::from_millis(500), "stopped early: {took:?}");
-    assert!(took < Duration::from_millis(1500), "deadline + 1 s exceeded: {took:?}");
+    assert!(
+        took >= Duration::from_millis(500),
+        "stopped early: {took:?}"
+    );
+    assert!(
+        took < Duration::from_millis(1500),
+        "deadline + 1 s exceeded: {took:?}"
+    );
     still_healthy(&s).await;
 }
 
@@ -53,7 +63,11 @@ async fn runaway_loop_does_not_block_other_calls() {
     // Another instance of the same session answers while the loop spins.
     let t = Instant::now();
     still_healthy(&s).await;
-    assert!(t.elapsed() < Duration::from_millis(1_000), "blocked behind the loop: {:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_millis(1_000),
+        "blocked behind the loop: {:?}",
+        t.elapsed()
+    );
     assert!(looping.await.unwrap().is_err());
 }
 
@@ -65,7 +79,12 @@ async fn memory_bomb_is_refused_at_the_cap() {
     let s = open(&host, sp).await;
     let err = s.get_vm("bomb").await.unwrap_err();
     match &err {
-        PluginError::MemoryCap { plugin, cap_mib, asked_mib, .. } => {
+        PluginError::MemoryCap {
+            plugin,
+            cap_mib,
+            asked_mib,
+            ..
+        } => {
             assert_eq!((plugin.as_str(), *cap_mib), ("hostile", 32));
             assert!(*asked_mib > 32);
         }
@@ -80,7 +99,10 @@ async fn panic_becomes_a_typed_error() {
     let (host, _dir) = host();
     let s = open(&host, spec("hostile", Grants::default())).await;
     let err = s.get_vm("panic").await.unwrap_err();
-    assert!(matches!(&err, PluginError::Panic { plugin, op } if plugin == "hostile" && *op == "get-vm"), "{err}");
+    assert!(
+        matches!(&err, PluginError::Panic { plugin, op } if plugin == "hostile" && *op == "get-vm"),
+        "{err}"
+    );
     still_healthy(&s).await;
 }
 
@@ -98,10 +120,14 @@ fn counting_server() -> (u16, Arc<AtomicUsize>) {
                 Ok((mut stream, _)) => {
                     c.fetch_add(1, Ordering::SeqCst);
                     stream.set_nonblocking(false).unwrap();
-                    stream.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+                    stream
+                        .set_read_timeout(Some(Duration::from_secs(2)))
+                        .unwrap();
                     let mut buf = [0u8; 4096];
                     let _ = stream.read(&mut buf);
-                    let _ = stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok");
+                    let _ = stream.write_all(
+                        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok",
+                    );
                 }
                 Err(_) => std::thread::sleep(Duration::from_millis(5)),
             }
@@ -115,14 +141,27 @@ async fn http_to_a_host_not_granted_never_connects() {
     let (port, count) = counting_server();
     let (other_port, _) = counting_server();
     let (host, _dir) = host();
-    let grants = Grants { http: vec![format!("127.0.0.1:{other_port}")], ..Default::default() };
+    let grants = Grants {
+        http: vec![format!("127.0.0.1:{other_port}")],
+        ..Default::default()
+    };
     let s = open(&host, spec("hostile", grants)).await;
-    let err = s.get_vm(&format!("http:http://127.0.0.1:{port}/secret")).await.unwrap_err();
+    let err = s
+        .get_vm(&format!("http:http://127.0.0.1:{port}/secret"))
+        .await
+        .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Denied, "{err}");
     tokio::time::sleep(Duration::from_millis(100)).await;
-    assert_eq!(count.load(Ordering::SeqCst), 0, "the listener saw a connection");
+    assert_eq!(
+        count.load(Ordering::SeqCst),
+        0,
+        "the listener saw a connection"
+    );
     // Control: the granted authority is reached.
-    let ok = s.get_vm(&format!("http:http://127.0.0.1:{other_port}/")).await.unwrap();
+    let ok = s
+        .get_vm(&format!("http:http://127.0.0.1:{other_port}/"))
+        .await
+        .unwrap();
     assert_eq!(ok.name, "200");
     still_healthy(&s).await;
 }
@@ -132,9 +171,15 @@ async fn http_grant_is_ignored_unless_requested_and_host_matches_exactly() {
     let (port, count) = counting_server();
     let (host, _dir) = host();
     // Granted by port but reached through another host name: refused.
-    let grants = Grants { http: vec![format!("127.0.0.1:{port}")], ..Default::default() };
+    let grants = Grants {
+        http: vec![format!("127.0.0.1:{port}")],
+        ..Default::default()
+    };
     let s = open(&host, spec("hostile", grants)).await;
-    let err = s.get_vm(&format!("http:http://localhost:{port}/")).await.unwrap_err();
+    let err = s
+        .get_vm(&format!("http:http://localhost:{port}/"))
+        .await
+        .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Denied, "{err}");
     assert_eq!(count.load(Ordering::SeqCst), 0);
 }
@@ -142,7 +187,10 @@ async fn http_grant_is_ignored_unless_requested_and_host_matches_exactly() {
 #[tokio::test]
 async fn libvirt_uri_not_granted_is_refused() {
     let (host, _dir) = host();
-    let grants = Grants { libvirt: vec!["test:///default".into()], ..Default::default() };
+    let grants = Grants {
+        libvirt: vec!["test:///default".into()],
+        ..Default::default()
+    };
     let s = open(&host, spec("hostile", grants)).await;
     let err = s.get_vm("libvirt:qemu:///system").await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Denied, "{err}");
@@ -159,11 +207,18 @@ async fn only_granted_directories_are_visible_and_read_only_by_default() {
     std::fs::write(data.path().join("hello.txt"), "from the host").unwrap();
     let (host, _dir) = host();
     let grants = Grants {
-        directories: vec![DirGrant { host: data.path().to_path_buf(), guest: "/data".into(), writable: false }],
+        directories: vec![DirGrant {
+            host: data.path().to_path_buf(),
+            guest: "/data".into(),
+            writable: false,
+        }],
         ..Default::default()
     };
     let s = open(&host, spec("hostile", grants)).await;
-    assert_eq!(s.get_vm("file:/data/hello.txt").await.unwrap().name, "from the host");
+    assert_eq!(
+        s.get_vm("file:/data/hello.txt").await.unwrap().name,
+        "from the host"
+    );
     assert!(s.get_vm("write:/data/new.txt").await.is_err());
     assert!(!data.path().join("new.txt").exists());
     assert!(s.get_vm("file:/etc/passwd").await.is_err());

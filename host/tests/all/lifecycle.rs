@@ -9,10 +9,19 @@ use crate::support::{edited_bundle, host, no_creds, spec};
 
 /// The hostile fixture as version `v` (its info() reports the configured version).
 fn hostile_version(v: &str) -> (PluginSpec, tempfile::TempDir) {
-    let dir = edited_bundle("hostile", |m| m.replace("version = \"0.1.0\"", &format!("version = \"{v}\"")));
+    let dir = edited_bundle("hostile", |m| {
+        m.replace("version = \"0.1.0\"", &format!("version = \"{v}\""))
+    });
     let mut config = BTreeMap::new();
     config.insert("version".to_string(), v.to_string());
-    let sp = PluginSpec { bundle: dir.path().to_path_buf(), grants: Grants { config, ..Default::default() }, ..Default::default() };
+    let sp = PluginSpec {
+        bundle: dir.path().to_path_buf(),
+        grants: Grants {
+            config,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
     (sp, dir)
 }
 
@@ -22,7 +31,10 @@ async fn replace_under_100_in_flight_calls_fails_none() {
     let (v1, _b1) = hostile_version("0.1.0");
     let (v2, _b2) = hostile_version("0.2.0");
     host.load(v1).await.unwrap();
-    let s = host.open_driver("hostile", "anywhere", no_creds()).await.unwrap();
+    let s = host
+        .open_driver("hostile", "anywhere", no_creds())
+        .await
+        .unwrap();
     let mut calls = Vec::new();
     for i in 0..100 {
         let (s, host) = (s.clone(), host.clone());
@@ -41,10 +53,16 @@ async fn replace_under_100_in_flight_calls_fails_none() {
     assert_eq!(summary.version, "0.2.0");
     let mut versions = BTreeMap::new();
     for c in calls {
-        let v = c.await.unwrap().expect("no call fails across a replacement");
+        let v = c
+            .await
+            .unwrap()
+            .expect("no call fails across a replacement");
         *versions.entry(v).or_insert(0) += 1;
     }
-    assert!(versions.contains_key("0.1.0"), "no call ran on the old version: {versions:?}");
+    assert!(
+        versions.contains_key("0.1.0"),
+        "no call ran on the old version: {versions:?}"
+    );
     // Every call that starts after the swap uses the new version.
     assert_eq!(s.get_vm("version").await.unwrap().name, "0.2.0");
     assert_eq!(host.driver_info("hostile").await.unwrap().version, "0.2.0");
@@ -55,14 +73,23 @@ async fn replace_under_100_in_flight_calls_fails_none() {
 async fn unload_refuses_later_calls_and_allows_a_fresh_load() {
     let (host, _dir) = host();
     host.load(spec("memory", Grants::default())).await.unwrap();
-    let s = host.open_driver("memory", "memory:u", no_creds()).await.unwrap();
+    let s = host
+        .open_driver("memory", "memory:u", no_creds())
+        .await
+        .unwrap();
     s.list_vms().await.unwrap();
     host.unload("memory").unwrap();
     assert!(host.list().is_empty());
     let err = s.list_vms().await.unwrap_err();
-    assert!(matches!(err, PluginError::NotLoaded(ref n) if n == "memory"), "{err}");
+    assert!(
+        matches!(err, PluginError::NotLoaded(ref n) if n == "memory"),
+        "{err}"
+    );
     assert_eq!(err.kind(), ErrorKind::NotFound);
-    assert!(matches!(host.unload("memory"), Err(PluginError::NotLoaded(_))));
+    assert!(matches!(
+        host.unload("memory"),
+        Err(PluginError::NotLoaded(_))
+    ));
     host.load(spec("memory", Grants::default())).await.unwrap();
     assert!(matches!(
         host.load(spec("memory", Grants::default())).await,
@@ -73,37 +100,72 @@ async fn unload_refuses_later_calls_and_allows_a_fresh_load() {
 #[tokio::test]
 async fn a_component_of_another_contract_version_is_refused_by_name() {
     let (host, _dir) = host();
-    let err = host.load(spec("future", Grants::default())).await.unwrap_err();
+    let err = host
+        .load(spec("future", Grants::default()))
+        .await
+        .unwrap_err();
     let msg = err.to_string();
     assert!(matches!(err, PluginError::Contract { .. }), "{msg}");
-    assert!(msg.contains("gve:hypervisor@0.2.0") && msg.contains("gve:hypervisor@0.1.x"), "{msg}");
+    assert!(
+        msg.contains("gve:hypervisor@0.2.0") && msg.contains("gve:hypervisor@0.1.x"),
+        "{msg}"
+    );
 
     // A manifest that lies about the version: the component itself is inspected.
-    let lying = edited_bundle("future", |m| m.replace("gve:hypervisor@0.2.0", "gve:hypervisor@0.1.0"));
-    let sp = PluginSpec { bundle: lying.path().to_path_buf(), ..Default::default() };
+    let lying = edited_bundle("future", |m| {
+        m.replace("gve:hypervisor@0.2.0", "gve:hypervisor@0.1.0")
+    });
+    let sp = PluginSpec {
+        bundle: lying.path().to_path_buf(),
+        ..Default::default()
+    };
     let msg = host.load(sp).await.unwrap_err().to_string();
-    assert!(msg.contains("implements gve:hypervisor@0.2.0") && msg.contains("accepts gve:hypervisor@0.1.x"), "{msg}");
+    assert!(
+        msg.contains("implements gve:hypervisor@0.2.0")
+            && msg.contains("accepts gve:hypervisor@0.1.x"),
+        "{msg}"
+    );
     assert!(host.list().is_empty());
 }
 
 #[tokio::test]
 async fn manifest_and_component_must_agree() {
     let (host, _dir) = host();
-    let renamed = edited_bundle("memory", |m| m.replace("name = \"memory\"", "name = \"other\""));
-    let sp = PluginSpec { bundle: renamed.path().to_path_buf(), ..Default::default() };
+    let renamed = edited_bundle("memory", |m| {
+        m.replace("name = \"memory\"", "name = \"other\"")
+    });
+    let sp = PluginSpec {
+        bundle: renamed.path().to_path_buf(),
+        ..Default::default()
+    };
     let msg = host.load(sp).await.unwrap_err().to_string();
     assert!(msg.contains("info() says memory"), "{msg}");
 
     let missing = edited_bundle("memory", |m| m.replace("memory.wasm", "absent.wasm"));
-    let sp = PluginSpec { bundle: missing.path().to_path_buf(), ..Default::default() };
+    let sp = PluginSpec {
+        bundle: missing.path().to_path_buf(),
+        ..Default::default()
+    };
     let msg = host.load(sp).await.unwrap_err().to_string();
     assert!(msg.contains("absent.wasm"), "{msg}");
 
     let garbage = edited_bundle("memory", |m| m);
     std::fs::write(garbage.path().join("memory.wasm"), b"\0asm garbage").unwrap();
-    let sp = PluginSpec { bundle: garbage.path().to_path_buf(), ..Default::default() };
+    let sp = PluginSpec {
+        bundle: garbage.path().to_path_buf(),
+        ..Default::default()
+    };
     let err = host.load(sp).await.unwrap_err();
-    assert!(matches!(err, PluginError::Runtime { action: "compile", .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            PluginError::Runtime {
+                action: "compile",
+                ..
+            }
+        ),
+        "{err}"
+    );
 }
 
 #[tokio::test]
@@ -118,12 +180,29 @@ async fn operator_limits_are_checked() {
 #[tokio::test]
 async fn a_second_host_deserializes_from_the_cache() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = HostConfig { cache_dir: dir.path().join("cache"), engine: Default::default() };
+    let cfg = HostConfig {
+        cache_dir: dir.path().join("cache"),
+        engine: Default::default(),
+    };
     let first = PluginHost::new(cfg.clone()).unwrap();
-    assert_eq!(first.load(spec("memory", Grants::default())).await.unwrap().origin, "compiled");
+    assert_eq!(
+        first
+            .load(spec("memory", Grants::default()))
+            .await
+            .unwrap()
+            .origin,
+        "compiled"
+    );
     drop(first);
     let second = PluginHost::new(cfg.clone()).unwrap();
-    assert_eq!(second.load(spec("memory", Grants::default())).await.unwrap().origin, "cached");
+    assert_eq!(
+        second
+            .load(spec("memory", Grants::default()))
+            .await
+            .unwrap()
+            .origin,
+        "cached"
+    );
     drop(second);
 
     // A damaged artifact is recompiled, not trusted.
@@ -131,7 +210,17 @@ async fn a_second_host_deserializes_from_the_cache() {
         std::fs::write(entry.unwrap().path(), b"not an artifact").unwrap();
     }
     let third = PluginHost::new(cfg).unwrap();
-    assert_eq!(third.load(spec("memory", Grants::default())).await.unwrap().origin, "compiled");
-    let s = third.open_driver("memory", "memory:c", no_creds()).await.unwrap();
+    assert_eq!(
+        third
+            .load(spec("memory", Grants::default()))
+            .await
+            .unwrap()
+            .origin,
+        "compiled"
+    );
+    let s = third
+        .open_driver("memory", "memory:c", no_creds())
+        .await
+        .unwrap();
     s.host_info().await.unwrap();
 }

@@ -10,7 +10,10 @@ use gve::plugin::{Grants, HostConfig, Limits, PluginHost, PluginSpec};
 
 /// The workspace root.
 pub fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 /// Builds every plugin bundle from source (once) and returns `target/plugins`.
@@ -27,7 +30,9 @@ pub fn bundles() -> &'static Path {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
-        let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root().join("target"));
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| root().join("target"));
         target.join("plugins")
     })
 }
@@ -40,18 +45,30 @@ pub fn bundle(name: &str) -> PathBuf {
 /// A plugin host with its own artifact cache in a temp dir.
 pub fn host() -> (PluginHost, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
-    let host = PluginHost::new(HostConfig { cache_dir: dir.path().join("cache"), engine: Default::default() }).unwrap();
+    let host = PluginHost::new(HostConfig {
+        cache_dir: dir.path().join("cache"),
+        engine: Default::default(),
+    })
+    .unwrap();
     (host, dir)
 }
 
 /// A spec for `name` with grants and default limits.
 pub fn spec(name: &str, grants: Grants) -> PluginSpec {
-    PluginSpec { bundle: bundle(name), grants, limits: Limits::default() }
+    PluginSpec {
+        bundle: bundle(name),
+        grants,
+        limits: Limits::default(),
+    }
 }
 
 /// No credentials.
 pub fn no_creds() -> Credentials {
-    Credentials { username: None, password: None, token: None }
+    Credentials {
+        username: None,
+        password: None,
+        token: None,
+    }
 }
 
 /// Copies a bundle to a temp dir, applying `edit` to its manifest text.

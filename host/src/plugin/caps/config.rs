@@ -9,6 +9,10 @@ impl Host for HostState {
     }
 
     async fn all(&mut self) -> wasmtime::Result<Vec<(String, String)>> {
-        Ok(self.config.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+        Ok(self
+            .config
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect())
     }
 }

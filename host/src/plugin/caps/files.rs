@@ -11,7 +11,11 @@ use crate::plugin::grants::DirGrant;
 pub fn wasi_ctx(plugin: &str, directories: &[DirGrant]) -> Result<WasiCtx> {
     let mut wasi = WasiCtxBuilder::new();
     for d in directories {
-        let perms = if d.writable { FsPerms::ReadWrite } else { FsPerms::ReadOnly };
+        let perms = if d.writable {
+            FsPerms::ReadWrite
+        } else {
+            FsPerms::ReadOnly
+        };
         wasi.preopened_dir(&d.host, &d.guest, perms).map_err(|e| {
             PluginError::Config(format!(
                 "plugin '{plugin}': cannot open granted directory {}: {e:#}",

@@ -54,6 +54,9 @@ impl Host for HostState {
             ))));
         };
         let timeout = Duration::from_millis(u64::from(timeout_ms.max(1)));
-        Ok(router.agent_command(endpoint, vm, command, timeout).await.map_err(Error::from))
+        Ok(router
+            .agent_command(endpoint, vm, command, timeout)
+            .await
+            .map_err(Error::from))
     }
 }

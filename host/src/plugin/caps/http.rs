@@ -24,23 +24,30 @@ pub struct HttpPolicy {
 impl HttpPolicy {
     /// A policy allowing exactly `allowed` (lower-case `host:port`).
     pub fn new(plugin: Arc<str>, allowed: Vec<String>, max_timeout: Duration) -> HttpPolicy {
-        HttpPolicy { plugin, allowed: Arc::new(allowed), max_timeout }
+        HttpPolicy {
+            plugin,
+            allowed: Arc::new(allowed),
+            max_timeout,
+        }
     }
 
     /// The `host:port` a request goes to, with the scheme's default port.
     pub fn authority_of(uri: &http::Uri) -> Option<String> {
         let authority = uri.authority()?;
-        let port = authority.port_u16().unwrap_or(if uri.scheme() == Some(&http::uri::Scheme::HTTP) {
-            80
-        } else {
-            443
-        });
+        let port =
+            authority
+                .port_u16()
+                .unwrap_or(if uri.scheme() == Some(&http::uri::Scheme::HTTP) {
+                    80
+                } else {
+                    443
+                });
         Some(format!("{}:{port}", authority.host().to_ascii_lowercase()))
     }
 
     /// Is a request to `uri` allowed?
     pub fn allows(&self, uri: &http::Uri) -> bool {
-        Self::authority_of(uri).is_some_and(|a| self.allowed.iter().any(|g| *g == a))
+        Self::authority_of(uri).is_some_and(|a| self.allowed.contains(&a))
     }
 
     fn clamp(&self, options: Option<RequestOptions>) -> RequestOptions {
@@ -82,8 +89,12 @@ impl WasiHttpHooks for HttpPolicy {
         let options = self.clamp(options);
         Box::new(async move {
             use http_body_util::BodyExt;
-            let (res, io) = wasmtime_wasi_http::default_send_request(request, Some(options)).await?;
-            Ok((res.map(BodyExt::boxed_unsync), Box::new(io) as Box<dyn Future<Output = _> + Send>))
+            let (res, io) =
+                wasmtime_wasi_http::default_send_request(request, Some(options)).await?;
+            Ok((
+                res.map(BodyExt::boxed_unsync),
+                Box::new(io) as Box<dyn Future<Output = _> + Send>,
+            ))
         })
     }
 }
@@ -94,7 +105,11 @@ mod tests {
 
     #[test]
     fn allow_list_uses_default_ports_and_ignores_case() {
-        let p = HttpPolicy::new("t".into(), vec!["example.org:443".into(), "127.0.0.1:8080".into()], Duration::from_secs(5));
+        let p = HttpPolicy::new(
+            "t".into(),
+            vec!["example.org:443".into(), "127.0.0.1:8080".into()],
+            Duration::from_secs(5),
+        );
         assert!(p.allows(&"https://Example.org/sdk".parse().unwrap()));
         assert!(!p.allows(&"http://example.org/sdk".parse().unwrap()));
         assert!(p.allows(&"http://127.0.0.1:8080/x".parse().unwrap()));

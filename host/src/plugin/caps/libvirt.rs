@@ -31,7 +31,11 @@ pub struct LibvirtCap {
 impl LibvirtCap {
     /// The capability of `plugin`: exactly the URIs in `allowed`.
     pub fn new(plugin: Arc<str>, allowed: Vec<String>, timeout: Duration) -> LibvirtCap {
-        LibvirtCap { plugin, allowed: Arc::new(allowed), timeout }
+        LibvirtCap {
+            plugin,
+            allowed: Arc::new(allowed),
+            timeout,
+        }
     }
 
     /// Refuses a URI that is not granted, naming the plugin and what is granted.
@@ -39,8 +43,16 @@ impl LibvirtCap {
         if self.allowed.iter().any(|g| g == uri) {
             return Ok(());
         }
-        let granted = if self.allowed.is_empty() { "none".to_string() } else { self.allowed.join(", ") };
-        tracing::warn!(plugin = &*self.plugin, uri, "libvirt URI refused: not granted");
+        let granted = if self.allowed.is_empty() {
+            "none".to_string()
+        } else {
+            self.allowed.join(", ")
+        };
+        tracing::warn!(
+            plugin = &*self.plugin,
+            uri,
+            "libvirt URI refused: not granted"
+        );
         Err(Error::Denied(format!(
             "libvirt URI '{uri}' is not granted to plugin '{}' (granted: {granted})",
             self.plugin
@@ -89,9 +101,9 @@ fn map_err(e: virt::error::Error) -> Error {
         | ErrorNumber::AccessDenied
         | ErrorNumber::OperationDenied => Error::Denied(m),
         ErrorNumber::OperationTimeout => Error::Timeout(m),
-        ErrorNumber::NoConnect | ErrorNumber::AgentUnresponsive | ErrorNumber::OperationUnsupported => {
-            Error::Unavailable(m)
-        }
+        ErrorNumber::NoConnect
+        | ErrorNumber::AgentUnresponsive
+        | ErrorNumber::OperationUnsupported => Error::Unavailable(m),
         _ => Error::Backend(m),
     }
 }
@@ -99,7 +111,9 @@ fn map_err(e: virt::error::Error) -> Error {
 /// Refuses strings libvirt's C API cannot take (the `virt` crate panics on them).
 fn no_nul(args: &[&str]) -> Result<(), Error> {
     match args.iter().find(|a| a.contains('\0')) {
-        Some(_) => Err(Error::InvalidArgument("argument contains a NUL byte".into())),
+        Some(_) => Err(Error::InvalidArgument(
+            "argument contains a NUL byte".into(),
+        )),
         None => Ok(()),
     }
 }
@@ -162,11 +176,17 @@ fn migrate_flags(f: MigrateFlags) -> u32 {
         (MigrateFlags::PERSIST_DESTINATION, VIR_MIGRATE_PERSIST_DEST),
         (MigrateFlags::UNDEFINE_SOURCE, VIR_MIGRATE_UNDEFINE_SOURCE),
         (MigrateFlags::NON_SHARED_DISK, VIR_MIGRATE_NON_SHARED_DISK),
-        (MigrateFlags::NON_SHARED_INCREMENTAL, VIR_MIGRATE_NON_SHARED_INC),
+        (
+            MigrateFlags::NON_SHARED_INCREMENTAL,
+            VIR_MIGRATE_NON_SHARED_INC,
+        ),
         (MigrateFlags::AUTO_CONVERGE, VIR_MIGRATE_AUTO_CONVERGE),
         (MigrateFlags::UNSAFE_MIGRATION, VIR_MIGRATE_UNSAFE),
     ];
-    table.iter().filter(|(w, _)| f.contains(*w)).fold(0, |acc, (_, v)| acc | *v as u32)
+    table
+        .iter()
+        .filter(|(w, _)| f.contains(*w))
+        .fold(0, |acc, (_, v)| acc | *v)
 }
 
 fn undefine_flags(f: UndefineFlags) -> u32 {
@@ -211,7 +231,9 @@ impl LibvirtCap {
     ) -> Result<T, Error> {
         match tokio::time::timeout(self.timeout, tokio::task::spawn_blocking(f)).await {
             Ok(Ok(r)) => r,
-            Ok(Err(join)) => Err(Error::Backend(format!("libvirt {op} failed on its thread: {join}"))),
+            Ok(Err(join)) => Err(Error::Backend(format!(
+                "libvirt {op} failed on its thread: {join}"
+            ))),
             Err(_) => Err(Error::Timeout(format!(
                 "libvirt {op} did not answer within {:?}",
                 self.timeout
@@ -240,8 +262,15 @@ impl HostConnection for HostState {
             return Ok(Err(e));
         }
         let u = uri.clone();
-        match self.libvirt.blocking("open", move || open_blocking(&u)).await {
-            Ok(conn) => Ok(Ok(self.table().push(Connection { uri, conn: Arc::new(conn) })?)),
+        match self
+            .libvirt
+            .blocking("open", move || open_blocking(&u))
+            .await
+        {
+            Ok(conn) => Ok(Ok(self.table().push(Connection {
+                uri,
+                conn: Arc::new(conn),
+            })?)),
             Err(e) => Ok(Err(e)),
         }
     }
@@ -250,22 +279,43 @@ impl HostConnection for HostState {
         Ok(self.table().get(&this)?.uri.clone())
     }
 
-    async fn hostname(&mut self, this: Resource<Connection>) -> wasmtime::Result<Result<String, Error>> {
-        conn_op!(self, this, "hostname", [], |c| c.get_hostname().map_err(map_err))
+    async fn hostname(
+        &mut self,
+        this: Resource<Connection>,
+    ) -> wasmtime::Result<Result<String, Error>> {
+        conn_op!(self, this, "hostname", [], |c| c
+            .get_hostname()
+            .map_err(map_err))
     }
 
-    async fn hypervisor_type(&mut self, this: Resource<Connection>) -> wasmtime::Result<Result<String, Error>> {
-        conn_op!(self, this, "hypervisor-type", [], |c| c.get_type().map_err(map_err))
+    async fn hypervisor_type(
+        &mut self,
+        this: Resource<Connection>,
+    ) -> wasmtime::Result<Result<String, Error>> {
+        conn_op!(self, this, "hypervisor-type", [], |c| c
+            .get_type()
+            .map_err(map_err))
     }
 
-    async fn hypervisor_version(&mut self, this: Resource<Connection>) -> wasmtime::Result<Result<String, Error>> {
+    async fn hypervisor_version(
+        &mut self,
+        this: Resource<Connection>,
+    ) -> wasmtime::Result<Result<String, Error>> {
         conn_op!(self, this, "hypervisor-version", [], |c| {
             let v = c.get_hyp_version().map_err(map_err)?;
-            Ok(format!("{}.{}.{}", v / 1_000_000, (v / 1000) % 1000, v % 1000))
+            Ok(format!(
+                "{}.{}.{}",
+                v / 1_000_000,
+                (v / 1000) % 1000,
+                v % 1000
+            ))
         })
     }
 
-    async fn node_info(&mut self, this: Resource<Connection>) -> wasmtime::Result<Result<NodeInfo, Error>> {
+    async fn node_info(
+        &mut self,
+        this: Resource<Connection>,
+    ) -> wasmtime::Result<Result<NodeInfo, Error>> {
         conn_op!(self, this, "node-info", [], |c| {
             let n = c.get_node_info().map_err(map_err)?;
             Ok(NodeInfo {
@@ -281,41 +331,79 @@ impl HostConnection for HostState {
         })
     }
 
-    async fn node_free_memory(&mut self, this: Resource<Connection>) -> wasmtime::Result<Result<u64, Error>> {
-        conn_op!(self, this, "node-free-memory", [], |c| c.get_free_memory().map_err(map_err))
+    async fn node_free_memory(
+        &mut self,
+        this: Resource<Connection>,
+    ) -> wasmtime::Result<Result<u64, Error>> {
+        conn_op!(self, this, "node-free-memory", [], |c| c
+            .get_free_memory()
+            .map_err(map_err))
     }
 
-    async fn list_domains(&mut self, this: Resource<Connection>) -> wasmtime::Result<Result<Vec<Domain>, Error>> {
+    async fn list_domains(
+        &mut self,
+        this: Resource<Connection>,
+    ) -> wasmtime::Result<Result<Vec<Domain>, Error>> {
         conn_op!(self, this, "list-domains", [], |c| {
             let all = c.list_all_domains(0).map_err(map_err)?;
             all.iter().map(describe).collect()
         })
     }
 
-    async fn lookup_domain(&mut self, this: Resource<Connection>, domain: String) -> wasmtime::Result<Result<Domain, Error>> {
-        conn_op!(self, this, "lookup-domain", [domain], |c| describe(&lookup(c, &domain)?))
+    async fn lookup_domain(
+        &mut self,
+        this: Resource<Connection>,
+        domain: String,
+    ) -> wasmtime::Result<Result<Domain, Error>> {
+        conn_op!(self, this, "lookup-domain", [domain], |c| describe(
+            &lookup(c, &domain)?
+        ))
     }
 
-    async fn domain_xml(&mut self, this: Resource<Connection>, domain: String, inactive: bool) -> wasmtime::Result<Result<String, Error>> {
+    async fn domain_xml(
+        &mut self,
+        this: Resource<Connection>,
+        domain: String,
+        inactive: bool,
+    ) -> wasmtime::Result<Result<String, Error>> {
         conn_op!(self, this, "domain-xml", [domain], |c| {
-            let flags = if inactive { virt::sys::VIR_DOMAIN_XML_INACTIVE } else { 0 };
+            let flags = if inactive {
+                virt::sys::VIR_DOMAIN_XML_INACTIVE
+            } else {
+                0
+            };
             lookup(c, &domain)?.get_xml_desc(flags).map_err(map_err)
         })
     }
 
-    async fn define_domain(&mut self, this: Resource<Connection>, xml: String) -> wasmtime::Result<Result<Domain, Error>> {
+    async fn define_domain(
+        &mut self,
+        this: Resource<Connection>,
+        xml: String,
+    ) -> wasmtime::Result<Result<Domain, Error>> {
         conn_op!(self, this, "define-domain", [xml], |c| {
             describe(&VirtDomain::define_xml(c, &xml).map_err(map_err)?)
         })
     }
 
-    async fn undefine_domain(&mut self, this: Resource<Connection>, domain: String, flags: UndefineFlags) -> wasmtime::Result<Result<(), Error>> {
+    async fn undefine_domain(
+        &mut self,
+        this: Resource<Connection>,
+        domain: String,
+        flags: UndefineFlags,
+    ) -> wasmtime::Result<Result<(), Error>> {
         conn_op!(self, this, "undefine-domain", [domain], |c| {
-            lookup(c, &domain)?.undefine_flags(undefine_flags(flags)).map_err(map_err)
+            lookup(c, &domain)?
+                .undefine_flags(undefine_flags(flags))
+                .map_err(map_err)
         })
     }
 
-    async fn start_domain(&mut self, this: Resource<Connection>, domain: String) -> wasmtime::Result<Result<Domain, Error>> {
+    async fn start_domain(
+        &mut self,
+        this: Resource<Connection>,
+        domain: String,
+    ) -> wasmtime::Result<Result<Domain, Error>> {
         conn_op!(self, this, "start-domain", [domain], |c| {
             let d = lookup(c, &domain)?;
             d.create().map_err(map_err)?;
@@ -323,31 +411,58 @@ impl HostConnection for HostState {
         })
     }
 
-    async fn shutdown_domain(&mut self, this: Resource<Connection>, domain: String) -> wasmtime::Result<Result<(), Error>> {
+    async fn shutdown_domain(
+        &mut self,
+        this: Resource<Connection>,
+        domain: String,
+    ) -> wasmtime::Result<Result<(), Error>> {
         conn_op!(self, this, "shutdown-domain", [domain], |c| {
             lookup(c, &domain)?.shutdown().map(drop).map_err(map_err)
         })
     }
 
-    async fn destroy_domain(&mut self, this: Resource<Connection>, domain: String) -> wasmtime::Result<Result<(), Error>> {
-        conn_op!(self, this, "destroy-domain", [domain], |c| lookup(c, &domain)?.destroy().map_err(map_err))
+    async fn destroy_domain(
+        &mut self,
+        this: Resource<Connection>,
+        domain: String,
+    ) -> wasmtime::Result<Result<(), Error>> {
+        conn_op!(self, this, "destroy-domain", [domain], |c| lookup(
+            c, &domain
+        )?
+        .destroy()
+        .map_err(map_err))
     }
 
-    async fn suspend_domain(&mut self, this: Resource<Connection>, domain: String) -> wasmtime::Result<Result<(), Error>> {
+    async fn suspend_domain(
+        &mut self,
+        this: Resource<Connection>,
+        domain: String,
+    ) -> wasmtime::Result<Result<(), Error>> {
         conn_op!(self, this, "suspend-domain", [domain], |c| {
             lookup(c, &domain)?.suspend().map(drop).map_err(map_err)
         })
     }
 
-    async fn resume_domain(&mut self, this: Resource<Connection>, domain: String) -> wasmtime::Result<Result<(), Error>> {
+    async fn resume_domain(
+        &mut self,
+        this: Resource<Connection>,
+        domain: String,
+    ) -> wasmtime::Result<Result<(), Error>> {
         conn_op!(self, this, "resume-domain", [domain], |c| {
             lookup(c, &domain)?.resume().map(drop).map_err(map_err)
         })
     }
 
-    async fn managed_save(&mut self, this: Resource<Connection>, domain: String) -> wasmtime::Result<Result<(), Error>> {
+    async fn managed_save(
+        &mut self,
+        this: Resource<Connection>,
+        domain: String,
+    ) -> wasmtime::Result<Result<(), Error>> {
         conn_op!(self, this, "managed-save", [domain], |c| {
-            lookup(c, &domain)?.managed_save(0).map(drop).map_err(map_err)
+            lookup(c, &domain)?
+                .managed_save(0)
+                .map(drop)
+                .map_err(map_err)
         })
     }
 
@@ -363,27 +478,46 @@ impl HostConnection for HostState {
             return Ok(Err(e));
         }
         let p2p = flags.contains(MigrateFlags::PEER_TO_PEER);
-        conn_op!(self, this, "migrate-domain", [domain, destination_uri], |c| {
-            let d = lookup(c, &domain)?;
-            let f = migrate_flags(flags);
-            if p2p {
-                d.migrate_to_uri(&destination_uri, f, None, bandwidth_mibps).map_err(map_err)
-            } else {
-                let dest = open_blocking(&destination_uri)?;
-                d.migrate(&dest.0, f, None, None, bandwidth_mibps).map(drop).map_err(map_err)
+        conn_op!(
+            self,
+            this,
+            "migrate-domain",
+            [domain, destination_uri],
+            |c| {
+                let d = lookup(c, &domain)?;
+                let f = migrate_flags(flags);
+                if p2p {
+                    d.migrate_to_uri(&destination_uri, f, None, bandwidth_mibps)
+                        .map_err(map_err)
+                } else {
+                    let dest = open_blocking(&destination_uri)?;
+                    d.migrate(&dest.0, f, None, None, bandwidth_mibps)
+                        .map(drop)
+                        .map_err(map_err)
+                }
             }
-        })
+        )
     }
 
-    async fn create_snapshot(&mut self, this: Resource<Connection>, domain: String, xml: String) -> wasmtime::Result<Result<String, Error>> {
+    async fn create_snapshot(
+        &mut self,
+        this: Resource<Connection>,
+        domain: String,
+        xml: String,
+    ) -> wasmtime::Result<Result<String, Error>> {
         conn_op!(self, this, "create-snapshot", [domain, xml], |c| {
             let d = lookup(c, &domain)?;
-            let s = virt::domain_snapshot::DomainSnapshot::create_xml(&d, &xml, 0).map_err(map_err)?;
+            let s =
+                virt::domain_snapshot::DomainSnapshot::create_xml(&d, &xml, 0).map_err(map_err)?;
             s.get_name().map_err(map_err)
         })
     }
 
-    async fn list_snapshots(&mut self, this: Resource<Connection>, domain: String) -> wasmtime::Result<Result<Vec<String>, Error>> {
+    async fn list_snapshots(
+        &mut self,
+        this: Resource<Connection>,
+        domain: String,
+    ) -> wasmtime::Result<Result<Vec<String>, Error>> {
         conn_op!(self, this, "list-snapshots", [domain], |c| {
             let d = lookup(c, &domain)?;
             let all = d.list_all_snapshots(0).map_err(map_err)?;
@@ -391,70 +525,126 @@ impl HostConnection for HostState {
         })
     }
 
-    async fn revert_snapshot(&mut self, this: Resource<Connection>, domain: String, snapshot: String) -> wasmtime::Result<Result<(), Error>> {
+    async fn revert_snapshot(
+        &mut self,
+        this: Resource<Connection>,
+        domain: String,
+        snapshot: String,
+    ) -> wasmtime::Result<Result<(), Error>> {
         conn_op!(self, this, "revert-snapshot", [domain, snapshot], |c| {
             let d = lookup(c, &domain)?;
-            let s = virt::domain_snapshot::DomainSnapshot::lookup_by_name(&d, &snapshot, 0).map_err(map_err)?;
+            let s = virt::domain_snapshot::DomainSnapshot::lookup_by_name(&d, &snapshot, 0)
+                .map_err(map_err)?;
             s.revert(0).map_err(map_err)
         })
     }
 
-    async fn delete_snapshot(&mut self, this: Resource<Connection>, domain: String, snapshot: String) -> wasmtime::Result<Result<(), Error>> {
+    async fn delete_snapshot(
+        &mut self,
+        this: Resource<Connection>,
+        domain: String,
+        snapshot: String,
+    ) -> wasmtime::Result<Result<(), Error>> {
         conn_op!(self, this, "delete-snapshot", [domain, snapshot], |c| {
             let d = lookup(c, &domain)?;
-            let s = virt::domain_snapshot::DomainSnapshot::lookup_by_name(&d, &snapshot, 0).map_err(map_err)?;
+            let s = virt::domain_snapshot::DomainSnapshot::lookup_by_name(&d, &snapshot, 0)
+                .map_err(map_err)?;
             s.delete(0).map_err(map_err)
         })
     }
 
-    async fn list_storage_pools(&mut self, this: Resource<Connection>) -> wasmtime::Result<Result<Vec<String>, Error>> {
+    async fn list_storage_pools(
+        &mut self,
+        this: Resource<Connection>,
+    ) -> wasmtime::Result<Result<Vec<String>, Error>> {
         conn_op!(self, this, "list-storage-pools", [], |c| {
             let pools = c.list_all_storage_pools(0).map_err(map_err)?;
-            pools.iter().map(|p| p.get_name().map_err(map_err)).collect()
+            pools
+                .iter()
+                .map(|p| p.get_name().map_err(map_err))
+                .collect()
         })
     }
 
-    async fn refresh_storage_pool(&mut self, this: Resource<Connection>, name: String) -> wasmtime::Result<Result<(), Error>> {
+    async fn refresh_storage_pool(
+        &mut self,
+        this: Resource<Connection>,
+        name: String,
+    ) -> wasmtime::Result<Result<(), Error>> {
         conn_op!(self, this, "refresh-storage-pool", [name], |c| {
             pool(c, &name)?.refresh(0).map(drop).map_err(map_err)
         })
     }
 
-    async fn list_volumes(&mut self, this: Resource<Connection>, name: String) -> wasmtime::Result<Result<Vec<Volume>, Error>> {
+    async fn list_volumes(
+        &mut self,
+        this: Resource<Connection>,
+        name: String,
+    ) -> wasmtime::Result<Result<Vec<Volume>, Error>> {
         conn_op!(self, this, "list-volumes", [name], |c| {
             let vols = pool(c, &name)?.list_all_volumes(0).map_err(map_err)?;
             vols.iter().map(volume).collect()
         })
     }
 
-    async fn lookup_volume(&mut self, this: Resource<Connection>, path: String) -> wasmtime::Result<Result<Volume, Error>> {
+    async fn lookup_volume(
+        &mut self,
+        this: Resource<Connection>,
+        path: String,
+    ) -> wasmtime::Result<Result<Volume, Error>> {
         conn_op!(self, this, "lookup-volume", [path], |c| {
             volume(&StorageVol::lookup_by_path(c, &path).map_err(map_err)?)
         })
     }
 
-    async fn create_volume(&mut self, this: Resource<Connection>, name: String, xml: String) -> wasmtime::Result<Result<Volume, Error>> {
+    async fn create_volume(
+        &mut self,
+        this: Resource<Connection>,
+        name: String,
+        xml: String,
+    ) -> wasmtime::Result<Result<Volume, Error>> {
         conn_op!(self, this, "create-volume", [name, xml], |c| {
             volume(&StorageVol::create_xml(&pool(c, &name)?, &xml, 0).map_err(map_err)?)
         })
     }
 
-    async fn clone_volume(&mut self, this: Resource<Connection>, name: String, xml: String, source_path: String) -> wasmtime::Result<Result<Volume, Error>> {
+    async fn clone_volume(
+        &mut self,
+        this: Resource<Connection>,
+        name: String,
+        xml: String,
+        source_path: String,
+    ) -> wasmtime::Result<Result<Volume, Error>> {
         conn_op!(self, this, "clone-volume", [name, xml, source_path], |c| {
             let src = StorageVol::lookup_by_path(c, &source_path).map_err(map_err)?;
             volume(&StorageVol::create_xml_from(&pool(c, &name)?, &xml, &src, 0).map_err(map_err)?)
         })
     }
 
-    async fn delete_volume(&mut self, this: Resource<Connection>, path: String) -> wasmtime::Result<Result<(), Error>> {
+    async fn delete_volume(
+        &mut self,
+        this: Resource<Connection>,
+        path: String,
+    ) -> wasmtime::Result<Result<(), Error>> {
         conn_op!(self, this, "delete-volume", [path], |c| {
-            StorageVol::lookup_by_path(c, &path).map_err(map_err)?.delete(0).map_err(map_err)
+            StorageVol::lookup_by_path(c, &path)
+                .map_err(map_err)?
+                .delete(0)
+                .map_err(map_err)
         })
     }
 
-    async fn qemu_agent_command(&mut self, this: Resource<Connection>, domain: String, command: String, timeout_seconds: i32) -> wasmtime::Result<Result<String, Error>> {
+    async fn qemu_agent_command(
+        &mut self,
+        this: Resource<Connection>,
+        domain: String,
+        command: String,
+        timeout_seconds: i32,
+    ) -> wasmtime::Result<Result<String, Error>> {
         conn_op!(self, this, "qemu-agent-command", [domain, command], |c| {
-            lookup(c, &domain)?.qemu_agent_command(&command, timeout_seconds, 0).map_err(map_err)
+            lookup(c, &domain)?
+                .qemu_agent_command(&command, timeout_seconds, 0)
+                .map_err(map_err)
         })
     }
 
@@ -472,10 +662,19 @@ mod tests {
 
     #[test]
     fn refuses_ungranted_uris_by_name() {
-        let cap = LibvirtCap::new("kvm".into(), vec!["test:///default".into()], Duration::from_secs(1));
+        let cap = LibvirtCap::new(
+            "kvm".into(),
+            vec!["test:///default".into()],
+            Duration::from_secs(1),
+        );
         assert!(cap.check("test:///default").is_ok());
-        let Err(Error::Denied(m)) = cap.check("qemu:///system") else { panic!("not denied") };
-        assert!(m.contains("qemu:///system") && m.contains("kvm") && m.contains("test:///default"), "{m}");
+        let Err(Error::Denied(m)) = cap.check("qemu:///system") else {
+            panic!("not denied")
+        };
+        assert!(
+            m.contains("qemu:///system") && m.contains("kvm") && m.contains("test:///default"),
+            "{m}"
+        );
         assert!(no_nul(&["a\0b"]).is_err());
     }
 }

@@ -49,10 +49,18 @@ impl Policies {
         Policies {
             config: Arc::new(effective.config.clone()),
             http: http::HttpPolicy::new(name.clone(), effective.http.clone(), call_timeout),
-            libvirt: libvirt::LibvirtCap::new(name.clone(), effective.libvirt.clone(), call_timeout),
+            libvirt: libvirt::LibvirtCap::new(
+                name.clone(),
+                effective.libvirt.clone(),
+                call_timeout,
+            ),
             guest_channel: guest_channel::GuestChannelCap::new(
                 name,
-                if effective.guest_channel { router } else { None },
+                if effective.guest_channel {
+                    router
+                } else {
+                    None
+                },
             ),
             effective,
         }

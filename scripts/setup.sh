@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Sets up a fresh machine for gve: system packages, the wasm32-wasip2 target, the
+# host binary and every plugin component. Safe to run again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+sudo_cmd=()
+[ "$(id -u)" -eq 0 ] || sudo_cmd=(sudo)
+
+# libvirt's C library and headers (the `virt` crate), its client tools, and the
+# daemon with the QEMU driver (used by the kvm driver's tests).
+packages=(pkg-config libvirt-dev libvirt-clients libvirt-daemon libvirt-daemon-driver-qemu)
+missing=()
+for p in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+    echo "setup: installing ${missing[*]}"
+    "${sudo_cmd[@]}" apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+rustup target add wasm32-wasip2
+echo "setup: building the gve host (release)"
+cargo build --release --locked -p gve
+echo "setup: building plugin components"
+bash scripts/build-plugins.sh
+echo "setup: done. The binary is target/release/gve; plugin bundles are in target/plugins/."

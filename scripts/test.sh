@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Runs every check and test of gve. Run scripts/setup.sh once before.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+echo "test: formatting"
+cargo fmt --all --check
+echo "test: clippy (host, native)"
+cargo clippy --release --locked -p gve --all-targets -- -D warnings
+echo "test: clippy (plugins, wasm32-wasip2)"
+bash scripts/build-plugins.sh --clippy
+echo "test: unit and integration tests"
+cargo test --release --locked -p gve
