@@ -49,8 +49,9 @@ pub struct Limits {
     pub call_timeout_ms: u64,
     /// Most instances of this plugin alive at once (across all sessions).
     pub max_instances: u32,
-    /// Most instances per session; the manifest's `concurrency` lowers it further.
-    pub session_instances: u32,
+    /// Instances kept warm for calls, each with its sessions open; calls beyond it
+    /// wait. The manifest's `concurrency` lowers it further.
+    pub pool_size: u32,
 }
 
 impl Default for Limits {
@@ -59,7 +60,7 @@ impl Default for Limits {
             memory_mib: 64,
             call_timeout_ms: 30_000,
             max_instances: 64,
-            session_instances: 8,
+            pool_size: 8,
         }
     }
 }
@@ -81,8 +82,14 @@ impl Limits {
         if self.call_timeout_ms == 0 {
             return Err("call-timeout-ms must be positive".into());
         }
-        if self.max_instances == 0 || self.session_instances == 0 {
-            return Err("max-instances and session-instances must be positive".into());
+        if self.max_instances == 0 || self.pool_size == 0 {
+            return Err("max-instances and pool-size must be positive".into());
+        }
+        if self.pool_size > self.max_instances {
+            return Err(format!(
+                "pool-size ({}) cannot exceed max-instances ({})",
+                self.pool_size, self.max_instances
+            ));
         }
         Ok(())
     }

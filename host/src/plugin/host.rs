@@ -455,7 +455,7 @@ fn summary(l: &Loaded) -> PluginSummary {
             .unwrap_or_default(),
         granted,
         ignored_grants: e.ignored.clone(),
-        limits: l.limits,
-        generation: l.generation,
+        limits: l.meta.limits,
+        generation: l.meta.generation,
     }
 }

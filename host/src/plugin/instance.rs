@@ -22,10 +22,23 @@ use super::state::HostState;
 /// before the call is abandoned.
 pub const BACKSTOP_GRACE: Duration = Duration::from_secs(1);
 
+/// What an instance needs to know about the version it came from.
+#[derive(Debug)]
+pub struct Meta {
+    /// Plugin name.
+    pub name: Arc<str>,
+    /// Limits applied to its instances.
+    pub limits: Limits,
+    /// Load generation of the version.
+    pub generation: u64,
+}
+
 /// One loaded version of a plugin.
 pub struct Loaded {
     /// Plugin name.
     pub name: Arc<str>,
+    /// Name, limits and generation, shared with its instances.
+    pub meta: Arc<Meta>,
     /// The bundle it was loaded from.
     pub bundle: Bundle,
     /// SHA-256 of the component file.
@@ -36,25 +49,22 @@ pub struct Loaded {
     pub exports: Exports,
     /// Driver description (plugins exporting `driver`).
     pub driver_info: Option<types::DriverInfo>,
-    /// Limits applied to its instances.
-    pub limits: Limits,
     /// Capabilities lent to it.
     pub policies: Policies,
     /// When it was loaded.
     pub loaded_at: std::time::SystemTime,
-    /// Bumped on every load or replace of this name; instances of an older
-    /// generation are dropped instead of reused.
-    pub generation: u64,
     pre: InstancePre<HostState>,
     driver: Option<driver_export::GuestIndices>,
     guest: Option<guest_export::GuestIndices>,
     instances: Arc<Semaphore>,
+    /// Warm instances of this version, with their open sessions.
+    pub(crate) pool: crate::plugin::session::Pool,
 }
 
 /// A live instance: a store and the contract exports found in it.
 pub struct Instance {
     /// The version it was instantiated from.
-    pub loaded: Arc<Loaded>,
+    pub meta: Arc<Meta>,
     /// Its store.
     pub store: Store<HostState>,
     /// The driver export, when the plugin has one.
@@ -105,18 +115,26 @@ impl Loaded {
         } else {
             None
         };
+        let pool_size = limits
+            .pool_size
+            .min(bundle.manifest.limits.concurrency)
+            .max(1);
         Ok(Loaded {
             instances: Arc::new(Semaphore::new(limits.max_instances as usize)),
+            meta: Arc::new(Meta {
+                name: name.clone(),
+                limits,
+                generation,
+            }),
+            pool: crate::plugin::session::Pool::new(pool_size as usize),
             name,
             bundle,
             component_sha256,
             origin,
             exports,
             driver_info: None,
-            limits,
             policies,
             loaded_at: std::time::SystemTime::now(),
-            generation,
             pre,
             driver,
             guest,
@@ -124,7 +142,7 @@ impl Loaded {
     }
 
     /// Instantiates afresh, waiting for an instance slot if the plugin is at its cap.
-    pub async fn instantiate(self: &Arc<Self>) -> Result<Instance> {
+    pub async fn instantiate(&self) -> Result<Instance> {
         let permit = self
             .instances
             .clone()
@@ -134,7 +152,7 @@ impl Loaded {
         let state = HostState::new(
             self.name.clone(),
             &self.policies,
-            (self.limits.memory_mib as usize) << 20,
+            (self.meta.limits.memory_mib as usize) << 20,
         )?;
         let mut store = Store::new(self.pre.engine(), state);
         store.limiter(|s| &mut s.limiter);
@@ -151,7 +169,7 @@ impl Loaded {
             action: "instantiate",
             message: format!("{e:#}"),
         };
-        store.data_mut().limiter.deadline = Some(Instant::now() + self.limits.call_timeout());
+        store.data_mut().limiter.deadline = Some(Instant::now() + self.meta.limits.call_timeout());
         let instance = self
             .pre
             .instantiate_async(&mut store)
@@ -167,7 +185,7 @@ impl Loaded {
             None => None,
         };
         Ok(Instance {
-            loaded: self.clone(),
+            meta: self.meta.clone(),
             store,
             driver,
             guest,
@@ -193,7 +211,7 @@ impl Instance {
             l.deadline = None;
             l.stopped.take()
         };
-        let plugin = self.loaded.name.to_string();
+        let plugin = self.meta.name.to_string();
         match outcome {
             Ok(Ok(Ok(v))) => Ok(v),
             Ok(Ok(Err(e))) => Err(PluginError::Driver {
@@ -212,7 +230,7 @@ impl Instance {
                     Some(Stopped::Memory(asked)) => PluginError::MemoryCap {
                         plugin,
                         op,
-                        cap_mib: self.loaded.limits.memory_mib,
+                        cap_mib: self.meta.limits.memory_mib,
                         asked_mib: asked.div_ceil(1 << 20),
                     },
                     None => match trap.downcast_ref::<Trap>() {
@@ -240,14 +258,14 @@ macro_rules! guarded {
         let inst: &mut $crate::plugin::instance::Instance = $inst;
         match inst.$which.as_ref() {
             None => Err($crate::plugin::error::PluginError::NotSupported {
-                plugin: inst.loaded.name.to_string(),
+                plugin: inst.meta.name.to_string(),
                 op: $op,
                 reason: concat!("it does not export the ", stringify!($which), " interface").into(),
             }),
             Some($ex) => {
                 let (budget, backstop) = {
                     // Re-borrow: `begin` needs the whole instance.
-                    let b = inst.loaded.limits.call_timeout();
+                    let b = inst.meta.limits.call_timeout();
                     let data = inst.store.data_mut();
                     data.limiter.deadline = Some(std::time::Instant::now() + b);
                     data.limiter.stopped = None;

@@ -1,113 +1,168 @@
-//! Sessions on a plugin: a small pool of instances per (plugin, endpoint), each with
-//! the plugin's session resource open in it.
+//! Sessions on a plugin, and the pool of warm instances that serves them.
 //!
-//! A call takes an idle instance of the plugin's *current* version (or instantiates
-//! one and opens the session in it), runs, and gives it back. Instances of a replaced
-//! version and instances whose call trapped are dropped, so the next call starts
-//! afresh. The pool's size is the smaller of the operator's `session-instances` and
-//! the manifest's `concurrency`.
+//! Each loaded version has a pool of at most `pool-size` instances (lowered to the
+//! manifest's `concurrency`). A pooled instance keeps every session opened in it,
+//! keyed by (interface, endpoint, credentials), so a call takes any idle instance,
+//! opens its session there if needed, runs, and gives the instance back. A plugin that
+//! declares `concurrency = 1` therefore runs as one instance whose memory every session
+//! shares. Instances whose call trapped are dropped; a replaced version's pool goes
+//! away with it, so calls after a replacement reopen their sessions on the new version.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use wasmtime::component::ResourceAny;
 
 use super::bindings::types::{
-    self, Capabilities, Credentials, ExecRequest, ExecResult, FileInfo, HostInfo, VmInfo, VmProfile,
+    Capabilities, Credentials, ExecRequest, ExecResult, FileInfo, HostInfo, VmInfo, VmProfile,
 };
 use super::error::{PluginError, Result};
 use super::host::Slot;
-use super::instance::{guarded, Instance};
+use super::instance::{guarded, Instance, Loaded};
 
-/// Which export a pool's sessions live in.
-#[derive(Clone, Copy, PartialEq, Eq)]
+/// Which export a session lives in.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
 enum Kind {
     Driver,
     Guest,
 }
 
-/// An instance with an open session resource.
-struct Live {
-    inst: Instance,
-    session: ResourceAny,
-}
-
-struct Pool {
-    slot: Arc<Slot>,
+/// Identifies a session inside an instance.
+#[derive(Clone, PartialEq, Eq, Hash, Debug)]
+struct SessionKey {
     kind: Kind,
     endpoint: String,
-    credentials: Credentials,
-    idle: Mutex<Vec<Live>>,
+    username: Option<String>,
+    password: Option<String>,
+    token: Option<String>,
+}
+
+/// A warm instance and the sessions open in it.
+pub(crate) struct Pooled {
+    inst: Instance,
+    sessions: HashMap<SessionKey, ResourceAny>,
+}
+
+/// The warm instances of one plugin version.
+pub(crate) struct Pool {
+    idle: Mutex<Vec<Pooled>>,
     permits: Arc<Semaphore>,
 }
 
 impl Pool {
-    async fn new(
-        slot: Arc<Slot>,
-        kind: Kind,
-        endpoint: &str,
-        credentials: Credentials,
-    ) -> Result<Arc<Pool>> {
-        let loaded = slot.current()?;
-        let size = loaded
-            .limits
-            .session_instances
-            .min(loaded.bundle.manifest.limits.concurrency)
-            .max(1);
-        let pool = Arc::new(Pool {
-            slot,
+    /// A pool of at most `size` instances in use at once.
+    pub(crate) fn new(size: usize) -> Pool {
+        Pool {
+            idle: Mutex::new(Vec::new()),
+            permits: Arc::new(Semaphore::new(size)),
+        }
+    }
+}
+
+/// A pooled instance taken for one call (or one transfer).
+struct Lease {
+    loaded: Arc<Loaded>,
+    pooled: Pooled,
+    session: ResourceAny,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Lease {
+    /// Returns the instance to its version's pool unless its last call poisoned it.
+    fn give_back(self) {
+        return_to_pool(&self.loaded, self.pooled);
+    }
+}
+
+fn return_to_pool(loaded: &Loaded, pooled: Pooled) {
+    if !pooled.inst.poisoned {
+        loaded
+            .pool
+            .idle
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(pooled);
+    }
+}
+
+/// What a session handle knows: the plugin, the interface and where it points.
+struct Target {
+    slot: Arc<Slot>,
+    key: SessionKey,
+    credentials: Credentials,
+}
+
+impl Target {
+    fn new(slot: Arc<Slot>, kind: Kind, endpoint: &str, credentials: Credentials) -> Target {
+        let key = SessionKey {
             kind,
             endpoint: endpoint.to_string(),
+            username: credentials.username.clone(),
+            password: credentials.password.clone(),
+            token: credentials.token.clone(),
+        };
+        Target {
+            slot,
+            key,
             credentials,
-            idle: Mutex::new(Vec::new()),
-            permits: Arc::new(Semaphore::new(size as usize)),
-        });
-        // Open one session now so a bad endpoint or credentials fail here.
-        let (live, _permit) = pool.take().await?;
-        pool.give_back(live);
-        Ok(pool)
+        }
     }
 
-    /// An instance with an open session, of the current version.
-    async fn take(&self) -> Result<(Live, OwnedSemaphorePermit)> {
-        let permit = self
+    /// An instance of the current version with this session open in it.
+    async fn lease(&self) -> Result<Lease> {
+        let loaded = self.slot.current()?;
+        let permit = loaded
+            .pool
             .permits
             .clone()
             .acquire_owned()
             .await
             .map_err(|_| PluginError::NotLoaded(self.slot.name.clone()))?;
-        let loaded = self.slot.current()?;
-        loop {
-            let candidate = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
-            match candidate {
-                Some(live) if live.inst.loaded.generation == loaded.generation => {
-                    return Ok((live, permit))
-                }
-                Some(stale) => drop(stale),
-                None => break,
-            }
-        }
-        let mut inst = loaded.instantiate().await?;
-        let (endpoint, creds) = (self.endpoint.as_str(), &self.credentials);
-        let session = match self.kind {
-            Kind::Driver => guarded!(&mut inst, "open", driver, |d, store| d
-                .session()
-                .call_open(store, endpoint, creds))?,
-            Kind::Guest => guarded!(&mut inst, "open", guest, |g, store| g
-                .guest_session()
-                .call_open(store, endpoint, creds))?,
+        let idle = loaded
+            .pool
+            .idle
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop();
+        let mut pooled = match idle {
+            Some(p) => p,
+            None => Pooled {
+                inst: loaded.instantiate().await?,
+                sessions: HashMap::new(),
+            },
         };
-        Ok((Live { inst, session }, permit))
-    }
-
-    /// Returns an instance for reuse unless it is poisoned or of a replaced version.
-    fn give_back(&self, live: Live) {
-        let current = self.slot.current().ok().map(|l| l.generation);
-        if !live.inst.poisoned && current == Some(live.inst.loaded.generation) {
-            self.idle
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push(live);
+        if let Some(&session) = pooled.sessions.get(&self.key) {
+            return Ok(Lease {
+                loaded,
+                pooled,
+                session,
+                _permit: permit,
+            });
+        }
+        let (endpoint, creds) = (self.key.endpoint.as_str(), &self.credentials);
+        let opened = match self.key.kind {
+            Kind::Driver => guarded!(&mut pooled.inst, "open", driver, |d, store| d
+                .session()
+                .call_open(store, endpoint, creds)),
+            Kind::Guest => guarded!(&mut pooled.inst, "open", guest, |g, store| g
+                .guest_session()
+                .call_open(store, endpoint, creds)),
+        };
+        match opened {
+            Ok(session) => {
+                pooled.sessions.insert(self.key.clone(), session);
+                Ok(Lease {
+                    loaded,
+                    pooled,
+                    session,
+                    _permit: permit,
+                })
+            }
+            Err(e) => {
+                return_to_pool(&loaded, pooled);
+                Err(e)
+            }
         }
     }
 
@@ -131,47 +186,48 @@ impl Pool {
     }
 }
 
-/// An open session on a driver plugin.
+/// An open session on a driver plugin. Cheap to clone.
 #[derive(Clone)]
 pub struct DriverSession {
-    pool: Arc<Pool>,
+    target: Arc<Target>,
 }
 
-/// Defines one session method: capability check, take an instance, guarded call,
+/// Defines one session method: capability check, lease an instance, guarded call,
 /// give the instance back.
 macro_rules! driver_op {
     ($(#[$doc:meta])* $name:ident($($arg:ident: $ty:ty),*) -> $ret:ty, $op:literal, $cap:expr, $call:ident($($pass:expr),*)) => {
         $(#[$doc])*
         pub async fn $name(&self, $($arg: $ty),*) -> Result<$ret> {
-            self.pool.require($op, $cap)?;
-            let (mut live, _permit) = self.pool.take().await?;
-            let s = live.session;
-            let r = guarded!(&mut live.inst, $op, driver, |d, store| d.session().$call(store, s $(, $pass)*));
-            self.pool.give_back(live);
+            self.target.require($op, $cap)?;
+            let mut lease = self.target.lease().await?;
+            let s = lease.session;
+            let r = guarded!(&mut lease.pooled.inst, $op, driver, |d, store| d.session().$call(store, s $(, $pass)*));
+            lease.give_back();
             r
         }
     };
 }
 
 impl DriverSession {
+    /// Opens (and checks, by opening it once) a session on `endpoint`.
     pub(crate) async fn open(
         slot: Arc<Slot>,
         endpoint: &str,
         credentials: Credentials,
     ) -> Result<DriverSession> {
-        Ok(DriverSession {
-            pool: Pool::new(slot, Kind::Driver, endpoint, credentials).await?,
-        })
+        let target = Arc::new(Target::new(slot, Kind::Driver, endpoint, credentials));
+        target.lease().await?.give_back();
+        Ok(DriverSession { target })
     }
 
     /// The endpoint this session is open on.
     pub fn endpoint(&self) -> &str {
-        &self.pool.endpoint
+        &self.target.key.endpoint
     }
 
     /// The plugin name.
     pub fn plugin(&self) -> &str {
-        &self.pool.slot.name
+        &self.target.slot.name
     }
 
     driver_op!(
@@ -236,62 +292,61 @@ impl DriverSession {
         "migrate", _cap, call_migrate(vm, destination, live));
 }
 
-/// An open session on a plugin exporting `guest`.
+/// An open session on a plugin exporting `guest`. Cheap to clone.
 #[derive(Clone)]
 pub struct GuestSession {
-    pool: Arc<Pool>,
+    target: Arc<Target>,
 }
 
-/// A file being written into a guest; holds its instance until finished.
+/// A file being written into a guest; holds its instance until finished or dropped.
 pub struct Upload {
-    pool: Arc<Pool>,
-    live: Option<Live>,
+    lease: Option<Lease>,
     upload: ResourceAny,
-    _permit: OwnedSemaphorePermit,
+    plugin: String,
 }
 
-/// A file being read from a guest; holds its instance until dropped.
+/// A file being read from a guest; holds its instance until closed or dropped.
 pub struct Download {
-    pool: Arc<Pool>,
-    live: Option<Live>,
+    lease: Option<Lease>,
     download: ResourceAny,
+    plugin: String,
     /// File size in bytes.
     pub size: u64,
     /// Unix mode bits.
     pub mode: u32,
-    _permit: OwnedSemaphorePermit,
 }
 
 impl GuestSession {
+    /// Opens (and checks, by opening it once) guest access on `endpoint`.
     pub(crate) async fn open(
         slot: Arc<Slot>,
         endpoint: &str,
         credentials: Credentials,
     ) -> Result<GuestSession> {
-        Ok(GuestSession {
-            pool: Pool::new(slot, Kind::Guest, endpoint, credentials).await?,
-        })
+        let target = Arc::new(Target::new(slot, Kind::Guest, endpoint, credentials));
+        target.lease().await?.give_back();
+        Ok(GuestSession { target })
     }
 
     /// Runs a command in the guest.
     pub async fn exec(&self, vm: &str, request: &ExecRequest) -> Result<ExecResult> {
-        let (mut live, _permit) = self.pool.take().await?;
-        let s = live.session;
-        let r = guarded!(&mut live.inst, "exec", guest, |g, store| g
+        let mut lease = self.target.lease().await?;
+        let s = lease.session;
+        let r = guarded!(&mut lease.pooled.inst, "exec", guest, |g, store| g
             .guest_session()
             .call_exec(store, s, vm, request));
-        self.pool.give_back(live);
+        lease.give_back();
         r
     }
 
     /// Size, mode and SHA-256 of a guest file.
     pub async fn stat(&self, vm: &str, path: &str) -> Result<FileInfo> {
-        let (mut live, _permit) = self.pool.take().await?;
-        let s = live.session;
-        let r = guarded!(&mut live.inst, "stat", guest, |g, store| g
+        let mut lease = self.target.lease().await?;
+        let s = lease.session;
+        let r = guarded!(&mut lease.pooled.inst, "stat", guest, |g, store| g
             .guest_session()
             .call_stat(store, s, vm, path));
-        self.pool.give_back(live);
+        lease.give_back();
         r
     }
 
@@ -303,20 +358,19 @@ impl GuestSession {
         mode: u32,
         create_parents: bool,
     ) -> Result<Upload> {
-        let (mut live, permit) = self.pool.take().await?;
-        let s = live.session;
-        let r = guarded!(&mut live.inst, "upload", guest, |g, store| g
+        let mut lease = self.target.lease().await?;
+        let s = lease.session;
+        let r = guarded!(&mut lease.pooled.inst, "upload", guest, |g, store| g
             .guest_session()
             .call_upload(store, s, vm, path, mode, create_parents));
         match r {
             Ok(upload) => Ok(Upload {
-                pool: self.pool.clone(),
-                live: Some(live),
+                lease: Some(lease),
                 upload,
-                _permit: permit,
+                plugin: self.target.slot.name.clone(),
             }),
             Err(e) => {
-                self.pool.give_back(live);
+                lease.give_back();
                 Err(e)
             }
         }
@@ -324,67 +378,100 @@ impl GuestSession {
 
     /// Starts reading a guest file.
     pub async fn download(&self, vm: &str, path: &str) -> Result<Download> {
-        let (mut live, permit) = self.pool.take().await?;
-        let s = live.session;
-        let r = guarded!(&mut live.inst, "download", guest, |g, store| g
+        let mut lease = self.target.lease().await?;
+        let s = lease.session;
+        let r = guarded!(&mut lease.pooled.inst, "download", guest, |g, store| g
             .guest_session()
             .call_download(store, s, vm, path));
         let download = match r {
             Ok(d) => d,
             Err(e) => {
-                self.pool.give_back(live);
+                lease.give_back();
                 return Err(e);
             }
         };
-        let size = guarded!(&mut live.inst, "download", guest, |g, store| async {
+        let inst = &mut lease.pooled.inst;
+        let size = guarded!(inst, "download", guest, |g, store| async {
             g.download().call_size(store, download).await.map(Ok)
         });
-        let mode = guarded!(&mut live.inst, "download", guest, |g, store| async {
+        let mode = guarded!(inst, "download", guest, |g, store| async {
             g.download().call_mode(store, download).await.map(Ok)
         });
-        let (size, mode) = (size?, mode?);
-        Ok(Download {
-            pool: self.pool.clone(),
-            live: Some(live),
-            download,
-            size,
-            mode,
-            _permit: permit,
-        })
+        let plugin = self.target.slot.name.clone();
+        match (size, mode) {
+            (Ok(size), Ok(mode)) => Ok(Download {
+                lease: Some(lease),
+                download,
+                plugin,
+                size,
+                mode,
+            }),
+            (Err(e), _) | (_, Err(e)) => Err(e),
+        }
     }
 }
 
-fn live_or_gone(live: &mut Option<Live>, plugin: &str, op: &'static str) -> Result<Live> {
-    live.take().ok_or_else(|| PluginError::Trap {
+/// An abandoned transfer gives its instance back (the guest-side transfer object
+/// stays open in that instance until the instance is dropped), so a single-instance
+/// plugin keeps its state.
+impl Drop for Upload {
+    fn drop(&mut self) {
+        if let Some(lease) = self.lease.take() {
+            lease.give_back();
+        }
+    }
+}
+
+impl Drop for Download {
+    fn drop(&mut self) {
+        if let Some(lease) = self.lease.take() {
+            lease.give_back();
+        }
+    }
+}
+
+fn gone(plugin: &str, op: &'static str) -> PluginError {
+    PluginError::Trap {
         plugin: plugin.to_string(),
         op,
         message: "the transfer's instance failed earlier".into(),
-    })
+    }
 }
 
 impl Upload {
     /// Appends a chunk (at most 4 MiB is a good size).
     pub async fn write(&mut self, chunk: &[u8]) -> Result<()> {
-        let mut live = live_or_gone(&mut self.live, &self.pool.slot.name, "upload-write")?;
+        let lease = self
+            .lease
+            .as_mut()
+            .ok_or_else(|| gone(&self.plugin, "upload-write"))?;
         let u = self.upload;
-        let r = guarded!(&mut live.inst, "upload-write", guest, |g, store| g
+        let r = guarded!(&mut lease.pooled.inst, "upload-write", guest, |g, store| g
             .upload()
             .call_write(store, u, chunk));
-        if !live.inst.poisoned {
-            self.live = Some(live);
+        if lease.pooled.inst.poisoned {
+            self.lease = None;
         }
         r
     }
 
     /// Closes the file and returns what the guest holds.
     pub async fn finish(mut self) -> Result<FileInfo> {
-        let mut live = live_or_gone(&mut self.live, &self.pool.slot.name, "upload-finish")?;
+        let mut lease = self
+            .lease
+            .take()
+            .ok_or_else(|| gone(&self.plugin, "upload-finish"))?;
         let u = self.upload;
-        let r = guarded!(&mut live.inst, "upload-finish", guest, |g, store| g
-            .upload()
-            .call_finish(store, u));
-        let _ = u.resource_drop_async(&mut live.inst.store).await;
-        self.pool.give_back(live);
+        let r = guarded!(
+            &mut lease.pooled.inst,
+            "upload-finish",
+            guest,
+            |g, store| g.upload().call_finish(store, u)
+        );
+        if !lease.pooled.inst.poisoned {
+            let _ = u.resource_drop_async(&mut lease.pooled.inst.store).await;
+        }
+        lease.give_back();
         r
     }
 }
@@ -392,28 +479,31 @@ impl Upload {
 impl Download {
     /// Reads up to `max` bytes; empty means end of file.
     pub async fn read(&mut self, max: u32) -> Result<Vec<u8>> {
-        let mut live = live_or_gone(&mut self.live, &self.pool.slot.name, "download-read")?;
+        let lease = self
+            .lease
+            .as_mut()
+            .ok_or_else(|| gone(&self.plugin, "download-read"))?;
         let d = self.download;
-        let r = guarded!(&mut live.inst, "download-read", guest, |g, store| g
-            .download()
-            .call_read(store, d, max));
-        if !live.inst.poisoned {
-            self.live = Some(live);
+        let r = guarded!(
+            &mut lease.pooled.inst,
+            "download-read",
+            guest,
+            |g, store| g.download().call_read(store, d, max)
+        );
+        if lease.pooled.inst.poisoned {
+            self.lease = None;
         }
         r
     }
 
     /// Ends the transfer and returns the instance to its pool.
     pub async fn close(mut self) {
-        if let Some(mut live) = self.live.take() {
+        if let Some(mut lease) = self.lease.take() {
             let _ = self
                 .download
-                .resource_drop_async(&mut live.inst.store)
+                .resource_drop_async(&mut lease.pooled.inst.store)
                 .await;
-            self.pool.give_back(live);
+            lease.give_back();
         }
     }
 }
-
-/// Re-exported so callers need not reach into the bindings.
-pub use types::Credentials as SessionCredentials;
