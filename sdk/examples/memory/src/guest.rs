@@ -1,0 +1,143 @@
+//! Guest operations: commands and file transfer inside running memory VMs.
+
+use gve_sdk::prelude::*;
+
+use crate::fs::check_path;
+use crate::state::{self, Vm};
+
+/// A guest session on one `memory:` endpoint.
+pub struct MemoryGuestSession {
+    endpoint: String,
+}
+
+impl MemoryGuestSession {
+    /// A guest session on `endpoint` (already authenticated).
+    pub fn new(endpoint: String) -> MemoryGuestSession {
+        MemoryGuestSession { endpoint }
+    }
+}
+
+/// Runs `f` on the running VM `vm` of `endpoint`; a VM that is not running has no
+/// guest agent to answer.
+fn with_running<R>(endpoint: &str, vm: &str, f: impl FnOnce(&mut Vm) -> Result<R>) -> Result<R> {
+    state::with(|w| {
+        let v = w.endpoint(endpoint).get_mut(vm)?;
+        if v.info.state != VmState::Running {
+            return Err(Error::unavailable(format!(
+                "{vm}: guest agent not running (the VM is not running)"
+            )));
+        }
+        f(v)
+    })
+}
+
+impl GuestSession for MemoryGuestSession {
+    type Upload = MemoryUpload;
+    type Download = MemoryDownload;
+
+    fn exec(&mut self, vm: String, request: ExecRequest) -> Result<ExecResult> {
+        with_running(&self.endpoint, &vm, |v| crate::exec::run(&request, &v.fs))
+    }
+
+    fn upload(
+        &mut self,
+        vm: String,
+        path: String,
+        mode: u32,
+        create_parents: bool,
+    ) -> Result<MemoryUpload> {
+        check_path(&path)?;
+        let id = with_running(&self.endpoint, &vm, |v| {
+            v.fs.prepare_write(&path, create_parents)?;
+            Ok(v.info.id.clone())
+        })?;
+        Ok(MemoryUpload {
+            endpoint: self.endpoint.clone(),
+            vm: id,
+            path,
+            mode,
+            data: Vec::new(),
+            finished: false,
+        })
+    }
+
+    fn download(&mut self, vm: String, path: String) -> Result<MemoryDownload> {
+        check_path(&path)?;
+        with_running(&self.endpoint, &vm, |v| {
+            let f = v.fs.file(&path)?;
+            Ok(MemoryDownload {
+                data: f.data.clone(),
+                mode: f.mode,
+                pos: 0,
+            })
+        })
+    }
+
+    fn stat(&mut self, vm: String, path: String) -> Result<FileInfo> {
+        check_path(&path)?;
+        with_running(&self.endpoint, &vm, |v| Ok(v.fs.file(&path)?.info()))
+    }
+}
+
+/// A file being uploaded: chunks are buffered and stored on `finish`.
+pub struct MemoryUpload {
+    endpoint: String,
+    vm: String,
+    path: String,
+    mode: u32,
+    data: Vec<u8>,
+    finished: bool,
+}
+
+impl Upload for MemoryUpload {
+    fn write(&mut self, chunk: Vec<u8>) -> Result<()> {
+        if self.finished {
+            return Err(Error::invalid_state(format!(
+                "upload of {}: already finished",
+                self.path
+            )));
+        }
+        self.data.extend_from_slice(&chunk);
+        Ok(())
+    }
+
+    fn finish(&mut self) -> Result<FileInfo> {
+        if self.finished {
+            return Err(Error::invalid_state(format!(
+                "upload of {}: already finished",
+                self.path
+            )));
+        }
+        self.finished = true;
+        let data = std::mem::take(&mut self.data);
+        with_running(&self.endpoint, &self.vm, |v| {
+            // The parents were made when the upload started; a VM cannot lose them.
+            v.fs.prepare_write(&self.path, true)?;
+            Ok(v.fs.write(&self.path, data, self.mode))
+        })
+    }
+}
+
+/// A file being downloaded: a snapshot of its content taken when the download began.
+pub struct MemoryDownload {
+    data: Vec<u8>,
+    mode: u32,
+    pos: usize,
+}
+
+impl Download for MemoryDownload {
+    fn size(&self) -> u64 {
+        self.data.len() as u64
+    }
+
+    fn mode(&self) -> u32 {
+        self.mode
+    }
+
+    fn read(&mut self, max: u32) -> Result<Vec<u8>> {
+        let end = self.data.len().min(self.pos.saturating_add(max as usize));
+        let chunk = self.data[self.pos..end].to_vec();
+        self.pos = end;
+        Ok(chunk)
+    }
+}

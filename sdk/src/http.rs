@@ -1,0 +1,369 @@
+//! A small blocking HTTP/1.1 client over `wasi:http` (the manifest must request `http`,
+//! and the operator must grant the authorities the plugin talks to).
+//!
+//! ```no_run
+//! # fn demo() -> gve_sdk::Result<()> {
+//! use gve_sdk::http::Request;
+//! let resp = Request::new("POST", "https://vcenter.example.org/sdk")
+//!     .header("content-type", "text/xml")
+//!     .body(b"<Envelope/>".to_vec())
+//!     .send()?;
+//! assert_eq!(resp.status, 200);
+//! # Ok(()) }
+//! ```
+//!
+//! Errors follow the contract: a request the host's policy refuses is
+//! [`Error::Denied`] naming the URL; refused, unreachable or timed-out connections and
+//! DNS failures are [`Error::Unavailable`]; a response that does not arrive in time is
+//! [`Error::Timeout`]; anything else is [`Error::Backend`].
+
+use core::time::Duration;
+
+use wasi::http::outgoing_handler;
+use wasi::http::types::{
+    ErrorCode, Fields, IncomingBody, Method, OutgoingBody, OutgoingRequest, RequestOptions, Scheme,
+};
+use wasi::io::streams::StreamError;
+
+use crate::error::{Error, Result};
+
+/// The timeout a [`Request`] uses unless [`Request::timeout`] sets another.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Bytes written to the request body stream per call (the WASI limit per blocking write).
+const WRITE_CHUNK: usize = 4096;
+/// Bytes asked for per read of the response body.
+const READ_CHUNK: u64 = 64 * 1024;
+
+/// An HTTP request being built.
+#[derive(Debug, Clone)]
+pub struct Request {
+    method: String,
+    url: String,
+    headers: Vec<(String, Vec<u8>)>,
+    body: Vec<u8>,
+    timeout: Duration,
+}
+
+/// A complete HTTP response.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Response {
+    /// Status code.
+    pub status: u16,
+    /// Header names (lower-case, as the host reports them) and values, in order.
+    pub headers: Vec<(String, Vec<u8>)>,
+    /// The whole body.
+    pub body: Vec<u8>,
+}
+
+impl Request {
+    /// A request with `method` (`GET`, `POST`, ... or any token) to an `http://` or
+    /// `https://` URL.
+    pub fn new(method: impl Into<String>, url: impl Into<String>) -> Request {
+        Request {
+            method: method.into(),
+            url: url.into(),
+            headers: Vec::new(),
+            body: Vec::new(),
+            timeout: DEFAULT_TIMEOUT,
+        }
+    }
+
+    /// A `GET` request.
+    pub fn get(url: impl Into<String>) -> Request {
+        Request::new("GET", url)
+    }
+
+    /// A `POST` request.
+    pub fn post(url: impl Into<String>) -> Request {
+        Request::new("POST", url)
+    }
+
+    /// Adds a header (repeatable).
+    pub fn header(mut self, name: impl Into<String>, value: impl Into<Vec<u8>>) -> Request {
+        self.headers.push((name.into(), value.into()));
+        self
+    }
+
+    /// Sets the body.
+    pub fn body(mut self, body: impl Into<Vec<u8>>) -> Request {
+        self.body = body.into();
+        self
+    }
+
+    /// Sets the connect, first-byte and between-bytes timeouts.
+    pub fn timeout(mut self, timeout: Duration) -> Request {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Sends the request and reads the whole response. A body is sent with a
+    /// `content-length` header (computed unless the request sets one), never chunked.
+    pub fn send(self) -> Result<Response> {
+        let url = Url::parse(&self.url)?;
+        let bad = |what: &str| {
+            Error::invalid_argument(format!("HTTP request to {}: invalid {what}", self.url))
+        };
+        let mut header_list = self.headers.clone();
+        let sized = header_list
+            .iter()
+            .any(|(k, _)| k.eq_ignore_ascii_case("content-length"));
+        let has_body = !self.body.is_empty()
+            || matches!(
+                self.method.to_ascii_uppercase().as_str(),
+                "POST" | "PUT" | "PATCH"
+            );
+        if has_body && !sized {
+            // Send a sized body rather than a chunked one: not every server takes chunks.
+            header_list.push((
+                "content-length".into(),
+                self.body.len().to_string().into_bytes(),
+            ));
+        }
+        let headers =
+            Fields::from_list(&header_list).map_err(|e| bad(&format!("header ({e:?})")))?;
+        let request = OutgoingRequest::new(headers);
+        request
+            .set_method(&method(&self.method))
+            .map_err(|()| bad("method"))?;
+        request
+            .set_scheme(Some(&url.scheme))
+            .map_err(|()| bad("scheme"))?;
+        request
+            .set_authority(Some(url.authority))
+            .map_err(|()| bad("authority"))?;
+        request
+            .set_path_with_query(Some(url.path_with_query))
+            .map_err(|()| bad("path"))?;
+        let body = request.body().map_err(|()| bad("body"))?;
+
+        let options = RequestOptions::new();
+        let ns = Some(u64::try_from(self.timeout.as_nanos()).unwrap_or(u64::MAX));
+        // A host may refuse to honour an option; the request still goes out.
+        let _ = options.set_connect_timeout(ns);
+        let _ = options.set_first_byte_timeout(ns);
+        let _ = options.set_between_bytes_timeout(ns);
+
+        let pending = outgoing_handler::handle(request, Some(options))
+            .map_err(|c| map_error(&self.url, c))?;
+        let written = write_body(&self.url, body, &self.body);
+
+        pending.subscribe().block();
+        let outcome = pending.get();
+        if let Err(e) = written {
+            // A failed write usually has its real cause in the response.
+            return Err(match outcome {
+                Some(Ok(Err(code))) => map_error(&self.url, code),
+                _ => e,
+            });
+        }
+        let response = match outcome {
+            Some(Ok(Ok(response))) => response,
+            Some(Ok(Err(code))) => return Err(map_error(&self.url, code)),
+            Some(Err(())) => {
+                return Err(Error::backend(format!(
+                    "HTTP request to {}: response taken twice",
+                    self.url
+                )))
+            }
+            None => {
+                return Err(Error::backend(format!(
+                    "HTTP request to {}: no response after waiting",
+                    self.url
+                )))
+            }
+        };
+        let status = response.status();
+        let headers = response.headers().entries();
+        let incoming = response.consume().map_err(|()| {
+            Error::backend(format!(
+                "HTTP request to {}: response body unavailable",
+                self.url
+            ))
+        })?;
+        let body = read_body(&self.url, &incoming)?;
+        drop(IncomingBody::finish(incoming));
+        Ok(Response {
+            status,
+            headers,
+            body,
+        })
+    }
+}
+
+impl Response {
+    /// The first value of header `name` (case-insensitive), if present and UTF-8.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .and_then(|(_, v)| core::str::from_utf8(v).ok())
+    }
+
+    /// True for a 2xx status.
+    pub fn is_success(&self) -> bool {
+        (200..300).contains(&self.status)
+    }
+
+    /// The body as UTF-8 text; invalid UTF-8 is a [`Error::Backend`].
+    pub fn text(&self) -> Result<&str> {
+        core::str::from_utf8(&self.body)
+            .map_err(|e| Error::backend(format!("HTTP response body is not UTF-8: {e}")))
+    }
+}
+
+fn write_body(url: &str, body: OutgoingBody, bytes: &[u8]) -> Result<()> {
+    {
+        let stream = body.write().map_err(|()| {
+            Error::backend(format!("HTTP request to {url}: body stream unavailable"))
+        })?;
+        for chunk in bytes.chunks(WRITE_CHUNK) {
+            stream
+                .blocking_write_and_flush(chunk)
+                .map_err(|e| stream_error(url, e))?;
+        }
+    }
+    OutgoingBody::finish(body, None).map_err(|c| map_error(url, c))
+}
+
+fn read_body(url: &str, incoming: &IncomingBody) -> Result<Vec<u8>> {
+    let stream = incoming.stream().map_err(|()| {
+        Error::backend(format!(
+            "HTTP request to {url}: response body stream unavailable"
+        ))
+    })?;
+    let mut body = Vec::new();
+    loop {
+        match stream.blocking_read(READ_CHUNK) {
+            Ok(chunk) => body.extend_from_slice(&chunk),
+            Err(StreamError::Closed) => return Ok(body),
+            Err(e) => return Err(stream_error(url, e)),
+        }
+    }
+}
+
+fn stream_error(url: &str, e: StreamError) -> Error {
+    match e {
+        StreamError::Closed => {
+            Error::backend(format!("HTTP request to {url}: stream closed early"))
+        }
+        StreamError::LastOperationFailed(io) => match wasi::http::types::http_error_code(&io) {
+            Some(code) => map_error(url, code),
+            None => Error::backend(format!("HTTP request to {url}: {}", io.to_debug_string())),
+        },
+    }
+}
+
+/// Maps a `wasi:http` error code onto the contract's error, naming the URL.
+pub fn map_error(url: &str, code: ErrorCode) -> Error {
+    use ErrorCode as C;
+    match code {
+        C::HttpRequestDenied | C::DestinationIpProhibited => Error::denied(format!(
+            "HTTP request to {url} denied by the host's policy ({code:?})"
+        )),
+        C::DnsTimeout
+        | C::DnsError(_)
+        | C::DestinationNotFound
+        | C::DestinationUnavailable
+        | C::DestinationIpUnroutable
+        | C::ConnectionRefused
+        | C::ConnectionTerminated
+        | C::ConnectionTimeout
+        | C::ConnectionReadTimeout
+        | C::ConnectionWriteTimeout
+        | C::ConnectionLimitReached => {
+            Error::unavailable(format!("HTTP request to {url}: cannot connect ({code:?})"))
+        }
+        C::HttpResponseTimeout => {
+            Error::timeout(format!("HTTP request to {url}: no response in time"))
+        }
+        other => Error::backend(format!("HTTP request to {url} failed: {other:?}")),
+    }
+}
+
+fn method(m: &str) -> Method {
+    match m.to_ascii_uppercase().as_str() {
+        "GET" => Method::Get,
+        "HEAD" => Method::Head,
+        "POST" => Method::Post,
+        "PUT" => Method::Put,
+        "DELETE" => Method::Delete,
+        "CONNECT" => Method::Connect,
+        "OPTIONS" => Method::Options,
+        "TRACE" => Method::Trace,
+        "PATCH" => Method::Patch,
+        _ => Method::Other(m.to_string()),
+    }
+}
+
+/// The parts of an `http(s)://authority/path?query` URL.
+struct Url<'a> {
+    scheme: Scheme,
+    authority: &'a str,
+    path_with_query: &'a str,
+}
+
+impl<'a> Url<'a> {
+    fn parse(url: &'a str) -> Result<Url<'a>> {
+        let bad = |why: &str| Error::invalid_argument(format!("URL {url:?} {why}"));
+        let (scheme, rest) = url.split_once("://").ok_or_else(|| bad("has no scheme"))?;
+        let scheme = match scheme.to_ascii_lowercase().as_str() {
+            "http" => Scheme::Http,
+            "https" => Scheme::Https,
+            _ => return Err(bad("is not http:// or https://")),
+        };
+        let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+        let (authority, tail) = rest.split_at(end);
+        if authority.is_empty() || authority.contains('@') {
+            return Err(bad("needs a host (and no user info)"));
+        }
+        let tail = tail.split('#').next().unwrap_or("");
+        let path_with_query = match tail {
+            "" => "/",
+            t if t.starts_with('?') => return Err(bad("needs a path before its query")),
+            t => t,
+        };
+        Ok(Url {
+            scheme,
+            authority,
+            path_with_query,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_split_into_scheme_authority_and_path() {
+        let u = Url::parse("https://h.example:8443/sdk/x?a=1#frag").unwrap();
+        assert!(matches!(u.scheme, Scheme::Https));
+        assert_eq!(
+            (u.authority, u.path_with_query),
+            ("h.example:8443", "/sdk/x?a=1")
+        );
+        let u = Url::parse("http://127.0.0.1:80").unwrap();
+        assert_eq!((u.authority, u.path_with_query), ("127.0.0.1:80", "/"));
+        assert!(Url::parse("ftp://x/").is_err());
+        assert!(Url::parse("http:///x").is_err());
+        assert!(Url::parse("http://u:p@x/").is_err());
+    }
+
+    #[test]
+    fn error_codes_map_to_contract_errors() {
+        let e = map_error("http://x/", ErrorCode::HttpRequestDenied);
+        assert!(
+            matches!(&e, Error::Denied(m) if m.contains("http://x/")),
+            "{e}"
+        );
+        assert_eq!(
+            map_error("u", ErrorCode::ConnectionRefused).kind(),
+            "unavailable"
+        );
+        assert_eq!(
+            map_error("u", ErrorCode::HttpProtocolError).kind(),
+            "backend"
+        );
+    }
+}

@@ -1,0 +1,515 @@
+//! [`DomainXml`]: a builder of libvirt domain XML for the shapes drivers need.
+
+use core::fmt::{self, Write};
+
+/// XML namespace of the `<metadata>` element that holds a domain's labels.
+pub const LABELS_NAMESPACE: &str = "urn:gve:hypervisor:labels:0.1";
+
+/// The guest's OS type (`<os><type>`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OsType {
+    /// Fully virtualized (`hvm`), for KVM/QEMU and Xen HVM guests.
+    Hvm,
+    /// Xen paravirtualized (`xen`).
+    Xen,
+}
+
+/// Format of a disk image (`<driver type>`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiskFormat {
+    /// QEMU copy-on-write image.
+    Qcow2,
+    /// Raw image.
+    Raw,
+}
+
+/// Bus a disk is attached to (`<target bus>`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiskBus {
+    /// virtio-blk.
+    Virtio,
+    /// SATA.
+    Sata,
+    /// SCSI.
+    Scsi,
+    /// IDE.
+    Ide,
+    /// Xen's paravirtual block device.
+    Xen,
+}
+
+/// A file-backed disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Disk {
+    /// Path of the image file on the host.
+    pub path: String,
+    /// Image format.
+    pub format: DiskFormat,
+    /// Device name in the guest (`vda`, `sda`, `xvda`).
+    pub target_dev: String,
+    /// Bus the disk is attached to.
+    pub bus: DiskBus,
+    /// Attach read-only.
+    pub readonly: bool,
+}
+
+impl Disk {
+    /// A writable virtio disk backed by `path`, seen as `target_dev` in the guest.
+    pub fn new(path: impl Into<String>, format: DiskFormat, target_dev: impl Into<String>) -> Disk {
+        Disk {
+            path: path.into(),
+            format,
+            target_dev: target_dev.into(),
+            bus: DiskBus::Virtio,
+            readonly: false,
+        }
+    }
+}
+
+/// A network interface.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Interface {
+    /// Attached to a libvirt network by name; `model` is the NIC model (`virtio`).
+    Network {
+        /// libvirt network name.
+        network: String,
+        /// NIC model, if any.
+        model: Option<String>,
+    },
+    /// User-mode networking (slirp / passt), no host setup needed.
+    User {
+        /// NIC model, if any.
+        model: Option<String>,
+    },
+}
+
+/// A libvirt domain definition being built; [`DomainXml::to_xml`] renders it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DomainXml {
+    domain_type: String,
+    name: String,
+    uuid: Option<String>,
+    memory_mib: u64,
+    vcpus: u32,
+    os_type: OsType,
+    arch: Option<String>,
+    machine: Option<String>,
+    kernel: Option<String>,
+    initrd: Option<String>,
+    cmdline: Option<String>,
+    acpi: bool,
+    disks: Vec<Disk>,
+    interfaces: Vec<Interface>,
+    serial_console: bool,
+    guest_agent: bool,
+    labels: Vec<(String, String)>,
+}
+
+impl DomainXml {
+    /// A `kvm` domain named `name`: 1 vCPU, 512 MiB, `hvm`, ACPI on, no devices.
+    pub fn new(name: impl Into<String>) -> DomainXml {
+        DomainXml {
+            domain_type: "kvm".into(),
+            name: name.into(),
+            uuid: None,
+            memory_mib: 512,
+            vcpus: 1,
+            os_type: OsType::Hvm,
+            arch: None,
+            machine: None,
+            kernel: None,
+            initrd: None,
+            cmdline: None,
+            acpi: true,
+            disks: Vec::new(),
+            interfaces: Vec::new(),
+            serial_console: false,
+            guest_agent: false,
+            labels: Vec::new(),
+        }
+    }
+
+    /// The libvirt domain type (`kvm`, `qemu` for TCG, `xen`, `test`).
+    pub fn domain_type(mut self, domain_type: impl Into<String>) -> Self {
+        self.domain_type = domain_type.into();
+        self
+    }
+
+    /// A fixed UUID (libvirt generates one otherwise).
+    pub fn uuid(mut self, uuid: impl Into<String>) -> Self {
+        self.uuid = Some(uuid.into());
+        self
+    }
+
+    /// Memory in MiB (both maximum and current).
+    pub fn memory_mib(mut self, mib: u64) -> Self {
+        self.memory_mib = mib;
+        self
+    }
+
+    /// Number of virtual CPUs.
+    pub fn vcpus(mut self, vcpus: u32) -> Self {
+        self.vcpus = vcpus;
+        self
+    }
+
+    /// The guest OS type.
+    pub fn os_type(mut self, os_type: OsType) -> Self {
+        self.os_type = os_type;
+        self
+    }
+
+    /// The guest architecture (`x86_64`, `aarch64`).
+    pub fn arch(mut self, arch: impl Into<String>) -> Self {
+        self.arch = Some(arch.into());
+        self
+    }
+
+    /// The machine type (`q35`, `pc`, `xenfv`, `xenpv`).
+    pub fn machine(mut self, machine: impl Into<String>) -> Self {
+        self.machine = Some(machine.into());
+        self
+    }
+
+    /// Boots this kernel image directly.
+    pub fn kernel(mut self, path: impl Into<String>) -> Self {
+        self.kernel = Some(path.into());
+        self
+    }
+
+    /// The initrd for a direct kernel boot.
+    pub fn initrd(mut self, path: impl Into<String>) -> Self {
+        self.initrd = Some(path.into());
+        self
+    }
+
+    /// The kernel command line for a direct kernel boot.
+    pub fn cmdline(mut self, cmdline: impl Into<String>) -> Self {
+        self.cmdline = Some(cmdline.into());
+        self
+    }
+
+    /// Turns the ACPI feature on (the default) or off.
+    pub fn acpi(mut self, on: bool) -> Self {
+        self.acpi = on;
+        self
+    }
+
+    /// Adds a disk.
+    pub fn disk(mut self, disk: Disk) -> Self {
+        self.disks.push(disk);
+        self
+    }
+
+    /// Adds a virtio NIC on the libvirt network `network`.
+    pub fn network(self, network: impl Into<String>) -> Self {
+        self.interface(Interface::Network {
+            network: network.into(),
+            model: Some("virtio".into()),
+        })
+    }
+
+    /// Adds a virtio NIC with user-mode networking.
+    pub fn user_network(self) -> Self {
+        self.interface(Interface::User {
+            model: Some("virtio".into()),
+        })
+    }
+
+    /// Adds a network interface.
+    pub fn interface(mut self, interface: Interface) -> Self {
+        self.interfaces.push(interface);
+        self
+    }
+
+    /// Adds a serial port on a pty and makes it the console.
+    pub fn serial_console(mut self) -> Self {
+        self.serial_console = true;
+        self
+    }
+
+    /// Adds the virtio channel `org.qemu.guest_agent.0` for the QEMU guest agent.
+    pub fn guest_agent(mut self) -> Self {
+        self.guest_agent = true;
+        self
+    }
+
+    /// Stores a label in the domain's `<metadata>` (namespace [`LABELS_NAMESPACE`]).
+    pub fn label(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.labels.push((key.into(), value.into()));
+        self
+    }
+
+    /// Renders the domain XML.
+    pub fn to_xml(&self) -> String {
+        self.to_string()
+    }
+}
+
+impl fmt::Display for DomainXml {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "<domain type='{}'>", Esc(&self.domain_type))?;
+        writeln!(f, "  <name>{}</name>", Esc(&self.name))?;
+        if let Some(uuid) = &self.uuid {
+            writeln!(f, "  <uuid>{}</uuid>", Esc(uuid))?;
+        }
+        if !self.labels.is_empty() {
+            writeln!(f, "  <metadata>")?;
+            writeln!(f, "    <gve:labels xmlns:gve='{LABELS_NAMESPACE}'>")?;
+            for (k, v) in &self.labels {
+                writeln!(
+                    f,
+                    "      <gve:label key='{}'>{}</gve:label>",
+                    Esc(k),
+                    Esc(v)
+                )?;
+            }
+            writeln!(f, "    </gve:labels>")?;
+            writeln!(f, "  </metadata>")?;
+        }
+        writeln!(f, "  <memory unit='MiB'>{}</memory>", self.memory_mib)?;
+        writeln!(
+            f,
+            "  <currentMemory unit='MiB'>{}</currentMemory>",
+            self.memory_mib
+        )?;
+        writeln!(f, "  <vcpu placement='static'>{}</vcpu>", self.vcpus)?;
+        self.write_os(f)?;
+        if self.acpi {
+            writeln!(f, "  <features>\n    <acpi/>\n  </features>")?;
+        }
+        writeln!(f, "  <devices>")?;
+        for d in &self.disks {
+            write_disk(f, d)?;
+        }
+        for i in &self.interfaces {
+            write_interface(f, i)?;
+        }
+        if self.serial_console {
+            writeln!(
+                f,
+                "    <serial type='pty'>\n      <target port='0'/>\n    </serial>"
+            )?;
+            writeln!(
+                f,
+                "    <console type='pty'>\n      <target type='serial' port='0'/>\n    </console>"
+            )?;
+        }
+        if self.guest_agent {
+            writeln!(f, "    <channel type='unix'>")?;
+            writeln!(
+                f,
+                "      <target type='virtio' name='org.qemu.guest_agent.0'/>"
+            )?;
+            writeln!(f, "    </channel>")?;
+        }
+        writeln!(f, "  </devices>")?;
+        f.write_str("</domain>\n")
+    }
+}
+
+impl DomainXml {
+    fn write_os(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "  <os>")?;
+        f.write_str("    <type")?;
+        if let Some(arch) = &self.arch {
+            write!(f, " arch='{}'", Esc(arch))?;
+        }
+        if let Some(machine) = &self.machine {
+            write!(f, " machine='{}'", Esc(machine))?;
+        }
+        let os = match self.os_type {
+            OsType::Hvm => "hvm",
+            OsType::Xen => "xen",
+        };
+        writeln!(f, ">{os}</type>")?;
+        if let Some(k) = &self.kernel {
+            writeln!(f, "    <kernel>{}</kernel>", Esc(k))?;
+        }
+        if let Some(i) = &self.initrd {
+            writeln!(f, "    <initrd>{}</initrd>", Esc(i))?;
+        }
+        if let Some(c) = &self.cmdline {
+            writeln!(f, "    <cmdline>{}</cmdline>", Esc(c))?;
+        }
+        if self.kernel.is_none() && self.os_type == OsType::Hvm {
+            writeln!(f, "    <boot dev='hd'/>")?;
+        }
+        writeln!(f, "  </os>")
+    }
+}
+
+fn write_disk(f: &mut fmt::Formatter<'_>, d: &Disk) -> fmt::Result {
+    let format = match d.format {
+        DiskFormat::Qcow2 => "qcow2",
+        DiskFormat::Raw => "raw",
+    };
+    let bus = match d.bus {
+        DiskBus::Virtio => "virtio",
+        DiskBus::Sata => "sata",
+        DiskBus::Scsi => "scsi",
+        DiskBus::Ide => "ide",
+        DiskBus::Xen => "xen",
+    };
+    writeln!(f, "    <disk type='file' device='disk'>")?;
+    writeln!(f, "      <driver name='qemu' type='{format}'/>")?;
+    writeln!(f, "      <source file='{}'/>", Esc(&d.path))?;
+    writeln!(
+        f,
+        "      <target dev='{}' bus='{bus}'/>",
+        Esc(&d.target_dev)
+    )?;
+    if d.readonly {
+        writeln!(f, "      <readonly/>")?;
+    }
+    writeln!(f, "    </disk>")
+}
+
+fn write_interface(f: &mut fmt::Formatter<'_>, i: &Interface) -> fmt::Result {
+    let model = match i {
+        Interface::Network { network, model } => {
+            writeln!(f, "    <interface type='network'>")?;
+            writeln!(f, "      <source network='{}'/>", Esc(network))?;
+            model
+        }
+        Interface::User { model } => {
+            writeln!(f, "    <interface type='user'>")?;
+            model
+        }
+    };
+    if let Some(m) = model {
+        writeln!(f, "      <model type='{}'/>", Esc(m))?;
+    }
+    writeln!(f, "    </interface>")
+}
+
+/// Escapes text for XML element content and single- or double-quoted attributes.
+pub fn escape(text: &str) -> String {
+    Esc(text).to_string()
+}
+
+/// Displays its text XML-escaped.
+struct Esc<'a>(&'a str);
+
+impl fmt::Display for Esc<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for c in self.0.chars() {
+            match c {
+                '&' => f.write_str("&amp;")?,
+                '<' => f.write_str("&lt;")?,
+                '>' => f.write_str("&gt;")?,
+                '\'' => f.write_str("&apos;")?,
+                '"' => f.write_str("&quot;")?,
+                c => f.write_char(c)?,
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_a_full_kvm_domain() {
+        let xml = DomainXml::new("web-1")
+            .uuid("4dea22b3-1d52-d8f3-2516-782e98ab3fa0")
+            .memory_mib(1024)
+            .vcpus(2)
+            .arch("x86_64")
+            .machine("q35")
+            .disk(Disk::new(
+                "/var/lib/gve/web-1.qcow2",
+                DiskFormat::Qcow2,
+                "vda",
+            ))
+            .network("default")
+            .serial_console()
+            .guest_agent()
+            .label("owner", "alice")
+            .to_xml();
+        let expected = "\
+<domain type='kvm'>
+  <name>web-1</name>
+  <uuid>4dea22b3-1d52-d8f3-2516-782e98ab3fa0</uuid>
+  <metadata>
+    <gve:labels xmlns:gve='urn:gve:hypervisor:labels:0.1'>
+      <gve:label key='owner'>alice</gve:label>
+    </gve:labels>
+  </metadata>
+  <memory unit='MiB'>1024</memory>
+  <currentMemory unit='MiB'>1024</currentMemory>
+  <vcpu placement='static'>2</vcpu>
+  <os>
+    <type arch='x86_64' machine='q35'>hvm</type>
+    <boot dev='hd'/>
+  </os>
+  <features>
+    <acpi/>
+  </features>
+  <devices>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='qcow2'/>
+      <source file='/var/lib/gve/web-1.qcow2'/>
+      <target dev='vda' bus='virtio'/>
+    </disk>
+    <interface type='network'>
+      <source network='default'/>
+      <model type='virtio'/>
+    </interface>
+    <serial type='pty'>
+      <target port='0'/>
+    </serial>
+    <console type='pty'>
+      <target type='serial' port='0'/>
+    </console>
+    <channel type='unix'>
+      <target type='virtio' name='org.qemu.guest_agent.0'/>
+    </channel>
+  </devices>
+</domain>
+";
+        assert_eq!(xml, expected);
+    }
+
+    #[test]
+    fn direct_kernel_boot_xen_without_acpi() {
+        let xml = DomainXml::new("pv")
+            .domain_type("xen")
+            .os_type(OsType::Xen)
+            .kernel("/boot/vmlinuz")
+            .initrd("/boot/initrd.img")
+            .cmdline("console=hvc0 root=/dev/xvda")
+            .acpi(false)
+            .disk(Disk {
+                bus: DiskBus::Xen,
+                readonly: true,
+                ..Disk::new("/img/pv.raw", DiskFormat::Raw, "xvda")
+            })
+            .user_network()
+            .to_xml();
+        assert!(xml.starts_with("<domain type='xen'>\n"));
+        assert!(xml.contains("<type>xen</type>\n    <kernel>/boot/vmlinuz</kernel>"));
+        assert!(xml.contains("<initrd>/boot/initrd.img</initrd>"));
+        assert!(xml.contains("<cmdline>console=hvc0 root=/dev/xvda</cmdline>"));
+        assert!(!xml.contains("<boot"));
+        assert!(!xml.contains("<features>"));
+        assert!(xml.contains("<driver name='qemu' type='raw'/>"));
+        assert!(xml.contains("<target dev='xvda' bus='xen'/>\n      <readonly/>"));
+        assert!(xml.contains("<interface type='user'>\n      <model type='virtio'/>"));
+        assert!(!xml.contains("<metadata>"));
+    }
+
+    #[test]
+    fn escapes_text_and_attributes() {
+        let xml = DomainXml::new("a<b>&'c\"")
+            .label("k'", "v<&>")
+            .disk(Disk::new("/x/it's.qcow2", DiskFormat::Qcow2, "vda"))
+            .to_xml();
+        assert!(xml.contains("<name>a&lt;b&gt;&amp;&apos;c&quot;</name>"));
+        assert!(xml.contains("<gve:label key='k&apos;'>v&lt;&amp;&gt;</gve:label>"));
+        assert!(xml.contains("<source file='/x/it&apos;s.qcow2'/>"));
+        assert_eq!(escape("1 < 2 & 3"), "1 &lt; 2 &amp; 3");
+    }
+}
