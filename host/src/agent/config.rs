@@ -22,6 +22,42 @@ pub struct AgentConfig {
     /// Plugins to load at start, by name.
     #[serde(default)]
     pub plugins: BTreeMap<String, PluginSpec>,
+    /// The hypervisor this agent manages, through which driver plugin.
+    #[serde(default)]
+    pub driver: Option<DriverConfig>,
+}
+
+/// The driver session the agent's VM API runs on.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct DriverConfig {
+    /// Name of a plugin from `plugins`.
+    pub plugin: String,
+    /// Endpoint (libvirt URI, vSphere URL, `memory:NAME`, ...).
+    pub endpoint: String,
+    /// User name for the endpoint.
+    #[serde(default)]
+    pub username: Option<String>,
+    /// Password for the endpoint.
+    #[serde(default)]
+    pub password: Option<String>,
+    /// Token for the endpoint.
+    #[serde(default)]
+    pub token: Option<String>,
+    /// How often the registry is reconciled with the hypervisor, milliseconds.
+    #[serde(default = "default_reconcile_ms")]
+    pub reconcile_period_ms: u64,
+    /// How long a reservation holds a VM unless the request says, seconds.
+    #[serde(default = "default_reservation_s")]
+    pub reservation_seconds: u64,
+}
+
+fn default_reconcile_ms() -> u64 {
+    5_000
+}
+
+fn default_reservation_s() -> u64 {
+    300
 }
 
 fn default_listen() -> SocketAddr {
@@ -68,6 +104,19 @@ impl AgentConfig {
             spec.bundle = base.join(&spec.bundle);
             crate::plugin::manifest::validate_name(name)
                 .map_err(|m| invalid(format!("plugins.{name}: {m}")))?;
+        }
+        if let Some(d) = &cfg.driver {
+            if !cfg.plugins.contains_key(&d.plugin) {
+                return Err(invalid(format!(
+                    "driver.plugin '{}' is not among [plugins]",
+                    d.plugin
+                )));
+            }
+            if d.reconcile_period_ms < 100 {
+                return Err(invalid(
+                    "driver.reconcile-period-ms must be at least 100".into(),
+                ));
+            }
         }
         if cfg.admin_token.len() < 16 {
             return Err(invalid("admin-token must be at least 16 characters".into()));

@@ -1,8 +1,14 @@
-//! The agent service: one per hypervisor host. This is its skeleton: the plugin host
-//! and the admin API to manage plugins at runtime.
+//! The agent service: one per hypervisor host. It keeps a registry of the host's VMs
+//! and templates in sync with the hypervisor, runs VM operations asynchronously
+//! through its driver plugin, and lets its administrator manage plugins at runtime.
 
 pub mod config;
+pub mod model;
+pub mod ops;
 pub mod plugins_api;
+pub mod reconcile;
+pub mod registry;
+pub mod vms_api;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -12,8 +18,23 @@ use hyper::Request;
 use tokio::sync::oneshot;
 
 use crate::api::{self, server::Handler, ApiError, Response};
-use crate::plugin::{HostConfig, PluginError, PluginHost};
+use crate::plugin::bindings::types::Credentials;
+use crate::plugin::{DriverSession, HostConfig, PluginError, PluginHost};
 pub use config::AgentConfig;
+use registry::{Registry, RegistryError};
+
+/// The VM side of an agent: its registry and its driver session.
+pub struct AgentCore {
+    /// The registry database.
+    pub registry: Registry,
+    /// The driver session every VM operation runs on.
+    pub driver: DriverSession,
+    /// Default reservation length, seconds.
+    pub reservation_seconds: u64,
+    /// VMs this agent removed recently (id → Unix ms), so a reconcile pass whose
+    /// listing predates the removal does not report them as appeared.
+    pub(crate) removed: std::sync::Mutex<std::collections::HashMap<String, u64>>,
+}
 
 /// Why an agent could not start.
 #[derive(Debug, thiserror::Error)]
@@ -30,6 +51,20 @@ pub enum AgentError {
         #[source]
         source: std::io::Error,
     },
+    /// The registry could not be opened.
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    /// The driver session could not be opened.
+    #[error("driver '{plugin}' on {endpoint}: {source}")]
+    Driver {
+        /// Plugin.
+        plugin: String,
+        /// Endpoint.
+        endpoint: String,
+        /// Cause.
+        #[source]
+        source: PluginError,
+    },
     /// A configured plugin failed to load.
     #[error("plugin '{name}' from the agent config: {source}")]
     ConfiguredPlugin {
@@ -43,6 +78,7 @@ pub enum AgentError {
 
 struct AgentApi {
     plugins: PluginHost,
+    core: Option<Arc<AgentCore>>,
     admin_token: String,
 }
 
@@ -56,6 +92,14 @@ impl AgentApi {
         api::check_bearer(&req, &self.admin_token)?;
         match segs.as_slice() {
             ["v1", "plugins", rest @ ..] => plugins_api::handle(&self.plugins, req, rest).await,
+            ["v1", ..] => match &self.core {
+                Some(core) => core.handle_vms(req, &segs).await,
+                None => Err(ApiError::new(
+                    hyper::StatusCode::SERVICE_UNAVAILABLE,
+                    "unavailable",
+                    "this agent has no [driver] configured",
+                )),
+            },
             _ => Err(ApiError::no_route(req.method(), &path)),
         }
     }
@@ -75,8 +119,11 @@ pub struct Agent {
     pub addr: SocketAddr,
     /// Its plugin host.
     pub plugins: PluginHost,
+    /// Its registry and driver session, when a driver is configured.
+    pub core: Option<Arc<AgentCore>>,
     stop: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<()>,
+    reconciler: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Agent {
@@ -103,6 +150,46 @@ impl Agent {
                 });
             }
         }
+        let mut reconciler = None;
+        let core = match &config.driver {
+            Some(d) => {
+                let registry = Registry::open(&config.data_dir.join("agent.redb"))?;
+                let creds = Credentials {
+                    username: d.username.clone(),
+                    password: d.password.clone(),
+                    token: d.token.clone(),
+                };
+                let driver = plugins
+                    .open_driver(&d.plugin, &d.endpoint, creds)
+                    .await
+                    .map_err(|source| AgentError::Driver {
+                        plugin: d.plugin.clone(),
+                        endpoint: d.endpoint.clone(),
+                        source,
+                    })?;
+                let core = Arc::new(AgentCore {
+                    registry,
+                    driver,
+                    reservation_seconds: d.reservation_seconds,
+                    removed: Default::default(),
+                });
+                let resolved = core.recover().await?;
+                if resolved > 0 {
+                    tracing::warn!(
+                        resolved,
+                        "resolved operations interrupted by the previous run"
+                    );
+                }
+                if let Err(e) = core.reconcile().await {
+                    tracing::warn!("first reconcile: {e}");
+                }
+                reconciler = Some(
+                    core.spawn_reconciler(std::time::Duration::from_millis(d.reconcile_period_ms)),
+                );
+                Some(core)
+            }
+            None => None,
+        };
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .map_err(|source| AgentError::Listen {
@@ -115,6 +202,7 @@ impl Agent {
         })?;
         let handler = Arc::new(AgentApi {
             plugins: plugins.clone(),
+            core: core.clone(),
             admin_token: config.admin_token,
         });
         let (tx, rx) = oneshot::channel();
@@ -125,13 +213,18 @@ impl Agent {
         Ok(Agent {
             addr,
             plugins,
+            core,
             stop: Some(tx),
             task,
+            reconciler,
         })
     }
 
     /// Stops serving and waits for the accept loop to end.
     pub async fn stop(mut self) {
+        if let Some(r) = self.reconciler.take() {
+            r.abort();
+        }
         if let Some(tx) = self.stop.take() {
             let _ = tx.send(());
         }

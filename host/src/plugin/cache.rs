@@ -78,11 +78,7 @@ impl ArtifactCache {
                 }
             }
         }
-        let runtime = |action, e: wasmtime::Error| PluginError::Runtime {
-            plugin: plugin.to_string(),
-            action,
-            message: format!("{e:#}"),
-        };
+        let runtime = |action, e| PluginError::runtime(plugin, action, e);
         let artifact = engine
             .precompile_component(bytes)
             .map_err(|e| runtime("compile", e))?;

@@ -40,11 +40,8 @@ pub struct PluginEngine {
 impl PluginEngine {
     /// Builds the engine and starts the epoch ticker.
     pub fn new(settings: EngineSettings) -> Result<PluginEngine> {
-        let engine = Engine::new(&config(&settings)).map_err(|e| PluginError::Runtime {
-            plugin: "<engine>".into(),
-            action: "create the engine",
-            message: format!("{e:#}"),
-        })?;
+        let engine = Engine::new(&config(&settings))
+            .map_err(|e| PluginError::runtime("<engine>", "create the engine", e))?;
         let stop = Arc::new(AtomicBool::new(false));
         let (weak, flag) = (engine.weak(), stop.clone());
         std::thread::Builder::new()

@@ -183,6 +183,19 @@ pub enum PluginError {
 }
 
 impl PluginError {
+    /// A runtime failure of `plugin` while doing `action` (`{e:#}` keeps the cause chain).
+    pub fn runtime(
+        plugin: impl Into<String>,
+        action: &'static str,
+        e: impl std::fmt::Display,
+    ) -> PluginError {
+        PluginError::Runtime {
+            plugin: plugin.into(),
+            action,
+            message: format!("{e:#}"),
+        }
+    }
+
     /// The contract error kind this error corresponds to, for callers that map errors
     /// to protocol status codes.
     pub fn kind(&self) -> ErrorKind {

@@ -289,11 +289,7 @@ impl PluginHost {
             Ok::<_, PluginError>((c, origin, sha))
         })
         .await
-        .map_err(|e| PluginError::Runtime {
-            plugin: name.clone(),
-            action: "compile",
-            message: e.to_string(),
-        })??;
+        .map_err(|e| PluginError::runtime(&name, "compile", e))??;
         let exports = contract::inspect(self.engine(), &component).map_err(|message| {
             PluginError::Contract {
                 plugin: name.clone(),
@@ -333,17 +329,11 @@ impl PluginHost {
             generation,
         )?;
         if exports.driver {
-            let loaded_arc = Arc::new(loaded);
-            let mut inst = loaded_arc.instantiate().await?;
+            let mut inst = loaded.instantiate().await?;
             let info = guarded!(&mut inst, "info", driver, |d, store| async {
                 d.call_info(store).await.map(Ok)
             })?;
             drop(inst);
-            loaded = Arc::try_unwrap(loaded_arc).map_err(|_| PluginError::Runtime {
-                plugin: name.clone(),
-                action: "verify",
-                message: "instance outlived its check".into(),
-            })?;
             let m = &loaded.bundle.manifest;
             if info.name != m.name || info.version != m.version.to_string() {
                 return Err(PluginError::Manifest {
@@ -372,11 +362,7 @@ fn read(path: &Path) -> Result<Vec<u8>> {
 /// host imports (each gated by its capability module).
 fn linker(engine: &wasmtime::Engine) -> Result<Linker<HostState>> {
     let mut linker = Linker::new(engine);
-    let err = |e: wasmtime::Error| PluginError::Runtime {
-        plugin: "<host>".into(),
-        action: "build the linker",
-        message: format!("{e:#}"),
-    };
+    let err = |e| PluginError::runtime("<host>", "build the linker", e);
     wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(err)?;
     wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker).map_err(err)?;
     HypervisorDriverWithGuest::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)

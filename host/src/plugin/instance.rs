@@ -91,11 +91,7 @@ impl Loaded {
         generation: u64,
     ) -> Result<Loaded> {
         let name: Arc<str> = Arc::from(bundle.manifest.name.as_str());
-        let runtime = |action, e: wasmtime::Error| PluginError::Runtime {
-            plugin: name.to_string(),
-            action,
-            message: format!("{e:#}"),
-        };
+        let runtime = |action, e| PluginError::runtime(&*name, action, e);
         let pre = linker
             .instantiate_pre(component)
             .map_err(|e| runtime("link its imports", e))?;
@@ -164,11 +160,7 @@ impl Loaded {
                 Ok(UpdateDeadline::Yield(1))
             }
         });
-        let runtime = |e: wasmtime::Error| PluginError::Runtime {
-            plugin: self.name.to_string(),
-            action: "instantiate",
-            message: format!("{e:#}"),
-        };
+        let runtime = |e| PluginError::runtime(&*self.name, "instantiate", e);
         store.data_mut().limiter.deadline = Some(Instant::now() + self.meta.limits.call_timeout());
         let instance = self
             .pre

@@ -38,6 +38,7 @@ async fn agent_with_memory() -> (Agent, tempfile::TempDir) {
         data_dir: dir.path().to_path_buf(),
         admin_token: TOKEN.into(),
         plugins,
+        driver: None,
     };
     (Agent::start(config).await.unwrap(), dir)
 }

@@ -1,6 +1,7 @@
 //! Integration tests of the gve crate: one binary, a module per area.
 
 mod admin;
+mod agent;
 mod contract;
 mod hostile;
 mod lifecycle;

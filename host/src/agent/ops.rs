@@ -1,0 +1,246 @@
+//! Asynchronous VM operations: submitted (recorded as running) and answered with an
+//! id at once, run against the driver, and finished (succeeded with the VM, or failed
+//! with a typed error) in the same transaction that updates the VM's record. An
+//! operation that was running when the agent died is resolved at the next start by
+//! asking the hypervisor whether its effect happened.
+
+use serde_json::json;
+
+use super::model::{
+    now_ms, Allocation, OpError, OpKind, OpState, Operation, Vm, VmRecord, VmState,
+};
+use super::registry::RegistryError;
+use super::AgentCore;
+use crate::plugin::{DriverSession, ErrorKind, PluginError};
+
+/// Parameters of an operation, as submitted.
+#[derive(Debug, Clone)]
+pub enum OpParams {
+    /// Create from a profile.
+    Create(Box<super::model::Profile>),
+    /// Clone `source` as `name`.
+    Clone {
+        /// New VM's name.
+        name: String,
+        /// Copy-on-write.
+        linked: bool,
+    },
+    /// Power on.
+    Start,
+    /// Shut down; `force` powers off at once.
+    Shutdown {
+        /// Power off at once.
+        force: bool,
+    },
+    /// Suspend.
+    Suspend,
+    /// Resume.
+    Resume,
+    /// Migrate to another host.
+    Migrate {
+        /// Destination (driver-specific).
+        destination: String,
+        /// Keep running during the move.
+        live: bool,
+    },
+    /// Destroy.
+    Destroy,
+}
+
+impl OpParams {
+    /// The kind of operation.
+    pub fn kind(&self) -> OpKind {
+        match self {
+            OpParams::Create(_) => OpKind::Create,
+            OpParams::Clone { .. } => OpKind::Clone,
+            OpParams::Start => OpKind::Start,
+            OpParams::Shutdown { .. } => OpKind::Shutdown,
+            OpParams::Suspend => OpKind::Suspend,
+            OpParams::Resume => OpKind::Resume,
+            OpParams::Migrate { .. } => OpKind::Migrate,
+            OpParams::Destroy => OpKind::Destroy,
+        }
+    }
+
+    fn to_json(&self) -> serde_json::Value {
+        match self {
+            OpParams::Create(p) => serde_json::to_value(&**p).unwrap_or_default(),
+            OpParams::Clone { name, linked } => json!({ "name": name, "linked": linked }),
+            OpParams::Shutdown { force } => json!({ "force": force }),
+            OpParams::Migrate { destination, live } => {
+                json!({ "destination": destination, "live": live })
+            }
+            _ => json!({}),
+        }
+    }
+}
+
+fn op_error(e: &PluginError) -> OpError {
+    let (kind, message) = match e.driver_error() {
+        Some(d) => (d.kind, d.message.clone()),
+        None => (e.kind(), e.to_string()),
+    };
+    OpError {
+        kind: kind.as_str().to_string(),
+        message,
+    }
+}
+
+/// Runs the driver call of an operation; `vm` is the target VM's id (the source for
+/// clone, the new name for create).
+async fn call(
+    driver: &DriverSession,
+    vm: &str,
+    params: &OpParams,
+) -> Result<Option<Vm>, PluginError> {
+    let vm = match params {
+        OpParams::Create(p) => driver.create(&(&**p).into()).await?,
+        OpParams::Clone { name, linked } => driver.clone_vm(vm, name, *linked).await?,
+        OpParams::Start => driver.start(vm).await?,
+        OpParams::Shutdown { force } => driver.shutdown(vm, *force).await?,
+        OpParams::Suspend => driver.suspend(vm).await?,
+        OpParams::Resume => driver.resume(vm).await?,
+        OpParams::Migrate { destination, live } => driver.migrate(vm, destination, *live).await?,
+        OpParams::Destroy => {
+            driver.destroy(vm).await?;
+            return Ok(None);
+        }
+    };
+    Ok(Some(vm.into()))
+}
+
+impl AgentCore {
+    /// Records an operation as running and starts it; returns it at once.
+    pub fn submit(
+        self: &std::sync::Arc<Self>,
+        vm: &str,
+        params: OpParams,
+    ) -> Result<Operation, RegistryError> {
+        let op = Operation {
+            id: format!("op-{}", uuid::Uuid::new_v4()),
+            kind: params.kind(),
+            vm: vm.to_string(),
+            params: params.to_json(),
+            state: OpState::Running,
+            result: None,
+            error: None,
+            created_ms: now_ms(),
+            finished_ms: None,
+        };
+        self.registry.write(|t| t.put_op(&op))?;
+        let (core, running) = (self.clone(), op.clone());
+        tokio::spawn(async move {
+            let outcome = call(&core.driver, &running.vm, &params).await;
+            if let Err(e) = core.finish(running, outcome) {
+                tracing::error!("cannot record the end of an operation: {e}");
+            }
+        });
+        Ok(op)
+    }
+
+    /// Records the end of an operation together with the VM's new record.
+    fn finish(
+        &self,
+        mut op: Operation,
+        outcome: Result<Option<Vm>, PluginError>,
+    ) -> Result<Operation, RegistryError> {
+        op.finished_ms = Some(now_ms());
+        let previous = self.registry.vm(&op.vm)?;
+        if matches!(outcome, Ok(None)) || (op.kind == OpKind::Migrate && outcome.is_ok()) {
+            if let Some(p) = &previous {
+                self.removed
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(p.vm.id.clone(), now_ms());
+            }
+        }
+        self.registry.write(|t| {
+            match &outcome {
+                Ok(Some(vm)) => {
+                    op.state = OpState::Succeeded;
+                    op.result = Some(vm.clone());
+                    let migrated_away = op.kind == OpKind::Migrate;
+                    if migrated_away {
+                        t.remove_vm(&op.vm)?;
+                        t.event("vm-migrated", &op.vm, json!({ "to": vm.host }))?;
+                    } else {
+                        // A clone or create is a new VM; everything else keeps the allocation.
+                        let allocation = match (&previous, op.kind) {
+                            (Some(p), OpKind::Start | OpKind::Shutdown | OpKind::Suspend | OpKind::Resume) => {
+                                p.allocation.clone()
+                            }
+                            _ => Allocation::Free,
+                        };
+                        t.put_vm(&VmRecord { vm: vm.clone(), allocation, seen_ms: now_ms() })?;
+                    }
+                }
+                Ok(None) => {
+                    op.state = OpState::Succeeded;
+                    if let Some(p) = &previous {
+                        t.remove_vm(&p.vm.id)?;
+                    }
+                }
+                Err(e) => {
+                    op.state = OpState::Failed;
+                    op.error = Some(op_error(e));
+                }
+            }
+            t.put_op(&op)?;
+            t.event(
+                "operation-finished",
+                &op.vm,
+                json!({ "operation": op.id, "kind": op.kind, "state": op.state, "error": op.error }),
+            )?;
+            Ok(())
+        })?;
+        Ok(op)
+    }
+
+    /// Resolves operations left running by a previous run of the agent: asks the
+    /// hypervisor whether each one's effect happened and records it as succeeded or
+    /// failed (with the reason). Never leaves one running.
+    pub async fn recover(&self) -> Result<usize, RegistryError> {
+        let stale: Vec<Operation> = self
+            .registry
+            .operations()?
+            .into_iter()
+            .filter(|o| o.state == OpState::Running)
+            .collect();
+        let n = stale.len();
+        for op in stale {
+            let target = match op.kind {
+                OpKind::Create => op.vm.clone(),
+                OpKind::Clone => op.params["name"].as_str().unwrap_or_default().to_string(),
+                _ => op.vm.clone(),
+            };
+            let seen = self.driver.get_vm(&target).await;
+            let wanted = match op.kind {
+                OpKind::Start | OpKind::Resume => Some(VmState::Running),
+                OpKind::Shutdown => Some(VmState::Stopped),
+                OpKind::Suspend => Some(VmState::Suspended),
+                _ => None,
+            };
+            let outcome = match (op.kind, seen) {
+                (OpKind::Destroy | OpKind::Migrate, Err(e)) if e.kind() == ErrorKind::NotFound => Ok(None),
+                (OpKind::Create | OpKind::Clone, Ok(vm)) => Ok(Some(vm.into())),
+                (_, Ok(vm)) if wanted.is_some_and(|w| Vm::from(vm.clone()).state == w) => Ok(Some(vm.into())),
+                (_, seen) => Err(PluginError::Driver {
+                    plugin: self.driver.plugin().to_string(),
+                    op: op.kind.as_str(),
+                    error: crate::plugin::DriverError::new(
+                        ErrorKind::Unavailable,
+                        format!(
+                            "interrupted by an agent restart before it finished; the hypervisor now reports {}",
+                            match seen {
+                                Ok(vm) => format!("{} as {:?}", vm.name, Vm::from(vm.clone()).state).to_lowercase(),
+                                Err(e) => format!("no such VM ({e})"),
+                            }
+                        ),
+                    ),
+                }),
+            };
+            self.finish(op, outcome)?;
+        }
+        Ok(n)
+    }
+}

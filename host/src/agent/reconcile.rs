@@ -1,0 +1,140 @@
+//! Keeps the registry in sync with the hypervisor. Every period the agent lists what
+//! the hypervisor has and records differences as events: a VM that appeared behind
+//! gve's back (`vm-appeared`), one that vanished (`vm-vanished`), one whose state
+//! changed (`vm-state-changed`). Out-of-band changes are detected, not assumed away.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+use serde_json::json;
+
+use super::model::{now_ms, Allocation, Vm, VmRecord};
+use super::AgentCore;
+use crate::plugin::PluginError;
+
+/// What one reconcile pass changed.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct ReconcileReport {
+    /// VMs found on the hypervisor that the registry did not have.
+    pub appeared: Vec<String>,
+    /// VMs the registry had that the hypervisor no longer has.
+    pub vanished: Vec<String>,
+    /// VMs whose state changed.
+    pub changed: Vec<String>,
+}
+
+/// Why a pass could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    /// The driver could not list the hypervisor's VMs.
+    #[error("cannot list the hypervisor's VMs: {0}")]
+    Driver(#[from] PluginError),
+    /// The registry could not be updated.
+    #[error(transparent)]
+    Registry(#[from] super::registry::RegistryError),
+}
+
+impl AgentCore {
+    /// One pass: lists the hypervisor's VMs and templates and records the differences.
+    pub async fn reconcile(&self) -> Result<ReconcileReport, ReconcileError> {
+        let listed_at = now_ms();
+        let seen: HashMap<String, Vm> = self
+            .driver
+            .list_vms()
+            .await?
+            .into_iter()
+            .map(|v| (v.id.clone(), Vm::from(v)))
+            .collect();
+        let templates: Vec<Vm> = self
+            .driver
+            .list_templates()
+            .await?
+            .into_iter()
+            .map(Vm::from)
+            .collect();
+        let removed: HashMap<String, u64> = {
+            let mut r = self.removed.lock().unwrap_or_else(|e| e.into_inner());
+            r.retain(|_, at| *at + 60_000 > listed_at);
+            r.clone()
+        };
+        let report = self.registry.write(|t| {
+            let mut report = ReconcileReport::default();
+            let known: HashMap<String, VmRecord> =
+                t.vms()?.into_iter().map(|r| (r.vm.id.clone(), r)).collect();
+            for (id, vm) in &seen {
+                match known.get(id) {
+                    // Removed by an operation after the listing was taken.
+                    None if removed.get(id).is_some_and(|at| *at >= listed_at) => {}
+                    None => {
+                        t.put_vm(&VmRecord {
+                            vm: vm.clone(),
+                            allocation: Allocation::Free,
+                            seen_ms: listed_at,
+                        })?;
+                        t.event(
+                            "vm-appeared",
+                            id,
+                            json!({ "name": vm.name, "state": vm.state }),
+                        )?;
+                        report.appeared.push(id.clone());
+                    }
+                    // An operation recorded a newer view after the list was taken: keep it.
+                    Some(rec) if rec.seen_ms >= listed_at => {}
+                    Some(rec) if rec.vm != *vm => {
+                        if rec.vm.state != vm.state {
+                            t.event(
+                                "vm-state-changed",
+                                id,
+                                json!({ "from": rec.vm.state, "to": vm.state }),
+                            )?;
+                            report.changed.push(id.clone());
+                        }
+                        t.put_vm(&VmRecord {
+                            vm: vm.clone(),
+                            allocation: rec.allocation.clone(),
+                            seen_ms: listed_at,
+                        })?;
+                    }
+                    Some(_) => {}
+                }
+            }
+            for (id, rec) in &known {
+                if !seen.contains_key(id) && rec.seen_ms < listed_at {
+                    t.remove_vm(id)?;
+                    t.event(
+                        "vm-vanished",
+                        id,
+                        json!({ "name": rec.vm.name, "last-state": rec.vm.state }),
+                    )?;
+                    report.vanished.push(id.clone());
+                }
+            }
+            t.set_templates(&templates)?;
+            Ok(report)
+        })?;
+        Ok(report)
+    }
+
+    /// Runs [`AgentCore::reconcile`] every `period` until the agent stops.
+    pub fn spawn_reconciler(self: &Arc<Self>, period: Duration) -> tokio::task::JoinHandle<()> {
+        let core = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(period);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(core) = core.upgrade() else { break };
+                match core.reconcile().await {
+                    Ok(r) if r != ReconcileReport::default() => {
+                        tracing::info!(?r, "reconciled with the hypervisor")
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!("reconcile: {e}"),
+                }
+            }
+        })
+    }
+}

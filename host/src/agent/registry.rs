@@ -1,0 +1,275 @@
+//! The agent's registry (the paper's Registry Database) in redb: VMs, templates,
+//! operations and events. Every change that belongs together (a VM's new state, the
+//! operation that caused it, the event that reports it) is one transaction, so a
+//! kill -9 at any point leaves a database that opens and is consistent.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio::sync::broadcast;
+
+use super::model::{now_ms, Event, Operation, Vm, VmRecord};
+
+const VMS: TableDefinition<&str, &[u8]> = TableDefinition::new("vms");
+const TEMPLATES: TableDefinition<&str, &[u8]> = TableDefinition::new("templates");
+const OPS: TableDefinition<&str, &[u8]> = TableDefinition::new("operations");
+const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
+const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
+
+/// Events kept; older ones are trimmed.
+const MAX_EVENTS: u64 = 100_000;
+
+/// A registry failure.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    /// The database file could not be opened or created.
+    #[error("registry {path}: {message}")]
+    Open {
+        /// Database file.
+        path: PathBuf,
+        /// Cause.
+        message: String,
+    },
+    /// A read or write failed.
+    #[error("registry: {0}")]
+    Storage(String),
+    /// A stored record could not be decoded.
+    #[error("registry: damaged record {key}: {message}")]
+    Decode {
+        /// Key of the record.
+        key: String,
+        /// Cause.
+        message: String,
+    },
+}
+
+fn storage(e: impl std::fmt::Display) -> RegistryError {
+    RegistryError::Storage(e.to_string())
+}
+
+fn decode<T: DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T, RegistryError> {
+    serde_json::from_slice(bytes).map_err(|e| RegistryError::Decode {
+        key: key.to_string(),
+        message: e.to_string(),
+    })
+}
+
+fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, RegistryError> {
+    serde_json::to_vec(value).map_err(storage)
+}
+
+/// The registry. Cheap to clone.
+#[derive(Clone)]
+pub struct Registry {
+    db: Arc<Database>,
+    events: broadcast::Sender<Event>,
+}
+
+/// One write transaction over the registry.
+pub struct Txn<'a> {
+    txn: &'a WriteTransaction,
+    new_events: Vec<Event>,
+}
+
+impl Txn<'_> {
+    /// Inserts or replaces a VM record.
+    pub fn put_vm(&mut self, rec: &VmRecord) -> Result<(), RegistryError> {
+        let mut t = self.txn.open_table(VMS).map_err(storage)?;
+        t.insert(rec.vm.id.as_str(), encode(rec)?.as_slice())
+            .map_err(storage)?;
+        Ok(())
+    }
+
+    /// Every VM record, as this transaction sees it.
+    pub fn vms(&self) -> Result<Vec<VmRecord>, RegistryError> {
+        let t = self.txn.open_table(VMS).map_err(storage)?;
+        let mut out = Vec::new();
+        for row in t.range::<&str>(..).map_err(storage)? {
+            let (k, v) = row.map_err(storage)?;
+            out.push(decode(k.value(), v.value())?);
+        }
+        Ok(out)
+    }
+
+    /// Removes a VM record.
+    pub fn remove_vm(&mut self, id: &str) -> Result<(), RegistryError> {
+        let mut t = self.txn.open_table(VMS).map_err(storage)?;
+        t.remove(id).map_err(storage)?;
+        Ok(())
+    }
+
+    /// Replaces the template list.
+    pub fn set_templates(&mut self, templates: &[Vm]) -> Result<(), RegistryError> {
+        let mut t = self.txn.open_table(TEMPLATES).map_err(storage)?;
+        t.retain(|_, _| false).map_err(storage)?;
+        for tpl in templates {
+            t.insert(tpl.id.as_str(), encode(tpl)?.as_slice())
+                .map_err(storage)?;
+        }
+        Ok(())
+    }
+
+    /// Inserts or replaces an operation.
+    pub fn put_op(&mut self, op: &Operation) -> Result<(), RegistryError> {
+        let mut t = self.txn.open_table(OPS).map_err(storage)?;
+        t.insert(op.id.as_str(), encode(op)?.as_slice())
+            .map_err(storage)?;
+        Ok(())
+    }
+
+    /// Appends an event (published once the transaction commits).
+    pub fn event(
+        &mut self,
+        kind: &str,
+        vm: &str,
+        detail: serde_json::Value,
+    ) -> Result<(), RegistryError> {
+        let mut t = self.txn.open_table(EVENTS).map_err(storage)?;
+        let seq = t
+            .last()
+            .map_err(storage)?
+            .map(|(k, _)| k.value() + 1)
+            .unwrap_or(1);
+        let ev = Event {
+            seq,
+            at_ms: now_ms(),
+            kind: kind.to_string(),
+            vm: vm.to_string(),
+            detail,
+        };
+        t.insert(seq, encode(&ev)?.as_slice()).map_err(storage)?;
+        if seq > MAX_EVENTS {
+            let cut = seq - MAX_EVENTS;
+            t.retain_in(..cut, |_, _| false).map_err(storage)?;
+        }
+        self.new_events.push(ev);
+        Ok(())
+    }
+}
+
+impl Registry {
+    /// Opens (or creates) the registry at `path`.
+    pub fn open(path: &Path) -> Result<Registry, RegistryError> {
+        let err = |e: &dyn std::fmt::Display| RegistryError::Open {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        };
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| err(&e))?;
+        }
+        let db = Database::create(path).map_err(|e| err(&e))?;
+        // Create every table so readers never meet a missing one.
+        let txn = db.begin_write().map_err(|e| err(&e))?;
+        {
+            txn.open_table(VMS).map_err(|e| err(&e))?;
+            txn.open_table(TEMPLATES).map_err(|e| err(&e))?;
+            txn.open_table(OPS).map_err(|e| err(&e))?;
+            txn.open_table(EVENTS).map_err(|e| err(&e))?;
+            let mut meta = txn.open_table(META).map_err(|e| err(&e))?;
+            if meta.get("schema").map_err(|e| err(&e))?.is_none() {
+                meta.insert("schema", "1").map_err(|e| err(&e))?;
+            }
+        }
+        txn.commit().map_err(|e| err(&e))?;
+        let (events, _) = broadcast::channel(1024);
+        Ok(Registry {
+            db: Arc::new(db),
+            events,
+        })
+    }
+
+    /// Runs `f` in one write transaction and commits it durably; events it appended
+    /// are published after the commit.
+    pub fn write<T>(
+        &self,
+        f: impl FnOnce(&mut Txn<'_>) -> Result<T, RegistryError>,
+    ) -> Result<T, RegistryError> {
+        let txn = self.db.begin_write().map_err(storage)?;
+        let (value, events) = {
+            let mut t = Txn {
+                txn: &txn,
+                new_events: Vec::new(),
+            };
+            let v = f(&mut t)?;
+            (v, t.new_events)
+        };
+        txn.commit().map_err(storage)?;
+        for ev in events {
+            let _ = self.events.send(ev);
+        }
+        Ok(value)
+    }
+
+    /// Subscribes to events committed from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.events.subscribe()
+    }
+
+    fn all<T: DeserializeOwned>(
+        &self,
+        def: TableDefinition<&str, &[u8]>,
+    ) -> Result<Vec<T>, RegistryError> {
+        let txn = self.db.begin_read().map_err(storage)?;
+        let t = txn.open_table(def).map_err(storage)?;
+        let mut out = Vec::new();
+        for row in t.range::<&str>(..).map_err(storage)? {
+            let (k, v) = row.map_err(storage)?;
+            out.push(decode(k.value(), v.value())?);
+        }
+        Ok(out)
+    }
+
+    fn one<T: DeserializeOwned>(
+        &self,
+        def: TableDefinition<&str, &[u8]>,
+        key: &str,
+    ) -> Result<Option<T>, RegistryError> {
+        let txn = self.db.begin_read().map_err(storage)?;
+        let t = txn.open_table(def).map_err(storage)?;
+        let v = t.get(key).map_err(storage)?;
+        v.map(|v| decode(key, v.value())).transpose()
+    }
+
+    /// Every VM record.
+    pub fn vms(&self) -> Result<Vec<VmRecord>, RegistryError> {
+        self.all(VMS)
+    }
+
+    /// A VM record by id, or else by name.
+    pub fn vm(&self, id_or_name: &str) -> Result<Option<VmRecord>, RegistryError> {
+        if let Some(r) = self.one::<VmRecord>(VMS, id_or_name)? {
+            return Ok(Some(r));
+        }
+        Ok(self.vms()?.into_iter().find(|r| r.vm.name == id_or_name))
+    }
+
+    /// Every template.
+    pub fn templates(&self) -> Result<Vec<Vm>, RegistryError> {
+        self.all(TEMPLATES)
+    }
+
+    /// Every operation.
+    pub fn operations(&self) -> Result<Vec<Operation>, RegistryError> {
+        self.all(OPS)
+    }
+
+    /// One operation.
+    pub fn operation(&self, id: &str) -> Result<Option<Operation>, RegistryError> {
+        self.one(OPS, id)
+    }
+
+    /// Events with a sequence number above `after`, at most `limit`.
+    pub fn events_after(&self, after: u64, limit: usize) -> Result<Vec<Event>, RegistryError> {
+        let txn = self.db.begin_read().map_err(storage)?;
+        let t = txn.open_table(EVENTS).map_err(storage)?;
+        let mut out = Vec::new();
+        for row in t.range((after + 1)..).map_err(storage)?.take(limit) {
+            let (k, v) = row.map_err(storage)?;
+            out.push(decode(&k.value().to_string(), v.value())?);
+        }
+        Ok(out)
+    }
+}

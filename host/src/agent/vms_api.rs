@@ -1,0 +1,371 @@
+//! The agent's VM API (JSON over HTTP). Long operations answer `202 Accepted` with an
+//! operation at once; `GET /v1/operations/{id}` follows it to its end.
+//!
+//! | method | path | body | answer |
+//! |---|---|---|---|
+//! | GET | /v1/host | | `Host` |
+//! | GET | /v1/vms | | `[VmRecord]` |
+//! | GET | /v1/vms/{id} | | `VmRecord` |
+//! | POST | /v1/vms | `Profile` | 202 `Operation` (create) |
+//! | POST | /v1/vms/{id}/start, suspend, resume, destroy | | 202 `Operation` |
+//! | POST | /v1/vms/{id}/shutdown | `{"force": bool}` | 202 `Operation` |
+//! | POST | /v1/vms/{id}/clone | `{"name", "linked"}` | 202 `Operation` |
+//! | POST | /v1/vms/{id}/migrate | `{"destination", "live"}` | 202 `Operation` |
+//! | POST | /v1/vms/{id}/reserve | `{"holder", "seconds"}` | `VmRecord` |
+//! | POST | /v1/vms/{id}/acquire, release | `{"holder"}` | `VmRecord` |
+//! | GET | /v1/templates | | `[Vm]` |
+//! | GET | /v1/operations, /v1/operations/{id} | | `[Operation]`, `Operation` |
+//! | GET | /v1/events?after=N&limit=M | | `[Event]` |
+//! | POST | /v1/reconcile | | `ReconcileReport` |
+//!
+//! A request that cannot succeed (unknown VM, wrong state, bad body) is refused with a
+//! 4xx before anything changes.
+
+use std::sync::Arc;
+
+use hyper::body::Incoming;
+use hyper::{Method, Request, StatusCode};
+use serde::Deserialize;
+
+use super::model::{now_ms, Allocation, Profile, VmRecord, VmState};
+use super::ops::OpParams;
+use super::AgentCore;
+use crate::api::{json_response, ok, read_json, ApiError, Response};
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ShutdownBody {
+    #[serde(default)]
+    force: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CloneBody {
+    name: String,
+    #[serde(default)]
+    linked: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MigrateBody {
+    destination: String,
+    #[serde(default = "yes")]
+    live: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HolderBody {
+    holder: String,
+    #[serde(default)]
+    seconds: Option<u64>,
+}
+
+fn registry_error(e: super::registry::RegistryError) -> ApiError {
+    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "backend", e.to_string())
+}
+
+fn conflict(message: String) -> ApiError {
+    ApiError::new(StatusCode::CONFLICT, "invalid-state", message)
+}
+
+/// Reads an optional JSON body: empty means `{}`.
+async fn body_or_default<T: for<'de> Deserialize<'de>>(
+    req: Request<Incoming>,
+) -> Result<T, ApiError> {
+    let empty = req
+        .headers()
+        .get(hyper::header::CONTENT_LENGTH)
+        .is_some_and(|v| v == "0");
+    if empty {
+        serde_json::from_str("{}")
+            .map_err(|e| ApiError::bad_request(format!("a request body is required: {e}")))
+    } else {
+        read_json(req.into_body()).await
+    }
+}
+
+impl AgentCore {
+    /// A VM (or template) by id or name.
+    fn record(&self, id: &str) -> Result<VmRecord, ApiError> {
+        if let Some(rec) = self.registry.vm(id).map_err(registry_error)? {
+            return Ok(rec);
+        }
+        let templates = self.registry.templates().map_err(registry_error)?;
+        match templates.into_iter().find(|t| t.id == id || t.name == id) {
+            Some(vm) => Ok(VmRecord {
+                vm,
+                allocation: Allocation::Free,
+                seen_ms: now_ms(),
+            }),
+            None => Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not-found",
+                format!("no VM or template '{id}' on this agent"),
+            )),
+        }
+    }
+
+    fn accepted(self: &Arc<Self>, vm: &str, params: OpParams) -> Result<Response, ApiError> {
+        let op = self.submit(vm, params).map_err(registry_error)?;
+        Ok(json_response(StatusCode::ACCEPTED, &op))
+    }
+
+    /// Checks that `rec` is in one of `allowed` states for `action`.
+    fn require_state(rec: &VmRecord, action: &str, allowed: &[VmState]) -> Result<(), ApiError> {
+        if rec.vm.is_template {
+            return Err(conflict(format!(
+                "{} is a template; clone it to get a VM",
+                rec.vm.name
+            )));
+        }
+        if allowed.contains(&rec.vm.state) {
+            Ok(())
+        } else {
+            Err(conflict(
+                format!(
+                    "cannot {action} VM {} ({}): it is {:?}",
+                    rec.vm.name, rec.vm.id, rec.vm.state
+                )
+                .to_lowercase(),
+            ))
+        }
+    }
+
+    /// Serves `/v1/...` VM routes; `segs` is the whole path split on `/`.
+    pub async fn handle_vms(
+        self: &Arc<Self>,
+        req: Request<Incoming>,
+        segs: &[&str],
+    ) -> Result<Response, ApiError> {
+        use VmState::*;
+        let method = req.method().clone();
+        match (method, segs) {
+            (Method::GET, ["v1", "host"]) => {
+                ok(&super::model::Host::from(self.driver.host_info().await?))
+            }
+            (Method::GET, ["v1", "vms"]) => ok(&self.registry.vms().map_err(registry_error)?),
+            (Method::GET, ["v1", "vms", id]) => ok(&self.record(id)?),
+            (Method::GET, ["v1", "templates"]) => {
+                ok(&self.registry.templates().map_err(registry_error)?)
+            }
+            (Method::GET, ["v1", "operations"]) => {
+                ok(&self.registry.operations().map_err(registry_error)?)
+            }
+            (Method::GET, ["v1", "operations", id]) => ok(&self
+                .registry
+                .operation(id)
+                .map_err(registry_error)?
+                .ok_or_else(|| {
+                    ApiError::new(
+                        StatusCode::NOT_FOUND,
+                        "not-found",
+                        format!("no operation '{id}'"),
+                    )
+                })?),
+            (Method::GET, ["v1", "events"]) => {
+                let q = req.uri().query().unwrap_or("");
+                let param = |name: &str| {
+                    q.split('&')
+                        .filter_map(|kv| kv.split_once('='))
+                        .find(|(k, _)| *k == name)
+                        .map(|(_, v)| v)
+                };
+                let num = |name: &str, default: u64| -> Result<u64, ApiError> {
+                    param(name).map_or(Ok(default), |v| {
+                        v.parse().map_err(|_| {
+                            ApiError::bad_request(format!(
+                                "query parameter {name}={v} is not a number"
+                            ))
+                        })
+                    })
+                };
+                let (after, limit) = (num("after", 0)?, num("limit", 1000)?.min(10_000));
+                ok(&self
+                    .registry
+                    .events_after(after, limit as usize)
+                    .map_err(registry_error)?)
+            }
+            (Method::POST, ["v1", "reconcile"]) => ok(&self.reconcile().await.map_err(|e| {
+                ApiError::new(StatusCode::BAD_GATEWAY, "unavailable", e.to_string())
+            })?),
+            (Method::POST, ["v1", "vms"]) => {
+                let profile: Profile = read_json(req.into_body()).await?;
+                if profile.name.trim().is_empty() || profile.name.len() > 128 {
+                    return Err(ApiError::bad_request(
+                        "profile name must be 1-128 characters",
+                    ));
+                }
+                if profile.logical_cpus == 0 || profile.main_memory_mib == 0 {
+                    return Err(ApiError::bad_request(
+                        "logical-cpus and main-memory-mib must be positive",
+                    ));
+                }
+                if let Some(t) = &profile.template {
+                    let templates = self.registry.templates().map_err(registry_error)?;
+                    if !templates.iter().any(|x| x.id == *t || x.name == *t) {
+                        return Err(ApiError::new(
+                            StatusCode::NOT_FOUND,
+                            "not-found",
+                            format!("no template '{t}' on this agent"),
+                        ));
+                    }
+                }
+                if self
+                    .registry
+                    .vm(&profile.name)
+                    .map_err(registry_error)?
+                    .is_some()
+                {
+                    return Err(ApiError::new(
+                        StatusCode::CONFLICT,
+                        "already-exists",
+                        format!("a VM named '{}' exists on this agent", profile.name),
+                    ));
+                }
+                let name = profile.name.clone();
+                self.accepted(&name, OpParams::Create(Box::new(profile)))
+            }
+            (Method::POST, ["v1", "vms", id, action]) => {
+                let rec = self.record(id)?;
+                let vm = rec.vm.id.clone();
+                match *action {
+                    "start" => {
+                        Self::require_state(&rec, "start", &[Stopped, Crashed])?;
+                        self.accepted(&vm, OpParams::Start)
+                    }
+                    "shutdown" => {
+                        let b: ShutdownBody = body_or_default(req).await?;
+                        Self::require_state(&rec, "shut down", &[Running, Paused, Suspended])?;
+                        self.accepted(&vm, OpParams::Shutdown { force: b.force })
+                    }
+                    "suspend" => {
+                        Self::require_state(&rec, "suspend", &[Running])?;
+                        self.accepted(&vm, OpParams::Suspend)
+                    }
+                    "resume" => {
+                        Self::require_state(&rec, "resume", &[Suspended, Paused])?;
+                        self.accepted(&vm, OpParams::Resume)
+                    }
+                    "destroy" => self.accepted(&vm, OpParams::Destroy),
+                    "clone" => {
+                        let b: CloneBody = read_json(req.into_body()).await?;
+                        if self.registry.vm(&b.name).map_err(registry_error)?.is_some() {
+                            return Err(ApiError::new(
+                                StatusCode::CONFLICT,
+                                "already-exists",
+                                format!("a VM named '{}' exists on this agent", b.name),
+                            ));
+                        }
+                        self.accepted(
+                            &vm,
+                            OpParams::Clone {
+                                name: b.name,
+                                linked: b.linked,
+                            },
+                        )
+                    }
+                    "migrate" => {
+                        let b: MigrateBody = read_json(req.into_body()).await?;
+                        let allowed: &[VmState] = if b.live {
+                            &[Running]
+                        } else {
+                            &[Running, Stopped, Suspended, Paused]
+                        };
+                        Self::require_state(&rec, "migrate", allowed)?;
+                        self.accepted(
+                            &vm,
+                            OpParams::Migrate {
+                                destination: b.destination,
+                                live: b.live,
+                            },
+                        )
+                    }
+                    "reserve" | "acquire" | "release" => {
+                        let b: HolderBody = read_json(req.into_body()).await?;
+                        ok(&self.allocate(&vm, action, b.holder, b.seconds)?)
+                    }
+                    other => Err(ApiError::no_route(
+                        &Method::POST,
+                        &format!("/v1/vms/{id}/{other}"),
+                    )),
+                }
+            }
+            (m, _) => Err(ApiError::no_route(&m, req.uri().path())),
+        }
+    }
+
+    /// Reserve / acquire / release, checked and applied in one transaction.
+    fn allocate(
+        &self,
+        vm: &str,
+        action: &str,
+        holder: String,
+        seconds: Option<u64>,
+    ) -> Result<VmRecord, ApiError> {
+        if holder.is_empty() {
+            return Err(ApiError::bad_request("holder must not be empty"));
+        }
+        let seconds = seconds.unwrap_or(self.reservation_seconds);
+        let now = now_ms();
+        let result = self.registry.write(|t| {
+            let Some(mut rec) = t.vms()?.into_iter().find(|r| r.vm.id == vm) else {
+                return Ok(Err(ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    "not-found",
+                    format!("no VM '{vm}'"),
+                )));
+            };
+            let current = match &rec.allocation {
+                Allocation::Reserved { until_ms, .. } if *until_ms <= now => Allocation::Free,
+                a => a.clone(),
+            };
+            let next = match (action, &current) {
+                ("reserve", Allocation::Free) if !rec.vm.is_template => Allocation::Reserved {
+                    holder: holder.clone(),
+                    until_ms: now + seconds * 1000,
+                },
+                ("acquire", Allocation::Free) if !rec.vm.is_template => Allocation::Acquired {
+                    holder: holder.clone(),
+                },
+                ("acquire", Allocation::Reserved { holder: h, .. }) if *h == holder => {
+                    Allocation::Acquired {
+                        holder: holder.clone(),
+                    }
+                }
+                (
+                    "release",
+                    Allocation::Reserved { holder: h, .. } | Allocation::Acquired { holder: h },
+                ) if *h == holder => Allocation::Free,
+                _ => {
+                    return Ok(Err(conflict(format!(
+                        "cannot {action} VM {} for '{holder}': it is {}",
+                        rec.vm.name,
+                        match &current {
+                            Allocation::Free if rec.vm.is_template => "a template".to_string(),
+                            Allocation::Free => "free".to_string(),
+                            Allocation::Reserved { holder, .. } =>
+                                format!("reserved by '{holder}'"),
+                            Allocation::Acquired { holder } => format!("acquired by '{holder}'"),
+                        }
+                    ))))
+                }
+            };
+            rec.allocation = next;
+            t.put_vm(&rec)?;
+            t.event(
+                &format!("vm-{action}d"),
+                vm,
+                serde_json::json!({ "holder": holder }),
+            )?;
+            Ok(Ok(rec))
+        });
+        result.map_err(registry_error)?
+    }
+}

@@ -1,0 +1,379 @@
+//! The agent's VM API over HTTP, on the memory driver: asynchronous operations,
+//! bad input, reservations, reconciliation with out-of-band changes, and recovery of
+//! operations interrupted by a restart.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use gve::agent::config::DriverConfig;
+use gve::agent::model::{Event, OpKind, OpState, Operation, VmRecord, VmState};
+use gve::agent::{Agent, AgentConfig};
+use gve::api::client::Client;
+use gve::api::ApiError;
+use gve::plugin::Grants;
+use hyper::Method;
+use serde_json::{json, Value};
+
+use crate::support::{no_creds, spec};
+
+const TOKEN: &str = "agent-test-token-0123456789";
+
+async fn agent(endpoint: &str, reconcile_ms: u64) -> (Agent, Client, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut plugins = BTreeMap::new();
+    plugins.insert("memory".to_string(), spec("memory", Grants::default()));
+    let config = AgentConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: dir.path().to_path_buf(),
+        admin_token: TOKEN.into(),
+        plugins,
+        driver: Some(DriverConfig {
+            plugin: "memory".into(),
+            endpoint: endpoint.into(),
+            username: None,
+            password: None,
+            token: None,
+            reconcile_period_ms: reconcile_ms,
+            reservation_seconds: 60,
+        }),
+    };
+    let agent = Agent::start(config).await.unwrap();
+    let client = Client::new(&format!("http://{}", agent.addr), Some(TOKEN.into())).unwrap();
+    (agent, client, dir)
+}
+
+async fn post(c: &Client, path: &str, body: Value) -> Result<Value, ApiError> {
+    c.call(Method::POST, path, Some(&body)).await
+}
+
+/// Submits an operation and waits for its end.
+async fn run_op(c: &Client, path: &str, body: Value) -> Operation {
+    let op: Operation = serde_json::from_value(post(c, path, body).await.unwrap()).unwrap();
+    assert_eq!(op.state, OpState::Running);
+    let end = Instant::now() + Duration::from_secs(10);
+    loop {
+        let now: Operation = c.get(&format!("/v1/operations/{}", op.id)).await.unwrap();
+        if now.state != OpState::Running {
+            return now;
+        }
+        assert!(Instant::now() < end, "operation {} did not finish", op.id);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn profile(name: &str) -> Value {
+    json!({ "name": name, "logical-cpus": 2, "main-memory-mib": 256, "template": "debian-12",
+            "os-family": "linux", "labels": { "owner": "alice" } })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operations_run_asynchronously_and_update_the_registry() {
+    let (agent, c, _dir) = agent("memory:ops", 60_000).await;
+    let templates: Vec<Value> = c.get("/v1/templates").await.unwrap();
+    assert!(templates.iter().any(|t| t["name"] == "debian-12"));
+
+    let op = run_op(&c, "/v1/vms", profile("web-1")).await;
+    assert_eq!(
+        (op.kind, op.state),
+        (OpKind::Create, OpState::Succeeded),
+        "{op:?}"
+    );
+    let vm = op.result.unwrap();
+    assert_eq!((vm.state, vm.logical_cpus), (VmState::Stopped, 2));
+    let rec: VmRecord = c.get(&format!("/v1/vms/{}", vm.id)).await.unwrap();
+    assert_eq!(rec.vm.labels["owner"], "alice");
+
+    for (action, body, state) in [
+        ("start", json!({}), VmState::Running),
+        ("suspend", json!({}), VmState::Suspended),
+        ("resume", json!({}), VmState::Running),
+        ("shutdown", json!({ "force": false }), VmState::Stopped),
+    ] {
+        let op = run_op(&c, &format!("/v1/vms/{}/{action}", vm.id), body).await;
+        assert_eq!(op.state, OpState::Succeeded, "{action}: {op:?}");
+        let rec: VmRecord = c.get(&format!("/v1/vms/{}", vm.id)).await.unwrap();
+        assert_eq!(rec.vm.state, state, "after {action}");
+    }
+
+    let linked = run_op(
+        &c,
+        "/v1/vms/debian-12/clone",
+        json!({ "name": "web-2", "linked": true }),
+    )
+    .await;
+    assert_eq!(linked.state, OpState::Succeeded, "{linked:?}");
+    let full = run_op(
+        &c,
+        &format!("/v1/vms/{}/clone", vm.id),
+        json!({ "name": "web-3" }),
+    )
+    .await;
+    assert_eq!(full.result.as_ref().unwrap().main_memory_mib, 256);
+    let vms: Vec<VmRecord> = c.get("/v1/vms").await.unwrap();
+    assert_eq!(vms.len(), 3);
+
+    let gone = run_op(
+        &c,
+        &format!("/v1/vms/{}/destroy", full.result.unwrap().id),
+        json!({}),
+    )
+    .await;
+    assert_eq!(gone.state, OpState::Succeeded);
+    let vms: Vec<VmRecord> = c.get("/v1/vms").await.unwrap();
+    assert_eq!(vms.len(), 2);
+
+    let events: Vec<Event> = c.get("/v1/events?after=0").await.unwrap();
+    let finished = events
+        .iter()
+        .filter(|e| e.kind == "operation-finished")
+        .count();
+    assert_eq!(finished, 8, "{events:?}");
+    assert!(events.windows(2).all(|w| w[0].seq < w[1].seq));
+    agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_is_refused_with_4xx_and_changes_nothing() {
+    let (agent, c, _dir) = agent("memory:bad", 60_000).await;
+    let vm = run_op(&c, "/v1/vms", profile("b-1")).await.result.unwrap();
+    run_op(&c, &format!("/v1/vms/{}/start", vm.id), json!({})).await;
+    let ops_before: Vec<Operation> = c.get("/v1/operations").await.unwrap();
+
+    let e = c.get::<Value>("/v1/vms/no-such-vm").await.unwrap_err();
+    assert_eq!((e.status, e.kind.as_str()), (404, "not-found"));
+    let e = post(&c, "/v1/vms/no-such-vm/start", json!({}))
+        .await
+        .unwrap_err();
+    assert_eq!(e.status, 404);
+    let e = post(&c, &format!("/v1/vms/{}/start", vm.id), json!({}))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (e.status, e.kind.as_str()),
+        (409, "invalid-state"),
+        "{}",
+        e.message
+    );
+    assert!(e.message.contains("running"), "{}", e.message);
+    let e = post(&c, &format!("/v1/vms/{}/resume", vm.id), json!({}))
+        .await
+        .unwrap_err();
+    assert_eq!(e.status, 409);
+    let e = post(&c, "/v1/vms", json!({ "name": "b-2", "tempalte": "x" }))
+        .await
+        .unwrap_err();
+    assert_eq!(e.status, 400);
+    assert!(e.message.contains("tempalte"), "{}", e.message);
+    let e = post(
+        &c,
+        "/v1/vms",
+        json!({ "name": "b-2", "template": "no-such-template" }),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(
+        (e.status, e.kind.as_str()),
+        (404, "not-found"),
+        "{}",
+        e.message
+    );
+    let e = post(&c, "/v1/vms", profile("b-1")).await.unwrap_err();
+    assert_eq!((e.status, e.kind.as_str()), (409, "already-exists"));
+    let e = post(&c, "/v1/vms/debian-12/start", json!({}))
+        .await
+        .unwrap_err();
+    assert_eq!(e.status, 409, "templates cannot start");
+
+    // Malformed JSON, straight on the wire.
+    let url = format!("http://{}/v1/vms", agent.addr);
+    let out = tokio::process::Command::new("curl")
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "-X",
+            "POST",
+            "-H",
+        ])
+        .arg(format!("Authorization: Bearer {TOKEN}"))
+        .args(["--data", "{\"name\": \"x\",", &url])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "400");
+
+    let ops_after: Vec<Operation> = c.get("/v1/operations").await.unwrap();
+    assert_eq!(
+        ops_before.len(),
+        ops_after.len(),
+        "a refused request created an operation"
+    );
+    let rec: VmRecord = c.get(&format!("/v1/vms/{}", vm.id)).await.unwrap();
+    assert_eq!(rec.vm.state, VmState::Running);
+    agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reserve_acquire_release() {
+    let (agent, c, _dir) = agent("memory:alloc", 60_000).await;
+    let vm = run_op(&c, "/v1/vms", profile("r-1")).await.result.unwrap();
+    let path = |a: &str| format!("/v1/vms/{}/{a}", vm.id);
+    post(&c, &path("reserve"), json!({ "holder": "alice" }))
+        .await
+        .unwrap();
+    let e = post(&c, &path("reserve"), json!({ "holder": "bob" }))
+        .await
+        .unwrap_err();
+    assert_eq!(e.status, 409);
+    assert!(e.message.contains("reserved by 'alice'"), "{}", e.message);
+    let e = post(&c, &path("acquire"), json!({ "holder": "bob" }))
+        .await
+        .unwrap_err();
+    assert_eq!(e.status, 409);
+    let rec: VmRecord = serde_json::from_value(
+        post(&c, &path("acquire"), json!({ "holder": "alice" }))
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        serde_json::to_value(&rec.allocation).unwrap()["state"],
+        "acquired"
+    );
+    // Power operations keep the allocation.
+    run_op(&c, &path("start"), json!({})).await;
+    let rec: VmRecord = c.get(&format!("/v1/vms/{}", vm.id)).await.unwrap();
+    assert_eq!(
+        serde_json::to_value(&rec.allocation).unwrap()["holder"],
+        "alice"
+    );
+    assert!(post(&c, &path("release"), json!({ "holder": "bob" }))
+        .await
+        .is_err());
+    post(&c, &path("release"), json!({ "holder": "alice" }))
+        .await
+        .unwrap();
+    // A lapsed reservation frees the VM.
+    post(
+        &c,
+        &path("reserve"),
+        json!({ "holder": "carol", "seconds": 0 }),
+    )
+    .await
+    .unwrap();
+    post(&c, &path("reserve"), json!({ "holder": "dave" }))
+        .await
+        .unwrap();
+    agent.stop().await;
+}
+
+async fn wait_for_event(c: &Client, after: u64, kind: &str, vm: &str) -> Event {
+    let end = Instant::now() + Duration::from_secs(5);
+    loop {
+        let events: Vec<Event> = c.get(&format!("/v1/events?after={after}")).await.unwrap();
+        if let Some(e) = events.into_iter().find(|e| e.kind == kind && e.vm == vm) {
+            return e;
+        }
+        assert!(Instant::now() < end, "no {kind} event for {vm} within 5 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_band_changes_show_up_within_the_reconcile_period() {
+    let (agent, c, _dir) = agent("memory:oob", 200).await;
+    let vm = run_op(&c, "/v1/vms", profile("o-1")).await.result.unwrap();
+    let last = |events: &[Event]| events.last().map(|e| e.seq).unwrap_or(0);
+    let seq = last(&c.get::<Vec<Event>>("/v1/events").await.unwrap());
+
+    // A second session on the same hypervisor: changes behind the agent's back.
+    let behind = agent
+        .plugins
+        .open_driver("memory", "memory:oob", no_creds())
+        .await
+        .unwrap();
+    behind.start(&vm.id).await.unwrap();
+    let e = wait_for_event(&c, seq, "vm-state-changed", &vm.id).await;
+    assert_eq!(
+        (e.detail["from"].as_str(), e.detail["to"].as_str()),
+        (Some("stopped"), Some("running"))
+    );
+    let rec: VmRecord = c.get(&format!("/v1/vms/{}", vm.id)).await.unwrap();
+    assert_eq!(rec.vm.state, VmState::Running);
+
+    let stranger = behind
+        .create(&gve::plugin::bindings::types::VmProfile {
+            name: "stranger".into(),
+            logical_cpus: 1,
+            main_memory_mib: 128,
+            disk_mib: None,
+            template: None,
+            image: None,
+            os_family: None,
+            os_name: None,
+            os_version: None,
+            platform: None,
+            network: None,
+            labels: vec![],
+        })
+        .await
+        .unwrap();
+    wait_for_event(&c, seq, "vm-appeared", &stranger.id).await;
+
+    behind.destroy(&vm.id).await.unwrap();
+    wait_for_event(&c, seq, "vm-vanished", &vm.id).await;
+    let e = c
+        .get::<Value>(&format!("/v1/vms/{}", vm.id))
+        .await
+        .unwrap_err();
+    assert_eq!(e.status, 404);
+    agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operations_interrupted_by_a_restart_are_resolved() {
+    let (agent, c, _dir) = agent("memory:recover", 60_000).await;
+    let vm = run_op(&c, "/v1/vms", profile("rc-1")).await.result.unwrap();
+    let core = agent.core.clone().unwrap();
+    // Two operations a crashed agent left running: a start that never reached the
+    // hypervisor, and a create whose VM does exist.
+    let behind = agent
+        .plugins
+        .open_driver("memory", "memory:recover", no_creds())
+        .await
+        .unwrap();
+    behind.clone_vm(&vm.id, "rc-2", false).await.unwrap();
+    let stale = |id: &str, kind: OpKind, vm: &str| Operation {
+        id: id.into(),
+        kind,
+        vm: vm.into(),
+        params: json!({}),
+        state: OpState::Running,
+        result: None,
+        error: None,
+        created_ms: 1,
+        finished_ms: None,
+    };
+    core.registry
+        .write(|t| {
+            t.put_op(&stale("op-lost-start", OpKind::Start, &vm.id))?;
+            t.put_op(&stale("op-lost-create", OpKind::Create, "rc-2"))
+        })
+        .unwrap();
+    assert_eq!(core.recover().await.unwrap(), 2);
+    let start: Operation = c.get("/v1/operations/op-lost-start").await.unwrap();
+    assert_eq!(start.state, OpState::Failed);
+    assert!(start
+        .error
+        .unwrap()
+        .message
+        .contains("interrupted by an agent restart"));
+    let create: Operation = c.get("/v1/operations/op-lost-create").await.unwrap();
+    assert_eq!(create.state, OpState::Succeeded);
+    assert_eq!(create.result.unwrap().name, "rc-2");
+    let ops: Vec<Operation> = c.get("/v1/operations").await.unwrap();
+    assert!(ops.iter().all(|o| o.state != OpState::Running));
+    agent.stop().await;
+}
