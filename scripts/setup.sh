@@ -20,9 +20,15 @@ if [ "${#missing[@]}" -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
 
+# QEMU 10 (bookworm-backports), libvirt's QEMU driver and the guest-building tools:
+# the kvm driver's tests run real guests under TCG.
+bash scripts/harness/install-qemu.sh
+
 rustup target add wasm32-wasip2
 echo "setup: building the gve host (release)"
 cargo build --release --locked -p gve
 echo "setup: building plugin components"
 bash scripts/build-plugins.sh
+echo "setup: building the tiny test guest"
+bash scripts/harness/build-guest.sh
 echo "setup: done. The binary is target/release/gve; plugin bundles are in target/plugins/."

@@ -18,17 +18,23 @@ use crate::support::{no_creds, spec};
 
 const TOKEN: &str = "agent-test-token-0123456789";
 
-async fn agent(endpoint: &str, reconcile_ms: u64) -> (Agent, Client, tempfile::TempDir) {
+/// Starts an agent whose driver is `plugin` (from `spec`) on `endpoint`.
+pub async fn start_agent(
+    plugin: &str,
+    spec: gve::plugin::PluginSpec,
+    endpoint: &str,
+    reconcile_ms: u64,
+) -> (Agent, Client, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let mut plugins = BTreeMap::new();
-    plugins.insert("memory".to_string(), spec("memory", Grants::default()));
+    plugins.insert(plugin.to_string(), spec);
     let config = AgentConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
         data_dir: dir.path().to_path_buf(),
         admin_token: TOKEN.into(),
         plugins,
         driver: Some(DriverConfig {
-            plugin: "memory".into(),
+            plugin: plugin.into(),
             endpoint: endpoint.into(),
             username: None,
             password: None,
@@ -42,15 +48,26 @@ async fn agent(endpoint: &str, reconcile_ms: u64) -> (Agent, Client, tempfile::T
     (agent, client, dir)
 }
 
-async fn post(c: &Client, path: &str, body: Value) -> Result<Value, ApiError> {
+async fn agent(endpoint: &str, reconcile_ms: u64) -> (Agent, Client, tempfile::TempDir) {
+    start_agent(
+        "memory",
+        spec("memory", Grants::default()),
+        endpoint,
+        reconcile_ms,
+    )
+    .await
+}
+
+/// POSTs a JSON body.
+pub async fn post(c: &Client, path: &str, body: Value) -> Result<Value, ApiError> {
     c.call(Method::POST, path, Some(&body)).await
 }
 
 /// Submits an operation and waits for its end.
-async fn run_op(c: &Client, path: &str, body: Value) -> Operation {
+pub async fn run_op(c: &Client, path: &str, body: Value) -> Operation {
     let op: Operation = serde_json::from_value(post(c, path, body).await.unwrap()).unwrap();
     assert_eq!(op.state, OpState::Running);
-    let end = Instant::now() + Duration::from_secs(10);
+    let end = Instant::now() + Duration::from_secs(60);
     loop {
         let now: Operation = c.get(&format!("/v1/operations/{}", op.id)).await.unwrap();
         if now.state != OpState::Running {
@@ -269,14 +286,15 @@ async fn reserve_acquire_release() {
     agent.stop().await;
 }
 
-async fn wait_for_event(c: &Client, after: u64, kind: &str, vm: &str) -> Event {
-    let end = Instant::now() + Duration::from_secs(5);
+/// Waits (up to 10 s) for an event of `kind` about `vm` after sequence `after`.
+pub async fn wait_for_event(c: &Client, after: u64, kind: &str, vm: &str) -> Event {
+    let end = Instant::now() + Duration::from_secs(10);
     loop {
         let events: Vec<Event> = c.get(&format!("/v1/events?after={after}")).await.unwrap();
         if let Some(e) = events.into_iter().find(|e| e.kind == kind && e.vm == vm) {
             return e;
         }
-        assert!(Instant::now() < end, "no {kind} event for {vm} within 5 s");
+        assert!(Instant::now() < end, "no {kind} event for {vm} within 10 s");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

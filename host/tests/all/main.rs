@@ -4,5 +4,7 @@ mod admin;
 mod agent;
 mod contract;
 mod hostile;
+mod kvm;
+mod libvirtd;
 mod lifecycle;
 mod support;

@@ -1,0 +1,472 @@
+//! One libvirt connection and the contract's operations on it.
+
+use std::time::{Duration, Instant};
+
+use gve_sdk::libvirt::{
+    escape, Connection, Disk, DiskFormat, Domain, DomainState, DomainXml, MigrateFlags,
+    UndefineFlags,
+};
+use gve_sdk::prelude::*;
+
+use crate::domain::{self, DomainView, TEMPLATE_LABEL};
+
+/// An open session: a libvirt connection and the node's host name.
+pub struct KvmSession {
+    conn: Connection,
+    hostname: String,
+    pool: String,
+    shutdown_timeout: Duration,
+}
+
+fn config_or(key: &str, default: &str) -> String {
+    gve_sdk::config::get(key).unwrap_or_else(|| default.to_string())
+}
+
+impl KvmSession {
+    /// Connects to `endpoint` (a libvirt URI the operator granted).
+    pub fn open(endpoint: String) -> Result<KvmSession> {
+        let conn = Connection::open(&endpoint)?;
+        let hostname = conn.hostname()?;
+        let shutdown_ms: u64 = gve_sdk::config::parse_or("shutdown-timeout-ms", 20_000)?;
+        Ok(KvmSession {
+            conn,
+            hostname,
+            pool: config_or("storage-pool", "gve"),
+            shutdown_timeout: Duration::from_millis(shutdown_ms),
+        })
+    }
+
+    fn describe(&self, d: &Domain) -> Result<(VmInfo, DomainView)> {
+        let view = DomainView::parse(&self.conn.domain_xml(&d.name, true)?)?;
+        let disk_mib = view
+            .disks
+            .iter()
+            .filter_map(|disk| self.conn.lookup_volume(&disk.path).ok())
+            .map(|v| v.capacity_bytes >> 20)
+            .reduce(|a, b| a + b);
+        Ok((domain::vm_info(d, &view, &self.hostname, disk_mib), view))
+    }
+
+    fn find(&self, vm: &str) -> Result<Domain> {
+        self.conn.lookup_domain(vm).map_err(|e| {
+            if e.kind() == "not-found" {
+                Error::not_found(format!("no VM '{vm}' on {}", self.hostname))
+            } else {
+                e
+            }
+        })
+    }
+
+    fn info(&self, vm: &str) -> Result<VmInfo> {
+        Ok(self.describe(&self.find(vm)?)?.0)
+    }
+
+    fn all(&self, templates: bool) -> Result<Vec<VmInfo>> {
+        let mut out = Vec::new();
+        for d in self.conn.list_domains()? {
+            // A domain can vanish between the listing and its description.
+            match self.describe(&d) {
+                Ok((info, _)) if info.is_template == templates => out.push(info),
+                Ok(_) => {}
+                Err(e) if e.kind() == "not-found" => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Creates the disk of a new VM in the pool: an overlay of `source` (linked) or a
+    /// full copy of it.
+    fn new_disk(
+        &self,
+        vm: &str,
+        index: usize,
+        source: &str,
+        linked: bool,
+        grow_mib: Option<u64>,
+    ) -> Result<String> {
+        let src = self
+            .conn
+            .lookup_volume(source)
+            .map_err(|e| e.context(format!("disk {source}")))?;
+        let capacity = grow_mib
+            .map(|m| m << 20)
+            .unwrap_or(0)
+            .max(src.capacity_bytes);
+        let name = format!("{vm}-disk{index}.qcow2");
+        let vol = if linked {
+            let xml = format!(
+                "<volume><name>{}</name><capacity unit='bytes'>{capacity}</capacity>\
+                 <target><format type='qcow2'/></target><backingStore><path>{}</path>\
+                 <format type='qcow2'/></backingStore></volume>",
+                escape(&name),
+                escape(source)
+            );
+            self.conn.create_volume(&self.pool, &xml)?
+        } else {
+            let xml = format!(
+                "<volume><name>{}</name><capacity unit='bytes'>{capacity}</capacity>\
+                 <target><format type='qcow2'/></target></volume>",
+                escape(&name)
+            );
+            self.conn.clone_volume(&self.pool, &xml, source)?
+        };
+        Ok(vol.path)
+    }
+
+    /// Defines `name` from `base` (a template or source VM's definition) with new disks.
+    fn define(
+        &self,
+        name: &str,
+        base: &DomainView,
+        memory_mib: u64,
+        vcpus: u32,
+        disks: &[String],
+        labels: &[(String, String)],
+    ) -> Result<VmInfo> {
+        let domain_type =
+            gve_sdk::config::get("domain-type").unwrap_or_else(|| base.domain_type.clone());
+        let mut xml = DomainXml::new(name)
+            .domain_type(domain_type)
+            .memory_mib(memory_mib)
+            .vcpus(vcpus)
+            .serial_console()
+            .guest_agent()
+            .acpi(true);
+        if let Some(a) = &base.arch {
+            xml = xml.arch(a.clone());
+        }
+        if let Some(m) = &base.machine {
+            xml = xml.machine(m.clone());
+        }
+        if let Some(k) = &base.kernel {
+            xml = xml.kernel(k.clone());
+        }
+        if let Some(i) = &base.initrd {
+            xml = xml.initrd(i.clone());
+        }
+        if let Some(c) = &base.cmdline {
+            xml = xml.cmdline(c.clone());
+        }
+        for (disk, old) in disks.iter().zip(&base.disks) {
+            xml = xml.disk(Disk::new(
+                disk.clone(),
+                DiskFormat::Qcow2,
+                old.target.clone(),
+            ));
+        }
+        for net in &base.networks {
+            xml = xml.network(net.clone());
+        }
+        for (k, v) in labels {
+            xml = xml.label(k.clone(), v.clone());
+        }
+        let d = self.conn.define_domain(&xml.to_xml())?;
+        Ok(self.describe(&d)?.0)
+    }
+
+    /// Deletes volumes, best effort (used to undo a half-made VM).
+    fn drop_disks(&self, disks: &[String]) {
+        for d in disks {
+            let _ = self.conn.delete_volume(d);
+        }
+    }
+
+    fn derive(
+        &self,
+        source: &str,
+        name: &str,
+        linked: bool,
+        profile: Option<&VmProfile>,
+    ) -> Result<VmInfo> {
+        if self.conn.lookup_domain(name).is_ok() {
+            return Err(Error::already_exists(format!(
+                "a VM named '{name}' exists on {}",
+                self.hostname
+            )));
+        }
+        let src = self.find(source)?;
+        let (src_info, view) = self.describe(&src)?;
+        if linked && !src_info.is_template && src_info.state != VmState::Stopped {
+            return Err(Error::invalid_state(format!(
+                "a linked clone needs a stopped source; {} is {:?}",
+                src_info.name, src_info.state
+            )));
+        }
+        if view.disks.is_empty() {
+            return Err(Error::invalid_argument(format!(
+                "{} has no file-backed disk to clone",
+                src_info.name
+            )));
+        }
+        let mut made = Vec::new();
+        for (i, disk) in view.disks.iter().enumerate() {
+            let grow = if i == 0 {
+                profile.and_then(|p| p.disk_mib)
+            } else {
+                None
+            };
+            match self.new_disk(name, i, &disk.path, linked, grow) {
+                Ok(path) => made.push(path),
+                Err(e) => {
+                    self.drop_disks(&made);
+                    return Err(e);
+                }
+            }
+        }
+        let mut labels: Vec<(String, String)> = view
+            .labels
+            .iter()
+            .filter(|(k, _)| k.as_str() != TEMPLATE_LABEL)
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let (memory, vcpus) = match profile {
+            Some(p) => {
+                labels.extend(p.labels.iter().map(|l| (l.key.clone(), l.value.clone())));
+                for (k, v) in [
+                    ("gve.os-family", &p.os_family),
+                    ("gve.os-name", &p.os_name),
+                    ("gve.os-version", &p.os_version),
+                ] {
+                    if let Some(v) = v {
+                        labels.push((k.to_string(), v.clone()));
+                    }
+                }
+                (p.main_memory_mib, p.logical_cpus)
+            }
+            None => (view.memory_mib, view.vcpus),
+        };
+        labels.push(("gve.source".into(), src_info.name.clone()));
+        self.define(name, &view, memory, vcpus, &made, &labels)
+            .inspect_err(|_| self.drop_disks(&made))
+    }
+
+    fn wait_for(
+        &self,
+        vm: &str,
+        done: impl Fn(&Domain) -> bool,
+        timeout: Duration,
+    ) -> Result<bool> {
+        let end = Instant::now() + timeout;
+        loop {
+            if done(&self.find(vm)?) {
+                return Ok(true);
+            }
+            if Instant::now() >= end {
+                return Ok(false);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Session for KvmSession {
+    fn host_info(&mut self) -> Result<HostInfo> {
+        let node = self.conn.node_info()?;
+        let free = self.conn.node_free_memory()?;
+        let domains = self.conn.list_domains()?;
+        let running: Vec<_> = domains
+            .iter()
+            .filter(|d| {
+                matches!(
+                    d.state,
+                    DomainState::Running | DomainState::Blocked | DomainState::Paused
+                )
+            })
+            .collect();
+        Ok(HostInfo {
+            hostname: self.hostname.clone(),
+            hypervisor_kind: self.conn.hypervisor_type()?.to_lowercase(),
+            hypervisor_version: self.conn.hypervisor_version()?,
+            platform: if node.model == "x86_64" {
+                "amd64".into()
+            } else {
+                node.model.clone()
+            },
+            cpu_model: node.model,
+            physical_cpus: node.sockets * node.cores * node.nodes,
+            logical_cpus: node.cpus,
+            main_memory_mib: node.memory_kib >> 10,
+            free_memory_mib: free >> 20,
+            allocated_logical_cpus: running.iter().map(|d| d.vcpus).sum(),
+            total_instances: domains.len() as u32,
+            used_instances: running.len() as u32,
+        })
+    }
+
+    fn list_vms(&mut self) -> Result<Vec<VmInfo>> {
+        self.all(false)
+    }
+
+    fn list_templates(&mut self) -> Result<Vec<VmInfo>> {
+        self.all(true)
+    }
+
+    fn get_vm(&mut self, vm: String) -> Result<VmInfo> {
+        self.info(&vm)
+    }
+
+    fn create(&mut self, profile: VmProfile) -> Result<VmInfo> {
+        if profile.name.is_empty() || profile.name.contains(['/', '\0']) {
+            return Err(Error::invalid_argument(format!(
+                "'{}' is not a usable VM name",
+                profile.name
+            )));
+        }
+        let template = profile.template.clone().ok_or_else(|| {
+            Error::invalid_argument(
+                "the kvm driver creates VMs from a template; the profile names none",
+            )
+        })?;
+        let tpl = self.find(&template)?;
+        if !self.describe(&tpl)?.0.is_template {
+            return Err(Error::invalid_argument(format!(
+                "'{template}' is a VM, not a template"
+            )));
+        }
+        self.derive(&template, &profile.name.clone(), true, Some(&profile))
+    }
+
+    fn clone_vm(&mut self, source: String, name: String, linked: bool) -> Result<VmInfo> {
+        self.derive(&source, &name, linked, None)
+    }
+
+    fn start(&mut self, vm: String) -> Result<VmInfo> {
+        let d = self.find(&vm)?;
+        let info = self.describe(&d)?.0;
+        if info.is_template {
+            return Err(Error::invalid_state(format!(
+                "{} is a template; clone it to get a VM",
+                info.name
+            )));
+        }
+        if info.state != VmState::Stopped && info.state != VmState::Crashed {
+            return Err(Error::invalid_state(
+                format!("{} is {:?}, not stopped", info.name, info.state).to_lowercase(),
+            ));
+        }
+        self.conn.start_domain(&d.name)?;
+        self.info(&vm)
+    }
+
+    fn shutdown(&mut self, vm: String, force: bool) -> Result<VmInfo> {
+        let d = self.find(&vm)?;
+        if domain::state(&d) == VmState::Stopped {
+            return Err(Error::invalid_state(format!(
+                "{} is already stopped",
+                d.name
+            )));
+        }
+        if !force {
+            // Ask nicely (ACPI, and the guest agent if it runs), then wait.
+            let _ = self.conn.shutdown_domain(&d.name);
+            let _ = self.conn.qemu_agent_command(
+                &d.name,
+                r#"{"execute":"guest-shutdown","arguments":{"mode":"powerdown"}}"#,
+                2,
+            );
+            let off = |d: &Domain| d.state == DomainState::Shutoff;
+            if self.wait_for(&vm, off, self.shutdown_timeout)? {
+                return self.info(&vm);
+            }
+            gve_sdk::log::warn(&format!(
+                "{}: no graceful shutdown within {:?}; powering off",
+                d.name, self.shutdown_timeout
+            ));
+        }
+        match self.conn.destroy_domain(&d.name) {
+            Ok(()) => {}
+            // It reached shut-off on its own meanwhile.
+            Err(e) if e.kind() == "invalid-state" => {}
+            Err(e) => return Err(e),
+        }
+        self.info(&vm)
+    }
+
+    fn suspend(&mut self, vm: String) -> Result<VmInfo> {
+        let d = self.find(&vm)?;
+        if domain::state(&d) != VmState::Running {
+            return Err(Error::invalid_state(format!("{} is not running", d.name)));
+        }
+        self.conn.suspend_domain(&d.name)?;
+        self.info(&vm)
+    }
+
+    fn resume(&mut self, vm: String) -> Result<VmInfo> {
+        let d = self.find(&vm)?;
+        match d.state {
+            DomainState::Paused | DomainState::PmSuspended => self.conn.resume_domain(&d.name)?,
+            DomainState::Shutoff if d.has_managed_save => {
+                self.conn.start_domain(&d.name)?;
+            }
+            _ => return Err(Error::invalid_state(format!("{} is not suspended", d.name))),
+        }
+        self.info(&vm)
+    }
+
+    fn migrate(&mut self, vm: String, destination: String, live: bool) -> Result<VmInfo> {
+        let d = self.find(&vm)?;
+        let mut flags = MigrateFlags::PERSIST_DESTINATION | MigrateFlags::UNDEFINE_SOURCE;
+        if live {
+            if domain::state(&d) != VmState::Running {
+                return Err(Error::invalid_state(format!(
+                    "live migration needs a running VM; {} is not",
+                    d.name
+                )));
+            }
+            flags |= MigrateFlags::LIVE;
+        }
+        self.conn.migrate_domain(&d.name, &destination, flags, 0)?;
+        let dest = Connection::open(&destination)?;
+        let moved = dest.lookup_domain(&d.uuid)?;
+        let view = DomainView::parse(&dest.domain_xml(&moved.name, true)?)?;
+        Ok(domain::vm_info(&moved, &view, &dest.hostname()?, None))
+    }
+
+    fn destroy(&mut self, vm: String) -> Result<()> {
+        let d = self.find(&vm)?;
+        let (_, view) = self.describe(&d)?;
+        if d.state != DomainState::Shutoff {
+            self.conn.destroy_domain(&d.name)?;
+        }
+        self.conn.undefine_domain(
+            &d.name,
+            UndefineFlags::MANAGED_SAVE | UndefineFlags::SNAPSHOTS_METADATA | UndefineFlags::NVRAM,
+        )?;
+        // Delete the disks this VM owns: the ones gve made for it in the pool.
+        let prefix = format!("{}-disk", d.name);
+        for disk in &view.disks {
+            if disk
+                .path
+                .rsplit('/')
+                .next()
+                .is_some_and(|f| f.starts_with(&prefix))
+            {
+                if let Err(e) = self.conn.delete_volume(&disk.path) {
+                    gve_sdk::log::warn(&format!(
+                        "{}: cannot delete disk {}: {e}",
+                        d.name, disk.path
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn guest_agent_command(
+        &mut self,
+        vm: String,
+        command: String,
+        timeout_ms: u32,
+    ) -> Result<String> {
+        let d = self.find(&vm)?;
+        if domain::state(&d) != VmState::Running {
+            return Err(Error::unavailable(format!(
+                "{} is not running: its guest agent cannot answer",
+                d.name
+            )));
+        }
+        let seconds = timeout_ms.div_ceil(1000).max(1) as i32;
+        self.conn.qemu_agent_command(&d.name, &command, seconds)
+    }
+}
