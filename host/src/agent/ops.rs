@@ -214,6 +214,23 @@ impl AgentCore {
                 _ => op.vm.clone(),
             };
             let seen = self.driver.get_vm(&target).await;
+            if matches!(op.kind, OpKind::Create | OpKind::Clone) && seen.is_err() {
+                // The VM was never defined: let the driver remove what it had made of it
+                // (disks). Not-found just means nothing was left behind.
+                match self.driver.destroy(&target).await {
+                    Ok(()) => tracing::warn!(
+                        vm = target,
+                        "removed leftovers of an interrupted {}",
+                        op.kind.as_str()
+                    ),
+                    Err(e) if e.kind() == ErrorKind::NotFound => {}
+                    Err(e) => tracing::warn!(
+                        vm = target,
+                        "cannot remove leftovers of an interrupted {}: {e}",
+                        op.kind.as_str()
+                    ),
+                }
+            }
             let wanted = match op.kind {
                 OpKind::Start | OpKind::Resume => Some(VmState::Running),
                 OpKind::Shutdown => Some(VmState::Stopped),

@@ -16,7 +16,7 @@ use serde_json::{json, Value};
 
 use crate::support::{no_creds, spec};
 
-const TOKEN: &str = "agent-test-token-0123456789";
+pub const TOKEN: &str = "agent-test-token-0123456789";
 
 /// Starts an agent whose driver is `plugin` (from `spec`) on `endpoint`.
 pub async fn start_agent(

@@ -207,3 +207,213 @@ async fn virsh_behind_the_agents_back_is_reflected_within_the_reconcile_period()
     wait_for_event(&c, e.seq, "vm-vanished", &vm.id).await;
     agent.stop().await;
 }
+
+/// Reads the guest's tick counter (/tmp/counter) through qemu-ga's guest-exec.
+async fn guest_counter(driver: &DriverSession, vm: &str) -> u64 {
+    let exec = r#"{"execute":"guest-exec","arguments":{"path":"/bin/cat","arg":["/tmp/counter"],"capture-output":true}}"#;
+    let reply: serde_json::Value =
+        serde_json::from_str(&driver.guest_agent_command(vm, exec, 5000).await.unwrap()).unwrap();
+    let pid = reply["return"]["pid"].as_i64().expect("guest-exec pid");
+    let status = format!(r#"{{"execute":"guest-exec-status","arguments":{{"pid":{pid}}}}}"#);
+    for _ in 0..50 {
+        let s: serde_json::Value =
+            serde_json::from_str(&driver.guest_agent_command(vm, &status, 5000).await.unwrap())
+                .unwrap();
+        if s["return"]["exited"] == true {
+            let out = s["return"]["out-data"].as_str().unwrap_or("");
+            use base64::Engine;
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(out)
+                .unwrap();
+            return String::from_utf8_lossy(&bytes)
+                .trim()
+                .parse()
+                .expect("a counter value");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("guest-exec of cat did not finish");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_migration_between_two_agents_keeps_the_guest_running() {
+    let (a, b) = (Libvirtd::start(), Libvirtd::start());
+    // libvirt refuses qemu:///…?socket= as a destination ("same host"): use qemu+unix.
+    let dest = b.uri.replacen("qemu:///", "qemu+unix:///", 1);
+    let mut spec_a = kvm_spec(&a);
+    spec_a.grants.libvirt.push(dest.clone());
+    // Both daemons see the same files (one machine).
+    spec_a
+        .grants
+        .config
+        .insert("shared-storage".into(), "true".into());
+    let (agent_a, ca, _da) = start_agent("kvm", spec_a, &a.uri, 60_000).await;
+    let (agent_b, cb, _db) = start_agent("kvm", kvm_spec(&b), &b.uri, 300).await;
+    let vm = run_op(
+        &ca,
+        "/v1/vms",
+        json!({ "name": "mig-1", "template": "tiny" }),
+    )
+    .await
+    .result
+    .unwrap();
+    assert_eq!(
+        run_op(&ca, &format!("/v1/vms/{}/start", vm.id), json!({}))
+            .await
+            .state,
+        OpState::Succeeded
+    );
+    let drv_a = agent_a.core.as_ref().unwrap().driver.clone();
+    wait_for_guest_agent(&drv_a, &vm.id).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = guest_counter(&drv_a, &vm.id).await;
+    assert!(before >= 2, "the guest's counter runs: {before}");
+    let seq_b = cb
+        .get::<Vec<Event>>("/v1/events")
+        .await
+        .unwrap()
+        .last()
+        .map(|e| e.seq)
+        .unwrap_or(0);
+
+    let t = Instant::now();
+    let op = run_op(
+        &ca,
+        &format!("/v1/vms/{}/migrate", vm.id),
+        json!({ "destination": dest, "live": true }),
+    )
+    .await;
+    assert_eq!(op.state, OpState::Succeeded, "{op:?}");
+    eprintln!("mig-1: live migration took {:?}", t.elapsed());
+
+    // Agent A no longer has it; agent B found it, running, with the same id.
+    assert_eq!(
+        ca.get::<VmRecord>(&format!("/v1/vms/{}", vm.id))
+            .await
+            .unwrap_err()
+            .status,
+        404
+    );
+    wait_for_event(&cb, seq_b, "vm-appeared", &vm.id).await;
+    assert_eq!(state(&cb, &vm.id).await, VmState::Running);
+    assert!(a
+        .virsh(&["list", "--all", "--name"])
+        .lines()
+        .all(|l| l.trim() != "mig-1"));
+    // The guest kept running: its counter went on from where it was.
+    let drv_b = agent_b.core.as_ref().unwrap().driver.clone();
+    let after = guest_counter(&drv_b, &vm.id).await;
+    assert!(
+        after >= before,
+        "the counter was reset by the migration: {before} -> {after}"
+    );
+    eprintln!("mig-1: counter {before} -> {after}");
+    agent_a.stop().await;
+    agent_b.stop().await;
+}
+
+/// A `gve agent` process of its own, so it can be killed with SIGKILL.
+struct AgentProcess {
+    child: tokio::process::Child,
+    url: String,
+}
+
+async fn spawn_agent(config: &std::path::Path, log: &std::path::Path) -> AgentProcess {
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_gve"))
+        .args(["agent", "--config"])
+        .arg(config)
+        .stderr(std::fs::File::create(log).unwrap())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let end = Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if let Some(url) = text.lines().find_map(|l| l.split("listening on ").nth(1)) {
+            return AgentProcess {
+                child,
+                url: url.trim().to_string(),
+            };
+        }
+        assert!(Instant::now() < end, "agent did not start: {text}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_killed_during_clones_restarts_consistent_with_no_orphan_disk() {
+    let lv = Libvirtd::start();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"127.0.0.1:0\"\ndata-dir = \"data\"\nadmin-token = \"{token}\"\n\
+             [plugins.kvm]\nbundle = \"{bundle}\"\n[plugins.kvm.grants]\nlibvirt = [\"{uri}\"]\n\
+             [plugins.kvm.grants.config]\nstorage-pool = \"gve\"\n\
+             [driver]\nplugin = \"kvm\"\nendpoint = \"{uri}\"\nreconcile-period-ms = 1000\n",
+            token = crate::agent::TOKEN,
+            bundle = bundle("kvm").display(),
+            uri = lv.uri
+        ),
+    )
+    .unwrap();
+    let log = dir.path().join("agent.log");
+    let mut agent = spawn_agent(&config, &log).await;
+    let client = |a: &AgentProcess| Client::new(&a.url, Some(crate::agent::TOKEN.into())).unwrap();
+    let c = client(&agent);
+    let src = run_op(&c, "/v1/vms", json!({ "name": "src", "template": "tiny" }))
+        .await
+        .result
+        .unwrap();
+
+    for (i, delay_ms) in [0u64, 2, 10, 40, 200].into_iter().enumerate() {
+        let name = format!("cl-{i}");
+        let c = client(&agent);
+        let op: gve::agent::model::Operation = serde_json::from_value(
+            crate::agent::post(
+                &c,
+                &format!("/v1/vms/{}/clone", src.id),
+                json!({ "name": name, "linked": false }),
+            )
+            .await
+            .unwrap(),
+        )
+        .unwrap();
+        tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+        agent.child.start_kill().unwrap();
+        agent.child.wait().await.unwrap();
+
+        agent = spawn_agent(&config, &log).await;
+        let c = client(&agent);
+        let after: gve::agent::model::Operation =
+            c.get(&format!("/v1/operations/{}", op.id)).await.unwrap();
+        let disk = lv.images.join(format!("{name}-disk0.qcow2"));
+        let defined = lv
+            .virsh(&["list", "--all", "--name"])
+            .lines()
+            .any(|l| l.trim() == name);
+        match after.state {
+            OpState::Succeeded => {
+                let rec: VmRecord = c.get(&format!("/v1/vms/{name}")).await.unwrap();
+                assert_eq!(rec.vm.name, name);
+                assert!(
+                    defined && disk.exists(),
+                    "{name}: succeeded but missing on the hypervisor"
+                );
+            }
+            OpState::Failed => {
+                assert!(c.get::<VmRecord>(&format!("/v1/vms/{name}")).await.is_err());
+                assert!(!defined, "{name}: failed but defined");
+                assert!(!disk.exists(), "{name}: orphan disk {}", disk.display());
+            }
+            OpState::Running => panic!("{name}: still running after the restart"),
+        }
+        eprintln!("kill after {delay_ms} ms: clone {name} {:?}", after.state);
+    }
+    let ops: Vec<gve::agent::model::Operation> =
+        client(&agent).get("/v1/operations").await.unwrap();
+    assert!(ops.iter().all(|o| o.state != OpState::Running));
+    agent.child.start_kill().unwrap();
+    agent.child.wait().await.unwrap();
+}

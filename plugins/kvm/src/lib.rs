@@ -8,7 +8,9 @@
 //!
 //! Config values: `storage-pool` (default `gve`), `shutdown-timeout-ms` (default
 //! 20000: a graceful shutdown that does not finish in time is forced), `domain-type`
-//! (default: the template's).
+//! (default: the template's), `shared-storage` (default false: migration copies the
+//! disks' top layers; true: every destination sees the pool's disks at the same
+//! paths, so nothing is copied).
 
 mod domain;
 mod session;

@@ -16,6 +16,7 @@ pub struct KvmSession {
     hostname: String,
     pool: String,
     shutdown_timeout: Duration,
+    shared_storage: bool,
 }
 
 fn config_or(key: &str, default: &str) -> String {
@@ -33,6 +34,7 @@ impl KvmSession {
             hostname,
             pool: config_or("storage-pool", "gve"),
             shutdown_timeout: Duration::from_millis(shutdown_ms),
+            shared_storage: gve_sdk::config::parse_or("shared-storage", false)?,
         })
     }
 
@@ -241,6 +243,29 @@ impl KvmSession {
             .inspect_err(|_| self.drop_disks(&made))
     }
 
+    /// Deletes pool volumes named `<vm>-disk<N>.qcow2` (disks gve makes for a VM)
+    /// when no domain of that name exists; returns how many were deleted.
+    fn remove_leftover_disks(&self, vm: &str) -> Result<usize> {
+        let prefix = format!("{vm}-disk");
+        let mut n = 0;
+        for v in self.conn.list_volumes(&self.pool)? {
+            let ours = v
+                .name
+                .strip_prefix(&prefix)
+                .and_then(|r| r.strip_suffix(".qcow2"))
+                .is_some_and(|i| i.parse::<u32>().is_ok());
+            if ours {
+                self.conn.delete_volume(&v.path)?;
+                gve_sdk::log::warn(&format!(
+                    "removed {} left behind by an interrupted create or clone of {vm}",
+                    v.path
+                ));
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
     fn wait_for(
         &self,
         vm: &str,
@@ -407,6 +432,13 @@ impl Session for KvmSession {
     fn migrate(&mut self, vm: String, destination: String, live: bool) -> Result<VmInfo> {
         let d = self.find(&vm)?;
         let mut flags = MigrateFlags::PERSIST_DESTINATION | MigrateFlags::UNDEFINE_SOURCE;
+        if self.shared_storage {
+            // The operator says every destination sees the pool's disks at the same
+            // paths: libvirt cannot verify that for plain directories, so say so.
+            flags |= MigrateFlags::UNSAFE_MIGRATION;
+        } else {
+            flags |= MigrateFlags::NON_SHARED_INCREMENTAL;
+        }
         if live {
             if domain::state(&d) != VmState::Running {
                 return Err(Error::invalid_state(format!(
@@ -424,7 +456,21 @@ impl Session for KvmSession {
     }
 
     fn destroy(&mut self, vm: String) -> Result<()> {
-        let d = self.find(&vm)?;
+        let d = match self.find(&vm) {
+            Ok(d) => d,
+            // No domain: remove disks a create or clone interrupted before its define
+            // left behind under that name; not-found if there are none.
+            Err(e) if e.kind() == "not-found" => {
+                return self.remove_leftover_disks(&vm).and_then(|n| {
+                    if n > 0 {
+                        Ok(())
+                    } else {
+                        Err(e)
+                    }
+                })
+            }
+            Err(e) => return Err(e),
+        };
         let (_, view) = self.describe(&d)?;
         if d.state != DomainState::Shutoff {
             self.conn.destroy_domain(&d.name)?;
