@@ -1,9 +1,16 @@
 #!/usr/bin/env bash
 # Runs the benchmarks and writes their results under bench/results/.
-# Usage: bash bench/run.sh [criterion filter]
+# Usage: bash bench/run.sh [plugin|vm_start]   (default: both)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 target=${CARGO_TARGET_DIR:-target}
-cargo bench --locked -p gve --bench plugin -- "${@}"
-python3 bench/summarize.py "$target/criterion" > bench/results/plugin.md
-cat bench/results/plugin.md
+which=${1:-all}
+if [ "$which" = all ] || [ "$which" = plugin ]; then
+    cargo bench --locked -p gve --bench plugin
+    python3 bench/summarize.py "$target/criterion" > bench/results/plugin.md
+    cat bench/results/plugin.md
+fi
+if [ "$which" = all ] || [ "$which" = vm_start ]; then
+    # Real QEMU guests under a private libvirtd (needs scripts/setup.sh).
+    cargo bench --locked -p gve --bench vm_start
+fi

@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 echo "test: formatting"
 cargo fmt --all --check
 echo "test: clippy (host, native)"
-cargo clippy --release --locked -p gve --all-targets -- -D warnings
+cargo clippy --release --locked -p gve -p gve-harness --all-targets -- -D warnings
 echo "test: clippy (plugins, wasm32-wasip2)"
 bash scripts/build-plugins.sh --clippy
 echo "test: SDK unit tests and doctests (native)"

@@ -9,8 +9,8 @@ use gve::plugin::{DriverSession, Grants, Limits, PluginSpec};
 use serde_json::json;
 
 use crate::agent::{run_op, start_agent, wait_for_event};
-use crate::libvirtd::Libvirtd;
 use crate::support::bundle;
+use gve_harness::Libvirtd;
 
 fn kvm_spec(lv: &Libvirtd) -> PluginSpec {
     let mut grants = Grants {

@@ -5,6 +5,5 @@ mod agent;
 mod contract;
 mod hostile;
 mod kvm;
-mod libvirtd;
 mod lifecycle;
 mod support;

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::support::root;
+use crate::{root, target_dir};
 
 /// A running private libvirtd.
 pub struct Libvirtd {
@@ -24,10 +24,7 @@ pub struct Libvirtd {
 pub fn guest() -> PathBuf {
     static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     DIR.get_or_init(|| {
-        let target = std::env::var_os("CARGO_TARGET_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| root().join("target"));
-        let out = target.join("guest");
+        let out = target_dir().join("guest");
         let status = Command::new("bash")
             .arg(root().join("scripts/harness/build-guest.sh"))
             .env("OUT", &out)
