@@ -8,7 +8,7 @@ use gve::api::client::Client;
 use gve::plugin::{DriverSession, Grants, Limits, PluginSpec};
 use serde_json::json;
 
-use crate::agent::{run_op, start_agent, wait_for_event};
+use crate::agent::{post, run_op, start_agent, wait_for_event};
 use crate::support::bundle;
 use gve_harness::Libvirtd;
 
@@ -99,6 +99,54 @@ async fn lifecycle_on_real_qemu_guests() {
     let driver = agent.core.as_ref().unwrap().driver.clone();
     let up = wait_for_guest_agent(&driver, &vm.id).await;
     eprintln!("k-1: guest agent answered {up:?} after start");
+
+    // Bad input: a clear 4xx, and nothing changes.
+    let ops_before = c
+        .get::<Vec<serde_json::Value>>("/v1/operations")
+        .await
+        .unwrap()
+        .len();
+    let e = post(&c, &format!("/v1/vms/{}/start", vm.id), json!({}))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (e.status, e.kind.as_str()),
+        (409, "invalid-state"),
+        "{}",
+        e.message
+    );
+    let e = post(
+        &c,
+        "/v1/vms",
+        json!({ "name": "k-x", "template": "no-such" }),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.status, 404, "{}", e.message);
+    let e = post(&c, "/v1/vms/no-such-vm/suspend", json!({}))
+        .await
+        .unwrap_err();
+    assert_eq!(e.status, 404, "{}", e.message);
+    let e = post(
+        &c,
+        &format!("/v1/vms/{}/clone", vm.id),
+        json!({ "nmae": "k-y" }),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.status, 400, "{}", e.message);
+    assert_eq!(
+        c.get::<Vec<serde_json::Value>>("/v1/operations")
+            .await
+            .unwrap()
+            .len(),
+        ops_before
+    );
+    assert_eq!(state(&c, &vm.id).await, VmState::Running);
+    assert!(lv
+        .virsh(&["list", "--all", "--name"])
+        .lines()
+        .all(|l| l.trim() != "k-x"));
 
     assert_eq!(
         run_op(&c, &format!("/v1/vms/{}/suspend", vm.id), json!({}))
