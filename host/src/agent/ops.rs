@@ -145,16 +145,17 @@ impl AgentCore {
         outcome: Result<Option<Vm>, PluginError>,
     ) -> Result<Operation, RegistryError> {
         op.finished_ms = Some(now_ms());
-        let previous = self.registry.vm(&op.vm)?;
-        if matches!(outcome, Ok(None)) || (op.kind == OpKind::Migrate && outcome.is_ok()) {
-            if let Some(p) = &previous {
-                self.removed
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(p.vm.id.clone(), now_ms());
-            }
-        }
         self.registry.write(|t| {
+            // Read the VM's record in the same transaction that replaces it.
+            let previous = t.vm(&op.vm)?;
+            if matches!(outcome, Ok(None)) || (op.kind == OpKind::Migrate && outcome.is_ok()) {
+                if let Some(p) = &previous {
+                    self.removed
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(p.vm.id.clone(), now_ms());
+                }
+            }
             match &outcome {
                 Ok(Some(vm)) => {
                     op.state = OpState::Succeeded;

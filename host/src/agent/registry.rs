@@ -94,6 +94,20 @@ impl Txn<'_> {
         Ok(out)
     }
 
+    /// A VM record by id, or else by name, as this transaction sees it.
+    pub fn vm(&self, id_or_name: &str) -> Result<Option<VmRecord>, RegistryError> {
+        let by_id = {
+            let t = self.txn.open_table(VMS).map_err(storage)?;
+            let v = t.get(id_or_name).map_err(storage)?;
+            v.map(|v| decode::<VmRecord>(id_or_name, v.value()))
+                .transpose()?
+        };
+        match by_id {
+            Some(r) => Ok(Some(r)),
+            None => Ok(self.vms()?.into_iter().find(|r| r.vm.name == id_or_name)),
+        }
+    }
+
     /// Removes a VM record.
     pub fn remove_vm(&mut self, id: &str) -> Result<(), RegistryError> {
         let mut t = self.txn.open_table(VMS).map_err(storage)?;

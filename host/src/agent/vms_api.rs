@@ -315,7 +315,7 @@ impl AgentCore {
         let seconds = seconds.unwrap_or(self.reservation_seconds);
         let now = now_ms();
         let result = self.registry.write(|t| {
-            let Some(mut rec) = t.vms()?.into_iter().find(|r| r.vm.id == vm) else {
+            let Some(mut rec) = t.vm(vm)? else {
                 return Ok(Err(ApiError::new(
                     StatusCode::NOT_FOUND,
                     "not-found",

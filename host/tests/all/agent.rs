@@ -286,6 +286,12 @@ async fn reserve_acquire_release() {
     agent.stop().await;
 }
 
+/// The sequence number of the agent's newest event (0 when there is none).
+pub async fn last_event_seq(c: &Client) -> u64 {
+    let events: Vec<Event> = c.get("/v1/events").await.unwrap();
+    events.last().map(|e| e.seq).unwrap_or(0)
+}
+
 /// Waits (up to 10 s) for an event of `kind` about `vm` after sequence `after`.
 pub async fn wait_for_event(c: &Client, after: u64, kind: &str, vm: &str) -> Event {
     let end = Instant::now() + Duration::from_secs(10);
@@ -303,8 +309,7 @@ pub async fn wait_for_event(c: &Client, after: u64, kind: &str, vm: &str) -> Eve
 async fn out_of_band_changes_show_up_within_the_reconcile_period() {
     let (agent, c, _dir) = agent("memory:oob", 200).await;
     let vm = run_op(&c, "/v1/vms", profile("o-1")).await.result.unwrap();
-    let last = |events: &[Event]| events.last().map(|e| e.seq).unwrap_or(0);
-    let seq = last(&c.get::<Vec<Event>>("/v1/events").await.unwrap());
+    let seq = last_event_seq(&c).await;
 
     // A second session on the same hypervisor: changes behind the agent's back.
     let behind = agent

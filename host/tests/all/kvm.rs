@@ -3,12 +3,12 @@
 
 use std::time::{Duration, Instant};
 
-use gve::agent::model::{Event, OpState, VmRecord, VmState};
+use gve::agent::model::{OpState, VmRecord, VmState};
 use gve::api::client::Client;
 use gve::plugin::{DriverSession, Grants, Limits, PluginSpec};
 use serde_json::json;
 
-use crate::agent::{post, run_op, start_agent, wait_for_event};
+use crate::agent::{last_event_seq, post, run_op, start_agent, wait_for_event};
 use crate::support::bundle;
 use gve_harness::Libvirtd;
 
@@ -234,13 +234,7 @@ async fn virsh_behind_the_agents_back_is_reflected_within_the_reconcile_period()
     .await
     .result
     .unwrap();
-    let seq = c
-        .get::<Vec<Event>>("/v1/events")
-        .await
-        .unwrap()
-        .last()
-        .map(|e| e.seq)
-        .unwrap_or(0);
+    let seq = last_event_seq(&c).await;
 
     lv.virsh(&["start", "oob-1"]);
     let e = wait_for_event(&c, seq, "vm-state-changed", &vm.id).await;
@@ -316,13 +310,7 @@ async fn live_migration_between_two_agents_keeps_the_guest_running() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let before = guest_counter(&drv_a, &vm.id).await;
     assert!(before >= 2, "the guest's counter runs: {before}");
-    let seq_b = cb
-        .get::<Vec<Event>>("/v1/events")
-        .await
-        .unwrap()
-        .last()
-        .map(|e| e.seq)
-        .unwrap_or(0);
+    let seq_b = last_event_seq(&cb).await;
 
     let t = Instant::now();
     let op = run_op(
