@@ -132,7 +132,9 @@ async fn main() {
             token: None,
             reconcile_period_ms: 600_000,
             reservation_seconds: 60,
+            guest_plugin: None,
         }),
+        bundles_dir: None,
     };
     let agent = Agent::start(config).await.unwrap();
     let c = Client::new(&format!("http://{}", agent.addr), Some(TOKEN.into())).unwrap();

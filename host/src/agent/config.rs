@@ -25,6 +25,10 @@ pub struct AgentConfig {
     /// The hypervisor this agent manages, through which driver plugin.
     #[serde(default)]
     pub driver: Option<DriverConfig>,
+    /// Directory of software bundles for `provision`: one sub-directory per bundle,
+    /// each with an `install.sh`.
+    #[serde(default)]
+    pub bundles_dir: Option<PathBuf>,
 }
 
 /// The driver session the agent's VM API runs on.
@@ -44,6 +48,11 @@ pub struct DriverConfig {
     /// Token for the endpoint.
     #[serde(default)]
     pub token: Option<String>,
+    /// Plugin (from `plugins`) that runs exec and copy in guests when the driver
+    /// has no native guest operations, e.g. `guest-install`. It needs the
+    /// `guest-channel` grant.
+    #[serde(default)]
+    pub guest_plugin: Option<String>,
     /// How often the registry is reconciled with the hypervisor, milliseconds.
     #[serde(default = "default_reconcile_ms")]
     pub reconcile_period_ms: u64,
@@ -100,6 +109,7 @@ impl AgentConfig {
         let mut cfg: AgentConfig = toml::from_str(&text).map_err(|e| invalid(e.to_string()))?;
         let base = path.parent().unwrap_or(Path::new("."));
         cfg.data_dir = base.join(&cfg.data_dir);
+        cfg.bundles_dir = cfg.bundles_dir.map(|d| base.join(d));
         for (name, spec) in &mut cfg.plugins {
             spec.bundle = base.join(&spec.bundle);
             crate::plugin::manifest::validate_name(name)
@@ -111,6 +121,19 @@ impl AgentConfig {
                     "driver.plugin '{}' is not among [plugins]",
                     d.plugin
                 )));
+            }
+            if let Some(g) = &d.guest_plugin {
+                match cfg.plugins.get(g) {
+                    None => {
+                        return Err(invalid(format!(
+                            "driver.guest-plugin '{g}' is not among [plugins]"
+                        )))
+                    }
+                    Some(spec) if !spec.grants.guest_channel => return Err(invalid(format!(
+                        "driver.guest-plugin '{g}' needs [plugins.{g}.grants] guest-channel = true"
+                    ))),
+                    Some(_) => {}
+                }
             }
             if d.reconcile_period_ms < 100 {
                 return Err(invalid(

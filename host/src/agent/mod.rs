@@ -3,9 +3,12 @@
 //! through its driver plugin, and lets its administrator manage plugins at runtime.
 
 pub mod config;
+pub mod guest;
+pub mod guest_api;
 pub mod model;
 pub mod ops;
 pub mod plugins_api;
+pub mod provision;
 pub mod reconcile;
 pub mod registry;
 pub mod vms_api;
@@ -31,6 +34,10 @@ pub struct AgentCore {
     pub driver: DriverSession,
     /// Default reservation length, seconds.
     pub reservation_seconds: u64,
+    /// Where exec and copy run: the driver's own guest export or the guest plugin.
+    pub guest: Option<guest::GuestProvider>,
+    /// Software bundles for provision.
+    pub bundles_dir: Option<std::path::PathBuf>,
     /// VMs this agent removed recently (id → Unix ms), so a reconcile pass whose
     /// listing predates the removal does not report them as appeared.
     pub(crate) removed: std::sync::Mutex<std::collections::HashMap<String, u64>>,
@@ -92,7 +99,7 @@ impl AgentApi {
         api::check_bearer(&req, &self.admin_token)?;
         match segs.as_slice() {
             ["v1", "plugins", rest @ ..] => plugins_api::handle(&self.plugins, req, rest).await,
-            ["v1", "host" | "vms" | "templates" | "operations" | "events" | "reconcile", ..] => {
+            ["v1", "host" | "vms" | "templates" | "operations" | "events" | "reconcile" | "site", ..] => {
                 match &self.core {
                     Some(core) => core.handle_vms(req, &segs).await,
                     None => Err(ApiError::new(
@@ -115,6 +122,40 @@ impl Handler for AgentApi {
     }
 }
 
+/// Opens the guest provider of the driver: its own `guest` export when it declares
+/// `guest-native`, else the configured guest plugin, else none.
+async fn open_guest(
+    plugins: &PluginHost,
+    d: &config::DriverConfig,
+    creds: &Credentials,
+) -> Result<Option<guest::GuestProvider>, AgentError> {
+    use crate::plugin::bindings::types::Capabilities;
+    let native = plugins
+        .slot(&d.plugin)
+        .and_then(|s| s.current())
+        .ok()
+        .and_then(|l| l.driver_info.as_ref().map(|i| i.capabilities))
+        .is_some_and(|c| c.contains(Capabilities::GUEST_NATIVE));
+    let name = match (&d.guest_plugin, native) {
+        (_, true) => d.plugin.clone(),
+        (Some(g), false) => g.clone(),
+        (None, false) => return Ok(None),
+    };
+    let session = plugins
+        .open_guest(&name, &d.endpoint, creds.clone())
+        .await
+        .map_err(|source| AgentError::Driver {
+            plugin: name.clone(),
+            endpoint: d.endpoint.clone(),
+            source,
+        })?;
+    Ok(Some(guest::GuestProvider {
+        session,
+        plugin: name,
+        plugins: plugins.clone(),
+    }))
+}
+
 /// A running agent.
 pub struct Agent {
     /// The address it listens on.
@@ -135,6 +176,9 @@ impl Agent {
             cache_dir: config.data_dir.join("cache"),
             engine: Default::default(),
         })?;
+        // Guest plugins reach VMs' in-guest agents through this agent's drivers.
+        let router = Arc::new(guest::GuestRouter::default());
+        plugins.set_guest_channel(router.clone());
         for (name, spec) in &config.plugins {
             let summary = plugins.load(spec.clone()).await.map_err(|source| {
                 AgentError::ConfiguredPlugin {
@@ -162,17 +206,21 @@ impl Agent {
                     token: d.token.clone(),
                 };
                 let driver = plugins
-                    .open_driver(&d.plugin, &d.endpoint, creds)
+                    .open_driver(&d.plugin, &d.endpoint, creds.clone())
                     .await
                     .map_err(|source| AgentError::Driver {
                         plugin: d.plugin.clone(),
                         endpoint: d.endpoint.clone(),
                         source,
                     })?;
+                router.insert(driver.clone());
+                let guest = open_guest(&plugins, d, &creds).await?;
                 let core = Arc::new(AgentCore {
                     registry,
                     driver,
                     reservation_seconds: d.reservation_seconds,
+                    guest,
+                    bundles_dir: config.bundles_dir.clone(),
                     removed: Default::default(),
                 });
                 let resolved = core.recover().await?;

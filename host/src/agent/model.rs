@@ -249,6 +249,19 @@ pub struct VmRecord {
     pub allocation: Allocation,
     /// When the hypervisor was last seen reporting it (Unix ms).
     pub seen_ms: u64,
+    /// Software bundles provisioned in its guest, by bundle name.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub provisioned: BTreeMap<String, Provisioned>,
+}
+
+/// A software bundle installed in a VM's guest by `provision`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Provisioned {
+    /// SHA-256 over the bundle's files (names, modes, contents).
+    pub digest: String,
+    /// When its install script succeeded (Unix ms).
+    pub at_ms: u64,
 }
 
 /// Kinds of asynchronous operations.
@@ -271,6 +284,12 @@ pub enum OpKind {
     Migrate,
     /// Destroy.
     Destroy,
+    /// Run a command in the guest.
+    Exec,
+    /// Copy a file into the guest.
+    CopyIn,
+    /// Copy a software bundle into the guest and run its install script.
+    Provision,
 }
 
 impl OpKind {
@@ -285,6 +304,9 @@ impl OpKind {
             OpKind::Resume => "resume",
             OpKind::Migrate => "migrate",
             OpKind::Destroy => "destroy",
+            OpKind::Exec => "exec",
+            OpKind::CopyIn => "copy-in",
+            OpKind::Provision => "provision",
         }
     }
 }
@@ -327,12 +349,75 @@ pub struct Operation {
     pub state: OpState,
     /// The VM after the operation, when it succeeded.
     pub result: Option<Vm>,
+    /// What a guest operation produced (command output, file metadata).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<OpOutput>,
     /// Why it failed.
     pub error: Option<OpError>,
     /// Submitted at (Unix ms).
     pub created_ms: u64,
     /// Finished at (Unix ms).
     pub finished_ms: Option<u64>,
+}
+
+/// What a guest operation produced.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OpOutput {
+    /// A command's end and output.
+    Exec(ExecOutput),
+    /// A file in the guest after a copy.
+    File(FileMeta),
+    /// A provisioned bundle.
+    Provision(ProvisionOutput),
+}
+
+/// How a command in the guest ended; output is base64 (binary-safe).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct ExecOutput {
+    /// Exit code; none when killed by a signal or timed out.
+    pub exit_code: Option<i32>,
+    /// Signal that ended the command.
+    pub signal: Option<i32>,
+    /// The command outlived its timeout (and was killed).
+    pub timed_out: bool,
+    /// Standard output, base64.
+    pub stdout_b64: String,
+    /// Standard error, base64.
+    pub stderr_b64: String,
+    /// Stdout was longer than the output limit and was cut.
+    pub stdout_truncated: bool,
+    /// Stderr was longer than the output limit and was cut.
+    pub stderr_truncated: bool,
+}
+
+/// A file in the guest: size, mode and SHA-256 computed in the guest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct FileMeta {
+    /// Path in the guest.
+    pub path: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Unix permission bits.
+    pub mode: u32,
+    /// Lower-case hex SHA-256.
+    pub sha256: String,
+}
+
+/// What `provision` did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct ProvisionOutput {
+    /// Bundle name.
+    pub bundle: String,
+    /// Bundle digest.
+    pub digest: String,
+    /// True when the bundle was already installed and nothing ran.
+    pub already_installed: bool,
+    /// The install script's end, when it ran.
+    pub install: Option<ExecOutput>,
 }
 
 /// Something the agent noticed or did, in order.

@@ -6,8 +6,10 @@
 
 use serde_json::json;
 
+use super::guest::ExecBody;
 use super::model::{
-    now_ms, Allocation, OpError, OpKind, OpState, Operation, Vm, VmRecord, VmState,
+    now_ms, Allocation, OpError, OpKind, OpOutput, OpState, Operation, Provisioned, Vm, VmRecord,
+    VmState,
 };
 use super::registry::RegistryError;
 use super::AgentCore;
@@ -45,6 +47,33 @@ pub enum OpParams {
     },
     /// Destroy.
     Destroy,
+    /// Run a command in the guest.
+    Exec(Box<ExecBody>),
+    /// Copy a file into the guest (streamed by the request that started it).
+    CopyIn {
+        /// Guest path.
+        path: String,
+        /// Permission bits.
+        mode: u32,
+    },
+    /// Install a software bundle in the guest.
+    Provision {
+        /// Bundle name.
+        bundle: String,
+        /// Install script budget, milliseconds.
+        timeout_ms: u32,
+    },
+}
+
+/// What a finished operation produced.
+#[derive(Debug, Clone)]
+pub enum Outcome {
+    /// The VM as it is now.
+    Vm(Vm),
+    /// The VM is gone.
+    Removed,
+    /// A guest operation's output; the VM's record is kept.
+    Output(OpOutput),
 }
 
 impl OpParams {
@@ -59,6 +88,9 @@ impl OpParams {
             OpParams::Resume => OpKind::Resume,
             OpParams::Migrate { .. } => OpKind::Migrate,
             OpParams::Destroy => OpKind::Destroy,
+            OpParams::Exec(_) => OpKind::Exec,
+            OpParams::CopyIn { .. } => OpKind::CopyIn,
+            OpParams::Provision { .. } => OpKind::Provision,
         }
     }
 
@@ -70,12 +102,24 @@ impl OpParams {
             OpParams::Migrate { destination, live } => {
                 json!({ "destination": destination, "live": live })
             }
-            _ => json!({}),
+            // Environment values may be secrets and stdin may be large: names only.
+            OpParams::Exec(b) => json!({
+                "argv": b.argv, "cwd": b.cwd, "env": b.env.keys().collect::<Vec<_>>(),
+                "timeout-ms": b.timeout_ms,
+            }),
+            OpParams::CopyIn { path, mode } => {
+                json!({ "path": path, "mode": format!("{mode:04o}") })
+            }
+            OpParams::Provision { bundle, timeout_ms } => {
+                json!({ "bundle": bundle, "timeout-ms": timeout_ms })
+            }
+            OpParams::Start | OpParams::Suspend | OpParams::Resume | OpParams::Destroy => json!({}),
         }
     }
 }
 
-fn op_error(e: &PluginError) -> OpError {
+/// The typed error an operation fails with.
+pub fn op_error(e: &PluginError) -> OpError {
     let (kind, message) = match e.driver_error() {
         Some(d) => (d.kind, d.message.clone()),
         None => (e.kind(), e.to_string()),
@@ -86,13 +130,34 @@ fn op_error(e: &PluginError) -> OpError {
     }
 }
 
-/// Runs the driver call of an operation; `vm` is the target VM's id (the source for
-/// clone, the new name for create).
-async fn call(
+/// Runs an operation; `vm` is the target VM's id (the source for clone, the new name
+/// for create).
+async fn call(core: &AgentCore, vm: &str, params: &OpParams) -> Result<Outcome, OpError> {
+    match params {
+        OpParams::Exec(b) => core
+            .guest_exec(vm, b)
+            .await
+            .map(|o| Outcome::Output(OpOutput::Exec(o))),
+        OpParams::Provision { bundle, timeout_ms } => core
+            .provision(vm, bundle, *timeout_ms)
+            .await
+            .map(|o| Outcome::Output(OpOutput::Provision(o))),
+        OpParams::CopyIn { .. } => Err(OpError {
+            kind: ErrorKind::InvalidArgument.as_str().into(),
+            message: "copy-in runs inside the request that streams the file".into(),
+        }),
+        _ => driver_call(&core.driver, vm, params)
+            .await
+            .map_err(|e| op_error(&e)),
+    }
+}
+
+/// Runs the driver call of a VM operation.
+async fn driver_call(
     driver: &DriverSession,
     vm: &str,
     params: &OpParams,
-) -> Result<Option<Vm>, PluginError> {
+) -> Result<Outcome, PluginError> {
     let vm = match params {
         OpParams::Create(p) => driver.create(&(&**p).into()).await?,
         OpParams::Clone { name, linked } => driver.clone_vm(vm, name, *linked).await?,
@@ -103,10 +168,16 @@ async fn call(
         OpParams::Migrate { destination, live } => driver.migrate(vm, destination, *live).await?,
         OpParams::Destroy => {
             driver.destroy(vm).await?;
-            return Ok(None);
+            return Ok(Outcome::Removed);
+        }
+        OpParams::Exec(_) | OpParams::CopyIn { .. } | OpParams::Provision { .. } => {
+            return Err(PluginError::Config(format!(
+                "{} is not a driver operation",
+                params.kind().as_str()
+            )))
         }
     };
-    Ok(Some(vm.into()))
+    Ok(Outcome::Vm(vm.into()))
 }
 
 impl AgentCore {
@@ -116,21 +187,10 @@ impl AgentCore {
         vm: &str,
         params: OpParams,
     ) -> Result<Operation, RegistryError> {
-        let op = Operation {
-            id: format!("op-{}", uuid::Uuid::new_v4()),
-            kind: params.kind(),
-            vm: vm.to_string(),
-            params: params.to_json(),
-            state: OpState::Running,
-            result: None,
-            error: None,
-            created_ms: now_ms(),
-            finished_ms: None,
-        };
-        self.registry.write(|t| t.put_op(&op))?;
+        let op = self.begin(vm, &params)?;
         let (core, running) = (self.clone(), op.clone());
         tokio::spawn(async move {
-            let outcome = call(&core.driver, &running.vm, &params).await;
+            let outcome = call(&core, &running.vm, &params).await;
             if let Err(e) = core.finish(running, outcome) {
                 tracing::error!("cannot record the end of an operation: {e}");
             }
@@ -138,17 +198,37 @@ impl AgentCore {
         Ok(op)
     }
 
+    /// Records an operation as running (the caller runs it and calls `finish`).
+    pub fn begin(&self, vm: &str, params: &OpParams) -> Result<Operation, RegistryError> {
+        let op = Operation {
+            id: format!("op-{}", uuid::Uuid::new_v4()),
+            kind: params.kind(),
+            vm: vm.to_string(),
+            params: params.to_json(),
+            state: OpState::Running,
+            result: None,
+            output: None,
+            error: None,
+            created_ms: now_ms(),
+            finished_ms: None,
+        };
+        self.registry.write(|t| t.put_op(&op))?;
+        Ok(op)
+    }
+
     /// Records the end of an operation together with the VM's new record.
-    fn finish(
+    pub fn finish(
         &self,
         mut op: Operation,
-        outcome: Result<Option<Vm>, PluginError>,
+        outcome: Result<Outcome, OpError>,
     ) -> Result<Operation, RegistryError> {
         op.finished_ms = Some(now_ms());
         self.registry.write(|t| {
             // Read the VM's record in the same transaction that replaces it.
             let previous = t.vm(&op.vm)?;
-            if matches!(outcome, Ok(None)) || (op.kind == OpKind::Migrate && outcome.is_ok()) {
+            if matches!(outcome, Ok(Outcome::Removed))
+                || (op.kind == OpKind::Migrate && outcome.is_ok())
+            {
                 if let Some(p) = &previous {
                     self.removed
                         .lock()
@@ -157,7 +237,7 @@ impl AgentCore {
                 }
             }
             match &outcome {
-                Ok(Some(vm)) => {
+                Ok(Outcome::Vm(vm)) => {
                     op.state = OpState::Succeeded;
                     op.result = Some(vm.clone());
                     let migrated_away = op.kind == OpKind::Migrate;
@@ -172,18 +252,34 @@ impl AgentCore {
                             }
                             _ => Allocation::Free,
                         };
-                        t.put_vm(&VmRecord { vm: vm.clone(), allocation, seen_ms: now_ms() })?;
+                        let provisioned = match (&previous, op.kind) {
+                            (Some(p), OpKind::Create | OpKind::Clone) if p.vm.id != vm.id => Default::default(),
+                            (Some(p), _) => p.provisioned.clone(),
+                            (None, _) => Default::default(),
+                        };
+                        t.put_vm(&VmRecord { vm: vm.clone(), allocation, seen_ms: now_ms(), provisioned })?;
                     }
                 }
-                Ok(None) => {
+                Ok(Outcome::Removed) => {
                     op.state = OpState::Succeeded;
                     if let Some(p) = &previous {
                         t.remove_vm(&p.vm.id)?;
                     }
                 }
+                Ok(Outcome::Output(output)) => {
+                    op.state = OpState::Succeeded;
+                    op.output = Some(output.clone());
+                    if let (OpOutput::Provision(p), Some(mut rec)) = (output, previous) {
+                        rec.provisioned.insert(
+                            p.bundle.clone(),
+                            Provisioned { digest: p.digest.clone(), at_ms: now_ms() },
+                        );
+                        t.put_vm(&rec)?;
+                    }
+                }
                 Err(e) => {
                     op.state = OpState::Failed;
-                    op.error = Some(op_error(e));
+                    op.error = Some(e.clone());
                 }
             }
             t.put_op(&op)?;
@@ -209,6 +305,21 @@ impl AgentCore {
             .collect();
         let n = stale.len();
         for op in stale {
+            if matches!(op.kind, OpKind::Exec | OpKind::CopyIn | OpKind::Provision) {
+                // What happened in the guest cannot be asked of the hypervisor.
+                let message = format!(
+                    "interrupted by an agent restart before it finished; the {} may have run partly in the guest (provision can be run again: bundles are installed idempotently)",
+                    op.kind.as_str()
+                );
+                self.finish(
+                    op,
+                    Err(OpError {
+                        kind: ErrorKind::Unavailable.as_str().into(),
+                        message,
+                    }),
+                )?;
+                continue;
+            }
             let target = match op.kind {
                 OpKind::Create => op.vm.clone(),
                 OpKind::Clone => op.params["name"].as_str().unwrap_or_default().to_string(),
@@ -239,10 +350,10 @@ impl AgentCore {
                 _ => None,
             };
             let outcome = match (op.kind, seen) {
-                (OpKind::Destroy | OpKind::Migrate, Err(e)) if e.kind() == ErrorKind::NotFound => Ok(None),
-                (OpKind::Create | OpKind::Clone, Ok(vm)) => Ok(Some(vm.into())),
-                (_, Ok(vm)) if wanted.is_some_and(|w| Vm::from(vm.clone()).state == w) => Ok(Some(vm.into())),
-                (_, seen) => Err(PluginError::Driver {
+                (OpKind::Destroy | OpKind::Migrate, Err(e)) if e.kind() == ErrorKind::NotFound => Ok(Outcome::Removed),
+                (OpKind::Create | OpKind::Clone, Ok(vm)) => Ok(Outcome::Vm(vm.into())),
+                (_, Ok(vm)) if wanted.is_some_and(|w| Vm::from(vm.clone()).state == w) => Ok(Outcome::Vm(vm.into())),
+                (_, seen) => Err(op_error(&PluginError::Driver {
                     plugin: self.driver.plugin().to_string(),
                     op: op.kind.as_str(),
                     error: crate::plugin::DriverError::new(
@@ -255,7 +366,7 @@ impl AgentCore {
                             }
                         ),
                     ),
-                }),
+                })),
             };
             self.finish(op, outcome)?;
         }

@@ -73,6 +73,7 @@ impl AgentCore {
                             vm: vm.clone(),
                             allocation: Allocation::Free,
                             seen_ms: listed_at,
+                            provisioned: Default::default(),
                         })?;
                         t.event(
                             "vm-appeared",
@@ -96,6 +97,7 @@ impl AgentCore {
                             vm: vm.clone(),
                             allocation: rec.allocation.clone(),
                             seen_ms: listed_at,
+                            provisioned: rec.provisioned.clone(),
                         })?;
                     }
                     Some(_) => {}

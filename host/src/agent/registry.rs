@@ -126,6 +126,13 @@ impl Txn<'_> {
         Ok(())
     }
 
+    /// Sets a registry-wide value (e.g. `site`).
+    pub fn set_meta(&mut self, key: &str, value: &str) -> Result<(), RegistryError> {
+        let mut t = self.txn.open_table(META).map_err(storage)?;
+        t.insert(key, value).map_err(storage)?;
+        Ok(())
+    }
+
     /// Inserts or replaces an operation.
     pub fn put_op(&mut self, op: &Operation) -> Result<(), RegistryError> {
         let mut t = self.txn.open_table(OPS).map_err(storage)?;
@@ -258,6 +265,14 @@ impl Registry {
             return Ok(Some(r));
         }
         Ok(self.vms()?.into_iter().find(|r| r.vm.name == id_or_name))
+    }
+
+    /// A registry-wide value.
+    pub fn meta(&self, key: &str) -> Result<Option<String>, RegistryError> {
+        let txn = self.db.begin_read().map_err(storage)?;
+        let t = txn.open_table(META).map_err(storage)?;
+        let v = t.get(key).map_err(storage)?;
+        Ok(v.map(|v| v.value().to_string()))
     }
 
     /// Every template.

@@ -17,6 +17,9 @@
 //! | GET | /v1/operations, /v1/operations/{id} | | `[Operation]`, `Operation` |
 //! | GET | /v1/events?after=N&limit=M | | `[Event]` |
 //! | POST | /v1/reconcile | | `ReconcileReport` |
+//! | GET, PUT | /v1/site | `{"id", ...}` | the site this agent serves |
+//!
+//! Guest routes (exec, provision, files, stat) are in [`super::guest_api`].
 //!
 //! A request that cannot succeed (unknown VM, wrong state, bad body) is refused with a
 //! 4xx before anything changes.
@@ -103,6 +106,7 @@ impl AgentCore {
                 vm,
                 allocation: Allocation::Free,
                 seen_ms: now_ms(),
+                provisioned: Default::default(),
             }),
             None => Err(ApiError::new(
                 StatusCode::NOT_FOUND,
@@ -232,6 +236,12 @@ impl AgentCore {
                 let name = profile.name.clone();
                 self.accepted(&name, OpParams::Create(Box::new(profile)))
             }
+            (Method::POST, ["v1", "vms", id, a @ ("exec" | "provision")])
+            | (Method::PUT | Method::GET, ["v1", "vms", id, a @ ("files" | "stat")]) => {
+                let rec = self.record(id)?;
+                self.handle_guest(req, rec, a).await
+            }
+            (_, ["v1", "site"]) => self.handle_site(req).await,
             (Method::POST, ["v1", "vms", id, action]) => {
                 let rec = self.record(id)?;
                 let vm = rec.vm.id.clone();

@@ -1,22 +1,24 @@
-//! A JSON client for the gve HTTP APIs (used by the CLI and by the site to reach agents).
+//! A client for the gve HTTP APIs (used by the CLI and by the site to reach agents):
+//! JSON calls, and streamed uploads and downloads for files.
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::{Method, Request};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::{Method, Request, StatusCode};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client as HyperClient;
 use hyper_util::rt::TokioExecutor;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use super::ApiError;
+use super::{full, ApiError, Body};
 
 /// A client bound to one service URL and token.
 #[derive(Clone)]
 pub struct Client {
     base: String,
     token: Option<String>,
-    http: HyperClient<HttpConnector, Full<Bytes>>,
+    http: HyperClient<HttpConnector, Body>,
 }
 
 impl Client {
@@ -34,36 +36,56 @@ impl Client {
         })
     }
 
-    /// Sends a request with an optional JSON body and decodes the JSON answer.
-    pub async fn call<B: Serialize, T: DeserializeOwned>(
+    /// The service URL.
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    /// Sends a request; answers non-2xx statuses with the decoded error.
+    async fn send(
         &self,
         method: Method,
         path: &str,
-        body: Option<&B>,
-    ) -> Result<T, ApiError> {
+        headers: &[(&str, String)],
+        body: Body,
+    ) -> Result<hyper::Response<Incoming>, ApiError> {
         let url = format!("{}{path}", self.base);
         let mut req = Request::builder().method(method.clone()).uri(&url);
         if let Some(t) = &self.token {
             req = req.header(hyper::header::AUTHORIZATION, format!("Bearer {t}"));
         }
-        let bytes = match body {
-            Some(b) => {
-                req = req.header(hyper::header::CONTENT_TYPE, "application/json");
-                serde_json::to_vec(b)
-                    .map_err(|e| ApiError::bad_request(format!("cannot encode request: {e}")))?
-            }
-            None => Vec::new(),
-        };
+        for (k, v) in headers {
+            req = req.header(*k, v);
+        }
         let req = req
-            .body(Full::new(Bytes::from(bytes)))
+            .body(body)
             .map_err(|e| ApiError::bad_request(format!("bad request for {url}: {e}")))?;
         let resp = self.http.request(req).await.map_err(|e| {
             ApiError::new(
-                hyper::StatusCode::SERVICE_UNAVAILABLE,
+                StatusCode::SERVICE_UNAVAILABLE,
                 "unavailable",
                 format!("{method} {url}: {e}"),
             )
         })?;
+        let status = resp.status();
+        if status.is_success() {
+            return Ok(resp);
+        }
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        Err(ApiError::from_body(status.as_u16(), &body))
+    }
+
+    /// Reads a whole JSON answer.
+    async fn decode<T: DeserializeOwned>(
+        method: &Method,
+        url: &str,
+        resp: hyper::Response<Incoming>,
+    ) -> Result<T, ApiError> {
         let status = resp.status();
         let body = resp
             .into_body()
@@ -77,9 +99,6 @@ impl Client {
                 )
             })?
             .to_bytes();
-        if !status.is_success() {
-            return Err(ApiError::from_body(status.as_u16(), &body));
-        }
         let body: &[u8] = if body.is_empty() { b"null" } else { &body };
         serde_json::from_slice(body).map_err(|e| {
             ApiError::new(
@@ -90,8 +109,45 @@ impl Client {
         })
     }
 
+    /// Sends a request with an optional JSON body and decodes the JSON answer.
+    pub async fn call<B: Serialize, T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+    ) -> Result<T, ApiError> {
+        let (headers, bytes) = match body {
+            Some(b) => (
+                vec![("content-type", "application/json".to_string())],
+                serde_json::to_vec(b)
+                    .map_err(|e| ApiError::bad_request(format!("cannot encode request: {e}")))?,
+            ),
+            None => (Vec::new(), Vec::new()),
+        };
+        let resp = self
+            .send(method.clone(), path, &headers, full(bytes))
+            .await?;
+        Self::decode(&method, &format!("{}{path}", self.base), resp).await
+    }
+
     /// GET and decode.
     pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ApiError> {
         self.call::<(), T>(Method::GET, path, None).await
+    }
+
+    /// Streams `body` with PUT to `path` and decodes the JSON answer.
+    pub async fn put_stream<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        headers: &[(&str, String)],
+        body: Body,
+    ) -> Result<T, ApiError> {
+        let resp = self.send(Method::PUT, path, headers, body).await?;
+        Self::decode(&Method::PUT, &format!("{}{path}", self.base), resp).await
+    }
+
+    /// GET whose successful answer is returned unread, to be streamed.
+    pub async fn get_stream(&self, path: &str) -> Result<hyper::Response<Incoming>, ApiError> {
+        self.send(Method::GET, path, &[], full(Bytes::new())).await
     }
 }

@@ -6,6 +6,7 @@ pub mod client;
 pub mod server;
 
 use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::{Method, StatusCode};
@@ -14,8 +15,18 @@ use serde::{Deserialize, Serialize};
 
 use crate::plugin::{ErrorKind, PluginError};
 
+/// The body of every response: a whole buffer or a stream (file downloads).
+pub type Body = BoxBody<Bytes, std::io::Error>;
+
 /// The response type of every handler.
-pub type Response = hyper::Response<Full<Bytes>>;
+pub type Response = hyper::Response<Body>;
+
+/// A body holding `bytes`.
+pub fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed()
+}
 
 /// Largest JSON request body accepted, bytes.
 pub const MAX_JSON_BODY: usize = 1 << 20;
@@ -114,6 +125,30 @@ impl From<PluginError> for ApiError {
     }
 }
 
+/// A body whose frames come from a channel (a task producing a download);
+/// an `Err` frame cuts the response.
+pub fn channel_body(
+    rx: tokio::sync::mpsc::Receiver<Result<hyper::body::Frame<Bytes>, std::io::Error>>,
+) -> Body {
+    ChannelBody { rx }.boxed()
+}
+
+struct ChannelBody {
+    rx: tokio::sync::mpsc::Receiver<Result<hyper::body::Frame<Bytes>, std::io::Error>>,
+}
+
+impl hyper::body::Body for ChannelBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, std::io::Error>>> {
+        self.rx.poll_recv(cx)
+    }
+}
+
 /// A JSON response.
 pub fn json_response<T: Serialize + ?Sized>(status: StatusCode, value: &T) -> Response {
     let body = serde_json::to_vec_pretty(value).unwrap_or_else(|e| {
@@ -125,8 +160,8 @@ pub fn json_response<T: Serialize + ?Sized>(status: StatusCode, value: &T) -> Re
     hyper::Response::builder()
         .status(status)
         .header(hyper::header::CONTENT_TYPE, "application/json")
-        .body(Full::new(Bytes::from(body)))
-        .unwrap_or_else(|_| hyper::Response::new(Full::new(Bytes::new())))
+        .body(full(body))
+        .unwrap_or_else(|_| hyper::Response::new(full(Bytes::new())))
 }
 
 /// 200 with a JSON body.
@@ -172,6 +207,60 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// The value of query parameter `name` in `uri`, percent-decoded (`+` is a space).
+pub fn query_param(uri: &hyper::Uri, name: &str) -> Result<Option<String>, ApiError> {
+    let Some(q) = uri.query() else {
+        return Ok(None);
+    };
+    for kv in q.split('&') {
+        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+        if percent_decode(k)? == name {
+            return percent_decode(v).map(Some);
+        }
+    }
+    Ok(None)
+}
+
+/// Decodes `%XX` escapes and `+`; refuses malformed escapes and non-UTF-8 results.
+pub fn percent_decode(s: &str) -> Result<String, ApiError> {
+    let bad = || ApiError::bad_request(format!("malformed percent-encoding in '{s}'"));
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'%' => {
+                let hex = b.get(i + 1..i + 3).ok_or_else(bad)?;
+                let hex = std::str::from_utf8(hex).map_err(|_| bad())?;
+                out.push(u8::from_str_radix(hex, 16).map_err(|_| bad())?);
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            c => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).map_err(|_| bad())
+}
+
+/// Percent-encodes `s` for use as a query value.
+pub fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~/".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
 /// Splits a path into its non-empty segments.
 pub fn segments(path: &str) -> Vec<&str> {
     path.split('/').filter(|s| !s.is_empty()).collect()
@@ -190,6 +279,19 @@ mod tests {
         let body = serde_json::to_vec(&ErrorBody { error: e.clone() }).unwrap();
         assert_eq!(ApiError::from_body(404, &body), e);
         assert_eq!(ApiError::from_body(502, b"oops").kind, "backend");
+    }
+
+    #[test]
+    fn query_values_round_trip_through_percent_encoding() {
+        let v = "/tmp/a b+c%d/é";
+        let uri: hyper::Uri = format!("/x?path={}&mode=644", percent_encode(v))
+            .parse()
+            .unwrap();
+        assert_eq!(query_param(&uri, "path").unwrap().as_deref(), Some(v));
+        assert_eq!(query_param(&uri, "mode").unwrap().as_deref(), Some("644"));
+        assert_eq!(query_param(&uri, "none").unwrap(), None);
+        let bad: hyper::Uri = "/x?path=%zz".parse().unwrap();
+        assert_eq!(query_param(&bad, "path").unwrap_err().status, 400);
     }
 
     #[test]

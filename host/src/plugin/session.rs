@@ -476,6 +476,20 @@ impl Upload {
     }
 }
 
+impl Upload {
+    /// Abandons the transfer: the plugin drops its upload (guest-install removes its
+    /// temporary file) and the instance returns to its pool.
+    pub async fn abort(mut self) {
+        if let Some(mut lease) = self.lease.take() {
+            let _ = self
+                .upload
+                .resource_drop_async(&mut lease.pooled.inst.store)
+                .await;
+            lease.give_back();
+        }
+    }
+}
+
 impl Download {
     /// Reads up to `max` bytes; empty means end of file.
     pub async fn read(&mut self, max: u32) -> Result<Vec<u8>> {

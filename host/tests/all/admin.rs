@@ -39,6 +39,7 @@ async fn agent_with_memory() -> (Agent, tempfile::TempDir) {
         admin_token: TOKEN.into(),
         plugins,
         driver: None,
+        bundles_dir: None,
     };
     (Agent::start(config).await.unwrap(), dir)
 }

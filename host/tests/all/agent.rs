@@ -41,7 +41,9 @@ pub async fn start_agent(
             token: None,
             reconcile_period_ms: reconcile_ms,
             reservation_seconds: 60,
+            guest_plugin: None,
         }),
+        bundles_dir: None,
     };
     let agent = Agent::start(config).await.unwrap();
     let client = Client::new(&format!("http://{}", agent.addr), Some(TOKEN.into())).unwrap();
@@ -67,13 +69,18 @@ pub async fn post(c: &Client, path: &str, body: Value) -> Result<Value, ApiError
 pub async fn run_op(c: &Client, path: &str, body: Value) -> Operation {
     let op: Operation = serde_json::from_value(post(c, path, body).await.unwrap()).unwrap();
     assert_eq!(op.state, OpState::Running);
+    wait_op(c, &op.id).await
+}
+
+/// Waits (up to 60 s) for an operation's end.
+pub async fn wait_op(c: &Client, id: &str) -> Operation {
     let end = Instant::now() + Duration::from_secs(60);
     loop {
-        let now: Operation = c.get(&format!("/v1/operations/{}", op.id)).await.unwrap();
+        let now: Operation = c.get(&format!("/v1/operations/{id}")).await.unwrap();
         if now.state != OpState::Running {
             return now;
         }
-        assert!(Instant::now() < end, "operation {} did not finish", op.id);
+        assert!(Instant::now() < end, "operation {id} did not finish");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
@@ -375,6 +382,7 @@ async fn operations_interrupted_by_a_restart_are_resolved() {
         params: json!({}),
         state: OpState::Running,
         result: None,
+        output: None,
         error: None,
         created_ms: 1,
         finished_ms: None,
@@ -382,10 +390,17 @@ async fn operations_interrupted_by_a_restart_are_resolved() {
     core.registry
         .write(|t| {
             t.put_op(&stale("op-lost-start", OpKind::Start, &vm.id))?;
-            t.put_op(&stale("op-lost-create", OpKind::Create, "rc-2"))
+            t.put_op(&stale("op-lost-create", OpKind::Create, "rc-2"))?;
+            t.put_op(&stale("op-lost-exec", OpKind::Exec, &vm.id))
         })
         .unwrap();
-    assert_eq!(core.recover().await.unwrap(), 2);
+    assert_eq!(core.recover().await.unwrap(), 3);
+    // What a command did in the guest cannot be known: failed, saying so.
+    let exec: Operation = c.get("/v1/operations/op-lost-exec").await.unwrap();
+    assert_eq!(exec.state, OpState::Failed);
+    let err = exec.error.unwrap();
+    assert_eq!(err.kind, "unavailable");
+    assert!(err.message.contains("may have run partly"), "{err:?}");
     let start: Operation = c.get("/v1/operations/op-lost-start").await.unwrap();
     assert_eq!(start.state, OpState::Failed);
     assert!(start

@@ -12,7 +12,7 @@ use crate::agent::{last_event_seq, post, run_op, start_agent, wait_for_event};
 use crate::support::bundle;
 use gve_harness::Libvirtd;
 
-fn kvm_spec(lv: &Libvirtd) -> PluginSpec {
+pub fn kvm_spec(lv: &Libvirtd) -> PluginSpec {
     let mut grants = Grants {
         libvirt: vec![lv.uri.clone()],
         ..Default::default()
@@ -32,7 +32,7 @@ fn kvm_spec(lv: &Libvirtd) -> PluginSpec {
 }
 
 /// Waits until the VM's qemu-ga answers guest-ping through the driver.
-async fn wait_for_guest_agent(driver: &DriverSession, vm: &str) -> Duration {
+pub async fn wait_for_guest_agent(driver: &DriverSession, vm: &str) -> Duration {
     let t = Instant::now();
     loop {
         match driver
@@ -349,12 +349,12 @@ async fn live_migration_between_two_agents_keeps_the_guest_running() {
 }
 
 /// A `gve agent` process of its own, so it can be killed with SIGKILL.
-struct AgentProcess {
-    child: tokio::process::Child,
-    url: String,
+pub struct AgentProcess {
+    pub child: tokio::process::Child,
+    pub url: String,
 }
 
-async fn spawn_agent(config: &std::path::Path, log: &std::path::Path) -> AgentProcess {
+pub async fn spawn_agent(config: &std::path::Path, log: &std::path::Path) -> AgentProcess {
     let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_gve"))
         .args(["agent", "--config"])
         .arg(config)

@@ -3,6 +3,7 @@
 mod admin;
 mod agent;
 mod contract;
+mod guest;
 mod hostile;
 mod kvm;
 mod lifecycle;

@@ -1,0 +1,399 @@
+//! Guest operations of the agent: exec, copy in and out, stat. They run on the guest
+//! provider of the agent's driver: the driver itself when it declares
+//! `guest-native`, otherwise the `[driver] guest-plugin` (guest-install), whose
+//! qemu-ga commands the [`GuestRouter`] sends back to the VM's own driver session.
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::RwLock;
+use std::time::Duration;
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine as _;
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use hyper::body::{Frame, Incoming};
+use hyper::StatusCode;
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use tokio::sync::mpsc;
+
+use super::model::{ExecOutput, FileMeta, OpError, OpOutput, VmRecord, VmState};
+use super::ops::{op_error, OpParams, Outcome};
+use super::AgentCore;
+use crate::api::{ApiError, Body};
+use crate::plugin::bindings::types::{EnvVar, ExecRequest, ExecResult, FileInfo};
+use crate::plugin::caps::guest_channel::GuestChannel;
+use crate::plugin::{DriverError, DriverSession, ErrorKind, GuestSession, PluginError, PluginHost};
+
+/// Bytes per chunk between the agent and the guest plugin.
+pub const CHUNK: usize = 1 << 20;
+
+/// Largest `output-limit` of one exec, bytes (qemu-ga captures at most 16 MiB).
+pub const MAX_OUTPUT: u32 = 16 << 20;
+
+/// Routes a guest plugin's qemu-ga commands to the driver session of the endpoint it
+/// names. Only endpoints this agent's drivers serve are reachable.
+#[derive(Default)]
+pub struct GuestRouter {
+    drivers: RwLock<HashMap<String, DriverSession>>,
+}
+
+impl GuestRouter {
+    /// Makes `driver`'s endpoint reachable.
+    pub fn insert(&self, driver: DriverSession) {
+        self.drivers
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(driver.endpoint().to_string(), driver);
+    }
+}
+
+impl GuestChannel for GuestRouter {
+    fn agent_command(
+        &self,
+        endpoint: String,
+        vm: String,
+        command: String,
+        timeout: Duration,
+    ) -> Pin<Box<dyn Future<Output = Result<String, DriverError>> + Send + 'static>> {
+        let driver = self
+            .drivers
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&endpoint)
+            .cloned();
+        Box::pin(async move {
+            let Some(driver) = driver else {
+                return Err(DriverError::new(
+                    ErrorKind::Denied,
+                    format!("no driver of this agent serves endpoint '{endpoint}'"),
+                ));
+            };
+            let ms = u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX);
+            driver
+                .guest_agent_command(&vm, &command, ms)
+                .await
+                .map_err(|e| match e {
+                    PluginError::Driver { error, .. } => error,
+                    other => DriverError::new(other.kind(), other.to_string()),
+                })
+        })
+    }
+}
+
+/// The guest session exec and copy run on, and the plugin behind it.
+pub struct GuestProvider {
+    /// The open guest session.
+    pub session: GuestSession,
+    /// Plugin name.
+    pub plugin: String,
+    /// The plugin host (for the plugin's current call budget).
+    pub plugins: PluginHost,
+}
+
+impl GuestProvider {
+    /// The plugin's budget for one call.
+    pub fn call_budget(&self) -> Duration {
+        self.plugins
+            .get(&self.plugin)
+            .map(|s| s.limits.call_timeout())
+            .unwrap_or(Duration::from_secs(30))
+    }
+}
+
+/// A command to run in the guest (the body of `POST /v1/vms/{id}/exec`).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ExecBody {
+    /// Program and arguments.
+    pub argv: Vec<String>,
+    /// Extra environment variables.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Working directory.
+    #[serde(default)]
+    pub cwd: Option<String>,
+    /// Standard input, base64.
+    #[serde(default)]
+    pub stdin_b64: Option<String>,
+    /// Budget, milliseconds (default 60 s, at most the guest plugin's call budget
+    /// less one second).
+    #[serde(default)]
+    pub timeout_ms: Option<u32>,
+    /// Most bytes kept of stdout and of stderr each (default 1 MiB, at most 16 MiB).
+    #[serde(default)]
+    pub output_limit: Option<u32>,
+}
+
+fn guest_error(status: StatusCode, kind: &str, message: String) -> ApiError {
+    ApiError::new(status, kind, message)
+}
+
+impl AgentCore {
+    /// The guest provider, or why there is none.
+    pub fn guest(&self) -> Result<&GuestProvider, ApiError> {
+        self.guest.as_ref().ok_or_else(|| {
+            guest_error(
+                StatusCode::NOT_IMPLEMENTED,
+                "unsupported",
+                format!(
+                    "driver '{}' has no native guest operations and the agent has no [driver] guest-plugin configured",
+                    self.driver.plugin()
+                ),
+            )
+        })
+    }
+
+    /// Refuses guest operations on a VM whose guest cannot answer.
+    pub fn require_running(rec: &VmRecord, action: &str) -> Result<(), ApiError> {
+        if rec.vm.is_template || rec.vm.state != VmState::Running {
+            return Err(guest_error(
+                StatusCode::CONFLICT,
+                "invalid-state",
+                format!(
+                    "cannot {action} on VM {} ({}): it is {}",
+                    rec.vm.name,
+                    rec.vm.id,
+                    if rec.vm.is_template {
+                        "a template".to_string()
+                    } else {
+                        format!("{:?}", rec.vm.state).to_lowercase()
+                    }
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Checks an exec request before it becomes an operation; fills in defaults.
+    pub fn check_exec(&self, mut body: ExecBody) -> Result<ExecBody, ApiError> {
+        let budget = self.guest()?.call_budget().as_millis() as u64;
+        if body.argv.is_empty() || body.argv[0].is_empty() {
+            return Err(ApiError::bad_request("argv must name a program"));
+        }
+        let ceiling = budget.saturating_sub(1000).max(1);
+        let timeout = u64::from(body.timeout_ms.unwrap_or(60_000));
+        if timeout == 0 || timeout > ceiling {
+            return Err(ApiError::bad_request(format!(
+                "timeout-ms must be between 1 and {ceiling} (the guest plugin's call budget less 1 s), not {timeout}"
+            )));
+        }
+        body.timeout_ms = Some(timeout as u32);
+        let limit = body.output_limit.unwrap_or(1 << 20);
+        if limit > MAX_OUTPUT {
+            return Err(ApiError::bad_request(format!(
+                "output-limit must be at most {MAX_OUTPUT} bytes, not {limit}"
+            )));
+        }
+        body.output_limit = Some(limit);
+        if let Some(s) = &body.stdin_b64 {
+            B64.decode(s)
+                .map_err(|e| ApiError::bad_request(format!("stdin-b64 is not base64: {e}")))?;
+        }
+        Ok(body)
+    }
+
+    /// Runs a checked exec request in the guest of `vm`.
+    pub async fn guest_exec(&self, vm: &str, body: &ExecBody) -> Result<ExecOutput, OpError> {
+        let guest = self.guest().map_err(|e| OpError {
+            kind: e.kind.clone(),
+            message: e.message.clone(),
+        })?;
+        let request = ExecRequest {
+            argv: body.argv.clone(),
+            env: body
+                .env
+                .iter()
+                .map(|(name, value)| EnvVar {
+                    name: name.clone(),
+                    value: value.clone(),
+                })
+                .collect(),
+            cwd: body.cwd.clone(),
+            stdin: body
+                .stdin_b64
+                .as_deref()
+                .map(|s| B64.decode(s).unwrap_or_default())
+                .unwrap_or_default(),
+            timeout_ms: body.timeout_ms.unwrap_or(60_000),
+            output_limit: body.output_limit.unwrap_or(1 << 20),
+        };
+        let r = guest
+            .session
+            .exec(vm, &request)
+            .await
+            .map_err(|e| op_error(&e))?;
+        Ok(exec_output(r))
+    }
+
+    /// Streams a request body into `path` in the guest of `rec`, recorded as a
+    /// `copy-in` operation. `expected` is the client's SHA-256 of the content, when given.
+    pub async fn copy_in(
+        &self,
+        rec: &VmRecord,
+        path: &str,
+        mode: u32,
+        parents: bool,
+        expected: Option<String>,
+        body: Incoming,
+    ) -> Result<FileMeta, ApiError> {
+        let guest = self.guest()?;
+        Self::require_running(rec, "copy a file in")?;
+        let vm = rec.vm.id.as_str();
+        let params = OpParams::CopyIn {
+            path: path.to_string(),
+            mode,
+        };
+        let op = self.begin(vm, &params).map_err(registry)?;
+        let result = stream_in(&guest.session, vm, path, mode, parents, expected, body).await;
+        let outcome = match &result {
+            Ok(meta) => Ok(Outcome::Output(OpOutput::File(meta.clone()))),
+            Err(e) => Err(OpError {
+                kind: e.kind.clone(),
+                message: e.message.clone(),
+            }),
+        };
+        self.finish(op, outcome).map_err(registry)?;
+        result
+    }
+
+    /// Opens `path` in the guest of `rec` for reading: its size, mode and a body that
+    /// streams it. The body ends with an error (the connection is cut) if the guest
+    /// plugin finds the content changed during the transfer.
+    pub async fn copy_out(&self, rec: &VmRecord, path: &str) -> Result<(u64, u32, Body), ApiError> {
+        let guest = self.guest()?;
+        Self::require_running(rec, "copy a file out")?;
+        let mut download = guest.session.download(&rec.vm.id, path).await?;
+        let (size, mode) = (download.size, download.mode);
+        let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(2);
+        tokio::spawn(async move {
+            let mut sent = 0u64;
+            loop {
+                match download.read(CHUNK as u32).await {
+                    Ok(chunk) if chunk.is_empty() => break,
+                    Ok(chunk) => {
+                        sent += chunk.len() as u64;
+                        if tx.send(Ok(Frame::data(Bytes::from(chunk)))).await.is_err() {
+                            tracing::debug!("copy-out: the client left after {sent} bytes");
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!("copy-out failed after {sent} bytes: {e}");
+                        let _ = tx.send(Err(std::io::Error::other(e.to_string()))).await;
+                        break;
+                    }
+                }
+            }
+            download.close().await;
+        });
+        Ok((size, mode, crate::api::channel_body(rx)))
+    }
+
+    /// Size, mode and SHA-256 of a guest file.
+    pub async fn stat(&self, rec: &VmRecord, path: &str) -> Result<FileMeta, ApiError> {
+        let guest = self.guest()?;
+        Self::require_running(rec, "stat a file")?;
+        let info = guest.session.stat(&rec.vm.id, path).await?;
+        Ok(file_meta(path, info))
+    }
+}
+
+fn registry(e: super::registry::RegistryError) -> ApiError {
+    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "backend", e.to_string())
+}
+
+/// Writes a request body into a guest upload, chunk by chunk.
+async fn stream_in(
+    session: &GuestSession,
+    vm: &str,
+    path: &str,
+    mode: u32,
+    parents: bool,
+    expected: Option<String>,
+    body: Incoming,
+) -> Result<FileMeta, ApiError> {
+    let mut upload = session.upload(vm, path, mode, parents).await?;
+    match feed(&mut upload, path, expected, body).await {
+        Ok(()) => Ok(file_meta(path, upload.finish().await?)),
+        Err(e) => {
+            // The plugin drops its half-written temporary file: the target is untouched.
+            upload.abort().await;
+            Err(e)
+        }
+    }
+}
+
+/// Feeds a request body into an upload, chunk by chunk, and checks the client's
+/// checksum when it sent one.
+async fn feed(
+    upload: &mut crate::plugin::session::Upload,
+    path: &str,
+    expected: Option<String>,
+    mut body: Incoming,
+) -> Result<(), ApiError> {
+    let mut hasher = Sha256::new();
+    let mut buf: Vec<u8> = Vec::with_capacity(CHUNK);
+    let mut received = 0u64;
+    loop {
+        let frame = match body.frame().await {
+            None => None,
+            Some(Ok(f)) => Some(f),
+            Some(Err(e)) => {
+                return Err(ApiError::bad_request(format!(
+                    "the upload of {path} stopped after {received} bytes: {e}; nothing was written"
+                )))
+            }
+        };
+        let Some(frame) = frame else { break };
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        received += data.len() as u64;
+        hasher.update(&data);
+        let mut rest: &[u8] = &data;
+        while !rest.is_empty() {
+            let take = rest.len().min(CHUNK - buf.len());
+            buf.extend_from_slice(&rest[..take]);
+            rest = &rest[take..];
+            if buf.len() == CHUNK {
+                upload.write(&buf).await?;
+                buf.clear();
+            }
+        }
+    }
+    if !buf.is_empty() {
+        upload.write(&buf).await?;
+    }
+    let got = hex::encode(hasher.finalize());
+    match expected {
+        Some(want) if !want.eq_ignore_ascii_case(&got) => Err(ApiError::bad_request(format!(
+            "the content received for {path} has SHA-256 {got}, the request said {want}; nothing was written"
+        ))),
+        _ => Ok(()),
+    }
+}
+
+fn file_meta(path: &str, info: FileInfo) -> FileMeta {
+    FileMeta {
+        path: path.to_string(),
+        size: info.size,
+        mode: info.mode,
+        sha256: info.sha256,
+    }
+}
+
+/// The API form of a command's end.
+pub fn exec_output(r: ExecResult) -> ExecOutput {
+    ExecOutput {
+        exit_code: r.exit_code,
+        signal: r.signal,
+        timed_out: r.timed_out,
+        stdout_b64: B64.encode(&r.stdout),
+        stderr_b64: B64.encode(&r.stderr),
+        stdout_truncated: r.stdout_truncated,
+        stderr_truncated: r.stderr_truncated,
+    }
+}

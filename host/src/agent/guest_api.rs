@@ -1,0 +1,187 @@
+//! The agent's guest API: commands, files and software inside running VMs.
+//!
+//! | method | path | body | answer |
+//! |---|---|---|---|
+//! | POST | /v1/vms/{id}/exec | `ExecBody` | 202 `Operation` (output: `exec`) |
+//! | POST | /v1/vms/{id}/provision | `{"bundle", "timeout-ms"}` | 202 `Operation` (output: `provision`) |
+//! | PUT | /v1/vms/{id}/files?path=P&mode=0644&parents=true | the file's bytes | `FileMeta` |
+//! | GET | /v1/vms/{id}/files?path=P | | the file's bytes |
+//! | GET | /v1/vms/{id}/stat?path=P | | `FileMeta` |
+//!
+//! `PUT` takes an optional `X-Gve-Sha256` header: content whose SHA-256 differs is
+//! not written. `GET .../files` answers with `Content-Length`, `X-Gve-File-Mode`
+//! (octal); its body is cut (the connection closed) if the guest plugin finds the
+//! content changed while it was read. Copies are recorded as `copy-in` operations.
+
+use std::sync::Arc;
+
+use hyper::body::Incoming;
+use hyper::{Method, Request, StatusCode};
+use serde::Deserialize;
+
+use super::guest::ExecBody;
+use super::model::VmRecord;
+use super::ops::OpParams;
+use super::AgentCore;
+use crate::api::{json_response, ok, query_param, read_json, ApiError, Response};
+
+/// Header carrying a file's SHA-256 (upload: what the client sent).
+pub const SHA256_HEADER: &str = "x-gve-sha256";
+/// Header carrying a file's mode, octal (download).
+pub const MODE_HEADER: &str = "x-gve-file-mode";
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct ProvisionBody {
+    bundle: String,
+    #[serde(default)]
+    timeout_ms: Option<u32>,
+}
+
+fn required_path(req: &Request<Incoming>) -> Result<String, ApiError> {
+    query_param(req.uri(), "path")?
+        .filter(|p| !p.is_empty())
+        .ok_or_else(|| ApiError::bad_request("query parameter path (the guest file) is required"))
+}
+
+fn parse_mode(v: Option<String>) -> Result<u32, ApiError> {
+    match v {
+        None => Ok(0o644),
+        Some(m) => u32::from_str_radix(&m, 8)
+            .ok()
+            .filter(|m| *m <= 0o7777)
+            .ok_or_else(|| ApiError::bad_request(format!("mode '{m}' is not octal 0-7777"))),
+    }
+}
+
+impl AgentCore {
+    /// Serves the guest routes of VM `rec`; `action` is the last path segment.
+    pub async fn handle_guest(
+        self: &Arc<Self>,
+        req: Request<Incoming>,
+        rec: VmRecord,
+        action: &str,
+    ) -> Result<Response, ApiError> {
+        let method = req.method().clone();
+        match (method, action) {
+            (Method::POST, "exec") => {
+                Self::require_running(&rec, "exec")?;
+                let body: ExecBody = read_json(req.into_body()).await?;
+                let body = self.check_exec(body)?;
+                let op = self
+                    .submit(&rec.vm.id, OpParams::Exec(Box::new(body)))
+                    .map_err(registry)?;
+                Ok(json_response(StatusCode::ACCEPTED, &op))
+            }
+            (Method::POST, "provision") => {
+                Self::require_running(&rec, "provision")?;
+                let body: ProvisionBody = read_json(req.into_body()).await?;
+                let ceiling = self.guest()?.call_budget().as_millis() as u64;
+                let ceiling = ceiling.saturating_sub(1000).max(1);
+                let timeout = u64::from(body.timeout_ms.unwrap_or(ceiling.min(600_000) as u32));
+                if timeout == 0 || timeout > ceiling {
+                    return Err(ApiError::bad_request(format!(
+                        "timeout-ms must be between 1 and {ceiling} (the guest plugin's call budget less 1 s)"
+                    )));
+                }
+                // Refuse unknown or unreadable bundles before an operation exists.
+                let core = self.clone();
+                let name = body.bundle.clone();
+                tokio::task::spawn_blocking(move || core.bundle(&name))
+                    .await
+                    .map_err(|e| {
+                        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "backend", e.to_string())
+                    })??;
+                let op = self
+                    .submit(
+                        &rec.vm.id,
+                        OpParams::Provision {
+                            bundle: body.bundle,
+                            timeout_ms: timeout as u32,
+                        },
+                    )
+                    .map_err(registry)?;
+                Ok(json_response(StatusCode::ACCEPTED, &op))
+            }
+            (Method::PUT, "files") => {
+                let path = required_path(&req)?;
+                let mode = parse_mode(query_param(req.uri(), "mode")?)?;
+                let parents = match query_param(req.uri(), "parents")?.as_deref() {
+                    None | Some("false") => false,
+                    Some("true") => true,
+                    Some(v) => {
+                        return Err(ApiError::bad_request(format!(
+                            "parents must be true or false, not '{v}'"
+                        )))
+                    }
+                };
+                let expected = req
+                    .headers()
+                    .get(SHA256_HEADER)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string);
+                let meta = self
+                    .copy_in(&rec, &path, mode, parents, expected, req.into_body())
+                    .await?;
+                ok(&meta)
+            }
+            (Method::GET, "files") => {
+                let path = required_path(&req)?;
+                let (size, mode, body) = self.copy_out(&rec, &path).await?;
+                hyper::Response::builder()
+                    .status(StatusCode::OK)
+                    .header(hyper::header::CONTENT_TYPE, "application/octet-stream")
+                    .header(hyper::header::CONTENT_LENGTH, size)
+                    .header(MODE_HEADER, format!("{mode:04o}"))
+                    .body(body)
+                    .map_err(|e| {
+                        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "backend", e.to_string())
+                    })
+            }
+            (Method::GET, "stat") => {
+                let path = required_path(&req)?;
+                ok(&self.stat(&rec, &path).await?)
+            }
+            (m, _) => Err(ApiError::no_route(&m, req.uri().path())),
+        }
+    }
+
+    /// Serves `/v1/site`: the site this agent serves, as the site registered it.
+    pub async fn handle_site(&self, req: Request<Incoming>) -> Result<Response, ApiError> {
+        match *req.method() {
+            Method::GET => {
+                let site = self.registry.meta("site").map_err(registry)?;
+                let value: serde_json::Value = site
+                    .as_deref()
+                    .map(serde_json::from_str)
+                    .transpose()
+                    .map_err(|e| {
+                        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "backend", e.to_string())
+                    })?
+                    .unwrap_or(serde_json::Value::Null);
+                ok(&serde_json::json!({ "site": value }))
+            }
+            Method::PUT => {
+                let body: serde_json::Value = read_json(req.into_body()).await?;
+                if !body.is_object() || !body["id"].is_string() {
+                    return Err(ApiError::bad_request(
+                        "the site record must be an object with a string id",
+                    ));
+                }
+                let text = body.to_string();
+                self.registry
+                    .write(|t| {
+                        t.set_meta("site", &text)?;
+                        t.event("site-registered", "", body.clone())
+                    })
+                    .map_err(registry)?;
+                ok(&serde_json::json!({ "site": body }))
+            }
+            ref m => Err(ApiError::no_route(m, req.uri().path())),
+        }
+    }
+}
+
+fn registry(e: super::registry::RegistryError) -> ApiError {
+    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "backend", e.to_string())
+}

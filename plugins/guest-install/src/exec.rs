@@ -1,0 +1,249 @@
+//! Running commands in the guest: `guest-exec`, then `guest-exec-status` until the
+//! process ends or its timeout passes.
+//!
+//! qemu-ga has no working directory and replaces (rather than extends) the
+//! environment when one is given, so a request with `cwd` or `env` runs through a
+//! small POSIX `sh` wrapper that exports the variables, changes directory and `exec`s
+//! the command (the pid stays the command's). Requests without them run directly,
+//! so guests without a shell (Windows) still work. A command that outlives its
+//! timeout is killed (`kill -KILL`, best effort) and reported as timed out.
+
+use std::time::{Duration, Instant};
+
+use gve_sdk::prelude::*;
+
+use crate::qga::{decode_output, Agent};
+
+/// Runs the wrapper: `sh -c WRAPPER gve-exec CWD N NAME=VALUE... ARGV...`.
+const WRAPPER: &str = r#"d=$1; n=$2; shift 2
+while [ "$n" -gt 0 ]; do export "$1" || exit 125; shift; n=$((n - 1)); done
+if [ -n "$d" ]; then cd -- "$d" || exit 126; fi
+exec "$@""#;
+
+/// Program and arguments to hand to `guest-exec` for `request`.
+pub fn command_line(request: &ExecRequest) -> Result<(String, Vec<String>)> {
+    let Some(program) = request.argv.first() else {
+        return Err(Error::invalid_argument("exec: argv must not be empty"));
+    };
+    if program.is_empty() {
+        return Err(Error::invalid_argument("exec: argv[0] must not be empty"));
+    }
+    for v in &request.env {
+        let valid = !v.name.is_empty()
+            && !v.name.starts_with(|c: char| c.is_ascii_digit())
+            && v.name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !valid {
+            return Err(Error::invalid_argument(format!(
+                "exec: '{}' is not a valid environment variable name",
+                v.name
+            )));
+        }
+    }
+    if request.env.is_empty() && request.cwd.is_none() {
+        return Ok((program.clone(), request.argv[1..].to_vec()));
+    }
+    let mut args = vec![
+        "-c".to_string(),
+        WRAPPER.to_string(),
+        "gve-exec".to_string(),
+        request.cwd.clone().unwrap_or_default(),
+        request.env.len().to_string(),
+    ];
+    args.extend(
+        request
+            .env
+            .iter()
+            .map(|v| format!("{}={}", v.name, v.value)),
+    );
+    args.extend(request.argv.iter().cloned());
+    Ok(("/bin/sh".to_string(), args))
+}
+
+/// Runs `request` to its end or timeout.
+pub fn run(agent: &Agent, request: &ExecRequest) -> Result<ExecResult> {
+    if request.timeout_ms == 0 {
+        return Err(Error::invalid_argument("exec: timeout-ms must be positive"));
+    }
+    let (program, args) = command_line(request)?;
+    let started = Instant::now();
+    let budget = Duration::from_millis(u64::from(request.timeout_ms));
+    // No single qemu-ga command may wait longer than the whole command may take.
+    let agent = &Agent {
+        command_timeout_ms: agent.command_timeout_ms.min(request.timeout_ms),
+        ..agent.clone()
+    };
+    let pid = agent.exec_start(&program, &args, &request.stdin)?;
+    let mut pause = Duration::from_millis(1);
+    let status = loop {
+        let status = agent.exec_status(pid)?;
+        if status.exited {
+            break status;
+        }
+        let elapsed = started.elapsed();
+        if elapsed >= budget {
+            return Ok(timed_out(agent, pid, request));
+        }
+        std::thread::sleep(pause.min(budget - elapsed));
+        pause = (pause * 2).min(Duration::from_millis(50));
+    };
+    let limit = request.output_limit as usize;
+    let (stdout, stdout_truncated) = limited(
+        decode_output(&agent.vm, status.out_data.as_deref())?,
+        limit,
+        status.out_truncated,
+    );
+    let (stderr, stderr_truncated) = limited(
+        decode_output(&agent.vm, status.err_data.as_deref())?,
+        limit,
+        status.err_truncated,
+    );
+    Ok(ExecResult {
+        exit_code: status.exitcode.filter(|_| status.signal.is_none()),
+        signal: status.signal,
+        timed_out: false,
+        stdout,
+        stderr,
+        stdout_truncated,
+        stderr_truncated,
+    })
+}
+
+/// Kills a process that outlived its budget and reports what it wrote until then.
+fn timed_out(agent: &Agent, pid: i64, request: &ExecRequest) -> ExecResult {
+    let killed = agent
+        .exec_start("kill", &["-KILL".to_string(), pid.to_string()], &[])
+        .is_ok();
+    let mut result = ExecResult {
+        exit_code: None,
+        signal: None,
+        timed_out: true,
+        stdout: Vec::new(),
+        stderr: Vec::new(),
+        stdout_truncated: false,
+        stderr_truncated: false,
+    };
+    if !killed {
+        gve_sdk::log::warn(&format!(
+            "{}: cannot kill timed-out guest process {pid}",
+            agent.vm
+        ));
+        return result;
+    }
+    // Collect what it wrote (and let qemu-ga forget it) once it is gone.
+    for _ in 0..20 {
+        match agent.exec_status(pid) {
+            Ok(s) if s.exited => {
+                let limit = request.output_limit as usize;
+                let out = decode_output(&agent.vm, s.out_data.as_deref()).unwrap_or_default();
+                let err = decode_output(&agent.vm, s.err_data.as_deref()).unwrap_or_default();
+                (result.stdout, result.stdout_truncated) = limited(out, limit, s.out_truncated);
+                (result.stderr, result.stderr_truncated) = limited(err, limit, s.err_truncated);
+                result.signal = s.signal;
+                break;
+            }
+            Ok(_) => std::thread::sleep(Duration::from_millis(25)),
+            Err(_) => break,
+        }
+    }
+    result
+}
+
+/// Cuts `data` to `limit` bytes; the flag says whether anything was dropped.
+fn limited(mut data: Vec<u8>, limit: usize, already_cut: bool) -> (Vec<u8>, bool) {
+    let cut = data.len() > limit;
+    data.truncate(limit);
+    (data, cut || already_cut)
+}
+
+/// Runs a helper command (mkdir, chmod, stat, ...) that must succeed; returns its stdout.
+pub fn must(agent: &Agent, argv: &[&str], what: &str) -> Result<Vec<u8>> {
+    let request = ExecRequest {
+        argv: argv.iter().map(|s| s.to_string()).collect(),
+        env: Vec::new(),
+        cwd: None,
+        stdin: Vec::new(),
+        timeout_ms: agent.command_timeout_ms,
+        output_limit: 1 << 16,
+    };
+    let r = run(agent, &request)?;
+    if r.exit_code == Some(0) {
+        return Ok(r.stdout);
+    }
+    let stderr = String::from_utf8_lossy(&r.stderr);
+    let how = match (r.timed_out, r.exit_code, r.signal) {
+        (true, _, _) => "timed out".to_string(),
+        (_, Some(c), _) => format!("exit code {c}"),
+        (_, _, Some(s)) => format!("signal {s}"),
+        _ => "unknown end".to_string(),
+    };
+    Err(crate::qga::classify(&format!(
+        "{}: {what}: `{}` failed ({how}): {}",
+        agent.vm,
+        argv.join(" "),
+        stderr.trim()
+    )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(argv: &[&str], env: &[(&str, &str)], cwd: Option<&str>) -> ExecRequest {
+        ExecRequest {
+            argv: argv.iter().map(|s| s.to_string()).collect(),
+            env: env
+                .iter()
+                .map(|(n, v)| EnvVar {
+                    name: n.to_string(),
+                    value: v.to_string(),
+                })
+                .collect(),
+            cwd: cwd.map(str::to_string),
+            stdin: Vec::new(),
+            timeout_ms: 1000,
+            output_limit: 10,
+        }
+    }
+
+    #[test]
+    fn plain_commands_run_directly() {
+        let (p, a) = command_line(&req(&["uname", "-a"], &[], None)).unwrap();
+        assert_eq!((p.as_str(), a), ("uname", vec!["-a".to_string()]));
+    }
+
+    #[test]
+    fn env_and_cwd_go_through_the_wrapper() {
+        let (p, a) = command_line(&req(&["pwd"], &[("A", "x y")], Some("/tmp"))).unwrap();
+        assert_eq!(p, "/bin/sh");
+        assert_eq!(a[3..], ["/tmp", "1", "A=x y", "pwd"]);
+    }
+
+    #[test]
+    fn bad_requests_are_refused() {
+        assert_eq!(
+            command_line(&req(&[], &[], None)).unwrap_err().kind(),
+            "invalid-argument"
+        );
+        assert_eq!(
+            command_line(&req(&["x"], &[("1A", "v")], None))
+                .unwrap_err()
+                .kind(),
+            "invalid-argument"
+        );
+        assert_eq!(
+            command_line(&req(&["x"], &[("A=B", "v")], None))
+                .unwrap_err()
+                .kind(),
+            "invalid-argument"
+        );
+    }
+
+    #[test]
+    fn output_is_cut_at_the_limit() {
+        assert_eq!(limited(vec![1; 20], 10, false), (vec![1; 10], true));
+        assert_eq!(limited(vec![1; 5], 10, false), (vec![1; 5], false));
+        assert_eq!(limited(vec![1; 5], 10, true), (vec![1; 5], true));
+    }
+}
