@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs the benchmarks and writes their results under bench/results/.
-# Usage: bash bench/run.sh [plugin|vm_start]   (default: both)
+# Usage: bash bench/run.sh [plugin|vm_start|guest]   (default: all)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 target=${CARGO_TARGET_DIR:-target}
@@ -13,4 +13,8 @@ fi
 if [ "$which" = all ] || [ "$which" = vm_start ]; then
     # Real QEMU guests under a private libvirtd (needs scripts/setup.sh).
     cargo bench --locked -p gve --bench vm_start
+fi
+if [ "$which" = all ] || [ "$which" = guest ]; then
+    # exec latency and copy throughput on a real guest, vs raw qemu-ga.
+    cargo bench --locked -p gve --bench guest
 fi

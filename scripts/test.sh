@@ -9,7 +9,7 @@ echo "test: clippy (host, native)"
 cargo clippy --release --locked -p gve -p gve-harness --all-targets -- -D warnings
 echo "test: clippy (plugins, wasm32-wasip2)"
 bash scripts/build-plugins.sh --clippy
-echo "test: SDK unit tests and doctests (native)"
-cargo test --locked -p gve-sdk
+echo "test: SDK and plugin unit tests (native)"
+cargo test --locked -p gve-sdk -p gve-plugin-guest-install
 echo "test: host unit and integration tests"
 cargo test --release --locked -p gve

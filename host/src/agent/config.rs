@@ -129,9 +129,11 @@ impl AgentConfig {
                             "driver.guest-plugin '{g}' is not among [plugins]"
                         )))
                     }
-                    Some(spec) if !spec.grants.guest_channel => return Err(invalid(format!(
+                    Some(spec) if !spec.grants.guest_channel => {
+                        return Err(invalid(format!(
                         "driver.guest-plugin '{g}' needs [plugins.{g}.grants] guest-channel = true"
-                    ))),
+                    )))
+                    }
                     Some(_) => {}
                 }
             }

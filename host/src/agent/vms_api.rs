@@ -14,7 +14,7 @@
 //! | POST | /v1/vms/{id}/reserve | `{"holder", "seconds"}` | `VmRecord` |
 //! | POST | /v1/vms/{id}/acquire, release | `{"holder"}` | `VmRecord` |
 //! | GET | /v1/templates | | `[Vm]` |
-//! | GET | /v1/operations, /v1/operations/{id} | | `[Operation]`, `Operation` |
+//! | GET | /v1/operations, /v1/operations/{id}?wait-ms=N | | `[Operation]`, `Operation` (long poll up to N ≤ 60000 ms for its end) |
 //! | GET | /v1/events?after=N&limit=M | | `[Event]` |
 //! | POST | /v1/reconcile | | `ReconcileReport` |
 //! | GET, PUT | /v1/site | `{"id", ...}` | the site this agent serves |
@@ -30,7 +30,7 @@ use hyper::body::Incoming;
 use hyper::{Method, Request, StatusCode};
 use serde::Deserialize;
 
-use super::model::{now_ms, Allocation, Profile, VmRecord, VmState};
+use super::model::{now_ms, Allocation, OpState, Operation, Profile, VmRecord, VmState};
 use super::ops::OpParams;
 use super::AgentCore;
 use crate::api::{json_response, ok, read_json, ApiError, Response};
@@ -162,17 +162,15 @@ impl AgentCore {
             (Method::GET, ["v1", "operations"]) => {
                 ok(&self.registry.operations().map_err(registry_error)?)
             }
-            (Method::GET, ["v1", "operations", id]) => ok(&self
-                .registry
-                .operation(id)
-                .map_err(registry_error)?
-                .ok_or_else(|| {
-                    ApiError::new(
-                        StatusCode::NOT_FOUND,
-                        "not-found",
-                        format!("no operation '{id}'"),
-                    )
-                })?),
+            (Method::GET, ["v1", "operations", id]) => {
+                let wait = match crate::api::query_param(req.uri(), "wait-ms")? {
+                    None => 0,
+                    Some(v) => v.parse::<u64>().map_err(|_| {
+                        ApiError::bad_request(format!("wait-ms={v} is not a number"))
+                    })?,
+                };
+                ok(&self.operation_waiting(id, wait.min(60_000)).await?)
+            }
             (Method::GET, ["v1", "events"]) => {
                 let q = req.uri().query().unwrap_or("");
                 let param = |name: &str| {
@@ -308,6 +306,43 @@ impl AgentCore {
                 }
             }
             (m, _) => Err(ApiError::no_route(&m, req.uri().path())),
+        }
+    }
+
+    /// An operation; with `wait_ms`, answers as soon as it has ended or after that
+    /// long (a long poll), whichever comes first.
+    async fn operation_waiting(&self, id: &str, wait_ms: u64) -> Result<Operation, ApiError> {
+        // Subscribe before reading, so an end committed in between is not missed.
+        let mut events = self.registry.subscribe();
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_millis(wait_ms);
+        loop {
+            let op = self
+                .registry
+                .operation(id)
+                .map_err(registry_error)?
+                .ok_or_else(|| {
+                    ApiError::new(
+                        StatusCode::NOT_FOUND,
+                        "not-found",
+                        format!("no operation '{id}'"),
+                    )
+                })?;
+            if op.state != OpState::Running || tokio::time::Instant::now() >= deadline {
+                return Ok(op);
+            }
+            loop {
+                match tokio::time::timeout_at(deadline, events.recv()).await {
+                    Err(_) => break,
+                    Ok(Ok(ev))
+                        if ev.kind == "operation-finished" && ev.detail["operation"] == id =>
+                    {
+                        break
+                    }
+                    Ok(Ok(_)) => continue,
+                    // Lagged or closed: read the record again.
+                    Ok(Err(_)) => break,
+                }
+            }
         }
     }
 

@@ -76,12 +76,14 @@ pub async fn run_op(c: &Client, path: &str, body: Value) -> Operation {
 pub async fn wait_op(c: &Client, id: &str) -> Operation {
     let end = Instant::now() + Duration::from_secs(60);
     loop {
-        let now: Operation = c.get(&format!("/v1/operations/{id}")).await.unwrap();
+        let now: Operation = c
+            .get(&format!("/v1/operations/{id}?wait-ms=5000"))
+            .await
+            .unwrap();
         if now.state != OpState::Running {
             return now;
         }
         assert!(Instant::now() < end, "operation {id} did not finish");
-        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
