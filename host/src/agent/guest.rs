@@ -118,8 +118,8 @@ pub struct ExecBody {
     /// Standard input, base64.
     #[serde(default)]
     pub stdin_b64: Option<String>,
-    /// Budget, milliseconds (default 60 s, at most the guest plugin's call budget
-    /// less one second).
+    /// Budget, milliseconds (at most the guest plugin's call budget less one second,
+    /// which is also the default, capped at 60 s).
     #[serde(default)]
     pub timeout_ms: Option<u32>,
     /// Most bytes kept of stdout and of stderr each (default 1 MiB, at most 16 MiB).
@@ -174,7 +174,9 @@ impl AgentCore {
             return Err(ApiError::bad_request("argv must name a program"));
         }
         let ceiling = budget.saturating_sub(1000).max(1);
-        let timeout = u64::from(body.timeout_ms.unwrap_or(60_000));
+        let timeout = body
+            .timeout_ms
+            .map_or(ceiling.min(60_000), u64::from);
         if timeout == 0 || timeout > ceiling {
             return Err(ApiError::bad_request(format!(
                 "timeout-ms must be between 1 and {ceiling} (the guest plugin's call budget less 1 s), not {timeout}"

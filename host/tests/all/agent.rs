@@ -417,3 +417,99 @@ async fn operations_interrupted_by_a_restart_are_resolved() {
     assert!(ops.iter().all(|o| o.state != OpState::Running));
     agent.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guest_operations_use_the_drivers_native_guest_export() {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let (agent, c, _dir) = agent("memory:guest", 60_000).await;
+    let vm = run_op(&c, "/v1/vms", profile("g-1")).await.result.unwrap();
+    // A stopped VM's guest cannot answer: refused before anything runs.
+    let e = post(
+        &c,
+        &format!("/v1/vms/{}/exec", vm.id),
+        json!({ "argv": ["echo"] }),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!((e.status, e.kind.as_str()), (409, "invalid-state"), "{e}");
+    run_op(&c, &format!("/v1/vms/{}/start", vm.id), json!({})).await;
+
+    let meta: gve::agent::model::FileMeta = c
+        .put_stream(
+            &format!("/v1/vms/{}/files?path=/etc/motd&mode=0640", vm.id),
+            &[],
+            gve::api::full(&b"hello from the grid\n"[..]),
+        )
+        .await
+        .unwrap();
+    assert_eq!((meta.size, meta.mode), (20, 0o640));
+    let op = run_op(
+        &c,
+        &format!("/v1/vms/{}/exec", vm.id),
+        json!({ "argv": ["cat", "/etc/motd"] }),
+    )
+    .await;
+    let Some(gve::agent::model::OpOutput::Exec(out)) = op.output else {
+        panic!("{op:?}")
+    };
+    assert_eq!(out.exit_code, Some(0));
+    assert_eq!(
+        b64.decode(out.stdout_b64).unwrap(),
+        b"hello from the grid\n"
+    );
+    // The operation records the command but not the environment's values.
+    let op = run_op(
+        &c,
+        &format!("/v1/vms/{}/exec", vm.id),
+        json!({ "argv": ["true"], "env": { "SECRET": "hunter2" } }),
+    )
+    .await;
+    assert!(!op.params.to_string().contains("hunter2"), "{}", op.params);
+
+    use http_body_util::BodyExt;
+    let resp = c
+        .get_stream(&format!("/v1/vms/{}/files?path=/etc/motd", vm.id))
+        .await
+        .unwrap();
+    assert_eq!(resp.headers()["x-gve-file-mode"], "0640");
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&body[..], b"hello from the grid\n");
+    let e = c
+        .get::<Value>(&format!("/v1/vms/{}/files", vm.id))
+        .await
+        .unwrap_err();
+    assert_eq!(e.status, 400, "{e}");
+    let e = c
+        .put_stream::<Value>(
+            &format!("/v1/vms/{}/files?path=/x&mode=999", vm.id),
+            &[],
+            gve::api::full(&b"x"[..]),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.status, 400, "{e}");
+    // No bundles directory: provision says so.
+    let e = post(
+        &c,
+        &format!("/v1/vms/{}/provision", vm.id),
+        json!({ "bundle": "x" }),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.status, 501, "{e}");
+
+    // The site this agent serves is recorded in its registry.
+    let none: Value = c.get("/v1/site").await.unwrap();
+    assert!(none["site"].is_null());
+    c.call::<_, Value>(
+        Method::PUT,
+        "/v1/site",
+        Some(&json!({ "id": "site-a", "url": "http://127.0.0.1:1" })),
+    )
+    .await
+    .unwrap();
+    let site: Value = c.get("/v1/site").await.unwrap();
+    assert_eq!(site["site"]["id"], "site-a");
+    agent.stop().await;
+}

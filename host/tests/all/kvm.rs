@@ -99,6 +99,15 @@ async fn lifecycle_on_real_qemu_guests() {
     let driver = agent.core.as_ref().unwrap().driver.clone();
     let up = wait_for_guest_agent(&driver, &vm.id).await;
     eprintln!("k-1: guest agent answered {up:?} after start");
+    // No guest plugin configured and kvm has no native guest operations.
+    let e = post(
+        &c,
+        &format!("/v1/vms/{}/exec", vm.id),
+        json!({ "argv": ["true"] }),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!((e.status, e.kind.as_str()), (501, "unsupported"), "{e}");
 
     // Bad input: a clear 4xx, and nothing changes.
     let ops_before = c
