@@ -1,9 +1,10 @@
 //! gve: the Grid Virtualization Engine.
 //!
-//! Layers, outermost first: [`cli`] → [`api`] (HTTP plumbing) → [`agent`] → [`plugin`]
+//! Layers, outermost first: [`cli`] → [`api`] (HTTP plumbing) → [`site`] → [`agent`] → [`plugin`]
 //! (the sandboxed plugin host) → plugins (WebAssembly components) → hypervisors.
 
 pub mod agent;
 pub mod api;
 pub mod cli;
 pub mod plugin;
+pub mod site;

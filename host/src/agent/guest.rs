@@ -174,9 +174,7 @@ impl AgentCore {
             return Err(ApiError::bad_request("argv must name a program"));
         }
         let ceiling = budget.saturating_sub(1000).max(1);
-        let timeout = body
-            .timeout_ms
-            .map_or(ceiling.min(60_000), u64::from);
+        let timeout = body.timeout_ms.map_or(ceiling.min(60_000), u64::from);
         if timeout == 0 || timeout > ceiling {
             return Err(ApiError::bad_request(format!(
                 "timeout-ms must be between 1 and {ceiling} (the guest plugin's call budget less 1 s), not {timeout}"

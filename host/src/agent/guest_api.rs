@@ -61,6 +61,7 @@ impl AgentCore {
         req: Request<Incoming>,
         rec: VmRecord,
         action: &str,
+        key: Option<String>,
     ) -> Result<Response, ApiError> {
         let method = req.method().clone();
         match (method, action) {
@@ -69,7 +70,7 @@ impl AgentCore {
                 let body: ExecBody = read_json(req.into_body()).await?;
                 let body = self.check_exec(body)?;
                 let op = self
-                    .submit(&rec.vm.id, OpParams::Exec(Box::new(body)))
+                    .submit_keyed(&rec.vm.id, OpParams::Exec(Box::new(body)), key.as_deref())
                     .map_err(registry)?;
                 Ok(json_response(StatusCode::ACCEPTED, &op))
             }
@@ -93,12 +94,13 @@ impl AgentCore {
                         ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "backend", e.to_string())
                     })??;
                 let op = self
-                    .submit(
+                    .submit_keyed(
                         &rec.vm.id,
                         OpParams::Provision {
                             bundle: body.bundle,
                             timeout_ms: timeout as u32,
                         },
+                        key.as_deref(),
                     )
                     .map_err(registry)?;
                 Ok(json_response(StatusCode::ACCEPTED, &op))

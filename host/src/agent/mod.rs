@@ -99,16 +99,15 @@ impl AgentApi {
         api::check_bearer(&req, &self.admin_token)?;
         match segs.as_slice() {
             ["v1", "plugins", rest @ ..] => plugins_api::handle(&self.plugins, req, rest).await,
-            ["v1", "host" | "vms" | "templates" | "operations" | "events" | "reconcile" | "site", ..] => {
-                match &self.core {
-                    Some(core) => core.handle_vms(req, &segs).await,
-                    None => Err(ApiError::new(
-                        hyper::StatusCode::SERVICE_UNAVAILABLE,
-                        "unavailable",
-                        "this agent has no [driver] configured",
-                    )),
-                }
-            }
+            ["v1", "host" | "driver" | "vms" | "templates" | "operations" | "events" | "reconcile"
+            | "site", ..] => match &self.core {
+                Some(core) => core.handle_vms(req, &segs).await,
+                None => Err(ApiError::new(
+                    hyper::StatusCode::SERVICE_UNAVAILABLE,
+                    "unavailable",
+                    "this agent has no [driver] configured",
+                )),
+            },
             _ => Err(ApiError::no_route(req.method(), &path)),
         }
     }

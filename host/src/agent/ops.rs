@@ -187,7 +187,21 @@ impl AgentCore {
         vm: &str,
         params: OpParams,
     ) -> Result<Operation, RegistryError> {
-        let op = self.begin(vm, &params)?;
+        self.submit_keyed(vm, params, None)
+    }
+
+    /// [`AgentCore::submit`] with a client's idempotency key: a key seen before
+    /// returns the operation it started, and nothing new runs.
+    pub fn submit_keyed(
+        self: &std::sync::Arc<Self>,
+        vm: &str,
+        params: OpParams,
+        key: Option<&str>,
+    ) -> Result<Operation, RegistryError> {
+        let (op, new) = self.begin_keyed(vm, &params, key)?;
+        if !new {
+            return Ok(op);
+        }
         let (core, running) = (self.clone(), op.clone());
         tokio::spawn(async move {
             let outcome = call(&core, &running.vm, &params).await;
@@ -200,6 +214,16 @@ impl AgentCore {
 
     /// Records an operation as running (the caller runs it and calls `finish`).
     pub fn begin(&self, vm: &str, params: &OpParams) -> Result<Operation, RegistryError> {
+        Ok(self.begin_keyed(vm, params, None)?.0)
+    }
+
+    /// Records an operation as running unless `key` started one already; says which.
+    fn begin_keyed(
+        &self,
+        vm: &str,
+        params: &OpParams,
+        key: Option<&str>,
+    ) -> Result<(Operation, bool), RegistryError> {
         let op = Operation {
             id: format!("op-{}", uuid::Uuid::new_v4()),
             kind: params.kind(),
@@ -212,8 +236,16 @@ impl AgentCore {
             created_ms: now_ms(),
             finished_ms: None,
         };
-        self.registry.write(|t| t.put_op(&op))?;
-        Ok(op)
+        self.registry.write(|t| {
+            if let Some(k) = key {
+                if let Some(existing) = t.op_for_key(k)? {
+                    return Ok((existing, false));
+                }
+                t.put_op_key(k, &op.id)?;
+            }
+            t.put_op(&op)?;
+            Ok((op, true))
+        })
     }
 
     /// Records the end of an operation together with the VM's new record.

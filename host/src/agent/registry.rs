@@ -18,6 +18,8 @@ const TEMPLATES: TableDefinition<&str, &[u8]> = TableDefinition::new("templates"
 const OPS: TableDefinition<&str, &[u8]> = TableDefinition::new("operations");
 const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
 const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
+/// Client idempotency keys → the operation they started.
+const OP_KEYS: TableDefinition<&str, &str> = TableDefinition::new("operation_keys");
 
 /// Events kept; older ones are trimmed.
 const MAX_EVENTS: u64 = 100_000;
@@ -133,6 +135,26 @@ impl Txn<'_> {
         Ok(())
     }
 
+    /// The operation a client's idempotency key started, if any.
+    pub fn op_for_key(&self, key: &str) -> Result<Option<Operation>, RegistryError> {
+        let id = {
+            let t = self.txn.open_table(OP_KEYS).map_err(storage)?;
+            let v = t.get(key).map_err(storage)?;
+            v.map(|v| v.value().to_string())
+        };
+        let Some(id) = id else { return Ok(None) };
+        let t = self.txn.open_table(OPS).map_err(storage)?;
+        let v = t.get(id.as_str()).map_err(storage)?;
+        v.map(|v| decode(&id, v.value())).transpose()
+    }
+
+    /// Remembers that `key` started operation `op`.
+    pub fn put_op_key(&mut self, key: &str, op: &str) -> Result<(), RegistryError> {
+        let mut t = self.txn.open_table(OP_KEYS).map_err(storage)?;
+        t.insert(key, op).map_err(storage)?;
+        Ok(())
+    }
+
     /// Inserts or replaces an operation.
     pub fn put_op(&mut self, op: &Operation) -> Result<(), RegistryError> {
         let mut t = self.txn.open_table(OPS).map_err(storage)?;
@@ -189,6 +211,7 @@ impl Registry {
             txn.open_table(TEMPLATES).map_err(|e| err(&e))?;
             txn.open_table(OPS).map_err(|e| err(&e))?;
             txn.open_table(EVENTS).map_err(|e| err(&e))?;
+            txn.open_table(OP_KEYS).map_err(|e| err(&e))?;
             let mut meta = txn.open_table(META).map_err(|e| err(&e))?;
             if meta.get("schema").map_err(|e| err(&e))?.is_none() {
                 meta.insert("schema", "1").map_err(|e| err(&e))?;
@@ -265,6 +288,17 @@ impl Registry {
             return Ok(Some(r));
         }
         Ok(self.vms()?.into_iter().find(|r| r.vm.name == id_or_name))
+    }
+
+    /// The operation a client's idempotency key started, if any.
+    pub fn op_by_key(&self, key: &str) -> Result<Option<Operation>, RegistryError> {
+        let txn = self.db.begin_read().map_err(storage)?;
+        let t = txn.open_table(OP_KEYS).map_err(storage)?;
+        let id = t.get(key).map_err(storage)?.map(|v| v.value().to_string());
+        match id {
+            Some(id) => self.operation(&id),
+            None => Ok(None),
+        }
     }
 
     /// A registry-wide value.

@@ -4,6 +4,7 @@
 //! | method | path | body | answer |
 //! |---|---|---|---|
 //! | GET | /v1/host | | `Host` |
+//! | GET | /v1/driver | | `{"plugin", "endpoint", "guest"}` (the endpoint is what migrations target) |
 //! | GET | /v1/vms | | `[VmRecord]` |
 //! | GET | /v1/vms/{id} | | `VmRecord` |
 //! | POST | /v1/vms | `Profile` | 202 `Operation` (create) |
@@ -22,7 +23,9 @@
 //! Guest routes (exec, provision, files, stat) are in [`super::guest_api`].
 //!
 //! A request that cannot succeed (unknown VM, wrong state, bad body) is refused with a
-//! 4xx before anything changes.
+//! 4xx before anything changes. A `POST` with an `Idempotency-Key` header that an
+//! earlier request used answers that request's operation and starts nothing (the
+//! site retries with the same key after a crash, so nothing runs twice).
 
 use std::sync::Arc;
 
@@ -78,8 +81,21 @@ fn conflict(message: String) -> ApiError {
     ApiError::new(StatusCode::CONFLICT, "invalid-state", message)
 }
 
+/// The `Idempotency-Key` header: at most 200 printable ASCII characters.
+pub fn idempotency_key<B>(req: &Request<B>) -> Result<Option<String>, ApiError> {
+    let Some(v) = req.headers().get("idempotency-key") else {
+        return Ok(None);
+    };
+    match v.to_str() {
+        Ok(k) if !k.is_empty() && k.len() <= 200 => Ok(Some(k.to_string())),
+        _ => Err(ApiError::bad_request(
+            "Idempotency-Key must be 1-200 printable ASCII characters",
+        )),
+    }
+}
+
 /// Reads an optional JSON body: empty means `{}`.
-async fn body_or_default<T: for<'de> Deserialize<'de>>(
+pub async fn body_or_default<T: for<'de> Deserialize<'de>>(
     req: Request<Incoming>,
 ) -> Result<T, ApiError> {
     let empty = req
@@ -116,8 +132,15 @@ impl AgentCore {
         }
     }
 
-    fn accepted(self: &Arc<Self>, vm: &str, params: OpParams) -> Result<Response, ApiError> {
-        let op = self.submit(vm, params).map_err(registry_error)?;
+    fn accepted(
+        self: &Arc<Self>,
+        key: &Option<String>,
+        vm: &str,
+        params: OpParams,
+    ) -> Result<Response, ApiError> {
+        let op = self
+            .submit_keyed(vm, params, key.as_deref())
+            .map_err(registry_error)?;
         Ok(json_response(StatusCode::ACCEPTED, &op))
     }
 
@@ -150,10 +173,23 @@ impl AgentCore {
     ) -> Result<Response, ApiError> {
         use VmState::*;
         let method = req.method().clone();
+        // A request retried with the idempotency key of one already accepted gets
+        // that operation back, whatever the VM's state is now.
+        let key = idempotency_key(&req)?;
+        if let (&Method::POST, Some(k)) = (&method, &key) {
+            if let Some(op) = self.registry.op_by_key(k).map_err(registry_error)? {
+                return Ok(json_response(StatusCode::ACCEPTED, &op));
+            }
+        }
         match (method, segs) {
             (Method::GET, ["v1", "host"]) => {
                 ok(&super::model::Host::from(self.driver.host_info().await?))
             }
+            (Method::GET, ["v1", "driver"]) => ok(&serde_json::json!({
+                "plugin": self.driver.plugin(),
+                "endpoint": self.driver.endpoint(),
+                "guest": self.guest.as_ref().map(|g| g.plugin.clone()),
+            })),
             (Method::GET, ["v1", "vms"]) => ok(&self.registry.vms().map_err(registry_error)?),
             (Method::GET, ["v1", "vms", id]) => ok(&self.record(id)?),
             (Method::GET, ["v1", "templates"]) => {
@@ -232,12 +268,12 @@ impl AgentCore {
                     ));
                 }
                 let name = profile.name.clone();
-                self.accepted(&name, OpParams::Create(Box::new(profile)))
+                self.accepted(&key, &name, OpParams::Create(Box::new(profile)))
             }
             (Method::POST, ["v1", "vms", id, a @ ("exec" | "provision")])
             | (Method::PUT | Method::GET, ["v1", "vms", id, a @ ("files" | "stat")]) => {
                 let rec = self.record(id)?;
-                self.handle_guest(req, rec, a).await
+                self.handle_guest(req, rec, a, key).await
             }
             (_, ["v1", "site"]) => self.handle_site(req).await,
             (Method::POST, ["v1", "vms", id, action]) => {
@@ -246,22 +282,22 @@ impl AgentCore {
                 match *action {
                     "start" => {
                         Self::require_state(&rec, "start", &[Stopped, Crashed])?;
-                        self.accepted(&vm, OpParams::Start)
+                        self.accepted(&key, &vm, OpParams::Start)
                     }
                     "shutdown" => {
                         let b: ShutdownBody = body_or_default(req).await?;
                         Self::require_state(&rec, "shut down", &[Running, Paused, Suspended])?;
-                        self.accepted(&vm, OpParams::Shutdown { force: b.force })
+                        self.accepted(&key, &vm, OpParams::Shutdown { force: b.force })
                     }
                     "suspend" => {
                         Self::require_state(&rec, "suspend", &[Running])?;
-                        self.accepted(&vm, OpParams::Suspend)
+                        self.accepted(&key, &vm, OpParams::Suspend)
                     }
                     "resume" => {
                         Self::require_state(&rec, "resume", &[Suspended, Paused])?;
-                        self.accepted(&vm, OpParams::Resume)
+                        self.accepted(&key, &vm, OpParams::Resume)
                     }
-                    "destroy" => self.accepted(&vm, OpParams::Destroy),
+                    "destroy" => self.accepted(&key, &vm, OpParams::Destroy),
                     "clone" => {
                         let b: CloneBody = read_json(req.into_body()).await?;
                         if self.registry.vm(&b.name).map_err(registry_error)?.is_some() {
@@ -272,6 +308,7 @@ impl AgentCore {
                             ));
                         }
                         self.accepted(
+                            &key,
                             &vm,
                             OpParams::Clone {
                                 name: b.name,
@@ -288,6 +325,7 @@ impl AgentCore {
                         };
                         Self::require_state(&rec, "migrate", allowed)?;
                         self.accepted(
+                            &key,
                             &vm,
                             OpParams::Migrate {
                                 destination: b.destination,

@@ -116,7 +116,18 @@ impl Client {
         path: &str,
         body: Option<&B>,
     ) -> Result<T, ApiError> {
-        let (headers, bytes) = match body {
+        self.call_with(method, path, body, &[]).await
+    }
+
+    /// [`Client::call`] with extra headers (e.g. `Idempotency-Key`).
+    pub async fn call_with<B: Serialize, T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+        extra: &[(&str, String)],
+    ) -> Result<T, ApiError> {
+        let (mut headers, bytes) = match body {
             Some(b) => (
                 vec![("content-type", "application/json".to_string())],
                 serde_json::to_vec(b)
@@ -124,6 +135,7 @@ impl Client {
             ),
             None => (Vec::new(), Vec::new()),
         };
+        headers.extend(extra.iter().cloned());
         let resp = self
             .send(method.clone(), path, &headers, full(bytes))
             .await?;

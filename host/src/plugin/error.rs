@@ -44,6 +44,24 @@ impl ErrorKind {
             ErrorKind::Backend => "backend",
         }
     }
+
+    /// The kind named `s` (as [`ErrorKind::as_str`] writes it).
+    pub fn parse(s: &str) -> Option<ErrorKind> {
+        use ErrorKind::*;
+        [
+            NotFound,
+            AlreadyExists,
+            InvalidArgument,
+            InvalidState,
+            Unsupported,
+            Denied,
+            Timeout,
+            Unavailable,
+            Backend,
+        ]
+        .into_iter()
+        .find(|k| k.as_str() == s)
+    }
 }
 
 impl std::fmt::Display for ErrorKind {

@@ -1,0 +1,365 @@
+//! The site's agents: registered and unregistered at runtime by an admin, called with
+//! each agent's own secret, checked every health period. A check records the host's
+//! capacity and templates and brings the site's VM records in line with the agent's
+//! registry; an agent that does not answer is marked down, and its VMs' state is
+//! shown as `unknown` until it answers again.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use hyper::{Method, StatusCode};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+use super::model::{now_ms, AgentRec, AgentStatus, AgentView, OpError, SiteVm, Usage};
+use super::store::{Store, StoreError};
+use crate::agent::model::{OpState, Operation, Vm, VmRecord};
+use crate::api::client::Client;
+use crate::api::ApiError;
+
+/// The site's view of its agents.
+pub struct Agents {
+    store: Store,
+    site_id: String,
+    clients: RwLock<HashMap<String, Client>>,
+}
+
+/// The site-wide id of VM `vm` on agent `agent`: stable, and the same wherever it is
+/// computed (a job that creates a VM and a check that discovers it agree).
+pub fn site_vm_id(agent: &str, vm: &str) -> String {
+    let h = Sha256::digest(format!("{agent}\0{vm}").as_bytes());
+    format!("vm-{}", &hex::encode(h)[..12])
+}
+
+pub(crate) fn db(e: StoreError) -> ApiError {
+    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "backend", e.to_string())
+}
+
+/// An agent-side failure as a job error, naming the agent.
+pub fn agent_error(agent: &str, e: ApiError) -> OpError {
+    OpError {
+        kind: e.kind,
+        message: format!("agent {agent}: {}", e.message),
+    }
+}
+
+impl Agents {
+    /// The agents of `store`'s site.
+    pub fn new(store: Store, site_id: String) -> Agents {
+        Agents {
+            store,
+            site_id,
+            clients: RwLock::new(HashMap::new()),
+        }
+    }
+
+    /// A client for agent `id`, authenticated with its secret.
+    pub fn client(&self, id: &str) -> Result<Client, ApiError> {
+        if let Some(c) = self
+            .clients
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+        {
+            return Ok(c.clone());
+        }
+        let rec = self.store.agent(id).map_err(db)?.ok_or_else(|| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not-found",
+                format!("no agent '{id}'"),
+            )
+        })?;
+        let c = Client::new(&rec.url, Some(rec.token.clone()))?;
+        self.clients
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.to_string(), c.clone());
+        Ok(c)
+    }
+
+    /// Registers an agent: checks that it answers with this secret, tells it which
+    /// site it serves, and records it.
+    pub async fn register(&self, id: &str, url: &str, token: &str) -> Result<AgentView, ApiError> {
+        super::auth::validate_name(id)?;
+        if self.store.agent(id).map_err(db)?.is_some() {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "already-exists",
+                format!("agent '{id}' is registered already"),
+            ));
+        }
+        let c = Client::new(url, Some(token.to_string()))?;
+        let site = json!({ "id": self.site_id, "agent-id": id, "at-ms": now_ms() });
+        c.call::<_, Value>(Method::PUT, "/v1/site", Some(&site))
+            .await
+            .map_err(|e| {
+                ApiError::new(
+                    StatusCode::BAD_GATEWAY,
+                    "unavailable",
+                    format!(
+                        "agent '{id}' at {url} did not accept this site: {}",
+                        e.message
+                    ),
+                )
+            })?;
+        let rec = AgentRec {
+            id: id.to_string(),
+            url: url.trim_end_matches('/').to_string(),
+            token: token.to_string(),
+            status: AgentStatus::Down,
+            error: Some("not checked yet".into()),
+            seen_ms: 0,
+            host: None,
+            templates: Vec::new(),
+            endpoint: None,
+            registered_ms: now_ms(),
+        };
+        self.store.write(|t| t.put_agent(&rec)).map_err(db)?;
+        self.check(id).await;
+        let rec = self.store.agent(id).map_err(db)?.unwrap_or(rec);
+        Ok(AgentView::from(&rec))
+    }
+
+    /// Unregisters an agent. Refused while users hold VMs on it, unless `force`
+    /// (their VMs are then forgotten and their quota given back).
+    pub fn unregister(&self, id: &str, force: bool) -> Result<(), ApiError> {
+        let r = self.store.write(|t| {
+            if t.agent(id)?.is_none() {
+                return Ok(Err(ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    "not-found",
+                    format!("no agent '{id}'"),
+                )));
+            }
+            let vms: Vec<SiteVm> = t.vms()?.into_iter().filter(|v| v.agent == id).collect();
+            let held = vms.iter().filter(|v| v.owner.is_some()).count();
+            if held > 0 && !force {
+                return Ok(Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    "invalid-state",
+                    format!("agent '{id}' has {held} allocated VMs; release them or unregister with force"),
+                )));
+            }
+            for v in vms {
+                forget_vm(t, &v)?;
+            }
+            t.remove_agent(id)?;
+            Ok(Ok(()))
+        });
+        self.clients
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+        r.map_err(db)?
+    }
+
+    /// Checks one agent: capacity, templates, endpoint and VMs; marks it up or down.
+    pub async fn check(&self, id: &str) {
+        let Ok(c) = self.client(id) else { return };
+        let got = async {
+            let host: crate::agent::model::Host = c.get("/v1/host").await?;
+            let templates: Vec<Vm> = c.get("/v1/templates").await?;
+            let driver: Value = c.get("/v1/driver").await?;
+            let vms: Vec<VmRecord> = c.get("/v1/vms").await?;
+            Ok::<_, ApiError>((host, templates, driver, vms))
+        }
+        .await;
+        let r = self.store.write(|t| {
+            let Some(mut rec) = t.agent(id)? else {
+                return Ok(());
+            };
+            match got {
+                Ok((host, templates, driver, vms)) => {
+                    rec.status = AgentStatus::Up;
+                    rec.error = None;
+                    rec.seen_ms = now_ms();
+                    rec.host = Some(host);
+                    rec.templates = templates.into_iter().map(|t| t.name).collect();
+                    rec.endpoint = driver["endpoint"].as_str().map(str::to_string);
+                    sync_vms(t, id, &vms)?;
+                }
+                Err(e) => {
+                    if rec.status == AgentStatus::Up {
+                        tracing::warn!(agent = id, "agent down: {}", e.message);
+                    }
+                    rec.status = AgentStatus::Down;
+                    rec.error = Some(e.message);
+                }
+            }
+            t.put_agent(&rec)
+        });
+        if let Err(e) = r {
+            tracing::error!(agent = id, "cannot record the agent check: {e}");
+        }
+    }
+
+    /// Checks every agent every `period`.
+    pub fn spawn_health(self: &Arc<Self>, period: Duration) -> tokio::task::JoinHandle<()> {
+        let me = self.clone();
+        tokio::spawn(async move {
+            loop {
+                let ids: Vec<String> = me
+                    .store
+                    .agents()
+                    .map(|a| a.into_iter().map(|a| a.id).collect())
+                    .unwrap_or_default();
+                for id in ids {
+                    me.check(&id).await;
+                }
+                tokio::time::sleep(period).await;
+            }
+        })
+    }
+
+    /// Submits an operation to an agent with an idempotency key (a retry after a
+    /// site crash gets the same operation back) and waits for its end.
+    pub async fn run_op(
+        &self,
+        agent: &str,
+        path: &str,
+        body: Value,
+        key: &str,
+    ) -> Result<Operation, OpError> {
+        let c = self.client(agent).map_err(|e| agent_error(agent, e))?;
+        let op: Operation = c
+            .call_with(
+                Method::POST,
+                path,
+                Some(&body),
+                &[("idempotency-key", key.to_string())],
+            )
+            .await
+            .map_err(|e| agent_error(agent, e))?;
+        let mut op = op;
+        let mut failures = 0;
+        while op.state == OpState::Running {
+            match c
+                .get::<Operation>(&format!("/v1/operations/{}?wait-ms=20000", op.id))
+                .await
+            {
+                Ok(o) => {
+                    op = o;
+                    failures = 0;
+                }
+                // An agent that stops answering mid-operation: keep asking a while.
+                Err(e) if failures < 30 => {
+                    failures += 1;
+                    tracing::warn!(agent, op = op.id, "waiting for an operation: {}", e.message);
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                Err(e) => return Err(agent_error(agent, e)),
+            }
+        }
+        match op.state {
+            OpState::Succeeded => Ok(op),
+            _ => Err(op
+                .error
+                .clone()
+                .map(|e| OpError {
+                    kind: e.kind,
+                    message: format!("agent {agent}: {}", e.message),
+                })
+                .unwrap_or_else(|| OpError {
+                    kind: "backend".into(),
+                    message: format!("agent {agent}: operation {} failed", op.id),
+                })),
+        }
+    }
+}
+
+/// Removes a VM record, giving its owner's quota back.
+pub fn forget_vm(t: &mut super::store::Txn<'_>, v: &SiteVm) -> Result<(), StoreError> {
+    if let Some(o) = &v.owner {
+        let u = t.usage(o)?;
+        t.set_usage(
+            o,
+            u.minus(Usage::vm(u64::from(v.logical_cpus), v.main_memory_mib)),
+        )?;
+    }
+    t.remove_vm(&v.id)
+}
+
+/// Brings the site's records of agent `agent`'s VMs in line with what it reports.
+/// VMs that jobs are working on are left to those jobs.
+fn sync_vms(
+    t: &mut super::store::Txn<'_>,
+    agent: &str,
+    listed: &[VmRecord],
+) -> Result<(), StoreError> {
+    let mut busy: HashSet<String> = HashSet::new();
+    let mut active_jobs: HashSet<String> = HashSet::new();
+    for j in t.active_jobs()? {
+        if let Some(v) = &j.vm {
+            busy.insert(v.clone());
+        }
+        active_jobs.insert(j.id);
+    }
+    let all = t.vms()?;
+    let mine: BTreeMap<String, SiteVm> = all
+        .iter()
+        .filter(|v| v.agent == agent)
+        .map(|v| (v.agent_vm.clone(), v.clone()))
+        .collect();
+    let now = now_ms();
+    for rec in listed {
+        let vm = &rec.vm;
+        let state = format!("{:?}", vm.state).to_lowercase();
+        match mine.get(&vm.id) {
+            Some(known) => {
+                if known.state != state || known.name != vm.name {
+                    let mut k = known.clone();
+                    k.state = state;
+                    k.name = vm.name.clone();
+                    k.updated_ms = now;
+                    t.put_vm(&k)?;
+                }
+            }
+            None => {
+                // Being created by a job, or migrating in under a job: not ours to add.
+                let made_by_active = vm
+                    .labels
+                    .get("gve.job")
+                    .is_some_and(|j| active_jobs.contains(j));
+                let migrating_in = all
+                    .iter()
+                    .any(|v| v.agent_vm == vm.id && v.agent != agent && busy.contains(&v.id));
+                if made_by_active || migrating_in {
+                    continue;
+                }
+                t.put_vm(&SiteVm {
+                    id: site_vm_id(agent, &vm.id),
+                    agent: agent.to_string(),
+                    agent_vm: vm.id.clone(),
+                    name: vm.name.clone(),
+                    owner: None,
+                    logical_cpus: vm.logical_cpus,
+                    main_memory_mib: vm.main_memory_mib,
+                    template: vm.labels.get("gve.template").cloned(),
+                    os_family: vm.os_family.clone(),
+                    state,
+                    lease: None,
+                    software: rec
+                        .provisioned
+                        .iter()
+                        .map(|(k, p)| (k.clone(), p.digest.clone()))
+                        .collect(),
+                    updated_ms: now,
+                })?;
+            }
+        }
+    }
+    let present: HashSet<&str> = listed.iter().map(|r| r.vm.id.as_str()).collect();
+    for (agent_vm, v) in &mine {
+        if !present.contains(agent_vm.as_str()) && !busy.contains(&v.id) {
+            tracing::warn!(
+                vm = v.id,
+                agent,
+                "VM vanished from its agent; forgetting it"
+            );
+            forget_vm(t, v)?;
+        }
+    }
+    Ok(())
+}

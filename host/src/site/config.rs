@@ -1,0 +1,150 @@
+//! The site's configuration file (TOML).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::placement::Policy;
+
+/// What happens to a released VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ReleasePolicy {
+    /// Stopped and kept as a free VM for the next matching request.
+    #[default]
+    Pool,
+    /// Destroyed with its disks.
+    Destroy,
+}
+
+/// Everything a site needs to start.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct SiteConfig {
+    /// Address to listen on (loopback by default).
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// Directory of the site database.
+    pub data_dir: PathBuf,
+    /// This site's id (told to its agents).
+    #[serde(default = "default_id")]
+    pub site_id: String,
+    /// Token of the `admin` user, created (or updated) at start; at least 16 characters.
+    pub admin_token: String,
+    /// Lease of an allocation unless the request says, seconds.
+    #[serde(default = "default_lease")]
+    pub lease_default_seconds: u64,
+    /// Longest lease a request or renewal may ask, seconds.
+    #[serde(default = "default_lease_max")]
+    pub lease_max_seconds: u64,
+    /// What release does with a VM.
+    #[serde(default)]
+    pub release_policy: ReleasePolicy,
+    /// How new VMs are placed.
+    #[serde(default)]
+    pub placement: Policy,
+    /// How often agents are checked, milliseconds.
+    #[serde(default = "default_health")]
+    pub health_period_ms: u64,
+    /// Jobs run at once.
+    #[serde(default = "default_parallel")]
+    pub parallel_jobs: usize,
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 7080))
+}
+
+fn default_id() -> String {
+    "site".into()
+}
+
+fn default_lease() -> u64 {
+    8 * 3600
+}
+
+fn default_lease_max() -> u64 {
+    7 * 24 * 3600
+}
+
+fn default_health() -> u64 {
+    5_000
+}
+
+fn default_parallel() -> usize {
+    64
+}
+
+/// Why a site configuration cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum SiteConfigError {
+    /// The file could not be read.
+    #[error("cannot read site config {path}: {source}")]
+    Read {
+        /// File.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid.
+    #[error("site config {path}: {message}")]
+    Invalid {
+        /// File.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+impl SiteConfig {
+    /// A configuration with defaults for everything but the data dir and token.
+    pub fn new(data_dir: PathBuf, admin_token: String) -> SiteConfig {
+        SiteConfig {
+            listen: default_listen(),
+            data_dir,
+            site_id: default_id(),
+            admin_token,
+            lease_default_seconds: default_lease(),
+            lease_max_seconds: default_lease_max(),
+            release_policy: ReleasePolicy::default(),
+            placement: Policy::default(),
+            health_period_ms: default_health(),
+            parallel_jobs: default_parallel(),
+        }
+    }
+
+    /// Checks the values; says what is wrong.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.admin_token.len() < 16 {
+            return Err("admin-token must be at least 16 characters".into());
+        }
+        if self.lease_default_seconds == 0 || self.lease_default_seconds > self.lease_max_seconds {
+            return Err("lease-default-seconds must be between 1 and lease-max-seconds".into());
+        }
+        if self.health_period_ms < 100 {
+            return Err("health-period-ms must be at least 100".into());
+        }
+        if self.parallel_jobs == 0 {
+            return Err("parallel-jobs must be positive".into());
+        }
+        super::auth::validate_name(&self.site_id).map_err(|e| format!("site-id: {}", e.message))
+    }
+
+    /// Reads a config file; relative paths in it are taken relative to the file.
+    pub fn read(path: &Path) -> Result<SiteConfig, SiteConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| SiteConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let invalid = |message: String| SiteConfigError::Invalid {
+            path: path.to_path_buf(),
+            message,
+        };
+        let mut cfg: SiteConfig = toml::from_str(&text).map_err(|e| invalid(e.to_string()))?;
+        cfg.data_dir = path.parent().unwrap_or(Path::new(".")).join(&cfg.data_dir);
+        cfg.validate().map_err(invalid)?;
+        Ok(cfg)
+    }
+}

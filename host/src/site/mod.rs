@@ -1,0 +1,215 @@
+//! The site service: a computing centre's one endpoint for grid users. It owns
+//! identity (users, bearer tokens, roles), quotas, leases, asynchronous jobs and
+//! placement, and drives its agents over HTTP with each agent's own secret.
+//!
+//! The path of a request: `POST /v1/vms` → [`vms_api`] (identify, check) →
+//! [`jobs::Submitter`] (quota checked and job recorded in one group-committed
+//! transaction, `202`) → [`jobs`] runner → [`SiteCore::run_request`] (claim a free VM
+//! or place and create one; start; provision) → [`agents::Agents::run_op`] (agent
+//! HTTP API with an idempotency key, long-polled) → the agent's operation.
+
+pub mod admin_api;
+pub mod agents;
+pub mod auth;
+pub mod config;
+pub mod jobs;
+pub mod model;
+pub mod placement;
+pub mod store;
+pub mod vms;
+pub mod vms_api;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::body::Incoming;
+use hyper::{Request, StatusCode};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::api::{self, server::Handler, ApiError, Response};
+pub use config::SiteConfig;
+use model::{now_ms, Quota, Role, User};
+use store::{Store, StoreError};
+
+/// The OpenAPI 3 document of the site's HTTP API (also `docs/openapi.yaml`).
+pub const OPENAPI: &str = include_str!("../../../docs/openapi.yaml");
+
+/// Everything a site's handlers and jobs share.
+pub struct SiteCore {
+    /// The site database.
+    pub store: Store,
+    /// Its agents.
+    pub agents: Arc<agents::Agents>,
+    /// Its configuration.
+    pub config: SiteConfig,
+    /// Records new jobs.
+    pub submitter: jobs::Submitter,
+    /// Queues jobs to run.
+    pub runner: mpsc::UnboundedSender<String>,
+}
+
+/// Why a site could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum SiteError {
+    /// The configuration is not usable.
+    #[error("site config: {0}")]
+    Config(String),
+    /// The database failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The listen address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        /// Address.
+        addr: SocketAddr,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+struct SiteApi {
+    core: Arc<SiteCore>,
+}
+
+impl SiteApi {
+    async fn route(&self, req: Request<Incoming>) -> Result<Response, ApiError> {
+        let path = req.uri().path().to_string();
+        let segs = api::segments(&path);
+        match segs.as_slice() {
+            ["v1", "health"] => return api::ok(&serde_json::json!({ "status": "ok" })),
+            ["v1", "openapi.yaml"] => {
+                return hyper::Response::builder()
+                    .header(hyper::header::CONTENT_TYPE, "application/yaml")
+                    .body(api::full(OPENAPI))
+                    .map_err(|e| {
+                        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "backend", e.to_string())
+                    })
+            }
+            _ => {}
+        }
+        // Every other call is identified before anything else happens.
+        let caller = auth::identify(&self.core.store, &req)?;
+        let core = &self.core;
+        match segs.as_slice() {
+            ["v1", "me"] | ["v1", "users", ..] => core.handle_users(&caller, req, &segs).await,
+            ["v1", "agents", ..] => core.handle_agents(&caller, req, &segs).await,
+            ["v1", "vms", ..] | ["v1", "templates"] => core.handle_vms(&caller, req, &segs).await,
+            ["v1", "jobs", ..] => core.handle_jobs(&caller, req, &segs).await,
+            _ => Err(ApiError::no_route(req.method(), &path)),
+        }
+    }
+}
+
+impl Handler for SiteApi {
+    async fn handle(&self, req: Request<Incoming>) -> Response {
+        self.route(req)
+            .await
+            .unwrap_or_else(ApiError::into_response)
+    }
+}
+
+/// A running site.
+pub struct Site {
+    /// The address it listens on.
+    pub addr: SocketAddr,
+    /// Its shared state.
+    pub core: Arc<SiteCore>,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+    background: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Site {
+    /// Opens the database, makes sure the admin user exists, resumes unfinished jobs
+    /// and serves the API.
+    pub async fn start(config: SiteConfig) -> Result<Site, SiteError> {
+        config.validate().map_err(SiteError::Config)?;
+        let store = Store::open(&config.data_dir.join("site.redb"))?;
+        let admin_hash = auth::hash(&config.admin_token);
+        store.write(|t| {
+            let admin = match t.user("admin")? {
+                Some(mut u) => {
+                    u.token_sha256 = admin_hash.clone();
+                    u.role = Role::Admin;
+                    u
+                }
+                None => User {
+                    name: "admin".into(),
+                    role: Role::Admin,
+                    token_sha256: admin_hash.clone(),
+                    quota: Quota::default(),
+                    created_ms: now_ms(),
+                },
+            };
+            t.put_user(&admin)?;
+            t.set_meta("site-id", &config.site_id)
+        })?;
+        let agents = Arc::new(agents::Agents::new(store.clone(), config.site_id.clone()));
+        let (run_tx, run_rx) = mpsc::unbounded_channel();
+        let submitter = jobs::Submitter::start(store.clone(), run_tx.clone());
+        let core = Arc::new(SiteCore {
+            store,
+            agents: agents.clone(),
+            config: config.clone(),
+            submitter,
+            runner: run_tx.clone(),
+        });
+        let resumed = core.resume_all(&run_tx)?;
+        if resumed > 0 {
+            tracing::warn!(resumed, "resuming jobs a previous run left unfinished");
+        }
+        let background = vec![
+            jobs::spawn_runner(core.clone(), run_rx, config.parallel_jobs),
+            agents.spawn_health(Duration::from_millis(config.health_period_ms)),
+            core.spawn_leases(),
+        ];
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| SiteError::Listen {
+                addr: config.listen,
+                source,
+            })?;
+        let addr = listener.local_addr().map_err(|source| SiteError::Listen {
+            addr: config.listen,
+            source,
+        })?;
+        let handler = Arc::new(SiteApi { core: core.clone() });
+        let (tx, rx) = oneshot::channel();
+        let task = tokio::spawn(api::server::serve(listener, handler, async {
+            let _ = rx.await;
+        }));
+        tracing::info!(%addr, "site listening");
+        Ok(Site {
+            addr,
+            core,
+            stop: Some(tx),
+            task,
+            background,
+        })
+    }
+
+    /// Stops serving and the background tasks.
+    pub async fn stop(mut self) {
+        for b in self.background.drain(..) {
+            b.abort();
+        }
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        let _ = (&mut self.task).await;
+    }
+
+    /// Serves until Ctrl-C or SIGTERM.
+    pub async fn run_until_signal(self) {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {},
+            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending::<()>().await } } => {},
+        }
+        tracing::info!("site stopping");
+        self.stop().await;
+    }
+}

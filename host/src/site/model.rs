@@ -1,0 +1,411 @@
+//! The site's API and database types (plain serde structs). VM profiles and host
+//! capacity use GLUE 2.0 ExecutionEnvironment terms (LogicalCPUs, MainMemorySize,
+//! OSFamily, OSName, Platform), extended for VMs as the paper extended GLUE 1.3:
+//! a template to derive from, software to provision, a lease.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+pub use crate::agent::model::{now_ms, OpError};
+
+/// What a user may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Role {
+    /// Manages users, agents and every VM and job.
+    Admin,
+    /// Manages their own VMs and jobs.
+    User,
+}
+
+/// Limits on what one user holds at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Quota {
+    /// Virtual CPUs (GLUE2 LogicalCPUs summed over the user's VMs).
+    pub logical_cpus: u64,
+    /// Memory, MiB (GLUE2 MainMemorySize summed).
+    pub main_memory_mib: u64,
+    /// VMs.
+    pub vms: u64,
+}
+
+impl Default for Quota {
+    fn default() -> Quota {
+        Quota {
+            logical_cpus: 16,
+            main_memory_mib: 32 * 1024,
+            vms: 8,
+        }
+    }
+}
+
+/// What a user holds or has reserved for jobs in flight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Usage {
+    /// Virtual CPUs.
+    pub logical_cpus: u64,
+    /// Memory, MiB.
+    pub main_memory_mib: u64,
+    /// VMs.
+    pub vms: u64,
+}
+
+impl Usage {
+    /// One VM of `cpus` and `mib`.
+    pub fn vm(cpus: u64, mib: u64) -> Usage {
+        Usage {
+            logical_cpus: cpus,
+            main_memory_mib: mib,
+            vms: 1,
+        }
+    }
+
+    /// `self + other`.
+    pub fn plus(self, o: Usage) -> Usage {
+        Usage {
+            logical_cpus: self.logical_cpus + o.logical_cpus,
+            main_memory_mib: self.main_memory_mib + o.main_memory_mib,
+            vms: self.vms + o.vms,
+        }
+    }
+
+    /// `self - other`, never below zero.
+    pub fn minus(self, o: Usage) -> Usage {
+        Usage {
+            logical_cpus: self.logical_cpus.saturating_sub(o.logical_cpus),
+            main_memory_mib: self.main_memory_mib.saturating_sub(o.main_memory_mib),
+            vms: self.vms.saturating_sub(o.vms),
+        }
+    }
+
+    /// What in `self` exceeds `q`, as a sentence; `None` when within.
+    pub fn exceeds(&self, q: &Quota) -> Option<String> {
+        let mut over = Vec::new();
+        if self.vms > q.vms {
+            over.push(format!("{} VMs (quota {})", self.vms, q.vms));
+        }
+        if self.logical_cpus > q.logical_cpus {
+            over.push(format!(
+                "{} vCPUs (quota {})",
+                self.logical_cpus, q.logical_cpus
+            ));
+        }
+        if self.main_memory_mib > q.main_memory_mib {
+            over.push(format!(
+                "{} MiB of memory (quota {})",
+                self.main_memory_mib, q.main_memory_mib
+            ));
+        }
+        (!over.is_empty()).then(|| over.join(", "))
+    }
+}
+
+/// A user as stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct User {
+    /// Login name.
+    pub name: String,
+    /// Role.
+    pub role: Role,
+    /// SHA-256 of the bearer token (the token itself is shown once, at creation).
+    pub token_sha256: String,
+    /// Quota.
+    pub quota: Quota,
+    /// Created at (Unix ms).
+    pub created_ms: u64,
+}
+
+/// A user as the API shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct UserView {
+    /// Login name.
+    pub name: String,
+    /// Role.
+    pub role: Role,
+    /// Quota.
+    pub quota: Quota,
+    /// Held and reserved now.
+    pub usage: Usage,
+    /// The bearer token: only in the answer that created it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+}
+
+/// Whether the site can reach an agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AgentStatus {
+    /// Answered its last health check.
+    Up,
+    /// Did not: its VMs' state is unknown.
+    Down,
+}
+
+/// An agent as stored (its secret included).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct AgentRec {
+    /// Id chosen by the admin.
+    pub id: String,
+    /// Base URL.
+    pub url: String,
+    /// The agent's secret (its admin token): the site authenticates with it.
+    pub token: String,
+    /// Reachable or not.
+    pub status: AgentStatus,
+    /// Why it is down.
+    pub error: Option<String>,
+    /// Last successful health check (Unix ms).
+    pub seen_ms: u64,
+    /// Its host's capacity at the last check.
+    pub host: Option<crate::agent::model::Host>,
+    /// Template names it offers.
+    pub templates: Vec<String>,
+    /// Its driver endpoint's libvirt URI or similar (migration destination).
+    pub endpoint: Option<String>,
+    /// Registered at (Unix ms).
+    pub registered_ms: u64,
+}
+
+/// An agent as the API shows it (no secret).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct AgentView {
+    /// Id.
+    pub id: String,
+    /// URL.
+    pub url: String,
+    /// Up or down.
+    pub status: AgentStatus,
+    /// Why it is down.
+    pub error: Option<String>,
+    /// Last successful health check.
+    pub seen_ms: u64,
+    /// Capacity (GLUE2 ExecutionEnvironment of the host).
+    pub host: Option<crate::agent::model::Host>,
+    /// Templates.
+    pub templates: Vec<String>,
+}
+
+impl From<&AgentRec> for AgentView {
+    fn from(a: &AgentRec) -> AgentView {
+        AgentView {
+            id: a.id.clone(),
+            url: a.url.clone(),
+            status: a.status,
+            error: a.error.clone(),
+            seen_ms: a.seen_ms,
+            host: a.host.clone(),
+            templates: a.templates.clone(),
+        }
+    }
+}
+
+/// A VM's allocation deadline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Lease {
+    /// Deadline (Unix ms).
+    pub until_ms: u64,
+    /// Set once the deadline passed and the site stopped the VM.
+    pub expired: bool,
+}
+
+/// A VM the site knows of.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct SiteVm {
+    /// Site-wide id (stable across migrations).
+    pub id: String,
+    /// Agent it lives on.
+    pub agent: String,
+    /// Its id on that agent.
+    pub agent_vm: String,
+    /// Name.
+    pub name: String,
+    /// The user it is allocated to; none for a free VM of the pool.
+    pub owner: Option<String>,
+    /// GLUE2 LogicalCPUs.
+    pub logical_cpus: u32,
+    /// GLUE2 MainMemorySize, MiB.
+    pub main_memory_mib: u64,
+    /// Template it was made from, when known.
+    pub template: Option<String>,
+    /// GLUE2 OSFamily.
+    pub os_family: Option<String>,
+    /// State as last reported (`unknown` while its agent is down).
+    pub state: String,
+    /// Allocation deadline, while allocated.
+    pub lease: Option<Lease>,
+    /// Software bundles installed (name → digest).
+    #[serde(default)]
+    pub software: BTreeMap<String, String>,
+    /// Last update (Unix ms).
+    pub updated_ms: u64,
+}
+
+/// A request for a VM by profile (the paper's RequestVirtualMachine).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct VmRequest {
+    /// GLUE2 LogicalCPUs.
+    #[serde(default = "one")]
+    pub logical_cpus: u32,
+    /// GLUE2 MainMemorySize, MiB.
+    #[serde(default = "default_mib")]
+    pub main_memory_mib: u64,
+    /// Template to derive from.
+    #[serde(default)]
+    pub template: Option<String>,
+    /// GLUE2 OSFamily wanted (matched against free VMs).
+    #[serde(default)]
+    pub os_family: Option<String>,
+    /// Software bundles that must be installed.
+    #[serde(default)]
+    pub software: Vec<String>,
+    /// Lease length, seconds (the site's default when absent; at most its maximum).
+    #[serde(default)]
+    pub lease_seconds: Option<u64>,
+    /// Name for a new VM (generated when absent).
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Start an existing VM (free, or already the caller's) instead of matching.
+    #[serde(default)]
+    pub vm: Option<String>,
+}
+
+fn one() -> u32 {
+    1
+}
+
+fn default_mib() -> u64 {
+    512
+}
+
+/// Kinds of jobs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum JobKind {
+    /// Get a VM by profile (reuse a free one or create one) and start it.
+    Request,
+    /// Power on.
+    Start,
+    /// Shut down.
+    Shutdown,
+    /// Suspend.
+    Suspend,
+    /// Resume.
+    Resume,
+    /// Move to another agent.
+    Migrate,
+    /// Copy a VM.
+    Clone,
+    /// Run a command in the guest.
+    Exec,
+    /// Install a software bundle.
+    Provision,
+    /// Give the VM back (stop it; pool or destroy by site policy).
+    Release,
+    /// Stop a VM whose lease ran out.
+    Expire,
+}
+
+impl JobKind {
+    /// The kind's name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobKind::Request => "request",
+            JobKind::Start => "start",
+            JobKind::Shutdown => "shutdown",
+            JobKind::Suspend => "suspend",
+            JobKind::Resume => "resume",
+            JobKind::Migrate => "migrate",
+            JobKind::Clone => "clone",
+            JobKind::Exec => "exec",
+            JobKind::Provision => "provision",
+            JobKind::Release => "release",
+            JobKind::Expire => "expire",
+        }
+    }
+}
+
+/// Where a job is (the paper's JobState).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum JobState {
+    /// Accepted, waiting for a runner.
+    Queued,
+    /// Being worked on.
+    Running,
+    /// Done; the result is ready.
+    Succeeded,
+    /// Ended with a typed error.
+    Failed,
+    /// Cancelled before it ran.
+    Cancelled,
+}
+
+impl JobState {
+    /// Succeeded, failed or cancelled.
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            JobState::Succeeded | JobState::Failed | JobState::Cancelled
+        )
+    }
+}
+
+/// An asynchronous job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Job {
+    /// Id.
+    pub id: String,
+    /// The user it runs for.
+    pub owner: String,
+    /// What it does.
+    pub kind: JobKind,
+    /// The site VM it acts on (for request: once chosen).
+    pub vm: Option<String>,
+    /// Its arguments.
+    pub params: serde_json::Value,
+    /// Where it is.
+    pub state: JobState,
+    /// Progress a restarted site resumes from (agent, agent operation, ...).
+    #[serde(default)]
+    pub step: serde_json::Value,
+    /// Quota held for it while it runs (request).
+    #[serde(default)]
+    pub reserved: Usage,
+    /// What it produced.
+    pub result: Option<serde_json::Value>,
+    /// Why it failed.
+    pub error: Option<OpError>,
+    /// Submitted at (Unix ms).
+    pub created_ms: u64,
+    /// Last change (Unix ms).
+    pub updated_ms: u64,
+}
+
+/// One change of a job, in order: what the event stream carries.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct JobEvent {
+    /// Sequence number (site-wide, increasing).
+    pub seq: u64,
+    /// Job id.
+    pub job: String,
+    /// Owner (events are shown to the owner and admins only).
+    pub owner: String,
+    /// State after the change.
+    pub state: JobState,
+    /// What happened.
+    pub message: String,
+    /// When (Unix ms).
+    pub at_ms: u64,
+}

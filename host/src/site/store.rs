@@ -1,0 +1,495 @@
+//! The site's database in redb (`site.redb`, the paper's User Information Database):
+//! users and their tokens, quotas and usage, agents, VMs, jobs and job events. Every
+//! change is one durable transaction, so a job's new state, the usage it moves and
+//! the event reporting it commit together or not at all.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio::sync::broadcast;
+
+use super::model::{now_ms, AgentRec, Job, JobEvent, JobState, SiteVm, Usage, User};
+
+const USERS: TableDefinition<&str, &[u8]> = TableDefinition::new("users");
+/// Token SHA-256 → user name.
+const TOKENS: TableDefinition<&str, &str> = TableDefinition::new("tokens");
+const USAGE: TableDefinition<&str, &[u8]> = TableDefinition::new("usage");
+const AGENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("agents");
+const VMS: TableDefinition<&str, &[u8]> = TableDefinition::new("vms");
+const JOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("jobs");
+/// Jobs not yet terminal (what a restarted site resumes).
+const ACTIVE: TableDefinition<&str, ()> = TableDefinition::new("active_jobs");
+/// "owner\0job id" → (): a user's jobs in submission order.
+const USER_JOBS: TableDefinition<&str, ()> = TableDefinition::new("user_jobs");
+const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("job_events");
+const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
+
+/// Job events kept; older ones are trimmed.
+const MAX_EVENTS: u64 = 1_000_000;
+
+/// A database failure.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The file could not be opened or created.
+    #[error("site database {path}: {message}")]
+    Open {
+        /// File.
+        path: PathBuf,
+        /// Cause.
+        message: String,
+    },
+    /// A read, write or commit failed.
+    #[error("site database: {0}")]
+    Storage(String),
+    /// A stored value could not be decoded.
+    #[error("site database: record '{key}' is unreadable: {message}")]
+    Corrupt {
+        /// Key.
+        key: String,
+        /// Cause.
+        message: String,
+    },
+}
+
+fn storage(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Storage(e.to_string())
+}
+
+fn decode<T: DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
+        key: key.to_string(),
+        message: e.to_string(),
+    })
+}
+
+fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(value).map_err(storage)
+}
+
+fn get<T: DeserializeOwned>(
+    t: &impl ReadableTable<&'static str, &'static [u8]>,
+    key: &str,
+) -> Result<Option<T>, StoreError> {
+    let v = t.get(key).map_err(storage)?;
+    v.map(|v| decode(key, v.value())).transpose()
+}
+
+fn all<T: DeserializeOwned>(
+    t: &impl ReadableTable<&'static str, &'static [u8]>,
+) -> Result<Vec<T>, StoreError> {
+    let mut out = Vec::new();
+    for row in t.range::<&str>(..).map_err(storage)? {
+        let (k, v) = row.map_err(storage)?;
+        out.push(decode(k.value(), v.value())?);
+    }
+    Ok(out)
+}
+
+/// The site database. Cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    db: Arc<Database>,
+    events: broadcast::Sender<JobEvent>,
+}
+
+/// One write transaction.
+pub struct Txn<'a> {
+    txn: &'a redb::WriteTransaction,
+    new_events: Vec<JobEvent>,
+}
+
+macro_rules! json_table {
+    ($get:ident, $put:ident, $remove:ident, $all:ident, $table:ident, $ty:ty, $key:ident) => {
+        /// One record by key.
+        pub fn $get(&self, key: &str) -> Result<Option<$ty>, StoreError> {
+            get(&self.txn.open_table($table).map_err(storage)?, key)
+        }
+        /// Inserts or replaces a record.
+        pub fn $put(&mut self, v: &$ty) -> Result<(), StoreError> {
+            let mut t = self.txn.open_table($table).map_err(storage)?;
+            t.insert(v.$key.as_str(), encode(v)?.as_slice())
+                .map_err(storage)?;
+            Ok(())
+        }
+        /// Removes a record.
+        pub fn $remove(&mut self, key: &str) -> Result<(), StoreError> {
+            let mut t = self.txn.open_table($table).map_err(storage)?;
+            t.remove(key).map_err(storage)?;
+            Ok(())
+        }
+        /// Every record.
+        pub fn $all(&self) -> Result<Vec<$ty>, StoreError> {
+            all(&self.txn.open_table($table).map_err(storage)?)
+        }
+    };
+}
+
+impl Txn<'_> {
+    json_table!(
+        user,
+        put_user_record,
+        remove_user_record,
+        users,
+        USERS,
+        User,
+        name
+    );
+    json_table!(agent, put_agent, remove_agent, agents, AGENTS, AgentRec, id);
+    json_table!(vm, put_vm, remove_vm, vms, VMS, SiteVm, id);
+    json_table!(
+        job,
+        put_job_record,
+        remove_job_record,
+        jobs_all,
+        JOBS,
+        Job,
+        id
+    );
+
+    /// Inserts or replaces a user and its token index.
+    pub fn put_user(&mut self, u: &User) -> Result<(), StoreError> {
+        if let Some(old) = self.user(&u.name)? {
+            let mut t = self.txn.open_table(TOKENS).map_err(storage)?;
+            t.remove(old.token_sha256.as_str()).map_err(storage)?;
+        }
+        self.put_user_record(u)?;
+        let mut t = self.txn.open_table(TOKENS).map_err(storage)?;
+        t.insert(u.token_sha256.as_str(), u.name.as_str())
+            .map_err(storage)?;
+        Ok(())
+    }
+
+    /// Removes a user and its token.
+    pub fn remove_user(&mut self, name: &str) -> Result<(), StoreError> {
+        if let Some(old) = self.user(name)? {
+            let mut t = self.txn.open_table(TOKENS).map_err(storage)?;
+            t.remove(old.token_sha256.as_str()).map_err(storage)?;
+        }
+        self.remove_user_record(name)?;
+        let mut t = self.txn.open_table(USAGE).map_err(storage)?;
+        t.remove(name).map_err(storage)?;
+        Ok(())
+    }
+
+    /// What `user` holds and has reserved.
+    pub fn usage(&self, user: &str) -> Result<Usage, StoreError> {
+        Ok(get(&self.txn.open_table(USAGE).map_err(storage)?, user)?.unwrap_or_default())
+    }
+
+    /// Sets what `user` holds and has reserved.
+    pub fn set_usage(&mut self, user: &str, u: Usage) -> Result<(), StoreError> {
+        let mut t = self.txn.open_table(USAGE).map_err(storage)?;
+        t.insert(user, encode(&u)?.as_slice()).map_err(storage)?;
+        Ok(())
+    }
+
+    /// Inserts or replaces a job, keeping the active and per-user indexes, and
+    /// appends an event with `message` when given.
+    pub fn put_job(&mut self, job: &Job, message: Option<&str>) -> Result<(), StoreError> {
+        let new = self.job(&job.id)?.is_none();
+        self.put_job_record(job)?;
+        {
+            let mut active = self.txn.open_table(ACTIVE).map_err(storage)?;
+            if job.state.is_terminal() {
+                active.remove(job.id.as_str()).map_err(storage)?;
+            } else {
+                active.insert(job.id.as_str(), ()).map_err(storage)?;
+            }
+        }
+        if new {
+            let mut by_user = self.txn.open_table(USER_JOBS).map_err(storage)?;
+            by_user
+                .insert(format!("{}\0{}", job.owner, job.id).as_str(), ())
+                .map_err(storage)?;
+        }
+        if let Some(m) = message {
+            self.event(job, m)?;
+        }
+        Ok(())
+    }
+
+    /// Appends a job event (published once the transaction commits).
+    pub fn event(&mut self, job: &Job, message: &str) -> Result<(), StoreError> {
+        let mut t = self.txn.open_table(EVENTS).map_err(storage)?;
+        let seq = t
+            .last()
+            .map_err(storage)?
+            .map(|(k, _)| k.value() + 1)
+            .unwrap_or(1);
+        let ev = JobEvent {
+            seq,
+            job: job.id.clone(),
+            owner: job.owner.clone(),
+            state: job.state,
+            message: message.to_string(),
+            at_ms: now_ms(),
+        };
+        t.insert(seq, encode(&ev)?.as_slice()).map_err(storage)?;
+        if seq > MAX_EVENTS && seq % 1024 == 0 {
+            t.retain_in(..seq - MAX_EVENTS, |_, _| false)
+                .map_err(storage)?;
+        }
+        self.new_events.push(ev);
+        Ok(())
+    }
+
+    /// Jobs that are queued or running, as this transaction sees them.
+    pub fn active_jobs(&self) -> Result<Vec<Job>, StoreError> {
+        let active = self.txn.open_table(ACTIVE).map_err(storage)?;
+        let jobs = self.txn.open_table(JOBS).map_err(storage)?;
+        let mut out = Vec::new();
+        for row in active.range::<&str>(..).map_err(storage)? {
+            let (k, _) = row.map_err(storage)?;
+            if let Some(j) = get::<Job>(&jobs, k.value())? {
+                out.push(j);
+            }
+        }
+        Ok(out)
+    }
+
+    /// A site-wide value.
+    pub fn meta(&self, key: &str) -> Result<Option<String>, StoreError> {
+        let t = self.txn.open_table(META).map_err(storage)?;
+        let v = t.get(key).map_err(storage)?;
+        Ok(v.map(|v| v.value().to_string()))
+    }
+
+    /// Sets a site-wide value.
+    pub fn set_meta(&mut self, key: &str, value: &str) -> Result<(), StoreError> {
+        let mut t = self.txn.open_table(META).map_err(storage)?;
+        t.insert(key, value).map_err(storage)?;
+        Ok(())
+    }
+}
+
+impl Store {
+    /// Opens (or creates) the database at `path`.
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        let err = |e: &dyn std::fmt::Display| StoreError::Open {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        };
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| err(&e))?;
+        }
+        let db = Database::create(path).map_err(|e| err(&e))?;
+        let txn = db.begin_write().map_err(|e| err(&e))?;
+        {
+            txn.open_table(USERS).map_err(|e| err(&e))?;
+            txn.open_table(TOKENS).map_err(|e| err(&e))?;
+            txn.open_table(USAGE).map_err(|e| err(&e))?;
+            txn.open_table(AGENTS).map_err(|e| err(&e))?;
+            txn.open_table(VMS).map_err(|e| err(&e))?;
+            txn.open_table(JOBS).map_err(|e| err(&e))?;
+            txn.open_table(ACTIVE).map_err(|e| err(&e))?;
+            txn.open_table(USER_JOBS).map_err(|e| err(&e))?;
+            txn.open_table(EVENTS).map_err(|e| err(&e))?;
+            let mut meta = txn.open_table(META).map_err(|e| err(&e))?;
+            if meta.get("schema").map_err(|e| err(&e))?.is_none() {
+                meta.insert("schema", "1").map_err(|e| err(&e))?;
+            }
+        }
+        txn.commit().map_err(|e| err(&e))?;
+        let (events, _) = broadcast::channel(4096);
+        Ok(Store {
+            db: Arc::new(db),
+            events,
+        })
+    }
+
+    /// Runs `f` in one write transaction and commits it durably; its events are
+    /// published after the commit. An `Err` from `f` rolls everything back.
+    pub fn write<T>(
+        &self,
+        f: impl FnOnce(&mut Txn<'_>) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let txn = self.db.begin_write().map_err(storage)?;
+        let (value, events) = {
+            let mut t = Txn {
+                txn: &txn,
+                new_events: Vec::new(),
+            };
+            let v = f(&mut t)?;
+            (v, t.new_events)
+        };
+        txn.commit().map_err(storage)?;
+        for ev in events {
+            let _ = self.events.send(ev);
+        }
+        Ok(value)
+    }
+
+    /// Subscribes to job events committed from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<JobEvent> {
+        self.events.subscribe()
+    }
+
+    fn read<T>(
+        &self,
+        f: impl FnOnce(&redb::ReadTransaction) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let txn = self.db.begin_read().map_err(storage)?;
+        f(&txn)
+    }
+
+    /// The user a token hash belongs to.
+    pub fn user_by_token(&self, sha256: &str) -> Result<Option<User>, StoreError> {
+        self.read(|r| {
+            let names = r.open_table(TOKENS).map_err(storage)?;
+            let Some(name) = names.get(sha256).map_err(storage)? else {
+                return Ok(None);
+            };
+            let name = name.value().to_string();
+            get(&r.open_table(USERS).map_err(storage)?, &name)
+        })
+    }
+
+    /// One user.
+    pub fn user(&self, name: &str) -> Result<Option<User>, StoreError> {
+        self.read(|r| get(&r.open_table(USERS).map_err(storage)?, name))
+    }
+
+    /// Every user.
+    pub fn users(&self) -> Result<Vec<User>, StoreError> {
+        self.read(|r| all(&r.open_table(USERS).map_err(storage)?))
+    }
+
+    /// What a user holds and has reserved.
+    pub fn usage(&self, user: &str) -> Result<Usage, StoreError> {
+        self.read(|r| Ok(get(&r.open_table(USAGE).map_err(storage)?, user)?.unwrap_or_default()))
+    }
+
+    /// One agent.
+    pub fn agent(&self, id: &str) -> Result<Option<AgentRec>, StoreError> {
+        self.read(|r| get(&r.open_table(AGENTS).map_err(storage)?, id))
+    }
+
+    /// Every agent.
+    pub fn agents(&self) -> Result<Vec<AgentRec>, StoreError> {
+        self.read(|r| all(&r.open_table(AGENTS).map_err(storage)?))
+    }
+
+    /// One VM.
+    pub fn vm(&self, id: &str) -> Result<Option<SiteVm>, StoreError> {
+        self.read(|r| get(&r.open_table(VMS).map_err(storage)?, id))
+    }
+
+    /// Every VM.
+    pub fn vms(&self) -> Result<Vec<SiteVm>, StoreError> {
+        self.read(|r| all(&r.open_table(VMS).map_err(storage)?))
+    }
+
+    /// One job.
+    pub fn job(&self, id: &str) -> Result<Option<Job>, StoreError> {
+        self.read(|r| get(&r.open_table(JOBS).map_err(storage)?, id))
+    }
+
+    /// Jobs of `owner` (every job for `None`), oldest first, at most `limit`.
+    pub fn jobs(&self, owner: Option<&str>, limit: usize) -> Result<Vec<Job>, StoreError> {
+        self.read(|r| {
+            let jobs = r.open_table(JOBS).map_err(storage)?;
+            let Some(owner) = owner else {
+                let mut out: Vec<Job> = all(&jobs)?;
+                out.truncate(limit);
+                return Ok(out);
+            };
+            let index = r.open_table(USER_JOBS).map_err(storage)?;
+            let (lo, hi) = (format!("{owner}\0"), format!("{owner}\u{1}"));
+            let mut out = Vec::new();
+            for row in index.range(lo.as_str()..hi.as_str()).map_err(storage)? {
+                let (k, _) = row.map_err(storage)?;
+                let id = k.value().split('\0').nth(1).unwrap_or_default().to_string();
+                if let Some(j) = get(&jobs, &id)? {
+                    out.push(j);
+                }
+                if out.len() >= limit {
+                    break;
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    /// Jobs that are queued or running.
+    pub fn active_jobs(&self) -> Result<Vec<Job>, StoreError> {
+        self.read(|r| {
+            let active = r.open_table(ACTIVE).map_err(storage)?;
+            let jobs = r.open_table(JOBS).map_err(storage)?;
+            let mut out = Vec::new();
+            for row in active.range::<&str>(..).map_err(storage)? {
+                let (k, _) = row.map_err(storage)?;
+                if let Some(j) = get::<Job>(&jobs, k.value())? {
+                    out.push(j);
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    /// How many jobs exist.
+    pub fn job_count(&self) -> Result<u64, StoreError> {
+        self.read(|r| r.open_table(JOBS).map_err(storage)?.len().map_err(storage))
+    }
+
+    /// Job events after `after`, at most `limit`, optionally of one job.
+    pub fn events_after(
+        &self,
+        after: u64,
+        limit: usize,
+        job: Option<&str>,
+    ) -> Result<Vec<JobEvent>, StoreError> {
+        self.read(|r| {
+            let t = r.open_table(EVENTS).map_err(storage)?;
+            let mut out = Vec::new();
+            for row in t.range((after + 1)..).map_err(storage)? {
+                let (k, v) = row.map_err(storage)?;
+                let ev: JobEvent = decode(&k.value().to_string(), v.value())?;
+                if job.is_none_or(|j| ev.job == j) {
+                    out.push(ev);
+                    if out.len() >= limit {
+                        break;
+                    }
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    /// A site-wide value.
+    pub fn meta(&self, key: &str) -> Result<Option<String>, StoreError> {
+        self.read(|r| {
+            let t = r.open_table(META).map_err(storage)?;
+            let v = t.get(key).map_err(storage)?;
+            Ok(v.map(|v| v.value().to_string()))
+        })
+    }
+}
+
+/// Recomputes every user's usage from the VMs they hold and the quota their active
+/// jobs reserved; what the stored usage must equal.
+pub fn recomputed_usage(
+    t: &Txn<'_>,
+) -> Result<std::collections::BTreeMap<String, Usage>, StoreError> {
+    let mut out: std::collections::BTreeMap<String, Usage> = Default::default();
+    for vm in t.vms()? {
+        if let Some(o) = &vm.owner {
+            let u = out.entry(o.clone()).or_default();
+            *u = u.plus(Usage::vm(u64::from(vm.logical_cpus), vm.main_memory_mib));
+        }
+    }
+    for job in t.jobs_all()? {
+        if !job.state.is_terminal() && job.reserved != Usage::default() {
+            let u = out.entry(job.owner.clone()).or_default();
+            *u = u.plus(job.reserved);
+        }
+    }
+    Ok(out)
+}
+
+/// True while a job is queued or running.
+pub fn is_active(state: JobState) -> bool {
+    !state.is_terminal()
+}

@@ -1,0 +1,333 @@
+//! VMs and jobs (`/v1/vms...`, `/v1/templates`, `/v1/jobs...`). Everything that
+//! changes a VM answers `202` with a job at once; `GET /v1/jobs/{id}` polls it,
+//! `GET /v1/jobs/{id}/events` streams its changes (server-sent events) and
+//! `GET /v1/jobs/{id}/result` fetches what it produced. Users see only their own
+//! VMs and jobs; others' answer 404.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use hyper::body::{Frame, Incoming};
+use hyper::{Method, Request, StatusCode};
+use serde::Deserialize;
+use serde_json::Value;
+
+use super::agents::db;
+use super::auth::Caller;
+use super::jobs::new_job;
+use super::model::{AgentStatus, Job, JobKind, JobState, SiteVm, Usage, VmRequest};
+use super::SiteCore;
+use crate::api::{json_response, ok, query_param, read_json, ApiError, Response};
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RenewBody {
+    #[serde(default)]
+    seconds: Option<u64>,
+}
+
+fn not_found(what: String) -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "not-found", what)
+}
+
+impl SiteCore {
+    fn job_for(&self, caller: &Caller, id: &str) -> Result<Job, ApiError> {
+        self.store
+            .job(id)
+            .map_err(db)?
+            .filter(|j| caller.may_see(Some(&j.owner)))
+            .ok_or_else(|| not_found(format!("no job '{id}' of yours")))
+    }
+
+    fn accepted(job: &Job) -> Result<Response, ApiError> {
+        Ok(json_response(StatusCode::ACCEPTED, job))
+    }
+
+    /// Serves `/v1/vms...` and `/v1/templates`.
+    pub async fn handle_vms(
+        self: &Arc<Self>,
+        caller: &Caller,
+        req: Request<Incoming>,
+        segs: &[&str],
+    ) -> Result<Response, ApiError> {
+        let method = req.method().clone();
+        match (method, segs) {
+            (Method::GET, ["v1", "templates"]) => {
+                let names: BTreeSet<String> = self
+                    .store
+                    .agents()
+                    .map_err(db)?
+                    .into_iter()
+                    .filter(|a| a.status == AgentStatus::Up)
+                    .flat_map(|a| a.templates)
+                    .collect();
+                ok(&names)
+            }
+            (Method::GET, ["v1", "vms"]) => {
+                let all = query_param(req.uri(), "all")?.as_deref() == Some("true");
+                let vms: Vec<SiteVm> = self
+                    .store
+                    .vms()
+                    .map_err(db)?
+                    .into_iter()
+                    .filter(|v| {
+                        if caller.is_admin() && all {
+                            true
+                        } else {
+                            v.owner.as_deref() == Some(caller.name.as_str())
+                        }
+                    })
+                    .map(|v| super::vms::view(self, v))
+                    .collect();
+                ok(&vms)
+            }
+            (Method::POST, ["v1", "vms"]) => {
+                let req: VmRequest = read_json(req.into_body()).await?;
+                let job = self.request_job(caller, req)?;
+                let quota = self.store.user(&caller.name).map_err(db)?.map(|u| u.quota);
+                let job = self.submitter.submit(job, quota).await?;
+                Self::accepted(&job)
+            }
+            (Method::GET, ["v1", "vms", id]) => {
+                ok(&super::vms::view(self, self.vm_for(caller, id, "show")?))
+            }
+            (Method::POST, ["v1", "vms", id, "renew"]) => {
+                let body: RenewBody = crate::agent::vms_api::body_or_default(req).await?;
+                ok(&self.renew(caller, id, body.seconds)?)
+            }
+            (Method::POST, ["v1", "vms", id, action]) => {
+                let kind = match *action {
+                    "start" => JobKind::Start,
+                    "shutdown" => JobKind::Shutdown,
+                    "suspend" => JobKind::Suspend,
+                    "resume" => JobKind::Resume,
+                    "migrate" => JobKind::Migrate,
+                    "clone" => JobKind::Clone,
+                    "exec" => JobKind::Exec,
+                    "provision" => JobKind::Provision,
+                    "release" => JobKind::Release,
+                    other => {
+                        return Err(ApiError::no_route(
+                            &Method::POST,
+                            &format!("/v1/vms/{id}/{other}"),
+                        ))
+                    }
+                };
+                let vm = self.vm_for(caller, id, action)?;
+                if vm.owner.is_none() {
+                    return Err(ApiError::new(
+                        StatusCode::CONFLICT,
+                        "invalid-state",
+                        format!("VM {id} is free: request it first"),
+                    ));
+                }
+                let params: Value = crate::agent::vms_api::body_or_default(req).await?;
+                if !params.is_object() {
+                    return Err(ApiError::bad_request("the body must be a JSON object"));
+                }
+                let agent = self.store.agent(&vm.agent).map_err(db)?;
+                if kind != JobKind::Release
+                    && agent.as_ref().is_none_or(|a| a.status != AgentStatus::Up)
+                {
+                    return Err(ApiError::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "unavailable",
+                        format!(
+                            "agent {} of VM {id} is down; its state is unknown",
+                            vm.agent
+                        ),
+                    ));
+                }
+                let mut quota = None;
+                let mut job = new_job(
+                    vm.owner.as_deref().unwrap_or(&caller.name),
+                    kind,
+                    Some(vm.id.clone()),
+                    params,
+                );
+                match kind {
+                    JobKind::Clone => {
+                        let name = job.params["name"].as_str().unwrap_or_default().to_string();
+                        super::auth::validate_name(&name).map_err(|e| {
+                            ApiError::bad_request(format!("clone name: {}", e.message))
+                        })?;
+                        job.reserved = Usage::vm(u64::from(vm.logical_cpus), vm.main_memory_mib);
+                        quota = self.store.user(&job.owner).map_err(db)?.map(|u| u.quota);
+                    }
+                    JobKind::Migrate => {
+                        let to = job.params["to"].as_str().unwrap_or_default().to_string();
+                        let dest =
+                            self.store.agent(&to).map_err(db)?.ok_or_else(|| {
+                                not_found(format!("no agent '{to}' to migrate to"))
+                            })?;
+                        if dest.id == vm.agent {
+                            return Err(ApiError::bad_request(format!(
+                                "VM {id} is on agent {to} already"
+                            )));
+                        }
+                    }
+                    JobKind::Exec if job.params["argv"].as_array().is_none_or(|a| a.is_empty()) => {
+                        return Err(ApiError::bad_request("exec needs a non-empty argv"));
+                    }
+                    JobKind::Provision if !job.params["bundle"].is_string() => {
+                        return Err(ApiError::bad_request("provision needs a bundle name"));
+                    }
+                    _ => {}
+                }
+                let job = self.submitter.submit(job, quota).await?;
+                Self::accepted(&job)
+            }
+            (m, _) => Err(ApiError::no_route(&m, req.uri().path())),
+        }
+    }
+
+    /// Serves `/v1/jobs...`.
+    pub async fn handle_jobs(
+        self: &Arc<Self>,
+        caller: &Caller,
+        req: Request<Incoming>,
+        segs: &[&str],
+    ) -> Result<Response, ApiError> {
+        let method = req.method().clone();
+        match (method, segs) {
+            (Method::GET, ["v1", "jobs"]) => {
+                let limit = match query_param(req.uri(), "limit")? {
+                    Some(v) => v
+                        .parse::<usize>()
+                        .map_err(|_| ApiError::bad_request(format!("limit={v} is not a number")))?,
+                    None => 1000,
+                };
+                let all =
+                    caller.is_admin() && query_param(req.uri(), "all")?.as_deref() == Some("true");
+                let owner = if all {
+                    None
+                } else {
+                    Some(caller.name.as_str())
+                };
+                ok(&self.store.jobs(owner, limit.min(100_000)).map_err(db)?)
+            }
+            (Method::GET, ["v1", "jobs", id]) => ok(&self.job_for(caller, id)?),
+            (Method::GET, ["v1", "jobs", id, "result"]) => {
+                let job = self.job_for(caller, id)?;
+                match job.state {
+                    JobState::Succeeded => ok(&job.result.unwrap_or(Value::Null)),
+                    JobState::Failed => {
+                        let e = job.error.unwrap_or_else(|| super::model::OpError {
+                            kind: "backend".into(),
+                            message: "failed".into(),
+                        });
+                        let status = crate::plugin::ErrorKind::parse(&e.kind)
+                            .map(ApiError::status_of)
+                            .unwrap_or(StatusCode::BAD_GATEWAY);
+                        Err(ApiError::new(
+                            status,
+                            &e.kind,
+                            format!("job {id} failed: {}", e.message),
+                        ))
+                    }
+                    JobState::Cancelled => Err(ApiError::new(
+                        StatusCode::CONFLICT,
+                        "invalid-state",
+                        format!("job {id} was cancelled"),
+                    )),
+                    JobState::Queued | JobState::Running => Err(ApiError::new(
+                        StatusCode::CONFLICT,
+                        "invalid-state",
+                        format!(
+                            "job {id} is {}: no result yet",
+                            if job.state == JobState::Queued {
+                                "queued"
+                            } else {
+                                "running"
+                            }
+                        ),
+                    )),
+                }
+            }
+            (Method::POST, ["v1", "jobs", id, "cancel"]) => {
+                self.job_for(caller, id)?;
+                ok(&self.cancel(id)?)
+            }
+            (Method::GET, ["v1", "jobs", id, "events"]) => {
+                let job = self.job_for(caller, id)?;
+                Ok(self.event_stream(job))
+            }
+            (m, _) => Err(ApiError::no_route(&m, req.uri().path())),
+        }
+    }
+
+    /// A server-sent event stream of one job's changes: every past change, then
+    /// live ones, ending after the terminal one.
+    fn event_stream(self: &Arc<Self>, job: Job) -> Response {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(16);
+        let core = self.clone();
+        tokio::spawn(async move {
+            let mut live = core.store.subscribe();
+            let mut last = 0u64;
+            let frame = |ev: &super::model::JobEvent| {
+                let data = serde_json::to_string(ev).unwrap_or_default();
+                Ok(Frame::data(Bytes::from(format!(
+                    "id: {}\nevent: job\ndata: {data}\n\n",
+                    ev.seq
+                ))))
+            };
+            let past = core
+                .store
+                .events_after(0, 10_000, Some(&job.id))
+                .unwrap_or_default();
+            for ev in &past {
+                last = ev.seq;
+                if tx.send(frame(ev)).await.is_err() {
+                    return;
+                }
+                if ev.state.is_terminal() {
+                    return;
+                }
+            }
+            loop {
+                let next =
+                    tokio::time::timeout(std::time::Duration::from_secs(15), live.recv()).await;
+                match next {
+                    Err(_) => {
+                        if tx
+                            .send(Ok(Frame::data(Bytes::from_static(b": keep-alive\n\n"))))
+                            .await
+                            .is_err()
+                        {
+                            return;
+                        }
+                    }
+                    Ok(Ok(ev)) if ev.job == job.id && ev.seq > last => {
+                        last = ev.seq;
+                        if tx.send(frame(&ev)).await.is_err() || ev.state.is_terminal() {
+                            return;
+                        }
+                    }
+                    Ok(Ok(_)) => {}
+                    Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => {
+                        for ev in core
+                            .store
+                            .events_after(last, 10_000, Some(&job.id))
+                            .unwrap_or_default()
+                        {
+                            last = ev.seq;
+                            if tx.send(frame(&ev)).await.is_err() || ev.state.is_terminal() {
+                                return;
+                            }
+                        }
+                    }
+                    Ok(Err(_)) => return,
+                }
+            }
+        });
+        hyper::Response::builder()
+            .status(StatusCode::OK)
+            .header(hyper::header::CONTENT_TYPE, "text/event-stream")
+            .header(hyper::header::CACHE_CONTROL, "no-cache")
+            .body(crate::api::channel_body(rx))
+            .unwrap_or_else(|_| {
+                ApiError::bad_request("cannot build the event stream").into_response()
+            })
+    }
+}
