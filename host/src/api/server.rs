@@ -17,14 +17,18 @@ pub trait Handler: Send + Sync + 'static {
     fn handle(&self, req: hyper::Request<Incoming>) -> impl Future<Output = Response> + Send;
 }
 
-/// Serves `handler` on `listener` until `stop` resolves.
+/// Serves `handler` on `listener` until `stop` resolves; then open connections are
+/// closed too (a stopped service does not keep answering on kept-alive connections).
 pub async fn serve<H: Handler>(
     listener: TcpListener,
     handler: Arc<H>,
     stop: impl Future<Output = ()>,
 ) {
     tokio::pin!(stop);
+    let mut connections = tokio::task::JoinSet::new();
     loop {
+        // Forget connections that ended.
+        while connections.try_join_next().is_some() {}
         let (stream, peer): (_, SocketAddr) = tokio::select! {
             _ = &mut stop => break,
             accepted = listener.accept() => match accepted {
@@ -37,7 +41,7 @@ pub async fn serve<H: Handler>(
             },
         };
         let handler = handler.clone();
-        tokio::spawn(async move {
+        connections.spawn(async move {
             let service = service_fn(move |req| {
                 let handler = handler.clone();
                 async move { Ok::<_, std::convert::Infallible>(handler.handle(req).await) }
@@ -50,4 +54,5 @@ pub async fn serve<H: Handler>(
             }
         });
     }
+    connections.abort_all();
 }

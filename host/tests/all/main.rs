@@ -7,4 +7,5 @@ mod guest;
 mod hostile;
 mod kvm;
 mod lifecycle;
+mod site;
 mod support;

@@ -1,0 +1,358 @@
+//! The site service over HTTP, with memory-driver agents: requests by profile,
+//! management jobs, events, authorization, quotas under concurrency, leases, agents
+//! going down.
+
+use std::time::{Duration, Instant};
+
+use gve::api::client::Client;
+use gve::api::ApiError;
+use gve::site::model::{Job, JobState, SiteVm, UserView};
+use gve::site::{Site, SiteConfig};
+use hyper::Method;
+use serde_json::{json, Value};
+
+use crate::agent::{start_agent, TOKEN as AGENT_TOKEN};
+use crate::support::spec;
+
+pub const ADMIN: &str = "site-admin-token-0123456789";
+
+/// A site in this process with `agents` memory agents registered as a-0, a-1, ...
+pub struct Env {
+    pub site: Site,
+    pub admin: Client,
+    pub agents: Vec<(gve::agent::Agent, Client)>,
+    _dirs: Vec<tempfile::TempDir>,
+}
+
+pub async fn env(agents: usize, tune: impl FnOnce(&mut SiteConfig)) -> Env {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = SiteConfig::new(dir.path().to_path_buf(), ADMIN.into());
+    config.listen = "127.0.0.1:0".parse().unwrap();
+    config.health_period_ms = 300;
+    tune(&mut config);
+    let site = Site::start(config).await.unwrap();
+    let admin = Client::new(&format!("http://{}", site.addr), Some(ADMIN.into())).unwrap();
+    let mut dirs = vec![dir];
+    let mut list = Vec::new();
+    for i in 0..agents {
+        let endpoint = format!("memory:site-{}-{i}", uuid::Uuid::new_v4());
+        let (agent, c, d) = start_agent(
+            "memory",
+            spec("memory", Default::default()),
+            &endpoint,
+            60_000,
+        )
+        .await;
+        let _: Value = admin
+            .call(
+                Method::POST,
+                "/v1/agents",
+                Some(&json!({ "id": format!("a-{i}"), "url": format!("http://{}", agent.addr), "token": AGENT_TOKEN })),
+            )
+            .await
+            .unwrap();
+        dirs.push(d);
+        list.push((agent, c));
+    }
+    Env {
+        site,
+        admin,
+        agents: list,
+        _dirs: dirs,
+    }
+}
+
+impl Env {
+    /// Creates a user and returns a client with their token.
+    pub async fn user(&self, name: &str, quota: Option<Value>) -> Client {
+        let mut body = json!({ "name": name });
+        if let Some(q) = quota {
+            body["quota"] = q;
+        }
+        let u: UserView = self
+            .admin
+            .call(Method::POST, "/v1/users", Some(&body))
+            .await
+            .unwrap();
+        Client::new(self.admin.base(), u.token).unwrap()
+    }
+}
+
+pub async fn post(c: &Client, path: &str, body: Value) -> Result<Value, ApiError> {
+    c.call(Method::POST, path, Some(&body)).await
+}
+
+/// Waits (up to 30 s) for a job to end.
+pub async fn wait_job(c: &Client, id: &str) -> Job {
+    let end = Instant::now() + Duration::from_secs(30);
+    loop {
+        let j: Job = c.get(&format!("/v1/jobs/{id}")).await.unwrap();
+        if j.state.is_terminal() {
+            return j;
+        }
+        assert!(Instant::now() < end, "job {id} did not end: {j:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Submits a job and waits for its end.
+pub async fn job(c: &Client, path: &str, body: Value) -> Job {
+    let j: Job = serde_json::from_value(post(c, path, body).await.unwrap()).unwrap();
+    assert_eq!(j.state, JobState::Queued, "{j:?}");
+    wait_job(c, &j.id).await
+}
+
+fn profile() -> Value {
+    json!({ "template": "debian-12", "logical-cpus": 1, "main-memory-mib": 512 })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_requests_manages_and_releases_a_vm_and_the_pool_reuses_it() {
+    let e = env(2, |_| {}).await;
+    let alice = e.user("alice", None).await;
+    let j = job(&alice, "/v1/vms", profile()).await;
+    assert_eq!(j.state, JobState::Succeeded, "{j:?}");
+    let vm: SiteVm = alice
+        .get(&format!("/v1/jobs/{}/result", j.id))
+        .await
+        .unwrap();
+    assert_eq!(
+        (vm.state.as_str(), vm.owner.as_deref()),
+        ("running", Some("alice"))
+    );
+    assert!(vm.lease.is_some());
+
+    // The event stream replays the job's changes up to its end.
+    let resp = alice
+        .get_stream(&format!("/v1/jobs/{}/events", j.id))
+        .await
+        .unwrap();
+    assert_eq!(resp.headers()["content-type"], "text/event-stream");
+    use http_body_util::BodyExt;
+    let text = String::from_utf8(
+        resp.into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .to_vec(),
+    )
+    .unwrap();
+    let states: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .map(|d| {
+            let v: Value = serde_json::from_str(d).unwrap();
+            match v["state"].as_str().unwrap() {
+                "queued" => "queued",
+                "running" => "running",
+                "succeeded" => "succeeded",
+                _ => "other",
+            }
+        })
+        .collect();
+    assert_eq!(states.first(), Some(&"queued"), "{text}");
+    assert_eq!(states.last(), Some(&"succeeded"), "{text}");
+
+    for (action, body, state) in [
+        ("suspend", json!({}), "suspended"),
+        ("resume", json!({}), "running"),
+    ] {
+        let j = job(&alice, &format!("/v1/vms/{}/{action}", vm.id), body).await;
+        assert_eq!(j.state, JobState::Succeeded, "{action}: {j:?}");
+        let now: SiteVm = alice.get(&format!("/v1/vms/{}", vm.id)).await.unwrap();
+        assert_eq!(now.state, state);
+    }
+    let j = job(
+        &alice,
+        &format!("/v1/vms/{}/exec", vm.id),
+        json!({ "argv": ["echo", "hi"] }),
+    )
+    .await;
+    assert_eq!(j.state, JobState::Succeeded, "{j:?}");
+    assert_eq!(j.result.unwrap()["exec"]["exit-code"], 0);
+
+    // Migrating to an unknown agent is refused before a job exists.
+    let err = post(
+        &alice,
+        &format!("/v1/vms/{}/migrate", vm.id),
+        json!({ "to": "nowhere" }),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.status, 404, "{err}");
+
+    let me: UserView = alice.get("/v1/me").await.unwrap();
+    assert_eq!((me.usage.vms, me.usage.main_memory_mib), (1, 512));
+    let j = job(&alice, &format!("/v1/vms/{}/release", vm.id), json!({})).await;
+    assert_eq!(j.state, JobState::Succeeded, "{j:?}");
+    let me: UserView = alice.get("/v1/me").await.unwrap();
+    assert_eq!(me.usage.vms, 0);
+    let mine: Vec<SiteVm> = alice.get("/v1/vms").await.unwrap();
+    assert!(mine.is_empty());
+
+    // The released VM is in the pool: the same profile gets it back, started again.
+    let j = job(&alice, "/v1/vms", profile()).await;
+    let again: SiteVm = serde_json::from_value(j.result.unwrap()).unwrap();
+    assert_eq!(
+        (again.id.as_str(), again.state.as_str()),
+        (vm.id.as_str(), "running")
+    );
+    e.site.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_concurrent_requests_against_a_quota_of_five_allocate_exactly_five() {
+    let e = env(2, |_| {}).await;
+    let bob = e
+        .user(
+            "bob",
+            Some(json!({ "logical-cpus": 100, "main-memory-mib": 100000, "vms": 5 })),
+        )
+        .await;
+    let mut tasks = Vec::new();
+    for _ in 0..50 {
+        let bob = bob.clone();
+        tasks.push(tokio::spawn(async move {
+            post(&bob, "/v1/vms", json!({ "main-memory-mib": 64 })).await
+        }));
+    }
+    let mut accepted = Vec::new();
+    let mut refused = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(j) => accepted.push(j["id"].as_str().unwrap().to_string()),
+            Err(e) => {
+                assert_eq!((e.status, e.kind.as_str()), (403, "denied"), "{e}");
+                assert!(e.message.contains("quota"), "{e}");
+                refused += 1;
+            }
+        }
+    }
+    assert_eq!((accepted.len(), refused), (5, 45));
+    for id in &accepted {
+        assert_eq!(wait_job(&bob, id).await.state, JobState::Succeeded);
+    }
+    let vms: Vec<SiteVm> = bob.get("/v1/vms").await.unwrap();
+    assert_eq!(vms.len(), 5);
+    let me: UserView = bob.get("/v1/me").await.unwrap();
+    assert_eq!((me.usage.vms, me.usage.main_memory_mib), (5, 320));
+    // The agents hold exactly those five VMs.
+    let mut on_agents = 0;
+    for (_, c) in &e.agents {
+        on_agents += c.get::<Vec<Value>>("/v1/vms").await.unwrap().len();
+    }
+    assert_eq!(on_agents, 5);
+    e.site.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_lease_stops_the_vm_and_blocks_access_and_renewal_keeps_it() {
+    let e = env(1, |_| {}).await;
+    let carol = e.user("carol", None).await;
+    let short = job(
+        &carol,
+        "/v1/vms",
+        json!({ "main-memory-mib": 64, "lease-seconds": 2 }),
+    )
+    .await;
+    let renewed = job(
+        &carol,
+        "/v1/vms",
+        json!({ "main-memory-mib": 128, "lease-seconds": 2 }),
+    )
+    .await;
+    let short: SiteVm = serde_json::from_value(short.result.unwrap()).unwrap();
+    let renewed: SiteVm = serde_json::from_value(renewed.result.unwrap()).unwrap();
+    let r: SiteVm = serde_json::from_value(
+        post(
+            &carol,
+            &format!("/v1/vms/{}/renew", renewed.id),
+            json!({ "seconds": 60 }),
+        )
+        .await
+        .unwrap(),
+    )
+    .unwrap();
+    assert!(r.lease.unwrap().until_ms > short.lease.unwrap().until_ms + 30_000);
+
+    let end = Instant::now() + Duration::from_secs(15);
+    loop {
+        let v: SiteVm = carol.get(&format!("/v1/vms/{}", short.id)).await.unwrap();
+        if v.lease.is_some_and(|l| l.expired) && v.state == "stopped" {
+            break;
+        }
+        assert!(Instant::now() < end, "the lease did not expire: {v:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The agent stopped it, the user is told why, and cannot use or renew it.
+    let rec: Value = e.agents[0]
+        .1
+        .get(&format!("/v1/vms/{}", short.agent_vm))
+        .await
+        .unwrap();
+    assert_eq!(rec["vm"]["state"], "stopped");
+    let err = post(&carol, &format!("/v1/vms/{}/start", short.id), json!({}))
+        .await
+        .unwrap_err();
+    assert_eq!((err.status, err.kind.as_str()), (403, "denied"));
+    assert!(
+        err.message.contains("lease") && err.message.contains("expired"),
+        "{err}"
+    );
+    let err = post(&carol, &format!("/v1/vms/{}/renew", short.id), json!({}))
+        .await
+        .unwrap_err();
+    assert_eq!(err.status, 403, "{err}");
+    // The renewed one is still running and usable.
+    let v: SiteVm = carol.get(&format!("/v1/vms/{}", renewed.id)).await.unwrap();
+    assert_eq!(
+        (v.state.as_str(), v.lease.unwrap().expired),
+        ("running", false)
+    );
+    // Release still works on the expired one, and gives the quota back.
+    assert_eq!(
+        job(&carol, &format!("/v1/vms/{}/release", short.id), json!({}))
+            .await
+            .state,
+        JobState::Succeeded
+    );
+    let me: UserView = carol.get("/v1/me").await.unwrap();
+    assert_eq!(me.usage.vms, 1);
+    e.site.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_agent_is_down_and_its_vms_unknown() {
+    let mut e = env(1, |_| {}).await;
+    let dave = e.user("dave", None).await;
+    let j = job(&dave, "/v1/vms", json!({ "main-memory-mib": 64 })).await;
+    let vm: SiteVm = serde_json::from_value(j.result.unwrap()).unwrap();
+    let (agent, _) = e.agents.remove(0);
+    agent.stop().await;
+    let end = Instant::now() + Duration::from_secs(10);
+    loop {
+        let v: SiteVm = dave.get(&format!("/v1/vms/{}", vm.id)).await.unwrap();
+        if v.state == "unknown" {
+            break;
+        }
+        assert!(Instant::now() < end, "still {v:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let agents: Vec<Value> = e.admin.get("/v1/agents").await.unwrap();
+    assert_eq!(agents[0]["status"], "down");
+    let err = post(&dave, &format!("/v1/vms/{}/suspend", vm.id), json!({}))
+        .await
+        .unwrap_err();
+    assert_eq!(err.status, 503, "{err}");
+    // No agent can take a new VM: the request fails with the reason.
+    let j = job(&dave, "/v1/vms", json!({ "main-memory-mib": 64 })).await;
+    assert_eq!(j.state, JobState::Failed);
+    assert!(j.error.unwrap().message.contains("a-0: down"));
+    let me: UserView = dave.get("/v1/me").await.unwrap();
+    assert_eq!(
+        me.usage.vms, 1,
+        "the failed request gave its reservation back"
+    );
+    e.site.stop().await;
+}
