@@ -98,16 +98,19 @@ pub fn idempotency_key<B>(req: &Request<B>) -> Result<Option<String>, ApiError> 
 pub async fn body_or_default<T: for<'de> Deserialize<'de>>(
     req: Request<Incoming>,
 ) -> Result<T, ApiError> {
-    let empty = req
-        .headers()
-        .get(hyper::header::CONTENT_LENGTH)
-        .is_some_and(|v| v == "0");
-    if empty {
-        serde_json::from_str("{}")
-            .map_err(|e| ApiError::bad_request(format!("a request body is required: {e}")))
+    use http_body_util::{BodyExt, Limited};
+    let bytes = Limited::new(req.into_body(), crate::api::MAX_JSON_BODY)
+        .collect()
+        .await
+        .map_err(|e| ApiError::bad_request(format!("cannot read request body: {e}")))?
+        .to_bytes();
+    let text: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) {
+        b"{}"
     } else {
-        read_json(req.into_body()).await
-    }
+        &bytes
+    };
+    serde_json::from_slice(text)
+        .map_err(|e| ApiError::bad_request(format!("malformed JSON body: {e}")))
 }
 
 impl AgentCore {

@@ -82,7 +82,7 @@ impl Agents {
     /// Registers an agent: checks that it answers with this secret, tells it which
     /// site it serves, and records it.
     pub async fn register(&self, id: &str, url: &str, token: &str) -> Result<AgentView, ApiError> {
-        super::auth::validate_name(id)?;
+        super::auth::validate_id("agent id", id)?;
         if self.store.agent(id).map_err(db)?.is_some() {
             return Err(ApiError::new(
                 StatusCode::CONFLICT,
@@ -96,7 +96,7 @@ impl Agents {
             .await
             .map_err(|e| {
                 ApiError::new(
-                    StatusCode::BAD_GATEWAY,
+                    StatusCode::SERVICE_UNAVAILABLE,
                     "unavailable",
                     format!(
                         "agent '{id}' at {url} did not accept this site: {}",

@@ -1,5 +1,5 @@
 //! Identity: bearer tokens (random, shown once, stored as SHA-256) and roles. Every
-//! request but `/v1/health` and `/v1/openapi.json` is identified before anything else
+//! request but `/v1/health` and `/v1/openapi.yaml` is identified before anything else
 //! happens; ownership checks answer 404 for other users' objects, so their existence
 //! does not leak.
 
@@ -76,6 +76,12 @@ pub fn identify<B>(store: &Store, req: &Request<B>) -> Result<Caller, ApiError> 
 
 /// A user name: 1-64 of [a-z0-9._-], starting with a letter or digit.
 pub fn validate_name(name: &str) -> Result<(), ApiError> {
+    validate_id("user name", name)
+}
+
+/// A name of the site's objects (users, agents, VMs): 1-64 of [a-z0-9._-], starting
+/// with a letter or digit; `what` names it in the error.
+pub fn validate_id(what: &str, name: &str) -> Result<(), ApiError> {
     let ok = !name.is_empty()
         && name.len() <= 64
         && name
@@ -89,7 +95,7 @@ pub fn validate_name(name: &str) -> Result<(), ApiError> {
         Ok(())
     } else {
         Err(ApiError::bad_request(format!(
-            "user name '{name}' must be 1-64 of [a-z0-9._-], starting with a letter or digit"
+            "{what} '{name}' must be 1-64 of [a-z0-9._-], starting with a letter or digit"
         )))
     }
 }

@@ -129,7 +129,7 @@ impl SiteConfig {
         if self.parallel_jobs == 0 {
             return Err("parallel-jobs must be positive".into());
         }
-        super::auth::validate_name(&self.site_id).map_err(|e| format!("site-id: {}", e.message))
+        super::auth::validate_id("site-id", &self.site_id).map_err(|e| e.message)
     }
 
     /// Reads a config file; relative paths in it are taken relative to the file.

@@ -243,6 +243,8 @@ impl SiteCore {
             Err(e) => format!("failed: {} ({})", e.message, e.kind),
         };
         self.update_job(id, Some(&message), |job, t| {
+            // A finished job needs its secrets no more.
+            scrub(&mut job.params);
             if job.reserved != Usage::default() {
                 let u = t.usage(&job.owner)?;
                 t.set_usage(&job.owner, u.minus(job.reserved))?;
@@ -304,6 +306,27 @@ impl SiteCore {
             let _ = run.send(j.id.clone());
         }
         Ok(jobs.len())
+    }
+}
+
+/// `job` as users see it: environment values and stdin of a command are secrets
+/// (they stay in the database only until the job ends).
+pub fn redacted(mut job: Job) -> Job {
+    scrub(&mut job.params);
+    job
+}
+
+fn scrub(params: &mut Value) {
+    if let Some(env) = params.get_mut("env").and_then(Value::as_object_mut) {
+        for v in env.values_mut() {
+            *v = Value::String("(redacted)".into());
+        }
+    }
+    if let Some(obj) = params.as_object_mut() {
+        if let Some(stdin) = obj.remove("stdin-b64") {
+            let n = stdin.as_str().map(|s| s.len() / 4 * 3).unwrap_or(0);
+            obj.insert("stdin-bytes".into(), Value::from(n));
+        }
     }
 }
 

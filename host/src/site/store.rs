@@ -387,19 +387,26 @@ impl Store {
         self.read(|r| get(&r.open_table(JOBS).map_err(storage)?, id))
     }
 
-    /// Jobs of `owner` (every job for `None`), oldest first, at most `limit`.
+    /// Jobs of `owner` (every job for `None`), newest first, at most `limit`.
     pub fn jobs(&self, owner: Option<&str>, limit: usize) -> Result<Vec<Job>, StoreError> {
         self.read(|r| {
             let jobs = r.open_table(JOBS).map_err(storage)?;
+            let mut out = Vec::new();
             let Some(owner) = owner else {
-                let mut out: Vec<Job> = all(&jobs)?;
-                out.truncate(limit);
+                // Job ids start with their submission time: key order is time order.
+                for row in jobs.range::<&str>(..).map_err(storage)?.rev().take(limit) {
+                    let (k, v) = row.map_err(storage)?;
+                    out.push(decode(k.value(), v.value())?);
+                }
                 return Ok(out);
             };
             let index = r.open_table(USER_JOBS).map_err(storage)?;
             let (lo, hi) = (format!("{owner}\0"), format!("{owner}\u{1}"));
-            let mut out = Vec::new();
-            for row in index.range(lo.as_str()..hi.as_str()).map_err(storage)? {
+            for row in index
+                .range(lo.as_str()..hi.as_str())
+                .map_err(storage)?
+                .rev()
+            {
                 let (k, _) = row.map_err(storage)?;
                 let id = k.value().split('\0').nth(1).unwrap_or_default().to_string();
                 if let Some(j) = get(&jobs, &id)? {

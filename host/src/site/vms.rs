@@ -125,6 +125,13 @@ impl SiteCore {
                     format!("no free VM '{id}' and none of yours"),
                 )
             })?;
+            if v.lease.is_some_and(|l| l.expired) && !caller.is_admin() {
+                return Err(ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    "denied",
+                    format!("the lease of VM {id} expired; only an admin can renew it"),
+                ));
+            }
             reserved = if v.owner.is_some() {
                 Usage::default()
             } else {
@@ -132,7 +139,7 @@ impl SiteCore {
             };
         }
         if let Some(n) = &req.name {
-            super::auth::validate_name(n)?;
+            super::auth::validate_id("VM name", n)?;
         }
         let params = serde_json::to_value(&req).unwrap_or_default();
         let mut job = new_job(&caller.name, JobKind::Request, req.vm.clone(), params);
@@ -437,7 +444,7 @@ impl SiteCore {
             .run_op(
                 &src.agent,
                 &format!("/v1/vms/{}/clone", src.agent_vm),
-                json!({ "name": name, "linked": job.params["linked"] }),
+                json!({ "name": name, "linked": job.params["linked"].as_bool().unwrap_or(false) }),
                 &format!("{}:clone", job.id),
             )
             .await?;
@@ -672,7 +679,7 @@ impl SiteCore {
         r.map_err(db)?
     }
 
-    /// Every second: leases past their deadline are marked expired (blocking the
+    /// Twice a second: leases past their deadline are marked expired (blocking the
     /// owner's access at once) and an expire job stops their VMs.
     pub fn spawn_leases(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
         let me = self.clone();

@@ -15,7 +15,7 @@ use serde_json::Value;
 
 use super::agents::db;
 use super::auth::Caller;
-use super::jobs::new_job;
+use super::jobs::{new_job, redacted};
 use super::model::{AgentStatus, Job, JobKind, JobState, SiteVm, Usage, VmRequest};
 use super::SiteCore;
 use crate::api::{json_response, ok, query_param, read_json, ApiError, Response};
@@ -41,7 +41,7 @@ impl SiteCore {
     }
 
     fn accepted(job: &Job) -> Result<Response, ApiError> {
-        Ok(json_response(StatusCode::ACCEPTED, job))
+        Ok(json_response(StatusCode::ACCEPTED, &redacted(job.clone())))
     }
 
     /// Serves `/v1/vms...` and `/v1/templates`.
@@ -149,9 +149,7 @@ impl SiteCore {
                 match kind {
                     JobKind::Clone => {
                         let name = job.params["name"].as_str().unwrap_or_default().to_string();
-                        super::auth::validate_name(&name).map_err(|e| {
-                            ApiError::bad_request(format!("clone name: {}", e.message))
-                        })?;
+                        super::auth::validate_id("clone name", &name)?;
                         job.reserved = Usage::vm(u64::from(vm.logical_cpus), vm.main_memory_mib);
                         quota = self.store.user(&job.owner).map_err(db)?.map(|u| u.quota);
                     }
@@ -205,9 +203,10 @@ impl SiteCore {
                 } else {
                     Some(caller.name.as_str())
                 };
-                ok(&self.store.jobs(owner, limit.min(100_000)).map_err(db)?)
+                let jobs = self.store.jobs(owner, limit.min(100_000)).map_err(db)?;
+                ok(&jobs.into_iter().map(redacted).collect::<Vec<_>>())
             }
-            (Method::GET, ["v1", "jobs", id]) => ok(&self.job_for(caller, id)?),
+            (Method::GET, ["v1", "jobs", id]) => ok(&redacted(self.job_for(caller, id)?)),
             (Method::GET, ["v1", "jobs", id, "result"]) => {
                 let job = self.job_for(caller, id)?;
                 match job.state {
@@ -251,20 +250,27 @@ impl SiteCore {
             }
             (Method::GET, ["v1", "jobs", id, "events"]) => {
                 let job = self.job_for(caller, id)?;
-                Ok(self.event_stream(job))
+                let after = req
+                    .headers()
+                    .get("last-event-id")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(0);
+                Ok(self.event_stream(job, after))
             }
             (m, _) => Err(ApiError::no_route(&m, req.uri().path())),
         }
     }
 
-    /// A server-sent event stream of one job's changes: every past change, then
-    /// live ones, ending after the terminal one.
-    fn event_stream(self: &Arc<Self>, job: Job) -> Response {
+    /// A server-sent event stream of one job's changes after event `after` (the
+    /// client's `Last-Event-ID`): the past ones, then live ones, ending after the
+    /// terminal one; a keep-alive comment every 15 s.
+    fn event_stream(self: &Arc<Self>, job: Job, after: u64) -> Response {
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(16);
         let core = self.clone();
         tokio::spawn(async move {
             let mut live = core.store.subscribe();
-            let mut last = 0u64;
+            let mut last = after;
             let frame = |ev: &super::model::JobEvent| {
                 let data = serde_json::to_string(ev).unwrap_or_default();
                 Ok(Frame::data(Bytes::from(format!(
@@ -272,52 +278,56 @@ impl SiteCore {
                     ev.seq
                 ))))
             };
-            let past = core
-                .store
-                .events_after(0, 10_000, Some(&job.id))
-                .unwrap_or_default();
-            for ev in &past {
-                last = ev.seq;
-                if tx.send(frame(ev)).await.is_err() {
-                    return;
+            // Past events (also what a lagging subscriber missed); true once terminal.
+            let replay = |last: &mut u64| {
+                let evs = core
+                    .store
+                    .events_after(*last, 100_000, Some(&job.id))
+                    .unwrap_or_default();
+                if let Some(ev) = evs.last() {
+                    *last = ev.seq;
                 }
-                if ev.state.is_terminal() {
-                    return;
-                }
-            }
+                evs
+            };
+            let mut ticker = tokio::time::interval(std::time::Duration::from_secs(15));
+            ticker.tick().await;
+            let mut pending = replay(&mut last);
             loop {
-                let next =
-                    tokio::time::timeout(std::time::Duration::from_secs(15), live.recv()).await;
-                match next {
-                    Err(_) => {
-                        if tx
-                            .send(Ok(Frame::data(Bytes::from_static(b": keep-alive\n\n"))))
-                            .await
-                            .is_err()
-                        {
+                for ev in pending.drain(..) {
+                    if tx.send(frame(&ev)).await.is_err() || ev.state.is_terminal() {
+                        return;
+                    }
+                }
+                // A job whose events were trimmed away still ends the stream.
+                if core
+                    .store
+                    .job(&job.id)
+                    .ok()
+                    .flatten()
+                    .is_none_or(|j| j.state.is_terminal())
+                    && core
+                        .store
+                        .events_after(last, 1, Some(&job.id))
+                        .unwrap_or_default()
+                        .is_empty()
+                {
+                    return;
+                }
+                tokio::select! {
+                    _ = ticker.tick() => {
+                        if tx.send(Ok(Frame::data(Bytes::from_static(b": keep-alive\n\n")))).await.is_err() {
                             return;
                         }
                     }
-                    Ok(Ok(ev)) if ev.job == job.id && ev.seq > last => {
-                        last = ev.seq;
-                        if tx.send(frame(&ev)).await.is_err() || ev.state.is_terminal() {
-                            return;
-                        }
-                    }
-                    Ok(Ok(_)) => {}
-                    Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => {
-                        for ev in core
-                            .store
-                            .events_after(last, 10_000, Some(&job.id))
-                            .unwrap_or_default()
-                        {
+                    got = live.recv() => match got {
+                        Ok(ev) if ev.job == job.id && ev.seq > last => {
                             last = ev.seq;
-                            if tx.send(frame(&ev)).await.is_err() || ev.state.is_terminal() {
-                                return;
-                            }
+                            pending.push(ev);
                         }
-                    }
-                    Ok(Err(_)) => return,
+                        Ok(_) => {}
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => pending = replay(&mut last),
+                        Err(_) => return,
+                    },
                 }
             }
         });

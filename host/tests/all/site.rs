@@ -166,11 +166,44 @@ async fn a_user_requests_manages_and_releases_a_vm_and_the_pool_reuses_it() {
     let j = job(
         &alice,
         &format!("/v1/vms/{}/exec", vm.id),
-        json!({ "argv": ["echo", "hi"] }),
+        json!({ "argv": ["echo", "hi"], "env": { "TOKEN": "s3cr3t" }, "stdin-b64": "c2VjcmV0" }),
     )
     .await;
     assert_eq!(j.state, JobState::Succeeded, "{j:?}");
-    assert_eq!(j.result.unwrap()["exec"]["exit-code"], 0);
+    assert_eq!(j.result.as_ref().unwrap()["exec"]["exit-code"], 0);
+    // Secrets of a command are neither shown nor kept once it ran.
+    let shown = serde_json::to_string(&j).unwrap();
+    assert!(
+        !shown.contains("s3cr3t") && !shown.contains("c2VjcmV0"),
+        "{shown}"
+    );
+    let stored = serde_json::to_string(&e.site.core.store.job(&j.id).unwrap().unwrap()).unwrap();
+    assert!(
+        !stored.contains("s3cr3t") && !stored.contains("c2VjcmV0"),
+        "{stored}"
+    );
+
+    // A clone is the user's new VM, counted in their quota.
+    let c = job(
+        &alice,
+        &format!("/v1/vms/{}/clone", vm.id),
+        json!({ "name": "copy-1" }),
+    )
+    .await;
+    assert_eq!(c.state, JobState::Succeeded, "{c:?}");
+    let copy: SiteVm = serde_json::from_value(c.result.unwrap()).unwrap();
+    assert_eq!(
+        (copy.owner.as_deref(), copy.name.as_str()),
+        (Some("alice"), "copy-1")
+    );
+    let me: UserView = alice.get("/v1/me").await.unwrap();
+    assert_eq!(me.usage.vms, 2);
+    assert_eq!(
+        job(&alice, &format!("/v1/vms/{}/release", copy.id), json!({}))
+            .await
+            .state,
+        JobState::Succeeded
+    );
 
     // Migrating to an unknown agent is refused before a job exists.
     let err = post(
@@ -304,6 +337,11 @@ async fn an_expired_lease_stops_the_vm_and_blocks_access_and_renewal_keeps_it() 
         .await
         .unwrap_err();
     assert_eq!(err.status, 403, "{err}");
+    // Nor get it back by requesting it by id.
+    let err = post(&carol, "/v1/vms", json!({ "vm": short.id }))
+        .await
+        .unwrap_err();
+    assert_eq!(err.status, 403, "{err}");
     // The renewed one is still running and usable.
     let v: SiteVm = carol.get(&format!("/v1/vms/{}", renewed.id)).await.unwrap();
     assert_eq!(
@@ -354,5 +392,218 @@ async fn an_unreachable_agent_is_down_and_its_vms_unknown() {
         me.usage.vms, 1,
         "the failed request gave its reservation back"
     );
+    e.site.stop().await;
+}
+
+/// Status of one call (anonymous when `c` has no token).
+async fn status(c: &Client, method: &Method, path: &str, body: &Value) -> u16 {
+    let body = if *method == Method::GET || *method == Method::DELETE {
+        None
+    } else {
+        Some(body)
+    };
+    match c.call::<_, Value>(method.clone(), path, body).await {
+        Ok(_) => 200,
+        Err(e) => e.status,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authorization_matrix_every_endpoint_by_anonymous_other_owner_admin() {
+    let e = env(3, |_| {}).await;
+    let big = json!({ "logical-cpus": 1000, "main-memory-mib": 1000000, "vms": 100 });
+    let owner = e.user("owner", Some(big.clone())).await;
+    let other = e.user("other", Some(big)).await;
+    let _spare = e.user("spare", None).await;
+    let anon = Client::new(e.admin.base(), None).unwrap();
+    let fresh = || async {
+        let j = job(&owner, "/v1/vms", json!({ "main-memory-mib": 64 })).await;
+        assert_eq!(j.state, JobState::Succeeded, "{j:?}");
+        serde_json::from_value::<SiteVm>(j.result.unwrap())
+            .unwrap()
+            .id
+    };
+    let vm = fresh().await;
+    let done = job(&owner, "/v1/vms", json!({ "main-memory-mib": 64 }))
+        .await
+        .id;
+    const OK: u16 = 200;
+    // (method, path, body, [anonymous, other user, owner, admin]); 200 = any success.
+    let g = Method::GET;
+    let p = Method::POST;
+    let fixed: Vec<(Method, String, Value, [u16; 4])> = vec![
+        (g.clone(), "/v1/health".into(), json!({}), [OK, OK, OK, OK]),
+        (
+            g.clone(),
+            "/v1/openapi.yaml".into(),
+            json!({}),
+            [OK, OK, OK, OK],
+        ),
+        (g.clone(), "/v1/me".into(), json!({}), [401, OK, OK, OK]),
+        (
+            g.clone(),
+            "/v1/users".into(),
+            json!({}),
+            [401, 403, 403, OK],
+        ),
+        (
+            g.clone(),
+            "/v1/users/owner".into(),
+            json!({}),
+            [401, 404, OK, OK],
+        ),
+        (
+            Method::PUT,
+            "/v1/users/spare/quota".into(),
+            json!({ "logical-cpus": 1, "main-memory-mib": 1, "vms": 1 }),
+            [401, 403, 403, OK],
+        ),
+        (
+            g.clone(),
+            "/v1/agents".into(),
+            json!({}),
+            [401, 403, 403, OK],
+        ),
+        (
+            g.clone(),
+            "/v1/agents/a-0".into(),
+            json!({}),
+            [401, 403, 403, OK],
+        ),
+        (
+            p.clone(),
+            "/v1/agents/a-0/check".into(),
+            json!({}),
+            [401, 403, 403, OK],
+        ),
+        (
+            p.clone(),
+            "/v1/agents".into(),
+            json!({ "id": "x", "url": "http://127.0.0.1:9", "token": "t" }),
+            [401, 403, 403, 503],
+        ),
+        (
+            g.clone(),
+            "/v1/templates".into(),
+            json!({}),
+            [401, OK, OK, OK],
+        ),
+        (g.clone(), "/v1/vms".into(), json!({}), [401, OK, OK, OK]),
+        (
+            g.clone(),
+            format!("/v1/vms/{vm}"),
+            json!({}),
+            [401, 404, OK, OK],
+        ),
+        (
+            p.clone(),
+            format!("/v1/vms/{vm}/renew"),
+            json!({ "seconds": 600 }),
+            [401, 404, OK, OK],
+        ),
+        (g.clone(), "/v1/jobs".into(), json!({}), [401, OK, OK, OK]),
+        (
+            g.clone(),
+            format!("/v1/jobs/{done}"),
+            json!({}),
+            [401, 404, OK, OK],
+        ),
+        (
+            g.clone(),
+            format!("/v1/jobs/{done}/result"),
+            json!({}),
+            [401, 404, OK, OK],
+        ),
+        (
+            p.clone(),
+            format!("/v1/jobs/{done}/cancel"),
+            json!({}),
+            [401, 404, 409, 409],
+        ),
+    ];
+    for (m, path, body, want) in &fixed {
+        let got = [
+            status(&anon, m, path, body).await,
+            status(&other, m, path, body).await,
+            status(&owner, m, path, body).await,
+            status(&e.admin, m, path, body).await,
+        ];
+        assert_eq!(&got, want, "{m} {path}: [anonymous, other, owner, admin]");
+    }
+    // Actions on a VM: each success on its own fresh VM, so one does not undo another.
+    for (action, body) in [
+        ("start", json!({})),
+        ("shutdown", json!({ "force": true })),
+        ("suspend", json!({})),
+        ("resume", json!({})),
+        ("exec", json!({ "argv": ["true"] })),
+        ("provision", json!({ "bundle": "none" })),
+        ("clone", json!({ "name": "copy" })),
+        ("migrate", json!({ "to": "a-1" })),
+        ("release", json!({})),
+    ] {
+        let (vm_o, vm_a) = (fresh().await, fresh().await);
+        let path = |v: &str| format!("/v1/vms/{v}/{action}");
+        let got = [
+            status(&anon, &p, &path(&vm_o), &body).await,
+            status(&other, &p, &path(&vm_o), &body).await,
+            status(&owner, &p, &path(&vm_o), &body).await,
+            status(&e.admin, &p, &path(&vm_a), &body).await,
+        ];
+        // A migrate to the VM's own agent is a bad request: pick the other one.
+        assert!(
+            got == [401, 404, OK, OK] || (action == "migrate" && got[..2] == [401, 404]),
+            "{action}: {got:?}"
+        );
+    }
+    let j: Job = serde_json::from_value(
+        post(&owner, "/v1/vms", json!({ "main-memory-mib": 64 }))
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        status(&other, &g, &format!("/v1/jobs/{}/events", j.id), &json!({})).await,
+        404
+    );
+    assert_eq!(
+        status(&anon, &g, &format!("/v1/jobs/{}/events", j.id), &json!({})).await,
+        401
+    );
+    // Lists show only one's own; admins see all with all=true.
+    let theirs: Vec<SiteVm> = other.get("/v1/vms").await.unwrap();
+    assert!(theirs.iter().all(|v| v.owner.as_deref() == Some("other")));
+    let mine: Vec<Job> = other.get("/v1/jobs").await.unwrap();
+    assert!(mine.iter().all(|j| j.owner == "other"));
+    let all: Vec<SiteVm> = e.admin.get("/v1/vms?all=true").await.unwrap();
+    assert!(all.iter().any(|v| v.owner.as_deref() == Some("owner")));
+    // Destructive admin calls last.
+    for (m, path, want) in [
+        (p.clone(), "/v1/users/spare/token", [401, 404, 404, OK]),
+        (Method::DELETE, "/v1/users/spare", [401, 403, 403, OK]),
+        (
+            Method::DELETE,
+            "/v1/agents/a-2?force=true",
+            [401, 403, 403, OK],
+        ),
+    ] {
+        let got = [
+            status(&anon, &m, path, &json!({})).await,
+            status(&other, &m, path, &json!({})).await,
+            status(&owner, &m, path, &json!({})).await,
+            status(&e.admin, &m, path, &json!({})).await,
+        ];
+        assert_eq!(got, want, "{m} {path}");
+    }
+    // A user's own token rotation works and the old token stops working.
+    let u: UserView = serde_json::from_value(
+        post(&other, "/v1/users/other/token", json!({}))
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(status(&other, &g, "/v1/me", &json!({})).await, 401);
+    let renewed = Client::new(e.admin.base(), u.token).unwrap();
+    assert_eq!(status(&renewed, &g, "/v1/me", &json!({})).await, OK);
     e.site.stop().await;
 }
