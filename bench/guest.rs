@@ -178,6 +178,7 @@ async fn main() {
             reconcile_period_ms: 600_000,
             reservation_seconds: 60,
             guest_plugin: Some("guest-install".into()),
+            migration_uri: None,
         }),
         bundles_dir: None,
     };

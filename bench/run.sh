@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs the benchmarks and writes their results under bench/results/.
-# Usage: bash bench/run.sh [plugin|vm_start|guest]   (default: all)
+# Usage: bash bench/run.sh [plugin|vm_start|guest|site]   (default: all)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 target=${CARGO_TARGET_DIR:-target}
@@ -17,4 +17,8 @@ fi
 if [ "$which" = all ] || [ "$which" = guest ]; then
     # exec latency and copy throughput on a real guest, vs raw qemu-ga.
     cargo bench --locked -p gve --bench guest
+fi
+if [ "$which" = all ] || [ "$which" = site ]; then
+    # Durable job submissions per second; request latency added by the site.
+    cargo bench --locked -p gve --bench site
 fi

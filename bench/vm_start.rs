@@ -133,6 +133,7 @@ async fn main() {
             reconcile_period_ms: 600_000,
             reservation_seconds: 60,
             guest_plugin: None,
+            migration_uri: None,
         }),
         bundles_dir: None,
     };

@@ -10,6 +10,8 @@ async fn main() {
                 .unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        // Colours only for people: logs sent to files and pipes stay plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = gve::cli::Cli::parse();
     std::process::exit(gve::cli::run(cli).await);

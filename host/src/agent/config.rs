@@ -53,6 +53,11 @@ pub struct DriverConfig {
     /// `guest-channel` grant.
     #[serde(default)]
     pub guest_plugin: Option<String>,
+    /// Where other hosts send VMs migrating to this one, when not the endpoint
+    /// itself (libvirt refuses a local `qemu:///system?socket=` URI as a
+    /// destination; `qemu+unix:///system?socket=...` or `qemu+tcp://host/system` work).
+    #[serde(default)]
+    pub migration_uri: Option<String>,
     /// How often the registry is reconciled with the hypervisor, milliseconds.
     #[serde(default = "default_reconcile_ms")]
     pub reconcile_period_ms: u64,

@@ -38,6 +38,8 @@ pub struct AgentCore {
     pub guest: Option<guest::GuestProvider>,
     /// Software bundles for provision.
     pub bundles_dir: Option<std::path::PathBuf>,
+    /// Where migrations to this host are sent (default: the driver endpoint).
+    pub migration_uri: Option<String>,
     /// VMs this agent removed recently (id → Unix ms), so a reconcile pass whose
     /// listing predates the removal does not report them as appeared.
     pub(crate) removed: std::sync::Mutex<std::collections::HashMap<String, u64>>,
@@ -220,6 +222,7 @@ impl Agent {
                     reservation_seconds: d.reservation_seconds,
                     guest,
                     bundles_dir: config.bundles_dir.clone(),
+                    migration_uri: d.migration_uri.clone(),
                     removed: Default::default(),
                 });
                 let resolved = core.recover().await?;

@@ -4,7 +4,7 @@
 //! | method | path | body | answer |
 //! |---|---|---|---|
 //! | GET | /v1/host | | `Host` |
-//! | GET | /v1/driver | | `{"plugin", "endpoint", "guest"}` (the endpoint is what migrations target) |
+//! | GET | /v1/driver | | `{"plugin", "endpoint", "migration-uri", "guest"}` (migrations to this host target `migration-uri`) |
 //! | GET | /v1/vms | | `[VmRecord]` |
 //! | GET | /v1/vms/{id} | | `VmRecord` |
 //! | POST | /v1/vms | `Profile` | 202 `Operation` (create) |
@@ -191,6 +191,7 @@ impl AgentCore {
             (Method::GET, ["v1", "driver"]) => ok(&serde_json::json!({
                 "plugin": self.driver.plugin(),
                 "endpoint": self.driver.endpoint(),
+                "migration-uri": self.migration_uri.as_deref().unwrap_or(self.driver.endpoint()),
                 "guest": self.guest.as_ref().map(|g| g.plugin.clone()),
             })),
             (Method::GET, ["v1", "vms"]) => ok(&self.registry.vms().map_err(registry_error)?),

@@ -1,10 +1,26 @@
-//! The `gve` command line: one module per command group.
+//! The `gve` command line: one module per command group. The site's groups
+//! (`user`, `agent`, `vm`, `job`) share [`SiteOpts`] and [`CliError`]; every job a
+//! command submits is followed by [`wait`].
 
 pub mod agent;
+pub mod agents;
+mod copy;
+pub mod jobs;
 pub mod output;
 pub mod plugin;
+pub mod site;
+pub mod up;
+pub mod user;
+pub mod vms;
+pub mod wait;
+
+use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
+
+use crate::api::client::Client;
+use crate::api::ApiError;
+use output::Output;
 
 /// gve: one uniform endpoint for virtual machines on heterogeneous hypervisors.
 ///
@@ -21,8 +37,23 @@ pub struct Cli {
 /// Command groups.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run an agent service (one per hypervisor host).
-    Agent(agent::AgentArgs),
+    /// Run a site and a local kvm agent in one process, state in one directory.
+    Up(Box<up::UpArgs>),
+    /// Run a site service (`site run`).
+    #[command(subcommand_required = true)]
+    Site(site::SiteArgs),
+    /// Manage the site's users (admins), or see your own record.
+    #[command(subcommand_required = true)]
+    User(Box<user::UserArgs>),
+    /// Run an agent service (`agent run`), or manage the site's agents (admins).
+    #[command(subcommand_required = true)]
+    Agent(Box<agents::AgentArgs>),
+    /// Request, manage and use VMs.
+    #[command(subcommand_required = true)]
+    Vm(Box<vms::VmArgs>),
+    /// Follow, inspect and cancel jobs.
+    #[command(subcommand_required = true)]
+    Job(Box<jobs::JobArgs>),
     /// Manage the plugins of a running agent.
     #[command(subcommand_required = true)]
     Plugin(Box<plugin::PluginArgs>),
@@ -36,8 +67,13 @@ pub enum Command {
 /// Runs the parsed command; returns the process exit code.
 pub async fn run(cli: Cli) -> i32 {
     match cli.command {
-        Command::Agent(a) => agent::run(a).await,
+        Command::User(u) => report(user::run(*u).await),
+        Command::Agent(a) => agents::run(*a).await,
+        Command::Vm(v) => report(vms::run(*v).await),
+        Command::Job(j) => report(jobs::run(*j).await),
         Command::Plugin(p) => plugin::run(*p).await,
+        Command::Up(u) => up::run(*u).await,
+        Command::Site(s) => site::run(s).await,
         Command::Completions { shell } => {
             use clap::CommandFactory;
             clap_complete::generate(shell, &mut Cli::command(), "gve", &mut std::io::stdout());
@@ -55,5 +91,116 @@ pub fn exit_code(e: &crate::api::ApiError) -> i32 {
         (409, _) => 6,
         (400, _) => 2,
         _ => 1,
+    }
+}
+
+/// The exit code for a job error of contract kind `kind`: that of the HTTP status
+/// the API gives the kind.
+pub fn kind_exit_code(kind: &str) -> i32 {
+    let status = crate::plugin::ErrorKind::parse(kind)
+        .map(ApiError::status_of)
+        .unwrap_or(hyper::StatusCode::BAD_GATEWAY);
+    exit_code(&ApiError::new(status, kind, ""))
+}
+
+/// How to reach the site; shared by `gve user|agent|vm|job`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SiteOpts {
+    /// Site URL.
+    #[arg(
+        long,
+        env = "GVE_URL",
+        default_value = "http://127.0.0.1:7080",
+        global = true
+    )]
+    pub url: String,
+    /// Your bearer token at the site.
+    #[arg(long, env = "GVE_TOKEN", global = true, hide_env_values = true)]
+    pub token: Option<String>,
+    /// Output format.
+    #[arg(long, short, value_enum, default_value_t, global = true)]
+    pub output: Output,
+}
+
+impl SiteOpts {
+    /// A client for the site.
+    pub fn client(&self) -> Result<Client, ApiError> {
+        Client::new(&self.url, self.token.clone())
+    }
+}
+
+/// Why a site command failed; [`CliError::exit_code`] is what a script sees.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CliError {
+    /// The site refused or failed the call.
+    #[error("{}", .0.message)]
+    Api(#[from] ApiError),
+    /// A job ended in failure.
+    #[error("job {job} failed: {message} ({kind})")]
+    JobFailed {
+        /// Job id.
+        job: String,
+        /// Contract error kind.
+        kind: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// A job was cancelled before it ran.
+    #[error("job {0} was cancelled")]
+    JobCancelled(String),
+    /// A local file could not be read or written.
+    #[error("{}: {source}", path.display())]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Bytes arrived different from the bytes sent.
+    #[error("{what}: SHA-256 {actual} does not match {expected}")]
+    Digest {
+        /// The copy.
+        what: String,
+        /// What the sender computed.
+        expected: String,
+        /// What arrived.
+        actual: String,
+    },
+    /// Arguments refused before any call.
+    #[error("{0}")]
+    Usage(String),
+}
+
+impl CliError {
+    /// The process exit code (see [`Cli`]).
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            CliError::Api(e) => exit_code(e),
+            CliError::JobFailed { kind, .. } => kind_exit_code(kind),
+            CliError::JobCancelled(_) => 6,
+            CliError::Usage(_) => 2,
+            CliError::File { .. } | CliError::Digest { .. } => 1,
+        }
+    }
+
+    /// A local file error.
+    pub fn file(path: impl Into<PathBuf>, source: std::io::Error) -> CliError {
+        CliError::File {
+            path: path.into(),
+            source,
+        }
+    }
+}
+
+/// Prints a failed command's error as `error: ...`; returns the exit code.
+pub fn report(r: Result<i32, CliError>) -> i32 {
+    match r {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e}");
+            e.exit_code()
+        }
     }
 }

@@ -177,7 +177,10 @@ impl Agents {
                     rec.seen_ms = now_ms();
                     rec.host = Some(host);
                     rec.templates = templates.into_iter().map(|t| t.name).collect();
-                    rec.endpoint = driver["endpoint"].as_str().map(str::to_string);
+                    rec.endpoint = driver["migration-uri"]
+                        .as_str()
+                        .or(driver["endpoint"].as_str())
+                        .map(str::to_string);
                     sync_vms(t, id, &vms)?;
                 }
                 Err(e) => {

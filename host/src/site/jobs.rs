@@ -229,6 +229,8 @@ impl SiteCore {
             JobKind::Request => self.run_request(job).await,
             JobKind::Release => self.run_release(job).await,
             JobKind::Expire => self.run_expire(job).await,
+            JobKind::CopyIn => self.run_copy_in(job).await,
+            JobKind::CopyOut => self.run_copy_out(job).await,
             JobKind::Clone => self.run_clone(job).await,
             JobKind::Migrate => self.run_migrate(job).await,
             _ => self.run_action(job).await,

@@ -12,6 +12,7 @@ pub mod admin_api;
 pub mod agents;
 pub mod auth;
 pub mod config;
+pub mod copy;
 pub mod jobs;
 pub mod model;
 pub mod placement;

@@ -166,7 +166,8 @@ pub struct AgentRec {
     pub host: Option<crate::agent::model::Host>,
     /// Template names it offers.
     pub templates: Vec<String>,
-    /// Its driver endpoint's libvirt URI or similar (migration destination).
+    /// Where VMs migrating to it are sent (its driver endpoint, or the migration
+    /// URI its config names).
     pub endpoint: Option<String>,
     /// Registered at (Unix ms).
     pub registered_ms: u64,
@@ -313,6 +314,10 @@ pub enum JobKind {
     Release,
     /// Stop a VM whose lease ran out.
     Expire,
+    /// Copy a staged file into the guest.
+    CopyIn,
+    /// Copy a guest file out to staging.
+    CopyOut,
 }
 
 impl JobKind {
@@ -330,6 +335,8 @@ impl JobKind {
             JobKind::Provision => "provision",
             JobKind::Release => "release",
             JobKind::Expire => "expire",
+            JobKind::CopyIn => "copy-in",
+            JobKind::CopyOut => "copy-out",
         }
     }
 }

@@ -524,6 +524,22 @@ impl SiteCore {
                 .await;
         }
         let vm = op.result;
+        // Trust, but check: the VM must now be on the destination.
+        let agent_vm = vm
+            .as_ref()
+            .map(|v| v.id.clone())
+            .unwrap_or_else(|| v.agent_vm.clone());
+        if let Ok(c) = self.agents.client(&to) {
+            if let Err(e) = c.get::<Value>(&format!("/v1/vms/{agent_vm}")).await {
+                return Err(err(
+                    "backend",
+                    format!(
+                        "agent {} reported VM {id} migrated, but agent {to} does not have it: {}",
+                        v.agent, e.message
+                    ),
+                ));
+            }
+        }
         let moved = self
             .store
             .write(|t| {
@@ -684,10 +700,15 @@ impl SiteCore {
     pub fn spawn_leases(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
         let me = self.clone();
         tokio::spawn(async move {
+            let mut ticks = 0u64;
             loop {
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 if let Err(e) = me.expire_due().await {
                     tracing::error!("lease check: {e}");
+                }
+                ticks += 1;
+                if ticks % 1200 == 1 {
+                    me.sweep_staging().await;
                 }
             }
         })

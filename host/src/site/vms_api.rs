@@ -1,5 +1,5 @@
 //! VMs and jobs (`/v1/vms...`, `/v1/templates`, `/v1/jobs...`). Everything that
-//! changes a VM answers `202` with a job at once; `GET /v1/jobs/{id}` polls it,
+//! changes a VM answers `202` with a job at once; `GET /v1/jobs/{id}` polls it (`?wait-ms=N` long-polls its end),
 //! `GET /v1/jobs/{id}/events` streams its changes (server-sent events) and
 //! `GET /v1/jobs/{id}/result` fetches what it produced. Users see only their own
 //! VMs and jobs; others' answer 404.
@@ -91,6 +91,20 @@ impl SiteCore {
             }
             (Method::GET, ["v1", "vms", id]) => {
                 ok(&super::vms::view(self, self.vm_for(caller, id, "show")?))
+            }
+            (Method::PUT, ["v1", "vms", id, "files"]) => {
+                let job = self.copy_in_request(caller, id, req).await?;
+                Self::accepted(&job)
+            }
+            (Method::POST, ["v1", "vms", id, "copy-out"]) => {
+                #[derive(Deserialize)]
+                #[serde(deny_unknown_fields)]
+                struct CopyOut {
+                    path: String,
+                }
+                let body: CopyOut = read_json(req.into_body()).await?;
+                let job = self.copy_out_request(caller, id, body.path).await?;
+                Self::accepted(&job)
             }
             (Method::POST, ["v1", "vms", id, "renew"]) => {
                 let body: RenewBody = crate::agent::vms_api::body_or_default(req).await?;
@@ -206,7 +220,17 @@ impl SiteCore {
                 let jobs = self.store.jobs(owner, limit.min(100_000)).map_err(db)?;
                 ok(&jobs.into_iter().map(redacted).collect::<Vec<_>>())
             }
-            (Method::GET, ["v1", "jobs", id]) => ok(&redacted(self.job_for(caller, id)?)),
+            (Method::GET, ["v1", "jobs", id]) => {
+                let wait = match query_param(req.uri(), "wait-ms")? {
+                    None => 0,
+                    Some(v) => v.parse::<u64>().map_err(|_| {
+                        ApiError::bad_request(format!("wait-ms={v} is not a number"))
+                    })?,
+                };
+                ok(&redacted(
+                    self.job_waiting(caller, id, wait.min(60_000)).await?,
+                ))
+            }
             (Method::GET, ["v1", "jobs", id, "result"]) => {
                 let job = self.job_for(caller, id)?;
                 match job.state {
@@ -244,6 +268,10 @@ impl SiteCore {
                     )),
                 }
             }
+            (Method::GET, ["v1", "jobs", id, "content"]) => {
+                let job = self.job_for(caller, id)?;
+                self.copy_out_content(&job).await
+            }
             (Method::POST, ["v1", "jobs", id, "cancel"]) => {
                 self.job_for(caller, id)?;
                 ok(&self.cancel(id)?)
@@ -259,6 +287,25 @@ impl SiteCore {
                 Ok(self.event_stream(job, after))
             }
             (m, _) => Err(ApiError::no_route(&m, req.uri().path())),
+        }
+    }
+
+    /// A job; with `wait_ms`, answers once it has ended or after that long.
+    async fn job_waiting(&self, caller: &Caller, id: &str, wait_ms: u64) -> Result<Job, ApiError> {
+        let mut events = self.store.subscribe();
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_millis(wait_ms);
+        loop {
+            let job = self.job_for(caller, id)?;
+            if job.state.is_terminal() || tokio::time::Instant::now() >= deadline {
+                return Ok(job);
+            }
+            loop {
+                match tokio::time::timeout_at(deadline, events.recv()).await {
+                    Ok(Ok(ev)) if ev.job == id && ev.state.is_terminal() => break,
+                    Ok(Ok(_)) => continue,
+                    Err(_) | Ok(Err(_)) => break,
+                }
+            }
         }
     }
 

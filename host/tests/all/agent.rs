@@ -42,6 +42,7 @@ pub async fn start_agent(
             reconcile_period_ms: reconcile_ms,
             reservation_seconds: 60,
             guest_plugin: None,
+            migration_uri: None,
         }),
         bundles_dir: None,
     };

@@ -62,6 +62,7 @@ async fn agent(lv: &Libvirtd, bundles: Option<&Path>) -> (Agent, Client, tempfil
             reconcile_period_ms: 60_000,
             reservation_seconds: 60,
             guest_plugin: Some("guest-install".into()),
+            migration_uri: None,
         }),
         bundles_dir: bundles.map(Path::to_path_buf),
     };

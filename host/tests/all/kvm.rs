@@ -357,7 +357,7 @@ async fn live_migration_between_two_agents_keeps_the_guest_running() {
     agent_b.stop().await;
 }
 
-/// A `gve agent` process of its own, so it can be killed with SIGKILL.
+/// A `gve agent run` process of its own, so it can be killed with SIGKILL.
 pub struct AgentProcess {
     pub child: tokio::process::Child,
     pub url: String,
@@ -365,7 +365,7 @@ pub struct AgentProcess {
 
 pub async fn spawn_agent(config: &std::path::Path, log: &std::path::Path) -> AgentProcess {
     let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_gve"))
-        .args(["agent", "--config"])
+        .args(["agent", "run", "--config"])
         .arg(config)
         .stderr(std::fs::File::create(log).unwrap())
         .kill_on_drop(true)

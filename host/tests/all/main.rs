@@ -2,10 +2,13 @@
 
 mod admin;
 mod agent;
+mod cli;
 mod contract;
 mod guest;
 mod hostile;
 mod kvm;
 mod lifecycle;
 mod site;
+mod site_crash;
 mod support;
+mod up;

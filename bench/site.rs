@@ -1,0 +1,250 @@
+//! The site service's own costs.
+//!
+//! 1. Durable job submissions per second over HTTP (target ≥ 2,000/s on 2 cores):
+//!    64 concurrent clients submit VM requests to a site whose database is a file on
+//!    disk (every accepted job committed durably before its `202`); the site's
+//!    runners work the jobs off meanwhile. Also the same through the in-process
+//!    submitter, without HTTP.
+//! 2. Request → running latency added by the site: a VM requested through the site
+//!    (job: place, create, start, long-polled) against the same two operations sent
+//!    to the agent directly, on the memory driver (so the hypervisor adds nothing).
+//!
+//! Writes bench/results/site.md. Run with `bash bench/run.sh site`.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use gve::agent::config::DriverConfig;
+use gve::agent::model::Operation;
+use gve::agent::{Agent, AgentConfig};
+use gve::api::client::Client;
+use gve::plugin::{Grants, PluginSpec};
+use gve::site::model::{Job, UserView};
+use gve::site::{Site, SiteConfig};
+use gve_harness::target_dir;
+use hyper::Method;
+use serde_json::json;
+
+const ADMIN: &str = "bench-site-admin-0123456789";
+const AGENT: &str = "bench-agent-token-0123456789";
+const SUBMISSIONS: usize = 20_000;
+const CLIENTS: usize = 64;
+const LATENCY_ROUNDS: usize = 40;
+
+async fn agent(dir: &std::path::Path) -> Agent {
+    let spec = PluginSpec {
+        bundle: target_dir().join("plugins/memory"),
+        grants: Grants::default(),
+        limits: Default::default(),
+    };
+    Agent::start(AgentConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: dir.to_path_buf(),
+        admin_token: AGENT.into(),
+        plugins: BTreeMap::from([("memory".to_string(), spec)]),
+        driver: Some(DriverConfig {
+            plugin: "memory".into(),
+            endpoint: format!("memory:bench-{}", uuid::Uuid::new_v4()),
+            username: None,
+            password: None,
+            token: None,
+            reconcile_period_ms: 600_000,
+            reservation_seconds: 60,
+            guest_plugin: None,
+            migration_uri: None,
+        }),
+        bundles_dir: None,
+    })
+    .await
+    .unwrap()
+}
+
+async fn site(dir: &std::path::Path) -> (Site, Client) {
+    let mut config = SiteConfig::new(dir.to_path_buf(), ADMIN.into());
+    config.listen = "127.0.0.1:0".parse().unwrap();
+    let site = Site::start(config).await.unwrap();
+    let admin = Client::new(&format!("http://{}", site.addr), Some(ADMIN.into())).unwrap();
+    (site, admin)
+}
+
+async fn user(admin: &Client) -> Client {
+    let u: UserView = admin
+        .call(Method::POST, "/v1/users", Some(&json!({ "name": "bench", "quota": { "logical-cpus": 10_000_000, "main-memory-mib": 10_000_000_000u64, "vms": 10_000_000 } })))
+        .await
+        .unwrap();
+    Client::new(admin.base(), u.token).unwrap()
+}
+
+fn median(mut v: Vec<Duration>) -> (Duration, Duration, Duration) {
+    v.sort();
+    (v[v.len() / 2], v[v.len() / 4], v[3 * v.len() / 4])
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let status = std::process::Command::new("bash")
+        .arg(gve_harness::root().join("scripts/build-plugins.sh"))
+        .status()
+        .unwrap();
+    assert!(status.success());
+
+    // 1. Submissions: no agent, so each request fails fast at placement; its runner
+    //    still writes two more transactions (running, failed) per job meanwhile.
+    let dir = tempfile::tempdir_in(target_dir()).unwrap();
+    let (s, admin) = site(dir.path()).await;
+    let u = user(&admin).await;
+    let t = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..CLIENTS {
+        let u = u.clone();
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..SUBMISSIONS / CLIENTS {
+                let _: Job = u
+                    .call(
+                        Method::POST,
+                        "/v1/vms",
+                        Some(&json!({ "main-memory-mib": 64 })),
+                    )
+                    .await
+                    .unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let http = t.elapsed();
+    let http_rate = (SUBMISSIONS / CLIENTS * CLIENTS) as f64 / http.as_secs_f64();
+    eprintln!("HTTP: {http_rate:.0} submissions/s");
+    let core = s.core.clone();
+    let t = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..CLIENTS {
+        let core = core.clone();
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..SUBMISSIONS / CLIENTS {
+                let job = gve::site::jobs::new_job(
+                    "bench",
+                    gve::site::model::JobKind::Request,
+                    None,
+                    json!({ "main-memory-mib": 64 }),
+                );
+                core.submitter.submit(job, None).await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let direct = t.elapsed();
+    let direct_rate = (SUBMISSIONS / CLIENTS * CLIENTS) as f64 / direct.as_secs_f64();
+    eprintln!("in-process: {direct_rate:.0} submissions/s");
+    s.stop().await;
+    drop(dir);
+
+    // 2. Latency: one memory agent, registered with a fresh site.
+    let dir = tempfile::tempdir_in(target_dir()).unwrap();
+    let a = agent(&dir.path().join("agent")).await;
+    let (s, admin) = site(&dir.path().join("site")).await;
+    let _: serde_json::Value = admin
+        .call(
+            Method::POST,
+            "/v1/agents",
+            Some(&json!({ "id": "a", "url": format!("http://{}", a.addr), "token": AGENT })),
+        )
+        .await
+        .unwrap();
+    let u = user(&admin).await;
+    let ac = Client::new(&format!("http://{}", a.addr), Some(AGENT.into())).unwrap();
+    let (mut via_site, mut direct_t) = (Vec::new(), Vec::new());
+    for i in 0..LATENCY_ROUNDS {
+        for path in if i % 2 == 0 { [0, 1] } else { [1, 0] } {
+            let t = Instant::now();
+            if path == 0 {
+                let j: Job = u
+                    .call(
+                        Method::POST,
+                        "/v1/vms",
+                        Some(&json!({ "main-memory-mib": 64, "name": format!("s-{i}") })),
+                    )
+                    .await
+                    .unwrap();
+                let done: Job = u
+                    .get(&format!("/v1/jobs/{}?wait-ms=10000", j.id))
+                    .await
+                    .unwrap();
+                assert!(
+                    done.state == gve::site::model::JobState::Succeeded,
+                    "{done:?}"
+                );
+                via_site.push(t.elapsed());
+            } else {
+                let op: Operation = ac
+                    .call(
+                        Method::POST,
+                        "/v1/vms",
+                        Some(&json!({ "name": format!("d-{i}"), "main-memory-mib": 64 })),
+                    )
+                    .await
+                    .unwrap();
+                let op: Operation = ac
+                    .get(&format!("/v1/operations/{}?wait-ms=10000", op.id))
+                    .await
+                    .unwrap();
+                let vm = op.result.unwrap();
+                let op: Operation = ac
+                    .call(
+                        Method::POST,
+                        &format!("/v1/vms/{}/start", vm.id),
+                        Some(&json!({})),
+                    )
+                    .await
+                    .unwrap();
+                let op: Operation = ac
+                    .get(&format!("/v1/operations/{}?wait-ms=10000", op.id))
+                    .await
+                    .unwrap();
+                assert!(op.result.is_some());
+                direct_t.push(t.elapsed());
+            }
+        }
+    }
+    s.stop().await;
+    a.stop().await;
+    let (sv, dv) = (median(via_site), median(direct_t));
+    let date = std::process::Command::new("date")
+        .arg("-I")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    let mut md = String::from("# Site service: durable submissions and added latency\n\n");
+    md += &format!(
+        "Measured {date} on {} cores; the site database is a redb file in the build directory, every job committed\n\
+         durably (group commit) before its `202`. Produced by `bash bench/run.sh site`.\n\n",
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
+    );
+    md += &format!("## Durable job submissions ({} from {CLIENTS} concurrent clients; target ≥ 2,000/s)\n\n| path | submissions/s |\n|---|---|\n", SUBMISSIONS / CLIENTS * CLIENTS);
+    md += &format!(
+        "| HTTP `POST /v1/vms` (identify, check, group commit, `202`) | {http_rate:.0} |\n"
+    );
+    md += &format!("| in-process submitter (no HTTP) | {direct_rate:.0} |\n\n");
+    md += "The site's runners work the jobs off at the same time (each request fails at placement: no agent),\nwriting two more transactions per job.\n\n";
+    md += &format!("## Request → running, median (IQR) of {LATENCY_ROUNDS}, memory driver\n\n| path | latency |\n|---|---|\n");
+    md += &format!("| site: `POST /v1/vms` job (place, create, start), long-polled | {:.1} ms ({:.1}–{:.1}) |\n", ms(sv.0), ms(sv.1), ms(sv.2));
+    md += &format!(
+        "| agent directly: create + start operations, long-polled | {:.1} ms ({:.1}–{:.1}) |\n",
+        ms(dv.0),
+        ms(dv.1),
+        ms(dv.2)
+    );
+    md += &format!("| added by the site | {:+.1} ms |\n", ms(sv.0) - ms(dv.0));
+    eprintln!("{md}");
+    std::fs::write(gve_harness::root().join("bench/results/site.md"), md).unwrap();
+}

@@ -1,0 +1,200 @@
+//! `gve agent ...`: run an agent service (`run`), or manage the agents a site
+//! drives (admins): register, inspect, health-check and unregister them.
+
+use hyper::Method;
+use serde_json::{json, Value};
+
+use super::output::{self, Output};
+use super::{CliError, SiteOpts};
+use crate::site::model::{AgentStatus, AgentView};
+
+/// Arguments of `gve agent`.
+#[derive(Debug, clap::Args)]
+pub struct AgentArgs {
+    /// The site (not used by `run`).
+    #[command(flatten)]
+    pub site: SiteOpts,
+    /// What to do.
+    #[command(subcommand)]
+    pub action: Action,
+}
+
+/// Agent actions.
+#[derive(Debug, clap::Subcommand)]
+pub enum Action {
+    /// Run an agent service until Ctrl-C or SIGTERM.
+    Run(super::agent::RunArgs),
+    /// List the site's agents.
+    List,
+    /// Register an agent with the site.
+    Add {
+        /// Id for the agent (chosen by you).
+        id: String,
+        /// Its URL, e.g. http://host-1:7070.
+        url: String,
+        /// Its admin token: the site authenticates with it.
+        #[arg(long, env = "GVE_AGENT_SECRET", hide_env_values = true)]
+        secret: String,
+    },
+    /// Show one agent.
+    Show {
+        /// Agent id.
+        id: String,
+    },
+    /// Unregister an agent.
+    Remove {
+        /// Agent id.
+        id: String,
+        /// Even when the site still records VMs on it (they are forgotten).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Health-check an agent now (refreshing its capacity and templates).
+    Check {
+        /// Agent id.
+        id: String,
+    },
+}
+
+/// Runs an agent command; returns the exit code.
+pub async fn run(args: AgentArgs) -> i32 {
+    match args.action {
+        Action::Run(r) => super::agent::run(r).await,
+        action => super::report(manage(&args.site, action).await),
+    }
+}
+
+async fn manage(site: &SiteOpts, action: Action) -> Result<i32, CliError> {
+    let client = site.client()?;
+    let one = |a: AgentView| print(site.output, &[a], true);
+    match action {
+        // Reached only if `run` changes; `run` needs no site.
+        Action::Run(r) => return Ok(super::agent::run(r).await),
+        Action::List => {
+            let all: Vec<AgentView> = client.get("/v1/agents").await?;
+            print(site.output, &all, false);
+        }
+        Action::Add { id, url, secret } => one(client
+            .call(
+                Method::POST,
+                "/v1/agents",
+                Some(&json!({ "id": id, "url": url, "token": secret })),
+            )
+            .await?),
+        Action::Show { id } => one(client.get(&agent_path(&id)).await?),
+        Action::Check { id } => one(client
+            .call::<(), _>(Method::POST, &format!("{}/check", agent_path(&id)), None)
+            .await?),
+        Action::Remove { id, force } => {
+            let v: Value = client
+                .call::<(), _>(
+                    Method::DELETE,
+                    &format!("{}?force={force}", agent_path(&id)),
+                    None,
+                )
+                .await?;
+            match site.output {
+                Output::Json => output::json(&v),
+                Output::Table => println!("removed agent {id}"),
+            }
+        }
+    }
+    Ok(0)
+}
+
+fn agent_path(id: &str) -> String {
+    format!("/v1/agents/{}", crate::api::percent_encode(id))
+}
+
+fn status(a: &AgentView) -> &'static str {
+    match a.status {
+        AgentStatus::Up => "up",
+        AgentStatus::Down => "down",
+    }
+}
+
+fn print(out: Output, agents: &[AgentView], detail: bool) {
+    if out == Output::Json {
+        return if detail {
+            output::json(&agents[0])
+        } else {
+            output::json(agents)
+        };
+    }
+    if detail {
+        let a = &agents[0];
+        let h = a.host.as_ref();
+        output::fields(&[
+            ("id", a.id.clone()),
+            ("status", status(a).into()),
+            ("error", output::or_dash(a.error.as_ref())),
+            ("url", a.url.clone()),
+            (
+                "seen",
+                match a.seen_ms {
+                    0 => "never".into(),
+                    t => format!("{} ago", output::age(t)),
+                },
+            ),
+            ("host", output::or_dash(h.map(|h| &h.hostname))),
+            (
+                "hypervisor",
+                output::or_dash(
+                    h.map(|h| format!("{} {}", h.hypervisor_kind, h.hypervisor_version)),
+                ),
+            ),
+            (
+                "cpus",
+                output::or_dash(h.map(|h| {
+                    format!(
+                        "{} allocated of {}",
+                        h.allocated_logical_cpus, h.logical_cpus
+                    )
+                })),
+            ),
+            (
+                "memory",
+                output::or_dash(
+                    h.map(|h| format!("{} MiB free of {}", h.free_memory_mib, h.main_memory_mib)),
+                ),
+            ),
+            (
+                "vms",
+                output::or_dash(
+                    h.map(|h| format!("{} running of {}", h.used_instances, h.total_instances)),
+                ),
+            ),
+            ("templates", a.templates.join(", ")),
+        ]);
+        return;
+    }
+    let rows: Vec<Vec<String>> = agents
+        .iter()
+        .map(|a| {
+            let h = a.host.as_ref();
+            vec![
+                a.id.clone(),
+                status(a).into(),
+                a.url.clone(),
+                output::or_dash(h.map(|h| h.hypervisor_kind.clone())),
+                output::or_dash(
+                    h.map(|h| format!("{}/{}", h.allocated_logical_cpus, h.logical_cpus)),
+                ),
+                output::or_dash(h.map(|h| format!("{}/{}", h.free_memory_mib, h.main_memory_mib))),
+                output::clip(&a.templates.join(","), 40),
+            ]
+        })
+        .collect();
+    output::table(
+        &[
+            "ID",
+            "STATUS",
+            "URL",
+            "KIND",
+            "CPUS",
+            "FREE-MIB",
+            "TEMPLATES",
+        ],
+        &rows,
+    );
+}

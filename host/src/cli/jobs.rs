@@ -1,0 +1,206 @@
+//! `gve job ...`: list, inspect, follow and cancel jobs (yours; every user's for
+//! admins with `--all`).
+
+use hyper::Method;
+use serde_json::Value;
+
+use super::output::{self, Output};
+use super::wait::{self, state_name, Show};
+use super::{CliError, SiteOpts};
+use crate::site::model::{Job, JobEvent};
+
+/// Arguments of `gve job`.
+#[derive(Debug, clap::Args)]
+pub struct JobArgs {
+    /// The site.
+    #[command(flatten)]
+    pub site: SiteOpts,
+    /// What to do.
+    #[command(subcommand)]
+    pub action: Action,
+}
+
+/// Job actions.
+#[derive(Debug, clap::Subcommand)]
+pub enum Action {
+    /// List jobs, newest first.
+    List {
+        /// Every user's jobs (admins).
+        #[arg(long)]
+        all: bool,
+        /// Most jobs listed.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+    },
+    /// Show one job.
+    Show {
+        /// Job id.
+        id: String,
+    },
+    /// Follow a job to its end; exits with the code of its error if it failed.
+    Wait {
+        /// Job id.
+        id: String,
+    },
+    /// Print what a job produced (JSON).
+    Result {
+        /// Job id.
+        id: String,
+    },
+    /// Cancel a job that has not started.
+    Cancel {
+        /// Job id.
+        id: String,
+    },
+    /// Print a job's changes as they happen, until it ends.
+    Events {
+        /// Job id.
+        id: String,
+    },
+}
+
+/// Runs a job command; returns the exit code.
+pub async fn run(args: JobArgs) -> Result<i32, CliError> {
+    let site = &args.site;
+    let out = site.output;
+    let client = site.client()?;
+    match &args.action {
+        Action::List { all, limit } => {
+            let jobs: Vec<Job> = client
+                .get(&format!("/v1/jobs?limit={limit}&all={all}"))
+                .await?;
+            match out {
+                Output::Json => output::json(&jobs),
+                Output::Table => table(&jobs),
+            }
+        }
+        Action::Show { id } => show(out, &client.get(&job_path(id)).await?),
+        Action::Wait { id } => {
+            let done = wait::wait(site, &client, id, Show::Progress).await?;
+            show(out, &done);
+            wait::outcome(done)?;
+        }
+        Action::Result { id } => {
+            let v: Value = client.get(&format!("{}/result", job_path(id))).await?;
+            output::json(&v);
+        }
+        Action::Cancel { id } => {
+            let j: Job = client
+                .call::<(), _>(Method::POST, &format!("{}/cancel", job_path(id)), None)
+                .await?;
+            match out {
+                Output::Json => output::json(&j),
+                Output::Table => println!("cancelled job {}", j.id),
+            }
+        }
+        Action::Events { id } => {
+            // The job must exist (and be yours) before the stream is followed.
+            let _: Job = client.get(&job_path(id)).await?;
+            let ended = wait::follow(site, id, |seen| {
+                if let Some(ev) = seen {
+                    print_event(out, ev);
+                }
+            })
+            .await;
+            if !ended {
+                // The stream ended without the terminal event (trimmed history, or
+                // it broke for good): the job itself says where it is.
+                let j: Job = client.get(&job_path(id)).await?;
+                if !j.state.is_terminal() {
+                    return Err(CliError::Api(crate::api::ApiError::new(
+                        hyper::StatusCode::SERVICE_UNAVAILABLE,
+                        "unavailable",
+                        format!(
+                            "the event stream of job {id} broke off while it was {}",
+                            state_name(j.state)
+                        ),
+                    )));
+                }
+            }
+        }
+    }
+    Ok(0)
+}
+
+fn job_path(id: &str) -> String {
+    format!("/v1/jobs/{}", crate::api::percent_encode(id))
+}
+
+fn print_event(out: Output, ev: &JobEvent) {
+    match out {
+        Output::Json => match serde_json::to_string(ev) {
+            Ok(s) => println!("{s}"),
+            Err(e) => eprintln!("error: cannot encode output: {e}"),
+        },
+        Output::Table => {
+            let line = format!(
+                "{}  {:<9}  {}",
+                clock(ev.at_ms),
+                state_name(ev.state),
+                wait::note(ev)
+            );
+            println!("{}", line.trim_end());
+        }
+    }
+}
+
+/// UTC time of day of a Unix-ms instant, `HH:MM:SS.mmm`.
+fn clock(ms: u64) -> String {
+    let s = ms / 1000 % 86_400;
+    format!(
+        "{:02}:{:02}:{:02}.{:03}",
+        s / 3600,
+        s / 60 % 60,
+        s % 60,
+        ms % 1000
+    )
+}
+
+fn error_of(j: &Job) -> String {
+    j.error
+        .as_ref()
+        .map(|e| format!("{}: {}", e.kind, e.message))
+        .unwrap_or_default()
+}
+
+fn table(jobs: &[Job]) {
+    let rows: Vec<Vec<String>> = jobs
+        .iter()
+        .map(|j| {
+            vec![
+                j.id.clone(),
+                j.kind.as_str().to_string(),
+                state_name(j.state).into(),
+                output::or_dash(j.vm.as_ref()),
+                output::age(j.created_ms),
+                output::clip(&error_of(j), 60),
+            ]
+        })
+        .collect();
+    output::table(&["ID", "KIND", "STATE", "VM", "AGE", "ERROR"], &rows);
+}
+
+fn show(out: Output, j: &Job) {
+    if out == Output::Json {
+        return output::json(j);
+    }
+    let compact = |v: &Value| serde_json::to_string(v).unwrap_or_default();
+    output::fields(&[
+        ("id", j.id.clone()),
+        ("kind", j.kind.as_str().into()),
+        ("state", state_name(j.state).into()),
+        ("owner", j.owner.clone()),
+        ("vm", output::or_dash(j.vm.as_ref())),
+        ("created", format!("{} ago", output::age(j.created_ms))),
+        ("updated", format!("{} ago", output::age(j.updated_ms))),
+        ("params", compact(&j.params)),
+        (
+            "result",
+            j.result
+                .as_ref()
+                .map(|r| output::clip(&compact(r), 200))
+                .unwrap_or_else(|| "-".into()),
+        ),
+        ("error", error_of(j)),
+    ]);
+}

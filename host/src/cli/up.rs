@@ -1,0 +1,402 @@
+//! `gve up`: one process runs a site and a local agent with the kvm driver (and
+//! guest-install), all state in one directory, and prints the admin token. It uses
+//! the machine's libvirtd when one answers on `qemu:///system`, and otherwise starts
+//! a private one (in its own mount namespace, state under the data directory), ended
+//! with everything it started when `gve up` stops.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::agent::{Agent, AgentConfig};
+use crate::site::{Site, SiteConfig};
+
+/// Arguments of `gve up`.
+#[derive(Debug, clap::Args)]
+pub struct UpArgs {
+    /// Directory for all state: databases, configs, images, private libvirtd.
+    #[arg(long, default_value = "gve-data")]
+    pub data: PathBuf,
+    /// libvirt URI of the local QEMU/KVM hypervisor. Default: qemu:///system when a
+    /// libvirtd answers there, else a private libvirtd started by gve up.
+    #[arg(long, conflicts_with = "private_libvirtd")]
+    pub libvirt: Option<String>,
+    /// Always start a private libvirtd, even when the machine has one.
+    #[arg(long)]
+    pub private_libvirtd: bool,
+    /// Directory holding the plugin bundles kvm and guest-install.
+    #[arg(long, env = "GVE_PLUGINS", default_value = "target/plugins")]
+    pub plugins: PathBuf,
+    /// A guest directory (vmlinuz, initrd.img, base.qcow2, as scripts/harness/build-guest.sh
+    /// makes) to offer as template "tiny".
+    #[arg(long)]
+    pub template: Option<PathBuf>,
+    /// Site address.
+    #[arg(long, default_value = "127.0.0.1:7080")]
+    pub listen: SocketAddr,
+    /// Agent address.
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    pub agent_listen: SocketAddr,
+}
+
+/// Secrets kept across runs of `gve up` on the same data directory.
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+struct Secrets {
+    admin_token: String,
+    agent_token: String,
+}
+
+/// Why `gve up` could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum UpError {
+    /// A file or directory could not be used.
+    #[error("{what} {path}: {source}")]
+    Io {
+        /// What it was for.
+        what: &'static str,
+        /// Path.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// libvirt refused something.
+    #[error("libvirt {uri}: {message}")]
+    Libvirt {
+        /// URI.
+        uri: String,
+        /// What failed.
+        message: String,
+    },
+    /// Something else, said in words.
+    #[error("{0}")]
+    Other(String),
+}
+
+fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> UpError {
+    let path = path.to_path_buf();
+    move |source| UpError::Io { what, path, source }
+}
+
+/// A libvirtd that `gve up` started; killed (with its QEMU processes) on drop.
+struct PrivateLibvirtd {
+    child: Child,
+    run: PathBuf,
+}
+
+impl Drop for PrivateLibvirtd {
+    fn drop(&mut self) {
+        if let Ok(entries) = std::fs::read_dir(self.run.join("qemu")) {
+            for e in entries.flatten() {
+                let pid = std::fs::read_to_string(e.path()).unwrap_or_default();
+                if e.path().extension().is_some_and(|x| x == "pid") {
+                    if let Ok(pid) = pid.trim().parse::<i32>() {
+                        let _ = Command::new("kill")
+                            .args(["-TERM", &pid.to_string()])
+                            .status();
+                    }
+                }
+            }
+        }
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let end = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < end {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts a libvirtd whose state lives under `dir` (bind-mounted over libvirt's
+/// compiled-in directories in a private mount namespace).
+fn start_libvirtd(dir: &Path) -> Result<(PrivateLibvirtd, String), UpError> {
+    for sub in ["sock", "run", "varlib", "etc", "log", "cache"] {
+        std::fs::create_dir_all(dir.join(sub)).map_err(io("directory", dir))?;
+    }
+    let p = |s: &str| dir.join(s).display().to_string();
+    std::fs::write(
+        dir.join("etc/libvirtd.conf"),
+        format!(
+            "unix_sock_dir = \"{}\"\nunix_sock_rw_perms = \"0700\"\nauth_unix_ro = \"none\"\nauth_unix_rw = \"none\"\nlog_outputs = \"3:file:{}\"\n",
+            p("sock"),
+            p("log/libvirtd.log")
+        ),
+    )
+    .map_err(io("libvirtd config", dir))?;
+    std::fs::write(
+        dir.join("etc/qemu.conf"),
+        "user = \"root\"\ngroup = \"root\"\ndynamic_ownership = 0\nremember_owner = 0\nstdio_handler = \"file\"\n",
+    )
+    .map_err(io("qemu config", dir))?;
+    for mp in [
+        "/run/libvirt",
+        "/var/lib/libvirt",
+        "/etc/libvirt",
+        "/var/log/libvirt",
+        "/var/cache/libvirt",
+    ] {
+        std::fs::create_dir_all(mp).map_err(io("mount point", Path::new(mp)))?;
+    }
+    let script = format!(
+        "mount --bind {run} /run/libvirt && mount --bind {varlib} /var/lib/libvirt && \
+         mount --bind {etc} /etc/libvirt && mount --bind {log} /var/log/libvirt && \
+         mount --bind {cache} /var/cache/libvirt && exec libvirtd -f {etc}/libvirtd.conf -p {run}/libvirtd.pid",
+        run = p("run"),
+        varlib = p("varlib"),
+        etc = p("etc"),
+        log = p("log"),
+        cache = p("cache"),
+    );
+    let log = std::fs::File::create(dir.join("log/stderr.log")).map_err(io("log", dir))?;
+    let child = Command::new("unshare")
+        .args(["-m", "--propagation", "private", "sh", "-c", &script])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .map_err(|e| {
+            UpError::Other(format!(
+                "cannot start libvirtd (run scripts/setup.sh first, as root): {e}"
+            ))
+        })?;
+    let lv = PrivateLibvirtd {
+        child,
+        run: dir.join("run"),
+    };
+    let sock = dir.join("sock/libvirt-sock");
+    let end = Instant::now() + Duration::from_secs(20);
+    while !sock.exists() {
+        if Instant::now() > end {
+            let err = std::fs::read_to_string(dir.join("log/stderr.log")).unwrap_or_default();
+            return Err(UpError::Other(format!(
+                "libvirtd did not come up: {}",
+                err.trim()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok((lv, format!("qemu:///system?socket={}", sock.display())))
+}
+
+/// Makes sure pool `gve` (at `images`) is active and, given a guest, template `tiny`.
+fn prepare_libvirt(uri: &str, images: &Path, template: Option<&Path>) -> Result<(), UpError> {
+    use virt::connect::Connect;
+    use virt::domain::Domain;
+    use virt::storage_pool::StoragePool;
+    let lv = |e: virt::error::Error| UpError::Libvirt {
+        uri: uri.to_string(),
+        message: e.to_string(),
+    };
+    let conn = Connect::open(Some(uri)).map_err(lv)?;
+    let pool = match StoragePool::lookup_by_name(&conn, "gve") {
+        Ok(p) => p,
+        Err(_) => {
+            let xml = format!(
+                "<pool type='dir'><name>gve</name><target><path>{}</path></target></pool>",
+                images.display()
+            );
+            StoragePool::define_xml(&conn, &xml, 0).map_err(lv)?
+        }
+    };
+    if !pool.is_active().map_err(lv)? {
+        pool.create(0).map_err(lv)?;
+    }
+    let _ = pool.set_autostart(true);
+    if let Some(guest) = template {
+        if Domain::lookup_by_name(&conn, "tiny").is_err() {
+            let copy = |name: &str| -> Result<PathBuf, UpError> {
+                let to = images.join(if name == "base.qcow2" {
+                    "tiny-base.qcow2"
+                } else {
+                    name
+                });
+                std::fs::copy(guest.join(name), &to)
+                    .map_err(io("template file", &guest.join(name)))?;
+                Ok(to)
+            };
+            let (kernel, initrd, disk) =
+                (copy("vmlinuz")?, copy("initrd.img")?, copy("base.qcow2")?);
+            pool.refresh(0).map_err(lv)?;
+            Domain::define_xml(&conn, &template_xml(&kernel, &initrd, &disk)).map_err(lv)?;
+        }
+    }
+    Ok(())
+}
+
+fn template_xml(kernel: &Path, initrd: &Path, disk: &Path) -> String {
+    format!(
+        "<domain type='qemu'>
+  <name>tiny</name>
+  <metadata><gve:labels xmlns:gve='urn:gve:hypervisor:labels:0.1'>
+    <gve:label key='gve.template'>true</gve:label>
+    <gve:label key='gve.os-family'>linux</gve:label>
+    <gve:label key='gve.os-name'>busybox</gve:label>
+  </gve:labels></metadata>
+  <memory unit='MiB'>256</memory>
+  <vcpu>1</vcpu>
+  <os><type arch='x86_64' machine='q35'>hvm</type>
+    <kernel>{}</kernel><initrd>{}</initrd><cmdline>console=ttyS0 quiet</cmdline></os>
+  <features><acpi/></features>
+  <devices>
+    <disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='{}'/><target dev='vda' bus='virtio'/></disk>
+    <serial type='pty'><target port='0'/></serial>
+    <channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>
+  </devices>
+</domain>",
+        kernel.display(),
+        initrd.display(),
+        disk.display()
+    )
+}
+
+fn secrets(data: &Path) -> Result<Secrets, UpError> {
+    let path = data.join("secrets.toml");
+    if let Ok(text) = std::fs::read_to_string(&path) {
+        return toml::from_str(&text)
+            .map_err(|e| UpError::Other(format!("{}: {e}", path.display())));
+    }
+    let s = Secrets {
+        admin_token: crate::site::auth::new_token(),
+        agent_token: crate::site::auth::new_token(),
+    };
+    let text = toml::to_string(&s).map_err(|e| UpError::Other(e.to_string()))?;
+    std::fs::write(&path, text).map_err(io("secrets", &path))?;
+    use std::os::unix::fs::PermissionsExt;
+    let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600));
+    Ok(s)
+}
+
+fn agent_config(
+    args: &UpArgs,
+    data: &Path,
+    uri: &str,
+    token: &str,
+) -> Result<AgentConfig, UpError> {
+    let plugins = std::path::absolute(&args.plugins).map_err(io("plugins", &args.plugins))?;
+    for p in ["kvm", "guest-install"] {
+        if !plugins.join(p).join("gve-plugin.toml").is_file() {
+            return Err(UpError::Other(format!(
+                "no plugin bundle {} (run scripts/setup.sh, or pass --plugins)",
+                plugins.join(p).display()
+            )));
+        }
+    }
+    let text = format!(
+        "listen = \"{listen}\"\ndata-dir = \"agent\"\nadmin-token = \"{token}\"\nbundles-dir = \"bundles\"\n\
+         [plugins.kvm]\nbundle = \"{kvm}\"\n[plugins.kvm.grants]\nlibvirt = [\"{uri}\"]\n\
+         [plugins.kvm.grants.config]\nstorage-pool = \"gve\"\n[plugins.kvm.limits]\ncall-timeout-ms = 120000\n\
+         [plugins.guest-install]\nbundle = \"{gi}\"\n[plugins.guest-install.grants]\nguest-channel = true\n\
+         [plugins.guest-install.limits]\ncall-timeout-ms = 600000\n\
+         [driver]\nplugin = \"kvm\"\nendpoint = \"{uri}\"\nguest-plugin = \"guest-install\"\n",
+        listen = args.agent_listen,
+        kvm = plugins.join("kvm").display(),
+        gi = plugins.join("guest-install").display(),
+    );
+    let path = data.join("agent.toml");
+    std::fs::write(&path, text).map_err(io("agent config", &path))?;
+    std::fs::create_dir_all(data.join("bundles")).map_err(io("bundles", data))?;
+    AgentConfig::read(&path).map_err(|e| UpError::Other(e.to_string()))
+}
+
+/// Runs `gve up` until Ctrl-C or SIGTERM.
+pub async fn run(args: UpArgs) -> i32 {
+    match up(args).await {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("error: {e}");
+            1
+        }
+    }
+}
+
+async fn up(args: UpArgs) -> Result<(), UpError> {
+    std::fs::create_dir_all(&args.data).map_err(io("data directory", &args.data))?;
+    let data = std::path::absolute(&args.data).map_err(io("data directory", &args.data))?;
+    let secrets = secrets(&data)?;
+    let images = data.join("images");
+    std::fs::create_dir_all(&images).map_err(io("images", &images))?;
+    let (private, uri) = match &args.libvirt {
+        Some(u) => (None, u.clone()),
+        None if !args.private_libvirtd
+            && virt::connect::Connect::open(Some("qemu:///system")).is_ok() =>
+        {
+            (None, "qemu:///system".to_string())
+        }
+        None => {
+            eprintln!(
+                "gve up: no libvirtd on qemu:///system; starting a private one under {}",
+                data.join("libvirt").display()
+            );
+            let (lv, uri) = start_libvirtd(&data.join("libvirt"))?;
+            (Some(lv), uri)
+        }
+    };
+    let template = args
+        .template
+        .as_deref()
+        .map(std::path::absolute)
+        .transpose()
+        .map_err(|e| UpError::Other(e.to_string()))?;
+    {
+        let (uri, images) = (uri.clone(), images.clone());
+        tokio::task::spawn_blocking(move || prepare_libvirt(&uri, &images, template.as_deref()))
+            .await
+            .map_err(|e| UpError::Other(e.to_string()))??;
+    }
+    let agent = Agent::start(agent_config(&args, &data, &uri, &secrets.agent_token)?)
+        .await
+        .map_err(|e| UpError::Other(format!("agent: {e}")))?;
+    let mut site_config = SiteConfig::new(data.join("site"), secrets.admin_token.clone());
+    site_config.listen = args.listen;
+    let site = Site::start(site_config)
+        .await
+        .map_err(|e| UpError::Other(format!("site: {e}")))?;
+    let agent_url = format!("http://{}", agent.addr);
+    let known = site
+        .core
+        .store
+        .agent("local")
+        .map_err(|e| UpError::Other(e.to_string()))?;
+    match known {
+        Some(a) if a.url == agent_url => site.core.agents.check("local").await,
+        other => {
+            if other.is_some() {
+                site.core
+                    .agents
+                    .unregister("local", true)
+                    .map_err(|e| UpError::Other(e.message))?;
+            }
+            site.core
+                .agents
+                .register("local", &agent_url, &secrets.agent_token)
+                .await
+                .map_err(|e| {
+                    UpError::Other(format!("registering the local agent: {}", e.message))
+                })?;
+        }
+    }
+    println!(
+        "gve up: site http://{} (agent {agent_url}, libvirt {uri})",
+        site.addr
+    );
+    println!("admin token: {}", secrets.admin_token);
+    println!(
+        "  export GVE_URL=http://{} GVE_TOKEN={}",
+        site.addr, secrets.admin_token
+    );
+    println!("  gve vm templates; gve vm request --template tiny --memory-mib 256 --wait");
+    site.run_until_signal().await;
+    agent.stop().await;
+    drop(private);
+    Ok(())
+}

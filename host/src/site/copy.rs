@@ -1,0 +1,349 @@
+//! File copies through the site, as jobs like every other change. A copy in is
+//! first received whole into the site's staging directory (checked against the
+//! client's SHA-256), then a job streams it to the VM's agent; a copy out is a job
+//! that streams the file from the agent into staging, from where the user fetches
+//! it (`GET /v1/jobs/{id}/content`). Memory stays flat: everything moves in chunks.
+//! Staged inputs are removed when their job ends; anything else after a day.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use hyper::body::{Frame, Incoming};
+use hyper::{Request, StatusCode};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::agents::agent_error;
+use super::auth::Caller;
+use super::jobs::{new_job, store_error};
+use super::model::{Job, JobKind, JobState, OpError};
+use super::SiteCore;
+use crate::api::{query_param, ApiError, Response};
+
+/// Bytes read or written at a time.
+const CHUNK: usize = 1 << 20;
+/// How long a copied-out file waits to be fetched.
+const KEEP_OUTPUT: Duration = Duration::from_secs(24 * 3600);
+
+fn io_err(what: &str, e: std::io::Error) -> ApiError {
+    ApiError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "backend",
+        format!("{what}: {e}"),
+    )
+}
+
+impl SiteCore {
+    fn staging(&self) -> PathBuf {
+        self.config.data_dir.join("staging")
+    }
+
+    /// A copy-in's staged file.
+    pub fn staged_in(&self, job: &str) -> PathBuf {
+        self.staging().join(format!("{job}.in"))
+    }
+
+    /// A copy-out's staged file.
+    pub fn staged_out(&self, job: &str) -> PathBuf {
+        self.staging().join(format!("{job}.out"))
+    }
+
+    /// `PUT /v1/vms/{id}/files?path=&mode=&parents=`: stages the body, then queues
+    /// the copy-in job.
+    pub async fn copy_in_request(
+        &self,
+        caller: &Caller,
+        id: &str,
+        req: Request<Incoming>,
+    ) -> Result<Job, ApiError> {
+        let vm = self.vm_for(caller, id, "copy-in")?;
+        if vm.owner.is_none() {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "invalid-state",
+                format!("VM {id} is free: request it first"),
+            ));
+        }
+        let path = query_param(req.uri(), "path")?
+            .filter(|p| p.starts_with('/'))
+            .ok_or_else(|| {
+                ApiError::bad_request("query parameter path must be an absolute guest path")
+            })?;
+        let mode = query_param(req.uri(), "mode")?.unwrap_or_else(|| "0644".into());
+        if u32::from_str_radix(&mode, 8)
+            .ok()
+            .is_none_or(|m| m > 0o7777)
+        {
+            return Err(ApiError::bad_request(format!(
+                "mode '{mode}' is not octal 0-7777"
+            )));
+        }
+        let parents = query_param(req.uri(), "parents")?.as_deref() == Some("true");
+        let expected = req
+            .headers()
+            .get("x-gve-sha256")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_lowercase);
+        let job = new_job(
+            vm.owner.as_deref().unwrap_or(&caller.name),
+            JobKind::CopyIn,
+            Some(vm.id.clone()),
+            json!({ "path": path, "mode": mode, "parents": parents }),
+        );
+        tokio::fs::create_dir_all(self.staging())
+            .await
+            .map_err(|e| io_err("staging directory", e))?;
+        let file = self.staged_in(&job.id);
+        let received = receive(req.into_body(), &file).await;
+        let (size, sha) = match received {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = tokio::fs::remove_file(&file).await;
+                return Err(e);
+            }
+        };
+        if let Some(want) = expected.filter(|w| *w != sha) {
+            let _ = tokio::fs::remove_file(&file).await;
+            return Err(ApiError::bad_request(format!(
+                "the content received has SHA-256 {sha}, the request said {want}; nothing was copied"
+            )));
+        }
+        let mut job = job;
+        job.params["size"] = json!(size);
+        job.params["sha256"] = json!(sha);
+        match self.submitter.submit(job, None).await {
+            Ok(j) => Ok(j),
+            Err(e) => {
+                let _ = tokio::fs::remove_file(&file).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// The copy-in job: streams the staged file to the VM's agent.
+    pub async fn run_copy_in(&self, job: &Job) -> Result<Value, OpError> {
+        let id = job.vm.clone().ok_or_else(|| OpError {
+            kind: "invalid-argument".into(),
+            message: "job names no VM".into(),
+        })?;
+        let v = self
+            .store
+            .vm(&id)
+            .map_err(store_error)?
+            .ok_or_else(|| OpError {
+                kind: "not-found".into(),
+                message: format!("VM {id} vanished"),
+            })?;
+        let staged = self.staged_in(&job.id);
+        let result = async {
+            let file = tokio::fs::File::open(&staged).await.map_err(|e| OpError {
+                kind: "backend".into(),
+                message: format!("the staged copy of job {} is gone: {e}", job.id),
+            })?;
+            let c = self
+                .agents
+                .client(&v.agent)
+                .map_err(|e| agent_error(&v.agent, e))?;
+            let p = &job.params;
+            let path = format!(
+                "/v1/vms/{}/files?path={}&mode={}&parents={}",
+                v.agent_vm,
+                crate::api::percent_encode(p["path"].as_str().unwrap_or_default()),
+                p["mode"].as_str().unwrap_or("0644"),
+                p["parents"].as_bool().unwrap_or(false)
+            );
+            let headers = [(
+                "x-gve-sha256",
+                p["sha256"].as_str().unwrap_or_default().to_string(),
+            )];
+            c.put_stream::<Value>(&path, &headers, file_body(file))
+                .await
+                .map_err(|e| agent_error(&v.agent, e))
+        }
+        .await;
+        let _ = tokio::fs::remove_file(&staged).await;
+        result
+    }
+
+    /// The copy-out job: streams the file from the VM's agent into staging.
+    pub async fn run_copy_out(&self, job: &Job) -> Result<Value, OpError> {
+        let id = job.vm.clone().ok_or_else(|| OpError {
+            kind: "invalid-argument".into(),
+            message: "job names no VM".into(),
+        })?;
+        let v = self
+            .store
+            .vm(&id)
+            .map_err(store_error)?
+            .ok_or_else(|| OpError {
+                kind: "not-found".into(),
+                message: format!("VM {id} vanished"),
+            })?;
+        let guest_path = job.params["path"].as_str().unwrap_or_default().to_string();
+        let c = self
+            .agents
+            .client(&v.agent)
+            .map_err(|e| agent_error(&v.agent, e))?;
+        let resp = c
+            .get_stream(&format!(
+                "/v1/vms/{}/files?path={}",
+                v.agent_vm,
+                crate::api::percent_encode(&guest_path)
+            ))
+            .await
+            .map_err(|e| agent_error(&v.agent, e))?;
+        let mode = resp
+            .headers()
+            .get("x-gve-file-mode")
+            .and_then(|m| m.to_str().ok())
+            .unwrap_or("0644")
+            .to_string();
+        tokio::fs::create_dir_all(self.staging())
+            .await
+            .map_err(|e| OpError {
+                kind: "backend".into(),
+                message: format!("staging directory: {e}"),
+            })?;
+        let out = self.staged_out(&job.id);
+        let (size, sha) = receive(resp.into_body(), &out).await.map_err(|e| OpError {
+            kind: e.kind,
+            message: format!("copying {guest_path} out of {id}: {}", e.message),
+        })?;
+        Ok(json!({ "path": guest_path, "size": size, "mode": mode, "sha256": sha }))
+    }
+
+    /// `GET /v1/jobs/{id}/content`: the file a finished copy-out fetched.
+    pub async fn copy_out_content(&self, job: &Job) -> Result<Response, ApiError> {
+        if job.kind != JobKind::CopyOut || job.state != JobState::Succeeded {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "invalid-state",
+                format!("job {} is not a finished copy-out", job.id),
+            ));
+        }
+        let file = tokio::fs::File::open(self.staged_out(&job.id))
+            .await
+            .map_err(|_| {
+                ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    "not-found",
+                    format!("the content of job {} is no longer kept", job.id),
+                )
+            })?;
+        let r = job.result.clone().unwrap_or_default();
+        hyper::Response::builder()
+            .status(StatusCode::OK)
+            .header(hyper::header::CONTENT_TYPE, "application/octet-stream")
+            .header(
+                hyper::header::CONTENT_LENGTH,
+                r["size"].as_u64().unwrap_or(0),
+            )
+            .header("x-gve-file-mode", r["mode"].as_str().unwrap_or("0644"))
+            .header("x-gve-sha256", r["sha256"].as_str().unwrap_or(""))
+            .body(file_body(file))
+            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "backend", e.to_string()))
+    }
+
+    /// Removes staged files older than a day.
+    pub async fn sweep_staging(&self) {
+        let Ok(mut dir) = tokio::fs::read_dir(self.staging()).await else {
+            return;
+        };
+        while let Ok(Some(entry)) = dir.next_entry().await {
+            let old = entry
+                .metadata()
+                .await
+                .ok()
+                .and_then(|m| m.modified().ok())
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age > KEEP_OUTPUT);
+            // Outputs nobody fetched, and inputs of jobs cancelled before they ran.
+            if old {
+                let _ = tokio::fs::remove_file(entry.path()).await;
+            }
+        }
+    }
+
+    /// Starts a copy-out job of `path` from VM `id`.
+    pub async fn copy_out_request(
+        self: &Arc<Self>,
+        caller: &Caller,
+        id: &str,
+        path: String,
+    ) -> Result<Job, ApiError> {
+        let vm = self.vm_for(caller, id, "copy-out")?;
+        if vm.owner.is_none() {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "invalid-state",
+                format!("VM {id} is free: request it first"),
+            ));
+        }
+        if !path.starts_with('/') {
+            return Err(ApiError::bad_request("path must be an absolute guest path"));
+        }
+        let job = new_job(
+            vm.owner.as_deref().unwrap_or(&caller.name),
+            JobKind::CopyOut,
+            Some(vm.id),
+            json!({ "path": path }),
+        );
+        self.submitter.submit(job, None).await
+    }
+}
+
+/// Writes a body to `file` chunk by chunk; returns its size and SHA-256.
+async fn receive<B>(mut body: B, file: &std::path::Path) -> Result<(u64, String), ApiError>
+where
+    B: hyper::body::Body<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Display,
+{
+    let mut out = tokio::fs::File::create(file)
+        .await
+        .map_err(|e| io_err("staging file", e))?;
+    let (mut size, mut h) = (0u64, Sha256::new());
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| {
+            ApiError::bad_request(format!("the transfer stopped after {size} bytes: {e}"))
+        })?;
+        if let Ok(data) = frame.into_data() {
+            h.update(&data);
+            size += data.len() as u64;
+            out.write_all(&data)
+                .await
+                .map_err(|e| io_err("staging file", e))?;
+        }
+    }
+    out.sync_all()
+        .await
+        .map_err(|e| io_err("staging file", e))?;
+    Ok((size, hex::encode(h.finalize())))
+}
+
+/// A body that streams a file in chunks.
+fn file_body(mut file: tokio::fs::File) -> crate::api::Body {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(2);
+    tokio::spawn(async move {
+        loop {
+            let mut buf = vec![0u8; CHUNK];
+            match file.read(&mut buf).await {
+                Ok(0) => break,
+                Ok(n) => {
+                    buf.truncate(n);
+                    if tx.send(Ok(Frame::data(Bytes::from(buf)))).await.is_err() {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(e)).await;
+                    break;
+                }
+            }
+        }
+    });
+    crate::api::channel_body(rx)
+}
