@@ -30,8 +30,9 @@ pub enum Action {
     Add {
         /// Id for the agent (chosen by you).
         id: String,
-        /// Its URL, e.g. http://host-1:7070.
-        url: String,
+        /// Its URL, e.g. http://host-1:7070 (named apart from the global --url of the site).
+        #[arg(value_name = "AGENT_URL")]
+        agent_url: String,
         /// Its admin token: the site authenticates with it.
         #[arg(long, env = "GVE_AGENT_SECRET", hide_env_values = true)]
         secret: String,
@@ -74,7 +75,11 @@ async fn manage(site: &SiteOpts, action: Action) -> Result<i32, CliError> {
             let all: Vec<AgentView> = client.get("/v1/agents").await?;
             print(site.output, &all, false);
         }
-        Action::Add { id, url, secret } => one(client
+        Action::Add {
+            id,
+            agent_url: url,
+            secret,
+        } => one(client
             .call(
                 Method::POST,
                 "/v1/agents",

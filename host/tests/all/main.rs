@@ -4,6 +4,7 @@ mod admin;
 mod agent;
 mod cli;
 mod contract;
+mod e2e;
 mod guest;
 mod hostile;
 mod kvm;

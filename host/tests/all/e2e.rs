@@ -1,0 +1,270 @@
+//! End to end on real QEMU guests, through the `gve` CLI only: a grid user requests a
+//! VM by profile and waits, runs a command in it, copies a file in and out, suspends
+//! and resumes it, migrates it live between the site's two agents (each with its own
+//! libvirtd), and releases it.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use gve::agent::config::DriverConfig;
+use gve::agent::{Agent, AgentConfig};
+use gve::site::model::UserView;
+use gve::site::{Site, SiteConfig};
+use gve_harness::Libvirtd;
+use hyper::Method;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+use crate::agent::TOKEN as AGENT_TOKEN;
+use crate::kvm::kvm_spec;
+use crate::site::ADMIN;
+use crate::support::bundle;
+
+/// The URI other daemons migrate to (libvirt refuses `qemu:///…?socket=` as a destination).
+fn migration_uri(lv: &Libvirtd) -> String {
+    lv.uri.replacen("qemu:///", "qemu+unix:///", 1)
+}
+
+async fn kvm_agent(lv: &Libvirtd, other: &Libvirtd, dir: &std::path::Path) -> Agent {
+    let mut kvm = kvm_spec(lv);
+    kvm.grants.libvirt.push(migration_uri(other));
+    // Both daemons see the same files (one machine).
+    kvm.grants
+        .config
+        .insert("shared-storage".into(), "true".into());
+    let mut gi = gve::plugin::PluginSpec {
+        bundle: bundle("guest-install"),
+        grants: Default::default(),
+        limits: gve::plugin::Limits {
+            call_timeout_ms: 120_000,
+            ..Default::default()
+        },
+    };
+    gi.grants.guest_channel = true;
+    Agent::start(AgentConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: dir.to_path_buf(),
+        admin_token: AGENT_TOKEN.into(),
+        plugins: BTreeMap::from([("kvm".to_string(), kvm), ("guest-install".to_string(), gi)]),
+        driver: Some(DriverConfig {
+            plugin: "kvm".into(),
+            endpoint: lv.uri.clone(),
+            username: None,
+            password: None,
+            token: None,
+            reconcile_period_ms: 1000,
+            reservation_seconds: 60,
+            guest_plugin: Some("guest-install".into()),
+            migration_uri: Some(migration_uri(lv)),
+        }),
+        bundles_dir: None,
+    })
+    .await
+    .unwrap()
+}
+
+/// Runs `gve ARGS` as the user; returns (exit code, stdout, stderr).
+async fn gve(url: &str, token: &str, args: &[&str]) -> (i32, Vec<u8>, String) {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_gve"))
+        .args(args)
+        .env("GVE_URL", url)
+        .env("GVE_TOKEN", token)
+        .output()
+        .await
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        out.stdout,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+async fn gve_json(url: &str, token: &str, args: &[&str]) -> Value {
+    let (code, out, err) = gve(url, token, args).await;
+    assert_eq!(code, 0, "gve {args:?}: {err}");
+    serde_json::from_slice(&out)
+        .unwrap_or_else(|e| panic!("gve {args:?}: {e}: {}", String::from_utf8_lossy(&out)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_gets_uses_moves_and_releases_a_real_vm_through_the_cli() {
+    let (la, lb) = (Libvirtd::start(), Libvirtd::start());
+    let dir = tempfile::tempdir().unwrap();
+    let a = kvm_agent(&la, &lb, &dir.path().join("a")).await;
+    let b = kvm_agent(&lb, &la, &dir.path().join("b")).await;
+    let mut config = SiteConfig::new(dir.path().join("site"), ADMIN.into());
+    config.listen = "127.0.0.1:0".parse().unwrap();
+    config.health_period_ms = 500;
+    let site = Site::start(config).await.unwrap();
+    let url = format!("http://{}", site.addr);
+    let admin = gve::api::client::Client::new(&url, Some(ADMIN.into())).unwrap();
+    for (id, agent) in [("kvm-a", &a), ("kvm-b", &b)] {
+        let (code, _, err) = gve(
+            &url,
+            ADMIN,
+            &[
+                "agent",
+                "add",
+                id,
+                &format!("http://{}", agent.addr),
+                "--secret",
+                AGENT_TOKEN,
+            ],
+        )
+        .await;
+        assert_eq!(code, 0, "{err}");
+    }
+    let u: UserView = admin
+        .call(Method::POST, "/v1/users", Some(&json!({ "name": "grid" })))
+        .await
+        .unwrap();
+    let token = u.token.unwrap();
+    let t = token.as_str();
+
+    // Request by profile and wait: a running VM.
+    let started = Instant::now();
+    let job = gve_json(
+        &url,
+        t,
+        &[
+            "vm",
+            "request",
+            "--template",
+            "tiny",
+            "--memory-mib",
+            "192",
+            "--wait",
+            "-o",
+            "json",
+        ],
+    )
+    .await;
+    assert_eq!(job["state"], "succeeded", "{job}");
+    let vm = job["result"]["id"].as_str().unwrap().to_string();
+    let first_agent = job["result"]["agent"].as_str().unwrap().to_string();
+    eprintln!(
+        "e2e: {vm} running on {first_agent} after {:?}",
+        started.elapsed()
+    );
+
+    // exec, once the guest's agent answers.
+    let end = Instant::now() + Duration::from_secs(60);
+    let uname = loop {
+        let (code, out, err) = gve(&url, t, &["vm", "exec", &vm, "--", "uname", "-a"]).await;
+        if code == 0 {
+            break String::from_utf8(out).unwrap();
+        }
+        assert!(Instant::now() < end, "exec never worked: {code} {err}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert!(uname.starts_with("Linux gve-guest "), "{uname}");
+    let (code, _, _) = gve(&url, t, &["vm", "exec", &vm, "--", "sh", "-c", "exit 7"]).await;
+    assert_eq!(code, 7, "the command's exit code is the CLI's");
+
+    // Copy a file in and back out.
+    let data: Vec<u8> = (0..(1u32 << 20))
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let local = dir.path().join("in.bin");
+    std::fs::write(&local, &data).unwrap();
+    let (code, _, err) = gve(
+        &url,
+        t,
+        &[
+            "vm",
+            "copy-in",
+            &vm,
+            local.to_str().unwrap(),
+            "/tmp/gve/in.bin",
+            "--parents",
+        ],
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    let back = dir.path().join("out.bin");
+    let (code, _, err) = gve(
+        &url,
+        t,
+        &[
+            "vm",
+            "copy-out",
+            &vm,
+            "/tmp/gve/in.bin",
+            back.to_str().unwrap(),
+        ],
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(std::fs::read(&back).unwrap(), data);
+
+    // Suspend and resume.
+    for (action, state) in [("suspend", "suspended"), ("resume", "running")] {
+        let (code, _, err) = gve(&url, t, &["vm", action, &vm, "--wait"]).await;
+        assert_eq!(code, 0, "{action}: {err}");
+        let shown = gve_json(&url, t, &["vm", "show", &vm, "-o", "json"]).await;
+        assert_eq!(shown["state"], state, "{shown}");
+    }
+
+    // Live migration to the other agent: the guest keeps running (the file copied
+    // into its tmpfs is still there) and the site's record follows it.
+    let other = if first_agent == "kvm-a" {
+        "kvm-b"
+    } else {
+        "kvm-a"
+    };
+    let t0 = Instant::now();
+    let (code, _, err) = gve(&url, t, &["vm", "migrate", &vm, "--to", other, "--wait"]).await;
+    assert_eq!(code, 0, "migrate: {err}");
+    eprintln!("e2e: migrated to {other} in {:?}", t0.elapsed());
+    let shown = gve_json(&url, t, &["vm", "show", &vm, "-o", "json"]).await;
+    assert_eq!(
+        (shown["agent"].as_str(), shown["state"].as_str()),
+        (Some(other), Some("running")),
+        "{shown}"
+    );
+    let (code, out, err) = gve(
+        &url,
+        t,
+        &["vm", "exec", &vm, "--", "sha256sum", "/tmp/gve/in.bin"],
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    let sum = String::from_utf8(out).unwrap();
+    assert!(
+        sum.starts_with(&hex::encode(Sha256::digest(&data))),
+        "{sum}"
+    );
+    // Both agents agree: the source forgot it, the destination has it.
+    let (src, dst) = if other == "kvm-b" { (&a, &b) } else { (&b, &a) };
+    let vm_id = shown["agent-vm"].as_str().unwrap();
+    let c = |x: &Agent| {
+        gve::api::client::Client::new(&format!("http://{}", x.addr), Some(AGENT_TOKEN.into()))
+            .unwrap()
+    };
+    assert_eq!(
+        c(src)
+            .get::<Value>(&format!("/v1/vms/{vm_id}"))
+            .await
+            .unwrap_err()
+            .status,
+        404
+    );
+    assert_eq!(
+        c(dst)
+            .get::<Value>(&format!("/v1/vms/{vm_id}"))
+            .await
+            .unwrap()["vm"]["state"],
+        "running"
+    );
+
+    // Release: stopped and back in the pool; the user holds nothing.
+    let (code, _, err) = gve(&url, t, &["vm", "release", &vm, "--wait"]).await;
+    assert_eq!(code, 0, "{err}");
+    let mine = gve_json(&url, t, &["vm", "list", "-o", "json"]).await;
+    assert_eq!(mine, json!([]));
+    let me = gve_json(&url, t, &["user", "me", "-o", "json"]).await;
+    assert_eq!(me["usage"]["vms"], 0, "{me}");
+    site.stop().await;
+    a.stop().await;
+    b.stop().await;
+}
