@@ -29,6 +29,8 @@ const ADMIN: &str = "bench-site-admin-0123456789";
 const AGENT: &str = "bench-agent-token-0123456789";
 const SUBMISSIONS: usize = 20_000;
 const CLIENTS: usize = 64;
+/// Concurrent HTTP clients: group commit batches what arrives during one commit.
+const CLIENT_COUNTS: [usize; 3] = [16, 64, 256];
 const LATENCY_ROUNDS: usize = 40;
 
 async fn agent(dir: &std::path::Path) -> Agent {
@@ -62,6 +64,9 @@ async fn agent(dir: &std::path::Path) -> Agent {
 async fn site(dir: &std::path::Path) -> (Site, Client) {
     let mut config = SiteConfig::new(dir.to_path_buf(), ADMIN.into());
     config.listen = "127.0.0.1:0".parse().unwrap();
+    if let Ok(p) = std::env::var("GVE_BENCH_PARALLEL") {
+        config.parallel_jobs = p.parse().unwrap();
+    }
     let site = Site::start(config).await.unwrap();
     let admin = Client::new(&format!("http://{}", site.addr), Some(ADMIN.into())).unwrap();
     (site, admin)
@@ -100,29 +105,33 @@ async fn main() {
     let dir = tempfile::tempdir_in(target_dir()).unwrap();
     let (s, admin) = site(dir.path()).await;
     let u = user(&admin).await;
-    let t = Instant::now();
-    let mut tasks = Vec::new();
-    for _ in 0..CLIENTS {
-        let u = u.clone();
-        tasks.push(tokio::spawn(async move {
-            for _ in 0..SUBMISSIONS / CLIENTS {
-                let _: Job = u
-                    .call(
-                        Method::POST,
-                        "/v1/vms",
-                        Some(&json!({ "main-memory-mib": 64 })),
-                    )
-                    .await
-                    .unwrap();
-            }
-        }));
+    let mut http_rates = Vec::new();
+    for clients in CLIENT_COUNTS {
+        let per = SUBMISSIONS / clients;
+        let t = Instant::now();
+        let mut tasks = Vec::new();
+        for _ in 0..clients {
+            let u = u.clone();
+            tasks.push(tokio::spawn(async move {
+                for _ in 0..per {
+                    let _: Job = u
+                        .call(
+                            Method::POST,
+                            "/v1/vms",
+                            Some(&json!({ "main-memory-mib": 64 })),
+                        )
+                        .await
+                        .unwrap();
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let rate = (per * clients) as f64 / t.elapsed().as_secs_f64();
+        eprintln!("HTTP, {clients} clients: {rate:.0} submissions/s");
+        http_rates.push((clients, rate));
     }
-    for t in tasks {
-        t.await.unwrap();
-    }
-    let http = t.elapsed();
-    let http_rate = (SUBMISSIONS / CLIENTS * CLIENTS) as f64 / http.as_secs_f64();
-    eprintln!("HTTP: {http_rate:.0} submissions/s");
     let core = s.core.clone();
     let t = Instant::now();
     let mut tasks = Vec::new();
@@ -230,11 +239,13 @@ async fn main() {
          durably (group commit) before its `202`. Produced by `bash bench/run.sh site`.\n\n",
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
     );
-    md += &format!("## Durable job submissions ({} from {CLIENTS} concurrent clients; target ≥ 2,000/s)\n\n| path | submissions/s |\n|---|---|\n", SUBMISSIONS / CLIENTS * CLIENTS);
-    md += &format!(
-        "| HTTP `POST /v1/vms` (identify, check, group commit, `202`) | {http_rate:.0} |\n"
-    );
-    md += &format!("| in-process submitter (no HTTP) | {direct_rate:.0} |\n\n");
+    md += &format!("## Durable job submissions (about {SUBMISSIONS} per row; target ≥ 2,000/s)\n\n| path | concurrent clients | submissions/s |\n|---|---|---|\n");
+    for (clients, rate) in &http_rates {
+        md += &format!("| HTTP `POST /v1/vms` (identify, quota check, group commit, `202`) | {clients} | {rate:.0} |\n");
+    }
+    md += &format!("| in-process submitter (no HTTP) | {CLIENTS} | {direct_rate:.0} |\n\n");
+    md += "Each commit waits for the disk (fsync); what arrives meanwhile goes into the next commit, so throughput\n\
+           grows with the offered concurrency while each client waits about one commit. ";
     md += "The site's runners work the jobs off at the same time (each request fails at placement: no agent),\nwriting two more transactions per job.\n\n";
     md += &format!("## Request → running, median (IQR) of {LATENCY_ROUNDS}, memory driver\n\n| path | latency |\n|---|---|\n");
     md += &format!("| site: `POST /v1/vms` job (place, create, start), long-polled | {:.1} ms ({:.1}–{:.1}) |\n", ms(sv.0), ms(sv.1), ms(sv.2));

@@ -166,7 +166,8 @@ impl Agents {
             Ok::<_, ApiError>((host, templates, driver, vms))
         }
         .await;
-        let r = self.store.write(|t| {
+        // What a check learns, the next check learns again: no need to wait for the disk.
+        let r = self.store.write_lazy(|t| {
             let Some(mut rec) = t.agent(id)? else {
                 return Ok(());
             };

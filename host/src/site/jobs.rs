@@ -168,14 +168,24 @@ pub fn spawn_runner(
 }
 
 impl SiteCore {
-    /// Updates a job in one transaction (its record, and usage via `f`).
+    /// Updates a job in one durable transaction (its record, and usage via `f`).
     pub fn update_job(
         &self,
         id: &str,
         message: Option<&str>,
         f: impl FnOnce(&mut Job, &mut super::store::Txn<'_>) -> Result<(), StoreError>,
     ) -> Result<Job, StoreError> {
-        self.store.write(|t| {
+        self.update_job_with(true, id, message, f)
+    }
+
+    fn update_job_with(
+        &self,
+        durable: bool,
+        id: &str,
+        message: Option<&str>,
+        f: impl FnOnce(&mut Job, &mut super::store::Txn<'_>) -> Result<(), StoreError>,
+    ) -> Result<Job, StoreError> {
+        let write = |t: &mut super::store::Txn<'_>| {
             let mut job = t
                 .job(id)?
                 .ok_or_else(|| StoreError::Storage(format!("job {id} vanished")))?;
@@ -183,7 +193,12 @@ impl SiteCore {
             job.updated_ms = now_ms();
             t.put_job(&job, message)?;
             Ok(job)
-        })
+        };
+        if durable {
+            self.store.write(write)
+        } else {
+            self.store.write_lazy(write)
+        }
     }
 
     /// Records a job's progress checkpoint.
@@ -199,7 +214,8 @@ impl SiteCore {
     /// Runs (or resumes) one job to its end.
     pub async fn run_job(self: &Arc<Self>, id: &str) {
         // Queued → running in one transaction, so a cancel cannot slip in between.
-        let started = self.store.write(|t| {
+        // Lazily durable: a crash that undoes it leaves the job queued, and resumed.
+        let started = self.store.write_lazy(|t| {
             let Some(mut j) = t.job(id)? else {
                 return Ok(None);
             };
@@ -244,7 +260,9 @@ impl SiteCore {
             Ok(_) => "succeeded".to_string(),
             Err(e) => format!("failed: {} ({})", e.message, e.kind),
         };
-        self.update_job(id, Some(&message), |job, t| {
+        // Lazily durable: a crash that undoes the end resumes the job, whose agent
+        // calls answer again from their idempotency keys.
+        self.update_job_with(false, id, Some(&message), |job, t| {
             // A finished job needs its secrets no more.
             scrub(&mut job.params);
             if job.reserved != Usage::default() {

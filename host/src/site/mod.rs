@@ -48,6 +48,9 @@ pub struct SiteCore {
     pub submitter: jobs::Submitter,
     /// Queues jobs to run.
     pub runner: mpsc::UnboundedSender<String>,
+    /// Requests placed on an agent but not created yet: job → (agent, MiB). Kept in
+    /// memory (placement reads it for every request; scanning the jobs would not scale).
+    pub placing: std::sync::Mutex<std::collections::HashMap<String, (String, u64)>>,
 }
 
 /// Why a site could not start.
@@ -156,6 +159,7 @@ impl Site {
             config: config.clone(),
             submitter,
             runner: run_tx.clone(),
+            placing: Default::default(),
         });
         let resumed = core.resume_all(&run_tx)?;
         if resumed > 0 {

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
 
-use super::model::{AgentRec, AgentStatus, Job, JobKind, SiteVm, VmRequest};
+use super::model::{AgentRec, AgentStatus, SiteVm, VmRequest};
 
 /// How placement picks among agents that fit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -24,7 +24,7 @@ pub enum Policy {
 pub fn choose(
     agents: &[AgentRec],
     vms: &[SiteVm],
-    active: &[Job],
+    pending: &[(String, u64)],
     req: &VmRequest,
     policy: Policy,
 ) -> Result<String, String> {
@@ -33,12 +33,8 @@ pub fn choose(
         *committed.entry(v.agent.as_str()).or_default() += v.main_memory_mib;
     }
     // Requests placed but not created yet hold room too.
-    for j in active {
-        if let (JobKind::Request, Some(a), None) =
-            (j.kind, j.step["agent"].as_str(), j.step.get("created"))
-        {
-            *committed.entry(a).or_default() += j.params["main-memory-mib"].as_u64().unwrap_or(0);
-        }
+    for (agent, mib) in pending {
+        *committed.entry(agent.as_str()).or_default() += mib;
     }
     let mut why = Vec::new();
     let mut fits: Vec<(u64, &str)> = Vec::new();

@@ -306,7 +306,28 @@ impl Store {
         &self,
         f: impl FnOnce(&mut Txn<'_>) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        let txn = self.db.begin_write().map_err(storage)?;
+        self.commit(redb::Durability::Immediate, f)
+    }
+
+    /// [`Store::write`] without waiting for the disk: the change is atomic and seen at
+    /// once, and reaches the disk with the next durable commit. For changes a crash
+    /// may undo safely: ones a restarted site derives again (a job's `running`, its
+    /// end: a resumed job repeats its idempotent agent calls and ends again; the
+    /// agents' health).
+    pub fn write_lazy<T>(
+        &self,
+        f: impl FnOnce(&mut Txn<'_>) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        self.commit(redb::Durability::None, f)
+    }
+
+    fn commit<T>(
+        &self,
+        durability: redb::Durability,
+        f: impl FnOnce(&mut Txn<'_>) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let mut txn = self.db.begin_write().map_err(storage)?;
+        txn.set_durability(durability).map_err(storage)?;
         let (value, events) = {
             let mut t = Txn {
                 txn: &txn,

@@ -291,14 +291,23 @@ impl SiteCore {
             _ => {
                 let agents = self.store.agents().map_err(store_error)?;
                 let vms = self.store.vms().map_err(store_error)?;
-                let pending = self.store.active_jobs().map_err(store_error)?;
+                let mut placing = self.placing.lock().unwrap_or_else(|p| p.into_inner());
+                let pending: Vec<(String, u64)> = placing.values().cloned().collect();
                 let chosen = placement::choose(&agents, &vms, &pending, req, self.config.placement)
                     .map_err(|m| err("unavailable", m))?;
+                placing.insert(job.id.clone(), (chosen.clone(), req.main_memory_mib));
+                drop(placing);
                 let name = req
                     .name
                     .clone()
                     .unwrap_or_else(|| format!("gve-{}", &job.id[job.id.len() - 12..]));
-                self.checkpoint(&job.id, json!({ "agent": chosen, "name": name }))?;
+                if let Err(e) = self.checkpoint(&job.id, json!({ "agent": chosen, "name": name })) {
+                    self.placing
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&job.id);
+                    return Err(e);
+                }
                 (chosen, name)
             }
         };
@@ -315,7 +324,12 @@ impl SiteCore {
         let op = self
             .agents
             .run_op(&agent, "/v1/vms", profile, &format!("{}:create", job.id))
-            .await?;
+            .await;
+        self.placing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&job.id);
+        let op = op?;
         let vm: Vm = op
             .result
             .ok_or_else(|| err("backend", format!("agent {agent}: create returned no VM")))?;
