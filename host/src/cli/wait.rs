@@ -297,6 +297,8 @@ struct Progress {
     state: JobState,
     message: String,
     drawn: bool,
+    /// The last state printed as a line.
+    printed: Option<JobState>,
 }
 
 const FRAMES: [char; 10] = ['⠋', '⠙', '⠹', '⠸', '⠼', '⠴', '⠦', '⠧', '⠇', '⠏'];
@@ -305,7 +307,7 @@ impl Progress {
     fn new(job: &Job, show: Show) -> Progress {
         let tty = std::io::stderr().is_terminal();
         let lines = !tty && show == Show::Progress;
-        if lines && !job.state.is_terminal() {
+        if lines {
             eprintln!("waiting for job {} ({})", job.id, job.kind.as_str());
         }
         Progress {
@@ -318,6 +320,7 @@ impl Progress {
             state: job.state,
             message: String::new(),
             drawn: false,
+            printed: None,
         }
     }
 
@@ -336,6 +339,7 @@ impl Progress {
                 self.elapsed(),
                 state_name(ev.state)
             );
+            self.printed = Some(ev.state);
         }
         self.tick();
     }
@@ -349,6 +353,7 @@ impl Progress {
         self.message.clear();
         if self.lines {
             eprintln!("[{:>6.1}s] {}", self.elapsed(), state_name(state));
+            self.printed = Some(state);
         }
         self.tick();
     }
@@ -383,6 +388,11 @@ impl Progress {
 
     fn finish(&mut self, job: &Job) {
         self.clear();
+        // A job that had ended before it was followed still gets its line.
+        if self.lines && self.printed != Some(job.state) {
+            eprintln!("[{:>6.1}s] {}", self.elapsed(), state_name(job.state));
+            self.printed = Some(job.state);
+        }
         if self.summary {
             eprintln!(
                 "job {} {} after {:.1}s",

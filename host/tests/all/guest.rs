@@ -572,12 +572,9 @@ async fn a_gone_or_hung_guest_agent_is_a_clear_error_within_the_timeout() {
             err.message.contains(&vm.id) || err.message.contains(&vm.name),
             "{err:?}"
         );
-        // Within the command's 3 s budget plus libvirt's own guest-sync wait (5 s)
-        // that precedes every agent command, plus slack.
-        assert!(
-            took < Duration::from_millis(3_000 + 5_000 + 1_500),
-            "{took:?}"
-        );
+        // Within the command's 3 s budget (libvirt's own 5 s guest-sync does not
+        // count: the host answers at the caller's deadline), plus slack.
+        assert!(took < Duration::from_millis(3_000 + 1_500), "{took:?}");
         // The agent stays healthy: its API answers and the driver works.
         let rec: VmRecord = c.get(&format!("/v1/vms/{}", vm.id)).await.unwrap();
         assert_eq!(rec.vm.id, vm.id);

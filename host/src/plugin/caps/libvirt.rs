@@ -229,14 +229,26 @@ impl LibvirtCap {
         op: &'static str,
         f: impl FnOnce() -> Result<T, Error> + Send + 'static,
     ) -> Result<T, Error> {
-        match tokio::time::timeout(self.timeout, tokio::task::spawn_blocking(f)).await {
+        self.blocking_within(op, self.timeout, f).await
+    }
+
+    /// Runs `f` on a blocking thread; answers `timeout` after `limit` (at most the
+    /// call budget) even if libvirt has not, so a hung call cannot hold the plugin
+    /// (its thread finishes, or fails, on its own later).
+    async fn blocking_within<T: Send + 'static>(
+        &self,
+        op: &'static str,
+        limit: Duration,
+        f: impl FnOnce() -> Result<T, Error> + Send + 'static,
+    ) -> Result<T, Error> {
+        let limit = limit.min(self.timeout);
+        match tokio::time::timeout(limit, tokio::task::spawn_blocking(f)).await {
             Ok(Ok(r)) => r,
             Ok(Err(join)) => Err(Error::Backend(format!(
                 "libvirt {op} failed on its thread: {join}"
             ))),
             Err(_) => Err(Error::Timeout(format!(
-                "libvirt {op} did not answer within {:?}",
-                self.timeout
+                "libvirt {op} did not answer within {limit:?}"
             ))),
         }
     }
@@ -641,11 +653,21 @@ impl HostConnection for HostState {
         command: String,
         timeout_seconds: i32,
     ) -> wasmtime::Result<Result<String, Error>> {
-        conn_op!(self, this, "qemu-agent-command", [domain, command], |c| {
-            lookup(c, &domain)?
-                .qemu_agent_command(&command, timeout_seconds, 0)
-                .map_err(map_err)
-        })
+        if let Err(e) = no_nul(&[domain.as_str(), command.as_str()]) {
+            return Ok(Err(e));
+        }
+        // libvirt precedes every agent command with a guest-sync of its own (5 s):
+        // the caller's timeout is enforced here, not left to libvirt.
+        let limit = Duration::from_secs(u64::try_from(timeout_seconds.max(1)).unwrap_or(1));
+        let conn = self.table().get(&this)?.conn.clone();
+        Ok(self
+            .libvirt
+            .blocking_within("qemu-agent-command", limit, move || {
+                lookup(&conn.0, &domain)?
+                    .qemu_agent_command(&command, timeout_seconds, 0)
+                    .map_err(map_err)
+            })
+            .await)
     }
 
     async fn drop(&mut self, this: Resource<Connection>) -> wasmtime::Result<()> {
