@@ -13,6 +13,9 @@ use serde::Serialize;
 
 use super::{full, ApiError, Body};
 
+/// How long a JSON call waits for its answer (long polls ask for at most 60 s).
+pub const JSON_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(90);
+
 /// A client bound to one service URL and token.
 #[derive(Clone)]
 pub struct Client {
@@ -136,9 +139,21 @@ impl Client {
             None => (Vec::new(), Vec::new()),
         };
         headers.extend(extra.iter().cloned());
-        let resp = self
-            .send(method.clone(), path, &headers, full(bytes))
-            .await?;
+        // A JSON call that gets no answer in time fails rather than hangs (file
+        // streams have no such limit: their answer comes after the whole body).
+        let url = format!("{}{path}", self.base);
+        let resp = tokio::time::timeout(
+            JSON_TIMEOUT,
+            self.send(method.clone(), path, &headers, full(bytes)),
+        )
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                "timeout",
+                format!("{method} {url}: no answer within {JSON_TIMEOUT:?}"),
+            )
+        })??;
         Self::decode(&method, &format!("{}{path}", self.base), resp).await
     }
 

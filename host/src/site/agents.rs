@@ -156,16 +156,24 @@ impl Agents {
     }
 
     /// Checks one agent: capacity, templates, endpoint and VMs; marks it up or down.
+    /// An agent that does not answer within 15 s is down.
     pub async fn check(&self, id: &str) {
         let Ok(c) = self.client(id) else { return };
-        let got = async {
+        let got = tokio::time::timeout(Duration::from_secs(15), async {
             let host: crate::agent::model::Host = c.get("/v1/host").await?;
             let templates: Vec<Vm> = c.get("/v1/templates").await?;
             let driver: Value = c.get("/v1/driver").await?;
             let vms: Vec<VmRecord> = c.get("/v1/vms").await?;
             Ok::<_, ApiError>((host, templates, driver, vms))
-        }
-        .await;
+        })
+        .await
+        .unwrap_or_else(|_| {
+            Err(ApiError::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                "timeout",
+                format!("agent {id} did not answer its health check within 15 s"),
+            ))
+        });
         // What a check learns, the next check learns again: no need to wait for the disk.
         let r = self.store.write_lazy(|t| {
             let Some(mut rec) = t.agent(id)? else {
@@ -227,16 +235,28 @@ impl Agents {
         key: &str,
     ) -> Result<Operation, OpError> {
         let c = self.client(agent).map_err(|e| agent_error(agent, e))?;
-        let op: Operation = c
-            .call_with(
-                Method::POST,
-                path,
-                Some(&body),
-                &[("idempotency-key", key.to_string())],
-            )
-            .await
-            .map_err(|e| agent_error(agent, e))?;
-        let mut op = op;
+        // A lost answer is asked again with the same key: the agent answers the
+        // operation the first attempt started, or starts it once.
+        let mut attempt = 0;
+        let mut op: Operation = loop {
+            match c
+                .call_with(
+                    Method::POST,
+                    path,
+                    Some(&body),
+                    &[("idempotency-key", key.to_string())],
+                )
+                .await
+            {
+                Ok(op) => break op,
+                Err(e) if e.kind == "unavailable" && e.status == 503 && attempt < 5 => {
+                    attempt += 1;
+                    tracing::warn!(agent, key, "retrying a submission: {}", e.message);
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                Err(e) => return Err(agent_error(agent, e)),
+            }
+        };
         let mut failures = 0;
         while op.state == OpState::Running {
             match c

@@ -241,6 +241,23 @@ impl SiteCore {
     }
 
     async fn dispatch(self: &Arc<Self>, job: &Job) -> Result<Value, OpError> {
+        // A job queued on a VM that has changed hands since must not touch it.
+        if let (Some(id), false) = (&job.vm, job.kind == JobKind::Request) {
+            if let Some(v) = self.store.vm(id).map_err(store_error)? {
+                if v.owner.as_deref() != Some(job.owner.as_str()) {
+                    return Err(OpError {
+                        kind: "invalid-state".into(),
+                        message: format!("VM {id} is no longer held by '{}'", job.owner),
+                    });
+                }
+                if job.kind == JobKind::Expire && !v.lease.is_some_and(|l| l.expired) {
+                    return Err(OpError {
+                        kind: "invalid-state".into(),
+                        message: format!("the lease of VM {id} was renewed by an admin"),
+                    });
+                }
+            }
+        }
         match job.kind {
             JobKind::Request => self.run_request(job).await,
             JobKind::Release => self.run_release(job).await,

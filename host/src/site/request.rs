@@ -87,6 +87,16 @@ impl SiteCore {
         if job.step["claimed"] != true {
             let vm_id = match self.claim(&job, &req, until)? {
                 Some(id) => id,
+                // The VM named is not free (any more): nothing else will do.
+                None if req.vm.is_some() => {
+                    return Err(err(
+                        "invalid-state",
+                        format!(
+                            "VM {} is no longer free or yours, or its lease expired",
+                            req.vm.as_deref().unwrap_or_default()
+                        ),
+                    ))
+                }
                 None => self.create_for(&job, &req, until).await?,
             };
             job.vm = Some(vm_id);
@@ -192,6 +202,9 @@ impl SiteCore {
                 if v.owner.is_some() && !was_owner {
                     return Ok(None);
                 }
+                if v.lease.is_some_and(|l| l.expired) {
+                    return Ok(None);
+                }
                 v.owner = Some(job.owner.clone());
                 v.lease = Some(Lease {
                     until_ms: until,
@@ -200,7 +213,15 @@ impl SiteCore {
                 v.updated_ms = now_ms();
                 t.put_vm(&v)?;
                 let mut j = t.job(&job.id)?.unwrap_or_else(|| job.clone());
-                // The reservation becomes the VM's: usage stays as it is.
+                // The reservation becomes the VM's, recomputed here: the VM may have
+                // changed hands since the request was submitted.
+                let held = if was_owner {
+                    Usage::default()
+                } else {
+                    resources(&v)
+                };
+                let u = t.usage(&j.owner)?;
+                t.set_usage(&j.owner, u.minus(j.reserved).plus(held))?;
                 j.reserved = Usage::default();
                 j.vm = Some(v.id.clone());
                 j.step = json!({ "claimed": true, "was-owner": was_owner, "reused": true });

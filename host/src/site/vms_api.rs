@@ -273,7 +273,16 @@ impl SiteCore {
                 self.copy_out_content(&job).await
             }
             (Method::POST, ["v1", "jobs", id, "cancel"]) => {
-                self.job_for(caller, id)?;
+                let job = self.job_for(caller, id)?;
+                if job.kind == JobKind::Expire && !caller.is_admin() {
+                    return Err(ApiError::new(
+                        StatusCode::FORBIDDEN,
+                        "denied",
+                        format!(
+                            "job {id} stops a VM whose lease expired: only an admin can cancel it"
+                        ),
+                    ));
+                }
                 ok(&self.cancel(id)?)
             }
             (Method::GET, ["v1", "jobs", id, "events"]) => {

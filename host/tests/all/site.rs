@@ -607,3 +607,62 @@ async fn authorization_matrix_every_endpoint_by_anonymous_other_owner_admin() {
     assert_eq!(status(&renewed, &g, "/v1/me", &json!({})).await, OK);
     e.site.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_racing_for_the_same_pooled_vm_keep_the_quota_exact() {
+    let e = env(1, |_| {}).await;
+    let erin = e.user("erin", None).await;
+    let j = job(&erin, "/v1/vms", json!({ "main-memory-mib": 256 })).await;
+    let vm: SiteVm = serde_json::from_value(j.result.unwrap()).unwrap();
+    assert_eq!(
+        job(&erin, &format!("/v1/vms/{}/release", vm.id), json!({}))
+            .await
+            .state,
+        JobState::Succeeded
+    );
+    // Two requests for that pooled VM at once (a double click): one VM, counted once.
+    let (a, b) = tokio::join!(
+        post(
+            &erin,
+            "/v1/vms",
+            json!({ "vm": vm.id, "main-memory-mib": 256 })
+        ),
+        post(
+            &erin,
+            "/v1/vms",
+            json!({ "vm": vm.id, "main-memory-mib": 256 })
+        )
+    );
+    for r in [a, b] {
+        let id = r.unwrap()["id"].as_str().unwrap().to_string();
+        wait_job(&erin, &id).await;
+    }
+    let me: UserView = erin.get("/v1/me").await.unwrap();
+    assert_eq!((me.usage.vms, me.usage.main_memory_mib), (1, 256), "{me:?}");
+    // A request naming a VM that is gone fails; it never falls back to a new VM.
+    assert_eq!(
+        job(&erin, &format!("/v1/vms/{}/release", vm.id), json!({}))
+            .await
+            .state,
+        JobState::Succeeded
+    );
+    let other = e.user("frank", None).await;
+    let taken = job(
+        &other,
+        "/v1/vms",
+        json!({ "vm": vm.id, "main-memory-mib": 256 }),
+    )
+    .await;
+    assert_eq!(taken.state, JobState::Succeeded, "{taken:?}");
+    let late = post(
+        &erin,
+        "/v1/vms",
+        json!({ "main-memory-mib": 256, "vm": vm.id }),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(late.status, 404, "{late}");
+    let me: UserView = erin.get("/v1/me").await.unwrap();
+    assert_eq!(me.usage.vms, 0, "{me:?}");
+    e.site.stop().await;
+}
