@@ -573,8 +573,9 @@ async fn a_gone_or_hung_guest_agent_is_a_clear_error_within_the_timeout() {
             "{err:?}"
         );
         // Within the command's 3 s budget (libvirt's own 5 s guest-sync does not
-        // count: the host answers at the caller's deadline), plus slack.
-        assert!(took < Duration::from_millis(3_000 + 1_500), "{took:?}");
+        // count: the host answers at the caller's deadline), plus slack for a loaded
+        // machine (the operation is submitted and polled over HTTP).
+        assert!(took < Duration::from_millis(3_000 + 3_000), "{took:?}");
         // The agent stays healthy: its API answers and the driver works.
         let rec: VmRecord = c.get(&format!("/v1/vms/{}", vm.id)).await.unwrap();
         assert_eq!(rec.vm.id, vm.id);

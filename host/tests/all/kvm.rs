@@ -246,17 +246,33 @@ async fn virsh_behind_the_agents_back_is_reflected_within_the_reconcile_period()
     let seq = last_event_seq(&c).await;
 
     lv.virsh(&["start", "oob-1"]);
-    let e = wait_for_event(&c, seq, "vm-state-changed", &vm.id).await;
-    assert_eq!(e.detail["to"], "running");
+    // QEMU starts paused and libvirt resumes it: a reconcile pass may see that
+    // transient state first, so wait for the change that ends in `running`.
+    let e = wait_for_state(&c, seq, &vm.id, "running").await;
     let seq = e.seq;
     lv.virsh(&["destroy", "oob-1"]);
-    let e = wait_for_event(&c, seq, "vm-state-changed", &vm.id).await;
-    assert_eq!(e.detail["to"], "stopped");
+    let e = wait_for_state(&c, seq, &vm.id, "stopped").await;
     assert_eq!(state(&c, &vm.id).await, VmState::Stopped);
 
     lv.virsh(&["undefine", "oob-1"]);
     wait_for_event(&c, e.seq, "vm-vanished", &vm.id).await;
     agent.stop().await;
+}
+
+/// Waits (up to 10 s) for a `vm-state-changed` event of `vm` to state `to` after `seq`.
+async fn wait_for_state(c: &Client, mut seq: u64, vm: &str, to: &str) -> gve::agent::model::Event {
+    let end = Instant::now() + Duration::from_secs(10);
+    loop {
+        let e = wait_for_event(c, seq, "vm-state-changed", vm).await;
+        if e.detail["to"] == to {
+            return e;
+        }
+        assert!(
+            Instant::now() < end,
+            "{vm} never changed to {to}; last {e:?}"
+        );
+        seq = e.seq;
+    }
 }
 
 /// Reads the guest's tick counter (/tmp/counter) through qemu-ga's guest-exec.
