@@ -159,6 +159,8 @@ impl Agents {
     /// An agent that does not answer within 15 s is down.
     pub async fn check(&self, id: &str) {
         let Ok(c) = self.client(id) else { return };
+        // Records a job writes after the listing was taken are newer than it.
+        let listed_at = now_ms();
         let got = tokio::time::timeout(Duration::from_secs(15), async {
             let host: crate::agent::model::Host = c.get("/v1/host").await?;
             let templates: Vec<Vm> = c.get("/v1/templates").await?;
@@ -190,7 +192,7 @@ impl Agents {
                         .as_str()
                         .or(driver["endpoint"].as_str())
                         .map(str::to_string);
-                    sync_vms(t, id, &vms)?;
+                    sync_vms(t, id, &vms, listed_at)?;
                 }
                 Err(e) => {
                     if rec.status == AgentStatus::Up {
@@ -305,12 +307,14 @@ pub fn forget_vm(t: &mut super::store::Txn<'_>, v: &SiteVm) -> Result<(), StoreE
     t.remove_vm(&v.id)
 }
 
-/// Brings the site's records of agent `agent`'s VMs in line with what it reports.
-/// VMs that jobs are working on are left to those jobs.
+/// Brings the site's records of agent `agent`'s VMs in line with what it reports
+/// (listed at `listed_at`). VMs that jobs are working on are left to those jobs, and
+/// records written after the listing was taken are newer than it: kept as they are.
 fn sync_vms(
     t: &mut super::store::Txn<'_>,
     agent: &str,
     listed: &[VmRecord],
+    listed_at: u64,
 ) -> Result<(), StoreError> {
     let mut busy: HashSet<String> = HashSet::new();
     let mut active_jobs: HashSet<String> = HashSet::new();
@@ -332,7 +336,7 @@ fn sync_vms(
         let state = format!("{:?}", vm.state).to_lowercase();
         match mine.get(&vm.id) {
             Some(known) => {
-                if known.state != state || known.name != vm.name {
+                if known.updated_ms < listed_at && (known.state != state || known.name != vm.name) {
                     let mut k = known.clone();
                     k.state = state;
                     k.name = vm.name.clone();
@@ -376,7 +380,8 @@ fn sync_vms(
     }
     let present: HashSet<&str> = listed.iter().map(|r| r.vm.id.as_str()).collect();
     for (agent_vm, v) in &mine {
-        if !present.contains(agent_vm.as_str()) && !busy.contains(&v.id) {
+        if !present.contains(agent_vm.as_str()) && !busy.contains(&v.id) && v.updated_ms < listed_at
+        {
             tracing::warn!(
                 vm = v.id,
                 agent,
