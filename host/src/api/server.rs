@@ -17,6 +17,15 @@ pub trait Handler: Send + Sync + 'static {
     fn handle(&self, req: hyper::Request<Incoming>) -> impl Future<Output = Response> + Send;
 }
 
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn until_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending::<()>().await } } => {},
+    }
+}
+
 /// Serves `handler` on `listener` until `stop` resolves; then open connections are
 /// closed too (a stopped service does not keep answering on kept-alive connections).
 pub async fn serve<H: Handler>(

@@ -19,7 +19,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::agents::agent_error;
 use super::auth::Caller;
-use super::jobs::{new_job, store_error};
+use super::jobs::new_job;
 use super::model::{Job, JobKind, JobState, OpError};
 use super::SiteCore;
 use crate::api::{query_param, ApiError, Response};
@@ -126,18 +126,7 @@ impl SiteCore {
 
     /// The copy-in job: streams the staged file to the VM's agent.
     pub async fn run_copy_in(&self, job: &Job) -> Result<Value, OpError> {
-        let id = job.vm.clone().ok_or_else(|| OpError {
-            kind: "invalid-argument".into(),
-            message: "job names no VM".into(),
-        })?;
-        let v = self
-            .store
-            .vm(&id)
-            .map_err(store_error)?
-            .ok_or_else(|| OpError {
-                kind: "not-found".into(),
-                message: format!("VM {id} vanished"),
-            })?;
+        let (_, v) = self.job_vm(job)?;
         let staged = self.staged_in(&job.id);
         let result = async {
             let file = tokio::fs::File::open(&staged).await.map_err(|e| OpError {
@@ -171,18 +160,7 @@ impl SiteCore {
 
     /// The copy-out job: streams the file from the VM's agent into staging.
     pub async fn run_copy_out(&self, job: &Job) -> Result<Value, OpError> {
-        let id = job.vm.clone().ok_or_else(|| OpError {
-            kind: "invalid-argument".into(),
-            message: "job names no VM".into(),
-        })?;
-        let v = self
-            .store
-            .vm(&id)
-            .map_err(store_error)?
-            .ok_or_else(|| OpError {
-                kind: "not-found".into(),
-                message: format!("VM {id} vanished"),
-            })?;
+        let (id, v) = self.job_vm(job)?;
         let guest_path = job.params["path"].as_str().unwrap_or_default().to_string();
         let c = self
             .agents

@@ -210,12 +210,7 @@ impl Site {
 
     /// Serves until Ctrl-C or SIGTERM.
     pub async fn run_until_signal(self) {
-        let mut term =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {},
-            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending::<()>().await } } => {},
-        }
+        api::server::until_signal().await;
         tracing::info!("site stopping");
         self.stop().await;
     }

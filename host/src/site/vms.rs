@@ -104,8 +104,8 @@ impl SiteCore {
             .map_err(store_error)
     }
 
-    /// A manage job: one agent operation on the job's VM.
-    pub async fn run_action(&self, job: &Job) -> Result<Value, OpError> {
+    /// The VM a job acts on: its site id and record.
+    pub(crate) fn job_vm(&self, job: &Job) -> Result<(String, SiteVm), OpError> {
         let id = job
             .vm
             .clone()
@@ -115,6 +115,12 @@ impl SiteCore {
             .vm(&id)
             .map_err(store_error)?
             .ok_or_else(|| err("not-found", format!("VM {id} vanished")))?;
+        Ok((id, v))
+    }
+
+    /// A manage job: one agent operation on the job's VM.
+    pub async fn run_action(&self, job: &Job) -> Result<Value, OpError> {
+        let (id, v) = self.job_vm(job)?;
         let path = format!("/v1/vms/{}/{}", v.agent_vm, job.kind.as_str());
         let op = self
             .agents
