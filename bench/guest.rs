@@ -181,6 +181,7 @@ async fn main() {
             migration_uri: None,
         }),
         bundles_dir: None,
+        ..Default::default()
     };
     let agent = Agent::start(config).await.unwrap();
     let c = Client::new(&format!("http://{}", agent.addr), Some(TOKEN.into())).unwrap();

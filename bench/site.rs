@@ -56,6 +56,7 @@ async fn agent(dir: &std::path::Path) -> Agent {
             migration_uri: None,
         }),
         bundles_dir: None,
+        ..Default::default()
     })
     .await
     .unwrap()

@@ -29,6 +29,24 @@ pub struct AgentConfig {
     /// each with an `install.sh`.
     #[serde(default)]
     pub bundles_dir: Option<PathBuf>,
+    /// Limits on HTTP clients (timeouts, connection caps).
+    #[serde(default)]
+    pub http: crate::api::server::HttpLimits,
+}
+
+impl Default for AgentConfig {
+    /// Defaults for everything; `data-dir` and `admin-token` must still be set.
+    fn default() -> AgentConfig {
+        AgentConfig {
+            listen: default_listen(),
+            data_dir: PathBuf::new(),
+            admin_token: String::new(),
+            plugins: BTreeMap::new(),
+            driver: None,
+            bundles_dir: None,
+            http: Default::default(),
+        }
+    }
 }
 
 /// The driver session the agent's VM API runs on.
@@ -151,6 +169,7 @@ impl AgentConfig {
         if cfg.admin_token.len() < 16 {
             return Err(invalid("admin-token must be at least 16 characters".into()));
         }
+        cfg.http.validate().map_err(invalid)?;
         Ok(cfg)
     }
 }

@@ -12,7 +12,6 @@ use std::time::Duration;
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use bytes::Bytes;
-use http_body_util::BodyExt;
 use hyper::body::{Frame, Incoming};
 use hyper::StatusCode;
 use serde::Deserialize;
@@ -338,7 +337,7 @@ async fn feed(
     let mut buf: Vec<u8> = Vec::with_capacity(CHUNK);
     let mut received = 0u64;
     loop {
-        let frame = match body.frame().await {
+        let frame = match crate::api::next_frame(&mut body).await {
             None => None,
             Some(Ok(f)) => Some(f),
             Some(Err(e)) => {

@@ -165,6 +165,8 @@ pub struct Agent {
     pub plugins: PluginHost,
     /// Its registry and driver session, when a driver is configured.
     pub core: Option<Arc<AgentCore>>,
+    /// Its open HTTP connections.
+    pub connections: Arc<api::server::Connections>,
     stop: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<()>,
     reconciler: Option<tokio::task::JoinHandle<()>>,
@@ -258,14 +260,21 @@ impl Agent {
             admin_token: config.admin_token,
         });
         let (tx, rx) = oneshot::channel();
-        let task = tokio::spawn(api::server::serve(listener, handler, async {
-            let _ = rx.await;
-        }));
+        let connections = api::server::Connections::new(config.http);
+        let task = tokio::spawn(api::server::serve(
+            listener,
+            handler,
+            connections.clone(),
+            async {
+                let _ = rx.await;
+            },
+        ));
         tracing::info!(%addr, "agent listening");
         Ok(Agent {
             addr,
             plugins,
             core,
+            connections,
             stop: Some(tx),
             task,
             reconciler,

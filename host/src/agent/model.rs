@@ -142,6 +142,45 @@ fn default_memory() -> u64 {
     512
 }
 
+/// Largest GLUE2 LogicalCPUs one VM may have.
+pub const MAX_VM_CPUS: u32 = 1024;
+/// Largest GLUE2 MainMemorySize one VM may have, MiB (16 TiB).
+pub const MAX_VM_MEMORY_MIB: u64 = 16 << 20;
+/// Largest root disk, MiB (64 TiB).
+pub const MAX_VM_DISK_MIB: u64 = 64 << 20;
+
+impl Profile {
+    /// Checks every value against its range (a 400 naming the field).
+    pub fn validate(&self) -> Result<(), crate::api::ApiError> {
+        use crate::api::{in_range, ApiError};
+        if self.name.trim().is_empty()
+            || self.name.len() > 128
+            || self.name.contains(['/', '\\', '\0'])
+            || self.name.chars().any(char::is_control)
+        {
+            return Err(ApiError::bad_request(
+                "name must be 1-128 characters without '/', '\\' or control characters",
+            ));
+        }
+        in_range("logical-cpus", self.logical_cpus, 1, MAX_VM_CPUS)?;
+        in_range("main-memory-mib", self.main_memory_mib, 1, MAX_VM_MEMORY_MIB)?;
+        if let Some(d) = self.disk_mib {
+            in_range("disk-mib", d, 1, MAX_VM_DISK_MIB)?;
+        }
+        if self.labels.len() > 64
+            || self
+                .labels
+                .iter()
+                .any(|(k, v)| k.is_empty() || k.len() > 128 || v.len() > 1024)
+        {
+            return Err(ApiError::bad_request(
+                "labels: at most 64, keys of 1-128 and values of at most 1024 characters",
+            ));
+        }
+        Ok(())
+    }
+}
+
 impl From<&Profile> for wit::VmProfile {
     fn from(p: &Profile) -> wit::VmProfile {
         wit::VmProfile {

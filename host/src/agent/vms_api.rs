@@ -98,19 +98,13 @@ pub fn idempotency_key<B>(req: &Request<B>) -> Result<Option<String>, ApiError> 
 pub async fn body_or_default<T: for<'de> Deserialize<'de>>(
     req: Request<Incoming>,
 ) -> Result<T, ApiError> {
-    use http_body_util::{BodyExt, Limited};
-    let bytes = Limited::new(req.into_body(), crate::api::MAX_JSON_BODY)
-        .collect()
-        .await
-        .map_err(|e| ApiError::bad_request(format!("cannot read request body: {e}")))?
-        .to_bytes();
+    let bytes = crate::api::read_small_body(req.into_body()).await?;
     let text: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) {
         b"{}"
     } else {
         &bytes
     };
-    serde_json::from_slice(text)
-        .map_err(|e| ApiError::bad_request(format!("malformed JSON body: {e}")))
+    crate::api::parse_json(text)
 }
 
 impl AgentCore {
@@ -203,32 +197,13 @@ impl AgentCore {
                 ok(&self.registry.operations().map_err(registry_error)?)
             }
             (Method::GET, ["v1", "operations", id]) => {
-                let wait = match crate::api::query_param(req.uri(), "wait-ms")? {
-                    None => 0,
-                    Some(v) => v.parse::<u64>().map_err(|_| {
-                        ApiError::bad_request(format!("wait-ms={v} is not a number"))
-                    })?,
-                };
-                ok(&self.operation_waiting(id, wait.min(60_000)).await?)
+                let wait =
+                    crate::api::query_u64(req.uri(), "wait-ms", 0, 0, crate::api::MAX_WAIT_MS)?;
+                ok(&self.operation_waiting(id, wait).await?)
             }
             (Method::GET, ["v1", "events"]) => {
-                let q = req.uri().query().unwrap_or("");
-                let param = |name: &str| {
-                    q.split('&')
-                        .filter_map(|kv| kv.split_once('='))
-                        .find(|(k, _)| *k == name)
-                        .map(|(_, v)| v)
-                };
-                let num = |name: &str, default: u64| -> Result<u64, ApiError> {
-                    param(name).map_or(Ok(default), |v| {
-                        v.parse().map_err(|_| {
-                            ApiError::bad_request(format!(
-                                "query parameter {name}={v} is not a number"
-                            ))
-                        })
-                    })
-                };
-                let (after, limit) = (num("after", 0)?, num("limit", 1000)?.min(10_000));
+                let after = crate::api::query_u64(req.uri(), "after", 0, 0, u64::MAX)?;
+                let limit = crate::api::query_u64(req.uri(), "limit", 1000, 1, 10_000)?;
                 ok(&self
                     .registry
                     .events_after(after, limit as usize)
@@ -239,16 +214,7 @@ impl AgentCore {
             })?),
             (Method::POST, ["v1", "vms"]) => {
                 let profile: Profile = read_json(req.into_body()).await?;
-                if profile.name.trim().is_empty() || profile.name.len() > 128 {
-                    return Err(ApiError::bad_request(
-                        "profile name must be 1-128 characters",
-                    ));
-                }
-                if profile.logical_cpus == 0 || profile.main_memory_mib == 0 {
-                    return Err(ApiError::bad_request(
-                        "logical-cpus and main-memory-mib must be positive",
-                    ));
-                }
+                profile.validate()?;
                 if let Some(t) = &profile.template {
                     let templates = self.registry.templates().map_err(registry_error)?;
                     if !templates.iter().any(|x| x.id == *t || x.name == *t) {

@@ -31,6 +31,12 @@ pub fn full(bytes: impl Into<Bytes>) -> Body {
 /// Largest JSON request body accepted, bytes.
 pub const MAX_JSON_BODY: usize = 1 << 20;
 
+/// Longest long-poll (`wait-ms`), ms.
+pub const MAX_WAIT_MS: u64 = 60_000;
+
+/// Most records one listing returns (`limit`).
+pub const MAX_LIST: u64 = 100_000;
+
 /// An error as the API reports it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 #[error("{message} ({kind})")]
@@ -171,17 +177,78 @@ pub fn ok<T: Serialize + ?Sized>(value: &T) -> Result<Response, ApiError> {
 
 /// Reads a JSON body of at most [`MAX_JSON_BODY`] bytes into `T`; errors say what is wrong.
 pub async fn read_json<T: DeserializeOwned>(body: Incoming) -> Result<T, ApiError> {
-    let bytes = Limited::new(body, MAX_JSON_BODY)
-        .collect()
+    parse_json(&read_small_body(body).await?)
+}
+
+/// The next piece of a streamed request body, waiting at most
+/// [`server::BODY_READ_TIMEOUT`] for it; `None` at its end.
+pub async fn next_frame<B>(body: &mut B) -> Option<Result<hyper::body::Frame<Bytes>, String>>
+where
+    B: hyper::body::Body<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Display,
+{
+    match tokio::time::timeout(server::BODY_READ_TIMEOUT, body.frame()).await {
+        Err(_) => Some(Err(format!(
+            "no data for {} s",
+            server::BODY_READ_TIMEOUT.as_secs()
+        ))),
+        Ok(f) => f.map(|r| r.map_err(|e| e.to_string())),
+    }
+}
+
+/// A whole request body of at most [`MAX_JSON_BODY`] bytes, within
+/// [`server::BODY_READ_TIMEOUT`].
+pub async fn read_small_body(body: Incoming) -> Result<Bytes, ApiError> {
+    let timeout = server::BODY_READ_TIMEOUT;
+    let bytes = tokio::time::timeout(timeout, Limited::new(body, MAX_JSON_BODY).collect())
         .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "timeout",
+                format!("the request body did not arrive within {} s", timeout.as_secs()),
+            )
+        })?
         .map_err(|e| {
-            ApiError::bad_request(format!(
-                "cannot read request body (limit {MAX_JSON_BODY} bytes): {e}"
-            ))
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "invalid-argument",
+                format!("cannot read request body (limit {MAX_JSON_BODY} bytes): {e}"),
+            )
         })?
         .to_bytes();
-    serde_json::from_slice(&bytes)
-        .map_err(|e| ApiError::bad_request(format!("malformed JSON body: {e}")))
+    Ok(bytes)
+}
+
+/// Parses a JSON request body into `T`; an error names the field at fault
+/// (`main-memory-mib: invalid value: integer ...`).
+pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    let de = &mut serde_json::Deserializer::from_slice(bytes);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if path.is_empty() || path == "." {
+            ApiError::bad_request(format!("malformed JSON body: {inner}"))
+        } else {
+            ApiError::bad_request(format!("{path}: {inner}"))
+        }
+    })
+}
+
+/// `value` of field `field` if it lies in `lo..=hi`, else a 400 naming the field
+/// and the range.
+pub fn in_range<T: PartialOrd + std::fmt::Display>(
+    field: &str,
+    value: T,
+    lo: T,
+    hi: T,
+) -> Result<T, ApiError> {
+    if value < lo || value > hi {
+        return Err(ApiError::bad_request(format!(
+            "{field} must be between {lo} and {hi}, not {value}"
+        )));
+    }
+    Ok(value)
 }
 
 /// Checks `Authorization: Bearer <token>` against `expected` in constant time.
@@ -219,6 +286,22 @@ pub fn query_param(uri: &hyper::Uri, name: &str) -> Result<Option<String>, ApiEr
         }
     }
     Ok(None)
+}
+
+/// Query parameter `name` as a number in `lo..=hi` (`default` when absent); a 400
+/// names the parameter and its range otherwise.
+pub fn query_u64(uri: &hyper::Uri, name: &str, default: u64, lo: u64, hi: u64) -> Result<u64, ApiError> {
+    match query_param(uri, name)? {
+        None => Ok(default),
+        Some(v) => {
+            let n = v.parse::<u64>().map_err(|_| {
+                ApiError::bad_request(format!(
+                    "{name} must be a whole number between {lo} and {hi}, not '{v}'"
+                ))
+            })?;
+            in_range(name, n, lo, hi)
+        }
+    }
 }
 
 /// Decodes `%XX` escapes and `+`; refuses malformed escapes and non-UTF-8 results.

@@ -1,21 +1,103 @@
-//! A small HTTP/1.1 server on hyper: one task per connection, graceful stop.
+//! A small HTTP/1.1 server on hyper: one task per connection, graceful stop, and
+//! limits that keep any one client from holding it: a header-read timeout (which is
+//! also the idle keep-alive timeout: hyper arms it whenever a connection waits for
+//! its next request head), a cap on header size, a cap on open connections per
+//! service and per client address, and body-read timeouts in the body readers
+//! ([`super::read_json`], the streamed copies).
+//!
+//! At a cap, the oldest connection that is not in the middle of a request (a
+//! half-open or idle one) is closed to make room; only when every connection is busy
+//! is the new one refused. A flood of half-open sockets therefore cannot lock out a
+//! client that sends a whole request.
 
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
-use std::net::SocketAddr;
-use std::sync::Arc;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
 
-use hyper::body::Incoming;
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use hyper::body::{Frame, Incoming, SizeHint};
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
+use tokio::task::AbortHandle;
 
-use super::Response;
+use super::{Body, Response};
 
 /// Something that answers requests.
 pub trait Handler: Send + Sync + 'static {
     /// Answers one request; errors are already turned into responses.
     fn handle(&self, req: hyper::Request<Incoming>) -> impl Future<Output = Response> + Send;
 }
+
+/// The limits a service holds its clients to (`[http]` in the site's and agent's
+/// config).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct HttpLimits {
+    /// A request head must arrive within this long, counted from when the
+    /// connection starts waiting for it (so also the idle keep-alive timeout), ms.
+    pub header_read_timeout_ms: u64,
+    /// Largest request head, bytes.
+    pub max_header_bytes: usize,
+    /// Open connections per service.
+    pub max_connections: usize,
+    /// Open connections per client address.
+    pub max_connections_per_client: usize,
+}
+
+impl Default for HttpLimits {
+    fn default() -> HttpLimits {
+        HttpLimits {
+            header_read_timeout_ms: 10_000,
+            max_header_bytes: 64 * 1024,
+            max_connections: 4096,
+            max_connections_per_client: 256,
+        }
+    }
+}
+
+impl HttpLimits {
+    /// Checks the values; says what is wrong.
+    pub fn validate(&self) -> Result<(), String> {
+        let in_range = |name: &str, v: u64, lo: u64, hi: u64| {
+            if v < lo || v > hi {
+                Err(format!("http.{name} must be between {lo} and {hi}, not {v}"))
+            } else {
+                Ok(())
+            }
+        };
+        in_range(
+            "header-read-timeout-ms",
+            self.header_read_timeout_ms,
+            100,
+            600_000,
+        )?;
+        in_range(
+            "max-header-bytes",
+            self.max_header_bytes as u64,
+            4096,
+            1 << 20,
+        )?;
+        in_range("max-connections", self.max_connections as u64, 1, 1 << 20)?;
+        in_range(
+            "max-connections-per-client",
+            self.max_connections_per_client as u64,
+            1,
+            self.max_connections as u64,
+        )
+    }
+}
+
+/// The longest a request body may pause between two pieces before the request
+/// fails (JSON bodies are also bounded in total by this, from their first byte).
+pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Resolves on Ctrl-C or SIGTERM.
 pub async fn until_signal() {
@@ -26,14 +108,189 @@ pub async fn until_signal() {
     }
 }
 
-/// Serves `handler` on `listener` until `stop` resolves; then open connections are
-/// closed too (a stopped service does not keep answering on kept-alive connections).
+/// One open connection as the tracker sees it.
+struct Conn {
+    peer: IpAddr,
+    /// Requests in progress (until their response body ends).
+    busy: Arc<AtomicUsize>,
+    abort: Option<AbortHandle>,
+}
+
+#[derive(Default)]
+struct Table {
+    next: u64,
+    /// By age: the oldest connection has the smallest key.
+    open: BTreeMap<u64, Conn>,
+    per_client: HashMap<IpAddr, usize>,
+}
+
+/// The open connections of one service, with its caps.
+pub struct Connections {
+    limits: HttpLimits,
+    table: Mutex<Table>,
+}
+
+impl Connections {
+    /// A tracker enforcing `limits`.
+    pub fn new(limits: HttpLimits) -> Arc<Connections> {
+        Arc::new(Connections {
+            limits,
+            table: Mutex::new(Table::default()),
+        })
+    }
+
+    /// Connections open now.
+    pub fn open(&self) -> usize {
+        self.lock().open.len()
+    }
+
+    /// Connections open now from `peer`.
+    pub fn open_from(&self, peer: IpAddr) -> usize {
+        self.lock().per_client.get(&peer).copied().unwrap_or(0)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Table> {
+        self.table.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Makes room for a connection from `peer` and records it; `None` when every
+    /// connection in the way is busy (the new one is refused).
+    fn admit(self: &Arc<Self>, peer: IpAddr) -> Option<(u64, Arc<AtomicUsize>)> {
+        let mut t = self.lock();
+        if t.per_client.get(&peer).copied().unwrap_or(0) >= self.limits.max_connections_per_client
+            && !evict_oldest_idle(&mut t, Some(peer))
+        {
+            return None;
+        }
+        if t.open.len() >= self.limits.max_connections && !evict_oldest_idle(&mut t, None) {
+            return None;
+        }
+        let id = t.next;
+        t.next += 1;
+        let busy = Arc::new(AtomicUsize::new(0));
+        t.open.insert(
+            id,
+            Conn {
+                peer,
+                busy: busy.clone(),
+                abort: None,
+            },
+        );
+        *t.per_client.entry(peer).or_default() += 1;
+        Some((id, busy))
+    }
+
+    fn set_abort(&self, id: u64, abort: AbortHandle) {
+        let mut t = self.lock();
+        match t.open.get_mut(&id) {
+            Some(c) => c.abort = Some(abort),
+            // Already gone (evicted before its task was known): end it now.
+            None => abort.abort(),
+        }
+    }
+
+    fn remove(&self, id: u64) {
+        let mut t = self.lock();
+        forget(&mut t, id);
+    }
+}
+
+fn forget(t: &mut Table, id: u64) -> Option<Conn> {
+    let c = t.open.remove(&id)?;
+    if let Some(n) = t.per_client.get_mut(&c.peer) {
+        *n -= 1;
+        if *n == 0 {
+            t.per_client.remove(&c.peer);
+        }
+    }
+    Some(c)
+}
+
+/// Closes the oldest connection (of `peer`, or of anyone) with no request in
+/// progress; false when there is none.
+fn evict_oldest_idle(t: &mut Table, peer: Option<IpAddr>) -> bool {
+    let victim = t
+        .open
+        .iter()
+        .find(|(_, c)| {
+            peer.is_none_or(|p| c.peer == p) && c.busy.load(Ordering::Acquire) == 0
+        })
+        .map(|(id, _)| *id);
+    let Some(id) = victim else { return false };
+    if let Some(c) = forget(t, id) {
+        if let Some(a) = c.abort {
+            a.abort();
+        }
+    }
+    tracing::debug!(conn = id, "closed an idle connection to admit a new one");
+    true
+}
+
+/// Removes a connection from its tracker when its task ends or is aborted.
+struct Registered {
+    conns: Arc<Connections>,
+    id: u64,
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        self.conns.remove(self.id);
+    }
+}
+
+/// Counts a request as in progress until its response body is dropped.
+struct Busy(Arc<AtomicUsize>);
+
+impl Busy {
+    fn new(n: &Arc<AtomicUsize>) -> Busy {
+        n.fetch_add(1, Ordering::AcqRel);
+        Busy(n.clone())
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A response body that keeps its connection marked busy while it is sent.
+struct BusyBody {
+    inner: Body,
+    _busy: Busy,
+}
+
+impl hyper::body::Body for BusyBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Serves `handler` on `listener` until `stop` resolves, within `conns`' limits;
+/// then open connections are closed too (a stopped service does not keep answering
+/// on kept-alive connections).
 pub async fn serve<H: Handler>(
     listener: TcpListener,
     handler: Arc<H>,
+    conns: Arc<Connections>,
     stop: impl Future<Output = ()>,
 ) {
     tokio::pin!(stop);
+    let limits = conns.limits;
     let mut connections = tokio::task::JoinSet::new();
     loop {
         // Forget connections that ended.
@@ -44,24 +301,67 @@ pub async fn serve<H: Handler>(
                 Ok(a) => a,
                 Err(e) => {
                     tracing::warn!("accept failed: {e}");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
             },
         };
+        let Some((id, busy)) = conns.admit(peer.ip()) else {
+            tracing::warn!(%peer, "connection refused: every connection in the way is busy");
+            drop(stream);
+            continue;
+        };
+        let registered = Registered {
+            conns: conns.clone(),
+            id,
+        };
         let handler = handler.clone();
-        connections.spawn(async move {
+        let abort = connections.spawn(async move {
+            let _registered = registered;
             let service = service_fn(move |req| {
                 let handler = handler.clone();
-                async move { Ok::<_, std::convert::Infallible>(handler.handle(req).await) }
+                let guard = Busy::new(&busy);
+                async move {
+                    let resp = handler.handle(req).await;
+                    let resp = resp.map(|inner| {
+                        BusyBody {
+                            inner,
+                            _busy: guard,
+                        }
+                        .boxed()
+                    });
+                    Ok::<_, std::convert::Infallible>(resp)
+                }
             });
-            if let Err(e) = hyper::server::conn::http1::Builder::new()
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_millis(limits.header_read_timeout_ms))
+                .max_header_size(limits.max_header_bytes);
+            if let Err(e) = builder
                 .serve_connection(TokioIo::new(stream), service)
                 .await
             {
                 tracing::debug!(%peer, "connection ended: {e}");
             }
         });
+        conns.set_abort(id, abort);
     }
     connections.abort_all();
+}
+
+/// Raises this process's soft limit on open files to its hard limit (as servers
+/// that hold many connections do), so caps, not the default 1024, decide.
+pub fn raise_fd_limit() {
+    // SAFETY: getrlimit/setrlimit only read and write the struct passed.
+    unsafe {
+        let mut l = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) == 0 && l.rlim_cur < l.rlim_max {
+            l.rlim_cur = l.rlim_max;
+            let _ = libc::setrlimit(libc::RLIMIT_NOFILE, &l);
+        }
+    }
 }

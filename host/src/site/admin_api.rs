@@ -76,6 +76,9 @@ impl SiteCore {
                 caller.require_admin()?;
                 let body: NewUser = read_json(req.into_body()).await?;
                 auth::validate_name(&body.name)?;
+                if let Some(q) = &body.quota {
+                    q.validate()?;
+                }
                 let token = auth::new_token();
                 let user = User {
                     name: body.name.clone(),
@@ -117,6 +120,7 @@ impl SiteCore {
             (Method::PUT, ["v1", "users", name, "quota"]) => {
                 caller.require_admin()?;
                 let quota: Quota = read_json(req.into_body()).await?;
+                quota.validate()?;
                 let r = self.store.write(|t| {
                     let Some(mut u) = t.user(name)? else {
                         return Ok(None);

@@ -298,10 +298,10 @@ impl Agents {
 /// Removes a VM record, giving its owner's quota back.
 pub fn forget_vm(t: &mut super::store::Txn<'_>, v: &SiteVm) -> Result<(), StoreError> {
     if let Some(o) = &v.owner {
-        let u = t.usage(o)?;
-        t.set_usage(
+        t.move_usage(
             o,
-            u.minus(Usage::vm(u64::from(v.logical_cpus), v.main_memory_mib)),
+            Usage::vm(u64::from(v.logical_cpus), v.main_memory_mib),
+            Usage::default(),
         )?;
     }
     t.remove_vm(&v.id)
@@ -368,11 +368,10 @@ fn sync_vms(
                     os_family: vm.os_family.clone(),
                     state,
                     lease: None,
-                    software: rec
-                        .provisioned
-                        .iter()
-                        .map(|(k, p)| (k.clone(), p.digest.clone()))
-                        .collect(),
+                    // The site installed nothing on it and did not make it: what
+                    // is on its disks is unknown, so it goes to no tenant.
+                    software: Default::default(),
+                    clean: false,
                     updated_ms: now,
                 })?;
             }

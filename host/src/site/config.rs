@@ -50,6 +50,9 @@ pub struct SiteConfig {
     /// Jobs run at once.
     #[serde(default = "default_parallel")]
     pub parallel_jobs: usize,
+    /// Limits on HTTP clients (timeouts, connection caps).
+    #[serde(default)]
+    pub http: crate::api::server::HttpLimits,
 }
 
 fn default_listen() -> SocketAddr {
@@ -112,6 +115,7 @@ impl SiteConfig {
             placement: Policy::default(),
             health_period_ms: default_health(),
             parallel_jobs: default_parallel(),
+            http: Default::default(),
         }
     }
 
@@ -126,9 +130,16 @@ impl SiteConfig {
         if self.health_period_ms < 100 {
             return Err("health-period-ms must be at least 100".into());
         }
-        if self.parallel_jobs == 0 {
-            return Err("parallel-jobs must be positive".into());
+        if self.parallel_jobs == 0 || self.parallel_jobs > 4096 {
+            return Err("parallel-jobs must be between 1 and 4096".into());
         }
+        if self.lease_max_seconds > 10 * 365 * 24 * 3600 {
+            return Err("lease-max-seconds must be at most ten years".into());
+        }
+        if self.health_period_ms > 3_600_000 {
+            return Err("health-period-ms must be at most one hour".into());
+        }
+        self.http.validate()?;
         super::auth::validate_id("site-id", &self.site_id).map_err(|e| e.message)
     }
 

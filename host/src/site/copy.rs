@@ -10,7 +10,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::BodyExt;
 use hyper::body::{Frame, Incoming};
 use hyper::{Request, StatusCode};
 use serde_json::{json, Value};
@@ -128,11 +127,12 @@ impl SiteCore {
     pub async fn run_copy_in(&self, job: &Job) -> Result<Value, OpError> {
         let (_, v) = self.job_vm(job)?;
         let staged = self.staged_in(&job.id);
-        let result = async {
-            let file = tokio::fs::File::open(&staged).await.map_err(|e| OpError {
-                kind: "backend".into(),
-                message: format!("the staged copy of job {} is gone: {e}", job.id),
-            })?;
+        // The staged file is removed once this job's end is durable (run_job).
+        let file = tokio::fs::File::open(&staged).await.map_err(|e| OpError {
+            kind: "backend".into(),
+            message: format!("the staged copy of job {} is gone: {e}", job.id),
+        })?;
+        {
             let c = self
                 .agents
                 .client(&v.agent)
@@ -153,9 +153,6 @@ impl SiteCore {
                 .await
                 .map_err(|e| agent_error(&v.agent, e))
         }
-        .await;
-        let _ = tokio::fs::remove_file(&staged).await;
-        result
     }
 
     /// The copy-out job: streams the file from the VM's agent into staging.
@@ -284,7 +281,7 @@ where
         .await
         .map_err(|e| io_err("staging file", e))?;
     let (mut size, mut h) = (0u64, Sha256::new());
-    while let Some(frame) = body.frame().await {
+    while let Some(frame) = crate::api::next_frame(&mut body).await {
         let frame = frame.map_err(|e| {
             ApiError::bad_request(format!("the transfer stopped after {size} bytes: {e}"))
         })?;

@@ -18,7 +18,7 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use super::agents::db;
 use super::model::{now_ms, Job, JobKind, JobState, OpError, Quota, Usage};
-use super::store::{Store, StoreError};
+use super::store::{Store, StoreError, Txn};
 use super::SiteCore;
 use crate::api::ApiError;
 
@@ -32,10 +32,27 @@ struct Submission {
     reply: oneshot::Sender<Result<Job, ApiError>>,
 }
 
-/// Hands submissions to the writer thread.
+/// A change to commit durably, in the next batch; it may run twice (alone, after
+/// another change of its batch failed), so it is `FnMut`.
+type Change = Box<dyn FnMut(&mut Txn<'_>) -> Result<(), StoreError> + Send>;
+
+/// What the writer thread commits.
+enum Work {
+    /// A new job.
+    Submit(Submission),
+    /// Any other change (a job's end), durable before its events are published
+    /// and before anyone can read it.
+    Apply {
+        change: Change,
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
+}
+
+/// Hands submissions and other durable changes to the writer thread, which
+/// group-commits them.
 #[derive(Clone)]
 pub struct Submitter {
-    tx: std::sync::mpsc::Sender<Submission>,
+    tx: std::sync::mpsc::Sender<Work>,
 }
 
 /// A new job id: time-ordered, unique.
@@ -66,7 +83,7 @@ pub fn new_job(owner: &str, kind: JobKind, vm: Option<String>, params: Value) ->
 impl Submitter {
     /// Starts the writer thread; accepted jobs' ids go to `run`.
     pub fn start(store: Store, run: mpsc::UnboundedSender<String>) -> Submitter {
-        let (tx, rx) = std::sync::mpsc::channel::<Submission>();
+        let (tx, rx) = std::sync::mpsc::channel::<Work>();
         std::thread::Builder::new()
             .name("gve-site-jobs".into())
             .spawn(move || writer(store, rx, run))
@@ -78,10 +95,27 @@ impl Submitter {
     pub async fn submit(&self, job: Job, quota: Option<Quota>) -> Result<Job, ApiError> {
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(Submission { job, quota, reply })
+            .send(Work::Submit(Submission { job, quota, reply }))
             .map_err(|_| unavailable("the job writer has stopped"))?;
         rx.await
             .map_err(|_| unavailable("the job writer has stopped"))?
+    }
+
+    /// Commits `change` durably in the next group commit; returns once it is on
+    /// disk (a reader sees it no sooner than that).
+    pub async fn apply(
+        &self,
+        change: impl FnMut(&mut Txn<'_>) -> Result<(), StoreError> + Send + 'static,
+    ) -> Result<(), StoreError> {
+        let stopped = || StoreError::Storage("the job writer has stopped".into());
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Work::Apply {
+                change: Box::new(change),
+                reply,
+            })
+            .map_err(|_| stopped())?;
+        rx.await.map_err(|_| stopped())?
     }
 }
 
@@ -89,59 +123,92 @@ fn unavailable(m: &str) -> ApiError {
     ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", m)
 }
 
-fn writer(
-    store: Store,
-    rx: std::sync::mpsc::Receiver<Submission>,
-    run: mpsc::UnboundedSender<String>,
-) {
+fn writer(store: Store, rx: std::sync::mpsc::Receiver<Work>, run: mpsc::UnboundedSender<String>) {
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {
-                Ok(s) => batch.push(s),
+                Ok(w) => batch.push(w),
                 Err(_) => break,
             }
         }
-        let verdicts = store.write(|t| {
-            let mut verdicts = Vec::with_capacity(batch.len());
-            for s in &batch {
-                let job = &s.job;
-                if let Some(q) = &s.quota {
-                    let wanted = t.usage(&job.owner)?.plus(job.reserved);
-                    if let Some(over) = wanted.exceeds(q) {
-                        verdicts.push(Err(ApiError::new(
-                            StatusCode::FORBIDDEN,
-                            "denied",
-                            format!(
-                                "quota of user '{}' exceeded: this {} would hold {over}",
-                                job.owner,
-                                job.kind.as_str()
-                            ),
-                        )));
-                        continue;
-                    }
-                    t.set_usage(&job.owner, wanted)?;
-                }
-                t.put_job(job, Some("queued"))?;
-                verdicts.push(Ok(()));
-            }
-            Ok(verdicts)
-        });
-        match verdicts {
-            Ok(v) => {
-                for (s, verdict) in batch.into_iter().zip(v) {
-                    let out = verdict.map(|()| s.job.clone());
-                    if out.is_ok() {
-                        let _ = run.send(s.job.id.clone());
-                    }
+        // One durable transaction for the batch; should one change fail, each is
+        // committed on its own so the others are not lost with it.
+        let together: Result<Vec<Verdict>, StoreError> =
+            store.write(|t| batch.iter_mut().map(|w| apply(t, w)).collect());
+        let verdicts = match together {
+            Ok(v) => v,
+            Err(_) => batch
+                .iter_mut()
+                .map(|w| {
+                    store
+                        .write(|t| apply(t, w))
+                        .unwrap_or_else(|e| Verdict::Failed(e.to_string()))
+                })
+                .collect(),
+        };
+        for (w, verdict) in batch.into_iter().zip(verdicts) {
+            match w {
+                Work::Submit(s) => {
+                    let out = match verdict {
+                        Verdict::Done => {
+                            let _ = run.send(s.job.id.clone());
+                            Ok(s.job)
+                        }
+                        Verdict::Refused(e) => Err(e),
+                        Verdict::Failed(m) => Err(db(StoreError::Storage(m))),
+                    };
                     let _ = s.reply.send(out);
                 }
-            }
-            Err(e) => {
-                for s in batch {
-                    let _ = s.reply.send(Err(db(StoreError::Storage(e.to_string()))));
+                Work::Apply { reply, .. } => {
+                    let _ = reply.send(match verdict {
+                        Verdict::Failed(m) => Err(StoreError::Storage(m)),
+                        _ => Ok(()),
+                    });
                 }
             }
+        }
+    }
+}
+
+/// What became of one piece of work in a batch.
+enum Verdict {
+    /// Committed (once the batch's transaction is).
+    Done,
+    /// A submission over quota: nothing recorded.
+    Refused(ApiError),
+    /// The change failed.
+    Failed(String),
+}
+
+/// Runs one piece of work inside the batch's transaction. A storage failure is
+/// an `Err` (the batch is retried piece by piece); a change's own failure too.
+fn apply(t: &mut Txn<'_>, w: &mut Work) -> Result<Verdict, StoreError> {
+    match w {
+        Work::Apply { change, .. } => change(t).map(|()| Verdict::Done),
+        Work::Submit(s) => {
+            let job = &s.job;
+            if let Some(q) = &s.quota {
+                let wanted = t.usage(&job.owner)?.plus(job.reserved);
+                let over = match wanted {
+                    None => Some("more than can be counted".to_string()),
+                    Some(w) => w.exceeds(q),
+                };
+                if let Some(over) = over {
+                    return Ok(Verdict::Refused(ApiError::new(
+                        StatusCode::FORBIDDEN,
+                        "denied",
+                        format!(
+                            "quota of user '{}' exceeded: this {} would hold {over}",
+                            job.owner,
+                            job.kind.as_str()
+                        ),
+                    )));
+                }
+                t.move_usage(&job.owner, Usage::default(), job.reserved)?;
+            }
+            t.put_job(job, Some("queued"))?;
+            Ok(Verdict::Done)
         }
     }
 }
@@ -173,19 +240,9 @@ impl SiteCore {
         &self,
         id: &str,
         message: Option<&str>,
-        f: impl FnOnce(&mut Job, &mut super::store::Txn<'_>) -> Result<(), StoreError>,
+        f: impl FnOnce(&mut Job, &mut Txn<'_>) -> Result<(), StoreError>,
     ) -> Result<Job, StoreError> {
-        self.update_job_with(true, id, message, f)
-    }
-
-    fn update_job_with(
-        &self,
-        durable: bool,
-        id: &str,
-        message: Option<&str>,
-        f: impl FnOnce(&mut Job, &mut super::store::Txn<'_>) -> Result<(), StoreError>,
-    ) -> Result<Job, StoreError> {
-        let write = |t: &mut super::store::Txn<'_>| {
+        self.store.write(|t| {
             let mut job = t
                 .job(id)?
                 .ok_or_else(|| StoreError::Storage(format!("job {id} vanished")))?;
@@ -193,12 +250,7 @@ impl SiteCore {
             job.updated_ms = now_ms();
             t.put_job(&job, message)?;
             Ok(job)
-        };
-        if durable {
-            self.store.write(write)
-        } else {
-            self.store.write_lazy(write)
-        }
+        })
     }
 
     /// Records a job's progress checkpoint.
@@ -235,8 +287,13 @@ impl SiteCore {
             }
         };
         let outcome = self.dispatch(&job).await;
-        if let Err(e) = self.finish(id, outcome) {
+        if let Err(e) = self.finish(id, outcome).await {
             tracing::error!(job = id, "cannot record the end of a job: {e}");
+            return;
+        }
+        // Inputs live until the end that consumed them is on disk.
+        if job.kind == JobKind::CopyIn {
+            let _ = tokio::fs::remove_file(self.staged_in(id)).await;
         }
     }
 
@@ -270,38 +327,41 @@ impl SiteCore {
         }
     }
 
-    /// Records a job's end. A job that fails gives back what it reserved; a request
-    /// that failed after claiming a VM returns the VM to the pool.
-    fn finish(&self, id: &str, outcome: Result<Value, OpError>) -> Result<Job, StoreError> {
-        let message = match &outcome {
-            Ok(_) => "succeeded".to_string(),
-            Err(e) => format!("failed: {} ({})", e.message, e.kind),
-        };
-        // Lazily durable: a crash that undoes the end resumes the job, whose agent
-        // calls answer again from their idempotency keys.
-        self.update_job_with(false, id, Some(&message), |job, t| {
-            // A finished job needs its secrets no more.
-            scrub(&mut job.params);
-            if job.reserved != Usage::default() {
-                let u = t.usage(&job.owner)?;
-                t.set_usage(&job.owner, u.minus(job.reserved))?;
-                job.reserved = Usage::default();
-            }
-            match outcome {
-                Ok(v) => {
-                    job.state = JobState::Succeeded;
-                    job.result = Some(v);
+    /// Records a job's end, durably (group-committed) before anyone can see it: a
+    /// finished job never changes state again. A job that fails gives back what it
+    /// reserved (a request that failed after getting a VM destroyed it before this).
+    async fn finish(&self, id: &str, outcome: Result<Value, OpError>) -> Result<(), StoreError> {
+        let id = id.to_string();
+        self.submitter
+            .apply(move |t| {
+                let Some(mut job) = t.job(&id)? else {
+                    return Err(StoreError::Storage(format!("job {id} vanished")));
+                };
+                if job.state.is_terminal() {
+                    return Ok(());
                 }
-                Err(e) => {
-                    job.state = JobState::Failed;
-                    job.error = Some(e);
-                    if job.kind == JobKind::Request {
-                        super::vms::unclaim_on_failure(t, job)?;
+                // A finished job needs its secrets no more.
+                scrub(&mut job.params);
+                if job.reserved != Usage::default() {
+                    t.move_usage(&job.owner, job.reserved, Usage::default())?;
+                    job.reserved = Usage::default();
+                }
+                let message = match &outcome {
+                    Ok(v) => {
+                        job.state = JobState::Succeeded;
+                        job.result = Some(v.clone());
+                        "succeeded".to_string()
                     }
-                }
-            }
-            Ok(())
-        })
+                    Err(e) => {
+                        job.state = JobState::Failed;
+                        job.error = Some(e.clone());
+                        format!("failed: {} ({})", e.message, e.kind)
+                    }
+                };
+                job.updated_ms = now_ms();
+                t.put_job(&job, Some(&message))
+            })
+            .await
     }
 
     /// Cancels a queued job (giving back its reservation); running jobs finish.
@@ -325,8 +385,7 @@ impl SiteCore {
                     .to_lowercase(),
                 )));
             }
-            let u = t.usage(&job.owner)?;
-            t.set_usage(&job.owner, u.minus(job.reserved))?;
+            t.move_usage(&job.owner, job.reserved, Usage::default())?;
             job.reserved = Usage::default();
             job.state = JobState::Cancelled;
             job.updated_ms = now_ms();

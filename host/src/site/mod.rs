@@ -11,6 +11,7 @@
 pub mod admin_api;
 pub mod agents;
 pub mod auth;
+pub mod bodies;
 pub mod config;
 pub mod copy;
 pub mod jobs;
@@ -122,6 +123,8 @@ pub struct Site {
     pub addr: SocketAddr,
     /// Its shared state.
     pub core: Arc<SiteCore>,
+    /// Its open HTTP connections.
+    pub connections: Arc<api::server::Connections>,
     stop: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<()>,
     background: Vec<tokio::task::JoinHandle<()>>,
@@ -184,13 +187,20 @@ impl Site {
         })?;
         let handler = Arc::new(SiteApi { core: core.clone() });
         let (tx, rx) = oneshot::channel();
-        let task = tokio::spawn(api::server::serve(listener, handler, async {
-            let _ = rx.await;
-        }));
+        let connections = api::server::Connections::new(config.http);
+        let task = tokio::spawn(api::server::serve(
+            listener,
+            handler,
+            connections.clone(),
+            async {
+                let _ = rx.await;
+            },
+        ));
         tracing::info!(%addr, "site listening");
         Ok(Site {
             addr,
             core,
+            connections,
             stop: Some(tx),
             task,
             background,

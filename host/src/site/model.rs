@@ -31,6 +31,23 @@ pub struct Quota {
     pub vms: u64,
 }
 
+pub use crate::agent::model::{MAX_VM_CPUS, MAX_VM_MEMORY_MIB};
+/// Largest quota on vCPUs and on VMs.
+pub const MAX_QUOTA_COUNT: u64 = 1 << 20;
+/// Largest quota on memory, MiB.
+pub const MAX_QUOTA_MEMORY_MIB: u64 = 1 << 40;
+
+impl Quota {
+    /// Checks each value against its range (a 400 naming the field).
+    pub fn validate(&self) -> Result<(), crate::api::ApiError> {
+        use crate::api::in_range;
+        in_range("logical-cpus", self.logical_cpus, 0, MAX_QUOTA_COUNT)?;
+        in_range("main-memory-mib", self.main_memory_mib, 0, MAX_QUOTA_MEMORY_MIB)?;
+        in_range("vms", self.vms, 0, MAX_QUOTA_COUNT)?;
+        Ok(())
+    }
+}
+
 impl Default for Quota {
     fn default() -> Quota {
         Quota {
@@ -63,22 +80,22 @@ impl Usage {
         }
     }
 
-    /// `self + other`.
-    pub fn plus(self, o: Usage) -> Usage {
-        Usage {
-            logical_cpus: self.logical_cpus + o.logical_cpus,
-            main_memory_mib: self.main_memory_mib + o.main_memory_mib,
-            vms: self.vms + o.vms,
-        }
+    /// `self + other`; `None` on overflow.
+    pub fn plus(self, o: Usage) -> Option<Usage> {
+        Some(Usage {
+            logical_cpus: self.logical_cpus.checked_add(o.logical_cpus)?,
+            main_memory_mib: self.main_memory_mib.checked_add(o.main_memory_mib)?,
+            vms: self.vms.checked_add(o.vms)?,
+        })
     }
 
-    /// `self - other`, never below zero.
-    pub fn minus(self, o: Usage) -> Usage {
-        Usage {
-            logical_cpus: self.logical_cpus.saturating_sub(o.logical_cpus),
-            main_memory_mib: self.main_memory_mib.saturating_sub(o.main_memory_mib),
-            vms: self.vms.saturating_sub(o.vms),
-        }
+    /// `self - other`; `None` when `other` holds more than `self` of anything.
+    pub fn minus(self, o: Usage) -> Option<Usage> {
+        Some(Usage {
+            logical_cpus: self.logical_cpus.checked_sub(o.logical_cpus)?,
+            main_memory_mib: self.main_memory_mib.checked_sub(o.main_memory_mib)?,
+            vms: self.vms.checked_sub(o.vms)?,
+        })
     }
 
     /// What in `self` exceeds `q`, as a sentence; `None` when within.
@@ -243,9 +260,14 @@ pub struct SiteVm {
     pub state: String,
     /// Allocation deadline, while allocated.
     pub lease: Option<Lease>,
-    /// Software bundles installed (name → digest).
+    /// Software bundles the site installed (name → digest): the site's record,
+    /// never the guest's word.
     #[serde(default)]
     pub software: BTreeMap<String, String>,
+    /// Made from its template by the site and never used since: the only kind of
+    /// free VM a request is given (nothing of an earlier tenant is on it).
+    #[serde(default)]
+    pub clean: bool,
     /// Last update (Unix ms).
     pub updated_ms: u64,
 }
@@ -286,6 +308,57 @@ fn one() -> u32 {
 
 fn default_mib() -> u64 {
     512
+}
+
+impl VmRequest {
+    /// Checks every value against its range and grammar (a 400 naming the field);
+    /// the lease is checked against the site's maximum by the caller.
+    pub fn validate(&self) -> Result<(), crate::api::ApiError> {
+        use crate::api::in_range;
+        use crate::site::auth::validate_id;
+        in_range("logical-cpus", self.logical_cpus, 1, MAX_VM_CPUS)?;
+        in_range("main-memory-mib", self.main_memory_mib, 1, MAX_VM_MEMORY_MIB)?;
+        if let Some(t) = &self.template {
+            validate_name("template", t)?;
+        }
+        if let Some(o) = &self.os_family {
+            validate_name("os-family", o)?;
+        }
+        if self.software.len() > 32 {
+            return Err(crate::api::ApiError::bad_request(format!(
+                "software names at most 32 bundles, not {}",
+                self.software.len()
+            )));
+        }
+        for b in &self.software {
+            validate_id("software bundle", b)?;
+        }
+        if let Some(n) = &self.name {
+            validate_id("VM name", n)?;
+        }
+        if let Some(v) = &self.vm {
+            validate_name("vm", v)?;
+        }
+        Ok(())
+    }
+}
+
+/// Checks a name taken from a request (a template, an OS family, a VM id): 1-128
+/// printable ASCII characters without `/`, `\\` or spaces, so it is safe in paths,
+/// headers, logs and labels.
+pub fn validate_name(field: &str, v: &str) -> Result<(), crate::api::ApiError> {
+    let ok = !v.is_empty()
+        && v.len() <= 128
+        && v
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && b != b'/' && b != b'\\');
+    if ok {
+        Ok(())
+    } else {
+        Err(crate::api::ApiError::bad_request(format!(
+            "{field} must be 1-128 printable ASCII characters without '/', '\\' or spaces"
+        )))
+    }
 }
 
 /// Kinds of jobs.

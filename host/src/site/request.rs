@@ -9,10 +9,10 @@ use std::sync::Arc;
 use hyper::StatusCode;
 use serde_json::{json, Value};
 
-use super::agents::{db, site_vm_id};
+use super::agents::{db, forget_vm, site_vm_id};
 use super::auth::Caller;
 use super::jobs::{new_job, store_error};
-use super::model::{now_ms, AgentStatus, Job, JobKind, Lease, OpError, SiteVm, Usage, VmRequest};
+use super::model::{now_ms, AgentStatus, Role, Job, JobKind, Lease, OpError, SiteVm, Usage, VmRequest};
 use super::placement;
 use super::store::StoreError;
 use super::vms::{err, resources, view};
@@ -35,18 +35,15 @@ impl SiteCore {
 
     /// Checks a request and builds its job, with the quota it reserves.
     pub fn request_job(&self, caller: &Caller, req: VmRequest) -> Result<Job, ApiError> {
-        if req.logical_cpus == 0 || req.main_memory_mib == 0 {
-            return Err(ApiError::bad_request(
-                "logical-cpus and main-memory-mib must be positive",
-            ));
-        }
+        req.validate()?;
         self.lease_until(req.lease_seconds)?;
         let mut reserved = Usage::vm(u64::from(req.logical_cpus), req.main_memory_mib);
         if let Some(id) = &req.vm {
-            let v =
-                self.store.vm(id).map_err(db)?.filter(|v| {
-                    v.owner.is_none() || v.owner.as_deref() == Some(caller.name.as_str())
-                });
+            let v = self
+                .store
+                .vm(id)
+                .map_err(db)?
+                .filter(|v| may_claim(v, caller));
             let v = v.ok_or_else(|| {
                 ApiError::new(
                     StatusCode::NOT_FOUND,
@@ -67,17 +64,61 @@ impl SiteCore {
                 resources(&v)
             };
         }
-        if let Some(n) = &req.name {
-            super::auth::validate_id("VM name", n)?;
-        }
         let params = serde_json::to_value(&req).unwrap_or_default();
         let mut job = new_job(&caller.name, JobKind::Request, req.vm.clone(), params);
         job.reserved = reserved;
         Ok(job)
     }
 
-    /// The request job: claim or create, start, provision.
+    /// The request job: claim or create, start, provision. A request that fails
+    /// after it got a VM it did not hold before destroys that VM (an unknown guest
+    /// state must reach no one), its quota counted until it is gone.
     pub async fn run_request(self: &Arc<Self>, job: &Job) -> Result<Value, OpError> {
+        match self.request_steps(job).await {
+            Ok(v) => Ok(v),
+            Err(e) => Err(self.discard_failed(job, e).await),
+        }
+    }
+
+    /// Destroys the VM a failed request got, and forgets it (giving its quota
+    /// back) in one transaction; if that fails the VM stays the user's, to release.
+    async fn discard_failed(&self, job: &Job, mut e: OpError) -> OpError {
+        let Ok(Some(job)) = self.store.job(&job.id) else {
+            return e;
+        };
+        let (Some(id), true, false) = (
+            job.vm.clone(),
+            job.step["claimed"] == true,
+            job.step["was-owner"] == true,
+        ) else {
+            return e;
+        };
+        let Ok(Some(v)) = self.store.vm(&id) else {
+            return e;
+        };
+        if v.owner.as_deref() != Some(job.owner.as_str()) {
+            return e;
+        }
+        let gone = self.destroy_on_agent(&v, &format!("{}:discard", job.id)).await;
+        let forgotten = gone.and_then(|()| {
+            self.store
+                .write(|t| match t.vm(&id)? {
+                    Some(v) if v.owner.as_deref() == Some(job.owner.as_str()) => forget_vm(t, &v),
+                    _ => Ok(()),
+                })
+                .map_err(store_error)
+        });
+        match forgotten {
+            Ok(()) => e.message.push_str(&format!("; VM {id} was destroyed")),
+            Err(d) => e.message.push_str(&format!(
+                "; VM {id} could not be destroyed ({}) and stays yours: release it",
+                d.message
+            )),
+        }
+        e
+    }
+
+    async fn request_steps(self: &Arc<Self>, job: &Job) -> Result<Value, OpError> {
         let req: VmRequest = serde_json::from_value(job.params.clone())
             .map_err(|e| err("invalid-argument", format!("job parameters: {e}")))?;
         let until = self
@@ -166,7 +207,7 @@ impl SiteCore {
         Ok(serde_json::to_value(view(self, v)).unwrap_or_default())
     }
 
-    /// Claims a free VM that matches (or the one named), moving the job's reservation
+    /// Claims a free clean VM that matches (or the one named), moving the job's reservation
     /// onto it, in one transaction. `None` when nothing matches.
     fn claim(&self, job: &Job, req: &VmRequest, until: u64) -> Result<Option<String>, OpError> {
         self.store
@@ -181,6 +222,7 @@ impl SiteCore {
                     Some(id) => t.vm(id)?,
                     None => t.vms()?.into_iter().find(|v| {
                         v.owner.is_none()
+                            && v.clean
                             && agents_up.contains(&v.agent)
                             && v.logical_cpus == req.logical_cpus
                             && v.main_memory_mib == req.main_memory_mib
@@ -202,10 +244,19 @@ impl SiteCore {
                 if v.owner.is_some() && !was_owner {
                     return Ok(None);
                 }
+                // A free VM that is not clean goes to no tenant (only an admin
+                // names one, knowing what is on it).
+                if v.owner.is_none()
+                    && !v.clean
+                    && !t.user(&job.owner)?.is_some_and(|u| u.role == Role::Admin)
+                {
+                    return Ok(None);
+                }
                 if v.lease.is_some_and(|l| l.expired) {
                     return Ok(None);
                 }
                 v.owner = Some(job.owner.clone());
+                v.clean = false;
                 v.lease = Some(Lease {
                     until_ms: until,
                     expired: false,
@@ -220,8 +271,7 @@ impl SiteCore {
                 } else {
                     resources(&v)
                 };
-                let u = t.usage(&j.owner)?;
-                t.set_usage(&j.owner, u.minus(j.reserved).plus(held))?;
+                t.move_usage(&j.owner, j.reserved, held)?;
                 j.reserved = Usage::default();
                 j.vm = Some(v.id.clone());
                 j.step = json!({ "claimed": true, "was-owner": was_owner, "reused": true });
@@ -300,6 +350,7 @@ impl SiteCore {
                 expired: false,
             }),
             software: Default::default(),
+            clean: false,
             updated_ms: now_ms(),
         };
         self.store
@@ -314,9 +365,8 @@ impl SiteCore {
                 }
                 t.put_vm(&rec)?;
                 let mut j = t.job(&job.id)?.unwrap_or_else(|| job.clone());
-                let u = t.usage(&j.owner)?;
                 // The reservation becomes the VM's (its actual size, should it differ).
-                t.set_usage(&j.owner, u.minus(j.reserved).plus(resources(&rec)))?;
+                t.move_usage(&j.owner, j.reserved, resources(&rec))?;
                 j.reserved = Usage::default();
                 j.vm = Some(id.clone());
                 j.step =
@@ -329,5 +379,14 @@ impl SiteCore {
             })
             .map_err(store_error)?;
         Ok(id)
+    }
+}
+
+/// May `caller` request VM `v` by its id: theirs, or free and clean (an admin may
+/// also take a free VM that is not clean).
+fn may_claim(v: &SiteVm, caller: &Caller) -> bool {
+    match &v.owner {
+        Some(o) => o == &caller.name,
+        None => v.clean || caller.is_admin(),
     }
 }

@@ -44,6 +44,9 @@ pub enum StoreError {
     /// A read, write or commit failed.
     #[error("site database: {0}")]
     Storage(String),
+    /// Usage arithmetic would leave its range (a bookkeeping error, refused).
+    #[error("site database: usage: {0}")]
+    Usage(String),
     /// A stored value could not be decoded.
     #[error("site database: record '{key}' is unreadable: {message}")]
     Corrupt {
@@ -186,6 +189,20 @@ impl Txn<'_> {
         Ok(())
     }
 
+    /// Moves `user`'s usage by `take` down and `add` up, checked: an overflow
+    /// fails the transaction ([`StoreError::Usage`]) and nothing wraps. Taking
+    /// more than is held means the books are wrong: also an error, so it is seen.
+    pub fn move_usage(&mut self, user: &str, take: Usage, add: Usage) -> Result<Usage, StoreError> {
+        let was = self.usage(user)?;
+        let now = was
+            .minus(take)
+            .ok_or_else(|| StoreError::Usage(format!("user '{user}' holds {was:?}, less than the {take:?} given back")))?
+            .plus(add)
+            .ok_or_else(|| StoreError::Usage(format!("usage of user '{user}' would overflow")))?;
+        self.set_usage(user, now)?;
+        Ok(now)
+    }
+
     /// Inserts or replaces a job, keeping the active and per-user indexes, and
     /// appends an event with `message` when given.
     pub fn put_job(&mut self, job: &Job, message: Option<&str>) -> Result<(), StoreError> {
@@ -310,10 +327,10 @@ impl Store {
     }
 
     /// [`Store::write`] without waiting for the disk: the change is atomic and seen at
-    /// once, and reaches the disk with the next durable commit. For changes a crash
-    /// may undo safely: ones a restarted site derives again (a job's `running`, its
-    /// end: a resumed job repeats its idempotent agent calls and ends again; the
-    /// agents' health).
+    /// once, and reaches the disk with the next durable commit. Only for changes a
+    /// crash may undo safely, ones a restarted site derives again: a job's
+    /// `running` (a resumed job is queued again), the agents' health. Never a job's
+    /// end: that goes through the group-committed [`super::jobs::Submitter::apply`].
     pub fn write_lazy<T>(
         &self,
         f: impl FnOnce(&mut Txn<'_>) -> Result<T, StoreError>,
@@ -505,13 +522,17 @@ pub fn recomputed_usage(
     for vm in t.vms()? {
         if let Some(o) = &vm.owner {
             let u = out.entry(o.clone()).or_default();
-            *u = u.plus(Usage::vm(u64::from(vm.logical_cpus), vm.main_memory_mib));
+            *u = u
+                .plus(Usage::vm(u64::from(vm.logical_cpus), vm.main_memory_mib))
+                .ok_or_else(|| StoreError::Usage(format!("usage of '{o}' overflows")))?;
         }
     }
     for job in t.jobs_all()? {
         if !job.state.is_terminal() && job.reserved != Usage::default() {
             let u = out.entry(job.owner.clone()).or_default();
-            *u = u.plus(job.reserved);
+            *u = u
+                .plus(job.reserved)
+                .ok_or_else(|| StoreError::Usage(format!("usage of '{}' overflows", job.owner)))?;
         }
     }
     Ok(out)

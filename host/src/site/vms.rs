@@ -4,6 +4,8 @@
 //! each step's result is checkpointed, so a job resumed after a site crash picks up
 //! where it was and runs nothing twice.
 
+use std::collections::BTreeMap;
+
 use hyper::StatusCode;
 use serde_json::{json, Value};
 
@@ -11,7 +13,7 @@ use super::agents::{db, forget_vm, site_vm_id};
 use super::auth::Caller;
 use super::jobs::store_error;
 use super::model::{now_ms, AgentStatus, Job, JobKind, Lease, OpError, SiteVm, Usage};
-use super::store::{StoreError, Txn};
+use super::store::StoreError;
 use super::SiteCore;
 use crate::agent::model::{OpOutput, Vm};
 use crate::api::ApiError;
@@ -41,24 +43,6 @@ pub fn view(core: &SiteCore, mut v: SiteVm) -> SiteVm {
         v.state = "unknown".into();
     }
     v
-}
-
-/// Gives a request's claimed VM back to the pool when the request fails.
-pub fn unclaim_on_failure(t: &mut Txn<'_>, job: &Job) -> Result<(), StoreError> {
-    let Some(id) = &job.vm else { return Ok(()) };
-    if job.step["claimed"] != true {
-        return Ok(());
-    }
-    if let Some(mut v) = t.vm(id)? {
-        if v.owner.as_deref() == Some(job.owner.as_str()) && job.step["was-owner"] != true {
-            let u = t.usage(&job.owner)?;
-            t.set_usage(&job.owner, u.minus(resources(&v)))?;
-            v.owner = None;
-            v.lease = None;
-            t.put_vm(&v)?;
-        }
-    }
-    Ok(())
 }
 
 impl SiteCore {
@@ -200,6 +184,7 @@ impl SiteCore {
                 expired: false,
             }),
             software: src.software.clone(),
+            clean: false,
             updated_ms: now_ms(),
         };
         self.store
@@ -290,68 +275,117 @@ impl SiteCore {
         Ok(serde_json::to_value(moved).unwrap_or_default())
     }
 
-    /// Release: stop the VM, then give it back to the pool or destroy it (site
-    /// policy); the owner's quota is given back in the same transaction.
+    /// Destroys VM `v` on its agent (powered off first by the driver); a VM the
+    /// agent no longer has counts as destroyed.
+    pub(crate) async fn destroy_on_agent(&self, v: &SiteVm, key: &str) -> Result<(), OpError> {
+        let r = self
+            .agents
+            .run_op(
+                &v.agent,
+                &format!("/v1/vms/{}/destroy", v.agent_vm),
+                json!({}),
+                key,
+            )
+            .await;
+        match r {
+            Ok(_) => Ok(()),
+            Err(e) if e.kind == "not-found" => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Release: the VM is destroyed with its disks and its owner's quota given back
+    /// in one transaction; under the `pool` policy a fresh VM of the same profile is
+    /// then made from the template for the next request (nothing of this tenant
+    /// reaches the next one). A VM without a known template is not replaced.
     pub async fn run_release(&self, job: &Job) -> Result<Value, OpError> {
         let id = job
             .vm
             .clone()
             .ok_or_else(|| err("invalid-argument", "job names no VM"))?;
-        let Some(v) = self.store.vm(&id).map_err(store_error)? else {
-            return Ok(json!({ "released": id, "already-gone": true }));
-        };
-        let destroy = self.config.release_policy == super::config::ReleasePolicy::Destroy;
-        if destroy {
-            let r = self
-                .agents
-                .run_op(
-                    &v.agent,
-                    &format!("/v1/vms/{}/destroy", v.agent_vm),
-                    json!({}),
-                    &format!("{}:destroy", job.id),
-                )
-                .await;
-            match r {
-                Ok(_) => {}
-                Err(e) if e.kind == "not-found" => {}
-                Err(e) => return Err(e),
-            }
-        } else if !matches!(v.state.as_str(), "stopped" | "crashed") {
-            let r = self
-                .agents
-                .run_op(
-                    &v.agent,
-                    &format!("/v1/vms/{}/shutdown", v.agent_vm),
-                    json!({ "force": true }),
-                    &format!("{}:shutdown", job.id),
-                )
-                .await;
-            match r {
-                Ok(op) => self.record_vm_state(&id, op.result.as_ref())?,
-                Err(e) if e.kind == "invalid-state" => {}
-                Err(e) => return Err(e),
-            }
+        let pool = self.config.release_policy == super::config::ReleasePolicy::Pool;
+        let job = self.store.job(&job.id).map_err(store_error)?.unwrap_or_else(|| job.clone());
+        if job.step["destroyed"] != true {
+            let Some(v) = self.store.vm(&id).map_err(store_error)? else {
+                return Ok(json!({ "released": id, "already-gone": true }));
+            };
+            self.destroy_on_agent(&v, &format!("{}:destroy", job.id)).await?;
+            let step = json!({ "destroyed": true, "agent": v.agent, "vm": v });
+            self.store
+                .write(|t| {
+                    if let Some(v) = t.vm(&id)? {
+                        forget_vm(t, &v)?;
+                    }
+                    let mut j = t.job(&job.id)?.unwrap_or_else(|| job.clone());
+                    j.step = step.clone();
+                    t.put_job(&j, Some(&format!("destroyed VM {id}")))
+                })
+                .map_err(store_error)?;
         }
+        let job = self.store.job(&job.id).map_err(store_error)?.unwrap_or(job);
+        let old: Option<SiteVm> = serde_json::from_value(job.step["vm"].clone()).ok();
+        let pooled = match (pool, old) {
+            (true, Some(old)) if old.template.is_some() => {
+                match self.refill_pool(&job, &old).await {
+                    Ok(new) => Some(new),
+                    Err(e) => {
+                        tracing::warn!(job = job.id, vm = id, "released, but no fresh VM replaces it in the pool: {}", e.message);
+                        None
+                    }
+                }
+            }
+            _ => None,
+        };
+        Ok(json!({ "released": id, "destroyed": true, "pooled": pooled }))
+    }
+
+    /// Makes a fresh free VM of `old`'s profile from its template on its agent.
+    async fn refill_pool(&self, job: &Job, old: &SiteVm) -> Result<String, OpError> {
+        let name = format!("gve-pool-{}", &job.id[job.id.len() - 12..]);
+        let template = old.template.clone().unwrap_or_default();
+        let labels = BTreeMap::from([
+            ("gve.job".to_string(), job.id.clone()),
+            ("gve.template".to_string(), template.clone()),
+        ]);
+        let profile = json!({
+            "name": name, "logical-cpus": old.logical_cpus, "main-memory-mib": old.main_memory_mib,
+            "template": template, "os-family": old.os_family, "labels": labels,
+        });
+        let op = self
+            .agents
+            .run_op(&old.agent, "/v1/vms", profile, &format!("{}:refill", job.id))
+            .await?;
+        let vm: Vm = op
+            .result
+            .ok_or_else(|| err("backend", format!("agent {}: create returned no VM", old.agent)))?;
+        let id = site_vm_id(&old.agent, &vm.id);
+        let rec = SiteVm {
+            id: id.clone(),
+            agent: old.agent.clone(),
+            agent_vm: vm.id.clone(),
+            name: vm.name.clone(),
+            owner: None,
+            logical_cpus: vm.logical_cpus,
+            main_memory_mib: vm.main_memory_mib,
+            template: old.template.clone(),
+            os_family: vm.os_family.clone().or(old.os_family.clone()),
+            state: format!("{:?}", vm.state).to_lowercase(),
+            lease: None,
+            software: Default::default(),
+            clean: true,
+            updated_ms: now_ms(),
+        };
         self.store
             .write(|t| {
-                let Some(mut v) = t.vm(&id)? else {
-                    return Ok(());
-                };
-                if v.owner.is_none() {
-                    return Ok(());
-                }
-                if destroy {
-                    forget_vm(t, &v)
-                } else {
-                    let o = v.owner.take().unwrap_or_default();
-                    let u = t.usage(&o)?;
-                    t.set_usage(&o, u.minus(resources(&v)))?;
-                    v.lease = None;
-                    v.updated_ms = now_ms();
-                    t.put_vm(&v)
+                match t.vm(&id)? {
+                    // Adopted by a health check meanwhile: it is this job's fresh VM.
+                    Some(cur) if cur.owner.is_some() => {
+                        return Err(StoreError::Storage(format!("VM {id} was claimed already")))
+                    }
+                    _ => t.put_vm(&rec),
                 }
             })
             .map_err(store_error)?;
-        Ok(json!({ "released": id, "destroyed": destroy }))
+        Ok(id)
     }
 }

@@ -18,7 +18,9 @@ use super::auth::Caller;
 use super::jobs::{new_job, redacted};
 use super::model::{AgentStatus, Job, JobKind, JobState, SiteVm, Usage, VmRequest};
 use super::SiteCore;
-use crate::api::{json_response, ok, query_param, read_json, ApiError, Response};
+use crate::api::{
+    json_response, ok, query_param, query_u64, read_json, ApiError, Response, MAX_LIST, MAX_WAIT_MS,
+};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
@@ -136,10 +138,8 @@ impl SiteCore {
                         format!("VM {id} is free: request it first"),
                     ));
                 }
-                let params: Value = crate::agent::vms_api::body_or_default(req).await?;
-                if !params.is_object() {
-                    return Err(ApiError::bad_request("the body must be a JSON object"));
-                }
+                let body = crate::api::read_small_body(req.into_body()).await?;
+                let params = super::bodies::check(kind, &body)?;
                 let agent = self.store.agent(&vm.agent).map_err(db)?;
                 if kind != JobKind::Release
                     && agent.as_ref().is_none_or(|a| a.status != AgentStatus::Up)
@@ -162,8 +162,6 @@ impl SiteCore {
                 );
                 match kind {
                     JobKind::Clone => {
-                        let name = job.params["name"].as_str().unwrap_or_default().to_string();
-                        super::auth::validate_id("clone name", &name)?;
                         job.reserved = Usage::vm(u64::from(vm.logical_cpus), vm.main_memory_mib);
                         quota = self.store.user(&job.owner).map_err(db)?.map(|u| u.quota);
                     }
@@ -178,12 +176,6 @@ impl SiteCore {
                                 "VM {id} is on agent {to} already"
                             )));
                         }
-                    }
-                    JobKind::Exec if job.params["argv"].as_array().is_none_or(|a| a.is_empty()) => {
-                        return Err(ApiError::bad_request("exec needs a non-empty argv"));
-                    }
-                    JobKind::Provision if !job.params["bundle"].is_string() => {
-                        return Err(ApiError::bad_request("provision needs a bundle name"));
                     }
                     _ => {}
                 }
@@ -204,12 +196,7 @@ impl SiteCore {
         let method = req.method().clone();
         match (method, segs) {
             (Method::GET, ["v1", "jobs"]) => {
-                let limit = match query_param(req.uri(), "limit")? {
-                    Some(v) => v
-                        .parse::<usize>()
-                        .map_err(|_| ApiError::bad_request(format!("limit={v} is not a number")))?,
-                    None => 1000,
-                };
+                let limit = query_u64(req.uri(), "limit", 1000, 1, MAX_LIST)? as usize;
                 let all =
                     caller.is_admin() && query_param(req.uri(), "all")?.as_deref() == Some("true");
                 let owner = if all {
@@ -217,19 +204,12 @@ impl SiteCore {
                 } else {
                     Some(caller.name.as_str())
                 };
-                let jobs = self.store.jobs(owner, limit.min(100_000)).map_err(db)?;
+                let jobs = self.store.jobs(owner, limit).map_err(db)?;
                 ok(&jobs.into_iter().map(redacted).collect::<Vec<_>>())
             }
             (Method::GET, ["v1", "jobs", id]) => {
-                let wait = match query_param(req.uri(), "wait-ms")? {
-                    None => 0,
-                    Some(v) => v.parse::<u64>().map_err(|_| {
-                        ApiError::bad_request(format!("wait-ms={v} is not a number"))
-                    })?,
-                };
-                ok(&redacted(
-                    self.job_waiting(caller, id, wait.min(60_000)).await?,
-                ))
+                let wait = query_u64(req.uri(), "wait-ms", 0, 0, MAX_WAIT_MS)?;
+                ok(&redacted(self.job_waiting(caller, id, wait).await?))
             }
             (Method::GET, ["v1", "jobs", id, "result"]) => {
                 let job = self.job_for(caller, id)?;

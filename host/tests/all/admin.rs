@@ -40,6 +40,7 @@ async fn agent_with_memory() -> (Agent, tempfile::TempDir) {
         plugins,
         driver: None,
         bundles_dir: None,
+        ..Default::default()
     };
     (Agent::start(config).await.unwrap(), dir)
 }

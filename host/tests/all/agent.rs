@@ -45,6 +45,7 @@ pub async fn start_agent(
             migration_uri: None,
         }),
         bundles_dir: None,
+        ..Default::default()
     };
     let agent = Agent::start(config).await.unwrap();
     let client = Client::new(&format!("http://{}", agent.addr), Some(TOKEN.into())).unwrap();

@@ -58,6 +58,7 @@ async fn kvm_agent(lv: &Libvirtd, other: &Libvirtd, dir: &std::path::Path) -> Ag
             migration_uri: Some(migration_uri(lv)),
         }),
         bundles_dir: None,
+        ..Default::default()
     })
     .await
     .unwrap()

@@ -65,6 +65,7 @@ async fn agent(lv: &Libvirtd, bundles: Option<&Path>) -> (Agent, Client, tempfil
             migration_uri: None,
         }),
         bundles_dir: bundles.map(Path::to_path_buf),
+        ..Default::default()
     };
     let agent = Agent::start(config).await.unwrap();
     let c = Client::new(&format!("http://{}", agent.addr), Some(TOKEN.into())).unwrap();
