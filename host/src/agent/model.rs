@@ -163,7 +163,12 @@ impl Profile {
             ));
         }
         in_range("logical-cpus", self.logical_cpus, 1, MAX_VM_CPUS)?;
-        in_range("main-memory-mib", self.main_memory_mib, 1, MAX_VM_MEMORY_MIB)?;
+        in_range(
+            "main-memory-mib",
+            self.main_memory_mib,
+            1,
+            MAX_VM_MEMORY_MIB,
+        )?;
         if let Some(d) = self.disk_mib {
             in_range("disk-mib", d, 1, MAX_VM_DISK_MIB)?;
         }

@@ -206,7 +206,10 @@ pub async fn read_small_body(body: Incoming) -> Result<Bytes, ApiError> {
             ApiError::new(
                 StatusCode::REQUEST_TIMEOUT,
                 "timeout",
-                format!("the request body did not arrive within {} s", timeout.as_secs()),
+                format!(
+                    "the request body did not arrive within {} s",
+                    timeout.as_secs()
+                ),
             )
         })?
         .map_err(|e| {
@@ -290,7 +293,13 @@ pub fn query_param(uri: &hyper::Uri, name: &str) -> Result<Option<String>, ApiEr
 
 /// Query parameter `name` as a number in `lo..=hi` (`default` when absent); a 400
 /// names the parameter and its range otherwise.
-pub fn query_u64(uri: &hyper::Uri, name: &str, default: u64, lo: u64, hi: u64) -> Result<u64, ApiError> {
+pub fn query_u64(
+    uri: &hyper::Uri,
+    name: &str,
+    default: u64,
+    lo: u64,
+    hi: u64,
+) -> Result<u64, ApiError> {
     match query_param(uri, name)? {
         None => Ok(default),
         Some(v) => {

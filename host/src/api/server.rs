@@ -68,7 +68,9 @@ impl HttpLimits {
     pub fn validate(&self) -> Result<(), String> {
         let in_range = |name: &str, v: u64, lo: u64, hi: u64| {
             if v < lo || v > hi {
-                Err(format!("http.{name} must be between {lo} and {hi}, not {v}"))
+                Err(format!(
+                    "http.{name} must be between {lo} and {hi}, not {v}"
+                ))
             } else {
                 Ok(())
             }
@@ -212,9 +214,7 @@ fn evict_oldest_idle(t: &mut Table, peer: Option<IpAddr>) -> bool {
     let victim = t
         .open
         .iter()
-        .find(|(_, c)| {
-            peer.is_none_or(|p| c.peer == p) && c.busy.load(Ordering::Acquire) == 0
-        })
+        .find(|(_, c)| peer.is_none_or(|p| c.peer == p) && c.busy.load(Ordering::Acquire) == 0)
         .map(|(id, _)| *id);
     let Some(id) = victim else { return false };
     if let Some(c) = forget(t, id) {

@@ -116,7 +116,9 @@ fn check_exec(text: &[u8]) -> Result<(), ApiError> {
     }
     in_range("argv (entries)", b.argv.len(), 1, MAX_ARGV)?;
     if b.argv.iter().any(|a| a.contains('\0')) {
-        return Err(ApiError::bad_request("argv: an argument contains a NUL byte"));
+        return Err(ApiError::bad_request(
+            "argv: an argument contains a NUL byte",
+        ));
     }
     check_env(&b.env)?;
     if let Some(cwd) = &b.cwd {
@@ -173,7 +175,11 @@ mod tests {
         let bad = [
             (JobKind::Exec, r#"{"argv":["true"],"env":5}"#, "env"),
             (JobKind::Exec, r#"{"argv":[]}"#, "argv"),
-            (JobKind::Exec, r#"{"argv":["x"],"timeout-ms":0}"#, "timeout-ms"),
+            (
+                JobKind::Exec,
+                r#"{"argv":["x"],"timeout-ms":0}"#,
+                "timeout-ms",
+            ),
             (JobKind::Exec, r#"{"argv":["x"],"bogus":1}"#, "bogus"),
             (JobKind::Exec, r#"{"argv":["x"],"env":{"A B":"1"}}"#, "env"),
             (JobKind::Provision, r#"{"bundle":"a\nb"}"#, "bundle"),

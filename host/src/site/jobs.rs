@@ -39,7 +39,7 @@ type Change = Box<dyn FnMut(&mut Txn<'_>) -> Result<(), StoreError> + Send>;
 /// What the writer thread commits.
 enum Work {
     /// A new job.
-    Submit(Submission),
+    Submit(Box<Submission>),
     /// Any other change (a job's end), durable before its events are published
     /// and before anyone can read it.
     Apply {
@@ -95,7 +95,7 @@ impl Submitter {
     pub async fn submit(&self, job: Job, quota: Option<Quota>) -> Result<Job, ApiError> {
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(Work::Submit(Submission { job, quota, reply }))
+            .send(Work::Submit(Box::new(Submission { job, quota, reply })))
             .map_err(|_| unavailable("the job writer has stopped"))?;
         rx.await
             .map_err(|_| unavailable("the job writer has stopped"))?

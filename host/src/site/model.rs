@@ -42,7 +42,12 @@ impl Quota {
     pub fn validate(&self) -> Result<(), crate::api::ApiError> {
         use crate::api::in_range;
         in_range("logical-cpus", self.logical_cpus, 0, MAX_QUOTA_COUNT)?;
-        in_range("main-memory-mib", self.main_memory_mib, 0, MAX_QUOTA_MEMORY_MIB)?;
+        in_range(
+            "main-memory-mib",
+            self.main_memory_mib,
+            0,
+            MAX_QUOTA_MEMORY_MIB,
+        )?;
         in_range("vms", self.vms, 0, MAX_QUOTA_COUNT)?;
         Ok(())
     }
@@ -317,7 +322,12 @@ impl VmRequest {
         use crate::api::in_range;
         use crate::site::auth::validate_id;
         in_range("logical-cpus", self.logical_cpus, 1, MAX_VM_CPUS)?;
-        in_range("main-memory-mib", self.main_memory_mib, 1, MAX_VM_MEMORY_MIB)?;
+        in_range(
+            "main-memory-mib",
+            self.main_memory_mib,
+            1,
+            MAX_VM_MEMORY_MIB,
+        )?;
         if let Some(t) = &self.template {
             validate_name("template", t)?;
         }
@@ -349,8 +359,7 @@ impl VmRequest {
 pub fn validate_name(field: &str, v: &str) -> Result<(), crate::api::ApiError> {
     let ok = !v.is_empty()
         && v.len() <= 128
-        && v
-            .bytes()
+        && v.bytes()
             .all(|b| b.is_ascii_graphic() && b != b'/' && b != b'\\');
     if ok {
         Ok(())

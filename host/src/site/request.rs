@@ -12,7 +12,9 @@ use serde_json::{json, Value};
 use super::agents::{db, forget_vm, site_vm_id};
 use super::auth::Caller;
 use super::jobs::{new_job, store_error};
-use super::model::{now_ms, AgentStatus, Role, Job, JobKind, Lease, OpError, SiteVm, Usage, VmRequest};
+use super::model::{
+    now_ms, AgentStatus, Job, JobKind, Lease, OpError, Role, SiteVm, Usage, VmRequest,
+};
 use super::placement;
 use super::store::StoreError;
 use super::vms::{err, resources, view};
@@ -99,7 +101,9 @@ impl SiteCore {
         if v.owner.as_deref() != Some(job.owner.as_str()) {
             return e;
         }
-        let gone = self.destroy_on_agent(&v, &format!("{}:discard", job.id)).await;
+        let gone = self
+            .destroy_on_agent(&v, &format!("{}:discard", job.id))
+            .await;
         let forgotten = gone.and_then(|()| {
             self.store
                 .write(|t| match t.vm(&id)? {

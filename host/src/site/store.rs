@@ -196,7 +196,11 @@ impl Txn<'_> {
         let was = self.usage(user)?;
         let now = was
             .minus(take)
-            .ok_or_else(|| StoreError::Usage(format!("user '{user}' holds {was:?}, less than the {take:?} given back")))?
+            .ok_or_else(|| {
+                StoreError::Usage(format!(
+                    "user '{user}' holds {was:?}, less than the {take:?} given back"
+                ))
+            })?
             .plus(add)
             .ok_or_else(|| StoreError::Usage(format!("usage of user '{user}' would overflow")))?;
         self.set_usage(user, now)?;

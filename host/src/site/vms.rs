@@ -304,12 +304,17 @@ impl SiteCore {
             .clone()
             .ok_or_else(|| err("invalid-argument", "job names no VM"))?;
         let pool = self.config.release_policy == super::config::ReleasePolicy::Pool;
-        let job = self.store.job(&job.id).map_err(store_error)?.unwrap_or_else(|| job.clone());
+        let job = self
+            .store
+            .job(&job.id)
+            .map_err(store_error)?
+            .unwrap_or_else(|| job.clone());
         if job.step["destroyed"] != true {
             let Some(v) = self.store.vm(&id).map_err(store_error)? else {
                 return Ok(json!({ "released": id, "already-gone": true }));
             };
-            self.destroy_on_agent(&v, &format!("{}:destroy", job.id)).await?;
+            self.destroy_on_agent(&v, &format!("{}:destroy", job.id))
+                .await?;
             let step = json!({ "destroyed": true, "agent": v.agent, "vm": v });
             self.store
                 .write(|t| {
@@ -329,7 +334,12 @@ impl SiteCore {
                 match self.refill_pool(&job, &old).await {
                     Ok(new) => Some(new),
                     Err(e) => {
-                        tracing::warn!(job = job.id, vm = id, "released, but no fresh VM replaces it in the pool: {}", e.message);
+                        tracing::warn!(
+                            job = job.id,
+                            vm = id,
+                            "released, but no fresh VM replaces it in the pool: {}",
+                            e.message
+                        );
                         None
                     }
                 }
@@ -353,11 +363,19 @@ impl SiteCore {
         });
         let op = self
             .agents
-            .run_op(&old.agent, "/v1/vms", profile, &format!("{}:refill", job.id))
+            .run_op(
+                &old.agent,
+                "/v1/vms",
+                profile,
+                &format!("{}:refill", job.id),
+            )
             .await?;
-        let vm: Vm = op
-            .result
-            .ok_or_else(|| err("backend", format!("agent {}: create returned no VM", old.agent)))?;
+        let vm: Vm = op.result.ok_or_else(|| {
+            err(
+                "backend",
+                format!("agent {}: create returned no VM", old.agent),
+            )
+        })?;
         let id = site_vm_id(&old.agent, &vm.id);
         let rec = SiteVm {
             id: id.clone(),
@@ -380,7 +398,7 @@ impl SiteCore {
                 match t.vm(&id)? {
                     // Adopted by a health check meanwhile: it is this job's fresh VM.
                     Some(cur) if cur.owner.is_some() => {
-                        return Err(StoreError::Storage(format!("VM {id} was claimed already")))
+                        Err(StoreError::Storage(format!("VM {id} was claimed already")))
                     }
                     _ => t.put_vm(&rec),
                 }

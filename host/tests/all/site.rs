@@ -219,18 +219,21 @@ async fn a_user_requests_manages_and_releases_a_vm_and_the_pool_reuses_it() {
     assert_eq!((me.usage.vms, me.usage.main_memory_mib), (1, 512));
     let j = job(&alice, &format!("/v1/vms/{}/release", vm.id), json!({})).await;
     assert_eq!(j.state, JobState::Succeeded, "{j:?}");
+    let pooled = j.result.unwrap()["pooled"].as_str().unwrap().to_string();
     let me: UserView = alice.get("/v1/me").await.unwrap();
     assert_eq!(me.usage.vms, 0);
     let mine: Vec<SiteVm> = alice.get("/v1/vms").await.unwrap();
     assert!(mine.is_empty());
 
-    // The released VM is in the pool: the same profile gets it back, started again.
+    // A fresh VM of the released one's profile is in the pool: the same profile
+    // gets it, started.
     let j = job(&alice, "/v1/vms", profile()).await;
     let again: SiteVm = serde_json::from_value(j.result.unwrap()).unwrap();
     assert_eq!(
         (again.id.as_str(), again.state.as_str()),
-        (vm.id.as_str(), "running")
+        (pooled.as_str(), "running")
     );
+    assert_ne!(again.id, vm.id);
     e.site.stop().await;
 }
 
@@ -612,14 +615,24 @@ async fn authorization_matrix_every_endpoint_by_anonymous_other_owner_admin() {
 async fn requests_racing_for_the_same_pooled_vm_keep_the_quota_exact() {
     let e = env(1, |_| {}).await;
     let erin = e.user("erin", None).await;
-    let j = job(&erin, "/v1/vms", json!({ "main-memory-mib": 256 })).await;
-    let vm: SiteVm = serde_json::from_value(j.result.unwrap()).unwrap();
-    assert_eq!(
-        job(&erin, &format!("/v1/vms/{}/release", vm.id), json!({}))
-            .await
-            .state,
-        JobState::Succeeded
-    );
+    let j = job(
+        &erin,
+        "/v1/vms",
+        json!({ "template": "debian-12", "main-memory-mib": 256 }),
+    )
+    .await;
+    let first: SiteVm = serde_json::from_value(j.result.unwrap()).unwrap();
+    let rel = job(&erin, &format!("/v1/vms/{}/release", first.id), json!({})).await;
+    assert_eq!(rel.state, JobState::Succeeded);
+    // The fresh VM that replaced it in the pool.
+    let vm: SiteVm = e
+        .admin
+        .get(&format!(
+            "/v1/vms/{}",
+            rel.result.unwrap()["pooled"].as_str().unwrap()
+        ))
+        .await
+        .unwrap();
     // Two requests for that pooled VM at once (a double click): one VM, counted once.
     let (a, b) = tokio::join!(
         post(
@@ -639,29 +652,29 @@ async fn requests_racing_for_the_same_pooled_vm_keep_the_quota_exact() {
     }
     let me: UserView = erin.get("/v1/me").await.unwrap();
     assert_eq!((me.usage.vms, me.usage.main_memory_mib), (1, 256), "{me:?}");
-    // A request naming a VM that is gone fails; it never falls back to a new VM.
-    assert_eq!(
-        job(&erin, &format!("/v1/vms/{}/release", vm.id), json!({}))
-            .await
-            .state,
-        JobState::Succeeded
-    );
+    // A request naming a VM that another user took fails; it never falls back to
+    // a new VM.
+    let rel = job(&erin, &format!("/v1/vms/{}/release", vm.id), json!({})).await;
+    assert_eq!(rel.state, JobState::Succeeded);
+    let fresh = rel.result.unwrap()["pooled"].as_str().unwrap().to_string();
     let other = e.user("frank", None).await;
     let taken = job(
         &other,
         "/v1/vms",
-        json!({ "vm": vm.id, "main-memory-mib": 256 }),
+        json!({ "vm": fresh, "main-memory-mib": 256 }),
     )
     .await;
     assert_eq!(taken.state, JobState::Succeeded, "{taken:?}");
-    let late = post(
-        &erin,
-        "/v1/vms",
-        json!({ "main-memory-mib": 256, "vm": vm.id }),
-    )
-    .await
-    .unwrap_err();
-    assert_eq!(late.status, 404, "{late}");
+    for id in [&fresh, &vm.id] {
+        let late = post(
+            &erin,
+            "/v1/vms",
+            json!({ "main-memory-mib": 256, "vm": id }),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(late.status, 404, "{late}");
+    }
     let me: UserView = erin.get("/v1/me").await.unwrap();
     assert_eq!(me.usage.vms, 0, "{me:?}");
     e.site.stop().await;

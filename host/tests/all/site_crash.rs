@@ -15,13 +15,13 @@ use crate::agent::{start_agent, TOKEN as AGENT_TOKEN};
 use crate::site::ADMIN;
 use crate::support::spec;
 
-struct SiteProcess {
-    child: tokio::process::Child,
-    url: String,
+pub struct SiteProcess {
+    pub child: tokio::process::Child,
+    pub url: String,
 }
 
 /// Starts `gve site run`, its stderr appended to `log`; returns once it listens.
-async fn spawn_site(config: &std::path::Path, log: &std::path::Path) -> SiteProcess {
+pub async fn spawn_site(config: &std::path::Path, log: &std::path::Path) -> SiteProcess {
     let listening = |text: &str| {
         text.lines()
             .filter_map(|l| l.split("listening on ").nth(1))
@@ -57,10 +57,10 @@ async fn spawn_site(config: &std::path::Path, log: &std::path::Path) -> SiteProc
 }
 
 /// A small deterministic generator (no dependency on a random crate).
-struct Rng(u64);
+pub struct Rng(pub u64);
 
 impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
+    pub fn below(&mut self, n: u64) -> u64 {
         self.0 ^= self.0 << 13;
         self.0 ^= self.0 >> 7;
         self.0 ^= self.0 << 17;
@@ -172,9 +172,12 @@ async fn kill_9_during_100_jobs_loses_nothing_runs_nothing_twice_and_quotas_add_
         }
         if submitted >= next_kill {
             tokio::time::sleep(Duration::from_millis(rng.below(20))).await;
+            // What anyone could see as finished before the kill stays so after it.
+            let seen = finished(&admin(&site)).await;
             site.child.kill().await.unwrap(); // SIGKILL
             kills += 1;
             site = spawn_site(&config, &log).await;
+            assert_unchanged(&seen, &finished(&admin(&site)).await, seed);
             next_kill = submitted + 5 + rng.below(16) as usize;
         }
     }
@@ -286,4 +289,140 @@ async fn kill_9_during_100_jobs_loses_nothing_runs_nothing_twice_and_quotas_add_
     for (a, _, _) in agents {
         a.stop().await;
     }
+}
+
+/// Jobs that have ended, by id.
+async fn finished(c: &Client) -> BTreeMap<String, Job> {
+    let all: Vec<Job> = c.get("/v1/jobs?all=true&limit=100000").await.unwrap();
+    all.into_iter()
+        .filter(|j| j.state.is_terminal())
+        .map(|j| (j.id.clone(), j))
+        .collect()
+}
+
+/// Every job in `before` is still there with the same end.
+fn assert_unchanged(before: &BTreeMap<String, Job>, after: &BTreeMap<String, Job>, seed: u64) {
+    for (id, b) in before {
+        let a = after
+            .get(id)
+            .unwrap_or_else(|| panic!("seed {seed}: finished job {id} is gone after a restart"));
+        assert_eq!(
+            (a.state, &a.result, &a.error),
+            (b.state, &b.result, &b.error),
+            "seed {seed}: finished job {id} ({}) changed after a restart",
+            b.kind.as_str()
+        );
+    }
+}
+
+/// Each kind of job succeeds, the site stays quiet a while, then is killed with -9
+/// and restarted: no finished job changes its end, and a copied-in file is still
+/// what the guest has (its staged input was kept until its end was durable).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_after_a_quiet_period_changes_no_finished_job() {
+    let (agent, _, _adir) = start_agent(
+        "memory",
+        spec("memory", Default::default()),
+        &format!("memory:quiet-{}", uuid::Uuid::new_v4()),
+        60_000,
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("site.toml");
+    std::fs::write(
+        &config,
+        format!("listen = \"127.0.0.1:0\"\ndata-dir = \"data\"\nadmin-token = \"{ADMIN}\"\nhealth-period-ms = 60000\n"),
+    )
+    .unwrap();
+    let log = dir.path().join("site.log");
+    let mut site = spawn_site(&config, &log).await;
+    let admin = |s: &SiteProcess| Client::new(&s.url, Some(ADMIN.into())).unwrap();
+    let _: Value = admin(&site)
+        .call(Method::POST, "/v1/agents", Some(&json!({ "id": "a-0", "url": format!("http://{}", agent.addr), "token": AGENT_TOKEN })))
+        .await
+        .unwrap();
+    let u: UserView = admin(&site)
+        .call(Method::POST, "/v1/users", Some(&json!({ "name": "quiet" })))
+        .await
+        .unwrap();
+    let token = u.token.unwrap();
+    let user = |s: &SiteProcess| Client::new(&s.url, Some(token.clone())).unwrap();
+    let wait = |c: Client, id: String| async move {
+        let j: Job = c
+            .get(&format!("/v1/jobs/{id}?wait-ms=30000"))
+            .await
+            .unwrap();
+        assert_eq!(j.state, gve::site::model::JobState::Succeeded, "{j:?}");
+        j
+    };
+    let request = json!({ "template": "debian-12", "main-memory-mib": 128 });
+    let j: Job = user(&site)
+        .call(Method::POST, "/v1/vms", Some(&request))
+        .await
+        .unwrap();
+    let vm = wait(user(&site), j.id).await.result.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut kinds = vec!["request".to_string()];
+    let steps: Vec<(&str, Value)> = vec![
+        ("copy-in", json!(null)),
+        ("exec", json!({ "argv": ["echo", "hi"] })),
+        ("copy-out", json!({ "path": "/tmp/q.txt" })),
+        ("suspend", json!({})),
+        ("resume", json!({})),
+        ("clone", json!({ "name": "quiet-copy" })),
+        ("release", json!({})),
+    ];
+    for (kind, body) in steps {
+        let c = user(&site);
+        let j: Job = match kind {
+            "copy-in" => c
+                .put_stream(
+                    &format!("/v1/vms/{vm}/files?path=/tmp/q.txt"),
+                    &[],
+                    gve::api::full(bytes::Bytes::from_static(b"quiet data")),
+                )
+                .await
+                .unwrap(),
+            _ => c
+                .call(Method::POST, &format!("/v1/vms/{vm}/{kind}"), Some(&body))
+                .await
+                .unwrap(),
+        };
+        wait(c, j.id).await;
+        kinds.push(kind.to_string());
+        // Quiet: nothing else is written, so only the job's own commit can have
+        // made its end durable.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let seen = finished(&admin(&site)).await;
+        site.child.kill().await.unwrap();
+        site = spawn_site(&config, &log).await;
+        // Resumed jobs (none should be) get a moment to run before comparing.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_unchanged(&seen, &finished(&admin(&site)).await, 0);
+        if kind == "copy-in" {
+            // The file arrived, and stays arrived.
+            let out: Job = user(&site)
+                .call(
+                    Method::POST,
+                    &format!("/v1/vms/{vm}/copy-out"),
+                    Some(&json!({ "path": "/tmp/q.txt" })),
+                )
+                .await
+                .unwrap();
+            let out = wait(user(&site), out.id).await;
+            assert_eq!(out.result.unwrap()["size"], 10);
+        }
+    }
+    let resumed: usize = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.split("resumed=").nth(1))
+        .filter_map(|r| r.split_whitespace().next()?.parse::<usize>().ok())
+        .sum();
+    assert_eq!(resumed, 0, "a quiet site had unfinished jobs at its kill");
+    eprintln!("no finished job changed after a kill -9 following each of {kinds:?}");
+    let _ = site.child.start_kill();
+    agent.stop().await;
 }
