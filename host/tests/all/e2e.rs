@@ -258,13 +258,92 @@ async fn a_user_gets_uses_moves_and_releases_a_real_vm_through_the_cli() {
         "running"
     );
 
-    // Release: stopped and back in the pool; the user holds nothing.
-    let (code, _, err) = gve(&url, t, &["vm", "release", &vm, "--wait"]).await;
+    // What this tenant leaves on the VM's disk...
+    let secret = "alice-secret-4242";
+    let (code, _, err) = gve(
+        &url,
+        t,
+        &[
+            "vm",
+            "exec",
+            &vm,
+            "--",
+            "sh",
+            "-c",
+            &format!("printf {secret} > /dev/vda && sync"),
+        ],
+    )
+    .await;
     assert_eq!(code, 0, "{err}");
+    let (code, out, err) = gve(
+        &url,
+        t,
+        &["vm", "exec", &vm, "--", "head", "-c", "17", "/dev/vda"],
+    )
+    .await;
+    assert_eq!(
+        (code, String::from_utf8_lossy(&out).as_ref()),
+        (0, secret),
+        "{err}"
+    );
+
+    // Release: destroyed, a fresh VM from the template in the pool; the user holds
+    // nothing.
+    let rel = gve_json(&url, t, &["vm", "release", &vm, "--wait", "-o", "json"]).await;
+    assert_eq!(rel["state"], "succeeded", "{rel}");
+    let pooled = rel["result"]["pooled"].as_str().unwrap().to_string();
     let mine = gve_json(&url, t, &["vm", "list", "-o", "json"]).await;
     assert_eq!(mine, json!([]));
     let me = gve_json(&url, t, &["user", "me", "-o", "json"]).await;
     assert_eq!(me["usage"]["vms"], 0, "{me}");
+
+    // ...does not reach the next tenant, who is given the pooled VM.
+    let u: UserView = admin
+        .call(Method::POST, "/v1/users", Some(&json!({ "name": "bob" })))
+        .await
+        .unwrap();
+    let bob = u.token.unwrap();
+    let job = gve_json(
+        &url,
+        &bob,
+        &[
+            "vm",
+            "request",
+            "--template",
+            "tiny",
+            "--memory-mib",
+            "192",
+            "--wait",
+            "-o",
+            "json",
+        ],
+    )
+    .await;
+    assert_eq!(job["state"], "succeeded", "{job}");
+    let bobs = job["result"]["id"].as_str().unwrap().to_string();
+    assert_eq!(bobs, pooled, "bob was not given the pooled VM: {job}");
+    let end = Instant::now() + Duration::from_secs(60);
+    let head = loop {
+        let (code, out, err) = gve(
+            &url,
+            &bob,
+            &["vm", "exec", &bobs, "--", "head", "-c", "17", "/dev/vda"],
+        )
+        .await;
+        if code == 0 {
+            break out;
+        }
+        assert!(Instant::now() < end, "exec never worked: {code} {err}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert_eq!(
+        head,
+        vec![0u8; 17],
+        "bob's disk is not the template's: {}",
+        String::from_utf8_lossy(&head)
+    );
+    let (code, _, err) = gve(&url, &bob, &["vm", "release", &bobs, "--wait"]).await;
+    assert_eq!(code, 0, "{err}");
     site.stop().await;
     a.stop().await;
     b.stop().await;
