@@ -7,4 +7,5 @@ pub mod agent;
 pub mod api;
 pub mod cli;
 pub mod plugin;
+pub mod private_fs;
 pub mod site;

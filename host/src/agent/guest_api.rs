@@ -45,13 +45,7 @@ fn required_path(req: &Request<Incoming>) -> Result<String, ApiError> {
 }
 
 fn parse_mode(v: Option<String>) -> Result<u32, ApiError> {
-    match v {
-        None => Ok(0o644),
-        Some(m) => u32::from_str_radix(&m, 8)
-            .ok()
-            .filter(|m| *m <= 0o7777)
-            .ok_or_else(|| ApiError::bad_request(format!("mode '{m}' is not octal 0-7777"))),
-    }
+    crate::api::parse_mode(v.as_deref())
 }
 
 impl AgentCore {

@@ -213,11 +213,15 @@ pub async fn read_small_body(body: Incoming) -> Result<Bytes, ApiError> {
             )
         })?
         .map_err(|e| {
-            ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "invalid-argument",
-                format!("cannot read request body (limit {MAX_JSON_BODY} bytes): {e}"),
-            )
+            if e.is::<http_body_util::LengthLimitError>() {
+                ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "invalid-argument",
+                    format!("the request body is larger than {MAX_JSON_BODY} bytes"),
+                )
+            } else {
+                ApiError::bad_request(format!("cannot read the request body: {e}"))
+            }
         })?
         .to_bytes();
     Ok(bytes)
@@ -311,6 +315,18 @@ pub fn query_u64(
             in_range(name, n, lo, hi)
         }
     }
+}
+
+/// A file mode given as 1-4 octal digits (`0644`), default 0644; anything else
+/// (signs, spaces, values above 7777) is a 400.
+pub fn parse_mode(v: Option<&str>) -> Result<u32, ApiError> {
+    let Some(m) = v else { return Ok(0o644) };
+    if m.is_empty() || m.len() > 4 || !m.bytes().all(|b| (b'0'..=b'7').contains(&b)) {
+        return Err(ApiError::bad_request(format!(
+            "mode '{m}' is not 1-4 octal digits (0-7777)"
+        )));
+    }
+    u32::from_str_radix(m, 8).map_err(|_| ApiError::bad_request(format!("mode '{m}' is not octal")))
 }
 
 /// Decodes `%XX` escapes and `+`; refuses malformed escapes and non-UTF-8 results.

@@ -6,6 +6,7 @@ pub mod agent;
 pub mod agents;
 mod copy;
 pub mod jobs;
+pub mod libvirtd;
 pub mod output;
 pub mod plugin;
 pub mod site;

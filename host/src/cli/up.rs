@@ -6,8 +6,6 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
@@ -80,112 +78,6 @@ pub enum UpError {
 fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> UpError {
     let path = path.to_path_buf();
     move |source| UpError::Io { what, path, source }
-}
-
-/// A libvirtd that `gve up` started; killed (with its QEMU processes) on drop.
-struct PrivateLibvirtd {
-    child: Child,
-    run: PathBuf,
-}
-
-impl Drop for PrivateLibvirtd {
-    fn drop(&mut self) {
-        if let Ok(entries) = std::fs::read_dir(self.run.join("qemu")) {
-            for e in entries.flatten() {
-                let pid = std::fs::read_to_string(e.path()).unwrap_or_default();
-                if e.path().extension().is_some_and(|x| x == "pid") {
-                    if let Ok(pid) = pid.trim().parse::<i32>() {
-                        let _ = Command::new("kill")
-                            .args(["-TERM", &pid.to_string()])
-                            .status();
-                    }
-                }
-            }
-        }
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let end = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < end {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Starts a libvirtd whose state lives under `dir` (bind-mounted over libvirt's
-/// compiled-in directories in a private mount namespace).
-fn start_libvirtd(dir: &Path) -> Result<(PrivateLibvirtd, String), UpError> {
-    for sub in ["sock", "run", "varlib", "etc", "log", "cache"] {
-        std::fs::create_dir_all(dir.join(sub)).map_err(io("directory", dir))?;
-    }
-    let p = |s: &str| dir.join(s).display().to_string();
-    std::fs::write(
-        dir.join("etc/libvirtd.conf"),
-        format!(
-            "unix_sock_dir = \"{}\"\nunix_sock_rw_perms = \"0700\"\nauth_unix_ro = \"none\"\nauth_unix_rw = \"none\"\nlog_outputs = \"3:file:{}\"\n",
-            p("sock"),
-            p("log/libvirtd.log")
-        ),
-    )
-    .map_err(io("libvirtd config", dir))?;
-    std::fs::write(
-        dir.join("etc/qemu.conf"),
-        "user = \"root\"\ngroup = \"root\"\ndynamic_ownership = 0\nremember_owner = 0\nstdio_handler = \"file\"\n",
-    )
-    .map_err(io("qemu config", dir))?;
-    for mp in [
-        "/run/libvirt",
-        "/var/lib/libvirt",
-        "/etc/libvirt",
-        "/var/log/libvirt",
-        "/var/cache/libvirt",
-    ] {
-        std::fs::create_dir_all(mp).map_err(io("mount point", Path::new(mp)))?;
-    }
-    let script = format!(
-        "mount --bind {run} /run/libvirt && mount --bind {varlib} /var/lib/libvirt && \
-         mount --bind {etc} /etc/libvirt && mount --bind {log} /var/log/libvirt && \
-         mount --bind {cache} /var/cache/libvirt && exec libvirtd -f {etc}/libvirtd.conf -p {run}/libvirtd.pid",
-        run = p("run"),
-        varlib = p("varlib"),
-        etc = p("etc"),
-        log = p("log"),
-        cache = p("cache"),
-    );
-    let log = std::fs::File::create(dir.join("log/stderr.log")).map_err(io("log", dir))?;
-    let child = Command::new("unshare")
-        .args(["-m", "--propagation", "private", "sh", "-c", &script])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .map_err(|e| {
-            UpError::Other(format!(
-                "cannot start libvirtd (run scripts/setup.sh first, as root): {e}"
-            ))
-        })?;
-    let lv = PrivateLibvirtd {
-        child,
-        run: dir.join("run"),
-    };
-    let sock = dir.join("sock/libvirt-sock");
-    let end = Instant::now() + Duration::from_secs(20);
-    while !sock.exists() {
-        if Instant::now() > end {
-            let err = std::fs::read_to_string(dir.join("log/stderr.log")).unwrap_or_default();
-            return Err(UpError::Other(format!(
-                "libvirtd did not come up: {}",
-                err.trim()
-            )));
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Ok((lv, format!("qemu:///system?socket={}", sock.display())))
 }
 
 /// Makes sure pool `gve` (at `images`) is active and, given a guest, template `tiny`.
@@ -270,9 +162,7 @@ fn secrets(data: &Path) -> Result<Secrets, UpError> {
         agent_token: crate::site::auth::new_token(),
     };
     let text = toml::to_string(&s).map_err(|e| UpError::Other(e.to_string()))?;
-    std::fs::write(&path, text).map_err(io("secrets", &path))?;
-    use std::os::unix::fs::PermissionsExt;
-    let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600));
+    crate::private_fs::write_private(&path, text.as_bytes()).map_err(io("secrets", &path))?;
     Ok(s)
 }
 
@@ -303,7 +193,7 @@ fn agent_config(
         gi = plugins.join("guest-install").display(),
     );
     let path = data.join("agent.toml");
-    std::fs::write(&path, text).map_err(io("agent config", &path))?;
+    crate::private_fs::write_private(&path, text.as_bytes()).map_err(io("agent config", &path))?;
     std::fs::create_dir_all(data.join("bundles")).map_err(io("bundles", data))?;
     AgentConfig::read(&path).map_err(|e| UpError::Other(e.to_string()))
 }
@@ -320,7 +210,12 @@ pub async fn run(args: UpArgs) -> i32 {
 }
 
 async fn up(args: UpArgs) -> Result<(), UpError> {
-    std::fs::create_dir_all(&args.data).map_err(io("data directory", &args.data))?;
+    if crate::private_fs::private_dir(&args.data).map_err(io("data directory", &args.data))? {
+        eprintln!(
+            "gve up: {} was readable by other users; it is 0700 now",
+            args.data.display()
+        );
+    }
     let data = std::path::absolute(&args.data).map_err(io("data directory", &args.data))?;
     let secrets = secrets(&data)?;
     let images = data.join("images");
@@ -337,7 +232,8 @@ async fn up(args: UpArgs) -> Result<(), UpError> {
                 "gve up: no libvirtd on qemu:///system; starting a private one under {}",
                 data.join("libvirt").display()
             );
-            let (lv, uri) = start_libvirtd(&data.join("libvirt"))?;
+            let (lv, uri) = super::libvirtd::PrivateLibvirtd::start(&data.join("libvirt"))
+                .map_err(UpError::Other)?;
             (Some(lv), uri)
         }
     };

@@ -1,6 +1,7 @@
 //! The bodies of VM jobs, checked when a job is submitted (types, unknown fields,
-//! ranges, names safe in paths and headers), so a job that is accepted can only
-//! fail for what happens while it runs, never for what it was given.
+//! ranges, names safe in paths and headers), so an accepted job fails only for
+//! what happens while it runs or for what only the agent knows (a `timeout-ms`
+//! above its guest plugin's call budget, a bundle it does not have).
 
 use std::collections::BTreeMap;
 
@@ -64,8 +65,8 @@ pub const MAX_EXEC_TIMEOUT_MS: u32 = 3_600_000;
 /// Most output kept of stdout and of stderr each, bytes.
 pub const MAX_OUTPUT_LIMIT: u32 = 16 << 20;
 
-/// Checks a job body for `kind`; `Ok` means the agent will accept it too.
-/// Returns the body to record (the parsed JSON as given).
+/// Checks a job body for `kind`. Returns the body to record (the parsed JSON as
+/// given).
 pub fn check(kind: JobKind, body: &[u8]) -> Result<Value, ApiError> {
     let text: &[u8] = if body.iter().all(u8::is_ascii_whitespace) {
         b"{}"

@@ -72,14 +72,14 @@ impl SiteCore {
             .ok_or_else(|| {
                 ApiError::bad_request("query parameter path must be an absolute guest path")
             })?;
-        let mode = query_param(req.uri(), "mode")?.unwrap_or_else(|| "0644".into());
-        if u32::from_str_radix(&mode, 8)
-            .ok()
-            .is_none_or(|m| m > 0o7777)
-        {
-            return Err(ApiError::bad_request(format!(
-                "mode '{mode}' is not octal 0-7777"
-            )));
+        let mode = format!(
+            "{:04o}",
+            crate::api::parse_mode(query_param(req.uri(), "mode")?.as_deref())?
+        );
+        if path.len() > 4096 || path.contains('\0') {
+            return Err(ApiError::bad_request(
+                "path must be at most 4096 bytes without NUL",
+            ));
         }
         let parents = query_param(req.uri(), "parents")?.as_deref() == Some("true");
         let expected = req
@@ -93,7 +93,7 @@ impl SiteCore {
             Some(vm.id.clone()),
             json!({ "path": path, "mode": mode, "parents": parents }),
         );
-        tokio::fs::create_dir_all(self.staging())
+        crate::private_fs::private_dir_async(self.staging())
             .await
             .map_err(|e| io_err("staging directory", e))?;
         let file = self.staged_in(&job.id);
@@ -177,14 +177,18 @@ impl SiteCore {
             .and_then(|m| m.to_str().ok())
             .unwrap_or("0644")
             .to_string();
-        tokio::fs::create_dir_all(self.staging())
+        crate::private_fs::private_dir_async(self.staging())
             .await
             .map_err(|e| OpError {
                 kind: "backend".into(),
                 message: format!("staging directory: {e}"),
             })?;
         let out = self.staged_out(&job.id);
-        let (size, sha) = receive(resp.into_body(), &out).await.map_err(|e| OpError {
+        let received = receive(resp.into_body(), &out).await;
+        if received.is_err() {
+            let _ = tokio::fs::remove_file(&out).await;
+        }
+        let (size, sha) = received.map_err(|e| OpError {
             kind: e.kind,
             message: format!("copying {guest_path} out of {id}: {}", e.message),
         })?;
@@ -283,7 +287,11 @@ where
     let (mut size, mut h) = (0u64, Sha256::new());
     while let Some(frame) = crate::api::next_frame(&mut body).await {
         let frame = frame.map_err(|e| {
-            ApiError::bad_request(format!("the transfer stopped after {size} bytes: {e}"))
+            ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "timeout",
+                format!("the transfer stopped after {size} bytes: {e}"),
+            )
         })?;
         if let Ok(data) = frame.into_data() {
             h.update(&data);

@@ -294,7 +294,7 @@ impl Store {
             message: e.to_string(),
         };
         if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| err(&e))?;
+            crate::private_fs::private_dir(dir).map_err(|e| err(&e))?;
         }
         let db = Database::create(path).map_err(|e| err(&e))?;
         let txn = db.begin_write().map_err(|e| err(&e))?;

@@ -263,7 +263,7 @@ impl SiteCore {
                         ),
                     ));
                 }
-                ok(&self.cancel(id)?)
+                ok(&redacted(self.cancel(id)?))
             }
             (Method::GET, ["v1", "jobs", id, "events"]) => {
                 let job = self.job_for(caller, id)?;

@@ -9,28 +9,36 @@ use gve::site::model::{Job, JobState, SiteVm};
 use hyper::Method;
 use serde_json::json;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn gve_up_runs_a_site_and_a_kvm_agent_that_serve_real_vms() {
-    let guest = gve_harness::guest();
-    let dir = tempfile::tempdir_in(gve_harness::target_dir()).unwrap();
-    let out_path = dir.path().join("up.out");
+/// A running `gve up` (stdout and stderr in files under `dir`).
+struct Up {
+    child: tokio::process::Child,
+    url: String,
+    token: String,
+    err: std::path::PathBuf,
+}
+
+/// Starts `gve up` on `dir/data` with a private libvirtd; returns once it printed
+/// its site URL and admin token.
+async fn start_up(dir: &std::path::Path, run: usize) -> Up {
+    let out_path = dir.join(format!("up-{run}.out"));
+    let err_path = dir.join(format!("up-{run}.err"));
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_gve"))
         .arg("up")
         .arg("--data")
-        .arg(dir.path().join("data"))
+        .arg(dir.join("data"))
         .arg("--private-libvirtd")
         .arg("--template")
-        .arg(&guest)
+        .arg(gve_harness::guest())
         .args(["--listen", "127.0.0.1:0", "--agent-listen", "127.0.0.1:0"])
         .arg("--plugins")
         .arg(crate::support::bundles())
         .stdout(std::fs::File::create(&out_path).unwrap())
-        .stderr(std::fs::File::create(dir.path().join("up.err")).unwrap())
+        .stderr(std::fs::File::create(&err_path).unwrap())
         .kill_on_drop(true)
         .spawn()
         .unwrap();
     let end = Instant::now() + Duration::from_secs(60);
-    let (url, token) = loop {
+    loop {
         let text = std::fs::read_to_string(&out_path).unwrap_or_default();
         let url = text
             .lines()
@@ -40,17 +48,66 @@ async fn gve_up_runs_a_site_and_a_kvm_agent_that_serve_real_vms() {
             .lines()
             .find_map(|l| l.strip_prefix("admin token: "))
             .map(str::to_string);
-        if let (Some(u), Some(t)) = (url, token) {
-            break (u, t);
+        if let (Some(url), Some(token)) = (url, token) {
+            return Up {
+                child,
+                url,
+                token,
+                err: err_path,
+            };
         }
-        let err = std::fs::read_to_string(dir.path().join("up.err")).unwrap_or_default();
+        let err = std::fs::read_to_string(&err_path).unwrap_or_default();
         assert!(Instant::now() < end, "gve up did not start:\n{text}\n{err}");
         assert!(
             child.try_wait().unwrap().is_none(),
             "gve up exited:\n{text}\n{err}"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    }
+}
+
+/// The pid of the private libvirtd under `dir/data`.
+fn libvirtd_pid(dir: &std::path::Path) -> u32 {
+    std::fs::read_to_string(dir.join("data/libvirt/run/libvirtd.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+fn runs(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        !s.rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z')
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gve_up_runs_a_site_and_a_kvm_agent_that_serve_real_vms() {
+    let dir = tempfile::tempdir_in(gve_harness::target_dir()).unwrap();
+    let Up {
+        mut child,
+        url,
+        token,
+        ..
+    } = start_up(dir.path(), 0).await;
+    // Secrets are the owner's alone.
+    use std::os::unix::fs::PermissionsExt;
+    for (f, mode) in [
+        ("data", 0o700),
+        ("data/secrets.toml", 0o600),
+        ("data/agent.toml", 0o600),
+    ] {
+        let m = std::fs::metadata(dir.path().join(f))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(m, mode, "{f} is {m:o}");
+    }
     let c = Client::new(&url, Some(token)).unwrap();
     let templates: Vec<String> = c.get("/v1/templates").await.unwrap();
     assert_eq!(templates, ["tiny"]);
@@ -124,4 +181,55 @@ async fn gve_up_runs_a_site_and_a_kvm_agent_that_serve_real_vms() {
             "libvirtd {p} still runs"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gve_up_killed_with_9_leaves_nothing_the_next_one_trips_over() {
+    let dir = tempfile::tempdir_in(gve_harness::target_dir()).unwrap();
+    let mut first = start_up(dir.path(), 0).await;
+    let lv = libvirtd_pid(dir.path());
+    first.child.kill().await.unwrap(); // SIGKILL: nothing of gve up runs its drop
+    assert!(
+        runs(lv),
+        "the private libvirtd should outlive a kill -9 of gve up"
+    );
+
+    // The next gve up adopts it, says so, and serves.
+    let mut second = start_up(dir.path(), 1).await;
+    let err = std::fs::read_to_string(&second.err).unwrap();
+    assert!(
+        err.contains(&format!("adopted the private libvirtd (pid {lv})")),
+        "{err}"
+    );
+    let c = Client::new(&second.url, Some(second.token.clone())).unwrap();
+    let templates: Vec<String> = c.get("/v1/templates").await.unwrap();
+    assert_eq!(templates, ["tiny"]);
+
+    // Stopping it ends the adopted libvirtd too.
+    let pid = second.child.id().unwrap();
+    assert!(std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let status = tokio::time::timeout(Duration::from_secs(30), second.child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    let end = Instant::now() + Duration::from_secs(10);
+    while runs(lv) {
+        assert!(Instant::now() < end, "adopted libvirtd {lv} still runs");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // A libvirtd that is gone leaves a stale pid file and socket: a fresh one starts.
+    let mut third = start_up(dir.path(), 2).await;
+    assert_ne!(libvirtd_pid(dir.path()), lv);
+    third.child.kill().await.unwrap();
+    // Leave nothing running: end the orphan this kill made, by its pid.
+    let orphan = libvirtd_pid(dir.path());
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &orphan.to_string()])
+        .status();
 }

@@ -1,0 +1,92 @@
+//! Files and directories that hold secrets (tokens, configs with tokens,
+//! databases): directories are made 0700 and files 0600 from the moment they
+//! exist (created with the mode, written to a temporary name and renamed into
+//! place), never loosened and tightened afterwards.
+
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::Path;
+
+/// Creates `dir` (and missing parents) with mode 0700. An existing directory that
+/// others can read or enter is tightened to 0700 (a data directory made by an
+/// earlier version); the returned flag says so.
+pub fn private_dir(dir: &Path) -> std::io::Result<bool> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    let meta = std::fs::metadata(dir)?;
+    if meta.permissions().mode() & 0o077 != 0 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+        return Ok(true);
+    }
+    Ok(false)
+}
+
+/// [`private_dir`] off the async executor.
+pub async fn private_dir_async(dir: std::path::PathBuf) -> std::io::Result<bool> {
+    tokio::task::spawn_blocking(move || private_dir(&dir))
+        .await
+        .map_err(std::io::Error::other)?
+}
+
+/// Writes `bytes` to `path` as a file of mode 0600: a temporary file created with
+/// that mode beside it, synced, then renamed over `path` (readers see the old or
+/// the new file, never a partial or readable-by-others one).
+pub fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.{}.tmp", uuid::Uuid::new_v4().simple()));
+    let result = (|| {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_are_private_from_the_start() {
+        let t = tempfile::tempdir().unwrap();
+        let d = t.path().join("a/b");
+        assert!(!private_dir(&d).unwrap());
+        assert_eq!(
+            std::fs::metadata(&d).unwrap().permissions().mode() & 0o777,
+            0o700
+        );
+        let f = d.join("secrets.toml");
+        write_private(&f, b"token = 1").unwrap();
+        write_private(&f, b"token = 2").unwrap();
+        assert_eq!(std::fs::read(&f).unwrap(), b"token = 2");
+        assert_eq!(
+            std::fs::metadata(&f).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        assert_eq!(
+            std::fs::read_dir(&d).unwrap().count(),
+            1,
+            "no temporary left"
+        );
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755)).unwrap();
+        assert!(private_dir(&d).unwrap());
+        assert_eq!(
+            std::fs::metadata(&d).unwrap().permissions().mode() & 0o777,
+            0o700
+        );
+    }
+}
