@@ -32,6 +32,9 @@ pub struct AgentConfig {
     /// Limits on HTTP clients (timeouts, connection caps).
     #[serde(default)]
     pub http: crate::api::server::HttpLimits,
+    /// The most the admin API may load and grant (default: what this file gives).
+    #[serde(default)]
+    pub plugin_policy: Option<super::policy::PluginPolicy>,
 }
 
 impl Default for AgentConfig {
@@ -45,6 +48,7 @@ impl Default for AgentConfig {
             driver: None,
             bundles_dir: None,
             http: Default::default(),
+            plugin_policy: None,
         }
     }
 }
@@ -133,6 +137,11 @@ impl AgentConfig {
         let base = path.parent().unwrap_or(Path::new("."));
         cfg.data_dir = base.join(&cfg.data_dir);
         cfg.bundles_dir = cfg.bundles_dir.map(|d| base.join(d));
+        if let Some(p) = &mut cfg.plugin_policy {
+            for d in &mut p.bundle_dirs {
+                *d = base.join(&*d);
+            }
+        }
         for (name, spec) in &mut cfg.plugins {
             spec.bundle = base.join(&spec.bundle);
             crate::plugin::manifest::validate_name(name)

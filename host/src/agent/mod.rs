@@ -7,10 +7,13 @@ pub mod guest;
 pub mod guest_api;
 pub mod model;
 pub mod ops;
+pub mod plugin_admin;
 pub mod plugins_api;
+pub mod policy;
 pub mod provision;
 pub mod reconcile;
 pub mod registry;
+pub mod runtime;
 pub mod vms_api;
 
 use std::net::SocketAddr;
@@ -74,6 +77,9 @@ pub enum AgentError {
         #[source]
         source: PluginError,
     },
+    /// Plugins recorded at runtime could not be read back.
+    #[error("restoring plugins recorded at runtime: {0}")]
+    Restore(String),
     /// A configured plugin failed to load.
     #[error("plugin '{name}' from the agent config: {source}")]
     ConfiguredPlugin {
@@ -86,8 +92,8 @@ pub enum AgentError {
 }
 
 struct AgentApi {
-    plugins: PluginHost,
-    core: Option<Arc<AgentCore>>,
+    admin: Arc<plugin_admin::PluginAdmin>,
+    runtime: Arc<runtime::Runtime>,
     admin_token: String,
 }
 
@@ -99,15 +105,23 @@ impl AgentApi {
             return api::ok(&serde_json::json!({ "status": "ok" }));
         }
         api::check_bearer(&req, &self.admin_token)?;
-        match segs.as_slice() {
-            ["v1", "plugins", rest @ ..] => plugins_api::handle(&self.plugins, req, rest).await,
-            ["v1", "host" | "driver" | "vms" | "templates" | "operations" | "events" | "reconcile"
-            | "site", ..] => match &self.core {
+        match (req.method().clone(), segs.as_slice()) {
+            (_, ["v1", "plugins", rest @ ..]) => plugins_api::handle(&self.admin, req, rest).await,
+            (hyper::Method::PUT, ["v1", "driver"]) => {
+                let d: config::DriverConfig = api::read_json(req.into_body()).await?;
+                let core = self.runtime.set(d).await?;
+                api::ok(&serde_json::json!({
+                    "plugin": core.driver.plugin(),
+                    "endpoint": core.driver.endpoint(),
+                }))
+            }
+            (_, ["v1", "host" | "driver" | "vms" | "templates" | "operations" | "events" | "reconcile"
+            | "site", ..]) => match self.runtime.core.load_full() {
                 Some(core) => core.handle_vms(req, &segs).await,
                 None => Err(ApiError::new(
                     hyper::StatusCode::SERVICE_UNAVAILABLE,
                     "unavailable",
-                    "this agent has no [driver] configured",
+                    "this agent has no driver yet: configure [driver], or set one with `gve agent driver set`",
                 )),
             },
             _ => Err(ApiError::no_route(req.method(), &path)),
@@ -125,7 +139,7 @@ impl Handler for AgentApi {
 
 /// Opens the guest provider of the driver: its own `guest` export when it declares
 /// `guest-native`, else the configured guest plugin, else none.
-async fn open_guest(
+pub(crate) async fn open_guest(
     plugins: &PluginHost,
     d: &config::DriverConfig,
     creds: &Credentials,
@@ -163,16 +177,20 @@ pub struct Agent {
     pub addr: SocketAddr,
     /// Its plugin host.
     pub plugins: PluginHost,
-    /// Its registry and driver session, when a driver is configured.
-    pub core: Option<Arc<AgentCore>>,
+    /// Its driver, registry and plugin administration.
+    pub runtime: Arc<runtime::Runtime>,
     /// Its open HTTP connections.
     pub connections: Arc<api::server::Connections>,
     stop: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<()>,
-    reconciler: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Agent {
+    /// The VM side (registry and driver session), once a driver is set.
+    pub fn core(&self) -> Option<Arc<AgentCore>> {
+        self.runtime.core.load_full()
+    }
+
     /// Starts the plugin host, loads the configured plugins and serves the API.
     pub async fn start(config: AgentConfig) -> Result<Agent, AgentError> {
         let plugins = PluginHost::new(HostConfig {
@@ -199,51 +217,31 @@ impl Agent {
                 });
             }
         }
-        let mut reconciler = None;
-        let core = match &config.driver {
-            Some(d) => {
-                let registry = Registry::open(&config.data_dir.join("agent.redb"))?;
-                let creds = Credentials {
-                    username: d.username.clone(),
-                    password: d.password.clone(),
-                    token: d.token.clone(),
-                };
-                let driver = plugins
-                    .open_driver(&d.plugin, &d.endpoint, creds.clone())
-                    .await
-                    .map_err(|source| AgentError::Driver {
-                        plugin: d.plugin.clone(),
-                        endpoint: d.endpoint.clone(),
-                        source,
-                    })?;
-                router.insert(driver.clone());
-                let guest = open_guest(&plugins, d, &creds).await?;
-                let core = Arc::new(AgentCore {
-                    registry,
-                    driver,
-                    reservation_seconds: d.reservation_seconds,
-                    guest,
-                    bundles_dir: config.bundles_dir.clone(),
-                    migration_uri: d.migration_uri.clone(),
-                    removed: Default::default(),
-                });
-                let resolved = core.recover().await?;
-                if resolved > 0 {
-                    tracing::warn!(
-                        resolved,
-                        "resolved operations interrupted by the previous run"
-                    );
-                }
-                if let Err(e) = core.reconcile().await {
-                    tracing::warn!("first reconcile: {e}");
-                }
-                reconciler = Some(
-                    core.spawn_reconciler(std::time::Duration::from_millis(d.reconcile_period_ms)),
-                );
-                Some(core)
-            }
-            None => None,
-        };
+        let registry = Registry::open(&config.data_dir.join("agent.redb"))?;
+        let policy = config
+            .plugin_policy
+            .clone()
+            .unwrap_or_else(|| policy::PluginPolicy::implied_by(config.plugins.values()));
+        let admin = Arc::new(plugin_admin::PluginAdmin::new(
+            plugins.clone(),
+            registry.clone(),
+            policy,
+            &config.plugins,
+        ));
+        admin
+            .restore()
+            .await
+            .map_err(|e| AgentError::Restore(e.message))?;
+        let runtime = Arc::new(runtime::Runtime::new(
+            plugins.clone(),
+            registry,
+            router,
+            config.bundles_dir.clone(),
+        ));
+        // The config file's driver, else the one an earlier run was given.
+        if let Some(d) = config.driver.clone().or_else(|| runtime.recorded()) {
+            runtime.bring_up(&d).await?;
+        }
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .map_err(|source| AgentError::Listen {
@@ -255,8 +253,8 @@ impl Agent {
             source,
         })?;
         let handler = Arc::new(AgentApi {
-            plugins: plugins.clone(),
-            core: core.clone(),
+            admin,
+            runtime: runtime.clone(),
             admin_token: config.admin_token,
         });
         let (tx, rx) = oneshot::channel();
@@ -273,19 +271,16 @@ impl Agent {
         Ok(Agent {
             addr,
             plugins,
-            core,
+            runtime,
             connections,
             stop: Some(tx),
             task,
-            reconciler,
         })
     }
 
     /// Stops serving and waits for the accept loop to end.
     pub async fn stop(mut self) {
-        if let Some(r) = self.reconciler.take() {
-            r.abort();
-        }
+        self.runtime.stop().await;
         if let Some(tx) = self.stop.take() {
             let _ = tx.send(());
         }

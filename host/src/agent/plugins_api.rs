@@ -5,37 +5,39 @@
 //! | GET | /v1/plugins | | `[PluginSummary]` |
 //! | GET | /v1/plugins/{name} | | `PluginSummary` |
 //! | POST | /v1/plugins | `PluginSpec` | `PluginSummary` (201) |
-//! | PUT | /v1/plugins/{name} | `PluginSpec` | `PluginSummary` |
+//! | PUT | /v1/plugins/{name} | `ReplaceSpec` (what changes; the rest is kept) | `PluginSummary` |
 //! | DELETE | /v1/plugins/{name} | | `{"unloaded": name}` |
 
 use hyper::body::Incoming;
 use hyper::{Method, Request, StatusCode};
 
+use super::plugin_admin::{PluginAdmin, ReplaceSpec};
 use crate::api::{json_response, ok, read_json, ApiError, Response};
-use crate::plugin::{PluginHost, PluginSpec};
+use crate::plugin::PluginSpec;
 
-/// Serves `/v1/plugins...`; `rest` is the path after `/v1/plugins`.
+/// Serves `/v1/plugins...`; `rest` is the path after `/v1/plugins`. Loads and
+/// replaces are held to the agent's plugin policy and recorded.
 pub async fn handle(
-    host: &PluginHost,
+    admin: &PluginAdmin,
     req: Request<Incoming>,
     rest: &[&str],
 ) -> Result<Response, ApiError> {
     let method = req.method().clone();
     match (method, rest) {
-        (Method::GET, []) => ok(&host.list()),
-        (Method::GET, [name]) => ok(&host.get(name)?),
+        (Method::GET, []) => ok(&admin.host().list()),
+        (Method::GET, [name]) => ok(&admin.host().get(name)?),
         (Method::POST, []) => {
             let spec: PluginSpec = read_json(req.into_body()).await?;
-            let summary = host.load(spec).await?;
+            let summary = admin.load(spec).await?;
             Ok(json_response(StatusCode::CREATED, &summary))
         }
         (Method::PUT, [name]) => {
             let name = name.to_string();
-            let spec: PluginSpec = read_json(req.into_body()).await?;
-            ok(&host.replace(&name, spec).await?)
+            let change: ReplaceSpec = read_json(req.into_body()).await?;
+            ok(&admin.replace(&name, change).await?)
         }
         (Method::DELETE, [name]) => {
-            host.unload(name)?;
+            admin.unload(name)?;
             ok(&serde_json::json!({ "unloaded": name }))
         }
         (m, _) => Err(ApiError::no_route(&m, req.uri().path())),

@@ -309,6 +309,21 @@ impl Registry {
         Ok(v.map(|v| v.value().to_string()))
     }
 
+    /// Registry-wide values whose keys start with `prefix` (the prefix removed).
+    pub fn meta_with_prefix(&self, prefix: &str) -> Result<Vec<(String, String)>, RegistryError> {
+        let txn = self.db.begin_read().map_err(storage)?;
+        let t = txn.open_table(META).map_err(storage)?;
+        let mut out = Vec::new();
+        for row in t.range(prefix..).map_err(storage)? {
+            let (k, v) = row.map_err(storage)?;
+            let Some(rest) = k.value().strip_prefix(prefix) else {
+                break;
+            };
+            out.push((rest.to_string(), v.value().to_string()));
+        }
+        Ok(out)
+    }
+
     /// Every template.
     pub fn templates(&self) -> Result<Vec<Vm>, RegistryError> {
         self.all(TEMPLATES)

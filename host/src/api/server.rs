@@ -348,6 +348,8 @@ pub async fn serve<H: Handler>(
         conns.set_abort(id, abort);
     }
     connections.abort_all();
+    // Wait until every connection's task is gone (and what it held, released).
+    while connections.join_next().await.is_some() {}
 }
 
 /// Raises this process's soft limit on open files to its hard limit (as servers

@@ -1,9 +1,89 @@
-//! `gve agent run`: run an agent service (one per hypervisor host). The site's
-//! view of its agents (`gve agent list`, ...) is in [`super::agents`].
+//! `gve agent run`: run an agent service (one per hypervisor host); `gve agent
+//! driver set`: give a running agent without a driver one. The site's view of its
+//! agents (`gve agent list`, ...) is in [`super::agents`].
 
 use std::path::PathBuf;
 
+use hyper::Method;
+
+use super::output::{self, Output};
+use crate::agent::config::DriverConfig;
 use crate::agent::{Agent, AgentConfig};
+use crate::api::client::Client;
+
+/// `gve agent driver ...`.
+#[derive(Debug, clap::Subcommand)]
+pub enum DriverAction {
+    /// Give an agent started without a `[driver]` one, now and after restarts.
+    Set {
+        /// A loaded plugin that exports `driver`.
+        plugin: String,
+        /// Its endpoint (libvirt URI, vSphere URL, `memory:NAME`, ...).
+        endpoint: String,
+        /// A loaded plugin (granted the guest channel) for exec and copy.
+        #[arg(long)]
+        guest_plugin: Option<String>,
+        /// Where other hosts send VMs migrating here.
+        #[arg(long)]
+        migration_uri: Option<String>,
+        /// Reconcile period, ms.
+        #[arg(long, default_value_t = 5000)]
+        reconcile_period_ms: u64,
+        /// The agent.
+        #[arg(long, default_value = "http://127.0.0.1:7070")]
+        agent_url: String,
+        /// The agent's admin token.
+        #[arg(long, env = "GVE_AGENT_SECRET", hide_env_values = true)]
+        secret: String,
+    },
+}
+
+/// Runs a driver command; returns the exit code.
+pub async fn driver(action: DriverAction, out: Output) -> i32 {
+    let DriverAction::Set {
+        plugin,
+        endpoint,
+        guest_plugin,
+        migration_uri,
+        reconcile_period_ms,
+        agent_url,
+        secret,
+    } = action;
+    let d = DriverConfig {
+        plugin,
+        endpoint,
+        username: None,
+        password: None,
+        token: None,
+        guest_plugin,
+        migration_uri,
+        reconcile_period_ms,
+        reservation_seconds: 300,
+    };
+    let r = async {
+        Client::new(&agent_url, Some(secret))?
+            .call::<_, serde_json::Value>(Method::PUT, "/v1/driver", Some(&d))
+            .await
+    }
+    .await;
+    match r {
+        Ok(v) => {
+            match out {
+                Output::Json => output::json(&v),
+                Output::Table => println!(
+                    "driver {} on {} is up",
+                    v["plugin"].as_str().unwrap_or_default(),
+                    v["endpoint"].as_str().unwrap_or_default()
+                ),
+            }
+            0
+        }
+        Err(e) => {
+            eprintln!("error: {}", e.message);
+            super::exit_code(&e)
+        }
+    }
+}
 
 /// Arguments of `gve agent run`.
 #[derive(Debug, clap::Args)]

@@ -24,6 +24,9 @@ pub struct AgentArgs {
 pub enum Action {
     /// Run an agent service until Ctrl-C or SIGTERM.
     Run(super::agent::RunArgs),
+    /// Manage a running agent's driver (talks to the agent, not the site).
+    #[command(subcommand)]
+    Driver(super::agent::DriverAction),
     /// List the site's agents.
     List,
     /// Register an agent with the site.
@@ -61,6 +64,7 @@ pub enum Action {
 pub async fn run(args: AgentArgs) -> i32 {
     match args.action {
         Action::Run(r) => super::agent::run(r).await,
+        Action::Driver(d) => super::agent::driver(d, site_output(&args.site)).await,
         action => super::report(manage(&args.site, action).await),
     }
 }
@@ -71,6 +75,7 @@ async fn manage(site: &SiteOpts, action: Action) -> Result<i32, CliError> {
     match action {
         // Reached only if `run` changes; `run` needs no site.
         Action::Run(r) => return Ok(super::agent::run(r).await),
+        Action::Driver(d) => return Ok(super::agent::driver(d, site.output).await),
         Action::List => {
             let all: Vec<AgentView> = client.get("/v1/agents").await?;
             print(site.output, &all, false);
@@ -202,4 +207,8 @@ fn print(out: Output, agents: &[AgentView], detail: bool) {
         ],
         &rows,
     );
+}
+
+fn site_output(site: &SiteOpts) -> Output {
+    site.output
 }

@@ -1,5 +1,6 @@
 //! `gve plugin ...`: list, show, load, replace and unload plugins of a running agent.
 
+use crate::agent::plugin_admin::{LimitsPatch, ReplaceSpec};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
@@ -88,6 +89,27 @@ pub struct SpecArgs {
 }
 
 impl SpecArgs {
+    /// For `replace`: only what was given changes; grants, config and limits not
+    /// named on the command line are kept as they are.
+    fn change(&self) -> Result<ReplaceSpec, ApiError> {
+        let full = self.spec()?;
+        let grants_given = !self.http.is_empty()
+            || !self.libvirt.is_empty()
+            || !self.dirs.is_empty()
+            || self.guest_channel
+            || !self.config.is_empty();
+        let limits_given = self.memory_mib.is_some() || self.call_timeout_ms.is_some();
+        Ok(ReplaceSpec {
+            bundle: Some(full.bundle),
+            grants: grants_given.then_some(full.grants),
+            limits: limits_given.then(|| LimitsPatch {
+                memory_mib: self.memory_mib,
+                call_timeout_ms: self.call_timeout_ms,
+                ..Default::default()
+            }),
+        })
+    }
+
     fn spec(&self) -> Result<PluginSpec, ApiError> {
         let mut dirs = Vec::new();
         for d in &self.dirs {
@@ -166,7 +188,7 @@ async fn act(args: &PluginArgs) -> Result<(), ApiError> {
             .call(
                 Method::PUT,
                 &format!("/v1/plugins/{name}"),
-                Some(&spec.spec()?),
+                Some(&spec.change()?),
             )
             .await?),
         Action::Unload { name } => {

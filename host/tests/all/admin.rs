@@ -2,8 +2,12 @@
 
 use std::collections::BTreeMap;
 
+use gve::agent::policy::{DirCeiling, PluginPolicy};
 use gve::agent::{Agent, AgentConfig};
-use gve::plugin::Grants;
+use gve::api::client::Client;
+use gve::plugin::{Grants, PluginSummary};
+use hyper::Method;
+use serde_json::{json, Value};
 
 use crate::support::{bundle, edited_bundle, spec};
 
@@ -29,20 +33,46 @@ async fn gve(agent: &Agent, args: &[&str]) -> (i32, String, String) {
     )
 }
 
-async fn agent_with_memory() -> (Agent, tempfile::TempDir) {
-    let dir = tempfile::tempdir().unwrap();
+/// The policy these tests run under: bundles from the build's plugins and the temp
+/// directory, HTTP to 127.0.0.1:9 only, a read-only directory grant of the temp
+/// directory, 128 MiB at most.
+fn test_policy() -> PluginPolicy {
+    PluginPolicy {
+        bundle_dirs: vec![
+            crate::support::bundles().to_path_buf(),
+            std::env::temp_dir(),
+        ],
+        http: vec!["127.0.0.1:9".into()],
+        libvirt: vec![],
+        directories: vec![DirCeiling {
+            host: std::env::temp_dir(),
+            writable: false,
+        }],
+        guest_channel: false,
+        max_memory_mib: 128,
+        max_call_timeout_ms: 60_000,
+        max_instances: 64,
+    }
+}
+
+fn memory_config(dir: &std::path::Path) -> AgentConfig {
     let mut plugins = BTreeMap::new();
     plugins.insert("memory".to_string(), spec("memory", Grants::default()));
-    let config = AgentConfig {
+    AgentConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
-        data_dir: dir.path().to_path_buf(),
+        data_dir: dir.to_path_buf(),
         admin_token: TOKEN.into(),
         plugins,
         driver: None,
         bundles_dir: None,
+        plugin_policy: Some(test_policy()),
         ..Default::default()
-    };
-    (Agent::start(config).await.unwrap(), dir)
+    }
+}
+
+async fn agent_with_memory() -> (Agent, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    (Agent::start(memory_config(dir.path())).await.unwrap(), dir)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -145,4 +175,217 @@ async fn admin_api_refuses_bad_tokens_and_bad_bodies() {
     let h: serde_json::Value = anon.get("/v1/health").await.unwrap();
     assert_eq!(h["status"], "ok");
     agent.stop().await;
+}
+
+fn client(agent: &Agent) -> Client {
+    Client::new(&format!("http://{}", agent.addr), Some(TOKEN.into())).unwrap()
+}
+
+async fn load(agent: &Agent, body: Value) -> Result<PluginSummary, gve::api::ApiError> {
+    client(agent)
+        .call(Method::POST, "/v1/plugins", Some(&body))
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_api_grants_nothing_beyond_the_operators_policy() {
+    let (agent, _dir) = agent_with_memory().await;
+    let hostile = bundle("hostile");
+    // Outside the bundle directories, also when reached through a symlink.
+    let elsewhere = tempfile::tempdir_in(gve_harness::target_dir()).unwrap();
+    let copy = elsewhere.path().join("hostile");
+    std::fs::create_dir(&copy).unwrap();
+    for f in std::fs::read_dir(&hostile).unwrap() {
+        let f = f.unwrap();
+        std::fs::copy(f.path(), copy.join(f.file_name())).unwrap();
+    }
+    let link = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(&copy, link.path().join("innocent")).unwrap();
+    let cases = [
+        (json!({ "bundle": copy }), "outside the directories"),
+        (
+            json!({ "bundle": link.path().join("innocent") }),
+            "outside the directories",
+        ),
+        (
+            json!({ "bundle": "/etc/../etc/passwd" }),
+            "outside the directories",
+        ),
+        (
+            json!({ "bundle": hostile, "grants": { "http": ["10.0.0.1:443"] } }),
+            "HTTP authority 10.0.0.1:443",
+        ),
+        (
+            json!({ "bundle": hostile, "grants": { "libvirt": ["qemu:///system"] } }),
+            "libvirt URI",
+        ),
+        (
+            json!({ "bundle": hostile, "grants": { "directories": [{ "host": "/", "guest": "/root", "writable": true }] } }),
+            "directory /",
+        ),
+        (
+            json!({ "bundle": hostile, "grants": { "directories": [{ "host": std::env::temp_dir(), "guest": "/t", "writable": true }] } }),
+            "writable",
+        ),
+        (
+            json!({ "bundle": hostile, "grants": { "guest-channel": true } }),
+            "guest channel",
+        ),
+        (
+            json!({ "bundle": hostile, "limits": { "memory-mib": 4096 } }),
+            "memory-mib 4096",
+        ),
+    ];
+    for (body, says) in cases {
+        let e = load(&agent, body.clone()).await.unwrap_err();
+        assert_eq!((e.status, e.kind.as_str()), (403, "denied"), "{body}: {e}");
+        assert!(e.message.contains(says), "{body}: {e}");
+    }
+    assert_eq!(agent.plugins.list().len(), 1, "nothing was loaded");
+    // Within the policy it loads.
+    let ok = load(
+        &agent,
+        json!({ "bundle": hostile, "grants": { "http": ["127.0.0.1:9"] } }),
+    )
+    .await
+    .unwrap();
+    assert_eq!(ok.granted["http"], ["127.0.0.1:9"]);
+    agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replace_keeps_grants_and_runtime_changes_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(memory_config(dir.path())).await.unwrap();
+    // Version 0.2.0 of hostile reports the version its config gives.
+    let v2 = edited_bundle("hostile", |m| {
+        m.replace("version = \"0.1.0\"", "version = \"0.2.0\"")
+    });
+    load(
+        &agent,
+        json!({ "bundle": v2.path(), "grants": { "http": ["127.0.0.1:9"], "config": { "version": "0.2.0" } }, "limits": { "memory-mib": 96 } }),
+    )
+    .await
+    .unwrap();
+    // A bare replace keeps grants, config and limits: were its config dropped,
+    // the new instance would report 0.1.0 against its manifest's 0.2.0 and fail.
+    let (code, out, err) = gve(
+        &agent,
+        &[
+            "replace",
+            "hostile",
+            v2.path().to_str().unwrap(),
+            "-o",
+            "json",
+        ],
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    let r: Vec<PluginSummary> = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        (r[0].version.as_str(), r[0].limits.memory_mib),
+        ("0.2.0", 96)
+    );
+    assert_eq!(r[0].granted["http"], ["127.0.0.1:9"]);
+    // Only the limit named changes.
+    let (code, out, err) = gve(
+        &agent,
+        &[
+            "replace",
+            "hostile",
+            v2.path().to_str().unwrap(),
+            "--memory-mib",
+            "80",
+            "-o",
+            "json",
+        ],
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    let r: Vec<PluginSummary> = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        (r[0].limits.memory_mib, r[0].limits.call_timeout_ms),
+        (80, 30_000)
+    );
+    assert_eq!(r[0].granted["http"], ["127.0.0.1:9"]);
+    // A configured plugin unloaded at runtime stays unloaded.
+    let (code, _, err) = gve(&agent, &["unload", "memory"]).await;
+    assert_eq!(code, 0, "{err}");
+    let before: Vec<PluginSummary> = agent.plugins.list();
+    agent.stop().await;
+
+    let again = Agent::start(memory_config(dir.path())).await.unwrap();
+    let after = again.plugins.list();
+    let key = |l: &[PluginSummary]| -> Vec<(String, String, u64, Vec<String>)> {
+        l.iter()
+            .map(|p| {
+                (
+                    p.name.clone(),
+                    p.version.clone(),
+                    p.limits.memory_mib,
+                    p.granted.get("http").cloned().unwrap_or_default(),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(key(&after), key(&before));
+    assert_eq!(
+        key(&after),
+        [(
+            "hostile".to_string(),
+            "0.2.0".to_string(),
+            80,
+            vec!["127.0.0.1:9".to_string()]
+        )]
+    );
+    again.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_without_a_driver_is_given_one_at_runtime_and_keeps_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(memory_config(dir.path())).await.unwrap();
+    let c = client(&agent);
+    let e = c.get::<Value>("/v1/vms").await.unwrap_err();
+    assert_eq!(e.status, 503, "{e}");
+    let endpoint = format!("memory:runtime-{}", uuid::Uuid::new_v4());
+    let set = |extra: &[&str]| {
+        let mut args = vec![
+            "agent".to_string(),
+            "driver".into(),
+            "set".into(),
+            "--agent-url".into(),
+            format!("http://{}", agent.addr),
+            "--secret".into(),
+            TOKEN.into(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_gve"))
+            .args(args)
+            .output()
+    };
+    // A plugin that is not loaded is refused with the reason.
+    let out = set(&["nope", &endpoint]).await.unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("'nope' is not loaded"));
+    let out = set(&["memory", &endpoint]).await.unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let vms: Vec<Value> = c.get("/v1/vms").await.unwrap();
+    assert!(vms.is_empty());
+    // A second driver is a conflict: this agent has one.
+    let out = set(&["memory", "memory:other"]).await.unwrap();
+    assert_eq!(out.status.code(), Some(6), "{out:?}");
+    agent.stop().await;
+
+    let again = Agent::start(memory_config(dir.path())).await.unwrap();
+    let d: Value = client(&again).get("/v1/driver").await.unwrap();
+    assert_eq!(
+        (d["plugin"].as_str(), d["endpoint"].as_str()),
+        (Some("memory"), Some(endpoint.as_str()))
+    );
+    again.stop().await;
 }

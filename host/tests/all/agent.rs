@@ -370,7 +370,7 @@ async fn out_of_band_changes_show_up_within_the_reconcile_period() {
 async fn operations_interrupted_by_a_restart_are_resolved() {
     let (agent, c, _dir) = agent("memory:recover", 60_000).await;
     let vm = run_op(&c, "/v1/vms", profile("rc-1")).await.result.unwrap();
-    let core = agent.core.clone().unwrap();
+    let core = agent.core().unwrap();
     // Two operations a crashed agent left running: a start that never reached the
     // hypervisor, and a create whose VM does exist.
     let behind = agent

@@ -84,7 +84,7 @@ async fn running_vm(agent: &Agent, c: &Client, name: &str, memory_mib: u64) -> V
     let vm = op.result.unwrap();
     let op = run_op(c, &format!("/v1/vms/{}/start", vm.id), json!({})).await;
     assert_eq!(op.state, OpState::Succeeded, "{op:?}");
-    wait_for_guest_agent(&agent.core.as_ref().unwrap().driver, &vm.id).await;
+    wait_for_guest_agent(&agent.core().unwrap().driver, &vm.id).await;
     vm
 }
 

@@ -96,7 +96,7 @@ async fn lifecycle_on_real_qemu_guests() {
     let op = run_op(&c, &format!("/v1/vms/{}/start", vm.id), json!({})).await;
     assert_eq!(op.state, OpState::Succeeded, "{op:?}");
     assert_eq!(state(&c, &vm.id).await, VmState::Running);
-    let driver = agent.core.as_ref().unwrap().driver.clone();
+    let driver = agent.core().unwrap().driver.clone();
     let up = wait_for_guest_agent(&driver, &vm.id).await;
     eprintln!("k-1: guest agent answered {up:?} after start");
     // No guest plugin configured and kvm has no native guest operations.
@@ -330,7 +330,7 @@ async fn live_migration_between_two_agents_keeps_the_guest_running() {
             .state,
         OpState::Succeeded
     );
-    let drv_a = agent_a.core.as_ref().unwrap().driver.clone();
+    let drv_a = agent_a.core().unwrap().driver.clone();
     wait_for_guest_agent(&drv_a, &vm.id).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let before = guest_counter(&drv_a, &vm.id).await;
@@ -362,7 +362,7 @@ async fn live_migration_between_two_agents_keeps_the_guest_running() {
         .lines()
         .all(|l| l.trim() != "mig-1"));
     // The guest kept running: its counter went on from where it was.
-    let drv_b = agent_b.core.as_ref().unwrap().driver.clone();
+    let drv_b = agent_b.core().unwrap().driver.clone();
     let after = guest_counter(&drv_b, &vm.id).await;
     assert!(
         after >= before,

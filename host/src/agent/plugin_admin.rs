@@ -1,0 +1,219 @@
+//! Plugin administration at runtime, inside the operator's [`PluginPolicy`]: load,
+//! replace (keeping the running version's grants, limits and config unless new
+//! ones are given) and unload, each recorded in the agent's database so that a
+//! restarted agent comes back with exactly the plugins it had.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+use hyper::StatusCode;
+use serde::{Deserialize, Serialize};
+
+use super::policy::PluginPolicy;
+use super::registry::Registry;
+use crate::api::ApiError;
+use crate::plugin::{Grants, Limits, PluginError, PluginHost, PluginSpec, PluginSummary};
+
+/// Registry meta keys of recorded plugins: `plugin:<name>`.
+const PREFIX: &str = "plugin:";
+
+/// What the agent's database says of a plugin changed at runtime.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "kebab-case")]
+enum Recorded {
+    /// Loaded (or replaced) with this spec.
+    Loaded {
+        /// The spec in force.
+        spec: PluginSpec,
+    },
+    /// Unloaded.
+    Unloaded,
+}
+
+/// Changes to some of a plugin's limits; the others are kept.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct LimitsPatch {
+    /// Memory cap per instance, MiB.
+    pub memory_mib: Option<u64>,
+    /// Budget of one call, ms.
+    pub call_timeout_ms: Option<u64>,
+    /// Most instances at once.
+    pub max_instances: Option<u32>,
+    /// Warm instances.
+    pub pool_size: Option<u32>,
+}
+
+/// The body of `PUT /v1/plugins/{name}`: what changes; the rest is kept.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ReplaceSpec {
+    /// The new version's bundle (default: the current bundle path, re-read).
+    pub bundle: Option<PathBuf>,
+    /// New grants, replacing the current ones whole.
+    pub grants: Option<Grants>,
+    /// New limits, field by field.
+    pub limits: Option<LimitsPatch>,
+}
+
+impl ReplaceSpec {
+    /// `current` with this change applied.
+    pub fn apply(&self, current: &PluginSpec) -> PluginSpec {
+        let mut spec = current.clone();
+        if let Some(b) = &self.bundle {
+            spec.bundle = b.clone();
+        }
+        if let Some(g) = &self.grants {
+            spec.grants = g.clone();
+        }
+        if let Some(l) = &self.limits {
+            let m: &mut Limits = &mut spec.limits;
+            m.memory_mib = l.memory_mib.unwrap_or(m.memory_mib);
+            m.call_timeout_ms = l.call_timeout_ms.unwrap_or(m.call_timeout_ms);
+            m.max_instances = l.max_instances.unwrap_or(m.max_instances);
+            m.pool_size = l.pool_size.unwrap_or(m.pool_size);
+        }
+        spec
+    }
+}
+
+/// The plugin host as the admin API drives it.
+pub struct PluginAdmin {
+    host: PluginHost,
+    registry: Registry,
+    policy: PluginPolicy,
+    /// The spec in force of every loaded plugin.
+    specs: Mutex<BTreeMap<String, PluginSpec>>,
+}
+
+fn denied(m: String) -> ApiError {
+    ApiError::new(StatusCode::FORBIDDEN, "denied", m)
+}
+
+fn db(e: super::registry::RegistryError) -> ApiError {
+    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "backend", e.to_string())
+}
+
+impl PluginAdmin {
+    /// Administration of `host`, whose plugins from the config file are `configured`.
+    pub fn new(
+        host: PluginHost,
+        registry: Registry,
+        policy: PluginPolicy,
+        configured: &BTreeMap<String, PluginSpec>,
+    ) -> PluginAdmin {
+        PluginAdmin {
+            host,
+            registry,
+            policy,
+            specs: Mutex::new(configured.clone()),
+        }
+    }
+
+    /// The plugin host.
+    pub fn host(&self) -> &PluginHost {
+        &self.host
+    }
+
+    fn specs(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, PluginSpec>> {
+        self.specs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn record(&self, name: &str, rec: &Recorded) -> Result<(), ApiError> {
+        let json = serde_json::to_string(rec).map_err(|e| denied(e.to_string()))?;
+        self.registry
+            .write(|t| t.set_meta(&format!("{PREFIX}{name}"), &json))
+            .map_err(db)
+    }
+
+    /// Applies what earlier runs changed at runtime (on top of the config file).
+    /// A recorded plugin that no longer fits the policy, or fails to load, is left
+    /// out and said so; the agent starts anyway.
+    pub async fn restore(&self) -> Result<(), ApiError> {
+        for (name, json) in self.registry.meta_with_prefix(PREFIX).map_err(db)? {
+            let rec: Recorded = match serde_json::from_str(&json) {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::error!(plugin = name, "unreadable plugin record: {e}");
+                    continue;
+                }
+            };
+            let loaded = self.specs().contains_key(&name);
+            let outcome = match rec {
+                Recorded::Unloaded if loaded => self
+                    .host
+                    .unload(&name)
+                    .map(|()| {
+                        self.specs().remove(&name);
+                    })
+                    .map_err(ApiError::from),
+                Recorded::Unloaded => Ok(()),
+                Recorded::Loaded { spec } => {
+                    if self.specs().get(&name) == Some(&spec) {
+                        continue;
+                    }
+                    let r = match self.policy.check(&spec) {
+                        Err(e) => Err(denied(e.to_string())),
+                        Ok(spec) if loaded => self
+                            .host
+                            .replace(&name, spec)
+                            .await
+                            .map(drop)
+                            .map_err(ApiError::from),
+                        Ok(spec) => self.host.load(spec).await.map(drop).map_err(ApiError::from),
+                    };
+                    if r.is_ok() {
+                        self.specs().insert(name.clone(), spec);
+                    }
+                    r
+                }
+            };
+            match outcome {
+                Ok(()) => tracing::info!(plugin = name, "restored as recorded at runtime"),
+                Err(e) => tracing::error!(plugin = name, "not restored: {}", e.message),
+            }
+        }
+        Ok(())
+    }
+
+    /// Loads a plugin within the policy and records it.
+    pub async fn load(&self, spec: PluginSpec) -> Result<PluginSummary, ApiError> {
+        let spec = self
+            .policy
+            .check(&spec)
+            .map_err(|e| denied(e.to_string()))?;
+        let summary = self.host.load(spec.clone()).await?;
+        self.record(&summary.name, &Recorded::Loaded { spec: spec.clone() })?;
+        self.specs().insert(summary.name.clone(), spec);
+        Ok(summary)
+    }
+
+    /// Replaces a plugin: `change` applied to the spec in force, within the policy.
+    pub async fn replace(
+        &self,
+        name: &str,
+        change: ReplaceSpec,
+    ) -> Result<PluginSummary, ApiError> {
+        let current = self
+            .specs()
+            .get(name)
+            .cloned()
+            .ok_or_else(|| ApiError::from(PluginError::NotLoaded(name.to_string())))?;
+        let spec = self
+            .policy
+            .check(&change.apply(&current))
+            .map_err(|e| denied(e.to_string()))?;
+        let summary = self.host.replace(name, spec.clone()).await?;
+        self.record(name, &Recorded::Loaded { spec: spec.clone() })?;
+        self.specs().insert(name.to_string(), spec);
+        Ok(summary)
+    }
+
+    /// Unloads a plugin and records it.
+    pub fn unload(&self, name: &str) -> Result<(), ApiError> {
+        self.host.unload(name)?;
+        self.specs().remove(name);
+        self.record(name, &Recorded::Unloaded)
+    }
+}

@@ -1,0 +1,179 @@
+//! The agent's driver, brought up at start from `[driver]` (or from the driver an
+//! earlier run was given), or at runtime through `PUT /v1/driver` (`gve agent
+//! driver set`) on an agent started without one: the new hypervisor plugin comes
+//! online without a restart, and the choice is recorded for the next start.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwapOption;
+use hyper::StatusCode;
+
+use super::config::DriverConfig;
+use super::guest::GuestRouter;
+use super::registry::Registry;
+use super::{open_guest, AgentCore, AgentError};
+use crate::api::ApiError;
+use crate::plugin::bindings::types::Credentials;
+use crate::plugin::PluginHost;
+
+/// Registry meta key of a driver given at runtime.
+const DRIVER_KEY: &str = "driver";
+
+/// What the agent's VM side runs on, and how to bring it up.
+pub struct Runtime {
+    /// The VM side, once a driver is set.
+    pub core: ArcSwapOption<AgentCore>,
+    plugins: PluginHost,
+    registry: Registry,
+    router: Arc<GuestRouter>,
+    bundles_dir: Option<PathBuf>,
+    reconciler: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    setting: tokio::sync::Mutex<()>,
+}
+
+impl Runtime {
+    /// A runtime with no driver yet.
+    pub fn new(
+        plugins: PluginHost,
+        registry: Registry,
+        router: Arc<GuestRouter>,
+        bundles_dir: Option<PathBuf>,
+    ) -> Runtime {
+        Runtime {
+            core: ArcSwapOption::empty(),
+            plugins,
+            registry,
+            router,
+            bundles_dir,
+            reconciler: Mutex::new(None),
+            setting: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// The driver an earlier run was given at runtime, if any.
+    pub fn recorded(&self) -> Option<DriverConfig> {
+        let json = self.registry.meta(DRIVER_KEY).ok().flatten()?;
+        serde_json::from_str(&json)
+            .map_err(|e| tracing::error!("unreadable driver record: {e}"))
+            .ok()
+    }
+
+    /// Checks a driver config against the loaded plugins.
+    pub fn check(&self, d: &DriverConfig) -> Result<(), String> {
+        let loaded = |name: &str| self.plugins.slot(name).and_then(|s| s.current());
+        loaded(&d.plugin).map_err(|_| format!("driver plugin '{}' is not loaded", d.plugin))?;
+        if let Some(g) = &d.guest_plugin {
+            let l = loaded(g).map_err(|_| format!("guest plugin '{g}' is not loaded"))?;
+            if !l.policies.effective.guest_channel {
+                return Err(format!(
+                    "guest plugin '{g}' is not granted the guest channel"
+                ));
+            }
+        }
+        if d.reconcile_period_ms < 100 {
+            return Err("reconcile-period-ms must be at least 100".into());
+        }
+        if d.endpoint.is_empty() || d.endpoint.len() > 2048 {
+            return Err("endpoint must be 1-2048 characters".into());
+        }
+        Ok(())
+    }
+
+    /// Opens the driver session (and guest provider), resolves operations an
+    /// earlier run left, reconciles once and starts the reconcile loop.
+    pub async fn bring_up(&self, d: &DriverConfig) -> Result<Arc<AgentCore>, AgentError> {
+        let creds = Credentials {
+            username: d.username.clone(),
+            password: d.password.clone(),
+            token: d.token.clone(),
+        };
+        let driver = self
+            .plugins
+            .open_driver(&d.plugin, &d.endpoint, creds.clone())
+            .await
+            .map_err(|source| AgentError::Driver {
+                plugin: d.plugin.clone(),
+                endpoint: d.endpoint.clone(),
+                source,
+            })?;
+        self.router.insert(driver.clone());
+        let guest = open_guest(&self.plugins, d, &creds).await?;
+        let core = Arc::new(AgentCore {
+            registry: self.registry.clone(),
+            driver,
+            reservation_seconds: d.reservation_seconds,
+            guest,
+            bundles_dir: self.bundles_dir.clone(),
+            migration_uri: d.migration_uri.clone(),
+            removed: Default::default(),
+        });
+        let resolved = core.recover().await?;
+        if resolved > 0 {
+            tracing::warn!(
+                resolved,
+                "resolved operations interrupted by the previous run"
+            );
+        }
+        if let Err(e) = core.reconcile().await {
+            tracing::warn!("first reconcile: {e}");
+        }
+        let task = core.spawn_reconciler(std::time::Duration::from_millis(d.reconcile_period_ms));
+        if let Some(old) = self
+            .reconciler
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .replace(task)
+        {
+            old.abort();
+        }
+        self.core.store(Some(core.clone()));
+        Ok(core)
+    }
+
+    /// `PUT /v1/driver`: gives an agent without a driver one, and records it.
+    pub async fn set(&self, d: DriverConfig) -> Result<Arc<AgentCore>, ApiError> {
+        let _one_at_a_time = self.setting.lock().await;
+        if let Some(core) = self.core.load_full() {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "invalid-state",
+                format!(
+                    "this agent already runs driver '{}' on {}",
+                    core.driver.plugin(),
+                    core.driver.endpoint()
+                ),
+            ));
+        }
+        self.check(&d).map_err(ApiError::bad_request)?;
+        let core = self
+            .bring_up(&d)
+            .await
+            .map_err(|e| ApiError::new(StatusCode::BAD_GATEWAY, "unavailable", e.to_string()))?;
+        let json = serde_json::to_string(&d).map_err(|e| ApiError::bad_request(e.to_string()))?;
+        self.registry
+            .write(|t| t.set_meta(DRIVER_KEY, &json))
+            .map_err(|e| {
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "backend", e.to_string())
+            })?;
+        tracing::info!(
+            plugin = d.plugin,
+            endpoint = d.endpoint,
+            "driver set at runtime"
+        );
+        Ok(core)
+    }
+
+    /// Stops the reconcile loop and waits until it is gone.
+    pub async fn stop(&self) {
+        let task = self
+            .reconciler
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(t) = task {
+            t.abort();
+            let _ = t.await;
+        }
+    }
+}
