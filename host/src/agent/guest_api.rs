@@ -49,6 +49,17 @@ fn parse_mode(v: Option<String>) -> Result<u32, ApiError> {
 }
 
 impl AgentCore {
+    fn audit_guest(
+        &self,
+        action: &str,
+        rec: &VmRecord,
+        detail: serde_json::Value,
+    ) -> Result<(), ApiError> {
+        self.registry
+            .audit(action, &rec.vm.id, detail)
+            .map_err(registry)
+    }
+
     /// Serves the guest routes of VM `rec`; `action` is the last path segment.
     pub async fn handle_guest(
         self: &Arc<Self>,
@@ -63,6 +74,14 @@ impl AgentCore {
                 Self::require_running(&rec, "exec")?;
                 let body: ExecBody = read_json(req.into_body()).await?;
                 let body = self.check_exec(body)?;
+                self.audit_guest(
+                    "vm.exec",
+                    &rec,
+                    serde_json::json!({
+                        "argv": body.argv, "cwd": body.cwd,
+                        "env-names": body.env.keys().collect::<Vec<_>>(),
+                    }),
+                )?;
                 let op = self
                     .submit_keyed(&rec.vm.id, OpParams::Exec(Box::new(body)), key.as_deref())
                     .map_err(registry)?;
@@ -87,6 +106,11 @@ impl AgentCore {
                     .map_err(|e| {
                         ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "backend", e.to_string())
                     })??;
+                self.audit_guest(
+                    "vm.provision",
+                    &rec,
+                    serde_json::json!({ "bundle": body.bundle }),
+                )?;
                 let op = self
                     .submit_keyed(
                         &rec.vm.id,
@@ -116,6 +140,11 @@ impl AgentCore {
                     .get(SHA256_HEADER)
                     .and_then(|v| v.to_str().ok())
                     .map(str::to_string);
+                self.audit_guest(
+                    "vm.copy-in",
+                    &rec,
+                    serde_json::json!({ "path": path, "mode": format!("{mode:04o}") }),
+                )?;
                 let meta = self
                     .copy_in(&rec, &path, mode, parents, expected, req.into_body())
                     .await?;
@@ -123,6 +152,7 @@ impl AgentCore {
             }
             (Method::GET, "files") => {
                 let path = required_path(&req)?;
+                self.audit_guest("vm.copy-out", &rec, serde_json::json!({ "path": path }))?;
                 let (size, mode, body) = self.copy_out(&rec, &path).await?;
                 hyper::Response::builder()
                     .status(StatusCode::OK)

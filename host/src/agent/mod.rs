@@ -107,6 +107,11 @@ impl AgentApi {
         api::check_bearer(&req, &self.admin_token)?;
         match (req.method().clone(), segs.as_slice()) {
             (_, ["v1", "plugins", rest @ ..]) => plugins_api::handle(&self.admin, req, rest).await,
+            (hyper::Method::GET, ["v1", "audit"]) => {
+                let after = api::query_u64(req.uri(), "after", 0, 0, u64::MAX)?;
+                let limit = api::query_u64(req.uri(), "limit", 1000, 1, api::MAX_LIST)?;
+                api::ok(&self.runtime.audit(after, limit as usize)?)
+            }
             (hyper::Method::PUT, ["v1", "driver"]) => {
                 let d: config::DriverConfig = api::read_json(req.into_body()).await?;
                 let core = self.runtime.set(d).await?;

@@ -487,3 +487,27 @@ pub fn now_ms() -> u64 {
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
 }
+
+/// One entry of an audit log (the site's or an agent's): who did what, when.
+/// Secrets (tokens, credentials, environment values, stdin, file contents) are
+/// never in it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct AuditEntry {
+    /// Sequence number (increasing).
+    pub seq: u64,
+    /// When (Unix ms).
+    pub at_ms: u64,
+    /// Who acted (a site user; on an agent, `agent-admin`).
+    pub who: String,
+    /// What: `user.create`, `user.quota`, `user.token`, `user.delete`,
+    /// `agent.add`, `agent.remove`, `vm.exec`, `vm.provision`, `vm.copy-in`,
+    /// `vm.copy-out`, `job.cancel`, `plugin.load`, `plugin.replace`,
+    /// `plugin.unload`, `driver.set`, or `vm.<action>` by an admin on another's VM.
+    pub action: String,
+    /// On what (a user, an agent, a VM, a job, a plugin).
+    pub target: String,
+    /// Particulars (an exec's argv and environment names, a copy's path, grants).
+    #[serde(default)]
+    pub detail: serde_json::Value,
+}

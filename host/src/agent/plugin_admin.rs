@@ -185,6 +185,7 @@ impl PluginAdmin {
             .map_err(|e| denied(e.to_string()))?;
         let summary = self.host.load(spec.clone()).await?;
         self.record(&summary.name, &Recorded::Loaded { spec: spec.clone() })?;
+        self.audit("plugin.load", &summary.name, &spec)?;
         self.specs().insert(summary.name.clone(), spec);
         Ok(summary)
     }
@@ -206,6 +207,7 @@ impl PluginAdmin {
             .map_err(|e| denied(e.to_string()))?;
         let summary = self.host.replace(name, spec.clone()).await?;
         self.record(name, &Recorded::Loaded { spec: spec.clone() })?;
+        self.audit("plugin.replace", name, &spec)?;
         self.specs().insert(name.to_string(), spec);
         Ok(summary)
     }
@@ -214,6 +216,22 @@ impl PluginAdmin {
     pub fn unload(&self, name: &str) -> Result<(), ApiError> {
         self.host.unload(name)?;
         self.specs().remove(name);
-        self.record(name, &Recorded::Unloaded)
+        self.record(name, &Recorded::Unloaded)?;
+        self.registry
+            .audit("plugin.unload", name, serde_json::Value::Null)
+            .map_err(db)
+    }
+
+    /// Audits a load or replace: the bundle, grants and limits (config values are
+    /// named, not shown: they may hold secrets).
+    fn audit(&self, action: &str, name: &str, spec: &PluginSpec) -> Result<(), ApiError> {
+        let g = &spec.grants;
+        let detail = serde_json::json!({
+            "bundle": spec.bundle,
+            "http": g.http, "libvirt": g.libvirt, "guest-channel": g.guest_channel,
+            "directories": g.directories, "config-keys": g.config.keys().collect::<Vec<_>>(),
+            "limits": spec.limits,
+        });
+        self.registry.audit(action, name, detail).map_err(db)
     }
 }

@@ -11,13 +11,15 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::sync::broadcast;
 
-use super::model::{now_ms, Event, Operation, Vm, VmRecord};
+use super::model::{now_ms, AuditEntry, Event, Operation, Vm, VmRecord};
 
 const VMS: TableDefinition<&str, &[u8]> = TableDefinition::new("vms");
 const TEMPLATES: TableDefinition<&str, &[u8]> = TableDefinition::new("templates");
 const OPS: TableDefinition<&str, &[u8]> = TableDefinition::new("operations");
 const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
 const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
+/// Sequence number → audit entry.
+const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
 /// Client idempotency keys → the operation they started.
 const OP_KEYS: TableDefinition<&str, &str> = TableDefinition::new("operation_keys");
 
@@ -212,6 +214,7 @@ impl Registry {
             txn.open_table(OPS).map_err(|e| err(&e))?;
             txn.open_table(EVENTS).map_err(|e| err(&e))?;
             txn.open_table(OP_KEYS).map_err(|e| err(&e))?;
+            txn.open_table(AUDIT).map_err(|e| err(&e))?;
             let mut meta = txn.open_table(META).map_err(|e| err(&e))?;
             if meta.get("schema").map_err(|e| err(&e))?.is_none() {
                 meta.insert("schema", "1").map_err(|e| err(&e))?;
@@ -307,6 +310,51 @@ impl Registry {
         let t = txn.open_table(META).map_err(storage)?;
         let v = t.get(key).map_err(storage)?;
         Ok(v.map(|v| v.value().to_string()))
+    }
+
+    /// Records that the agent's admin did `action` on `target`.
+    pub fn audit(
+        &self,
+        action: &str,
+        target: &str,
+        detail: serde_json::Value,
+    ) -> Result<(), RegistryError> {
+        let txn = self.db.begin_write().map_err(storage)?;
+        {
+            let mut t = txn.open_table(AUDIT).map_err(storage)?;
+            let seq = t
+                .last()
+                .map_err(storage)?
+                .map(|(k, _)| k.value() + 1)
+                .unwrap_or(1);
+            let entry = AuditEntry {
+                seq,
+                at_ms: now_ms(),
+                who: "agent-admin".into(),
+                action: action.into(),
+                target: target.into(),
+                detail,
+            };
+            let bytes = serde_json::to_vec(&entry).map_err(storage)?;
+            t.insert(seq, bytes.as_slice()).map_err(storage)?;
+        }
+        txn.commit().map_err(storage)
+    }
+
+    /// Audit entries after `after`, oldest first, at most `limit`.
+    pub fn audit_after(&self, after: u64, limit: usize) -> Result<Vec<AuditEntry>, RegistryError> {
+        let txn = self.db.begin_read().map_err(storage)?;
+        let t = txn.open_table(AUDIT).map_err(storage)?;
+        let mut out = Vec::new();
+        for row in t
+            .range(after.saturating_add(1)..)
+            .map_err(storage)?
+            .take(limit)
+        {
+            let (k, v) = row.map_err(storage)?;
+            out.push(decode(&k.value().to_string(), v.value())?);
+        }
+        Ok(out)
     }
 
     /// Registry-wide values whose keys start with `prefix` (the prefix removed).

@@ -164,6 +164,17 @@ impl Runtime {
         Ok(core)
     }
 
+    /// The agent's audit log after `after`.
+    pub fn audit(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<crate::agent::model::AuditEntry>, ApiError> {
+        self.registry
+            .audit_after(after, limit)
+            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "backend", e.to_string()))
+    }
+
     /// Stops the reconcile loop and waits until it is gone.
     pub async fn stop(&self) {
         let task = self

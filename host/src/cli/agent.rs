@@ -114,3 +114,43 @@ pub async fn run(args: RunArgs) -> i32 {
         }
     }
 }
+
+/// `gve agent audit`.
+#[derive(Debug, clap::Args)]
+pub struct AgentAuditArgs {
+    /// Entries after this sequence number.
+    #[arg(long, default_value_t = 0)]
+    pub after: u64,
+    /// Most entries listed.
+    #[arg(long, default_value_t = 100)]
+    pub limit: u64,
+    /// The agent.
+    #[arg(long, default_value = "http://127.0.0.1:7070")]
+    pub agent_url: String,
+    /// The agent's admin token.
+    #[arg(long, env = "GVE_AGENT_SECRET", hide_env_values = true)]
+    pub secret: String,
+}
+
+/// Prints an agent's audit log; returns the exit code.
+pub async fn audit(args: AgentAuditArgs, out: Output) -> i32 {
+    let r = async {
+        Client::new(&args.agent_url, Some(args.secret.clone()))?
+            .get::<Vec<crate::agent::model::AuditEntry>>(&format!(
+                "/v1/audit?after={}&limit={}",
+                args.after, args.limit
+            ))
+            .await
+    }
+    .await;
+    match r {
+        Ok(entries) => {
+            super::audit::print(out, &entries);
+            0
+        }
+        Err(e) => {
+            eprintln!("error: {}", e.message);
+            super::exit_code(&e)
+        }
+    }
+}

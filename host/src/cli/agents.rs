@@ -27,6 +27,8 @@ pub enum Action {
     /// Manage a running agent's driver (talks to the agent, not the site).
     #[command(subcommand)]
     Driver(super::agent::DriverAction),
+    /// Read a running agent's audit log (talks to the agent, not the site).
+    Audit(super::agent::AgentAuditArgs),
     /// List the site's agents.
     List,
     /// Register an agent with the site.
@@ -65,6 +67,7 @@ pub async fn run(args: AgentArgs) -> i32 {
     match args.action {
         Action::Run(r) => super::agent::run(r).await,
         Action::Driver(d) => super::agent::driver(d, site_output(&args.site)).await,
+        Action::Audit(a) => super::agent::audit(a, site_output(&args.site)).await,
         action => super::report(manage(&args.site, action).await),
     }
 }
@@ -76,6 +79,7 @@ async fn manage(site: &SiteOpts, action: Action) -> Result<i32, CliError> {
         // Reached only if `run` changes; `run` needs no site.
         Action::Run(r) => return Ok(super::agent::run(r).await),
         Action::Driver(d) => return Ok(super::agent::driver(d, site.output).await),
+        Action::Audit(a) => return Ok(super::agent::audit(a, site.output).await),
         Action::List => {
             let all: Vec<AgentView> = client.get("/v1/agents").await?;
             print(site.output, &all, false);

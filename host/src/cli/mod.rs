@@ -4,6 +4,7 @@
 
 pub mod agent;
 pub mod agents;
+pub mod audit;
 mod copy;
 pub mod jobs;
 pub mod libvirtd;
@@ -58,6 +59,8 @@ pub enum Command {
     /// Manage the plugins of a running agent.
     #[command(subcommand_required = true)]
     Plugin(Box<plugin::PluginArgs>),
+    /// Read the site's audit log (admins).
+    Audit(Box<audit::AuditArgs>),
     /// Print shell completions.
     Completions {
         /// Shell to generate for.
@@ -73,6 +76,7 @@ pub async fn run(cli: Cli) -> i32 {
         Command::Vm(v) => report(vms::run(*v).await),
         Command::Job(j) => report(jobs::run(*j).await),
         Command::Plugin(p) => plugin::run(*p).await,
+        Command::Audit(a) => report(audit::run(*a).await),
         Command::Up(u) => up::run(*u).await,
         Command::Site(s) => site::run(s).await,
         Command::Completions { shell } => {

@@ -101,6 +101,13 @@ impl SiteCore {
                         format!("user '{}' exists", body.name),
                     ));
                 }
+                self.audit(
+                    &caller.name,
+                    "user.create",
+                    &user.name,
+                    serde_json::json!({ "role": user.role, "quota": user.quota }),
+                )
+                .await?;
                 Ok(json_response(
                     StatusCode::CREATED,
                     &self.user_view(&user, Some(token))?,
@@ -132,6 +139,8 @@ impl SiteCore {
                 let u = r
                     .map_err(db)?
                     .ok_or_else(|| not_found(&format!("no user '{name}'")))?;
+                self.audit(&caller.name, "user.quota", name, serde_json::json!(quota))
+                    .await?;
                 ok(&self.user_view(&u, None)?)
             }
             (Method::POST, ["v1", "users", name, "token"]) => {
@@ -150,6 +159,8 @@ impl SiteCore {
                 let u = r
                     .map_err(db)?
                     .ok_or_else(|| not_found(&format!("no user '{name}'")))?;
+                self.audit(&caller.name, "user.token", name, serde_json::Value::Null)
+                    .await?;
                 ok(&self.user_view(&u, Some(token))?)
             }
             (Method::DELETE, ["v1", "users", name]) => {
@@ -177,6 +188,8 @@ impl SiteCore {
                     Ok(Ok(()))
                 });
                 r.map_err(db)??;
+                self.audit(&caller.name, "user.delete", name, serde_json::Value::Null)
+                    .await?;
                 ok(&serde_json::json!({ "removed": name }))
             }
             (m, _) => Err(ApiError::no_route(&m, req.uri().path())),
@@ -203,6 +216,13 @@ impl SiteCore {
                     .agents
                     .register(&body.id, &body.url, &body.token)
                     .await?;
+                self.audit(
+                    &caller.name,
+                    "agent.add",
+                    &body.id,
+                    serde_json::json!({ "url": body.url }),
+                )
+                .await?;
                 Ok(json_response(StatusCode::CREATED, &view))
             }
             (Method::GET, ["v1", "agents", id]) => {
@@ -228,9 +248,30 @@ impl SiteCore {
             (Method::DELETE, ["v1", "agents", id]) => {
                 let force = query_param(req.uri(), "force")?.as_deref() == Some("true");
                 self.agents.unregister(id, force)?;
+                self.audit(
+                    &caller.name,
+                    "agent.remove",
+                    id,
+                    serde_json::json!({ "force": force }),
+                )
+                .await?;
                 ok(&serde_json::json!({ "removed": id }))
             }
             (m, _) => Err(ApiError::no_route(&m, req.uri().path())),
         }
+    }
+}
+
+impl SiteCore {
+    /// `GET /v1/audit?after=N&limit=N` (admins): the audit log, oldest first.
+    pub fn handle_audit(
+        &self,
+        caller: &Caller,
+        req: &Request<Incoming>,
+    ) -> Result<Response, ApiError> {
+        caller.require_admin()?;
+        let after = crate::api::query_u64(req.uri(), "after", 0, 0, u64::MAX)?;
+        let limit = crate::api::query_u64(req.uri(), "limit", 1000, 1, crate::api::MAX_LIST)?;
+        ok(&self.store.audit_after(after, limit as usize).map_err(db)?)
     }
 }

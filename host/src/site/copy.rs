@@ -114,7 +114,13 @@ impl SiteCore {
         let mut job = job;
         job.params["size"] = json!(size);
         job.params["sha256"] = json!(sha);
-        match self.submitter.submit(job, None).await {
+        let audit = super::jobs::audit_entry(
+            &caller.name,
+            "vm.copy-in",
+            &vm.id,
+            super::jobs::audit_detail(&job.params),
+        );
+        match self.submitter.submit_audited(job, None, Some(audit)).await {
             Ok(j) => Ok(j),
             Err(e) => {
                 let _ = tokio::fs::remove_file(&file).await;
@@ -265,13 +271,20 @@ impl SiteCore {
         if !path.starts_with('/') {
             return Err(ApiError::bad_request("path must be an absolute guest path"));
         }
+        if path.len() > 4096 || path.contains('\0') {
+            return Err(ApiError::bad_request(
+                "path must be at most 4096 bytes without NUL",
+            ));
+        }
+        let audit =
+            super::jobs::audit_entry(&caller.name, "vm.copy-out", &vm.id, json!({ "path": path }));
         let job = new_job(
             vm.owner.as_deref().unwrap_or(&caller.name),
             JobKind::CopyOut,
             Some(vm.id),
             json!({ "path": path }),
         );
-        self.submitter.submit(job, None).await
+        self.submitter.submit_audited(job, None, Some(audit)).await
     }
 }
 

@@ -17,7 +17,7 @@ use serde_json::Value;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use super::agents::db;
-use super::model::{now_ms, Job, JobKind, JobState, OpError, Quota, Usage};
+use super::model::{now_ms, AuditEntry, Job, JobKind, JobState, OpError, Quota, Usage};
 use super::store::{Store, StoreError, Txn};
 use super::SiteCore;
 use crate::api::ApiError;
@@ -29,6 +29,8 @@ const MAX_BATCH: usize = 1024;
 struct Submission {
     job: Job,
     quota: Option<Quota>,
+    /// Recorded in the same transaction as the job.
+    audit: Option<AuditEntry>,
     reply: oneshot::Sender<Result<Job, ApiError>>,
 }
 
@@ -93,9 +95,24 @@ impl Submitter {
 
     /// Records `job` durably (checking `quota` against its reservation) and queues it.
     pub async fn submit(&self, job: Job, quota: Option<Quota>) -> Result<Job, ApiError> {
+        self.submit_audited(job, quota, None).await
+    }
+
+    /// [`Submitter::submit`], with an audit entry recorded in the same transaction.
+    pub async fn submit_audited(
+        &self,
+        job: Job,
+        quota: Option<Quota>,
+        audit: Option<AuditEntry>,
+    ) -> Result<Job, ApiError> {
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(Work::Submit(Box::new(Submission { job, quota, reply })))
+            .send(Work::Submit(Box::new(Submission {
+                job,
+                quota,
+                audit,
+                reply,
+            })))
             .map_err(|_| unavailable("the job writer has stopped"))?;
         rx.await
             .map_err(|_| unavailable("the job writer has stopped"))?
@@ -208,6 +225,9 @@ fn apply(t: &mut Txn<'_>, w: &mut Work) -> Result<Verdict, StoreError> {
                 t.move_usage(&job.owner, Usage::default(), job.reserved)?;
             }
             t.put_job(job, Some("queued"))?;
+            if let Some(a) = &s.audit {
+                t.audit(a.clone())?;
+            }
             Ok(Verdict::Done)
         }
     }
@@ -364,6 +384,21 @@ impl SiteCore {
             .await
     }
 
+    /// Records that `caller` did `action` on `target` (durably, group-committed).
+    pub async fn audit(
+        &self,
+        who: &str,
+        action: &str,
+        target: &str,
+        detail: Value,
+    ) -> Result<(), ApiError> {
+        let entry = audit_entry(who, action, target, detail);
+        self.submitter
+            .apply(move |t| t.audit(entry.clone()))
+            .await
+            .map_err(db)
+    }
+
     /// Cancels a queued job (giving back its reservation); running jobs finish.
     pub fn cancel(&self, id: &str) -> Result<Job, ApiError> {
         let r = self.store.write(|t| {
@@ -432,4 +467,40 @@ pub fn store_error(e: StoreError) -> OpError {
         kind: "backend".into(),
         message: e.to_string(),
     }
+}
+
+/// An audit entry (its sequence number and time are set when it is stored).
+pub fn audit_entry(who: &str, action: &str, target: &str, detail: Value) -> AuditEntry {
+    AuditEntry {
+        seq: 0,
+        at_ms: 0,
+        who: who.to_string(),
+        action: action.to_string(),
+        target: target.to_string(),
+        detail,
+    }
+}
+
+/// What an audit log may say of a job's parameters: an exec's argv, cwd and the
+/// names (never the values) of its environment; never its stdin.
+pub fn audit_detail(params: &Value) -> Value {
+    let mut d = serde_json::Map::new();
+    if let Some(o) = params.as_object() {
+        for (k, v) in o {
+            match k.as_str() {
+                "env" => {
+                    let names: Vec<&String> = v
+                        .as_object()
+                        .map(|m| m.keys().collect())
+                        .unwrap_or_default();
+                    d.insert("env-names".into(), serde_json::json!(names));
+                }
+                "stdin-b64" => {}
+                _ => {
+                    d.insert(k.clone(), v.clone());
+                }
+            }
+        }
+    }
+    Value::Object(d)
 }

@@ -104,6 +104,9 @@ impl SiteApi {
             ["v1", "agents", ..] => core.handle_agents(&caller, req, &segs).await,
             ["v1", "vms", ..] | ["v1", "templates"] => core.handle_vms(&caller, req, &segs).await,
             ["v1", "jobs", ..] => core.handle_jobs(&caller, req, &segs).await,
+            ["v1", "audit"] if req.method() == hyper::Method::GET => {
+                core.handle_audit(&caller, &req)
+            }
             _ => Err(ApiError::no_route(req.method(), &path)),
         }
     }

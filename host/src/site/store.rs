@@ -11,7 +11,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::sync::broadcast;
 
-use super::model::{now_ms, AgentRec, Job, JobEvent, JobState, SiteVm, Usage, User};
+use super::model::{now_ms, AgentRec, AuditEntry, Job, JobEvent, JobState, SiteVm, Usage, User};
 
 const USERS: TableDefinition<&str, &[u8]> = TableDefinition::new("users");
 /// Token SHA-256 → user name.
@@ -26,6 +26,8 @@ const ACTIVE: TableDefinition<&str, ()> = TableDefinition::new("active_jobs");
 const USER_JOBS: TableDefinition<&str, ()> = TableDefinition::new("user_jobs");
 const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("job_events");
 const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
+/// Sequence number → audit entry.
+const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
 
 /// Job events kept; older ones are trimmed.
 const MAX_EVENTS: u64 = 1_000_000;
@@ -257,6 +259,20 @@ impl Txn<'_> {
         Ok(())
     }
 
+    /// Appends an audit entry (its sequence number and time are set here).
+    pub fn audit(&mut self, mut entry: AuditEntry) -> Result<(), StoreError> {
+        let mut t = self.txn.open_table(AUDIT).map_err(storage)?;
+        entry.seq = t
+            .last()
+            .map_err(storage)?
+            .map(|(k, _)| k.value() + 1)
+            .unwrap_or(1);
+        entry.at_ms = now_ms();
+        t.insert(entry.seq, encode(&entry)?.as_slice())
+            .map_err(storage)?;
+        Ok(())
+    }
+
     /// Jobs that are queued or running, as this transaction sees them.
     pub fn active_jobs(&self) -> Result<Vec<Job>, StoreError> {
         let active = self.txn.open_table(ACTIVE).map_err(storage)?;
@@ -308,6 +324,7 @@ impl Store {
             txn.open_table(ACTIVE).map_err(|e| err(&e))?;
             txn.open_table(USER_JOBS).map_err(|e| err(&e))?;
             txn.open_table(EVENTS).map_err(|e| err(&e))?;
+            txn.open_table(AUDIT).map_err(|e| err(&e))?;
             let mut meta = txn.open_table(META).map_err(|e| err(&e))?;
             if meta.get("schema").map_err(|e| err(&e))?.is_none() {
                 meta.insert("schema", "1").map_err(|e| err(&e))?;
@@ -502,6 +519,23 @@ impl Store {
                         break;
                     }
                 }
+            }
+            Ok(out)
+        })
+    }
+
+    /// Audit entries after `after`, oldest first, at most `limit`.
+    pub fn audit_after(&self, after: u64, limit: usize) -> Result<Vec<AuditEntry>, StoreError> {
+        self.read(|r| {
+            let t = r.open_table(AUDIT).map_err(storage)?;
+            let mut out = Vec::new();
+            for row in t
+                .range(after.saturating_add(1)..)
+                .map_err(storage)?
+                .take(limit)
+            {
+                let (k, v) = row.map_err(storage)?;
+                out.push(decode(&k.value().to_string(), v.value())?);
             }
             Ok(out)
         })

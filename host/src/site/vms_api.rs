@@ -179,7 +179,18 @@ impl SiteCore {
                     }
                     _ => {}
                 }
-                let job = self.submitter.submit(job, quota).await?;
+                // Commands in guests, and anything an admin does to another's VM.
+                let audit = (matches!(kind, JobKind::Exec | JobKind::Provision)
+                    || job.owner != caller.name)
+                    .then(|| {
+                        super::jobs::audit_entry(
+                            &caller.name,
+                            &format!("vm.{}", kind.as_str()),
+                            &vm.id,
+                            super::jobs::audit_detail(&job.params),
+                        )
+                    });
+                let job = self.submitter.submit_audited(job, quota, audit).await?;
                 Self::accepted(&job)
             }
             (m, _) => Err(ApiError::no_route(&m, req.uri().path())),
@@ -263,7 +274,10 @@ impl SiteCore {
                         ),
                     ));
                 }
-                ok(&redacted(self.cancel(id)?))
+                let cancelled = self.cancel(id)?;
+                self.audit(&caller.name, "job.cancel", id, Value::Null)
+                    .await?;
+                ok(&redacted(cancelled))
             }
             (Method::GET, ["v1", "jobs", id, "events"]) => {
                 let job = self.job_for(caller, id)?;

@@ -312,6 +312,39 @@ async fn replace_keeps_grants_and_runtime_changes_survive_a_restart() {
     let (code, _, err) = gve(&agent, &["unload", "memory"]).await;
     assert_eq!(code, 0, "{err}");
     let before: Vec<PluginSummary> = agent.plugins.list();
+    // Each change is in the agent's audit log, read through the CLI.
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_gve"))
+        .args([
+            "agent",
+            "audit",
+            "-o",
+            "json",
+            "--agent-url",
+            &format!("http://{}", agent.addr),
+            "--secret",
+            TOKEN,
+        ])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let log: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let actions: Vec<&str> = log.iter().map(|a| a["action"].as_str().unwrap()).collect();
+    assert_eq!(
+        actions,
+        [
+            "plugin.load",
+            "plugin.replace",
+            "plugin.replace",
+            "plugin.unload"
+        ]
+    );
+    assert_eq!(log[0]["detail"]["http"], json!(["127.0.0.1:9"]));
+    assert_eq!(log[0]["detail"]["config-keys"], json!(["version"]));
     agent.stop().await;
 
     let again = Agent::start(memory_config(dir.path())).await.unwrap();

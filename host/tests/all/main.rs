@@ -2,6 +2,7 @@
 
 mod admin;
 mod agent;
+mod audit;
 mod cli;
 mod contract;
 mod e2e;

@@ -1,0 +1,116 @@
+//! The audit logs: every admin action and every exec or copy is recorded with who,
+//! what and when, readable by admins (API and CLI), and no secret is in them.
+
+use bytes::Bytes;
+use gve::site::model::{AuditEntry, Job, JobState, SiteVm};
+use hyper::Method;
+use serde_json::{json, Value};
+
+use crate::site::{env, job, post, wait_job, ADMIN};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_actions_execs_and_copies_are_audited_without_secrets() {
+    let e = env(1, |_| {}).await;
+    let ida = e.user("ida", None).await;
+    let _: Value = e
+        .admin
+        .call(
+            Method::PUT,
+            "/v1/users/ida/quota",
+            Some(&json!({ "logical-cpus": 4, "main-memory-mib": 4096, "vms": 2 })),
+        )
+        .await
+        .unwrap();
+    let j = job(&ida, "/v1/vms", json!({ "main-memory-mib": 256 })).await;
+    let vm: SiteVm = serde_json::from_value(j.result.unwrap()).unwrap();
+    let x = job(
+        &ida,
+        &format!("/v1/vms/{}/exec", vm.id),
+        json!({ "argv": ["echo", "hi"], "env": { "TOKEN": "s3cr3t-value" }, "stdin-b64": "c2VjcmV0LXN0ZGlu" }),
+    )
+    .await;
+    assert_eq!(x.state, JobState::Succeeded, "{x:?}");
+    let put: Job = ida
+        .put_stream(
+            &format!("/v1/vms/{}/files?path=/tmp/a.txt", vm.id),
+            &[],
+            gve::api::full(Bytes::from_static(b"secret file content")),
+        )
+        .await
+        .unwrap();
+    wait_job(&ida, &put.id).await;
+    let out = post(
+        &ida,
+        &format!("/v1/vms/{}/copy-out", vm.id),
+        json!({ "path": "/tmp/a.txt" }),
+    )
+    .await
+    .unwrap();
+    wait_job(&ida, out["id"].as_str().unwrap()).await;
+
+    // Users cannot read it.
+    let denied = ida.get::<Value>("/v1/audit").await.unwrap_err();
+    assert_eq!(denied.status, 403, "{denied}");
+    // Admins read it through the CLI.
+    let cli = tokio::process::Command::new(env!("CARGO_BIN_EXE_gve"))
+        .args(["audit", "-o", "json", "--limit", "1000"])
+        .env("GVE_URL", e.admin.base())
+        .env("GVE_TOKEN", ADMIN)
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        cli.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cli.stderr)
+    );
+    let text = String::from_utf8(cli.stdout).unwrap();
+    for secret in [
+        "s3cr3t-value",
+        "c2VjcmV0LXN0ZGlu",
+        "secret file content",
+        "c2VjcmV0",
+    ] {
+        assert!(!text.contains(secret), "{secret} in the audit log: {text}");
+    }
+    let log: Vec<AuditEntry> = serde_json::from_str(&text).unwrap();
+    let find = |action: &str| {
+        log.iter()
+            .find(|a| a.action == action)
+            .unwrap_or_else(|| panic!("no {action} in {log:?}"))
+    };
+    let created = find("user.create");
+    assert_eq!(
+        (created.who.as_str(), created.target.as_str()),
+        ("admin", "ida")
+    );
+    assert_eq!(find("user.quota").detail["vms"], 2);
+    assert_eq!(find("agent.add").target, "a-0");
+    let exec = find("vm.exec");
+    assert_eq!(
+        (exec.who.as_str(), exec.target.as_str()),
+        ("ida", vm.id.as_str())
+    );
+    assert_eq!(exec.detail["argv"], json!(["echo", "hi"]));
+    assert_eq!(exec.detail["env-names"], json!(["TOKEN"]));
+    assert_eq!(find("vm.copy-in").detail["path"], "/tmp/a.txt");
+    assert_eq!(find("vm.copy-out").detail["path"], "/tmp/a.txt");
+    assert!(log
+        .windows(2)
+        .all(|w| w[0].seq < w[1].seq && w[0].at_ms <= w[1].at_ms));
+
+    // The agent keeps its own: the site's exec arrived there as the agent admin's.
+    let (_, agent) = &e.agents[0];
+    let alog: Vec<AuditEntry> = agent.get("/v1/audit").await.unwrap();
+    let aexec = alog
+        .iter()
+        .find(|a| a.action == "vm.exec")
+        .expect("agent vm.exec");
+    assert_eq!(aexec.who, "agent-admin");
+    let atext = serde_json::to_string(&alog).unwrap();
+    assert!(
+        !atext.contains("s3cr3t-value") && !atext.contains("secret file content"),
+        "{atext}"
+    );
+    e.site.stop().await;
+}
