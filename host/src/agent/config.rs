@@ -35,6 +35,10 @@ pub struct AgentConfig {
     /// The most the admin API may load and grant (default: what this file gives).
     #[serde(default)]
     pub plugin_policy: Option<super::policy::PluginPolicy>,
+    /// Serve HTTPS with this certificate; with `client-fingerprints`, only to the
+    /// site (or operator) presenting one of those certificates (mutual TLS).
+    #[serde(default)]
+    pub tls: Option<crate::api::tls::TlsConfig>,
 }
 
 impl Default for AgentConfig {
@@ -49,6 +53,7 @@ impl Default for AgentConfig {
             bundles_dir: None,
             http: Default::default(),
             plugin_policy: None,
+            tls: None,
         }
     }
 }
@@ -137,6 +142,10 @@ impl AgentConfig {
         let base = path.parent().unwrap_or(Path::new("."));
         cfg.data_dir = base.join(&cfg.data_dir);
         cfg.bundles_dir = cfg.bundles_dir.map(|d| base.join(d));
+        if let Some(t) = &mut cfg.tls {
+            t.cert = base.join(&t.cert);
+            t.key = base.join(&t.key);
+        }
         if let Some(p) = &mut cfg.plugin_policy {
             for d in &mut p.bundle_dirs {
                 *d = base.join(&*d);

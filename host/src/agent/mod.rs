@@ -77,6 +77,9 @@ pub enum AgentError {
         #[source]
         source: PluginError,
     },
+    /// The TLS setup is not usable.
+    #[error("tls: {0}")]
+    Tls(String),
     /// Plugins recorded at runtime could not be read back.
     #[error("restoring plugins recorded at runtime: {0}")]
     Restore(String),
@@ -263,11 +266,19 @@ impl Agent {
             admin_token: config.admin_token,
         });
         let (tx, rx) = oneshot::channel();
+        let tls = match &config.tls {
+            Some(t) => Some(
+                t.server_config()
+                    .map_err(|e| AgentError::Tls(e.to_string()))?,
+            ),
+            None => None,
+        };
         let connections = api::server::Connections::new(config.http);
         let task = tokio::spawn(api::server::serve(
             listener,
             handler,
             connections.clone(),
+            tls,
             async {
                 let _ = rx.await;
             },

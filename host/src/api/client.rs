@@ -5,6 +5,7 @@ use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::{Method, Request, StatusCode};
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client as HyperClient;
 use hyper_util::rt::TokioExecutor;
@@ -16,26 +17,65 @@ use super::{full, ApiError, Body};
 /// How long a JSON call waits for its answer (long polls ask for at most 60 s).
 pub const JSON_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(90);
 
+/// An error with its causes (a TLS refusal hides two levels down).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let m = c.to_string();
+        if !out.contains(&m) {
+            out.push_str(": ");
+            out.push_str(&m);
+        }
+        cur = c.source();
+    }
+    out
+}
+
 /// A client bound to one service URL and token.
 #[derive(Clone)]
 pub struct Client {
     base: String,
     token: Option<String>,
-    http: HyperClient<HttpConnector, Body>,
+    http: HyperClient<HttpsConnector<HttpConnector>, Body>,
 }
 
 impl Client {
-    /// A client for `base` (e.g. `http://127.0.0.1:7070`).
+    /// A client for `base` (`http://127.0.0.1:7070`; `https://` needs
+    /// [`Client::with_tls`] and a fingerprint or CA to verify the server by).
     pub fn new(base: &str, token: Option<String>) -> Result<Client, ApiError> {
-        if !base.starts_with("http://") {
+        Client::with_tls(base, token, &super::tls::ClientTls::default())
+    }
+
+    /// A client for `base` that verifies an `https://` server as `tls` says.
+    pub fn with_tls(
+        base: &str,
+        token: Option<String>,
+        tls: &super::tls::ClientTls,
+    ) -> Result<Client, ApiError> {
+        let https = base.starts_with("https://");
+        if !https && !base.starts_with("http://") {
             return Err(ApiError::bad_request(format!(
-                "URL '{base}' must start with http://"
+                "URL '{base}' must start with http:// or https://"
             )));
         }
+        if https && tls.fingerprint.is_none() && tls.ca.is_none() {
+            return Err(ApiError::bad_request(format!(
+                "{base}: an https URL needs the server's certificate fingerprint (--fingerprint, GVE_FINGERPRINT) or a CA (--ca, GVE_CA)"
+            )));
+        }
+        let config = tls
+            .client_config()
+            .map_err(|e| ApiError::bad_request(e.to_string()))?;
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(config)
+            .https_or_http()
+            .enable_http1()
+            .build();
         Ok(Client {
             base: base.trim_end_matches('/').to_string(),
             token,
-            http: HyperClient::builder(TokioExecutor::new()).build_http(),
+            http: HyperClient::builder(TokioExecutor::new()).build(connector),
         })
     }
 
@@ -67,7 +107,7 @@ impl Client {
             ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "unavailable",
-                format!("{method} {url}: {e}"),
+                format!("{method} {url}: {}", chain(&e)),
             )
         })?;
         let status = resp.status();

@@ -4,6 +4,7 @@
 
 pub mod client;
 pub mod server;
+pub mod tls;
 
 use bytes::Bytes;
 use http_body_util::combinators::BoxBody;

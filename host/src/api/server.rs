@@ -280,13 +280,14 @@ impl hyper::body::Body for BusyBody {
     }
 }
 
-/// Serves `handler` on `listener` until `stop` resolves, within `conns`' limits;
-/// then open connections are closed too (a stopped service does not keep answering
+/// Serves `handler` on `listener` (over TLS when `tls` is given) until `stop`
+/// resolves, within `conns`' limits; then open connections are closed too (a stopped service does not keep answering
 /// on kept-alive connections).
 pub async fn serve<H: Handler>(
     listener: TcpListener,
     handler: Arc<H>,
     conns: Arc<Connections>,
+    tls: Option<Arc<rustls::ServerConfig>>,
     stop: impl Future<Output = ()>,
 ) {
     tokio::pin!(stop);
@@ -316,33 +317,19 @@ pub async fn serve<H: Handler>(
             id,
         };
         let handler = handler.clone();
+        let tls = tls.clone();
         let abort = connections.spawn(async move {
             let _registered = registered;
-            let service = service_fn(move |req| {
-                let handler = handler.clone();
-                let guard = Busy::new(&busy);
-                async move {
-                    let resp = handler.handle(req).await;
-                    let resp = resp.map(|inner| {
-                        BusyBody {
-                            inner,
-                            _busy: guard,
-                        }
-                        .boxed()
-                    });
-                    Ok::<_, std::convert::Infallible>(resp)
-                }
-            });
-            let mut builder = hyper::server::conn::http1::Builder::new();
-            builder
-                .timer(TokioTimer::new())
-                .header_read_timeout(Duration::from_millis(limits.header_read_timeout_ms))
-                .max_header_size(limits.max_header_bytes);
-            if let Err(e) = builder
-                .serve_connection(TokioIo::new(stream), service)
-                .await
-            {
-                tracing::debug!(%peer, "connection ended: {e}");
+            let Some(cfg) = tls else {
+                return serve_conn(stream, handler, busy, limits, peer).await;
+            };
+            // The handshake is held to the header timeout too.
+            let handshake = tokio_rustls::TlsAcceptor::from(cfg).accept(stream);
+            let timeout = Duration::from_millis(limits.header_read_timeout_ms);
+            match tokio::time::timeout(timeout, handshake).await {
+                Ok(Ok(s)) => serve_conn(s, handler, busy, limits, peer).await,
+                Ok(Err(e)) => tracing::debug!(%peer, "TLS handshake failed: {e}"),
+                Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
             }
         });
         conns.set_abort(id, abort);
@@ -350,6 +337,42 @@ pub async fn serve<H: Handler>(
     connections.abort_all();
     // Wait until every connection's task is gone (and what it held, released).
     while connections.join_next().await.is_some() {}
+}
+
+/// Serves HTTP/1.1 on one connection (plain or TLS).
+async fn serve_conn<H, I>(
+    io: I,
+    handler: Arc<H>,
+    busy: Arc<AtomicUsize>,
+    limits: HttpLimits,
+    peer: SocketAddr,
+) where
+    H: Handler,
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = service_fn(move |req| {
+        let handler = handler.clone();
+        let guard = Busy::new(&busy);
+        async move {
+            let resp = handler.handle(req).await;
+            let resp = resp.map(|inner| {
+                BusyBody {
+                    inner,
+                    _busy: guard,
+                }
+                .boxed()
+            });
+            Ok::<_, std::convert::Infallible>(resp)
+        }
+    });
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_millis(limits.header_read_timeout_ms))
+        .max_header_size(limits.max_header_bytes);
+    if let Err(e) = builder.serve_connection(TokioIo::new(io), service).await {
+        tracing::debug!(%peer, "connection ended: {e}");
+    }
 }
 
 /// Raises this process's soft limit on open files to its hard limit (as servers

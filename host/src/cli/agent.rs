@@ -35,7 +35,25 @@ pub enum DriverAction {
         /// The agent's admin token.
         #[arg(long, env = "GVE_AGENT_SECRET", hide_env_values = true)]
         secret: String,
+        /// For an https:// agent: the SHA-256 fingerprint of its certificate.
+        #[arg(long, env = "GVE_AGENT_FINGERPRINT")]
+        agent_fingerprint: Option<String>,
     },
+}
+
+fn agent_client(
+    url: &str,
+    secret: String,
+    fingerprint: Option<String>,
+) -> Result<Client, crate::api::ApiError> {
+    Client::with_tls(
+        url,
+        Some(secret),
+        &crate::api::tls::ClientTls {
+            fingerprint,
+            ..Default::default()
+        },
+    )
 }
 
 /// Runs a driver command; returns the exit code.
@@ -48,6 +66,7 @@ pub async fn driver(action: DriverAction, out: Output) -> i32 {
         reconcile_period_ms,
         agent_url,
         secret,
+        agent_fingerprint,
     } = action;
     let d = DriverConfig {
         plugin,
@@ -61,7 +80,7 @@ pub async fn driver(action: DriverAction, out: Output) -> i32 {
         reservation_seconds: 300,
     };
     let r = async {
-        Client::new(&agent_url, Some(secret))?
+        agent_client(&agent_url, secret, agent_fingerprint)?
             .call::<_, serde_json::Value>(Method::PUT, "/v1/driver", Some(&d))
             .await
     }
@@ -130,17 +149,24 @@ pub struct AgentAuditArgs {
     /// The agent's admin token.
     #[arg(long, env = "GVE_AGENT_SECRET", hide_env_values = true)]
     pub secret: String,
+    /// For an https:// agent: the SHA-256 fingerprint of its certificate.
+    #[arg(long, env = "GVE_AGENT_FINGERPRINT")]
+    pub agent_fingerprint: Option<String>,
 }
 
 /// Prints an agent's audit log; returns the exit code.
 pub async fn audit(args: AgentAuditArgs, out: Output) -> i32 {
     let r = async {
-        Client::new(&args.agent_url, Some(args.secret.clone()))?
-            .get::<Vec<crate::agent::model::AuditEntry>>(&format!(
-                "/v1/audit?after={}&limit={}",
-                args.after, args.limit
-            ))
-            .await
+        agent_client(
+            &args.agent_url,
+            args.secret.clone(),
+            args.agent_fingerprint.clone(),
+        )?
+        .get::<Vec<crate::agent::model::AuditEntry>>(&format!(
+            "/v1/audit?after={}&limit={}",
+            args.after, args.limit
+        ))
+        .await
     }
     .await;
     match r {

@@ -41,6 +41,9 @@ pub enum Action {
         /// Its admin token: the site authenticates with it.
         #[arg(long, env = "GVE_AGENT_SECRET", hide_env_values = true)]
         secret: String,
+        /// For an https:// agent: the SHA-256 fingerprint of its certificate.
+        #[arg(long = "agent-fingerprint")]
+        agent_fingerprint: Option<String>,
     },
     /// Show one agent.
     Show {
@@ -88,11 +91,12 @@ async fn manage(site: &SiteOpts, action: Action) -> Result<i32, CliError> {
             id,
             agent_url: url,
             secret,
+            agent_fingerprint,
         } => one(client
             .call(
                 Method::POST,
                 "/v1/agents",
-                Some(&json!({ "id": id, "url": url, "token": secret })),
+                Some(&json!({ "id": id, "url": url, "token": secret, "fingerprint": agent_fingerprint })),
             )
             .await?),
         Action::Show { id } => one(client.get(&agent_path(&id)).await?),

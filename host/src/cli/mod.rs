@@ -122,6 +122,12 @@ pub struct SiteOpts {
     /// Your bearer token at the site.
     #[arg(long, env = "GVE_TOKEN", global = true, hide_env_values = true)]
     pub token: Option<String>,
+    /// For an https:// site: the SHA-256 fingerprint of its certificate.
+    #[arg(long, env = "GVE_FINGERPRINT", global = true)]
+    pub fingerprint: Option<String>,
+    /// For an https:// site: a CA certificate (PEM) its certificate chains to.
+    #[arg(long, env = "GVE_CA", global = true)]
+    pub ca: Option<std::path::PathBuf>,
     /// Output format.
     #[arg(long, short, value_enum, default_value_t, global = true)]
     pub output: Output,
@@ -130,7 +136,15 @@ pub struct SiteOpts {
 impl SiteOpts {
     /// A client for the site.
     pub fn client(&self) -> Result<Client, ApiError> {
-        Client::new(&self.url, self.token.clone())
+        Client::with_tls(
+            &self.url,
+            self.token.clone(),
+            &crate::api::tls::ClientTls {
+                fingerprint: self.fingerprint.clone(),
+                ca: self.ca.clone(),
+                ..Default::default()
+            },
+        )
     }
 }
 

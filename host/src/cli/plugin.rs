@@ -25,6 +25,9 @@ pub struct PluginArgs {
     /// Admin bearer token of the agent.
     #[arg(long, env = "GVE_TOKEN", global = true, hide_env_values = true)]
     pub token: Option<String>,
+    /// For an https:// agent: the SHA-256 fingerprint of its certificate.
+    #[arg(long, env = "GVE_AGENT_FINGERPRINT", global = true)]
+    pub fingerprint: Option<String>,
     /// Output format.
     #[arg(long, short, value_enum, default_value_t, global = true)]
     pub output: Output,
@@ -173,7 +176,14 @@ pub async fn run(args: PluginArgs) -> i32 {
 }
 
 async fn act(args: &PluginArgs) -> Result<(), ApiError> {
-    let client = Client::new(&args.url, args.token.clone())?;
+    let client = Client::with_tls(
+        &args.url,
+        args.token.clone(),
+        &crate::api::tls::ClientTls {
+            fingerprint: args.fingerprint.clone(),
+            ..Default::default()
+        },
+    )?;
     let one = |s: PluginSummary| print(args.output, &[s]);
     match &args.action {
         Action::List => {

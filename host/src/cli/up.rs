@@ -171,6 +171,7 @@ fn agent_config(
     data: &Path,
     uri: &str,
     token: &str,
+    tls: &AgentTls,
 ) -> Result<AgentConfig, UpError> {
     let plugins = std::path::absolute(&args.plugins).map_err(io("plugins", &args.plugins))?;
     for p in ["kvm", "guest-install"] {
@@ -187,8 +188,12 @@ fn agent_config(
          [plugins.kvm.grants.config]\nstorage-pool = \"gve\"\n[plugins.kvm.limits]\ncall-timeout-ms = 120000\n\
          [plugins.guest-install]\nbundle = \"{gi}\"\n[plugins.guest-install.grants]\nguest-channel = true\n\
          [plugins.guest-install.limits]\ncall-timeout-ms = 600000\n\
-         [driver]\nplugin = \"kvm\"\nendpoint = \"{uri}\"\nguest-plugin = \"guest-install\"\n",
+         [driver]\nplugin = \"kvm\"\nendpoint = \"{uri}\"\nguest-plugin = \"guest-install\"\n\
+         [tls]\ncert = \"{cert}\"\nkey = \"{key}\"\nclient-fingerprints = [\"{site}\"]\n",
         listen = args.agent_listen,
+        cert = tls.cert.display(),
+        key = tls.key.display(),
+        site = tls.site_fingerprint,
         kvm = plugins.join("kvm").display(),
         gi = plugins.join("guest-install").display(),
     );
@@ -196,6 +201,13 @@ fn agent_config(
     crate::private_fs::write_private(&path, text.as_bytes()).map_err(io("agent config", &path))?;
     std::fs::create_dir_all(data.join("bundles")).map_err(io("bundles", data))?;
     AgentConfig::read(&path).map_err(|e| UpError::Other(e.to_string()))
+}
+
+/// The agent's certificate, and the site's that it accepts as a client.
+struct AgentTls {
+    cert: PathBuf,
+    key: PathBuf,
+    site_fingerprint: String,
 }
 
 /// Runs `gve up` until Ctrl-C or SIGTERM.
@@ -249,22 +261,54 @@ async fn up(args: UpArgs) -> Result<(), UpError> {
             .await
             .map_err(|e| UpError::Other(e.to_string()))??;
     }
-    let agent = Agent::start(agent_config(&args, &data, &uri, &secrets.agent_token)?)
-        .await
-        .map_err(|e| UpError::Other(format!("agent: {e}")))?;
+    // TLS everywhere, with certificates made once: the CLI pins the site's, the
+    // site pins the agent's, and the agent admits only the site's (mutual TLS).
+    let names = ["localhost", "127.0.0.1", "::1"];
+    let tls_dir = data.join("tls");
+    let tls_err = |e: crate::api::tls::TlsError| UpError::Other(e.to_string());
+    let (site_cert, site_key, site_fp) =
+        crate::api::tls::self_signed(&tls_dir, "site", &names).map_err(tls_err)?;
+    let (agent_cert, agent_key, agent_fp) =
+        crate::api::tls::self_signed(&tls_dir, "agent", &names).map_err(tls_err)?;
+    let agent_tls = AgentTls {
+        cert: agent_cert,
+        key: agent_key,
+        site_fingerprint: site_fp.clone(),
+    };
+    let agent = Agent::start(agent_config(
+        &args,
+        &data,
+        &uri,
+        &secrets.agent_token,
+        &agent_tls,
+    )?)
+    .await
+    .map_err(|e| UpError::Other(format!("agent: {e}")))?;
     let mut site_config = SiteConfig::new(data.join("site"), secrets.admin_token.clone());
     site_config.listen = args.listen;
+    site_config.tls = Some(crate::api::tls::TlsConfig {
+        cert: site_cert.clone(),
+        key: site_key.clone(),
+        client_fingerprints: Vec::new(),
+    });
+    site_config.agent_tls = crate::api::tls::ClientTls {
+        cert: Some(site_cert),
+        key: Some(site_key),
+        ..Default::default()
+    };
     let site = Site::start(site_config)
         .await
         .map_err(|e| UpError::Other(format!("site: {e}")))?;
-    let agent_url = format!("http://{}", agent.addr);
+    let agent_url = format!("https://{}", agent.addr);
     let known = site
         .core
         .store
         .agent("local")
         .map_err(|e| UpError::Other(e.to_string()))?;
     match known {
-        Some(a) if a.url == agent_url => site.core.agents.check("local").await,
+        Some(a) if a.url == agent_url && a.fingerprint.as_deref() == Some(agent_fp.as_str()) => {
+            site.core.agents.check("local").await
+        }
         other => {
             if other.is_some() {
                 site.core
@@ -274,7 +318,7 @@ async fn up(args: UpArgs) -> Result<(), UpError> {
             }
             site.core
                 .agents
-                .register("local", &agent_url, &secrets.agent_token)
+                .register("local", &agent_url, &secrets.agent_token, Some(&agent_fp))
                 .await
                 .map_err(|e| {
                     UpError::Other(format!("registering the local agent: {}", e.message))
@@ -282,12 +326,13 @@ async fn up(args: UpArgs) -> Result<(), UpError> {
         }
     }
     println!(
-        "gve up: site http://{} (agent {agent_url}, libvirt {uri})",
+        "gve up: site https://{} (agent {agent_url}, libvirt {uri})",
         site.addr
     );
     println!("admin token: {}", secrets.admin_token);
+    println!("site fingerprint: {site_fp}");
     println!(
-        "  export GVE_URL=http://{} GVE_TOKEN={}",
+        "  export GVE_URL=https://{} GVE_TOKEN={} GVE_FINGERPRINT={site_fp}",
         site.addr, secrets.admin_token
     );
     println!("  gve vm templates; gve vm request --template tiny --memory-mib 256 --wait");

@@ -31,6 +31,8 @@ struct NewAgent {
     id: String,
     url: String,
     token: String,
+    #[serde(default)]
+    fingerprint: Option<String>,
 }
 
 fn not_found(what: &str) -> ApiError {
@@ -214,7 +216,12 @@ impl SiteCore {
                 let body: NewAgent = read_json(req.into_body()).await?;
                 let view = self
                     .agents
-                    .register(&body.id, &body.url, &body.token)
+                    .register(
+                        &body.id,
+                        &body.url,
+                        &body.token,
+                        body.fingerprint.as_deref(),
+                    )
                     .await?;
                 self.audit(
                     &caller.name,

@@ -22,6 +22,8 @@ use crate::api::ApiError;
 pub struct Agents {
     store: Store,
     site_id: String,
+    sealer: super::sealing::Sealer,
+    tls: crate::api::tls::ClientTls,
     clients: RwLock<HashMap<String, Client>>,
 }
 
@@ -45,13 +47,30 @@ pub fn agent_error(agent: &str, e: ApiError) -> OpError {
 }
 
 impl Agents {
-    /// The agents of `store`'s site.
-    pub fn new(store: Store, site_id: String) -> Agents {
-        Agents {
+    /// The agents of `store`'s site, their secrets sealed by `sealer`. Secrets an
+    /// earlier version stored in the clear are sealed now.
+    pub fn new(
+        store: Store,
+        site_id: String,
+        sealer: super::sealing::Sealer,
+        tls: crate::api::tls::ClientTls,
+    ) -> Result<Agents, StoreError> {
+        store.write(|t| {
+            for mut a in t.agents()? {
+                if !super::sealing::Sealer::is_sealed(&a.token) {
+                    a.token = sealer.seal(&a.token);
+                    t.put_agent(&a)?;
+                }
+            }
+            Ok(())
+        })?;
+        Ok(Agents {
             store,
             site_id,
+            sealer,
+            tls,
             clients: RwLock::new(HashMap::new()),
-        }
+        })
     }
 
     /// A client for agent `id`, authenticated with its secret.
@@ -71,7 +90,18 @@ impl Agents {
                 format!("no agent '{id}'"),
             )
         })?;
-        let c = Client::new(&rec.url, Some(rec.token.clone()))?;
+        let secret = self.sealer.unseal(&rec.token).map_err(|e| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "backend",
+                format!("agent '{id}': {e}"),
+            )
+        })?;
+        let c = Client::with_tls(
+            &rec.url,
+            Some(secret),
+            &self.tls_for(rec.fingerprint.as_deref()),
+        )?;
         self.clients
             .write()
             .unwrap_or_else(|p| p.into_inner())
@@ -79,9 +109,29 @@ impl Agents {
         Ok(c)
     }
 
-    /// Registers an agent: checks that it answers with this secret, tells it which
-    /// site it serves, and records it.
-    pub async fn register(&self, id: &str, url: &str, token: &str) -> Result<AgentView, ApiError> {
+    /// How to verify an agent with certificate fingerprint `pin` (else by the CA).
+    fn tls_for(&self, pin: Option<&str>) -> crate::api::tls::ClientTls {
+        let mut t = self.tls.clone();
+        if let Some(p) = pin {
+            t.fingerprint = Some(p.to_string());
+        }
+        t
+    }
+
+    /// Registers an agent: checks that it answers with this secret (over TLS, the
+    /// certificate `fingerprint` pins, or the site's agent CA), tells it which site
+    /// it serves, and records it.
+    pub async fn register(
+        &self,
+        id: &str,
+        url: &str,
+        token: &str,
+        fingerprint: Option<&str>,
+    ) -> Result<AgentView, ApiError> {
+        let fingerprint = fingerprint
+            .map(crate::api::tls::normalize_fingerprint)
+            .transpose()
+            .map_err(|e| ApiError::bad_request(e.to_string()))?;
         super::auth::validate_id("agent id", id)?;
         if self.store.agent(id).map_err(db)?.is_some() {
             return Err(ApiError::new(
@@ -90,7 +140,11 @@ impl Agents {
                 format!("agent '{id}' is registered already"),
             ));
         }
-        let c = Client::new(url, Some(token.to_string()))?;
+        let c = Client::with_tls(
+            url,
+            Some(token.to_string()),
+            &self.tls_for(fingerprint.as_deref()),
+        )?;
         let site = json!({ "id": self.site_id, "agent-id": id, "at-ms": now_ms() });
         c.call::<_, Value>(Method::PUT, "/v1/site", Some(&site))
             .await
@@ -107,7 +161,7 @@ impl Agents {
         let rec = AgentRec {
             id: id.to_string(),
             url: url.trim_end_matches('/').to_string(),
-            token: token.to_string(),
+            token: self.sealer.seal(token),
             status: AgentStatus::Down,
             error: Some("not checked yet".into()),
             seen_ms: 0,
@@ -115,8 +169,23 @@ impl Agents {
             templates: Vec::new(),
             endpoint: None,
             registered_ms: now_ms(),
+            fingerprint,
         };
-        self.store.write(|t| t.put_agent(&rec)).map_err(db)?;
+        // Checked again in the transaction: two registrations of one id race.
+        let fresh = self.store.write(|t| {
+            if t.agent(id)?.is_some() {
+                return Ok(false);
+            }
+            t.put_agent(&rec)?;
+            Ok(true)
+        });
+        if !fresh.map_err(db)? {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "already-exists",
+                format!("agent '{id}' is registered already"),
+            ));
+        }
         self.check(id).await;
         let rec = self.store.agent(id).map_err(db)?.unwrap_or(rec);
         Ok(AgentView::from(&rec))

@@ -53,6 +53,15 @@ pub struct SiteConfig {
     /// Limits on HTTP clients (timeouts, connection caps).
     #[serde(default)]
     pub http: crate::api::server::HttpLimits,
+    /// Serve HTTPS with this certificate (and, with `client-fingerprints`, only to
+    /// clients presenting one of those certificates).
+    #[serde(default)]
+    pub tls: Option<crate::api::tls::TlsConfig>,
+    /// How the site calls `https://` agents: a CA they chain to (else each agent's
+    /// pinned fingerprint, given at registration) and the client certificate it
+    /// presents to agents that require mutual TLS.
+    #[serde(default)]
+    pub agent_tls: crate::api::tls::ClientTls,
 }
 
 fn default_listen() -> SocketAddr {
@@ -116,6 +125,8 @@ impl SiteConfig {
             health_period_ms: default_health(),
             parallel_jobs: default_parallel(),
             http: Default::default(),
+            tls: None,
+            agent_tls: Default::default(),
         }
     }
 
@@ -154,7 +165,22 @@ impl SiteConfig {
             message,
         };
         let mut cfg: SiteConfig = toml::from_str(&text).map_err(|e| invalid(e.to_string()))?;
-        cfg.data_dir = path.parent().unwrap_or(Path::new(".")).join(&cfg.data_dir);
+        let base = path.parent().unwrap_or(Path::new("."));
+        cfg.data_dir = base.join(&cfg.data_dir);
+        if let Some(t) = &mut cfg.tls {
+            t.cert = base.join(&t.cert);
+            t.key = base.join(&t.key);
+        }
+        for p in [
+            &mut cfg.agent_tls.ca,
+            &mut cfg.agent_tls.cert,
+            &mut cfg.agent_tls.key,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            *p = base.join(&*p);
+        }
         cfg.validate().map_err(invalid)?;
         Ok(cfg)
     }

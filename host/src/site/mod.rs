@@ -19,6 +19,7 @@ pub mod leases;
 pub mod model;
 pub mod placement;
 pub mod request;
+pub mod sealing;
 pub mod store;
 pub mod vms;
 pub mod vms_api;
@@ -158,7 +159,14 @@ impl Site {
             t.put_user(&admin)?;
             t.set_meta("site-id", &config.site_id)
         })?;
-        let agents = Arc::new(agents::Agents::new(store.clone(), config.site_id.clone()));
+        let sealer = sealing::Sealer::open_or_create(&config.data_dir.join("site.key"))
+            .map_err(|e| SiteError::Config(e.to_string()))?;
+        let agents = Arc::new(agents::Agents::new(
+            store.clone(),
+            config.site_id.clone(),
+            sealer,
+            config.agent_tls.clone(),
+        )?);
         let (run_tx, run_rx) = mpsc::unbounded_channel();
         let submitter = jobs::Submitter::start(store.clone(), run_tx.clone());
         let core = Arc::new(SiteCore {
@@ -190,11 +198,19 @@ impl Site {
         })?;
         let handler = Arc::new(SiteApi { core: core.clone() });
         let (tx, rx) = oneshot::channel();
+        let tls = match &config.tls {
+            Some(t) => Some(
+                t.server_config()
+                    .map_err(|e| SiteError::Config(e.to_string()))?,
+            ),
+            None => None,
+        };
         let connections = api::server::Connections::new(config.http);
         let task = tokio::spawn(api::server::serve(
             listener,
             handler,
             connections.clone(),
+            tls,
             async {
                 let _ = rx.await;
             },

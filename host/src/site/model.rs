@@ -176,7 +176,8 @@ pub struct AgentRec {
     pub id: String,
     /// Base URL.
     pub url: String,
-    /// The agent's secret (its admin token): the site authenticates with it.
+    /// The agent's secret (its admin token), sealed under the site's key
+    /// ([`super::sealing`]): the site authenticates with it.
     pub token: String,
     /// Reachable or not.
     pub status: AgentStatus,
@@ -193,6 +194,9 @@ pub struct AgentRec {
     pub endpoint: Option<String>,
     /// Registered at (Unix ms).
     pub registered_ms: u64,
+    /// For an `https://` agent: the SHA-256 fingerprint of its certificate.
+    #[serde(default)]
+    pub fingerprint: Option<String>,
 }
 
 /// An agent as the API shows it (no secret).

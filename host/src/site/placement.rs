@@ -89,6 +89,7 @@ mod tests {
             id: id.into(),
             url: "http://127.0.0.1:1".into(),
             token: String::new(),
+            fingerprint: None,
             status: if up {
                 AgentStatus::Up
             } else {

@@ -15,4 +15,5 @@ mod site;
 mod site_crash;
 mod support;
 mod tenancy;
+mod tls;
 mod up;

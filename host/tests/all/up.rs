@@ -14,7 +14,24 @@ struct Up {
     child: tokio::process::Child,
     url: String,
     token: String,
+    fingerprint: String,
+    agent_url: String,
     err: std::path::PathBuf,
+}
+
+impl Up {
+    /// A client of the site, pinning its certificate.
+    fn client(&self, token: Option<String>) -> Client {
+        Client::with_tls(
+            &self.url,
+            token,
+            &gve::api::tls::ClientTls {
+                fingerprint: Some(self.fingerprint.clone()),
+                ..Default::default()
+            },
+        )
+        .unwrap()
+    }
 }
 
 /// Starts `gve up` on `dir/data` with a private libvirtd; returns once it printed
@@ -48,11 +65,24 @@ async fn start_up(dir: &std::path::Path, run: usize) -> Up {
             .lines()
             .find_map(|l| l.strip_prefix("admin token: "))
             .map(str::to_string);
-        if let (Some(url), Some(token)) = (url, token) {
+        let fingerprint = text
+            .lines()
+            .find_map(|l| l.strip_prefix("site fingerprint: "))
+            .map(str::to_string);
+        let agent_url = text
+            .lines()
+            .find_map(|l| l.split("(agent ").nth(1))
+            .and_then(|r| r.split(',').next())
+            .map(str::to_string);
+        if let (Some(url), Some(token), Some(fingerprint), Some(agent_url)) =
+            (url, token, fingerprint, agent_url)
+        {
             return Up {
                 child,
                 url,
                 token,
+                fingerprint,
+                agent_url,
                 err: err_path,
             };
         }
@@ -88,12 +118,63 @@ fn runs(pid: u32) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gve_up_runs_a_site_and_a_kvm_agent_that_serve_real_vms() {
     let dir = tempfile::tempdir_in(gve_harness::target_dir()).unwrap();
-    let Up {
-        mut child,
-        url,
-        token,
-        ..
-    } = start_up(dir.path(), 0).await;
+    let up = start_up(dir.path(), 0).await;
+    let c = up.client(Some(up.token.clone()));
+    assert!(up.url.starts_with("https://"), "{}", up.url);
+    // TLS holds: plain HTTP, a wrong pin, and (at the agent) a client without the
+    // site's certificate all fail; the agent answers the site's certificate.
+    let plain = Client::new(
+        &up.url.replacen("https://", "http://", 1),
+        Some(up.token.clone()),
+    )
+    .unwrap();
+    assert!(plain.get::<serde_json::Value>("/v1/me").await.is_err());
+    let wrong = Client::with_tls(
+        &up.url,
+        Some(up.token.clone()),
+        &gve::api::tls::ClientTls {
+            fingerprint: Some("00".repeat(32)),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let e = wrong.get::<serde_json::Value>("/v1/me").await.unwrap_err();
+    assert!(e.message.contains("fingerprint"), "{e}");
+    let tls = dir.path().join("data/tls");
+    let agent_fp = gve::api::tls::file_fingerprint(&tls.join("agent.pem")).unwrap();
+    let secrets = std::fs::read_to_string(dir.path().join("data/secrets.toml")).unwrap();
+    let agent_token = secrets
+        .lines()
+        .find_map(|l| l.strip_prefix("agent-token = "))
+        .unwrap()
+        .trim_matches('"')
+        .to_string();
+    let anon = Client::with_tls(
+        &up.agent_url,
+        Some(agent_token.clone()),
+        &gve::api::tls::ClientTls {
+            fingerprint: Some(agent_fp.clone()),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert!(
+        anon.get::<serde_json::Value>("/v1/health").await.is_err(),
+        "the agent admitted a client without a certificate"
+    );
+    let as_site = Client::with_tls(
+        &up.agent_url,
+        Some(agent_token),
+        &gve::api::tls::ClientTls {
+            fingerprint: Some(agent_fp),
+            cert: Some(tls.join("site.pem")),
+            key: Some(tls.join("site.key")),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let _: serde_json::Value = as_site.get("/v1/health").await.unwrap();
+    let Up { mut child, .. } = up;
     // Secrets are the owner's alone.
     use std::os::unix::fs::PermissionsExt;
     for (f, mode) in [
@@ -108,7 +189,6 @@ async fn gve_up_runs_a_site_and_a_kvm_agent_that_serve_real_vms() {
             & 0o777;
         assert_eq!(m, mode, "{f} is {m:o}");
     }
-    let c = Client::new(&url, Some(token)).unwrap();
     let templates: Vec<String> = c.get("/v1/templates").await.unwrap();
     assert_eq!(templates, ["tiny"]);
     let j: Job = c
@@ -201,7 +281,7 @@ async fn a_gve_up_killed_with_9_leaves_nothing_the_next_one_trips_over() {
         err.contains(&format!("adopted the private libvirtd (pid {lv})")),
         "{err}"
     );
-    let c = Client::new(&second.url, Some(second.token.clone())).unwrap();
+    let c = second.client(Some(second.token.clone()));
     let templates: Vec<String> = c.get("/v1/templates").await.unwrap();
     assert_eq!(templates, ["tiny"]);
 
