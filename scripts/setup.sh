@@ -24,6 +24,19 @@ fi
 # the kvm driver's tests run real guests under TCG.
 bash scripts/harness/install-qemu.sh
 
+# The API fuzzer (Schemathesis, from the machine's configured Python index) in its
+# own virtualenv, for scripts/api-fuzz.sh.
+if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
+    echo "setup: installing python3-venv"
+    "${sudo_cmd[@]}" apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq --no-install-recommends python3-venv
+fi
+if [ ! -x target/fuzz-venv/bin/st ]; then
+    echo "setup: installing Schemathesis into target/fuzz-venv"
+    python3 -m venv target/fuzz-venv
+    target/fuzz-venv/bin/pip install -q "schemathesis==4.32.5"
+fi
+
 rustup target add wasm32-wasip2
 echo "setup: building the gve host (release)"
 cargo build --release --locked -p gve

@@ -121,9 +121,10 @@ pub async fn run(args: RunArgs) -> i32 {
             return 2;
         }
     };
+    let scheme = if config.tls.is_some() { "https" } else { "http" };
     match Agent::start(config).await {
         Ok(agent) => {
-            eprintln!("gve agent listening on http://{}", agent.addr);
+            eprintln!("gve agent listening on {}://{}", scheme, agent.addr);
             agent.run_until_signal().await;
             0
         }

@@ -33,9 +33,10 @@ pub async fn run(args: SiteArgs) -> i32 {
             return 2;
         }
     };
+    let scheme = if config.tls.is_some() { "https" } else { "http" };
     match Site::start(config).await {
         Ok(site) => {
-            eprintln!("gve site listening on http://{}", site.addr);
+            eprintln!("gve site listening on {}://{}", scheme, site.addr);
             site.run_until_signal().await;
             0
         }

@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Fuzzes the site's HTTP API against docs/openapi.yaml with Schemathesis: a real
+# `gve site` and a memory-driver `gve agent` on loopback, bounded in time. Fails on
+# any server error or any answer the document does not describe.
+# Usage: scripts/api-fuzz.sh [SECONDS] (default 120). Needs scripts/setup.sh.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+budget="${1:-120}"
+gve="$PWD/target/release/gve"
+st="$PWD/target/fuzz-venv/bin/st"
+[ -x "$st" ] || { echo "api-fuzz: no $st (run scripts/setup.sh)" >&2; exit 1; }
+work=$(mktemp -d)
+pids=()
+cleanup() {
+    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+    for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
+    rm -rf "$work"
+}
+trap cleanup EXIT
+admin="fuzz-admin-token-0123456789"
+agent_token="fuzz-agent-token-0123456789"
+cat > "$work/agent.toml" <<EOT
+listen = "127.0.0.1:0"
+data-dir = "agent"
+admin-token = "$agent_token"
+[plugins.memory]
+bundle = "$PWD/target/plugins/memory"
+[driver]
+plugin = "memory"
+endpoint = "memory:fuzz"
+EOT
+cat > "$work/site.toml" <<EOT
+listen = "127.0.0.1:0"
+data-dir = "site"
+admin-token = "$admin"
+health-period-ms = 1000
+EOT
+"$gve" agent run --config "$work/agent.toml" 2> "$work/agent.log" &
+pids+=($!)
+"$gve" site run --config "$work/site.toml" 2> "$work/site.log" &
+pids+=($!)
+url_in() { grep -o 'listening on http://[0-9.:]*' "$1" | head -n 1 | sed 's/listening on //'; }
+for _ in $(seq 1 200); do
+    agent_url=$(url_in "$work/agent.log" || true)
+    site_url=$(url_in "$work/site.log" || true)
+    [ -n "$agent_url" ] && [ -n "$site_url" ] && break
+    sleep 0.1
+done
+[ -n "${agent_url:-}" ] && [ -n "${site_url:-}" ] || { cat "$work"/*.log >&2; exit 1; }
+export GVE_URL="$site_url" GVE_TOKEN="$admin"
+"$gve" agent add a-0 "$agent_url" --secret "$agent_token" > /dev/null
+"$gve" user add fuzz > /dev/null
+echo "api-fuzz: site $site_url, agent $agent_url, ${budget}s"
+"$st" run docs/openapi.yaml --url "$site_url" \
+    -H "Authorization: Bearer $admin" \
+    --checks not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance \
+    --max-time "$budget" --request-timeout 20 --workers 2 \
+    --suppress-health-check all --no-color \
+    --exclude-path-regex '/events$'
