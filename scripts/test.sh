@@ -13,3 +13,5 @@ echo "test: SDK and plugin unit tests (native)"
 cargo test --locked -p gve-sdk -p gve-plugin-guest-install
 echo "test: host unit and integration tests"
 cargo test --release --locked -p gve
+echo "test: API fuzzing against docs/openapi.yaml (bounded)"
+bash scripts/api-fuzz.sh 60

@@ -121,7 +121,11 @@ pub async fn run(args: RunArgs) -> i32 {
             return 2;
         }
     };
-    let scheme = if config.tls.is_some() { "https" } else { "http" };
+    let scheme = if config.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
     match Agent::start(config).await {
         Ok(agent) => {
             eprintln!("gve agent listening on {}://{}", scheme, agent.addr);

@@ -81,8 +81,18 @@ pub async fn run(args: JobArgs) -> Result<i32, CliError> {
             wait::outcome(done)?;
         }
         Action::Result { id } => {
-            let v: Value = client.get(&format!("{}/result", job_path(id))).await?;
-            output::json(&v);
+            match client
+                .get::<Value>(&format!("{}/result", job_path(id)))
+                .await
+            {
+                Ok(v) => output::json(&v),
+                // A failed job: exit with the code of its error's kind.
+                Err(e) if e.status == 409 && e.kind != "invalid-state" => {
+                    eprintln!("error: {}", e.message);
+                    return Ok(super::kind_exit_code(&e.kind));
+                }
+                Err(e) => return Err(e.into()),
+            }
         }
         Action::Cancel { id } => {
             let j: Job = client

@@ -33,7 +33,11 @@ pub async fn run(args: SiteArgs) -> i32 {
             return 2;
         }
     };
-    let scheme = if config.tls.is_some() { "https" } else { "http" };
+    let scheme = if config.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
     match Site::start(config).await {
         Ok(site) => {
             eprintln!("gve site listening on {}://{}", scheme, site.addr);

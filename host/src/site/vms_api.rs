@@ -226,16 +226,15 @@ impl SiteCore {
                 let job = self.job_for(caller, id)?;
                 match job.state {
                     JobState::Succeeded => ok(&job.result.unwrap_or(Value::Null)),
+                    // The job failed, not this request: 409, with the job's own
+                    // error kind so a client can tell why.
                     JobState::Failed => {
                         let e = job.error.unwrap_or_else(|| super::model::OpError {
                             kind: "backend".into(),
                             message: "failed".into(),
                         });
-                        let status = crate::plugin::ErrorKind::parse(&e.kind)
-                            .map(ApiError::status_of)
-                            .unwrap_or(StatusCode::BAD_GATEWAY);
                         Err(ApiError::new(
-                            status,
+                            StatusCode::CONFLICT,
                             &e.kind,
                             format!("job {id} failed: {}", e.message),
                         ))
