@@ -1,7 +1,8 @@
-//! The private libvirtd `gve up` runs when the machine has none: its state under
-//! one directory, bind-mounted over libvirt's compiled-in paths in a private mount
-//! namespace. It ends, with its QEMU guests, when `gve up` stops. One left behind by
-//! a `gve up` that was killed is adopted when it still answers (its guests keep
+//! The private libvirtd `gve up` runs when the machine has none (and the test
+//! harness runs for every test that needs a hypervisor): its state under one
+//! directory, bind-mounted over libvirt's compiled-in paths in a private mount
+//! namespace. It ends, with its QEMU guests, when dropped. One left behind by a
+//! `gve up` that was killed is adopted when it still answers (its guests keep
 //! running) and ended otherwise; either way the user is told which.
 
 use std::path::{Path, PathBuf};
@@ -84,6 +85,15 @@ impl PrivateLibvirtd {
     /// Starts a libvirtd under `dir`, or adopts the one an earlier `gve up` left
     /// there; returns it and its URI.
     pub fn start(dir: &Path) -> Result<(PrivateLibvirtd, String), String> {
+        Self::start_with(dir, None)
+    }
+
+    /// [`PrivateLibvirtd::start`] with a host UUID of its own (two private daemons
+    /// on one machine must differ for libvirt to migrate between them).
+    pub fn start_with(
+        dir: &Path,
+        host_uuid: Option<&str>,
+    ) -> Result<(PrivateLibvirtd, String), String> {
         let sock = dir.join("sock/libvirt-sock");
         let uri = format!("qemu:///system?socket={}", sock.display());
         let conf = dir.join("etc/libvirtd.conf");
@@ -111,10 +121,10 @@ impl PrivateLibvirtd {
                 end(dir, pid, None);
             }
         }
-        Self::spawn(dir, &sock).map(|lv| (lv, uri))
+        Self::spawn(dir, &sock, host_uuid).map(|lv| (lv, uri))
     }
 
-    fn spawn(dir: &Path, sock: &Path) -> Result<PrivateLibvirtd, String> {
+    fn spawn(dir: &Path, sock: &Path, host_uuid: Option<&str>) -> Result<PrivateLibvirtd, String> {
         let io = |what: &str, e: std::io::Error| format!("{what} under {}: {e}", dir.display());
         for sub in ["sock", "run", "varlib", "etc", "log", "cache"] {
             crate::private_fs::private_dir(&dir.join(sub)).map_err(|e| io("directory", e))?;
@@ -123,9 +133,10 @@ impl PrivateLibvirtd {
         std::fs::write(
             dir.join("etc/libvirtd.conf"),
             format!(
-                "unix_sock_dir = \"{}\"\nunix_sock_rw_perms = \"0700\"\nauth_unix_ro = \"none\"\nauth_unix_rw = \"none\"\nlog_outputs = \"3:file:{}\"\n",
+                "unix_sock_dir = \"{}\"\nunix_sock_rw_perms = \"0700\"\nauth_unix_ro = \"none\"\nauth_unix_rw = \"none\"\nlog_outputs = \"3:file:{}\"\n{}",
                 p("sock"),
-                p("log/libvirtd.log")
+                p("log/libvirtd.log"),
+                host_uuid.map(|u| format!("host_uuid = \"{u}\"\n")).unwrap_or_default()
             ),
         )
         .map_err(|e| io("libvirtd config", e))?;
@@ -196,4 +207,32 @@ impl Drop for PrivateLibvirtd {
     fn drop(&mut self) {
         end(&self.dir, self.pid, self.child.as_mut());
     }
+}
+
+/// The domain XML of the tiny test guest as template `tiny` (direct kernel boot,
+/// a qcow2 disk, the qemu-ga channel), labelled in the gve metadata namespace.
+pub fn tiny_template_xml(kernel: &Path, initrd: &Path, disk: &Path) -> String {
+    format!(
+        "<domain type='qemu'>
+  <name>tiny</name>
+  <metadata><gve:labels xmlns:gve='urn:gve:hypervisor:labels:0.1'>
+    <gve:label key='gve.template'>true</gve:label>
+    <gve:label key='gve.os-family'>linux</gve:label>
+    <gve:label key='gve.os-name'>busybox</gve:label>
+  </gve:labels></metadata>
+  <memory unit='MiB'>256</memory>
+  <vcpu>1</vcpu>
+  <os><type arch='x86_64' machine='q35'>hvm</type>
+    <kernel>{}</kernel><initrd>{}</initrd><cmdline>console=ttyS0 quiet</cmdline></os>
+  <features><acpi/></features>
+  <devices>
+    <disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='{}'/><target dev='vda' bus='virtio'/></disk>
+    <serial type='pty'><target port='0'/></serial>
+    <channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>
+  </devices>
+</domain>",
+        kernel.display(),
+        initrd.display(),
+        disk.display()
+    )
 }

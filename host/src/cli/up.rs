@@ -119,36 +119,14 @@ fn prepare_libvirt(uri: &str, images: &Path, template: Option<&Path>) -> Result<
             let (kernel, initrd, disk) =
                 (copy("vmlinuz")?, copy("initrd.img")?, copy("base.qcow2")?);
             pool.refresh(0).map_err(lv)?;
-            Domain::define_xml(&conn, &template_xml(&kernel, &initrd, &disk)).map_err(lv)?;
+            Domain::define_xml(
+                &conn,
+                &super::libvirtd::tiny_template_xml(&kernel, &initrd, &disk),
+            )
+            .map_err(lv)?;
         }
     }
     Ok(())
-}
-
-fn template_xml(kernel: &Path, initrd: &Path, disk: &Path) -> String {
-    format!(
-        "<domain type='qemu'>
-  <name>tiny</name>
-  <metadata><gve:labels xmlns:gve='urn:gve:hypervisor:labels:0.1'>
-    <gve:label key='gve.template'>true</gve:label>
-    <gve:label key='gve.os-family'>linux</gve:label>
-    <gve:label key='gve.os-name'>busybox</gve:label>
-  </gve:labels></metadata>
-  <memory unit='MiB'>256</memory>
-  <vcpu>1</vcpu>
-  <os><type arch='x86_64' machine='q35'>hvm</type>
-    <kernel>{}</kernel><initrd>{}</initrd><cmdline>console=ttyS0 quiet</cmdline></os>
-  <features><acpi/></features>
-  <devices>
-    <disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='{}'/><target dev='vda' bus='virtio'/></disk>
-    <serial type='pty'><target port='0'/></serial>
-    <channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>
-  </devices>
-</domain>",
-        kernel.display(),
-        initrd.display(),
-        disk.display()
-    )
 }
 
 fn secrets(data: &Path) -> Result<Secrets, UpError> {
