@@ -75,7 +75,7 @@ async fn site(dir: &std::path::Path) -> (Site, Client) {
 
 async fn user(admin: &Client) -> Client {
     let u: UserView = admin
-        .call(Method::POST, "/v1/users", Some(&json!({ "name": "bench", "quota": { "logical-cpus": 10_000_000, "main-memory-mib": 10_000_000_000u64, "vms": 10_000_000 } })))
+        .call(Method::POST, "/v1/users", Some(&json!({ "name": "bench", "quota": { "logical-cpus": 1u64 << 20, "main-memory-mib": 1u64 << 40, "vms": 1u64 << 20 } })))
         .await
         .unwrap();
     Client::new(admin.base(), u.token).unwrap()

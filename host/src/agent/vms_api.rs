@@ -73,6 +73,9 @@ struct HolderBody {
     seconds: Option<u64>,
 }
 
+/// Longest reservation, seconds (one year).
+pub const MAX_RESERVATION_SECONDS: u64 = 365 * 24 * 3600;
+
 fn registry_error(e: super::registry::RegistryError) -> ApiError {
     ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "backend", e.to_string())
 }
@@ -362,10 +365,17 @@ impl AgentCore {
         holder: String,
         seconds: Option<u64>,
     ) -> Result<VmRecord, ApiError> {
-        if holder.is_empty() {
-            return Err(ApiError::bad_request("holder must not be empty"));
+        if holder.is_empty() || holder.len() > 200 || holder.chars().any(char::is_control) {
+            return Err(ApiError::bad_request(
+                "holder must be 1-200 characters without control characters",
+            ));
         }
-        let seconds = seconds.unwrap_or(self.reservation_seconds);
+        let seconds = crate::api::in_range(
+            "seconds",
+            seconds.unwrap_or(self.reservation_seconds),
+            1,
+            MAX_RESERVATION_SECONDS,
+        )?;
         let now = now_ms();
         let result = self.registry.write(|t| {
             let Some(mut rec) = t.vm(vm)? else {

@@ -211,6 +211,47 @@ async fn bad_input_is_refused_with_4xx_and_changes_nothing() {
         .await
         .unwrap_err();
     assert_eq!(e.status, 409, "templates cannot start");
+    // Numbers at the edge of their type, named in the answer.
+    for (path, body, field) in [
+        (
+            "/v1/vms".to_string(),
+            json!({ "name": "b-3", "main-memory-mib": u64::MAX }),
+            "main-memory-mib",
+        ),
+        (
+            "/v1/vms".to_string(),
+            json!({ "name": "b-3", "logical-cpus": u32::MAX }),
+            "logical-cpus",
+        ),
+        (
+            "/v1/vms".to_string(),
+            json!({ "name": "b-3", "disk-mib": u64::MAX }),
+            "disk-mib",
+        ),
+        ("/v1/vms".to_string(), json!({ "name": "a/b" }), "name"),
+        (
+            format!("/v1/vms/{}/reserve", vm.id),
+            json!({ "holder": "h", "seconds": u64::MAX }),
+            "seconds",
+        ),
+        (
+            format!("/v1/vms/{}/reserve", vm.id),
+            json!({ "holder": "h", "seconds": 0 }),
+            "seconds",
+        ),
+    ] {
+        let e = post(&c, &path, body.clone()).await.unwrap_err();
+        assert_eq!(e.status, 400, "{body}: {e}");
+        assert!(e.message.contains(field), "{body}: {e}");
+    }
+    for q in [
+        "/v1/events?limit=0",
+        "/v1/events?after=-1",
+        "/v1/operations/x?wait-ms=60001",
+    ] {
+        let e = c.get::<serde_json::Value>(q).await.unwrap_err();
+        assert_eq!(e.status, 400, "{q}: {e}");
+    }
 
     // Malformed JSON, straight on the wire.
     let url = format!("http://{}/v1/vms", agent.addr);
