@@ -265,32 +265,16 @@ impl Agent {
             runtime: runtime.clone(),
             admin_token: config.admin_token,
         });
-        let (tx, rx) = oneshot::channel();
-        let tls = match &config.tls {
-            Some(t) => Some(
-                t.server_config()
-                    .map_err(|e| AgentError::Tls(e.to_string()))?,
-            ),
-            None => None,
-        };
-        let connections = api::server::Connections::new(config.http);
-        let task = tokio::spawn(api::server::serve(
-            listener,
-            handler,
-            connections.clone(),
-            tls,
-            async {
-                let _ = rx.await;
-            },
-        ));
+        let running = api::server::spawn(listener, handler, config.http, config.tls.as_ref())
+            .map_err(|e| AgentError::Tls(e.to_string()))?;
         tracing::info!(%addr, "agent listening");
         Ok(Agent {
             addr,
             plugins,
             runtime,
-            connections,
-            stop: Some(tx),
-            task,
+            connections: running.connections,
+            stop: Some(running.stop),
+            task: running.task,
         })
     }
 

@@ -58,7 +58,7 @@ impl Default for HttpLimits {
             header_read_timeout_ms: 10_000,
             max_header_bytes: 64 * 1024,
             max_connections: 4096,
-            max_connections_per_client: 256,
+            max_connections_per_client: 1024,
         }
     }
 }
@@ -337,6 +337,37 @@ pub async fn serve<H: Handler>(
     connections.abort_all();
     // Wait until every connection's task is gone (and what it held, released).
     while connections.join_next().await.is_some() {}
+}
+
+/// A server started by [`spawn`].
+pub struct Running {
+    /// The accept loop; it ends after `stop` fires and its connections are gone.
+    pub task: tokio::task::JoinHandle<()>,
+    /// Its open connections.
+    pub connections: Arc<Connections>,
+    /// Fire to stop it.
+    pub stop: tokio::sync::oneshot::Sender<()>,
+}
+
+/// Starts serving `handler` on `listener` within `limits`, over TLS when `tls` is
+/// given (the site's and the agent's one way to start their HTTP side).
+pub fn spawn<H: Handler>(
+    listener: TcpListener,
+    handler: Arc<H>,
+    limits: HttpLimits,
+    tls: Option<&super::tls::TlsConfig>,
+) -> Result<Running, super::tls::TlsError> {
+    let tls = tls.map(|t| t.server_config()).transpose()?;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let connections = Connections::new(limits);
+    let task = tokio::spawn(serve(listener, handler, connections.clone(), tls, async {
+        let _ = stopped.await;
+    }));
+    Ok(Running {
+        task,
+        connections,
+        stop,
+    })
 }
 
 /// Serves HTTP/1.1 on one connection (plain or TLS).

@@ -197,31 +197,15 @@ impl Site {
             source,
         })?;
         let handler = Arc::new(SiteApi { core: core.clone() });
-        let (tx, rx) = oneshot::channel();
-        let tls = match &config.tls {
-            Some(t) => Some(
-                t.server_config()
-                    .map_err(|e| SiteError::Config(e.to_string()))?,
-            ),
-            None => None,
-        };
-        let connections = api::server::Connections::new(config.http);
-        let task = tokio::spawn(api::server::serve(
-            listener,
-            handler,
-            connections.clone(),
-            tls,
-            async {
-                let _ = rx.await;
-            },
-        ));
+        let running = api::server::spawn(listener, handler, config.http, config.tls.as_ref())
+            .map_err(|e| SiteError::Config(e.to_string()))?;
         tracing::info!(%addr, "site listening");
         Ok(Site {
             addr,
             core,
-            connections,
-            stop: Some(tx),
-            task,
+            connections: running.connections,
+            stop: Some(running.stop),
+            task: running.task,
             background,
         })
     }
