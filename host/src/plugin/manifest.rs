@@ -94,6 +94,32 @@ impl Bundle {
             message,
         })?;
         let dir = manifest_path.parent().unwrap_or(Path::new("."));
+        // The component lies inside the bundle: a plain relative path, and (symlinks
+        // resolved) still under the bundle's directory, so a manifest cannot point a
+        // load at a file elsewhere on the host.
+        let rel = Path::new(&manifest.component);
+        let plain = rel
+            .components()
+            .all(|c| matches!(c, std::path::Component::Normal(_)));
+        let inside = plain
+            && match (
+                std::fs::canonicalize(dir),
+                std::fs::canonicalize(dir.join(rel)),
+            ) {
+                (Ok(d), Ok(c)) => c.starts_with(&d),
+                // Missing: reported when it is read, with its path.
+                (Ok(_), Err(_)) => true,
+                (Err(_), _) => false,
+            };
+        if !inside {
+            return Err(PluginError::Manifest {
+                path: manifest_path.clone(),
+                message: format!(
+                    "component '{}' must be a file inside the bundle directory",
+                    manifest.component
+                ),
+            });
+        }
         let component_path = dir.join(&manifest.component);
         let component_path =
             std::path::absolute(&component_path).map_err(|source| PluginError::Io {

@@ -241,6 +241,30 @@ async fn the_admin_api_grants_nothing_beyond_the_operators_policy() {
         assert_eq!((e.status, e.kind.as_str()), (403, "denied"), "{body}: {e}");
         assert!(e.message.contains(says), "{body}: {e}");
     }
+    // A bundle inside the allowed directories whose manifest points elsewhere.
+    let real = hostile.join("hostile.wasm");
+    for component in [
+        real.display().to_string(),
+        "../hostile/hostile.wasm".to_string(),
+    ] {
+        let b = edited_bundle("hostile", |m| {
+            m.lines()
+                .map(|l| {
+                    if l.starts_with("component") {
+                        format!("component = \"{component}\"")
+                    } else {
+                        l.to_string()
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join("\n")
+        });
+        let e = load(&agent, json!({ "bundle": b.path() }))
+            .await
+            .unwrap_err();
+        assert_eq!(e.status, 400, "{component}: {e}");
+        assert!(e.message.contains("inside the bundle"), "{component}: {e}");
+    }
     assert_eq!(agent.plugins.list().len(), 1, "nothing was loaded");
     // Within the policy it loads.
     let ok = load(
