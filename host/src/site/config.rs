@@ -53,6 +53,9 @@ pub struct SiteConfig {
     /// Limits on HTTP clients (timeouts, connection caps).
     #[serde(default)]
     pub http: crate::api::server::HttpLimits,
+    /// Largest file a copy in or out may stage, MiB.
+    #[serde(default = "default_copy_mib")]
+    pub max_copy_mib: u64,
     /// Serve HTTPS with this certificate (and, with `client-fingerprints`, only to
     /// clients presenting one of those certificates).
     #[serde(default)]
@@ -82,6 +85,10 @@ fn default_lease_max() -> u64 {
 
 fn default_health() -> u64 {
     5_000
+}
+
+fn default_copy_mib() -> u64 {
+    16 * 1024
 }
 
 fn default_parallel() -> usize {
@@ -125,6 +132,7 @@ impl SiteConfig {
             health_period_ms: default_health(),
             parallel_jobs: default_parallel(),
             http: Default::default(),
+            max_copy_mib: default_copy_mib(),
             tls: None,
             agent_tls: Default::default(),
         }
@@ -149,6 +157,9 @@ impl SiteConfig {
         }
         if self.health_period_ms > 3_600_000 {
             return Err("health-period-ms must be at most one hour".into());
+        }
+        if self.max_copy_mib == 0 || self.max_copy_mib > 1 << 30 {
+            return Err("max-copy-mib must be between 1 and 1073741824".into());
         }
         self.http.validate()?;
         super::auth::validate_id("site-id", &self.site_id).map_err(|e| e.message)

@@ -41,6 +41,11 @@ impl SiteCore {
         self.config.data_dir.join("staging")
     }
 
+    /// The largest file a copy may stage, bytes.
+    fn copy_cap(&self) -> u64 {
+        self.config.max_copy_mib.saturating_mul(1 << 20)
+    }
+
     /// A copy-in's staged file.
     pub fn staged_in(&self, job: &str) -> PathBuf {
         self.staging().join(format!("{job}.in"))
@@ -97,7 +102,20 @@ impl SiteCore {
             .await
             .map_err(|e| io_err("staging directory", e))?;
         let file = self.staged_in(&job.id);
-        let received = receive(req.into_body(), &file).await;
+        let cap = self.copy_cap();
+        let announced = req
+            .headers()
+            .get(hyper::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if announced.is_some_and(|n| n > cap) {
+            return Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "invalid-argument",
+                format!("the file is larger than this site's copy limit of {cap} bytes"),
+            ));
+        }
+        let received = receive(req.into_body(), &file, cap).await;
         let (size, sha) = match received {
             Ok(r) => r,
             Err(e) => {
@@ -190,7 +208,7 @@ impl SiteCore {
                 message: format!("staging directory: {e}"),
             })?;
         let out = self.staged_out(&job.id);
-        let received = receive(resp.into_body(), &out).await;
+        let received = receive(resp.into_body(), &out, self.copy_cap()).await;
         if received.is_err() {
             let _ = tokio::fs::remove_file(&out).await;
         }
@@ -289,7 +307,11 @@ impl SiteCore {
 }
 
 /// Writes a body to `file` chunk by chunk; returns its size and SHA-256.
-async fn receive<B>(mut body: B, file: &std::path::Path) -> Result<(u64, String), ApiError>
+async fn receive<B>(
+    mut body: B,
+    file: &std::path::Path,
+    cap: u64,
+) -> Result<(u64, String), ApiError>
 where
     B: hyper::body::Body<Data = Bytes> + Unpin,
     B::Error: std::fmt::Display,
@@ -309,6 +331,13 @@ where
         if let Ok(data) = frame.into_data() {
             h.update(&data);
             size += data.len() as u64;
+            if size > cap {
+                return Err(ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "invalid-argument",
+                    format!("the file is larger than this site's copy limit of {cap} bytes"),
+                ));
+            }
             out.write_all(&data)
                 .await
                 .map_err(|e| io_err("staging file", e))?;

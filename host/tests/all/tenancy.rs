@@ -400,3 +400,45 @@ async fn usage_equals_what_each_user_holds_through_a_random_walk_with_kills() {
     eprintln!("random walk: {STEPS} steps, {kills} kills, books balanced after each");
     let _ = site.child.start_kill();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_larger_than_the_sites_limit_is_refused_and_nothing_staged() {
+    let e = env(1, |c| c.max_copy_mib = 1).await;
+    let jo = e.user("jo", None).await;
+    let j = job(&jo, "/v1/vms", json!({ "main-memory-mib": 128 })).await;
+    let vm: SiteVm = serde_json::from_value(j.result.unwrap()).unwrap();
+    // Announced too large: refused before a byte is read.
+    let big = Bytes::from(vec![7u8; (1 << 20) + 1]);
+    let err = jo
+        .put_stream::<Value>(
+            &format!("/v1/vms/{}/files?path=/tmp/big", vm.id),
+            &[],
+            gve::api::full(big.clone()),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.status, 413, "{err}");
+    // Streamed without a length (chunked): cut at the limit.
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tokio::spawn(async move {
+        for _ in 0..3 {
+            let chunk = Bytes::from(vec![7u8; 512 * 1024]);
+            if tx.send(Ok(hyper::body::Frame::data(chunk))).await.is_err() {
+                return;
+            }
+        }
+    });
+    let err = jo
+        .put_stream::<Value>(
+            &format!("/v1/vms/{}/files?path=/tmp/big", vm.id),
+            &[],
+            gve::api::channel_body(rx),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.status, 413, "{err}");
+    let staging = e.site.core.config.data_dir.join("staging");
+    let left = std::fs::read_dir(&staging).map(|d| d.count()).unwrap_or(0);
+    assert_eq!(left, 0, "a refused copy left a staged file");
+    e.site.stop().await;
+}
