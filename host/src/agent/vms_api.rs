@@ -373,7 +373,7 @@ impl AgentCore {
         let seconds = crate::api::in_range(
             "seconds",
             seconds.unwrap_or(self.reservation_seconds),
-            1,
+            0,
             MAX_RESERVATION_SECONDS,
         )?;
         let now = now_ms();

@@ -33,8 +33,8 @@ async fn gve(agent: &Agent, args: &[&str]) -> (i32, String, String) {
     )
 }
 
-/// The policy these tests run under: bundles from the build's plugins and the temp
-/// directory, HTTP to 127.0.0.1:9 only, a read-only directory grant of the temp
+/// The policy these tests run under: bundles from the build's plugins and the
+/// edited copies tests make, HTTP to 127.0.0.1:9 only, a read-only directory grant of the temp
 /// directory, 128 MiB at most.
 fn test_policy() -> PluginPolicy {
     PluginPolicy {

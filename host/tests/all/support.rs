@@ -71,9 +71,17 @@ pub fn no_creds() -> Credentials {
     }
 }
 
-/// Copies a bundle to a temp dir, applying `edit` to its manifest text.
+/// Where [`edited_bundle`] puts its copies (a directory tests may allow).
+pub fn edited_bundles_dir() -> PathBuf {
+    let d = std::env::temp_dir().join("gve-test-bundles");
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Copies a bundle to a temp dir (under [`edited_bundles_dir`]), applying `edit`
+/// to its manifest text.
 pub fn edited_bundle(name: &str, edit: impl Fn(String) -> String) -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir_in(edited_bundles_dir()).unwrap();
     for entry in std::fs::read_dir(bundle(name)).unwrap() {
         let entry = entry.unwrap();
         std::fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
