@@ -40,7 +40,7 @@ fn test_policy() -> PluginPolicy {
     PluginPolicy {
         bundle_dirs: vec![
             crate::support::bundles().to_path_buf(),
-            std::env::temp_dir(),
+            crate::support::edited_bundles_dir(),
         ],
         http: vec!["127.0.0.1:9".into()],
         libvirt: vec![],
