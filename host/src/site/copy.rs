@@ -332,6 +332,16 @@ where
             h.update(&data);
             size += data.len() as u64;
             if size > cap {
+                // Read (and drop) up to 1 MiB more, so a client that overshot a
+                // little has sent its whole body and reads the 413 instead of a
+                // reset connection.
+                let mut extra = 0usize;
+                while extra < 1 << 20 {
+                    match crate::api::next_frame(&mut body).await {
+                        Some(Ok(f)) => extra += f.into_data().map(|d| d.len()).unwrap_or(0),
+                        _ => break,
+                    }
+                }
                 return Err(ApiError::new(
                     StatusCode::PAYLOAD_TOO_LARGE,
                     "invalid-argument",

@@ -206,12 +206,18 @@ fn apply(t: &mut Txn<'_>, w: &mut Work) -> Result<Verdict, StoreError> {
         Work::Submit(s) => {
             let job = &s.job;
             if let Some(q) = &s.quota {
-                let wanted = t.usage(&job.owner)?.plus(job.reserved);
-                let over = match wanted {
-                    None => Some("more than can be counted".to_string()),
-                    Some(w) => w.exceeds(q),
+                // Read once: the checked sum is both the quota test and what is stored.
+                let over = match t.usage(&job.owner)?.plus(job.reserved) {
+                    None => "more than can be counted".to_string(),
+                    Some(w) => match w.exceeds(q) {
+                        None => {
+                            t.set_usage(&job.owner, w)?;
+                            String::new()
+                        }
+                        Some(over) => over,
+                    },
                 };
-                if let Some(over) = over {
+                if !over.is_empty() {
                     return Ok(Verdict::Refused(ApiError::new(
                         StatusCode::FORBIDDEN,
                         "denied",
@@ -222,7 +228,6 @@ fn apply(t: &mut Txn<'_>, w: &mut Work) -> Result<Verdict, StoreError> {
                         ),
                     )));
                 }
-                t.move_usage(&job.owner, Usage::default(), job.reserved)?;
             }
             t.put_job(job, Some("queued"))?;
             if let Some(a) = &s.audit {

@@ -418,11 +418,12 @@ async fn a_copy_larger_than_the_sites_limit_is_refused_and_nothing_staged() {
         .await
         .unwrap_err();
     assert_eq!(err.status, 413, "{err}");
-    // Streamed without a length (chunked): cut at the limit.
+    // Streamed without a length (chunked): cut at the limit. One byte over it, so
+    // the client has sent everything before the 413 comes (no race with a reset).
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     tokio::spawn(async move {
-        for _ in 0..3 {
-            let chunk = Bytes::from(vec![7u8; 512 * 1024]);
+        for n in [512 * 1024, 512 * 1024, 1] {
+            let chunk = Bytes::from(vec![7u8; n]);
             if tx.send(Ok(hyper::body::Frame::data(chunk))).await.is_err() {
                 return;
             }
