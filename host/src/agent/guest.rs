@@ -328,7 +328,7 @@ async fn stream_in(
 /// Feeds a request body into an upload, chunk by chunk, and checks the client's
 /// checksum when it sent one.
 async fn feed(
-    upload: &mut crate::plugin::session::Upload,
+    upload: &mut crate::plugin::transfer::Upload,
     path: &str,
     expected: Option<String>,
     mut body: Incoming,

@@ -2,6 +2,11 @@
 //! the hypervisor has and records differences as events: a VM that appeared behind
 //! gve's back (`vm-appeared`), one that vanished (`vm-vanished`), one whose state
 //! changed (`vm-state-changed`). Out-of-band changes are detected, not assumed away.
+//!
+//! One pass records at most [`MAX_EVENTS_PER_PASS`] events one by one; past that the
+//! rest are folded into one `vm-changes-summarized` event with counts, so a driver
+//! that invents thousands of VMs per listing cannot flood the event log. (The
+//! listing itself is bounded and checked by the plugin host's answer rules.)
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -13,6 +18,9 @@ use serde_json::json;
 use super::model::{now_ms, Allocation, Vm, VmRecord};
 use super::AgentCore;
 use crate::plugin::PluginError;
+
+/// Most events one pass records one by one.
+pub const MAX_EVENTS_PER_PASS: usize = 1_000;
 
 /// What one reconcile pass changed.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -62,6 +70,18 @@ impl AgentCore {
         };
         let report = self.registry.write(|t| {
             let mut report = ReconcileReport::default();
+            let mut events = 0usize;
+            let mut event = |t: &mut super::registry::Txn<'_>,
+                             kind: &str,
+                             id: &str,
+                             data: serde_json::Value| {
+                events += 1;
+                if events <= MAX_EVENTS_PER_PASS {
+                    t.event(kind, id, data)
+                } else {
+                    Ok(())
+                }
+            };
             let known: HashMap<String, VmRecord> =
                 t.vms()?.into_iter().map(|r| (r.vm.id.clone(), r)).collect();
             for (id, vm) in &seen {
@@ -75,7 +95,8 @@ impl AgentCore {
                             seen_ms: listed_at,
                             provisioned: Default::default(),
                         })?;
-                        t.event(
+                        event(
+                            t,
                             "vm-appeared",
                             id,
                             json!({ "name": vm.name, "state": vm.state }),
@@ -86,7 +107,8 @@ impl AgentCore {
                     Some(rec) if rec.seen_ms >= listed_at => {}
                     Some(rec) if rec.vm != *vm => {
                         if rec.vm.state != vm.state {
-                            t.event(
+                            event(
+                                t,
                                 "vm-state-changed",
                                 id,
                                 json!({ "from": rec.vm.state, "to": vm.state }),
@@ -106,13 +128,26 @@ impl AgentCore {
             for (id, rec) in &known {
                 if !seen.contains_key(id) && rec.seen_ms < listed_at {
                     t.remove_vm(id)?;
-                    t.event(
+                    event(
+                        t,
                         "vm-vanished",
                         id,
                         json!({ "name": rec.vm.name, "last-state": rec.vm.state }),
                     )?;
                     report.vanished.push(id.clone());
                 }
+            }
+            if events > MAX_EVENTS_PER_PASS {
+                t.event(
+                    "vm-changes-summarized",
+                    "",
+                    json!({
+                        "appeared": report.appeared.len(),
+                        "vanished": report.vanished.len(),
+                        "changed": report.changed.len(),
+                        "not-recorded-one-by-one": events - MAX_EVENTS_PER_PASS,
+                    }),
+                )?;
             }
             t.set_templates(&templates)?;
             Ok(report)
@@ -130,9 +165,12 @@ impl AgentCore {
                 tick.tick().await;
                 let Some(core) = core.upgrade() else { break };
                 match core.reconcile().await {
-                    Ok(r) if r != ReconcileReport::default() => {
-                        tracing::info!(?r, "reconciled with the hypervisor")
-                    }
+                    Ok(r) if r != ReconcileReport::default() => tracing::info!(
+                        appeared = r.appeared.len(),
+                        vanished = r.vanished.len(),
+                        changed = r.changed.len(),
+                        "reconciled with the hypervisor"
+                    ),
                     Ok(_) => {}
                     Err(e) => tracing::warn!("reconcile: {e}"),
                 }

@@ -88,6 +88,15 @@ impl DriverError {
             message: message.into(),
         }
     }
+
+    /// The same error with its message cut to the host's limit (a plugin's message is
+    /// stored in operation records and shown to users).
+    pub fn bounded(self) -> Self {
+        DriverError {
+            kind: self.kind,
+            message: super::answers::bounded_message(self.message),
+        }
+    }
 }
 
 /// Everything that can go wrong in the plugin host.
@@ -97,6 +106,10 @@ pub enum PluginError {
     /// No plugin of that name is loaded.
     #[error("plugin '{0}' is not loaded")]
     NotLoaded(String),
+    /// A session's plugin is not loaded now (it was unloaded); its calls fail until a
+    /// version of it is loaded again, then work without reopening the session.
+    #[error("plugin '{0}' is not loaded now; its sessions work again once it is loaded")]
+    Unloaded(String),
     /// A plugin of that name is loaded already (use replace).
     #[error("plugin '{0}' is already loaded; use replace to swap its version")]
     AlreadyLoaded(String),
@@ -160,6 +173,28 @@ pub enum PluginError {
         /// What the plugin asked for.
         asked_mib: u64,
     },
+    /// The plugin tried to hold more of a host resource than its budget.
+    #[error("plugin '{plugin}': {op} stopped: it exceeded its budget of {limit} {what}")]
+    Budget {
+        /// Plugin name.
+        plugin: String,
+        /// Contract operation.
+        op: &'static str,
+        /// What it ran out of (`open files`, ...).
+        what: &'static str,
+        /// The budget.
+        limit: u64,
+    },
+    /// The plugin returned something the host does not take.
+    #[error("plugin '{plugin}': {op} returned an answer the host refuses: {problem}")]
+    Answer {
+        /// Plugin name.
+        plugin: String,
+        /// Contract operation.
+        op: &'static str,
+        /// What is wrong with it.
+        problem: String,
+    },
     /// The plugin panicked.
     #[error("plugin '{plugin}': {op} failed: the plugin panicked")]
     Panic {
@@ -219,16 +254,18 @@ impl PluginError {
     pub fn kind(&self) -> ErrorKind {
         match self {
             PluginError::NotLoaded(_) => ErrorKind::NotFound,
+            PluginError::Unloaded(_) => ErrorKind::Unavailable,
             PluginError::AlreadyLoaded(_) => ErrorKind::AlreadyExists,
             PluginError::Io { .. }
             | PluginError::Manifest { .. }
             | PluginError::Contract { .. }
             | PluginError::Config(_) => ErrorKind::InvalidArgument,
-            PluginError::Runtime { .. } | PluginError::Panic { .. } | PluginError::Trap { .. } => {
-                ErrorKind::Backend
-            }
+            PluginError::Runtime { .. }
+            | PluginError::Panic { .. }
+            | PluginError::Trap { .. }
+            | PluginError::Answer { .. } => ErrorKind::Backend,
             PluginError::Deadline { .. } => ErrorKind::Timeout,
-            PluginError::MemoryCap { .. } => ErrorKind::Denied,
+            PluginError::MemoryCap { .. } | PluginError::Budget { .. } => ErrorKind::Denied,
             PluginError::NotSupported { .. } => ErrorKind::Unsupported,
             PluginError::Driver { error, .. } => error.kind,
         }

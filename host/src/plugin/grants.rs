@@ -52,6 +52,19 @@ pub struct Limits {
     /// Instances kept warm for calls, each with its sessions open; calls beyond it
     /// wait. The manifest's `concurrency` lowers it further.
     pub pool_size: u32,
+    /// Host resources (handles of every kind) one instance may hold at once.
+    pub max_host_resources: u32,
+    /// Files and directory listings one instance may hold open at once.
+    pub max_open_files: u32,
+    /// Outgoing HTTP requests one instance may have in flight at once.
+    pub max_http_requests: u32,
+    /// HTTP header sets (`fields`, requests being built) one instance may hold at
+    /// once; each holds at most 64 KiB.
+    pub max_http_header_sets: u32,
+    /// libvirt connections one instance may hold open at once.
+    pub max_libvirt_connections: u32,
+    /// Log bytes one call may write; later lines are dropped and counted.
+    pub log_kib_per_call: u32,
 }
 
 impl Default for Limits {
@@ -61,9 +74,25 @@ impl Default for Limits {
             call_timeout_ms: 30_000,
             max_instances: 64,
             pool_size: 8,
+            max_host_resources: 1_024,
+            max_open_files: 64,
+            max_http_requests: 16,
+            max_http_header_sets: 256,
+            max_libvirt_connections: 8,
+            log_kib_per_call: 64,
         }
     }
 }
+
+/// Ceilings of the per-instance budgets (name, ceiling), checked by [`Limits::validate`].
+const BUDGET_CEILINGS: [(&str, u32); 6] = [
+    ("max-host-resources", 65_536),
+    ("max-open-files", 1_024),
+    ("max-http-requests", 256),
+    ("max-http-header-sets", 4_096),
+    ("max-libvirt-connections", 64),
+    ("log-kib-per-call", 16_384),
+];
 
 impl Limits {
     /// The per-call budget.
@@ -84,6 +113,19 @@ impl Limits {
         }
         if self.max_instances == 0 || self.pool_size == 0 {
             return Err("max-instances and pool-size must be positive".into());
+        }
+        let budgets = [
+            self.max_host_resources,
+            self.max_open_files,
+            self.max_http_requests,
+            self.max_http_header_sets,
+            self.max_libvirt_connections,
+            self.log_kib_per_call,
+        ];
+        for ((name, ceiling), value) in BUDGET_CEILINGS.iter().zip(budgets) {
+            if value == 0 || value > *ceiling {
+                return Err(format!("{name} must be between 1 and {ceiling}, not {value}"));
+            }
         }
         if self.pool_size > self.max_instances {
             return Err(format!(

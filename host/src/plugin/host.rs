@@ -4,13 +4,13 @@
 //! Each plugin name has a [`Slot`] whose current version is swapped atomically. A call
 //! holds the version it started on, so a replacement lets in-flight calls finish on
 //! the old version while new calls go to the new one: no restart, no failed call.
+//! Slots are kept across unload, so sessions follow a plugin by name.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
-use arc_swap::ArcSwapOption;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use wasmtime::component::{HasSelf, Linker};
@@ -23,10 +23,12 @@ use super::contract;
 use super::engine::{EngineSettings, PluginEngine};
 use super::error::{PluginError, Result};
 use super::grants::{Grants, Limits};
-use super::instance::{guarded, Loaded};
+use super::instance::guarded;
 use super::manifest::Bundle;
 use super::session::{DriverSession, GuestSession};
+use super::slot::Slot;
 use super::state::HostState;
+use super::version::Loaded;
 
 /// How the host is set up.
 #[derive(Debug, Clone)]
@@ -83,22 +85,6 @@ pub struct PluginSummary {
     pub limits: Limits,
     /// Load generation; grows with every load or replace.
     pub generation: u64,
-}
-
-/// One plugin name and its current version.
-pub struct Slot {
-    /// Plugin name.
-    pub name: String,
-    current: ArcSwapOption<Loaded>,
-}
-
-impl Slot {
-    /// The current version, or `NotLoaded` after an unload.
-    pub fn current(&self) -> Result<Arc<Loaded>> {
-        self.current
-            .load_full()
-            .ok_or_else(|| PluginError::NotLoaded(self.name.clone()))
-    }
 }
 
 struct Inner {
@@ -158,15 +144,14 @@ impl PluginHost {
     pub async fn load(&self, spec: PluginSpec) -> Result<PluginSummary> {
         let loaded = Arc::new(self.prepare(spec).await?);
         let mut slots = self.inner.slots.write().unwrap_or_else(|p| p.into_inner());
-        if slots.contains_key(&*loaded.name) {
+        let slot = slots
+            .entry(loaded.name.to_string())
+            .or_insert_with(|| Arc::new(Slot::new(&loaded.name)));
+        if slot.is_loaded() {
             return Err(PluginError::AlreadyLoaded(loaded.name.to_string()));
         }
         let summary = summary(&loaded);
-        let slot = Slot {
-            name: loaded.name.to_string(),
-            current: ArcSwapOption::from(Some(loaded)),
-        };
-        slots.insert(slot.name.clone(), Arc::new(slot));
+        slot.install(loaded);
         tracing::info!(
             plugin = summary.name,
             version = summary.version,
@@ -187,24 +172,26 @@ impl PluginHost {
             });
         }
         let summary = summary(&loaded);
-        let old = slot.current.swap(Some(Arc::new(loaded)));
-        if old.is_none() {
+        if !slot.is_loaded() {
+            return Err(PluginError::NotLoaded(name.to_string()));
+        }
+        if slot.install(Arc::new(loaded)).is_none() {
+            // Unloaded while the new version was being prepared: stay unloaded.
+            slot.clear();
             return Err(PluginError::NotLoaded(name.to_string()));
         }
         tracing::info!(plugin = name, version = summary.version, "plugin replaced");
         Ok(summary)
     }
 
-    /// Unloads a plugin. Calls in flight finish; later calls fail with `NotLoaded`.
+    /// Unloads a plugin. Calls in flight finish; later calls fail with `Unloaded`
+    /// until a version of it is loaded again. Its warm instances, and every host
+    /// resource they hold, go with the version.
     pub fn unload(&self, name: &str) -> Result<()> {
-        let slot = self
-            .inner
-            .slots
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(name)
-            .ok_or_else(|| PluginError::NotLoaded(name.to_string()))?;
-        slot.current.store(None);
+        let slot = self.slot(name)?;
+        if slot.clear().is_none() {
+            return Err(PluginError::NotLoaded(name.to_string()));
+        }
         tracing::info!(plugin = name, "plugin unloaded");
         Ok(())
     }
@@ -224,7 +211,7 @@ impl PluginHost {
         Ok(summary(&*self.slot(name)?.current()?))
     }
 
-    /// The slot of a loaded plugin.
+    /// The slot of a plugin loaded now or earlier (empty while unloaded).
     pub fn slot(&self, name: &str) -> Result<Arc<Slot>> {
         let slots = self.inner.slots.read().unwrap_or_else(|p| p.into_inner());
         slots
@@ -315,7 +302,7 @@ impl PluginHost {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        let policies = Policies::new(&name, effective, spec.limits.call_timeout(), router);
+        let policies = Policies::new(&name, effective, &spec.limits, router);
         let generation = self.inner.generation.fetch_add(1, Ordering::Relaxed) + 1;
         let mut loaded = Loaded::new(
             &self.inner.linker,
@@ -365,6 +352,8 @@ fn linker(engine: &wasmtime::Engine) -> Result<Linker<HostState>> {
     let err = |e| PluginError::runtime("<host>", "build the linker", e);
     wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(err)?;
     wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker).map_err(err)?;
+    super::caps::files::add_budgets(&mut linker).map_err(err)?;
+    super::caps::http::add_budgets(&mut linker).map_err(err)?;
     HypervisorDriverWithGuest::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)
         .map_err(err)?;
     Ok(linker)

@@ -1,7 +1,11 @@
 //! Per-instance resource limits: the memory cap (a `ResourceLimiter` that remembers
-//! what it refused, so the error can say so) and the call deadline.
+//! what it refused, so the error can say so) and the deadline of the current entry.
+//!
+//! Every entry into a plugin (instantiation, a call, a resource destructor) arms a
+//! deadline first. Code that runs with no deadline armed is stopped at the next epoch
+//! tick, so an entry the host forgot to arm cannot spin for ever.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// Most table elements an instance may have.
 const MAX_TABLE_ELEMENTS: usize = 100_000;
@@ -13,6 +17,13 @@ pub enum Stopped {
     Deadline,
     /// It asked for more memory than its cap (bytes asked).
     Memory(u64),
+    /// It tried to hold more of a host resource than its budget.
+    Budget {
+        /// What it ran out of (`open files`, ...).
+        what: &'static str,
+        /// The budget.
+        limit: u64,
+    },
 }
 
 /// The limiter and deadline kept in each store.
@@ -40,15 +51,29 @@ impl Limiter {
         self.memory_cap
     }
 
-    /// Called by the epoch callback: has the current call's deadline passed?
+    /// Arms the deadline of one entry `budget` from now.
+    pub fn arm(&mut self, budget: Duration) {
+        self.deadline = Some(Instant::now() + budget);
+        self.stopped = None;
+    }
+
+    /// Called by the epoch callback: must the running code stop? It must when its
+    /// deadline passed, and when no deadline is armed at all.
     pub fn deadline_passed(&mut self) -> bool {
         match self.deadline {
-            Some(d) if Instant::now() >= d => {
+            Some(d) if Instant::now() < d => false,
+            _ => {
                 self.stopped = Some(Stopped::Deadline);
                 true
             }
-            _ => false,
         }
+    }
+
+    /// Records that the plugin ran out of a host-resource budget and returns the
+    /// error that stops its call.
+    pub fn over_budget(&mut self, what: &'static str, limit: u64) -> wasmtime::Error {
+        self.stopped = Some(Stopped::Budget { what, limit });
+        wasmtime::format_err!("budget of {limit} {what} exceeded")
     }
 }
 

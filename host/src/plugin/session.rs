@@ -1,94 +1,31 @@
-//! Sessions on a plugin, and the pool of warm instances that serves them.
+//! Sessions on a plugin: each call takes a warm instance of the plugin's current
+//! version from its [`Pool`](super::pool::Pool), opens the session there if needed,
+//! runs inside the sandbox, checks the answer ([`answers`](super::answers)) and gives
+//! the instance back.
 //!
 //! Each loaded version has a pool of at most `pool-size` instances (lowered to the
-//! manifest's `concurrency`). A pooled instance keeps every session opened in it,
-//! keyed by (interface, endpoint, credentials), so a call takes any idle instance,
-//! opens its session there if needed, runs, and gives the instance back. A plugin that
-//! declares `concurrency = 1` therefore runs as one instance whose memory every session
-//! shares. Instances whose call trapped are dropped; a replaced version's pool goes
-//! away with it, so calls after a replacement reopen their sessions on the new version.
+//! manifest's `concurrency`). A plugin that declares `concurrency = 1` therefore runs
+//! as one instance whose memory every session shares. A replaced version's pool goes
+//! away with it, so calls after a replacement reopen their sessions on the new
+//! version; sessions hold the plugin's [`Slot`], so they follow it by name across
+//! unload and load.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use wasmtime::component::ResourceAny;
-
+use super::answers::{self, Answer};
 use super::bindings::types::{
     Capabilities, Credentials, ExecRequest, ExecResult, FileInfo, HostInfo, VmInfo, VmProfile,
 };
 use super::error::{PluginError, Result};
-use super::host::Slot;
-use super::instance::{guarded, Instance, Loaded};
-
-/// Which export a session lives in.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
-enum Kind {
-    Driver,
-    Guest,
-}
-
-/// Identifies a session inside an instance.
-#[derive(Clone, PartialEq, Eq, Hash, Debug)]
-struct SessionKey {
-    kind: Kind,
-    endpoint: String,
-    username: Option<String>,
-    password: Option<String>,
-    token: Option<String>,
-}
-
-/// A warm instance and the sessions open in it.
-pub(crate) struct Pooled {
-    inst: Instance,
-    sessions: HashMap<SessionKey, ResourceAny>,
-}
-
-/// The warm instances of one plugin version.
-pub(crate) struct Pool {
-    idle: Mutex<Vec<Pooled>>,
-    permits: Arc<Semaphore>,
-}
-
-impl Pool {
-    /// A pool of at most `size` instances in use at once.
-    pub(crate) fn new(size: usize) -> Pool {
-        Pool {
-            idle: Mutex::new(Vec::new()),
-            permits: Arc::new(Semaphore::new(size)),
-        }
-    }
-}
-
-/// A pooled instance taken for one call (or one transfer).
-struct Lease {
-    loaded: Arc<Loaded>,
-    pooled: Pooled,
-    session: ResourceAny,
-    _permit: OwnedSemaphorePermit,
-}
-
-impl Lease {
-    /// Returns the instance to its version's pool unless its last call poisoned it.
-    fn give_back(self) {
-        return_to_pool(&self.loaded, self.pooled);
-    }
-}
-
-fn return_to_pool(loaded: &Loaded, pooled: Pooled) {
-    if !pooled.inst.poisoned {
-        loaded
-            .pool
-            .idle
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(pooled);
-    }
-}
+use super::instance::guarded;
+use super::pool::{Kind, Lease, Pooled, SessionKey};
+use super::slot::Slot;
+use super::transfer::{Download, Upload};
 
 /// What a session handle knows: the plugin, the interface and where it points.
-struct Target {
-    slot: Arc<Slot>,
+pub(crate) struct Target {
+    pub(crate) slot: Arc<Slot>,
     key: SessionKey,
     credentials: Credentials,
 }
@@ -110,22 +47,14 @@ impl Target {
     }
 
     /// An instance of the current version with this session open in it.
-    async fn lease(&self) -> Result<Lease> {
-        let loaded = self.slot.current()?;
-        let permit = loaded
-            .pool
-            .permits
-            .clone()
-            .acquire_owned()
+    pub(crate) async fn lease(&self) -> Result<Lease> {
+        let loaded = self.current()?;
+        let pool = loaded.pool.clone();
+        let permit = pool
+            .permit()
             .await
-            .map_err(|_| PluginError::NotLoaded(self.slot.name.clone()))?;
-        let idle = loaded
-            .pool
-            .idle
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .pop();
-        let mut pooled = match idle {
+            .ok_or_else(|| PluginError::Unloaded(self.slot.name.clone()))?;
+        let mut pooled = match pool.take_idle() {
             Some(p) => p,
             None => Pooled {
                 inst: loaded.instantiate().await?,
@@ -134,7 +63,7 @@ impl Target {
         };
         if let Some(&session) = pooled.sessions.get(&self.key) {
             return Ok(Lease {
-                loaded,
+                pool,
                 pooled,
                 session,
                 _permit: permit,
@@ -153,22 +82,35 @@ impl Target {
             Ok(session) => {
                 pooled.sessions.insert(self.key.clone(), session);
                 Ok(Lease {
-                    loaded,
+                    pool,
                     pooled,
                     session,
                     _permit: permit,
                 })
             }
             Err(e) => {
-                return_to_pool(&loaded, pooled);
+                pool.put(pooled);
                 Err(e)
             }
         }
     }
 
+    /// The plugin's current version, or `Unloaded` (kind `unavailable`: a missing
+    /// plugin must never read as a missing VM).
+    fn current(&self) -> Result<Arc<super::version::Loaded>> {
+        self.slot
+            .current()
+            .map_err(|_| PluginError::Unloaded(self.slot.name.clone()))
+    }
+
+    /// Checks a plugin's answer before it reaches the host ([`answers`]).
+    fn checked<T: Answer>(&self, op: &'static str, r: Result<T>) -> Result<T> {
+        answers::checked(&self.slot.name, op, r?)
+    }
+
     /// Refuses an operation the driver did not declare, before entering the plugin.
     fn require(&self, op: &'static str, needed: Capabilities) -> Result<()> {
-        let loaded = self.slot.current()?;
+        let loaded = self.current()?;
         let declared = loaded
             .driver_info
             .as_ref()
@@ -203,7 +145,7 @@ macro_rules! driver_op {
             let s = lease.session;
             let r = guarded!(&mut lease.pooled.inst, $op, driver, |d, store| d.session().$call(store, s $(, $pass)*));
             lease.give_back();
-            r
+            self.target.checked($op, r)
         }
     };
 }
@@ -298,24 +240,6 @@ pub struct GuestSession {
     target: Arc<Target>,
 }
 
-/// A file being written into a guest; holds its instance until finished or dropped.
-pub struct Upload {
-    lease: Option<Lease>,
-    upload: ResourceAny,
-    plugin: String,
-}
-
-/// A file being read from a guest; holds its instance until closed or dropped.
-pub struct Download {
-    lease: Option<Lease>,
-    download: ResourceAny,
-    plugin: String,
-    /// File size in bytes.
-    pub size: u64,
-    /// Unix mode bits.
-    pub mode: u32,
-}
-
 impl GuestSession {
     /// Opens (and checks, by opening it once) guest access on `endpoint`.
     pub(crate) async fn open(
@@ -336,7 +260,20 @@ impl GuestSession {
             .guest_session()
             .call_exec(store, s, vm, request));
         lease.give_back();
-        r
+        let result = self.target.checked("exec", r)?;
+        let limit = request.output_limit as usize;
+        if result.stdout.len() > limit || result.stderr.len() > limit {
+            return Err(PluginError::Answer {
+                plugin: self.target.slot.name.clone(),
+                op: "exec",
+                problem: format!(
+                    "{} bytes of stdout and {} of stderr for an output limit of {limit}",
+                    result.stdout.len(),
+                    result.stderr.len()
+                ),
+            });
+        }
+        Ok(result)
     }
 
     /// Size, mode and SHA-256 of a guest file.
@@ -347,7 +284,7 @@ impl GuestSession {
             .guest_session()
             .call_stat(store, s, vm, path));
         lease.give_back();
-        r
+        self.target.checked("stat", r)
     }
 
     /// Starts writing a guest file.
@@ -364,11 +301,7 @@ impl GuestSession {
             .guest_session()
             .call_upload(store, s, vm, path, mode, create_parents));
         match r {
-            Ok(upload) => Ok(Upload {
-                lease: Some(lease),
-                upload,
-                plugin: self.target.slot.name.clone(),
-            }),
+            Ok(upload) => Ok(Upload::new(lease, upload, &self.target.slot.name)),
             Err(e) => {
                 lease.give_back();
                 Err(e)
@@ -397,127 +330,14 @@ impl GuestSession {
         let mode = guarded!(inst, "download", guest, |g, store| async {
             g.download().call_mode(store, download).await.map(Ok)
         });
-        let plugin = self.target.slot.name.clone();
+        let plugin = &self.target.slot.name;
         match (size, mode) {
-            (Ok(size), Ok(mode)) => Ok(Download {
-                lease: Some(lease),
-                download,
-                plugin,
-                size,
-                mode,
-            }),
-            (Err(e), _) | (_, Err(e)) => Err(e),
+            (Ok(size), Ok(mode)) => Ok(Download::new(lease, download, plugin, size, mode)),
+            (Err(e), _) | (_, Err(e)) => {
+                Download::new(lease, download, plugin, 0, 0).close().await;
+                Err(e)
+            }
         }
     }
 }
 
-/// An abandoned transfer gives its instance back (the guest-side transfer object
-/// stays open in that instance until the instance is dropped), so a single-instance
-/// plugin keeps its state.
-impl Drop for Upload {
-    fn drop(&mut self) {
-        if let Some(lease) = self.lease.take() {
-            lease.give_back();
-        }
-    }
-}
-
-impl Drop for Download {
-    fn drop(&mut self) {
-        if let Some(lease) = self.lease.take() {
-            lease.give_back();
-        }
-    }
-}
-
-fn gone(plugin: &str, op: &'static str) -> PluginError {
-    PluginError::Trap {
-        plugin: plugin.to_string(),
-        op,
-        message: "the transfer's instance failed earlier".into(),
-    }
-}
-
-impl Upload {
-    /// Appends a chunk (at most 4 MiB is a good size).
-    pub async fn write(&mut self, chunk: &[u8]) -> Result<()> {
-        let lease = self
-            .lease
-            .as_mut()
-            .ok_or_else(|| gone(&self.plugin, "upload-write"))?;
-        let u = self.upload;
-        let r = guarded!(&mut lease.pooled.inst, "upload-write", guest, |g, store| g
-            .upload()
-            .call_write(store, u, chunk));
-        if lease.pooled.inst.poisoned {
-            self.lease = None;
-        }
-        r
-    }
-
-    /// Closes the file and returns what the guest holds.
-    pub async fn finish(mut self) -> Result<FileInfo> {
-        let mut lease = self
-            .lease
-            .take()
-            .ok_or_else(|| gone(&self.plugin, "upload-finish"))?;
-        let u = self.upload;
-        let r = guarded!(
-            &mut lease.pooled.inst,
-            "upload-finish",
-            guest,
-            |g, store| g.upload().call_finish(store, u)
-        );
-        if !lease.pooled.inst.poisoned {
-            let _ = u.resource_drop_async(&mut lease.pooled.inst.store).await;
-        }
-        lease.give_back();
-        r
-    }
-}
-
-impl Upload {
-    /// Abandons the transfer: the plugin drops its upload (guest-install removes its
-    /// temporary file) and the instance returns to its pool.
-    pub async fn abort(mut self) {
-        if let Some(mut lease) = self.lease.take() {
-            let _ = self
-                .upload
-                .resource_drop_async(&mut lease.pooled.inst.store)
-                .await;
-            lease.give_back();
-        }
-    }
-}
-
-impl Download {
-    /// Reads up to `max` bytes; empty means end of file.
-    pub async fn read(&mut self, max: u32) -> Result<Vec<u8>> {
-        let lease = self
-            .lease
-            .as_mut()
-            .ok_or_else(|| gone(&self.plugin, "download-read"))?;
-        let d = self.download;
-        let r = guarded!(
-            &mut lease.pooled.inst,
-            "download-read",
-            guest,
-            |g, store| g.download().call_read(store, d, max)
-        );
-        if lease.pooled.inst.poisoned {
-            self.lease = None;
-        }
-        r
-    }
-
-    /// Ends the transfer and returns the instance to its pool.
-    pub async fn close(mut self) {
-        if let Some(mut lease) = self.lease.take() {
-            let _ = self
-                .download
-                .resource_drop_async(&mut lease.pooled.inst.store)
-                .await;
-            lease.give_back();
-        }
-    }
-}

@@ -1,5 +1,5 @@
 //! The data each plugin store carries: WASI context, the capability policies lent to
-//! this plugin, and the limiter.
+//! this plugin, its budgets and the limiter.
 
 use std::sync::Arc;
 
@@ -8,10 +8,15 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
 use super::caps::{
-    guest_channel::GuestChannelCap, http::HttpPolicy, libvirt::LibvirtCap, Policies,
+    guest_channel::GuestChannelCap, http::HttpPolicy, libvirt::LibvirtCap, log::LogBudget,
+    Policies,
 };
 use super::error::Result;
+use super::grants::Limits;
 use super::limits::Limiter;
+
+/// Largest wasi:http header set (all names and values of one `fields`), bytes.
+pub const HTTP_FIELDS_MAX_BYTES: usize = 64 * 1024;
 
 /// Store data of one plugin instance.
 pub struct HostState {
@@ -29,28 +34,43 @@ pub struct HostState {
     pub guest_channel: GuestChannelCap,
     /// Memory cap and call deadline.
     pub limiter: Limiter,
+    /// The instance's budgets.
+    pub limits: Limits,
+    /// Log bytes written in the current call.
+    pub log: LogBudget,
 }
 
 impl HostState {
-    /// Builds the store data for one instance of `plugin` under `policies`.
-    pub fn new(plugin: Arc<str>, policies: &Policies, memory_cap: usize) -> Result<HostState> {
+    /// Builds the store data for one instance of `plugin` under `policies` and `limits`.
+    pub fn new(plugin: Arc<str>, policies: &Policies, limits: &Limits) -> Result<HostState> {
         let wasi = super::caps::files::wasi_ctx(&plugin, &policies.effective.directories)?;
+        let mut table = ResourceTable::new();
+        table.set_max_capacity(limits.max_host_resources as usize);
+        let mut http = WasiHttpCtx::new();
+        http.set_field_size_limit(HTTP_FIELDS_MAX_BYTES);
         Ok(HostState {
             plugin: plugin.clone(),
             wasi,
-            table: ResourceTable::new(),
-            http: WasiHttpCtx::new(),
-            http_policy: policies.http.clone(),
+            table,
+            http,
+            http_policy: policies.http.for_instance(),
             config: policies.config.clone(),
             libvirt: policies.libvirt.clone(),
             guest_channel: policies.guest_channel.clone(),
-            limiter: Limiter::new(memory_cap),
+            limiter: Limiter::new((limits.memory_mib as usize) << 20),
+            limits: *limits,
+            log: LogBudget::new(u64::from(limits.log_kib_per_call) << 10),
         })
     }
 
     /// The resource table (libvirt connections live here).
     pub fn table(&mut self) -> &mut ResourceTable {
         &mut self.table
+    }
+
+    /// Outgoing HTTP requests of this instance whose connection is still open.
+    pub fn http_in_flight(&self) -> usize {
+        self.http_policy.in_flight()
     }
 }
 

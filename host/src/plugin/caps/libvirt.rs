@@ -273,6 +273,13 @@ impl HostConnection for HostState {
         if let Err(e) = self.libvirt.check(&uri).and_then(|_| no_nul(&[&uri])) {
             return Ok(Err(e));
         }
+        let limit = self.limits.max_libvirt_connections;
+        if crate::plugin::budget::holdings(self).libvirt >= limit as usize {
+            return Err(self.limiter.over_budget(
+                crate::plugin::budget::LIBVIRT_CONNECTIONS,
+                u64::from(limit),
+            ));
+        }
         let u = uri.clone();
         match self
             .libvirt

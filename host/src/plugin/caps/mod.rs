@@ -2,12 +2,12 @@
 //!
 //! | module | what | policy |
 //! |---|---|---|
-//! | [`log`] | log lines tagged with the plugin name | always; lines capped in size |
+//! | [`log`] | log lines tagged with the plugin name | always; lines capped in size, bytes per call capped |
 //! | [`config`] | the plugin's own config values | always; only its own |
-//! | [`http`] | outgoing wasi:http | authority allow-list, checked before DNS/connect; timeouts clamped |
-//! | [`libvirt`] | libvirt connections | URI allow-list, checked before connecting; calls off the executor |
+//! | [`http`] | outgoing wasi:http | strict authority allow-list checked before DNS, resolved addresses pinned; every phase timed out; requests in flight and header sets budgeted |
+//! | [`libvirt`] | libvirt connections | URI allow-list, checked before connecting; calls off the executor; connections budgeted |
 //! | [`guest_channel`] | in-guest agent of a VM via its driver | granted or refused |
-//! | [`files`] | preopened directories (WASI) | only granted directories, read-only by default |
+//! | [`files`] | preopened directories (WASI) | only granted directories, read-only by default; no symlink creation; open files budgeted |
 
 pub mod config;
 pub mod files;
@@ -41,18 +41,23 @@ impl Policies {
     pub fn new(
         name: &str,
         effective: Effective,
-        call_timeout: std::time::Duration,
+        limits: &super::grants::Limits,
         router: Option<Arc<dyn guest_channel::GuestChannel>>,
     ) -> Policies {
         let name: Arc<str> = Arc::from(name);
         let effective = Arc::new(effective);
         Policies {
             config: Arc::new(effective.config.clone()),
-            http: http::HttpPolicy::new(name.clone(), effective.http.clone(), call_timeout),
+            http: http::HttpPolicy::new(
+                name.clone(),
+                effective.http.clone(),
+                limits.call_timeout(),
+                limits.max_http_requests,
+            ),
             libvirt: libvirt::LibvirtCap::new(
                 name.clone(),
                 effective.libvirt.clone(),
-                call_timeout,
+                limits.call_timeout(),
             ),
             guest_channel: guest_channel::GuestChannelCap::new(
                 name,

@@ -1,0 +1,243 @@
+//! How a granted outgoing request is sent: resolve, check every address against the
+//! pinned answer, connect, TLS and HTTP handshakes, each under its own timeout.
+//!
+//! This replaces wasmtime's default sender, which resolves a second time at connect
+//! (so the checked name and the connected address could differ), puts no timeout on
+//! the TLS handshake and reads the authority after any `user@` part.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Body, Frame};
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+use wasmtime_wasi_http::{Error as HttpError, WasiBody};
+
+use super::Target;
+
+/// Timeouts of one request (already clamped to the plugin's budget).
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    /// DNS, TCP connect, TLS handshake and HTTP handshake, each.
+    pub connect: Duration,
+    /// From the request sent to the response head.
+    pub first_byte: Duration,
+    /// Between two chunks of the response body.
+    pub between_bytes: Duration,
+}
+
+/// Addresses each granted host name resolved to the first time it was used by this
+/// plugin version; later answers may only narrow them (DNS rebinding cannot move a
+/// grant to another address).
+#[derive(Debug, Default)]
+pub struct Pins(Mutex<HashMap<String, Vec<IpAddr>>>);
+
+impl Pins {
+    /// The addresses of `target` the plugin may connect to now.
+    pub async fn resolve(&self, target: &Target, timeout: Duration) -> Result<Vec<SocketAddr>, HttpError> {
+        if let Ok(ip) = target.host.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>() {
+            return Ok(vec![SocketAddr::new(ip, target.port)]);
+        }
+        let answer: Vec<SocketAddr> =
+            tokio::time::timeout(timeout, tokio::net::lookup_host((target.host.as_str(), target.port)))
+                .await
+                .map_err(|_| HttpError::DnsTimeout)?
+                .map_err(|e| HttpError::DnsError {
+                    rcode: Some(e.to_string()),
+                    info_code: None,
+                })?
+                .collect();
+        let mut pins = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let pinned = pins
+            .entry(target.authority.clone())
+            .or_insert_with(|| answer.iter().map(SocketAddr::ip).collect());
+        let allowed: Vec<SocketAddr> = answer
+            .iter()
+            .copied()
+            .filter(|a| pinned.contains(&a.ip()))
+            .collect();
+        if allowed.is_empty() {
+            tracing::warn!(
+                authority = target.authority,
+                now = ?answer,
+                pinned = ?pinned,
+                "outgoing HTTP refused: the granted name now resolves elsewhere than when first used"
+            );
+            return Err(HttpError::DestinationIpProhibited);
+        }
+        Ok(allowed)
+    }
+}
+
+trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for T {}
+
+/// TLS settings for plugin requests: the Mozilla root set.
+fn tls_config() -> Arc<rustls::ClientConfig> {
+    static CONFIG: OnceLock<Arc<rustls::ClientConfig>> = OnceLock::new();
+    CONFIG
+        .get_or_init(|| {
+            let roots = rustls::RootCertStore {
+                roots: webpki_roots::TLS_SERVER_ROOTS.into(),
+            };
+            let provider = Arc::new(rustls::crypto::ring::default_provider());
+            let config = rustls::ClientConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .map(|b| b.with_root_certificates(roots).with_no_client_auth())
+                .unwrap_or_else(|e| {
+                    // The ring provider supports the default versions; this is unreachable
+                    // in practice, but a panic here would take the agent down.
+                    tracing::error!("TLS client config: {e}");
+                    rustls::ClientConfig::builder()
+                        .with_root_certificates(rustls::RootCertStore::empty())
+                        .with_no_client_auth()
+                });
+            Arc::new(config)
+        })
+        .clone()
+}
+
+/// Connects to the first of `addrs` that answers, then does TLS if asked.
+async fn connect(target: &Target, addrs: &[SocketAddr], t: Duration) -> Result<Box<dyn Io>, HttpError> {
+    let mut last = HttpError::ConnectionRefused;
+    let mut stream = None;
+    for addr in addrs {
+        match tokio::time::timeout(t, TcpStream::connect(addr)).await {
+            Ok(Ok(s)) => {
+                stream = Some(s);
+                break;
+            }
+            Ok(Err(e)) => last = HttpError::Connect(e),
+            Err(_) => last = HttpError::ConnectionTimeout,
+        }
+    }
+    let stream = stream.ok_or(last)?;
+    if !target.tls {
+        return Ok(Box::new(stream));
+    }
+    let bare = target.host.trim_start_matches('[').trim_end_matches(']');
+    let name = match bare.parse::<IpAddr>() {
+        Ok(ip) => rustls::pki_types::ServerName::from(ip),
+        Err(_) => rustls::pki_types::ServerName::try_from(bare.to_string())?,
+    };
+    let tls = tokio_rustls::TlsConnector::from(tls_config());
+    match tokio::time::timeout(t, tls.connect(name, stream)).await {
+        Ok(Ok(s)) => Ok(Box::new(s)),
+        Ok(Err(e)) => Err(HttpError::Tls(e)),
+        Err(_) => Err(HttpError::ConnectionTimeout),
+    }
+}
+
+/// The connection's end, as wasmtime-wasi-http expects it.
+pub type IoFuture = Box<dyn std::future::Future<Output = Result<(), HttpError>> + Send>;
+
+/// Sends `request` to `target`. `guard` is held until the connection closes.
+pub async fn send<G: Send + 'static>(
+    pins: &Pins,
+    target: Target,
+    mut request: http::Request<WasiBody>,
+    t: Timeouts,
+    guard: G,
+) -> Result<(http::Response<WasiBody>, IoFuture), HttpError> {
+    let addrs = pins.resolve(&target, t.connect).await?;
+    let io = connect(&target, &addrs, t.connect).await?;
+    let (mut sender, conn) = tokio::time::timeout(
+        t.connect,
+        hyper::client::conn::http1::Builder::new().handshake(TokioIo::new(io)),
+    )
+    .await
+    .map_err(|_| HttpError::ConnectionTimeout)??;
+    // Origin form on the wire: the authority went into the Host header.
+    let path = request
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "/".into());
+    *request.uri_mut() = path.parse().map_err(|_| HttpError::HttpRequestUriInvalid)?;
+    let mut conn = Box::pin(conn);
+    let mut conn_ended: Option<Result<(), hyper::Error>> = None;
+    let sending = tokio::time::timeout(t.first_byte, sender.send_request(request));
+    tokio::pin!(sending);
+    let response = loop {
+        tokio::select! {
+            r = &mut sending => break r,
+            c = &mut conn, if conn_ended.is_none() => conn_ended = Some(c),
+        }
+    };
+    drop(sender);
+    let response = response
+        .map_err(|_| HttpError::ConnectionReadTimeout)?
+        .map_err(HttpError::from)?;
+    let between = t.between_bytes.max(Duration::from_millis(1));
+    let response = response.map(|incoming| {
+        use http_body_util::BodyExt;
+        TimedBody {
+            incoming,
+            between,
+            timer: Box::pin(tokio::time::sleep(between)),
+        }
+        .boxed_unsync()
+    });
+    let io: IoFuture = Box::new(async move {
+        let _guard = guard;
+        let ended = match conn_ended {
+            Some(r) => r,
+            None => conn.await,
+        };
+        match ended {
+            Err(e) if e.is_timeout() => Err(HttpError::HttpResponseTimeout),
+            Err(e) => Err(e.into()),
+            Ok(()) => Ok(()),
+        }
+    });
+    Ok((response, io))
+}
+
+/// A response body that fails when no chunk arrives for `between`.
+struct TimedBody {
+    incoming: hyper::body::Incoming,
+    between: Duration,
+    timer: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl Body for TimedBody {
+    type Data = Bytes;
+    type Error = HttpError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, HttpError>>> {
+        match Pin::new(&mut self.incoming).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                let next = tokio::time::Instant::now() + self.between;
+                self.timer.as_mut().reset(next);
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) if e.is_timeout() => {
+                Poll::Ready(Some(Err(HttpError::HttpResponseTimeout)))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => match self.timer.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Some(Err(HttpError::ConnectionReadTimeout))),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.incoming.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.incoming.size_hint()
+    }
+}

@@ -1,0 +1,120 @@
+//! The warm instances of one plugin version, and the rule for taking one back.
+//!
+//! A pooled instance keeps every session opened in it, keyed by (interface,
+//! endpoint, credentials). When a call ends the instance goes back to the pool only
+//! if nothing about it is suspect: not poisoned, no HTTP request or response left in
+//! flight, and no more host resources than a session legitimately keeps between
+//! calls ([`REUSE_MAX_FILES`], [`REUSE_MAX_RESOURCES`]). Anything else is discarded,
+//! and discarding drops its store and with it every host resource it held.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use wasmtime::component::ResourceAny;
+
+use super::instance::Instance;
+
+/// Most open files an instance may keep between calls and still be reused.
+pub const REUSE_MAX_FILES: usize = 8;
+/// Most host resources of any kind an instance may keep between calls and still be
+/// reused.
+pub const REUSE_MAX_RESOURCES: usize = 64;
+
+/// Identifies a session inside an instance.
+#[derive(Clone, PartialEq, Eq, Hash, Debug)]
+pub(crate) struct SessionKey {
+    /// Which export the session lives in.
+    pub(crate) kind: Kind,
+    /// Endpoint it was opened on.
+    pub(crate) endpoint: String,
+    pub(crate) username: Option<String>,
+    pub(crate) password: Option<String>,
+    pub(crate) token: Option<String>,
+}
+
+/// Which export a session lives in.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub(crate) enum Kind {
+    /// `gve:hypervisor/driver`.
+    Driver,
+    /// `gve:hypervisor/guest`.
+    Guest,
+}
+
+/// A warm instance and the sessions open in it.
+pub(crate) struct Pooled {
+    /// The instance.
+    pub(crate) inst: Instance,
+    /// Its open sessions.
+    pub(crate) sessions: HashMap<SessionKey, ResourceAny>,
+}
+
+/// The warm instances of one plugin version.
+pub(crate) struct Pool {
+    name: Arc<str>,
+    idle: Mutex<Vec<Pooled>>,
+    permits: Arc<Semaphore>,
+}
+
+impl Pool {
+    /// A pool of at most `size` instances in use at once.
+    pub(crate) fn new(name: Arc<str>, size: usize) -> Pool {
+        Pool {
+            name,
+            idle: Mutex::new(Vec::new()),
+            permits: Arc::new(Semaphore::new(size)),
+        }
+    }
+
+    /// Waits for a turn to use an instance.
+    pub(crate) async fn permit(&self) -> Option<OwnedSemaphorePermit> {
+        self.permits.clone().acquire_owned().await.ok()
+    }
+
+    /// An idle instance, if there is one.
+    pub(crate) fn take_idle(&self) -> Option<Pooled> {
+        self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop()
+    }
+
+    /// Takes an instance back when it may be reused; discards it otherwise.
+    pub(crate) fn put(&self, mut pooled: Pooled) {
+        if pooled.inst.poisoned {
+            return;
+        }
+        let held = pooled.inst.holdings();
+        let in_flight = pooled.inst.store.data().http_in_flight();
+        if in_flight > 0
+            || held.http_exchanges > 0
+            || held.files > REUSE_MAX_FILES
+            || held.total > REUSE_MAX_RESOURCES
+        {
+            tracing::info!(
+                plugin = &*self.name,
+                in_flight,
+                ?held,
+                "plugin instance discarded instead of reused: it holds host resources past its call"
+            );
+            return;
+        }
+        self.idle
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(pooled);
+    }
+}
+
+/// A pooled instance taken for one call (or one transfer).
+pub(crate) struct Lease {
+    pub(crate) pool: Arc<Pool>,
+    pub(crate) pooled: Pooled,
+    pub(crate) session: ResourceAny,
+    pub(crate) _permit: OwnedSemaphorePermit,
+}
+
+impl Lease {
+    /// Returns the instance to its version's pool (or discards it, see [`Pool::put`]).
+    pub(crate) fn give_back(self) {
+        self.pool.put(self.pooled);
+    }
+}
