@@ -138,7 +138,10 @@ impl Answer for VmInfo {
                 .or_else(|| labels(&self.labels))
                 .or_else(|| {
                     if self.addresses.len() > MAX_ITEMS {
-                        Some(format!("{} addresses (at most {MAX_ITEMS})", self.addresses.len()))
+                        Some(format!(
+                            "{} addresses (at most {MAX_ITEMS})",
+                            self.addresses.len()
+                        ))
                     } else {
                         self.addresses.iter().find_map(|a| text("an address", a))
                     }
@@ -230,8 +233,12 @@ impl Answer for ExecResult {
 
 impl Answer for String {
     fn problem(&self) -> Option<String> {
-        (self.len() > MAX_AGENT_REPLY)
-            .then(|| format!("a reply of {} bytes (at most {MAX_AGENT_REPLY})", self.len()))
+        (self.len() > MAX_AGENT_REPLY).then(|| {
+            format!(
+                "a reply of {} bytes (at most {MAX_AGENT_REPLY})",
+                self.len()
+            )
+        })
     }
 }
 
@@ -268,7 +275,11 @@ mod tests {
 
     #[test]
     fn ids_follow_the_grammar() {
-        for ok in ["vm-1", "4f6c0c1e-9d7b-4a3e-8c51-2f0b6c1d9e77", "a.b_c:d@e+f"] {
+        for ok in [
+            "vm-1",
+            "4f6c0c1e-9d7b-4a3e-8c51-2f0b6c1d9e77",
+            "a.b_c:d@e+f",
+        ] {
             assert!(valid_id(ok), "{ok}");
         }
         let long = "a".repeat(MAX_ID + 1);

@@ -124,7 +124,9 @@ impl Limits {
         ];
         for ((name, ceiling), value) in BUDGET_CEILINGS.iter().zip(budgets) {
             if value == 0 || value > *ceiling {
-                return Err(format!("{name} must be between 1 and {ceiling}, not {value}"));
+                return Err(format!(
+                    "{name} must be between 1 and {ceiling}, not {value}"
+                ));
             }
         }
         if self.pool_size > self.max_instances {

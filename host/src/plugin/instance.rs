@@ -211,8 +211,7 @@ macro_rules! guarded {
                 reason: concat!("it does not export the ", stringify!($which), " interface").into(),
             }),
             Some($ex) => {
-                let (budget, backstop) =
-                    $crate::plugin::instance::arm(&mut inst.store, &inst.meta);
+                let (budget, backstop) = $crate::plugin::instance::arm(&mut inst.store, &inst.meta);
                 let $store = &mut inst.store;
                 let outcome = tokio::time::timeout(backstop, $call).await;
                 inst.finish($op, budget, outcome)

@@ -8,8 +8,7 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
 use super::caps::{
-    guest_channel::GuestChannelCap, http::HttpPolicy, libvirt::LibvirtCap, log::LogBudget,
-    Policies,
+    guest_channel::GuestChannelCap, http::HttpPolicy, libvirt::LibvirtCap, log::LogBudget, Policies,
 };
 use super::error::Result;
 use super::grants::Limits;

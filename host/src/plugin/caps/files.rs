@@ -54,7 +54,10 @@ fn open_files_budget(state: &mut HostState) -> wasmtime::Result<()> {
 }
 
 /// The error code of a filesystem result, as WASI reports it to the plugin.
-fn code<T>(state: &mut HostState, r: FsResult<T>) -> wasmtime::Result<std::result::Result<T, ErrorCode>> {
+fn code<T>(
+    state: &mut HostState,
+    r: FsResult<T>,
+) -> wasmtime::Result<std::result::Result<T, ErrorCode>> {
     match r {
         Ok(v) => Ok(Ok(v)),
         Err(e) => Ok(Err(state.filesystem().convert_error_code(e)?)),

@@ -275,10 +275,9 @@ impl HostConnection for HostState {
         }
         let limit = self.limits.max_libvirt_connections;
         if crate::plugin::budget::holdings(self).libvirt >= limit as usize {
-            return Err(self.limiter.over_budget(
-                crate::plugin::budget::LIBVIRT_CONNECTIONS,
-                u64::from(limit),
-            ));
+            return Err(self
+                .limiter
+                .over_budget(crate::plugin::budget::LIBVIRT_CONNECTIONS, u64::from(limit)));
         }
         let u = uri.clone();
         match self

@@ -6,8 +6,8 @@
 //! the TLS handshake and reads the authority after any `user@` part.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
 use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
@@ -41,19 +41,30 @@ pub struct Pins(Mutex<HashMap<String, Vec<IpAddr>>>);
 
 impl Pins {
     /// The addresses of `target` the plugin may connect to now.
-    pub async fn resolve(&self, target: &Target, timeout: Duration) -> Result<Vec<SocketAddr>, HttpError> {
-        if let Ok(ip) = target.host.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>() {
+    pub async fn resolve(
+        &self,
+        target: &Target,
+        timeout: Duration,
+    ) -> Result<Vec<SocketAddr>, HttpError> {
+        if let Ok(ip) = target
+            .host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<IpAddr>()
+        {
             return Ok(vec![SocketAddr::new(ip, target.port)]);
         }
-        let answer: Vec<SocketAddr> =
-            tokio::time::timeout(timeout, tokio::net::lookup_host((target.host.as_str(), target.port)))
-                .await
-                .map_err(|_| HttpError::DnsTimeout)?
-                .map_err(|e| HttpError::DnsError {
-                    rcode: Some(e.to_string()),
-                    info_code: None,
-                })?
-                .collect();
+        let answer: Vec<SocketAddr> = tokio::time::timeout(
+            timeout,
+            tokio::net::lookup_host((target.host.as_str(), target.port)),
+        )
+        .await
+        .map_err(|_| HttpError::DnsTimeout)?
+        .map_err(|e| HttpError::DnsError {
+            rcode: Some(e.to_string()),
+            info_code: None,
+        })?
+        .collect();
         let mut pins = self.0.lock().unwrap_or_else(|p| p.into_inner());
         let pinned = pins
             .entry(target.authority.clone())
@@ -105,7 +116,11 @@ fn tls_config() -> Arc<rustls::ClientConfig> {
 }
 
 /// Connects to the first of `addrs` that answers, then does TLS if asked.
-async fn connect(target: &Target, addrs: &[SocketAddr], t: Duration) -> Result<Box<dyn Io>, HttpError> {
+async fn connect(
+    target: &Target,
+    addrs: &[SocketAddr],
+    t: Duration,
+) -> Result<Box<dyn Io>, HttpError> {
     let mut last = HttpError::ConnectionRefused;
     let mut stream = None;
     for addr in addrs {
@@ -239,5 +254,45 @@ impl Body for TimedBody {
 
     fn size_hint(&self) -> http_body::SizeHint {
         self.incoming.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target(host: &str, port: u16) -> Target {
+        Target {
+            authority: format!("{host}:{port}"),
+            host: host.into(),
+            port,
+            tls: false,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_granted_name_cannot_move_to_another_address() {
+        let t = target("localhost", 8080);
+        let fresh = Pins::default();
+        let first = fresh.resolve(&t, Duration::from_secs(2)).await.unwrap();
+        assert!(!first.is_empty());
+        assert!(first.iter().all(|a| a.ip().is_loopback()), "{first:?}");
+        // As if the name had pointed elsewhere when first used: today's answer is refused.
+        let moved = Pins::default();
+        moved
+            .0
+            .lock()
+            .unwrap()
+            .insert("localhost:8080".into(), vec!["192.0.2.7".parse().unwrap()]);
+        assert!(matches!(
+            moved.resolve(&t, Duration::from_secs(2)).await,
+            Err(HttpError::DestinationIpProhibited)
+        ));
+        // IP literals are connected to as written, never looked up.
+        let lit = fresh
+            .resolve(&target("[::1]", 80), Duration::from_secs(2))
+            .await
+            .unwrap();
+        assert_eq!(lit, vec!["[::1]:80".parse().unwrap()]);
     }
 }

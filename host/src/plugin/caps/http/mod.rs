@@ -6,9 +6,11 @@
 //! - The check runs before any DNS lookup or connection, and the address connected to
 //!   is the one checked: a granted name's addresses are pinned at its first use by a
 //!   plugin version ([`connect::Pins`]).
-//! - DNS, TCP connect, TLS and HTTP handshakes each have a timeout; first-byte and
-//!   between-bytes timeouts are clamped to the plugin's call budget (wasmtime's
-//!   defaults are 600 s).
+//! - DNS, TCP connect, TLS and HTTP handshakes each have a timeout of at most half
+//!   the call budget and 10 s, so a silent server fails the request with a timeout
+//!   the plugin sees, well before the call's own deadline; first-byte and
+//!   between-bytes timeouts are clamped to the call budget (wasmtime's defaults are
+//!   600 s).
 //! - Budgets per instance: requests in flight (`max-http-requests`; one more fails
 //!   with `connection-limit-reached`) and header sets alive (`max-http-header-sets`,
 //!   each at most 64 KiB; one more stops the call).
@@ -139,7 +141,7 @@ impl HttpPolicy {
         let clamp = |t: Option<Duration>, ceiling: Duration| t.map_or(ceiling, |t| t.min(ceiling));
         let o = options.unwrap_or_default();
         connect::Timeouts {
-            connect: clamp(o.connect_timeout, max.min(CONNECT_TIMEOUT_MAX)),
+            connect: clamp(o.connect_timeout, (max / 2).min(CONNECT_TIMEOUT_MAX)),
             first_byte: clamp(o.first_byte_timeout, max),
             between_bytes: clamp(o.between_bytes_timeout, max),
         }
@@ -150,7 +152,10 @@ impl HttpPolicy {
         if n < REFUSALS_LOGGED {
             tracing::warn!(plugin = &*self.plugin, uri = %uri, "outgoing HTTP refused: {why}");
         } else if n == REFUSALS_LOGGED {
-            tracing::warn!(plugin = &*self.plugin, "further refused HTTP requests of this instance are not logged");
+            tracing::warn!(
+                plugin = &*self.plugin,
+                "further refused HTTP requests of this instance are not logged"
+            );
         }
     }
 }
@@ -218,7 +223,11 @@ pub fn add_budgets(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
             let mut view = state.http();
             let r = match HostFields::from_list(&mut view, entries) {
                 Ok(f) => Ok(f),
-                Err(e) => Err(wasmtime_wasi_http::p2::bindings::http::types::Host::convert_header_error(&mut view, e)?),
+                Err(e) => Err(
+                    wasmtime_wasi_http::p2::bindings::http::types::Host::convert_header_error(
+                        &mut view, e,
+                    )?,
+                ),
             };
             Ok((r,))
         },
@@ -258,7 +267,7 @@ mod tests {
         assert!(!p.allows(&"http://evil.example.org.attacker:443/".parse().unwrap()));
         let t = p.timeouts(None);
         assert_eq!(t.first_byte, Duration::from_secs(5));
-        assert_eq!(t.connect, Duration::from_secs(5));
+        assert_eq!(t.connect, Duration::from_millis(2_500));
     }
 
     #[test]

@@ -1,0 +1,77 @@
+//! Memory: linear memory is capped, and host memory a plugin makes the host hold
+//! (wasi:http header sets, resource-table entries) is budgeted per instance.
+
+use gve::plugin::{ErrorKind, Grants, PluginError};
+
+use super::{bench, hostile};
+
+#[tokio::test]
+async fn memory_bomb_is_refused_at_the_cap() {
+    let mut sp = hostile(Grants::default());
+    sp.limits.memory_mib = 32;
+    let b = bench(sp).await;
+    let err = b.hostile.get_vm("bomb").await.unwrap_err();
+    match &err {
+        PluginError::MemoryCap {
+            plugin,
+            cap_mib,
+            asked_mib,
+            ..
+        } => {
+            assert_eq!((plugin.as_str(), *cap_mib), ("hostile", 32));
+            assert!(*asked_mib > 32);
+        }
+        other => panic!("expected a memory cap error, got {other}"),
+    }
+    assert!(err.to_string().contains("memory cap of 32 MiB"), "{err}");
+    b.aftermath().await;
+}
+
+#[tokio::test]
+async fn panic_becomes_a_typed_error() {
+    let b = bench(hostile(Grants::default())).await;
+    let err = b.hostile.get_vm("panic").await.unwrap_err();
+    assert!(
+        matches!(&err, PluginError::Panic { plugin, op } if plugin == "hostile" && *op == "get-vm"),
+        "{err}"
+    );
+    b.aftermath().await;
+}
+
+/// 5,000 header sets of 60 KiB (300 MiB of host memory before budgets), three times.
+#[tokio::test]
+async fn http_header_sets_without_a_grant_stop_at_their_budget() {
+    let b = bench(hostile(Grants::default())).await;
+    for _ in 0..3 {
+        let err = b.hostile.get_vm("fields:5000").await.unwrap_err();
+        assert!(
+            matches!(&err, PluginError::Budget { what, limit: 256, .. } if *what == "HTTP header sets"),
+            "{err}"
+        );
+        assert_eq!(err.kind(), ErrorKind::Denied);
+        assert!(
+            err.to_string().contains("budget of 256 HTTP header sets"),
+            "{err}"
+        );
+    }
+    // Under the budget it works, and the instance still goes back to the pool.
+    assert_eq!(
+        b.hostile.get_vm("fields:10").await.unwrap().name,
+        "10 fields"
+    );
+    b.aftermath().await;
+}
+
+#[tokio::test]
+async fn every_host_resource_counts_against_the_table_budget() {
+    let mut sp = hostile(Grants::default());
+    sp.limits.max_http_header_sets = 4_096;
+    sp.limits.max_host_resources = 300;
+    let b = bench(sp).await;
+    let err = b.hostile.get_vm("fields:1000").await.unwrap_err();
+    assert!(
+        matches!(&err, PluginError::Budget { what, limit: 300, .. } if *what == "host resources"),
+        "{err}"
+    );
+    b.aftermath().await;
+}
