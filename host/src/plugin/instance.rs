@@ -155,7 +155,13 @@ impl Instance {
             }
             None => match trap.downcast_ref::<Trap>() {
                 Some(Trap::UnreachableCodeReached) => PluginError::Panic { plugin, op },
-                _ => PluginError::Trap {
+                // The trap's own words ("call stack exhausted", ...), not the backtrace.
+                Some(t) => PluginError::Trap {
+                    plugin,
+                    op,
+                    message: t.to_string(),
+                },
+                None => PluginError::Trap {
                     plugin,
                     op,
                     message: crate::plugin::answers::bounded_message(format!("{trap:#}")),

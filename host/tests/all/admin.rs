@@ -446,3 +446,48 @@ async fn an_agent_without_a_driver_is_given_one_at_runtime_and_keeps_it() {
     );
     again.stop().await;
 }
+
+/// An unloaded driver plugin used to leave `[driver]` bound to a dead slot until a
+/// restart; now the driver says its plugin is missing (503, never a 404 that could
+/// read as a missing VM) and works again once the plugin is loaded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_driver_follows_its_plugin_across_unload_and_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(memory_config(dir.path())).await.unwrap();
+    let c = client(&agent);
+    let endpoint = format!("memory:follow-{}", uuid::Uuid::new_v4());
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_gve"))
+        .args([
+            "agent",
+            "driver",
+            "set",
+            "--agent-url",
+            &format!("http://{}", agent.addr),
+            "--secret",
+            TOKEN,
+            "memory",
+            &endpoint,
+        ])
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let host: Value = c.get("/v1/host").await.unwrap();
+    assert!(host.is_object(), "{host}");
+
+    let (code, _, err) = gve(&agent, &["unload", "memory"]).await;
+    assert_eq!(code, 0, "{err}");
+    let e = c.get::<Value>("/v1/host").await.unwrap_err();
+    assert_eq!(e.status, 503, "{e}");
+    assert!(
+        e.message.contains("plugin 'memory' is not loaded now"),
+        "{e}"
+    );
+
+    let memory = bundle("memory");
+    let (code, _, err) = gve(&agent, &["load", memory.to_str().unwrap()]).await;
+    assert_eq!(code, 0, "{err}");
+    let again: Value = c.get("/v1/host").await.unwrap();
+    assert_eq!(again["hostname"], host["hostname"], "{again}");
+    agent.stop().await;
+}

@@ -118,3 +118,64 @@ async fn destructors_that_spin_are_stopped_and_their_instance_discarded() {
     d.close().await;
     b.aftermath().await;
 }
+
+#[tokio::test]
+async fn spinning_in_open_or_info_is_stopped_and_the_old_version_stays() {
+    let mut sp = hostile(Grants::default());
+    sp.limits.call_timeout_ms = 500;
+    let b = bench(sp.clone()).await;
+    let t = Instant::now();
+    let err = b
+        .host
+        .open_driver("hostile", "spin-open", no_creds())
+        .await
+        .err()
+        .expect("a spinning open fails");
+    assert!(
+        matches!(&err, PluginError::Deadline { op, .. } if *op == "open"),
+        "{err}"
+    );
+    assert!(
+        t.elapsed() < Duration::from_millis(1_700),
+        "{:?}",
+        t.elapsed()
+    );
+    // A version whose info() spins is refused; the loaded one keeps serving.
+    sp.grants.config.insert("spin-info".into(), "yes".into());
+    let err = b.host.replace("hostile", sp).await.unwrap_err();
+    assert!(
+        matches!(&err, PluginError::Deadline { op, .. } if *op == "info"),
+        "{err}"
+    );
+    b.aftermath().await;
+}
+
+#[tokio::test]
+async fn deep_recursion_traps_without_harm() {
+    let b = bench(hostile(Grants::default())).await;
+    let err = b.hostile.get_vm("recurse").await.unwrap_err();
+    // Rust's shadow stack lives in linear memory: running off it is an out-of-bounds
+    // access, reported in the trap's own words rather than as a backtrace.
+    assert!(matches!(err, PluginError::Trap { .. }), "{err}");
+    assert!(err.to_string().len() < 200, "{err}");
+    b.aftermath().await;
+}
+
+/// A wait on the host side (a clock pollable) has no epoch to interrupt: the
+/// backstop ends it at the budget plus one second.
+#[tokio::test]
+async fn a_long_host_side_wait_is_cut_by_the_backstop() {
+    let mut sp = hostile(Grants::default());
+    sp.limits.call_timeout_ms = 500;
+    let b = bench(sp).await;
+    let t = Instant::now();
+    let err = b.hostile.get_vm("nap:60000").await.unwrap_err();
+    assert!(matches!(err, PluginError::Deadline { .. }), "{err}");
+    assert!(
+        t.elapsed() < Duration::from_millis(2_000),
+        "{:?}",
+        t.elapsed()
+    );
+    assert_eq!(b.hostile.get_vm("nap:10").await.unwrap().name, "rested");
+    b.aftermath().await;
+}
