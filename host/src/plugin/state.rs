@@ -67,6 +67,20 @@ impl HostState {
         &mut self.table
     }
 
+    /// Logs that the host refused something this instance asked for. The line counts
+    /// against the instance's per-call log budget, so refusals in a loop cannot flood
+    /// the host's log.
+    pub fn refused(&mut self, what: &str, detail: &str) {
+        let mut cut = detail.len().min(256);
+        while !detail.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        let detail = &detail[..cut];
+        if self.log.admit(what.len() + detail.len() + 64) {
+            tracing::warn!(plugin = &*self.plugin, detail, "{what}");
+        }
+    }
+
     /// Outgoing HTTP requests of this instance whose connection is still open.
     pub fn http_in_flight(&self) -> usize {
         self.http_policy.in_flight()

@@ -106,11 +106,9 @@ pub fn add_budgets(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
         |mut store: StoreContextMut<'_, HostState>,
          (_fd, old, new): (Resource<Descriptor>, String, String)| {
             Box::new(async move {
-                tracing::warn!(
-                    plugin = &*store.data_mut().plugin,
-                    old,
-                    new,
-                    "symlink creation refused: plugins may not create symlinks"
+                store.data_mut().refused(
+                    "symlink creation refused: plugins may not create symlinks",
+                    &format!("{new} -> {old}"),
                 );
                 Ok((Err::<(), _>(ErrorCode::NotPermitted),))
             })

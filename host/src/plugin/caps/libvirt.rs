@@ -48,11 +48,7 @@ impl LibvirtCap {
         } else {
             self.allowed.join(", ")
         };
-        tracing::warn!(
-            plugin = &*self.plugin,
-            uri,
-            "libvirt URI refused: not granted"
-        );
+        let uri: String = uri.chars().take(256).collect();
         Err(Error::Denied(format!(
             "libvirt URI '{uri}' is not granted to plugin '{}' (granted: {granted})",
             self.plugin
@@ -271,6 +267,7 @@ macro_rules! conn_op {
 impl HostConnection for HostState {
     async fn open(&mut self, uri: String) -> wasmtime::Result<Result<Resource<Connection>, Error>> {
         if let Err(e) = self.libvirt.check(&uri).and_then(|_| no_nul(&[&uri])) {
+            self.refused("libvirt URI refused: not granted", &uri);
             return Ok(Err(e));
         }
         let limit = self.limits.max_libvirt_connections;
@@ -493,6 +490,10 @@ impl HostConnection for HostState {
         bandwidth_mibps: u64,
     ) -> wasmtime::Result<Result<(), Error>> {
         if let Err(e) = self.libvirt.check(&destination_uri) {
+            self.refused(
+                "libvirt migration URI refused: not granted",
+                &destination_uri,
+            );
             return Ok(Err(e));
         }
         let p2p = flags.contains(MigrateFlags::PEER_TO_PEER);

@@ -39,7 +39,7 @@ impl LogBudget {
     }
 
     /// Whether a line of `len` bytes may be written (and counts it either way).
-    fn admit(&mut self, len: usize) -> bool {
+    pub fn admit(&mut self, len: usize) -> bool {
         let after = self.written.saturating_add(len as u64);
         if after > self.per_call {
             self.dropped += 1;

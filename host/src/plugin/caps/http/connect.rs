@@ -37,7 +37,14 @@ pub struct Timeouts {
 /// plugin version; later answers may only narrow them (DNS rebinding cannot move a
 /// grant to another address).
 #[derive(Debug, Default)]
-pub struct Pins(Mutex<HashMap<String, Vec<IpAddr>>>);
+pub struct Pins(Mutex<HashMap<String, Pinned>>);
+
+/// The pinned addresses of one authority.
+#[derive(Debug)]
+struct Pinned {
+    ips: Vec<IpAddr>,
+    warned: bool,
+}
 
 impl Pins {
     /// The addresses of `target` the plugin may connect to now.
@@ -68,19 +75,24 @@ impl Pins {
         let mut pins = self.0.lock().unwrap_or_else(|p| p.into_inner());
         let pinned = pins
             .entry(target.authority.clone())
-            .or_insert_with(|| answer.iter().map(SocketAddr::ip).collect());
+            .or_insert_with(|| Pinned {
+                ips: answer.iter().map(SocketAddr::ip).collect(),
+                warned: false,
+            });
         let allowed: Vec<SocketAddr> = answer
             .iter()
             .copied()
-            .filter(|a| pinned.contains(&a.ip()))
+            .filter(|a| pinned.ips.contains(&a.ip()))
             .collect();
         if allowed.is_empty() {
-            tracing::warn!(
-                authority = target.authority,
-                now = ?answer,
-                pinned = ?pinned,
-                "outgoing HTTP refused: the granted name now resolves elsewhere than when first used"
-            );
+            if !std::mem::replace(&mut pinned.warned, true) {
+                tracing::warn!(
+                    authority = target.authority,
+                    now = ?answer,
+                    pinned = ?pinned.ips,
+                    "outgoing HTTP refused: the granted name now resolves elsewhere than when first used"
+                );
+            }
             return Err(HttpError::DestinationIpProhibited);
         }
         Ok(allowed)
@@ -279,11 +291,13 @@ mod tests {
         assert!(first.iter().all(|a| a.ip().is_loopback()), "{first:?}");
         // As if the name had pointed elsewhere when first used: today's answer is refused.
         let moved = Pins::default();
-        moved
-            .0
-            .lock()
-            .unwrap()
-            .insert("localhost:8080".into(), vec!["192.0.2.7".parse().unwrap()]);
+        moved.0.lock().unwrap().insert(
+            "localhost:8080".into(),
+            Pinned {
+                ips: vec!["192.0.2.7".parse().unwrap()],
+                warned: false,
+            },
+        );
         assert!(matches!(
             moved.resolve(&t, Duration::from_secs(2)).await,
             Err(HttpError::DestinationIpProhibited)

@@ -35,6 +35,10 @@ use crate::plugin::state::HostState;
 /// Longest a DNS lookup, TCP connect, TLS or HTTP handshake may take, each.
 pub const CONNECT_TIMEOUT_MAX: Duration = Duration::from_secs(10);
 
+/// Largest chunk of a request body the host buffers per request being sent
+/// (wasmtime's default is 1 MiB).
+pub const OUTGOING_BODY_CHUNK: usize = 64 * 1024;
+
 /// Refused requests logged per instance; later refusals are only counted.
 const REFUSALS_LOGGED: usize = 8;
 
@@ -188,6 +192,14 @@ impl WasiHttpHooks for HttpPolicy {
         let timeouts = self.timeouts(options);
         let pins = self.pins.clone();
         Box::new(async move { connect::send(&pins, target, request, timeouts, guard).await })
+    }
+
+    fn p2_outgoing_body_chunk_size(&mut self) -> usize {
+        OUTGOING_BODY_CHUNK
+    }
+
+    fn p2_outgoing_body_buffer_chunks(&mut self) -> usize {
+        1
     }
 }
 
