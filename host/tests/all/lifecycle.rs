@@ -81,20 +81,25 @@ async fn unload_refuses_later_calls_and_allows_a_fresh_load() {
     host.unload("memory").unwrap();
     assert!(host.list().is_empty());
     let err = s.list_vms().await.unwrap_err();
+    // A session's plugin gone is `unavailable`, never `not-found` (which callers
+    // read as "the VM is gone").
     assert!(
-        matches!(err, PluginError::NotLoaded(ref n) if n == "memory"),
+        matches!(err, PluginError::Unloaded(ref n) if n == "memory"),
         "{err}"
     );
-    assert_eq!(err.kind(), ErrorKind::NotFound);
+    assert_eq!(err.kind(), ErrorKind::Unavailable);
     assert!(matches!(
         host.unload("memory"),
         Err(PluginError::NotLoaded(_))
     ));
+    assert!(matches!(host.get("memory"), Err(PluginError::NotLoaded(_))));
     host.load(spec("memory", Grants::default())).await.unwrap();
     assert!(matches!(
         host.load(spec("memory", Grants::default())).await,
         Err(PluginError::AlreadyLoaded(_))
     ));
+    // The session opened before the unload follows the plugin back.
+    s.list_vms().await.unwrap();
 }
 
 #[tokio::test]
