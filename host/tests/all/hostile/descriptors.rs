@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use gve::plugin::{DirGrant, Grants, PluginError};
 
 use super::servers::Silent;
-use super::{bench, hostile};
+use super::{bench, hostile, libvirt_test_grant};
 use crate::support::spec;
 
 fn budget_error(err: &PluginError, what: &str, limit: u64) -> bool {
@@ -94,11 +94,7 @@ async fn requests_never_awaited_are_bounded_and_closed_with_the_call() {
 
 #[tokio::test]
 async fn libvirt_connections_stop_at_their_budget() {
-    let grants = Grants {
-        libvirt: vec!["test:///default".into()],
-        ..Default::default()
-    };
-    let b = bench(hostile(grants)).await;
+    let b = bench(hostile(libvirt_test_grant())).await;
     let err = b
         .hostile
         .get_vm("libvirt-many:test:///default:100")

@@ -89,6 +89,14 @@ pub async fn bench(sp: PluginSpec) -> Bench {
     bench_on(sp, "anywhere").await
 }
 
+/// Grants of libvirt's in-process test driver only.
+pub fn libvirt_test_grant() -> Grants {
+    Grants {
+        libvirt: vec!["test:///default".into()],
+        ..Default::default()
+    }
+}
+
 /// The hostile plugin's spec with `grants` and default limits.
 pub fn hostile(grants: Grants) -> PluginSpec {
     spec("hostile", grants)

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use gve::plugin::{ErrorKind, Grants, PluginError};
 
 use super::servers::{counting, Silent};
-use super::{bench, hostile};
+use super::{bench, hostile, libvirt_test_grant};
 
 #[tokio::test]
 async fn http_to_a_host_not_granted_never_connects() {
@@ -131,11 +131,7 @@ async fn a_tls_handshake_that_never_ends_times_out_on_its_own() {
 
 #[tokio::test]
 async fn libvirt_uri_not_granted_is_refused() {
-    let grants = Grants {
-        libvirt: vec!["test:///default".into()],
-        ..Default::default()
-    };
-    let b = bench(hostile(grants)).await;
+    let b = bench(hostile(libvirt_test_grant())).await;
     let err = b
         .hostile
         .get_vm("libvirt:qemu:///system")
