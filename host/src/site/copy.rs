@@ -109,11 +109,11 @@ impl SiteCore {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
         if announced.is_some_and(|n| n > cap) {
-            return Err(ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "invalid-argument",
-                format!("the file is larger than this site's copy limit of {cap} bytes"),
-            ));
+            // A body a little over the limit is read first, so the connection stays
+            // usable (a pooled client reusing it would otherwise write into a socket
+            // the server is closing); a far larger one is cut.
+            drain(&mut req.into_body(), DRAIN_BYTES).await;
+            return Err(too_large(cap));
         }
         let received = receive(req.into_body(), &file, cap).await;
         let (size, sha) = match received {
@@ -306,6 +306,34 @@ impl SiteCore {
     }
 }
 
+/// How much of an oversized body is read (and dropped) before the 413.
+const DRAIN_BYTES: usize = 1 << 20;
+
+/// The answer to a copy over the site's limit.
+fn too_large(cap: u64) -> ApiError {
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "invalid-argument",
+        format!("the file is larger than this site's copy limit of {cap} bytes"),
+    )
+}
+
+/// Reads and drops up to `limit` more bytes of `body`, so a client that overshot a
+/// little has sent its whole body and reads the 413 instead of a reset.
+async fn drain<B>(body: &mut B, limit: usize)
+where
+    B: hyper::body::Body<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Display,
+{
+    let mut extra = 0usize;
+    while extra < limit {
+        match crate::api::next_frame(body).await {
+            Some(Ok(f)) => extra += f.into_data().map(|d| d.len()).unwrap_or(0),
+            _ => break,
+        }
+    }
+}
+
 /// Writes a body to `file` chunk by chunk; returns its size and SHA-256.
 async fn receive<B>(
     mut body: B,
@@ -332,21 +360,8 @@ where
             h.update(&data);
             size += data.len() as u64;
             if size > cap {
-                // Read (and drop) up to 1 MiB more, so a client that overshot a
-                // little has sent its whole body and reads the 413 instead of a
-                // reset connection.
-                let mut extra = 0usize;
-                while extra < 1 << 20 {
-                    match crate::api::next_frame(&mut body).await {
-                        Some(Ok(f)) => extra += f.into_data().map(|d| d.len()).unwrap_or(0),
-                        _ => break,
-                    }
-                }
-                return Err(ApiError::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "invalid-argument",
-                    format!("the file is larger than this site's copy limit of {cap} bytes"),
-                ));
+                drain(&mut body, DRAIN_BYTES).await;
+                return Err(too_large(cap));
             }
             out.write_all(&data)
                 .await

@@ -27,7 +27,17 @@ async fn only_granted_directories_are_visible_and_read_only_by_default() {
     );
     assert!(b.hostile.get_vm("write:/data/new.txt").await.is_err());
     assert!(!data.path().join("new.txt").exists());
-    assert!(b.hostile.get_vm("file:/etc/passwd").await.is_err());
+    for outside in [
+        "file:/etc/passwd",
+        "file:/data/../etc/passwd",
+        "file:/data/../../../../etc/passwd",
+        "file:/data/./../data/../etc/passwd",
+    ] {
+        assert!(
+            b.hostile.get_vm(outside).await.is_err(),
+            "{outside} was read"
+        );
+    }
     b.aftermath().await;
 }
 

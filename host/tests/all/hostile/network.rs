@@ -139,8 +139,46 @@ async fn libvirt_uri_not_granted_is_refused() {
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Denied, "{err}");
     assert!(err.to_string().contains("qemu:///system"), "{err}");
+    // Spellings of the granted URI are other URIs.
+    for uri in [
+        "test:///default/",
+        "TEST:///default",
+        "test:///default?x=1",
+        "test:///default ",
+        "test+ssh:///default",
+        "test:///./default",
+    ] {
+        let err = b
+            .hostile
+            .get_vm(&format!("libvirt:{uri}"))
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Denied, "{uri}: {err}");
+    }
     // Control: the granted URI opens (libvirt's in-process test driver).
     let ok = b.hostile.get_vm("libvirt:test:///default").await.unwrap();
     assert!(!ok.name.is_empty());
+    b.aftermath().await;
+}
+
+/// wasi:sockets is linked (wasmtime's WASI), but no network is lent: a raw TCP
+/// connect is refused and never reaches the listener.
+#[tokio::test]
+async fn raw_sockets_reach_nothing() {
+    let (port, count) = counting();
+    let grants = Grants {
+        http: vec![format!("127.0.0.1:{port}")],
+        ..Default::default()
+    };
+    let b = bench(hostile(grants)).await;
+    let err = b
+        .hostile
+        .get_vm(&format!("socket:{port}"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Denied, "{err}");
+    assert!(err.to_string().contains("wasi:sockets"), "{err}");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(count.load(Ordering::SeqCst), 0);
     b.aftermath().await;
 }
