@@ -34,7 +34,7 @@ toml_get() {
 
 dirs=()
 packages=()
-for manifest in sdk/examples/*/gve-plugin.toml plugins/*/gve-plugin.toml host/tests/fixtures/*/gve-plugin.toml; do
+for manifest in sdk/examples/*/gve-plugin.toml plugins/*/gve-plugin.toml host/tests/fixtures/*/gve-plugin.toml conformance/tests/fixtures/*/gve-plugin.toml; do
     [ -f "$manifest" ] || continue
     dir=$(dirname "$manifest")
     if [ ! -f "$dir/Cargo.toml" ]; then

@@ -6,12 +6,16 @@ cd "$(dirname "$0")/.."
 echo "test: formatting"
 cargo fmt --all --check
 echo "test: clippy (host, native)"
-cargo clippy --release --locked -p gve -p gve-harness --all-targets -- -D warnings
+cargo clippy --release --locked -p gve -p gve-harness -p gve-conformance --all-targets -- -D warnings
 echo "test: clippy (plugins, wasm32-wasip2)"
 bash scripts/build-plugins.sh --clippy
 echo "test: SDK and plugin unit tests (native)"
 cargo test --locked -p gve-sdk -p gve-plugin-guest-install
 echo "test: host unit and integration tests"
 cargo test --release --locked -p gve
+echo "test: conformance suite (library, CLI, the memory example as its specification)"
+cargo test --release --locked -p gve-conformance
+echo "test: the support matrix in docs is the one these runs give"
+bash scripts/conformance.sh --check
 echo "test: API fuzzing against docs/openapi.yaml (bounded)"
 bash scripts/api-fuzz.sh 60

@@ -61,6 +61,14 @@ pub enum Command {
     Plugin(Box<plugin::PluginArgs>),
     /// Read the site's audit log (admins).
     Audit(Box<audit::AuditArgs>),
+    /// Prove a driver against a real host (runs `gve-conformance`, installed next
+    /// to `gve`; `gve conformance --help` lists its commands).
+    #[command(disable_help_flag = true)]
+    Conformance {
+        /// Arguments for `gve-conformance`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Print shell completions.
     Completions {
         /// Shell to generate for.
@@ -77,6 +85,7 @@ pub async fn run(cli: Cli) -> i32 {
         Command::Job(j) => report(jobs::run(*j).await),
         Command::Plugin(p) => plugin::run(*p).await,
         Command::Audit(a) => report(audit::run(*a).await),
+        Command::Conformance { args } => conformance(&args),
         Command::Up(u) => up::run(*u).await,
         Command::Site(s) => site::run(s).await,
         Command::Completions { shell } => {
@@ -220,6 +229,26 @@ pub fn report(r: Result<i32, CliError>) -> i32 {
         Err(e) => {
             eprintln!("error: {e}");
             e.exit_code()
+        }
+    }
+}
+
+/// Runs `gve-conformance` from the directory of this executable (or from `PATH`)
+/// with `args`; returns its exit code.
+fn conformance(args: &[String]) -> i32 {
+    let sibling = std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|d| d.join("gve-conformance")))
+        .filter(|p| p.is_file());
+    let program = sibling.unwrap_or_else(|| "gve-conformance".into());
+    match std::process::Command::new(&program).args(args).status() {
+        Ok(status) => status.code().unwrap_or(1),
+        Err(e) => {
+            eprintln!(
+                "gve: cannot run {}: {e} (build it with `cargo build --release -p gve-conformance`)",
+                program.display()
+            );
+            2
         }
     }
 }

@@ -162,6 +162,30 @@ fn split(name: &str) -> Option<(&str, &str)> {
     rest.split_once('@').or(Some((rest, "")))
 }
 
+/// Names of the capability flags set in `c`.
+pub fn capability_names(c: super::bindings::types::Capabilities) -> Vec<String> {
+    use super::bindings::types::Capabilities as C;
+    let all = [
+        (C::CREATE, "create"),
+        (C::CLONE, "clone"),
+        (C::LINKED_CLONE, "linked-clone"),
+        (C::START, "start"),
+        (C::SHUTDOWN, "shutdown"),
+        (C::SUSPEND, "suspend"),
+        (C::RESUME, "resume"),
+        (C::MIGRATE, "migrate"),
+        (C::LIVE_MIGRATE, "live-migrate"),
+        (C::DESTROY, "destroy"),
+        (C::TEMPLATES, "templates"),
+        (C::GUEST_NATIVE, "guest-native"),
+        (C::GUEST_AGENT_CHANNEL, "guest-agent-channel"),
+    ];
+    all.iter()
+        .filter(|(f, _)| c.contains(*f))
+        .map(|(_, n)| n.to_string())
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

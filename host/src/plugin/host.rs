@@ -20,6 +20,7 @@ use super::cache::{ArtifactCache, Origin};
 use super::caps::guest_channel::GuestChannel;
 use super::caps::Policies;
 use super::contract;
+pub use super::contract::capability_names;
 use super::engine::{EngineSettings, PluginEngine};
 use super::error::{PluginError, Result};
 use super::grants::{Grants, Limits};
@@ -357,30 +358,6 @@ fn linker(engine: &wasmtime::Engine) -> Result<Linker<HostState>> {
     HypervisorDriverWithGuest::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)
         .map_err(err)?;
     Ok(linker)
-}
-
-/// Names of the capability flags set in `c`.
-pub fn capability_names(c: types::Capabilities) -> Vec<String> {
-    use types::Capabilities as C;
-    let all = [
-        (C::CREATE, "create"),
-        (C::CLONE, "clone"),
-        (C::LINKED_CLONE, "linked-clone"),
-        (C::START, "start"),
-        (C::SHUTDOWN, "shutdown"),
-        (C::SUSPEND, "suspend"),
-        (C::RESUME, "resume"),
-        (C::MIGRATE, "migrate"),
-        (C::LIVE_MIGRATE, "live-migrate"),
-        (C::DESTROY, "destroy"),
-        (C::TEMPLATES, "templates"),
-        (C::GUEST_NATIVE, "guest-native"),
-        (C::GUEST_AGENT_CHANNEL, "guest-agent-channel"),
-    ];
-    all.iter()
-        .filter(|(f, _)| c.contains(*f))
-        .map(|(_, n)| n.to_string())
-        .collect()
 }
 
 fn summary(l: &Loaded) -> PluginSummary {

@@ -119,10 +119,11 @@ impl Target {
         if declared.contains(needed) {
             Ok(())
         } else {
+            let missing = super::contract::capability_names(needed & !declared).join(", ");
             Err(PluginError::NotSupported {
                 plugin: self.slot.name.clone(),
                 op,
-                reason: "the driver does not declare this capability".into(),
+                reason: format!("the driver does not declare {missing}"),
             })
         }
     }

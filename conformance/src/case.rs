@@ -1,0 +1,106 @@
+//! What a conformance case is: a name, the capability group it proves, what it
+//! needs, and the check itself.
+
+use std::future::Future;
+use std::pin::Pin;
+
+use gve::plugin::bindings::types::Capabilities;
+use serde::{Deserialize, Serialize};
+
+use crate::ctx::{Ctx, Failure};
+
+/// The future a case's check returns.
+pub type CheckFuture<'a> = Pin<Box<dyn Future<Output = Result<(), Failure>> + Send + 'a>>;
+
+/// What a case needs to run.
+#[derive(Debug, Clone, Copy)]
+pub enum Need {
+    /// Every driver must pass it; never skipped.
+    Mandatory,
+    /// Runs when the driver declares all of these capabilities; skipped otherwise.
+    Declared(Capabilities),
+    /// Runs when the driver declares these and the target has a second host.
+    SecondHost(Capabilities),
+    /// Runs when the driver declares these and the target names a template.
+    Template(Capabilities),
+    /// Runs when the driver declares the first set and not the second (to check the
+    /// host refuses what the driver left out).
+    Undeclared(Capabilities, Capabilities),
+}
+
+/// One conformance case.
+pub struct Case {
+    /// Unique name, `<group>.<what>`.
+    pub name: &'static str,
+    /// The capability group it proves (`core`, `create`, `start`, ...).
+    pub group: &'static str,
+    /// What it checks, one line.
+    pub about: &'static str,
+    /// What it needs.
+    pub need: Need,
+    /// The check.
+    pub check: for<'a> fn(&'a Ctx) -> CheckFuture<'a>,
+}
+
+/// How a case ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "outcome", content = "message", rename_all = "kebab-case")]
+pub enum Outcome {
+    /// It held.
+    Pass,
+    /// It did not; why.
+    Fail(String),
+    /// It did not run; why.
+    Skip(String),
+}
+
+impl Outcome {
+    /// `PASS`, `FAIL` or `SKIP`.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Outcome::Pass => "PASS",
+            Outcome::Fail(_) => "FAIL",
+            Outcome::Skip(_) => "SKIP",
+        }
+    }
+}
+
+impl Need {
+    /// The capabilities it needs declared.
+    pub fn capabilities(&self) -> Capabilities {
+        match *self {
+            Need::Mandatory => Capabilities::empty(),
+            Need::Declared(c) | Need::SecondHost(c) | Need::Template(c) => c,
+            Need::Undeclared(c, _) => c,
+        }
+    }
+
+    /// Why a case with this need does not run on a driver declaring `declared`
+    /// against a target with or without a second host and a template; `None` when it
+    /// runs.
+    pub fn skip_reason(
+        &self,
+        declared: Capabilities,
+        second_host: bool,
+        template: bool,
+    ) -> Option<String> {
+        let missing = self.capabilities() & !declared;
+        if missing != Capabilities::empty() {
+            return Some(format!(
+                "the driver does not declare {}",
+                gve::plugin::contract::capability_names(missing).join(", ")
+            ));
+        }
+        match self {
+            Need::Undeclared(_, absent) if declared.intersects(*absent) => Some(format!(
+                "the driver declares {}",
+                gve::plugin::contract::capability_names(*absent).join(", ")
+            )),
+            Need::SecondHost(_) if !second_host => {
+                Some("needs a second host (--second-host)".into())
+            }
+            Need::Template(_) if !template => Some("needs a template (--template)".into()),
+            _ => None,
+        }
+    }
+}

@@ -1,0 +1,182 @@
+//! Runs the cases against one target: loads the driver into a real plugin host,
+//! opens its session, runs each case that applies, cleans up after each.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant, SystemTime};
+
+use gve::plugin::bindings::types::Credentials;
+use gve::plugin::{Grants, HostConfig, Limits, PluginHost, PluginSpec};
+use regex::Regex;
+
+use crate::case::{Case, Need, Outcome};
+use crate::ctx::Ctx;
+use crate::report::{CaseReport, Report};
+
+/// What to prove the driver against.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// The driver's bundle directory (or manifest).
+    pub bundle: PathBuf,
+    /// The endpoint its session opens.
+    pub endpoint: String,
+    /// Credentials for the session.
+    pub credentials: Credentials,
+    /// What the driver is granted.
+    pub grants: Grants,
+    /// Its limits.
+    pub limits: Limits,
+    /// A second host to migrate to (a destination the driver understands).
+    pub second_host: Option<String>,
+    /// A template to create and clone from.
+    pub template: Option<String>,
+}
+
+/// How to run.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Only cases whose name matches.
+    pub filter: Option<Regex>,
+    /// How long a state change may take to read back.
+    pub settle: Duration,
+    /// Longest a case may run, cleanup excluded.
+    pub case_timeout: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            filter: None,
+            settle: Duration::from_secs(60),
+            case_timeout: Duration::from_secs(600),
+        }
+    }
+}
+
+/// Why a run could not start at all.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The plugin host could not be set up.
+    #[error("cannot set up the plugin host: {0}")]
+    Host(String),
+    /// The driver did not load.
+    #[error("cannot load the driver: {0}")]
+    Load(gve::plugin::PluginError),
+}
+
+/// Runs every applicable case against `target`.
+pub async fn run(target: &Target, options: &Options) -> Result<Report, RunError> {
+    let cache = tempfile::tempdir().map_err(|e| RunError::Host(e.to_string()))?;
+    let host = PluginHost::new(HostConfig {
+        cache_dir: cache.path().join("cache"),
+        engine: Default::default(),
+    })
+    .map_err(|e| RunError::Host(e.to_string()))?;
+    let summary = host
+        .load(PluginSpec {
+            bundle: target.bundle.clone(),
+            grants: target.grants.clone(),
+            limits: target.limits,
+        })
+        .await
+        .map_err(RunError::Load)?;
+    run_loaded(&host, &summary.name, target, options).await
+}
+
+/// Runs every applicable case against `target` with the driver `name` already loaded
+/// in `host` (its bundle, grants and limits in `target` are not used).
+pub async fn run_loaded(
+    host: &PluginHost,
+    name: &str,
+    target: &Target,
+    options: &Options,
+) -> Result<Report, RunError> {
+    let summary = host.get(name).map_err(RunError::Load)?;
+    let info = host.driver_info(name).await.map_err(RunError::Load)?;
+    let mut report = Report::new(&summary, &info, &target.endpoint);
+    let open = |endpoint: String| {
+        let host = host.clone();
+        let (name, creds) = (summary.name.clone(), target.credentials.clone());
+        async move { host.open_driver(&name, &endpoint, creds).await }
+    };
+    let cases: Vec<Case> = crate::cases::all()
+        .into_iter()
+        .filter(|c| options.filter.as_ref().is_none_or(|f| f.is_match(c.name)))
+        .collect();
+    let driver = match open(target.endpoint.clone()).await {
+        Ok(d) => d,
+        Err(e) => {
+            for c in &cases {
+                report.push(CaseReport::new(
+                    c,
+                    Outcome::Fail(format!("open {}: {e}", target.endpoint)),
+                    0,
+                ));
+            }
+            return Ok(report);
+        }
+    };
+    if let Ok(h) = driver.host_info().await {
+        report.proven_against = format!(
+            "{} {} on {}",
+            h.hypervisor_kind, h.hypervisor_version, h.platform
+        );
+    }
+    let second = match &target.second_host {
+        Some(dest) => match open(dest.clone()).await {
+            Ok(s) => Some((dest.clone(), s)),
+            Err(e) => {
+                report
+                    .notes
+                    .push(format!("second host {dest} did not open: {e}"));
+                None
+            }
+        },
+        None => None,
+    };
+    let ctx = Ctx::new(
+        driver,
+        second,
+        info.clone(),
+        target.template.clone(),
+        options.settle,
+    );
+    report.run = ctx.run.clone();
+    for case in &cases {
+        let skip = case.need.skip_reason(
+            info.capabilities,
+            ctx.second.is_some(),
+            ctx.template.is_some(),
+        );
+        if let Some(reason) = skip {
+            report.push(CaseReport::new(case, Outcome::Skip(reason), 0));
+            continue;
+        }
+        let t = Instant::now();
+        let checked = tokio::time::timeout(options.case_timeout, (case.check)(&ctx)).await;
+        let left = ctx.cleanup().await;
+        let ms = t.elapsed().as_millis() as u64;
+        let mut outcome = match checked {
+            Ok(Ok(())) => Outcome::Pass,
+            Ok(Err(f)) => Outcome::Fail(f.0),
+            Err(_) => Outcome::Fail(format!("did not finish within {:?}", options.case_timeout)),
+        };
+        if !left.is_empty() {
+            let leak = format!("left behind after cleanup: {}", left.join("; "));
+            outcome = match outcome {
+                Outcome::Fail(m) => Outcome::Fail(format!("{m}; {leak}")),
+                _ => Outcome::Fail(leak),
+            };
+        }
+        report.push(CaseReport::new(case, outcome, ms));
+    }
+    report.finished = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    Ok(report)
+}
+
+/// Whether a case with `need` is mandatory.
+pub fn mandatory(need: &Need) -> bool {
+    matches!(need, Need::Mandatory)
+}
