@@ -249,6 +249,11 @@ impl AgentCore {
                 self.handle_guest(req, rec, a, key).await
             }
             (_, ["v1", "site"]) => self.handle_site(req).await,
+            // The REST spelling of `POST /v1/vms/{id}/destroy`: the same operation.
+            (Method::DELETE, ["v1", "vms", id]) => {
+                let vm = self.record(id)?.vm.id;
+                self.accepted(&key, &vm, OpParams::Destroy)
+            }
             (Method::POST, ["v1", "vms", id, action]) => {
                 let rec = self.record(id)?;
                 let vm = rec.vm.id.clone();

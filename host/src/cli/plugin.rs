@@ -184,7 +184,18 @@ async fn act(args: &PluginArgs) -> Result<(), ApiError> {
             ..Default::default()
         },
     )?;
-    let one = |s: PluginSummary| print(args.output, &[s]);
+    let one = |s: PluginSummary| {
+        // Said on stderr whatever the output format: a grant that was silently
+        // ignored is the kind of thing an operator only finds when it bites.
+        if !s.ignored_grants.is_empty() {
+            eprintln!(
+                "warning: plugin '{}' was granted {} but its manifest does not request it, so it is not lent",
+                s.name,
+                s.ignored_grants.join(", ")
+            );
+        }
+        print(args.output, &[s])
+    };
     match &args.action {
         Action::List => {
             let all: Vec<PluginSummary> = client.get("/v1/plugins").await?;

@@ -134,6 +134,28 @@ async fn cli_lists_loads_replaces_and_unloads_plugins() {
     assert_eq!((code, out.trim()), (0, "unloaded hostile"));
     let (code, _, err) = gve(&agent, &["show", "hostile"]).await;
     assert_eq!(code, 4, "{err}");
+
+    // A grant the manifest does not request is said, not silently dropped.
+    let (code, _, err) = gve(&agent, &["unload", "memory"]).await;
+    assert_eq!(code, 0, "{err}");
+    let memory = bundle("memory");
+    let (code, _, err) = gve(
+        &agent,
+        &[
+            "load",
+            memory.to_str().unwrap(),
+            "--grant-http",
+            "127.0.0.1:9",
+        ],
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains(
+            "warning: plugin 'memory' was granted http but its manifest does not request it"
+        ),
+        "{err}"
+    );
     agent.stop().await;
 }
 

@@ -149,13 +149,23 @@ async fn operations_run_asynchronously_and_update_the_registry() {
     assert_eq!(gone.state, OpState::Succeeded);
     let vms: Vec<VmRecord> = c.get("/v1/vms").await.unwrap();
     assert_eq!(vms.len(), 2);
+    // DELETE is the same operation.
+    let linked_id = linked.result.unwrap().id;
+    let op: Operation = c
+        .call::<(), _>(hyper::Method::DELETE, &format!("/v1/vms/{linked_id}"), None)
+        .await
+        .unwrap();
+    let op = wait_op(&c, &op.id).await;
+    assert_eq!((op.kind, op.state), (OpKind::Destroy, OpState::Succeeded));
+    let vms: Vec<VmRecord> = c.get("/v1/vms").await.unwrap();
+    assert_eq!(vms.len(), 1);
 
     let events: Vec<Event> = c.get("/v1/events?after=0").await.unwrap();
     let finished = events
         .iter()
         .filter(|e| e.kind == "operation-finished")
         .count();
-    assert_eq!(finished, 8, "{events:?}");
+    assert_eq!(finished, 9, "{events:?}");
     assert!(events.windows(2).all(|w| w[0].seq < w[1].seq));
     agent.stop().await;
 }
