@@ -14,6 +14,7 @@
 //! `gvc-<run>-<what>` so two runs on one host never collide and a run touches no VM
 //! it did not make.
 
+pub mod bench;
 pub mod case;
 pub mod cases;
 pub mod ctx;

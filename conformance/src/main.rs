@@ -94,6 +94,10 @@ struct RunArgs {
     /// Call budget for the driver, ms.
     #[arg(long, default_value_t = 60_000)]
     call_timeout_ms: u64,
+    /// Benchmark mode: after the cases, this many rounds of timed operations
+    /// (p50 / p99 per operation in the report).
+    #[arg(long, default_value_t = 0)]
+    bench: u32,
     /// How long a state change may take to read back, s.
     #[arg(long, default_value_t = 60)]
     settle_s: u64,
@@ -168,6 +172,7 @@ async fn run_cmd(a: RunArgs) -> ExitCode {
     let options = Options {
         filter,
         settle: Duration::from_secs(a.settle_s),
+        bench_rounds: a.bench,
         ..Default::default()
     };
     let report = match run(&target, &options).await {

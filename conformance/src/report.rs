@@ -65,6 +65,9 @@ pub struct Report {
     pub notes: Vec<String>,
     /// Every case, in running order.
     pub cases: Vec<CaseReport>,
+    /// Operation latencies, when run in benchmark mode.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub bench: Vec<crate::bench::Latency>,
 }
 
 impl Report {
@@ -81,6 +84,7 @@ impl Report {
             finished: 0,
             notes: Vec::new(),
             cases: Vec::new(),
+            bench: Vec::new(),
         }
     }
 
@@ -135,6 +139,20 @@ impl Report {
         }
         let (p, f, s) = self.counts();
         let _ = writeln!(out, "{p} passed, {f} failed, {s} skipped");
+        if !self.bench.is_empty() {
+            let _ = writeln!(
+                out,
+                "\n{:<20} {:>7} {:>10} {:>10} {:>6}",
+                "operation", "samples", "p50 ms", "p99 ms", "failed"
+            );
+            for l in &self.bench {
+                let _ = writeln!(
+                    out,
+                    "{:<20} {:>7} {:>10.3} {:>10.3} {:>6}",
+                    l.op, l.samples, l.p50_ms, l.p99_ms, l.failed
+                );
+            }
+        }
         out
     }
 

@@ -40,6 +40,8 @@ pub struct Options {
     pub settle: Duration,
     /// Longest a case may run, cleanup excluded.
     pub case_timeout: Duration,
+    /// Benchmark rounds after the cases (0: none).
+    pub bench_rounds: u32,
 }
 
 impl Default for Options {
@@ -48,6 +50,7 @@ impl Default for Options {
             filter: None,
             settle: Duration::from_secs(60),
             case_timeout: Duration::from_secs(600),
+            bench_rounds: 0,
         }
     }
 }
@@ -168,6 +171,9 @@ pub async fn run_loaded(
             };
         }
         report.push(CaseReport::new(case, outcome, ms));
+    }
+    if options.bench_rounds > 0 {
+        report.bench = crate::bench::run(&ctx, options.bench_rounds).await;
     }
     report.finished = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)

@@ -90,3 +90,31 @@ async fn a_run_leaves_nothing_behind_and_touches_nothing_else() {
         "the run left VMs behind or changed the operator's"
     );
 }
+
+#[tokio::test]
+async fn benchmark_mode_times_every_operation() {
+    let options = Options {
+        bench_rounds: 20,
+        filter: Some(regex::Regex::new("^core\\.").unwrap()),
+        ..Default::default()
+    };
+    let report = run(&memory_target(), &options).await.unwrap();
+    let ops: Vec<&str> = report.bench.iter().map(|l| l.op.as_str()).collect();
+    for op in [
+        "create",
+        "start",
+        "shutdown (force)",
+        "destroy",
+        "list-vms",
+        "host-info",
+    ] {
+        let l = report
+            .bench
+            .iter()
+            .find(|l| l.op == op)
+            .unwrap_or_else(|| panic!("{op} not timed: {ops:?}"));
+        assert_eq!((l.samples, l.failed), (20, 0), "{l:?}");
+        assert!(l.p50_ms <= l.p99_ms && l.p50_ms > 0.0, "{l:?}");
+    }
+    assert!(report.human().contains("p99 ms"));
+}
