@@ -7,6 +7,7 @@ mod libvirtd;
 pub use libvirtd::{guest, Libvirtd};
 
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 /// The workspace root.
 pub fn root() -> PathBuf {
@@ -21,4 +22,24 @@ pub fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| root().join("target"))
+}
+
+/// Builds every plugin bundle from source (once per process) with
+/// `scripts/build-plugins.sh` and returns the directory holding them
+/// (`<target>/plugins/<name>/`).
+pub fn plugin_bundles() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let out = std::process::Command::new("bash")
+            .arg(root().join("scripts/build-plugins.sh"))
+            .output()
+            .expect("run scripts/build-plugins.sh");
+        assert!(
+            out.status.success(),
+            "building plugins failed:\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        target_dir().join("plugins")
+    })
 }

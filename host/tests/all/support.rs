@@ -2,39 +2,13 @@
 //! and makes plugin hosts and specs in temporary directories.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::sync::OnceLock;
 
 use gve::plugin::bindings::types::Credentials;
 use gve::plugin::{Grants, HostConfig, Limits, PluginHost, PluginSpec};
 
-/// The workspace root.
-pub fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
 /// Builds every plugin bundle from source (once) and returns `target/plugins`.
 pub fn bundles() -> &'static Path {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let out = Command::new("bash")
-            .arg(root().join("scripts/build-plugins.sh"))
-            .output()
-            .expect("run scripts/build-plugins.sh");
-        assert!(
-            out.status.success(),
-            "building plugins failed:\n{}\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let target = std::env::var_os("CARGO_TARGET_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| root().join("target"));
-        target.join("plugins")
-    })
+    gve_harness::plugin_bundles()
 }
 
 /// The bundle directory of one plugin.
