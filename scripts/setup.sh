@@ -39,7 +39,7 @@ fi
 
 rustup target add wasm32-wasip2
 echo "setup: building the gve host (release)"
-cargo build --release --locked -p gve -p gve-conformance
+cargo build --release --locked -p gve -p gve-conformance -p gve-harness
 echo "setup: building plugin components"
 bash scripts/build-plugins.sh
 echo "setup: building the tiny test guest"

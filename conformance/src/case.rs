@@ -26,6 +26,20 @@ pub enum Need {
     /// Runs when the driver declares the first set and not the second (to check the
     /// host refuses what the driver left out).
     Undeclared(Capabilities, Capabilities),
+    /// Runs when the driver declares these and the target has guest operations (the
+    /// driver declares `guest-native`, or a guest plugin was given).
+    Guest(Capabilities),
+}
+
+/// What the target offers beyond the driver's session.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Has {
+    /// A second host to migrate to.
+    pub second_host: bool,
+    /// A template to create and clone from.
+    pub template: bool,
+    /// Guest operations (exec, file copy) on its VMs.
+    pub guest: bool,
 }
 
 /// One conformance case.
@@ -70,20 +84,15 @@ impl Need {
     pub fn capabilities(&self) -> Capabilities {
         match *self {
             Need::Mandatory => Capabilities::empty(),
-            Need::Declared(c) | Need::SecondHost(c) | Need::Template(c) => c,
+            Need::Declared(c) | Need::SecondHost(c) | Need::Template(c) | Need::Guest(c) => c,
             Need::Undeclared(c, _) => c,
         }
     }
 
     /// Why a case with this need does not run on a driver declaring `declared`
-    /// against a target with or without a second host and a template; `None` when it
-    /// runs.
-    pub fn skip_reason(
-        &self,
-        declared: Capabilities,
-        second_host: bool,
-        template: bool,
-    ) -> Option<String> {
+    /// against a target with `has` (a second host, a template, guest operations);
+    /// `None` when it runs.
+    pub fn skip_reason(&self, declared: Capabilities, has: Has) -> Option<String> {
         let missing = self.capabilities() & !declared;
         if missing != Capabilities::empty() {
             return Some(format!(
@@ -96,10 +105,14 @@ impl Need {
                 "the driver declares {}",
                 gve::plugin::contract::capability_names(*absent).join(", ")
             )),
-            Need::SecondHost(_) if !second_host => {
+            Need::SecondHost(_) if !has.second_host => {
                 Some("needs a second host (--second-host)".into())
             }
-            Need::Template(_) if !template => Some("needs a template (--template)".into()),
+            Need::Template(_) if !has.template => Some("needs a template (--template)".into()),
+            Need::Guest(_) if !has.guest => Some(
+                "needs guest operations: the driver does not declare guest-native and no guest plugin was given (--guest-plugin)"
+                    .into(),
+            ),
             _ => None,
         }
     }

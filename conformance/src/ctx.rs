@@ -5,7 +5,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use gve::plugin::bindings::types::{DriverInfo, VmInfo, VmProfile, VmState};
-use gve::plugin::{DriverSession, ErrorKind, PluginError};
+use gve::plugin::{DriverSession, ErrorKind, GuestSession, PluginError};
 
 /// Why a case failed: one sentence a plugin author can act on.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -95,6 +95,9 @@ pub struct Ctx {
     pub template: Option<String>,
     /// How long a state change may take to show.
     pub settle: Duration,
+    /// Guest operations on the target's VMs: the driver's own (`guest-native`) or
+    /// the target's guest plugin's; `None` when neither is there.
+    pub guest: Option<GuestSession>,
     made: Mutex<Vec<(Side, String)>>,
 }
 
@@ -115,8 +118,15 @@ impl Ctx {
             run,
             template,
             settle,
+            guest: None,
             made: Mutex::new(Vec::new()),
         }
+    }
+
+    /// The same context with guest operations through `guest`.
+    pub fn with_guest(mut self, guest: Option<GuestSession>) -> Ctx {
+        self.guest = guest;
+        self
     }
 
     /// The name of something this run makes: `gvc-<run>-<what>`.

@@ -3,7 +3,7 @@
 //! ```text
 //! gve-conformance run --plugin BUNDLE --endpoint URI [--grant-http H:P]... [--grant-libvirt URI]...
 //!     [--grant-dir HOST=GUEST[:rw]]... [--config K=V]... [--username U --password P | --token T]
-//!     [--second-host DEST] [--template T] [--run REGEX] [--report DIR]
+//!     [--second-host DEST] [--template T] [--guest-plugin BUNDLE] [--run REGEX] [--report DIR]
 //! gve-conformance list
 //! gve-conformance matrix REPORT.json... [--out FILE] [--check]
 //! ```
@@ -85,6 +85,10 @@ struct RunArgs {
     /// A template to create and clone from.
     #[arg(long)]
     template: Option<String>,
+    /// A guest plugin's bundle (such as guest-install) for the guest cases of a
+    /// driver without native guest operations; it is granted the guest channel.
+    #[arg(long)]
+    guest_plugin: Option<PathBuf>,
     /// Only cases whose name matches this regular expression.
     #[arg(long = "run")]
     filter: Option<String>,
@@ -168,6 +172,7 @@ async fn run_cmd(a: RunArgs) -> ExitCode {
         limits,
         second_host: a.second_host,
         template: a.template,
+        guest_plugin: a.guest_plugin,
     };
     let options = Options {
         filter,

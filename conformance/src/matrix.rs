@@ -8,7 +8,7 @@ use crate::case::Outcome;
 use crate::report::Report;
 
 /// Capability groups in the order the matrix shows them.
-pub const GROUPS: [&str; 11] = [
+pub const GROUPS: [&str; 12] = [
     "core",
     "create",
     "destroy",
@@ -20,6 +20,7 @@ pub const GROUPS: [&str; 11] = [
     "templates",
     "migrate",
     "live-migrate",
+    "guest",
 ];
 
 /// One cell: what the cases of `group` did on a driver.
@@ -102,9 +103,13 @@ pub fn markdown(reports: &[Report]) -> String {
     out.push_str("\n## Proven against\n\n");
     for r in reports {
         let (p, f, s) = r.counts();
+        let guest = match &r.guest_plugin {
+            Some(g) => format!(", guest operations through {g}"),
+            None => String::new(),
+        };
         let _ = writeln!(
             out,
-            "- **{} {}** ({}): {}; {p} passed, {f} failed, {s} skipped.",
+            "- **{} {}** ({}): {}{guest}; {p} passed, {f} failed, {s} skipped.",
             r.driver, r.version, r.hypervisor_kind, r.proven_against
         );
     }

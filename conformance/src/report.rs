@@ -57,6 +57,10 @@ pub struct Report {
     pub endpoint: String,
     /// What the host said it is (`kind version on platform`).
     pub proven_against: String,
+    /// The guest plugin the guest cases ran through, when the driver has no native
+    /// guest operations.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_plugin: Option<String>,
     /// The run's id (in the names of what it made).
     pub run: String,
     /// When it finished, Unix ms.
@@ -80,6 +84,7 @@ impl Report {
             declared: gve::plugin::contract::capability_names(info.capabilities),
             endpoint: endpoint.into(),
             proven_against: String::new(),
+            guest_plugin: None,
             run: String::new(),
             finished: 0,
             notes: Vec::new(),
@@ -119,6 +124,9 @@ impl Report {
             self.proven_against,
             self.run
         );
+        if let Some(g) = &self.guest_plugin {
+            let _ = writeln!(out, "guest operations through {g}");
+        }
         for note in &self.notes {
             let _ = writeln!(out, "note: {note}");
         }

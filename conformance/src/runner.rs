@@ -2,13 +2,15 @@
 //! opens its session, runs each case that applies, cleans up after each.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use gve::plugin::bindings::types::Credentials;
+use gve::agent::guest::GuestRouter;
+use gve::plugin::bindings::types::{Capabilities, Credentials};
 use gve::plugin::{Grants, HostConfig, Limits, PluginHost, PluginSpec};
 use regex::Regex;
 
-use crate::case::{Case, Need, Outcome};
+use crate::case::{Case, Has, Need, Outcome};
 use crate::ctx::Ctx;
 use crate::report::{CaseReport, Report};
 
@@ -29,6 +31,10 @@ pub struct Target {
     pub second_host: Option<String>,
     /// A template to create and clone from.
     pub template: Option<String>,
+    /// A guest plugin (such as guest-install) for the guest cases of a driver
+    /// without native guest operations: its bundle directory. It is granted the
+    /// guest channel, routed to the driver's sessions as the agent routes it.
+    pub guest_plugin: Option<PathBuf>,
 }
 
 /// How to run.
@@ -64,6 +70,15 @@ pub enum RunError {
     /// The driver did not load.
     #[error("cannot load the driver: {0}")]
     Load(gve::plugin::PluginError),
+    /// The guest plugin did not load.
+    #[error("cannot load the guest plugin: {0}")]
+    LoadGuest(gve::plugin::PluginError),
+}
+
+/// The guest plugin of a run and the router its guest channel goes through.
+struct GuestPlugin {
+    name: String,
+    router: Arc<GuestRouter>,
 }
 
 /// Runs every applicable case against `target`.
@@ -74,6 +89,8 @@ pub async fn run(target: &Target, options: &Options) -> Result<Report, RunError>
         engine: Default::default(),
     })
     .map_err(|e| RunError::Host(e.to_string()))?;
+    let router = Arc::new(GuestRouter::default());
+    host.set_guest_channel(router.clone());
     let summary = host
         .load(PluginSpec {
             bundle: target.bundle.clone(),
@@ -82,14 +99,45 @@ pub async fn run(target: &Target, options: &Options) -> Result<Report, RunError>
         })
         .await
         .map_err(RunError::Load)?;
-    run_loaded(&host, &summary.name, target, options).await
+    let guest = match &target.guest_plugin {
+        Some(bundle) => {
+            let loaded = host
+                .load(PluginSpec {
+                    bundle: bundle.clone(),
+                    grants: Grants {
+                        guest_channel: true,
+                        ..Default::default()
+                    },
+                    limits: target.limits,
+                })
+                .await
+                .map_err(RunError::LoadGuest)?;
+            Some(GuestPlugin {
+                name: loaded.name,
+                router,
+            })
+        }
+        None => None,
+    };
+    run_with(&host, &summary.name, guest, target, options).await
 }
 
 /// Runs every applicable case against `target` with the driver `name` already loaded
-/// in `host` (its bundle, grants and limits in `target` are not used).
+/// in `host` (its bundle, grants, limits and guest plugin in `target` are not used;
+/// the guest cases run when the driver declares `guest-native`).
 pub async fn run_loaded(
     host: &PluginHost,
     name: &str,
+    target: &Target,
+    options: &Options,
+) -> Result<Report, RunError> {
+    run_with(host, name, None, target, options).await
+}
+
+async fn run_with(
+    host: &PluginHost,
+    name: &str,
+    guest_plugin: Option<GuestPlugin>,
     target: &Target,
     options: &Options,
 ) -> Result<Report, RunError> {
@@ -136,20 +184,51 @@ pub async fn run_loaded(
         },
         None => None,
     };
+    // Guest operations: the driver's own, or the guest plugin's through the router.
+    let guest_provider = if info.capabilities.contains(Capabilities::GUEST_NATIVE) {
+        Some(summary.name.clone())
+    } else if let Some(g) = &guest_plugin {
+        g.router.insert(driver.clone());
+        if let Some((_, s)) = &second {
+            g.router.insert(s.clone());
+        }
+        report.guest_plugin = Some(g.name.clone());
+        Some(g.name.clone())
+    } else {
+        None
+    };
+    let guest = match guest_provider {
+        Some(provider) => match host
+            .open_guest(&provider, &target.endpoint, target.credentials.clone())
+            .await
+        {
+            Ok(g) => Some(g),
+            Err(e) => {
+                report.notes.push(format!(
+                    "guest operations of {provider} did not open on {}: {e}",
+                    target.endpoint
+                ));
+                None
+            }
+        },
+        None => None,
+    };
     let ctx = Ctx::new(
         driver,
         second,
         info.clone(),
         target.template.clone(),
         options.settle,
-    );
+    )
+    .with_guest(guest);
     report.run = ctx.run.clone();
+    let has = Has {
+        second_host: ctx.second.is_some(),
+        template: ctx.template.is_some(),
+        guest: ctx.guest.is_some(),
+    };
     for case in &cases {
-        let skip = case.need.skip_reason(
-            info.capabilities,
-            ctx.second.is_some(),
-            ctx.template.is_some(),
-        );
+        let skip = case.need.skip_reason(info.capabilities, has);
         if let Some(reason) = skip {
             report.push(CaseReport::new(case, Outcome::Skip(reason), 0));
             continue;

@@ -113,6 +113,12 @@ impl Libvirtd {
         self.daemon.pid()
     }
 
+    /// This daemon named as a migration destination: libvirt refuses
+    /// `qemu:///…?socket=` as one ("same host"), so it is `qemu+unix:///…`.
+    pub fn migration_uri(&self) -> String {
+        self.uri.replacen("qemu:///", "qemu+unix:///", 1)
+    }
+
     /// `virsh` against this daemon.
     pub fn virsh(&self, args: &[&str]) -> String {
         virsh(&self.uri, args)

@@ -3,6 +3,7 @@
 
 mod clone;
 mod core;
+mod guest;
 mod lifecycle;
 mod migrate;
 mod power;
@@ -17,5 +18,6 @@ pub fn all() -> Vec<Case> {
     cases.extend(power::cases());
     cases.extend(clone::cases());
     cases.extend(migrate::cases());
+    cases.extend(guest::cases());
     cases
 }

@@ -22,6 +22,7 @@ async fn with_defect(defect: &str) -> Report {
         },
         second_host: None,
         template: None,
+        guest_plugin: None,
     };
     let options = Options {
         settle: Duration::from_secs(1),

@@ -31,5 +31,6 @@ pub fn memory_target() -> Target {
         limits: Limits::default(),
         second_host: Some(format!("memory:conformance-{id}-b")),
         template: Some("alpine-3".into()),
+        guest_plugin: None,
     }
 }

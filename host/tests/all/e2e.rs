@@ -20,14 +20,9 @@ use crate::kvm::kvm_spec;
 use crate::site::ADMIN;
 use crate::support::bundle;
 
-/// The URI other daemons migrate to (libvirt refuses `qemu:///…?socket=` as a destination).
-fn migration_uri(lv: &Libvirtd) -> String {
-    lv.uri.replacen("qemu:///", "qemu+unix:///", 1)
-}
-
 async fn kvm_agent(lv: &Libvirtd, other: &Libvirtd, dir: &std::path::Path) -> Agent {
     let mut kvm = kvm_spec(lv);
-    kvm.grants.libvirt.push(migration_uri(other));
+    kvm.grants.libvirt.push(other.migration_uri());
     // Both daemons see the same files (one machine).
     kvm.grants
         .config
@@ -55,7 +50,7 @@ async fn kvm_agent(lv: &Libvirtd, other: &Libvirtd, dir: &std::path::Path) -> Ag
             reconcile_period_ms: 1000,
             reservation_seconds: 60,
             guest_plugin: Some("guest-install".into()),
-            migration_uri: Some(migration_uri(lv)),
+            migration_uri: Some(lv.migration_uri()),
         }),
         bundles_dir: None,
         ..Default::default()

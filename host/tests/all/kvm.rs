@@ -305,8 +305,7 @@ async fn guest_counter(driver: &DriverSession, vm: &str) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn live_migration_between_two_agents_keeps_the_guest_running() {
     let (a, b) = (Libvirtd::start(), Libvirtd::start());
-    // libvirt refuses qemu:///…?socket= as a destination ("same host"): use qemu+unix.
-    let dest = b.uri.replacen("qemu:///", "qemu+unix:///", 1);
+    let dest = b.migration_uri();
     let mut spec_a = kvm_spec(&a);
     spec_a.grants.libvirt.push(dest.clone());
     // Both daemons see the same files (one machine).

@@ -266,6 +266,36 @@ impl KvmSession {
         Ok(n)
     }
 
+    /// Moves a stopped VM: its definition goes to `destination` and leaves this
+    /// host; its disks stay where they are, so every host must see the pool at the
+    /// same paths (`shared-storage`). libvirt's own migration needs a running domain.
+    fn move_definition(&self, d: &Domain, destination: &str) -> Result<VmInfo> {
+        if !self.shared_storage {
+            return Err(Error::unsupported(format!(
+                "{} is stopped: moving it means moving its disks, which libvirt does only for a \
+                 running VM; start it first, or set shared-storage = true if every host sees the \
+                 storage pool at the same paths",
+                d.name
+            )));
+        }
+        let xml = self.conn.domain_xml(&d.name, true)?;
+        let dest = Connection::open(destination)?;
+        if dest.lookup_domain(&d.uuid).is_ok() {
+            return Err(Error::already_exists(format!(
+                "{destination} already has a VM with the id of {}",
+                d.name
+            )));
+        }
+        let moved = dest.define_domain(&xml)?;
+        if let Err(e) = self.conn.undefine_domain(&d.name, UndefineFlags::empty()) {
+            // Never leave it defined on both hosts.
+            let _ = dest.undefine_domain(&moved.name, UndefineFlags::empty());
+            return Err(e);
+        }
+        let view = DomainView::parse(&dest.domain_xml(&moved.name, true)?)?;
+        Ok(domain::vm_info(&moved, &view, &dest.hostname()?, None))
+    }
+
     fn wait_for(
         &self,
         vm: &str,
@@ -431,6 +461,9 @@ impl Session for KvmSession {
 
     fn migrate(&mut self, vm: String, destination: String, live: bool) -> Result<VmInfo> {
         let d = self.find(&vm)?;
+        if !live && domain::state(&d) == VmState::Stopped {
+            return self.move_definition(&d, &destination);
+        }
         let mut flags = MigrateFlags::PERSIST_DESTINATION | MigrateFlags::UNDEFINE_SOURCE;
         if self.shared_storage {
             // The operator says every destination sees the pool's disks at the same

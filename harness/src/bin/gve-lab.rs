@@ -1,0 +1,72 @@
+//! `gve-lab`: stands up the project's real test targets for scripts (the
+//! conformance runs, benchmarks) and keeps them up until its standard input closes.
+//!
+//! ```text
+//! gve-lab kvm --env FILE [--hosts N]
+//! ```
+//!
+//! `kvm` starts N (default 2) private libvirtd instances, each with a `gve` storage
+//! pool and the tiny-guest template `tiny`, and writes shell assignments to FILE:
+//! `GVE_LAB_URI_<i>` (the URI to connect to) and `GVE_LAB_MIGRATE_<i>` (the same
+//! daemon named as a migration destination), `i` from 1. When standard input reaches
+//! end of file (the script that started it closed its pipe, or died), everything it
+//! started is ended: QEMU guests first, then the daemons.
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use gve_harness::Libvirtd;
+
+fn usage(msg: &str) -> ExitCode {
+    eprintln!("gve-lab: {msg}\nusage: gve-lab kvm --env FILE [--hosts N]");
+    ExitCode::from(2)
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let Some((what, rest)) = args.split_first() else {
+        return usage("name a lab");
+    };
+    if what != "kvm" {
+        return usage(&format!("unknown lab {what:?}"));
+    }
+    let (mut env, mut hosts) = (None::<PathBuf>, 2usize);
+    let mut it = rest.iter();
+    while let Some(a) = it.next() {
+        match (a.as_str(), it.next()) {
+            ("--env", Some(v)) => env = Some(v.into()),
+            ("--hosts", Some(v)) => match v.parse() {
+                Ok(n) if (1..=4).contains(&n) => hosts = n,
+                _ => return usage("--hosts takes 1 to 4"),
+            },
+            _ => return usage(&format!("unexpected argument {a:?}")),
+        }
+    }
+    let Some(env) = env else {
+        return usage("--env FILE is required");
+    };
+    let daemons: Vec<Libvirtd> = (0..hosts).map(|_| Libvirtd::start()).collect();
+    let mut text = String::new();
+    for (i, d) in daemons.iter().enumerate() {
+        text.push_str(&format!(
+            "GVE_LAB_URI_{n}='{}'\nGVE_LAB_MIGRATE_{n}='{}'\n",
+            d.uri,
+            d.migration_uri(),
+            n = i + 1
+        ));
+    }
+    // Written whole, then renamed: a reader never sees half a file.
+    let tmp = env.with_extension("partial");
+    if let Err(e) = std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, &env)) {
+        eprintln!("gve-lab: cannot write {}: {e}", env.display());
+        return ExitCode::FAILURE;
+    }
+    eprintln!("gve-lab: {hosts} libvirtd up; ends when standard input closes");
+    let mut sink = [0u8; 4096];
+    let mut stdin = std::io::stdin();
+    while matches!(stdin.read(&mut sink), Ok(n) if n > 0) {}
+    drop(daemons);
+    let _ = std::fs::remove_file(&env);
+    ExitCode::SUCCESS
+}
