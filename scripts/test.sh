@@ -15,7 +15,9 @@ echo "test: host unit and integration tests"
 cargo test --release --locked -p gve
 echo "test: conformance suite (library, CLI, the memory example as its specification)"
 cargo test --release --locked -p gve-conformance
-echo "test: the support matrix in docs is the one these runs give"
+echo "test: conformance of every driver on its target (memory; kvm on real QEMU guests); the support matrix in docs is the one these runs give"
 bash scripts/conformance.sh --check
+echo "test: the SDK guide's commands, as written (template to bundle, inspect, load, conformance)"
+bash scripts/guide-test.sh
 echo "test: API fuzzing against docs/openapi.yaml (bounded)"
 bash scripts/api-fuzz.sh 60

@@ -247,12 +247,14 @@ async fn main() -> ExitCode {
         Command::Run(a) => run_cmd(*a).await,
         Command::List => {
             for c in cases::all() {
+                use gve_conformance::Need;
+                let caps = gve::plugin::contract::capability_names(c.need.capabilities()).join("+");
                 let need = match c.need {
-                    gve_conformance::Need::Mandatory => "mandatory".to_string(),
-                    n => format!(
-                        "needs {}",
-                        gve::plugin::contract::capability_names(n.capabilities()).join("+")
-                    ),
+                    Need::Mandatory => "mandatory".to_string(),
+                    Need::SecondHost(_) => format!("needs {caps}, a second host"),
+                    Need::Template(_) => format!("needs {caps}, a template"),
+                    Need::Guest(_) => format!("needs {caps}, guest ops"),
+                    Need::Declared(_) | Need::Undeclared(..) => format!("needs {caps}"),
                 };
                 say(&format!(
                     "{:<48} {:<13} {:<40} {}\n",

@@ -61,6 +61,13 @@ pub enum Action {
         /// Plugin name.
         name: String,
     },
+    /// Load a bundle here, in this process (no agent), and say what it is and what
+    /// it costs: exports, capabilities, component size, compile and instantiation
+    /// time, linear memory.
+    Inspect {
+        /// Bundle directory or manifest file.
+        bundle: PathBuf,
+    },
 }
 
 /// A bundle plus the operator's grants and limits.
@@ -166,6 +173,21 @@ impl SpecArgs {
 
 /// Runs a plugin command; returns the exit code.
 pub async fn run(args: PluginArgs) -> i32 {
+    if let Action::Inspect { bundle } = &args.action {
+        return match inspect(bundle).await {
+            Ok(report) => {
+                match args.output {
+                    Output::Json => output::json(&report),
+                    Output::Table => print!("{}", report.text()),
+                }
+                0
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                2
+            }
+        };
+    }
     match act(&args).await {
         Ok(()) => 0,
         Err(e) => {
@@ -212,6 +234,7 @@ async fn act(args: &PluginArgs) -> Result<(), ApiError> {
                 Some(&spec.change()?),
             )
             .await?),
+        Action::Inspect { .. } => unreachable!("inspect runs without an agent"),
         Action::Unload { name } => {
             let v: serde_json::Value = client
                 .call::<(), _>(Method::DELETE, &format!("/v1/plugins/{name}"), None)
@@ -256,4 +279,95 @@ fn print(out: Output, plugins: &[PluginSummary]) {
             );
         }
     }
+}
+
+/// What `gve plugin inspect` found out about a bundle.
+#[derive(Debug, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Inspection {
+    /// The plugin as the host loaded it.
+    pub plugin: PluginSummary,
+    /// Size of the component file, bytes.
+    pub component_bytes: u64,
+    /// Compiling it (no cache), ms.
+    pub compile_ms: f64,
+    /// Instantiating it, ms.
+    pub instantiate_ms: f64,
+    /// Its first `info` call, ms.
+    pub info_ms: f64,
+    /// Linear memory after instantiation and `info`, bytes.
+    pub memory_bytes: u64,
+}
+
+impl Inspection {
+    /// The human form.
+    pub fn text(&self) -> String {
+        let p = &self.plugin;
+        let exports = match (p.driver, p.guest) {
+            (true, true) => "driver, guest",
+            (true, false) => "driver",
+            _ => "guest",
+        };
+        let caps = if p.capabilities.is_empty() {
+            "(none)".to_string()
+        } else {
+            p.capabilities.join(" ")
+        };
+        let mib = |b: u64| b as f64 / (1 << 20) as f64;
+        format!(
+            "plugin        {} {} ({})\n\
+             component     {} ({:.2} MiB), sha256 {}\n\
+             exports       {exports}\n\
+             hypervisor    {}\n\
+             capabilities  {caps}\n\
+             compile       {:.0} ms (no cache)\n\
+             instantiate   {:.2} ms\n\
+             first info    {:.2} ms\n\
+             memory        {:.2} MiB of linear memory after instantiation (cap {} MiB)\n",
+            p.name,
+            p.version,
+            p.contract,
+            p.component.display(),
+            mib(self.component_bytes),
+            p.sha256,
+            p.hypervisor_kind.as_deref().unwrap_or("-"),
+            self.compile_ms,
+            self.instantiate_ms,
+            self.info_ms,
+            mib(self.memory_bytes),
+            p.limits.memory_mib,
+        )
+    }
+}
+
+/// Loads `bundle` into a plugin host of this process (fresh cache, no grants,
+/// default limits) and measures it.
+pub async fn inspect(bundle: &std::path::Path) -> Result<Inspection, crate::plugin::PluginError> {
+    use crate::plugin::{HostConfig, PluginError, PluginHost};
+    let io = |e: std::io::Error| PluginError::Config(format!("a scratch directory: {e}"));
+    let cache = tempfile::tempdir().map_err(io)?;
+    let host = PluginHost::new(HostConfig {
+        cache_dir: cache.path().join("cache"),
+        engine: Default::default(),
+    })?;
+    let t = std::time::Instant::now();
+    let plugin = host
+        .load(PluginSpec {
+            bundle: bundle.to_path_buf(),
+            grants: Grants::default(),
+            limits: Limits::default(),
+        })
+        .await?;
+    let compile = t.elapsed();
+    let cost = host.footprint(&plugin.name).await?;
+    let component_bytes = std::fs::metadata(&plugin.component).map_err(io)?.len();
+    let ms = |d: std::time::Duration| d.as_secs_f64() * 1000.0;
+    Ok(Inspection {
+        component_bytes,
+        compile_ms: ms(compile),
+        instantiate_ms: ms(cost.instantiate),
+        info_ms: ms(cost.info),
+        memory_bytes: cost.memory_bytes,
+        plugin,
+    })
 }

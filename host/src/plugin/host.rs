@@ -88,6 +88,17 @@ pub struct PluginSummary {
     pub generation: u64,
 }
 
+/// What one fresh instance of a plugin costs ([`PluginHost::footprint`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Footprint {
+    /// Time to instantiate it (its start code included).
+    pub instantiate: std::time::Duration,
+    /// Time for its first `info` call (zero for a guest provider).
+    pub info: std::time::Duration,
+    /// Linear memory it holds after instantiation and `info`, bytes.
+    pub memory_bytes: u64,
+}
+
 struct Inner {
     engine: PluginEngine,
     cache: ArtifactCache,
@@ -227,6 +238,26 @@ impl PluginHost {
         let mut inst = loaded.instantiate().await?;
         guarded!(&mut inst, "info", driver, |d, store| async {
             d.call_info(store).await.map(Ok)
+        })
+    }
+
+    /// What one fresh instance of `name` costs: the time to instantiate it and to
+    /// answer `info` (drivers), and the linear memory it then holds.
+    pub async fn footprint(&self, name: &str) -> Result<Footprint> {
+        let loaded = self.slot(name)?.current()?;
+        let t = std::time::Instant::now();
+        let mut inst = loaded.instantiate().await?;
+        let instantiate = t.elapsed();
+        let t = std::time::Instant::now();
+        if inst.driver.is_some() {
+            guarded!(&mut inst, "info", driver, |d, store| async {
+                d.call_info(store).await.map(Ok)
+            })?;
+        }
+        Ok(Footprint {
+            instantiate,
+            info: t.elapsed(),
+            memory_bytes: inst.store.data().limiter.memory_bytes() as u64,
         })
     }
 

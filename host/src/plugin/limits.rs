@@ -30,6 +30,7 @@ pub enum Stopped {
 #[derive(Debug)]
 pub struct Limiter {
     memory_cap: usize,
+    memory_bytes: usize,
     /// When the current call must end, if a call is running.
     pub deadline: Option<Instant>,
     /// Set when the sandbox stopped the current call.
@@ -41,9 +42,15 @@ impl Limiter {
     pub fn new(memory_cap: usize) -> Limiter {
         Limiter {
             memory_cap,
+            memory_bytes: 0,
             deadline: None,
             stopped: None,
         }
+    }
+
+    /// Linear memory the instance holds, bytes (all its memories together).
+    pub fn memory_bytes(&self) -> usize {
+        self.memory_bytes
     }
 
     /// The memory cap in bytes.
@@ -80,7 +87,7 @@ impl Limiter {
 impl wasmtime::ResourceLimiter for Limiter {
     fn memory_growing(
         &mut self,
-        _current: usize,
+        current: usize,
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
@@ -91,6 +98,9 @@ impl wasmtime::ResourceLimiter for Limiter {
                 self.memory_cap
             ));
         }
+        self.memory_bytes = self
+            .memory_bytes
+            .saturating_add(desired.saturating_sub(current));
         Ok(true)
     }
 

@@ -31,6 +31,6 @@ pub mod version;
 
 pub use error::{DriverError, ErrorKind, PluginError};
 pub use grants::{DirGrant, Grants, Limits};
-pub use host::{HostConfig, PluginHost, PluginSpec, PluginSummary};
+pub use host::{Footprint, HostConfig, PluginHost, PluginSpec, PluginSummary};
 pub use session::{DriverSession, GuestSession};
 pub use transfer::{Download, Upload};

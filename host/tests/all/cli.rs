@@ -517,3 +517,46 @@ async fn cli_copies_files_in_and_out_checked_by_digest() {
     assert!(r.err.contains("/no/such/file"), "{}", r.err);
     e.site.stop().await;
 }
+
+/// `gve plugin inspect` measures a bundle in its own process (no agent), and a
+/// bundle the host would refuse fails there with the host's reason and exit 2.
+#[tokio::test]
+async fn plugin_inspect_measures_a_bundle_and_refuses_what_the_host_would() {
+    let memory = crate::support::bundle("memory");
+    let r = gve(
+        "http://127.0.0.1:9",
+        "",
+        &["plugin", "inspect", memory.to_str().unwrap(), "-o", "json"],
+    )
+    .await
+    .ok();
+    let v = r.json();
+    assert_eq!(v["plugin"]["name"], "memory");
+    assert_eq!(v["plugin"]["guest"], true);
+    let wasm = std::fs::metadata(memory.join("memory.wasm")).unwrap().len();
+    assert_eq!(v["component-bytes"], wasm);
+    let mem = v["memory-bytes"].as_u64().unwrap();
+    assert!(
+        (64 << 10..=64 << 20).contains(&mem),
+        "linear memory after instantiation: {mem} bytes"
+    );
+    assert!(v["compile-ms"].as_f64().unwrap() > 0.0, "{v}");
+
+    let future = crate::support::bundle("future");
+    let r = gve(
+        "http://127.0.0.1:9",
+        "",
+        &["plugin", "inspect", future.to_str().unwrap()],
+    )
+    .await;
+    assert_eq!(r.code, 2, "{}{}", r.out, r.err);
+    assert!(r.err.contains("this host accepts"), "{}", r.err);
+    let r = gve(
+        "http://127.0.0.1:9",
+        "",
+        &["plugin", "inspect", "/no/such/bundle"],
+    )
+    .await;
+    assert_eq!(r.code, 2, "{}{}", r.out, r.err);
+    assert!(r.err.contains("/no/such/bundle"), "{}", r.err);
+}
