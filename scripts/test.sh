@@ -19,5 +19,5 @@ echo "test: conformance of every driver on its target (memory; kvm on real QEMU 
 bash scripts/conformance.sh --check
 echo "test: the SDK guide's commands, as written (template to bundle, inspect, load, conformance)"
 bash scripts/guide-test.sh
-echo "test: API fuzzing against docs/openapi.yaml (bounded)"
+echo "test: API fuzzing of the site and the agent against docs/openapi.yaml and docs/agent-openapi.yaml (bounded)"
 bash scripts/api-fuzz.sh 60

@@ -94,6 +94,9 @@ pub enum AgentError {
     },
 }
 
+/// The OpenAPI 3 document of the agent's HTTP API (also `docs/agent-openapi.yaml`).
+pub const OPENAPI: &str = include_str!("../../../docs/agent-openapi.yaml");
+
 struct AgentApi {
     admin: Arc<plugin_admin::PluginAdmin>,
     runtime: Arc<runtime::Runtime>,
@@ -104,8 +107,10 @@ impl AgentApi {
     async fn route(&self, req: Request<Incoming>) -> Result<Response, ApiError> {
         let path = req.uri().path().to_string();
         let segs = api::segments(&path);
-        if segs.as_slice() == ["v1", "health"] {
-            return api::ok(&serde_json::json!({ "status": "ok" }));
+        match segs.as_slice() {
+            ["v1", "health"] => return api::ok(&serde_json::json!({ "status": "ok" })),
+            ["v1", "openapi.yaml"] => return api::yaml(OPENAPI),
+            _ => {}
         }
         api::check_bearer(&req, &self.admin_token)?;
         match (req.method().clone(), segs.as_slice()) {

@@ -149,19 +149,26 @@ pub const MAX_VM_MEMORY_MIB: u64 = 16 << 20;
 /// Largest root disk, MiB (64 TiB).
 pub const MAX_VM_DISK_MIB: u64 = 64 << 20;
 
+/// Checks a new VM's name (create, clone): 1-128 characters, not blank, without
+/// '/', '\\' or control characters (a 400 naming `field`).
+pub fn check_vm_name(field: &str, name: &str) -> Result<(), crate::api::ApiError> {
+    if name.trim().is_empty()
+        || name.len() > 128
+        || name.contains(['/', '\\'])
+        || name.chars().any(char::is_control)
+    {
+        return Err(crate::api::ApiError::bad_request(format!(
+            "{field} must be 1-128 characters without '/', '\\' or control characters"
+        )));
+    }
+    Ok(())
+}
+
 impl Profile {
     /// Checks every value against its range (a 400 naming the field).
     pub fn validate(&self) -> Result<(), crate::api::ApiError> {
         use crate::api::{in_range, ApiError};
-        if self.name.trim().is_empty()
-            || self.name.len() > 128
-            || self.name.contains(['/', '\\', '\0'])
-            || self.name.chars().any(char::is_control)
-        {
-            return Err(ApiError::bad_request(
-                "name must be 1-128 characters without '/', '\\' or control characters",
-            ));
-        }
+        check_vm_name("name", &self.name)?;
         in_range("logical-cpus", self.logical_cpus, 1, MAX_VM_CPUS)?;
         in_range(
             "main-memory-mib",
@@ -272,7 +279,10 @@ pub enum Allocation {
     Reserved {
         /// Who reserved it.
         holder: String,
-        /// Reservation expiry, Unix milliseconds.
+        /// Reservation expiry, Unix milliseconds. (`rename_all` on an enum renames
+        /// only variants: the field is named here; records written before read
+        /// through the alias.)
+        #[serde(rename = "until-ms", alias = "until_ms")]
         until_ms: u64,
     },
     /// Given to `holder` until released.

@@ -392,7 +392,9 @@ impl Registry {
         let txn = self.db.begin_read().map_err(storage)?;
         let t = txn.open_table(EVENTS).map_err(storage)?;
         let mut out = Vec::new();
-        for row in t.range((after + 1)..).map_err(storage)?.take(limit) {
+        // Strictly after `after`: `after + 1` would wrap at u64::MAX.
+        let after = (std::ops::Bound::Excluded(after), std::ops::Bound::Unbounded);
+        for row in t.range(after).map_err(storage)?.take(limit) {
             let (k, v) = row.map_err(storage)?;
             out.push(decode(&k.value().to_string(), v.value())?);
         }

@@ -146,10 +146,13 @@ impl Runtime {
             ));
         }
         self.check(&d).map_err(ApiError::bad_request)?;
-        let core = self
-            .bring_up(&d)
-            .await
-            .map_err(|e| ApiError::new(StatusCode::BAD_GATEWAY, "unavailable", e.to_string()))?;
+        let core = self.bring_up(&d).await.map_err(|e| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                e.to_string(),
+            )
+        })?;
         let json = serde_json::to_string(&d).map_err(|e| ApiError::bad_request(e.to_string()))?;
         self.registry
             .write(|t| t.set_meta(DRIVER_KEY, &json))

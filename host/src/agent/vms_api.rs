@@ -213,7 +213,11 @@ impl AgentCore {
                     .map_err(registry_error)?)
             }
             (Method::POST, ["v1", "reconcile"]) => ok(&self.reconcile().await.map_err(|e| {
-                ApiError::new(StatusCode::BAD_GATEWAY, "unavailable", e.to_string())
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "unavailable",
+                    e.to_string(),
+                )
             })?),
             (Method::POST, ["v1", "vms"]) => {
                 let profile: Profile = read_json(req.into_body()).await?;
@@ -278,6 +282,7 @@ impl AgentCore {
                     "destroy" => self.accepted(&key, &vm, OpParams::Destroy),
                     "clone" => {
                         let b: CloneBody = read_json(req.into_body()).await?;
+                        super::model::check_vm_name("name", &b.name)?;
                         if self.registry.vm(&b.name).map_err(registry_error)?.is_some() {
                             return Err(ApiError::new(
                                 StatusCode::CONFLICT,

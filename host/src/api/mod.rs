@@ -132,6 +132,14 @@ impl From<PluginError> for ApiError {
     }
 }
 
+/// A `200` with a YAML document (the OpenAPI documents).
+pub fn yaml(doc: &'static str) -> Result<Response, ApiError> {
+    hyper::Response::builder()
+        .header(hyper::header::CONTENT_TYPE, "application/yaml")
+        .body(full(doc))
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "backend", e.to_string()))
+}
+
 /// A body whose frames come from a channel (a task producing a download);
 /// an `Err` frame cuts the response.
 pub fn channel_body(

@@ -80,6 +80,15 @@ pub fn valid_id(id: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"._:@+-".contains(&b))
 }
 
+/// What is wrong with `name` as the name of a new VM (create, clone): the host
+/// refuses, before the call, a name it would refuse in the driver's answer.
+pub fn name_problem(name: &str) -> Option<String> {
+    if name.trim().is_empty() {
+        return Some("the name is empty".into());
+    }
+    text("the name", name)
+}
+
 fn text(field: &str, s: &str) -> Option<String> {
     if s.len() > MAX_TEXT {
         return Some(format!("{field} is {} bytes (at most {MAX_TEXT})", s.len()));

@@ -223,6 +223,16 @@ pub enum PluginError {
         /// Why.
         reason: String,
     },
+    /// The host refused an argument before calling the plugin.
+    #[error("plugin '{plugin}': {op} refused before the call: {problem}")]
+    Argument {
+        /// Plugin name.
+        plugin: String,
+        /// Contract operation.
+        op: &'static str,
+        /// What is wrong with the argument.
+        problem: String,
+    },
     /// The driver returned one of the contract's errors.
     #[error("plugin '{plugin}': {op}: {error}")]
     Driver {
@@ -259,7 +269,8 @@ impl PluginError {
             PluginError::Io { .. }
             | PluginError::Manifest { .. }
             | PluginError::Contract { .. }
-            | PluginError::Config(_) => ErrorKind::InvalidArgument,
+            | PluginError::Config(_)
+            | PluginError::Argument { .. } => ErrorKind::InvalidArgument,
             PluginError::Runtime { .. }
             | PluginError::Panic { .. }
             | PluginError::Trap { .. }

@@ -185,9 +185,26 @@ impl DriverSession {
     driver_op!(
         /// One VM or template by id or name.
         get_vm(vm: &str) -> VmInfo, "get-vm", Capabilities::empty(), call_get_vm(vm));
-    driver_op!(
-        /// Defines a VM from a profile.
-        create(profile: &VmProfile) -> VmInfo, "create", Capabilities::CREATE, call_create(profile));
+    /// Defines a VM from a profile.
+    pub async fn create(&self, profile: &VmProfile) -> Result<VmInfo> {
+        self.check_name("create", &profile.name)?;
+        self.create_checked(profile).await
+    }
+
+    driver_op!(create_checked(profile: &VmProfile) -> VmInfo, "create", Capabilities::CREATE,
+        call_create(profile));
+
+    /// A new VM's name the host would refuse in the answer is refused before the call.
+    fn check_name(&self, op: &'static str, name: &str) -> Result<()> {
+        match answers::name_problem(name) {
+            None => Ok(()),
+            Some(problem) => Err(PluginError::Argument {
+                plugin: self.target.slot.name.to_string(),
+                op,
+                problem,
+            }),
+        }
+    }
     driver_op!(
         /// Powers a VM on.
         start(vm: &str) -> VmInfo, "start", Capabilities::START, call_start(vm));
@@ -215,6 +232,7 @@ impl DriverSession {
         } else {
             Capabilities::CLONE
         };
+        self.check_name("clone", name)?;
         self.clone_checked(cap, source, name, linked).await
     }
 

@@ -29,7 +29,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::body::Incoming;
-use hyper::{Request, StatusCode};
+use hyper::Request;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::api::{self, server::Handler, ApiError, Response};
@@ -87,14 +87,7 @@ impl SiteApi {
         let segs = api::segments(&path);
         match segs.as_slice() {
             ["v1", "health"] => return api::ok(&serde_json::json!({ "status": "ok" })),
-            ["v1", "openapi.yaml"] => {
-                return hyper::Response::builder()
-                    .header(hyper::header::CONTENT_TYPE, "application/yaml")
-                    .body(api::full(OPENAPI))
-                    .map_err(|e| {
-                        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "backend", e.to_string())
-                    })
-            }
+            ["v1", "openapi.yaml"] => return api::yaml(OPENAPI),
             _ => {}
         }
         // Every other call is identified before anything else happens.

@@ -167,6 +167,13 @@ async fn operations_run_asynchronously_and_update_the_registry() {
         .count();
     assert_eq!(finished, 9, "{events:?}");
     assert!(events.windows(2).all(|w| w[0].seq < w[1].seq));
+    // Nothing comes after the last possible sequence number (`after + 1` wrapped to 0
+    // and answered every event from the start).
+    let last = events.last().unwrap().seq;
+    for after in [last, u64::MAX - 1, u64::MAX] {
+        let none: Vec<Event> = c.get(&format!("/v1/events?after={after}")).await.unwrap();
+        assert!(none.is_empty(), "after={after}: {none:?}");
+    }
     agent.stop().await;
 }
 
@@ -239,6 +246,13 @@ async fn bad_input_is_refused_with_4xx_and_changes_nothing() {
             "disk-mib",
         ),
         ("/v1/vms".to_string(), json!({ "name": "a/b" }), "name"),
+        // A clone named with a control character once reached the driver, which
+        // kept it; every later listing was then refused and reconcile stopped.
+        (
+            format!("/v1/vms/{}/clone", vm.id),
+            json!({ "name": "b\u{1}6" }),
+            "name",
+        ),
         (
             format!("/v1/vms/{}/reserve", vm.id),
             json!({ "holder": "h", "seconds": u64::MAX }),

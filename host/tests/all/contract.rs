@@ -153,6 +153,25 @@ async fn driver_lifecycle_through_the_host() {
     );
     assert!(s.list_vms().await.unwrap().is_empty());
     assert_eq!(b.list_vms().await.unwrap().len(), 1);
+
+    // A name the host would refuse in the answer never reaches the driver: the
+    // driver would keep the VM and every later listing would be refused.
+    for bad in ["", "  ", "web\u{1}", "web\n2", &"x".repeat(2000)] {
+        let e = s.create(&profile(bad)).await.unwrap_err();
+        assert!(
+            matches!(e, PluginError::Argument { op: "create", .. }),
+            "{bad:?}: {e}"
+        );
+        assert_eq!(kind(&e), ErrorKind::InvalidArgument);
+    }
+    let src = s.create(&profile("src")).await.unwrap();
+    let e = s.clone_vm(&src.id, "c\u{7f}", false).await.unwrap_err();
+    assert!(
+        matches!(e, PluginError::Argument { op: "clone", .. }),
+        "{e}"
+    );
+    assert_eq!(s.list_vms().await.unwrap().len(), 1, "nothing was made");
+    s.destroy(&src.id).await.unwrap();
 }
 
 #[tokio::test]
