@@ -3,7 +3,8 @@
 # shell, from an empty directory holding `gve/` (this checkout), as a plugin author
 # following the guide would. A block after a `<!-- guide-test: not run -->` line is
 # skipped (it needs a real hypervisor). For section 8 an agent is started first and
-# named in GVE_AGENT_URL. Needs scripts/setup.sh to have run.
+# named in GVE_AGENT_URL; section 11 finds componentize-py in target/py-venv. Needs
+# scripts/setup.sh to have run.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 target_dir=$(cd "$repo" && realpath -m "${CARGO_TARGET_DIR:-target}")
@@ -50,7 +51,7 @@ done
 
 # The author's own build directory is kept between runs (compiling the SDK for
 # wasm32 takes a minute); the guide honours CARGO_TARGET_DIR.
-if (cd "$work" && env PATH="$target_dir/release:$PATH" \
+if (cd "$work" && env PATH="$target_dir/release:$repo/target/py-venv/bin:$PATH" \
         GVE_AGENT_URL="http://127.0.0.1:$port" \
         CARGO_TARGET_DIR="$target_dir/guide-driver" \
         bash -euo pipefail guide.sh) >"$work/out" 2>&1; then

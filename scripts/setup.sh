@@ -37,6 +37,14 @@ if [ ! -x target/fuzz-venv/bin/st ]; then
     target/fuzz-venv/bin/pip install -q "schemathesis==4.32.5"
 fi
 
+# componentize-py, for the SDK's Python driver example (sdk/examples/python) and
+# the guide's section on other languages.
+if [ ! -x target/py-venv/bin/componentize-py ]; then
+    echo "setup: installing componentize-py into target/py-venv"
+    python3 -m venv target/py-venv
+    target/py-venv/bin/pip install -q "componentize-py==0.25.1"
+fi
+
 rustup target add wasm32-wasip2
 echo "setup: building the gve host (release)"
 cargo build --release --locked -p gve -p gve-conformance -p gve-harness
