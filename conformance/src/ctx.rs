@@ -96,8 +96,9 @@ pub struct Ctx {
     /// How long a state change may take to show.
     pub settle: Duration,
     /// Guest operations on the target's VMs: the driver's own (`guest-native`) or
-    /// the target's guest plugin's; `None` when neither is there.
-    pub guest: Option<GuestSession>,
+    /// the target's guest plugin's; `None` when neither is there, an error when
+    /// the provider's session did not open (the guest cases then fail with it).
+    pub guest: Option<Result<GuestSession, String>>,
     made: Mutex<Vec<(Side, String)>>,
 }
 
@@ -124,7 +125,7 @@ impl Ctx {
     }
 
     /// The same context with guest operations through `guest`.
-    pub fn with_guest(mut self, guest: Option<GuestSession>) -> Ctx {
+    pub fn with_guest(mut self, guest: Option<Result<GuestSession, String>>) -> Ctx {
         self.guest = guest;
         self
     }

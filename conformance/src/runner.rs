@@ -202,14 +202,11 @@ async fn run_with(
             .open_guest(&provider, &target.endpoint, target.credentials.clone())
             .await
         {
-            Ok(g) => Some(g),
-            Err(e) => {
-                report.notes.push(format!(
-                    "guest operations of {provider} did not open on {}: {e}",
-                    target.endpoint
-                ));
-                None
-            }
+            Ok(g) => Some(Ok(g)),
+            Err(e) => Some(Err(format!(
+                "guest operations of {provider} did not open on {}: {e}",
+                target.endpoint
+            ))),
         },
         None => None,
     };

@@ -5,7 +5,9 @@
 
 use std::time::{Duration, Instant};
 
-use gve::plugin::bindings::types::{Capabilities as C, EnvVar, ExecRequest, ExecResult, VmState};
+use gve::plugin::bindings::types::{
+    Capabilities as C, EnvVar, ExecRequest, ExecResult, FileInfo, VmState,
+};
 use gve::plugin::{ErrorKind, GuestSession, PluginError};
 use sha2::{Digest, Sha256};
 
@@ -55,23 +57,27 @@ fn request(argv: &[&str]) -> ExecRequest {
     }
 }
 
-/// The guest session; the runner only runs guest cases when there is one.
-fn guest(ctx: &Ctx) -> &GuestSession {
-    ctx.guest
-        .as_ref()
-        .expect("the runner checked for guest operations")
+/// The guest session (the runner only runs guest cases when there is a provider),
+/// or why it did not open.
+fn guest(ctx: &Ctx) -> Result<&GuestSession, Failure> {
+    match ctx.guest.as_ref() {
+        Some(Ok(g)) => Ok(g),
+        Some(Err(why)) => Err(Failure::new(why.clone())),
+        None => Err(Failure::new("no guest operations on this target")),
+    }
 }
 
 /// A running VM whose guest answers commands (its in-guest agent may take a while
 /// to come up after boot: up to the settle time).
 async fn running_guest(ctx: &Ctx, what: &str) -> Result<String, Failure> {
+    guest(ctx)?;
     let vm = ctx.create(what).await?;
     must(&format!("start {}", vm.id), ctx.driver.start(&vm.id).await)?;
     ctx.wait_state(Side::First, &vm.id, VmState::Running)
         .await?;
     let end = Instant::now() + ctx.settle;
     loop {
-        let last = match guest(ctx).exec(&vm.id, &request(&["true"])).await {
+        let last = match guest(ctx)?.exec(&vm.id, &request(&["true"])).await {
             Ok(r) if r.exit_code == Some(0) => return Ok(vm.id),
             Ok(r) => format!("`true` answered {r:?}"),
             Err(e) => e.to_string(),
@@ -90,7 +96,7 @@ async fn running_guest(ctx: &Ctx, what: &str) -> Result<String, Failure> {
 async fn run(ctx: &Ctx, vm: &str, req: &ExecRequest) -> Result<ExecResult, Failure> {
     must(
         &format!("exec {:?} in {vm}", req.argv),
-        guest(ctx).exec(vm, req).await,
+        guest(ctx)?.exec(vm, req).await,
     )
 }
 
@@ -197,13 +203,13 @@ fn exec_errors(ctx: &Ctx) -> CheckFuture<'_> {
         must_fail(
             &format!("exec with an empty argv in {vm}"),
             ErrorKind::InvalidArgument,
-            guest(ctx).exec(&vm, &request(&[])).await,
+            guest(ctx)?.exec(&vm, &request(&[])).await,
         )?;
         let unknown = ctx.name("never-made");
         must_fail(
             &format!("exec in {unknown}, which does not exist"),
             ErrorKind::NotFound,
-            guest(ctx).exec(&unknown, &request(&["true"])).await,
+            guest(ctx)?.exec(&unknown, &request(&["true"])).await,
         )?;
         must(
             &format!("shutdown {vm} (force)"),
@@ -213,7 +219,7 @@ fn exec_errors(ctx: &Ctx) -> CheckFuture<'_> {
         must_fail(
             &format!("exec in {vm} while it is stopped"),
             ErrorKind::Unavailable,
-            guest(ctx).exec(&vm, &request(&["true"])).await,
+            guest(ctx)?.exec(&vm, &request(&["true"])).await,
         )
     })
 }
@@ -228,7 +234,7 @@ fn payload() -> Vec<u8> {
 fn files(ctx: &Ctx) -> CheckFuture<'_> {
     Box::pin(async move {
         let vm = running_guest(ctx, "files").await?;
-        let g = guest(ctx);
+        let g = guest(ctx)?;
         let dir = format!("/tmp/{}", ctx.name("files"));
         let path = format!("{dir}/sub/data.bin");
         let data = payload();
@@ -241,32 +247,12 @@ fn files(ctx: &Ctx) -> CheckFuture<'_> {
             must(&format!("write to {path}"), up.write(chunk).await)?;
         }
         let done = must(&format!("finish {path}"), up.finish().await)?;
-        let want = (data.len() as u64, 0o640, sha.as_str());
-        let meta =
-            |size, mode: u32, sha: &str| format!("{size} bytes, mode {mode:o}, sha256 {sha}");
-        ensure(
-            (done.size, done.mode & 0o7777, done.sha256.as_str()) == want,
-            || {
-                format!(
-                    "finish {path}: want {}, got {}",
-                    meta(want.0, want.1, want.2),
-                    meta(done.size, done.mode, &done.sha256)
-                )
-            },
-        )?;
+        let size = data.len() as u64;
+        same_file(&format!("finish {path}"), &done, size, 0o640, &sha)?;
         let st = must(&format!("stat {path}"), g.stat(&vm, &path).await)?;
-        ensure(
-            (st.size, st.mode & 0o7777, st.sha256.as_str()) == want,
-            || {
-                format!(
-                    "stat {path}: want {}, got {}",
-                    meta(want.0, want.1, want.2),
-                    meta(st.size, st.mode, &st.sha256)
-                )
-            },
-        )?;
+        same_file(&format!("stat {path}"), &st, size, 0o640, &sha)?;
         let mut down = must(&format!("download {path}"), g.download(&vm, &path).await)?;
-        let (size, mode) = (down.size, down.mode);
+        let (down_size, mode) = (down.size, down.mode);
         let mut back = Vec::new();
         let read = loop {
             match down.read(64 << 10).await {
@@ -283,10 +269,9 @@ fn files(ctx: &Ctx) -> CheckFuture<'_> {
         };
         down.close().await;
         read?;
-        ensure((size, mode & 0o7777) == (want.0, want.1), || {
+        ensure((down_size, mode & 0o7777) == (size, 0o640), || {
             format!(
-                "download {path}: announces {size} bytes, mode {mode:o}; want {} bytes, mode {:o}",
-                want.0, want.1
+                "download {path}: announces {down_size} bytes, mode {mode:o}; want {size} bytes, mode 640"
             )
         })?;
         ensure(back == data, || {
@@ -307,6 +292,18 @@ fn files(ctx: &Ctx) -> CheckFuture<'_> {
             g.download(&vm, &missing).await.map(|d| d.size)
         })
         .await
+    })
+}
+
+/// Fails unless `got` (what `what` reported) is `size` bytes of mode `mode` with
+/// SHA-256 `sha`.
+fn same_file(what: &str, got: &FileInfo, size: u64, mode: u32, sha: &str) -> Result<(), Failure> {
+    let held = (got.size, got.mode & 0o7777, got.sha256.as_str());
+    ensure(held == (size, mode, sha), || {
+        format!(
+            "{what}: want {size} bytes, mode {mode:o}, sha256 {sha}; got {} bytes, mode {:o}, sha256 {}",
+            got.size, got.mode, got.sha256
+        )
     })
 }
 

@@ -180,16 +180,23 @@ impl Profile {
             in_range("disk-mib", d, 1, MAX_VM_DISK_MIB)?;
         }
         if self.labels.len() > 64
-            || self
-                .labels
-                .iter()
-                .any(|(k, v)| k.is_empty() || k.len() > 128 || v.len() > 1024)
+            || self.labels.iter().any(|(k, v)| {
+                k.is_empty()
+                    || k.len() > 128
+                    || v.len() > 1024
+                    || k.chars().chain(v.chars()).any(char::is_control)
+            })
         {
             return Err(ApiError::bad_request(
-                "labels: at most 64, keys of 1-128 and values of at most 1024 characters",
+                "labels: at most 64, keys of 1-128 and values of at most 1024 characters, without control characters",
             ));
         }
-        Ok(())
+        // Whatever else a driver would carry back in its answers: the host refuses
+        // it there, and then refuses every listing that holds the VM.
+        match crate::plugin::answers::profile_problem(&wit::VmProfile::from(self)) {
+            Some(problem) => Err(ApiError::bad_request(format!("profile: {problem}"))),
+            None => Ok(()),
+        }
     }
 }
 

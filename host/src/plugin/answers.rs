@@ -10,7 +10,7 @@
 
 use std::collections::HashSet;
 
-use super::bindings::types::{ExecResult, FileInfo, HostInfo, Label, VmInfo};
+use super::bindings::types::{ExecResult, FileInfo, HostInfo, Label, VmInfo, VmProfile};
 use super::error::{PluginError, Result};
 
 /// Longest error or trap message kept, bytes.
@@ -87,6 +87,23 @@ pub fn name_problem(name: &str) -> Option<String> {
         return Some("the name is empty".into());
     }
     text("the name", name)
+}
+
+/// What is wrong with a profile to create from: any text the host would refuse
+/// when the driver's answers carry it back (the name, labels, OS facts, ...).
+pub fn profile_problem(p: &VmProfile) -> Option<String> {
+    let texts = [
+        ("the template", &p.template),
+        ("the image", &p.image),
+        ("the OS family", &p.os_family),
+        ("the OS name", &p.os_name),
+        ("the OS version", &p.os_version),
+        ("the platform", &p.platform),
+        ("the network", &p.network),
+    ];
+    name_problem(&p.name)
+        .or_else(|| texts.iter().find_map(|(f, s)| opt_text(f, s)))
+        .or_else(|| labels(&p.labels))
 }
 
 fn text(field: &str, s: &str) -> Option<String> {

@@ -187,16 +187,17 @@ impl DriverSession {
         get_vm(vm: &str) -> VmInfo, "get-vm", Capabilities::empty(), call_get_vm(vm));
     /// Defines a VM from a profile.
     pub async fn create(&self, profile: &VmProfile) -> Result<VmInfo> {
-        self.check_name("create", &profile.name)?;
+        self.refuse("create", answers::profile_problem(profile))?;
         self.create_checked(profile).await
     }
 
     driver_op!(create_checked(profile: &VmProfile) -> VmInfo, "create", Capabilities::CREATE,
         call_create(profile));
 
-    /// A new VM's name the host would refuse in the answer is refused before the call.
-    fn check_name(&self, op: &'static str, name: &str) -> Result<()> {
-        match answers::name_problem(name) {
+    /// An argument the host would refuse when the answer carries it back (a new
+    /// VM's name, its profile's texts) is refused before the call.
+    fn refuse(&self, op: &'static str, problem: Option<String>) -> Result<()> {
+        match problem {
             None => Ok(()),
             Some(problem) => Err(PluginError::Argument {
                 plugin: self.target.slot.name.to_string(),
@@ -232,7 +233,7 @@ impl DriverSession {
         } else {
             Capabilities::CLONE
         };
-        self.check_name("clone", name)?;
+        self.refuse("clone", answers::name_problem(name))?;
         self.clone_checked(cap, source, name, linked).await
     }
 

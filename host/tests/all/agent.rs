@@ -254,6 +254,16 @@ async fn bad_input_is_refused_with_4xx_and_changes_nothing() {
             "name",
         ),
         (
+            "/v1/vms".to_string(),
+            json!({ "name": "b-4", "labels": { "k\u{1}": "v" } }),
+            "labels",
+        ),
+        (
+            "/v1/vms".to_string(),
+            json!({ "name": "b-4", "os-name": "deb\nian" }),
+            "OS name",
+        ),
+        (
             format!("/v1/vms/{}/reserve", vm.id),
             json!({ "holder": "h", "seconds": u64::MAX }),
             "seconds",

@@ -164,6 +164,16 @@ async fn driver_lifecycle_through_the_host() {
         );
         assert_eq!(kind(&e), ErrorKind::InvalidArgument);
     }
+    let mut labelled = profile("labelled");
+    labelled.labels.push(Label {
+        key: "k".into(),
+        value: "v\u{1b}[2J".into(),
+    });
+    let e = s.create(&labelled).await.unwrap_err();
+    assert!(
+        matches!(e, PluginError::Argument { op: "create", .. }),
+        "{e}"
+    );
     let src = s.create(&profile("src")).await.unwrap();
     let e = s.clone_vm(&src.id, "c\u{7f}", false).await.unwrap_err();
     assert!(
