@@ -1,7 +1,8 @@
 //! `gve-conformance` (also `gve conformance`): proves a driver against a real host.
 //!
 //! ```text
-//! gve-conformance run --plugin BUNDLE --endpoint URI [--grant-http H:P]... [--grant-libvirt URI]...
+//! gve-conformance run --plugin BUNDLE --endpoint URI [--grant-http H:P]... [--grant-tls H:P=sha256:HEX]...
+//!     [--grant-libvirt URI]...
 //!     [--grant-dir HOST=GUEST[:rw]]... [--config K=V]... [--username U --password P | --token T]
 //!     [--second-host DEST] [--template T] [--guest-plugin BUNDLE] [--run REGEX] [--report DIR]
 //! gve-conformance list
@@ -61,6 +62,10 @@ struct RunArgs {
     /// HTTP authority to grant (`host:port`), repeatable.
     #[arg(long = "grant-http")]
     http: Vec<String>,
+    /// How to verify the TLS server at a granted HTTP authority:
+    /// `HOST:PORT=sha256:HEX` or `HOST:PORT=ca:PATH`, repeatable.
+    #[arg(long = "grant-tls")]
+    tls: Vec<String>,
     /// libvirt URI to grant, repeatable.
     #[arg(long = "grant-libvirt")]
     libvirt: Vec<String>,
@@ -137,6 +142,10 @@ fn grants(a: &RunArgs) -> Result<Grants, String> {
             guest: guest.into(),
             writable,
         });
+    }
+    for t in &a.tls {
+        let (authority, trust) = gve::plugin::grants::parse_tls_grant(t)?;
+        g.tls.insert(authority, trust);
     }
     for kv in &a.config {
         let (k, v) = kv

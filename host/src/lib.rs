@@ -9,3 +9,4 @@ pub mod cli;
 pub mod plugin;
 pub mod private_fs;
 pub mod site;
+pub mod tls;

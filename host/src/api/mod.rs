@@ -4,7 +4,7 @@
 
 pub mod client;
 pub mod server;
-pub mod tls;
+pub use crate::tls;
 
 use bytes::Bytes;
 use http_body_util::combinators::BoxBody;

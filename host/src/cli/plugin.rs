@@ -78,6 +78,10 @@ pub struct SpecArgs {
     /// Allow outgoing HTTP to HOST:PORT (repeatable).
     #[arg(long = "grant-http", value_name = "HOST:PORT")]
     pub http: Vec<String>,
+    /// How to verify the TLS server at a granted HTTP authority:
+    /// HOST:PORT=sha256:HEX (pinned certificate) or HOST:PORT=ca:PATH (repeatable).
+    #[arg(long = "grant-tls", value_name = "HOST:PORT=sha256:HEX|ca:PATH")]
+    pub tls: Vec<String>,
     /// Allow the libvirt URI (repeatable).
     #[arg(long = "grant-libvirt", value_name = "URI")]
     pub libvirt: Vec<String>,
@@ -104,6 +108,7 @@ impl SpecArgs {
     fn change(&self) -> Result<ReplaceSpec, ApiError> {
         let full = self.spec()?;
         let grants_given = !self.http.is_empty()
+            || !self.tls.is_empty()
             || !self.libvirt.is_empty()
             || !self.dirs.is_empty()
             || self.guest_channel
@@ -141,6 +146,12 @@ impl SpecArgs {
                 writable,
             });
         }
+        let tls = self
+            .tls
+            .iter()
+            .map(|t| crate::plugin::grants::parse_tls_grant(t))
+            .collect::<Result<BTreeMap<_, _>, _>>()
+            .map_err(ApiError::bad_request)?;
         let mut config = BTreeMap::new();
         for kv in &self.config {
             let (k, v) = kv.split_once('=').ok_or_else(|| {
@@ -165,6 +176,7 @@ impl SpecArgs {
                 guest_channel: self.guest_channel,
                 directories: dirs,
                 config,
+                tls,
             },
             limits,
         })

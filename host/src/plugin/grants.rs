@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -37,6 +38,11 @@ pub struct Grants {
     pub directories: Vec<DirGrant>,
     /// The plugin's own configuration values.
     pub config: BTreeMap<String, String>,
+    /// How the host verifies the TLS server at a granted HTTP authority
+    /// (`host:port`): a pinned SHA-256 `fingerprint` of its certificate, or a `ca`
+    /// (PEM) it must chain to. Authorities without an entry are verified against
+    /// the public web roots.
+    pub tls: BTreeMap<String, crate::tls::ClientTls>,
 }
 
 /// Resource limits applied to each instance of a plugin.
@@ -152,8 +158,29 @@ pub struct Effective {
     pub directories: Vec<DirGrant>,
     /// Configuration values.
     pub config: BTreeMap<String, String>,
+    /// TLS verification per allowed authority that has its own (see [`Grants::tls`]).
+    pub tls: BTreeMap<String, Arc<rustls::ClientConfig>>,
     /// Granted but not requested (reported to the operator, not given).
     pub ignored: Vec<String>,
+}
+
+/// A `--grant-tls` argument: `HOST:PORT=sha256:HEX` (pin the server's certificate)
+/// or `HOST:PORT=ca:PATH` (a CA in PEM; the path is made absolute).
+pub fn parse_tls_grant(arg: &str) -> Result<(String, crate::tls::ClientTls), String> {
+    let bad = || format!("--grant-tls '{arg}' must be HOST:PORT=sha256:HEX or HOST:PORT=ca:PATH");
+    let (authority, how) = arg.split_once('=').ok_or_else(bad)?;
+    let trust = match how.split_once(':').ok_or_else(bad)? {
+        ("sha256", f) => crate::tls::ClientTls {
+            fingerprint: Some(f.to_string()),
+            ..Default::default()
+        },
+        ("ca", path) => crate::tls::ClientTls {
+            ca: Some(std::path::absolute(path).map_err(|e| format!("--grant-tls {arg}: {e}"))?),
+            ..Default::default()
+        },
+        _ => return Err(bad()),
+    };
+    Ok((authority.to_string(), trust))
 }
 
 impl Grants {
@@ -167,6 +194,25 @@ impl Grants {
                 return Err(format!(
                     "http grant '{a}' must be host:port with a numeric port"
                 ));
+            }
+        }
+        for (a, trust) in &self.tls {
+            if !self.http.iter().any(|h| h.eq_ignore_ascii_case(a)) {
+                return Err(format!(
+                    "tls grant for '{a}': that authority is not in the http grants"
+                ));
+            }
+            match (&trust.fingerprint, &trust.ca) {
+                (Some(f), _) => {
+                    crate::tls::normalize_fingerprint(f)
+                        .map_err(|e| format!("tls grant for '{a}': {e}"))?;
+                }
+                (None, Some(_)) => {}
+                (None, None) => {
+                    return Err(format!(
+                        "tls grant for '{a}' names neither a fingerprint nor a ca"
+                    ))
+                }
             }
         }
         for u in &self.libvirt {
@@ -189,6 +235,20 @@ impl Grants {
             }
         }
         Ok(())
+    }
+
+    /// The TLS client configuration of each authority with a `tls` grant (reading
+    /// its CA and certificate files); says what is wrong.
+    pub fn tls_configs(&self) -> Result<BTreeMap<String, Arc<rustls::ClientConfig>>, String> {
+        self.tls
+            .iter()
+            .map(|(a, trust)| {
+                let config = trust
+                    .client_config()
+                    .map_err(|e| format!("tls grant for '{a}': {e}"))?;
+                Ok((a.to_ascii_lowercase(), Arc::new(config)))
+            })
+            .collect()
     }
 
     /// What the plugin actually gets given what it asked for.
@@ -228,6 +288,42 @@ impl Grants {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tls_grants_parse_and_must_name_a_granted_authority() {
+        let (a, t) =
+            parse_tls_grant(&format!("vc.example.org:443=sha256:{}", "AB".repeat(32))).unwrap();
+        assert_eq!(a, "vc.example.org:443");
+        assert_eq!(t.fingerprint.as_deref(), Some("AB".repeat(32).as_str()));
+        let (_, t) = parse_tls_grant("vc.example.org:443=ca:/etc/ca.pem").unwrap();
+        assert_eq!(t.ca.as_deref(), Some(std::path::Path::new("/etc/ca.pem")));
+        for bad in ["vc:443", "vc:443=md5:00", "vc:443=sha256"] {
+            assert!(parse_tls_grant(bad).is_err(), "{bad}");
+        }
+        let mut g = Grants {
+            http: vec!["VC.example.org:443".into()],
+            ..Default::default()
+        };
+        g.tls.insert("vc.example.org:443".into(), t.clone());
+        assert_eq!(g.validate(), Ok(()), "authorities match without case");
+        g.tls.insert("other:443".into(), t);
+        assert!(g.validate().unwrap_err().contains("not in the http grants"));
+        let mut g = Grants {
+            http: vec!["vc:443".into()],
+            ..Default::default()
+        };
+        g.tls
+            .insert("vc:443".into(), crate::tls::ClientTls::default());
+        assert!(g.validate().unwrap_err().contains("neither"));
+        g.tls.insert(
+            "vc:443".into(),
+            crate::tls::ClientTls {
+                fingerprint: Some("not-hex".into()),
+                ..Default::default()
+            },
+        );
+        assert!(g.validate().is_err());
+    }
 
     #[test]
     fn only_requested_and_granted_is_given() {

@@ -324,7 +324,10 @@ impl PluginHost {
                 ),
             });
         }
-        let effective = spec.grants.effective(&bundle.manifest.requests);
+        let mut effective = spec.grants.effective(&bundle.manifest.requests);
+        if !effective.http.is_empty() {
+            effective.tls = spec.grants.tls_configs().map_err(PluginError::Config)?;
+        }
         if !effective.ignored.is_empty() {
             tracing::warn!(plugin = name, ignored = ?effective.ignored, "grants given but not requested by the manifest are not lent");
         }

@@ -51,6 +51,7 @@ impl Policies {
             http: http::HttpPolicy::new(
                 name.clone(),
                 effective.http.clone(),
+                effective.tls.clone(),
                 limits.call_timeout(),
                 limits.max_http_requests,
             ),

@@ -1,7 +1,8 @@
 //! Network: only granted authorities, parsed strictly, are reached, and every phase
 //! of a connection has its own timeout.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use gve::plugin::{ErrorKind, Grants, PluginError};
@@ -181,4 +182,135 @@ async fn raw_sockets_reach_nothing() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(count.load(Ordering::SeqCst), 0);
     b.aftermath().await;
+}
+
+/// A TLS server on loopback with a self-signed certificate (for `127.0.0.1`) that
+/// answers every request 200, for the life of the test process; returns its port,
+/// its certificate file and fingerprint, and how many requests it answered.
+fn tls_server(dir: &std::path::Path) -> (u16, std::path::PathBuf, String, Arc<AtomicUsize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (cert, key, fp) = gve::tls::self_signed(dir, "server", &["127.0.0.1"]).unwrap();
+    let config = gve::tls::TlsConfig {
+        cert: cert.clone(),
+        key,
+        client_fingerprints: vec![],
+    }
+    .server_config()
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let answered = Arc::new(AtomicUsize::new(0));
+    let count = answered.clone();
+    // Its own thread and runtime: the test's runtime is busy inside plugin calls.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    std::thread::spawn(move || {
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            while let Ok((tcp, _)) = listener.accept().await {
+                let (acceptor, count) = (acceptor.clone(), count.clone());
+                tokio::spawn(async move {
+                    let Ok(mut tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let mut buf = vec![0u8; 4096];
+                    let mut seen = Vec::new();
+                    while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match tls.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => seen.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    count.fetch_add(1, Ordering::SeqCst);
+                    let _ = tls
+                        .write_all(
+                            b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+                        )
+                        .await;
+                    let _ = tls.shutdown().await;
+                });
+            }
+        })
+    });
+    (port, cert, fp, answered)
+}
+
+/// HTTPS to a granted authority is verified: against the public web roots by
+/// default (a self-signed server is refused before any request is sent), by the
+/// operator's pinned fingerprint or CA when the grant names one; a wrong pin is
+/// refused; a TLS grant for an authority not granted is a configuration error.
+#[tokio::test]
+async fn https_is_verified_by_the_operators_pin_or_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let (port, cert, fp, answered) = tls_server(&dir.path().join("tls"));
+    let authority = format!("127.0.0.1:{port}");
+    let url = format!("http:https://{authority}/sdk");
+    let with = |trust: Option<gve::tls::ClientTls>| {
+        let mut g = Grants {
+            http: vec![authority.clone()],
+            ..Default::default()
+        };
+        if let Some(t) = trust {
+            g.tls.insert(authority.clone(), t);
+        }
+        g
+    };
+    let pin = |f: &str| gve::tls::ClientTls {
+        fingerprint: Some(f.to_string()),
+        ..Default::default()
+    };
+    let b = bench(hostile(with(None))).await;
+    let err = b.hostile.get_vm(&url).await.unwrap_err();
+    assert!(format!("{err}").to_lowercase().contains("tls"), "{err}");
+    assert_eq!(answered.load(Ordering::SeqCst), 0, "a request went out");
+    b.aftermath().await;
+    drop(b); // it holds the bench lock
+    let b = bench(hostile(with(Some(pin(&fp))))).await;
+    assert_eq!(b.hostile.get_vm(&url).await.unwrap().name, "200");
+    assert_eq!(answered.load(Ordering::SeqCst), 1);
+    b.aftermath().await;
+    drop(b); // it holds the bench lock
+
+    let wrong = "ab".repeat(32);
+    let b = bench(hostile(with(Some(pin(&wrong))))).await;
+    let err = b.hostile.get_vm(&url).await.unwrap_err();
+    assert!(format!("{err}").to_lowercase().contains("tls"), "{err}");
+    assert_eq!(answered.load(Ordering::SeqCst), 1, "a request went out");
+    b.aftermath().await;
+    drop(b); // it holds the bench lock
+
+    let ca = gve::tls::ClientTls {
+        ca: Some(cert),
+        ..Default::default()
+    };
+    let b = bench(hostile(with(Some(ca)))).await;
+    assert_eq!(b.hostile.get_vm(&url).await.unwrap().name, "200");
+    assert_eq!(answered.load(Ordering::SeqCst), 2);
+    b.aftermath().await;
+    drop(b); // it holds the bench lock
+
+    // Configuration errors fail the load and say why.
+    let mut stray = with(None);
+    stray.tls.insert("10.0.0.1:443".into(), pin(&fp));
+    let mut missing_ca = with(None);
+    missing_ca.tls.insert(
+        authority.clone(),
+        gve::tls::ClientTls {
+            ca: Some("/no/such/ca.pem".into()),
+            ..Default::default()
+        },
+    );
+    for (grants, says) in [
+        (stray, "not in the http grants"),
+        (missing_ca, "/no/such/ca.pem"),
+    ] {
+        let (host, _d) = crate::support::host();
+        let e = host.load(hostile(grants)).await.unwrap_err();
+        assert!(matches!(e, PluginError::Config(_)), "{e}");
+        assert!(e.to_string().contains(says), "{e}");
+    }
 }

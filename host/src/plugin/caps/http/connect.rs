@@ -154,7 +154,8 @@ async fn connect(
         Ok(ip) => rustls::pki_types::ServerName::from(ip),
         Err(_) => rustls::pki_types::ServerName::try_from(bare.to_string())?,
     };
-    let tls = tokio_rustls::TlsConnector::from(tls_config());
+    let config = target.trust.clone().unwrap_or_else(tls_config);
+    let tls = tokio_rustls::TlsConnector::from(config);
     match tokio::time::timeout(t, tls.connect(name, stream)).await {
         Ok(Ok(s)) => Ok(Box::new(s)),
         Ok(Err(e)) => Err(HttpError::Tls(e)),
@@ -279,6 +280,7 @@ mod tests {
             host: host.into(),
             port,
             tls: false,
+            trust: None,
         }
     }
 

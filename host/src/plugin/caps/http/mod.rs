@@ -17,6 +17,7 @@
 
 pub mod connect;
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -53,6 +54,9 @@ pub struct Target {
     pub port: u16,
     /// Whether it is `https`.
     pub tls: bool,
+    /// How its TLS server is verified when the operator said so (else the public
+    /// web roots).
+    pub trust: Option<Arc<rustls::ClientConfig>>,
 }
 
 /// The allow-list and budgets lent to one plugin instance.
@@ -60,6 +64,7 @@ pub struct Target {
 pub struct HttpPolicy {
     plugin: Arc<str>,
     allowed: Arc<Vec<String>>,
+    trust: Arc<BTreeMap<String, Arc<rustls::ClientConfig>>>,
     pins: Arc<connect::Pins>,
     max_timeout: Duration,
     max_in_flight: usize,
@@ -77,17 +82,20 @@ impl Drop for InFlight {
 }
 
 impl HttpPolicy {
-    /// A policy allowing exactly `allowed` (lower-case `host:port`), shared by the
-    /// instances of one plugin version.
+    /// A policy allowing exactly `allowed` (lower-case `host:port`), verifying TLS
+    /// servers by `trust` where it names the authority, shared by the instances of
+    /// one plugin version.
     pub fn new(
         plugin: Arc<str>,
         allowed: Vec<String>,
+        trust: BTreeMap<String, Arc<rustls::ClientConfig>>,
         max_timeout: Duration,
         max_in_flight: u32,
     ) -> HttpPolicy {
         HttpPolicy {
             plugin,
             allowed: Arc::new(allowed),
+            trust: Arc::new(trust),
             pins: Arc::default(),
             max_timeout,
             max_in_flight: max_in_flight as usize,
@@ -128,6 +136,7 @@ impl HttpPolicy {
             return Err("authority not granted");
         }
         Ok(Target {
+            trust: self.trust.get(&key).cloned(),
             authority: key,
             host,
             port,
@@ -264,6 +273,7 @@ mod tests {
         HttpPolicy::new(
             "t".into(),
             allowed.iter().map(|s| s.to_string()).collect(),
+            BTreeMap::new(),
             Duration::from_secs(5),
             4,
         )
@@ -305,7 +315,13 @@ mod tests {
 
     #[test]
     fn connect_timeouts_are_capped_below_the_budget() {
-        let p = HttpPolicy::new("t".into(), vec![], Duration::from_secs(60), 4);
+        let p = HttpPolicy::new(
+            "t".into(),
+            vec![],
+            BTreeMap::new(),
+            Duration::from_secs(60),
+            4,
+        );
         let t = p.timeouts(Some(RequestOptions {
             connect_timeout: Some(Duration::from_secs(600)),
             first_byte_timeout: None,

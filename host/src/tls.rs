@@ -1,5 +1,6 @@
-//! TLS (rustls, ring) for the site, the agents and the CLI. A server presents a
-//! certificate from PEM files; a client verifies the server by a pinned SHA-256
+//! TLS (rustls, ring) for the site, the agents, the CLI and plugins' outgoing HTTP.
+//! A server presents a certificate from PEM files; a client verifies the server by a
+//! pinned SHA-256
 //! fingerprint of its certificate (self-signed certificates, as `gve up` makes)
 //! or by a CA; mutual TLS is a server's list of client certificate fingerprints it
 //! accepts, each client presenting its own certificate.
