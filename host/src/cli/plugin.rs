@@ -260,6 +260,15 @@ async fn act(args: &PluginArgs) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// What a plugin exports, as the tables show it.
+fn exports(p: &PluginSummary) -> &'static str {
+    match (p.driver, p.guest) {
+        (true, true) => "driver+guest",
+        (true, false) => "driver",
+        _ => "guest",
+    }
+}
+
 fn print(out: Output, plugins: &[PluginSummary]) {
     match out {
         Output::Json => output::json(plugins),
@@ -267,16 +276,11 @@ fn print(out: Output, plugins: &[PluginSummary]) {
             let rows: Vec<Vec<String>> = plugins
                 .iter()
                 .map(|p| {
-                    let exports = match (p.driver, p.guest) {
-                        (true, true) => "driver+guest",
-                        (true, false) => "driver",
-                        _ => "guest",
-                    };
                     vec![
                         p.name.clone(),
                         p.version.clone(),
                         p.contract.clone(),
-                        exports.to_string(),
+                        exports(p).to_string(),
                         p.hypervisor_kind.clone().unwrap_or_else(|| "-".into()),
                         p.origin.clone(),
                         p.sha256[..12.min(p.sha256.len())].to_string(),
@@ -315,11 +319,7 @@ impl Inspection {
     /// The human form.
     pub fn text(&self) -> String {
         let p = &self.plugin;
-        let exports = match (p.driver, p.guest) {
-            (true, true) => "driver, guest",
-            (true, false) => "driver",
-            _ => "guest",
-        };
+        let exports = exports(p);
         let caps = if p.capabilities.is_empty() {
             "(none)".to_string()
         } else {
