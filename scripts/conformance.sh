@@ -7,8 +7,11 @@
 # Targets:
 #   memory  the SDK's example, in-process (a second endpoint, template alpine-3);
 #   kvm     real QEMU guests (TCG) under two private libvirtd (gve-lab kvm), guest
-#           operations through guest-install, template tiny, migration between them.
-# Reports go to target/conformance/<driver>/.
+#           operations through guest-install, template tiny, migration between them;
+#   vmware-esx  the project's vSphere API simulator (harness/vsphere-sim), twice: a
+#           vCenter inventory (relocation to another host) and a standalone ESXi
+#           host; TLS pinned to the simulator's certificate, native guest operations.
+# Reports go to target/conformance/<name>/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 check=""
@@ -16,23 +19,52 @@ check=""
 target_dir="${CARGO_TARGET_DIR:-target}"
 cargo build --release --locked -p gve-conformance -p gve-harness
 bash scripts/build-plugins.sh >/dev/null
+sim=$(bash scripts/harness/build-vsphere-sim.sh | tail -n 1)
 bin="$target_dir/release/gve-conformance"
 plugins="$target_dir/plugins"
 out="$target_dir/conformance"
 rm -rf "$out"
 mkdir -p "$out"
 
-# One driver: its run's summary goes to the log; a failed case fails the script.
-prove() {
-    local driver=$1
-    shift
-    echo "conformance: $driver"
-    if ! "$bin" run --plugin "$plugins/$driver" --report "$out/$driver" "$@" >"$out/$driver.log" 2>&1; then
-        cat "$out/$driver.log" >&2
-        echo "conformance: $driver failed (report in $out/$driver/)" >&2
+# One run, reported as NAME, of the driver whose bundle is named DRIVER: its summary
+# goes to the log; a failed case fails the script.
+prove_as() {
+    local name=$1 driver=$2
+    shift 2
+    echo "conformance: $name"
+    if ! "$bin" run --plugin "$plugins/$driver" --report "$out/$name" "$@" >"$out/$name.log" 2>&1; then
+        cat "$out/$name.log" >&2
+        echo "conformance: $name failed (report in $out/$name/)" >&2
         exit 1
     fi
-    tail -n 1 "$out/$driver.log"
+    tail -n 1 "$out/$name.log"
+}
+prove() { prove_as "$1" "$@"; }
+
+# vmware-esx on a simulator started with ARGS, held on fd 4 (it ends when the fd
+# closes); reported as NAME with LABEL.
+prove_vsphere() {
+    local name=$1 label=$2
+    shift 2
+    local env_file="$out/$name-sim.env" args=() i
+    IFS=' ' read -r -a args <<<"$1"
+    shift
+    exec 4> >(exec "$sim" "${args[@]}" -template gve-tiny >"$env_file" 2>"$out/$name-sim.log")
+    for i in $(seq 1 100); do
+        grep -q '^GVE_VSPHERE_READY=1' "$env_file" 2>/dev/null && break
+        sleep 0.2
+    done
+    grep -q '^GVE_VSPHERE_READY=1' "$env_file" || { cat "$out/$name-sim.log" >&2; exit 1; }
+    local url authority thumb
+    url=$(sed -n 's/^GVE_VSPHERE_URL=//p' "$env_file")
+    authority=$(sed -n 's/^GVE_VSPHERE_AUTHORITY=//p' "$env_file")
+    thumb=$(sed -n 's/^GVE_VSPHERE_THUMBPRINT=//p' "$env_file")
+    GVE_CONFORMANCE_PASSWORD=gve-secret prove_as "$name" vmware-esx --label "$label" \
+        --endpoint "$url" --username gve \
+        --grant-http "$authority" --grant-tls "$authority=sha256:$thumb" \
+        --config guest-username=root --config guest-password=guest-secret \
+        --template gve-tiny --linked-source gve-tiny "$@"
+    exec 4>&-
 }
 
 prove memory --endpoint memory:conformance --second-host memory:conformance-b \
@@ -67,6 +99,11 @@ prove kvm --endpoint "$GVE_LAB_URI_1" --second-host "$GVE_LAB_MIGRATE_2" --templ
 end_lab
 trap - EXIT
 
-"$bin" matrix "$out"/memory/report.json "$out"/kvm/report.json --out docs/support-matrix.md $check
+prove_vsphere vmware-esx-vcenter vCenter "" --destination-host DC0_H0
+prove_vsphere vmware-esx-esxi ESXi "-esx"
+
+"$bin" matrix "$out"/memory/report.json "$out"/kvm/report.json \
+    "$out"/vmware-esx-vcenter/report.json "$out"/vmware-esx-esxi/report.json \
+    --out docs/support-matrix.md $check
 if [ -n "$check" ]; then state="is current"; else state="written"; fi
-echo "conformance: memory and kvm proven; docs/support-matrix.md $state"
+echo "conformance: memory, kvm and vmware-esx (vCenter, ESXi) proven; docs/support-matrix.md $state"

@@ -52,4 +52,6 @@ echo "setup: building plugin components"
 bash scripts/build-plugins.sh
 echo "setup: building the tiny test guest"
 bash scripts/harness/build-guest.sh
+echo "setup: building the vSphere API simulator (harness/vsphere-sim)"
+bash scripts/harness/build-vsphere-sim.sh >/dev/null
 echo "setup: done. The binary is target/release/gve; plugin bundles are in target/plugins/."

@@ -10,7 +10,7 @@ cargo clippy --release --locked -p gve -p gve-harness -p gve-conformance --all-t
 echo "test: clippy (plugins, wasm32-wasip2)"
 bash scripts/build-plugins.sh --clippy
 echo "test: SDK and plugin unit tests (native)"
-cargo test --locked -p gve-sdk -p gve-plugin-guest-install
+cargo test --locked -p gve-sdk -p gve-plugin-guest-install -p gve-plugin-vmware-esx
 echo "test: host unit and integration tests"
 cargo test --release --locked -p gve
 echo "test: conformance suite (library, CLI, the memory example as its specification)"

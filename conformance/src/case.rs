@@ -106,7 +106,7 @@ impl Need {
                 gve::plugin::contract::capability_names(*absent).join(", ")
             )),
             Need::SecondHost(_) if !has.second_host => {
-                Some("needs a second host (--second-host)".into())
+                Some("needs a second host (--second-host or --destination-host)".into())
             }
             Need::Template(_) if !has.template => Some("needs a template (--template)".into()),
             Need::Guest(_) if !has.guest => Some(

@@ -99,6 +99,11 @@ pub struct Ctx {
     /// the target's guest plugin's; `None` when neither is there, an error when
     /// the provider's session did not open (the guest cases then fail with it).
     pub guest: Option<Result<GuestSession, String>>,
+    /// The second host is a host of the target's own endpoint (`second` holds the
+    /// target's session): a migrated VM keeps its id and reads back on it.
+    pub destination_host: bool,
+    /// A VM or template the target has ready for linked clones.
+    pub linked_source: Option<String>,
     made: Mutex<Vec<(Side, String)>>,
 }
 
@@ -120,6 +125,8 @@ impl Ctx {
             template,
             settle,
             guest: None,
+            destination_host: false,
+            linked_source: None,
             made: Mutex::new(Vec::new()),
         }
     }
@@ -127,6 +134,18 @@ impl Ctx {
     /// The same context with guest operations through `guest`.
     pub fn with_guest(mut self, guest: Option<Result<GuestSession, String>>) -> Ctx {
         self.guest = guest;
+        self
+    }
+
+    /// The same context with the second host behind the target's own endpoint.
+    pub fn with_destination_host(mut self, within: bool) -> Ctx {
+        self.destination_host = within;
+        self
+    }
+
+    /// The same context with a source for linked clones.
+    pub fn with_linked_source(mut self, source: Option<String>) -> Ctx {
+        self.linked_source = source;
         self
     }
 

@@ -4,7 +4,7 @@
 //! gve-conformance run --plugin BUNDLE --endpoint URI [--grant-http H:P]... [--grant-tls H:P=sha256:HEX]...
 //!     [--grant-libvirt URI]...
 //!     [--grant-dir HOST=GUEST[:rw]]... [--config K=V]... [--username U --password P | --token T]
-//!     [--second-host DEST] [--template T] [--guest-plugin BUNDLE] [--run REGEX] [--report DIR]
+//!     [--second-host DEST | --destination-host HOST] [--template T] [--linked-source VM] [--guest-plugin BUNDLE] [--run REGEX] [--report DIR]
 //! gve-conformance list
 //! gve-conformance matrix REPORT.json... [--out FILE] [--check]
 //! ```
@@ -85,8 +85,17 @@ struct RunArgs {
     #[arg(long, env = "GVE_CONFORMANCE_TOKEN", hide_env_values = true)]
     token: Option<String>,
     /// A second host to migrate to.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "destination_host")]
     second_host: Option<String>,
+    /// A host of the same endpoint to migrate to (vSphere: a host id or name).
+    #[arg(long)]
+    destination_host: Option<String>,
+    /// A label for the target in the report and the support matrix (e.g. `vCenter`).
+    #[arg(long)]
+    label: Option<String>,
+    /// A VM or template ready for linked clones (vSphere: one with a snapshot).
+    #[arg(long)]
+    linked_source: Option<String>,
     /// A template to create and clone from.
     #[arg(long)]
     template: Option<String>,
@@ -180,7 +189,10 @@ async fn run_cmd(a: RunArgs) -> ExitCode {
         grants,
         limits,
         second_host: a.second_host,
+        destination_host: a.destination_host,
         template: a.template,
+        linked_source: a.linked_source,
+        label: a.label,
         guest_plugin: a.guest_plugin,
     };
     let options = Options {

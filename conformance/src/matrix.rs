@@ -86,7 +86,7 @@ pub fn markdown(reports: &[Report]) -> String {
     );
     let _ = write!(out, "| capability |");
     for r in reports {
-        let _ = write!(out, " {} {} |", r.driver, r.version);
+        let _ = write!(out, " {} |", r.title());
     }
     out.push_str("\n|---|");
     for _ in reports {
@@ -109,8 +109,10 @@ pub fn markdown(reports: &[Report]) -> String {
         };
         let _ = writeln!(
             out,
-            "- **{} {}** ({}): {}{guest}; {p} passed, {f} failed, {s} skipped.",
-            r.driver, r.version, r.hypervisor_kind, r.proven_against
+            "- **{}** ({}): {}{guest}; {p} passed, {f} failed, {s} skipped.",
+            r.title(),
+            r.hypervisor_kind,
+            r.proven_against
         );
     }
     out

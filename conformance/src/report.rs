@@ -61,6 +61,10 @@ pub struct Report {
     /// guest operations.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guest_plugin: Option<String>,
+    /// The target's label, when one driver is proven on several kinds of target
+    /// (`vCenter`, `ESXi`): the matrix shows a column per label.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
     /// The run's id (in the names of what it made).
     pub run: String,
     /// When it finished, Unix ms.
@@ -75,6 +79,14 @@ pub struct Report {
 }
 
 impl Report {
+    /// The driver's name and version, and the target's label if any.
+    pub fn title(&self) -> String {
+        match &self.label {
+            Some(l) => format!("{} {} ({l})", self.driver, self.version),
+            None => format!("{} {}", self.driver, self.version),
+        }
+    }
+
     /// An empty report for a loaded driver.
     pub fn new(summary: &PluginSummary, info: &DriverInfo, endpoint: &str) -> Report {
         Report {
@@ -85,6 +97,7 @@ impl Report {
             endpoint: endpoint.into(),
             proven_against: String::new(),
             guest_plugin: None,
+            label: None,
             run: String::new(),
             finished: 0,
             notes: Vec::new(),

@@ -29,8 +29,17 @@ pub struct Target {
     pub limits: Limits,
     /// A second host to migrate to (a destination the driver understands).
     pub second_host: Option<String>,
+    /// A host of the same endpoint to migrate to, for drivers whose destinations
+    /// are hosts behind one endpoint (vSphere): the VM keeps its id and session and
+    /// reads back on that host. Used instead of `second_host`.
+    pub destination_host: Option<String>,
     /// A template to create and clone from.
     pub template: Option<String>,
+    /// A VM or template ready for linked clones (vSphere links to the source's
+    /// current snapshot); without it the linked-clone case clones a VM it creates.
+    pub linked_source: Option<String>,
+    /// A label for the target in the report and the matrix (`vCenter`, `ESXi`).
+    pub label: Option<String>,
     /// A guest plugin (such as guest-install) for the guest cases of a driver
     /// without native guest operations: its bundle directory. It is granted the
     /// guest channel, routed to the driver's sessions as the agent routes it.
@@ -144,6 +153,7 @@ async fn run_with(
     let summary = host.get(name).map_err(RunError::Load)?;
     let info = host.driver_info(name).await.map_err(RunError::Load)?;
     let mut report = Report::new(&summary, &info, &target.endpoint);
+    report.label = target.label.clone();
     let open = |endpoint: String| {
         let host = host.clone();
         let (name, creds) = (summary.name.clone(), target.credentials.clone());
@@ -172,8 +182,9 @@ async fn run_with(
             h.hypervisor_kind, h.hypervisor_version, h.platform
         );
     }
-    let second = match &target.second_host {
-        Some(dest) => match open(dest.clone()).await {
+    let second = match (&target.destination_host, &target.second_host) {
+        (Some(dest), _) => Some((dest.clone(), driver.clone())),
+        (None, Some(dest)) => match open(dest.clone()).await {
             Ok(s) => Some((dest.clone(), s)),
             Err(e) => {
                 report
@@ -182,14 +193,14 @@ async fn run_with(
                 None
             }
         },
-        None => None,
+        (None, None) => None,
     };
     // Guest operations: the driver's own, or the guest plugin's through the router.
     let guest_provider = if info.capabilities.contains(Capabilities::GUEST_NATIVE) {
         Some(summary.name.clone())
     } else if let Some(g) = &guest_plugin {
         g.router.insert(driver.clone());
-        if let Some((_, s)) = &second {
+        if let (Some((_, s)), None) = (&second, &target.destination_host) {
             g.router.insert(s.clone());
         }
         report.guest_plugin = Some(g.name.clone());
@@ -217,7 +228,9 @@ async fn run_with(
         target.template.clone(),
         options.settle,
     )
-    .with_guest(guest);
+    .with_guest(guest)
+    .with_destination_host(target.destination_host.is_some())
+    .with_linked_source(target.linked_source.clone());
     report.run = ctx.run.clone();
     let has = Has {
         second_host: ctx.second.is_some(),

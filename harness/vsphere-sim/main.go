@@ -103,9 +103,9 @@ var state = &guestState{vms: map[string]*guestVM{}, transfers: map[string]*trans
 
 // config is the parsed command line.
 type config struct {
-	listen, user, password, cert, key, delays string
-	esx, tls, trace                           bool
-	model                                     *simulator.Model
+	listen, user, password, cert, key, delays, template string
+	esx, tls, trace                                     bool
+	model                                               *simulator.Model
 }
 
 // parseFlags reads the command line; sizes default to the simulator's vCenter model.
@@ -129,6 +129,7 @@ func parseFlags() *config {
 	flag.StringVar(&c.key, "key", "", "PEM private key file for -cert")
 	flag.StringVar(&c.delays, "method-delay", "", "NAME=MS,... delay of the named SOAP methods")
 	flag.BoolVar(&c.trace, "trace", false, "write SOAP traffic to stderr")
+	flag.StringVar(&c.template, "template", "", "make a template of this name (a snapshotted copy of the first VM)")
 	flag.Parse()
 	if flag.NArg() > 0 {
 		fail(2, "unexpected argument %q", flag.Arg(0))
@@ -212,6 +213,13 @@ func main() {
 				fail(2, "loading -cert/-key: %v", err)
 			}
 			m.Service.TLS.Certificates = []tls.Certificate{pair}
+		} else {
+			pair, err := selfSigned()
+			if err != nil {
+				m.Remove()
+				fail(1, "making a certificate: %v", err)
+			}
+			m.Service.TLS.Certificates = []tls.Certificate{pair}
 		}
 	}
 	m.Service.ServeMux = http.NewServeMux()
@@ -225,6 +233,13 @@ func main() {
 		thumb = hex.EncodeToString(sum[:])
 	}
 	host := server.URL.Host
+	if c.template != "" {
+		if err := makeTemplate(server.URL, c.template); err != nil {
+			server.Close()
+			m.Remove()
+			fail(1, "-template %s: %v", c.template, err)
+		}
+	}
 	state.mu.Lock()
 	state.baseURL = scheme + "://" + host
 	state.mu.Unlock()

@@ -104,8 +104,11 @@ fn clone_copies(ctx: &Ctx) -> CheckFuture<'_> {
 
 fn linked_clone(ctx: &Ctx) -> CheckFuture<'_> {
     Box::pin(async move {
-        let src = ctx.create("linked-src").await?;
-        check_clone(ctx, &src.id, "linked", true).await
+        let src = match &ctx.linked_source {
+            Some(s) => s.clone(),
+            None => ctx.create("linked-src").await?.id,
+        };
+        check_clone(ctx, &src, "linked", true).await
     })
 }
 

@@ -59,6 +59,19 @@ async fn moved(ctx: &Ctx, what: &str, live: bool) -> Result<(), crate::Failure> 
             there.name, vm.name
         )
     })?;
+    if ctx.destination_host {
+        // A host behind the same endpoint: the VM keeps its id and reads back there.
+        let again = must(
+            &format!("get-vm {} after migrating", vm.id),
+            ctx.driver.get_vm(&vm.id).await,
+        )?;
+        return ensure(again.host == *dest && again.host != vm.host, || {
+            format!(
+                "after migrating to {dest}, {} reads back on host {:?} (it was on {:?})",
+                vm.id, again.host, vm.host
+            )
+        });
+    }
     must_fail(
         &format!("get-vm {} on the source after migrating", vm.id),
         ErrorKind::NotFound,

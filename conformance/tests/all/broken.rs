@@ -21,6 +21,9 @@ async fn with_defect(defect: &str) -> Report {
             ..Default::default()
         },
         second_host: None,
+        destination_host: None,
+        linked_source: None,
+        label: None,
         template: None,
         guest_plugin: None,
     };

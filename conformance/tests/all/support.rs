@@ -30,6 +30,9 @@ pub fn memory_target() -> Target {
         grants: Grants::default(),
         limits: Limits::default(),
         second_host: Some(format!("memory:conformance-{id}-b")),
+        destination_host: None,
+        linked_source: None,
+        label: None,
         template: Some("alpine-3".into()),
         guest_plugin: None,
     }
