@@ -79,9 +79,14 @@ pub fn fingerprint(der: &[u8]) -> String {
     hex::encode(Sha256::digest(der))
 }
 
-/// `f` normalized (lower-case, `:` removed), or why it is no fingerprint.
+/// `f` normalized (an optional `sha256:` prefix dropped, lower-case, `:` removed),
+/// or why it is no fingerprint.
 pub fn normalize_fingerprint(f: &str) -> Result<String, TlsError> {
-    let n: String = f
+    let bare = f
+        .get(..7)
+        .filter(|p| p.eq_ignore_ascii_case("sha256:"))
+        .map_or(f, |_| &f[7..]);
+    let n: String = bare
         .chars()
         .filter(|c| *c != ':')
         .collect::<String>()
@@ -203,10 +208,16 @@ impl ServerCertVerifier for PinnedServer {
         if got == self.pin {
             Ok(ServerCertVerified::assertion())
         } else {
-            Err(rustls::Error::General(format!(
-                "the server's certificate has fingerprint {got}, not the pinned {}",
-                self.pin
-            )))
+            // A certificate error (not a general one), so callers can tell an
+            // untrusted server from a broken handshake.
+            Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::Other(rustls::OtherError(std::sync::Arc::new(
+                    PinMismatch {
+                        got,
+                        pin: self.pin.clone(),
+                    },
+                ))),
+            ))
         }
     }
 
@@ -336,4 +347,41 @@ pub fn self_signed(
     }
     let f = file_fingerprint(&cert)?;
     Ok((cert, key, f))
+}
+
+/// A server certificate that is not the pinned one.
+#[derive(thiserror::Error)]
+#[error("the server's certificate has fingerprint {got}, not the pinned {pin}")]
+struct PinMismatch {
+    got: String,
+    pin: String,
+}
+
+// rustls shows the cause of a certificate error with `Debug`: say it in words.
+impl std::fmt::Debug for PinMismatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fingerprints_are_taken_in_the_usual_spellings() {
+        let hex = "ab".repeat(32);
+        let colons = vec!["AB"; 32].join(":");
+        for f in [
+            hex.clone(),
+            colons.clone(),
+            format!("sha256:{hex}"),
+            format!("SHA256:{colons}"),
+        ] {
+            assert_eq!(normalize_fingerprint(&f).unwrap(), hex, "{f}");
+        }
+        for bad in ["", "sha256:", "sha1:abcd", &hex[..62], &format!("{hex}00")] {
+            assert!(normalize_fingerprint(bad).is_err(), "{bad}");
+        }
+    }
 }

@@ -12,8 +12,9 @@
 //! # Ok(()) }
 //! ```
 //!
-//! Errors follow the contract: a request the host's policy refuses is
-//! [`Error::Denied`] naming the URL; refused, unreachable or timed-out connections and
+//! Errors follow the contract: a request the host's policy refuses, or to a TLS
+//! server whose certificate the host does not trust, is [`Error::Denied`] naming the
+//! URL; refused, unreachable or timed-out connections and
 //! DNS failures are [`Error::Unavailable`]; a response that does not arrive in time is
 //! [`Error::Timeout`]; anything else is [`Error::Backend`].
 
@@ -274,6 +275,10 @@ pub fn map_error(url: &str, code: ErrorCode) -> Error {
         | C::ConnectionLimitReached => {
             Error::unavailable(format!("HTTP request to {url}: cannot connect ({code:?})"))
         }
+        C::TlsCertificateError => Error::denied(format!(
+            "HTTP request to {url}: the server's TLS certificate is not trusted (not the pinned \
+             certificate, or not signed by the granted CA or a public root); nothing was sent"
+        )),
         C::HttpResponseTimeout => {
             Error::timeout(format!("HTTP request to {url}: no response in time"))
         }

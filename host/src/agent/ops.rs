@@ -72,6 +72,9 @@ pub enum Outcome {
     Vm(Vm),
     /// The VM is gone.
     Removed,
+    /// The VM was migrated to a destination behind another endpoint: as it is
+    /// there, and no longer this agent's.
+    MovedAway(Vm),
     /// A guest operation's output; the VM's record is kept.
     Output(OpOutput),
 }
@@ -165,7 +168,19 @@ async fn driver_call(
         OpParams::Shutdown { force } => driver.shutdown(vm, *force).await?,
         OpParams::Suspend => driver.suspend(vm).await?,
         OpParams::Resume => driver.resume(vm).await?,
-        OpParams::Migrate { destination, live } => driver.migrate(vm, destination, *live).await?,
+        OpParams::Migrate { destination, live } => {
+            let moved = driver.migrate(vm, destination, *live).await?;
+            // The hypervisor says where it is: still found through this session
+            // (a host behind the same endpoint, as with vSphere) it stays here.
+            return match driver.get_vm(&moved.id).await {
+                Ok(here) => Ok(Outcome::Vm(here.into())),
+                Err(e) if e.kind() == ErrorKind::NotFound => Ok(Outcome::MovedAway(moved.into())),
+                Err(e) => {
+                    tracing::warn!(vm, "after migrating, reading it back failed: {e}");
+                    Ok(Outcome::MovedAway(moved.into()))
+                }
+            };
+        }
         OpParams::Destroy => {
             driver.destroy(vm).await?;
             return Ok(Outcome::Removed);
@@ -258,9 +273,7 @@ impl AgentCore {
         self.registry.write(|t| {
             // Read the VM's record in the same transaction that replaces it.
             let previous = t.vm(&op.vm)?;
-            if matches!(outcome, Ok(Outcome::Removed))
-                || (op.kind == OpKind::Migrate && outcome.is_ok())
-            {
+            if matches!(outcome, Ok(Outcome::Removed | Outcome::MovedAway(_))) {
                 if let Some(p) = &previous {
                     self.removed
                         .lock()
@@ -269,28 +282,38 @@ impl AgentCore {
                 }
             }
             match &outcome {
+                Ok(Outcome::MovedAway(vm)) => {
+                    op.state = OpState::Succeeded;
+                    op.result = Some(vm.clone());
+                    t.remove_vm(&op.vm)?;
+                    t.event("vm-migrated", &op.vm, json!({ "to": vm.host, "away": true }))?;
+                }
                 Ok(Outcome::Vm(vm)) => {
                     op.state = OpState::Succeeded;
                     op.result = Some(vm.clone());
-                    let migrated_away = op.kind == OpKind::Migrate;
-                    if migrated_away {
-                        t.remove_vm(&op.vm)?;
-                        t.event("vm-migrated", &op.vm, json!({ "to": vm.host }))?;
-                    } else {
-                        // A clone or create is a new VM; everything else keeps the allocation.
-                        let allocation = match (&previous, op.kind) {
-                            (Some(p), OpKind::Start | OpKind::Shutdown | OpKind::Suspend | OpKind::Resume) => {
-                                p.allocation.clone()
-                            }
-                            _ => Allocation::Free,
-                        };
-                        let provisioned = match (&previous, op.kind) {
-                            (Some(p), OpKind::Create | OpKind::Clone) if p.vm.id != vm.id => Default::default(),
-                            (Some(p), _) => p.provisioned.clone(),
-                            (None, _) => Default::default(),
-                        };
-                        t.put_vm(&VmRecord { vm: vm.clone(), allocation, seen_ms: now_ms(), provisioned })?;
+                    if op.kind == OpKind::Migrate {
+                        t.event("vm-migrated", &op.vm, json!({ "to": vm.host, "away": false }))?;
                     }
+                    // A clone or create is a new VM; everything else keeps the allocation.
+                    let allocation = match (&previous, op.kind) {
+                        (
+                            Some(p),
+                            OpKind::Start
+                            | OpKind::Shutdown
+                            | OpKind::Suspend
+                            | OpKind::Resume
+                            | OpKind::Migrate,
+                        ) => {
+                            p.allocation.clone()
+                        }
+                        _ => Allocation::Free,
+                    };
+                    let provisioned = match (&previous, op.kind) {
+                        (Some(p), OpKind::Create | OpKind::Clone) if p.vm.id != vm.id => Default::default(),
+                        (Some(p), _) => p.provisioned.clone(),
+                        (None, _) => Default::default(),
+                    };
+                    t.put_vm(&VmRecord { vm: vm.clone(), allocation, seen_ms: now_ms(), provisioned })?;
                 }
                 Ok(Outcome::Removed) => {
                     op.state = OpState::Succeeded;

@@ -17,3 +17,4 @@ mod support;
 mod tenancy;
 mod tls;
 mod up;
+mod vmware;

@@ -158,8 +158,37 @@ async fn connect(
     let tls = tokio_rustls::TlsConnector::from(config);
     match tokio::time::timeout(t, tls.connect(name, stream)).await {
         Ok(Ok(s)) => Ok(Box::new(s)),
-        Ok(Err(e)) => Err(HttpError::Tls(e)),
+        Ok(Err(e)) => Err(tls_error(&target.authority, e)),
         Err(_) => Err(HttpError::ConnectionTimeout),
+    }
+}
+
+/// A failed TLS handshake as the plugin sees it: a server whose certificate fails
+/// verification is `TLS-certificate-error` (the plugin can say "not trusted"), an
+/// alert from the server `TLS-alert-received`, anything else the I/O error. The
+/// reason is logged for the operator: the plugin only gets the code.
+fn tls_error(authority: &str, e: std::io::Error) -> HttpError {
+    let reason = e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>());
+    match reason {
+        Some(
+            r @ (rustls::Error::InvalidCertificate(_) | rustls::Error::NoCertificatesPresented),
+        ) => {
+            tracing::warn!(authority, "TLS server not trusted: {r}");
+            HttpError::TlsCertificateError
+        }
+        Some(rustls::Error::AlertReceived(a)) => {
+            tracing::warn!(authority, "TLS server sent an alert: {a:?}");
+            HttpError::TlsAlertReceived {
+                alert_id: None,
+                alert_message: Some(format!("{a:?}")),
+            }
+        }
+        _ => {
+            tracing::warn!(authority, "TLS handshake failed: {e}");
+            HttpError::Tls(e)
+        }
     }
 }
 
@@ -202,7 +231,7 @@ pub async fn send<G: Send + 'static>(
     drop(sender);
     let response = response
         .map_err(|_| HttpError::ConnectionReadTimeout)?
-        .map_err(HttpError::from)?;
+        .map_err(hyper_error)?;
     let between = t.between_bytes.max(Duration::from_millis(1));
     let response = response.map(|incoming| {
         use http_body_util::BodyExt;
@@ -220,12 +249,28 @@ pub async fn send<G: Send + 'static>(
             None => conn.await,
         };
         match ended {
-            Err(e) if e.is_timeout() => Err(HttpError::HttpResponseTimeout),
-            Err(e) => Err(e.into()),
+            Err(e) => Err(hyper_error(e)),
             Ok(()) => Ok(()),
         }
     });
     Ok((response, io))
+}
+
+/// A hyper error as the plugin sees it: a server that closes the connection before
+/// its answer is complete (it died, or was restarted) is `connection-terminated`,
+/// which plugins treat as the server being unavailable, not as a protocol error.
+fn hyper_error(e: hyper::Error) -> HttpError {
+    if e.is_timeout() {
+        HttpError::HttpResponseTimeout
+    } else if e.is_incomplete_message()
+        || e.is_canceled()
+        || e.is_closed()
+        || std::error::Error::source(&e).is_some_and(|s| s.is::<std::io::Error>())
+    {
+        HttpError::ConnectionTerminated
+    } else {
+        e.into()
+    }
 }
 
 /// A response body that fails when no chunk arrives for `between`.
@@ -249,10 +294,7 @@ impl Body for TimedBody {
                 self.timer.as_mut().reset(next);
                 Poll::Ready(Some(Ok(frame)))
             }
-            Poll::Ready(Some(Err(e))) if e.is_timeout() => {
-                Poll::Ready(Some(Err(HttpError::HttpResponseTimeout)))
-            }
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(hyper_error(e)))),
             Poll::Ready(None) => Poll::Ready(None),
             Poll::Pending => match self.timer.as_mut().poll(cx) {
                 Poll::Ready(()) => Poll::Ready(Some(Err(HttpError::ConnectionReadTimeout))),

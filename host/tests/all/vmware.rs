@@ -1,0 +1,322 @@
+//! The vmware-esx driver through the agent's HTTP API, on the project's vSphere API
+//! simulator (`harness/vsphere-sim`): a vCenter inventory and a standalone ESXi host,
+//! TLS pinned to the simulator's certificate, native guest operations.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use gve::agent::config::DriverConfig;
+use gve::agent::model::{OpState, Vm, VmRecord, VmState};
+use gve::agent::{Agent, AgentConfig};
+use gve::api::client::Client;
+use gve::plugin::{Grants, Limits, PluginSpec};
+use gve_harness::vsphere::{self, VsphereSim};
+use serde_json::json;
+
+use crate::agent::{post, run_op, wait_op, TOKEN};
+use crate::guest::{copy_in, copy_out, exec, text};
+use crate::support::bundle;
+
+/// The driver's spec for `sim`: its authority granted, TLS pinned to `pin`.
+pub fn esx_spec(sim: &VsphereSim, pin: &str) -> PluginSpec {
+    let mut grants = Grants {
+        http: vec![sim.authority.clone()],
+        ..Default::default()
+    };
+    grants.tls.insert(
+        sim.authority.clone(),
+        gve::tls::ClientTls {
+            fingerprint: Some(pin.to_string()),
+            ..Default::default()
+        },
+    );
+    for (k, v) in [
+        ("guest-username", vsphere::GUEST_USERNAME),
+        ("guest-password", vsphere::GUEST_PASSWORD),
+        ("task-timeout-ms", "20000"),
+    ] {
+        grants.config.insert(k.into(), v.into());
+    }
+    PluginSpec {
+        bundle: bundle("vmware-esx"),
+        grants,
+        limits: Limits {
+            call_timeout_ms: 30_000,
+            ..Default::default()
+        },
+    }
+}
+
+/// The agent's config for a vmware-esx driver on `sim`.
+pub fn esx_config(
+    sim: &VsphereSim,
+    dir: &std::path::Path,
+    pin: &str,
+    password: &str,
+) -> AgentConfig {
+    let mut plugins = BTreeMap::new();
+    plugins.insert("vmware-esx".to_string(), esx_spec(sim, pin));
+    AgentConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: dir.to_path_buf(),
+        admin_token: TOKEN.into(),
+        plugins,
+        driver: Some(DriverConfig {
+            plugin: "vmware-esx".into(),
+            endpoint: sim.url.clone(),
+            username: Some(vsphere::USERNAME.into()),
+            password: Some(password.into()),
+            token: None,
+            reconcile_period_ms: 1000,
+            reservation_seconds: 60,
+            guest_plugin: None,
+            migration_uri: None,
+        }),
+        bundles_dir: None,
+        ..Default::default()
+    }
+}
+
+async fn esx_agent(sim: &VsphereSim) -> (Agent, Client, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let config = esx_config(sim, dir.path(), &sim.tls_pin(), vsphere::PASSWORD);
+    let agent = Agent::start(config).await.unwrap();
+    let c = Client::new(&format!("http://{}", agent.addr), Some(TOKEN.into())).unwrap();
+    (agent, c, dir)
+}
+
+async fn vm(c: &Client, id: &str) -> Vm {
+    c.get::<VmRecord>(&format!("/v1/vms/{id}"))
+        .await
+        .unwrap()
+        .vm
+}
+
+/// Runs `action` on `id` and returns the VM it reads back.
+async fn act(c: &Client, id: &str, action: &str, body: serde_json::Value) -> Vm {
+    let op = run_op(c, &format!("/v1/vms/{id}/{action}"), body).await;
+    assert_eq!(op.state, OpState::Succeeded, "{action} {id}: {op:?}");
+    op.result
+        .unwrap_or_else(|| panic!("{action} {id} returned no VM"))
+}
+
+async fn lifecycle(sim: &VsphereSim, destination: Option<&str>) {
+    let (_agent, c, _dir) = esx_agent(sim).await;
+    let templates: Vec<serde_json::Value> = c.get("/v1/templates").await.unwrap();
+    assert!(
+        templates.iter().any(|t| t["name"] == vsphere::TEMPLATE),
+        "{templates:?}"
+    );
+
+    // Create from the template: sized and labelled as asked.
+    let op = run_op(
+        &c,
+        "/v1/vms",
+        json!({ "name": "esx-1", "template": vsphere::TEMPLATE, "main-memory-mib": 256,
+        "logical-cpus": 2, "labels": { "owner": "alice" } }),
+    )
+    .await;
+    assert_eq!(op.state, OpState::Succeeded, "{op:?}");
+    let v = op.result.unwrap();
+    assert_eq!(
+        (v.state, v.main_memory_mib, v.logical_cpus),
+        (VmState::Stopped, 256, 2)
+    );
+    assert_eq!(v.labels["owner"], "alice");
+    let id = v.id.clone();
+
+    // Clones: full from the VM, linked from the template's snapshot; a linked clone
+    // of a VM without a snapshot is refused, saying why.
+    let full = act(&c, &id, "clone", json!({ "name": "esx-1-full" })).await;
+    assert_eq!(
+        (full.state, full.name.as_str()),
+        (VmState::Stopped, "esx-1-full")
+    );
+    let e = post(
+        &c,
+        &format!("/v1/vms/{id}/clone"),
+        json!({ "name": "esx-1-linked", "linked": true }),
+    )
+    .await;
+    let op: gve::agent::model::Operation = serde_json::from_value(e.unwrap()).unwrap();
+    let op = wait_op(&c, &op.id).await;
+    assert_eq!(op.state, OpState::Failed, "{op:?}");
+    let err = op.error.unwrap();
+    assert_eq!(err.kind, "invalid-state", "{err:?}");
+    assert!(err.message.contains("snapshot"), "{err:?}");
+    let linked = act(
+        &c,
+        vsphere::TEMPLATE,
+        "clone",
+        json!({ "name": "esx-linked", "linked": true }),
+    )
+    .await;
+    assert!(!linked.is_template && linked.state == VmState::Stopped);
+
+    // Power: start, suspend, resume, and the wrong state is a clear 409.
+    assert_eq!(
+        act(&c, &id, "start", json!({})).await.state,
+        VmState::Running
+    );
+    let e = post(&c, &format!("/v1/vms/{id}/start"), json!({}))
+        .await
+        .unwrap_err();
+    assert_eq!((e.status, e.kind.as_str()), (409, "invalid-state"), "{e}");
+    assert_eq!(
+        act(&c, &id, "suspend", json!({})).await.state,
+        VmState::Suspended
+    );
+    assert_eq!(
+        act(&c, &id, "resume", json!({})).await.state,
+        VmState::Running
+    );
+
+    // Guest operations, natively through VMware Tools' managers.
+    let r = exec(
+        &c,
+        &id,
+        json!({ "argv": ["sh", "-c", "echo out; echo err >&2; exit 3"] }),
+    )
+    .await;
+    assert_eq!(r.exit_code, Some(3));
+    assert_eq!(
+        (text(&r.stdout_b64).as_str(), text(&r.stderr_b64).as_str()),
+        ("out\n", "err\n")
+    );
+    let r = exec(&c, &id, json!({ "argv": ["hostname"] })).await;
+    assert_eq!(
+        (r.exit_code, text(&r.stdout_b64)),
+        (Some(0), "esx-1\n".into())
+    );
+    let meta = copy_in(&c, &id, "/opt/data/blob.bin", 7, 700_000, "0640").await;
+    assert_eq!(meta.mode, 0o640);
+    let (size, sha, mode) = copy_out(&c, &id, "/opt/data/blob.bin").await;
+    assert_eq!(
+        (size, sha.as_str(), mode.as_str()),
+        (700_000, meta.sha256.as_str(), "0640")
+    );
+    let r = exec(
+        &c,
+        &id,
+        json!({ "argv": ["sha256sum", "/opt/data/blob.bin"] }),
+    )
+    .await;
+    assert!(text(&r.stdout_b64).starts_with(&meta.sha256), "{r:?}");
+
+    // Relocation to another host of the same endpoint (vCenter only).
+    if let Some(dest) = destination {
+        let before = vm(&c, &id).await.host;
+        let moved = act(
+            &c,
+            &id,
+            "migrate",
+            json!({ "destination": dest, "live": true }),
+        )
+        .await;
+        assert_eq!((moved.host.as_str(), moved.state), (dest, VmState::Running));
+        assert_ne!(before, dest);
+        assert_eq!(vm(&c, &id).await.host, dest);
+    }
+
+    // Graceful shutdown, then destroy; the registry follows.
+    assert_eq!(
+        act(&c, &id, "shutdown", json!({})).await.state,
+        VmState::Stopped
+    );
+    for v in [id.as_str(), full.id.as_str(), linked.id.as_str()] {
+        let op = run_op(&c, &format!("/v1/vms/{v}/destroy"), json!({})).await;
+        assert_eq!(op.state, OpState::Succeeded, "{op:?}");
+        let e = c
+            .get::<VmRecord>(&format!("/v1/vms/{v}"))
+            .await
+            .unwrap_err();
+        assert_eq!(e.status, 404, "{v}: {e}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lifecycle_through_the_agent_on_vcenter() {
+    let sim = VsphereSim::vcenter();
+    lifecycle(&sim, Some("DC0_H0")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lifecycle_through_the_agent_on_esxi() {
+    let sim = VsphereSim::esxi();
+    lifecycle(&sim, None).await;
+}
+
+/// Bad credentials and an untrusted certificate stop the agent's driver with a typed
+/// error naming the cause; nothing is sent to a server that fails verification.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_credentials_and_untrusted_certificates_are_refused() {
+    let sim = VsphereSim::vcenter();
+    let dir = tempfile::tempdir().unwrap();
+    let e = Agent::start(esx_config(&sim, dir.path(), &sim.tls_pin(), "wrong"))
+        .await
+        .err()
+        .expect("a wrong password must not open the driver");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("InvalidLogin") && msg.contains("denied"),
+        "{msg}"
+    );
+    assert!(!msg.contains("wrong"), "the password leaked: {msg}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let other = format!("sha256:{}", "ab".repeat(32));
+    let e = Agent::start(esx_config(&sim, dir.path(), &other, vsphere::PASSWORD))
+        .await
+        .err()
+        .expect("an untrusted certificate must not open the driver");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("not trusted") && msg.contains("denied"),
+        "{msg}"
+    );
+}
+
+/// The server dies during a task: the operation fails with `unavailable` well
+/// within its budget, the VM keeps its last known state, and later calls fail fast.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_killed_mid_task_fails_typed_and_leaves_the_registry_consistent() {
+    let mut sim = VsphereSim::start(&["-method-delay", "PowerOnVM_Task=5000"]);
+    let (_agent, c, _dir) = esx_agent(&sim).await;
+    let op = run_op(
+        &c,
+        "/v1/vms",
+        json!({ "name": "doomed", "template": vsphere::TEMPLATE, "main-memory-mib": 128 }),
+    )
+    .await;
+    let id = op.result.unwrap().id;
+    let started: gve::agent::model::Operation = serde_json::from_value(
+        post(&c, &format!("/v1/vms/{id}/start"), json!({}))
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let t = Instant::now();
+    sim.kill();
+    let op = wait_op(&c, &started.id).await;
+    assert_eq!(op.state, OpState::Failed, "{op:?}");
+    let err = op.error.unwrap();
+    assert_eq!(err.kind, "unavailable", "{err:?}");
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "the failure took {:?}",
+        t.elapsed()
+    );
+    // The registry still has the VM as last seen, not half-started.
+    let rec = c.get::<VmRecord>(&format!("/v1/vms/{id}")).await.unwrap();
+    assert_eq!(rec.vm.state, VmState::Stopped);
+    // Later calls fail fast with the same kind.
+    let t = Instant::now();
+    let op = run_op(&c, &format!("/v1/vms/{id}/start"), json!({})).await;
+    assert_eq!(
+        (op.state, op.error.as_ref().map(|e| e.kind.as_str())),
+        (OpState::Failed, Some("unavailable")),
+        "{op:?}"
+    );
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+}
