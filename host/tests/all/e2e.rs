@@ -343,3 +343,99 @@ async fn a_user_gets_uses_moves_and_releases_a_real_vm_through_the_cli() {
     a.stop().await;
     b.stop().await;
 }
+
+/// One site, two hypervisors: a kvm agent (real QEMU guest) and a vmware-esx agent
+/// (the vSphere simulator). A user gets a VM on each by profile, runs a command in
+/// both, and releases both, with the same CLI commands.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_endpoint_serves_kvm_and_vmware_alike() {
+    let lv = Libvirtd::start();
+    let sim = gve_harness::VsphereSim::vcenter();
+    let dir = tempfile::tempdir().unwrap();
+    let kvm = kvm_agent(&lv, &lv, &dir.path().join("kvm")).await;
+    let esx = Agent::start(crate::vmware::esx_config(
+        &sim,
+        &dir.path().join("esx"),
+        &sim.tls_pin(),
+        gve_harness::vsphere::PASSWORD,
+    ))
+    .await
+    .unwrap();
+    let mut config = SiteConfig::new(dir.path().join("site"), ADMIN.into());
+    config.listen = "127.0.0.1:0".parse().unwrap();
+    config.health_period_ms = 500;
+    let site = Site::start(config).await.unwrap();
+    let url = format!("http://{}", site.addr);
+    let admin = gve::api::client::Client::new(&url, Some(ADMIN.into())).unwrap();
+    for (id, agent) in [("kvm-1", &kvm), ("esx-1", &esx)] {
+        let addr = format!("http://{}", agent.addr);
+        let (code, _, err) = gve(
+            &url,
+            ADMIN,
+            &["agent", "add", id, &addr, "--secret", AGENT_TOKEN],
+        )
+        .await;
+        assert_eq!(code, 0, "{err}");
+    }
+    let u: UserView = admin
+        .call(Method::POST, "/v1/users", Some(&json!({ "name": "grid" })))
+        .await
+        .unwrap();
+    let token = u.token.unwrap();
+    let t = token.as_str();
+
+    let mut vms = Vec::new();
+    for (template, agent) in [("tiny", "kvm-1"), (gve_harness::vsphere::TEMPLATE, "esx-1")] {
+        let job = gve_json(
+            &url,
+            t,
+            &[
+                "vm",
+                "request",
+                "--template",
+                template,
+                "--memory-mib",
+                "192",
+                "--wait",
+                "-o",
+                "json",
+            ],
+        )
+        .await;
+        assert_eq!(job["state"], "succeeded", "{job}");
+        assert_eq!(job["result"]["agent"], agent, "{job}");
+        let vm = job["result"]["id"].as_str().unwrap().to_string();
+        let shown = gve_json(&url, t, &["vm", "show", &vm, "-o", "json"]).await;
+        assert_eq!(shown["state"], "running", "{shown}");
+        vms.push(vm);
+    }
+    for vm in &vms {
+        // The same command on both, once the guest answers.
+        let end = Instant::now() + Duration::from_secs(60);
+        loop {
+            let (code, out, err) = gve(
+                &url,
+                t,
+                &["vm", "exec", vm, "--", "sh", "-c", "echo hello; exit 5"],
+            )
+            .await;
+            if code == 5 {
+                assert_eq!(String::from_utf8_lossy(&out), "hello\n");
+                break;
+            }
+            assert!(
+                Instant::now() < end,
+                "exec in {vm} never worked: {code} {err}"
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+    for vm in &vms {
+        let rel = gve_json(&url, t, &["vm", "release", vm, "--wait", "-o", "json"]).await;
+        assert_eq!(rel["state"], "succeeded", "{rel}");
+    }
+    let mine = gve_json(&url, t, &["vm", "list", "-o", "json"]).await;
+    assert_eq!(mine, json!([]));
+    let me = gve_json(&url, t, &["user", "me", "-o", "json"]).await;
+    assert_eq!(me["usage"]["vms"], 0, "{me}");
+}

@@ -320,3 +320,49 @@ async fn a_server_killed_mid_task_fails_typed_and_leaves_the_registry_consistent
     );
     assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
 }
+
+/// 404 hosts and 2,400 VMs (4 datacenters of 5 clusters of 20 hosts, 100 VMs per
+/// cluster and per standalone host) are listed whole by the agent's reconcile loop,
+/// page by page, by a plugin allowed only 16 MiB of memory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_inventory_of_400_hosts_and_2400_vms_is_listed_whole_in_bounded_memory() {
+    let sim = VsphereSim::start(&["-dc", "4", "-cluster", "5", "-host", "20", "-vm", "100"]);
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = esx_config(&sim, dir.path(), &sim.tls_pin(), vsphere::PASSWORD);
+    config
+        .plugins
+        .get_mut("vmware-esx")
+        .unwrap()
+        .limits
+        .memory_mib = 16;
+    let t = Instant::now();
+    // Starting reconciles once before it answers.
+    let agent = Agent::start(config).await.unwrap();
+    eprintln!("2400 VMs: agent up after {:?}", t.elapsed());
+    let c = Client::new(&format!("http://{}", agent.addr), Some(TOKEN.into())).unwrap();
+    if let Err(e) = agent.core().unwrap().reconcile().await {
+        panic!("a reconcile pass failed: {e}");
+    }
+    let vms: Vec<VmRecord> = c.get("/v1/vms").await.unwrap();
+    assert_eq!(vms.len(), 2400);
+    let hosts: std::collections::BTreeSet<&str> = vms.iter().map(|r| r.vm.host.as_str()).collect();
+    assert!(
+        hosts.len() > 300 && hosts.iter().all(|h| h.starts_with("DC")),
+        "VMs on {} hosts: {:?}",
+        hosts.len(),
+        hosts.iter().take(5).collect::<Vec<_>>()
+    );
+    let templates: Vec<serde_json::Value> = c.get("/v1/templates").await.unwrap();
+    assert_eq!(templates.len(), 1, "{templates:?}");
+    // A VM made behind the agent's back shows up at the next pass.
+    let seq = crate::agent::last_event_seq(&c).await;
+    let driver = agent.core().unwrap().driver.clone();
+    let made = driver
+        .clone_vm(vsphere::TEMPLATE, "behind-its-back", false)
+        .await
+        .unwrap();
+    let t = Instant::now();
+    agent.core().unwrap().reconcile().await.unwrap();
+    eprintln!("2400 VMs: one reconcile pass {:?}", t.elapsed());
+    crate::agent::wait_for_event(&c, seq, "vm-appeared", &made.id).await;
+}
