@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs the benchmarks and writes their results under bench/results/.
-# Usage: bash bench/run.sh [plugin|footprint|vm_start|guest|site]   (default: all)
+# Usage: bash bench/run.sh [plugin|footprint|vm_start|guest|site|vsphere|fuzz]   (default: all)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 target=${CARGO_TARGET_DIR:-target}
@@ -43,4 +43,27 @@ fi
 if [ "$which" = all ] || [ "$which" = site ]; then
     # Durable job submissions per second; request latency added by the site.
     cargo bench --locked -p gve --bench site
+fi
+if [ "$which" = all ] || [ "$which" = vsphere ]; then
+    # vmware-esx through gve vs the same SOAP calls made directly (vSphere simulator).
+    cargo bench --locked -p gve --bench vsphere
+fi
+if [ "$which" = all ] || [ "$which" = fuzz ]; then
+    # The vmware-esx reply readers (XML, SOAP faults, property pages, records, tasks)
+    # on mutated replies: no input may panic them.
+    iters=300000
+    line=$(GVE_FUZZ_ITERS=$iters cargo test --release --locked -p gve-plugin-vmware-esx fuzz -- --nocapture 2>&1 |
+        grep '^fuzz:')
+    {
+        echo "# vmware-esx: reply readers under fuzzing"
+        echo
+        echo "\`bash bench/run.sh fuzz\` on $(date -u +%Y-%m-%d): plugins/vmware-esx/src/fuzz.rs mutates"
+        echo "replies of every form the driver reads (property pages with missing objects, SOAP faults,"
+        echo "task errors, service content, container views): bytes flipped, cut, spliced, markup and"
+        echo "entities inserted, elements removed, repeated and moved. Every input must end in a value"
+        echo "or a typed error."
+        echo
+        echo "$line"
+    } > bench/results/vsphere-fuzz.md
+    cat bench/results/vsphere-fuzz.md
 fi

@@ -128,6 +128,19 @@ impl Conn {
         }
     }
 
+    /// The record of the VM or template `vm` names (id or name): one request when
+    /// it is an id, as [`Conn::resolve`] then [`Conn::record`] otherwise.
+    pub fn find(&mut self, vm: &str) -> Result<Record> {
+        if looks_like_id(vm) {
+            match self.record(&MoRef::new("VirtualMachine", vm)) {
+                Err(Error::NotFound(_)) => {}
+                r => return r,
+            }
+        }
+        let id = self.resolve(vm)?;
+        self.record(&id)
+    }
+
     /// Whether some VM or template is named `name` already.
     pub fn name_taken(&mut self, name: &str) -> Result<bool> {
         match self.resolve(name) {

@@ -15,6 +15,8 @@
 //! `guest-password`, `max-transfer-mib` (32).
 
 pub mod fault;
+#[cfg(test)]
+mod fuzz;
 pub mod guest;
 pub mod inventory;
 pub mod props;

@@ -157,7 +157,7 @@ fn create_view(client: &mut Client, kind: &str) -> Result<MoRef> {
 }
 
 /// Hands each object of a page to `each`; returns the page's continuation token.
-fn read_page(
+pub(crate) fn read_page(
     response: Node<'_, '_>,
     each: &mut impl FnMut(MoRef, &[Prop<'_, '_>]) -> Result<()>,
 ) -> Result<Option<String>> {

@@ -43,9 +43,8 @@ impl EsxSession {
     }
 
     fn power(&mut self, vm: &str) -> Result<(MoRef, vm::Record)> {
-        let id = self.conn.resolve(vm)?;
-        let rec = self.conn.record(&id)?;
-        Ok((id, rec))
+        let rec = self.conn.find(vm)?;
+        Ok((rec.id.clone(), rec))
     }
 
     fn not_template(rec: &vm::Record, op: &str) -> Result<()> {
@@ -270,8 +269,8 @@ impl Session for EsxSession {
     }
 
     fn get_vm(&mut self, vm: String) -> Result<VmInfo> {
-        let id = self.conn.resolve(&vm)?;
-        self.conn.info(&id)
+        let rec = self.conn.find(&vm)?;
+        Ok(rec.info(self.conn.host_names(rec.host.as_ref())?))
     }
 
     fn create(&mut self, profile: VmProfile) -> Result<VmInfo> {

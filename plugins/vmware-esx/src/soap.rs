@@ -330,7 +330,7 @@ fn session_cookie(set_cookie: &str) -> Option<String> {
     (name.trim() == COOKIE).then(|| value.trim().trim_matches('"').to_string())
 }
 
-fn service_content(rv: Node<'_, '_>) -> Result<ServiceContent> {
+pub(crate) fn service_content(rv: Node<'_, '_>) -> Result<ServiceContent> {
     let need = |name: &str| {
         xml::child(rv, name).and_then(xml::moref_of).ok_or_else(|| {
             Error::backend(format!(

@@ -138,6 +138,9 @@ async fn connect(
     for addr in addrs {
         match tokio::time::timeout(t, TcpStream::connect(addr)).await {
             Ok(Ok(s)) => {
+                // Requests go out as headers then body: without this, Nagle's
+                // algorithm holds the body for the server's delayed ACK (40 ms).
+                let _ = s.set_nodelay(true);
                 stream = Some(s);
                 break;
             }
