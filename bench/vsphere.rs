@@ -5,8 +5,9 @@
 //!   with the pinned certificate), called as the agent calls it;
 //! - direct: a native client (hyper, rustls, the same pin) sending the same
 //!   sequence of SOAP requests the plugin sends, with the same bodies, parsing the
-//!   replies with the same XML parser; with keep-alive (what a native tool does) and
-//!   without (a connection per request, as the plugin host does today).
+//!   replies with the same XML parser; with keep-alive (what a native tool does, and
+//!   the plugin host since 2026-12-01) and without (a connection per request, as the
+//!   plugin host did before).
 //!
 //! Operations: the inventory listing (list-vms: a container view's references, then
 //! properties 100 VMs at a time, then the host names the same way), get-vm by id, and
@@ -419,9 +420,9 @@ async fn run() {
     }
     out.push_str(
         "\nThe gve path runs the driver in its sandbox: every SOAP request crosses wasi:http into the\n\
-         plugin host, which checks the grant, opens a connection (TCP and TLS, verified against the\n\
-         pin) and streams the reply back into the plugin, which parses it with roxmltree in\n\
-         WebAssembly. The direct client sends the same requests, natively.\n",
+         plugin host, which checks the grant, reuses an idle connection or opens one (TCP and TLS,\n\
+         verified against the pin) and streams the reply back into the plugin, which parses it with\n\
+         roxmltree in WebAssembly. The direct client sends the same requests, natively.\n",
     );
     std::fs::write(gve_harness::root().join("bench/results/vsphere.md"), &out).unwrap();
     print!("{out}");

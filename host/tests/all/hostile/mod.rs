@@ -178,6 +178,77 @@ pub mod servers {
         (port, count)
     }
 
+    /// A server that answers 200 to every request of a connection, keeping it open
+    /// (HTTP/1.1 keep-alive); counts connections accepted and still open.
+    pub struct KeepAlive {
+        /// Its port.
+        pub port: u16,
+        /// Connections accepted so far.
+        pub accepted: Arc<AtomicUsize>,
+        /// Connections the client has not closed.
+        pub open: Arc<AtomicUsize>,
+        /// Requests answered.
+        pub requests: Arc<AtomicUsize>,
+    }
+
+    impl KeepAlive {
+        /// Starts one; it stops accepting after 30 s.
+        pub fn start() -> KeepAlive {
+            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+            let port = listener.local_addr().unwrap().port();
+            listener.set_nonblocking(true).unwrap();
+            let (accepted, open, requests) = (Arc::default(), Arc::default(), Arc::default());
+            let (a, o, r): (Arc<AtomicUsize>, Arc<AtomicUsize>, Arc<AtomicUsize>) = (
+                Arc::clone(&accepted),
+                Arc::clone(&open),
+                Arc::clone(&requests),
+            );
+            std::thread::spawn(move || {
+                let end = Instant::now() + Duration::from_secs(30);
+                while Instant::now() < end {
+                    match listener.accept() {
+                        Ok((mut stream, _)) => {
+                            a.fetch_add(1, Ordering::SeqCst);
+                            o.fetch_add(1, Ordering::SeqCst);
+                            let (o, r) = (o.clone(), r.clone());
+                            std::thread::spawn(move || {
+                                stream.set_nonblocking(false).unwrap();
+                                stream
+                                    .set_read_timeout(Some(Duration::from_secs(40)))
+                                    .unwrap();
+                                let mut buf = Vec::new();
+                                let mut chunk = [0u8; 4096];
+                                loop {
+                                    match stream.read(&mut chunk) {
+                                        Ok(0) | Err(_) => break,
+                                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                                    }
+                                    while let Some(i) =
+                                        buf.windows(4).position(|w| w == b"\r\n\r\n")
+                                    {
+                                        buf.drain(..i + 4);
+                                        r.fetch_add(1, Ordering::SeqCst);
+                                        let _ = stream.write_all(
+                                            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+                                        );
+                                    }
+                                }
+                                o.fetch_sub(1, Ordering::SeqCst);
+                            });
+                        }
+                        Err(_) => std::thread::sleep(Duration::from_millis(2)),
+                    }
+                }
+            });
+            KeepAlive {
+                port,
+                accepted,
+                open,
+                requests,
+            }
+        }
+    }
+
     /// A server that accepts connections and never says anything.
     pub struct Silent {
         /// Its port.

@@ -314,3 +314,57 @@ async fn https_is_verified_by_the_operators_pin_or_ca() {
         assert!(e.to_string().contains(says), "{e}");
     }
 }
+
+/// A connection whose response was read whole serves the plugin's next request to
+/// the same authority; connections left idle are few, and closed with the plugin.
+#[tokio::test]
+async fn connections_are_kept_alive_bounded_and_closed_with_the_plugin() {
+    let server = super::servers::KeepAlive::start();
+    let authority = format!("127.0.0.1:{}", server.port);
+    let grants = Grants {
+        http: vec![authority.clone()],
+        ..Default::default()
+    };
+    let b = bench(hostile(grants)).await;
+    for _ in 0..20 {
+        let vm = b
+            .hostile
+            .get_vm(&format!("http:http://{authority}/"))
+            .await
+            .unwrap();
+        assert_eq!(vm.name, "200");
+    }
+    assert_eq!(server.requests.load(Ordering::SeqCst), 20);
+    assert_eq!(
+        server.accepted.load(Ordering::SeqCst),
+        1,
+        "20 sequential requests, one connection"
+    );
+    // Many at once (the pool keeps at most 4 of them afterwards).
+    let mut calls = tokio::task::JoinSet::new();
+    for _ in 0..8 {
+        let (s, url) = (b.hostile.clone(), format!("http:http://{authority}/"));
+        calls.spawn(async move { s.get_vm(&url).await });
+    }
+    while let Some(r) = calls.join_next().await {
+        assert_eq!(r.unwrap().unwrap().name, "200");
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let open = server.open.load(Ordering::SeqCst);
+    assert!(
+        open <= gve::plugin::caps::http::connect::IDLE_PER_AUTHORITY,
+        "{open} idle connections kept"
+    );
+    b.aftermath().await;
+    // Unloaded, the plugin's idle connections close.
+    b.host.unload("hostile").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while server.open.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        server.open.load(Ordering::SeqCst),
+        0,
+        "idle connections outlived the plugin"
+    );
+}

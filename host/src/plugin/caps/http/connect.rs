@@ -198,22 +198,99 @@ fn tls_error(authority: &str, e: std::io::Error) -> HttpError {
 /// The connection's end, as wasmtime-wasi-http expects it.
 pub type IoFuture = Box<dyn std::future::Future<Output = Result<(), HttpError>> + Send>;
 
-/// Sends `request` to `target`. `guard` is held until the connection closes.
+/// Idle connections kept per authority (and scheme) for a plugin version.
+pub const IDLE_PER_AUTHORITY: usize = 4;
+/// Longest a connection waits idle for its next request.
+pub const IDLE_FOR: Duration = Duration::from_secs(30);
+/// Longest a pooled connection may take to say it is ready for the next request.
+const READY_WAIT: Duration = Duration::from_millis(100);
+
+type Sender = hyper::client::conn::http1::SendRequest<WasiBody>;
+
+/// A connection whose driver runs in its own task; dropped, the connection ends.
+struct Conn {
+    sender: Sender,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Connections whose last response was read to its end, kept for the next request
+/// to the same authority (at most [`IDLE_PER_AUTHORITY`] each, for [`IDLE_FOR`]). A
+/// connection goes back only once its response is read whole: one dropped or
+/// abandoned earlier (a call that ended, a request never awaited) is closed.
+#[derive(Default)]
+pub struct Pool(Mutex<HashMap<String, Vec<(Conn, std::time::Instant)>>>);
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Pool({} idle)", self.idle())
+    }
+}
+
+impl Pool {
+    /// Connections idle now.
+    pub fn idle(&self) -> usize {
+        let m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        m.values().map(Vec::len).sum()
+    }
+
+    fn take(&self, key: &str) -> Option<Conn> {
+        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let list = m.get_mut(key)?;
+        while let Some((c, since)) = list.pop() {
+            if since.elapsed() < IDLE_FOR && !c.sender.is_closed() {
+                return Some(c);
+            }
+        }
+        None
+    }
+
+    fn put(self: &Arc<Self>, key: String, c: Conn) {
+        if c.sender.is_closed() {
+            return;
+        }
+        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let list = m.entry(key).or_default();
+        list.retain(|(c, since)| since.elapsed() < IDLE_FOR && !c.sender.is_closed());
+        if list.len() >= IDLE_PER_AUTHORITY {
+            return;
+        }
+        list.push((c, std::time::Instant::now()));
+        drop(m);
+        // Close it if nothing takes it in time.
+        let pool = Arc::downgrade(self);
+        tokio::spawn(async move {
+            tokio::time::sleep(IDLE_FOR + Duration::from_secs(1)).await;
+            if let Some(p) = pool.upgrade() {
+                p.evict();
+            }
+        });
+    }
+
+    fn evict(&self) {
+        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        for list in m.values_mut() {
+            list.retain(|(c, since)| since.elapsed() < IDLE_FOR && !c.sender.is_closed());
+        }
+        m.retain(|_, l| !l.is_empty());
+    }
+}
+
+/// Sends `request` to `target`, on an idle connection of `pool` when there is one.
+/// `guard` is held until the response is read or dropped.
 pub async fn send<G: Send + 'static>(
     pins: &Pins,
+    pool: &Arc<Pool>,
     target: Target,
     mut request: http::Request<WasiBody>,
     t: Timeouts,
     guard: G,
 ) -> Result<(http::Response<WasiBody>, IoFuture), HttpError> {
-    let addrs = pins.resolve(&target, t.connect).await?;
-    let io = connect(&target, &addrs, t.connect).await?;
-    let (mut sender, conn) = tokio::time::timeout(
-        t.connect,
-        hyper::client::conn::http1::Builder::new().handshake(TokioIo::new(io)),
-    )
-    .await
-    .map_err(|_| HttpError::ConnectionTimeout)??;
     // Origin form on the wire: the authority went into the Host header.
     let path = request
         .uri()
@@ -221,42 +298,77 @@ pub async fn send<G: Send + 'static>(
         .map(|p| p.as_str().to_string())
         .unwrap_or_else(|| "/".into());
     *request.uri_mut() = path.parse().map_err(|_| HttpError::HttpRequestUriInvalid)?;
-    let mut conn = Box::pin(conn);
-    let mut conn_ended: Option<Result<(), hyper::Error>> = None;
-    let sending = tokio::time::timeout(t.first_byte, sender.send_request(request));
-    tokio::pin!(sending);
-    let response = loop {
-        tokio::select! {
-            r = &mut sending => break r,
-            c = &mut conn, if conn_ended.is_none() => conn_ended = Some(c),
+    let key = format!(
+        "{}://{}",
+        if target.tls { "https" } else { "http" },
+        target.authority
+    );
+    let guard: Box<dyn Send> = Box::new(guard);
+    // An idle connection first; a request it could not send goes on the next one.
+    while let Some(mut c) = pool.take(&key) {
+        match tokio::time::timeout(READY_WAIT, c.sender.ready()).await {
+            Ok(Ok(())) => {}
+            _ => continue,
         }
+        let sent = tokio::time::timeout(t.first_byte, c.sender.try_send_request(request)).await;
+        match sent {
+            Err(_) => return Err(HttpError::ConnectionReadTimeout),
+            Ok(Ok(response)) => return Ok(respond(response, c, pool, key, t, guard)),
+            Ok(Err(mut e)) => match e.take_message() {
+                Some(r) => request = r,
+                None => return Err(hyper_error(e.into_error())),
+            },
+        }
+    }
+    let addrs = pins.resolve(&target, t.connect).await?;
+    let io = connect(&target, &addrs, t.connect).await?;
+    let (sender, conn) = tokio::time::timeout(
+        t.connect,
+        hyper::client::conn::http1::Builder::new().handshake(TokioIo::new(io)),
+    )
+    .await
+    .map_err(|_| HttpError::ConnectionTimeout)??;
+    let mut c = Conn {
+        sender,
+        task: tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!("plugin HTTP connection ended: {e}");
+            }
+        }),
     };
-    drop(sender);
-    let response = response
+    let response = tokio::time::timeout(t.first_byte, c.sender.send_request(request))
+        .await
         .map_err(|_| HttpError::ConnectionReadTimeout)?
         .map_err(hyper_error)?;
+    Ok(respond(response, c, pool, key, t, guard))
+}
+
+/// The response handed to the plugin: its body times out between chunks, holds the
+/// connection (and `guard`) until read, then gives the connection back to `pool`.
+fn respond(
+    response: http::Response<hyper::body::Incoming>,
+    conn: Conn,
+    pool: &Arc<Pool>,
+    key: String,
+    t: Timeouts,
+    guard: Box<dyn Send>,
+) -> (http::Response<WasiBody>, IoFuture) {
     let between = t.between_bytes.max(Duration::from_millis(1));
+    let pool = pool.clone();
     let response = response.map(|incoming| {
         use http_body_util::BodyExt;
         TimedBody {
             incoming,
             between,
             timer: Box::pin(tokio::time::sleep(between)),
+            reuse: Some((conn, pool, key)),
+            _guard: guard,
         }
         .boxed_unsync()
     });
-    let io: IoFuture = Box::new(async move {
-        let _guard = guard;
-        let ended = match conn_ended {
-            Some(r) => r,
-            None => conn.await,
-        };
-        match ended {
-            Err(e) => Err(hyper_error(e)),
-            Ok(()) => Ok(()),
-        }
-    });
-    Ok((response, io))
+    // The connection lives in its own task and in the body; nothing else to drive.
+    let io: IoFuture = Box::new(async { Ok(()) });
+    (response, io)
 }
 
 /// A hyper error as the plugin sees it: a server that closes the connection before
@@ -276,11 +388,14 @@ fn hyper_error(e: hyper::Error) -> HttpError {
     }
 }
 
-/// A response body that fails when no chunk arrives for `between`.
+/// A response body that fails when no chunk arrives for `between`, and gives its
+/// connection back to the pool once read to the end.
 struct TimedBody {
     incoming: hyper::body::Incoming,
     between: Duration,
     timer: Pin<Box<tokio::time::Sleep>>,
+    reuse: Option<(Conn, Arc<Pool>, String)>,
+    _guard: Box<dyn Send>,
 }
 
 impl Body for TimedBody {
@@ -298,7 +413,12 @@ impl Body for TimedBody {
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(hyper_error(e)))),
-            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Ready(None) => {
+                if let Some((conn, pool, key)) = self.reuse.take() {
+                    pool.put(key, conn);
+                }
+                Poll::Ready(None)
+            }
             Poll::Pending => match self.timer.as_mut().poll(cx) {
                 Poll::Ready(()) => Poll::Ready(Some(Err(HttpError::ConnectionReadTimeout))),
                 Poll::Pending => Poll::Pending,

@@ -11,6 +11,9 @@
 //!   the plugin sees, well before the call's own deadline; first-byte and
 //!   between-bytes timeouts are clamped to the call budget (wasmtime's defaults are
 //!   600 s).
+//! - Connections are kept alive: one whose response was read to its end waits (at
+//!   most [`connect::IDLE_FOR`], [`connect::IDLE_PER_AUTHORITY`] per authority) for
+//!   the plugin's next request to the same authority; anything abandoned is closed.
 //! - Budgets per instance: requests in flight (`max-http-requests`; one more fails
 //!   with `connection-limit-reached`) and header sets alive (`max-http-header-sets`,
 //!   each at most 64 KiB; one more stops the call).
@@ -66,13 +69,14 @@ pub struct HttpPolicy {
     allowed: Arc<Vec<String>>,
     trust: Arc<BTreeMap<String, Arc<rustls::ClientConfig>>>,
     pins: Arc<connect::Pins>,
+    pool: Arc<connect::Pool>,
     max_timeout: Duration,
     max_in_flight: usize,
     in_flight: Arc<AtomicUsize>,
     refused: Arc<AtomicUsize>,
 }
 
-/// Counts one request in flight until dropped (when its connection closes).
+/// Counts one request in flight until dropped (when its response is read or dropped).
 struct InFlight(Arc<AtomicUsize>);
 
 impl Drop for InFlight {
@@ -97,6 +101,7 @@ impl HttpPolicy {
             allowed: Arc::new(allowed),
             trust: Arc::new(trust),
             pins: Arc::default(),
+            pool: Arc::default(),
             max_timeout,
             max_in_flight: max_in_flight as usize,
             in_flight: Arc::default(),
@@ -200,7 +205,8 @@ impl WasiHttpHooks for HttpPolicy {
         let guard = InFlight(self.in_flight.clone());
         let timeouts = self.timeouts(options);
         let pins = self.pins.clone();
-        Box::new(async move { connect::send(&pins, target, request, timeouts, guard).await })
+        let pool = self.pool.clone();
+        Box::new(async move { connect::send(&pins, &pool, target, request, timeouts, guard).await })
     }
 
     fn p2_outgoing_body_chunk_size(&mut self) -> usize {
