@@ -218,6 +218,15 @@ async fn lifecycle(sim: &VsphereSim, destination: Option<&str>) {
         assert_eq!(vm(&c, &id).await.host, dest);
     }
 
+    // The guest password is in no record the agent keeps or shows.
+    for path in ["/v1/operations", "/v1/events?after=0", "/v1/plugins"] {
+        let shown: serde_json::Value = c.get(path).await.unwrap();
+        assert!(
+            !shown.to_string().contains(vsphere::GUEST_PASSWORD),
+            "{path} shows the guest password"
+        );
+    }
+
     // Graceful shutdown, then destroy; the registry follows.
     assert_eq!(
         act(&c, &id, "shutdown", json!({})).await.state,
