@@ -375,3 +375,34 @@ async fn an_inventory_of_400_hosts_and_2400_vms_is_listed_whole_in_bounded_memor
     eprintln!("2400 VMs: one reconcile pass {:?}", t.elapsed());
     crate::agent::wait_for_event(&c, seq, "vm-appeared", &made.id).await;
 }
+
+/// A VM destroyed between the container view being read and its properties being
+/// read fails the whole property request on vSphere; the listing leaves it out
+/// instead of failing (the simulator holds each DestroyView for a second, the gap
+/// in which another session destroys the VM).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_destroyed_while_being_listed_is_left_out() {
+    let sim = VsphereSim::start(&["-method-delay", "DestroyView=1000"]);
+    let (agent, _c, _dir) = esx_agent(&sim).await;
+    let lister = agent.core().unwrap().driver.clone();
+    let creds = gve::plugin::bindings::types::Credentials {
+        username: Some(vsphere::USERNAME.into()),
+        password: Some(vsphere::PASSWORD.into()),
+        token: None,
+    };
+    let other = agent
+        .plugins
+        .open_driver("vmware-esx", &sim.url, creds)
+        .await
+        .unwrap();
+    let doomed = other
+        .clone_vm(vsphere::TEMPLATE, "doomed-while-listed", false)
+        .await
+        .unwrap();
+    let listing = tokio::spawn(async move { lister.list_vms().await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    other.destroy(&doomed.id).await.unwrap();
+    let listed = listing.await.unwrap().expect("the listing succeeds");
+    assert!(!listed.iter().any(|v| v.id == doomed.id), "{listed:?}");
+    assert!(listed.len() >= 4, "{} VMs", listed.len());
+}

@@ -82,7 +82,21 @@ fn batch_of(
         "</specSet><options><maxObjects>{PAGE}</maxObjects></options>"
     ));
     let pc = client.content.property_collector.clone();
-    let mut token = client.call("RetrievePropertiesEx", &pc, &args, |r| read_page(r, each))?;
+    let first = client.call("RetrievePropertiesEx", &pc, &args, |r| read_page(r, each));
+    let mut token = match first {
+        // An object deleted since it was listed fails the whole request (vCenter and
+        // the simulator alike): read the batch one by one, leaving out the gone.
+        Err(Error::NotFound(_)) if batch.len() > 1 => {
+            for o in batch {
+                match batch_of(client, kind, props, core::slice::from_ref(o), each) {
+                    Ok(()) | Err(Error::NotFound(_)) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            return Ok(());
+        }
+        r => r?,
+    };
     while let Some(t) = token {
         token = client.call(
             "ContinueRetrievePropertiesEx",
