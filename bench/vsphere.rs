@@ -17,7 +17,7 @@
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use gve::plugin::{Grants, HostConfig, Limits, PluginHost, PluginSpec};
+use gve::plugin::{HostConfig, Limits, PluginHost, PluginSpec};
 use gve_harness::vsphere::{self, VsphereSim};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client as HttpClient;
@@ -25,6 +25,7 @@ use hyper_util::rt::TokioExecutor;
 
 const LIST_ROUNDS: usize = 7;
 const OP_ROUNDS: usize = 25;
+/// The properties the plugin reads per VM (its `vm::PROPS`).
 const VM_PROPS: &[&str] = &[
     "name",
     "config.template",
@@ -288,20 +289,9 @@ async fn run() {
         engine: Default::default(),
     })
     .unwrap();
-    let mut grants = Grants {
-        http: vec![sim.authority.clone()],
-        ..Default::default()
-    };
-    grants.tls.insert(
-        sim.authority.clone(),
-        gve::tls::ClientTls {
-            fingerprint: Some(sim.thumbprint.clone()),
-            ..Default::default()
-        },
-    );
     host.load(PluginSpec {
         bundle: gve_harness::plugin_bundles().join("vmware-esx"),
-        grants,
+        grants: sim.grants(&sim.tls_pin()),
         limits: Limits {
             call_timeout_ms: 60_000,
             ..Default::default()

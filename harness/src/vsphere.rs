@@ -123,10 +123,33 @@ impl VsphereSim {
         let _ = self.child.wait();
     }
 
-    /// The grants a plugin needs for it: its authority, with TLS pinned to its
-    /// certificate.
+    /// Its certificate's pin, as a `tls` grant takes it.
     pub fn tls_pin(&self) -> String {
         format!("sha256:{}", self.thumbprint)
+    }
+
+    /// What the vmware-esx plugin needs to be granted for it: its authority, TLS
+    /// pinned to `pin` (its own [`VsphereSim::tls_pin`], or another to see it refused),
+    /// and the guest account as config.
+    pub fn grants(&self, pin: &str) -> gve::plugin::Grants {
+        let mut grants = gve::plugin::Grants {
+            http: vec![self.authority.clone()],
+            ..Default::default()
+        };
+        grants.tls.insert(
+            self.authority.clone(),
+            gve::tls::ClientTls {
+                fingerprint: Some(pin.to_string()),
+                ..Default::default()
+            },
+        );
+        grants
+            .config
+            .insert("guest-username".into(), GUEST_USERNAME.into());
+        grants
+            .config
+            .insert("guest-password".into(), GUEST_PASSWORD.into());
+        grants
     }
 }
 

@@ -130,6 +130,7 @@ func parseFlags() *config {
 	flag.StringVar(&c.delays, "method-delay", "", "NAME=MS,... delay of the named SOAP methods")
 	flag.BoolVar(&c.trace, "trace", false, "write SOAP traffic to stderr")
 	flag.StringVar(&c.template, "template", "", "make a template of this name (a snapshotted copy of the first VM)")
+	flag.DurationVar(&simulator.SessionIdleTimeout, "session-idle", 0, "end sessions idle this long (0: never), e.g. 2s")
 	flag.Parse()
 	if flag.NArg() > 0 {
 		fail(2, "unexpected argument %q", flag.Arg(0))

@@ -111,6 +111,39 @@ impl Download for NoTransfer {
     }
 }
 
+/// A [`Download`] served from a file's content read whole when the download began
+/// (for guests whose transfer hands over a file in one piece).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BytesDownload {
+    data: Vec<u8>,
+    mode: u32,
+    pos: usize,
+}
+
+impl BytesDownload {
+    /// A download of `data`, a file with permission bits `mode`.
+    pub fn new(data: Vec<u8>, mode: u32) -> BytesDownload {
+        BytesDownload { data, mode, pos: 0 }
+    }
+}
+
+impl Download for BytesDownload {
+    fn size(&self) -> u64 {
+        self.data.len() as u64
+    }
+
+    fn mode(&self) -> u32 {
+        self.mode
+    }
+
+    fn read(&mut self, max: u32) -> Result<Vec<u8>> {
+        let end = self.data.len().min(self.pos.saturating_add(max as usize));
+        let chunk = self.data[self.pos..end].to_vec();
+        self.pos = end;
+        Ok(chunk)
+    }
+}
+
 /// The `guest-session` resource the SDK exports for a [`GuestAccess`] `G`.
 #[doc(hidden)]
 pub struct GuestSessionResource<G: GuestAccess>(RefCell<G::Session>);

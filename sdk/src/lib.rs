@@ -59,7 +59,7 @@ pub mod types;
 
 pub use driver::{Driver, Session};
 pub use error::{Error, Result};
-pub use guest::{Download, GuestAccess, GuestSession, NoTransfer, Upload};
+pub use guest::{BytesDownload, Download, GuestAccess, GuestSession, NoTransfer, Upload};
 pub use types::{
     Capabilities, Credentials, DriverInfo, EnvVar, ExecRequest, ExecResult, FileInfo, HostInfo,
     Label, VmInfo, VmProfile, VmResources, VmState,
@@ -73,9 +73,9 @@ pub use guest::{DownloadResource, GuestSessionResource, UploadResource};
 /// The traits and types most plugins need: `use gve_sdk::prelude::*;`.
 pub mod prelude {
     pub use crate::{
-        Capabilities, Credentials, Download, Driver, DriverInfo, EnvVar, Error, ExecRequest,
-        ExecResult, FileInfo, GuestAccess, GuestSession, HostInfo, Label, NoTransfer, Result,
-        Session, Upload, VmInfo, VmProfile, VmResources, VmState,
+        BytesDownload, Capabilities, Credentials, Download, Driver, DriverInfo, EnvVar, Error,
+        ExecRequest, ExecResult, FileInfo, GuestAccess, GuestSession, HostInfo, Label, NoTransfer,
+        Result, Session, Upload, VmInfo, VmProfile, VmResources, VmState,
     };
 }
 

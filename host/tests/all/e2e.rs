@@ -82,30 +82,24 @@ async fn gve_json(url: &str, token: &str, args: &[&str]) -> Value {
         .unwrap_or_else(|e| panic!("gve {args:?}: {e}: {}", String::from_utf8_lossy(&out)))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_user_gets_uses_moves_and_releases_a_real_vm_through_the_cli() {
-    let (la, lb) = (Libvirtd::start(), Libvirtd::start());
-    let dir = tempfile::tempdir().unwrap();
-    let a = kvm_agent(&la, &lb, &dir.path().join("a")).await;
-    let b = kvm_agent(&lb, &la, &dir.path().join("b")).await;
-    let mut config = SiteConfig::new(dir.path().join("site"), ADMIN.into());
+/// A site in `dir` with `agents` added by the admin through the CLI, and a user
+/// `grid`: (site, its URL, an admin client, the user's token).
+async fn site_with(
+    dir: &std::path::Path,
+    agents: &[(&str, &Agent)],
+) -> (Site, String, gve::api::client::Client, String) {
+    let mut config = SiteConfig::new(dir.join("site"), ADMIN.into());
     config.listen = "127.0.0.1:0".parse().unwrap();
     config.health_period_ms = 500;
     let site = Site::start(config).await.unwrap();
     let url = format!("http://{}", site.addr);
     let admin = gve::api::client::Client::new(&url, Some(ADMIN.into())).unwrap();
-    for (id, agent) in [("kvm-a", &a), ("kvm-b", &b)] {
+    for (id, agent) in agents {
+        let addr = format!("http://{}", agent.addr);
         let (code, _, err) = gve(
             &url,
             ADMIN,
-            &[
-                "agent",
-                "add",
-                id,
-                &format!("http://{}", agent.addr),
-                "--secret",
-                AGENT_TOKEN,
-            ],
+            &["agent", "add", id, &addr, "--secret", AGENT_TOKEN],
         )
         .await;
         assert_eq!(code, 0, "{err}");
@@ -114,7 +108,16 @@ async fn a_user_gets_uses_moves_and_releases_a_real_vm_through_the_cli() {
         .call(Method::POST, "/v1/users", Some(&json!({ "name": "grid" })))
         .await
         .unwrap();
-    let token = u.token.unwrap();
+    (site, url, admin, u.token.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_gets_uses_moves_and_releases_a_real_vm_through_the_cli() {
+    let (la, lb) = (Libvirtd::start(), Libvirtd::start());
+    let dir = tempfile::tempdir().unwrap();
+    let a = kvm_agent(&la, &lb, &dir.path().join("a")).await;
+    let b = kvm_agent(&lb, &la, &dir.path().join("b")).await;
+    let (site, url, admin, token) = site_with(dir.path(), &[("kvm-a", &a), ("kvm-b", &b)]).await;
     let t = token.as_str();
 
     // Request by profile and wait: a running VM.
@@ -361,27 +364,8 @@ async fn one_endpoint_serves_kvm_and_vmware_alike() {
     ))
     .await
     .unwrap();
-    let mut config = SiteConfig::new(dir.path().join("site"), ADMIN.into());
-    config.listen = "127.0.0.1:0".parse().unwrap();
-    config.health_period_ms = 500;
-    let site = Site::start(config).await.unwrap();
-    let url = format!("http://{}", site.addr);
-    let admin = gve::api::client::Client::new(&url, Some(ADMIN.into())).unwrap();
-    for (id, agent) in [("kvm-1", &kvm), ("esx-1", &esx)] {
-        let addr = format!("http://{}", agent.addr);
-        let (code, _, err) = gve(
-            &url,
-            ADMIN,
-            &["agent", "add", id, &addr, "--secret", AGENT_TOKEN],
-        )
-        .await;
-        assert_eq!(code, 0, "{err}");
-    }
-    let u: UserView = admin
-        .call(Method::POST, "/v1/users", Some(&json!({ "name": "grid" })))
-        .await
-        .unwrap();
-    let token = u.token.unwrap();
+    let (_site, url, _admin, token) =
+        site_with(dir.path(), &[("kvm-1", &kvm), ("esx-1", &esx)]).await;
     let t = token.as_str();
 
     let mut vms = Vec::new();

@@ -9,7 +9,7 @@ use gve::agent::config::DriverConfig;
 use gve::agent::model::{OpState, Vm, VmRecord, VmState};
 use gve::agent::{Agent, AgentConfig};
 use gve::api::client::Client;
-use gve::plugin::{Grants, Limits, PluginSpec};
+use gve::plugin::{Limits, PluginSpec};
 use gve_harness::vsphere::{self, VsphereSim};
 use serde_json::json;
 
@@ -19,24 +19,10 @@ use crate::support::bundle;
 
 /// The driver's spec for `sim`: its authority granted, TLS pinned to `pin`.
 pub fn esx_spec(sim: &VsphereSim, pin: &str) -> PluginSpec {
-    let mut grants = Grants {
-        http: vec![sim.authority.clone()],
-        ..Default::default()
-    };
-    grants.tls.insert(
-        sim.authority.clone(),
-        gve::tls::ClientTls {
-            fingerprint: Some(pin.to_string()),
-            ..Default::default()
-        },
-    );
-    for (k, v) in [
-        ("guest-username", vsphere::GUEST_USERNAME),
-        ("guest-password", vsphere::GUEST_PASSWORD),
-        ("task-timeout-ms", "20000"),
-    ] {
-        grants.config.insert(k.into(), v.into());
-    }
+    let mut grants = sim.grants(pin);
+    grants
+        .config
+        .insert("task-timeout-ms".into(), "20000".into());
     PluginSpec {
         bundle: bundle("vmware-esx"),
         grants,
@@ -405,4 +391,59 @@ async fn a_vm_destroyed_while_being_listed_is_left_out() {
     let listed = listing.await.unwrap().expect("the listing succeeds");
     assert!(!listed.iter().any(|v| v.id == doomed.id), "{listed:?}");
     assert!(listed.len() >= 4, "{} VMs", listed.len());
+}
+
+/// A session the server ended (idle too long) is renewed by the driver on its next
+/// call, without the caller seeing it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_session_is_renewed_transparently() {
+    let sim = VsphereSim::start(&["-session-idle", "1s"]);
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = esx_config(&sim, dir.path(), &sim.tls_pin(), vsphere::PASSWORD);
+    // No reconcile meanwhile: the session must really sit idle.
+    config.driver.as_mut().unwrap().reconcile_period_ms = 600_000;
+    let agent = Agent::start(config).await.unwrap();
+    let driver = agent.core().unwrap().driver.clone();
+    let before = driver.list_vms().await.unwrap().len();
+    tokio::time::sleep(Duration::from_millis(3_500)).await;
+    let after = driver
+        .get_vm(vsphere::TEMPLATE)
+        .await
+        .expect("the expired session is renewed");
+    assert!(after.is_template);
+    assert_eq!(driver.list_vms().await.unwrap().len(), before);
+}
+
+/// Plain HTTP sends the vSphere password in clear: the driver refuses an `http://`
+/// endpoint unless the operator sets `plain-http = true` in its config.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_http_needs_the_operators_explicit_opt_in() {
+    let sim = VsphereSim::start(&["-tls=false"]);
+    assert!(sim.url.starts_with("http://"), "{}", sim.url);
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = esx_config(&sim, dir.path(), &sim.tls_pin(), vsphere::PASSWORD);
+    let spec = config.plugins.get_mut("vmware-esx").unwrap();
+    spec.grants.tls.clear();
+    let e = Agent::start(config.clone())
+        .await
+        .err()
+        .expect("an http:// endpoint without the opt-in must not open");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("plain-http") && msg.contains("denied"),
+        "{msg}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    config.data_dir = dir.path().to_path_buf();
+    config
+        .plugins
+        .get_mut("vmware-esx")
+        .unwrap()
+        .grants
+        .config
+        .insert("plain-http".into(), "true".into());
+    let agent = Agent::start(config).await.unwrap();
+    let driver = agent.core().unwrap().driver.clone();
+    assert!(driver.get_vm(vsphere::TEMPLATE).await.unwrap().is_template);
 }

@@ -370,7 +370,7 @@ pub fn sh_quote(s: &str) -> String {
 
 impl GuestSession for EsxGuestSession {
     type Upload = EsxUpload;
-    type Download = EsxDownload;
+    type Download = BytesDownload;
 
     fn exec(&mut self, vm: String, request: ExecRequest) -> Result<ExecResult> {
         self.0.borrow_mut().exec(&vm, request)
@@ -417,11 +417,11 @@ impl GuestSession for EsxGuestSession {
         })
     }
 
-    fn download(&mut self, vm: String, path: String) -> Result<EsxDownload> {
+    fn download(&mut self, vm: String, path: String) -> Result<BytesDownload> {
         let mut g = self.0.borrow_mut();
         let id = g.vm(&vm)?;
         let (mode, bytes) = g.get(&id, &path)?;
-        Ok(EsxDownload { mode, bytes, at: 0 })
+        Ok(BytesDownload::new(bytes, mode))
     }
 
     fn stat(&mut self, vm: String, path: String) -> Result<FileInfo> {
@@ -459,30 +459,6 @@ impl Upload for EsxUpload {
         g.put(&self.vm, &self.path, self.mode, &self.bytes)?;
         self.bytes = Vec::new();
         g.stat(&self.vm, &self.path)
-    }
-}
-
-/// A file being read: fetched whole when opened.
-pub struct EsxDownload {
-    mode: u32,
-    bytes: Vec<u8>,
-    at: usize,
-}
-
-impl Download for EsxDownload {
-    fn size(&self) -> u64 {
-        self.bytes.len() as u64
-    }
-
-    fn mode(&self) -> u32 {
-        self.mode
-    }
-
-    fn read(&mut self, max: u32) -> Result<Vec<u8>> {
-        let end = self.at.saturating_add(max as usize).min(self.bytes.len());
-        let chunk = self.bytes[self.at..end].to_vec();
-        self.at = end;
-        Ok(chunk)
     }
 }
 

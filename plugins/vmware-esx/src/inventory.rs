@@ -246,40 +246,28 @@ impl Conn {
         })
     }
 
+    /// The reference property `prop` of the first object of `kind` that has one.
+    fn first(&mut self, kind: &str, prop: &str) -> Result<Option<MoRef>> {
+        let mut found = None;
+        props::retrieve(&mut self.client, kind, &[prop], Objects::All, |_, p| {
+            if found.is_none() {
+                found = props::moref(p, prop);
+            }
+            Ok(())
+        })?;
+        Ok(found)
+    }
+
     /// Where new VMs go: the operator's pool and datastore, else the first ones found.
     pub fn placement(&mut self) -> Result<Placement> {
-        let mut folder = None;
-        props::retrieve(
-            &mut self.client,
-            "Datacenter",
-            &["vmFolder"],
-            Objects::All,
-            |_, p| {
-                if folder.is_none() {
-                    folder = props::moref(p, "vmFolder");
-                }
-                Ok(())
-            },
-        )?;
-        let folder = folder.ok_or_else(|| Error::backend("the endpoint has no datacenter"))?;
+        let folder = self
+            .first("Datacenter", "vmFolder")?
+            .ok_or_else(|| Error::backend("the endpoint has no datacenter"))?;
         let pool = match &self.settings.resource_pool {
             Some(id) => MoRef::new("ResourcePool", id.clone()),
-            None => {
-                let mut pool = None;
-                props::retrieve(
-                    &mut self.client,
-                    "ComputeResource",
-                    &["resourcePool"],
-                    Objects::All,
-                    |_, p| {
-                        if pool.is_none() {
-                            pool = props::moref(p, "resourcePool");
-                        }
-                        Ok(())
-                    },
-                )?;
-                pool.ok_or_else(|| Error::backend("the endpoint has no resource pool"))?
-            }
+            None => self
+                .first("ComputeResource", "resourcePool")?
+                .ok_or_else(|| Error::backend("the endpoint has no resource pool"))?,
         };
         let datastore = match &self.settings.datastore {
             Some(d) => d.clone(),

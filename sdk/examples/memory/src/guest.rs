@@ -33,7 +33,7 @@ fn with_running<R>(endpoint: &str, vm: &str, f: impl FnOnce(&mut Vm) -> Result<R
 
 impl GuestSession for MemoryGuestSession {
     type Upload = MemoryUpload;
-    type Download = MemoryDownload;
+    type Download = BytesDownload;
 
     fn exec(&mut self, vm: String, request: ExecRequest) -> Result<ExecResult> {
         with_running(&self.endpoint, &vm, |v| crate::exec::run(&request, &v.fs))
@@ -61,15 +61,12 @@ impl GuestSession for MemoryGuestSession {
         })
     }
 
-    fn download(&mut self, vm: String, path: String) -> Result<MemoryDownload> {
+    fn download(&mut self, vm: String, path: String) -> Result<BytesDownload> {
         check_path(&path)?;
         with_running(&self.endpoint, &vm, |v| {
+            // A snapshot of the content, taken as the download begins.
             let f = v.fs.file(&path)?;
-            Ok(MemoryDownload {
-                data: f.data.clone(),
-                mode: f.mode,
-                pos: 0,
-            })
+            Ok(BytesDownload::new(f.data.clone(), f.mode))
         })
     }
 
@@ -115,29 +112,5 @@ impl Upload for MemoryUpload {
             v.fs.prepare_write(&self.path, true)?;
             Ok(v.fs.write(&self.path, data, self.mode))
         })
-    }
-}
-
-/// A file being downloaded: a snapshot of its content taken when the download began.
-pub struct MemoryDownload {
-    data: Vec<u8>,
-    mode: u32,
-    pos: usize,
-}
-
-impl Download for MemoryDownload {
-    fn size(&self) -> u64 {
-        self.data.len() as u64
-    }
-
-    fn mode(&self) -> u32 {
-        self.mode
-    }
-
-    fn read(&mut self, max: u32) -> Result<Vec<u8>> {
-        let end = self.data.len().min(self.pos.saturating_add(max as usize));
-        let chunk = self.data[self.pos..end].to_vec();
-        self.pos = end;
-        Ok(chunk)
     }
 }

@@ -23,7 +23,7 @@ mod state;
 
 use gve_sdk::prelude::*;
 
-pub use guest::{MemoryDownload, MemoryGuestSession, MemoryUpload};
+pub use guest::{MemoryGuestSession, MemoryUpload};
 pub use session::MemorySession;
 
 /// The driver type named in the export macro.
