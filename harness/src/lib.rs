@@ -1,13 +1,16 @@
 //! The project's own harness for tests and benchmarks against real hypervisors: the
 //! tiny guest (Debian cloud kernel + busybox + qemu-ga) and private libvirtd
 //! instances, each in its own mount namespace, ended with everything they started;
-//! and the vSphere API simulator (`harness/vsphere-sim`).
+//! a real Xen nested under QEMU (`harness/xen`); and the vSphere API simulator
+//! (`harness/vsphere-sim`).
 
 mod libvirtd;
 pub mod vsphere;
+pub mod xen;
 
 pub use libvirtd::{guest, Libvirtd};
 pub use vsphere::VsphereSim;
+pub use xen::NestedXen;
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;

@@ -13,14 +13,7 @@ run() { "${sudo_cmd[@]}" "$@"; }
 have() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
 
 if ! have qemu-system-x86 || ! dpkg-query -W -f='${Version}' qemu-system-x86 | grep -q bpo; then
-    # The first Debian mirror (not the security one) the machine is configured with.
-    mirror=$( { cat /etc/apt/sources.list.d/*.sources /etc/apt/sources.list 2>/dev/null || true; } \
-        | sed -nE 's/^URIs:[[:space:]]*//p; s/^deb[[:space:]]+(\[[^]]*\][[:space:]]+)?//p' \
-        | awk '!/security/ {print $1; exit}')
-    if [ -z "$mirror" ]; then
-        echo "install-qemu: no Debian mirror found in the machine's apt sources" >&2
-        exit 1
-    fi
+    mirror=$(bash "$(dirname "$0")/apt-mirror.sh")
     apt_dir=/var/cache/gve/apt-backports
     run mkdir -p "$apt_dir/lists/partial" "$apt_dir/archives/partial"
     keyring=/usr/share/keyrings/debian-archive-keyring.gpg

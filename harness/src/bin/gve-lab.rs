@@ -3,6 +3,7 @@
 //!
 //! ```text
 //! gve-lab kvm --env FILE [--hosts N]
+//! gve-lab xen --env FILE
 //! ```
 //!
 //! `kvm` starts N (default 2) private libvirtd instances, each with a `gve` storage
@@ -11,16 +12,27 @@
 //! daemon named as a migration destination), `i` from 1. When standard input reaches
 //! end of file (the script that started it closed its pipe, or died), everything it
 //! started is ended: QEMU guests first, then the daemons.
+//!
+//! `xen` boots a real Xen nested under QEMU (dom0 with libvirtd's libxl driver, a
+//! `gve` pool, the PV template `tiny-pv`) and writes `GVE_LAB_XEN_URI` (libvirt URI) and
+//! `GVE_LAB_XEN_SHELL` (dom0's test shell port on 127.0.0.1); tests attach to it when
+//! `GVE_XEN_LAB` names that file.
 
 use std::io::Read;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use gve_harness::Libvirtd;
+use gve_harness::{Libvirtd, NestedXen};
 
 fn usage(msg: &str) -> ExitCode {
-    eprintln!("gve-lab: {msg}\nusage: gve-lab kvm --env FILE [--hosts N]");
+    eprintln!("gve-lab: {msg}\nusage: gve-lab kvm --env FILE [--hosts N] | gve-lab xen --env FILE");
     ExitCode::from(2)
+}
+
+/// What a lab holds until standard input closes.
+enum Lab {
+    Kvm(Vec<Libvirtd>),
+    Xen(NestedXen),
 }
 
 fn main() -> ExitCode {
@@ -28,7 +40,7 @@ fn main() -> ExitCode {
     let Some((what, rest)) = args.split_first() else {
         return usage("name a lab");
     };
-    if what != "kvm" {
+    if what != "kvm" && what != "xen" {
         return usage(&format!("unknown lab {what:?}"));
     }
     let (mut env, mut hosts) = (None::<PathBuf>, 2usize);
@@ -46,27 +58,46 @@ fn main() -> ExitCode {
     let Some(env) = env else {
         return usage("--env FILE is required");
     };
-    let daemons: Vec<Libvirtd> = (0..hosts).map(|_| Libvirtd::start()).collect();
-    let mut text = String::new();
-    for (i, d) in daemons.iter().enumerate() {
-        text.push_str(&format!(
-            "GVE_LAB_URI_{n}='{}'\nGVE_LAB_MIGRATE_{n}='{}'\n",
-            d.uri,
-            d.migration_uri(),
-            n = i + 1
-        ));
-    }
+    let (lab, text) = if what == "xen" {
+        let xen = NestedXen::boot();
+        let text = format!(
+            "GVE_LAB_XEN_URI='{}'\nGVE_LAB_XEN_SHELL='{}'\n",
+            xen.uri, xen.shell_port
+        );
+        (Lab::Xen(xen), text)
+    } else {
+        let daemons: Vec<Libvirtd> = (0..hosts).map(|_| Libvirtd::start()).collect();
+        let mut text = String::new();
+        for (i, d) in daemons.iter().enumerate() {
+            text.push_str(&format!(
+                "GVE_LAB_URI_{n}='{}'\nGVE_LAB_MIGRATE_{n}='{}'\n",
+                d.uri,
+                d.migration_uri(),
+                n = i + 1
+            ));
+        }
+        (Lab::Kvm(daemons), text)
+    };
     // Written whole, then renamed: a reader never sees half a file.
     let tmp = env.with_extension("partial");
     if let Err(e) = std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, &env)) {
         eprintln!("gve-lab: cannot write {}: {e}", env.display());
         return ExitCode::FAILURE;
     }
-    eprintln!("gve-lab: {hosts} libvirtd up; ends when standard input closes");
+    match &lab {
+        Lab::Kvm(d) => eprintln!(
+            "gve-lab: {} libvirtd up; ends when standard input closes",
+            d.len()
+        ),
+        Lab::Xen(x) => eprintln!(
+            "gve-lab: Xen up at {}; ends when standard input closes",
+            x.uri
+        ),
+    }
     let mut sink = [0u8; 4096];
     let mut stdin = std::io::stdin();
     while matches!(stdin.read(&mut sink), Ok(n) if n > 0) {}
-    drop(daemons);
+    drop(lab);
     let _ = std::fs::remove_file(&env);
     ExitCode::SUCCESS
 }

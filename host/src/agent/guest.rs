@@ -133,16 +133,9 @@ fn guest_error(status: StatusCode, kind: &str, message: String) -> ApiError {
 impl AgentCore {
     /// The guest provider, or why there is none.
     pub fn guest(&self) -> Result<&GuestProvider, ApiError> {
-        self.guest.as_ref().ok_or_else(|| {
-            guest_error(
-                StatusCode::NOT_IMPLEMENTED,
-                "unsupported",
-                format!(
-                    "driver '{}' has no native guest operations and the agent has no [driver] guest-plugin configured",
-                    self.driver.plugin()
-                ),
-            )
-        })
+        self.guest
+            .as_ref()
+            .map_err(|why| guest_error(StatusCode::NOT_IMPLEMENTED, "unsupported", why.clone()))
     }
 
     /// Refuses guest operations on a VM whose guest cannot answer.

@@ -37,8 +37,9 @@ pub struct AgentCore {
     pub driver: DriverSession,
     /// Default reservation length, seconds.
     pub reservation_seconds: u64,
-    /// Where exec and copy run: the driver's own guest export or the guest plugin.
-    pub guest: Option<guest::GuestProvider>,
+    /// Where exec and copy run: the driver's own guest export or the guest plugin;
+    /// else why there is none.
+    pub guest: Result<guest::GuestProvider, String>,
     /// Software bundles for provision.
     pub bundles_dir: Option<std::path::PathBuf>,
     /// Where migrations to this host are sent (default: the driver endpoint).
@@ -151,23 +152,37 @@ impl Handler for AgentApi {
 }
 
 /// Opens the guest provider of the driver: its own `guest` export when it declares
-/// `guest-native`, else the configured guest plugin, else none.
+/// `guest-native`, else the configured guest plugin when the driver declares
+/// `guest-agent-channel` (the plugin's way to the guest), else none, and why.
 pub(crate) async fn open_guest(
     plugins: &PluginHost,
     d: &config::DriverConfig,
     creds: &Credentials,
-) -> Result<Option<guest::GuestProvider>, AgentError> {
+) -> Result<Result<guest::GuestProvider, String>, AgentError> {
     use crate::plugin::bindings::types::Capabilities;
-    let native = plugins
+    let caps = plugins
         .slot(&d.plugin)
         .and_then(|s| s.current())
         .ok()
         .and_then(|l| l.driver_info.as_ref().map(|i| i.capabilities))
-        .is_some_and(|c| c.contains(Capabilities::GUEST_NATIVE));
-    let name = match (&d.guest_plugin, native) {
-        (_, true) => d.plugin.clone(),
-        (Some(g), false) => g.clone(),
-        (None, false) => return Ok(None),
+        .unwrap_or(Capabilities::empty());
+    let name = match &d.guest_plugin {
+        _ if caps.contains(Capabilities::GUEST_NATIVE) => d.plugin.clone(),
+        Some(g) if caps.contains(Capabilities::GUEST_AGENT_CHANNEL) => g.clone(),
+        Some(g) => {
+            return Ok(Err(format!(
+                "driver '{}' declares neither guest-native nor guest-agent-channel: guest \
+                 plugin '{g}' has no way into its guests",
+                d.plugin
+            )))
+        }
+        None => {
+            return Ok(Err(format!(
+                "driver '{}' has no native guest operations and the agent has no [driver] \
+                 guest-plugin configured",
+                d.plugin
+            )))
+        }
     };
     let session = plugins
         .open_guest(&name, &d.endpoint, creds.clone())
@@ -177,7 +192,7 @@ pub(crate) async fn open_guest(
             endpoint: d.endpoint.clone(),
             source,
         })?;
-    Ok(Some(guest::GuestProvider {
+    Ok(Ok(guest::GuestProvider {
         session,
         plugin: name,
         plugins: plugins.clone(),

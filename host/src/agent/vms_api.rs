@@ -138,10 +138,34 @@ impl AgentCore {
         vm: &str,
         params: OpParams,
     ) -> Result<Response, ApiError> {
+        self.declared(&params)?;
         let op = self
             .submit_keyed(vm, params, key.as_deref())
             .map_err(registry_error)?;
         Ok(json_response(StatusCode::ACCEPTED, &op))
+    }
+
+    /// Refuses at once (501 `unsupported`) an operation the driver does not declare,
+    /// rather than accepting it only to fail.
+    fn declared(&self, params: &OpParams) -> Result<(), ApiError> {
+        use crate::plugin::bindings::types::Capabilities as C;
+        let (op, needed) = match params {
+            OpParams::Create(_) => ("create", C::CREATE),
+            OpParams::Clone { linked: true, .. } => ("clone", C::CLONE | C::LINKED_CLONE),
+            OpParams::Clone { .. } => ("clone", C::CLONE),
+            OpParams::Start => ("start", C::START),
+            OpParams::Shutdown { .. } => ("shutdown", C::SHUTDOWN),
+            OpParams::Suspend => ("suspend", C::SUSPEND),
+            OpParams::Resume => ("resume", C::RESUME),
+            OpParams::Migrate { live: true, .. } => ("migrate", C::MIGRATE | C::LIVE_MIGRATE),
+            OpParams::Migrate { .. } => ("migrate", C::MIGRATE),
+            OpParams::Destroy => ("destroy", C::DESTROY),
+            // Guest operations: checked against the guest provider.
+            _ => return Ok(()),
+        };
+        self.driver
+            .require(op, needed)
+            .map_err(|e| ApiError::new(StatusCode::NOT_IMPLEMENTED, "unsupported", e.to_string()))
     }
 
     /// Checks that `rec` is in one of `allowed` states for `action`.
@@ -189,7 +213,7 @@ impl AgentCore {
                 "plugin": self.driver.plugin(),
                 "endpoint": self.driver.endpoint(),
                 "migration-uri": self.migration_uri.as_deref().unwrap_or(self.driver.endpoint()),
-                "guest": self.guest.as_ref().map(|g| g.plugin.clone()),
+                "guest": self.guest.as_ref().ok().map(|g| g.plugin.clone()),
             })),
             (Method::GET, ["v1", "vms"]) => ok(&self.registry.vms().map_err(registry_error)?),
             (Method::GET, ["v1", "vms", id]) => ok(&self.record(id)?),

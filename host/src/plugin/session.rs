@@ -173,6 +173,11 @@ impl DriverSession {
         &self.target.slot.name
     }
 
+    /// Refuses `op` unless the loaded driver declares every capability in `needed`.
+    pub fn require(&self, op: &'static str, needed: Capabilities) -> Result<()> {
+        self.target.require(op, needed)
+    }
+
     driver_op!(
         /// Capacity and identity of the host.
         host_info() -> HostInfo, "host-info", Capabilities::empty(), call_host_info());

@@ -423,3 +423,102 @@ async fn one_endpoint_serves_kvm_and_vmware_alike() {
     let me = gve_json(&url, t, &["user", "me", "-o", "json"]).await;
     assert_eq!(me["usage"]["vms"], 0, "{me}");
 }
+
+/// An agent serving the nested Xen through the xen driver.
+async fn xen_agent(xen: &gve_harness::NestedXen, dir: &std::path::Path) -> Agent {
+    Agent::start(AgentConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: dir.to_path_buf(),
+        admin_token: AGENT_TOKEN.into(),
+        plugins: BTreeMap::from([("xen".to_string(), crate::xen::xen_spec(xen))]),
+        driver: Some(DriverConfig {
+            plugin: "xen".into(),
+            endpoint: xen.uri.clone(),
+            username: None,
+            password: None,
+            token: None,
+            reconcile_period_ms: 1000,
+            reservation_seconds: 60,
+            guest_plugin: None,
+            migration_uri: None,
+        }),
+        bundles_dir: None,
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_endpoint_serves_kvm_and_xen_alike() {
+    let xen = gve_harness::xen::shared();
+    let lv = Libvirtd::start();
+    let dir = tempfile::tempdir().unwrap();
+    let kvm = kvm_agent(&lv, &lv, &dir.path().join("kvm")).await;
+    let xa = xen_agent(&xen, &dir.path().join("xen")).await;
+    let (_site, url, _admin, token) =
+        site_with(dir.path(), &[("kvm-1", &kvm), ("xen-1", &xa)]).await;
+    let t = token.as_str();
+
+    let mut vms = Vec::new();
+    for (template, agent) in [("tiny", "kvm-1"), (gve_harness::xen::TEMPLATE, "xen-1")] {
+        let job = gve_json(
+            &url,
+            t,
+            &[
+                "vm",
+                "request",
+                "--template",
+                template,
+                "--memory-mib",
+                "192",
+                "--wait",
+                "-o",
+                "json",
+            ],
+        )
+        .await;
+        assert_eq!(job["state"], "succeeded", "{job}");
+        assert_eq!(job["result"]["agent"], agent, "{job}");
+        let vm = job["result"]["id"].as_str().unwrap().to_string();
+        let shown = gve_json(&url, t, &["vm", "show", &vm, "-o", "json"]).await;
+        assert_eq!(shown["state"], "running", "{shown}");
+        vms.push(vm);
+    }
+    // Xen runs the second as a PV domain, under the name the site gave it.
+    let xen_name = gve_json(&url, t, &["vm", "show", &vms[1], "-o", "json"]).await["name"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let running = xen.xl_list();
+    assert!(running.contains_key(&xen_name), "{xen_name}: {running:?}");
+    for vm in &vms {
+        for (action, state) in [("suspend", "suspended"), ("resume", "running")] {
+            let (code, _, err) = gve(&url, t, &["vm", action, vm, "--wait"]).await;
+            assert_eq!(code, 0, "{action}: {err}");
+            let shown = gve_json(&url, t, &["vm", "show", vm, "-o", "json"]).await;
+            assert_eq!(shown["state"], state, "{shown}");
+        }
+    }
+    // Guest operations: kvm's through guest-install, Xen's refused with the reason.
+    let (code, _, err) = gve(&url, t, &["vm", "exec", &vms[1], "--", "true"]).await;
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("unsupported") || err.contains("guest"),
+        "{err}"
+    );
+    for vm in &vms {
+        let rel = gve_json(&url, t, &["vm", "release", vm, "--wait", "-o", "json"]).await;
+        assert_eq!(rel["state"], "succeeded", "{rel}");
+    }
+    let mine = gve_json(&url, t, &["vm", "list", "-o", "json"]).await;
+    assert_eq!(mine, json!([]));
+    let me = gve_json(&url, t, &["user", "me", "-o", "json"]).await;
+    assert_eq!(me["usage"]["vms"], 0, "{me}");
+    // Released VMs are destroyed: nothing of them is left in Xen.
+    let end = Instant::now() + Duration::from_secs(30);
+    while xen.xl_list().contains_key(&xen_name) {
+        assert!(Instant::now() < end, "{:?}", xen.xl_list());
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}

@@ -18,3 +18,4 @@ mod tenancy;
 mod tls;
 mod up;
 mod vmware;
+mod xen;

@@ -1,10 +1,11 @@
 //! gve driver for QEMU/KVM through libvirt (`plugins/kvm`).
 //!
-//! Speaks to libvirt only through the host's `libvirt` import (granted URIs only).
-//! Templates are persistent domains labelled `gve.template=true` whose disks are qcow2
-//! volumes in a storage pool; create and clone make copy-on-write overlays (linked) or
-//! full copies in that pool. Works on TCG and on KVM: the domain type comes from the
-//! template (or the `domain-type` config value), never assumed.
+//! Speaks to libvirt only through the host's `libvirt` import (granted URIs only),
+//! with the session `gve-libvirt-common` shares with the xen driver. Templates are
+//! persistent domains labelled `gve.template=true` whose disks are qcow2 volumes in a
+//! storage pool; create and clone make copy-on-write overlays (linked) or full copies
+//! in that pool. Works on TCG and on KVM: the domain type comes from the template (or
+//! the `domain-type` config value), never assumed.
 //!
 //! Config values: `storage-pool` (default `gve`), `shutdown-timeout-ms` (default
 //! 20000: a graceful shutdown that does not finish in time is forced), `domain-type`
@@ -12,16 +13,42 @@
 //! disks' top layers; true: every destination sees the pool's disks at the same
 //! paths, so nothing is copied).
 
-mod domain;
-mod session;
-
+use gve_libvirt_common::domain::{DiskView, DomainView};
+use gve_libvirt_common::{Flavor, LibvirtSession};
+use gve_sdk::libvirt::{Disk, DiskFormat, DomainXml};
 use gve_sdk::prelude::*;
+
+/// QEMU/KVM domains: qcow2 disks on virtio, a serial console, the guest agent's
+/// virtio channel, ACPI.
+pub struct QemuFlavor;
+
+impl Flavor for QemuFlavor {
+    const DRIVER: &'static str = "kvm";
+    const DISK_FORMAT: DiskFormat = DiskFormat::Qcow2;
+    const LINKED_CLONES: bool = true;
+    const GUEST_AGENT: bool = true;
+    const STORAGE_MIGRATION: bool = true;
+
+    fn skeleton(name: &str, base: &DomainView) -> DomainXml {
+        let domain_type =
+            gve_sdk::config::get("domain-type").unwrap_or_else(|| base.domain_type.clone());
+        DomainXml::new(name)
+            .domain_type(domain_type)
+            .serial_console()
+            .guest_agent()
+            .acpi(true)
+    }
+
+    fn disk(path: String, old: &DiskView) -> Disk {
+        Disk::new(path, DiskFormat::Qcow2, old.target.clone())
+    }
+}
 
 /// The kvm driver.
 pub struct Kvm;
 
 impl Driver for Kvm {
-    type Session = session::KvmSession;
+    type Session = LibvirtSession<QemuFlavor>;
 
     fn info() -> DriverInfo {
         DriverInfo {
@@ -43,8 +70,8 @@ impl Driver for Kvm {
         }
     }
 
-    fn open(endpoint: String, _credentials: Credentials) -> Result<session::KvmSession> {
-        session::KvmSession::open(endpoint)
+    fn open(endpoint: String, _credentials: Credentials) -> Result<Self::Session> {
+        LibvirtSession::open(endpoint)
     }
 }
 

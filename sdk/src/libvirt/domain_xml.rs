@@ -38,6 +38,15 @@ pub enum DiskBus {
     Xen,
 }
 
+/// Who serves a disk to the guest (`<driver name>`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiskBackend {
+    /// QEMU (for Xen: the `qdisk` backend, a QEMU process in dom0).
+    Qemu,
+    /// The kernel's block backend (for Xen: `blkback`, a file through a loop device).
+    Phy,
+}
+
 /// A file-backed disk.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Disk {
@@ -51,6 +60,8 @@ pub struct Disk {
     pub bus: DiskBus,
     /// Attach read-only.
     pub readonly: bool,
+    /// Who serves it.
+    pub backend: DiskBackend,
 }
 
 impl Disk {
@@ -62,6 +73,17 @@ impl Disk {
             target_dev: target_dev.into(),
             bus: DiskBus::Virtio,
             readonly: false,
+            backend: DiskBackend::Qemu,
+        }
+    }
+
+    /// A writable disk of a Xen PV guest: `blkback` serves it on the Xen bus, so
+    /// dom0 needs no QEMU (the format must be raw).
+    pub fn xen_pv(path: impl Into<String>, target_dev: impl Into<String>) -> Disk {
+        Disk {
+            bus: DiskBus::Xen,
+            backend: DiskBackend::Phy,
+            ..Disk::new(path, DiskFormat::Raw, target_dev)
         }
     }
 }
@@ -101,6 +123,7 @@ pub struct DomainXml {
     disks: Vec<Disk>,
     interfaces: Vec<Interface>,
     serial_console: bool,
+    xen_console: bool,
     guest_agent: bool,
     labels: Vec<(String, String)>,
 }
@@ -124,6 +147,7 @@ impl DomainXml {
             disks: Vec::new(),
             interfaces: Vec::new(),
             serial_console: false,
+            xen_console: false,
             guest_agent: false,
             labels: Vec::new(),
         }
@@ -228,6 +252,12 @@ impl DomainXml {
         self
     }
 
+    /// A console on Xen's paravirtual console (`hvc0` in a PV guest).
+    pub fn xen_console(mut self) -> Self {
+        self.xen_console = true;
+        self
+    }
+
     /// Adds the virtio channel `org.qemu.guest_agent.0` for the QEMU guest agent.
     pub fn guest_agent(mut self) -> Self {
         self.guest_agent = true;
@@ -295,6 +325,12 @@ impl fmt::Display for DomainXml {
                 "    <console type='pty'>\n      <target type='serial' port='0'/>\n    </console>"
             )?;
         }
+        if self.xen_console {
+            writeln!(
+                f,
+                "    <console type='pty'>\n      <target type='xen' port='0'/>\n    </console>"
+            )?;
+        }
         if self.guest_agent {
             writeln!(f, "    <channel type='unix'>")?;
             writeln!(
@@ -351,8 +387,12 @@ fn write_disk(f: &mut fmt::Formatter<'_>, d: &Disk) -> fmt::Result {
         DiskBus::Ide => "ide",
         DiskBus::Xen => "xen",
     };
+    let driver = match d.backend {
+        DiskBackend::Qemu => "qemu",
+        DiskBackend::Phy => "phy",
+    };
     writeln!(f, "    <disk type='file' device='disk'>")?;
-    writeln!(f, "      <driver name='qemu' type='{format}'/>")?;
+    writeln!(f, "      <driver name='{driver}' type='{format}'/>")?;
     writeln!(f, "      <source file='{}'/>", Esc(&d.path))?;
     writeln!(
         f,
@@ -499,6 +539,23 @@ mod tests {
         assert!(xml.contains("<target dev='xvda' bus='xen'/>\n      <readonly/>"));
         assert!(xml.contains("<interface type='user'>\n      <model type='virtio'/>"));
         assert!(!xml.contains("<metadata>"));
+    }
+
+    #[test]
+    fn xen_pv_disks_are_served_by_blkback_and_the_console_is_xens() {
+        let xml = DomainXml::new("pv")
+            .domain_type("xen")
+            .os_type(OsType::Xen)
+            .acpi(false)
+            .disk(Disk::xen_pv("/img/pv.img", "xvda"))
+            .xen_console()
+            .to_xml();
+        assert!(xml.contains(
+            "<driver name='phy' type='raw'/>\n      <source file='/img/pv.img'/>\n      \
+             <target dev='xvda' bus='xen'/>"
+        ));
+        assert!(xml.contains("<console type='pty'>\n      <target type='xen' port='0'/>"));
+        assert!(!xml.contains("<serial"));
     }
 
     #[test]

@@ -22,5 +22,5 @@ pub use crate::bindings::driver_world::gve::hypervisor::libvirt::{
     Connection, Domain, DomainState, MigrateFlags, NodeInfo, UndefineFlags, Volume,
 };
 pub use domain_xml::{
-    escape, Disk, DiskBus, DiskFormat, DomainXml, Interface, OsType, LABELS_NAMESPACE,
+    escape, Disk, DiskBackend, DiskBus, DiskFormat, DomainXml, Interface, OsType, LABELS_NAMESPACE,
 };

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use virt::connect::Connect;
 use virt::domain::Domain as VirtDomain;
-use virt::error::ErrorNumber;
+use virt::error::{ErrorDomain, ErrorNumber};
 use virt::storage_pool::StoragePool;
 use virt::storage_vol::StorageVol;
 use wasmtime::component::Resource;
@@ -59,7 +59,27 @@ impl LibvirtCap {
 /// An open libvirt connection, closed when the plugin drops it.
 pub struct Connection {
     uri: String,
-    conn: Arc<Conn>,
+    conn: Arc<Reconnecting>,
+}
+
+/// A connection that is opened anew when libvirt says it died (its daemon restarted,
+/// or the way to it broke): the call that saw it die fails `unavailable`, the next
+/// one reconnects, so a plugin's session outlives a libvirtd restart.
+struct Reconnecting {
+    uri: String,
+    current: std::sync::Mutex<Arc<Conn>>,
+}
+
+impl Reconnecting {
+    /// The live connection (blocking: may reconnect).
+    fn get(&self) -> Result<Arc<Conn>, Error> {
+        let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        // Only a definite "dead" reconnects; a driver that cannot tell keeps its own.
+        if matches!(current.0.is_alive(), Ok(false)) {
+            *current = Arc::new(open_blocking(&self.uri)?);
+        }
+        Ok(current.clone())
+    }
 }
 
 /// `virt::connect::Connect` closes nothing on drop; this does.
@@ -80,6 +100,17 @@ fn quiet_libvirt() {
 /// Maps a libvirt error to the contract's error kinds.
 fn map_err(e: virt::error::Error) -> Error {
     let m = format!("libvirt: {}", e.message());
+    // The way to libvirtd failed (refused, reset, closed, keepalive lost): the
+    // daemon is out of reach, the request may be fine. Errors the daemon reports
+    // for its hypervisor carry that driver's domain instead.
+    if e.domain() == ErrorDomain::Rpc
+        && matches!(
+            e.code(),
+            ErrorNumber::SystemError | ErrorNumber::Rpc | ErrorNumber::InternalError
+        )
+    {
+        return Error::Unavailable(m);
+    }
     match e.code() {
         ErrorNumber::NoDomain
         | ErrorNumber::NoStorageVolume
@@ -215,7 +246,7 @@ impl HostState {
         f: impl FnOnce(&Connect) -> Result<T, Error> + Send + 'static,
     ) -> wasmtime::Result<Result<T, Error>> {
         let conn = self.table().get(this)?.conn.clone();
-        Ok(self.libvirt.blocking(op, move || f(&conn.0)).await)
+        Ok(self.libvirt.blocking(op, move || f(&conn.get()?.0)).await)
     }
 }
 
@@ -283,8 +314,11 @@ impl HostConnection for HostState {
             .await
         {
             Ok(conn) => Ok(Ok(self.table().push(Connection {
+                conn: Arc::new(Reconnecting {
+                    uri: uri.clone(),
+                    current: std::sync::Mutex::new(Arc::new(conn)),
+                }),
                 uri,
-                conn: Arc::new(conn),
             })?)),
             Err(e) => Ok(Err(e)),
         }
@@ -670,7 +704,7 @@ impl HostConnection for HostState {
         Ok(self
             .libvirt
             .blocking_within("qemu-agent-command", limit, move || {
-                lookup(&conn.0, &domain)?
+                lookup(&conn.get()?.0, &domain)?
                     .qemu_agent_command(&command, timeout_seconds, 0)
                     .map_err(map_err)
             })

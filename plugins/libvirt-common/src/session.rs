@@ -1,40 +1,59 @@
-//! One libvirt connection and the contract's operations on it.
+//! One libvirt connection and the contract's operations on it, for any [`Flavor`].
 
+use std::marker::PhantomData;
 use std::time::{Duration, Instant};
 
 use gve_sdk::libvirt::{
-    escape, Connection, Disk, DiskFormat, Domain, DomainState, DomainXml, MigrateFlags,
-    UndefineFlags,
+    escape, Connection, DiskFormat, Domain, DomainState, MigrateFlags, UndefineFlags,
 };
 use gve_sdk::prelude::*;
 
 use crate::domain::{self, DomainView, TEMPLATE_LABEL};
+use crate::Flavor;
 
 /// An open session: a libvirt connection and the node's host name.
-pub struct KvmSession {
+pub struct LibvirtSession<F: Flavor> {
     conn: Connection,
     hostname: String,
     pool: String,
     shutdown_timeout: Duration,
     shared_storage: bool,
+    flavor: PhantomData<F>,
 }
 
 fn config_or(key: &str, default: &str) -> String {
     gve_sdk::config::get(key).unwrap_or_else(|| default.to_string())
 }
 
-impl KvmSession {
+/// File name suffix of a volume in `format`.
+fn suffix(format: DiskFormat) -> &'static str {
+    match format {
+        DiskFormat::Qcow2 => ".qcow2",
+        DiskFormat::Raw => ".img",
+    }
+}
+
+/// libvirt's name of a volume format.
+fn format_name(format: DiskFormat) -> &'static str {
+    match format {
+        DiskFormat::Qcow2 => "qcow2",
+        DiskFormat::Raw => "raw",
+    }
+}
+
+impl<F: Flavor> LibvirtSession<F> {
     /// Connects to `endpoint` (a libvirt URI the operator granted).
-    pub fn open(endpoint: String) -> Result<KvmSession> {
+    pub fn open(endpoint: String) -> Result<LibvirtSession<F>> {
         let conn = Connection::open(&endpoint)?;
         let hostname = conn.hostname()?;
         let shutdown_ms: u64 = gve_sdk::config::parse_or("shutdown-timeout-ms", 20_000)?;
-        Ok(KvmSession {
+        Ok(LibvirtSession {
             conn,
             hostname,
             pool: config_or("storage-pool", "gve"),
             shutdown_timeout: Duration::from_millis(shutdown_ms),
             shared_storage: gve_sdk::config::parse_or("shared-storage", false)?,
+            flavor: PhantomData,
         })
     }
 
@@ -77,8 +96,8 @@ impl KvmSession {
         Ok(out)
     }
 
-    /// Creates the disk of a new VM in the pool: an overlay of `source` (linked) or a
-    /// full copy of it.
+    /// Creates the disk of a new VM in the pool: an overlay of `source` (linked, where
+    /// the flavor has them) or a full copy of it.
     fn new_disk(
         &self,
         vm: &str,
@@ -95,12 +114,13 @@ impl KvmSession {
             .map(|m| m << 20)
             .unwrap_or(0)
             .max(src.capacity_bytes);
-        let name = format!("{vm}-disk{index}.qcow2");
+        let name = format!("{vm}-disk{index}{}", suffix(F::DISK_FORMAT));
+        let format = format_name(F::DISK_FORMAT);
         let vol = if linked {
             let xml = format!(
                 "<volume><name>{}</name><capacity unit='bytes'>{capacity}</capacity>\
-                 <target><format type='qcow2'/></target><backingStore><path>{}</path>\
-                 <format type='qcow2'/></backingStore></volume>",
+                 <target><format type='{format}'/></target><backingStore><path>{}</path>\
+                 <format type='{format}'/></backingStore></volume>",
                 escape(&name),
                 escape(source)
             );
@@ -108,7 +128,7 @@ impl KvmSession {
         } else {
             let xml = format!(
                 "<volume><name>{}</name><capacity unit='bytes'>{capacity}</capacity>\
-                 <target><format type='qcow2'/></target></volume>",
+                 <target><format type='{format}'/></target></volume>",
                 escape(&name)
             );
             self.conn.clone_volume(&self.pool, &xml, source)?
@@ -126,15 +146,7 @@ impl KvmSession {
         disks: &[String],
         labels: &[(String, String)],
     ) -> Result<VmInfo> {
-        let domain_type =
-            gve_sdk::config::get("domain-type").unwrap_or_else(|| base.domain_type.clone());
-        let mut xml = DomainXml::new(name)
-            .domain_type(domain_type)
-            .memory_mib(memory_mib)
-            .vcpus(vcpus)
-            .serial_console()
-            .guest_agent()
-            .acpi(true);
+        let mut xml = F::skeleton(name, base).memory_mib(memory_mib).vcpus(vcpus);
         if let Some(a) = &base.arch {
             xml = xml.arch(a.clone());
         }
@@ -151,11 +163,7 @@ impl KvmSession {
             xml = xml.cmdline(c.clone());
         }
         for (disk, old) in disks.iter().zip(&base.disks) {
-            xml = xml.disk(Disk::new(
-                disk.clone(),
-                DiskFormat::Qcow2,
-                old.target.clone(),
-            ));
+            xml = xml.disk(F::disk(disk.clone(), old));
         }
         for net in &base.networks {
             xml = xml.network(net.clone());
@@ -189,6 +197,7 @@ impl KvmSession {
         }
         let src = self.find(source)?;
         let (src_info, view) = self.describe(&src)?;
+        F::check_base(&view)?;
         if linked && !src_info.is_template && src_info.state != VmState::Stopped {
             return Err(Error::invalid_state(format!(
                 "a linked clone needs a stopped source; {} is {:?}",
@@ -243,7 +252,7 @@ impl KvmSession {
             .inspect_err(|_| self.drop_disks(&made))
     }
 
-    /// Deletes pool volumes named `<vm>-disk<N>.qcow2` (disks gve makes for a VM)
+    /// Deletes pool volumes named `<vm>-disk<N><suffix>` (disks gve makes for a VM)
     /// when no domain of that name exists; returns how many were deleted.
     fn remove_leftover_disks(&self, vm: &str) -> Result<usize> {
         let prefix = format!("{vm}-disk");
@@ -252,7 +261,7 @@ impl KvmSession {
             let ours = v
                 .name
                 .strip_prefix(&prefix)
-                .and_then(|r| r.strip_suffix(".qcow2"))
+                .and_then(|r| r.strip_suffix(suffix(F::DISK_FORMAT)))
                 .is_some_and(|i| i.parse::<u32>().is_ok());
             if ours {
                 self.conn.delete_volume(&v.path)?;
@@ -315,7 +324,7 @@ impl KvmSession {
     }
 }
 
-impl Session for KvmSession {
+impl<F: Flavor> Session for LibvirtSession<F> {
     fn host_info(&mut self) -> Result<HostInfo> {
         let node = self.conn.node_info()?;
         let free = self.conn.node_free_memory()?;
@@ -369,9 +378,10 @@ impl Session for KvmSession {
             )));
         }
         let template = profile.template.clone().ok_or_else(|| {
-            Error::invalid_argument(
-                "the kvm driver creates VMs from a template; the profile names none",
-            )
+            Error::invalid_argument(format!(
+                "the {} driver creates VMs from a template; the profile names none",
+                F::DRIVER
+            ))
         })?;
         let tpl = self.find(&template)?;
         if !self.describe(&tpl)?.0.is_template {
@@ -379,10 +389,23 @@ impl Session for KvmSession {
                 "'{template}' is a VM, not a template"
             )));
         }
-        self.derive(&template, &profile.name.clone(), true, Some(&profile))
+        self.derive(
+            &template,
+            &profile.name.clone(),
+            F::LINKED_CLONES,
+            Some(&profile),
+        )
     }
 
     fn clone_vm(&mut self, source: String, name: String, linked: bool) -> Result<VmInfo> {
+        if linked && !F::LINKED_CLONES {
+            return Err(Error::unsupported(format!(
+                "the {} driver makes full clones only: its disks are {} files, which have no \
+                 copy-on-write overlays",
+                F::DRIVER,
+                format_name(F::DISK_FORMAT)
+            )));
+        }
         self.derive(&source, &name, linked, None)
     }
 
@@ -400,7 +423,9 @@ impl Session for KvmSession {
                 format!("{} is {:?}, not stopped", info.name, info.state).to_lowercase(),
             ));
         }
-        self.conn.start_domain(&d.name)?;
+        self.conn
+            .start_domain(&d.name)
+            .map_err(|e| F::start_failed(&d.name, e))?;
         self.info(&vm)
     }
 
@@ -413,13 +438,16 @@ impl Session for KvmSession {
             )));
         }
         if !force {
-            // Ask nicely (ACPI, and the guest agent if it runs), then wait.
+            // Ask nicely (the hypervisor's request, and the guest agent if it runs),
+            // then wait.
             let _ = self.conn.shutdown_domain(&d.name);
-            let _ = self.conn.qemu_agent_command(
-                &d.name,
-                r#"{"execute":"guest-shutdown","arguments":{"mode":"powerdown"}}"#,
-                2,
-            );
+            if F::GUEST_AGENT {
+                let _ = self.conn.qemu_agent_command(
+                    &d.name,
+                    r#"{"execute":"guest-shutdown","arguments":{"mode":"powerdown"}}"#,
+                    2,
+                );
+            }
             let off = |d: &Domain| d.state == DomainState::Shutoff;
             if self.wait_for(&vm, off, self.shutdown_timeout)? {
                 return self.info(&vm);
@@ -469,8 +497,15 @@ impl Session for KvmSession {
             // The operator says every destination sees the pool's disks at the same
             // paths: libvirt cannot verify that for plain directories, so say so.
             flags |= MigrateFlags::UNSAFE_MIGRATION;
-        } else {
+        } else if F::STORAGE_MIGRATION {
             flags |= MigrateFlags::NON_SHARED_INCREMENTAL;
+        } else {
+            return Err(Error::unsupported(format!(
+                "the {} driver cannot copy disks while migrating (libvirt has no storage \
+                 migration for this hypervisor); set shared-storage = true if every host sees \
+                 the storage pool at the same paths",
+                F::DRIVER
+            )));
         }
         if live {
             if domain::state(&d) != VmState::Running {
@@ -508,10 +543,7 @@ impl Session for KvmSession {
         if d.state != DomainState::Shutoff {
             self.conn.destroy_domain(&d.name)?;
         }
-        self.conn.undefine_domain(
-            &d.name,
-            UndefineFlags::MANAGED_SAVE | UndefineFlags::SNAPSHOTS_METADATA | UndefineFlags::NVRAM,
-        )?;
+        self.conn.undefine_domain(&d.name, F::undefine_flags())?;
         // Delete the disks this VM owns: the ones gve made for it in the pool.
         let prefix = format!("{}-disk", d.name);
         for disk in &view.disks {
@@ -538,6 +570,12 @@ impl Session for KvmSession {
         command: String,
         timeout_ms: u32,
     ) -> Result<String> {
+        if !F::GUEST_AGENT {
+            return Err(Error::unsupported(format!(
+                "the {} driver has no channel to a guest agent",
+                F::DRIVER
+            )));
+        }
         let d = self.find(&vm)?;
         if domain::state(&d) != VmState::Running {
             return Err(Error::unavailable(format!(

@@ -35,8 +35,10 @@ fn text(parent: roxmltree::Node, name: &str) -> Option<String> {
 /// The parts of a domain definition the driver uses.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct DomainView {
-    /// Domain type (kvm, qemu).
+    /// Domain type (kvm, qemu, xen).
     pub domain_type: String,
+    /// OS type (`hvm`; `linux` or `xen` for a Xen PV guest).
+    pub os_type: Option<String>,
     /// Memory in MiB.
     pub memory_mib: u64,
     /// Virtual CPUs.
@@ -89,6 +91,7 @@ impl DomainView {
             if let Some(t) = child(os, "type") {
                 v.arch = t.attribute("arch").map(str::to_string);
                 v.machine = t.attribute("machine").map(str::to_string);
+                v.os_type = t.text().map(|t| t.trim().to_string());
             }
             v.kernel = text(os, "kernel");
             v.initrd = text(os, "initrd");
