@@ -10,6 +10,9 @@
 //!
 //! Writes bench/results/guest.md. Run with `bash bench/run.sh guest`.
 
+#[path = "common.rs"]
+mod common;
+
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
@@ -24,6 +27,8 @@ use gve_harness::{target_dir, Libvirtd};
 use http_body_util::BodyExt;
 use hyper::Method;
 use serde_json::{json, Value};
+
+use common::{cores, ms, quartiles, today};
 use sha2::{Digest, Sha256};
 
 const TOKEN: &str = "bench-token-0123456789abcdef";
@@ -107,15 +112,6 @@ impl Raw {
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
     v[v.len() / 2]
-}
-
-fn quartiles(mut v: Vec<Duration>) -> (Duration, Duration, Duration) {
-    v.sort();
-    (v[v.len() / 2], v[v.len() / 4], v[3 * v.len() / 4])
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
 }
 
 fn mibps(d: Duration) -> f64 {
@@ -276,17 +272,13 @@ async fn main() {
     agent.stop().await;
 
     let (ae, re) = (quartiles(agent_exec), quartiles(raw_exec));
-    let date = std::process::Command::new("date")
-        .arg("-I")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_default();
+    let date = today();
     let mut md = String::from("# Guest operations: through the agent vs raw qemu-ga\n\n");
     md += &format!(
         "Measured {date} on {} cores, QEMU under TCG, libvirt 9.0, qemu-ga 7.2 in the tiny guest (512 MiB).\n\
          Raw = JSON commands sent by this bench with libvirt's qemu-agent-command on the same VM's channel.\n\
          Produced by `bash bench/run.sh guest`.\n\n",
-        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
+        cores()
     );
     md += &format!("## exec round trip (`true`), median (IQR) of {EXEC_ROUNDS}\n\n| path | latency |\n|---|---|\n");
     md += &format!(

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs the benchmarks and writes their results under bench/results/.
-# Usage: bash bench/run.sh [plugin|footprint|vm_start|guest|site|vsphere|fuzz]   (default: all)
+# Usage: bash bench/run.sh [plugin|footprint|vm_start|guest|site|vsphere|xen|fuzz]   (default: all)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 target=${CARGO_TARGET_DIR:-target}
@@ -47,6 +47,10 @@ fi
 if [ "$which" = all ] || [ "$which" = vsphere ]; then
     # vmware-esx through gve vs the same SOAP calls made directly (vSphere simulator).
     cargo bench --locked -p gve --bench vsphere
+fi
+if [ "$which" = all ] || [ "$which" = xen ]; then
+    # Start and graceful shutdown on a real Xen nested under QEMU, vs virsh on its dom0.
+    cargo bench --locked -p gve --bench xen
 fi
 if [ "$which" = all ] || [ "$which" = fuzz ]; then
     # The vmware-esx reply readers (XML, SOAP faults, property pages, records, tasks)

@@ -6,6 +6,9 @@
 //! destroys them; rounds alternate the two paths. Writes bench/results/vm-start.md.
 //! Run with `bash bench/run.sh`.
 
+#[path = "common.rs"]
+mod common;
+
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
@@ -17,6 +20,8 @@ use gve::plugin::{Grants, Limits, PluginSpec};
 use gve_harness::{target_dir, Libvirtd};
 use hyper::Method;
 use serde_json::json;
+
+use common::{cores, ms, quartiles, today};
 
 const TOKEN: &str = "bench-token-0123456789abcdef";
 const ROUNDS: usize = 15;
@@ -82,16 +87,6 @@ fn stop_all(lv: &Libvirtd, names: &[String]) {
     for n in names {
         lv.virsh(&["destroy", n]);
     }
-}
-
-/// Median, first and third quartile.
-fn quartiles(mut v: Vec<Duration>) -> (Duration, Duration, Duration) {
-    v.sort();
-    (v[v.len() / 2], v[v.len() / 4], v[3 * v.len() / 4])
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -190,8 +185,8 @@ async fn main() {
         "Measured {} on {} cores, QEMU under TCG, libvirt 9.0, the tiny guest (128 MiB). Median of {ROUNDS} rounds per N;\n\
          rounds alternate the two paths. A start ends when libvirt reports the domain running (the agent: when\n\
          every start operation has succeeded, polled every 2 ms). Produced by `bash bench/run.sh`.\n\n",
-        std::process::Command::new("date").arg("-I").output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default(),
-        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
+        today(),
+        cores()
     );
     md += "| N | through the agent: median (IQR) | virsh start: median (IQR) | overhead of the medians |\n|---|---|---|---|\n";
     for (n, a, v, o) in rows {

@@ -54,4 +54,6 @@ echo "setup: building the tiny test guest"
 bash scripts/harness/build-guest.sh
 echo "setup: building the vSphere API simulator (harness/vsphere-sim)"
 bash scripts/harness/build-vsphere-sim.sh >/dev/null
+echo "setup: building the nested Xen (Xen 4.17 and a Debian dom0 with libvirtd's libxl driver)"
+bash scripts/harness/build-xen.sh
 echo "setup: done. The binary is target/release/gve; plugin bundles are in target/plugins/."

@@ -109,6 +109,13 @@ impl Need {
                 Some("needs a second host (--second-host or --destination-host)".into())
             }
             Need::Template(_) if !has.template => Some("needs a template (--template)".into()),
+            // No way into its guests at all: nothing a guest plugin could use.
+            Need::Guest(_)
+                if !declared
+                    .intersects(Capabilities::GUEST_NATIVE | Capabilities::GUEST_AGENT_CHANNEL) =>
+            {
+                Some("the driver does not declare guest-native or guest-agent-channel".into())
+            }
             Need::Guest(_) if !has.guest => Some(
                 "needs guest operations: the driver does not declare guest-native and no guest plugin was given (--guest-plugin)"
                     .into(),

@@ -30,6 +30,30 @@ pub fn target_dir() -> PathBuf {
         .unwrap_or_else(|| root().join("target"))
 }
 
+/// Runs `scripts/harness/SCRIPT` with `OUT=<target>/OUT_DIR` once per process and
+/// returns that directory (absolute); `what` names it when the script fails.
+pub(crate) fn built_once(
+    cell: &'static OnceLock<PathBuf>,
+    script: &str,
+    out_dir: &str,
+    what: &str,
+) -> PathBuf {
+    cell.get_or_init(|| {
+        let out = target_dir().join(out_dir);
+        let status = std::process::Command::new("bash")
+            .arg(root().join("scripts/harness").join(script))
+            .env("OUT", &out)
+            .status()
+            .unwrap_or_else(|e| panic!("run {script}: {e}"));
+        assert!(
+            status.success(),
+            "building {what} failed (did scripts/setup.sh run?)"
+        );
+        std::path::absolute(out).unwrap()
+    })
+    .clone()
+}
+
 /// Builds every plugin bundle from source (once per process) with
 /// `scripts/build-plugins.sh` and returns the directory holding them
 /// (`<target>/plugins/<name>/`).

@@ -9,8 +9,6 @@ use std::process::Command;
 
 use gve::cli::libvirtd::{tiny_template_xml, PrivateLibvirtd};
 
-use crate::{root, target_dir};
-
 /// A running private libvirtd.
 pub struct Libvirtd {
     /// Dropped first (fields drop in order): ends the guests and the daemon
@@ -27,20 +25,7 @@ pub struct Libvirtd {
 /// The tiny guest (kernel, initrd, base disk), built once per test run.
 pub fn guest() -> PathBuf {
     static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    DIR.get_or_init(|| {
-        let out = target_dir().join("guest");
-        let status = Command::new("bash")
-            .arg(root().join("scripts/harness/build-guest.sh"))
-            .env("OUT", &out)
-            .status()
-            .expect("run build-guest.sh");
-        assert!(
-            status.success(),
-            "building the test guest failed (did scripts/setup.sh run?)"
-        );
-        std::path::absolute(out).unwrap()
-    })
-    .clone()
+    crate::built_once(&DIR, "build-guest.sh", "guest", "the test guest")
 }
 
 fn virsh(uri: &str, args: &[&str]) -> String {

@@ -17,8 +17,6 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
-use crate::{root, target_dir};
-
 /// Environment variable naming a `gve-lab xen` env file to attach to.
 pub const LAB_ENV: &str = "GVE_XEN_LAB";
 
@@ -38,20 +36,7 @@ pub struct NestedXen {
 /// The images (hypervisor, kernel, dom0 initramfs), built once per machine.
 pub fn images() -> PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let out = target_dir().join("xen");
-        let status = Command::new("bash")
-            .arg(root().join("scripts/harness/build-xen.sh"))
-            .env("OUT", &out)
-            .status()
-            .expect("run build-xen.sh");
-        assert!(
-            status.success(),
-            "building the nested Xen failed (did scripts/setup.sh run?)"
-        );
-        std::path::absolute(out).unwrap()
-    })
-    .clone()
+    crate::built_once(&DIR, "build-xen.sh", "xen", "the nested Xen")
 }
 
 fn free_port() -> u16 {

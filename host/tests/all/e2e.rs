@@ -350,6 +350,32 @@ async fn a_user_gets_uses_moves_and_releases_a_real_vm_through_the_cli() {
 /// One site, two hypervisors: a kvm agent (real QEMU guest) and a vmware-esx agent
 /// (the vSphere simulator). A user gets a VM on each by profile, runs a command in
 /// both, and releases both, with the same CLI commands.
+/// Requests a VM of `template` (192 MiB) and waits: it runs, on `agent`; its id.
+async fn request_running(url: &str, t: &str, template: &str, agent: &str) -> String {
+    let job = gve_json(
+        url,
+        t,
+        &[
+            "vm",
+            "request",
+            "--template",
+            template,
+            "--memory-mib",
+            "192",
+            "--wait",
+            "-o",
+            "json",
+        ],
+    )
+    .await;
+    assert_eq!(job["state"], "succeeded", "{job}");
+    assert_eq!(job["result"]["agent"], agent, "{job}");
+    let vm = job["result"]["id"].as_str().unwrap().to_string();
+    let shown = gve_json(url, t, &["vm", "show", &vm, "-o", "json"]).await;
+    assert_eq!(shown["state"], "running", "{shown}");
+    vm
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_endpoint_serves_kvm_and_vmware_alike() {
     let lv = Libvirtd::start();
@@ -370,28 +396,7 @@ async fn one_endpoint_serves_kvm_and_vmware_alike() {
 
     let mut vms = Vec::new();
     for (template, agent) in [("tiny", "kvm-1"), (gve_harness::vsphere::TEMPLATE, "esx-1")] {
-        let job = gve_json(
-            &url,
-            t,
-            &[
-                "vm",
-                "request",
-                "--template",
-                template,
-                "--memory-mib",
-                "192",
-                "--wait",
-                "-o",
-                "json",
-            ],
-        )
-        .await;
-        assert_eq!(job["state"], "succeeded", "{job}");
-        assert_eq!(job["result"]["agent"], agent, "{job}");
-        let vm = job["result"]["id"].as_str().unwrap().to_string();
-        let shown = gve_json(&url, t, &["vm", "show", &vm, "-o", "json"]).await;
-        assert_eq!(shown["state"], "running", "{shown}");
-        vms.push(vm);
+        vms.push(request_running(&url, t, template, agent).await);
     }
     for vm in &vms {
         // The same command on both, once the guest answers.
@@ -462,28 +467,7 @@ async fn one_endpoint_serves_kvm_and_xen_alike() {
 
     let mut vms = Vec::new();
     for (template, agent) in [("tiny", "kvm-1"), (gve_harness::xen::TEMPLATE, "xen-1")] {
-        let job = gve_json(
-            &url,
-            t,
-            &[
-                "vm",
-                "request",
-                "--template",
-                template,
-                "--memory-mib",
-                "192",
-                "--wait",
-                "-o",
-                "json",
-            ],
-        )
-        .await;
-        assert_eq!(job["state"], "succeeded", "{job}");
-        assert_eq!(job["result"]["agent"], agent, "{job}");
-        let vm = job["result"]["id"].as_str().unwrap().to_string();
-        let shown = gve_json(&url, t, &["vm", "show", &vm, "-o", "json"]).await;
-        assert_eq!(shown["state"], "running", "{shown}");
-        vms.push(vm);
+        vms.push(request_running(&url, t, template, agent).await);
     }
     // Xen runs the second as a PV domain, under the name the site gave it.
     let xen_name = gve_json(&url, t, &["vm", "show", &vms[1], "-o", "json"]).await["name"]

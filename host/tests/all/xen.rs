@@ -143,8 +143,24 @@ async fn lifecycle_on_a_nested_xen_agrees_with_xl() {
         templates.iter().any(|t| t["name"] == TEMPLATE),
         "{templates:?}"
     );
+    // Host facts are Xen's own (`xl info` in dom0).
     let host: serde_json::Value = c.get("/v1/host").await.unwrap();
+    let xl_info = xen.shell("xl info");
+    let fact = |key: &str| -> u64 {
+        xl_info
+            .lines()
+            .find_map(|l| l.split_once(':').filter(|(k, _)| k.trim() == key))
+            .and_then(|(_, v)| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("xl info has no {key}: {xl_info}"))
+    };
     assert_eq!(host["hypervisor-kind"], "xen", "{host}");
+    assert_eq!(host["logical-cpus"], fact("nr_cpus"), "{host}");
+    assert_eq!(host["main-memory-mib"], fact("total_memory"), "{host}");
+    let free = host["free-memory-mib"].as_u64().unwrap();
+    assert!(
+        free.abs_diff(fact("free_memory")) <= 8,
+        "{host} vs {xl_info}"
+    );
 
     // Create: a full copy of the template's raw disk, a PV domain, stopped.
     let vm = create(&c, "xl-a").await;

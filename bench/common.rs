@@ -1,0 +1,32 @@
+//! What the bench binaries share (each includes this file as a module).
+
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+/// Median, first and third quartile.
+pub fn quartiles(mut v: Vec<Duration>) -> (Duration, Duration, Duration) {
+    v.sort();
+    (v[v.len() / 2], v[v.len() / 4], v[3 * v.len() / 4])
+}
+
+/// Milliseconds.
+pub fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// Today's date (`date -I`), for the results' headers.
+pub fn today() -> String {
+    std::process::Command::new("date")
+        .arg("-I")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
+
+/// This machine's cores.
+pub fn cores() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0)
+}
