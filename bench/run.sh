@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs the benchmarks and writes their results under bench/results/.
-# Usage: bash bench/run.sh [plugin|footprint|vm_start|guest|site|vsphere|xen|fuzz]   (default: all)
+# Usage: bash bench/run.sh [plugin|footprint|vm_start|guest|site|vsphere|xen|xen_migrate|fuzz]   (default: all)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 target=${CARGO_TARGET_DIR:-target}
@@ -51,6 +51,10 @@ fi
 if [ "$which" = all ] || [ "$which" = xen ]; then
     # Start and graceful shutdown on a real Xen nested under QEMU, vs virsh on its dom0.
     cargo bench --locked -p gve --bench xen
+fi
+if [ "$which" = all ] || [ "$which" = xen_migrate ]; then
+    # Live migration between two Xen hosts nested under QEMU, vs virsh migrate.
+    cargo bench --locked -p gve --bench xen_migrate
 fi
 if [ "$which" = all ] || [ "$which" = fuzz ]; then
     # The vmware-esx reply readers (XML, SOAP faults, property pages, records, tasks)

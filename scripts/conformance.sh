@@ -94,12 +94,12 @@ start_lab() {
     exec 3> >(exec "$target_dir/release/gve-lab" "$kind" --env "$lab_env" >"$out/$kind-lab.log" 2>&1)
     lab_pid=$!
     trap end_lab EXIT
-    for _ in $(seq 1 600); do
+    for _ in $(seq 1 1200); do
         [ -f "$lab_env" ] && return 0
         kill -0 "$lab_pid" 2>/dev/null || { cat "$out/$kind-lab.log" >&2; exit 1; }
         sleep 0.5
     done
-    echo "conformance: the $kind lab did not come up in 300 s" >&2
+    echo "conformance: the $kind lab did not come up in 600 s" >&2
     exit 1
 }
 end_lab() {
@@ -141,8 +141,11 @@ for t in "${targets[@]}"; do
         fi
         # shellcheck disable=SC1090
         . "$lab_env"
-        prove xen --endpoint "$GVE_LAB_XEN_URI" --grant-libvirt "$GVE_LAB_XEN_URI" \
-            --template tiny-pv --config storage-pool=gve --config shutdown-timeout-ms=20000
+        # The two hosts share the pool, as Xen hosts must for migration.
+        prove xen --endpoint "$GVE_LAB_XEN_URI" --second-host "$GVE_LAB_XEN_URI_2" \
+            --grant-libvirt "$GVE_LAB_XEN_URI" --grant-libvirt "$GVE_LAB_XEN_URI_2" \
+            --template tiny-pv --config storage-pool=gve --config shutdown-timeout-ms=20000 \
+            --config shared-storage=true
         end_lab
         trap - EXIT
         ;;

@@ -46,19 +46,19 @@ xen_tier() {
     local target_dir=${CARGO_TARGET_DIR:-target}
     cargo build --release --locked -p gve-harness
     bash scripts/build-plugins.sh >/dev/null
-    # One nested Xen for the tier, held on fd 5: it ends when this shell closes it
-    # or dies.
+    # Two nested Xen hosts for the tier (sharing a pool and a link, for migration),
+    # held on fd 5: they end when this shell closes it or dies.
     local env_file="$target_dir/xen-tier.env"
     rm -f "$env_file"
-    echo "test: booting the nested Xen (Xen 4.17 under QEMU TCG, dom0 libvirtd with libxl)"
+    echo "test: booting two nested Xen hosts (Xen 4.17 under QEMU TCG, dom0 libvirtd with libxl)"
     exec 5> >(exec "$target_dir/release/gve-lab" xen --env "$env_file" >"$target_dir/xen-tier-lab.log" 2>&1)
     local lab_pid=$!
-    for _ in $(seq 1 600); do
+    for _ in $(seq 1 1200); do
         [ -f "$env_file" ] && break
         kill -0 "$lab_pid" 2>/dev/null || { cat "$target_dir/xen-tier-lab.log" >&2; exit 1; }
         sleep 0.5
     done
-    [ -f "$env_file" ] || { echo "test: the nested Xen did not come up in 300 s" >&2; exit 1; }
+    [ -f "$env_file" ] || { echo "test: the nested Xen hosts did not come up in 600 s" >&2; exit 1; }
     echo "test: xen driver through the agent and the site, against the nested Xen"
     GVE_XEN_LAB=$(realpath "$env_file") cargo test --release --locked -p gve --test all xen
     echo "test: conformance of xen on the nested Xen"

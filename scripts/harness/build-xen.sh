@@ -79,7 +79,8 @@ mkdir -p "$mods"
     && find kernel/drivers/xen kernel/drivers/block/xen-blkback kernel/drivers/net/xen-netback \
         kernel/drivers/virtio kernel/drivers/net/virtio_net.ko kernel/drivers/net/net_failover.ko \
         kernel/net/core/failover.ko kernel/drivers/block/loop.ko kernel/drivers/net/tun.ko \
-        kernel/net/bridge kernel/net/802 kernel/net/llc -name '*.ko' 2>/dev/null \
+        kernel/net/bridge kernel/net/802 kernel/net/llc kernel/fs/9p kernel/net/9p \
+        kernel/fs/netfs kernel/fs/fscache -name '*.ko' 2>/dev/null \
     | cpio -pdm --quiet "$mods/")
 chroot "$root" /sbin/depmod "$kver"
 
@@ -112,7 +113,6 @@ EOC
 cp harness/xen/gve-libvirtd "$root/usr/local/sbin/gve-libvirtd"
 cp harness/xen/dom0-init.sh "$root/init"
 chmod +x "$root/init" "$root/usr/local/sbin/gve-libvirtd"
-echo gve-xen-dom0 > "$root/etc/hostname"
 (cd "$root" && find . | cpio -o -H newc --quiet | zstd -T2 -3 -q) > "$out/dom0.cpio.zst.tmp"
 cp "$work/kernel/boot/vmlinuz-$kver" "$out/vmlinuz"
 mv "$out/xen.elf.tmp" "$out/xen.elf"

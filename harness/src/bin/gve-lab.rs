@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! gve-lab kvm --env FILE [--hosts N]
-//! gve-lab xen --env FILE
+//! gve-lab xen --env FILE [--hosts N]
 //! ```
 //!
 //! `kvm` starts N (default 2) private libvirtd instances, each with a `gve` storage
@@ -13,26 +13,29 @@
 //! end of file (the script that started it closed its pipe, or died), everything it
 //! started is ended: QEMU guests first, then the daemons.
 //!
-//! `xen` boots a real Xen nested under QEMU (dom0 with libvirtd's libxl driver, a
-//! `gve` pool, the PV template `tiny-pv`) and writes `GVE_LAB_XEN_URI` (libvirt URI) and
-//! `GVE_LAB_XEN_SHELL` (dom0's test shell port on 127.0.0.1); tests attach to it when
-//! `GVE_XEN_LAB` names that file.
+//! `xen` boots N (1 or 2, default 2) real Xen hosts nested under QEMU, side by side
+//! (dom0 with libvirtd's libxl driver, a `gve` pool shared by both hosts, the PV
+//! template `tiny-pv`, a private link between the dom0s) and writes `GVE_LAB_XEN_URI`
+//! (libvirt URI) and `GVE_LAB_XEN_SHELL` (dom0's test shell port on 127.0.0.1) for
+//! host 1, the same with `_2` for host 2; tests attach to them when `GVE_XEN_LAB`
+//! names that file.
 
 use std::io::Read;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use gve_harness::xen::Fabric;
 use gve_harness::{Libvirtd, NestedXen};
 
 fn usage(msg: &str) -> ExitCode {
-    eprintln!("gve-lab: {msg}\nusage: gve-lab kvm --env FILE [--hosts N] | gve-lab xen --env FILE");
+    eprintln!("gve-lab: {msg}\nusage: gve-lab kvm --env FILE [--hosts N] | gve-lab xen --env FILE [--hosts N]");
     ExitCode::from(2)
 }
 
 /// What a lab holds until standard input closes.
 enum Lab {
     Kvm(Vec<Libvirtd>),
-    Xen(NestedXen),
+    Xen(Vec<NestedXen>),
 }
 
 fn main() -> ExitCode {
@@ -49,8 +52,9 @@ fn main() -> ExitCode {
         match (a.as_str(), it.next()) {
             ("--env", Some(v)) => env = Some(v.into()),
             ("--hosts", Some(v)) => match v.parse() {
-                Ok(n) if (1..=4).contains(&n) => hosts = n,
-                _ => return usage("--hosts takes 1 to 4"),
+                Ok(n) if what == "xen" && (1..=2).contains(&n) => hosts = n,
+                Ok(n) if what == "kvm" && (1..=4).contains(&n) => hosts = n,
+                _ => return usage("--hosts takes 1 to 4 (kvm), 1 or 2 (xen)"),
             },
             _ => return usage(&format!("unexpected argument {a:?}")),
         }
@@ -59,12 +63,33 @@ fn main() -> ExitCode {
         return usage("--env FILE is required");
     };
     let (lab, text) = if what == "xen" {
-        let xen = NestedXen::boot();
-        let text = format!(
-            "GVE_LAB_XEN_URI='{}'\nGVE_LAB_XEN_SHELL='{}'\n",
-            xen.uri, xen.shell_port
-        );
-        (Lab::Xen(xen), text)
+        // Side by side: each boot mostly waits on its own QEMU.
+        let fabric = Fabric::new();
+        let boots: Vec<_> = (1..=hosts as u8)
+            .map(|n| {
+                let f = fabric.clone();
+                std::thread::spawn(move || f.boot_kept(n))
+            })
+            .collect();
+        let mut xens = Vec::new();
+        let mut text = String::new();
+        for (i, b) in boots.into_iter().enumerate() {
+            let Ok(xen) = b.join() else {
+                eprintln!("gve-lab: Xen host {} did not come up", i + 1);
+                return ExitCode::FAILURE;
+            };
+            let suffix = if i == 0 {
+                String::new()
+            } else {
+                format!("_{}", i + 1)
+            };
+            text.push_str(&format!(
+                "GVE_LAB_XEN_URI{suffix}='{}'\nGVE_LAB_XEN_SHELL{suffix}='{}'\n",
+                xen.uri, xen.shell_port
+            ));
+            xens.push(xen);
+        }
+        (Lab::Xen(xens), text)
     } else {
         let daemons: Vec<Libvirtd> = (0..hosts).map(|_| Libvirtd::start()).collect();
         let mut text = String::new();
@@ -91,7 +116,10 @@ fn main() -> ExitCode {
         ),
         Lab::Xen(x) => eprintln!(
             "gve-lab: Xen up at {}; ends when standard input closes",
-            x.uri
+            x.iter()
+                .map(|x| x.uri.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
         ),
     }
     let mut sink = [0u8; 4096];

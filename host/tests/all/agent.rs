@@ -76,7 +76,12 @@ pub async fn run_op(c: &Client, path: &str, body: Value) -> Operation {
 
 /// Waits (up to 60 s) for an operation's end.
 pub async fn wait_op(c: &Client, id: &str) -> Operation {
-    let end = Instant::now() + Duration::from_secs(60);
+    wait_op_within(c, id, Duration::from_secs(60)).await
+}
+
+/// Waits (up to `limit`) for an operation's end.
+pub async fn wait_op_within(c: &Client, id: &str, limit: Duration) -> Operation {
+    let end = Instant::now() + limit;
     loop {
         let now: Operation = c
             .get(&format!("/v1/operations/{id}?wait-ms=5000"))
@@ -375,13 +380,27 @@ pub async fn last_event_seq(c: &Client) -> u64 {
 
 /// Waits (up to 10 s) for an event of `kind` about `vm` after sequence `after`.
 pub async fn wait_for_event(c: &Client, after: u64, kind: &str, vm: &str) -> Event {
-    let end = Instant::now() + Duration::from_secs(10);
+    wait_for_event_within(c, after, kind, vm, Duration::from_secs(10)).await
+}
+
+/// Waits (up to `limit`) for an event of `kind` about `vm` after sequence `after`.
+pub async fn wait_for_event_within(
+    c: &Client,
+    after: u64,
+    kind: &str,
+    vm: &str,
+    limit: Duration,
+) -> Event {
+    let end = Instant::now() + limit;
     loop {
         let events: Vec<Event> = c.get(&format!("/v1/events?after={after}")).await.unwrap();
         if let Some(e) = events.into_iter().find(|e| e.kind == kind && e.vm == vm) {
             return e;
         }
-        assert!(Instant::now() < end, "no {kind} event for {vm} within 10 s");
+        assert!(
+            Instant::now() < end,
+            "no {kind} event for {vm} within {limit:?}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

@@ -19,3 +19,4 @@ mod tls;
 mod up;
 mod vmware;
 mod xen;
+mod xen_migrate;

@@ -35,7 +35,7 @@ pub fn xen_spec(xen: &NestedXen) -> PluginSpec {
     }
 }
 
-async fn record(c: &Client, vm: &str) -> VmRecord {
+pub(crate) async fn record(c: &Client, vm: &str) -> VmRecord {
     c.get::<VmRecord>(&format!("/v1/vms/{vm}")).await.unwrap()
 }
 
@@ -48,7 +48,7 @@ async fn vms(c: &Client) -> Vec<VmRecord> {
 /// paused, stopped is absent; and no such domain runs that gve does not know. Xen
 /// tears a domain down a moment after libvirt reports it off, so this waits up to
 /// 10 s for agreement.
-async fn agrees_with_xl(c: &Client, xen: &NestedXen, prefix: &str, step: &str) {
+pub(crate) async fn agrees_with_xl(c: &Client, xen: &NestedXen, prefix: &str, step: &str) {
     let end = Instant::now() + Duration::from_secs(10);
     loop {
         match disagreement(c, xen, prefix).await {
@@ -91,7 +91,7 @@ async fn disagreement(c: &Client, xen: &NestedXen, prefix: &str) -> Option<Strin
 }
 
 /// Waits (up to `secs`) for the VM's console to show `text`.
-fn console_shows(xen: &NestedXen, vm: &str, text: &str, secs: u64) -> bool {
+pub(crate) fn console_shows(xen: &NestedXen, vm: &str, text: &str, secs: u64) -> bool {
     let end = Instant::now() + Duration::from_secs(secs);
     loop {
         if xen.console(vm).contains(text) {
@@ -104,14 +104,14 @@ fn console_shows(xen: &NestedXen, vm: &str, text: &str, secs: u64) -> bool {
     }
 }
 
-fn volumes(xen: &NestedXen) -> Vec<String> {
+pub(crate) fn volumes(xen: &NestedXen) -> Vec<String> {
     xen.virsh(&["vol-list", "gve"])
         .lines()
         .filter_map(|l| l.split_whitespace().next().map(str::to_string))
         .collect()
 }
 
-async fn create(c: &Client, name: &str) -> Vm {
+pub(crate) async fn create(c: &Client, name: &str) -> Vm {
     let op = run_op(
         c,
         "/v1/vms",
@@ -123,11 +123,11 @@ async fn create(c: &Client, name: &str) -> Vm {
     op.result.unwrap()
 }
 
-async fn act(c: &Client, vm: &str, action: &str, body: serde_json::Value) -> Operation {
+pub(crate) async fn act(c: &Client, vm: &str, action: &str, body: serde_json::Value) -> Operation {
     run_op(c, &format!("/v1/vms/{vm}/{action}"), body).await
 }
 
-async fn ok(c: &Client, vm: &str, action: &str, body: serde_json::Value) -> Vm {
+pub(crate) async fn ok(c: &Client, vm: &str, action: &str, body: serde_json::Value) -> Vm {
     let op = act(c, vm, action, body).await;
     assert_eq!(op.state, OpState::Succeeded, "{action}: {op:?}");
     op.result.unwrap_or_else(|| panic!("{action} gave no VM"))

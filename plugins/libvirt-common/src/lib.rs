@@ -33,6 +33,10 @@ pub trait Flavor: 'static {
     const GUEST_AGENT: bool;
     /// libvirt can copy non-shared disks while migrating.
     const STORAGE_MIGRATION: bool;
+    /// Migrating with disks on storage the operator declared shared takes
+    /// `VIR_MIGRATE_UNSAFE` (QEMU cannot prove plain directories shared); libxl does
+    /// not know the flag and refuses it.
+    const UNSAFE_WHEN_SHARED: bool = true;
 
     /// What undefining a VM removes with it: managed-save image, snapshot metadata
     /// and NVRAM where the hypervisor has them (libvirt refuses flags it does not know).

@@ -301,6 +301,17 @@ impl<F: Flavor> LibvirtSession<F> {
             let _ = dest.undefine_domain(&moved.name, UndefineFlags::empty());
             return Err(e);
         }
+        // A domain libvirt is still cleaning up after it stopped (libxl does that
+        // after the guest powers off) is only made transient by the undefine and
+        // goes when the cleanup ends: wait for that, so the VM is on one host only.
+        // (Reading a domain in that cleanup can fail otherwise: only not-found ends it.)
+        let end = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < end {
+            match self.conn.lookup_domain(&d.uuid) {
+                Err(e) if e.kind() == "not-found" => break,
+                _ => std::thread::sleep(Duration::from_millis(100)),
+            }
+        }
         let view = DomainView::parse(&dest.domain_xml(&moved.name, true)?)?;
         Ok(domain::vm_info(&moved, &view, &dest.hostname()?, None))
     }
@@ -496,7 +507,9 @@ impl<F: Flavor> Session for LibvirtSession<F> {
         if self.shared_storage {
             // The operator says every destination sees the pool's disks at the same
             // paths: libvirt cannot verify that for plain directories, so say so.
-            flags |= MigrateFlags::UNSAFE_MIGRATION;
+            if F::UNSAFE_WHEN_SHARED {
+                flags |= MigrateFlags::UNSAFE_MIGRATION;
+            }
         } else if F::STORAGE_MIGRATION {
             flags |= MigrateFlags::NON_SHARED_INCREMENTAL;
         } else {

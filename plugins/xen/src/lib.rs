@@ -9,15 +9,22 @@
 //! copy-on-write overlays), and `blkback` serves them to the guest, so dom0 needs no
 //! QEMU.
 //!
-//! Not here, and said so: linked clones (raw disks), migration (libvirt's libxl
-//! driver migrates no storage; not yet proven between two Xen hosts), guest
-//! operations (the libxl driver has no guest agent channel), HVM templates (refused:
-//! unproven, Xen under TCG runs no HVM guest). One backend today, libvirt, chosen by
-//! the endpoint's scheme in [`Xen::open`]: XAPI (XenServer, XCP-ng) would be a second
-//! session type beside it, for `https://` endpoints.
+//! Migration, live or not, between Xen hosts that share the pool's storage (the
+//! operator says so with `shared-storage = true`: libxl copies memory, never disks):
+//! the host's libvirt client drives both daemons, and the source dom0 sends the
+//! domain straight to the address the destination's libvirtd names (its host name,
+//! a port in 49152-49216), so dom0s must resolve and reach each other. A stopped VM
+//! moves as its definition.
+//!
+//! Not here, and said so: linked clones (raw disks), migration without shared
+//! storage, guest operations (the libxl driver has no guest agent channel), HVM
+//! templates (refused: unproven, Xen under TCG runs no HVM guest). One backend today,
+//! libvirt, chosen by the endpoint's scheme in [`Xen::open`]: XAPI (XenServer,
+//! XCP-ng) would be a second session type beside it, for `https://` endpoints.
 //!
 //! Config values: `storage-pool` (default `gve`), `shutdown-timeout-ms` (default
-//! 20000: a guest that does not power off when asked is destroyed then).
+//! 20000: a guest that does not power off when asked is destroyed then),
+//! `shared-storage` (default false: migration is refused, saying why).
 
 use gve_libvirt_common::domain::{DiskView, DomainView};
 use gve_libvirt_common::{Flavor, LibvirtSession};
@@ -33,6 +40,7 @@ impl Flavor for XenPv {
     const LINKED_CLONES: bool = false;
     const GUEST_AGENT: bool = false;
     const STORAGE_MIGRATION: bool = false;
+    const UNSAFE_WHEN_SHARED: bool = false;
 
     fn undefine_flags() -> UndefineFlags {
         // libxl keeps no snapshots or NVRAM, and refuses those flags.
@@ -94,6 +102,8 @@ impl Driver for Xen {
                 | Capabilities::SUSPEND
                 | Capabilities::RESUME
                 | Capabilities::DESTROY
+                | Capabilities::MIGRATE
+                | Capabilities::LIVE_MIGRATE
                 | Capabilities::TEMPLATES,
         }
     }

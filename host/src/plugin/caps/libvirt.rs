@@ -543,10 +543,14 @@ impl HostConnection for HostState {
                     d.migrate_to_uri(&destination_uri, f, None, bandwidth_mibps)
                         .map_err(map_err)
                 } else {
+                    // The typed-parameter API: libxl implements only its
+                    // Begin3Params/Prepare3Params... steps, not virDomainMigrate's.
                     let dest = open_blocking(&destination_uri)?;
-                    d.migrate(&dest.0, f, None, None, bandwidth_mibps)
-                        .map(drop)
-                        .map_err(map_err)
+                    let params = virt::domain::MigrateParameters {
+                        bandwidth: (bandwidth_mibps > 0).then_some(bandwidth_mibps),
+                        ..Default::default()
+                    };
+                    d.migrate3(&dest.0, params, f).map(drop).map_err(map_err)
                 }
             }
         )
