@@ -104,6 +104,8 @@ pub struct Ctx {
     pub destination_host: bool,
     /// A VM or template the target has ready for linked clones.
     pub linked_source: Option<String>,
+    /// How long a started guest is given to boot before it is live-migrated.
+    pub boot: Duration,
     made: Mutex<Vec<(Side, String)>>,
 }
 
@@ -127,6 +129,7 @@ impl Ctx {
             guest: None,
             destination_host: false,
             linked_source: None,
+            boot: Duration::ZERO,
             made: Mutex::new(Vec::new()),
         }
     }
@@ -134,6 +137,12 @@ impl Ctx {
     /// The same context with guest operations through `guest`.
     pub fn with_guest(mut self, guest: Option<Result<GuestSession, String>>) -> Ctx {
         self.guest = guest;
+        self
+    }
+
+    /// The same context giving started guests `boot` before a live migration.
+    pub fn with_boot(mut self, boot: Duration) -> Ctx {
+        self.boot = boot;
         self
     }
 

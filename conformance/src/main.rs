@@ -119,6 +119,10 @@ struct RunArgs {
     /// How long a state change may take to read back, s.
     #[arg(long, default_value_t = 60)]
     settle_s: u64,
+    /// How long a started guest is given to boot before it is live-migrated, s (a
+    /// Xen PV guest can be suspended only once its kernel has told Xen its memory map).
+    #[arg(long, default_value_t = 0)]
+    boot_s: u64,
 }
 
 /// Writes to stdout; a reader that went away (`| head`) is not an error.
@@ -198,6 +202,7 @@ async fn run_cmd(a: RunArgs) -> ExitCode {
     let options = Options {
         filter,
         settle: Duration::from_secs(a.settle_s),
+        boot: Duration::from_secs(a.boot_s),
         bench_rounds: a.bench,
         ..Default::default()
     };

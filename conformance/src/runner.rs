@@ -53,6 +53,8 @@ pub struct Options {
     pub filter: Option<Regex>,
     /// How long a state change may take to read back.
     pub settle: Duration,
+    /// How long a started guest is given to boot before it is live-migrated.
+    pub boot: Duration,
     /// Longest a case may run, cleanup excluded.
     pub case_timeout: Duration,
     /// Benchmark rounds after the cases (0: none).
@@ -64,6 +66,7 @@ impl Default for Options {
         Options {
             filter: None,
             settle: Duration::from_secs(60),
+            boot: Duration::ZERO,
             case_timeout: Duration::from_secs(600),
             bench_rounds: 0,
         }
@@ -229,6 +232,7 @@ async fn run_with(
         options.settle,
     )
     .with_guest(guest)
+    .with_boot(options.boot)
     .with_destination_host(target.destination_host.is_some())
     .with_linked_source(target.linked_source.clone());
     report.run = ctx.run.clone();

@@ -42,6 +42,7 @@ async fn moved(ctx: &Ctx, what: &str, live: bool) -> Result<(), crate::Failure> 
         must(&format!("start {}", vm.id), ctx.driver.start(&vm.id).await)?;
         ctx.wait_state(Side::First, &vm.id, VmState::Running)
             .await?;
+        tokio::time::sleep(ctx.boot).await;
     }
     let r = ctx.driver.migrate(&vm.id, dest, live).await;
     // Wherever it is now, it is cleaned up.
