@@ -30,3 +30,43 @@ pub fn cores() -> usize {
         .map(|n| n.get())
         .unwrap_or(0)
 }
+
+/// An agent on 127.0.0.1 whose driver is `plugin` (from `spec`) on `endpoint`,
+/// reconciling only when asked (`POST /v1/reconcile`), and a client holding its
+/// admin `token`.
+pub async fn agent(
+    plugin: &str,
+    spec: gve::plugin::PluginSpec,
+    endpoint: &str,
+    token: &str,
+) -> (
+    gve::agent::Agent,
+    gve::api::client::Client,
+    tempfile::TempDir,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = gve::agent::Agent::start(gve::agent::AgentConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: dir.path().to_path_buf(),
+        admin_token: token.into(),
+        plugins: std::collections::BTreeMap::from([(plugin.to_string(), spec)]),
+        driver: Some(gve::agent::config::DriverConfig {
+            plugin: plugin.into(),
+            endpoint: endpoint.into(),
+            username: None,
+            password: None,
+            token: None,
+            reconcile_period_ms: 600_000,
+            reservation_seconds: 60,
+            guest_plugin: None,
+            migration_uri: None,
+        }),
+        bundles_dir: None,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let c = gve::api::client::Client::new(&format!("http://{}", agent.addr), Some(token.into()))
+        .unwrap();
+    (agent, c, dir)
+}

@@ -11,12 +11,9 @@
 #[path = "common.rs"]
 mod common;
 
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use gve::agent::config::DriverConfig;
 use gve::agent::model::{OpState, Operation};
-use gve::agent::{Agent, AgentConfig};
 use gve::api::client::Client;
 use gve::plugin::{Grants, Limits, PluginSpec};
 use gve_harness::target_dir;
@@ -69,7 +66,6 @@ async fn main() {
     let booted = Instant::now();
     let xen = NestedXen::boot();
     eprintln!("nested Xen up in {:?} at {}", booted.elapsed(), xen.uri);
-    let dir = tempfile::tempdir().unwrap();
     let mut grants = Grants {
         libvirt: vec![xen.uri.clone()],
         ..Default::default()
@@ -83,28 +79,7 @@ async fn main() {
             ..Default::default()
         },
     };
-    let agent = Agent::start(AgentConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        data_dir: dir.path().to_path_buf(),
-        admin_token: TOKEN.into(),
-        plugins: BTreeMap::from([("xen".to_string(), spec)]),
-        driver: Some(DriverConfig {
-            plugin: "xen".into(),
-            endpoint: xen.uri.clone(),
-            username: None,
-            password: None,
-            token: None,
-            reconcile_period_ms: 600_000,
-            reservation_seconds: 60,
-            guest_plugin: None,
-            migration_uri: None,
-        }),
-        bundles_dir: None,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let c = Client::new(&format!("http://{}", agent.addr), Some(TOKEN.into())).unwrap();
+    let (agent, c, _dir) = common::agent("xen", spec, &xen.uri, TOKEN).await;
     let vm = op(
         &c,
         "/v1/vms",

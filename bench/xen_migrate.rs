@@ -19,9 +19,8 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use gve::agent::config::DriverConfig;
 use gve::agent::model::{OpState, Operation};
-use gve::agent::{Agent, AgentConfig};
+use gve::agent::Agent;
 use gve::api::client::Client;
 use gve::plugin::{Grants, Limits, PluginSpec};
 use gve_harness::target_dir;
@@ -51,7 +50,6 @@ async fn op(c: &Client, path: &str, body: serde_json::Value) -> Operation {
 }
 
 async fn agent(xen: &NestedXen, peer: &NestedXen) -> (Agent, Client, tempfile::TempDir) {
-    let dir = tempfile::tempdir().unwrap();
     let mut grants = Grants {
         libvirt: vec![xen.uri.clone(), peer.uri.clone()],
         ..Default::default()
@@ -66,29 +64,7 @@ async fn agent(xen: &NestedXen, peer: &NestedXen) -> (Agent, Client, tempfile::T
             ..Default::default()
         },
     };
-    let agent = Agent::start(AgentConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        data_dir: dir.path().to_path_buf(),
-        admin_token: TOKEN.into(),
-        plugins: BTreeMap::from([("xen".to_string(), spec)]),
-        driver: Some(DriverConfig {
-            plugin: "xen".into(),
-            endpoint: xen.uri.clone(),
-            username: None,
-            password: None,
-            token: None,
-            reconcile_period_ms: 600_000,
-            reservation_seconds: 60,
-            guest_plugin: None,
-            migration_uri: None,
-        }),
-        bundles_dir: None,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let c = Client::new(&format!("http://{}", agent.addr), Some(TOKEN.into())).unwrap();
-    (agent, c, dir)
+    common::agent("xen", spec, &xen.uri, TOKEN).await
 }
 
 /// The guest's ticks on both hosts' consoles: counter → uptime (s).
