@@ -16,7 +16,6 @@
 #[path = "common.rs"]
 mod common;
 
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use gve::agent::model::{OpState, Operation};
@@ -24,7 +23,7 @@ use gve::agent::Agent;
 use gve::api::client::Client;
 use gve::plugin::{Grants, Limits, PluginSpec};
 use gve_harness::target_dir;
-use gve_harness::xen::{NestedXen, TEMPLATE};
+use gve_harness::xen::{console_ticks, stood_still_ms, NestedXen, TEMPLATE};
 use hyper::Method;
 use serde_json::json;
 
@@ -67,19 +66,12 @@ async fn agent(xen: &NestedXen, peer: &NestedXen) -> (Agent, Client, tempfile::T
     common::agent("xen", spec, &xen.uri, TOKEN).await
 }
 
-/// The guest's ticks on both hosts' consoles: counter → uptime (s).
-fn ticks(hosts: &[&NestedXen]) -> BTreeMap<u64, f64> {
+/// The guest's ticks on both hosts' consoles (counter, uptime), repeated where both
+/// logged one.
+fn ticks(hosts: &[&NestedXen]) -> Vec<(u64, f64)> {
     hosts
         .iter()
-        .flat_map(|x| {
-            x.console(VM)
-                .lines()
-                .filter_map(|l| {
-                    let mut f = l.trim().strip_prefix("gve-tick ")?.split_whitespace();
-                    Some((f.next()?.parse().ok()?, f.next()?.parse().ok()?))
-                })
-                .collect::<Vec<(u64, f64)>>()
-        })
+        .flat_map(|x| console_ticks(&x.console(VM)))
         .collect()
 }
 
@@ -87,7 +79,7 @@ fn ticks(hosts: &[&NestedXen]) -> BTreeMap<u64, f64> {
 fn ticked_past(hosts: &[&NestedXen], n: u64) -> u64 {
     let end = Instant::now() + Duration::from_secs(180);
     loop {
-        let last = ticks(hosts).keys().next_back().copied().unwrap_or(0);
+        let last = ticks(hosts).iter().map(|t| t.0).max().unwrap_or(0);
         if last > n {
             return last;
         }
@@ -98,12 +90,7 @@ fn ticked_past(hosts: &[&NestedXen], n: u64) -> u64 {
 
 /// The longest the guest stood still among ticks from `from` on, in ms.
 fn stall_ms(hosts: &[&NestedXen], from: u64) -> f64 {
-    let t = ticks(hosts);
-    t.range(from..)
-        .zip(t.range(from + 1..))
-        .filter(|((a, _), (b, _))| **b == **a + 1)
-        .map(|((_, ta), (_, tb))| (tb - ta) * 1000.0 - 200.0)
-        .fold(0.0, f64::max)
+    stood_still_ms(ticks(hosts).into_iter().filter(|t| t.0 >= from).collect())
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]

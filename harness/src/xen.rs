@@ -28,6 +28,44 @@ pub const LAB_ENV: &str = "GVE_XEN_LAB";
 /// Name of the PV template in dom0.
 pub const TEMPLATE: &str = "tiny-pv";
 
+/// How often the template's guest ticks on its console (`harness/xen/guest-init.sh`).
+pub const TICK_MS: f64 = 200.0;
+
+/// The ticks in a guest's console: (counter, the guest's uptime in seconds).
+pub fn console_ticks(console: &str) -> Vec<(u64, f64)> {
+    console
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.trim().strip_prefix("gve-tick ")?.split_whitespace();
+            Some((f.next()?.parse().ok()?, f.next()?.parse().ok()?))
+        })
+        .collect()
+}
+
+/// The longest the guest stood still, in ms: the largest jump of its uptime between
+/// two consecutive ticks (the kernel advances it by the time the domain was
+/// stopped), less the tick period. Ticks may come from several consoles, in any
+/// order and repeated.
+pub fn stood_still_ms(mut ticks: Vec<(u64, f64)>) -> f64 {
+    ticks.sort_by_key(|t| t.0);
+    ticks.dedup_by_key(|t| t.0);
+    ticks
+        .windows(2)
+        .filter(|w| w[1].0 == w[0].0 + 1)
+        .map(|w| (w[1].1 - w[0].1) * 1000.0 - TICK_MS)
+        .fold(0.0, f64::max)
+}
+
+/// The name of a `gve-lab xen` env file's variable `name` for host `n`
+/// (`GVE_LAB_XEN_URI` for host 1, `GVE_LAB_XEN_URI_2` for host 2).
+pub fn lab_var(name: &str, n: u8) -> String {
+    if n == 1 {
+        name.to_string()
+    } else {
+        format!("{name}_{n}")
+    }
+}
+
 /// A nested Xen: booted here (ended on drop) or attached to (left running).
 pub struct NestedXen {
     qemu: Option<Child>,
@@ -349,11 +387,6 @@ impl NestedXen {
     /// Attaches to host `n` of the nested Xens a `gve-lab xen` holds (its env file:
     /// `GVE_LAB_XEN_URI` and `GVE_LAB_XEN_SHELL` for host 1, with `_2` for host 2).
     pub fn attach(env_file: &Path, n: u8) -> NestedXen {
-        let suffix = if n == 1 {
-            String::new()
-        } else {
-            format!("_{n}")
-        };
         let text = std::fs::read_to_string(env_file)
             .unwrap_or_else(|e| panic!("read {}: {e}", env_file.display()));
         let get = |k: &str| {
@@ -366,8 +399,8 @@ impl NestedXen {
             qemu: None,
             dir: None,
             _fabric: None,
-            uri: get(&format!("GVE_LAB_XEN_URI{suffix}")),
-            shell_port: get(&format!("GVE_LAB_XEN_SHELL{suffix}"))
+            uri: get(&lab_var("GVE_LAB_XEN_URI", n)),
+            shell_port: get(&lab_var("GVE_LAB_XEN_SHELL", n))
                 .parse()
                 .expect("a port"),
         }

@@ -24,7 +24,7 @@ use std::io::Read;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use gve_harness::xen::Fabric;
+use gve_harness::xen::{lab_var, Fabric};
 use gve_harness::{Libvirtd, NestedXen};
 
 fn usage(msg: &str) -> ExitCode {
@@ -78,14 +78,13 @@ fn main() -> ExitCode {
                 eprintln!("gve-lab: Xen host {} did not come up", i + 1);
                 return ExitCode::FAILURE;
             };
-            let suffix = if i == 0 {
-                String::new()
-            } else {
-                format!("_{}", i + 1)
-            };
+            let n = i as u8 + 1;
             text.push_str(&format!(
-                "GVE_LAB_XEN_URI{suffix}='{}'\nGVE_LAB_XEN_SHELL{suffix}='{}'\n",
-                xen.uri, xen.shell_port
+                "{}='{}'\n{}='{}'\n",
+                lab_var("GVE_LAB_XEN_URI", n),
+                xen.uri,
+                lab_var("GVE_LAB_XEN_SHELL", n),
+                xen.shell_port
             ));
             xens.push(xen);
         }

@@ -67,11 +67,16 @@ pub async fn post(c: &Client, path: &str, body: Value) -> Result<Value, ApiError
     c.call(Method::POST, path, Some(&body)).await
 }
 
-/// Submits an operation and waits for its end.
+/// Submits an operation and waits (up to 60 s) for its end.
 pub async fn run_op(c: &Client, path: &str, body: Value) -> Operation {
+    run_op_within(c, path, body, Duration::from_secs(60)).await
+}
+
+/// Submits an operation and waits (up to `limit`) for its end.
+pub async fn run_op_within(c: &Client, path: &str, body: Value, limit: Duration) -> Operation {
     let op: Operation = serde_json::from_value(post(c, path, body).await.unwrap()).unwrap();
     assert_eq!(op.state, OpState::Running);
-    wait_op(c, &op.id).await
+    wait_op_within(c, &op.id, limit).await
 }
 
 /// Waits (up to 60 s) for an operation's end.

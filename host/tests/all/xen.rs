@@ -104,14 +104,14 @@ pub(crate) fn console_shows(xen: &NestedXen, vm: &str, text: &str, secs: u64) ->
     }
 }
 
-pub(crate) fn volumes(xen: &NestedXen) -> Vec<String> {
+fn volumes(xen: &NestedXen) -> Vec<String> {
     xen.virsh(&["vol-list", "gve"])
         .lines()
         .filter_map(|l| l.split_whitespace().next().map(str::to_string))
         .collect()
 }
 
-pub(crate) async fn create(c: &Client, name: &str) -> Vm {
+async fn create(c: &Client, name: &str) -> Vm {
     let op = run_op(
         c,
         "/v1/vms",
@@ -123,11 +123,11 @@ pub(crate) async fn create(c: &Client, name: &str) -> Vm {
     op.result.unwrap()
 }
 
-pub(crate) async fn act(c: &Client, vm: &str, action: &str, body: serde_json::Value) -> Operation {
+async fn act(c: &Client, vm: &str, action: &str, body: serde_json::Value) -> Operation {
     run_op(c, &format!("/v1/vms/{vm}/{action}"), body).await
 }
 
-pub(crate) async fn ok(c: &Client, vm: &str, action: &str, body: serde_json::Value) -> Vm {
+async fn ok(c: &Client, vm: &str, action: &str, body: serde_json::Value) -> Vm {
     let op = act(c, vm, action, body).await;
     assert_eq!(op.state, OpState::Succeeded, "{action}: {op:?}");
     op.result.unwrap_or_else(|| panic!("{action} gave no VM"))

@@ -12,44 +12,21 @@ use std::time::{Duration, Instant};
 
 use gve::agent::model::{OpState, Operation, Vm, VmState};
 use gve::api::client::Client;
-use gve_harness::xen::NestedXen;
+use gve_harness::xen::{console_ticks, stood_still_ms, NestedXen};
 use serde_json::json;
 
-use crate::agent::{last_event_seq, post, start_agent, wait_for_event_within, wait_op_within};
+use crate::agent::{last_event_seq, post, run_op_within, start_agent, wait_for_event_within};
 use crate::xen::{agrees_with_xl, console_shows, record, xen_spec};
 
 /// Submits an operation and waits for its end, giving it 3 minutes.
 async fn act(c: &Client, path: &str, body: serde_json::Value) -> Operation {
-    let op: Operation = serde_json::from_value(post(c, path, body).await.unwrap()).unwrap();
-    wait_op_within(c, &op.id, Duration::from_secs(180)).await
+    run_op_within(c, path, body, Duration::from_secs(180)).await
 }
 
 async fn ok(c: &Client, vm: &str, action: &str, body: serde_json::Value) -> Vm {
     let op = act(c, &format!("/v1/vms/{vm}/{action}"), body).await;
     assert_eq!(op.state, OpState::Succeeded, "{action}: {op:?}");
     op.result.unwrap_or_else(|| panic!("{action} gave no VM"))
-}
-
-/// The guest's console ticks: (counter, the guest's uptime in seconds).
-fn ticks(console: &str) -> Vec<(u64, f64)> {
-    console
-        .lines()
-        .filter_map(|l| {
-            let mut f = l.trim().strip_prefix("gve-tick ")?.split_whitespace();
-            Some((f.next()?.parse().ok()?, f.next()?.parse().ok()?))
-        })
-        .collect()
-}
-
-/// The longest the guest's uptime went between two consecutive ticks, in ms, less
-/// the tick period: how long the guest stood still.
-fn longest_stall_ms(mut all: Vec<(u64, f64)>) -> f64 {
-    all.sort_by_key(|t| t.0);
-    all.dedup_by_key(|t| t.0);
-    all.windows(2)
-        .filter(|w| w[1].0 == w[0].0 + 1)
-        .map(|w| (w[1].1 - w[0].1) * 1000.0 - 200.0)
-        .fold(0.0, f64::max)
 }
 
 /// An agent on `xen` that may migrate to `peer` over the shared pool.
@@ -124,7 +101,7 @@ async fn live_migration_between_two_xen_hosts_keeps_the_guest_running() {
 
     // The guest ran on: host 2's console goes on counting where host 1's stopped,
     // with no boot in between.
-    let before = ticks(&one.console("xm-1"));
+    let before = console_ticks(&one.console("xm-1"));
     let last = before.last().expect("ticks on host 1").0;
     assert!(
         console_shows(two, "xm-1", &format!("gve-tick {} ", last + 20), 60),
@@ -136,13 +113,13 @@ async fn live_migration_between_two_xen_hosts_keeps_the_guest_running() {
         !after_console.contains("GVE-XEN-GUEST-READY"),
         "the guest booted again on host 2: {after_console}"
     );
-    let after = ticks(&after_console);
+    let after = console_ticks(&after_console);
     let first = after.first().expect("ticks on host 2").0;
     assert!(
         first > 1 && first <= last + 5,
         "the counter did not go on: host 1 ended at {last}, host 2 began at {first}"
     );
-    let stall = longest_stall_ms(before.into_iter().chain(after).collect());
+    let stall = stood_still_ms(before.into_iter().chain(after).collect());
     eprintln!(
         "xm-1: live migration took {took:?}; counter {last} -> {first}; the guest stood \
          still {stall:.0} ms at most"
