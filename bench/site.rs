@@ -68,6 +68,10 @@ async fn site(dir: &std::path::Path) -> (Site, Client) {
     if let Ok(p) = std::env::var("GVE_BENCH_PARALLEL") {
         config.parallel_jobs = p.parse().unwrap();
     }
+    // One user submits everything: measure the site's throughput, not its
+    // fairness between users.
+    config.max_running_jobs_per_user = config.parallel_jobs;
+    config.max_queued_jobs_per_user = 1_000_000;
     let site = Site::start(config).await.unwrap();
     let admin = Client::new(&format!("http://{}", site.addr), Some(ADMIN.into())).unwrap();
     (site, admin)

@@ -114,13 +114,19 @@ impl Client {
         if status.is_success() {
             return Ok(resp);
         }
+        let retry_after_s = resp
+            .headers()
+            .get(hyper::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
         let body = resp
             .into_body()
             .collect()
             .await
             .map(|b| b.to_bytes())
             .unwrap_or_default();
-        Err(ApiError::from_body(status.as_u16(), &body))
+        let mut e = ApiError::from_body(status.as_u16(), &body);
+        e.retry_after_s = retry_after_s;
+        Err(e)
     }
 
     /// Reads a whole JSON answer.

@@ -49,6 +49,9 @@ pub struct ApiError {
     /// HTTP status.
     #[serde(skip)]
     pub status: u16,
+    /// When to try again, seconds (sent as `Retry-After` with a 429 or 503).
+    #[serde(skip)]
+    pub retry_after_s: Option<u64>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -63,7 +66,14 @@ impl ApiError {
             kind: kind.to_string(),
             message: message.into(),
             status: status.as_u16(),
+            retry_after_s: None,
         }
+    }
+
+    /// This error, telling the client to retry after `seconds`.
+    pub fn retry_after(mut self, seconds: u64) -> ApiError {
+        self.retry_after_s = Some(seconds);
+        self
     }
 
     /// 400 with kind `invalid-argument`.
@@ -106,7 +116,13 @@ impl ApiError {
     /// The JSON response for this error.
     pub fn into_response(self) -> Response {
         let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        json_response(status, &ErrorBody { error: self })
+        let retry = self.retry_after_s;
+        let mut r = json_response(status, &ErrorBody { error: self });
+        if let Some(s) = retry {
+            r.headers_mut()
+                .insert(hyper::header::RETRY_AFTER, hyper::header::HeaderValue::from(s));
+        }
+        r
     }
 
     /// Parses an error response body (for clients).
@@ -120,6 +136,7 @@ impl ApiError {
                 kind: "backend".into(),
                 message: format!("HTTP {status}: {}", String::from_utf8_lossy(body).trim()),
                 status,
+                retry_after_s: None,
             },
         }
     }

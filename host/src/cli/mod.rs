@@ -162,7 +162,7 @@ impl SiteOpts {
 #[non_exhaustive]
 pub enum CliError {
     /// The site refused or failed the call.
-    #[error("{}", .0.message)]
+    #[error("{}{}", .0.message, .0.retry_after_s.map(|s| format!(" (retry after {s} s)")).unwrap_or_default())]
     Api(#[from] ApiError),
     /// A job ended in failure.
     #[error("job {job} failed: {message} ({kind})")]

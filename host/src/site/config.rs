@@ -47,9 +47,25 @@ pub struct SiteConfig {
     /// How often agents are checked, milliseconds.
     #[serde(default = "default_health")]
     pub health_period_ms: u64,
-    /// Jobs run at once.
+    /// Users' jobs run at once, site-wide.
     #[serde(default = "default_parallel")]
     pub parallel_jobs: usize,
+    /// Jobs of one user run at once (the rest wait their turn, round-robin
+    /// between users).
+    #[serde(default = "default_running_per_user")]
+    pub max_running_jobs_per_user: usize,
+    /// Jobs of one user waiting to run; more are refused `429` with `Retry-After`.
+    #[serde(default = "default_queued_per_user")]
+    pub max_queued_jobs_per_user: usize,
+    /// System jobs (lease expiry, recovery) run at once, in their own lane.
+    #[serde(default = "default_system_jobs")]
+    pub system_jobs: usize,
+    /// Longest time budget an exec or provision may ask (`timeout-ms`), seconds.
+    #[serde(default = "default_exec_s")]
+    pub max_exec_seconds: u64,
+    /// Longest a copy into or out of a guest may run, seconds.
+    #[serde(default = "default_copy_s")]
+    pub max_copy_seconds: u64,
     /// Limits on HTTP clients (timeouts, connection caps).
     #[serde(default)]
     pub http: crate::api::server::HttpLimits,
@@ -95,6 +111,26 @@ fn default_parallel() -> usize {
     64
 }
 
+fn default_running_per_user() -> usize {
+    16
+}
+
+fn default_queued_per_user() -> usize {
+    256
+}
+
+fn default_system_jobs() -> usize {
+    16
+}
+
+fn default_exec_s() -> u64 {
+    3600
+}
+
+fn default_copy_s() -> u64 {
+    3600
+}
+
 /// Why a site configuration cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum SiteConfigError {
@@ -131,6 +167,11 @@ impl SiteConfig {
             placement: Policy::default(),
             health_period_ms: default_health(),
             parallel_jobs: default_parallel(),
+            max_running_jobs_per_user: default_running_per_user(),
+            max_queued_jobs_per_user: default_queued_per_user(),
+            system_jobs: default_system_jobs(),
+            max_exec_seconds: default_exec_s(),
+            max_copy_seconds: default_copy_s(),
             http: Default::default(),
             max_copy_mib: default_copy_mib(),
             tls: None,
@@ -151,6 +192,21 @@ impl SiteConfig {
         }
         if self.parallel_jobs == 0 || self.parallel_jobs > 4096 {
             return Err("parallel-jobs must be between 1 and 4096".into());
+        }
+        if self.max_running_jobs_per_user == 0 || self.max_running_jobs_per_user > 4096 {
+            return Err("max-running-jobs-per-user must be between 1 and 4096".into());
+        }
+        if self.max_queued_jobs_per_user == 0 || self.max_queued_jobs_per_user > 1_000_000 {
+            return Err("max-queued-jobs-per-user must be between 1 and 1000000".into());
+        }
+        if self.system_jobs == 0 || self.system_jobs > 4096 {
+            return Err("system-jobs must be between 1 and 4096".into());
+        }
+        if self.max_exec_seconds == 0 || self.max_exec_seconds > 3600 {
+            return Err("max-exec-seconds must be between 1 and 3600".into());
+        }
+        if self.max_copy_seconds == 0 || self.max_copy_seconds > 7 * 24 * 3600 {
+            return Err("max-copy-seconds must be between 1 and 604800".into());
         }
         if self.lease_max_seconds > 10 * 365 * 24 * 3600 {
             return Err("lease-max-seconds must be at most ten years".into());

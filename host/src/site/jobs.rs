@@ -14,10 +14,11 @@ use std::sync::Arc;
 
 use hyper::StatusCode;
 use serde_json::Value;
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::oneshot;
 
 use super::agents::db;
 use super::model::{now_ms, AuditEntry, Job, JobKind, JobState, OpError, Quota, Usage};
+use super::scheduler::{Lane, Scheduler, Ticket};
 use super::store::{Store, StoreError, Txn};
 use super::SiteCore;
 use crate::api::ApiError;
@@ -25,12 +26,18 @@ use crate::api::ApiError;
 /// Most submissions committed in one transaction.
 const MAX_BATCH: usize = 1024;
 
+/// Beyond a command's own budget, time for reaching the agent, waiting for its
+/// guest agent and fetching the result, seconds.
+const EXEC_GRACE_S: u64 = 180;
+
 /// A job to record, with the quota its owner must stay within.
 struct Submission {
     job: Job,
     quota: Option<Quota>,
     /// Recorded in the same transaction as the job.
     audit: Option<AuditEntry>,
+    /// Its place in its owner's queue.
+    ticket: Ticket,
     reply: oneshot::Sender<Result<Job, ApiError>>,
 }
 
@@ -55,6 +62,7 @@ enum Work {
 #[derive(Clone)]
 pub struct Submitter {
     tx: std::sync::mpsc::Sender<Work>,
+    sched: Arc<Scheduler>,
 }
 
 /// A new job id: time-ordered, unique.
@@ -83,14 +91,15 @@ pub fn new_job(owner: &str, kind: JobKind, vm: Option<String>, params: Value) ->
 }
 
 impl Submitter {
-    /// Starts the writer thread; accepted jobs' ids go to `run`.
-    pub fn start(store: Store, run: mpsc::UnboundedSender<String>) -> Submitter {
+    /// Starts the writer thread; accepted jobs are queued on `sched`.
+    pub fn start(store: Store, sched: Arc<Scheduler>) -> Submitter {
         let (tx, rx) = std::sync::mpsc::channel::<Work>();
+        let run = sched.clone();
         std::thread::Builder::new()
             .name("gve-site-jobs".into())
             .spawn(move || writer(store, rx, run))
             .expect("spawn the job writer thread");
-        Submitter { tx }
+        Submitter { tx, sched }
     }
 
     /// Records `job` durably (checking `quota` against its reservation) and queues it.
@@ -105,12 +114,16 @@ impl Submitter {
         quota: Option<Quota>,
         audit: Option<AuditEntry>,
     ) -> Result<Job, ApiError> {
+        // A place in the owner's queue first: a full queue is refused before
+        // anything is written.
+        let ticket = self.sched.admit(&job.owner)?;
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Work::Submit(Box::new(Submission {
                 job,
                 quota,
                 audit,
+                ticket,
                 reply,
             })))
             .map_err(|_| unavailable("the job writer has stopped"))?;
@@ -140,7 +153,7 @@ fn unavailable(m: &str) -> ApiError {
     ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", m)
 }
 
-fn writer(store: Store, rx: std::sync::mpsc::Receiver<Work>, run: mpsc::UnboundedSender<String>) {
+fn writer(store: Store, rx: std::sync::mpsc::Receiver<Work>, run: Arc<Scheduler>) {
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -167,9 +180,10 @@ fn writer(store: Store, rx: std::sync::mpsc::Receiver<Work>, run: mpsc::Unbounde
         for (w, verdict) in batch.into_iter().zip(verdicts) {
             match w {
                 Work::Submit(s) => {
+                    let s = *s;
                     let out = match verdict {
                         Verdict::Done => {
-                            let _ = run.send(s.job.id.clone());
+                            run.enqueue(s.ticket, s.job.id.clone());
                             Ok(s.job)
                         }
                         Verdict::Refused(e) => Err(e),
@@ -238,23 +252,18 @@ fn apply(t: &mut Txn<'_>, w: &mut Work) -> Result<Verdict, StoreError> {
     }
 }
 
-/// Runs queued jobs, at most `parallel` at once.
-pub fn spawn_runner(
-    core: Arc<SiteCore>,
-    mut rx: mpsc::UnboundedReceiver<String>,
-    parallel: usize,
-) -> tokio::task::JoinHandle<()> {
-    let permits = Arc::new(Semaphore::new(parallel));
+/// Runs queued jobs as the scheduler hands them out.
+pub fn spawn_runner(core: Arc<SiteCore>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        while let Some(id) = rx.recv().await {
-            let Ok(permit) = permits.clone().acquire_owned().await else {
-                break;
-            };
-            let core = core.clone();
-            tokio::spawn(async move {
-                core.run_job(&id).await;
-                drop(permit);
-            });
+        loop {
+            while let Some(run) = core.scheduler.next() {
+                let core = core.clone();
+                tokio::spawn(async move {
+                    core.run_job(&run.id).await;
+                    drop(run);
+                });
+            }
+            core.scheduler.changed().await;
         }
     })
 }
@@ -311,7 +320,21 @@ impl SiteCore {
                 return;
             }
         };
-        let outcome = self.dispatch(&job).await;
+        let outcome = match self.budget(&job) {
+            None => self.dispatch(&job).await,
+            Some(budget) => tokio::time::timeout(budget, self.dispatch(&job))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(OpError {
+                        kind: "timeout".into(),
+                        message: format!(
+                            "the {} did not end within its budget of {} s (site policy)",
+                            job.kind.as_str(),
+                            budget.as_secs()
+                        ),
+                    })
+                }),
+        };
         if let Err(e) = self.finish(id, outcome).await {
             tracing::error!(job = id, "cannot record the end of a job: {e}");
             return;
@@ -320,6 +343,23 @@ impl SiteCore {
         if job.kind == JobKind::CopyIn {
             let _ = tokio::fs::remove_file(self.staged_in(id)).await;
         }
+    }
+
+    /// How long a job touching only a guest may run before the site gives up on
+    /// it and frees its slot: a command's own budget plus time to reach the agent
+    /// and wait for the guest agent; a copy's by site policy. (A provision's steps
+    /// are each bounded by the agent.) Jobs that change what
+    /// exists (VMs, disks) are never abandoned half-way.
+    fn budget(&self, job: &Job) -> Option<std::time::Duration> {
+        let secs = match job.kind {
+            JobKind::Exec => {
+                let ms = job.params["timeout-ms"].as_u64().unwrap_or(60_000);
+                ms.div_ceil(1000) + EXEC_GRACE_S
+            }
+            JobKind::CopyIn | JobKind::CopyOut => self.config.max_copy_seconds,
+            _ => return None,
+        };
+        Some(std::time::Duration::from_secs(secs))
     }
 
     async fn dispatch(self: &Arc<Self>, job: &Job) -> Result<Value, OpError> {
@@ -432,14 +472,23 @@ impl SiteCore {
             t.put_job(&job, Some("cancelled"))?;
             Ok(Ok(job))
         });
-        r.map_err(db)?
+        let job = r.map_err(db)??;
+        self.scheduler.forget(&job.owner, &job.id);
+        Ok(job)
     }
 
-    /// Queues every job a previous run left queued or running.
-    pub fn resume_all(&self, run: &mpsc::UnboundedSender<String>) -> Result<usize, StoreError> {
+    /// Queues every job a previous run left queued or running: those that were
+    /// running (recovery) and lease expiries in the system lane, the others in
+    /// their owners' queues.
+    pub fn resume_all(&self) -> Result<usize, StoreError> {
         let jobs = self.store.active_jobs()?;
         for j in &jobs {
-            let _ = run.send(j.id.clone());
+            let lane = if j.state == JobState::Running || j.kind == JobKind::Expire {
+                Lane::System
+            } else {
+                Lane::User
+            };
+            self.scheduler.push(&j.owner, j.id.clone(), lane);
         }
         Ok(jobs.len())
     }

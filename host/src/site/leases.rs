@@ -138,7 +138,8 @@ impl SiteCore {
             });
             if marked.map_err(db)? {
                 tracing::info!(vm = v.id, owner, "lease expired; stopping the VM");
-                let _ = self.runner.send(job.id.clone());
+                self.scheduler
+                    .push(&owner, job.id.clone(), super::scheduler::Lane::System);
             }
         }
         Ok(())

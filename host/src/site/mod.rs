@@ -19,6 +19,7 @@ pub mod leases;
 pub mod model;
 pub mod placement;
 pub mod request;
+pub mod scheduler;
 pub mod sealing;
 pub mod store;
 pub mod vms;
@@ -30,7 +31,7 @@ use std::time::Duration;
 
 use hyper::body::Incoming;
 use hyper::Request;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 use crate::api::{self, server::Handler, ApiError, Response};
 pub use config::SiteConfig;
@@ -50,8 +51,8 @@ pub struct SiteCore {
     pub config: SiteConfig,
     /// Records new jobs.
     pub submitter: jobs::Submitter,
-    /// Queues jobs to run.
-    pub runner: mpsc::UnboundedSender<String>,
+    /// Decides which queued job runs next.
+    pub scheduler: Arc<scheduler::Scheduler>,
     /// Requests placed on an agent but not created yet: job → (agent, MiB). Kept in
     /// memory (placement reads it for every request; scanning the jobs would not scale).
     pub placing: std::sync::Mutex<std::collections::HashMap<String, (String, u64)>>,
@@ -160,22 +161,27 @@ impl Site {
             sealer,
             config.agent_tls.clone(),
         )?);
-        let (run_tx, run_rx) = mpsc::unbounded_channel();
-        let submitter = jobs::Submitter::start(store.clone(), run_tx.clone());
+        let scheduler = scheduler::Scheduler::new(scheduler::Limits {
+            parallel: config.parallel_jobs,
+            running_per_user: config.max_running_jobs_per_user,
+            queued_per_user: config.max_queued_jobs_per_user,
+            system: config.system_jobs,
+        });
+        let submitter = jobs::Submitter::start(store.clone(), scheduler.clone());
         let core = Arc::new(SiteCore {
             store,
             agents: agents.clone(),
             config: config.clone(),
             submitter,
-            runner: run_tx.clone(),
+            scheduler,
             placing: Default::default(),
         });
-        let resumed = core.resume_all(&run_tx)?;
+        let resumed = core.resume_all()?;
         if resumed > 0 {
             tracing::warn!(resumed, "resuming jobs a previous run left unfinished");
         }
         let background = vec![
-            jobs::spawn_runner(core.clone(), run_rx, config.parallel_jobs),
+            jobs::spawn_runner(core.clone()),
             agents.spawn_health(Duration::from_millis(config.health_period_ms)),
             core.spawn_leases(),
         ];

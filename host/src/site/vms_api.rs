@@ -42,6 +42,27 @@ impl SiteCore {
             .ok_or_else(|| not_found(format!("no job '{id}' of yours")))
     }
 
+    /// Holds an exec's or provision's time budget to the site's policy: a longer
+    /// `timeout-ms` is refused; without one, the agent's default (60 s) applies
+    /// unless the policy is shorter.
+    fn cap_exec_budget(&self, params: &mut serde_json::Value) -> Result<(), ApiError> {
+        let cap_ms = self.config.max_exec_seconds.saturating_mul(1000);
+        match params.get("timeout-ms").and_then(serde_json::Value::as_u64) {
+            Some(t) if t > cap_ms => Err(ApiError::bad_request(format!(
+                "timeout-ms {t} is over this site's limit of {} s for a command \
+                 (max-exec-seconds)",
+                self.config.max_exec_seconds
+            ))),
+            Some(_) => Ok(()),
+            None => {
+                if cap_ms < 60_000 {
+                    params["timeout-ms"] = serde_json::Value::from(cap_ms);
+                }
+                Ok(())
+            }
+        }
+    }
+
     fn accepted(job: &Job) -> Result<Response, ApiError> {
         Ok(json_response(StatusCode::ACCEPTED, &redacted(job.clone())))
     }
@@ -139,7 +160,10 @@ impl SiteCore {
                     ));
                 }
                 let body = crate::api::read_small_body(req.into_body()).await?;
-                let params = super::bodies::check(kind, &body)?;
+                let mut params = super::bodies::check(kind, &body)?;
+                if matches!(kind, JobKind::Exec | JobKind::Provision) {
+                    self.cap_exec_budget(&mut params)?;
+                }
                 let agent = self.store.agent(&vm.agent).map_err(db)?;
                 if kind != JobKind::Release
                     && agent.as_ref().is_none_or(|a| a.status != AgentStatus::Up)

@@ -20,7 +20,7 @@ use crate::kvm::kvm_spec;
 use crate::site::ADMIN;
 use crate::support::bundle;
 
-async fn kvm_agent(lv: &Libvirtd, other: &Libvirtd, dir: &std::path::Path) -> Agent {
+pub async fn kvm_agent(lv: &Libvirtd, other: &Libvirtd, dir: &std::path::Path) -> Agent {
     let mut kvm = kvm_spec(lv);
     kvm.grants.libvirt.push(other.migration_uri());
     // Both daemons see the same files (one machine).

@@ -6,6 +6,7 @@ mod audit;
 mod cli;
 mod contract;
 mod e2e;
+mod fairness;
 mod guest;
 mod hostile;
 mod http_limits;

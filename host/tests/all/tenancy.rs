@@ -215,7 +215,7 @@ async fn a_failed_request_destroys_its_vm_and_keeps_no_quota() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bodies_are_checked_when_submitted_not_when_run() {
-    let e = env(1, |_| {}).await;
+    let e = env(1, |c| c.max_exec_seconds = 10).await;
     let fay = e.user("fay", None).await;
     let j = job(&fay, "/v1/vms", json!({ "main-memory-mib": 256 })).await;
     let vm: SiteVm = serde_json::from_value(j.result.unwrap()).unwrap();
@@ -227,6 +227,11 @@ async fn bodies_are_checked_when_submitted_not_when_run() {
             "exec",
             json!({ "argv": ["true"], "timeout-ms": 0 }),
             "timeout-ms",
+        ),
+        (
+            "exec",
+            json!({ "argv": ["true"], "timeout-ms": 10_001 }),
+            "max-exec-seconds",
         ),
         ("provision", json!({ "bundle": "x\r\nX-Evil: 1" }), "bundle"),
         ("clone", json!({ "name": "a/b" }), "clone name"),
@@ -241,6 +246,10 @@ async fn bodies_are_checked_when_submitted_not_when_run() {
     }
     let after = fay.get::<Vec<Job>>("/v1/jobs").await.unwrap().len();
     assert_eq!(before, after, "a refused body must not make a job");
+    // Without a budget of its own, a command gets the site's when that is shorter
+    // than the agent's default.
+    let j = job(&fay, &format!("/v1/vms/{}/exec", vm.id), json!({ "argv": ["true"] })).await;
+    assert_eq!(j.params["timeout-ms"], 10_000, "{j:?}");
     e.site.stop().await;
 }
 
