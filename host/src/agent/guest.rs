@@ -18,6 +18,7 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
+use super::guest_gate::{GuestGates, Pass, Ticket, PROBE, PROBE_TIMEOUT_MS};
 use super::model::{ExecOutput, FileMeta, OpError, OpOutput, VmRecord, VmState};
 use super::ops::{op_error, OpParams, Outcome};
 use super::AgentCore;
@@ -34,12 +35,20 @@ pub const MAX_OUTPUT: u32 = 16 << 20;
 
 /// Routes a guest plugin's qemu-ga commands to the driver session of the endpoint it
 /// names. Only endpoints this agent's drivers serve are reachable.
+/// Each VM's guest agent is behind a [`GuestGates`] gate: one command at a time,
+/// bounded waits, and a circuit breaker for a guest agent that stopped answering.
 #[derive(Default)]
 pub struct GuestRouter {
     drivers: RwLock<HashMap<String, DriverSession>>,
+    gates: std::sync::Arc<GuestGates>,
 }
 
 impl GuestRouter {
+    /// The gates in front of VMs' guest agents.
+    pub fn gates(&self) -> std::sync::Arc<GuestGates> {
+        self.gates.clone()
+    }
+
     /// Makes `driver`'s endpoint reachable.
     pub fn insert(&self, driver: DriverSession) {
         self.drivers
@@ -63,6 +72,7 @@ impl GuestChannel for GuestRouter {
             .unwrap_or_else(|p| p.into_inner())
             .get(&endpoint)
             .cloned();
+        let gates = self.gates.clone();
         Box::pin(async move {
             let Some(driver) = driver else {
                 return Err(DriverError::new(
@@ -70,16 +80,48 @@ impl GuestChannel for GuestRouter {
                     format!("no driver of this agent serves endpoint '{endpoint}'"),
                 ));
             };
+            let ticket = match gates.enter(&endpoint, &vm, timeout).await? {
+                Pass::Go(t) => t,
+                Pass::Probe(t) => {
+                    let r = send(&driver, &t, &vm, PROBE, PROBE_TIMEOUT_MS).await;
+                    if let Err(e) = r {
+                        return Err(DriverError::new(
+                            ErrorKind::Unavailable,
+                            format!(
+                                "the guest agent of VM {vm} still does not answer ({}); \
+                                 commands to it fail at once until it does",
+                                e.message
+                            ),
+                        ));
+                    }
+                    t
+                }
+            };
             let ms = u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX);
-            driver
-                .guest_agent_command(&vm, &command, ms)
-                .await
-                .map_err(|e| match e {
-                    PluginError::Driver { error, .. } => error,
-                    other => DriverError::new(other.kind(), other.to_string()),
-                })
+            send(&driver, &ticket, &vm, &command, ms).await
         })
     }
+}
+
+/// Sends one qemu-ga command and tells the gate how the guest agent answered (a
+/// wait for a driver instance says nothing about the guest).
+async fn send(
+    driver: &DriverSession,
+    ticket: &Ticket,
+    vm: &str,
+    command: &str,
+    ms: u32,
+) -> Result<String, DriverError> {
+    let r = driver.guest_agent_command(vm, command, ms).await;
+    let busy = matches!(r, Err(PluginError::Busy { .. }));
+    let r = r.map_err(|e| match e {
+        PluginError::Driver { error, .. } => error,
+        other => DriverError::new(other.kind(), other.to_string()),
+    });
+    if !busy {
+        ticket.done(&r);
+    }
+    r
 }
 
 /// The guest session exec and copy run on, and the plugin behind it.
@@ -193,6 +235,7 @@ impl AgentCore {
             kind: e.kind.clone(),
             message: e.message.clone(),
         })?;
+        let _turn = self.guest_turn(vm).await?;
         let request = ExecRequest {
             argv: body.argv.clone(),
             env: body
@@ -212,11 +255,21 @@ impl AgentCore {
             timeout_ms: body.timeout_ms.unwrap_or(60_000),
             output_limit: body.output_limit.unwrap_or(1 << 20),
         };
-        let r = guest
-            .session
-            .exec(vm, &request)
-            .await
-            .map_err(|e| op_error(&e))?;
+        let r = match guest.session.exec(vm, &request).await {
+            // Not connected (the guest rebooted since it last answered): the
+            // command never reached it, so it is sent again once the agent answers.
+            Err(e) if e.kind() == ErrorKind::Unavailable && self.not_hung(vm) => {
+                self.guest_gates
+                    .set_answered(self.driver.endpoint(), vm, false);
+                let r = self.wait_ready(vm, super::ready::GUEST_WAIT).await?;
+                if !r.ready {
+                    return Err(op_error(&e));
+                }
+                guest.session.exec(vm, &request).await
+            }
+            r => r,
+        }
+        .map_err(|e| op_error(&e))?;
         Ok(exec_output(r))
     }
 
@@ -238,8 +291,10 @@ impl AgentCore {
             path: path.to_string(),
             mode,
         };
+        let turn = self.guest_turn(vm).await.map_err(api_error)?;
         let op = self.begin(vm, &params).map_err(registry)?;
         let result = stream_in(&guest.session, vm, path, mode, parents, expected, body).await;
+        drop(turn);
         let outcome = match &result {
             Ok(meta) => Ok(Outcome::Output(OpOutput::File(meta.clone()))),
             Err(e) => Err(OpError {
@@ -257,6 +312,7 @@ impl AgentCore {
     pub async fn copy_out(&self, rec: &VmRecord, path: &str) -> Result<(u64, u32, Body), ApiError> {
         let guest = self.guest()?;
         Self::require_running(rec, "copy a file out")?;
+        let turn = self.guest_turn(&rec.vm.id).await.map_err(api_error)?;
         let mut download = guest.session.download(&rec.vm.id, path).await?;
         let (size, mode) = (download.size, download.mode);
         let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(2);
@@ -280,6 +336,7 @@ impl AgentCore {
                 }
             }
             download.close().await;
+            drop(turn);
         });
         Ok((size, mode, crate::api::channel_body(rx)))
     }
@@ -288,9 +345,16 @@ impl AgentCore {
     pub async fn stat(&self, rec: &VmRecord, path: &str) -> Result<FileMeta, ApiError> {
         let guest = self.guest()?;
         Self::require_running(rec, "stat a file")?;
+        let _turn = self.guest_turn(&rec.vm.id).await.map_err(api_error)?;
         let info = guest.session.stat(&rec.vm.id, path).await?;
         Ok(file_meta(path, info))
     }
+}
+
+/// An operation's error as an HTTP error of its kind.
+fn api_error(e: OpError) -> ApiError {
+    let kind = ErrorKind::parse(&e.kind).unwrap_or(ErrorKind::Backend);
+    ApiError::new(ApiError::status_of(kind), &e.kind, e.message)
 }
 
 fn registry(e: super::registry::RegistryError) -> ApiError {

@@ -7,6 +7,7 @@
 //! | PUT | /v1/vms/{id}/files?path=P&mode=0644&parents=true | the file's bytes | `FileMeta` |
 //! | GET | /v1/vms/{id}/files?path=P | | the file's bytes |
 //! | GET | /v1/vms/{id}/stat?path=P | | `FileMeta` |
+//! | GET | /v1/vms/{id}/ready?wait-ms=N | | `Readiness`: the guest agent answers |
 //!
 //! `PUT` takes an optional `X-Gve-Sha256` header: content whose SHA-256 differs is
 //! not written. `GET .../files` answers with `Content-Length`, `X-Gve-File-Mode`
@@ -167,6 +168,11 @@ impl AgentCore {
             (Method::GET, "stat") => {
                 let path = required_path(&req)?;
                 ok(&self.stat(&rec, &path).await?)
+            }
+            (Method::GET, "ready") => {
+                Self::require_running(&rec, "wait for its guest agent")?;
+                let wait = query_param(req.uri(), "wait-ms")?;
+                ok(&self.handle_ready(&rec.vm.id, wait).await?)
             }
             (m, _) => Err(ApiError::no_route(&m, req.uri().path())),
         }

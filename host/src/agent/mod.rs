@@ -5,12 +5,14 @@
 pub mod config;
 pub mod guest;
 pub mod guest_api;
+pub mod guest_gate;
 pub mod model;
 pub mod ops;
 pub mod plugin_admin;
 pub mod plugins_api;
 pub mod policy;
 pub mod provision;
+pub mod ready;
 pub mod reconcile;
 pub mod registry;
 pub mod runtime;
@@ -47,6 +49,8 @@ pub struct AgentCore {
     /// VMs this agent removed recently (id → Unix ms), so a reconcile pass whose
     /// listing predates the removal does not report them as appeared.
     pub(crate) removed: std::sync::Mutex<std::collections::HashMap<String, u64>>,
+    /// Each VM's gate to its guest agent (shared with the guest router).
+    pub guest_gates: Arc<guest_gate::GuestGates>,
 }
 
 /// Why an agent could not start.

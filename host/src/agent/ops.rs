@@ -149,9 +149,19 @@ async fn call(core: &AgentCore, vm: &str, params: &OpParams) -> Result<Outcome, 
             kind: ErrorKind::InvalidArgument.as_str().into(),
             message: "copy-in runs inside the request that streams the file".into(),
         }),
-        _ => driver_call(&core.driver, vm, params)
-            .await
-            .map_err(|e| op_error(&e)),
+        _ => {
+            // A VM that (re)starts or stops has a guest agent to wait for again.
+            if matches!(
+                params,
+                OpParams::Start | OpParams::Shutdown { .. } | OpParams::Suspend | OpParams::Resume
+            ) {
+                core.guest_gates
+                    .set_answered(core.driver.endpoint(), vm, false);
+            }
+            driver_call(&core.driver, vm, params)
+                .await
+                .map_err(|e| op_error(&e))
+        }
     }
 }
 

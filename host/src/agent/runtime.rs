@@ -107,6 +107,7 @@ impl Runtime {
             bundles_dir: self.bundles_dir.clone(),
             migration_uri: d.migration_uri.clone(),
             removed: Default::default(),
+            guest_gates: self.router.gates(),
         });
         let resolved = core.recover().await?;
         if resolved > 0 {

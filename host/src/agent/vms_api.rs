@@ -272,7 +272,8 @@ impl AgentCore {
                 self.accepted(&key, &name, OpParams::Create(Box::new(profile)))
             }
             (Method::POST, ["v1", "vms", id, a @ ("exec" | "provision")])
-            | (Method::PUT | Method::GET, ["v1", "vms", id, a @ ("files" | "stat")]) => {
+            | (Method::PUT | Method::GET, ["v1", "vms", id, a @ ("files" | "stat")])
+            | (Method::GET, ["v1", "vms", id, a @ "ready"]) => {
                 let rec = self.record(id)?;
                 self.handle_guest(req, rec, a, key).await
             }

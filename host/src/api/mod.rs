@@ -119,8 +119,10 @@ impl ApiError {
         let retry = self.retry_after_s;
         let mut r = json_response(status, &ErrorBody { error: self });
         if let Some(s) = retry {
-            r.headers_mut()
-                .insert(hyper::header::RETRY_AFTER, hyper::header::HeaderValue::from(s));
+            r.headers_mut().insert(
+                hyper::header::RETRY_AFTER,
+                hyper::header::HeaderValue::from(s),
+            );
         }
         r
     }

@@ -168,9 +168,13 @@ pub struct RequestArgs {
     /// Start this VM (free, or yours already) instead of matching the profile.
     #[arg(long = "vm", value_name = "ID")]
     pub vm: Option<String>,
-    /// Follow the job to its end and print the VM.
+    /// Follow the job to its end and print the VM: once it is ready (its guest
+    /// agent answers), or with --running as soon as it runs.
     #[arg(long)]
     pub wait: bool,
+    /// End the request as soon as the VM runs, without waiting for its guest agent.
+    #[arg(long)]
+    pub running: bool,
 }
 
 /// A command to run in the guest.
@@ -233,6 +237,7 @@ pub async fn run(args: VmArgs) -> Result<i32, CliError> {
                 lease_seconds: r.lease_seconds,
                 name: r.name.clone(),
                 vm: r.vm.clone(),
+                wait_for_guest: !r.running,
             };
             let job: Job = client.call(Method::POST, "/v1/vms", Some(&body)).await?;
             follow(site, &client, job, r.wait).await?;
@@ -443,6 +448,7 @@ pub fn print_vms(out: Output, vms: &[SiteVm]) {
                 v.id.clone(),
                 v.name.clone(),
                 v.state.clone(),
+                ready(v),
                 v.agent.clone(),
                 v.logical_cpus.to_string(),
                 v.main_memory_mib.to_string(),
@@ -453,10 +459,19 @@ pub fn print_vms(out: Output, vms: &[SiteVm]) {
         .collect();
     output::table(
         &[
-            "ID", "NAME", "STATE", "AGENT", "CPUS", "MEM-MIB", "OWNER", "LEASE",
+            "ID", "NAME", "STATE", "READY", "AGENT", "CPUS", "MEM-MIB", "OWNER", "LEASE",
         ],
         &rows,
     );
+}
+
+/// `yes` once the guest agent answered, `no` while it boots, `-` when not running.
+fn ready(v: &SiteVm) -> String {
+    match (v.state.as_str(), v.ready) {
+        ("running", true) => "yes".into(),
+        ("running", false) => "no".into(),
+        _ => "-".into(),
+    }
 }
 
 fn show_vm(out: Output, v: &SiteVm) {
@@ -472,6 +487,7 @@ fn show_vm(out: Output, v: &SiteVm) {
         ("id", v.id.clone()),
         ("name", v.name.clone()),
         ("state", v.state.clone()),
+        ("ready", ready(v)),
         ("owner", output::or_dash(v.owner.as_ref())),
         ("agent", format!("{} (as {})", v.agent, v.agent_vm)),
         ("cpus", v.logical_cpus.to_string()),

@@ -161,6 +161,18 @@ pub enum PluginError {
         /// The budget it had.
         budget: Duration,
     },
+    /// Every instance of the lane a call needed stayed busy for the call's budget.
+    #[error("plugin '{plugin}': no instance free for {op} within {waited:?}: all of its {lane} instances are busy")]
+    Busy {
+        /// Plugin name.
+        plugin: String,
+        /// Contract operation.
+        op: &'static str,
+        /// `control` or `guest-agent`.
+        lane: &'static str,
+        /// How long the call waited.
+        waited: Duration,
+    },
     /// The plugin tried to grow its memory past its cap.
     #[error("plugin '{plugin}': {op} refused: memory cap of {cap_mib} MiB exceeded (asked for {asked_mib} MiB)")]
     MemoryCap {
@@ -276,6 +288,7 @@ impl PluginError {
             | PluginError::Trap { .. }
             | PluginError::Answer { .. } => ErrorKind::Backend,
             PluginError::Deadline { .. } => ErrorKind::Timeout,
+            PluginError::Busy { .. } => ErrorKind::Unavailable,
             PluginError::MemoryCap { .. } | PluginError::Budget { .. } => ErrorKind::Denied,
             PluginError::NotSupported { .. } => ErrorKind::Unsupported,
             PluginError::Driver { error, .. } => error.kind,

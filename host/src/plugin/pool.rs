@@ -50,26 +50,56 @@ pub(crate) struct Pooled {
     pub(crate) sessions: HashMap<SessionKey, ResourceAny>,
 }
 
+/// Which calls an instance is taken for. Calls a VM's guest agent answers (a
+/// qemu-ga command) can hang for their whole timeout when the guest does; they
+/// take turns among their own instances so that control calls (operations,
+/// reconcile, host information) never wait behind them.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Lane {
+    /// Everything but guest-agent commands.
+    Control,
+    /// Commands to a VM's in-guest agent.
+    Guest,
+}
+
 /// The warm instances of one plugin version.
 pub(crate) struct Pool {
     name: Arc<str>,
     idle: Mutex<Vec<Pooled>>,
-    permits: Arc<Semaphore>,
+    control: Arc<Semaphore>,
+    /// The guest lane's own turns; the control lane's when the pool is one instance.
+    guest: Arc<Semaphore>,
 }
 
 impl Pool {
-    /// A pool of at most `size` instances in use at once.
-    pub(crate) fn new(name: Arc<str>, size: usize) -> Pool {
+    /// A pool of at most `size` instances in use at once. With `lanes` (a driver,
+    /// which guest-agent commands reach) half of them are the guest lane's and the
+    /// rest control's, unless `size` is 1 (a plugin that runs as one instance
+    /// shares it between both lanes).
+    pub(crate) fn new(name: Arc<str>, size: usize, lanes: bool) -> Pool {
+        let size = size.max(1);
+        let split = lanes && size >= 2;
+        let control = Arc::new(Semaphore::new(if split { size - size / 2 } else { size }));
+        let guest = if split {
+            Arc::new(Semaphore::new(size / 2))
+        } else {
+            control.clone()
+        };
         Pool {
             name,
             idle: Mutex::new(Vec::new()),
-            permits: Arc::new(Semaphore::new(size)),
+            control,
+            guest,
         }
     }
 
-    /// Waits for a turn to use an instance.
-    pub(crate) async fn permit(&self) -> Option<OwnedSemaphorePermit> {
-        self.permits.clone().acquire_owned().await.ok()
+    /// Waits for a turn to use an instance in `lane`.
+    pub(crate) async fn permit(&self, lane: Lane) -> Option<OwnedSemaphorePermit> {
+        let sem = match lane {
+            Lane::Control => &self.control,
+            Lane::Guest => &self.guest,
+        };
+        sem.clone().acquire_owned().await.ok()
     }
 
     /// An idle instance, if there is one.

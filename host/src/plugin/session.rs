@@ -19,7 +19,7 @@ use super::bindings::types::{
 };
 use super::error::{PluginError, Result};
 use super::instance::guarded;
-use super::pool::{Kind, Lease, Pooled, SessionKey};
+use super::pool::{Kind, Lane, Lease, Pooled, SessionKey};
 use super::slot::Slot;
 use super::transfer::{Download, Upload};
 
@@ -46,13 +46,23 @@ impl Target {
         }
     }
 
-    /// An instance of the current version with this session open in it.
-    pub(crate) async fn lease(&self) -> Result<Lease> {
+    /// An instance of the current version with this session open in it, for a
+    /// call `op` in `lane`; waiting for one at most the plugin's call budget.
+    pub(crate) async fn lease(&self, op: &'static str, lane: Lane) -> Result<Lease> {
         let loaded = self.current()?;
         let pool = loaded.pool.clone();
-        let permit = pool
-            .permit()
+        let budget = loaded.meta.limits.call_timeout();
+        let permit = tokio::time::timeout(budget, pool.permit(lane))
             .await
+            .map_err(|_| PluginError::Busy {
+                plugin: self.slot.name.to_string(),
+                op,
+                lane: match lane {
+                    Lane::Control => "control",
+                    Lane::Guest => "guest-agent",
+                },
+                waited: budget,
+            })?
             .ok_or_else(|| PluginError::Unloaded(self.slot.name.clone()))?;
         let mut pooled = match pool.take_idle() {
             Some(p) => p,
@@ -142,7 +152,8 @@ macro_rules! driver_op {
         $(#[$doc])*
         pub async fn $name(&self, $($arg: $ty),*) -> Result<$ret> {
             self.target.require($op, $cap)?;
-            let mut lease = self.target.lease().await?;
+            let lane = if $op == "guest-agent-command" { Lane::Guest } else { Lane::Control };
+            let mut lease = self.target.lease($op, lane).await?;
             let s = lease.session;
             let r = guarded!(&mut lease.pooled.inst, $op, driver, |d, store| d.session().$call(store, s $(, $pass)*));
             lease.give_back();
@@ -159,7 +170,7 @@ impl DriverSession {
         credentials: Credentials,
     ) -> Result<DriverSession> {
         let target = Arc::new(Target::new(slot, Kind::Driver, endpoint, credentials));
-        target.lease().await?.give_back();
+        target.lease("open", Lane::Control).await?.give_back();
         Ok(DriverSession { target })
     }
 
@@ -273,13 +284,13 @@ impl GuestSession {
         credentials: Credentials,
     ) -> Result<GuestSession> {
         let target = Arc::new(Target::new(slot, Kind::Guest, endpoint, credentials));
-        target.lease().await?.give_back();
+        target.lease("open", Lane::Control).await?.give_back();
         Ok(GuestSession { target })
     }
 
     /// Runs a command in the guest.
     pub async fn exec(&self, vm: &str, request: &ExecRequest) -> Result<ExecResult> {
-        let mut lease = self.target.lease().await?;
+        let mut lease = self.target.lease("guest", Lane::Guest).await?;
         let s = lease.session;
         let r = guarded!(&mut lease.pooled.inst, "exec", guest, |g, store| g
             .guest_session()
@@ -303,7 +314,7 @@ impl GuestSession {
 
     /// Size, mode and SHA-256 of a guest file.
     pub async fn stat(&self, vm: &str, path: &str) -> Result<FileInfo> {
-        let mut lease = self.target.lease().await?;
+        let mut lease = self.target.lease("guest", Lane::Guest).await?;
         let s = lease.session;
         let r = guarded!(&mut lease.pooled.inst, "stat", guest, |g, store| g
             .guest_session()
@@ -320,7 +331,7 @@ impl GuestSession {
         mode: u32,
         create_parents: bool,
     ) -> Result<Upload> {
-        let mut lease = self.target.lease().await?;
+        let mut lease = self.target.lease("guest", Lane::Guest).await?;
         let s = lease.session;
         let r = guarded!(&mut lease.pooled.inst, "upload", guest, |g, store| g
             .guest_session()
@@ -336,7 +347,7 @@ impl GuestSession {
 
     /// Starts reading a guest file.
     pub async fn download(&self, vm: &str, path: &str) -> Result<Download> {
-        let mut lease = self.target.lease().await?;
+        let mut lease = self.target.lease("guest", Lane::Guest).await?;
         let s = lease.session;
         let r = guarded!(&mut lease.pooled.inst, "download", guest, |g, store| g
             .guest_session()

@@ -92,7 +92,7 @@ impl Loaded {
                 limits,
                 generation,
             }),
-            pool: Arc::new(Pool::new(name.clone(), pool_size as usize)),
+            pool: Arc::new(Pool::new(name.clone(), pool_size as usize, exports.driver)),
             name,
             bundle,
             component_sha256,

@@ -278,7 +278,8 @@ impl Agents {
         }
     }
 
-    /// Checks every agent every `period`.
+    /// Checks every agent every `period`, all at once: each check has its own
+    /// deadline, so an agent that does not answer delays no other agent's check.
     pub fn spawn_health(self: &Arc<Self>, period: Duration) -> tokio::task::JoinHandle<()> {
         let me = self.clone();
         tokio::spawn(async move {
@@ -288,9 +289,12 @@ impl Agents {
                     .agents()
                     .map(|a| a.into_iter().map(|a| a.id).collect())
                     .unwrap_or_default();
+                let mut checks = tokio::task::JoinSet::new();
                 for id in ids {
-                    me.check(&id).await;
+                    let me = me.clone();
+                    checks.spawn(async move { me.check(&id).await });
                 }
+                while checks.join_next().await.is_some() {}
                 tokio::time::sleep(period).await;
             }
         })
@@ -407,6 +411,9 @@ fn sync_vms(
             Some(known) => {
                 if known.updated_ms < listed_at && (known.state != state || known.name != vm.name) {
                     let mut k = known.clone();
+                    if k.state != state {
+                        k.ready = false;
+                    }
                     k.state = state;
                     k.name = vm.name.clone();
                     k.updated_ms = now;
@@ -441,6 +448,7 @@ fn sync_vms(
                     // is on its disks is unknown, so it goes to no tenant.
                     software: Default::default(),
                     clean: false,
+                    ready: false,
                     updated_ms: now,
                 })?;
             }

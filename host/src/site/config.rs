@@ -66,6 +66,10 @@ pub struct SiteConfig {
     /// Longest a copy into or out of a guest may run, seconds.
     #[serde(default = "default_copy_s")]
     pub max_copy_seconds: u64,
+    /// How long a request (and a start) waits for the VM's guest agent to answer
+    /// before it ends with the VM running but not `ready`, seconds; 0: not at all.
+    #[serde(default = "default_ready_s")]
+    pub ready_timeout_seconds: u64,
     /// Limits on HTTP clients (timeouts, connection caps).
     #[serde(default)]
     pub http: crate::api::server::HttpLimits,
@@ -131,6 +135,10 @@ fn default_copy_s() -> u64 {
     3600
 }
 
+fn default_ready_s() -> u64 {
+    300
+}
+
 /// Why a site configuration cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum SiteConfigError {
@@ -172,6 +180,7 @@ impl SiteConfig {
             system_jobs: default_system_jobs(),
             max_exec_seconds: default_exec_s(),
             max_copy_seconds: default_copy_s(),
+            ready_timeout_seconds: default_ready_s(),
             http: Default::default(),
             max_copy_mib: default_copy_mib(),
             tls: None,
@@ -207,6 +216,9 @@ impl SiteConfig {
         }
         if self.max_copy_seconds == 0 || self.max_copy_seconds > 7 * 24 * 3600 {
             return Err("max-copy-seconds must be between 1 and 604800".into());
+        }
+        if self.ready_timeout_seconds > 3600 {
+            return Err("ready-timeout-seconds must be at most 3600".into());
         }
         if self.lease_max_seconds > 10 * 365 * 24 * 3600 {
             return Err("lease-max-seconds must be at most ten years".into());

@@ -18,6 +18,7 @@ pub mod jobs;
 pub mod leases;
 pub mod model;
 pub mod placement;
+pub mod ready;
 pub mod request;
 pub mod scheduler;
 pub mod sealing;

@@ -277,6 +277,10 @@ pub struct SiteVm {
     /// free VM a request is given (nothing of an earlier tenant is on it).
     #[serde(default)]
     pub clean: bool,
+    /// Usable: running and its guest agent answered (where its agent can tell;
+    /// an agent without guest operations reports running VMs ready).
+    #[serde(default)]
+    pub ready: bool,
     /// Last update (Unix ms).
     pub updated_ms: u64,
 }
@@ -309,10 +313,18 @@ pub struct VmRequest {
     /// Start an existing VM (free, or already the caller's) instead of matching.
     #[serde(default)]
     pub vm: Option<String>,
+    /// End the job only once the VM is `ready` (its guest agent answers, at most
+    /// the site's `ready-timeout-seconds`); `false`: as soon as it runs.
+    #[serde(default = "yes")]
+    pub wait_for_guest: bool,
 }
 
 fn one() -> u32 {
     1
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn default_mib() -> u64 {

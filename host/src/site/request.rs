@@ -173,6 +173,14 @@ impl SiteCore {
                 Err(e) => return Err(e),
             }
         }
+        let ready = req.wait_for_guest && self.wait_usable(&job, &vm_id).await?;
+        if !ready && req.wait_for_guest && self.config.ready_timeout_seconds > 0 {
+            tracing::warn!(
+                vm = vm_id,
+                job = job.id,
+                "the VM runs but its guest agent did not answer in time"
+            );
+        }
         for bundle in &req.software {
             let v = self
                 .store
@@ -355,6 +363,7 @@ impl SiteCore {
             }),
             software: Default::default(),
             clean: false,
+            ready: false,
             updated_ms: now_ms(),
         };
         self.store

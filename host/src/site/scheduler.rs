@@ -281,7 +281,8 @@ impl Drop for Ticket {
 
 impl Drop for Run {
     fn drop(&mut self) {
-        self.sched.done(self.owner.as_deref(), self.started.elapsed());
+        self.sched
+            .done(self.owner.as_deref(), self.started.elapsed());
     }
 }
 

@@ -42,6 +42,7 @@ pub fn view(core: &SiteCore, mut v: SiteVm) -> SiteVm {
     if down {
         v.state = "unknown".into();
     }
+    v.ready &= v.state == "running";
     v
 }
 
@@ -79,7 +80,13 @@ impl SiteCore {
         self.store
             .write(|t| {
                 if let Some(mut v) = t.vm(id)? {
-                    v.state = format!("{:?}", vm.state).to_lowercase();
+                    let state = format!("{:?}", vm.state).to_lowercase();
+                    // Whatever it was, a VM that changed state is usable again
+                    // only once its guest agent has answered.
+                    if state != v.state {
+                        v.ready = false;
+                    }
+                    v.state = state;
                     v.updated_ms = now_ms();
                     t.put_vm(&v)?;
                 }
@@ -120,6 +127,9 @@ impl SiteCore {
             JobKind::Start | JobKind::Shutdown | JobKind::Suspend | JobKind::Resume
         ) {
             self.record_vm_state(&id, op.result.as_ref())?;
+        }
+        if matches!(job.kind, JobKind::Start | JobKind::Resume) {
+            self.wait_usable(job, &id).await?;
         }
         if let Some(OpOutput::Provision(p)) = &op.output {
             self.store
@@ -185,6 +195,7 @@ impl SiteCore {
             }),
             software: src.software.clone(),
             clean: false,
+            ready: false,
             updated_ms: now_ms(),
         };
         self.store
@@ -391,6 +402,7 @@ impl SiteCore {
             lease: None,
             software: Default::default(),
             clean: true,
+            ready: false,
             updated_ms: now_ms(),
         };
         self.store

@@ -23,7 +23,10 @@ async fn ended(c: &Client, id: &str, within: Duration) -> Job {
         if j.state.is_terminal() {
             return j;
         }
-        assert!(Instant::now() < end, "job {id} did not end in {within:?}: {j:?}");
+        assert!(
+            Instant::now() < end,
+            "job {id} did not end in {within:?}: {j:?}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -32,8 +35,8 @@ async fn submit(c: &Client, path: &str, body: Value) -> Job {
     serde_json::from_value(post(c, path, body).await.unwrap()).unwrap()
 }
 
-/// Requests a tiny VM and waits until its guest runs commands: its id.
-async fn usable_vm(c: &Client) -> String {
+/// Requests a tiny VM, which the request ends with usable: its id.
+pub async fn usable_vm(c: &Client) -> String {
     let j = submit(
         c,
         "/v1/vms",
@@ -42,16 +45,22 @@ async fn usable_vm(c: &Client) -> String {
     .await;
     let j = ended(c, &j.id, Duration::from_secs(120)).await;
     assert_eq!(j.state, JobState::Succeeded, "{j:?}");
-    let vm = j.result.unwrap()["id"].as_str().unwrap().to_string();
-    let end = Instant::now() + Duration::from_secs(60);
-    loop {
-        let j = submit(c, &format!("/v1/vms/{vm}/exec"), json!({ "argv": ["true"] })).await;
-        if ended(c, &j.id, Duration::from_secs(60)).await.state == JobState::Succeeded {
-            return vm;
-        }
-        assert!(Instant::now() < end, "the guest of {vm} never ran a command");
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    let result = j.result.unwrap();
+    assert_eq!(result["ready"], true, "{result}");
+    let vm = result["id"].as_str().unwrap().to_string();
+    let j = submit(
+        c,
+        &format!("/v1/vms/{vm}/exec"),
+        json!({ "argv": ["true"] }),
+    )
+    .await;
+    let j = ended(c, &j.id, Duration::from_secs(60)).await;
+    assert_eq!(
+        j.state,
+        JobState::Succeeded,
+        "a ready VM runs commands: {j:?}"
+    );
+    vm
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -99,12 +108,17 @@ async fn a_flooding_tenant_delays_neither_another_tenant_nor_a_lease_expiry() {
             Ok(j) => accepted.push(serde_json::from_value::<Job>(j).unwrap()),
             Err(e) => break e,
         }
-        assert!(accepted.len() <= 7, "the queue limit was never applied: {accepted:?}");
+        assert!(
+            accepted.len() <= 7,
+            "the queue limit was never applied: {accepted:?}"
+        );
     };
     assert_eq!(refused.status, 429, "{refused:?}");
     assert_eq!(refused.kind, "too-many-jobs", "{refused:?}");
     assert!(
-        refused.retry_after_s.is_some_and(|s| (1..=300).contains(&s)),
+        refused
+            .retry_after_s
+            .is_some_and(|s| (1..=300).contains(&s)),
         "429 without a usable Retry-After: {refused:?}"
     );
     // One runs, six wait (the first may not have left the queue when the last came).
@@ -120,10 +134,19 @@ async fn a_flooding_tenant_delays_neither_another_tenant_nor_a_lease_expiry() {
     );
     let mut queued = Vec::new();
     for j in &accepted {
-        queued.push(flood.get::<Job>(&format!("/v1/jobs/{}", j.id)).await.unwrap());
+        queued.push(
+            flood
+                .get::<Job>(&format!("/v1/jobs/{}", j.id))
+                .await
+                .unwrap(),
+        );
     }
     assert!(
-        queued.iter().filter(|j| j.state == JobState::Queued).count() >= 5,
+        queued
+            .iter()
+            .filter(|j| j.state == JobState::Queued)
+            .count()
+            >= 5,
         "the flood's jobs should still wait: {queued:?}"
     );
 
@@ -138,13 +161,20 @@ async fn a_flooding_tenant_delays_neither_another_tenant_nor_a_lease_expiry() {
         .state
         == JobState::Queued
     {
-        assert!(Instant::now() < end, "the other tenant's command never started");
+        assert!(
+            Instant::now() < end,
+            "the other tenant's command never started"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let _: SiteVm = post(&flood, &format!("/v1/vms/{fvm}/renew"), json!({ "seconds": 1 }))
-        .await
-        .map(|v| serde_json::from_value(v).unwrap())
-        .unwrap();
+    let _: SiteVm = post(
+        &flood,
+        &format!("/v1/vms/{fvm}/renew"),
+        json!({ "seconds": 1 }),
+    )
+    .await
+    .map(|v| serde_json::from_value(v).unwrap())
+    .unwrap();
     let expiry_started = Instant::now();
     let end = expiry_started + Duration::from_secs(40);
     loop {

@@ -248,7 +248,12 @@ async fn bodies_are_checked_when_submitted_not_when_run() {
     assert_eq!(before, after, "a refused body must not make a job");
     // Without a budget of its own, a command gets the site's when that is shorter
     // than the agent's default.
-    let j = job(&fay, &format!("/v1/vms/{}/exec", vm.id), json!({ "argv": ["true"] })).await;
+    let j = job(
+        &fay,
+        &format!("/v1/vms/{}/exec", vm.id),
+        json!({ "argv": ["true"] }),
+    )
+    .await;
     assert_eq!(j.params["timeout-ms"], 10_000, "{j:?}");
     e.site.stop().await;
 }

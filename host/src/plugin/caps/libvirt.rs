@@ -127,9 +127,10 @@ fn map_err(e: virt::error::Error) -> Error {
         | ErrorNumber::AuthCancelled
         | ErrorNumber::AccessDenied
         | ErrorNumber::OperationDenied => Error::Denied(m),
-        ErrorNumber::OperationTimeout => Error::Timeout(m),
+        ErrorNumber::OperationTimeout | ErrorNumber::AgentCommandTimeout => Error::Timeout(m),
         ErrorNumber::NoConnect
         | ErrorNumber::AgentUnresponsive
+        | ErrorNumber::AgentUnsynced
         | ErrorNumber::OperationUnsupported => Error::Unavailable(m),
         _ => Error::Backend(m),
     }
