@@ -112,6 +112,15 @@ impl AgentCore {
                         reason: None,
                     })
                 }
+                // A guest agent that hangs (its circuit is open) is not waited for:
+                // that would hold this operation's turn for nothing.
+                Err(e) if !self.not_hung(vm) => {
+                    return Ok(Readiness {
+                        ready: false,
+                        guest_agent: true,
+                        reason: Some(e.to_string()),
+                    })
+                }
                 Err(e) if matches!(e.kind(), ErrorKind::Unavailable | ErrorKind::Timeout) => {
                     e.to_string()
                 }

@@ -10,6 +10,7 @@ mod fairness;
 mod guest;
 mod hostile;
 mod http_limits;
+mod isolation;
 mod kvm;
 mod lifecycle;
 mod site;
