@@ -21,6 +21,7 @@ use tokio::sync::mpsc;
 use super::guest_gate::{GuestGates, Pass, Ticket, PROBE, PROBE_TIMEOUT_MS};
 use super::model::{ExecOutput, FileMeta, OpError, OpOutput, VmRecord, VmState};
 use super::ops::{op_error, OpParams, Outcome};
+use super::ready::GUEST_WAIT;
 use super::AgentCore;
 use crate::api::{ApiError, Body};
 use crate::plugin::bindings::types::{EnvVar, ExecRequest, ExecResult, FileInfo};
@@ -235,7 +236,10 @@ impl AgentCore {
             kind: e.kind.clone(),
             message: e.message.clone(),
         })?;
-        let _turn = self.guest_turn(vm).await?;
+        // A booting guest is waited for, within the command's own budget.
+        let budget = Duration::from_millis(u64::from(body.timeout_ms.unwrap_or(60_000)));
+        let started = std::time::Instant::now();
+        let _turn = self.guest_turn(vm, budget).await?;
         let request = ExecRequest {
             argv: body.argv.clone(),
             env: body
@@ -261,7 +265,8 @@ impl AgentCore {
             Err(e) if e.kind() == ErrorKind::Unavailable && self.not_hung(vm) => {
                 self.guest_gates
                     .set_answered(self.driver.endpoint(), vm, false);
-                let r = self.wait_ready(vm, super::ready::GUEST_WAIT).await?;
+                let left = budget.saturating_sub(started.elapsed());
+                let r = self.wait_ready(vm, left).await?;
                 if !r.ready {
                     return Err(op_error(&e));
                 }
@@ -291,7 +296,7 @@ impl AgentCore {
             path: path.to_string(),
             mode,
         };
-        let turn = self.guest_turn(vm).await.map_err(api_error)?;
+        let turn = self.guest_turn(vm, GUEST_WAIT).await.map_err(api_error)?;
         let op = self.begin(vm, &params).map_err(registry)?;
         let result = stream_in(&guest.session, vm, path, mode, parents, expected, body).await;
         drop(turn);
@@ -312,7 +317,10 @@ impl AgentCore {
     pub async fn copy_out(&self, rec: &VmRecord, path: &str) -> Result<(u64, u32, Body), ApiError> {
         let guest = self.guest()?;
         Self::require_running(rec, "copy a file out")?;
-        let turn = self.guest_turn(&rec.vm.id).await.map_err(api_error)?;
+        let turn = self
+            .guest_turn(&rec.vm.id, GUEST_WAIT)
+            .await
+            .map_err(api_error)?;
         let mut download = guest.session.download(&rec.vm.id, path).await?;
         let (size, mode) = (download.size, download.mode);
         let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(2);
@@ -345,7 +353,10 @@ impl AgentCore {
     pub async fn stat(&self, rec: &VmRecord, path: &str) -> Result<FileMeta, ApiError> {
         let guest = self.guest()?;
         Self::require_running(rec, "stat a file")?;
-        let _turn = self.guest_turn(&rec.vm.id).await.map_err(api_error)?;
+        let _turn = self
+            .guest_turn(&rec.vm.id, GUEST_WAIT)
+            .await
+            .map_err(api_error)?;
         let info = guest.session.stat(&rec.vm.id, path).await?;
         Ok(file_meta(path, info))
     }

@@ -188,7 +188,7 @@ impl AgentCore {
             return Ok(done(None));
         }
         let guest = self.guest().map_err(as_op)?;
-        let _turn = self.guest_turn(vm).await?;
+        let _turn = self.guest_turn(vm, super::ready::GUEST_WAIT).await?;
         let base = format!("{GUEST_ROOT}/{}", bundle.name);
         let marker = format!("{base}/.gve-digest");
         let quick = |argv: Vec<String>| ExecRequest {

@@ -44,17 +44,22 @@ fn op_error(kind: ErrorKind, message: String) -> OpError {
 
 impl AgentCore {
     /// A turn for one guest operation on `vm`, once its guest agent answers:
-    /// waits for the turn and for a booting guest's agent, each at most
-    /// [`GUEST_WAIT`]; fails at once while the VM's guest agent is known hung.
-    pub async fn guest_turn(&self, vm: &str) -> Result<OwnedSemaphorePermit, OpError> {
+    /// waits for the turn and for a booting guest's agent, each at most `within`
+    /// (the caller's budget: a command's timeout, else [`GUEST_WAIT`]); fails at
+    /// once while the VM's guest agent is known hung.
+    pub async fn guest_turn(
+        &self,
+        vm: &str,
+        within: Duration,
+    ) -> Result<OwnedSemaphorePermit, OpError> {
         let endpoint = self.driver.endpoint().to_string();
         let turn = self
             .guest_gates
-            .op_turn(&endpoint, vm, GUEST_WAIT)
+            .op_turn(&endpoint, vm, within)
             .await
             .map_err(|e| op_error(e.kind, e.message))?;
         if !self.guest_gates.answered(&endpoint, vm) {
-            let r = self.wait_ready(vm, GUEST_WAIT).await?;
+            let r = self.wait_ready(vm, within).await?;
             if !r.ready {
                 return Err(op_error(
                     ErrorKind::Unavailable,
