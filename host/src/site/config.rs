@@ -70,6 +70,17 @@ pub struct SiteConfig {
     /// before it ends with the VM running but not `ready`, seconds; 0: not at all.
     #[serde(default = "default_ready_s")]
     pub ready_timeout_seconds: u64,
+    /// How long finished jobs are kept, seconds.
+    #[serde(default = "default_retention_s")]
+    pub job_retention_seconds: u64,
+    /// Free space (MiB) under which, where the data lives, the site takes no new
+    /// work (`507`); 0: no mark.
+    #[serde(default = "default_min_free")]
+    pub min_free_disk_mib: u64,
+    /// Most stdout and stderr (each, KiB) an exec keeps in its job's result; more
+    /// is cut and flagged truncated.
+    #[serde(default = "default_output_kib")]
+    pub max_output_kib: u32,
     /// Limits on HTTP clients (timeouts, connection caps).
     #[serde(default)]
     pub http: crate::api::server::HttpLimits,
@@ -139,6 +150,18 @@ fn default_ready_s() -> u64 {
     300
 }
 
+fn default_retention_s() -> u64 {
+    7 * 24 * 3600
+}
+
+fn default_min_free() -> u64 {
+    512
+}
+
+fn default_output_kib() -> u32 {
+    1024
+}
+
 /// Why a site configuration cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum SiteConfigError {
@@ -181,6 +204,9 @@ impl SiteConfig {
             max_exec_seconds: default_exec_s(),
             max_copy_seconds: default_copy_s(),
             ready_timeout_seconds: default_ready_s(),
+            job_retention_seconds: default_retention_s(),
+            min_free_disk_mib: default_min_free(),
+            max_output_kib: default_output_kib(),
             http: Default::default(),
             max_copy_mib: default_copy_mib(),
             tls: None,
@@ -216,6 +242,15 @@ impl SiteConfig {
         }
         if self.max_copy_seconds == 0 || self.max_copy_seconds > 7 * 24 * 3600 {
             return Err("max-copy-seconds must be between 1 and 604800".into());
+        }
+        if self.job_retention_seconds == 0 || self.job_retention_seconds > 10 * 365 * 24 * 3600 {
+            return Err("job-retention-seconds must be between 1 and ten years".into());
+        }
+        if self.min_free_disk_mib > 1 << 40 {
+            return Err("min-free-disk-mib must be at most 1099511627776".into());
+        }
+        if self.max_output_kib == 0 || self.max_output_kib > 16 * 1024 {
+            return Err("max-output-kib must be between 1 and 16384".into());
         }
         if self.ready_timeout_seconds > 3600 {
             return Err("ready-timeout-seconds must be at most 3600".into());

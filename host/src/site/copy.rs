@@ -65,6 +65,8 @@ impl SiteCore {
         req: Request<Incoming>,
     ) -> Result<Job, ApiError> {
         let vm = self.vm_for(caller, id, "copy-in")?;
+        // A staged file must not take the site's last free space.
+        self.disk.check()?;
         if vm.owner.is_none() {
             return Err(ApiError::new(
                 StatusCode::CONFLICT,

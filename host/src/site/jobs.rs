@@ -63,6 +63,7 @@ enum Work {
 pub struct Submitter {
     tx: std::sync::mpsc::Sender<Work>,
     sched: Arc<Scheduler>,
+    disk: Arc<super::retention::DiskGuard>,
 }
 
 /// A new job id: time-ordered, unique.
@@ -92,14 +93,18 @@ pub fn new_job(owner: &str, kind: JobKind, vm: Option<String>, params: Value) ->
 
 impl Submitter {
     /// Starts the writer thread; accepted jobs are queued on `sched`.
-    pub fn start(store: Store, sched: Arc<Scheduler>) -> Submitter {
+    pub fn start(
+        store: Store,
+        sched: Arc<Scheduler>,
+        disk: Arc<super::retention::DiskGuard>,
+    ) -> Submitter {
         let (tx, rx) = std::sync::mpsc::channel::<Work>();
         let run = sched.clone();
         std::thread::Builder::new()
             .name("gve-site-jobs".into())
             .spawn(move || writer(store, rx, run))
             .expect("spawn the job writer thread");
-        Submitter { tx, sched }
+        Submitter { tx, sched, disk }
     }
 
     /// Records `job` durably (checking `quota` against its reservation) and queues it.
@@ -114,8 +119,9 @@ impl Submitter {
         quota: Option<Quota>,
         audit: Option<AuditEntry>,
     ) -> Result<Job, ApiError> {
-        // A place in the owner's queue first: a full queue is refused before
-        // anything is written.
+        // Room on disk and a place in the owner's queue first: either missing is
+        // refused before anything is written.
+        self.disk.check()?;
         let ticket = self.sched.admit(&job.owner)?;
         let (reply, rx) = oneshot::channel();
         self.tx

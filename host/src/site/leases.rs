@@ -100,6 +100,11 @@ impl SiteCore {
                 if ticks % 1200 == 1 {
                     me.sweep_staging().await;
                 }
+                // Every minute, off the runtime's threads: it is disk work.
+                if ticks % 120 == 60 {
+                    let core = me.clone();
+                    let _ = tokio::task::spawn_blocking(move || core.prune_finished()).await;
+                }
             }
         })
     }

@@ -20,6 +20,7 @@ pub mod model;
 pub mod placement;
 pub mod ready;
 pub mod request;
+pub mod retention;
 pub mod scheduler;
 pub mod sealing;
 pub mod store;
@@ -54,6 +55,8 @@ pub struct SiteCore {
     pub submitter: jobs::Submitter,
     /// Decides which queued job runs next.
     pub scheduler: Arc<scheduler::Scheduler>,
+    /// Refuses new work while the disk is nearly full.
+    pub disk: Arc<retention::DiskGuard>,
     /// Requests placed on an agent but not created yet: job → (agent, MiB). Kept in
     /// memory (placement reads it for every request; scanning the jobs would not scale).
     pub placing: std::sync::Mutex<std::collections::HashMap<String, (String, u64)>>,
@@ -168,13 +171,18 @@ impl Site {
             queued_per_user: config.max_queued_jobs_per_user,
             system: config.system_jobs,
         });
-        let submitter = jobs::Submitter::start(store.clone(), scheduler.clone());
+        let disk = Arc::new(retention::DiskGuard::new(
+            &config.data_dir,
+            config.min_free_disk_mib,
+        ));
+        let submitter = jobs::Submitter::start(store.clone(), scheduler.clone(), disk.clone());
         let core = Arc::new(SiteCore {
             store,
             agents: agents.clone(),
             config: config.clone(),
             submitter,
             scheduler,
+            disk,
             placing: Default::default(),
         });
         let resumed = core.resume_all()?;

@@ -234,6 +234,36 @@ impl Txn<'_> {
         Ok(())
     }
 
+    /// Removes up to `limit` finished jobs created before `before_ms` whose end is
+    /// older than that too (job ids start with their creation time, so only those
+    /// keys are read); returns how many went. Jobs still queued or running stay.
+    pub fn prune_jobs(&mut self, before_ms: u64, limit: usize) -> Result<usize, StoreError> {
+        let bound = format!("job-{before_ms:012x}");
+        let mut gone: Vec<(String, String)> = Vec::new();
+        {
+            let jobs = self.txn.open_table(JOBS).map_err(storage)?;
+            for row in jobs.range::<&str>(..bound.as_str()).map_err(storage)? {
+                let (k, v) = row.map_err(storage)?;
+                let j: Job = decode(k.value(), v.value())?;
+                if j.state.is_terminal() && j.updated_ms < before_ms {
+                    gone.push((j.id, j.owner));
+                    if gone.len() >= limit {
+                        break;
+                    }
+                }
+            }
+        }
+        let mut jobs = self.txn.open_table(JOBS).map_err(storage)?;
+        let mut by_user = self.txn.open_table(USER_JOBS).map_err(storage)?;
+        for (id, owner) in &gone {
+            jobs.remove(id.as_str()).map_err(storage)?;
+            by_user
+                .remove(format!("{owner}\0{id}").as_str())
+                .map_err(storage)?;
+        }
+        Ok(gone.len())
+    }
+
     /// Appends a job event (published once the transaction commits).
     pub fn event(&mut self, job: &Job, message: &str) -> Result<(), StoreError> {
         let mut t = self.txn.open_table(EVENTS).map_err(storage)?;

@@ -44,7 +44,8 @@ impl SiteCore {
 
     /// Holds an exec's or provision's time budget to the site's policy: a longer
     /// `timeout-ms` is refused; without one, the agent's default (60 s) applies
-    /// unless the policy is shorter.
+    /// unless the policy is shorter. An exec's `output-limit` is lowered to the
+    /// site's `max-output-kib`.
     fn cap_exec_budget(&self, params: &mut serde_json::Value) -> Result<(), ApiError> {
         let cap_ms = self.config.max_exec_seconds.saturating_mul(1000);
         match params.get("timeout-ms").and_then(serde_json::Value::as_u64) {
@@ -60,7 +61,21 @@ impl SiteCore {
                 }
                 Ok(())
             }
+        }?;
+        // What a job keeps of a command's output is capped too: beyond it the
+        // agent cuts the output and flags it truncated.
+        if params.get("argv").is_none() {
+            return Ok(());
         }
+        let cap = u64::from(self.config.max_output_kib) * 1024;
+        let asked = params
+            .get("output-limit")
+            .and_then(serde_json::Value::as_u64)
+            .unwrap_or(1 << 20);
+        if asked > cap {
+            params["output-limit"] = serde_json::Value::from(cap);
+        }
+        Ok(())
     }
 
     fn accepted(job: &Job) -> Result<Response, ApiError> {

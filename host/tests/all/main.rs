@@ -15,6 +15,7 @@ mod kvm;
 mod lifecycle;
 mod site;
 mod site_crash;
+mod storage;
 mod support;
 mod tenancy;
 mod tls;

@@ -1,0 +1,110 @@
+//! Bounded storage: finished jobs are kept for `job-retention-seconds`, then
+//! removed in small transactions; and a disk low-water mark (`min-free-disk-mib`
+//! free where the database lives) below which the site refuses new work with
+//! `507 insufficient-storage` instead of failing commits of every user.
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use hyper::StatusCode;
+
+use super::model::now_ms;
+use super::SiteCore;
+use crate::api::ApiError;
+
+/// Most jobs removed in one transaction.
+const PRUNE_BATCH: usize = 1024;
+/// How long a measurement of free space is trusted.
+const DISK_FRESH: Duration = Duration::from_secs(1);
+
+/// Free space where the site keeps its data, measured at most once a second.
+pub struct DiskGuard {
+    path: std::path::PathBuf,
+    min_free_bytes: u64,
+    last: Mutex<Option<(Instant, u64)>>,
+}
+
+impl DiskGuard {
+    /// Guards `path`'s file system with a low-water mark of `min_free_mib`.
+    pub fn new(path: &std::path::Path, min_free_mib: u64) -> DiskGuard {
+        DiskGuard {
+            path: path.to_path_buf(),
+            min_free_bytes: min_free_mib.saturating_mul(1 << 20),
+            last: Mutex::new(None),
+        }
+    }
+
+    /// Bytes free for unprivileged users where the data lives.
+    fn free_bytes(&self) -> std::io::Result<u64> {
+        use std::os::unix::ffi::OsStrExt;
+        let c = std::ffi::CString::new(self.path.as_os_str().as_bytes())
+            .map_err(|_| std::io::Error::other("the data directory's path contains NUL"))?;
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        // SAFETY: `c` is a valid NUL-terminated path and `st` a properly sized,
+        // writable statvfs the call fills in.
+        if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
+    }
+
+    /// Refuses new work (`507`) while free space is under the low-water mark.
+    pub fn check(&self) -> Result<(), ApiError> {
+        if self.min_free_bytes == 0 {
+            return Ok(());
+        }
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        let free = match *last {
+            Some((at, free)) if at.elapsed() < DISK_FRESH => free,
+            _ => {
+                let free = self.free_bytes().unwrap_or(u64::MAX);
+                *last = Some((Instant::now(), free));
+                free
+            }
+        };
+        if free >= self.min_free_bytes {
+            return Ok(());
+        }
+        Err(ApiError::new(
+            StatusCode::INSUFFICIENT_STORAGE,
+            "insufficient-storage",
+            format!(
+                "the site is low on disk ({} MiB free where it keeps its data, under its \
+                 low-water mark of {} MiB): it takes no new work until an operator frees space",
+                free >> 20,
+                self.min_free_bytes >> 20
+            ),
+        )
+        .retry_after(60))
+    }
+}
+
+impl SiteCore {
+    /// Removes finished jobs older than the retention period; returns how many.
+    pub fn prune_finished(&self) -> usize {
+        let keep_ms = self.config.job_retention_seconds.saturating_mul(1000);
+        let before = now_ms().saturating_sub(keep_ms);
+        let mut total = 0;
+        loop {
+            match self.store.write(|t| t.prune_jobs(before, PRUNE_BATCH)) {
+                Ok(n) => {
+                    total += n;
+                    if n < PRUNE_BATCH {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    tracing::error!("removing finished jobs past their retention: {e}");
+                    break;
+                }
+            }
+        }
+        if total > 0 {
+            tracing::info!(
+                removed = total,
+                "finished jobs past their retention removed"
+            );
+        }
+        total
+    }
+}
