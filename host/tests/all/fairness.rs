@@ -16,7 +16,7 @@ use crate::e2e::kvm_agent;
 use crate::site::{post, ADMIN};
 
 /// Waits up to `within` for a job to end.
-async fn ended(c: &Client, id: &str, within: Duration) -> Job {
+pub async fn ended(c: &Client, id: &str, within: Duration) -> Job {
     let end = Instant::now() + within;
     loop {
         let j: Job = c.get(&format!("/v1/jobs/{id}")).await.unwrap();
@@ -63,21 +63,26 @@ pub async fn usable_vm(c: &Client) -> String {
     vm
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_flooding_tenant_delays_neither_another_tenant_nor_a_lease_expiry() {
+/// A site in this process with one kvm agent (its own libvirtd) registered as
+/// `kvm`.
+pub struct KvmSite {
+    pub site: Site,
+    pub admin: Client,
+    pub agent: gve::agent::Agent,
+    _lv: Libvirtd,
+    _dir: tempfile::TempDir,
+}
+
+pub async fn kvm_site(tune: impl FnOnce(&mut SiteConfig)) -> KvmSite {
     let lv = Libvirtd::start();
     let dir = tempfile::tempdir().unwrap();
     let agent = kvm_agent(&lv, &lv, &dir.path().join("agent")).await;
     let mut config = SiteConfig::new(dir.path().join("site"), ADMIN.into());
     config.listen = "127.0.0.1:0".parse().unwrap();
     config.health_period_ms = 500;
-    // Two run slots, one per user at most; six jobs may wait per user.
-    config.parallel_jobs = 2;
-    config.max_running_jobs_per_user = 1;
-    config.max_queued_jobs_per_user = 6;
+    tune(&mut config);
     let site = Site::start(config).await.unwrap();
-    let url = format!("http://{}", site.addr);
-    let admin = Client::new(&url, Some(ADMIN.into())).unwrap();
+    let admin = Client::new(&format!("http://{}", site.addr), Some(ADMIN.into())).unwrap();
     let _: Value = post(
         &admin,
         "/v1/agents",
@@ -85,19 +90,44 @@ async fn a_flooding_tenant_delays_neither_another_tenant_nor_a_lease_expiry() {
     )
     .await
     .unwrap();
-    let user = |name: &'static str| {
-        let admin = admin.clone();
-        let url = url.clone();
-        async move {
-            let u: UserView = admin
-                .call(Method::POST, "/v1/users", Some(&json!({ "name": name })))
-                .await
-                .unwrap();
-            Client::new(&url, u.token).unwrap()
-        }
-    };
-    let flood = user("flood").await;
-    let other = user("other").await;
+    KvmSite {
+        site,
+        admin,
+        agent,
+        _lv: lv,
+        _dir: dir,
+    }
+}
+
+impl KvmSite {
+    /// Creates a user and returns a client with their token.
+    pub async fn user(&self, name: &str) -> Client {
+        let u: UserView = self
+            .admin
+            .call(Method::POST, "/v1/users", Some(&json!({ "name": name })))
+            .await
+            .unwrap();
+        Client::new(self.admin.base(), u.token).unwrap()
+    }
+
+    pub async fn stop(self) {
+        self.site.stop().await;
+        self.agent.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flooding_tenant_delays_neither_another_tenant_nor_a_lease_expiry() {
+    // Two run slots, one per user at most; six jobs may wait per user.
+    let ks = kvm_site(|config| {
+        config.parallel_jobs = 2;
+        config.max_running_jobs_per_user = 1;
+        config.max_queued_jobs_per_user = 6;
+    })
+    .await;
+    let admin = &ks.admin;
+    let flood = ks.user("flood").await;
+    let other = ks.user("other").await;
     let fvm = usable_vm(&flood).await;
 
     // The flood: minute-long commands until the site says no more.
@@ -195,6 +225,5 @@ async fn a_flooding_tenant_delays_neither_another_tenant_nor_a_lease_expiry() {
     // The other tenant's command is still running: it was not displaced.
     let b: Job = other.get(&format!("/v1/jobs/{}", busy.id)).await.unwrap();
     assert_eq!(b.state, JobState::Running, "{b:?}");
-    site.stop().await;
-    drop(agent);
+    ks.stop().await;
 }

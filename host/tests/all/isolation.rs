@@ -7,16 +7,12 @@
 use std::time::{Duration, Instant};
 
 use gve::api::client::Client;
-use gve::site::model::{AgentView, Job, JobState, UserView};
-use gve::site::{Site, SiteConfig};
-use gve_harness::Libvirtd;
-use hyper::Method;
+use gve::site::model::{AgentView, Job, JobState};
 use serde_json::{json, Value};
 
 use crate::agent::TOKEN as AGENT_TOKEN;
-use crate::e2e::kvm_agent;
-use crate::fairness::usable_vm;
-use crate::site::{post, ADMIN};
+use crate::fairness::{ended, kvm_site, usable_vm};
+use crate::site::post;
 
 async fn exec(c: &Client, vm: &str, argv: &[&str], timeout_ms: u32) -> Job {
     serde_json::from_value(
@@ -37,32 +33,10 @@ async fn job(c: &Client, id: &str) -> Job {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_guest_agent_holds_neither_other_vms_nor_health_checks() {
-    let lv = Libvirtd::start();
-    let dir = tempfile::tempdir().unwrap();
-    let agent = kvm_agent(&lv, &lv, &dir.path().join("agent")).await;
-    let mut config = SiteConfig::new(dir.path().join("site"), ADMIN.into());
-    config.listen = "127.0.0.1:0".parse().unwrap();
-    config.health_period_ms = 500;
-    let site = Site::start(config).await.unwrap();
-    let url = format!("http://{}", site.addr);
-    let admin = Client::new(&url, Some(ADMIN.into())).unwrap();
-    let agent_url = format!("http://{}", agent.addr);
-    let _: Value = post(
-        &admin,
-        "/v1/agents",
-        json!({ "id": "kvm", "url": agent_url, "token": AGENT_TOKEN }),
-    )
-    .await
-    .unwrap();
-    let mut users = Vec::new();
-    for name in ["hung", "calm"] {
-        let u: UserView = admin
-            .call(Method::POST, "/v1/users", Some(&json!({ "name": name })))
-            .await
-            .unwrap();
-        users.push(Client::new(&url, u.token).unwrap());
-    }
-    let (hung, calm) = (&users[0], &users[1]);
+    let ks = kvm_site(|_| {}).await;
+    let admin = &ks.admin;
+    let agent_url = format!("http://{}", ks.agent.addr);
+    let (hung, calm) = (&ks.user("hung").await, &ks.user("calm").await);
     let frozen_vm = usable_vm(hung).await;
     let calm_vm = usable_vm(calm).await;
 
@@ -73,11 +47,7 @@ async fn a_frozen_guest_agent_holds_neither_other_vms_nor_health_checks() {
          </dev/null >/dev/null 2>&1 &"
     );
     let j = exec(hung, &frozen_vm, &["sh", "-c", &freeze], 10_000).await;
-    let end = Instant::now() + Duration::from_secs(30);
-    while !job(hung, &j.id).await.state.is_terminal() {
-        assert!(Instant::now() < end, "the freezing command never ended");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    ended(hung, &j.id, Duration::from_secs(30)).await;
     let frozen_at = Instant::now();
     tokio::time::sleep(Duration::from_secs(2)).await;
 
@@ -106,18 +76,8 @@ async fn a_frozen_guest_agent_holds_neither_other_vms_nor_health_checks() {
         if calm_runs.len() < 3 {
             let t = Instant::now();
             let j = exec(calm, &calm_vm, &["echo", "calm"], 10_000).await;
-            let end = Instant::now() + Duration::from_secs(15);
-            let j = loop {
-                let j = job(calm, &j.id).await;
-                if j.state.is_terminal() {
-                    break j;
-                }
-                assert!(
-                    Instant::now() < end,
-                    "another VM's command waited behind the frozen one: {j:?}"
-                );
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            };
+            // Not behind the frozen VM's commands.
+            let j = ended(calm, &j.id, Duration::from_secs(15)).await;
             assert_eq!(j.state, JobState::Succeeded, "{j:?}");
             calm_runs.push(t.elapsed());
         }
@@ -167,13 +127,7 @@ async fn a_frozen_guest_agent_holds_neither_other_vms_nor_health_checks() {
     let end = Instant::now() + Duration::from_secs(30);
     loop {
         let j = exec(hung, &frozen_vm, &["echo", "back"], 10_000).await;
-        let j = loop {
-            let j = job(hung, &j.id).await;
-            if j.state.is_terminal() {
-                break j;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        };
+        let j = ended(hung, &j.id, Duration::from_secs(30)).await;
         if j.state == JobState::Succeeded {
             break;
         }
@@ -183,6 +137,5 @@ async fn a_frozen_guest_agent_holds_neither_other_vms_nor_health_checks() {
         );
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
-    site.stop().await;
-    drop(agent);
+    ks.stop().await;
 }
