@@ -56,7 +56,8 @@ pub struct Limits {
     /// Most instances of this plugin alive at once (across all sessions).
     pub max_instances: u32,
     /// Instances kept warm for calls, each with its sessions open; calls beyond it
-    /// wait. The manifest's `concurrency` lowers it further.
+    /// wait. The manifest's `concurrency` lowers it further. A driver's calls into
+    /// guests (guest-agent commands) have half as many again of their own.
     pub pool_size: u32,
     /// Host resources (handles of every kind) one instance may hold at once.
     pub max_host_resources: u32,

@@ -72,14 +72,14 @@ pub(crate) struct Pool {
 }
 
 impl Pool {
-    /// A pool of at most `size` instances in use at once. With `lanes` (a driver,
-    /// which guest-agent commands reach) half of them are the guest lane's and the
-    /// rest control's, unless `size` is 1 (a plugin that runs as one instance
-    /// shares it between both lanes).
+    /// A pool of at most `size` instances in use at once for control calls. With
+    /// `lanes` (a driver, which guest-agent commands reach) the guest lane has
+    /// half as many again of its own, unless `size` is 1 (a plugin that runs as
+    /// one instance shares it between both lanes).
     pub(crate) fn new(name: Arc<str>, size: usize, lanes: bool) -> Pool {
         let size = size.max(1);
         let split = lanes && size >= 2;
-        let control = Arc::new(Semaphore::new(if split { size - size / 2 } else { size }));
+        let control = Arc::new(Semaphore::new(size));
         let guest = if split {
             Arc::new(Semaphore::new(size / 2))
         } else {
