@@ -236,9 +236,10 @@ impl AgentCore {
             kind: e.kind.clone(),
             message: e.message.clone(),
         })?;
-        // A booting guest is waited for, within the command's own budget.
+        // A booting guest is waited for, within the command's own budget. A
+        // command that fails because the guest agent went away is not sent again:
+        // it may have started (a reboot would run twice); the next one waits.
         let budget = Duration::from_millis(u64::from(body.timeout_ms.unwrap_or(60_000)));
-        let started = std::time::Instant::now();
         let _turn = self.guest_turn(vm, budget).await?;
         let request = ExecRequest {
             argv: body.argv.clone(),
@@ -259,22 +260,13 @@ impl AgentCore {
             timeout_ms: body.timeout_ms.unwrap_or(60_000),
             output_limit: body.output_limit.unwrap_or(1 << 20),
         };
-        let r = match guest.session.exec(vm, &request).await {
-            // Not connected (the guest rebooted since it last answered): the
-            // command never reached it, so it is sent again once the agent answers.
-            Err(e) if e.kind() == ErrorKind::Unavailable && self.not_hung(vm) => {
+        let r = guest.session.exec(vm, &request).await.map_err(|e| {
+            if e.kind() == ErrorKind::Unavailable {
                 self.guest_gates
                     .set_answered(self.driver.endpoint(), vm, false);
-                let left = budget.saturating_sub(started.elapsed());
-                let r = self.wait_ready(vm, left).await?;
-                if !r.ready {
-                    return Err(op_error(&e));
-                }
-                guest.session.exec(vm, &request).await
             }
-            r => r,
-        }
-        .map_err(|e| op_error(&e))?;
+            op_error(&e)
+        })?;
         Ok(exec_output(r))
     }
 

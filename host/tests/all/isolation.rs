@@ -84,7 +84,7 @@ async fn a_frozen_guest_agent_holds_neither_other_vms_nor_health_checks() {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     assert!(
-        worst_host < Duration::from_secs(3),
+        worst_host < Duration::from_secs(8),
         "the agent's host information took {worst_host:?} during the burst"
     );
 
