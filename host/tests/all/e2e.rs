@@ -314,6 +314,11 @@ async fn a_user_gets_uses_moves_and_releases_a_real_vm_through_the_cli() {
     .await;
     assert_eq!(job["state"], "succeeded", "{job}");
     let bobs = job["result"]["id"].as_str().unwrap().to_string();
+    if bobs != pooled {
+        let all: Value = admin.get("/v1/vms?all=true").await.unwrap();
+        let agents: Value = admin.get("/v1/agents").await.unwrap();
+        eprintln!("e2e: the site's VMs {all:#}\nand agents {agents:#}");
+    }
     assert_eq!(bobs, pooled, "bob was not given the pooled VM: {job}");
     let end = Instant::now() + Duration::from_secs(60);
     let head = loop {

@@ -396,7 +396,18 @@ impl HostConnection for HostState {
     ) -> wasmtime::Result<Result<Vec<Domain>, Error>> {
         conn_op!(self, this, "list-domains", [], |c| {
             let all = c.list_all_domains(0).map_err(map_err)?;
-            all.iter().map(describe).collect()
+            let mut out = Vec::with_capacity(all.len());
+            for d in &all {
+                match describe(d) {
+                    Ok(x) => out.push(x),
+                    // Destroyed or undefined between the listing and its
+                    // description: not there any more, so left out (a VM going
+                    // away must not fail the whole listing, nor a health check).
+                    Err(Error::NotFound(_)) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(out)
         })
     }
 
