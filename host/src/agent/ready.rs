@@ -35,6 +35,35 @@ pub struct Readiness {
     pub reason: Option<String>,
 }
 
+impl Readiness {
+    /// The guest agent answered.
+    fn answered() -> Readiness {
+        Readiness {
+            ready: true,
+            guest_agent: true,
+            reason: None,
+        }
+    }
+
+    /// Nothing to wait for: this agent has no guest operations.
+    fn no_guest_agent() -> Readiness {
+        Readiness {
+            ready: true,
+            guest_agent: false,
+            reason: None,
+        }
+    }
+
+    /// The guest agent did not answer, for `reason`.
+    fn not_ready(reason: String) -> Readiness {
+        Readiness {
+            ready: false,
+            guest_agent: true,
+            reason: Some(reason),
+        }
+    }
+}
+
 fn op_error(kind: ErrorKind, message: String) -> OpError {
     OpError {
         kind: kind.as_str().to_string(),
@@ -76,11 +105,7 @@ impl AgentCore {
     /// nothing to wait for.
     pub async fn wait_ready(&self, vm: &str, within: Duration) -> Result<Readiness, OpError> {
         let Ok(guest) = self.guest() else {
-            return Ok(Readiness {
-                ready: true,
-                guest_agent: false,
-                reason: None,
-            });
+            return Ok(Readiness::no_guest_agent());
         };
         let endpoint = self.driver.endpoint().to_string();
         let end = Instant::now() + within;
@@ -95,68 +120,33 @@ impl AgentCore {
         loop {
             let state = self.registry.vm(vm).ok().flatten().map(|r| r.vm.state);
             if state != Some(VmState::Running) {
-                return Ok(Readiness {
-                    ready: false,
-                    guest_agent: true,
-                    reason: Some(format!("VM {vm} is not running")),
-                });
+                return Ok(Readiness::not_ready(format!("VM {vm} is not running")));
             }
             let why = match guest.session.exec(vm, &probe).await {
-                Ok(_) => {
-                    self.guest_gates.set_answered(&endpoint, vm, true);
-                    return Ok(Readiness {
-                        ready: true,
-                        guest_agent: true,
-                        reason: None,
-                    });
-                }
-                Err(PluginError::NotSupported { .. }) => {
-                    return Ok(Readiness {
-                        ready: true,
-                        guest_agent: false,
-                        reason: None,
-                    })
-                }
+                Err(PluginError::NotSupported { .. }) => return Ok(Readiness::no_guest_agent()),
                 // A guest agent that hangs (its circuit is open) is not waited for:
                 // that would hold this operation's turn for nothing.
-                Err(e) if !self.not_hung(vm) => {
-                    return Ok(Readiness {
-                        ready: false,
-                        guest_agent: true,
-                        reason: Some(e.to_string()),
-                    })
+                Err(e) if self.guest_gates.hung(&endpoint, vm) => {
+                    return Ok(Readiness::not_ready(e.to_string()))
                 }
                 Err(e) if matches!(e.kind(), ErrorKind::Unavailable | ErrorKind::Timeout) => {
                     e.to_string()
                 }
-                // Any other error is an answer (of the probe command's own): the
-                // guest agent is there.
-                Err(_) => {
+                // An answer, even an error of the probe command's own: the guest
+                // agent is there.
+                _ => {
                     self.guest_gates.set_answered(&endpoint, vm, true);
-                    return Ok(Readiness {
-                        ready: true,
-                        guest_agent: true,
-                        reason: None,
-                    });
+                    return Ok(Readiness::answered());
                 }
             };
             if Instant::now() + PROBE_PAUSE >= end {
-                return Ok(Readiness {
-                    ready: false,
-                    guest_agent: true,
-                    reason: Some(format!(
-                        "the guest agent of VM {vm} did not answer within {} ms: {why}",
-                        within.as_millis()
-                    )),
-                });
+                return Ok(Readiness::not_ready(format!(
+                    "the guest agent of VM {vm} did not answer within {} ms: {why}",
+                    within.as_millis()
+                )));
             }
             tokio::time::sleep(PROBE_PAUSE).await;
         }
-    }
-
-    /// Whether `vm`'s guest agent is not known to hang (its circuit is closed).
-    pub fn not_hung(&self, vm: &str) -> bool {
-        !self.guest_gates.hung(self.driver.endpoint(), vm)
     }
 
     /// Serves `GET /v1/vms/{id}/ready?wait-ms=N` (default 0: probe once).
