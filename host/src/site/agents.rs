@@ -12,7 +12,7 @@ use hyper::{Method, StatusCode};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
-use super::model::{now_ms, AgentRec, AgentStatus, AgentView, OpError, SiteVm, Usage};
+use super::model::{now_ms, AgentRec, AgentStatus, AgentView, JobKind, OpError, SiteVm, Usage};
 use super::store::{Store, StoreError};
 use crate::agent::model::{OpState, Operation, Vm, VmRecord};
 use crate::api::client::Client;
@@ -391,13 +391,22 @@ fn sync_vms(
 ) -> Result<(), StoreError> {
     let mut busy: HashSet<String> = HashSet::new();
     let mut active_jobs: HashSet<String> = HashSet::new();
+    let all = t.vms()?;
+    // Names the active clones give their new VMs on this agent (the contract's
+    // clone carries no labels, so the name is what marks them).
+    let mut cloning: HashSet<String> = HashSet::new();
     for j in t.active_jobs()? {
         if let Some(v) = &j.vm {
             busy.insert(v.clone());
+            let from_here = all.iter().any(|s| &s.id == v && s.agent == agent);
+            if j.kind == JobKind::Clone && from_here {
+                if let Some(name) = j.params["name"].as_str() {
+                    cloning.insert(name.to_string());
+                }
+            }
         }
         active_jobs.insert(j.id);
     }
-    let all = t.vms()?;
     let mine: BTreeMap<String, SiteVm> = all
         .iter()
         .filter(|v| v.agent == agent)
@@ -421,11 +430,13 @@ fn sync_vms(
                 }
             }
             None => {
-                // Being created by a job, or migrating in under a job: not ours to add.
+                // Being created or cloned by a job, or migrating in under a job: not
+                // ours to add (the job records it, with its owner).
                 let made_by_active = vm
                     .labels
                     .get("gve.job")
-                    .is_some_and(|j| active_jobs.contains(j));
+                    .is_some_and(|j| active_jobs.contains(j))
+                    || cloning.contains(&vm.name);
                 let migrating_in = all
                     .iter()
                     .any(|v| v.agent_vm == vm.id && v.agent != agent && busy.contains(&v.id));

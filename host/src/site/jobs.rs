@@ -524,7 +524,11 @@ fn scrub(params: &mut Value) {
 /// A database failure as a job error.
 pub fn store_error(e: StoreError) -> OpError {
     OpError {
-        kind: "backend".into(),
+        kind: match e {
+            StoreError::NoAgent { .. } => "not-found",
+            _ => "backend",
+        }
+        .into(),
         message: e.to_string(),
     }
 }

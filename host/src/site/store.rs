@@ -49,6 +49,15 @@ pub enum StoreError {
     /// Usage arithmetic would leave its range (a bookkeeping error, refused).
     #[error("site database: usage: {0}")]
     Usage(String),
+    /// A VM record names an agent that is not registered (unregistered while a
+    /// job worked on the VM): no VM record outlives its agent.
+    #[error("VM {vm}: agent '{agent}' is not registered (it was unregistered while a job worked on the VM)")]
+    NoAgent {
+        /// Site VM id.
+        vm: String,
+        /// The missing agent.
+        agent: String,
+    },
     /// A stored value could not be decoded.
     #[error("site database: record '{key}' is unreadable: {message}")]
     Corrupt {
@@ -143,7 +152,7 @@ impl Txn<'_> {
         name
     );
     json_table!(agent, put_agent, remove_agent, agents, AGENTS, AgentRec, id);
-    json_table!(vm, put_vm, remove_vm, vms, VMS, SiteVm, id);
+    json_table!(vm, put_vm_record, remove_vm, vms, VMS, SiteVm, id);
     json_table!(
         job,
         put_job_record,
@@ -153,6 +162,19 @@ impl Txn<'_> {
         Job,
         id
     );
+
+    /// Inserts or replaces a VM whose agent is registered; refused with
+    /// [`StoreError::NoAgent`] otherwise (a job that ends after its agent was
+    /// force-unregistered records nothing on the missing agent).
+    pub fn put_vm(&mut self, v: &SiteVm) -> Result<(), StoreError> {
+        if self.agent(&v.agent)?.is_none() {
+            return Err(StoreError::NoAgent {
+                vm: v.id.clone(),
+                agent: v.agent.clone(),
+            });
+        }
+        self.put_vm_record(v)
+    }
 
     /// Inserts or replaces a user and its token index.
     pub fn put_user(&mut self, u: &User) -> Result<(), StoreError> {

@@ -253,16 +253,18 @@ impl SiteCore {
             .as_ref()
             .map(|v| v.id.clone())
             .unwrap_or_else(|| v.agent_vm.clone());
-        if let Ok(c) = self.agents.client(&to) {
-            if let Err(e) = c.get::<Value>(&format!("/v1/vms/{agent_vm}")).await {
-                return Err(err(
-                    "backend",
-                    format!(
-                        "agent {} reported VM {id} migrated, but agent {to} does not have it: {}",
-                        v.agent, e.message
-                    ),
-                ));
-            }
+        let checked = match self.agents.client(&to) {
+            Ok(c) => c
+                .get::<Value>(&format!("/v1/vms/{agent_vm}"))
+                .await
+                .map(|_| ())
+                .map_err(|e| e.message),
+            Err(e) => Err(e.message),
+        };
+        if let Err(why) = checked {
+            return Err(self
+                .unconfirmed_migration(job, &v, &to, &agent_vm, why)
+                .await);
         }
         let moved = self
             .store
@@ -284,6 +286,65 @@ impl SiteCore {
             })
             .map_err(store_error)?;
         Ok(serde_json::to_value(moved).unwrap_or_default())
+    }
+
+    /// A migration the source reported done that the destination did not confirm.
+    /// Where the source still has the VM, its record stays; otherwise the record
+    /// follows the VM to the destination with state `unknown` (its owner and lease
+    /// kept), and the destination's next check finds it, or finds it gone. Either
+    /// way no check takes it for a VM nobody owns.
+    async fn unconfirmed_migration(
+        &self,
+        job: &Job,
+        v: &SiteVm,
+        to: &str,
+        agent_vm: &str,
+        why: String,
+    ) -> OpError {
+        let from = &v.agent;
+        let still_here = match self.agents.client(from) {
+            Ok(c) => c
+                .get::<Value>(&format!("/v1/vms/{}", v.agent_vm))
+                .await
+                .is_ok(),
+            Err(_) => false,
+        };
+        if still_here {
+            return err(
+                "backend",
+                format!("agent {from} reported VM {} migrated to agent {to}, but it still has it and agent {to} does not ({why})", v.id),
+            );
+        }
+        let recorded = self.store.write(|t| {
+            let Some(mut cur) = t.vm(&v.id)? else {
+                return Ok(());
+            };
+            cur.agent = to.to_string();
+            cur.agent_vm = agent_vm.to_string();
+            cur.state = "unknown".into();
+            cur.ready = false;
+            cur.updated_ms = now_ms();
+            t.put_vm(&cur)?;
+            let mut j = t.job(&job.id)?.unwrap_or_else(|| job.clone());
+            j.step = json!({ "migrated": "unconfirmed" });
+            t.put_job(
+                &j,
+                Some(&format!(
+                    "agent {from} reported the VM migrated; agent {to} did not confirm it"
+                )),
+            )
+        });
+        let whereabouts = match recorded {
+            Ok(()) => format!("the site now expects it on agent {to} and learns its state at that agent's next check"),
+            Err(e) => format!("recording it on agent {to} failed too: {e}"),
+        };
+        err(
+            "backend",
+            format!(
+                "agent {from} reported VM {} migrated, but agent {to} did not confirm it ({why}); {whereabouts}",
+                v.id
+            ),
+        )
     }
 
     /// Destroys VM `v` on its agent (powered off first by the driver); a VM the

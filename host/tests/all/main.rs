@@ -13,6 +13,8 @@ mod http_limits;
 mod isolation;
 mod kvm;
 mod lifecycle;
+mod proxy;
+mod races;
 mod site;
 mod site_crash;
 mod storage;
