@@ -87,6 +87,13 @@ pub struct SiteConfig {
     /// Largest file a copy in or out may stage, MiB.
     #[serde(default = "default_copy_mib")]
     pub max_copy_mib: u64,
+    /// Most one user's copies may hold in staging at once (inputs waiting for
+    /// their job, outputs waiting to be fetched), MiB; past it `403`.
+    #[serde(default = "default_staging_user_mib")]
+    pub max_staging_mib_per_user: u64,
+    /// Most all copies may hold in staging at once, MiB; past it `507`.
+    #[serde(default = "default_staging_mib")]
+    pub max_staging_mib: u64,
     /// Serve HTTPS with this certificate (and, with `client-fingerprints`, only to
     /// clients presenting one of those certificates).
     #[serde(default)]
@@ -120,6 +127,14 @@ fn default_health() -> u64 {
 
 fn default_copy_mib() -> u64 {
     16 * 1024
+}
+
+fn default_staging_user_mib() -> u64 {
+    32 * 1024
+}
+
+fn default_staging_mib() -> u64 {
+    128 * 1024
 }
 
 fn default_parallel() -> usize {
@@ -209,6 +224,8 @@ impl SiteConfig {
             max_output_kib: default_output_kib(),
             http: Default::default(),
             max_copy_mib: default_copy_mib(),
+            max_staging_mib_per_user: default_staging_user_mib(),
+            max_staging_mib: default_staging_mib(),
             tls: None,
             agent_tls: Default::default(),
         }
@@ -263,6 +280,14 @@ impl SiteConfig {
         }
         if self.max_copy_mib == 0 || self.max_copy_mib > 1 << 30 {
             return Err("max-copy-mib must be between 1 and 1073741824".into());
+        }
+        for (name, v) in [
+            ("max-staging-mib-per-user", self.max_staging_mib_per_user),
+            ("max-staging-mib", self.max_staging_mib),
+        ] {
+            if v == 0 || v > 1 << 30 {
+                return Err(format!("{name} must be between 1 and 1073741824"));
+            }
         }
         self.http.validate()?;
         super::auth::validate_id("site-id", &self.site_id).map_err(|e| e.message)

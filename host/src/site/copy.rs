@@ -94,8 +94,9 @@ impl SiteCore {
             .get("x-gve-sha256")
             .and_then(|v| v.to_str().ok())
             .map(str::to_lowercase);
+        let owner = vm.owner.clone().unwrap_or_else(|| caller.name.clone());
         let job = new_job(
-            vm.owner.as_deref().unwrap_or(&caller.name),
+            &owner,
             JobKind::CopyIn,
             Some(vm.id.clone()),
             json!({ "path": path, "mode": mode, "parents": parents }),
@@ -110,23 +111,33 @@ impl SiteCore {
             .get(hyper::header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
+        // A body a little over a limit is read first, so the connection stays
+        // usable (a pooled client reusing it would otherwise write into a socket
+        // the server is closing); a far larger one is cut.
         if announced.is_some_and(|n| n > cap) {
-            // A body a little over the limit is read first, so the connection stays
-            // usable (a pooled client reusing it would otherwise write into a socket
-            // the server is closing); a far larger one is cut.
             drain(&mut req.into_body(), DRAIN_BYTES).await;
             return Err(too_large(cap));
         }
-        let received = receive(req.into_body(), &file, cap).await;
+        if let Err(full) = announced.map_or(Ok(()), |n| self.staging.fits(&owner, n)) {
+            drain(&mut req.into_body(), DRAIN_BYTES).await;
+            return Err(full.to_api());
+        }
+        let into = Staged {
+            file: &file,
+            cap,
+            books: &self.staging,
+            owner: &owner,
+        };
+        let received = receive(req.into_body(), into).await;
         let (size, sha) = match received {
             Ok(r) => r,
             Err(e) => {
-                let _ = tokio::fs::remove_file(&file).await;
+                self.staging.remove(&file).await;
                 return Err(e);
             }
         };
         if let Some(want) = expected.filter(|w| *w != sha) {
-            let _ = tokio::fs::remove_file(&file).await;
+            self.staging.remove(&file).await;
             return Err(ApiError::bad_request(format!(
                 "the content received has SHA-256 {sha}, the request said {want}; nothing was copied"
             )));
@@ -143,7 +154,7 @@ impl SiteCore {
         match self.submitter.submit_audited(job, None, Some(audit)).await {
             Ok(j) => Ok(j),
             Err(e) => {
-                let _ = tokio::fs::remove_file(&file).await;
+                self.staging.remove(&file).await;
                 Err(e)
             }
         }
@@ -210,9 +221,15 @@ impl SiteCore {
                 message: format!("staging directory: {e}"),
             })?;
         let out = self.staged_out(&job.id);
-        let received = receive(resp.into_body(), &out, self.copy_cap()).await;
+        let into = Staged {
+            file: &out,
+            cap: self.copy_cap(),
+            books: &self.staging,
+            owner: &job.owner,
+        };
+        let received = receive(resp.into_body(), into).await;
         if received.is_err() {
-            let _ = tokio::fs::remove_file(&out).await;
+            self.staging.remove(&out).await;
         }
         let (size, sha) = received.map_err(|e| OpError {
             kind: e.kind,
@@ -268,7 +285,7 @@ impl SiteCore {
                 .is_some_and(|age| age > KEEP_OUTPUT);
             // Outputs nobody fetched, and inputs of jobs cancelled before they ran.
             if old {
-                let _ = tokio::fs::remove_file(entry.path()).await;
+                self.staging.remove(&entry.path()).await;
             }
         }
     }
@@ -337,15 +354,27 @@ where
 }
 
 /// Writes a body to `file` chunk by chunk; returns its size and SHA-256.
-async fn receive<B>(
-    mut body: B,
-    file: &std::path::Path,
+/// Where a transfer is staged, and the limits it is held to.
+struct Staged<'a> {
+    file: &'a std::path::Path,
+    /// The site's copy limit, bytes.
     cap: u64,
-) -> Result<(u64, String), ApiError>
+    books: &'a super::staging::Staging,
+    /// Whose staging quota it counts toward.
+    owner: &'a str,
+}
+
+async fn receive<B>(mut body: B, into: Staged<'_>) -> Result<(u64, String), ApiError>
 where
     B: hyper::body::Body<Data = Bytes> + Unpin,
     B::Error: std::fmt::Display,
 {
+    let Staged {
+        file,
+        cap,
+        books,
+        owner,
+    } = into;
     let mut out = tokio::fs::File::create(file)
         .await
         .map_err(|e| io_err("staging file", e))?;
@@ -364,6 +393,10 @@ where
             if size > cap {
                 drain(&mut body, DRAIN_BYTES).await;
                 return Err(too_large(cap));
+            }
+            if let Err(full) = books.take(owner, file, data.len() as u64) {
+                drain(&mut body, DRAIN_BYTES).await;
+                return Err(full.to_api());
             }
             out.write_all(&data)
                 .await

@@ -347,7 +347,7 @@ impl SiteCore {
         }
         // Inputs live until the end that consumed them is on disk.
         if job.kind == JobKind::CopyIn {
-            let _ = tokio::fs::remove_file(self.staged_in(id)).await;
+            self.staging.remove(&self.staged_in(id)).await;
         }
     }
 
@@ -480,6 +480,12 @@ impl SiteCore {
         });
         let job = r.map_err(db)??;
         self.scheduler.forget(&job.owner, &job.id);
+        // Its staged input will never be sent.
+        if job.kind == JobKind::CopyIn {
+            let staged = self.staged_in(id);
+            let _ = std::fs::remove_file(&staged);
+            self.staging.give_back(&staged);
+        }
         Ok(job)
     }
 

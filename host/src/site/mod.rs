@@ -23,6 +23,7 @@ pub mod request;
 pub mod retention;
 pub mod scheduler;
 pub mod sealing;
+pub mod staging;
 pub mod store;
 pub mod vms;
 pub mod vms_api;
@@ -57,6 +58,8 @@ pub struct SiteCore {
     pub scheduler: Arc<scheduler::Scheduler>,
     /// Refuses new work while the disk is nearly full.
     pub disk: Arc<retention::DiskGuard>,
+    /// Bytes each user's copies hold in staging, against their quota and the cap.
+    pub staging: staging::Staging,
     /// Requests placed on an agent but not created yet: job → (agent, MiB). Kept in
     /// memory (placement reads it for every request; scanning the jobs would not scale).
     pub placing: std::sync::Mutex<std::collections::HashMap<String, (String, u64)>>,
@@ -176,6 +179,11 @@ impl Site {
             config.min_free_disk_mib,
         ));
         let submitter = jobs::Submitter::start(store.clone(), scheduler.clone(), disk.clone());
+        let staging =
+            staging::Staging::new(config.max_staging_mib_per_user, config.max_staging_mib);
+        staging.recount(&config.data_dir.join("staging"), |job| {
+            store.job(job).ok().flatten().map(|j| j.owner)
+        });
         let core = Arc::new(SiteCore {
             store,
             agents: agents.clone(),
@@ -183,6 +191,7 @@ impl Site {
             submitter,
             scheduler,
             disk,
+            staging,
             placing: Default::default(),
         });
         let resumed = core.resume_all()?;

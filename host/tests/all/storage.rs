@@ -8,7 +8,7 @@ use std::time::Duration;
 use gve::site::model::{Job, JobState, SiteVm};
 use serde_json::json;
 
-use crate::site::{env, job, post};
+use crate::site::{env, job, post, wait_job};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn finished_jobs_go_after_their_retention_and_newer_ones_stay() {
@@ -96,5 +96,119 @@ async fn below_the_disk_low_water_mark_new_work_is_refused_507_and_nothing_recor
     assert_eq!(before.len(), after.len(), "nothing was recorded");
     // Reading goes on.
     let _: Vec<SiteVm> = cy.get("/v1/vms").await.unwrap();
+    e.site.stop().await;
+}
+
+/// Sends `n` bytes to be copied into `vm` at `path`: the copy-in job, or the refusal.
+async fn stage(
+    c: &gve::api::client::Client,
+    vm: &str,
+    path: &str,
+    n: usize,
+) -> Result<Job, gve::api::ApiError> {
+    c.put_stream(
+        &format!("/v1/vms/{vm}/files?path={path}"),
+        &[],
+        gve::api::full(bytes::Bytes::from(vec![1u8; n])),
+    )
+    .await
+}
+
+/// Copies `n` bytes into `vm` at `path` and waits for the copy-in to end.
+async fn copy_in(c: &gve::api::client::Client, vm: &str, path: &str, n: usize) -> Job {
+    let j = stage(c, vm, path, n).await.unwrap();
+    wait_job(c, &j.id).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn staged_copies_are_held_to_a_per_user_quota_and_a_site_cap() {
+    let e = env(1, |c| {
+        c.max_staging_mib_per_user = 1;
+        c.max_staging_mib = 2;
+    })
+    .await;
+    let staging = &e.site.core.staging;
+    let (ann, bo, cy) = (
+        e.user("ann", None).await,
+        e.user("bo", None).await,
+        e.user("cy", None).await,
+    );
+    let vm_of = |j: Job| {
+        serde_json::from_value::<SiteVm>(j.result.unwrap())
+            .unwrap()
+            .id
+    };
+    let body = json!({ "main-memory-mib": 128 });
+    let (va, vb, vc) = (
+        vm_of(job(&ann, "/v1/vms", body.clone()).await),
+        vm_of(job(&bo, "/v1/vms", body.clone()).await),
+        vm_of(job(&cy, "/v1/vms", body).await),
+    );
+    let kib = 1024;
+
+    // A copy-in's staged input is given back once its job ran.
+    let j = copy_in(&ann, &va, "/tmp/a", 600 * kib).await;
+    assert_eq!(j.state, JobState::Succeeded, "{j:?}");
+    assert_eq!(staging.used("ann"), 0);
+    // A copy-out's output is held until it goes; a second one passes ann's 1 MiB.
+    let out = job(
+        &ann,
+        &format!("/v1/vms/{va}/copy-out"),
+        json!({ "path": "/tmp/a" }),
+    )
+    .await;
+    assert_eq!(out.state, JobState::Succeeded, "{out:?}");
+    assert_eq!(staging.used("ann"), 600 * 1024);
+    let j = job(
+        &ann,
+        &format!("/v1/vms/{va}/copy-out"),
+        json!({ "path": "/tmp/a" }),
+    )
+    .await;
+    assert_eq!(j.state, JobState::Failed, "{j:?}");
+    let err = j.error.unwrap();
+    assert!(
+        err.kind == "denied" && err.message.contains("staging quota"),
+        "{err:?}"
+    );
+    assert_eq!(
+        staging.used("ann"),
+        600 * 1024,
+        "the cut copy gave its bytes back"
+    );
+    // A copy-in that would pass it is refused before it is staged or recorded.
+    let jobs_before: Vec<Job> = ann.get("/v1/jobs").await.unwrap();
+    let err = stage(&ann, &va, "/tmp/b", 600 * kib).await.unwrap_err();
+    assert_eq!((err.status, err.kind.as_str()), (403, "denied"), "{err:?}");
+    let jobs_after: Vec<Job> = ann.get("/v1/jobs").await.unwrap();
+    assert_eq!(jobs_before.len(), jobs_after.len());
+
+    // The site's cap of 2 MiB: bo holds 1000 KiB more, so cy's 600 KiB would pass
+    // it, and cy, under their own quota, is told to come back later.
+    assert_eq!(
+        copy_in(&bo, &vb, "/tmp/b", 1000 * kib).await.state,
+        JobState::Succeeded
+    );
+    let held = job(
+        &bo,
+        &format!("/v1/vms/{vb}/copy-out"),
+        json!({ "path": "/tmp/b" }),
+    )
+    .await;
+    assert_eq!(held.state, JobState::Succeeded, "{held:?}");
+    let err = stage(&cy, &vc, "/tmp/c", 600 * kib).await.unwrap_err();
+    assert_eq!(
+        (err.status, err.kind.as_str()),
+        (507, "insufficient-storage"),
+        "{err:?}"
+    );
+    assert!(err.retry_after_s.is_some(), "{err:?}");
+    assert_eq!(staging.total(), 1600 * 1024);
+    // What is held is what the directory holds.
+    let on_disk: u64 = std::fs::read_dir(e.site.core.config.data_dir.join("staging"))
+        .unwrap()
+        .map(|f| f.unwrap().metadata().unwrap().len())
+        .sum();
+    assert_eq!(on_disk, staging.total());
     e.site.stop().await;
 }
