@@ -39,6 +39,15 @@ pub struct AgentConfig {
     /// site (or operator) presenting one of those certificates (mutual TLS).
     #[serde(default)]
     pub tls: Option<crate::api::tls::TlsConfig>,
+    /// How long finished operations (and the idempotency keys that started them)
+    /// are kept, seconds. A site retrying a job after longer than this would start
+    /// its operation again.
+    #[serde(default = "default_op_retention_s")]
+    pub operation_retention_seconds: u64,
+}
+
+fn default_op_retention_s() -> u64 {
+    7 * 24 * 3600
 }
 
 impl Default for AgentConfig {
@@ -54,6 +63,7 @@ impl Default for AgentConfig {
             http: Default::default(),
             plugin_policy: None,
             tls: None,
+            operation_retention_seconds: default_op_retention_s(),
         }
     }
 }
@@ -155,6 +165,13 @@ impl AgentConfig {
             spec.bundle = base.join(&spec.bundle);
             crate::plugin::manifest::validate_name(name)
                 .map_err(|m| invalid(format!("plugins.{name}: {m}")))?;
+        }
+        if cfg.operation_retention_seconds == 0
+            || cfg.operation_retention_seconds > 10 * 365 * 24 * 3600
+        {
+            return Err(invalid(
+                "operation-retention-seconds must be between 1 and ten years".into(),
+            ));
         }
         if let Some(d) = &cfg.driver {
             if !cfg.plugins.contains_key(&d.plugin) {

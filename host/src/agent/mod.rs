@@ -215,6 +215,7 @@ pub struct Agent {
     pub connections: Arc<api::server::Connections>,
     stop: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<()>,
+    retention: tokio::task::JoinHandle<()>,
 }
 
 impl Agent {
@@ -264,6 +265,7 @@ impl Agent {
             .restore()
             .await
             .map_err(|e| AgentError::Restore(e.message))?;
+        let kept = registry.clone();
         let runtime = Arc::new(runtime::Runtime::new(
             plugins.clone(),
             registry,
@@ -292,6 +294,9 @@ impl Agent {
         let running = api::server::spawn(listener, handler, config.http, config.tls.as_ref())
             .map_err(|e| AgentError::Tls(e.to_string()))?;
         tracing::info!(%addr, "agent listening");
+        let retention = kept.spawn_retention(std::time::Duration::from_secs(
+            config.operation_retention_seconds,
+        ));
         Ok(Agent {
             addr,
             plugins,
@@ -299,11 +304,13 @@ impl Agent {
             connections: running.connections,
             stop: Some(running.stop),
             task: running.task,
+            retention,
         })
     }
 
     /// Stops serving and waits for the accept loop to end.
     pub async fn stop(mut self) {
+        self.retention.abort();
         self.runtime.stop().await;
         if let Some(tx) = self.stop.take() {
             let _ = tx.send(());

@@ -250,7 +250,8 @@ impl AgentCore {
         key: Option<&str>,
     ) -> Result<(Operation, bool), RegistryError> {
         let op = Operation {
-            id: format!("op-{}", uuid::Uuid::new_v4()),
+            // Ordered by creation, so retention removes old ones by a range.
+            id: format!("op-{:012x}-{}", now_ms(), uuid::Uuid::new_v4().simple()),
             kind: params.kind(),
             vm: vm.to_string(),
             params: params.to_json(),

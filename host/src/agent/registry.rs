@@ -22,6 +22,8 @@ const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
 const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
 /// Client idempotency keys → the operation they started.
 const OP_KEYS: TableDefinition<&str, &str> = TableDefinition::new("operation_keys");
+/// Operation → the idempotency key that started it (removed with it).
+const KEY_OF_OP: TableDefinition<&str, &str> = TableDefinition::new("operation_key_of");
 
 /// Events kept; older ones are trimmed.
 const MAX_EVENTS: u64 = 100_000;
@@ -154,7 +156,44 @@ impl Txn<'_> {
     pub fn put_op_key(&mut self, key: &str, op: &str) -> Result<(), RegistryError> {
         let mut t = self.txn.open_table(OP_KEYS).map_err(storage)?;
         t.insert(key, op).map_err(storage)?;
+        let mut t = self.txn.open_table(KEY_OF_OP).map_err(storage)?;
+        t.insert(op, key).map_err(storage)?;
         Ok(())
+    }
+
+    /// Removes up to `limit` finished operations that ended before `before_ms`,
+    /// with their idempotency keys: those whose ids sort before that time
+    /// (`op-<ms, 12 hex digits>-…`). Running operations are never removed.
+    pub fn prune_ops(&mut self, before_ms: u64, limit: usize) -> Result<usize, RegistryError> {
+        let bound = format!("op-{before_ms:012x}");
+        let mut gone: Vec<String> = Vec::new();
+        {
+            let ops = self.txn.open_table(OPS).map_err(storage)?;
+            for row in ops.range::<&str>(..bound.as_str()).map_err(storage)? {
+                let (k, v) = row.map_err(storage)?;
+                let op: Operation = decode(k.value(), v.value())?;
+                if op.finished_ms.is_some_and(|f| f < before_ms) {
+                    gone.push(op.id);
+                    if gone.len() >= limit {
+                        break;
+                    }
+                }
+            }
+        }
+        let mut ops = self.txn.open_table(OPS).map_err(storage)?;
+        let mut key_of = self.txn.open_table(KEY_OF_OP).map_err(storage)?;
+        let mut keys = self.txn.open_table(OP_KEYS).map_err(storage)?;
+        for id in &gone {
+            ops.remove(id.as_str()).map_err(storage)?;
+            let key = key_of
+                .remove(id.as_str())
+                .map_err(storage)?
+                .map(|k| k.value().to_string());
+            if let Some(k) = key {
+                keys.remove(k.as_str()).map_err(storage)?;
+            }
+        }
+        Ok(gone.len())
     }
 
     /// Inserts or replaces an operation.
@@ -214,6 +253,7 @@ impl Registry {
             txn.open_table(OPS).map_err(|e| err(&e))?;
             txn.open_table(EVENTS).map_err(|e| err(&e))?;
             txn.open_table(OP_KEYS).map_err(|e| err(&e))?;
+            txn.open_table(KEY_OF_OP).map_err(|e| err(&e))?;
             txn.open_table(AUDIT).map_err(|e| err(&e))?;
             let mut meta = txn.open_table(META).map_err(|e| err(&e))?;
             if meta.get("schema").map_err(|e| err(&e))?.is_none() {
@@ -225,6 +265,47 @@ impl Registry {
         Ok(Registry {
             db: Arc::new(db),
             events,
+        })
+    }
+
+    /// Removes finished operations (and their idempotency keys) that ended more
+    /// than `keep_ms` ago, a batch per transaction; how many went.
+    pub fn prune_finished_ops(&self, keep_ms: u64) -> usize {
+        const BATCH: usize = 1024;
+        let before = now_ms().saturating_sub(keep_ms);
+        let mut total = 0;
+        loop {
+            match self.write(|t| t.prune_ops(before, BATCH)) {
+                Ok(n) => {
+                    total += n;
+                    if n < BATCH {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    tracing::error!("removing operations past their retention: {e}");
+                    break;
+                }
+            }
+        }
+        total
+    }
+
+    /// Every minute, off the runtime's threads, removes operations past `keep`.
+    pub fn spawn_retention(&self, keep: std::time::Duration) -> tokio::task::JoinHandle<()> {
+        let me = self.clone();
+        let keep_ms = u64::try_from(keep.as_millis()).unwrap_or(u64::MAX);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(std::time::Duration::from_secs(60)).await;
+                let r = me.clone();
+                let gone = tokio::task::spawn_blocking(move || r.prune_finished_ops(keep_ms))
+                    .await
+                    .unwrap_or(0);
+                if gone > 0 {
+                    tracing::info!(removed = gone, "operations past their retention removed");
+                }
+            }
         })
     }
 

@@ -212,3 +212,76 @@ async fn staged_copies_are_held_to_a_per_user_quota_and_a_site_cap() {
     assert_eq!(on_disk, staging.total());
     e.site.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agents_finished_operations_go_after_their_retention_with_their_keys() {
+    use gve::agent::model::{OpKind, OpState, Operation};
+    let (agent, c, _dir) = crate::agent::start_agent(
+        "memory",
+        crate::support::spec("memory", Default::default()),
+        "memory:op-retention",
+        60_000,
+    )
+    .await;
+    let submit = |path: &'static str, body: serde_json::Value, key: &'static str| {
+        let c = c.clone();
+        async move {
+            let op: Operation = c
+                .call_with(
+                    hyper::Method::POST,
+                    path,
+                    Some(&body),
+                    &[("idempotency-key", key.to_string())],
+                )
+                .await
+                .unwrap();
+            crate::agent::wait_op(&c, &op.id).await
+        }
+    };
+    let made = submit(
+        "/v1/vms",
+        json!({ "name": "kept", "main-memory-mib": 64 }),
+        "k-create",
+    )
+    .await;
+    assert_eq!(made.state, OpState::Succeeded, "{made:?}");
+    // An operation still running (as a crash leaves one) is never removed, however old.
+    let core = agent.core().unwrap();
+    let running = Operation {
+        id: "op-000000000001-running".into(),
+        kind: OpKind::Start,
+        vm: "x".into(),
+        params: json!({}),
+        state: OpState::Running,
+        result: None,
+        output: None,
+        error: None,
+        created_ms: 1,
+        finished_ms: None,
+    };
+    core.registry.write(|t| t.put_op(&running)).unwrap();
+    // A retention of an hour keeps everything; of nothing, every finished one.
+    assert_eq!(core.registry.prune_finished_ops(3_600_000), 0);
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    assert_eq!(core.registry.prune_finished_ops(0), 1);
+    let err = c
+        .get::<Operation>(&format!("/v1/operations/{}", made.id))
+        .await
+        .unwrap_err();
+    assert_eq!(err.status, 404, "{err:?}");
+    let still: Operation = c
+        .get("/v1/operations/op-000000000001-running")
+        .await
+        .unwrap();
+    assert_eq!(still.state, OpState::Running);
+    // Its key went with it: the same key now starts a new operation.
+    let again = submit(
+        "/v1/vms",
+        json!({ "name": "kept-2", "main-memory-mib": 64 }),
+        "k-create",
+    )
+    .await;
+    assert_ne!(again.id, made.id);
+    assert_eq!(again.state, OpState::Succeeded, "{again:?}");
+    agent.stop().await;
+}
