@@ -44,8 +44,23 @@ pub async fn agent(
     gve::api::client::Client,
     tempfile::TempDir,
 ) {
+    agent_with(plugin, spec, endpoint, token, |_| {}).await
+}
+
+/// [`agent`], with its configuration changed by `tune` before it starts.
+pub async fn agent_with(
+    plugin: &str,
+    spec: gve::plugin::PluginSpec,
+    endpoint: &str,
+    token: &str,
+    tune: impl FnOnce(&mut gve::agent::AgentConfig),
+) -> (
+    gve::agent::Agent,
+    gve::api::client::Client,
+    tempfile::TempDir,
+) {
     let dir = tempfile::tempdir().unwrap();
-    let agent = gve::agent::Agent::start(gve::agent::AgentConfig {
+    let mut config = gve::agent::AgentConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
         data_dir: dir.path().to_path_buf(),
         admin_token: token.into(),
@@ -63,9 +78,9 @@ pub async fn agent(
         }),
         bundles_dir: None,
         ..Default::default()
-    })
-    .await
-    .unwrap();
+    };
+    tune(&mut config);
+    let agent = gve::agent::Agent::start(config).await.unwrap();
     let c = gve::api::client::Client::new(&format!("http://{}", agent.addr), Some(token.into()))
         .unwrap();
     (agent, c, dir)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs the benchmarks and writes their results under bench/results/.
-# Usage: bash bench/run.sh [plugin|footprint|vm_start|guest|site|vsphere|xen|xen_migrate|fuzz]   (default: all)
+# Usage: bash bench/run.sh [plugin|footprint|vm_start|guest|site|soak|vsphere|xen|xen_migrate|fuzz]   (default: all)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 target=${CARGO_TARGET_DIR:-target}
@@ -43,6 +43,11 @@ fi
 if [ "$which" = all ] || [ "$which" = site ]; then
     # Durable job submissions per second; request latency added by the site.
     cargo bench --locked -p gve --bench site
+fi
+if [ "$which" = all ] || [ "$which" = soak ]; then
+    # 30 minutes of steady mixed load from many users: memory, files and
+    # databases flat after the warm-up (GVE_SOAK_SECONDS to change the length).
+    cargo bench --locked -p gve --bench soak
 fi
 if [ "$which" = all ] || [ "$which" = vsphere ]; then
     # vmware-esx through gve vs the same SOAP calls made directly (vSphere simulator).

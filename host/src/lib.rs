@@ -9,4 +9,5 @@ pub mod cli;
 pub mod plugin;
 pub mod private_fs;
 pub mod site;
+pub mod store_core;
 pub mod tls;

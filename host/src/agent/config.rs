@@ -44,6 +44,13 @@ pub struct AgentConfig {
     /// its operation again.
     #[serde(default = "default_op_retention_s")]
     pub operation_retention_seconds: u64,
+    /// How long audit entries are kept, seconds.
+    #[serde(default = "default_audit_retention_s")]
+    pub audit_retention_seconds: u64,
+}
+
+fn default_audit_retention_s() -> u64 {
+    365 * 24 * 3600
 }
 
 fn default_op_retention_s() -> u64 {
@@ -64,6 +71,7 @@ impl Default for AgentConfig {
             plugin_policy: None,
             tls: None,
             operation_retention_seconds: default_op_retention_s(),
+            audit_retention_seconds: default_audit_retention_s(),
         }
     }
 }
@@ -171,6 +179,11 @@ impl AgentConfig {
         {
             return Err(invalid(
                 "operation-retention-seconds must be between 1 and ten years".into(),
+            ));
+        }
+        if cfg.audit_retention_seconds == 0 || cfg.audit_retention_seconds > 100 * 365 * 24 * 3600 {
+            return Err(invalid(
+                "audit-retention-seconds must be between 1 and a hundred years".into(),
             ));
         }
         if let Some(d) = &cfg.driver {

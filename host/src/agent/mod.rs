@@ -294,9 +294,10 @@ impl Agent {
         let running = api::server::spawn(listener, handler, config.http, config.tls.as_ref())
             .map_err(|e| AgentError::Tls(e.to_string()))?;
         tracing::info!(%addr, "agent listening");
-        let retention = kept.spawn_retention(std::time::Duration::from_secs(
+        let retention = kept.spawn_retention(
             config.operation_retention_seconds,
-        ));
+            config.audit_retention_seconds,
+        );
         Ok(Agent {
             addr,
             plugins,

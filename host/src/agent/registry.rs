@@ -11,6 +11,8 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::sync::broadcast;
 
+use crate::store_core::in_batches;
+
 use super::model::{now_ms, AuditEntry, Event, Operation, Vm, VmRecord};
 
 const VMS: TableDefinition<&str, &[u8]> = TableDefinition::new("vms");
@@ -161,6 +163,18 @@ impl Txn<'_> {
         Ok(())
     }
 
+    /// Removes up to `limit` of the oldest records of sequence table `def` (events,
+    /// audit) from before `before_ms`.
+    pub fn trim(
+        &mut self,
+        def: TableDefinition<u64, &[u8]>,
+        before_ms: u64,
+        limit: usize,
+    ) -> Result<usize, RegistryError> {
+        let mut t = self.txn.open_table(def).map_err(storage)?;
+        crate::store_core::trim_older(&mut t, before_ms, limit).map_err(RegistryError::Storage)
+    }
+
     /// Removes up to `limit` finished operations that ended before `before_ms`,
     /// with their idempotency keys: those whose ids sort before that time
     /// (`op-<ms, 12 hex digits>-…`). Running operations are never removed.
@@ -268,43 +282,35 @@ impl Registry {
         })
     }
 
-    /// Removes finished operations (and their idempotency keys) that ended more
-    /// than `keep_ms` ago, a batch per transaction; how many went.
-    pub fn prune_finished_ops(&self, keep_ms: u64) -> usize {
-        const BATCH: usize = 1024;
+    /// Removes finished operations (and their idempotency keys) and events older
+    /// than `keep_ms`, and audit entries older than `keep_audit_ms`, a batch per
+    /// transaction; how many operations went.
+    pub fn prune_finished_ops(&self, keep_ms: u64, keep_audit_ms: u64) -> usize {
         let before = now_ms().saturating_sub(keep_ms);
-        let mut total = 0;
-        loop {
-            match self.write(|t| t.prune_ops(before, BATCH)) {
-                Ok(n) => {
-                    total += n;
-                    if n < BATCH {
-                        break;
-                    }
-                }
-                Err(e) => {
-                    tracing::error!("removing operations past their retention: {e}");
-                    break;
-                }
-            }
-        }
-        total
+        let audit_before = now_ms().saturating_sub(keep_audit_ms);
+        let ops = in_batches("operations", |n| self.write(|t| t.prune_ops(before, n)));
+        in_batches("events", |n| self.write(|t| t.trim(EVENTS, before, n)));
+        in_batches("audit entries", |n| {
+            self.write(|t| t.trim(AUDIT, audit_before, n))
+        });
+        ops
     }
 
-    /// Every minute, off the runtime's threads, removes operations past `keep`.
-    pub fn spawn_retention(&self, keep: std::time::Duration) -> tokio::task::JoinHandle<()> {
+    /// Every minute, off the runtime's threads, removes what is past its
+    /// retention (`keep` for operations and events, `keep_audit` for audit).
+    pub fn spawn_retention(&self, keep_s: u64, keep_audit_s: u64) -> tokio::task::JoinHandle<()> {
         let me = self.clone();
-        let keep_ms = u64::try_from(keep.as_millis()).unwrap_or(u64::MAX);
+        let (keep_ms, audit_ms) = (
+            keep_s.saturating_mul(1000),
+            keep_audit_s.saturating_mul(1000),
+        );
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(std::time::Duration::from_secs(60)).await;
                 let r = me.clone();
-                let gone = tokio::task::spawn_blocking(move || r.prune_finished_ops(keep_ms))
-                    .await
-                    .unwrap_or(0);
-                if gone > 0 {
-                    tracing::info!(removed = gone, "operations past their retention removed");
-                }
+                let _ =
+                    tokio::task::spawn_blocking(move || r.prune_finished_ops(keep_ms, audit_ms))
+                        .await;
             }
         })
     }

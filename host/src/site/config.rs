@@ -70,9 +70,15 @@ pub struct SiteConfig {
     /// before it ends with the VM running but not `ready`, seconds; 0: not at all.
     #[serde(default = "default_ready_s")]
     pub ready_timeout_seconds: u64,
-    /// How long finished jobs are kept, seconds.
+    /// How long finished jobs (and job events) are kept, seconds.
     #[serde(default = "default_retention_s")]
     pub job_retention_seconds: u64,
+    /// How long a copy-out's file waits at the site to be fetched, seconds.
+    #[serde(default = "default_output_retention_s")]
+    pub copy_output_retention_seconds: u64,
+    /// How long audit entries are kept, seconds.
+    #[serde(default = "default_audit_retention_s")]
+    pub audit_retention_seconds: u64,
     /// Free space (MiB) under which, where the data lives, the site takes no new
     /// work (`507`); 0: no mark.
     #[serde(default = "default_min_free")]
@@ -169,6 +175,14 @@ fn default_retention_s() -> u64 {
     7 * 24 * 3600
 }
 
+fn default_output_retention_s() -> u64 {
+    24 * 3600
+}
+
+fn default_audit_retention_s() -> u64 {
+    365 * 24 * 3600
+}
+
 fn default_min_free() -> u64 {
     512
 }
@@ -220,6 +234,8 @@ impl SiteConfig {
             max_copy_seconds: default_copy_s(),
             ready_timeout_seconds: default_ready_s(),
             job_retention_seconds: default_retention_s(),
+            audit_retention_seconds: default_audit_retention_s(),
+            copy_output_retention_seconds: default_output_retention_s(),
             min_free_disk_mib: default_min_free(),
             max_output_kib: default_output_kib(),
             http: Default::default(),
@@ -262,6 +278,15 @@ impl SiteConfig {
         }
         if self.job_retention_seconds == 0 || self.job_retention_seconds > 10 * 365 * 24 * 3600 {
             return Err("job-retention-seconds must be between 1 and ten years".into());
+        }
+        if self.copy_output_retention_seconds == 0
+            || self.copy_output_retention_seconds > 365 * 24 * 3600
+        {
+            return Err("copy-output-retention-seconds must be between 1 and a year".into());
+        }
+        if self.audit_retention_seconds == 0 || self.audit_retention_seconds > 100 * 365 * 24 * 3600
+        {
+            return Err("audit-retention-seconds must be between 1 and a hundred years".into());
         }
         if self.min_free_disk_mib > 1 << 40 {
             return Err("min-free-disk-mib must be at most 1099511627776".into());

@@ -3,7 +3,8 @@
 //! client's SHA-256), then a job streams it to the VM's agent; a copy out is a job
 //! that streams the file from the agent into staging, from where the user fetches
 //! it (`GET /v1/jobs/{id}/content`). Memory stays flat: everything moves in chunks.
-//! Staged inputs are removed when their job ends; anything else after a day.
+//! Staged inputs are removed when their job ends; anything else after
+//! `copy-output-retention-seconds` (a day unless configured).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -25,8 +26,6 @@ use crate::api::{query_param, ApiError, Response};
 
 /// Bytes read or written at a time.
 const CHUNK: usize = 1 << 20;
-/// How long a copied-out file waits to be fetched.
-const KEEP_OUTPUT: Duration = Duration::from_secs(24 * 3600);
 
 fn io_err(what: &str, e: std::io::Error) -> ApiError {
     ApiError::new(
@@ -270,8 +269,9 @@ impl SiteCore {
             .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "backend", e.to_string()))
     }
 
-    /// Removes staged files older than a day.
+    /// Removes staged files older than `copy-output-retention-seconds`.
     pub async fn sweep_staging(&self) {
+        let keep = Duration::from_secs(self.config.copy_output_retention_seconds);
         let Ok(mut dir) = tokio::fs::read_dir(self.staging()).await else {
             return;
         };
@@ -282,7 +282,7 @@ impl SiteCore {
                 .ok()
                 .and_then(|m| m.modified().ok())
                 .and_then(|t| t.elapsed().ok())
-                .is_some_and(|age| age > KEEP_OUTPUT);
+                .is_some_and(|age| age > keep);
             // Outputs nobody fetched, and inputs of jobs cancelled before they ran.
             if old {
                 self.staging.remove(&entry.path()).await;
@@ -353,7 +353,6 @@ where
     }
 }
 
-/// Writes a body to `file` chunk by chunk; returns its size and SHA-256.
 /// Where a transfer is staged, and the limits it is held to.
 struct Staged<'a> {
     file: &'a std::path::Path,
@@ -364,6 +363,8 @@ struct Staged<'a> {
     owner: &'a str,
 }
 
+/// Writes a body to its staged file chunk by chunk, counting it in the staging
+/// books; returns its size and SHA-256.
 async fn receive<B>(mut body: B, into: Staged<'_>) -> Result<(u64, String), ApiError>
 where
     B: hyper::body::Body<Data = Bytes> + Unpin,

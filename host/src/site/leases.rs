@@ -97,11 +97,9 @@ impl SiteCore {
                     tracing::error!("lease check: {e}");
                 }
                 ticks += 1;
-                if ticks % 1200 == 1 {
-                    me.sweep_staging().await;
-                }
-                // Every minute, off the runtime's threads: it is disk work.
+                // Every minute; the database's part off the runtime's threads.
                 if ticks % 120 == 60 {
+                    me.sweep_staging().await;
                     let core = me.clone();
                     let _ = tokio::task::spawn_blocking(move || core.prune_finished()).await;
                 }

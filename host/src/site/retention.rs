@@ -1,4 +1,5 @@
-//! Bounded storage: finished jobs are kept for `job-retention-seconds`, then
+//! Bounded storage: finished jobs and job events are kept for
+//! `job-retention-seconds`, audit entries for `audit-retention-seconds`, then
 //! removed in small transactions; and a disk low-water mark (`min-free-disk-mib`
 //! free where the database lives) below which the site refuses new work with
 //! `507 insufficient-storage` instead of failing commits of every user.
@@ -11,9 +12,8 @@ use hyper::StatusCode;
 use super::model::now_ms;
 use super::SiteCore;
 use crate::api::ApiError;
+use crate::store_core::in_batches;
 
-/// Most jobs removed in one transaction.
-const PRUNE_BATCH: usize = 1024;
 /// How long a measurement of free space is trusted.
 const DISK_FRESH: Duration = Duration::from_secs(1);
 
@@ -80,31 +80,21 @@ impl DiskGuard {
 }
 
 impl SiteCore {
-    /// Removes finished jobs older than the retention period; returns how many.
+    /// Removes finished jobs and job events older than the job retention, and
+    /// audit entries older than the audit retention; returns how many jobs went.
     pub fn prune_finished(&self) -> usize {
-        let keep_ms = self.config.job_retention_seconds.saturating_mul(1000);
-        let before = now_ms().saturating_sub(keep_ms);
-        let mut total = 0;
-        loop {
-            match self.store.write(|t| t.prune_jobs(before, PRUNE_BATCH)) {
-                Ok(n) => {
-                    total += n;
-                    if n < PRUNE_BATCH {
-                        break;
-                    }
-                }
-                Err(e) => {
-                    tracing::error!("removing finished jobs past their retention: {e}");
-                    break;
-                }
-            }
-        }
-        if total > 0 {
-            tracing::info!(
-                removed = total,
-                "finished jobs past their retention removed"
-            );
-        }
-        total
+        let before = |secs: u64| now_ms().saturating_sub(secs.saturating_mul(1000));
+        let jobs_before = before(self.config.job_retention_seconds);
+        let audit_before = before(self.config.audit_retention_seconds);
+        let jobs = in_batches("finished jobs", |n| {
+            self.store.write(|t| t.prune_jobs(jobs_before, n))
+        });
+        in_batches("job events", |n| {
+            self.store.write(|t| t.trim_events(jobs_before, n))
+        });
+        in_batches("audit entries", |n| {
+            self.store.write(|t| t.trim_audit(audit_before, n))
+        });
+        jobs
     }
 }

@@ -286,6 +286,18 @@ impl Txn<'_> {
         Ok(gone.len())
     }
 
+    /// Removes up to `limit` of the oldest job events from before `before_ms`.
+    pub fn trim_events(&mut self, before_ms: u64, limit: usize) -> Result<usize, StoreError> {
+        let mut t = self.txn.open_table(EVENTS).map_err(storage)?;
+        crate::store_core::trim_older(&mut t, before_ms, limit).map_err(StoreError::Storage)
+    }
+
+    /// Removes up to `limit` of the oldest audit entries from before `before_ms`.
+    pub fn trim_audit(&mut self, before_ms: u64, limit: usize) -> Result<usize, StoreError> {
+        let mut t = self.txn.open_table(AUDIT).map_err(storage)?;
+        crate::store_core::trim_older(&mut t, before_ms, limit).map_err(StoreError::Storage)
+    }
+
     /// Appends a job event (published once the transaction commits).
     pub fn event(&mut self, job: &Job, message: &str) -> Result<(), StoreError> {
         let mut t = self.txn.open_table(EVENTS).map_err(storage)?;

@@ -12,7 +12,11 @@ use crate::site::{env, job, post, wait_job};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn finished_jobs_go_after_their_retention_and_newer_ones_stay() {
-    let e = env(1, |c| c.job_retention_seconds = 1).await;
+    let e = env(1, |c| {
+        c.job_retention_seconds = 1;
+        c.audit_retention_seconds = 1;
+    })
+    .await;
     let ann = e.user("ann", None).await;
     let j = job(&ann, "/v1/vms", json!({ "main-memory-mib": 256 })).await;
     let vm: SiteVm = serde_json::from_value(j.result.clone().unwrap()).unwrap();
@@ -35,7 +39,17 @@ async fn finished_jobs_go_after_their_retention_and_newer_ones_stay() {
         json!({ "argv": ["true"] }),
     )
     .await;
+    let cutoff = gve::site::model::now_ms() - 1_000;
     let removed = e.site.core.prune_finished();
+    // Job events and audit entries from before the cutoff went with them; the
+    // fresh job's are kept.
+    let store = &e.site.core.store;
+    let events = store.events_after(0, 100_000, None).unwrap();
+    assert!(events.iter().all(|ev| ev.at_ms >= cutoff), "{events:?}");
+    assert!(events.iter().any(|ev| ev.job == fresh.id));
+    let audit = store.audit_after(0, 100_000).unwrap();
+    assert!(audit.iter().all(|a| a.at_ms >= cutoff), "{audit:?}");
+    assert!(audit.iter().any(|a| a.target.contains(&vm.id)), "{audit:?}");
     assert_eq!(removed, done.len(), "every finished job past 1 s goes");
     for id in &done {
         let err = ann.get::<Job>(&format!("/v1/jobs/{id}")).await.unwrap_err();
@@ -261,9 +275,9 @@ async fn an_agents_finished_operations_go_after_their_retention_with_their_keys(
     };
     core.registry.write(|t| t.put_op(&running)).unwrap();
     // A retention of an hour keeps everything; of nothing, every finished one.
-    assert_eq!(core.registry.prune_finished_ops(3_600_000), 0);
+    assert_eq!(core.registry.prune_finished_ops(3_600_000, u64::MAX), 0);
     tokio::time::sleep(Duration::from_millis(5)).await;
-    assert_eq!(core.registry.prune_finished_ops(0), 1);
+    assert_eq!(core.registry.prune_finished_ops(0, u64::MAX), 1);
     let err = c
         .get::<Operation>(&format!("/v1/operations/{}", made.id))
         .await
