@@ -157,14 +157,20 @@ fn limited(mut data: Vec<u8>, limit: usize, already_cut: bool) -> (Vec<u8>, bool
     (data, cut || already_cut)
 }
 
-/// Runs a helper command (mkdir, chmod, stat, ...) that must succeed; returns its stdout.
+/// Runs a helper command (mkdir, chmod, stat, ...) that must succeed within the
+/// command timeout; returns its stdout.
 pub fn must(agent: &Agent, argv: &[&str], what: &str) -> Result<Vec<u8>> {
+    must_within(agent, argv, what, agent.command_timeout_ms)
+}
+
+/// [`must`] with its own budget (a checksum of a large file takes longer).
+pub fn must_within(agent: &Agent, argv: &[&str], what: &str, timeout_ms: u32) -> Result<Vec<u8>> {
     let request = ExecRequest {
         argv: argv.iter().map(|s| s.to_string()).collect(),
         env: Vec::new(),
         cwd: None,
         stdin: Vec::new(),
-        timeout_ms: agent.command_timeout_ms,
+        timeout_ms,
         output_limit: 1 << 16,
     };
     let r = run(agent, &request)?;

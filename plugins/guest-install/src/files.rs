@@ -11,7 +11,7 @@
 use gve_sdk::prelude::*;
 use sha2::{Digest, Sha256};
 
-use crate::exec::must;
+use crate::exec::{must, must_within};
 use crate::qga::{Agent, MAX_READ};
 
 /// Largest piece sent in one guest-file-write. Measured with qemu-ga 7.2 behind
@@ -60,7 +60,11 @@ pub fn stat(agent: &Agent, path: &str) -> Result<FileInfo> {
             text.trim()
         )));
     };
-    let out = must(agent, &["sha256sum", "--", path], "checksum")?;
+    // Hashing takes time by size: the command timeout, plus a second per 2 MiB
+    // (a guest under TCG on a loaded host hashes 200 MiB in well over 10 s).
+    let budget = u64::from(agent.command_timeout_ms).saturating_add(size / (2 << 20) * 1000);
+    let budget = u32::try_from(budget).unwrap_or(u32::MAX);
+    let out = must_within(agent, &["sha256sum", "--", path], "checksum", budget)?;
     let sum = String::from_utf8_lossy(&out);
     let sha256 = sum.split_whitespace().next().unwrap_or("").to_lowercase();
     if sha256.len() != 64 || !sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
