@@ -44,7 +44,7 @@ pub async fn agent(
     gve::api::client::Client,
     tempfile::TempDir,
 ) {
-    agent_with(plugin, spec, endpoint, token, |_| {}).await
+    gve_harness::agent::start(plugin, spec, endpoint, token, |_| {}).await
 }
 
 /// [`agent`], with its configuration changed by `tune` before it starts.
@@ -59,29 +59,5 @@ pub async fn agent_with(
     gve::api::client::Client,
     tempfile::TempDir,
 ) {
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = gve::agent::AgentConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        data_dir: dir.path().to_path_buf(),
-        admin_token: token.into(),
-        plugins: std::collections::BTreeMap::from([(plugin.to_string(), spec)]),
-        driver: Some(gve::agent::config::DriverConfig {
-            plugin: plugin.into(),
-            endpoint: endpoint.into(),
-            username: None,
-            password: None,
-            token: None,
-            reconcile_period_ms: 600_000,
-            reservation_seconds: 60,
-            guest_plugin: None,
-            migration_uri: None,
-        }),
-        bundles_dir: None,
-        ..Default::default()
-    };
-    tune(&mut config);
-    let agent = gve::agent::Agent::start(config).await.unwrap();
-    let c = gve::api::client::Client::new(&format!("http://{}", agent.addr), Some(token.into()))
-        .unwrap();
-    (agent, c, dir)
+    gve_harness::agent::start(plugin, spec, endpoint, token, tune).await
 }

@@ -13,14 +13,11 @@
 #[path = "common.rs"]
 mod common;
 
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
-use gve::agent::config::DriverConfig;
 use gve::agent::model::{FileMeta, OpState, Operation};
-use gve::agent::{Agent, AgentConfig};
 use gve::api::client::Client;
 use gve::plugin::{Grants, Limits, PluginSpec};
 use gve_harness::{target_dir, Libvirtd};
@@ -129,7 +126,6 @@ async fn main() {
         .unwrap();
     assert!(status.success());
     let lv = Libvirtd::start();
-    let dir = tempfile::tempdir().unwrap();
     let mut kvm = Grants {
         libvirt: vec![lv.uri.clone()],
         ..Default::default()
@@ -139,48 +135,26 @@ async fn main() {
         call_timeout_ms: 120_000,
         ..Default::default()
     };
-    let plugins = BTreeMap::from([
-        (
-            "kvm".to_string(),
-            PluginSpec {
-                bundle: target_dir().join("plugins/kvm"),
-                grants: kvm,
-                limits,
-            },
-        ),
-        (
-            "guest-install".to_string(),
-            PluginSpec {
-                bundle: target_dir().join("plugins/guest-install"),
-                grants: Grants {
-                    guest_channel: true,
-                    ..Default::default()
-                },
-                limits,
-            },
-        ),
-    ]);
-    let config = AgentConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        data_dir: dir.path().to_path_buf(),
-        admin_token: TOKEN.into(),
-        plugins,
-        driver: Some(DriverConfig {
-            plugin: "kvm".into(),
-            endpoint: lv.uri.clone(),
-            username: None,
-            password: None,
-            token: None,
-            reconcile_period_ms: 600_000,
-            reservation_seconds: 60,
-            guest_plugin: Some("guest-install".into()),
-            migration_uri: None,
-        }),
-        bundles_dir: None,
-        ..Default::default()
+    let kvm = PluginSpec {
+        bundle: target_dir().join("plugins/kvm"),
+        grants: kvm,
+        limits,
     };
-    let agent = Agent::start(config).await.unwrap();
-    let c = Client::new(&format!("http://{}", agent.addr), Some(TOKEN.into())).unwrap();
+    let guest = PluginSpec {
+        bundle: target_dir().join("plugins/guest-install"),
+        grants: Grants {
+            guest_channel: true,
+            ..Default::default()
+        },
+        limits,
+    };
+    let (agent, c, _agent_dir) = common::agent_with("kvm", kvm, &lv.uri, TOKEN, |config| {
+        config.plugins.insert("guest-install".to_string(), guest);
+        if let Some(d) = config.driver.as_mut() {
+            d.guest_plugin = Some("guest-install".into());
+        }
+    })
+    .await;
     let vm = op(
         &c,
         "/v1/vms",

@@ -11,12 +11,13 @@
 //!
 //! Writes bench/results/site.md. Run with `bash bench/run.sh site`.
 
-use std::collections::BTreeMap;
+#[path = "common.rs"]
+mod common;
+
 use std::time::{Duration, Instant};
 
-use gve::agent::config::DriverConfig;
 use gve::agent::model::Operation;
-use gve::agent::{Agent, AgentConfig};
+use gve::agent::Agent;
 use gve::api::client::Client;
 use gve::plugin::{Grants, PluginSpec};
 use gve::site::model::{Job, UserView};
@@ -33,33 +34,14 @@ const CLIENTS: usize = 64;
 const CLIENT_COUNTS: [usize; 3] = [16, 64, 256];
 const LATENCY_ROUNDS: usize = 40;
 
-async fn agent(dir: &std::path::Path) -> Agent {
+async fn agent() -> (Agent, Client, tempfile::TempDir) {
     let spec = PluginSpec {
         bundle: target_dir().join("plugins/memory"),
         grants: Grants::default(),
         limits: Default::default(),
     };
-    Agent::start(AgentConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        data_dir: dir.to_path_buf(),
-        admin_token: AGENT.into(),
-        plugins: BTreeMap::from([("memory".to_string(), spec)]),
-        driver: Some(DriverConfig {
-            plugin: "memory".into(),
-            endpoint: format!("memory:bench-{}", uuid::Uuid::new_v4()),
-            username: None,
-            password: None,
-            token: None,
-            reconcile_period_ms: 600_000,
-            reservation_seconds: 60,
-            guest_plugin: None,
-            migration_uri: None,
-        }),
-        bundles_dir: None,
-        ..Default::default()
-    })
-    .await
-    .unwrap()
+    let endpoint = format!("memory:bench-{}", uuid::Uuid::new_v4());
+    common::agent("memory", spec, &endpoint, AGENT).await
 }
 
 async fn site(dir: &std::path::Path) -> (Site, Client) {
@@ -165,7 +147,7 @@ async fn main() {
 
     // 2. Latency: one memory agent, registered with a fresh site.
     let dir = tempfile::tempdir_in(target_dir()).unwrap();
-    let a = agent(&dir.path().join("agent")).await;
+    let (a, _, _agent_dir) = agent().await;
     let (s, admin) = site(&dir.path().join("site")).await;
     let _: serde_json::Value = admin
         .call(

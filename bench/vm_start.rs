@@ -9,12 +9,9 @@
 #[path = "common.rs"]
 mod common;
 
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use gve::agent::config::DriverConfig;
 use gve::agent::model::{OpState, Operation};
-use gve::agent::{Agent, AgentConfig};
 use gve::api::client::Client;
 use gve::plugin::{Grants, Limits, PluginSpec};
 use gve_harness::{target_dir, Libvirtd};
@@ -100,7 +97,6 @@ async fn main() {
         .unwrap();
     assert!(status.success());
     let lv = Libvirtd::start();
-    let dir = tempfile::tempdir().unwrap();
     let mut grants = Grants {
         libvirt: vec![lv.uri.clone()],
         ..Default::default()
@@ -114,27 +110,7 @@ async fn main() {
             ..Default::default()
         },
     };
-    let config = AgentConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        data_dir: dir.path().to_path_buf(),
-        admin_token: TOKEN.into(),
-        plugins: BTreeMap::from([("kvm".to_string(), spec)]),
-        driver: Some(DriverConfig {
-            plugin: "kvm".into(),
-            endpoint: lv.uri.clone(),
-            username: None,
-            password: None,
-            token: None,
-            reconcile_period_ms: 600_000,
-            reservation_seconds: 60,
-            guest_plugin: None,
-            migration_uri: None,
-        }),
-        bundles_dir: None,
-        ..Default::default()
-    };
-    let agent = Agent::start(config).await.unwrap();
-    let c = Client::new(&format!("http://{}", agent.addr), Some(TOKEN.into())).unwrap();
+    let (agent, c, _agent_dir) = common::agent("kvm", spec, &lv.uri, TOKEN).await;
     let max = *SIZES.iter().max().unwrap();
     let mut names = Vec::new();
     let mut ids = Vec::new();

@@ -2,8 +2,9 @@
 //! tiny guest (Debian cloud kernel + busybox + qemu-ga) and private libvirtd
 //! instances, each in its own mount namespace, ended with everything they started;
 //! a real Xen nested under QEMU (`harness/xen`); and the vSphere API simulator
-//! (`harness/vsphere-sim`).
+//! (`harness/vsphere-sim`); and an agent in the calling process ([`agent::start`]).
 
+pub mod agent;
 mod libvirtd;
 pub mod vsphere;
 pub mod xen;

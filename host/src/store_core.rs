@@ -1,9 +1,75 @@
-//! What the site's store and the agent's registry share beyond redb itself:
-//! sequence tables (events, audit) trimmed by age, and retention run in bounded
-//! batches, one transaction each, so a large backlog never holds the writer long.
+//! What the site's store and the agent's registry share beyond redb itself: a
+//! database whose writes publish their events only once committed
+//! ([`Published`]), sequence tables (events, audit) trimmed by age, and retention
+//! run in bounded batches, one transaction each, so a large backlog never holds
+//! the writer long.
+
+use std::sync::Arc;
+
+use redb::{Database, Durability, WriteTransaction};
+use tokio::sync::broadcast;
 
 use redb::{ReadableTable, Table};
 use serde::Deserialize;
+
+/// A redb database and the channel its committed writes publish events on.
+/// Cheap to clone.
+pub struct Published<Ev> {
+    db: Arc<Database>,
+    events: broadcast::Sender<Ev>,
+}
+
+impl<Ev> Clone for Published<Ev> {
+    fn clone(&self) -> Self {
+        Published {
+            db: self.db.clone(),
+            events: self.events.clone(),
+        }
+    }
+}
+
+impl<Ev: Clone> Published<Ev> {
+    /// `db`, publishing to subscribers that keep up within `backlog` events.
+    pub fn new(db: Database, backlog: usize) -> Published<Ev> {
+        Published {
+            db: Arc::new(db),
+            events: broadcast::channel(backlog).0,
+        }
+    }
+
+    /// The database, for reads.
+    pub fn db(&self) -> &Database {
+        &self.db
+    }
+
+    /// Runs `f` in one write transaction committed with `durability`; the events
+    /// `f` collected are published after the commit, never before, so no
+    /// subscriber sees what a rollback or a failed commit undid. An `Err` from `f`
+    /// rolls everything back; `storage` names redb's own failures.
+    pub fn write<T, E>(
+        &self,
+        durability: Durability,
+        storage: fn(String) -> E,
+        f: impl FnOnce(&WriteTransaction, &mut Vec<Ev>) -> Result<T, E>,
+    ) -> Result<T, E> {
+        let mut txn = self.db.begin_write().map_err(|e| storage(e.to_string()))?;
+        txn.set_durability(durability)
+            .map_err(|e| storage(e.to_string()))?;
+        let mut events = Vec::new();
+        let value = f(&txn, &mut events)?;
+        txn.commit().map_err(|e| storage(e.to_string()))?;
+        for ev in events {
+            // No subscriber is not an error.
+            let _ = self.events.send(ev);
+        }
+        Ok(value)
+    }
+
+    /// Events committed from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<Ev> {
+        self.events.subscribe()
+    }
+}
 
 /// Records removed per retention transaction.
 pub const BATCH: usize = 1024;

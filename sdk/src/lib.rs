@@ -72,6 +72,7 @@ pub use guest::{DownloadResource, GuestSessionResource, UploadResource};
 
 /// The traits and types most plugins need: `use gve_sdk::prelude::*;`.
 pub mod prelude {
+    pub use crate::types::state_name;
     pub use crate::{
         BytesDownload, Capabilities, Credentials, Download, Driver, DriverInfo, EnvVar, Error,
         ExecRequest, ExecResult, FileInfo, GuestAccess, GuestSession, HostInfo, Label, NoTransfer,

@@ -4,7 +4,6 @@
 //! kill -9 at any point leaves a database that opens and is consistent.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
 use serde::de::DeserializeOwned;
@@ -24,6 +23,19 @@ const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
 const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
 /// Client idempotency keys → the operation they started.
 const OP_KEYS: TableDefinition<&str, &str> = TableDefinition::new("operation_keys");
+/// Meta key: `none` once no operation with an id from before ids were ordered
+/// by time is left (so retention no longer scans for them).
+const LEGACY_OPS: &str = "legacy-operations";
+
+/// Whether an operation id is ordered by time (`op-<12 hex digits of ms>-…`).
+fn is_time_ordered(id: &str) -> bool {
+    let b = id.as_bytes();
+    b.len() > 16
+        && b.starts_with(b"op-")
+        && b[3..15].iter().all(u8::is_ascii_hexdigit)
+        && b[15] == b'-'
+}
+
 /// Operation → the idempotency key that started it (removed with it).
 const KEY_OF_OP: TableDefinition<&str, &str> = TableDefinition::new("operation_key_of");
 
@@ -72,8 +84,7 @@ fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, RegistryError> {
 /// The registry. Cheap to clone.
 #[derive(Clone)]
 pub struct Registry {
-    db: Arc<Database>,
-    events: broadcast::Sender<Event>,
+    db: crate::store_core::Published<Event>,
 }
 
 /// One write transaction over the registry.
@@ -194,10 +205,16 @@ impl Txn<'_> {
                 }
             }
         }
+        self.remove_ops(&gone)?;
+        Ok(gone.len())
+    }
+
+    /// Removes operations with the idempotency keys that started them.
+    fn remove_ops(&mut self, ids: &[String]) -> Result<(), RegistryError> {
         let mut ops = self.txn.open_table(OPS).map_err(storage)?;
         let mut key_of = self.txn.open_table(KEY_OF_OP).map_err(storage)?;
         let mut keys = self.txn.open_table(OP_KEYS).map_err(storage)?;
-        for id in &gone {
+        for id in ids {
             ops.remove(id.as_str()).map_err(storage)?;
             let key = key_of
                 .remove(id.as_str())
@@ -207,7 +224,37 @@ impl Txn<'_> {
                 keys.remove(k.as_str()).map_err(storage)?;
             }
         }
-        Ok(gone.len())
+        Ok(())
+    }
+
+    /// Removes up to `limit` finished operations with ids from before they were
+    /// ordered by time (`op-<uuid>`) that ended before `before_ms`, with their
+    /// keys, scanning the whole table (retention by range cannot find them); how
+    /// many went, and whether any such operation is left.
+    pub fn prune_legacy_ops(
+        &mut self,
+        before_ms: u64,
+        limit: usize,
+    ) -> Result<(usize, bool), RegistryError> {
+        let mut gone: Vec<String> = Vec::new();
+        let mut left = false;
+        {
+            let ops = self.txn.open_table(OPS).map_err(storage)?;
+            for row in ops.range::<&str>(..).map_err(storage)? {
+                let (k, v) = row.map_err(storage)?;
+                if is_time_ordered(k.value()) {
+                    continue;
+                }
+                let op: Operation = decode(k.value(), v.value())?;
+                if gone.len() < limit && op.finished_ms.is_some_and(|f| f < before_ms) {
+                    gone.push(op.id);
+                } else {
+                    left = true;
+                }
+            }
+        }
+        self.remove_ops(&gone)?;
+        Ok((gone.len(), left))
     }
 
     /// Inserts or replaces an operation.
@@ -275,10 +322,8 @@ impl Registry {
             }
         }
         txn.commit().map_err(|e| err(&e))?;
-        let (events, _) = broadcast::channel(1024);
         Ok(Registry {
-            db: Arc::new(db),
-            events,
+            db: crate::store_core::Published::new(db, 1024),
         })
     }
 
@@ -288,7 +333,19 @@ impl Registry {
     pub fn prune_finished_ops(&self, keep_ms: u64, keep_audit_ms: u64) -> usize {
         let before = now_ms().saturating_sub(keep_ms);
         let audit_before = now_ms().saturating_sub(keep_audit_ms);
-        let ops = in_batches("operations", |n| self.write(|t| t.prune_ops(before, n)));
+        let mut ops = in_batches("operations", |n| self.write(|t| t.prune_ops(before, n)));
+        // Operations from before ids were ordered by time, until none is left.
+        if self.meta(LEGACY_OPS).ok().flatten().as_deref() != Some("none") {
+            ops += in_batches("operations with unordered ids", |n| {
+                self.write(|t| {
+                    let (gone, left) = t.prune_legacy_ops(before, n)?;
+                    if !left {
+                        t.set_meta(LEGACY_OPS, "none")?;
+                    }
+                    Ok::<_, RegistryError>(gone)
+                })
+            });
+        }
         in_batches("events", |n| self.write(|t| t.trim(EVENTS, before, n)));
         in_batches("audit entries", |n| {
             self.write(|t| t.trim(AUDIT, audit_before, n))
@@ -321,32 +378,31 @@ impl Registry {
         &self,
         f: impl FnOnce(&mut Txn<'_>) -> Result<T, RegistryError>,
     ) -> Result<T, RegistryError> {
-        let txn = self.db.begin_write().map_err(storage)?;
-        let (value, events) = {
-            let mut t = Txn {
-                txn: &txn,
-                new_events: Vec::new(),
-            };
-            let v = f(&mut t)?;
-            (v, t.new_events)
-        };
-        txn.commit().map_err(storage)?;
-        for ev in events {
-            let _ = self.events.send(ev);
-        }
-        Ok(value)
+        self.db.write(
+            redb::Durability::Immediate,
+            RegistryError::Storage,
+            |txn, events| {
+                let mut t = Txn {
+                    txn,
+                    new_events: Vec::new(),
+                };
+                let v = f(&mut t)?;
+                *events = t.new_events;
+                Ok(v)
+            },
+        )
     }
 
     /// Subscribes to events committed from now on.
     pub fn subscribe(&self) -> broadcast::Receiver<Event> {
-        self.events.subscribe()
+        self.db.subscribe()
     }
 
     fn all<T: DeserializeOwned>(
         &self,
         def: TableDefinition<&str, &[u8]>,
     ) -> Result<Vec<T>, RegistryError> {
-        let txn = self.db.begin_read().map_err(storage)?;
+        let txn = self.db.db().begin_read().map_err(storage)?;
         let t = txn.open_table(def).map_err(storage)?;
         let mut out = Vec::new();
         for row in t.range::<&str>(..).map_err(storage)? {
@@ -361,7 +417,7 @@ impl Registry {
         def: TableDefinition<&str, &[u8]>,
         key: &str,
     ) -> Result<Option<T>, RegistryError> {
-        let txn = self.db.begin_read().map_err(storage)?;
+        let txn = self.db.db().begin_read().map_err(storage)?;
         let t = txn.open_table(def).map_err(storage)?;
         let v = t.get(key).map_err(storage)?;
         v.map(|v| decode(key, v.value())).transpose()
@@ -382,7 +438,7 @@ impl Registry {
 
     /// The operation a client's idempotency key started, if any.
     pub fn op_by_key(&self, key: &str) -> Result<Option<Operation>, RegistryError> {
-        let txn = self.db.begin_read().map_err(storage)?;
+        let txn = self.db.db().begin_read().map_err(storage)?;
         let t = txn.open_table(OP_KEYS).map_err(storage)?;
         let id = t.get(key).map_err(storage)?.map(|v| v.value().to_string());
         match id {
@@ -393,7 +449,7 @@ impl Registry {
 
     /// A registry-wide value.
     pub fn meta(&self, key: &str) -> Result<Option<String>, RegistryError> {
-        let txn = self.db.begin_read().map_err(storage)?;
+        let txn = self.db.db().begin_read().map_err(storage)?;
         let t = txn.open_table(META).map_err(storage)?;
         let v = t.get(key).map_err(storage)?;
         Ok(v.map(|v| v.value().to_string()))
@@ -406,7 +462,7 @@ impl Registry {
         target: &str,
         detail: serde_json::Value,
     ) -> Result<(), RegistryError> {
-        let txn = self.db.begin_write().map_err(storage)?;
+        let txn = self.db.db().begin_write().map_err(storage)?;
         {
             let mut t = txn.open_table(AUDIT).map_err(storage)?;
             let seq = t
@@ -430,7 +486,7 @@ impl Registry {
 
     /// Audit entries after `after`, oldest first, at most `limit`.
     pub fn audit_after(&self, after: u64, limit: usize) -> Result<Vec<AuditEntry>, RegistryError> {
-        let txn = self.db.begin_read().map_err(storage)?;
+        let txn = self.db.db().begin_read().map_err(storage)?;
         let t = txn.open_table(AUDIT).map_err(storage)?;
         let mut out = Vec::new();
         for row in t
@@ -446,7 +502,7 @@ impl Registry {
 
     /// Registry-wide values whose keys start with `prefix` (the prefix removed).
     pub fn meta_with_prefix(&self, prefix: &str) -> Result<Vec<(String, String)>, RegistryError> {
-        let txn = self.db.begin_read().map_err(storage)?;
+        let txn = self.db.db().begin_read().map_err(storage)?;
         let t = txn.open_table(META).map_err(storage)?;
         let mut out = Vec::new();
         for row in t.range(prefix..).map_err(storage)? {
@@ -476,7 +532,7 @@ impl Registry {
 
     /// Events with a sequence number above `after`, at most `limit`.
     pub fn events_after(&self, after: u64, limit: usize) -> Result<Vec<Event>, RegistryError> {
-        let txn = self.db.begin_read().map_err(storage)?;
+        let txn = self.db.db().begin_read().map_err(storage)?;
         let t = txn.open_table(EVENTS).map_err(storage)?;
         let mut out = Vec::new();
         // Strictly after `after`: `after + 1` would wrap at u64::MAX.

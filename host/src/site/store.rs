@@ -4,7 +4,6 @@
 //! the event reporting it commit together or not at all.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::de::DeserializeOwned;
@@ -105,8 +104,7 @@ fn all<T: DeserializeOwned>(
 /// The site database. Cheap to clone.
 #[derive(Clone)]
 pub struct Store {
-    db: Arc<Database>,
-    events: broadcast::Sender<JobEvent>,
+    db: crate::store_core::Published<JobEvent>,
 }
 
 /// One write transaction.
@@ -395,10 +393,8 @@ impl Store {
             }
         }
         txn.commit().map_err(|e| err(&e))?;
-        let (events, _) = broadcast::channel(4096);
         Ok(Store {
-            db: Arc::new(db),
-            events,
+            db: crate::store_core::Published::new(db, 4096),
         })
     }
 
@@ -428,33 +424,28 @@ impl Store {
         durability: redb::Durability,
         f: impl FnOnce(&mut Txn<'_>) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        let mut txn = self.db.begin_write().map_err(storage)?;
-        txn.set_durability(durability).map_err(storage)?;
-        let (value, events) = {
-            let mut t = Txn {
-                txn: &txn,
-                new_events: Vec::new(),
-            };
-            let v = f(&mut t)?;
-            (v, t.new_events)
-        };
-        txn.commit().map_err(storage)?;
-        for ev in events {
-            let _ = self.events.send(ev);
-        }
-        Ok(value)
+        self.db
+            .write(durability, StoreError::Storage, |txn, events| {
+                let mut t = Txn {
+                    txn,
+                    new_events: Vec::new(),
+                };
+                let v = f(&mut t)?;
+                *events = t.new_events;
+                Ok(v)
+            })
     }
 
     /// Subscribes to job events committed from now on.
     pub fn subscribe(&self) -> broadcast::Receiver<JobEvent> {
-        self.events.subscribe()
+        self.db.subscribe()
     }
 
     fn read<T>(
         &self,
         f: impl FnOnce(&redb::ReadTransaction) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        let txn = self.db.begin_read().map_err(storage)?;
+        let txn = self.db.db().begin_read().map_err(storage)?;
         f(&txn)
     }
 

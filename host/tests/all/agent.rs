@@ -2,12 +2,10 @@
 //! bad input, reservations, reconciliation with out-of-band changes, and recovery of
 //! operations interrupted by a restart.
 
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use gve::agent::config::DriverConfig;
 use gve::agent::model::{Event, OpKind, OpState, Operation, VmRecord, VmState};
-use gve::agent::{Agent, AgentConfig};
+use gve::agent::Agent;
 use gve::api::client::Client;
 use gve::api::ApiError;
 use gve::plugin::Grants;
@@ -25,31 +23,14 @@ pub async fn start_agent(
     endpoint: &str,
     reconcile_ms: u64,
 ) -> (Agent, Client, tempfile::TempDir) {
-    let dir = tempfile::tempdir().unwrap();
-    let mut plugins = BTreeMap::new();
-    plugins.insert(plugin.to_string(), spec);
-    let config = AgentConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        data_dir: dir.path().to_path_buf(),
-        admin_token: TOKEN.into(),
-        plugins,
-        driver: Some(DriverConfig {
-            plugin: plugin.into(),
-            endpoint: endpoint.into(),
-            username: None,
-            password: None,
-            token: None,
-            reconcile_period_ms: reconcile_ms,
-            reservation_seconds: 60,
-            guest_plugin: None,
-            migration_uri: None,
-        }),
-        bundles_dir: None,
-        ..Default::default()
-    };
-    let agent = Agent::start(config).await.unwrap();
-    let client = Client::new(&format!("http://{}", agent.addr), Some(TOKEN.into())).unwrap();
-    (agent, client, dir)
+    gve_harness::agent::start(
+        plugin,
+        spec,
+        endpoint,
+        TOKEN,
+        gve_harness::agent::reconcile_every(reconcile_ms),
+    )
+    .await
 }
 
 async fn agent(endpoint: &str, reconcile_ms: u64) -> (Agent, Client, tempfile::TempDir) {

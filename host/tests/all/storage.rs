@@ -274,10 +274,43 @@ async fn an_agents_finished_operations_go_after_their_retention_with_their_keys(
         finished_ms: None,
     };
     core.registry.write(|t| t.put_op(&running)).unwrap();
-    // A retention of an hour keeps everything; of nothing, every finished one.
-    assert_eq!(core.registry.prune_finished_ops(3_600_000, u64::MAX), 0);
+    // Operations kept by an older version have unordered ids (`op-<uuid>`):
+    // retention finds them too, running ones excepted.
+    let now = gve::agent::model::now_ms();
+    let legacy = |id: &str, finished_ms: Option<u64>| Operation {
+        id: id.into(),
+        state: if finished_ms.is_some() {
+            OpState::Succeeded
+        } else {
+            OpState::Running
+        },
+        finished_ms,
+        ..running.clone()
+    };
+    let old = "op-f1e2d3c4-0000-4000-8000-000000000001";
+    let recent = "op-a1e2d3c4-0000-4000-8000-000000000002";
+    let busy = "op-b1e2d3c4-0000-4000-8000-000000000003";
+    core.registry
+        .write(|t| {
+            t.put_op(&legacy(old, Some(1)))?;
+            t.put_op(&legacy(recent, Some(now - 10_000)))?;
+            t.put_op(&legacy(busy, None))
+        })
+        .unwrap();
+    // A retention of an hour keeps all but the one that ended in 1970; of
+    // nothing, every finished one.
+    assert_eq!(core.registry.prune_finished_ops(3_600_000, u64::MAX), 1);
     tokio::time::sleep(Duration::from_millis(5)).await;
-    assert_eq!(core.registry.prune_finished_ops(0, u64::MAX), 1);
+    assert_eq!(core.registry.prune_finished_ops(0, u64::MAX), 2);
+    for gone in [old, recent] {
+        let err = c
+            .get::<Operation>(&format!("/v1/operations/{gone}"))
+            .await
+            .unwrap_err();
+        assert_eq!(err.status, 404, "{gone}: {err:?}");
+    }
+    let kept: Operation = c.get(&format!("/v1/operations/{busy}")).await.unwrap();
+    assert_eq!(kept.state, OpState::Running);
     let err = c
         .get::<Operation>(&format!("/v1/operations/{}", made.id))
         .await

@@ -60,19 +60,6 @@ impl MemorySession {
     }
 }
 
-/// The state name used in messages.
-fn state_name(s: VmState) -> &'static str {
-    match s {
-        VmState::Running => "running",
-        VmState::Stopped => "stopped",
-        VmState::Suspended => "suspended",
-        VmState::Paused => "paused",
-        VmState::Crashed => "crashed",
-        VmState::Migrating => "migrating",
-        VmState::Unknown => "in an unknown state",
-    }
-}
-
 fn validate(profile: &VmProfile) -> Result<()> {
     if profile.name.trim().is_empty() {
         return Err(Error::invalid_argument("profile.name must not be empty"));
