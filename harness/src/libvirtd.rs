@@ -93,6 +93,20 @@ impl Libvirtd {
         lv
     }
 
+    /// Gives this daemon a pool `gve-peer` on `other`'s images directory, as
+    /// shared storage would (one path, seen by both hosts): a VM migrated here
+    /// with its disk left there can then be destroyed here, disk and all.
+    pub fn see_pool_of(&self, other: &Libvirtd) {
+        self.virsh(&[
+            "pool-define-as",
+            "gve-peer",
+            "dir",
+            "--target",
+            &other.images.display().to_string(),
+        ]);
+        self.virsh(&["pool-start", "gve-peer"]);
+    }
+
     /// libvirtd's process id.
     pub fn pid(&self) -> i32 {
         self.daemon.pid()

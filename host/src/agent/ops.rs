@@ -409,6 +409,21 @@ impl AgentCore {
                     ),
                 }
             }
+            // A destroy cut off while the VM still exists is finished: it was
+            // asked to go, and going again is safe.
+            let seen = match (op.kind, seen) {
+                (OpKind::Destroy, Ok(_)) => match self.driver.destroy(&target).await {
+                    Ok(()) => {
+                        tracing::warn!(vm = target, "finished an interrupted destroy");
+                        self.driver.get_vm(&target).await
+                    }
+                    Err(e) => {
+                        tracing::warn!(vm = target, "cannot finish an interrupted destroy: {e}");
+                        self.driver.get_vm(&target).await
+                    }
+                },
+                (_, seen) => seen,
+            };
             let wanted = match op.kind {
                 OpKind::Start | OpKind::Resume => Some(VmState::Running),
                 OpKind::Shutdown => Some(VmState::Stopped),

@@ -25,7 +25,12 @@ pub struct Agents {
     sealer: super::sealing::Sealer,
     tls: crate::api::tls::ClientTls,
     clients: RwLock<HashMap<String, Client>>,
+    /// The health checks' period, ms (set by [`Agents::spawn_health`]).
+    health_period_ms: std::sync::atomic::AtomicU64,
 }
+
+/// How long a check may take before its agent counts as down.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// The site-wide id of VM `vm` on agent `agent`: stable, and the same wherever it is
 /// computed (a job that creates a VM and a check that discovers it agree).
@@ -70,7 +75,18 @@ impl Agents {
             sealer,
             tls,
             clients: RwLock::new(HashMap::new()),
+            health_period_ms: std::sync::atomic::AtomicU64::new(5_000),
         })
+    }
+
+    /// How long a VM record stays `missing` before it is forgotten: two rounds of
+    /// health checks and the longest a check may take, so every other agent that
+    /// is up has listed its VMs since (and claimed it, if it moved there).
+    fn forget_missing_after_ms(&self) -> u64 {
+        2 * self
+            .health_period_ms
+            .load(std::sync::atomic::Ordering::Relaxed)
+            + CHECK_TIMEOUT.as_millis() as u64
     }
 
     /// A client for agent `id`, authenticated with its secret.
@@ -230,7 +246,7 @@ impl Agents {
         let Ok(c) = self.client(id) else { return };
         // Records a job writes after the listing was taken are newer than it.
         let listed_at = now_ms();
-        let got = tokio::time::timeout(Duration::from_secs(15), async {
+        let got = tokio::time::timeout(CHECK_TIMEOUT, async {
             let host: crate::agent::model::Host = c.get("/v1/host").await?;
             let templates: Vec<Vm> = c.get("/v1/templates").await?;
             let driver: Value = c.get("/v1/driver").await?;
@@ -261,7 +277,7 @@ impl Agents {
                         .as_str()
                         .or(driver["endpoint"].as_str())
                         .map(str::to_string);
-                    sync_vms(t, id, &vms, listed_at)?;
+                    sync_vms(t, id, &vms, listed_at, self.forget_missing_after_ms())?;
                 }
                 Err(e) => {
                     if rec.status == AgentStatus::Up {
@@ -281,6 +297,10 @@ impl Agents {
     /// Checks every agent every `period`, all at once: each check has its own
     /// deadline, so an agent that does not answer delays no other agent's check.
     pub fn spawn_health(self: &Arc<Self>, period: Duration) -> tokio::task::JoinHandle<()> {
+        self.health_period_ms.store(
+            period.as_millis() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
         let me = self.clone();
         tokio::spawn(async move {
             loop {
@@ -380,25 +400,39 @@ pub fn forget_vm(t: &mut super::store::Txn<'_>, v: &SiteVm) -> Result<(), StoreE
     t.remove_vm(&v.id)
 }
 
+/// State of a VM record whose agent no longer lists it: forgotten when checks
+/// still miss it a while later, unless another agent lists it by then (it moved).
+pub const MISSING: &str = "missing";
+
 /// Brings the site's records of agent `agent`'s VMs in line with what it reports
 /// (listed at `listed_at`). VMs that jobs are working on are left to those jobs, and
 /// records written after the listing was taken are newer than it: kept as they are.
+/// A VM the agent no longer lists is `missing` first and forgotten when a check
+/// still misses it `forget_after_ms` later; one that turns up on another agent meanwhile (a migration whose job was
+/// cut off, or one made outside gve) keeps its record, owner and lease there.
 fn sync_vms(
     t: &mut super::store::Txn<'_>,
     agent: &str,
     listed: &[VmRecord],
     listed_at: u64,
+    forget_after_ms: u64,
 ) -> Result<(), StoreError> {
+    let all = t.vms()?;
+    let by_id: HashMap<&str, &SiteVm> = all.iter().map(|v| (v.id.as_str(), v)).collect();
+    // Records by the hypervisor's id of the VM, on any agent.
+    let by_agent_vm: HashMap<&str, Vec<&SiteVm>> = all.iter().fold(HashMap::new(), |mut m, v| {
+        m.entry(v.agent_vm.as_str()).or_default().push(v);
+        m
+    });
     let mut busy: HashSet<String> = HashSet::new();
     let mut active_jobs: HashSet<String> = HashSet::new();
-    let all = t.vms()?;
     // Names the active clones give their new VMs on this agent (the contract's
     // clone carries no labels, so the name is what marks them).
     let mut cloning: HashSet<String> = HashSet::new();
     for j in t.active_jobs()? {
         if let Some(v) = &j.vm {
             busy.insert(v.clone());
-            let from_here = all.iter().any(|s| &s.id == v && s.agent == agent);
+            let from_here = by_id.get(v.as_str()).is_some_and(|s| s.agent == agent);
             if j.kind == JobKind::Clone && from_here {
                 if let Some(name) = j.params["name"].as_str() {
                     cloning.insert(name.to_string());
@@ -437,10 +471,31 @@ fn sync_vms(
                     .get("gve.job")
                     .is_some_and(|j| active_jobs.contains(j))
                     || cloning.contains(&vm.name);
-                let migrating_in = all
-                    .iter()
-                    .any(|v| v.agent_vm == vm.id && v.agent != agent && busy.contains(&v.id));
-                if made_by_active || migrating_in {
+                let elsewhere: &[&SiteVm] = by_agent_vm
+                    .get(vm.id.as_str())
+                    .map(Vec::as_slice)
+                    .unwrap_or_default();
+                if made_by_active || elsewhere.iter().any(|v| busy.contains(&v.id)) {
+                    continue;
+                }
+                if let Some(moved) = elsewhere.first() {
+                    // Known on another agent: it moved once that agent misses it;
+                    // until then (or while both list it) the record stays put.
+                    if moved.state == MISSING && moved.updated_ms < listed_at {
+                        tracing::warn!(
+                            vm = moved.id,
+                            from = moved.agent,
+                            to = agent,
+                            "VM turned up on another agent; its record follows it"
+                        );
+                        let mut m = (*moved).clone();
+                        m.agent = agent.to_string();
+                        m.name = vm.name.clone();
+                        m.state = state;
+                        m.ready = false;
+                        m.updated_ms = now;
+                        t.put_vm(&m)?;
+                    }
                     continue;
                 }
                 t.put_vm(&SiteVm {
@@ -467,14 +522,31 @@ fn sync_vms(
     }
     let present: HashSet<&str> = listed.iter().map(|r| r.vm.id.as_str()).collect();
     for (agent_vm, v) in &mine {
-        if !present.contains(agent_vm.as_str()) && !busy.contains(&v.id) && v.updated_ms < listed_at
+        if present.contains(agent_vm.as_str()) || busy.contains(&v.id) || v.updated_ms >= listed_at
         {
+            continue;
+        }
+        if v.state == MISSING {
+            if now.saturating_sub(v.updated_ms) < forget_after_ms {
+                continue;
+            }
             tracing::warn!(
                 vm = v.id,
                 agent,
                 "VM vanished from its agent; forgetting it"
             );
             forget_vm(t, v)?;
+        } else {
+            tracing::warn!(
+                vm = v.id,
+                agent,
+                "VM missing from its agent; forgotten soon unless an agent lists it"
+            );
+            let mut m = v.clone();
+            m.state = MISSING.into();
+            m.ready = false;
+            m.updated_ms = now;
+            t.put_vm(&m)?;
         }
     }
     Ok(())

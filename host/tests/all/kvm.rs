@@ -173,6 +173,19 @@ async fn lifecycle_on_real_qemu_guests() {
     );
     wait_for_guest_agent(&driver, &vm.id).await;
 
+    // A running VM's disks are in use: a clone of it is refused, leaving no disk.
+    let refused = run_op(
+        &c,
+        &format!("/v1/vms/{}/clone", vm.id),
+        json!({ "name": "k-r", "linked": false }),
+    )
+    .await;
+    assert_eq!(refused.state, OpState::Failed, "{refused:?}");
+    let e = refused.error.unwrap();
+    assert_eq!(e.kind, "invalid-state", "{e:?}");
+    assert!(e.message.contains("shut it down first"), "{e:?}");
+    assert!(!lv.images.join("k-r-disk0.qcow2").exists());
+
     // The tiny guest ignores ACPI: a graceful shutdown times out and is forced.
     let op = run_op(&c, &format!("/v1/vms/{}/shutdown", vm.id), json!({})).await;
     assert_eq!(op.state, OpState::Succeeded, "{op:?}");

@@ -2,6 +2,7 @@
 
 mod admin;
 mod agent;
+mod agent_crash;
 mod audit;
 mod cli;
 mod contract;

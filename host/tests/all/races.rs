@@ -256,15 +256,131 @@ async fn a_migration_the_destination_does_not_confirm_keeps_its_owner() {
     }
     let all: Vec<SiteVm> = site.core.store.vms().unwrap();
     assert_eq!(all.len(), 1, "one VM, one record: {all:?}");
+    runs_a_command(&alice, &vm).await;
+    site.stop().await;
+    a.stop().await;
+    b.stop().await;
+}
+
+/// `true` runs in VM `vm` through the site.
+async fn runs_a_command(c: &Client, vm: &str) {
     let x = submit(
-        &alice,
+        c,
         &format!("/v1/vms/{vm}/exec"),
         json!({ "argv": ["true"] }),
     )
     .await;
-    let x = ended(&alice, &x.id, Duration::from_secs(60)).await;
+    let x = ended(c, &x.id, Duration::from_secs(60)).await;
     assert_eq!(x.state, JobState::Succeeded, "{x:?}");
+}
+
+/// Waits (up to `within`) until the site's record of `vm` passes `done`.
+async fn record_until(
+    c: &Client,
+    vm: &str,
+    within: Duration,
+    done: impl Fn(Option<&SiteVm>) -> bool,
+) -> Option<SiteVm> {
+    let end = Instant::now() + within;
+    loop {
+        let rec: Option<SiteVm> = c.get(&format!("/v1/vms/{vm}")).await.ok();
+        if done(rec.as_ref()) {
+            return rec;
+        }
+        assert!(Instant::now() < end, "the record of {vm} stayed {rec:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A VM moved between agents outside any job (as a migration whose site was cut
+/// off leaves it: two kvm agents on real libvirtds) keeps its record, owner, lease
+/// and quota on the agent it is on now; nothing of it is pooled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_moved_outside_a_job_keeps_its_owner() {
+    let (la, lb) = (Libvirtd::start(), Libvirtd::start());
+    let dir = tempfile::tempdir().unwrap();
+    let a = kvm_agent(&la, &lb, &dir.path().join("a")).await;
+    let b = kvm_agent(&lb, &la, &dir.path().join("b")).await;
+    let mut config = SiteConfig::new(dir.path().join("site"), ADMIN.into());
+    config.listen = "127.0.0.1:0".parse().unwrap();
+    config.health_period_ms = 300;
+    let site = Site::start(config).await.unwrap();
+    let admin = Client::new(&format!("http://{}", site.addr), Some(ADMIN.into())).unwrap();
+    for (id, agent) in [("a", &a), ("b", &b)] {
+        post(
+            &admin,
+            "/v1/agents",
+            json!({ "id": id, "url": format!("http://{}", agent.addr), "token": AGENT_TOKEN }),
+        )
+        .await
+        .unwrap();
+    }
+    let alice = user(&admin, "alice").await;
+    let vm = usable_vm(&alice).await;
+    let rec: SiteVm = alice.get(&format!("/v1/vms/{vm}")).await.unwrap();
+    let (from, to, dest) = if rec.agent == "a" {
+        (&a, "b", &lb)
+    } else {
+        (&b, "a", &la)
+    };
+    let from = Client::new(&format!("http://{}", from.addr), Some(AGENT_TOKEN.into())).unwrap();
+    let op = crate::agent::run_op(
+        &from,
+        &format!("/v1/vms/{}/migrate", rec.agent_vm),
+        json!({ "destination": dest.migration_uri(), "live": true }),
+    )
+    .await;
+    assert_eq!(op.state, gve::agent::model::OpState::Succeeded, "{op:?}");
+    let moved = record_until(&alice, &vm, Duration::from_secs(30), |r| {
+        r.is_some_and(|r| r.agent == to && r.state == "running")
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        (moved.owner.as_deref(), moved.lease, moved.agent_vm.as_str()),
+        (Some("alice"), rec.lease, rec.agent_vm.as_str()),
+        "{moved:?}"
+    );
+    // A few more rounds of checks change nothing.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let all = records(&site, |_| true);
+    assert_eq!(all.len(), 1, "one VM, one record, none pooled: {all:?}");
+    assert_eq!(all[0].agent, to);
+    let me: UserView = alice.get("/v1/me").await.unwrap();
+    assert_eq!((me.usage.vms, me.usage.main_memory_mib), (1, 192));
+    // Jobs reach it where it is now.
+    runs_a_command(&alice, &vm).await;
     site.stop().await;
     a.stop().await;
     b.stop().await;
+}
+
+/// A VM destroyed outside gve is `missing` a while (still counted), then
+/// forgotten and its quota given back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_destroyed_outside_gve_is_missing_then_forgotten() {
+    let e = crate::site::env(1, |_| {}).await;
+    let alice = e.user("alice", None).await;
+    let j = submit(&alice, "/v1/vms", json!({ "main-memory-mib": 256 })).await;
+    let j = ended(&alice, &j.id, Duration::from_secs(30)).await;
+    assert_eq!(j.state, JobState::Succeeded, "{j:?}");
+    let vm: SiteVm = serde_json::from_value(j.result.unwrap()).unwrap();
+    let op = crate::agent::run_op(
+        &e.agents[0].1,
+        &format!("/v1/vms/{}/destroy", vm.agent_vm),
+        json!({}),
+    )
+    .await;
+    assert_eq!(op.state, gve::agent::model::OpState::Succeeded, "{op:?}");
+    record_until(&alice, &vm.id, Duration::from_secs(10), |r| {
+        r.is_some_and(|r| r.state == "missing" && r.owner.as_deref() == Some("alice"))
+    })
+    .await;
+    let me: UserView = alice.get("/v1/me").await.unwrap();
+    assert_eq!(me.usage.vms, 1, "a missing VM is still counted");
+    record_until(&alice, &vm.id, Duration::from_secs(30), |r| r.is_none()).await;
+    let me: UserView = alice.get("/v1/me").await.unwrap();
+    assert_eq!((me.usage.vms, me.usage.main_memory_mib), (0, 0));
+    assert!(records(&e.site, |_| true).is_empty());
+    e.site.stop().await;
 }

@@ -15,45 +15,28 @@ use crate::agent::{start_agent, TOKEN as AGENT_TOKEN};
 use crate::site::ADMIN;
 use crate::support::spec;
 
-pub struct SiteProcess {
-    pub child: tokio::process::Child,
-    pub url: String,
-}
+pub use crate::support::Service as SiteProcess;
 
 /// Starts `gve site run`, its stderr appended to `log`; returns once it listens.
 pub async fn spawn_site(config: &std::path::Path, log: &std::path::Path) -> SiteProcess {
-    let listening = |text: &str| {
-        text.lines()
-            .filter_map(|l| l.split("listening on ").nth(1))
-            .map(|u| u.trim().to_string())
-            .collect::<Vec<_>>()
-    };
-    let before = listening(&std::fs::read_to_string(log).unwrap_or_default()).len();
-    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_gve"))
-        .args(["site", "run", "--config"])
-        .arg(config)
-        .stderr(
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(log)
-                .unwrap(),
-        )
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let end = Instant::now() + Duration::from_secs(30);
-    loop {
-        let text = std::fs::read_to_string(log).unwrap_or_default();
-        if let Some(url) = listening(&text).get(before) {
-            return SiteProcess {
-                child,
-                url: url.clone(),
-            };
-        }
-        assert!(Instant::now() < end, "site did not start: {text}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    crate::support::spawn_service("site", config, log).await
+}
+
+/// The seed of a crash test's random choices: `GVE_CRASH_SEED`, or a new one
+/// each run (printed, to replay it), so runs explore new crash points.
+pub fn crash_seed(test: &str) -> u64 {
+    let seed = std::env::var("GVE_CRASH_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+                | 1
+        });
+    eprintln!("{test} seed {seed} (set GVE_CRASH_SEED to replay)");
+    seed
 }
 
 /// A small deterministic generator (no dependency on a random crate).
@@ -105,18 +88,7 @@ async fn kill_9_during_100_jobs_loses_nothing_runs_nothing_twice_and_quotas_add_
         .unwrap();
     let token = u.token.unwrap();
 
-    // A new seed each run explores new crash points; it is printed to replay one.
-    let seed = std::env::var("GVE_CRASH_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-                | 1
-        });
-    eprintln!("crash test seed {seed} (set GVE_CRASH_SEED to replay)");
+    let seed = crash_seed("site crash test");
     let mut rng = Rng(seed);
     let mut accepted: Vec<String> = Vec::new();
     let mut kills = 0;

@@ -65,3 +65,51 @@ pub fn edited_bundle(name: &str, edit: impl Fn(String) -> String) -> tempfile::T
     std::fs::write(&m, edit(text)).unwrap();
     dir
 }
+
+/// A `gve <role> run` process (`site` or `agent`), killable with SIGKILL.
+pub struct Service {
+    /// The process.
+    pub child: tokio::process::Child,
+    /// Where it listens (`http://…`).
+    pub url: String,
+}
+
+/// Starts `gve ROLE run --config CONFIG`, its stderr appended to `log` (so restarts
+/// keep one log); returns once it prints a new `listening on` line.
+pub async fn spawn_service(role: &str, config: &Path, log: &Path) -> Service {
+    let listening = |text: &str| {
+        text.lines()
+            .filter_map(|l| l.split("listening on ").nth(1))
+            .map(|u| u.trim().to_string())
+            .collect::<Vec<_>>()
+    };
+    let before = listening(&std::fs::read_to_string(log).unwrap_or_default()).len();
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_gve"))
+        .args([role, "run", "--config"])
+        .arg(config)
+        .stderr(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(log)
+                .unwrap(),
+        )
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if let Some(url) = listening(&text).get(before) {
+            return Service {
+                child,
+                url: url.clone(),
+            };
+        }
+        assert!(
+            std::time::Instant::now() < end,
+            "{role} did not start: {text}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}

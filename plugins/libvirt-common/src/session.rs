@@ -198,10 +198,13 @@ impl<F: Flavor> LibvirtSession<F> {
         let src = self.find(source)?;
         let (src_info, view) = self.describe(&src)?;
         F::check_base(&view)?;
-        if linked && !src_info.is_template && src_info.state != VmState::Stopped {
+        // A running guest writes its disks (and QEMU locks them): a copy would be
+        // torn, and an overlay would fork from a moving base.
+        if !src_info.is_template && !matches!(src_info.state, VmState::Stopped | VmState::Crashed) {
             return Err(Error::invalid_state(format!(
-                "a linked clone needs a stopped source; {} is {:?}",
-                src_info.name, src_info.state
+                "cloning {} needs it stopped: its disks are in use while it is {}; shut it down first",
+                src_info.name,
+                state_name(src_info.state)
             )));
         }
         if view.disks.is_empty() {
@@ -430,9 +433,11 @@ impl<F: Flavor> Session for LibvirtSession<F> {
             )));
         }
         if info.state != VmState::Stopped && info.state != VmState::Crashed {
-            return Err(Error::invalid_state(
-                format!("{} is {:?}, not stopped", info.name, info.state).to_lowercase(),
-            ));
+            return Err(Error::invalid_state(format!(
+                "{} is {}, not stopped",
+                info.name,
+                state_name(info.state)
+            )));
         }
         self.conn
             .start_domain(&d.name)
@@ -556,8 +561,9 @@ impl<F: Flavor> Session for LibvirtSession<F> {
         if d.state != DomainState::Shutoff {
             self.conn.destroy_domain(&d.name)?;
         }
-        self.conn.undefine_domain(&d.name, F::undefine_flags())?;
-        // Delete the disks this VM owns: the ones gve made for it in the pool.
+        // Delete the disks this VM owns (the ones gve made for it in the pool)
+        // before the definition that names them: a destroy cut off between the two
+        // leaves a defined VM to destroy again, never disks nothing refers to.
         let prefix = format!("{}-disk", d.name);
         for disk in &view.disks {
             if disk
@@ -574,6 +580,7 @@ impl<F: Flavor> Session for LibvirtSession<F> {
                 }
             }
         }
+        self.conn.undefine_domain(&d.name, F::undefine_flags())?;
         Ok(())
     }
 

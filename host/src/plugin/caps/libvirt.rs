@@ -696,10 +696,20 @@ impl HostConnection for HostState {
         path: String,
     ) -> wasmtime::Result<Result<(), Error>> {
         conn_op!(self, this, "delete-volume", [path], |c| {
-            StorageVol::lookup_by_path(c, &path)
-                .map_err(map_err)?
-                .delete(0)
-                .map_err(map_err)
+            let vol = match StorageVol::lookup_by_path(c, &path) {
+                Ok(v) => v,
+                // On shared storage another host may have made the file since this
+                // host last scanned its pools (a VM migrated here keeps its disk
+                // where it was made): rescan them, then look again.
+                Err(_) => {
+                    let active = virt::sys::VIR_CONNECT_LIST_STORAGE_POOLS_ACTIVE;
+                    for pool in c.list_all_storage_pools(active).unwrap_or_default() {
+                        let _ = pool.refresh(0);
+                    }
+                    StorageVol::lookup_by_path(c, &path).map_err(map_err)?
+                }
+            };
+            vol.delete(0).map_err(map_err)
         })
     }
 
