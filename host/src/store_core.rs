@@ -6,11 +6,9 @@
 
 use std::sync::Arc;
 
-use redb::{Database, Durability, WriteTransaction};
-use tokio::sync::broadcast;
-
-use redb::{ReadableTable, Table};
+use redb::{Database, Durability, ReadableTable, Table, WriteTransaction};
 use serde::Deserialize;
+use tokio::sync::broadcast;
 
 /// A redb database and the channel its committed writes publish events on.
 /// Cheap to clone.

@@ -411,18 +411,16 @@ impl AgentCore {
             }
             // A destroy cut off while the VM still exists is finished: it was
             // asked to go, and going again is safe.
-            let seen = match (op.kind, seen) {
-                (OpKind::Destroy, Ok(_)) => match self.driver.destroy(&target).await {
-                    Ok(()) => {
-                        tracing::warn!(vm = target, "finished an interrupted destroy");
-                        self.driver.get_vm(&target).await
-                    }
+            let seen = if op.kind == OpKind::Destroy && seen.is_ok() {
+                match self.driver.destroy(&target).await {
+                    Ok(()) => tracing::warn!(vm = target, "finished an interrupted destroy"),
                     Err(e) => {
-                        tracing::warn!(vm = target, "cannot finish an interrupted destroy: {e}");
-                        self.driver.get_vm(&target).await
+                        tracing::warn!(vm = target, "cannot finish an interrupted destroy: {e}")
                     }
-                },
-                (_, seen) => seen,
+                }
+                self.driver.get_vm(&target).await
+            } else {
+                seen
             };
             let wanted = match op.kind {
                 OpKind::Start | OpKind::Resume => Some(VmState::Running),

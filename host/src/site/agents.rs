@@ -408,8 +408,9 @@ pub const MISSING: &str = "missing";
 /// (listed at `listed_at`). VMs that jobs are working on are left to those jobs, and
 /// records written after the listing was taken are newer than it: kept as they are.
 /// A VM the agent no longer lists is `missing` first and forgotten when a check
-/// still misses it `forget_after_ms` later; one that turns up on another agent meanwhile (a migration whose job was
-/// cut off, or one made outside gve) keeps its record, owner and lease there.
+/// still misses it `forget_after_ms` later; one that turns up on another agent
+/// meanwhile (a migration whose job was cut off, or one made outside gve) keeps
+/// its record, owner and lease there.
 fn sync_vms(
     t: &mut super::store::Txn<'_>,
     agent: &str,
