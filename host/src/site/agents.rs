@@ -12,7 +12,9 @@ use hyper::{Method, StatusCode};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
-use super::model::{now_ms, AgentRec, AgentStatus, AgentView, JobKind, OpError, SiteVm, Usage};
+use super::model::{
+    now_ms, AgentRec, AgentStatus, AgentView, JobKind, OpError, SiteVm, TemplateOffer, Usage,
+};
 use super::store::{Store, StoreError};
 use crate::agent::model::{OpState, Operation, Vm, VmRecord};
 use crate::api::client::Client;
@@ -186,6 +188,7 @@ impl Agents {
             endpoint: None,
             registered_ms: now_ms(),
             fingerprint,
+            offers: Vec::new(),
         };
         // Checked again in the transaction: two registrations of one id race.
         let fresh = self.store.write(|t| {
@@ -272,6 +275,7 @@ impl Agents {
                     rec.error = None;
                     rec.seen_ms = now_ms();
                     rec.host = Some(host);
+                    rec.offers = templates.iter().map(TemplateOffer::from).collect();
                     rec.templates = templates.into_iter().map(|t| t.name).collect();
                     rec.endpoint = driver["migration-uri"]
                         .as_str()

@@ -109,6 +109,18 @@ pub struct SiteConfig {
     /// presents to agents that require mutual TLS.
     #[serde(default)]
     pub agent_tls: crate::api::tls::ClientTls,
+    /// The URL users reach the site at, as published (GLUE 2 endpoint URL); by
+    /// default `http(s)://` and the listen address.
+    #[serde(default)]
+    pub public_url: Option<String>,
+    /// GLUE 2 QualityLevel the site publishes: `production`, `pre-production`,
+    /// `testing` or `development`.
+    #[serde(default = "default_quality")]
+    pub quality_level: String,
+}
+
+fn default_quality() -> String {
+    "production".into()
 }
 
 fn default_listen() -> SocketAddr {
@@ -244,6 +256,21 @@ impl SiteConfig {
             max_staging_mib: default_staging_mib(),
             tls: None,
             agent_tls: Default::default(),
+            public_url: None,
+            quality_level: default_quality(),
+        }
+    }
+
+    /// The URL users reach the site at: `public-url`, else made from the listen
+    /// address.
+    pub fn url(&self) -> String {
+        match &self.public_url {
+            Some(u) => u.trim_end_matches('/').to_string(),
+            None => format!(
+                "{}://{}",
+                if self.tls.is_some() { "https" } else { "http" },
+                self.listen
+            ),
         }
     }
 
@@ -312,6 +339,18 @@ impl SiteConfig {
         ] {
             if v == 0 || v > 1 << 30 {
                 return Err(format!("{name} must be between 1 and 1073741824"));
+            }
+        }
+        if !["production", "pre-production", "testing", "development"]
+            .contains(&self.quality_level.as_str())
+        {
+            return Err(
+                "quality-level must be production, pre-production, testing or development".into(),
+            );
+        }
+        if let Some(u) = &self.public_url {
+            if !(u.starts_with("http://") || u.starts_with("https://")) || u.len() > 2048 {
+                return Err("public-url must be an http:// or https:// URL".into());
             }
         }
         self.http.validate()?;

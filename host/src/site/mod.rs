@@ -14,6 +14,7 @@ pub mod auth;
 pub mod bodies;
 pub mod config;
 pub mod copy;
+pub mod glue2;
 pub mod jobs;
 pub mod leases;
 pub mod model;
@@ -109,6 +110,9 @@ impl SiteApi {
             ["v1", "audit"] if req.method() == hyper::Method::GET => {
                 core.handle_audit(&caller, &req)
             }
+            ["v1", "glue2"] if req.method() == hyper::Method::GET => {
+                api::ok(&core.glue2().map_err(agents::db)?)
+            }
             _ => Err(ApiError::no_route(req.method(), &path)),
         }
     }
@@ -119,6 +123,41 @@ impl Handler for SiteApi {
         self.route(req)
             .await
             .unwrap_or_else(ApiError::into_response)
+    }
+}
+
+impl SiteCore {
+    /// The site's GLUE 2 document ([`glue2`]), read now.
+    pub fn glue2(&self) -> Result<serde_json::Value, StoreError> {
+        let agents = self.store.agents()?;
+        let vms = self.store.vms()?;
+        let pending: Vec<(String, u64)> = self
+            .placing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        let active = self.store.active_jobs()?;
+        let running = active
+            .iter()
+            .filter(|j| j.state == model::JobState::Running)
+            .count() as u64;
+        let url = self.config.url();
+        Ok(glue2::document(&glue2::Inputs {
+            site_id: &self.config.site_id,
+            url: &url,
+            quality_level: &self.config.quality_level,
+            agents: &agents,
+            vms: &vms,
+            pending: &pending,
+            waiting_jobs: active.len() as u64 - running,
+            running_jobs: running,
+            draining: self.disk.check().is_err(),
+            lease_max_seconds: self.config.lease_max_seconds,
+            lease_default_seconds: self.config.lease_default_seconds,
+            now_ms: now_ms(),
+        }))
     }
 }
 

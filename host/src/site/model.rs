@@ -197,6 +197,46 @@ pub struct AgentRec {
     /// For an `https://` agent: the SHA-256 fingerprint of its certificate.
     #[serde(default)]
     pub fingerprint: Option<String>,
+    /// What each template it offers is (GLUE 2 publication reads it).
+    #[serde(default)]
+    pub offers: Vec<TemplateOffer>,
+}
+
+/// A template an agent offers, as the site publishes it (GLUE 2 ExecutionEnvironment).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct TemplateOffer {
+    /// Template name (what `template` in a request names).
+    pub name: String,
+    /// vCPUs of a VM made from it unless the request says.
+    pub logical_cpus: u32,
+    /// Memory of a VM made from it unless the request says, MiB.
+    pub main_memory_mib: u64,
+    /// Disk size, MiB, when known.
+    pub disk_mib: Option<u64>,
+    /// GLUE 2 Platform (`x86_64`, ...), when known.
+    pub platform: Option<String>,
+    /// Operating system family or distribution (`linux`, `debian`, ...), when known.
+    pub os_family: Option<String>,
+    /// Operating system name, when known.
+    pub os_name: Option<String>,
+    /// Operating system version (label `os-version`), when known.
+    pub os_version: Option<String>,
+}
+
+impl From<&crate::agent::model::Vm> for TemplateOffer {
+    fn from(t: &crate::agent::model::Vm) -> TemplateOffer {
+        TemplateOffer {
+            name: t.name.clone(),
+            logical_cpus: t.logical_cpus,
+            main_memory_mib: t.main_memory_mib,
+            disk_mib: t.disk_mib,
+            platform: t.platform.clone(),
+            os_family: t.os_family.clone(),
+            os_name: t.os_name.clone(),
+            os_version: t.labels.get("os-version").cloned(),
+        }
+    }
 }
 
 /// An agent as the API shows it (no secret).

@@ -20,14 +20,9 @@ pub enum Policy {
     Spread,
 }
 
-/// Picks an agent for `req`, or says why none fits.
-pub fn choose(
-    agents: &[AgentRec],
-    vms: &[SiteVm],
-    pending: &[(String, u64)],
-    req: &VmRequest,
-    policy: Policy,
-) -> Result<String, String> {
+/// Memory each agent has promised, MiB: the VMs it holds and the VMs jobs are
+/// creating on it (`pending`: agent, MiB).
+pub fn committed<'a>(vms: &'a [SiteVm], pending: &'a [(String, u64)]) -> HashMap<&'a str, u64> {
     let mut committed: HashMap<&str, u64> = HashMap::new();
     for v in vms {
         *committed.entry(v.agent.as_str()).or_default() += v.main_memory_mib;
@@ -36,6 +31,24 @@ pub fn choose(
     for (agent, mib) in pending {
         *committed.entry(agent.as_str()).or_default() += mib;
     }
+    committed
+}
+
+/// Memory agent `a` has left for a new VM, MiB (0 when it never reported a host).
+pub fn room(a: &AgentRec, committed: &HashMap<&str, u64>) -> u64 {
+    let total = a.host.as_ref().map(|h| h.main_memory_mib).unwrap_or(0);
+    total.saturating_sub(committed.get(a.id.as_str()).copied().unwrap_or(0))
+}
+
+/// Picks an agent for `req`, or says why none fits.
+pub fn choose(
+    agents: &[AgentRec],
+    vms: &[SiteVm],
+    pending: &[(String, u64)],
+    req: &VmRequest,
+    policy: Policy,
+) -> Result<String, String> {
+    let committed = committed(vms, pending);
     let mut why = Vec::new();
     let mut fits: Vec<(u64, &str)> = Vec::new();
     for a in agents {
@@ -49,10 +62,9 @@ pub fn choose(
                 continue;
             }
         }
-        let total = a.host.as_ref().map(|h| h.main_memory_mib).unwrap_or(0);
-        let used = committed.get(a.id.as_str()).copied().unwrap_or(0);
-        let room = total.saturating_sub(used);
+        let room = room(a, &committed);
         if room < req.main_memory_mib {
+            let total = a.host.as_ref().map(|h| h.main_memory_mib).unwrap_or(0);
             why.push(format!("{}: {room} MiB free of {total}", a.id));
             continue;
         }
@@ -112,6 +124,7 @@ mod tests {
                 used_instances: 0,
             }),
             templates: vec!["tiny".into()],
+            offers: Vec::new(),
             endpoint: None,
             registered_ms: 0,
         }

@@ -8,6 +8,7 @@ mod cli;
 mod contract;
 mod e2e;
 mod fairness;
+mod glue2;
 mod guest;
 mod hostile;
 mod http_limits;

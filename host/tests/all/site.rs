@@ -443,6 +443,7 @@ async fn authorization_matrix_every_endpoint_by_anonymous_other_owner_admin() {
             [OK, OK, OK, OK],
         ),
         (g.clone(), "/v1/me".into(), json!({}), [401, OK, OK, OK]),
+        (g.clone(), "/v1/glue2".into(), json!({}), [401, OK, OK, OK]),
         (
             g.clone(),
             "/v1/users".into(),
