@@ -28,9 +28,13 @@ pub enum Action {
         /// Every user's jobs (admins).
         #[arg(long)]
         all: bool,
-        /// Most jobs listed.
+        /// Most jobs listed (per site with --all-sites).
         #[arg(long, default_value_t = 50)]
         limit: usize,
+        /// At every named site at once (`gve site add`), with a SITE column;
+        /// a site that does not answer is a warning, not a failure.
+        #[arg(long)]
+        all_sites: bool,
     },
     /// Show one job.
     Show {
@@ -61,11 +65,19 @@ pub enum Action {
 
 /// Runs a job command; returns the exit code.
 pub async fn run(args: JobArgs) -> Result<i32, CliError> {
-    let site = &args.site;
+    if let Action::List {
+        all,
+        limit,
+        all_sites: true,
+    } = &args.action
+    {
+        return list_all_sites(args.site.output, *all, *limit).await;
+    }
+    let site = &args.site.resolve()?;
     let out = site.output;
     let client = site.client()?;
     match &args.action {
-        Action::List { all, limit } => {
+        Action::List { all, limit, .. } => {
             let jobs: Vec<Job> = client
                 .get(&format!("/v1/jobs?limit={limit}&all={all}"))
                 .await?;
@@ -174,20 +186,58 @@ fn error_of(j: &Job) -> String {
 }
 
 fn table(jobs: &[Job]) {
+    let rows: Vec<Vec<String>> = jobs.iter().map(job_row).collect();
+    output::table(&JOB_HEADERS, &rows);
+}
+
+/// The columns of a job table.
+const JOB_HEADERS: [&str; 6] = ["ID", "KIND", "STATE", "VM", "AGE", "ERROR"];
+
+/// One job as a table row ([`JOB_HEADERS`]).
+fn job_row(j: &Job) -> Vec<String> {
+    vec![
+        j.id.clone(),
+        j.kind.as_str().to_string(),
+        state_name(j.state).into(),
+        output::or_dash(j.vm.as_ref()),
+        output::age(j.created_ms),
+        output::clip(&error_of(j), 60),
+    ]
+}
+
+/// `job list --all-sites`: every named site's jobs, newest first, with the site.
+async fn list_all_sites(out: Output, all: bool, limit: usize) -> Result<i32, CliError> {
+    let path = format!("/v1/jobs?limit={limit}&all={all}");
+    let got = super::sites::across(super::sites::all(out)?, move |s| {
+        let path = path.clone();
+        async move { Ok(s.client()?.get::<Vec<Job>>(&path).await?) }
+    })
+    .await?;
+    let mut jobs: Vec<(&str, &Job)> = got
+        .iter()
+        .flat_map(|(site, jobs)| jobs.iter().map(move |j| (site.as_str(), j)))
+        .collect();
+    jobs.sort_by_key(|(_, j)| std::cmp::Reverse(j.created_ms));
+    if out == Output::Json {
+        let tagged: Vec<Value> = jobs
+            .iter()
+            .map(|(site, j)| super::vms::tag(site, j))
+            .collect();
+        output::json(&tagged);
+        return Ok(0);
+    }
     let rows: Vec<Vec<String>> = jobs
         .iter()
-        .map(|j| {
-            vec![
-                j.id.clone(),
-                j.kind.as_str().to_string(),
-                state_name(j.state).into(),
-                output::or_dash(j.vm.as_ref()),
-                output::age(j.created_ms),
-                output::clip(&error_of(j), 60),
-            ]
+        .map(|(site, j)| {
+            let mut row = vec![site.to_string()];
+            row.extend(job_row(j));
+            row
         })
         .collect();
-    output::table(&["ID", "KIND", "STATE", "VM", "AGE", "ERROR"], &rows);
+    let mut headers = vec!["SITE"];
+    headers.extend(JOB_HEADERS);
+    output::table(&headers, &rows);
+    Ok(0)
 }
 
 fn show(out: Output, j: &Job) {

@@ -11,6 +11,7 @@ pub mod libvirtd;
 pub mod output;
 pub mod plugin;
 pub mod site;
+pub mod sites;
 pub mod up;
 pub mod user;
 pub mod vms;
@@ -41,7 +42,7 @@ pub struct Cli {
 pub enum Command {
     /// Run a site and a local kvm agent in one process, state in one directory.
     Up(Box<up::UpArgs>),
-    /// Run a site service (`site run`).
+    /// Run a site service (`site run`), or keep the sites you use (`site add|use|list|remove`).
     #[command(subcommand_required = true)]
     Site(site::SiteArgs),
     /// Manage the site's users (admins), or see your own record.
@@ -117,17 +118,19 @@ pub fn kind_exit_code(kind: &str) -> i32 {
     exit_code(&ApiError::new(status, kind, ""))
 }
 
-/// How to reach the site; shared by `gve user|agent|vm|job`.
+/// How to reach the site; shared by `gve user|agent|vm|job|audit`. Which site is
+/// chosen is [`sites`]' rule ([`SiteOpts::resolve`]).
 #[derive(Debug, Clone, clap::Args)]
 pub struct SiteOpts {
-    /// Site URL.
-    #[arg(
-        long,
-        env = "GVE_URL",
-        default_value = "http://127.0.0.1:7080",
-        global = true
-    )]
-    pub url: String,
+    /// Site URL (default: the current named site, else http://127.0.0.1:7080).
+    #[arg(long, env = "GVE_URL", global = true)]
+    pub url: Option<String>,
+    /// A named site (`gve site add`): its stored URL and credentials.
+    #[arg(long, env = "GVE_SITE", global = true)]
+    pub site: Option<String>,
+    /// The named site these options were resolved to.
+    #[arg(skip)]
+    pub resolved_name: Option<String>,
     /// Your bearer token at the site.
     #[arg(long, env = "GVE_TOKEN", global = true, hide_env_values = true)]
     pub token: Option<String>,
@@ -143,17 +146,18 @@ pub struct SiteOpts {
 }
 
 impl SiteOpts {
-    /// A client for the site.
-    pub fn client(&self) -> Result<Client, ApiError> {
-        Client::with_tls(
-            &self.url,
-            self.token.clone(),
+    /// A client for the site (resolved first).
+    pub fn client(&self) -> Result<Client, CliError> {
+        let site = self.resolve()?;
+        Ok(Client::with_tls(
+            site.base_url(),
+            site.token.clone(),
             &crate::api::tls::ClientTls {
-                fingerprint: self.fingerprint.clone(),
-                ca: self.ca.clone(),
+                fingerprint: site.fingerprint.clone(),
+                ca: site.ca.clone(),
                 ..Default::default()
             },
-        )
+        )?)
     }
 }
 
@@ -199,6 +203,9 @@ pub enum CliError {
     /// Arguments refused before any call.
     #[error("{0}")]
     Usage(String),
+    /// No site has room for a request (`--any-site`).
+    #[error("{0}")]
+    NoRoom(String),
 }
 
 impl CliError {
@@ -209,6 +216,8 @@ impl CliError {
             CliError::JobFailed { kind, .. } => kind_exit_code(kind),
             CliError::JobCancelled(_) => 6,
             CliError::Usage(_) => 2,
+            // As a request that found no room at one site (`unavailable`).
+            CliError::NoRoom(_) => 3,
             CliError::File { .. } | CliError::Digest { .. } => 1,
         }
     }

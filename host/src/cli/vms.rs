@@ -35,6 +35,10 @@ pub enum Action {
         /// Every user's VMs and the free ones (admins).
         #[arg(long)]
         all: bool,
+        /// At every named site at once (`gve site add`), with a SITE column;
+        /// a site that does not answer is a warning, not a failure.
+        #[arg(long)]
+        all_sites: bool,
     },
     /// Show one VM.
     Show {
@@ -175,6 +179,10 @@ pub struct RequestArgs {
     /// End the request as soon as the VM runs, without waiting for its guest agent.
     #[arg(long)]
     pub running: bool,
+    /// Place it on the named site with the most room for the profile (by each
+    /// site's GLUE 2 document and your quota there).
+    #[arg(long, conflicts_with = "vm")]
+    pub any_site: bool,
 }
 
 /// A command to run in the guest.
@@ -201,7 +209,19 @@ pub struct ExecArgs {
 
 /// Runs a VM command; returns the exit code.
 pub async fn run(args: VmArgs) -> Result<i32, CliError> {
-    let site = &args.site;
+    match &args.action {
+        Action::List {
+            all,
+            all_sites: true,
+        } => return list_all_sites(args.site.output, *all).await,
+        Action::Request(r) if r.any_site => {
+            let chosen = super::sites::pick(args.site.output, &profile(r)).await?;
+            request(&chosen, r).await?;
+            return Ok(0);
+        }
+        _ => {}
+    }
+    let site = &args.site.resolve()?;
     let client = site.client()?;
     let action = |t: &Target, what: &str, body: Value| {
         let client = client.clone();
@@ -213,7 +233,7 @@ pub async fn run(args: VmArgs) -> Result<i32, CliError> {
         }
     };
     match &args.action {
-        Action::List { all } => {
+        Action::List { all, .. } => {
             let vms: Vec<SiteVm> = client
                 .get(if *all { "/v1/vms?all=true" } else { "/v1/vms" })
                 .await?;
@@ -227,21 +247,7 @@ pub async fn run(args: VmArgs) -> Result<i32, CliError> {
                 Output::Table => names.iter().for_each(|n| println!("{n}")),
             }
         }
-        Action::Request(r) => {
-            let body = VmRequest {
-                logical_cpus: r.cpus,
-                main_memory_mib: r.memory_mib,
-                template: r.template.clone(),
-                os_family: r.os_family.clone(),
-                software: r.software.clone(),
-                lease_seconds: r.lease_seconds,
-                name: r.name.clone(),
-                vm: r.vm.clone(),
-                wait_for_guest: !r.running,
-            };
-            let job: Job = client.call(Method::POST, "/v1/vms", Some(&body)).await?;
-            follow(site, &client, job, r.wait).await?;
-        }
+        Action::Request(r) => request(site, r).await?,
         Action::Start(t) => action(t, "start", json!({})).await?,
         Action::Suspend(t) => action(t, "suspend", json!({})).await?,
         Action::Resume(t) => action(t, "resume", json!({})).await?,
@@ -285,6 +291,74 @@ pub async fn run(args: VmArgs) -> Result<i32, CliError> {
         }
     }
     Ok(0)
+}
+
+/// The profile of a request, as `--any-site` compares it with sites.
+fn profile(r: &RequestArgs) -> super::sites::Profile {
+    super::sites::Profile {
+        cpus: r.cpus,
+        memory_mib: r.memory_mib,
+        template: r.template.clone(),
+        os_family: r.os_family.clone(),
+    }
+}
+
+/// Submits a VM request to `site` (resolved) and follows it as asked.
+async fn request(site: &SiteOpts, r: &RequestArgs) -> Result<(), CliError> {
+    let client = site.client()?;
+    let body = VmRequest {
+        logical_cpus: r.cpus,
+        main_memory_mib: r.memory_mib,
+        template: r.template.clone(),
+        os_family: r.os_family.clone(),
+        software: r.software.clone(),
+        lease_seconds: r.lease_seconds,
+        name: r.name.clone(),
+        vm: r.vm.clone(),
+        wait_for_guest: !r.running,
+    };
+    let job: Job = client.call(Method::POST, "/v1/vms", Some(&body)).await?;
+    follow(site, &client, job, r.wait).await
+}
+
+/// `vm list --all-sites`: every named site's VMs, with the site's name.
+async fn list_all_sites(out: Output, all: bool) -> Result<i32, CliError> {
+    let path = if all { "/v1/vms?all=true" } else { "/v1/vms" };
+    let got = super::sites::across(super::sites::all(out)?, move |s| async move {
+        Ok(s.client()?.get::<Vec<SiteVm>>(path).await?)
+    })
+    .await?;
+    if out == Output::Json {
+        let tagged: Vec<Value> = got
+            .iter()
+            .flat_map(|(site, vms)| vms.iter().map(move |v| tag(site, v)))
+            .collect();
+        output::json(&tagged);
+        return Ok(0);
+    }
+    let rows: Vec<Vec<String>> = got
+        .iter()
+        .flat_map(|(site, vms)| {
+            vms.iter().map(move |v| {
+                let mut row = vec![site.clone()];
+                row.extend(vm_row(v));
+                row
+            })
+        })
+        .collect();
+    let mut headers = vec!["SITE"];
+    headers.extend(VM_HEADERS);
+    output::table(&headers, &rows);
+    Ok(0)
+}
+
+/// `value` as a JSON object with `"site": site` added.
+pub fn tag(site: &str, value: &impl serde::Serialize) -> Value {
+    let mut v = serde_json::to_value(value).unwrap_or(Value::Null);
+    if let Some(o) = v.as_object_mut() {
+        o.insert("site".into(), json!(site));
+    }
+    v
 }
 
 /// The API path of VM `id`.
@@ -441,28 +515,28 @@ pub fn print_vms(out: Output, vms: &[SiteVm]) {
     if out == Output::Json {
         return output::json(vms);
     }
-    let rows: Vec<Vec<String>> = vms
-        .iter()
-        .map(|v| {
-            vec![
-                v.id.clone(),
-                v.name.clone(),
-                v.state.clone(),
-                ready(v),
-                v.agent.clone(),
-                v.logical_cpus.to_string(),
-                v.main_memory_mib.to_string(),
-                output::or_dash(v.owner.as_ref()),
-                lease(v),
-            ]
-        })
-        .collect();
-    output::table(
-        &[
-            "ID", "NAME", "STATE", "READY", "AGENT", "CPUS", "MEM-MIB", "OWNER", "LEASE",
-        ],
-        &rows,
-    );
+    let rows: Vec<Vec<String>> = vms.iter().map(vm_row).collect();
+    output::table(&VM_HEADERS, &rows);
+}
+
+/// The columns of a VM table.
+const VM_HEADERS: [&str; 9] = [
+    "ID", "NAME", "STATE", "READY", "AGENT", "CPUS", "MEM-MIB", "OWNER", "LEASE",
+];
+
+/// One VM as a table row ([`VM_HEADERS`]).
+fn vm_row(v: &SiteVm) -> Vec<String> {
+    vec![
+        v.id.clone(),
+        v.name.clone(),
+        v.state.clone(),
+        ready(v),
+        v.agent.clone(),
+        v.logical_cpus.to_string(),
+        v.main_memory_mib.to_string(),
+        output::or_dash(v.owner.as_ref()),
+        lease(v),
+    ]
 }
 
 /// `yes` once the guest agent answered, `no` while it boots, `-` when not running.

@@ -207,7 +207,10 @@ impl EventStream {
     fn new(site: &SiteOpts, id: &str) -> EventStream {
         EventStream {
             http: HyperClient::builder(TokioExecutor::new()).build_http(),
-            url: format!("{}/v1/jobs/{id}/events", site.url.trim_end_matches('/')),
+            url: format!(
+                "{}/v1/jobs/{id}/events",
+                site.base_url().trim_end_matches('/')
+            ),
             token: site.token.clone(),
         }
     }

@@ -2,6 +2,7 @@
 //! this process with memory-driver agents: tables and JSON, `--wait`, `exec`
 //! relaying output and exit codes, copies, and the exit codes scripts rely on.
 
+mod sites;
 mod wait;
 
 use std::path::Path;
@@ -31,10 +32,14 @@ impl Run {
 
 /// Runs `gve ARGS` with the site URL and `token` in the environment.
 async fn gve(url: &str, token: &str, args: &[&str]) -> Run {
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_gve"))
-        .args(args)
-        .env("GVE_URL", url)
-        .env("GVE_TOKEN", token)
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_gve"));
+    cmd.args(args).env("GVE_URL", url).env("GVE_TOKEN", token);
+    run(cmd).await
+}
+
+/// Runs `cmd` (stdin empty) to its end.
+async fn run(mut cmd: tokio::process::Command) -> Run {
+    let out = cmd
         .stdin(std::process::Stdio::null())
         .output()
         .await
