@@ -13,6 +13,7 @@ async fn main() {
         // Colours only for people: logs sent to files and pipes stay plain text.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    gve::libvirt_log::route_to_log();
     gve::api::server::raise_fd_limit();
     let cli = gve::cli::Cli::parse();
     std::process::exit(gve::cli::run(cli).await);

@@ -121,6 +121,13 @@ async fn gve_up_runs_a_site_and_a_kvm_agent_that_serve_real_vms() {
     let up = start_up(dir.path(), 0).await;
     let c = up.client(Some(up.token.clone()));
     assert!(up.url.starts_with("https://"), "{}", up.url);
+    // Probing libvirt (a daemon, a pool, a domain that may not exist yet) prints
+    // none of libvirt's own error lines: they go to gve's log at debug.
+    let err = std::fs::read_to_string(&up.err).unwrap();
+    assert!(
+        !err.lines().any(|l| l.starts_with("libvirt:")),
+        "libvirt's errors reached stderr:\n{err}"
+    );
     // TLS holds: plain HTTP, a wrong pin, and (at the agent) a client without the
     // site's certificate all fail; the agent answers the site's certificate.
     let plain = Client::new(

@@ -4,7 +4,7 @@
 //! destinations are checked the same way. Every libvirt call runs on a blocking
 //! thread with the plugin's call budget, so a hung libvirtd cannot stall the executor.
 
-use std::sync::{Arc, Once};
+use std::sync::Arc;
 use std::time::Duration;
 
 use virt::connect::Connect;
@@ -92,9 +92,8 @@ impl Drop for Conn {
 }
 
 fn quiet_libvirt() {
-    static ONCE: Once = Once::new();
     // libvirt prints every error to stderr by default; errors reach the plugin instead.
-    ONCE.call_once(virt::error::clear_error_callback);
+    crate::libvirt_log::route_to_log();
 }
 
 /// Maps a libvirt error to the contract's error kinds.
