@@ -7,6 +7,7 @@ pub mod agent;
 pub mod api;
 pub mod cli;
 pub mod libvirt_log;
+pub mod metrics;
 pub mod plugin;
 pub mod private_fs;
 pub mod site;

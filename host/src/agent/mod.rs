@@ -51,6 +51,8 @@ pub struct AgentCore {
     pub(crate) removed: std::sync::Mutex<std::collections::HashMap<String, u64>>,
     /// Each VM's gate to its guest agent (shared with the guest router).
     pub guest_gates: Arc<guest_gate::GuestGates>,
+    /// Where ended operations are counted (`gve_agent_operations_*`).
+    pub metrics: Arc<crate::metrics::WorkMetrics>,
 }
 
 /// Why an agent could not start.
@@ -119,6 +121,10 @@ impl AgentApi {
         }
         api::check_bearer(&req, &self.admin_token)?;
         match (req.method().clone(), segs.as_slice()) {
+            (hyper::Method::GET, ["metrics"]) => Ok(api::text(
+                crate::metrics::CONTENT_TYPE,
+                self.runtime.metrics_text()?,
+            )),
             (_, ["v1", "plugins", rest @ ..]) => plugins_api::handle(&self.admin, req, rest).await,
             (hyper::Method::GET, ["v1", "audit"]) => {
                 let after = api::query_u64(req.uri(), "after", 0, 0, u64::MAX)?;

@@ -356,6 +356,15 @@ impl AgentCore {
             )?;
             Ok(())
         })?;
+        self.metrics.ended(
+            op.kind.as_str(),
+            &crate::metrics::name_of(&op.state),
+            std::time::Duration::from_millis(
+                op.finished_ms
+                    .unwrap_or(op.created_ms)
+                    .saturating_sub(op.created_ms),
+            ),
+        );
         Ok(op)
     }
 

@@ -11,7 +11,8 @@ use hyper::StatusCode;
 
 use super::config::DriverConfig;
 use super::guest::GuestRouter;
-use super::registry::Registry;
+use super::model::OpState;
+use super::registry::{Registry, RegistryError};
 use super::{open_guest, AgentCore, AgentError};
 use crate::api::ApiError;
 use crate::plugin::bindings::types::Credentials;
@@ -30,6 +31,8 @@ pub struct Runtime {
     bundles_dir: Option<PathBuf>,
     reconciler: Mutex<Option<tokio::task::JoinHandle<()>>>,
     setting: tokio::sync::Mutex<()>,
+    /// Prometheus metrics (`GET /metrics`).
+    pub metrics: crate::metrics::AgentMetrics,
 }
 
 impl Runtime {
@@ -42,6 +45,7 @@ impl Runtime {
     ) -> Runtime {
         Runtime {
             core: ArcSwapOption::empty(),
+            metrics: crate::metrics::AgentMetrics::new(plugins.metrics()),
             plugins,
             registry,
             router,
@@ -49,6 +53,23 @@ impl Runtime {
             reconciler: Mutex::new(None),
             setting: tokio::sync::Mutex::new(()),
         }
+    }
+
+    /// The Prometheus exposition, its gauges read now.
+    pub fn metrics_text(&self) -> Result<String, ApiError> {
+        use crate::metrics::{count, name_of};
+        let backend = |e: RegistryError| {
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "backend", e.to_string())
+        };
+        let ops = self.registry.operations().map_err(backend)?;
+        let vms = self.registry.vms().map_err(backend)?;
+        self.metrics.work.set_now(
+            count(ops.iter().filter(|o| o.state == OpState::Running), |o| {
+                (o.kind.as_str().to_string(), name_of(&o.state))
+            }),
+            count(&vms, |v| name_of(&v.vm.state)),
+        );
+        Ok(self.metrics.render())
     }
 
     /// The driver an earlier run was given at runtime, if any.
@@ -108,6 +129,7 @@ impl Runtime {
             migration_uri: d.migration_uri.clone(),
             removed: Default::default(),
             guest_gates: self.router.gates(),
+            metrics: self.metrics.work.clone(),
         });
         let resolved = core.recover().await?;
         if resolved > 0 {

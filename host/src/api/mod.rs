@@ -159,6 +159,16 @@ pub fn yaml(doc: &'static str) -> Result<Response, ApiError> {
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "backend", e.to_string()))
 }
 
+/// `200` with a text body of `content_type` (metrics).
+pub fn text(content_type: &'static str, body: String) -> Response {
+    let mut r = hyper::Response::new(full(body));
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static(content_type),
+    );
+    r
+}
+
 /// A body whose frames come from a channel (a task producing a download);
 /// an `Err` frame cuts the response.
 pub fn channel_body(

@@ -106,6 +106,7 @@ struct Inner {
     slots: RwLock<BTreeMap<String, Arc<Slot>>>,
     generation: AtomicU64,
     guest_channel: RwLock<Option<Arc<dyn GuestChannel>>>,
+    metrics: Arc<crate::metrics::PluginMetrics>,
 }
 
 /// The plugin host. Cheap to clone.
@@ -133,8 +134,14 @@ impl PluginHost {
                 slots: RwLock::new(BTreeMap::new()),
                 generation: AtomicU64::new(0),
                 guest_channel: RwLock::new(None),
+                metrics: Default::default(),
             }),
         })
+    }
+
+    /// What its plugins' calls counted (`gve_plugin_*` metrics).
+    pub fn metrics(&self) -> &Arc<crate::metrics::PluginMetrics> {
+        &self.inner.metrics
     }
 
     /// The wasmtime engine.
@@ -349,6 +356,7 @@ impl PluginHost {
             spec.limits,
             policies,
             generation,
+            self.inner.metrics.clone(),
         )?;
         if exports.driver {
             let mut inst = loaded.instantiate().await?;

@@ -30,6 +30,8 @@ pub struct Meta {
     pub limits: Limits,
     /// Load generation of the version.
     pub generation: u64,
+    /// Where its calls are counted.
+    pub metrics: Arc<crate::metrics::PluginMetrics>,
 }
 
 /// A live instance: a store and the contract exports found in it.
@@ -87,10 +89,19 @@ impl Instance {
             tokio::time::error::Elapsed,
         >,
     ) -> Result<T> {
-        let (stopped, dropped_log) = {
+        let (stopped, dropped_log, took) = {
             let data = self.store.data_mut();
-            data.limiter.deadline = None;
-            (data.limiter.stopped.take(), data.log.end_call())
+            let left = data
+                .limiter
+                .deadline
+                .take()
+                .map(|d| d.saturating_duration_since(std::time::Instant::now()))
+                .unwrap_or_default();
+            (
+                data.limiter.stopped.take(),
+                data.log.end_call(),
+                budget.saturating_sub(left),
+            )
         };
         let plugin = self.meta.name.to_string();
         if dropped_log > 0 {
@@ -101,7 +112,7 @@ impl Instance {
                 "plugin log lines dropped: over its log budget for one call"
             );
         }
-        match outcome {
+        let result = match outcome {
             Ok(Ok(Ok(v))) => Ok(v),
             Ok(Ok(Err(e))) => Err(PluginError::Driver {
                 plugin,
@@ -116,7 +127,19 @@ impl Instance {
                 self.poisoned = true;
                 Err(self.trap_error(plugin, op, budget, stopped, trap))
             }
-        }
+        };
+        let outcome = match &result {
+            Ok(_) => "ok",
+            Err(PluginError::Driver { .. }) => "driver-error",
+            Err(PluginError::Deadline { .. }) => "deadline",
+            Err(PluginError::MemoryCap { .. }) => "memory-cap",
+            Err(PluginError::Budget { .. }) => "budget",
+            Err(PluginError::Trap { .. }) => "trap",
+            Err(PluginError::Panic { .. }) => "panic",
+            Err(_) => "other",
+        };
+        self.meta.metrics.call(&self.meta.name, op, outcome, took);
+        result
     }
 
     fn trap_error(

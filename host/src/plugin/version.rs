@@ -59,6 +59,7 @@ impl Loaded {
         limits: Limits,
         policies: Policies,
         generation: u64,
+        metrics: Arc<crate::metrics::PluginMetrics>,
     ) -> Result<Loaded> {
         let name: Arc<str> = Arc::from(bundle.manifest.name.as_str());
         let runtime = |action, e| PluginError::runtime(&*name, action, e);
@@ -91,6 +92,7 @@ impl Loaded {
                 name: name.clone(),
                 limits,
                 generation,
+                metrics,
             }),
             pool: Arc::new(Pool::new(name.clone(), pool_size as usize, exports.driver)),
             name,

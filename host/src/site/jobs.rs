@@ -403,6 +403,8 @@ impl SiteCore {
     /// reserved (a request that failed after getting a VM destroyed it before this).
     async fn finish(&self, id: &str, outcome: Result<Value, OpError>) -> Result<(), StoreError> {
         let id = id.to_string();
+        let ended = Arc::new(std::sync::Mutex::new(None));
+        let seen = ended.clone();
         self.submitter
             .apply(move |t| {
                 let Some(mut job) = t.job(&id)? else {
@@ -430,9 +432,23 @@ impl SiteCore {
                     }
                 };
                 job.updated_ms = now_ms();
+                *seen.lock().unwrap_or_else(|p| p.into_inner()) = Some(job.clone());
                 t.put_job(&job, Some(&message))
             })
-            .await
+            .await?;
+        if let Some(job) = ended.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            self.job_ended(&job);
+        }
+        Ok(())
+    }
+
+    /// Counts a job that ended (`gve_site_jobs_*` metrics).
+    fn job_ended(&self, job: &Job) {
+        self.metrics.work.ended(
+            job.kind.as_str(),
+            &crate::metrics::name_of(&job.state),
+            std::time::Duration::from_millis(job.updated_ms.saturating_sub(job.created_ms)),
+        );
     }
 
     /// Records that `caller` did `action` on `target` (durably, group-committed).
@@ -479,6 +495,7 @@ impl SiteCore {
             Ok(Ok(job))
         });
         let job = r.map_err(db)??;
+        self.job_ended(&job);
         self.scheduler.forget(&job.owner, &job.id);
         // Its staged input will never be sent.
         if job.kind == JobKind::CopyIn {

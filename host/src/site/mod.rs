@@ -64,6 +64,8 @@ pub struct SiteCore {
     /// Requests placed on an agent but not created yet: job → (agent, MiB). Kept in
     /// memory (placement reads it for every request; scanning the jobs would not scale).
     pub placing: std::sync::Mutex<std::collections::HashMap<String, (String, u64)>>,
+    /// Prometheus metrics (`GET /metrics`).
+    pub metrics: crate::metrics::SiteMetrics,
 }
 
 /// Why a site could not start.
@@ -110,6 +112,10 @@ impl SiteApi {
             ["v1", "audit"] if req.method() == hyper::Method::GET => {
                 core.handle_audit(&caller, &req)
             }
+            ["metrics"] if req.method() == hyper::Method::GET => {
+                caller.require_admin()?;
+                core.metrics_text().map_err(agents::db)
+            }
             ["v1", "glue2"] if req.method() == hyper::Method::GET => {
                 api::ok(&core.glue2().map_err(agents::db)?)
             }
@@ -127,6 +133,31 @@ impl Handler for SiteApi {
 }
 
 impl SiteCore {
+    /// The Prometheus exposition, its gauges read now.
+    pub fn metrics_text(&self) -> Result<Response, StoreError> {
+        use crate::metrics::{count, name_of};
+        let active = self.store.active_jobs()?;
+        let vms = self.store.vms()?;
+        let agents = self.store.agents()?;
+        self.metrics.work.set_now(
+            count(&active, |j| {
+                (j.kind.as_str().to_string(), name_of(&j.state))
+            }),
+            count(&vms, |v| v.state.clone()),
+        );
+        self.metrics.agents.clear();
+        for (status, n) in count(&agents, |a| name_of(&a.status)) {
+            self.metrics
+                .agents
+                .get_or_create(&crate::metrics::StateLabel { state: status })
+                .set(n);
+        }
+        Ok(api::text(
+            crate::metrics::CONTENT_TYPE,
+            self.metrics.render(),
+        ))
+    }
+
     /// The site's GLUE 2 document ([`glue2`]), read now.
     pub fn glue2(&self) -> Result<serde_json::Value, StoreError> {
         let agents = self.store.agents()?;
@@ -232,6 +263,7 @@ impl Site {
             disk,
             staging,
             placing: Default::default(),
+            metrics: Default::default(),
         });
         let resumed = core.resume_all()?;
         if resumed > 0 {

@@ -15,6 +15,7 @@ mod http_limits;
 mod isolation;
 mod kvm;
 mod lifecycle;
+mod metrics;
 mod proxy;
 mod races;
 mod site;

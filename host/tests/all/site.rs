@@ -11,7 +11,7 @@ use gve::site::{Site, SiteConfig};
 use hyper::Method;
 use serde_json::{json, Value};
 
-use crate::agent::{start_agent, TOKEN as AGENT_TOKEN};
+pub use crate::agent::{start_agent, TOKEN as AGENT_TOKEN};
 use crate::support::spec;
 
 pub const ADMIN: &str = "site-admin-token-0123456789";
