@@ -24,6 +24,8 @@ pub struct AgentArgs {
 pub enum Action {
     /// Run an agent service until Ctrl-C or SIGTERM.
     Run(super::agent::RunArgs),
+    /// Write a working agent config with a fresh secret and certificate (0600).
+    Init(super::init::AgentInitArgs),
     /// Manage a running agent's driver (talks to the agent, not the site).
     #[command(subcommand)]
     Driver(super::agent::DriverAction),
@@ -69,6 +71,7 @@ pub enum Action {
 pub async fn run(args: AgentArgs) -> i32 {
     match args.action {
         Action::Run(r) => super::agent::run(r).await,
+        Action::Init(i) => super::report(super::init::agent(i)),
         Action::Driver(d) => super::agent::driver(d, site_output(&args.site)).await,
         Action::Audit(a) => super::agent::audit(a, site_output(&args.site)).await,
         action => super::report(manage(&args.site, action).await),
@@ -81,6 +84,7 @@ async fn manage(site: &SiteOpts, action: Action) -> Result<i32, CliError> {
     match action {
         // Reached only if `run` changes; `run` needs no site.
         Action::Run(r) => return Ok(super::agent::run(r).await),
+        Action::Init(i) => return super::init::agent(i),
         Action::Driver(d) => return Ok(super::agent::driver(d, site.output).await),
         Action::Audit(a) => return Ok(super::agent::audit(a, site.output).await),
         Action::List => {

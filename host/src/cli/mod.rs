@@ -6,6 +6,7 @@ pub mod agent;
 pub mod agents;
 pub mod audit;
 mod copy;
+pub mod init;
 pub mod jobs;
 pub mod libvirtd;
 pub mod output;

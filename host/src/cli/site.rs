@@ -26,6 +26,8 @@ pub enum SiteAction {
         #[arg(long, short, env = "GVE_SITE_CONFIG")]
         config: PathBuf,
     },
+    /// Write a working site config with a fresh admin token and certificate (0600).
+    Init(super::init::SiteInitArgs),
     /// Keep a site under a name (checks the token with the site unless
     /// --no-check); the first site kept becomes the current one.
     Add {
@@ -72,6 +74,7 @@ pub enum SiteAction {
 pub async fn run(args: SiteArgs) -> i32 {
     match args.action {
         SiteAction::Run { config } => serve(config).await,
+        SiteAction::Init(i) => super::report(super::init::site(i)),
         action => super::report(manage(action).await),
     }
 }
@@ -81,7 +84,7 @@ async fn manage(action: SiteAction) -> Result<i32, CliError> {
     let path = sites::path()?;
     let mut file = SitesFile::load(&path)?;
     match action {
-        SiteAction::Run { .. } => unreachable!("served by run"),
+        SiteAction::Run { .. } | SiteAction::Init(_) => unreachable!("served by run"),
         SiteAction::Add {
             name,
             url,

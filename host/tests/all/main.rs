@@ -12,6 +12,7 @@ mod glue2;
 mod guest;
 mod hostile;
 mod http_limits;
+mod init;
 mod isolation;
 mod kvm;
 mod lifecycle;

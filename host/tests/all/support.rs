@@ -113,3 +113,24 @@ pub async fn spawn_service(role: &str, config: &Path, log: &Path) -> Service {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }
+
+/// A `gve` command that knows of no site but what `env` says (every `GVE_*` site
+/// variable removed first).
+pub fn gve_command(env: &[(&str, &str)], args: &[&str]) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_gve"));
+    cmd.args(args);
+    for var in [
+        "GVE_URL",
+        "GVE_TOKEN",
+        "GVE_SITE",
+        "GVE_FINGERPRINT",
+        "GVE_CA",
+        "GVE_CONFIG",
+    ] {
+        cmd.env_remove(var);
+    }
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd
+}

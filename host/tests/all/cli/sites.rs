@@ -15,20 +15,8 @@ use crate::site::{env, Env};
 /// Runs `gve ARGS` with the sites file `config`, nothing about a site in the
 /// environment but `extra`.
 async fn gve_at(config: &Path, extra: &[(&str, &str)], args: &[&str]) -> Run {
-    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_gve"));
-    cmd.args(args).env("GVE_CONFIG", config);
-    for var in [
-        "GVE_URL",
-        "GVE_TOKEN",
-        "GVE_SITE",
-        "GVE_FINGERPRINT",
-        "GVE_CA",
-    ] {
-        cmd.env_remove(var);
-    }
-    for (k, v) in extra {
-        cmd.env(k, v);
-    }
+    let mut cmd = crate::support::gve_command(extra, args);
+    cmd.env("GVE_CONFIG", config);
     run(cmd).await
 }
 
