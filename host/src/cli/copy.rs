@@ -3,7 +3,7 @@
 //! SHA-256 of both ends compared. A copy out is written beside its destination as
 //! `NAME.partial` and renamed into place only once its digest matched.
 
-use std::io::{IsTerminal, Read, Write};
+use std::io::{IsTerminal, Read};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -251,13 +251,14 @@ async fn receive(
     Ok((meter.bytes, hex::encode(h.finalize())))
 }
 
-/// Bytes moved, on stderr: a line redrawn ten times a second on a terminal, a
+/// Bytes moved, on stderr: an indicatif bar on a terminal, a
 /// line every five seconds and one at the end otherwise.
 struct Meter {
     verb: &'static str,
     total: Option<u64>,
     bytes: u64,
-    tty: bool,
+    /// An indicatif bar on a terminal.
+    bar: Option<indicatif::ProgressBar>,
     start: Instant,
     shown: Instant,
 }
@@ -265,11 +266,28 @@ struct Meter {
 impl Meter {
     fn new(verb: &'static str, total: Option<u64>) -> Meter {
         let now = Instant::now();
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let (bar, template) = match total {
+                Some(t) => (
+                    indicatif::ProgressBar::new(t),
+                    "{prefix} {bar:30} {bytes}/{total_bytes} ({percent}%, {binary_bytes_per_sec})",
+                ),
+                None => (
+                    indicatif::ProgressBar::new_spinner(),
+                    "{spinner} {prefix} {bytes} ({binary_bytes_per_sec})",
+                ),
+            };
+            if let Ok(style) = indicatif::ProgressStyle::with_template(template) {
+                bar.set_style(style);
+            }
+            bar.set_prefix(verb);
+            bar
+        });
         Meter {
             verb,
             total,
             bytes: 0,
-            tty: std::io::stderr().is_terminal(),
+            bar,
             start: now,
             shown: now,
         }
@@ -291,26 +309,17 @@ impl Meter {
 
     fn add(&mut self, n: u64) {
         self.bytes += n;
-        let every = if self.tty {
-            Duration::from_millis(100)
-        } else {
-            Duration::from_secs(5)
-        };
-        if self.shown.elapsed() >= every {
+        if let Some(bar) = &self.bar {
+            bar.set_position(self.bytes);
+        } else if self.shown.elapsed() >= Duration::from_secs(5) {
             self.shown = Instant::now();
-            if self.tty {
-                let mut err = std::io::stderr().lock();
-                let _ = write!(err, "\r\x1b[2K{}", self.line());
-                let _ = err.flush();
-            } else {
-                eprintln!("{}", self.line());
-            }
+            eprintln!("{}", self.line());
         }
     }
 
     fn done(&mut self) {
-        if self.tty {
-            eprint!("\r\x1b[2K");
+        if let Some(bar) = self.bar.take() {
+            bar.finish_and_clear();
         }
         eprintln!("{}", self.line());
     }

@@ -2,10 +2,10 @@
 //! It streams the job's server-sent events (`GET /v1/jobs/{id}/events`),
 //! reconnects with `Last-Event-ID` when the connection drops, falls back to polling
 //! `GET /v1/jobs/{id}` every 250 ms when the stream cannot be used, and shows
-//! progress on stderr: a spinner on a terminal, a line per change otherwise (so a
-//! log keeps the history).
+//! progress on stderr: an indicatif spinner on a terminal, a line per change
+//! otherwise (so a log keeps the history).
 
-use std::io::{IsTerminal, Write};
+use std::io::IsTerminal;
 use std::time::{Duration, Instant};
 
 use http_body_util::BodyExt;
@@ -288,23 +288,19 @@ impl SseParser {
     }
 }
 
-/// Progress of one job on stderr.
+/// Progress of one job on stderr: an indicatif spinner on a terminal, a line per
+/// change otherwise.
 struct Progress {
-    id: String,
-    tty: bool,
+    /// The spinner (terminal only).
+    bar: Option<indicatif::ProgressBar>,
     lines: bool,
     /// On a terminal, end the spinner with a summary line.
     summary: bool,
     start: Instant,
-    frame: usize,
     state: JobState,
-    message: String,
-    drawn: bool,
     /// The last state printed as a line.
     printed: Option<JobState>,
 }
-
-const FRAMES: [char; 10] = ['⠋', '⠙', '⠹', '⠸', '⠼', '⠴', '⠦', '⠧', '⠇', '⠏'];
 
 impl Progress {
     fn new(job: &Job, show: Show) -> Progress {
@@ -313,16 +309,24 @@ impl Progress {
         if lines {
             eprintln!("waiting for job {} ({})", job.id, job.kind.as_str());
         }
+        let bar = tty.then(|| {
+            let bar = indicatif::ProgressBar::new_spinner();
+            if let Ok(style) =
+                indicatif::ProgressStyle::with_template("{spinner} {prefix} {msg} {elapsed}")
+            {
+                bar.set_style(style);
+            }
+            bar.set_prefix(job.id.clone());
+            bar.set_message(state_name(job.state));
+            bar.enable_steady_tick(SPIN);
+            bar
+        });
         Progress {
-            id: job.id.clone(),
-            tty,
+            bar,
             lines,
             summary: tty && show == Show::Progress,
             start: Instant::now(),
-            frame: 0,
             state: job.state,
-            message: String::new(),
-            drawn: false,
             printed: None,
         }
     }
@@ -331,11 +335,21 @@ impl Progress {
         self.start.elapsed().as_secs_f64()
     }
 
+    fn show(&self, state: JobState, note: &str) {
+        if let Some(bar) = &self.bar {
+            let sep = if note.is_empty() { "" } else { " " };
+            bar.set_message(format!(
+                "{}{sep}{}",
+                state_name(state),
+                output::clip(note, 50)
+            ));
+        }
+    }
+
     fn event(&mut self, ev: &JobEvent) {
         self.state = ev.state;
-        self.message = note(ev).to_string();
+        let note = note(ev);
         if self.lines {
-            let note = note(ev);
             let sep = if note.is_empty() { "" } else { ": " };
             eprintln!(
                 "[{:>6.1}s] {}{sep}{note}",
@@ -344,7 +358,7 @@ impl Progress {
             );
             self.printed = Some(ev.state);
         }
-        self.tick();
+        self.show(ev.state, note);
     }
 
     /// A state seen by polling (no message).
@@ -353,39 +367,19 @@ impl Progress {
             return;
         }
         self.state = state;
-        self.message.clear();
         if self.lines {
             eprintln!("[{:>6.1}s] {}", self.elapsed(), state_name(state));
             self.printed = Some(state);
         }
-        self.tick();
+        self.show(state, "");
     }
 
-    fn tick(&mut self) {
-        if !self.tty {
-            return;
-        }
-        self.frame = (self.frame + 1) % FRAMES.len();
-        let line = format!(
-            "{} {} {} {:.1}s {}",
-            FRAMES[self.frame],
-            self.id,
-            state_name(self.state),
-            self.elapsed(),
-            output::clip(&self.message, 50)
-        );
-        let mut err = std::io::stderr().lock();
-        let _ = write!(err, "\r\x1b[2K{}", line.trim_end());
-        let _ = err.flush();
-        self.drawn = true;
-    }
+    /// The spinner ticks by itself; nothing to do between changes.
+    fn tick(&mut self) {}
 
     fn clear(&mut self) {
-        if self.drawn {
-            let mut err = std::io::stderr().lock();
-            let _ = write!(err, "\r\x1b[2K");
-            let _ = err.flush();
-            self.drawn = false;
+        if let Some(bar) = self.bar.take() {
+            bar.finish_and_clear();
         }
     }
 

@@ -261,6 +261,22 @@ async fn cli_requests_manages_and_runs_commands_in_vms() {
             r.err
         );
     }
+    // On a terminal (a pty from `script`): indicatif's spinner (redrawn in place
+    // while the job runs), then one summary line; no line per change.
+    let mut cmd = tokio::process::Command::new("script");
+    cmd.args(["-qefc"])
+        .arg(format!(
+            "{} vm suspend {id} --wait",
+            env!("CARGO_BIN_EXE_gve")
+        ))
+        .arg("/dev/null")
+        .env("GVE_URL", &u)
+        .env("GVE_TOKEN", &alice)
+        .env("TERM", "xterm");
+    let r = run(cmd).await.ok();
+    assert!(r.out.contains(" succeeded after "), "{:?}", r.out);
+    assert!(!r.out.contains("waiting for job"), "{:?}", r.out);
+    gve(&u, &alice, &["vm", "resume", &id, "--wait"]).await.ok();
     // Without --wait the job id is printed; `job wait` follows it.
     let job = gve(&u, &alice, &["vm", "suspend", &id]).await.ok().out;
     let job = job.trim();
