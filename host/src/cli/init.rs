@@ -157,7 +157,7 @@ pub fn site(a: SiteInitArgs) -> Result<i32, CliError> {
         .unwrap_or_else(|| PathBuf::from("site-data"));
     let mut text = format!(
         "# gve site: written by `gve site init`; keep it 0600 (it holds the admin token).\n\
-         # Every setting and its default: docs/SPEC.md, \"Site configuration\".\n\
+         # Settings not written here keep their defaults (host/src/site/config.rs).\n\
          listen = {}\ndata-dir = {}\nsite-id = {}\nadmin-token = {}\n",
         lit(a.listen.to_string()),
         lit(data.to_string_lossy()),
