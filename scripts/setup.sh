@@ -9,7 +9,7 @@ sudo_cmd=()
 
 # libvirt's C library and headers (the `virt` crate), its client tools, and the
 # daemon with the QEMU driver (used by the kvm driver's tests).
-packages=(pkg-config libvirt-dev libvirt-clients libvirt-daemon libvirt-daemon-driver-qemu systemd)
+packages=(pkg-config libvirt-dev libvirt-clients libvirt-daemon libvirt-daemon-driver-qemu systemd chromium chromium-driver)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -206,6 +206,8 @@ pub struct SiteMetrics {
     pub work: WorkMetrics,
     /// Agents by status, set at each scrape.
     pub agents: Family<StateLabel, Gauge>,
+    /// One scrape at a time sets the gauges and renders them.
+    pub scrape: std::sync::Mutex<()>,
     registry: Registry,
 }
 
@@ -228,6 +230,7 @@ impl Default for SiteMetrics {
         SiteMetrics {
             work,
             agents,
+            scrape: Default::default(),
             registry,
         }
     }
@@ -244,6 +247,8 @@ impl SiteMetrics {
 pub struct AgentMetrics {
     /// Operations ended and active; VMs by state.
     pub work: Arc<WorkMetrics>,
+    /// One scrape at a time sets the gauges and renders them.
+    pub scrape: std::sync::Mutex<()>,
     registry: Registry,
 }
 
@@ -259,7 +264,11 @@ impl AgentMetrics {
             "The VMs in the agent's registry, by state",
         );
         plugins.register(&mut registry);
-        AgentMetrics { work, registry }
+        AgentMetrics {
+            work,
+            scrape: Default::default(),
+            registry,
+        }
     }
 
     /// The text exposition.

@@ -63,6 +63,11 @@ impl Runtime {
         };
         let ops = self.registry.operations().map_err(backend)?;
         let vms = self.registry.vms().map_err(backend)?;
+        let _one = self
+            .metrics
+            .scrape
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         self.metrics.work.set_now(
             count(ops.iter().filter(|o| o.state == OpState::Running), |o| {
                 (o.kind.as_str().to_string(), name_of(&o.state))

@@ -117,31 +117,67 @@ fn prepare(config: &Path, force: bool) -> Result<PathBuf, CliError> {
     Ok(dir)
 }
 
-/// A fresh self-signed certificate `tls/<stem>.pem` beside the config (replacing
-/// one there), its key and fingerprint.
+/// A fresh self-signed certificate beside the config, named after it
+/// (`tls/<config stem>.pem` and `.key`, so two configs in one directory keep
+/// their own), replacing one of that name; returns the paths as the config
+/// should name them (relative to its directory) and the fingerprint.
 fn certificate(
     dir: &Path,
-    stem: &str,
+    config: &Path,
     names: &[String],
-) -> Result<(PathBuf, PathBuf, String), CliError> {
+) -> Result<(String, String, String), CliError> {
+    let stem = config
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "gve".into());
     let tls = dir.join("tls");
     for old in [format!("{stem}.pem"), format!("{stem}.key")] {
         let _ = std::fs::remove_file(tls.join(old));
     }
     let names: Vec<&str> = names.iter().map(String::as_str).collect();
-    crate::api::tls::self_signed(&tls, stem, &names)
-        .map_err(|e| CliError::Usage(format!("certificate: {e}")))
+    let (_, _, fp) = crate::api::tls::self_signed(&tls, &stem, &names)
+        .map_err(|e| CliError::Usage(format!("certificate: {e}")))?;
+    Ok((format!("tls/{stem}.pem"), format!("tls/{stem}.key"), fp))
 }
 
-/// Writes `text` to `config` (0600) and reads it back with `check`.
+/// Writes `text` as `config` (0600) once `check` has read it back: it is checked
+/// under a temporary name beside it, so a config that would not load never
+/// replaces one.
 fn write_checked(
     config: &Path,
     text: &str,
     check: impl FnOnce(&Path) -> Result<(), String>,
 ) -> Result<(), CliError> {
-    crate::private_fs::write_private(config, text.as_bytes())
-        .map_err(|e| CliError::file(config, e))?;
-    check(config).map_err(|e| CliError::Usage(format!("the config written does not load: {e}")))
+    let name = config
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let trial = config.with_file_name(format!(".{name}.new"));
+    crate::private_fs::write_private(&trial, text.as_bytes())
+        .map_err(|e| CliError::file(&trial, e))?;
+    if let Err(e) = check(&trial) {
+        let _ = std::fs::remove_file(&trial);
+        return Err(CliError::Usage(format!("the config would not load: {e}")));
+    }
+    std::fs::rename(&trial, config).map_err(|e| CliError::file(config, e))
+}
+
+/// How others reach a service listening on `listen`: a wildcard address is
+/// replaced by the first certificate name (else this host's name).
+fn reachable(listen: SocketAddr, names: &[String]) -> String {
+    if !listen.ip().is_unspecified() {
+        return listen.to_string();
+    }
+    let host = names
+        .first()
+        .cloned()
+        .or_else(hostname)
+        .unwrap_or_else(|| "localhost".into());
+    match host.parse::<std::net::Ipv6Addr>() {
+        Ok(_) => format!("[{host}]:{}", listen.port()),
+        Err(_) => format!("{host}:{}", listen.port()),
+    }
 }
 
 /// `gve site init`.
@@ -164,17 +200,24 @@ pub fn site(a: SiteInitArgs) -> Result<i32, CliError> {
         lit(&a.site_id),
         lit(&token),
     );
-    if let Some(u) = &a.public_url {
-        text.push_str(&format!("public-url = {}\n", lit(u)));
+    let scheme = if a.common.no_tls { "http" } else { "https" };
+    let names = cert_names(&a.common.names);
+    // Listening on every address: publish a name others can reach it by.
+    let public_url = a
+        .public_url
+        .clone()
+        .unwrap_or_else(|| format!("{scheme}://{}", reachable(a.listen, &names)));
+    if a.public_url.is_some() || a.listen.ip().is_unspecified() {
+        text.push_str(&format!("public-url = {}\n", lit(&public_url)));
     }
     let mut fingerprint = None;
     if !a.common.no_tls {
-        let (cert, key, fp) = certificate(&dir, "site", &cert_names(&a.common.names))?;
+        let (cert, key, fp) = certificate(&dir, &a.common.config, &names)?;
         // The same certificate is the client certificate agents with mutual TLS admit.
         text.push_str(&format!(
             "\n[tls]\ncert = {c}\nkey = {k}\n\n[agent-tls]\ncert = {c}\nkey = {k}\n",
-            c = lit(cert.to_string_lossy()),
-            k = lit(key.to_string_lossy()),
+            c = lit(cert),
+            k = lit(key),
         ));
         fingerprint = Some(fp);
     }
@@ -183,7 +226,6 @@ pub fn site(a: SiteInitArgs) -> Result<i32, CliError> {
             .map(|_| ())
             .map_err(|e| e.to_string())
     })?;
-    let scheme = if a.common.no_tls { "http" } else { "https" };
     println!("wrote {}", a.common.config.display());
     println!("admin token: {token}");
     if let Some(fp) = &fingerprint {
@@ -194,9 +236,8 @@ pub fn site(a: SiteInitArgs) -> Result<i32, CliError> {
         a.common.config.display()
     );
     println!(
-        "then: gve site add {} --url {scheme}://{}{} --token <the admin token>",
+        "then: gve site add {} --url {public_url}{} --token <the admin token>",
         a.site_id,
-        a.listen,
         fingerprint
             .map(|f| format!(" --fingerprint {f}"))
             .unwrap_or_default()
@@ -206,6 +247,12 @@ pub fn site(a: SiteInitArgs) -> Result<i32, CliError> {
 
 /// `gve agent init`.
 pub fn agent(a: AgentInitArgs) -> Result<i32, CliError> {
+    if a.common.no_tls && a.site_fingerprint.is_some() {
+        return Err(CliError::Usage(
+            "--site-fingerprint needs TLS: mutual TLS is what admits only the site; drop --no-tls"
+                .into(),
+        ));
+    }
     let plugins = std::path::absolute(&a.plugins).map_err(|e| CliError::file(&a.plugins, e))?;
     let bundle = |name: &str| {
         let b = plugins.join(name);
@@ -281,13 +328,14 @@ pub fn agent(a: AgentInitArgs) -> Result<i32, CliError> {
     if guest.is_some() {
         text.push_str("guest-plugin = \"guest-install\"\n");
     }
+    let names = cert_names(&a.common.names);
     let mut fingerprint = None;
     if !a.common.no_tls {
-        let (cert, key, fp) = certificate(&dir, "agent", &cert_names(&a.common.names))?;
+        let (cert, key, fp) = certificate(&dir, &a.common.config, &names)?;
         text.push_str(&format!(
             "\n[tls]\ncert = {}\nkey = {}\n",
-            lit(cert.to_string_lossy()),
-            lit(key.to_string_lossy())
+            lit(cert),
+            lit(key)
         ));
         if let Some(site) = &a.site_fingerprint {
             let site = crate::api::tls::normalize_fingerprint(site)
@@ -319,7 +367,7 @@ pub fn agent(a: AgentInitArgs) -> Result<i32, CliError> {
     );
     println!(
         "then, as the site's admin: gve agent add ID {scheme}://{} --secret <the agent secret>{}",
-        a.listen,
+        reachable(a.listen, &names),
         fingerprint
             .map(|f| format!(" --agent-fingerprint {f}"))
             .unwrap_or_default()

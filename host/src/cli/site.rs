@@ -36,8 +36,9 @@ pub enum SiteAction {
         /// Its URL.
         #[arg(long)]
         url: String,
-        /// Your bearer token there.
-        #[arg(long, env = "GVE_TOKEN", hide_env_values = true)]
+        /// Your bearer token there (never taken from GVE_TOKEN, which may be
+        /// another site's).
+        #[arg(long)]
         token: Option<String>,
         /// For an https:// site: the SHA-256 fingerprint of its certificate.
         #[arg(long)]

@@ -120,8 +120,12 @@ impl SitesFile {
 
     /// Writes the file at `path` (0600, its directory 0700; replaced whole).
     pub fn save(&self, path: &Path) -> Result<(), CliError> {
+        // A missing directory is made 0700; an existing one is left as it is
+        // (it may be $HOME, /tmp or the current directory).
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            crate::private_fs::private_dir(dir).map_err(|e| CliError::file(dir, e))?;
+            if !dir.is_dir() {
+                crate::private_fs::private_dir(dir).map_err(|e| CliError::file(dir, e))?;
+            }
         }
         let text = toml::to_string_pretty(self)
             .map_err(|e| CliError::Usage(format!("cannot encode {}: {e}", path.display())))?;
@@ -166,14 +170,42 @@ impl SiteOpts {
         if let Some(name) = &self.site {
             validate_name(name)?;
             let file = SitesFile::load(&path()?)?;
-            return Ok(file.get(name)?.opts(name, self.output));
+            let site = file.get(name)?.opts(name, self.output);
+            // Named sites use their stored credentials only; say so when others
+            // were given (a command must not silently go elsewhere than asked).
+            let ignored: Vec<&str> = [
+                (
+                    "--url/GVE_URL",
+                    self.url.as_ref().filter(|u| Some(*u) != site.url.as_ref()),
+                ),
+                (
+                    "--token/GVE_TOKEN",
+                    self.token
+                        .as_ref()
+                        .filter(|t| Some(*t) != site.token.as_ref()),
+                ),
+            ]
+            .into_iter()
+            .filter_map(|(what, v)| v.map(|_| what))
+            .collect();
+            if !ignored.is_empty() {
+                eprintln!(
+                    "gve: using site {name} ({}) with its stored credentials; ignoring {}",
+                    site.base_url(),
+                    ignored.join(" and ")
+                );
+            }
+            return Ok(site);
         }
         if self.url.is_some() {
             return Ok(self.clone());
         }
-        let file = SitesFile::load(&path()?)?;
-        if let Some(name) = &file.current {
-            return Ok(file.get(name)?.opts(name, self.output));
+        // No config directory at all (no HOME): no named sites either.
+        if let Ok(path) = path() {
+            let file = SitesFile::load(&path)?;
+            if let Some(name) = &file.current {
+                return Ok(file.get(name)?.opts(name, self.output));
+            }
         }
         Ok(SiteOpts {
             url: Some(DEFAULT_URL.into()),

@@ -171,7 +171,9 @@ pub fn document(i: &Inputs) -> Value {
             .map(|a| placement::room(a, &committed))
             .collect();
         let per_vm = t.main_memory_mib.max(1);
-        let new_fit: u64 = rooms.iter().map(|r| r / per_vm).sum();
+        let new_fit = rooms
+            .iter()
+            .fold(0u64, |sum, r| sum.saturating_add(r / per_vm));
         let free = pooled.saturating_add(new_fit);
         let (family, name_from_family) = os_family_and_name(t.os_family.as_deref());
         let platform = t
@@ -254,10 +256,8 @@ pub fn document(i: &Inputs) -> Value {
     let (health, health_info) = match (i.agents.len(), up.len()) {
         (0, _) => ("critical", "no agent is registered".to_string()),
         (_, 0) => ("critical", "no agent is up".to_string()),
-        (n, u) if u < n => (
-            "warning",
-            format!("{} of {n} agents down: {}", n - u, down_agents.join(", ")),
-        ),
+        // Counts only: which agents are down is for admins (`/v1/agents`).
+        (n, u) if u < n => ("warning", format!("{} of {n} agents down", n - u)),
         (n, _) => ("ok", format!("{n} agents up")),
     };
     let serving = if up.is_empty() {

@@ -407,6 +407,8 @@ impl SiteCore {
         let seen = ended.clone();
         self.submitter
             .apply(move |t| {
+                // A retried closure (after a failed batch) starts afresh.
+                *seen.lock().unwrap_or_else(|p| p.into_inner()) = None;
                 let Some(mut job) = t.job(&id)? else {
                     return Err(StoreError::Storage(format!("job {id} vanished")));
                 };

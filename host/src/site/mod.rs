@@ -19,6 +19,7 @@ pub mod jobs;
 pub mod leases;
 pub mod model;
 pub mod placement;
+pub mod portal;
 pub mod ready;
 pub mod request;
 pub mod retention;
@@ -96,6 +97,12 @@ impl SiteApi {
     async fn route(&self, req: Request<Incoming>) -> Result<Response, ApiError> {
         let path = req.uri().path().to_string();
         let segs = api::segments(&path);
+        // The portal's static page and assets: anonymous, they hold no data.
+        if req.method() == hyper::Method::GET {
+            if let Some(r) = portal::serve(&path) {
+                return Ok(r);
+            }
+        }
         match segs.as_slice() {
             ["v1", "health"] => return api::ok(&serde_json::json!({ "status": "ok" })),
             ["v1", "openapi.yaml"] => return api::yaml(OPENAPI),
@@ -139,6 +146,11 @@ impl SiteCore {
         let active = self.store.active_jobs()?;
         let vms = self.store.vms()?;
         let agents = self.store.agents()?;
+        let _one = self
+            .metrics
+            .scrape
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         self.metrics.work.set_now(
             count(&active, |j| {
                 (j.kind.as_str().to_string(), name_of(&j.state))

@@ -24,12 +24,15 @@ pub enum Policy {
 /// creating on it (`pending`: agent, MiB).
 pub fn committed<'a>(vms: &'a [SiteVm], pending: &'a [(String, u64)]) -> HashMap<&'a str, u64> {
     let mut committed: HashMap<&str, u64> = HashMap::new();
+    // Saturating: the numbers come from agents.
     for v in vms {
-        *committed.entry(v.agent.as_str()).or_default() += v.main_memory_mib;
+        let c = committed.entry(v.agent.as_str()).or_default();
+        *c = c.saturating_add(v.main_memory_mib);
     }
     // Requests placed but not created yet hold room too.
     for (agent, mib) in pending {
-        *committed.entry(agent.as_str()).or_default() += mib;
+        let c = committed.entry(agent.as_str()).or_default();
+        *c = c.saturating_add(*mib);
     }
     committed
 }

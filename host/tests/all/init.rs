@@ -82,6 +82,46 @@ async fn configs_from_init_run_as_written_with_mutual_tls() {
     );
     assert_eq!(code, 2, "{err}");
 
+    // A relative --config with a directory part, listening on every address: the
+    // certificate paths resolve, and the published URL is a name others can use.
+    let out = crate::support::gve_command(
+        &[],
+        &[
+            "site",
+            "init",
+            "--config",
+            "conf/other.toml",
+            "--listen",
+            "0.0.0.0:7080",
+            "--name",
+            "vms.example.org",
+        ],
+    )
+    .current_dir(dir.path())
+    .output()
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("--url https://vms.example.org:7080"),
+        "{stdout}"
+    );
+    let other = gve::site::SiteConfig::read(&dir.path().join("conf/other.toml")).unwrap();
+    assert!(
+        other.tls.as_ref().unwrap().cert.is_file(),
+        "{:?}",
+        other.tls
+    );
+    assert_eq!(
+        other.public_url.as_deref(),
+        Some("https://vms.example.org:7080")
+    );
+
     let agent_cfg = dir.path().join("agent/agent.toml");
     let plugins = bundles().to_str().unwrap().to_string();
     let (code, out, err) = gve(
@@ -122,6 +162,27 @@ async fn configs_from_init_run_as_written_with_mutual_tls() {
     );
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("--endpoint"), "{err}");
+    // Mutual TLS asked for without TLS: refused, not silently dropped.
+    let (code, _, err) = gve(
+        &[],
+        &[
+            "agent",
+            "init",
+            "--config",
+            &s(&dir.path().join("c.toml")),
+            "--driver",
+            "memory",
+            "--endpoint",
+            "memory:x",
+            "--plugins",
+            &plugins,
+            "--no-tls",
+            "--site-fingerprint",
+            &site_fp,
+        ],
+    );
+    assert_eq!(code, 2, "{err}");
+    assert!(!dir.path().join("c.toml").exists());
 
     // Both run as written.
     let log = dir.path().join("services.log");

@@ -17,6 +17,7 @@ mod isolation;
 mod kvm;
 mod lifecycle;
 mod metrics;
+mod portal;
 mod proxy;
 mod races;
 mod site;

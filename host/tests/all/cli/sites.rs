@@ -81,10 +81,20 @@ async fn a_grid_user_works_with_two_sites_from_one_cli() {
         r.err
     );
     // The token may come from GVE_TOKEN; a second add of one name needs --replace.
+    // GVE_TOKEN (perhaps another site's) is never what `site add` sends or keeps:
+    // without --token the check goes without one and fails.
+    let from_env = gve_at(
+        &cfg,
+        &[("GVE_TOKEN", &ta)],
+        &["site", "add", "beta", "--url", &ub],
+    )
+    .await;
+    assert_eq!(from_env.code, 5, "{}", from_env.err);
+    assert!(!std::fs::read_to_string(&cfg).unwrap().contains("beta"));
     gve_at(
         &cfg,
-        &[("GVE_TOKEN", &tb)],
-        &["site", "add", "beta", "--url", &ub],
+        &[],
+        &["site", "add", "beta", "--url", &ub, "--token", &tb],
     )
     .await
     .ok();
@@ -150,8 +160,16 @@ async fn a_grid_user_works_with_two_sites_from_one_cli() {
         ],
     )
     .await
-    .ok()
-    .json();
+    .ok();
+    assert!(
+        on_beta.err.contains("using site beta")
+            && on_beta
+                .err
+                .contains("ignoring --url/GVE_URL and --token/GVE_TOKEN"),
+        "{}",
+        on_beta.err
+    );
+    let on_beta = on_beta.json();
     assert_eq!(on_beta["state"], "succeeded", "{on_beta}");
     let beta_vms: Vec<Value> = beta.admin.get("/v1/vms?all=true").await.unwrap();
     assert_eq!(beta_vms.len(), 1, "{beta_vms:?}");
