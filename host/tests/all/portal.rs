@@ -159,6 +159,11 @@ async fn a_person_uses_the_portal_in_a_real_browser() {
     b.goto(&format!("{base}/portal/")).await.unwrap();
     sign_in(&b, &base, &alice_token).await;
     css(&b, "#quota").await;
+    let page = css(&b, "#app").await.text().await.unwrap();
+    assert!(
+        !page.contains("Loading the gve portal"),
+        "the loading line stayed"
+    );
     css(&b, "#request-template option[value='debian-12']")
         .await
         .click()

@@ -298,4 +298,7 @@ function App() {
     </main>`;
 }
 
-render(html`<${App} />`, document.getElementById("app"));
+// Preact diffs against what the container holds: the loading line goes first.
+const root = document.getElementById("app");
+root.replaceChildren();
+render(html`<${App} />`, root);
