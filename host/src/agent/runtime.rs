@@ -12,7 +12,8 @@ use hyper::StatusCode;
 use super::config::DriverConfig;
 use super::guest::GuestRouter;
 use super::model::OpState;
-use super::registry::{Registry, RegistryError};
+use super::registry::Registry;
+use super::vms_api::registry_error;
 use super::{open_guest, AgentCore, AgentError};
 use crate::api::ApiError;
 use crate::plugin::bindings::types::Credentials;
@@ -58,11 +59,8 @@ impl Runtime {
     /// The Prometheus exposition, its gauges read now.
     pub fn metrics_text(&self) -> Result<String, ApiError> {
         use crate::metrics::{count, name_of};
-        let backend = |e: RegistryError| {
-            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "backend", e.to_string())
-        };
-        let ops = self.registry.operations().map_err(backend)?;
-        let vms = self.registry.vms().map_err(backend)?;
+        let ops = self.registry.operations().map_err(registry_error)?;
+        let vms = self.registry.vms().map_err(registry_error)?;
         let _one = self
             .metrics
             .scrape
@@ -184,9 +182,7 @@ impl Runtime {
         let json = serde_json::to_string(&d).map_err(|e| ApiError::bad_request(e.to_string()))?;
         self.registry
             .write(|t| t.set_meta(DRIVER_KEY, &json))
-            .map_err(|e| {
-                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "backend", e.to_string())
-            })?;
+            .map_err(registry_error)?;
         tracing::info!(
             plugin = d.plugin,
             endpoint = d.endpoint,
@@ -203,7 +199,7 @@ impl Runtime {
     ) -> Result<Vec<crate::agent::model::AuditEntry>, ApiError> {
         self.registry
             .audit_after(after, limit)
-            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "backend", e.to_string()))
+            .map_err(registry_error)
     }
 
     /// Stops the reconcile loop and waits until it is gone.

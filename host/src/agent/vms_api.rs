@@ -76,7 +76,8 @@ struct HolderBody {
 /// Longest reservation, seconds (one year).
 pub const MAX_RESERVATION_SECONDS: u64 = 365 * 24 * 3600;
 
-fn registry_error(e: super::registry::RegistryError) -> ApiError {
+/// A registry failure as the API reports it (`500 backend`).
+pub(crate) fn registry_error(e: super::registry::RegistryError) -> ApiError {
     ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "backend", e.to_string())
 }
 
