@@ -317,7 +317,11 @@ impl Agent {
 
     /// Stops serving and waits for the accept loop to end.
     pub async fn stop(mut self) {
+        // Awaited, not only aborted: an aborted task is dropped on a worker
+        // later, and until then it holds the registry open (a restart in the
+        // same process would find the database locked).
         self.retention.abort();
+        let _ = (&mut self.retention).await;
         self.runtime.stop().await;
         if let Some(tx) = self.stop.take() {
             let _ = tx.send(());

@@ -312,8 +312,12 @@ impl Site {
 
     /// Stops serving and the background tasks.
     pub async fn stop(mut self) {
-        for b in self.background.drain(..) {
+        for b in &self.background {
             b.abort();
+        }
+        // Awaited so that what they hold (the store) is released when this returns.
+        for b in self.background.drain(..) {
+            let _ = b.await;
         }
         if let Some(tx) = self.stop.take() {
             let _ = tx.send(());

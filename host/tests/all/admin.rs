@@ -513,3 +513,22 @@ async fn the_driver_follows_its_plugin_across_unload_and_load() {
     assert_eq!(again["hostname"], host["hostname"], "{again}");
     agent.stop().await;
 }
+
+/// `stop` returns only once the agent has let go of its database: an operator's
+/// in-process restart (or a test's) opens it again at once, every time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_agent_has_released_its_database() {
+    let dir = tempfile::tempdir().unwrap();
+    for round in 0..5 {
+        let agent = Agent::start(memory_config(dir.path()))
+            .await
+            .unwrap_or_else(|e| panic!("round {round}: {e}"));
+        // Both runtime workers busy (as on a loaded host): a background task
+        // that `stop` only aborted would still be alive when `start` runs.
+        for _ in 0..2 {
+            tokio::spawn(async { std::thread::sleep(std::time::Duration::from_millis(300)) });
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        agent.stop().await;
+    }
+}
