@@ -26,6 +26,34 @@ impl<Ev> Clone for Published<Ev> {
     }
 }
 
+/// How long a stopping service waits for its database to be closed.
+pub const CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Tells when every holder of a database has let go of it (the file is closed
+/// and another open, in this process or another, will succeed).
+pub struct CloseWatch(std::sync::Weak<Database>);
+
+impl CloseWatch {
+    /// Waits until the database is closed, at most `limit`; false if it is still open.
+    pub async fn closed(&self, limit: std::time::Duration) -> bool {
+        let end = tokio::time::Instant::now() + limit;
+        while self.0.strong_count() > 0 {
+            if tokio::time::Instant::now() >= end {
+                return false;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        true
+    }
+}
+
+impl<Ev> Published<Ev> {
+    /// A watch on this database's closing.
+    pub fn close_watch(&self) -> CloseWatch {
+        CloseWatch(Arc::downgrade(&self.db))
+    }
+}
+
 impl<Ev: Clone> Published<Ev> {
     /// `db`, publishing to subscribers that keep up within `backlog` events.
     pub fn new(db: Database, backlog: usize) -> Published<Ev> {

@@ -318,8 +318,7 @@ impl Agent {
     /// Stops serving and waits for the accept loop to end.
     pub async fn stop(mut self) {
         // Awaited, not only aborted: an aborted task is dropped on a worker
-        // later, and until then it holds the registry open (a restart in the
-        // same process would find the database locked).
+        // later, and until then it holds the registry open.
         self.retention.abort();
         let _ = (&mut self.retention).await;
         self.runtime.stop().await;
@@ -327,6 +326,16 @@ impl Agent {
             let _ = tx.send(());
         }
         let _ = (&mut self.task).await;
+        // Returns once the registry is closed (operations still finishing hold
+        // it a moment), so a restart in this process opens it at once.
+        let watch = self.runtime.close_watch();
+        drop(self);
+        if !watch.closed(crate::store_core::CLOSE_WAIT).await {
+            tracing::warn!(
+                "the registry is still open {:?} after stop",
+                crate::store_core::CLOSE_WAIT
+            );
+        }
     }
 
     /// Serves until the process is asked to stop (Ctrl-C / SIGTERM).

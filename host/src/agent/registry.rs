@@ -353,6 +353,11 @@ impl Registry {
         ops
     }
 
+    /// A watch on the registry's closing.
+    pub fn close_watch(&self) -> crate::store_core::CloseWatch {
+        self.db.close_watch()
+    }
+
     /// Every minute, off the runtime's threads, removes what is past its
     /// retention (`keep` for operations and events, `keep_audit` for audit).
     pub fn spawn_retention(&self, keep_s: u64, keep_audit_s: u64) -> tokio::task::JoinHandle<()> {

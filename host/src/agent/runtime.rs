@@ -202,6 +202,11 @@ impl Runtime {
             .map_err(registry_error)
     }
 
+    /// A watch on the registry's closing.
+    pub fn close_watch(&self) -> crate::store_core::CloseWatch {
+        self.registry.close_watch()
+    }
+
     /// Stops the reconcile loop and waits until it is gone.
     pub async fn stop(&self) {
         let task = self

@@ -208,6 +208,44 @@ impl Client {
         self.call::<(), T>(Method::GET, path, None).await
     }
 
+    /// GET of a paged listing: follows its `next` links until the last page or
+    /// until `max` items were read (then the first `max`).
+    pub async fn get_pages<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        max: usize,
+    ) -> Result<Vec<T>, ApiError> {
+        let mut out: Vec<T> = Vec::new();
+        let mut next = Some(path.to_string());
+        while let Some(path) = next.take() {
+            let url = format!("{}{path}", self.base);
+            let resp = tokio::time::timeout(
+                JSON_TIMEOUT,
+                self.send(Method::GET, &path, &[], full(Bytes::new())),
+            )
+            .await
+            .map_err(|_| {
+                ApiError::new(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "timeout",
+                    format!("GET {url}: no answer within {JSON_TIMEOUT:?}"),
+                )
+            })??;
+            // Only a path on the same service is followed.
+            next = super::page::next_link(resp.headers()).filter(|n| n.starts_with('/'));
+            let page: Vec<T> = Self::decode(&Method::GET, &url, resp).await?;
+            if page.is_empty() {
+                break;
+            }
+            out.extend(page);
+            if out.len() >= max {
+                out.truncate(max);
+                break;
+            }
+        }
+        Ok(out)
+    }
+
     /// Streams `body` with PUT to `path` and decodes the JSON answer.
     pub async fn put_stream<T: DeserializeOwned>(
         &self,

@@ -78,9 +78,7 @@ pub async fn run(args: JobArgs) -> Result<i32, CliError> {
     let client = site.client()?;
     match &args.action {
         Action::List { all, limit, .. } => {
-            let jobs: Vec<Job> = client
-                .get(&format!("/v1/jobs?limit={limit}&all={all}"))
-                .await?;
+            let jobs: Vec<Job> = client.get_pages(&jobs_path(*limit, *all), *limit).await?;
             match out {
                 Output::Json => output::json(&jobs),
                 Output::Table => table(&jobs),
@@ -205,12 +203,17 @@ fn job_row(j: &Job) -> Vec<String> {
     ]
 }
 
+/// The first page of a job listing of `limit` jobs (pages of at most 1,000).
+fn jobs_path(limit: usize, all: bool) -> String {
+    format!("/v1/jobs?limit={}&all={all}", limit.clamp(1, 1000))
+}
+
 /// `job list --all-sites`: every named site's jobs, newest first, with the site.
 async fn list_all_sites(out: Output, all: bool, limit: usize) -> Result<i32, CliError> {
-    let path = format!("/v1/jobs?limit={limit}&all={all}");
+    let path = jobs_path(limit, all);
     let got = super::sites::across(super::sites::all(out)?, move |s| {
         let path = path.clone();
-        async move { Ok(s.client()?.get::<Vec<Job>>(&path).await?) }
+        async move { Ok(s.client()?.get_pages::<Job>(&path, limit).await?) }
     })
     .await?;
     let mut jobs: Vec<(&str, &Job)> = got

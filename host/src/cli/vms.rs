@@ -234,9 +234,8 @@ pub async fn run(args: VmArgs) -> Result<i32, CliError> {
     };
     match &args.action {
         Action::List { all, .. } => {
-            let vms: Vec<SiteVm> = client
-                .get(if *all { "/v1/vms?all=true" } else { "/v1/vms" })
-                .await?;
+            let path = if *all { "/v1/vms?all=true" } else { "/v1/vms" };
+            let vms: Vec<SiteVm> = client.get_pages(path, usize::MAX).await?;
             print_vms(site.output, &vms);
         }
         Action::Show { id } => show_vm(site.output, &client.get(&vm_path(id)).await?),
@@ -325,7 +324,7 @@ async fn request(site: &SiteOpts, r: &RequestArgs) -> Result<(), CliError> {
 async fn list_all_sites(out: Output, all: bool) -> Result<i32, CliError> {
     let path = if all { "/v1/vms?all=true" } else { "/v1/vms" };
     let got = super::sites::across(super::sites::all(out)?, move |s| async move {
-        Ok(s.client()?.get::<Vec<SiteVm>>(path).await?)
+        Ok(s.client()?.get_pages::<SiteVm>(path, usize::MAX).await?)
     })
     .await?;
     if out == Output::Json {

@@ -221,7 +221,7 @@ impl Agents {
                     format!("no agent '{id}'"),
                 )));
             }
-            let vms: Vec<SiteVm> = t.vms()?.into_iter().filter(|v| v.agent == id).collect();
+            let vms: Vec<SiteVm> = t.vms_of_agent(id)?;
             let held = vms.iter().filter(|v| v.owner.is_some()).count();
             if held > 0 && !force {
                 return Ok(Err(ApiError::new(
@@ -422,13 +422,13 @@ fn sync_vms(
     listed_at: u64,
     forget_after_ms: u64,
 ) -> Result<(), StoreError> {
-    let all = t.vms()?;
-    let by_id: HashMap<&str, &SiteVm> = all.iter().map(|v| (v.id.as_str(), v)).collect();
-    // Records by the hypervisor's id of the VM, on any agent.
-    let by_agent_vm: HashMap<&str, Vec<&SiteVm>> = all.iter().fold(HashMap::new(), |mut m, v| {
-        m.entry(v.agent_vm.as_str()).or_default().push(v);
-        m
-    });
+    // Only this agent's records are read, and records of other agents only for a
+    // VM it lists that it has no record of: a check costs this agent's VMs.
+    let mine: BTreeMap<String, SiteVm> = t
+        .vms_of_agent(agent)?
+        .into_iter()
+        .map(|v| (v.agent_vm.clone(), v))
+        .collect();
     let mut busy: HashSet<String> = HashSet::new();
     let mut active_jobs: HashSet<String> = HashSet::new();
     // Names the active clones give their new VMs on this agent (the contract's
@@ -437,7 +437,7 @@ fn sync_vms(
     for j in t.active_jobs()? {
         if let Some(v) = &j.vm {
             busy.insert(v.clone());
-            let from_here = by_id.get(v.as_str()).is_some_and(|s| s.agent == agent);
+            let from_here = j.kind == JobKind::Clone && t.vm(v)?.is_some_and(|s| s.agent == agent);
             if j.kind == JobKind::Clone && from_here {
                 if let Some(name) = j.params["name"].as_str() {
                     cloning.insert(name.to_string());
@@ -446,11 +446,6 @@ fn sync_vms(
         }
         active_jobs.insert(j.id);
     }
-    let mine: BTreeMap<String, SiteVm> = all
-        .iter()
-        .filter(|v| v.agent == agent)
-        .map(|v| (v.agent_vm.clone(), v.clone()))
-        .collect();
     let now = now_ms();
     for rec in listed {
         let vm = &rec.vm;
@@ -476,10 +471,8 @@ fn sync_vms(
                     .get("gve.job")
                     .is_some_and(|j| active_jobs.contains(j))
                     || cloning.contains(&vm.name);
-                let elsewhere: &[&SiteVm] = by_agent_vm
-                    .get(vm.id.as_str())
-                    .map(Vec::as_slice)
-                    .unwrap_or_default();
+                // Records by the hypervisor's id of the VM, on any agent.
+                let elsewhere = t.vms_by_agent_vm(&vm.id)?;
                 if made_by_active || elsewhere.iter().any(|v| busy.contains(&v.id)) {
                     continue;
                 }
@@ -493,7 +486,7 @@ fn sync_vms(
                             to = agent,
                             "VM turned up on another agent; its record follows it"
                         );
-                        let mut m = (*moved).clone();
+                        let mut m = moved.clone();
                         m.agent = agent.to_string();
                         m.name = vm.name.clone();
                         m.state = state;

@@ -111,7 +111,7 @@ impl SiteCore {
         let now = now_ms();
         let due: Vec<SiteVm> = self
             .store
-            .vms()
+            .leases_due(now)
             .map_err(db)?
             .into_iter()
             .filter(|v| {

@@ -323,6 +323,13 @@ impl Site {
             let _ = tx.send(());
         }
         let _ = (&mut self.task).await;
+        // Returns once the database is closed (jobs and checks being cancelled,
+        // the job writer's thread, hold it a moment).
+        let watch = self.core.store.close_watch();
+        drop(self);
+        if !watch.closed(crate::store_core::CLOSE_WAIT).await {
+            tracing::warn!("the site database is still open after stop");
+        }
     }
 
     /// Serves until Ctrl-C or SIGTERM.

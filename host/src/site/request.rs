@@ -232,7 +232,7 @@ impl SiteCore {
                     .collect();
                 let candidate = match &req.vm {
                     Some(id) => t.vm(id)?,
-                    None => t.vms()?.into_iter().find(|v| {
+                    None => t.free_vms()?.into_iter().find(|v| {
                         v.owner.is_none()
                             && v.clean
                             && agents_up.contains(&v.agent)

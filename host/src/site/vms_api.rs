@@ -16,8 +16,9 @@ use serde_json::Value;
 use super::agents::db;
 use super::auth::Caller;
 use super::jobs::{new_job, redacted};
-use super::model::{AgentStatus, Job, JobKind, JobState, SiteVm, Usage, VmRequest};
+use super::model::{AgentStatus, Job, JobKind, JobState, Usage, VmRequest};
 use super::SiteCore;
+use crate::api::page::{encode_query, ok_page, DEFAULT_PAGE};
 use crate::api::{
     json_response, ok, query_param, query_u64, read_json, ApiError, Response, MAX_LIST, MAX_WAIT_MS,
 };
@@ -103,22 +104,29 @@ impl SiteCore {
                 ok(&names)
             }
             (Method::GET, ["v1", "vms"]) => {
-                let all = query_param(req.uri(), "all")?.as_deref() == Some("true");
-                let vms: Vec<SiteVm> = self
+                let all =
+                    caller.is_admin() && query_param(req.uri(), "all")?.as_deref() == Some("true");
+                let limit = query_u64(req.uri(), "limit", DEFAULT_PAGE, 1, MAX_LIST)?;
+                let after = query_param(req.uri(), "after")?;
+                let owner = (!all).then_some(caller.name.as_str());
+                let page = self
                     .store
-                    .vms()
-                    .map_err(db)?
+                    .vms_page(owner, after.as_deref(), limit as usize)
+                    .map_err(db)?;
+                let next = match page.items.last() {
+                    Some(last) if page.more => Some(format!(
+                        "/v1/vms?limit={limit}&after={}{}",
+                        encode_query(&last.id),
+                        if all { "&all=true" } else { "" }
+                    )),
+                    _ => None,
+                };
+                let vms: Vec<_> = page
+                    .items
                     .into_iter()
-                    .filter(|v| {
-                        if caller.is_admin() && all {
-                            true
-                        } else {
-                            v.owner.as_deref() == Some(caller.name.as_str())
-                        }
-                    })
                     .map(|v| super::vms::view(self, v))
                     .collect();
-                ok(&vms)
+                ok_page(&vms, next)
             }
             (Method::POST, ["v1", "vms"]) => {
                 let req: VmRequest = read_json(req.into_body()).await?;
@@ -246,16 +254,25 @@ impl SiteCore {
         let method = req.method().clone();
         match (method, segs) {
             (Method::GET, ["v1", "jobs"]) => {
-                let limit = query_u64(req.uri(), "limit", 1000, 1, MAX_LIST)? as usize;
+                let limit = query_u64(req.uri(), "limit", DEFAULT_PAGE, 1, MAX_LIST)?;
+                let before = query_param(req.uri(), "before")?;
                 let all =
                     caller.is_admin() && query_param(req.uri(), "all")?.as_deref() == Some("true");
-                let owner = if all {
-                    None
-                } else {
-                    Some(caller.name.as_str())
+                let owner = (!all).then_some(caller.name.as_str());
+                let page = self
+                    .store
+                    .jobs(owner, limit as usize, before.as_deref())
+                    .map_err(db)?;
+                let next = match page.items.last() {
+                    Some(last) if page.more => Some(format!(
+                        "/v1/jobs?limit={limit}&before={}{}",
+                        encode_query(&last.id),
+                        if all { "&all=true" } else { "" }
+                    )),
+                    _ => None,
                 };
-                let jobs = self.store.jobs(owner, limit).map_err(db)?;
-                ok(&jobs.into_iter().map(redacted).collect::<Vec<_>>())
+                let jobs: Vec<_> = page.items.into_iter().map(redacted).collect();
+                ok_page(&jobs, next)
             }
             (Method::GET, ["v1", "jobs", id]) => {
                 let wait = query_u64(req.uri(), "wait-ms", 0, 0, MAX_WAIT_MS)?;
@@ -402,6 +419,8 @@ impl SiteCore {
                     return;
                 }
                 tokio::select! {
+                    // The client left: stop at once, not at the next event or tick.
+                    _ = tx.closed() => return,
                     _ = ticker.tick() => {
                         if tx.send(Ok(Frame::data(Bytes::from_static(b": keep-alive\n\n")))).await.is_err() {
                             return;

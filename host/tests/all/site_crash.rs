@@ -97,7 +97,8 @@ async fn kill_9_during_100_jobs_loses_nothing_runs_nothing_twice_and_quotas_add_
     let mut next_kill = 5 + rng.below(16) as usize;
     let mut submitted = 0;
     let give_up = Instant::now() + Duration::from_secs(120);
-    while submitted < 100 {
+    // At least 100 submissions and at least 5 kills, whatever the seed drew.
+    while submitted < 100 || kills < 5 {
         assert!(
             Instant::now() < give_up,
             "submissions stalled at {submitted} (seed {seed}); site log:\n{}",
@@ -153,7 +154,6 @@ async fn kill_9_during_100_jobs_loses_nothing_runs_nothing_twice_and_quotas_add_
             next_kill = submitted + 5 + rng.below(16) as usize;
         }
     }
-    assert!(kills >= 5, "only {kills} kills happened");
 
     // After a last restart, every accepted job ends.
     site.child.kill().await.unwrap();

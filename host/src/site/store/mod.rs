@@ -10,6 +10,11 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::sync::broadcast;
 
+mod events;
+mod vms;
+
+pub use vms::Page;
+
 use super::model::{now_ms, AgentRec, AuditEntry, Job, JobEvent, JobState, SiteVm, Usage, User};
 
 const USERS: TableDefinition<&str, &[u8]> = TableDefinition::new("users");
@@ -23,13 +28,9 @@ const JOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("jobs");
 const ACTIVE: TableDefinition<&str, ()> = TableDefinition::new("active_jobs");
 /// "owner\0job id" → (): a user's jobs in submission order.
 const USER_JOBS: TableDefinition<&str, ()> = TableDefinition::new("user_jobs");
-const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("job_events");
 const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
 /// Sequence number → audit entry.
 const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
-
-/// Job events kept; older ones are trimmed.
-const MAX_EVENTS: u64 = 1_000_000;
 
 /// A database failure.
 #[derive(Debug, thiserror::Error)]
@@ -150,7 +151,7 @@ impl Txn<'_> {
         name
     );
     json_table!(agent, put_agent, remove_agent, agents, AGENTS, AgentRec, id);
-    json_table!(vm, put_vm_record, remove_vm, vms, VMS, SiteVm, id);
+    json_table!(vm, put_vm_record, remove_vm_record, vms, VMS, SiteVm, id);
     json_table!(
         job,
         put_job_record,
@@ -160,19 +161,6 @@ impl Txn<'_> {
         Job,
         id
     );
-
-    /// Inserts or replaces a VM whose agent is registered; refused with
-    /// [`StoreError::NoAgent`] otherwise (a job that ends after its agent was
-    /// force-unregistered records nothing on the missing agent).
-    pub fn put_vm(&mut self, v: &SiteVm) -> Result<(), StoreError> {
-        if self.agent(&v.agent)?.is_none() {
-            return Err(StoreError::NoAgent {
-                vm: v.id.clone(),
-                agent: v.agent.clone(),
-            });
-        }
-        self.put_vm_record(v)
-    }
 
     /// Inserts or replaces a user and its token index.
     pub fn put_user(&mut self, u: &User) -> Result<(), StoreError> {
@@ -284,41 +272,10 @@ impl Txn<'_> {
         Ok(gone.len())
     }
 
-    /// Removes up to `limit` of the oldest job events from before `before_ms`.
-    pub fn trim_events(&mut self, before_ms: u64, limit: usize) -> Result<usize, StoreError> {
-        let mut t = self.txn.open_table(EVENTS).map_err(storage)?;
-        crate::store_core::trim_older(&mut t, before_ms, limit).map_err(StoreError::Storage)
-    }
-
     /// Removes up to `limit` of the oldest audit entries from before `before_ms`.
     pub fn trim_audit(&mut self, before_ms: u64, limit: usize) -> Result<usize, StoreError> {
         let mut t = self.txn.open_table(AUDIT).map_err(storage)?;
         crate::store_core::trim_older(&mut t, before_ms, limit).map_err(StoreError::Storage)
-    }
-
-    /// Appends a job event (published once the transaction commits).
-    pub fn event(&mut self, job: &Job, message: &str) -> Result<(), StoreError> {
-        let mut t = self.txn.open_table(EVENTS).map_err(storage)?;
-        let seq = t
-            .last()
-            .map_err(storage)?
-            .map(|(k, _)| k.value() + 1)
-            .unwrap_or(1);
-        let ev = JobEvent {
-            seq,
-            job: job.id.clone(),
-            owner: job.owner.clone(),
-            state: job.state,
-            message: message.to_string(),
-            at_ms: now_ms(),
-        };
-        t.insert(seq, encode(&ev)?.as_slice()).map_err(storage)?;
-        if seq > MAX_EVENTS && seq % 1024 == 0 {
-            t.retain_in(..seq - MAX_EVENTS, |_, _| false)
-                .map_err(storage)?;
-        }
-        self.new_events.push(ev);
-        Ok(())
     }
 
     /// Appends an audit entry (its sequence number and time are set here).
@@ -385,7 +342,8 @@ impl Store {
             txn.open_table(JOBS).map_err(|e| err(&e))?;
             txn.open_table(ACTIVE).map_err(|e| err(&e))?;
             txn.open_table(USER_JOBS).map_err(|e| err(&e))?;
-            txn.open_table(EVENTS).map_err(|e| err(&e))?;
+            events::open_tables(&txn).map_err(|e| err(&e))?;
+            vms::open_tables(&txn).map_err(|e| err(&e))?;
             txn.open_table(AUDIT).map_err(|e| err(&e))?;
             let mut meta = txn.open_table(META).map_err(|e| err(&e))?;
             if meta.get("schema").map_err(|e| err(&e))?.is_none() {
@@ -434,6 +392,11 @@ impl Store {
                 *events = t.new_events;
                 Ok(v)
             })
+    }
+
+    /// A watch on the database's closing.
+    pub fn close_watch(&self) -> crate::store_core::CloseWatch {
+        self.db.close_watch()
     }
 
     /// Subscribes to job events committed from now on.
@@ -501,21 +464,40 @@ impl Store {
         self.read(|r| get(&r.open_table(JOBS).map_err(storage)?, id))
     }
 
-    /// Jobs of `owner` (every job for `None`), newest first, at most `limit`.
-    pub fn jobs(&self, owner: Option<&str>, limit: usize) -> Result<Vec<Job>, StoreError> {
+    /// Jobs of `owner` (every job for `None`), newest first, at most `limit`,
+    /// older than job `before` when given (job ids start with their submission
+    /// time: id order is time order). Reads one page's worth, whatever the history.
+    pub fn jobs(
+        &self,
+        owner: Option<&str>,
+        limit: usize,
+        before: Option<&str>,
+    ) -> Result<Page<Job>, StoreError> {
         self.read(|r| {
             let jobs = r.open_table(JOBS).map_err(storage)?;
-            let mut out = Vec::new();
+            let mut items = Vec::new();
+            let mut more = false;
             let Some(owner) = owner else {
-                // Job ids start with their submission time: key order is time order.
-                for row in jobs.range::<&str>(..).map_err(storage)?.rev().take(limit) {
+                let rows = match before {
+                    Some(b) => jobs.range::<&str>(..b),
+                    None => jobs.range::<&str>(..),
+                };
+                for row in rows.map_err(storage)?.rev() {
+                    if items.len() == limit {
+                        more = true;
+                        break;
+                    }
                     let (k, v) = row.map_err(storage)?;
-                    out.push(decode(k.value(), v.value())?);
+                    items.push(decode(k.value(), v.value())?);
                 }
-                return Ok(out);
+                return Ok(Page { items, more });
             };
             let index = r.open_table(USER_JOBS).map_err(storage)?;
-            let (lo, hi) = (format!("{owner}\0"), format!("{owner}\u{1}"));
+            let lo = format!("{owner}\0");
+            let hi = match before {
+                Some(b) => format!("{owner}\0{b}"),
+                None => format!("{owner}\u{1}"),
+            };
             for row in index
                 .range(lo.as_str()..hi.as_str())
                 .map_err(storage)?
@@ -524,13 +506,14 @@ impl Store {
                 let (k, _) = row.map_err(storage)?;
                 let id = k.value().split('\0').nth(1).unwrap_or_default().to_string();
                 if let Some(j) = get(&jobs, &id)? {
-                    out.push(j);
-                }
-                if out.len() >= limit {
-                    break;
+                    if items.len() == limit {
+                        more = true;
+                        break;
+                    }
+                    items.push(j);
                 }
             }
-            Ok(out)
+            Ok(Page { items, more })
         })
     }
 
@@ -553,30 +536,6 @@ impl Store {
     /// How many jobs exist.
     pub fn job_count(&self) -> Result<u64, StoreError> {
         self.read(|r| r.open_table(JOBS).map_err(storage)?.len().map_err(storage))
-    }
-
-    /// Job events after `after`, at most `limit`, optionally of one job.
-    pub fn events_after(
-        &self,
-        after: u64,
-        limit: usize,
-        job: Option<&str>,
-    ) -> Result<Vec<JobEvent>, StoreError> {
-        self.read(|r| {
-            let t = r.open_table(EVENTS).map_err(storage)?;
-            let mut out = Vec::new();
-            for row in t.range((after + 1)..).map_err(storage)? {
-                let (k, v) = row.map_err(storage)?;
-                let ev: JobEvent = decode(&k.value().to_string(), v.value())?;
-                if job.is_none_or(|j| ev.job == j) {
-                    out.push(ev);
-                    if out.len() >= limit {
-                        break;
-                    }
-                }
-            }
-            Ok(out)
-        })
     }
 
     /// Audit entries after `after`, oldest first, at most `limit`.

@@ -1,0 +1,85 @@
+//! Paged listings. A page is a JSON array, as an unpaged listing was; when more
+//! follow, its `Link: <…>; rel="next"` header (RFC 8288) names the next page, so
+//! a client follows links without knowing the cursor's form, and the order is
+//! stable (ids) whatever is added meanwhile.
+
+use hyper::StatusCode;
+use serde::Serialize;
+
+use super::{json_response, ApiError, Response};
+
+/// Listings answer at most this many items per page unless `limit` says fewer.
+pub const DEFAULT_PAGE: u64 = 1000;
+
+/// 200 with `items`; with `next` (a path and query), a `Link` to it.
+pub fn ok_page<T: Serialize>(items: &[T], next: Option<String>) -> Result<Response, ApiError> {
+    let mut resp = json_response(StatusCode::OK, items);
+    if let Some(next) = next {
+        let link = format!("<{next}>; rel=\"next\"");
+        match hyper::header::HeaderValue::from_str(&link) {
+            Ok(v) => {
+                resp.headers_mut().insert(hyper::header::LINK, v);
+            }
+            Err(_) => return Err(ApiError::bad_request("a page cursor is not a valid header")),
+        }
+    }
+    Ok(resp)
+}
+
+/// `s` percent-encoded for a query value (everything but RFC 3986's unreserved).
+pub fn encode_query(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// The next page's path and query from a `Link` header, if it has a `next`.
+pub fn next_link(headers: &hyper::HeaderMap) -> Option<String> {
+    for v in headers.get_all(hyper::header::LINK) {
+        let v = v.to_str().ok()?;
+        for part in v.split(',') {
+            let (target, params) = part.trim().split_once(';')?;
+            let target = target.trim().strip_prefix('<')?.strip_suffix('>')?;
+            if params.split(';').any(|p| {
+                let p = p.trim();
+                p == "rel=\"next\"" || p == "rel=next"
+            }) {
+                return Some(target.to_string());
+            }
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn links_are_written_and_read_back() {
+        let resp = ok_page(
+            &[1, 2],
+            Some(format!("/v1/vms?after={}", encode_query("a b&c"))),
+        )
+        .unwrap();
+        assert_eq!(
+            next_link(resp.headers()).as_deref(),
+            Some("/v1/vms?after=a%20b%26c")
+        );
+        assert!(next_link(ok_page(&[1], None).unwrap().headers()).is_none());
+        let mut h = hyper::HeaderMap::new();
+        h.insert(
+            hyper::header::LINK,
+            "</a>; rel=\"prev\", </b>; rel=\"next\"".parse().unwrap(),
+        );
+        assert_eq!(next_link(&h).as_deref(), Some("/b"));
+        h.insert(hyper::header::LINK, "garbage".parse().unwrap());
+        assert_eq!(next_link(&h), None);
+    }
+}

@@ -1,0 +1,190 @@
+//! Job events: one table in sequence order (the stream's ids, what retention
+//! trims by age) and an index by job, so that following one job, or resuming it
+//! with `Last-Event-ID`, reads that job's events and none of the others'. The
+//! cost of a follower does not grow with the site's history.
+
+use redb::{ReadableTable, ReadableTableMetadata, TableDefinition, WriteTransaction};
+use serde::Deserialize;
+
+use super::{decode, encode, storage, Store, StoreError, Txn, META};
+use crate::site::model::{now_ms, Job, JobEvent};
+
+/// Sequence number → event.
+const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("job_events");
+/// (job id, sequence number) → (): each job's events in order.
+const BY_JOB: TableDefinition<(&str, u64), ()> = TableDefinition::new("job_events_by_job");
+
+/// Meta key saying the index was built (a database from before it has none).
+const BUILT: &str = "index:job-events";
+
+/// Job events kept; older ones are trimmed.
+const MAX_EVENTS: u64 = 1_000_000;
+
+/// What trimming needs of an event (an unreadable one has neither).
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "kebab-case", default)]
+struct Head {
+    job: String,
+    at_ms: u64,
+}
+
+fn head(bytes: &[u8]) -> Head {
+    serde_json::from_slice(bytes).unwrap_or_default()
+}
+
+/// Creates the tables; a database from before the index gets it built here,
+/// once, from the events it holds.
+pub(super) fn open_tables(txn: &WriteTransaction) -> Result<(), redb::Error> {
+    let events = txn.open_table(EVENTS)?;
+    let mut by_job = txn.open_table(BY_JOB)?;
+    let mut meta = txn.open_table(META)?;
+    if meta.get(BUILT)?.is_some() {
+        return Ok(());
+    }
+    let mut n = 0u64;
+    for row in events.range::<u64>(..)? {
+        let (k, v) = row?;
+        let h = head(v.value());
+        if !h.job.is_empty() {
+            by_job.insert((h.job.as_str(), k.value()), ())?;
+            n += 1;
+        }
+    }
+    meta.insert(BUILT, "1")?;
+    if n > 0 {
+        tracing::info!(events = n, "indexed the job events by job");
+    }
+    Ok(())
+}
+
+/// Removes the events `gone` names from both tables.
+fn remove(txn: &WriteTransaction, gone: &[(u64, String)]) -> Result<(), StoreError> {
+    let mut events = txn.open_table(EVENTS).map_err(storage)?;
+    let mut by_job = txn.open_table(BY_JOB).map_err(storage)?;
+    for (seq, job) in gone {
+        events.remove(*seq).map_err(storage)?;
+        if !job.is_empty() {
+            by_job.remove((job.as_str(), *seq)).map_err(storage)?;
+        }
+    }
+    Ok(())
+}
+
+/// The oldest events, up to `limit`, before the first for which `stop` says true.
+fn oldest(
+    txn: &WriteTransaction,
+    limit: usize,
+    stop: impl Fn(u64, &Head) -> bool,
+) -> Result<Vec<(u64, String)>, StoreError> {
+    let events = txn.open_table(EVENTS).map_err(storage)?;
+    let mut out = Vec::new();
+    for row in events.range::<u64>(..).map_err(storage)? {
+        let (k, v) = row.map_err(storage)?;
+        let h = head(v.value());
+        if out.len() >= limit || stop(k.value(), &h) {
+            break;
+        }
+        out.push((k.value(), h.job));
+    }
+    Ok(out)
+}
+
+impl Txn<'_> {
+    /// Appends a job event (published once the transaction commits).
+    pub fn event(&mut self, job: &Job, message: &str) -> Result<(), StoreError> {
+        let seq = {
+            let mut t = self.txn.open_table(EVENTS).map_err(storage)?;
+            let seq = t
+                .last()
+                .map_err(storage)?
+                .map(|(k, _)| k.value() + 1)
+                .unwrap_or(1);
+            let ev = JobEvent {
+                seq,
+                job: job.id.clone(),
+                owner: job.owner.clone(),
+                state: job.state,
+                message: message.to_string(),
+                at_ms: now_ms(),
+            };
+            t.insert(seq, encode(&ev)?.as_slice()).map_err(storage)?;
+            self.txn
+                .open_table(BY_JOB)
+                .map_err(storage)?
+                .insert((job.id.as_str(), seq), ())
+                .map_err(storage)?;
+            self.new_events.push(ev);
+            seq
+        };
+        if seq > MAX_EVENTS && seq % 1024 == 0 {
+            let gone = oldest(self.txn, usize::MAX, |s, _| s >= seq - MAX_EVENTS)?;
+            remove(self.txn, &gone)?;
+        }
+        Ok(())
+    }
+
+    /// Removes up to `limit` of the oldest job events from before `before_ms`.
+    pub fn trim_events(&mut self, before_ms: u64, limit: usize) -> Result<usize, StoreError> {
+        // An unreadable event has no time: it goes with its older neighbours.
+        let gone = oldest(self.txn, limit, |_, h| h.at_ms >= before_ms)?;
+        remove(self.txn, &gone)?;
+        Ok(gone.len())
+    }
+}
+
+impl Store {
+    /// Job events after `after`, at most `limit`, optionally of one job (then
+    /// read through the index: only that job's events are touched).
+    pub fn events_after(
+        &self,
+        after: u64,
+        limit: usize,
+        job: Option<&str>,
+    ) -> Result<Vec<JobEvent>, StoreError> {
+        self.read(|r| {
+            let t = r.open_table(EVENTS).map_err(storage)?;
+            let event = |seq: u64| -> Result<Option<JobEvent>, StoreError> {
+                match t.get(seq).map_err(storage)? {
+                    Some(v) => Ok(Some(decode(&seq.to_string(), v.value())?)),
+                    None => Ok(None),
+                }
+            };
+            let mut out = Vec::new();
+            if after == u64::MAX {
+                return Ok(out);
+            }
+            let Some(job) = job else {
+                for row in t.range(after + 1..).map_err(storage)? {
+                    let (k, v) = row.map_err(storage)?;
+                    out.push(decode(&k.value().to_string(), v.value())?);
+                    if out.len() >= limit {
+                        break;
+                    }
+                }
+                return Ok(out);
+            };
+            let index = r.open_table(BY_JOB).map_err(storage)?;
+            let from = (job, after + 1);
+            for row in index.range(from..=(job, u64::MAX)).map_err(storage)? {
+                let (k, _) = row.map_err(storage)?;
+                if let Some(ev) = event(k.value().1)? {
+                    out.push(ev);
+                    if out.len() >= limit {
+                        break;
+                    }
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    /// How many entries the by-job index holds (for tests of its upkeep).
+    pub fn event_index_len(&self) -> Result<u64, StoreError> {
+        self.read(|r| {
+            r.open_table(BY_JOB)
+                .map_err(storage)?
+                .len()
+                .map_err(storage)
+        })
+    }
+}

@@ -1,0 +1,283 @@
+//! The site's VM records and their indexes, kept in the same transaction as
+//! each record: by owner (a user's listing, a page at a time in id order), free
+//! VMs (the pool a request claims from), by agent and by the hypervisor's id (a
+//! health check's sync), and by lease deadline (expiry). Each reads the records
+//! it is about, whatever the site holds.
+
+use redb::{ReadableTable, TableDefinition, WriteTransaction};
+
+use super::{decode, get, storage, Store, StoreError, Txn, META, VMS};
+use crate::site::model::SiteVm;
+
+/// (owner, VM id) → (): the VMs each user holds.
+const BY_OWNER: TableDefinition<(&str, &str), ()> = TableDefinition::new("vms_by_owner");
+/// VM id → (): VMs nobody holds (the pool).
+const FREE: TableDefinition<&str, ()> = TableDefinition::new("vms_free");
+/// (agent, VM id) → (): each agent's VMs.
+const BY_AGENT: TableDefinition<(&str, &str), ()> = TableDefinition::new("vms_by_agent");
+/// (the hypervisor's VM id, site VM id) → (): records of one hypervisor VM, on any agent.
+const BY_AGENT_VM: TableDefinition<(&str, &str), ()> = TableDefinition::new("vms_by_agent_vm");
+/// (lease deadline, VM id) → (): held VMs whose lease has not expired.
+const BY_LEASE: TableDefinition<(u64, &str), ()> = TableDefinition::new("vms_by_lease");
+
+/// Meta key saying the indexes above were built (a database from before them has none).
+const BUILT: &str = "index:vms";
+
+/// The index entries of one record.
+#[derive(PartialEq)]
+struct Keys<'a> {
+    owner: Option<&'a str>,
+    agent: &'a str,
+    agent_vm: &'a str,
+    lease: Option<u64>,
+}
+
+fn keys(v: &SiteVm) -> Keys<'_> {
+    Keys {
+        owner: v.owner.as_deref(),
+        agent: &v.agent,
+        agent_vm: &v.agent_vm,
+        lease: match (&v.owner, &v.lease) {
+            (Some(_), Some(l)) if !l.expired => Some(l.until_ms),
+            _ => None,
+        },
+    }
+}
+
+/// Adds (`add`) or removes the index entries `k` of VM `id`.
+fn index(txn: &WriteTransaction, id: &str, k: &Keys<'_>, add: bool) -> Result<(), redb::Error> {
+    let mut by_owner = txn.open_table(BY_OWNER)?;
+    let mut free = txn.open_table(FREE)?;
+    let mut by_agent = txn.open_table(BY_AGENT)?;
+    let mut by_agent_vm = txn.open_table(BY_AGENT_VM)?;
+    let mut by_lease = txn.open_table(BY_LEASE)?;
+    if add {
+        match k.owner {
+            Some(o) => by_owner.insert((o, id), ())?,
+            None => free.insert(id, ())?,
+        };
+        by_agent.insert((k.agent, id), ())?;
+        by_agent_vm.insert((k.agent_vm, id), ())?;
+        if let Some(d) = k.lease {
+            by_lease.insert((d, id), ())?;
+        }
+    } else {
+        match k.owner {
+            Some(o) => by_owner.remove((o, id))?,
+            None => free.remove(id)?,
+        };
+        by_agent.remove((k.agent, id))?;
+        by_agent_vm.remove((k.agent_vm, id))?;
+        if let Some(d) = k.lease {
+            by_lease.remove((d, id))?;
+        }
+    }
+    Ok(())
+}
+
+/// Creates the indexes; a database from before them gets them built here, once.
+pub(super) fn open_tables(txn: &WriteTransaction) -> Result<(), redb::Error> {
+    for t in [BY_OWNER, BY_AGENT, BY_AGENT_VM] {
+        txn.open_table(t)?;
+    }
+    txn.open_table(FREE)?;
+    txn.open_table(BY_LEASE)?;
+    let mut meta = txn.open_table(META)?;
+    if meta.get(BUILT)?.is_some() {
+        return Ok(());
+    }
+    let vms: Vec<SiteVm> = {
+        let t = txn.open_table(VMS)?;
+        let mut out = Vec::new();
+        for row in t.range::<&str>(..)? {
+            let (_, v) = row?;
+            // An unreadable record is reported where it is read; it has no entries.
+            if let Ok(vm) = serde_json::from_slice::<SiteVm>(v.value()) {
+                out.push(vm);
+            }
+        }
+        out
+    };
+    for v in &vms {
+        index(txn, &v.id, &keys(v), true)?;
+    }
+    meta.insert(BUILT, "1")?;
+    if !vms.is_empty() {
+        tracing::info!(vms = vms.len(), "indexed the VM records");
+    }
+    Ok(())
+}
+
+/// One page of a listing and whether more follow it.
+#[derive(Debug)]
+pub struct Page<T> {
+    /// The items, in the listing's order.
+    pub items: Vec<T>,
+    /// True when at least one more item follows the last.
+    pub more: bool,
+}
+
+impl Txn<'_> {
+    /// Inserts or replaces a VM whose agent is registered, keeping the owner
+    /// index; refused with [`StoreError::NoAgent`] otherwise (a job that ends
+    /// after its agent was force-unregistered records nothing on the missing agent).
+    pub fn put_vm(&mut self, v: &SiteVm) -> Result<(), StoreError> {
+        if self.agent(&v.agent)?.is_none() {
+            return Err(StoreError::NoAgent {
+                vm: v.id.clone(),
+                agent: v.agent.clone(),
+            });
+        }
+        let old = self.vm(&v.id)?;
+        let new = keys(v);
+        if old.as_ref().map(keys) != Some(new) {
+            if let Some(o) = &old {
+                index(self.txn, &o.id, &keys(o), false).map_err(storage)?;
+            }
+            index(self.txn, &v.id, &keys(v), true).map_err(storage)?;
+        }
+        self.put_vm_record(v)
+    }
+
+    /// Removes a VM record and its index entries.
+    pub fn remove_vm(&mut self, id: &str) -> Result<(), StoreError> {
+        if let Some(o) = self.vm(id)? {
+            index(self.txn, id, &keys(&o), false).map_err(storage)?;
+        }
+        self.remove_vm_record(id)
+    }
+
+    /// The VMs nobody holds (the pool), by the index.
+    pub fn free_vms(&self) -> Result<Vec<SiteVm>, StoreError> {
+        let free = self.txn.open_table(FREE).map_err(storage)?;
+        let vms = self.txn.open_table(VMS).map_err(storage)?;
+        let mut out = Vec::new();
+        for row in free.range::<&str>(..).map_err(storage)? {
+            if let Some(v) = get(&vms, row.map_err(storage)?.0.value())? {
+                out.push(v);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Agent `agent`'s VMs, by the index.
+    pub fn vms_of_agent(&self, agent: &str) -> Result<Vec<SiteVm>, StoreError> {
+        let index = self.txn.open_table(BY_AGENT).map_err(storage)?;
+        let vms = self.txn.open_table(VMS).map_err(storage)?;
+        let mut out = Vec::new();
+        for row in index.range((agent, "")..).map_err(storage)? {
+            let (k, _) = row.map_err(storage)?;
+            let (a, id) = k.value();
+            if a != agent {
+                break;
+            }
+            if let Some(v) = get(&vms, id)? {
+                out.push(v);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The records of hypervisor VM `agent_vm`, on any agent, by the index.
+    pub fn vms_by_agent_vm(&self, agent_vm: &str) -> Result<Vec<SiteVm>, StoreError> {
+        let index = self.txn.open_table(BY_AGENT_VM).map_err(storage)?;
+        let vms = self.txn.open_table(VMS).map_err(storage)?;
+        let mut out = Vec::new();
+        for row in index.range((agent_vm, "")..).map_err(storage)? {
+            let (k, _) = row.map_err(storage)?;
+            let (a, id) = k.value();
+            if a != agent_vm {
+                break;
+            }
+            if let Some(v) = get(&vms, id)? {
+                out.push(v);
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl Store {
+    /// Up to `limit` VMs with ids after `after`, in id order: `owner`'s, or every
+    /// VM for `None`. Reads one page's worth of records, whatever the site holds.
+    pub fn vms_page(
+        &self,
+        owner: Option<&str>,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Page<SiteVm>, StoreError> {
+        self.read(|r| {
+            let vms = r.open_table(VMS).map_err(storage)?;
+            let mut items = Vec::new();
+            let mut more = false;
+            let lo = after.unwrap_or("");
+            let Some(owner) = owner else {
+                for row in vms.range::<&str>(lo..).map_err(storage)? {
+                    let (k, v) = row.map_err(storage)?;
+                    if Some(k.value()) == after {
+                        continue;
+                    }
+                    if items.len() == limit {
+                        more = true;
+                        break;
+                    }
+                    items.push(decode(k.value(), v.value())?);
+                }
+                return Ok(Page { items, more });
+            };
+            let index = r.open_table(BY_OWNER).map_err(storage)?;
+            for row in index.range((owner, lo)..).map_err(storage)? {
+                let (k, _) = row.map_err(storage)?;
+                let (o, id) = k.value();
+                if o != owner {
+                    break;
+                }
+                if Some(id) == after {
+                    continue;
+                }
+                if items.len() == limit {
+                    more = true;
+                    break;
+                }
+                if let Some(vm) = get::<SiteVm>(&vms, id)? {
+                    items.push(vm);
+                }
+            }
+            Ok(Page { items, more })
+        })
+    }
+
+    /// Held VMs whose unexpired lease ends at or before `now_ms`, by the index.
+    pub fn leases_due(&self, now_ms: u64) -> Result<Vec<SiteVm>, StoreError> {
+        self.read(|r| {
+            let index = r.open_table(BY_LEASE).map_err(storage)?;
+            let vms = r.open_table(VMS).map_err(storage)?;
+            let mut out = Vec::new();
+            for row in index
+                .range(..(now_ms.saturating_add(1), ""))
+                .map_err(storage)?
+            {
+                let (k, _) = row.map_err(storage)?;
+                if let Some(v) = get(&vms, k.value().1)? {
+                    out.push(v);
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    /// How many VMs `owner` holds by the index (for tests of its upkeep).
+    pub fn owned_vm_count(&self, owner: &str) -> Result<usize, StoreError> {
+        self.read(|r| {
+            let index = r.open_table(BY_OWNER).map_err(storage)?;
+            let mut n = 0;
+            for row in index.range((owner, "")..).map_err(storage)? {
+                if row.map_err(storage)?.0.value().0 != owner {
+                    break;
+                }
+                n += 1;
+            }
+            Ok(n)
+        })
+    }
+}

@@ -1,0 +1,273 @@
+//! The cost of a request does not grow with the site's history: listings are
+//! paged by a stable cursor (a `Link` to the next page), a user's VMs and jobs
+//! come from their own index entries, and a job's events from the by-job index,
+//! which retention keeps in step and an older database gets built on open.
+
+use std::collections::BTreeSet;
+
+use gve::api::client::Client;
+use gve::site::model::{Job, JobState, SiteVm};
+use gve::site::store::Store;
+use serde_json::json;
+
+use crate::site::{env, job, post};
+
+/// The body and the `next` link of one page, read raw.
+async fn page(c: &Client, path: &str) -> (Vec<serde_json::Value>, Option<String>) {
+    use http_body_util::BodyExt;
+    let resp = c.get_stream(path).await.unwrap();
+    let next = gve::api::page::next_link(resp.headers());
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    (serde_json::from_slice(&body).unwrap(), next)
+}
+
+fn ids(items: &[serde_json::Value]) -> Vec<String> {
+    items
+        .iter()
+        .map(|v| v["id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+async fn vm(c: &Client) -> SiteVm {
+    let j = job(c, "/v1/vms", json!({ "main-memory-mib": 64 })).await;
+    assert_eq!(j.state, JobState::Succeeded, "{j:?}");
+    serde_json::from_value(j.result.unwrap()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listings_are_paged_by_a_stable_cursor_and_hold_only_the_callers() {
+    let e = env(1, |_| {}).await;
+    let ann = e.user("ann", None).await;
+    let bo = e.user("bo", None).await;
+    let mut anns = BTreeSet::new();
+    for _ in 0..7 {
+        anns.insert(vm(&ann).await.id);
+    }
+    let bos: BTreeSet<String> = [vm(&bo).await.id, vm(&bo).await.id].into();
+
+    // Pages of 3 in id order, each with a link to the next until the last.
+    let (first, next) = page(&ann, "/v1/vms?limit=3").await;
+    assert_eq!(first.len(), 3);
+    let next = next.expect("a next link after a full page");
+    // A VM added between pages neither repeats nor hides one listed before.
+    let late = vm(&ann).await.id;
+    anns.insert(late.clone());
+    let (second, next2) = page(&ann, &next).await;
+    let (third, next3) = page(&ann, &next2.unwrap()).await;
+    let mut seen = ids(&first);
+    seen.extend(ids(&second));
+    seen.extend(ids(&third));
+    let mut rest = next3;
+    while let Some(n) = rest {
+        let (p, n) = page(&ann, &n).await;
+        seen.extend(ids(&p));
+        rest = n;
+    }
+    let mut sorted = seen.clone();
+    sorted.sort();
+    assert_eq!(seen, sorted, "pages come in id order");
+    let unique: BTreeSet<String> = seen.iter().cloned().collect();
+    assert_eq!(unique.len(), seen.len(), "no VM on two pages: {seen:?}");
+    let before_late: BTreeSet<String> = anns.iter().filter(|i| **i != late).cloned().collect();
+    assert!(unique.is_superset(&before_late), "{unique:?}");
+    assert!(unique.is_subset(&anns), "only ann's VMs: {unique:?}");
+
+    // The client follows the links; the last page has none.
+    let all: Vec<SiteVm> = ann.get_pages("/v1/vms?limit=2", usize::MAX).await.unwrap();
+    assert_eq!(
+        all.iter().map(|v| v.id.clone()).collect::<BTreeSet<_>>(),
+        anns
+    );
+    let (_, none) = page(&ann, "/v1/vms?limit=1000").await;
+    assert_eq!(none, None);
+    let (empty, none) = page(&ann, &format!("/v1/vms?after={}", anns.last().unwrap())).await;
+    assert!(empty.is_empty() && none.is_none());
+    // bo's own listing, and the admin's whole inventory in pages of 4.
+    let theirs: Vec<SiteVm> = bo.get_pages("/v1/vms?limit=1", usize::MAX).await.unwrap();
+    assert_eq!(
+        theirs.iter().map(|v| v.id.clone()).collect::<BTreeSet<_>>(),
+        bos
+    );
+    let inventory: Vec<SiteVm> = e
+        .admin
+        .get_pages("/v1/vms?all=true&limit=4", usize::MAX)
+        .await
+        .unwrap();
+    let everyone: BTreeSet<String> = anns.union(&bos).cloned().collect();
+    assert_eq!(
+        inventory
+            .iter()
+            .map(|v| v.id.clone())
+            .collect::<BTreeSet<_>>(),
+        everyone
+    );
+    // A user asking for everything gets their own (all is for admins).
+    let mine: Vec<SiteVm> = bo.get_pages("/v1/vms?all=true", usize::MAX).await.unwrap();
+    assert_eq!(mine.len(), 2);
+
+    // Jobs: newest first, pages by `before`, the same as one big page.
+    let big: Vec<Job> = ann.get("/v1/jobs?limit=1000").await.unwrap();
+    assert_eq!(big.len(), 8);
+    let paged: Vec<Job> = ann.get_pages("/v1/jobs?limit=3", usize::MAX).await.unwrap();
+    assert_eq!(
+        paged.iter().map(|j| &j.id).collect::<Vec<_>>(),
+        big.iter().map(|j| &j.id).collect::<Vec<_>>()
+    );
+    assert!(paged.windows(2).all(|w| w[0].id > w[1].id), "newest first");
+    let capped: Vec<Job> = ann.get_pages("/v1/jobs?limit=3", 5).await.unwrap();
+    assert_eq!(capped.len(), 5);
+    let admin_jobs: Vec<Job> = e
+        .admin
+        .get_pages("/v1/jobs?all=true&limit=2", usize::MAX)
+        .await
+        .unwrap();
+    assert_eq!(admin_jobs.len(), 10);
+
+    // Bad cursors and sizes: 400 for sizes out of range, an empty page for a
+    // cursor past everything; never a 500.
+    for bad in [
+        "/v1/vms?limit=0",
+        "/v1/vms?limit=18446744073709551615",
+        "/v1/jobs?limit=-1",
+    ] {
+        let err = ann.get::<serde_json::Value>(bad).await.unwrap_err();
+        assert_eq!(err.status, 400, "{bad}: {err}");
+    }
+    for odd in [
+        "/v1/vms?after=%00",
+        "/v1/vms?after=%FF%FE",
+        "/v1/jobs?before=",
+        "/v1/jobs?before=zzzz",
+        "/v1/jobs?before=%00",
+    ] {
+        let got = ann.get::<Vec<serde_json::Value>>(odd).await;
+        assert!(
+            got.is_ok() || got.as_ref().unwrap_err().status == 400,
+            "{odd}: {got:?}"
+        );
+    }
+    e.site.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_jobs_events_come_from_its_index_kept_by_retention_and_rebuilt_on_open() {
+    let e = env(1, |c| c.job_retention_seconds = 1).await;
+    let ann = e.user("ann", None).await;
+    let v = vm(&ann).await;
+    let mut jobs = Vec::new();
+    for i in 0..6 {
+        let j = job(
+            &ann,
+            &format!("/v1/vms/{}/exec", v.id),
+            json!({ "argv": ["echo", i.to_string()] }),
+        )
+        .await;
+        jobs.push(j.id);
+    }
+    let store = e.site.core.store.clone();
+    let everything = store.events_after(0, usize::MAX, None).unwrap();
+    assert_eq!(store.event_index_len().unwrap(), everything.len() as u64);
+    for id in &jobs {
+        let by_index = store.events_after(0, usize::MAX, Some(id)).unwrap();
+        let by_scan: Vec<_> = everything.iter().filter(|ev| &ev.job == id).collect();
+        assert!(!by_index.is_empty());
+        assert_eq!(
+            by_index.iter().map(|e| e.seq).collect::<Vec<_>>(),
+            by_scan.iter().map(|e| e.seq).collect::<Vec<_>>()
+        );
+        // Resuming after an event sends only what followed it.
+        let after = by_index[0].seq;
+        let rest = store.events_after(after, usize::MAX, Some(id)).unwrap();
+        assert_eq!(rest.len(), by_index.len() - 1);
+        assert!(rest.iter().all(|ev| ev.seq > after && &ev.job == id));
+        assert!(store
+            .events_after(u64::MAX, 10, Some(id))
+            .unwrap()
+            .is_empty());
+    }
+    assert_eq!(e.site.core.store.owned_vm_count("ann").unwrap(), 1);
+
+    // Retention removes events and their index entries together.
+    tokio::time::sleep(std::time::Duration::from_millis(1_100)).await;
+    let fresh = job(
+        &ann,
+        &format!("/v1/vms/{}/exec", v.id),
+        json!({ "argv": ["true"] }),
+    )
+    .await;
+    e.site.core.prune_finished();
+    let left = store.events_after(0, usize::MAX, None).unwrap();
+    assert!(left.iter().all(|ev| ev.job == fresh.id), "{left:?}");
+    assert_eq!(store.event_index_len().unwrap(), left.len() as u64);
+    assert!(store
+        .events_after(0, 100, Some(&jobs[0]))
+        .unwrap()
+        .is_empty());
+
+    // Releasing the VM takes it out of ann's index entries.
+    let r: Job = serde_json::from_value(
+        post(&ann, &format!("/v1/vms/{}/release", v.id), json!({}))
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    crate::site::wait_job(&ann, &r.id).await;
+    assert_eq!(store.owned_vm_count("ann").unwrap(), 0);
+    let mine: Vec<SiteVm> = ann.get("/v1/vms").await.unwrap();
+    assert!(mine.is_empty(), "{mine:?}");
+    let kept = vm(&ann).await;
+
+    // A database from before the indexes (dropped here) gets them built on open.
+    let path = e.site.core.config.data_dir.join("site.redb");
+    drop(store);
+    let more = job(
+        &ann,
+        &format!("/v1/vms/{}/exec", kept.id),
+        json!({ "argv": ["true"] }),
+    )
+    .await;
+    e.site.stop().await;
+    {
+        let db = redb::Database::open(&path).unwrap();
+        let w = db.begin_write().unwrap();
+        let events: redb::TableDefinition<(&str, u64), ()> =
+            redb::TableDefinition::new("job_events_by_job");
+        assert!(w.delete_table(events).unwrap());
+        for t in ["vms_by_owner", "vms_by_agent", "vms_by_agent_vm"] {
+            let def: redb::TableDefinition<(&str, &str), ()> = redb::TableDefinition::new(t);
+            assert!(w.delete_table(def).unwrap(), "{t}");
+        }
+        let free: redb::TableDefinition<&str, ()> = redb::TableDefinition::new("vms_free");
+        assert!(w.delete_table(free).unwrap());
+        let lease: redb::TableDefinition<(u64, &str), ()> =
+            redb::TableDefinition::new("vms_by_lease");
+        assert!(w.delete_table(lease).unwrap());
+        let meta: redb::TableDefinition<&str, &str> = redb::TableDefinition::new("meta");
+        let mut m = w.open_table(meta).unwrap();
+        for k in ["index:job-events", "index:vms"] {
+            assert!(m.remove(k).unwrap().is_some(), "{k}");
+        }
+        drop(m);
+        w.commit().unwrap();
+    }
+    let store = Store::open(&path).unwrap();
+    let evs = store.events_after(0, 100, Some(&more.id)).unwrap();
+    assert!(
+        evs.iter().any(|ev| ev.state == JobState::Succeeded),
+        "{evs:?}"
+    );
+    assert_eq!(
+        store.event_index_len().unwrap(),
+        store.events_after(0, usize::MAX, None).unwrap().len() as u64
+    );
+    let page = store.vms_page(Some("ann"), None, 10).unwrap();
+    assert_eq!(
+        page.items.iter().map(|v| v.id.as_str()).collect::<Vec<_>>(),
+        [kept.id.as_str()]
+    );
+    assert!(!page.more);
+    // Its lease is indexed again: due at its deadline, not before.
+    let until = page.items[0].lease.unwrap().until_ms;
+    assert!(store.leases_due(until - 1).unwrap().is_empty());
+    assert_eq!(store.leases_due(until).unwrap().len(), 1);
+}
