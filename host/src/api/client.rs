@@ -67,11 +67,16 @@ impl Client {
         let config = tls
             .client_config()
             .map_err(|e| ApiError::bad_request(e.to_string()))?;
+        // No Nagle: a request's small writes go out at once, not after an ACK
+        // that a delayed-ACK peer holds back up to 40 ms.
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
         let connector = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(config)
             .https_or_http()
             .enable_http1()
-            .build();
+            .wrap_connector(http);
         Ok(Client {
             base: base.trim_end_matches('/').to_string(),
             token,

@@ -307,6 +307,9 @@ pub async fn serve<H: Handler>(
                 }
             },
         };
+        // No Nagle: an event stream's frames and a response's last bytes go out
+        // as written, not after the peer's delayed ACK (up to 40 ms each).
+        let _ = stream.set_nodelay(true);
         let Some((id, busy)) = conns.admit(peer.ip()) else {
             tracing::warn!(%peer, "connection refused: every connection in the way is busy");
             drop(stream);

@@ -115,7 +115,7 @@ pub fn document(i: &Inputs) -> Value {
     let created = glue_time(i.now_ms);
     let version = env!("CARGO_PKG_VERSION");
 
-    let committed = placement::committed(i.vms, i.pending);
+    let committed = placement::committed(placement::held(i.vms), i.pending);
     let up: Vec<&AgentRec> = i
         .agents
         .iter()

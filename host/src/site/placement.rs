@@ -20,25 +20,34 @@ pub enum Policy {
     Spread,
 }
 
-/// Memory each agent has promised, MiB: the VMs it holds and the VMs jobs are
-/// creating on it (`pending`: agent, MiB).
-pub fn committed<'a>(vms: &'a [SiteVm], pending: &'a [(String, u64)]) -> HashMap<&'a str, u64> {
-    let mut committed: HashMap<&str, u64> = HashMap::new();
-    // Saturating: the numbers come from agents.
+/// Memory the VMs on each agent hold, MiB (saturating: the numbers come from
+/// agents). The site keeps the same sums as it writes VM records
+/// ([`super::store::Store::memory_by_agent`]); this is for a set already read.
+pub fn held(vms: &[SiteVm]) -> HashMap<String, u64> {
+    let mut held: HashMap<String, u64> = HashMap::new();
     for v in vms {
-        let c = committed.entry(v.agent.as_str()).or_default();
+        let c = held.entry(v.agent.clone()).or_default();
         *c = c.saturating_add(v.main_memory_mib);
     }
+    held
+}
+
+/// Memory each agent has promised, MiB: what its VMs hold (`held`) and the VMs
+/// jobs are creating on it (`pending`: agent, MiB).
+pub fn committed(
+    mut held: HashMap<String, u64>,
+    pending: &[(String, u64)],
+) -> HashMap<String, u64> {
     // Requests placed but not created yet hold room too.
     for (agent, mib) in pending {
-        let c = committed.entry(agent.as_str()).or_default();
+        let c = held.entry(agent.clone()).or_default();
         *c = c.saturating_add(*mib);
     }
-    committed
+    held
 }
 
 /// Memory agent `a` has left for a new VM, MiB (0 when it never reported a host).
-pub fn room(a: &AgentRec, committed: &HashMap<&str, u64>) -> u64 {
+pub fn room(a: &AgentRec, committed: &HashMap<String, u64>) -> u64 {
     let total = a.host.as_ref().map(|h| h.main_memory_mib).unwrap_or(0);
     total.saturating_sub(committed.get(a.id.as_str()).copied().unwrap_or(0))
 }
@@ -46,12 +55,12 @@ pub fn room(a: &AgentRec, committed: &HashMap<&str, u64>) -> u64 {
 /// Picks an agent for `req`, or says why none fits.
 pub fn choose(
     agents: &[AgentRec],
-    vms: &[SiteVm],
+    held: HashMap<String, u64>,
     pending: &[(String, u64)],
     req: &VmRequest,
     policy: Policy,
 ) -> Result<String, String> {
-    let committed = committed(vms, pending);
+    let committed = committed(held, pending);
     let mut why = Vec::new();
     let mut fits: Vec<(u64, &str)> = Vec::new();
     for a in agents {
@@ -146,16 +155,23 @@ mod tests {
             agent("c", 65536, false),
         ];
         assert_eq!(
-            choose(&agents, &[], &[], &req(1024, None), Policy::Pack).unwrap(),
+            choose(&agents, HashMap::new(), &[], &req(1024, None), Policy::Pack).unwrap(),
             "a"
         );
         assert_eq!(
-            choose(&agents, &[], &[], &req(1024, None), Policy::Spread).unwrap(),
+            choose(
+                &agents,
+                HashMap::new(),
+                &[],
+                &req(1024, None),
+                Policy::Spread
+            )
+            .unwrap(),
             "b"
         );
         let e = choose(
             &agents,
-            &[],
+            HashMap::new(),
             &[],
             &req(10_000, Some("tiny")),
             Policy::Spread,
@@ -165,10 +181,49 @@ mod tests {
             e.contains("c: down") && e.contains("b: 8192 MiB free"),
             "{e}"
         );
-        let e = choose(&agents, &[], &[], &req(10, Some("other")), Policy::Spread).unwrap_err();
+        let e = choose(
+            &agents,
+            HashMap::new(),
+            &[],
+            &req(10, Some("other")),
+            Policy::Spread,
+        )
+        .unwrap_err();
         assert!(e.contains("no template 'other'"), "{e}");
-        assert!(choose(&[], &[], &[], &req(1, None), Policy::Pack)
-            .unwrap_err()
-            .contains("no agent"));
+        assert!(
+            choose(&[], HashMap::new(), &[], &req(1, None), Policy::Pack)
+                .unwrap_err()
+                .contains("no agent")
+        );
+    }
+
+    #[test]
+    fn memory_held_and_pending_take_room() {
+        let agents = [agent("a", 4096, true), agent("b", 8192, true)];
+        let on_a = HashMap::from([("a".to_string(), 3000)]);
+        // a has 1096 MiB left: too little for 2048, so even pack goes to b.
+        assert_eq!(
+            choose(&agents, on_a.clone(), &[], &req(2048, None), Policy::Pack).unwrap(),
+            "b"
+        );
+        // b's room is taken by a request being created there.
+        let pending = [("b".to_string(), 7000)];
+        let e = choose(&agents, on_a, &pending, &req(2048, None), Policy::Spread).unwrap_err();
+        assert!(
+            e.contains("a: 1096 MiB free") && e.contains("b: 1192 MiB free"),
+            "{e}"
+        );
+        // Sums saturate rather than wrap.
+        let vms: Vec<SiteVm> = (0..2)
+            .map(|i| {
+                serde_json::from_value(serde_json::json!({
+                    "id": format!("v{i}"), "agent": "a", "agent-vm": format!("x{i}"),
+                    "name": "n", "logical-cpus": 1, "main-memory-mib": u64::MAX, "state": "running",
+                    "updated-ms": 0
+                }))
+                .unwrap()
+            })
+            .collect();
+        assert_eq!(held(&vms)["a"], u64::MAX);
     }
 }

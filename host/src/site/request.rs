@@ -302,10 +302,10 @@ impl SiteCore {
             (Some(a), Some(n)) => (a.to_string(), n.to_string()),
             _ => {
                 let agents = self.store.agents().map_err(store_error)?;
-                let vms = self.store.vms().map_err(store_error)?;
+                let held = self.store.memory_by_agent().map_err(store_error)?;
                 let mut placing = self.placing.lock().unwrap_or_else(|p| p.into_inner());
                 let pending: Vec<(String, u64)> = placing.values().cloned().collect();
-                let chosen = placement::choose(&agents, &vms, &pending, req, self.config.placement)
+                let chosen = placement::choose(&agents, held, &pending, req, self.config.placement)
                     .map_err(|m| err("unavailable", m))?;
                 placing.insert(job.id.clone(), (chosen.clone(), req.main_memory_mib));
                 drop(placing);

@@ -21,6 +21,14 @@ async fn page(c: &Client, path: &str) -> (Vec<serde_json::Value>, Option<String>
     (serde_json::from_slice(&body).unwrap(), next)
 }
 
+/// The memory sums placement reads agree with the records they sum.
+fn sums_agree(store: &Store) {
+    assert_eq!(
+        store.memory_by_agent().unwrap(),
+        gve::site::placement::held(&store.vms().unwrap())
+    );
+}
+
 fn ids(items: &[serde_json::Value]) -> Vec<String> {
     items
         .iter()
@@ -104,6 +112,7 @@ async fn listings_are_paged_by_a_stable_cursor_and_hold_only_the_callers() {
     // A user asking for everything gets their own (all is for admins).
     let mine: Vec<SiteVm> = bo.get_pages("/v1/vms?all=true", usize::MAX).await.unwrap();
     assert_eq!(mine.len(), 2);
+    sums_agree(&e.site.core.store);
 
     // Jobs: newest first, pages by `before`, the same as one big page.
     let big: Vec<Job> = ann.get("/v1/jobs?limit=1000").await.unwrap();
@@ -215,6 +224,7 @@ async fn a_jobs_events_come_from_its_index_kept_by_retention_and_rebuilt_on_open
     assert_eq!(store.owned_vm_count("ann").unwrap(), 0);
     let mine: Vec<SiteVm> = ann.get("/v1/vms").await.unwrap();
     assert!(mine.is_empty(), "{mine:?}");
+    sums_agree(&store);
     let kept = vm(&ann).await;
 
     // A database from before the indexes (dropped here) gets them built on open.
@@ -242,6 +252,9 @@ async fn a_jobs_events_come_from_its_index_kept_by_retention_and_rebuilt_on_open
         let lease: redb::TableDefinition<(u64, &str), ()> =
             redb::TableDefinition::new("vms_by_lease");
         assert!(w.delete_table(lease).unwrap());
+        let memory: redb::TableDefinition<&str, u128> =
+            redb::TableDefinition::new("vms_memory_by_agent");
+        assert!(w.delete_table(memory).unwrap());
         let meta: redb::TableDefinition<&str, &str> = redb::TableDefinition::new("meta");
         let mut m = w.open_table(meta).unwrap();
         for k in ["index:job-events", "index:vms"] {
@@ -270,4 +283,5 @@ async fn a_jobs_events_come_from_its_index_kept_by_retention_and_rebuilt_on_open
     let until = page.items[0].lease.unwrap().until_ms;
     assert!(store.leases_due(until - 1).unwrap().is_empty());
     assert_eq!(store.leases_due(until).unwrap().len(), 1);
+    sums_agree(&store);
 }

@@ -350,6 +350,14 @@ async fn a_vm_moved_outside_a_job_keeps_its_owner() {
     assert_eq!((me.usage.vms, me.usage.main_memory_mib), (1, 192));
     // Jobs reach it where it is now.
     runs_a_command(&alice, &vm).await;
+    // The memory placement counts moved with it: all on the new agent.
+    let held = site.core.store.memory_by_agent().unwrap();
+    assert_eq!(
+        held,
+        gve::site::placement::held(&site.core.store.vms().unwrap())
+    );
+    assert_eq!(held.get(to), Some(&192), "{held:?}");
+    assert_eq!(held.len(), 1, "{held:?}");
     site.stop().await;
     a.stop().await;
     b.stop().await;

@@ -19,6 +19,8 @@ const BY_AGENT: TableDefinition<(&str, &str), ()> = TableDefinition::new("vms_by
 const BY_AGENT_VM: TableDefinition<(&str, &str), ()> = TableDefinition::new("vms_by_agent_vm");
 /// (lease deadline, VM id) → (): held VMs whose lease has not expired.
 const BY_LEASE: TableDefinition<(u64, &str), ()> = TableDefinition::new("vms_by_lease");
+/// Agent → the memory its VMs hold, MiB (exact: a sum of u64s in a u128).
+const MEMORY: TableDefinition<&str, u128> = TableDefinition::new("vms_memory_by_agent");
 
 /// Meta key saying the indexes above were built (a database from before them has none).
 const BUILT: &str = "index:vms";
@@ -30,6 +32,7 @@ struct Keys<'a> {
     agent: &'a str,
     agent_vm: &'a str,
     lease: Option<u64>,
+    mib: u64,
 }
 
 fn keys(v: &SiteVm) -> Keys<'_> {
@@ -41,6 +44,7 @@ fn keys(v: &SiteVm) -> Keys<'_> {
             (Some(_), Some(l)) if !l.expired => Some(l.until_ms),
             _ => None,
         },
+        mib: v.main_memory_mib,
     }
 }
 
@@ -51,6 +55,18 @@ fn index(txn: &WriteTransaction, id: &str, k: &Keys<'_>, add: bool) -> Result<()
     let mut by_agent = txn.open_table(BY_AGENT)?;
     let mut by_agent_vm = txn.open_table(BY_AGENT_VM)?;
     let mut by_lease = txn.open_table(BY_LEASE)?;
+    let mut memory = txn.open_table(MEMORY)?;
+    let held = memory.get(k.agent)?.map(|g| g.value()).unwrap_or(0);
+    let held = if add {
+        held + u128::from(k.mib)
+    } else {
+        held.saturating_sub(u128::from(k.mib))
+    };
+    if held == 0 {
+        memory.remove(k.agent)?;
+    } else {
+        memory.insert(k.agent, held)?;
+    }
     if add {
         match k.owner {
             Some(o) => by_owner.insert((o, id), ())?,
@@ -82,6 +98,7 @@ pub(super) fn open_tables(txn: &WriteTransaction) -> Result<(), redb::Error> {
     }
     txn.open_table(FREE)?;
     txn.open_table(BY_LEASE)?;
+    txn.open_table(MEMORY)?;
     let mut meta = txn.open_table(META)?;
     if meta.get(BUILT)?.is_some() {
         return Ok(());
@@ -261,6 +278,22 @@ impl Store {
                 if let Some(v) = get(&vms, k.value().1)? {
                     out.push(v);
                 }
+            }
+            Ok(out)
+        })
+    }
+
+    /// The memory each agent's VMs hold, MiB (agents without VMs are absent).
+    pub fn memory_by_agent(&self) -> Result<std::collections::HashMap<String, u64>, StoreError> {
+        self.read(|r| {
+            let t = r.open_table(MEMORY).map_err(storage)?;
+            let mut out = std::collections::HashMap::new();
+            for row in t.range::<&str>(..).map_err(storage)? {
+                let (k, v) = row.map_err(storage)?;
+                out.insert(
+                    k.value().to_string(),
+                    u64::try_from(v.value()).unwrap_or(u64::MAX),
+                );
             }
             Ok(out)
         })
