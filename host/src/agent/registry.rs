@@ -38,6 +38,26 @@ fn is_time_ordered(id: &str) -> bool {
 
 /// Operation → the idempotency key that started it (removed with it).
 const KEY_OF_OP: TableDefinition<&str, &str> = TableDefinition::new("operation_key_of");
+/// (VM name, VM id) → (): finding a VM by name reads its entry, not every record.
+const NAMES: TableDefinition<(&str, &str), ()> = TableDefinition::new("vm_names");
+/// Meta key saying [`NAMES`] was built (a registry from before it has none).
+const NAMES_BUILT: &str = "index:vm-names";
+
+/// The id of the first VM (in id order) named `name`, by the name index.
+fn id_by_name(
+    names: &impl ReadableTable<(&'static str, &'static str), ()>,
+    name: &str,
+) -> Result<Option<String>, RegistryError> {
+    let first = names.range((name, "")..).map_err(storage)?.next();
+    match first {
+        Some(row) => {
+            let (k, _) = row.map_err(storage)?;
+            let (n, id) = k.value();
+            Ok((n == name).then(|| id.to_string()))
+        }
+        None => Ok(None),
+    }
+}
 
 /// Events kept; older ones are trimmed.
 const MAX_EVENTS: u64 = 100_000;
@@ -97,8 +117,21 @@ impl Txn<'_> {
     /// Inserts or replaces a VM record.
     pub fn put_vm(&mut self, rec: &VmRecord) -> Result<(), RegistryError> {
         let mut t = self.txn.open_table(VMS).map_err(storage)?;
-        t.insert(rec.vm.id.as_str(), encode(rec)?.as_slice())
-            .map_err(storage)?;
+        let id = rec.vm.id.as_str();
+        let old = t
+            .insert(id, encode(rec)?.as_slice())
+            .map_err(storage)?
+            .map(|v| decode::<VmRecord>(id, v.value()))
+            .transpose()?;
+        if old.as_ref().map(|o| o.vm.name.as_str()) != Some(rec.vm.name.as_str()) {
+            let mut names = self.txn.open_table(NAMES).map_err(storage)?;
+            if let Some(o) = &old {
+                names.remove((o.vm.name.as_str(), id)).map_err(storage)?;
+            }
+            names
+                .insert((rec.vm.name.as_str(), id), ())
+                .map_err(storage)?;
+        }
         Ok(())
     }
 
@@ -121,16 +154,32 @@ impl Txn<'_> {
             v.map(|v| decode::<VmRecord>(id_or_name, v.value()))
                 .transpose()?
         };
-        match by_id {
-            Some(r) => Ok(Some(r)),
-            None => Ok(self.vms()?.into_iter().find(|r| r.vm.name == id_or_name)),
+        if by_id.is_some() {
+            return Ok(by_id);
+        }
+        let names = self.txn.open_table(NAMES).map_err(storage)?;
+        match id_by_name(&names, id_or_name)? {
+            Some(id) => {
+                let t = self.txn.open_table(VMS).map_err(storage)?;
+                let v = t.get(id.as_str()).map_err(storage)?;
+                v.map(|v| decode::<VmRecord>(&id, v.value())).transpose()
+            }
+            None => Ok(None),
         }
     }
 
     /// Removes a VM record.
     pub fn remove_vm(&mut self, id: &str) -> Result<(), RegistryError> {
         let mut t = self.txn.open_table(VMS).map_err(storage)?;
-        t.remove(id).map_err(storage)?;
+        let old = t
+            .remove(id)
+            .map_err(storage)?
+            .map(|v| decode::<VmRecord>(id, v.value()))
+            .transpose()?;
+        if let Some(o) = old {
+            let mut names = self.txn.open_table(NAMES).map_err(storage)?;
+            names.remove((o.vm.name.as_str(), id)).map_err(storage)?;
+        }
         Ok(())
     }
 
@@ -320,6 +369,19 @@ impl Registry {
             if meta.get("schema").map_err(|e| err(&e))?.is_none() {
                 meta.insert("schema", "1").map_err(|e| err(&e))?;
             }
+            let mut names = txn.open_table(NAMES).map_err(|e| err(&e))?;
+            if meta.get(NAMES_BUILT).map_err(|e| err(&e))?.is_none() {
+                let vms = txn.open_table(VMS).map_err(|e| err(&e))?;
+                for row in vms.range::<&str>(..).map_err(|e| err(&e))? {
+                    let (k, v) = row.map_err(|e| err(&e))?;
+                    if let Ok(r) = serde_json::from_slice::<VmRecord>(v.value()) {
+                        names
+                            .insert((r.vm.name.as_str(), k.value()), ())
+                            .map_err(|e| err(&e))?;
+                    }
+                }
+                meta.insert(NAMES_BUILT, "1").map_err(|e| err(&e))?;
+            }
         }
         txn.commit().map_err(|e| err(&e))?;
         Ok(Registry {
@@ -438,7 +500,15 @@ impl Registry {
         if let Some(r) = self.one::<VmRecord>(VMS, id_or_name)? {
             return Ok(Some(r));
         }
-        Ok(self.vms()?.into_iter().find(|r| r.vm.name == id_or_name))
+        let id = {
+            let txn = self.db.db().begin_read().map_err(storage)?;
+            let names = txn.open_table(NAMES).map_err(storage)?;
+            id_by_name(&names, id_or_name)?
+        };
+        match id {
+            Some(id) => self.one::<VmRecord>(VMS, &id),
+            None => Ok(None),
+        }
     }
 
     /// The operation a client's idempotency key started, if any.

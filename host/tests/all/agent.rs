@@ -590,3 +590,47 @@ async fn guest_operations_use_the_drivers_native_guest_export() {
     assert_eq!(site["site"]["id"], "site-a");
     agent.stop().await;
 }
+
+/// A VM is found by name through an index kept with each record (not by reading
+/// every record): a destroyed VM's name is free again, and a registry from before
+/// the index gets it built on open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vms_are_found_by_name_through_an_index_kept_with_each_record() {
+    let (agent, c, dir) = agent("memory:names", 60_000).await;
+    let one = run_op(&c, "/v1/vms", profile("n-1")).await.result.unwrap();
+    let two = run_op(&c, "/v1/vms", profile("n-2")).await.result.unwrap();
+    let by_name: VmRecord = c.get("/v1/vms/n-1").await.unwrap();
+    assert_eq!(by_name.vm.id, one.id);
+    let op = run_op(&c, &format!("/v1/vms/{}/destroy", one.id), json!({})).await;
+    assert_eq!(op.state, OpState::Succeeded, "{op:?}");
+    let e = c.get::<VmRecord>("/v1/vms/n-1").await.unwrap_err();
+    assert_eq!(e.status, 404, "{e}");
+    let again = run_op(&c, "/v1/vms", profile("n-1")).await;
+    assert_eq!(
+        again.state,
+        OpState::Succeeded,
+        "the name is free: {again:?}"
+    );
+    let again = again.result.unwrap();
+    agent.stop().await;
+
+    let path = dir.path().join("agent.redb");
+    {
+        let db = redb::Database::open(&path).unwrap();
+        let w = db.begin_write().unwrap();
+        let names: redb::TableDefinition<(&str, &str), ()> = redb::TableDefinition::new("vm_names");
+        assert!(w.delete_table(names).unwrap());
+        let meta: redb::TableDefinition<&str, &str> = redb::TableDefinition::new("meta");
+        assert!(w
+            .open_table(meta)
+            .unwrap()
+            .remove("index:vm-names")
+            .unwrap()
+            .is_some());
+        w.commit().unwrap();
+    }
+    let reg = gve::agent::registry::Registry::open(&path).unwrap();
+    assert_eq!(reg.vm("n-2").unwrap().unwrap().vm.id, two.id);
+    assert_eq!(reg.vm("n-1").unwrap().unwrap().vm.id, again.id);
+    assert!(reg.vm("n-3").unwrap().is_none());
+}
