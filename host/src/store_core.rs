@@ -13,8 +13,16 @@ use tokio::sync::broadcast;
 /// A redb database and the channel its committed writes publish events on.
 /// Cheap to clone.
 pub struct Published<Ev> {
-    db: Arc<Database>,
+    db: Arc<Held>,
     events: broadcast::Sender<Ev>,
+}
+
+/// The database and a sender dropped after it (fields drop in order), so a
+/// [`CloseWatch`] hears of the close once the file is closed, not when the last
+/// holder lets go (redb's own drop still writes before it unlocks the file).
+struct Held {
+    db: Database,
+    closed: tokio::sync::watch::Sender<()>,
 }
 
 impl<Ev> Clone for Published<Ev> {
@@ -29,28 +37,23 @@ impl<Ev> Clone for Published<Ev> {
 /// How long a stopping service waits for its database to be closed.
 pub const CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// Tells when every holder of a database has let go of it (the file is closed
-/// and another open, in this process or another, will succeed).
-pub struct CloseWatch(std::sync::Weak<Database>);
+/// Tells when every holder of a database has let go of it and the file is
+/// closed (another open, in this process or another, will succeed).
+pub struct CloseWatch(tokio::sync::watch::Receiver<()>);
 
 impl CloseWatch {
     /// Waits until the database is closed, at most `limit`; false if it is still open.
-    pub async fn closed(&self, limit: std::time::Duration) -> bool {
-        let end = tokio::time::Instant::now() + limit;
-        while self.0.strong_count() > 0 {
-            if tokio::time::Instant::now() >= end {
-                return false;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-        }
-        true
+    pub async fn closed(mut self, limit: std::time::Duration) -> bool {
+        tokio::time::timeout(limit, async { while self.0.changed().await.is_ok() {} })
+            .await
+            .is_ok()
     }
 }
 
 impl<Ev> Published<Ev> {
     /// A watch on this database's closing.
     pub fn close_watch(&self) -> CloseWatch {
-        CloseWatch(Arc::downgrade(&self.db))
+        CloseWatch(self.db.closed.subscribe())
     }
 }
 
@@ -58,14 +61,17 @@ impl<Ev: Clone> Published<Ev> {
     /// `db`, publishing to subscribers that keep up within `backlog` events.
     pub fn new(db: Database, backlog: usize) -> Published<Ev> {
         Published {
-            db: Arc::new(db),
+            db: Arc::new(Held {
+                db,
+                closed: tokio::sync::watch::channel(()).0,
+            }),
             events: broadcast::channel(backlog).0,
         }
     }
 
     /// The database, for reads.
     pub fn db(&self) -> &Database {
-        &self.db
+        &self.db.db
     }
 
     /// Runs `f` in one write transaction committed with `durability`; the events
@@ -78,7 +84,11 @@ impl<Ev: Clone> Published<Ev> {
         storage: fn(String) -> E,
         f: impl FnOnce(&WriteTransaction, &mut Vec<Ev>) -> Result<T, E>,
     ) -> Result<T, E> {
-        let mut txn = self.db.begin_write().map_err(|e| storage(e.to_string()))?;
+        let mut txn = self
+            .db
+            .db
+            .begin_write()
+            .map_err(|e| storage(e.to_string()))?;
         txn.set_durability(durability)
             .map_err(|e| storage(e.to_string()))?;
         let mut events = Vec::new();
