@@ -43,6 +43,14 @@ const NAMES: TableDefinition<(&str, &str), ()> = TableDefinition::new("vm_names"
 /// Meta key saying [`NAMES`] was built (a registry from before it has none).
 const NAMES_BUILT: &str = "index:vm-names";
 
+/// A VM record a write replaces, for its name entry; an unreadable one is
+/// logged and replaced all the same (a lookup by name checks the record it finds).
+fn readable(id: &str, bytes: &[u8]) -> Option<VmRecord> {
+    decode::<VmRecord>(id, bytes)
+        .map_err(|e| tracing::warn!(vm = id, "replacing an unreadable VM record: {e}"))
+        .ok()
+}
+
 /// The id of the first VM (in id order) named `name`, by the name index.
 fn id_by_name(
     names: &impl ReadableTable<(&'static str, &'static str), ()>,
@@ -121,8 +129,7 @@ impl Txn<'_> {
         let old = t
             .insert(id, encode(rec)?.as_slice())
             .map_err(storage)?
-            .map(|v| decode::<VmRecord>(id, v.value()))
-            .transpose()?;
+            .and_then(|v| readable(id, v.value()));
         if old.as_ref().map(|o| o.vm.name.as_str()) != Some(rec.vm.name.as_str()) {
             let mut names = self.txn.open_table(NAMES).map_err(storage)?;
             if let Some(o) = &old {
@@ -162,7 +169,9 @@ impl Txn<'_> {
             Some(id) => {
                 let t = self.txn.open_table(VMS).map_err(storage)?;
                 let v = t.get(id.as_str()).map_err(storage)?;
-                v.map(|v| decode::<VmRecord>(&id, v.value())).transpose()
+                Ok(v.map(|v| decode::<VmRecord>(&id, v.value()))
+                    .transpose()?
+                    .filter(|r| r.vm.name == id_or_name))
             }
             None => Ok(None),
         }
@@ -174,8 +183,7 @@ impl Txn<'_> {
         let old = t
             .remove(id)
             .map_err(storage)?
-            .map(|v| decode::<VmRecord>(id, v.value()))
-            .transpose()?;
+            .and_then(|v| readable(id, v.value()));
         if let Some(o) = old {
             let mut names = self.txn.open_table(NAMES).map_err(storage)?;
             names.remove((o.vm.name.as_str(), id)).map_err(storage)?;
@@ -500,15 +508,17 @@ impl Registry {
         if let Some(r) = self.one::<VmRecord>(VMS, id_or_name)? {
             return Ok(Some(r));
         }
-        let id = {
-            let txn = self.db.db().begin_read().map_err(storage)?;
-            let names = txn.open_table(NAMES).map_err(storage)?;
-            id_by_name(&names, id_or_name)?
+        // One snapshot: the name entry and the record it points to agree.
+        let txn = self.db.db().begin_read().map_err(storage)?;
+        let names = txn.open_table(NAMES).map_err(storage)?;
+        let Some(id) = id_by_name(&names, id_or_name)? else {
+            return Ok(None);
         };
-        match id {
-            Some(id) => self.one::<VmRecord>(VMS, &id),
-            None => Ok(None),
-        }
+        let t = txn.open_table(VMS).map_err(storage)?;
+        let v = t.get(id.as_str()).map_err(storage)?;
+        Ok(v.map(|v| decode::<VmRecord>(&id, v.value()))
+            .transpose()?
+            .filter(|r| r.vm.name == id_or_name))
     }
 
     /// The operation a client's idempotency key started, if any.

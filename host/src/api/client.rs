@@ -236,8 +236,10 @@ impl Client {
                     format!("GET {url}: no answer within {JSON_TIMEOUT:?}"),
                 )
             })??;
-            // Only a path on the same service is followed.
-            next = super::page::next_link(resp.headers()).filter(|n| n.starts_with('/'));
+            // Only a path on the same service is followed, and never the same
+            // page twice in a row (a server looping on one link ends the listing).
+            next =
+                super::page::next_link(resp.headers()).filter(|n| n.starts_with('/') && *n != path);
             let page: Vec<T> = Self::decode(&Method::GET, &url, resp).await?;
             if page.is_empty() {
                 break;

@@ -44,8 +44,16 @@ pub fn next_link(headers: &hyper::HeaderMap) -> Option<String> {
     for v in headers.get_all(hyper::header::LINK) {
         let v = v.to_str().ok()?;
         for part in v.split(',') {
-            let (target, params) = part.trim().split_once(';')?;
-            let target = target.trim().strip_prefix('<')?.strip_suffix('>')?;
+            let Some((target, params)) = part.trim().split_once(';') else {
+                continue;
+            };
+            let Some(target) = target
+                .trim()
+                .strip_prefix('<')
+                .and_then(|t| t.strip_suffix('>'))
+            else {
+                continue;
+            };
             if params.split(';').any(|p| {
                 let p = p.trim();
                 p == "rel=\"next\"" || p == "rel=next"
@@ -81,5 +89,8 @@ mod tests {
         assert_eq!(next_link(&h).as_deref(), Some("/b"));
         h.insert(hyper::header::LINK, "garbage".parse().unwrap());
         assert_eq!(next_link(&h), None);
+        // A part without parameters does not hide the next one.
+        h.insert(hyper::header::LINK, "</x>, </y>; rel=next".parse().unwrap());
+        assert_eq!(next_link(&h).as_deref(), Some("/y"));
     }
 }

@@ -284,4 +284,26 @@ async fn a_jobs_events_come_from_its_index_kept_by_retention_and_rebuilt_on_open
     assert!(store.leases_due(until - 1).unwrap().is_empty());
     assert_eq!(store.leases_due(until).unwrap().len(), 1);
     sums_agree(&store);
+
+    // A stale index entry (an older binary wrote the record after the index was
+    // built) never shows one user's VM to another: readers check the record.
+    drop(store);
+    {
+        let db = redb::Database::open(&path).unwrap();
+        let w = db.begin_write().unwrap();
+        let owners: redb::TableDefinition<(&str, &str), ()> =
+            redb::TableDefinition::new("vms_by_owner");
+        w.open_table(owners)
+            .unwrap()
+            .insert(("bo", kept.id.as_str()), ())
+            .unwrap();
+        w.commit().unwrap();
+    }
+    let store = Store::open(&path).unwrap();
+    let bos = store.vms_page(Some("bo"), None, 10).unwrap();
+    assert!(bos.items.is_empty() && !bos.more, "{bos:?}");
+    assert_eq!(
+        store.vms_page(Some("ann"), None, 10).unwrap().items.len(),
+        1
+    );
 }

@@ -145,7 +145,7 @@ impl Txn<'_> {
                 agent: v.agent.clone(),
             });
         }
-        let old = self.vm(&v.id)?;
+        let old = self.readable_vm(&v.id)?;
         let new = keys(v);
         if old.as_ref().map(keys) != Some(new) {
             if let Some(o) = &old {
@@ -158,10 +158,23 @@ impl Txn<'_> {
 
     /// Removes a VM record and its index entries.
     pub fn remove_vm(&mut self, id: &str) -> Result<(), StoreError> {
-        if let Some(o) = self.vm(id)? {
+        if let Some(o) = self.readable_vm(id)? {
             index(self.txn, id, &keys(&o), false).map_err(storage)?;
         }
         self.remove_vm_record(id)
+    }
+
+    /// The record a write replaces, for its index entries; an unreadable one is
+    /// logged and replaced (or removed) all the same: its stale entries, if any,
+    /// are skipped by the readers, which check each record against its entry.
+    fn readable_vm(&self, id: &str) -> Result<Option<SiteVm>, StoreError> {
+        match self.vm(id) {
+            Err(StoreError::Corrupt { key, message }) => {
+                tracing::warn!(vm = key, "replacing an unreadable VM record: {message}");
+                Ok(None)
+            }
+            other => other,
+        }
     }
 
     /// The VMs nobody holds (the pool), by the index.
@@ -170,8 +183,11 @@ impl Txn<'_> {
         let vms = self.txn.open_table(VMS).map_err(storage)?;
         let mut out = Vec::new();
         for row in free.range::<&str>(..).map_err(storage)? {
-            if let Some(v) = get(&vms, row.map_err(storage)?.0.value())? {
-                out.push(v);
+            if let Some(v) = get::<SiteVm>(&vms, row.map_err(storage)?.0.value())? {
+                // Each reader checks the record against its entry (see `readable_vm`).
+                if v.owner.is_none() {
+                    out.push(v);
+                }
             }
         }
         Ok(out)
@@ -188,8 +204,10 @@ impl Txn<'_> {
             if a != agent {
                 break;
             }
-            if let Some(v) = get(&vms, id)? {
-                out.push(v);
+            if let Some(v) = get::<SiteVm>(&vms, id)? {
+                if v.agent == agent {
+                    out.push(v);
+                }
             }
         }
         Ok(out)
@@ -206,8 +224,10 @@ impl Txn<'_> {
             if a != agent_vm {
                 break;
             }
-            if let Some(v) = get(&vms, id)? {
-                out.push(v);
+            if let Some(v) = get::<SiteVm>(&vms, id)? {
+                if v.agent_vm == agent_vm {
+                    out.push(v);
+                }
             }
         }
         Ok(out)
@@ -252,13 +272,17 @@ impl Store {
                 if Some(id) == after {
                     continue;
                 }
+                let Some(vm) = get::<SiteVm>(&vms, id)? else {
+                    continue;
+                };
+                if vm.owner.as_deref() != Some(owner) {
+                    continue;
+                }
                 if items.len() == limit {
                     more = true;
                     break;
                 }
-                if let Some(vm) = get::<SiteVm>(&vms, id)? {
-                    items.push(vm);
-                }
+                items.push(vm);
             }
             Ok(Page { items, more })
         })
@@ -275,8 +299,12 @@ impl Store {
                 .map_err(storage)?
             {
                 let (k, _) = row.map_err(storage)?;
-                if let Some(v) = get(&vms, k.value().1)? {
-                    out.push(v);
+                if let Some(v) = get::<SiteVm>(&vms, k.value().1)? {
+                    let due = v.owner.is_some()
+                        && v.lease.is_some_and(|l| !l.expired && l.until_ms <= now_ms);
+                    if due {
+                        out.push(v);
+                    }
                 }
             }
             Ok(out)
