@@ -26,6 +26,24 @@ pub fn ok_page<T: Serialize>(items: &[T], next: Option<String>) -> Result<Respon
     Ok(resp)
 }
 
+/// The path of the page after one ending with item `last` when `more` follow:
+/// `path?limit=…&cursor=last` (and `&all=true` for an admin's whole list).
+pub fn next_path(
+    path: &str,
+    cursor: &str,
+    last: Option<&str>,
+    more: bool,
+    limit: u64,
+    all: bool,
+) -> Option<String> {
+    let last = last.filter(|_| more)?;
+    let all = if all { "&all=true" } else { "" };
+    Some(format!(
+        "{path}?limit={limit}&{cursor}={}{all}",
+        encode_query(last)
+    ))
+}
+
 /// `s` percent-encoded for a query value (everything but RFC 3986's unreserved).
 pub fn encode_query(s: &str) -> String {
     let mut out = String::with_capacity(s.len());

@@ -18,7 +18,7 @@ use super::auth::Caller;
 use super::jobs::{new_job, redacted};
 use super::model::{AgentStatus, Job, JobKind, JobState, Usage, VmRequest};
 use super::SiteCore;
-use crate::api::page::{encode_query, ok_page, DEFAULT_PAGE};
+use crate::api::page::{next_path, ok_page, DEFAULT_PAGE};
 use crate::api::{
     json_response, ok, query_param, query_u64, read_json, ApiError, Response, MAX_LIST, MAX_WAIT_MS,
 };
@@ -113,14 +113,8 @@ impl SiteCore {
                     .store
                     .vms_page(owner, after.as_deref(), limit as usize)
                     .map_err(db)?;
-                let next = match page.items.last() {
-                    Some(last) if page.more => Some(format!(
-                        "/v1/vms?limit={limit}&after={}{}",
-                        encode_query(&last.id),
-                        if all { "&all=true" } else { "" }
-                    )),
-                    _ => None,
-                };
+                let last = page.items.last().map(|j| j.id.as_str());
+                let next = next_path("/v1/vms", "after", last, page.more, limit, all);
                 let vms: Vec<_> = page
                     .items
                     .into_iter()
@@ -263,14 +257,8 @@ impl SiteCore {
                     .store
                     .jobs(owner, limit as usize, before.as_deref())
                     .map_err(db)?;
-                let next = match page.items.last() {
-                    Some(last) if page.more => Some(format!(
-                        "/v1/jobs?limit={limit}&before={}{}",
-                        encode_query(&last.id),
-                        if all { "&all=true" } else { "" }
-                    )),
-                    _ => None,
-                };
+                let last = page.items.last().map(|j| j.id.as_str());
+                let next = next_path("/v1/jobs", "before", last, page.more, limit, all);
                 let jobs: Vec<_> = page.items.into_iter().map(redacted).collect();
                 ok_page(&jobs, next)
             }

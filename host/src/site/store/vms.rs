@@ -195,37 +195,33 @@ impl Txn<'_> {
 
     /// Agent `agent`'s VMs, by the index.
     pub fn vms_of_agent(&self, agent: &str) -> Result<Vec<SiteVm>, StoreError> {
-        let index = self.txn.open_table(BY_AGENT).map_err(storage)?;
-        let vms = self.txn.open_table(VMS).map_err(storage)?;
-        let mut out = Vec::new();
-        for row in index.range((agent, "")..).map_err(storage)? {
-            let (k, _) = row.map_err(storage)?;
-            let (a, id) = k.value();
-            if a != agent {
-                break;
-            }
-            if let Some(v) = get::<SiteVm>(&vms, id)? {
-                if v.agent == agent {
-                    out.push(v);
-                }
-            }
-        }
-        Ok(out)
+        self.by_index(BY_AGENT, agent, |v| v.agent == agent)
     }
 
     /// The records of hypervisor VM `agent_vm`, on any agent, by the index.
     pub fn vms_by_agent_vm(&self, agent_vm: &str) -> Result<Vec<SiteVm>, StoreError> {
-        let index = self.txn.open_table(BY_AGENT_VM).map_err(storage)?;
+        self.by_index(BY_AGENT_VM, agent_vm, |v| v.agent_vm == agent_vm)
+    }
+
+    /// The VMs whose entries in `index` start with `key` and whose record agrees
+    /// (`agrees`: each reader checks the record against its entry).
+    fn by_index(
+        &self,
+        index: TableDefinition<(&str, &str), ()>,
+        key: &str,
+        agrees: impl Fn(&SiteVm) -> bool,
+    ) -> Result<Vec<SiteVm>, StoreError> {
+        let index = self.txn.open_table(index).map_err(storage)?;
         let vms = self.txn.open_table(VMS).map_err(storage)?;
         let mut out = Vec::new();
-        for row in index.range((agent_vm, "")..).map_err(storage)? {
+        for row in index.range((key, "")..).map_err(storage)? {
             let (k, _) = row.map_err(storage)?;
             let (a, id) = k.value();
-            if a != agent_vm {
+            if a != key {
                 break;
             }
             if let Some(v) = get::<SiteVm>(&vms, id)? {
-                if v.agent_vm == agent_vm {
+                if agrees(&v) {
                     out.push(v);
                 }
             }
