@@ -174,6 +174,17 @@ async fn a_person_uses_the_portal_in_a_real_browser() {
     mem.send_keys("256").await.unwrap();
     css(&b, "#request-submit").await.click().await.unwrap();
     assert_eq!(job_end(&b).await, "succeeded");
+    // The job's end refreshes the list at once (not at the next 2 s poll): the
+    // VM it started shows as running.
+    let running = b
+        .wait()
+        .at_most(Duration::from_millis(1500))
+        .for_element(Locator::Css("tr[data-vm] td.state-running"))
+        .await;
+    assert!(
+        running.is_ok(),
+        "the VM list did not show the job's outcome"
+    );
     let row = css(&b, "tr[data-vm]").await;
     let vm_id = row.attr("data-vm").await.unwrap().unwrap();
     let vm: SiteVm = alice.get(&format!("/v1/vms/{vm_id}")).await.unwrap();

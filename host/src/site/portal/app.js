@@ -194,7 +194,8 @@ function Vms({ token, vms, onJob, onError }) {
   </section>`;
 }
 
-function JobView({ token, job }) {
+// Follows one job to its end; `onEnd` runs once it has ended (the lists then show its outcome).
+function JobView({ token, job, onEnd }) {
   const [events, setEvents] = useState([]);
   const [final, setFinal] = useState(terminal(job.state) ? job : null);
   useEffect(() => {
@@ -203,7 +204,7 @@ function JobView({ token, job }) {
     followJob(token, job.id, (ev) => setEvents((l) => [...l, ev]), ctl.signal)
       .catch(() => {})
       .then(() => api(token, "GET", `/v1/jobs/${encodeURIComponent(job.id)}`))
-      .then(setFinal)
+      .then((j) => { setFinal(j); if (onEnd) onEnd(); })
       .catch(() => {});
     return () => ctl.abort();
   }, [job.id]);
@@ -294,7 +295,7 @@ function App() {
         <${Vms} token=${token} vms=${vms} onJob=${onJob} onError=${setError} />`}
       ${tab === "jobs" && html`<${Jobs} jobs=${jobs} onFollow=${setFollowed} />`}
       ${tab === "admin" && html`<${Admin} token=${token} />`}
-      ${followed && html`<${JobView} key=${followed.id} token=${token} job=${followed} />`}
+      ${followed && html`<${JobView} key=${followed.id} token=${token} job=${followed} onEnd=${refresh} />`}
     </main>`;
 }
 
