@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs the benchmarks and writes their results under bench/results/.
-# Usage: bash bench/run.sh [plugin|footprint|vm_start|guest|site|history|soak|vsphere|xen|xen_migrate|fuzz]   (default: all)
+# Usage: bash bench/run.sh [plugin|footprint|vm_start|fig4|guest|site|history|soak|vsphere|xen|xen_migrate|fuzz]   (default: all)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 target=${CARGO_TARGET_DIR:-target}
@@ -35,6 +35,11 @@ fi
 if [ "$which" = all ] || [ "$which" = vm_start ]; then
     # Real QEMU guests under a private libvirtd (needs scripts/setup.sh).
     cargo bench --locked -p gve --bench vm_start
+fi
+if [ "$which" = all ] || [ "$which" = fig4 ]; then
+    # The paper's Fig. 4: N VMs started through the site until usable, vs libvirt
+    # + guest-ping on the same daemon (GVE_FIG4_ROUNDS rounds per N, default 5).
+    cargo bench --locked -p gve --bench fig4
 fi
 if [ "$which" = all ] || [ "$which" = guest ]; then
     # exec latency and copy throughput on a real guest, vs raw qemu-ga.

@@ -13,6 +13,7 @@ pub mod plugins_api;
 pub mod policy;
 pub mod provision;
 pub mod ready;
+pub mod ready_events;
 pub mod reconcile;
 pub mod registry;
 pub mod runtime;
@@ -53,6 +54,8 @@ pub struct AgentCore {
     pub guest_gates: Arc<guest_gate::GuestGates>,
     /// Where ended operations are counted (`gve_agent_operations_*`).
     pub metrics: Arc<crate::metrics::WorkMetrics>,
+    /// Guest agents connecting behind the driver's endpoint (libvirt drivers).
+    pub ready_events: ready_events::ReadyEvents,
 }
 
 /// Why an agent could not start.

@@ -21,6 +21,9 @@ pub const GUEST_WAIT: Duration = Duration::from_secs(60);
 pub const MAX_READY_WAIT_MS: u64 = 60_000;
 /// Between probes of a guest agent that is not connected yet.
 const PROBE_PAUSE: Duration = Duration::from_millis(250);
+/// Between probes when libvirt tells when guest agents connect (a probe then
+/// follows each such event at once; the timer only covers a lost event).
+const EVENT_PROBE_PAUSE: Duration = Duration::from_secs(2);
 
 /// The answer of `GET /v1/vms/{id}/ready`.
 #[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
@@ -117,7 +120,12 @@ impl AgentCore {
             timeout_ms: 5_000,
             output_limit: 0,
         };
+        let mut events = self.ready_events.subscribe().await;
         loop {
+            // Seen before the probe: an agent that connects during it wakes the wait.
+            if let Some(rx) = events.as_mut() {
+                rx.borrow_and_update();
+            }
             let state = self.registry.vm(vm).ok().flatten().map(|r| r.vm.state);
             if state != Some(VmState::Running) {
                 return Ok(Readiness::not_ready(format!("VM {vm} is not running")));
@@ -139,13 +147,33 @@ impl AgentCore {
                     return Ok(Readiness::answered());
                 }
             };
-            if Instant::now() + PROBE_PAUSE >= end {
+            let left = end.saturating_duration_since(Instant::now());
+            if left.is_zero() {
                 return Ok(Readiness::not_ready(format!(
                     "the guest agent of VM {vm} did not answer within {} ms: {why}",
                     within.as_millis()
                 )));
             }
-            tokio::time::sleep(PROBE_PAUSE).await;
+            let pause = if events.is_some() {
+                EVENT_PROBE_PAUSE
+            } else {
+                PROBE_PAUSE
+            };
+            let nap = tokio::time::sleep(pause.min(left));
+            match events.as_mut() {
+                Some(rx) => {
+                    tokio::select! {
+                        _ = nap => {}
+                        changed = rx.changed() => {
+                            // The sender is gone (connection replaced): timer only.
+                            if changed.is_err() {
+                                events = None;
+                            }
+                        }
+                    }
+                }
+                None => nap.await,
+            }
         }
     }
 

@@ -123,6 +123,13 @@ impl Runtime {
             })?;
         self.router.insert(driver.clone());
         let guest = open_guest(&self.plugins, d, &creds).await?;
+        // Readiness waits hear guest agents connect when the endpoint is a
+        // libvirt URI granted to the driver (the agent opens it itself).
+        let granted_libvirt = self
+            .plugins
+            .slot(&d.plugin)
+            .and_then(|s| s.current())
+            .is_ok_and(|l| l.policies.effective.libvirt.contains(&d.endpoint));
         let core = Arc::new(AgentCore {
             registry: self.registry.clone(),
             driver,
@@ -133,6 +140,9 @@ impl Runtime {
             removed: Default::default(),
             guest_gates: self.router.gates(),
             metrics: self.metrics.work.clone(),
+            ready_events: super::ready_events::ReadyEvents::new(
+                granted_libvirt.then(|| d.endpoint.clone()),
+            ),
         });
         let resolved = core.recover().await?;
         if resolved > 0 {

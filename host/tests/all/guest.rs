@@ -43,7 +43,7 @@ fn guest_spec(command_timeout_ms: u64) -> PluginSpec {
 }
 
 /// An in-process agent with the kvm driver and guest-install.
-async fn agent(lv: &Libvirtd, bundles: Option<&Path>) -> (Agent, Client, tempfile::TempDir) {
+pub async fn agent(lv: &Libvirtd, bundles: Option<&Path>) -> (Agent, Client, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let config = AgentConfig {
         listen: "127.0.0.1:0".parse().unwrap(),

@@ -21,6 +21,7 @@ mod metrics;
 mod portal;
 mod proxy;
 mod races;
+mod ready;
 mod site;
 mod site_crash;
 mod storage;
