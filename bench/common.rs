@@ -24,6 +24,26 @@ pub fn today() -> String {
         .unwrap_or_default()
 }
 
+/// CPU seconds (user + system) process `pid` (a number, or `self`) has used.
+pub fn cpu_seconds(pid: &str) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    let tick = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (tick(11) + tick(12)) / 100.0
+}
+
 /// This machine's cores.
 pub fn cores() -> usize {
     std::thread::available_parallelism()

@@ -188,6 +188,17 @@ async fn direct(uri: &str, names: &[String]) -> Duration {
     t.elapsed()
 }
 
+/// CPU seconds used so far by this process (site, agent and the bench's
+/// pingers) and the libvirtd.
+fn cpu_now(lv: &Libvirtd) -> f64 {
+    common::cpu_seconds("self") + common::cpu_seconds(&lv.pid().to_string())
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
 /// Destroys the domains behind gve's back and waits until the site has seen
 /// every one stopped.
 async fn stop_all(lv: &Libvirtd, agent: &Client, user: &Client, names: &[String], ids: &[String]) {
@@ -317,15 +328,19 @@ async fn main() {
     let mut rows = Vec::new();
     for &n in &sizes {
         let (mut gve_t, mut direct_t, mut lags) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut gve_cpu, mut direct_cpu) = (Vec::new(), Vec::new());
         for round in 0..rounds {
             // Alternate which path goes first, so warm-up effects favour neither.
             for path in if round % 2 == 0 { [0, 1] } else { [1, 0] } {
+                let cpu0 = cpu_now(&lv);
                 if path == 0 {
                     let r = through_gve(&user, &lv.uri, &ids[..n], &names[..n]).await;
                     gve_t.push(r.took);
                     lags.extend(r.lags_ms);
+                    gve_cpu.push(cpu_now(&lv) - cpu0);
                 } else {
                     direct_t.push(direct(&lv.uri, &names[..n]).await);
+                    direct_cpu.push(cpu_now(&lv) - cpu0);
                 }
                 stop_all(&lv, &agent_c, &user, &names[..n], &ids[..n]).await;
             }
@@ -342,13 +357,18 @@ async fn main() {
             "N={n}: gve {:?}, direct {:?}, overhead {overhead:+.1}%",
             g.0, d.0
         );
+        let cpu = (median(gve_cpu), median(direct_cpu));
+        eprintln!(
+            "N={n}: CPU of this process and libvirtd per round: gve {:.2} s, direct {:.2} s",
+            cpu.0, cpu.1
+        );
         lags.sort_by(f64::total_cmp);
         let lag = (lags[lags.len() / 2], lags[lags.len() - 1]);
         eprintln!(
             "N={n}: a job ended {:+.0} ms (median; {:+.0} at most) after its guest answered",
             lag.0, lag.1
         );
-        rows.push((n, g, d, added, overhead, lag));
+        rows.push((n, g, d, added, overhead, lag, cpu));
     }
     site.stop().await;
     agent.stop().await;
@@ -368,17 +388,19 @@ async fn main() {
          - **job end after the guest answered:** during each gve round the bench also asks each \
          domain `guest-ping` every {} ms, as the direct path does; per VM, when its job ended minus \
          when its guest agent first answered: what gve adds once the guest is usable, free of the \
-         boot's noise (negative when gve's own probe answered first).\n\n\
+         boot's noise (negative when gve's own probe answered first).\n\
+         - **CPU per round:** CPU seconds this process (site, agent, the bench's pingers) and the \
+         libvirtd used during the round, not counting QEMU: the CPU the path took from the guests.\n\n\
          Between rounds the domains are destroyed behind gve's back. Produced by `bash bench/run.sh fig4`.\n\n",
         today(),
         cores(),
         DIRECT_POLL.as_millis(),
         DIRECT_POLL.as_millis()
     );
-    md += "| N | through gve: median (IQR) | direct: median (IQR) | added | overhead of the medians | job end after the guest answered: median, max |\n|---|---|---|---|---|---|\n";
-    for (n, g, d, added, o, lag) in rows {
+    md += "| N | through gve: median (IQR) | direct: median (IQR) | added | overhead of the medians | job end after the guest answered: median, max | CPU per round, gve vs direct |\n|---|---|---|---|---|---|---|\n";
+    for (n, g, d, added, o, lag, cpu) in rows {
         md += &format!(
-            "| {n} | {:.0} ms ({:.0}–{:.0}) | {:.0} ms ({:.0}–{:.0}) | {:+.0} ms | {o:+.1}% | {:+.0} ms, {:+.0} ms |\n",
+            "| {n} | {:.0} ms ({:.0}–{:.0}) | {:.0} ms ({:.0}–{:.0}) | {:+.0} ms | {o:+.1}% | {:+.0} ms, {:+.0} ms | {:.2} s vs {:.2} s |\n",
             ms(g.0),
             ms(g.1),
             ms(g.2),
@@ -387,7 +409,9 @@ async fn main() {
             ms(d.2),
             added * 1e3,
             lag.0,
-            lag.1
+            lag.1,
+            cpu.0,
+            cpu.1
         );
     }
     let out = gve_harness::root().join("bench/results/fig4.md");

@@ -131,19 +131,6 @@ async fn events_to_end(c: &Client, id: &str) {
     );
 }
 
-/// This process's CPU seconds (user + system).
-fn cpu_seconds() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
-    let fields: Vec<&str> = stat
-        .rsplit(')')
-        .next()
-        .unwrap()
-        .split_whitespace()
-        .collect();
-    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
-    ticks / 100.0
-}
-
 /// Median and 99th percentile.
 fn p50_p99(mut v: Vec<Duration>) -> (f64, f64) {
     v.sort();
@@ -312,9 +299,9 @@ async fn main() {
                 .await,
             ),
         ));
-        let (c0, t0) = (cpu_seconds(), Instant::now());
+        let (c0, t0) = (common::cpu_seconds("self"), Instant::now());
         tokio::time::sleep(Duration::from_secs(10)).await;
-        let idle_cpu = (cpu_seconds() - c0) / t0.elapsed().as_secs_f64();
+        let idle_cpu = (common::cpu_seconds("self") - c0) / t0.elapsed().as_secs_f64();
         let db_mib = std::fs::metadata(dir.path().join("site.redb"))
             .map(|m| m.len() as f64 / (1 << 20) as f64)
             .unwrap_or(0.0);

@@ -5,16 +5,20 @@
 //! port qemu-ga listens on) and libvirt turns that into an `agent-lifecycle`
 //! domain event. [`GuestAgentEvents`] holds one connection to a libvirt URI
 //! (one the operator granted to the agent's driver) with a callback for those
-//! events, and counts every "connected" in a `watch` channel: a waiter
-//! subscribes before it probes and wakes on the next change. Events are a hint
-//! only: a waiter still probes, and still probes on a (slower) timer, so a lost
-//! event or a dropped connection costs time, never correctness.
+//! events. It counts every "connected" per domain (by UUID and by name) and in
+//! all, the total in a `watch` channel: a waiter notes its domain's count
+//! before it probes, wakes on each change of the total and probes again only
+//! when its own domain's count moved, so a thousand guests booting at once do
+//! not each probe on every other guest's event. Events are a hint only: a
+//! waiter still probes, and still probes on a (slower) timer, so a lost event
+//! or a dropped connection costs time, never correctness.
 //!
 //! libvirt delivers events from its default event loop, which this module runs
 //! on one thread of its own, started the first time events are asked for.
 
-use std::ffi::c_void;
-use std::sync::{Arc, OnceLock};
+use std::collections::HashMap;
+use std::ffi::{c_void, CStr};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use tokio::sync::watch;
@@ -50,11 +54,37 @@ fn event_loop() -> Result<(), String> {
     .clone()
 }
 
-/// A libvirt connection that counts guest agents connecting, on any domain.
+/// Domains whose counts are kept at most; past it the counts start again
+/// (a waiter then sees its domain's count move and probes once more).
+const MAX_DOMAINS: usize = 65_536;
+
+/// What the callback updates: connects per domain key, and in all.
+struct Counts {
+    by_domain: Mutex<HashMap<String, u64>>,
+    all: watch::Sender<u64>,
+}
+
+impl Counts {
+    fn connected(&self, keys: &[String]) {
+        {
+            let mut m = self.by_domain.lock().unwrap_or_else(|p| p.into_inner());
+            if m.len() + keys.len() > MAX_DOMAINS {
+                m.clear();
+            }
+            for k in keys {
+                let n = m.entry(k.clone()).or_insert(0);
+                *n = n.wrapping_add(1);
+            }
+        }
+        self.all.send_modify(|n| *n = n.wrapping_add(1));
+    }
+}
+
+/// A libvirt connection that counts guest agents connecting.
 pub struct GuestAgentEvents {
     conn: Connect,
     callback: libc::c_int,
-    connected: Arc<watch::Sender<u64>>,
+    counts: Arc<Counts>,
 }
 
 impl GuestAgentEvents {
@@ -71,8 +101,11 @@ impl GuestAgentEvents {
         if let Err(e) = conn.set_keep_alive(5, 3) {
             tracing::debug!(uri, "libvirt keepalive: {e}");
         }
-        let connected = Arc::new(watch::channel(0u64).0);
-        let opaque = Arc::into_raw(connected.clone()) as *mut c_void;
+        let counts = Arc::new(Counts {
+            by_domain: Mutex::new(HashMap::new()),
+            all: watch::channel(0u64).0,
+        });
+        let opaque = Arc::into_raw(counts.clone()) as *mut c_void;
         let cb: virt_sys::virConnectDomainEventAgentLifecycleCallback = Some(on_agent_lifecycle);
         // SAFETY: libvirt calls back with the signature of the event id registered
         // (agent lifecycle); the generic type is how its C API takes every
@@ -93,7 +126,7 @@ impl GuestAgentEvents {
         };
         if callback < 0 {
             // On failure libvirt does not keep `opaque`; it is leaked rather than
-            // risk a double release (one Arc of a u64 counter).
+            // risk a double release (one empty map and a counter).
             let why = virt::error::Error::last_error().to_string();
             let _ = conn.close();
             return Err(fail(why));
@@ -101,13 +134,24 @@ impl GuestAgentEvents {
         Ok(GuestAgentEvents {
             conn,
             callback,
-            connected,
+            counts,
         })
     }
 
-    /// A receiver that changes each time a guest agent connects.
+    /// A receiver that changes each time a guest agent connects, on any domain.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
-        self.connected.subscribe()
+        self.counts.all.subscribe()
+    }
+
+    /// How many times the guest agent of the domain with this UUID or name has
+    /// connected since counting began.
+    pub fn connects_of(&self, domain: &str) -> u64 {
+        let m = self
+            .counts
+            .by_domain
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        m.get(domain).copied().unwrap_or(0)
     }
 
     /// Whether the connection still stands (a dead one delivers nothing).
@@ -127,9 +171,33 @@ impl Drop for GuestAgentEvents {
     }
 }
 
+/// The domain's UUID and name, as far as libvirt tells them.
+///
+/// # Safety
+/// `dom` is a domain libvirt passed to a callback, valid for that call.
+unsafe fn domain_keys(dom: virt_sys::virDomainPtr) -> Vec<String> {
+    let mut keys = Vec::with_capacity(2);
+    if dom.is_null() {
+        return keys;
+    }
+    let mut uuid = [0 as libc::c_char; virt_sys::VIR_UUID_STRING_BUFLEN as usize];
+    // SAFETY: `uuid` has the room libvirt writes (VIR_UUID_STRING_BUFLEN, NUL
+    // included); the name is owned by `dom`, NUL-terminated, valid for this call.
+    unsafe {
+        if virt_sys::virDomainGetUUIDString(dom, uuid.as_mut_ptr()) == 0 {
+            keys.push(CStr::from_ptr(uuid.as_ptr()).to_string_lossy().into_owned());
+        }
+        let name = virt_sys::virDomainGetName(dom);
+        if !name.is_null() {
+            keys.push(CStr::from_ptr(name).to_string_lossy().into_owned());
+        }
+    }
+    keys
+}
+
 unsafe extern "C" fn on_agent_lifecycle(
     _conn: virt_sys::virConnectPtr,
-    _dom: virt_sys::virDomainPtr,
+    dom: virt_sys::virDomainPtr,
     state: libc::c_int,
     _reason: libc::c_int,
     opaque: *mut c_void,
@@ -137,14 +205,15 @@ unsafe extern "C" fn on_agent_lifecycle(
     if state != virt_sys::VIR_CONNECT_DOMAIN_EVENT_AGENT_LIFECYCLE_STATE_CONNECTED as libc::c_int {
         return;
     }
-    // SAFETY: `opaque` is the `Arc<watch::Sender<u64>>` registered with this
-    // callback, alive until `release` runs.
-    let connected = unsafe { &*(opaque as *const watch::Sender<u64>) };
-    connected.send_modify(|n| *n = n.wrapping_add(1));
+    // SAFETY: libvirt passes the domain the event is about for this call, and
+    // `opaque` is the `Arc<Counts>` registered with this callback, alive until
+    // `release` runs.
+    let (keys, counts) = unsafe { (domain_keys(dom), &*(opaque as *const Counts)) };
+    counts.connected(&keys);
 }
 
 unsafe extern "C" fn release(opaque: *mut c_void) {
     // SAFETY: libvirt calls this once, when the callback registered with this
     // `opaque` (made by `Arc::into_raw`) is deregistered.
-    drop(unsafe { Arc::from_raw(opaque as *const watch::Sender<u64>) });
+    drop(unsafe { Arc::from_raw(opaque as *const Counts) });
 }

@@ -121,11 +121,10 @@ impl AgentCore {
             output_limit: 0,
         };
         let mut events = self.ready_events.subscribe().await;
+        let connects_at_start = events.as_ref().map(|e| e.connects_of(vm));
         loop {
-            // Seen before the probe: an agent that connects during it wakes the wait.
-            if let Some(rx) = events.as_mut() {
-                rx.borrow_and_update();
-            }
+            // Noted before the probe: an agent that connects during it wakes the wait.
+            let seen = events.as_ref().map(|e| e.connects_of(vm));
             let state = self.registry.vm(vm).ok().flatten().map(|r| r.vm.state);
             if state != Some(VmState::Running) {
                 return Ok(Readiness::not_ready(format!("VM {vm} is not running")));
@@ -154,25 +153,28 @@ impl AgentCore {
                     within.as_millis()
                 )));
             }
-            let pause = if events.is_some() {
+            // Until its guest agent connects, an event says when to probe; once it
+            // has, a probe that still failed (a guest too busy to run the
+            // command yet) is repeated on the short timer.
+            let pause = if events.is_some() && seen == connects_at_start {
                 EVENT_PROBE_PAUSE
             } else {
                 PROBE_PAUSE
             };
             let nap = tokio::time::sleep(pause.min(left));
-            match events.as_mut() {
-                Some(rx) => {
+            match (events.as_mut(), seen) {
+                (Some(ev), Some(seen)) => {
                     tokio::select! {
                         _ = nap => {}
-                        changed = rx.changed() => {
-                            // The sender is gone (connection replaced): timer only.
-                            if changed.is_err() {
+                        again = ev.connected_again(vm, seen) => {
+                            // No more events can come: the timer only, from now on.
+                            if !again {
                                 events = None;
                             }
                         }
                     }
                 }
-                None => nap.await,
+                _ => nap.await,
             }
         }
     }

@@ -41,15 +41,14 @@ impl ReadyEvents {
         s.events.as_ref().is_some_and(|e| e.alive())
     }
 
-    /// A receiver that changes when a guest agent connects behind this
-    /// endpoint; `None` when there are no events to wait on (waiters probe on a
-    /// timer).
-    pub async fn subscribe(&self) -> Option<watch::Receiver<u64>> {
+    /// A waiter's view of the events behind this endpoint; `None` when there
+    /// are none to wait on (waiters probe on a timer).
+    pub async fn subscribe(&self) -> Option<Subscription> {
         let uri = self.uri.clone()?;
         let mut s = self.state.lock().await;
         if let Some(e) = &s.events {
             if e.alive() {
-                return Some(e.subscribe());
+                return Some(Subscription::of(e.clone()));
             }
             tracing::info!(
                 uri,
@@ -65,10 +64,10 @@ impl ReadyEvents {
         let opened = tokio::task::spawn_blocking(move || GuestAgentEvents::open(&uri)).await;
         match opened {
             Ok(Ok(e)) => {
-                let rx = e.subscribe();
-                s.events = Some(Arc::new(e));
+                let e = Arc::new(e);
+                s.events = Some(e.clone());
                 s.failed_at = None;
-                Some(rx)
+                Some(Subscription::of(e))
             }
             Ok(Err(e)) => {
                 tracing::warn!("{e}; guest readiness is probed on a timer");
@@ -79,6 +78,38 @@ impl ReadyEvents {
                 tracing::warn!("guest-agent events: {e}");
                 s.failed_at = Some(Instant::now());
                 None
+            }
+        }
+    }
+}
+
+/// One waiter's view of an endpoint's guest-agent events.
+pub struct Subscription {
+    events: Arc<GuestAgentEvents>,
+    rx: watch::Receiver<u64>,
+}
+
+impl Subscription {
+    fn of(events: Arc<GuestAgentEvents>) -> Subscription {
+        let rx = events.subscribe();
+        Subscription { events, rx }
+    }
+
+    /// How often `vm`'s guest agent has connected so far (note it before a probe).
+    pub fn connects_of(&self, vm: &str) -> u64 {
+        self.events.connects_of(vm)
+    }
+
+    /// Waits until `vm`'s guest agent has connected more often than `seen`;
+    /// `false` when no more events can come (the caller then uses its timer).
+    /// Other domains' events wake it only to look at its own count.
+    pub async fn connected_again(&mut self, vm: &str, seen: u64) -> bool {
+        loop {
+            if self.events.connects_of(vm) != seen {
+                return true;
+            }
+            if self.rx.changed().await.is_err() {
+                return false;
             }
         }
     }

@@ -258,18 +258,26 @@ fn apply(t: &mut Txn<'_>, w: &mut Work) -> Result<Verdict, StoreError> {
     }
 }
 
-/// Runs queued jobs as the scheduler hands them out.
+/// Runs queued jobs as the scheduler hands them out. The running jobs belong
+/// to this task: aborting it (a stop) cancels them at their next wait, as a
+/// crash would between two transactions; a restarted site resumes them.
 pub fn spawn_runner(core: Arc<SiteCore>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
+        let mut running = tokio::task::JoinSet::new();
         loop {
+            while running.try_join_next().is_some() {}
             while let Some(run) = core.scheduler.next() {
                 let core = core.clone();
-                tokio::spawn(async move {
+                running.spawn(async move {
                     core.run_job(&run.id).await;
                     drop(run);
                 });
             }
-            core.scheduler.changed().await;
+            tokio::select! {
+                _ = core.scheduler.changed() => {}
+                // Reaps ended jobs while nothing new comes.
+                Some(_) = running.join_next(), if !running.is_empty() => {}
+            }
         }
     })
 }

@@ -323,10 +323,10 @@ impl Site {
             let _ = tx.send(());
         }
         let _ = (&mut self.task).await;
-        // Returns once the database is closed: the job writer's thread and
-        // health checks being dropped hold it a moment. A job still waiting on an
-        // agent is not cancelled (a restarted site resumes it) and holds it until
-        // it ends; past CLOSE_WAIT this returns with a warning.
+        // Returns once the database is closed: the job writer's thread, the
+        // health checks and the running jobs (cancelled with the runner; a
+        // restarted site resumes them) being dropped hold it a moment; past
+        // CLOSE_WAIT this returns with a warning.
         let watch = self.core.store.close_watch();
         drop(self);
         if !watch.closed(crate::store_core::CLOSE_WAIT).await {

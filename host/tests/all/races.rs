@@ -22,6 +22,7 @@ use crate::support::spec;
 /// A site with one memory agent `a-0`, reached through a proxy.
 struct Proxied {
     site: Site,
+    config: SiteConfig,
     admin: Client,
     proxy: Proxy,
     agent: gve::agent::Agent,
@@ -33,7 +34,7 @@ async fn proxied() -> Proxied {
     let mut config = SiteConfig::new(dir.path().to_path_buf(), ADMIN.into());
     config.listen = "127.0.0.1:0".parse().unwrap();
     config.health_period_ms = 200;
-    let site = Site::start(config).await.unwrap();
+    let site = Site::start(config.clone()).await.unwrap();
     let admin = Client::new(&format!("http://{}", site.addr), Some(ADMIN.into())).unwrap();
     let endpoint = format!("memory:races-{}", uuid::Uuid::new_v4());
     let (agent, _, adir) = start_agent(
@@ -53,6 +54,7 @@ async fn proxied() -> Proxied {
     .unwrap();
     Proxied {
         site,
+        config,
         admin,
         proxy,
         agent,
@@ -83,6 +85,20 @@ async fn submit(c: &Client, path: &str, body: Value) -> Job {
     serde_json::from_value(post(c, path, body).await.unwrap()).unwrap()
 }
 
+/// Sets `rule`, submits a VM request as `user` and waits until the proxy holds
+/// a request of it.
+async fn held_request(p: &Proxied, user: &Client, rule: Rule) -> Job {
+    p.proxy.set(rule);
+    let j = submit(
+        user,
+        "/v1/vms",
+        json!({ "template": "debian-12", "main-memory-mib": 512 }),
+    )
+    .await;
+    p.proxy.wait_held(Duration::from_secs(10)).await;
+    j
+}
+
 /// The agent's answers on how its operations went.
 fn op_polls() -> Rule {
     Rule::Hold(pick(|m, p| {
@@ -91,18 +107,57 @@ fn op_polls() -> Rule {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_cancels_a_job_waiting_on_its_agent_and_the_restarted_site_resumes_it() {
+    let p = proxied().await;
+    let u: UserView = p
+        .admin
+        .call(Method::POST, "/v1/users", Some(&json!({ "name": "alice" })))
+        .await
+        .unwrap();
+    let token = u.token.expect("a new user's token");
+    let alice = Client::new(p.admin.base(), Some(token.clone())).unwrap();
+    // The request's create reaches the agent; its answer is held.
+    let j = held_request(
+        &p,
+        &alice,
+        Rule::Hold(pick(|m, p| m == Method::POST && p == "/v1/vms")),
+    )
+    .await;
+    // The stop cancels the waiting job, so the database is closed when it
+    // returns: the site opens again in this process at once (before, the job
+    // held it until the agent answered and the reopen failed).
+    let config = p.config.clone();
+    p.site.stop().await;
+    let site = Site::start(config)
+        .await
+        .expect("the site reopens after stop");
+    let alice = Client::new(&format!("http://{}", site.addr), Some(token)).unwrap();
+    p.proxy.set(Rule::Pass);
+    let j = ended(&alice, &j.id, Duration::from_secs(30)).await;
+    assert_eq!(j.state, JobState::Succeeded, "resumed: {j:?}");
+    // Resumed, not run twice: one VM on the agent, the user's.
+    let vms: Vec<gve::agent::model::VmRecord> = Client::new(
+        &format!("http://{}", p.agent.addr),
+        Some(AGENT_TOKEN.into()),
+    )
+    .unwrap()
+    .get("/v1/vms")
+    .await
+    .unwrap();
+    let made: Vec<_> = vms.iter().filter(|v| !v.vm.is_template).collect();
+    assert_eq!(made.len(), 1, "{made:?}");
+    let mine: Vec<SiteVm> = alice.get("/v1/vms").await.unwrap();
+    assert_eq!(mine.len(), 1, "{mine:?}");
+    site.stop().await;
+    p.agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_force_unregistered_mid_request_keeps_no_vm_record_and_no_quota() {
     let p = proxied().await;
     let alice = user(&p.admin, "alice").await;
     // The agent creates the VM; the site does not hear of it until the agent is gone.
-    p.proxy.set(op_polls());
-    let j = submit(
-        &alice,
-        "/v1/vms",
-        json!({ "template": "debian-12", "main-memory-mib": 512 }),
-    )
-    .await;
-    p.proxy.wait_held(Duration::from_secs(10)).await;
+    let j = held_request(&p, &alice, op_polls()).await;
     p.admin
         .call::<(), Value>(Method::DELETE, "/v1/agents/a-0?force=true", None)
         .await

@@ -57,6 +57,12 @@ async fn a_guest_agent_connecting_is_heard_and_wakes_the_ready_wait() {
         .unwrap();
     assert!(*heard.borrow() >= 1);
     assert!(agent.core().unwrap().ready_events.live().await);
+    // Counted for this domain, by UUID (the kvm driver's VM id) and by name,
+    // and for no other.
+    let first = events.connects_of(&vm.id);
+    assert!(first >= 1);
+    assert_eq!(events.connects_of(&vm.name), first);
+    assert_eq!(events.connects_of("tiny"), 0);
 
     // A destroy disconnects the agent; the next boot connects it again.
     let op = run_op(
@@ -79,6 +85,7 @@ async fn a_guest_agent_connecting_is_heard_and_wakes_the_ready_wait() {
         .expect("no event for the second boot")
         .unwrap();
     assert!(*heard.borrow() > before);
+    assert!(events.connects_of(&vm.id) > first);
 
     // Deregistering while the daemon runs is clean; the agent's wait is unaffected.
     tokio::task::spawn_blocking(move || drop(events))
