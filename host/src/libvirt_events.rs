@@ -5,11 +5,11 @@
 //! port qemu-ga listens on) and libvirt turns that into an `agent-lifecycle`
 //! domain event. [`GuestAgentEvents`] holds one connection to a libvirt URI
 //! (one the operator granted to the agent's driver) with a callback for those
-//! events. It counts every "connected" per domain (by UUID and by name) and in
-//! all, the total in a `watch` channel: a waiter notes its domain's count
-//! before it probes, wakes on each change of the total and probes again only
-//! when its own domain's count moved, so a thousand guests booting at once do
-//! not each probe on every other guest's event. Events are a hint only: a
+//! events. It keeps each domain's agent state and connects (by UUID and by
+//! name) and counts all connects in a `watch` channel: a waiter notes its
+//! domain's count before it probes, wakes on each change of the total and
+//! probes again only when its own domain's count moved, so a thousand guests
+//! booting at once do not each probe on every other guest's event. Events are a hint only: a
 //! waiter still probes, and still probes on a (slower) timer, so a lost event
 //! or a dropped connection costs time, never correctness.
 //!
@@ -58,25 +58,40 @@ fn event_loop() -> Result<(), String> {
 /// (a waiter then sees its domain's count move and probes once more).
 const MAX_DOMAINS: usize = 65_536;
 
-/// What the callback updates: connects per domain key, and in all.
+/// What is known of one domain's guest agent.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Seen {
+    /// Times it connected since counting began.
+    pub connects: u64,
+    /// Its last reported state: connected, disconnected (libvirt reports that
+    /// when a domain starts), or not heard of.
+    pub connected: Option<bool>,
+}
+
+/// What the callback updates: each domain's agent by key, and connects in all.
 struct Counts {
-    by_domain: Mutex<HashMap<String, u64>>,
+    by_domain: Mutex<HashMap<String, Seen>>,
     all: watch::Sender<u64>,
 }
 
 impl Counts {
-    fn connected(&self, keys: &[String]) {
+    fn changed(&self, keys: &[String], connected: bool) {
         {
             let mut m = self.by_domain.lock().unwrap_or_else(|p| p.into_inner());
             if m.len() + keys.len() > MAX_DOMAINS {
                 m.clear();
             }
             for k in keys {
-                let n = m.entry(k.clone()).or_insert(0);
-                *n = n.wrapping_add(1);
+                let seen = m.entry(k.clone()).or_default();
+                seen.connected = Some(connected);
+                if connected {
+                    seen.connects = seen.connects.wrapping_add(1);
+                }
             }
         }
-        self.all.send_modify(|n| *n = n.wrapping_add(1));
+        if connected {
+            self.all.send_modify(|n| *n = n.wrapping_add(1));
+        }
     }
 }
 
@@ -143,15 +158,20 @@ impl GuestAgentEvents {
         self.counts.all.subscribe()
     }
 
-    /// How many times the guest agent of the domain with this UUID or name has
-    /// connected since counting began.
-    pub fn connects_of(&self, domain: &str) -> u64 {
+    /// What is known of the guest agent of the domain with this UUID or name.
+    pub fn seen(&self, domain: &str) -> Seen {
         let m = self
             .counts
             .by_domain
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        m.get(domain).copied().unwrap_or(0)
+        m.get(domain).copied().unwrap_or_default()
+    }
+
+    /// How many times the guest agent of the domain with this UUID or name has
+    /// connected since counting began.
+    pub fn connects_of(&self, domain: &str) -> u64 {
+        self.seen(domain).connects
     }
 
     /// Whether the connection still stands (a dead one delivers nothing).
@@ -202,14 +222,16 @@ unsafe extern "C" fn on_agent_lifecycle(
     _reason: libc::c_int,
     opaque: *mut c_void,
 ) {
-    if state != virt_sys::VIR_CONNECT_DOMAIN_EVENT_AGENT_LIFECYCLE_STATE_CONNECTED as libc::c_int {
-        return;
-    }
+    let connected = match state as libc::c_uint {
+        virt_sys::VIR_CONNECT_DOMAIN_EVENT_AGENT_LIFECYCLE_STATE_CONNECTED => true,
+        virt_sys::VIR_CONNECT_DOMAIN_EVENT_AGENT_LIFECYCLE_STATE_DISCONNECTED => false,
+        _ => return,
+    };
     // SAFETY: libvirt passes the domain the event is about for this call, and
     // `opaque` is the `Arc<Counts>` registered with this callback, alive until
     // `release` runs.
     let (keys, counts) = unsafe { (domain_keys(dom), &*(opaque as *const Counts)) };
-    counts.connected(&keys);
+    counts.changed(&keys, connected);
 }
 
 unsafe extern "C" fn release(opaque: *mut c_void) {

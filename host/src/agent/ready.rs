@@ -21,8 +21,9 @@ pub const GUEST_WAIT: Duration = Duration::from_secs(60);
 pub const MAX_READY_WAIT_MS: u64 = 60_000;
 /// Between probes of a guest agent that is not connected yet.
 const PROBE_PAUSE: Duration = Duration::from_millis(250);
-/// Between probes when libvirt tells when guest agents connect (a probe then
-/// follows each such event at once; the timer only covers a lost event).
+/// Between probes while libvirt reports the VM's guest agent disconnected (the
+/// event of its connecting brings the next probe at once; the timer only covers
+/// a lost event).
 const EVENT_PROBE_PAUSE: Duration = Duration::from_secs(2);
 
 /// The answer of `GET /v1/vms/{id}/ready`.
@@ -120,11 +121,15 @@ impl AgentCore {
             timeout_ms: 5_000,
             output_limit: 0,
         };
-        let mut events = self.ready_events.subscribe().await;
-        let connects_at_start = events.as_ref().map(|e| e.connects_of(vm));
+        // A single probe (no wait) needs no events.
+        let mut events = if within.is_zero() {
+            None
+        } else {
+            self.ready_events.subscribe().await
+        };
         loop {
             // Noted before the probe: an agent that connects during it wakes the wait.
-            let seen = events.as_ref().map(|e| e.connects_of(vm));
+            let seen = events.as_ref().map(|e| e.seen(vm));
             let state = self.registry.vm(vm).ok().flatten().map(|r| r.vm.state);
             if state != Some(VmState::Running) {
                 return Ok(Readiness::not_ready(format!("VM {vm} is not running")));
@@ -153,21 +158,25 @@ impl AgentCore {
                     within.as_millis()
                 )));
             }
-            // Until its guest agent connects, an event says when to probe; once it
-            // has, a probe that still failed (a guest too busy to run the
-            // command yet) is repeated on the short timer.
-            let pause = if events.is_some() && seen == connects_at_start {
-                EVENT_PROBE_PAUSE
-            } else {
-                PROBE_PAUSE
+            // While libvirt says its guest agent is disconnected, the event of its
+            // connecting says when to probe; otherwise (connected but the probe
+            // still failed: a guest too busy to run the command yet; or not
+            // heard of) the short timer does.
+            let pause = match seen {
+                Some(s) if s.connected == Some(false) => EVENT_PROBE_PAUSE,
+                _ => PROBE_PAUSE,
             };
             let nap = tokio::time::sleep(pause.min(left));
             match (events.as_mut(), seen) {
                 (Some(ev), Some(seen)) => {
                     tokio::select! {
-                        _ = nap => {}
-                        again = ev.connected_again(vm, seen) => {
-                            // No more events can come: the timer only, from now on.
+                        _ = nap => {
+                            // A dead connection delivers nothing: the timer only.
+                            if !ev.alive() {
+                                events = None;
+                            }
+                        }
+                        again = ev.connected_again(vm, seen.connects) => {
                             if !again {
                                 events = None;
                             }

@@ -9,10 +9,13 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{watch, Mutex};
 
-use crate::libvirt_events::GuestAgentEvents;
+use crate::libvirt_events::{GuestAgentEvents, Seen};
 
 /// How long after a failed open the next is tried.
 const RETRY: Duration = Duration::from_secs(30);
+/// Longest a wait lets an open take (a hung libvirtd, an ssh URI) before it
+/// goes on without events; the open then counts as failed.
+const OPEN_WAIT: Duration = Duration::from_secs(2);
 
 /// Guest-agent events of one endpoint, or none for an endpoint without them.
 pub struct ReadyEvents {
@@ -61,7 +64,16 @@ impl ReadyEvents {
         if s.failed_at.is_some_and(|t| t.elapsed() < RETRY) {
             return None;
         }
-        let opened = tokio::task::spawn_blocking(move || GuestAgentEvents::open(&uri)).await;
+        let open = tokio::task::spawn_blocking(move || GuestAgentEvents::open(&uri));
+        let Ok(opened) = tokio::time::timeout(OPEN_WAIT, open).await else {
+            tracing::warn!(
+                "guest-agent events: opening the connection took over {} s; \
+                 guest readiness is probed on a timer",
+                OPEN_WAIT.as_secs()
+            );
+            s.failed_at = Some(Instant::now());
+            return None;
+        };
         match opened {
             Ok(Ok(e)) => {
                 let e = Arc::new(e);
@@ -95,9 +107,14 @@ impl Subscription {
         Subscription { events, rx }
     }
 
-    /// How often `vm`'s guest agent has connected so far (note it before a probe).
-    pub fn connects_of(&self, vm: &str) -> u64 {
-        self.events.connects_of(vm)
+    /// What is known of `vm`'s guest agent (note it before a probe).
+    pub fn seen(&self, vm: &str) -> Seen {
+        self.events.seen(vm)
+    }
+
+    /// Whether events can still come (a dead connection delivers none).
+    pub fn alive(&self) -> bool {
+        self.events.alive()
     }
 
     /// Waits until `vm`'s guest agent has connected more often than `seen`;

@@ -116,7 +116,9 @@ async fn a_stop_cancels_a_job_waiting_on_its_agent_and_the_restarted_site_resume
         .unwrap();
     let token = u.token.expect("a new user's token");
     let alice = Client::new(p.admin.base(), Some(token.clone())).unwrap();
-    // The request's create reaches the agent; its answer is held.
+    // The request's create is held at the proxy, before the agent sees it. When
+    // the rule changes, the proxy may still forward it beside the resumed
+    // job's: the agent's idempotency key must make them one VM.
     let j = held_request(
         &p,
         &alice,

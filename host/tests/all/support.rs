@@ -77,8 +77,12 @@ pub struct Service {
 /// Starts `gve ROLE run --config CONFIG`, its stderr appended to `log` (so restarts
 /// keep one log); returns once it prints a new `listening on` line.
 pub async fn spawn_service(role: &str, config: &Path, log: &Path) -> Service {
+    // Whole lines only: the service may be writing one while it is read (a
+    // read mid-line once gave the URL `http:`), and a killed one may have left
+    // half a line.
     let listening = |text: &str| {
-        text.lines()
+        text.split_inclusive('\n')
+            .filter(|l| l.ends_with('\n'))
             .filter_map(|l| l.split("listening on ").nth(1))
             .map(|u| u.trim().to_string())
             .collect::<Vec<_>>()
