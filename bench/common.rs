@@ -81,3 +81,48 @@ pub async fn agent_with(
 ) {
     gve_harness::agent::start(plugin, spec, endpoint, token, tune).await
 }
+
+/// A kvm agent with guest-install on the private libvirtd `lv` (its `gve`
+/// pool, 120 s call budgets), holding admin `token`; `tune` changes its
+/// configuration before it starts.
+pub async fn kvm_guest_agent(
+    lv: &gve_harness::Libvirtd,
+    token: &str,
+    tune: impl FnOnce(&mut gve::agent::AgentConfig),
+) -> (
+    gve::agent::Agent,
+    gve::api::client::Client,
+    tempfile::TempDir,
+) {
+    use gve::plugin::{Grants, Limits, PluginSpec};
+    let mut kvm = Grants {
+        libvirt: vec![lv.uri.clone()],
+        ..Default::default()
+    };
+    kvm.config.insert("storage-pool".into(), "gve".into());
+    let limits = Limits {
+        call_timeout_ms: 120_000,
+        ..Default::default()
+    };
+    let kvm = PluginSpec {
+        bundle: gve_harness::target_dir().join("plugins/kvm"),
+        grants: kvm,
+        limits,
+    };
+    let guest = PluginSpec {
+        bundle: gve_harness::target_dir().join("plugins/guest-install"),
+        grants: Grants {
+            guest_channel: true,
+            ..Default::default()
+        },
+        limits,
+    };
+    agent_with("kvm", kvm, &lv.uri, token, |config| {
+        config.plugins.insert("guest-install".to_string(), guest);
+        if let Some(d) = config.driver.as_mut() {
+            d.guest_plugin = Some("guest-install".into());
+        }
+        tune(config);
+    })
+    .await
+}

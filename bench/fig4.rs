@@ -25,10 +25,9 @@ mod common;
 use std::time::{Duration, Instant};
 
 use gve::api::client::Client;
-use gve::plugin::{Grants, Limits, PluginSpec};
 use gve::site::model::{Job, JobState, SiteVm, UserView};
 use gve::site::{Site, SiteConfig};
-use gve_harness::{target_dir, Libvirtd};
+use gve_harness::Libvirtd;
 use hyper::Method;
 use serde_json::{json, Value};
 
@@ -245,32 +244,8 @@ async fn main() {
         .unwrap();
     assert!(status.success());
     let lv = Libvirtd::start();
-    let mut kvm = Grants {
-        libvirt: vec![lv.uri.clone()],
-        ..Default::default()
-    };
-    kvm.config.insert("storage-pool".into(), "gve".into());
-    let limits = Limits {
-        call_timeout_ms: 120_000,
-        ..Default::default()
-    };
-    let kvm = PluginSpec {
-        bundle: target_dir().join("plugins/kvm"),
-        grants: kvm,
-        limits,
-    };
-    let guest = PluginSpec {
-        bundle: target_dir().join("plugins/guest-install"),
-        grants: Grants {
-            guest_channel: true,
-            ..Default::default()
-        },
-        limits,
-    };
-    let (agent, agent_c, _agent_dir) = common::agent_with("kvm", kvm, &lv.uri, AGENT, |config| {
-        config.plugins.insert("guest-install".to_string(), guest);
+    let (agent, agent_c, _agent_dir) = common::kvm_guest_agent(&lv, AGENT, |config| {
         if let Some(d) = config.driver.as_mut() {
-            d.guest_plugin = Some("guest-install".into());
             d.reconcile_period_ms = 5_000;
         }
     })

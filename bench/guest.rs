@@ -19,8 +19,7 @@ use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use gve::agent::model::{FileMeta, OpState, Operation};
 use gve::api::client::Client;
-use gve::plugin::{Grants, Limits, PluginSpec};
-use gve_harness::{target_dir, Libvirtd};
+use gve_harness::Libvirtd;
 use http_body_util::BodyExt;
 use hyper::Method;
 use serde_json::{json, Value};
@@ -126,35 +125,7 @@ async fn main() {
         .unwrap();
     assert!(status.success());
     let lv = Libvirtd::start();
-    let mut kvm = Grants {
-        libvirt: vec![lv.uri.clone()],
-        ..Default::default()
-    };
-    kvm.config.insert("storage-pool".into(), "gve".into());
-    let limits = Limits {
-        call_timeout_ms: 120_000,
-        ..Default::default()
-    };
-    let kvm = PluginSpec {
-        bundle: target_dir().join("plugins/kvm"),
-        grants: kvm,
-        limits,
-    };
-    let guest = PluginSpec {
-        bundle: target_dir().join("plugins/guest-install"),
-        grants: Grants {
-            guest_channel: true,
-            ..Default::default()
-        },
-        limits,
-    };
-    let (agent, c, _agent_dir) = common::agent_with("kvm", kvm, &lv.uri, TOKEN, |config| {
-        config.plugins.insert("guest-install".to_string(), guest);
-        if let Some(d) = config.driver.as_mut() {
-            d.guest_plugin = Some("guest-install".into());
-        }
-    })
-    .await;
+    let (agent, c, _agent_dir) = common::kvm_guest_agent(&lv, TOKEN, |_| {}).await;
     let vm = op(
         &c,
         "/v1/vms",
