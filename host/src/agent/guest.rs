@@ -81,27 +81,40 @@ impl GuestChannel for GuestRouter {
                     format!("no driver of this agent serves endpoint '{endpoint}'"),
                 ));
             };
-            let ticket = match gates.enter(&endpoint, &vm, timeout).await? {
-                Pass::Go(t) => t,
-                Pass::Probe(t) => {
-                    let r = send(&driver, &t, &vm, PROBE, PROBE_TIMEOUT_MS).await;
-                    if let Err(e) = r {
-                        return Err(DriverError::new(
-                            ErrorKind::Unavailable,
-                            format!(
-                                "the guest agent of VM {vm} still does not answer ({}); \
-                                 commands to it fail at once until it does",
-                                e.message
-                            ),
-                        ));
-                    }
-                    t
-                }
-            };
-            let ms = u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX);
-            send(&driver, &ticket, &vm, &command, ms).await
+            channel_command(&driver, &gates, &vm, &command, timeout).await
         })
     }
+}
+
+/// Sends one qemu-ga command to `vm` through `driver`'s guest-agent channel,
+/// behind the VM's gate (one command at a time, the circuit breaker).
+pub async fn channel_command(
+    driver: &DriverSession,
+    gates: &GuestGates,
+    vm: &str,
+    command: &str,
+    timeout: Duration,
+) -> Result<String, DriverError> {
+    let endpoint = driver.endpoint();
+    let ticket = match gates.enter(endpoint, vm, timeout).await? {
+        Pass::Go(t) => t,
+        Pass::Probe(t) => {
+            let r = send(driver, &t, vm, PROBE, PROBE_TIMEOUT_MS).await;
+            if let Err(e) = r {
+                return Err(DriverError::new(
+                    ErrorKind::Unavailable,
+                    format!(
+                        "the guest agent of VM {vm} still does not answer ({}); \
+                         commands to it fail at once until it does",
+                        e.message
+                    ),
+                ));
+            }
+            t
+        }
+    };
+    let ms = u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX);
+    send(driver, &ticket, vm, command, ms).await
 }
 
 /// Sends one qemu-ga command and tells the gate how the guest agent answered (a
@@ -131,6 +144,9 @@ pub struct GuestProvider {
     pub session: GuestSession,
     /// Plugin name.
     pub plugin: String,
+    /// The plugin reaches the guest through the driver's guest-agent channel
+    /// (qemu-ga), not natively: readiness is that channel's agent answering.
+    pub via_channel: bool,
     /// The plugin host (for the plugin's current call budget).
     pub plugins: PluginHost,
 }

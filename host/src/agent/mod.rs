@@ -206,6 +206,7 @@ pub(crate) async fn open_guest(
             source,
         })?;
     Ok(Ok(guest::GuestProvider {
+        via_channel: name != d.plugin,
         session,
         plugin: name,
         plugins: plugins.clone(),

@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use tokio::sync::OwnedSemaphorePermit;
 
+use super::guest::channel_command;
+use super::guest_gate::PROBE;
 use super::model::{OpError, VmState};
 use super::AgentCore;
 use crate::api::ApiError;
@@ -19,12 +21,21 @@ use crate::plugin::{ErrorKind, PluginError};
 pub const GUEST_WAIT: Duration = Duration::from_secs(60);
 /// Longest `wait-ms` of `GET /v1/vms/{id}/ready`.
 pub const MAX_READY_WAIT_MS: u64 = 60_000;
+/// How long one probe through the guest-agent channel may wait for its answer.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Between probes of a guest agent that is not connected yet.
 const PROBE_PAUSE: Duration = Duration::from_millis(250);
 /// Between probes while libvirt reports the VM's guest agent disconnected (the
 /// event of its connecting brings the next probe at once; the timer only covers
 /// a lost event).
 const EVENT_PROBE_PAUSE: Duration = Duration::from_secs(2);
+/// Between probes just after the VM's guest agent connected: qemu-ga opens its
+/// channel some 50-600 ms (on 2 busy cores) before it answers, and a probe
+/// failing then is cheap (libvirt refuses it without the guest).
+const CONNECTED_PROBE_PAUSE: Duration = Duration::from_millis(10);
+/// How long after a connect probes come every [`CONNECTED_PROBE_PAUSE`]
+/// (then every [`PROBE_PAUSE`]).
+const CONNECTED_WINDOW: Duration = Duration::from_secs(2);
 
 /// The answer of `GET /v1/vms/{id}/ready`.
 #[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
@@ -104,7 +115,9 @@ impl AgentCore {
         Ok(turn)
     }
 
-    /// Probes `vm`'s guest agent until it answers or `within` has passed. A VM
+    /// Probes `vm`'s guest agent until it answers or `within` has passed: a
+    /// `guest-ping` through the driver's guest-agent channel when the guest plugin
+    /// goes that way, else the guest export running `true`. A VM
     /// that is not running is never ready; an agent without guest operations has
     /// nothing to wait for.
     pub async fn wait_ready(&self, vm: &str, within: Duration) -> Result<Readiness, OpError> {
@@ -127,6 +140,8 @@ impl AgentCore {
         } else {
             self.ready_events.subscribe().await
         };
+        // When the VM's guest agent last connected, as this wait heard it.
+        let mut connected_at: Option<Instant> = None;
         loop {
             // Noted before the probe: an agent that connects during it wakes the wait.
             let seen = events.as_ref().map(|e| e.seen(vm));
@@ -134,16 +149,29 @@ impl AgentCore {
             if state != Some(VmState::Running) {
                 return Ok(Readiness::not_ready(format!("VM {vm} is not running")));
             }
-            let why = match guest.session.exec(vm, &probe).await {
-                Err(PluginError::NotSupported { .. }) => return Ok(Readiness::no_guest_agent()),
+            let answer = if guest.via_channel {
+                // The guest plugin's way in is the driver's qemu-ga channel: that
+                // agent answering a ping is what the plugin needs (a command run
+                // in a guest still booting can take far longer than the answer).
+                channel_command(&self.driver, &self.guest_gates, vm, PROBE, PROBE_TIMEOUT)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| Some((e.kind, e.to_string())))
+            } else {
+                match guest.session.exec(vm, &probe).await {
+                    Ok(_) => Ok(()),
+                    Err(PluginError::NotSupported { .. }) => Err(None),
+                    Err(e) => Err(Some((e.kind(), e.to_string()))),
+                }
+            };
+            let why = match answer {
+                Err(None) => return Ok(Readiness::no_guest_agent()),
                 // A guest agent that hangs (its circuit is open) is not waited for:
                 // that would hold this operation's turn for nothing.
-                Err(e) if self.guest_gates.hung(&endpoint, vm) => {
-                    return Ok(Readiness::not_ready(e.to_string()))
+                Err(Some((_, e))) if self.guest_gates.hung(&endpoint, vm) => {
+                    return Ok(Readiness::not_ready(e))
                 }
-                Err(e) if matches!(e.kind(), ErrorKind::Unavailable | ErrorKind::Timeout) => {
-                    e.to_string()
-                }
+                Err(Some((ErrorKind::Unavailable | ErrorKind::Timeout, e))) => e,
                 // An answer, even an error of the probe command's own: the guest
                 // agent is there.
                 _ => {
@@ -159,11 +187,18 @@ impl AgentCore {
                 )));
             }
             // While libvirt says its guest agent is disconnected, the event of its
-            // connecting says when to probe; otherwise (connected but the probe
-            // still failed: a guest too busy to run the command yet; or not
-            // heard of) the short timer does.
+            // connecting says when to probe; just after it connected (qemu-ga not
+            // answering yet) a very short timer does; otherwise (connected a while
+            // but the probe still fails: a guest too busy to run the command; or
+            // not heard of) the short timer does.
             let pause = match seen {
                 Some(s) if s.connected == Some(false) => EVENT_PROBE_PAUSE,
+                Some(s)
+                    if s.connected == Some(true)
+                        && connected_at.is_some_and(|at| at.elapsed() < CONNECTED_WINDOW) =>
+                {
+                    CONNECTED_PROBE_PAUSE
+                }
                 _ => PROBE_PAUSE,
             };
             let nap = tokio::time::sleep(pause.min(left));
@@ -177,7 +212,9 @@ impl AgentCore {
                             }
                         }
                         again = ev.connected_again(vm, seen.connects) => {
-                            if !again {
+                            if again {
+                                connected_at = Some(Instant::now());
+                            } else {
                                 events = None;
                             }
                         }
