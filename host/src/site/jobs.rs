@@ -349,11 +349,17 @@ impl SiteCore {
                     })
                 }),
         };
+        // A copy-in's bytes leave the user's staging quota before its end is
+        // visible, so a client that saw it end may stage the next at once. The
+        // file lives until that end is on disk: a crash before then runs the
+        // copy again from it (a restart recounts the files it finds).
+        if job.kind == JobKind::CopyIn {
+            self.staging.give_back(&self.staged_in(id));
+        }
         if let Err(e) = self.finish(id, outcome).await {
             tracing::error!(job = id, "cannot record the end of a job: {e}");
             return;
         }
-        // Inputs live until the end that consumed them is on disk.
         if job.kind == JobKind::CopyIn {
             self.staging.remove(&self.staged_in(id)).await;
         }
