@@ -110,6 +110,15 @@ impl<Ev: Clone> Published<Ev> {
 /// Records removed per retention transaction.
 pub const BATCH: usize = 1024;
 
+/// One page of a listing and whether more follow it.
+#[derive(Debug)]
+pub struct Page<T> {
+    /// The items, in the listing's order.
+    pub items: Vec<T>,
+    /// True when at least one more item follows the last.
+    pub more: bool,
+}
+
 /// The time of a sequence record (every event and audit entry has one).
 #[derive(Deserialize)]
 #[serde(rename_all = "kebab-case")]

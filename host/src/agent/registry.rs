@@ -10,7 +10,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::sync::broadcast;
 
-use crate::store_core::in_batches;
+use crate::store_core::{in_batches, Page};
 
 use super::model::{now_ms, AuditEntry, Event, Operation, Vm, VmRecord};
 
@@ -487,6 +487,29 @@ impl Registry {
         Ok(out)
     }
 
+    /// Up to `limit` records of `def` in key order, from the first key after
+    /// `after` (a key that is gone meanwhile still places the page), and
+    /// whether more follow.
+    fn page<T: DeserializeOwned>(
+        &self,
+        def: TableDefinition<&str, &[u8]>,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Page<T>, RegistryError> {
+        use std::ops::Bound;
+        let txn = self.db.db().begin_read().map_err(storage)?;
+        let t = txn.open_table(def).map_err(storage)?;
+        let from = after.map_or(Bound::Unbounded, Bound::Excluded);
+        let mut rows = t.range::<&str>((from, Bound::Unbounded)).map_err(storage)?;
+        let mut items = Vec::with_capacity(limit.min(1024));
+        for row in rows.by_ref().take(limit) {
+            let (k, v) = row.map_err(storage)?;
+            items.push(decode(k.value(), v.value())?);
+        }
+        let more = rows.next().is_some();
+        Ok(Page { items, more })
+    }
+
     fn one<T: DeserializeOwned>(
         &self,
         def: TableDefinition<&str, &[u8]>,
@@ -501,6 +524,15 @@ impl Registry {
     /// Every VM record.
     pub fn vms(&self) -> Result<Vec<VmRecord>, RegistryError> {
         self.all(VMS)
+    }
+
+    /// Up to `limit` VM records in id order after the id `after`.
+    pub fn vms_page(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Page<VmRecord>, RegistryError> {
+        self.page(VMS, after, limit)
     }
 
     /// A VM record by id, or else by name.
@@ -608,6 +640,15 @@ impl Registry {
     /// Every operation.
     pub fn operations(&self) -> Result<Vec<Operation>, RegistryError> {
         self.all(OPS)
+    }
+
+    /// Up to `limit` operations in id order after the id `after`.
+    pub fn operations_page(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Page<Operation>, RegistryError> {
+        self.page(OPS, after, limit)
     }
 
     /// One operation.

@@ -36,7 +36,9 @@ use serde::Deserialize;
 use super::model::{now_ms, Allocation, OpState, Operation, Profile, VmRecord, VmState};
 use super::ops::OpParams;
 use super::AgentCore;
+use crate::api::page::{next_path, ok_page, DEFAULT_PAGE};
 use crate::api::{json_response, ok, read_json, ApiError, Response};
+use crate::store_core::Page;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -79,6 +81,23 @@ pub const MAX_RESERVATION_SECONDS: u64 = 365 * 24 * 3600;
 /// A registry failure as the API reports it (`500 backend`).
 pub(crate) fn registry_error(e: super::registry::RegistryError) -> ApiError {
     ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "backend", e.to_string())
+}
+
+/// One page of a listing at `path` in id order: `read(after, limit)` with the
+/// query's `after` cursor and `limit` (at most [`crate::api::MAX_LIST`]), and a
+/// `Link` to the next page when more follow.
+fn paged<T: serde::Serialize>(
+    uri: &hyper::Uri,
+    path: &str,
+    read: impl FnOnce(Option<&str>, usize) -> Result<Page<T>, super::registry::RegistryError>,
+    id: impl Fn(&T) -> &str,
+) -> Result<Response, ApiError> {
+    let limit = crate::api::query_u64(uri, "limit", DEFAULT_PAGE, 1, crate::api::MAX_LIST)?;
+    let after = crate::api::query_param(uri, "after")?;
+    let page = read(after.as_deref(), limit as usize).map_err(registry_error)?;
+    let last = page.items.last().map(id);
+    let next = next_path(path, "after", last, page.more, limit, false);
+    ok_page(&page.items, next)
 }
 
 fn conflict(message: String) -> ApiError {
@@ -216,14 +235,22 @@ impl AgentCore {
                 "migration-uri": self.migration_uri.as_deref().unwrap_or(self.driver.endpoint()),
                 "guest": self.guest.as_ref().ok().map(|g| g.plugin.clone()),
             })),
-            (Method::GET, ["v1", "vms"]) => ok(&self.registry.vms().map_err(registry_error)?),
+            (Method::GET, ["v1", "vms"]) => paged(
+                req.uri(),
+                "/v1/vms",
+                |after, n| self.registry.vms_page(after, n),
+                |v| &v.vm.id,
+            ),
             (Method::GET, ["v1", "vms", id]) => ok(&self.record(id)?),
             (Method::GET, ["v1", "templates"]) => {
                 ok(&self.registry.templates().map_err(registry_error)?)
             }
-            (Method::GET, ["v1", "operations"]) => {
-                ok(&self.registry.operations().map_err(registry_error)?)
-            }
+            (Method::GET, ["v1", "operations"]) => paged(
+                req.uri(),
+                "/v1/operations",
+                |after, n| self.registry.operations_page(after, n),
+                |o| &o.id,
+            ),
             (Method::GET, ["v1", "operations", id]) => {
                 let wait =
                     crate::api::query_u64(req.uri(), "wait-ms", 0, 0, crate::api::MAX_WAIT_MS)?;

@@ -253,7 +253,8 @@ impl Agents {
             let host: crate::agent::model::Host = c.get("/v1/host").await?;
             let templates: Vec<Vm> = c.get("/v1/templates").await?;
             let driver: Value = c.get("/v1/driver").await?;
-            let vms: Vec<VmRecord> = c.get("/v1/vms").await?;
+            // Every page: a VM left out would be taken for gone.
+            let vms: Vec<VmRecord> = c.get_pages("/v1/vms", usize::MAX).await?;
             Ok::<_, ApiError>((host, templates, driver, vms))
         })
         .await

@@ -307,3 +307,99 @@ async fn a_jobs_events_come_from_its_index_kept_by_retention_and_rebuilt_on_open
         1
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agents_listings_are_paged_and_the_sites_health_check_reads_every_page() {
+    use gve::agent::model::{OpState, Operation, VmRecord};
+    let e = env(1, |_| {}).await;
+    let ac = &e.agents[0].1;
+    // One more than a default page (1000) and then some, made on the agent
+    // behind the site's back (8 at a time): the site's health check adopts them.
+    let mut workers = tokio::task::JoinSet::new();
+    for w in 0..8 {
+        let c = ac.clone();
+        workers.spawn(async move {
+            let mut made = Vec::new();
+            for i in (w..1003).step_by(8) {
+                let body = json!({ "name": format!("bulk-{i:04}"), "main-memory-mib": 64 });
+                made.push(crate::agent::run_op(&c, "/v1/vms", body).await);
+            }
+            made
+        });
+    }
+    let made: Vec<Operation> = workers.join_all().await.into_iter().flatten().collect();
+    assert_eq!(made.len(), 1003);
+    assert!(made.iter().all(|o| o.state == OpState::Succeeded));
+    let on_agent: Vec<VmRecord> = ac.get_pages("/v1/vms", usize::MAX).await.unwrap();
+    assert!(on_agent.len() >= 1003, "{}", on_agent.len());
+
+    // A default page holds 1000 and links to the rest.
+    let (first, next) = page(ac, "/v1/vms").await;
+    assert_eq!(first.len(), 1000);
+    let next = next.expect("a link after a full default page");
+    let (rest, none) = page(ac, &next).await;
+    assert_eq!((first.len() + rest.len(), none), (on_agent.len(), None));
+
+    // Pages of 2 in id order; the VM a cursor names going away between pages
+    // neither ends the listing nor repeats a VM.
+    let (p1, n1) = page(ac, "/v1/vms?limit=2").await;
+    let vm_ids = |page: &[serde_json::Value]| -> Vec<String> {
+        page.iter()
+            .map(|r| r["vm"]["id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let cursor = vm_ids(&p1)[1].clone();
+    let gone = crate::agent::run_op(ac, &format!("/v1/vms/{cursor}/destroy"), json!({})).await;
+    assert_eq!(gone.state, OpState::Succeeded, "{gone:?}");
+    let (p2, _) = page(ac, &n1.unwrap()).await;
+    let (a, b) = (vm_ids(&p1), vm_ids(&p2));
+    assert!(a[0] < a[1] && a[1] < b[0] && b[0] < b[1], "{a:?} {b:?}");
+    assert_eq!(b, vm_ids(&first)[2..4], "the page after a gone cursor");
+
+    // Operations page the same way, in id order.
+    let ops: Vec<Operation> = ac
+        .get_pages("/v1/operations?limit=300", usize::MAX)
+        .await
+        .unwrap();
+    let op_ids: BTreeSet<&str> = ops.iter().map(|o| o.id.as_str()).collect();
+    assert_eq!(op_ids.len(), ops.len(), "no operation on two pages");
+    assert!(made.iter().all(|o| op_ids.contains(o.id.as_str())));
+    assert!(ops.windows(2).all(|w| w[0].id < w[1].id));
+
+    // Limits out of range are refused; a cursor past the end is an empty last page.
+    for bad in [
+        "/v1/vms?limit=0",
+        "/v1/vms?limit=100001",
+        "/v1/operations?limit=-1",
+    ] {
+        let err = ac.get::<Vec<serde_json::Value>>(bad).await.unwrap_err();
+        assert_eq!(err.status, 400, "{bad}: {err:?}");
+    }
+    let (empty, none) = page(ac, "/v1/vms?after=%7E%7E%7E").await;
+    assert!(empty.is_empty() && none.is_none());
+
+    // The site sees every VM on every page, not the first 1000.
+    let wanted = on_agent.len() - 1;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let all: Vec<SiteVm> = e
+            .admin
+            .get_pages("/v1/vms?all=true", usize::MAX)
+            .await
+            .unwrap();
+        let live = all.iter().filter(|v| v.state != "missing").count();
+        if live == wanted
+            && all
+                .iter()
+                .all(|v| v.agent_vm != cursor || v.state == "missing")
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the site holds {live} live VMs of the agent's {wanted}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    e.site.stop().await;
+}

@@ -125,14 +125,7 @@ pub(super) fn open_tables(txn: &WriteTransaction) -> Result<(), redb::Error> {
     Ok(())
 }
 
-/// One page of a listing and whether more follow it.
-#[derive(Debug)]
-pub struct Page<T> {
-    /// The items, in the listing's order.
-    pub items: Vec<T>,
-    /// True when at least one more item follows the last.
-    pub more: bool,
-}
+pub use crate::store_core::Page;
 
 impl Txn<'_> {
     /// Inserts or replaces a VM whose agent is registered, keeping the owner
