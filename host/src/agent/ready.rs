@@ -29,9 +29,10 @@ const PROBE_PAUSE: Duration = Duration::from_millis(250);
 /// event of its connecting brings the next probe at once; the timer only covers
 /// a lost event).
 const EVENT_PROBE_PAUSE: Duration = Duration::from_secs(2);
-/// Between probes just after the VM's guest agent connected: qemu-ga opens its
-/// channel some 50-600 ms (on 2 busy cores) before it answers, and a probe
-/// failing then is cheap (libvirt refuses it without the guest).
+/// Between probes just after the VM's guest agent connected: qemu-ga answers
+/// its first ping 76 ms (one guest) to 3 s (16 booting at once on 2 cores) after
+/// libvirt reports it connected (bench/results/fig4.md, "connect → answer").
+/// Whether a probe failing then costs the guest anything is not measured yet.
 const CONNECTED_PROBE_PAUSE: Duration = Duration::from_millis(10);
 /// How long after a connect probes come every [`CONNECTED_PROBE_PAUSE`]
 /// (then every [`PROBE_PAUSE`]).
@@ -126,14 +127,6 @@ impl AgentCore {
         };
         let endpoint = self.driver.endpoint().to_string();
         let end = Instant::now() + within;
-        let probe = ExecRequest {
-            argv: vec!["true".into()],
-            env: Vec::new(),
-            cwd: None,
-            stdin: Vec::new(),
-            timeout_ms: 5_000,
-            output_limit: 0,
-        };
         // A single probe (no wait) needs no events.
         let mut events = if within.is_zero() {
             None
@@ -158,6 +151,14 @@ impl AgentCore {
                     .map(|_| ())
                     .map_err(|e| Some((e.kind, e.to_string())))
             } else {
+                let probe = ExecRequest {
+                    argv: vec!["true".into()],
+                    env: Vec::new(),
+                    cwd: None,
+                    stdin: Vec::new(),
+                    timeout_ms: PROBE_TIMEOUT.as_millis() as u32,
+                    output_limit: 0,
+                };
                 match guest.session.exec(vm, &probe).await {
                     Ok(_) => Ok(()),
                     Err(PluginError::NotSupported { .. }) => Err(None),
