@@ -473,18 +473,12 @@ impl Registry {
         self.db.subscribe()
     }
 
+    /// Every record of `def`, in key order: the one page without a bound.
     fn all<T: DeserializeOwned>(
         &self,
         def: TableDefinition<&str, &[u8]>,
     ) -> Result<Vec<T>, RegistryError> {
-        let txn = self.db.db().begin_read().map_err(storage)?;
-        let t = txn.open_table(def).map_err(storage)?;
-        let mut out = Vec::new();
-        for row in t.range::<&str>(..).map_err(storage)? {
-            let (k, v) = row.map_err(storage)?;
-            out.push(decode(k.value(), v.value())?);
-        }
-        Ok(out)
+        Ok(self.page(def, None, usize::MAX)?.items)
     }
 
     /// Up to `limit` records of `def` in key order, from the first key after
