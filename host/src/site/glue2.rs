@@ -18,12 +18,13 @@
 //! - ComputingShare `FreeMainMemory`: the sum of the up agents' room, MiB;
 //!   `AgentsUp`, `Agents`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use serde_json::{json, Value};
 
-use super::model::{AgentRec, AgentStatus, SiteVm, TemplateOffer};
+use super::model::{AgentRec, AgentStatus, TemplateOffer};
 use super::placement;
+use super::store::Tally;
 
 /// What the document is made from (one consistent read of the site).
 pub struct Inputs<'a> {
@@ -35,8 +36,10 @@ pub struct Inputs<'a> {
     pub quality_level: &'a str,
     /// The site's agents.
     pub agents: &'a [AgentRec],
-    /// The site's VMs.
-    pub vms: &'a [SiteVm],
+    /// The site's VMs, counted ([`super::store::Store::vm_tallies`]).
+    pub tallies: &'a [Tally],
+    /// The memory each agent's VMs hold, MiB ([`super::store::Store::memory_by_agent`]).
+    pub held_mib: &'a HashMap<String, u64>,
     /// Requests placed but not created yet (agent, MiB).
     pub pending: &'a [(String, u64)],
     /// Jobs waiting to run.
@@ -115,7 +118,7 @@ pub fn document(i: &Inputs) -> Value {
     let created = glue_time(i.now_ms);
     let version = env!("CARGO_PKG_VERSION");
 
-    let committed = placement::committed(placement::held(i.vms), i.pending);
+    let committed = placement::committed(i.held_mib.clone(), i.pending);
     let up: Vec<&AgentRec> = i
         .agents
         .iter()
@@ -152,19 +155,23 @@ pub fn document(i: &Inputs) -> Value {
         let ee_id = format!("urn:glue2:ExecutionEnvironment:{site}:{name}");
         let ae_id = format!("urn:glue2:ApplicationEnvironment:{site}:{name}");
         let ah_id = format!("urn:glue2:ApplicationHandle:{site}:{name}");
-        let of_template = |v: &&SiteVm| v.template.as_deref() == Some(name);
         // Disjoint: unavailable (missing, or on a down agent), used (held), pooled.
-        let unavailable = |v: &&SiteVm| {
-            v.state == super::agents::MISSING || down_agents.contains(&v.agent.as_str())
-        };
-        let mine = || i.vms.iter().filter(of_template);
-        let down = mine().filter(unavailable).count() as u64;
-        let used = mine()
-            .filter(|v| !unavailable(v) && v.owner.is_some())
-            .count() as u64;
-        let pooled = mine()
-            .filter(|v| !unavailable(v) && v.owner.is_none() && v.clean)
-            .count() as u64;
+        let (mut down, mut used, mut pooled) = (0u64, 0u64, 0u64);
+        for t in i
+            .tallies
+            .iter()
+            .filter(|t| t.template.as_deref() == Some(name))
+        {
+            let unavailable =
+                t.state == super::agents::MISSING || down_agents.contains(&t.agent.as_str());
+            let count = match (unavailable, t.held, t.pooled) {
+                (true, _, _) => &mut down,
+                (false, true, _) => &mut used,
+                (false, false, true) => &mut pooled,
+                (false, false, false) => continue,
+            };
+            *count = count.saturating_add(t.n);
+        }
         let rooms: Vec<u64> = offer
             .agents
             .iter()
@@ -249,10 +256,10 @@ pub fn document(i: &Inputs) -> Value {
 
     let rooms: Vec<u64> = up.iter().map(|a| placement::room(a, &committed)).collect();
     let held = i
-        .vms
+        .tallies
         .iter()
-        .filter(|v| v.owner.is_some() && v.state != super::agents::MISSING)
-        .count() as u64;
+        .filter(|t| t.held && t.state != super::agents::MISSING)
+        .fold(0u64, |sum, t| sum.saturating_add(t.n));
     let (health, health_info) = match (i.agents.len(), up.len()) {
         (0, _) => ("critical", "no agent is registered".to_string()),
         (_, 0) => ("critical", "no agent is up".to_string()),

@@ -144,8 +144,13 @@ impl SiteCore {
     pub fn metrics_text(&self) -> Result<Response, StoreError> {
         use crate::metrics::{count, name_of};
         let active = self.store.active_jobs()?;
-        let vms = self.store.vms()?;
+        let tallies = self.store.vm_tallies()?;
         let agents = self.store.agents()?;
+        let mut vms_by_state: std::collections::BTreeMap<String, i64> = Default::default();
+        for t in &tallies {
+            let n = vms_by_state.entry(t.state.clone()).or_default();
+            *n = n.saturating_add(i64::try_from(t.n).unwrap_or(i64::MAX));
+        }
         let _one = self
             .metrics
             .scrape
@@ -155,7 +160,7 @@ impl SiteCore {
             count(&active, |j| {
                 (j.kind.as_str().to_string(), name_of(&j.state))
             }),
-            count(&vms, |v| v.state.clone()),
+            vms_by_state,
         );
         self.metrics.agents.clear();
         for (status, n) in count(&agents, |a| name_of(&a.status)) {
@@ -173,7 +178,8 @@ impl SiteCore {
     /// The site's GLUE 2 document ([`glue2`]), read now.
     pub fn glue2(&self) -> Result<serde_json::Value, StoreError> {
         let agents = self.store.agents()?;
-        let vms = self.store.vms()?;
+        let tallies = self.store.vm_tallies()?;
+        let held_mib = self.store.memory_by_agent()?;
         let pending: Vec<(String, u64)> = self
             .placing
             .lock()
@@ -192,7 +198,8 @@ impl SiteCore {
             url: &url,
             quality_level: &self.config.quality_level,
             agents: &agents,
-            vms: &vms,
+            tallies: &tallies,
+            held_mib: &held_mib,
             pending: &pending,
             waiting_jobs: active.len() as u64 - running,
             running_jobs: running,

@@ -22,7 +22,8 @@ pub enum Policy {
 
 /// Memory the VMs on each agent hold, MiB (saturating: the numbers come from
 /// agents). The site keeps the same sums as it writes VM records
-/// ([`super::store::Store::memory_by_agent`]); this is for a set already read.
+/// ([`super::store::Store::memory_by_agent`]); this sums a set already read
+/// (the tests check the kept sums against it).
 pub fn held(vms: &[SiteVm]) -> HashMap<String, u64> {
     let mut held: HashMap<String, u64> = HashMap::new();
     for v in vms {

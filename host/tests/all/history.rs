@@ -21,12 +21,29 @@ async fn page(c: &Client, path: &str) -> (Vec<serde_json::Value>, Option<String>
     (serde_json::from_slice(&body).unwrap(), next)
 }
 
-/// The memory sums placement reads agree with the records they sum.
+/// The memory sums placement reads, and the counts the gauges and GLUE
+/// document read, agree with the records they sum.
 fn sums_agree(store: &Store) {
+    let vms = store.vms().unwrap();
     assert_eq!(
         store.memory_by_agent().unwrap(),
-        gve::site::placement::held(&store.vms().unwrap())
+        gve::site::placement::held(&vms)
     );
+    type Key = (String, Option<String>, String, bool, bool);
+    let mut want: std::collections::BTreeMap<Key, u64> = Default::default();
+    for v in vms {
+        let pooled = v.owner.is_none() && v.clean;
+        *want
+            .entry((v.agent, v.template, v.state, v.owner.is_some(), pooled))
+            .or_default() += 1;
+    }
+    let got: std::collections::BTreeMap<Key, u64> = store
+        .vm_tallies()
+        .unwrap()
+        .into_iter()
+        .map(|t| ((t.agent, t.template, t.state, t.held, t.pooled), t.n))
+        .collect();
+    assert_eq!(got, want);
 }
 
 fn ids(items: &[serde_json::Value]) -> Vec<String> {
@@ -237,9 +254,32 @@ async fn a_jobs_events_come_from_its_index_kept_by_retention_and_rebuilt_on_open
     )
     .await;
     e.site.stop().await;
+    // A database from before the tallies (the indexes built) gets them counted.
     {
         let db = redb::Database::open(&path).unwrap();
         let w = db.begin_write().unwrap();
+        let tally: redb::TableDefinition<(&str, &str, &str, u8), u64> =
+            redb::TableDefinition::new("vms_tally");
+        assert!(w.delete_table(tally).unwrap());
+        let meta: redb::TableDefinition<&str, &str> = redb::TableDefinition::new("meta");
+        assert!(w
+            .open_table(meta)
+            .unwrap()
+            .remove("index:vms-tally")
+            .unwrap()
+            .is_some());
+        w.commit().unwrap();
+    }
+    let store = Store::open(&path).unwrap();
+    assert!(!store.vm_tallies().unwrap().is_empty());
+    sums_agree(&store);
+    drop(store);
+    {
+        let db = redb::Database::open(&path).unwrap();
+        let w = db.begin_write().unwrap();
+        let tally: redb::TableDefinition<(&str, &str, &str, u8), u64> =
+            redb::TableDefinition::new("vms_tally");
+        assert!(w.delete_table(tally).unwrap());
         let events: redb::TableDefinition<(&str, u64), ()> =
             redb::TableDefinition::new("job_events_by_job");
         assert!(w.delete_table(events).unwrap());
@@ -257,7 +297,7 @@ async fn a_jobs_events_come_from_its_index_kept_by_retention_and_rebuilt_on_open
         assert!(w.delete_table(memory).unwrap());
         let meta: redb::TableDefinition<&str, &str> = redb::TableDefinition::new("meta");
         let mut m = w.open_table(meta).unwrap();
-        for k in ["index:job-events", "index:vms"] {
+        for k in ["index:job-events", "index:vms", "index:vms-tally"] {
             assert!(m.remove(k).unwrap().is_some(), "{k}");
         }
         drop(m);

@@ -13,7 +13,7 @@ use tokio::sync::broadcast;
 mod events;
 mod vms;
 
-pub use vms::Page;
+pub use vms::{Page, Tally};
 
 use super::model::{now_ms, AgentRec, AuditEntry, Job, JobEvent, JobState, SiteVm, Usage, User};
 

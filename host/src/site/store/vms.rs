@@ -22,8 +22,37 @@ const BY_LEASE: TableDefinition<(u64, &str), ()> = TableDefinition::new("vms_by_
 /// Agent → the memory its VMs hold, MiB (exact: a sum of u64s in a u128).
 const MEMORY: TableDefinition<&str, u128> = TableDefinition::new("vms_memory_by_agent");
 
+/// (agent, template or "", state, holder class) → how many VMs: what the
+/// site's gauges and GLUE document count, read without reading the VMs.
+const TALLY: TableDefinition<(&str, &str, &str, u8), u64> = TableDefinition::new("vms_tally");
+
 /// Meta key saying the indexes above were built (a database from before them has none).
 const BUILT: &str = "index:vms";
+/// Meta key saying [`TALLY`] was built (it came after the other indexes).
+const TALLY_BUILT: &str = "index:vms-tally";
+
+/// Holder classes of [`TALLY`]: held by a user, free and clean (the pool),
+/// free and not known clean.
+const HELD: u8 = 2;
+const POOLED: u8 = 1;
+const FREE_DIRTY: u8 = 0;
+
+/// How many VMs share an agent, a template, a state and a holder class.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tally {
+    /// The agent they are on.
+    pub agent: String,
+    /// Their template, when one is known.
+    pub template: Option<String>,
+    /// Their state (as [`SiteVm::state`]).
+    pub state: String,
+    /// Held by a user.
+    pub held: bool,
+    /// Free and known clean (in the pool); false when held or not known clean.
+    pub pooled: bool,
+    /// How many.
+    pub n: u64,
+}
 
 /// The index entries of one record.
 #[derive(PartialEq)]
@@ -46,6 +75,38 @@ fn keys(v: &SiteVm) -> Keys<'_> {
         },
         mib: v.main_memory_mib,
     }
+}
+
+/// Where `v` counts in [`TALLY`].
+fn tally_key(v: &SiteVm) -> (&str, &str, &str, u8) {
+    let class = match (&v.owner, v.clean) {
+        (Some(_), _) => HELD,
+        (None, true) => POOLED,
+        (None, false) => FREE_DIRTY,
+    };
+    let template = v.template.as_deref().unwrap_or("");
+    (v.agent.as_str(), template, v.state.as_str(), class)
+}
+
+/// Counts one more (`add`) or one fewer VM under `key`; a count at 0 goes.
+fn tally(
+    txn: &WriteTransaction,
+    key: (&str, &str, &str, u8),
+    add: bool,
+) -> Result<(), redb::Error> {
+    let mut t = txn.open_table(TALLY)?;
+    let n = t.get(key)?.map(|g| g.value()).unwrap_or(0);
+    let n = if add {
+        n.saturating_add(1)
+    } else {
+        n.saturating_sub(1)
+    };
+    if n == 0 {
+        t.remove(key)?;
+    } else {
+        t.insert(key, n)?;
+    }
+    Ok(())
 }
 
 /// Adds (`add`) or removes the index entries `k` of VM `id`.
@@ -99,8 +160,10 @@ pub(super) fn open_tables(txn: &WriteTransaction) -> Result<(), redb::Error> {
     txn.open_table(FREE)?;
     txn.open_table(BY_LEASE)?;
     txn.open_table(MEMORY)?;
+    txn.open_table(TALLY)?;
     let mut meta = txn.open_table(META)?;
-    if meta.get(BUILT)?.is_some() {
+    let (built, tallied) = (meta.get(BUILT)?.is_some(), meta.get(TALLY_BUILT)?.is_some());
+    if built && tallied {
         return Ok(());
     }
     let vms: Vec<SiteVm> = {
@@ -116,9 +179,15 @@ pub(super) fn open_tables(txn: &WriteTransaction) -> Result<(), redb::Error> {
         out
     };
     for v in &vms {
-        index(txn, &v.id, &keys(v), true)?;
+        if !built {
+            index(txn, &v.id, &keys(v), true)?;
+        }
+        if !tallied {
+            tally(txn, tally_key(v), true)?;
+        }
     }
     meta.insert(BUILT, "1")?;
+    meta.insert(TALLY_BUILT, "1")?;
     if !vms.is_empty() {
         tracing::info!(vms = vms.len(), "indexed the VM records");
     }
@@ -146,6 +215,13 @@ impl Txn<'_> {
             }
             index(self.txn, &v.id, &keys(v), true).map_err(storage)?;
         }
+        let counted = old.as_ref().map(tally_key);
+        if counted != Some(tally_key(v)) {
+            if let Some(k) = counted {
+                tally(self.txn, k, false).map_err(storage)?;
+            }
+            tally(self.txn, tally_key(v), true).map_err(storage)?;
+        }
         self.put_vm_record(v)
     }
 
@@ -153,6 +229,7 @@ impl Txn<'_> {
     pub fn remove_vm(&mut self, id: &str) -> Result<(), StoreError> {
         if let Some(o) = self.readable_vm(id)? {
             index(self.txn, id, &keys(&o), false).map_err(storage)?;
+            tally(self.txn, tally_key(&o), false).map_err(storage)?;
         }
         self.remove_vm_record(id)
     }
@@ -311,6 +388,28 @@ impl Store {
                     k.value().to_string(),
                     u64::try_from(v.value()).unwrap_or(u64::MAX),
                 );
+            }
+            Ok(out)
+        })
+    }
+
+    /// The VMs counted by agent, template, state and holder: one row per
+    /// combination, whatever the number of VMs.
+    pub fn vm_tallies(&self) -> Result<Vec<Tally>, StoreError> {
+        self.read(|r| {
+            let t = r.open_table(TALLY).map_err(storage)?;
+            let mut out = Vec::new();
+            for row in t.range::<(&str, &str, &str, u8)>(..).map_err(storage)? {
+                let (k, v) = row.map_err(storage)?;
+                let (agent, template, state, class) = k.value();
+                out.push(Tally {
+                    agent: agent.to_string(),
+                    template: (!template.is_empty()).then(|| template.to_string()),
+                    state: state.to_string(),
+                    held: class == HELD,
+                    pooled: class == POOLED,
+                    n: v.value(),
+                });
             }
             Ok(out)
         })
