@@ -206,6 +206,9 @@ pub struct SiteMetrics {
     pub work: WorkMetrics,
     /// Agents by status, set at each scrape.
     pub agents: Family<StateLabel, Gauge>,
+    /// Health checks' VM listings by outcome: `read` (every VM) or `unchanged`
+    /// (a 304: the agent's VMs were as the last settled listing saw them).
+    pub agent_listings: Family<StateLabel, Counter>,
     /// One scrape at a time sets the gauges and renders them.
     pub scrape: std::sync::Mutex<()>,
     registry: Registry,
@@ -227,9 +230,16 @@ impl Default for SiteMetrics {
             "The site's agents, by status (up or down)",
             agents.clone(),
         );
+        let agent_listings = Family::<StateLabel, Counter>::default();
+        registry.register(
+            "gve_site_agent_vm_listings",
+            "Health checks' VM listings of agents, by outcome (read: every VM; unchanged: not modified since the last settled listing)",
+            agent_listings.clone(),
+        );
         SiteMetrics {
             work,
             agents,
+            agent_listings,
             scrape: Default::default(),
             registry,
         }

@@ -42,6 +42,10 @@ const KEY_OF_OP: TableDefinition<&str, &str> = TableDefinition::new("operation_k
 const NAMES: TableDefinition<(&str, &str), ()> = TableDefinition::new("vm_names");
 /// Meta key saying [`NAMES`] was built (a registry from before it has none).
 const NAMES_BUILT: &str = "index:vm-names";
+/// Meta key: this registry's random id, made when its database is created.
+const REGISTRY_ID: &str = "registry-id";
+/// Meta key: how many transactions have written or removed a VM record.
+const VMS_GENERATION: &str = "vms-generation";
 
 /// A VM record a write replaces, for its name entry; an unreadable one is
 /// logged and replaced all the same (a lookup by name checks the record it finds).
@@ -119,11 +123,14 @@ pub struct Registry {
 pub struct Txn<'a> {
     txn: &'a WriteTransaction,
     new_events: Vec<Event>,
+    /// Whether a VM record was written or removed (the VM generation moves on).
+    vms_changed: bool,
 }
 
 impl Txn<'_> {
     /// Inserts or replaces a VM record.
     pub fn put_vm(&mut self, rec: &VmRecord) -> Result<(), RegistryError> {
+        self.vms_changed = true;
         let mut t = self.txn.open_table(VMS).map_err(storage)?;
         let id = rec.vm.id.as_str();
         let old = t
@@ -179,6 +186,7 @@ impl Txn<'_> {
 
     /// Removes a VM record.
     pub fn remove_vm(&mut self, id: &str) -> Result<(), RegistryError> {
+        self.vms_changed = true;
         let mut t = self.txn.open_table(VMS).map_err(storage)?;
         let old = t
             .remove(id)
@@ -199,6 +207,19 @@ impl Txn<'_> {
             t.insert(tpl.id.as_str(), encode(tpl)?.as_slice())
                 .map_err(storage)?;
         }
+        Ok(())
+    }
+
+    /// Moves the VM generation on by one (once per transaction that changed a VM).
+    fn bump_vms_generation(&mut self) -> Result<(), RegistryError> {
+        let mut t = self.txn.open_table(META).map_err(storage)?;
+        let now = t
+            .get(VMS_GENERATION)
+            .map_err(storage)?
+            .and_then(|v| v.value().parse::<u64>().ok())
+            .unwrap_or(0);
+        let next = now.wrapping_add(1).to_string();
+        t.insert(VMS_GENERATION, next.as_str()).map_err(storage)?;
         Ok(())
     }
 
@@ -377,6 +398,12 @@ impl Registry {
             if meta.get("schema").map_err(|e| err(&e))?.is_none() {
                 meta.insert("schema", "1").map_err(|e| err(&e))?;
             }
+            // Tells this registry's VM generations from another's (a database
+            // replaced or started afresh counts from 0 again).
+            if meta.get(REGISTRY_ID).map_err(|e| err(&e))?.is_none() {
+                let id = uuid::Uuid::new_v4().simple().to_string();
+                meta.insert(REGISTRY_ID, id.as_str()).map_err(|e| err(&e))?;
+            }
             let mut names = txn.open_table(NAMES).map_err(|e| err(&e))?;
             if meta.get(NAMES_BUILT).map_err(|e| err(&e))?.is_none() {
                 let vms = txn.open_table(VMS).map_err(|e| err(&e))?;
@@ -460,8 +487,12 @@ impl Registry {
                 let mut t = Txn {
                     txn,
                     new_events: Vec::new(),
+                    vms_changed: false,
                 };
                 let v = f(&mut t)?;
+                if t.vms_changed {
+                    t.bump_vms_generation()?;
+                }
                 *events = t.new_events;
                 Ok(v)
             },
@@ -518,6 +549,24 @@ impl Registry {
     /// Every VM record.
     pub fn vms(&self) -> Result<Vec<VmRecord>, RegistryError> {
         self.all(VMS)
+    }
+
+    /// A tag that changes whenever a VM record is written or removed: the
+    /// registry's id and its VM generation (an HTTP entity tag, quoted).
+    pub fn vms_tag(&self) -> Result<String, RegistryError> {
+        let txn = self.db.db().begin_read().map_err(storage)?;
+        let t = txn.open_table(META).map_err(storage)?;
+        let get = |k: &str| -> Result<String, RegistryError> {
+            Ok(t.get(k)
+                .map_err(storage)?
+                .map(|v| v.value().to_string())
+                .unwrap_or_default())
+        };
+        Ok(format!(
+            "\"{}-{}\"",
+            get(REGISTRY_ID)?,
+            get(VMS_GENERATION)?
+        ))
     }
 
     /// Up to `limit` VM records in id order after the id `after`.

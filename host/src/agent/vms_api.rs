@@ -235,12 +235,22 @@ impl AgentCore {
                 "migration-uri": self.migration_uri.as_deref().unwrap_or(self.driver.endpoint()),
                 "guest": self.guest.as_ref().ok().map(|g| g.plugin.clone()),
             })),
-            (Method::GET, ["v1", "vms"]) => paged(
-                req.uri(),
-                "/v1/vms",
-                |after, n| self.registry.vms_page(after, n),
-                |v| &v.vm.id,
-            ),
+            (Method::GET, ["v1", "vms"]) => {
+                // The tag is read before the page: a change in between makes the
+                // tag older than the page, and the client's next look reads again.
+                let tag = self.registry.vms_tag().map_err(registry_error)?;
+                if crate::api::page::matches_tag(req.headers(), &tag) {
+                    return Ok(crate::api::page::not_modified(&tag));
+                }
+                let mut resp = paged(
+                    req.uri(),
+                    "/v1/vms",
+                    |after, n| self.registry.vms_page(after, n),
+                    |v| &v.vm.id,
+                )?;
+                crate::api::page::set_tag(&mut resp, &tag);
+                Ok(resp)
+            }
             (Method::GET, ["v1", "vms", id]) => ok(&self.record(id)?),
             (Method::GET, ["v1", "templates"]) => {
                 ok(&self.registry.templates().map_err(registry_error)?)

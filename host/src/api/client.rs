@@ -40,6 +40,20 @@ pub struct Client {
     http: HyperClient<HttpsConnector<HttpConnector>, Body>,
 }
 
+/// A paged listing read with [`Client::get_pages_unless`].
+#[derive(Debug)]
+pub enum Listing<T> {
+    /// The listing still has the tag the caller gave.
+    Unchanged,
+    /// Every item, and the first page's entity tag if it had one.
+    Changed {
+        /// The items, in the listing's order.
+        items: Vec<T>,
+        /// The `ETag` of the first page.
+        tag: Option<String>,
+    },
+}
+
 impl Client {
     /// A client for `base` (`http://127.0.0.1:7070`; `https://` needs
     /// [`Client::with_tls`] and a fingerprint or CA to verify the server by).
@@ -220,13 +234,32 @@ impl Client {
         path: &str,
         max: usize,
     ) -> Result<Vec<T>, ApiError> {
+        match self.get_pages_unless(path, max, None).await? {
+            Listing::Changed { items, .. } => Ok(items),
+            Listing::Unchanged => Ok(Vec::new()),
+        }
+    }
+
+    /// [`Client::get_pages`], unless the listing still has entity tag `tag`
+    /// (sent as `If-None-Match` with the first page; a 304 answers `Unchanged`).
+    pub async fn get_pages_unless<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        max: usize,
+        tag: Option<&str>,
+    ) -> Result<Listing<T>, ApiError> {
         let mut out: Vec<T> = Vec::new();
+        let mut first_tag = None;
         let mut next = Some(path.to_string());
         while let Some(path) = next.take() {
             let url = format!("{}{path}", self.base);
+            let conditional: Vec<(&str, String)> = match (tag, first_tag.is_none()) {
+                (Some(t), true) => vec![("if-none-match", t.to_string())],
+                _ => Vec::new(),
+            };
             let resp = tokio::time::timeout(
                 JSON_TIMEOUT,
-                self.send(Method::GET, &path, &[], full(Bytes::new())),
+                self.send(Method::GET, &path, &conditional, full(Bytes::new())),
             )
             .await
             .map_err(|_| {
@@ -235,7 +268,23 @@ impl Client {
                     "timeout",
                     format!("GET {url}: no answer within {JSON_TIMEOUT:?}"),
                 )
-            })??;
+            })?;
+            let resp = match resp {
+                Err(e)
+                    if e.status == StatusCode::NOT_MODIFIED.as_u16() && !conditional.is_empty() =>
+                {
+                    return Ok(Listing::Unchanged)
+                }
+                r => r?,
+            };
+            if first_tag.is_none() {
+                first_tag = Some(
+                    resp.headers()
+                        .get(hyper::header::ETAG)
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_string),
+                );
+            }
             // Only a path on the same service is followed, and never the same
             // page twice in a row (a server looping on one link ends the listing).
             next =
@@ -250,7 +299,10 @@ impl Client {
                 break;
             }
         }
-        Ok(out)
+        Ok(Listing::Changed {
+            items: out,
+            tag: first_tag.flatten(),
+        })
     }
 
     /// Streams `body` with PUT to `path` and decodes the JSON answer.

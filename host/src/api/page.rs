@@ -83,9 +83,55 @@ pub fn next_link(headers: &hyper::HeaderMap) -> Option<String> {
     None
 }
 
+/// Whether the request's `If-None-Match` names entity tag `tag` (or is `*`);
+/// the weak comparison of RFC 9110 (a `W/` prefix is ignored).
+pub fn matches_tag(headers: &hyper::HeaderMap, tag: &str) -> bool {
+    let bare = |t: &str| t.trim().trim_start_matches("W/").to_string();
+    let tag = bare(tag);
+    headers
+        .get_all(hyper::header::IF_NONE_MATCH)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim() == "*" || bare(t) == tag)
+}
+
+/// 304 Not Modified with entity tag `tag`.
+pub fn not_modified(tag: &str) -> Response {
+    let mut resp = hyper::Response::new(super::full(bytes::Bytes::new()));
+    *resp.status_mut() = StatusCode::NOT_MODIFIED;
+    set_tag(&mut resp, tag);
+    resp
+}
+
+/// Sets the `ETag` header (a tag that is not a valid header value is left out).
+pub fn set_tag(resp: &mut Response, tag: &str) {
+    if let Ok(v) = hyper::header::HeaderValue::from_str(tag) {
+        resp.headers_mut().insert(hyper::header::ETAG, v);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn if_none_match_is_compared_weakly_and_by_list() {
+        let with = |v: &str| {
+            let mut h = hyper::HeaderMap::new();
+            h.insert(hyper::header::IF_NONE_MATCH, v.parse().unwrap());
+            h
+        };
+        let tag = "\"r1-7\"";
+        assert!(matches_tag(&with("\"r1-7\""), tag));
+        assert!(matches_tag(&with("W/\"r1-7\""), tag));
+        assert!(matches_tag(&with("\"x\",  \"r1-7\""), tag));
+        assert!(matches_tag(&with("*"), tag));
+        for miss in ["\"r1-70\"", "\"r1-7", "r1-7", "", ",,", "\"r2-7\""] {
+            assert!(!matches_tag(&with(miss), tag), "{miss:?}");
+        }
+        assert!(!matches_tag(&hyper::HeaderMap::new(), tag));
+    }
 
     #[test]
     fn links_are_written_and_read_back() {

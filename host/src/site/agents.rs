@@ -4,7 +4,7 @@
 //! registry; an agent that does not answer is marked down, and its VMs' state is
 //! shown as `unknown` until it answers again.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -13,11 +13,13 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
 use super::model::{
-    now_ms, AgentRec, AgentStatus, AgentView, JobKind, OpError, SiteVm, TemplateOffer, Usage,
+    now_ms, AgentRec, AgentStatus, AgentView, OpError, SiteVm, TemplateOffer, Usage,
 };
 use super::store::{Store, StoreError};
+pub use super::vm_sync::MISSING;
+use super::vm_sync::{sync_vms, Checked, Listings};
 use crate::agent::model::{OpState, Operation, Vm, VmRecord};
-use crate::api::client::Client;
+use crate::api::client::{Client, Listing};
 use crate::api::ApiError;
 
 /// The site's view of its agents.
@@ -27,9 +29,19 @@ pub struct Agents {
     sealer: super::sealing::Sealer,
     tls: crate::api::tls::ClientTls,
     clients: RwLock<HashMap<String, Client>>,
+    /// The tags of the agents' last settled VM listings.
+    listings: Listings,
+    /// Checks' VM listings counted by outcome (the site's metrics).
+    listing_counts: ListingCounts,
     /// The health checks' period, ms (set by [`Agents::spawn_health`]).
     health_period_ms: std::sync::atomic::AtomicU64,
 }
+
+/// Health checks' VM listings counted by outcome.
+pub type ListingCounts = prometheus_client::metrics::family::Family<
+    crate::metrics::StateLabel,
+    prometheus_client::metrics::counter::Counter,
+>;
 
 /// How long a check may take before its agent counts as down.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(15);
@@ -61,6 +73,7 @@ impl Agents {
         site_id: String,
         sealer: super::sealing::Sealer,
         tls: crate::api::tls::ClientTls,
+        listing_counts: ListingCounts,
     ) -> Result<Agents, StoreError> {
         store.write(|t| {
             for mut a in t.agents()? {
@@ -77,6 +90,8 @@ impl Agents {
             sealer,
             tls,
             clients: RwLock::new(HashMap::new()),
+            listings: Listings::default(),
+            listing_counts,
             health_period_ms: std::sync::atomic::AtomicU64::new(5_000),
         })
     }
@@ -240,6 +255,7 @@ impl Agents {
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .remove(id);
+        self.listings.forget(id);
         r.map_err(db)?
     }
 
@@ -253,8 +269,12 @@ impl Agents {
             let host: crate::agent::model::Host = c.get("/v1/host").await?;
             let templates: Vec<Vm> = c.get("/v1/templates").await?;
             let driver: Value = c.get("/v1/driver").await?;
-            // Every page: a VM left out would be taken for gone.
-            let vms: Vec<VmRecord> = c.get_pages("/v1/vms", usize::MAX).await?;
+            // Every page (a VM left out would be taken for gone), unless the
+            // agent's VMs are as the last settled listing saw them.
+            let tag = self.listings.tag(id);
+            let vms: Listing<VmRecord> = c
+                .get_pages_unless("/v1/vms", usize::MAX, tag.as_deref())
+                .await?;
             Ok::<_, ApiError>((host, templates, driver, vms))
         })
         .await
@@ -266,10 +286,12 @@ impl Agents {
             ))
         });
         // What a check learns, the next check learns again: no need to wait for the disk.
+        // A listing's tag is remembered once the records it settled are committed.
         let r = self.store.write_lazy(|t| {
             let Some(mut rec) = t.agent(id)? else {
-                return Ok(());
+                return Ok(None);
             };
+            let mut listed = None;
             match got {
                 Ok((host, templates, driver, vms)) => {
                     rec.status = AgentStatus::Up;
@@ -282,7 +304,13 @@ impl Agents {
                         .as_str()
                         .or(driver["endpoint"].as_str())
                         .map(str::to_string);
-                    sync_vms(t, id, &vms, listed_at, self.forget_missing_after_ms())?;
+                    if let Listing::Changed { items, tag } = vms {
+                        let forget_after = self.forget_missing_after_ms();
+                        let settled = sync_vms(t, id, &items, listed_at, forget_after)?;
+                        listed = Some(Checked::Read { tag, settled });
+                    } else {
+                        listed = Some(Checked::Unchanged);
+                    }
                 }
                 Err(e) => {
                     if rec.status == AgentStatus::Up {
@@ -292,11 +320,30 @@ impl Agents {
                     rec.error = Some(e.message);
                 }
             }
-            t.put_agent(&rec)
+            t.put_agent(&rec)?;
+            Ok(listed)
         });
-        if let Err(e) = r {
-            tracing::error!(agent = id, "cannot record the agent check: {e}");
-        }
+        let outcome = match r {
+            Ok(Some(Checked::Unchanged)) => "unchanged",
+            Ok(Some(Checked::Read { tag, settled })) => {
+                self.listings.listed(id, tag, settled);
+                "read"
+            }
+            Ok(None) => {
+                self.listings.forget(id);
+                return;
+            }
+            Err(e) => {
+                self.listings.forget(id);
+                tracing::error!(agent = id, "cannot record the agent check: {e}");
+                return;
+            }
+        };
+        self.listing_counts
+            .get_or_create(&crate::metrics::StateLabel {
+                state: outcome.into(),
+            })
+            .inc();
     }
 
     /// Checks every agent every `period`, all at once: each check has its own
@@ -403,150 +450,4 @@ pub fn forget_vm(t: &mut super::store::Txn<'_>, v: &SiteVm) -> Result<(), StoreE
         )?;
     }
     t.remove_vm(&v.id)
-}
-
-/// State of a VM record whose agent no longer lists it: forgotten when checks
-/// still miss it a while later, unless another agent lists it by then (it moved).
-pub const MISSING: &str = "missing";
-
-/// Brings the site's records of agent `agent`'s VMs in line with what it reports
-/// (listed at `listed_at`). VMs that jobs are working on are left to those jobs, and
-/// records written after the listing was taken are newer than it: kept as they are.
-/// A VM the agent no longer lists is `missing` first and forgotten when a check
-/// still misses it `forget_after_ms` later; one that turns up on another agent
-/// meanwhile (a migration whose job was cut off, or one made outside gve) keeps
-/// its record, owner and lease there.
-fn sync_vms(
-    t: &mut super::store::Txn<'_>,
-    agent: &str,
-    listed: &[VmRecord],
-    listed_at: u64,
-    forget_after_ms: u64,
-) -> Result<(), StoreError> {
-    // Only this agent's records are read, and records of other agents only for a
-    // VM it lists that it has no record of: a check costs this agent's VMs.
-    let mine: BTreeMap<String, SiteVm> = t
-        .vms_of_agent(agent)?
-        .into_iter()
-        .map(|v| (v.agent_vm.clone(), v))
-        .collect();
-    let mut busy: HashSet<String> = HashSet::new();
-    let mut active_jobs: HashSet<String> = HashSet::new();
-    // Names the active clones give their new VMs on this agent (the contract's
-    // clone carries no labels, so the name is what marks them).
-    let mut cloning: HashSet<String> = HashSet::new();
-    for j in t.active_jobs()? {
-        if let Some(v) = &j.vm {
-            busy.insert(v.clone());
-            let from_here = j.kind == JobKind::Clone && t.vm(v)?.is_some_and(|s| s.agent == agent);
-            if j.kind == JobKind::Clone && from_here {
-                if let Some(name) = j.params["name"].as_str() {
-                    cloning.insert(name.to_string());
-                }
-            }
-        }
-        active_jobs.insert(j.id);
-    }
-    let now = now_ms();
-    for rec in listed {
-        let vm = &rec.vm;
-        let state = format!("{:?}", vm.state).to_lowercase();
-        match mine.get(&vm.id) {
-            Some(known) => {
-                if known.updated_ms < listed_at && (known.state != state || known.name != vm.name) {
-                    let mut k = known.clone();
-                    if k.state != state {
-                        k.ready = false;
-                    }
-                    k.state = state;
-                    k.name = vm.name.clone();
-                    k.updated_ms = now;
-                    t.put_vm(&k)?;
-                }
-            }
-            None => {
-                // Being created or cloned by a job, or migrating in under a job: not
-                // ours to add (the job records it, with its owner).
-                let made_by_active = vm
-                    .labels
-                    .get("gve.job")
-                    .is_some_and(|j| active_jobs.contains(j))
-                    || cloning.contains(&vm.name);
-                // Records by the hypervisor's id of the VM, on any agent.
-                let elsewhere = t.vms_by_agent_vm(&vm.id)?;
-                if made_by_active || elsewhere.iter().any(|v| busy.contains(&v.id)) {
-                    continue;
-                }
-                if let Some(moved) = elsewhere.first() {
-                    // Known on another agent: it moved once that agent misses it;
-                    // until then (or while both list it) the record stays put.
-                    if moved.state == MISSING && moved.updated_ms < listed_at {
-                        tracing::warn!(
-                            vm = moved.id,
-                            from = moved.agent,
-                            to = agent,
-                            "VM turned up on another agent; its record follows it"
-                        );
-                        let mut m = moved.clone();
-                        m.agent = agent.to_string();
-                        m.name = vm.name.clone();
-                        m.state = state;
-                        m.ready = false;
-                        m.updated_ms = now;
-                        t.put_vm(&m)?;
-                    }
-                    continue;
-                }
-                t.put_vm(&SiteVm {
-                    id: site_vm_id(agent, &vm.id),
-                    agent: agent.to_string(),
-                    agent_vm: vm.id.clone(),
-                    name: vm.name.clone(),
-                    owner: None,
-                    logical_cpus: vm.logical_cpus,
-                    main_memory_mib: vm.main_memory_mib,
-                    template: vm.labels.get("gve.template").cloned(),
-                    os_family: vm.os_family.clone(),
-                    state,
-                    lease: None,
-                    // The site installed nothing on it and did not make it: what
-                    // is on its disks is unknown, so it goes to no tenant.
-                    software: Default::default(),
-                    clean: false,
-                    ready: false,
-                    updated_ms: now,
-                })?;
-            }
-        }
-    }
-    let present: HashSet<&str> = listed.iter().map(|r| r.vm.id.as_str()).collect();
-    for (agent_vm, v) in &mine {
-        if present.contains(agent_vm.as_str()) || busy.contains(&v.id) || v.updated_ms >= listed_at
-        {
-            continue;
-        }
-        if v.state == MISSING {
-            if now.saturating_sub(v.updated_ms) < forget_after_ms {
-                continue;
-            }
-            tracing::warn!(
-                vm = v.id,
-                agent,
-                "VM vanished from its agent; forgetting it"
-            );
-            forget_vm(t, v)?;
-        } else {
-            tracing::warn!(
-                vm = v.id,
-                agent,
-                "VM missing from its agent; forgotten soon unless an agent lists it"
-            );
-            let mut m = v.clone();
-            m.state = MISSING.into();
-            m.ready = false;
-            m.updated_ms = now;
-            t.put_vm(&m)?;
-        }
-    }
-    Ok(())
 }

@@ -27,6 +27,7 @@ pub mod scheduler;
 pub mod sealing;
 pub mod staging;
 pub mod store;
+pub mod vm_sync;
 pub mod vms;
 pub mod vms_api;
 
@@ -251,11 +252,13 @@ impl Site {
         })?;
         let sealer = sealing::Sealer::open_or_create(&config.data_dir.join("site.key"))
             .map_err(|e| SiteError::Config(e.to_string()))?;
+        let metrics = crate::metrics::SiteMetrics::default();
         let agents = Arc::new(agents::Agents::new(
             store.clone(),
             config.site_id.clone(),
             sealer,
             config.agent_tls.clone(),
+            metrics.agent_listings.clone(),
         )?);
         let scheduler = scheduler::Scheduler::new(scheduler::Limits {
             parallel: config.parallel_jobs,
@@ -282,7 +285,7 @@ impl Site {
             disk,
             staging,
             placing: Default::default(),
-            metrics: Default::default(),
+            metrics,
         });
         let resumed = core.resume_all()?;
         if resumed > 0 {

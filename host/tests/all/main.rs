@@ -10,6 +10,7 @@ mod e2e;
 mod fairness;
 mod glue2;
 mod guest;
+mod health_sync;
 mod history;
 mod hostile;
 mod http_limits;

@@ -1,0 +1,234 @@
+//! Keeping the site's VM records in line with each agent's registry. A health
+//! check lists an agent's VMs and [`sync_vms`] applies the listing; the agent
+//! tags its listing (an entity tag that moves with every VM record it writes),
+//! and [`Listings`] remembers the tag of a listing the records fully agreed
+//! with, so the next check asks with `If-None-Match` and an unchanged agent
+//! answers 304 instead of every VM again. A full listing is still read at
+//! least every [`FULL_LISTING_EVERY`], and after any listing that left
+//! something unsettled (a VM missing, or one a job was working on).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use super::agents::{forget_vm, site_vm_id};
+use super::model::{now_ms, JobKind, SiteVm};
+use super::store::StoreError;
+use crate::agent::model::VmRecord;
+
+/// The longest a site goes without reading an agent's whole VM listing.
+pub const FULL_LISTING_EVERY: Duration = Duration::from_secs(60);
+
+/// What a check did with an agent's VM listing.
+pub enum Checked {
+    /// The agent answered 304: its VMs are as the last settled listing saw them.
+    Unchanged,
+    /// Every VM was read and applied, with the listing's tag; `settled` when
+    /// the records then agreed with it.
+    Read {
+        /// The listing's entity tag.
+        tag: Option<String>,
+        /// Whether the records agreed with the listing.
+        settled: bool,
+    },
+}
+
+/// Per agent, the tag of the last listing the site's records agreed with.
+#[derive(Default)]
+pub struct Listings {
+    marks: Mutex<HashMap<String, (String, Instant)>>,
+}
+
+impl Listings {
+    /// The tag to send with agent `agent`'s next listing, if one may be skipped.
+    pub fn tag(&self, agent: &str) -> Option<String> {
+        let marks = self.marks.lock().unwrap_or_else(|p| p.into_inner());
+        marks
+            .get(agent)
+            .filter(|(_, at)| at.elapsed() < FULL_LISTING_EVERY)
+            .map(|(tag, _)| tag.clone())
+    }
+
+    /// Records agent `agent`'s listing with `tag`: remembered when the records
+    /// `settled` with it, else forgotten (the next check reads every VM).
+    pub fn listed(&self, agent: &str, tag: Option<String>, settled: bool) {
+        let mut marks = self.marks.lock().unwrap_or_else(|p| p.into_inner());
+        match tag.filter(|_| settled) {
+            Some(tag) => {
+                marks.insert(agent.to_string(), (tag, Instant::now()));
+            }
+            None => {
+                marks.remove(agent);
+            }
+        }
+    }
+
+    /// Forgets agent `agent` (unregistered, or its check failed).
+    pub fn forget(&self, agent: &str) {
+        self.marks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(agent);
+    }
+}
+
+/// State of a VM record whose agent no longer lists it: forgotten when checks
+/// still miss it a while later, unless another agent lists it by then (it moved).
+pub const MISSING: &str = "missing";
+
+/// Brings the site's records of agent `agent`'s VMs in line with what it reports
+/// (listed at `listed_at`). VMs that jobs are working on are left to those jobs, and
+/// records written after the listing was taken are newer than it: kept as they are.
+/// A VM the agent no longer lists is `missing` first and forgotten when a check
+/// still misses it `forget_after_ms` later; one that turns up on another agent
+/// meanwhile (a migration whose job was cut off, or one made outside gve) keeps
+/// its record, owner and lease there. Whether the records now agree with the
+/// listing (nothing missing, nothing left to a job or to a later listing).
+pub(super) fn sync_vms(
+    t: &mut super::store::Txn<'_>,
+    agent: &str,
+    listed: &[VmRecord],
+    listed_at: u64,
+    forget_after_ms: u64,
+) -> Result<bool, StoreError> {
+    // Whether every record agrees with the listing when this is done.
+    let mut settled = true;
+    // Only this agent's records are read, and records of other agents only for a
+    // VM it lists that it has no record of: a check costs this agent's VMs.
+    let mine: BTreeMap<String, SiteVm> = t
+        .vms_of_agent(agent)?
+        .into_iter()
+        .map(|v| (v.agent_vm.clone(), v))
+        .collect();
+    let mut busy: HashSet<String> = HashSet::new();
+    let mut active_jobs: HashSet<String> = HashSet::new();
+    // Names the active clones give their new VMs on this agent (the contract's
+    // clone carries no labels, so the name is what marks them).
+    let mut cloning: HashSet<String> = HashSet::new();
+    for j in t.active_jobs()? {
+        if let Some(v) = &j.vm {
+            busy.insert(v.clone());
+            let from_here = j.kind == JobKind::Clone && t.vm(v)?.is_some_and(|s| s.agent == agent);
+            if j.kind == JobKind::Clone && from_here {
+                if let Some(name) = j.params["name"].as_str() {
+                    cloning.insert(name.to_string());
+                }
+            }
+        }
+        active_jobs.insert(j.id);
+    }
+    let now = now_ms();
+    for rec in listed {
+        let vm = &rec.vm;
+        let state = format!("{:?}", vm.state).to_lowercase();
+        match mine.get(&vm.id) {
+            Some(known) => {
+                let differs = known.state != state || known.name != vm.name;
+                if differs && known.updated_ms >= listed_at {
+                    settled = false;
+                }
+                if known.updated_ms < listed_at && differs {
+                    let mut k = known.clone();
+                    if k.state != state {
+                        k.ready = false;
+                    }
+                    k.state = state;
+                    k.name = vm.name.clone();
+                    k.updated_ms = now;
+                    t.put_vm(&k)?;
+                }
+            }
+            None => {
+                // Being created or cloned by a job, or migrating in under a job: not
+                // ours to add (the job records it, with its owner).
+                let made_by_active = vm
+                    .labels
+                    .get("gve.job")
+                    .is_some_and(|j| active_jobs.contains(j))
+                    || cloning.contains(&vm.name);
+                // Records by the hypervisor's id of the VM, on any agent.
+                let elsewhere = t.vms_by_agent_vm(&vm.id)?;
+                if made_by_active || elsewhere.iter().any(|v| busy.contains(&v.id)) {
+                    settled = false;
+                    continue;
+                }
+                if let Some(moved) = elsewhere.first() {
+                    // Known on another agent: it moved once that agent misses it;
+                    // until then (or while both list it) the record stays put.
+                    if moved.state == MISSING && moved.updated_ms < listed_at {
+                        tracing::warn!(
+                            vm = moved.id,
+                            from = moved.agent,
+                            to = agent,
+                            "VM turned up on another agent; its record follows it"
+                        );
+                        let mut m = moved.clone();
+                        m.agent = agent.to_string();
+                        m.name = vm.name.clone();
+                        m.state = state;
+                        m.ready = false;
+                        m.updated_ms = now;
+                        t.put_vm(&m)?;
+                    } else {
+                        settled = false;
+                    }
+                    continue;
+                }
+                t.put_vm(&SiteVm {
+                    id: site_vm_id(agent, &vm.id),
+                    agent: agent.to_string(),
+                    agent_vm: vm.id.clone(),
+                    name: vm.name.clone(),
+                    owner: None,
+                    logical_cpus: vm.logical_cpus,
+                    main_memory_mib: vm.main_memory_mib,
+                    template: vm.labels.get("gve.template").cloned(),
+                    os_family: vm.os_family.clone(),
+                    state,
+                    lease: None,
+                    // The site installed nothing on it and did not make it: what
+                    // is on its disks is unknown, so it goes to no tenant.
+                    software: Default::default(),
+                    clean: false,
+                    ready: false,
+                    updated_ms: now,
+                })?;
+            }
+        }
+    }
+    let present: HashSet<&str> = listed.iter().map(|r| r.vm.id.as_str()).collect();
+    for (agent_vm, v) in &mine {
+        if present.contains(agent_vm.as_str()) {
+            continue;
+        }
+        // A record the listing lacks: missing now, or left to a job or to the
+        // next listing; either way a later listing must look again.
+        settled = false;
+        if busy.contains(&v.id) || v.updated_ms >= listed_at {
+            continue;
+        }
+        if v.state == MISSING {
+            if now.saturating_sub(v.updated_ms) < forget_after_ms {
+                continue;
+            }
+            tracing::warn!(
+                vm = v.id,
+                agent,
+                "VM vanished from its agent; forgetting it"
+            );
+            forget_vm(t, v)?;
+        } else {
+            tracing::warn!(
+                vm = v.id,
+                agent,
+                "VM missing from its agent; forgotten soon unless an agent lists it"
+            );
+            let mut m = v.clone();
+            m.state = MISSING.into();
+            m.ready = false;
+            m.updated_ms = now;
+            t.put_vm(&m)?;
+        }
+    }
+    Ok(settled)
+}

@@ -1,0 +1,136 @@
+//! A site's health check reads an agent's whole VM listing only when it may
+//! have changed: the agent tags its listing (`ETag`, moving with every VM
+//! record it writes), the site asks with the tag of its last settled listing
+//! (`If-None-Match`) and an unchanged agent answers 304. Changes through the
+//! agent, behind its back (found by its reconcile) and VMs gone missing must
+//! still reach the site.
+
+use std::time::{Duration, Instant};
+
+use gve::agent::model::VmRecord;
+use gve::api::client::{Client, Listing};
+use gve::site::model::SiteVm;
+use serde_json::{json, Value};
+
+use crate::site::{env, post};
+use crate::support::no_creds;
+
+async fn listing(c: &Client, tag: Option<&str>) -> Listing<VmRecord> {
+    c.get_pages_unless("/v1/vms", usize::MAX, tag)
+        .await
+        .unwrap()
+}
+
+/// The listing's items and tag; fails on a 304 or an untagged listing.
+async fn read(c: &Client, tag: Option<&str>) -> (Vec<VmRecord>, String) {
+    match listing(c, tag).await {
+        Listing::Changed {
+            items,
+            tag: Some(t),
+        } => (items, t),
+        other => panic!("expected a tagged listing, got {other:?}"),
+    }
+}
+
+/// The site's counts of VM listings read in full and answered unchanged.
+async fn counts(admin: &Client) -> (f64, f64) {
+    use http_body_util::BodyExt;
+    let resp = admin.get_stream("/metrics").await.unwrap();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    let text = String::from_utf8(body.to_vec()).unwrap();
+    let sample = |outcome: &str| {
+        let series = format!("gve_site_agent_vm_listings_total{{state=\"{outcome}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(series.as_str())?.parse().ok())
+            .unwrap_or(0.0)
+    };
+    (sample("read"), sample("unchanged"))
+}
+
+/// Waits (up to 10 s) for the site's record of agent VM `agent_vm` to pass `ok`.
+async fn site_record(admin: &Client, agent_vm: &str, ok: impl Fn(Option<&SiteVm>) -> bool) {
+    let end = Instant::now() + Duration::from_secs(10);
+    loop {
+        let vms: Vec<SiteVm> = admin
+            .get_pages("/v1/vms?all=true", usize::MAX)
+            .await
+            .unwrap();
+        let rec = vms.iter().find(|v| v.agent_vm == agent_vm);
+        if ok(rec) {
+            return;
+        }
+        assert!(Instant::now() < end, "the site's record: {rec:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_health_check_reads_an_agents_vms_again_only_when_they_changed() {
+    let e = env(2, |_| {}).await;
+    let (agent, ac) = (&e.agents[0].0, &e.agents[0].1);
+
+    // The agent's tag: matched exactly, by `*`, weakly, or in a list.
+    let (_, t1) = read(ac, None).await;
+    for tag in [t1.clone(), "*".into(), format!("\"x\", W/{t1}")] {
+        assert!(
+            matches!(listing(ac, Some(&tag)).await, Listing::Unchanged),
+            "If-None-Match: {tag}"
+        );
+    }
+    // Another agent's registry has another tag, whatever its generation.
+    let (_, other) = read(&e.agents[1].1, None).await;
+    assert_ne!(other, t1);
+    read(&e.agents[1].1, Some(&t1)).await;
+
+    // A VM made through the agent (behind the site) moves the tag.
+    let op = crate::agent::run_op(
+        ac,
+        "/v1/vms",
+        json!({ "name": "s-1", "main-memory-mib": 64 }),
+    )
+    .await;
+    let vm = op.result.expect("a created VM").id;
+    let (items, t2) = read(ac, Some(&t1)).await;
+    assert_ne!(t2, t1);
+    assert!(items.iter().any(|r| r.vm.id == vm));
+
+    // The site adopts it, and then its checks (every 300 ms) are answered 304.
+    site_record(&e.admin, &vm, |r| r.is_some()).await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let (read0, unchanged0) = counts(&e.admin).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (read1, unchanged1) = counts(&e.admin).await;
+    assert_eq!(read1, read0, "an unchanged agent's VMs were read again");
+    assert!(
+        unchanged1 >= unchanged0 + 4.0,
+        "{unchanged0} -> {unchanged1} checks answered unchanged"
+    );
+
+    // Behind the agent's back: another session starts the VM; the agent's
+    // reconcile finds it, the tag moves and the site follows.
+    let driver: Value = ac.get("/v1/driver").await.unwrap();
+    let endpoint = driver["endpoint"].as_str().unwrap().to_string();
+    let behind = agent
+        .plugins
+        .open_driver("memory", &endpoint, no_creds())
+        .await
+        .unwrap();
+    behind.start(&vm).await.unwrap();
+    let _: Value = post(ac, "/v1/reconcile", json!({})).await.unwrap();
+    let (_, t3) = read(ac, Some(&t2)).await;
+    assert_ne!(t3, t2);
+    site_record(&e.admin, &vm, |r| r.is_some_and(|r| r.state == "running")).await;
+
+    // Gone behind everyone's back: missing at the site, and until it is
+    // forgotten every check reads the whole listing again.
+    behind.destroy(&vm).await.unwrap();
+    let _: Value = post(ac, "/v1/reconcile", json!({})).await.unwrap();
+    site_record(&e.admin, &vm, |r| r.is_some_and(|r| r.state == "missing")).await;
+    let (read2, _) = counts(&e.admin).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (read3, _) = counts(&e.admin).await;
+    assert!(
+        read3 >= read2 + 3.0,
+        "{read2} -> {read3}: a listing with a VM missing must be read in full"
+    );
+}
