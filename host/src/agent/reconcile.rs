@@ -56,18 +56,28 @@ impl AgentCore {
             .into_iter()
             .map(|v| (v.id.clone(), Vm::from(v)))
             .collect();
-        let templates: Vec<Vm> = self
+        let mut templates: Vec<Vm> = self
             .driver
             .list_templates()
             .await?
             .into_iter()
             .map(Vm::from)
             .collect();
+        // In the registry's order (by id), to compare with what it holds.
+        templates.sort_by(|a, b| a.id.cmp(&b.id));
         let removed: HashMap<String, u64> = {
             let mut r = self.removed.lock().unwrap_or_else(|e| e.into_inner());
             r.retain(|_, at| *at + 60_000 > listed_at);
             r.clone()
         };
+        // Compared first on a snapshot: a pass that finds nothing to change
+        // takes no write lock and commits nothing.
+        let known = self.registry.vms()?;
+        if plan(&known, &seen, &removed, listed_at).is_empty()
+            && self.registry.templates()? == templates
+        {
+            return Ok(ReconcileReport::default());
+        }
         let report = self.registry.write(|t| {
             let mut report = ReconcileReport::default();
             let mut events = 0usize;
@@ -82,13 +92,12 @@ impl AgentCore {
                     Ok(())
                 }
             };
-            let known: HashMap<String, VmRecord> =
-                t.vms()?.into_iter().map(|r| (r.vm.id.clone(), r)).collect();
-            for (id, vm) in &seen {
-                match known.get(id) {
-                    // Removed by an operation after the listing was taken.
-                    None if removed.get(id).is_some_and(|at| *at >= listed_at) => {}
-                    None => {
+            // Planned again inside the transaction: operations may have
+            // written since the snapshot.
+            let known = t.vms()?;
+            for change in plan(&known, &seen, &removed, listed_at) {
+                match change {
+                    Change::Appeared(vm) => {
                         t.put_vm(&VmRecord {
                             vm: vm.clone(),
                             allocation: Allocation::Free,
@@ -98,22 +107,20 @@ impl AgentCore {
                         event(
                             t,
                             "vm-appeared",
-                            id,
+                            &vm.id,
                             json!({ "name": vm.name, "state": vm.state }),
                         )?;
-                        report.appeared.push(id.clone());
+                        report.appeared.push(vm.id.clone());
                     }
-                    // An operation recorded a newer view after the list was taken: keep it.
-                    Some(rec) if rec.seen_ms >= listed_at => {}
-                    Some(rec) if rec.vm != *vm => {
+                    Change::Changed(rec, vm) => {
                         if rec.vm.state != vm.state {
                             event(
                                 t,
                                 "vm-state-changed",
-                                id,
+                                &vm.id,
                                 json!({ "from": rec.vm.state, "to": vm.state }),
                             )?;
-                            report.changed.push(id.clone());
+                            report.changed.push(vm.id.clone());
                         }
                         t.put_vm(&VmRecord {
                             vm: vm.clone(),
@@ -122,19 +129,17 @@ impl AgentCore {
                             provisioned: rec.provisioned.clone(),
                         })?;
                     }
-                    Some(_) => {}
-                }
-            }
-            for (id, rec) in &known {
-                if !seen.contains_key(id) && rec.seen_ms < listed_at {
-                    t.remove_vm(id)?;
-                    event(
-                        t,
-                        "vm-vanished",
-                        id,
-                        json!({ "name": rec.vm.name, "last-state": rec.vm.state }),
-                    )?;
-                    report.vanished.push(id.clone());
+                    Change::Vanished(rec) => {
+                        let id = &rec.vm.id;
+                        t.remove_vm(id)?;
+                        event(
+                            t,
+                            "vm-vanished",
+                            id,
+                            json!({ "name": rec.vm.name, "last-state": rec.vm.state }),
+                        )?;
+                        report.vanished.push(id.clone());
+                    }
                 }
             }
             if events > MAX_EVENTS_PER_PASS {
@@ -177,4 +182,45 @@ impl AgentCore {
             }
         })
     }
+}
+
+/// One difference between the registry and a hypervisor listing.
+enum Change<'a> {
+    /// Listed, not in the registry: it appeared behind gve's back.
+    Appeared(&'a Vm),
+    /// In both, but the listing differs from the record (old record, new view).
+    Changed(&'a VmRecord, &'a Vm),
+    /// In the registry, no longer listed.
+    Vanished(&'a VmRecord),
+}
+
+/// The differences between the registry's records `known` and the listing
+/// `seen` taken at `listed_at`. Records an operation wrote after the listing
+/// are newer than it, and VMs an operation removed after it (`removed`, id →
+/// when) are not taken for new.
+fn plan<'a>(
+    known: &'a [VmRecord],
+    seen: &'a HashMap<String, Vm>,
+    removed: &HashMap<String, u64>,
+    listed_at: u64,
+) -> Vec<Change<'a>> {
+    let by_id: HashMap<&str, &VmRecord> = known.iter().map(|r| (r.vm.id.as_str(), r)).collect();
+    let mut out = Vec::new();
+    for (id, vm) in seen {
+        match by_id.get(id.as_str()) {
+            // Removed by an operation after the listing was taken.
+            None if removed.get(id).is_some_and(|at| *at >= listed_at) => {}
+            None => out.push(Change::Appeared(vm)),
+            // An operation recorded a newer view after the list was taken: keep it.
+            Some(rec) if rec.seen_ms >= listed_at => {}
+            Some(rec) if rec.vm != *vm => out.push(Change::Changed(rec, vm)),
+            Some(_) => {}
+        }
+    }
+    for rec in known {
+        if !seen.contains_key(&rec.vm.id) && rec.seen_ms < listed_at {
+            out.push(Change::Vanished(rec));
+        }
+    }
+    out
 }
