@@ -15,8 +15,10 @@ use super::error::{PluginError, Result};
 
 /// Longest error or trap message kept, bytes.
 pub const MAX_MESSAGE: usize = 4 * 1024;
-/// Most VMs or templates in one listing.
-pub const MAX_LIST: usize = 10_000;
+/// Most VMs or templates in one listing: twice the 100,000 VMs an agent is
+/// sized for. (What a listing can hold at all is bounded by the instance's
+/// memory cap; this bounds the host's work on one answer.)
+pub const MAX_LIST: usize = 200_000;
 /// Longest VM id, bytes.
 pub const MAX_ID: usize = 128;
 /// Longest other text field (names, addresses, labels, host facts), bytes.
