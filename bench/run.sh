@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs the benchmarks and writes their results under bench/results/.
-# Usage: bash bench/run.sh [plugin|footprint|vm_start|fig4|guest|site|history|soak|vsphere|xen|xen_migrate|fuzz]   (default: all)
+# Usage: bash bench/run.sh [plugin|footprint|vm_start|fig4|guest|site|history|scale|soak|vsphere|xen|xen_migrate|fuzz]   (default: all)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 target=${CARGO_TARGET_DIR:-target}
@@ -53,6 +53,11 @@ if [ "$which" = all ] || [ "$which" = history ]; then
     # A request's cost (listings, event streams, exec, request) as the site's
     # history grows to 100,000 jobs (GVE_HISTORY_JOBS to change it).
     cargo bench --locked -p gve --bench history
+fi
+if [ "$which" = all ] || [ "$which" = scale ]; then
+    # An agent with 100,000 VMs (GVE_SCALE_VMS) and a site over it: reconcile,
+    # health checks, listings, idle CPU and memory.
+    cargo bench --locked -p gve --bench scale
 fi
 if [ "$which" = all ] || [ "$which" = soak ]; then
     # 30 minutes of steady mixed load from many users: memory, files and

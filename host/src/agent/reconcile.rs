@@ -72,7 +72,7 @@ impl AgentCore {
         };
         // Compared first on a snapshot: a pass that finds nothing to change
         // takes no write lock and commits nothing.
-        let known = self.registry.vms()?;
+        let known = self.registry.vms_snapshot()?;
         if plan(&known, &seen, &removed, listed_at).is_empty()
             && self.registry.templates()? == templates
         {

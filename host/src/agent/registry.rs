@@ -4,6 +4,7 @@
 //! kill -9 at any point leaves a database that opens and is consistent.
 
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
 use serde::de::DeserializeOwned;
@@ -117,7 +118,12 @@ fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, RegistryError> {
 #[derive(Clone)]
 pub struct Registry {
     db: crate::store_core::Published<Event>,
+    /// Every VM record as of a VM tag ([`Registry::vms_snapshot`]).
+    snapshot: Arc<Mutex<Option<Snapshot>>>,
 }
+
+/// Every VM record, and the VM tag they were read at.
+type Snapshot = (String, Arc<Vec<VmRecord>>);
 
 /// One write transaction over the registry.
 pub struct Txn<'a> {
@@ -421,6 +427,7 @@ impl Registry {
         txn.commit().map_err(|e| err(&e))?;
         Ok(Registry {
             db: crate::store_core::Published::new(db, 1024),
+            snapshot: Default::default(),
         })
     }
 
@@ -551,22 +558,33 @@ impl Registry {
         self.all(VMS)
     }
 
+    /// Every VM record, decoded again only when the VM tag moved since the
+    /// last snapshot (an idle reconcile pass reads no record).
+    pub fn vms_snapshot(&self) -> Result<Arc<Vec<VmRecord>>, RegistryError> {
+        let txn = self.db.db().begin_read().map_err(storage)?;
+        let tag = vms_tag_in(&txn)?;
+        let mut cached = self.snapshot.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((t, vms)) = cached.as_ref() {
+            if *t == tag {
+                return Ok(vms.clone());
+            }
+        }
+        let t = txn.open_table(VMS).map_err(storage)?;
+        let mut out = Vec::new();
+        for row in t.range::<&str>(..).map_err(storage)? {
+            let (k, v) = row.map_err(storage)?;
+            out.push(decode(k.value(), v.value())?);
+        }
+        let vms = Arc::new(out);
+        *cached = Some((tag, vms.clone()));
+        Ok(vms)
+    }
+
     /// A tag that changes whenever a VM record is written or removed: the
     /// registry's id and its VM generation (an HTTP entity tag, quoted).
     pub fn vms_tag(&self) -> Result<String, RegistryError> {
         let txn = self.db.db().begin_read().map_err(storage)?;
-        let t = txn.open_table(META).map_err(storage)?;
-        let get = |k: &str| -> Result<String, RegistryError> {
-            Ok(t.get(k)
-                .map_err(storage)?
-                .map(|v| v.value().to_string())
-                .unwrap_or_default())
-        };
-        Ok(format!(
-            "\"{}-{}\"",
-            get(REGISTRY_ID)?,
-            get(VMS_GENERATION)?
-        ))
+        vms_tag_in(&txn)
     }
 
     /// Up to `limit` VM records in id order after the id `after`.
@@ -712,4 +730,20 @@ impl Registry {
         }
         Ok(out)
     }
+}
+
+/// The VM tag as read transaction `txn` sees it.
+fn vms_tag_in(txn: &redb::ReadTransaction) -> Result<String, RegistryError> {
+    let t = txn.open_table(META).map_err(storage)?;
+    let get = |k: &str| -> Result<String, RegistryError> {
+        Ok(t.get(k)
+            .map_err(storage)?
+            .map(|v| v.value().to_string())
+            .unwrap_or_default())
+    };
+    Ok(format!(
+        "\"{}-{}\"",
+        get(REGISTRY_ID)?,
+        get(VMS_GENERATION)?
+    ))
 }
