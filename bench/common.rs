@@ -44,6 +44,16 @@ pub fn cpu_seconds(pid: &str) -> f64 {
     (tick(11) + tick(12)) / 100.0
 }
 
+/// This process's resident memory, MiB.
+pub fn rss_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
 /// This machine's cores.
 pub fn cores() -> usize {
     std::thread::available_parallelism()

@@ -321,7 +321,7 @@ async fn main() {
             idle_cpu,
         });
     }
-    let rss_mib = rss_mib();
+    let rss_mib = common::rss_mib();
     // A restart on the grown database: open, index check, resume.
     let config = site.core.config.clone();
     let t = Instant::now();
@@ -347,16 +347,6 @@ async fn main() {
     again.stop().await;
     agent.stop().await;
     write(&results, stop_s, start_s, rss_mib);
-}
-
-/// This process's resident memory, MiB.
-fn rss_mib() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .map_or(0.0, |kb| kb / 1024.0)
 }
 
 fn write(stages: &[Stage], stop_s: f64, start_s: f64, rss_mib: f64) {

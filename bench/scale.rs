@@ -66,15 +66,6 @@ async fn listing_counts(admin: &Client) -> (f64, f64) {
     (sample("read"), sample("unchanged"))
 }
 
-fn rss_mib() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .map_or(0.0, |kb| kb / 1024.0)
-}
-
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     if std::env::args().any(|a| a == "--list") {
@@ -242,7 +233,7 @@ async fn main() {
     ));
     note(format!(
         "| resident memory of the process (site, agent, plugin with every VM, bench) | {:.0} MiB |",
-        rss_mib()
+        common::rss_mib()
     ));
     site.stop().await;
     agent.stop().await;

@@ -57,15 +57,6 @@ struct Sample {
     kept_jobs: u64,
 }
 
-fn rss_mib() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .map_or(0.0, |kb| kb / 1024.0)
-}
-
 fn open_files() -> usize {
     std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count())
 }
@@ -283,7 +274,7 @@ async fn main() {
     loop {
         let s = Sample {
             at_s: start.elapsed().as_secs(),
-            rss_mib: rss_mib(),
+            rss_mib: common::rss_mib(),
             fds: open_files(),
             site_db_mib: size(&site_db) as f64 / 1048576.0,
             agent_db_mib: agent_dbs.iter().map(|p| size(p)).sum::<u64>() as f64 / 1048576.0,
