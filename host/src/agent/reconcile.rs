@@ -65,6 +65,7 @@ impl AgentCore {
             .collect();
         // In the registry's order (by id), to compare with what it holds.
         templates.sort_by(|a, b| a.id.cmp(&b.id));
+        templates.dedup_by(|a, b| a.id == b.id);
         let removed: HashMap<String, u64> = {
             let mut r = self.removed.lock().unwrap_or_else(|e| e.into_inner());
             r.retain(|_, at| *at + 60_000 > listed_at);

@@ -43,7 +43,7 @@ const KEY_OF_OP: TableDefinition<&str, &str> = TableDefinition::new("operation_k
 const NAMES: TableDefinition<(&str, &str), ()> = TableDefinition::new("vm_names");
 /// Meta key saying [`NAMES`] was built (a registry from before it has none).
 const NAMES_BUILT: &str = "index:vm-names";
-/// Meta key: this registry's random id, made when its database is created.
+/// Meta key: a random id made each time the registry is opened.
 const REGISTRY_ID: &str = "registry-id";
 /// Meta key: how many transactions have written or removed a VM record.
 const VMS_GENERATION: &str = "vms-generation";
@@ -404,12 +404,11 @@ impl Registry {
             if meta.get("schema").map_err(|e| err(&e))?.is_none() {
                 meta.insert("schema", "1").map_err(|e| err(&e))?;
             }
-            // Tells this registry's VM generations from another's (a database
-            // replaced or started afresh counts from 0 again).
-            if meta.get(REGISTRY_ID).map_err(|e| err(&e))?.is_none() {
-                let id = uuid::Uuid::new_v4().simple().to_string();
-                meta.insert(REGISTRY_ID, id.as_str()).map_err(|e| err(&e))?;
-            }
+            // Tells this opening's VM generations from any other's: a database
+            // replaced, restored from a backup or started afresh may count the
+            // same generations again with other VMs.
+            let id = uuid::Uuid::new_v4().simple().to_string();
+            meta.insert(REGISTRY_ID, id.as_str()).map_err(|e| err(&e))?;
             let mut names = txn.open_table(NAMES).map_err(|e| err(&e))?;
             if meta.get(NAMES_BUILT).map_err(|e| err(&e))?.is_none() {
                 let vms = txn.open_table(VMS).map_err(|e| err(&e))?;
@@ -563,10 +562,12 @@ impl Registry {
     pub fn vms_snapshot(&self) -> Result<Arc<Vec<VmRecord>>, RegistryError> {
         let txn = self.db.db().begin_read().map_err(storage)?;
         let tag = vms_tag_in(&txn)?;
-        let mut cached = self.snapshot.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((t, vms)) = cached.as_ref() {
-            if *t == tag {
-                return Ok(vms.clone());
+        {
+            let cached = self.snapshot.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((t, vms)) = cached.as_ref() {
+                if *t == tag {
+                    return Ok(vms.clone());
+                }
             }
         }
         let t = txn.open_table(VMS).map_err(storage)?;
@@ -576,7 +577,7 @@ impl Registry {
             out.push(decode(k.value(), v.value())?);
         }
         let vms = Arc::new(out);
-        *cached = Some((tag, vms.clone()));
+        *self.snapshot.lock().unwrap_or_else(|p| p.into_inner()) = Some((tag, vms.clone()));
         Ok(vms)
     }
 

@@ -236,7 +236,15 @@ impl Client {
     ) -> Result<Vec<T>, ApiError> {
         match self.get_pages_unless(path, max, None).await? {
             Listing::Changed { items, .. } => Ok(items),
-            Listing::Unchanged => Ok(Vec::new()),
+            // Only a conditional read is answered `Unchanged`; never taken for empty.
+            Listing::Unchanged => Err(ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "backend",
+                format!(
+                    "GET {}{path}: 304 to a request that named no tag",
+                    self.base
+                ),
+            )),
         }
     }
 

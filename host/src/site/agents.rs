@@ -220,6 +220,8 @@ impl Agents {
                 format!("agent '{id}' is registered already"),
             ));
         }
+        // Nothing an earlier registration under this id settled carries over.
+        self.listings.forget(id);
         self.check(id).await;
         let rec = self.store.agent(id).map_err(db)?.unwrap_or(rec);
         Ok(AgentView::from(&rec))
@@ -271,7 +273,7 @@ impl Agents {
             let driver: Value = c.get("/v1/driver").await?;
             // Every page (a VM left out would be taken for gone), unless the
             // agent's VMs are as the last settled listing saw them.
-            let tag = self.listings.tag(id);
+            let tag = self.listings.tag(id, self.store.vm_writes(id));
             let vms: Listing<VmRecord> = c
                 .get_pages_unless("/v1/vms", usize::MAX, tag.as_deref())
                 .await?;
@@ -307,7 +309,12 @@ impl Agents {
                     if let Listing::Changed { items, tag } = vms {
                         let forget_after = self.forget_missing_after_ms();
                         let settled = sync_vms(t, id, &items, listed_at, forget_after)?;
-                        listed = Some(Checked::Read { tag, settled });
+                        let writes = t.vm_writes(id);
+                        listed = Some(Checked::Read {
+                            tag,
+                            settled,
+                            writes,
+                        });
                     } else {
                         listed = Some(Checked::Unchanged);
                     }
@@ -325,8 +332,12 @@ impl Agents {
         });
         let outcome = match r {
             Ok(Some(Checked::Unchanged)) => "unchanged",
-            Ok(Some(Checked::Read { tag, settled })) => {
-                self.listings.listed(id, tag, settled);
+            Ok(Some(Checked::Read {
+                tag,
+                settled,
+                writes,
+            })) => {
+                self.listings.listed(id, tag, settled, writes);
                 "read"
             }
             Ok(None) => {

@@ -4,8 +4,10 @@
 //! and [`Listings`] remembers the tag of a listing the records fully agreed
 //! with, so the next check asks with `If-None-Match` and an unchanged agent
 //! answers 304 instead of every VM again. A full listing is still read at
-//! least every [`FULL_LISTING_EVERY`], and after any listing that left
-//! something unsettled (a VM missing, or one a job was working on).
+//! least every [`FULL_LISTING_EVERY`], after any listing that left something
+//! unsettled (a VM missing, or one a job was working on), and after the site
+//! wrote any of the agent's VM records itself (a job recording an operation's
+//! result, a VM moved between agents): the agent's tag does not move for those.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Mutex;
@@ -24,38 +26,53 @@ pub enum Checked {
     /// The agent answered 304: its VMs are as the last settled listing saw them.
     Unchanged,
     /// Every VM was read and applied, with the listing's tag; `settled` when
-    /// the records then agreed with it.
+    /// the records then agreed with it, as of `writes` writes of the agent's
+    /// VM records ([`super::store::Store::vm_writes`]).
     Read {
         /// The listing's entity tag.
         tag: Option<String>,
         /// Whether the records agreed with the listing.
         settled: bool,
+        /// The agent's VM-record write count right after the listing was applied.
+        writes: u64,
     },
+}
+
+/// A settled listing: its tag, when it was read, and the write count then.
+struct Mark {
+    tag: String,
+    at: Instant,
+    writes: u64,
 }
 
 /// Per agent, the tag of the last listing the site's records agreed with.
 #[derive(Default)]
 pub struct Listings {
-    marks: Mutex<HashMap<String, (String, Instant)>>,
+    marks: Mutex<HashMap<String, Mark>>,
 }
 
 impl Listings {
-    /// The tag to send with agent `agent`'s next listing, if one may be skipped.
-    pub fn tag(&self, agent: &str) -> Option<String> {
+    /// The tag to send with agent `agent`'s next listing, if one may be
+    /// skipped: none once the site wrote one of the agent's VM records since
+    /// (`writes` is the count now), nor after [`FULL_LISTING_EVERY`].
+    pub fn tag(&self, agent: &str, writes: u64) -> Option<String> {
         let marks = self.marks.lock().unwrap_or_else(|p| p.into_inner());
         marks
             .get(agent)
-            .filter(|(_, at)| at.elapsed() < FULL_LISTING_EVERY)
-            .map(|(tag, _)| tag.clone())
+            .filter(|m| m.writes == writes && m.at.elapsed() < FULL_LISTING_EVERY)
+            .map(|m| m.tag.clone())
     }
 
-    /// Records agent `agent`'s listing with `tag`: remembered when the records
-    /// `settled` with it, else forgotten (the next check reads every VM).
-    pub fn listed(&self, agent: &str, tag: Option<String>, settled: bool) {
+    /// Records agent `agent`'s listing with `tag`, applied as of `writes`:
+    /// remembered when the records `settled` with it, else forgotten (the next
+    /// check reads every VM). A mark from a check that finished late is no
+    /// risk: the write count or the agent's tag has moved on since.
+    pub fn listed(&self, agent: &str, tag: Option<String>, settled: bool, writes: u64) {
         let mut marks = self.marks.lock().unwrap_or_else(|p| p.into_inner());
         match tag.filter(|_| settled) {
             Some(tag) => {
-                marks.insert(agent.to_string(), (tag, Instant::now()));
+                let at = Instant::now();
+                marks.insert(agent.to_string(), Mark { tag, at, writes });
             }
             None => {
                 marks.remove(agent);
@@ -63,7 +80,7 @@ impl Listings {
         }
     }
 
-    /// Forgets agent `agent` (unregistered, or its check failed).
+    /// Forgets agent `agent` (registered or unregistered, or its check failed).
     pub fn forget(&self, agent: &str) {
         self.marks
             .lock()

@@ -2,8 +2,8 @@
 //! have changed: the agent tags its listing (`ETag`, moving with every VM
 //! record it writes), the site asks with the tag of its last settled listing
 //! (`If-None-Match`) and an unchanged agent answers 304. Changes through the
-//! agent, behind its back (found by its reconcile) and VMs gone missing must
-//! still reach the site.
+//! agent, behind its back (found by its reconcile), VMs gone missing and
+//! records the site wrote itself must still be set right by the next check.
 
 use std::time::{Duration, Instant};
 
@@ -105,6 +105,31 @@ async fn a_health_check_reads_an_agents_vms_again_only_when_they_changed() {
         unchanged1 >= unchanged0 + 4.0,
         "{unchanged0} -> {unchanged1} checks answered unchanged"
     );
+
+    // The site writes the record itself (as a job recording a stale operation
+    // result would): the agent's tag does not move, but the next check reads
+    // every VM again and puts the agent's view back within a few periods.
+    let site_id = {
+        let vms: Vec<SiteVm> = e
+            .admin
+            .get_pages("/v1/vms?all=true", usize::MAX)
+            .await
+            .unwrap();
+        vms.into_iter().find(|v| v.agent_vm == vm).unwrap().id
+    };
+    let (read_before, _) = counts(&e.admin).await;
+    e.site
+        .core
+        .store
+        .write(|t| {
+            let mut v = t.vm(&site_id)?.unwrap();
+            v.state = "suspended".into();
+            t.put_vm(&v)
+        })
+        .unwrap();
+    site_record(&e.admin, &vm, |r| r.is_some_and(|r| r.state == "stopped")).await;
+    let (read_after, _) = counts(&e.admin).await;
+    assert!(read_after > read_before, "put back without a full read?");
 
     // Behind the agent's back: another session starts the VM; the agent's
     // reconcile finds it, the tag moves and the site follows.

@@ -106,12 +106,19 @@ fn all<T: DeserializeOwned>(
 #[derive(Clone)]
 pub struct Store {
     db: crate::store_core::Published<JobEvent>,
+    vm_writes: std::sync::Arc<VmWrites>,
 }
+
+/// Per agent, how many writes of its VM records this process has made (a VM
+/// moving between agents counts for both): the health check's listing tags
+/// hold only while no write came after the listing was applied.
+type VmWrites = std::sync::Mutex<std::collections::HashMap<String, u64>>;
 
 /// One write transaction.
 pub struct Txn<'a> {
     txn: &'a redb::WriteTransaction,
     new_events: Vec<JobEvent>,
+    vm_writes: &'a VmWrites,
 }
 
 macro_rules! json_table {
@@ -353,7 +360,14 @@ impl Store {
         txn.commit().map_err(|e| err(&e))?;
         Ok(Store {
             db: crate::store_core::Published::new(db, 4096),
+            vm_writes: Default::default(),
         })
+    }
+
+    /// How many writes of agent `agent`'s VM records this process has made.
+    pub fn vm_writes(&self, agent: &str) -> u64 {
+        let w = self.vm_writes.lock().unwrap_or_else(|p| p.into_inner());
+        w.get(agent).copied().unwrap_or(0)
     }
 
     /// Runs `f` in one write transaction and commits it durably; its events are
@@ -387,6 +401,7 @@ impl Store {
                 let mut t = Txn {
                     txn,
                     new_events: Vec::new(),
+                    vm_writes: &self.vm_writes,
                 };
                 let v = f(&mut t)?;
                 *events = t.new_events;

@@ -208,6 +208,10 @@ impl Txn<'_> {
             });
         }
         let old = self.readable_vm(&v.id)?;
+        self.wrote_vm_of(&v.agent);
+        if let Some(o) = old.as_ref().filter(|o| o.agent != v.agent) {
+            self.wrote_vm_of(&o.agent);
+        }
         let new = keys(v);
         if old.as_ref().map(keys) != Some(new) {
             if let Some(o) = &old {
@@ -228,10 +232,26 @@ impl Txn<'_> {
     /// Removes a VM record and its index entries.
     pub fn remove_vm(&mut self, id: &str) -> Result<(), StoreError> {
         if let Some(o) = self.readable_vm(id)? {
+            self.wrote_vm_of(&o.agent);
             index(self.txn, id, &keys(&o), false).map_err(storage)?;
             tally(self.txn, tally_key(&o), false).map_err(storage)?;
         }
         self.remove_vm_record(id)
+    }
+
+    /// Counts a write of one of agent `agent`'s VM records (made before the
+    /// commit: a write rolled back costs one needless full listing, no more).
+    fn wrote_vm_of(&self, agent: &str) {
+        let mut w = self.vm_writes.lock().unwrap_or_else(|p| p.into_inner());
+        let n = w.entry(agent.to_string()).or_default();
+        *n = n.wrapping_add(1);
+    }
+
+    /// How many writes of agent `agent`'s VM records this process has made,
+    /// this transaction's included.
+    pub fn vm_writes(&self, agent: &str) -> u64 {
+        let w = self.vm_writes.lock().unwrap_or_else(|p| p.into_inner());
+        w.get(agent).copied().unwrap_or(0)
     }
 
     /// The record a write replaces, for its index entries; an unreadable one is
