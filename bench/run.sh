@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs the benchmarks and writes their results under bench/results/.
-# Usage: bash bench/run.sh [plugin|footprint|vm_start|fig4|guest|site|history|scale|soak|vsphere|xen|xen_migrate|fuzz]   (default: all)
+# Usage: bash bench/run.sh [plugin|footprint|vm_start|fig4|guest|site|site-flame|history|scale|soak|vsphere|xen|xen_migrate|fuzz]   (default: all)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 target=${CARGO_TARGET_DIR:-target}
@@ -48,6 +48,26 @@ fi
 if [ "$which" = all ] || [ "$which" = site ]; then
     # Durable job submissions per second; request latency added by the site.
     cargo bench --locked -p gve --bench site
+fi
+if [ "$which" = site-flame ]; then
+    # A flame graph of the submissions' hot path (bench/results/site-flame.svg):
+    # perf (Debian: linux-perf) samples the site bench's first part, inferno
+    # (cargo install --locked inferno) draws it. Not part of "all".
+    command -v perf >/dev/null || { echo "site-flame needs perf (apt-get install linux-perf)" >&2; exit 1; }
+    command -v inferno-flamegraph >/dev/null || cargo install --locked inferno
+    bin=$(cargo bench --locked -p gve --bench site --no-run --message-format=json 2>/dev/null |
+        python3 -c 'import json,sys
+for l in sys.stdin:
+    m = json.loads(l)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "site":
+        print(m["executable"])')
+    data=$(mktemp -d "$target/site-flame.XXXXXX")
+    GVE_SITE_PROFILE=1 perf record -F 499 --call-graph dwarf,16384 -o "$data/perf.data" "$bin" --bench
+    perf script -i "$data/perf.data" 2>/dev/null | inferno-collapse-perf > "$data/folded"
+    inferno-flamegraph --minwidth 1.5 --title "gve site: durable job submissions (bench/site.rs, part 1)" \
+        < "$data/folded" > bench/results/site-flame.svg
+    rm -rf "$data"
+    echo "wrote bench/results/site-flame.svg"
 fi
 if [ "$which" = all ] || [ "$which" = history ]; then
     # A request's cost (listings, event streams, exec, request) as the site's

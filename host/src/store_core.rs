@@ -84,6 +84,35 @@ impl<Ev: Clone> Published<Ev> {
         storage: fn(String) -> E,
         f: impl FnOnce(&WriteTransaction, &mut Vec<Ev>) -> Result<T, E>,
     ) -> Result<T, E> {
+        self.write_when(durability, storage, |txn, events| {
+            f(txn, events).map(|v| (v, true))
+        })
+    }
+
+    /// [`Published::write`] for a change that may find nothing to do: `None`
+    /// from `f` rolls the transaction back instead of committing it (a durable
+    /// commit of nothing still waits for the disk).
+    pub fn write_if<T, E>(
+        &self,
+        durability: Durability,
+        storage: fn(String) -> E,
+        f: impl FnOnce(&WriteTransaction, &mut Vec<Ev>) -> Result<Option<T>, E>,
+    ) -> Result<Option<T>, E> {
+        self.write_when(durability, storage, |txn, events| {
+            f(txn, events).map(|v| {
+                let keep = v.is_some();
+                (v, keep)
+            })
+        })
+    }
+
+    /// Runs `f`, which says whether its transaction is to be committed.
+    fn write_when<T, E>(
+        &self,
+        durability: Durability,
+        storage: fn(String) -> E,
+        f: impl FnOnce(&WriteTransaction, &mut Vec<Ev>) -> Result<(T, bool), E>,
+    ) -> Result<T, E> {
         let mut txn = self
             .db
             .db
@@ -92,7 +121,11 @@ impl<Ev: Clone> Published<Ev> {
         txn.set_durability(durability)
             .map_err(|e| storage(e.to_string()))?;
         let mut events = Vec::new();
-        let value = f(&txn, &mut events)?;
+        let (value, keep) = f(&txn, &mut events)?;
+        if !keep {
+            txn.abort().map_err(|e| storage(e.to_string()))?;
+            return Ok(value);
+        }
         txn.commit().map_err(|e| storage(e.to_string()))?;
         for ev in events {
             // No subscriber is not an error.

@@ -50,11 +50,21 @@ enum Work {
     /// A new job.
     Submit(Box<Submission>),
     /// Any other change (a job's end), durable before its events are published
-    /// and before anyone can read it.
+    /// and before anyone can read it, unless `lazy`.
     Apply {
         change: Change,
+        /// A change a crash may undo (a job's `running`): a batch of only such
+        /// changes is committed without waiting for the disk; any other in the
+        /// batch makes it durable with them.
+        lazy: bool,
         reply: oneshot::Sender<Result<(), StoreError>>,
     },
+}
+
+impl Work {
+    fn lazy(&self) -> bool {
+        matches!(self, Work::Apply { lazy: true, .. })
+    }
 }
 
 /// Hands submissions and other durable changes to the writer thread, which
@@ -143,11 +153,40 @@ impl Submitter {
         &self,
         change: impl FnMut(&mut Txn<'_>) -> Result<(), StoreError> + Send + 'static,
     ) -> Result<(), StoreError> {
+        self.send(Box::new(change), false).await
+    }
+
+    /// Runs `change` in the next group commit and returns what it returned: on
+    /// disk when the call returns, unless `lazy` (a change a crash may undo
+    /// safely, see [`Store::write_lazy`]), which is seen at once and reaches the
+    /// disk with the next durable commit.
+    pub async fn run<T: Send + 'static>(
+        &self,
+        lazy: bool,
+        mut change: impl FnMut(&mut Txn<'_>) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let out = Arc::new(std::sync::Mutex::new(None));
+        let put = out.clone();
+        self.send(
+            Box::new(move |t: &mut Txn<'_>| {
+                let v = change(t)?;
+                *put.lock().unwrap_or_else(|p| p.into_inner()) = Some(v);
+                Ok(())
+            }),
+            lazy,
+        )
+        .await?;
+        let v = out.lock().unwrap_or_else(|p| p.into_inner()).take();
+        v.ok_or_else(|| StoreError::Storage("a committed change left no result".into()))
+    }
+
+    async fn send(&self, change: Change, lazy: bool) -> Result<(), StoreError> {
         let stopped = || StoreError::Storage("the job writer has stopped".into());
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Work::Apply {
-                change: Box::new(change),
+                change,
+                lazy,
                 reply,
             })
             .map_err(|_| stopped())?;
@@ -168,17 +207,19 @@ fn writer(store: Store, rx: std::sync::mpsc::Receiver<Work>, run: Arc<Scheduler>
                 Err(_) => break,
             }
         }
-        // One durable transaction for the batch; should one change fail, each is
-        // committed on its own so the others are not lost with it.
+        // One transaction for the batch, durable unless every change in it is
+        // lazy; should one change fail, each is committed on its own so the
+        // others are not lost with it.
+        let durable = !batch.iter().all(Work::lazy);
         let together: Result<Vec<Verdict>, StoreError> =
-            store.write(|t| batch.iter_mut().map(|w| apply(t, w)).collect());
+            store.commit_to(durable, |t| batch.iter_mut().map(|w| apply(t, w)).collect());
         let verdicts = match together {
             Ok(v) => v,
             Err(_) => batch
                 .iter_mut()
                 .map(|w| {
                     store
-                        .write(|t| apply(t, w))
+                        .commit_to(!w.lazy(), |t| apply(t, w))
                         .unwrap_or_else(|e| Verdict::Failed(e.to_string()))
                 })
                 .collect(),
@@ -314,18 +355,23 @@ impl SiteCore {
     /// Runs (or resumes) one job to its end.
     pub async fn run_job(self: &Arc<Self>, id: &str) {
         // Queued → running in one transaction, so a cancel cannot slip in between.
-        // Lazily durable: a crash that undoes it leaves the job queued, and resumed.
-        let started = self.store.write_lazy(|t| {
-            let Some(mut j) = t.job(id)? else {
-                return Ok(None);
-            };
-            if j.state == JobState::Queued {
-                j.state = JobState::Running;
-                j.updated_ms = now_ms();
-                t.put_job(&j, Some("running"))?;
-            }
-            Ok(Some(j))
-        });
+        // Lazily durable, in the writer's next batch: a crash that undoes it
+        // leaves the job queued, and resumed.
+        let key = id.to_string();
+        let started = self
+            .submitter
+            .run(true, move |t| {
+                let Some(mut j) = t.job(&key)? else {
+                    return Ok(None);
+                };
+                if j.state == JobState::Queued {
+                    j.state = JobState::Running;
+                    j.updated_ms = now_ms();
+                    t.put_job(&j, Some("running"))?;
+                }
+                Ok(Some(j))
+            })
+            .await;
         let job = match started {
             Ok(Some(j)) if !j.state.is_terminal() => j,
             Ok(_) => return,
@@ -417,17 +463,14 @@ impl SiteCore {
     /// reserved (a request that failed after getting a VM destroyed it before this).
     async fn finish(&self, id: &str, outcome: Result<Value, OpError>) -> Result<(), StoreError> {
         let id = id.to_string();
-        let ended = Arc::new(std::sync::Mutex::new(None));
-        let seen = ended.clone();
-        self.submitter
-            .apply(move |t| {
-                // A retried closure (after a failed batch) starts afresh.
-                *seen.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        let ended = self
+            .submitter
+            .run(false, move |t| {
                 let Some(mut job) = t.job(&id)? else {
                     return Err(StoreError::Storage(format!("job {id} vanished")));
                 };
                 if job.state.is_terminal() {
-                    return Ok(());
+                    return Ok(None);
                 }
                 // A finished job needs its secrets no more.
                 scrub(&mut job.params);
@@ -448,11 +491,11 @@ impl SiteCore {
                     }
                 };
                 job.updated_ms = now_ms();
-                *seen.lock().unwrap_or_else(|p| p.into_inner()) = Some(job.clone());
-                t.put_job(&job, Some(&message))
+                t.put_job(&job, Some(&message))?;
+                Ok(Some(job))
             })
             .await?;
-        if let Some(job) = ended.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        if let Some(job) = ended {
             self.job_ended(&job);
         }
         Ok(())

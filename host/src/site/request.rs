@@ -222,8 +222,13 @@ impl SiteCore {
     /// Claims a free clean VM that matches (or the one named), moving the job's reservation
     /// onto it, in one transaction. `None` when nothing matches.
     fn claim(&self, job: &Job, req: &VmRequest, until: u64) -> Result<Option<String>, OpError> {
+        // An empty pool has nothing to claim: no write transaction at all.
+        if req.vm.is_none() && self.store.pool_is_empty().map_err(store_error)? {
+            return Ok(None);
+        }
+        // Nothing claimed is nothing written: rolled back, not committed.
         self.store
-            .write(|t| {
+            .write_if(|t| {
                 let agents_up: Vec<String> = t
                     .agents()?
                     .into_iter()

@@ -9,6 +9,7 @@ mod contract;
 mod e2e;
 mod fairness;
 mod glue2;
+mod group_commit;
 mod guest;
 mod health_sync;
 mod history;

@@ -227,8 +227,14 @@ impl Txn<'_> {
     /// Inserts or replaces a job, keeping the active and per-user indexes, and
     /// appends an event with `message` when given.
     pub fn put_job(&mut self, job: &Job, message: Option<&str>) -> Result<(), StoreError> {
-        let new = self.job(&job.id)?.is_none();
-        self.put_job_record(job)?;
+        // New or not is what the insert replaced: no read (and decode) first.
+        let new = {
+            let mut t = self.txn.open_table(JOBS).map_err(storage)?;
+            let old = t
+                .insert(job.id.as_str(), encode(job)?.as_slice())
+                .map_err(storage)?;
+            old.is_none()
+        };
         {
             let mut active = self.txn.open_table(ACTIVE).map_err(storage)?;
             if job.state.is_terminal() {
@@ -391,6 +397,33 @@ impl Store {
         self.commit(redb::Durability::None, f)
     }
 
+    /// [`Store::write`] for a change that may find nothing to do: `None` from
+    /// `f` rolls back instead of committing (no wait for the disk).
+    pub fn write_if<T>(
+        &self,
+        f: impl FnOnce(&mut Txn<'_>) -> Result<Option<T>, StoreError>,
+    ) -> Result<Option<T>, StoreError> {
+        self.db.write_if(
+            redb::Durability::Immediate,
+            StoreError::Storage,
+            |txn, events| self.within(txn, events, f),
+        )
+    }
+
+    /// [`Store::write`] when `durable`, else [`Store::write_lazy`].
+    pub fn commit_to<T>(
+        &self,
+        durable: bool,
+        f: impl FnOnce(&mut Txn<'_>) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let durability = if durable {
+            redb::Durability::Immediate
+        } else {
+            redb::Durability::None
+        };
+        self.commit(durability, f)
+    }
+
     fn commit<T>(
         &self,
         durability: redb::Durability,
@@ -398,15 +431,25 @@ impl Store {
     ) -> Result<T, StoreError> {
         self.db
             .write(durability, StoreError::Storage, |txn, events| {
-                let mut t = Txn {
-                    txn,
-                    new_events: Vec::new(),
-                    vm_writes: &self.vm_writes,
-                };
-                let v = f(&mut t)?;
-                *events = t.new_events;
-                Ok(v)
+                self.within(txn, events, f)
             })
+    }
+
+    /// Runs `f` on `txn`, handing the events it recorded to `events`.
+    fn within<T>(
+        &self,
+        txn: &redb::WriteTransaction,
+        events: &mut Vec<JobEvent>,
+        f: impl FnOnce(&mut Txn<'_>) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let mut t = Txn {
+            txn,
+            new_events: Vec::new(),
+            vm_writes: &self.vm_writes,
+        };
+        let v = f(&mut t)?;
+        *events = t.new_events;
+        Ok(v)
     }
 
     /// A watch on the database's closing.
@@ -529,6 +572,16 @@ impl Store {
                 }
             }
             Ok(Page { items, more })
+        })
+    }
+
+    /// How many jobs are queued or running (by the index, reading no job).
+    pub fn active_job_count(&self) -> Result<u64, StoreError> {
+        self.read(|r| {
+            r.open_table(ACTIVE)
+                .map_err(storage)?
+                .len()
+                .map_err(storage)
         })
     }
 

@@ -4,7 +4,7 @@
 //! health check's sync), and by lease deadline (expiry). Each reads the records
 //! it is about, whatever the site holds.
 
-use redb::{ReadableTable, TableDefinition, WriteTransaction};
+use redb::{ReadableTable, ReadableTableMetadata, TableDefinition, WriteTransaction};
 
 use super::{decode, get, storage, Store, StoreError, Txn, META, VMS};
 use crate::site::model::SiteVm;
@@ -321,6 +321,15 @@ impl Txn<'_> {
 }
 
 impl Store {
+    /// Whether the pool index is empty (no VM is free), read without a write
+    /// transaction: a request can skip looking for one to claim.
+    pub fn pool_is_empty(&self) -> Result<bool, StoreError> {
+        self.read(|r| {
+            let free = r.open_table(FREE).map_err(storage)?;
+            free.is_empty().map_err(storage)
+        })
+    }
+
     /// Up to `limit` VMs with ids after `after`, in id order: `owner`'s, or every
     /// VM for `None`. Reads one page's worth of records, whatever the site holds.
     pub fn vms_page(
