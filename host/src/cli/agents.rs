@@ -88,7 +88,7 @@ async fn manage(site: &SiteOpts, action: Action) -> Result<i32, CliError> {
         Action::Driver(d) => return Ok(super::agent::driver(d, site.output).await),
         Action::Audit(a) => return Ok(super::agent::audit(a, site.output).await),
         Action::List => {
-            let all: Vec<AgentView> = client.get("/v1/agents").await?;
+            let all: Vec<AgentView> = client.get_pages("/v1/agents", usize::MAX).await?;
             print(site.output, &all, false);
         }
         Action::Add {

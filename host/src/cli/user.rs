@@ -98,7 +98,7 @@ pub async fn run(args: UserArgs) -> Result<i32, CliError> {
     match &args.action {
         Action::Me => show(out, &client.get("/v1/me").await?),
         Action::List => {
-            let users: Vec<UserView> = client.get("/v1/users").await?;
+            let users: Vec<UserView> = client.get_pages("/v1/users", usize::MAX).await?;
             match out {
                 Output::Json => output::json(&users),
                 Output::Table => table(&users),

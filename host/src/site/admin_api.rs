@@ -9,7 +9,10 @@ use super::agents::db;
 use super::auth::{self, Caller};
 use super::model::{now_ms, AgentView, Quota, Role, User, UserView};
 use super::SiteCore;
-use crate::api::{json_response, ok, query_param, read_json, ApiError, Response};
+use crate::api::page::{next_path, ok_page, DEFAULT_PAGE};
+use crate::api::{
+    json_response, ok, query_param, query_u64, read_json, ApiError, Response, MAX_LIST,
+};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
@@ -69,10 +72,17 @@ impl SiteCore {
             }
             (Method::GET, ["v1", "users"]) => {
                 caller.require_admin()?;
-                let users = self.store.users().map_err(db)?;
+                let limit = query_u64(req.uri(), "limit", DEFAULT_PAGE, 1, MAX_LIST)?;
+                let after = query_param(req.uri(), "after")?;
+                let page = self
+                    .store
+                    .users_page(after.as_deref(), limit as usize)
+                    .map_err(db)?;
+                let last = page.items.last().map(|u| u.name.as_str());
+                let next = next_path("/v1/users", "after", last, page.more, limit, false);
                 let views: Result<Vec<UserView>, ApiError> =
-                    users.iter().map(|u| self.user_view(u, None)).collect();
-                ok(&views?)
+                    page.items.iter().map(|u| self.user_view(u, None)).collect();
+                ok_page(&views?, next)
             }
             (Method::POST, ["v1", "users"]) => {
                 caller.require_admin()?;
@@ -209,8 +219,18 @@ impl SiteCore {
         let method = req.method().clone();
         match (method, segs) {
             (Method::GET, ["v1", "agents"]) => {
-                let agents = self.store.agents().map_err(db)?;
-                ok(&agents.iter().map(AgentView::from).collect::<Vec<_>>())
+                let limit = query_u64(req.uri(), "limit", DEFAULT_PAGE, 1, MAX_LIST)?;
+                let after = query_param(req.uri(), "after")?;
+                let page = self
+                    .store
+                    .agents_page(after.as_deref(), limit as usize)
+                    .map_err(db)?;
+                let last = page.items.last().map(|a| a.id.as_str());
+                let next = next_path("/v1/agents", "after", last, page.more, limit, false);
+                ok_page(
+                    &page.items.iter().map(AgentView::from).collect::<Vec<_>>(),
+                    next,
+                )
             }
             (Method::POST, ["v1", "agents"]) => {
                 let body: NewAgent = read_json(req.into_body()).await?;
