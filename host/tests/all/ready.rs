@@ -118,3 +118,36 @@ async fn an_endpoint_without_events_falls_back_to_the_timer() {
     assert!(none.subscribe().await.is_none());
     assert!(!none.live().await);
 }
+
+#[test]
+fn probes_after_a_connect_back_off_to_a_tenth_of_the_wait() {
+    use gve::agent::ready::connected_pause;
+    let ms = Duration::from_millis;
+    assert_eq!(connected_pause(Duration::ZERO), ms(10));
+    assert_eq!(connected_pause(ms(500)), ms(50));
+    assert_eq!(connected_pause(Duration::from_secs(60)), ms(250));
+    // The probe times after a connect, as the wait takes them (probes answered
+    // at once: the fewest pauses, the most probes).
+    let mut probes = vec![Duration::ZERO];
+    while *probes.last().unwrap() < Duration::from_secs(10) {
+        let t = *probes.last().unwrap();
+        probes.push(t + connected_pause(t));
+    }
+    // A guest agent slow to answer (3 s after its connect: 16 guests booting
+    // on 2 cores) is asked at most 50 times meanwhile (every 10 ms: 300).
+    let asked = probes
+        .iter()
+        .filter(|t| **t < Duration::from_secs(3))
+        .count();
+    assert!(asked <= 50, "{asked} probes in 3 s");
+    // Whenever it starts answering, the next probe comes within a tenth of the
+    // time it took (at least 10 ms): what the back-off adds to readiness.
+    for answer_ms in (1..3000).step_by(7) {
+        let at = ms(answer_ms);
+        let next = probes.iter().find(|t| **t >= at).unwrap();
+        assert!(
+            *next - at <= (at / 10).max(ms(10)),
+            "answering at {at:?}, asked at {next:?}"
+        );
+    }
+}
