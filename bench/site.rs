@@ -157,11 +157,20 @@ async fn main() {
         (SUBMISSIONS / CLIENTS * CLIENTS) as f64 / all_ended(&s, t).await.as_secs_f64();
     eprintln!("in-process: {direct_rate:.0} submissions/s, {direct_ended:.0} ended/s");
     // Every job really ran: a request with no agent fails at placement.
-    let last = s.core.store.jobs(None, 1, None).unwrap().items;
-    assert!(
-        last.iter()
-            .all(|j| j.state == gve::site::model::JobState::Failed && j.error.is_some()),
-        "{last:?}"
+    let jobs = s.core.store.jobs(None, usize::MAX, None).unwrap().items;
+    let failed = jobs
+        .iter()
+        .filter(|j| j.state == gve::site::model::JobState::Failed && j.error.is_some())
+        .count();
+    let submitted = http_rates
+        .iter()
+        .map(|(clients, _, _)| SUBMISSIONS / clients * clients)
+        .sum::<usize>()
+        + SUBMISSIONS / CLIENTS * CLIENTS;
+    assert_eq!(
+        (jobs.len(), failed),
+        (submitted, submitted),
+        "every job submitted ran and failed at placement"
     );
     s.stop().await;
     drop(dir);

@@ -157,9 +157,10 @@ impl Submitter {
     }
 
     /// Runs `change` in the next group commit and returns what it returned: on
-    /// disk when the call returns, unless `lazy` (a change a crash may undo
-    /// safely, see [`Store::write_lazy`]), which is seen at once and reaches the
-    /// disk with the next durable commit.
+    /// disk when the call returns, unless `lazy`, which is seen at once and
+    /// reaches the disk with the next durable commit. Lazy is only for a change
+    /// a crash may undo safely, one a restarted site derives again (a job's
+    /// `running`: a resumed job is queued again; see [`Store::write_lazy`]).
     pub async fn run<T: Send + 'static>(
         &self,
         lazy: bool,
@@ -209,7 +210,9 @@ fn writer(store: Store, rx: std::sync::mpsc::Receiver<Work>, run: Arc<Scheduler>
         }
         // One transaction for the batch, durable unless every change in it is
         // lazy; should one change fail, each is committed on its own so the
-        // others are not lost with it.
+        // others are not lost with it. (A commit that fails in redb may yet be
+        // on disk, and redb then refuses further writes: the changes are
+        // answered with errors and a restart finds what is on disk.)
         let durable = !batch.iter().all(Work::lazy);
         let together: Result<Vec<Verdict>, StoreError> =
             store.commit_to(durable, |t| batch.iter_mut().map(|w| apply(t, w)).collect());

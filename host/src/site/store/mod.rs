@@ -388,9 +388,10 @@ impl Store {
 
     /// [`Store::write`] without waiting for the disk: the change is atomic and seen at
     /// once, and reaches the disk with the next durable commit. Only for changes a
-    /// crash may undo safely, ones a restarted site derives again: a job's
-    /// `running` (a resumed job is queued again), the agents' health. Never a job's
-    /// end: that goes through the group-committed [`super::jobs::Submitter::apply`].
+    /// crash may undo safely, ones a restarted site derives again: the agents'
+    /// health (a job's `running` goes lazily through the writer's batches,
+    /// [`super::jobs::Submitter::run`]). Never a job's end: that goes through the
+    /// group-committed [`super::jobs::Submitter::apply`].
     pub fn write_lazy<T>(
         &self,
         f: impl FnOnce(&mut Txn<'_>) -> Result<T, StoreError>,
