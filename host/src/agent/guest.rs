@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use base64::engine::general_purpose::STANDARD as B64;
@@ -288,8 +288,12 @@ impl AgentCore {
 
     /// Streams a request body into `path` in the guest of `rec`, recorded as a
     /// `copy-in` operation. `expected` is the client's SHA-256 of the content, when given.
+    ///
+    /// The transfer runs on its own task: hyper drops a request's handler when its
+    /// connection fails mid-body, and the operation must still end (failed, its
+    /// temporary file removed) rather than stay running.
     pub async fn copy_in(
-        &self,
+        self: &Arc<Self>,
         rec: &VmRecord,
         path: &str,
         mode: u32,
@@ -297,26 +301,36 @@ impl AgentCore {
         expected: Option<String>,
         body: Incoming,
     ) -> Result<FileMeta, ApiError> {
-        let guest = self.guest()?;
+        self.guest()?;
         Self::require_running(rec, "copy a file in")?;
-        let vm = rec.vm.id.as_str();
-        let params = OpParams::CopyIn {
-            path: path.to_string(),
-            mode,
-        };
-        let turn = self.guest_turn(vm, GUEST_WAIT).await.map_err(api_error)?;
-        let op = self.begin(vm, &params).map_err(registry)?;
-        let result = stream_in(&guest.session, vm, path, mode, parents, expected, body).await;
-        drop(turn);
-        let outcome = match &result {
-            Ok(meta) => Ok(Outcome::Output(OpOutput::File(meta.clone()))),
-            Err(e) => Err(OpError {
-                kind: e.kind.clone(),
-                message: e.message.clone(),
-            }),
-        };
-        self.finish(op, outcome).map_err(registry)?;
-        result
+        let (core, vm, path) = (self.clone(), rec.vm.id.clone(), path.to_string());
+        let task = tokio::spawn(async move {
+            let guest = core.guest()?;
+            let params = OpParams::CopyIn {
+                path: path.clone(),
+                mode,
+            };
+            let turn = core.guest_turn(&vm, GUEST_WAIT).await.map_err(api_error)?;
+            let op = core.begin(&vm, &params).map_err(registry)?;
+            let result = stream_in(&guest.session, &vm, &path, mode, parents, expected, body).await;
+            drop(turn);
+            let outcome = match &result {
+                Ok(meta) => Ok(Outcome::Output(OpOutput::File(meta.clone()))),
+                Err(e) => Err(OpError {
+                    kind: e.kind.clone(),
+                    message: e.message.clone(),
+                }),
+            };
+            core.finish(op, outcome).map_err(registry)?;
+            result
+        });
+        task.await.map_err(|e| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "backend",
+                format!("the copy-in task failed: {e}"),
+            )
+        })?
     }
 
     /// Opens `path` in the guest of `rec` for reading: its size, mode and a body that

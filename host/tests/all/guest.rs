@@ -201,6 +201,53 @@ pub async fn copy_out(c: &Client, vm: &str, path: &str) -> (u64, String, String)
     (size, hex::encode(h.finalize()), mode)
 }
 
+/// Starts a chunked upload of `path` to `vm` by hand and goes away: after 256 KiB
+/// of it, or with `whole` after all 8 MiB of it (while the agent is still writing
+/// into the guest); by closing the socket (FIN) or, with `reset`, resetting it (RST).
+async fn cut_upload(addr: std::net::SocketAddr, vm: &str, path: &str, whole: bool, reset: bool) {
+    use tokio::io::AsyncWriteExt;
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "PUT /v1/vms/{vm}/files?path={} HTTP/1.1\r\nhost: gve\r\nauthorization: Bearer {TOKEN}\r\n\
+         transfer-encoding: chunked\r\n\r\n",
+        percent_encode(path)
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    let chunks = if whole { 128 } else { 4 };
+    for _ in 0..chunks {
+        s.write_all(format!("{:x}\r\n", 64 << 10).as_bytes())
+            .await
+            .unwrap();
+        s.write_all(&[7u8; 64 << 10]).await.unwrap();
+        s.write_all(b"\r\n").await.unwrap();
+    }
+    if whole {
+        s.write_all(b"0\r\n\r\n").await.unwrap();
+    } else {
+        // Long enough for the agent to be writing into the guest.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    if reset {
+        use std::os::fd::AsRawFd;
+        let linger = libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        };
+        // SAFETY: sets SO_LINGER on a socket this function owns, from a valid struct.
+        let rc = unsafe {
+            libc::setsockopt(
+                s.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_LINGER,
+                (&linger as *const libc::linger).cast(),
+                std::mem::size_of::<libc::linger>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+    }
+    drop(s);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exec_copy_and_provision_on_a_real_guest() {
     let lv = Libvirtd::start();
@@ -331,6 +378,57 @@ async fn exec_copy_and_provision_on_a_real_guest() {
     assert_eq!(
         copy_out(&c, id, "/tmp/deep/dir/one.bin").await.1,
         meta.sha256
+    );
+    // Uploads whose client goes away, by a close or by a reset: mid-body they fail
+    // and write nothing; after the whole body was sent and closed (the client gone
+    // while the agent still writes into the guest) they complete; a reset after
+    // the whole body may discard its unread end, so that one may go either way,
+    // but all or nothing. None is left running.
+    let cuts = [(false, false), (false, true), (true, false), (true, true)];
+    for (i, (whole, reset)) in cuts.into_iter().enumerate() {
+        cut_upload(agent.addr, id, &format!("/tmp/cut-{i}"), whole, reset).await;
+    }
+    let end = Instant::now() + Duration::from_secs(45);
+    let mut written = vec![];
+    loop {
+        let ops: Vec<Operation> = c.get("/v1/operations").await.unwrap();
+        let cut: BTreeMap<&str, &Operation> = ops
+            .iter()
+            .filter_map(|o| Some((o.params["path"].as_str()?, o)))
+            .filter(|(p, _)| p.starts_with("/tmp/cut-"))
+            .collect();
+        assert_eq!(cut.len(), cuts.len(), "{ops:?}");
+        if cut.values().all(|o| o.state != OpState::Running) {
+            for (i, (whole, reset)) in cuts.into_iter().enumerate() {
+                let path = format!("/tmp/cut-{i}");
+                let op = cut[path.as_str()];
+                if op.state == OpState::Succeeded {
+                    written.extend([(8u64 << 20).to_string(), format!("cut-{i}")]);
+                }
+                match (whole, reset) {
+                    (false, _) => assert_eq!(op.state, OpState::Failed, "{op:?}"),
+                    (true, false) => assert_eq!(op.state, OpState::Succeeded, "{op:?}"),
+                    (true, true) => {}
+                }
+            }
+            break;
+        }
+        assert!(
+            Instant::now() < end,
+            "cut-off uploads left running: {cut:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let ls = exec(
+        &c,
+        id,
+        json!({ "argv": ["sh", "-c", "cd /tmp && ls -a | grep cut- | xargs -r wc -c | grep -v total"] }),
+    )
+    .await;
+    assert_eq!(
+        text(&ls.stdout_b64).split_whitespace().collect::<Vec<_>>(),
+        written,
+        "{ls:?}"
     );
     let ls = exec(&c, id, json!({ "argv": ["ls", "-a", "/tmp/deep/dir"] })).await;
     assert_eq!(
