@@ -193,6 +193,19 @@ impl Runtime {
         self.registry
             .write(|t| t.set_meta(DRIVER_KEY, &json))
             .map_err(registry_error)?;
+        // Who reads the log learns what was set, never a credential.
+        let detail = serde_json::json!({
+            "plugin": d.plugin,
+            "endpoint": d.endpoint,
+            "guest-plugin": d.guest_plugin,
+            "migration-uri": d.migration_uri,
+            "username": d.username,
+            "password-set": d.password.is_some(),
+            "token-set": d.token.is_some(),
+        });
+        self.registry
+            .audit("driver.set", &d.plugin, detail)
+            .map_err(registry_error)?;
         tracing::info!(
             plugin = d.plugin,
             endpoint = d.endpoint,

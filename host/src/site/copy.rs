@@ -58,7 +58,7 @@ impl SiteCore {
     /// `PUT /v1/vms/{id}/files?path=&mode=&parents=`: stages the body, then queues
     /// the copy-in job.
     pub async fn copy_in_request(
-        &self,
+        self: &Arc<Self>,
         caller: &Caller,
         id: &str,
         req: Request<Incoming>,
@@ -121,42 +121,56 @@ impl SiteCore {
             drain(&mut req.into_body(), DRAIN_BYTES).await;
             return Err(full.to_api());
         }
-        let into = Staged {
-            file: &file,
-            cap,
-            books: &self.staging,
-            owner: &owner,
-        };
-        let received = receive(req.into_body(), into).await;
-        let (size, sha) = match received {
-            Ok(r) => r,
-            Err(e) => {
-                self.staging.remove(&file).await;
-                return Err(e);
+        // The rest runs on its own task: hyper drops a handler whose client
+        // closes after sending the whole body, and a staged file (its bytes on
+        // the owner's books) must then be either queued as a job or removed,
+        // never left behind.
+        let (core, body, caller, vm) = (self.clone(), req.into_body(), caller.name.clone(), vm.id);
+        let staged = async move {
+            let into = Staged {
+                file: &file,
+                cap,
+                books: &core.staging,
+                owner: &owner,
+            };
+            let received = receive(body, into).await;
+            let (size, sha) = match received {
+                Ok(r) => r,
+                Err(e) => {
+                    core.staging.remove(&file).await;
+                    return Err(e);
+                }
+            };
+            if let Some(want) = expected.filter(|w| *w != sha) {
+                core.staging.remove(&file).await;
+                return Err(ApiError::bad_request(format!(
+                    "the content received has SHA-256 {sha}, the request said {want}; nothing was copied"
+                )));
+            }
+            let mut job = job;
+            job.params["size"] = json!(size);
+            job.params["sha256"] = json!(sha);
+            let audit = super::jobs::audit_entry(
+                &caller,
+                "vm.copy-in",
+                &vm,
+                super::jobs::audit_detail(&job.params),
+            );
+            match core.submitter.submit_audited(job, None, Some(audit)).await {
+                Ok(j) => Ok(j),
+                Err(e) => {
+                    core.staging.remove(&file).await;
+                    Err(e)
+                }
             }
         };
-        if let Some(want) = expected.filter(|w| *w != sha) {
-            self.staging.remove(&file).await;
-            return Err(ApiError::bad_request(format!(
-                "the content received has SHA-256 {sha}, the request said {want}; nothing was copied"
-            )));
-        }
-        let mut job = job;
-        job.params["size"] = json!(size);
-        job.params["sha256"] = json!(sha);
-        let audit = super::jobs::audit_entry(
-            &caller.name,
-            "vm.copy-in",
-            &vm.id,
-            super::jobs::audit_detail(&job.params),
-        );
-        match self.submitter.submit_audited(job, None, Some(audit)).await {
-            Ok(j) => Ok(j),
-            Err(e) => {
-                self.staging.remove(&file).await;
-                Err(e)
-            }
-        }
+        tokio::spawn(staged).await.map_err(|e| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "backend",
+                format!("the copy-in staging task failed: {e}"),
+            )
+        })?
     }
 
     /// The copy-in job: streams the staged file to the VM's agent.

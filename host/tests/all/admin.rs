@@ -458,6 +458,12 @@ async fn an_agent_without_a_driver_is_given_one_at_runtime_and_keeps_it() {
     // A second driver is a conflict: this agent has one.
     let out = set(&["memory", "memory:other"]).await.unwrap();
     assert_eq!(out.status.code(), Some(6), "{out:?}");
+    // The one that was set is in the audit log; the refused ones are not.
+    let log: Vec<Value> = c.get("/v1/audit").await.unwrap();
+    let sets: Vec<&Value> = log.iter().filter(|a| a["action"] == "driver.set").collect();
+    assert_eq!(sets.len(), 1, "{log:?}");
+    assert_eq!(sets[0]["detail"]["endpoint"], endpoint.as_str());
+    assert_eq!(sets[0]["detail"]["password-set"], false);
     agent.stop().await;
 
     let again = Agent::start(memory_config(dir.path())).await.unwrap();

@@ -504,3 +504,83 @@ async fn a_copy_larger_than_the_sites_limit_is_refused_and_nothing_staged() {
     assert_eq!(left, 0, "a refused copy left a staged file");
     e.site.stop().await;
 }
+
+/// Sends a copy-in to the site by hand (4 MiB, announced with its length) and
+/// goes away: with `whole`, right after the last byte (while the site stages it);
+/// otherwise after half of it.
+async fn left_copy(site: std::net::SocketAddr, token: &str, vm: &str, path: &str, whole: bool) {
+    use tokio::io::AsyncWriteExt;
+    const SIZE: usize = 4 << 20;
+    let mut s = tokio::net::TcpStream::connect(site).await.unwrap();
+    let head = format!(
+        "PUT /v1/vms/{vm}/files?path={path} HTTP/1.1\r\nhost: gve\r\n\
+         authorization: Bearer {token}\r\ncontent-length: {SIZE}\r\n\r\n"
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    let body = vec![3u8; SIZE];
+    if whole {
+        s.write_all(&body).await.unwrap();
+    } else {
+        s.write_all(&body[..SIZE / 2]).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    drop(s);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_whose_client_leaves_is_queued_when_whole_and_unstaged_when_cut() {
+    let e = env(1, |_| {}).await;
+    let u: UserView = e
+        .admin
+        .call(Method::POST, "/v1/users", Some(&json!({ "name": "kit" })))
+        .await
+        .unwrap();
+    let token = u.token.clone().expect("a new user's token");
+    let kit = Client::new(e.admin.base(), u.token.clone()).unwrap();
+    let j = job(&kit, "/v1/vms", json!({ "main-memory-mib": 128 })).await;
+    let vm: SiteVm = serde_json::from_value(j.result.unwrap()).unwrap();
+    let cases = [true, false, true, false, true];
+    for (i, whole) in cases.into_iter().enumerate() {
+        left_copy(
+            e.site.addr,
+            &token,
+            &vm.id,
+            &format!("/tmp/left-{i}"),
+            whole,
+        )
+        .await;
+    }
+    // Every whole one became a job (the memory driver has no guest: it fails),
+    // no cut one did, and nothing stays staged or on the books.
+    let staging = e.site.core.config.data_dir.join("staging");
+    let end = Instant::now() + Duration::from_secs(30);
+    loop {
+        let jobs: Vec<Job> = kit.get("/v1/jobs?limit=1000").await.unwrap();
+        let copies: Vec<&Job> = jobs
+            .iter()
+            .filter(|j| {
+                j.params["path"]
+                    .as_str()
+                    .is_some_and(|p| p.starts_with("/tmp/left-"))
+            })
+            .collect();
+        let left = std::fs::read_dir(&staging).map(|d| d.count()).unwrap_or(0);
+        let used = e.site.core.staging.used("kit");
+        let settled = copies.iter().all(|j| j.state.is_terminal()) && left == 0 && used == 0;
+        if settled && copies.len() == 3 {
+            let mut paths: Vec<&str> = copies
+                .iter()
+                .map(|j| j.params["path"].as_str().unwrap())
+                .collect();
+            paths.sort();
+            assert_eq!(paths, ["/tmp/left-0", "/tmp/left-2", "/tmp/left-4"]);
+            break;
+        }
+        assert!(
+            Instant::now() < end,
+            "copies {copies:?}, {left} staged files, {used} bytes on kit's books"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    e.site.stop().await;
+}

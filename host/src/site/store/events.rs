@@ -20,6 +20,16 @@ const BUILT: &str = "index:job-events";
 /// Job events kept; older ones are trimmed.
 const MAX_EVENTS: u64 = 1_000_000;
 
+/// Meta key: the floor of sequence numbers the last open handed out.
+const FLOOR: &str = "events:floor";
+
+/// How far each open moves the sequence past everything before it: more than
+/// the events a crash can take back. Events of lazy commits are published at
+/// once but reach the disk only with the next durable commit; a crash loses at
+/// most one `running` event per job that was running (every durable commit
+/// keeps all before it), and a site runs far fewer jobs at once than this.
+pub const SEQ_GAP: u64 = 1 << 20;
+
 /// What trimming needs of an event (an unreadable one has neither).
 #[derive(Deserialize, Default)]
 #[serde(rename_all = "kebab-case", default)]
@@ -33,13 +43,23 @@ fn head(bytes: &[u8]) -> Head {
 }
 
 /// Creates the tables; a database from before the index gets it built here,
-/// once, from the events it holds.
-pub(super) fn open_tables(txn: &WriteTransaction) -> Result<(), redb::Error> {
+/// once, from the events it holds. Returns the lowest sequence number this run
+/// may use: [`SEQ_GAP`] past both the last event on disk and the previous run's
+/// floor, and recorded (the caller commits durably), so that no sequence number
+/// a subscriber may have seen before a crash is given to another event after it.
+pub(super) fn open_tables(txn: &WriteTransaction) -> Result<u64, redb::Error> {
     let events = txn.open_table(EVENTS)?;
     let mut by_job = txn.open_table(BY_JOB)?;
     let mut meta = txn.open_table(META)?;
+    let last = events.last()?.map(|(k, _)| k.value()).unwrap_or(0);
+    let before = meta
+        .get(FLOOR)?
+        .and_then(|v| v.value().parse::<u64>().ok())
+        .unwrap_or(0);
+    let floor = last.max(before).saturating_add(SEQ_GAP);
+    meta.insert(FLOOR, floor.to_string().as_str())?;
     if meta.get(BUILT)?.is_some() {
-        return Ok(());
+        return Ok(floor);
     }
     let mut n = 0u64;
     for row in events.range::<u64>(..)? {
@@ -54,7 +74,7 @@ pub(super) fn open_tables(txn: &WriteTransaction) -> Result<(), redb::Error> {
     if n > 0 {
         tracing::info!(events = n, "indexed the job events by job");
     }
-    Ok(())
+    Ok(floor)
 }
 
 /// Removes the events `gone` names from both tables.
@@ -97,8 +117,8 @@ impl Txn<'_> {
             let seq = t
                 .last()
                 .map_err(storage)?
-                .map(|(k, _)| k.value() + 1)
-                .unwrap_or(1);
+                .map_or(1, |(k, _)| k.value() + 1)
+                .max(self.event_floor);
             let ev = JobEvent {
                 seq,
                 job: job.id.clone(),
@@ -116,9 +136,18 @@ impl Txn<'_> {
             self.new_events.push(ev);
             seq
         };
-        if seq > MAX_EVENTS && seq % 1024 == 0 {
-            let gone = oldest(self.txn, usize::MAX, |s, _| s >= seq - MAX_EVENTS)?;
-            remove(self.txn, &gone)?;
+        // Sequence numbers jump at each open: trim by count, not by number.
+        if seq % 1024 == 0 {
+            let held = self
+                .txn
+                .open_table(EVENTS)
+                .map_err(storage)?
+                .len()
+                .map_err(storage)?;
+            if held > MAX_EVENTS {
+                let gone = oldest(self.txn, (held - MAX_EVENTS) as usize, |_, _| false)?;
+                remove(self.txn, &gone)?;
+            }
         }
         Ok(())
     }

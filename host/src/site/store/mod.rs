@@ -108,6 +108,9 @@ fn all<T: DeserializeOwned>(
 pub struct Store {
     db: crate::store_core::Published<JobEvent>,
     vm_writes: std::sync::Arc<VmWrites>,
+    /// The lowest sequence number this run may give a job event
+    /// ([`events::open_tables`]).
+    event_floor: u64,
 }
 
 /// Per agent, how many writes of its VM records this process has made (a VM
@@ -120,6 +123,7 @@ pub struct Txn<'a> {
     txn: &'a redb::WriteTransaction,
     new_events: Vec<JobEvent>,
     vm_writes: &'a VmWrites,
+    event_floor: u64,
 }
 
 macro_rules! json_table {
@@ -347,6 +351,7 @@ impl Store {
         }
         let db = Database::create(path).map_err(|e| err(&e))?;
         let txn = db.begin_write().map_err(|e| err(&e))?;
+        let event_floor;
         {
             txn.open_table(USERS).map_err(|e| err(&e))?;
             txn.open_table(TOKENS).map_err(|e| err(&e))?;
@@ -356,7 +361,7 @@ impl Store {
             txn.open_table(JOBS).map_err(|e| err(&e))?;
             txn.open_table(ACTIVE).map_err(|e| err(&e))?;
             txn.open_table(USER_JOBS).map_err(|e| err(&e))?;
-            events::open_tables(&txn).map_err(|e| err(&e))?;
+            event_floor = events::open_tables(&txn).map_err(|e| err(&e))?;
             vms::open_tables(&txn).map_err(|e| err(&e))?;
             txn.open_table(AUDIT).map_err(|e| err(&e))?;
             let mut meta = txn.open_table(META).map_err(|e| err(&e))?;
@@ -368,6 +373,7 @@ impl Store {
         Ok(Store {
             db: crate::store_core::Published::new(db, 4096),
             vm_writes: Default::default(),
+            event_floor,
         })
     }
 
@@ -448,6 +454,7 @@ impl Store {
             txn,
             new_events: Vec::new(),
             vm_writes: &self.vm_writes,
+            event_floor: self.event_floor,
         };
         let v = f(&mut t)?;
         *events = t.new_events;
