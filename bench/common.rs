@@ -136,3 +136,90 @@ pub async fn kvm_guest_agent(
     })
     .await
 }
+
+/// Long-polls site job `id` until it ends; panics unless it succeeded.
+pub async fn job_succeeded(c: &gve::api::client::Client, id: &str) -> gve::site::model::Job {
+    loop {
+        let j: gve::site::model::Job = c
+            .get(&format!("/v1/jobs/{id}?wait-ms=30000"))
+            .await
+            .unwrap();
+        if j.state.is_terminal() {
+            assert_eq!(j.state, gve::site::model::JobState::Succeeded, "{j:?}");
+            return j;
+        }
+    }
+}
+
+/// Submits a site job (`POST path` with `body`) and waits until it succeeded.
+pub async fn site_job(
+    c: &gve::api::client::Client,
+    path: &str,
+    body: serde_json::Value,
+) -> gve::site::model::Job {
+    let j: gve::site::model::Job = c
+        .call(hyper::Method::POST, path, Some(&body))
+        .await
+        .unwrap();
+    job_succeeded(c, &j.id).await
+}
+
+/// A site in this process on 127.0.0.1 (its database in `dir`), health-checking
+/// every `health_ms`, with `agents` (id, address) registered under `agent_token`;
+/// its admin's client.
+pub async fn site_over(
+    dir: &std::path::Path,
+    admin_token: &str,
+    health_ms: u64,
+    agents: &[(&str, std::net::SocketAddr)],
+    agent_token: &str,
+) -> (gve::site::Site, gve::api::client::Client) {
+    let mut config = gve::site::SiteConfig::new(dir.to_path_buf(), admin_token.into());
+    config.listen = "127.0.0.1:0".parse().unwrap();
+    config.health_period_ms = health_ms;
+    let site = gve::site::Site::start(config).await.unwrap();
+    let admin =
+        gve::api::client::Client::new(&format!("http://{}", site.addr), Some(admin_token.into()))
+            .unwrap();
+    for (id, addr) in agents {
+        let _: serde_json::Value = admin
+            .call(
+                hyper::Method::POST,
+                "/v1/agents",
+                Some(&serde_json::json!({ "id": id, "url": format!("http://{addr}"), "token": agent_token })),
+            )
+            .await
+            .unwrap();
+    }
+    (site, admin)
+}
+
+/// A new site user with `quota`; its client.
+pub async fn site_user(
+    admin: &gve::api::client::Client,
+    name: &str,
+    quota: serde_json::Value,
+) -> gve::api::client::Client {
+    let u: gve::site::model::UserView = admin
+        .call(
+            hyper::Method::POST,
+            "/v1/users",
+            Some(&serde_json::json!({ "name": name, "quota": quota })),
+        )
+        .await
+        .unwrap();
+    gve::api::client::Client::new(admin.base(), u.token).unwrap()
+}
+
+/// "median ms (first–third quartile)" of `v`, in whole ms.
+pub fn median_iqr(v: Vec<Duration>) -> String {
+    let q = quartiles(v);
+    format!("{:.0} ms ({:.0}–{:.0})", ms(q.0), ms(q.1), ms(q.2))
+}
+
+/// Writes `md` to bench/results/`name` and prints it.
+pub fn publish(name: &str, md: &str) {
+    let out = gve_harness::root().join("bench/results").join(name);
+    std::fs::write(&out, md).unwrap();
+    println!("{md}");
+}

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs the benchmarks and writes their results under bench/results/.
-# Usage: bash bench/run.sh [plugin|footprint|vm_start|fig4|guest|site|site-flame|history|scale|soak|vsphere|xen|xen_migrate|fuzz]   (default: all)
+# Usage: bash bench/run.sh [plugin|footprint|vm_start|fig4|guest|site|site-flame|history|scale|soak|vsphere|xen|xen_migrate|kvm_migrate|fuzz]   (default: all)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 target=${CARGO_TARGET_DIR:-target}
@@ -91,6 +91,11 @@ fi
 if [ "$which" = all ] || [ "$which" = xen ]; then
     # Start and graceful shutdown on a real Xen nested under QEMU, vs virsh on its dom0.
     cargo bench --locked -p gve --bench xen
+fi
+if [ "$which" = all ] || [ "$which" = kvm_migrate ]; then
+    # Live migration of a kvm guest between two private libvirtds: through the
+    # site vs virsh migrate --live (total time and QEMU's downtime).
+    cargo bench --locked -p gve --bench kvm_migrate
 fi
 if [ "$which" = all ] || [ "$which" = xen_migrate ]; then
     # Live migration between two Xen hosts nested under QEMU, vs virsh migrate.

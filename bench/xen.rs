@@ -21,7 +21,7 @@ use gve_harness::xen::{NestedXen, TEMPLATE};
 use hyper::Method;
 use serde_json::json;
 
-use common::{cores, ms, quartiles, today};
+use common::{cores, median_iqr, ms, publish, quartiles, today};
 
 const TOKEN: &str = "bench-token-0123456789abcdef";
 const ROUNDS: usize = 8;
@@ -149,19 +149,12 @@ async fn main() {
         ("start", gve_start, virsh_start),
         ("graceful shutdown", gve_stop, virsh_stop),
     ] {
-        let (g, v) = (quartiles(g), quartiles(v));
-        let overhead = (g.0.as_secs_f64() / v.0.as_secs_f64() - 1.0) * 100.0;
+        let overhead = (ms(quartiles(g.clone()).0) / ms(quartiles(v.clone()).0) - 1.0) * 100.0;
         md += &format!(
-            "| {name} | {:.0} ms ({:.0}–{:.0}) | {:.0} ms ({:.0}–{:.0}) | {overhead:+.1}% |\n",
-            ms(g.0),
-            ms(g.1),
-            ms(g.2),
-            ms(v.0),
-            ms(v.1),
-            ms(v.2)
+            "| {name} | {} | {} | {overhead:+.1}% |\n",
+            median_iqr(g),
+            median_iqr(v)
         );
     }
-    let out = gve_harness::root().join("bench/results/xen.md");
-    std::fs::write(&out, md).unwrap();
-    println!("{}", std::fs::read_to_string(out).unwrap());
+    publish("xen.md", &md);
 }

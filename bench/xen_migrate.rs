@@ -27,7 +27,7 @@ use gve_harness::xen::{console_ticks, stood_still_ms, NestedXen, TEMPLATE};
 use hyper::Method;
 use serde_json::json;
 
-use common::{cores, ms, quartiles, today};
+use common::{cores, median_iqr, publish, today};
 
 const TOKEN: &str = "bench-token-0123456789abcdef";
 /// Migrations per path.
@@ -216,18 +216,7 @@ async fn main() {
         ("total", gve_total, virsh_total),
         ("downtime (guest's view)", gve_stall, virsh_stall),
     ] {
-        let (g, v) = (quartiles(g), quartiles(v));
-        md += &format!(
-            "| {name} | {:.0} ms ({:.0}–{:.0}) | {:.0} ms ({:.0}–{:.0}) |\n",
-            ms(g.0),
-            ms(g.1),
-            ms(g.2),
-            ms(v.0),
-            ms(v.1),
-            ms(v.2)
-        );
+        md += &format!("| {name} | {} | {} |\n", median_iqr(g), median_iqr(v));
     }
-    let out = gve_harness::root().join("bench/results/xen-migrate.md");
-    std::fs::write(&out, md).unwrap();
-    println!("{}", std::fs::read_to_string(out).unwrap());
+    publish("xen-migrate.md", &md);
 }

@@ -1,0 +1,218 @@
+//! Live migration of a running QEMU/KVM guest between two private libvirtds on
+//! this machine, through gve (a site job → the source agent's operation → the kvm
+//! plugin → libvirt) against `virsh migrate --live` between the same two daemons
+//! with the same flags (persistent at the destination, undefined at the source,
+//! shared storage). The guest goes back and forth; migrations alternate the two
+//! paths (gve, virsh, virsh, gve, ...).
+//!
+//! - **Total:** from the request until the site's job succeeded (gve; the user
+//!   long-polls the job) or until virsh returned.
+//! - **Downtime:** what QEMU measured as the time the guest stood still, as the
+//!   destination's libvirt reports it for the completed incoming migration
+//!   (`virsh domjobinfo --completed`, "Total downtime"); the same reading for both
+//!   paths.
+//!
+//! After a virsh migration (out of band for gve) both agents reconcile and the
+//! bench waits until the site's record follows the VM, so the next gve migration
+//! starts from where the VM is. Writes bench/results/kvm-migrate.md;
+//! `bash bench/run.sh kvm_migrate`; GVE_MIGRATE_ROUNDS migrations per path
+//! (default 6).
+
+#[path = "common.rs"]
+mod common;
+
+use std::time::{Duration, Instant};
+
+use gve::api::client::Client;
+use gve::site::model::SiteVm;
+use gve_harness::Libvirtd;
+use hyper::Method;
+use serde_json::{json, Value};
+
+use common::{cores, median_iqr, ms, publish, quartiles, today};
+
+const ADMIN: &str = "bench-site-admin-0123456789";
+const AGENT: &str = "bench-agent-token-0123456789";
+
+/// A kvm agent with guest-install on `lv` that may migrate to `other` (shared
+/// storage: both daemons see each other's pool).
+async fn agent(lv: &Libvirtd, other: &Libvirtd) -> (gve::agent::Agent, Client, tempfile::TempDir) {
+    let (own, dest) = (lv.migration_uri(), other.migration_uri());
+    common::kvm_guest_agent(lv, AGENT, move |config| {
+        let kvm = config.plugins.get_mut("kvm").expect("the kvm plugin");
+        kvm.grants.libvirt.push(dest);
+        kvm.grants
+            .config
+            .insert("shared-storage".into(), "true".into());
+        if let Some(d) = config.driver.as_mut() {
+            d.migration_uri = Some(own);
+            d.reconcile_period_ms = 5_000;
+        }
+    })
+    .await
+}
+
+/// "Total downtime" of the last incoming migration of `name` on `lv`, in ms.
+fn downtime_ms(lv: &Libvirtd, name: &str) -> f64 {
+    let out = lv.virsh(&["domjobinfo", "--completed", name]);
+    out.lines()
+        .find_map(|l| {
+            let rest = l.strip_prefix("Total downtime:")?;
+            rest.trim().strip_suffix("ms")?.trim().parse().ok()
+        })
+        .unwrap_or_else(|| panic!("no downtime in domjobinfo of {name}:\n{out}"))
+}
+
+/// Waits until the site places VM `id` on agent `on` (its health sync follows an
+/// out-of-band migration).
+async fn site_follows(user: &Client, id: &str, on: &str) {
+    let end = Instant::now() + Duration::from_secs(60);
+    loop {
+        let v: SiteVm = user.get(&format!("/v1/vms/{id}")).await.unwrap();
+        if v.agent == on && v.state == "running" {
+            return;
+        }
+        assert!(
+            Instant::now() < end,
+            "the site did not follow to {on}: {v:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    gve::libvirt_log::route_to_log();
+    let rounds: usize = std::env::var("GVE_MIGRATE_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(6);
+    let status = std::process::Command::new("bash")
+        .arg(gve_harness::root().join("scripts/build-plugins.sh"))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let hosts = [Libvirtd::start(), Libvirtd::start()];
+    hosts[0].see_pool_of(&hosts[1]);
+    hosts[1].see_pool_of(&hosts[0]);
+    let (agent_a, ca, _da) = agent(&hosts[0], &hosts[1]).await;
+    let (agent_b, cb, _db) = agent(&hosts[1], &hosts[0]).await;
+    let agent_clients = [&ca, &cb];
+    let ids = ["a", "b"];
+
+    let dir = tempfile::tempdir().unwrap();
+    let agents = [(ids[0], agent_a.addr), (ids[1], agent_b.addr)];
+    let (site, admin) = common::site_over(dir.path(), ADMIN, 500, &agents, AGENT).await;
+    let quota = json!({ "vms": 1, "logical-cpus": 1, "main-memory-mib": 128 });
+    let user = common::site_user(&admin, "grid-user", quota).await;
+    let j = common::site_job(
+        &user,
+        "/v1/vms",
+        json!({ "template": "tiny", "main-memory-mib": 128, "lease-seconds": 86_400 }),
+    )
+    .await;
+    let id = j.result.unwrap()["id"].as_str().unwrap().to_string();
+    let vm: SiteVm = user.get(&format!("/v1/vms/{id}")).await.unwrap();
+    let mut on = ids.iter().position(|a| *a == vm.agent).unwrap();
+    eprintln!("{} ({}) is running on agent {}", vm.id, vm.name, vm.agent);
+    // Let the guest settle after its boot.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    let (mut gve_total, mut gve_down, mut virsh_total, mut virsh_down) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for i in 0..2 * rounds {
+        let to = 1 - on;
+        let through_gve = matches!(i % 4, 0 | 3);
+        let t = Instant::now();
+        if through_gve {
+            common::site_job(
+                &user,
+                &format!("/v1/vms/{id}/migrate"),
+                json!({ "to": ids[to], "live": true }),
+            )
+            .await;
+        } else {
+            let out = tokio::process::Command::new("virsh")
+                .args(["-q", "-c", &hosts[on].uri, "migrate", "--live"])
+                .args(["--persistent", "--undefinesource", "--unsafe"])
+                .args([vm.name.as_str(), hosts[to].migration_uri().as_str()])
+                .output()
+                .await
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "virsh migrate: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let took = t.elapsed();
+        let down = Duration::from_secs_f64(downtime_ms(&hosts[to], &vm.name) / 1000.0);
+        eprintln!(
+            "migration {i} ({}) {} -> {}: {took:?}, downtime {down:?}",
+            if through_gve { "gve" } else { "virsh" },
+            ids[on],
+            ids[to]
+        );
+        if through_gve {
+            gve_total.push(took);
+            gve_down.push(down);
+        } else {
+            virsh_total.push(took);
+            virsh_down.push(down);
+            for c in agent_clients {
+                let _: Value = c
+                    .call(Method::POST, "/v1/reconcile", Some(&json!({})))
+                    .await
+                    .unwrap();
+            }
+        }
+        site_follows(&user, &id, ids[to]).await;
+        on = to;
+        // The next migration starts from a quiet machine.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    common::site_job(&user, &format!("/v1/vms/{id}/release"), json!({})).await;
+    site.stop().await;
+    agent_a.stop().await;
+    agent_b.stop().await;
+    write(rounds, [gve_total, gve_down], [virsh_total, virsh_down]);
+}
+
+fn write(rounds: usize, gve: [Vec<Duration>; 2], virsh: [Vec<Duration>; 2]) {
+    let mut md = String::from(
+        "# KVM: live migration through gve vs `virsh migrate --live` between the same two libvirtds\n\n",
+    );
+    md += &format!(
+        "Measured {} on {} cores: two private libvirt 9.0 daemons on this machine, QEMU 10 under \
+         TCG, the tiny guest (128 MiB, 1 vCPU, running, idle after boot), shared storage (each \
+         daemon has a pool on the other's directory). Through gve: the user's `POST \
+         /v1/vms/{{id}}/migrate` to the site, which runs it as a job on the source agent (kvm \
+         plugin, libvirt's `virDomainMigrate3` with LIVE, PERSIST_DEST, UNDEFINE_SOURCE, UNSAFE); \
+         the total ends when the user's long-poll sees the job succeed. virsh: `virsh migrate \
+         --live --persistent --undefinesource --unsafe`, until it returns. Downtime: QEMU's own, \
+         as the destination's libvirt reports the completed migration (`virsh domjobinfo \
+         --completed`, Total downtime), for both paths. Median and IQR of {rounds} migrations \
+         per path, alternating, the guest going back and forth. Produced by `bash bench/run.sh \
+         kvm_migrate`.\n\n",
+        today(),
+        cores()
+    );
+    md += "| measure | through gve: median (IQR) | virsh: median (IQR) | gve − virsh (medians) |\n|---|---|---|---|\n";
+    for ((name, g), v) in ["total", "downtime (QEMU's)"]
+        .into_iter()
+        .zip(gve)
+        .zip(virsh)
+    {
+        let diff = ms(quartiles(g.clone()).0) - ms(quartiles(v.clone()).0);
+        let pct = 100.0 * diff / ms(quartiles(v.clone()).0).max(f64::MIN_POSITIVE);
+        md += &format!(
+            "| {name} | {} | {} | {diff:+.0} ms ({pct:+.1}%) |\n",
+            median_iqr(g),
+            median_iqr(v)
+        );
+    }
+    publish("kvm-migrate.md", &md);
+}
