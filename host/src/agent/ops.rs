@@ -223,31 +223,39 @@ impl AgentCore {
         params: OpParams,
         key: Option<&str>,
     ) -> Result<Operation, RegistryError> {
-        let (op, new) = self.begin_keyed(vm, &params, key)?;
-        if !new {
-            return Ok(op);
+        // Recorded at once but not yet durable, so that the operation starts while
+        // the disk catches up: the answer (which promises the operation) waits for
+        // `sync`, the operation does not. A crash before the sync loses a record
+        // nobody was told of; its end is recorded durably, and a durable commit
+        // keeps everything before it.
+        // (An operation found by its key may be another caller's, not yet synced.)
+        let (op, new) = self.begin_keyed(vm, &params, key, true)?;
+        if new {
+            let (core, running) = (self.clone(), op.clone());
+            tokio::spawn(async move {
+                let outcome = call(&core, &running.vm, &params).await;
+                if let Err(e) = core.finish(running, outcome) {
+                    tracing::error!("cannot record the end of an operation: {e}");
+                }
+            });
         }
-        let (core, running) = (self.clone(), op.clone());
-        tokio::spawn(async move {
-            let outcome = call(&core, &running.vm, &params).await;
-            if let Err(e) = core.finish(running, outcome) {
-                tracing::error!("cannot record the end of an operation: {e}");
-            }
-        });
+        self.registry.sync()?;
         Ok(op)
     }
 
     /// Records an operation as running (the caller runs it and calls `finish`).
     pub fn begin(&self, vm: &str, params: &OpParams) -> Result<Operation, RegistryError> {
-        Ok(self.begin_keyed(vm, params, None)?.0)
+        Ok(self.begin_keyed(vm, params, None, false)?.0)
     }
 
     /// Records an operation as running unless `key` started one already; says which.
+    /// With `lazy`, the record is not yet durable (the caller syncs).
     fn begin_keyed(
         &self,
         vm: &str,
         params: &OpParams,
         key: Option<&str>,
+        lazy: bool,
     ) -> Result<(Operation, bool), RegistryError> {
         let op = Operation {
             // Ordered by creation, so retention removes old ones by a range.
@@ -262,7 +270,7 @@ impl AgentCore {
             created_ms: now_ms(),
             finished_ms: None,
         };
-        self.registry.write(|t| {
+        let record = |t: &mut super::registry::Txn<'_>| {
             if let Some(k) = key {
                 if let Some(existing) = t.op_for_key(k)? {
                     return Ok((existing, false));
@@ -271,7 +279,12 @@ impl AgentCore {
             }
             t.put_op(&op)?;
             Ok((op, true))
-        })
+        };
+        if lazy {
+            self.registry.write_lazy(record)
+        } else {
+            self.registry.write(record)
+        }
     }
 
     /// Records the end of an operation together with the VM's new record.

@@ -486,10 +486,31 @@ impl Registry {
         &self,
         f: impl FnOnce(&mut Txn<'_>) -> Result<T, RegistryError>,
     ) -> Result<T, RegistryError> {
-        self.db.write(
-            redb::Durability::Immediate,
-            RegistryError::Storage,
-            |txn, events| {
+        self.write_with(redb::Durability::Immediate, f)
+    }
+
+    /// [`Registry::write`] without waiting for the disk: atomic and seen at once,
+    /// durable with the next durable commit or [`Registry::sync`]. For a change the
+    /// caller makes durable itself before anyone outside relies on it.
+    pub fn write_lazy<T>(
+        &self,
+        f: impl FnOnce(&mut Txn<'_>) -> Result<T, RegistryError>,
+    ) -> Result<T, RegistryError> {
+        self.write_with(redb::Durability::None, f)
+    }
+
+    /// Makes every change committed so far durable (a durable commit of nothing).
+    pub fn sync(&self) -> Result<(), RegistryError> {
+        self.write(|_| Ok(()))
+    }
+
+    fn write_with<T>(
+        &self,
+        durability: redb::Durability,
+        f: impl FnOnce(&mut Txn<'_>) -> Result<T, RegistryError>,
+    ) -> Result<T, RegistryError> {
+        self.db
+            .write(durability, RegistryError::Storage, |txn, events| {
                 let mut t = Txn {
                     txn,
                     new_events: Vec::new(),
@@ -501,8 +522,7 @@ impl Registry {
                 }
                 *events = t.new_events;
                 Ok(v)
-            },
-        )
+            })
     }
 
     /// Subscribes to events committed from now on.

@@ -36,7 +36,7 @@ use serde::Deserialize;
 use super::model::{now_ms, Allocation, OpState, Operation, Profile, VmRecord, VmState};
 use super::ops::OpParams;
 use super::AgentCore;
-use crate::api::page::{next_path, ok_page, DEFAULT_PAGE};
+use crate::api::page::{next_path, ok_page};
 use crate::api::{json_response, ok, read_json, ApiError, Response};
 use crate::store_core::Page;
 
@@ -92,8 +92,7 @@ fn paged<T: serde::Serialize>(
     read: impl FnOnce(Option<&str>, usize) -> Result<Page<T>, super::registry::RegistryError>,
     id: impl Fn(&T) -> &str,
 ) -> Result<Response, ApiError> {
-    let limit = crate::api::query_u64(uri, "limit", DEFAULT_PAGE, 1, crate::api::MAX_LIST)?;
-    let after = crate::api::query_param(uri, "after")?;
+    let (limit, after) = crate::api::page::page_query(uri, "after")?;
     let page = read(after.as_deref(), limit as usize).map_err(registry_error)?;
     let last = page.items.last().map(id);
     let next = next_path(path, "after", last, page.more, limit, false);

@@ -11,6 +11,13 @@ use super::{json_response, ApiError, Response};
 /// Listings answer at most this many items per page unless `limit` says fewer.
 pub const DEFAULT_PAGE: u64 = 1000;
 
+/// A listing's `limit` (default [`DEFAULT_PAGE`], 1 to [`super::MAX_LIST`]) and
+/// its cursor, the query parameter named `cursor` (`after` or `before`).
+pub fn page_query(uri: &hyper::Uri, cursor: &str) -> Result<(u64, Option<String>), ApiError> {
+    let limit = super::query_u64(uri, "limit", DEFAULT_PAGE, 1, super::MAX_LIST)?;
+    Ok((limit, super::query_param(uri, cursor)?))
+}
+
 /// 200 with `items`; with `next` (a path and query), a `Link` to it.
 pub fn ok_page<T: Serialize>(items: &[T], next: Option<String>) -> Result<Response, ApiError> {
     let mut resp = json_response(StatusCode::OK, items);

@@ -9,10 +9,8 @@ use super::agents::db;
 use super::auth::{self, Caller};
 use super::model::{now_ms, AgentView, Quota, Role, User, UserView};
 use super::SiteCore;
-use crate::api::page::{next_path, ok_page, DEFAULT_PAGE};
-use crate::api::{
-    json_response, ok, query_param, query_u64, read_json, ApiError, Response, MAX_LIST,
-};
+use crate::api::page::{next_path, ok_page, page_query};
+use crate::api::{json_response, ok, query_param, read_json, ApiError, Response};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
@@ -72,8 +70,7 @@ impl SiteCore {
             }
             (Method::GET, ["v1", "users"]) => {
                 caller.require_admin()?;
-                let limit = query_u64(req.uri(), "limit", DEFAULT_PAGE, 1, MAX_LIST)?;
-                let after = query_param(req.uri(), "after")?;
+                let (limit, after) = page_query(req.uri(), "after")?;
                 let page = self
                     .store
                     .users_page(after.as_deref(), limit as usize)
@@ -219,8 +216,7 @@ impl SiteCore {
         let method = req.method().clone();
         match (method, segs) {
             (Method::GET, ["v1", "agents"]) => {
-                let limit = query_u64(req.uri(), "limit", DEFAULT_PAGE, 1, MAX_LIST)?;
-                let after = query_param(req.uri(), "after")?;
+                let (limit, after) = page_query(req.uri(), "after")?;
                 let page = self
                     .store
                     .agents_page(after.as_deref(), limit as usize)

@@ -18,9 +18,9 @@ use super::auth::Caller;
 use super::jobs::{new_job, redacted};
 use super::model::{AgentStatus, Job, JobKind, JobState, Usage, VmRequest};
 use super::SiteCore;
-use crate::api::page::{next_path, ok_page, DEFAULT_PAGE};
+use crate::api::page::{next_path, ok_page, page_query};
 use crate::api::{
-    json_response, ok, query_param, query_u64, read_json, ApiError, Response, MAX_LIST, MAX_WAIT_MS,
+    json_response, ok, query_param, query_u64, read_json, ApiError, Response, MAX_WAIT_MS,
 };
 
 #[derive(Deserialize)]
@@ -106,8 +106,7 @@ impl SiteCore {
             (Method::GET, ["v1", "vms"]) => {
                 let all =
                     caller.is_admin() && query_param(req.uri(), "all")?.as_deref() == Some("true");
-                let limit = query_u64(req.uri(), "limit", DEFAULT_PAGE, 1, MAX_LIST)?;
-                let after = query_param(req.uri(), "after")?;
+                let (limit, after) = page_query(req.uri(), "after")?;
                 let owner = (!all).then_some(caller.name.as_str());
                 let page = self
                     .store
@@ -248,8 +247,7 @@ impl SiteCore {
         let method = req.method().clone();
         match (method, segs) {
             (Method::GET, ["v1", "jobs"]) => {
-                let limit = query_u64(req.uri(), "limit", DEFAULT_PAGE, 1, MAX_LIST)?;
-                let before = query_param(req.uri(), "before")?;
+                let (limit, before) = page_query(req.uri(), "before")?;
                 let all =
                     caller.is_admin() && query_param(req.uri(), "all")?.as_deref() == Some("true");
                 let owner = (!all).then_some(caller.name.as_str());

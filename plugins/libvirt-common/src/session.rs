@@ -596,14 +596,22 @@ impl<F: Flavor> Session for LibvirtSession<F> {
                 F::DRIVER
             )));
         }
-        let d = self.find(&vm)?;
-        if domain::state(&d) != VmState::Running {
-            return Err(Error::unavailable(format!(
-                "{} is not running: its guest agent cannot answer",
-                d.name
-            )));
-        }
+        // The command goes at once (one lookup and the command: an exec's every
+        // status poll pays this path); only a failure asks the domain why, so the
+        // caller learns that it is gone or not running rather than libvirt's words.
         let seconds = timeout_ms.div_ceil(1000).max(1) as i32;
-        self.conn.qemu_agent_command(&d.name, &command, seconds)
+        match self.conn.qemu_agent_command(&vm, &command, seconds) {
+            Ok(reply) => Ok(reply),
+            Err(e) => {
+                let d = self.find(&vm)?;
+                if domain::state(&d) != VmState::Running {
+                    return Err(Error::unavailable(format!(
+                        "{} is not running: its guest agent cannot answer",
+                        d.name
+                    )));
+                }
+                Err(e)
+            }
+        }
     }
 }
