@@ -223,3 +223,19 @@ pub fn publish(name: &str, md: &str) {
     std::fs::write(&out, md).unwrap();
     println!("{md}");
 }
+
+/// Runs `virsh -q -c URI ARGS...`, asserts it succeeded, and returns its output trimmed.
+pub async fn virsh(uri: &str, args: &[&str]) -> String {
+    let out = tokio::process::Command::new("virsh")
+        .args(["-q", "-c", uri])
+        .args(args)
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "virsh {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}

@@ -135,18 +135,10 @@ async fn main() {
             )
             .await;
         } else {
-            let out = tokio::process::Command::new("virsh")
-                .args(["-q", "-c", &hosts[on].uri, "migrate", "--live"])
-                .args(["--persistent", "--undefinesource", "--unsafe"])
-                .args([vm.name.as_str(), hosts[to].migration_uri().as_str()])
-                .output()
-                .await
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "virsh migrate: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            let dest = hosts[to].migration_uri();
+            let live = ["--live", "--persistent", "--undefinesource", "--unsafe"];
+            let args = [&["migrate"][..], &live, &[&vm.name, &dest]].concat();
+            common::virsh(&hosts[on].uri, &args).await;
         }
         let took = t.elapsed();
         let down = Duration::from_secs_f64(downtime_ms(&hosts[to], &vm.name) / 1000.0);

@@ -38,21 +38,6 @@ async fn op(c: &Client, path: &str, body: serde_json::Value) -> Operation {
     }
 }
 
-async fn virsh(uri: &str, args: &[&str]) -> String {
-    let out = tokio::process::Command::new("virsh")
-        .args(["-q", "-c", uri])
-        .args(args)
-        .output()
-        .await
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "virsh {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     if std::env::args().any(|a| a == "--list") {
@@ -108,12 +93,12 @@ async fn main() {
                 gve_stop.push(t.elapsed());
             } else {
                 let t = Instant::now();
-                virsh(&xen.uri, &["start", "bx-1"]).await;
+                common::virsh(&xen.uri, &["start", "bx-1"]).await;
                 virsh_start.push(t.elapsed());
                 tokio::time::sleep(Duration::from_secs(8)).await;
                 let t = Instant::now();
-                virsh(&xen.uri, &["shutdown", "bx-1"]).await;
-                while virsh(&xen.uri, &["domstate", "bx-1"]).await != "shut off" {
+                common::virsh(&xen.uri, &["shutdown", "bx-1"]).await;
+                while common::virsh(&xen.uri, &["domstate", "bx-1"]).await != "shut off" {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
                 virsh_stop.push(t.elapsed());

@@ -143,24 +143,18 @@ async fn main() {
             )
             .await;
         } else {
-            let out = tokio::process::Command::new("virsh")
-                .args([
-                    "-q",
-                    "-c",
-                    &hosts[on].uri,
+            common::virsh(
+                &hosts[on].uri,
+                &[
                     "migrate",
                     "--live",
                     "--persistent",
-                ])
-                .args(["--undefinesource", VM, &hosts[to].uri])
-                .output()
-                .await
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "virsh migrate: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+                    "--undefinesource",
+                    VM,
+                    &hosts[to].uri,
+                ],
+            )
+            .await;
         }
         let took = t.elapsed();
         ticked_past(&hosts, from + 10);

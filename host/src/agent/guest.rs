@@ -304,7 +304,7 @@ impl AgentCore {
         self.guest()?;
         Self::require_running(rec, "copy a file in")?;
         let (core, vm, path) = (self.clone(), rec.vm.id.clone(), path.to_string());
-        let task = tokio::spawn(async move {
+        crate::api::detached("copy-in", async move {
             let guest = core.guest()?;
             let params = OpParams::CopyIn {
                 path: path.clone(),
@@ -323,14 +323,8 @@ impl AgentCore {
             };
             core.finish(op, outcome).map_err(registry)?;
             result
-        });
-        task.await.map_err(|e| {
-            ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "backend",
-                format!("the copy-in task failed: {e}"),
-            )
-        })?
+        })
+        .await
     }
 
     /// Opens `path` in the guest of `rec` for reading: its size, mode and a body that

@@ -214,6 +214,23 @@ pub fn ok<T: Serialize + ?Sized>(value: &T) -> Result<Response, ApiError> {
     Ok(json_response(StatusCode::OK, value))
 }
 
+/// Runs `work` on its own task and waits for it: hyper drops a handler whose
+/// client closed the connection, even after sending the whole request, and work
+/// that records a start must also record its end. `what` names it in the 500 a
+/// failed task gives.
+pub async fn detached<T: Send + 'static>(
+    what: &str,
+    work: impl std::future::Future<Output = Result<T, ApiError>> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::spawn(work).await.map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "backend",
+            format!("the {what} task failed: {e}"),
+        )
+    })?
+}
+
 /// Reads a JSON body of at most [`MAX_JSON_BODY`] bytes into `T`; errors say what is wrong.
 pub async fn read_json<T: DeserializeOwned>(body: Incoming) -> Result<T, ApiError> {
     parse_json(&read_small_body(body).await?)

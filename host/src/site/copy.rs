@@ -164,13 +164,7 @@ impl SiteCore {
                 }
             }
         };
-        tokio::spawn(staged).await.map_err(|e| {
-            ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "backend",
-                format!("the copy-in staging task failed: {e}"),
-            )
-        })?
+        crate::api::detached("copy-in staging", staged).await
     }
 
     /// The copy-in job: streams the staged file to the VM's agent.

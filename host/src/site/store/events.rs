@@ -28,7 +28,7 @@ const FLOOR: &str = "events:floor";
 /// once but reach the disk only with the next durable commit; a crash loses at
 /// most one `running` event per job that was running (every durable commit
 /// keeps all before it), and a site runs far fewer jobs at once than this.
-pub const SEQ_GAP: u64 = 1 << 20;
+const SEQ_GAP: u64 = 1 << 20;
 
 /// What trimming needs of an event (an unreadable one has neither).
 #[derive(Deserialize, Default)]
