@@ -14,8 +14,12 @@
 //! merges the type sections of both worlds into that union when a plugin invokes
 //! both export macros, which is what [`crate::export_driver_with_guest!`] does.
 //!
-//! Plugins use [`crate::export_driver!`], [`crate::export_guest!`] and
-//! [`crate::export_driver_with_guest!`], never the generated macros directly.
+//! [`bulk_world`] (world `bulk-provider`, contract 0.1.1) does the same for the
+//! `bulk` export, which a driver adds with [`crate::export_driver_with_bulk!`].
+//!
+//! Plugins use [`crate::export_driver!`], [`crate::export_guest!`],
+//! [`crate::export_driver_with_guest!`] and [`crate::export_driver_with_bulk!`],
+//! never the generated macros directly.
 
 /// World `hypervisor-driver`: imports `log`, `config`, `libvirt`; exports `driver`.
 #[allow(missing_docs, clippy::all)]
@@ -24,7 +28,7 @@ pub mod driver_world {
         path: "../wit/0.1",
         world: "hypervisor-driver",
         with: {
-            "gve:hypervisor/types@0.1.0/error": crate::error::Error,
+            "gve:hypervisor/types@0.1.1/error": crate::error::Error,
         },
         additional_derives: [PartialEq],
         pub_export_macro: true,
@@ -40,13 +44,31 @@ pub mod guest_world {
         path: "../wit/0.1",
         world: "guest-provider",
         with: {
-            "gve:hypervisor/types@0.1.0": crate::types,
-            "gve:hypervisor/log@0.1.0": crate::bindings::driver_world::gve::hypervisor::log,
-            "gve:hypervisor/config@0.1.0": crate::bindings::driver_world::gve::hypervisor::config,
+            "gve:hypervisor/types@0.1.1": crate::types,
+            "gve:hypervisor/log@0.1.1": crate::bindings::driver_world::gve::hypervisor::log,
+            "gve:hypervisor/config@0.1.1": crate::bindings::driver_world::gve::hypervisor::config,
         },
         additional_derives: [PartialEq],
         pub_export_macro: true,
         export_macro_name: "__gve_export_guest_world",
         default_bindings_module: "gve_sdk::bindings::guest_world",
+    });
+}
+
+/// World `bulk-provider`: imports `log`, `config`, `libvirt`; exports `bulk`.
+#[allow(missing_docs, clippy::all)]
+pub mod bulk_world {
+    wit_bindgen::generate!({
+        path: "../wit/0.1",
+        world: "bulk-provider",
+        with: {
+            "gve:hypervisor/types@0.1.1": crate::types,
+            "gve:hypervisor/log@0.1.1": crate::bindings::driver_world::gve::hypervisor::log,
+            "gve:hypervisor/config@0.1.1": crate::bindings::driver_world::gve::hypervisor::config,
+            "gve:hypervisor/libvirt@0.1.1": crate::bindings::driver_world::gve::hypervisor::libvirt,
+        },
+        pub_export_macro: true,
+        export_macro_name: "__gve_export_bulk_world",
+        default_bindings_module: "gve_sdk::bindings::bulk_world",
     });
 }

@@ -8,6 +8,7 @@
 //! | `gve:hypervisor/driver` | [`Driver`] + [`Session`] | [`export_driver!`] |
 //! | `gve:hypervisor/guest` | [`GuestAccess`] + [`GuestSession`] (+ [`Upload`], [`Download`]) | [`export_guest!`] |
 //! | both | all of the above | [`export_driver_with_guest!`] |
+//! | `driver` and `bulk` (0.1.1: capability `bulk-copy`) | [`Driver`] + [`BulkCopy`] + [`BulkTransfer`] | [`export_driver_with_bulk!`] |
 //!
 //! Host imports are wrapped in [`log`], [`config`], [`libvirt`], [`guest_channel`],
 //! and `wasi:http` in [`http`]. Every contract type is in [`types`] (and re-exported
@@ -47,6 +48,7 @@
 #![warn(missing_docs)]
 
 pub mod bindings;
+mod bulk;
 pub mod config;
 mod driver;
 pub mod error;
@@ -57,6 +59,7 @@ pub mod libvirt;
 pub mod log;
 pub mod types;
 
+pub use bulk::{BulkCopy, BulkTransfer};
 pub use driver::{Driver, Session};
 pub use error::{Error, Result};
 pub use guest::{BytesDownload, Download, GuestAccess, GuestSession, NoTransfer, Upload};
@@ -65,6 +68,8 @@ pub use types::{
     Label, VmInfo, VmProfile, VmResources, VmState,
 };
 
+#[doc(hidden)]
+pub use bulk::TransferResource;
 #[doc(hidden)]
 pub use driver::SessionResource;
 #[doc(hidden)]
@@ -124,5 +129,35 @@ macro_rules! export_driver_with_guest {
     ($ty:ty) => {
         $crate::export_driver!($ty);
         $crate::export_guest!($ty);
+    };
+}
+
+/// Exports a [`BulkCopy`] as the component's `gve:hypervisor/bulk` interface (world
+/// `bulk-provider`). A driver invokes it next to [`export_driver!`], or both at
+/// once with [`export_driver_with_bulk!`].
+#[macro_export]
+macro_rules! export_bulk {
+    ($ty:ty) => {
+        const _: () = {
+            fn __gve_assert_bulk<T: $crate::BulkCopy>() {}
+            let _ = __gve_assert_bulk::<$ty>;
+        };
+        const _: () = {
+            type __GveExportedBulk = $ty;
+            $crate::bindings::bulk_world::__gve_export_bulk_world!(
+                __GveExportedBulk with_types_in $crate::bindings::bulk_world
+            );
+        };
+    };
+}
+
+/// Exports a type that is both a [`Driver`] and a [`BulkCopy`] as the component's
+/// `gve:hypervisor/driver` and `gve:hypervisor/bulk` interfaces (world
+/// `hypervisor-driver-with-bulk`; the host reports the capability `bulk-copy`).
+#[macro_export]
+macro_rules! export_driver_with_bulk {
+    ($ty:ty) => {
+        $crate::export_driver!($ty);
+        $crate::export_bulk!($ty);
     };
 }

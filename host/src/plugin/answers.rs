@@ -70,6 +70,35 @@ pub fn checked<T: Answer>(plugin: &str, op: &'static str, value: T) -> Result<T>
     }
 }
 
+/// A chunk read for at most `max` bytes, or the typed error of a plugin that
+/// answered with more.
+pub fn at_most(plugin: &str, op: &'static str, chunk: Vec<u8>, max: u32) -> Result<Vec<u8>> {
+    if chunk.len() > max as usize {
+        return Err(PluginError::Answer {
+            plugin: plugin.to_string(),
+            op,
+            problem: format!("{} bytes returned for a read of at most {max}", chunk.len()),
+        });
+    }
+    Ok(chunk)
+}
+
+/// What is wrong with a bulk disk's serial number: it must be 1 to 20 bytes (what
+/// a virtio disk carries) of ASCII letters, digits and `-`, since the guest finds
+/// its disk by it.
+pub fn serial_problem(serial: &str) -> Option<String> {
+    let ok = (1..=20).contains(&serial.len())
+        && serial
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-');
+    (!ok).then(|| {
+        format!(
+            "the disk serial {:?} is not 1 to 20 ASCII letters, digits or '-'",
+            bounded_message(serial.to_string())
+        )
+    })
+}
+
 /// Whether `id` is a usable VM id: 1 to [`MAX_ID`] bytes of `A-Z a-z 0-9 . _ : @ + -`,
 /// not `.` or `..`.
 pub fn valid_id(id: &str) -> bool {

@@ -5,7 +5,7 @@
 
 wasmtime::component::bindgen!({
     path: "../wit/0.1",
-    world: "hypervisor-driver-with-guest",
+    world: "plugin-host",
     imports: { default: async | trappable },
     exports: { default: async },
     with: {
@@ -13,6 +13,7 @@ wasmtime::component::bindgen!({
     },
 });
 
+pub use exports::gve::hypervisor::bulk as bulk_export;
 pub use exports::gve::hypervisor::driver as driver_export;
 pub use exports::gve::hypervisor::guest as guest_export;
 pub use gve::hypervisor::types;

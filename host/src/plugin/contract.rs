@@ -14,7 +14,7 @@ pub const PACKAGE: &str = "gve:hypervisor";
 pub const ACCEPTED: &[ContractVersion] = &[ContractVersion {
     major: 0,
     minor: 1,
-    patch: 0,
+    patch: 1,
 }];
 
 /// A version of the `gve:hypervisor` package.
@@ -87,6 +87,8 @@ pub struct Exports {
     pub driver: bool,
     /// `gve:hypervisor/guest` is exported.
     pub guest: bool,
+    /// `gve:hypervisor/bulk` is exported (0.1.1): the capability `bulk-copy`.
+    pub bulk: bool,
     /// The contract version of those exports.
     pub version: ContractVersion,
 }
@@ -97,13 +99,14 @@ pub struct Exports {
 pub fn inspect(engine: &Engine, component: &Component) -> Result<Exports, String> {
     let ty = component.component_type();
     let mut versions = Vec::new();
-    let (mut driver, mut guest) = (false, false);
+    let (mut driver, mut guest, mut bulk) = (false, false, false);
     let mut other_exports = Vec::new();
     for (name, _) in ty.exports(engine) {
         match split(name) {
             Some((iface, v)) => {
                 driver |= iface == "driver";
                 guest |= iface == "guest";
+                bulk |= iface == "bulk";
                 versions.push((name.to_string(), v));
             }
             None => other_exports.push(name.to_string()),
@@ -149,9 +152,15 @@ pub fn inspect(engine: &Engine, component: &Component) -> Result<Exports, String
     }
     let version =
         version.ok_or_else(|| format!("the component's {PACKAGE} exports carry no version"))?;
+    if bulk && !driver {
+        return Err(format!(
+            "the component exports {PACKAGE}/bulk without {PACKAGE}/driver: bulk copies are staged by a driver"
+        ));
+    }
     Ok(Exports {
         driver,
         guest,
+        bulk,
         version,
     })
 }
@@ -161,6 +170,10 @@ fn split(name: &str) -> Option<(&str, &str)> {
     let rest = name.strip_prefix(PACKAGE)?.strip_prefix('/')?;
     rest.split_once('@').or(Some((rest, "")))
 }
+
+/// The capability a driver has by exporting `gve:hypervisor/bulk` (not a flag:
+/// flags cannot grow within 0.1).
+pub const BULK_COPY: &str = "bulk-copy";
 
 /// Names of the capability flags set in `c`.
 pub fn capability_names(c: super::bindings::types::Capabilities) -> Vec<String> {

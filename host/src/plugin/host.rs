@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use wasmtime::component::{HasSelf, Linker};
 
-use super::bindings::{types, HypervisorDriverWithGuest};
+use super::bindings::{types, PluginHost as Contract};
 use super::cache::{ArtifactCache, Origin};
 use super::caps::guest_channel::GuestChannel;
 use super::caps::Policies;
@@ -397,8 +397,7 @@ fn linker(engine: &wasmtime::Engine) -> Result<Linker<HostState>> {
     wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker).map_err(err)?;
     super::caps::files::add_budgets(&mut linker).map_err(err)?;
     super::caps::http::add_budgets(&mut linker).map_err(err)?;
-    HypervisorDriverWithGuest::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)
-        .map_err(err)?;
+    Contract::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s).map_err(err)?;
     Ok(linker)
 }
 
@@ -446,7 +445,14 @@ fn summary(l: &Loaded) -> PluginSummary {
             .driver_info
             .as_ref()
             .map(|i| capability_names(i.capabilities))
-            .unwrap_or_default(),
+            .unwrap_or_default()
+            .into_iter()
+            .chain(
+                l.exports
+                    .bulk
+                    .then(|| super::contract::BULK_COPY.to_string()),
+            )
+            .collect(),
         granted,
         ignored_grants: e.ignored.clone(),
         limits: l.meta.limits,

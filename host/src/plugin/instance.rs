@@ -10,7 +10,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use wasmtime::component::{ResourceAny, ResourceTableError};
 use wasmtime::{Store, Trap};
 
-use super::bindings::{driver_export, guest_export, types};
+use super::bindings::{bulk_export, driver_export, guest_export, types};
 use super::budget::{self, Holdings};
 use super::error::{DriverError, PluginError, Result};
 use super::grants::Limits;
@@ -44,10 +44,22 @@ pub struct Instance {
     pub driver: Option<driver_export::Guest>,
     /// The guest export, when the plugin has one.
     pub guest: Option<guest_export::Guest>,
+    /// The bulk export, when the plugin has one.
+    pub bulk: Option<bulk_export::Guest>,
     /// Set once an entry trapped, overran or was abandoned: the instance must not be
     /// reused or entered again.
     pub poisoned: bool,
     _permit: OwnedSemaphorePermit,
+}
+
+/// The contract exports found in a new instance.
+pub struct Exported {
+    /// `driver`, when exported.
+    pub driver: Option<driver_export::Guest>,
+    /// `guest`, when exported.
+    pub guest: Option<guest_export::Guest>,
+    /// `bulk`, when exported.
+    pub bulk: Option<bulk_export::Guest>,
 }
 
 /// Arms the deadline of one entry into the instance of `store`; returns the budget
@@ -65,15 +77,15 @@ impl Instance {
     pub fn new(
         meta: Arc<Meta>,
         store: Store<HostState>,
-        driver: Option<driver_export::Guest>,
-        guest: Option<guest_export::Guest>,
+        exported: Exported,
         permit: OwnedSemaphorePermit,
     ) -> Instance {
         Instance {
             meta,
             store,
-            driver,
-            guest,
+            driver: exported.driver,
+            guest: exported.guest,
+            bulk: exported.bulk,
             poisoned: false,
             _permit: permit,
         }

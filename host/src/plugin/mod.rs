@@ -2,7 +2,7 @@
 //! `gve:hypervisor` contract, loaded, replaced and unloaded at runtime.
 //!
 //! Layers, outermost first, each importing only those after it:
-//! [`host::PluginHost`] (load/replace/unload) → [`session`] and [`transfer`] (calls,
+//! [`host::PluginHost`] (load/replace/unload) → [`session`], [`transfer`] and [`bulk`] (calls,
 //! answers checked by [`answers`]) → [`slot`] (a name and its current version) →
 //! [`version`] (one loaded version) → [`pool`] (its warm instances) → [`instance`]
 //! (one store: deadline, memory cap, budgets, trap mapping) → [`bindings`] (the
@@ -11,6 +11,7 @@
 pub mod answers;
 pub mod bindings;
 pub mod budget;
+pub mod bulk;
 pub mod cache;
 pub mod caps;
 pub mod contract;
@@ -29,6 +30,7 @@ pub mod state;
 pub mod transfer;
 pub mod version;
 
+pub use bulk::BulkTransfer;
 pub use error::{DriverError, ErrorKind, PluginError};
 pub use grants::{DirGrant, Grants, Limits};
 pub use host::{Footprint, HostConfig, PluginHost, PluginSpec, PluginSummary};

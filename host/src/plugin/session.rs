@@ -17,6 +17,7 @@ use super::answers::{self, Answer};
 use super::bindings::types::{
     Capabilities, Credentials, ExecRequest, ExecResult, FileInfo, HostInfo, VmInfo, VmProfile,
 };
+use super::bulk::BulkTransfer;
 use super::error::{PluginError, Result};
 use super::instance::guarded;
 use super::pool::{Kind, Lane, Lease, Pooled, SessionKey};
@@ -264,6 +265,81 @@ impl DriverSession {
             Capabilities::MIGRATE
         };
         self.migrate_checked(cap, vm, destination, live).await
+    }
+
+    /// Whether the loaded driver stages bulk copies (exports `gve:hypervisor/bulk`).
+    pub fn has_bulk(&self) -> bool {
+        self.target.current().is_ok_and(|l| l.exports.bulk)
+    }
+
+    /// Stages a raw disk of at least `size` bytes for running `vm`, named by `id`,
+    /// and attaches it; the transfer holds an instance until released.
+    pub async fn bulk_stage(&self, vm: &str, id: &str, size: u64) -> Result<BulkTransfer> {
+        let op = "bulk-stage";
+        self.bulk_required(op)?;
+        let mut lease = self.target.lease(op, Lane::Control).await?;
+        let (endpoint, creds) = (self.target.key.endpoint.as_str(), &self.target.credentials);
+        let inst = &mut lease.pooled.inst;
+        let staged = guarded!(inst, op, bulk, |b, store| b
+            .transfer()
+            .call_stage(store, endpoint, creds, vm, id, size));
+        let transfer = match staged {
+            Ok(t) => t,
+            Err(e) => {
+                lease.give_back();
+                return Err(e);
+            }
+        };
+        let serial = guarded!(inst, op, bulk, |b, store| async {
+            b.transfer().call_serial(store, transfer).await.map(Ok)
+        });
+        let plugin = &self.target.slot.name;
+        let mut bulk = BulkTransfer::new(lease, transfer, plugin, String::new());
+        match serial {
+            Ok(serial) if answers::serial_problem(&serial).is_none() => {
+                bulk.serial = serial;
+                Ok(bulk)
+            }
+            Ok(serial) => {
+                let problem = answers::serial_problem(&serial).unwrap_or_default();
+                let _ = bulk.release().await;
+                Err(PluginError::Answer {
+                    plugin: plugin.clone(),
+                    op,
+                    problem,
+                })
+            }
+            Err(e) => {
+                let _ = bulk.release().await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Detaches and deletes whatever transfer `id` on `vm` left (after a crash).
+    pub async fn bulk_release_left(&self, vm: &str, id: &str) -> Result<()> {
+        let op = "bulk-release-left";
+        self.bulk_required(op)?;
+        let mut lease = self.target.lease(op, Lane::Control).await?;
+        let (endpoint, creds) = (self.target.key.endpoint.as_str(), &self.target.credentials);
+        let r = guarded!(&mut lease.pooled.inst, op, bulk, |b, store| b
+            .call_release_left(store, endpoint, creds, vm, id));
+        lease.give_back();
+        self.target.checked(op, r)
+    }
+
+    fn bulk_required(&self, op: &'static str) -> Result<()> {
+        if self.has_bulk() {
+            return Ok(());
+        }
+        Err(PluginError::NotSupported {
+            plugin: self.target.slot.name.clone(),
+            op,
+            reason: format!(
+                "the driver does not export gve:hypervisor/bulk ({})",
+                super::contract::BULK_COPY
+            ),
+        })
     }
 
     driver_op!(migrate_checked(_cap: Capabilities, vm: &str, destination: &str, live: bool) -> VmInfo,

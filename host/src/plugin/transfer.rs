@@ -31,7 +31,8 @@ pub struct Download {
     pub mode: u32,
 }
 
-fn gone(plugin: &str, op: &'static str) -> PluginError {
+/// The error of a call on a transfer whose instance failed earlier.
+pub(super) fn gone(plugin: &str, op: &'static str) -> PluginError {
     PluginError::Trap {
         plugin: plugin.to_string(),
         op,
@@ -40,7 +41,7 @@ fn gone(plugin: &str, op: &'static str) -> PluginError {
 }
 
 /// Drops `resource` in its instance under the deadline, then gives the instance back.
-async fn end(mut lease: Lease, op: &'static str, resource: ResourceAny) -> Result<()> {
+pub(super) async fn end(mut lease: Lease, op: &'static str, resource: ResourceAny) -> Result<()> {
     let r = lease.pooled.inst.drop_resource(op, resource).await;
     lease.give_back();
     r
@@ -148,15 +149,7 @@ impl Download {
         if lease.pooled.inst.poisoned {
             self.lease = None;
         }
-        let chunk = r?;
-        if chunk.len() > max as usize {
-            return Err(PluginError::Answer {
-                plugin: self.plugin.clone(),
-                op: "download-read",
-                problem: format!("{} bytes returned for a read of at most {max}", chunk.len()),
-            });
-        }
-        Ok(chunk)
+        answers::at_most(&self.plugin, "download-read", r?, max)
     }
 
     /// Ends the transfer and returns the instance to its pool.

@@ -7,13 +7,13 @@ use tokio::sync::Semaphore;
 use wasmtime::component::{InstancePre, Linker};
 use wasmtime::{Store, Trap, UpdateDeadline};
 
-use super::bindings::{driver_export, guest_export, types};
+use super::bindings::{bulk_export, driver_export, guest_export, types};
 use super::cache::Origin;
 use super::caps::Policies;
 use super::contract::Exports;
 use super::error::{PluginError, Result};
 use super::grants::Limits;
-use super::instance::{Instance, Meta};
+use super::instance::{Exported, Instance, Meta};
 use super::manifest::Bundle;
 use super::pool::Pool;
 use super::state::HostState;
@@ -41,6 +41,7 @@ pub struct Loaded {
     pre: InstancePre<HostState>,
     driver: Option<driver_export::GuestIndices>,
     guest: Option<guest_export::GuestIndices>,
+    bulk: Option<bulk_export::GuestIndices>,
     instances: Arc<Semaphore>,
     /// Warm instances of this version, with their open sessions.
     pub(crate) pool: Arc<Pool>,
@@ -82,6 +83,14 @@ impl Loaded {
         } else {
             None
         };
+        let bulk = if exports.bulk {
+            Some(
+                bulk_export::GuestIndices::new(&pre)
+                    .map_err(|e| runtime("find its bulk export", e))?,
+            )
+        } else {
+            None
+        };
         let pool_size = limits
             .pool_size
             .min(bundle.manifest.limits.concurrency)
@@ -106,6 +115,7 @@ impl Loaded {
             pre,
             driver,
             guest,
+            bulk,
         })
     }
 
@@ -148,11 +158,18 @@ impl Loaded {
             Some(ix) => Some(ix.load(&mut store, &instance).map_err(runtime)?),
             None => None,
         };
+        let bulk = match &self.bulk {
+            Some(ix) => Some(ix.load(&mut store, &instance).map_err(runtime)?),
+            None => None,
+        };
         Ok(Instance::new(
             self.meta.clone(),
             store,
-            driver,
-            guest,
+            Exported {
+                driver,
+                guest,
+                bulk,
+            },
             permit,
         ))
     }

@@ -288,31 +288,41 @@ async fn wait_for_state(c: &Client, mut seq: u64, vm: &str, to: &str) -> gve::ag
     }
 }
 
-/// Reads the guest's tick counter (/tmp/counter) through qemu-ga's guest-exec.
-async fn guest_counter(driver: &DriverSession, vm: &str) -> u64 {
-    let exec = r#"{"execute":"guest-exec","arguments":{"path":"/bin/cat","arg":["/tmp/counter"],"capture-output":true}}"#;
-    let reply: serde_json::Value =
-        serde_json::from_str(&driver.guest_agent_command(vm, exec, 5000).await.unwrap()).unwrap();
+/// Runs `script` with `/bin/sh -c` in the guest through qemu-ga's guest-exec (via
+/// the driver, not gve's guest plugin); returns its exit code and stdout.
+pub async fn guest_sh(driver: &DriverSession, vm: &str, script: &str) -> (i64, String) {
+    let exec = json!({"execute": "guest-exec", "arguments":
+        {"path": "/bin/sh", "arg": ["-c", script], "capture-output": true}});
+    let reply = driver
+        .guest_agent_command(vm, &exec.to_string(), 5000)
+        .await
+        .unwrap();
+    let reply: serde_json::Value = serde_json::from_str(&reply).unwrap();
     let pid = reply["return"]["pid"].as_i64().expect("guest-exec pid");
     let status = format!(r#"{{"execute":"guest-exec-status","arguments":{{"pid":{pid}}}}}"#);
-    for _ in 0..50 {
-        let s: serde_json::Value =
-            serde_json::from_str(&driver.guest_agent_command(vm, &status, 5000).await.unwrap())
-                .unwrap();
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(120) {
+        let s = driver.guest_agent_command(vm, &status, 5000).await.unwrap();
+        let s: serde_json::Value = serde_json::from_str(&s).unwrap();
         if s["return"]["exited"] == true {
-            let out = s["return"]["out-data"].as_str().unwrap_or("");
             use base64::Engine;
+            let out = s["return"]["out-data"].as_str().unwrap_or("");
             let bytes = base64::engine::general_purpose::STANDARD
                 .decode(out)
                 .unwrap();
-            return String::from_utf8_lossy(&bytes)
-                .trim()
-                .parse()
-                .expect("a counter value");
+            let code = s["return"]["exitcode"].as_i64().unwrap_or(-1);
+            return (code, String::from_utf8_lossy(&bytes).into_owned());
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    panic!("guest-exec of cat did not finish");
+    panic!("guest-exec of {script:?} did not finish in 120 s");
+}
+
+/// Reads the guest's tick counter (/tmp/counter).
+async fn guest_counter(driver: &DriverSession, vm: &str) -> u64 {
+    let (code, out) = guest_sh(driver, vm, "cat /tmp/counter").await;
+    assert_eq!(code, 0, "cat /tmp/counter: {out}");
+    out.trim().parse().expect("a counter value")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

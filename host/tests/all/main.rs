@@ -4,6 +4,7 @@ mod admin;
 mod agent;
 mod agent_crash;
 mod audit;
+mod bulk;
 mod cli;
 mod contract;
 mod e2e;

@@ -12,11 +12,16 @@
 //! (default: the template's), `shared-storage` (default false: migration copies the
 //! disks' top layers; true: every destination sees the pool's disks at the same
 //! paths, so nothing is copied).
+//!
+//! Exports `gve:hypervisor/bulk` too (capability `bulk-copy`): a copy's bytes go
+//! through a raw disk staged in the pool and attached live to the running VM.
 
+use gve_libvirt_common::bulk::StagedDisk;
 use gve_libvirt_common::domain::{DiskView, DomainView};
-use gve_libvirt_common::{Flavor, LibvirtSession};
+use gve_libvirt_common::{storage_pool, Flavor, LibvirtSession};
 use gve_sdk::libvirt::{Disk, DiskFormat, DomainXml};
 use gve_sdk::prelude::*;
+use gve_sdk::BulkCopy;
 
 /// QEMU/KVM domains: qcow2 disks on virtio, a serial console, the guest agent's
 /// virtio channel, ACPI.
@@ -75,4 +80,28 @@ impl Driver for Kvm {
     }
 }
 
-gve_sdk::export_driver!(Kvm);
+/// Bulk copies: a raw disk in the pool, attached live as a virtio disk.
+impl BulkCopy for Kvm {
+    type Transfer = StagedDisk;
+
+    fn stage(
+        endpoint: String,
+        _credentials: Credentials,
+        vm: String,
+        id: String,
+        size: u64,
+    ) -> Result<StagedDisk> {
+        StagedDisk::stage(&endpoint, &storage_pool(), &vm, &id, size)
+    }
+
+    fn release_left(
+        endpoint: String,
+        _credentials: Credentials,
+        vm: String,
+        id: String,
+    ) -> Result<()> {
+        StagedDisk::release_left(&endpoint, &storage_pool(), &vm, &id)
+    }
+}
+
+gve_sdk::export_driver_with_bulk!(Kvm);

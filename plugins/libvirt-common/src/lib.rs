@@ -12,6 +12,7 @@
 //! the flavor can; true: every destination sees the pool's disks at the same paths,
 //! so nothing is copied).
 
+pub mod bulk;
 pub mod domain;
 mod session;
 
@@ -20,6 +21,11 @@ pub use session::LibvirtSession;
 use gve_sdk::libvirt::{Disk, DiskFormat, DomainXml, UndefineFlags};
 
 use domain::{DiskView, DomainView};
+
+/// The storage pool the driver makes disks in (config `storage-pool`, default `gve`).
+pub fn storage_pool() -> String {
+    gve_sdk::config::get("storage-pool").unwrap_or_else(|| "gve".to_string())
+}
 
 /// What differs between the hypervisors gve drives through libvirt.
 pub trait Flavor: 'static {

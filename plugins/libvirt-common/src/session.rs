@@ -21,10 +21,6 @@ pub struct LibvirtSession<F: Flavor> {
     flavor: PhantomData<F>,
 }
 
-fn config_or(key: &str, default: &str) -> String {
-    gve_sdk::config::get(key).unwrap_or_else(|| default.to_string())
-}
-
 /// File name suffix of a volume in `format`.
 fn suffix(format: DiskFormat) -> &'static str {
     match format {
@@ -50,7 +46,7 @@ impl<F: Flavor> LibvirtSession<F> {
         Ok(LibvirtSession {
             conn,
             hostname,
-            pool: config_or("storage-pool", "gve"),
+            pool: crate::storage_pool(),
             shutdown_timeout: Duration::from_millis(shutdown_ms),
             shared_storage: gve_sdk::config::parse_or("shared-storage", false)?,
             flavor: PhantomData,

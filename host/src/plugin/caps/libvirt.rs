@@ -97,7 +97,8 @@ fn quiet_libvirt() {
 }
 
 /// Maps a libvirt error to the contract's error kinds.
-fn map_err(e: virt::error::Error) -> Error {
+/// A libvirt error as the contract's error.
+pub(super) fn map_err(e: virt::error::Error) -> Error {
     let m = format!("libvirt: {}", e.message());
     // The way to libvirtd failed (refused, reset, closed, keepalive lost): the
     // daemon is out of reach, the request may be fine. Errors the daemon reports
@@ -145,7 +146,8 @@ fn no_nul(args: &[&str]) -> Result<(), Error> {
     }
 }
 
-fn lookup(c: &Connect, domain: &str) -> Result<VirtDomain, Error> {
+/// A domain by name or UUID.
+pub(super) fn lookup(c: &Connect, domain: &str) -> Result<VirtDomain, Error> {
     let by_uuid = domain.len() == 36 && domain.chars().filter(|&ch| ch == '-').count() == 4;
     let r = if by_uuid {
         VirtDomain::lookup_by_uuid_string(c, domain)
@@ -709,6 +711,52 @@ impl HostConnection for HostState {
                 }
             };
             vol.delete(0).map_err(map_err)
+        })
+    }
+
+    async fn upload_volume(
+        &mut self,
+        this: Resource<Connection>,
+        path: String,
+        offset: u64,
+        data: Vec<u8>,
+    ) -> wasmtime::Result<Result<(), Error>> {
+        conn_op!(self, this, "upload-volume", [path], |c| {
+            super::libvirt_io::upload(c, &path, offset, &data)
+        })
+    }
+
+    async fn download_volume(
+        &mut self,
+        this: Resource<Connection>,
+        path: String,
+        offset: u64,
+        length: u32,
+    ) -> wasmtime::Result<Result<Vec<u8>, Error>> {
+        conn_op!(self, this, "download-volume", [path], |c| {
+            super::libvirt_io::download(c, &path, offset, length)
+        })
+    }
+
+    async fn attach_device(
+        &mut self,
+        this: Resource<Connection>,
+        domain: String,
+        xml: String,
+    ) -> wasmtime::Result<Result<(), Error>> {
+        conn_op!(self, this, "attach-device", [domain, xml], |c| {
+            super::libvirt_io::change_disk(c, &domain, &xml, true)
+        })
+    }
+
+    async fn detach_device(
+        &mut self,
+        this: Resource<Connection>,
+        domain: String,
+        xml: String,
+    ) -> wasmtime::Result<Result<(), Error>> {
+        conn_op!(self, this, "detach-device", [domain, xml], |c| {
+            super::libvirt_io::change_disk(c, &domain, &xml, false)
         })
     }
 

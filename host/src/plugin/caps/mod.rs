@@ -6,6 +6,7 @@
 //! | [`config`] | the plugin's own config values | always; only its own |
 //! | [`http`] | outgoing wasi:http | strict authority allow-list checked before DNS, resolved addresses pinned; every phase timed out; requests in flight and header sets budgeted |
 //! | [`libvirt`] | libvirt connections | URI allow-list, checked before connecting; calls off the executor; connections budgeted |
+//! | [`libvirt_io`] | volume bytes through libvirt streams, live disk attach/detach | at most 8 MiB a call, never past a volume's end; only file disks whose source is a pool volume; live only |
 //! | [`guest_channel`] | in-guest agent of a VM via its driver | granted or refused |
 //! | [`files`] | preopened directories (WASI) | only granted directories, read-only by default; no symlink creation; open files budgeted |
 
@@ -14,6 +15,7 @@ pub mod files;
 pub mod guest_channel;
 pub mod http;
 pub mod libvirt;
+pub mod libvirt_io;
 pub mod log;
 
 use std::collections::BTreeMap;
