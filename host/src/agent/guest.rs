@@ -18,6 +18,7 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
+use super::bulk_copy::{self, BulkIn};
 use super::guest_gate::{GuestGates, Pass, Ticket, PROBE, PROBE_TIMEOUT_MS};
 use super::model::{ExecOutput, FileMeta, OpError, OpOutput, VmRecord, VmState};
 use super::ops::{op_error, OpParams, Outcome};
@@ -312,7 +313,27 @@ impl AgentCore {
             };
             let turn = core.guest_turn(&vm, GUEST_WAIT).await.map_err(api_error)?;
             let op = core.begin(&vm, &params).map_err(registry)?;
-            let result = stream_in(&guest.session, &vm, &path, mode, parents, expected, body).await;
+            // A large copy of known size goes through a staged disk where the driver can.
+            let size = hyper::body::Body::size_hint(&body).exact();
+            let session = &guest.session;
+            let result = match size.filter(|s| bulk_copy::worth_it(&core.driver, guest, *s)) {
+                Some(size) => {
+                    let to = bulk_copy::Target {
+                        vm: &vm,
+                        path: &path,
+                        mode,
+                        parents,
+                        expected: expected.clone(),
+                    };
+                    match bulk_copy::copy_in(&core.driver, guest, &op.id, to, size, body).await {
+                        BulkIn::Done(r) => r,
+                        BulkIn::Fallback(body) => {
+                            stream_in(session, &vm, &path, mode, parents, expected, body).await
+                        }
+                    }
+                }
+                None => stream_in(session, &vm, &path, mode, parents, expected, body).await,
+            };
             drop(turn);
             let outcome = match &result {
                 Ok(meta) => Ok(Outcome::Output(OpOutput::File(meta.clone()))),

@@ -2,6 +2,7 @@
 //! and templates in sync with the hypervisor, runs VM operations asynchronously
 //! through its driver plugin, and lets its administrator manage plugins at runtime.
 
+pub mod bulk_copy;
 pub mod config;
 pub mod guest;
 pub mod guest_api;

@@ -290,7 +290,7 @@ impl DriverSession {
                 return Err(e);
             }
         };
-        let serial = guarded!(inst, op, bulk, |b, store| async {
+        let serial = guarded!(inst, "bulk-serial", bulk, |b, store| async {
             b.transfer().call_serial(store, transfer).await.map(Ok)
         });
         let plugin = &self.target.slot.name;

@@ -189,10 +189,22 @@ impl SiteCore {
                 p["mode"].as_str().unwrap_or("0644"),
                 p["parents"].as_bool().unwrap_or(false)
             );
-            let headers = [(
-                "x-gve-sha256",
-                p["sha256"].as_str().unwrap_or_default().to_string(),
-            )];
+            // The length lets the agent choose a staged disk for a large copy.
+            let size = file
+                .metadata()
+                .await
+                .map(|m| m.len())
+                .map_err(|e| OpError {
+                    kind: "backend".into(),
+                    message: format!("the staged copy of job {}: {e}", job.id),
+                })?;
+            let headers = [
+                (
+                    "x-gve-sha256",
+                    p["sha256"].as_str().unwrap_or_default().to_string(),
+                ),
+                ("content-length", size.to_string()),
+            ];
             c.put_stream::<Value>(&path, &headers, file_body(file))
                 .await
                 .map_err(|e| agent_error(&v.agent, e))

@@ -1,14 +1,23 @@
 //! Bulk copies staged by a driver (contract 0.1.1, `gve:hypervisor/bulk`): the kvm
 //! driver's raw disk attached live to a real running guest, its bytes written and
-//! read through libvirt streams, seen by the guest; and what a caller may not do.
+//! read through libvirt streams, seen by the guest; what a caller may not do; and
+//! the agent's copy-in through it, with its fallback to the guest agent.
 
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+use gve::agent::model::{FileMeta, OpState, Operation};
+use gve::api::client::Client;
+use gve::api::{percent_encode, ApiError};
 use gve::plugin::{ErrorKind, Grants, PluginError};
 use gve_harness::Libvirtd;
+use serde_json::json;
 use sha2::{Digest, Sha256};
 
-use crate::kvm::{guest_sh, kvm_spec, wait_for_guest_agent};
+use crate::agent::TOKEN;
+use crate::guest::{agent_config, exec, running_vm, started_vm, text};
+use crate::kvm::{guest_sh, kvm_spec, spawn_agent, wait_for_guest_agent};
+use crate::metrics::{sample, scrape};
 use crate::support::{host, no_creds, spec};
 
 fn kind(r: Result<impl Sized, PluginError>) -> ErrorKind {
@@ -208,4 +217,239 @@ async fn a_driver_without_the_bulk_export_is_refused_before_it_is_entered() {
     let e = s.bulk_stage("vm", "t-1", 1).await.err().unwrap();
     assert_eq!(e.kind(), ErrorKind::Unsupported, "{e}");
     assert!(e.to_string().contains("bulk"), "{e}");
+}
+
+/// Copies `data` whole (a body of known length) into `path` of `vm`, `sha` as the
+/// client's checksum.
+async fn put_known(
+    c: &Client,
+    vm: &str,
+    path: &str,
+    data: &[u8],
+    sha: &str,
+) -> Result<FileMeta, ApiError> {
+    c.put_stream(
+        &format!(
+            "/v1/vms/{vm}/files?path={}&mode=0640&parents=true",
+            percent_encode(path)
+        ),
+        &[("x-gve-sha256", sha.to_string())],
+        gve::api::full(Bytes::copy_from_slice(data)),
+    )
+    .await
+}
+
+/// How often the agent's kvm plugin staged a disk, with `outcome`.
+async fn stagings(agent: &gve::agent::Agent, outcome: &str) -> f64 {
+    let (_, _, text) = scrape(&format!("http://{}", agent.addr), Some(TOKEN)).await;
+    sample(
+        &text,
+        &format!(
+            "gve_plugin_calls_total{{plugin=\"kvm\",op=\"bulk-stage\",outcome=\"{outcome}\"}}"
+        ),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_copy_in_goes_through_a_staged_disk_and_falls_back_when_none_can_be_staged() {
+    let lv = Libvirtd::start();
+    let (agent, c, _dir) = crate::guest::agent(&lv, None).await;
+    let vm = running_vm(&agent, &c, "bulk-in", 256).await;
+    let size = (12 << 20) + 5;
+    let data: Vec<u8> = (0..size)
+        .map(|i: usize| (i.wrapping_mul(31) ^ (i >> 13)) as u8)
+        .collect();
+    let sha = hex(&data);
+
+    // Through a staged disk: the guest's own checksum comes back, the file is whole
+    // with its mode, and nothing is left staged.
+    let t = Instant::now();
+    let meta = put_known(&c, &vm.id, "/tmp/b/in.bin", &data, &sha)
+        .await
+        .unwrap();
+    eprintln!("12 MiB in through a staged disk: {:?}", t.elapsed());
+    assert_eq!(
+        (meta.size, meta.sha256.as_str(), meta.mode),
+        (size as u64, sha.as_str(), 0o640)
+    );
+    assert_eq!(stagings(&agent, "ok").await, 1.0);
+    let out = exec(&c, &vm.id, json!({ "argv": ["sh", "-c", "sha256sum /tmp/b/in.bin; stat -c %a /tmp/b/in.bin; ls -a /tmp/b"] })).await;
+    let out = text(&out.stdout_b64);
+    assert!(out.starts_with(&sha) && out.contains("\n640\n"), "{out}");
+    assert!(
+        !out.contains(".gve-bulk"),
+        "a temporary file was left: {out}"
+    );
+    assert!(
+        !pool_volumes(&lv).contains("gve-xfer"),
+        "{}",
+        pool_volumes(&lv)
+    );
+
+    // A client checksum that does not match: refused, the file as it was.
+    let other: Vec<u8> = data.iter().map(|b| b ^ 0x5a).collect();
+    let e = put_known(&c, &vm.id, "/tmp/b/in.bin", &other, &sha)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (e.status, e.kind.as_str()),
+        (400, "invalid-argument"),
+        "{e}"
+    );
+    assert_eq!(stagings(&agent, "ok").await, 2.0);
+    let out = exec(
+        &c,
+        &vm.id,
+        json!({ "argv": ["sha256sum", "/tmp/b/in.bin"] }),
+    )
+    .await;
+    assert!(text(&out.stdout_b64).starts_with(&sha));
+    // A missing directory without `parents`: not-found, nothing left.
+    let e = c
+        .put_stream::<FileMeta>(
+            "/v1/vms/{vm}/files?path=/nope/x.bin"
+                .replace("{vm}", &vm.id)
+                .as_str(),
+            &[],
+            gve::api::full(Bytes::copy_from_slice(&data)),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!((e.status, e.kind.as_str()), (404, "not-found"), "{e}");
+    assert!(
+        !pool_volumes(&lv).contains("gve-xfer"),
+        "{}",
+        pool_volumes(&lv)
+    );
+
+    // An upload that announces 8 MiB and is cut after 5: fails, nothing left.
+    cut_known(agent.addr, &vm.id, "/tmp/b/cut.bin").await;
+    let t = Instant::now();
+    loop {
+        let ops: Vec<Operation> = c.get("/v1/operations").await.unwrap();
+        let running = ops.iter().filter(|o| o.state == OpState::Running).count();
+        if running == 0 {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "{ops:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let out = exec(&c, &vm.id, json!({ "argv": ["ls", "-a", "/tmp/b"] })).await;
+    let out = text(&out.stdout_b64);
+    assert!(
+        !out.contains("cut.bin") && !out.contains(".gve-bulk"),
+        "{out}"
+    );
+    assert!(
+        !pool_volumes(&lv).contains("gve-xfer"),
+        "{}",
+        pool_volumes(&lv)
+    );
+
+    // No slot left for another disk (filled by hand): the copy goes through the
+    // guest agent instead, and arrives all the same.
+    let mut filled = 0;
+    for i in 0..32 {
+        let name = format!("filler-{i}.raw");
+        lv.virsh(&["vol-create-as", "gve", &name, "1M", "--format", "raw"]);
+        let path = lv.images.join(&name).display().to_string();
+        let target = format!("vd{}", (b'c' + i as u8) as char);
+        let out = std::process::Command::new("virsh")
+            .args(["-q", "-c", &lv.uri, "attach-disk", &vm.name, &path, &target])
+            .args(["--live", "--subdriver", "raw"])
+            .output()
+            .unwrap();
+        if !out.status.success() {
+            eprintln!(
+                "attach {i} refused: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+            break;
+        }
+        filled += 1;
+    }
+    assert!(filled < 32, "the VM took 32 more disks: no slot ran out");
+    let small = &data[..(5 << 20)];
+    let meta = put_known(&c, &vm.id, "/tmp/b/fallback.bin", small, &hex(small))
+        .await
+        .unwrap();
+    assert_eq!(meta.sha256, hex(small));
+    assert!(stagings(&agent, "driver-error").await >= 1.0);
+    assert!(
+        !pool_volumes(&lv).contains("gve-xfer"),
+        "{}",
+        pool_volumes(&lv)
+    );
+    agent.stop().await;
+}
+
+/// PUTs `path` announcing 8 MiB, sends 5 MiB and closes the connection.
+async fn cut_known(addr: std::net::SocketAddr, vm: &str, path: &str) {
+    use tokio::io::AsyncWriteExt;
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "PUT /v1/vms/{vm}/files?path={} HTTP/1.1\r\nhost: gve\r\nauthorization: Bearer {TOKEN}\r\n\
+         content-length: {}\r\n\r\n",
+        percent_encode(path),
+        8 << 20
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    s.write_all(&vec![9u8; 5 << 20]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    drop(s);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_killed_mid_copy_releases_the_staged_disk_when_it_restarts() {
+    let lv = Libvirtd::start();
+    let dir = tempfile::tempdir().unwrap();
+    let config = agent_config(&lv, dir.path());
+    let mut agent = spawn_agent(&config, &dir.path().join("agent-1.log")).await;
+    let c = Client::new(&agent.url, Some(TOKEN.into())).unwrap();
+    let vm = started_vm(&c, "bulk-crash", 512).await;
+    let data = vec![3u8; 96 << 20];
+    let sha = hex(&data);
+    let copy = {
+        let (c, vm) = (c.clone(), vm.id.clone());
+        tokio::spawn(async move { put_known(&c, &vm, "/tmp/crash.bin", &data, &sha).await })
+    };
+    // Killed while the disk is staged (being filled, or read in the guest).
+    let t = Instant::now();
+    while !pool_volumes(&lv).contains("gve-xfer") {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "no disk was ever staged"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    agent.child.start_kill().unwrap();
+    agent.child.wait().await.unwrap();
+    assert!(
+        copy.await.unwrap().is_err(),
+        "a copy whose agent died cannot succeed"
+    );
+    assert!(
+        pool_volumes(&lv).contains("gve-xfer"),
+        "the kill came too late to test anything"
+    );
+
+    // The restarted agent finds the interrupted copy and releases its disk.
+    let agent = spawn_agent(&config, &dir.path().join("agent-2.log")).await;
+    let c = Client::new(&agent.url, Some(TOKEN.into())).unwrap();
+    let ops: Vec<Operation> = c.get("/v1/operations").await.unwrap();
+    let op = ops
+        .iter()
+        .find(|o| o.kind == gve::agent::model::OpKind::CopyIn)
+        .expect("the copy's operation");
+    assert_eq!(op.state, OpState::Failed, "{op:?}");
+    let t = Instant::now();
+    while pool_volumes(&lv).contains("gve-xfer")
+        || lv.virsh(&["dumpxml", &vm.name]).contains("gve-xfer")
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the staged disk outlived the restart"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }

@@ -155,8 +155,9 @@ async fn a_user_gets_uses_moves_and_releases_a_real_vm_through_the_cli() {
     let (code, _, _) = gve(&url, t, &["vm", "exec", &vm, "--", "sh", "-c", "exit 7"]).await;
     assert_eq!(code, 7, "the command's exit code is the CLI's");
 
-    // Copy a file in and back out.
-    let data: Vec<u8> = (0..(1u32 << 20))
+    // Copy a file in (6 MiB of known length: the agent stages a disk for it) and
+    // back out.
+    let data: Vec<u8> = (0..(6u32 << 20))
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
         .collect();
     let local = dir.path().join("in.bin");
@@ -175,6 +176,17 @@ async fn a_user_gets_uses_moves_and_releases_a_real_vm_through_the_cli() {
     )
     .await;
     assert_eq!(code, 0, "{err}");
+    let mut staged = 0.0;
+    for agent in [&a, &b] {
+        let (_, _, text) =
+            crate::metrics::scrape(&format!("http://{}", agent.addr), Some(AGENT_TOKEN)).await;
+        let series = r#"gve_plugin_calls_total{plugin="kvm",op="bulk-stage",outcome="ok"}"#;
+        staged += crate::metrics::sample(&text, series);
+    }
+    assert_eq!(
+        staged, 1.0,
+        "the site's copy did not go through a staged disk"
+    );
     let back = dir.path().join("out.bin");
     let (code, _, err) = gve(
         &url,

@@ -73,7 +73,7 @@ pub async fn agent(lv: &Libvirtd, bundles: Option<&Path>) -> (Agent, Client, tem
 }
 
 /// Creates and starts a VM from the tiny template; returns it once qemu-ga answers.
-async fn running_vm(agent: &Agent, c: &Client, name: &str, memory_mib: u64) -> Vm {
+pub async fn running_vm(agent: &Agent, c: &Client, name: &str, memory_mib: u64) -> Vm {
     let op = run_op(
         c,
         "/v1/vms",
@@ -536,11 +536,10 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_200_mib_copy_keeps_the_agent_flat() {
-    let lv = Libvirtd::start();
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("agent.toml");
+/// An agent config file in `dir` for a separate agent process: the kvm driver on
+/// `lv` and guest-install (120 s a call).
+pub fn agent_config(lv: &Libvirtd, dir: &Path) -> std::path::PathBuf {
+    let config = dir.join("agent.toml");
     std::fs::write(
         &config,
         format!(
@@ -556,31 +555,33 @@ async fn a_200_mib_copy_keeps_the_agent_flat() {
         ),
     )
     .unwrap();
-    let agent = spawn_agent(&config, &dir.path().join("agent.log")).await;
-    let pid = agent.child.id().unwrap();
-    let c = Client::new(&agent.url, Some(TOKEN.into())).unwrap();
-    // tmpfs in the guest holds half its memory: 1 GiB of guest RAM for a 200 MiB file.
+    config
+}
+
+/// Creates and starts a VM from the tiny template through an agent `c` (in
+/// another process); returns it once a command runs in its guest.
+pub async fn started_vm(c: &Client, name: &str, memory_mib: u64) -> Vm {
     let op = run_op(
-        &c,
+        c,
         "/v1/vms",
-        json!({ "name": "big", "template": "tiny", "main-memory-mib": 1024 }),
+        json!({ "name": name, "template": "tiny", "main-memory-mib": memory_mib }),
     )
     .await;
     let vm = op.result.unwrap();
-    run_op(&c, &format!("/v1/vms/{}/start", vm.id), json!({})).await;
+    run_op(c, &format!("/v1/vms/{}/start", vm.id), json!({})).await;
     let ready = Instant::now();
     loop {
         let op: Value = post(
-            &c,
+            c,
             &format!("/v1/vms/{}/exec", vm.id),
             json!({ "argv": ["true"] }),
         )
         .await
         .unwrap_or_default();
         if let Some(id) = op["id"].as_str() {
-            let done = crate::agent::wait_op(&c, id).await;
+            let done = crate::agent::wait_op(c, id).await;
             if done.state == OpState::Succeeded {
-                break;
+                return vm;
             }
         }
         assert!(
@@ -589,6 +590,18 @@ async fn a_200_mib_copy_keeps_the_agent_flat() {
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_200_mib_copy_keeps_the_agent_flat() {
+    let lv = Libvirtd::start();
+    let dir = tempfile::tempdir().unwrap();
+    let config = agent_config(&lv, dir.path());
+    let agent = spawn_agent(&config, &dir.path().join("agent.log")).await;
+    let pid = agent.child.id().unwrap();
+    let c = Client::new(&agent.url, Some(TOKEN.into())).unwrap();
+    // tmpfs in the guest holds half its memory: 1 GiB of guest RAM for a 200 MiB file.
+    let vm = started_vm(&c, "big", 1024).await;
 
     let before = rss_kib(pid);
     let peak = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(before));

@@ -15,7 +15,7 @@ use crate::hostile::{bench, hostile};
 use crate::site::{env, job, AGENT_TOKEN};
 
 /// `GET path` at `base` with `token`: status, content type and body.
-async fn scrape(base: &str, token: Option<&str>) -> (u16, String, String) {
+pub async fn scrape(base: &str, token: Option<&str>) -> (u16, String, String) {
     let c = Client::new(base, token.map(str::to_string)).unwrap();
     let resp = match c.get_stream("/metrics").await {
         Ok(resp) => resp,
@@ -32,7 +32,7 @@ async fn scrape(base: &str, token: Option<&str>) -> (u16, String, String) {
 }
 
 /// The value of the sample `name{labels}` in `text` (0 when absent).
-fn sample(text: &str, series: &str) -> f64 {
+pub fn sample(text: &str, series: &str) -> f64 {
     text.lines()
         .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
         .unwrap_or(0.0)
