@@ -20,7 +20,7 @@ use sha2::{Digest, Sha256};
 use super::guest::GuestProvider;
 use super::model::FileMeta;
 use crate::api::ApiError;
-use crate::plugin::bindings::types::ExecRequest;
+use crate::plugin::bindings::types::{ExecRequest, ExecResult};
 use crate::plugin::{BulkTransfer, DriverSession, ErrorKind, PluginError};
 
 /// Smallest copy that goes through a staged disk, bytes: below it the guest agent's
@@ -38,14 +38,10 @@ pub enum BulkIn {
     Fallback(Incoming),
 }
 
-/// What the guest runs to put a staged disk's first `size` bytes at `path`:
-/// find the disk by serial, copy it with O_DIRECT reads (and writes where the
-/// target's filesystem allows them) into a temporary file next to `path`, cut it to
-/// `size`, check its SHA-256 against the agent's, apply the mode and rename it into
-/// place. Prints the guest's SHA-256. Exit codes: 3 the disk never showed, 4 no
-/// such directory, 5 checksums differ, others from the tools.
-const GUEST_IN: &str = r#"set -u
-serial=$1 path=$2 size=$3 mode=$4 parents=$5 want=$6
+/// The start of every guest script: sets `dev` to the block device whose serial is
+/// `$1` (waiting for it to show up, at most 10 s; exit code 3 if it never does).
+const FIND_DISK: &str = r#"set -u
+serial=$1
 dev=
 i=0
 while :; do
@@ -56,6 +52,15 @@ while :; do
   i=$((i+1)); [ $i -gt 200 ] && { echo "the staged disk $serial never showed in the guest" >&2; exit 3; }
   sleep 0.05
 done
+"#;
+
+/// What the guest runs (after [`FIND_DISK`]) to put the disk's first `size` bytes
+/// at `path`: copy it with O_DIRECT reads (and writes where the target's filesystem
+/// allows them) into a temporary file next to `path`, cut it to `size`, check its
+/// SHA-256 against the agent's, apply the mode and rename it into place. Prints the
+/// guest's SHA-256. Exit codes: 4 no such directory, 5 checksums differ, others
+/// from the tools.
+const GUEST_IN: &str = r#"path=$2 size=$3 mode=$4 parents=$5 want=$6
 dir=$(dirname -- "$path")
 [ "$parents" = 1 ] && mkdir -p -- "$dir"
 [ -d "$dir" ] || { echo "no directory $dir" >&2; exit 4; }
@@ -73,12 +78,55 @@ trap - EXIT
 echo "$got"
 "#;
 
-/// Whether a copy of `size` bytes should go through a staged disk.
-pub fn worth_it(driver: &DriverSession, guest: &GuestProvider, size: u64) -> bool {
-    size >= BULK_MIN && guest.via_channel && driver.has_bulk()
+/// Runs `FIND_DISK` + `body` in the guest of `vm` with `args` ($1 the serial), within
+/// the guest plugin's budget less a second.
+pub(super) async fn guest_script(
+    guest: &GuestProvider,
+    vm: &str,
+    body: &str,
+    args: Vec<String>,
+) -> Result<ExecResult, ApiError> {
+    let budget = guest.call_budget().saturating_sub(Duration::from_secs(1));
+    let script = format!("{FIND_DISK}{body}");
+    let request = ExecRequest {
+        argv: ["/bin/sh", "-c", &script, "gve-bulk"]
+            .iter()
+            .map(|s| s.to_string())
+            .chain(args)
+            .collect(),
+        env: Vec::new(),
+        cwd: None,
+        stdin: Vec::new(),
+        timeout_ms: u32::try_from(budget.as_millis()).unwrap_or(u32::MAX).max(1),
+        output_limit: 4096,
+    };
+    let r = guest.session.exec(vm, &request).await.map_err(api)?;
+    if r.timed_out {
+        return Err(ApiError::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            "timeout",
+            format!("the guest's side of a bulk copy did not finish within {budget:?}"),
+        ));
+    }
+    Ok(r)
 }
 
-fn api(e: PluginError) -> ApiError {
+/// Whether a copy of `size` bytes to or from `path` should go through a staged
+/// disk. A path the guest plugin would refuse (relative, with `..`, naming a
+/// directory) never does, so the guest plugin's own answer comes back.
+pub fn worth_it(driver: &DriverSession, guest: &GuestProvider, path: &str, size: u64) -> bool {
+    size >= BULK_MIN && plain_path(path) && guest.via_channel && driver.has_bulk()
+}
+
+/// An absolute path naming a file, without `..` or NUL.
+pub fn plain_path(path: &str) -> bool {
+    path.starts_with('/')
+        && !path.ends_with('/')
+        && !path.contains('\0')
+        && path.split('/').all(|s| s != "..")
+}
+
+pub(super) fn api(e: PluginError) -> ApiError {
     ApiError::from(e)
 }
 
@@ -153,25 +201,17 @@ async fn fill_and_place(
             "the content received for {path} has SHA-256 {sum}, the request said {want}; nothing was written"
         )));
     }
-    let budget = guest.call_budget().saturating_sub(Duration::from_secs(1));
-    let request = ExecRequest {
-        argv: ["/bin/sh", "-c", GUEST_IN, "gve-bulk-in", &xfer.serial, path]
-            .iter()
-            .map(|s| s.to_string())
-            .chain([
-                size.to_string(),
-                format!("{mode:o}"),
-                u8::from(to.parents).to_string(),
-                sum.clone(),
-            ])
-            .collect(),
-        env: Vec::new(),
-        cwd: None,
-        stdin: Vec::new(),
-        timeout_ms: u32::try_from(budget.as_millis()).unwrap_or(u32::MAX).max(1),
-        output_limit: 4096,
-    };
-    let r = guest.session.exec(vm, &request).await.map_err(api)?;
+    let args = [&xfer.serial, path]
+        .iter()
+        .map(|s| s.to_string())
+        .chain([
+            size.to_string(),
+            format!("{mode:o}"),
+            u8::from(to.parents).to_string(),
+            sum.clone(),
+        ])
+        .collect();
+    let r = guest_script(guest, vm, GUEST_IN, args).await?;
     let out = String::from_utf8_lossy(&r.stdout).trim().to_string();
     let err = String::from_utf8_lossy(&r.stderr).trim().to_string();
     let fail = |status: StatusCode, kind: &str, what: String| {
@@ -181,21 +221,16 @@ async fn fill_and_place(
             format!("copy of {path} into VM {vm}: {what}"),
         ))
     };
-    match (r.timed_out, r.exit_code) {
-        (true, _) => fail(
-            StatusCode::GATEWAY_TIMEOUT,
-            "timeout",
-            format!("the guest did not finish within {budget:?}; nothing was written"),
-        ),
-        (_, Some(0)) if out == sum => Ok(FileMeta {
+    match r.exit_code {
+        Some(0) if out == sum => Ok(FileMeta {
             path: path.to_string(),
             size,
             mode,
             sha256: out,
         }),
-        (_, Some(4)) => fail(StatusCode::NOT_FOUND, "not-found", err),
-        (_, Some(3)) => fail(StatusCode::SERVICE_UNAVAILABLE, "unavailable", err),
-        (_, code) => fail(
+        Some(4) => fail(StatusCode::NOT_FOUND, "not-found", err),
+        Some(3) => fail(StatusCode::SERVICE_UNAVAILABLE, "unavailable", err),
+        code => fail(
             StatusCode::BAD_GATEWAY,
             "backend",
             format!("the guest's copy ended with {code:?}: {err} {out}; nothing was written"),
@@ -267,16 +302,21 @@ async fn put(
     Ok(())
 }
 
-/// Releases what an interrupted copy-in `id` on `vm` left staged, if anything.
-pub async fn release_left(driver: &DriverSession, vm: &str, id: &str) {
+/// Releases what an interrupted copy `id` on `vm` left staged, if anything; false
+/// when the driver could not (the disk may still be there).
+pub async fn release_left(driver: &DriverSession, vm: &str, id: &str) -> bool {
     if !driver.has_bulk() {
-        return;
+        return true;
     }
-    if let Err(e) = driver.bulk_release_left(vm, id).await {
-        tracing::warn!(
-            vm,
-            transfer = id,
-            "releasing a disk an interrupted copy staged: {e}"
-        );
+    match driver.bulk_release_left(vm, id).await {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(
+                vm,
+                transfer = id,
+                "releasing a disk an interrupted copy staged: {e}"
+            );
+            false
+        }
     }
 }

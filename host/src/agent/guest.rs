@@ -19,6 +19,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
 use super::bulk_copy::{self, BulkIn};
+use super::bulk_out::BulkOut;
 use super::guest_gate::{GuestGates, Pass, Ticket, PROBE, PROBE_TIMEOUT_MS};
 use super::model::{ExecOutput, FileMeta, OpError, OpOutput, VmRecord, VmState};
 use super::ops::{op_error, OpParams, Outcome};
@@ -316,7 +317,8 @@ impl AgentCore {
             // A large copy of known size goes through a staged disk where the driver can.
             let size = hyper::body::Body::size_hint(&body).exact();
             let session = &guest.session;
-            let result = match size.filter(|s| bulk_copy::worth_it(&core.driver, guest, *s)) {
+            let result = match size.filter(|s| bulk_copy::worth_it(&core.driver, guest, &path, *s))
+            {
                 Some(size) => {
                     let to = bulk_copy::Target {
                         vm: &vm,
@@ -351,13 +353,26 @@ impl AgentCore {
     /// Opens `path` in the guest of `rec` for reading: its size, mode and a body that
     /// streams it. The body ends with an error (the connection is cut) if the guest
     /// plugin finds the content changed during the transfer.
-    pub async fn copy_out(&self, rec: &VmRecord, path: &str) -> Result<(u64, u32, Body), ApiError> {
+    ///
+    /// A large file goes through a staged disk where the driver can
+    /// ([`super::bulk_out`]).
+    pub async fn copy_out(
+        self: &Arc<Self>,
+        rec: &VmRecord,
+        path: &str,
+    ) -> Result<(u64, u32, Body), ApiError> {
         let guest = self.guest()?;
         Self::require_running(rec, "copy a file out")?;
-        let turn = self
+        let mut turn = self
             .guest_turn(&rec.vm.id, GUEST_WAIT)
             .await
             .map_err(api_error)?;
+        if guest.via_channel && self.driver.has_bulk() && bulk_copy::plain_path(path) {
+            match super::bulk_out::copy_out(self, guest, &rec.vm.id, path, turn).await? {
+                BulkOut::Streaming(size, mode, body) => return Ok((size, mode, body)),
+                BulkOut::Fallback(t) => turn = t,
+            }
+        }
         let mut download = guest.session.download(&rec.vm.id, path).await?;
         let (size, mode) = (download.size, download.mode);
         let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(2);

@@ -3,6 +3,7 @@
 //! through its driver plugin, and lets its administrator manage plugins at runtime.
 
 pub mod bulk_copy;
+pub mod bulk_out;
 pub mod config;
 pub mod guest;
 pub mod guest_api;

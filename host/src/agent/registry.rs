@@ -236,6 +236,13 @@ impl Txn<'_> {
         Ok(())
     }
 
+    /// Removes a meta value (absent is fine).
+    pub fn remove_meta(&mut self, key: &str) -> Result<(), RegistryError> {
+        let mut t = self.txn.open_table(META).map_err(storage)?;
+        t.remove(key).map_err(storage)?;
+        Ok(())
+    }
+
     /// The operation a client's idempotency key started, if any.
     pub fn op_for_key(&self, key: &str) -> Result<Option<Operation>, RegistryError> {
         let id = {

@@ -15,7 +15,7 @@ use serde_json::json;
 use sha2::{Digest, Sha256};
 
 use crate::agent::TOKEN;
-use crate::guest::{agent_config, exec, running_vm, started_vm, text};
+use crate::guest::{agent_config, copy_out, exec, running_vm, started_vm, text};
 use crate::kvm::{guest_sh, kvm_spec, spawn_agent, wait_for_guest_agent};
 use crate::metrics::{sample, scrape};
 use crate::support::{host, no_creds, spec};
@@ -322,6 +322,42 @@ async fn a_large_copy_in_goes_through_a_staged_disk_and_falls_back_when_none_can
         pool_volumes(&lv)
     );
 
+    // Out through a staged disk: the same bytes and mode; a small file and a
+    // missing one go the guest agent's way.
+    let staged = stagings(&agent, "ok").await;
+    let t = Instant::now();
+    let (n, sum, m) = copy_out(&c, &vm.id, "/tmp/b/in.bin").await;
+    eprintln!("12 MiB out through a staged disk: {:?}", t.elapsed());
+    assert_eq!(
+        (n, sum.as_str(), m.as_str()),
+        (size as u64, sha.as_str(), "0640")
+    );
+    assert_eq!(stagings(&agent, "ok").await, staged + 1.0);
+    // Released once the last byte is sent (the client may finish first).
+    let t = Instant::now();
+    while pool_volumes(&lv).contains("gve-xfer") {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "{}",
+            pool_volumes(&lv)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    exec(
+        &c,
+        &vm.id,
+        json!({ "argv": ["sh", "-c", "head -c 1000 /tmp/b/in.bin > /tmp/b/small"] }),
+    )
+    .await;
+    let (n, sum, _) = copy_out(&c, &vm.id, "/tmp/b/small").await;
+    assert_eq!((n, sum), (1000, hex(&data[..1000])));
+    let e = c
+        .get_stream(&format!("/v1/vms/{}/files?path=/tmp/b/none", vm.id))
+        .await
+        .unwrap_err();
+    assert_eq!((e.status, e.kind.as_str()), (404, "not-found"), "{e}");
+    assert_eq!(stagings(&agent, "ok").await, staged + 1.0);
+
     // An upload that announces 8 MiB and is cut after 5: fails, nothing left.
     cut_known(agent.addr, &vm.id, "/tmp/b/cut.bin").await;
     let t = Instant::now();
@@ -442,13 +478,47 @@ async fn an_agent_killed_mid_copy_releases_the_staged_disk_when_it_restarts() {
         .find(|o| o.kind == gve::agent::model::OpKind::CopyIn)
         .expect("the copy's operation");
     assert_eq!(op.state, OpState::Failed, "{op:?}");
+    gone_within_30s(&lv, &vm.name).await;
+
+    // The same for a copy out, which is no operation: its disk is recorded apart.
+    let data = vec![5u8; 96 << 20];
+    put_known(&c, &vm.id, "/tmp/out.bin", &data, &hex(&data))
+        .await
+        .unwrap();
+    gone_within_30s(&lv, &vm.name).await;
+    let copy = {
+        let (c, vm) = (c.clone(), vm.id.clone());
+        let url = format!("/v1/vms/{vm}/files?path=/tmp/out.bin");
+        // It fails when the agent dies under it.
+        tokio::spawn(async move { c.get_stream(&url).await.map(drop) })
+    };
     let t = Instant::now();
-    while pool_volumes(&lv).contains("gve-xfer")
-        || lv.virsh(&["dumpxml", &vm.name]).contains("gve-xfer")
-    {
+    while !pool_volumes(&lv).contains("gve-xfer-out-") {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "no disk was ever staged"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut agent = agent;
+    agent.child.start_kill().unwrap();
+    agent.child.wait().await.unwrap();
+    copy.abort();
+    assert!(
+        pool_volumes(&lv).contains("gve-xfer-out-"),
+        "the kill came too late"
+    );
+    let _agent = spawn_agent(&config, &dir.path().join("agent-3.log")).await;
+    gone_within_30s(&lv, &vm.name).await;
+}
+
+/// Waits until no staged disk is in the pool or attached to `vm`.
+async fn gone_within_30s(lv: &Libvirtd, vm: &str) {
+    let t = Instant::now();
+    while pool_volumes(lv).contains("gve-xfer") || lv.virsh(&["dumpxml", vm]).contains("gve-xfer") {
         assert!(
             t.elapsed() < Duration::from_secs(30),
-            "the staged disk outlived the restart"
+            "a staged disk outlived the restart"
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
