@@ -28,6 +28,15 @@ pub struct BulkTransfer {
     pub serial: String,
 }
 
+impl std::fmt::Debug for BulkTransfer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BulkTransfer")
+            .field("plugin", &self.plugin)
+            .field("serial", &self.serial)
+            .finish_non_exhaustive()
+    }
+}
+
 impl BulkTransfer {
     /// A staged transfer on `lease`.
     pub(crate) fn new(lease: Lease, transfer: ResourceAny, plugin: &str, serial: String) -> Self {

@@ -314,3 +314,35 @@ async fn guest_operations_through_the_host() {
         ErrorKind::NotFound
     );
 }
+
+#[tokio::test]
+async fn a_driver_built_against_0_1_0_as_released_still_loads_and_answers() {
+    let (host, _dir) = host();
+    let summary = host.load(spec("old", Grants::default())).await.unwrap();
+    assert_eq!(summary.contract, "gve:hypervisor@0.1.0");
+    assert!(summary.driver && !summary.guest);
+    assert!(
+        !summary.capabilities.contains(&"bulk-copy".to_string()),
+        "{:?}",
+        summary.capabilities
+    );
+    let s = host.open_driver("old", "old:a", no_creds()).await.unwrap();
+    assert!(!s.has_bulk());
+    let vms = s.list_vms().await.unwrap();
+    assert_eq!(
+        vms.iter().map(|v| v.name.as_str()).collect::<Vec<_>>(),
+        ["relic"]
+    );
+    assert_eq!(s.host_info().await.unwrap().hypervisor_kind, "old");
+    assert_eq!(
+        kind(&s.get_vm("nope").await.unwrap_err()),
+        ErrorKind::NotFound
+    );
+    // What it never declared is refused by the host, and it has no bulk export.
+    assert_eq!(
+        kind(&s.start("relic").await.unwrap_err()),
+        ErrorKind::Unsupported
+    );
+    let e = s.bulk_stage("relic", "t-1", 1).await.err().unwrap();
+    assert_eq!(kind(&e), ErrorKind::Unsupported, "{e}");
+}

@@ -162,6 +162,38 @@ async fn libvirt_uri_not_granted_is_refused() {
     b.aftermath().await;
 }
 
+/// The bulk half of the libvirt capability lends one thing: a file disk whose source
+/// is a volume of a libvirt pool, attached live. A host file, a host block device or
+/// PCI device are refused before libvirt acts (bytes past a volume's end: see
+/// `bulk::a_staged_disk_carries_bytes_both_ways_on_a_real_guest_and_leaves_nothing`).
+#[tokio::test]
+async fn libvirt_attach_lends_only_pool_volumes() {
+    let b = bench(hostile(libvirt_test_grant())).await;
+    let uri = "test:///default";
+    for xml in [
+        "<disk type='file' device='disk'><source file='/etc/shadow'/><target dev='vdz' bus='virtio'/></disk>",
+        "<disk type='block' device='disk'><source dev='/dev/vda'/><target dev='vdz' bus='virtio'/></disk>",
+        "<disk type='file' device='cdrom'><source file='/etc/shadow'/><target dev='sdz' bus='sata'/></disk>",
+        "<hostdev mode='subsystem' type='pci'><source><address domain='0' bus='0' slot='1' function='0'/></source></hostdev>",
+        "<filesystem type='mount'><source dir='/'/><target dir='root'/></filesystem>",
+    ] {
+        let err = b
+            .hostile
+            .get_vm(&format!("attach:{uri}|test|{xml}"))
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Denied, "{xml}: {err}");
+    }
+    // Not a volume libvirt knows: nothing to write into.
+    let err = b
+        .hostile
+        .get_vm(&format!("upload:{uri}|/etc/shadow|0"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::NotFound, "{err}");
+    b.aftermath().await;
+}
+
 /// wasi:sockets is linked (wasmtime's WASI), but no network is lent: a raw TCP
 /// connect is refused and never reaches the listener.
 #[tokio::test]
