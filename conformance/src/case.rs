@@ -29,6 +29,11 @@ pub enum Need {
     /// Runs when the driver declares these and the target has guest operations (the
     /// driver declares `guest-native`, or a guest plugin was given).
     Guest(Capabilities),
+    /// Runs when the driver declares these, exports `gve:hypervisor/bulk` (capability
+    /// `bulk-copy`) and the target has guest operations.
+    Bulk(Capabilities),
+    /// Runs when the driver does not export `gve:hypervisor/bulk`.
+    NoBulk,
 }
 
 /// What the target offers beyond the driver's session.
@@ -40,6 +45,8 @@ pub struct Has {
     pub template: bool,
     /// Guest operations (exec, file copy) on its VMs.
     pub guest: bool,
+    /// The driver exports `gve:hypervisor/bulk`.
+    pub bulk: bool,
 }
 
 /// One conformance case.
@@ -83,8 +90,12 @@ impl Need {
     /// The capabilities it needs declared.
     pub fn capabilities(&self) -> Capabilities {
         match *self {
-            Need::Mandatory => Capabilities::empty(),
-            Need::Declared(c) | Need::SecondHost(c) | Need::Template(c) | Need::Guest(c) => c,
+            Need::Mandatory | Need::NoBulk => Capabilities::empty(),
+            Need::Declared(c)
+            | Need::SecondHost(c)
+            | Need::Template(c)
+            | Need::Guest(c)
+            | Need::Bulk(c) => c,
             Need::Undeclared(c, _) => c,
         }
     }
@@ -116,7 +127,13 @@ impl Need {
             {
                 Some("the driver does not declare guest-native or guest-agent-channel".into())
             }
-            Need::Guest(_) if !has.guest => Some(
+            Need::Bulk(_) if !has.bulk => {
+                Some("the driver does not export gve:hypervisor/bulk (bulk-copy)".into())
+            }
+            Need::NoBulk if has.bulk => {
+                Some("the driver exports gve:hypervisor/bulk (bulk-copy)".into())
+            }
+            Need::Guest(_) | Need::Bulk(_) if !has.guest => Some(
                 "needs guest operations: the driver does not declare guest-native and no guest plugin was given (--guest-plugin)"
                     .into(),
             ),

@@ -280,6 +280,8 @@ async fn main() -> ExitCode {
                     Need::SecondHost(_) => format!("needs {caps}, a second host"),
                     Need::Template(_) => format!("needs {caps}, a template"),
                     Need::Guest(_) => format!("needs {caps}, guest ops"),
+                    Need::Bulk(_) => format!("needs {caps}, bulk-copy, guest ops"),
+                    Need::NoBulk => "drivers without bulk-copy".to_string(),
                     Need::Declared(_) | Need::Undeclared(..) => format!("needs {caps}"),
                 };
                 say(&format!(

@@ -240,6 +240,7 @@ async fn run_with(
         second_host: ctx.second.is_some(),
         template: ctx.template.is_some(),
         guest: ctx.guest.is_some(),
+        bulk: ctx.driver.has_bulk(),
     };
     for case in &cases {
         let skip = case.need.skip_reason(info.capabilities, has);

@@ -46,7 +46,7 @@ pub fn cases() -> Vec<Case> {
 }
 
 /// A request for `argv` with a 30 s budget and a 64 KiB output limit.
-fn request(argv: &[&str]) -> ExecRequest {
+pub(super) fn request(argv: &[&str]) -> ExecRequest {
     ExecRequest {
         argv: argv.iter().map(|a| a.to_string()).collect(),
         env: Vec::new(),
@@ -59,7 +59,7 @@ fn request(argv: &[&str]) -> ExecRequest {
 
 /// The guest session (the runner only runs guest cases when there is a provider),
 /// or why it did not open.
-fn guest(ctx: &Ctx) -> Result<&GuestSession, Failure> {
+pub(super) fn guest(ctx: &Ctx) -> Result<&GuestSession, Failure> {
     match ctx.guest.as_ref() {
         Some(Ok(g)) => Ok(g),
         Some(Err(why)) => Err(Failure::new(why.clone())),
@@ -69,7 +69,7 @@ fn guest(ctx: &Ctx) -> Result<&GuestSession, Failure> {
 
 /// A running VM whose guest answers commands (its in-guest agent may take a while
 /// to come up after boot: up to the settle time).
-async fn running_guest(ctx: &Ctx, what: &str) -> Result<String, Failure> {
+pub(super) async fn running_guest(ctx: &Ctx, what: &str) -> Result<String, Failure> {
     guest(ctx)?;
     let vm = ctx.create(what).await?;
     must(&format!("start {}", vm.id), ctx.driver.start(&vm.id).await)?;
@@ -93,7 +93,7 @@ async fn running_guest(ctx: &Ctx, what: &str) -> Result<String, Failure> {
 }
 
 /// Runs `req` on `vm`; it must succeed.
-async fn run(ctx: &Ctx, vm: &str, req: &ExecRequest) -> Result<ExecResult, Failure> {
+pub(super) async fn run(ctx: &Ctx, vm: &str, req: &ExecRequest) -> Result<ExecResult, Failure> {
     must(
         &format!("exec {:?} in {vm}", req.argv),
         guest(ctx)?.exec(vm, req).await,

@@ -1,6 +1,7 @@
 //! Every conformance case, grouped by the capability it proves. The order is the
 //! order they run in.
 
+mod bulk;
 mod clone;
 mod core;
 mod guest;
@@ -19,5 +20,6 @@ pub fn all() -> Vec<Case> {
     cases.extend(clone::cases());
     cases.extend(migrate::cases());
     cases.extend(guest::cases());
+    cases.extend(bulk::cases());
     cases
 }
