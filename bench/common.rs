@@ -239,3 +239,40 @@ pub async fn virsh(uri: &str, args: &[&str]) -> String {
     );
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
+
+/// Raw qemu-ga through libvirt on the bench's own connection.
+pub struct Raw {
+    /// The guest's domain.
+    pub dom: virt::domain::Domain,
+    /// guest-exec-status calls made by `exec` so far.
+    pub calls: std::cell::Cell<u32>,
+}
+
+impl Raw {
+    /// One qemu-ga command; its `return`.
+    pub fn call(&self, execute: &str, arguments: serde_json::Value) -> serde_json::Value {
+        let cmd = serde_json::json!({ "execute": execute, "arguments": arguments }).to_string();
+        let reply = self.dom.qemu_agent_command(&cmd, 60, 0).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&reply).unwrap();
+        v["return"].clone()
+    }
+
+    /// guest-exec, then guest-exec-status with the plugin's backoff (1 ms doubling to 50).
+    pub fn exec(&self, path: &str, args: &[&str]) -> serde_json::Value {
+        let pid = self.call(
+            "guest-exec",
+            serde_json::json!({ "path": path, "arg": args, "capture-output": true }),
+        )["pid"]
+            .clone();
+        let mut pause = Duration::from_millis(1);
+        loop {
+            let s = self.call("guest-exec-status", serde_json::json!({ "pid": pid }));
+            self.calls.set(self.calls.get() + 1);
+            if s["exited"] == true {
+                return s;
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(50));
+        }
+    }
+}

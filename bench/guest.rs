@@ -49,40 +49,7 @@ async fn op(c: &Client, path: &str, body: Value) -> Operation {
     done
 }
 
-/// Raw qemu-ga through libvirt on the bench's own connection.
-struct Raw {
-    dom: virt::domain::Domain,
-    /// guest-exec-status calls made by `exec` so far.
-    calls: std::cell::Cell<u32>,
-}
-
-impl Raw {
-    fn call(&self, execute: &str, arguments: Value) -> Value {
-        let cmd = json!({ "execute": execute, "arguments": arguments }).to_string();
-        let reply = self.dom.qemu_agent_command(&cmd, 60, 0).unwrap();
-        let v: Value = serde_json::from_str(&reply).unwrap();
-        v["return"].clone()
-    }
-
-    /// guest-exec, then guest-exec-status with the plugin's backoff (1 ms doubling to 50).
-    fn exec(&self, path: &str, args: &[&str]) -> Value {
-        let pid = self.call(
-            "guest-exec",
-            json!({ "path": path, "arg": args, "capture-output": true }),
-        )["pid"]
-            .clone();
-        let mut pause = Duration::from_millis(1);
-        loop {
-            let s = self.call("guest-exec-status", json!({ "pid": pid }));
-            self.calls.set(self.calls.get() + 1);
-            if s["exited"] == true {
-                return s;
-            }
-            std::thread::sleep(pause);
-            pause = (pause * 2).min(Duration::from_millis(50));
-        }
-    }
-
+impl common::Raw {
     fn write(&self, path: &str, data: &[u8]) {
         let h = self.call("guest-file-open", json!({ "path": path, "mode": "w" }));
         for piece in data.chunks(96 << 10) {
@@ -174,7 +141,7 @@ async fn main() {
     let id = j.result.unwrap()["id"].as_str().unwrap().to_string();
     let vm: SiteVm = user.get(&format!("/v1/vms/{id}")).await.unwrap();
     let conn = virt::connect::Connect::open(Some(&lv.uri)).unwrap();
-    let raw = Raw {
+    let raw = common::Raw {
         dom: virt::domain::Domain::lookup_by_name(&conn, &vm.name).unwrap(),
         calls: Default::default(),
     };
@@ -316,7 +283,7 @@ async fn breakdown(
     agent: &gve::agent::Agent,
     vm: &str,
     c: &Client,
-    raw: &Raw,
+    raw: &common::Raw,
 ) -> Vec<(&'static str, f64, String)> {
     const N: usize = 40;
     let ping = r#"{"execute":"guest-ping"}"#;

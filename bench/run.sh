@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs the benchmarks and writes their results under bench/results/.
-# Usage: bash bench/run.sh [plugin|footprint|vm_start|fig4|guest|site|site-flame|history|scale|soak|vsphere|xen|xen_migrate|kvm_migrate|fuzz]   (default: all)
+# Usage: bash bench/run.sh [plugin|footprint|vm_start|fig4|guest|bulk|site|site-flame|history|scale|soak|vsphere|xen|xen_migrate|kvm_migrate|fuzz]   (default: all)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 target=${CARGO_TARGET_DIR:-target}
@@ -44,6 +44,10 @@ fi
 if [ "$which" = all ] || [ "$which" = guest ]; then
     # exec latency and copy throughput on a real guest, vs raw qemu-ga.
     cargo bench --locked -p gve --bench guest
+fi
+if [ "$which" = all ] || [ "$which" = bulk ]; then
+    # 1 GiB into and out of a running guest through a staged disk, vs by hand.
+    cargo bench --locked -p gve --bench bulk
 fi
 if [ "$which" = all ] || [ "$which" = site ]; then
     # Durable job submissions per second; request latency added by the site.

@@ -29,7 +29,7 @@ default_tier() {
     echo "test: clippy (plugins, wasm32-wasip2)"
     bash scripts/build-plugins.sh --clippy
     echo "test: SDK and plugin unit tests (native)"
-    cargo test --locked -p gve-sdk -p gve-plugin-guest-install -p gve-plugin-vmware-esx
+    cargo test --locked -p gve-sdk -p gve-libvirt-common -p gve-plugin-guest-install -p gve-plugin-vmware-esx
     echo "test: host unit and integration tests (the Xen tests are the xen tier's)"
     cargo test --release --locked -p gve -- --skip xen
     echo "test: conformance suite (library, CLI, the memory example as its specification)"
