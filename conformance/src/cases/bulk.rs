@@ -120,20 +120,21 @@ fn carries(ctx: &Ctx) -> CheckFuture<'_> {
             },
         )?;
 
+        let serial = x.serial.clone();
         must("release", x.release().await)?;
         must(
             "release-left after release",
             d.bulk_release_left(&vm, &id).await,
         )?;
-        let script = format!("{}echo still there", find("gvex-nothing-here"));
-        let r = run(
-            ctx,
-            &vm,
-            &request(&["sh", "-c", &script.replace("seq 100", "seq 1")]),
-        )
-        .await?;
-        ensure(r.exit_code == Some(3), || {
-            "the serial search found a disk that is not there".into()
+        // The guest sees the disk go (an unplug may finish after release answers).
+        let script = format!(
+            "for i in $(seq 100); do gone=1; for s in /sys/block/*/serial; do \
+             [ \"$(cat $s 2>/dev/null)\" = {serial} ] && gone=0; done; \
+             [ $gone = 1 ] && exit 0; sleep 0.1; done; exit 3"
+        );
+        let r = run(ctx, &vm, &request(&["sh", "-c", &script])).await?;
+        ensure(r.exit_code == Some(0), || {
+            format!("the released disk {serial} is still in the guest 10 s later")
         })?;
         // Released, the id can be staged again.
         let again = must("stage again after release", d.bulk_stage(&vm, &id, 1).await)?;

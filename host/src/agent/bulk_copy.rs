@@ -7,28 +7,36 @@
 //! guest provider's exec, and hashes the file itself. The checksum a caller gets is
 //! still the guest's, and a mismatch with the bytes the agent received leaves the
 //! target untouched. A disk that cannot be staged (no free slot, no room in the
-//! pool) falls back to the guest agent before a byte of the body is read. The disk
-//! is named by the operation's id, so a restart's recovery releases what a crash
-//! left ([`release_left`]).
+//! pool) falls back to the guest agent before a byte of the body is read. Every
+//! staged disk (copy-in or copy-out) is recorded in the registry's meta table
+//! (`bulk-disk:<id>` = VM) from before it is staged until it is released, so a
+//! restart releases what a crash left ([`recover`]).
 
 use std::time::{Duration, Instant};
 
 use hyper::body::Incoming;
 use hyper::StatusCode;
-use sha2::{Digest, Sha256};
 
 use super::guest::GuestProvider;
+use super::guest_job::Finished;
 use super::model::FileMeta;
+use super::AgentCore;
 use crate::api::ApiError;
-use crate::plugin::bindings::types::{ExecRequest, ExecResult};
 use crate::plugin::{BulkTransfer, DriverSession, ErrorKind, PluginError};
 
 /// Smallest copy that goes through a staged disk, bytes: below it the guest agent's
 /// own path costs less than staging, attaching and releasing a disk.
 pub const BULK_MIN: u64 = 4 << 20;
 
-/// Bytes per write into the staged disk (the contract's most per call).
-const IO: usize = crate::plugin::bulk::MAX_BULK_IO as usize;
+/// Bytes per write into (and read off) the staged disk. The contract allows twice
+/// that; at this size a copy keeps the agent's memory flat (each piece exists in
+/// the agent, in the plugin's memory and in libvirt's stream at once) while the
+/// per-call cost stays a few percent of the mechanism's speed.
+pub(super) const PIECE: usize = 4 << 20;
+
+/// The speed below which the guest's side of a copy is taken to be stuck, bytes/s
+/// (`dd` plus busybox `sha256sum` under TCG measured 23-47 MiB/s).
+const GUEST_SPEED: u64 = 2 << 20;
 
 /// How a bulk copy-in went.
 pub enum BulkIn {
@@ -58,13 +66,16 @@ done
 /// at `path`: copy it with O_DIRECT reads (and writes where the target's filesystem
 /// allows them) into a temporary file next to `path`, cut it to `size`, check its
 /// SHA-256 against the agent's, apply the mode and rename it into place. Prints the
-/// guest's SHA-256. Exit codes: 4 no such directory, 5 checksums differ, others
-/// from the tools.
+/// guest's SHA-256. Exit codes: 4 no such directory, 5 checksums differ, 10 the
+/// target is a directory, others from the tools. The temporary file is made by
+/// `mktemp` (exclusive, unpredictable): the script runs as root in a directory a
+/// guest user may write, and a predictable name could be planted as a symlink.
 const GUEST_IN: &str = r#"path=$2 size=$3 mode=$4 parents=$5 want=$6
 dir=$(dirname -- "$path")
 [ "$parents" = 1 ] && mkdir -p -- "$dir"
 [ -d "$dir" ] || { echo "no directory $dir" >&2; exit 4; }
-tmp="$dir/.gve-bulk.$$"
+[ -d "$path" ] && { echo "$path is a directory" >&2; exit 10; }
+tmp=$(mktemp "$dir/.gve-bulk.XXXXXX") || { echo "no temporary file in $dir" >&2; exit 6; }
 trap 'rm -f -- "$tmp"' EXIT
 n=$(( (size + 4194303) / 4194304 ))
 dd if="$dev" of="$tmp" bs=4M count=$n iflag=direct oflag=direct 2>/dev/null ||
@@ -78,37 +89,18 @@ trap - EXIT
 echo "$got"
 "#;
 
-/// Runs `FIND_DISK` + `body` in the guest of `vm` with `args` ($1 the serial), within
-/// the guest plugin's budget less a second.
+/// Runs `FIND_DISK` + `body` in the guest of `vm` with `args` ($1 the serial) as
+/// a guest job ([`super::guest_job`]), for at most a minute plus `size` bytes at
+/// [`GUEST_SPEED`].
 pub(super) async fn guest_script(
     guest: &GuestProvider,
     vm: &str,
     body: &str,
     args: Vec<String>,
-) -> Result<ExecResult, ApiError> {
-    let budget = guest.call_budget().saturating_sub(Duration::from_secs(1));
-    let script = format!("{FIND_DISK}{body}");
-    let request = ExecRequest {
-        argv: ["/bin/sh", "-c", &script, "gve-bulk"]
-            .iter()
-            .map(|s| s.to_string())
-            .chain(args)
-            .collect(),
-        env: Vec::new(),
-        cwd: None,
-        stdin: Vec::new(),
-        timeout_ms: u32::try_from(budget.as_millis()).unwrap_or(u32::MAX).max(1),
-        output_limit: 4096,
-    };
-    let r = guest.session.exec(vm, &request).await.map_err(api)?;
-    if r.timed_out {
-        return Err(ApiError::new(
-            StatusCode::GATEWAY_TIMEOUT,
-            "timeout",
-            format!("the guest's side of a bulk copy did not finish within {budget:?}"),
-        ));
-    }
-    Ok(r)
+    size: u64,
+) -> Result<Finished, ApiError> {
+    let deadline = Duration::from_secs(60 + size / GUEST_SPEED);
+    super::guest_job::run(guest, vm, &format!("{FIND_DISK}{body}"), args, deadline).await
 }
 
 /// Whether a copy of `size` bytes to or from `path` should go through a staged
@@ -147,7 +139,7 @@ pub struct Target<'a> {
 /// Copies a body of `size` bytes to `to` through a disk staged under the transfer
 /// id `id` (the operation's).
 pub async fn copy_in(
-    driver: &DriverSession,
+    core: &AgentCore,
     guest: &GuestProvider,
     id: &str,
     to: Target<'_>,
@@ -155,23 +147,15 @@ pub async fn copy_in(
     body: Incoming,
 ) -> BulkIn {
     let (t, vm) = (Instant::now(), to.vm);
-    let mut xfer = match driver.bulk_stage(vm, id, size).await {
-        Ok(x) => x,
-        Err(e) if matches!(e.kind(), ErrorKind::Unavailable | ErrorKind::Unsupported) => {
-            tracing::info!(
-                vm,
-                "copy-in through the guest agent: no disk could be staged ({e})"
-            );
-            return BulkIn::Fallback(body);
-        }
-        Err(e) => return BulkIn::Done(Err(api(e))),
+    let mut xfer = match stage(core, vm, id, size).await {
+        Ok(Some(x)) => x,
+        Ok(None) => return BulkIn::Fallback(body),
+        Err(e) => return BulkIn::Done(Err(e)),
     };
     let staged = t.elapsed();
     let r = fill_and_place(&mut xfer, guest, &to, size, body).await;
     let placed = t.elapsed();
-    if let Err(e) = xfer.release().await {
-        tracing::warn!(vm, transfer = id, "releasing a staged disk: {e}");
-    }
+    release(core, xfer, vm, id).await;
     tracing::debug!(
         vm,
         size,
@@ -211,9 +195,8 @@ async fn fill_and_place(
             sum.clone(),
         ])
         .collect();
-    let r = guest_script(guest, vm, GUEST_IN, args).await?;
-    let out = String::from_utf8_lossy(&r.stdout).trim().to_string();
-    let err = String::from_utf8_lossy(&r.stderr).trim().to_string();
+    let r = guest_script(guest, vm, GUEST_IN, args, size).await?;
+    let (out, err) = (r.stdout, r.stderr);
     let fail = |status: StatusCode, kind: &str, what: String| {
         Err(ApiError::new(
             status,
@@ -222,89 +205,137 @@ async fn fill_and_place(
         ))
     };
     match r.exit_code {
-        Some(0) if out == sum => Ok(FileMeta {
+        0 if out == sum => Ok(FileMeta {
             path: path.to_string(),
             size,
             mode,
             sha256: out,
         }),
-        Some(4) => fail(StatusCode::NOT_FOUND, "not-found", err),
-        Some(3) => fail(StatusCode::SERVICE_UNAVAILABLE, "unavailable", err),
+        4 => fail(StatusCode::NOT_FOUND, "not-found", err),
+        10 => fail(StatusCode::BAD_REQUEST, "invalid-argument", err),
+        3 => fail(StatusCode::SERVICE_UNAVAILABLE, "unavailable", err),
         code => fail(
             StatusCode::BAD_GATEWAY,
             "backend",
-            format!("the guest's copy ended with {code:?}: {err} {out}; nothing was written"),
+            format!("the guest's copy ended with {code}: {err} {out}; nothing was written"),
         ),
     }
 }
 
-/// Writes the body into the staged disk in [`IO`]-byte pieces; returns its SHA-256.
+/// Writes the body into the staged disk in [`PIECE`]-byte pieces; returns its SHA-256.
 async fn fill(
     xfer: &mut BulkTransfer,
     path: &str,
     size: u64,
-    mut body: Incoming,
+    body: Incoming,
 ) -> Result<String, ApiError> {
-    let mut hasher = Sha256::new();
-    let mut buf: Vec<u8> = Vec::with_capacity(IO);
-    let mut at = 0u64;
-    let cut = |received: u64, why: String| {
-        ApiError::bad_request(format!(
-            "the upload of {path} stopped after {received} of {size} bytes: {why}; nothing was written"
-        ))
-    };
-    loop {
-        let frame = match crate::api::next_frame(&mut body).await {
-            None => break,
-            Some(Ok(f)) => f,
-            Some(Err(e)) => return Err(cut(at + buf.len() as u64, e)),
-        };
-        let Ok(data) = frame.into_data() else {
-            continue;
-        };
-        hasher.update(&data);
-        let mut rest: &[u8] = &data;
-        while !rest.is_empty() {
-            let take = rest.len().min(IO - buf.len());
-            buf.extend_from_slice(&rest[..take]);
-            rest = &rest[take..];
-            if buf.len() == IO {
-                put(xfer, &mut at, &mut buf, size).await?;
-            }
-        }
-    }
-    if !buf.is_empty() {
-        put(xfer, &mut at, &mut buf, size).await?;
-    }
-    if at != size {
-        return Err(cut(
-            at,
-            "the body's length differs from its Content-Length".into(),
-        ));
-    }
-    Ok(hex::encode(hasher.finalize()))
-}
-
-async fn put(
-    xfer: &mut BulkTransfer,
-    at: &mut u64,
-    buf: &mut Vec<u8>,
-    size: u64,
-) -> Result<(), ApiError> {
-    if *at + buf.len() as u64 > size {
+    let mut disk = Disk { xfer, size };
+    let (sum, received) = super::pieces::pieces(body, path, PIECE, &mut disk).await?;
+    if received != size {
         return Err(ApiError::bad_request(format!(
-            "the body runs past its Content-Length of {size} bytes; nothing was written"
+            "the upload of {path} stopped after {received} of {size} bytes: the body's length differs from its Content-Length; nothing was written"
         )));
     }
-    xfer.write(*at, buf).await.map_err(api)?;
-    *at += buf.len() as u64;
-    buf.clear();
-    Ok(())
+    Ok(sum)
+}
+
+/// A staged disk of `size` bytes as the sink of a body's pieces.
+struct Disk<'a> {
+    xfer: &'a mut BulkTransfer,
+    size: u64,
+}
+
+impl super::pieces::Sink for Disk<'_> {
+    async fn put(&mut self, at: u64, piece: &[u8]) -> Result<(), ApiError> {
+        if at + piece.len() as u64 > self.size {
+            return Err(ApiError::bad_request(format!(
+                "the body runs past its Content-Length of {} bytes; nothing was written",
+                self.size
+            )));
+        }
+        self.xfer.write(at, piece).await.map_err(api)
+    }
+}
+
+/// Meta key prefix of a staged disk's record.
+const RECORD: &str = "bulk-disk:";
+
+/// Stages a disk of `size` bytes on `vm` for transfer `id`, recorded first (see the
+/// module's doc). `None`: no disk can be staged now (no free slot, no room, the
+/// driver declines), so the copy takes the guest agent's path.
+pub(super) async fn stage(
+    core: &AgentCore,
+    vm: &str,
+    id: &str,
+    size: u64,
+) -> Result<Option<BulkTransfer>, ApiError> {
+    let key = format!("{RECORD}{id}");
+    core.registry.write(|t| t.set_meta(&key, vm)).map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "backend",
+            format!("recording a staged disk: {e}"),
+        )
+    })?;
+    match core.driver.bulk_stage(vm, id, size).await {
+        Ok(x) => Ok(Some(x)),
+        Err(e) => {
+            forget(core, &key);
+            if matches!(e.kind(), ErrorKind::Unavailable | ErrorKind::Unsupported) {
+                tracing::info!(
+                    vm,
+                    "copy through the guest agent: no disk could be staged ({e})"
+                );
+                return Ok(None);
+            }
+            Err(api(e))
+        }
+    }
+}
+
+/// Releases a staged disk and forgets its record. When its own instance cannot (it
+/// trapped or overran) a fresh one releases it by its id; when neither can, the
+/// record stays and the next start tries again.
+pub(super) async fn release(core: &AgentCore, xfer: BulkTransfer, vm: &str, id: &str) {
+    let released = match xfer.release().await {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(
+                vm,
+                transfer = id,
+                "releasing a staged disk: {e}; again by its id"
+            );
+            release_left(&core.driver, vm, id).await
+        }
+    };
+    if released {
+        forget(core, &format!("{RECORD}{id}"));
+    }
+}
+
+/// Drops the record of a released (or never staged) disk.
+fn forget(core: &AgentCore, key: &str) {
+    if let Err(e) = core.registry.write(|t| t.remove_meta(key)) {
+        tracing::warn!("forgetting a released staged disk: {e}");
+    }
+}
+
+/// Releases the disks a previous run of the agent left staged (by their records).
+pub async fn recover(core: &AgentCore) {
+    let Ok(left) = core.registry.meta_with_prefix(RECORD) else {
+        return;
+    };
+    for (key, vm) in left {
+        let id = key.trim_start_matches(RECORD);
+        if release_left(&core.driver, &vm, id).await {
+            forget(core, &key);
+        }
+    }
 }
 
 /// Releases what an interrupted copy `id` on `vm` left staged, if anything; false
 /// when the driver could not (the disk may still be there).
-pub async fn release_left(driver: &DriverSession, vm: &str, id: &str) -> bool {
+async fn release_left(driver: &DriverSession, vm: &str, id: &str) -> bool {
     if !driver.has_bulk() {
         return true;
     }

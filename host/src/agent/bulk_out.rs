@@ -2,30 +2,21 @@
 //! file of at least [`BULK_MIN`] bytes, when the driver stages disks, the guest
 //! writes the file onto a staged disk with `dd` (O_DIRECT on the disk) and hashes
 //! it; the agent streams the disk's first `size` bytes to the client while hashing
-//! them, and cuts the connection if the two checksums differ (the file changed
-//! during the copy), as the guest agent's path does. A copy-out is no operation, so
-//! its disk is recorded in the registry's meta table (`bulk-out:<id>` = VM) from
-//! before it is staged until it is released; a restart releases what is recorded.
+//! them, holding the last piece back until the two checksums agree: if they differ
+//! (the file changed during the copy) the response is cut short of its length, as
+//! the guest agent's path does. The disk is recorded like a copy-in's
+//! ([`super::bulk_copy::recover`]).
 
 use std::sync::Arc;
 
 use bytes::Bytes;
-use hyper::body::Frame;
 use sha2::{Digest, Sha256};
-use tokio::sync::mpsc;
 
-use super::bulk_copy::{api, guest_script, BULK_MIN};
+use super::bulk_copy::{api, guest_script, release, stage, BULK_MIN, PIECE};
 use super::guest::GuestProvider;
 use super::AgentCore;
 use crate::api::{ApiError, Body};
-use crate::plugin::ErrorKind;
 use tokio::sync::OwnedSemaphorePermit as GuestTurn;
-
-/// Meta key prefix of a staged copy-out's record.
-const RECORD: &str = "bulk-out:";
-
-/// Bytes per read off the staged disk.
-const IO: u32 = crate::plugin::bulk::MAX_BULK_IO;
 
 /// Size and mode of `$1` in the guest, or nothing (exit 1).
 const STAT: &str = r#"stat -c '%s %a' -- "$1""#;
@@ -85,39 +76,18 @@ pub async fn copy_out(
         return Ok(BulkOut::Fallback(turn));
     }
     let id = format!("out-{}", uuid::Uuid::new_v4().simple());
-    let key = format!("{RECORD}{id}");
-    let registry = |e: super::registry::RegistryError| {
-        ApiError::new(
-            hyper::StatusCode::INTERNAL_SERVER_ERROR,
-            "backend",
-            e.to_string(),
-        )
-    };
-    core.registry
-        .write(|t| t.set_meta(&key, vm))
-        .map_err(registry)?;
-    let mut xfer = match core.driver.bulk_stage(vm, &id, size).await {
-        Ok(x) => x,
-        Err(e) => {
-            forget(core, &key);
-            return match e.kind() {
-                ErrorKind::Unavailable | ErrorKind::Unsupported => Ok(BulkOut::Fallback(turn)),
-                _ => Err(api(e)),
-            };
-        }
+    let Some(mut xfer) = stage(core, vm, &id, size).await? else {
+        return Ok(BulkOut::Fallback(turn));
     };
     let args = vec![xfer.serial.clone(), path.to_string(), size.to_string()];
-    let sum = match guest_script(guest, vm, GUEST_OUT, args).await {
-        Ok(r) if r.exit_code == Some(0) => {
-            Ok(String::from_utf8_lossy(&r.stdout).trim().to_string())
-        }
+    let sum = match guest_script(guest, vm, GUEST_OUT, args, size).await {
+        Ok(r) if r.exit_code == 0 => Ok(r.stdout),
         Ok(r) => Err(ApiError::new(
             hyper::StatusCode::CONFLICT,
             "invalid-state",
             format!(
-                "copy of {path} out of VM {vm}: the guest's side ended with {:?}: {}",
-                r.exit_code,
-                String::from_utf8_lossy(&r.stderr).trim()
+                "copy of {path} out of VM {vm}: the guest's side ended with {}: {}",
+                r.exit_code, r.stderr
             ),
         )),
         Err(e) => Err(e),
@@ -125,77 +95,59 @@ pub async fn copy_out(
     let sum = match sum {
         Ok(sum) => sum,
         Err(e) => {
-            if let Err(e) = xfer.release().await {
-                tracing::warn!(vm, "releasing a staged disk: {e}");
-            }
-            forget(core, &key);
+            release(core, xfer, vm, &id).await;
             return Err(e);
         }
     };
-    let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(2);
+    let (feed, body) = crate::api::feed();
     let (core, vm, path) = (core.clone(), vm.to_string(), path.to_string());
     tokio::spawn(async move {
-        let (mut at, mut hasher) = (0u64, Sha256::new());
-        let mut failed = None;
-        while at < size {
-            let want = (size - at).min(u64::from(IO)) as u32;
-            match xfer.read(at, want).await {
-                Ok(chunk) if chunk.is_empty() => {
-                    failed = Some(format!("the staged disk ended after {at} of {size} bytes"));
-                    break;
-                }
-                Ok(chunk) => {
-                    at += chunk.len() as u64;
-                    hasher.update(&chunk);
-                    if tx.send(Ok(Frame::data(Bytes::from(chunk)))).await.is_err() {
-                        tracing::debug!("copy-out: the client left after {at} bytes");
-                        break;
-                    }
-                }
-                Err(e) => {
-                    failed = Some(e.to_string());
-                    break;
-                }
-            }
-        }
-        if at == size && failed.is_none() {
-            let got = hex::encode(hasher.finalize());
-            if got != sum {
-                failed = Some(format!(
-                    "{path} changed during the copy (the guest hashed {sum}, the disk held {got})"
-                ));
-            }
-        }
-        if let Some(why) = failed {
+        if let Err(why) = stream(&mut xfer, &feed, size, &sum, &path).await {
             tracing::warn!(vm, "copy-out failed: {why}");
-            let _ = tx.send(Err(std::io::Error::other(why))).await;
+            feed.fail(why).await;
         }
-        if let Err(e) = xfer.release().await {
-            tracing::warn!(vm, "releasing a staged disk: {e}");
-        }
-        forget(&core, &key);
+        release(&core, xfer, &vm, &id).await;
         drop(turn);
     });
-    Ok(BulkOut::Streaming(size, mode, crate::api::channel_body(rx)))
+    Ok(BulkOut::Streaming(size, mode, body))
 }
 
-/// Drops the record of a released (or never staged) copy-out disk.
-fn forget(core: &AgentCore, key: &str) {
-    if let Err(e) = core.registry.write(|t| t.remove_meta(key)) {
-        tracing::warn!("forgetting a released copy-out disk: {e}");
-    }
-}
-
-/// Releases the disks of copy-outs a previous run of the agent left staged.
-pub async fn recover(core: &AgentCore) {
-    let Ok(left) = core.registry.meta_with_prefix(RECORD) else {
-        return;
-    };
-    for (key, vm) in left {
-        let id = key.trim_start_matches(RECORD);
-        // Kept when the driver cannot release it now: the next start tries again.
-        if super::bulk_copy::release_left(&core.driver, &vm, id).await {
-            forget(core, &key);
+/// Streams the disk's first `size` bytes to `feed`, holding the last piece back
+/// until the bytes' SHA-256 is known to be the guest's `sum`: the client announced
+/// `size` bytes, so a response cut any earlier would look complete. `Ok` also when
+/// the client left.
+async fn stream(
+    xfer: &mut crate::plugin::BulkTransfer,
+    feed: &crate::api::Feed,
+    size: u64,
+    sum: &str,
+    path: &str,
+) -> Result<(), String> {
+    let (mut at, mut hasher) = (0u64, Sha256::new());
+    let mut held: Option<Bytes> = None;
+    while at < size {
+        let want = (size - at).min(PIECE as u64) as u32;
+        let piece = xfer.read(at, want).await.map_err(|e| e.to_string())?;
+        if piece.is_empty() {
+            return Err(format!("the staged disk ended after {at} of {size} bytes"));
+        }
+        at += piece.len() as u64;
+        hasher.update(&piece);
+        if let Some(earlier) = held.replace(Bytes::from(piece)) {
+            if !feed.data(earlier).await {
+                tracing::debug!("copy-out: the client left after {at} bytes");
+                return Ok(());
+            }
         }
     }
+    let got = hex::encode(hasher.finalize());
+    if got != sum {
+        return Err(format!(
+            "{path} changed during the copy (the guest hashed {sum}, the disk held {got})"
+        ));
+    }
+    if let Some(last) = held {
+        feed.data(last).await;
+    }
+    Ok(())
 }

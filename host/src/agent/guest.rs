@@ -12,11 +12,9 @@ use std::time::Duration;
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use bytes::Bytes;
-use hyper::body::{Frame, Incoming};
+use hyper::body::Incoming;
 use hyper::StatusCode;
 use serde::Deserialize;
-use sha2::{Digest, Sha256};
-use tokio::sync::mpsc;
 
 use super::bulk_copy::{self, BulkIn};
 use super::bulk_out::BulkOut;
@@ -327,7 +325,7 @@ impl AgentCore {
                         parents,
                         expected: expected.clone(),
                     };
-                    match bulk_copy::copy_in(&core.driver, guest, &op.id, to, size, body).await {
+                    match bulk_copy::copy_in(&core, guest, &op.id, to, size, body).await {
                         BulkIn::Done(r) => r,
                         BulkIn::Fallback(body) => {
                             stream_in(session, &vm, &path, mode, parents, expected, body).await
@@ -375,7 +373,7 @@ impl AgentCore {
         }
         let mut download = guest.session.download(&rec.vm.id, path).await?;
         let (size, mode) = (download.size, download.mode);
-        let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(2);
+        let (feed, body) = crate::api::feed();
         tokio::spawn(async move {
             let mut sent = 0u64;
             loop {
@@ -383,14 +381,14 @@ impl AgentCore {
                     Ok(chunk) if chunk.is_empty() => break,
                     Ok(chunk) => {
                         sent += chunk.len() as u64;
-                        if tx.send(Ok(Frame::data(Bytes::from(chunk)))).await.is_err() {
+                        if !feed.data(Bytes::from(chunk)).await {
                             tracing::debug!("copy-out: the client left after {sent} bytes");
                             break;
                         }
                     }
                     Err(e) => {
                         tracing::warn!("copy-out failed after {sent} bytes: {e}");
-                        let _ = tx.send(Err(std::io::Error::other(e.to_string()))).await;
+                        feed.fail(e.to_string()).await;
                         break;
                     }
                 }
@@ -398,7 +396,7 @@ impl AgentCore {
             download.close().await;
             drop(turn);
         });
-        Ok((size, mode, crate::api::channel_body(rx)))
+        Ok((size, mode, body))
     }
 
     /// Size, mode and SHA-256 of a guest file.
@@ -451,47 +449,20 @@ async fn feed(
     upload: &mut crate::plugin::transfer::Upload,
     path: &str,
     expected: Option<String>,
-    mut body: Incoming,
+    body: Incoming,
 ) -> Result<(), ApiError> {
-    let mut hasher = Sha256::new();
-    let mut buf: Vec<u8> = Vec::with_capacity(CHUNK);
-    let mut received = 0u64;
-    loop {
-        let frame = match crate::api::next_frame(&mut body).await {
-            None => None,
-            Some(Ok(f)) => Some(f),
-            Some(Err(e)) => {
-                return Err(ApiError::bad_request(format!(
-                    "the upload of {path} stopped after {received} bytes: {e}; nothing was written"
-                )))
-            }
-        };
-        let Some(frame) = frame else { break };
-        let Ok(data) = frame.into_data() else {
-            continue;
-        };
-        received += data.len() as u64;
-        hasher.update(&data);
-        let mut rest: &[u8] = &data;
-        while !rest.is_empty() {
-            let take = rest.len().min(CHUNK - buf.len());
-            buf.extend_from_slice(&rest[..take]);
-            rest = &rest[take..];
-            if buf.len() == CHUNK {
-                upload.write(&buf).await?;
-                buf.clear();
-            }
-        }
-    }
-    if !buf.is_empty() {
-        upload.write(&buf).await?;
-    }
-    let got = hex::encode(hasher.finalize());
+    let (got, _) = super::pieces::pieces(body, path, CHUNK, upload).await?;
     match expected {
         Some(want) if !want.eq_ignore_ascii_case(&got) => Err(ApiError::bad_request(format!(
             "the content received for {path} has SHA-256 {got}, the request said {want}; nothing was written"
         ))),
         _ => Ok(()),
+    }
+}
+
+impl super::pieces::Sink for crate::plugin::transfer::Upload {
+    async fn put(&mut self, _at: u64, piece: &[u8]) -> Result<(), ApiError> {
+        Ok(self.write(piece).await?)
     }
 }
 

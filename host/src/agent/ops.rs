@@ -393,10 +393,6 @@ impl AgentCore {
             .collect();
         let n = stale.len();
         for op in stale {
-            if op.kind == OpKind::CopyIn {
-                // A copy through a staged disk names the disk by the operation.
-                super::bulk_copy::release_left(&self.driver, &op.vm, &op.id).await;
-            }
             if matches!(op.kind, OpKind::Exec | OpKind::CopyIn | OpKind::Provision) {
                 // What happened in the guest cannot be asked of the hypervisor.
                 let message = format!(

@@ -145,7 +145,7 @@ impl Runtime {
             ),
         });
         let resolved = core.recover().await?;
-        super::bulk_out::recover(&core).await;
+        super::bulk_copy::recover(&core).await;
         if resolved > 0 {
             tracing::warn!(
                 resolved,

@@ -178,6 +178,44 @@ pub fn channel_body(
     ChannelBody { rx }.boxed()
 }
 
+/// The longest a download waits for its client to take the next piece before it
+/// is cut, so a client that stops reading frees what the download holds (a plugin
+/// instance, the VM's guest turn, a staged disk).
+pub const BODY_WRITE_TIMEOUT: std::time::Duration = server::BODY_READ_TIMEOUT;
+
+/// A response body fed piece by piece from a task: the task's half.
+pub struct Feed {
+    tx: tokio::sync::mpsc::Sender<Result<hyper::body::Frame<Bytes>, std::io::Error>>,
+}
+
+impl Feed {
+    /// Sends one piece; false when the client left or took nothing for
+    /// [`BODY_WRITE_TIMEOUT`] (the producer should stop).
+    pub async fn data(&self, piece: Bytes) -> bool {
+        let send = self.tx.send(Ok(hyper::body::Frame::data(piece)));
+        match tokio::time::timeout(BODY_WRITE_TIMEOUT, send).await {
+            Ok(r) => r.is_ok(),
+            Err(_) => {
+                tracing::info!("a download's client took nothing for {BODY_WRITE_TIMEOUT:?}; cut");
+                false
+            }
+        }
+    }
+
+    /// Cuts the response with `why` (the client sees the connection fail).
+    pub async fn fail(&self, why: String) {
+        let send = self.tx.send(Err(std::io::Error::other(why)));
+        let _ = tokio::time::timeout(BODY_WRITE_TIMEOUT, send).await;
+    }
+}
+
+/// A streamed response body and the [`Feed`] a task fills it through. At most one
+/// piece waits between the two, so a download holds little memory.
+pub fn feed() -> (Feed, Body) {
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    (Feed { tx }, channel_body(rx))
+}
+
 struct ChannelBody {
     rx: tokio::sync::mpsc::Receiver<Result<hyper::body::Frame<Bytes>, std::io::Error>>,
 }

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use hyper::body::{Frame, Incoming};
+use hyper::body::Incoming;
 use hyper::{Request, StatusCode};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
@@ -432,7 +432,7 @@ where
 
 /// A body that streams a file in chunks.
 fn file_body(mut file: tokio::fs::File) -> crate::api::Body {
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(2);
+    let (feed, body) = crate::api::feed();
     tokio::spawn(async move {
         loop {
             let mut buf = vec![0u8; CHUNK];
@@ -440,16 +440,16 @@ fn file_body(mut file: tokio::fs::File) -> crate::api::Body {
                 Ok(0) => break,
                 Ok(n) => {
                     buf.truncate(n);
-                    if tx.send(Ok(Frame::data(Bytes::from(buf)))).await.is_err() {
+                    if !feed.data(Bytes::from(buf)).await {
                         break;
                     }
                 }
                 Err(e) => {
-                    let _ = tx.send(Err(e)).await;
+                    feed.fail(e.to_string()).await;
                     break;
                 }
             }
         }
     });
-    crate::api::channel_body(rx)
+    body
 }

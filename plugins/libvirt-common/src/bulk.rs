@@ -178,7 +178,7 @@ impl BulkTransfer for StagedDisk {
 fn detach_and_delete(conn: &Connection, vm: &str, path: &str, target: Option<&str>) -> Result<()> {
     if let Some(target) = target {
         let xml = format!(
-            "<disk type='file' device='disk'><source file='{}'/><target dev='{target}' bus='virtio'/></disk>",
+            "<disk type='file' device='disk'><driver name='qemu' type='raw'/><source file='{}'/><target dev='{target}' bus='virtio'/></disk>",
             escape(path)
         );
         match conn.detach_device(vm, &xml) {

@@ -147,18 +147,22 @@ pub fn disk_source(xml: &str) -> Result<String, Error> {
     {
         return refuse("only <disk type='file' device='disk'> may be attached or detached");
     }
-    let sources: Vec<_> = disk
-        .children()
-        .filter(|n| n.has_tag_name("source"))
-        .collect();
-    match sources.as_slice() {
-        [s] if disk.children().all(|n| !n.has_tag_name("backingStore")) => {
+    let named = |tag: &str| -> Vec<_> { disk.children().filter(|n| n.has_tag_name(tag)).collect() };
+    // A format other than raw would let the image name a host file of its own
+    // choosing (a qcow2 backing file); a <source> with children can carry more.
+    match named("driver").as_slice() {
+        [d] if d.attribute("type") == Some("raw")
+            && d.attribute("name").is_none_or(|n| n == "qemu") => {}
+        _ => return refuse("the disk needs exactly one <driver name='qemu' type='raw'>"),
+    }
+    match named("source").as_slice() {
+        [s] if named("backingStore").is_empty() && !s.children().any(|n| n.is_element()) => {
             match s.attribute("file") {
                 Some(f) if f.starts_with('/') => Ok(f.to_string()),
                 _ => refuse("the disk's <source> needs an absolute file"),
             }
         }
-        _ => refuse("the disk needs exactly one <source> and no backing store"),
+        _ => refuse("the disk needs exactly one plain <source> and no backing store"),
     }
 }
 
@@ -179,6 +183,12 @@ mod tests {
             "<disk type='file' device='disk'><source file='/a'/><source file='/b'/></disk>",
             "<interface type='network'><source network='default'/></interface>",
             "<hostdev mode='subsystem' type='pci'/>",
+            // No driver, another format, two drivers, a source with children.
+            "<disk type='file' device='disk'><source file='/pool/x.raw'/></disk>",
+            "<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='/pool/x.raw'/></disk>",
+            "<disk type='file' device='disk'><driver type='raw'/><driver type='qcow2'/><source file='/pool/x.raw'/></disk>",
+            "<disk type='file' device='disk'><driver type='raw'/><source file='/pool/x.raw'><seclabel relabel='no'/></source></disk>",
+            "<disk type='file' device='disk'><driver type='raw'/><source file='/pool/x.raw'/><backingStore/></disk>",
         ] {
             assert!(matches!(disk_source(bad), Err(Error::Denied(_))), "{bad}");
         }

@@ -163,8 +163,9 @@ async fn libvirt_uri_not_granted_is_refused() {
 }
 
 /// The bulk half of the libvirt capability lends one thing: a file disk whose source
-/// is a volume of a libvirt pool, attached live. A host file, a host block device or
-/// PCI device are refused before libvirt acts (bytes past a volume's end: see
+/// is a raw volume of a libvirt pool, attached live. A host file, a host block
+/// device, a PCI device or a qcow2 image (whose backing file could be any host
+/// file) are refused before libvirt acts (bytes past a volume's end: see
 /// `bulk::a_staged_disk_carries_bytes_both_ways_on_a_real_guest_and_leaves_nothing`).
 #[tokio::test]
 async fn libvirt_attach_lends_only_pool_volumes() {
@@ -176,6 +177,8 @@ async fn libvirt_attach_lends_only_pool_volumes() {
         "<disk type='file' device='cdrom'><source file='/etc/shadow'/><target dev='sdz' bus='sata'/></disk>",
         "<hostdev mode='subsystem' type='pci'><source><address domain='0' bus='0' slot='1' function='0'/></source></hostdev>",
         "<filesystem type='mount'><source dir='/'/><target dir='root'/></filesystem>",
+        // A qcow2 image names its own backing file: any host file, through the guest.
+        "<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='/default-pool/x.img'/><target dev='vdz' bus='virtio'/></disk>",
     ] {
         let err = b
             .hostile

@@ -20,6 +20,8 @@ use crate::kvm::{guest_sh, kvm_spec, spawn_agent, wait_for_guest_agent};
 use crate::metrics::{sample, scrape};
 use crate::support::{host, no_creds, spec};
 
+mod out;
+
 fn kind(r: Result<impl Sized, PluginError>) -> ErrorKind {
     match r {
         Ok(_) => panic!("succeeded where it must fail"),
@@ -320,6 +322,22 @@ async fn a_large_copy_in_goes_through_a_staged_disk_and_falls_back_when_none_can
         !pool_volumes(&lv).contains("gve-xfer"),
         "{}",
         pool_volumes(&lv)
+    );
+
+    // A directory as the target: refused, nothing replaced or left.
+    let e = put_known(&c, &vm.id, "/tmp/b", &data, &sha)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (e.status, e.kind.as_str()),
+        (400, "invalid-argument"),
+        "{e}"
+    );
+    let out = exec(&c, &vm.id, json!({ "argv": ["ls", "-a", "/tmp/b"] })).await;
+    let out = text(&out.stdout_b64);
+    assert!(
+        out.contains("in.bin") && !out.contains(".gve-bulk"),
+        "{out}"
     );
 
     // Out through a staged disk: the same bytes and mode; a small file and a
