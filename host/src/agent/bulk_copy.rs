@@ -64,28 +64,31 @@ done
 
 /// What the guest runs (after [`FIND_DISK`]) to put the disk's first `size` bytes
 /// at `path`: copy it with O_DIRECT reads (and writes where the target's filesystem
-/// allows them) into a temporary file next to `path`, cut it to `size`, check its
+/// allows them) into a file in a private directory next to `path`, cut it to `size`, check its
 /// SHA-256 against the agent's, apply the mode and rename it into place. Prints the
 /// guest's SHA-256. Exit codes: 4 no such directory, 5 checksums differ, 10 the
-/// target is a directory, others from the tools. The temporary file is made by
-/// `mktemp` (exclusive, unpredictable): the script runs as root in a directory a
-/// guest user may write, and a predictable name could be planted as a symlink.
+/// target is a directory, others from the tools. The script runs as root in a
+/// directory a guest user may own, so it works inside a private directory made
+/// by `mktemp -d` (0700) and entered first: a user who renames or replaces it
+/// cannot redirect a write, `chmod` or rename through a symlink; `mv -T` never
+/// moves the file into a directory planted at the target.
 const GUEST_IN: &str = r#"path=$2 size=$3 mode=$4 parents=$5 want=$6
 dir=$(dirname -- "$path")
 [ "$parents" = 1 ] && mkdir -p -- "$dir"
 [ -d "$dir" ] || { echo "no directory $dir" >&2; exit 4; }
 [ -d "$path" ] && { echo "$path is a directory" >&2; exit 10; }
-tmp=$(mktemp "$dir/.gve-bulk.XXXXXX") || { echo "no temporary file in $dir" >&2; exit 6; }
-trap 'rm -f -- "$tmp"' EXIT
+t=$(mktemp -d "$dir/.gve-bulk.XXXXXX") || { echo "no temporary directory in $dir" >&2; exit 6; }
+trap 'cd /; rm -rf -- "$t"' EXIT
+cd "$t" || exit 6
 n=$(( (size + 4194303) / 4194304 ))
-dd if="$dev" of="$tmp" bs=4M count=$n iflag=direct oflag=direct 2>/dev/null ||
-  dd if="$dev" of="$tmp" bs=4M count=$n iflag=direct 2>/dev/null || { echo "dd from $dev failed" >&2; exit 6; }
-truncate -s "$size" "$tmp" || exit 7
-got=$(sha256sum "$tmp") || exit 8
+dd if="$dev" of=f bs=4M count=$n iflag=direct oflag=direct 2>/dev/null ||
+  dd if="$dev" of=f bs=4M count=$n iflag=direct 2>/dev/null || { echo "dd from $dev failed" >&2; exit 6; }
+truncate -s "$size" f || exit 7
+got=$(sha256sum f) || exit 8
 got=${got%% *}
 [ "$got" = "$want" ] || { echo "the guest read SHA-256 $got off the disk, the agent wrote $want" >&2; exit 5; }
-chmod "$mode" "$tmp" && mv -f -- "$tmp" "$path" || exit 9
-trap - EXIT
+chmod "$mode" f || exit 9
+mv -fT f "$path" || { [ -d "$path" ] && { echo "$path is a directory" >&2; exit 10; }; exit 9; }
 echo "$got"
 "#;
 
@@ -280,7 +283,11 @@ pub(super) async fn stage(
     match core.driver.bulk_stage(vm, id, size).await {
         Ok(x) => Ok(Some(x)),
         Err(e) => {
-            forget(core, &key);
+            // A driver that failed (or trapped) half way may have left a volume or
+            // an attached disk: released by id, or the record stays for a restart.
+            if release_left(&core.driver, vm, id).await {
+                forget(core, &key);
+            }
             if matches!(e.kind(), ErrorKind::Unavailable | ErrorKind::Unsupported) {
                 tracing::info!(
                     vm,

@@ -14,8 +14,12 @@ use crate::api::ApiError;
 use crate::plugin::bindings::types::ExecRequest;
 
 /// Starts `$0` (the script) with the remaining arguments in the background; prints
-/// the job's directory.
+/// the job's directory. The directory is made by root in a sticky, root-owned
+/// `/tmp` (0700, so no guest user can replace it or forge its files); a guest
+/// without such a `/tmp` or without `setsid` is refused (exit 92, 91).
 const LAUNCH: &str = r#"s=$0
+command -v setsid >/dev/null || { echo "the guest has no setsid" >&2; exit 91; }
+[ -k /tmp ] && [ "$(stat -c %u /tmp)" = 0 ] || { echo "the guest's /tmp is not a sticky root-owned directory" >&2; exit 92; }
 d=$(mktemp -d /tmp/.gve-job.XXXXXX) || exit 90
 setsid /bin/sh -c 's=$1; d=$2; shift 2; /bin/sh -c "$s" gve-job "$@" >"$d/out" 2>"$d/err" </dev/null; echo $? >"$d/rc.t"; mv "$d/rc.t" "$d/rc"' gve-job "$s" "$d" "$@" >/dev/null 2>&1 </dev/null &
 echo $! >"$d/pid"
@@ -25,13 +29,30 @@ echo "$d"
 /// Exit code of [`POLL`] while the job runs (scripts must not use it).
 const RUNNING: i32 = 99;
 
+/// Exit code of [`POLL`] and [`KILL`] for a job that ended without an exit code
+/// (killed, its directory gone): scripts must not use it.
+const LOST: i32 = 98;
+
 /// Prints the job's output (stdout, stderr) and exits with its code, removing its
-/// directory; exits [`RUNNING`] while it runs.
-const POLL: &str = r#"[ -f "$1/rc" ] || exit 99
+/// directory; exits [`RUNNING`] while it runs, [`LOST`] when it is gone without
+/// an exit code.
+const POLL: &str = r#"if [ ! -f "$1/rc" ]; then
+  [ -d "$1" ] || exit 98
+  kill -0 "$(cat "$1/pid" 2>/dev/null)" 2>/dev/null && exit 99
+  [ -f "$1/rc" ] || { rm -rf -- "$1"; exit 98; }
+fi
 cat "$1/out"; cat "$1/err" >&2; rc=$(cat "$1/rc"); rm -rf -- "$1"; exit "$rc""#;
 
-/// Kills the job's session and removes its directory.
-const KILL: &str = r#"p=$(cat "$1/pid" 2>/dev/null) && { kill -9 -- "-$p" 2>/dev/null || kill -9 "$p"; }; rm -rf -- "$1""#;
+/// Ends the job: as [`POLL`] when it has just finished, else kills its session,
+/// removes its directory and exits [`LOST`].
+const KILL: &str = r#"if [ ! -f "$1/rc" ]; then
+  p=$(cat "$1/pid" 2>/dev/null) && kill -9 -"$p" 2>/dev/null
+  sleep 0.2
+fi
+if [ -f "$1/rc" ]; then
+  cat "$1/out"; cat "$1/err" >&2; rc=$(cat "$1/rc"); rm -rf -- "$1"; exit "$rc"
+fi
+rm -rf -- "$1"; exit 98"#;
 
 /// A job's end.
 #[derive(Debug)]
@@ -70,20 +91,41 @@ pub(super) async fn run(
     loop {
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(Duration::from_millis(250));
-        let polled = exec(guest, vm, POLL, "gve-poll", vec![dir.clone()]).await?;
-        if polled.exit_code != RUNNING {
-            return Ok(polled);
-        }
-        if start.elapsed() > deadline {
-            if let Err(e) = exec(guest, vm, KILL, "gve-kill", vec![dir]).await {
-                tracing::warn!(vm, "killing a guest job past its deadline: {e}");
-            }
-            return Err(ApiError::new(
+        let polled = exec(guest, vm, POLL, "gve-poll", vec![dir.clone()]).await;
+        let (status, kind, why) = match polled {
+            Ok(p) if p.exit_code == RUNNING && start.elapsed() <= deadline => continue,
+            Ok(p) if p.exit_code == RUNNING => (
                 StatusCode::GATEWAY_TIMEOUT,
                 "timeout",
-                format!("the guest's side of a bulk copy did not finish within {deadline:?}"),
-            ));
-        }
+                format!("did not finish within {deadline:?}"),
+            ),
+            Ok(p) if p.exit_code == LOST => (
+                StatusCode::BAD_GATEWAY,
+                "backend",
+                "ended without an exit code (killed?)".to_string(),
+            ),
+            Ok(p) => return Ok(p),
+            Err(e) => (
+                StatusCode::BAD_GATEWAY,
+                "backend",
+                format!("could not be polled: {}", e.message),
+            ),
+        };
+        // Never leave it running behind an error: it could still put a file in
+        // place. It may also have just finished; then its own end counts.
+        let why = match exec(guest, vm, KILL, "gve-kill", vec![dir]).await {
+            Ok(p) if p.exit_code != LOST => return Ok(p),
+            Ok(_) => why,
+            Err(e) => format!(
+                "{why}, and may still run (stopping it failed: {})",
+                e.message
+            ),
+        };
+        return Err(ApiError::new(
+            status,
+            kind,
+            format!("the guest's side of a bulk copy in VM {vm} {why}"),
+        ));
     }
 }
 
@@ -116,7 +158,8 @@ async fn exec(
         ));
     }
     Ok(Finished {
-        exit_code: r.exit_code.unwrap_or(-1),
+        // No exit code (killed by a signal) reads as a job that is gone.
+        exit_code: r.exit_code.unwrap_or(LOST),
         stdout: String::from_utf8_lossy(&r.stdout).trim().to_string(),
         stderr: String::from_utf8_lossy(&r.stderr).trim().to_string(),
     })

@@ -178,42 +178,68 @@ pub fn channel_body(
     ChannelBody { rx }.boxed()
 }
 
-/// The longest a download waits for its client to take the next piece before it
-/// is cut, so a client that stops reading frees what the download holds (a plugin
-/// instance, the VM's guest turn, a staged disk).
+/// The longest a download waits for its client to take the next frame (at most
+/// [`FRAME`] bytes) before it is cut, so a client that stops reading frees what
+/// the download holds (a plugin instance, the VM's guest turn, a staged disk).
 pub const BODY_WRITE_TIMEOUT: std::time::Duration = server::BODY_READ_TIMEOUT;
 
-/// A response body fed piece by piece from a task: the task's half.
+/// Most bytes in one frame of a [`Feed`]'s body.
+pub const FRAME: usize = 256 << 10;
+
+/// A body fed piece by piece from a task: the task's half.
 pub struct Feed {
     tx: tokio::sync::mpsc::Sender<Result<hyper::body::Frame<Bytes>, std::io::Error>>,
+    stall: Option<std::time::Duration>,
 }
 
 impl Feed {
-    /// Sends one piece; false when the client left or took nothing for
-    /// [`BODY_WRITE_TIMEOUT`] (the producer should stop).
-    pub async fn data(&self, piece: Bytes) -> bool {
-        let send = self.tx.send(Ok(hyper::body::Frame::data(piece)));
-        match tokio::time::timeout(BODY_WRITE_TIMEOUT, send).await {
-            Ok(r) => r.is_ok(),
-            Err(_) => {
-                tracing::info!("a download's client took nothing for {BODY_WRITE_TIMEOUT:?}; cut");
-                false
+    /// Sends one piece (in frames of at most [`FRAME`] bytes); false when the
+    /// reader left or, for a response, took no frame for [`BODY_WRITE_TIMEOUT`]
+    /// (the producer should stop).
+    pub async fn data(&self, mut piece: Bytes) -> bool {
+        while !piece.is_empty() {
+            let frame = piece.split_to(piece.len().min(FRAME));
+            let send = self.tx.send(Ok(hyper::body::Frame::data(frame)));
+            let sent = match self.stall {
+                None => send.await.is_ok(),
+                Some(stall) => match tokio::time::timeout(stall, send).await {
+                    Ok(r) => r.is_ok(),
+                    Err(_) => {
+                        tracing::info!("a download's client took nothing for {stall:?}; cut");
+                        false
+                    }
+                },
+            };
+            if !sent {
+                return false;
             }
         }
+        true
     }
 
-    /// Cuts the response with `why` (the client sees the connection fail).
+    /// Cuts the body with `why` (the reader sees the connection fail).
     pub async fn fail(&self, why: String) {
         let send = self.tx.send(Err(std::io::Error::other(why)));
         let _ = tokio::time::timeout(BODY_WRITE_TIMEOUT, send).await;
     }
 }
 
-/// A streamed response body and the [`Feed`] a task fills it through. At most one
-/// piece waits between the two, so a download holds little memory.
+/// A streamed response body and the [`Feed`] a task fills it through: at most one
+/// frame waits between the two, and a client that takes none for
+/// [`BODY_WRITE_TIMEOUT`] is cut.
 pub fn feed() -> (Feed, Body) {
+    feed_with(Some(BODY_WRITE_TIMEOUT))
+}
+
+/// A streamed request body (sent to another service, which bounds how long it
+/// waits before reading, e.g. for a VM's guest turn) and its [`Feed`].
+pub fn request_feed() -> (Feed, Body) {
+    feed_with(None)
+}
+
+fn feed_with(stall: Option<std::time::Duration>) -> (Feed, Body) {
     let (tx, rx) = tokio::sync::mpsc::channel(1);
-    (Feed { tx }, channel_body(rx))
+    (Feed { tx, stall }, channel_body(rx))
 }
 
 struct ChannelBody {

@@ -205,7 +205,7 @@ impl SiteCore {
                 ),
                 ("content-length", size.to_string()),
             ];
-            c.put_stream::<Value>(&path, &headers, file_body(file))
+            c.put_stream::<Value>(&path, &headers, file_body(file, true))
                 .await
                 .map_err(|e| agent_error(&v.agent, e))
         }
@@ -285,7 +285,7 @@ impl SiteCore {
             )
             .header("x-gve-file-mode", r["mode"].as_str().unwrap_or("0644"))
             .header("x-gve-sha256", r["sha256"].as_str().unwrap_or(""))
-            .body(file_body(file))
+            .body(file_body(file, false))
             .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "backend", e.to_string()))
     }
 
@@ -430,9 +430,13 @@ where
     Ok((size, hex::encode(h.finalize())))
 }
 
-/// A body that streams a file in chunks.
-fn file_body(mut file: tokio::fs::File) -> crate::api::Body {
-    let (feed, body) = crate::api::feed();
+/// A body that streams a file in chunks: a response (cut when its client stops
+/// reading) or a request to an agent.
+fn file_body(mut file: tokio::fs::File, request: bool) -> crate::api::Body {
+    let (feed, body) = match request {
+        true => crate::api::request_feed(),
+        false => crate::api::feed(),
+    };
     tokio::spawn(async move {
         loop {
             let mut buf = vec![0u8; CHUNK];

@@ -147,6 +147,16 @@ pub fn disk_source(xml: &str) -> Result<String, Error> {
     {
         return refuse("only <disk type='file' device='disk'> may be attached or detached");
     }
+    // Only what a staged disk needs; anything else (a mirror, a transient
+    // overlay, elements libvirt gains later) is refused by default.
+    if let Some(other) = disk.children().filter(|n| n.is_element()).find(|n| {
+        !["driver", "source", "target", "serial", "address", "alias"].contains(&n.tag_name().name())
+    }) {
+        return refuse(&format!(
+            "<{}> in a disk: only driver, source, target, serial, address and alias may be given",
+            other.tag_name().name()
+        ));
+    }
     let named = |tag: &str| -> Vec<_> { disk.children().filter(|n| n.has_tag_name(tag)).collect() };
     // A format other than raw would let the image name a host file of its own
     // choosing (a qcow2 backing file); a <source> with children can carry more.
@@ -156,13 +166,11 @@ pub fn disk_source(xml: &str) -> Result<String, Error> {
         _ => return refuse("the disk needs exactly one <driver name='qemu' type='raw'>"),
     }
     match named("source").as_slice() {
-        [s] if named("backingStore").is_empty() && !s.children().any(|n| n.is_element()) => {
-            match s.attribute("file") {
-                Some(f) if f.starts_with('/') => Ok(f.to_string()),
-                _ => refuse("the disk's <source> needs an absolute file"),
-            }
-        }
-        _ => refuse("the disk needs exactly one plain <source> and no backing store"),
+        [s] if !s.children().any(|n| n.is_element()) => match s.attribute("file") {
+            Some(f) if f.starts_with('/') => Ok(f.to_string()),
+            _ => refuse("the disk's <source> needs an absolute file"),
+        },
+        _ => refuse("the disk needs exactly one <source> without children"),
     }
 }
 
@@ -189,6 +197,7 @@ mod tests {
             "<disk type='file' device='disk'><driver type='raw'/><driver type='qcow2'/><source file='/pool/x.raw'/></disk>",
             "<disk type='file' device='disk'><driver type='raw'/><source file='/pool/x.raw'><seclabel relabel='no'/></source></disk>",
             "<disk type='file' device='disk'><driver type='raw'/><source file='/pool/x.raw'/><backingStore/></disk>",
+            "<disk type='file' device='disk'><driver type='raw'/><source file='/pool/x.raw'/><transient/></disk>",
         ] {
             assert!(matches!(disk_source(bad), Err(Error::Denied(_))), "{bad}");
         }

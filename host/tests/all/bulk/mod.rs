@@ -324,7 +324,9 @@ async fn a_large_copy_in_goes_through_a_staged_disk_and_falls_back_when_none_can
         pool_volumes(&lv)
     );
 
-    // A directory as the target: refused, nothing replaced or left.
+    // A directory as the target: refused by the guest's side of a staged copy,
+    // nothing replaced or left.
+    let before = stagings(&agent, "ok").await;
     let e = put_known(&c, &vm.id, "/tmp/b", &data, &sha)
         .await
         .unwrap_err();
@@ -333,6 +335,7 @@ async fn a_large_copy_in_goes_through_a_staged_disk_and_falls_back_when_none_can
         (400, "invalid-argument"),
         "{e}"
     );
+    assert_eq!(stagings(&agent, "ok").await, before + 1.0);
     let out = exec(&c, &vm.id, json!({ "argv": ["ls", "-a", "/tmp/b"] })).await;
     let out = text(&out.stdout_b64);
     assert!(
