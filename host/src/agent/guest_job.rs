@@ -35,10 +35,12 @@ const LOST: i32 = 98;
 
 /// Prints the job's output (stdout, stderr) and exits with its code, removing its
 /// directory; exits [`RUNNING`] while it runs, [`LOST`] when it is gone without
-/// an exit code.
+/// an exit code. A zombie counts as gone: a guest whose init reaps no orphans
+/// keeps a killed job's process as one.
 const POLL: &str = r#"if [ ! -f "$1/rc" ]; then
   [ -d "$1" ] || exit 98
-  kill -0 "$(cat "$1/pid" 2>/dev/null)" 2>/dev/null && exit 99
+  st=$(sed 's/.*) //' "/proc/$(cat "$1/pid" 2>/dev/null)/stat" 2>/dev/null); st=${st%% *}
+  [ -n "$st" ] && [ "$st" != Z ] && exit 99
   [ -f "$1/rc" ] || { rm -rf -- "$1"; exit 98; }
 fi
 cat "$1/out"; cat "$1/err" >&2; rc=$(cat "$1/rc"); rm -rf -- "$1"; exit "$rc""#;
