@@ -19,7 +19,7 @@ use hyper::StatusCode;
 
 use super::guest::GuestProvider;
 use super::guest_job::Finished;
-use super::model::FileMeta;
+use super::model::{FileMeta, OpError};
 use super::AgentCore;
 use crate::api::ApiError;
 use crate::plugin::{BulkTransfer, DriverSession, ErrorKind, PluginError};
@@ -338,6 +338,28 @@ pub async fn recover(core: &AgentCore) {
             forget(core, &key);
         }
     }
+}
+
+/// Releases every disk still recorded as staged on `vm` (a release that failed
+/// earlier); fails while one stays, so that a migration never carries one along.
+pub async fn release_staged_on(core: &AgentCore, vm: &str) -> Result<(), OpError> {
+    let left = core.registry.meta_with_prefix(RECORD).map_err(|e| OpError {
+        kind: ErrorKind::Backend.as_str().into(),
+        message: format!("reading the staged disks' records: {e}"),
+    })?;
+    for (key, _) in left.into_iter().filter(|(_, on)| on == vm) {
+        let id = key.trim_start_matches(RECORD);
+        if !release_left(&core.driver, vm, id).await {
+            return Err(OpError {
+                kind: ErrorKind::Unavailable.as_str().into(),
+                message: format!(
+                    "VM {vm} still has the staged disk of copy {id} attached and it cannot be released now (see the agent's log); try again later"
+                ),
+            });
+        }
+        forget(core, &key);
+    }
+    Ok(())
 }
 
 /// Releases what an interrupted copy `id` on `vm` left staged, if anything; false

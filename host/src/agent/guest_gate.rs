@@ -70,9 +70,12 @@ impl GuestGates {
     fn gate(&self, endpoint: &str, vm: &str) -> Arc<Gate> {
         let mut m = self.vms.lock().unwrap_or_else(|p| p.into_inner());
         if m.len() >= PRUNE_AT {
-            // Gates nobody holds and whose circuit is closed carry nothing.
+            // Gates nobody holds (a turn or an operation's permit holds a clone of
+            // its semaphore) and whose circuit is closed carry nothing.
             m.retain(|_, g| {
                 Arc::strong_count(g) > 1
+                    || Arc::strong_count(&g.ops) > 1
+                    || Arc::strong_count(&g.turn) > 1
                     || g.state
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
@@ -118,6 +121,31 @@ impl GuestGates {
             })?;
         self.open_circuit(&gate, vm)?;
         Ok(turn)
+    }
+
+    /// Every guest-operation turn on `vm` at once, waiting at most `within` for the
+    /// running ones to end: held by an operation (a migration) that no exec or copy
+    /// may overlap. Later guest operations queue behind it.
+    pub async fn all_turns(
+        &self,
+        endpoint: &str,
+        vm: &str,
+        within: Duration,
+    ) -> Result<tokio::sync::OwnedSemaphorePermit, DriverError> {
+        let gate = self.gate(endpoint, vm);
+        tokio::time::timeout(within, gate.ops.clone().acquire_many_owned(OPS_PER_VM as u32))
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .ok_or_else(|| {
+                DriverError::new(
+                    ErrorKind::Unavailable,
+                    format!(
+                        "VM {vm} has guest operations (exec, copy) running; they did not end within {} ms",
+                        within.as_millis()
+                    ),
+                )
+            })
     }
 
     /// Fails when `vm`'s circuit is open and no probe is due.
@@ -237,4 +265,30 @@ fn hung(vm: &str, since: Instant) -> DriverError {
             PROBE_EVERY.as_secs()
         ),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SHORT: Duration = Duration::from_millis(50);
+
+    #[tokio::test]
+    async fn a_migration_waits_for_guest_work_even_when_idle_gates_are_pruned() {
+        let gates = GuestGates::default();
+        let copy = gates.op_turn("e", "vm", SHORT).await.unwrap();
+        // Enough other VMs that the next lookup prunes idle gates.
+        for i in 0..PRUNE_AT {
+            drop(gates.op_turn("e", &format!("other-{i}"), SHORT).await.unwrap());
+        }
+        let e = gates.all_turns("e", "vm", SHORT).await.unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Unavailable);
+        assert!(e.message.contains("guest operations"), "{}", e.message);
+        drop(copy);
+        let all = gates.all_turns("e", "vm", SHORT).await.unwrap();
+        // While it is held, guest work waits (and here gives up).
+        assert!(gates.op_turn("e", "vm", SHORT).await.is_err());
+        drop(all);
+        assert!(gates.op_turn("e", "vm", SHORT).await.is_ok());
+    }
 }

@@ -149,6 +149,21 @@ async fn call(core: &AgentCore, vm: &str, params: &OpParams) -> Result<Outcome, 
             kind: ErrorKind::InvalidArgument.as_str().into(),
             message: "copy-in runs inside the request that streams the file".into(),
         }),
+        OpParams::Migrate { .. } => {
+            // No exec or copy overlaps a migration, and no staged disk goes along.
+            let _all = core
+                .guest_gates
+                .all_turns(core.driver.endpoint(), vm, super::ready::GUEST_WAIT)
+                .await
+                .map_err(|e| OpError {
+                    kind: e.kind.as_str().into(),
+                    message: e.message,
+                })?;
+            super::bulk_copy::release_staged_on(core, vm).await?;
+            driver_call(&core.driver, vm, params)
+                .await
+                .map_err(|e| op_error(&e))
+        }
         _ => {
             // A VM that (re)starts or stops has a guest agent to wait for again.
             if matches!(

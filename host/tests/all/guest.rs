@@ -44,13 +44,22 @@ fn guest_spec(command_timeout_ms: u64) -> PluginSpec {
 
 /// An in-process agent with the kvm driver and guest-install.
 pub async fn agent(lv: &Libvirtd, bundles: Option<&Path>) -> (Agent, Client, tempfile::TempDir) {
+    agent_with(lv, bundles, kvm_spec(lv)).await
+}
+
+/// [`agent`] with the kvm plugin granted `kvm`.
+pub async fn agent_with(
+    lv: &Libvirtd,
+    bundles: Option<&Path>,
+    kvm: gve::plugin::PluginSpec,
+) -> (Agent, Client, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let config = AgentConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
         data_dir: dir.path().to_path_buf(),
         admin_token: TOKEN.into(),
         plugins: BTreeMap::from([
-            ("kvm".to_string(), kvm_spec(lv)),
+            ("kvm".to_string(), kvm),
             ("guest-install".to_string(), guest_spec(5_000)),
         ]),
         driver: Some(DriverConfig {

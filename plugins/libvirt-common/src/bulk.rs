@@ -173,6 +173,28 @@ impl BulkTransfer for StagedDisk {
     }
 }
 
+/// How long a release waits for the guest to let go of a detached disk.
+const UNPLUG_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Waits (at most [`UNPLUG_WAIT`]) until `vm`'s live definition no longer holds
+/// `path`: libvirt returns from a live detach once the unplug is requested (after
+/// waiting 5 s for the guest at most), and a disk still plugged would go along
+/// with a migration or keep the next copy's slot. A guest that never lets go
+/// keeps it until it stops; the volume is deleted all the same.
+fn wait_unplugged(conn: &Connection, vm: &str, path: &str) {
+    let start = std::time::Instant::now();
+    while start.elapsed() < UNPLUG_WAIT {
+        let held = match conn.domain_xml(vm, false) {
+            Ok(xml) => DomainView::parse(&xml).is_ok_and(|d| d.disks.iter().any(|d| d.path == path)),
+            Err(_) => false,
+        };
+        if !held {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
 /// Detaches `path` from `vm` (when attached as `target`), then deletes it. A disk
 /// already gone, a VM no longer running or gone: nothing to detach.
 fn detach_and_delete(conn: &Connection, vm: &str, path: &str, target: Option<&str>) -> Result<()> {
@@ -182,7 +204,7 @@ fn detach_and_delete(conn: &Connection, vm: &str, path: &str, target: Option<&st
             escape(path)
         );
         match conn.detach_device(vm, &xml) {
-            Ok(()) => {}
+            Ok(()) => wait_unplugged(conn, vm, path),
             Err(e) if matches!(e.kind(), "not-found" | "invalid-state") => {}
             // libvirt names a disk it does not hold "not found" in a plain failure.
             Err(e) if e.to_string().contains("not found") => {}

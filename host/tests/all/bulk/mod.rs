@@ -21,6 +21,7 @@ use crate::metrics::{sample, scrape};
 use crate::support::{host, no_creds, spec};
 
 mod job;
+mod migrate;
 mod out;
 
 fn kind(r: Result<impl Sized, PluginError>) -> ErrorKind {
