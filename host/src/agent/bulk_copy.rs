@@ -121,7 +121,7 @@ pub fn plain_path(path: &str) -> bool {
         && path.split('/').all(|s| s != "..")
 }
 
-pub(super) fn api(e: PluginError) -> ApiError {
+fn api(e: PluginError) -> ApiError {
     ApiError::from(e)
 }
 
@@ -343,10 +343,13 @@ pub async fn recover(core: &AgentCore) {
 /// Releases every disk still recorded as staged on `vm` (a release that failed
 /// earlier); fails while one stays, so that a migration never carries one along.
 pub async fn release_staged_on(core: &AgentCore, vm: &str) -> Result<(), OpError> {
-    let left = core.registry.meta_with_prefix(RECORD).map_err(|e| OpError {
-        kind: ErrorKind::Backend.as_str().into(),
-        message: format!("reading the staged disks' records: {e}"),
-    })?;
+    let left = core
+        .registry
+        .meta_with_prefix(RECORD)
+        .map_err(|e| OpError {
+            kind: ErrorKind::Backend.as_str().into(),
+            message: format!("reading the staged disks' records: {e}"),
+        })?;
     for (key, _) in left.into_iter().filter(|(_, on)| on == vm) {
         let id = key.trim_start_matches(RECORD);
         if !release_left(&core.driver, vm, id).await {

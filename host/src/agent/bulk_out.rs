@@ -12,7 +12,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
 
-use super::bulk_copy::{api, guest_script, release, stage, BULK_MIN, PIECE};
+use super::bulk_copy::{guest_script, release, stage, BULK_MIN, PIECE};
 use super::guest::GuestProvider;
 use super::AgentCore;
 use crate::api::{ApiError, Body};
@@ -48,23 +48,12 @@ pub async fn copy_out(
     path: &str,
     turn: GuestTurn,
 ) -> Result<BulkOut, ApiError> {
-    let exec = crate::plugin::bindings::types::ExecRequest {
-        argv: vec![
-            "/bin/sh".into(),
-            "-c".into(),
-            STAT.into(),
-            "gve-stat".into(),
-            path.into(),
-        ],
-        env: Vec::new(),
-        cwd: None,
-        stdin: Vec::new(),
-        timeout_ms: 10_000,
-        output_limit: 256,
+    let r = match super::guest_job::exec(guest, vm, STAT, "gve-stat", vec![path.into()]).await {
+        // A guest too slow to answer a stat: the guest agent's path copes.
+        Err(e) if e.kind == "timeout" => return Ok(BulkOut::Fallback(turn)),
+        r => r?,
     };
-    let r = guest.session.exec(vm, &exec).await.map_err(api)?;
-    let stat = String::from_utf8_lossy(&r.stdout);
-    let mut words = stat.split_whitespace();
+    let mut words = r.stdout.split_whitespace();
     let (Some(size), Some(mode)) = (
         words.next().and_then(|w| w.parse::<u64>().ok()),
         words.next().and_then(|w| u32::from_str_radix(w, 8).ok()),
@@ -72,7 +61,7 @@ pub async fn copy_out(
         // Missing, unreadable or no `stat`: the guest agent's path says why.
         return Ok(BulkOut::Fallback(turn));
     };
-    if r.exit_code != Some(0) || size < BULK_MIN {
+    if r.exit_code != 0 || size < BULK_MIN {
         return Ok(BulkOut::Fallback(turn));
     }
     let id = format!("out-{}", uuid::Uuid::new_v4().simple());

@@ -279,7 +279,12 @@ mod tests {
         let copy = gates.op_turn("e", "vm", SHORT).await.unwrap();
         // Enough other VMs that the next lookup prunes idle gates.
         for i in 0..PRUNE_AT {
-            drop(gates.op_turn("e", &format!("other-{i}"), SHORT).await.unwrap());
+            drop(
+                gates
+                    .op_turn("e", &format!("other-{i}"), SHORT)
+                    .await
+                    .unwrap(),
+            );
         }
         let e = gates.all_turns("e", "vm", SHORT).await.unwrap_err();
         assert_eq!(e.kind, ErrorKind::Unavailable);

@@ -26,35 +26,37 @@ echo $! >"$d/pid"
 echo "$d"
 "#;
 
-/// Exit code of [`POLL`] while the job runs (scripts must not use it).
+/// Exit code of [`POLL_HEAD`] while the job runs (scripts must not use it).
 const RUNNING: i32 = 99;
 
-/// Exit code of [`POLL`] and [`KILL`] for a job that ended without an exit code
+/// Exit code of [`POLL_HEAD`] and [`KILL_HEAD`] for a job that ended without an exit code
 /// (killed, its directory gone): scripts must not use it.
 const LOST: i32 = 98;
 
-/// Prints the job's output (stdout, stderr) and exits with its code, removing its
-/// directory; exits [`RUNNING`] while it runs, [`LOST`] when it is gone without
-/// an exit code. A zombie counts as gone: a guest whose init reaps no orphans
+/// A poll, followed by [`REPORT`]: exits [`RUNNING`] while the job runs,
+/// [`LOST`] when it is gone without an exit code. A zombie counts as gone: a guest whose init reaps no orphans
 /// keeps a killed job's process as one.
-const POLL: &str = r#"if [ ! -f "$1/rc" ]; then
+const POLL_HEAD: &str = r#"if [ ! -f "$1/rc" ]; then
   [ -d "$1" ] || exit 98
   st=$(sed 's/.*) //' "/proc/$(cat "$1/pid" 2>/dev/null)/stat" 2>/dev/null); st=${st%% *}
   [ -n "$st" ] && [ "$st" != Z ] && exit 99
   [ -f "$1/rc" ] || { rm -rf -- "$1"; exit 98; }
 fi
-cat "$1/out"; cat "$1/err" >&2; rc=$(cat "$1/rc"); rm -rf -- "$1"; exit "$rc""#;
+"#;
 
-/// Ends the job: as [`POLL`] when it has just finished, else kills its session,
-/// removes its directory and exits [`LOST`].
-const KILL: &str = r#"if [ ! -f "$1/rc" ]; then
+/// Ends the job, followed by [`REPORT`]: one that has just finished reports as a
+/// poll would; else its session is killed, its directory removed, exit [`LOST`].
+const KILL_HEAD: &str = r#"if [ ! -f "$1/rc" ]; then
   p=$(cat "$1/pid" 2>/dev/null) && kill -9 -"$p" 2>/dev/null
   sleep 0.2
 fi
-if [ -f "$1/rc" ]; then
-  cat "$1/out"; cat "$1/err" >&2; rc=$(cat "$1/rc"); rm -rf -- "$1"; exit "$rc"
-fi
-rm -rf -- "$1"; exit 98"#;
+[ -f "$1/rc" ] || { rm -rf -- "$1"; exit 98; }
+"#;
+
+/// The end of [`POLL_HEAD`] and [`KILL_HEAD`] once the job has finished: its
+/// output (stdout, stderr) and exit code, its directory removed.
+const REPORT: &str =
+    r#"cat "$1/out"; cat "$1/err" >&2; rc=$(cat "$1/rc"); rm -rf -- "$1"; exit "$rc""#;
 
 /// A job's end.
 #[derive(Debug)]
@@ -93,7 +95,8 @@ pub(super) async fn run(
     loop {
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(Duration::from_millis(250));
-        let polled = exec(guest, vm, POLL, "gve-poll", vec![dir.clone()]).await;
+        let poll = format!("{POLL_HEAD}{REPORT}");
+        let polled = exec(guest, vm, &poll, "gve-poll", vec![dir.clone()]).await;
         let (status, kind, why) = match polled {
             Ok(p) if p.exit_code == RUNNING && start.elapsed() <= deadline => continue,
             Ok(p) if p.exit_code == RUNNING => (
@@ -115,7 +118,8 @@ pub(super) async fn run(
         };
         // Never leave it running behind an error: it could still put a file in
         // place. It may also have just finished; then its own end counts.
-        let why = match exec(guest, vm, KILL, "gve-kill", vec![dir]).await {
+        let kill = format!("{KILL_HEAD}{REPORT}");
+        let why = match exec(guest, vm, &kill, "gve-kill", vec![dir]).await {
             Ok(p) if p.exit_code != LOST => return Ok(p),
             Ok(_) => why,
             Err(e) => format!(
@@ -131,8 +135,9 @@ pub(super) async fn run(
     }
 }
 
-/// One short exec of `sh -c body name args…`.
-async fn exec(
+/// One short exec (at most 10 s) of `sh -c body name args…`: its exit code (or
+/// [`LOST`] when it has none) and its output; 504 `timeout` when it overran.
+pub(super) async fn exec(
     guest: &GuestProvider,
     vm: &str,
     body: &str,

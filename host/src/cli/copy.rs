@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::BodyExt;
-use hyper::body::Frame;
 use hyper::Method;
 use serde_json::json;
 use sha2::{Digest, Sha256};
@@ -45,8 +44,8 @@ pub async fn copy_in(
     let file = tokio::fs::File::open(local)
         .await
         .map_err(|e| CliError::file(local, e))?;
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(2);
-    let sender = tokio::spawn(send_file(file, size, tx));
+    let (feed, body) = crate::api::request_feed();
+    let sender = tokio::spawn(send_file(file, size, feed));
     let url = format!(
         "{}/files?path={}&mode={}&parents={parents}",
         vm_path(id),
@@ -54,11 +53,7 @@ pub async fn copy_in(
         crate::api::percent_encode(mode)
     );
     let sent = client
-        .put_stream::<Job>(
-            &url,
-            &[("x-gve-sha256", sha.clone())],
-            crate::api::channel_body(rx),
-        )
+        .put_stream::<Job>(&url, &[("x-gve-sha256", sha.clone())], body)
         .await;
     // A local read error explains a cut upload better than the transport does.
     let read = sender.await.unwrap_or(Ok(()));
@@ -191,7 +186,7 @@ fn digest_file(path: &Path) -> std::io::Result<(u64, String)> {
 async fn send_file(
     mut file: tokio::fs::File,
     total: u64,
-    tx: tokio::sync::mpsc::Sender<Result<Frame<Bytes>, std::io::Error>>,
+    feed: crate::api::Feed,
 ) -> Result<(), std::io::Error> {
     let mut meter = Meter::new("sent", Some(total));
     loop {
@@ -199,8 +194,7 @@ async fn send_file(
         let n = match file.read(&mut buf).await {
             Ok(n) => n,
             Err(e) => {
-                let kind = e.kind();
-                let _ = tx.send(Err(std::io::Error::new(kind, e.to_string()))).await;
+                feed.fail(e.to_string()).await;
                 meter.done();
                 return Err(e);
             }
@@ -210,7 +204,7 @@ async fn send_file(
             return Ok(());
         }
         buf.truncate(n);
-        if tx.send(Ok(Frame::data(Bytes::from(buf)))).await.is_err() {
+        if !feed.data(Bytes::from(buf)).await {
             // The request ended (its error is the caller's to report).
             meter.done();
             return Ok(());

@@ -191,23 +191,60 @@ pub async fn copy_in(
 
 /// Reads `path` of `vm` as a stream; returns its size, SHA-256 and mode header.
 pub async fn copy_out(c: &Client, vm: &str, path: &str) -> (u64, String, String) {
+    let d = download(c, vm, path).await;
+    assert!(
+        !d.cut,
+        "the download of {path} was cut after {} bytes",
+        d.size
+    );
+    (d.size, d.sha256, d.mode)
+}
+
+/// What a download of a guest file brought.
+pub struct Download {
+    /// Bytes received.
+    pub size: u64,
+    /// Their SHA-256.
+    pub sha256: String,
+    /// The file's mode, as announced.
+    pub mode: String,
+    /// The length announced.
+    pub announced: u64,
+    /// Whether the body ended in an error (cut) rather than at its end.
+    pub cut: bool,
+}
+
+/// Downloads `path` of `vm` to its end or its first error.
+pub async fn download(c: &Client, vm: &str, path: &str) -> Download {
     let resp = c
         .get_stream(&format!("/v1/vms/{vm}/files?path={}", percent_encode(path)))
         .await
         .unwrap();
-    let mode = resp.headers()["x-gve-file-mode"]
-        .to_str()
-        .unwrap()
-        .to_string();
+    let header = |name: &str| resp.headers()[name].to_str().unwrap().to_string();
+    let (mode, announced) = (header("x-gve-file-mode"), header("content-length"));
     let mut body = resp.into_body();
-    let (mut size, mut h) = (0u64, Sha256::new());
+    let (mut size, mut h, mut cut) = (0u64, Sha256::new(), false);
     while let Some(frame) = body.frame().await {
-        if let Ok(data) = frame.unwrap().into_data() {
-            size += data.len() as u64;
-            h.update(&data);
+        match frame {
+            Ok(f) => {
+                if let Ok(data) = f.into_data() {
+                    size += data.len() as u64;
+                    h.update(&data);
+                }
+            }
+            Err(_) => {
+                cut = true;
+                break;
+            }
         }
     }
-    (size, hex::encode(h.finalize()), mode)
+    Download {
+        size,
+        sha256: hex::encode(h.finalize()),
+        mode,
+        announced: announced.parse().unwrap(),
+        cut,
+    }
 }
 
 /// Starts a chunked upload of `path` to `vm` by hand and goes away: after 256 KiB

@@ -185,7 +185,9 @@ fn wait_unplugged(conn: &Connection, vm: &str, path: &str) {
     let start = std::time::Instant::now();
     while start.elapsed() < UNPLUG_WAIT {
         let held = match conn.domain_xml(vm, false) {
-            Ok(xml) => DomainView::parse(&xml).is_ok_and(|d| d.disks.iter().any(|d| d.path == path)),
+            Ok(xml) => {
+                DomainView::parse(&xml).is_ok_and(|d| d.disks.iter().any(|d| d.path == path))
+            }
             Err(_) => false,
         };
         if !held {

@@ -53,6 +53,15 @@ fn pool_volumes(lv: &Libvirtd) -> String {
     lv.virsh(&["vol-list", "gve"])
 }
 
+/// Asserts that no staged disk is left in the lab's pool.
+fn nothing_staged(lv: &Libvirtd) {
+    let volumes = pool_volumes(lv);
+    assert!(
+        !volumes.contains("gve-xfer"),
+        "a staged disk was left: {volumes}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_staged_disk_carries_bytes_both_ways_on_a_real_guest_and_leaves_nothing() {
     let lv = Libvirtd::start();
@@ -89,11 +98,7 @@ async fn a_staged_disk_carries_bytes_both_ways_on_a_real_guest_and_leaves_nothin
         kind(driver.bulk_stage("no-such-vm", "t-0", 1 << 20).await),
         ErrorKind::NotFound
     );
-    assert!(
-        !pool_volumes(&lv).contains("gve-xfer"),
-        "{}",
-        pool_volumes(&lv)
-    );
+    nothing_staged(&lv);
 
     // In: the host writes 10 MiB + 123 bytes; the guest reads them off the disk.
     let size = (10 << 20) + 123;
@@ -157,11 +162,7 @@ async fn a_staged_disk_carries_bytes_both_ways_on_a_real_guest_and_leaves_nothin
     let t = Instant::now();
     xfer.release().await.unwrap();
     eprintln!("released in {:?}", t.elapsed());
-    assert!(
-        !pool_volumes(&lv).contains("gve-xfer"),
-        "{}",
-        pool_volumes(&lv)
-    );
+    nothing_staged(&lv);
     let live = lv.virsh(&["dumpxml", &vm.name]);
     assert!(!live.contains("gve-xfer"), "{live}");
     assert!(!lv
@@ -284,11 +285,7 @@ async fn a_large_copy_in_goes_through_a_staged_disk_and_falls_back_when_none_can
         !out.contains(".gve-bulk"),
         "a temporary file was left: {out}"
     );
-    assert!(
-        !pool_volumes(&lv).contains("gve-xfer"),
-        "{}",
-        pool_volumes(&lv)
-    );
+    nothing_staged(&lv);
 
     // A client checksum that does not match: refused, the file as it was.
     let other: Vec<u8> = data.iter().map(|b| b ^ 0x5a).collect();
@@ -320,11 +317,7 @@ async fn a_large_copy_in_goes_through_a_staged_disk_and_falls_back_when_none_can
         .await
         .unwrap_err();
     assert_eq!((e.status, e.kind.as_str()), (404, "not-found"), "{e}");
-    assert!(
-        !pool_volumes(&lv).contains("gve-xfer"),
-        "{}",
-        pool_volumes(&lv)
-    );
+    nothing_staged(&lv);
 
     // A directory as the target: refused by the guest's side of a staged copy,
     // nothing replaced or left.
@@ -399,11 +392,7 @@ async fn a_large_copy_in_goes_through_a_staged_disk_and_falls_back_when_none_can
         !out.contains("cut.bin") && !out.contains(".gve-bulk"),
         "{out}"
     );
-    assert!(
-        !pool_volumes(&lv).contains("gve-xfer"),
-        "{}",
-        pool_volumes(&lv)
-    );
+    nothing_staged(&lv);
 
     // No slot left for another disk (filled by hand): the copy goes through the
     // guest agent instead, and arrives all the same.
@@ -434,11 +423,7 @@ async fn a_large_copy_in_goes_through_a_staged_disk_and_falls_back_when_none_can
         .unwrap();
     assert_eq!(meta.sha256, hex(small));
     assert!(stagings(&agent, "driver-error").await >= 1.0);
-    assert!(
-        !pool_volumes(&lv).contains("gve-xfer"),
-        "{}",
-        pool_volumes(&lv)
-    );
+    nothing_staged(&lv);
     agent.stop().await;
 }
 

@@ -4,38 +4,12 @@
 
 use std::time::{Duration, Instant};
 
-use gve::api::client::Client;
-use gve::api::percent_encode;
 use gve_harness::Libvirtd;
-use http_body_util::BodyExt;
 use serde_json::json;
 
 use super::pool_volumes;
 use crate::agent::TOKEN;
-use crate::guest::{exec, running_vm, text};
-
-/// Reads `path` of `vm` to its end or its first error; returns the bytes read,
-/// the announced length and whether the body ended in an error.
-async fn read_all(c: &Client, vm: &str, path: &str) -> (u64, u64, bool) {
-    let resp = c
-        .get_stream(&format!("/v1/vms/{vm}/files?path={}", percent_encode(path)))
-        .await
-        .unwrap();
-    let announced = resp.headers()["content-length"]
-        .to_str()
-        .unwrap()
-        .parse()
-        .unwrap();
-    let mut body = resp.into_body();
-    let mut got = 0u64;
-    while let Some(frame) = body.frame().await {
-        match frame {
-            Ok(f) => got += f.into_data().map(|d| d.len() as u64).unwrap_or(0),
-            Err(_) => return (got, announced, true),
-        }
-    }
-    (got, announced, false)
-}
+use crate::guest::{download, exec, running_vm, text};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_copy_out_is_cut_when_the_file_changes_or_the_client_stops_reading() {
@@ -58,7 +32,8 @@ async fn a_copy_out_is_cut_when_the_file_changes_or_the_client_stops_reading() {
         json!({ "argv": ["sh", "-c", "(i=0; while :; do i=$((i+1)); printf %08d $i | dd of=/tmp/f.bin bs=8 count=1 conv=notrunc 2>/dev/null; done) >/dev/null 2>&1 & echo $! > /tmp/loop.pid"] }),
     )
     .await;
-    let (got, announced, failed) = read_all(&c, &vm.id, "/tmp/f.bin").await;
+    let d = download(&c, &vm.id, "/tmp/f.bin").await;
+    let (got, announced, failed) = (d.size, d.announced, d.cut);
     eprintln!("a file rewritten during the copy: {got} of {announced} bytes, cut: {failed}");
     assert!(
         failed || got < announced,
@@ -71,7 +46,8 @@ async fn a_copy_out_is_cut_when_the_file_changes_or_the_client_stops_reading() {
     )
     .await;
     // Unchanged, the same file arrives whole.
-    let (got, announced, failed) = read_all(&c, &vm.id, "/tmp/f.bin").await;
+    let d = download(&c, &vm.id, "/tmp/f.bin").await;
+    let (got, announced, failed) = (d.size, d.announced, d.cut);
     assert!(!failed && got == announced && got == 12 << 20, "{got}");
 
     // A client that asks for 40 MiB and reads nothing: more than sockets and the
