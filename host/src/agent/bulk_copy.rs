@@ -71,7 +71,9 @@ done
 /// directory a guest user may own, so it works inside a private directory made
 /// by `mktemp -d` (0700) and entered first: a user who renames or replaces it
 /// cannot redirect a write, `chmod` or rename through a symlink; `mv -T` never
-/// moves the file into a directory planted at the target.
+/// moves the file into a directory planted at the target. A job stopped with
+/// SIGTERM (as [`super::guest_job`] stops one) removes its directory; one killed
+/// outright leaves it (root's, 0700) beside the target.
 const GUEST_IN: &str = r#"path=$2 size=$3 mode=$4 parents=$5 want=$6
 dir=$(dirname -- "$path")
 [ "$parents" = 1 ] && mkdir -p -- "$dir"
@@ -79,6 +81,7 @@ dir=$(dirname -- "$path")
 [ -d "$path" ] && { echo "$path is a directory" >&2; exit 10; }
 t=$(mktemp -d "$dir/.gve-bulk.XXXXXX") || { echo "no temporary directory in $dir" >&2; exit 6; }
 trap 'cd /; rm -rf -- "$t"' EXIT
+trap 'exit 143' TERM HUP INT
 cd "$t" || exit 6
 n=$(( (size + 4194303) / 4194304 ))
 dd if="$dev" of=f bs=4M count=$n iflag=direct oflag=direct 2>/dev/null ||

@@ -45,10 +45,13 @@ fi
 "#;
 
 /// Ends the job, followed by [`REPORT`]: one that has just finished reports as a
-/// poll would; else its session is killed, its directory removed, exit [`LOST`].
-const KILL_HEAD: &str = r#"if [ ! -f "$1/rc" ]; then
-  p=$(cat "$1/pid" 2>/dev/null) && kill -9 -"$p" 2>/dev/null
-  sleep 0.2
+/// poll would; else its session gets SIGTERM (a script's traps clean up), then
+/// SIGKILL, its directory is removed, exit [`LOST`].
+const KILL_HEAD: &str = r#"if [ ! -f "$1/rc" ] && p=$(cat "$1/pid" 2>/dev/null); then
+  kill -TERM -"$p" 2>/dev/null
+  sleep 0.3
+  kill -9 -"$p" 2>/dev/null
+  sleep 0.1
 fi
 [ -f "$1/rc" ] || { rm -rf -- "$1"; exit 98; }
 "#;

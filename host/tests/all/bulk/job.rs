@@ -40,23 +40,33 @@ async fn a_killed_or_unsafe_guest_job_fails_the_copy_and_leaves_the_target() {
     exec(&c, &vm.id, sh("chmod 1777 /tmp")).await;
     untouched("after a refused /tmp").await;
 
-    // The job's whole session killed while it runs (as a guest's OOM killer or a
-    // hostile root might): it ends without an exit code.
-    exec(
-        &c,
-        &vm.id,
-        sh("(while :; do for p in /tmp/.gve-job.*/pid; do [ -f \"$p\" ] && kill -9 -\"$(cat \"$p\")\"; done; sleep 0.05; done) >/dev/null 2>&1 & echo $! > /tmp/killer.pid"),
-    )
-    .await;
-    let e = put_known(&c, &vm.id, "/tmp/t.bin", &data, &sha)
-        .await
-        .unwrap_err();
-    eprintln!("a killed guest job: {e}");
-    assert_eq!((e.status, e.kind.as_str()), (502, "backend"), "{e}");
-    assert!(e.message.contains("without an exit code"), "{e}");
-    exec(&c, &vm.id, sh("kill $(cat /tmp/killer.pid)")).await;
-    untouched("after a killed job").await;
-    nothing_staged(&lv);
+    // The job's whole session killed while it copies (as a guest's OOM killer or a
+    // hostile root might, SIGKILL; as a shutdown would, SIGTERM first): it ends
+    // without an exit code. SIGTERM lets it remove its private directory.
+    for signal in ["KILL", "TERM"] {
+        let killer = format!(
+            "(while :; do for t in /tmp/.gve-bulk.*; do [ -d \"$t\" ] || continue; \
+             for p in /tmp/.gve-job.*/pid; do [ -f \"$p\" ] && kill -{signal} -\"$(cat \"$p\")\"; done; \
+             done; sleep 0.05; done) >/dev/null 2>&1 & echo $! > /tmp/killer.pid"
+        );
+        exec(&c, &vm.id, sh(&killer)).await;
+        let e = put_known(&c, &vm.id, "/tmp/t.bin", &data, &sha)
+            .await
+            .unwrap_err();
+        eprintln!("a guest job killed with SIG{signal}: {e}");
+        assert_eq!((e.status, e.kind.as_str()), (502, "backend"), "{e}");
+        assert!(e.message.contains("without an exit code"), "{e}");
+        exec(&c, &vm.id, sh("kill $(cat /tmp/killer.pid)")).await;
+        untouched(&format!("after a job killed with SIG{signal}")).await;
+        nothing_staged(&lv);
+        let left = exec(&c, &vm.id, sh("ls -a /tmp; rm -rf /tmp/.gve-bulk.*")).await;
+        let left = text(&left.stdout_b64);
+        assert_eq!(
+            left.contains(".gve-bulk."),
+            signal == "KILL",
+            "SIG{signal} left: {left}"
+        );
+    }
 
     // Nothing is stuck: the same copy now goes through.
     let meta = put_known(&c, &vm.id, "/tmp/t.bin", &data, &sha)
