@@ -2,8 +2,10 @@
 //! this machine, through gve (a site job → the source agent's operation → the kvm
 //! plugin → libvirt) against `virsh migrate --live` between the same two daemons
 //! with the same flags (persistent at the destination, undefined at the source,
-//! shared storage). The guest goes back and forth; migrations alternate the two
-//! paths (gve, virsh, virsh, gve, ...).
+//! shared storage), in two modes: managed (the client drives each step on both
+//! daemons) and peer-to-peer (the source's libvirtd drives it: the kvm plugin's
+//! `peer-to-peer = true`, `virsh migrate --p2p`). The guest goes back and forth;
+//! migrations alternate the two paths (gve, virsh, virsh, gve, ...).
 //!
 //! - **Total:** from the request until the site's job succeeded (gve; the user
 //!   long-polls the job) or until virsh returned.
@@ -15,8 +17,8 @@
 //! After a virsh migration (out of band for gve) both agents reconcile and the
 //! bench waits until the site's record follows the VM, so the next gve migration
 //! starts from where the VM is. Writes bench/results/kvm-migrate.md;
-//! `bash bench/run.sh kvm_migrate`; GVE_MIGRATE_ROUNDS migrations per path
-//! (default 6).
+//! `bash bench/run.sh kvm_migrate`; GVE_MIGRATE_ROUNDS migrations per path and
+//! mode (default 6).
 
 #[path = "common.rs"]
 mod common;
@@ -36,7 +38,11 @@ const AGENT: &str = "bench-agent-token-0123456789";
 
 /// A kvm agent with guest-install on `lv` that may migrate to `other` (shared
 /// storage: both daemons see each other's pool).
-async fn agent(lv: &Libvirtd, other: &Libvirtd) -> (gve::agent::Agent, Client, tempfile::TempDir) {
+async fn agent(
+    lv: &Libvirtd,
+    other: &Libvirtd,
+    p2p: bool,
+) -> (gve::agent::Agent, Client, tempfile::TempDir) {
     let (own, dest) = (lv.migration_uri(), other.migration_uri());
     common::kvm_guest_agent(lv, AGENT, move |config| {
         let kvm = config.plugins.get_mut("kvm").expect("the kvm plugin");
@@ -44,6 +50,9 @@ async fn agent(lv: &Libvirtd, other: &Libvirtd) -> (gve::agent::Agent, Client, t
         kvm.grants
             .config
             .insert("shared-storage".into(), "true".into());
+        kvm.grants
+            .config
+            .insert("peer-to-peer".into(), p2p.to_string());
         if let Some(d) = config.driver.as_mut() {
             d.migration_uri = Some(own);
             d.reconcile_period_ms = 5_000;
@@ -98,8 +107,19 @@ async fn main() {
     let hosts = [Libvirtd::start(), Libvirtd::start()];
     hosts[0].see_pool_of(&hosts[1]);
     hosts[1].see_pool_of(&hosts[0]);
-    let (agent_a, ca, _da) = agent(&hosts[0], &hosts[1]).await;
-    let (agent_b, cb, _db) = agent(&hosts[1], &hosts[0]).await;
+    let managed = measure(&hosts, false, rounds).await;
+    let p2p = measure(&hosts, true, rounds).await;
+    write(rounds, managed, p2p);
+}
+
+/// Totals and downtimes of one mode: `(gve, virsh)`.
+type Measured = ([Vec<Duration>; 2], [Vec<Duration>; 2]);
+
+/// `rounds` migrations per path through a fresh site and agents, peer-to-peer or
+/// driven by the client (gve's libvirt client, virsh).
+async fn measure(hosts: &[Libvirtd; 2], p2p: bool, rounds: usize) -> Measured {
+    let (agent_a, ca, _da) = agent(&hosts[0], &hosts[1], p2p).await;
+    let (agent_b, cb, _db) = agent(&hosts[1], &hosts[0], p2p).await;
     let agent_clients = [&ca, &cb];
     let ids = ["a", "b"];
 
@@ -137,14 +157,16 @@ async fn main() {
         } else {
             let dest = hosts[to].migration_uri();
             let live = ["--live", "--persistent", "--undefinesource", "--unsafe"];
-            let args = [&["migrate"][..], &live, &[&vm.name, &dest]].concat();
+            let mode: &[&str] = if p2p { &["--p2p"] } else { &[] };
+            let args = [&["migrate"][..], &live, mode, &[&vm.name, &dest]].concat();
             common::virsh(&hosts[on].uri, &args).await;
         }
         let took = t.elapsed();
         let down = Duration::from_secs_f64(downtime_ms(&hosts[to], &vm.name) / 1000.0);
         eprintln!(
-            "migration {i} ({}) {} -> {}: {took:?}, downtime {down:?}",
+            "migration {i} ({}{}) {} -> {}: {took:?}, downtime {down:?}",
             if through_gve { "gve" } else { "virsh" },
+            if p2p { ", p2p" } else { "" },
             ids[on],
             ids[to]
         );
@@ -170,10 +192,10 @@ async fn main() {
     site.stop().await;
     agent_a.stop().await;
     agent_b.stop().await;
-    write(rounds, [gve_total, gve_down], [virsh_total, virsh_down]);
+    ([gve_total, gve_down], [virsh_total, virsh_down])
 }
 
-fn write(rounds: usize, gve: [Vec<Duration>; 2], virsh: [Vec<Duration>; 2]) {
+fn write(rounds: usize, managed: Measured, p2p: Measured) {
     let mut md = String::from(
         "# KVM: live migration through gve vs `virsh migrate --live` between the same two libvirtds\n\n",
     );
@@ -182,29 +204,35 @@ fn write(rounds: usize, gve: [Vec<Duration>; 2], virsh: [Vec<Duration>; 2]) {
          TCG, the tiny guest (128 MiB, 1 vCPU, running, idle after boot), shared storage (each \
          daemon has a pool on the other's directory). Through gve: the user's `POST \
          /v1/vms/{{id}}/migrate` to the site, which runs it as a job on the source agent (kvm \
-         plugin, libvirt's `virDomainMigrate3` with LIVE, PERSIST_DEST, UNDEFINE_SOURCE, UNSAFE); \
+         plugin, libvirt's migration with LIVE, PERSIST_DEST, UNDEFINE_SOURCE, UNSAFE); \
          the total ends when the user's long-poll sees the job succeed. virsh: `virsh migrate \
-         --live --persistent --undefinesource --unsafe`, until it returns. Downtime: QEMU's own, \
+         --live --persistent --undefinesource --unsafe`, until it returns. Two modes, each with \
+         a fresh site and agents: **managed** (the client, gve's libvirt client or virsh, drives \
+         each step on both daemons: `virDomainMigrate3`) and **peer-to-peer** (the kvm plugin's \
+         `peer-to-peer = true`, virsh `--p2p`: the source's libvirtd drives the destination \
+         itself). Downtime: QEMU's own, \
          as the destination's libvirt reports the completed migration (`virsh domjobinfo \
          --completed`, Total downtime), for both paths. Median and IQR of {rounds} migrations \
-         per path, alternating, the guest going back and forth. Produced by `bash bench/run.sh \
+         per path and mode, alternating, the guest going back and forth. Produced by `bash bench/run.sh \
          kvm_migrate`.\n\n",
         today(),
         cores()
     );
-    md += "| measure | through gve: median (IQR) | virsh: median (IQR) | gve − virsh (medians) |\n|---|---|---|---|\n";
-    for ((name, g), v) in ["total", "downtime (QEMU's)"]
-        .into_iter()
-        .zip(gve)
-        .zip(virsh)
-    {
-        let diff = ms(quartiles(g.clone()).0) - ms(quartiles(v.clone()).0);
-        let pct = 100.0 * diff / ms(quartiles(v.clone()).0).max(f64::MIN_POSITIVE);
-        md += &format!(
-            "| {name} | {} | {} | {diff:+.0} ms ({pct:+.1}%) |\n",
-            median_iqr(g),
-            median_iqr(v)
-        );
+    md += "| mode | measure | through gve: median (IQR) | virsh: median (IQR) | gve − virsh (medians) |\n|---|---|---|---|---|\n";
+    for (mode, (gve, virsh)) in [("managed", managed), ("peer-to-peer", p2p)] {
+        for ((name, g), v) in ["total", "downtime (QEMU's)"]
+            .into_iter()
+            .zip(gve)
+            .zip(virsh)
+        {
+            let diff = ms(quartiles(g.clone()).0) - ms(quartiles(v.clone()).0);
+            let pct = 100.0 * diff / ms(quartiles(v.clone()).0).max(f64::MIN_POSITIVE);
+            md += &format!(
+                "| {mode} | {name} | {} | {} | {diff:+.0} ms ({pct:+.1}%) |\n",
+                median_iqr(g),
+                median_iqr(v)
+            );
+        }
     }
     publish("kvm-migrate.md", &md);
 }

@@ -326,7 +326,7 @@ async fn guest_counter(driver: &DriverSession, vm: &str) -> u64 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn live_migration_between_two_agents_keeps_the_guest_running() {
+async fn live_migration_between_two_agents_keeps_the_guest_running_managed_or_peer_to_peer() {
     let (a, b) = (Libvirtd::start(), Libvirtd::start());
     let dest = b.migration_uri();
     let mut spec_a = kvm_spec(&a);
@@ -337,7 +337,13 @@ async fn live_migration_between_two_agents_keeps_the_guest_running() {
         .config
         .insert("shared-storage".into(), "true".into());
     let (agent_a, ca, _da) = start_agent("kvm", spec_a, &a.uri, 60_000).await;
-    let (agent_b, cb, _db) = start_agent("kvm", kvm_spec(&b), &b.uri, 300).await;
+    // B migrates back peer-to-peer: its libvirtd drives the migration to A's.
+    let mut spec_b = kvm_spec(&b);
+    spec_b.grants.libvirt.push(a.migration_uri());
+    for (k, v) in [("shared-storage", "true"), ("peer-to-peer", "true")] {
+        spec_b.grants.config.insert(k.into(), v.into());
+    }
+    let (agent_b, cb, _db) = start_agent("kvm", spec_b, &b.uri, 300).await;
     let vm = run_op(
         &ca,
         "/v1/vms",
@@ -391,6 +397,26 @@ async fn live_migration_between_two_agents_keeps_the_guest_running() {
         "the counter was reset by the migration: {before} -> {after}"
     );
     eprintln!("mig-1: counter {before} -> {after}");
+
+    // And back, peer-to-peer through B's plugin.
+    let op = run_op(
+        &cb,
+        &format!("/v1/vms/{}/migrate", vm.id),
+        json!({ "destination": a.migration_uri(), "live": true }),
+    )
+    .await;
+    assert_eq!(op.state, OpState::Succeeded, "{op:?}");
+    assert!(b
+        .virsh(&["list", "--all", "--name"])
+        .lines()
+        .all(|l| l.trim() != "mig-1"));
+    let _: serde_json::Value = ca
+        .call(hyper::Method::POST, "/v1/reconcile", Some(&json!({})))
+        .await
+        .unwrap();
+    assert_eq!(state(&ca, &vm.id).await, VmState::Running);
+    let back = guest_counter(&drv_a, &vm.id).await;
+    assert!(back >= after, "the counter was reset: {after} -> {back}");
     agent_a.stop().await;
     agent_b.stop().await;
 }

@@ -11,7 +11,8 @@
 //! 20000: a graceful shutdown that does not finish in time is forced), `domain-type`
 //! (default: the template's), `shared-storage` (default false: migration copies the
 //! disks' top layers; true: every destination sees the pool's disks at the same
-//! paths, so nothing is copied).
+//! paths, so nothing is copied), `peer-to-peer` (default false; true: the source's
+//! libvirtd drives a migration itself, see `gve-libvirt-common`).
 //!
 //! Exports `gve:hypervisor/bulk` too (capability `bulk-copy`): a copy's bytes go
 //! through a raw disk staged in the pool and attached live to the running VM.

@@ -10,7 +10,10 @@
 //! `shutdown-timeout-ms` (default 20000: a graceful shutdown that does not finish in
 //! time is forced), `shared-storage` (default false: migration copies the disks where
 //! the flavor can; true: every destination sees the pool's disks at the same paths,
-//! so nothing is copied).
+//! so nothing is copied), `peer-to-peer` (default false: this client drives a live
+//! migration's steps on both daemons; true: the source's libvirtd drives it and
+//! connects to the destination URI itself, which must then resolve from the source
+//! host).
 
 pub mod bulk;
 pub mod domain;

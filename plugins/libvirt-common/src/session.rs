@@ -18,6 +18,7 @@ pub struct LibvirtSession<F: Flavor> {
     pool: String,
     shutdown_timeout: Duration,
     shared_storage: bool,
+    peer_to_peer: bool,
     flavor: PhantomData<F>,
 }
 
@@ -49,6 +50,7 @@ impl<F: Flavor> LibvirtSession<F> {
             pool: crate::storage_pool(),
             shutdown_timeout: Duration::from_millis(shutdown_ms),
             shared_storage: gve_sdk::config::parse_or("shared-storage", false)?,
+            peer_to_peer: gve_sdk::config::parse_or("peer-to-peer", false)?,
             flavor: PhantomData,
         })
     }
@@ -529,6 +531,12 @@ impl<F: Flavor> Session for LibvirtSession<F> {
                 )));
             }
             flags |= MigrateFlags::LIVE;
+        }
+        if self.peer_to_peer {
+            // The source's libvirtd drives the whole migration itself (it connects
+            // to `destination`), with no round trips through this client between
+            // the source's last memory pass and the destination's resume.
+            flags |= MigrateFlags::PEER_TO_PEER;
         }
         self.conn.migrate_domain(&d.name, &destination, flags, 0)?;
         let dest = Connection::open(&destination)?;
