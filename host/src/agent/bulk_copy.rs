@@ -79,9 +79,10 @@ dir=$(dirname -- "$path")
 [ "$parents" = 1 ] && mkdir -p -- "$dir"
 [ -d "$dir" ] || { echo "no directory $dir" >&2; exit 4; }
 [ -d "$path" ] && { echo "$path is a directory" >&2; exit 10; }
+t=
+trap 'cd /; [ -n "$t" ] && rm -rf -- "$t"' EXIT
+trap 'exit 143' TERM HUP
 t=$(mktemp -d "$dir/.gve-bulk.XXXXXX") || { echo "no temporary directory in $dir" >&2; exit 6; }
-trap 'cd /; rm -rf -- "$t"' EXIT
-trap 'exit 143' TERM HUP INT
 cd "$t" || exit 6
 n=$(( (size + 4194303) / 4194304 ))
 dd if="$dev" of=f bs=4M count=$n iflag=direct oflag=direct 2>/dev/null ||

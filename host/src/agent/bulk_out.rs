@@ -116,18 +116,26 @@ async fn stream(
     let mut held: Option<Bytes> = None;
     while at < size {
         let want = (size - at).min(PIECE as u64) as u32;
-        let piece = xfer.read(at, want).await.map_err(|e| e.to_string())?;
+        // The next piece is read off the disk while the one before it goes to
+        // the client: one piece ahead, never more.
+        let earlier = held.take();
+        let (piece, sent) = tokio::join!(xfer.read(at, want), async {
+            match earlier {
+                Some(p) => feed.data(p).await,
+                None => true,
+            }
+        });
+        if !sent {
+            tracing::debug!("copy-out: the client left after {at} bytes");
+            return Ok(());
+        }
+        let piece = piece.map_err(|e| e.to_string())?;
         if piece.is_empty() {
             return Err(format!("the staged disk ended after {at} of {size} bytes"));
         }
         at += piece.len() as u64;
         hasher.update(&piece);
-        if let Some(earlier) = held.replace(Bytes::from(piece)) {
-            if !feed.data(earlier).await {
-                tracing::debug!("copy-out: the client left after {at} bytes");
-                return Ok(());
-            }
-        }
+        held = Some(Bytes::from(piece));
     }
     let got = hex::encode(hasher.finalize());
     if got != sum {

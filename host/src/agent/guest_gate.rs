@@ -46,6 +46,8 @@ struct GateState {
     last_probe: Option<Instant>,
     /// The guest agent answered since the VM last (re)started or was found without one.
     answered: bool,
+    /// Operations holding (or waiting for) every turn at once: migrations.
+    exclusive: u32,
 }
 
 /// What the gate decided for one command.
@@ -58,6 +60,24 @@ pub enum Pass {
 
 /// The qemu-ga command that probes an open circuit.
 pub const PROBE: &str = r#"{"execute":"guest-ping"}"#;
+
+/// Every guest-operation turn of one VM (see [`GuestGates::all_turns`]), held
+/// until dropped.
+pub struct AllTurns {
+    gate: Arc<Gate>,
+    _turns: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+impl Drop for AllTurns {
+    fn drop(&mut self) {
+        let mut s = lock(&self.gate.state);
+        s.exclusive = s.exclusive.saturating_sub(1);
+    }
+}
+
+fn lock(state: &Mutex<GateState>) -> std::sync::MutexGuard<'_, GateState> {
+    state.lock().unwrap_or_else(|p| p.into_inner())
+}
 
 /// A command's turn at a VM's guest agent (held until dropped).
 pub struct Ticket {
@@ -111,12 +131,17 @@ impl GuestGates {
             .ok()
             .and_then(Result::ok)
             .ok_or_else(|| {
+                let migrating = lock(&gate.state).exclusive > 0;
+                let why = if migrating {
+                    format!(
+                        "VM {vm} is being migrated (or waits to be): guest operations wait for it"
+                    )
+                } else {
+                    format!("VM {vm} already has {OPS_PER_VM} guest operations running")
+                };
                 DriverError::new(
                     ErrorKind::Unavailable,
-                    format!(
-                        "VM {vm} already has {OPS_PER_VM} guest operations running; none ended within {} ms",
-                        within.as_millis()
-                    ),
+                    format!("{why}; no turn came within {} ms", within.as_millis()),
                 )
             })?;
         self.open_circuit(&gate, vm)?;
@@ -131,26 +156,39 @@ impl GuestGates {
         endpoint: &str,
         vm: &str,
         within: Duration,
-    ) -> Result<tokio::sync::OwnedSemaphorePermit, DriverError> {
+    ) -> Result<AllTurns, DriverError> {
         let gate = self.gate(endpoint, vm);
-        tokio::time::timeout(within, gate.ops.clone().acquire_many_owned(OPS_PER_VM as u32))
-            .await
-            .ok()
-            .and_then(Result::ok)
-            .ok_or_else(|| {
-                DriverError::new(
-                    ErrorKind::Unavailable,
-                    format!(
-                        "VM {vm} has guest operations (exec, copy) running; they did not end within {} ms",
-                        within.as_millis()
-                    ),
-                )
-            })
+        lock(&gate.state).exclusive += 1;
+        // Counted from here, so the count drops however this ends.
+        let mut held = AllTurns {
+            gate: gate.clone(),
+            _turns: None,
+        };
+        let turns = tokio::time::timeout(
+            within,
+            gate.ops.clone().acquire_many_owned(OPS_PER_VM as u32),
+        )
+        .await
+        .ok()
+        .and_then(Result::ok);
+        match turns {
+            Some(t) => {
+                held._turns = Some(t);
+                Ok(held)
+            }
+            None => Err(DriverError::new(
+                ErrorKind::Unavailable,
+                format!(
+                    "VM {vm} has guest operations (exec, copy) running; they did not end within {} ms",
+                    within.as_millis()
+                ),
+            )),
+        }
     }
 
     /// Fails when `vm`'s circuit is open and no probe is due.
     fn open_circuit(&self, gate: &Gate, vm: &str) -> Result<(), DriverError> {
-        let s = gate.state.lock().unwrap_or_else(|p| p.into_inner());
+        let s = lock(&gate.state);
         match s.hung_since {
             Some(since) if s.last_probe.is_some_and(|p| p.elapsed() < PROBE_EVERY) => {
                 Err(hung(vm, since))
@@ -162,14 +200,14 @@ impl GuestGates {
     /// Whether `vm`'s circuit is open (its guest agent stopped answering).
     pub fn hung(&self, endpoint: &str, vm: &str) -> bool {
         let gate = self.gate(endpoint, vm);
-        let s = gate.state.lock().unwrap_or_else(|p| p.into_inner());
+        let s = lock(&gate.state);
         s.hung_since.is_some()
     }
 
     /// Whether `vm`'s guest agent answered since the VM last (re)started.
     pub fn answered(&self, endpoint: &str, vm: &str) -> bool {
         let gate = self.gate(endpoint, vm);
-        let s = gate.state.lock().unwrap_or_else(|p| p.into_inner());
+        let s = lock(&gate.state);
         s.answered
     }
 
@@ -177,7 +215,7 @@ impl GuestGates {
     /// when the VM (re)starts).
     pub fn set_answered(&self, endpoint: &str, vm: &str, answered: bool) {
         let gate = self.gate(endpoint, vm);
-        let mut s = gate.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut s = lock(&gate.state);
         s.answered = answered;
         if answered {
             s.hung_since = None;
@@ -209,7 +247,7 @@ impl GuestGates {
             _turn: turn,
             started: Instant::now(),
         };
-        let mut s = gate.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut s = lock(&gate.state);
         let Some(since) = s.hung_since else {
             return Ok(Pass::Go(ticket));
         };
@@ -225,7 +263,7 @@ impl Ticket {
     /// Records how the command (or probe) went: an answer closes the circuit; a
     /// timeout, or a failure only after waiting, opens it.
     pub fn done<T>(&self, r: &Result<T, DriverError>) {
-        let mut s = self.gate.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut s = lock(&self.gate.state);
         match r {
             Ok(_) => {
                 s.hung_since = None;
@@ -286,13 +324,14 @@ mod tests {
                     .unwrap(),
             );
         }
-        let e = gates.all_turns("e", "vm", SHORT).await.unwrap_err();
+        let e = gates.all_turns("e", "vm", SHORT).await.err().expect("refused");
         assert_eq!(e.kind, ErrorKind::Unavailable);
         assert!(e.message.contains("guest operations"), "{}", e.message);
         drop(copy);
         let all = gates.all_turns("e", "vm", SHORT).await.unwrap();
-        // While it is held, guest work waits (and here gives up).
-        assert!(gates.op_turn("e", "vm", SHORT).await.is_err());
+        // While it is held, guest work waits (and here gives up, saying why).
+        let e = gates.op_turn("e", "vm", SHORT).await.unwrap_err();
+        assert!(e.message.contains("being migrated"), "{}", e.message);
         drop(all);
         assert!(gates.op_turn("e", "vm", SHORT).await.is_ok());
     }

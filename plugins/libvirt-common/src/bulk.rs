@@ -32,6 +32,13 @@ fn volume_name(id: &str) -> String {
     format!("gve-xfer-{id}.raw")
 }
 
+/// Whether `path` is a staged disk's volume.
+pub fn is_staged(path: &str) -> bool {
+    path.rsplit('/')
+        .next()
+        .is_some_and(|f| f.starts_with("gve-xfer-"))
+}
+
 /// The serial number of transfer `id`'s disk: `gvex` and 16 hex digits of a hash
 /// of the id (a virtio disk carries at most 20 bytes).
 pub fn serial_of(id: &str) -> String {
@@ -179,19 +186,28 @@ const UNPLUG_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 /// Waits (at most [`UNPLUG_WAIT`]) until `vm`'s live definition no longer holds
 /// `path`: libvirt returns from a live detach once the unplug is requested (after
 /// waiting 5 s for the guest at most), and a disk still plugged would go along
-/// with a migration or keep the next copy's slot. A guest that never lets go
-/// keeps it until it stops; the volume is deleted all the same.
-fn wait_unplugged(conn: &Connection, vm: &str, path: &str) {
+/// with a migration or keep the next copy's slot. A guest that does not let go
+/// in time fails the release (`unavailable`) and keeps its volume: the agent
+/// keeps the transfer's record and tries again (a stopped VM lets go).
+fn wait_unplugged(conn: &Connection, vm: &str, path: &str) -> Result<()> {
     let start = std::time::Instant::now();
-    while start.elapsed() < UNPLUG_WAIT {
+    loop {
         let held = match conn.domain_xml(vm, false) {
-            Ok(xml) => {
-                DomainView::parse(&xml).is_ok_and(|d| d.disks.iter().any(|d| d.path == path))
-            }
-            Err(_) => false,
+            Ok(xml) => DomainView::parse(&xml)?
+                .disks
+                .iter()
+                .any(|d| d.path == path),
+            Err(e) if e.kind() == "not-found" => false,
+            Err(e) => return Err(e.context(format!("waiting for '{vm}' to let go of {path}"))),
         };
         if !held {
-            return;
+            return Ok(());
+        }
+        if start.elapsed() >= UNPLUG_WAIT {
+            return Err(Error::unavailable(format!(
+                "the guest of '{vm}' did not let go of staged disk {path} within {} s of its unplug",
+                UNPLUG_WAIT.as_secs()
+            )));
         }
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
@@ -206,12 +222,15 @@ fn detach_and_delete(conn: &Connection, vm: &str, path: &str, target: Option<&st
             escape(path)
         );
         match conn.detach_device(vm, &xml) {
-            Ok(()) => wait_unplugged(conn, vm, path),
+            Ok(()) => {}
             Err(e) if matches!(e.kind(), "not-found" | "invalid-state") => {}
             // libvirt names a disk it does not hold "not found" in a plain failure.
             Err(e) if e.to_string().contains("not found") => {}
             Err(e) => return Err(e.context(format!("detaching staged disk {path} from '{vm}'"))),
         }
+        // Whatever the detach said (an unplug asked for earlier may still be
+        // pending), the volume goes only once the guest has let go of it.
+        wait_unplugged(conn, vm, path)?;
     }
     match conn.delete_volume(path) {
         Ok(()) => Ok(()),

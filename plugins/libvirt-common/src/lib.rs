@@ -17,6 +17,7 @@
 
 pub mod bulk;
 pub mod domain;
+pub mod migration;
 mod session;
 
 pub use session::LibvirtSession;

@@ -3,12 +3,11 @@
 use std::marker::PhantomData;
 use std::time::{Duration, Instant};
 
-use gve_sdk::libvirt::{
-    escape, Connection, DiskFormat, Domain, DomainState, MigrateFlags, UndefineFlags,
-};
+use gve_sdk::libvirt::{escape, Connection, DiskFormat, Domain, DomainState, UndefineFlags};
 use gve_sdk::prelude::*;
 
 use crate::domain::{self, DomainView, TEMPLATE_LABEL};
+use crate::migration::{Abilities, MigrationConfig};
 use crate::Flavor;
 
 /// An open session: a libvirt connection and the node's host name.
@@ -17,8 +16,7 @@ pub struct LibvirtSession<F: Flavor> {
     hostname: String,
     pool: String,
     shutdown_timeout: Duration,
-    shared_storage: bool,
-    peer_to_peer: bool,
+    migration: MigrationConfig,
     flavor: PhantomData<F>,
 }
 
@@ -49,8 +47,7 @@ impl<F: Flavor> LibvirtSession<F> {
             hostname,
             pool: crate::storage_pool(),
             shutdown_timeout: Duration::from_millis(shutdown_ms),
-            shared_storage: gve_sdk::config::parse_or("shared-storage", false)?,
-            peer_to_peer: gve_sdk::config::parse_or("peer-to-peer", false)?,
+            migration: MigrationConfig::from_config()?,
             flavor: PhantomData,
         })
     }
@@ -280,7 +277,7 @@ impl<F: Flavor> LibvirtSession<F> {
     /// host; its disks stay where they are, so every host must see the pool at the
     /// same paths (`shared-storage`). libvirt's own migration needs a running domain.
     fn move_definition(&self, d: &Domain, destination: &str) -> Result<VmInfo> {
-        if !self.shared_storage {
+        if !self.migration.shared_storage {
             return Err(Error::unsupported(format!(
                 "{} is stopped: moving it means moving its disks, which libvirt does only for a \
                  running VM; start it first, or set shared-storage = true if every host sees the \
@@ -506,37 +503,30 @@ impl<F: Flavor> Session for LibvirtSession<F> {
         if !live && domain::state(&d) == VmState::Stopped {
             return self.move_definition(&d, &destination);
         }
-        let mut flags = MigrateFlags::PERSIST_DESTINATION | MigrateFlags::UNDEFINE_SOURCE;
-        if self.shared_storage {
-            // The operator says every destination sees the pool's disks at the same
-            // paths: libvirt cannot verify that for plain directories, so say so.
-            if F::UNSAFE_WHEN_SHARED {
-                flags |= MigrateFlags::UNSAFE_MIGRATION;
-            }
-        } else if F::STORAGE_MIGRATION {
-            flags |= MigrateFlags::NON_SHARED_INCREMENTAL;
-        } else {
-            return Err(Error::unsupported(format!(
-                "the {} driver cannot copy disks while migrating (libvirt has no storage \
-                 migration for this hypervisor); set shared-storage = true if every host sees \
-                 the storage pool at the same paths",
-                F::DRIVER
+        // A copy's staged disk (live only) must not travel: the agent releases it
+        // before a migration; one still attached means the guest holds on to it.
+        let live_view = DomainView::parse(&self.conn.domain_xml(&d.name, false)?)?;
+        if let Some(staged) = live_view
+            .disks
+            .iter()
+            .find(|k| crate::bulk::is_staged(&k.path))
+        {
+            return Err(Error::invalid_state(format!(
+                "migrate {}: a copy's staged disk {} is still attached",
+                d.name, staged.path
             )));
         }
-        if live {
-            if domain::state(&d) != VmState::Running {
-                return Err(Error::invalid_state(format!(
-                    "live migration needs a running VM; {} is not",
-                    d.name
-                )));
-            }
-            flags |= MigrateFlags::LIVE;
-        }
-        if self.peer_to_peer {
-            // The source's libvirtd drives the whole migration itself (it connects
-            // to `destination`), with no round trips through this client between
-            // the source's last memory pass and the destination's resume.
-            flags |= MigrateFlags::PEER_TO_PEER;
+        let can = Abilities {
+            driver: F::DRIVER,
+            unsafe_when_shared: F::UNSAFE_WHEN_SHARED,
+            storage_migration: F::STORAGE_MIGRATION,
+        };
+        let flags = self.migration.flags(can, live)?;
+        if live && domain::state(&d) != VmState::Running {
+            return Err(Error::invalid_state(format!(
+                "live migration needs a running VM; {} is not",
+                d.name
+            )));
         }
         self.conn.migrate_domain(&d.name, &destination, flags, 0)?;
         let dest = Connection::open(&destination)?;

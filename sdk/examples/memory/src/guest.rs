@@ -2,8 +2,8 @@
 
 use gve_sdk::prelude::*;
 
-use crate::fs::check_path;
-use crate::state::{self, Vm};
+use crate::fs::{check_path, Fs};
+use crate::state;
 
 /// A guest session on one `memory:` endpoint.
 pub struct MemoryGuestSession {
@@ -19,15 +19,19 @@ impl MemoryGuestSession {
 
 /// Runs `f` on the running VM `vm` of `endpoint`; a VM that is not running has no
 /// guest agent to answer.
-fn with_running<R>(endpoint: &str, vm: &str, f: impl FnOnce(&mut Vm) -> Result<R>) -> Result<R> {
+fn with_running<R>(
+    endpoint: &str,
+    vm: &str,
+    f: impl FnOnce(&VmInfo, &mut Fs) -> Result<R>,
+) -> Result<R> {
     state::with(|w| {
-        let v = w.endpoint(endpoint).get_mut(vm)?;
-        if v.info.state != VmState::Running {
+        let (info, fs) = w.endpoint(endpoint).files_mut(vm)?;
+        if info.state != VmState::Running {
             return Err(Error::unavailable(format!(
                 "{vm}: guest agent not running (the VM is not running)"
             )));
         }
-        f(v)
+        f(info, fs)
     })
 }
 
@@ -36,7 +40,7 @@ impl GuestSession for MemoryGuestSession {
     type Download = BytesDownload;
 
     fn exec(&mut self, vm: String, request: ExecRequest) -> Result<ExecResult> {
-        with_running(&self.endpoint, &vm, |v| crate::exec::run(&request, &v.fs))
+        with_running(&self.endpoint, &vm, |_, fs| crate::exec::run(&request, fs))
     }
 
     fn upload(
@@ -47,9 +51,9 @@ impl GuestSession for MemoryGuestSession {
         create_parents: bool,
     ) -> Result<MemoryUpload> {
         check_path(&path)?;
-        let id = with_running(&self.endpoint, &vm, |v| {
-            v.fs.prepare_write(&path, create_parents)?;
-            Ok(v.info.id.clone())
+        let id = with_running(&self.endpoint, &vm, |info, fs| {
+            fs.prepare_write(&path, create_parents)?;
+            Ok(info.id.clone())
         })?;
         Ok(MemoryUpload {
             endpoint: self.endpoint.clone(),
@@ -63,16 +67,16 @@ impl GuestSession for MemoryGuestSession {
 
     fn download(&mut self, vm: String, path: String) -> Result<BytesDownload> {
         check_path(&path)?;
-        with_running(&self.endpoint, &vm, |v| {
+        with_running(&self.endpoint, &vm, |_, fs| {
             // A snapshot of the content, taken as the download begins.
-            let f = v.fs.file(&path)?;
+            let f = fs.file(&path)?;
             Ok(BytesDownload::new(f.data.clone(), f.mode))
         })
     }
 
     fn stat(&mut self, vm: String, path: String) -> Result<FileInfo> {
         check_path(&path)?;
-        with_running(&self.endpoint, &vm, |v| Ok(v.fs.file(&path)?.info()))
+        with_running(&self.endpoint, &vm, |_, fs| Ok(fs.file(&path)?.info()))
     }
 }
 
@@ -107,10 +111,10 @@ impl Upload for MemoryUpload {
         }
         self.finished = true;
         let data = std::mem::take(&mut self.data);
-        with_running(&self.endpoint, &self.vm, |v| {
+        with_running(&self.endpoint, &self.vm, |_, fs| {
             // The parents were made when the upload started; a VM cannot lose them.
-            v.fs.prepare_write(&self.path, true)?;
-            Ok(v.fs.write(&self.path, data, self.mode))
+            fs.prepare_write(&self.path, true)?;
+            Ok(fs.write(&self.path, data, self.mode))
         })
     }
 }

@@ -30,8 +30,7 @@ impl MemorySession {
         next: impl FnOnce(VmState) -> std::result::Result<VmState, String>,
     ) -> Result<VmInfo> {
         self.with(|ep| {
-            let i = ep.position(vm)?;
-            let current = &ep.vms[i].info;
+            let current = &ep.get(vm)?.info;
             if current.is_template {
                 return Err(Error::invalid_state(format!(
                     "{op} {vm}: {} is a template",
@@ -48,14 +47,13 @@ impl MemorySession {
                 .trim_start_matches("mem-")
                 .parse::<u32>()
                 .unwrap_or(0);
-            let info = &mut ep.vms[i].info;
-            info.state = to;
-            info.addresses = if to == VmState::Running {
+            let addresses = if to == VmState::Running {
                 vec![format!("10.77.{}.{}", (seq >> 8) & 0xff, seq & 0xff)]
             } else {
                 Vec::new()
             };
-            Ok(info.clone())
+            let id = current.id.clone();
+            ep.set_state(&id, to, addresses)
         })
     }
 }
@@ -99,7 +97,7 @@ impl Session for MemorySession {
                 main_memory_mib: memory,
                 free_memory_mib: memory.saturating_sub(used_mib),
                 allocated_logical_cpus: used_cpus,
-                total_instances: ep.vms.iter().filter(|v| !v.info.is_template).count() as u32,
+                total_instances: ep.iter().filter(|v| !v.info.is_template).count() as u32,
                 used_instances: used,
             })
         })
@@ -107,8 +105,7 @@ impl Session for MemorySession {
 
     fn list_vms(&mut self) -> Result<Vec<VmInfo>> {
         Ok(self.with(|ep| {
-            ep.vms
-                .iter()
+            ep.iter()
                 .filter(|v| !v.info.is_template)
                 .map(|v| v.info.clone())
                 .collect()
@@ -117,8 +114,7 @@ impl Session for MemorySession {
 
     fn list_templates(&mut self) -> Result<Vec<VmInfo>> {
         Ok(self.with(|ep| {
-            ep.vms
-                .iter()
+            ep.iter()
                 .filter(|v| v.info.is_template)
                 .map(|v| v.info.clone())
                 .collect()
@@ -170,7 +166,7 @@ impl Session for MemorySession {
                 is_template: false,
                 labels: profile.labels.clone(),
             };
-            w.endpoint(&self.endpoint).vms.push(Vm {
+            w.endpoint(&self.endpoint).insert(Vm {
                 info: info.clone(),
                 fs: Fs::base(),
             });
@@ -206,7 +202,7 @@ impl Session for MemorySession {
             info.state = VmState::Stopped;
             info.addresses = Vec::new();
             info.is_template = false;
-            w.endpoint(&self.endpoint).vms.push(Vm {
+            w.endpoint(&self.endpoint).insert(Vm {
                 info: info.clone(),
                 fs,
             });
@@ -278,11 +274,10 @@ impl Session for MemorySession {
                 dst.check_memory(&vm, info.resources.main_memory_mib)?;
             }
             let src = w.endpoint(&self.endpoint);
-            let i = src.position(&vm)?;
-            let mut moved = src.vms.remove(i);
+            let mut moved = src.remove(&vm)?;
             moved.info.host = destination.clone();
             let info = moved.info.clone();
-            w.endpoint(&destination).vms.push(moved);
+            w.endpoint(&destination).insert(moved);
             gve_sdk::log::info(&format!(
                 "migrated {} from {} to {destination}",
                 info.id, self.endpoint
@@ -293,8 +288,7 @@ impl Session for MemorySession {
 
     fn destroy(&mut self, vm: String) -> Result<()> {
         self.with(|ep| {
-            let i = ep.position(&vm)?;
-            let gone = ep.vms.remove(i);
+            let gone = ep.remove(&vm)?;
             gve_sdk::log::info(&format!("destroyed {} ({})", gone.info.name, gone.info.id));
             Ok(())
         })

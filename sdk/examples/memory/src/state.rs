@@ -2,7 +2,7 @@
 //! instance's memory.
 
 use std::cell::RefCell;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use gve_sdk::prelude::*;
 
@@ -16,12 +16,21 @@ pub struct Vm {
     pub fs: Fs,
 }
 
-/// One simulated hypervisor host.
+/// One simulated hypervisor host. Lookups by id or name and the resources held
+/// are kept in indexes, so no operation walks every VM (a scale bench makes
+/// hundreds of thousands).
 pub struct Endpoint {
     /// The endpoint string, also the `host` of its VMs.
     pub name: String,
-    /// VMs and templates in creation order.
-    pub vms: Vec<Vm>,
+    /// VMs and templates by arrival order.
+    vms: BTreeMap<u64, Vm>,
+    /// Arrival order by id, and by name.
+    ids: HashMap<String, u64>,
+    names: HashMap<String, u64>,
+    /// The next arrival's number.
+    arrivals: u64,
+    /// vCPUs and MiB held by VMs in a state that holds them, and how many.
+    held: (u32, u64, u32),
 }
 
 /// Every endpoint this instance has seen, and the id counter shared by all of them
@@ -85,38 +94,119 @@ impl Endpoint {
             },
             fs: Fs::base(),
         };
-        Endpoint {
+        let mut ep = Endpoint {
             name: name.to_string(),
-            vms: vec![
-                template("tpl-debian-12", "debian-12", 2, 2048, 10_240, "debian"),
-                template("tpl-alpine-3", "alpine-3", 1, 256, 1_024, "alpine"),
-            ],
+            vms: BTreeMap::new(),
+            ids: HashMap::new(),
+            names: HashMap::new(),
+            arrivals: 0,
+            held: (0, 0, 0),
+        };
+        ep.insert(template(
+            "tpl-debian-12",
+            "debian-12",
+            2,
+            2048,
+            10_240,
+            "debian",
+        ));
+        ep.insert(template(
+            "tpl-alpine-3",
+            "alpine-3",
+            1,
+            256,
+            1_024,
+            "alpine",
+        ));
+        ep
+    }
+
+    /// Every VM and template, in arrival order.
+    pub fn iter(&self) -> impl Iterator<Item = &Vm> {
+        self.vms.values()
+    }
+
+    /// Adds a VM or template (its name checked free by the caller).
+    pub fn insert(&mut self, vm: Vm) {
+        let n = self.arrivals;
+        self.arrivals += 1;
+        self.ids.insert(vm.info.id.clone(), n);
+        self.names.insert(vm.info.name.clone(), n);
+        self.hold(&vm.info, true);
+        self.vms.insert(n, vm);
+    }
+
+    /// Removes the VM or template with id or name `key`.
+    pub fn remove(&mut self, key: &str) -> Result<Vm> {
+        let n = self.position(key)?;
+        let vm = self.vms.remove(&n).expect("indexed");
+        self.ids.remove(&vm.info.id);
+        self.names.remove(&vm.info.name);
+        self.hold(&vm.info, false);
+        Ok(vm)
+    }
+
+    /// Sets the state (and addresses) of the VM with id or name `key`.
+    pub fn set_state(&mut self, key: &str, to: VmState, addresses: Vec<String>) -> Result<VmInfo> {
+        let n = self.position(key)?;
+        let before = self.vms[&n].info.clone();
+        self.hold(&before, false);
+        let info = &mut self.vms.get_mut(&n).expect("indexed").info;
+        info.state = to;
+        info.addresses = addresses;
+        let info = info.clone();
+        self.hold(&info, true);
+        Ok(info)
+    }
+
+    /// Counts `info`'s resources in (or out of) what the host holds.
+    fn hold(&mut self, info: &VmInfo, add: bool) {
+        if !holds_resources(info.state) {
+            return;
+        }
+        let (c, m) = (info.resources.logical_cpus, info.resources.main_memory_mib);
+        let (hc, hm, hn) = &mut self.held;
+        // Saturating: a profile may ask for any count (the contract does not cap it).
+        if add {
+            (*hc, *hm, *hn) = (
+                hc.saturating_add(c),
+                hm.saturating_add(m),
+                hn.saturating_add(1),
+            );
+        } else {
+            (*hc, *hm, *hn) = (
+                hc.saturating_sub(c),
+                hm.saturating_sub(m),
+                hn.saturating_sub(1),
+            );
         }
     }
 
-    /// Index of the VM or template with id or name `key`.
-    pub fn position(&self, key: &str) -> Result<usize> {
-        self.vms
-            .iter()
-            .position(|v| v.info.id == key)
-            .or_else(|| self.vms.iter().position(|v| v.info.name == key))
+    /// Arrival number of the VM or template with id or name `key`.
+    fn position(&self, key: &str) -> Result<u64> {
+        self.ids
+            .get(key)
+            .or_else(|| self.names.get(key))
+            .copied()
             .ok_or_else(|| Error::not_found(format!("no VM or template {key:?} on {}", self.name)))
     }
 
     /// The VM or template with id or name `key`.
     pub fn get(&self, key: &str) -> Result<&Vm> {
-        Ok(&self.vms[self.position(key)?])
+        Ok(&self.vms[&self.position(key)?])
     }
 
-    /// The VM or template with id or name `key`, mutably.
-    pub fn get_mut(&mut self, key: &str) -> Result<&mut Vm> {
-        let i = self.position(key)?;
-        Ok(&mut self.vms[i])
+    /// The VM or template with id or name `key`, and its files to change (its
+    /// state changes only through [`Endpoint::set_state`], which keeps the totals).
+    pub fn files_mut(&mut self, key: &str) -> Result<(&VmInfo, &mut Fs)> {
+        let n = self.position(key)?;
+        let vm = self.vms.get_mut(&n).expect("indexed");
+        Ok((&vm.info, &mut vm.fs))
     }
 
     /// Fails with `already-exists` when a VM or template is called `name`.
     pub fn check_name_free(&self, name: &str) -> Result<()> {
-        if self.vms.iter().any(|v| v.info.name == name) {
+        if self.names.contains_key(name) {
             return Err(Error::already_exists(format!(
                 "a VM or template named {name:?} exists on {}",
                 self.name
@@ -127,16 +217,7 @@ impl Endpoint {
 
     /// vCPUs and MiB held by VMs the hypervisor keeps in memory, and how many there are.
     pub fn used(&self) -> (u32, u64, u32) {
-        self.vms
-            .iter()
-            .filter(|v| holds_resources(v.info.state))
-            .fold((0, 0, 0), |(c, m, n), v| {
-                (
-                    c + v.info.resources.logical_cpus,
-                    m + v.info.resources.main_memory_mib,
-                    n + 1,
-                )
-            })
+        self.held
     }
 
     /// Fails with `unavailable` unless `mib` more MiB fit on this host.
