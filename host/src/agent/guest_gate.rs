@@ -324,7 +324,11 @@ mod tests {
                     .unwrap(),
             );
         }
-        let e = gates.all_turns("e", "vm", SHORT).await.err().expect("refused");
+        let e = gates
+            .all_turns("e", "vm", SHORT)
+            .await
+            .err()
+            .expect("refused");
         assert_eq!(e.kind, ErrorKind::Unavailable);
         assert!(e.message.contains("guest operations"), "{}", e.message);
         drop(copy);
