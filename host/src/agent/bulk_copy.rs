@@ -305,11 +305,21 @@ pub(super) async fn stage(
 }
 
 /// Releases a staged disk and forgets its record. When its own instance cannot (it
-/// trapped or overran) a fresh one releases it by its id; when neither can, the
-/// record stays and the next start tries again.
+/// trapped or overran) a fresh one releases it by its id; when neither can, or the
+/// guest holds on to the disk (`unavailable`: asking again now would only wait
+/// again), the record stays, and the VM's next stop or migration, or the agent's
+/// next start, releases it.
 pub(super) async fn release(core: &AgentCore, xfer: BulkTransfer, vm: &str, id: &str) {
     let released = match xfer.release().await {
         Ok(()) => true,
+        Err(e) if e.kind() == ErrorKind::Unavailable => {
+            tracing::warn!(
+                vm,
+                transfer = id,
+                "releasing a staged disk: {e}; kept until the VM stops"
+            );
+            false
+        }
         Err(e) => {
             tracing::warn!(
                 vm,

@@ -173,9 +173,17 @@ async fn call(core: &AgentCore, vm: &str, params: &OpParams) -> Result<Outcome, 
                 core.guest_gates
                     .set_answered(core.driver.endpoint(), vm, false);
             }
-            driver_call(&core.driver, vm, params)
+            let done = driver_call(&core.driver, vm, params)
                 .await
-                .map_err(|e| op_error(&e))
+                .map_err(|e| op_error(&e))?;
+            // A stopped or destroyed VM has let go of any staged disk a release
+            // could not take back while it ran (its guest held on): released now.
+            if matches!(params, OpParams::Shutdown { .. } | OpParams::Destroy) {
+                if let Err(e) = super::bulk_copy::release_staged_on(core, vm).await {
+                    tracing::warn!(vm, "after stopping it: {}", e.message);
+                }
+            }
+            Ok(done)
         }
     }
 }

@@ -145,7 +145,10 @@ impl Runtime {
             ),
         });
         let resolved = core.recover().await?;
-        super::bulk_copy::recover(&core).await;
+        // In the background: a disk whose guest holds on to it costs its release
+        // timeout, and nothing else waits for these.
+        let staged = core.clone();
+        tokio::spawn(async move { super::bulk_copy::recover(&staged).await });
         if resolved > 0 {
             tracing::warn!(
                 resolved,

@@ -97,7 +97,7 @@ impl Session for MemorySession {
                 main_memory_mib: memory,
                 free_memory_mib: memory.saturating_sub(used_mib),
                 allocated_logical_cpus: used_cpus,
-                total_instances: ep.iter().filter(|v| !v.info.is_template).count() as u32,
+                total_instances: u32::try_from(ep.vm_count()).unwrap_or(u32::MAX),
                 used_instances: used,
             })
         })

@@ -16,9 +16,9 @@ pub struct Vm {
     pub fs: Fs,
 }
 
-/// One simulated hypervisor host. Lookups by id or name and the resources held
-/// are kept in indexes, so no operation walks every VM (a scale bench makes
-/// hundreds of thousands).
+/// One simulated hypervisor host. Lookups by id or name, the resources held and
+/// the count of VMs are kept in indexes, so no operation but a listing walks every
+/// VM (a scale bench makes hundreds of thousands).
 pub struct Endpoint {
     /// The endpoint string, also the `host` of its VMs.
     pub name: String,
@@ -29,8 +29,19 @@ pub struct Endpoint {
     names: HashMap<String, u64>,
     /// The next arrival's number.
     arrivals: u64,
-    /// vCPUs and MiB held by VMs in a state that holds them, and how many.
-    held: (u32, u64, u32),
+    /// What VMs in a state that holds resources hold.
+    held: Held,
+    /// VMs (not templates).
+    vm_count: u64,
+}
+
+/// vCPUs and memory held by VMs, and how many VMs hold them. Kept wide (a profile
+/// may ask for any count) and narrowed only when reported.
+#[derive(Clone, Copy, Debug, Default)]
+struct Held {
+    cpus: u64,
+    mib: u128,
+    vms: u64,
 }
 
 /// Every endpoint this instance has seen, and the id counter shared by all of them
@@ -100,7 +111,8 @@ impl Endpoint {
             ids: HashMap::new(),
             names: HashMap::new(),
             arrivals: 0,
-            held: (0, 0, 0),
+            held: Held::default(),
+            vm_count: 0,
         };
         ep.insert(template(
             "tpl-debian-12",
@@ -128,7 +140,9 @@ impl Endpoint {
 
     /// Adds a VM or template (its name checked free by the caller).
     pub fn insert(&mut self, vm: Vm) {
+        debug_assert!(!self.names.contains_key(&vm.info.name), "name checked free");
         let n = self.arrivals;
+        self.vm_count += u64::from(!vm.info.is_template);
         self.arrivals += 1;
         self.ids.insert(vm.info.id.clone(), n);
         self.names.insert(vm.info.name.clone(), n);
@@ -143,6 +157,7 @@ impl Endpoint {
         self.ids.remove(&vm.info.id);
         self.names.remove(&vm.info.name);
         self.hold(&vm.info, false);
+        self.vm_count -= u64::from(!vm.info.is_template);
         Ok(vm)
     }
 
@@ -164,21 +179,15 @@ impl Endpoint {
         if !holds_resources(info.state) {
             return;
         }
-        let (c, m) = (info.resources.logical_cpus, info.resources.main_memory_mib);
-        let (hc, hm, hn) = &mut self.held;
-        // Saturating: a profile may ask for any count (the contract does not cap it).
+        let (c, m) = (
+            u64::from(info.resources.logical_cpus),
+            u128::from(info.resources.main_memory_mib),
+        );
+        let h = &mut self.held;
         if add {
-            (*hc, *hm, *hn) = (
-                hc.saturating_add(c),
-                hm.saturating_add(m),
-                hn.saturating_add(1),
-            );
+            (h.cpus, h.mib, h.vms) = (h.cpus + c, h.mib + m, h.vms + 1);
         } else {
-            (*hc, *hm, *hn) = (
-                hc.saturating_sub(c),
-                hm.saturating_sub(m),
-                hn.saturating_sub(1),
-            );
+            (h.cpus, h.mib, h.vms) = (h.cpus - c, h.mib - m, h.vms - 1);
         }
     }
 
@@ -215,9 +224,20 @@ impl Endpoint {
         Ok(())
     }
 
-    /// vCPUs and MiB held by VMs the hypervisor keeps in memory, and how many there are.
+    /// vCPUs and MiB held by VMs the hypervisor keeps in memory, and how many there
+    /// are (each at most its type's largest value).
     pub fn used(&self) -> (u32, u64, u32) {
-        self.held
+        let h = self.held;
+        (
+            u32::try_from(h.cpus).unwrap_or(u32::MAX),
+            u64::try_from(h.mib).unwrap_or(u64::MAX),
+            u32::try_from(h.vms).unwrap_or(u32::MAX),
+        )
+    }
+
+    /// How many VMs (not templates) there are.
+    pub fn vm_count(&self) -> u64 {
+        self.vm_count
     }
 
     /// Fails with `unavailable` unless `mib` more MiB fit on this host.
