@@ -95,10 +95,10 @@ pub(super) async fn run(
         ));
     }
     let mut pause = Duration::from_millis(50);
+    let poll = format!("{POLL_HEAD}{REPORT}");
     loop {
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(Duration::from_millis(250));
-        let poll = format!("{POLL_HEAD}{REPORT}");
         let polled = exec(guest, vm, &poll, "gve-poll", vec![dir.clone()]).await;
         let (status, kind, why) = match polled {
             Ok(p) if p.exit_code == RUNNING && start.elapsed() <= deadline => continue,

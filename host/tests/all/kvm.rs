@@ -12,6 +12,17 @@ use crate::agent::{last_event_seq, post, run_op, start_agent, wait_for_event};
 use crate::support::bundle;
 use gve_harness::Libvirtd;
 
+/// [`kvm_spec`] for `lv`, also granted to migrate to `to` over shared storage
+/// (both daemons see the same files: one machine), with `config` on top.
+pub fn migrating_spec(lv: &Libvirtd, to: &Libvirtd, config: &[(&str, &str)]) -> PluginSpec {
+    let mut spec = kvm_spec(lv);
+    spec.grants.libvirt.push(to.migration_uri());
+    for (k, v) in [("shared-storage", "true")].iter().chain(config) {
+        spec.grants.config.insert(k.to_string(), v.to_string());
+    }
+    spec
+}
+
 pub fn kvm_spec(lv: &Libvirtd) -> PluginSpec {
     let mut grants = Grants {
         libvirt: vec![lv.uri.clone()],
@@ -329,20 +340,10 @@ async fn guest_counter(driver: &DriverSession, vm: &str) -> u64 {
 async fn live_migration_between_two_agents_keeps_the_guest_running_managed_or_peer_to_peer() {
     let (a, b) = (Libvirtd::start(), Libvirtd::start());
     let dest = b.migration_uri();
-    let mut spec_a = kvm_spec(&a);
-    spec_a.grants.libvirt.push(dest.clone());
-    // Both daemons see the same files (one machine).
-    spec_a
-        .grants
-        .config
-        .insert("shared-storage".into(), "true".into());
+    let spec_a = migrating_spec(&a, &b, &[]);
     let (agent_a, ca, _da) = start_agent("kvm", spec_a, &a.uri, 60_000).await;
     // B migrates back peer-to-peer: its libvirtd drives the migration to A's.
-    let mut spec_b = kvm_spec(&b);
-    spec_b.grants.libvirt.push(a.migration_uri());
-    for (k, v) in [("shared-storage", "true"), ("peer-to-peer", "true")] {
-        spec_b.grants.config.insert(k.into(), v.into());
-    }
+    let spec_b = migrating_spec(&b, &a, &[("peer-to-peer", "true")]);
     let (agent_b, cb, _db) = start_agent("kvm", spec_b, &b.uri, 300).await;
     let vm = run_op(
         &ca,

@@ -13,20 +13,13 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use super::nothing_staged;
 use crate::agent::{post, start_agent, wait_op_within, TOKEN};
 use crate::guest::{agent_with, running_vm};
-use crate::kvm::kvm_spec;
+use crate::kvm::{kvm_spec, migrating_spec};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_migration_waits_for_a_staged_copy_and_takes_no_disk_along() {
     let (a, b) = (Libvirtd::start(), Libvirtd::start());
     let dest = b.migration_uri();
-    let mut spec_a = kvm_spec(&a);
-    spec_a.grants.libvirt.push(dest.clone());
-    // Both daemons see the same files (one machine).
-    spec_a
-        .grants
-        .config
-        .insert("shared-storage".into(), "true".into());
-    let (agent_a, ca, _da) = agent_with(&a, None, spec_a).await;
+    let (agent_a, ca, _da) = agent_with(&a, None, migrating_spec(&a, &b, &[])).await;
     let (agent_b, _cb, _db) = start_agent("kvm", kvm_spec(&b), &b.uri, 300).await;
     let vm = running_vm(&agent_a, &ca, "bulk-mig", 256).await;
 
