@@ -49,7 +49,18 @@ fn find_device(serial: &str) -> String {
 
 /// Volumes of the lab's `gve` pool.
 fn pool_volumes(lv: &Libvirtd) -> String {
-    lv.virsh(&["pool-refresh", "gve"]);
+    // libvirt refuses a refresh while a volume is being streamed ("asynchronous
+    // jobs running"); the listing is still current then (the volume streamed
+    // into was made through this daemon), so that refusal alone is let pass.
+    let refresh = std::process::Command::new("virsh")
+        .args(["-q", "-c", &lv.uri, "pool-refresh", "gve"])
+        .output()
+        .expect("run virsh");
+    let why = String::from_utf8_lossy(&refresh.stderr);
+    assert!(
+        refresh.status.success() || why.contains("asynchronous jobs running"),
+        "virsh pool-refresh gve: {why}"
+    );
     lv.virsh(&["vol-list", "gve"])
 }
 
