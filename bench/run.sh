@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs the benchmarks and writes their results under bench/results/.
-# Usage: bash bench/run.sh [plugin|footprint|vm_start|fig4|guest|bulk|site|site-flame|history|scale|soak|vsphere|xen|xen_migrate|kvm_migrate|fuzz]   (default: all)
+# Usage: bash bench/run.sh [plugin|footprint|vm_start|fig4|guest|bulk|site|site-flame|history|scale|million|soak|vsphere|xen|xen_migrate|kvm_migrate|fuzz]   (default: all)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 target=${CARGO_TARGET_DIR:-target}
@@ -82,6 +82,12 @@ if [ "$which" = all ] || [ "$which" = scale ]; then
     # An agent with 100,000 VMs (GVE_SCALE_VMS) and a site over it: reconcile,
     # health checks, listings, idle CPU and memory.
     cargo bench --locked -p gve --bench scale
+fi
+if [ "$which" = million ]; then
+    # A site at a million: 1,000,000 VMs over 10 memory agents and 10,000,000
+    # jobs (GVE_MILLION_AGENTS, GVE_MILLION_VMS_PER_AGENT, GVE_MILLION_JOBS).
+    # About an hour and 25 GB of disk at the defaults: not part of "all".
+    cargo bench --locked -p gve --bench million
 fi
 if [ "$which" = all ] || [ "$which" = soak ]; then
     # 30 minutes of steady mixed load from many users: memory, files and

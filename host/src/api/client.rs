@@ -326,6 +326,16 @@ impl Client {
 
     /// GET whose successful answer is returned unread, to be streamed.
     pub async fn get_stream(&self, path: &str) -> Result<hyper::Response<Incoming>, ApiError> {
-        self.send(Method::GET, path, &[], full(Bytes::new())).await
+        self.get_stream_with(path, &[]).await
+    }
+
+    /// [`Client::get_stream`] with extra headers (e.g. `Last-Event-ID`).
+    pub async fn get_stream_with(
+        &self,
+        path: &str,
+        headers: &[(&str, String)],
+    ) -> Result<hyper::Response<Incoming>, ApiError> {
+        self.send(Method::GET, path, headers, full(Bytes::new()))
+            .await
     }
 }

@@ -237,22 +237,23 @@ impl SiteCore {
                     .collect();
                 let candidate = match &req.vm {
                     Some(id) => t.vm(id)?,
-                    None => t.free_vms()?.into_iter().find(|v| {
-                        v.owner.is_none()
-                            && v.clean
-                            && agents_up.contains(&v.agent)
-                            && v.logical_cpus == req.logical_cpus
-                            && v.main_memory_mib == req.main_memory_mib
-                            && req
-                                .template
-                                .as_ref()
-                                .is_none_or(|t| v.template.as_ref() == Some(t))
-                            && req
-                                .os_family
-                                .as_ref()
-                                .is_none_or(|o| v.os_family.as_ref() == Some(o))
-                            && matches!(v.state.as_str(), "running" | "stopped")
-                    }),
+                    None => t.pooled_vm(
+                        u64::from(req.logical_cpus),
+                        req.main_memory_mib,
+                        req.template.as_deref(),
+                        |v| {
+                            agents_up.contains(&v.agent)
+                                && req
+                                    .template
+                                    .as_ref()
+                                    .is_none_or(|t| v.template.as_ref() == Some(t))
+                                && req
+                                    .os_family
+                                    .as_ref()
+                                    .is_none_or(|o| v.os_family.as_ref() == Some(o))
+                                && matches!(v.state.as_str(), "running" | "stopped")
+                        },
+                    )?,
                 };
                 let Some(mut v) = candidate else {
                     return Ok(None);

@@ -25,6 +25,16 @@ async fn page(c: &Client, path: &str) -> (Vec<serde_json::Value>, Option<String>
 /// document read, agree with the records they sum.
 fn sums_agree(store: &Store) {
     let vms = store.vms().unwrap();
+    // The pool index holds exactly the free VMs known clean.
+    let mut pool: Vec<String> = vms
+        .iter()
+        .filter(|v| v.owner.is_none() && v.clean)
+        .map(|v| v.id.clone())
+        .collect();
+    let mut indexed = store.pool_ids().unwrap();
+    pool.sort();
+    indexed.sort();
+    assert_eq!(indexed, pool, "the pool index");
     assert_eq!(
         store.memory_by_agent().unwrap(),
         gve::site::placement::held(&vms)
@@ -243,6 +253,26 @@ async fn a_jobs_events_come_from_its_index_kept_by_retention_and_rebuilt_on_open
     assert!(mine.is_empty(), "{mine:?}");
     sums_agree(&store);
     let kept = vm(&ann).await;
+    // One of a template released: a fresh one replaces it in the pool, which so
+    // has a VM when the indexes are rebuilt below.
+    let spare = job(
+        &ann,
+        "/v1/vms",
+        json!({ "template": "debian-12", "main-memory-mib": 64 }),
+    )
+    .await;
+    assert_eq!(spare.state, JobState::Succeeded, "{spare:?}");
+    let spare: SiteVm = serde_json::from_value(spare.result.unwrap()).unwrap();
+    assert!(store.pool_ids().unwrap().is_empty());
+    let r: Job = serde_json::from_value(
+        post(&ann, &format!("/v1/vms/{}/release", spare.id), json!({}))
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    crate::site::wait_job(&ann, &r.id).await;
+    assert_eq!(store.pool_ids().unwrap().len(), 1);
+    sums_agree(&store);
 
     // A database from before the indexes (dropped here) gets them built on open.
     let path = e.site.core.config.data_dir.join("site.redb");
@@ -254,26 +284,40 @@ async fn a_jobs_events_come_from_its_index_kept_by_retention_and_rebuilt_on_open
     )
     .await;
     e.site.stop().await;
-    // A database from before the tallies (the indexes built) gets them counted.
+    // A database from before the tallies and the pool index (the other indexes
+    // built, every free VM in `vms_free`) gets them built, and `vms_free` goes.
+    let pool_def: redb::TableDefinition<(u64, u64, &str, &str, &str), ()> =
+        redb::TableDefinition::new("vms_pool");
+    let free_def: redb::TableDefinition<&str, ()> = redb::TableDefinition::new("vms_free");
     {
         let db = redb::Database::open(&path).unwrap();
         let w = db.begin_write().unwrap();
         let tally: redb::TableDefinition<(&str, &str, &str, u8), u64> =
             redb::TableDefinition::new("vms_tally");
         assert!(w.delete_table(tally).unwrap());
+        assert!(w.delete_table(pool_def).unwrap());
+        w.open_table(free_def)
+            .unwrap()
+            .insert(kept.id.as_str(), ())
+            .unwrap();
         let meta: redb::TableDefinition<&str, &str> = redb::TableDefinition::new("meta");
-        assert!(w
-            .open_table(meta)
-            .unwrap()
-            .remove("index:vms-tally")
-            .unwrap()
-            .is_some());
+        let mut m = w.open_table(meta).unwrap();
+        for k in ["index:vms-tally", "index:vms-pool"] {
+            assert!(m.remove(k).unwrap().is_some(), "{k}");
+        }
+        drop(m);
         w.commit().unwrap();
     }
     let store = Store::open(&path).unwrap();
     assert!(!store.vm_tallies().unwrap().is_empty());
+    assert_eq!(store.pool_ids().unwrap().len(), 1);
     sums_agree(&store);
     drop(store);
+    {
+        let db = redb::Database::open(&path).unwrap();
+        let r = redb::ReadableDatabase::begin_read(&db).unwrap();
+        assert!(r.open_table(free_def).is_err(), "vms_free is gone");
+    }
     {
         let db = redb::Database::open(&path).unwrap();
         let w = db.begin_write().unwrap();
@@ -287,8 +331,7 @@ async fn a_jobs_events_come_from_its_index_kept_by_retention_and_rebuilt_on_open
             let def: redb::TableDefinition<(&str, &str), ()> = redb::TableDefinition::new(t);
             assert!(w.delete_table(def).unwrap(), "{t}");
         }
-        let free: redb::TableDefinition<&str, ()> = redb::TableDefinition::new("vms_free");
-        assert!(w.delete_table(free).unwrap());
+        assert!(w.delete_table(pool_def).unwrap());
         let lease: redb::TableDefinition<(u64, &str), ()> =
             redb::TableDefinition::new("vms_by_lease");
         assert!(w.delete_table(lease).unwrap());
@@ -297,7 +340,12 @@ async fn a_jobs_events_come_from_its_index_kept_by_retention_and_rebuilt_on_open
         assert!(w.delete_table(memory).unwrap());
         let meta: redb::TableDefinition<&str, &str> = redb::TableDefinition::new("meta");
         let mut m = w.open_table(meta).unwrap();
-        for k in ["index:job-events", "index:vms", "index:vms-tally"] {
+        for k in [
+            "index:job-events",
+            "index:vms",
+            "index:vms-tally",
+            "index:vms-pool",
+        ] {
             assert!(m.remove(k).unwrap().is_some(), "{k}");
         }
         drop(m);

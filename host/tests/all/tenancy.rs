@@ -115,6 +115,9 @@ async fn free_vms_the_site_did_not_make_go_to_no_tenant() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     assert!(stray.owner.is_none() && !stray.clean, "{stray:?}");
+    // Not in the pool index either: a request never reads it.
+    let pool = e.site.core.store.pool_ids().unwrap();
+    assert!(!pool.contains(&stray.id), "{pool:?}");
     // Not by profile: carol gets a new VM...
     let j = job(&carol, "/v1/vms", profile()).await;
     let got: SiteVm = serde_json::from_value(j.result.unwrap()).unwrap();

@@ -1,8 +1,8 @@
 //! The site's VM records and their indexes, kept in the same transaction as
-//! each record: by owner (a user's listing, a page at a time in id order), free
-//! VMs (the pool a request claims from), by agent and by the hypervisor's id (a
-//! health check's sync), and by lease deadline (expiry). Each reads the records
-//! it is about, whatever the site holds.
+//! each record: by owner (a user's listing, a page at a time in id order), the
+//! pool (free VMs known clean, by the size a request matches on), by agent and
+//! by the hypervisor's id (a health check's sync), and by lease deadline
+//! (expiry). Each reads the records it is about, whatever the site holds.
 
 use redb::{ReadableTable, ReadableTableMetadata, TableDefinition, WriteTransaction};
 
@@ -11,8 +11,13 @@ use crate::site::model::SiteVm;
 
 /// (owner, VM id) → (): the VMs each user holds.
 const BY_OWNER: TableDefinition<(&str, &str), ()> = TableDefinition::new("vms_by_owner");
-/// VM id → (): VMs nobody holds (the pool).
-const FREE: TableDefinition<&str, ()> = TableDefinition::new("vms_free");
+/// (logical CPUs, memory MiB, template or "", OS family or "", VM id) → (): the
+/// pool, VMs nobody holds that are known clean, by what a request matches on. Free
+/// VMs not known clean (adopted from an agent, released by a tenant) go to no
+/// request, so they are not here: a request reads the pool's VMs of its size only.
+const POOL: TableDefinition<(u64, u64, &str, &str, &str), ()> = TableDefinition::new("vms_pool");
+/// The index [`POOL`] replaced: every free VM, clean or not, in id order.
+const OLD_FREE: TableDefinition<&str, ()> = TableDefinition::new("vms_free");
 /// (agent, VM id) → (): each agent's VMs.
 const BY_AGENT: TableDefinition<(&str, &str), ()> = TableDefinition::new("vms_by_agent");
 /// (the hypervisor's VM id, site VM id) → (): records of one hypervisor VM, on any agent.
@@ -30,6 +35,8 @@ const TALLY: TableDefinition<(&str, &str, &str, u8), u64> = TableDefinition::new
 const BUILT: &str = "index:vms";
 /// Meta key saying [`TALLY`] was built (it came after the other indexes).
 const TALLY_BUILT: &str = "index:vms-tally";
+/// Meta key saying [`POOL`] was built (it replaced an index of every free VM).
+const POOL_BUILT: &str = "index:vms-pool";
 
 /// Holder classes of [`TALLY`]: held by a user, free and clean (the pool),
 /// free and not known clean.
@@ -62,6 +69,8 @@ struct Keys<'a> {
     agent_vm: &'a str,
     lease: Option<u64>,
     mib: u64,
+    /// (CPUs, MiB, template, OS family) of a VM in the pool.
+    pool: Option<(u64, u64, &'a str, &'a str)>,
 }
 
 fn keys(v: &SiteVm) -> Keys<'_> {
@@ -74,6 +83,14 @@ fn keys(v: &SiteVm) -> Keys<'_> {
             _ => None,
         },
         mib: v.main_memory_mib,
+        pool: (v.owner.is_none() && v.clean).then(|| {
+            (
+                u64::from(v.logical_cpus),
+                v.main_memory_mib,
+                v.template.as_deref().unwrap_or(""),
+                v.os_family.as_deref().unwrap_or(""),
+            )
+        }),
     }
 }
 
@@ -112,7 +129,7 @@ fn tally(
 /// Adds (`add`) or removes the index entries `k` of VM `id`.
 fn index(txn: &WriteTransaction, id: &str, k: &Keys<'_>, add: bool) -> Result<(), redb::Error> {
     let mut by_owner = txn.open_table(BY_OWNER)?;
-    let mut free = txn.open_table(FREE)?;
+    let mut pool = txn.open_table(POOL)?;
     let mut by_agent = txn.open_table(BY_AGENT)?;
     let mut by_agent_vm = txn.open_table(BY_AGENT_VM)?;
     let mut by_lease = txn.open_table(BY_LEASE)?;
@@ -129,20 +146,24 @@ fn index(txn: &WriteTransaction, id: &str, k: &Keys<'_>, add: bool) -> Result<()
         memory.insert(k.agent, held)?;
     }
     if add {
-        match k.owner {
-            Some(o) => by_owner.insert((o, id), ())?,
-            None => free.insert(id, ())?,
-        };
+        if let Some(o) = k.owner {
+            by_owner.insert((o, id), ())?;
+        }
+        if let Some((cpus, mib, template, os)) = k.pool {
+            pool.insert((cpus, mib, template, os, id), ())?;
+        }
         by_agent.insert((k.agent, id), ())?;
         by_agent_vm.insert((k.agent_vm, id), ())?;
         if let Some(d) = k.lease {
             by_lease.insert((d, id), ())?;
         }
     } else {
-        match k.owner {
-            Some(o) => by_owner.remove((o, id))?,
-            None => free.remove(id)?,
-        };
+        if let Some(o) = k.owner {
+            by_owner.remove((o, id))?;
+        }
+        if let Some((cpus, mib, template, os)) = k.pool {
+            pool.remove((cpus, mib, template, os, id))?;
+        }
         by_agent.remove((k.agent, id))?;
         by_agent_vm.remove((k.agent_vm, id))?;
         if let Some(d) = k.lease {
@@ -157,15 +178,20 @@ pub(super) fn open_tables(txn: &WriteTransaction) -> Result<(), redb::Error> {
     for t in [BY_OWNER, BY_AGENT, BY_AGENT_VM] {
         txn.open_table(t)?;
     }
-    txn.open_table(FREE)?;
+    txn.open_table(POOL)?;
     txn.open_table(BY_LEASE)?;
     txn.open_table(MEMORY)?;
     txn.open_table(TALLY)?;
     let mut meta = txn.open_table(META)?;
-    let (built, tallied) = (meta.get(BUILT)?.is_some(), meta.get(TALLY_BUILT)?.is_some());
-    if built && tallied {
+    let (built, tallied, pooled) = (
+        meta.get(BUILT)?.is_some(),
+        meta.get(TALLY_BUILT)?.is_some(),
+        meta.get(POOL_BUILT)?.is_some(),
+    );
+    if built && tallied && pooled {
         return Ok(());
     }
+    txn.delete_table(OLD_FREE)?;
     let vms: Vec<SiteVm> = {
         let t = txn.open_table(VMS)?;
         let mut out = Vec::new();
@@ -178,6 +204,14 @@ pub(super) fn open_tables(txn: &WriteTransaction) -> Result<(), redb::Error> {
         }
         out
     };
+    if built && !pooled {
+        let mut pool = txn.open_table(POOL)?;
+        for v in &vms {
+            if let Some((cpus, mib, template, os)) = keys(v).pool {
+                pool.insert((cpus, mib, template, os, v.id.as_str()), ())?;
+            }
+        }
+    }
     for v in &vms {
         if !built {
             index(txn, &v.id, &keys(v), true)?;
@@ -188,6 +222,7 @@ pub(super) fn open_tables(txn: &WriteTransaction) -> Result<(), redb::Error> {
     }
     meta.insert(BUILT, "1")?;
     meta.insert(TALLY_BUILT, "1")?;
+    meta.insert(POOL_BUILT, "1")?;
     if !vms.is_empty() {
         tracing::info!(vms = vms.len(), "indexed the VM records");
     }
@@ -267,20 +302,38 @@ impl Txn<'_> {
         }
     }
 
-    /// The VMs nobody holds (the pool), by the index.
-    pub fn free_vms(&self) -> Result<Vec<SiteVm>, StoreError> {
-        let free = self.txn.open_table(FREE).map_err(storage)?;
+    /// The first VM of the pool (free, known clean) with `cpus` and `mib`, of
+    /// `template` when one is asked for, that `accept` takes: reads the pool's
+    /// entries of that size (and template) only, in (template, OS family, id) order.
+    pub fn pooled_vm(
+        &self,
+        cpus: u64,
+        mib: u64,
+        template: Option<&str>,
+        accept: impl Fn(&SiteVm) -> bool,
+    ) -> Result<Option<SiteVm>, StoreError> {
+        let pool = self.txn.open_table(POOL).map_err(storage)?;
         let vms = self.txn.open_table(VMS).map_err(storage)?;
-        let mut out = Vec::new();
-        for row in free.range::<&str>(..).map_err(storage)? {
-            if let Some(v) = get::<SiteVm>(&vms, row.map_err(storage)?.0.value())? {
-                // Each reader checks the record against its entry (see `readable_vm`).
-                if v.owner.is_none() {
-                    out.push(v);
-                }
+        let from = (cpus, mib, template.unwrap_or(""), "", "");
+        for row in pool.range(from..).map_err(storage)? {
+            let (k, _) = row.map_err(storage)?;
+            let (c, m, t, _, id) = k.value();
+            if (c, m) != (cpus, mib) || template.is_some_and(|want| want != t) {
+                break;
+            }
+            let Some(v) = get::<SiteVm>(&vms, id)? else {
+                continue;
+            };
+            // Each reader checks the record against its entry (see `readable_vm`).
+            if keys(&v)
+                .pool
+                .is_some_and(|(c, m, _, _)| (c, m) == (cpus, mib))
+                && accept(&v)
+            {
+                return Ok(Some(v));
             }
         }
-        Ok(out)
+        Ok(None)
     }
 
     /// Agent `agent`'s VMs, by the index.
@@ -321,12 +374,27 @@ impl Txn<'_> {
 }
 
 impl Store {
-    /// Whether the pool index is empty (no VM is free), read without a write
-    /// transaction: a request can skip looking for one to claim.
+    /// Whether the pool index is empty (no free VM is known clean), read without
+    /// a write transaction: a request can skip looking for one to claim.
     pub fn pool_is_empty(&self) -> Result<bool, StoreError> {
         self.read(|r| {
-            let free = r.open_table(FREE).map_err(storage)?;
-            free.is_empty().map_err(storage)
+            let pool = r.open_table(POOL).map_err(storage)?;
+            pool.is_empty().map_err(storage)
+        })
+    }
+
+    /// The ids in the pool index (for tests of its upkeep).
+    pub fn pool_ids(&self) -> Result<Vec<String>, StoreError> {
+        self.read(|r| {
+            let pool = r.open_table(POOL).map_err(storage)?;
+            let mut out = Vec::new();
+            for row in pool
+                .range::<(u64, u64, &str, &str, &str)>(..)
+                .map_err(storage)?
+            {
+                out.push(row.map_err(storage)?.0.value().4.to_string());
+            }
+            Ok(out)
         })
     }
 
