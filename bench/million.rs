@@ -189,16 +189,22 @@ async fn wait(c: &Client, id: &str) -> Job {
     }
 }
 
-/// The site's queued and running jobs, from its metrics.
-async fn active_jobs(admin: &Client) -> f64 {
+/// The sum of the site's gauge `name` over its labels, from its metrics.
+async fn gauge(admin: &Client, name: &str) -> f64 {
     use http_body_util::BodyExt;
     let resp = admin.get_stream("/metrics").await.unwrap();
     let body = resp.into_body().collect().await.unwrap().to_bytes();
+    let prefix = format!("{name}{{");
     String::from_utf8_lossy(&body)
         .lines()
-        .filter(|l| l.starts_with("gve_site_jobs_active{"))
+        .filter(|l| l.starts_with(&prefix))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
+}
+
+/// The site's queued and running jobs.
+async fn active_jobs(admin: &Client) -> f64 {
+    gauge(admin, "gve_site_jobs_active").await
 }
 
 /// The sequence numbers of a job's events, read to the stream's end.
@@ -440,6 +446,20 @@ async fn main() {
         probe_vms.push(j.id);
     }
     let total_vms = (agents_n * per_agent) as usize + PROBE_VMS;
+    while (gauge(&admin, "gve_site_vms").await as usize) < total_vms {
+        assert!(
+            t.elapsed() < Duration::from_secs(600),
+            "the site never held every VM"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    note(
+        &mut report,
+        format!(
+            "| the site holding every VM ({total_vms}) after the first registration | {:.1} s |",
+            t.elapsed().as_secs_f64()
+        ),
+    );
     let t = Instant::now();
     let half: Vec<SiteVm> = admin
         .get_pages("/v1/vms?all=true", total_vms / 2)

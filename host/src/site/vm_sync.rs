@@ -163,8 +163,13 @@ pub(super) fn sync_vms(
                     .get("gve.job")
                     .is_some_and(|j| active_jobs.contains(j))
                     || cloning.contains(&vm.name);
-                // Records by the hypervisor's id of the VM, on any agent.
-                let elsewhere = t.vms_by_agent_vm(&vm.id)?;
+                // Records by the hypervisor's id of the VM, on any agent, when that
+                // id names one VM wherever it turns up.
+                let elsewhere = if unique_everywhere(&vm.id) {
+                    t.vms_by_agent_vm(&vm.id)?
+                } else {
+                    Vec::new()
+                };
                 if made_by_active || elsewhere.iter().any(|v| busy.contains(&v.id)) {
                     settled = false;
                     continue;
@@ -248,4 +253,34 @@ pub(super) fn sync_vms(
         }
     }
     Ok(settled)
+}
+
+/// Whether a hypervisor's VM id names one VM wherever it turns up, so that the
+/// same id on another agent is this VM moved there: a UUID (libvirt's ids, kept
+/// by a migration) does. The contract promises an id stable on its own
+/// hypervisor only: a managed object id (`vm-42` on vSphere, `3` on a standalone
+/// ESXi, `mem-7` on the memory driver) on another agent is another VM, never
+/// one to hand this record (and its owner) to.
+fn unique_everywhere(id: &str) -> bool {
+    id.len() == 36 && uuid::Uuid::parse_str(id).is_ok_and(|u| !u.is_nil() && !u.is_max())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::unique_everywhere;
+
+    #[test]
+    fn only_a_uuid_names_a_vm_on_every_agent() {
+        assert!(unique_everywhere("8f0c6a3e-1b2d-4c5e-9f70-0123456789ab"));
+        for scoped in [
+            "vm-42",
+            "3",
+            "mem-7",
+            "8f0c6a3e1b2d4c5e9f700123456789ab",
+            "00000000-0000-0000-0000-000000000000",
+            "",
+        ] {
+            assert!(!unique_everywhere(scoped), "{scoped}");
+        }
+    }
 }

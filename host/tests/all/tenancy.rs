@@ -134,6 +134,85 @@ async fn free_vms_the_site_did_not_make_go_to_no_tenant() {
     e.site.stop().await;
 }
 
+/// The contract's VM ids are unique on their own hypervisor only (vSphere's
+/// `vm-42`, the memory driver's `mem-7`): the same id on two agents is two VMs.
+/// A tenant's VM destroyed behind the site's back is not followed to another
+/// agent's VM that happens to share its id, and that VM is adopted, not ignored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_id_another_agent_also_uses_is_another_vm() {
+    use gve::agent::model::OpState;
+    let e = env(2, |_| {}).await;
+    let alice = e.user("alice", None).await;
+    let j = job(&alice, "/v1/vms", profile()).await;
+    let mine: SiteVm = serde_json::from_value(j.result.unwrap()).unwrap();
+    let here = if mine.agent == "a-0" { 0 } else { 1 };
+    let (there, there_id) = (&e.agents[1 - here].1, format!("a-{}", 1 - here));
+    // The other agent makes VMs until one has the id of alice's.
+    let twin = loop {
+        let op = crate::agent::run_op(
+            there,
+            "/v1/vms",
+            json!({ "name": format!("n-{}", uuid::Uuid::new_v4()), "main-memory-mib": 64 }),
+        )
+        .await;
+        assert_eq!(op.state, OpState::Succeeded, "{op:?}");
+        let vm = op.result.unwrap();
+        if vm.id == mine.agent_vm {
+            break vm;
+        }
+        assert!(
+            vm.id.len() <= mine.agent_vm.len(),
+            "{} passed {}",
+            vm.id,
+            mine.agent_vm
+        );
+    };
+    let adopted = |all: &[SiteVm]| {
+        all.iter()
+            .find(|v| v.agent == there_id && v.agent_vm == twin.id)
+            .cloned()
+    };
+    let end = Instant::now() + Duration::from_secs(20);
+    let stranger = loop {
+        let all: Vec<SiteVm> = e.admin.get("/v1/vms?all=true").await.unwrap();
+        if let Some(v) = adopted(&all) {
+            break v;
+        }
+        assert!(Instant::now() < end, "the twin was never adopted: {all:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        stranger.owner.is_none() && stranger.id != mine.id,
+        "{stranger:?}"
+    );
+    // alice's VM goes behind the site's back: its record is missing, then
+    // forgotten; it never moves onto the twin.
+    let op = crate::agent::run_op(
+        &e.agents[here].1,
+        &format!("/v1/vms/{}/destroy", mine.agent_vm),
+        json!({}),
+    )
+    .await;
+    assert_eq!(op.state, OpState::Succeeded, "{op:?}");
+    let end = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < end {
+        let rec: Option<SiteVm> = alice.get(&format!("/v1/vms/{}", mine.id)).await.ok();
+        if let Some(r) = &rec {
+            assert_eq!(r.agent, mine.agent, "alice's record moved: {r:?}");
+        }
+        let all: Vec<SiteVm> = e.admin.get("/v1/vms?all=true").await.unwrap();
+        let twin_now = adopted(&all).expect("the twin's record stays");
+        assert!(
+            twin_now.owner.is_none(),
+            "the twin went to alice: {twin_now:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let rec: SiteVm = alice.get(&format!("/v1/vms/{}", mine.id)).await.unwrap();
+    assert_eq!(rec.state, "missing", "{rec:?}");
+    e.site.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn numbers_at_the_edge_of_their_type_are_refused_by_name() {
     let e = env(1, |_| {}).await;
