@@ -10,6 +10,25 @@ use redb::{Database, Durability, ReadableTable, Table, WriteTransaction};
 use serde::Deserialize;
 use tokio::sync::broadcast;
 
+/// The cache each service's database keeps in memory unless configured
+/// (`database-cache-mib`), MiB: redb's own default (1 GiB) would let a site's
+/// resident memory grow with its history up to that.
+pub const DEFAULT_CACHE_MIB: u64 = 256;
+
+/// The most `database-cache-mib` may ask, MiB.
+pub const MAX_CACHE_MIB: u64 = 64 * 1024;
+
+/// Opens (or creates) the redb database at `path` with a cache of `cache_mib`.
+pub fn open_database(
+    path: &std::path::Path,
+    cache_mib: u64,
+) -> Result<Database, redb::DatabaseError> {
+    let bytes = cache_mib.min(MAX_CACHE_MIB).saturating_mul(1 << 20);
+    redb::Builder::new()
+        .set_cache_size(usize::try_from(bytes).unwrap_or(usize::MAX))
+        .create(path)
+}
+
 /// A redb database and the channel its committed writes publish events on.
 /// Cheap to clone.
 pub struct Published<Ev> {

@@ -47,6 +47,14 @@ pub struct AgentConfig {
     /// How long audit entries are kept, seconds.
     #[serde(default = "default_audit_retention_s")]
     pub audit_retention_seconds: u64,
+    /// Memory the registry's database caches, MiB (its pages beyond are read
+    /// from the file again).
+    #[serde(default = "default_cache_mib")]
+    pub database_cache_mib: u64,
+}
+
+fn default_cache_mib() -> u64 {
+    crate::store_core::DEFAULT_CACHE_MIB
 }
 
 fn default_audit_retention_s() -> u64 {
@@ -72,6 +80,7 @@ impl Default for AgentConfig {
             tls: None,
             operation_retention_seconds: default_op_retention_s(),
             audit_retention_seconds: default_audit_retention_s(),
+            database_cache_mib: default_cache_mib(),
         }
     }
 }
@@ -181,6 +190,12 @@ impl AgentConfig {
                 "operation-retention-seconds must be between 1 and ten years".into(),
             ));
         }
+        if !(1..=crate::store_core::MAX_CACHE_MIB).contains(&cfg.database_cache_mib) {
+            return Err(invalid(format!(
+                "database-cache-mib must be between 1 and {}",
+                crate::store_core::MAX_CACHE_MIB
+            )));
+        }
         if cfg.audit_retention_seconds == 0 || cfg.audit_retention_seconds > 100 * 365 * 24 * 3600 {
             return Err(invalid(
                 "audit-retention-seconds must be between 1 and a hundred years".into(),
@@ -219,5 +234,32 @@ impl AgentConfig {
         }
         cfg.http.validate().map_err(invalid)?;
         Ok(cfg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::AgentConfig;
+
+    #[test]
+    fn the_database_cache_is_bounded_and_defaults_to_256_mib() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.toml");
+        let base = "data-dir = \"data\"\nadmin-token = \"agent-admin-0123456789\"\n";
+        std::fs::write(&path, base).unwrap();
+        assert_eq!(AgentConfig::read(&path).unwrap().database_cache_mib, 256);
+        for (value, ok) in [("1", true), ("65536", true), ("0", false), ("65537", false)] {
+            std::fs::write(&path, format!("{base}database-cache-mib = {value}\n")).unwrap();
+            let got = AgentConfig::read(&path);
+            assert_eq!(
+                got.is_ok(),
+                ok,
+                "{value}: {:?}",
+                got.err().map(|e| e.to_string())
+            );
+            if let Err(e) = got {
+                assert!(e.to_string().contains("database-cache-mib"), "{e}");
+            }
+        }
     }
 }

@@ -264,7 +264,10 @@ impl Agent {
                 });
             }
         }
-        let registry = Registry::open(&config.data_dir.join("agent.redb"))?;
+        let registry = Registry::open_with_cache(
+            &config.data_dir.join("agent.redb"),
+            config.database_cache_mib,
+        )?;
         let policy = config
             .plugin_policy
             .clone()

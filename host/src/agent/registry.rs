@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
+use redb::{ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::sync::broadcast;
@@ -387,8 +387,13 @@ impl Txn<'_> {
 }
 
 impl Registry {
-    /// Opens (or creates) the registry at `path`.
+    /// Opens (or creates) the registry at `path` with the default cache.
     pub fn open(path: &Path) -> Result<Registry, RegistryError> {
+        Registry::open_with_cache(path, crate::store_core::DEFAULT_CACHE_MIB)
+    }
+
+    /// Opens (or creates) the registry at `path`, caching `cache_mib` of it.
+    pub fn open_with_cache(path: &Path, cache_mib: u64) -> Result<Registry, RegistryError> {
         let err = |e: &dyn std::fmt::Display| RegistryError::Open {
             path: path.to_path_buf(),
             message: e.to_string(),
@@ -396,7 +401,7 @@ impl Registry {
         if let Some(dir) = path.parent() {
             crate::private_fs::private_dir(dir).map_err(|e| err(&e))?;
         }
-        let db = Database::create(path).map_err(|e| err(&e))?;
+        let db = crate::store_core::open_database(path, cache_mib).map_err(|e| err(&e))?;
         // Create every table so readers never meet a missing one.
         let txn = db.begin_write().map_err(|e| err(&e))?;
         {

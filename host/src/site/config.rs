@@ -79,6 +79,10 @@ pub struct SiteConfig {
     /// How long audit entries are kept, seconds.
     #[serde(default = "default_audit_retention_s")]
     pub audit_retention_seconds: u64,
+    /// Memory the site's database caches, MiB (its pages beyond are read from
+    /// the file again).
+    #[serde(default = "default_cache_mib")]
+    pub database_cache_mib: u64,
     /// Free space (MiB) under which, where the data lives, the site takes no new
     /// work (`507`); 0: no mark.
     #[serde(default = "default_min_free")]
@@ -183,6 +187,10 @@ fn default_ready_s() -> u64 {
     300
 }
 
+fn default_cache_mib() -> u64 {
+    crate::store_core::DEFAULT_CACHE_MIB
+}
+
 fn default_retention_s() -> u64 {
     7 * 24 * 3600
 }
@@ -247,6 +255,7 @@ impl SiteConfig {
             ready_timeout_seconds: default_ready_s(),
             job_retention_seconds: default_retention_s(),
             audit_retention_seconds: default_audit_retention_s(),
+            database_cache_mib: default_cache_mib(),
             copy_output_retention_seconds: default_output_retention_s(),
             min_free_disk_mib: default_min_free(),
             max_output_kib: default_output_kib(),
@@ -310,6 +319,12 @@ impl SiteConfig {
             || self.copy_output_retention_seconds > 365 * 24 * 3600
         {
             return Err("copy-output-retention-seconds must be between 1 and a year".into());
+        }
+        if !(1..=crate::store_core::MAX_CACHE_MIB).contains(&self.database_cache_mib) {
+            return Err(format!(
+                "database-cache-mib must be between 1 and {}",
+                crate::store_core::MAX_CACHE_MIB
+            ));
         }
         if self.audit_retention_seconds == 0 || self.audit_retention_seconds > 100 * 365 * 24 * 3600
         {
@@ -386,5 +401,32 @@ impl SiteConfig {
         }
         cfg.validate().map_err(invalid)?;
         Ok(cfg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::SiteConfig;
+
+    #[test]
+    fn the_database_cache_is_bounded_and_defaults_to_256_mib() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("site.toml");
+        let base = "data-dir = \"data\"\nadmin-token = \"site-admin-0123456789\"\n";
+        std::fs::write(&path, base).unwrap();
+        assert_eq!(SiteConfig::read(&path).unwrap().database_cache_mib, 256);
+        for (value, ok) in [("1", true), ("65536", true), ("0", false), ("65537", false)] {
+            std::fs::write(&path, format!("{base}database-cache-mib = {value}\n")).unwrap();
+            let got = SiteConfig::read(&path);
+            assert_eq!(
+                got.is_ok(),
+                ok,
+                "{value}: {:?}",
+                got.err().map(|e| e.to_string())
+            );
+            if let Err(e) = got {
+                assert!(e.to_string().contains("database-cache-mib"), "{e}");
+            }
+        }
     }
 }

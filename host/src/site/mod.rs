@@ -230,7 +230,10 @@ impl Site {
     /// and serves the API.
     pub async fn start(config: SiteConfig) -> Result<Site, SiteError> {
         config.validate().map_err(SiteError::Config)?;
-        let store = Store::open(&config.data_dir.join("site.redb"))?;
+        let store = Store::open_with_cache(
+            &config.data_dir.join("site.redb"),
+            config.database_cache_mib,
+        )?;
         let admin_hash = auth::hash(&config.admin_token);
         store.write(|t| {
             let admin = match t.user("admin")? {

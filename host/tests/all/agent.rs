@@ -441,6 +441,56 @@ async fn out_of_band_changes_show_up_within_the_reconcile_period() {
     agent.stop().await;
 }
 
+/// A `memory:<name>?vms=N` endpoint is a host that starts full: its VMs are
+/// adopted like any made behind the agent's back, and another instance of the
+/// plugin (a restarted agent) finds the same ids; a bad count is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_memory_endpoint_can_start_full_with_the_same_vms_every_time() {
+    let endpoint = format!("memory:full-{}?vms=3", uuid::Uuid::new_v4());
+    let listed = |c: Client| async move {
+        let _: Value = post(&c, "/v1/reconcile", json!({})).await.unwrap();
+        let vms: Vec<VmRecord> = c.get("/v1/vms").await.unwrap();
+        let mut got: Vec<(String, String)> =
+            vms.into_iter().map(|r| (r.vm.name, r.vm.id)).collect();
+        got.sort();
+        got
+    };
+    let (first, c, _dir) = agent(&endpoint, 600_000).await;
+    let one = listed(c).await;
+    assert_eq!(
+        one.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
+        ["vm-0000000", "vm-0000001", "vm-0000002"]
+    );
+    let (second, c, _dir2) = agent(&endpoint, 600_000).await;
+    assert_eq!(listed(c).await, one, "the same VMs in another instance");
+    let (other, c, _dir3) = agent(
+        &format!("memory:other-{}?vms=1", uuid::Uuid::new_v4()),
+        600_000,
+    )
+    .await;
+    let theirs = listed(c).await;
+    assert!(
+        one.iter().all(|(_, id)| id != &theirs[0].1),
+        "ids differ between endpoints"
+    );
+    for bad in [
+        "memory:x?vms=lots",
+        "memory:x?vms=1000001",
+        "memory:x?cpus=2",
+    ] {
+        let e = first
+            .plugins
+            .open_driver("memory", bad, no_creds())
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("{bad} was accepted"));
+        assert!(e.to_string().contains("vms=N"), "{bad}: {e}");
+    }
+    for a in [first, second, other] {
+        a.stop().await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operations_interrupted_by_a_restart_are_resolved() {
     let (agent, c, _dir) = agent("memory:recover", 60_000).await;

@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
-use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::sync::broadcast;
@@ -340,8 +340,13 @@ impl Txn<'_> {
 }
 
 impl Store {
-    /// Opens (or creates) the database at `path`.
+    /// Opens (or creates) the database at `path` with the default cache.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
+        Store::open_with_cache(path, crate::store_core::DEFAULT_CACHE_MIB)
+    }
+
+    /// Opens (or creates) the database at `path`, caching `cache_mib` of it.
+    pub fn open_with_cache(path: &Path, cache_mib: u64) -> Result<Store, StoreError> {
         let err = |e: &dyn std::fmt::Display| StoreError::Open {
             path: path.to_path_buf(),
             message: e.to_string(),
@@ -349,7 +354,7 @@ impl Store {
         if let Some(dir) = path.parent() {
             crate::private_fs::private_dir(dir).map_err(|e| err(&e))?;
         }
-        let db = Database::create(path).map_err(|e| err(&e))?;
+        let db = crate::store_core::open_database(path, cache_mib).map_err(|e| err(&e))?;
         let txn = db.begin_write().map_err(|e| err(&e))?;
         let event_floor;
         {

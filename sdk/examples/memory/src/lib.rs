@@ -9,6 +9,9 @@
 //! Because its VMs live in instance memory, its manifest declares
 //! `limits.concurrency = 1`: the host must keep one instance for it.
 //!
+//! An endpoint `memory:<name>?vms=N` starts with N stopped VMs (`vm-0000000`, ...;
+//! at most 1,000,000), the same ids every time: a host already full, for benches.
+//!
 //! Operator configuration (`gve plugin config` / grants): `password` (sessions must
 //! present it), `cpus` (default 16) and `memory-mib` (default 65536), the capacity of
 //! every simulated host.
@@ -71,6 +74,7 @@ fn authenticate(endpoint: &str, credentials: &Credentials) -> Result<()> {
             "endpoint {endpoint:?} is not a memory endpoint (expected memory:<name>)"
         )));
     }
+    state::seed_count(endpoint)?;
     if let Some(expected) = gve_sdk::config::get("password") {
         if credentials.password.as_deref() != Some(expected.as_str()) {
             return Err(Error::denied(format!(

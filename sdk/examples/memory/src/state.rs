@@ -83,6 +83,37 @@ impl World {
     }
 }
 
+/// The most VMs an endpoint may start with.
+pub const MAX_SEED: u64 = 1_000_000;
+
+/// How many VMs endpoint `name` starts with: `N` of a `memory:<name>?vms=N`
+/// endpoint (a host already full, for benches), else none.
+pub fn seed_count(name: &str) -> Result<u64> {
+    let Some((_, query)) = name.split_once('?') else {
+        return Ok(0);
+    };
+    query
+        .strip_prefix("vms=")
+        .and_then(|n| n.parse::<u64>().ok())
+        .filter(|n| *n <= MAX_SEED)
+        .ok_or_else(|| {
+            Error::invalid_argument(format!(
+                "endpoint {name:?}: expected memory:<name>?vms=N with N at most {MAX_SEED}"
+            ))
+        })
+}
+
+/// The id of VM `i` an endpoint starts with: the same for the same endpoint
+/// string in every instance (a restarted agent finds the VMs it had), distinct
+/// between endpoints (a hash of the string) and from made VMs (`mem-<n>`).
+fn seed_id(name: &str, i: u64) -> String {
+    // FNV-1a, 64 bits: stable across builds, unlike the std hasher.
+    let h = name.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    format!("seed-{h:016x}-{i}")
+}
+
 impl Endpoint {
     fn seeded(name: &str) -> Endpoint {
         let template = |id: &str, tname: &str, cpus: u32, mib: u64, disk: u64, os: &str| Vm {
@@ -130,6 +161,20 @@ impl Endpoint {
             1_024,
             "alpine",
         ));
+        // Checked when the session opened; a bad count seeds nothing.
+        for i in 0..seed_count(name).unwrap_or(0) {
+            let mut vm = template(
+                &seed_id(name, i),
+                &format!("vm-{i:07}"),
+                1,
+                16,
+                1_024,
+                "debian",
+            );
+            vm.info.is_template = false;
+            vm.info.resources.disk_mib = None;
+            ep.insert(vm);
+        }
         ep
     }
 
