@@ -112,8 +112,9 @@ async fn main() {
     write(rounds, managed, p2p);
 }
 
-/// Totals and downtimes of one mode: `(gve, virsh)`.
-type Measured = ([Vec<Duration>; 2], [Vec<Duration>; 2]);
+/// One mode's samples by `[direction][path][measure]`: direction 0 is a → b,
+/// path 0 gve (1 virsh), measure 0 the total (1 the downtime).
+type Measured = [[[Vec<Duration>; 2]; 2]; 2];
 
 /// `rounds` migrations per path through a fresh site and agents, peer-to-peer or
 /// driven by the client (gve's libvirt client, virsh).
@@ -141,8 +142,7 @@ async fn measure(hosts: &[Libvirtd; 2], p2p: bool, rounds: usize) -> Measured {
     // Let the guest settle after its boot.
     tokio::time::sleep(Duration::from_secs(3)).await;
 
-    let (mut gve_total, mut gve_down, mut virsh_total, mut virsh_down) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut got: Measured = Default::default();
     for i in 0..2 * rounds {
         let to = 1 - on;
         let through_gve = matches!(i % 4, 0 | 3);
@@ -170,12 +170,10 @@ async fn measure(hosts: &[Libvirtd; 2], p2p: bool, rounds: usize) -> Measured {
             ids[on],
             ids[to]
         );
-        if through_gve {
-            gve_total.push(took);
-            gve_down.push(down);
-        } else {
-            virsh_total.push(took);
-            virsh_down.push(down);
+        let path = usize::from(!through_gve);
+        got[on][path][0].push(took);
+        got[on][path][1].push(down);
+        if !through_gve {
             for c in agent_clients {
                 let _: Value = c
                     .call(Method::POST, "/v1/reconcile", Some(&json!({})))
@@ -192,7 +190,12 @@ async fn measure(hosts: &[Libvirtd; 2], p2p: bool, rounds: usize) -> Measured {
     site.stop().await;
     agent_a.stop().await;
     agent_b.stop().await;
-    ([gve_total, gve_down], [virsh_total, virsh_down])
+    got
+}
+
+/// Both directions' samples of one path and measure.
+fn pooled(m: &Measured, path: usize, measure: usize) -> Vec<Duration> {
+    [&m[0][path][measure][..], &m[1][path][measure][..]].concat()
 }
 
 fn write(rounds: usize, managed: Measured, p2p: Measured) {
@@ -219,18 +222,31 @@ fn write(rounds: usize, managed: Measured, p2p: Measured) {
         cores()
     );
     md += "| mode | measure | through gve: median (IQR) | virsh: median (IQR) | gve − virsh (medians) |\n|---|---|---|---|---|\n";
-    for (mode, (gve, virsh)) in [("managed", managed), ("peer-to-peer", p2p)] {
-        for ((name, g), v) in ["total", "downtime (QEMU's)"]
-            .into_iter()
-            .zip(gve)
-            .zip(virsh)
-        {
+    let modes = [("managed", &managed), ("peer-to-peer", &p2p)];
+    for (mode, m) in modes {
+        for (k, name) in ["total", "downtime (QEMU's)"].into_iter().enumerate() {
+            let (g, v) = (pooled(m, 0, k), pooled(m, 1, k));
             let diff = ms(quartiles(g.clone()).0) - ms(quartiles(v.clone()).0);
             let pct = 100.0 * diff / ms(quartiles(v.clone()).0).max(f64::MIN_POSITIVE);
             md += &format!(
                 "| {mode} | {name} | {} | {} | {diff:+.0} ms ({pct:+.1}%) |\n",
                 median_iqr(g),
                 median_iqr(v)
+            );
+        }
+    }
+    // The two directions take different times (one host's pool is the other's
+    // directory): a pooled median lands on either, so compare per direction.
+    md += "\nPer direction (median of each path's migrations that way):\n\n\
+           | mode | direction | total gve / virsh | downtime gve / virsh |\n|---|---|---|---|\n";
+    for (mode, m) in modes {
+        for (d, direction) in ["a → b", "b → a"].into_iter().enumerate() {
+            let med = |path: usize, k: usize| ms(quartiles(m[d][path][k].clone()).0);
+            let (tg, tv, dg, dv) = (med(0, 0), med(1, 0), med(0, 1), med(1, 1));
+            md += &format!(
+                "| {mode} | {direction} | {tg:.0} / {tv:.0} ms ({:+.1}%) | {dg:.0} / {dv:.0} ms ({:+.0} ms) |\n",
+                100.0 * (tg - tv) / tv.max(f64::MIN_POSITIVE),
+                dg - dv
             );
         }
     }

@@ -256,7 +256,7 @@ impl Report {
     fn write(&self, agents: u64, per_agent: u64) {
         let mut md = format!(
             "# A site at a million\n\n`bench/million.rs` on {}, {} cores. A `gve site run` \
-             process (its defaults: health check every 5 s, 64 runners; job retention ten years) \
+             process (its defaults: health check every 5 s, 64 runners, a 256 MiB database cache; job retention ten years, up to 100,000,000 job events) \
              over {agents} memory-driver agents in the bench process, each on a simulated host \
              that starts with {per_agent} VMs made outside gve (its reconcile every 60 s), and one empty agent \
              for the probe user's {PROBE_VMS} VMs. The history: VM requests too large for any \
@@ -374,7 +374,8 @@ async fn main() {
         &config,
         format!(
             "listen = \"127.0.0.1:0\"\ndata-dir = \"data\"\nadmin-token = \"{ADMIN}\"\n\
-             max-queued-jobs-per-user = 1000000\njob-retention-seconds = 315360000\n"
+             max-queued-jobs-per-user = 1000000\njob-retention-seconds = 315360000\n\
+             max-job-events = 100000000\n"
         ),
     )
     .unwrap();

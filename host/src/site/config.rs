@@ -79,6 +79,9 @@ pub struct SiteConfig {
     /// How long audit entries are kept, seconds.
     #[serde(default = "default_audit_retention_s")]
     pub audit_retention_seconds: u64,
+    /// Job events kept at most (the oldest trimmed first, whatever their age).
+    #[serde(default = "default_max_events")]
+    pub max_job_events: u64,
     /// Memory the site's database caches, MiB (its pages beyond are read from
     /// the file again).
     #[serde(default = "default_cache_mib")]
@@ -187,6 +190,10 @@ fn default_ready_s() -> u64 {
     300
 }
 
+fn default_max_events() -> u64 {
+    super::store::MAX_EVENTS
+}
+
 fn default_cache_mib() -> u64 {
     crate::store_core::DEFAULT_CACHE_MIB
 }
@@ -256,6 +263,7 @@ impl SiteConfig {
             job_retention_seconds: default_retention_s(),
             audit_retention_seconds: default_audit_retention_s(),
             database_cache_mib: default_cache_mib(),
+            max_job_events: default_max_events(),
             copy_output_retention_seconds: default_output_retention_s(),
             min_free_disk_mib: default_min_free(),
             max_output_kib: default_output_kib(),
@@ -319,6 +327,9 @@ impl SiteConfig {
             || self.copy_output_retention_seconds > 365 * 24 * 3600
         {
             return Err("copy-output-retention-seconds must be between 1 and a year".into());
+        }
+        if !(1_000..=1_000_000_000_000).contains(&self.max_job_events) {
+            return Err("max-job-events must be between 1000 and 10^12".into());
         }
         if !(1..=crate::store_core::MAX_CACHE_MIB).contains(&self.database_cache_mib) {
             return Err(format!(

@@ -233,7 +233,8 @@ impl Site {
         let store = Store::open_with_cache(
             &config.data_dir.join("site.redb"),
             config.database_cache_mib,
-        )?;
+        )?
+        .with_max_events(config.max_job_events);
         let admin_hash = auth::hash(&config.admin_token);
         store.write(|t| {
             let admin = match t.user("admin")? {

@@ -67,6 +67,54 @@ async fn finished_jobs_go_after_their_retention_and_newer_ones_stay() {
     e.site.stop().await;
 }
 
+/// Past `max-job-events` the oldest events go (with their index entries), and the
+/// newest jobs' events stay whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_max_job_events_the_oldest_go_and_the_newest_stay() {
+    let e = env(0, |c| {
+        c.max_job_events = 1_000;
+        c.max_queued_jobs_per_user = 10_000;
+    })
+    .await;
+    let ann = e.user("ann", None).await;
+    // Requests no agent can place: each ends failed with its events.
+    let mut ids = Vec::new();
+    for _ in 0..1_200 {
+        let j: Job = serde_json::from_value(
+            post(&ann, "/v1/vms", json!({ "main-memory-mib": 64 }))
+                .await
+                .unwrap(),
+        )
+        .unwrap();
+        ids.push(j.id);
+    }
+    let last = wait_job(&ann, ids.last().unwrap()).await;
+    assert_eq!(last.state, JobState::Failed, "{last:?}");
+    for id in &ids {
+        wait_job(&ann, id).await;
+    }
+    let store = &e.site.core.store;
+    let events = store.events_after(0, usize::MAX, None).unwrap();
+    // Trimmed to the cap each 1,024 events: never more than the cap and one round.
+    assert!(
+        events.len() > 1_000 / 2 && events.len() <= 1_000 + 1_024,
+        "{} events kept",
+        events.len()
+    );
+    assert!(events.len() < 3 * ids.len(), "some were trimmed");
+    assert_eq!(store.event_index_len().unwrap(), events.len() as u64);
+    let first = store.events_after(0, 100, Some(&ids[0])).unwrap();
+    assert!(first.is_empty(), "the oldest job's events went: {first:?}");
+    let newest = store
+        .events_after(0, 100, Some(ids.last().unwrap()))
+        .unwrap();
+    assert!(
+        newest.iter().any(|ev| ev.state == JobState::Failed),
+        "{newest:?}"
+    );
+    e.site.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_commands_stored_output_is_capped_and_flagged() {
     let e = env(1, |c| c.max_output_kib = 1).await;

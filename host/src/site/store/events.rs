@@ -17,8 +17,8 @@ const BY_JOB: TableDefinition<(&str, u64), ()> = TableDefinition::new("job_event
 /// Meta key saying the index was built (a database from before it has none).
 const BUILT: &str = "index:job-events";
 
-/// Job events kept; older ones are trimmed.
-const MAX_EVENTS: u64 = 1_000_000;
+/// Job events kept unless the site's `max-job-events` says; older ones are trimmed.
+pub const MAX_EVENTS: u64 = 1_000_000;
 
 /// Meta key: the floor of sequence numbers the last open handed out.
 const FLOOR: &str = "events:floor";
@@ -144,8 +144,8 @@ impl Txn<'_> {
                 .map_err(storage)?
                 .len()
                 .map_err(storage)?;
-            if held > MAX_EVENTS {
-                let gone = oldest(self.txn, (held - MAX_EVENTS) as usize, |_, _| false)?;
+            if held > self.max_events {
+                let gone = oldest(self.txn, (held - self.max_events) as usize, |_, _| false)?;
                 remove(self.txn, &gone)?;
             }
         }

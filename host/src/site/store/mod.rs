@@ -14,6 +14,7 @@ mod directory;
 mod events;
 mod vms;
 
+pub use events::MAX_EVENTS;
 pub use vms::{Page, Tally};
 
 use super::model::{now_ms, AgentRec, AuditEntry, Job, JobEvent, JobState, SiteVm, Usage, User};
@@ -111,6 +112,8 @@ pub struct Store {
     /// The lowest sequence number this run may give a job event
     /// ([`events::open_tables`]).
     event_floor: u64,
+    /// Job events kept at most; older ones are trimmed.
+    max_events: u64,
 }
 
 /// Per agent, how many writes of its VM records this process has made (a VM
@@ -124,6 +127,7 @@ pub struct Txn<'a> {
     new_events: Vec<JobEvent>,
     vm_writes: &'a VmWrites,
     event_floor: u64,
+    max_events: u64,
 }
 
 macro_rules! json_table {
@@ -379,7 +383,15 @@ impl Store {
             db: crate::store_core::Published::new(db, 4096),
             vm_writes: Default::default(),
             event_floor,
+            max_events: MAX_EVENTS,
         })
+    }
+
+    /// This store keeping at most `n` job events (the oldest trimmed first);
+    /// [`MAX_EVENTS`] unless set.
+    pub fn with_max_events(mut self, n: u64) -> Store {
+        self.max_events = n;
+        self
     }
 
     /// How many writes of agent `agent`'s VM records this process has made.
@@ -460,6 +472,7 @@ impl Store {
             new_events: Vec::new(),
             vm_writes: &self.vm_writes,
             event_floor: self.event_floor,
+            max_events: self.max_events,
         };
         let v = f(&mut t)?;
         *events = t.new_events;
