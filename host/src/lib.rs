@@ -6,6 +6,7 @@
 pub mod agent;
 pub mod api;
 pub mod cli;
+pub mod heap;
 pub mod libvirt_events;
 pub mod libvirt_log;
 pub mod metrics;

@@ -35,7 +35,17 @@ pub struct Agents {
     listing_counts: ListingCounts,
     /// The health checks' period, ms (set by [`Agents::spawn_health`]).
     health_period_ms: std::sync::atomic::AtomicU64,
+    /// Checks that may read and apply an agent's whole VM listing at once.
+    full_reads: tokio::sync::Semaphore,
 }
+
+/// How many checks read and apply a whole VM listing at once: each holds the
+/// agent's VMs in memory (about 150 MB for 100,000), and a restarted site reads
+/// every agent's listing in full.
+const FULL_READS: usize = 2;
+
+/// A listing this long is followed by giving freed heap back to the system.
+const TRIM_AFTER_VMS: usize = 10_000;
 
 /// Health checks' VM listings counted by outcome.
 pub type ListingCounts = prometheus_client::metrics::family::Family<
@@ -93,12 +103,14 @@ impl Agents {
             listings: Listings::default(),
             listing_counts,
             health_period_ms: std::sync::atomic::AtomicU64::new(5_000),
+            full_reads: tokio::sync::Semaphore::new(FULL_READS),
         })
     }
 
     /// How long a VM record stays `missing` before it is forgotten: two rounds of
     /// health checks and the longest a check may take, so every other agent that
-    /// is up has listed its VMs since (and claimed it, if it moved there).
+    /// is up has listed its VMs since (and claimed it, if it moved there and is
+    /// the same VM: see `vm_sync::sync_vms`).
     fn forget_missing_after_ms(&self) -> u64 {
         2 * self
             .health_period_ms
@@ -265,15 +277,20 @@ impl Agents {
     /// An agent that does not answer within 15 s is down.
     pub async fn check(&self, id: &str) {
         let Ok(c) = self.client(id) else { return };
+        // Every page (a VM left out would be taken for gone), unless the agent's
+        // VMs are as the last settled listing saw them. A whole listing waits for
+        // its turn before the check's clock starts (a wait is not the agent's fault).
+        let tag = self.listings.tag(id, self.store.vm_writes(id));
+        let _turn = match tag {
+            None => self.full_reads.acquire().await.ok(),
+            Some(_) => None,
+        };
         // Records a job writes after the listing was taken are newer than it.
         let listed_at = now_ms();
         let got = tokio::time::timeout(CHECK_TIMEOUT, async {
             let host: crate::agent::model::Host = c.get("/v1/host").await?;
             let templates: Vec<Vm> = c.get("/v1/templates").await?;
             let driver: Value = c.get("/v1/driver").await?;
-            // Every page (a VM left out would be taken for gone), unless the
-            // agent's VMs are as the last settled listing saw them.
-            let tag = self.listings.tag(id, self.store.vm_writes(id));
             let vms: Listing<VmRecord> = c
                 .get_pages_unless("/v1/vms", usize::MAX, tag.as_deref())
                 .await?;
@@ -287,6 +304,10 @@ impl Agents {
                 format!("agent {id} did not answer its health check within 15 s"),
             ))
         });
+        let read = match &got {
+            Ok((_, _, _, Listing::Changed { items, .. })) => items.len(),
+            _ => 0,
+        };
         // What a check learns, the next check learns again: no need to wait for the disk.
         // A listing's tag is remembered once the records it settled are committed.
         let r = self.store.write_lazy(|t| {
@@ -330,6 +351,10 @@ impl Agents {
             t.put_agent(&rec)?;
             Ok(listed)
         });
+        // The listing is dropped: give what it took back (glibc keeps freed heap).
+        if read >= TRIM_AFTER_VMS {
+            crate::heap::trim();
+        }
         let outcome = match r {
             Ok(Some(Checked::Unchanged)) => "unchanged",
             Ok(Some(Checked::Read {
@@ -337,7 +362,7 @@ impl Agents {
                 settled,
                 writes,
             })) => {
-                self.listings.listed(id, tag, settled, writes);
+                self.listings.listed(id, read, tag, settled, writes);
                 "read"
             }
             Ok(None) => {

@@ -4,7 +4,8 @@
 //! and [`Listings`] remembers the tag of a listing the records fully agreed
 //! with, so the next check asks with `If-None-Match` and an unchanged agent
 //! answers 304 instead of every VM again. A full listing is still read at
-//! least every [`FULL_LISTING_EVERY`], after any listing that left something
+//! least every [`FULL_LISTING_EVERY`] per [`FULL_LISTING_STEP`] VMs listed
+//! (see [`full_listing_every`]), after any listing that left something
 //! unsettled (a VM missing, or one a job was working on), and after the site
 //! wrote any of the agent's VM records itself (a job recording an operation's
 //! result, a VM moved between agents): the agent's tag does not move for those.
@@ -18,8 +19,23 @@ use super::model::{now_ms, JobKind, SiteVm};
 use super::store::StoreError;
 use crate::agent::model::VmRecord;
 
-/// The longest a site goes without reading an agent's whole VM listing.
+/// The longest a site goes without reading an agent's whole VM listing of up to
+/// [`FULL_LISTING_STEP`] VMs; longer listings are read in full as much less often
+/// (a minute per that many VMs, at most [`FULL_LISTING_MAX`]), so that this
+/// safety net costs the same small share of a core at any size.
 pub const FULL_LISTING_EVERY: Duration = Duration::from_secs(60);
+/// See [`FULL_LISTING_EVERY`].
+pub const FULL_LISTING_STEP: usize = 10_000;
+/// See [`FULL_LISTING_EVERY`].
+pub const FULL_LISTING_MAX: Duration = Duration::from_secs(30 * 60);
+
+/// How long a settled listing of `vms` VMs may be trusted without a full read.
+pub fn full_listing_every(vms: usize) -> Duration {
+    let steps = u32::try_from(vms.div_ceil(FULL_LISTING_STEP)).unwrap_or(u32::MAX);
+    FULL_LISTING_EVERY
+        .saturating_mul(steps.max(1))
+        .min(FULL_LISTING_MAX)
+}
 
 /// What a check did with an agent's VM listing.
 pub enum Checked {
@@ -38,11 +54,13 @@ pub enum Checked {
     },
 }
 
-/// A settled listing: its tag, when it was read, and the write count then.
+/// A settled listing: its tag, when it was read, the write count then, and
+/// how long it may be trusted.
 struct Mark {
     tag: String,
     at: Instant,
     writes: u64,
+    trusted: Duration,
 }
 
 /// Per agent, the tag of the last listing the site's records agreed with.
@@ -54,25 +72,34 @@ pub struct Listings {
 impl Listings {
     /// The tag to send with agent `agent`'s next listing, if one may be
     /// skipped: none once the site wrote one of the agent's VM records since
-    /// (`writes` is the count now), nor after [`FULL_LISTING_EVERY`].
+    /// (`writes` is the count now), nor after [`full_listing_every`] of its size.
     pub fn tag(&self, agent: &str, writes: u64) -> Option<String> {
         let marks = self.marks.lock().unwrap_or_else(|p| p.into_inner());
         marks
             .get(agent)
-            .filter(|m| m.writes == writes && m.at.elapsed() < FULL_LISTING_EVERY)
+            .filter(|m| m.writes == writes && m.at.elapsed() < m.trusted)
             .map(|m| m.tag.clone())
     }
 
-    /// Records agent `agent`'s listing with `tag`, applied as of `writes`:
-    /// remembered when the records `settled` with it, else forgotten (the next
-    /// check reads every VM). A mark from a check that finished late is no
-    /// risk: the write count or the agent's tag has moved on since.
-    pub fn listed(&self, agent: &str, tag: Option<String>, settled: bool, writes: u64) {
+    /// Records agent `agent`'s listing of `vms` VMs with `tag`, applied as of
+    /// `writes`: remembered when the records `settled` with it, else forgotten
+    /// (the next check reads every VM). A mark from a check that finished late
+    /// is no risk: the write count or the agent's tag has moved on since.
+    pub fn listed(&self, agent: &str, vms: usize, tag: Option<String>, settled: bool, writes: u64) {
         let mut marks = self.marks.lock().unwrap_or_else(|p| p.into_inner());
         match tag.filter(|_| settled) {
             Some(tag) => {
                 let at = Instant::now();
-                marks.insert(agent.to_string(), Mark { tag, at, writes });
+                let trusted = full_listing_every(vms);
+                marks.insert(
+                    agent.to_string(),
+                    Mark {
+                        tag,
+                        at,
+                        writes,
+                        trusted,
+                    },
+                );
             }
             None => {
                 marks.remove(agent);
@@ -99,7 +126,8 @@ pub const MISSING: &str = "missing";
 /// A VM the agent no longer lists is `missing` first and forgotten when a check
 /// still misses it `forget_after_ms` later; one that turns up on another agent
 /// meanwhile (a migration whose job was cut off, or one made outside gve) keeps
-/// its record, owner and lease there. Whether the records now agree with the
+/// its record, owner and lease there when it is the same VM: its id is a UUID,
+/// both agents reach the same endpoint, or the record started on this agent. Whether the records now agree with the
 /// listing (nothing missing, nothing left to a job or to a later listing).
 pub(super) fn sync_vms(
     t: &mut super::store::Txn<'_>,
@@ -134,6 +162,21 @@ pub(super) fn sync_vms(
         }
         active_jobs.insert(j.id);
     }
+    // The endpoint each agent reached at its last check: agents on one endpoint
+    // (one vCenter) share its VM ids.
+    let endpoints: HashMap<String, Option<String>> = t
+        .agents()?
+        .into_iter()
+        .map(|a| (a.id, a.endpoint))
+        .collect();
+    let here = endpoints.get(agent).cloned().flatten();
+    // Whether `other`'s record of hypervisor VM `id` may be this agent's VM.
+    let same_vm = |id: &str, other: &SiteVm| {
+        unique_everywhere(id)
+            || (here.is_some() && endpoints.get(&other.agent).cloned().flatten() == here)
+            // Its site id was made from this agent and this id: it started here.
+            || other.id == site_vm_id(agent, id)
+    };
     let now = now_ms();
     for rec in listed {
         let vm = &rec.vm;
@@ -163,13 +206,13 @@ pub(super) fn sync_vms(
                     .get("gve.job")
                     .is_some_and(|j| active_jobs.contains(j))
                     || cloning.contains(&vm.name);
-                // Records by the hypervisor's id of the VM, on any agent, when that
-                // id names one VM wherever it turns up.
-                let elsewhere = if unique_everywhere(&vm.id) {
-                    t.vms_by_agent_vm(&vm.id)?
-                } else {
-                    Vec::new()
-                };
+                // Records by the hypervisor's id of the VM on other agents that
+                // may be this VM (never one only sharing an id it has elsewhere).
+                let elsewhere: Vec<SiteVm> = t
+                    .vms_by_agent_vm(&vm.id)?
+                    .into_iter()
+                    .filter(|v| same_vm(&vm.id, v))
+                    .collect();
                 if made_by_active || elsewhere.iter().any(|v| busy.contains(&v.id)) {
                     settled = false;
                     continue;
@@ -259,8 +302,8 @@ pub(super) fn sync_vms(
 /// same id on another agent is this VM moved there: a UUID (libvirt's ids, kept
 /// by a migration) does. The contract promises an id stable on its own
 /// hypervisor only: a managed object id (`vm-42` on vSphere, `3` on a standalone
-/// ESXi, `mem-7` on the memory driver) on another agent is another VM, never
-/// one to hand this record (and its owner) to.
+/// ESXi, `mem-7` on the memory driver) on an agent of another endpoint is
+/// another VM, never one to hand this record (and its owner) to.
 fn unique_everywhere(id: &str) -> bool {
     id.len() == 36 && uuid::Uuid::parse_str(id).is_ok_and(|u| !u.is_nil() && !u.is_max())
 }
@@ -268,6 +311,18 @@ fn unique_everywhere(id: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::unique_everywhere;
+
+    #[test]
+    fn a_longer_listing_is_read_in_full_less_often() {
+        use super::full_listing_every;
+        use std::time::Duration;
+        let min = |m: u64| Duration::from_secs(60 * m);
+        assert_eq!(full_listing_every(0), min(1));
+        assert_eq!(full_listing_every(10_000), min(1));
+        assert_eq!(full_listing_every(10_001), min(2));
+        assert_eq!(full_listing_every(100_000), min(10));
+        assert_eq!(full_listing_every(usize::MAX), min(30));
+    }
 
     #[test]
     fn only_a_uuid_names_a_vm_on_every_agent() {

@@ -475,7 +475,7 @@ async fn a_memory_endpoint_can_start_full_with_the_same_vms_every_time() {
     );
     for bad in [
         "memory:x?vms=lots",
-        "memory:x?vms=1000001",
+        "memory:x?vms=200001",
         "memory:x?cpus=2",
     ] {
         let e = first

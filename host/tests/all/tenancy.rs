@@ -213,6 +213,42 @@ async fn a_vm_id_another_agent_also_uses_is_another_vm() {
     e.site.stop().await;
 }
 
+/// A VM whose record moved to another agent (as a migration job records it)
+/// and that shows up again where it started, under an id unique there only, is
+/// the same VM: its record is followed back or left alone, never replaced by a
+/// stray's (which would take it from its owner).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_seen_again_where_it_started_keeps_its_owner() {
+    let e = env(2, |_| {}).await;
+    let alice = e.user("alice", None).await;
+    let j = job(&alice, "/v1/vms", profile()).await;
+    let mine: SiteVm = serde_json::from_value(j.result.unwrap()).unwrap();
+    let other = if mine.agent == "a-0" { "a-1" } else { "a-0" };
+    e.site
+        .core
+        .store
+        .write(|t| {
+            let mut v = t.vm(&mine.id)?.unwrap();
+            v.agent = other.to_string();
+            t.put_vm(&v)
+        })
+        .unwrap();
+    // Ten health periods: the agent it started on lists it all along.
+    let end = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < end {
+        let all: Vec<SiteVm> = e.admin.get("/v1/vms?all=true").await.unwrap();
+        let rec = all
+            .iter()
+            .find(|v| v.id == mine.id)
+            .expect("the record stays");
+        assert_eq!(rec.owner.as_deref(), Some("alice"), "{rec:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let rec: SiteVm = alice.get(&format!("/v1/vms/{}", mine.id)).await.unwrap();
+    assert_eq!(rec.agent_vm, mine.agent_vm, "{rec:?}");
+    e.site.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn numbers_at_the_edge_of_their_type_are_refused_by_name() {
     let e = env(1, |_| {}).await;

@@ -145,7 +145,10 @@ impl Txn<'_> {
                 .len()
                 .map_err(storage)?;
             if held > self.max_events {
-                let gone = oldest(self.txn, (held - self.max_events) as usize, |_, _| false)?;
+                // A bounded bite per round: a cap lowered far below what is held
+                // converges over later rounds instead of stalling this writer.
+                let surplus = usize::try_from(held - self.max_events).unwrap_or(usize::MAX);
+                let gone = oldest(self.txn, surplus.min(4 * 1024), |_, _| false)?;
                 remove(self.txn, &gone)?;
             }
         }

@@ -83,8 +83,9 @@ impl World {
     }
 }
 
-/// The most VMs an endpoint may start with.
-pub const MAX_SEED: u64 = 1_000_000;
+/// The most VMs an endpoint may start with (each takes about 1 KiB of the
+/// plugin's memory).
+pub const MAX_SEED: u64 = 200_000;
 
 /// How many VMs endpoint `name` starts with: `N` of a `memory:<name>?vms=N`
 /// endpoint (a host already full, for benches), else none.
