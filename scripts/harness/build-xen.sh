@@ -37,7 +37,15 @@ fi
 mirror=$(bash scripts/harness/apt-mirror.sh)
 mkdir -p "$out"
 work=$(mktemp -d /var/tmp/gve-xen-build.XXXXXX)
-trap '"${sudo_cmd[@]}" rm -rf "$work"' EXIT
+# A build cut off inside debootstrap leaves the root's proc (and sys) mounted:
+# unmount whatever is below the work directory first, and never let rm cross
+# into a mount.
+cleanup() {
+    awk -v w="$work/" 'index($2, w) == 1 { print $2 }' /proc/mounts | sort -r |
+        while read -r m; do "${sudo_cmd[@]}" umount -l "$m" || true; done
+    "${sudo_cmd[@]}" rm -rf --one-file-system "$work"
+}
+trap cleanup EXIT
 t0=$(date +%s)
 say() { echo "build-xen: [$(($(date +%s) - t0))s] $*"; }
 

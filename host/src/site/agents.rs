@@ -277,33 +277,45 @@ impl Agents {
     /// An agent that does not answer within 15 s is down.
     pub async fn check(&self, id: &str) {
         let Ok(c) = self.client(id) else { return };
-        // Every page (a VM left out would be taken for gone), unless the agent's
-        // VMs are as the last settled listing saw them. A whole listing waits for
-        // its turn before the check's clock starts (a wait is not the agent's fault).
-        let tag = self.listings.tag(id, self.store.vm_writes(id));
-        let _turn = match tag {
-            None => self.full_reads.acquire().await.ok(),
-            Some(_) => None,
-        };
-        // Records a job writes after the listing was taken are newer than it.
-        let listed_at = now_ms();
-        let got = tokio::time::timeout(CHECK_TIMEOUT, async {
-            let host: crate::agent::model::Host = c.get("/v1/host").await?;
-            let templates: Vec<Vm> = c.get("/v1/templates").await?;
-            let driver: Value = c.get("/v1/driver").await?;
-            let vms: Listing<VmRecord> = c
-                .get_pages_unless("/v1/vms", usize::MAX, tag.as_deref())
-                .await?;
-            Ok::<_, ApiError>((host, templates, driver, vms))
-        })
-        .await
-        .unwrap_or_else(|_| {
-            Err(ApiError::new(
+        let late = || {
+            ApiError::new(
                 StatusCode::GATEWAY_TIMEOUT,
                 "timeout",
                 format!("agent {id} did not answer its health check within 15 s"),
-            ))
-        });
+            )
+        };
+        let about = tokio::time::timeout(CHECK_TIMEOUT, async {
+            let host: crate::agent::model::Host = c.get("/v1/host").await?;
+            let templates: Vec<Vm> = c.get("/v1/templates").await?;
+            let driver: Value = c.get("/v1/driver").await?;
+            Ok::<_, ApiError>((host, templates, driver))
+        })
+        .await
+        .unwrap_or_else(|_| Err(late()));
+        // Every page (a VM left out would be taken for gone), unless the agent's
+        // VMs are as the last settled listing saw them. A whole listing, of an
+        // agent that answered, waits for its turn (held until it is applied)
+        // before its own clock starts: a wait is not the agent's fault.
+        let tag = self.listings.tag(id, self.store.vm_writes(id));
+        let mut turn = None;
+        let mut listed_at = now_ms();
+        let got = match about {
+            Err(e) => Err(e),
+            Ok(about) => {
+                if tag.is_none() {
+                    turn = self.full_reads.acquire().await.ok();
+                }
+                // Records a job writes after the listing was taken are newer than it.
+                listed_at = now_ms();
+                let vms = tokio::time::timeout(
+                    CHECK_TIMEOUT,
+                    c.get_pages_unless::<VmRecord>("/v1/vms", usize::MAX, tag.as_deref()),
+                )
+                .await
+                .unwrap_or_else(|_| Err(late()));
+                vms.map(|vms| (about.0, about.1, about.2, vms))
+            }
+        };
         let read = match &got {
             Ok((_, _, _, Listing::Changed { items, .. })) => items.len(),
             _ => 0,
@@ -329,7 +341,8 @@ impl Agents {
                         .map(str::to_string);
                     if let Listing::Changed { items, tag } = vms {
                         let forget_after = self.forget_missing_after_ms();
-                        let settled = sync_vms(t, id, &items, listed_at, forget_after)?;
+                        let here = rec.endpoint.as_deref();
+                        let settled = sync_vms(t, id, here, &items, listed_at, forget_after)?;
                         let writes = t.vm_writes(id);
                         listed = Some(Checked::Read {
                             tag,
@@ -351,9 +364,11 @@ impl Agents {
             t.put_agent(&rec)?;
             Ok(listed)
         });
-        // The listing is dropped: give what it took back (glibc keeps freed heap).
+        drop(turn);
+        // The listing is dropped: give what it took back (glibc keeps freed heap),
+        // off the async workers (a trim of a large heap takes a while).
         if read >= TRIM_AFTER_VMS {
-            crate::heap::trim();
+            tokio::task::spawn_blocking(crate::heap::trim);
         }
         let outcome = match r {
             Ok(Some(Checked::Unchanged)) => "unchanged",

@@ -127,11 +127,13 @@ pub const MISSING: &str = "missing";
 /// still misses it `forget_after_ms` later; one that turns up on another agent
 /// meanwhile (a migration whose job was cut off, or one made outside gve) keeps
 /// its record, owner and lease there when it is the same VM: its id is a UUID,
-/// both agents reach the same endpoint, or the record started on this agent. Whether the records now agree with the
+/// or both agents reach the same endpoint (`here` is this agent's). A listed VM
+/// whose site id a record already holds is left alone, never replaced by a stray. Whether the records now agree with the
 /// listing (nothing missing, nothing left to a job or to a later listing).
 pub(super) fn sync_vms(
     t: &mut super::store::Txn<'_>,
     agent: &str,
+    here: Option<&str>,
     listed: &[VmRecord],
     listed_at: u64,
     forget_after_ms: u64,
@@ -162,20 +164,17 @@ pub(super) fn sync_vms(
         }
         active_jobs.insert(j.id);
     }
-    // The endpoint each agent reached at its last check: agents on one endpoint
-    // (one vCenter) share its VM ids.
+    // The endpoint each other agent reached at its last check, and this one's
+    // now (`here`): agents on one endpoint (one vCenter) share its VM ids.
     let endpoints: HashMap<String, Option<String>> = t
         .agents()?
         .into_iter()
         .map(|a| (a.id, a.endpoint))
         .collect();
-    let here = endpoints.get(agent).cloned().flatten();
     // Whether `other`'s record of hypervisor VM `id` may be this agent's VM.
     let same_vm = |id: &str, other: &SiteVm| {
         unique_everywhere(id)
-            || (here.is_some() && endpoints.get(&other.agent).cloned().flatten() == here)
-            // Its site id was made from this agent and this id: it started here.
-            || other.id == site_vm_id(agent, id)
+            || (here.is_some() && endpoints.get(&other.agent).and_then(|e| e.as_deref()) == here)
     };
     let now = now_ms();
     for rec in listed {
@@ -237,6 +236,14 @@ pub(super) fn sync_vms(
                     } else {
                         settled = false;
                     }
+                    continue;
+                }
+                // A record already holding the id this VM would get (one that
+                // started here under this hypervisor id, and moved or is being
+                // moved, or an id the hypervisor gave again) is never replaced:
+                // it may be a tenant's. Left for a later listing.
+                if t.vm(&site_vm_id(agent, &vm.id))?.is_some() {
+                    settled = false;
                     continue;
                 }
                 t.put_vm(&SiteVm {

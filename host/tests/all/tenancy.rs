@@ -214,9 +214,8 @@ async fn a_vm_id_another_agent_also_uses_is_another_vm() {
 }
 
 /// A VM whose record moved to another agent (as a migration job records it)
-/// and that shows up again where it started, under an id unique there only, is
-/// the same VM: its record is followed back or left alone, never replaced by a
-/// stray's (which would take it from its owner).
+/// and that shows up again where it started, under an id unique there only:
+/// its record is left to its owner, never replaced by a stray's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_vm_seen_again_where_it_started_keeps_its_owner() {
     let e = env(2, |_| {}).await;

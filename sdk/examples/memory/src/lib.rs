@@ -9,8 +9,9 @@
 //! Because its VMs live in instance memory, its manifest declares
 //! `limits.concurrency = 1`: the host must keep one instance for it.
 //!
-//! An endpoint `memory:<name>?vms=N` starts with N stopped VMs (`vm-0000000`, ...;
-//! at most 200,000), the same ids every time: a host already full, for benches.
+//! An endpoint `memory:<name>?vms=N` starts with N stopped VMs (named `vm-0000000`,
+//! ..., with ids `seed-<hash of the endpoint>-<i>`; at most 200,000), the same ids
+//! every time: a host already full, for benches.
 //!
 //! Operator configuration (`gve plugin config` / grants): `password` (sessions must
 //! present it), `cpus` (default 16) and `memory-mib` (default 65536), the capacity of
