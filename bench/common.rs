@@ -150,18 +150,33 @@ pub async fn kvm_guest_agent(
     .await
 }
 
-/// Long-polls site job `id` until it ends; panics unless it succeeded.
-pub async fn job_succeeded(c: &gve::api::client::Client, id: &str) -> gve::site::model::Job {
+/// Long-polls site job `id` until it ends, however it ends.
+pub async fn job_ended(c: &gve::api::client::Client, id: &str) -> gve::site::model::Job {
     loop {
         let j: gve::site::model::Job = c
             .get(&format!("/v1/jobs/{id}?wait-ms=30000"))
             .await
             .unwrap();
         if j.state.is_terminal() {
-            assert_eq!(j.state, gve::site::model::JobState::Succeeded, "{j:?}");
             return j;
         }
     }
+}
+
+/// Long-polls site job `id` until it ends; panics unless it succeeded.
+pub async fn job_succeeded(c: &gve::api::client::Client, id: &str) -> gve::site::model::Job {
+    let j = job_ended(c, id).await;
+    assert_eq!(j.state, gve::site::model::JobState::Succeeded, "{j:?}");
+    j
+}
+
+/// A new site user whose quota no bench reaches; its client.
+pub async fn unlimited_user(
+    admin: &gve::api::client::Client,
+    name: &str,
+) -> gve::api::client::Client {
+    let quota = serde_json::json!({ "logical-cpus": 1u64 << 20, "main-memory-mib": 1u64 << 40, "vms": 1u64 << 20 });
+    site_user(admin, name, quota).await
 }
 
 /// Submits a site job (`POST path` with `body`) and waits until it succeeded.

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use gve::api::client::Client;
 use gve::plugin::{Grants, PluginSpec};
-use gve::site::model::{Job, JobState, SiteVm, UserView};
+use gve::site::model::{Job, JobState, SiteVm};
 use gve::site::{Site, SiteConfig};
 use gve_harness::target_dir;
 use hyper::Method;
@@ -37,31 +37,6 @@ const CROWD: usize = 8;
 const SAMPLES: usize = 200;
 const ROUND_TRIPS: usize = 40;
 
-async fn user(admin: &Client, name: &str) -> Client {
-    let q = json!({ "logical-cpus": 1u64 << 20, "main-memory-mib": 1u64 << 40, "vms": 1u64 << 20 });
-    let u: UserView = admin
-        .call(
-            Method::POST,
-            "/v1/users",
-            Some(&json!({ "name": name, "quota": q })),
-        )
-        .await
-        .unwrap();
-    Client::new(admin.base(), u.token).unwrap()
-}
-
-async fn wait(c: &Client, id: &str) -> Job {
-    loop {
-        let j: Job = c
-            .get(&format!("/v1/jobs/{id}?wait-ms=30000"))
-            .await
-            .unwrap();
-        if j.state.is_terminal() {
-            return j;
-        }
-    }
-}
-
 async fn submit(c: &Client, path: &str, body: Value) -> Job {
     let v: Value = c.call(Method::POST, path, Some(&body)).await.unwrap();
     serde_json::from_value(v).unwrap()
@@ -69,7 +44,7 @@ async fn submit(c: &Client, path: &str, body: Value) -> Job {
 
 async fn new_vm(c: &Client) -> SiteVm {
     let j = submit(c, "/v1/vms", json!({ "main-memory-mib": 16 })).await;
-    let j = wait(c, &j.id).await;
+    let j = common::job_ended(c, &j.id).await;
     assert_eq!(j.state, JobState::Succeeded, "{j:?}");
     serde_json::from_value(j.result.unwrap()).unwrap()
 }
@@ -191,10 +166,10 @@ async fn main() {
         )
         .await
         .unwrap();
-    let probe = user(&admin, "probe").await;
+    let probe = common::unlimited_user(&admin, "probe").await;
     let mut crowd = Vec::new();
     for i in 0..CROWD {
-        crowd.push(user(&admin, &format!("crowd-{i}")).await);
+        crowd.push(common::unlimited_user(&admin, &format!("crowd-{i}")).await);
     }
     let mut probe_vms = Vec::new();
     for _ in 0..PROBE_VMS {
@@ -233,7 +208,7 @@ async fn main() {
             json!({ "argv": ["true"] }),
         )
         .await;
-        wait(&probe, &finished.id).await;
+        common::job_ended(&probe, &finished.id).await;
         let p = &probe;
         let a = &admin;
         rows.push((
@@ -283,7 +258,7 @@ async fn main() {
             p50_p99(
                 timed(ROUND_TRIPS, || async {
                     let j = submit(p, &exec_path, json!({ "argv": ["true"] })).await;
-                    assert_eq!(wait(p, &j.id).await.state, JobState::Succeeded);
+                    assert_eq!(common::job_ended(p, &j.id).await.state, JobState::Succeeded);
                 })
                 .await,
             ),
@@ -294,7 +269,7 @@ async fn main() {
                 timed(ROUND_TRIPS / 2, || async {
                     let vm = new_vm(p).await;
                     let r = submit(p, &format!("/v1/vms/{}/release", vm.id), json!({})).await;
-                    assert_eq!(wait(p, &r.id).await.state, JobState::Succeeded);
+                    assert_eq!(common::job_ended(p, &r.id).await.state, JobState::Succeeded);
                 })
                 .await,
             ),

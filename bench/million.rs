@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 
 use gve::api::client::Client;
 use gve::plugin::{Grants, Limits, PluginSpec};
-use gve::site::model::{Job, JobState, SiteVm, UserView};
+use gve::site::model::{Job, JobState, SiteVm};
 use gve_harness::target_dir;
 use hyper::Method;
 use serde_json::{json, Value};
@@ -142,33 +142,8 @@ async fn serving(c: &Client) -> Duration {
     t.elapsed()
 }
 
-async fn user(admin: &Client, name: &str) -> Client {
-    let q = json!({ "logical-cpus": 1u64 << 20, "main-memory-mib": 1u64 << 40, "vms": 1u64 << 20 });
-    let u: UserView = admin
-        .call(
-            Method::POST,
-            "/v1/users",
-            Some(&json!({ "name": name, "quota": q })),
-        )
-        .await
-        .unwrap();
-    Client::new(admin.base(), u.token).unwrap()
-}
-
 async fn submit(c: &Client, body: &Value) -> Job {
     c.call(Method::POST, "/v1/vms", Some(body)).await.unwrap()
-}
-
-async fn wait(c: &Client, id: &str) -> Job {
-    loop {
-        let j: Job = c
-            .get(&format!("/v1/jobs/{id}?wait-ms=30000"))
-            .await
-            .unwrap();
-        if j.state.is_terminal() {
-            return j;
-        }
-    }
 }
 
 /// The sum of the site's gauge `name` over its labels, from its metrics.
@@ -408,11 +383,11 @@ async fn main() {
             t.elapsed().as_secs_f64()
         ),
     );
-    let probe = user(&admin, "probe").await;
+    let probe = common::unlimited_user(&admin, "probe").await;
     let mut probe_vms = Vec::new();
     for _ in 0..PROBE_VMS {
         let j = submit(&probe, &json!({ "main-memory-mib": 16 })).await;
-        let j = wait(&probe, &j.id).await;
+        let j = common::job_ended(&probe, &j.id).await;
         assert_eq!(j.state, JobState::Succeeded, "{j:?}");
         probe_vms.push(j.id);
     }
@@ -448,7 +423,7 @@ async fn main() {
     drop(half);
     let mut crowd = Vec::new();
     for i in 0..CROWD {
-        crowd.push(user(&admin, &format!("crowd-{i}")).await);
+        crowd.push(common::unlimited_user(&admin, &format!("crowd-{i}")).await);
     }
     report.write(agents_n, per_agent);
 
