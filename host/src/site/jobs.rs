@@ -572,16 +572,17 @@ impl SiteCore {
     /// running (recovery) and lease expiries in the system lane, the others in
     /// their owners' queues.
     pub fn resume_all(&self) -> Result<usize, StoreError> {
-        let jobs = self.store.active_jobs()?;
-        for j in &jobs {
+        let mut n = 0;
+        self.store.for_each_active(|j| {
             let lane = if j.state == JobState::Running || j.kind == JobKind::Expire {
                 Lane::System
             } else {
                 Lane::User
             };
-            self.scheduler.push(&j.owner, j.id.clone(), lane);
-        }
-        Ok(jobs.len())
+            self.scheduler.push(&j.owner, j.id, lane);
+            n += 1;
+        })?;
+        Ok(n)
     }
 }
 

@@ -144,7 +144,13 @@ impl SiteCore {
     /// The Prometheus exposition, its gauges read now.
     pub fn metrics_text(&self) -> Result<Response, StoreError> {
         use crate::metrics::{count, name_of};
-        let active = self.store.active_jobs()?;
+        // Counted as read: a backlog is never held in memory.
+        let mut active: std::collections::BTreeMap<(String, String), i64> = Default::default();
+        self.store.for_each_active(|j| {
+            *active
+                .entry((j.kind.as_str().to_string(), name_of(&j.state)))
+                .or_default() += 1;
+        })?;
         let tallies = self.store.vm_tallies()?;
         let agents = self.store.agents()?;
         let mut vms_by_state: std::collections::BTreeMap<String, i64> = Default::default();
@@ -157,12 +163,7 @@ impl SiteCore {
             .scrape
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        self.metrics.work.set_now(
-            count(&active, |j| {
-                (j.kind.as_str().to_string(), name_of(&j.state))
-            }),
-            vms_by_state,
-        );
+        self.metrics.work.set_now(active, vms_by_state);
         self.metrics.agents.clear();
         for (status, n) in count(&agents, |a| name_of(&a.status)) {
             self.metrics
@@ -188,11 +189,11 @@ impl SiteCore {
             .values()
             .cloned()
             .collect();
-        let active = self.store.active_jobs()?;
-        let running = active
-            .iter()
-            .filter(|j| j.state == model::JobState::Running)
-            .count() as u64;
+        let (mut active, mut running) = (0u64, 0u64);
+        self.store.for_each_active(|j| {
+            active += 1;
+            running += u64::from(j.state == model::JobState::Running);
+        })?;
         let url = self.config.url();
         Ok(glue2::document(&glue2::Inputs {
             site_id: &self.config.site_id,
@@ -202,7 +203,7 @@ impl SiteCore {
             tallies: &tallies,
             held_mib: &held_mib,
             pending: &pending,
-            waiting_jobs: active.len() as u64 - running,
+            waiting_jobs: active - running,
             running_jobs: running,
             draining: self.disk.check().is_err(),
             lease_max_seconds: self.config.lease_max_seconds,

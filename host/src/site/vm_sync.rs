@@ -15,7 +15,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use super::agents::{forget_vm, site_vm_id};
-use super::model::{now_ms, JobKind, SiteVm};
+use super::model::{now_ms, SiteVm};
 use super::store::StoreError;
 use crate::agent::model::VmRecord;
 
@@ -147,23 +147,8 @@ pub(super) fn sync_vms(
         .into_iter()
         .map(|v| (v.agent_vm.clone(), v))
         .collect();
-    let mut busy: HashSet<String> = HashSet::new();
-    let mut active_jobs: HashSet<String> = HashSet::new();
-    // Names the active clones give their new VMs on this agent (the contract's
-    // clone carries no labels, so the name is what marks them).
-    let mut cloning: HashSet<String> = HashSet::new();
-    for j in t.active_jobs()? {
-        if let Some(v) = &j.vm {
-            busy.insert(v.clone());
-            let from_here = j.kind == JobKind::Clone && t.vm(v)?.is_some_and(|s| s.agent == agent);
-            if j.kind == JobKind::Clone && from_here {
-                if let Some(name) = j.params["name"].as_str() {
-                    cloning.insert(name.to_string());
-                }
-            }
-        }
-        active_jobs.insert(j.id);
-    }
+    // What jobs not yet ended work on is asked of the active-job indexes VM by
+    // VM: a backlog of queued jobs is never read here (nor held in memory).
     // The endpoint each other agent reached at its last check, and this one's
     // now (`here`): agents on one endpoint (one vCenter) share its VM ids.
     let endpoints: HashMap<String, Option<String>> = t
@@ -200,11 +185,10 @@ pub(super) fn sync_vms(
             None => {
                 // Being created or cloned by a job, or migrating in under a job: not
                 // ours to add (the job records it, with its owner).
-                let made_by_active = vm
-                    .labels
-                    .get("gve.job")
-                    .is_some_and(|j| active_jobs.contains(j))
-                    || cloning.contains(&vm.name);
+                let made_by_active = match vm.labels.get("gve.job") {
+                    Some(j) => t.job_active(j)?,
+                    None => false,
+                } || t.cloning_to(agent, &vm.name)?;
                 // Records by the hypervisor's id of the VM on other agents that
                 // may be this VM (never one only sharing an id it has elsewhere).
                 let elsewhere: Vec<SiteVm> = t
@@ -212,7 +196,11 @@ pub(super) fn sync_vms(
                     .into_iter()
                     .filter(|v| same_vm(&vm.id, v))
                     .collect();
-                if made_by_active || elsewhere.iter().any(|v| busy.contains(&v.id)) {
+                let mut elsewhere_busy = false;
+                for v in &elsewhere {
+                    elsewhere_busy |= t.vm_busy(&v.id)?;
+                }
+                if made_by_active || elsewhere_busy {
                     settled = false;
                     continue;
                 }
@@ -276,7 +264,7 @@ pub(super) fn sync_vms(
         // A record the listing lacks: missing now, or left to a job or to the
         // next listing; either way a later listing must look again.
         settled = false;
-        if busy.contains(&v.id) || v.updated_ms >= listed_at {
+        if v.updated_ms >= listed_at || t.vm_busy(&v.id)? {
             continue;
         }
         if v.state == MISSING {

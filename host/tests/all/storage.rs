@@ -380,3 +380,123 @@ async fn an_agents_finished_operations_go_after_their_retention_with_their_keys(
     assert_eq!(again.state, OpState::Succeeded, "{again:?}");
     agent.stop().await;
 }
+
+/// What the site's health check asks of a VM's jobs (one busy, a job active, a
+/// clone naming its VM) is answered from indexes kept with every job write, and
+/// a database from before them gets them built on open: a backlog of queued
+/// jobs is never read whole to answer.
+#[test]
+fn the_active_job_indexes_follow_every_job_and_are_built_on_open() {
+    use gve::site::jobs::new_job;
+    use gve::site::model::{AgentRec, JobKind};
+    use gve::site::store::Store;
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("site.redb");
+    let store = Store::open(&path).unwrap();
+    let agent = |id: &str| -> AgentRec {
+        serde_json::from_value(json!({
+            "id": id, "url": "http://127.0.0.1:1", "token": "t", "status": "up",
+            "seen-ms": 0, "templates": [], "registered-ms": 0
+        }))
+        .unwrap()
+    };
+    let vm = |id: &str, on: &str| -> SiteVm {
+        serde_json::from_value(json!({
+            "id": id, "agent": on, "agent-vm": id, "name": id, "logical-cpus": 1,
+            "main-memory-mib": 64, "state": "running", "updated-ms": 0
+        }))
+        .unwrap()
+    };
+    let exec = new_job("ann", JobKind::Exec, Some("vm-1".into()), json!({}));
+    let clone = new_job(
+        "ann",
+        JobKind::Clone,
+        Some("vm-1".into()),
+        json!({ "name": "twin" }),
+    );
+    let mut request = new_job("bo", JobKind::Request, None, json!({}));
+    store
+        .write(|t| {
+            t.put_agent(&agent("a1"))?;
+            t.put_agent(&agent("a2"))?;
+            t.put_vm(&vm("vm-1", "a1"))?;
+            t.put_vm(&vm("vm-2", "a2"))?;
+            t.put_job(&exec, None)?;
+            t.put_job(&clone, None)?;
+            t.put_job(&request, None)
+        })
+        .unwrap();
+    // (busy vm-1, busy vm-2, busy vm-3, clone "twin" from a1, from a2, "other" from a1)
+    let ask = |s: &Store| {
+        s.write(|t| {
+            Ok([
+                t.vm_busy("vm-1")?,
+                t.vm_busy("vm-2")?,
+                t.vm_busy("vm-")?,
+                t.cloning_to("a1", "twin")?,
+                t.cloning_to("a2", "twin")?,
+                t.cloning_to("a1", "twi")?,
+            ])
+        })
+        .unwrap()
+    };
+    assert_eq!(ask(&store), [true, false, false, true, false, false]);
+    // Placement gives the request a VM: that VM is busy now.
+    request.vm = Some("vm-2".into());
+    request.state = JobState::Running;
+    store.write(|t| t.put_job(&request, None)).unwrap();
+    assert_eq!(ask(&store), [true, true, false, true, false, false]);
+    // A job moved to another VM leaves no entry on the first.
+    request.vm = Some("vm-3".into());
+    store.write(|t| t.put_job(&request, None)).unwrap();
+    assert_eq!(ask(&store), [true, false, false, true, false, false]);
+    request.vm = Some("vm-2".into());
+    store.write(|t| t.put_job(&request, None)).unwrap();
+
+    // A database from before the indexes (dropped here) gets them built on open.
+    drop(store);
+    {
+        let db = redb::Database::open(&path).unwrap();
+        let w = db.begin_write().unwrap();
+        for name in ["active_by_vm", "active_clones"] {
+            let def: redb::TableDefinition<&str, ()> = redb::TableDefinition::new(name);
+            assert!(w.delete_table(def).unwrap(), "{name}");
+        }
+        let def: redb::TableDefinition<&str, &str> = redb::TableDefinition::new("active_job_vm");
+        assert!(w.delete_table(def).unwrap());
+        let meta: redb::TableDefinition<&str, &str> = redb::TableDefinition::new("meta");
+        let mut m = w.open_table(meta).unwrap();
+        assert!(m.remove("index:active-vms").unwrap().is_some());
+        drop(m);
+        w.commit().unwrap();
+    }
+    let store = Store::open(&path).unwrap();
+    assert_eq!(ask(&store), [true, true, false, true, false, false]);
+    assert!(store.write(|t| t.job_active(&exec.id)).unwrap());
+
+    // Jobs end: their entries go, one at a time.
+    let mut exec = exec;
+    exec.state = JobState::Succeeded;
+    store.write(|t| t.put_job(&exec, None)).unwrap();
+    assert!(!store.write(|t| t.job_active(&exec.id)).unwrap());
+    assert_eq!(
+        ask(&store),
+        [true, true, false, true, false, false],
+        "the clone still works on vm-1"
+    );
+    let mut clone = clone;
+    clone.state = JobState::Failed;
+    request.state = JobState::Cancelled;
+    store
+        .write(|t| {
+            t.put_job(&clone, None)?;
+            t.put_job(&request, None)
+        })
+        .unwrap();
+    assert_eq!(ask(&store), [false; 6]);
+    assert_eq!(store.active_job_count().unwrap(), 0);
+    let mut seen = 0;
+    store.for_each_active(|_| seen += 1).unwrap();
+    assert_eq!(seen, 0);
+}

@@ -10,6 +10,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::sync::broadcast;
 
+mod active;
 mod directory;
 mod events;
 mod vms;
@@ -26,8 +27,6 @@ const USAGE: TableDefinition<&str, &[u8]> = TableDefinition::new("usage");
 const AGENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("agents");
 const VMS: TableDefinition<&str, &[u8]> = TableDefinition::new("vms");
 const JOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("jobs");
-/// Jobs not yet terminal (what a restarted site resumes).
-const ACTIVE: TableDefinition<&str, ()> = TableDefinition::new("active_jobs");
 /// "owner\0job id" → (): a user's jobs in submission order.
 const USER_JOBS: TableDefinition<&str, ()> = TableDefinition::new("user_jobs");
 const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
@@ -244,14 +243,7 @@ impl Txn<'_> {
                 .map_err(storage)?;
             old.is_none()
         };
-        {
-            let mut active = self.txn.open_table(ACTIVE).map_err(storage)?;
-            if job.state.is_terminal() {
-                active.remove(job.id.as_str()).map_err(storage)?;
-            } else {
-                active.insert(job.id.as_str(), ()).map_err(storage)?;
-            }
-        }
+        self.track_active(job)?;
         if new {
             let mut by_user = self.txn.open_table(USER_JOBS).map_err(storage)?;
             by_user
@@ -314,20 +306,6 @@ impl Txn<'_> {
         Ok(())
     }
 
-    /// Jobs that are queued or running, as this transaction sees them.
-    pub fn active_jobs(&self) -> Result<Vec<Job>, StoreError> {
-        let active = self.txn.open_table(ACTIVE).map_err(storage)?;
-        let jobs = self.txn.open_table(JOBS).map_err(storage)?;
-        let mut out = Vec::new();
-        for row in active.range::<&str>(..).map_err(storage)? {
-            let (k, _) = row.map_err(storage)?;
-            if let Some(j) = get::<Job>(&jobs, k.value())? {
-                out.push(j);
-            }
-        }
-        Ok(out)
-    }
-
     /// A site-wide value.
     pub fn meta(&self, key: &str) -> Result<Option<String>, StoreError> {
         let t = self.txn.open_table(META).map_err(storage)?;
@@ -368,7 +346,7 @@ impl Store {
             txn.open_table(AGENTS).map_err(|e| err(&e))?;
             txn.open_table(VMS).map_err(|e| err(&e))?;
             txn.open_table(JOBS).map_err(|e| err(&e))?;
-            txn.open_table(ACTIVE).map_err(|e| err(&e))?;
+            active::open_tables(&txn).map_err(|e| err(&e))?;
             txn.open_table(USER_JOBS).map_err(|e| err(&e))?;
             event_floor = events::open_tables(&txn).map_err(|e| err(&e))?;
             vms::open_tables(&txn).map_err(|e| err(&e))?;
@@ -599,32 +577,6 @@ impl Store {
                 }
             }
             Ok(Page { items, more })
-        })
-    }
-
-    /// How many jobs are queued or running (by the index, reading no job).
-    pub fn active_job_count(&self) -> Result<u64, StoreError> {
-        self.read(|r| {
-            r.open_table(ACTIVE)
-                .map_err(storage)?
-                .len()
-                .map_err(storage)
-        })
-    }
-
-    /// Jobs that are queued or running.
-    pub fn active_jobs(&self) -> Result<Vec<Job>, StoreError> {
-        self.read(|r| {
-            let active = r.open_table(ACTIVE).map_err(storage)?;
-            let jobs = r.open_table(JOBS).map_err(storage)?;
-            let mut out = Vec::new();
-            for row in active.range::<&str>(..).map_err(storage)? {
-                let (k, _) = row.map_err(storage)?;
-                if let Some(j) = get::<Job>(&jobs, k.value())? {
-                    out.push(j);
-                }
-            }
-            Ok(out)
         })
     }
 
