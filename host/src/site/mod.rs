@@ -144,13 +144,12 @@ impl SiteCore {
     /// The Prometheus exposition, its gauges read now.
     pub fn metrics_text(&self) -> Result<Response, StoreError> {
         use crate::metrics::{count, name_of};
-        // Counted as read: a backlog is never held in memory.
-        let mut active: std::collections::BTreeMap<(String, String), i64> = Default::default();
-        self.store.for_each_active(|j| {
-            *active
-                .entry((j.kind.as_str().to_string(), name_of(&j.state)))
-                .or_default() += 1;
-        })?;
+        // From the tally kept with every job write: no job is read.
+        let active = self
+            .store
+            .active_tally()?
+            .into_iter()
+            .map(|(k, n)| (k, i64::try_from(n).unwrap_or(i64::MAX)));
         let tallies = self.store.vm_tallies()?;
         let agents = self.store.agents()?;
         let mut vms_by_state: std::collections::BTreeMap<String, i64> = Default::default();
@@ -190,10 +189,12 @@ impl SiteCore {
             .cloned()
             .collect();
         let (mut active, mut running) = (0u64, 0u64);
-        self.store.for_each_active(|j| {
-            active += 1;
-            running += u64::from(j.state == model::JobState::Running);
-        })?;
+        for ((_, state), n) in self.store.active_tally()? {
+            active = active.saturating_add(n);
+            if state == model::JobState::Running.as_str() {
+                running = running.saturating_add(n);
+            }
+        }
         let url = self.config.url();
         Ok(glue2::document(&glue2::Inputs {
             site_id: &self.config.site_id,

@@ -496,6 +496,17 @@ pub enum JobState {
 }
 
 impl JobState {
+    /// Its name, as the API spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Queued => "queued",
+            JobState::Running => "running",
+            JobState::Succeeded => "succeeded",
+            JobState::Failed => "failed",
+            JobState::Cancelled => "cancelled",
+        }
+    }
+
     /// Succeeded, failed or cancelled.
     pub fn is_terminal(self) -> bool {
         matches!(

@@ -427,8 +427,20 @@ fn the_active_job_indexes_follow_every_job_and_are_built_on_open() {
             t.put_job(&request, None)
         })
         .unwrap();
-    // (busy vm-1, busy vm-2, busy vm-3, clone "twin" from a1, from a2, "other" from a1)
+    // (busy vm-1, busy vm-2, busy vm-3, clone "twin" from a1, from a2, "other" from
+    // a1); and the tally the gauges read agrees with the active jobs, as read.
     let ask = |s: &Store| {
+        let mut want: std::collections::BTreeMap<(String, String), u64> = Default::default();
+        for j in s.active_jobs().unwrap() {
+            let state = serde_json::to_value(j.state).unwrap();
+            *want
+                .entry((j.kind.as_str().into(), state.as_str().unwrap().into()))
+                .or_default() += 1;
+        }
+        assert_eq!(
+            s.active_tally().unwrap(),
+            want.into_iter().collect::<Vec<_>>()
+        );
         s.write(|t| {
             Ok([
                 t.vm_busy("vm-1")?,
@@ -463,11 +475,14 @@ fn the_active_job_indexes_follow_every_job_and_are_built_on_open() {
             let def: redb::TableDefinition<&str, ()> = redb::TableDefinition::new(name);
             assert!(w.delete_table(def).unwrap(), "{name}");
         }
-        let def: redb::TableDefinition<&str, &str> = redb::TableDefinition::new("active_job_vm");
+        let def: redb::TableDefinition<&str, &str> = redb::TableDefinition::new("active_job_facts");
+        assert!(w.delete_table(def).unwrap());
+        let def: redb::TableDefinition<(&str, &str), u64> =
+            redb::TableDefinition::new("active_tally");
         assert!(w.delete_table(def).unwrap());
         let meta: redb::TableDefinition<&str, &str> = redb::TableDefinition::new("meta");
         let mut m = w.open_table(meta).unwrap();
-        assert!(m.remove("index:active-vms").unwrap().is_some());
+        assert!(m.remove("index:active-jobs").unwrap().is_some());
         drop(m);
         w.commit().unwrap();
     }
@@ -496,6 +511,7 @@ fn the_active_job_indexes_follow_every_job_and_are_built_on_open() {
         .unwrap();
     assert_eq!(ask(&store), [false; 6]);
     assert_eq!(store.active_job_count().unwrap(), 0);
+    assert!(store.active_tally().unwrap().is_empty());
     let mut seen = 0;
     store.for_each_active(|_| seen += 1).unwrap();
     assert_eq!(seen, 0);

@@ -1,7 +1,8 @@
-//! The jobs not yet ended and what they work on, kept as indexes so a question
-//! about one VM or one job costs that VM or job, not the whole backlog: a site
-//! with hundreds of thousands of queued jobs answers its health checks, metrics
-//! and GLUE 2 document without reading (or holding) every one of them.
+//! The jobs not yet ended, what they work on and how many there are of each
+//! kind and state, kept as indexes so a question about one VM or one job costs
+//! that VM or job, not the whole backlog: a site with hundreds of thousands of
+//! queued jobs answers its health checks, metrics and GLUE 2 document without
+//! reading (or holding) every one of them.
 
 use redb::{ReadableTable, ReadableTableMetadata, TableDefinition, WriteTransaction};
 
@@ -10,17 +11,51 @@ use crate::site::model::{Job, JobKind};
 
 /// Jobs not yet terminal (what a restarted site resumes).
 pub(super) const ACTIVE: TableDefinition<&str, ()> = TableDefinition::new("active_jobs");
-/// Active job id → the site VM it works on.
-const JOB_VM: TableDefinition<&str, &str> = TableDefinition::new("active_job_vm");
+/// Active job id → "kind\0state\0site VM" (the VM empty when it has none):
+/// what the other indexes were written from, read back when the job changes.
+const FACTS: TableDefinition<&str, &str> = TableDefinition::new("active_job_facts");
+/// (kind, state) → how many active jobs are of that kind in that state.
+const TALLY: TableDefinition<(&str, &str), u64> = TableDefinition::new("active_tally");
 /// "site VM id\0job id" → (): the active jobs working on a VM.
 const BY_VM: TableDefinition<&str, ()> = TableDefinition::new("active_by_vm");
 /// "new VM's name\0job id" → (): active clones and the name they give their VM.
 const CLONES: TableDefinition<&str, ()> = TableDefinition::new("active_clones");
 /// Meta key saying the indexes above were built (a database from before them has none).
-const BUILT: &str = "index:active-vms";
+const BUILT: &str = "index:active-jobs";
 
 fn pair(a: &str, b: &str) -> String {
     format!("{a}\0{b}")
+}
+
+/// What the indexes hold of one active job.
+#[derive(PartialEq)]
+struct Facts<'a> {
+    kind: &'a str,
+    state: &'a str,
+    vm: &'a str,
+}
+
+impl<'a> Facts<'a> {
+    fn of(job: &'a Job) -> Option<Facts<'a>> {
+        (!job.state.is_terminal()).then(|| Facts {
+            kind: job.kind.as_str(),
+            state: job.state.as_str(),
+            vm: job.vm.as_deref().unwrap_or(""),
+        })
+    }
+
+    fn parse(s: &'a str) -> Option<Facts<'a>> {
+        let mut it = s.splitn(3, '\0');
+        Some(Facts {
+            kind: it.next()?,
+            state: it.next()?,
+            vm: it.next()?,
+        })
+    }
+
+    fn encode(&self) -> String {
+        format!("{}\0{}\0{}", self.kind, self.state, self.vm)
+    }
 }
 
 /// The name an active clone gives its new VM.
@@ -34,7 +69,8 @@ fn clone_name(job: &Job) -> Option<&str> {
 /// open of a database from before them.
 pub(super) fn open_tables(txn: &WriteTransaction) -> Result<(), StoreError> {
     txn.open_table(ACTIVE).map_err(storage)?;
-    txn.open_table(JOB_VM).map_err(storage)?;
+    txn.open_table(FACTS).map_err(storage)?;
+    txn.open_table(TALLY).map_err(storage)?;
     txn.open_table(BY_VM).map_err(storage)?;
     txn.open_table(CLONES).map_err(storage)?;
     let mut meta = txn.open_table(META).map_err(storage)?;
@@ -68,27 +104,57 @@ pub(super) fn open_tables(txn: &WriteTransaction) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// Keeps the indexes of `job`, just written; `was_vm` is the VM the index held
-/// for it before (none for a job new to the index).
-fn track(txn: &WriteTransaction, job: &Job, was_vm: Option<String>) -> Result<(), StoreError> {
-    let mut active = txn.open_table(ACTIVE).map_err(storage)?;
-    let mut job_vm = txn.open_table(JOB_VM).map_err(storage)?;
-    let mut by_vm = txn.open_table(BY_VM).map_err(storage)?;
-    let mut clones = txn.open_table(CLONES).map_err(storage)?;
+/// Moves the count of (`kind`, `state`) by one, up or down.
+fn count(
+    tally: &mut redb::Table<'_, (&'static str, &'static str), u64>,
+    f: &Facts<'_>,
+    up: bool,
+) -> Result<(), StoreError> {
+    let n = tally
+        .get((f.kind, f.state))
+        .map_err(storage)?
+        .map(|v| v.value())
+        .unwrap_or(0);
+    match (up, n) {
+        (true, n) => tally.insert((f.kind, f.state), n.saturating_add(1)),
+        (false, 0 | 1) => tally.remove((f.kind, f.state)),
+        (false, n) => tally.insert((f.kind, f.state), n - 1),
+    }
+    .map_err(storage)?;
+    Ok(())
+}
+
+/// Keeps the indexes of `job`, just written; `was` is what the facts table
+/// held for it before (none for a job new to the index).
+fn track(txn: &WriteTransaction, job: &Job, was: Option<&str>) -> Result<(), StoreError> {
     let id = job.id.as_str();
-    let now_vm = (!job.state.is_terminal())
-        .then_some(job.vm.as_deref())
-        .flatten();
-    if was_vm.as_deref() != now_vm {
-        if let Some(old) = &was_vm {
-            by_vm.remove(pair(old, id).as_str()).map_err(storage)?;
-            job_vm.remove(id).map_err(storage)?;
+    let was = was.and_then(Facts::parse);
+    let now = Facts::of(job);
+    if was != now {
+        let mut facts = txn.open_table(FACTS).map_err(storage)?;
+        let mut tally = txn.open_table(TALLY).map_err(storage)?;
+        let mut by_vm = txn.open_table(BY_VM).map_err(storage)?;
+        if let Some(w) = &was {
+            count(&mut tally, w, false)?;
+            if now.as_ref().map(|n| n.vm) != Some(w.vm) && !w.vm.is_empty() {
+                by_vm.remove(pair(w.vm, id).as_str()).map_err(storage)?;
+            }
         }
-        if let Some(vm) = now_vm {
-            by_vm.insert(pair(vm, id).as_str(), ()).map_err(storage)?;
-            job_vm.insert(id, vm).map_err(storage)?;
+        match &now {
+            Some(n) => {
+                count(&mut tally, n, true)?;
+                if was.as_ref().map(|w| w.vm) != Some(n.vm) && !n.vm.is_empty() {
+                    by_vm.insert(pair(n.vm, id).as_str(), ()).map_err(storage)?;
+                }
+                facts.insert(id, n.encode().as_str()).map_err(storage)?;
+            }
+            None => {
+                facts.remove(id).map_err(storage)?;
+            }
         }
     }
+    let mut active = txn.open_table(ACTIVE).map_err(storage)?;
+    let mut clones = txn.open_table(CLONES).map_err(storage)?;
     if job.state.is_terminal() {
         active.remove(id).map_err(storage)?;
         if let Some(name) = clone_name(job) {
@@ -108,12 +174,12 @@ fn track(txn: &WriteTransaction, job: &Job, was_vm: Option<String>) -> Result<()
 impl Txn<'_> {
     /// Keeps the active-job indexes of `job`, just written.
     pub(super) fn track_active(&mut self, job: &Job) -> Result<(), StoreError> {
-        let was_vm = {
-            let t = self.txn.open_table(JOB_VM).map_err(storage)?;
+        let was = {
+            let t = self.txn.open_table(FACTS).map_err(storage)?;
             let v = t.get(job.id.as_str()).map_err(storage)?;
             v.map(|v| v.value().to_string())
         };
-        track(self.txn, job, was_vm)
+        track(self.txn, job, was.as_deref())
     }
 
     /// Whether job `id` is queued or running.
@@ -154,18 +220,24 @@ impl Txn<'_> {
             }
             ids
         };
-        let job_vm = self.txn.open_table(JOB_VM).map_err(storage)?;
+        let facts = self.txn.open_table(FACTS).map_err(storage)?;
         for id in ids {
-            let Some(vm) = job_vm.get(id.as_str()).map_err(storage)? else {
+            let Some(f) = facts.get(id.as_str()).map_err(storage)? else {
                 continue;
             };
-            if self.vm(vm.value())?.is_some_and(|v| v.agent == agent) {
+            let Some(vm) = Facts::parse(f.value()).map(|f| f.vm.to_string()) else {
+                continue;
+            };
+            if self.vm(&vm)?.is_some_and(|v| v.agent == agent) {
                 return Ok(true);
             }
         }
         Ok(false)
     }
 }
+
+/// A job kind and state, as the API spells them.
+pub type KindState = (String, String);
 
 impl super::Store {
     /// How many jobs are queued or running (by the index, reading no job).
@@ -175,6 +247,21 @@ impl super::Store {
                 .map_err(storage)?
                 .len()
                 .map_err(storage)
+        })
+    }
+
+    /// How many jobs are queued or running, by (kind, state), from the tally
+    /// (reading no job).
+    pub fn active_tally(&self) -> Result<Vec<(KindState, u64)>, StoreError> {
+        self.read(|r| {
+            let t = r.open_table(TALLY).map_err(storage)?;
+            let mut out = Vec::new();
+            for row in t.range::<(&str, &str)>(..).map_err(storage)? {
+                let (k, v) = row.map_err(storage)?;
+                let (kind, state) = k.value();
+                out.push(((kind.to_string(), state.to_string()), v.value()));
+            }
+            Ok(out)
         })
     }
 
