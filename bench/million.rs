@@ -14,7 +14,9 @@
 //! At each stage (a tenth, three tenths and all of the jobs) it measures p50 and
 //! p99 of: a page of 100 of a user's jobs and VMs, of the admin's whole lists
 //! (first and deep pages), one job's events and a `Last-Event-ID` reconnect;
-//! and the site process's idle CPU, resident memory and database size. Then it
+//! and the site process's idle CPU, resident memory and database size. At the
+//! last size it measures the site's idle CPU over one whole period of full
+//! re-reads of the agents' listings (ten minutes at 100,000 VMs an agent), then
 //! restarts the site (stop, start, serving, first checks) and an agent with
 //! 100,000 VMs in its registry, each as its own process.
 //!
@@ -231,7 +233,7 @@ impl Report {
     fn write(&self, agents: u64, per_agent: u64) {
         let mut md = format!(
             "# A site at a million\n\n`bench/million.rs` on {}, {} cores. A `gve site run` \
-             process (its defaults: health check every 5 s, 64 runners, a 256 MiB database cache; job retention ten years, up to 100,000,000 job events) \
+             process (its defaults: health check every 5 s, 64 runners, a 256 MiB database cache; job retention ten years and 10^12 finished jobs, up to 100,000,000 job events) \
              over {agents} memory-driver agents in the bench process, each on a simulated host \
              that starts with {per_agent} VMs made outside gve (its reconcile every 60 s), and one empty agent \
              for the probe user's {PROBE_VMS} VMs. The history: VM requests too large for any \
@@ -260,7 +262,7 @@ impl Report {
         }
         if !self.restart.is_empty() {
             md.push_str(&format!(
-                "\n## Restarts at the last size\n\n| measure | value |\n|---|---|\n{}\n",
+                "\n## At the last size: idle, then restarts\n\n| measure | value |\n|---|---|\n{}\n",
                 self.restart.join("\n")
             ));
         }
@@ -350,7 +352,7 @@ async fn main() {
         format!(
             "listen = \"127.0.0.1:0\"\ndata-dir = \"data\"\nadmin-token = \"{ADMIN}\"\n\
              max-queued-jobs-per-user = 1000000\njob-retention-seconds = 315360000\n\
-             max-job-events = 100000000\n"
+             max-job-events = 100000000\nmax-finished-jobs = 1000000000000\n"
         ),
     )
     .unwrap();
@@ -579,6 +581,22 @@ async fn main() {
         report.stages.push((stage, rows));
         report.write(agents_n, per_agent);
     }
+
+    // Idle over one whole period of full re-reads (each agent's listing is
+    // trusted that long once settled): every re-read falls inside the window.
+    let period =
+        gve::site::vm_sync::full_listing_every(per_agent as usize) + Duration::from_secs(30);
+    eprintln!("idle for {} s", period.as_secs());
+    let cpu = cpu_over(&site.pid, period).await;
+    let (rss, hwm) = common::rss_of(&site.pid);
+    report.restart.push(format!(
+        "| site: idle CPU over {} s, one full re-read of every agent's listing (% of a core) | {cpu:.1} |",
+        period.as_secs()
+    ));
+    report.restart.push(format!(
+        "| site: resident memory after it, now / peak (MiB) | {rss:.0} / {hwm:.0} |"
+    ));
+    report.write(agents_n, per_agent);
 
     // The site restarted on its database.
     let stopped = stop(site).await;

@@ -15,6 +15,9 @@ async fn main() {
         .init();
     gve::libvirt_log::route_to_log();
     gve::api::server::raise_fd_limit();
+    gve::heap::tune();
+    // Services run for months: what a busy stretch freed goes back to the system.
+    let _trimmer = gve::heap::spawn_trimmer(gve::heap::TRIM_EVERY);
     let cli = gve::cli::Cli::parse();
     std::process::exit(gve::cli::run(cli).await);
 }

@@ -82,6 +82,10 @@ pub struct SiteConfig {
     /// Job events kept at most (the oldest trimmed first, whatever their age).
     #[serde(default = "default_max_events")]
     pub max_job_events: u64,
+    /// Finished jobs kept at most (the oldest removed first, with the events of
+    /// their time, whatever their age); queued and running jobs never count.
+    #[serde(default = "default_max_finished_jobs")]
+    pub max_finished_jobs: u64,
     /// Memory the site's database caches, MiB (its pages beyond are read from
     /// the file again).
     #[serde(default = "default_cache_mib")]
@@ -194,6 +198,13 @@ fn default_max_events() -> u64 {
     super::store::MAX_EVENTS
 }
 
+/// Finished jobs kept unless `max-finished-jobs` says (a few GB of database).
+pub const DEFAULT_MAX_FINISHED_JOBS: u64 = 1_000_000;
+
+fn default_max_finished_jobs() -> u64 {
+    DEFAULT_MAX_FINISHED_JOBS
+}
+
 fn default_cache_mib() -> u64 {
     crate::store_core::DEFAULT_CACHE_MIB
 }
@@ -264,6 +275,7 @@ impl SiteConfig {
             audit_retention_seconds: default_audit_retention_s(),
             database_cache_mib: default_cache_mib(),
             max_job_events: default_max_events(),
+            max_finished_jobs: default_max_finished_jobs(),
             copy_output_retention_seconds: default_output_retention_s(),
             min_free_disk_mib: default_min_free(),
             max_output_kib: default_output_kib(),
@@ -330,6 +342,9 @@ impl SiteConfig {
         }
         if !(1_000..=1_000_000_000_000).contains(&self.max_job_events) {
             return Err("max-job-events must be between 1000 and 10^12".into());
+        }
+        if !(1..=1_000_000_000_000).contains(&self.max_finished_jobs) {
+            return Err("max-finished-jobs must be between 1 and 10^12".into());
         }
         if !(1..=crate::store_core::MAX_CACHE_MIB).contains(&self.database_cache_mib) {
             return Err(format!(
@@ -419,25 +434,47 @@ impl SiteConfig {
 mod tests {
     use super::SiteConfig;
 
-    #[test]
-    fn the_database_cache_is_bounded_and_defaults_to_256_mib() {
+    /// `key` defaults to `default` (read by `get`), and each value is accepted
+    /// or refused as `cases` says, a refusal naming the key.
+    fn bounded(key: &str, get: impl Fn(&SiteConfig) -> u64, default: u64, cases: &[(&str, bool)]) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("site.toml");
         let base = "data-dir = \"data\"\nadmin-token = \"site-admin-0123456789\"\n";
         std::fs::write(&path, base).unwrap();
-        assert_eq!(SiteConfig::read(&path).unwrap().database_cache_mib, 256);
-        for (value, ok) in [("1", true), ("65536", true), ("0", false), ("65537", false)] {
-            std::fs::write(&path, format!("{base}database-cache-mib = {value}\n")).unwrap();
+        assert_eq!(get(&SiteConfig::read(&path).unwrap()), default, "{key}");
+        for (value, ok) in cases {
+            std::fs::write(&path, format!("{base}{key} = {value}\n")).unwrap();
             let got = SiteConfig::read(&path);
-            assert_eq!(
-                got.is_ok(),
-                ok,
-                "{value}: {:?}",
-                got.err().map(|e| e.to_string())
-            );
+            assert_eq!(got.is_ok(), *ok, "{key} = {value}: {:?}", got.err());
             if let Err(e) = got {
-                assert!(e.to_string().contains("database-cache-mib"), "{e}");
+                assert!(e.to_string().contains(key), "{e}");
             }
         }
+    }
+
+    #[test]
+    fn finished_jobs_kept_are_bounded_and_default_to_a_million() {
+        bounded(
+            "max-finished-jobs",
+            |c| c.max_finished_jobs,
+            1_000_000,
+            &[
+                ("1", true),
+                ("1000000000000", true),
+                ("0", false),
+                ("1000000000001", false),
+                ("18446744073709551615", false),
+            ],
+        );
+    }
+
+    #[test]
+    fn the_database_cache_is_bounded_and_defaults_to_256_mib() {
+        bounded(
+            "database-cache-mib",
+            |c| c.database_cache_mib,
+            256,
+            &[("1", true), ("65536", true), ("0", false), ("65537", false)],
+        );
     }
 }

@@ -1,5 +1,6 @@
 //! Bounded storage: finished jobs and job events are kept for
-//! `job-retention-seconds`, audit entries for `audit-retention-seconds`, then
+//! `job-retention-seconds` and finished jobs at most `max-finished-jobs` (the
+//! oldest go first, with the job events of their time), audit entries for `audit-retention-seconds`, then
 //! removed in small transactions; and a disk low-water mark (`min-free-disk-mib`
 //! free where the database lives) below which the site refuses new work with
 //! `507 insufficient-storage` instead of failing commits of every user.
@@ -86,11 +87,39 @@ impl SiteCore {
         let before = |secs: u64| now_ms().saturating_sub(secs.saturating_mul(1000));
         let jobs_before = before(self.config.job_retention_seconds);
         let audit_before = before(self.config.audit_retention_seconds);
-        let jobs = in_batches("finished jobs", |n| {
+        let mut jobs = in_batches("finished jobs", |n| {
             self.store.write(|t| t.prune_jobs(jobs_before, n))
         });
+        // Past the count, the oldest finished jobs go whatever their age, and
+        // the job events up to the latest end among them.
+        let mut events_before = jobs_before;
+        let finished = self
+            .store
+            .job_count()
+            .and_then(|all| Ok(all.saturating_sub(self.store.active_job_count()?)));
+        match finished {
+            Ok(n) => {
+                let mut over = n.saturating_sub(self.config.max_finished_jobs);
+                jobs += in_batches("finished jobs over max-finished-jobs", |n| {
+                    let k = n.min(usize::try_from(over).unwrap_or(usize::MAX));
+                    if k == 0 {
+                        return Ok(0);
+                    }
+                    let (gone, latest) = self.store.write(|t| t.prune_oldest_jobs(k))?;
+                    over = over.saturating_sub(gone as u64);
+                    events_before = events_before.max(latest.saturating_add(1));
+                    Ok::<usize, super::store::StoreError>(gone)
+                });
+            }
+            Err(e) => tracing::error!("counting the finished jobs: {e}"),
+        }
         in_batches("job events", |n| {
-            self.store.write(|t| t.trim_events(jobs_before, n))
+            self.store.write(|t| t.trim_events(events_before, n))
+        });
+        // Beyond the cap too: one lowered on a quiet site is met here, not only
+        // as new events arrive.
+        in_batches("job events over max-job-events", |n| {
+            self.store.write(|t| t.trim_events_over_max(n))
         });
         in_batches("audit entries", |n| {
             self.store.write(|t| t.trim_audit(audit_before, n))

@@ -67,6 +67,51 @@ async fn finished_jobs_go_after_their_retention_and_newer_ones_stay() {
     e.site.stop().await;
 }
 
+/// Past `max-finished-jobs` the oldest finished jobs go whatever their age, with
+/// the job events of their time; the newest stay whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_max_finished_jobs_the_oldest_go_whatever_their_age() {
+    let e = env(0, |c| c.max_finished_jobs = 3).await;
+    let ann = e.user("ann", None).await;
+    // Requests no agent can place, one after another: each ends failed.
+    let mut ids = Vec::new();
+    for _ in 0..7 {
+        let j = job(&ann, "/v1/vms", json!({ "main-memory-mib": 64 })).await;
+        assert_eq!(j.state, JobState::Failed, "{j:?}");
+        ids.push(j.id);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(e.site.core.prune_finished(), 4);
+    assert_eq!(
+        e.site.core.prune_finished(),
+        0,
+        "at the count, nothing more"
+    );
+    let store = &e.site.core.store;
+    for id in &ids[..4] {
+        let err = ann.get::<Job>(&format!("/v1/jobs/{id}")).await.unwrap_err();
+        assert_eq!(err.status, 404, "{id}: {err:?}");
+        let evs = store.events_after(0, 100, Some(id)).unwrap();
+        assert!(evs.is_empty(), "{id}'s events went: {evs:?}");
+    }
+    let listed: Vec<Job> = ann.get("/v1/jobs").await.unwrap();
+    let mut kept: Vec<&str> = listed.iter().map(|j| j.id.as_str()).collect();
+    kept.sort();
+    assert_eq!(
+        kept,
+        ids[4..].iter().map(String::as_str).collect::<Vec<_>>()
+    );
+    for id in &ids[4..] {
+        let evs = store.events_after(0, 100, Some(id)).unwrap();
+        assert!(
+            evs.iter().any(|ev| ev.state == JobState::Queued)
+                && evs.iter().any(|ev| ev.state == JobState::Failed),
+            "{id} keeps its events whole: {evs:?}"
+        );
+    }
+    e.site.stop().await;
+}
+
 /// Past `max-job-events` the oldest events go (with their index entries), and the
 /// newest jobs' events stay whole.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -515,4 +560,34 @@ fn the_active_job_indexes_follow_every_job_and_are_built_on_open() {
     let mut seen = 0;
     store.for_each_active(|_| seen += 1).unwrap();
     assert_eq!(seen, 0);
+}
+
+/// A `max-job-events` lowered below what a quiet site holds is met by retention's
+/// rounds (bounded bites, the oldest first), not only as new events arrive.
+#[test]
+fn a_lowered_max_job_events_is_met_without_new_events() {
+    use gve::site::jobs::new_job;
+    use gve::site::model::JobKind;
+    use gve::site::store::Store;
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("site.redb");
+    let j = new_job("ann", JobKind::Exec, None, json!({}));
+    Store::open(&path)
+        .unwrap()
+        .write(|t| {
+            for i in 0..1_500 {
+                t.event(&j, &format!("step {i}"))?;
+            }
+            Ok(())
+        })
+        .unwrap();
+    let store = Store::open(&path).unwrap().with_max_events(1_000);
+    assert_eq!(store.write(|t| t.trim_events_over_max(300)).unwrap(), 300);
+    assert_eq!(store.write(|t| t.trim_events_over_max(300)).unwrap(), 200);
+    assert_eq!(store.write(|t| t.trim_events_over_max(300)).unwrap(), 0);
+    let kept = store.events_after(0, usize::MAX, None).unwrap();
+    assert_eq!(kept.len(), 1_000);
+    assert_eq!(kept[0].message, "step 500", "the oldest went first");
+    assert_eq!(store.event_index_len().unwrap(), 1_000);
 }

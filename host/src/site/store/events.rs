@@ -136,23 +136,31 @@ impl Txn<'_> {
             self.new_events.push(ev);
             seq
         };
-        // Sequence numbers jump at each open: trim by count, not by number.
+        // Sequence numbers jump at each open: trim by count, not by number. A
+        // bounded bite per round: a cap lowered far below what is held converges
+        // over later rounds (and retention's) instead of stalling this writer.
         if seq % 1024 == 0 {
-            let held = self
-                .txn
-                .open_table(EVENTS)
-                .map_err(storage)?
-                .len()
-                .map_err(storage)?;
-            if held > self.max_events {
-                // A bounded bite per round: a cap lowered far below what is held
-                // converges over later rounds instead of stalling this writer.
-                let surplus = usize::try_from(held - self.max_events).unwrap_or(usize::MAX);
-                let gone = oldest(self.txn, surplus.min(4 * 1024), |_, _| false)?;
-                remove(self.txn, &gone)?;
-            }
+            self.trim_events_over_max(4 * 1024)?;
         }
         Ok(())
+    }
+
+    /// Removes up to `limit` of the oldest job events beyond `max-job-events`;
+    /// returns how many went.
+    pub fn trim_events_over_max(&mut self, limit: usize) -> Result<usize, StoreError> {
+        let held = self
+            .txn
+            .open_table(EVENTS)
+            .map_err(storage)?
+            .len()
+            .map_err(storage)?;
+        if held <= self.max_events {
+            return Ok(0);
+        }
+        let surplus = usize::try_from(held - self.max_events).unwrap_or(usize::MAX);
+        let gone = oldest(self.txn, surplus.min(limit), |_, _| false)?;
+        remove(self.txn, &gone)?;
+        Ok(gone.len())
     }
 
     /// Removes up to `limit` of the oldest job events from before `before_ms`.

@@ -260,14 +260,26 @@ impl Txn<'_> {
     /// older than that too (job ids start with their creation time, so only those
     /// keys are read); returns how many went. Jobs still queued or running stay.
     pub fn prune_jobs(&mut self, before_ms: u64, limit: usize) -> Result<usize, StoreError> {
+        self.prune(before_ms, limit).map(|(n, _)| n)
+    }
+
+    /// Removes up to `limit` of the oldest finished jobs, whatever their age;
+    /// returns how many went and the latest end among them (Unix ms).
+    pub fn prune_oldest_jobs(&mut self, limit: usize) -> Result<(usize, u64), StoreError> {
+        self.prune(u64::MAX, limit)
+    }
+
+    fn prune(&mut self, before_ms: u64, limit: usize) -> Result<(usize, u64), StoreError> {
         let bound = format!("job-{before_ms:012x}");
         let mut gone: Vec<(String, String)> = Vec::new();
+        let mut latest = 0;
         {
             let jobs = self.txn.open_table(JOBS).map_err(storage)?;
             for row in jobs.range::<&str>(..bound.as_str()).map_err(storage)? {
                 let (k, v) = row.map_err(storage)?;
                 let j: Job = decode(k.value(), v.value())?;
                 if j.state.is_terminal() && j.updated_ms < before_ms {
+                    latest = latest.max(j.updated_ms);
                     gone.push((j.id, j.owner));
                     if gone.len() >= limit {
                         break;
@@ -283,7 +295,7 @@ impl Txn<'_> {
                 .remove(format!("{owner}\0{id}").as_str())
                 .map_err(storage)?;
         }
-        Ok(gone.len())
+        Ok((gone.len(), latest))
     }
 
     /// Removes up to `limit` of the oldest audit entries from before `before_ms`.
