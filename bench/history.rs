@@ -72,7 +72,7 @@ where
 
 /// Waits until the site has no queued or running job.
 async fn drained(site: &Site) {
-    while !site.core.store.active_jobs().unwrap().is_empty() {
+    while site.core.store.active_job_count().unwrap() > 0 {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }

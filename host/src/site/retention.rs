@@ -1,6 +1,6 @@
 //! Bounded storage: finished jobs and job events are kept for
-//! `job-retention-seconds` and finished jobs at most `max-finished-jobs` (the
-//! oldest go first, with the job events of their time), audit entries for `audit-retention-seconds`, then
+//! `job-retention-seconds` and finished jobs at most `max-finished-jobs` (those
+//! that ended first go first, with their events), audit entries for `audit-retention-seconds`, then
 //! removed in small transactions; and a disk low-water mark (`min-free-disk-mib`
 //! free where the database lives) below which the site refuses new work with
 //! `507 insufficient-storage` instead of failing commits of every user.
@@ -90,9 +90,8 @@ impl SiteCore {
         let mut jobs = in_batches("finished jobs", |n| {
             self.store.write(|t| t.prune_jobs(jobs_before, n))
         });
-        // Past the count, the oldest finished jobs go whatever their age, and
-        // the job events up to the latest end among them.
-        let mut events_before = jobs_before;
+        // Past the count, the jobs that ended first go whatever their age,
+        // with their events.
         let finished = self
             .store
             .job_count()
@@ -105,16 +104,15 @@ impl SiteCore {
                     if k == 0 {
                         return Ok(0);
                     }
-                    let (gone, latest) = self.store.write(|t| t.prune_oldest_jobs(k))?;
+                    let gone = self.store.write(|t| t.prune_oldest_jobs(k))?;
                     over = over.saturating_sub(gone as u64);
-                    events_before = events_before.max(latest.saturating_add(1));
                     Ok::<usize, super::store::StoreError>(gone)
                 });
             }
             Err(e) => tracing::error!("counting the finished jobs: {e}"),
         }
         in_batches("job events", |n| {
-            self.store.write(|t| t.trim_events(events_before, n))
+            self.store.write(|t| t.trim_events(jobs_before, n))
         });
         // Beyond the cap too: one lowered on a quiet site is met here, not only
         // as new events arrive.

@@ -426,6 +426,19 @@ async fn an_agents_finished_operations_go_after_their_retention_with_their_keys(
     agent.stop().await;
 }
 
+/// Makes the database at `path` one from before an index: `drop` deletes its
+/// tables and the meta key `built` saying it was built goes.
+fn without_index(path: &std::path::Path, built: &str, drop: impl FnOnce(&redb::WriteTransaction)) {
+    let db = redb::Database::open(path).unwrap();
+    let w = db.begin_write().unwrap();
+    drop(&w);
+    let meta: redb::TableDefinition<&str, &str> = redb::TableDefinition::new("meta");
+    let mut m = w.open_table(meta).unwrap();
+    assert!(m.remove(built).unwrap().is_some(), "{built}");
+    std::mem::drop(m);
+    w.commit().unwrap();
+}
+
 /// What the site's health check asks of a VM's jobs (one busy, a job active, a
 /// clone naming its VM) is answered from indexes kept with every job write, and
 /// a database from before them gets them built on open: a backlog of queued
@@ -513,9 +526,7 @@ fn the_active_job_indexes_follow_every_job_and_are_built_on_open() {
 
     // A database from before the indexes (dropped here) gets them built on open.
     drop(store);
-    {
-        let db = redb::Database::open(&path).unwrap();
-        let w = db.begin_write().unwrap();
+    without_index(&path, "index:active-jobs", |w| {
         for name in ["active_by_vm", "active_clones"] {
             let def: redb::TableDefinition<&str, ()> = redb::TableDefinition::new(name);
             assert!(w.delete_table(def).unwrap(), "{name}");
@@ -525,12 +536,7 @@ fn the_active_job_indexes_follow_every_job_and_are_built_on_open() {
         let def: redb::TableDefinition<(&str, &str), u64> =
             redb::TableDefinition::new("active_tally");
         assert!(w.delete_table(def).unwrap());
-        let meta: redb::TableDefinition<&str, &str> = redb::TableDefinition::new("meta");
-        let mut m = w.open_table(meta).unwrap();
-        assert!(m.remove("index:active-jobs").unwrap().is_some());
-        drop(m);
-        w.commit().unwrap();
-    }
+    });
     let store = Store::open(&path).unwrap();
     assert_eq!(ask(&store), [true, true, false, true, false, false]);
     assert!(store.write(|t| t.job_active(&exec.id)).unwrap());
@@ -590,4 +596,69 @@ fn a_lowered_max_job_events_is_met_without_new_events() {
     assert_eq!(kept.len(), 1_000);
     assert_eq!(kept[0].message, "step 500", "the oldest went first");
     assert_eq!(store.event_index_len().unwrap(), 1_000);
+}
+
+/// Retention removes the finished jobs that ended first (not those submitted
+/// first: a job that waited long and just ended stays), with their events, and
+/// never an active job; a finished job written again moves to its new end; an
+/// older database gets the index built on open.
+#[test]
+fn finished_jobs_go_in_the_order_they_ended_with_their_events() {
+    use gve::site::jobs::new_job;
+    use gve::site::model::JobKind;
+    use gve::site::store::Store;
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("site.redb");
+    let store = Store::open(&path).unwrap();
+    // Submitted in this order; `a` still runs, the others ended at these times.
+    let mk = |state: JobState, end: u64| {
+        let mut j = new_job("ann", JobKind::Exec, None, json!({}));
+        j.state = state;
+        j.updated_ms = end;
+        std::thread::sleep(Duration::from_millis(2));
+        j
+    };
+    let a = mk(JobState::Running, 1);
+    let b = mk(JobState::Succeeded, 10);
+    let c = mk(JobState::Failed, 5);
+    let mut d = mk(JobState::Cancelled, 20);
+    store
+        .write(|t| {
+            for j in [&a, &b, &c, &d] {
+                t.put_job(j, Some("a step"))?;
+            }
+            Ok(())
+        })
+        .unwrap();
+    let there = |s: &Store, j: &Job| {
+        let events = s.events_after(0, 100, Some(&j.id)).unwrap();
+        let job = s.job(&j.id).unwrap();
+        assert_eq!(job.is_some(), !events.is_empty(), "{}: {events:?}", j.id);
+        job.is_some()
+    };
+    assert_eq!(store.write(|t| t.prune_oldest_jobs(1)).unwrap(), 1);
+    assert!(!there(&store, &c), "c ended first");
+    assert!(there(&store, &a) && there(&store, &b) && there(&store, &d));
+    assert_eq!(store.write(|t| t.prune_jobs(15, 10)).unwrap(), 1);
+    assert!(!there(&store, &b), "b ended before 15");
+    assert!(there(&store, &a) && there(&store, &d));
+
+    // A database from before the index (dropped here) gets it built on open.
+    drop(store);
+    without_index(&path, "index:jobs-finished", |w| {
+        let def: redb::TableDefinition<(u64, &str), &str> =
+            redb::TableDefinition::new("jobs_finished");
+        assert!(w.delete_table(def).unwrap());
+    });
+    let store = Store::open(&path).unwrap();
+    // d written again with a later end: its entry moves there.
+    d.updated_ms = 30;
+    store.write(|t| t.put_job(&d, None)).unwrap();
+    assert_eq!(store.write(|t| t.prune_jobs(25, 10)).unwrap(), 0);
+    assert!(there(&store, &d));
+    assert_eq!(store.write(|t| t.prune_oldest_jobs(10)).unwrap(), 1);
+    assert!(!there(&store, &d));
+    assert!(there(&store, &a), "a running job never goes");
+    assert_eq!(store.write(|t| t.prune_oldest_jobs(10)).unwrap(), 0);
 }

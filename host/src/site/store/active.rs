@@ -172,14 +172,18 @@ fn track(txn: &WriteTransaction, job: &Job, was: Option<&str>) -> Result<(), Sto
 }
 
 impl Txn<'_> {
-    /// Keeps the active-job indexes of `job`, just written.
-    pub(super) fn track_active(&mut self, job: &Job) -> Result<(), StoreError> {
-        let was = {
-            let t = self.txn.open_table(FACTS).map_err(storage)?;
-            let v = t.get(job.id.as_str()).map_err(storage)?;
-            v.map(|v| v.value().to_string())
-        };
-        track(self.txn, job, was.as_deref())
+    /// What the indexes hold of job `id` while it is active (none once ended,
+    /// or before it was first written).
+    pub(super) fn active_facts(&self, id: &str) -> Result<Option<String>, StoreError> {
+        let t = self.txn.open_table(FACTS).map_err(storage)?;
+        let v = t.get(id).map_err(storage)?;
+        Ok(v.map(|v| v.value().to_string()))
+    }
+
+    /// Keeps the active-job indexes of `job`, just written; `was` is what
+    /// [`Self::active_facts`] said before the write.
+    pub(super) fn track_active(&mut self, job: &Job, was: Option<&str>) -> Result<(), StoreError> {
+        track(self.txn, job, was)
     }
 
     /// Whether job `id` is queued or running.
@@ -214,7 +218,7 @@ impl Txn<'_> {
                 .map_err(storage)?
             {
                 let (k, _) = row.map_err(storage)?;
-                if let Some((_, id)) = k.value().split_once('\0') {
+                if let Some((_, id)) = k.value().rsplit_once('\0') {
                     ids.push(id.to_string());
                 }
             }

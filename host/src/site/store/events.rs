@@ -90,6 +90,21 @@ fn remove(txn: &WriteTransaction, gone: &[(u64, String)]) -> Result<(), StoreErr
     Ok(())
 }
 
+/// Removes every event of job `id` (read through the index); returns how many.
+pub(super) fn remove_of_job(txn: &WriteTransaction, id: &str) -> Result<usize, StoreError> {
+    let gone: Vec<(u64, String)> = {
+        let by_job = txn.open_table(BY_JOB).map_err(storage)?;
+        let mut gone = Vec::new();
+        for row in by_job.range((id, 0)..=(id, u64::MAX)).map_err(storage)? {
+            let (k, _) = row.map_err(storage)?;
+            gone.push((k.value().1, id.to_string()));
+        }
+        gone
+    };
+    remove(txn, &gone)?;
+    Ok(gone.len())
+}
+
 /// The oldest events, up to `limit`, before the first for which `stop` says true.
 fn oldest(
     txn: &WriteTransaction,

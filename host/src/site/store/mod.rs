@@ -13,12 +13,13 @@ use tokio::sync::broadcast;
 mod active;
 mod directory;
 mod events;
+mod finished;
 mod vms;
 
 pub use events::MAX_EVENTS;
 pub use vms::{Page, Tally};
 
-use super::model::{now_ms, AgentRec, AuditEntry, Job, JobEvent, JobState, SiteVm, Usage, User};
+use super::model::{now_ms, AgentRec, AuditEntry, Job, JobEvent, SiteVm, Usage, User};
 
 const USERS: TableDefinition<&str, &[u8]> = TableDefinition::new("users");
 /// Token SHA-256 → user name.
@@ -167,15 +168,10 @@ impl Txn<'_> {
     );
     json_table!(agent, put_agent, remove_agent, agents, AGENTS, AgentRec, id);
     json_table!(vm, put_vm_record, remove_vm_record, vms, VMS, SiteVm, id);
-    json_table!(
-        job,
-        put_job_record,
-        remove_job_record,
-        jobs_all,
-        JOBS,
-        Job,
-        id
-    );
+    /// One job.
+    pub fn job(&self, id: &str) -> Result<Option<Job>, StoreError> {
+        get(&self.txn.open_table(JOBS).map_err(storage)?, id)
+    }
 
     /// Inserts or replaces a user and its token index.
     pub fn put_user(&mut self, u: &User) -> Result<(), StoreError> {
@@ -235,15 +231,24 @@ impl Txn<'_> {
     /// Inserts or replaces a job, keeping the active and per-user indexes, and
     /// appends an event with `message` when given.
     pub fn put_job(&mut self, job: &Job, message: Option<&str>) -> Result<(), StoreError> {
-        // New or not is what the insert replaced: no read (and decode) first.
-        let new = {
+        let was = self.active_facts(&job.id)?;
+        // New or not is what the insert replaced: no read (and decode) first;
+        // only a finished job written again has its old end read.
+        let (new, ended_before) = {
             let mut t = self.txn.open_table(JOBS).map_err(storage)?;
             let old = t
                 .insert(job.id.as_str(), encode(job)?.as_slice())
                 .map_err(storage)?;
-            old.is_none()
+            match old {
+                None => (true, None),
+                Some(o) if was.is_none() && job.state.is_terminal() => {
+                    (false, finished::end_of(o.value()))
+                }
+                Some(_) => (false, None),
+            }
         };
-        self.track_active(job)?;
+        self.track_active(job, was.as_deref())?;
+        finished::track(self.txn, job, ended_before)?;
         if new {
             let mut by_user = self.txn.open_table(USER_JOBS).map_err(storage)?;
             by_user
@@ -254,48 +259,6 @@ impl Txn<'_> {
             self.event(job, m)?;
         }
         Ok(())
-    }
-
-    /// Removes up to `limit` finished jobs created before `before_ms` whose end is
-    /// older than that too (job ids start with their creation time, so only those
-    /// keys are read); returns how many went. Jobs still queued or running stay.
-    pub fn prune_jobs(&mut self, before_ms: u64, limit: usize) -> Result<usize, StoreError> {
-        self.prune(before_ms, limit).map(|(n, _)| n)
-    }
-
-    /// Removes up to `limit` of the oldest finished jobs, whatever their age;
-    /// returns how many went and the latest end among them (Unix ms).
-    pub fn prune_oldest_jobs(&mut self, limit: usize) -> Result<(usize, u64), StoreError> {
-        self.prune(u64::MAX, limit)
-    }
-
-    fn prune(&mut self, before_ms: u64, limit: usize) -> Result<(usize, u64), StoreError> {
-        let bound = format!("job-{before_ms:012x}");
-        let mut gone: Vec<(String, String)> = Vec::new();
-        let mut latest = 0;
-        {
-            let jobs = self.txn.open_table(JOBS).map_err(storage)?;
-            for row in jobs.range::<&str>(..bound.as_str()).map_err(storage)? {
-                let (k, v) = row.map_err(storage)?;
-                let j: Job = decode(k.value(), v.value())?;
-                if j.state.is_terminal() && j.updated_ms < before_ms {
-                    latest = latest.max(j.updated_ms);
-                    gone.push((j.id, j.owner));
-                    if gone.len() >= limit {
-                        break;
-                    }
-                }
-            }
-        }
-        let mut jobs = self.txn.open_table(JOBS).map_err(storage)?;
-        let mut by_user = self.txn.open_table(USER_JOBS).map_err(storage)?;
-        for (id, owner) in &gone {
-            jobs.remove(id.as_str()).map_err(storage)?;
-            by_user
-                .remove(format!("{owner}\0{id}").as_str())
-                .map_err(storage)?;
-        }
-        Ok((gone.len(), latest))
     }
 
     /// Removes up to `limit` of the oldest audit entries from before `before_ms`.
@@ -359,6 +322,7 @@ impl Store {
             txn.open_table(VMS).map_err(|e| err(&e))?;
             txn.open_table(JOBS).map_err(|e| err(&e))?;
             active::open_tables(&txn).map_err(|e| err(&e))?;
+            finished::open_tables(&txn).map_err(|e| err(&e))?;
             txn.open_table(USER_JOBS).map_err(|e| err(&e))?;
             event_floor = events::open_tables(&txn).map_err(|e| err(&e))?;
             vms::open_tables(&txn).map_err(|e| err(&e))?;
@@ -622,34 +586,4 @@ impl Store {
             Ok(v.map(|v| v.value().to_string()))
         })
     }
-}
-
-/// Recomputes every user's usage from the VMs they hold and the quota their active
-/// jobs reserved; what the stored usage must equal.
-pub fn recomputed_usage(
-    t: &Txn<'_>,
-) -> Result<std::collections::BTreeMap<String, Usage>, StoreError> {
-    let mut out: std::collections::BTreeMap<String, Usage> = Default::default();
-    for vm in t.vms()? {
-        if let Some(o) = &vm.owner {
-            let u = out.entry(o.clone()).or_default();
-            *u = u
-                .plus(Usage::vm(u64::from(vm.logical_cpus), vm.main_memory_mib))
-                .ok_or_else(|| StoreError::Usage(format!("usage of '{o}' overflows")))?;
-        }
-    }
-    for job in t.jobs_all()? {
-        if !job.state.is_terminal() && job.reserved != Usage::default() {
-            let u = out.entry(job.owner.clone()).or_default();
-            *u = u
-                .plus(job.reserved)
-                .ok_or_else(|| StoreError::Usage(format!("usage of '{}' overflows", job.owner)))?;
-        }
-    }
-    Ok(out)
-}
-
-/// True while a job is queued or running.
-pub fn is_active(state: JobState) -> bool {
-    !state.is_terminal()
 }
