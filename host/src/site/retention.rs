@@ -92,11 +92,7 @@ impl SiteCore {
         });
         // Past the count, the jobs that ended first go whatever their age,
         // with their events.
-        let finished = self
-            .store
-            .job_count()
-            .and_then(|all| Ok(all.saturating_sub(self.store.active_job_count()?)));
-        match finished {
+        match self.store.finished_job_count() {
             Ok(n) => {
                 let mut over = n.saturating_sub(self.config.max_finished_jobs);
                 jobs += in_batches("finished jobs over max-finished-jobs", |n| {

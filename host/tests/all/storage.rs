@@ -67,8 +67,8 @@ async fn finished_jobs_go_after_their_retention_and_newer_ones_stay() {
     e.site.stop().await;
 }
 
-/// Past `max-finished-jobs` the oldest finished jobs go whatever their age, with
-/// the job events of their time; the newest stay whole.
+/// Past `max-finished-jobs` the finished jobs that ended first go whatever their
+/// age, each with its events; the newest stay whole.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn past_max_finished_jobs_the_oldest_go_whatever_their_age() {
     let e = env(0, |c| c.max_finished_jobs = 3).await;
@@ -623,9 +623,10 @@ fn finished_jobs_go_in_the_order_they_ended_with_their_events() {
     let b = mk(JobState::Succeeded, 10);
     let c = mk(JobState::Failed, 5);
     let mut d = mk(JobState::Cancelled, 20);
+    let e = mk(JobState::Succeeded, 22);
     store
         .write(|t| {
-            for j in [&a, &b, &c, &d] {
+            for j in [&a, &b, &c, &d, &e] {
                 t.put_job(j, Some("a step"))?;
             }
             Ok(())
@@ -642,7 +643,7 @@ fn finished_jobs_go_in_the_order_they_ended_with_their_events() {
     assert!(there(&store, &a) && there(&store, &b) && there(&store, &d));
     assert_eq!(store.write(|t| t.prune_jobs(15, 10)).unwrap(), 1);
     assert!(!there(&store, &b), "b ended before 15");
-    assert!(there(&store, &a) && there(&store, &d));
+    assert!(there(&store, &a) && there(&store, &d) && there(&store, &e));
 
     // A database from before the index (dropped here) gets it built on open.
     drop(store);
@@ -652,13 +653,32 @@ fn finished_jobs_go_in_the_order_they_ended_with_their_events() {
         assert!(w.delete_table(def).unwrap());
     });
     let store = Store::open(&path).unwrap();
+    assert_eq!(
+        store.finished_job_count().unwrap(),
+        2,
+        "d and e indexed again"
+    );
+    // Only ends before the bound go: d ended at 20 exactly.
+    assert_eq!(store.write(|t| t.prune_jobs(20, 10)).unwrap(), 0);
     // d written again with a later end: its entry moves there.
     d.updated_ms = 30;
     store.write(|t| t.put_job(&d, None)).unwrap();
-    assert_eq!(store.write(|t| t.prune_jobs(25, 10)).unwrap(), 0);
-    assert!(there(&store, &d));
+    assert_eq!(store.write(|t| t.prune_jobs(25, 10)).unwrap(), 1);
+    assert!(!there(&store, &e) && there(&store, &d));
     assert_eq!(store.write(|t| t.prune_oldest_jobs(10)).unwrap(), 1);
     assert!(!there(&store, &d));
     assert!(there(&store, &a), "a running job never goes");
     assert_eq!(store.write(|t| t.prune_oldest_jobs(10)).unwrap(), 0);
+    assert_eq!(store.finished_job_count().unwrap(), 0);
+    // Nothing of the removed jobs is left in the per-user index either.
+    drop(store);
+    let db = redb::Database::open(&path).unwrap();
+    let r = redb::ReadableDatabase::begin_read(&db).unwrap();
+    let def: redb::TableDefinition<&str, ()> = redb::TableDefinition::new("user_jobs");
+    let t = r.open_table(def).unwrap();
+    let left: Vec<String> = redb::ReadableTable::range::<&str>(&t, ..)
+        .unwrap()
+        .map(|row| row.unwrap().0.value().to_string())
+        .collect();
+    assert_eq!(left, [format!("ann\0{}", a.id)]);
 }

@@ -61,29 +61,47 @@ pub(super) fn open_tables(txn: &WriteTransaction) -> Result<(), StoreError> {
 }
 
 /// Keeps the entry of `job`, just written; `ended_before` is when its previous
-/// write had it end (a finished job written again).
+/// write had it end (a finished job written again, finished or not now).
 pub(super) fn track(
     txn: &WriteTransaction,
     job: &Job,
     ended_before: Option<u64>,
 ) -> Result<(), StoreError> {
-    if !job.state.is_terminal() {
+    let end = job.state.is_terminal().then_some(job.updated_ms);
+    if ended_before == end {
         return Ok(());
     }
     let mut t = txn.open_table(FINISHED).map_err(storage)?;
-    if let Some(e) = ended_before.filter(|e| *e != job.updated_ms) {
+    if let Some(e) = ended_before {
         t.remove((e, job.id.as_str())).map_err(storage)?;
     }
-    t.insert((job.updated_ms, job.id.as_str()), job.owner.as_str())
-        .map_err(storage)?;
+    if let Some(e) = end {
+        t.insert((e, job.id.as_str()), job.owner.as_str())
+            .map_err(storage)?;
+    }
     Ok(())
+}
+
+impl super::Store {
+    /// How many finished jobs retention may remove (the index's entries).
+    pub fn finished_job_count(&self) -> Result<u64, StoreError> {
+        use redb::ReadableTableMetadata;
+        self.read(|r| {
+            r.open_table(FINISHED)
+                .map_err(storage)?
+                .len()
+                .map_err(storage)
+        })
+    }
 }
 
 impl Txn<'_> {
     /// Removes up to `limit` of the finished jobs that ended first, of those
-    /// that ended before `before_ms`, with their events; returns how many went.
+    /// that ended before `before_ms`, with their events; returns how many jobs
+    /// went (an entry whose job was already gone is dropped, not counted).
     /// Jobs still queued or running are not in the index and never go.
     pub fn prune_jobs(&mut self, before_ms: u64, limit: usize) -> Result<usize, StoreError> {
+        let mut removed = 0;
         let gone: Vec<(u64, String, String)> = {
             let t = self.txn.open_table(FINISHED).map_err(storage)?;
             let mut gone = Vec::new();
@@ -103,7 +121,9 @@ impl Txn<'_> {
             let mut by_user = self.txn.open_table(USER_JOBS).map_err(storage)?;
             for (end, id, owner) in &gone {
                 finished.remove((*end, id.as_str())).map_err(storage)?;
-                jobs.remove(id.as_str()).map_err(storage)?;
+                if jobs.remove(id.as_str()).map_err(storage)?.is_some() {
+                    removed += 1;
+                }
                 by_user
                     .remove(format!("{owner}\0{id}").as_str())
                     .map_err(storage)?;
@@ -112,7 +132,7 @@ impl Txn<'_> {
         for (_, id, _) in &gone {
             events::remove_of_job(self.txn, id)?;
         }
-        Ok(gone.len())
+        Ok(removed)
     }
 
     /// Removes up to `limit` of the finished jobs that ended first, whatever

@@ -233,7 +233,8 @@ impl Txn<'_> {
     pub fn put_job(&mut self, job: &Job, message: Option<&str>) -> Result<(), StoreError> {
         let was = self.active_facts(&job.id)?;
         // New or not is what the insert replaced: no read (and decode) first;
-        // only a finished job written again has its old end read.
+        // only a finished job written again (it has no active facts) has its
+        // old end read, whatever it becomes.
         let (new, ended_before) = {
             let mut t = self.txn.open_table(JOBS).map_err(storage)?;
             let old = t
@@ -241,9 +242,7 @@ impl Txn<'_> {
                 .map_err(storage)?;
             match old {
                 None => (true, None),
-                Some(o) if was.is_none() && job.state.is_terminal() => {
-                    (false, finished::end_of(o.value()))
-                }
+                Some(o) if was.is_none() => (false, finished::end_of(o.value())),
                 Some(_) => (false, None),
             }
         };
