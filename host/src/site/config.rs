@@ -82,8 +82,9 @@ pub struct SiteConfig {
     /// Job events kept at most (the oldest trimmed first, whatever their age).
     #[serde(default = "default_max_events")]
     pub max_job_events: u64,
-    /// Finished jobs kept at most (the oldest removed first, with the events of
-    /// their time, whatever their age); queued and running jobs never count.
+    /// Finished jobs kept at most (those that ended first are removed first,
+    /// each with its events, whatever their age); queued and running jobs never
+    /// count.
     #[serde(default = "default_max_finished_jobs")]
     pub max_finished_jobs: u64,
     /// Memory the site's database caches, MiB (its pages beyond are read from

@@ -27,6 +27,11 @@ fn pair(a: &str, b: &str) -> String {
     format!("{a}\0{b}")
 }
 
+/// The keys [`pair`] makes with `a` first, whatever the second.
+fn pairs_of(a: &str) -> std::ops::Range<String> {
+    pair(a, "")..format!("{a}\u{1}")
+}
+
 /// What the indexes hold of one active job.
 #[derive(PartialEq)]
 struct Facts<'a> {
@@ -196,10 +201,9 @@ impl Txn<'_> {
     /// Whether a job that has not ended works on site VM `vm`.
     pub fn vm_busy(&self, vm: &str) -> Result<bool, StoreError> {
         let t = self.txn.open_table(BY_VM).map_err(storage)?;
-        let from = pair(vm, "");
-        let to = format!("{vm}\u{1}");
+        let keys = pairs_of(vm);
         let mut rows = t
-            .range::<&str>(from.as_str()..to.as_str())
+            .range::<&str>(keys.start.as_str()..keys.end.as_str())
             .map_err(storage)?;
         let found = rows.next().transpose().map_err(storage)?.is_some();
         Ok(found)
@@ -210,11 +214,10 @@ impl Txn<'_> {
     pub fn cloning_to(&self, agent: &str, name: &str) -> Result<bool, StoreError> {
         let ids: Vec<String> = {
             let t = self.txn.open_table(CLONES).map_err(storage)?;
-            let from = pair(name, "");
-            let to = format!("{name}\u{1}");
+            let keys = pairs_of(name);
             let mut ids = Vec::new();
             for row in t
-                .range::<&str>(from.as_str()..to.as_str())
+                .range::<&str>(keys.start.as_str()..keys.end.as_str())
                 .map_err(storage)?
             {
                 let (k, _) = row.map_err(storage)?;
