@@ -112,7 +112,7 @@ async fn spawn(role: &str, config: &Path, log: &Path) -> (Service, Duration) {
             );
         }
         assert!(
-            t.elapsed() < Duration::from_secs(300),
+            t.elapsed() < Duration::from_secs(1800),
             "{role} did not start: {text}"
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
@@ -133,6 +133,35 @@ async fn stop(mut s: Service) -> Duration {
         eprintln!("the service ended {status} after SIGTERM");
     }
     t.elapsed()
+}
+
+/// Makes the site database at `path` what the release before the active-job
+/// and finished-job indexes left: without their tables and build flags.
+fn as_before_job_indexes(path: &Path) {
+    let db = redb::Database::open(path).unwrap();
+    let w = db.begin_write().unwrap();
+    for table in [
+        "active_job_facts",
+        "active_by_vm",
+        "active_clones",
+        "active_tally",
+        "jobs_finished",
+    ] {
+        assert!(
+            w.delete_table(redb::TableDefinition::<&str, ()>::new(table))
+                .unwrap(),
+            "{table}"
+        );
+    }
+    {
+        let mut meta = w
+            .open_table(redb::TableDefinition::<&str, &str>::new("meta"))
+            .unwrap();
+        for built in ["index:active-jobs", "index:jobs-finished"] {
+            assert!(meta.remove(built).unwrap().is_some(), "{built}");
+        }
+    }
+    w.commit().unwrap();
 }
 
 /// Waits until `GET /v1/health` answers; returns how long that took.
@@ -638,6 +667,27 @@ async fn main() {
     ));
     eprintln!("{r:?}");
     stop(site).await;
+    report.write(agents_n, per_agent);
+
+    // An upgrade: the same database as the release before the job indexes
+    // left it (no active-job or finished-job index), opened by this one, which
+    // builds them before it listens.
+    let db = sdir.path().join("data/site.redb");
+    let db_mib = std::fs::metadata(&db).unwrap().len() as f64 / (1 << 20) as f64;
+    as_before_job_indexes(&db);
+    let (s, listening) = spawn("site", &config, &log).await;
+    let admin = Client::new(&s.url, Some(ADMIN.into())).unwrap();
+    let ready = listening + serving(&admin).await;
+    let (_, hwm) = common::rss_of(&s.pid);
+    report.restart.push(format!(
+        "| site, upgraded: start to listening (indexing every job of a {db_mib:.0} MiB database from the release before the job indexes) / to answering `/v1/health` | {:.1} s / {:.1} s |",
+        listening.as_secs_f64(),
+        ready.as_secs_f64()
+    ));
+    report.restart.push(format!(
+        "| site, upgraded: peak resident memory (MiB) | {hwm:.0} |"
+    ));
+    stop(s).await;
     report.write(agents_n, per_agent);
 
     // An agent with every VM of its registry, restarted as its own process.

@@ -82,30 +82,35 @@ pub(super) fn open_tables(txn: &WriteTransaction) -> Result<(), StoreError> {
     if meta.get(BUILT).map_err(storage)?.is_some() {
         return Ok(());
     }
-    // Read first (once, on an upgrade): the index writes open the same tables.
-    let found: Vec<Job> = {
-        let active = txn.open_table(ACTIVE).map_err(storage)?;
-        let jobs = txn.open_table(JOBS).map_err(storage)?;
-        let mut found = Vec::new();
-        for row in active.range::<&str>(..).map_err(storage)? {
-            let (k, _) = row.map_err(storage)?;
-            let Some(v) = jobs.get(k.value()).map_err(storage)? else {
-                continue;
-            };
-            // An unreadable job is reported where it is read; it has no entries.
-            if let Ok(job) = decode::<Job>(k.value(), v.value()) {
-                found.push(job);
+    let records = txn
+        .open_table(ACTIVE)
+        .map_err(storage)?
+        .len()
+        .map_err(storage)?;
+    super::build_index("the active jobs' VMs", records, || {
+        // Read first: the index writes open the same tables.
+        let found: Vec<Job> = {
+            let active = txn.open_table(ACTIVE).map_err(storage)?;
+            let jobs = txn.open_table(JOBS).map_err(storage)?;
+            let mut found = Vec::new();
+            for row in active.range::<&str>(..).map_err(storage)? {
+                let (k, _) = row.map_err(storage)?;
+                let Some(v) = jobs.get(k.value()).map_err(storage)? else {
+                    continue;
+                };
+                // An unreadable job is reported where it is read; it has no entries.
+                if let Ok(job) = decode::<Job>(k.value(), v.value()) {
+                    found.push(job);
+                }
             }
+            found
+        };
+        for job in &found {
+            track(txn, job, None)?;
         }
-        found
-    };
-    for job in &found {
-        track(txn, job, None)?;
-    }
+        Ok(found.len() as u64)
+    })?;
     meta.insert(BUILT, "1").map_err(storage)?;
-    if !found.is_empty() {
-        tracing::info!(jobs = found.len(), "indexed the active jobs' VMs");
-    }
     Ok(())
 }
 

@@ -61,19 +61,19 @@ pub(super) fn open_tables(txn: &WriteTransaction) -> Result<u64, redb::Error> {
     if meta.get(BUILT)?.is_some() {
         return Ok(floor);
     }
-    let mut n = 0u64;
-    for row in events.range::<u64>(..)? {
-        let (k, v) = row?;
-        let h = head(v.value());
-        if !h.job.is_empty() {
-            by_job.insert((h.job.as_str(), k.value()), ())?;
-            n += 1;
+    super::build_index("the job events by job", events.len()?, || {
+        let mut n = 0u64;
+        for row in events.range::<u64>(..)? {
+            let (k, v) = row?;
+            let h = head(v.value());
+            if !h.job.is_empty() {
+                by_job.insert((h.job.as_str(), k.value()), ())?;
+                n += 1;
+            }
         }
-    }
+        Ok::<_, redb::Error>(n)
+    })?;
     meta.insert(BUILT, "1")?;
-    if n > 0 {
-        tracing::info!(events = n, "indexed the job events by job");
-    }
     Ok(floor)
 }
 

@@ -3,7 +3,7 @@
 //! with their events, reading only what it removes; a backlog of queued jobs
 //! older than them is never read.
 
-use redb::{ReadableTable, TableDefinition, WriteTransaction};
+use redb::{ReadableTable, ReadableTableMetadata, TableDefinition, WriteTransaction};
 use serde::Deserialize;
 
 use super::{events, storage, StoreError, Txn, JOBS, META, USER_JOBS};
@@ -40,23 +40,27 @@ pub(super) fn open_tables(txn: &WriteTransaction) -> Result<(), StoreError> {
         return Ok(());
     }
     let jobs = txn.open_table(JOBS).map_err(storage)?;
-    let mut n = 0u64;
-    for row in jobs.range::<&str>(..).map_err(storage)? {
-        let (k, v) = row.map_err(storage)?;
-        // An unreadable job is reported where it is read; it has no entry.
-        if let Ok(s) = serde_json::from_slice::<Stamp>(v.value()) {
-            if s.state.is_terminal() {
-                finished
-                    .insert((s.updated_ms, k.value()), s.owner.as_str())
-                    .map_err(storage)?;
-                n += 1;
+    super::build_index(
+        "the finished jobs by their end",
+        jobs.len().map_err(storage)?,
+        || {
+            let mut n = 0u64;
+            for row in jobs.range::<&str>(..).map_err(storage)? {
+                let (k, v) = row.map_err(storage)?;
+                // An unreadable job is reported where it is read; it has no entry.
+                if let Ok(s) = serde_json::from_slice::<Stamp>(v.value()) {
+                    if s.state.is_terminal() {
+                        finished
+                            .insert((s.updated_ms, k.value()), s.owner.as_str())
+                            .map_err(storage)?;
+                        n += 1;
+                    }
+                }
             }
-        }
-    }
+            Ok(n)
+        },
+    )?;
     meta.insert(BUILT, "1").map_err(storage)?;
-    if n > 0 {
-        tracing::info!(jobs = n, "indexed the finished jobs by their end");
-    }
     Ok(())
 }
 
@@ -85,7 +89,6 @@ pub(super) fn track(
 impl super::Store {
     /// How many finished jobs retention may remove (the index's entries).
     pub fn finished_job_count(&self) -> Result<u64, StoreError> {
-        use redb::ReadableTableMetadata;
         self.read(|r| {
             r.open_table(FINISHED)
                 .map_err(storage)?

@@ -85,6 +85,34 @@ fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
     serde_json::to_vec(value).map_err(storage)
 }
 
+/// Builds an index a database from before it lacks: once, on its first open by
+/// this release, before the site listens. `build` reads all `records` of its
+/// source (minutes at tens of millions), so the log says what it reads before
+/// and what it indexed, in how long, after; a database with nothing to read
+/// gets the index without a word.
+fn build_index<E>(
+    what: &str,
+    records: u64,
+    build: impl FnOnce() -> Result<u64, E>,
+) -> Result<(), E> {
+    if records > 0 {
+        tracing::info!(
+            records,
+            "indexing {what}, once (a database from before the index): the site listens when done"
+        );
+    }
+    let t = std::time::Instant::now();
+    let n = build()?;
+    if records > 0 {
+        tracing::info!(
+            indexed = n,
+            secs = format!("{:.1}", t.elapsed().as_secs_f64()),
+            "indexed {what}"
+        );
+    }
+    Ok(())
+}
+
 fn get<T: DeserializeOwned>(
     t: &impl ReadableTable<&'static str, &'static [u8]>,
     key: &str,

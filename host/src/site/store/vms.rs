@@ -192,40 +192,41 @@ pub(super) fn open_tables(txn: &WriteTransaction) -> Result<(), redb::Error> {
         return Ok(());
     }
     txn.delete_table(OLD_FREE)?;
-    let vms: Vec<SiteVm> = {
-        let t = txn.open_table(VMS)?;
-        let mut out = Vec::new();
-        for row in t.range::<&str>(..)? {
-            let (_, v) = row?;
-            // An unreadable record is reported where it is read; it has no entries.
-            if let Ok(vm) = serde_json::from_slice::<SiteVm>(v.value()) {
-                out.push(vm);
+    let records = txn.open_table(VMS)?.len()?;
+    super::build_index("the VM records", records, || {
+        let vms: Vec<SiteVm> = {
+            let t = txn.open_table(VMS)?;
+            let mut out = Vec::new();
+            for row in t.range::<&str>(..)? {
+                let (_, v) = row?;
+                // An unreadable record is reported where it is read; it has no entries.
+                if let Ok(vm) = serde_json::from_slice::<SiteVm>(v.value()) {
+                    out.push(vm);
+                }
+            }
+            out
+        };
+        if built && !pooled {
+            let mut pool = txn.open_table(POOL)?;
+            for v in &vms {
+                if let Some((cpus, mib, template, os)) = keys(v).pool {
+                    pool.insert((cpus, mib, template, os, v.id.as_str()), ())?;
+                }
             }
         }
-        out
-    };
-    if built && !pooled {
-        let mut pool = txn.open_table(POOL)?;
         for v in &vms {
-            if let Some((cpus, mib, template, os)) = keys(v).pool {
-                pool.insert((cpus, mib, template, os, v.id.as_str()), ())?;
+            if !built {
+                index(txn, &v.id, &keys(v), true)?;
+            }
+            if !tallied {
+                tally(txn, tally_key(v), true)?;
             }
         }
-    }
-    for v in &vms {
-        if !built {
-            index(txn, &v.id, &keys(v), true)?;
-        }
-        if !tallied {
-            tally(txn, tally_key(v), true)?;
-        }
-    }
+        Ok::<_, redb::Error>(vms.len() as u64)
+    })?;
     meta.insert(BUILT, "1")?;
     meta.insert(TALLY_BUILT, "1")?;
     meta.insert(POOL_BUILT, "1")?;
-    if !vms.is_empty() {
-        tracing::info!(vms = vms.len(), "indexed the VM records");
-    }
     Ok(())
 }
 
