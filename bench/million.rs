@@ -136,7 +136,7 @@ async fn stop(mut s: Service) -> Duration {
 }
 
 /// Makes the site database at `path` what the release before the active-job
-/// and finished-job indexes left: without their tables and build flags.
+/// and finished-job indexes left: without their tables and meta keys.
 fn as_before_job_indexes(path: &Path) {
     let db = redb::Database::open(path).unwrap();
     let w = db.begin_write().unwrap();
@@ -160,6 +160,9 @@ fn as_before_job_indexes(path: &Path) {
         for built in ["index:active-jobs", "index:jobs-finished"] {
             assert!(meta.remove(built).unwrap().is_some(), "{built}");
         }
+        // What their consistency check records (a release with it was here).
+        meta.remove("index:jobs-gap").unwrap();
+        meta.remove("index:events-written").unwrap();
     }
     w.commit().unwrap();
 }

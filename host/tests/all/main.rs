@@ -18,6 +18,7 @@ mod hostile;
 mod http_limits;
 mod init;
 mod isolation;
+mod job_indexes;
 mod kvm;
 mod lifecycle;
 mod metrics;

@@ -21,7 +21,7 @@ const BY_VM: TableDefinition<&str, ()> = TableDefinition::new("active_by_vm");
 /// "new VM's name\0job id" → (): active clones and the name they give their VM.
 const CLONES: TableDefinition<&str, ()> = TableDefinition::new("active_clones");
 /// Meta key saying the indexes above were built (a database from before them has none).
-const BUILT: &str = "index:active-jobs";
+pub(super) const BUILT: &str = "index:active-jobs";
 
 fn pair(a: &str, b: &str) -> String {
     format!("{a}\0{b}")
@@ -111,6 +111,24 @@ pub(super) fn open_tables(txn: &WriteTransaction) -> Result<(), StoreError> {
         Ok(found.len() as u64)
     })?;
     meta.insert(BUILT, "1").map_err(storage)?;
+    Ok(())
+}
+
+/// How many entries `active_jobs` and the facts hold.
+pub(super) fn lens(txn: &WriteTransaction) -> Result<(u64, u64), StoreError> {
+    let listed = txn.open_table(ACTIVE).map_err(storage)?.len();
+    let facts = txn.open_table(FACTS).map_err(storage)?.len();
+    Ok((listed.map_err(storage)?, facts.map_err(storage)?))
+}
+
+/// Drops the indexes (not `active_jobs`, their source) and their built flag.
+pub(super) fn forget(txn: &WriteTransaction) -> Result<(), StoreError> {
+    txn.delete_table(FACTS).map_err(storage)?;
+    txn.delete_table(TALLY).map_err(storage)?;
+    txn.delete_table(BY_VM).map_err(storage)?;
+    txn.delete_table(CLONES).map_err(storage)?;
+    let mut meta = txn.open_table(META).map_err(storage)?;
+    meta.remove(BUILT).map_err(storage)?;
     Ok(())
 }
 

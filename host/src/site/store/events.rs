@@ -77,6 +77,13 @@ pub(super) fn open_tables(txn: &WriteTransaction) -> Result<u64, redb::Error> {
     Ok(floor)
 }
 
+/// The sequence number of the newest event held (0 when none is).
+pub(super) fn last_seq(txn: &WriteTransaction) -> Result<u64, StoreError> {
+    let t = txn.open_table(EVENTS).map_err(storage)?;
+    let last = t.last().map_err(storage)?;
+    Ok(last.map_or(0, |(k, _)| k.value()))
+}
+
 /// Removes the events `gone` names from both tables.
 fn remove(txn: &WriteTransaction, gone: &[(u64, String)]) -> Result<(), StoreError> {
     let mut events = txn.open_table(EVENTS).map_err(storage)?;

@@ -12,7 +12,7 @@ use crate::site::model::{Job, JobState};
 /// (end, Unix ms; job id) → owner: every finished job.
 const FINISHED: TableDefinition<(u64, &str), &str> = TableDefinition::new("jobs_finished");
 /// Meta key saying the index was built (a database from before it has none).
-const BUILT: &str = "index:jobs-finished";
+pub(super) const BUILT: &str = "index:jobs-finished";
 
 /// What the index needs of a stored job.
 #[derive(Deserialize)]
@@ -61,6 +61,20 @@ pub(super) fn open_tables(txn: &WriteTransaction) -> Result<(), StoreError> {
         },
     )?;
     meta.insert(BUILT, "1").map_err(storage)?;
+    Ok(())
+}
+
+/// How many finished jobs the index holds.
+pub(super) fn len(txn: &WriteTransaction) -> Result<u64, StoreError> {
+    let t = txn.open_table(FINISHED).map_err(storage)?;
+    t.len().map_err(storage)
+}
+
+/// Drops the index and its built flag.
+pub(super) fn forget(txn: &WriteTransaction) -> Result<(), StoreError> {
+    txn.delete_table(FINISHED).map_err(storage)?;
+    let mut meta = txn.open_table(META).map_err(storage)?;
+    meta.remove(BUILT).map_err(storage)?;
     Ok(())
 }
 

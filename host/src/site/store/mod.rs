@@ -12,6 +12,7 @@ use tokio::sync::broadcast;
 
 mod active;
 mod directory;
+mod drift;
 mod events;
 mod finished;
 mod vms;
@@ -85,8 +86,8 @@ fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
     serde_json::to_vec(value).map_err(storage)
 }
 
-/// Builds an index a database from before it lacks: once, on its first open by
-/// this release, before the site listens. `build` reads all `records` of its
+/// Builds an index a database lacks (one from before it, or one a release from
+/// before it wrote since: [`drift`]), on open, before the site listens. `build` reads all `records` of its
 /// source (minutes at tens of millions), so the log says what it reads before
 /// and what it indexed, in how long, after; a database with nothing to read
 /// gets the index without a word.
@@ -98,7 +99,7 @@ fn build_index<E>(
     if records > 0 {
         tracing::info!(
             records,
-            "indexing {what}, once (a database from before the index): the site listens when done"
+            "indexing {what} (a database from before the index, or written by a release from before it): the site listens when done"
         );
     }
     let t = std::time::Instant::now();
@@ -348,8 +349,10 @@ impl Store {
             txn.open_table(AGENTS).map_err(|e| err(&e))?;
             txn.open_table(VMS).map_err(|e| err(&e))?;
             txn.open_table(JOBS).map_err(|e| err(&e))?;
+            drift::drop_if_drifted(&txn).map_err(|e| err(&e))?;
             active::open_tables(&txn).map_err(|e| err(&e))?;
             finished::open_tables(&txn).map_err(|e| err(&e))?;
+            drift::record(&txn).map_err(|e| err(&e))?;
             txn.open_table(USER_JOBS).map_err(|e| err(&e))?;
             event_floor = events::open_tables(&txn).map_err(|e| err(&e))?;
             vms::open_tables(&txn).map_err(|e| err(&e))?;
@@ -456,6 +459,9 @@ impl Store {
             max_events: self.max_events,
         };
         let v = f(&mut t)?;
+        if let Some(last) = t.new_events.last() {
+            drift::wrote_event(txn, last.seq)?;
+        }
         *events = t.new_events;
         Ok(v)
     }
