@@ -162,7 +162,7 @@ fn as_before_job_indexes(path: &Path) {
         }
         // What their consistency check records (a release with it was here).
         meta.remove("index:jobs-gap").unwrap();
-        meta.remove("index:events-written").unwrap();
+        meta.remove("index:events-floor").unwrap();
     }
     w.commit().unwrap();
 }

@@ -270,10 +270,27 @@ impl Older<'_> {
 }
 
 /// Writes the site database at `path` as a release from before the job indexes
-/// did.
-fn as_an_older_release(path: &std::path::Path, write: impl FnOnce(&mut Older<'_>)) {
+/// did; `with_floor`: one from after the event floor, which its open moves.
+fn as_an_older_release(
+    path: &std::path::Path,
+    with_floor: bool,
+    write: impl FnOnce(&mut Older<'_>),
+) {
     let db = redb::Database::open(path).unwrap();
     let w = db.begin_write().unwrap();
+    if with_floor {
+        let mut meta = w
+            .open_table(redb::TableDefinition::<&str, &str>::new("meta"))
+            .unwrap();
+        let floor: u64 = redb::ReadableTable::get(&meta, "events:floor")
+            .unwrap()
+            .unwrap()
+            .value()
+            .parse()
+            .unwrap();
+        let moved = (floor + (1 << 20)).to_string();
+        meta.insert("events:floor", moved.as_str()).unwrap();
+    }
     {
         let mut older = Older {
             jobs: w.open_table(redb::TableDefinition::new("jobs")).unwrap(),
@@ -291,8 +308,8 @@ fn as_an_older_release(path: &std::path::Path, write: impl FnOnce(&mut Older<'_>
 
 /// A release from before the job indexes (a downgrade) writes jobs without
 /// them and leaves their built flags set. The next open by this one finds out,
-/// by a newer event than it wrote or by counts that moved, and builds them
-/// again: a job that ended meanwhile frees its VM, one submitted or started
+/// by the event floor that release's open moved or by counts that moved, and
+/// builds them again: a job that ended meanwhile frees its VM, one submitted or started
 /// meanwhile is counted, one retired meanwhile is gone from the index. This
 /// release's own writes, and a difference no index can remove (an unreadable
 /// job), are not taken for drift: no open builds anything then.
@@ -337,7 +354,7 @@ fn jobs_written_by_a_release_before_the_indexes_are_indexed_on_the_next_open() {
     let mut ended = exec.clone();
     ended.state = JobState::Succeeded;
     ended.updated_ms = 7;
-    as_an_older_release(&path, |o| o.put(&ended, false));
+    as_an_older_release(&path, true, |o| o.put(&ended, false));
     let store = Store::open(&path).unwrap();
     assert!(!busy(&store, "vm-1"), "the exec ended: vm-1 is free");
     assert_eq!(tally(&store), ["exec queued 1"]);
@@ -346,7 +363,7 @@ fn jobs_written_by_a_release_before_the_indexes_are_indexed_on_the_next_open() {
 
     // As many jobs in as out: it submits one and retires `done`.
     let late = new_job("bo", JobKind::Request, None, json!({}));
-    as_an_older_release(&path, |o| {
+    as_an_older_release(&path, true, |o| {
         o.put(&late, true);
         o.jobs.remove(done.id.as_str()).unwrap();
     });
@@ -355,17 +372,18 @@ fn jobs_written_by_a_release_before_the_indexes_are_indexed_on_the_next_open() {
     assert_eq!(store.finished_job_count().unwrap(), 1, "only the exec");
     drop(store);
 
-    // No count moves, only the event tells: it starts `other` on vm-2.
+    // No count moves, only the floor tells: it starts `other` on vm-2.
     other.state = JobState::Running;
     other.vm = Some("vm-2".into());
-    as_an_older_release(&path, |o| o.put(&other, true));
+    as_an_older_release(&path, true, |o| o.put(&other, true));
     let store = Store::open(&path).unwrap();
     assert_eq!(tally(&store), ["exec running 1", "request queued 1"]);
     assert!(busy(&store, "vm-2"));
     drop(store);
 
-    // No event, only a count tells: its retention removes the exec.
-    as_an_older_release(&path, |o| {
+    // A release from before the floor: only a count tells. Its retention
+    // removes the exec.
+    as_an_older_release(&path, false, |o| {
         o.jobs.remove(exec.id.as_str()).unwrap();
     });
     let store = Store::open(&path).unwrap();
@@ -377,7 +395,7 @@ fn jobs_written_by_a_release_before_the_indexes_are_indexed_on_the_next_open() {
     // again and records the difference it makes. From then on, with this
     // release's writes in between (jobs run and end, retention), no open builds
     // anything: an entry planted in an index, which a build would drop, stays.
-    as_an_older_release(&path, |o| {
+    as_an_older_release(&path, false, |o| {
         o.jobs
             .insert("job-unreadable", b"{not json".as_slice())
             .unwrap();

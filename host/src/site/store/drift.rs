@@ -3,16 +3,20 @@
 //! downgrade and an upgrade again this release would answer from indexes that
 //! miss those jobs: a VM busy for a job that ended long ago, a finished job
 //! never retired. Two checks at each open, neither reading a job:
-//! - every release writes an event for each job it submits, runs or ends, and
-//!   this one records (in the same transaction) the newest event it wrote: a
-//!   newer event on disk was written by another release;
+//! - every open since the event floor (2026-12-03) moves the floor
+//!   (`events:floor`), and this release records the floor it moved to: a
+//!   floor other than that one was moved by another release since;
 //! - counts, read in constant time: every job is active (one entry in
 //!   `active_job_facts`) or finished (one in `jobs_finished`), and
 //!   `active_jobs`, which every release keeps, has one entry per active job.
 //!   Records no index can hold (an unreadable job) leave a difference, which
 //!   is recorded at each open and cannot move while only this release writes.
+//!   This catches a release older than the floor submitting, ending or
+//!   retiring jobs (not one only starting them, or ending as many as it
+//!   submits and retires).
 //!
 //! Either finding drops the indexes, to be built again by the opens after it.
+//! Nothing is written on the hot path.
 
 use redb::{ReadableTable, ReadableTableMetadata, WriteTransaction};
 
@@ -20,8 +24,8 @@ use super::{active, events, finished, storage, StoreError, JOBS, META};
 
 /// Meta key: the counts' differences at the last open (see [`gap`]).
 const GAP: &str = "index:jobs-gap";
-/// Meta key: the sequence number of the newest event this release wrote.
-const WROTE: &str = "index:events-written";
+/// Meta key: the event floor this release's last open moved to.
+const FLOOR_SEEN: &str = "index:events-floor";
 
 /// Jobs in neither index, and `active_jobs` entries with no facts.
 fn gap(txn: &WriteTransaction) -> Result<String, StoreError> {
@@ -45,7 +49,8 @@ fn meta_value(txn: &WriteTransaction, key: &str) -> Result<Option<String>, Store
     Ok(v.map(|v| v.value().to_string()))
 }
 
-/// Drops the job indexes when another release wrote jobs since the last open.
+/// Drops the job indexes when another release wrote jobs since the last open;
+/// before the event floor moves.
 pub(super) fn drop_if_drifted(txn: &WriteTransaction) -> Result<(), StoreError> {
     let built =
         meta_value(txn, active::BUILT)?.is_some() && meta_value(txn, finished::BUILT)?.is_some();
@@ -57,15 +62,15 @@ pub(super) fn drop_if_drifted(txn: &WriteTransaction) -> Result<(), StoreError> 
     // A database last opened by a release with the indexes but not this check
     // had no difference to record: indexes that agree with the jobs leave none.
     let was = meta_value(txn, GAP)?.unwrap_or_else(|| "0 0".into());
-    let wrote = meta_value(txn, WROTE)?.and_then(|v| v.parse::<u64>().ok());
-    let newest = events::last_seq(txn)?;
-    let foreign_events = wrote.is_some_and(|w| newest > w);
-    if now != was || foreign_events {
+    let seen = meta_value(txn, FLOOR_SEEN)?;
+    let floor = meta_value(txn, events::FLOOR)?;
+    let moved_by_another = seen.is_some() && seen != floor;
+    if now != was || moved_by_another {
         tracing::warn!(
             counts_were = was,
             counts_now = now,
-            newest_event = newest,
-            newest_event_written_here = wrote,
+            event_floor = floor,
+            event_floor_left_here = seen,
             "the job indexes disagree with the jobs (a release from before them wrote this database since): building them again"
         );
         active::forget(txn)?;
@@ -75,22 +80,12 @@ pub(super) fn drop_if_drifted(txn: &WriteTransaction) -> Result<(), StoreError> 
 }
 
 /// Records what the next open compares, once the job indexes are open (and
-/// built): the counts' differences and the newest event.
+/// built) and the event floor moved: the counts' differences and the floor.
 pub(super) fn record(txn: &WriteTransaction) -> Result<(), StoreError> {
     let now = gap(txn)?;
-    let newest = events::last_seq(txn)?;
+    let floor = meta_value(txn, events::FLOOR)?.unwrap_or_default();
     let mut meta = txn.open_table(META).map_err(storage)?;
     meta.insert(GAP, now.as_str()).map_err(storage)?;
-    meta.insert(WROTE, newest.to_string().as_str())
-        .map_err(storage)?;
-    Ok(())
-}
-
-/// Records `seq` as the newest event this release wrote (in the transaction
-/// that wrote it).
-pub(super) fn wrote_event(txn: &WriteTransaction, seq: u64) -> Result<(), StoreError> {
-    let mut meta = txn.open_table(META).map_err(storage)?;
-    meta.insert(WROTE, seq.to_string().as_str())
-        .map_err(storage)?;
+    meta.insert(FLOOR_SEEN, floor.as_str()).map_err(storage)?;
     Ok(())
 }

@@ -21,7 +21,7 @@ const BUILT: &str = "index:job-events";
 pub const MAX_EVENTS: u64 = 1_000_000;
 
 /// Meta key: the floor of sequence numbers the last open handed out.
-const FLOOR: &str = "events:floor";
+pub(super) const FLOOR: &str = "events:floor";
 
 /// How far each open moves the sequence past everything before it: more than
 /// the events a crash can take back. Events of lazy commits are published at
@@ -75,13 +75,6 @@ pub(super) fn open_tables(txn: &WriteTransaction) -> Result<u64, redb::Error> {
     })?;
     meta.insert(BUILT, "1")?;
     Ok(floor)
-}
-
-/// The sequence number of the newest event held (0 when none is).
-pub(super) fn last_seq(txn: &WriteTransaction) -> Result<u64, StoreError> {
-    let t = txn.open_table(EVENTS).map_err(storage)?;
-    let last = t.last().map_err(storage)?;
-    Ok(last.map_or(0, |(k, _)| k.value()))
 }
 
 /// Removes the events `gone` names from both tables.

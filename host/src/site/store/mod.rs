@@ -352,9 +352,9 @@ impl Store {
             drift::drop_if_drifted(&txn).map_err(|e| err(&e))?;
             active::open_tables(&txn).map_err(|e| err(&e))?;
             finished::open_tables(&txn).map_err(|e| err(&e))?;
-            drift::record(&txn).map_err(|e| err(&e))?;
             txn.open_table(USER_JOBS).map_err(|e| err(&e))?;
             event_floor = events::open_tables(&txn).map_err(|e| err(&e))?;
+            drift::record(&txn).map_err(|e| err(&e))?;
             vms::open_tables(&txn).map_err(|e| err(&e))?;
             txn.open_table(AUDIT).map_err(|e| err(&e))?;
             let mut meta = txn.open_table(META).map_err(|e| err(&e))?;
@@ -459,9 +459,6 @@ impl Store {
             max_events: self.max_events,
         };
         let v = f(&mut t)?;
-        if let Some(last) = t.new_events.last() {
-            drift::wrote_event(txn, last.seq)?;
-        }
         *events = t.new_events;
         Ok(v)
     }
