@@ -15,7 +15,8 @@
 //!   retiring jobs (not one only starting them, or ending as many as it
 //!   submits and retires).
 //!
-//! Either finding drops the indexes, to be built again by the opens after it.
+//! Either finding drops the indexes; the same open builds them again
+//! (`active::open_tables`, `finished::open_tables`).
 //! Nothing is written on the hot path.
 
 use redb::{ReadableTable, ReadableTableMetadata, WriteTransaction};
@@ -60,7 +61,8 @@ pub(super) fn drop_if_drifted(txn: &WriteTransaction) -> Result<(), StoreError> 
     }
     let now = gap(txn)?;
     // A database last opened by a release with the indexes but not this check
-    // had no difference to record: indexes that agree with the jobs leave none.
+    // has no difference recorded: indexes that agree with the jobs leave none
+    // (but an unreadable job, which costs one needless build here).
     let was = meta_value(txn, GAP)?.unwrap_or_else(|| "0 0".into());
     let seen = meta_value(txn, FLOOR_SEEN)?;
     let floor = meta_value(txn, events::FLOOR)?;
