@@ -303,6 +303,7 @@ async fn up(args: UpArgs) -> Result<(), UpError> {
                 })?;
         }
     }
+    local_agent_ready(&site, args.template.is_some()).await;
     println!(
         "gve up: site https://{} (agent {agent_url}, libvirt {uri})",
         site.addr
@@ -318,4 +319,34 @@ async fn up(args: UpArgs) -> Result<(), UpError> {
     agent.stop().await;
     drop(private);
     Ok(())
+}
+
+/// How long `gve up` waits for the site to know its local agent before it says
+/// where the site is anyway.
+const AGENT_READY_WITHIN: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Checks the local agent again, every second, until the site has it up (and
+/// offering a template when one was given): a first check on a busy machine
+/// can fail or find the agent's first reconcile pass not done, and the site's
+/// own checks would only come back to it seconds after `gve up` said it was
+/// ready. Says so on stderr if it does not come within [`AGENT_READY_WITHIN`].
+async fn local_agent_ready(site: &Site, want_template: bool) {
+    let ready = || {
+        matches!(
+            site.core.store.agent("local"),
+            Ok(Some(a)) if a.status == crate::site::model::AgentStatus::Up
+                && (!want_template || !a.templates.is_empty())
+        )
+    };
+    let end = std::time::Instant::now() + AGENT_READY_WITHIN;
+    while !ready() {
+        if std::time::Instant::now() >= end {
+            eprintln!(
+                "gve up: the local agent is not up (or offers no template) yet; the site keeps checking it (`gve agent list`)"
+            );
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        site.core.agents.check("local").await;
+    }
 }
