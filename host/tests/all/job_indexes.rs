@@ -5,7 +5,9 @@
 
 use std::time::Duration;
 
-use gve::site::model::{AgentRec, Job, JobState, SiteVm};
+use gve::site::jobs::new_job;
+use gve::site::model::{AgentRec, Job, JobKind, JobState, SiteVm};
+use gve::site::store::Store;
 use serde_json::json;
 
 /// Makes the database at `path` one from before an index: `drop` deletes its
@@ -19,6 +21,14 @@ fn without_index(path: &std::path::Path, built: &str, drop: impl FnOnce(&redb::W
     assert!(m.remove(built).unwrap().is_some(), "{built}");
     std::mem::drop(m);
     w.commit().unwrap();
+}
+
+/// A new site database in a directory of its own (kept while the first is held).
+fn fresh_store() -> (tempfile::TempDir, std::path::PathBuf, Store) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("site.redb");
+    let store = Store::open(&path).unwrap();
+    (dir, path, store)
 }
 
 /// An agent record registered at `id`.
@@ -45,13 +55,7 @@ fn vm(id: &str, on: &str) -> SiteVm {
 /// jobs is never read whole to answer.
 #[test]
 fn the_active_job_indexes_follow_every_job_and_are_built_on_open() {
-    use gve::site::jobs::new_job;
-    use gve::site::model::JobKind;
-    use gve::site::store::Store;
-
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("site.redb");
-    let store = Store::open(&path).unwrap();
+    let (_dir, path, store) = fresh_store();
     let exec = new_job("ann", JobKind::Exec, Some("vm-1".into()), json!({}));
     let clone = new_job(
         "ann",
@@ -160,13 +164,7 @@ fn the_active_job_indexes_follow_every_job_and_are_built_on_open() {
 /// older database gets the index built on open.
 #[test]
 fn finished_jobs_go_in_the_order_they_ended_with_their_events() {
-    use gve::site::jobs::new_job;
-    use gve::site::model::JobKind;
-    use gve::site::store::Store;
-
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("site.redb");
-    let store = Store::open(&path).unwrap();
+    let (_dir, path, store) = fresh_store();
     // Submitted in this order; `a` still runs, the others ended at these times.
     let mk = |state: JobState, end: u64| {
         let mut j = new_job("ann", JobKind::Exec, None, json!({}));
@@ -315,13 +313,7 @@ fn as_an_older_release(
 /// job), are not taken for drift: no open builds anything then.
 #[test]
 fn jobs_written_by_a_release_before_the_indexes_are_indexed_on_the_next_open() {
-    use gve::site::jobs::new_job;
-    use gve::site::model::JobKind;
-    use gve::site::store::Store;
-
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("site.redb");
-    let store = Store::open(&path).unwrap();
+    let (_dir, path, store) = fresh_store();
     let exec = new_job("ann", JobKind::Exec, Some("vm-1".into()), json!({}));
     let mut other = new_job("ann", JobKind::Exec, None, json!({}));
     let mut done = new_job("ann", JobKind::Exec, None, json!({}));

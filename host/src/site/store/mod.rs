@@ -87,10 +87,10 @@ fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
 }
 
 /// Builds an index a database lacks (one from before it, or one a release from
-/// before it wrote since: [`drift`]), on open, before the site listens. `build` reads all `records` of its
-/// source (minutes at tens of millions), so the log says what it reads before
-/// and what it indexed, in how long, after; a database with nothing to read
-/// gets the index without a word.
+/// before it wrote since: [`drift`]), on open, before the site listens. `build`
+/// reads all `records` of its source (minutes at tens of millions), so the log
+/// says what it reads before and what it indexed, in how long, after; a
+/// database with nothing to read gets the index without a word.
 fn build_index<E>(
     what: &str,
     records: u64,
