@@ -17,7 +17,9 @@
 //! and the site process's idle CPU, resident memory and database size. At the
 //! last size it measures the site's idle CPU over one whole period of full
 //! re-reads of the agents' listings (ten minutes at 100,000 VMs an agent), then
-//! restarts the site (stop, start, serving, first checks) and an agent with
+//! restarts the site (stop, start, serving, first checks), opens its database
+//! as an upgrade from before the job indexes, lets retention remove nine tenths
+//! of the jobs under a steady load ([`retention`]), and restarts an agent with
 //! 100,000 VMs in its registry, each as its own process.
 //!
 //! Writes bench/results/million.md after every stage. `bash bench/run.sh
@@ -27,6 +29,8 @@
 
 #[path = "common.rs"]
 mod common;
+#[path = "million/retention.rs"]
+mod retention;
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -181,15 +185,17 @@ async fn submit(c: &Client, body: &Value) -> Job {
     c.call(Method::POST, "/v1/vms", Some(body)).await.unwrap()
 }
 
-/// The sum of the site's gauge `name` over its labels, from its metrics.
+/// The sum of the site's metric `name` over its labels (or its one value), from its metrics.
 async fn gauge(admin: &Client, name: &str) -> f64 {
     use http_body_util::BodyExt;
     let resp = admin.get_stream("/metrics").await.unwrap();
     let body = resp.into_body().collect().await.unwrap().to_bytes();
-    let prefix = format!("{name}{{");
     String::from_utf8_lossy(&body)
         .lines()
-        .filter(|l| l.starts_with(&prefix))
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+        })
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
@@ -260,6 +266,7 @@ struct Report {
     setup: Vec<String>,
     stages: Vec<(u64, Vec<(String, String)>)>,
     restart: Vec<String>,
+    retention: Vec<String>,
 }
 
 impl Report {
@@ -299,6 +306,16 @@ impl Report {
                 self.restart.join("\n")
             ));
         }
+        if !self.retention.is_empty() {
+            md.push_str(&format!(
+                "\n## At the last size: retention catching up\n\nThe site started again with \
+                 `max-finished-jobs` at a tenth of its jobs; its retention removes the rest \
+                 (oldest first, 1,024 jobs with their events a transaction) while {} users \
+                 submit at a steady pace and an admin reads.\n\n| measure | value |\n|---|---|\n{}\n",
+                retention::USERS,
+                self.retention.join("\n")
+            ));
+        }
         common::publish("million.md", &md);
     }
 }
@@ -320,6 +337,7 @@ async fn main() {
         setup: Vec::new(),
         stages: Vec::new(),
         restart: Vec::new(),
+        retention: Vec::new(),
     };
     let note = |r: &mut Report, s: String| {
         eprintln!("{s}");
@@ -691,6 +709,11 @@ async fn main() {
         "| site, upgraded: peak resident memory (MiB) | {hwm:.0} |"
     ));
     stop(s).await;
+    report.write(agents_n, per_agent);
+
+    // Retention catching up: the same site told to keep a tenth of its jobs.
+    report.retention = retention::stage(&config, &log, &sdir.path().join("data"), grown).await;
+    eprintln!("{:?}", report.retention);
     report.write(agents_n, per_agent);
 
     // An agent with every VM of its registry, restarted as its own process.

@@ -206,6 +206,8 @@ pub struct SiteMetrics {
     pub work: WorkMetrics,
     /// Agents by status, set at each scrape.
     pub agents: Family<StateLabel, Gauge>,
+    /// Finished jobs the site keeps (within its retention), set at each scrape.
+    pub jobs_kept: Gauge,
     /// Health checks' VM listings by outcome: `read` (every VM) or `unchanged`
     /// (a 304: the agent's VMs were as the last settled listing saw them).
     pub agent_listings: Family<StateLabel, Counter>,
@@ -230,6 +232,12 @@ impl Default for SiteMetrics {
             "The site's agents, by status (up or down)",
             agents.clone(),
         );
+        let jobs_kept = Gauge::default();
+        registry.register(
+            "gve_site_jobs_kept",
+            "Finished jobs the site keeps (within job-retention-seconds and max-finished-jobs)",
+            jobs_kept.clone(),
+        );
         let agent_listings = Family::<StateLabel, Counter>::default();
         registry.register(
             "gve_site_agent_vm_listings",
@@ -239,6 +247,7 @@ impl Default for SiteMetrics {
         SiteMetrics {
             work,
             agents,
+            jobs_kept,
             agent_listings,
             scrape: Default::default(),
             registry,

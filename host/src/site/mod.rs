@@ -152,6 +152,7 @@ impl SiteCore {
             .map(|(k, n)| (k, i64::try_from(n).unwrap_or(i64::MAX)));
         let tallies = self.store.vm_tallies()?;
         let agents = self.store.agents()?;
+        let kept = self.store.finished_job_count()?;
         let mut vms_by_state: std::collections::BTreeMap<String, i64> = Default::default();
         for t in &tallies {
             let n = vms_by_state.entry(t.state.clone()).or_default();
@@ -163,6 +164,9 @@ impl SiteCore {
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         self.metrics.work.set_now(active, vms_by_state);
+        self.metrics
+            .jobs_kept
+            .set(i64::try_from(kept).unwrap_or(i64::MAX));
         self.metrics.agents.clear();
         for (status, n) in count(&agents, |a| name_of(&a.status)) {
             self.metrics

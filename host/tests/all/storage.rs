@@ -81,12 +81,24 @@ async fn past_max_finished_jobs_the_oldest_go_whatever_their_age() {
         ids.push(j.id);
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+    let kept = || async {
+        let (status, _, text) =
+            crate::metrics::scrape(e.admin.base(), Some(crate::site::ADMIN)).await;
+        assert_eq!(status, 200, "{text}");
+        crate::metrics::sample(&text, "gve_site_jobs_kept")
+    };
+    assert_eq!(
+        kept().await,
+        7.0,
+        "every finished job is kept until retention runs"
+    );
     assert_eq!(e.site.core.prune_finished(), 4);
     assert_eq!(
         e.site.core.prune_finished(),
         0,
         "at the count, nothing more"
     );
+    assert_eq!(kept().await, 3.0, "the metric follows the removal");
     let store = &e.site.core.store;
     for id in &ids[..4] {
         let err = ann.get::<Job>(&format!("/v1/jobs/{id}")).await.unwrap_err();
