@@ -254,6 +254,37 @@ fn dir_mib(dir: &Path) -> f64 {
     walk(dir) as f64 / (1 << 20) as f64
 }
 
+/// The writes a service logged as holding its database 1 s or more in `log`:
+/// how many, the longest, and where each was made (with how many).
+fn slow_writes(log: &str) -> String {
+    let mut at: std::collections::BTreeMap<String, usize> = Default::default();
+    let mut longest = 0.0f64;
+    for l in log
+        .lines()
+        .filter(|l| l.contains("a write held the database"))
+    {
+        let field = |name: &str| {
+            l.split(&format!("{name}="))
+                .nth(1)
+                .and_then(|r| r.split_whitespace().next())
+                .unwrap_or("?")
+                .trim_matches('"')
+                .to_string()
+        };
+        longest = longest.max(field("secs").parse().unwrap_or(0.0));
+        *at.entry(field("at")).or_default() += 1;
+    }
+    if at.is_empty() {
+        return "none".into();
+    }
+    let places: Vec<String> = at.iter().map(|(w, n)| format!("{n} at `{w}`")).collect();
+    format!(
+        "{}, the longest {longest:.1} s: {}",
+        at.values().sum::<usize>(),
+        places.join(", ")
+    )
+}
+
 /// CPU (% of a core) process `pid` uses over `d`.
 async fn cpu_over(pid: &str, d: Duration) -> f64 {
     let (c0, t0) = (common::cpu_seconds(pid), Instant::now());
@@ -760,6 +791,13 @@ async fn main() {
     ));
     stop(a).await;
     report.write(agents_n, per_agent);
+    report.restart.push(format!(
+        "| site: writes holding its database 1 s or more over the whole run | {} |",
+        slow_writes(&std::fs::read_to_string(&log).unwrap_or_default())
+    ));
+    report.write(agents_n, per_agent);
+    // The site's log outlives the run's directory.
+    let _ = std::fs::copy(&log, target_dir().join("million-site.log"));
     for (agent, _, _) in agents {
         agent.stop().await;
     }

@@ -71,6 +71,7 @@ pub async fn stage(config: &Path, log: &Path, data: &Path, jobs: u64) -> Vec<Str
         .collect();
     assert_ne!(tuned, text, "the site's config sets max-finished-jobs");
     std::fs::write(config, tuned).unwrap();
+    let log_before = std::fs::read_to_string(log).unwrap_or_default().len();
     let removals_before = std::fs::read_to_string(log)
         .unwrap_or_default()
         .matches(REMOVED)
@@ -199,6 +200,10 @@ pub async fn stage(config: &Path, log: &Path, data: &Path, jobs: u64) -> Vec<Str
         ),
         format!(
             "| site: resident memory, highest seen during the removal / at the end / peak (MiB) | {peak_during:.0} / {rss:.0} / {hwm:.0} |"
+        ),
+        format!(
+            "| the site's writes holding the database 1 s or more during the stage | {} |",
+            super::slow_writes(&std::fs::read_to_string(log).unwrap_or_default()[log_before..])
         ),
         format!(
             "| site: database before / after (MiB; redb keeps freed pages for reuse, the file does not shrink) | {db_before:.0} / {:.0} |",

@@ -494,6 +494,7 @@ impl Registry {
 
     /// Runs `f` in one write transaction and commits it durably; events it appended
     /// are published after the commit.
+    #[track_caller]
     pub fn write<T>(
         &self,
         f: impl FnOnce(&mut Txn<'_>) -> Result<T, RegistryError>,
@@ -504,6 +505,7 @@ impl Registry {
     /// [`Registry::write`] without waiting for the disk: atomic and seen at once,
     /// durable with the next durable commit or [`Registry::sync`]. For a change the
     /// caller makes durable itself before anyone outside relies on it.
+    #[track_caller]
     pub fn write_lazy<T>(
         &self,
         f: impl FnOnce(&mut Txn<'_>) -> Result<T, RegistryError>,
@@ -512,10 +514,12 @@ impl Registry {
     }
 
     /// Makes every change committed so far durable (a durable commit of nothing).
+    #[track_caller]
     pub fn sync(&self) -> Result<(), RegistryError> {
         self.write(|_| Ok(()))
     }
 
+    #[track_caller]
     fn write_with<T>(
         &self,
         durability: redb::Durability,

@@ -87,7 +87,7 @@ pub(super) fn open_tables(txn: &WriteTransaction) -> Result<(), StoreError> {
         .map_err(storage)?
         .len()
         .map_err(storage)?;
-    super::build_index("the active jobs' VMs", records, || {
+    super::build_index("the active jobs' VMs", records, |progress| {
         // Read first: the index writes open the same tables.
         let found: Vec<Job> = {
             let active = txn.open_table(ACTIVE).map_err(storage)?;
@@ -95,6 +95,7 @@ pub(super) fn open_tables(txn: &WriteTransaction) -> Result<(), StoreError> {
             let mut found = Vec::new();
             for row in active.range::<&str>(..).map_err(storage)? {
                 let (k, _) = row.map_err(storage)?;
+                progress.read_one();
                 let Some(v) = jobs.get(k.value()).map_err(storage)? else {
                     continue;
                 };

@@ -61,10 +61,11 @@ pub(super) fn open_tables(txn: &WriteTransaction) -> Result<u64, redb::Error> {
     if meta.get(BUILT)?.is_some() {
         return Ok(floor);
     }
-    super::build_index("the job events by job", events.len()?, || {
+    super::build_index("the job events by job", events.len()?, |progress| {
         let mut n = 0u64;
         for row in events.range::<u64>(..)? {
             let (k, v) = row?;
+            progress.read_one();
             let h = head(v.value());
             if !h.job.is_empty() {
                 by_job.insert((h.job.as_str(), k.value()), ())?;

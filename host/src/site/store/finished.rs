@@ -43,10 +43,11 @@ pub(super) fn open_tables(txn: &WriteTransaction) -> Result<(), StoreError> {
     super::build_index(
         "the finished jobs by their end",
         jobs.len().map_err(storage)?,
-        || {
+        |progress| {
             let mut n = 0u64;
             for row in jobs.range::<&str>(..).map_err(storage)? {
                 let (k, v) = row.map_err(storage)?;
+                progress.read_one();
                 // An unreadable job is reported where it is read; it has no entry.
                 if let Ok(s) = serde_json::from_slice::<Stamp>(v.value()) {
                     if s.state.is_terminal() {

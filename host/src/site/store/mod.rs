@@ -11,12 +11,14 @@ use serde::Serialize;
 use tokio::sync::broadcast;
 
 mod active;
+mod building;
 mod directory;
 mod drift;
 mod events;
 mod finished;
 mod vms;
 
+use building::build_index;
 pub use events::MAX_EVENTS;
 pub use vms::{Page, Tally};
 
@@ -84,34 +86,6 @@ fn decode<T: DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T, StoreError>
 
 fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
     serde_json::to_vec(value).map_err(storage)
-}
-
-/// Builds an index a database lacks (one from before it, or one a release from
-/// before it wrote since: [`drift`]), on open, before the site listens. `build`
-/// reads all `records` of its source (minutes at tens of millions), so the log
-/// says what it reads before and what it indexed, in how long, after; a
-/// database with nothing to read gets the index without a word.
-fn build_index<E>(
-    what: &str,
-    records: u64,
-    build: impl FnOnce() -> Result<u64, E>,
-) -> Result<(), E> {
-    if records > 0 {
-        tracing::info!(
-            records,
-            "indexing {what} (a database from before the index, or written by a release from before it): the site listens when done"
-        );
-    }
-    let t = std::time::Instant::now();
-    let n = build()?;
-    if records > 0 {
-        tracing::info!(
-            indexed = n,
-            secs = format!("{:.1}", t.elapsed().as_secs_f64()),
-            "indexed {what}"
-        );
-    }
-    Ok(())
 }
 
 fn get<T: DeserializeOwned>(
@@ -386,6 +360,7 @@ impl Store {
 
     /// Runs `f` in one write transaction and commits it durably; its events are
     /// published after the commit. An `Err` from `f` rolls everything back.
+    #[track_caller]
     pub fn write<T>(
         &self,
         f: impl FnOnce(&mut Txn<'_>) -> Result<T, StoreError>,
@@ -399,6 +374,7 @@ impl Store {
     /// health (a job's `running` goes lazily through the writer's batches,
     /// [`super::jobs::Submitter::run`]). Never a job's end: that goes through the
     /// group-committed [`super::jobs::Submitter::apply`].
+    #[track_caller]
     pub fn write_lazy<T>(
         &self,
         f: impl FnOnce(&mut Txn<'_>) -> Result<T, StoreError>,
@@ -408,6 +384,7 @@ impl Store {
 
     /// [`Store::write`] for a change that may find nothing to do: `None` from
     /// `f` rolls back instead of committing (no wait for the disk).
+    #[track_caller]
     pub fn write_if<T>(
         &self,
         f: impl FnOnce(&mut Txn<'_>) -> Result<Option<T>, StoreError>,
@@ -420,6 +397,7 @@ impl Store {
     }
 
     /// [`Store::write`] when `durable`, else [`Store::write_lazy`].
+    #[track_caller]
     pub fn commit_to<T>(
         &self,
         durable: bool,
@@ -433,6 +411,7 @@ impl Store {
         self.commit(durability, f)
     }
 
+    #[track_caller]
     fn commit<T>(
         &self,
         durability: redb::Durability,

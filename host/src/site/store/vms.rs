@@ -193,12 +193,13 @@ pub(super) fn open_tables(txn: &WriteTransaction) -> Result<(), redb::Error> {
     }
     txn.delete_table(OLD_FREE)?;
     let records = txn.open_table(VMS)?.len()?;
-    super::build_index("the VM records", records, || {
+    super::build_index("the VM records", records, |progress| {
         let vms: Vec<SiteVm> = {
             let t = txn.open_table(VMS)?;
             let mut out = Vec::new();
             for row in t.range::<&str>(..)? {
                 let (_, v) = row?;
+                progress.read_one();
                 // An unreadable record is reported where it is read; it has no entries.
                 if let Ok(vm) = serde_json::from_slice::<SiteVm>(v.value()) {
                     out.push(vm);
