@@ -341,8 +341,9 @@ impl Report {
             md.push_str(&format!(
                 "\n## At the last size: retention catching up\n\nThe site started again with \
                  `max-finished-jobs` at a tenth of its jobs; its retention removes the rest \
-                 (oldest first, 1,024 jobs with their events a transaction) while {} users \
+                 (oldest first, {} jobs with their events a transaction) while {} users \
                  submit at a steady pace and an admin reads.\n\n| measure | value |\n|---|---|\n{}\n",
+                gve::store_core::BATCH,
                 retention::USERS,
                 self.retention.join("\n")
             ));

@@ -1,7 +1,7 @@
 //! The million bench's retention stage. The site, its history full, starts
 //! again with `max-finished-jobs` at a tenth of the jobs it holds; its
 //! retention (every minute, the first 30 s after the start) removes the rest,
-//! oldest first, in transactions of 1,024 jobs with their events, while users
+//! oldest first, in transactions of `BATCH` jobs with their events, while users
 //! submit at a steady pace and an admin reads the newest page of all jobs. It
 //! reports how long the removal took, at what rate, and what those writers and
 //! readers saw before, during and after it.
