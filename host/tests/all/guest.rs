@@ -753,3 +753,62 @@ async fn a_gone_or_hung_guest_agent_is_a_clear_error_within_the_timeout() {
     }
     agent.stop().await;
 }
+
+/// The libvirt capability keeps the domains it looked up for guest-agent
+/// commands (an exec is several). A VM stopped, undefined and defined again
+/// behind the agent's back still takes commands; one replaced by another domain
+/// of the same name (a new UUID) is not reached through the handle kept for the
+/// old one: the command fails `not-found` instead of running in the newcomer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_redefined_or_replaced_out_of_band_is_reached_only_as_itself() {
+    let lv = Libvirtd::start();
+    let (agent, c, dir) = agent(&lv, None).await;
+    let vm = running_vm(&agent, &c, "g-kept", 192).await;
+    let driver = &agent.core().unwrap().driver;
+    assert_eq!(
+        exec(&c, &vm.id, json!({ "argv": ["true"] }))
+            .await
+            .exit_code,
+        Some(0)
+    );
+
+    // The same domain (same UUID), defined and started again.
+    let xml_path = dir.path().join("g-kept.xml");
+    std::fs::write(&xml_path, lv.virsh(&["dumpxml", "g-kept", "--inactive"])).unwrap();
+    let xml = xml_path.to_str().unwrap();
+    lv.virsh(&["destroy", "g-kept"]);
+    lv.virsh(&["undefine", "g-kept"]);
+    lv.virsh(&["define", xml]);
+    lv.virsh(&["start", "g-kept"]);
+    wait_for_guest_agent(driver, &vm.id).await;
+    let out = exec(&c, &vm.id, json!({ "argv": ["echo", "again"] })).await;
+    assert_eq!(text(&out.stdout_b64).trim(), "again", "{out:?}");
+
+    // Another domain under its name: the same disk, a new UUID.
+    let newcomer: String = std::fs::read_to_string(&xml_path)
+        .unwrap()
+        .lines()
+        .filter(|l| !l.trim_start().starts_with("<uuid>"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&xml_path, newcomer).unwrap();
+    lv.virsh(&["destroy", "g-kept"]);
+    lv.virsh(&["undefine", "g-kept"]);
+    lv.virsh(&["define", xml]);
+    lv.virsh(&["start", "g-kept"]);
+    let uuid = lv.virsh(&["domuuid", "g-kept"]).trim().to_string();
+    assert_ne!(uuid, vm.id, "the newcomer has a UUID of its own");
+    wait_for_guest_agent(driver, &uuid).await;
+    let op = run_op(
+        &c,
+        &format!("/v1/vms/{}/exec", vm.id),
+        json!({ "argv": ["true"] }),
+    )
+    .await;
+    assert_eq!(op.state, OpState::Failed, "{op:?}");
+    let err = op.error.unwrap();
+    assert_eq!(err.kind, "not-found", "{err:?}");
+    lv.virsh(&["destroy", "g-kept"]);
+    lv.virsh(&["undefine", "g-kept"]);
+    agent.stop().await;
+}

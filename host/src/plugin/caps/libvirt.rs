@@ -4,6 +4,7 @@
 //! destinations are checked the same way. Every libvirt call runs on a blocking
 //! thread with the plugin's call budget, so a hung libvirtd cannot stall the executor.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -82,8 +83,54 @@ impl Reconnecting {
     }
 }
 
-/// `virt::connect::Connect` closes nothing on drop; this does.
-struct Conn(Connect);
+/// `virt::connect::Connect` closes nothing on drop; this does. With it go the
+/// domains it looked up for guest-agent commands ([`Conn::agent_command`]).
+struct Conn(Connect, std::sync::Mutex<HashMap<String, VirtDomain>>);
+
+/// Domains a connection keeps looked up for guest-agent commands, at most.
+const AGENT_DOMAINS: usize = 1024;
+
+impl Conn {
+    fn new(c: Connect) -> Conn {
+        Conn(c, Default::default())
+    }
+
+    /// Sends a guest-agent command to `domain`, looked up once and then kept:
+    /// an exec is several commands (guest-exec, then status polls) and each
+    /// lookup is a round trip to libvirtd (`bench/guest.rs`). A kept handle
+    /// whose domain is gone (undefined, or another defined under its name)
+    /// answers "no domain"; it is looked up again once before that error stands,
+    /// and the command, which then reached no guest, is sent again.
+    fn agent_command(
+        &self,
+        domain: &str,
+        command: &str,
+        timeout_seconds: i32,
+    ) -> Result<String, Error> {
+        let kept = self
+            .1
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(domain)
+            .cloned();
+        if let Some(d) = kept {
+            match d.qemu_agent_command(command, timeout_seconds, 0) {
+                Err(e) if e.code() == ErrorNumber::NoDomain => {}
+                r => return r.map_err(map_err),
+            }
+        }
+        let d = lookup(&self.0, domain)?;
+        {
+            let mut kept = self.1.lock().unwrap_or_else(|p| p.into_inner());
+            if kept.len() >= AGENT_DOMAINS {
+                kept.clear();
+            }
+            kept.insert(domain.to_string(), d.clone());
+        }
+        d.qemu_agent_command(command, timeout_seconds, 0)
+            .map_err(map_err)
+    }
+}
 
 impl Drop for Conn {
     fn drop(&mut self) {
@@ -235,7 +282,7 @@ fn undefine_flags(f: UndefineFlags) -> u32 {
 
 fn open_blocking(uri: &str) -> Result<Conn, Error> {
     quiet_libvirt();
-    Connect::open(Some(uri)).map(Conn).map_err(map_err)
+    Connect::open(Some(uri)).map(Conn::new).map_err(map_err)
 }
 
 impl HostState {
@@ -777,9 +824,8 @@ impl HostConnection for HostState {
         Ok(self
             .libvirt
             .blocking_within("qemu-agent-command", limit, move || {
-                lookup(&conn.get()?.0, &domain)?
-                    .qemu_agent_command(&command, timeout_seconds, 0)
-                    .map_err(map_err)
+                conn.get()?
+                    .agent_command(&domain, &command, timeout_seconds)
             })
             .await)
     }
