@@ -396,6 +396,7 @@ fn linker(engine: &wasmtime::Engine) -> Result<Linker<HostState>> {
     wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(err)?;
     wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker).map_err(err)?;
     super::caps::files::add_budgets(&mut linker).map_err(err)?;
+    super::caps::clocks::add_timers(&mut linker).map_err(err)?;
     super::caps::http::add_budgets(&mut linker).map_err(err)?;
     Contract::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s).map_err(err)?;
     Ok(linker)

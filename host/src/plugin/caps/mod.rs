@@ -9,7 +9,9 @@
 //! | [`libvirt_io`] | volume bytes through libvirt streams, live disk attach/detach | at most 8 MiB a call, never past a volume's end; only file disks whose source is a pool volume; live only |
 //! | [`guest_channel`] | in-guest agent of a VM via its driver | granted or refused |
 //! | [`files`] | preopened directories (WASI) | only granted directories, read-only by default; no symlink creation; open files budgeted |
+//! | [`clocks`] | timers (WASI `subscribe-duration`) | never early; waits of 0.5 ms or more end in `nanosleep` (at most 2 ms of a blocking thread each), shorter ones on tokio's 1 ms timer |
 
+pub mod clocks;
 pub mod config;
 pub mod files;
 pub mod guest_channel;

@@ -1,0 +1,136 @@
+//! Plugins' timers (`wasi:clocks/monotonic-clock` `subscribe-duration`, which a
+//! plugin's `std::thread::sleep` waits on). wasmtime-wasi waits every timer out
+//! on tokio's, whose 1 ms ticks round each deadline up, so a 1 ms sleep took up
+//! to 2. That cost every short back-off: guest-install polls a command's status
+//! after 1, 2, 4 ms, and an exec of `true` sleeps about twice while raw
+//! `nanosleep` does not (`bench/guest.rs`). Here a wait of at least
+//! [`PRECISE_FROM`] spends its last [`LAST_STRETCH`] at most in `nanosleep` on a
+//! blocking thread, the rest on tokio's timer as before.
+//!
+//! Policy: a plugin never waits less than it asked; waits shorter than
+//! [`PRECISE_FROM`] stay on tokio's timer as before; a blocking thread is held
+//! at most [`LAST_STRETCH`] per wait, and an instance waits on one timer at a
+//! time, so an instance sleeping in a loop holds one thread.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::time::{Duration, Instant};
+
+use wasmtime::component::{Linker, Resource};
+use wasmtime::StoreContextMut;
+use wasmtime_wasi::p2::{DynPollable, Pollable};
+
+use crate::plugin::state::HostState;
+
+/// Waits at least this long get their last stretch on a blocking thread.
+pub const PRECISE_FROM: Duration = Duration::from_micros(500);
+
+/// How much of a wait a blocking thread sleeps out, at most.
+pub const LAST_STRETCH: Duration = Duration::from_millis(2);
+
+/// A plugin's timer: ready once `until` has passed.
+pub struct Timer {
+    until: Option<Instant>,
+    precise: bool,
+    yielded: bool,
+}
+
+impl Timer {
+    /// A timer that fires `after` from now (never, past the clock's range).
+    pub fn after(after: Duration) -> Timer {
+        Timer {
+            until: Instant::now().checked_add(after),
+            precise: after >= PRECISE_FROM,
+            yielded: false,
+        }
+    }
+
+    async fn wait(&mut self) {
+        let Some(until) = self.until else {
+            return std::future::pending().await;
+        };
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            // As wasmtime-wasi's own: a timer already due yields once, so a
+            // plugin polling it in a loop cannot starve the executor.
+            if !self.yielded {
+                self.yielded = true;
+                tokio::task::yield_now().await;
+            }
+            return;
+        }
+        if !self.precise {
+            tokio::time::sleep_until(until.into()).await;
+            return;
+        }
+        if left > LAST_STRETCH {
+            tokio::time::sleep(left - LAST_STRETCH).await;
+        }
+        // Dropped by a poll that another pollable ended, the thread still
+        // sleeps out its stretch (at most LAST_STRETCH) and nothing else.
+        let _ = tokio::task::spawn_blocking(move || {
+            let left = until.saturating_duration_since(Instant::now());
+            if !left.is_zero() {
+                std::thread::sleep(left);
+            }
+        })
+        .await;
+    }
+}
+
+impl Pollable for Timer {
+    fn ready<'a, 'b>(&'a mut self) -> Pin<Box<dyn Future<Output = ()> + Send + 'b>>
+    where
+        'a: 'b,
+        Self: 'b,
+    {
+        Box::pin(self.wait())
+    }
+}
+
+/// Shadows wasmtime-wasi's `subscribe-duration` with [`Timer`] (the linker must
+/// already hold WASI).
+pub fn add_timers(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
+    linker.allow_shadowing(true);
+    let mut clock = linker.instance("wasi:clocks/monotonic-clock@0.2.12")?;
+    clock.func_wrap(
+        "subscribe-duration",
+        |mut store: StoreContextMut<'_, HostState>,
+         (nanos,): (u64,)|
+         -> wasmtime::Result<(Resource<DynPollable>,)> {
+            let table = store.data_mut().table();
+            let timer = table.push(Timer::after(Duration::from_nanos(nanos)))?;
+            Ok((wasmtime_wasi::p2::subscribe(table, timer)?,))
+        },
+    )?;
+    linker.allow_shadowing(false);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_timer_never_fires_early_and_a_due_one_at_once() {
+        for after in [
+            Duration::ZERO,
+            Duration::from_micros(100),
+            Duration::from_micros(700),
+            Duration::from_millis(1),
+            Duration::from_millis(5),
+        ] {
+            let t = Instant::now();
+            Timer::after(after).ready().await;
+            let took = t.elapsed();
+            assert!(took >= after, "{after:?} fired after {took:?}");
+        }
+        // Past the clock's range: never ready.
+        let never = tokio::time::timeout(
+            Duration::from_millis(20),
+            Timer::after(Duration::from_nanos(u64::MAX)).ready(),
+        )
+        .await;
+        assert!(never.is_err());
+    }
+}
