@@ -9,11 +9,13 @@
 //!
 //! Policy: a plugin never waits less than it asked; waits shorter than
 //! [`PRECISE_FROM`] stay on tokio's timer as before; a blocking thread is held
-//! at most [`LAST_STRETCH`] per wait, and an instance waits on one timer at a
-//! time, so an instance sleeping in a loop holds one thread.
+//! at most [`LAST_STRETCH`] per wait, and at most [`STRETCHES`] are slept out
+//! at once in the whole process (a plugin polling thousands of timers gets the
+//! rest on tokio's timer, not thousands of threads).
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use wasmtime::component::{Linker, Resource};
@@ -27,6 +29,32 @@ pub const PRECISE_FROM: Duration = Duration::from_micros(500);
 
 /// How much of a wait a blocking thread sleeps out, at most.
 pub const LAST_STRETCH: Duration = Duration::from_millis(2);
+
+/// Last stretches slept out at once, at most, over every plugin.
+pub const STRETCHES: usize = 4;
+
+/// Last stretches being slept out now.
+static SLEEPING: AtomicUsize = AtomicUsize::new(0);
+
+/// A place among the [`STRETCHES`], given back when dropped.
+struct Stretch;
+
+impl Stretch {
+    fn take() -> Option<Stretch> {
+        SLEEPING
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < STRETCHES).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Stretch)
+    }
+}
+
+impl Drop for Stretch {
+    fn drop(&mut self) {
+        SLEEPING.fetch_sub(1, Ordering::AcqRel);
+    }
+}
 
 /// A plugin's timer: ready once `until` has passed.
 pub struct Timer {
@@ -66,9 +94,14 @@ impl Timer {
         if left > LAST_STRETCH {
             tokio::time::sleep(left - LAST_STRETCH).await;
         }
+        let Some(place) = Stretch::take() else {
+            tokio::time::sleep_until(until.into()).await;
+            return;
+        };
         // Dropped by a poll that another pollable ended, the thread still
-        // sleeps out its stretch (at most LAST_STRETCH) and nothing else.
+        // sleeps out its stretch (at most LAST_STRETCH), holding its place.
         let _ = tokio::task::spawn_blocking(move || {
+            let _place = place;
             let left = until.saturating_duration_since(Instant::now());
             if !left.is_zero() {
                 std::thread::sleep(left);
@@ -125,6 +158,20 @@ mod tests {
             let took = t.elapsed();
             assert!(took >= after, "{after:?} fired after {took:?}");
         }
+        // More timers at once than places: each still waits its whole time.
+        let t = Instant::now();
+        let many: Vec<_> = (0..64)
+            .map(|_| tokio::spawn(async { Timer::after(Duration::from_millis(3)).ready().await }))
+            .collect();
+        for m in many {
+            m.await.unwrap();
+        }
+        assert!(t.elapsed() >= Duration::from_millis(3));
+        assert_eq!(
+            SLEEPING.load(Ordering::Acquire),
+            0,
+            "every place given back"
+        );
         // Past the clock's range: never ready.
         let never = tokio::time::timeout(
             Duration::from_millis(20),
