@@ -206,7 +206,7 @@ pub struct SiteMetrics {
     pub work: WorkMetrics,
     /// Agents by status, set at each scrape.
     pub agents: Family<StateLabel, Gauge>,
-    /// Finished jobs the site keeps (within its retention), set at each scrape.
+    /// Finished jobs the site holds, set at each scrape.
     pub jobs_kept: Gauge,
     /// Health checks' VM listings by outcome: `read` (every VM) or `unchanged`
     /// (a 304: the agent's VMs were as the last settled listing saw them).
@@ -235,7 +235,7 @@ impl Default for SiteMetrics {
         let jobs_kept = Gauge::default();
         registry.register(
             "gve_site_jobs_kept",
-            "Finished jobs the site keeps (within job-retention-seconds and max-finished-jobs)",
+            "Finished jobs the site holds (retention trims them to job-retention-seconds and max-finished-jobs every minute)",
             jobs_kept.clone(),
         );
         let agent_listings = Family::<StateLabel, Counter>::default();

@@ -230,6 +230,8 @@ pub struct Agent {
     stop: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<()>,
     retention: tokio::task::JoinHandle<()>,
+    /// The registry, to end a retention pass at stop.
+    registry: Registry,
 }
 
 impl Agent {
@@ -323,6 +325,7 @@ impl Agent {
             stop: Some(running.stop),
             task: running.task,
             retention,
+            registry: kept,
         })
     }
 
@@ -330,6 +333,7 @@ impl Agent {
     pub async fn stop(mut self) {
         // Awaited, not only aborted: an aborted task is dropped on a worker
         // later, and until then it holds the registry open.
+        self.registry.stop_background();
         self.retention.abort();
         let _ = (&mut self.retention).await;
         self.runtime.stop().await;

@@ -11,7 +11,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::sync::broadcast;
 
-use crate::store_core::{in_batches, Page};
+use crate::store_core::Page;
 
 use super::model::{now_ms, AuditEntry, Event, Operation, Vm, VmRecord};
 
@@ -448,10 +448,12 @@ impl Registry {
     pub fn prune_finished_ops(&self, keep_ms: u64, keep_audit_ms: u64) -> usize {
         let before = now_ms().saturating_sub(keep_ms);
         let audit_before = now_ms().saturating_sub(keep_audit_ms);
-        let mut ops = in_batches("operations", |n| self.write(|t| t.prune_ops(before, n)));
+        let mut ops = self
+            .db
+            .in_batches("operations", |n| self.write(|t| t.prune_ops(before, n)));
         // Operations from before ids were ordered by time, until none is left.
         if self.meta(LEGACY_OPS).ok().flatten().as_deref() != Some("none") {
-            ops += in_batches("operations with unordered ids", |n| {
+            ops += self.db.in_batches("operations with unordered ids", |n| {
                 self.write(|t| {
                     let (gone, left) = t.prune_legacy_ops(before, n)?;
                     if !left {
@@ -461,11 +463,17 @@ impl Registry {
                 })
             });
         }
-        in_batches("events", |n| self.write(|t| t.trim(EVENTS, before, n)));
-        in_batches("audit entries", |n| {
+        self.db
+            .in_batches("events", |n| self.write(|t| t.trim(EVENTS, before, n)));
+        self.db.in_batches("audit entries", |n| {
             self.write(|t| t.trim(AUDIT, audit_before, n))
         });
         ops
+    }
+
+    /// Tells a running retention pass to end after its batch (the agent stops).
+    pub fn stop_background(&self) {
+        self.db.stop_background();
     }
 
     /// A watch on the registry's closing.

@@ -86,22 +86,30 @@ impl SiteCore {
     }
 
     /// Twice a second: leases past their deadline are marked expired (blocking the
-    /// owner's access at once) and an expire job stops their VMs.
+    /// owner's access at once) and an expire job stops their VMs. Every minute,
+    /// staging is swept and retention runs on a blocking thread of its own: a
+    /// removal of millions takes minutes, and leases keep expiring meanwhile.
     pub fn spawn_leases(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
         let me = self.clone();
         tokio::spawn(async move {
             let mut ticks = 0u64;
+            let pruning = Arc::new(std::sync::atomic::AtomicBool::new(false));
             loop {
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 if let Err(e) = me.expire_due().await {
                     tracing::error!("lease check: {e}");
                 }
                 ticks += 1;
-                // Every minute; the database's part off the runtime's threads.
                 if ticks % 120 == 60 {
                     me.sweep_staging().await;
-                    let core = me.clone();
-                    let _ = tokio::task::spawn_blocking(move || core.prune_finished()).await;
+                    // One pass at a time; one still running skips this turn.
+                    if !pruning.swap(true, std::sync::atomic::Ordering::AcqRel) {
+                        let (core, pruning) = (me.clone(), pruning.clone());
+                        tokio::task::spawn_blocking(move || {
+                            let _done = Lowered(pruning);
+                            core.prune_finished();
+                        });
+                    }
                 }
             }
         })
@@ -146,5 +154,14 @@ impl SiteCore {
             }
         }
         Ok(())
+    }
+}
+
+/// Lowers its flag when dropped, also when the work it marks panicked.
+struct Lowered(Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for Lowered {
+    fn drop(&mut self) {
+        self.0.store(false, std::sync::atomic::Ordering::Release);
     }
 }

@@ -332,6 +332,8 @@ impl Site {
 
     /// Stops serving and the background tasks.
     pub async fn stop(mut self) {
+        // Retention runs on a blocking thread of its own: told, it ends after its batch.
+        self.core.store.stop_background();
         for b in &self.background {
             b.abort();
         }

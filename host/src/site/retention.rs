@@ -13,7 +13,6 @@ use hyper::StatusCode;
 use super::model::now_ms;
 use super::SiteCore;
 use crate::api::ApiError;
-use crate::store_core::in_batches;
 
 /// How long a measurement of free space is trusted.
 const DISK_FRESH: Duration = Duration::from_secs(1);
@@ -87,7 +86,7 @@ impl SiteCore {
         let before = |secs: u64| now_ms().saturating_sub(secs.saturating_mul(1000));
         let jobs_before = before(self.config.job_retention_seconds);
         let audit_before = before(self.config.audit_retention_seconds);
-        let mut jobs = in_batches("finished jobs", |n| {
+        let mut jobs = self.store.in_batches("finished jobs", |n| {
             self.store.write(|t| t.prune_jobs(jobs_before, n))
         });
         // Past the count, the jobs that ended first go whatever their age,
@@ -95,27 +94,30 @@ impl SiteCore {
         match self.store.finished_job_count() {
             Ok(n) => {
                 let mut over = n.saturating_sub(self.config.max_finished_jobs);
-                jobs += in_batches("finished jobs over max-finished-jobs", |n| {
-                    let k = n.min(usize::try_from(over).unwrap_or(usize::MAX));
-                    if k == 0 {
-                        return Ok(0);
-                    }
-                    let gone = self.store.write(|t| t.prune_oldest_jobs(k))?;
-                    over = over.saturating_sub(gone as u64);
-                    Ok::<usize, super::store::StoreError>(gone)
-                });
+                jobs += self
+                    .store
+                    .in_batches("finished jobs over max-finished-jobs", |n| {
+                        let k = n.min(usize::try_from(over).unwrap_or(usize::MAX));
+                        if k == 0 {
+                            return Ok(0);
+                        }
+                        let gone = self.store.write(|t| t.prune_oldest_jobs(k))?;
+                        over = over.saturating_sub(gone as u64);
+                        Ok::<usize, super::store::StoreError>(gone)
+                    });
             }
             Err(e) => tracing::error!("counting the finished jobs: {e}"),
         }
-        in_batches("job events", |n| {
+        self.store.in_batches("job events", |n| {
             self.store.write(|t| t.trim_events(jobs_before, n))
         });
         // Beyond the cap too: one lowered on a quiet site is met here, not only
         // as new events arrive.
-        in_batches("job events over max-job-events", |n| {
-            self.store.write(|t| t.trim_events_over_max(n))
-        });
-        in_batches("audit entries", |n| {
+        self.store
+            .in_batches("job events over max-job-events", |n| {
+                self.store.write(|t| t.trim_events_over_max(n))
+            });
+        self.store.in_batches("audit entries", |n| {
             self.store.write(|t| t.trim_audit(audit_before, n))
         });
         jobs

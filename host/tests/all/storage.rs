@@ -187,6 +187,56 @@ async fn retention_of_a_large_backlog_lets_other_writers_in_between_its_batches(
     e.site.stop().await;
 }
 
+/// A site stopped while retention removes a large backlog: the removal ends
+/// after its batch, the database closes, and what was not removed yet is still
+/// there for the next start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_site_stopped_during_a_large_removal_ends_it_after_its_batch() {
+    let e = env(0, |c| c.max_finished_jobs = 10).await;
+    let store = e.site.core.store.clone();
+    let jobs = 100 * gve::store_core::BATCH;
+    for _ in 0..100 {
+        store
+            .write(|t| {
+                for _ in 0..gve::store_core::BATCH {
+                    let mut j = gve::site::jobs::new_job(
+                        "ann",
+                        gve::site::model::JobKind::Request,
+                        None,
+                        json!({}),
+                    );
+                    j.state = JobState::Failed;
+                    t.put_job(&j, Some("failed"))?;
+                }
+                Ok(())
+            })
+            .unwrap();
+    }
+    let path = e.site.core.config.data_dir.join("site.redb");
+    let core = e.site.core.clone();
+    let removal = tokio::task::spawn_blocking(move || core.prune_finished());
+    // Once the removal is under way.
+    while store.finished_job_count().unwrap() == jobs as u64 {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    drop(store);
+    let t = std::time::Instant::now();
+    e.site.stop().await;
+    let removed = removal.await.unwrap();
+    assert!(
+        t.elapsed() < gve::store_core::CLOSE_WAIT,
+        "the stop waited for the removal: {:?}",
+        t.elapsed()
+    );
+    assert!(removed < jobs - 10, "the removal ran to its end: {removed}");
+    let reopened = gve::site::store::Store::open(&path).unwrap();
+    assert_eq!(
+        reopened.finished_job_count().unwrap(),
+        (jobs - removed) as u64,
+        "what was not removed is kept"
+    );
+}
+
 /// Past `max-job-events` the oldest events go (with their index entries), and the
 /// newest jobs' events stay whole.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -95,12 +95,14 @@ impl Conn {
         Conn(c, Default::default())
     }
 
-    /// Sends a guest-agent command to `domain`, looked up once and then kept:
-    /// an exec is several commands (guest-exec, then status polls) and each
-    /// lookup is a round trip to libvirtd (`bench/guest.rs`). A kept handle
-    /// whose domain is gone (undefined, or another defined under its name)
-    /// answers "no domain"; it is looked up again once before that error stands,
-    /// and the command, which then reached no guest, is sent again.
+    /// Sends a guest-agent command to `domain`, looked up once and then kept
+    /// when named by UUID: an exec is several commands (guest-exec, then status
+    /// polls) and each lookup is a round trip to libvirtd (`bench/guest.rs`).
+    /// Only UUIDs are kept: a handle stands for its domain's UUID, so one kept
+    /// by name would reach a renamed domain instead of a newcomer under its old
+    /// name. A kept handle whose domain is gone answers "no domain" before
+    /// anything reaches a guest; it is looked up again once (and forgotten if
+    /// that fails too) before the error stands.
     fn agent_command(
         &self,
         domain: &str,
@@ -119,8 +121,17 @@ impl Conn {
                 r => return r.map_err(map_err),
             }
         }
-        let d = lookup(&self.0, domain)?;
-        {
+        let d = match lookup(&self.0, domain) {
+            Ok(d) => d,
+            Err(e) => {
+                self.1
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(domain);
+                return Err(e);
+            }
+        };
+        if is_uuid(domain) {
             let mut kept = self.1.lock().unwrap_or_else(|p| p.into_inner());
             if kept.len() >= AGENT_DOMAINS {
                 kept.clear();
@@ -194,9 +205,13 @@ fn no_nul(args: &[&str]) -> Result<(), Error> {
 }
 
 /// A domain by name or UUID.
+/// Whether `domain` names a domain by its UUID (else by its name).
+fn is_uuid(domain: &str) -> bool {
+    domain.len() == 36 && domain.chars().filter(|&ch| ch == '-').count() == 4
+}
+
 pub(super) fn lookup(c: &Connect, domain: &str) -> Result<VirtDomain, Error> {
-    let by_uuid = domain.len() == 36 && domain.chars().filter(|&ch| ch == '-').count() == 4;
-    let r = if by_uuid {
+    let r = if is_uuid(domain) {
         VirtDomain::lookup_by_uuid_string(c, domain)
     } else {
         VirtDomain::lookup_by_name(c, domain)

@@ -368,6 +368,20 @@ impl Store {
         self.commit(redb::Durability::Immediate, f)
     }
 
+    /// Runs retention's `batch` until done ([`crate::store_core::Published::in_batches`]).
+    pub fn in_batches<E: std::fmt::Display>(
+        &self,
+        what: &str,
+        batch: impl FnMut(usize) -> Result<usize, E>,
+    ) -> usize {
+        self.db.in_batches(what, batch)
+    }
+
+    /// Tells a running retention pass to end after its batch (the site stops).
+    pub fn stop_background(&self) {
+        self.db.stop_background();
+    }
+
     /// [`Store::write`] without waiting for the disk: the change is atomic and seen at
     /// once, and reaches the disk with the next durable commit. Only for changes a
     /// crash may undo safely, ones a restarted site derives again: the agents'
