@@ -267,7 +267,8 @@ impl<Ev> Published<Ev> {
         mut batch: impl FnMut(usize) -> Result<usize, E>,
     ) -> usize {
         let mut total = 0;
-        loop {
+        // A pass that starts, or wakes from its pause, after the stop does nothing more.
+        while !self.stopping.load(std::sync::atomic::Ordering::Acquire) {
             let t = Instant::now();
             match batch(BATCH) {
                 Ok(n) => {

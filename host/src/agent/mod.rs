@@ -331,8 +331,10 @@ impl Agent {
 
     /// Stops serving and waits for the accept loop to end.
     pub async fn stop(mut self) {
-        // Awaited, not only aborted: an aborted task is dropped on a worker
-        // later, and until then it holds the registry open.
+        // A retention pass runs on a blocking thread with a registry of its
+        // own: told to stop, it ends after its batch. The task that starts
+        // passes is awaited, not only aborted: an aborted task is dropped on a
+        // worker later, and until then it holds the registry open.
         self.registry.stop_background();
         self.retention.abort();
         let _ = (&mut self.retention).await;

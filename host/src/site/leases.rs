@@ -107,7 +107,12 @@ impl SiteCore {
                         let (core, pruning) = (me.clone(), pruning.clone());
                         tokio::task::spawn_blocking(move || {
                             let _done = Lowered(pruning);
-                            core.prune_finished();
+                            let pass = std::panic::AssertUnwindSafe(|| core.prune_finished());
+                            if std::panic::catch_unwind(pass).is_err() {
+                                tracing::error!(
+                                    "a retention pass panicked; the next runs in a minute"
+                                );
+                            }
                         });
                     }
                 }

@@ -59,8 +59,13 @@ impl Drop for Stretch {
 /// A plugin's timer: ready once `until` has passed.
 pub struct Timer {
     until: Option<Instant>,
+    /// Asked for no wait at all: yields once, as wasmtime-wasi's own does.
+    zero: bool,
     precise: bool,
     yielded: bool,
+    /// The blocking thread sleeping out the last stretch, once started: a new
+    /// `ready()` (wasmtime makes one per poll) waits on it, never a second one.
+    sleeper: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Timer {
@@ -68,8 +73,10 @@ impl Timer {
     pub fn after(after: Duration) -> Timer {
         Timer {
             until: Instant::now().checked_add(after),
+            zero: after.is_zero(),
             precise: after >= PRECISE_FROM,
             yielded: false,
+            sleeper: None,
         }
     }
 
@@ -77,37 +84,53 @@ impl Timer {
         let Some(until) = self.until else {
             return std::future::pending().await;
         };
-        let left = until.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            // As wasmtime-wasi's own: a timer already due yields once, so a
-            // plugin polling it in a loop cannot starve the executor.
+        if self.zero {
+            // A plugin polling a zero timer in a loop cannot starve the executor.
             if !self.yielded {
                 self.yielded = true;
                 tokio::task::yield_now().await;
             }
             return;
         }
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return;
+        }
         if !self.precise {
             tokio::time::sleep_until(until.into()).await;
             return;
         }
-        if left > LAST_STRETCH {
-            tokio::time::sleep(left - LAST_STRETCH).await;
-        }
-        let Some(place) = Stretch::take() else {
-            tokio::time::sleep_until(until.into()).await;
-            return;
-        };
-        // Dropped by a poll that another pollable ended, the thread still
-        // sleeps out its stretch (at most LAST_STRETCH), holding its place.
-        let _ = tokio::task::spawn_blocking(move || {
-            let _place = place;
-            let left = until.saturating_duration_since(Instant::now());
-            if !left.is_zero() {
-                std::thread::sleep(left);
+        if self.sleeper.is_none() {
+            if left > LAST_STRETCH {
+                tokio::time::sleep(left - LAST_STRETCH).await;
             }
-        })
-        .await;
+            let Some(place) = Stretch::take() else {
+                tokio::time::sleep_until(until.into()).await;
+                return;
+            };
+            // Left running when this future is dropped (another pollable ended
+            // the poll): it sleeps out its stretch (at most LAST_STRETCH),
+            // holding its place, and the next `ready()` waits on it.
+            self.sleeper = Some(tokio::task::spawn_blocking(move || {
+                let _place = place;
+                let left = until.saturating_duration_since(Instant::now());
+                if !left.is_zero() {
+                    std::thread::sleep(left);
+                }
+            }));
+        }
+        if let Some(sleeper) = self.sleeper.as_mut() {
+            // A blocking pool too busy to start it soon, or a runtime shutting
+            // down, must make the wait neither late nor early: tokio's timer backs it.
+            let backstop = tokio::time::sleep_until((until + Duration::from_millis(1)).into());
+            tokio::select! {
+                _ = sleeper => self.sleeper = None,
+                _ = backstop => {}
+            }
+        }
+        if until > Instant::now() {
+            tokio::time::sleep_until(until.into()).await;
+        }
     }
 }
 
@@ -144,7 +167,14 @@ pub fn add_timers(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
 mod tests {
     use super::*;
 
-    #[tokio::test]
+    /// Whether `f` is ready on its first poll.
+    fn ready_at_once(f: impl Future<Output = ()>) -> bool {
+        let mut f = std::pin::pin!(f);
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        f.as_mut().poll(&mut cx).is_ready()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_timer_never_fires_early_and_a_due_one_at_once() {
         for after in [
             Duration::ZERO,
@@ -167,17 +197,31 @@ mod tests {
             m.await.unwrap();
         }
         assert!(t.elapsed() >= Duration::from_millis(3));
-        assert_eq!(
-            SLEEPING.load(Ordering::Acquire),
-            0,
-            "every place given back"
+        // Polled again and again, each `ready()` dropped before it ends (as a
+        // plugin's `pollable.ready()` does), a timer starts one sleeper at most
+        // and still ends no earlier than its time.
+        let t = Instant::now();
+        let mut again = Timer::after(Duration::from_millis(1));
+        for _ in 0..50 {
+            let _ = tokio::time::timeout(Duration::from_micros(50), again.ready()).await;
+        }
+        again.ready().await;
+        assert!(t.elapsed() >= Duration::from_millis(1));
+        // Due, a timer that asked for a wait is ready on its first poll; a zero
+        // one yields once first.
+        let mut due = Timer::after(Duration::from_micros(1));
+        std::thread::sleep(Duration::from_millis(1));
+        assert!(
+            ready_at_once(due.ready()),
+            "a due timer answers ready at once"
         );
+        let mut zero = Timer::after(Duration::ZERO);
+        assert!(!ready_at_once(zero.ready()), "a zero timer yields once");
+        assert!(ready_at_once(zero.ready()));
         // Past the clock's range: never ready.
-        let never = tokio::time::timeout(
-            Duration::from_millis(20),
-            Timer::after(Duration::from_nanos(u64::MAX)).ready(),
-        )
-        .await;
+        let mut never = Timer::after(Duration::ZERO);
+        never.until = None;
+        let never = tokio::time::timeout(Duration::from_millis(20), never.ready()).await;
         assert!(never.is_err());
     }
 }

@@ -204,12 +204,12 @@ fn no_nul(args: &[&str]) -> Result<(), Error> {
     }
 }
 
-/// A domain by name or UUID.
 /// Whether `domain` names a domain by its UUID (else by its name).
 fn is_uuid(domain: &str) -> bool {
     domain.len() == 36 && domain.chars().filter(|&ch| ch == '-').count() == 4
 }
 
+/// A domain by name or UUID.
 pub(super) fn lookup(c: &Connect, domain: &str) -> Result<VirtDomain, Error> {
     let r = if is_uuid(domain) {
         VirtDomain::lookup_by_uuid_string(c, domain)
