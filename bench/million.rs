@@ -235,8 +235,12 @@ where
         v.push(t.elapsed());
     }
     v.sort();
-    let at = |q: f64| common::ms(v[((v.len() - 1) as f64 * q).round() as usize]);
-    (at(0.5), at(0.99))
+    (quantile(&v, 0.5), quantile(&v, 0.99))
+}
+
+/// The `q` quantile of `sorted` (not empty), in ms.
+fn quantile(sorted: &[Duration], q: f64) -> f64 {
+    common::ms(sorted[((sorted.len() - 1) as f64 * q).round() as usize])
 }
 
 fn dir_mib(dir: &Path) -> f64 {

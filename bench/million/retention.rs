@@ -14,7 +14,7 @@ use gve::api::client::Client;
 use gve::site::model::Job;
 use serde_json::json;
 
-use super::{active_jobs, common, dir_mib, gauge, serving, spawn, stop, submit, ADMIN};
+use super::{active_jobs, common, dir_mib, gauge, quantile, serving, spawn, stop, submit, ADMIN};
 
 /// Users submitting during the stage, and clients of each.
 pub const USERS: usize = 8;
@@ -44,11 +44,10 @@ fn window(s: &[(Duration, Duration)], from: Duration, to: Duration) -> String {
         return "none".into();
     }
     v.sort();
-    let at = |q: f64| common::ms(v[((v.len() - 1) as f64 * q).round() as usize]);
     format!(
         "{:.1} / {:.1} / {:.0} ({})",
-        at(0.5),
-        at(0.99),
+        quantile(&v, 0.5),
+        quantile(&v, 0.99),
         common::ms(*v.last().unwrap()),
         v.len()
     )
@@ -71,11 +70,10 @@ pub async fn stage(config: &Path, log: &Path, data: &Path, jobs: u64) -> Vec<Str
         .collect();
     assert_ne!(tuned, text, "the site's config sets max-finished-jobs");
     std::fs::write(config, tuned).unwrap();
-    let log_before = std::fs::read_to_string(log).unwrap_or_default().len();
-    let removals_before = std::fs::read_to_string(log)
-        .unwrap_or_default()
-        .matches(REMOVED)
-        .count();
+    let (log_before, removals_before) = {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        (text.len(), text.matches(REMOVED).count())
+    };
     let db_before = dir_mib(data);
 
     let (site, _) = spawn("site", config, log).await;

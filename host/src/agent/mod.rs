@@ -230,8 +230,6 @@ pub struct Agent {
     stop: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<()>,
     retention: tokio::task::JoinHandle<()>,
-    /// The registry, to end a retention pass at stop.
-    registry: Registry,
 }
 
 impl Agent {
@@ -325,7 +323,6 @@ impl Agent {
             stop: Some(running.stop),
             task: running.task,
             retention,
-            registry: kept,
         })
     }
 
@@ -335,7 +332,7 @@ impl Agent {
         // own: told to stop, it ends after its batch. The task that starts
         // passes is awaited, not only aborted: an aborted task is dropped on a
         // worker later, and until then it holds the registry open.
-        self.registry.stop_background();
+        self.runtime.stop_background();
         self.retention.abort();
         let _ = (&mut self.retention).await;
         self.runtime.stop().await;

@@ -234,6 +234,11 @@ impl Runtime {
         self.registry.close_watch()
     }
 
+    /// Tells a running retention pass to end after its batch (the agent stops).
+    pub fn stop_background(&self) {
+        self.registry.stop_background();
+    }
+
     /// Stops the reconcile loop and waits until it is gone.
     pub async fn stop(&self) {
         let task = self

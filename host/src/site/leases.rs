@@ -106,13 +106,13 @@ impl SiteCore {
                     if !pruning.swap(true, std::sync::atomic::Ordering::AcqRel) {
                         let (core, pruning) = (me.clone(), pruning.clone());
                         tokio::task::spawn_blocking(move || {
-                            let _done = Lowered(pruning);
                             let pass = std::panic::AssertUnwindSafe(|| core.prune_finished());
                             if std::panic::catch_unwind(pass).is_err() {
                                 tracing::error!(
                                     "a retention pass panicked; the next runs in a minute"
                                 );
                             }
+                            pruning.store(false, std::sync::atomic::Ordering::Release);
                         });
                     }
                 }
@@ -159,14 +159,5 @@ impl SiteCore {
             }
         }
         Ok(())
-    }
-}
-
-/// Lowers its flag when dropped, also when the work it marks panicked.
-struct Lowered(Arc<std::sync::atomic::AtomicBool>);
-
-impl Drop for Lowered {
-    fn drop(&mut self) {
-        self.0.store(false, std::sync::atomic::Ordering::Release);
     }
 }

@@ -124,21 +124,10 @@ async fn past_max_finished_jobs_the_oldest_go_whatever_their_age() {
     e.site.stop().await;
 }
 
-/// Retention removing a large backlog lets other writers in between its
-/// batches (redb has one writer at a time): a removal in one transaction, or
-/// one that never lets go, fails this. What the pause between batches is for,
-/// a busy site's submissions keeping their pace, is measured by
-/// `bench/million.rs` (run 5: back to back, 256 of ~14,000 submissions got
-/// through while 926,000 jobs went).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn retention_of_a_large_backlog_lets_other_writers_in_between_its_batches() {
-    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-    use std::sync::Arc;
-
-    let e = env(0, |c| c.max_finished_jobs = 10).await;
-    let store = e.site.core.store.clone();
-    let jobs = 30 * gve::store_core::BATCH;
-    for _ in 0..30 {
+/// Writes `batches` retention batches of failed jobs straight into `store`;
+/// how many jobs.
+fn finished_jobs(store: &gve::site::store::Store, batches: usize) -> usize {
+    for _ in 0..batches {
         store
             .write(|t| {
                 for _ in 0..gve::store_core::BATCH {
@@ -155,6 +144,23 @@ async fn retention_of_a_large_backlog_lets_other_writers_in_between_its_batches(
             })
             .unwrap();
     }
+    batches * gve::store_core::BATCH
+}
+
+/// Retention removing a large backlog lets other writers in between its
+/// batches (redb has one writer at a time): a removal in one transaction, or
+/// one that never lets go, fails this. What the pause between batches is for,
+/// a busy site's submissions keeping their pace, is measured by
+/// `bench/million.rs` (run 5: back to back, 256 of ~14,000 submissions got
+/// through while 926,000 jobs went).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_of_a_large_backlog_lets_other_writers_in_between_its_batches() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    let e = env(0, |c| c.max_finished_jobs = 10).await;
+    let store = e.site.core.store.clone();
+    let jobs = finished_jobs(&store, 30);
     let (pruning, got_in) = (
         Arc::new(AtomicBool::new(true)),
         Arc::new(AtomicUsize::new(0)),
@@ -194,24 +200,7 @@ async fn retention_of_a_large_backlog_lets_other_writers_in_between_its_batches(
 async fn a_site_stopped_during_a_large_removal_ends_it_after_its_batch() {
     let e = env(0, |c| c.max_finished_jobs = 10).await;
     let store = e.site.core.store.clone();
-    let jobs = 100 * gve::store_core::BATCH;
-    for _ in 0..100 {
-        store
-            .write(|t| {
-                for _ in 0..gve::store_core::BATCH {
-                    let mut j = gve::site::jobs::new_job(
-                        "ann",
-                        gve::site::model::JobKind::Request,
-                        None,
-                        json!({}),
-                    );
-                    j.state = JobState::Failed;
-                    t.put_job(&j, Some("failed"))?;
-                }
-                Ok(())
-            })
-            .unwrap();
-    }
+    let jobs = finished_jobs(&store, 100);
     let path = e.site.core.config.data_dir.join("site.redb");
     let core = e.site.core.clone();
     let removal = tokio::task::spawn_blocking(move || core.prune_finished());
