@@ -102,6 +102,12 @@ impl<Ev: Clone> Published<Ev> {
             .store(true, std::sync::atomic::Ordering::Release);
     }
 
+    /// Whether the service is stopping ([`Published::stop_background`]): long
+    /// work in batches ends after the batch it is in.
+    pub fn stopping(&self) -> bool {
+        self.stopping.load(std::sync::atomic::Ordering::Acquire)
+    }
+
     /// The database, for reads.
     pub fn db(&self) -> &Database {
         &self.db.db

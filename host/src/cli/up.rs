@@ -341,8 +341,14 @@ async fn local_agent_ready(site: &Site, want_template: bool) {
     let end = std::time::Instant::now() + AGENT_READY_WITHIN;
     while !ready() {
         if std::time::Instant::now() >= end {
+            let why = match site.core.store.agent("local") {
+                Ok(Some(a)) => a.error.unwrap_or_else(|| "no template offered".into()),
+                Ok(None) => "not registered".into(),
+                Err(e) => e.to_string(),
+            };
             eprintln!(
-                "gve up: the local agent is not up (or offers no template) yet; the site keeps checking it (`gve agent list`)"
+                "gve up: the local agent is not up (or offers no template) after {} s ({why}); the site keeps checking it (`gve agent list`)",
+                AGENT_READY_WITHIN.as_secs()
             );
             return;
         }

@@ -17,7 +17,7 @@ use super::model::{
 };
 use super::store::{Store, StoreError};
 pub use super::vm_sync::MISSING;
-use super::vm_sync::{sync_vms, Checked, Listings};
+use super::vm_sync::{apply_listing, Applied, Checked, Listings};
 use crate::agent::model::{OpState, Operation, Vm, VmRecord};
 use crate::api::client::{Client, Listing};
 use crate::api::ApiError;
@@ -29,6 +29,9 @@ pub struct Agents {
     sealer: super::sealing::Sealer,
     tls: crate::api::tls::ClientTls,
     clients: RwLock<HashMap<String, Client>>,
+    /// Moves (under `clients`' lock) whenever an agent is registered or
+    /// unregistered: a client built from a record read before is not kept.
+    registrations: std::sync::atomic::AtomicU64,
     /// The tags of the agents' last settled VM listings.
     listings: Listings,
     /// Checks' VM listings counted by outcome (the site's metrics).
@@ -100,6 +103,7 @@ impl Agents {
             sealer,
             tls,
             clients: RwLock::new(HashMap::new()),
+            registrations: Default::default(),
             listings: Listings::default(),
             listing_counts,
             health_period_ms: std::sync::atomic::AtomicU64::new(5_000),
@@ -110,7 +114,7 @@ impl Agents {
     /// How long a VM record stays `missing` before it is forgotten: two rounds of
     /// health checks and the longest a check may take, so every other agent that
     /// is up has listed its VMs since (and claimed it, if it moved there and is
-    /// the same VM: see `vm_sync::sync_vms`).
+    /// the same VM: see `vm_sync::apply_listing`).
     fn forget_missing_after_ms(&self) -> u64 {
         2 * self
             .health_period_ms
@@ -128,6 +132,17 @@ impl Agents {
         {
             return Ok(c.clone());
         }
+        let (generation, c) = self.build_client(id)?;
+        self.keep_client(id, generation, &c);
+        Ok(c)
+    }
+
+    /// A new client for agent `id`, from its record as it is now, and the
+    /// registrations count it was read at.
+    fn build_client(&self, id: &str) -> Result<(u64, Client), ApiError> {
+        let generation = self
+            .registrations
+            .load(std::sync::atomic::Ordering::Acquire);
         let rec = self.store.agent(id).map_err(db)?.ok_or_else(|| {
             ApiError::new(
                 StatusCode::NOT_FOUND,
@@ -147,11 +162,31 @@ impl Agents {
             Some(secret),
             &self.tls_for(rec.fingerprint.as_deref()),
         )?;
-        self.clients
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id.to_string(), c.clone());
-        Ok(c)
+        Ok((generation, c))
+    }
+
+    /// Keeps agent `id`'s client `c`, built at `generation`, unless a
+    /// registration or unregistration came since: a health check that read the
+    /// record of an agent as it re-registered at a new URL would otherwise keep
+    /// the old URL's client for good.
+    fn keep_client(&self, id: &str, generation: u64, c: &Client) {
+        let mut clients = self.clients.write().unwrap_or_else(|p| p.into_inner());
+        if self
+            .registrations
+            .load(std::sync::atomic::Ordering::Acquire)
+            == generation
+        {
+            clients.insert(id.to_string(), c.clone());
+        }
+    }
+
+    /// Forgets agent `id`'s client after its record changed (registered or
+    /// unregistered); clients being built from the old record are not kept.
+    fn forget_client(&self, id: &str) {
+        let mut clients = self.clients.write().unwrap_or_else(|p| p.into_inner());
+        self.registrations
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        clients.remove(id);
     }
 
     /// How to verify an agent with certificate fingerprint `pin` (else by the CA).
@@ -203,20 +238,7 @@ impl Agents {
                     ),
                 )
             })?;
-        let rec = AgentRec {
-            id: id.to_string(),
-            url: url.trim_end_matches('/').to_string(),
-            token: self.sealer.seal(token),
-            status: AgentStatus::Down,
-            error: Some("not checked yet".into()),
-            seen_ms: 0,
-            host: None,
-            templates: Vec::new(),
-            endpoint: None,
-            registered_ms: now_ms(),
-            fingerprint,
-            offers: Vec::new(),
-        };
+        let rec = AgentRec::registered(id, url, self.sealer.seal(token), fingerprint);
         // Checked again in the transaction: two registrations of one id race.
         let fresh = self.store.write(|t| {
             if t.agent(id)?.is_some() {
@@ -233,6 +255,7 @@ impl Agents {
             ));
         }
         // Nothing an earlier registration under this id settled carries over.
+        self.forget_client(id);
         self.listings.forget(id);
         self.check(id).await;
         let rec = self.store.agent(id).map_err(db)?.unwrap_or(rec);
@@ -265,10 +288,7 @@ impl Agents {
             t.remove_agent(id)?;
             Ok(Ok(()))
         });
-        self.clients
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(id);
+        self.forget_client(id);
         self.listings.forget(id);
         r.map_err(db)?
     }
@@ -320,15 +340,21 @@ impl Agents {
             Ok((_, _, _, Listing::Changed { items, .. })) => items.len(),
             _ => 0,
         };
-        // What a check learns, the next check learns again: no need to wait for the disk.
-        // A listing's tag is remembered once the records it settled are committed.
+        // What a check learns, the next check learns again: no need to wait for
+        // the disk. The agent's record first; then its VMs, off the async
+        // workers and in batches (a first check may adopt 100,000).
+        let (about, vms) = match got {
+            Ok((host, templates, driver, vms)) => (Ok((host, templates, driver)), Some(vms)),
+            Err(e) => (Err(e), None),
+        };
         let r = self.store.write_lazy(|t| {
-            let Some(mut rec) = t.agent(id)? else {
+            // A check of an earlier registration (another URL) tells nothing
+            // of this one.
+            let Some(mut rec) = t.agent(id)?.filter(|r| r.url == c.base()) else {
                 return Ok(None);
             };
-            let mut listed = None;
-            match got {
-                Ok((host, templates, driver, vms)) => {
+            match about {
+                Ok((host, templates, driver)) => {
                     rec.status = AgentStatus::Up;
                     rec.error = None;
                     rec.seen_ms = now_ms();
@@ -339,19 +365,6 @@ impl Agents {
                         .as_str()
                         .or(driver["endpoint"].as_str())
                         .map(str::to_string);
-                    if let Listing::Changed { items, tag } = vms {
-                        let forget_after = self.forget_missing_after_ms();
-                        let here = rec.endpoint.as_deref();
-                        let settled = sync_vms(t, id, here, &items, listed_at, forget_after)?;
-                        let writes = t.vm_writes(id);
-                        listed = Some(Checked::Read {
-                            tag,
-                            settled,
-                            writes,
-                        });
-                    } else {
-                        listed = Some(Checked::Unchanged);
-                    }
                 }
                 Err(e) => {
                     if rec.status == AgentStatus::Up {
@@ -362,8 +375,37 @@ impl Agents {
                 }
             }
             t.put_agent(&rec)?;
-            Ok(listed)
+            Ok(Some(rec.endpoint))
         });
+        let r = match (r, vms) {
+            (Ok(Some(_)), Some(Listing::Unchanged)) => Ok(Some(Checked::Unchanged)),
+            (Ok(Some(here)), Some(Listing::Changed { items, tag })) => {
+                let (store, agent) = (self.store.clone(), id.to_string());
+                let forget_after = self.forget_missing_after_ms();
+                tokio::task::spawn_blocking(move || {
+                    apply_listing(
+                        &store,
+                        &agent,
+                        here.as_deref(),
+                        &items,
+                        listed_at,
+                        forget_after,
+                    )
+                })
+                .await
+                .unwrap_or_else(|e| Err(StoreError::Storage(format!("applying the listing: {e}"))))
+                .map(|a| {
+                    a.map(|Applied { settled, writes }| Checked::Read {
+                        tag,
+                        settled,
+                        writes,
+                    })
+                })
+            }
+            // Down, or no longer registered: nothing listed.
+            (Ok(_), None) | (Ok(None), _) => Ok(None),
+            (Err(e), _) => Err(e),
+        };
         drop(turn);
         // The listing is dropped: give what it took back (glibc keeps freed heap),
         // off the async workers (a trim of a large heap takes a while).
@@ -501,4 +543,45 @@ pub fn forget_vm(t: &mut super::store::Txn<'_>, v: &SiteVm) -> Result<(), StoreE
         )?;
     }
     t.remove_vm(&v.id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A check builds a client from the agent's record; the agent re-registers
+    /// at another URL before the client is kept: the old URL's client is not
+    /// kept, and the next check reaches the new URL.
+    #[test]
+    fn a_client_built_before_a_re_registration_is_not_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("site.redb")).unwrap();
+        let sealer =
+            super::super::sealing::Sealer::open_or_create(&dir.path().join("key")).unwrap();
+        let rec = AgentRec::registered("a", "http://127.0.0.1:1", sealer.seal("secret"), None);
+        store.write(|t| t.put_agent(&rec)).unwrap();
+        let agents = Agents::new(
+            store.clone(),
+            "site".into(),
+            sealer,
+            Default::default(),
+            Default::default(),
+        )
+        .unwrap();
+        let (generation, old) = agents.build_client("a").unwrap();
+        store
+            .write(|t| {
+                t.put_agent(&AgentRec {
+                    url: "http://127.0.0.1:2".into(),
+                    ..rec.clone()
+                })
+            })
+            .unwrap();
+        agents.forget_client("a");
+        agents.keep_client("a", generation, &old);
+        assert_eq!(agents.client("a").unwrap().base(), "http://127.0.0.1:2");
+        // Kept when nothing came in between.
+        assert_eq!(agents.client("a").unwrap().base(), "http://127.0.0.1:2");
+        assert_eq!(agents.clients.read().unwrap().len(), 1);
+    }
 }

@@ -202,6 +202,27 @@ pub struct AgentRec {
     pub offers: Vec<TemplateOffer>,
 }
 
+impl AgentRec {
+    /// Agent `id` at `url` (no trailing `/`), registered now with `token`
+    /// (sealed) and certificate `fingerprint`; down until its first check.
+    pub fn registered(id: &str, url: &str, token: String, fingerprint: Option<String>) -> AgentRec {
+        AgentRec {
+            id: id.to_string(),
+            url: url.trim_end_matches('/').to_string(),
+            token,
+            status: AgentStatus::Down,
+            error: Some("not checked yet".into()),
+            seen_ms: 0,
+            host: None,
+            templates: Vec::new(),
+            endpoint: None,
+            registered_ms: now_ms(),
+            fingerprint,
+            offers: Vec::new(),
+        }
+    }
+}
+
 /// A template an agent offers, as the site publishes it (GLUE 2 ExecutionEnvironment).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]

@@ -10,7 +10,7 @@
 //! wrote any of the agent's VM records itself (a job recording an operation's
 //! result, a VM moved between agents): the agent's tag does not move for those.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -120,177 +120,281 @@ impl Listings {
 /// still miss it a while later, unless another agent lists it by then (it moved).
 pub const MISSING: &str = "missing";
 
+/// VMs a health check brings in line in one transaction at most. Between two,
+/// it leaves the database to other writers as long as the batch took: a first
+/// check adopting an agent's 100,000 VMs in one transaction held the database
+/// 1.9-2.9 s (`bench/million.rs`, run 5), every other write waiting.
+pub const SYNC_BATCH: usize = 256;
+
+/// What applying an agent's listing came to.
+pub struct Applied {
+    /// Whether the records agreed with the listing once it was applied.
+    pub settled: bool,
+    /// The agent's VM-record write count then ([`super::store::Store::vm_writes`]).
+    pub writes: u64,
+}
+
+/// A VM the listing and the site's records disagree on.
+enum Differs<'a> {
+    /// Listed, and the site's record of it is missing or says otherwise.
+    Listed(&'a VmRecord),
+    /// The site's record (by id) of a VM the listing lacks.
+    Unlisted(String),
+}
+
 /// Brings the site's records of agent `agent`'s VMs in line with what it reports
-/// (listed at `listed_at`). VMs that jobs are working on are left to those jobs, and
-/// records written after the listing was taken are newer than it: kept as they are.
-/// A VM the agent no longer lists is `missing` first and forgotten when a check
-/// still misses it `forget_after_ms` later; one that turns up on another agent
-/// meanwhile (a migration whose job was cut off, or one made outside gve) keeps
-/// its record, owner and lease there when it is the same VM: its id is a UUID,
-/// or both agents reach the same endpoint (`here` is this agent's). A listed VM
-/// whose site id a record already holds is left alone, never replaced by a stray. Whether the records now agree with the
-/// listing (nothing missing, nothing left to a job or to a later listing).
-pub(super) fn sync_vms(
-    t: &mut super::store::Txn<'_>,
+/// (listed at `listed_at`). The records are compared with the listing without
+/// the write lock; only the VMs they disagree on are written, in transactions
+/// of at most [`SYNC_BATCH`], each deciding on the records as they are then
+/// (see [`sync_listed`] and [`sync_unlisted`]). `None` when the agent is no
+/// longer registered. Settled only when no other writer wrote one of the
+/// agent's records meanwhile (what it wrote was not compared with the listing).
+pub fn apply_listing(
+    store: &super::store::Store,
     agent: &str,
     here: Option<&str>,
     listed: &[VmRecord],
     listed_at: u64,
     forget_after_ms: u64,
-) -> Result<bool, StoreError> {
-    // Whether every record agrees with the listing when this is done.
-    let mut settled = true;
-    // Only this agent's records are read, and records of other agents only for a
-    // VM it lists that it has no record of: a check costs this agent's VMs.
-    let mine: BTreeMap<String, SiteVm> = t
+) -> Result<Option<Applied>, StoreError> {
+    let before = store.vm_writes(agent);
+    // Only this agent's records are read: a check costs this agent's VMs.
+    let mine: HashMap<String, SiteVm> = store
         .vms_of_agent(agent)?
         .into_iter()
         .map(|v| (v.agent_vm.clone(), v))
         .collect();
-    // What jobs not yet ended work on is asked of the active-job indexes VM by
-    // VM: a backlog of queued jobs is never read here (nor held in memory).
-    // The endpoint each other agent reached at its last check, and this one's
-    // now (`here`): agents on one endpoint (one vCenter) share its VM ids.
-    let endpoints: HashMap<String, Option<String>> = t
-        .agents()?
-        .into_iter()
-        .map(|a| (a.id, a.endpoint))
-        .collect();
-    // Whether `other`'s record of hypervisor VM `id` may be this agent's VM.
-    let same_vm = |id: &str, other: &SiteVm| {
-        unique_everywhere(id)
-            || (here.is_some() && endpoints.get(&other.agent).and_then(|e| e.as_deref()) == here)
-    };
-    let now = now_ms();
+    let mut settled = true;
+    let mut differs = Vec::new();
     for rec in listed {
-        let vm = &rec.vm;
-        let state = format!("{:?}", vm.state).to_lowercase();
-        match mine.get(&vm.id) {
-            Some(known) => {
-                let differs = known.state != state || known.name != vm.name;
-                if differs && known.updated_ms >= listed_at {
-                    settled = false;
-                }
-                if known.updated_ms < listed_at && differs {
-                    let mut k = known.clone();
-                    if k.state != state {
-                        k.ready = false;
-                    }
-                    k.state = state;
-                    k.name = vm.name.clone();
-                    k.updated_ms = now;
-                    t.put_vm(&k)?;
-                }
-            }
-            None => {
-                // Being created or cloned by a job, or migrating in under a job: not
-                // ours to add (the job records it, with its owner).
-                let made_by_active = match vm.labels.get("gve.job") {
-                    Some(j) => t.job_active(j)?,
-                    None => false,
-                } || t.cloning_to(agent, &vm.name)?;
-                // Records by the hypervisor's id of the VM on other agents that
-                // may be this VM (never one only sharing an id it has elsewhere).
-                let elsewhere: Vec<SiteVm> = t
-                    .vms_by_agent_vm(&vm.id)?
-                    .into_iter()
-                    .filter(|v| same_vm(&vm.id, v))
-                    .collect();
-                let mut elsewhere_busy = false;
-                for v in &elsewhere {
-                    elsewhere_busy |= t.vm_busy(&v.id)?;
-                }
-                if made_by_active || elsewhere_busy {
-                    settled = false;
-                    continue;
-                }
-                if let Some(moved) = elsewhere.first() {
-                    // Known on another agent: it moved once that agent misses it;
-                    // until then (or while both list it) the record stays put.
-                    if moved.state == MISSING && moved.updated_ms < listed_at {
-                        tracing::warn!(
-                            vm = moved.id,
-                            from = moved.agent,
-                            to = agent,
-                            "VM turned up on another agent; its record follows it"
-                        );
-                        let mut m = moved.clone();
-                        m.agent = agent.to_string();
-                        m.name = vm.name.clone();
-                        m.state = state;
-                        m.ready = false;
-                        m.updated_ms = now;
-                        t.put_vm(&m)?;
-                    } else {
-                        settled = false;
-                    }
-                    continue;
-                }
-                // A record already holding the id this VM would get (one that
-                // started here under this hypervisor id, and moved or is being
-                // moved, or an id the hypervisor gave again) is never replaced:
-                // it may be a tenant's. Left for a later listing.
-                if t.vm(&site_vm_id(agent, &vm.id))?.is_some() {
-                    settled = false;
-                    continue;
-                }
-                t.put_vm(&SiteVm {
-                    id: site_vm_id(agent, &vm.id),
-                    agent: agent.to_string(),
-                    agent_vm: vm.id.clone(),
-                    name: vm.name.clone(),
-                    owner: None,
-                    logical_cpus: vm.logical_cpus,
-                    main_memory_mib: vm.main_memory_mib,
-                    template: vm.labels.get("gve.template").cloned(),
-                    os_family: vm.os_family.clone(),
-                    state,
-                    lease: None,
-                    // The site installed nothing on it and did not make it: what
-                    // is on its disks is unknown, so it goes to no tenant.
-                    software: Default::default(),
-                    clean: false,
-                    ready: false,
-                    updated_ms: now,
-                })?;
-            }
+        match mine.get(&rec.vm.id) {
+            Some(known) if known.state == state_of(rec) && known.name == rec.vm.name => {}
+            _ => differs.push(Differs::Listed(rec)),
         }
     }
     let present: HashSet<&str> = listed.iter().map(|r| r.vm.id.as_str()).collect();
     for (agent_vm, v) in &mine {
-        if present.contains(agent_vm.as_str()) {
-            continue;
+        if !present.contains(agent_vm.as_str()) {
+            // Missing now, or left to a job or to the next listing; either way a
+            // later listing must look again.
+            settled = false;
+            differs.push(Differs::Unlisted(v.id.clone()));
         }
-        // A record the listing lacks: missing now, or left to a job or to the
-        // next listing; either way a later listing must look again.
-        settled = false;
-        if v.updated_ms >= listed_at || t.vm_busy(&v.id)? {
-            continue;
+    }
+    drop(mine);
+    let mut ours = 0u64;
+    for (i, batch) in differs.chunks(SYNC_BATCH).enumerate() {
+        if i > 0 && store.stopping() {
+            return Ok(Some(Applied {
+                settled: false,
+                writes: store.vm_writes(agent),
+            }));
         }
-        if v.state == MISSING {
-            if now.saturating_sub(v.updated_ms) < forget_after_ms {
-                continue;
+        let t0 = Instant::now();
+        let done = store.write_lazy(|t| {
+            if t.agent(agent)?.is_none() {
+                return Ok(None);
             }
+            let w0 = t.vm_writes(agent);
+            // The endpoint each other agent reached at its last check, and this
+            // one's now (`here`): agents on one endpoint (one vCenter) share
+            // its VM ids.
+            let endpoints: HashMap<String, Option<String>> = t
+                .agents()?
+                .into_iter()
+                .map(|a| (a.id, a.endpoint))
+                .collect();
+            let same_vm = |id: &str, other: &SiteVm| {
+                unique_everywhere(id)
+                    || (here.is_some()
+                        && endpoints.get(&other.agent).and_then(|e| e.as_deref()) == here)
+            };
+            let mut agreed = true;
+            for d in batch {
+                agreed &= match d {
+                    Differs::Listed(rec) => sync_listed(t, agent, &same_vm, rec, listed_at)?,
+                    Differs::Unlisted(id) => {
+                        sync_unlisted(t, agent, id, listed_at, forget_after_ms)?;
+                        false
+                    }
+                };
+            }
+            Ok(Some((agreed, t.vm_writes(agent).wrapping_sub(w0))))
+        })?;
+        let Some((agreed, wrote)) = done else {
+            return Ok(None);
+        };
+        settled &= agreed;
+        ours = ours.wrapping_add(wrote);
+        if i + 1 < differs.len().div_ceil(SYNC_BATCH) {
+            std::thread::sleep(t0.elapsed());
+        }
+    }
+    let writes = store.vm_writes(agent);
+    if writes != before.wrapping_add(ours) {
+        settled = false;
+    }
+    Ok(Some(Applied { settled, writes }))
+}
+
+/// A listed VM's state as the site records it.
+fn state_of(rec: &VmRecord) -> String {
+    format!("{:?}", rec.vm.state).to_lowercase()
+}
+
+/// Brings the site's record of one VM agent `agent` lists in line with it.
+/// VMs that jobs are working on are left to those jobs, and records written
+/// after the listing was taken (`listed_at`) are newer than it: kept as they
+/// are. A VM the site has no record of is adopted, unless it turned up here
+/// from another agent (a migration whose job was cut off, or one made outside
+/// gve): that record, owner and lease follow it once the other agent misses it,
+/// when it is the same VM (`same_vm`: its id is a UUID, or both agents reach
+/// the same endpoint). A listed VM whose site id a record already holds is left
+/// alone, never replaced by a stray. Whether the record now agrees.
+fn sync_listed(
+    t: &mut super::store::Txn<'_>,
+    agent: &str,
+    same_vm: &dyn Fn(&str, &SiteVm) -> bool,
+    rec: &VmRecord,
+    listed_at: u64,
+) -> Result<bool, StoreError> {
+    let vm = &rec.vm;
+    let state = state_of(rec);
+    let now = now_ms();
+    let known = t
+        .vms_by_agent_vm(&vm.id)?
+        .into_iter()
+        .find(|v| v.agent == agent);
+    if let Some(known) = known {
+        let differs = known.state != state || known.name != vm.name;
+        if !differs {
+            return Ok(true);
+        }
+        if known.updated_ms >= listed_at {
+            return Ok(false);
+        }
+        let mut k = known;
+        if k.state != state {
+            k.ready = false;
+        }
+        k.state = state;
+        k.name = vm.name.clone();
+        k.updated_ms = now;
+        t.put_vm(&k)?;
+        return Ok(true);
+    }
+    // Being created or cloned by a job, or migrating in under a job: not ours
+    // to add (the job records it, with its owner). What jobs not yet ended work
+    // on is asked of the active-job indexes VM by VM.
+    let made_by_active = match vm.labels.get("gve.job") {
+        Some(j) => t.job_active(j)?,
+        None => false,
+    } || t.cloning_to(agent, &vm.name)?;
+    // Records by the hypervisor's id of the VM on other agents that may be
+    // this VM (never one only sharing an id it has elsewhere).
+    let elsewhere: Vec<SiteVm> = t
+        .vms_by_agent_vm(&vm.id)?
+        .into_iter()
+        .filter(|v| same_vm(&vm.id, v))
+        .collect();
+    let mut elsewhere_busy = false;
+    for v in &elsewhere {
+        elsewhere_busy |= t.vm_busy(&v.id)?;
+    }
+    if made_by_active || elsewhere_busy {
+        return Ok(false);
+    }
+    if let Some(moved) = elsewhere.first() {
+        // Known on another agent: it moved once that agent misses it; until
+        // then (or while both list it) the record stays put.
+        if moved.state == MISSING && moved.updated_ms < listed_at {
             tracing::warn!(
-                vm = v.id,
-                agent,
-                "VM vanished from its agent; forgetting it"
+                vm = moved.id,
+                from = moved.agent,
+                to = agent,
+                "VM turned up on another agent; its record follows it"
             );
-            forget_vm(t, v)?;
-        } else {
-            tracing::warn!(
-                vm = v.id,
-                agent,
-                "VM missing from its agent; forgotten soon unless an agent lists it"
-            );
-            let mut m = v.clone();
-            m.state = MISSING.into();
+            let mut m = moved.clone();
+            m.agent = agent.to_string();
+            m.name = vm.name.clone();
+            m.state = state;
             m.ready = false;
             m.updated_ms = now;
             t.put_vm(&m)?;
+            return Ok(true);
         }
+        return Ok(false);
     }
-    Ok(settled)
+    // A record already holding the id this VM would get (one that started here
+    // under this hypervisor id, and moved or is being moved, or an id the
+    // hypervisor gave again) is never replaced: it may be a tenant's. Left for
+    // a later listing.
+    if t.vm(&site_vm_id(agent, &vm.id))?.is_some() {
+        return Ok(false);
+    }
+    t.put_vm(&SiteVm {
+        id: site_vm_id(agent, &vm.id),
+        agent: agent.to_string(),
+        agent_vm: vm.id.clone(),
+        name: vm.name.clone(),
+        owner: None,
+        logical_cpus: vm.logical_cpus,
+        main_memory_mib: vm.main_memory_mib,
+        template: vm.labels.get("gve.template").cloned(),
+        os_family: vm.os_family.clone(),
+        state,
+        lease: None,
+        // The site installed nothing on it and did not make it: what is on its
+        // disks is unknown, so it goes to no tenant.
+        software: Default::default(),
+        clean: false,
+        ready: false,
+        updated_ms: now,
+    })?;
+    Ok(true)
+}
+
+/// Site record `id`, of a VM agent `agent`'s listing lacks: `missing` first,
+/// and forgotten when a check still misses it `forget_after_ms` later (unless
+/// another agent lists it by then: it moved). A record that moved to another
+/// agent since the comparison, that a job works on, or that was written after
+/// the listing (`listed_at`) is left as it is.
+fn sync_unlisted(
+    t: &mut super::store::Txn<'_>,
+    agent: &str,
+    id: &str,
+    listed_at: u64,
+    forget_after_ms: u64,
+) -> Result<(), StoreError> {
+    let Some(v) = t.vm(id)?.filter(|v| v.agent == agent) else {
+        return Ok(());
+    };
+    if v.updated_ms >= listed_at || t.vm_busy(&v.id)? {
+        return Ok(());
+    }
+    let now = now_ms();
+    if v.state == MISSING {
+        if now.saturating_sub(v.updated_ms) < forget_after_ms {
+            return Ok(());
+        }
+        tracing::warn!(
+            vm = v.id,
+            agent,
+            "VM vanished from its agent; forgetting it"
+        );
+        forget_vm(t, &v)
+    } else {
+        tracing::warn!(
+            vm = v.id,
+            agent,
+            "VM missing from its agent; forgotten soon unless an agent lists it"
+        );
+        let mut m = v;
+        m.state = MISSING.into();
+        m.ready = false;
+        m.updated_ms = now;
+        t.put_vm(&m)
+    }
 }
 
 /// Whether a hypervisor's VM id names one VM wherever it turns up, so that the

@@ -54,7 +54,10 @@ async fn start_up(dir: &std::path::Path, run: usize) -> Up {
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    let end = Instant::now() + Duration::from_secs(60);
+    // Longer than gve up's own wait for its agent (60 s), after which it says
+    // on stderr why the agent is not up and goes on: a failure here shows it.
+    let started = Instant::now();
+    let end = started + Duration::from_secs(120);
     loop {
         let text = std::fs::read_to_string(&out_path).unwrap_or_default();
         let url = text
@@ -87,7 +90,11 @@ async fn start_up(dir: &std::path::Path, run: usize) -> Up {
             };
         }
         let err = std::fs::read_to_string(&err_path).unwrap_or_default();
-        assert!(Instant::now() < end, "gve up did not start:\n{text}\n{err}");
+        assert!(
+            Instant::now() < end,
+            "gve up (run {run}) did not start in {:?}:\n{text}\n{err}",
+            started.elapsed()
+        );
         assert!(
             child.try_wait().unwrap().is_none(),
             "gve up exited:\n{text}\n{err}"

@@ -382,6 +382,11 @@ impl Store {
         self.db.stop_background();
     }
 
+    /// Whether the site is stopping: work in batches ends after its batch.
+    pub fn stopping(&self) -> bool {
+        self.db.stopping()
+    }
+
     /// [`Store::write`] without waiting for the disk: the change is atomic and seen at
     /// once, and reaches the disk with the next durable commit. Only for changes a
     /// crash may undo safely, ones a restarted site derives again: the agents'

@@ -358,24 +358,44 @@ impl Txn<'_> {
     ) -> Result<Vec<SiteVm>, StoreError> {
         let index = self.txn.open_table(index).map_err(storage)?;
         let vms = self.txn.open_table(VMS).map_err(storage)?;
-        let mut out = Vec::new();
-        for row in index.range((key, "")..).map_err(storage)? {
-            let (k, _) = row.map_err(storage)?;
-            let (a, id) = k.value();
-            if a != key {
-                break;
-            }
-            if let Some(v) = get::<SiteVm>(&vms, id)? {
-                if agrees(&v) {
-                    out.push(v);
-                }
-            }
-        }
-        Ok(out)
+        by_index(&index, &vms, key, agrees)
     }
 }
 
+/// The VMs whose entries in `index` start with `key` and whose record agrees.
+fn by_index(
+    index: &impl ReadableTable<(&'static str, &'static str), ()>,
+    vms: &impl ReadableTable<&'static str, &'static [u8]>,
+    key: &str,
+    agrees: impl Fn(&SiteVm) -> bool,
+) -> Result<Vec<SiteVm>, StoreError> {
+    let mut out = Vec::new();
+    for row in index.range((key, "")..).map_err(storage)? {
+        let (k, _) = row.map_err(storage)?;
+        let (a, id) = k.value();
+        if a != key {
+            break;
+        }
+        if let Some(v) = get::<SiteVm>(vms, id)? {
+            if agrees(&v) {
+                out.push(v);
+            }
+        }
+    }
+    Ok(out)
+}
+
 impl Store {
+    /// Agent `agent`'s VMs, by the index, read without a write transaction (a
+    /// health check compares them with the agent's listing before it writes).
+    pub fn vms_of_agent(&self, agent: &str) -> Result<Vec<SiteVm>, StoreError> {
+        self.read(|r| {
+            let index = r.open_table(BY_AGENT).map_err(storage)?;
+            let vms = r.open_table(VMS).map_err(storage)?;
+            by_index(&index, &vms, agent, |v| v.agent == agent)
+        })
+    }
+
     /// Whether the pool index is empty (no free VM is known clean), read without
     /// a write transaction: a request can skip looking for one to claim.
     pub fn pool_is_empty(&self) -> Result<bool, StoreError> {
