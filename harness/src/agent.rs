@@ -20,9 +20,23 @@ pub async fn start(
     tune: impl FnOnce(&mut AgentConfig),
 ) -> (Agent, Client, tempfile::TempDir) {
     let dir = tempfile::tempdir().expect("a temporary directory for the agent");
+    let (agent, client) = start_in(dir.path(), plugin, spec, endpoint, token, tune).await;
+    (agent, client, dir)
+}
+
+/// [`start`] with its database in `dir`: an agent started again on the same
+/// directory finds what the last one left there.
+pub async fn start_in(
+    dir: &std::path::Path,
+    plugin: &str,
+    spec: PluginSpec,
+    endpoint: &str,
+    token: &str,
+    tune: impl FnOnce(&mut AgentConfig),
+) -> (Agent, Client) {
     let mut config = AgentConfig {
         listen: "127.0.0.1:0".parse().expect("a loopback address"),
-        data_dir: dir.path().to_path_buf(),
+        data_dir: dir.to_path_buf(),
         admin_token: token.into(),
         plugins: BTreeMap::from([(plugin.to_string(), spec)]),
         driver: Some(DriverConfig {
@@ -45,7 +59,7 @@ pub async fn start(
         .unwrap_or_else(|e| panic!("agent on {endpoint}: {e}"));
     let client = Client::new(&format!("http://{}", agent.addr), Some(token.into()))
         .expect("a client of the agent");
-    (agent, client, dir)
+    (agent, client)
 }
 
 /// Sets the reconcile period of the agent's driver.

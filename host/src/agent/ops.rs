@@ -467,6 +467,29 @@ impl AgentCore {
             } else {
                 seen
             };
+            // A migration cut off with its VM paused here may have resumed it
+            // at the destination: asking the driver again finishes it then
+            // (the kvm and xen drivers end the paused copy), or fails as a
+            // live migration of a VM that does not run. Left as it was, the VM
+            // would be on both hosts for good.
+            if op.kind == OpKind::Migrate
+                && seen
+                    .as_ref()
+                    .is_ok_and(|vm| Vm::from(vm.clone()).state == VmState::Suspended)
+            {
+                let params = OpParams::Migrate {
+                    destination: op.params["destination"].as_str().unwrap_or_default().into(),
+                    live: op.params["live"].as_bool().unwrap_or(true),
+                };
+                let outcome = driver_call(&self.driver, &op.vm, &params)
+                    .await
+                    .map_err(|e| op_error(&e));
+                if outcome.is_ok() {
+                    tracing::warn!(vm = op.vm, "finished an interrupted migration");
+                }
+                self.finish(op, outcome)?;
+                continue;
+            }
             let wanted = match op.kind {
                 OpKind::Start | OpKind::Resume => Some(VmState::Running),
                 OpKind::Shutdown => Some(VmState::Stopped),

@@ -20,6 +20,7 @@ mod init;
 mod isolation;
 mod job_indexes;
 mod kvm;
+mod kvm_migrate;
 mod lifecycle;
 mod metrics;
 mod portal;

@@ -314,6 +314,43 @@ impl<F: Flavor> LibvirtSession<F> {
         Ok(domain::vm_info(&moved, &view, &dest.hostname()?, None))
     }
 
+    /// Finishes a migration of `d` to `destination` cut off after the
+    /// destination resumed the VM and before this host's confirm step (in
+    /// managed mode the client drives each step: one killed in between leaves
+    /// the VM running there and its copy here paused and still defined, for
+    /// good). Does what that confirm would have done: ends the copy here and
+    /// its definition, never its disks (the VM there runs on them when they
+    /// are shared), and answers the VM as it is there. `None` unless the copy
+    /// here is paused and the one there runs: a copy here that runs is the VM,
+    /// and one paused there may be a migration still under way.
+    fn confirm_cut_off_migration(&self, d: &Domain, destination: &str) -> Result<Option<VmInfo>> {
+        if d.state != DomainState::Paused {
+            return Ok(None);
+        }
+        // One that cannot be reached is left to the migration's own errors.
+        let Ok(dest) = Connection::open(destination) else {
+            return Ok(None);
+        };
+        let there = match dest.lookup_domain(&d.uuid) {
+            Ok(there) if there.state == DomainState::Running => there,
+            _ => return Ok(None),
+        };
+        gve_sdk::log::warn(&format!(
+            "{}: a migration to {destination} was cut off after the VM resumed there; \
+             ending its paused copy here",
+            d.name
+        ));
+        self.conn.destroy_domain(&d.name)?;
+        self.conn.undefine_domain(&d.name, F::undefine_flags())?;
+        let view = DomainView::parse(&dest.domain_xml(&there.name, true)?)?;
+        Ok(Some(domain::vm_info(
+            &there,
+            &view,
+            &dest.hostname()?,
+            None,
+        )))
+    }
+
     fn wait_for(
         &self,
         vm: &str,
@@ -500,6 +537,9 @@ impl<F: Flavor> Session for LibvirtSession<F> {
 
     fn migrate(&mut self, vm: String, destination: String, live: bool) -> Result<VmInfo> {
         let d = self.find(&vm)?;
+        if let Some(done) = self.confirm_cut_off_migration(&d, &destination)? {
+            return Ok(done);
+        }
         if !live && domain::state(&d) == VmState::Stopped {
             return self.move_definition(&d, &destination);
         }
