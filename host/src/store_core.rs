@@ -278,6 +278,10 @@ impl<Ev> Published<Ev> {
             let t = Instant::now();
             match batch(BATCH) {
                 Ok(n) => {
+                    if total == 0 && n == BATCH {
+                        // Its start, timestamped: more batches follow.
+                        tracing::info!("removing {what} past their retention");
+                    }
                     total += n;
                     if n < BATCH || self.stopping.load(std::sync::atomic::Ordering::Acquire) {
                         break;

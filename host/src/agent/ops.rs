@@ -188,6 +188,10 @@ async fn call(core: &AgentCore, vm: &str, params: &OpParams) -> Result<Outcome, 
     }
 }
 
+/// The longest a restarted agent waits for its driver to finish a live
+/// migration cut off with the VM paused ([`AgentCore::recover`]).
+const FINISH_MIGRATION_WITHIN: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Runs the driver call of a VM operation.
 async fn driver_call(
     driver: &DriverSession,
@@ -467,23 +471,46 @@ impl AgentCore {
             } else {
                 seen
             };
-            // A migration cut off with its VM paused here may have resumed it
-            // at the destination: asking the driver again finishes it then
-            // (the kvm and xen drivers end the paused copy), or fails as a
-            // live migration of a VM that does not run. Left as it was, the VM
-            // would be on both hosts for good.
+            // A live migration cut off with its VM paused here may have
+            // resumed it at the destination: asking the driver again finishes
+            // it then (the kvm and xen drivers end the paused copy), and every
+            // driver refuses at once to migrate live a VM that does not run.
+            // Left as it was, the VM would be on both hosts for good. Only a
+            // live one: a paused VM is what a non-live migration moves, and
+            // moving it again (its disks too) is not for an agent's start.
             if op.kind == OpKind::Migrate
+                && op.params["live"].as_bool() == Some(true)
                 && seen
                     .as_ref()
                     .is_ok_and(|vm| Vm::from(vm.clone()).state == VmState::Suspended)
             {
                 let params = OpParams::Migrate {
                     destination: op.params["destination"].as_str().unwrap_or_default().into(),
-                    live: op.params["live"].as_bool().unwrap_or(true),
+                    live: true,
                 };
-                let outcome = driver_call(&self.driver, &op.vm, &params)
-                    .await
-                    .map_err(|e| op_error(&e));
+                let outcome = tokio::time::timeout(
+                    FINISH_MIGRATION_WITHIN,
+                    driver_call(&self.driver, &op.vm, &params),
+                )
+                .await
+                .unwrap_or_else(|_| {
+                    Err(PluginError::Driver {
+                        plugin: self.driver.plugin().to_string(),
+                        op: op.kind.as_str(),
+                        error: crate::plugin::DriverError::new(
+                            ErrorKind::Timeout,
+                            format!("took over {} s", FINISH_MIGRATION_WITHIN.as_secs()),
+                        ),
+                    })
+                })
+                .map_err(|e| {
+                    let mut e = op_error(&e);
+                    e.message = format!(
+                        "interrupted by an agent restart before it finished, with the VM paused here; finishing it failed: {}",
+                        e.message
+                    );
+                    e
+                });
                 if outcome.is_ok() {
                     tracing::warn!(vm = op.vm, "finished an interrupted migration");
                 }

@@ -679,32 +679,36 @@ impl Registry {
     }
 
     /// Records that the agent's admin did `action` on `target`.
+    #[track_caller]
     pub fn audit(
         &self,
         action: &str,
         target: &str,
         detail: serde_json::Value,
     ) -> Result<(), RegistryError> {
-        let txn = self.db.db().begin_write().map_err(storage)?;
-        {
-            let mut t = txn.open_table(AUDIT).map_err(storage)?;
-            let seq = t
-                .last()
-                .map_err(storage)?
-                .map(|(k, _)| k.value() + 1)
-                .unwrap_or(1);
-            let entry = AuditEntry {
-                seq,
-                at_ms: now_ms(),
-                who: "agent-admin".into(),
-                action: action.into(),
-                target: target.into(),
-                detail,
-            };
-            let bytes = serde_json::to_vec(&entry).map_err(storage)?;
-            t.insert(seq, bytes.as_slice()).map_err(storage)?;
-        }
-        txn.commit().map_err(storage)
+        self.db.write(
+            redb::Durability::Immediate,
+            RegistryError::Storage,
+            |txn, _| {
+                let mut t = txn.open_table(AUDIT).map_err(storage)?;
+                let seq = t
+                    .last()
+                    .map_err(storage)?
+                    .map(|(k, _)| k.value() + 1)
+                    .unwrap_or(1);
+                let entry = AuditEntry {
+                    seq,
+                    at_ms: now_ms(),
+                    who: "agent-admin".into(),
+                    action: action.into(),
+                    target: target.into(),
+                    detail,
+                };
+                let bytes = serde_json::to_vec(&entry).map_err(storage)?;
+                t.insert(seq, bytes.as_slice()).map_err(storage)?;
+                Ok(())
+            },
+        )
     }
 
     /// Audit entries after `after`, oldest first, at most `limit`.

@@ -112,8 +112,10 @@ impl Agents {
     }
 
     /// How long a VM record stays `missing` before it is forgotten: two rounds of
-    /// health checks and the longest a check may take, so every other agent that
-    /// is up has listed its VMs since (and claimed it, if it moved there and is
+    /// health checks and the longest a check's requests may take, so every
+    /// other agent that is up has listed its VMs since (a check applying a
+    /// listing of 100,000 changed VMs takes seconds more: the margin is the
+    /// two rounds) (and claimed it, if it moved there and is
     /// the same VM: see `vm_sync::apply_listing`).
     fn forget_missing_after_ms(&self) -> u64 {
         2 * self
@@ -375,18 +377,18 @@ impl Agents {
                 }
             }
             t.put_agent(&rec)?;
-            Ok(Some(rec.endpoint))
+            Ok(Some(rec))
         });
         let r = match (r, vms) {
             (Ok(Some(_)), Some(Listing::Unchanged)) => Ok(Some(Checked::Unchanged)),
-            (Ok(Some(here)), Some(Listing::Changed { items, tag })) => {
-                let (store, agent) = (self.store.clone(), id.to_string());
+            (Ok(Some(rec)), Some(Listing::Changed { items, tag })) => {
+                let store = self.store.clone();
                 let forget_after = self.forget_missing_after_ms();
                 tokio::task::spawn_blocking(move || {
                     apply_listing(
                         &store,
-                        &agent,
-                        here.as_deref(),
+                        &rec,
+                        rec.endpoint.as_deref(),
                         &items,
                         listed_at,
                         forget_after,

@@ -1,5 +1,5 @@
 //! Keeping the site's VM records in line with each agent's registry. A health
-//! check lists an agent's VMs and [`sync_vms`] applies the listing; the agent
+//! check lists an agent's VMs and [`apply_listing`] applies the listing; the agent
 //! tags its listing (an entity tag that moves with every VM record it writes),
 //! and [`Listings`] remembers the tag of a listing the records fully agreed
 //! with, so the next check asks with `If-None-Match` and an unchanged agent
@@ -15,7 +15,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use super::agents::{forget_vm, site_vm_id};
-use super::model::{now_ms, SiteVm};
+use super::model::{now_ms, AgentRec, SiteVm};
 use super::store::StoreError;
 use crate::agent::model::VmRecord;
 
@@ -157,17 +157,29 @@ enum Differs<'a> {
 /// the write lock; only the VMs they disagree on are written, in transactions
 /// of at most [`SYNC_BATCH`], each deciding on the records as they are then
 /// (see [`sync_listed`] and [`sync_unlisted`]). `None` when the agent is no
-/// longer registered. Settled only when no other writer wrote one of the
-/// agent's records meanwhile (what it wrote was not compared with the listing).
+/// longer registered as `registered` says (at the URL it was listed from,
+/// registered then: not an agent registered again under its id meanwhile).
+/// Settled only when no other writer wrote one of the agent's records
+/// meanwhile (what it wrote was not compared with the listing).
 pub fn apply_listing(
     store: &super::store::Store,
-    agent: &str,
+    registered: &AgentRec,
     here: Option<&str>,
     listed: &[VmRecord],
     listed_at: u64,
     forget_after_ms: u64,
 ) -> Result<Option<Applied>, StoreError> {
-    let before = store.vm_writes(agent);
+    let agent = registered.id.as_str();
+    let same_registration =
+        |r: &AgentRec| r.url == registered.url && r.registered_ms == registered.registered_ms;
+    // The count of writes made before the snapshot below, read under the write
+    // lock: a write counted but not committed yet would otherwise be taken as
+    // seen by the comparison (and a record it changed as agreeing).
+    let mut before = 0;
+    store.write_if(|t| {
+        before = t.vm_writes(agent);
+        Ok(None::<()>)
+    })?;
     // Only this agent's records are read: a check costs this agent's VMs.
     let mine: HashMap<String, SiteVm> = store
         .vms_of_agent(agent)?
@@ -202,7 +214,7 @@ pub fn apply_listing(
         }
         let t0 = Instant::now();
         let done = store.write_lazy(|t| {
-            if t.agent(agent)?.is_none() {
+            if !t.agent(agent)?.is_some_and(|r| same_registration(&r)) {
                 return Ok(None);
             }
             let w0 = t.vm_writes(agent);

@@ -189,7 +189,8 @@ fn listed_vm(n: usize, state: gve::agent::model::VmState) -> VmRecord {
 /// pause between: other writers get in while it adopts them (in one
 /// transaction, 100,000 VMs held a site's database 1.9-2.9 s). The same
 /// listing again writes nothing; one with VMs gone and VMs changed writes
-/// those, and is not settled while VMs are missing.
+/// those, and is not settled while VMs are missing; one of an earlier
+/// registration of the agent's id is not applied.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_large_listing_is_applied_in_batches_that_let_other_writers_in() {
     use gve::agent::model::VmState;
@@ -207,10 +208,10 @@ async fn a_large_listing_is_applied_in_batches_that_let_other_writers_in() {
     let n = 8 * SYNC_BATCH + 17;
     let listing: Vec<VmRecord> = (0..n).map(|i| listed_vm(i, VmState::Running)).collect();
     let apply = |listing: Vec<VmRecord>| {
-        let store = store.clone();
+        let (store, agent) = (store.clone(), agent.clone());
         tokio::task::spawn_blocking(move || {
             let at = gve::site::model::now_ms();
-            apply_listing(&store, "bulk", None, &listing, at, 60_000)
+            apply_listing(&store, &agent, None, &listing, at, 60_000)
                 .unwrap()
                 .expect("the agent is registered")
         })
@@ -271,5 +272,24 @@ async fn a_large_listing_is_applied_in_batches_that_let_other_writers_in() {
         (count("missing"), count("suspended"), count("running")),
         (300, 5, n - 305)
     );
+
+    // Registered again under its id since the listing was taken: a listing of
+    // the earlier registration (here: nothing listed) is not applied to it.
+    let again = AgentRec {
+        registered_ms: agent.registered_ms + 1,
+        ..agent.clone()
+    };
+    store.write(|t| t.put_agent(&again)).unwrap();
+    let writes = store.vm_writes("bulk");
+    let stale = {
+        let (store, agent) = (store.clone(), agent.clone());
+        tokio::task::spawn_blocking(move || {
+            let at = gve::site::model::now_ms();
+            apply_listing(&store, &agent, None, &[], at, 0).unwrap()
+        })
+    };
+    assert!(stale.await.unwrap().is_none());
+    assert_eq!(store.vm_writes("bulk"), writes);
+    assert_eq!(store.vms_of_agent("bulk").unwrap().len(), n);
     e.site.stop().await;
 }

@@ -340,8 +340,14 @@ impl<F: Flavor> LibvirtSession<F> {
              ending its paused copy here",
             d.name
         ));
-        self.conn.destroy_domain(&d.name)?;
-        self.conn.undefine_domain(&d.name, F::undefine_flags())?;
+        // Gone meanwhile is done: with peer-to-peer, the source's libvirtd
+        // may be confirming it itself.
+        let gone = |r: Result<()>| match r {
+            Err(e) if e.kind() == "not-found" => Ok(()),
+            other => other,
+        };
+        gone(self.conn.destroy_domain(&d.name))?;
+        gone(self.conn.undefine_domain(&d.name, F::undefine_flags()))?;
         let view = DomainView::parse(&dest.domain_xml(&there.name, true)?)?;
         Ok(Some(domain::vm_info(
             &there,
