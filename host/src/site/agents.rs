@@ -28,7 +28,8 @@ pub struct Agents {
     site_id: String,
     sealer: super::sealing::Sealer,
     tls: crate::api::tls::ClientTls,
-    clients: RwLock<HashMap<String, Client>>,
+    /// Per agent, its client and the registration (time) it was built for.
+    clients: RwLock<HashMap<String, (Client, u64)>>,
     /// Moves (under `clients`' lock) whenever an agent is registered or
     /// unregistered: a client built from a record read before is not kept.
     registrations: std::sync::atomic::AtomicU64,
@@ -126,6 +127,11 @@ impl Agents {
 
     /// A client for agent `id`, authenticated with its secret.
     pub fn client(&self, id: &str) -> Result<Client, ApiError> {
+        self.registered_client(id).map(|(c, _)| c)
+    }
+
+    /// [`Agents::client`], and the time of the registration it is for.
+    fn registered_client(&self, id: &str) -> Result<(Client, u64), ApiError> {
         if let Some(c) = self
             .clients
             .read()
@@ -139,9 +145,9 @@ impl Agents {
         Ok(c)
     }
 
-    /// A new client for agent `id`, from its record as it is now, and the
-    /// registrations count it was read at.
-    fn build_client(&self, id: &str) -> Result<(u64, Client), ApiError> {
+    /// A new client for agent `id`, from its record as it is now, with the
+    /// time of that registration, and the registrations count it was read at.
+    fn build_client(&self, id: &str) -> Result<(u64, (Client, u64)), ApiError> {
         let generation = self
             .registrations
             .load(std::sync::atomic::Ordering::Acquire);
@@ -164,14 +170,14 @@ impl Agents {
             Some(secret),
             &self.tls_for(rec.fingerprint.as_deref()),
         )?;
-        Ok((generation, c))
+        Ok((generation, (c, rec.registered_ms)))
     }
 
     /// Keeps agent `id`'s client `c`, built at `generation`, unless a
     /// registration or unregistration came since: a health check that read the
     /// record of an agent as it re-registered at a new URL would otherwise keep
     /// the old URL's client for good.
-    fn keep_client(&self, id: &str, generation: u64, c: &Client) {
+    fn keep_client(&self, id: &str, generation: u64, c: &(Client, u64)) {
         let mut clients = self.clients.write().unwrap_or_else(|p| p.into_inner());
         if self
             .registrations
@@ -298,7 +304,9 @@ impl Agents {
     /// Checks one agent: capacity, templates, endpoint and VMs; marks it up or down.
     /// An agent that does not answer within 15 s is down.
     pub async fn check(&self, id: &str) {
-        let Ok(c) = self.client(id) else { return };
+        let Ok((c, registered_ms)) = self.registered_client(id) else {
+            return;
+        };
         let late = || {
             ApiError::new(
                 StatusCode::GATEWAY_TIMEOUT,
@@ -350,9 +358,11 @@ impl Agents {
             Err(e) => (Err(e), None),
         };
         let r = self.store.write_lazy(|t| {
-            // A check of an earlier registration (another URL) tells nothing
-            // of this one.
-            let Some(mut rec) = t.agent(id)?.filter(|r| r.url == c.base()) else {
+            // A check of an earlier registration tells nothing of this one.
+            let Some(mut rec) = t
+                .agent(id)?
+                .filter(|r| r.url == c.base() && r.registered_ms == registered_ms)
+            else {
                 return Ok(None);
             };
             match about {
@@ -582,7 +592,7 @@ mod tests {
         agents.forget_client("a");
         agents.keep_client("a", generation, &old);
         assert_eq!(agents.client("a").unwrap().base(), "http://127.0.0.1:2");
-        // Kept when nothing came in between.
+        // Kept, with its registration, when nothing came in between.
         assert_eq!(agents.client("a").unwrap().base(), "http://127.0.0.1:2");
         assert_eq!(agents.clients.read().unwrap().len(), 1);
     }

@@ -175,11 +175,15 @@ pub fn apply_listing(
     // The count of writes made before the snapshot below, read under the write
     // lock: a write counted but not committed yet would otherwise be taken as
     // seen by the comparison (and a record it changed as agreeing).
-    let mut before = 0;
+    let (mut before, mut same) = (0, false);
     store.write_if(|t| {
         before = t.vm_writes(agent);
+        same = t.agent(agent)?.is_some_and(|r| same_registration(&r));
         Ok(None::<()>)
     })?;
+    if !same {
+        return Ok(None);
+    }
     // Only this agent's records are read: a check costs this agent's VMs.
     let mine: HashMap<String, SiteVm> = store
         .vms_of_agent(agent)?

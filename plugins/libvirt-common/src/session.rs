@@ -340,14 +340,21 @@ impl<F: Flavor> LibvirtSession<F> {
              ending its paused copy here",
             d.name
         ));
-        // Gone meanwhile is done: with peer-to-peer, the source's libvirtd
-        // may be confirming it itself.
-        let gone = |r: Result<()>| match r {
-            Err(e) if e.kind() == "not-found" => Ok(()),
+        // Stopped or gone meanwhile is done: with peer-to-peer, the source's
+        // libvirtd may be confirming it itself (it stops the copy, then
+        // undefines it).
+        let done = |r: Result<()>, meanwhile: &[&str]| match r {
+            Err(e) if meanwhile.contains(&e.kind()) => Ok(()),
             other => other,
         };
-        gone(self.conn.destroy_domain(&d.name))?;
-        gone(self.conn.undefine_domain(&d.name, F::undefine_flags()))?;
+        done(
+            self.conn.destroy_domain(&d.name),
+            &["not-found", "invalid-state"],
+        )?;
+        done(
+            self.conn.undefine_domain(&d.name, F::undefine_flags()),
+            &["not-found"],
+        )?;
         let view = DomainView::parse(&dest.domain_xml(&there.name, true)?)?;
         Ok(Some(domain::vm_info(
             &there,
