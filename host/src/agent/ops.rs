@@ -188,8 +188,8 @@ async fn call(core: &AgentCore, vm: &str, params: &OpParams) -> Result<Outcome, 
     }
 }
 
-/// The longest a restarted agent waits for its driver to finish a live
-/// migration cut off with the VM paused ([`AgentCore::recover`]).
+/// The longest a restarted agent waits for its driver to finish a migration
+/// cut off with the VM paused ([`AgentCore::recover`]).
 const FINISH_MIGRATION_WITHIN: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Runs the driver call of a VM operation.
@@ -486,26 +486,18 @@ impl AgentCore {
                     destination: op.params["destination"].as_str().unwrap_or_default().into(),
                     live: true,
                 };
-                let outcome = tokio::time::timeout(
-                    FINISH_MIGRATION_WITHIN,
-                    driver_call(&self.driver, &op.vm, &params),
-                )
-                .await
-                .unwrap_or_else(|_| {
-                    Err(PluginError::Driver {
-                        plugin: self.driver.plugin().to_string(),
-                        op: op.kind.as_str(),
-                        error: crate::plugin::DriverError::new(
-                            ErrorKind::Timeout,
-                            format!(
-                                "did not finish within {} s; it may still complete",
-                                FINISH_MIGRATION_WITHIN.as_secs()
-                            ),
+                let call = driver_call(&self.driver, &op.vm, &params);
+                let outcome = match tokio::time::timeout(FINISH_MIGRATION_WITHIN, call).await {
+                    Ok(outcome) => outcome.map_err(|e| op_error(&e)),
+                    Err(_) => Err(OpError {
+                        kind: ErrorKind::Timeout.as_str().into(),
+                        message: format!(
+                            "did not finish within {} s; it may still complete",
+                            FINISH_MIGRATION_WITHIN.as_secs()
                         ),
-                    })
-                })
-                .map_err(|e| {
-                    let mut e = op_error(&e);
+                    }),
+                }
+                .map_err(|mut e| {
                     e.message = format!(
                         "interrupted by an agent restart before it finished, with the VM paused here; finishing it failed: {}",
                         e.message
@@ -528,20 +520,16 @@ impl AgentCore {
                 (OpKind::Destroy | OpKind::Migrate, Err(e)) if e.kind() == ErrorKind::NotFound => Ok(Outcome::Removed),
                 (OpKind::Create | OpKind::Clone, Ok(vm)) => Ok(Outcome::Vm(vm.into())),
                 (_, Ok(vm)) if wanted.is_some_and(|w| Vm::from(vm.clone()).state == w) => Ok(Outcome::Vm(vm.into())),
-                (_, seen) => Err(op_error(&PluginError::Driver {
-                    plugin: self.driver.plugin().to_string(),
-                    op: op.kind.as_str(),
-                    error: crate::plugin::DriverError::new(
-                        ErrorKind::Unavailable,
-                        format!(
-                            "interrupted by an agent restart before it finished; the hypervisor now reports {}",
-                            match seen {
-                                Ok(vm) => format!("{} as {:?}", vm.name, Vm::from(vm.clone()).state).to_lowercase(),
-                                Err(e) => format!("no such VM ({e})"),
-                            }
-                        ),
+                (_, seen) => Err(OpError {
+                    kind: ErrorKind::Unavailable.as_str().into(),
+                    message: format!(
+                        "interrupted by an agent restart before it finished; the hypervisor now reports {}",
+                        match seen {
+                            Ok(vm) => format!("{} as {:?}", vm.name, Vm::from(vm.clone()).state).to_lowercase(),
+                            Err(e) => format!("no such VM ({e})"),
+                        }
                     ),
-                })),
+                }),
             };
             self.finish(op, outcome)?;
         }

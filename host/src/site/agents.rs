@@ -114,10 +114,10 @@ impl Agents {
 
     /// How long a VM record stays `missing` before it is forgotten: two rounds of
     /// health checks and the longest a check's requests may take, so every
-    /// other agent that is up has listed its VMs since (a check applying a
-    /// listing of 100,000 changed VMs takes seconds more: the margin is the
-    /// two rounds) (and claimed it, if it moved there and is
-    /// the same VM: see `vm_sync::apply_listing`).
+    /// other agent that is up has listed its VMs since (and claimed it, if it
+    /// moved there and is the same VM: see `vm_sync::apply_listing`). A check
+    /// applying a listing of 100,000 changed VMs takes seconds more: the
+    /// margin for that is the two rounds.
     fn forget_missing_after_ms(&self) -> u64 {
         2 * self
             .health_period_ms
@@ -395,14 +395,7 @@ impl Agents {
                 let store = self.store.clone();
                 let forget_after = self.forget_missing_after_ms();
                 tokio::task::spawn_blocking(move || {
-                    apply_listing(
-                        &store,
-                        &rec,
-                        rec.endpoint.as_deref(),
-                        &items,
-                        listed_at,
-                        forget_after,
-                    )
+                    apply_listing(&store, &rec, &items, listed_at, forget_after)
                 })
                 .await
                 .unwrap_or_else(|e| Err(StoreError::Storage(format!("applying the listing: {e}"))))

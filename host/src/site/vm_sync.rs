@@ -164,12 +164,13 @@ enum Differs<'a> {
 pub fn apply_listing(
     store: &super::store::Store,
     registered: &AgentRec,
-    here: Option<&str>,
     listed: &[VmRecord],
     listed_at: u64,
     forget_after_ms: u64,
 ) -> Result<Option<Applied>, StoreError> {
     let agent = registered.id.as_str();
+    // The endpoint this agent reached at this check.
+    let here = registered.endpoint.as_deref();
     let same_registration =
         |r: &AgentRec| r.url == registered.url && r.registered_ms == registered.registered_ms;
     // The count of writes made before the snapshot below, read under the write
@@ -287,11 +288,12 @@ fn sync_listed(
     let vm = &rec.vm;
     let state = state_of(rec);
     let now = now_ms();
-    let known = t
+    // Records by the hypervisor's id of the VM: this agent's, and others'.
+    let (mine, others): (Vec<SiteVm>, Vec<SiteVm>) = t
         .vms_by_agent_vm(&vm.id)?
         .into_iter()
-        .find(|v| v.agent == agent);
-    if let Some(known) = known {
+        .partition(|v| v.agent == agent);
+    if let Some(known) = mine.into_iter().next() {
         let differs = known.state != state || known.name != vm.name;
         if !differs {
             return Ok(true);
@@ -316,13 +318,9 @@ fn sync_listed(
         Some(j) => t.job_active(j)?,
         None => false,
     } || t.cloning_to(agent, &vm.name)?;
-    // Records by the hypervisor's id of the VM on other agents that may be
-    // this VM (never one only sharing an id it has elsewhere).
-    let elsewhere: Vec<SiteVm> = t
-        .vms_by_agent_vm(&vm.id)?
-        .into_iter()
-        .filter(|v| same_vm(&vm.id, v))
-        .collect();
+    // Records on other agents that may be this VM (never one only sharing an
+    // id it has elsewhere).
+    let elsewhere: Vec<SiteVm> = others.into_iter().filter(|v| same_vm(&vm.id, v)).collect();
     let mut elsewhere_busy = false;
     for v in &elsewhere {
         elsewhere_busy |= t.vm_busy(&v.id)?;

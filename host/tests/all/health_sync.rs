@@ -196,8 +196,6 @@ async fn a_large_listing_is_applied_in_batches_that_let_other_writers_in() {
     use gve::agent::model::VmState;
     use gve::site::model::AgentRec;
     use gve::site::vm_sync::{apply_listing, SYNC_BATCH};
-    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-    use std::sync::Arc;
 
     let e = env(0, |_| {}).await;
     let store = e.site.core.store.clone();
@@ -207,34 +205,18 @@ async fn a_large_listing_is_applied_in_batches_that_let_other_writers_in() {
     store.write(|t| t.put_agent(&agent)).unwrap();
     let n = 8 * SYNC_BATCH + 17;
     let listing: Vec<VmRecord> = (0..n).map(|i| listed_vm(i, VmState::Running)).collect();
+    // Applying `listing` (to be run on a blocking thread).
     let apply = |listing: Vec<VmRecord>| {
         let (store, agent) = (store.clone(), agent.clone());
-        tokio::task::spawn_blocking(move || {
+        move || {
             let at = gve::site::model::now_ms();
-            apply_listing(&store, &agent, None, &listing, at, 60_000)
+            apply_listing(&store, &agent, &listing, at, 60_000)
                 .unwrap()
                 .expect("the agent is registered")
-        })
+        }
     };
 
-    let (adopting, got_in) = (
-        Arc::new(AtomicBool::new(true)),
-        Arc::new(AtomicUsize::new(0)),
-    );
-    let writer = {
-        let (store, adopting, got_in) = (store.clone(), adopting.clone(), got_in.clone());
-        std::thread::spawn(move || {
-            while adopting.load(Ordering::SeqCst) {
-                store.write(|_| Ok(())).unwrap();
-                if adopting.load(Ordering::SeqCst) {
-                    got_in.fetch_add(1, Ordering::SeqCst);
-                }
-            }
-        })
-    };
-    let first = apply(listing.clone()).await.unwrap();
-    adopting.store(false, Ordering::SeqCst);
-    writer.join().unwrap();
+    let (first, others) = crate::support::other_writes_during(&store, apply(listing.clone())).await;
     assert!(first.settled);
     let records = store.vms_of_agent("bulk").unwrap();
     assert_eq!(records.len(), n);
@@ -242,7 +224,6 @@ async fn a_large_listing_is_applied_in_batches_that_let_other_writers_in() {
         .iter()
         .all(|v| v.state == "running" && v.owner.is_none()));
     let gaps = n / SYNC_BATCH;
-    let others = got_in.load(Ordering::SeqCst);
     assert!(
         others >= gaps / 2,
         "only {others} other writes got in during {gaps} pauses of the adoption"
@@ -250,7 +231,9 @@ async fn a_large_listing_is_applied_in_batches_that_let_other_writers_in() {
 
     // Unchanged: compared without writing anything.
     let writes = store.vm_writes("bulk");
-    let again = apply(listing.clone()).await.unwrap();
+    let again = tokio::task::spawn_blocking(apply(listing.clone()))
+        .await
+        .unwrap();
     assert!(again.settled);
     assert_eq!(
         store.vm_writes("bulk"),
@@ -263,7 +246,7 @@ async fn a_large_listing_is_applied_in_batches_that_let_other_writers_in() {
     for r in &mut changed[..5] {
         r.vm.state = VmState::Suspended;
     }
-    let third = apply(changed).await.unwrap();
+    let third = tokio::task::spawn_blocking(apply(changed)).await.unwrap();
     assert!(!third.settled, "VMs are missing");
     assert_eq!(store.vm_writes("bulk"), writes + 305);
     let records = store.vms_of_agent("bulk").unwrap();
@@ -285,7 +268,7 @@ async fn a_large_listing_is_applied_in_batches_that_let_other_writers_in() {
         let (store, agent) = (store.clone(), agent.clone());
         tokio::task::spawn_blocking(move || {
             let at = gve::site::model::now_ms();
-            apply_listing(&store, &agent, None, &[], at, 0).unwrap()
+            apply_listing(&store, &agent, &[], at, 0).unwrap()
         })
     };
     assert!(stale.await.unwrap().is_none());

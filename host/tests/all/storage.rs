@@ -155,37 +155,14 @@ fn finished_jobs(store: &gve::site::store::Store, batches: usize) -> usize {
 /// through while 926,000 jobs went).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retention_of_a_large_backlog_lets_other_writers_in_between_its_batches() {
-    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-    use std::sync::Arc;
-
     let e = env(0, |c| c.max_finished_jobs = 10).await;
     let store = e.site.core.store.clone();
     let jobs = finished_jobs(&store, 30);
-    let (pruning, got_in) = (
-        Arc::new(AtomicBool::new(true)),
-        Arc::new(AtomicUsize::new(0)),
-    );
-    let writer = {
-        let (store, pruning, got_in) = (store.clone(), pruning.clone(), got_in.clone());
-        std::thread::spawn(move || {
-            while pruning.load(Ordering::SeqCst) {
-                store.write(|_| Ok(())).unwrap();
-                // Counted only if the removal had not ended when it committed.
-                if pruning.load(Ordering::SeqCst) {
-                    got_in.fetch_add(1, Ordering::SeqCst);
-                }
-            }
-        })
-    };
     let core = e.site.core.clone();
-    let removed = tokio::task::spawn_blocking(move || core.prune_finished())
-        .await
-        .unwrap();
-    pruning.store(false, Ordering::SeqCst);
-    writer.join().unwrap();
+    let (removed, n) =
+        crate::support::other_writes_during(&store, move || core.prune_finished()).await;
     assert_eq!(removed, jobs - 10);
     let batches = removed / gve::store_core::BATCH;
-    let n = got_in.load(Ordering::SeqCst);
     assert!(
         n >= batches / 2,
         "only {n} other writes got in during {batches} batches of removal"

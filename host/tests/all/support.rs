@@ -138,3 +138,36 @@ pub fn gve_command(env: &[(&str, &str)], args: &[&str]) -> tokio::process::Comma
     }
     cmd
 }
+
+/// Runs `work` on a blocking thread while another thread writes to `store`
+/// back to back (empty durable transactions): what `work` answered, and how
+/// many of those writes committed before it ended (redb has one writer at a
+/// time: work holding the database throughout lets none in).
+pub async fn other_writes_during<T: Send + 'static>(
+    store: &gve::site::store::Store,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> (T, usize) {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    let (working, got_in) = (
+        Arc::new(AtomicBool::new(true)),
+        Arc::new(AtomicUsize::new(0)),
+    );
+    let writer = {
+        let (store, working, got_in) = (store.clone(), working.clone(), got_in.clone());
+        std::thread::spawn(move || {
+            while working.load(Ordering::SeqCst) {
+                store.write(|_| Ok(())).unwrap();
+                // Counted only if the work had not ended when it committed.
+                if working.load(Ordering::SeqCst) {
+                    got_in.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+        })
+    };
+    let done = tokio::task::spawn_blocking(work).await.unwrap();
+    working.store(false, Ordering::SeqCst);
+    writer.join().unwrap();
+    (done, got_in.load(Ordering::SeqCst))
+}

@@ -36,6 +36,13 @@ fn format_name(format: DiskFormat) -> &'static str {
     }
 }
 
+/// Domain `d` as `dest`, another host's connection, describes it (without
+/// disk sizes: its pools are not this session's).
+fn info_at(dest: &Connection, d: &Domain) -> Result<VmInfo> {
+    let view = DomainView::parse(&dest.domain_xml(&d.name, true)?)?;
+    Ok(domain::vm_info(d, &view, &dest.hostname()?, None))
+}
+
 impl<F: Flavor> LibvirtSession<F> {
     /// Connects to `endpoint` (a libvirt URI the operator granted).
     pub fn open(endpoint: String) -> Result<LibvirtSession<F>> {
@@ -310,8 +317,7 @@ impl<F: Flavor> LibvirtSession<F> {
                 _ => std::thread::sleep(Duration::from_millis(100)),
             }
         }
-        let view = DomainView::parse(&dest.domain_xml(&moved.name, true)?)?;
-        Ok(domain::vm_info(&moved, &view, &dest.hostname()?, None))
+        info_at(&dest, &moved)
     }
 
     /// Finishes a migration of `d` to `destination` cut off after the
@@ -355,13 +361,7 @@ impl<F: Flavor> LibvirtSession<F> {
             self.conn.undefine_domain(&d.name, F::undefine_flags()),
             &["not-found"],
         )?;
-        let view = DomainView::parse(&dest.domain_xml(&there.name, true)?)?;
-        Ok(Some(domain::vm_info(
-            &there,
-            &view,
-            &dest.hostname()?,
-            None,
-        )))
+        info_at(&dest, &there).map(Some)
     }
 
     fn wait_for(
@@ -583,9 +583,7 @@ impl<F: Flavor> Session for LibvirtSession<F> {
         }
         self.conn.migrate_domain(&d.name, &destination, flags, 0)?;
         let dest = Connection::open(&destination)?;
-        let moved = dest.lookup_domain(&d.uuid)?;
-        let view = DomainView::parse(&dest.domain_xml(&moved.name, true)?)?;
-        Ok(domain::vm_info(&moved, &view, &dest.hostname()?, None))
+        info_at(&dest, &dest.lookup_domain(&d.uuid)?)
     }
 
     fn destroy(&mut self, vm: String) -> Result<()> {
