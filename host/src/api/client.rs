@@ -54,6 +54,20 @@ pub enum Listing<T> {
     },
 }
 
+/// A paged listing handed over page by page ([`Client::get_pages_each`]).
+#[derive(Debug)]
+pub enum Paged {
+    /// The listing still has the tag the caller gave.
+    Unchanged,
+    /// Every page was handed over.
+    Read {
+        /// How many items.
+        count: usize,
+        /// The `ETag` of the first page.
+        tag: Option<String>,
+    },
+}
+
 impl Client {
     /// A client for `base` (`http://127.0.0.1:7070`; `https://` needs
     /// [`Client::with_tls`] and a fingerprint or CA to verify the server by).
@@ -256,7 +270,27 @@ impl Client {
         max: usize,
         tag: Option<&str>,
     ) -> Result<Listing<T>, ApiError> {
-        let mut out: Vec<T> = Vec::new();
+        let mut items: Vec<T> = Vec::new();
+        let read = self
+            .get_pages_each(path, max, tag, |page| items.extend(page))
+            .await?;
+        Ok(match read {
+            Paged::Unchanged => Listing::Unchanged,
+            Paged::Read { tag, .. } => Listing::Changed { items, tag },
+        })
+    }
+
+    /// [`Client::get_pages_unless`], handing each page to `each` as it is read
+    /// instead of gathering them: what the caller keeps of a long listing is up
+    /// to it.
+    pub async fn get_pages_each<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        max: usize,
+        tag: Option<&str>,
+        mut each: impl FnMut(Vec<T>),
+    ) -> Result<Paged, ApiError> {
+        let mut read = 0usize;
         let mut first_tag = None;
         let mut next = Some(path.to_string());
         while let Some(path) = next.take() {
@@ -281,7 +315,7 @@ impl Client {
                 Err(e)
                     if e.status == StatusCode::NOT_MODIFIED.as_u16() && !conditional.is_empty() =>
                 {
-                    return Ok(Listing::Unchanged)
+                    return Ok(Paged::Unchanged)
                 }
                 r => r?,
             };
@@ -297,18 +331,19 @@ impl Client {
             // page twice in a row (a server looping on one link ends the listing).
             next =
                 super::page::next_link(resp.headers()).filter(|n| n.starts_with('/') && *n != path);
-            let page: Vec<T> = Self::decode(&Method::GET, &url, resp).await?;
+            let mut page: Vec<T> = Self::decode(&Method::GET, &url, resp).await?;
             if page.is_empty() {
                 break;
             }
-            out.extend(page);
-            if out.len() >= max {
-                out.truncate(max);
+            page.truncate(max - read);
+            read += page.len();
+            each(page);
+            if read >= max {
                 break;
             }
         }
-        Ok(Listing::Changed {
-            items: out,
+        Ok(Paged::Read {
+            count: read,
             tag: first_tag.flatten(),
         })
     }

@@ -17,9 +17,9 @@ use super::model::{
 };
 use super::store::{Store, StoreError};
 pub use super::vm_sync::MISSING;
-use super::vm_sync::{apply_listing, Applied, Checked, Listings};
-use crate::agent::model::{OpState, Operation, Vm, VmRecord};
-use crate::api::client::{Client, Listing};
+use super::vm_sync::{Applied, Checked, Comparison, Listings};
+use crate::agent::model::{OpState, Operation, Vm};
+use crate::api::client::{Client, Paged};
 use crate::api::ApiError;
 
 /// The site's view of its agents.
@@ -43,10 +43,28 @@ pub struct Agents {
     full_reads: tokio::sync::Semaphore,
 }
 
-/// How many checks read and apply a whole VM listing at once: each holds the
-/// agent's VMs in memory (about 150 MB for 100,000), and a restarted site reads
-/// every agent's listing in full.
+/// How many checks read and apply a whole VM listing at once: each holds what
+/// it compares by for every VM of the agent, and the listed VMs that differ
+/// (all of them at an agent's first check), and a restarted site reads every
+/// agent's listing in full.
 const FULL_READS: usize = 2;
+
+/// What a check made of an agent's VM listing.
+enum VmListing {
+    /// The listing still has the tag of the last settled one (304).
+    Unchanged,
+    /// Read and compared with the site's records; applied next.
+    Compared {
+        /// The comparison, holding the VMs that differ.
+        comparison: Comparison,
+        /// The listing's entity tag.
+        tag: Option<String>,
+    },
+    /// The agent is no longer the registration the check's client is for.
+    Unregistered,
+    /// The site could not read its own records to compare with.
+    Failed(StoreError),
+}
 
 /// A listing this long is followed by giving freed heap back to the system.
 const TRIM_AFTER_VMS: usize = 10_000;
@@ -323,38 +341,35 @@ impl Agents {
         .await
         .unwrap_or_else(|_| Err(late()));
         // Every page (a VM left out would be taken for gone), unless the agent's
-        // VMs are as the last settled listing saw them. A whole listing, of an
-        // agent that answered, waits for its turn (held until it is applied)
-        // before its own clock starts: a wait is not the agent's fault.
+        // VMs are as the last settled listing saw them.
         let tag = self.listings.tag(id, self.store.vm_writes(id));
-        let mut turn = None;
         let mut listed_at = now_ms();
+        let mut turn = None;
         let got = match about {
             Err(e) => Err(e),
             Ok(about) => {
-                if tag.is_none() {
-                    turn = self.full_reads.acquire().await.ok();
-                }
-                // Records a job writes after the listing was taken are newer than it.
-                listed_at = now_ms();
-                let vms = tokio::time::timeout(
-                    CHECK_TIMEOUT,
-                    c.get_pages_unless::<VmRecord>("/v1/vms", usize::MAX, tag.as_deref()),
-                )
-                .await
-                .unwrap_or_else(|_| Err(late()));
-                vms.map(|vms| (about.0, about.1, about.2, vms))
+                let vms = self
+                    .list_vms(
+                        &c,
+                        id,
+                        registered_ms,
+                        tag.as_deref(),
+                        &mut turn,
+                        &mut listed_at,
+                    )
+                    .await;
+                vms.map(|vms| (about, vms))
             }
         };
         let read = match &got {
-            Ok((_, _, _, Listing::Changed { items, .. })) => items.len(),
+            Ok((_, VmListing::Compared { comparison, .. })) => comparison.listed(),
             _ => 0,
         };
         // What a check learns, the next check learns again: no need to wait for
         // the disk. The agent's record first; then its VMs, off the async
         // workers and in batches (a first check may adopt 100,000).
         let (about, vms) = match got {
-            Ok((host, templates, driver, vms)) => (Ok((host, templates, driver)), Some(vms)),
+            Ok((about, vms)) => (Ok(about), Some(vms)),
             Err(e) => (Err(e), None),
         };
         let r = self.store.write_lazy(|t| {
@@ -390,12 +405,12 @@ impl Agents {
             Ok(Some(rec))
         });
         let r = match (r, vms) {
-            (Ok(Some(_)), Some(Listing::Unchanged)) => Ok(Some(Checked::Unchanged)),
-            (Ok(Some(rec)), Some(Listing::Changed { items, tag })) => {
+            (Ok(Some(_)), Some(VmListing::Unchanged)) => Ok(Some(Checked::Unchanged)),
+            (Ok(Some(rec)), Some(VmListing::Compared { comparison, tag })) => {
                 let store = self.store.clone();
                 let forget_after = self.forget_missing_after_ms();
                 tokio::task::spawn_blocking(move || {
-                    apply_listing(&store, &rec, &items, listed_at, forget_after)
+                    comparison.apply(&store, &rec, listed_at, forget_after)
                 })
                 .await
                 .unwrap_or_else(|e| Err(StoreError::Storage(format!("applying the listing: {e}"))))
@@ -407,13 +422,13 @@ impl Agents {
                     })
                 })
             }
-            // Down, or no longer registered: nothing listed.
-            (Ok(_), None) | (Ok(None), _) => Ok(None),
-            (Err(e), _) => Err(e),
+            // No longer registered, or down: nothing listed.
+            (Ok(None), _) | (Ok(Some(_)), None | Some(VmListing::Unregistered)) => Ok(None),
+            (Ok(Some(_)), Some(VmListing::Failed(e))) | (Err(e), _) => Err(e),
         };
         drop(turn);
-        // The listing is dropped: give what it took back (glibc keeps freed heap),
-        // off the async workers (a trim of a large heap takes a while).
+        // The comparison is dropped: give what it took back (glibc keeps freed
+        // heap), off the async workers (a trim of a large heap takes a while).
         if read >= TRIM_AFTER_VMS {
             tokio::task::spawn_blocking(crate::heap::trim);
         }
@@ -442,6 +457,74 @@ impl Agents {
                 state: outcome.into(),
             })
             .inc();
+    }
+
+    /// Lists agent `id`'s VMs (its registration of `registered_ms`, through
+    /// `c`) for a check. With the `tag` of its last settled listing, asks first
+    /// whether the listing still has it (a one-VM page: 304 when it does).
+    /// Otherwise waits for a turn to read a whole listing (`turn`, held until
+    /// it is applied: each holds what it compares by, for every VM of the
+    /// agent), reads the site's records of the agent's VMs, and compares the
+    /// listing page by page as it comes ([`Comparison`]); `listed_at` is set to
+    /// when it was taken. The agent's deadline starts after the wait and the
+    /// read of the site's records: neither is the agent's fault.
+    async fn list_vms<'a>(
+        &'a self,
+        c: &Client,
+        id: &str,
+        registered_ms: u64,
+        tag: Option<&str>,
+        turn: &mut Option<tokio::sync::SemaphorePermit<'a>>,
+        listed_at: &mut u64,
+    ) -> Result<VmListing, ApiError> {
+        let late = || {
+            ApiError::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                "timeout",
+                format!("agent {id} did not list its VMs within 15 s"),
+            )
+        };
+        if let Some(tag) = tag {
+            let probe = tokio::time::timeout(
+                CHECK_TIMEOUT,
+                c.get_pages_each::<serde::de::IgnoredAny>("/v1/vms?limit=1", 1, Some(tag), |_| {}),
+            )
+            .await
+            .unwrap_or_else(|_| Err(late()))?;
+            if matches!(probe, Paged::Unchanged) {
+                return Ok(VmListing::Unchanged);
+            }
+        }
+        *turn = self.full_reads.acquire().await.ok();
+        let store = self.store.clone();
+        let (agent, url) = (id.to_string(), c.base().to_string());
+        let begun = tokio::task::spawn_blocking(move || {
+            Comparison::begin(&store, &agent, &url, registered_ms)
+        })
+        .await
+        .unwrap_or_else(|e| Err(StoreError::Storage(format!("reading the agent's VMs: {e}"))));
+        let mut comparison = match begun {
+            Ok(Some(c)) => c,
+            Ok(None) => return Ok(VmListing::Unregistered),
+            Err(e) => return Ok(VmListing::Failed(e)),
+        };
+        // Records a job writes after the listing was taken are newer than it.
+        *listed_at = now_ms();
+        let read = tokio::time::timeout(
+            CHECK_TIMEOUT,
+            c.get_pages_each("/v1/vms", usize::MAX, None, |page| comparison.page(page)),
+        )
+        .await
+        .unwrap_or_else(|_| Err(late()))?;
+        match read {
+            Paged::Read { tag, .. } => Ok(VmListing::Compared { comparison, tag }),
+            // Only a conditional read is answered 304.
+            Paged::Unchanged => Err(ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "backend",
+                format!("agent {id} answered 304 to a listing that named no tag"),
+            )),
+        }
     }
 
     /// Checks every agent every `period`, all at once: each check has its own

@@ -1,5 +1,6 @@
 //! Keeping the site's VM records in line with each agent's registry. A health
-//! check lists an agent's VMs and [`apply_listing`] applies the listing; the agent
+//! check lists an agent's VMs, compares the listing page by page with the
+//! site's records ([`Comparison`]) and applies what differs; the agent
 //! tags its listing (an entity tag that moves with every VM record it writes),
 //! and [`Listings`] remembers the tag of a listing the records fully agreed
 //! with, so the next check asks with `If-None-Match` and an unchanged agent
@@ -10,14 +11,16 @@
 //! wrote any of the agent's VM records itself (a job recording an operation's
 //! result, a VM moved between agents): the agent's tag does not move for those.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use super::agents::{forget_vm, site_vm_id};
 use super::model::{now_ms, AgentRec, SiteVm};
 use super::store::StoreError;
-use crate::agent::model::VmRecord;
+use serde::Deserialize;
+
+use crate::agent::model::{VmRecord, VmState};
 
 /// The longest a site goes without reading an agent's whole VM listing of up to
 /// [`FULL_LISTING_STEP`] VMs; longer listings are read in full as much less often
@@ -144,129 +147,303 @@ pub struct Applied {
     pub writes: u64,
 }
 
+/// What the site reads of one VM in an agent's listing: the part of the
+/// agent's [`VmRecord`] its records follow, decoded from the same JSON (the
+/// rest of each record is skipped, not held: a check of 100,000 VMs keeps
+/// what it compares by, not every address and label).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct Listed {
+    /// The VM as the hypervisor reports it.
+    pub vm: ListedVm,
+}
+
+/// The fields of a listed [`crate::agent::model::Vm`] the site records.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct ListedVm {
+    /// Id on the hypervisor.
+    pub id: String,
+    /// Name.
+    pub name: String,
+    /// Power state.
+    pub state: VmState,
+    /// GLUE2 LogicalCPUs.
+    pub logical_cpus: u32,
+    /// GLUE2 MainMemorySize (MiB).
+    pub main_memory_mib: u64,
+    /// GLUE2 OSFamily.
+    pub os_family: Option<String>,
+    /// The labels gve sets.
+    #[serde(default)]
+    pub labels: ListedLabels,
+}
+
+/// The labels of a listed VM the site reads (others are skipped).
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+pub struct ListedLabels {
+    /// `gve.job`: the job that made it.
+    #[serde(rename = "gve.job")]
+    pub job: Option<String>,
+    /// `gve.template`: the template it was made from.
+    #[serde(rename = "gve.template")]
+    pub template: Option<String>,
+}
+
+impl From<&VmRecord> for Listed {
+    fn from(r: &VmRecord) -> Listed {
+        let label = |k: &str| r.vm.labels.get(k).cloned();
+        Listed {
+            vm: ListedVm {
+                id: r.vm.id.clone(),
+                name: r.vm.name.clone(),
+                state: r.vm.state,
+                logical_cpus: r.vm.logical_cpus,
+                main_memory_mib: r.vm.main_memory_mib,
+                os_family: r.vm.os_family.clone(),
+                labels: ListedLabels {
+                    job: label("gve.job"),
+                    template: label("gve.template"),
+                },
+            },
+        }
+    }
+}
+
 /// A VM the listing and the site's records disagree on.
-enum Differs<'a> {
+enum Differs {
     /// Listed, and the site's record of it is missing or says otherwise.
-    Listed(&'a VmRecord),
+    Listed(Listed),
     /// The site's record (by id) of a VM the listing lacks.
     Unlisted(String),
 }
 
-/// Brings the site's records of agent `agent`'s VMs in line with what it reports
-/// (listed at `listed_at`). The records are compared with the listing without
-/// the write lock; only the VMs they disagree on are written, in transactions
-/// of at most [`SYNC_BATCH`], each deciding on the records as they are then
-/// (see [`sync_listed`] and [`sync_unlisted`]). `None` when the agent is no
-/// longer registered as `registered` says (at the URL it was listed from,
-/// registered then: not an agent registered again under its id meanwhile).
-/// Settled only when no other writer wrote one of the agent's records
-/// meanwhile (what it wrote was not compared with the listing).
-pub fn apply_listing(
-    store: &super::store::Store,
-    registered: &AgentRec,
-    listed: &[VmRecord],
-    listed_at: u64,
-    forget_after_ms: u64,
-) -> Result<Option<Applied>, StoreError> {
-    let agent = registered.id.as_str();
-    // The endpoint this agent reached at this check.
-    let here = registered.endpoint.as_deref();
-    let same_registration =
-        |r: &AgentRec| r.url == registered.url && r.registered_ms == registered.registered_ms;
-    // The count of writes made before the snapshot below, read under the write
-    // lock: a write counted but not committed yet would otherwise be taken as
-    // seen by the comparison (and a record it changed as agreeing).
-    let (mut before, mut same) = (0, false);
-    store.write_if(|t| {
-        before = t.vm_writes(agent);
-        same = t.agent(agent)?.is_some_and(|r| same_registration(&r));
-        Ok(None::<()>)
-    })?;
-    if !same {
-        return Ok(None);
+/// What a comparison keeps of one site record: what it is compared by, and
+/// whether the listing had it.
+struct Known {
+    id: Box<str>,
+    state: Box<str>,
+    name: Box<str>,
+    listed: bool,
+}
+
+/// An agent's listing compared, page by page as it is read, with the site's
+/// records of the agent's VMs, then applied ([`Comparison::apply`]). It holds
+/// what each record is compared by and the listed VMs that disagree, not the
+/// records nor the listing (a restarted site checks agents of 100,000 VMs).
+pub struct Comparison {
+    /// The agent's id.
+    agent: String,
+    /// The URL and registration time of the registration the listing is read
+    /// from.
+    url: String,
+    registered_ms: u64,
+    /// The agent's VM-record write count before the records were read.
+    before: u64,
+    /// The records, by the hypervisor's VM id.
+    known: HashMap<Box<str>, Known>,
+    differs: Vec<Differs>,
+    listed: usize,
+}
+
+impl Comparison {
+    /// Reads the site's records of agent `agent`'s VMs, to compare its
+    /// listing with; `None` when the agent is no longer registered at `url` as
+    /// of `registered_ms` (the URL it is listed from, registered then: not an
+    /// agent registered again under its id meanwhile).
+    pub fn begin(
+        store: &super::store::Store,
+        agent: &str,
+        url: &str,
+        registered_ms: u64,
+    ) -> Result<Option<Comparison>, StoreError> {
+        // The count of writes made before the records are read, read under
+        // the write lock: a write counted but not committed yet would otherwise
+        // be taken as seen by the comparison (and a record it changed as agreeing).
+        let (mut before, mut same) = (0, false);
+        store.write_if(|t| {
+            before = t.vm_writes(agent);
+            same = t
+                .agent(agent)?
+                .is_some_and(|r| r.url == url && r.registered_ms == registered_ms);
+            Ok(None::<()>)
+        })?;
+        if !same {
+            return Ok(None);
+        }
+        // Only this agent's records are read: a check costs this agent's VMs.
+        let mut known = HashMap::new();
+        store.each_vm_of_agent(agent, |v| {
+            known.insert(
+                v.agent_vm.into_boxed_str(),
+                Known {
+                    id: v.id.into_boxed_str(),
+                    state: v.state.into_boxed_str(),
+                    name: v.name.into_boxed_str(),
+                    listed: false,
+                },
+            );
+        })?;
+        Ok(Some(Comparison {
+            agent: agent.to_string(),
+            url: url.to_string(),
+            registered_ms,
+            before,
+            known,
+            differs: Vec::new(),
+            listed: 0,
+        }))
     }
-    // Only this agent's records are read: a check costs this agent's VMs.
-    let mine: HashMap<String, SiteVm> = store
-        .vms_of_agent(agent)?
-        .into_iter()
-        .map(|v| (v.agent_vm.clone(), v))
-        .collect();
-    let mut settled = true;
-    let mut differs = Vec::new();
-    for rec in listed {
-        match mine.get(&rec.vm.id) {
-            Some(known) if known.state == state_of(rec) && known.name == rec.vm.name => {}
-            _ => differs.push(Differs::Listed(rec)),
+
+    /// Compares one page of the listing, keeping the VMs that disagree.
+    pub fn page(&mut self, page: Vec<Listed>) {
+        self.listed += page.len();
+        for rec in page {
+            let agrees = match self.known.get_mut(rec.vm.id.as_str()) {
+                Some(k) => {
+                    k.listed = true;
+                    *k.state == *state_of(rec.vm.state) && *k.name == *rec.vm.name
+                }
+                None => false,
+            };
+            if !agrees {
+                self.differs.push(Differs::Listed(rec));
+            }
         }
     }
-    let present: HashSet<&str> = listed.iter().map(|r| r.vm.id.as_str()).collect();
-    for (agent_vm, v) in &mine {
-        if !present.contains(agent_vm.as_str()) {
+
+    /// Whether agent record `r` is the registration compared with.
+    fn is(&self, r: &AgentRec) -> bool {
+        r.id == self.agent && r.url == self.url && r.registered_ms == self.registered_ms
+    }
+
+    /// How many VMs the listing had so far.
+    pub fn listed(&self) -> usize {
+        self.listed
+    }
+
+    /// Brings the site's records in line with the listing (taken at
+    /// `listed_at`): only the VMs they disagree on are written, in
+    /// transactions of at most [`SYNC_BATCH`], each deciding on the records as
+    /// they are then (see [`sync_listed`] and [`sync_unlisted`]); `registered`
+    /// is the agent's record as this check wrote it (its endpoint now). `None`
+    /// when the agent is no longer the registration compared with. Settled
+    /// only when no other writer wrote one of the agent's records meanwhile
+    /// (what it wrote was not compared with the listing).
+    pub fn apply(
+        self,
+        store: &super::store::Store,
+        registered: &AgentRec,
+        listed_at: u64,
+        forget_after_ms: u64,
+    ) -> Result<Option<Applied>, StoreError> {
+        if !self.is(registered) {
+            return Ok(None);
+        }
+        let Comparison {
+            before,
+            known,
+            mut differs,
+            ..
+        } = self;
+        let agent = registered.id.as_str();
+        // The endpoint this agent reached at this check.
+        let here = registered.endpoint.as_deref();
+        let mut settled = true;
+        for k in known.into_values().filter(|k| !k.listed) {
             // Missing now, or left to a job or to the next listing; either way a
             // later listing must look again.
             settled = false;
-            differs.push(Differs::Unlisted(v.id.clone()));
+            differs.push(Differs::Unlisted(k.id.into()));
         }
-    }
-    drop(mine);
-    let mut ours = 0u64;
-    for (i, batch) in differs.chunks(SYNC_BATCH).enumerate() {
-        if i > 0 && store.stopping() {
-            return Ok(Some(Applied {
-                settled: false,
-                writes: store.vm_writes(agent),
-            }));
-        }
-        let t0 = Instant::now();
-        let done = store.write_lazy(|t| {
-            if !t.agent(agent)?.is_some_and(|r| same_registration(&r)) {
-                return Ok(None);
+        let mut ours = 0u64;
+        let batches = differs.len().div_ceil(SYNC_BATCH);
+        for (i, batch) in differs.chunks(SYNC_BATCH).enumerate() {
+            if i > 0 && store.stopping() {
+                return Ok(Some(Applied {
+                    settled: false,
+                    writes: store.vm_writes(agent),
+                }));
             }
-            let w0 = t.vm_writes(agent);
-            // The endpoint each other agent reached at its last check, and this
-            // one's now (`here`): agents on one endpoint (one vCenter) share
-            // its VM ids.
-            let endpoints: HashMap<String, Option<String>> = t
-                .agents()?
-                .into_iter()
-                .map(|a| (a.id, a.endpoint))
-                .collect();
-            let same_vm = |id: &str, other: &SiteVm| {
-                unique_everywhere(id)
-                    || (here.is_some()
-                        && endpoints.get(&other.agent).and_then(|e| e.as_deref()) == here)
-            };
-            let mut agreed = true;
-            for d in batch {
-                agreed &= match d {
-                    Differs::Listed(rec) => sync_listed(t, agent, &same_vm, rec, listed_at)?,
-                    Differs::Unlisted(id) => {
-                        sync_unlisted(t, agent, id, listed_at, forget_after_ms)?;
-                        false
-                    }
+            let t0 = Instant::now();
+            let done = store.write_lazy(|t| {
+                if !t.agent(agent)?.is_some_and(|r| {
+                    r.url == registered.url && r.registered_ms == registered.registered_ms
+                }) {
+                    return Ok(None);
+                }
+                let w0 = t.vm_writes(agent);
+                // The endpoint each other agent reached at its last check, and this
+                // one's now (`here`): agents on one endpoint (one vCenter) share
+                // its VM ids.
+                let endpoints: HashMap<String, Option<String>> = t
+                    .agents()?
+                    .into_iter()
+                    .map(|a| (a.id, a.endpoint))
+                    .collect();
+                let same_vm = |id: &str, other: &SiteVm| {
+                    unique_everywhere(id)
+                        || (here.is_some()
+                            && endpoints.get(&other.agent).and_then(|e| e.as_deref()) == here)
                 };
+                let mut agreed = true;
+                for d in batch {
+                    agreed &= match d {
+                        Differs::Listed(rec) => {
+                            sync_listed(t, agent, &same_vm, &rec.vm, listed_at)?
+                        }
+                        Differs::Unlisted(id) => {
+                            sync_unlisted(t, agent, id, listed_at, forget_after_ms)?;
+                            false
+                        }
+                    };
+                }
+                Ok(Some((agreed, t.vm_writes(agent).wrapping_sub(w0))))
+            })?;
+            let Some((agreed, wrote)) = done else {
+                return Ok(None);
+            };
+            settled &= agreed;
+            ours = ours.wrapping_add(wrote);
+            if i + 1 < batches {
+                std::thread::sleep(sync_pause(t0.elapsed()));
             }
-            Ok(Some((agreed, t.vm_writes(agent).wrapping_sub(w0))))
-        })?;
-        let Some((agreed, wrote)) = done else {
-            return Ok(None);
-        };
-        settled &= agreed;
-        ours = ours.wrapping_add(wrote);
-        if i + 1 < differs.len().div_ceil(SYNC_BATCH) {
-            std::thread::sleep(sync_pause(t0.elapsed()));
         }
+        let writes = store.vm_writes(agent);
+        if writes != before.wrapping_add(ours) {
+            settled = false;
+        }
+        Ok(Some(Applied { settled, writes }))
     }
-    let writes = store.vm_writes(agent);
-    if writes != before.wrapping_add(ours) {
-        settled = false;
-    }
-    Ok(Some(Applied { settled, writes }))
+}
+
+/// Brings the site's records of agent `registered`'s VMs in line with a whole
+/// listing at once ([`Comparison`] over one page).
+pub fn apply_listing(
+    store: &super::store::Store,
+    registered: &AgentRec,
+    listed: Vec<Listed>,
+    listed_at: u64,
+    forget_after_ms: u64,
+) -> Result<Option<Applied>, StoreError> {
+    let r = registered;
+    let Some(mut c) = Comparison::begin(store, &r.id, &r.url, r.registered_ms)? else {
+        return Ok(None);
+    };
+    c.page(listed);
+    c.apply(store, registered, listed_at, forget_after_ms)
 }
 
 /// A listed VM's state as the site records it.
-fn state_of(rec: &VmRecord) -> String {
-    format!("{:?}", rec.vm.state).to_lowercase()
+fn state_of(state: VmState) -> &'static str {
+    match state {
+        VmState::Running => "running",
+        VmState::Stopped => "stopped",
+        VmState::Suspended => "suspended",
+        VmState::Paused => "paused",
+        VmState::Crashed => "crashed",
+        VmState::Migrating => "migrating",
+        VmState::Unknown => "unknown",
+    }
 }
 
 /// Brings the site's record of one VM agent `agent` lists in line with it.
@@ -282,11 +459,10 @@ fn sync_listed(
     t: &mut super::store::Txn<'_>,
     agent: &str,
     same_vm: &dyn Fn(&str, &SiteVm) -> bool,
-    rec: &VmRecord,
+    vm: &ListedVm,
     listed_at: u64,
 ) -> Result<bool, StoreError> {
-    let vm = &rec.vm;
-    let state = state_of(rec);
+    let state = state_of(vm.state);
     let now = now_ms();
     // Records by the hypervisor's id of the VM: this agent's, and others'.
     let (mine, others): (Vec<SiteVm>, Vec<SiteVm>) = t
@@ -305,7 +481,7 @@ fn sync_listed(
         if k.state != state {
             k.ready = false;
         }
-        k.state = state;
+        k.state = state.to_string();
         k.name = vm.name.clone();
         k.updated_ms = now;
         t.put_vm(&k)?;
@@ -314,7 +490,7 @@ fn sync_listed(
     // Being created or cloned by a job, or migrating in under a job: not ours
     // to add (the job records it, with its owner). What jobs not yet ended work
     // on is asked of the active-job indexes VM by VM.
-    let made_by_active = match vm.labels.get("gve.job") {
+    let made_by_active = match &vm.labels.job {
         Some(j) => t.job_active(j)?,
         None => false,
     } || t.cloning_to(agent, &vm.name)?;
@@ -341,7 +517,7 @@ fn sync_listed(
             let mut m = moved.clone();
             m.agent = agent.to_string();
             m.name = vm.name.clone();
-            m.state = state;
+            m.state = state.to_string();
             m.ready = false;
             m.updated_ms = now;
             t.put_vm(&m)?;
@@ -364,9 +540,9 @@ fn sync_listed(
         owner: None,
         logical_cpus: vm.logical_cpus,
         main_memory_mib: vm.main_memory_mib,
-        template: vm.labels.get("gve.template").cloned(),
+        template: vm.labels.template.clone(),
         os_family: vm.os_family.clone(),
-        state,
+        state: state.to_string(),
         lease: None,
         // The site installed nothing on it and did not make it: what is on its
         // disks is unknown, so it goes to no tenant.
@@ -445,6 +621,69 @@ mod tests {
         assert_eq!(full_listing_every(10_001), min(2));
         assert_eq!(full_listing_every(100_000), min(10));
         assert_eq!(full_listing_every(usize::MAX), min(30));
+    }
+
+    #[test]
+    fn a_listed_vm_is_read_from_the_agents_record_as_it_serializes() {
+        use super::Listed;
+        use crate::agent::model::{Vm, VmRecord, VmState};
+        let vm = Vm {
+            id: "8f0c6a3e-1b2d-4c5e-9f70-0123456789ab".into(),
+            name: "web-1".into(),
+            state: VmState::Suspended,
+            host: "h1".into(),
+            addresses: vec!["10.0.0.5".into()],
+            logical_cpus: 3,
+            main_memory_mib: 1536,
+            disk_mib: Some(4096),
+            platform: Some("x86_64".into()),
+            os_family: Some("linux".into()),
+            os_name: Some("debian".into()),
+            is_template: false,
+            labels: [
+                ("gve.job", "job-7"),
+                ("gve.template", "tiny"),
+                ("owner-note", "x"),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        };
+        let rec = VmRecord {
+            vm,
+            allocation: Default::default(),
+            seen_ms: 42,
+            provisioned: Default::default(),
+        };
+        let json = serde_json::to_vec(&rec).unwrap();
+        let listed: Listed = serde_json::from_slice(&json).unwrap();
+        assert_eq!(listed, Listed::from(&rec));
+        assert_eq!(listed.vm.labels.job.as_deref(), Some("job-7"));
+        assert_eq!(listed.vm.labels.template.as_deref(), Some("tiny"));
+        assert_eq!(listed.vm.state, VmState::Suspended);
+        assert_eq!(
+            (listed.vm.logical_cpus, listed.vm.main_memory_mib),
+            (3, 1536)
+        );
+        // Without gve's labels: none read.
+        let mut bare = rec.clone();
+        bare.vm.labels.clear();
+        let listed: Listed = serde_json::from_slice(&serde_json::to_vec(&bare).unwrap()).unwrap();
+        assert_eq!(
+            (listed.vm.labels.job, listed.vm.labels.template),
+            (None, None)
+        );
+    }
+
+    #[test]
+    fn every_listed_state_is_recorded_by_its_name() {
+        use crate::agent::model::VmState::*;
+        for s in [
+            Running, Stopped, Suspended, Paused, Crashed, Migrating, Unknown,
+        ] {
+            let json = serde_json::to_value(s).unwrap();
+            assert_eq!(super::state_of(s), json.as_str().unwrap());
+        }
     }
 
     #[test]

@@ -195,7 +195,7 @@ fn listed_vm(n: usize, state: gve::agent::model::VmState) -> VmRecord {
 async fn a_large_listing_is_applied_in_batches_that_let_other_writers_in() {
     use gve::agent::model::VmState;
     use gve::site::model::AgentRec;
-    use gve::site::vm_sync::{apply_listing, SYNC_BATCH};
+    use gve::site::vm_sync::{apply_listing, Listed, SYNC_BATCH};
 
     let e = env(0, |_| {}).await;
     let store = e.site.core.store.clone();
@@ -210,9 +210,15 @@ async fn a_large_listing_is_applied_in_batches_that_let_other_writers_in() {
         let (store, agent) = (store.clone(), agent.clone());
         move || {
             let at = gve::site::model::now_ms();
-            apply_listing(&store, &agent, &listing, at, 60_000)
-                .unwrap()
-                .expect("the agent is registered")
+            apply_listing(
+                &store,
+                &agent,
+                listing.iter().map(Listed::from).collect(),
+                at,
+                60_000,
+            )
+            .unwrap()
+            .expect("the agent is registered")
         }
     };
 
@@ -268,7 +274,7 @@ async fn a_large_listing_is_applied_in_batches_that_let_other_writers_in() {
         let (store, agent) = (store.clone(), agent.clone());
         tokio::task::spawn_blocking(move || {
             let at = gve::site::model::now_ms();
-            apply_listing(&store, &agent, &[], at, 0).unwrap()
+            apply_listing(&store, &agent, Vec::new(), at, 0).unwrap()
         })
     };
     assert!(stale.await.unwrap().is_none());

@@ -370,6 +370,22 @@ fn by_index(
     agrees: impl Fn(&SiteVm) -> bool,
 ) -> Result<Vec<SiteVm>, StoreError> {
     let mut out = Vec::new();
+    each_by_index(index, vms, key, |v| {
+        if agrees(&v) {
+            out.push(v);
+        }
+    })?;
+    Ok(out)
+}
+
+/// Hands `each` the VMs whose entries in `index` start with `key`, one at a
+/// time (none is kept here).
+fn each_by_index(
+    index: &impl ReadableTable<(&'static str, &'static str), ()>,
+    vms: &impl ReadableTable<&'static str, &'static [u8]>,
+    key: &str,
+    mut each: impl FnMut(SiteVm),
+) -> Result<(), StoreError> {
     for row in index.range((key, "")..).map_err(storage)? {
         let (k, _) = row.map_err(storage)?;
         let (a, id) = k.value();
@@ -377,22 +393,36 @@ fn by_index(
             break;
         }
         if let Some(v) = get::<SiteVm>(vms, id)? {
-            if agrees(&v) {
-                out.push(v);
-            }
+            each(v);
         }
     }
-    Ok(out)
+    Ok(())
 }
 
 impl Store {
-    /// Agent `agent`'s VMs, by the index, read without a write transaction (a
-    /// health check compares them with the agent's listing before it writes).
+    /// Agent `agent`'s VMs, by the index, read without a write transaction.
     pub fn vms_of_agent(&self, agent: &str) -> Result<Vec<SiteVm>, StoreError> {
+        let mut out = Vec::new();
+        self.each_vm_of_agent(agent, |v| out.push(v))?;
+        Ok(out)
+    }
+
+    /// Hands `each` agent `agent`'s VMs one at a time, by the index, read
+    /// without a write transaction: a health check compares them with the
+    /// agent's listing before it writes, keeping only what it compares by.
+    pub fn each_vm_of_agent(
+        &self,
+        agent: &str,
+        mut each: impl FnMut(SiteVm),
+    ) -> Result<(), StoreError> {
         self.read(|r| {
             let index = r.open_table(BY_AGENT).map_err(storage)?;
             let vms = r.open_table(VMS).map_err(storage)?;
-            by_index(&index, &vms, agent, |v| v.agent == agent)
+            each_by_index(&index, &vms, agent, |v| {
+                if v.agent == agent {
+                    each(v);
+                }
+            })
         })
     }
 
