@@ -17,7 +17,7 @@ use super::model::{
 };
 use super::store::{Store, StoreError};
 pub use super::vm_sync::MISSING;
-use super::vm_sync::{Applied, Checked, Comparison, Listings};
+use super::vm_sync::{Applied, Checked, Comparison, Forgetting, Listings};
 use crate::agent::model::{OpState, Operation, Vm};
 use crate::api::client::{Client, Paged};
 use crate::api::ApiError;
@@ -130,17 +130,17 @@ impl Agents {
         })
     }
 
-    /// How long a VM record stays `missing` before it is forgotten: two rounds of
-    /// health checks and the longest a check's requests may take, so every
-    /// other agent that is up has listed its VMs since (and claimed it, if it
-    /// moved there and is the same VM: see `vm_sync::apply_listing`). A check
-    /// applying a listing of 100,000 changed VMs takes seconds more: the
-    /// margin for that is the two rounds.
-    fn forget_missing_after_ms(&self) -> u64 {
-        2 * self
+    /// When a VM record `missing` from its agent is forgotten: once every
+    /// other agent up has had a listing taken since and applied (and claimed
+    /// it, if it moved there and is the same VM: see `vm_sync::sync_listed`),
+    /// and not before two rounds of health checks and the longest a check's
+    /// requests may take.
+    fn forgetting(&self) -> Forgetting {
+        let period = self
             .health_period_ms
-            .load(std::sync::atomic::Ordering::Relaxed)
-            + CHECK_TIMEOUT.as_millis() as u64
+            .load(std::sync::atomic::Ordering::Relaxed);
+        self.listings
+            .forgetting(2 * period + CHECK_TIMEOUT.as_millis() as u64)
     }
 
     /// A client for agent `id`, authenticated with its secret.
@@ -320,7 +320,8 @@ impl Agents {
     }
 
     /// Checks one agent: capacity, templates, endpoint and VMs; marks it up or down.
-    /// An agent that does not answer within 15 s is down.
+    /// An agent that does not tell about itself within 15 s, or list its VMs
+    /// within 15 s more (not counting the site's own wait and reads), is down.
     pub async fn check(&self, id: &str) {
         let Ok((c, registered_ms)) = self.registered_client(id) else {
             return;
@@ -408,9 +409,9 @@ impl Agents {
             (Ok(Some(_)), Some(VmListing::Unchanged)) => Ok(Some(Checked::Unchanged)),
             (Ok(Some(rec)), Some(VmListing::Compared { comparison, tag })) => {
                 let store = self.store.clone();
-                let forget_after = self.forget_missing_after_ms();
+                let forgetting = self.forgetting();
                 tokio::task::spawn_blocking(move || {
-                    comparison.apply(&store, &rec, listed_at, forget_after)
+                    comparison.apply(&store, &rec, listed_at, &forgetting)
                 })
                 .await
                 .unwrap_or_else(|e| Err(StoreError::Storage(format!("applying the listing: {e}"))))
@@ -433,13 +434,17 @@ impl Agents {
             tokio::task::spawn_blocking(crate::heap::trim);
         }
         let outcome = match r {
-            Ok(Some(Checked::Unchanged)) => "unchanged",
+            Ok(Some(Checked::Unchanged)) => {
+                self.listings.taken(id, listed_at);
+                "unchanged"
+            }
             Ok(Some(Checked::Read {
                 tag,
                 settled,
                 writes,
             })) => {
                 self.listings.listed(id, read, tag, settled, writes);
+                self.listings.taken(id, listed_at);
                 "read"
             }
             Ok(None) => {
@@ -465,9 +470,11 @@ impl Agents {
     /// Otherwise waits for a turn to read a whole listing (`turn`, held until
     /// it is applied: each holds what it compares by, for every VM of the
     /// agent), reads the site's records of the agent's VMs, and compares the
-    /// listing page by page as it comes ([`Comparison`]); `listed_at` is set to
-    /// when it was taken. The agent's deadline starts after the wait and the
-    /// read of the site's records: neither is the agent's fault.
+    /// listing page by page as it comes ([`Comparison`], a few hash lookups
+    /// per VM); `listed_at` is set to when it was taken. The probe and the
+    /// listing share one deadline of [`CHECK_TIMEOUT`], which does not run
+    /// during the wait and the read of the site's records: neither is the
+    /// agent's fault.
     async fn list_vms<'a>(
         &'a self,
         c: &Client,
@@ -484,9 +491,11 @@ impl Agents {
                 format!("agent {id} did not list its VMs within 15 s"),
             )
         };
+        let mut left = CHECK_TIMEOUT;
         if let Some(tag) = tag {
+            let t0 = std::time::Instant::now();
             let probe = tokio::time::timeout(
-                CHECK_TIMEOUT,
+                left,
                 c.get_pages_each::<serde::de::IgnoredAny>("/v1/vms?limit=1", 1, Some(tag), |_| {}),
             )
             .await
@@ -494,6 +503,7 @@ impl Agents {
             if matches!(probe, Paged::Unchanged) {
                 return Ok(VmListing::Unchanged);
             }
+            left = left.saturating_sub(t0.elapsed());
         }
         *turn = self.full_reads.acquire().await.ok();
         let store = self.store.clone();
@@ -511,7 +521,7 @@ impl Agents {
         // Records a job writes after the listing was taken are newer than it.
         *listed_at = now_ms();
         let read = tokio::time::timeout(
-            CHECK_TIMEOUT,
+            left,
             c.get_pages_each("/v1/vms", usize::MAX, None, |page| comparison.page(page)),
         )
         .await

@@ -16,7 +16,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use super::agents::{forget_vm, site_vm_id};
-use super::model::{now_ms, AgentRec, SiteVm};
+use super::model::{now_ms, AgentRec, AgentStatus, SiteVm};
 use super::store::StoreError;
 use serde::Deserialize;
 
@@ -66,10 +66,12 @@ struct Mark {
     trusted: Duration,
 }
 
-/// Per agent, the tag of the last listing the site's records agreed with.
+/// Per agent, the tag of the last listing the site's records agreed with,
+/// and when its last listing applied (or answered unchanged) was taken.
 #[derive(Default)]
 pub struct Listings {
     marks: Mutex<HashMap<String, Mark>>,
+    taken: Mutex<HashMap<String, u64>>,
 }
 
 impl Listings {
@@ -116,12 +118,47 @@ impl Listings {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(agent);
+        self.taken
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(agent);
+    }
+
+    /// Records that agent `agent`'s listing taken at `at` (Unix ms) was applied,
+    /// or answered unchanged: every VM it had then is known to the site.
+    pub fn taken(&self, agent: &str, at: u64) {
+        let mut taken = self.taken.lock().unwrap_or_else(|p| p.into_inner());
+        let t = taken.entry(agent.to_string()).or_default();
+        *t = (*t).max(at);
+    }
+
+    /// When a `missing` VM record may be forgotten: after `after_ms`, and
+    /// once every other agent up has had a listing taken since (see [`Forgetting`]).
+    pub fn forgetting(&self, after_ms: u64) -> Forgetting {
+        Forgetting {
+            after_ms,
+            taken: self.taken.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+        }
     }
 }
 
 /// State of a VM record whose agent no longer lists it: forgotten when checks
 /// still miss it a while later, unless another agent lists it by then (it moved).
 pub const MISSING: &str = "missing";
+
+/// When a `missing` VM record is forgotten: once it has been missing at
+/// least `after_ms`, and every other agent that is up has had a listing
+/// taken after it went missing and applied (`taken`: per agent, when its
+/// last such listing was taken, Unix ms; an agent with none holds it back).
+/// A VM that moved to one of them is then claimed there first, however long
+/// its check waited for its turn or took to apply a long listing.
+#[derive(Debug, Clone, Default)]
+pub struct Forgetting {
+    /// The least time a record stays `missing`, ms.
+    pub after_ms: u64,
+    /// Per agent, when its last listing applied or answered unchanged was taken.
+    pub taken: HashMap<String, u64>,
+}
 
 /// VMs a health check brings in line in one transaction at most. Between two,
 /// it leaves the database to other writers ([`sync_pause`]): a first check
@@ -334,8 +371,10 @@ impl Comparison {
         store: &super::store::Store,
         registered: &AgentRec,
         listed_at: u64,
-        forget_after_ms: u64,
+        forgetting: &Forgetting,
     ) -> Result<Option<Applied>, StoreError> {
+        // `registered` is the record this check wrote, of the registration
+        // compared with; a caller's mistake otherwise.
         if !self.is(registered) {
             return Ok(None);
         }
@@ -346,6 +385,8 @@ impl Comparison {
             ..
         } = self;
         let agent = registered.id.as_str();
+        let same_registration =
+            |r: &AgentRec| r.url == registered.url && r.registered_ms == registered.registered_ms;
         // The endpoint this agent reached at this check.
         let here = registered.endpoint.as_deref();
         let mut settled = true;
@@ -357,42 +398,54 @@ impl Comparison {
         }
         let mut ours = 0u64;
         let batches = differs.len().div_ceil(SYNC_BATCH);
-        for (i, batch) in differs.chunks(SYNC_BATCH).enumerate() {
+        // Each batch is dropped once written (a first check's is every VM).
+        let mut rest = differs.into_iter();
+        for i in 0..batches {
             if i > 0 && store.stopping() {
                 return Ok(Some(Applied {
                     settled: false,
                     writes: store.vm_writes(agent),
                 }));
             }
+            let batch: Vec<Differs> = rest.by_ref().take(SYNC_BATCH).collect();
             let t0 = Instant::now();
             let done = store.write_lazy(|t| {
-                if !t.agent(agent)?.is_some_and(|r| {
-                    r.url == registered.url && r.registered_ms == registered.registered_ms
-                }) {
+                if !t.agent(agent)?.is_some_and(|r| same_registration(&r)) {
                     return Ok(None);
                 }
                 let w0 = t.vm_writes(agent);
+                let agents = t.agents()?;
                 // The endpoint each other agent reached at its last check, and this
                 // one's now (`here`): agents on one endpoint (one vCenter) share
                 // its VM ids.
-                let endpoints: HashMap<String, Option<String>> = t
-                    .agents()?
-                    .into_iter()
-                    .map(|a| (a.id, a.endpoint))
+                let endpoints: HashMap<&str, Option<&str>> = agents
+                    .iter()
+                    .map(|a| (a.id.as_str(), a.endpoint.as_deref()))
                     .collect();
                 let same_vm = |id: &str, other: &SiteVm| {
                     unique_everywhere(id)
                         || (here.is_some()
-                            && endpoints.get(&other.agent).and_then(|e| e.as_deref()) == here)
+                            && endpoints.get(other.agent.as_str()).copied().flatten() == here)
                 };
+                // Since when every other agent up has had a listing applied.
+                let others_since = agents
+                    .iter()
+                    .filter(|a| a.id != agent && a.status == AgentStatus::Up)
+                    .map(|a| forgetting.taken.get(&a.id).copied().unwrap_or(0))
+                    .min()
+                    .unwrap_or(u64::MAX);
                 let mut agreed = true;
-                for d in batch {
+                for d in &batch {
                     agreed &= match d {
                         Differs::Listed(rec) => {
                             sync_listed(t, agent, &same_vm, &rec.vm, listed_at)?
                         }
                         Differs::Unlisted(id) => {
-                            sync_unlisted(t, agent, id, listed_at, forget_after_ms)?;
+                            let forget = |missing_since: u64| {
+                                now_ms().saturating_sub(missing_since) >= forgetting.after_ms
+                                    && others_since > missing_since
+                            };
+                            sync_unlisted(t, agent, id, listed_at, &forget)?;
                             false
                         }
                     };
@@ -407,6 +460,10 @@ impl Comparison {
             if i + 1 < batches {
                 std::thread::sleep(sync_pause(t0.elapsed()));
             }
+        }
+        // Nothing to write is applied too, to the registration compared with only.
+        if batches == 0 && !store.agent(agent)?.is_some_and(|r| same_registration(&r)) {
+            return Ok(None);
         }
         let writes = store.vm_writes(agent);
         if writes != before.wrapping_add(ours) {
@@ -423,14 +480,14 @@ pub fn apply_listing(
     registered: &AgentRec,
     listed: Vec<Listed>,
     listed_at: u64,
-    forget_after_ms: u64,
+    forgetting: &Forgetting,
 ) -> Result<Option<Applied>, StoreError> {
     let r = registered;
     let Some(mut c) = Comparison::begin(store, &r.id, &r.url, r.registered_ms)? else {
         return Ok(None);
     };
     c.page(listed);
-    c.apply(store, registered, listed_at, forget_after_ms)
+    c.apply(store, registered, listed_at, forgetting)
 }
 
 /// A listed VM's state as the site records it.
@@ -555,8 +612,8 @@ fn sync_listed(
 }
 
 /// Site record `id`, of a VM agent `agent`'s listing lacks: `missing` first,
-/// and forgotten when a check still misses it `forget_after_ms` later (unless
-/// another agent lists it by then: it moved). A record that moved to another
+/// and forgotten when a check still misses it once `forget` says of the time
+/// it went missing (unless another agent listed it by then: it moved). A record that moved to another
 /// agent since the comparison, that a job works on, or that was written after
 /// the listing (`listed_at`) is left as it is.
 fn sync_unlisted(
@@ -564,7 +621,7 @@ fn sync_unlisted(
     agent: &str,
     id: &str,
     listed_at: u64,
-    forget_after_ms: u64,
+    forget: &dyn Fn(u64) -> bool,
 ) -> Result<(), StoreError> {
     let Some(v) = t.vm(id)?.filter(|v| v.agent == agent) else {
         return Ok(());
@@ -574,7 +631,7 @@ fn sync_unlisted(
     }
     let now = now_ms();
     if v.state == MISSING {
-        if now.saturating_sub(v.updated_ms) < forget_after_ms {
+        if !forget(v.updated_ms) {
             return Ok(());
         }
         tracing::warn!(

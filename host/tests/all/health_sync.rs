@@ -195,7 +195,7 @@ fn listed_vm(n: usize, state: gve::agent::model::VmState) -> VmRecord {
 async fn a_large_listing_is_applied_in_batches_that_let_other_writers_in() {
     use gve::agent::model::VmState;
     use gve::site::model::AgentRec;
-    use gve::site::vm_sync::{apply_listing, Listed, SYNC_BATCH};
+    use gve::site::vm_sync::{apply_listing, Forgetting, Listed, SYNC_BATCH};
 
     let e = env(0, |_| {}).await;
     let store = e.site.core.store.clone();
@@ -215,7 +215,10 @@ async fn a_large_listing_is_applied_in_batches_that_let_other_writers_in() {
                 &agent,
                 listing.iter().map(Listed::from).collect(),
                 at,
-                60_000,
+                &Forgetting {
+                    after_ms: 60_000,
+                    ..Default::default()
+                },
             )
             .unwrap()
             .expect("the agent is registered")
@@ -274,11 +277,166 @@ async fn a_large_listing_is_applied_in_batches_that_let_other_writers_in() {
         let (store, agent) = (store.clone(), agent.clone());
         tokio::task::spawn_blocking(move || {
             let at = gve::site::model::now_ms();
-            apply_listing(&store, &agent, Vec::new(), at, 0).unwrap()
+            apply_listing(&store, &agent, Vec::new(), at, &Forgetting::default()).unwrap()
         })
     };
     assert!(stale.await.unwrap().is_none());
     assert_eq!(store.vm_writes("bulk"), writes);
     assert_eq!(store.vms_of_agent("bulk").unwrap().len(), n);
+    e.site.stop().await;
+}
+
+/// A listing compared over several pages: a VM in none of them goes
+/// `missing`, one on a later page does not. A `missing` record is forgotten
+/// only once every other agent up has had a listing taken since it went
+/// missing (one waiting for its turn, or applying a long listing, may be where
+/// the VM moved), not on time alone. And a listing compared with one
+/// registration is not applied to the agent registered again meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_vm_is_forgotten_only_once_every_other_agent_up_has_listed_since() {
+    use gve::agent::model::VmState;
+    use gve::site::model::{now_ms, AgentRec, AgentStatus};
+    use gve::site::vm_sync::{Comparison, Forgetting, Listed};
+
+    let e = env(0, |_| {}).await;
+    let store = e.site.core.store.clone();
+    // Agents no health check reaches (their secrets do not unseal).
+    let a = AgentRec::registered("a", "http://127.0.0.1:9", "not sealed".into(), None);
+    let mut b = AgentRec::registered("b", "http://127.0.0.1:10", "not sealed".into(), None);
+    b.status = AgentStatus::Up;
+    store
+        .write(|t| {
+            t.put_agent(&a)?;
+            t.put_agent(&b)
+        })
+        .unwrap();
+    let listed: Vec<Listed> = (0..6)
+        .map(|i| Listed::from(&listed_vm(i, VmState::Running)))
+        .collect();
+    let records = || {
+        let mut v: Vec<(String, String)> = store
+            .vms_of_agent("a")
+            .unwrap()
+            .into_iter()
+            .map(|v| (v.name, v.state))
+            .collect();
+        v.sort();
+        v
+    };
+    let missing = || -> Vec<String> {
+        records()
+            .into_iter()
+            .filter(|(_, s)| s == "missing")
+            .map(|(n, _)| n)
+            .collect()
+    };
+    // Compares `pages` of agent a's listing with its records, as a check does.
+    let compare = |pages: Vec<Vec<Listed>>| {
+        let (store, a) = (store.clone(), a.clone());
+        tokio::task::spawn_blocking(move || {
+            let mut c = Comparison::begin(&store, &a.id, &a.url, a.registered_ms)
+                .unwrap()
+                .expect("registered");
+            for p in pages {
+                c.page(p);
+            }
+            c
+        })
+    };
+    // Compares and applies them.
+    let apply = |pages: Vec<Vec<Listed>>, forgetting: Forgetting| {
+        let (store, a) = (store.clone(), a.clone());
+        let compared = compare(pages);
+        async move {
+            let c = compared.await.unwrap();
+            // Taken after every record written before (to the ms).
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            let at = now_ms();
+            tokio::task::spawn_blocking(move || c.apply(&store, &a, at, &forgetting).unwrap())
+                .await
+                .unwrap()
+                .expect("registered")
+        }
+    };
+    let first = apply(vec![listed.clone()], Forgetting::default()).await;
+    assert!(first.settled);
+    assert_eq!(records().len(), 6);
+
+    // Pages of 2, with bulk-0 in none: it alone goes missing.
+    let pages = vec![
+        listed[1..3].to_vec(),
+        listed[3..5].to_vec(),
+        listed[5..].to_vec(),
+    ];
+    let r = apply(pages.clone(), Forgetting::default()).await;
+    assert!(!r.settled, "a VM is missing");
+    assert_eq!(missing(), ["bulk-0"]);
+    let since = store
+        .vms_of_agent("a")
+        .unwrap()
+        .into_iter()
+        .find(|v| v.name == "bulk-0")
+        .unwrap()
+        .updated_ms;
+
+    // Missing long enough by the clock (no least time), but agent b, up, has
+    // had no listing applied, or only one taken before bulk-0 went missing.
+    for taken in [None, Some(since - 1), Some(since)] {
+        let forgetting = Forgetting {
+            after_ms: 0,
+            taken: taken.map(|t| ("b".to_string(), t)).into_iter().collect(),
+        };
+        apply(pages.clone(), forgetting).await;
+        assert_eq!(missing(), ["bulk-0"], "b's listing taken at {taken:?}");
+    }
+    // b listed since: forgotten, though not before the least time.
+    let b_listed = |after_ms| Forgetting {
+        after_ms,
+        taken: [("b".to_string(), since + 1)].into_iter().collect(),
+    };
+    apply(pages.clone(), b_listed(3_600_000)).await;
+    assert_eq!(missing(), ["bulk-0"]);
+    apply(pages.clone(), b_listed(0)).await;
+    assert_eq!(records().len(), 5, "bulk-0 is forgotten");
+
+    // An agent down holds nothing back (it lists nothing until it is up).
+    store
+        .write(|t| {
+            let mut b = t.agent("b")?.unwrap();
+            b.status = AgentStatus::Down;
+            t.put_agent(&b)
+        })
+        .unwrap();
+    let pages = vec![listed[2..5].to_vec(), listed[5..].to_vec()];
+    apply(pages.clone(), Forgetting::default()).await;
+    assert_eq!(missing(), ["bulk-1"]);
+    apply(pages.clone(), Forgetting::default()).await;
+    assert_eq!(records().len(), 4, "bulk-1 is forgotten");
+
+    // Registered again between the comparison and its application: nothing
+    // is applied (bulk-2 would go missing), not even a listing with nothing
+    // to write.
+    for pages in [vec![listed[3..].to_vec()], vec![listed[2..].to_vec()]] {
+        let c = compare(pages).await.unwrap();
+        let again = AgentRec {
+            registered_ms: a.registered_ms + 1,
+            ..a.clone()
+        };
+        store.write(|t| t.put_agent(&again)).unwrap();
+        let writes = store.vm_writes("a");
+        // The check applies with the record it wrote, of the registration it
+        // compared with.
+        let (s, compared) = (store.clone(), a.clone());
+        let got = tokio::task::spawn_blocking(move || {
+            c.apply(&s, &compared, now_ms(), &Forgetting::default())
+                .unwrap()
+        })
+        .await
+        .unwrap();
+        assert!(got.is_none(), "applied to a later registration");
+        assert_eq!(store.vm_writes("a"), writes);
+        assert!(missing().is_empty());
+        store.write(|t| t.put_agent(&a)).unwrap();
+    }
     e.site.stop().await;
 }
