@@ -26,14 +26,31 @@ pub fn tune() {
     }
 }
 
-/// Returns the heap's free memory to the system where the allocator keeps it
-/// (glibc); elsewhere nothing to do.
+/// How the program's global allocator gives its free memory back, when it is
+/// not glibc's (set once by the binary, [`set_release`]).
+static RELEASE: std::sync::OnceLock<fn()> = std::sync::OnceLock::new();
+
+/// Sets how the global allocator gives free memory back to the system; the
+/// `gve` binary's mimalloc keeps pages freed by threads that then sit idle, and
+/// purges them only on its own schedule (a site held 731 MiB after ten idle
+/// minutes of full listings, `bench/results/million.md` run 7). Once; later
+/// calls are ignored.
+pub fn set_release(release: fn()) {
+    let _ = RELEASE.set(release);
+}
+
+/// Returns the heap's free memory to the system where the allocator keeps it:
+/// glibc's heap (the C libraries' allocations), and the global allocator's
+/// through [`set_release`].
 pub fn trim() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim(3) only releases memory the allocator holds free; it
     // touches no allocation of the program.
     unsafe {
         libc::malloc_trim(0);
+    }
+    if let Some(release) = RELEASE.get() {
+        release();
     }
 }
 
