@@ -24,7 +24,7 @@ use super::guest::ExecBody;
 use super::model::VmRecord;
 use super::ops::OpParams;
 use super::AgentCore;
-use crate::api::{json_response, ok, query_param, read_json, ApiError, Response};
+use crate::api::{ok, query_param, read_json, ApiError, Response};
 
 /// Header carrying a file's SHA-256 (upload: what the client sent).
 pub const SHA256_HEADER: &str = "x-gve-sha256";
@@ -50,15 +50,23 @@ fn parse_mode(v: Option<String>) -> Result<u32, ApiError> {
 }
 
 impl AgentCore {
+    /// Audits guest action `action` on `rec`. For a request that starts an
+    /// operation (`submitted`), the entry reaches the disk with the operation's
+    /// record, before the answer (`submit_keyed` syncs), not in a commit of its
+    /// own first.
     fn audit_guest(
         &self,
         action: &str,
         rec: &VmRecord,
         detail: serde_json::Value,
+        submitted: bool,
     ) -> Result<(), ApiError> {
-        self.registry
-            .audit(action, &rec.vm.id, detail)
-            .map_err(registry)
+        let r = &self.registry;
+        match submitted {
+            true => r.audit_lazy(action, &rec.vm.id, detail),
+            false => r.audit(action, &rec.vm.id, detail),
+        }
+        .map_err(registry)
     }
 
     /// Serves the guest routes of VM `rec`; `action` is the last path segment.
@@ -82,11 +90,12 @@ impl AgentCore {
                         "argv": body.argv, "cwd": body.cwd,
                         "env-names": body.env.keys().collect::<Vec<_>>(),
                     }),
+                    true,
                 )?;
                 let op = self
                     .submit_keyed(&rec.vm.id, OpParams::Exec(Box::new(body)), key.as_deref())
                     .map_err(registry)?;
-                Ok(json_response(StatusCode::ACCEPTED, &op))
+                Ok(super::vms_api::accepted_op(&op))
             }
             (Method::POST, "provision") => {
                 Self::require_running(&rec, "provision")?;
@@ -111,6 +120,7 @@ impl AgentCore {
                     "vm.provision",
                     &rec,
                     serde_json::json!({ "bundle": body.bundle }),
+                    true,
                 )?;
                 let op = self
                     .submit_keyed(
@@ -122,7 +132,7 @@ impl AgentCore {
                         key.as_deref(),
                     )
                     .map_err(registry)?;
-                Ok(json_response(StatusCode::ACCEPTED, &op))
+                Ok(super::vms_api::accepted_op(&op))
             }
             (Method::PUT, "files") => {
                 let path = required_path(&req)?;
@@ -145,6 +155,7 @@ impl AgentCore {
                     "vm.copy-in",
                     &rec,
                     serde_json::json!({ "path": path, "mode": format!("{mode:04o}") }),
+                    false,
                 )?;
                 let meta = self
                     .copy_in(&rec, &path, mode, parents, expected, req.into_body())
@@ -153,7 +164,12 @@ impl AgentCore {
             }
             (Method::GET, "files") => {
                 let path = required_path(&req)?;
-                self.audit_guest("vm.copy-out", &rec, serde_json::json!({ "path": path }))?;
+                self.audit_guest(
+                    "vm.copy-out",
+                    &rec,
+                    serde_json::json!({ "path": path }),
+                    false,
+                )?;
                 let (size, mode, body) = self.copy_out(&rec, &path).await?;
                 hyper::Response::builder()
                     .status(StatusCode::OK)

@@ -686,29 +686,49 @@ impl Registry {
         target: &str,
         detail: serde_json::Value,
     ) -> Result<(), RegistryError> {
-        self.db.write(
-            redb::Durability::Immediate,
-            RegistryError::Storage,
-            |txn, _| {
-                let mut t = txn.open_table(AUDIT).map_err(storage)?;
-                let seq = t
-                    .last()
-                    .map_err(storage)?
-                    .map(|(k, _)| k.value() + 1)
-                    .unwrap_or(1);
-                let entry = AuditEntry {
-                    seq,
-                    at_ms: now_ms(),
-                    who: "agent-admin".into(),
-                    action: action.into(),
-                    target: target.into(),
-                    detail,
-                };
-                let bytes = serde_json::to_vec(&entry).map_err(storage)?;
-                t.insert(seq, bytes.as_slice()).map_err(storage)?;
-                Ok(())
-            },
-        )
+        self.audit_with(redb::Durability::Immediate, action, target, detail)
+    }
+
+    /// [`Registry::audit`] without waiting for the disk: the entry is durable
+    /// with the next durable commit, which the caller makes before it answers
+    /// (a request that starts an operation: its record's sync).
+    #[track_caller]
+    pub fn audit_lazy(
+        &self,
+        action: &str,
+        target: &str,
+        detail: serde_json::Value,
+    ) -> Result<(), RegistryError> {
+        self.audit_with(redb::Durability::None, action, target, detail)
+    }
+
+    #[track_caller]
+    fn audit_with(
+        &self,
+        durability: redb::Durability,
+        action: &str,
+        target: &str,
+        detail: serde_json::Value,
+    ) -> Result<(), RegistryError> {
+        self.db.write(durability, RegistryError::Storage, |txn, _| {
+            let mut t = txn.open_table(AUDIT).map_err(storage)?;
+            let seq = t
+                .last()
+                .map_err(storage)?
+                .map(|(k, _)| k.value() + 1)
+                .unwrap_or(1);
+            let entry = AuditEntry {
+                seq,
+                at_ms: now_ms(),
+                who: "agent-admin".into(),
+                action: action.into(),
+                target: target.into(),
+                detail,
+            };
+            let bytes = serde_json::to_vec(&entry).map_err(storage)?;
+            t.insert(seq, bytes.as_slice()).map_err(storage)?;
+            Ok(())
+        })
     }
 
     /// Audit entries after `after`, oldest first, at most `limit`.

@@ -16,6 +16,9 @@
 //! | POST | /v1/vms/{id}/acquire, release | `{"holder"}` | `VmRecord` |
 //! | GET | /v1/templates | | `[Vm]` |
 //! | GET | /v1/operations, /v1/operations/{id}?wait-ms=N | | `[Operation]`, `Operation` (long poll up to N ≤ 60000 ms for its end) |
+//!
+//! Every 202 names where its operation is followed (`Location`); sent with
+//! `?wait-ms=N`, the answer waits up to N ms for it to end (then 200 with it).
 //! | GET | /v1/events?after=N&limit=M | | `[Event]` |
 //! | POST | /v1/reconcile | | `ReconcileReport` |
 //! | GET, PUT | /v1/site | `{"id", ...}` | the site this agent serves |
@@ -38,6 +41,27 @@ use super::ops::OpParams;
 use super::AgentCore;
 use crate::api::page::{next_path, ok_page};
 use crate::api::{json_response, ok, read_json, ApiError, Response};
+
+/// Where an operation is followed.
+const OPERATIONS: &str = "/v1/operations/";
+
+/// 202 with operation `op`, and where to follow it (`Location`).
+pub(crate) fn accepted_op(op: &Operation) -> Response {
+    let mut resp = json_response(StatusCode::ACCEPTED, op);
+    if let Ok(v) = hyper::header::HeaderValue::from_str(&format!("{OPERATIONS}{}", op.id)) {
+        resp.headers_mut().insert(hyper::header::LOCATION, v);
+    }
+    resp
+}
+
+/// The id of the operation a 202 answer started ([`accepted_op`]).
+fn accepted_id(resp: &Response) -> Option<String> {
+    if resp.status() != StatusCode::ACCEPTED {
+        return None;
+    }
+    let at = resp.headers().get(hyper::header::LOCATION)?.to_str().ok()?;
+    at.strip_prefix(OPERATIONS).map(str::to_string)
+}
 use crate::store_core::Page;
 
 #[derive(Deserialize)]
@@ -161,7 +185,7 @@ impl AgentCore {
         let op = self
             .submit_keyed(vm, params, key.as_deref())
             .map_err(registry_error)?;
-        Ok(json_response(StatusCode::ACCEPTED, &op))
+        Ok(accepted_op(&op))
     }
 
     /// Refuses at once (501 `unsupported`) an operation the driver does not declare,
@@ -208,8 +232,33 @@ impl AgentCore {
         }
     }
 
-    /// Serves `/v1/...` VM routes; `segs` is the whole path split on `/`.
+    /// Serves `/v1/...` VM routes; `segs` is the whole path split on `/`. A
+    /// request that starts an operation, sent with `?wait-ms=N` (N ≤ 60000), is
+    /// answered when the operation ends (200 with it) or after N ms (202 with
+    /// it running): one request instead of a submission and a long poll.
     pub async fn handle_vms(
+        self: &Arc<Self>,
+        req: Request<Incoming>,
+        segs: &[&str],
+    ) -> Result<Response, ApiError> {
+        let wait = match *req.method() {
+            Method::GET => 0,
+            _ => crate::api::query_u64(req.uri(), "wait-ms", 0, 0, crate::api::MAX_WAIT_MS)?,
+        };
+        let resp = self.route_vms(req, segs).await?;
+        match accepted_id(&resp) {
+            Some(id) if wait > 0 => {
+                let op = self.operation_waiting(&id, wait).await?;
+                Ok(match op.state {
+                    OpState::Running => accepted_op(&op),
+                    _ => ok(&op)?,
+                })
+            }
+            _ => Ok(resp),
+        }
+    }
+
+    async fn route_vms(
         self: &Arc<Self>,
         req: Request<Incoming>,
         segs: &[&str],
@@ -221,7 +270,7 @@ impl AgentCore {
         let key = idempotency_key(&req)?;
         if let (&Method::POST, Some(k)) = (&method, &key) {
             if let Some(op) = self.registry.op_by_key(k).map_err(registry_error)? {
-                return Ok(json_response(StatusCode::ACCEPTED, &op));
+                return Ok(accepted_op(&op));
             }
         }
         match (method, segs) {

@@ -1,5 +1,7 @@
 //! VMs and jobs (`/v1/vms...`, `/v1/templates`, `/v1/jobs...`). Everything that
-//! changes a VM answers `202` with a job at once; `GET /v1/jobs/{id}` polls it (`?wait-ms=N` long-polls its end),
+//! changes a VM answers `202` with a job at once (`Location` names it; sent with
+//! `?wait-ms=N`, the answer waits up to N ms for its end, then 200 with it);
+//! `GET /v1/jobs/{id}` polls it (`?wait-ms=N` long-polls its end),
 //! `GET /v1/jobs/{id}/events` streams its changes (server-sent events) and
 //! `GET /v1/jobs/{id}/result` fetches what it produced. Users see only their own
 //! VMs and jobs; others' answer 404.
@@ -22,6 +24,9 @@ use crate::api::page::{next_path, ok_page, page_query};
 use crate::api::{
     json_response, ok, query_param, query_u64, read_json, ApiError, Response, MAX_WAIT_MS,
 };
+
+/// Where a job is followed (`Location` of a 202).
+const JOBS: &str = "/v1/jobs/";
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
@@ -80,11 +85,48 @@ impl SiteCore {
     }
 
     fn accepted(job: &Job) -> Result<Response, ApiError> {
-        Ok(json_response(StatusCode::ACCEPTED, &redacted(job.clone())))
+        let mut resp = json_response(StatusCode::ACCEPTED, &redacted(job.clone()));
+        if let Ok(v) = hyper::header::HeaderValue::from_str(&format!("{JOBS}{}", job.id)) {
+            resp.headers_mut().insert(hyper::header::LOCATION, v);
+        }
+        Ok(resp)
     }
 
-    /// Serves `/v1/vms...` and `/v1/templates`.
+    /// Serves `/v1/vms...` and `/v1/templates`. A request that submits a job,
+    /// sent with `?wait-ms=N` (N ≤ 60000), is answered when the job ends (200
+    /// with it) or after N ms (202 with it): one request instead of a
+    /// submission and a long poll.
     pub async fn handle_vms(
+        self: &Arc<Self>,
+        caller: &Caller,
+        req: Request<Incoming>,
+        segs: &[&str],
+    ) -> Result<Response, ApiError> {
+        let wait = match *req.method() {
+            Method::GET => 0,
+            _ => query_u64(req.uri(), "wait-ms", 0, 0, MAX_WAIT_MS)?,
+        };
+        let resp = self.route_vms(caller, req, segs).await?;
+        let submitted = (resp.status() == StatusCode::ACCEPTED)
+            .then(|| resp.headers().get(hyper::header::LOCATION))
+            .flatten()
+            .and_then(|v| v.to_str().ok())
+            .and_then(|at| at.strip_prefix(JOBS))
+            .map(str::to_string);
+        match submitted {
+            Some(id) if wait > 0 => {
+                let job = self.job_waiting(caller, &id, wait).await?;
+                if job.state.is_terminal() {
+                    ok(&redacted(job))
+                } else {
+                    Self::accepted(&job)
+                }
+            }
+            _ => Ok(resp),
+        }
+    }
+
+    async fn route_vms(
         self: &Arc<Self>,
         caller: &Caller,
         req: Request<Incoming>,

@@ -684,3 +684,128 @@ async fn vms_are_found_by_name_through_an_index_kept_with_each_record() {
     assert_eq!(reg.vm("n-1").unwrap().unwrap().vm.id, again.id);
     assert!(reg.vm("n-3").unwrap().is_none());
 }
+
+/// Status, headers (names lowercased) and JSON body of one raw HTTP/1.1 request.
+pub async fn raw_call(
+    base: &str,
+    token: &str,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> (u16, Vec<(String, String)>, Value) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = base.trim_start_matches("http://");
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    s.read_to_end(&mut got).await.unwrap();
+    let text = String::from_utf8(got).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    let mut lines = head.lines();
+    let status: u16 = lines
+        .next()
+        .unwrap()
+        .split(' ')
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_lowercase(), v.trim().to_string()))
+        .collect();
+    (
+        status,
+        headers,
+        serde_json::from_str(body).unwrap_or(Value::Null),
+    )
+}
+
+/// The value of header `name` (lowercase) in `headers`.
+pub fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    headers
+        .iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
+}
+
+/// A request that starts an operation names where it is followed (`Location`);
+/// sent with `?wait-ms=N` it is answered when the operation ended (200 with
+/// it), an idempotent retry too; a bad `wait-ms` is refused before anything
+/// starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_submission_with_wait_ms_is_answered_when_its_operation_ends() {
+    let (_agent, c, _dir) = agent("memory:wait", 60_000).await;
+    let base = c.base().to_string();
+    let body = profile("w-1").to_string();
+    let (status, headers, op) =
+        raw_call(&base, TOKEN, "POST", "/v1/vms?wait-ms=30000", &body).await;
+    assert_eq!(status, 200, "{op}");
+    let op: Operation = serde_json::from_value(op).unwrap();
+    assert_eq!(op.state, OpState::Succeeded, "{op:?}");
+    assert!(header(&headers, "location").is_none(), "{headers:?}");
+    let vm = op.result.unwrap().id;
+
+    // Without wait-ms: 202 at once, and where to follow it.
+    let (status, headers, op) =
+        raw_call(&base, TOKEN, "POST", &format!("/v1/vms/{vm}/start"), "{}").await;
+    assert_eq!(status, 202, "{op}");
+    let op: Operation = serde_json::from_value(op).unwrap();
+    assert_eq!(
+        header(&headers, "location"),
+        Some(format!("/v1/operations/{}", op.id).as_str())
+    );
+    assert_eq!(wait_op(&c, &op.id).await.state, OpState::Succeeded);
+
+    // Out of range or not a number: 400, and no operation started.
+    let ops = |c: Client| async move {
+        c.get::<Vec<Operation>>("/v1/operations")
+            .await
+            .unwrap()
+            .len()
+    };
+    let before = ops(c.clone()).await;
+    for bad in ["abc", "60001", "-1"] {
+        let (status, _, e) = raw_call(
+            &base,
+            TOKEN,
+            "POST",
+            &format!("/v1/vms/{vm}/suspend?wait-ms={bad}"),
+            "{}",
+        )
+        .await;
+        assert_eq!(status, 400, "wait-ms={bad}: {e}");
+        assert_eq!(e["error"]["kind"], "invalid-argument", "{e}");
+    }
+    assert_eq!(ops(c.clone()).await, before);
+    let rec: VmRecord = c.get(&format!("/v1/vms/{vm}")).await.unwrap();
+    assert_eq!(rec.vm.state, VmState::Running);
+
+    // An idempotent retry with wait-ms: the operation the key started, ended.
+    let keyed = |path: String| {
+        let base = base.clone();
+        async move {
+            let c = Client::new(&base, Some(TOKEN.into())).unwrap();
+            let op: Operation = c
+                .call_with(
+                    Method::POST,
+                    &path,
+                    Some(&json!({})),
+                    &[("idempotency-key", "wait-key-1".to_string())],
+                )
+                .await
+                .unwrap();
+            op
+        }
+    };
+    let first = keyed(format!("/v1/vms/{vm}/suspend?wait-ms=30000")).await;
+    assert_eq!(first.state, OpState::Succeeded, "{first:?}");
+    let again = keyed(format!("/v1/vms/{vm}/suspend?wait-ms=30000")).await;
+    assert_eq!((again.id, again.state), (first.id, OpState::Succeeded));
+    assert_eq!(ops(c.clone()).await, before + 1);
+}

@@ -327,6 +327,32 @@ async fn exec_copy_and_provision_on_a_real_guest() {
     let uname = text(&r.stdout_b64);
     assert!(uname.starts_with("Linux gve-guest "), "{uname}");
 
+    // Submitted with `?wait-ms`: a command that outlasts the wait is answered
+    // 202, still running, with where to follow it; it then ends as it would.
+    let t = Instant::now();
+    let (status, headers, op) = crate::agent::raw_call(
+        c.base(),
+        crate::agent::TOKEN,
+        "POST",
+        &format!("/v1/vms/{id}/exec?wait-ms=300"),
+        &json!({ "argv": ["sleep", "2"] }).to_string(),
+    )
+    .await;
+    assert_eq!(status, 202, "{op}");
+    assert!(
+        t.elapsed() >= Duration::from_millis(300),
+        "{:?}",
+        t.elapsed()
+    );
+    let op: Operation = serde_json::from_value(op).unwrap();
+    assert_eq!(op.state, OpState::Running, "{op:?}");
+    assert_eq!(
+        crate::agent::header(&headers, "location"),
+        Some(format!("/v1/operations/{}", op.id).as_str())
+    );
+    let done = crate::agent::wait_op(&c, &op.id).await;
+    assert_eq!(done.state, OpState::Succeeded, "{done:?}");
+
     let r = exec(
         &c,
         id,

@@ -680,3 +680,77 @@ async fn requests_racing_for_the_same_pooled_vm_keep_the_quota_exact() {
     assert_eq!(me.usage.vms, 0, "{me:?}");
     e.site.stop().await;
 }
+
+/// A request that submits a job names where it is followed (`Location`); sent
+/// with `?wait-ms=N` it is answered when the job ended (200 with it); a bad
+/// `wait-ms` is refused before any job is queued.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_submission_with_wait_ms_is_answered_when_its_job_ends() {
+    use crate::agent::{header, raw_call};
+    let e = env(1, |_| {}).await;
+    let u: UserView = e
+        .admin
+        .call(
+            Method::POST,
+            "/v1/users",
+            Some(&json!({ "name": "waiter" })),
+        )
+        .await
+        .unwrap();
+    let token = u.token.clone().unwrap();
+    let c = Client::new(e.admin.base(), u.token).unwrap();
+    let base = e.admin.base().to_string();
+    let (status, _, job) = raw_call(
+        &base,
+        &token,
+        "POST",
+        "/v1/vms?wait-ms=30000",
+        &profile().to_string(),
+    )
+    .await;
+    assert_eq!(status, 200, "{job}");
+    let job: Job = serde_json::from_value(job).unwrap();
+    assert_eq!(job.state, JobState::Succeeded, "{job:?}");
+    let vm: SiteVm = serde_json::from_value(job.result.unwrap()).unwrap();
+
+    let (status, headers, job) = raw_call(
+        &base,
+        &token,
+        "POST",
+        &format!("/v1/vms/{}/shutdown", vm.id),
+        "{}",
+    )
+    .await;
+    assert_eq!(status, 202, "{job}");
+    let job: Job = serde_json::from_value(job).unwrap();
+    assert_eq!(
+        header(&headers, "location"),
+        Some(format!("/v1/jobs/{}", job.id).as_str())
+    );
+    assert_eq!(wait_job(&c, &job.id).await.state, JobState::Succeeded);
+
+    let jobs = || async { c.get::<Vec<Job>>("/v1/jobs").await.unwrap().len() };
+    let before = jobs().await;
+    for bad in ["soon", "60001", "1e3"] {
+        let (status, _, err) = raw_call(
+            &base,
+            &token,
+            "POST",
+            &format!("/v1/vms/{}/start?wait-ms={bad}", vm.id),
+            "{}",
+        )
+        .await;
+        assert_eq!(status, 400, "wait-ms={bad}: {err}");
+    }
+    assert_eq!(jobs().await, before, "a refused request queued a job");
+    let (status, _, job) = raw_call(
+        &base,
+        &token,
+        "POST",
+        &format!("/v1/vms/{}/start?wait-ms=30000", vm.id),
+        "{}",
+    )
+    .await;
+    assert_eq!(status, 200, "{job}");
+    assert_eq!(job["state"], "succeeded", "{job}");
+}
