@@ -3,7 +3,8 @@
 //! a busy stretch (a listing of 100,000 VMs read, a backlog of jobs worked off)
 //! would otherwise stay in the resident set: the million bench saw a site
 //! holding 800 MiB of which 300 were in use. The `gve` binary allocates with
-//! mimalloc (src/main.rs), which returns freed pages itself; glibc's heap then
+//! mimalloc (src/main.rs), which purges freed pages on its own schedule and is
+//! told to purge them now by [`trim`] ([`set_release`]); glibc's heap then
 //! serves the C libraries (libvirt) and whatever links the library without it.
 
 use std::time::Duration;
