@@ -10,14 +10,19 @@ use clap::Parser;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 extern "C" {
-    /// mimalloc's collection (in the library the allocator links): frees the
-    /// calling thread's empty pages and, with `force`, purges every free page of
-    /// the process's arenas now instead of after its delay.
+    /// mimalloc's collection (v3, in the library the allocator links): frees
+    /// the calling thread's empty pages and, with `force`, purges every free
+    /// page of the process's arenas now instead of after its delay. Pages
+    /// other threads still own are theirs to free.
     fn mi_collect(force: bool);
 }
 
-/// Gives mimalloc's free memory back to the system (`gve::heap::trim`).
+/// Gives mimalloc's free memory back to the system (`gve::heap::trim`): the
+/// calling thread's empty pages, and every free page of the arenas (pages
+/// other threads gave back). A thread that never allocated has no heap yet and
+/// mi_collect would return at once, so this one allocates first.
 fn release_mimalloc() {
+    std::hint::black_box(Box::new(0u64));
     // SAFETY: mi_collect only returns memory mimalloc holds free; it takes no
     // pointer and touches no live allocation.
     unsafe { mi_collect(true) }

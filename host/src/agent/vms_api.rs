@@ -16,12 +16,13 @@
 //! | POST | /v1/vms/{id}/acquire, release | `{"holder"}` | `VmRecord` |
 //! | GET | /v1/templates | | `[Vm]` |
 //! | GET | /v1/operations, /v1/operations/{id}?wait-ms=N | | `[Operation]`, `Operation` (long poll up to N ≤ 60000 ms for its end) |
-//!
-//! Every 202 names where its operation is followed (`Location`); sent with
-//! `?wait-ms=N`, the answer waits up to N ms for it to end (then 200 with it).
 //! | GET | /v1/events?after=N&limit=M | | `[Event]` |
 //! | POST | /v1/reconcile | | `ReconcileReport` |
 //! | GET, PUT | /v1/site | `{"id", ...}` | the site this agent serves |
+//!
+//! Every 202 names where its operation is followed (`Location`); a request
+//! that starts one, sent with `?wait-ms=N`, waits up to N ms for it to end
+//! (then 200 with it).
 //!
 //! Guest routes (exec, provision, files, stat) are in [`super::guest_api`].
 //!
@@ -41,6 +42,7 @@ use super::ops::OpParams;
 use super::AgentCore;
 use crate::api::page::{next_path, ok_page};
 use crate::api::{json_response, ok, read_json, ApiError, Response};
+use crate::store_core::Page;
 
 /// Where an operation is followed.
 const OPERATIONS: &str = "/v1/operations/";
@@ -62,7 +64,28 @@ fn accepted_id(resp: &Response) -> Option<String> {
     let at = resp.headers().get(hyper::header::LOCATION)?.to_str().ok()?;
     at.strip_prefix(OPERATIONS).map(str::to_string)
 }
-use crate::store_core::Page;
+
+/// Whether `method` on `segs` is a route that starts an operation (the routes
+/// that take `?wait-ms`): not reservations, reconcile or the site record,
+/// whose answers are not operations (but for a replayed idempotency key).
+fn starts_operation(method: &Method, segs: &[&str]) -> bool {
+    match (method, segs) {
+        (&Method::POST, ["v1", "vms"]) | (&Method::DELETE, ["v1", "vms", _]) => true,
+        (&Method::POST, ["v1", "vms", _, action]) => matches!(
+            *action,
+            "start"
+                | "shutdown"
+                | "suspend"
+                | "resume"
+                | "destroy"
+                | "clone"
+                | "migrate"
+                | "exec"
+                | "provision"
+        ),
+        _ => false,
+    }
+}
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -241,19 +264,19 @@ impl AgentCore {
         req: Request<Incoming>,
         segs: &[&str],
     ) -> Result<Response, ApiError> {
-        let wait = match *req.method() {
-            Method::GET => 0,
-            _ => crate::api::query_u64(req.uri(), "wait-ms", 0, 0, crate::api::MAX_WAIT_MS)?,
+        let wait = match starts_operation(req.method(), segs) {
+            true => crate::api::query_u64(req.uri(), "wait-ms", 0, 0, crate::api::MAX_WAIT_MS)?,
+            false => 0,
         };
         let resp = self.route_vms(req, segs).await?;
         match accepted_id(&resp) {
-            Some(id) if wait > 0 => {
-                let op = self.operation_waiting(&id, wait).await?;
-                Ok(match op.state {
-                    OpState::Running => accepted_op(&op),
-                    _ => ok(&op)?,
-                })
-            }
+            // A wait that fails (the operation's record unreadable) still
+            // answers what was started: the 202.
+            Some(id) if wait > 0 => match self.operation_waiting(&id, wait).await {
+                Ok(op) if op.state != OpState::Running => ok(&op),
+                Ok(op) => Ok(accepted_op(&op)),
+                Err(_) => Ok(resp),
+            },
             _ => Ok(resp),
         }
     }

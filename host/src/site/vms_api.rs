@@ -102,8 +102,9 @@ impl SiteCore {
         req: Request<Incoming>,
         segs: &[&str],
     ) -> Result<Response, ApiError> {
-        let wait = match *req.method() {
-            Method::GET => 0,
+        // Every change but a lease's renewal (answered at once) is a job.
+        let wait = match (req.method(), segs) {
+            (&Method::GET, _) | (_, ["v1", "vms", _, "renew"]) => 0,
             _ => query_u64(req.uri(), "wait-ms", 0, 0, MAX_WAIT_MS)?,
         };
         let resp = self.route_vms(caller, req, segs).await?;
@@ -114,14 +115,12 @@ impl SiteCore {
             .and_then(|at| at.strip_prefix(JOBS))
             .map(str::to_string);
         match submitted {
-            Some(id) if wait > 0 => {
-                let job = self.job_waiting(caller, &id, wait).await?;
-                if job.state.is_terminal() {
-                    ok(&redacted(job))
-                } else {
-                    Self::accepted(&job)
-                }
-            }
+            // A wait that fails still answers what was queued: the 202.
+            Some(id) if wait > 0 => match self.job_waiting(caller, &id, wait).await {
+                Ok(job) if job.state.is_terminal() => ok(&redacted(job)),
+                Ok(job) => Self::accepted(&job),
+                Err(_) => Ok(resp),
+            },
             _ => Ok(resp),
         }
     }

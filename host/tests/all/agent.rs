@@ -785,6 +785,26 @@ async fn a_submission_with_wait_ms_is_answered_when_its_operation_ends() {
     assert_eq!(ops(c.clone()).await, before);
     let rec: VmRecord = c.get(&format!("/v1/vms/{vm}")).await.unwrap();
     assert_eq!(rec.vm.state, VmState::Running);
+    // A route that starts no operation does not read it: answered as ever.
+    let (status, _, rec) = raw_call(
+        &base,
+        TOKEN,
+        "POST",
+        &format!("/v1/vms/{vm}/reserve?wait-ms=abc"),
+        &json!({ "holder": "h", "seconds": 60 }).to_string(),
+    )
+    .await;
+    assert_eq!(status, 200, "{rec}");
+    let rec: VmRecord = serde_json::from_value(rec).unwrap();
+    let (status, _, _) = raw_call(
+        &base,
+        TOKEN,
+        "POST",
+        &format!("/v1/vms/{vm}/release"),
+        &json!({ "holder": "h" }).to_string(),
+    )
+    .await;
+    assert_eq!((status, rec.vm.id.as_str()), (200, vm.as_str()));
 
     // An idempotent retry with wait-ms: the operation the key started, ended.
     let keyed = |path: String| {
