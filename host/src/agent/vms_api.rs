@@ -41,7 +41,7 @@ use super::model::{now_ms, Allocation, OpState, Operation, Profile, VmRecord, Vm
 use super::ops::OpParams;
 use super::AgentCore;
 use crate::api::page::{next_path, ok_page};
-use crate::api::{json_response, ok, read_json, ApiError, Response};
+use crate::api::{ok, read_json, ApiError, Response};
 use crate::store_core::Page;
 
 /// Where an operation is followed.
@@ -49,20 +49,7 @@ const OPERATIONS: &str = "/v1/operations/";
 
 /// 202 with operation `op`, and where to follow it (`Location`).
 pub(crate) fn accepted_op(op: &Operation) -> Response {
-    let mut resp = json_response(StatusCode::ACCEPTED, op);
-    if let Ok(v) = hyper::header::HeaderValue::from_str(&format!("{OPERATIONS}{}", op.id)) {
-        resp.headers_mut().insert(hyper::header::LOCATION, v);
-    }
-    resp
-}
-
-/// The id of the operation a 202 answer started ([`accepted_op`]).
-fn accepted_id(resp: &Response) -> Option<String> {
-    if resp.status() != StatusCode::ACCEPTED {
-        return None;
-    }
-    let at = resp.headers().get(hyper::header::LOCATION)?.to_str().ok()?;
-    at.strip_prefix(OPERATIONS).map(str::to_string)
+    crate::api::accepted_at(op, &format!("{OPERATIONS}{}", op.id))
 }
 
 /// Whether `method` on `segs` is a route that starts an operation (the routes
@@ -269,7 +256,7 @@ impl AgentCore {
             false => 0,
         };
         let resp = self.route_vms(req, segs).await?;
-        match accepted_id(&resp) {
+        match crate::api::accepted_id(&resp, OPERATIONS) {
             // A wait that fails (the operation's record unreadable) still
             // answers what was started: the 202.
             Some(id) if wait > 0 => match self.operation_waiting(&id, wait).await {

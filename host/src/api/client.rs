@@ -61,8 +61,6 @@ pub enum Paged {
     Unchanged,
     /// Every page was handed over.
     Read {
-        /// How many items.
-        count: usize,
         /// The `ETag` of the first page.
         tag: Option<String>,
     },
@@ -343,7 +341,6 @@ impl Client {
             }
         }
         Ok(Paged::Read {
-            count: read,
             tag: first_tag.flatten(),
         })
     }

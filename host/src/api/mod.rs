@@ -258,6 +258,25 @@ impl hyper::body::Body for ChannelBody {
     }
 }
 
+/// 202 with `value`, naming where what it started is followed (`Location: at`).
+pub fn accepted_at<T: Serialize + ?Sized>(value: &T, at: &str) -> Response {
+    let mut resp = json_response(StatusCode::ACCEPTED, value);
+    if let Ok(v) = hyper::header::HeaderValue::from_str(at) {
+        resp.headers_mut().insert(hyper::header::LOCATION, v);
+    }
+    resp
+}
+
+/// The id of what a 202 answer started ([`accepted_at`]): its `Location`
+/// without `prefix`; none for any other answer.
+pub fn accepted_id(resp: &Response, prefix: &str) -> Option<String> {
+    if resp.status() != StatusCode::ACCEPTED {
+        return None;
+    }
+    let at = resp.headers().get(hyper::header::LOCATION)?.to_str().ok()?;
+    at.strip_prefix(prefix).map(str::to_string)
+}
+
 /// A JSON response.
 pub fn json_response<T: Serialize + ?Sized>(status: StatusCode, value: &T) -> Response {
     let body = serde_json::to_vec_pretty(value).unwrap_or_else(|e| {

@@ -301,7 +301,7 @@ impl Comparison {
             before = t.vm_writes(agent);
             same = t
                 .agent(agent)?
-                .is_some_and(|r| r.url == url && r.registered_ms == registered_ms);
+                .is_some_and(|r| same_registration(&r, url, registered_ms));
             Ok(None::<()>)
         })?;
         if !same {
@@ -350,7 +350,7 @@ impl Comparison {
 
     /// Whether agent record `r` is the registration compared with.
     fn is(&self, r: &AgentRec) -> bool {
-        r.id == self.agent && r.url == self.url && r.registered_ms == self.registered_ms
+        r.id == self.agent && same_registration(r, &self.url, self.registered_ms)
     }
 
     /// How many VMs the listing had so far.
@@ -385,8 +385,7 @@ impl Comparison {
             ..
         } = self;
         let agent = registered.id.as_str();
-        let same_registration =
-            |r: &AgentRec| r.url == registered.url && r.registered_ms == registered.registered_ms;
+        let (url, registered_ms) = (registered.url.as_str(), registered.registered_ms);
         // The endpoint this agent reached at this check.
         let here = registered.endpoint.as_deref();
         let mut settled = true;
@@ -410,7 +409,10 @@ impl Comparison {
             let batch: Vec<Differs> = rest.by_ref().take(SYNC_BATCH).collect();
             let t0 = Instant::now();
             let done = store.write_lazy(|t| {
-                if !t.agent(agent)?.is_some_and(|r| same_registration(&r)) {
+                if !t
+                    .agent(agent)?
+                    .is_some_and(|r| same_registration(&r, url, registered_ms))
+                {
                     return Ok(None);
                 }
                 let w0 = t.vm_writes(agent);
@@ -462,7 +464,11 @@ impl Comparison {
             }
         }
         // Nothing to write is applied too, to the registration compared with only.
-        if batches == 0 && !store.agent(agent)?.is_some_and(|r| same_registration(&r)) {
+        if batches == 0
+            && !store
+                .agent(agent)?
+                .is_some_and(|r| same_registration(&r, url, registered_ms))
+        {
             return Ok(None);
         }
         let writes = store.vm_writes(agent);
@@ -471,6 +477,12 @@ impl Comparison {
         }
         Ok(Some(Applied { settled, writes }))
     }
+}
+
+/// Whether agent record `r` is the registration at `url` made at `registered_ms`
+/// (not one made again under the same id meanwhile).
+fn same_registration(r: &AgentRec, url: &str, registered_ms: u64) -> bool {
+    r.url == url && r.registered_ms == registered_ms
 }
 
 /// Brings the site's records of agent `registered`'s VMs in line with a whole

@@ -21,9 +21,7 @@ use super::jobs::{new_job, redacted};
 use super::model::{AgentStatus, Job, JobKind, JobState, Usage, VmRequest};
 use super::SiteCore;
 use crate::api::page::{next_path, ok_page, page_query};
-use crate::api::{
-    json_response, ok, query_param, query_u64, read_json, ApiError, Response, MAX_WAIT_MS,
-};
+use crate::api::{ok, query_param, query_u64, read_json, ApiError, Response, MAX_WAIT_MS};
 
 /// Where a job is followed (`Location` of a 202).
 const JOBS: &str = "/v1/jobs/";
@@ -85,11 +83,8 @@ impl SiteCore {
     }
 
     fn accepted(job: &Job) -> Result<Response, ApiError> {
-        let mut resp = json_response(StatusCode::ACCEPTED, &redacted(job.clone()));
-        if let Ok(v) = hyper::header::HeaderValue::from_str(&format!("{JOBS}{}", job.id)) {
-            resp.headers_mut().insert(hyper::header::LOCATION, v);
-        }
-        Ok(resp)
+        let at = format!("{JOBS}{}", job.id);
+        Ok(crate::api::accepted_at(&redacted(job.clone()), &at))
     }
 
     /// Serves `/v1/vms...` and `/v1/templates`. A request that submits a job,
@@ -108,13 +103,7 @@ impl SiteCore {
             _ => query_u64(req.uri(), "wait-ms", 0, 0, MAX_WAIT_MS)?,
         };
         let resp = self.route_vms(caller, req, segs).await?;
-        let submitted = (resp.status() == StatusCode::ACCEPTED)
-            .then(|| resp.headers().get(hyper::header::LOCATION))
-            .flatten()
-            .and_then(|v| v.to_str().ok())
-            .and_then(|at| at.strip_prefix(JOBS))
-            .map(str::to_string);
-        match submitted {
+        match crate::api::accepted_id(&resp, JOBS) {
             // A wait that fails still answers what was queued: the 202.
             Some(id) if wait > 0 => match self.job_waiting(caller, &id, wait).await {
                 Ok(job) if job.state.is_terminal() => ok(&redacted(job)),
