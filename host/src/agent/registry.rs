@@ -4,6 +4,7 @@
 //! kill -9 at any point leaves a database that opens and is consistent.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use redb::{ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
@@ -120,6 +121,18 @@ pub struct Registry {
     db: crate::store_core::Published<Event>,
     /// Every VM record as of a VM tag ([`Registry::vms_snapshot`]).
     snapshot: Arc<Mutex<Option<Snapshot>>>,
+    /// How far the audit trail is written, and how far it is durable.
+    audit_mark: Arc<AuditMark>,
+}
+
+/// The audit trail's sequence numbers: the last one committed, and the last
+/// one known durable. Readers see only durable entries: one written lazily
+/// ([`Registry::audit_lazy`]) and lost in a crash before its sync must not have
+/// been shown, since the next entry takes its number again.
+#[derive(Default)]
+struct AuditMark {
+    written: std::sync::atomic::AtomicU64,
+    durable: std::sync::atomic::AtomicU64,
 }
 
 /// Every VM record, and the VM tag they were read at.
@@ -436,9 +449,20 @@ impl Registry {
             }
         }
         txn.commit().map_err(|e| err(&e))?;
+        // What the file holds after an opening is durable.
+        let last_audit = {
+            let txn = db.begin_read().map_err(|e| err(&e))?;
+            let t = txn.open_table(AUDIT).map_err(|e| err(&e))?;
+            let last = t.last().map_err(|e| err(&e))?.map_or(0, |(k, _)| k.value());
+            last
+        };
         Ok(Registry {
             db: crate::store_core::Published::new(db, 1024),
             snapshot: Default::default(),
+            audit_mark: Arc::new(AuditMark {
+                written: last_audit.into(),
+                durable: last_audit.into(),
+            }),
         })
     }
 
@@ -533,7 +557,11 @@ impl Registry {
         durability: redb::Durability,
         f: impl FnOnce(&mut Txn<'_>) -> Result<T, RegistryError>,
     ) -> Result<T, RegistryError> {
-        self.db
+        // A durable commit keeps every commit before it, and this one begins
+        // after the audit entries counted here were committed.
+        let written = self.audit_mark.written.load(Ordering::Acquire);
+        let v = self
+            .db
             .write(durability, RegistryError::Storage, |txn, events| {
                 let mut t = Txn {
                     txn,
@@ -546,7 +574,11 @@ impl Registry {
                 }
                 *events = t.new_events;
                 Ok(v)
-            })
+            })?;
+        if matches!(durability, redb::Durability::Immediate) {
+            self.audit_mark.durable.fetch_max(written, Ordering::AcqRel);
+        }
+        Ok(v)
     }
 
     /// Subscribes to events committed from now on.
@@ -710,34 +742,48 @@ impl Registry {
         target: &str,
         detail: serde_json::Value,
     ) -> Result<(), RegistryError> {
-        self.db.write(durability, RegistryError::Storage, |txn, _| {
-            let mut t = txn.open_table(AUDIT).map_err(storage)?;
-            let seq = t
-                .last()
-                .map_err(storage)?
-                .map(|(k, _)| k.value() + 1)
-                .unwrap_or(1);
-            let entry = AuditEntry {
-                seq,
-                at_ms: now_ms(),
-                who: "agent-admin".into(),
-                action: action.into(),
-                target: target.into(),
-                detail,
-            };
-            let bytes = serde_json::to_vec(&entry).map_err(storage)?;
-            t.insert(seq, bytes.as_slice()).map_err(storage)?;
-            Ok(())
-        })
+        let seq = self
+            .db
+            .write(durability, RegistryError::Storage, |txn, _| {
+                let mut t = txn.open_table(AUDIT).map_err(storage)?;
+                let seq = t
+                    .last()
+                    .map_err(storage)?
+                    .map(|(k, _)| k.value() + 1)
+                    .unwrap_or(1);
+                let entry = AuditEntry {
+                    seq,
+                    at_ms: now_ms(),
+                    who: "agent-admin".into(),
+                    action: action.into(),
+                    target: target.into(),
+                    detail,
+                };
+                let bytes = serde_json::to_vec(&entry).map_err(storage)?;
+                t.insert(seq, bytes.as_slice()).map_err(storage)?;
+                Ok(seq)
+            })?;
+        let mark = &self.audit_mark;
+        mark.written.fetch_max(seq, Ordering::AcqRel);
+        if matches!(durability, redb::Durability::Immediate) {
+            mark.durable.fetch_max(seq, Ordering::AcqRel);
+        }
+        Ok(())
     }
 
     /// Audit entries after `after`, oldest first, at most `limit`.
+    /// Only durable entries: a follower never sees a number a crash could give
+    /// to another entry.
     pub fn audit_after(&self, after: u64, limit: usize) -> Result<Vec<AuditEntry>, RegistryError> {
+        let durable = self.audit_mark.durable.load(Ordering::Acquire);
         let txn = self.db.db().begin_read().map_err(storage)?;
         let t = txn.open_table(AUDIT).map_err(storage)?;
         let mut out = Vec::new();
+        if after >= durable {
+            return Ok(out);
+        }
         for row in t
-            .range(after.saturating_add(1)..)
+            .range(after.saturating_add(1)..=durable)
             .map_err(storage)?
             .take(limit)
         {

@@ -114,3 +114,62 @@ async fn admin_actions_execs_and_copies_are_audited_without_secrets() {
     );
     e.site.stop().await;
 }
+
+/// An exec's audit entry is written without a durable commit of its own (the
+/// operation's sync makes it durable before the answer). Until then a follower
+/// must not see it: a crash would lose it, and the next entry would take its
+/// number, one an `after=N` follower has already passed.
+#[test]
+fn an_audit_entry_is_shown_only_once_durable() {
+    use gve::agent::registry::Registry;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("agent.redb");
+    let reg = Registry::open(&path).unwrap();
+    reg.audit("vm.destroy", "vm-1", json!({})).unwrap();
+    reg.audit_lazy("vm.exec", "vm-1", json!({ "argv": ["true"] }))
+        .unwrap();
+    let seen: Vec<u64> = reg
+        .audit_after(0, 100)
+        .unwrap()
+        .iter()
+        .map(|a| a.seq)
+        .collect();
+    assert_eq!(seen, [1], "a lazily written entry is shown before its sync");
+    assert!(reg.audit_after(1, 100).unwrap().is_empty());
+
+    // What a kill -9 now would leave: the file as the page cache holds it.
+    let crashed = dir.path().join("crashed.redb");
+    std::fs::copy(&path, &crashed).unwrap();
+
+    reg.sync().unwrap();
+    let after_sync: Vec<(u64, String)> = reg
+        .audit_after(0, 100)
+        .unwrap()
+        .into_iter()
+        .map(|a| (a.seq, a.action))
+        .collect();
+    assert_eq!(
+        after_sync,
+        [(1, "vm.destroy".to_string()), (2, "vm.exec".to_string())]
+    );
+    // Any other durable commit makes it durable too; a lazy entry then an
+    // immediate one are both shown.
+    reg.audit_lazy("vm.exec", "vm-2", json!({})).unwrap();
+    reg.write(|_| Ok(())).unwrap();
+    reg.audit_lazy("vm.exec", "vm-3", json!({})).unwrap();
+    reg.audit("vm.destroy", "vm-3", json!({})).unwrap();
+    assert_eq!(reg.audit_after(2, 100).unwrap().len(), 3);
+    assert_eq!(reg.audit_after(4, 1).unwrap()[0].seq, 5);
+
+    // The crash image keeps what a follower saw, and what it holds after a
+    // reopening is shown (it is durable now).
+    drop(reg);
+    let after_crash = Registry::open(&crashed).unwrap();
+    let kept = after_crash.audit_after(0, 100).unwrap();
+    assert_eq!(kept[0].seq, 1);
+    assert_eq!(kept[0].action, "vm.destroy");
+    after_crash.audit("vm.start", "vm-4", json!({})).unwrap();
+    let last = after_crash.audit_after(0, 100).unwrap();
+    assert_eq!(last.last().unwrap().action, "vm.start");
+    assert_eq!(last.last().unwrap().seq, kept.len() as u64 + 1);
+}

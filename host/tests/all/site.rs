@@ -754,3 +754,47 @@ async fn a_submission_with_wait_ms_is_answered_when_its_job_ends() {
     assert_eq!(status, 200, "{job}");
     assert_eq!(job["state"], "succeeded", "{job}");
 }
+
+/// A job still running when `wait-ms` runs out is answered 202, naming it, and
+/// goes on: here its agent stopped answering after the site last saw it up, so
+/// the job retries its submission for seconds, then fails with the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_submission_whose_job_outlasts_wait_ms_is_answered_202_and_goes_on() {
+    use crate::agent::{header, raw_call};
+    // No health check after registration: the site still takes the agent as up.
+    let mut e = env(1, |c| c.health_period_ms = 600_000).await;
+    let made: UserView = e
+        .admin
+        .call(
+            Method::POST,
+            "/v1/users",
+            Some(&json!({ "name": "patient" })),
+        )
+        .await
+        .unwrap();
+    let token = made.token.clone().unwrap();
+    let u = Client::new(e.admin.base(), made.token).unwrap();
+    let vm: SiteVm =
+        serde_json::from_value(job(&u, "/v1/vms", profile()).await.result.expect("a VM")).unwrap();
+    let (agent, _) = e.agents.remove(0);
+    agent.stop().await;
+    let (status, headers, body) = raw_call(
+        e.admin.base(),
+        &token,
+        "POST",
+        &format!("/v1/vms/{}/suspend?wait-ms=300", vm.id),
+        "{}",
+    )
+    .await;
+    assert_eq!(status, 202, "{body}");
+    let j: Job = serde_json::from_value(body).unwrap();
+    assert!(!j.state.is_terminal(), "{j:?}");
+    assert_eq!(
+        header(&headers, "location"),
+        Some(format!("/v1/jobs/{}", j.id).as_str())
+    );
+    let end = wait_job(&u, &j.id).await;
+    assert_eq!(end.state, JobState::Failed, "{end:?}");
+    assert!(end.error.unwrap().message.contains("a-0"));
+    e.site.stop().await;
+}
