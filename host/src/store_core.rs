@@ -232,15 +232,24 @@ struct Stamp {
 
 /// Removes up to `limit` of the oldest records of a sequence table whose
 /// `at-ms` is before `before_ms`, stopping at the first newer one (sequence
-/// order is time order); how many went.
+/// order is time order); how many went. The newest record always stays: the
+/// next number is counted on from it, and a table emptied would number from 1
+/// again, numbers a follower (`after=N`, `Last-Event-ID`) has already passed.
 pub fn trim_older(
     table: &mut Table<'_, u64, &[u8]>,
     before_ms: u64,
     limit: usize,
 ) -> Result<usize, String> {
+    let Some(newest) = table
+        .last()
+        .map_err(|e| e.to_string())?
+        .map(|(k, _)| k.value())
+    else {
+        return Ok(0);
+    };
     let mut last = None;
     let mut n = 0;
-    for row in table.range::<u64>(..).map_err(|e| e.to_string())? {
+    for row in table.range::<u64>(..newest).map_err(|e| e.to_string())? {
         let (k, v) = row.map_err(|e| e.to_string())?;
         // A record that cannot be read has no time: it goes with its older neighbours.
         let at = serde_json::from_slice::<Stamp>(v.value()).map_or(0, |s| s.at_ms);
