@@ -94,6 +94,7 @@ impl AgentCore {
                 )?;
                 let op = self
                     .submit_keyed(&rec.vm.id, OpParams::Exec(Box::new(body)), key.as_deref())
+                    .await
                     .map_err(registry)?;
                 Ok(super::vms_api::accepted_op(&op))
             }
@@ -131,6 +132,7 @@ impl AgentCore {
                         },
                         key.as_deref(),
                     )
+                    .await
                     .map_err(registry)?;
                 Ok(super::vms_api::accepted_op(&op))
             }

@@ -233,18 +233,19 @@ async fn driver_call(
 }
 
 impl AgentCore {
-    /// Records an operation as running and starts it; returns it at once.
-    pub fn submit(
+    /// Records an operation as running and starts it; returns it once its
+    /// record is durable, while it runs.
+    pub async fn submit(
         self: &std::sync::Arc<Self>,
         vm: &str,
         params: OpParams,
     ) -> Result<Operation, RegistryError> {
-        self.submit_keyed(vm, params, None)
+        self.submit_keyed(vm, params, None).await
     }
 
     /// [`AgentCore::submit`] with a client's idempotency key: a key seen before
     /// returns the operation it started, and nothing new runs.
-    pub fn submit_keyed(
+    pub async fn submit_keyed(
         self: &std::sync::Arc<Self>,
         vm: &str,
         params: OpParams,
@@ -256,7 +257,15 @@ impl AgentCore {
         // nobody was told of; its end is recorded durably, and a durable commit
         // keeps everything before it.
         // (An operation found by its key may be another caller's, not yet synced.)
-        let (op, new) = self.begin_keyed(vm, &params, key, true)?;
+        let (op, new) = match self.begin_keyed(vm, &params, key, true) {
+            Ok(begun) => begun,
+            Err(e) => {
+                // What the caller wrote lazily first (an exec's audit entry)
+                // still reaches the disk, and its followers, now.
+                let _ = self.registry.sync();
+                return Err(e);
+            }
+        };
         if new {
             let (core, running) = (self.clone(), op.clone());
             tokio::spawn(async move {
@@ -266,7 +275,15 @@ impl AgentCore {
                 }
             });
         }
-        self.registry.sync()?;
+        // Off the runtime's workers: a task spawned from a worker waits in that
+        // worker's next-task slot, which no other worker takes, so a sync
+        // here would hold the operation back until the disk answered.
+        let registry = self.registry.clone();
+        tokio::task::spawn_blocking(move || registry.sync())
+            .await
+            .map_err(|e| {
+                RegistryError::Storage(format!("the sync of an operation's start: {e}"))
+            })??;
         Ok(op)
     }
 

@@ -185,7 +185,7 @@ impl AgentCore {
         }
     }
 
-    fn accepted(
+    async fn accepted(
         self: &Arc<Self>,
         key: &Option<String>,
         vm: &str,
@@ -194,6 +194,7 @@ impl AgentCore {
         self.declared(&params)?;
         let op = self
             .submit_keyed(vm, params, key.as_deref())
+            .await
             .map_err(registry_error)?;
         Ok(accepted_op(&op))
     }
@@ -366,6 +367,7 @@ impl AgentCore {
                 }
                 let name = profile.name.clone();
                 self.accepted(&key, &name, OpParams::Create(Box::new(profile)))
+                    .await
             }
             (Method::POST, ["v1", "vms", id, a @ ("exec" | "provision")])
             | (Method::PUT | Method::GET, ["v1", "vms", id, a @ ("files" | "stat")])
@@ -377,7 +379,7 @@ impl AgentCore {
             // The REST spelling of `POST /v1/vms/{id}/destroy`: the same operation.
             (Method::DELETE, ["v1", "vms", id]) => {
                 let vm = self.record(id)?.vm.id;
-                self.accepted(&key, &vm, OpParams::Destroy)
+                self.accepted(&key, &vm, OpParams::Destroy).await
             }
             (Method::POST, ["v1", "vms", id, action]) => {
                 let rec = self.record(id)?;
@@ -385,22 +387,23 @@ impl AgentCore {
                 match *action {
                     "start" => {
                         Self::require_state(&rec, "start", &[Stopped, Crashed])?;
-                        self.accepted(&key, &vm, OpParams::Start)
+                        self.accepted(&key, &vm, OpParams::Start).await
                     }
                     "shutdown" => {
                         let b: ShutdownBody = body_or_default(req).await?;
                         Self::require_state(&rec, "shut down", &[Running, Paused, Suspended])?;
                         self.accepted(&key, &vm, OpParams::Shutdown { force: b.force })
+                            .await
                     }
                     "suspend" => {
                         Self::require_state(&rec, "suspend", &[Running])?;
-                        self.accepted(&key, &vm, OpParams::Suspend)
+                        self.accepted(&key, &vm, OpParams::Suspend).await
                     }
                     "resume" => {
                         Self::require_state(&rec, "resume", &[Suspended, Paused])?;
-                        self.accepted(&key, &vm, OpParams::Resume)
+                        self.accepted(&key, &vm, OpParams::Resume).await
                     }
-                    "destroy" => self.accepted(&key, &vm, OpParams::Destroy),
+                    "destroy" => self.accepted(&key, &vm, OpParams::Destroy).await,
                     "clone" => {
                         let b: CloneBody = read_json(req.into_body()).await?;
                         super::model::check_vm_name("name", &b.name)?;
@@ -419,6 +422,7 @@ impl AgentCore {
                                 linked: b.linked,
                             },
                         )
+                        .await
                     }
                     "migrate" => {
                         let b: MigrateBody = read_json(req.into_body()).await?;
@@ -436,6 +440,7 @@ impl AgentCore {
                                 live: b.live,
                             },
                         )
+                        .await
                     }
                     "reserve" | "acquire" | "release" => {
                         let b: HolderBody = read_json(req.into_body()).await?;
