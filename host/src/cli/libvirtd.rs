@@ -18,6 +18,31 @@ pub struct PrivateLibvirtd {
 }
 
 /// Whether process `pid` runs (and is not a zombie).
+/// How long `gve up` waits for a libvirtd to answer a connection.
+pub const OPEN_WAIT: Duration = Duration::from_secs(10);
+
+/// Opens a connection to `uri`, or says why not within `limit`: a libvirtd
+/// that accepts and never answers (hung, or not libvirt at all) would hold the
+/// caller for ever. The thread left waiting on such a daemon ends with the
+/// process.
+pub fn open_within(uri: &str, limit: Duration) -> Result<virt::connect::Connect, String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let target = uri.to_string();
+    std::thread::Builder::new()
+        .name("gve-libvirt-open".into())
+        .spawn(move || {
+            let _ = tx.send(virt::connect::Connect::open(Some(&target)).map_err(|e| e.to_string()));
+        })
+        .map_err(|e| format!("cannot start a thread to open {uri}: {e}"))?;
+    match rx.recv_timeout(limit) {
+        Ok(opened) => opened,
+        Err(_) => Err(format!(
+            "no answer within {} s (is that libvirtd hung?)",
+            limit.as_secs()
+        )),
+    }
+}
+
 fn alive(pid: i32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .ok()
@@ -102,7 +127,7 @@ impl PrivateLibvirtd {
             let ours = String::from_utf8_lossy(&cmdline).contains(&conf.display().to_string());
             if ours {
                 let guests = guest_pids(dir).len();
-                if virt::connect::Connect::open(Some(&uri)).is_ok() {
+                if open_within(&uri, OPEN_WAIT).is_ok() {
                     eprintln!(
                         "gve up: adopted the private libvirtd (pid {pid}) and its {guests} running guest(s) left by an earlier gve up"
                     );

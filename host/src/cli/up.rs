@@ -80,16 +80,34 @@ fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> UpError
     move |source| UpError::Io { what, path, source }
 }
 
+/// Whether the system's libvirtd answers on qemu:///system; one that does not
+/// answer in time is said so, and `gve up` starts a private one instead.
+fn system_libvirtd_answers() -> bool {
+    match super::libvirtd::open_within("qemu:///system", super::libvirtd::OPEN_WAIT) {
+        Ok(_) => true,
+        Err(e) if e.starts_with("no answer") => {
+            eprintln!("gve up: qemu:///system: {e}");
+            false
+        }
+        Err(_) => false,
+    }
+}
+
 /// Makes sure pool `gve` (at `images`) is active and, given a guest, template `tiny`.
 fn prepare_libvirt(uri: &str, images: &Path, template: Option<&Path>) -> Result<(), UpError> {
-    use virt::connect::Connect;
     use virt::domain::Domain;
     use virt::storage_pool::StoragePool;
     let lv = |e: virt::error::Error| UpError::Libvirt {
         uri: uri.to_string(),
         message: e.to_string(),
     };
-    let conn = Connect::open(Some(uri)).map_err(lv)?;
+    let conn =
+        super::libvirtd::open_within(uri, super::libvirtd::OPEN_WAIT).map_err(|message| {
+            UpError::Libvirt {
+                uri: uri.to_string(),
+                message,
+            }
+        })?;
     let pool = match StoragePool::lookup_by_name(&conn, "gve") {
         Ok(p) => p,
         Err(_) => {
@@ -212,9 +230,7 @@ async fn up(args: UpArgs) -> Result<(), UpError> {
     std::fs::create_dir_all(&images).map_err(io("images", &images))?;
     let (private, uri) = match &args.libvirt {
         Some(u) => (None, u.clone()),
-        None if !args.private_libvirtd
-            && virt::connect::Connect::open(Some("qemu:///system")).is_ok() =>
-        {
+        None if !args.private_libvirtd && system_libvirtd_answers() => {
             (None, "qemu:///system".to_string())
         }
         None => {

@@ -327,3 +327,42 @@ async fn a_gve_up_killed_with_9_leaves_nothing_the_next_one_trips_over() {
         .args(["-TERM", &orphan.to_string()])
         .status();
 }
+
+/// A libvirtd that accepts a connection and never answers (hung, or not
+/// libvirt at all) does not hold `gve up` for ever: it ends with the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gve_up_on_a_libvirtd_that_never_answers_ends_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("silent.sock");
+    let listener = tokio::net::UnixListener::bind(&sock).unwrap();
+    // Accepts and holds every connection, answering nothing.
+    let silent = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((conn, _)) = listener.accept().await {
+            held.push(conn);
+        }
+    });
+    let started = Instant::now();
+    let out = tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_gve"))
+            .arg("up")
+            .arg("--data")
+            .arg(dir.path().join("data"))
+            .arg("--libvirt")
+            .arg(format!("qemu:///system?socket={}", sock.display()))
+            .args(["--listen", "127.0.0.1:0", "--agent-listen", "127.0.0.1:0"])
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("gve up still waiting on a libvirtd that never answers")
+    .unwrap();
+    let took = started.elapsed();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("no answer within 10 s"), "{err}");
+    assert!(err.contains(&sock.display().to_string()), "{err}");
+    assert!(took < Duration::from_secs(30), "{took:?}");
+    silent.abort();
+}
