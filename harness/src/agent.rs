@@ -45,6 +45,8 @@ pub async fn start_in(
             username: None,
             password: None,
             token: None,
+            password_file: None,
+            token_file: None,
             reconcile_period_ms: 600_000,
             reservation_seconds: 60,
             guest_plugin: None,

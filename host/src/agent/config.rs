@@ -102,6 +102,14 @@ pub struct DriverConfig {
     /// Token for the endpoint.
     #[serde(default)]
     pub token: Option<String>,
+    /// A file holding the password, instead of `password` in this file: read
+    /// each time the driver starts and never recorded, readable by its owner
+    /// only (a systemd credential, for one). One trailing newline is dropped.
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    /// A file holding the token, instead of `token` (as `password-file`).
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
     /// Plugin (from `plugins`) that runs exec and copy in guests when the driver
     /// has no native guest operations, e.g. `guest-install`. It needs the
     /// `guest-channel` grant.
@@ -201,6 +209,11 @@ impl AgentConfig {
                 "audit-retention-seconds must be between 1 and a hundred years".into(),
             ));
         }
+        if let Some(d) = &mut cfg.driver {
+            d.password_file = d.password_file.as_ref().map(|f| base.join(f));
+            d.token_file = d.token_file.as_ref().map(|f| base.join(f));
+            d.secrets().map_err(|m| invalid(format!("driver.{m}")))?;
+        }
         if let Some(d) = &cfg.driver {
             if !cfg.plugins.contains_key(&d.plugin) {
                 return Err(invalid(format!(
@@ -237,6 +250,63 @@ impl AgentConfig {
     }
 }
 
+/// Longest secret file read, bytes.
+const MAX_SECRET_FILE: u64 = 64 * 1024;
+
+impl DriverConfig {
+    /// The password and token the driver opens its endpoint with: each given
+    /// inline or read from its file now. An error names the field and says
+    /// what is wrong, never the secret.
+    pub fn secrets(&self) -> Result<(Option<String>, Option<String>), String> {
+        Ok((
+            secret("password", &self.password, &self.password_file)?,
+            secret("token", &self.token, &self.token_file)?,
+        ))
+    }
+}
+
+/// Field `field`'s secret: `inline`, or the contents of `file` (its owner's
+/// only, one trailing newline dropped), not both.
+fn secret(
+    field: &str,
+    inline: &Option<String>,
+    file: &Option<PathBuf>,
+) -> Result<Option<String>, String> {
+    use std::os::unix::fs::MetadataExt;
+    let path = match (inline, file) {
+        (Some(_), Some(_)) => {
+            return Err(format!("{field} and {field}-file are both set: give one"))
+        }
+        (inline, None) => return Ok(inline.clone()),
+        (None, Some(path)) => path,
+    };
+    let shown = path.display();
+    let meta = std::fs::metadata(path).map_err(|e| format!("{field}-file {shown}: {e}"))?;
+    if !meta.is_file() {
+        return Err(format!("{field}-file {shown} is not a file"));
+    }
+    if meta.mode() & 0o077 != 0 {
+        return Err(format!(
+            "{field}-file {shown} is open to other users (mode {:o}): make it 0600 or 0400",
+            meta.mode() & 0o777
+        ));
+    }
+    if meta.len() > MAX_SECRET_FILE {
+        return Err(format!(
+            "{field}-file {shown} is larger than {MAX_SECRET_FILE} bytes"
+        ));
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{field}-file {shown}: {e}"))?;
+    let value = match text.strip_suffix('\n') {
+        Some(t) => t.strip_suffix('\r').unwrap_or(t),
+        None => &text,
+    };
+    if value.is_empty() {
+        return Err(format!("{field}-file {shown} is empty"));
+    }
+    Ok(Some(value.to_string()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::AgentConfig;
@@ -261,5 +331,68 @@ mod tests {
                 assert!(e.to_string().contains("database-cache-mib"), "{e}");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod secret_tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::AgentConfig;
+
+    const BASE: &str = "data-dir = \"data\"\nadmin-token = \"agent-admin-0123456789\"\n\
+        [plugins.memory]\nbundle = \"memory\"\n[driver]\nplugin = \"memory\"\nendpoint = \"memory:x\"\n";
+
+    fn read(dir: &std::path::Path, driver: &str) -> Result<AgentConfig, String> {
+        let path = dir.join("agent.toml");
+        std::fs::write(&path, format!("{BASE}{driver}")).unwrap();
+        AgentConfig::read(&path).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn a_password_file_is_read_relative_to_the_config_and_only_if_private() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("vsphere.pw");
+        std::fs::write(&file, "s3cret-pw\n").unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let cfg = read(dir.path(), "password-file = \"vsphere.pw\"\n").unwrap();
+        let d = cfg.driver.unwrap();
+        assert_eq!(d.password_file.as_deref(), Some(file.as_path()));
+        assert_eq!(d.secrets().unwrap(), (Some("s3cret-pw".into()), None));
+
+        // Open to the group: refused, naming the file and the mode, not the secret.
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let e = read(dir.path(), "password-file = \"vsphere.pw\"\n").unwrap_err();
+        assert!(
+            e.contains("driver.password-file") && e.contains("640"),
+            "{e}"
+        );
+        assert!(!e.contains("s3cret"), "{e}");
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o400)).unwrap();
+        assert!(read(dir.path(), "password-file = \"vsphere.pw\"\n").is_ok());
+
+        // Both, a missing file, an empty one, a directory: each refused with its reason.
+        let both = read(
+            dir.path(),
+            "password = \"x\"\npassword-file = \"vsphere.pw\"\n",
+        );
+        assert!(both.unwrap_err().contains("both set"));
+        let missing = read(dir.path(), "token-file = \"nope\"\n").unwrap_err();
+        assert!(
+            missing.contains("token-file") && missing.contains("nope"),
+            "{missing}"
+        );
+        let empty = dir.path().join("empty");
+        std::fs::write(&empty, "\r\n").unwrap();
+        std::fs::set_permissions(&empty, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(read(dir.path(), "token-file = \"empty\"\n")
+            .unwrap_err()
+            .contains("is empty"));
+        let sub = dir.path().join("sub");
+        std::fs::create_dir(&sub).unwrap();
+        std::fs::set_permissions(&sub, std::fs::Permissions::from_mode(0o700)).unwrap();
+        assert!(read(dir.path(), "token-file = \"sub\"\n")
+            .unwrap_err()
+            .contains("not a file"));
     }
 }

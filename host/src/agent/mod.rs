@@ -94,6 +94,9 @@ pub enum AgentError {
     /// The TLS setup is not usable.
     #[error("tls: {0}")]
     Tls(String),
+    /// The driver's password or token could not be read.
+    #[error("driver credentials: {0}")]
+    Secret(String),
     /// Plugins recorded at runtime could not be read back.
     #[error("restoring plugins recorded at runtime: {0}")]
     Restore(String),

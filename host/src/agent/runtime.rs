@@ -101,16 +101,20 @@ impl Runtime {
         if d.endpoint.is_empty() || d.endpoint.len() > 2048 {
             return Err("endpoint must be 1-2048 characters".into());
         }
+        d.secrets()?;
         Ok(())
     }
 
     /// Opens the driver session (and guest provider), resolves operations an
     /// earlier run left, reconciles once and starts the reconcile loop.
     pub async fn bring_up(&self, d: &DriverConfig) -> Result<Arc<AgentCore>, AgentError> {
+        // Files are read at each start: a rotated secret is taken up by the
+        // next one.
+        let (password, token) = d.secrets().map_err(AgentError::Secret)?;
         let creds = Credentials {
             username: d.username.clone(),
-            password: d.password.clone(),
-            token: d.token.clone(),
+            password,
+            token,
         };
         let driver = self
             .plugins
@@ -204,8 +208,10 @@ impl Runtime {
             "guest-plugin": d.guest_plugin,
             "migration-uri": d.migration_uri,
             "username": d.username,
-            "password-set": d.password.is_some(),
-            "token-set": d.token.is_some(),
+            "password-set": d.password.is_some() || d.password_file.is_some(),
+            "password-file": d.password_file,
+            "token-set": d.token.is_some() || d.token_file.is_some(),
+            "token-file": d.token_file,
         });
         self.registry
             .audit("driver.set", &d.plugin, detail)

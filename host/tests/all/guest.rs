@@ -68,6 +68,8 @@ pub async fn agent_with(
             username: None,
             password: None,
             token: None,
+            password_file: None,
+            token_file: None,
             reconcile_period_ms: 60_000,
             reservation_seconds: 60,
             guest_plugin: Some("guest-install".into()),

@@ -34,6 +34,8 @@ async fn site_and_agent_speak_mutual_tls_and_the_agent_secret_is_sealed_at_rest(
             username: None,
             password: None,
             token: None,
+            password_file: None,
+            token_file: None,
             guest_plugin: None,
             migration_uri: None,
             reconcile_period_ms: 60_000,

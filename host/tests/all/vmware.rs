@@ -11,7 +11,7 @@ use gve::agent::{Agent, AgentConfig};
 use gve::api::client::Client;
 use gve::plugin::{Limits, PluginSpec};
 use gve_harness::vsphere::{self, VsphereSim};
-use serde_json::json;
+use serde_json::{json, Value};
 
 use crate::agent::{post, run_op, wait_op, TOKEN};
 use crate::guest::{copy_in, copy_out, exec, text};
@@ -53,6 +53,8 @@ pub fn esx_config(
             username: Some(vsphere::USERNAME.into()),
             password: Some(password.into()),
             token: None,
+            password_file: None,
+            token_file: None,
             reconcile_period_ms: 1000,
             reservation_seconds: 60,
             guest_plugin: None,
@@ -269,6 +271,66 @@ async fn bad_credentials_and_untrusted_certificates_are_refused() {
         msg.contains("not trusted") && msg.contains("denied"),
         "{msg}"
     );
+}
+
+/// The password from a file the agent reads at start (owner-only), never in the
+/// config: it opens the driver on the real simulator, and neither the driver's
+/// record nor the audit log holds it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_password_file_opens_the_driver_and_is_nowhere_recorded() {
+    use std::os::unix::fs::PermissionsExt;
+    let sim = VsphereSim::vcenter();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("vsphere.pw");
+    std::fs::write(&file, format!("{}\n", vsphere::PASSWORD)).unwrap();
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let mut config = esx_config(&sim, dir.path(), &sim.tls_pin(), "unused");
+    let d = config.driver.as_mut().unwrap();
+    d.password = None;
+    d.password_file = Some(file.clone());
+    let agent = Agent::start(config.clone()).await.unwrap();
+    let c = Client::new(&format!("http://{}", agent.addr), Some(TOKEN.into())).unwrap();
+    let vms: Vec<Value> = c.get("/v1/vms").await.unwrap();
+    assert!(!vms.is_empty(), "the simulator's VMs were listed");
+    agent.stop().await;
+
+    // A file others may read is refused, saying so, before anything is sent.
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let e = Agent::start(config)
+        .await
+        .err()
+        .expect("an open file must be refused");
+    let msg = e.to_string();
+    assert!(msg.contains("open to other users"), "{msg}");
+    assert!(!msg.contains(vsphere::PASSWORD), "{msg}");
+    // Nothing the agent wrote holds the password.
+    for entry in walk(dir.path()) {
+        if entry == file {
+            continue;
+        }
+        let bytes = std::fs::read(&entry).unwrap_or_default();
+        assert!(
+            !bytes
+                .windows(vsphere::PASSWORD.len())
+                .any(|w| w == vsphere::PASSWORD.as_bytes()),
+            "{} holds the password",
+            entry.display()
+        );
+    }
+}
+
+/// Every file under `dir`.
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
 }
 
 /// The server dies during a task: the operation fails with `unavailable` well
