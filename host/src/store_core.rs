@@ -9,7 +9,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use redb::{Database, Durability, ReadableTable, Table, WriteTransaction};
+use redb::{Database, Durability, ReadableTable, TableDefinition, TableHandle, WriteTransaction};
 use serde::Deserialize;
 use tokio::sync::broadcast;
 
@@ -230,26 +230,48 @@ struct Stamp {
     at_ms: u64,
 }
 
-/// Removes up to `limit` of the oldest records of a sequence table whose
+/// The services' table of named values (both name theirs `meta`).
+const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
+
+/// The `meta` key holding the highest number retention removed from sequence
+/// table `table`.
+fn floor_key(table: &str) -> String {
+    format!("seq-floor:{table}")
+}
+
+/// The next sequence number of table `def` (events, audit): one past its
+/// newest record, or, in a table retention emptied, past the highest it
+/// removed. Numbers never start from 1 again: a follower (`after=N`,
+/// `Last-Event-ID`) would take new records for ones it has seen.
+pub fn next_seq(txn: &WriteTransaction, def: TableDefinition<u64, &[u8]>) -> Result<u64, String> {
+    let e = |e: &dyn std::fmt::Display| e.to_string();
+    let table = txn.open_table(def).map_err(|x| e(&x))?;
+    if let Some((k, _)) = table.last().map_err(|x| e(&x))? {
+        return Ok(k.value() + 1);
+    }
+    let meta = txn.open_table(META).map_err(|x| e(&x))?;
+    let floor = meta
+        .get(floor_key(def.name()).as_str())
+        .map_err(|x| e(&x))?
+        .and_then(|v| v.value().parse::<u64>().ok())
+        .unwrap_or(0);
+    Ok(floor + 1)
+}
+
+/// Removes up to `limit` of the oldest records of sequence table `def` whose
 /// `at-ms` is before `before_ms`, stopping at the first newer one (sequence
-/// order is time order); how many went. The newest record always stays: the
-/// next number is counted on from it, and a table emptied would number from 1
-/// again, numbers a follower (`after=N`, `Last-Event-ID`) has already passed.
+/// order is time order); how many went. The highest number removed is kept in
+/// `meta`, so an emptied table numbers on ([`next_seq`]).
 pub fn trim_older(
-    table: &mut Table<'_, u64, &[u8]>,
+    txn: &WriteTransaction,
+    def: TableDefinition<u64, &[u8]>,
     before_ms: u64,
     limit: usize,
 ) -> Result<usize, String> {
-    let Some(newest) = table
-        .last()
-        .map_err(|e| e.to_string())?
-        .map(|(k, _)| k.value())
-    else {
-        return Ok(0);
-    };
+    let mut table = txn.open_table(def).map_err(|e| e.to_string())?;
     let mut last = None;
     let mut n = 0;
-    for row in table.range::<u64>(..newest).map_err(|e| e.to_string())? {
+    for row in table.range::<u64>(..).map_err(|e| e.to_string())? {
         let (k, v) = row.map_err(|e| e.to_string())?;
         // A record that cannot be read has no time: it goes with its older neighbours.
         let at = serde_json::from_slice::<Stamp>(v.value()).map_or(0, |s| s.at_ms);
@@ -263,6 +285,17 @@ pub fn trim_older(
         table
             .retain_in(..=last, |_, _| false)
             .map_err(|e| e.to_string())?;
+        let mut meta = txn.open_table(META).map_err(|e| e.to_string())?;
+        let key = floor_key(def.name());
+        let floor = meta
+            .get(key.as_str())
+            .map_err(|e| e.to_string())?
+            .and_then(|v| v.value().parse::<u64>().ok())
+            .unwrap_or(0);
+        if last > floor {
+            meta.insert(key.as_str(), last.to_string().as_str())
+                .map_err(|e| e.to_string())?;
+        }
     }
     Ok(n)
 }

@@ -262,7 +262,7 @@ impl AgentCore {
             Err(e) => {
                 // What the caller wrote lazily first (an exec's audit entry)
                 // still reaches the disk, and its followers, now.
-                let _ = self.registry.sync();
+                let _ = self.sync_off_workers().await;
                 return Err(e);
             }
         };
@@ -270,7 +270,13 @@ impl AgentCore {
             let (core, running) = (self.clone(), op.clone());
             tokio::spawn(async move {
                 let outcome = call(&core, &running.vm, &params).await;
-                if let Err(e) = core.finish(running, outcome) {
+                // A durable commit: off the workers too.
+                let me = core.clone();
+                let ended = tokio::task::spawn_blocking(move || me.finish(running, outcome)).await;
+                if let Err(e) = ended
+                    .map_err(|e| e.to_string())
+                    .and_then(|r| r.map_err(|e| e.to_string()))
+                {
                     tracing::error!("cannot record the end of an operation: {e}");
                 }
             });
@@ -278,13 +284,16 @@ impl AgentCore {
         // Off the runtime's workers: a task spawned from a worker waits in that
         // worker's next-task slot, which no other worker takes, so a sync
         // here would hold the operation back until the disk answered.
+        self.sync_off_workers().await?;
+        Ok(op)
+    }
+
+    /// Makes every change committed so far durable, on a blocking thread.
+    async fn sync_off_workers(&self) -> Result<(), RegistryError> {
         let registry = self.registry.clone();
         tokio::task::spawn_blocking(move || registry.sync())
             .await
-            .map_err(|e| {
-                RegistryError::Storage(format!("the sync of an operation's start: {e}"))
-            })??;
-        Ok(op)
+            .map_err(|e| RegistryError::Storage(format!("a sync of the registry: {e}")))?
     }
 
     /// Records an operation as running (the caller runs it and calls `finish`).

@@ -286,8 +286,8 @@ impl Txn<'_> {
         before_ms: u64,
         limit: usize,
     ) -> Result<usize, RegistryError> {
-        let mut t = self.txn.open_table(def).map_err(storage)?;
-        crate::store_core::trim_older(&mut t, before_ms, limit).map_err(RegistryError::Storage)
+        crate::store_core::trim_older(self.txn, def, before_ms, limit)
+            .map_err(RegistryError::Storage)
     }
 
     /// Removes up to `limit` finished operations that ended before `before_ms`,
@@ -376,12 +376,8 @@ impl Txn<'_> {
         vm: &str,
         detail: serde_json::Value,
     ) -> Result<(), RegistryError> {
+        let seq = crate::store_core::next_seq(self.txn, EVENTS).map_err(RegistryError::Storage)?;
         let mut t = self.txn.open_table(EVENTS).map_err(storage)?;
-        let seq = t
-            .last()
-            .map_err(storage)?
-            .map(|(k, _)| k.value() + 1)
-            .unwrap_or(1);
         let ev = Event {
             seq,
             at_ms: now_ms(),
@@ -451,10 +447,10 @@ impl Registry {
         txn.commit().map_err(|e| err(&e))?;
         // What the file holds after an opening is durable.
         let last_audit = {
-            let txn = db.begin_read().map_err(|e| err(&e))?;
-            let t = txn.open_table(AUDIT).map_err(|e| err(&e))?;
-            let last = t.last().map_err(|e| err(&e))?.map_or(0, |(k, _)| k.value());
-            last
+            let txn = db.begin_write().map_err(|e| err(&e))?;
+            let next = crate::store_core::next_seq(&txn, AUDIT).map_err(|e| err(&e))?;
+            txn.abort().map_err(|e| err(&e))?;
+            next - 1
         };
         Ok(Registry {
             db: crate::store_core::Published::new(db, 1024),
@@ -745,12 +741,9 @@ impl Registry {
         let seq = self
             .db
             .write(durability, RegistryError::Storage, |txn, _| {
+                let seq =
+                    crate::store_core::next_seq(txn, AUDIT).map_err(RegistryError::Storage)?;
                 let mut t = txn.open_table(AUDIT).map_err(storage)?;
-                let seq = t
-                    .last()
-                    .map_err(storage)?
-                    .map(|(k, _)| k.value() + 1)
-                    .unwrap_or(1);
                 let entry = AuditEntry {
                     seq,
                     at_ms: now_ms(),

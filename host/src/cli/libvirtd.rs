@@ -17,7 +17,6 @@ pub struct PrivateLibvirtd {
     dir: PathBuf,
 }
 
-/// Whether process `pid` runs (and is not a zombie).
 /// How long `gve up` waits for a libvirtd to answer a connection.
 pub const OPEN_WAIT: Duration = Duration::from_secs(10);
 
@@ -25,7 +24,7 @@ pub const OPEN_WAIT: Duration = Duration::from_secs(10);
 /// that accepts and never answers (hung, or not libvirt at all) would hold the
 /// caller for ever. The thread left waiting on such a daemon ends with the
 /// process.
-pub fn open_within(uri: &str, limit: Duration) -> Result<virt::connect::Connect, String> {
+pub fn open_within(uri: &str, limit: Duration) -> Result<virt::connect::Connect, OpenError> {
     let (tx, rx) = std::sync::mpsc::channel();
     let target = uri.to_string();
     std::thread::Builder::new()
@@ -33,16 +32,28 @@ pub fn open_within(uri: &str, limit: Duration) -> Result<virt::connect::Connect,
         .spawn(move || {
             let _ = tx.send(virt::connect::Connect::open(Some(&target)).map_err(|e| e.to_string()));
         })
-        .map_err(|e| format!("cannot start a thread to open {uri}: {e}"))?;
+        .map_err(|e| OpenError::Failed(format!("cannot start a thread to open {uri}: {e}")))?;
     match rx.recv_timeout(limit) {
-        Ok(opened) => opened,
-        Err(_) => Err(format!(
-            "no answer within {} s (is that libvirtd hung?)",
-            limit.as_secs()
+        Ok(opened) => opened.map_err(OpenError::Failed),
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => Err(OpenError::NoAnswer(limit)),
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => Err(OpenError::Failed(
+            "the connection attempt ended without an answer".into(),
         )),
     }
 }
 
+/// Why [`open_within`] has no connection.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// The daemon did not answer in time.
+    #[error("no answer within {} s (is that libvirtd hung?)", .0.as_secs())]
+    NoAnswer(Duration),
+    /// libvirt refused, or the attempt failed.
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// Whether process `pid` runs (and is not a zombie).
 fn alive(pid: i32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .ok()

@@ -85,11 +85,11 @@ fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> UpError
 fn system_libvirtd_answers() -> bool {
     match super::libvirtd::open_within("qemu:///system", super::libvirtd::OPEN_WAIT) {
         Ok(_) => true,
-        Err(e) if e.starts_with("no answer") => {
+        Err(e @ super::libvirtd::OpenError::NoAnswer(_)) => {
             eprintln!("gve up: qemu:///system: {e}");
             false
         }
-        Err(_) => false,
+        Err(super::libvirtd::OpenError::Failed(_)) => false,
     }
 }
 
@@ -101,13 +101,12 @@ fn prepare_libvirt(uri: &str, images: &Path, template: Option<&Path>) -> Result<
         uri: uri.to_string(),
         message: e.to_string(),
     };
-    let conn =
-        super::libvirtd::open_within(uri, super::libvirtd::OPEN_WAIT).map_err(|message| {
-            UpError::Libvirt {
-                uri: uri.to_string(),
-                message,
-            }
-        })?;
+    let conn = super::libvirtd::open_within(uri, super::libvirtd::OPEN_WAIT).map_err(|e| {
+        UpError::Libvirt {
+            uri: uri.to_string(),
+            message: e.to_string(),
+        }
+    })?;
     let pool = match StoragePool::lookup_by_name(&conn, "gve") {
         Ok(p) => p,
         Err(_) => {

@@ -174,19 +174,27 @@ fn an_audit_entry_is_shown_only_once_durable() {
     assert_eq!(newest.action, "vm.start");
     assert!(newest.seq > *seen.iter().max().unwrap());
 
-    // Retention that finds every entry old keeps the newest, so numbers go on
-    // from it rather than from 1 again, and a lazy entry is still not shown
-    // before it is durable.
+    // Retention that finds every entry old removes them all; numbers go on
+    // from the highest it removed, also after a reopening, rather than from 1
+    // again; and a lazy entry is still not shown before it is durable.
     std::thread::sleep(std::time::Duration::from_millis(5));
     after_crash.prune_finished_ops(0, 0);
-    let left = after_crash.audit_after(0, 100).unwrap();
-    assert_eq!(left.iter().map(|a| a.seq).collect::<Vec<_>>(), [newest.seq]);
+    assert!(after_crash.audit_after(0, 100).unwrap().is_empty());
     after_crash
         .audit_lazy("vm.exec", "vm-4", json!({}))
         .unwrap();
-    assert!(after_crash.audit_after(0, 100).unwrap().len() == 1);
+    assert!(after_crash.audit_after(0, 100).unwrap().is_empty());
     after_crash.sync().unwrap();
-    let next = after_crash.audit_after(newest.seq, 100).unwrap();
+    let next = after_crash.audit_after(0, 100).unwrap();
     assert_eq!(next.len(), 1);
     assert_eq!(next[0].seq, newest.seq + 1);
+    std::thread::sleep(std::time::Duration::from_millis(5));
+    after_crash.prune_finished_ops(0, 0);
+    drop(after_crash);
+    let reopened = Registry::open(&crashed).unwrap();
+    assert!(reopened.audit_after(0, 100).unwrap().is_empty());
+    reopened.audit("vm.stop", "vm-4", json!({})).unwrap();
+    let again = reopened.audit_after(0, 100).unwrap();
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].seq, newest.seq + 2);
 }

@@ -265,18 +265,14 @@ impl Txn<'_> {
 
     /// Removes up to `limit` of the oldest audit entries from before `before_ms`.
     pub fn trim_audit(&mut self, before_ms: u64, limit: usize) -> Result<usize, StoreError> {
-        let mut t = self.txn.open_table(AUDIT).map_err(storage)?;
-        crate::store_core::trim_older(&mut t, before_ms, limit).map_err(StoreError::Storage)
+        crate::store_core::trim_older(self.txn, AUDIT, before_ms, limit)
+            .map_err(StoreError::Storage)
     }
 
     /// Appends an audit entry (its sequence number and time are set here).
     pub fn audit(&mut self, mut entry: AuditEntry) -> Result<(), StoreError> {
+        entry.seq = crate::store_core::next_seq(self.txn, AUDIT).map_err(StoreError::Storage)?;
         let mut t = self.txn.open_table(AUDIT).map_err(storage)?;
-        entry.seq = t
-            .last()
-            .map_err(storage)?
-            .map(|(k, _)| k.value() + 1)
-            .unwrap_or(1);
         entry.at_ms = now_ms();
         t.insert(entry.seq, encode(&entry)?.as_slice())
             .map_err(storage)?;
