@@ -103,8 +103,10 @@ pub struct DriverConfig {
     #[serde(default)]
     pub token: Option<String>,
     /// A file holding the password, instead of `password` in this file: read
-    /// each time the driver starts and never recorded, readable by its owner
-    /// only (a systemd credential, for one). One trailing newline is dropped.
+    /// each time the driver starts and never recorded; a regular file of the
+    /// agent's own user that no one else may read (a systemd credential, for
+    /// one). One trailing newline is dropped. Config file only: `PUT
+    /// /v1/driver` refuses it.
     #[serde(default)]
     pub password_file: Option<PathBuf>,
     /// A file holding the token, instead of `token` (as `password-file`).
@@ -272,7 +274,8 @@ fn secret(
     inline: &Option<String>,
     file: &Option<PathBuf>,
 ) -> Result<Option<String>, String> {
-    use std::os::unix::fs::MetadataExt;
+    use std::io::Read;
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
     let path = match (inline, file) {
         (Some(_), Some(_)) => {
             return Err(format!("{field} and {field}-file are both set: give one"))
@@ -281,9 +284,26 @@ fn secret(
         (None, Some(path)) => path,
     };
     let shown = path.display();
-    let meta = std::fs::metadata(path).map_err(|e| format!("{field}-file {shown}: {e}"))?;
+    // Opened once and checked through the handle (no swap between check and
+    // read); non-blocking, so a FIFO put there does not hold the agent.
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| format!("{field}-file {shown}: {e}"))?;
+    let meta = f
+        .metadata()
+        .map_err(|e| format!("{field}-file {shown}: {e}"))?;
     if !meta.is_file() {
         return Err(format!("{field}-file {shown} is not a file"));
+    }
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if meta.uid() != me {
+        return Err(format!(
+            "{field}-file {shown} belongs to user {}, not to the agent's ({me})",
+            meta.uid()
+        ));
     }
     if meta.mode() & 0o077 != 0 {
         return Err(format!(
@@ -291,12 +311,19 @@ fn secret(
             meta.mode() & 0o777
         ));
     }
-    if meta.len() > MAX_SECRET_FILE {
+    // Bounded by what is read, not by the size the file reports.
+    let mut bytes = Vec::new();
+    f.by_ref()
+        .take(MAX_SECRET_FILE + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("{field}-file {shown}: {e}"))?;
+    if bytes.len() as u64 > MAX_SECRET_FILE {
         return Err(format!(
             "{field}-file {shown} is larger than {MAX_SECRET_FILE} bytes"
         ));
     }
-    let text = std::fs::read_to_string(path).map_err(|e| format!("{field}-file {shown}: {e}"))?;
+    let text =
+        String::from_utf8(bytes).map_err(|_| format!("{field}-file {shown} is not UTF-8 text"))?;
     let value = match text.strip_suffix('\n') {
         Some(t) => t.strip_suffix('\r').unwrap_or(t),
         None => &text,
@@ -388,6 +415,27 @@ mod secret_tests {
         assert!(read(dir.path(), "token-file = \"empty\"\n")
             .unwrap_err()
             .contains("is empty"));
+        // A FIFO is refused at once, not waited on; a file past the cap too.
+        let fifo = dir.path().join("fifo");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        assert!(read(dir.path(), "token-file = \"fifo\"\n")
+            .unwrap_err()
+            .contains("not a file"));
+        let big = dir.path().join("big");
+        std::fs::write(&big, vec![b'x'; 64 * 1024 + 1]).unwrap();
+        std::fs::set_permissions(&big, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(read(dir.path(), "token-file = \"big\"\n")
+            .unwrap_err()
+            .contains("larger than"));
+        // Another user's file, however private, is not the agent's secret.
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } == 0 {
+            std::os::unix::fs::chown(&file, Some(65534), None).unwrap();
+            let e = read(dir.path(), "password-file = \"vsphere.pw\"\n").unwrap_err();
+            assert!(e.contains("belongs to user 65534"), "{e}");
+        }
         let sub = dir.path().join("sub");
         std::fs::create_dir(&sub).unwrap();
         std::fs::set_permissions(&sub, std::fs::Permissions::from_mode(0o700)).unwrap();

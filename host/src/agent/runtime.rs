@@ -101,7 +101,16 @@ impl Runtime {
         if d.endpoint.is_empty() || d.endpoint.len() > 2048 {
             return Err("endpoint must be 1-2048 characters".into());
         }
-        d.secrets()?;
+        // A path through the API could name any file the agent may read (its
+        // keys, /proc), to be sent to an endpoint the caller picks: files are
+        // the operator's, in the config file.
+        if d.password_file.is_some() || d.token_file.is_some() {
+            return Err(
+                "password-file and token-file are read from the agent's config file ([driver]) \
+                 only; here give password or token"
+                    .into(),
+            );
+        }
         Ok(())
     }
 

@@ -29,17 +29,6 @@ pub enum DriverAction {
         /// Reconcile period, ms.
         #[arg(long, default_value_t = 5000)]
         reconcile_period_ms: u64,
-        /// User name for the endpoint.
-        #[arg(long)]
-        username: Option<String>,
-        /// A file on the agent's host holding the endpoint's password (owner
-        /// only; read at each start of the driver, never sent or recorded).
-        #[arg(long)]
-        password_file: Option<std::path::PathBuf>,
-        /// A file on the agent's host holding the endpoint's token (as
-        /// --password-file).
-        #[arg(long)]
-        token_file: Option<std::path::PathBuf>,
         /// The agent.
         #[arg(long, default_value = "http://127.0.0.1:7070")]
         agent_url: String,
@@ -75,29 +64,18 @@ pub async fn driver(action: DriverAction, out: Output) -> i32 {
         guest_plugin,
         migration_uri,
         reconcile_period_ms,
-        username,
-        password_file,
-        token_file,
         agent_url,
         secret,
         agent_fingerprint,
     } = action;
-    let absolute = |p: Option<std::path::PathBuf>| p.map(std::path::absolute).transpose();
-    let (password_file, token_file) = match (absolute(password_file), absolute(token_file)) {
-        (Ok(p), Ok(t)) => (p, t),
-        (Err(e), _) | (_, Err(e)) => {
-            eprintln!("error: {e}");
-            return 2;
-        }
-    };
     let d = DriverConfig {
         plugin,
         endpoint,
-        username,
+        username: None,
         password: None,
         token: None,
-        password_file,
-        token_file,
+        password_file: None,
+        token_file: None,
         guest_plugin,
         migration_uri,
         reconcile_period_ms,

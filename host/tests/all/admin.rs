@@ -443,6 +443,18 @@ async fn an_agent_without_a_driver_is_given_one_at_runtime_and_keeps_it() {
             .args(args)
             .output()
     };
+    // A secret file named through the API is refused: it could be any file
+    // the agent may read, sent to an endpoint the caller picks.
+    let e = c
+        .call::<_, Value>(
+            Method::PUT,
+            "/v1/driver",
+            Some(&json!({ "plugin": "memory", "endpoint": endpoint, "password-file": "/etc/shadow" })),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.status, 400, "{e}");
+    assert!(e.message.contains("config file"), "{e}");
     // A plugin that is not loaded is refused with the reason.
     let out = set(&["nope", &endpoint]).await.unwrap();
     assert_eq!(out.status.code(), Some(2), "{out:?}");
