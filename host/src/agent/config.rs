@@ -284,18 +284,23 @@ fn secret(
         (None, Some(path)) => path,
     };
     let shown = path.display();
-    // Opened once and checked through the handle (no swap between check and
-    // read); non-blocking, so a FIFO put there does not hold the agent.
+    // Only a regular file is opened (a device's open may do something), then
+    // checked again through the handle, so a swap in between is caught;
+    // non-blocking and without taking a terminal.
+    let before = std::fs::metadata(path).map_err(|e| format!("{field}-file {shown}: {e}"))?;
+    if !before.is_file() {
+        return Err(format!("{field}-file {shown} is not a file"));
+    }
     let mut f = std::fs::OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_NONBLOCK)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
         .open(path)
         .map_err(|e| format!("{field}-file {shown}: {e}"))?;
     let meta = f
         .metadata()
         .map_err(|e| format!("{field}-file {shown}: {e}"))?;
-    if !meta.is_file() {
-        return Err(format!("{field}-file {shown} is not a file"));
+    if !meta.is_file() || (meta.dev(), meta.ino()) != (before.dev(), before.ino()) {
+        return Err(format!("{field}-file {shown} changed while it was opened"));
     }
     // SAFETY: geteuid has no preconditions and cannot fail.
     let me = unsafe { libc::geteuid() };

@@ -292,8 +292,21 @@ impl Agent {
             router,
             config.bundles_dir.clone(),
         ));
-        // The config file's driver, else the one an earlier run was given.
-        if let Some(d) = config.driver.clone().or_else(|| runtime.recorded()) {
+        // The config file's driver, else the one an earlier run was given
+        // (over the API: secret files are the config file's alone, whatever
+        // a record says).
+        let driver = match (config.driver.clone(), runtime.recorded()) {
+            (Some(d), _) => Some(d),
+            (None, Some(d)) if d.password_file.is_some() || d.token_file.is_some() => {
+                return Err(AgentError::Secret(
+                    "the driver recorded at runtime names a password-file or token-file, \
+                     which only the config file may: give [driver] in the config file"
+                        .into(),
+                ))
+            }
+            (None, recorded) => recorded,
+        };
+        if let Some(d) = driver {
             runtime.bring_up(&d).await?;
         }
         let listener = tokio::net::TcpListener::bind(config.listen)

@@ -217,10 +217,8 @@ impl Runtime {
             "guest-plugin": d.guest_plugin,
             "migration-uri": d.migration_uri,
             "username": d.username,
-            "password-set": d.password.is_some() || d.password_file.is_some(),
-            "password-file": d.password_file,
-            "token-set": d.token.is_some() || d.token_file.is_some(),
-            "token-file": d.token_file,
+            "password-set": d.password.is_some(),
+            "token-set": d.token.is_some(),
         });
         self.registry
             .audit("driver.set", &d.plugin, detail)

@@ -485,6 +485,20 @@ async fn an_agent_without_a_driver_is_given_one_at_runtime_and_keeps_it() {
         (Some("memory"), Some(endpoint.as_str()))
     );
     again.stop().await;
+
+    // A recorded driver that names a secret file (as a build that took one
+    // over the API could have recorded) does not start: the file could be any.
+    {
+        let reg = gve::agent::registry::Registry::open(&dir.path().join("agent.redb")).unwrap();
+        let forged = json!({ "plugin": "memory", "endpoint": endpoint, "password-file": "/proc/self/environ" });
+        reg.write(|t| t.set_meta("driver", &forged.to_string()))
+            .unwrap();
+    }
+    let e = Agent::start(memory_config(dir.path()))
+        .await
+        .err()
+        .expect("a recorded password-file must not be read");
+    assert!(e.to_string().contains("only the config file may"), "{e}");
 }
 
 /// An unloaded driver plugin used to leave `[driver]` bound to a dead slot until a
