@@ -261,7 +261,8 @@ pub fn next_seq(txn: &WriteTransaction, def: TableDefinition<u64, &[u8]>) -> Res
 /// Removes up to `limit` of the oldest records of sequence table `def` whose
 /// `at-ms` is before `before_ms`, stopping at the first newer one (sequence
 /// order is time order); how many went. The highest number removed is kept in
-/// `meta`, so an emptied table numbers on ([`next_seq`]).
+/// `meta`, so an emptied table numbers on ([`next_seq`]); it is always above
+/// the one kept before, since every record left was numbered past it.
 pub fn trim_older(
     txn: &WriteTransaction,
     def: TableDefinition<u64, &[u8]>,
@@ -286,16 +287,8 @@ pub fn trim_older(
             .retain_in(..=last, |_, _| false)
             .map_err(|e| e.to_string())?;
         let mut meta = txn.open_table(META).map_err(|e| e.to_string())?;
-        let key = floor_key(def.name());
-        let floor = meta
-            .get(key.as_str())
-            .map_err(|e| e.to_string())?
-            .and_then(|v| v.value().parse::<u64>().ok())
-            .unwrap_or(0);
-        if last > floor {
-            meta.insert(key.as_str(), last.to_string().as_str())
-                .map_err(|e| e.to_string())?;
-        }
+        meta.insert(floor_key(def.name()).as_str(), last.to_string().as_str())
+            .map_err(|e| e.to_string())?;
     }
     Ok(n)
 }

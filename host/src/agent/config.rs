@@ -284,10 +284,11 @@ fn secret(
         (None, Some(path)) => path,
     };
     let shown = path.display();
+    let io = |e: std::io::Error| format!("{field}-file {shown}: {e}");
     // Only a regular file is opened (a device's open may do something), then
     // checked again through the handle, so a swap in between is caught;
     // non-blocking and without taking a terminal.
-    let before = std::fs::metadata(path).map_err(|e| format!("{field}-file {shown}: {e}"))?;
+    let before = std::fs::metadata(path).map_err(io)?;
     if !before.is_file() {
         return Err(format!("{field}-file {shown} is not a file"));
     }
@@ -295,10 +296,8 @@ fn secret(
         .read(true)
         .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
         .open(path)
-        .map_err(|e| format!("{field}-file {shown}: {e}"))?;
-    let meta = f
-        .metadata()
-        .map_err(|e| format!("{field}-file {shown}: {e}"))?;
+        .map_err(io)?;
+    let meta = f.metadata().map_err(io)?;
     if !meta.is_file() || (meta.dev(), meta.ino()) != (before.dev(), before.ino()) {
         return Err(format!("{field}-file {shown} changed while it was opened"));
     }
@@ -321,7 +320,7 @@ fn secret(
     f.by_ref()
         .take(MAX_SECRET_FILE + 1)
         .read_to_end(&mut bytes)
-        .map_err(|e| format!("{field}-file {shown}: {e}"))?;
+        .map_err(io)?;
     if bytes.len() as u64 > MAX_SECRET_FILE {
         return Err(format!(
             "{field}-file {shown} is larger than {MAX_SECRET_FILE} bytes"

@@ -234,17 +234,8 @@ async fn driver_call(
 
 impl AgentCore {
     /// Records an operation as running and starts it; returns it once its
-    /// record is durable, while it runs.
-    pub async fn submit(
-        self: &std::sync::Arc<Self>,
-        vm: &str,
-        params: OpParams,
-    ) -> Result<Operation, RegistryError> {
-        self.submit_keyed(vm, params, None).await
-    }
-
-    /// [`AgentCore::submit`] with a client's idempotency key: a key seen before
-    /// returns the operation it started, and nothing new runs.
+    /// record is durable, while it runs. With a client's idempotency key, a
+    /// key seen before returns the operation it started, and nothing new runs.
     pub async fn submit_keyed(
         self: &std::sync::Arc<Self>,
         vm: &str,

@@ -444,14 +444,9 @@ impl Registry {
                 meta.insert(NAMES_BUILT, "1").map_err(|e| err(&e))?;
             }
         }
-        txn.commit().map_err(|e| err(&e))?;
         // What the file holds after an opening is durable.
-        let last_audit = {
-            let txn = db.begin_write().map_err(|e| err(&e))?;
-            let next = crate::store_core::next_seq(&txn, AUDIT).map_err(|e| err(&e))?;
-            txn.abort().map_err(|e| err(&e))?;
-            next - 1
-        };
+        let last_audit = crate::store_core::next_seq(&txn, AUDIT).map_err(|e| err(&e))? - 1;
+        txn.commit().map_err(|e| err(&e))?;
         Ok(Registry {
             db: crate::store_core::Published::new(db, 1024),
             snapshot: Default::default(),

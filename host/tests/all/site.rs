@@ -65,6 +65,11 @@ pub async fn env(agents: usize, tune: impl FnOnce(&mut SiteConfig)) -> Env {
 impl Env {
     /// Creates a user and returns a client with their token.
     pub async fn user(&self, name: &str, quota: Option<Value>) -> Client {
+        self.user_with_token(name, quota).await.0
+    }
+
+    /// [`Env::user`], and the token itself (for raw requests).
+    pub async fn user_with_token(&self, name: &str, quota: Option<Value>) -> (Client, String) {
         let mut body = json!({ "name": name });
         if let Some(q) = quota {
             body["quota"] = q;
@@ -74,7 +79,11 @@ impl Env {
             .call(Method::POST, "/v1/users", Some(&body))
             .await
             .unwrap();
-        Client::new(self.admin.base(), u.token).unwrap()
+        let token = u.token.expect("a new user's token");
+        (
+            Client::new(self.admin.base(), Some(token.clone())).unwrap(),
+            token,
+        )
     }
 }
 
@@ -688,17 +697,7 @@ async fn requests_racing_for_the_same_pooled_vm_keep_the_quota_exact() {
 async fn a_submission_with_wait_ms_is_answered_when_its_job_ends() {
     use crate::agent::{header, raw_call};
     let e = env(1, |_| {}).await;
-    let u: UserView = e
-        .admin
-        .call(
-            Method::POST,
-            "/v1/users",
-            Some(&json!({ "name": "waiter" })),
-        )
-        .await
-        .unwrap();
-    let token = u.token.clone().unwrap();
-    let c = Client::new(e.admin.base(), u.token).unwrap();
+    let (c, token) = e.user_with_token("waiter", None).await;
     let base = e.admin.base().to_string();
     let (status, _, job) = raw_call(
         &base,
@@ -763,17 +762,7 @@ async fn a_submission_whose_job_outlasts_wait_ms_is_answered_202_and_goes_on() {
     use crate::agent::{header, raw_call};
     // No health check after registration: the site still takes the agent as up.
     let mut e = env(1, |c| c.health_period_ms = 600_000).await;
-    let made: UserView = e
-        .admin
-        .call(
-            Method::POST,
-            "/v1/users",
-            Some(&json!({ "name": "patient" })),
-        )
-        .await
-        .unwrap();
-    let token = made.token.clone().unwrap();
-    let u = Client::new(e.admin.base(), made.token).unwrap();
+    let (u, token) = e.user_with_token("patient", None).await;
     let vm: SiteVm =
         serde_json::from_value(job(&u, "/v1/vms", profile()).await.result.expect("a VM")).unwrap();
     let (agent, _) = e.agents.remove(0);
