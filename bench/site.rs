@@ -33,6 +33,8 @@ const CLIENTS: usize = 64;
 /// Concurrent HTTP clients: group commit batches what arrives during one commit.
 const CLIENT_COUNTS: [usize; 3] = [16, 64, 256];
 const LATENCY_ROUNDS: usize = 40;
+/// Exec round trips per path.
+const EXEC_ROUNDS: usize = 200;
 
 async fn agent() -> (Agent, Client, tempfile::TempDir) {
     let spec = PluginSpec {
@@ -86,17 +88,9 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
-#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
-async fn main() {
-    if std::env::args().any(|a| a == "--list") {
-        return;
-    }
-    let status = std::process::Command::new("bash")
-        .arg(gve_harness::root().join("scripts/build-plugins.sh"))
-        .status()
-        .unwrap();
-    assert!(status.success());
-
+/// Part 1: durable submissions over HTTP at each client count, then in-process;
+/// each as (clients, submissions/s, ended/s), and the in-process pair.
+async fn submissions() -> (Vec<(usize, f64, f64)>, f64, f64) {
     // 1. Submissions: no agent, so each request fails fast at placement; its runner
     //    still writes two more transactions (running, failed) per job meanwhile.
     let dir = tempfile::tempdir_in(target_dir()).unwrap();
@@ -174,6 +168,25 @@ async fn main() {
     );
     s.stop().await;
     drop(dir);
+    (http_rates, direct_rate, direct_ended)
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let status = std::process::Command::new("bash")
+        .arg(gve_harness::root().join("scripts/build-plugins.sh"))
+        .status()
+        .unwrap();
+    assert!(status.success());
+
+    let latency_only = std::env::var_os("GVE_SITE_LATENCY_ONLY").is_some();
+    let (http_rates, direct_rate, direct_ended) = match latency_only {
+        true => (Vec::new(), 0.0, 0.0),
+        false => submissions().await,
+    };
     // Under a profiler (bash bench/run.sh site-flame): the submissions only,
     // and no results written from a run the profiler slowed.
     if std::env::var_os("GVE_SITE_PROFILE").is_some() {
@@ -247,9 +260,58 @@ async fn main() {
             }
         }
     }
+    // Exec of `true` on one of the site's VMs: the user's job (answered at its
+    // end, `?wait-ms`) against the agent's operation (the same).
+    let vm: Job = u
+        .call(
+            Method::POST,
+            "/v1/vms?wait-ms=10000",
+            Some(&json!({ "main-memory-mib": 64, "name": "exec" })),
+        )
+        .await
+        .unwrap();
+    let vm_id = vm.vm.clone().unwrap();
+    let site_vm: gve::site::model::SiteVm = u.get(&format!("/v1/vms/{vm_id}")).await.unwrap();
+    let (mut exec_site, mut exec_agent) = (Vec::new(), Vec::new());
+    for i in 0..EXEC_ROUNDS {
+        for path in if i % 2 == 0 { [0, 1] } else { [1, 0] } {
+            let t = Instant::now();
+            if path == 0 {
+                let j: Job = u
+                    .call(
+                        Method::POST,
+                        &format!("/v1/vms/{vm_id}/exec?wait-ms=10000"),
+                        Some(&json!({ "argv": ["true"] })),
+                    )
+                    .await
+                    .unwrap();
+                assert_eq!(j.state, gve::site::model::JobState::Succeeded, "{j:?}");
+                exec_site.push(t.elapsed());
+            } else {
+                let op: Operation = ac
+                    .call(
+                        Method::POST,
+                        &format!("/v1/vms/{}/exec?wait-ms=10000", site_vm.agent_vm),
+                        Some(&json!({ "argv": ["true"] })),
+                    )
+                    .await
+                    .unwrap();
+                assert_eq!(op.state, gve::agent::model::OpState::Succeeded, "{op:?}");
+                exec_agent.push(t.elapsed());
+            }
+        }
+    }
     s.stop().await;
     a.stop().await;
     let (sv, dv) = (median(via_site), median(direct_t));
+    let (es, ea) = (median(exec_site), median(exec_agent));
+    if std::env::var_os("GVE_SITE_LATENCY_ONLY").is_some() {
+        eprintln!(
+            "request: site {:.2} ms, agent {:.2} ms; exec: site {:.2} ({:.2}-{:.2}) ms, agent {:.2} ({:.2}-{:.2}) ms",
+            ms(sv.0), ms(dv.0), ms(es.0), ms(es.1), ms(es.2), ms(ea.0), ms(ea.1), ms(ea.2)
+        );
+        return;
+    }
     let date = std::process::Command::new("date")
         .arg("-I")
         .output()
@@ -283,6 +345,10 @@ async fn main() {
         ms(dv.2)
     );
     md += &format!("| added by the site | {:+.1} ms |\n", ms(sv.0) - ms(dv.0));
+    md += &format!("\n## Exec of `true` on a VM, answered at its end (`?wait-ms`), median (IQR) of {EXEC_ROUNDS}, memory driver\n\n| path | round trip |\n|---|---|\n");
+    md += &format!("| site: `POST /v1/vms/{{id}}/exec` job (recorded `running` at once and started while that reaches the disk, the end durable before the answer; the agent's operation alike) | {:.2} ms ({:.2}–{:.2}) |\n", ms(es.0), ms(es.1), ms(es.2));
+    md += &format!("| agent directly: `POST /v1/vms/{{id}}/exec` operation (durable at its start and end) | {:.2} ms ({:.2}–{:.2}) |\n", ms(ea.0), ms(ea.1), ms(ea.2));
+    md += &format!("| added by the site | {:+.2} ms |\n", ms(es.0) - ms(ea.0));
     eprintln!("{md}");
     std::fs::write(gve_harness::root().join("bench/results/site.md"), md).unwrap();
 }

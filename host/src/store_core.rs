@@ -147,6 +147,37 @@ impl<Ev: Clone> Published<Ev> {
         })
     }
 
+    /// [`Published::write`] that hands the events back instead of publishing
+    /// them: the caller publishes them ([`Published::publish`]) once the change
+    /// is durable, when a later commit makes it so.
+    #[track_caller]
+    pub fn write_holding<T, E>(
+        &self,
+        durability: Durability,
+        storage: fn(String) -> E,
+        f: impl FnOnce(&WriteTransaction, &mut Vec<Ev>) -> Result<T, E>,
+    ) -> Result<(T, Vec<Ev>), E> {
+        let mut held = Vec::new();
+        let v = self.commit_when(
+            durability,
+            storage,
+            |txn, events| {
+                let v = f(txn, events)?;
+                Ok((v, true))
+            },
+            &mut held,
+        )?;
+        Ok((v, held))
+    }
+
+    /// Publishes events held back by [`Published::write_holding`].
+    pub fn publish(&self, events: Vec<Ev>) {
+        for ev in events {
+            // No subscriber is not an error.
+            let _ = self.events.send(ev);
+        }
+    }
+
     /// Runs `f`, which says whether its transaction is to be committed.
     #[track_caller]
     fn write_when<T, E>(
@@ -154,6 +185,22 @@ impl<Ev: Clone> Published<Ev> {
         durability: Durability,
         storage: fn(String) -> E,
         f: impl FnOnce(&WriteTransaction, &mut Vec<Ev>) -> Result<(T, bool), E>,
+    ) -> Result<T, E> {
+        let mut events = Vec::new();
+        let v = self.commit_when(durability, storage, f, &mut events)?;
+        self.publish(events);
+        Ok(v)
+    }
+
+    /// Runs `f`, which says whether its transaction is to be committed; the
+    /// events of a committed transaction are left in `out`.
+    #[track_caller]
+    fn commit_when<T, E>(
+        &self,
+        durability: Durability,
+        storage: fn(String) -> E,
+        f: impl FnOnce(&WriteTransaction, &mut Vec<Ev>) -> Result<(T, bool), E>,
+        out: &mut Vec<Ev>,
     ) -> Result<T, E> {
         let mut txn = self
             .db
@@ -174,10 +221,7 @@ impl<Ev: Clone> Published<Ev> {
         }
         txn.commit().map_err(|e| storage(e.to_string()))?;
         drop(held);
-        for ev in events {
-            // No subscriber is not an error.
-            let _ = self.events.send(ev);
-        }
+        *out = events;
         Ok(value)
     }
 

@@ -9,6 +9,12 @@
 //! thousands of durable submissions per second. A restarted site resumes every job
 //! that was queued or running; each agent call a job makes carries an idempotency
 //! key derived from the job, so a resumed job never runs an operation twice.
+//!
+//! A job whose owner has a run slot free, with nobody waiting for one, is
+//! recorded `running` in its submission's transaction and handed to a runner
+//! at once (no second write before it runs). A command in a guest so started
+//! runs while its batch reaches the disk, as an agent's operation does; every
+//! other job runs once its submission is durable.
 
 use std::sync::Arc;
 
@@ -36,8 +42,10 @@ struct Submission {
     quota: Option<Quota>,
     /// Recorded in the same transaction as the job.
     audit: Option<AuditEntry>,
-    /// Its place in its owner's queue.
-    ticket: Ticket,
+    /// Its place in its owner's queue, until the job is queued.
+    ticket: Option<Ticket>,
+    /// The ticket took a run slot: the job is recorded `running` at once.
+    started: bool,
     reply: oneshot::Sender<Result<Job, ApiError>>,
 }
 
@@ -139,7 +147,8 @@ impl Submitter {
                 job,
                 quota,
                 audit,
-                ticket,
+                ticket: Some(ticket),
+                started: false,
                 reply,
             })))
             .map_err(|_| unavailable("the job writer has stopped"))?;
@@ -208,32 +217,88 @@ fn writer(store: Store, rx: std::sync::mpsc::Receiver<Work>, run: Arc<Scheduler>
                 Err(_) => break,
             }
         }
+        // A job that can run at once is recorded `running` with its submission.
+        for w in batch.iter_mut() {
+            if let Work::Submit(s) = w {
+                s.started = s.ticket.as_mut().is_some_and(Ticket::start_now);
+            }
+        }
+        // A command in a guest that starts at once runs while its batch reaches
+        // the disk, as an agent's operation does: nothing is answered, and no
+        // event published, before the batch is durable. A crash within that
+        // one disk write loses the job (and its audit entry) with nobody told
+        // of it; the agent's audit of the command is its own. Anything else
+        // runs once it is durable.
+        let early = batch.iter().any(|w| match w {
+            Work::Submit(s) => s.started && s.job.kind == JobKind::Exec,
+            Work::Apply { .. } => false,
+        });
         // One transaction for the batch, durable unless every change in it is
-        // lazy; should one change fail, each is committed on its own so the
-        // others are not lost with it. (A commit that fails in redb may yet be
-        // on disk, and redb then refuses further writes: the changes are
-        // answered with errors and a restart finds what is on disk.)
+        // lazy (or its sync follows); should one change fail, each is committed
+        // on its own so the others are not lost with it. (A commit that fails in
+        // redb may yet be on disk, and redb then refuses further writes: the
+        // changes are answered with errors and a restart finds what is on disk.)
         let durable = !batch.iter().all(Work::lazy);
-        let together: Result<Vec<Verdict>, StoreError> =
-            store.commit_to(durable, |t| batch.iter_mut().map(|w| apply(t, w)).collect());
-        let verdicts = match together {
-            Ok(v) => v,
+        let mut events = Vec::new();
+        let together = store.commit_holding(durable && !early, |t| {
+            batch
+                .iter_mut()
+                .map(|w| apply(t, w))
+                .collect::<Result<Vec<_>, _>>()
+        });
+        let mut verdicts = match together {
+            Ok((v, evs)) => {
+                events = evs;
+                v
+            }
             Err(_) => batch
                 .iter_mut()
-                .map(|w| {
-                    store
-                        .commit_to(!w.lazy(), |t| apply(t, w))
-                        .unwrap_or_else(|e| Verdict::Failed(e.to_string()))
-                })
+                .map(
+                    |w| match store.commit_holding(!w.lazy() && !early, |t| apply(t, w)) {
+                        Ok((v, evs)) => {
+                            events.extend(evs);
+                            v
+                        }
+                        Err(e) => Verdict::Failed(e.to_string()),
+                    },
+                )
                 .collect(),
         };
+        if early {
+            for (w, verdict) in batch.iter_mut().zip(&verdicts) {
+                if let (Work::Submit(s), Verdict::Done) = (w, verdict) {
+                    if let (JobKind::Exec, true, Some(t)) = (s.job.kind, s.started, s.ticket.take())
+                    {
+                        run.enqueue(t, s.job.id.clone());
+                    }
+                }
+            }
+            // A sync that fails answers the batch with its error though some of
+            // it runs: redb refuses every write after it, and a restart finds
+            // what is on disk.
+            if durable {
+                if let Err(e) = store.commit_to(true, |_| Ok(())) {
+                    for v in verdicts.iter_mut() {
+                        if matches!(v, Verdict::Done) {
+                            *v = Verdict::Failed(e.to_string());
+                        }
+                    }
+                }
+            }
+        }
+        store.publish(events);
         for (w, verdict) in batch.into_iter().zip(verdicts) {
             match w {
                 Work::Submit(s) => {
-                    let s = *s;
+                    let mut s = *s;
                     let out = match verdict {
                         Verdict::Done => {
-                            run.enqueue(s.ticket, s.job.id.clone());
+                            if s.started {
+                                s.job.state = JobState::Running;
+                            }
+                            if let Some(t) = s.ticket.take() {
+                                run.enqueue(t, s.job.id.clone());
+                            }
                             Ok(s.job)
                         }
                         Verdict::Refused(e) => Err(e),
@@ -294,6 +359,11 @@ fn apply(t: &mut Txn<'_>, w: &mut Work) -> Result<Verdict, StoreError> {
                 }
             }
             t.put_job(job, Some("queued"))?;
+            if s.started {
+                let mut running = job.clone();
+                running.state = JobState::Running;
+                t.put_job(&running, Some("running"))?;
+            }
             if let Some(a) = &s.audit {
                 t.audit(a.clone())?;
             }
@@ -313,7 +383,7 @@ pub fn spawn_runner(core: Arc<SiteCore>) -> tokio::task::JoinHandle<()> {
             while let Some(run) = core.scheduler.next() {
                 let core = core.clone();
                 running.spawn(async move {
-                    core.run_job(&run.id).await;
+                    core.run_job(&run.id, run.recorded_running).await;
                     drop(run);
                 });
             }
@@ -355,26 +425,31 @@ impl SiteCore {
         .map_err(store_error)
     }
 
-    /// Runs (or resumes) one job to its end.
-    pub async fn run_job(self: &Arc<Self>, id: &str) {
-        // Queued → running in one transaction, so a cancel cannot slip in between.
-        // Lazily durable, in the writer's next batch: a crash that undoes it
-        // leaves the job queued, and resumed.
+    /// Runs (or resumes) one job to its end; `recorded_running` when its
+    /// submission recorded it `running` already.
+    pub async fn run_job(self: &Arc<Self>, id: &str, recorded_running: bool) {
         let key = id.to_string();
-        let started = self
-            .submitter
-            .run(true, move |t| {
-                let Some(mut j) = t.job(&key)? else {
-                    return Ok(None);
-                };
-                if j.state == JobState::Queued {
-                    j.state = JobState::Running;
-                    j.updated_ms = now_ms();
-                    t.put_job(&j, Some("running"))?;
-                }
-                Ok(Some(j))
-            })
-            .await;
+        let started = match recorded_running {
+            true => self.store.job(id),
+            // Queued → running in one transaction, so a cancel cannot slip in
+            // between. Lazily durable, in the writer's next batch: a crash that
+            // undoes it leaves the job queued, and resumed.
+            false => {
+                self.submitter
+                    .run(true, move |t| {
+                        let Some(mut j) = t.job(&key)? else {
+                            return Ok(None);
+                        };
+                        if j.state == JobState::Queued {
+                            j.state = JobState::Running;
+                            j.updated_ms = now_ms();
+                            t.put_job(&j, Some("running"))?;
+                        }
+                        Ok(Some(j))
+                    })
+                    .await
+            }
+        };
         let job = match started {
             Ok(Some(j)) if !j.state.is_terminal() => j,
             Ok(_) => return,

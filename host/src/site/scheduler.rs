@@ -56,6 +56,9 @@ struct State {
     running: usize,
     system: VecDeque<String>,
     system_running: usize,
+    /// Jobs given their slot as they were recorded ([`Ticket::start_now`]),
+    /// with their owners, for [`Scheduler::next`] to hand out first.
+    started: VecDeque<(String, String)>,
     /// Moving average of how long a user job runs, milliseconds.
     mean_run_ms: f64,
 }
@@ -80,12 +83,17 @@ impl UserQueue {
 pub struct Ticket {
     owner: String,
     sched: Option<Arc<Scheduler>>,
+    /// Holds a run slot already ([`Ticket::start_now`]).
+    started: bool,
 }
 
 /// A job the scheduler has started: its slot is given back when this is dropped.
 pub struct Run {
     /// The job.
     pub id: String,
+    /// Recorded `running` with its submission ([`Ticket::start_now`]): the
+    /// runner need not write it.
+    pub recorded_running: bool,
     owner: Option<String>,
     started: Instant,
     sched: Arc<Scheduler>,
@@ -138,13 +146,21 @@ impl Scheduler {
         Ok(Ticket {
             owner: owner.to_string(),
             sched: Some(self.clone()),
+            started: false,
         })
     }
 
-    /// Queues a recorded job on the place `ticket` holds.
+    /// Queues a recorded job on the place `ticket` holds; one whose ticket took
+    /// its slot already ([`Ticket::start_now`]) is handed out next.
     pub fn enqueue(&self, mut ticket: Ticket, id: String) {
         ticket.sched = None;
         let mut s = self.lock();
+        if ticket.started {
+            s.started.push_back((id, std::mem::take(&mut ticket.owner)));
+            drop(s);
+            self.wake.notify_one();
+            return;
+        }
         let q = s.users.entry(ticket.owner.clone()).or_default();
         q.admitting = q.admitting.saturating_sub(1);
         q.queue.push_back(id);
@@ -210,6 +226,12 @@ impl Scheduler {
                 return Some(self.run(id, None));
             }
         }
+        // Their slots are taken already.
+        if let Some((id, owner)) = s.started.pop_front() {
+            let mut run = self.run(id, Some(owner));
+            run.recorded_running = true;
+            return Some(run);
+        }
         while s.running < self.limits.parallel {
             let owner = s.turn.pop_front()?;
             let limit = self.limits.running_per_user;
@@ -234,6 +256,7 @@ impl Scheduler {
     fn run(self: &Arc<Self>, id: String, owner: Option<String>) -> Run {
         Run {
             id,
+            recorded_running: false,
             owner,
             started: Instant::now(),
             sched: self.clone(),
@@ -245,14 +268,17 @@ impl Scheduler {
         self.wake.notified().await;
     }
 
-    fn done(&self, owner: Option<&str>, took: Duration) {
+    /// Gives a slot back; `took` is how long its job ran, if it ran.
+    fn done(&self, owner: Option<&str>, took: Option<Duration>) {
         let mut s = self.lock();
         match owner {
             None => s.system_running = s.system_running.saturating_sub(1),
             Some(owner) => {
                 s.running = s.running.saturating_sub(1);
-                let ms = took.as_secs_f64() * 1000.0;
-                s.mean_run_ms = 0.9 * s.mean_run_ms + 0.1 * ms;
+                if let Some(took) = took {
+                    let ms = took.as_secs_f64() * 1000.0;
+                    s.mean_run_ms = 0.9 * s.mean_run_ms + 0.1 * ms;
+                }
                 if let Some(q) = s.users.get_mut(owner) {
                     q.running = q.running.saturating_sub(1);
                     if q.queue.is_empty() && q.running == 0 && q.admitting == 0 {
@@ -268,9 +294,46 @@ impl Scheduler {
     }
 }
 
+impl Ticket {
+    /// Takes a run slot for this job at once, as it is recorded, when that is
+    /// what [`Scheduler::next`] would do anyway: a slot is free, no user waits
+    /// for one, and the owner has nothing queued and a slot of their own. The
+    /// job is then recorded `running` with its submission and handed out first
+    /// (no second write before it runs). True if the ticket holds a slot.
+    pub fn start_now(&mut self) -> bool {
+        let Some(sched) = &self.sched else {
+            return self.started;
+        };
+        if self.started {
+            return true;
+        }
+        let limits = sched.limits;
+        let mut s = sched.lock();
+        if s.running >= limits.parallel || !s.turn.is_empty() {
+            return false;
+        }
+        let Some(q) = s.users.get_mut(&self.owner) else {
+            return false;
+        };
+        if !q.queue.is_empty() || q.running >= limits.running_per_user {
+            return false;
+        }
+        q.admitting = q.admitting.saturating_sub(1);
+        q.running += 1;
+        s.running += 1;
+        self.started = true;
+        true
+    }
+}
+
 impl Drop for Ticket {
     fn drop(&mut self) {
         if let Some(sched) = self.sched.take() {
+            if self.started {
+                // Its job was not recorded: the slot it took is free again.
+                sched.done(Some(&self.owner), None);
+                return;
+            }
             let mut s = sched.lock();
             if let Some(q) = s.users.get_mut(&self.owner) {
                 q.admitting = q.admitting.saturating_sub(1);
@@ -282,7 +345,7 @@ impl Drop for Ticket {
 impl Drop for Run {
     fn drop(&mut self) {
         self.sched
-            .done(self.owner.as_deref(), self.started.elapsed());
+            .done(self.owner.as_deref(), Some(self.started.elapsed()));
     }
 }
 
@@ -360,6 +423,41 @@ mod tests {
         assert_eq!(sys.id, "expire");
         drop((busy, sys));
         assert_eq!(s.next().unwrap().id, "a1");
+    }
+
+    #[test]
+    fn a_job_starts_as_it_is_recorded_only_where_no_other_waits() {
+        let s = Scheduler::new(limits(2, 1, 10));
+        let mut t = s.admit("a").unwrap();
+        assert!(t.start_now());
+        s.enqueue(t, "a0".into());
+        let a0 = s.next().unwrap();
+        assert_eq!((a0.id.as_str(), a0.recorded_running), ("a0", true));
+        // The owner's own slot is taken: queued, not started.
+        let mut t = s.admit("a").unwrap();
+        assert!(!t.start_now());
+        s.enqueue(t, "a1".into());
+        // Another user takes the second slot at once.
+        let mut t = s.admit("b").unwrap();
+        assert!(t.start_now());
+        // No slot is left; a ticket given back without its job frees its slot.
+        let mut c = s.admit("c").unwrap();
+        assert!(!c.start_now());
+        drop(t);
+        assert_eq!(s.counts("b"), (0, 0));
+        assert!(c.start_now(), "b's slot is free again");
+        drop(c);
+        // A user waiting in turn for a free slot goes first.
+        drop(a0);
+        let mut d = s.admit("d").unwrap();
+        assert!(!d.start_now(), "a1 waits for the slot a0 freed");
+        s.enqueue(d, "d0".into());
+        let runs: Vec<Run> = std::iter::from_fn(|| s.next()).collect();
+        let next: Vec<(&str, bool)> = runs
+            .iter()
+            .map(|r| (r.id.as_str(), r.recorded_running))
+            .collect();
+        assert_eq!(next, [("a1", false), ("d0", false)]);
     }
 
     #[test]

@@ -426,6 +426,29 @@ impl Store {
         self.commit(durability, f)
     }
 
+    /// [`Store::commit_to`] that hands back the events instead of publishing
+    /// them, for [`Store::publish`] once the change is durable.
+    #[track_caller]
+    pub fn commit_holding<T>(
+        &self,
+        durable: bool,
+        f: impl FnOnce(&mut Txn<'_>) -> Result<T, StoreError>,
+    ) -> Result<(T, Vec<JobEvent>), StoreError> {
+        let durability = match durable {
+            true => redb::Durability::Immediate,
+            false => redb::Durability::None,
+        };
+        self.db
+            .write_holding(durability, StoreError::Storage, |txn, events| {
+                self.within(txn, events, f)
+            })
+    }
+
+    /// Publishes events [`Store::commit_holding`] held back.
+    pub fn publish(&self, events: Vec<JobEvent>) {
+        self.db.publish(events);
+    }
+
     #[track_caller]
     fn commit<T>(
         &self,
