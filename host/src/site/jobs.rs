@@ -4,7 +4,8 @@
 //! transaction with the usage they move.
 //!
 //! Submissions go through one writer thread that commits them in batches (group
-//! commit): each batch is one durable transaction, checked submission by submission,
+//! commit): each batch is one transaction, durable before anything in it is
+//! answered or published, checked submission by submission,
 //! so N concurrent requests can never push a user over quota and the site accepts
 //! thousands of durable submissions per second. A restarted site resumes every job
 //! that was queued or running; each agent call a job makes carries an idempotency
@@ -12,9 +13,11 @@
 //!
 //! A job whose owner has a run slot free, with nobody waiting for one, is
 //! recorded `running` in its submission's transaction and handed to a runner
-//! at once (no second write before it runs). A command in a guest so started
-//! runs while its batch reaches the disk, as an agent's operation does; every
-//! other job runs once its submission is durable.
+//! at once (no second write before it runs; one such start per owner and
+//! batch, as the turns would give). A command in a guest so started, in a
+//! batch of nothing but such commands and lazy changes, runs while its batch
+//! reaches the disk, as an agent's operation does; every other job runs once
+//! its submission is durable.
 
 use std::sync::Arc;
 
@@ -217,22 +220,30 @@ fn writer(store: Store, rx: std::sync::mpsc::Receiver<Work>, run: Arc<Scheduler>
                 Err(_) => break,
             }
         }
-        // A job that can run at once is recorded `running` with its submission.
+        // A job that can run at once is recorded `running` with its submission;
+        // one per owner and batch, as the turns between users would give.
+        let mut starters = std::collections::HashSet::new();
         for w in batch.iter_mut() {
             if let Work::Submit(s) = w {
-                s.started = s.ticket.as_mut().is_some_and(Ticket::start_now);
+                s.started = !starters.contains(&s.job.owner)
+                    && s.ticket.as_mut().is_some_and(Ticket::start_now);
+                if s.started {
+                    starters.insert(s.job.owner.clone());
+                }
             }
         }
-        // A command in a guest that starts at once runs while its batch reaches
-        // the disk, as an agent's operation does: nothing is answered, and no
-        // event published, before the batch is durable. A crash within that
-        // one disk write loses the job (and its audit entry) with nobody told
-        // of it; the agent's audit of the command is its own. Anything else
-        // runs once it is durable.
-        let early = batch.iter().any(|w| match w {
-            Work::Submit(s) => s.started && s.job.kind == JobKind::Exec,
-            Work::Apply { .. } => false,
-        });
+        // Commands in guests that start at once run while their batch reaches
+        // the disk, as an agent's operations do: nothing is answered, and no
+        // event published, before the batch is durable. Only a batch of such
+        // commands and lazy changes: another's change would be readable before
+        // it is durable. A crash within that one disk write loses the jobs (and
+        // their audit entries) with nobody told of them; the agent's audit of
+        // a command is its own. Anything else runs once it is durable.
+        let early = batch.iter().any(|w| !w.lazy())
+            && batch.iter().all(|w| match w {
+                Work::Submit(s) => s.started && s.job.kind == JobKind::Exec,
+                Work::Apply { lazy, .. } => *lazy,
+            });
         // One transaction for the batch, durable unless every change in it is
         // lazy (or its sync follows); should one change fail, each is committed
         // on its own so the others are not lost with it. (A commit that fails in
@@ -267,21 +278,19 @@ fn writer(store: Store, rx: std::sync::mpsc::Receiver<Work>, run: Arc<Scheduler>
         if early {
             for (w, verdict) in batch.iter_mut().zip(&verdicts) {
                 if let (Work::Submit(s), Verdict::Done) = (w, verdict) {
-                    if let (JobKind::Exec, true, Some(t)) = (s.job.kind, s.started, s.ticket.take())
-                    {
+                    if let Some(t) = s.ticket.take() {
                         run.enqueue(t, s.job.id.clone());
                     }
                 }
             }
-            // A sync that fails answers the batch with its error though some of
-            // it runs: redb refuses every write after it, and a restart finds
-            // what is on disk.
-            if durable {
-                if let Err(e) = store.commit_to(true, |_| Ok(())) {
-                    for v in verdicts.iter_mut() {
-                        if matches!(v, Verdict::Done) {
-                            *v = Verdict::Failed(e.to_string());
-                        }
+            // A sync that fails answers the batch with its error, and publishes
+            // nothing of it, though its commands run: redb refuses every write
+            // after it, and a restart finds what is on disk.
+            if let Err(e) = store.commit_to(true, |_| Ok(())) {
+                events.clear();
+                for v in verdicts.iter_mut() {
+                    if matches!(v, Verdict::Done) {
+                        *v = Verdict::Failed(e.to_string());
                     }
                 }
             }

@@ -795,7 +795,8 @@ async fn a_submission_whose_job_outlasts_wait_ms_is_answered_202_and_goes_on() {
 /// its batch reaches the disk; its `202` and its events come only once it is
 /// durable. The database as a kill -9 would leave it, right after the answer
 /// or right after a follower got the job's first event, holds the job and its
-/// audit entry.
+/// audit entry. Each image is copied holding the database's write lock, so no
+/// commit lands during a copy, and none (the sync included) before it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_exec_started_as_it_is_recorded_is_answered_and_published_only_once_durable() {
     // No health checks to write while the file is copied.
@@ -805,15 +806,27 @@ async fn an_exec_started_as_it_is_recorded_is_answered_and_published_only_once_d
         serde_json::from_value(job(&c, "/v1/vms", profile()).await.result.unwrap()).unwrap();
     let db = e.site.core.config.data_dir.join("site.redb");
     let images = tempfile::tempdir().unwrap();
+    let image_of =
+        |store: &gve::site::store::Store, db: &std::path::Path, image: &std::path::Path| {
+            store
+                .write_if(|_| {
+                    std::fs::copy(db, image).unwrap();
+                    Ok(None::<()>)
+                })
+                .unwrap();
+        };
     // A follower that copies the file as soon as it is told of a new job.
     let mut events = e.site.core.store.subscribe();
     let (follower_db, follower_dir) = (db.clone(), images.path().to_path_buf());
+    let store = e.site.core.store.clone();
     let follower = tokio::spawn(async move {
         let mut seen = Vec::new();
-        while let Ok(ev) = events.recv().await {
+        // The 20 execs' (nothing else is submitted meanwhile).
+        while seen.len() < 20 {
+            let ev = events.recv().await.unwrap();
             if ev.state == JobState::Queued {
                 let image = follower_dir.join(format!("event-{}.redb", seen.len()));
-                std::fs::copy(&follower_db, &image).unwrap();
+                image_of(&store, &follower_db, &image);
                 seen.push((ev.job, image));
             }
         }
@@ -830,12 +843,15 @@ async fn an_exec_started_as_it_is_recorded_is_answered_and_published_only_once_d
             .await
             .unwrap();
         let image = images.path().join(format!("answer-{i}.redb"));
-        std::fs::copy(&db, &image).unwrap();
+        image_of(&e.site.core.store, &db, &image);
         assert_eq!(wait_job(&c, &j.id).await.state, JobState::Succeeded);
         answered.push((j, image));
     }
+    let seen = tokio::time::timeout(Duration::from_secs(30), follower)
+        .await
+        .expect("the follower got every exec's first event")
+        .unwrap();
     e.site.stop().await;
-    let seen = follower.await.unwrap();
     // Nothing else ran: each found the slot free and started at once.
     let started = answered
         .iter()
