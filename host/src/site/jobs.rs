@@ -4,8 +4,9 @@
 //! transaction with the usage they move.
 //!
 //! Submissions go through one writer thread that commits them in batches (group
-//! commit): each batch is one transaction, durable before anything in it is
-//! answered or published, checked submission by submission,
+//! commit): each batch is one transaction (piece by piece should one change
+//! fail), durable before anything in it is answered or published unless every
+//! change in it is lazy, checked submission by submission,
 //! so N concurrent requests can never push a user over quota and the site accepts
 //! thousands of durable submissions per second. A restarted site resumes every job
 //! that was queued or running; each agent call a job makes carries an idempotency
