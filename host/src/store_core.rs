@@ -294,12 +294,28 @@ pub fn next_seq(txn: &WriteTransaction, def: TableDefinition<u64, &[u8]>) -> Res
         return Ok(k.value() + 1);
     }
     let meta = txn.open_table(META).map_err(|x| e(&x))?;
-    let floor = meta
-        .get(floor_key(def.name()).as_str())
-        .map_err(|x| e(&x))?
-        .and_then(|v| v.value().parse::<u64>().ok())
-        .unwrap_or(0);
-    Ok(floor + 1)
+    let key = floor_key(def.name());
+    let floor = meta.get(key.as_str()).map_err(|x| e(&x))?;
+    let floor = sequence_floor(&key, floor.as_ref().map(|v| v.value()))?;
+    floor
+        .checked_add(1)
+        .ok_or_else(|| format!("meta '{key}' is {floor}: no sequence number is left above it"))
+}
+
+/// A sequence floor kept in `meta` under `key` (0 when none is kept). A value
+/// that is not a number is an error, never 0: numbering again from a guessed
+/// floor would hand followers (`after=N`, `Last-Event-ID`) numbers they have
+/// seen, so the service refuses the write (and refuses to open) instead.
+pub fn sequence_floor(key: &str, value: Option<&str>) -> Result<u64, String> {
+    match value {
+        None => Ok(0),
+        Some(v) => v.parse::<u64>().map_err(|_| {
+            format!(
+                "meta '{key}' holds {v:?}, not a sequence number: the database is damaged \
+                 (restore it from a backup, or set the value past every number handed out)"
+            )
+        }),
+    }
 }
 
 /// Removes up to `limit` of the oldest records of sequence table `def` whose

@@ -546,3 +546,53 @@ fn a_lowered_max_job_events_is_met_without_new_events() {
     assert_eq!(kept[0].message, "step 500", "the oldest went first");
     assert_eq!(store.event_index_len().unwrap(), 1_000);
 }
+
+/// A sequence floor that is not a number (a damaged database) refuses the
+/// service's open and names its key, rather than numbering again from 0 and
+/// handing followers (`after=N`, `Last-Event-ID`) numbers they have seen; once
+/// mended, the database opens.
+#[test]
+fn a_damaged_sequence_floor_refuses_the_open_and_names_it() {
+    use gve::agent::registry::Registry;
+    use gve::site::store::Store;
+
+    fn set_meta(path: &std::path::Path, key: &str, value: &str) {
+        let db = redb::Database::open(path).unwrap();
+        let w = db.begin_write().unwrap();
+        w.open_table(redb::TableDefinition::<&str, &str>::new("meta"))
+            .unwrap()
+            .insert(key, value)
+            .unwrap();
+        w.commit().unwrap();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let site = dir.path().join("site.redb");
+    let agent = dir.path().join("agent.redb");
+    let open = |path: &std::path::Path| -> Result<(), String> {
+        if path == site {
+            Store::open(path).map(drop).map_err(|e| e.to_string())
+        } else {
+            Registry::open(path).map(drop).map_err(|e| e.to_string())
+        }
+    };
+    open(&site).unwrap();
+    open(&agent).unwrap();
+    for (path, key) in [
+        (&site, "events:floor"),
+        (&site, "seq-floor:audit"),
+        (&agent, "seq-floor:audit"),
+    ] {
+        set_meta(path, key, "12x");
+        let e = open(path).unwrap_err();
+        assert!(
+            e.contains(key) && e.contains("\"12x\"") && e.contains("damaged"),
+            "{key}: {e}"
+        );
+        set_meta(path, key, "7");
+        open(path).unwrap_or_else(|e| panic!("{key} mended: {e}"));
+    }
+    // A floor at the end of the numbers cannot be numbered past either.
+    set_meta(&agent, "seq-floor:audit", &u64::MAX.to_string());
+    let e = open(&agent).unwrap_err();
+    assert!(e.contains("no sequence number is left"), "{e}");
+}

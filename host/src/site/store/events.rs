@@ -47,34 +47,51 @@ fn head(bytes: &[u8]) -> Head {
 /// may use: [`SEQ_GAP`] past both the last event on disk and the previous run's
 /// floor, and recorded (the caller commits durably), so that no sequence number
 /// a subscriber may have seen before a crash is given to another event after it.
-pub(super) fn open_tables(txn: &WriteTransaction) -> Result<u64, redb::Error> {
-    let events = txn.open_table(EVENTS)?;
-    let mut by_job = txn.open_table(BY_JOB)?;
-    let mut meta = txn.open_table(META)?;
-    let last = events.last()?.map(|(k, _)| k.value()).unwrap_or(0);
-    let before = meta
-        .get(FLOOR)?
-        .and_then(|v| v.value().parse::<u64>().ok())
+pub(super) fn open_tables(txn: &WriteTransaction) -> Result<u64, StoreError> {
+    let events = txn.open_table(EVENTS).map_err(storage)?;
+    let mut by_job = txn.open_table(BY_JOB).map_err(storage)?;
+    let mut meta = txn.open_table(META).map_err(storage)?;
+    let last = events
+        .last()
+        .map_err(storage)?
+        .map(|(k, _)| k.value())
         .unwrap_or(0);
-    let floor = last.max(before).saturating_add(SEQ_GAP);
-    meta.insert(FLOOR, floor.to_string().as_str())?;
-    if meta.get(BUILT)?.is_some() {
+    let before = meta
+        .get(FLOOR)
+        .map_err(storage)?
+        .map(|v| v.value().to_string());
+    let before =
+        crate::store_core::sequence_floor(FLOOR, before.as_deref()).map_err(StoreError::Storage)?;
+    let floor = last.max(before).checked_add(SEQ_GAP).ok_or_else(|| {
+        StoreError::Storage(format!(
+            "meta '{FLOOR}' or the last event is {}: no sequence number is left above it",
+            last.max(before)
+        ))
+    })?;
+    meta.insert(FLOOR, floor.to_string().as_str())
+        .map_err(storage)?;
+    if meta.get(BUILT).map_err(storage)?.is_some() {
         return Ok(floor);
     }
-    super::build_index("the job events by job", events.len()?, |progress| {
-        let mut n = 0u64;
-        for row in events.range::<u64>(..)? {
-            let (k, v) = row?;
-            progress.read_one();
-            let h = head(v.value());
-            if !h.job.is_empty() {
-                by_job.insert((h.job.as_str(), k.value()), ())?;
-                n += 1;
+    super::build_index(
+        "the job events by job",
+        events.len().map_err(storage)?,
+        |progress| {
+            let mut n = 0u64;
+            for row in events.range::<u64>(..)? {
+                let (k, v) = row?;
+                progress.read_one();
+                let h = head(v.value());
+                if !h.job.is_empty() {
+                    by_job.insert((h.job.as_str(), k.value()), ())?;
+                    n += 1;
+                }
             }
-        }
-        Ok::<_, redb::Error>(n)
-    })?;
-    meta.insert(BUILT, "1")?;
+            Ok::<_, redb::Error>(n)
+        },
+    )
+    .map_err(storage)?;
+    meta.insert(BUILT, "1").map_err(storage)?;
     Ok(floor)
 }
 

@@ -327,6 +327,8 @@ impl Store {
             drift::record(&txn).map_err(|e| err(&e))?;
             vms::open_tables(&txn).map_err(|e| err(&e))?;
             txn.open_table(AUDIT).map_err(|e| err(&e))?;
+            // A damaged audit floor refuses the open, not the first audited write.
+            crate::store_core::next_seq(&txn, AUDIT).map_err(|e| err(&e))?;
             let mut meta = txn.open_table(META).map_err(|e| err(&e))?;
             if meta.get("schema").map_err(|e| err(&e))?.is_none() {
                 meta.insert("schema", "1").map_err(|e| err(&e))?;
