@@ -305,7 +305,7 @@ async fn main() {
     a.stop().await;
     let (sv, dv) = (median(via_site), median(direct_t));
     let (es, ea) = (median(exec_site), median(exec_agent));
-    if std::env::var_os("GVE_SITE_LATENCY_ONLY").is_some() {
+    if latency_only {
         eprintln!(
             "request: site {:.2} ms, agent {:.2} ms; exec: site {:.2} ({:.2}-{:.2}) ms, agent {:.2} ({:.2}-{:.2}) ms",
             ms(sv.0), ms(dv.0), ms(es.0), ms(es.1), ms(es.2), ms(ea.0), ms(ea.1), ms(ea.2)

@@ -157,17 +157,10 @@ impl<Ev: Clone> Published<Ev> {
         storage: fn(String) -> E,
         f: impl FnOnce(&WriteTransaction, &mut Vec<Ev>) -> Result<T, E>,
     ) -> Result<(T, Vec<Ev>), E> {
-        let mut held = Vec::new();
-        let v = self.commit_when(
-            durability,
-            storage,
-            |txn, events| {
-                let v = f(txn, events)?;
-                Ok((v, true))
-            },
-            &mut held,
-        )?;
-        Ok((v, held))
+        self.commit_when(durability, storage, |txn, events| {
+            let v = f(txn, events)?;
+            Ok((v, true))
+        })
     }
 
     /// Publishes events held back by [`Published::write_holding`].
@@ -186,22 +179,20 @@ impl<Ev: Clone> Published<Ev> {
         storage: fn(String) -> E,
         f: impl FnOnce(&WriteTransaction, &mut Vec<Ev>) -> Result<(T, bool), E>,
     ) -> Result<T, E> {
-        let mut events = Vec::new();
-        let v = self.commit_when(durability, storage, f, &mut events)?;
+        let (v, events) = self.commit_when(durability, storage, f)?;
         self.publish(events);
         Ok(v)
     }
 
-    /// Runs `f`, which says whether its transaction is to be committed; the
-    /// events of a committed transaction are left in `out`.
+    /// Runs `f`, which says whether its transaction is to be committed; its
+    /// value, and the events of a committed transaction (none of an aborted one).
     #[track_caller]
     fn commit_when<T, E>(
         &self,
         durability: Durability,
         storage: fn(String) -> E,
         f: impl FnOnce(&WriteTransaction, &mut Vec<Ev>) -> Result<(T, bool), E>,
-        out: &mut Vec<Ev>,
-    ) -> Result<T, E> {
+    ) -> Result<(T, Vec<Ev>), E> {
         let mut txn = self
             .db
             .db
@@ -217,12 +208,11 @@ impl<Ev: Clone> Published<Ev> {
         let (value, keep) = f(&txn, &mut events)?;
         if !keep {
             txn.abort().map_err(|e| storage(e.to_string()))?;
-            return Ok(value);
+            return Ok((value, Vec::new()));
         }
         txn.commit().map_err(|e| storage(e.to_string()))?;
         drop(held);
-        *out = events;
-        Ok(value)
+        Ok((value, events))
     }
 
     /// Events committed from now on.

@@ -28,7 +28,7 @@ use tokio::sync::oneshot;
 
 use super::agents::db;
 use super::model::{now_ms, AuditEntry, Job, JobKind, JobState, OpError, Quota, Usage};
-use super::scheduler::{Lane, Scheduler, Ticket};
+use super::scheduler::{start_batch, Lane, Scheduler, Ticket};
 use super::store::{Store, StoreError, Txn};
 use super::SiteCore;
 use crate::api::ApiError;
@@ -223,14 +223,13 @@ fn writer(store: Store, rx: std::sync::mpsc::Receiver<Work>, run: Arc<Scheduler>
         }
         // A job that can run at once is recorded `running` with its submission;
         // one per owner and batch, as the turns between users would give.
-        let mut starters = std::collections::HashSet::new();
+        start_batch(batch.iter_mut().filter_map(|w| match w {
+            Work::Submit(s) => s.ticket.as_mut(),
+            Work::Apply { .. } => None,
+        }));
         for w in batch.iter_mut() {
             if let Work::Submit(s) = w {
-                s.started = !starters.contains(&s.job.owner)
-                    && s.ticket.as_mut().is_some_and(Ticket::start_now);
-                if s.started {
-                    starters.insert(s.job.owner.clone());
-                }
+                s.started = s.ticket.as_ref().is_some_and(Ticket::started);
             }
         }
         // Commands in guests that start at once run while their batch reaches
@@ -438,13 +437,13 @@ impl SiteCore {
     /// Runs (or resumes) one job to its end; `recorded_running` when its
     /// submission recorded it `running` already.
     pub async fn run_job(self: &Arc<Self>, id: &str, recorded_running: bool) {
-        let key = id.to_string();
         let started = match recorded_running {
             true => self.store.job(id),
             // Queued → running in one transaction, so a cancel cannot slip in
             // between. Lazily durable, in the writer's next batch: a crash that
             // undoes it leaves the job queued, and resumed.
             false => {
+                let key = id.to_string();
                 self.submitter
                     .run(true, move |t| {
                         let Some(mut j) = t.job(&key)? else {

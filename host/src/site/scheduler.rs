@@ -301,12 +301,12 @@ impl Ticket {
     /// job is then recorded `running` with its submission and handed out first
     /// (no second write before it runs). True if the ticket holds a slot.
     pub fn start_now(&mut self) -> bool {
-        let Some(sched) = &self.sched else {
-            return self.started;
-        };
         if self.started {
             return true;
         }
+        let Some(sched) = &self.sched else {
+            return false;
+        };
         let limits = sched.limits;
         let mut s = sched.lock();
         if s.running >= limits.parallel || !s.turn.is_empty() {
@@ -323,6 +323,23 @@ impl Ticket {
         s.running += 1;
         self.started = true;
         true
+    }
+
+    /// Holds a run slot already ([`Ticket::start_now`]).
+    pub fn started(&self) -> bool {
+        self.started
+    }
+}
+
+/// Starts at once ([`Ticket::start_now`]) what a batch of submissions, in its
+/// order, can: at most one job per owner, as the turns between users would
+/// give; the others wait in their owners' queues.
+pub fn start_batch<'a>(tickets: impl IntoIterator<Item = &'a mut Ticket>) {
+    let mut owners = std::collections::HashSet::new();
+    for t in tickets {
+        if !owners.contains(&t.owner) && t.start_now() {
+            owners.insert(t.owner.clone());
+        }
     }
 }
 
@@ -458,6 +475,24 @@ mod tests {
             .map(|r| (r.id.as_str(), r.recorded_running))
             .collect();
         assert_eq!(next, [("a1", false), ("d0", false)]);
+    }
+
+    #[test]
+    fn a_batch_starts_at_most_one_job_per_owner() {
+        let s = Scheduler::new(limits(10, 3, 10));
+        let mut batch: Vec<Ticket> = ["a", "a", "b", "a", "b", "c"]
+            .iter()
+            .map(|o| s.admit(o).unwrap())
+            .collect();
+        start_batch(batch.iter_mut());
+        let started: Vec<bool> = batch.iter().map(Ticket::started).collect();
+        assert_eq!(started, [true, false, true, false, false, true]);
+        assert_eq!(s.lock().running, 3);
+        // The next batch starts the next of each owner with a slot left.
+        let mut next: Vec<Ticket> = ["a", "b"].iter().map(|o| s.admit(o).unwrap()).collect();
+        start_batch(next.iter_mut());
+        assert!(next.iter().all(Ticket::started));
+        assert_eq!(s.lock().running, 5);
     }
 
     #[test]

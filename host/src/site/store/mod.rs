@@ -420,12 +420,9 @@ impl Store {
         durable: bool,
         f: impl FnOnce(&mut Txn<'_>) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        let durability = if durable {
-            redb::Durability::Immediate
-        } else {
-            redb::Durability::None
-        };
-        self.commit(durability, f)
+        let (value, events) = self.commit_holding(durable, f)?;
+        self.publish(events);
+        Ok(value)
     }
 
     /// [`Store::commit_to`] that hands back the events instead of publishing
