@@ -343,13 +343,46 @@ fn forget(core: &AgentCore, key: &str) {
 
 /// Releases the disks a previous run of the agent left staged (by their records).
 pub async fn recover(core: &AgentCore) {
-    let Ok(left) = core.registry.meta_with_prefix(RECORD) else {
-        return;
-    };
-    for (key, vm) in left {
-        let id = key.trim_start_matches(RECORD);
-        if release_left(&core.driver, &vm, id).await {
-            forget(core, &key);
+    release_recorded(core, staged(core), |_| true).await;
+}
+
+/// The staged disks recorded now: (transfer id, VM). None when the records
+/// cannot be read (logged).
+pub(super) fn staged(core: &AgentCore) -> Vec<(String, String)> {
+    core.registry.meta_with_prefix(RECORD).unwrap_or_else(|e| {
+        tracing::warn!("reading the staged disks' records: {e}");
+        Vec::new()
+    })
+}
+
+/// How long [`release_recorded`] waits for a VM's guest operations to end.
+const TURNS_WITHIN: Duration = Duration::from_millis(200);
+
+/// Releases the disks of `recorded` ([`staged`]) whose VM `on` takes, and
+/// forgets the record of each released. Each VM's guest-operation turns are
+/// taken first, so that no copy started since (on a VM started again) loses
+/// its disk; a VM with guest operations running, or a disk that cannot be
+/// released, keeps its record for a later start, stop, migration or agent start.
+pub(super) async fn release_recorded(
+    core: &AgentCore,
+    recorded: Vec<(String, String)>,
+    on: impl Fn(&str) -> bool,
+) {
+    for (id, vm) in recorded.into_iter().filter(|(_, vm)| on(vm)) {
+        let Ok(_turns) = core
+            .guest_gates
+            .all_turns(core.driver.endpoint(), &vm, TURNS_WITHIN)
+            .await
+        else {
+            continue;
+        };
+        if release_left(&core.driver, &vm, &id).await {
+            forget(core, &format!("{RECORD}{id}"));
+            tracing::info!(
+                vm,
+                transfer = id,
+                "released a staged disk left by an earlier copy"
+            );
         }
     }
 }
@@ -364,9 +397,9 @@ pub async fn release_staged_on(core: &AgentCore, vm: &str) -> Result<(), OpError
             kind: ErrorKind::Backend.as_str().into(),
             message: format!("reading the staged disks' records: {e}"),
         })?;
-    for (key, _) in left.into_iter().filter(|(_, on)| on == vm) {
-        let id = key.trim_start_matches(RECORD);
-        if !release_left(&core.driver, vm, id).await {
+    // Listed by transfer id: the records' prefix is left off.
+    for (id, _) in left.into_iter().filter(|(_, on)| on == vm) {
+        if !release_left(&core.driver, vm, &id).await {
             return Err(OpError {
                 kind: ErrorKind::Unavailable.as_str().into(),
                 message: format!(
@@ -374,7 +407,7 @@ pub async fn release_staged_on(core: &AgentCore, vm: &str) -> Result<(), OpError
                 ),
             });
         }
-        forget(core, &key);
+        forget(core, &format!("{RECORD}{id}"));
     }
     Ok(())
 }

@@ -173,6 +173,14 @@ async fn call(core: &AgentCore, vm: &str, params: &OpParams) -> Result<Outcome, 
                 core.guest_gates
                     .set_answered(core.driver.endpoint(), vm, false);
             }
+            // A VM stopped behind gve's back (and not seen so by a reconcile
+            // pass) may still have a staged disk recorded: released while it is
+            // stopped, before it starts.
+            if matches!(params, OpParams::Start) {
+                if let Err(e) = super::bulk_copy::release_staged_on(core, vm).await {
+                    tracing::warn!(vm, "before starting it: {}", e.message);
+                }
+            }
             let done = driver_call(&core.driver, vm, params)
                 .await
                 .map_err(|e| op_error(&e))?;

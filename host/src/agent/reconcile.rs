@@ -15,7 +15,7 @@ use std::time::Duration;
 use serde::Serialize;
 use serde_json::json;
 
-use super::model::{now_ms, Allocation, Vm, VmRecord};
+use super::model::{now_ms, Allocation, Vm, VmRecord, VmState};
 use super::AgentCore;
 use crate::plugin::PluginError;
 
@@ -48,6 +48,9 @@ pub enum ReconcileError {
 impl AgentCore {
     /// One pass: lists the hypervisor's VMs and templates and records the differences.
     pub async fn reconcile(&self) -> Result<ReconcileReport, ReconcileError> {
+        // Disks staged before the listing: one staged after it belongs to a copy
+        // on a VM started since, whatever the listing says of the VM.
+        let staged = super::bulk_copy::staged(self);
         let listed_at = now_ms();
         let seen: HashMap<String, Vm> = self
             .driver
@@ -158,6 +161,23 @@ impl AgentCore {
             t.set_templates(&templates)?;
             Ok(report)
         })?;
+        // A VM stopped or gone behind gve's back has let go of any staged disk
+        // whose release failed while it ran (its guest held on): released now,
+        // as after a stop through gve, not left until the agent's next start.
+        if !staged.is_empty() {
+            let stopped: std::collections::HashSet<&str> = report
+                .vanished
+                .iter()
+                .chain(
+                    report
+                        .changed
+                        .iter()
+                        .filter(|id| seen.get(*id).is_some_and(|v| v.state == VmState::Stopped)),
+                )
+                .map(String::as_str)
+                .collect();
+            super::bulk_copy::release_recorded(self, staged, |vm| stopped.contains(vm)).await;
+        }
         Ok(report)
     }
 

@@ -445,6 +445,8 @@ impl Registry {
             }
         }
         // What the file holds after an opening is durable.
+        // A damaged events floor refuses the open, not every write with an event.
+        crate::store_core::next_seq(&txn, EVENTS).map_err(|e| err(&e))?;
         let last_audit = crate::store_core::next_seq(&txn, AUDIT).map_err(|e| err(&e))? - 1;
         txn.commit().map_err(|e| err(&e))?;
         Ok(Registry {

@@ -581,6 +581,7 @@ fn a_damaged_sequence_floor_refuses_the_open_and_names_it() {
         (&site, "events:floor"),
         (&site, "seq-floor:audit"),
         (&agent, "seq-floor:audit"),
+        (&agent, "seq-floor:events"),
     ] {
         set_meta(path, key, "12x");
         let e = open(path).unwrap_err();

@@ -527,8 +527,103 @@ async fn an_agent_killed_mid_copy_releases_the_staged_disk_when_it_restarts() {
         pool_volumes(&lv).contains("gve-xfer-out-"),
         "the kill came too late"
     );
-    let _agent = spawn_agent(&config, &dir.path().join("agent-3.log")).await;
+    let mut agent = spawn_agent(&config, &dir.path().join("agent-3.log")).await;
     gone_within_30s(&lv, &vm.name).await;
+    // And their records are forgotten (each right after its disk went), not
+    // kept to be released again at each start.
+    let log = dir.path().join("agent-3.log");
+    let t = Instant::now();
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("released a staged disk left by an earlier copy")
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "no release was logged"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let left = recorded_disks(&dir.path().join("data/agent.redb"), &mut agent).await;
+    assert!(left.is_empty(), "released disks still recorded: {left:?}");
+}
+
+/// The staged disks recorded in the registry at `path`, read once `agent` is
+/// stopped (it holds the file).
+async fn recorded_disks(
+    path: &std::path::Path,
+    agent: &mut crate::kvm::AgentProcess,
+) -> Vec<(String, String)> {
+    agent.child.start_kill().unwrap();
+    agent.child.wait().await.unwrap();
+    gve::agent::registry::Registry::open(path)
+        .unwrap()
+        .meta_with_prefix("bulk-disk:")
+        .unwrap()
+}
+
+/// Stages a disk on `vm` by hand, as the kvm plugin does (a raw volume of the
+/// lab's pool attached live), and records it in the registry as a copy's
+/// release that failed leaves it.
+fn leave_staged(lv: &Libvirtd, core: &gve::agent::AgentCore, vm: &gve::agent::model::Vm, id: &str) {
+    let volume = format!("gve-xfer-{id}.raw");
+    lv.virsh(&["vol-create-as", "gve", &volume, "4M", "--format", "raw"]);
+    let path = lv.images.join(&volume);
+    lv.virsh(&[
+        "attach-disk",
+        &vm.name,
+        &path.display().to_string(),
+        "vdy",
+        "--live",
+        "--subdriver",
+        "raw",
+    ]);
+    core.registry
+        .write(|t| t.set_meta(&format!("bulk-disk:{id}"), &vm.id))
+        .unwrap();
+}
+
+/// A disk left staged on a running VM (its release failed: the guest held on
+/// to it) is released by the reconcile pass that finds the VM stopped behind
+/// gve's back, and its record forgotten; passes while the VM runs leave it,
+/// since a copy may still use it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disk_left_staged_is_released_when_reconcile_finds_its_vm_stopped() {
+    let lv = Libvirtd::start();
+    let (agent, c, _dir) = crate::guest::agent(&lv, None).await;
+    let vm = running_vm(&agent, &c, "bulk-left", 256).await;
+    let core = agent.core().unwrap();
+    leave_staged(&lv, &core, &vm, "left-1");
+    let reconcile = || async {
+        let r: serde_json::Value = c
+            .call(hyper::Method::POST, "/v1/reconcile", Some(&json!({})))
+            .await
+            .unwrap();
+        r
+    };
+    // Passes that see the VM change but not stop (paused, then running again).
+    for how in ["suspend", "resume"] {
+        lv.virsh(&[how, &vm.name]);
+        let r = reconcile().await;
+        assert_eq!(r["changed"], json!([vm.id]), "after virsh {how}: {r}");
+        assert!(pool_volumes(&lv).contains("gve-xfer-left-1"));
+        assert!(lv.virsh(&["dumpxml", &vm.name]).contains("gve-xfer-left-1"));
+        let recorded = core.registry.meta_with_prefix("bulk-disk:").unwrap();
+        assert_eq!(recorded, [("left-1".to_string(), vm.id.clone())]);
+    }
+
+    lv.virsh(&["destroy", &vm.name]);
+    let r = reconcile().await;
+    assert_eq!(r["changed"], json!([vm.id]), "{r}");
+    nothing_staged(&lv);
+    assert!(
+        core.registry
+            .meta_with_prefix("bulk-disk:")
+            .unwrap()
+            .is_empty(),
+        "the released disk's record was kept"
+    );
+    drop(core);
+    agent.stop().await;
 }
 
 /// Waits until no staged disk is in the pool or attached to `vm`.
