@@ -56,6 +56,70 @@ pub fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     result
 }
 
+/// Longest secret file read, bytes.
+pub const MAX_SECRET_FILE: u64 = 64 * 1024;
+
+/// The secret in file `path`, named `what` in errors (a config field): a regular
+/// file of the agent's own user that no other user may read, at most
+/// [`MAX_SECRET_FILE`] bytes of UTF-8, one trailing newline dropped. Errors say
+/// what is wrong with the file, never what it holds.
+pub fn read_secret(what: &str, path: &Path) -> Result<String, String> {
+    use std::io::Read;
+    use std::os::unix::fs::MetadataExt;
+    let shown = path.display();
+    let io = |e: std::io::Error| format!("{what} {shown}: {e}");
+    // Only a regular file is opened (a device's open may do something), then
+    // checked again through the handle, so a swap in between is caught;
+    // non-blocking and without taking a terminal.
+    let before = std::fs::metadata(path).map_err(io)?;
+    if !before.is_file() {
+        return Err(format!("{what} {shown} is not a file"));
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(io)?;
+    let meta = f.metadata().map_err(io)?;
+    if !meta.is_file() || (meta.dev(), meta.ino()) != (before.dev(), before.ino()) {
+        return Err(format!("{what} {shown} changed while it was opened"));
+    }
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if meta.uid() != me {
+        return Err(format!(
+            "{what} {shown} belongs to user {}, not to the agent's ({me})",
+            meta.uid()
+        ));
+    }
+    if meta.mode() & 0o077 != 0 {
+        return Err(format!(
+            "{what} {shown} is open to other users (mode {:o}): make it 0600 or 0400",
+            meta.mode() & 0o777
+        ));
+    }
+    // Bounded by what is read, not by the size the file reports.
+    let mut bytes = Vec::new();
+    Read::by_ref(&mut f)
+        .take(MAX_SECRET_FILE + 1)
+        .read_to_end(&mut bytes)
+        .map_err(io)?;
+    if bytes.len() as u64 > MAX_SECRET_FILE {
+        return Err(format!(
+            "{what} {shown} is larger than {MAX_SECRET_FILE} bytes"
+        ));
+    }
+    let text = String::from_utf8(bytes).map_err(|_| format!("{what} {shown} is not UTF-8 text"))?;
+    let value = match text.strip_suffix('\n') {
+        Some(t) => t.strip_suffix('\r').unwrap_or(t),
+        None => &text,
+    };
+    if value.is_empty() {
+        return Err(format!("{what} {shown} is empty"));
+    }
+    Ok(value.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -190,6 +190,9 @@ impl AgentConfig {
         }
         for (name, spec) in &mut cfg.plugins {
             spec.bundle = base.join(&spec.bundle);
+            for path in spec.grants.config_files.values_mut() {
+                *path = base.join(&*path);
+            }
             crate::plugin::manifest::validate_name(name)
                 .map_err(|m| invalid(format!("plugins.{name}: {m}")))?;
         }
@@ -252,9 +255,6 @@ impl AgentConfig {
     }
 }
 
-/// Longest secret file read, bytes.
-const MAX_SECRET_FILE: u64 = 64 * 1024;
-
 impl DriverConfig {
     /// The password and token the driver opens its endpoint with: each given
     /// inline or read from its file now. An error names the field and says
@@ -268,74 +268,19 @@ impl DriverConfig {
 }
 
 /// Field `field`'s secret: `inline`, or the contents of `file` (its owner's
-/// only, one trailing newline dropped), not both.
+/// only, one trailing newline dropped; [`crate::private_fs::read_secret`]), not both.
 fn secret(
     field: &str,
     inline: &Option<String>,
     file: &Option<PathBuf>,
 ) -> Result<Option<String>, String> {
-    use std::io::Read;
-    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
-    let path = match (inline, file) {
-        (Some(_), Some(_)) => {
-            return Err(format!("{field} and {field}-file are both set: give one"))
+    match (inline, file) {
+        (Some(_), Some(_)) => Err(format!("{field} and {field}-file are both set: give one")),
+        (inline, None) => Ok(inline.clone()),
+        (None, Some(path)) => {
+            crate::private_fs::read_secret(&format!("{field}-file"), path).map(Some)
         }
-        (inline, None) => return Ok(inline.clone()),
-        (None, Some(path)) => path,
-    };
-    let shown = path.display();
-    let io = |e: std::io::Error| format!("{field}-file {shown}: {e}");
-    // Only a regular file is opened (a device's open may do something), then
-    // checked again through the handle, so a swap in between is caught;
-    // non-blocking and without taking a terminal.
-    let before = std::fs::metadata(path).map_err(io)?;
-    if !before.is_file() {
-        return Err(format!("{field}-file {shown} is not a file"));
     }
-    let mut f = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
-        .open(path)
-        .map_err(io)?;
-    let meta = f.metadata().map_err(io)?;
-    if !meta.is_file() || (meta.dev(), meta.ino()) != (before.dev(), before.ino()) {
-        return Err(format!("{field}-file {shown} changed while it was opened"));
-    }
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let me = unsafe { libc::geteuid() };
-    if meta.uid() != me {
-        return Err(format!(
-            "{field}-file {shown} belongs to user {}, not to the agent's ({me})",
-            meta.uid()
-        ));
-    }
-    if meta.mode() & 0o077 != 0 {
-        return Err(format!(
-            "{field}-file {shown} is open to other users (mode {:o}): make it 0600 or 0400",
-            meta.mode() & 0o777
-        ));
-    }
-    // Bounded by what is read, not by the size the file reports.
-    let mut bytes = Vec::new();
-    f.by_ref()
-        .take(MAX_SECRET_FILE + 1)
-        .read_to_end(&mut bytes)
-        .map_err(io)?;
-    if bytes.len() as u64 > MAX_SECRET_FILE {
-        return Err(format!(
-            "{field}-file {shown} is larger than {MAX_SECRET_FILE} bytes"
-        ));
-    }
-    let text =
-        String::from_utf8(bytes).map_err(|_| format!("{field}-file {shown} is not UTF-8 text"))?;
-    let value = match text.strip_suffix('\n') {
-        Some(t) => t.strip_suffix('\r').unwrap_or(t),
-        None => &text,
-    };
-    if value.is_empty() {
-        return Err(format!("{field}-file {shown} is empty"));
-    }
-    Ok(Some(value.to_string()))
 }
 
 #[cfg(test)]

@@ -25,7 +25,7 @@ enum Recorded {
     /// Loaded (or replaced) with this spec.
     Loaded {
         /// The spec in force.
-        spec: PluginSpec,
+        spec: Box<PluginSpec>,
     },
     /// Unloaded.
     Unloaded,
@@ -85,6 +85,21 @@ pub struct PluginAdmin {
     policy: PluginPolicy,
     /// The spec in force of every loaded plugin.
     specs: Mutex<BTreeMap<String, PluginSpec>>,
+}
+
+/// Refuses `config-files` through the API: the agent would read any file of
+/// its user an admin named and lend its contents to a plugin (which may send
+/// them to a host it is granted). They come from the agent's config file, and
+/// a replace that keeps the grants keeps them.
+fn from_the_config_file_only(g: &Grants) -> Result<(), ApiError> {
+    if g.config_files.is_empty() {
+        return Ok(());
+    }
+    Err(denied(
+        "config-files may not be granted through the API (the agent's config file \
+         sets them); give values in config"
+            .into(),
+    ))
 }
 
 fn denied(m: String) -> ApiError {
@@ -150,6 +165,7 @@ impl PluginAdmin {
                     .map_err(ApiError::from),
                 Recorded::Unloaded => Ok(()),
                 Recorded::Loaded { spec } => {
+                    let spec = *spec;
                     if self.specs().get(&name) == Some(&spec) {
                         continue;
                     }
@@ -179,12 +195,18 @@ impl PluginAdmin {
 
     /// Loads a plugin within the policy and records it.
     pub async fn load(&self, spec: PluginSpec) -> Result<PluginSummary, ApiError> {
+        from_the_config_file_only(&spec.grants)?;
         let spec = self
             .policy
             .check(&spec)
             .map_err(|e| denied(e.to_string()))?;
         let summary = self.host.load(spec.clone()).await?;
-        self.record(&summary.name, &Recorded::Loaded { spec: spec.clone() })?;
+        self.record(
+            &summary.name,
+            &Recorded::Loaded {
+                spec: Box::new(spec.clone()),
+            },
+        )?;
         self.audit("plugin.load", &summary.name, &spec)?;
         self.specs().insert(summary.name.clone(), spec);
         Ok(summary)
@@ -201,12 +223,20 @@ impl PluginAdmin {
             .get(name)
             .cloned()
             .ok_or_else(|| ApiError::from(PluginError::NotLoaded(name.to_string())))?;
+        if let Some(g) = &change.grants {
+            from_the_config_file_only(g)?;
+        }
         let spec = self
             .policy
             .check(&change.apply(&current))
             .map_err(|e| denied(e.to_string()))?;
         let summary = self.host.replace(name, spec.clone()).await?;
-        self.record(name, &Recorded::Loaded { spec: spec.clone() })?;
+        self.record(
+            name,
+            &Recorded::Loaded {
+                spec: Box::new(spec.clone()),
+            },
+        )?;
         self.audit("plugin.replace", name, &spec)?;
         self.specs().insert(name.to_string(), spec);
         Ok(summary)
@@ -230,6 +260,7 @@ impl PluginAdmin {
             "bundle": spec.bundle,
             "http": g.http, "libvirt": g.libvirt, "guest-channel": g.guest_channel,
             "directories": g.directories, "config-keys": g.config.keys().collect::<Vec<_>>(),
+            "config-files": g.config_files,
             "limits": spec.limits,
         });
         self.registry.audit(action, name, detail).map_err(db)

@@ -176,6 +176,7 @@ impl SpecArgs {
                 guest_channel: self.guest_channel,
                 directories: dirs,
                 config,
+                config_files: Default::default(),
                 tls,
             },
             limits,

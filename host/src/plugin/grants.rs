@@ -38,6 +38,13 @@ pub struct Grants {
     pub directories: Vec<DirGrant>,
     /// The plugin's own configuration values.
     pub config: BTreeMap<String, String>,
+    /// Configuration values read from files at each load (key → absolute path;
+    /// [`crate::private_fs::read_secret`]): a secret such as a guest password
+    /// kept out of the agent's config file and out of everything the agent
+    /// records. Set in the agent's config file only: the admin API refuses them,
+    /// since the agent would read the file named and lend what it holds.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub config_files: BTreeMap<String, PathBuf>,
     /// How the host verifies the TLS server at a granted HTTP authority
     /// (`host:port`): a pinned SHA-256 `fingerprint` of its certificate, or a `ca`
     /// (PEM) it must chain to. Authorities without an entry are verified against
@@ -221,6 +228,18 @@ impl Grants {
                 return Err(format!("libvirt grant '{u}' is not a URI"));
             }
         }
+        for (key, path) in &self.config_files {
+            if self.config.contains_key(key) {
+                return Err(format!(
+                    "config key '{key}' is given both inline and in config-files: give one"
+                ));
+            }
+            if key.is_empty() || !path.is_absolute() {
+                return Err(format!(
+                    "config-files entry '{key}' must name a key and an absolute path"
+                ));
+            }
+        }
         for d in &self.directories {
             if !d.host.is_absolute() {
                 return Err(format!(
@@ -248,6 +267,18 @@ impl Grants {
                     .client_config()
                     .map_err(|e| format!("tls grant for '{a}': {e}"))?;
                 Ok((a.to_ascii_lowercase(), Arc::new(config)))
+            })
+            .collect()
+    }
+
+    /// The values of [`Grants::config_files`], read now; an error names the key
+    /// and the file and says what is wrong, never what the file holds.
+    pub fn config_file_values(&self) -> Result<BTreeMap<String, String>, String> {
+        self.config_files
+            .iter()
+            .map(|(key, path)| {
+                let value = crate::private_fs::read_secret(&format!("config-files.{key}"), path)?;
+                Ok((key.clone(), value))
             })
             .collect()
     }
@@ -370,5 +401,46 @@ mod tests {
         }
         .validate(1024)
         .is_err());
+    }
+
+    #[test]
+    fn config_files_are_read_at_load_only_when_private_and_never_beside_an_inline_value() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("guest.pw");
+        std::fs::write(&file, "s3cret\n").unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let mut g = Grants::default();
+        g.config_files.insert("guest-password".into(), file.clone());
+        assert_eq!(g.validate(), Ok(()));
+        let values = g.config_file_values().unwrap();
+        assert_eq!(values["guest-password"], "s3cret");
+        // Others may read it: refused, naming the key and the file, not the secret.
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let e = g.config_file_values().unwrap_err();
+        assert!(
+            e.contains("config-files.guest-password") && e.contains("open to other users"),
+            "{e}"
+        );
+        assert!(!e.contains("s3cret"), "{e}");
+        // Not both inline and from a file; only absolute paths.
+        g.config.insert("guest-password".into(), "inline".into());
+        assert!(g
+            .validate()
+            .unwrap_err()
+            .contains("both inline and in config-files"));
+        g.config.clear();
+        g.config_files.insert("other".into(), "relative.pw".into());
+        assert!(g.validate().unwrap_err().contains("absolute path"));
+        // Never shown when the grants are serialized empty-handed, and their
+        // paths (not values) when set.
+        let json = serde_json::to_string(&g).unwrap();
+        assert!(
+            json.contains("config-files") && !json.contains("s3cret"),
+            "{json}"
+        );
+        assert!(!serde_json::to_string(&Grants::default())
+            .unwrap()
+            .contains("config-files"));
     }
 }

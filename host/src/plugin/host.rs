@@ -332,6 +332,11 @@ impl PluginHost {
             });
         }
         let mut effective = spec.grants.effective(&bundle.manifest.requests);
+        effective.config.extend(
+            spec.grants
+                .config_file_values()
+                .map_err(PluginError::Config)?,
+        );
         if !effective.http.is_empty() {
             effective.tls = spec.grants.tls_configs().map_err(PluginError::Config)?;
         }

@@ -257,6 +257,11 @@ async fn the_admin_api_grants_nothing_beyond_the_operators_policy() {
             json!({ "bundle": hostile, "limits": { "memory-mib": 4096 } }),
             "memory-mib 4096",
         ),
+        // The agent would read the file and lend it to the plugin.
+        (
+            json!({ "bundle": hostile, "grants": { "config-files": { "key": "/etc/shadow" } } }),
+            "config-files may not be granted",
+        ),
     ];
     for (body, says) in cases {
         let e = load(&agent, body.clone()).await.unwrap_err();
@@ -296,6 +301,17 @@ async fn the_admin_api_grants_nothing_beyond_the_operators_policy() {
     .await
     .unwrap();
     assert_eq!(ok.granted["http"], ["127.0.0.1:9"]);
+    // Nor through a replace's grants.
+    let e = client(&agent)
+        .call::<Value, PluginSummary>(
+            Method::PUT,
+            &format!("/v1/plugins/{}", ok.name),
+            Some(&json!({ "grants": { "config-files": { "key": "/etc/shadow" } } })),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!((e.status, e.kind.as_str()), (403, "denied"), "{e}");
+    assert!(e.message.contains("config-files"), "{e}");
     agent.stop().await;
 }
 

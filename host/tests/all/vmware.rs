@@ -275,7 +275,8 @@ async fn bad_credentials_and_untrusted_certificates_are_refused() {
 
 /// The password from a file the agent reads at start (owner-only), never in the
 /// config: it opens the driver on the real simulator, and neither the driver's
-/// record nor the audit log holds it.
+/// record nor the audit log holds it. The same for the plugin's guest password
+/// from `config-files`, also across a runtime replace (which records the spec).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_password_file_opens_the_driver_and_is_nowhere_recorded() {
     use std::os::unix::fs::PermissionsExt;
@@ -288,10 +289,55 @@ async fn a_password_file_opens_the_driver_and_is_nowhere_recorded() {
     let d = config.driver.as_mut().unwrap();
     d.password = None;
     d.password_file = Some(file.clone());
+    // The guest password from a file as well (`config-files`), not inline.
+    let guest_file = dir.path().join("guest.pw");
+    std::fs::write(&guest_file, vsphere::GUEST_PASSWORD).unwrap();
+    std::fs::set_permissions(&guest_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let grants = &mut config.plugins.get_mut("vmware-esx").unwrap().grants;
+    grants.config.remove("guest-password");
+    grants
+        .config_files
+        .insert("guest-password".into(), guest_file.clone());
+    config.plugin_policy = Some(gve::agent::policy::PluginPolicy {
+        bundle_dirs: vec![crate::support::bundles().to_path_buf()],
+        http: vec![sim.authority.clone()],
+        libvirt: vec![],
+        directories: vec![],
+        guest_channel: false,
+        max_memory_mib: Limits::default().memory_mib,
+        max_call_timeout_ms: 60_000,
+        max_instances: 64,
+    });
     let agent = Agent::start(config.clone()).await.unwrap();
     let c = Client::new(&format!("http://{}", agent.addr), Some(TOKEN.into())).unwrap();
     let vms: Vec<Value> = c.get("/v1/vms").await.unwrap();
     assert!(!vms.is_empty(), "the simulator's VMs were listed");
+    let op = run_op(
+        &c,
+        "/v1/vms",
+        json!({ "name": "esx-pw", "template": vsphere::TEMPLATE, "main-memory-mib": 128 }),
+    )
+    .await;
+    let id = op.result.unwrap().id;
+    run_op(&c, &format!("/v1/vms/{id}/start"), json!({})).await;
+    // The plugin refuses guest operations without a password: it got the file's.
+    let r = exec(&c, &id, json!({ "argv": ["hostname"] })).await;
+    assert_eq!(
+        (r.exit_code, text(&r.stdout_b64)),
+        (Some(0), "esx-pw\n".into())
+    );
+    // A runtime replace that keeps the grants keeps the file's value; what it
+    // records (and audits) names the file, never the value.
+    let _: Value = c
+        .call(
+            hyper::Method::PUT,
+            "/v1/plugins/vmware-esx",
+            Some(&json!({ "limits": { "pool-size": 1 } })),
+        )
+        .await
+        .unwrap();
+    let r = exec(&c, &id, json!({ "argv": ["hostname"] })).await;
+    assert_eq!(r.exit_code, Some(0), "{r:?}");
     agent.stop().await;
 
     // A file others may read is refused, saying so, before anything is sent.
@@ -303,19 +349,19 @@ async fn a_password_file_opens_the_driver_and_is_nowhere_recorded() {
     let msg = e.to_string();
     assert!(msg.contains("open to other users"), "{msg}");
     assert!(!msg.contains(vsphere::PASSWORD), "{msg}");
-    // Nothing the agent wrote holds the password.
+    // Nothing the agent wrote holds either password.
     for entry in walk(dir.path()) {
-        if entry == file {
+        if entry == file || entry == guest_file {
             continue;
         }
         let bytes = std::fs::read(&entry).unwrap_or_default();
-        assert!(
-            !bytes
-                .windows(vsphere::PASSWORD.len())
-                .any(|w| w == vsphere::PASSWORD.as_bytes()),
-            "{} holds the password",
-            entry.display()
-        );
+        for secret in [vsphere::PASSWORD, vsphere::GUEST_PASSWORD] {
+            assert!(
+                !bytes.windows(secret.len()).any(|w| w == secret.as_bytes()),
+                "{} holds a password",
+                entry.display()
+            );
+        }
     }
 }
 
