@@ -176,7 +176,11 @@ impl AgentConfig {
             message,
         };
         let mut cfg: AgentConfig = toml::from_str(&text).map_err(|e| invalid(e.to_string()))?;
-        let base = path.parent().unwrap_or(Path::new("."));
+        // Relative to the file, also when the file itself was named relative to
+        // the working directory (`-c agent.toml`): what is read later, such as a
+        // plugin's secret files, must not depend on where the agent runs from.
+        let absolute = std::path::absolute(path).map_err(|e| invalid(e.to_string()))?;
+        let base = absolute.parent().unwrap_or(Path::new("/"));
         cfg.data_dir = base.join(&cfg.data_dir);
         cfg.bundles_dir = cfg.bundles_dir.map(|d| base.join(d));
         if let Some(t) = &mut cfg.tls {
@@ -192,6 +196,11 @@ impl AgentConfig {
             spec.bundle = base.join(&spec.bundle);
             for path in spec.grants.config_files.values_mut() {
                 *path = base.join(&*path);
+            }
+            for t in spec.grants.tls.values_mut() {
+                for path in [&mut t.ca, &mut t.cert, &mut t.key].into_iter().flatten() {
+                    *path = base.join(&*path);
+                }
             }
             crate::plugin::manifest::validate_name(name)
                 .map_err(|m| invalid(format!("plugins.{name}: {m}")))?;
@@ -307,6 +316,34 @@ mod tests {
                 assert!(e.to_string().contains("database-cache-mib"), "{e}");
             }
         }
+    }
+
+    #[test]
+    fn paths_are_absolute_also_from_a_config_named_relative_to_the_working_directory() {
+        // A directory under the working directory, named relative to it (`-c
+        // dir/agent.toml`); no chdir, which would race the other tests.
+        let cwd = std::env::current_dir().unwrap();
+        let dir = tempfile::tempdir_in(&cwd).unwrap();
+        let rel = dir.path().strip_prefix(&cwd).unwrap().join("agent.toml");
+        std::fs::write(
+            &rel,
+            "data-dir = \"data\"\nadmin-token = \"agent-admin-0123456789\"\n\
+             [plugins.memory]\nbundle = \"memory\"\n\
+             grants = { http = [\"vc:443\"], config-files = { pw = \"pw\" }, \
+             tls = { \"vc:443\" = { ca = \"ca.pem\" } } }\n",
+        )
+        .unwrap();
+        let cfg = AgentConfig::read(&rel).unwrap();
+        let spec = &cfg.plugins["memory"];
+        assert_eq!(spec.grants.config_files["pw"], dir.path().join("pw"));
+        assert_eq!(
+            spec.grants.tls["vc:443"].ca,
+            Some(dir.path().join("ca.pem"))
+        );
+        assert_eq!(spec.bundle, dir.path().join("memory"));
+        assert_eq!(cfg.data_dir, dir.path().join("data"));
+        // What the plugin's load checks: both files absolute.
+        assert_eq!(spec.grants.validate(), Ok(()));
     }
 }
 

@@ -3,7 +3,7 @@
 //! ones are given) and unload, each recorded in the agent's database so that a
 //! restarted agent comes back with exactly the plugins it had.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::Mutex;
 
@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use super::policy::PluginPolicy;
 use super::registry::Registry;
 use crate::api::ApiError;
+use crate::plugin::manifest::Bundle;
 use crate::plugin::{Grants, Limits, PluginError, PluginHost, PluginSpec, PluginSummary};
 
 /// Registry meta keys of recorded plugins: `plugin:<name>`.
@@ -85,13 +86,42 @@ pub struct PluginAdmin {
     policy: PluginPolicy,
     /// The spec in force of every loaded plugin.
     specs: Mutex<BTreeMap<String, PluginSpec>>,
+    /// The files the agent's config file gives each of its plugins.
+    from_file: BTreeMap<String, FromFile>,
 }
 
-/// Refuses `config-files` through the API: the agent would read any file of
-/// its user an admin named and lend its contents to a plugin (which may send
-/// them to a host it is granted). They come from the agent's config file, and
-/// a replace that keeps the grants keeps them.
-fn from_the_config_file_only(g: &Grants) -> Result<(), ApiError> {
+/// The files the agent's config file gives one plugin: the only files the agent
+/// reads for it, whatever an admin sends or a record says. The agent would
+/// otherwise read any file of its user an admin named and lend it to a plugin,
+/// which may send it to a host it is granted (or present the agent's own key).
+#[derive(Debug, Clone, Default)]
+struct FromFile {
+    /// Its `config-files`.
+    config_files: BTreeMap<String, PathBuf>,
+    /// The CA, certificate and key files of its `tls` grants.
+    tls_files: BTreeSet<PathBuf>,
+}
+
+impl FromFile {
+    fn of(spec: &PluginSpec) -> FromFile {
+        let tls_files = spec
+            .grants
+            .tls
+            .values()
+            .flat_map(|t| [&t.ca, &t.cert, &t.key])
+            .flatten()
+            .cloned()
+            .collect();
+        FromFile {
+            config_files: spec.grants.config_files.clone(),
+            tls_files,
+        }
+    }
+}
+
+/// Refuses `config-files` through the API: they come from the agent's config
+/// file (see [`FromFile`]), and a replace that keeps the grants keeps them.
+fn no_config_files(g: &Grants) -> Result<(), ApiError> {
     if g.config_files.is_empty() {
         return Ok(());
     }
@@ -123,7 +153,48 @@ impl PluginAdmin {
             registry,
             policy,
             specs: Mutex::new(configured.clone()),
+            from_file: configured
+                .iter()
+                .map(|(name, spec)| (name.clone(), FromFile::of(spec)))
+                .collect(),
         }
+    }
+
+    /// Refuses TLS files (CA, client certificate, key) in `g` other than those
+    /// the agent's config file gives plugin `name`: a fingerprint needs no file.
+    fn tls_files_from_the_config_file(&self, name: &str, g: &Grants) -> Result<(), ApiError> {
+        let allowed = self.from_file.get(name);
+        for (authority, t) in &g.tls {
+            for path in [&t.ca, &t.cert, &t.key].into_iter().flatten() {
+                if !allowed.is_some_and(|f| f.tls_files.contains(path)) {
+                    return Err(denied(format!(
+                        "TLS file {} for '{authority}' may not be granted to plugin \
+                         '{name}' through the API: only the files the agent's config file \
+                         gives it in its tls grants (a fingerprint needs no file)",
+                        path.display()
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A recorded spec as it may be restored: its secret files those the config
+    /// file gives the plugin now (a key the config file reads from a file is no
+    /// longer taken inline from the record), and no TLS file but the config
+    /// file's.
+    fn restorable(&self, name: &str, mut spec: PluginSpec) -> Result<PluginSpec, ApiError> {
+        let files = self
+            .from_file
+            .get(name)
+            .map(|f| f.config_files.clone())
+            .unwrap_or_default();
+        for key in files.keys() {
+            spec.grants.config.remove(key);
+        }
+        spec.grants.config_files = files;
+        self.tls_files_from_the_config_file(name, &spec.grants)?;
+        Ok(spec)
     }
 
     /// The plugin host.
@@ -164,9 +235,29 @@ impl PluginAdmin {
                     })
                     .map_err(ApiError::from),
                 Recorded::Unloaded => Ok(()),
-                Recorded::Loaded { spec } => {
-                    let spec = *spec;
+                Recorded::Loaded { spec: recorded } => {
+                    let spec = match self.restorable(&name, (*recorded).clone()) {
+                        Ok(spec) => spec,
+                        Err(e) => {
+                            tracing::error!(plugin = name, "not restored: {}", e.message);
+                            continue;
+                        }
+                    };
+                    // The record is to say what is in force: an inline value the
+                    // config file has since moved to a file leaves it.
+                    let rewrite = |spec: &PluginSpec| {
+                        if *recorded == *spec {
+                            return Ok(());
+                        }
+                        self.record(
+                            &name,
+                            &Recorded::Loaded {
+                                spec: Box::new(spec.clone()),
+                            },
+                        )
+                    };
                     if self.specs().get(&name) == Some(&spec) {
+                        rewrite(&spec)?;
                         continue;
                     }
                     let r = match self.policy.check(&spec) {
@@ -180,6 +271,7 @@ impl PluginAdmin {
                         Ok(spec) => self.host.load(spec).await.map(drop).map_err(ApiError::from),
                     };
                     if r.is_ok() {
+                        rewrite(&spec)?;
                         self.specs().insert(name.clone(), spec);
                     }
                     r
@@ -195,11 +287,13 @@ impl PluginAdmin {
 
     /// Loads a plugin within the policy and records it.
     pub async fn load(&self, spec: PluginSpec) -> Result<PluginSummary, ApiError> {
-        from_the_config_file_only(&spec.grants)?;
+        no_config_files(&spec.grants)?;
         let spec = self
             .policy
             .check(&spec)
             .map_err(|e| denied(e.to_string()))?;
+        let name = Bundle::read(&spec.bundle)?.manifest.name;
+        self.tls_files_from_the_config_file(&name, &spec.grants)?;
         let summary = self.host.load(spec.clone()).await?;
         self.record(
             &summary.name,
@@ -224,7 +318,8 @@ impl PluginAdmin {
             .cloned()
             .ok_or_else(|| ApiError::from(PluginError::NotLoaded(name.to_string())))?;
         if let Some(g) = &change.grants {
-            from_the_config_file_only(g)?;
+            no_config_files(g)?;
+            self.tls_files_from_the_config_file(name, g)?;
         }
         let spec = self
             .policy

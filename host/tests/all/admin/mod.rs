@@ -1,5 +1,7 @@
 //! The agent's plugin admin API, driven through the `gve plugin` CLI.
 
+mod files;
+
 use std::collections::BTreeMap;
 
 use gve::agent::policy::{DirCeiling, PluginPolicy};
@@ -55,7 +57,7 @@ fn test_policy() -> PluginPolicy {
     }
 }
 
-fn memory_config(dir: &std::path::Path) -> AgentConfig {
+pub(super) fn memory_config(dir: &std::path::Path) -> AgentConfig {
     let mut plugins = BTreeMap::new();
     plugins.insert("memory".to_string(), spec("memory", Grants::default()));
     AgentConfig {
@@ -199,11 +201,11 @@ async fn admin_api_refuses_bad_tokens_and_bad_bodies() {
     agent.stop().await;
 }
 
-fn client(agent: &Agent) -> Client {
+pub(super) fn client(agent: &Agent) -> Client {
     Client::new(&format!("http://{}", agent.addr), Some(TOKEN.into())).unwrap()
 }
 
-async fn load(agent: &Agent, body: Value) -> Result<PluginSummary, gve::api::ApiError> {
+pub(super) async fn load(agent: &Agent, body: Value) -> Result<PluginSummary, gve::api::ApiError> {
     client(agent)
         .call(Method::POST, "/v1/plugins", Some(&body))
         .await
@@ -262,6 +264,15 @@ async fn the_admin_api_grants_nothing_beyond_the_operators_policy() {
             json!({ "bundle": hostile, "grants": { "config-files": { "key": "/etc/shadow" } } }),
             "config-files may not be granted",
         ),
+        // Or present the agent's own key as the plugin's.
+        (
+            json!({ "bundle": hostile, "grants": { "http": ["127.0.0.1:9"], "tls": { "127.0.0.1:9": { "fingerprint": "AB".repeat(32), "cert": "/etc/gve/agent.pem", "key": "/etc/gve/agent.key" } } } }),
+            "TLS file /etc/gve/agent.pem for '127.0.0.1:9' may not be granted to plugin 'hostile'",
+        ),
+        (
+            json!({ "bundle": hostile, "grants": { "http": ["127.0.0.1:9"], "tls": { "127.0.0.1:9": { "ca": "/dev/zero" } } } }),
+            "TLS file /dev/zero",
+        ),
     ];
     for (body, says) in cases {
         let e = load(&agent, body.clone()).await.unwrap_err();
@@ -293,10 +304,10 @@ async fn the_admin_api_grants_nothing_beyond_the_operators_policy() {
         assert!(e.message.contains("inside the bundle"), "{component}: {e}");
     }
     assert_eq!(agent.plugins.list().len(), 1, "nothing was loaded");
-    // Within the policy it loads.
+    // Within the policy it loads; a pinned fingerprint needs no file.
     let ok = load(
         &agent,
-        json!({ "bundle": hostile, "grants": { "http": ["127.0.0.1:9"] } }),
+        json!({ "bundle": hostile, "grants": { "http": ["127.0.0.1:9"], "tls": { "127.0.0.1:9": { "fingerprint": "AB".repeat(32) } } } }),
     )
     .await
     .unwrap();
@@ -312,6 +323,16 @@ async fn the_admin_api_grants_nothing_beyond_the_operators_policy() {
         .unwrap_err();
     assert_eq!((e.status, e.kind.as_str()), (403, "denied"), "{e}");
     assert!(e.message.contains("config-files"), "{e}");
+    let e = client(&agent)
+        .call::<Value, PluginSummary>(
+            Method::PUT,
+            &format!("/v1/plugins/{}", ok.name),
+            Some(&json!({ "grants": { "http": ["127.0.0.1:9"], "tls": { "127.0.0.1:9": { "ca": "/etc/ssl/certs/ca-certificates.crt" } } } })),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!((e.status, e.kind.as_str()), (403, "denied"), "{e}");
+    assert!(e.message.contains("TLS file"), "{e}");
     agent.stop().await;
 }
 
