@@ -1,6 +1,6 @@
-//! Plugin host speed: compile vs cached load, instantiation, and the round trip of a
+//! Plugin host speed: compile vs cached load, instantiation, the round trip of a
 //! small contract call (fresh instance and reused instance) against a native Rust
-//! trait call. Run with `bash bench/run.sh`; promises are in docs/SPEC.md.
+//! trait call, and a call that works in the plugin's memory (10,000 VM records). Run with `bash bench/run.sh`; promises are in docs/SPEC.md.
 
 use std::hint::black_box;
 use std::path::{Path, PathBuf};
@@ -132,6 +132,22 @@ fn benches(c: &mut Criterion) {
         b.to_async(&rt)
             .iter(|| async { black_box(session.get_vm(black_box("vm-1")).await.unwrap()) })
     });
+    // A call that works in the plugin's memory: the memory driver builds the
+    // records of 10,000 VMs and hands them over (loads and stores in linear
+    // memory, the shape of a driver parsing a large reply).
+    rt.block_on(host.load(spec(&dir, "memory"))).unwrap();
+    let memory = rt
+        .block_on(host.open_driver("memory", "memory:bench?vms=10000", creds()))
+        .unwrap();
+    g.sample_size(20);
+    g.bench_function("reused instance: list-vms of 10,000 (memory driver)", |b| {
+        b.to_async(&rt).iter(|| async {
+            let vms = memory.list_vms().await.unwrap();
+            assert_eq!(vms.len(), 10_000);
+            black_box(vms)
+        })
+    });
+    g.sample_size(100);
     let native: Box<dyn NativeDriver> = Box::new(Native);
     g.bench_function("native trait call: get_vm", |b| {
         b.iter(|| black_box(native.get_vm(black_box("vm-1")).unwrap()))

@@ -374,6 +374,13 @@ pub(super) async fn release_recorded(
             .all_turns(core.driver.endpoint(), &vm, TURNS_WITHIN)
             .await
         else {
+            tracing::info!(
+                vm,
+                transfer = id,
+                "a staged disk left by an earlier copy stays for now: the VM's guest \
+                 operations are running; released at its next start, stop or migration, \
+                 or the agent's next start"
+            );
             continue;
         };
         if release_left(&core.driver, &vm, &id).await {

@@ -72,7 +72,7 @@ fn build_logging_every<E>(
         tracing::info!(
             indexed = n,
             secs = format!("{:.1}", t.elapsed().as_secs_f64()),
-            "indexed {what}"
+            "indexed {what}; written to the disk with the rest of the open, before the site listens"
         );
     }
     Ok(())
@@ -132,7 +132,10 @@ mod tests {
                 "{long}"
             );
         }
-        assert!(long.contains("indexed the things indexed=6144"), "{long}");
+        assert!(
+            long.contains("indexed the things; written to the disk with the rest of the open, before the site listens indexed=6144"),
+            "{long}"
+        );
         let short = logged(3 * 4096, Duration::from_secs(3600));
         assert!(!short.contains("% read"), "{short}");
         assert!(short.contains("indexed the things"), "{short}");

@@ -334,7 +334,16 @@ impl Store {
                 meta.insert("schema", "1").map_err(|e| err(&e))?;
             }
         }
+        let t = std::time::Instant::now();
         txn.commit().map_err(|e| err(&e))?;
+        // An index built on this open is written here: at tens of millions of
+        // records, a minute or more after its build said it was done.
+        if t.elapsed() >= std::time::Duration::from_secs(1) {
+            tracing::info!(
+                secs = format!("{:.1}", t.elapsed().as_secs_f64()),
+                "the database's open written to the disk (its indexes built)"
+            );
+        }
         Ok(Store {
             db: crate::store_core::Published::new(db, 4096),
             vm_writes: Default::default(),
