@@ -88,10 +88,14 @@ fn config(settings: &EngineSettings) -> Config {
     cfg.concurrency_support(false);
     cfg.epoch_interruption(true);
     cfg.cranelift_opt_level(wasmtime::OptLevel::Speed);
-    // Reserve no more address space per memory than the largest cap allows: the
-    // default 4 GiB per slot would reserve terabytes for a few hundred slots.
+    // Reserve all a 32-bit memory can address (4 GiB) with a guard after it, so
+    // that compiled code needs no bounds check before each load and store (an
+    // access past the memory's size hits unmapped pages and traps): with the
+    // reservation at the cap, every access was checked. Address space only:
+    // about 2 TiB for 512 memories of the 128 TiB a process has, no memory
+    // (the cap is max_memory_size below).
     let max_bytes = settings.max_memory_mib << 20;
-    cfg.memory_reservation(max_bytes);
+    cfg.memory_reservation(max_bytes.max(4 << 30));
     cfg.memory_guard_size(32 << 20);
     let mut pool = PoolingAllocationConfig::default();
     let n = settings.total_instances;
