@@ -98,8 +98,16 @@ pub struct PluginAdmin {
 struct FromFile {
     /// Its `config-files`.
     config_files: BTreeMap<String, PathBuf>,
-    /// The CA, certificate and key files of its `tls` grants.
-    tls_files: BTreeSet<PathBuf>,
+    /// The CA, certificate and key files of its `tls` grants: (authority in
+    /// lower case, which of the three, path).
+    tls_files: BTreeSet<(String, &'static str, PathBuf)>,
+}
+
+/// The files of one `tls` grant: which (`ca`, `cert`, `key`) and where.
+fn tls_files(t: &crate::tls::ClientTls) -> impl Iterator<Item = (&'static str, &PathBuf)> {
+    [("ca", &t.ca), ("cert", &t.cert), ("key", &t.key)]
+        .into_iter()
+        .filter_map(|(what, p)| p.as_ref().map(|p| (what, p)))
 }
 
 impl FromFile {
@@ -107,10 +115,10 @@ impl FromFile {
         let tls_files = spec
             .grants
             .tls
-            .values()
-            .flat_map(|t| [&t.ca, &t.cert, &t.key])
-            .flatten()
-            .cloned()
+            .iter()
+            .flat_map(|(a, t)| {
+                tls_files(t).map(move |(what, p)| (a.to_ascii_lowercase(), what, p.clone()))
+            })
             .collect();
         FromFile {
             config_files: spec.grants.config_files.clone(),
@@ -161,16 +169,19 @@ impl PluginAdmin {
     }
 
     /// Refuses TLS files (CA, client certificate, key) in `g` other than those
-    /// the agent's config file gives plugin `name`: a fingerprint needs no file.
+    /// the agent's config file gives plugin `name`, each for the same authority
+    /// and as the same file: a fingerprint needs no file.
     fn tls_files_from_the_config_file(&self, name: &str, g: &Grants) -> Result<(), ApiError> {
         let allowed = self.from_file.get(name);
         for (authority, t) in &g.tls {
-            for path in [&t.ca, &t.cert, &t.key].into_iter().flatten() {
-                if !allowed.is_some_and(|f| f.tls_files.contains(path)) {
+            for (what, path) in tls_files(t) {
+                let given = (authority.to_ascii_lowercase(), what, path.clone());
+                if !allowed.is_some_and(|f| f.tls_files.contains(&given)) {
                     return Err(denied(format!(
-                        "TLS file {} for '{authority}' may not be granted to plugin \
-                         '{name}' through the API: only the files the agent's config file \
-                         gives it in its tls grants (a fingerprint needs no file)",
+                        "TLS file {} (as the {what} for '{authority}') may not be granted \
+                         to plugin '{name}' through the API: only the files the agent's \
+                         config file gives it, for that authority (a fingerprint needs no \
+                         file)",
                         path.display()
                     )));
                 }
@@ -179,20 +190,24 @@ impl PluginAdmin {
         Ok(())
     }
 
-    /// A recorded spec as it may be restored: its secret files those the config
-    /// file gives the plugin now (a key the config file reads from a file is no
-    /// longer taken inline from the record), and no TLS file but the config
-    /// file's.
+    /// A recorded spec as it may be restored: each secret value the record has
+    /// (inline or from a file) that the config file now reads from a file is
+    /// taken from the config file's file; the record's other files are dropped
+    /// (a value an admin's replace dropped stays dropped); and no TLS file but
+    /// the config file's.
     fn restorable(&self, name: &str, mut spec: PluginSpec) -> Result<PluginSpec, ApiError> {
         let files = self
             .from_file
             .get(name)
             .map(|f| f.config_files.clone())
             .unwrap_or_default();
-        for key in files.keys() {
-            spec.grants.config.remove(key);
+        let recorded = std::mem::take(&mut spec.grants.config_files);
+        for (key, path) in files {
+            let inline = spec.grants.config.remove(&key).is_some();
+            if inline || recorded.contains_key(&key) {
+                spec.grants.config_files.insert(key, path);
+            }
         }
-        spec.grants.config_files = files;
         self.tls_files_from_the_config_file(name, &spec.grants)?;
         Ok(spec)
     }
@@ -247,17 +262,21 @@ impl PluginAdmin {
                     // config file has since moved to a file leaves it.
                     let rewrite = |spec: &PluginSpec| {
                         if *recorded == *spec {
-                            return Ok(());
+                            return;
                         }
-                        self.record(
-                            &name,
-                            &Recorded::Loaded {
-                                spec: Box::new(spec.clone()),
-                            },
-                        )
+                        let rec = Recorded::Loaded {
+                            spec: Box::new(spec.clone()),
+                        };
+                        if let Err(e) = self.record(&name, &rec) {
+                            tracing::error!(
+                                plugin = name,
+                                "its record still holds what the config file changed since: {}",
+                                e.message
+                            );
+                        }
                     };
                     if self.specs().get(&name) == Some(&spec) {
-                        rewrite(&spec)?;
+                        rewrite(&spec);
                         continue;
                     }
                     let r = match self.policy.check(&spec) {
@@ -271,8 +290,8 @@ impl PluginAdmin {
                         Ok(spec) => self.host.load(spec).await.map(drop).map_err(ApiError::from),
                     };
                     if r.is_ok() {
-                        rewrite(&spec)?;
-                        self.specs().insert(name.clone(), spec);
+                        self.specs().insert(name.clone(), spec.clone());
+                        rewrite(&spec);
                     }
                     r
                 }

@@ -137,6 +137,22 @@ async fn a_plugins_secret_files_come_from_the_config_file_whatever_a_record_says
     assert!(!rec.contains("inline-s3cr3t"), "{rec}");
     assert!(rec.contains(token.to_str().unwrap()), "{rec}");
 
+    // A value an admin's replace dropped (grants given whole) stays dropped
+    // after a restart, though the config file still names its file.
+    let both = [("version", new.as_path()), ("token", token.as_path())];
+    let agent = Agent::start(config(&both, None)).await.unwrap();
+    replace(
+        &agent,
+        json!({ "grants": { "config": { "version": "0.2.0" } } }),
+    )
+    .await;
+    assert_eq!(value(&agent, "token").await, "<unset>");
+    agent.stop().await;
+    let agent = Agent::start(config(&both, None)).await.unwrap();
+    assert_eq!(value(&agent, "token").await, "<unset>");
+    assert_eq!(value(&agent, "version").await, "0.2.0");
+    agent.stop().await;
+
     // A record naming a TLS file the config file does not give the plugin (a
     // real certificate, which a load would take) is not restored.
     let pem = files.path().join("elsewhere.pem");
@@ -160,12 +176,43 @@ async fn a_plugins_secret_files_come_from_the_config_file_whatever_a_record_says
     );
     agent.stop().await;
     // The same file given by the config file is the plugin's: restored.
-    let agent = Agent::start(config(
+    let mut c = config(
         &[("version", &new)],
         Some(json!({ "127.0.0.1:9": { "ca": pem } })),
-    ))
-    .await
-    .unwrap();
+    );
+    c.plugin_policy
+        .as_mut()
+        .unwrap()
+        .http
+        .push("127.0.0.1:10".into());
+    let agent = Agent::start(c).await.unwrap();
     assert_eq!(hostile(&agent).1, 96);
+    // Through the API it goes only where the config file gives it: for the same
+    // authority, as the same file.
+    for (tls, ok) in [
+        (json!({ "127.0.0.1:10": { "ca": pem } }), false),
+        (
+            json!({ "127.0.0.1:9": { "fingerprint": "AB".repeat(32), "cert": pem, "key": pem } }),
+            false,
+        ),
+        (json!({ "127.0.0.1:9": { "ca": pem } }), true),
+    ] {
+        let change = json!({ "grants": {
+            "http": ["127.0.0.1:9", "127.0.0.1:10"],
+            "tls": tls,
+            "config": { "version": "0.2.0" },
+        } });
+        let r = client(&agent)
+            .call::<Value, PluginSummary>(Method::PUT, "/v1/plugins/hostile", Some(&change))
+            .await;
+        match r {
+            Ok(_) => assert!(ok, "{tls} was granted"),
+            Err(e) => {
+                assert!(!ok, "{tls}: {e}");
+                assert_eq!((e.status, e.kind.as_str()), (403, "denied"), "{e}");
+                assert!(e.message.contains("may not be granted"), "{e}");
+            }
+        }
+    }
     agent.stop().await;
 }

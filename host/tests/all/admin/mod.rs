@@ -267,7 +267,7 @@ async fn the_admin_api_grants_nothing_beyond_the_operators_policy() {
         // Or present the agent's own key as the plugin's.
         (
             json!({ "bundle": hostile, "grants": { "http": ["127.0.0.1:9"], "tls": { "127.0.0.1:9": { "fingerprint": "AB".repeat(32), "cert": "/etc/gve/agent.pem", "key": "/etc/gve/agent.key" } } } }),
-            "TLS file /etc/gve/agent.pem for '127.0.0.1:9' may not be granted to plugin 'hostile'",
+            "TLS file /etc/gve/agent.pem (as the cert for '127.0.0.1:9') may not be granted to plugin 'hostile'",
         ),
         (
             json!({ "bundle": hostile, "grants": { "http": ["127.0.0.1:9"], "tls": { "127.0.0.1:9": { "ca": "/dev/zero" } } } }),
