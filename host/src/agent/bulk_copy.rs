@@ -290,7 +290,7 @@ pub(super) async fn stage(
             // A driver that failed (or trapped) half way may have left a volume or
             // an attached disk: released by id, or the record stays for a restart.
             if release_left(&core.driver, vm, id).await {
-                forget(core, &key);
+                forget(core, id);
             }
             if matches!(e.kind(), ErrorKind::Unavailable | ErrorKind::Unsupported) {
                 tracing::info!(
@@ -330,13 +330,16 @@ pub(super) async fn release(core: &AgentCore, xfer: BulkTransfer, vm: &str, id: 
         }
     };
     if released {
-        forget(core, &format!("{RECORD}{id}"));
+        forget(core, id);
     }
 }
 
-/// Drops the record of a released (or never staged) disk.
-fn forget(core: &AgentCore, key: &str) {
-    if let Err(e) = core.registry.write(|t| t.remove_meta(key)) {
+/// Drops the record of transfer `id`'s disk, released (or never staged).
+fn forget(core: &AgentCore, id: &str) {
+    if let Err(e) = core
+        .registry
+        .write(|t| t.remove_meta(&format!("{RECORD}{id}")))
+    {
         tracing::warn!("forgetting a released staged disk: {e}");
     }
 }
@@ -384,7 +387,7 @@ pub(super) async fn release_recorded(
             continue;
         };
         if release_left(&core.driver, &vm, &id).await {
-            forget(core, &format!("{RECORD}{id}"));
+            forget(core, &id);
             tracing::info!(
                 vm,
                 transfer = id,
@@ -414,7 +417,7 @@ pub async fn release_staged_on(core: &AgentCore, vm: &str) -> Result<(), OpError
                 ),
             });
         }
-        forget(core, &format!("{RECORD}{id}"));
+        forget(core, &id);
     }
     Ok(())
 }

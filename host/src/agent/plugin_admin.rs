@@ -221,6 +221,16 @@ impl PluginAdmin {
         self.specs.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Records `spec` as the one in force of plugin `name`.
+    fn record_loaded(&self, name: &str, spec: &PluginSpec) -> Result<(), ApiError> {
+        self.record(
+            name,
+            &Recorded::Loaded {
+                spec: Box::new(spec.clone()),
+            },
+        )
+    }
+
     fn record(&self, name: &str, rec: &Recorded) -> Result<(), ApiError> {
         let json = serde_json::to_string(rec).map_err(|e| denied(e.to_string()))?;
         self.registry
@@ -264,10 +274,7 @@ impl PluginAdmin {
                         if *recorded == *spec {
                             return;
                         }
-                        let rec = Recorded::Loaded {
-                            spec: Box::new(spec.clone()),
-                        };
-                        if let Err(e) = self.record(&name, &rec) {
+                        if let Err(e) = self.record_loaded(&name, spec) {
                             tracing::error!(
                                 plugin = name,
                                 "its record still holds what the config file changed since: {}",
@@ -314,12 +321,7 @@ impl PluginAdmin {
         let name = Bundle::read(&spec.bundle)?.manifest.name;
         self.tls_files_from_the_config_file(&name, &spec.grants)?;
         let summary = self.host.load(spec.clone()).await?;
-        self.record(
-            &summary.name,
-            &Recorded::Loaded {
-                spec: Box::new(spec.clone()),
-            },
-        )?;
+        self.record_loaded(&summary.name, &spec)?;
         self.audit("plugin.load", &summary.name, &spec)?;
         self.specs().insert(summary.name.clone(), spec);
         Ok(summary)
@@ -345,12 +347,7 @@ impl PluginAdmin {
             .check(&change.apply(&current))
             .map_err(|e| denied(e.to_string()))?;
         let summary = self.host.replace(name, spec.clone()).await?;
-        self.record(
-            name,
-            &Recorded::Loaded {
-                spec: Box::new(spec.clone()),
-            },
-        )?;
+        self.record_loaded(name, &spec)?;
         self.audit("plugin.replace", name, &spec)?;
         self.specs().insert(name.to_string(), spec);
         Ok(summary)
