@@ -476,10 +476,11 @@ async fn an_inventory_of_400_hosts_and_2400_vms_is_listed_whole_in_bounded_memor
 /// A VM destroyed between the container view being read and its properties being
 /// read fails the whole property request on vSphere; the listing leaves it out
 /// instead of failing (the simulator holds each DestroyView for a second, the gap
-/// in which another session destroys the VM).
+/// in which another session destroys the VM). The inventory is three pages, each
+/// requested before the one before it is read: the others' VMs are all listed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_vm_destroyed_while_being_listed_is_left_out() {
-    let sim = VsphereSim::start(&["-method-delay", "DestroyView=1000"]);
+    let sim = VsphereSim::start(&["-method-delay", "DestroyView=1000", "-vm", "110"]);
     let (agent, _c, _dir) = esx_agent(&sim).await;
     let lister = agent.core().unwrap().driver.clone();
     let creds = gve::plugin::bindings::types::Credentials {
@@ -492,6 +493,12 @@ async fn a_vm_destroyed_while_being_listed_is_left_out() {
         .open_driver("vmware-esx", &sim.url, creds)
         .await
         .unwrap();
+    let before = other.list_vms().await.unwrap();
+    assert!(
+        before.len() > 2 * 100,
+        "{} VMs: not three pages",
+        before.len()
+    );
     let doomed = other
         .clone_vm(vsphere::TEMPLATE, "doomed-while-listed", false)
         .await
@@ -501,11 +508,18 @@ async fn a_vm_destroyed_while_being_listed_is_left_out() {
     other.destroy(&doomed.id).await.unwrap();
     let listed = listing.await.unwrap().expect("the listing succeeds");
     assert!(!listed.iter().any(|v| v.id == doomed.id), "{listed:?}");
-    assert!(listed.len() >= 4, "{} VMs", listed.len());
+    let ids = |l: &[gve::plugin::bindings::types::VmInfo]| {
+        l.iter()
+            .map(|v| v.id.clone())
+            .collect::<std::collections::BTreeSet<_>>()
+    };
+    assert_eq!(ids(&listed), ids(&before));
 }
 
 /// A session the server ended (idle too long) is renewed by the driver on its next
-/// call, without the caller seeing it.
+/// call, without the caller seeing it: a call made at once (a VM by name: a container
+/// view first) and one sent ahead of its reply being read (a VM by id: its
+/// properties).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_expired_session_is_renewed_transparently() {
     let sim = VsphereSim::start(&["-session-idle", "1s"]);
@@ -516,12 +530,20 @@ async fn an_expired_session_is_renewed_transparently() {
     let agent = Agent::start(config).await.unwrap();
     let driver = agent.core().unwrap().driver.clone();
     let before = driver.list_vms().await.unwrap().len();
+    let template = driver.list_templates().await.unwrap().remove(0);
     tokio::time::sleep(Duration::from_millis(3_500)).await;
     let after = driver
         .get_vm(vsphere::TEMPLATE)
         .await
         .expect("the expired session is renewed");
     assert!(after.is_template);
+    assert_eq!(after.name, template.name);
+    tokio::time::sleep(Duration::from_millis(3_500)).await;
+    let by_id = driver
+        .get_vm(&template.id)
+        .await
+        .expect("the expired session is renewed for a call sent ahead");
+    assert_eq!((by_id.id, by_id.name), (template.id, template.name));
     assert_eq!(driver.list_vms().await.unwrap().len(), before);
 }
 

@@ -6,7 +6,8 @@
 //! at a time. The plugin's memory is bounded by a batch, not the inventory, even
 //! against a server that ignores `maxObjects` (the simulator answers 2,400 VMs in one
 //! 4.6 MB reply when asked for all of them at once); a server's own paging
-//! (`token`, ContinueRetrievePropertiesEx) is followed too.
+//! (`token`, ContinueRetrievePropertiesEx) is followed too. The next batch's request
+//! goes out before a batch's reply is parsed, so at most two batches are held.
 
 use gve_sdk::{Error, Result};
 use roxmltree::Node;
@@ -14,8 +15,8 @@ use roxmltree::Node;
 use crate::soap::Client;
 use crate::xml::{self, MoRef};
 
-/// Objects whose properties one request reads: bounds the plugin's memory whatever
-/// the inventory size.
+/// Objects whose properties one request reads: bounds the plugin's memory (two
+/// batches) whatever the inventory size.
 pub const PAGE: usize = 100;
 
 /// Which objects to read.
@@ -40,20 +41,37 @@ pub fn retrieve(
     mut each: impl FnMut(MoRef, &[Prop<'_, '_>]) -> Result<()>,
 ) -> Result<()> {
     match objects {
-        Objects::These(list) => {
-            for batch in list.chunks(PAGE) {
-                batch_of(client, kind, props, batch, &mut each)?;
-            }
-            Ok(())
-        }
+        Objects::These(list) => batches(client, kind, props, list, &mut each),
         Objects::All => {
             let all = every(client, kind)?;
-            for batch in all.chunks(PAGE) {
-                batch_of(client, kind, props, batch, &mut each)?;
-            }
-            Ok(())
+            batches(client, kind, props, &all, &mut each)
         }
     }
+}
+
+/// Reads `props` of `list`, [`PAGE`] objects a request, with the next request sent
+/// before this one's reply is read: the server prepares a page while the plugin
+/// parses the one before. At most two pages are held at once.
+fn batches(
+    client: &mut Client,
+    kind: &str,
+    props: &[&str],
+    list: &[MoRef],
+    each: &mut impl FnMut(MoRef, &[Prop<'_, '_>]) -> Result<()>,
+) -> Result<()> {
+    let pc = client.content.property_collector.clone();
+    let send = |client: &Client, batch: &[MoRef]| {
+        client.start("RetrievePropertiesEx", &pc, &request(kind, props, batch))
+    };
+    let mut pages = list.chunks(PAGE).filter(|b| !b.is_empty());
+    let mut next = pages.next().map(|b| (b, send(client, b)));
+    while let Some((batch, sent)) = next.take() {
+        next = pages.next().map(|b| (b, send(client, b)));
+        let generation = sent.generation();
+        let first = client.finish(sent, |r| read_page(r, each));
+        rest_of(client, (kind, props), batch, first, Some(generation), each)?;
+    }
+    Ok(())
 }
 
 /// Reads `props` of the objects of `batch` (and of the pages the server makes of it).
@@ -67,6 +85,15 @@ fn batch_of(
     if batch.is_empty() {
         return Ok(());
     }
+    let pc = client.content.property_collector.clone();
+    let args = request(kind, props, batch);
+    let generation = client.generation;
+    let first = client.call("RetrievePropertiesEx", &pc, &args, |r| read_page(r, each));
+    rest_of(client, (kind, props), batch, first, Some(generation), each)
+}
+
+/// The arguments of a RetrievePropertiesEx of `props` of `batch`.
+fn request(kind: &str, props: &[&str], batch: &[MoRef]) -> String {
     let mut args = format!("<specSet><propSet>{}", xml::text("type", kind));
     for p in props {
         args.push_str(&xml::text("pathSet", p));
@@ -81,8 +108,38 @@ fn batch_of(
     args.push_str(&format!(
         "</specSet><options><maxObjects>{PAGE}</maxObjects></options>"
     ));
+    args
+}
+
+/// After the first reply for `batch` (`first`): the pages the server made of it; or,
+/// when an object of it was deleted meanwhile, the batch again one object at a time,
+/// leaving out the gone; or, when the server withheld the properties because the
+/// session expired, the batch again after a new login (once: `sent` is the session's
+/// login count when it was sent, `None` once renewed).
+fn rest_of(
+    client: &mut Client,
+    (kind, props): (&str, &[&str]),
+    batch: &[MoRef],
+    first: Result<Page>,
+    sent: Option<u64>,
+    each: &mut impl FnMut(MoRef, &[Prop<'_, '_>]) -> Result<()>,
+) -> Result<()> {
     let pc = client.content.property_collector.clone();
-    let first = client.call("RetrievePropertiesEx", &pc, &args, |r| read_page(r, each));
+    let context = format!("vSphere RetrievePropertiesEx of {kind} properties");
+    let first = match (first, sent) {
+        (Ok(Page::Expired), Some(generation)) => {
+            client.renew(generation, &context)?;
+            let args = request(kind, props, batch);
+            let again = client.call("RetrievePropertiesEx", &pc, &args, |r| read_page(r, each));
+            return rest_of(client, (kind, props), batch, again, None, each);
+        }
+        (Ok(Page::Expired), None) => {
+            return Err(Error::denied(format!(
+                "{context}: the server withheld them as not authenticated, also after a new login"
+            )))
+        }
+        (first, _) => first,
+    };
     let mut token = match first {
         // An object deleted since it was listed fails the whole request (vCenter and
         // the simulator alike): read the batch one by one, leaving out the gone.
@@ -97,13 +154,18 @@ fn batch_of(
         }
         r => r?,
     };
-    while let Some(t) = token {
+    while let Page::Read(Some(t)) = token {
         token = client.call(
             "ContinueRetrievePropertiesEx",
             &pc,
             &xml::text("token", &t),
             |r| read_page(r, each),
         )?;
+        if let Page::Expired = token {
+            return Err(Error::unavailable(format!(
+                "{context}: the session expired between pages of the reply; read again"
+            )));
+        }
     }
     Ok(())
 }
@@ -170,26 +232,44 @@ fn create_view(client: &mut Client, kind: &str) -> Result<MoRef> {
     })
 }
 
-/// Hands each object of a page to `each`; returns the page's continuation token.
+/// What a page of properties held.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Page {
+    /// Its objects were handed over; the server's continuation token, if it has more.
+    Read(Option<String>),
+    /// Nothing was handed over: the server withheld properties as `NotAuthenticated`
+    /// (the simulator answers a property read on an expired session so, with a
+    /// fault per property rather than for the call).
+    Expired,
+}
+
+/// Hands each object of a page to `each`; says whether the page was read (and its
+/// continuation token) or withheld because the session expired.
 pub(crate) fn read_page(
     response: Node<'_, '_>,
     each: &mut impl FnMut(MoRef, &[Prop<'_, '_>]) -> Result<()>,
-) -> Result<Option<String>> {
+) -> Result<Page> {
     let Some(rv) = xml::child(response, "returnval") else {
-        return Ok(None);
+        return Ok(Page::Read(None));
     };
+    let fault_is = |obj: Node<'_, '_>, kind: &str| {
+        xml::children(obj, "missingSet").any(|m| {
+            xml::path(m, &["fault", "fault"])
+                .and_then(xml::xsi_type)
+                .is_some_and(|t| t == kind)
+        })
+    };
+    // Before anything is handed over: the page is read again after a login.
+    if xml::children(rv, "objects").any(|o| fault_is(o, "NotAuthenticated")) {
+        return Ok(Page::Expired);
+    }
     let mut props = Vec::new();
     for obj in xml::children(rv, "objects") {
         let Some(r) = xml::child(obj, "obj").and_then(xml::moref_of) else {
             continue;
         };
         // An object deleted while being listed comes back with a missingSet fault.
-        let gone = xml::children(obj, "missingSet").any(|m| {
-            xml::path(m, &["fault", "fault"])
-                .and_then(xml::xsi_type)
-                .is_some_and(|t| t == "ManagedObjectNotFound")
-        });
-        if gone {
+        if fault_is(obj, "ManagedObjectNotFound") {
             continue;
         }
         props.clear();
@@ -200,7 +280,7 @@ pub(crate) fn read_page(
         }
         each(r, &props)?;
     }
-    Ok(xml::child_text(rv, "token").map(str::to_string))
+    Ok(Page::Read(xml::child_text(rv, "token").map(str::to_string)))
 }
 
 /// The value of property `name`, if present.
@@ -221,4 +301,54 @@ pub fn number<T: core::str::FromStr>(props: &[Prop<'_, '_>], name: &str) -> Opti
 /// Property `name` as a managed object reference, if present.
 pub fn moref(props: &[Prop<'_, '_>], name: &str) -> Option<MoRef> {
     get(props, name).and_then(xml::moref_of)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const XSI_NS: &str = "xmlns:xsi=\"http://www.w3.org/2001/XMLSchema-instance\"";
+
+    fn page(objects: &str) -> String {
+        format!("<RetrievePropertiesExResponse xmlns=\"urn:vim25\" {XSI_NS}><returnval>{objects}</returnval></RetrievePropertiesExResponse>")
+    }
+
+    fn object(id: &str, inner: &str) -> String {
+        format!("<objects><obj type=\"VirtualMachine\">{id}</obj>{inner}</objects>")
+    }
+
+    fn missing(path: &str, fault: &str) -> String {
+        format!("<missingSet><path>{path}</path><fault><fault xsi:type=\"{fault}\"><object type=\"VirtualMachine\">x</object></fault></fault></missingSet>")
+    }
+
+    fn read(text: &str) -> (Result<Page>, Vec<String>) {
+        let doc = xml::parse(text, "t").unwrap();
+        let mut seen = Vec::new();
+        let r = read_page(doc.root_element(), &mut |id, _| {
+            seen.push(id.value);
+            Ok(())
+        });
+        (r, seen)
+    }
+
+    #[test]
+    fn a_page_withheld_as_not_authenticated_hands_nothing_over() {
+        let name = "<propSet><name>name</name><val xsi:type=\"xsd:string\">a</val></propSet>";
+        // The first object is read, the second's properties withheld: nothing goes
+        // out (not the first with its name, not the second with none).
+        let text =
+            page(&(object("vm-1", name) + &object("vm-2", &missing("name", "NotAuthenticated"))));
+        let (r, seen) = read(&text);
+        assert_eq!(r.unwrap(), Page::Expired);
+        assert!(seen.is_empty(), "{seen:?}");
+        // A deleted object is left out; one the user may not read is kept.
+        let text = page(
+            &(object("vm-1", name)
+                + &object("vm-2", &missing("name", "ManagedObjectNotFound"))
+                + &object("vm-3", &missing("guest.net", "NoPermission"))),
+        );
+        let (r, seen) = read(&text);
+        assert_eq!(r.unwrap(), Page::Read(None));
+        assert_eq!(seen, ["vm-1", "vm-3"]);
+    }
 }

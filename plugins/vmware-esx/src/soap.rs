@@ -3,7 +3,7 @@
 
 use core::time::Duration;
 
-use gve_sdk::http::Request;
+use gve_sdk::http::{InFlight, Request, Response};
 use gve_sdk::{log, Error, Result};
 use roxmltree::Node;
 
@@ -210,81 +210,143 @@ impl Client {
         read: impl FnOnce(Node<'_, '_>) -> Result<T>,
     ) -> Result<T> {
         let body = xml::envelope(method, this, args);
-        let context = format!("vSphere {method} on {}", this.value);
+        let context = context(method, this);
         let mut retried = false;
         loop {
-            let mut req = Request::post(&self.endpoint.url)
-                .header("content-type", "text/xml; charset=utf-8")
-                .header("soapaction", format!("\"{}\"", self.action))
-                .timeout(self.endpoint.timeout)
-                .body(body.as_bytes().to_vec());
-            if let Some(c) = &self.cookie {
-                req = req.header("cookie", format!("{COOKIE}={c}"));
+            let resp = self
+                .request(&body)
+                .send()
+                .map_err(|e| with_context(e, &context))?;
+            match self.verdict(&resp, &context)? {
+                Verdict::Body(text) => return read_reply(text, &context, read),
+                Verdict::Expired(_) if relogin && !retried => {
+                    retried = true;
+                    self.relogin(&context)?;
+                }
+                Verdict::Expired(e) => return Err(e),
             }
-            let resp = req.send().map_err(|e| with_context(e, &context))?;
-            if let Some(c) = resp
-                .headers
-                .iter()
-                .filter(|(k, _)| k.eq_ignore_ascii_case("set-cookie"))
-                .filter_map(|(_, v)| core::str::from_utf8(v).ok())
-                .find_map(session_cookie)
-            {
-                self.cookie = Some(c);
+        }
+    }
+
+    /// Sends `method` on `this` with `args` and returns at once; [`Client::finish`]
+    /// reads the reply. Lets a caller send its next call before reading this one's
+    /// reply, so that the server works while the plugin parses.
+    pub fn start(&self, method: &str, this: &MoRef, args: &str) -> Pending {
+        let body = xml::envelope(method, this, args);
+        Pending {
+            reply: self.request(&body).start(),
+            body,
+            context: context(method, this),
+            generation: self.generation,
+        }
+    }
+
+    /// Reads the reply of a call [`Client::start`] sent, as [`Client::call`] does. A
+    /// call that found the session expired is sent again once, after a login
+    /// (unless another call logged in again since it was sent).
+    pub fn finish<T>(
+        &mut self,
+        call: Pending,
+        read: impl FnOnce(Node<'_, '_>) -> Result<T>,
+    ) -> Result<T> {
+        let context = call.context;
+        let resp = call.reply.finish().map_err(|e| with_context(e, &context))?;
+        match self.verdict(&resp, &context)? {
+            Verdict::Body(text) => read_reply(text, &context, read),
+            Verdict::Expired(_) => {
+                self.renew(call.generation, &context)?;
+                let resp = self
+                    .request(&call.body)
+                    .send()
+                    .map_err(|e| with_context(e, &context))?;
+                match self.verdict(&resp, &context)? {
+                    Verdict::Body(text) => read_reply(text, &context, read),
+                    Verdict::Expired(e) => Err(e),
+                }
             }
-            if resp.body.len() > MAX_REPLY {
-                return Err(Error::backend(format!(
-                    "{context}: the reply has {} bytes, more than {MAX_REPLY}",
-                    resp.body.len()
-                )));
-            }
-            let text = core::str::from_utf8(&resp.body)
-                .map_err(|_| Error::backend(format!("{context}: the reply is not UTF-8")))?;
-            match resp.status {
-                200 => {
-                    let doc = xml::parse(text, &context)?;
-                    let el = xml::body_element(&doc)
-                        .ok_or_else(|| Error::backend(format!("{context}: no SOAP body")))?;
-                    if el.tag_name().name() == "Fault" {
-                        return Err(Fault::from_soap(el).to_error(&context));
+        }
+    }
+
+    /// The HTTP request carrying a SOAP envelope, with the session's cookie.
+    fn request(&self, envelope: &str) -> Request {
+        let mut req = Request::post(&self.endpoint.url)
+            .header("content-type", "text/xml; charset=utf-8")
+            .header("soapaction", format!("\"{}\"", self.action))
+            .timeout(self.endpoint.timeout)
+            .body(envelope.as_bytes().to_vec());
+        if let Some(c) = &self.cookie {
+            req = req.header("cookie", format!("{COOKIE}={c}"));
+        }
+        req
+    }
+
+    /// Logs in again for a call sent at login count `generation`, unless another
+    /// call has logged in again since.
+    pub fn renew(&mut self, generation: u64, context: &str) -> Result<()> {
+        if self.generation == generation {
+            self.relogin(context)
+        } else {
+            Ok(())
+        }
+    }
+
+    fn relogin(&mut self, context: &str) -> Result<()> {
+        log::info(&format!(
+            "vSphere session at {} expired; logging in again",
+            self.endpoint.url
+        ));
+        self.login().map_err(|e| with_context(e, context))
+    }
+
+    /// Takes the session cookie a reply sets, and says whether its body is to be
+    /// read, the session expired, or the call failed.
+    fn verdict<'r>(&mut self, resp: &'r Response, context: &str) -> Result<Verdict<'r>> {
+        if let Some(c) = resp
+            .headers
+            .iter()
+            .filter(|(k, _)| k.eq_ignore_ascii_case("set-cookie"))
+            .filter_map(|(_, v)| core::str::from_utf8(v).ok())
+            .find_map(session_cookie)
+        {
+            self.cookie = Some(c);
+        }
+        if resp.body.len() > MAX_REPLY {
+            return Err(Error::backend(format!(
+                "{context}: the reply has {} bytes, more than {MAX_REPLY}",
+                resp.body.len()
+            )));
+        }
+        let text = core::str::from_utf8(&resp.body)
+            .map_err(|_| Error::backend(format!("{context}: the reply is not UTF-8")))?;
+        match resp.status {
+            200 => Ok(Verdict::Body(text)),
+            500 => {
+                let doc = xml::parse(text, context)?;
+                let fault = match xml::body_element(&doc) {
+                    Some(el) if el.tag_name().name() == "Fault" => Fault::from_soap(el),
+                    _ => {
+                        return Err(Error::backend(format!(
+                            "{context}: HTTP 500 without a SOAP fault"
+                        )))
                     }
-                    return read(el);
+                };
+                let e = fault.to_error(context);
+                if fault.is_not_authenticated() {
+                    Ok(Verdict::Expired(e))
+                } else {
+                    Err(e)
                 }
-                500 => {
-                    let doc = xml::parse(text, &context)?;
-                    let fault = match xml::body_element(&doc) {
-                        Some(el) if el.tag_name().name() == "Fault" => Fault::from_soap(el),
-                        _ => {
-                            return Err(Error::backend(format!(
-                                "{context}: HTTP 500 without a SOAP fault"
-                            )))
-                        }
-                    };
-                    if fault.is_not_authenticated() && relogin && !retried {
-                        retried = true;
-                        log::info(&format!(
-                            "vSphere session at {} expired; logging in again",
-                            self.endpoint.url
-                        ));
-                        self.login().map_err(|e| with_context(e, &context))?;
-                        continue;
-                    }
-                    return Err(fault.to_error(&context));
-                }
-                401 | 403 => return Err(Error::denied(format!("{context}: HTTP {}", resp.status))),
-                404 => {
-                    return Err(Error::backend(format!(
-                        "{context}: HTTP 404: no vSphere SDK at {}",
-                        self.endpoint.url
-                    )))
-                }
-                502..=504 => {
-                    return Err(Error::unavailable(format!(
-                        "{context}: HTTP {}",
-                        resp.status
-                    )))
-                }
-                s => return Err(Error::backend(format!("{context}: HTTP {s}"))),
             }
+            401 | 403 => Err(Error::denied(format!("{context}: HTTP {}", resp.status))),
+            404 => Err(Error::backend(format!(
+                "{context}: HTTP 404: no vSphere SDK at {}",
+                self.endpoint.url
+            ))),
+            502..=504 => Err(Error::unavailable(format!(
+                "{context}: HTTP {}",
+                resp.status
+            ))),
+            s => Err(Error::backend(format!("{context}: HTTP {s}"))),
         }
     }
 
@@ -299,6 +361,52 @@ impl Client {
         }
         self.cookie = None;
     }
+}
+
+/// A call sent by [`Client::start`] whose reply is not read yet.
+#[derive(Debug)]
+pub struct Pending {
+    reply: InFlight,
+    /// The envelope, to send again after a login.
+    body: String,
+    context: String,
+    /// The session's login count when it was sent.
+    generation: u64,
+}
+
+impl Pending {
+    /// The session's login count when it was sent (for [`Client::renew`]).
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+}
+
+/// What a reply holds, before its body is read.
+enum Verdict<'r> {
+    /// A `...Response` to read (the reply's text).
+    Body(&'r str),
+    /// `NotAuthenticated`: the session expired (the error, if not retried).
+    Expired(Error),
+}
+
+/// What a call is, for errors: `vSphere <method> on <object>`.
+fn context(method: &str, this: &MoRef) -> String {
+    format!("vSphere {method} on {}", this.value)
+}
+
+/// Hands the `...Response` element of a 200 reply to `read`; a fault is its error.
+fn read_reply<T>(
+    text: &str,
+    context: &str,
+    read: impl FnOnce(Node<'_, '_>) -> Result<T>,
+) -> Result<T> {
+    let doc = xml::parse(text, context)?;
+    let el = xml::body_element(&doc)
+        .ok_or_else(|| Error::backend(format!("{context}: no SOAP body")))?;
+    if el.tag_name().name() == "Fault" {
+        return Err(Fault::from_soap(el).to_error(context));
+    }
+    read(el)
 }
 
 impl Drop for Client {
