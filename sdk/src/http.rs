@@ -22,8 +22,7 @@ use core::time::Duration;
 
 use wasi::http::outgoing_handler;
 use wasi::http::types::{
-    ErrorCode, Fields, FutureIncomingResponse, IncomingBody, Method, OutgoingBody, OutgoingRequest,
-    RequestOptions, Scheme,
+    ErrorCode, Fields, IncomingBody, Method, OutgoingBody, OutgoingRequest, RequestOptions, Scheme,
 };
 use wasi::io::streams::StreamError;
 
@@ -102,22 +101,6 @@ impl Request {
     /// Sends the request and reads the whole response. A body is sent with a
     /// `content-length` header (computed unless the request sets one), never chunked.
     pub fn send(self) -> Result<Response> {
-        self.start().finish()
-    }
-
-    /// Sends the request and returns at once: the response is read by
-    /// [`InFlight::finish`], so the plugin can work meanwhile or send the next
-    /// request (the host caps how many are in flight; each takes a connection of
-    /// its own). An error sending it is returned by `finish`.
-    pub fn start(self) -> InFlight {
-        let state = self.begin();
-        InFlight {
-            url: self.url,
-            state,
-        }
-    }
-
-    fn begin(&self) -> Result<(FutureIncomingResponse, Result<()>)> {
         let url = Url::parse(&self.url)?;
         let bad = |what: &str| {
             Error::invalid_argument(format!("HTTP request to {}: invalid {what}", self.url))
@@ -165,52 +148,41 @@ impl Request {
         let pending = outgoing_handler::handle(request, Some(options))
             .map_err(|c| map_error(&self.url, c))?;
         let written = write_body(&self.url, body, &self.body);
-        Ok((pending, written))
-    }
-}
 
-/// A request sent by [`Request::start`] whose response is not read yet; dropped,
-/// the request is abandoned.
-#[derive(Debug)]
-pub struct InFlight {
-    url: String,
-    state: Result<(FutureIncomingResponse, Result<()>)>,
-}
-
-impl InFlight {
-    /// Waits for the response and reads it whole.
-    pub fn finish(self) -> Result<Response> {
-        let url = self.url;
-        let (pending, written) = self.state?;
         pending.subscribe().block();
         let outcome = pending.get();
         if let Err(e) = written {
             // A failed write usually has its real cause in the response.
             return Err(match outcome {
-                Some(Ok(Err(code))) => map_error(&url, code),
+                Some(Ok(Err(code))) => map_error(&self.url, code),
                 _ => e,
             });
         }
         let response = match outcome {
             Some(Ok(Ok(response))) => response,
-            Some(Ok(Err(code))) => return Err(map_error(&url, code)),
+            Some(Ok(Err(code))) => return Err(map_error(&self.url, code)),
             Some(Err(())) => {
                 return Err(Error::backend(format!(
-                    "HTTP request to {url}: response taken twice"
+                    "HTTP request to {}: response taken twice",
+                    self.url
                 )))
             }
             None => {
                 return Err(Error::backend(format!(
-                    "HTTP request to {url}: no response after waiting"
+                    "HTTP request to {}: no response after waiting",
+                    self.url
                 )))
             }
         };
         let status = response.status();
         let headers = response.headers().entries();
         let incoming = response.consume().map_err(|()| {
-            Error::backend(format!("HTTP request to {url}: response body unavailable"))
+            Error::backend(format!(
+                "HTTP request to {}: response body unavailable",
+                self.url
+            ))
         })?;
-        let body = read_body(&url, &incoming)?;
+        let body = read_body(&self.url, &incoming)?;
         drop(IncomingBody::finish(incoming));
         Ok(Response {
             status,

@@ -476,8 +476,8 @@ async fn an_inventory_of_400_hosts_and_2400_vms_is_listed_whole_in_bounded_memor
 /// A VM destroyed between the container view being read and its properties being
 /// read fails the whole property request on vSphere; the listing leaves it out
 /// instead of failing (the simulator holds each DestroyView for a second, the gap
-/// in which another session destroys the VM). The inventory is three pages, each
-/// requested before the one before it is read: the others' VMs are all listed.
+/// in which another session destroys the VM). The inventory is three pages: the
+/// others' VMs are all listed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_vm_destroyed_while_being_listed_is_left_out() {
     let sim = VsphereSim::start(&["-method-delay", "DestroyView=1000", "-vm", "110"]);
@@ -517,9 +517,9 @@ async fn a_vm_destroyed_while_being_listed_is_left_out() {
 }
 
 /// A session the server ended (idle too long) is renewed by the driver on its next
-/// call, without the caller seeing it: a call made at once (a VM by name: a container
-/// view first) and one sent ahead of its reply being read (a VM by id: its
-/// properties).
+/// call, without the caller seeing it: whether the server says so with a fault (a VM
+/// by name: a container view first) or by withholding every property it was asked
+/// for (a VM by id: its properties at once; the simulator answers so).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_expired_session_is_renewed_transparently() {
     let sim = VsphereSim::start(&["-session-idle", "1s"]);
@@ -542,7 +542,7 @@ async fn an_expired_session_is_renewed_transparently() {
     let by_id = driver
         .get_vm(&template.id)
         .await
-        .expect("the expired session is renewed for a call sent ahead");
+        .expect("the expired session is renewed when the server withholds properties");
     assert_eq!((by_id.id, by_id.name), (template.id, template.name));
     assert_eq!(driver.list_vms().await.unwrap().len(), before);
 }

@@ -6,8 +6,7 @@
 //! at a time. The plugin's memory is bounded by a batch, not the inventory, even
 //! against a server that ignores `maxObjects` (the simulator answers 2,400 VMs in one
 //! 4.6 MB reply when asked for all of them at once); a server's own paging
-//! (`token`, ContinueRetrievePropertiesEx) is followed too. The next batch's request
-//! goes out before a batch's reply is parsed, so at most two batches are held.
+//! (`token`, ContinueRetrievePropertiesEx) is followed too.
 
 use gve_sdk::{Error, Result};
 use roxmltree::Node;
@@ -15,8 +14,8 @@ use roxmltree::Node;
 use crate::soap::Client;
 use crate::xml::{self, MoRef};
 
-/// Objects whose properties one request reads: bounds the plugin's memory (two
-/// batches) whatever the inventory size.
+/// Objects whose properties one request reads: bounds the plugin's memory whatever
+/// the inventory size.
 pub const PAGE: usize = 100;
 
 /// Which objects to read.
@@ -49,9 +48,7 @@ pub fn retrieve(
     }
 }
 
-/// Reads `props` of `list`, [`PAGE`] objects a request, with the next request sent
-/// before this one's reply is read: the server prepares a page while the plugin
-/// parses the one before. At most two pages are held at once.
+/// Reads `props` of `list`, [`PAGE`] objects a request.
 fn batches(
     client: &mut Client,
     kind: &str,
@@ -59,17 +56,8 @@ fn batches(
     list: &[MoRef],
     each: &mut impl FnMut(MoRef, &[Prop<'_, '_>]) -> Result<()>,
 ) -> Result<()> {
-    let pc = client.content.property_collector.clone();
-    let send = |client: &Client, batch: &[MoRef]| {
-        client.start("RetrievePropertiesEx", &pc, &request(kind, props, batch))
-    };
-    let mut pages = list.chunks(PAGE).filter(|b| !b.is_empty());
-    let mut next = pages.next().map(|b| (b, send(client, b)));
-    while let Some((batch, sent)) = next.take() {
-        next = pages.next().map(|b| (b, send(client, b)));
-        let generation = sent.generation();
-        let first = client.finish(sent, |r| read_page(r, each));
-        rest_of(client, (kind, props), batch, first, Some(generation), each)?;
+    for batch in list.chunks(PAGE) {
+        batch_of(client, kind, props, batch, each)?;
     }
     Ok(())
 }

@@ -3,7 +3,7 @@
 
 use core::time::Duration;
 
-use gve_sdk::http::{InFlight, Request, Response};
+use gve_sdk::http::{Request, Response};
 use gve_sdk::{log, Error, Result};
 use roxmltree::Node;
 
@@ -228,45 +228,6 @@ impl Client {
         }
     }
 
-    /// Sends `method` on `this` with `args` and returns at once; [`Client::finish`]
-    /// reads the reply. Lets a caller send its next call before reading this one's
-    /// reply, so that the server works while the plugin parses.
-    pub fn start(&self, method: &str, this: &MoRef, args: &str) -> Pending {
-        let body = xml::envelope(method, this, args);
-        Pending {
-            reply: self.request(&body).start(),
-            body,
-            context: context(method, this),
-            generation: self.generation,
-        }
-    }
-
-    /// Reads the reply of a call [`Client::start`] sent, as [`Client::call`] does. A
-    /// call that found the session expired is sent again once, after a login
-    /// (unless another call logged in again since it was sent).
-    pub fn finish<T>(
-        &mut self,
-        call: Pending,
-        read: impl FnOnce(Node<'_, '_>) -> Result<T>,
-    ) -> Result<T> {
-        let context = call.context;
-        let resp = call.reply.finish().map_err(|e| with_context(e, &context))?;
-        match self.verdict(&resp, &context)? {
-            Verdict::Body(text) => read_reply(text, &context, read),
-            Verdict::Expired(_) => {
-                self.renew(call.generation, &context)?;
-                let resp = self
-                    .request(&call.body)
-                    .send()
-                    .map_err(|e| with_context(e, &context))?;
-                match self.verdict(&resp, &context)? {
-                    Verdict::Body(text) => read_reply(text, &context, read),
-                    Verdict::Expired(e) => Err(e),
-                }
-            }
-        }
-    }
-
     /// The HTTP request carrying a SOAP envelope, with the session's cookie.
     fn request(&self, envelope: &str) -> Request {
         let mut req = Request::post(&self.endpoint.url)
@@ -360,24 +321,6 @@ impl Client {
             log::debug(&format!("vSphere Logout at {}: {e}", self.endpoint.url));
         }
         self.cookie = None;
-    }
-}
-
-/// A call sent by [`Client::start`] whose reply is not read yet.
-#[derive(Debug)]
-pub struct Pending {
-    reply: InFlight,
-    /// The envelope, to send again after a login.
-    body: String,
-    context: String,
-    /// The session's login count when it was sent.
-    generation: u64,
-}
-
-impl Pending {
-    /// The session's login count when it was sent (for [`Client::renew`]).
-    pub fn generation(&self) -> u64 {
-        self.generation
     }
 }
 
