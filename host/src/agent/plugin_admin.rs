@@ -318,9 +318,11 @@ impl PluginAdmin {
             .policy
             .check(&spec)
             .map_err(|e| denied(e.to_string()))?;
+        // The files are checked for the plugin the manifest names now; the load
+        // takes the bundle only if it still names that plugin when it is read again.
         let name = Bundle::read(&spec.bundle)?.manifest.name;
         self.tls_files_from_the_config_file(&name, &spec.grants)?;
-        let summary = self.host.load(spec.clone()).await?;
+        let summary = self.host.load_named(&name, spec.clone()).await?;
         self.record_loaded(&summary.name, &spec)?;
         self.audit("plugin.load", &summary.name, &spec)?;
         self.specs().insert(summary.name.clone(), spec);

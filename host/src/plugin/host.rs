@@ -161,7 +161,25 @@ impl PluginHost {
 
     /// Loads a plugin that is not loaded yet.
     pub async fn load(&self, spec: PluginSpec) -> Result<PluginSummary> {
-        let loaded = Arc::new(self.prepare(spec).await?);
+        self.load_checked(spec, None).await
+    }
+
+    /// Loads a plugin that is not loaded yet, only if its manifest names `name`: a
+    /// caller that decided on the name (its grants checked for that plugin) gets that
+    /// plugin or an error, even if the bundle changed since it looked.
+    pub async fn load_named(&self, name: &str, spec: PluginSpec) -> Result<PluginSummary> {
+        self.load_checked(spec, Some(name)).await
+    }
+
+    async fn load_checked(&self, spec: PluginSpec, name: Option<&str>) -> Result<PluginSummary> {
+        let loaded = self.prepare(spec).await?;
+        if let Some(name) = name.filter(|n| *n != &*loaded.name) {
+            return Err(PluginError::Manifest {
+                path: loaded.bundle.manifest_path.clone(),
+                message: format!("names plugin '{}', not '{name}'", loaded.name),
+            });
+        }
+        let loaded = Arc::new(loaded);
         let mut slots = self.inner.slots.write().unwrap_or_else(|p| p.into_inner());
         let slot = slots
             .entry(loaded.name.to_string())

@@ -173,6 +173,29 @@ async fn manifest_and_component_must_agree() {
     );
 }
 
+/// A caller that checked a bundle's grants for the plugin its manifest named (the
+/// agent's admin API) loads it by that name: a bundle that names another plugin by
+/// the time it is read again (swapped in between) is refused, and nothing is loaded.
+#[tokio::test]
+async fn a_load_by_name_refuses_a_bundle_that_names_another_plugin() {
+    let (host, _dir) = host();
+    let err = host
+        .load_named("hostile", spec("memory", Grants::default()))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, PluginError::Manifest { ref message, .. }
+            if message.contains("'memory'") && message.contains("'hostile'")),
+        "{err}"
+    );
+    assert!(host.list().is_empty(), "{:?}", host.list());
+    let loaded = host
+        .load_named("memory", spec("memory", Grants::default()))
+        .await
+        .unwrap();
+    assert_eq!(loaded.name, "memory");
+}
+
 #[tokio::test]
 async fn operator_limits_are_checked() {
     let (host, _dir) = host();
