@@ -143,7 +143,8 @@ fn rest_of(
         r => r?,
     };
     while let Page::Read(Some(t)) = token {
-        token = client.call(
+        // The token is the session's: no login and resend for it.
+        token = client.call_in_session(
             "ContinueRetrievePropertiesEx",
             &pc,
             &xml::text("token", &t),
@@ -160,6 +161,17 @@ fn rest_of(
 
 /// Every object of type `kind` in the inventory: a container view's references.
 fn every(client: &mut Client, kind: &str) -> Result<Vec<MoRef>> {
+    let generation = client.generation;
+    match view_of(client, kind) {
+        // The view went with a session that expired between its creation and its
+        // read (which logged in again): once more, in the new session.
+        Err(Error::NotFound(_)) if client.generation != generation => view_of(client, kind),
+        r => r,
+    }
+}
+
+/// The references a new container view of `kind` holds; the view is destroyed.
+fn view_of(client: &mut Client, kind: &str) -> Result<Vec<MoRef>> {
     let view = create_view(client, kind)?;
     let mut refs = Vec::new();
     let r = batch_of(
@@ -225,9 +237,9 @@ fn create_view(client: &mut Client, kind: &str) -> Result<MoRef> {
 pub(crate) enum Page {
     /// Its objects were handed over; the server's continuation token, if it has more.
     Read(Option<String>),
-    /// Nothing was handed over: the server withheld properties as `NotAuthenticated`
-    /// (the simulator answers a property read on an expired session so, with a
-    /// fault per property rather than for the call).
+    /// Nothing was handed over: the server withheld every object's properties as
+    /// `NotAuthenticated` (the simulator answers a property read on an expired
+    /// session so, with a fault per property rather than for the call).
     Expired,
 }
 
@@ -247,8 +259,15 @@ pub(crate) fn read_page(
                 .is_some_and(|t| t == kind)
         })
     };
-    // Before anything is handed over: the page is read again after a login.
-    if xml::children(rv, "objects").any(|o| fault_is(o, "NotAuthenticated")) {
+    // Every object withheld whole as not authenticated: the session, not the
+    // objects. Before anything is handed over; the page is read again after a login.
+    // One object so among readable ones is kept, as one the user may not read.
+    let mut objects = xml::children(rv, "objects").peekable();
+    if objects.peek().is_some()
+        && objects.all(|o| {
+            fault_is(o, "NotAuthenticated") && xml::children(o, "propSet").next().is_none()
+        })
+    {
         return Ok(Page::Expired);
     }
     let mut props = Vec::new();
@@ -322,13 +341,22 @@ mod tests {
     #[test]
     fn a_page_withheld_as_not_authenticated_hands_nothing_over() {
         let name = "<propSet><name>name</name><val xsi:type=\"xsd:string\">a</val></propSet>";
-        // The first object is read, the second's properties withheld: nothing goes
-        // out (not the first with its name, not the second with none).
-        let text =
-            page(&(object("vm-1", name) + &object("vm-2", &missing("name", "NotAuthenticated"))));
+        // Every object withheld: nothing goes out, the page is read again.
+        let withheld =
+            missing("name", "NotAuthenticated") + &missing("guest.net", "NotAuthenticated");
+        let text = page(&(object("vm-1", &withheld) + &object("vm-2", &withheld)));
         let (r, seen) = read(&text);
         assert_eq!(r.unwrap(), Page::Expired);
         assert!(seen.is_empty(), "{seen:?}");
+        // One object withheld among readable ones is the object's, not the
+        // session's: kept, as one the user may not read; so is one with a property
+        // withheld beside those it has.
+        let partly = name.to_string() + &missing("guest.net", "NotAuthenticated");
+        let text =
+            page(&(object("vm-1", name) + &object("vm-2", &withheld) + &object("vm-3", &partly)));
+        let (r, seen) = read(&text);
+        assert_eq!(r.unwrap(), Page::Read(None));
+        assert_eq!(seen, ["vm-1", "vm-2", "vm-3"]);
         // A deleted object is left out; one the user may not read is kept.
         let text = page(
             &(object("vm-1", name)

@@ -178,7 +178,7 @@ impl Client {
         );
         let sm = self.content.session_manager.clone();
         self.cookie = None;
-        self.send("Login", &sm, &args, false, |_| Ok(()))?;
+        self.send("Login", &sm, &args, OnExpiry::Fail, |_| Ok(()))?;
         if self.cookie.is_none() {
             return Err(Error::backend(format!(
                 "vSphere Login at {}: the server set no {COOKIE} cookie",
@@ -198,7 +198,20 @@ impl Client {
         args: &str,
         read: impl FnOnce(Node<'_, '_>) -> Result<T>,
     ) -> Result<T> {
-        self.send(method, this, args, true, read)
+        self.send(method, this, args, OnExpiry::LogIn, read)
+    }
+
+    /// Calls `method` as [`Client::call`] does, on the session as it is: an expired
+    /// session is `unavailable`, to be read again from the start (for a call that
+    /// belongs to the session, as a continuation token does).
+    pub fn call_in_session<T>(
+        &mut self,
+        method: &str,
+        this: &MoRef,
+        args: &str,
+        read: impl FnOnce(Node<'_, '_>) -> Result<T>,
+    ) -> Result<T> {
+        self.send(method, this, args, OnExpiry::ReadAgain, read)
     }
 
     fn send<T>(
@@ -206,7 +219,7 @@ impl Client {
         method: &str,
         this: &MoRef,
         args: &str,
-        relogin: bool,
+        on_expiry: OnExpiry,
         read: impl FnOnce(Node<'_, '_>) -> Result<T>,
     ) -> Result<T> {
         let body = xml::envelope(method, this, args);
@@ -219,9 +232,14 @@ impl Client {
                 .map_err(|e| with_context(e, &context))?;
             match self.verdict(&resp, &context)? {
                 Verdict::Body(text) => return read_reply(text, &context, read),
-                Verdict::Expired(_) if relogin && !retried => {
+                Verdict::Expired(_) if on_expiry == OnExpiry::LogIn && !retried => {
                     retried = true;
                     self.relogin(&context)?;
+                }
+                Verdict::Expired(_) if on_expiry == OnExpiry::ReadAgain => {
+                    return Err(Error::unavailable(format!(
+                        "{context}: the session expired during the read; read again"
+                    )))
                 }
                 Verdict::Expired(e) => return Err(e),
             }
@@ -241,8 +259,9 @@ impl Client {
         req
     }
 
-    /// Logs in again for a call sent at login count `generation`, unless another
-    /// call has logged in again since.
+    /// Logs in again for a reply read at login count `generation`, unless the
+    /// session has been renewed since (by the call that read it: its own fault
+    /// answer made it log in again).
     pub fn renew(&mut self, generation: u64, context: &str) -> Result<()> {
         if self.generation == generation {
             self.relogin(context)
@@ -317,11 +336,22 @@ impl Client {
             return;
         }
         let sm = self.content.session_manager.clone();
-        if let Err(e) = self.send("Logout", &sm, "", false, |_| Ok(())) {
+        if let Err(e) = self.send("Logout", &sm, "", OnExpiry::Fail, |_| Ok(())) {
             log::debug(&format!("vSphere Logout at {}: {e}", self.endpoint.url));
         }
         self.cookie = None;
     }
+}
+
+/// What a call does when the server says the session expired.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum OnExpiry {
+    /// Log in again and send it again, once.
+    LogIn,
+    /// Fail with the server's fault (Login, Logout).
+    Fail,
+    /// Fail as `unavailable`: the call cannot outlive its session.
+    ReadAgain,
 }
 
 /// What a reply holds, before its body is read.
