@@ -13,6 +13,10 @@
 //!   destination's libvirt reports it for the completed incoming migration
 //!   (`virsh domjobinfo --completed`, "Total downtime"); the same reading for both
 //!   paths.
+//! - **Hand-over:** of that downtime, the time from the source's end of the
+//!   migration to the destination's Finish arriving ("Total downtime" − "Downtime
+//!   w/o network"): in managed mode the client's step from Perform to Finish, the one
+//!   part of the downtime the client (gve or virsh) takes part in.
 //!
 //! After a virsh migration (out of band for gve) both agents reconcile and the
 //! bench waits until the site's record follows the VM, so the next gve migration
@@ -61,15 +65,21 @@ async fn agent(
     .await
 }
 
-/// "Total downtime" of the last incoming migration of `name` on `lv`, in ms.
-fn downtime_ms(lv: &Libvirtd, name: &str) -> f64 {
+/// "Total downtime" of the last incoming migration of `name` on `lv`, and of it the
+/// hand-over ("Total downtime" − "Downtime w/o network"; libvirt leaves the latter
+/// out when the hand-over took the whole downtime), in ms.
+fn downtime_ms(lv: &Libvirtd, name: &str) -> (f64, f64) {
     let out = lv.virsh(&["domjobinfo", "--completed", name]);
-    out.lines()
-        .find_map(|l| {
-            let rest = l.strip_prefix("Total downtime:")?;
-            rest.trim().strip_suffix("ms")?.trim().parse().ok()
+    let field = |key: &str| {
+        out.lines().find_map(|l| {
+            let rest = l.strip_prefix(key)?;
+            rest.trim().strip_suffix("ms")?.trim().parse::<f64>().ok()
         })
-        .unwrap_or_else(|| panic!("no downtime in domjobinfo of {name}:\n{out}"))
+    };
+    let total = field("Total downtime:")
+        .unwrap_or_else(|| panic!("no downtime in domjobinfo of {name}:\n{out}"));
+    let without_network = field("Downtime w/o network:").unwrap_or(0.0);
+    (total, total - without_network)
 }
 
 /// Waits until the site places VM `id` on agent `on` (its health sync follows an
@@ -113,8 +123,8 @@ async fn main() {
 }
 
 /// One mode's samples by `[direction][path][measure]`: direction 0 is a → b,
-/// path 0 gve (1 virsh), measure 0 the total (1 the downtime).
-type Measured = [[[Vec<Duration>; 2]; 2]; 2];
+/// path 0 gve (1 virsh), measure 0 the total (1 the downtime, 2 its hand-over).
+type Measured = [[[Vec<Duration>; 3]; 2]; 2];
 
 /// `rounds` migrations per path through a fresh site and agents, peer-to-peer or
 /// driven by the client (gve's libvirt client, virsh).
@@ -162,9 +172,13 @@ async fn measure(hosts: &[Libvirtd; 2], p2p: bool, rounds: usize) -> Measured {
             common::virsh(&hosts[on].uri, &args).await;
         }
         let took = t.elapsed();
-        let down = Duration::from_secs_f64(downtime_ms(&hosts[to], &vm.name) / 1000.0);
+        let (down, hand_over) = downtime_ms(&hosts[to], &vm.name);
+        let (down, hand_over) = (
+            Duration::from_secs_f64(down / 1000.0),
+            Duration::from_secs_f64(hand_over / 1000.0),
+        );
         eprintln!(
-            "migration {i} ({}{}) {} -> {}: {took:?}, downtime {down:?}",
+            "migration {i} ({}{}) {} -> {}: {took:?}, downtime {down:?}, hand-over {hand_over:?}",
             if through_gve { "gve" } else { "virsh" },
             if p2p { ", p2p" } else { "" },
             ids[on],
@@ -173,6 +187,7 @@ async fn measure(hosts: &[Libvirtd; 2], p2p: bool, rounds: usize) -> Measured {
         let path = usize::from(!through_gve);
         got[on][path][0].push(took);
         got[on][path][1].push(down);
+        got[on][path][2].push(hand_over);
         if !through_gve {
             for c in agent_clients {
                 let _: Value = c
@@ -237,16 +252,21 @@ fn write(rounds: usize, managed: Measured, p2p: Measured) {
     }
     // The two directions take different times (one host's pool is the other's
     // directory): a pooled median lands on either, so compare per direction.
-    md += "\nPer direction (median of each path's migrations that way):\n\n\
-           | mode | direction | total gve / virsh | downtime gve / virsh |\n|---|---|---|---|\n";
+    md += "\nPer direction (median of each path's migrations that way). Hand-over: of the \
+           downtime, the time from the source's end of the migration to the destination's \
+           Finish arriving (libvirt's Total downtime − Downtime w/o network); in managed mode, \
+           the client's step from Perform to Finish.\n\n\
+           | mode | direction | total gve / virsh | downtime gve / virsh | hand-over gve / virsh |\n|---|---|---|---|---|\n";
     for (mode, m) in modes {
         for (d, direction) in ["a → b", "b → a"].into_iter().enumerate() {
             let med = |path: usize, k: usize| ms(quartiles(m[d][path][k].clone()).0);
             let (tg, tv, dg, dv) = (med(0, 0), med(1, 0), med(0, 1), med(1, 1));
+            let (hg, hv) = (med(0, 2), med(1, 2));
             md += &format!(
-                "| {mode} | {direction} | {tg:.0} / {tv:.0} ms ({:+.1}%) | {dg:.0} / {dv:.0} ms ({:+.0} ms) |\n",
+                "| {mode} | {direction} | {tg:.0} / {tv:.0} ms ({:+.1}%) | {dg:.0} / {dv:.0} ms ({:+.0} ms) | {hg:.1} / {hv:.1} ms ({:+.1} ms) |\n",
                 100.0 * (tg - tv) / tv.max(f64::MIN_POSITIVE),
-                dg - dv
+                dg - dv,
+                hg - hv
             );
         }
     }
