@@ -294,7 +294,13 @@ impl PluginAdmin {
                             .await
                             .map(drop)
                             .map_err(ApiError::from),
-                        Ok(spec) => self.host.load(spec).await.map(drop).map_err(ApiError::from),
+                        // Only as the plugin the record (and its files) is for.
+                        Ok(spec) => self
+                            .host
+                            .load_named(&name, spec)
+                            .await
+                            .map(drop)
+                            .map_err(ApiError::from),
                     };
                     if r.is_ok() {
                         self.specs().insert(name.clone(), spec.clone());

@@ -513,6 +513,7 @@ async fn a_vm_destroyed_while_being_listed_is_left_out() {
             .map(|v| v.id.clone())
             .collect::<std::collections::BTreeSet<_>>()
     };
+    assert_eq!(listed.len(), before.len(), "an object listed twice");
     assert_eq!(ids(&listed), ids(&before));
 }
 

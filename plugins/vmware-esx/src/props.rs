@@ -77,7 +77,7 @@ fn batch_of(
     let args = request(kind, props, batch);
     let generation = client.generation;
     let first = client.call("RetrievePropertiesEx", &pc, &args, |r| read_page(r, each));
-    rest_of(client, (kind, props), batch, first, Some(generation), each)
+    rest_of(client, (kind, props), batch, first, generation, each)
 }
 
 /// The arguments of a RetrievePropertiesEx of `props` of `batch`.
@@ -99,34 +99,31 @@ fn request(kind: &str, props: &[&str], batch: &[MoRef]) -> String {
     args
 }
 
-/// After the first reply for `batch` (`first`): the pages the server made of it; or,
-/// when an object of it was deleted meanwhile, the batch again one object at a time,
-/// leaving out the gone; or, when the server withheld the properties because the
-/// session expired, the batch again after a new login (once: `sent` is the session's
-/// login count when it was sent, `None` once renewed).
+/// After the first reply for `batch` (`first`, sent at the session's login count
+/// `generation`): the pages the server made of it; or, when the server withheld the
+/// page because the session expired, the batch again after a login (withheld again
+/// then, its objects are taken as ones the user may not read); or, when an object of
+/// it was deleted meanwhile, the batch again one object at a time, leaving out the
+/// gone.
 fn rest_of(
     client: &mut Client,
     (kind, props): (&str, &[&str]),
     batch: &[MoRef],
     first: Result<Page>,
-    sent: Option<u64>,
+    generation: u64,
     each: &mut impl FnMut(MoRef, &[Prop<'_, '_>]) -> Result<()>,
 ) -> Result<()> {
     let pc = client.content.property_collector.clone();
     let context = format!("vSphere RetrievePropertiesEx of {kind} properties");
-    let first = match (first, sent) {
-        (Ok(Page::Expired), Some(generation)) => {
+    let first = match first {
+        Ok(Page::Expired) => {
             client.renew(generation, &context)?;
             let args = request(kind, props, batch);
-            let again = client.call("RetrievePropertiesEx", &pc, &args, |r| read_page(r, each));
-            return rest_of(client, (kind, props), batch, again, None, each);
+            client.call("RetrievePropertiesEx", &pc, &args, |r| {
+                read_objects(r, each, Withheld::AsUnreadable)
+            })
         }
-        (Ok(Page::Expired), None) => {
-            return Err(Error::denied(format!(
-                "{context}: the server withheld them as not authenticated, also after a new login"
-            )))
-        }
-        (first, _) => first,
+        first => first,
     };
     let mut token = match first {
         // An object deleted since it was listed fails the whole request (vCenter and
@@ -142,7 +139,13 @@ fn rest_of(
         }
         r => r?,
     };
+    let mut last = None;
     while let Page::Read(Some(t)) = token {
+        if last.as_ref() == Some(&t) {
+            return Err(Error::backend(format!(
+                "{context}: the server sent the same continuation token twice"
+            )));
+        }
         // The token is the session's: no login and resend for it.
         token = client.call_in_session(
             "ContinueRetrievePropertiesEx",
@@ -150,6 +153,7 @@ fn rest_of(
             &xml::text("token", &t),
             |r| read_page(r, each),
         )?;
+        last = Some(t);
         if let Page::Expired = token {
             return Err(Error::unavailable(format!(
                 "{context}: the session expired between pages of the reply; read again"
@@ -162,12 +166,20 @@ fn rest_of(
 /// Every object of type `kind` in the inventory: a container view's references.
 fn every(client: &mut Client, kind: &str) -> Result<Vec<MoRef>> {
     let generation = client.generation;
-    match view_of(client, kind) {
+    let r = match view_of(client, kind) {
         // The view went with a session that expired between its creation and its
         // read (which logged in again): once more, in the new session.
         Err(Error::NotFound(_)) if client.generation != generation => view_of(client, kind),
         r => r,
-    }
+    };
+    // The plugin's own view gone says nothing of the objects asked about: never
+    // `not-found` (a caller would take a name as free, or a VM as gone).
+    r.map_err(|e| match e {
+        Error::NotFound(m) => Error::unavailable(format!(
+            "vSphere: the container view of every {kind} went away before it was read ({m}); read again"
+        )),
+        e => e,
+    })
 }
 
 /// The references a new container view of `kind` holds; the view is destroyed.
@@ -243,11 +255,29 @@ pub(crate) enum Page {
     Expired,
 }
 
+/// How a page whose every object is withheld as `NotAuthenticated` is taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Withheld {
+    /// As the session's expiry: nothing handed over, [`Page::Expired`].
+    AsExpired,
+    /// As objects the user may not read (right after a login): handed over.
+    AsUnreadable,
+}
+
 /// Hands each object of a page to `each`; says whether the page was read (and its
 /// continuation token) or withheld because the session expired.
 pub(crate) fn read_page(
     response: Node<'_, '_>,
     each: &mut impl FnMut(MoRef, &[Prop<'_, '_>]) -> Result<()>,
+) -> Result<Page> {
+    read_objects(response, each, Withheld::AsExpired)
+}
+
+/// [`read_page`], with a page withheld whole taken as `withheld` says.
+fn read_objects(
+    response: Node<'_, '_>,
+    each: &mut impl FnMut(MoRef, &[Prop<'_, '_>]) -> Result<()>,
+    withheld: Withheld,
 ) -> Result<Page> {
     let Some(rv) = xml::child(response, "returnval") else {
         return Ok(Page::Read(None));
@@ -263,7 +293,8 @@ pub(crate) fn read_page(
     // objects. Before anything is handed over; the page is read again after a login.
     // One object so among readable ones is kept, as one the user may not read.
     let mut objects = xml::children(rv, "objects").peekable();
-    if objects.peek().is_some()
+    if withheld == Withheld::AsExpired
+        && objects.peek().is_some()
         && objects.all(|o| {
             fault_is(o, "NotAuthenticated") && xml::children(o, "propSet").next().is_none()
         })
@@ -348,6 +379,22 @@ mod tests {
         let (r, seen) = read(&text);
         assert_eq!(r.unwrap(), Page::Expired);
         assert!(seen.is_empty(), "{seen:?}");
+        // The same right after a login: the objects', handed over as unreadable.
+        let doc = xml::parse(&text, "t").unwrap();
+        let mut after_login = Vec::new();
+        let r = read_objects(
+            doc.root_element(),
+            &mut |id, p| {
+                after_login.push((id.value, p.len()));
+                Ok(())
+            },
+            Withheld::AsUnreadable,
+        );
+        assert_eq!(r.unwrap(), Page::Read(None));
+        assert_eq!(
+            after_login,
+            [("vm-1".to_string(), 0), ("vm-2".to_string(), 0)]
+        );
         // One object withheld among readable ones is the object's, not the
         // session's: kept, as one the user may not read; so is one with a property
         // withheld beside those it has.
