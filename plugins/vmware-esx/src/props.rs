@@ -57,7 +57,12 @@ fn batches(
     each: &mut impl FnMut(MoRef, &[Prop<'_, '_>]) -> Result<()>,
 ) -> Result<()> {
     for batch in list.chunks(PAGE) {
-        batch_of(client, kind, props, batch, each)?;
+        match batch_of(client, kind, props, batch, each) {
+            // A batch of one object deleted since it was listed: left out, as one
+            // of a larger batch is (`one` still says `not-found` of it).
+            Ok(()) | Err(Error::NotFound(_)) if batch.len() == 1 => {}
+            r => r?,
+        }
     }
     Ok(())
 }
@@ -139,11 +144,11 @@ fn rest_of(
         }
         r => r?,
     };
-    let mut last = None;
+    let mut seen = std::collections::BTreeSet::new();
     while let Page::Read(Some(t)) = token {
-        if last.as_ref() == Some(&t) {
+        if !seen.insert(t.clone()) {
             return Err(Error::backend(format!(
-                "{context}: the server sent the same continuation token twice"
+                "{context}: the server sent a continuation token again"
             )));
         }
         // The token is the session's: no login and resend for it.
@@ -153,7 +158,6 @@ fn rest_of(
             &xml::text("token", &t),
             |r| read_page(r, each),
         )?;
-        last = Some(t);
         if let Page::Expired = token {
             return Err(Error::unavailable(format!(
                 "{context}: the session expired between pages of the reply; read again"
@@ -185,7 +189,7 @@ fn every(client: &mut Client, kind: &str) -> Result<Vec<MoRef>> {
 /// The references a new container view of `kind` holds; the view is destroyed.
 fn view_of(client: &mut Client, kind: &str) -> Result<Vec<MoRef>> {
     let view = create_view(client, kind)?;
-    let mut refs = Vec::new();
+    let mut refs = None;
     let r = batch_of(
         client,
         "ContainerView",
@@ -193,14 +197,21 @@ fn view_of(client: &mut Client, kind: &str) -> Result<Vec<MoRef>> {
         core::slice::from_ref(&view),
         &mut |_, p| {
             if let Some(v) = get(p, "view") {
-                refs.extend(xml::elements(v).filter_map(xml::moref_of));
+                refs = Some(xml::elements(v).filter_map(xml::moref_of).collect());
             }
             Ok(())
         },
     );
     // Views hold server memory: one per listing, destroyed at once.
     let _ = client.call("DestroyView", &view, "", |_| Ok(()));
-    r.map(|()| refs)
+    r?;
+    // The view's contents not given (left out as gone, or withheld) say nothing of
+    // the inventory: never an empty one.
+    refs.ok_or_else(|| {
+        Error::unavailable(format!(
+            "vSphere: the server gave no contents of the container view of every {kind}; read again"
+        ))
+    })
 }
 
 /// Properties of one object; `not-found` when it does not exist.
