@@ -173,11 +173,8 @@ impl PluginHost {
 
     async fn load_checked(&self, spec: PluginSpec, name: Option<&str>) -> Result<PluginSummary> {
         let loaded = self.prepare(spec).await?;
-        if let Some(name) = name.filter(|n| *n != &*loaded.name) {
-            return Err(PluginError::Manifest {
-                path: loaded.bundle.manifest_path.clone(),
-                message: format!("names plugin '{}', not '{name}'", loaded.name),
-            });
+        if let Some(name) = name {
+            loaded.names(name)?;
         }
         let loaded = Arc::new(loaded);
         let mut slots = self.inner.slots.write().unwrap_or_else(|p| p.into_inner());
@@ -202,12 +199,7 @@ impl PluginHost {
     pub async fn replace(&self, name: &str, spec: PluginSpec) -> Result<PluginSummary> {
         let slot = self.slot(name)?;
         let loaded = self.prepare(spec).await?;
-        if &*loaded.name != name {
-            return Err(PluginError::Manifest {
-                path: loaded.bundle.manifest_path.clone(),
-                message: format!("names plugin '{}', not '{name}'", loaded.name),
-            });
-        }
+        loaded.names(name)?;
         let summary = summary(&loaded);
         if !slot.is_loaded() {
             return Err(PluginError::NotLoaded(name.to_string()));

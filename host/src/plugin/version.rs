@@ -48,6 +48,17 @@ pub struct Loaded {
 }
 
 impl Loaded {
+    /// Ok when its manifest names plugin `name`; else the manifest's error.
+    pub fn names(&self, name: &str) -> Result<()> {
+        if &*self.name == name {
+            return Ok(());
+        }
+        Err(PluginError::Manifest {
+            path: self.bundle.manifest_path.clone(),
+            message: format!("names plugin '{}', not '{name}'", self.name),
+        })
+    }
+
     /// Prepares a compiled component for instantiation.
     #[allow(clippy::too_many_arguments)]
     pub fn new(

@@ -67,7 +67,11 @@ fn batches(
     Ok(())
 }
 
-/// Reads `props` of the objects of `batch` (and of the pages the server makes of it).
+/// Reads `props` of the objects of `batch`, and of the pages the server makes of
+/// it. When the server withholds the page because the session expired: the batch
+/// again after a login (withheld again then, its objects are taken as ones the user
+/// may not read). When an object of it was deleted meanwhile: the batch again one
+/// object at a time, leaving out the gone.
 fn batch_of(
     client: &mut Client,
     kind: &str,
@@ -80,50 +84,11 @@ fn batch_of(
     }
     let pc = client.content.property_collector.clone();
     let args = request(kind, props, batch);
-    let generation = client.generation;
-    let first = client.call("RetrievePropertiesEx", &pc, &args, |r| read_page(r, each));
-    rest_of(client, (kind, props), batch, first, generation, each)
-}
-
-/// The arguments of a RetrievePropertiesEx of `props` of `batch`.
-fn request(kind: &str, props: &[&str], batch: &[MoRef]) -> String {
-    let mut args = format!("<specSet><propSet>{}", xml::text("type", kind));
-    for p in props {
-        args.push_str(&xml::text("pathSet", p));
-    }
-    args.push_str("</propSet>");
-    for o in batch {
-        args.push_str(&format!(
-            "<objectSet>{}<skip>false</skip></objectSet>",
-            xml::moref("obj", o)
-        ));
-    }
-    args.push_str(&format!(
-        "</specSet><options><maxObjects>{PAGE}</maxObjects></options>"
-    ));
-    args
-}
-
-/// After the first reply for `batch` (`first`, sent at the session's login count
-/// `generation`): the pages the server made of it; or, when the server withheld the
-/// page because the session expired, the batch again after a login (withheld again
-/// then, its objects are taken as ones the user may not read); or, when an object of
-/// it was deleted meanwhile, the batch again one object at a time, leaving out the
-/// gone.
-fn rest_of(
-    client: &mut Client,
-    (kind, props): (&str, &[&str]),
-    batch: &[MoRef],
-    first: Result<Page>,
-    generation: u64,
-    each: &mut impl FnMut(MoRef, &[Prop<'_, '_>]) -> Result<()>,
-) -> Result<()> {
-    let pc = client.content.property_collector.clone();
     let context = format!("vSphere RetrievePropertiesEx of {kind} properties");
-    let first = match first {
+    let generation = client.generation;
+    let first = match client.call("RetrievePropertiesEx", &pc, &args, |r| read_page(r, each)) {
         Ok(Page::Expired) => {
             client.renew(generation, &context)?;
-            let args = request(kind, props, batch);
             client.call("RetrievePropertiesEx", &pc, &args, |r| {
                 read_objects(r, each, Withheld::AsUnreadable)
             })
@@ -165,6 +130,25 @@ fn rest_of(
         }
     }
     Ok(())
+}
+
+/// The arguments of a RetrievePropertiesEx of `props` of `batch`.
+fn request(kind: &str, props: &[&str], batch: &[MoRef]) -> String {
+    let mut args = format!("<specSet><propSet>{}", xml::text("type", kind));
+    for p in props {
+        args.push_str(&xml::text("pathSet", p));
+    }
+    args.push_str("</propSet>");
+    for o in batch {
+        args.push_str(&format!(
+            "<objectSet>{}<skip>false</skip></objectSet>",
+            xml::moref("obj", o)
+        ));
+    }
+    args.push_str(&format!(
+        "</specSet><options><maxObjects>{PAGE}</maxObjects></options>"
+    ));
+    args
 }
 
 /// Every object of type `kind` in the inventory: a container view's references.

@@ -223,7 +223,7 @@ impl Client {
         read: impl FnOnce(Node<'_, '_>) -> Result<T>,
     ) -> Result<T> {
         let body = xml::envelope(method, this, args);
-        let context = context(method, this);
+        let context = format!("vSphere {method} on {}", this.value);
         let mut retried = false;
         loop {
             let resp = self
@@ -360,11 +360,6 @@ enum Verdict<'r> {
     Body(&'r str),
     /// `NotAuthenticated`: the session expired (the error, if not retried).
     Expired(Error),
-}
-
-/// What a call is, for errors: `vSphere <method> on <object>`.
-fn context(method: &str, this: &MoRef) -> String {
-    format!("vSphere {method} on {}", this.value)
 }
 
 /// Hands the `...Response` element of a 200 reply to `read`; a fault is its error.
