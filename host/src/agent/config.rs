@@ -19,6 +19,10 @@ pub struct AgentConfig {
     pub data_dir: PathBuf,
     /// Bearer token of the agent's administrator (plugin management).
     pub admin_token: String,
+    /// Bearer token that reads `GET /metrics` and nothing else (a scraper's
+    /// credential; the admin token reads it too).
+    #[serde(default)]
+    pub metrics_token: Option<String>,
     /// Plugins to load at start, by name.
     #[serde(default)]
     pub plugins: BTreeMap<String, PluginSpec>,
@@ -72,6 +76,7 @@ impl Default for AgentConfig {
             listen: default_listen(),
             data_dir: PathBuf::new(),
             admin_token: String::new(),
+            metrics_token: None,
             plugins: BTreeMap::new(),
             driver: None,
             bundles_dir: None,
@@ -259,6 +264,19 @@ impl AgentConfig {
         if cfg.admin_token.len() < 16 {
             return Err(invalid("admin-token must be at least 16 characters".into()));
         }
+        match &cfg.metrics_token {
+            Some(m) if m.len() < 16 => {
+                return Err(invalid(
+                    "metrics-token must be at least 16 characters".into(),
+                ))
+            }
+            Some(m) if *m == cfg.admin_token => {
+                return Err(invalid(
+                    "metrics-token must differ from admin-token (it reads /metrics only)".into(),
+                ))
+            }
+            _ => {}
+        }
         cfg.http.validate().map_err(invalid)?;
         Ok(cfg)
     }
@@ -314,6 +332,31 @@ mod tests {
             );
             if let Err(e) = got {
                 assert!(e.to_string().contains("database-cache-mib"), "{e}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_metrics_token_is_long_and_not_the_admin_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.toml");
+        let base = "data-dir = \"data\"\nadmin-token = \"agent-admin-0123456789\"\n";
+        for (value, ok) in [
+            ("scrape-0123456789", true),
+            ("short", false),
+            ("agent-admin-0123456789", false),
+        ] {
+            std::fs::write(&path, format!("{base}metrics-token = \"{value}\"\n")).unwrap();
+            match AgentConfig::read(&path) {
+                Ok(cfg) => {
+                    assert!(ok, "{value} was taken");
+                    assert_eq!(cfg.metrics_token.as_deref(), Some(value));
+                }
+                Err(e) => {
+                    assert!(!ok, "{value}: {e}");
+                    assert!(e.to_string().contains("metrics-token"), "{e}");
+                    assert!(!e.to_string().contains(value), "the secret leaked: {e}");
+                }
             }
         }
     }

@@ -118,6 +118,7 @@ struct AgentApi {
     admin: Arc<plugin_admin::PluginAdmin>,
     runtime: Arc<runtime::Runtime>,
     admin_token: String,
+    metrics_token: Option<String>,
 }
 
 impl AgentApi {
@@ -129,7 +130,11 @@ impl AgentApi {
             ["v1", "openapi.yaml"] => return api::yaml(OPENAPI),
             _ => {}
         }
-        api::check_bearer(&req, &self.admin_token)?;
+        let scrape = req.method() == hyper::Method::GET && segs.as_slice() == ["metrics"];
+        match &self.metrics_token {
+            Some(m) if scrape && api::check_bearer(&req, m).is_ok() => {}
+            _ => api::check_bearer(&req, &self.admin_token)?,
+        }
         match (req.method().clone(), segs.as_slice()) {
             (hyper::Method::GET, ["metrics"]) => Ok(api::text(
                 crate::metrics::CONTENT_TYPE,
@@ -323,6 +328,7 @@ impl Agent {
             admin,
             runtime: runtime.clone(),
             admin_token: config.admin_token,
+            metrics_token: config.metrics_token,
         });
         let running = api::server::spawn(listener, handler, config.http, config.tls.as_ref())
             .map_err(|e| AgentError::Tls(e.to_string()))?;

@@ -36,8 +36,12 @@ pub enum Action {
         /// Login name.
         name: String,
         /// Make them an admin.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "monitor")]
         admin: bool,
+        /// Make them a monitor: a scraper's credential that reads `/metrics` and
+        /// `/v1/glue2` only (no quota).
+        #[arg(long)]
+        monitor: bool,
         /// Quota limits (the site's defaults for those not given).
         #[command(flatten)]
         quota: QuotaArgs,
@@ -105,11 +109,18 @@ pub async fn run(args: UserArgs) -> Result<i32, CliError> {
             }
         }
         Action::Show { name } => show(out, &client.get(&user_path(name)).await?),
-        Action::Add { name, admin, quota } => {
-            let mut body = json!({
-                "name": name,
-                "role": if *admin { "admin" } else { "user" },
-            });
+        Action::Add {
+            name,
+            admin,
+            monitor,
+            quota,
+        } => {
+            let role = match (admin, monitor) {
+                (true, _) => "admin",
+                (_, true) => "monitor",
+                _ => "user",
+            };
+            let mut body = json!({ "name": name, "role": role });
             if quota.given() {
                 body["quota"] = serde_json::to_value(quota.over(Quota::default()))
                     .map_err(|e| CliError::Usage(e.to_string()))?;
@@ -177,6 +188,7 @@ fn role(r: Role) -> &'static str {
     match r {
         Role::Admin => "admin",
         Role::User => "user",
+        Role::Monitor => "monitor",
     }
 }
 

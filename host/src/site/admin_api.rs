@@ -88,12 +88,26 @@ impl SiteCore {
                 if let Some(q) = &body.quota {
                     q.validate()?;
                 }
+                // A monitor holds nothing: its quota is zero, and one given is a mistake.
+                let quota = match (body.role, body.quota) {
+                    (Role::Monitor, Some(_)) => {
+                        return Err(ApiError::bad_request(
+                            "a monitor holds no VMs: create it without a quota",
+                        ))
+                    }
+                    (Role::Monitor, None) => Quota {
+                        logical_cpus: 0,
+                        main_memory_mib: 0,
+                        vms: 0,
+                    },
+                    (_, q) => q.unwrap_or_default(),
+                };
                 let token = auth::new_token();
                 let user = User {
                     name: body.name.clone(),
                     role: body.role,
                     token_sha256: auth::hash(&token),
-                    quota: body.quota.unwrap_or_default(),
+                    quota,
                     created_ms: now_ms(),
                 };
                 let created = self.store.write(|t| {

@@ -38,6 +38,32 @@ impl Caller {
         }
     }
 
+    /// A monitor may only read the metrics and GLUE 2, read its own record and
+    /// rotate its own token; anything else is 403 for it, before any handler runs.
+    pub fn require_route(&self, method: &hyper::Method, segs: &[&str]) -> Result<(), ApiError> {
+        if self.role != Role::Monitor {
+            return Ok(());
+        }
+        let get = method == hyper::Method::GET;
+        let allowed = match segs {
+            ["metrics"] | ["v1", "glue2"] | ["v1", "me"] => get,
+            ["v1", "users", name, "token"] => *method == hyper::Method::POST && *name == self.name,
+            _ => false,
+        };
+        if allowed {
+            Ok(())
+        } else {
+            Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "denied",
+                format!(
+                    "user '{}' is a monitor: it may read /metrics, /v1/glue2 and /v1/me only",
+                    self.name
+                ),
+            ))
+        }
+    }
+
     /// May this caller see an object owned by `owner`?
     pub fn may_see(&self, owner: Option<&str>) -> bool {
         self.is_admin() || owner == Some(self.name.as_str())

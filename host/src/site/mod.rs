@@ -111,6 +111,7 @@ impl SiteApi {
         }
         // Every other call is identified before anything else happens.
         let caller = auth::identify(&self.core.store, &req)?;
+        caller.require_route(req.method(), &segs)?;
         let core = &self.core;
         match segs.as_slice() {
             ["v1", "me"] | ["v1", "users", ..] => core.handle_users(&caller, req, &segs).await,
@@ -121,7 +122,9 @@ impl SiteApi {
                 core.handle_audit(&caller, &req)
             }
             ["metrics"] if req.method() == hyper::Method::GET => {
-                caller.require_admin()?;
+                if caller.role != Role::Monitor {
+                    caller.require_admin()?;
+                }
                 core.metrics_text().map_err(agents::db)
             }
             ["v1", "glue2"] if req.method() == hyper::Method::GET => {

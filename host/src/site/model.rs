@@ -17,6 +17,9 @@ pub enum Role {
     Admin,
     /// Manages their own VMs and jobs.
     User,
+    /// Reads `/metrics` and `/v1/glue2` (a scraper's credential) and rotates its own
+    /// token; nothing else.
+    Monitor,
 }
 
 /// Limits on what one user holds at once.

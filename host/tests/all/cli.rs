@@ -151,6 +151,28 @@ async fn cli_manages_users_and_agents() {
     assert_eq!(gve(&u, ADMIN, &["user", "add", "bob"]).await.code, 6);
     assert_eq!(gve(&u, ADMIN, &["user", "show", "nobody"]).await.code, 4);
 
+    // A monitor: no quota, the metrics only; a quota or --admin with it is refused.
+    let m = gve(
+        &u,
+        ADMIN,
+        &["user", "add", "prom", "--monitor", "-o", "json"],
+    )
+    .await
+    .ok()
+    .json();
+    assert_eq!(
+        (&m["role"], &m["quota"]["vms"]),
+        (&"monitor".into(), &0.into())
+    );
+    let monitor = m["token"].as_str().unwrap().to_string();
+    let r = gve(&u, &monitor, &["vm", "list"]).await;
+    assert_eq!(r.code, 5, "{}", r.err);
+    assert!(r.err.contains("is a monitor"), "{}", r.err);
+    let r = gve(&u, ADMIN, &["user", "add", "p2", "--monitor", "--vms", "1"]).await;
+    assert_eq!(r.code, 2, "{}", r.err);
+    let r = gve(&u, ADMIN, &["user", "add", "p3", "--monitor", "--admin"]).await;
+    assert_eq!(r.code, 2, "{}", r.err);
+
     let q = gve(
         &u,
         ADMIN,

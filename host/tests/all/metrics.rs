@@ -178,3 +178,122 @@ async fn a_hostile_plugins_deadline_hits_memory_refusals_and_panics_are_counted(
     assert_eq!(all - slow, 1.0, "exactly the loop ran past 0.25 s:\n{text}");
     b.aftermath().await;
 }
+
+/// `method path` with `token` at `base`: the status (200 when it succeeded).
+async fn status_of(base: &str, token: &str, method: Method, path: &str) -> u16 {
+    let c = Client::new(base, Some(token.to_string())).unwrap();
+    let body = (method == Method::POST).then(|| json!({}));
+    match c
+        .call::<_, serde_json::Value>(method, path, body.as_ref())
+        .await
+    {
+        Ok(_) => 200,
+        Err(e) => e.status,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_monitor_reads_the_metrics_and_nothing_else() {
+    let e = env(0, |_| {}).await;
+    let base = e.admin.base().to_string();
+    let alice = e.user("alice", None).await;
+    // A monitor takes no quota and holds zero.
+    let refused = e
+        .admin
+        .call::<_, serde_json::Value>(
+            Method::POST,
+            "/v1/users",
+            Some(&json!({ "name": "prom", "role": "monitor", "quota": { "vms": 1, "logical-cpus": 1, "main-memory-mib": 1 } })),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(refused.status, 400, "{refused:?}");
+    let m: serde_json::Value = e
+        .admin
+        .call(
+            Method::POST,
+            "/v1/users",
+            Some(&json!({ "name": "prom", "role": "monitor" })),
+        )
+        .await
+        .unwrap();
+    assert_eq!(m["role"], "monitor");
+    assert_eq!(m["quota"]["vms"], 0);
+    let token = m["token"].as_str().unwrap().to_string();
+
+    let (status, _, text) = scrape(&base, Some(&token)).await;
+    assert_eq!(status, 200, "{text}");
+    assert!(text.contains("gve_site_jobs_kept"), "{text}");
+    for (method, path, want) in [
+        (Method::GET, "/v1/glue2", 200),
+        (Method::GET, "/v1/me", 200),
+        (Method::GET, "/v1/vms", 403),
+        (Method::POST, "/v1/vms", 403),
+        (Method::GET, "/v1/jobs", 403),
+        (Method::GET, "/v1/templates", 403),
+        (Method::GET, "/v1/users", 403),
+        (Method::POST, "/v1/users", 403),
+        (Method::GET, "/v1/users/alice", 403),
+        (Method::POST, "/v1/users/alice/token", 403),
+        (Method::GET, "/v1/agents", 403),
+        (Method::POST, "/v1/agents", 403),
+        (Method::GET, "/v1/audit", 403),
+        (Method::GET, "/v1/users/prom", 403),
+    ] {
+        assert_eq!(
+            status_of(&base, &token, method.clone(), path).await,
+            want,
+            "{method} {path}"
+        );
+    }
+    // Alice's token still works: the monitor rotated nothing of hers.
+    alice.get::<serde_json::Value>("/v1/me").await.unwrap();
+    // Its own token it may rotate; the old one then opens nothing.
+    let c = Client::new(&base, Some(token.clone())).unwrap();
+    let rotated: serde_json::Value = c
+        .call(Method::POST, "/v1/users/prom/token", None::<&()>)
+        .await
+        .unwrap();
+    let new = rotated["token"].as_str().unwrap();
+    assert_eq!(scrape(&base, Some(&token)).await.0, 401);
+    assert_eq!(scrape(&base, Some(new)).await.0, 200);
+    assert_eq!(status_of(&base, new, Method::GET, "/v1/vms").await, 403);
+
+    // An agent's metrics token reads /metrics and nothing else; its admin token
+    // reads everything, as before.
+    const SCRAPE: &str = "agent-scrape-0123456789";
+    let (agent, _admin, _dir) = gve_harness::agent::start(
+        "memory",
+        crate::support::spec("memory", Default::default()),
+        &format!("memory:monitor-{}", uuid::Uuid::new_v4()),
+        AGENT_TOKEN,
+        |c| c.metrics_token = Some(SCRAPE.into()),
+    )
+    .await;
+    let agent_base = format!("http://{}", agent.addr);
+    let (status, _, text) = scrape(&agent_base, Some(SCRAPE)).await;
+    assert_eq!(status, 200, "{text}");
+    assert!(
+        text.contains("gve_plugin_calls_total{plugin=\"memory\""),
+        "{text}"
+    );
+    assert_eq!(scrape(&agent_base, Some(AGENT_TOKEN)).await.0, 200);
+    for (method, path) in [
+        (Method::GET, "/v1/vms"),
+        (Method::POST, "/v1/vms"),
+        (Method::GET, "/v1/plugins"),
+        (Method::GET, "/v1/audit"),
+        (Method::GET, "/v1/host"),
+        (Method::POST, "/metrics"),
+    ] {
+        assert_eq!(
+            status_of(&agent_base, SCRAPE, method.clone(), path).await,
+            401,
+            "{method} {path}"
+        );
+    }
+    assert_eq!(
+        status_of(&agent_base, AGENT_TOKEN, Method::GET, "/v1/vms").await,
+        200
+    );
+}
