@@ -4,7 +4,8 @@
 //! command and reads its output, releases the VM; a second user does not see the
 //! first one's VMs; the admin sees agents and users; a bad token is refused; the
 //! token never reaches a URL, a cookie or localStorage; the page's security
-//! headers are set. Screenshots of the main pages are written to `docs/portal/`.
+//! headers are set; lists longer than a page are paged along the API's cursors.
+//! Screenshots of the main pages are written to `docs/portal/`.
 
 use std::net::TcpListener;
 use std::path::PathBuf;
@@ -259,6 +260,160 @@ async fn a_person_uses_the_portal_in_a_real_browser() {
     assert_eq!(job_end(&b).await, "succeeded");
     let vms: Vec<SiteVm> = alice.get("/v1/vms").await.unwrap();
     assert!(vms.is_empty(), "{vms:?}");
+    b.close().await.unwrap();
+}
+
+/// The `attr` of every element matching `selector` now, in page order.
+async fn rows(b: &Browser, selector: &str, attr: &str) -> Vec<String> {
+    let v = b
+        .execute(
+            "return [...document.querySelectorAll(arguments[0])].map((e) => e.getAttribute(arguments[1]))",
+            vec![json!(selector), json!(attr)],
+        )
+        .await
+        .unwrap();
+    serde_json::from_value(v).unwrap()
+}
+
+/// Waits (up to 30 s) until `selector` matches `n` elements other than `not`;
+/// returns their `attr`s.
+async fn page_of(b: &Browser, selector: &str, attr: &str, n: usize, not: &[String]) -> Vec<String> {
+    let end = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = rows(b, selector, attr).await;
+        if r.len() == n && r.iter().all(|x| !not.contains(x)) {
+            return r;
+        }
+        assert!(
+            std::time::Instant::now() < end,
+            "{selector}: {} rows, wanted {n}: {r:?}",
+            r.len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Clicks `pager`'s next (or back) button.
+async fn turn(b: &Browser, pager: &str, button: &str) {
+    css(b, &format!("{pager} .{button}"))
+        .await
+        .click()
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_portal_pages_through_lists_longer_than_a_page() {
+    const N: usize = 26; // one more than a page of VMs (25); jobs page at 20
+    let e = env(1, |_| {}).await;
+    let base = e.admin.base().trim_end_matches('/').to_string();
+    let quota = json!({ "vms": 40, "logical-cpus": 40, "main-memory-mib": 40_000 });
+    let (alice, alice_token) = e.user_with_token("alice", Some(quota)).await;
+    let mut jobs = Vec::new();
+    for _ in 0..N {
+        let j = crate::site::job(
+            &alice,
+            "/v1/vms",
+            json!({ "template": "debian-12", "main-memory-mib": 64 }),
+        )
+        .await;
+        assert_eq!(j.state, gve::site::model::JobState::Succeeded, "{j:?}");
+        jobs.push(j.id);
+    }
+    let all: Vec<SiteVm> = alice.get_pages("/v1/vms", usize::MAX).await.unwrap();
+    let mut all: Vec<String> = all.into_iter().map(|v| v.id).collect();
+    all.sort();
+    assert_eq!(all.len(), N);
+
+    let d = driver().await;
+    let profile = tempfile::tempdir().unwrap();
+    let b = browser(&d, profile.path()).await;
+    sign_in(&b, &base, &alice_token).await;
+
+    // VMs: a full first page, the one left on the next, and back to the first.
+    let first = page_of(&b, "#vms tr[data-vm]", "data-vm", 25, &[]).await;
+    let back = css(&b, "#vms-pager .page-back").await;
+    assert!(
+        back.attr("disabled").await.unwrap().is_some(),
+        "back on page 1"
+    );
+    turn(&b, "#vms-pager", "page-next").await;
+    let second = page_of(&b, "#vms tr[data-vm]", "data-vm", 1, &first).await;
+    let next = css(&b, "#vms-pager .page-next").await;
+    assert!(
+        next.attr("disabled").await.unwrap().is_some(),
+        "next on the last page"
+    );
+    let mut seen: Vec<String> = first.iter().chain(&second).cloned().collect();
+    seen.sort();
+    assert_eq!(seen, all, "the pages together are every VM, each once");
+    // The page shown is read again while it is shown: a VM released elsewhere goes.
+    let gone = second[0].clone();
+    crate::site::job(&alice, &format!("/v1/vms/{gone}/release"), json!({})).await;
+    page_of(&b, "#vms tr[data-vm]", "data-vm", 0, &[]).await;
+    css(&b, "#vms-pager").await;
+    turn(&b, "#vms-pager", "page-back").await;
+    assert_eq!(
+        page_of(&b, "#vms tr[data-vm]", "data-vm", 25, &[]).await,
+        first
+    );
+
+    // Jobs: newest first, 20 to a page; the next page holds the older ones.
+    css(&b, "#tab-jobs").await.click().await.unwrap();
+    let newer = page_of(&b, "#jobs tr[data-job]", "data-job", 20, &[]).await;
+    turn(&b, "#jobs-pager", "page-next").await;
+    let older = page_of(&b, "#jobs tr[data-job]", "data-job", N + 1 - 20, &newer).await;
+    let mut listed: Vec<&String> = newer.iter().chain(&older).collect();
+    let mut want: Vec<String> = jobs.clone();
+    let released: Vec<gve::site::model::Job> = alice.get("/v1/jobs?limit=1").await.unwrap();
+    want.push(released[0].id.clone());
+    assert_eq!(newer[0], released[0].id, "the newest job is first");
+    assert_eq!(older.last(), Some(&jobs[0]), "the oldest job is last");
+    listed.sort();
+    want.sort();
+    assert_eq!(listed, want.iter().collect::<Vec<_>>());
+    sign_out(&b).await;
+
+    // The admin pages through every VM, with its owner.
+    sign_in(&b, &base, ADMIN).await;
+    css(&b, "#tab-admin").await.click().await.unwrap();
+    let first = page_of(&b, "#all-vms tr[data-any-vm]", "data-any-vm", 25, &[]).await;
+    let row = css(&b, &format!("tr[data-any-vm='{}']", first[0])).await;
+    assert!(row.text().await.unwrap().contains("alice"));
+    // Alice's 25 and the clean VM that replaced the released one in the pool.
+    let every: Vec<SiteVm> = e
+        .admin
+        .get_pages("/v1/vms?all=true", usize::MAX)
+        .await
+        .unwrap();
+    let mut every: Vec<String> = every.into_iter().map(|v| v.id).collect();
+    every.sort();
+    assert_eq!(every.len(), N, "{every:?}");
+    turn(&b, "#all-vms-pager", "page-next").await;
+    let rest = page_of(&b, "#all-vms tr[data-any-vm]", "data-any-vm", 1, &first).await;
+    let mut seen: Vec<String> = first.into_iter().chain(rest).collect();
+    seen.sort();
+    assert_eq!(seen, every, "the admin's pages hold every VM once");
+    sign_out(&b).await;
+
+    // A monitor's token opens no lists: the page says what it is for.
+    let m: Value = e
+        .admin
+        .call(
+            hyper::Method::POST,
+            "/v1/users",
+            Some(&json!({ "name": "prom", "role": "monitor" })),
+        )
+        .await
+        .unwrap();
+    sign_in(&b, &base, m["token"].as_str().unwrap()).await;
+    let text = css(&b, "#monitor").await.text().await.unwrap();
+    assert!(text.contains("/metrics"), "{text}");
+    assert!(rows(&b, "#vms", "id").await.is_empty());
+    assert!(
+        rows(&b, "#error", "id").await.is_empty(),
+        "an error was shown"
+    );
     b.close().await.unwrap();
 }
 

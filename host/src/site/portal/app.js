@@ -5,9 +5,34 @@ import { html, render, useState, useEffect, useCallback, useRef } from "/portal/
 
 const TOKEN_KEY = "gve-token";
 const REFRESH_MS = 2000;
+/// Rows per page of each listing (the API's `limit`).
+const PAGE = { vms: 25, jobs: 20, users: 50, agents: 50 };
 
 /// Calls the API; resolves to the parsed JSON, rejects with the API's message.
 async function api(token, method, path, body) {
+  return (await call(token, method, path, body)).data;
+}
+
+/// One page of a listing: its items and the path of the next page, if any.
+async function apiPage(token, path) {
+  const { data, resp } = await call(token, "GET", path);
+  return { items: data || [], next: nextLink(resp.headers.get("Link")) };
+}
+
+/// The target of a `Link` header's `rel="next"` (RFC 8288), if it is a path on
+/// this site's API: the page never follows a link elsewhere.
+function nextLink(header) {
+  for (const part of (header || "").split(",")) {
+    const m = part.trim().match(/^<([^>]*)>\s*;(.*)$/);
+    if (!m || !/(^|;)\s*rel="?next"?\s*(;|$)/.test(m[2])) continue;
+    return m[1].startsWith("/v1/") ? m[1] : null;
+  }
+  return null;
+}
+
+/// Calls the API; resolves to the parsed JSON and the response, rejects with the
+/// API's message (and its status).
+async function call(token, method, path, body) {
   const headers = { Authorization: `Bearer ${token}` };
   if (body !== undefined) headers["Content-Type"] = "application/json";
   const resp = await fetch(path, {
@@ -25,7 +50,43 @@ async function api(token, method, path, body) {
     e.status = resp.status;
     throw e;
   }
-  return data;
+  return { data, resp };
+}
+
+/// One listing, a page at a time: the page shown is read again every REFRESH_MS and
+/// whenever `tick` changes; `next` walks on along the API's cursor, `back` returns
+/// to the page before (the pages walked are kept, so back is where one came from).
+function usePages(token, first, tick, onFail) {
+  const [trail, setTrail] = useState([first]);
+  const [page, setPage] = useState({ path: null, items: [], next: null });
+  const path = trail[trail.length - 1];
+  useEffect(() => { setTrail([first]); }, [first]);
+  useEffect(() => {
+    let live = true;
+    const load = () => apiPage(token, path)
+      .then((p) => { if (live) setPage({ path, ...p }); })
+      .catch((e) => { if (live && onFail) onFail(e); });
+    load();
+    const t = setInterval(load, REFRESH_MS);
+    return () => { live = false; clearInterval(t); };
+  }, [token, path, tick]);
+  const shown = page.path === path;
+  return {
+    loaded: shown,
+    items: shown ? page.items : [],
+    number: trail.length,
+    next: shown && page.next ? () => setTrail((t) => [...t, page.next]) : null,
+    back: trail.length > 1 ? () => setTrail((t) => t.slice(0, -1)) : null,
+  };
+}
+
+/// Previous / next buttons under a paged table (nothing when all fits on one page).
+function Pager({ id, pages }) {
+  if (!pages.next && !pages.back) return "";
+  return html`<div class="pager" id=${id}>
+    <button class="page-back" disabled=${!pages.back} onClick=${pages.back}>← Previous</button>
+    <span class="muted page-number">page ${pages.number}</span>
+    <button class="page-next" disabled=${!pages.next} onClick=${pages.next}>Next →</button></div>`;
 }
 
 /// Follows a job's server-sent events through fetch (EventSource cannot send the
@@ -156,7 +217,9 @@ function RequestForm({ token, templates, onJob }) {
   </section>`;
 }
 
-function Vms({ token, vms, onJob, onError }) {
+function Vms({ token, tick, onJob, onError, onFail }) {
+  const pages = usePages(token, `/v1/vms?limit=${PAGE.vms}`, tick, onFail);
+  const vms = pages.items;
   const act = async (vm, action, body = {}) => {
     try { onJob(await api(token, "POST", `/v1/vms/${encodeURIComponent(vm.id)}/${action}`, body)); } catch (e) { onError(e.message); }
   };
@@ -171,7 +234,7 @@ function Vms({ token, vms, onJob, onError }) {
     await act(execVm, "exec", { argv: argv.trim().split(/\s+/) });
   };
   return html`<section id="vms"><h2>Your VMs</h2>
-    ${vms.length === 0 ? html`<p class="muted">No VMs yet.</p>` : html`<table>
+    ${vms.length === 0 ? html`<p class="muted">${!pages.loaded ? "Loading…" : pages.back ? "No VMs on this page." : "No VMs yet."}</p>` : html`<table>
       <thead><tr><th>Name</th><th>State</th><th>Agent</th><th>vCPUs</th><th>MiB</th><th>Lease left</th><th>Actions</th></tr></thead>
       <tbody>${vms.map((vm) => html`<tr data-vm=${vm.id}>
         <td>${vm.name}<div class="muted">${vm.id}</div></td>
@@ -186,6 +249,7 @@ function Vms({ token, vms, onJob, onError }) {
           <button data-action="exec" onClick=${() => setExecVm(vm)}>Run…</button>
           <button data-action="release" onClick=${() => act(vm, "release")}>Release</button>
         </td></tr>`)}</tbody></table>`}
+    <${Pager} id="vms-pager" pages=${pages} />
     ${execVm && html`<form class="inline" id="exec-form" onSubmit=${exec}>
       <label>Command in ${execVm.name} (split on spaces)<input id="exec-argv" value=${argv}
         onInput=${(e) => setArgv(e.target.value)} size="50" /></label>
@@ -218,64 +282,67 @@ function JobView({ token, job, onEnd }) {
   </section>`;
 }
 
-function Jobs({ jobs, onFollow }) {
-  return html`<section id="jobs"><h2>Jobs</h2>
-    ${jobs.length === 0 ? html`<p class="muted">No jobs yet.</p>` : html`<table>
+function Jobs({ token, tick, onFollow, onFail }) {
+  const pages = usePages(token, `/v1/jobs?limit=${PAGE.jobs}`, tick, onFail);
+  const jobs = pages.items;
+  return html`<section id="jobs"><h2>Jobs <span class="muted">(newest first)</span></h2>
+    ${jobs.length === 0 ? html`<p class="muted">${!pages.loaded ? "Loading…" : pages.back ? "No jobs on this page." : "No jobs yet."}</p>` : html`<table>
       <thead><tr><th>Job</th><th>Kind</th><th>State</th><th>VM</th><th>Age</th><th></th></tr></thead>
       <tbody>${jobs.map((j) => html`<tr data-job=${j.id}>
         <td>${j.id}</td><td>${j.kind}</td><td class=${"state-" + j.state}>${j.state}</td>
         <td>${j.vm || "-"}</td><td>${span(Date.now() - j["created-ms"])}</td>
         <td><button onClick=${() => onFollow(j)}>Follow</button></td></tr>`)}</tbody></table>`}
+    <${Pager} id="jobs-pager" pages=${pages} />
   </section>`;
 }
 
-function Admin({ token }) {
-  const [agents, setAgents] = useState([]);
-  const [users, setUsers] = useState([]);
-  useEffect(() => {
-    let live = true;
-    const load = () => Promise.all([api(token, "GET", "/v1/agents"), api(token, "GET", "/v1/users")])
-      .then(([a, u]) => { if (live) { setAgents(a); setUsers(u); } }).catch(() => {});
-    load();
-    const t = setInterval(load, REFRESH_MS);
-    return () => { live = false; clearInterval(t); };
-  }, [token]);
+function Admin({ token, tick, onFail }) {
+  const agents = usePages(token, `/v1/agents?limit=${PAGE.agents}`, tick, onFail);
+  const users = usePages(token, `/v1/users?limit=${PAGE.users}`, tick, onFail);
+  const vms = usePages(token, `/v1/vms?all=true&limit=${PAGE.vms}`, tick, onFail);
   return html`<section id="agents"><h2>Agents</h2><table>
       <thead><tr><th>Agent</th><th>Status</th><th>Host</th><th>Memory free / total (MiB)</th><th>vCPUs</th><th>Templates</th></tr></thead>
-      <tbody>${agents.map((a) => html`<tr data-agent=${a.id}><td>${a.id}<div class="muted">${a.url}</div></td>
+      <tbody>${agents.items.map((a) => html`<tr data-agent=${a.id}><td>${a.id}<div class="muted">${a.url}</div></td>
         <td class=${"state-" + a.status}>${a.status}${a.error ? html`<div class="muted">${a.error}</div>` : ""}</td>
         <td>${a.host ? `${a.host.hostname} (${a.host["hypervisor-kind"]} ${a.host["hypervisor-version"]})` : "-"}</td>
         <td>${a.host ? `${a.host["free-memory-mib"]} / ${a.host["main-memory-mib"]}` : "-"}</td>
-        <td>${a.host ? a.host["logical-cpus"] : "-"}</td><td>${(a.templates || []).join(", ")}</td></tr>`)}</tbody></table></section>
+        <td>${a.host ? a.host["logical-cpus"] : "-"}</td><td>${(a.templates || []).join(", ")}</td></tr>`)}</tbody></table>
+      <${Pager} id="agents-pager" pages=${agents} /></section>
     <section id="users"><h2>Users</h2><table>
       <thead><tr><th>User</th><th>Role</th><th>VMs</th><th>vCPUs</th><th>MiB</th></tr></thead>
-      <tbody>${users.map((u) => html`<tr data-user=${u.name}><td>${u.name}</td><td>${u.role}</td>
+      <tbody>${users.items.map((u) => html`<tr data-user=${u.name}><td>${u.name}</td><td>${u.role}</td>
         <td>${u.usage.vms} / ${u.quota.vms}</td><td>${u.usage["logical-cpus"]} / ${u.quota["logical-cpus"]}</td>
-        <td>${u.usage["main-memory-mib"]} / ${u.quota["main-memory-mib"]}</td></tr>`)}</tbody></table></section>`;
+        <td>${u.usage["main-memory-mib"]} / ${u.quota["main-memory-mib"]}</td></tr>`)}</tbody></table>
+      <${Pager} id="users-pager" pages=${users} /></section>
+    <section id="all-vms"><h2>Every VM</h2>${vms.items.length === 0 ? html`<p class="muted">${vms.loaded ? "No VMs." : "Loading…"}</p>` : html`<table>
+      <thead><tr><th>Name</th><th>Owner</th><th>State</th><th>Agent</th><th>vCPUs</th><th>MiB</th><th>Lease left</th></tr></thead>
+      <tbody>${vms.items.map((vm) => html`<tr data-any-vm=${vm.id}><td>${vm.name}<div class="muted">${vm.id}</div></td>
+        <td>${vm.owner || html`<span class="muted">free</span>`}</td><td class=${"state-" + vm.state}>${vm.state}</td>
+        <td>${vm.agent}</td><td>${vm["logical-cpus"]}</td><td>${vm["main-memory-mib"]}</td><td>${leaseLeft(vm)}</td></tr>`)}</tbody></table>`}
+      <${Pager} id="all-vms-pager" pages=${vms} /></section>`;
 }
 
 function App() {
   const [token, setToken] = useState(() => sessionStorage.getItem(TOKEN_KEY) || "");
   const [me, setMe] = useState(null);
   const [tab, setTab] = useState("vms");
-  const [vms, setVms] = useState([]);
-  const [jobs, setJobs] = useState([]);
   const [templates, setTemplates] = useState([]);
   const [followed, setFollowed] = useState(null);
   const [error, setError] = useState("");
+  // Bumped when something changed here (a job submitted or ended): the lists read
+  // their pages again at once rather than at their next poll.
+  const [tick, setTick] = useState(0);
   const signOut = useCallback(() => { sessionStorage.removeItem(TOKEN_KEY); setToken(""); setMe(null); }, []);
+  const fail = useCallback((e) => { if (e.status === 401) signOut(); else setError(e.message); }, [signOut]);
   const refresh = useCallback(async () => {
     if (!token) return;
     try {
-      const [m, v, j, t] = await Promise.all([
-        api(token, "GET", "/v1/me"), api(token, "GET", "/v1/vms"),
-        api(token, "GET", "/v1/jobs?limit=20"), api(token, "GET", "/v1/templates"),
-      ]);
-      setMe(m); setVms(v); setJobs(j); setTemplates(t);
-    } catch (e) {
-      if (e.status === 401) signOut(); else setError(e.message);
-    }
+      const m = await api(token, "GET", "/v1/me");
+      setMe(m);
+      if (m.role !== "monitor") setTemplates(await api(token, "GET", "/v1/templates"));
+    } catch (e) { fail(e); }
   }, [token]);
+  const changed = useCallback(() => { setTick((t) => t + 1); refresh(); }, [refresh]);
   const timer = useRef(null);
   useEffect(() => {
     refresh();
@@ -284,18 +351,24 @@ function App() {
   }, [refresh]);
   if (!token) return html`<${SignIn} onToken=${(t, m) => { setToken(t); setMe(m); }} />`;
   if (!me) return html`<p class="muted">Signing in…</p>`;
-  const onJob = (job) => { setError(""); setFollowed(job); refresh(); };
-  const tabs = [["vms", "VMs"], ["jobs", "Jobs"], ...(me.role === "admin" ? [["admin", "Agents & users"]] : [])];
-  return html`<header><h1>gve</h1><nav>${tabs.map(([id, name]) => html`<button id=${"tab-" + id}
+  const header = (tabs) => html`<header><h1>gve</h1><nav>${tabs.map(([id, name]) => html`<button id=${"tab-" + id}
       class=${tab === id ? "active" : ""} onClick=${() => setTab(id)}>${name}</button>`)}</nav>
-    <span class="muted" id="signed-in-as">${me.name}</span><button id="sign-out" onClick=${signOut}>Sign out</button></header>
+    <span class="muted" id="signed-in-as">${me.name}</span><button id="sign-out" onClick=${signOut}>Sign out</button></header>`;
+  if (me.role === "monitor") {
+    return html`${header([])}<main><section id="monitor"><h2>A monitor's token</h2>
+      <p>This token reads the site's metrics (<code>/metrics</code>) and GLUE 2 document
+      (<code>/v1/glue2</code>) only: it holds no VMs and runs no jobs.</p></section></main>`;
+  }
+  const onJob = (job) => { setError(""); setFollowed(job); changed(); };
+  const tabs = [["vms", "VMs"], ["jobs", "Jobs"], ...(me.role === "admin" ? [["admin", "Agents, users & VMs"]] : [])];
+  return html`${header(tabs)}
     <main>
       ${error && html`<p class="error" id="error">${error}</p>`}
       ${tab === "vms" && html`<${Quota} me=${me} /><${RequestForm} token=${token} templates=${templates} onJob=${onJob} />
-        <${Vms} token=${token} vms=${vms} onJob=${onJob} onError=${setError} />`}
-      ${tab === "jobs" && html`<${Jobs} jobs=${jobs} onFollow=${setFollowed} />`}
-      ${tab === "admin" && html`<${Admin} token=${token} />`}
-      ${followed && html`<${JobView} key=${followed.id} token=${token} job=${followed} onEnd=${refresh} />`}
+        <${Vms} token=${token} tick=${tick} onJob=${onJob} onError=${setError} onFail=${fail} />`}
+      ${tab === "jobs" && html`<${Jobs} token=${token} tick=${tick} onFollow=${setFollowed} onFail=${fail} />`}
+      ${tab === "admin" && html`<${Admin} token=${token} tick=${tick} onFail=${fail} />`}
+      ${followed && html`<${JobView} key=${followed.id} token=${token} job=${followed} onEnd=${changed} />`}
     </main>`;
 }
 
