@@ -132,7 +132,7 @@ impl AgentApi {
         }
         let scrape = req.method() == hyper::Method::GET && segs.as_slice() == ["metrics"];
         match &self.metrics_token {
-            Some(m) if scrape && api::check_bearer(&req, m).is_ok() => {}
+            Some(m) if scrape && !m.is_empty() && api::check_bearer(&req, m).is_ok() => {}
             _ => api::check_bearer(&req, &self.admin_token)?,
         }
         match (req.method().clone(), segs.as_slice()) {

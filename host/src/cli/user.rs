@@ -38,8 +38,8 @@ pub enum Action {
         /// Make them an admin.
         #[arg(long, conflicts_with = "monitor")]
         admin: bool,
-        /// Make them a monitor: a scraper's credential that reads `/metrics` and
-        /// `/v1/glue2` only (no quota).
+        /// Make them a monitor: a scraper's credential that reads `/metrics`,
+        /// `/v1/glue2` and its own record only (no quota).
         #[arg(long)]
         monitor: bool,
         /// Quota limits (the site's defaults for those not given).

@@ -153,15 +153,18 @@ impl SiteCore {
                 quota.validate()?;
                 let r = self.store.write(|t| {
                     let Some(mut u) = t.user(name)? else {
-                        return Ok(None);
+                        return Ok(Err(not_found(&format!("no user '{name}'"))));
                     };
+                    if u.role == Role::Monitor {
+                        return Ok(Err(ApiError::bad_request(format!(
+                            "user '{name}' is a monitor, which holds no VMs: it takes no quota"
+                        ))));
+                    }
                     u.quota = quota;
                     t.put_user(&u)?;
-                    Ok(Some(u))
+                    Ok(Ok(u))
                 });
-                let u = r
-                    .map_err(db)?
-                    .ok_or_else(|| not_found(&format!("no user '{name}'")))?;
+                let u = r.map_err(db)??;
                 self.audit(&caller.name, "user.quota", name, serde_json::json!(quota))
                     .await?;
                 ok(&self.user_view(&u, None)?)

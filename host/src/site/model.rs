@@ -17,8 +17,8 @@ pub enum Role {
     Admin,
     /// Manages their own VMs and jobs.
     User,
-    /// Reads `/metrics` and `/v1/glue2` (a scraper's credential) and rotates its own
-    /// token; nothing else.
+    /// A scraper's credential: reads `/metrics`, `/v1/glue2` and its own record and
+    /// rotates its own token; nothing else, and holds no quota.
     Monitor,
 }
 

@@ -219,6 +219,16 @@ async fn a_monitor_reads_the_metrics_and_nothing_else() {
         .unwrap();
     assert_eq!(m["role"], "monitor");
     assert_eq!(m["quota"]["vms"], 0);
+    let refused = e
+        .admin
+        .call::<_, serde_json::Value>(
+            Method::PUT,
+            "/v1/users/prom/quota",
+            Some(&json!({ "vms": 1, "logical-cpus": 1, "main-memory-mib": 1 })),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(refused.status, 400, "{refused:?}");
     let token = m["token"].as_str().unwrap().to_string();
 
     let (status, _, text) = scrape(&base, Some(&token)).await;

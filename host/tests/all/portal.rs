@@ -233,7 +233,13 @@ async fn a_person_uses_the_portal_in_a_real_browser() {
     // Bob sees none of alice's VMs.
     sign_out(&b).await;
     sign_in(&b, &base, &bob_token).await;
-    css(&b, "#vms").await;
+    // Once bob's list has loaded (not while it says "Loading…").
+    let empty = css(&b, "#vms p.muted").await;
+    let end = std::time::Instant::now() + Duration::from_secs(30);
+    while empty.text().await.unwrap() != "No VMs yet." {
+        assert!(std::time::Instant::now() < end, "bob's list never loaded");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let html = b.source().await.unwrap();
     assert!(!html.contains(&vm_id), "bob's page shows alice's VM");
     sign_out(&b).await;
@@ -374,9 +380,22 @@ async fn the_portal_pages_through_lists_longer_than_a_page() {
     assert_eq!(listed, want.iter().collect::<Vec<_>>());
     sign_out(&b).await;
 
-    // The admin pages through every VM, with its owner.
+    // The admin pages through every VM, with its owner, and through the users (50
+    // to a page: admin, alice and 49 more).
+    for i in 0..49 {
+        e.user(&format!("u-{i:02}"), None).await;
+    }
     sign_in(&b, &base, ADMIN).await;
     css(&b, "#tab-admin").await.click().await.unwrap();
+    let users = page_of(&b, "#users tr[data-user]", "data-user", 50, &[]).await;
+    turn(&b, "#users-pager", "page-next").await;
+    let last = page_of(&b, "#users tr[data-user]", "data-user", 1, &users).await;
+    let mut names: Vec<String> = users.into_iter().chain(last).collect();
+    names.sort();
+    let mut want: Vec<String> = (0..49).map(|i| format!("u-{i:02}")).collect();
+    want.extend(["admin".to_string(), "alice".to_string()]);
+    want.sort();
+    assert_eq!(names, want);
     let first = page_of(&b, "#all-vms tr[data-any-vm]", "data-any-vm", 25, &[]).await;
     let row = css(&b, &format!("tr[data-any-vm='{}']", first[0])).await;
     assert!(row.text().await.unwrap().contains("alice"));
@@ -409,10 +428,23 @@ async fn the_portal_pages_through_lists_longer_than_a_page() {
     sign_in(&b, &base, m["token"].as_str().unwrap()).await;
     let text = css(&b, "#monitor").await.text().await.unwrap();
     assert!(text.contains("/metrics"), "{text}");
-    assert!(rows(&b, "#vms", "id").await.is_empty());
+    // Signing out and in again as another person starts on their VMs, not on the
+    // tab the last one left open.
+    sign_out(&b).await;
+    sign_in(&b, &base, ADMIN).await;
+    css(&b, "#tab-admin").await.click().await.unwrap();
+    css(&b, "#users").await;
+    sign_out(&b).await;
+    css(&b, "#token")
+        .await
+        .send_keys(&alice_token)
+        .await
+        .unwrap();
+    css(&b, "#sign-in").await.click().await.unwrap();
+    css(&b, "#quota").await;
     assert!(
-        rows(&b, "#error", "id").await.is_empty(),
-        "an error was shown"
+        rows(&b, "#users", "id").await.is_empty(),
+        "alice was shown the admin tab"
     );
     b.close().await.unwrap();
 }

@@ -24,8 +24,9 @@ async function apiPage(token, path) {
 function nextLink(header) {
   for (const part of (header || "").split(",")) {
     const m = part.trim().match(/^<([^>]*)>\s*;(.*)$/);
-    if (!m || !/(^|;)\s*rel="?next"?\s*(;|$)/.test(m[2])) continue;
-    return m[1].startsWith("/v1/") ? m[1] : null;
+    const rel = m && m[2].match(/(?:^|;)\s*rel\s*=\s*(?:"([^"]*)"|([^\s;]+))/i);
+    if (!rel || !(rel[1] ?? rel[2]).toLowerCase().split(/\s+/).includes("next")) continue;
+    return m[1].startsWith("/v1/") && !m[1].startsWith("//") ? m[1] : null;
   }
   return null;
 }
@@ -62,13 +63,15 @@ function usePages(token, first, tick, onFail) {
   const path = trail[trail.length - 1];
   useEffect(() => { setTrail([first]); }, [first]);
   useEffect(() => {
-    let live = true;
+    // One read at a time: the next starts REFRESH_MS after the last answered, so a
+    // slow site is not sent a pile of them and an older answer never lands last.
+    let live = true, timer = null;
     const load = () => apiPage(token, path)
       .then((p) => { if (live) setPage({ path, ...p }); })
-      .catch((e) => { if (live && onFail) onFail(e); });
+      .catch((e) => { if (live && onFail) onFail(e); })
+      .finally(() => { if (live) timer = setTimeout(load, REFRESH_MS); });
     load();
-    const t = setInterval(load, REFRESH_MS);
-    return () => { live = false; clearInterval(t); };
+    return () => { live = false; clearTimeout(timer); };
   }, [token, path, tick]);
   const shown = page.path === path;
   return {
@@ -332,15 +335,21 @@ function App() {
   // Bumped when something changed here (a job submitted or ended): the lists read
   // their pages again at once rather than at their next poll.
   const [tick, setTick] = useState(0);
-  const signOut = useCallback(() => { sessionStorage.removeItem(TOKEN_KEY); setToken(""); setMe(null); }, []);
+  // Signing out forgets everything of the last person: the next starts on their VMs.
+  const signOut = useCallback(() => {
+    sessionStorage.removeItem(TOKEN_KEY);
+    setToken(""); setMe(null); setTab("vms"); setFollowed(null); setError(""); setTemplates([]);
+  }, []);
   const fail = useCallback((e) => { if (e.status === 401) signOut(); else setError(e.message); }, [signOut]);
+  const busy = useRef(false);
   const refresh = useCallback(async () => {
-    if (!token) return;
+    if (!token || busy.current) return;
+    busy.current = true;
     try {
       const m = await api(token, "GET", "/v1/me");
       setMe(m);
       if (m.role !== "monitor") setTemplates(await api(token, "GET", "/v1/templates"));
-    } catch (e) { fail(e); }
+    } catch (e) { fail(e); } finally { busy.current = false; }
   }, [token]);
   const changed = useCallback(() => { setTick((t) => t + 1); refresh(); }, [refresh]);
   const timer = useRef(null);
