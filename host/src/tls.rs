@@ -36,6 +36,9 @@ pub enum TlsError {
     /// A fingerprint is not 64 hex digits.
     #[error("fingerprint '{0}' must be the SHA-256 of a certificate: 64 hex digits")]
     Fingerprint(String),
+    /// A client certificate without its key, or a key without its certificate.
+    #[error("a client certificate needs its key and a key its certificate: give both or neither")]
+    HalfIdentity,
 }
 
 /// A server's TLS (`[tls]` in the site's and agent's config).
@@ -183,7 +186,8 @@ impl ClientTls {
             (Some(c), Some(k)) => builder
                 .with_client_auth_cert(certs("client certificate", c)?, key(k)?)
                 .map_err(|e| TlsError::Rustls(e.to_string())),
-            _ => Ok(builder.with_no_client_auth()),
+            (None, None) => Ok(builder.with_no_client_auth()),
+            _ => Err(TlsError::HalfIdentity),
         }
     }
 }

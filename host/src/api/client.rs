@@ -135,10 +135,17 @@ impl Client {
             .body(body)
             .map_err(|e| ApiError::bad_request(format!("bad request for {url}: {e}")))?;
         let resp = self.http.request(req).await.map_err(|e| {
+            let why = chain(&e);
+            let hint = if why.contains("CertificateRequired") {
+                " (the server admits only clients presenting a certificate it lists, and \
+                 none was given: --cert and --key)"
+            } else {
+                ""
+            };
             ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "unavailable",
-                format!("{method} {url}: {}", chain(&e)),
+                format!("{method} {url}: {why}{hint}"),
             )
         })?;
         let status = resp.status();

@@ -30,30 +30,46 @@ pub enum DriverAction {
         #[arg(long, default_value_t = 5000)]
         reconcile_period_ms: u64,
         /// The agent.
-        #[arg(long, default_value = "http://127.0.0.1:7070")]
-        agent_url: String,
-        /// The agent's admin token.
-        #[arg(long, env = "GVE_AGENT_SECRET", hide_env_values = true)]
-        secret: String,
-        /// For an https:// agent: the SHA-256 fingerprint of its certificate.
-        #[arg(long, env = "GVE_AGENT_FINGERPRINT")]
-        agent_fingerprint: Option<String>,
+        #[command(flatten)]
+        agent: AgentConn,
     },
 }
 
-fn agent_client(
-    url: &str,
-    secret: String,
-    fingerprint: Option<String>,
-) -> Result<Client, crate::api::ApiError> {
-    Client::with_tls(
-        url,
-        Some(secret),
-        &crate::api::tls::ClientTls {
-            fingerprint,
-            ..Default::default()
-        },
-    )
+/// How to reach one agent's admin API (`gve agent driver set`, `gve agent audit`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct AgentConn {
+    /// The agent.
+    #[arg(long, default_value = "http://127.0.0.1:7070")]
+    pub agent_url: String,
+    /// The agent's admin token.
+    #[arg(long, env = "GVE_AGENT_SECRET", hide_env_values = true)]
+    pub secret: String,
+    /// For an https:// agent: the SHA-256 fingerprint of its certificate.
+    #[arg(long, env = "GVE_AGENT_FINGERPRINT")]
+    pub agent_fingerprint: Option<String>,
+    /// For an agent that requires client certificates (mutual TLS): one it
+    /// admits (PEM; its `tls.client-fingerprints`), with --agent-key.
+    #[arg(long, env = "GVE_AGENT_CERT")]
+    pub agent_cert: Option<PathBuf>,
+    /// The private key (PEM) of --agent-cert.
+    #[arg(long, env = "GVE_AGENT_KEY")]
+    pub agent_key: Option<PathBuf>,
+}
+
+impl AgentConn {
+    /// A client for the agent, verifying and presenting certificates as given.
+    fn client(&self) -> Result<Client, crate::api::ApiError> {
+        Client::with_tls(
+            &self.agent_url,
+            Some(self.secret.clone()),
+            &crate::api::tls::ClientTls {
+                fingerprint: self.agent_fingerprint.clone(),
+                cert: self.agent_cert.clone(),
+                key: self.agent_key.clone(),
+                ..Default::default()
+            },
+        )
+    }
 }
 
 /// Runs a driver command; returns the exit code.
@@ -64,9 +80,7 @@ pub async fn driver(action: DriverAction, out: Output) -> i32 {
         guest_plugin,
         migration_uri,
         reconcile_period_ms,
-        agent_url,
-        secret,
-        agent_fingerprint,
+        agent,
     } = action;
     let d = DriverConfig {
         plugin,
@@ -82,7 +96,8 @@ pub async fn driver(action: DriverAction, out: Output) -> i32 {
         reservation_seconds: 300,
     };
     let r = async {
-        agent_client(&agent_url, secret, agent_fingerprint)?
+        agent
+            .client()?
             .call::<_, serde_json::Value>(Method::PUT, "/v1/driver", Some(&d))
             .await
     }
@@ -151,29 +166,20 @@ pub struct AgentAuditArgs {
     #[arg(long, default_value_t = 100)]
     pub limit: u64,
     /// The agent.
-    #[arg(long, default_value = "http://127.0.0.1:7070")]
-    pub agent_url: String,
-    /// The agent's admin token.
-    #[arg(long, env = "GVE_AGENT_SECRET", hide_env_values = true)]
-    pub secret: String,
-    /// For an https:// agent: the SHA-256 fingerprint of its certificate.
-    #[arg(long, env = "GVE_AGENT_FINGERPRINT")]
-    pub agent_fingerprint: Option<String>,
+    #[command(flatten)]
+    pub agent: AgentConn,
 }
 
 /// Prints an agent's audit log; returns the exit code.
 pub async fn audit(args: AgentAuditArgs, out: Output) -> i32 {
     let r = async {
-        agent_client(
-            &args.agent_url,
-            args.secret.clone(),
-            args.agent_fingerprint.clone(),
-        )?
-        .get::<Vec<crate::agent::model::AuditEntry>>(&format!(
-            "/v1/audit?after={}&limit={}",
-            args.after, args.limit
-        ))
-        .await
+        args.agent
+            .client()?
+            .get::<Vec<crate::agent::model::AuditEntry>>(&format!(
+                "/v1/audit?after={}&limit={}",
+                args.after, args.limit
+            ))
+            .await
     }
     .await;
     match r {

@@ -141,6 +141,12 @@ pub struct SiteOpts {
     /// For an https:// site: a CA certificate (PEM) its certificate chains to.
     #[arg(long, env = "GVE_CA", global = true)]
     pub ca: Option<std::path::PathBuf>,
+    /// For a site that requires client certificates (mutual TLS): yours (PEM), with --key.
+    #[arg(long, env = "GVE_CERT", global = true)]
+    pub cert: Option<std::path::PathBuf>,
+    /// The private key (PEM) of --cert.
+    #[arg(long, env = "GVE_KEY", global = true)]
+    pub key: Option<std::path::PathBuf>,
     /// Output format.
     #[arg(long, short, value_enum, default_value_t, global = true)]
     pub output: Output,
@@ -156,7 +162,8 @@ impl SiteOpts {
             &crate::api::tls::ClientTls {
                 fingerprint: site.fingerprint.clone(),
                 ca: site.ca.clone(),
-                ..Default::default()
+                cert: site.cert.clone(),
+                key: site.key.clone(),
             },
         )?)
     }

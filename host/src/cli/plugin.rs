@@ -28,6 +28,13 @@ pub struct PluginArgs {
     /// For an https:// agent: the SHA-256 fingerprint of its certificate.
     #[arg(long, env = "GVE_AGENT_FINGERPRINT", global = true)]
     pub fingerprint: Option<String>,
+    /// For an agent that requires client certificates (mutual TLS): one it
+    /// admits (PEM; its `tls.client-fingerprints`), with --key.
+    #[arg(long, env = "GVE_AGENT_CERT", global = true)]
+    pub cert: Option<std::path::PathBuf>,
+    /// The private key (PEM) of --cert.
+    #[arg(long, env = "GVE_AGENT_KEY", global = true)]
+    pub key: Option<std::path::PathBuf>,
     /// Output format.
     #[arg(long, short, value_enum, default_value_t, global = true)]
     pub output: Output,
@@ -216,6 +223,8 @@ async fn act(args: &PluginArgs) -> Result<(), ApiError> {
         args.token.clone(),
         &crate::api::tls::ClientTls {
             fingerprint: args.fingerprint.clone(),
+            cert: args.cert.clone(),
+            key: args.key.clone(),
             ..Default::default()
         },
     )?;

@@ -46,6 +46,12 @@ pub enum SiteAction {
         /// For an https:// site: a CA certificate (PEM) it chains to.
         #[arg(long)]
         ca: Option<PathBuf>,
+        /// For a site that requires client certificates: yours (PEM), with --key.
+        #[arg(long, requires = "key")]
+        cert: Option<PathBuf>,
+        /// The private key (PEM) of --cert.
+        #[arg(long, requires = "cert")]
+        key: Option<PathBuf>,
         /// Replace a site kept under this name.
         #[arg(long)]
         replace: bool,
@@ -92,6 +98,8 @@ async fn manage(action: SiteAction) -> Result<i32, CliError> {
             token,
             fingerprint,
             ca,
+            cert,
+            key,
             replace,
             no_check,
         } => {
@@ -110,7 +118,9 @@ async fn manage(action: SiteAction) -> Result<i32, CliError> {
                 url: url.trim_end_matches('/').to_string(),
                 token,
                 fingerprint,
-                ca: ca.map(|p| std::path::absolute(&p).unwrap_or(p)),
+                ca: absolute(ca),
+                cert: absolute(cert),
+                key: absolute(key),
             };
             let who = if no_check {
                 None
@@ -188,6 +198,11 @@ async fn manage(action: SiteAction) -> Result<i32, CliError> {
         }
     }
     Ok(0)
+}
+
+/// `p` made absolute (kept in the sites file, read from any working directory).
+fn absolute(p: Option<PathBuf>) -> Option<PathBuf> {
+    p.map(|p| std::path::absolute(&p).unwrap_or(p))
 }
 
 /// Runs the site until Ctrl-C or SIGTERM.

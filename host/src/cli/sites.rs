@@ -48,6 +48,12 @@ pub struct NamedSite {
     /// A CA certificate (PEM) its certificate chains to (https).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca: Option<PathBuf>,
+    /// Your client certificate (PEM) for a site that requires one (mutual TLS).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert: Option<PathBuf>,
+    /// The private key (PEM) of `cert`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<PathBuf>,
 }
 
 /// Where the sites file is: `$GVE_CONFIG`, else `$XDG_CONFIG_HOME/gve/sites.toml`,
@@ -158,6 +164,8 @@ impl NamedSite {
             token: self.token.clone(),
             fingerprint: self.fingerprint.clone(),
             ca: self.ca.clone(),
+            cert: self.cert.clone(),
+            key: self.key.clone(),
             output,
         }
     }
@@ -174,19 +182,18 @@ impl SiteOpts {
             // Named sites use their stored credentials only; say so when others
             // were given (a command must not silently go elsewhere than asked).
             let ignored: Vec<&str> = [
-                (
-                    "--url/GVE_URL",
-                    self.url.as_ref().filter(|u| Some(*u) != site.url.as_ref()),
-                ),
+                ("--url/GVE_URL", self.url.is_some() && self.url != site.url),
                 (
                     "--token/GVE_TOKEN",
-                    self.token
-                        .as_ref()
-                        .filter(|t| Some(*t) != site.token.as_ref()),
+                    self.token.is_some() && self.token != site.token,
+                ),
+                (
+                    "--cert/GVE_CERT",
+                    self.cert.is_some() && self.cert != site.cert,
                 ),
             ]
             .into_iter()
-            .filter_map(|(what, v)| v.map(|_| what))
+            .filter_map(|(what, differs)| differs.then_some(what))
             .collect();
             if !ignored.is_empty() {
                 eprintln!(
@@ -429,6 +436,8 @@ mod tests {
                 token: Some("gve_secret".into()),
                 fingerprint: None,
                 ca: None,
+                cert: Some("/home/u/.gve/me.pem".into()),
+                key: Some("/home/u/.gve/me.key".into()),
             },
         );
         f.current = Some("cern".into());

@@ -3,6 +3,7 @@
 //! relaying output and exit codes, copies, and the exit codes scripts rely on.
 
 mod sites;
+mod tls;
 mod wait;
 
 use std::path::Path;
