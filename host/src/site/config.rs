@@ -315,6 +315,11 @@ impl SiteConfig {
         if self.health_period_ms < 100 {
             return Err("health-period-ms must be at least 100".into());
         }
+        if self.agent_tls.cert.is_some() != self.agent_tls.key.is_some() {
+            return Err(
+                "agent-tls: give cert and key together (the site's client certificate)".into(),
+            );
+        }
         if self.parallel_jobs == 0 || self.parallel_jobs > 4096 {
             return Err("parallel-jobs must be between 1 and 4096".into());
         }
@@ -467,6 +472,25 @@ mod tests {
                 ("18446744073709551615", false),
             ],
         );
+    }
+
+    #[test]
+    fn the_agents_client_certificate_comes_with_its_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("site.toml");
+        let base = "data-dir = \"data\"\nadmin-token = \"site-admin-0123456789\"\n";
+        for (tls, ok) in [
+            ("cert = \"c.pem\"\nkey = \"c.key\"\n", true),
+            ("cert = \"c.pem\"\n", false),
+            ("key = \"c.key\"\n", false),
+        ] {
+            std::fs::write(&path, format!("{base}[agent-tls]\n{tls}")).unwrap();
+            let got = SiteConfig::read(&path);
+            assert_eq!(got.is_ok(), ok, "{tls}: {:?}", got.err());
+            if let Err(e) = got {
+                assert!(e.to_string().contains("agent-tls"), "{e}");
+            }
+        }
     }
 
     #[test]
