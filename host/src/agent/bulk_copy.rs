@@ -276,21 +276,23 @@ pub(super) async fn stage(
     id: &str,
     size: u64,
 ) -> Result<Option<BulkTransfer>, ApiError> {
-    let key = format!("{RECORD}{id}");
-    core.registry.write(|t| t.set_meta(&key, vm)).map_err(|e| {
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "backend",
-            format!("recording a staged disk: {e}"),
-        )
-    })?;
+    let (key, on) = (format!("{RECORD}{id}"), vm.to_string());
+    durably(core, move |t| t.set_meta(&key, &on))
+        .await
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "backend",
+                format!("recording a staged disk: {e}"),
+            )
+        })?;
     match core.driver.bulk_stage(vm, id, size).await {
         Ok(x) => Ok(Some(x)),
         Err(e) => {
             // A driver that failed (or trapped) half way may have left a volume or
             // an attached disk: released by id, or the record stays for a restart.
             if release_left(&core.driver, vm, id).await {
-                forget(core, id);
+                forget(core, id).await;
             }
             if matches!(e.kind(), ErrorKind::Unavailable | ErrorKind::Unsupported) {
                 tracing::info!(
@@ -330,17 +332,30 @@ pub(super) async fn release(core: &AgentCore, xfer: BulkTransfer, vm: &str, id: 
         }
     };
     if released {
-        forget(core, id);
+        forget(core, id).await;
     }
 }
 
 /// Drops the record of transfer `id`'s disk, released (or never staged).
-fn forget(core: &AgentCore, id: &str) {
-    if let Err(e) = core
-        .registry
-        .write(|t| t.remove_meta(&format!("{RECORD}{id}")))
-    {
+async fn forget(core: &AgentCore, id: &str) {
+    let key = format!("{RECORD}{id}");
+    if let Err(e) = durably(core, move |t| t.remove_meta(&key)).await {
         tracing::warn!("forgetting a released staged disk: {e}");
+    }
+}
+
+/// A durable registry write on a blocking thread: its sync does not hold up one
+/// of the runtime's workers (and the tasks queued on it).
+async fn durably(
+    core: &AgentCore,
+    f: impl FnOnce(&mut super::registry::Txn<'_>) -> Result<(), super::registry::RegistryError>
+        + Send
+        + 'static,
+) -> Result<(), String> {
+    let registry = core.registry.clone();
+    match tokio::task::spawn_blocking(move || registry.write(f)).await {
+        Ok(r) => r.map_err(|e| e.to_string()),
+        Err(e) => Err(format!("the write's thread ended: {e}")),
     }
 }
 
@@ -387,7 +402,7 @@ pub(super) async fn release_recorded(
             continue;
         };
         if release_left(&core.driver, &vm, &id).await {
-            forget(core, &id);
+            forget(core, &id).await;
             tracing::info!(
                 vm,
                 transfer = id,
@@ -417,7 +432,7 @@ pub async fn release_staged_on(core: &AgentCore, vm: &str) -> Result<(), OpError
                 ),
             });
         }
-        forget(core, &id);
+        forget(core, &id).await;
     }
     Ok(())
 }
