@@ -6,7 +6,8 @@
 //! with, so the next check asks with `If-None-Match` and an unchanged agent
 //! answers 304 instead of every VM again. A full listing is still read at
 //! least every [`FULL_LISTING_EVERY`] per [`FULL_LISTING_STEP`] VMs listed
-//! (see [`full_listing_every`]), after any listing that left something
+//! (see [`full_listing_every`]; each agent's falls due at a random point in the
+//! last quarter of that, [`trust_for`]), after any listing that left something
 //! unsettled (a VM missing, or one a job was working on), and after the site
 //! wrote any of the agent's VM records itself (a job recording an operation's
 //! result, a VM moved between agents): the agent's tag does not move for those.
@@ -38,6 +39,18 @@ pub fn full_listing_every(vms: usize) -> Duration {
     FULL_LISTING_EVERY
         .saturating_mul(steps.max(1))
         .min(FULL_LISTING_MAX)
+}
+
+/// How long one settled listing of `vms` VMs is trusted: a random share between
+/// three quarters and all of [`full_listing_every`], drawn anew for each listing,
+/// so that agents registered together (a site's start, a batch of hosts) do not
+/// have their full reads fall due together and spend a core at once; the longest
+/// a listing goes unread stays [`full_listing_every`].
+pub fn trust_for(vms: usize) -> Duration {
+    let whole = full_listing_every(vms);
+    let r = uuid::Uuid::new_v4().as_u128() as u64;
+    let share = 0.75 + 0.25 * (r as f64 / u64::MAX as f64);
+    whole.mul_f64(share).min(whole)
 }
 
 /// What a check did with an agent's VM listing.
@@ -95,7 +108,7 @@ impl Listings {
         match tag.filter(|_| settled) {
             Some(tag) => {
                 let at = Instant::now();
-                let trusted = full_listing_every(vms);
+                let trusted = trust_for(vms);
                 marks.insert(
                     agent.to_string(),
                     Mark {
@@ -690,6 +703,26 @@ mod tests {
         assert_eq!(full_listing_every(10_001), min(2));
         assert_eq!(full_listing_every(100_000), min(10));
         assert_eq!(full_listing_every(usize::MAX), min(30));
+    }
+
+    #[test]
+    fn agents_listed_together_fall_due_apart_and_never_past_the_period() {
+        use super::{full_listing_every, trust_for};
+        let whole = full_listing_every(100_000);
+        let trusts: Vec<_> = (0..50).map(|_| trust_for(100_000)).collect();
+        for t in &trusts {
+            assert!(
+                *t >= whole.mul_f64(0.75) && *t <= whole,
+                "{t:?} of {whole:?}"
+            );
+        }
+        let (lo, hi) = (trusts.iter().min().unwrap(), trusts.iter().max().unwrap());
+        // 50 draws over a 150 s range: all within 30 s of each other has a
+        // chance of about 50 * 0.2^49, i.e. never.
+        assert!(
+            *hi - *lo > std::time::Duration::from_secs(30),
+            "{lo:?}..{hi:?}"
+        );
     }
 
     #[test]
