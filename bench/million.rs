@@ -298,6 +298,16 @@ async fn cpu_over(pid: &str, d: Duration) -> f64 {
     (common::cpu_seconds(pid) - c0) / t0.elapsed().as_secs_f64() * 100.0
 }
 
+/// The process's CPU (% of a core) in each `slice` of `d`, in order.
+async fn cpu_slices(pid: &str, d: Duration, slice: Duration) -> Vec<f64> {
+    let end = Instant::now() + d;
+    let mut out = Vec::new();
+    while Instant::now() < end {
+        out.push(cpu_over(pid, slice.min(end - Instant::now())).await);
+    }
+    out
+}
+
 /// The results so far, as markdown.
 struct Report {
     setup: Vec<String>,
@@ -694,11 +704,18 @@ async fn main() {
         let period =
             gve::site::vm_sync::full_listing_every(per_agent as usize) + Duration::from_secs(30);
         eprintln!("idle for {} s", period.as_secs());
-        let cpu = cpu_over(&site.pid, period).await;
+        let slices = cpu_slices(&site.pid, period, Duration::from_secs(10)).await;
+        let cpu = slices.iter().sum::<f64>() / slices.len().max(1) as f64;
+        let top = slices.iter().copied().fold(0.0, f64::max);
+        let busy = slices.iter().filter(|c| **c >= 20.0).count();
         let (rss, hwm) = common::rss_of(&site.pid);
         report.restart.push(format!(
             "| site: idle CPU over {} s, one full re-read of every agent's listing (% of a core) | {cpu:.1} |",
             period.as_secs()
+        ));
+        report.restart.push(format!(
+            "| the same in 10 s slices: the busiest / slices at 20% or more (of {}) | {top:.1} / {busy} |",
+            slices.len()
         ));
         report.restart.push(format!(
             "| site: resident memory after it, now / peak (MiB) | {rss:.0} / {hwm:.0} |"

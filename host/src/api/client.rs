@@ -138,7 +138,7 @@ impl Client {
             let why = chain(&e);
             let hint = if why.contains("CertificateRequired") {
                 " (the server admits only clients presenting a certificate it lists, and \
-                 none was given: --cert and --key)"
+                 this client presented none)"
             } else {
                 ""
             };

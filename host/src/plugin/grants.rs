@@ -222,6 +222,11 @@ impl Grants {
                     ))
                 }
             }
+            if trust.cert.is_some() != trust.key.is_some() {
+                return Err(format!(
+                    "tls grant for '{a}': a client cert needs its key and a key its cert"
+                ));
+            }
         }
         for u in &self.libvirt {
             if !u.contains(':') {
@@ -395,6 +400,20 @@ mod tests {
             ..Default::default()
         };
         assert!(g.validate().unwrap_err().contains("absolute"));
+        let mut g = Grants {
+            http: vec!["vc:443".into()],
+            ..Default::default()
+        };
+        g.tls.insert(
+            "vc:443".into(),
+            crate::tls::ClientTls {
+                ca: Some("/ca.pem".into()),
+                cert: Some("/me.pem".into()),
+                ..Default::default()
+            },
+        );
+        let e = g.validate().unwrap_err();
+        assert!(e.contains("vc:443") && e.contains("key"), "{e}");
         assert!(Limits {
             memory_mib: 4096,
             ..Default::default()

@@ -48,8 +48,11 @@ pub fn full_listing_every(vms: usize) -> Duration {
 /// a listing goes unread stays [`full_listing_every`].
 pub fn trust_for(vms: usize) -> Duration {
     let whole = full_listing_every(vms);
-    let r = uuid::Uuid::new_v4().as_u128() as u64;
-    let share = 0.75 + 0.25 * (r as f64 / u64::MAX as f64);
+    // A v4 UUID's first six bytes are random (its version and variant bits
+    // come later): 48 bits, as a fraction in [0, 1).
+    let b = uuid::Uuid::new_v4().into_bytes();
+    let r = b[..6].iter().fold(0u64, |acc, x| acc << 8 | u64::from(*x));
+    let share = 0.75 + 0.25 * (r as f64 / (1u64 << 48) as f64);
     whole.mul_f64(share).min(whole)
 }
 
@@ -709,7 +712,7 @@ mod tests {
     fn agents_listed_together_fall_due_apart_and_never_past_the_period() {
         use super::{full_listing_every, trust_for};
         let whole = full_listing_every(100_000);
-        let trusts: Vec<_> = (0..50).map(|_| trust_for(100_000)).collect();
+        let trusts: Vec<_> = (0..200).map(|_| trust_for(100_000)).collect();
         for t in &trusts {
             assert!(
                 *t >= whole.mul_f64(0.75) && *t <= whole,
@@ -717,12 +720,10 @@ mod tests {
             );
         }
         let (lo, hi) = (trusts.iter().min().unwrap(), trusts.iter().max().unwrap());
-        // 50 draws over a 150 s range: all within 30 s of each other has a
-        // chance of about 50 * 0.2^49, i.e. never.
-        assert!(
-            *hi - *lo > std::time::Duration::from_secs(30),
-            "{lo:?}..{hi:?}"
-        );
+        // The draws cover the whole last quarter: 200 uniform draws miss its first
+        // or its last fifth with a chance of 2 * 0.8^200, about 1e-19.
+        assert!(*lo < whole.mul_f64(0.80), "{lo:?} of {whole:?}");
+        assert!(*hi > whole.mul_f64(0.95), "{hi:?} of {whole:?}");
     }
 
     #[test]

@@ -51,7 +51,7 @@ async fn the_cli_presents_a_client_certificate_where_one_is_required() {
     // No certificate, or one the site does not list: refused before the token is
     // looked at (unavailable, exit 3), the admin token notwithstanding.
     for (extra, why) in [
-        (vec![], "none was given"),
+        (vec![], "presented none"),
         (
             vec!["--cert", &other_cert, "--key", &other_key],
             "HandshakeFailure",
