@@ -160,6 +160,16 @@ impl TlsConfig {
 }
 
 impl ClientTls {
+    /// A client certificate comes with its key and a key with its certificate
+    /// (checked where a config is read, and again when a client is made).
+    pub fn check_identity(&self) -> Result<(), TlsError> {
+        if self.cert.is_some() == self.key.is_some() {
+            Ok(())
+        } else {
+            Err(TlsError::HalfIdentity)
+        }
+    }
+
     /// The rustls client configuration: verified by fingerprint or CA (one is
     /// needed for `https://`; with neither, every server is refused).
     pub fn client_config(&self) -> Result<rustls::ClientConfig, TlsError> {
@@ -182,12 +192,12 @@ impl ClientTls {
             }
             (None, None) => builder.with_root_certificates(rustls::RootCertStore::empty()),
         };
+        self.check_identity()?;
         match (&self.cert, &self.key) {
             (Some(c), Some(k)) => builder
                 .with_client_auth_cert(certs("client certificate", c)?, key(k)?)
                 .map_err(|e| TlsError::Rustls(e.to_string())),
-            (None, None) => Ok(builder.with_no_client_auth()),
-            _ => Err(TlsError::HalfIdentity),
+            _ => Ok(builder.with_no_client_auth()),
         }
     }
 }

@@ -222,11 +222,9 @@ impl Grants {
                     ))
                 }
             }
-            if trust.cert.is_some() != trust.key.is_some() {
-                return Err(format!(
-                    "tls grant for '{a}': a client cert needs its key and a key its cert"
-                ));
-            }
+            trust
+                .check_identity()
+                .map_err(|e| format!("tls grant for '{a}': {e}"))?;
         }
         for u in &self.libvirt {
             if !u.contains(':') {

@@ -315,11 +315,9 @@ impl SiteConfig {
         if self.health_period_ms < 100 {
             return Err("health-period-ms must be at least 100".into());
         }
-        if self.agent_tls.cert.is_some() != self.agent_tls.key.is_some() {
-            return Err(
-                "agent-tls: give cert and key together (the site's client certificate)".into(),
-            );
-        }
+        self.agent_tls
+            .check_identity()
+            .map_err(|e| format!("agent-tls (the site's client certificate): {e}"))?;
         if self.parallel_jobs == 0 || self.parallel_jobs > 4096 {
             return Err("parallel-jobs must be between 1 and 4096".into());
         }
