@@ -177,18 +177,18 @@ fn token(out: Output, u: &UserView, what: &str) {
             eprintln!(
                 "{what} user {} ({}); the token is shown only this once",
                 u.name,
-                role(u.role)
+                role(&u.role)
             );
             println!("{}", u.token.as_deref().unwrap_or_default());
         }
     }
 }
 
-fn role(r: Role) -> &'static str {
+/// A role's name; one this CLI does not know (a later site's) is marked so.
+fn role(r: &Role) -> String {
     match r {
-        Role::Admin => "admin",
-        Role::User => "user",
-        Role::Monitor => "monitor",
+        Role::Other(name) => format!("{name} (unknown to this gve)"),
+        known => known.to_string(),
     }
 }
 
@@ -197,7 +197,7 @@ fn show(out: Output, u: &UserView) {
         Output::Json => output::json(u),
         Output::Table => output::fields(&[
             ("name", u.name.clone()),
-            ("role", role(u.role).into()),
+            ("role", role(&u.role)),
             ("vms", format!("{} of {}", u.usage.vms, u.quota.vms)),
             (
                 "vcpus",
@@ -220,7 +220,7 @@ fn table(users: &[UserView]) {
         .map(|u| {
             vec![
                 u.name.clone(),
-                role(u.role).into(),
+                role(&u.role),
                 format!("{}/{}", u.usage.vms, u.quota.vms),
                 format!("{}/{}", u.usage.logical_cpus, u.quota.logical_cpus),
                 format!("{}/{}", u.usage.main_memory_mib, u.quota.main_memory_mib),

@@ -44,7 +44,7 @@ impl SiteCore {
     fn user_view(&self, u: &User, token: Option<String>) -> Result<UserView, ApiError> {
         Ok(UserView {
             name: u.name.clone(),
-            role: u.role,
+            role: u.role.clone(),
             quota: u.quota,
             usage: self.store.usage(&u.name).map_err(db)?,
             token,
@@ -85,11 +85,17 @@ impl SiteCore {
                 caller.require_admin()?;
                 let body: NewUser = read_json(req.into_body()).await?;
                 auth::validate_name(&body.name)?;
+                if let Role::Other(name) = &body.role {
+                    return Err(ApiError::bad_request(format!(
+                        "no role '{name}': a user is one of {}",
+                        Role::KNOWN.join(", ")
+                    )));
+                }
                 if let Some(q) = &body.quota {
                     q.validate()?;
                 }
                 // A monitor holds nothing: its quota is zero, and one given is a mistake.
-                let quota = match (body.role, body.quota) {
+                let quota = match (&body.role, body.quota) {
                     (Role::Monitor, Some(_)) => {
                         return Err(ApiError::bad_request(
                             "a monitor holds no VMs: create it without a quota",
@@ -105,7 +111,7 @@ impl SiteCore {
                 let token = auth::new_token();
                 let user = User {
                     name: body.name.clone(),
-                    role: body.role,
+                    role: body.role.clone(),
                     token_sha256: auth::hash(&token),
                     quota,
                     created_ms: now_ms(),
@@ -128,7 +134,7 @@ impl SiteCore {
                     &caller.name,
                     "user.create",
                     &user.name,
-                    serde_json::json!({ "role": user.role, "quota": user.quota }),
+                    serde_json::json!({ "role": &user.role, "quota": user.quota }),
                 )
                 .await?;
                 Ok(json_response(

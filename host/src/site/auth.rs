@@ -39,10 +39,23 @@ impl Caller {
     }
 
     /// A monitor may only read the metrics and GLUE 2, read its own record and
-    /// rotate its own token; anything else is 403 for it, before any handler runs.
+    /// rotate its own token; anything else is 403 for it, before any handler runs. A
+    /// role this release does not know may do nothing.
     pub fn require_route(&self, method: &hyper::Method, segs: &[&str]) -> Result<(), ApiError> {
-        if self.role != Role::Monitor {
-            return Ok(());
+        match &self.role {
+            Role::Admin | Role::User => return Ok(()),
+            Role::Other(role) => {
+                return Err(ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    "denied",
+                    format!(
+                        "user '{}' has role '{role}', which this site's release does not know: \
+                         it may do nothing here",
+                        self.name
+                    ),
+                ))
+            }
+            Role::Monitor => {}
         }
         let get = method == hyper::Method::GET;
         let allowed = match segs {

@@ -9,9 +9,10 @@ use serde::{Deserialize, Serialize};
 
 pub use crate::agent::model::{now_ms, AuditEntry, OpError};
 
-/// What a user may do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
+/// What a user may do. Written and read as its name; a name this release does not
+/// know (a role added by a later release, read after a downgrade, or by an older
+/// CLI) is kept as [`Role::Other`], grants nothing, and is written back unchanged.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Role {
     /// Manages users, agents and every VM and job.
     Admin,
@@ -20,6 +21,51 @@ pub enum Role {
     /// A scraper's credential: reads `/metrics`, `/v1/glue2` and its own record and
     /// rotates its own token; nothing else, and holds no quota.
     Monitor,
+    /// A role this release does not know, by its name: no route is open to it.
+    Other(String),
+}
+
+impl Role {
+    /// The roles this release grants, by name (what a new user may be given).
+    pub const KNOWN: [&'static str; 3] = ["admin", "user", "monitor"];
+
+    /// The role's name.
+    pub fn as_str(&self) -> &str {
+        match self {
+            Role::Admin => "admin",
+            Role::User => "user",
+            Role::Monitor => "monitor",
+            Role::Other(name) => name,
+        }
+    }
+
+    /// The role named `name`; a name not known here is [`Role::Other`].
+    pub fn from_name(name: &str) -> Role {
+        match name {
+            "admin" => Role::Admin,
+            "user" => Role::User,
+            "monitor" => Role::Monitor,
+            other => Role::Other(other.to_string()),
+        }
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Serialize for Role {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for Role {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Role, D::Error> {
+        Ok(Role::from_name(&String::deserialize(d)?))
+    }
 }
 
 /// Limits on what one user holds at once.

@@ -27,6 +27,7 @@ mod portal;
 mod proxy;
 mod races;
 mod ready;
+mod roles;
 mod site;
 mod site_crash;
 mod storage;
