@@ -39,6 +39,9 @@ const ADMIN: &str = "bench-site-admin-0123456789";
 const EXEC_ROUNDS: usize = 40;
 const COPY_ROUNDS: usize = 2;
 const COPY_MIB: usize = 32;
+/// A copy below the staged disk's threshold (`BULK_MIN`, 4 MiB): it takes the guest agent.
+const SMALL_MIB: usize = 3;
+const SMALL_ROUNDS: usize = 6;
 
 /// An agent operation, submitted with `?wait-ms` (answered at its end), long-polled
 /// further if it outlasts that; it must succeed.
@@ -104,6 +107,37 @@ impl common::Raw {
     }
 }
 
+/// `data` copied into `path` through the agent, then out again, each checked
+/// against `sha`: how long each way took.
+async fn agent_copy(
+    c: &Client,
+    vm: &str,
+    path: &str,
+    data: &[u8],
+    sha: &str,
+) -> (Duration, Duration) {
+    let t = Instant::now();
+    let meta: FileMeta = c
+        .put_stream(
+            &format!("/v1/vms/{vm}/files?path={path}"),
+            &[],
+            gve::api::full(data.to_vec()),
+        )
+        .await
+        .unwrap();
+    let copy_in = t.elapsed();
+    assert_eq!(meta.sha256, sha);
+    let t = Instant::now();
+    let resp = c
+        .get_stream(&format!("/v1/vms/{vm}/files?path={path}"))
+        .await
+        .unwrap();
+    let got = resp.into_body().collect().await.unwrap().to_bytes();
+    let copy_out = t.elapsed();
+    assert_eq!(hex::encode(Sha256::digest(&got)), sha);
+    (copy_in, copy_out)
+}
+
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
     v[v.len() / 2]
@@ -111,6 +145,10 @@ fn median(mut v: Vec<Duration>) -> Duration {
 
 fn mibps(d: Duration) -> f64 {
     COPY_MIB as f64 / d.as_secs_f64()
+}
+
+fn small_mibps(d: Duration) -> f64 {
+    SMALL_MIB as f64 / d.as_secs_f64()
 }
 
 /// One run's samples.
@@ -131,6 +169,12 @@ struct Run {
     raw_out: Vec<Duration>,
     raw_in_verified: Vec<Duration>,
     raw_out_verified: Vec<Duration>,
+    /// Copies of SMALL_MIB through the guest agent: the agent's, and raw with the
+    /// same verification.
+    small_agent_in: Vec<Duration>,
+    small_agent_out: Vec<Duration>,
+    small_raw_in: Vec<Duration>,
+    small_raw_out: Vec<Duration>,
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -142,6 +186,8 @@ async fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(3);
+    // `small`: only the copies through the guest agent, written to target/ (an A/B).
+    let only_small = std::env::var("GVE_GUEST_ONLY").is_ok_and(|v| v == "small");
     let status = std::process::Command::new("bash")
         .arg(gve_harness::root().join("scripts/build-plugins.sh"))
         .status()
@@ -183,9 +229,43 @@ async fn main() {
 
     let data: Vec<u8> = (0..COPY_MIB << 20).map(|i| (i * 31 % 251) as u8).collect();
     let sha = hex::encode(Sha256::digest(&data));
+    let small = data[..SMALL_MIB << 20].to_vec();
+    let small_sha = hex::encode(Sha256::digest(&small));
     let mut all = Vec::new();
     for run in 0..runs {
         let mut r = Run::default();
+        for round in 0..SMALL_ROUNDS {
+            // Alternate which path goes first.
+            for k in 0..2 {
+                if (round + k) % 2 == 0 {
+                    let (copy_in, copy_out) =
+                        agent_copy(&c, &agent_vm, "/tmp/sa.bin", &small, &small_sha).await;
+                    r.small_agent_in.push(copy_in);
+                    r.small_agent_out.push(copy_out);
+                } else {
+                    let t = Instant::now();
+                    raw.write("/tmp/sr.bin", &small);
+                    raw.verify("/tmp/sr.bin");
+                    r.small_raw_in.push(t.elapsed());
+                    let t = Instant::now();
+                    raw.verify("/tmp/sr.bin");
+                    let back = raw.read("/tmp/sr.bin");
+                    r.small_raw_out.push(t.elapsed());
+                    assert_eq!(back.len(), small.len());
+                }
+            }
+        }
+        eprintln!(
+            "run {run}: {SMALL_MIB} MiB in agent {:.2} raw {:.2}, out agent {:.2} raw {:.2} MiB/s",
+            small_mibps(median(r.small_agent_in.clone())),
+            small_mibps(median(r.small_raw_in.clone())),
+            small_mibps(median(r.small_agent_out.clone())),
+            small_mibps(median(r.small_raw_out.clone())),
+        );
+        if only_small {
+            all.push(r);
+            continue;
+        }
         for round in 0..EXEC_ROUNDS {
             // Rotate which path goes first.
             for k in 0..3 {
@@ -249,25 +329,9 @@ async fn main() {
             assert_eq!(hex::encode(Sha256::digest(&got)), sha);
 
             // Through the agent: streamed.
-            let t = Instant::now();
-            let meta: FileMeta = c
-                .put_stream(
-                    &format!("/v1/vms/{agent_vm}/files?path=/tmp/a.bin"),
-                    &[],
-                    gve::api::full(data.clone()),
-                )
-                .await
-                .unwrap();
-            r.agent_in.push(t.elapsed());
-            assert_eq!(meta.sha256, sha);
-            let t = Instant::now();
-            let resp = c
-                .get_stream(&format!("/v1/vms/{agent_vm}/files?path=/tmp/a.bin"))
-                .await
-                .unwrap();
-            let got = resp.into_body().collect().await.unwrap().to_bytes();
-            r.agent_out.push(t.elapsed());
-            assert_eq!(got.len(), data.len());
+            let (copy_in, copy_out) = agent_copy(&c, &agent_vm, "/tmp/a.bin", &data, &sha).await;
+            r.agent_in.push(copy_in);
+            r.agent_out.push(copy_out);
 
             let t = Instant::now();
             raw.write("/tmp/r.bin", &data);
@@ -288,6 +352,17 @@ async fn main() {
             ms(median(r.raw_exec.clone()))
         );
         all.push(r);
+    }
+    if only_small {
+        let md = small_table(&all);
+        eprintln!("{md}");
+        let out = gve_harness::root().join("target/guest-small.md");
+        std::fs::write(&out, md).unwrap();
+        eprintln!("written to {}", out.display());
+        let _ = common::site_job(&user, &format!("/v1/vms/{id}/release"), json!({})).await;
+        site.stop().await;
+        agent.stop().await;
+        return;
     }
     let parts = breakdown(&agent, &agent_vm, &c, &raw).await;
     let _ = common::site_job(&user, &format!("/v1/vms/{id}/release"), json!({})).await;
@@ -436,9 +511,39 @@ fn write(runs: &[Run], parts: &[(&str, f64, String)]) {
             m(&r.raw_out)
         );
     }
+    md += &small_table(runs);
     md += "\nWrites go in 96 KiB pieces: a guest-file-write of 192 KiB or more never answers on this stack\n\
            (qemu-ga 7.2 behind libvirt 9.0); reads in 1 MiB (libvirt caps an agent reply at 4 MiB of RPC string).\n\
            The raw path is bound by the guest (TCG) parsing JSON and base64.\n";
     eprintln!("{md}");
     std::fs::write(gve_harness::root().join("bench/results/guest.md"), md).unwrap();
+}
+
+/// The copies through the guest agent, per run.
+fn small_table(runs: &[Run]) -> String {
+    let mut md = format!(
+        "\n## copy of {SMALL_MIB} MiB through the guest agent, median of {SMALL_ROUNDS} per run (MiB/s)\n\n\
+         Below the staged disk's threshold (4 MiB) gve copies through qemu-ga. Agent = the streamed \
+         PUT/GET; raw = the same qemu-ga commands with the same verification (stat and sha256sum in \
+         the guest; before reading for a copy out, as gve does). The paths alternate which goes first.\n\n\
+         | run | agent in | raw in, verified | agent − raw | agent out | raw out, verified | agent − raw |\n\
+         |---|---|---|---|---|---|---|\n"
+    );
+    for (i, r) in runs.iter().enumerate() {
+        let m = |v: &Vec<Duration>| small_mibps(median(v.clone()));
+        let pct = |a: f64, b: f64| 100.0 * (a - b) / b;
+        let (ai, ri, ao, ro) = (
+            m(&r.small_agent_in),
+            m(&r.small_raw_in),
+            m(&r.small_agent_out),
+            m(&r.small_raw_out),
+        );
+        md += &format!(
+            "| {} | {ai:.2} | {ri:.2} | {:+.0}% | {ao:.2} | {ro:.2} | {:+.0}% |\n",
+            i + 1,
+            pct(ai, ri),
+            pct(ao, ro)
+        );
+    }
+    md
 }

@@ -453,6 +453,50 @@ async fn exec_copy_and_provision_on_a_real_guest() {
         copy_out(&c, id, "/tmp/deep/dir/one.bin").await.1,
         meta.sha256
     );
+    // A directory named as an upload's target is refused (mv would have moved the
+    // file into it), and no temporary file stays, there or beside it.
+    let e = c
+        .put_stream::<FileMeta>(
+            &format!("/v1/vms/{id}/files?path=/tmp/deep/dir"),
+            &[],
+            gve::api::full(vec![7u8; 10]),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.status, 400, "{e}");
+    assert!(e.message.contains("Is a directory"), "{e}");
+    for (dir, only) in [("/tmp/deep/dir", "one.bin"), ("/tmp/deep", "dir")] {
+        let ls = exec(&c, id, json!({ "argv": ["ls", "-A", dir] })).await;
+        assert_eq!(text(&ls.stdout_b64).trim(), only, "{dir}");
+    }
+    // Only regular files are copied out, refused before any byte is sent: a
+    // directory (no checksum), a device (no end).
+    for (path, kind) in [("/tmp/deep/dir", "directory"), ("/dev/zero", "character")] {
+        let e = c
+            .get_stream(&format!("/v1/vms/{id}/files?path={path}"))
+            .await
+            .unwrap_err();
+        assert_eq!(e.status, 400, "{path}: {e}");
+        assert!(e.message.contains(kind), "{path}: {e}");
+    }
+    // A symbolic link is followed: the file it names, as the file's own path gives it.
+    let r = exec(
+        &c,
+        id,
+        json!({ "argv": ["ln", "-sf", "/tmp/deep/dir/one.bin", "/tmp/one.link"] }),
+    )
+    .await;
+    assert_eq!(r.exit_code, Some(0), "{r:?}");
+    let (size, sha, mode) = copy_out(&c, id, "/tmp/one.link").await;
+    assert_eq!(
+        (size, sha.as_str(), mode.as_str()),
+        (1 << 20, meta.sha256.as_str(), "0600")
+    );
+    let stat: FileMeta = c
+        .get(&format!("/v1/vms/{id}/stat?path=/tmp/one.link"))
+        .await
+        .unwrap();
+    assert_eq!((stat.size, stat.sha256), (meta.size, meta.sha256.clone()));
     // Uploads whose client goes away, by a close or by a reset: mid-body they fail
     // and write nothing; after the whole body was sent and closed (the client gone
     // while the agent still writes into the guest) they complete; a reset after

@@ -4,14 +4,15 @@
 //! An upload writes a hidden temporary file next to the target (mode applied before
 //! any content is written) and renames it over the target only after every chunk
 //! arrived: an abandoned upload never leaves a half-written target. After the
-//! rename, the guest's own `stat` and `sha256sum` must agree with what was sent.
-//! A download takes the guest's size, mode and SHA-256 first and checks the bytes it
-//! read against them at end of file. Paths must be absolute POSIX paths.
+//! rename (in the same guest command), the guest's own `stat` and `sha256sum` must
+//! agree with what was sent.
+//! A download takes the guest's size and mode first, has the guest hash the file
+//! while it is read, and checks the bytes it read against both at end of file. Paths must be absolute POSIX paths.
 
 use gve_sdk::prelude::*;
 use sha2::{Digest, Sha256};
 
-use crate::exec::{must, must_within};
+use crate::exec::{helper, must, must_within, succeeded, Running};
 use crate::qga::{Agent, MAX_READ};
 
 /// Largest piece sent in one guest-file-write. Measured with qemu-ga 7.2 behind
@@ -44,36 +45,62 @@ fn split(path: &str) -> (&str, &str) {
     }
 }
 
-/// Size, mode and SHA-256 of a guest file, computed in the guest.
-pub fn stat(agent: &Agent, path: &str) -> Result<FileInfo> {
-    check_path(path)?;
-    let out = must(agent, &["stat", "-c", "%s:%a", "--", path], "stat")?;
-    let text = String::from_utf8_lossy(&out);
+/// After an upload, in one guest command (one round of `guest-exec-status` polls
+/// instead of three): the temporary file (`$1`) moved over the target (`$2`), then
+/// the target's `stat` and `sha256sum`. Run as `sh -c FINISH gve-upload TEMP PATH`.
+/// A target that is a directory is refused (`mv` would move the file into it).
+const FINISH: &str = r#"if [ -d "$2" ]; then echo "$2: Is a directory" >&2; exit 3; fi
+mv -f -- "$1" "$2" || exit 3
+stat -c %s:%a -- "$2" && sha256sum -- "$2""#;
+
+/// The time hashing `size` bytes in the guest may take: the command timeout, plus a
+/// second per 2 MiB (a guest under TCG on a loaded host hashes 200 MiB in well over
+/// 10 s).
+fn hash_budget(agent: &Agent, size: u64) -> u32 {
+    let budget = u64::from(agent.command_timeout_ms).saturating_add(size / (2 << 20) * 1000);
+    u32::try_from(budget).unwrap_or(u32::MAX)
+}
+
+/// Size and mode from `stat -c %s:%a` output.
+fn parse_stat(agent: &Agent, path: &str, text: &str) -> Result<(u64, u32)> {
     let parsed = text
         .trim()
         .split_once(':')
         .and_then(|(s, m)| Some((s.parse::<u64>().ok()?, u32::from_str_radix(m, 8).ok()?)));
-    let Some((size, mode)) = parsed else {
-        return Err(Error::backend(format!(
+    parsed.ok_or_else(|| {
+        Error::backend(format!(
             "{}: stat {path}: unexpected output '{}'",
             agent.vm,
             text.trim()
-        )));
-    };
-    // Hashing takes time by size: the command timeout, plus a second per 2 MiB
-    // (a guest under TCG on a loaded host hashes 200 MiB in well over 10 s).
-    let budget = u64::from(agent.command_timeout_ms).saturating_add(size / (2 << 20) * 1000);
-    let budget = u32::try_from(budget).unwrap_or(u32::MAX);
-    let out = must_within(agent, &["sha256sum", "--", path], "checksum", budget)?;
-    let sum = String::from_utf8_lossy(&out);
-    let sha256 = sum.split_whitespace().next().unwrap_or("").to_lowercase();
+        ))
+    })
+}
+
+/// The digest from `sha256sum` output, lower case.
+fn parse_sum(agent: &Agent, path: &str, text: &str) -> Result<String> {
+    let sha256 = text.split_whitespace().next().unwrap_or("").to_lowercase();
     if sha256.len() != 64 || !sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err(Error::backend(format!(
             "{}: sha256sum {path}: unexpected output '{}'",
             agent.vm,
-            sum.trim()
+            text.trim()
         )));
     }
+    Ok(sha256)
+}
+
+/// Size, mode and SHA-256 of a guest file, computed in the guest.
+pub fn stat(agent: &Agent, path: &str) -> Result<FileInfo> {
+    check_path(path)?;
+    let out = must(agent, &["stat", "-L", "-c", "%s:%a", "--", path], "stat")?;
+    let (size, mode) = parse_stat(agent, path, &String::from_utf8_lossy(&out))?;
+    let out = must_within(
+        agent,
+        &["sha256sum", "--", path],
+        "checksum",
+        hash_budget(agent, size),
+    )?;
+    let sha256 = parse_sum(agent, path, &String::from_utf8_lossy(&out))?;
     Ok(FileInfo { size, mode, sha256 })
 }
 
@@ -158,13 +185,20 @@ impl Upload for GuestUpload {
             )));
         };
         self.agent.file_close(handle)?;
-        must(
+        // Should this fail after the move, the drop's removal of the temporary
+        // file finds nothing to remove.
+        let out = must_within(
             &self.agent,
-            &["mv", "-f", "--", &self.temp, &self.path],
-            "move the file into place",
+            &["sh", "-c", FINISH, "gve-upload", &self.temp, &self.path],
+            "move the file into place and check it",
+            hash_budget(&self.agent, self.size),
         )?;
         self.renamed = true;
-        let info = stat(&self.agent, &self.path)?;
+        let out = String::from_utf8_lossy(&out);
+        let (stat_line, sum_line) = out.split_once('\n').unwrap_or((&out, ""));
+        let (size, mode) = parse_stat(&self.agent, &self.path, stat_line)?;
+        let sha256 = parse_sum(&self.agent, &self.path, sum_line)?;
+        let info = FileInfo { size, mode, sha256 };
         let sent = hex::encode(self.hasher.clone().finalize());
         if info.size != self.size || info.sha256 != sent {
             return Err(Error::backend(format!(
@@ -195,15 +229,45 @@ pub struct GuestDownload {
     agent: Agent,
     path: String,
     handle: Option<i64>,
-    expected: FileInfo,
+    size: u64,
+    mode: u32,
+    /// The guest's `sha256sum` of the file, running while the file is read.
+    sum: Option<Running>,
     hasher: Sha256,
     read: u64,
 }
 
 impl GuestDownload {
-    /// Takes the file's size, mode and checksum, then opens it.
+    /// Takes the file's size and mode, starts its checksum in the guest, and opens
+    /// it: the guest hashes while the file is read (under TCG the guest answers
+    /// each read with time to spare), and its figure is checked at end of file.
     pub fn start(agent: Agent, path: String) -> Result<Self> {
-        let expected = stat(&agent, &path)?;
+        check_path(&path)?;
+        let out = must(
+            &agent,
+            &["stat", "-L", "-c", "%F:%s:%a", "--", &path],
+            "stat",
+        )?;
+        let out = String::from_utf8_lossy(&out);
+        let (kind, size_mode) = out.trim().split_once(':').unwrap_or(("", ""));
+        // Only a regular file has an end its size and checksum describe (a
+        // directory fails to hash, a device reads forever).
+        if !kind.starts_with("regular") {
+            return Err(Error::invalid_argument(format!(
+                "{}: {path} is a {}, not a regular file: only regular files are copied",
+                agent.vm,
+                if kind.is_empty() {
+                    "special file"
+                } else {
+                    kind
+                }
+            )));
+        }
+        let (size, mode) = parse_stat(&agent, &path, size_mode)?;
+        let sum = Running::start(
+            &agent,
+            &helper(&["sha256sum", "--", &path], hash_budget(&agent, size)),
+        )?;
         let handle = agent
             .file_open(&path, "r")
             .map_err(|e| e.context(format_args!("download {path}")))?;
@@ -211,7 +275,9 @@ impl GuestDownload {
             agent,
             path,
             handle: Some(handle),
-            expected,
+            size,
+            mode,
+            sum: Some(sum),
             hasher: Sha256::new(),
             read: 0,
         })
@@ -222,11 +288,20 @@ impl GuestDownload {
         if let Some(handle) = self.handle.take() {
             self.agent.file_close(handle)?;
         }
+        let Some(sum) = self.sum.take() else {
+            return Err(Error::invalid_state(format!(
+                "download of {} is already verified",
+                self.path
+            )));
+        };
+        let argv = ["sha256sum", "--", &self.path];
+        let out = succeeded(&self.agent, &argv, "checksum", sum.wait()?)?;
+        let sha256 = parse_sum(&self.agent, &self.path, &String::from_utf8_lossy(&out))?;
         let got = hex::encode(self.hasher.clone().finalize());
-        if self.read != self.expected.size || got != self.expected.sha256 {
+        if self.read != self.size || got != sha256 {
             return Err(Error::backend(format!(
                 "{}: {} changed during the download: read {} bytes with SHA-256 {}, the guest reported {} bytes with SHA-256 {}",
-                self.agent.vm, self.path, self.read, got, self.expected.size, self.expected.sha256
+                self.agent.vm, self.path, self.read, got, self.size, sha256
             )));
         }
         Ok(())
@@ -235,11 +310,11 @@ impl GuestDownload {
 
 impl Download for GuestDownload {
     fn size(&self) -> u64 {
-        self.expected.size
+        self.size
     }
 
     fn mode(&self) -> u32 {
-        self.expected.mode
+        self.mode
     }
 
     fn read(&mut self, max: u32) -> Result<Vec<u8>> {
@@ -252,6 +327,14 @@ impl Download for GuestDownload {
             .map_err(|e| e.context(format_args!("download {}", self.path)))?;
         self.hasher.update(&got.data);
         self.read += got.data.len() as u64;
+        if self.read > self.size {
+            self.handle = None;
+            let _ = self.agent.file_close(handle);
+            return Err(Error::backend(format!(
+                "{}: {} changed during the download: more than the {} bytes the guest reported",
+                self.agent.vm, self.path, self.size
+            )));
+        }
         if got.eof || got.data.is_empty() {
             self.verify()?;
         }

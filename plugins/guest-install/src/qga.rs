@@ -58,6 +58,16 @@ pub struct ExecStatus {
     pub err_truncated: bool,
 }
 
+/// A `guest-file-read` reply, its base64 read in place where it holds no escape
+/// (qemu's JSON may write `/` as `\/`): a reply of up to 2.7 MB copied once less.
+#[derive(Deserialize)]
+#[serde(rename_all = "kebab-case")]
+struct ReadReply<'a> {
+    #[serde(borrow)]
+    buf_b64: std::borrow::Cow<'a, str>,
+    eof: bool,
+}
+
 /// What one `guest-file-read` returned.
 pub struct Read {
     /// Bytes read.
@@ -79,15 +89,15 @@ impl Agent {
         arguments: Value,
         timeout_ms: u32,
     ) -> Result<T> {
-        let command = json!({ "execute": execute, "arguments": arguments }).to_string();
-        let reply = gve_sdk::guest_channel::agent_command(
-            &self.endpoint,
-            &self.vm,
-            &command,
-            timeout_ms,
-        )
-        .map_err(|e| reclassify(e).context(format_args!("{}: qemu-ga {execute}", self.vm)))?;
+        let reply = self.send(execute, arguments, timeout_ms)?;
         decode_reply(&self.vm, execute, &reply)
+    }
+
+    /// Sends one command; its reply as qemu-ga wrote it.
+    fn send(&self, execute: &str, arguments: Value, timeout_ms: u32) -> Result<String> {
+        let command = json!({ "execute": execute, "arguments": arguments }).to_string();
+        gve_sdk::guest_channel::agent_command(&self.endpoint, &self.vm, &command, timeout_ms)
+            .map_err(|e| reclassify(e).context(format_args!("{}: qemu-ga {execute}", self.vm)))
     }
 
     /// Starts `path` with `args` (stdin from `input`), capturing its output; returns its pid.
@@ -136,16 +146,12 @@ impl Agent {
 
     /// Reads up to `count` bytes (at most [`MAX_READ`]) from an open handle.
     pub fn file_read(&self, handle: i64, count: u32) -> Result<Read> {
-        #[derive(Deserialize)]
-        #[serde(rename_all = "kebab-case")]
-        struct Got {
-            buf_b64: String,
-            eof: bool,
-        }
-        let got: Got = self.call(
+        let reply = self.send(
             "guest-file-read",
             json!({ "handle": handle, "count": count.clamp(1, MAX_READ) }),
+            self.command_timeout_ms,
         )?;
+        let got: ReadReply<'_> = decode_reply(&self.vm, "guest-file-read", &reply)?;
         let data = B64.decode(got.buf_b64.as_bytes()).map_err(|e| {
             Error::backend(format!(
                 "{}: qemu-ga guest-file-read sent invalid base64: {e}",
@@ -175,7 +181,7 @@ pub fn decode_output(vm: &str, data: Option<&str>) -> Result<Vec<u8>> {
 }
 
 /// Turns a qemu-ga reply into the `return` value or a contract error.
-fn decode_reply<T: DeserializeOwned>(vm: &str, execute: &str, reply: &str) -> Result<T> {
+fn decode_reply<'a, T: Deserialize<'a>>(vm: &str, execute: &str, reply: &'a str) -> Result<T> {
     #[derive(Deserialize)]
     struct Reply<T> {
         #[serde(rename = "return")]
@@ -211,6 +217,8 @@ pub fn classify(message: &str) -> Error {
         Error::denied(message)
     } else if message.contains("has been disabled") || message.contains("not found: ") {
         Error::unsupported(message)
+    } else if message.contains("Is a directory") {
+        Error::invalid_argument(message)
     } else {
         Error::backend(message)
     }
@@ -257,6 +265,20 @@ mod tests {
         assert_eq!(e.kind(), "backend");
         let e = decode_reply::<i64>("vm", "guest-exec", "{}").unwrap_err();
         assert!(e.message().contains("neither"), "{e}");
+    }
+
+    #[test]
+    fn a_read_reply_is_borrowed_unless_escaped() {
+        let plain = r#"{"return": {"count": 3, "buf-b64": "YS9i", "eof": true}}"#;
+        let r: ReadReply<'_> = decode_reply("vm", "guest-file-read", plain).unwrap();
+        assert!(matches!(r.buf_b64, std::borrow::Cow::Borrowed("YS9i")));
+        assert!(r.eof);
+        // qemu's JSON writer may escape '/', which base64 holds.
+        let escaped = r#"{"return": {"count": 3, "buf-b64": "\/\/\/\/", "eof": false}}"#;
+        let r: ReadReply<'_> = decode_reply("vm", "guest-file-read", escaped).unwrap();
+        assert_eq!(r.buf_b64, "////");
+        assert!(!r.eof);
+        assert_eq!(B64.decode(r.buf_b64.as_bytes()).unwrap(), [0xff; 3]);
     }
 
     #[test]
