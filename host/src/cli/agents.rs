@@ -69,6 +69,18 @@ pub enum Action {
 
 /// Runs an agent command; returns the exit code.
 pub async fn run(args: AgentArgs) -> i32 {
+    let direct = match &args.action {
+        Action::Run(_) => Some(("run", false)),
+        Action::Init(_) => Some(("init", false)),
+        Action::Driver(_) => Some(("driver", true)),
+        Action::Audit(_) => Some(("audit", true)),
+        _ => None,
+    };
+    if let Some((command, to_agent)) = direct {
+        if let Some(e) = misplaced_site_flag(&args.site, command, to_agent) {
+            return super::report(Err(e));
+        }
+    }
     match args.action {
         Action::Run(r) => super::agent::run(r).await,
         Action::Init(i) => super::report(super::init::agent(i)),
@@ -76,6 +88,50 @@ pub async fn run(args: AgentArgs) -> i32 {
         Action::Audit(a) => super::agent::audit(a, site_output(&args.site)).await,
         action => super::report(manage(&args.site, action).await),
     }
+}
+
+/// A site option given on the command line to `gve agent COMMAND`, which talks to
+/// the agent directly (`to_agent`) or to nobody: it would be ignored (the agent's
+/// own are `--agent-url`, `--secret`, `--agent-fingerprint`, `--agent-cert` and
+/// `--agent-key`), so it is a usage error naming the one meant. A value from the
+/// environment is left alone: it is there for the site's commands.
+fn misplaced_site_flag(site: &SiteOpts, command: &str, to_agent: bool) -> Option<CliError> {
+    let flags = [
+        (site.url.is_some(), "GVE_URL", "--url", Some("--agent-url")),
+        (site.site.is_some(), "GVE_SITE", "--site", None),
+        (
+            site.token.is_some(),
+            "GVE_TOKEN",
+            "--token",
+            Some("--secret"),
+        ),
+        (
+            site.fingerprint.is_some(),
+            "GVE_FINGERPRINT",
+            "--fingerprint",
+            Some("--agent-fingerprint"),
+        ),
+        (site.ca.is_some(), "GVE_CA", "--ca", None),
+        (
+            site.cert.is_some(),
+            "GVE_CERT",
+            "--cert",
+            Some("--agent-cert"),
+        ),
+        (site.key.is_some(), "GVE_KEY", "--key", Some("--agent-key")),
+    ];
+    let (_, _, flag, agents) = flags
+        .into_iter()
+        .find(|(given, env, _, _)| *given && std::env::var_os(env).is_none())?;
+    let meant = match (to_agent, agents) {
+        (true, Some(a)) => format!("; for the agent, give {a}"),
+        (true, None) => "; the agent has no such option".to_string(),
+        (false, _) => String::new(),
+    };
+    let talks_to = if to_agent { "the agent" } else { "no site" };
+    Some(CliError::Usage(format!(
+        "{flag} is the site's option, and `gve agent {command}` talks to {talks_to}{meant}"
+    )))
 }
 
 async fn manage(site: &SiteOpts, action: Action) -> Result<i32, CliError> {

@@ -144,4 +144,21 @@ async fn the_cli_presents_a_client_certificate_where_one_is_required() {
         ("GVE_AGENT_KEY", me_key.as_str()),
     ]);
     gve(&at_agent_env, &audit).await.ok();
+    // The site's --cert/--key given to a command that talks to the agent were
+    // ignored; they are a usage error naming the agent's flag.
+    let mut with_site_flags = audit.to_vec();
+    with_site_flags.extend(["--cert", &me_cert, "--key", &me_key]);
+    let r = gve(&at_agent, &with_site_flags).await;
+    assert_eq!(r.code, 2, "stdout: {}\nstderr: {}", r.out, r.err);
+    assert!(
+        r.err.contains("--cert") && r.err.contains("--agent-cert"),
+        "{}",
+        r.err
+    );
+    let r = gve(&at_agent, &["agent", "audit", "--url", &agent_url]).await;
+    assert_eq!(r.code, 2, "{}", r.err);
+    assert!(r.err.contains("--agent-url"), "{}", r.err);
+    // From the environment they are the site's, there for other commands: left alone.
+    at_agent_env.extend([("GVE_CERT", me_cert.as_str()), ("GVE_KEY", me_key.as_str())]);
+    gve(&at_agent_env, &audit).await.ok();
 }
