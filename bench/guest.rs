@@ -9,7 +9,7 @@
 //!   PUT/GET of a file, verified by size and SHA-256 computed in the guest) →
 //!   guest-install plugin → guest channel → kvm plugin → libvirt → qemu-ga;
 //! - **raw:** guest-exec + guest-exec-status polled with the plugin's back-off;
-//!   guest-file-open / write (96 KiB pieces) / read (1 MiB) / close, with and
+//!   guest-file-open / write (96 KiB pieces) / read (the agent's chunk) / close, with and
 //!   without the same verification.
 //!
 //! The measurement runs GVE_GUEST_RUNS times (default 3) on the same VM; the
@@ -90,7 +90,10 @@ impl common::Raw {
         let h = self.call("guest-file-open", json!({ "path": path, "mode": "r" }));
         let mut out = Vec::new();
         loop {
-            let r = self.call("guest-file-read", json!({ "handle": h, "count": 1 << 20 }));
+            let r = self.call(
+                "guest-file-read",
+                json!({ "handle": h, "count": gve::agent::guest::CHUNK }),
+            );
             out.extend(B64.decode(r["buf-b64"].as_str().unwrap()).unwrap());
             if r["eof"] == true {
                 break;
@@ -513,7 +516,7 @@ fn write(runs: &[Run], parts: &[(&str, f64, String)]) {
     }
     md += &small_table(runs);
     md += "\nWrites go in 96 KiB pieces: a guest-file-write of 192 KiB or more never answers on this stack\n\
-           (qemu-ga 7.2 behind libvirt 9.0); reads in 1 MiB (libvirt caps an agent reply at 4 MiB of RPC string).\n\
+           (qemu-ga 7.2 behind libvirt 9.0); reads in the agent's chunk, 512 KiB, on both paths (libvirt caps an agent reply at 4 MiB of RPC string).\n\
            The raw path is bound by the guest (TCG) parsing JSON and base64.\n";
     eprintln!("{md}");
     std::fs::write(gve_harness::root().join("bench/results/guest.md"), md).unwrap();

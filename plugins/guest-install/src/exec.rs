@@ -63,101 +63,55 @@ pub fn command_line(request: &ExecRequest) -> Result<(String, Vec<String>)> {
 
 /// Runs `request` to its end or timeout.
 pub fn run(agent: &Agent, request: &ExecRequest) -> Result<ExecResult> {
-    Running::start(agent, request)?.wait()
-}
-
-/// A guest process started by `guest-exec` and not yet waited for: the plugin may
-/// send other commands meanwhile (a download reads the file while the guest
-/// hashes it). Dropped unwaited, it is killed and forgotten by qemu-ga.
-pub struct Running {
-    agent: Agent,
-    pid: Option<i64>,
-    started: Instant,
-    budget: Duration,
-    output_limit: u32,
-}
-
-impl Running {
-    /// Starts `request`; its timeout counts from now.
-    pub fn start(agent: &Agent, request: &ExecRequest) -> Result<Running> {
-        if request.timeout_ms == 0 {
-            return Err(Error::invalid_argument("exec: timeout-ms must be positive"));
+    if request.timeout_ms == 0 {
+        return Err(Error::invalid_argument("exec: timeout-ms must be positive"));
+    }
+    let (program, args) = command_line(request)?;
+    let started = Instant::now();
+    let budget = Duration::from_millis(u64::from(request.timeout_ms));
+    // No single qemu-ga command may wait longer than the whole command may take.
+    let agent = &Agent {
+        command_timeout_ms: agent.command_timeout_ms.min(request.timeout_ms),
+        ..agent.clone()
+    };
+    let pid = agent.exec_start(&program, &args, &request.stdin)?;
+    let mut pause = Duration::from_millis(1);
+    let status = loop {
+        let status = agent.exec_status(pid)?;
+        if status.exited {
+            break status;
         }
-        let (program, args) = command_line(request)?;
-        let started = Instant::now();
-        // No single qemu-ga command may wait longer than the whole command may take.
-        let agent = Agent {
-            command_timeout_ms: agent.command_timeout_ms.min(request.timeout_ms),
-            ..agent.clone()
-        };
-        let pid = agent.exec_start(&program, &args, &request.stdin)?;
-        Ok(Running {
-            agent,
-            pid: Some(pid),
-            started,
-            budget: Duration::from_millis(u64::from(request.timeout_ms)),
-            output_limit: request.output_limit,
-        })
-    }
-
-    /// Waits for the process to end (polling with a back-off from 1 ms to 50) or
-    /// kills it when its timeout passes.
-    pub fn wait(mut self) -> Result<ExecResult> {
-        let Some(pid) = self.pid.take() else {
-            return Err(Error::invalid_state("exec: already waited for"));
-        };
-        let agent = &self.agent;
-        let mut pause = Duration::from_millis(1);
-        let status = loop {
-            let status = agent.exec_status(pid)?;
-            if status.exited {
-                break status;
-            }
-            let elapsed = self.started.elapsed();
-            if elapsed >= self.budget {
-                return Ok(timed_out(agent, pid, self.output_limit));
-            }
-            std::thread::sleep(pause.min(self.budget - elapsed));
-            pause = (pause * 2).min(Duration::from_millis(50));
-        };
-        let limit = self.output_limit as usize;
-        let (stdout, stdout_truncated) = limited(
-            decode_output(&agent.vm, status.out_data.as_deref())?,
-            limit,
-            status.out_truncated,
-        );
-        let (stderr, stderr_truncated) = limited(
-            decode_output(&agent.vm, status.err_data.as_deref())?,
-            limit,
-            status.err_truncated,
-        );
-        Ok(ExecResult {
-            exit_code: status.exitcode.filter(|_| status.signal.is_none()),
-            signal: status.signal,
-            timed_out: false,
-            stdout,
-            stderr,
-            stdout_truncated,
-            stderr_truncated,
-        })
-    }
-}
-
-impl Drop for Running {
-    /// A process nobody waits for any more: forgotten by qemu-ga if it ended,
-    /// killed otherwise.
-    fn drop(&mut self) {
-        let Some(pid) = self.pid.take() else {
-            return;
-        };
-        if !matches!(self.agent.exec_status(pid), Ok(s) if s.exited) {
-            timed_out(&self.agent, pid, 0);
+        let elapsed = started.elapsed();
+        if elapsed >= budget {
+            return Ok(timed_out(agent, pid, request));
         }
-    }
+        std::thread::sleep(pause.min(budget - elapsed));
+        pause = (pause * 2).min(Duration::from_millis(50));
+    };
+    let limit = request.output_limit as usize;
+    let (stdout, stdout_truncated) = limited(
+        decode_output(&agent.vm, status.out_data.as_deref())?,
+        limit,
+        status.out_truncated,
+    );
+    let (stderr, stderr_truncated) = limited(
+        decode_output(&agent.vm, status.err_data.as_deref())?,
+        limit,
+        status.err_truncated,
+    );
+    Ok(ExecResult {
+        exit_code: status.exitcode.filter(|_| status.signal.is_none()),
+        signal: status.signal,
+        timed_out: false,
+        stdout,
+        stderr,
+        stdout_truncated,
+        stderr_truncated,
+    })
 }
 
 /// Kills a process that outlived its budget and reports what it wrote until then.
-fn timed_out(agent: &Agent, pid: i64, output_limit: u32) -> ExecResult {
+fn timed_out(agent: &Agent, pid: i64, request: &ExecRequest) -> ExecResult {
     let killed = agent
         .exec_start("kill", &["-KILL".to_string(), pid.to_string()], &[])
         .is_ok();
@@ -181,7 +135,7 @@ fn timed_out(agent: &Agent, pid: i64, output_limit: u32) -> ExecResult {
     for _ in 0..20 {
         match agent.exec_status(pid) {
             Ok(s) if s.exited => {
-                let limit = output_limit as usize;
+                let limit = request.output_limit as usize;
                 let out = decode_output(&agent.vm, s.out_data.as_deref()).unwrap_or_default();
                 let err = decode_output(&agent.vm, s.err_data.as_deref()).unwrap_or_default();
                 (result.stdout, result.stdout_truncated) = limited(out, limit, s.out_truncated);
@@ -212,7 +166,7 @@ pub fn must(agent: &Agent, argv: &[&str], what: &str) -> Result<Vec<u8>> {
 /// [`must`] with its own budget (a checksum of a large file takes longer).
 pub fn must_within(agent: &Agent, argv: &[&str], what: &str, timeout_ms: u32) -> Result<Vec<u8>> {
     let r = run(agent, &helper(argv, timeout_ms))?;
-    succeeded(agent, argv, what, r)
+    succeeded(agent, &argv.join(" "), what, r)
 }
 
 /// A helper command's request: no environment, 64 KiB of output at most.
@@ -227,9 +181,10 @@ pub fn helper(argv: &[&str], timeout_ms: u32) -> ExecRequest {
     }
 }
 
-/// The stdout of helper `argv` that ended with `r`, or an error saying `what`
-/// failed and how.
-pub fn succeeded(agent: &Agent, argv: &[&str], what: &str, r: ExecResult) -> Result<Vec<u8>> {
+/// The stdout of a helper command (`shown` in the error) that ended with `r`, or
+/// an error saying `what` failed and how, of the kind its stderr tells (not its
+/// command line, which holds the user's paths).
+pub fn succeeded(agent: &Agent, shown: &str, what: &str, r: ExecResult) -> Result<Vec<u8>> {
     if r.exit_code == Some(0) {
         return Ok(r.stdout);
     }
@@ -240,12 +195,12 @@ pub fn succeeded(agent: &Agent, argv: &[&str], what: &str, r: ExecResult) -> Res
         (_, _, Some(s)) => format!("signal {s}"),
         _ => "unknown end".to_string(),
     };
-    Err(crate::qga::classify(&format!(
-        "{}: {what}: `{}` failed ({how}): {}",
+    let message = format!(
+        "{}: {what}: `{shown}` failed ({how}): {}",
         agent.vm,
-        argv.join(" "),
         stderr.trim()
-    )))
+    );
+    Err(crate::qga::classify_by(stderr.trim(), message))
 }
 
 #[cfg(test)]

@@ -6,13 +6,14 @@
 //! arrived: an abandoned upload never leaves a half-written target. After the
 //! rename (in the same guest command), the guest's own `stat` and `sha256sum` must
 //! agree with what was sent.
-//! A download takes the guest's size and mode first, has the guest hash the file
-//! while it is read, and checks the bytes it read against both at end of file. Paths must be absolute POSIX paths.
+//! A download takes the guest's size, mode and SHA-256 first and checks the bytes it
+//! read against them at end of file. Only regular files are copied (a symbolic
+//! link is followed). Paths must be absolute POSIX paths.
 
 use gve_sdk::prelude::*;
 use sha2::{Digest, Sha256};
 
-use crate::exec::{helper, must, must_within, succeeded, Running};
+use crate::exec::{helper, must, must_within, run, succeeded};
 use crate::qga::{Agent, MAX_READ};
 
 /// Largest piece sent in one guest-file-write. Measured with qemu-ga 7.2 behind
@@ -48,10 +49,14 @@ fn split(path: &str) -> (&str, &str) {
 /// After an upload, in one guest command (one round of `guest-exec-status` polls
 /// instead of three): the temporary file (`$1`) moved over the target (`$2`), then
 /// the target's `stat` and `sha256sum`. Run as `sh -c FINISH gve-upload TEMP PATH`.
-/// A target that is a directory is refused (`mv` would move the file into it).
-const FINISH: &str = r#"if [ -d "$2" ]; then echo "$2: Is a directory" >&2; exit 3; fi
+/// A target that is a directory is refused with [`FINISH_DIRECTORY`] (`mv` would
+/// move the file into it).
+const FINISH: &str = r#"if [ -d "$2" ]; then exit 21; fi
 mv -f -- "$1" "$2" || exit 3
-stat -c %s:%a -- "$2" && sha256sum -- "$2""#;
+stat -c %s:%a -- "$2" && exec sha256sum -- "$2""#;
+
+/// [`FINISH`]'s exit code for a target that is a directory.
+const FINISH_DIRECTORY: i32 = 21;
 
 /// The time hashing `size` bytes in the guest may take: the command timeout, plus a
 /// second per 2 MiB (a guest under TCG on a loaded host hashes 200 MiB in well over
@@ -76,9 +81,11 @@ fn parse_stat(agent: &Agent, path: &str, text: &str) -> Result<(u64, u32)> {
     })
 }
 
-/// The digest from `sha256sum` output, lower case.
+/// The digest from `sha256sum` output, lower case (GNU marks a line whose name it
+/// escaped with a leading `\`).
 fn parse_sum(agent: &Agent, path: &str, text: &str) -> Result<String> {
-    let sha256 = text.split_whitespace().next().unwrap_or("").to_lowercase();
+    let first = text.split_whitespace().next().unwrap_or("");
+    let sha256 = first.strip_prefix('\\').unwrap_or(first).to_lowercase();
     if sha256.len() != 64 || !sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err(Error::backend(format!(
             "{}: sha256sum {path}: unexpected output '{}'",
@@ -89,11 +96,44 @@ fn parse_sum(agent: &Agent, path: &str, text: &str) -> Result<String> {
     Ok(sha256)
 }
 
-/// Size, mode and SHA-256 of a guest file, computed in the guest.
+/// The file type bits of a mode (`stat -c %f`, hex), and the regular file's.
+const S_IFMT: u32 = 0o170000;
+const S_IFREG: u32 = 0o100000;
+
+/// What a file of raw mode `raw` (hex, `stat -c %f`) is, when not a regular file:
+/// the error refusing it. Only a regular file has an end that its size and checksum
+/// describe (a directory cannot be hashed, a device or pipe reads forever).
+fn regular(agent: &Agent, path: &str, raw: &str) -> Result<()> {
+    let Ok(mode) = u32::from_str_radix(raw.trim(), 16) else {
+        return Err(Error::backend(format!(
+            "{}: stat {path}: unexpected file mode '{raw}'",
+            agent.vm
+        )));
+    };
+    let kind = match mode & S_IFMT {
+        S_IFREG => return Ok(()),
+        0o040000 => "a directory",
+        0o020000 => "a character device",
+        0o060000 => "a block device",
+        0o010000 => "a named pipe",
+        0o140000 => "a socket",
+        _ => "not a regular file",
+    };
+    Err(Error::invalid_argument(format!(
+        "{}: {path} is {kind}: only regular files are copied and checked",
+        agent.vm
+    )))
+}
+
+/// Size, mode and SHA-256 of a regular guest file (a symbolic link is followed),
+/// computed in the guest.
 pub fn stat(agent: &Agent, path: &str) -> Result<FileInfo> {
     check_path(path)?;
-    let out = must(agent, &["stat", "-L", "-c", "%s:%a", "--", path], "stat")?;
-    let (size, mode) = parse_stat(agent, path, &String::from_utf8_lossy(&out))?;
+    let out = must(agent, &["stat", "-L", "-c", "%f:%s:%a", "--", path], "stat")?;
+    let out = String::from_utf8_lossy(&out);
+    let (raw, size_mode) = out.trim().split_once(':').unwrap_or((&out, ""));
+    regular(agent, path, raw)?;
+    let (size, mode) = parse_stat(agent, path, size_mode)?;
     let out = must_within(
         agent,
         &["sha256sum", "--", path],
@@ -187,11 +227,23 @@ impl Upload for GuestUpload {
         self.agent.file_close(handle)?;
         // Should this fail after the move, the drop's removal of the temporary
         // file finds nothing to remove.
-        let out = must_within(
+        let argv = ["sh", "-c", FINISH, "gve-upload", &self.temp, &self.path];
+        let r = run(
             &self.agent,
-            &["sh", "-c", FINISH, "gve-upload", &self.temp, &self.path],
+            &helper(&argv, hash_budget(&self.agent, self.size)),
+        )?;
+        if r.exit_code == Some(FINISH_DIRECTORY) {
+            return Err(Error::invalid_argument(format!(
+                "{}: {} is a directory: an upload names the file to write",
+                self.agent.vm, self.path
+            )));
+        }
+        let shown = format!("mv, stat, sha256sum {}", self.path);
+        let out = succeeded(
+            &self.agent,
+            &shown,
             "move the file into place and check it",
-            hash_budget(&self.agent, self.size),
+            r,
         )?;
         self.renamed = true;
         let out = String::from_utf8_lossy(&out);
@@ -229,45 +281,16 @@ pub struct GuestDownload {
     agent: Agent,
     path: String,
     handle: Option<i64>,
-    size: u64,
-    mode: u32,
-    /// The guest's `sha256sum` of the file, running while the file is read.
-    sum: Option<Running>,
+    expected: FileInfo,
     hasher: Sha256,
     read: u64,
 }
 
 impl GuestDownload {
-    /// Takes the file's size and mode, starts its checksum in the guest, and opens
-    /// it: the guest hashes while the file is read (under TCG the guest answers
-    /// each read with time to spare), and its figure is checked at end of file.
+    /// Takes the file's size, mode and checksum (a regular file's only), then
+    /// opens it.
     pub fn start(agent: Agent, path: String) -> Result<Self> {
-        check_path(&path)?;
-        let out = must(
-            &agent,
-            &["stat", "-L", "-c", "%F:%s:%a", "--", &path],
-            "stat",
-        )?;
-        let out = String::from_utf8_lossy(&out);
-        let (kind, size_mode) = out.trim().split_once(':').unwrap_or(("", ""));
-        // Only a regular file has an end its size and checksum describe (a
-        // directory fails to hash, a device reads forever).
-        if !kind.starts_with("regular") {
-            return Err(Error::invalid_argument(format!(
-                "{}: {path} is a {}, not a regular file: only regular files are copied",
-                agent.vm,
-                if kind.is_empty() {
-                    "special file"
-                } else {
-                    kind
-                }
-            )));
-        }
-        let (size, mode) = parse_stat(&agent, &path, size_mode)?;
-        let sum = Running::start(
-            &agent,
-            &helper(&["sha256sum", "--", &path], hash_budget(&agent, size)),
-        )?;
+        let expected = stat(&agent, &path)?;
         let handle = agent
             .file_open(&path, "r")
             .map_err(|e| e.context(format_args!("download {path}")))?;
@@ -275,9 +298,7 @@ impl GuestDownload {
             agent,
             path,
             handle: Some(handle),
-            size,
-            mode,
-            sum: Some(sum),
+            expected,
             hasher: Sha256::new(),
             read: 0,
         })
@@ -288,20 +309,11 @@ impl GuestDownload {
         if let Some(handle) = self.handle.take() {
             self.agent.file_close(handle)?;
         }
-        let Some(sum) = self.sum.take() else {
-            return Err(Error::invalid_state(format!(
-                "download of {} is already verified",
-                self.path
-            )));
-        };
-        let argv = ["sha256sum", "--", &self.path];
-        let out = succeeded(&self.agent, &argv, "checksum", sum.wait()?)?;
-        let sha256 = parse_sum(&self.agent, &self.path, &String::from_utf8_lossy(&out))?;
         let got = hex::encode(self.hasher.clone().finalize());
-        if self.read != self.size || got != sha256 {
+        if self.read != self.expected.size || got != self.expected.sha256 {
             return Err(Error::backend(format!(
                 "{}: {} changed during the download: read {} bytes with SHA-256 {}, the guest reported {} bytes with SHA-256 {}",
-                self.agent.vm, self.path, self.read, got, self.size, sha256
+                self.agent.vm, self.path, self.read, got, self.expected.size, self.expected.sha256
             )));
         }
         Ok(())
@@ -310,11 +322,11 @@ impl GuestDownload {
 
 impl Download for GuestDownload {
     fn size(&self) -> u64 {
-        self.size
+        self.expected.size
     }
 
     fn mode(&self) -> u32 {
-        self.mode
+        self.expected.mode
     }
 
     fn read(&mut self, max: u32) -> Result<Vec<u8>> {
@@ -327,12 +339,12 @@ impl Download for GuestDownload {
             .map_err(|e| e.context(format_args!("download {}", self.path)))?;
         self.hasher.update(&got.data);
         self.read += got.data.len() as u64;
-        if self.read > self.size {
+        if self.read > self.expected.size {
             self.handle = None;
             let _ = self.agent.file_close(handle);
             return Err(Error::backend(format!(
                 "{}: {} changed during the download: more than the {} bytes the guest reported",
-                self.agent.vm, self.path, self.size
+                self.agent.vm, self.path, self.expected.size
             )));
         }
         if got.eof || got.data.is_empty() {
@@ -364,6 +376,53 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    fn agent() -> Agent {
+        Agent {
+            endpoint: "qemu:///system".into(),
+            vm: "vm".into(),
+            command_timeout_ms: 1000,
+        }
+    }
+
+    #[test]
+    fn only_regular_files_pass_by_their_mode_bits() {
+        let a = agent();
+        // `stat -c %f`: the raw mode in hex, whatever the guest's language.
+        assert!(regular(&a, "/f", "81a4").is_ok());
+        for (raw, kind) in [
+            ("41ed", "directory"),
+            ("21b6", "character device"),
+            ("61b0", "block device"),
+            ("1180", "named pipe"),
+            ("c1ed", "socket"),
+        ] {
+            let e = regular(&a, "/f", raw).unwrap_err();
+            assert_eq!(e.kind(), "invalid-argument", "{raw}");
+            assert!(e.message().contains(kind), "{raw}: {e}");
+        }
+        assert_eq!(
+            regular(&a, "/f", "regular file").unwrap_err().kind(),
+            "backend"
+        );
+    }
+
+    #[test]
+    fn sums_are_read_with_or_without_gnus_escape_mark() {
+        let a = agent();
+        let hex = "ab".repeat(32);
+        assert_eq!(parse_sum(&a, "/f", &format!("{hex}  /f\n")).unwrap(), hex);
+        assert_eq!(
+            parse_sum(&a, "/a\\nb", &format!("\\{}  /a\\nb\n", hex.to_uppercase())).unwrap(),
+            hex
+        );
+        assert_eq!(
+            parse_sum(&a, "/f", "sha256sum: /f: Is a directory")
+                .unwrap_err()
+                .kind(),
+            "backend"
+        );
     }
 
     #[test]

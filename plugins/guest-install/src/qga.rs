@@ -211,13 +211,19 @@ fn decode_reply<'a, T: Deserialize<'a>>(vm: &str, execute: &str, reply: &'a str)
 /// qemu-ga errors as "unable to execute QEMU agent command": the errno text tells
 /// what happened.
 pub fn classify(message: &str) -> Error {
-    if message.contains("No such file or directory") {
+    classify_by(message, message.to_string())
+}
+
+/// [`classify`] deciding by `evidence` (e.g. a command's stderr) alone, carrying
+/// `message`.
+pub fn classify_by(evidence: &str, message: String) -> Error {
+    if evidence.contains("No such file or directory") {
         Error::not_found(message)
-    } else if message.contains("Permission denied") || message.contains("not permitted") {
+    } else if evidence.contains("Permission denied") || evidence.contains("not permitted") {
         Error::denied(message)
-    } else if message.contains("has been disabled") || message.contains("not found: ") {
+    } else if evidence.contains("has been disabled") || evidence.contains("not found: ") {
         Error::unsupported(message)
-    } else if message.contains("Is a directory") {
+    } else if evidence.contains("Is a directory") {
         Error::invalid_argument(message)
     } else {
         Error::backend(message)
