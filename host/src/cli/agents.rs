@@ -11,7 +11,8 @@ use crate::site::model::{AgentStatus, AgentView};
 /// Arguments of `gve agent`.
 #[derive(Debug, clap::Args)]
 pub struct AgentArgs {
-    /// The site (not used by `run`).
+    /// The site (not used by `run`, `init`, `driver` and `audit`, which refuse these
+    /// options given on their command line).
     #[command(flatten)]
     pub site: SiteOpts,
     /// What to do.
@@ -93,36 +94,29 @@ pub async fn run(args: AgentArgs) -> i32 {
 /// A site option given on the command line to `gve agent COMMAND`, which talks to
 /// the agent directly (`to_agent`) or to nobody: it would be ignored (the agent's
 /// own are `--agent-url`, `--secret`, `--agent-fingerprint`, `--agent-cert` and
-/// `--agent-key`), so it is a usage error naming the one meant. A value from the
-/// environment is left alone: it is there for the site's commands.
+/// `--agent-key`), so it is a usage error naming the one meant. A value that is
+/// its environment variable's is left alone: it is there for the site's commands.
 fn misplaced_site_flag(site: &SiteOpts, command: &str, to_agent: bool) -> Option<CliError> {
+    use std::ffi::OsString;
+    let text = |v: &Option<String>| v.as_ref().map(OsString::from);
+    let path = |v: &Option<std::path::PathBuf>| v.as_ref().map(|p| p.clone().into_os_string());
     let flags = [
-        (site.url.is_some(), "GVE_URL", "--url", Some("--agent-url")),
-        (site.site.is_some(), "GVE_SITE", "--site", None),
+        (text(&site.url), "GVE_URL", "--url", Some("--agent-url")),
+        (text(&site.site), "GVE_SITE", "--site", None),
+        (text(&site.token), "GVE_TOKEN", "--token", Some("--secret")),
         (
-            site.token.is_some(),
-            "GVE_TOKEN",
-            "--token",
-            Some("--secret"),
-        ),
-        (
-            site.fingerprint.is_some(),
+            text(&site.fingerprint),
             "GVE_FINGERPRINT",
             "--fingerprint",
             Some("--agent-fingerprint"),
         ),
-        (site.ca.is_some(), "GVE_CA", "--ca", None),
-        (
-            site.cert.is_some(),
-            "GVE_CERT",
-            "--cert",
-            Some("--agent-cert"),
-        ),
-        (site.key.is_some(), "GVE_KEY", "--key", Some("--agent-key")),
+        (path(&site.ca), "GVE_CA", "--ca", None),
+        (path(&site.cert), "GVE_CERT", "--cert", Some("--agent-cert")),
+        (path(&site.key), "GVE_KEY", "--key", Some("--agent-key")),
     ];
     let (_, _, flag, agents) = flags
         .into_iter()
-        .find(|(given, env, _, _)| *given && std::env::var_os(env).is_none())?;
+        .find(|(value, env, _, _)| value.is_some() && std::env::var_os(env) != *value)?;
     let meant = match (to_agent, agents) {
         (true, Some(a)) => format!("; for the agent, give {a}"),
         (true, None) => "; the agent has no such option".to_string(),

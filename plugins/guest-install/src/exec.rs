@@ -182,8 +182,8 @@ pub fn helper(argv: &[&str], timeout_ms: u32) -> ExecRequest {
 }
 
 /// The stdout of a helper command (`shown` in the error) that ended with `r`, or
-/// an error saying `what` failed and how, of the kind its stderr tells (not its
-/// command line, which holds the user's paths).
+/// an error saying `what` failed and how, of the kind its stderr's errno texts
+/// tell (not its command line, nor the paths quoted in stderr: they are the user's).
 pub fn succeeded(agent: &Agent, shown: &str, what: &str, r: ExecResult) -> Result<Vec<u8>> {
     if r.exit_code == Some(0) {
         return Ok(r.stdout);
@@ -200,7 +200,12 @@ pub fn succeeded(agent: &Agent, shown: &str, what: &str, r: ExecResult) -> Resul
         agent.vm,
         stderr.trim()
     );
-    Err(crate::qga::classify_by(stderr.trim(), message))
+    // coreutils put the path before the errno text: "stat: cannot statx 'P': E".
+    let evidence: Vec<&str> = stderr
+        .lines()
+        .map(|l| l.rsplit(": ").next().unwrap_or(l))
+        .collect();
+    Err(crate::qga::classify_by(&evidence.join("\n"), message))
 }
 
 #[cfg(test)]
@@ -262,5 +267,46 @@ mod tests {
         assert_eq!(limited(vec![1; 20], 10, false), (vec![1; 10], true));
         assert_eq!(limited(vec![1; 5], 10, false), (vec![1; 5], false));
         assert_eq!(limited(vec![1; 5], 10, true), (vec![1; 5], true));
+    }
+
+    #[test]
+    fn a_helpers_error_kind_comes_from_its_errno_text_not_the_users_path() {
+        let agent = Agent {
+            endpoint: "qemu:///system".into(),
+            vm: "vm".into(),
+            command_timeout_ms: 1000,
+        };
+        let ended = |code: i32, stderr: &str| ExecResult {
+            exit_code: Some(code),
+            signal: None,
+            timed_out: false,
+            stdout: b"out".to_vec(),
+            stderr: stderr.as_bytes().to_vec(),
+            stdout_truncated: false,
+            stderr_truncated: false,
+        };
+        assert_eq!(
+            succeeded(&agent, "true", "x", ended(0, "")).unwrap(),
+            b"out"
+        );
+        for (stderr, kind) in [
+            (
+                "stat: cannot statx '/a/No such file or directory/b': Permission denied",
+                "denied",
+            ),
+            (
+                "mv: cannot move '/t' to '/Permission denied/x': No such file or directory",
+                "not-found",
+            ),
+            (
+                "sha256sum: '/Is a directory': Read-only file system",
+                "backend",
+            ),
+            ("sha256sum: /d: Is a directory", "invalid-argument"),
+        ] {
+            let e = succeeded(&agent, "/Permission denied/x", "x", ended(1, stderr)).unwrap_err();
+            assert_eq!(e.kind(), kind, "{stderr}");
+            assert!(e.message().contains(stderr), "{e}");
+        }
     }
 }

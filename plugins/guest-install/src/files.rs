@@ -150,6 +150,9 @@ pub struct GuestUpload {
     path: String,
     temp: String,
     handle: Option<i64>,
+    /// Bytes short of a whole piece, written with the next chunk or at `finish`
+    /// (so a chunk size that is no multiple of [`MAX_WRITE`] costs no extra writes).
+    pending: Vec<u8>,
     hasher: Sha256,
     size: u64,
     renamed: bool,
@@ -185,6 +188,7 @@ impl GuestUpload {
             path,
             temp,
             handle: Some(handle),
+            pending: Vec::with_capacity(MAX_WRITE),
             hasher: Sha256::new(),
             size: 0,
             renamed: false,
@@ -199,6 +203,18 @@ impl GuestUpload {
     }
 }
 
+impl GuestUpload {
+    /// Writes one piece and counts it.
+    fn put(&mut self, handle: i64, piece: &[u8]) -> Result<()> {
+        self.agent
+            .file_write(handle, piece)
+            .map_err(|e| e.context(format_args!("upload {}", self.path)))?;
+        self.hasher.update(piece);
+        self.size += piece.len() as u64;
+        Ok(())
+    }
+}
+
 impl Upload for GuestUpload {
     fn write(&mut self, chunk: Vec<u8>) -> Result<()> {
         let Some(handle) = self.handle else {
@@ -207,23 +223,39 @@ impl Upload for GuestUpload {
                 self.path
             )));
         };
-        for piece in chunk.chunks(MAX_WRITE) {
-            self.agent
-                .file_write(handle, piece)
-                .map_err(|e| e.context(format_args!("upload {}", self.path)))?;
-            self.hasher.update(piece);
-            self.size += piece.len() as u64;
+        let mut rest = chunk.as_slice();
+        if !self.pending.is_empty() {
+            let take = (MAX_WRITE - self.pending.len()).min(rest.len());
+            self.pending.extend_from_slice(&rest[..take]);
+            rest = &rest[take..];
+            if self.pending.len() < MAX_WRITE {
+                return Ok(());
+            }
+            let piece = std::mem::take(&mut self.pending);
+            self.put(handle, &piece)?;
+            self.pending = piece;
+            self.pending.clear();
         }
+        let whole = rest.len() - rest.len() % MAX_WRITE;
+        for piece in rest[..whole].chunks(MAX_WRITE) {
+            self.put(handle, piece)?;
+        }
+        self.pending.extend_from_slice(&rest[whole..]);
         Ok(())
     }
 
     fn finish(&mut self) -> Result<FileInfo> {
-        let Some(handle) = self.handle.take() else {
+        let Some(handle) = self.handle else {
             return Err(Error::invalid_state(format!(
                 "upload of {} is already finished",
                 self.path
             )));
         };
+        if !self.pending.is_empty() {
+            let piece = std::mem::take(&mut self.pending);
+            self.put(handle, &piece)?;
+        }
+        self.handle = None;
         self.agent.file_close(handle)?;
         // Should this fail after the move, the drop's removal of the temporary
         // file finds nothing to remove.
@@ -284,6 +316,8 @@ pub struct GuestDownload {
     expected: FileInfo,
     hasher: Sha256,
     read: u64,
+    /// A read failed: every later one fails too (never a clean end of file).
+    failed: bool,
 }
 
 impl GuestDownload {
@@ -301,6 +335,7 @@ impl GuestDownload {
             expected,
             hasher: Sha256::new(),
             read: 0,
+            failed: false,
         })
     }
 
@@ -330,6 +365,21 @@ impl Download for GuestDownload {
     }
 
     fn read(&mut self, max: u32) -> Result<Vec<u8>> {
+        if self.failed {
+            return Err(Error::invalid_state(format!(
+                "download of {} already failed",
+                self.path
+            )));
+        }
+        let r = self.read_next(max);
+        self.failed = r.is_err();
+        r
+    }
+}
+
+impl GuestDownload {
+    /// The next piece; empty once the whole file was read and verified.
+    fn read_next(&mut self, max: u32) -> Result<Vec<u8>> {
         let Some(handle) = self.handle else {
             return Ok(Vec::new());
         };

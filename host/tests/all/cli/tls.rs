@@ -161,4 +161,27 @@ async fn the_cli_presents_a_client_certificate_where_one_is_required() {
     // From the environment they are the site's, there for other commands: left alone.
     at_agent_env.extend([("GVE_CERT", me_cert.as_str()), ("GVE_KEY", me_key.as_str())]);
     gve(&at_agent_env, &audit).await.ok();
+    // But a flag that differs from its variable was typed for this command.
+    let r = gve(
+        &at_agent_env,
+        &["agent", "audit", "--cert", "/tmp/another.pem"],
+    )
+    .await;
+    assert_eq!(r.code, 2, "{}", r.err);
+    assert!(r.err.contains("--agent-cert"), "{}", r.err);
+    // `run` talks to no site at all.
+    let r = gve(
+        &[],
+        &[
+            "agent",
+            "run",
+            "--url",
+            &agent_url,
+            "--config",
+            "/nonexistent",
+        ],
+    )
+    .await;
+    assert_eq!(r.code, 2, "{}", r.err);
+    assert!(r.err.contains("talks to no site"), "{}", r.err);
 }
