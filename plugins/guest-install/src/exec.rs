@@ -303,6 +303,8 @@ mod tests {
                 "backend",
             ),
             ("sha256sum: /d: Is a directory", "invalid-argument"),
+            ("sha256sum: can't open '/x': No such file or directory", "not-found"),
+            ("mkdir: cannot create directory '/a': File exists\nchmod: '/b': Operation not permitted", "denied"),
         ] {
             let e = succeeded(&agent, "/Permission denied/x", "x", ended(1, stderr)).unwrap_err();
             assert_eq!(e.kind(), kind, "{stderr}");

@@ -34,6 +34,12 @@ fn check_path(path: &str) -> Result<()> {
             "guest path '{path}' must name a file, without '..' or NUL"
         )));
     }
+    // A newline would also let a path pose as a tool's own message line.
+    if path.chars().any(char::is_control) {
+        return Err(Error::invalid_argument(format!(
+            "guest path {path:?} must not hold control characters"
+        )));
+    }
     Ok(())
 }
 
@@ -153,6 +159,8 @@ pub struct GuestUpload {
     /// Bytes short of a whole piece, written with the next chunk or at `finish`
     /// (so a chunk size that is no multiple of [`MAX_WRITE`] costs no extra writes).
     pending: Vec<u8>,
+    /// A write failed (bytes may be lost): every later write and the finish fail.
+    failed: bool,
     hasher: Sha256,
     size: u64,
     renamed: bool,
@@ -189,6 +197,7 @@ impl GuestUpload {
             temp,
             handle: Some(handle),
             pending: Vec::with_capacity(MAX_WRITE),
+            failed: false,
             hasher: Sha256::new(),
             size: 0,
             renamed: false,
@@ -204,11 +213,28 @@ impl GuestUpload {
 }
 
 impl GuestUpload {
+    /// The open file's handle, unless the upload finished or a write failed.
+    fn open_handle(&self) -> Result<i64> {
+        match self.handle {
+            Some(_) if self.failed => Err(Error::invalid_state(format!(
+                "upload of {} failed: a write did not complete",
+                self.path
+            ))),
+            Some(handle) => Ok(handle),
+            None => Err(Error::invalid_state(format!(
+                "upload of {} is already finished",
+                self.path
+            ))),
+        }
+    }
+
     /// Writes one piece and counts it.
     fn put(&mut self, handle: i64, piece: &[u8]) -> Result<()> {
+        self.failed = true;
         self.agent
             .file_write(handle, piece)
             .map_err(|e| e.context(format_args!("upload {}", self.path)))?;
+        self.failed = false;
         self.hasher.update(piece);
         self.size += piece.len() as u64;
         Ok(())
@@ -217,12 +243,7 @@ impl GuestUpload {
 
 impl Upload for GuestUpload {
     fn write(&mut self, chunk: Vec<u8>) -> Result<()> {
-        let Some(handle) = self.handle else {
-            return Err(Error::invalid_state(format!(
-                "upload of {} is already finished",
-                self.path
-            )));
-        };
+        let handle = self.open_handle()?;
         let mut rest = chunk.as_slice();
         if !self.pending.is_empty() {
             let take = (MAX_WRITE - self.pending.len()).min(rest.len());
@@ -245,12 +266,7 @@ impl Upload for GuestUpload {
     }
 
     fn finish(&mut self) -> Result<FileInfo> {
-        let Some(handle) = self.handle else {
-            return Err(Error::invalid_state(format!(
-                "upload of {} is already finished",
-                self.path
-            )));
-        };
+        let handle = self.open_handle()?;
         if !self.pending.is_empty() {
             let piece = std::mem::take(&mut self.pending);
             self.put(handle, &piece)?;
@@ -419,7 +435,14 @@ mod tests {
     #[test]
     fn paths_must_be_absolute_files() {
         assert!(check_path("/tmp/x").is_ok());
-        for bad in ["tmp/x", "/tmp/", "/tmp/../etc/passwd", "/a\0b"] {
+        for bad in [
+            "tmp/x",
+            "/tmp/",
+            "/tmp/../etc/passwd",
+            "/a\0b",
+            "/a\nb",
+            "/a\x1bb",
+        ] {
             assert_eq!(
                 check_path(bad).unwrap_err().kind(),
                 "invalid-argument",
