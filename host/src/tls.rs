@@ -291,8 +291,10 @@ impl ClientCertVerifier for PinnedClients {
         if self.pins.contains(&fingerprint(end_entity)) {
             Ok(ClientCertVerified::assertion())
         } else {
-            Err(rustls::Error::General(
-                "client certificate not accepted".into(),
+            // The `access_denied` alert: a valid certificate the server's access
+            // control refuses (the client can tell it from other failures).
+            Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::ApplicationVerificationFailure,
             ))
         }
     }

@@ -18,16 +18,21 @@ use super::AgentCore;
 use crate::api::{ApiError, Body};
 use tokio::sync::OwnedSemaphorePermit as GuestTurn;
 
-/// Size and mode of `$1` in the guest, or nothing (exit 1).
-const STAT: &str = r#"stat -c '%s %a' -- "$1""#;
+/// Size, permission bits and raw mode (hex) of `$1` in the guest, symbolic links
+/// followed, or nothing (exit 1).
+const STAT: &str = r#"stat -L -c '%s %a %f' -- "$1""#;
+
+/// The file-type bits of a raw mode, and those of a regular file.
+const S_IFMT: u32 = 0o170_000;
+const S_IFREG: u32 = 0o100_000;
 
 /// What the guest runs (after the disk is found) to write `path` onto it and hash
 /// it: prints the size and SHA-256 it read. Exit 4: the file is gone or changed size.
 const GUEST_OUT: &str = r#"path=$2 size=$3
-[ "$(stat -c %s -- "$path" 2>/dev/null)" = "$size" ] || { echo "$path changed size or is gone" >&2; exit 4; }
+[ "$(stat -L -c %s -- "$path" 2>/dev/null)" = "$size" ] || { echo "$path changed size or is gone" >&2; exit 4; }
 dd if="$path" of="$dev" bs=4M conv=sync oflag=direct 2>/dev/null || { echo "dd to $dev failed" >&2; exit 6; }
 got=$(sha256sum -- "$path") || exit 8
-[ "$(stat -c %s -- "$path" 2>/dev/null)" = "$size" ] || { echo "$path changed size during the copy" >&2; exit 4; }
+[ "$(stat -L -c %s -- "$path" 2>/dev/null)" = "$size" ] || { echo "$path changed size during the copy" >&2; exit 4; }
 echo "${got%% *}"
 "#;
 
@@ -54,14 +59,16 @@ pub async fn copy_out(
         r => r?,
     };
     let mut words = r.stdout.split_whitespace();
-    let (Some(size), Some(mode)) = (
+    let (Some(size), Some(mode), Some(raw)) = (
         words.next().and_then(|w| w.parse::<u64>().ok()),
         words.next().and_then(|w| u32::from_str_radix(w, 8).ok()),
+        words.next().and_then(|w| u32::from_str_radix(w, 16).ok()),
     ) else {
         // Missing, unreadable or no `stat`: the guest agent's path says why.
         return Ok(BulkOut::Fallback(turn));
     };
-    if r.exit_code != 0 || size < BULK_MIN {
+    // Not a regular file (a directory, a device): the guest agent's path refuses it.
+    if r.exit_code != 0 || size < BULK_MIN || raw & S_IFMT != S_IFREG {
         return Ok(BulkOut::Fallback(turn));
     }
     let id = format!("out-{}", uuid::Uuid::new_v4().simple());

@@ -139,6 +139,9 @@ impl Client {
             let hint = if why.contains("CertificateRequired") {
                 " (the server admits only clients presenting a certificate it lists, and \
                  this client presented none)"
+            } else if why.contains("AccessDenied") {
+                " (the server admits only clients presenting a certificate it lists, and \
+                 does not list the one this client presented)"
             } else {
                 ""
             };

@@ -271,11 +271,7 @@ mod tests {
 
     #[test]
     fn a_helpers_error_kind_comes_from_its_errno_text_not_the_users_path() {
-        let agent = Agent {
-            endpoint: "qemu:///system".into(),
-            vm: "vm".into(),
-            command_timeout_ms: 1000,
-        };
+        let agent = Agent::for_tests();
         let ended = |code: i32, stderr: &str| ExecResult {
             exit_code: Some(code),
             signal: None,

@@ -451,17 +451,9 @@ mod tests {
         }
     }
 
-    fn agent() -> Agent {
-        Agent {
-            endpoint: "qemu:///system".into(),
-            vm: "vm".into(),
-            command_timeout_ms: 1000,
-        }
-    }
-
     #[test]
     fn only_regular_files_pass_by_their_mode_bits() {
-        let a = agent();
+        let a = Agent::for_tests();
         // `stat -c %f`: the raw mode in hex, whatever the guest's language.
         assert!(regular(&a, "/f", "81a4").is_ok());
         for (raw, kind) in [
@@ -483,7 +475,7 @@ mod tests {
 
     #[test]
     fn sums_are_read_with_or_without_gnus_escape_mark() {
-        let a = agent();
+        let a = Agent::for_tests();
         let hex = "ab".repeat(32);
         assert_eq!(parse_sum(&a, "/f", &format!("{hex}  /f\n")).unwrap(), hex);
         assert_eq!(

@@ -28,6 +28,18 @@ pub struct Agent {
     pub command_timeout_ms: u32,
 }
 
+#[cfg(test)]
+impl Agent {
+    /// An agent for unit tests (never reaches a guest).
+    pub fn for_tests() -> Agent {
+        Agent {
+            endpoint: "qemu:///system".into(),
+            vm: "vm".into(),
+            command_timeout_ms: 1000,
+        }
+    }
+}
+
 #[derive(Deserialize)]
 struct QgaError {
     #[serde(default)]

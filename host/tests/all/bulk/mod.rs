@@ -360,6 +360,20 @@ async fn a_large_copy_in_goes_through_a_staged_disk_and_falls_back_when_none_can
         (size as u64, sha.as_str(), "0640")
     );
     assert_eq!(stagings(&agent, "ok").await, staged + 1.0);
+    // Through a symbolic link: the file it names, also through a staged disk (its
+    // own size is a few bytes).
+    exec(
+        &c,
+        &vm.id,
+        json!({ "argv": ["ln", "-s", "/tmp/b/in.bin", "/tmp/b/in.link"] }),
+    )
+    .await;
+    let (n, sum, m) = copy_out(&c, &vm.id, "/tmp/b/in.link").await;
+    assert_eq!(
+        (n, sum.as_str(), m.as_str()),
+        (size as u64, sha.as_str(), "0640")
+    );
+    assert_eq!(stagings(&agent, "ok").await, staged + 2.0);
     // Released once the last byte is sent (the client may finish first).
     let t = Instant::now();
     while pool_volumes(&lv).contains("gve-xfer") {
@@ -383,7 +397,7 @@ async fn a_large_copy_in_goes_through_a_staged_disk_and_falls_back_when_none_can
         .await
         .unwrap_err();
     assert_eq!((e.status, e.kind.as_str()), (404, "not-found"), "{e}");
-    assert_eq!(stagings(&agent, "ok").await, staged + 1.0);
+    assert_eq!(stagings(&agent, "ok").await, staged + 2.0);
 
     // An upload that announces 8 MiB and is cut after 5: fails, nothing left.
     cut_known(agent.addr, &vm.id, "/tmp/b/cut.bin").await;
