@@ -298,14 +298,16 @@ async fn cpu_over(pid: &str, d: Duration) -> f64 {
     (common::cpu_seconds(pid) - c0) / t0.elapsed().as_secs_f64() * 100.0
 }
 
-/// The process's CPU (% of a core) in each `slice` of `d`, in order.
-async fn cpu_slices(pid: &str, d: Duration, slice: Duration) -> Vec<f64> {
+/// The process's CPU (% of a core) in each `slice` of `d`, in order, and its
+/// resident memory (MiB) at each slice's end.
+async fn cpu_slices(pid: &str, d: Duration, slice: Duration) -> (Vec<f64>, Vec<f64>) {
     let end = Instant::now() + d;
-    let mut out = Vec::new();
+    let (mut cpu, mut rss) = (Vec::new(), Vec::new());
     while Instant::now() < end {
-        out.push(cpu_over(pid, slice.min(end - Instant::now())).await);
+        cpu.push(cpu_over(pid, slice.min(end - Instant::now())).await);
+        rss.push(common::rss_of(pid).0);
     }
-    out
+    (cpu, rss)
 }
 
 /// The results so far, as markdown.
@@ -704,7 +706,8 @@ async fn main() {
         let period =
             gve::site::vm_sync::full_listing_every(per_agent as usize) + Duration::from_secs(30);
         eprintln!("idle for {} s", period.as_secs());
-        let slices = cpu_slices(&site.pid, period, Duration::from_secs(10)).await;
+        let (slices, mut held) = cpu_slices(&site.pid, period, Duration::from_secs(10)).await;
+        held.sort_by(f64::total_cmp);
         let cpu = slices.iter().sum::<f64>() / slices.len().max(1) as f64;
         let top = slices.iter().copied().fold(0.0, f64::max);
         let busy = slices.iter().filter(|c| **c >= 20.0).count();
@@ -716,6 +719,12 @@ async fn main() {
         report.restart.push(format!(
             "| the same in 10 s slices: the busiest / slices at 20% or more (of {}) | {top:.1} / {busy} |",
             slices.len()
+        ));
+        report.restart.push(format!(
+            "| site: resident memory at the end of each 10 s slice, lowest / median / highest (MiB) | {:.0} / {:.0} / {:.0} |",
+            held.first().copied().unwrap_or(0.0),
+            held.get(held.len() / 2).copied().unwrap_or(0.0),
+            held.last().copied().unwrap_or(0.0)
         ));
         report.restart.push(format!(
             "| site: resident memory after it, now / peak (MiB) | {rss:.0} / {hwm:.0} |"

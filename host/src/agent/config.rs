@@ -51,8 +51,8 @@ pub struct AgentConfig {
     /// How long audit entries are kept, seconds.
     #[serde(default = "default_audit_retention_s")]
     pub audit_retention_seconds: u64,
-    /// Memory the registry's database caches, MiB (its pages beyond are read
-    /// from the file again).
+    /// Memory the registry's database cache holds resident once full, MiB, the
+    /// allocator's share included (its pages beyond are read from the file again).
     #[serde(default = "default_cache_mib")]
     pub database_cache_mib: u64,
 }

@@ -87,8 +87,8 @@ pub struct SiteConfig {
     /// count.
     #[serde(default = "default_max_finished_jobs")]
     pub max_finished_jobs: u64,
-    /// Memory the site's database caches, MiB (its pages beyond are read from
-    /// the file again).
+    /// Memory the site's database cache holds resident once full, MiB, the
+    /// allocator's share included (its pages beyond are read from the file again).
     #[serde(default = "default_cache_mib")]
     pub database_cache_mib: u64,
     /// Free space (MiB) under which, where the data lives, the site takes no new
