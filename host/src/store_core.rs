@@ -23,9 +23,10 @@ pub const MAX_CACHE_MIB: u64 = 64 * 1024;
 
 /// What a cached page holds resident for each byte it caches, as a fraction:
 /// redb keeps each 4,096-byte page in a block of its own behind an `Arc`'s
-/// 16-byte counts, which mimalloc serves from its 5,120-byte class. Told four
-/// fifths, a site at a million VMs rested at 354-409 MiB instead of 446-571
-/// (`bench/results/million.md`, run 11).
+/// 16-byte counts, which mimalloc (the `gve` binary's allocator) serves from its
+/// 5,120-byte class. Told four fifths, a site at a million VMs rested at 354-358 MiB
+/// after each stage instead of 446-465 (`bench/results/million.md`, run 11). Under
+/// glibc (tests, other users of the library) the cache simply holds a fifth less.
 const RESIDENT_PER_CACHED: (u64, u64) = (5, 4);
 
 /// Opens (or creates) the redb database at `path` with a cache that holds about

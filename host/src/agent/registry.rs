@@ -401,7 +401,8 @@ impl Registry {
         Registry::open_with_cache(path, crate::store_core::DEFAULT_CACHE_MIB)
     }
 
-    /// Opens (or creates) the registry at `path`, caching `cache_mib` of it.
+    /// Opens (or creates) the registry at `path`, its cache holding about `cache_mib`
+    /// resident once full ([`crate::store_core::open_database`]).
     pub fn open_with_cache(path: &Path, cache_mib: u64) -> Result<Registry, RegistryError> {
         let err = |e: &dyn std::fmt::Display| RegistryError::Open {
             path: path.to_path_buf(),

@@ -453,6 +453,34 @@ async fn exec_copy_and_provision_on_a_real_guest() {
         copy_out(&c, id, "/tmp/deep/dir/one.bin").await.1,
         meta.sha256
     );
+    // A guest process that changes the upload's temporary file while it is written
+    // (its first byte, once the first piece is there): the upload fails and the
+    // target keeps its old content (the rename waits for the guest's checksum).
+    let tamper = r#"i=0; while [ $i -lt 500 ]; do
+for f in /tmp/deep/dir/.one.bin.gve-upload-*; do
+if [ -s "$f" ]; then printf X | dd of="$f" bs=1 count=1 conv=notrunc 2>/dev/null; exit 0; fi
+done; sleep 0.02; i=$((i+1)); done"#;
+    let r = exec(
+        &c,
+        id,
+        json!({ "argv": ["sh", "-c", "sh -c \"$0\" >/dev/null 2>&1 </dev/null &", tamper] }),
+    )
+    .await;
+    assert_eq!(r.exit_code, Some(0), "{r:?}");
+    let e = c
+        .put_stream::<FileMeta>(
+            &format!("/v1/vms/{id}/files?path=/tmp/deep/dir/one.bin"),
+            &[],
+            gve::api::full(vec![b'A'; 3 << 20]),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!((e.status, e.kind.as_str()), (502, "backend"), "{e}");
+    assert!(e.message.contains("left as it was"), "{e}");
+    assert_eq!(
+        copy_out(&c, id, "/tmp/deep/dir/one.bin").await.1,
+        meta.sha256
+    );
     // A directory named as an upload's target is refused (mv would have moved the
     // file into it), and no temporary file stays, there or beside it.
     let e = c

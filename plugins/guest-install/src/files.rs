@@ -3,9 +3,10 @@
 //!
 //! An upload writes a hidden temporary file next to the target (mode applied before
 //! any content is written) and renames it over the target only after every chunk
-//! arrived: an abandoned upload never leaves a half-written target. After the
-//! rename (in the same guest command), the guest's own `stat` and `sha256sum` must
-//! agree with what was sent.
+//! arrived: an abandoned upload never leaves a half-written target. Before the
+//! rename, in the same guest command, the guest's own `stat` and `sha256sum` of the
+//! temporary file must agree with what was sent: a file that does not (a write
+//! lost, a guest process that changed it) is never moved into place.
 //! A download takes the guest's size, mode and SHA-256 first and checks the bytes it
 //! read against them at end of file. Only regular files are copied (a symbolic
 //! link is followed). Paths must be absolute POSIX paths.
@@ -53,16 +54,25 @@ fn split(path: &str) -> (&str, &str) {
 }
 
 /// After an upload, in one guest command (one round of `guest-exec-status` polls
-/// instead of three): the temporary file (`$1`) moved over the target (`$2`), then
-/// the target's `stat` and `sha256sum`. Run as `sh -c FINISH gve-upload TEMP PATH`.
-/// A target that is a directory is refused with [`FINISH_DIRECTORY`] (`mv` would
-/// move the file into it).
+/// instead of three): the temporary file's (`$1`) `stat` and `sha256sum`, compared
+/// with the size (`$4`) and digest (`$3`) sent, and only when both agree the file
+/// moved over the target (`$2`). Prints the `stat` and `sha256sum` lines. Run as
+/// `sh -c FINISH gve-upload TEMP PATH SHA256 SIZE`. A target that is a directory is
+/// refused with [`FINISH_DIRECTORY`] (`mv` would move the file into it), a file
+/// that differs from what was sent with [`FINISH_DIFFERS`] (nothing moved). GNU
+/// marks the digest of an escaped name with a leading `\`.
 const FINISH: &str = r#"if [ -d "$2" ]; then exit 21; fi
-mv -f -- "$1" "$2" || exit 3
-stat -c %s:%a -- "$2" && exec sha256sum -- "$2""#;
+st=$(stat -c %s:%a -- "$1") && sum=$(sha256sum -- "$1") || exit 8
+h=${sum%% *}
+printf '%s\n' "$st" "$sum"
+if [ "${st%%:*}" != "$4" ] || [ "${h#\\}" != "$3" ]; then exit 22; fi
+mv -f -- "$1" "$2" || exit 3"#;
 
 /// [`FINISH`]'s exit code for a target that is a directory.
 const FINISH_DIRECTORY: i32 = 21;
+
+/// [`FINISH`]'s exit code for a file that differs from what was sent.
+const FINISH_DIFFERS: i32 = 22;
 
 /// The time hashing `size` bytes in the guest may take: the command timeout, plus a
 /// second per 2 MiB (a guest under TCG on a loaded host hashes 200 MiB in well over
@@ -273,9 +283,18 @@ impl Upload for GuestUpload {
         }
         self.handle = None;
         self.agent.file_close(handle)?;
-        // Should this fail after the move, the drop's removal of the temporary
-        // file finds nothing to remove.
-        let argv = ["sh", "-c", FINISH, "gve-upload", &self.temp, &self.path];
+        let sent = hex::encode(self.hasher.clone().finalize());
+        let size = self.size.to_string();
+        let argv = [
+            "sh",
+            "-c",
+            FINISH,
+            "gve-upload",
+            &self.temp,
+            &self.path,
+            &sent,
+            &size,
+        ];
         let r = run(
             &self.agent,
             &helper(&argv, hash_budget(&self.agent, self.size)),
@@ -286,27 +305,32 @@ impl Upload for GuestUpload {
                 self.agent.vm, self.path
             )));
         }
-        let shown = format!("mv, stat, sha256sum {}", self.path);
-        let out = succeeded(
-            &self.agent,
-            &shown,
-            "move the file into place and check it",
-            r,
-        )?;
-        self.renamed = true;
+        let differs = r.exit_code == Some(FINISH_DIFFERS);
+        let out = if differs {
+            r.stdout
+        } else {
+            let shown = format!("stat, sha256sum, mv {}", self.path);
+            let out = succeeded(
+                &self.agent,
+                &shown,
+                "check the file and move it into place",
+                r,
+            )?;
+            self.renamed = true;
+            out
+        };
         let out = String::from_utf8_lossy(&out);
         let (stat_line, sum_line) = out.split_once('\n').unwrap_or((&out, ""));
         let (size, mode) = parse_stat(&self.agent, &self.path, stat_line)?;
-        let sha256 = parse_sum(&self.agent, &self.path, sum_line)?;
-        let info = FileInfo { size, mode, sha256 };
-        let sent = hex::encode(self.hasher.clone().finalize());
-        if info.size != self.size || info.sha256 != sent {
+        let sha256 = parse_sum(&self.agent, &self.path, sum_line.trim_end())?;
+        if differs || size != self.size || sha256 != sent {
             return Err(Error::backend(format!(
-                "{}: {} holds {} bytes with SHA-256 {} after the upload, but {} bytes with SHA-256 {} were sent",
-                self.agent.vm, self.path, info.size, info.sha256, self.size, sent
+                "{}: the upload of {} held {size} bytes with SHA-256 {sha256} in the guest, \
+                 but {} bytes with SHA-256 {sent} were sent; {} is left as it was",
+                self.agent.vm, self.path, self.size, self.path
             )));
         }
-        Ok(info)
+        Ok(FileInfo { size, mode, sha256 })
     }
 }
 

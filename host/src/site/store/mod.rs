@@ -300,7 +300,8 @@ impl Store {
         Store::open_with_cache(path, crate::store_core::DEFAULT_CACHE_MIB)
     }
 
-    /// Opens (or creates) the database at `path`, caching `cache_mib` of it.
+    /// Opens (or creates) the database at `path`, its cache holding about `cache_mib`
+    /// resident once full ([`crate::store_core::open_database`]).
     pub fn open_with_cache(path: &Path, cache_mib: u64) -> Result<Store, StoreError> {
         let err = |e: &dyn std::fmt::Display| StoreError::Open {
             path: path.to_path_buf(),
