@@ -6,7 +6,8 @@
 //! arrived: an abandoned upload never leaves a half-written target. Before the
 //! rename, in the same guest command, the guest's own `stat` and `sha256sum` of the
 //! temporary file must agree with what was sent: a file that does not (a write
-//! lost, a guest process that changed it) is never moved into place.
+//! lost, a guest process that changed it before the check) is never moved into
+//! place. A change between the check and the rename is the guest's own race.
 //! A download takes the guest's size, mode and SHA-256 first and checks the bytes it
 //! read against them at end of file. Only regular files are copied (a symbolic
 //! link is followed). Paths must be absolute POSIX paths.
@@ -324,9 +325,14 @@ impl Upload for GuestUpload {
         let (size, mode) = parse_stat(&self.agent, &self.path, stat_line)?;
         let sha256 = parse_sum(&self.agent, &self.path, sum_line.trim_end())?;
         if differs || size != self.size || sha256 != sent {
+            let target = if differs {
+                "is left as it was"
+            } else {
+                "was replaced"
+            };
             return Err(Error::backend(format!(
                 "{}: the upload of {} held {size} bytes with SHA-256 {sha256} in the guest, \
-                 but {} bytes with SHA-256 {sent} were sent; {} is left as it was",
+                 but {} bytes with SHA-256 {sent} were sent; {} {target}",
                 self.agent.vm, self.path, self.size, self.path
             )));
         }
