@@ -12,6 +12,7 @@ use hyper_util::rt::TokioExecutor;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use super::client_io::{LastIoError, Recording};
 use super::{full, ApiError, Body};
 
 /// How long a JSON call waits for its answer (long polls ask for at most 60 s).
@@ -37,7 +38,9 @@ fn chain(e: &dyn std::error::Error) -> String {
 pub struct Client {
     base: String,
     token: Option<String>,
-    http: HyperClient<HttpsConnector<HttpConnector>, Body>,
+    http: HyperClient<Recording<HttpsConnector<HttpConnector>>, Body>,
+    /// What the connections' last I/O error was (a TLS alert hyper may not report).
+    last_io: LastIoError,
 }
 
 /// A paged listing read with [`Client::get_pages_unless`].
@@ -103,10 +106,16 @@ impl Client {
             .https_or_http()
             .enable_http1()
             .wrap_connector(http);
+        let last_io = LastIoError::default();
+        let connector = Recording {
+            inner: connector,
+            last: last_io.clone(),
+        };
         Ok(Client {
             base: base.trim_end_matches('/').to_string(),
             token,
             http: HyperClient::builder(TokioExecutor::new()).build(connector),
+            last_io,
         })
     }
 
@@ -134,8 +143,20 @@ impl Client {
         let req = req
             .body(body)
             .map_err(|e| ApiError::bad_request(format!("bad request for {url}: {e}")))?;
+        // Only this request's connections' errors (best effort, see below).
+        self.last_io.take();
         let resp = self.http.request(req).await.map_err(|e| {
-            let why = chain(&e);
+            let mut why = chain(&e);
+            // A connection that failed before the request went out: hyper says only
+            // that, and the connection's own error (a TLS alert) says why. Another
+            // connection of this client failing at the same moment could be named
+            // instead; it is context, never the status.
+            if e.is_connect() || why.contains("not ready") {
+                if let Some(io) = self.last_io.take().filter(|io| !why.contains(io)) {
+                    why.push_str(": ");
+                    why.push_str(&io);
+                }
+            }
             let hint = if why.contains("CertificateRequired") {
                 " (the server admits only clients presenting a certificate it lists, and \
                  this client presented none)"

@@ -3,6 +3,7 @@
 //! status codes with a JSON body `{"error": {"kind", "message"}}`.
 
 pub mod client;
+pub mod client_io;
 pub mod page;
 pub mod server;
 pub use crate::tls;
