@@ -1,4 +1,4 @@
-//! The client's connections, each keeping its first I/O error for the client
+//! The client's connections, each keeping its I/O errors (the last one met) for the client
 //! ([`LastIoError`]). A server that refuses a TLS 1.3 client certificate says so
 //! with an alert after the client's side of the handshake is done; when the alert
 //! arrives before hyper has sent the request, hyper reports only that the
