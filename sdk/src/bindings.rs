@@ -1,7 +1,7 @@
 //! The contract's guest bindings, generated from `wit/0.1`.
 //!
 //! [`driver_world`] (world `hypervisor-driver`) generates every interface the worlds
-//! share: `types`, `log`, `config` and `libvirt`, and the `driver` export.
+//! share: `types`, `log`, `config`, `deadline` and `libvirt`, and the `driver` export.
 //! [`guest_world`] (world `guest-provider`) maps those onto the first module with
 //! `with`, so each WIT type has exactly one Rust type, and adds the `guest-channel`
 //! import and the `guest` export.
@@ -21,14 +21,14 @@
 //! [`crate::export_driver_with_guest!`] and [`crate::export_driver_with_bulk!`],
 //! never the generated macros directly.
 
-/// World `hypervisor-driver`: imports `log`, `config`, `libvirt`; exports `driver`.
+/// World `hypervisor-driver`: imports `log`, `config`, `deadline`, `libvirt`; exports `driver`.
 #[allow(missing_docs, clippy::all)]
 pub mod driver_world {
     wit_bindgen::generate!({
         path: "../wit/0.1",
         world: "hypervisor-driver",
         with: {
-            "gve:hypervisor/types@0.1.1/error": crate::error::Error,
+            "gve:hypervisor/types@0.1.2/error": crate::error::Error,
         },
         additional_derives: [PartialEq],
         pub_export_macro: true,
@@ -37,16 +37,17 @@ pub mod driver_world {
     });
 }
 
-/// World `guest-provider`: imports `log`, `config`, `guest-channel`; exports `guest`.
+/// World `guest-provider`: imports `log`, `config`, `deadline`, `guest-channel`; exports `guest`.
 #[allow(missing_docs, clippy::all)]
 pub mod guest_world {
     wit_bindgen::generate!({
         path: "../wit/0.1",
         world: "guest-provider",
         with: {
-            "gve:hypervisor/types@0.1.1": crate::types,
-            "gve:hypervisor/log@0.1.1": crate::bindings::driver_world::gve::hypervisor::log,
-            "gve:hypervisor/config@0.1.1": crate::bindings::driver_world::gve::hypervisor::config,
+            "gve:hypervisor/types@0.1.2": crate::types,
+            "gve:hypervisor/log@0.1.2": crate::bindings::driver_world::gve::hypervisor::log,
+            "gve:hypervisor/config@0.1.2": crate::bindings::driver_world::gve::hypervisor::config,
+            "gve:hypervisor/deadline@0.1.2": crate::bindings::driver_world::gve::hypervisor::deadline,
         },
         additional_derives: [PartialEq],
         pub_export_macro: true,
@@ -55,17 +56,18 @@ pub mod guest_world {
     });
 }
 
-/// World `bulk-provider`: imports `log`, `config`, `libvirt`; exports `bulk`.
+/// World `bulk-provider`: imports `log`, `config`, `deadline`, `libvirt`; exports `bulk`.
 #[allow(missing_docs, clippy::all)]
 pub mod bulk_world {
     wit_bindgen::generate!({
         path: "../wit/0.1",
         world: "bulk-provider",
         with: {
-            "gve:hypervisor/types@0.1.1": crate::types,
-            "gve:hypervisor/log@0.1.1": crate::bindings::driver_world::gve::hypervisor::log,
-            "gve:hypervisor/config@0.1.1": crate::bindings::driver_world::gve::hypervisor::config,
-            "gve:hypervisor/libvirt@0.1.1": crate::bindings::driver_world::gve::hypervisor::libvirt,
+            "gve:hypervisor/types@0.1.2": crate::types,
+            "gve:hypervisor/log@0.1.2": crate::bindings::driver_world::gve::hypervisor::log,
+            "gve:hypervisor/config@0.1.2": crate::bindings::driver_world::gve::hypervisor::config,
+            "gve:hypervisor/deadline@0.1.2": crate::bindings::driver_world::gve::hypervisor::deadline,
+            "gve:hypervisor/libvirt@0.1.2": crate::bindings::driver_world::gve::hypervisor::libvirt,
         },
         pub_export_macro: true,
         export_macro_name: "__gve_export_bulk_world",

@@ -22,7 +22,8 @@ use tokio::sync::OwnedSemaphorePermit as GuestTurn;
 /// followed, or nothing (exit 1).
 const STAT: &str = r#"stat -L -c '%s %a %f' -- "$1""#;
 
-/// The file-type bits of a raw mode, and those of a regular file.
+/// The file-type bits of a raw mode, and those of a regular file: the guest's (Linux)
+/// values, spelled here rather than taken from this host's libc.
 const S_IFMT: u32 = 0o170_000;
 const S_IFREG: u32 = 0o100_000;
 

@@ -150,8 +150,9 @@ impl Client {
             // A connection that failed before the request went out: hyper says only
             // that, and the connection's own error (a TLS alert) says why. Another
             // connection of this client failing at the same moment could be named
-            // instead; it is context, never the status.
-            if e.is_connect() || why.contains("not ready") {
+            // instead; it is context, never the status. (A connector's own failure
+            // carries its cause in the chain already.)
+            if why.contains("not ready") {
                 if let Some(io) = self.last_io.take().filter(|io| !why.contains(io)) {
                     why.push_str(": ");
                     why.push_str(&io);

@@ -1,5 +1,5 @@
-//! The client's connections, each keeping its I/O errors (the last one met) for the client
-//! ([`LastIoError`]). A server that refuses a TLS 1.3 client certificate says so
+//! The client's connections, each handing the first I/O error it meets to the client
+//! ([`LastIoError`]: the latest so handed). A server that refuses a TLS 1.3 client certificate says so
 //! with an alert after the client's side of the handshake is done; when the alert
 //! arrives before hyper has sent the request, hyper reports only that the
 //! connection "was not ready", and the reason would be lost.
@@ -14,20 +14,24 @@ use hyper::rt::{Read, ReadBufCursor, Write};
 use hyper::Uri;
 use hyper_util::client::legacy::connect::{Connected, Connection};
 
-/// The last I/O error one of a client's connections met, until taken.
+/// The latest first I/O error of one of a client's connections, until taken.
 #[derive(Clone, Default)]
 pub struct LastIoError(Arc<Mutex<Option<String>>>);
 
 impl LastIoError {
     fn keep(&self, e: &io::Error) {
-        if let Ok(mut slot) = self.0.lock() {
-            *slot = Some(e.to_string());
-        }
+        let text = e.to_string();
+        *self.slot() = Some(text);
     }
 
     /// Takes the error kept, if any.
     pub fn take(&self) -> Option<String> {
-        self.0.lock().ok()?.take()
+        self.slot().take()
+    }
+
+    /// The slot; a panic while it was held left nothing half-written in an `Option`.
+    fn slot(&self) -> std::sync::MutexGuard<'_, Option<String>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -60,21 +64,27 @@ where
             Ok(Recorded {
                 io: connecting.await?,
                 last,
+                failed: false,
             })
         })
     }
 }
 
-/// A connection that keeps its I/O errors in a [`LastIoError`].
+/// A connection that hands its first I/O error to a [`LastIoError`] (what follows
+/// it, a write to a closed socket, says less).
 pub struct Recorded<T> {
     io: T,
     last: LastIoError,
+    failed: bool,
 }
 
 impl<T> Recorded<T> {
-    fn kept<R>(&self, r: Poll<io::Result<R>>) -> Poll<io::Result<R>> {
+    fn kept<R>(&mut self, r: Poll<io::Result<R>>) -> Poll<io::Result<R>> {
         if let Poll::Ready(Err(e)) = &r {
-            self.last.keep(e);
+            if !self.failed {
+                self.failed = true;
+                self.last.keep(e);
+            }
         }
         r
     }

@@ -35,7 +35,7 @@ async fn driver_lifecycle_through_the_host() {
     let (host, _dir) = host();
     let summary = host.load(spec("memory", Grants::default())).await.unwrap();
     assert!(summary.driver && summary.guest);
-    assert_eq!(summary.contract, "gve:hypervisor@0.1.1");
+    assert_eq!(summary.contract, "gve:hypervisor@0.1.2");
     assert!(summary.capabilities.contains(&"live-migrate".to_string()));
 
     let info = host.driver_info("memory").await.unwrap();
@@ -318,7 +318,9 @@ async fn guest_operations_through_the_host() {
 #[tokio::test]
 async fn a_driver_built_against_0_1_0_as_released_still_loads_and_answers() {
     let (host, _dir) = host();
-    let summary = host.load(spec("old", Grants::default())).await.unwrap();
+    let mut grants = Grants::default();
+    grants.config.insert("hostname".into(), "old-config".into());
+    let summary = host.load(spec("old", grants)).await.unwrap();
     assert_eq!(summary.contract, "gve:hypervisor@0.1.0");
     assert!(summary.driver && !summary.guest);
     assert!(
@@ -333,7 +335,12 @@ async fn a_driver_built_against_0_1_0_as_released_still_loads_and_answers() {
         vms.iter().map(|v| v.name.as_str()).collect::<Vec<_>>(),
         ["relic"]
     );
-    assert_eq!(s.host_info().await.unwrap().hypervisor_kind, "old");
+    // Its `config@0.1.0` import is answered by the host's own `config`.
+    let info = s.host_info().await.unwrap();
+    assert_eq!(
+        (info.hypervisor_kind.as_str(), info.hostname.as_str()),
+        ("old", "old-config")
+    );
     assert_eq!(
         kind(&s.get_vm("nope").await.unwrap_err()),
         ErrorKind::NotFound

@@ -24,7 +24,7 @@ use crate::kvm::{kvm_spec, spawn_agent, wait_for_guest_agent};
 use crate::support::bundle;
 
 /// guest-install with the guest channel granted and a short per-command budget.
-fn guest_spec(command_timeout_ms: u64) -> PluginSpec {
+pub fn guest_spec(command_timeout_ms: u64) -> PluginSpec {
     let mut grants = Grants {
         guest_channel: true,
         ..Default::default()
@@ -666,6 +666,7 @@ done; sleep 0.02; i=$((i+1)); done"#;
     );
     let rec: VmRecord = c.get(&format!("/v1/vms/{id}")).await.unwrap();
     assert!(!rec.provisioned.contains_key("broken"));
+    crate::guest_deadline::checksums_stop_within_the_call_budget(&agent, &c, id).await;
 
     let op = run_op(&c, &format!("/v1/vms/{id}/destroy"), json!({})).await;
     assert_eq!(op.state, OpState::Succeeded);

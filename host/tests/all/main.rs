@@ -12,6 +12,7 @@ mod fairness;
 mod glue2;
 mod group_commit;
 mod guest;
+mod guest_deadline;
 mod health_sync;
 mod history;
 mod hostile;

@@ -6,7 +6,8 @@
 //! small POSIX `sh` wrapper that exports the variables, changes directory and `exec`s
 //! the command (the pid stays the command's). Requests without them run directly,
 //! so guests without a shell (Windows) still work. A command that outlives its
-//! timeout is killed (`kill -KILL`, best effort) and reported as timed out.
+//! timeout is killed with its children (`kill -KILL`, best effort) and reported as
+//! timed out.
 
 use std::time::{Duration, Instant};
 
@@ -110,11 +111,30 @@ pub fn run(agent: &Agent, request: &ExecRequest) -> Result<ExecResult> {
     })
 }
 
-/// Kills a process that outlived its budget and reports what it wrote until then.
+/// Kills process `$1` and its children (a shell's running command, which would
+/// otherwise go on and keep the process's output open): stopped first, so it starts
+/// no other, then its children as `/proc` names them, then itself.
+const KILL_TREE: &str = r#"kill -STOP "$1" 2>/dev/null
+for f in $(grep -l "^PPid:[[:space:]]*$1\$" /proc/[0-9]*/status 2>/dev/null); do
+d=${f%/status}; kill -KILL "${d#/proc/}" 2>/dev/null
+done
+kill -KILL "$1""#;
+
+/// Kills a process that outlived its budget (with its children where the guest has
+/// a POSIX shell) and reports what it wrote until then. A process that ended on its
+/// own before the kill reached it is reported as it ended, not as timed out.
 fn timed_out(agent: &Agent, pid: i64, request: &ExecRequest) -> ExecResult {
-    let killed = agent
-        .exec_start("kill", &["-KILL".to_string(), pid.to_string()], &[])
-        .is_ok();
+    let pid_arg = pid.to_string();
+    let tree = [
+        "-c".to_string(),
+        KILL_TREE.to_string(),
+        "gve-kill".to_string(),
+        pid_arg.clone(),
+    ];
+    let killed = agent.exec_start("/bin/sh", &tree, &[]).is_ok()
+        || agent
+            .exec_start("kill", &["-KILL".to_string(), pid_arg], &[])
+            .is_ok();
     let mut result = ExecResult {
         exit_code: None,
         signal: None,
@@ -141,6 +161,10 @@ fn timed_out(agent: &Agent, pid: i64, request: &ExecRequest) -> ExecResult {
                 (result.stdout, result.stdout_truncated) = limited(out, limit, s.out_truncated);
                 (result.stderr, result.stderr_truncated) = limited(err, limit, s.err_truncated);
                 result.signal = s.signal;
+                if s.signal.is_none() && s.exitcode.is_some() {
+                    result.exit_code = s.exitcode;
+                    result.timed_out = false;
+                }
                 break;
             }
             Ok(_) => std::thread::sleep(Duration::from_millis(25)),
@@ -160,12 +184,7 @@ fn limited(mut data: Vec<u8>, limit: usize, already_cut: bool) -> (Vec<u8>, bool
 /// Runs a helper command (mkdir, chmod, stat, ...) that must succeed within the
 /// command timeout; returns its stdout.
 pub fn must(agent: &Agent, argv: &[&str], what: &str) -> Result<Vec<u8>> {
-    must_within(agent, argv, what, agent.command_timeout_ms)
-}
-
-/// [`must`] with its own budget (a checksum of a large file takes longer).
-pub fn must_within(agent: &Agent, argv: &[&str], what: &str, timeout_ms: u32) -> Result<Vec<u8>> {
-    let r = run(agent, &helper(argv, timeout_ms))?;
+    let r = run(agent, &helper(argv, agent.command_timeout_ms))?;
     succeeded(agent, &argv.join(" "), what, r)
 }
 

@@ -15,7 +15,7 @@
 use gve_sdk::prelude::*;
 use sha2::{Digest, Sha256};
 
-use crate::exec::{helper, must, must_within, run, succeeded};
+use crate::exec::{helper, must, run, succeeded};
 use crate::qga::{Agent, MAX_READ};
 
 /// Largest piece sent in one guest-file-write. Measured with qemu-ga 7.2 behind
@@ -81,6 +81,43 @@ const FINISH_DIFFERS: i32 = 22;
 fn hash_budget(agent: &Agent, size: u64) -> u32 {
     let budget = u64::from(agent.command_timeout_ms).saturating_add(size / (2 << 20) * 1000);
     u32::try_from(budget).unwrap_or(u32::MAX)
+}
+
+/// What this call keeps, of its deadline, to stop a checksum that would outrun it:
+/// the kill and the status polls after it, then the answer.
+const STOP_MARGIN: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The least time worth starting a checksum with: below it the call ends at once.
+const LEAST_CHECKSUM_MS: u32 = 500;
+
+/// How long a checksum of `size` bytes may run in this call: [`hash_budget`], but
+/// never past the call's own deadline less [`STOP_MARGIN`]. Past that the host would
+/// stop the call and drop the instance, leaving a half-done upload's temporary file
+/// in the guest; killed in time, the call ends with [`over_call_budget`] and the
+/// upload's drop removes it. `Some(left)` when the call's deadline is the bound.
+fn checksum_budget(agent: &Agent, path: &str, size: u64) -> Result<(u32, Option<u32>)> {
+    let own = hash_budget(agent, size);
+    let left = gve_sdk::deadline::remaining().saturating_sub(STOP_MARGIN);
+    let left = u32::try_from(left.as_millis()).unwrap_or(u32::MAX);
+    if left >= own {
+        Ok((own, None))
+    } else if left < LEAST_CHECKSUM_MS {
+        Err(over_call_budget(agent, path, size, left))
+    } else {
+        Ok((left, Some(left)))
+    }
+}
+
+/// The error of a checksum of `size` bytes stopped at what was left of the call
+/// (`left_ms`).
+fn over_call_budget(agent: &Agent, path: &str, size: u64, left_ms: u32) -> Error {
+    Error::timeout(format!(
+        "{}: the guest's checksum of {path} ({size} bytes) did not fit in the {:.1} s \
+         left of this plugin's call budget and was stopped; an operator raises the \
+         budget with the guest plugin's `call-timeout-ms` limit",
+        agent.vm,
+        f64::from(left_ms) / 1000.0
+    ))
 }
 
 /// Size and mode from `stat -c %s:%a` output.
@@ -151,12 +188,13 @@ pub fn stat(agent: &Agent, path: &str) -> Result<FileInfo> {
     let (raw, size_mode) = out.trim().split_once(':').unwrap_or((&out, ""));
     regular(agent, path, raw)?;
     let (size, mode) = parse_stat(agent, path, size_mode)?;
-    let out = must_within(
-        agent,
-        &["sha256sum", "--", path],
-        "checksum",
-        hash_budget(agent, size),
-    )?;
+    let argv = ["sha256sum", "--", path];
+    let (budget, bound) = checksum_budget(agent, path, size)?;
+    let r = run(agent, &helper(&argv, budget))?;
+    if let (true, Some(left)) = (r.timed_out, bound) {
+        return Err(over_call_budget(agent, path, size, left));
+    }
+    let out = succeeded(agent, &argv.join(" "), "checksum", r)?;
     let sha256 = parse_sum(agent, path, &String::from_utf8_lossy(&out))?;
     Ok(FileInfo { size, mode, sha256 })
 }
@@ -296,10 +334,11 @@ impl Upload for GuestUpload {
             &sent,
             &size,
         ];
-        let r = run(
-            &self.agent,
-            &helper(&argv, hash_budget(&self.agent, self.size)),
-        )?;
+        let (budget, bound) = checksum_budget(&self.agent, &self.path, self.size)?;
+        let r = run(&self.agent, &helper(&argv, budget))?;
+        if let (true, Some(left)) = (r.timed_out, bound) {
+            return Err(over_call_budget(&self.agent, &self.path, self.size, left));
+        }
         if r.exit_code == Some(FINISH_DIRECTORY) {
             return Err(Error::invalid_argument(format!(
                 "{}: {} is a directory: an upload names the file to write",

@@ -4,6 +4,7 @@
 //! |---|---|---|
 //! | [`log`] | log lines tagged with the plugin name | always; lines capped in size, bytes per call capped |
 //! | [`config`] | the plugin's own config values | always; only its own |
+//! | [`deadline`] | the time left in the current call | always; only its own call |
 //! | [`http`] | outgoing wasi:http | strict authority allow-list checked before DNS, resolved addresses pinned; every phase timed out; requests in flight and header sets budgeted |
 //! | [`libvirt`] | libvirt connections | URI allow-list, checked before connecting; calls off the executor; connections budgeted |
 //! | [`libvirt_io`] | volume bytes through libvirt streams, live disk attach/detach | at most 8 MiB a call, never past a volume's end; only file disks whose source is a pool volume; live only |
@@ -13,6 +14,7 @@
 
 pub mod clocks;
 pub mod config;
+pub mod deadline;
 pub mod files;
 pub mod guest_channel;
 pub mod http;

@@ -30,6 +30,21 @@ async fn infinite_loop_is_stopped_at_its_deadline() {
     b.aftermath().await;
 }
 
+/// A plugin reads the time left in its call (contract 0.1.2's `deadline`): its
+/// budget at entry, less what it spent since.
+#[tokio::test]
+async fn a_plugin_reads_the_time_left_in_its_call() {
+    let mut sp = hostile(Grants::default());
+    sp.limits.call_timeout_ms = 2_000;
+    let b = bench(sp).await;
+    let left = |name: String| name.parse::<u64>().unwrap();
+    let fresh = left(b.hostile.get_vm("deadline:0").await.unwrap().name);
+    assert!((1_000..=2_000).contains(&fresh), "{fresh}");
+    let spent = left(b.hostile.get_vm("deadline:700").await.unwrap().name);
+    assert!((300..=1_300).contains(&spent), "{spent}");
+    b.aftermath().await;
+}
+
 #[tokio::test]
 async fn runaway_loop_does_not_block_other_calls() {
     let mut sp = hostile(Grants::default());
