@@ -405,12 +405,17 @@ async fn exec_copy_and_provision_on_a_real_guest() {
     .await;
     assert!(r.timed_out && r.exit_code.is_none(), "{r:?}");
     assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+    // So is what it started: a shell's command, and that command's own child.
+    let r = exec(
+        &c,
+        id,
+        json!({ "argv": ["sh", "-c", "sh -c 'sleep 38; :'; :"], "timeout-ms": 1500 }),
+    )
+    .await;
+    assert!(r.timed_out && r.exit_code.is_none(), "{r:?}");
     let ps = exec(&c, id, json!({ "argv": ["ps"] })).await;
-    assert!(
-        !text(&ps.stdout_b64).contains("sleep 37"),
-        "{}",
-        text(&ps.stdout_b64)
-    );
+    let ps = text(&ps.stdout_b64);
+    assert!(!ps.contains("sleep 37") && !ps.contains("sleep 38"), "{ps}");
 
     // Binary-safe: every byte value in, the same bytes out of cat's stdout.
     let all: Vec<u8> = (0..=255u8).cycle().take(4096).collect();

@@ -38,6 +38,9 @@ pub async fn checksums_stop_within_the_call_budget(agent: &Agent, c: &Client, id
                  && chmod 755 /bin/sha256sum";
     let r = exec(c, id, json!({ "argv": ["sh", "-c", setup] })).await;
     assert_eq!(r.exit_code, Some(0), "{r:?}");
+    let mut spec = guest_spec(5_000);
+    spec.limits.call_timeout_ms = CALL_BUDGET_MS;
+    agent.plugins.replace("guest-install", spec).await.unwrap();
     // A guest process that turns the upload's temporary file into a named pipe
     // once its first piece is there: the check's `sha256sum` then waits on it.
     let pipe = r#"i=0; while [ $i -lt 500 ]; do
@@ -52,9 +55,6 @@ done; sleep 0.02; i=$((i+1)); done"#;
     .await;
     assert_eq!(r.exit_code, Some(0), "{r:?}");
 
-    let mut spec = guest_spec(5_000);
-    spec.limits.call_timeout_ms = CALL_BUDGET_MS;
-    agent.plugins.replace("guest-install", spec).await.unwrap();
     let failed_finishes = || {
         let text = agent.runtime.metrics_text().unwrap();
         crate::metrics::sample(&text, FINISH_FAILED)
@@ -96,6 +96,7 @@ done; sleep 0.02; i=$((i+1)); done"#;
         json!({ "argv": ["sh", "-c", live], "timeout-ms": 3000 }),
     )
     .await;
+    assert_eq!(r.exit_code, Some(0), "{r:?}");
     let live = text(&r.stdout_b64);
     assert!(
         !live.contains("sleep 60") && !live.contains("sha256sum"),

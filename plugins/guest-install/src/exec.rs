@@ -6,8 +6,8 @@
 //! small POSIX `sh` wrapper that exports the variables, changes directory and `exec`s
 //! the command (the pid stays the command's). Requests without them run directly,
 //! so guests without a shell (Windows) still work. A command that outlives its
-//! timeout is killed with its children (`kill -KILL`, best effort) and reported as
-//! timed out.
+//! timeout is killed with every process under it (`kill -KILL`, best effort) and
+//! reported as timed out.
 
 use std::time::{Duration, Instant};
 
@@ -111,18 +111,25 @@ pub fn run(agent: &Agent, request: &ExecRequest) -> Result<ExecResult> {
     })
 }
 
-/// Kills process `$1` and its children (a shell's running command, which would
-/// otherwise go on and keep the process's output open): stopped first, so it starts
-/// no other, then its children as `/proc` names them, then itself.
-const KILL_TREE: &str = r#"kill -STOP "$1" 2>/dev/null
-for f in $(grep -l "^PPid:[[:space:]]*$1\$" /proc/[0-9]*/status 2>/dev/null); do
-d=${f%/status}; kill -KILL "${d#/proc/}" 2>/dev/null
-done
+/// Kills process `$1` and every process under it (a shell's running command, which
+/// would otherwise go on and hold the process's output open, so that qemu-ga never
+/// sees it end): nothing, if `$1` is no longer a child of this script's parent
+/// (qemu-ga, which may have reaped it and had its pid reused); else `$1` stopped, so
+/// it starts no other, its descendants as `/proc` names them stopped, then all killed.
+/// Where `awk` is missing, `$1` alone.
+const KILL_TREE: &str = r#"grep -q "^PPid:[[:space:]]*$PPID\$" "/proc/$1/status" 2>/dev/null || exit 0
+kill -STOP "$1" 2>/dev/null
+k=$(awk -v root="$1" '/^Pid:/ { p = $2 } /^PPid:/ { up[p] = $2 }
+END { t[root] = 1
+  do { more = 0; for (p in up) if (!(p in t) && (up[p] in t)) { t[p] = 1; more = 1 } } while (more)
+  for (p in t) if (p != root) print p }' /proc/[0-9]*/status 2>/dev/null)
+if [ -n "$k" ]; then kill -STOP $k 2>/dev/null; kill -KILL $k 2>/dev/null; fi
 kill -KILL "$1""#;
 
-/// Kills a process that outlived its budget (with its children where the guest has
-/// a POSIX shell) and reports what it wrote until then. A process that ended on its
-/// own before the kill reached it is reported as it ended, not as timed out.
+/// Kills a process that outlived its budget (with every process under it where the
+/// guest has a POSIX shell) and reports what it wrote until then. A process that
+/// ended on its own before the kill reached it is reported as it ended, not as
+/// timed out.
 fn timed_out(agent: &Agent, pid: i64, request: &ExecRequest) -> ExecResult {
     let pid_arg = pid.to_string();
     let tree = [
@@ -151,8 +158,12 @@ fn timed_out(agent: &Agent, pid: i64, request: &ExecRequest) -> ExecResult {
         ));
         return result;
     }
-    // Collect what it wrote (and let qemu-ga forget it) once it is gone.
+    // Collect what it wrote (and let qemu-ga forget it) once it is gone, while the
+    // call has time left to answer.
     for _ in 0..20 {
+        if gve_sdk::deadline::remaining() < Duration::from_millis(300) {
+            break;
+        }
         match agent.exec_status(pid) {
             Ok(s) if s.exited => {
                 let limit = request.output_limit as usize;
