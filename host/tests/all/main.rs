@@ -37,6 +37,5 @@ mod tenancy;
 mod tls;
 mod up;
 mod vmware;
-mod vmware_deadline;
 mod xen;
 mod xen_migrate;

@@ -31,15 +31,6 @@ pub async fn scrape(base: &str, token: Option<&str>) -> (u16, String, String) {
     (200, ctype, String::from_utf8(body.to_vec()).unwrap())
 }
 
-/// The `gve_plugin_calls_total` series of `plugin`'s calls the sandbox stopped at
-/// their deadline.
-pub fn deadline_stops<'a>(text: &'a str, plugin: &str) -> Vec<&'a str> {
-    let plugin = format!("plugin=\"{plugin}\"");
-    text.lines()
-        .filter(|l| l.contains(&plugin) && l.contains("outcome=\"deadline\""))
-        .collect()
-}
-
 /// The value of the sample `name{labels}` in `text` (0 when absent).
 pub fn sample(text: &str, series: &str) -> f64 {
     text.lines()

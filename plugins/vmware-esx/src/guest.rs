@@ -5,9 +5,7 @@
 //!   to files in a fresh temporary directory of the guest; the driver polls
 //!   `ListProcessesInGuest` for the exit code (an ended process without `exitCode`
 //!   exited 0), ends it with `TerminateProcessInGuest` at its timeout, reads the
-//!   files back and removes the directory. The timeout is the request's own, within
-//!   what is left of the call less 3 s (contract 0.1.2 `deadline`); one cut by the
-//!   call's budget is a `timeout` error naming `call-timeout-ms`.
+//!   files back and removes the directory.
 //! - files: `InitiateFileTransferToGuest` / `FromGuest`, then one HTTP PUT / GET on
 //!   the URL the server returns (its authority must be granted too). Uploads are
 //!   buffered in the instance until `finish` (the transfer needs the size first), up
@@ -30,10 +28,6 @@ use crate::props;
 use crate::xml::{self, MoRef};
 
 type Shared = Rc<RefCell<Guest>>;
-
-/// What an exec keeps of its call's budget for ending the command, reading its
-/// output and removing its directory (a few SOAP and HTTP round trips).
-const EXEC_MARGIN: Duration = Duration::from_secs(3);
 
 /// A guest session: the connection and the guest managers.
 pub struct Guest {
@@ -278,26 +272,9 @@ impl Guest {
             ));
         }
         spec.push_str("</spec>");
-        // The command's own timeout, within what is left of this call less what ending
-        // it and reading its output take: a command stopped by the call's budget is
-        // the plugin's `timeout` naming the limit, not a command that timed out.
-        let own = Duration::from_millis(u64::from(req.timeout_ms));
-        let left = gve_sdk::deadline::remaining().saturating_sub(EXEC_MARGIN);
-        let by_call = left < own;
-        let over_budget = |left: Duration| {
-            Error::timeout(format!(
-                "{}: the command did not fit in the {:.1} s left of this plugin's call \
-                 budget (its own timeout was {} ms); an operator raises the budget with \
-                 the vmware-esx plugin's `call-timeout-ms` limit",
-                id.value,
-                left.as_secs_f64(),
-                req.timeout_ms
-            ))
-        };
-        if by_call && left < Duration::from_millis(500) {
-            return Err(over_budget(left));
-        }
-        let until = Instant::now() + own.min(left);
+        let budget =
+            Duration::from_millis(u64::from(req.timeout_ms)).min(self.conn.settings.task_timeout);
+        let until = Instant::now() + budget;
         let pid: i64 = self.call(false, "StartProgramInGuest", id, &spec, |r| {
             xml::child_text(r, "returnval")
                 .and_then(|p| p.trim().parse().ok())
@@ -320,9 +297,6 @@ impl Guest {
             match self.call(false, "TerminateProcessInGuest", id, &args, |_| Ok(())) {
                 Ok(()) | Err(Error::NotFound(_)) => {}
                 Err(e) => log::warn(&format!("ending process {pid} in {}: {e}", id.value)),
-            }
-            if by_call {
-                return Err(over_budget(left));
             }
         }
         let limit = req.output_limit as usize;

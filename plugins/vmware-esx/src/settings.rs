@@ -9,8 +9,7 @@ use gve_sdk::Result;
 #[derive(Debug, Clone)]
 pub struct Settings {
     /// Longest an operation waits for its vSphere task (`task-timeout-ms`, 25000):
-    /// keep it below the agent's call budget. (A guest command's wait is its own
-    /// timeout within the call's budget instead.)
+    /// keep it below the agent's call budget.
     pub task_timeout: Duration,
     /// Budget of one SOAP request (`request-timeout-ms`, 20000).
     pub request_timeout: Duration,
