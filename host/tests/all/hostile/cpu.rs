@@ -31,7 +31,7 @@ async fn infinite_loop_is_stopped_at_its_deadline() {
 }
 
 /// A plugin reads the time left in its call (contract 0.1.2's `deadline`): its
-/// budget at entry, less what it spent since.
+/// budget at entry, less what it spent since (0.7 s asleep).
 #[tokio::test]
 async fn a_plugin_reads_the_time_left_in_its_call() {
     let mut sp = hostile(Grants::default());
