@@ -4,14 +4,33 @@
 //! the instance it ran in: the call fails as a sandbox deadline, and what the call
 //! meant to clean up afterwards (a resource's drop) never runs. A plugin that waits
 //! on something slow (a command in a guest, a hypervisor's task) can instead bound
-//! its wait by [`remaining`] less what it needs to stop cleanly, and return an
-//! [`crate::Error::Timeout`] that names the limit.
+//! its wait with [`bounded`] (what it wants, within what is left less what it needs
+//! to stop cleanly) and, when the call's budget was the bound, return
+//! [`over_budget`]: a [`crate::Error::Timeout`] that names the limit.
+//! [`crate::http::Request::send`] bounds every request this way by itself.
 
 use core::time::Duration;
 
 use crate::bindings::driver_world::gve::hypervisor::deadline as wit;
+use crate::error::Error;
 
 /// The time left before the host stops the current call (zero once it passed).
 pub fn remaining() -> Duration {
     Duration::from_millis(wit::remaining_ms())
+}
+
+/// `want`, or less: at most what is left of the call once `keep` is set aside for
+/// what must follow the wait (ending it, reporting, cleaning up). Zero when not even
+/// `keep` is left. The call's budget was the bound when the result is below `want`.
+pub fn bounded(want: Duration, keep: Duration) -> Duration {
+    want.min(remaining().saturating_sub(keep))
+}
+
+/// The `timeout` error of work the call's budget cut short: `what` (e.g. "shut down
+/// web-1: task task-12 still running") and how an operator gives the plugin more time.
+pub fn over_budget(what: impl core::fmt::Display) -> Error {
+    Error::timeout(format!(
+        "{what} (the plugin call's time ran out; an operator gives the plugin more \
+         with its `call-timeout-ms` limit)"
+    ))
 }

@@ -26,10 +26,19 @@ use wasi::http::types::{
 };
 use wasi::io::streams::StreamError;
 
+use crate::deadline;
 use crate::error::{Error, Result};
 
 /// The timeout a [`Request`] uses unless [`Request::timeout`] sets another.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What a request leaves of the call's budget for the plugin to act on its outcome.
+const CALL_KEEP: Duration = Duration::from_millis(500);
+/// The shortest timeout a request is sent with when the call's budget bounds it.
+const MIN_REQUEST: Duration = Duration::from_millis(100);
+/// How far past [`CALL_KEEP`] from the call's end a timeout still counts as the
+/// budget's doing (the time the host and plugin take to report it).
+const AT_THE_END: Duration = Duration::from_millis(250);
 
 /// Bytes written to the request body stream per call (the WASI limit per blocking write).
 const WRITE_CHUNK: usize = 4096;
@@ -44,6 +53,8 @@ pub struct Request {
     headers: Vec<(String, Vec<u8>)>,
     body: Vec<u8>,
     timeout: Duration,
+    /// The timeout is what was left of the call's budget, not the one asked for.
+    cut: bool,
 }
 
 /// A complete HTTP response.
@@ -67,6 +78,7 @@ impl Request {
             headers: Vec::new(),
             body: Vec::new(),
             timeout: DEFAULT_TIMEOUT,
+            cut: false,
         }
     }
 
@@ -100,7 +112,57 @@ impl Request {
 
     /// Sends the request and reads the whole response. A body is sent with a
     /// `content-length` header (computed unless the request sets one), never chunked.
-    pub fn send(self) -> Result<Response> {
+    ///
+    /// Each of the request's timeouts (connect, first byte, between bytes; the host
+    /// applies them per phase) is at most what is left of the plugin's call less
+    /// half a second ([`crate::deadline::bounded`]), so a server that stops
+    /// answering ends the request with an error the plugin can act on rather than
+    /// the call being stopped by the host. A timeout that ran into that bound fails
+    /// with [`crate::deadline::over_budget`]'s `timeout`; a request is not sent
+    /// with under 0.6 s of the call left.
+    pub fn send(mut self) -> Result<Response> {
+        let asked = self.timeout;
+        let limit = deadline::bounded(asked, CALL_KEEP);
+        if limit >= asked {
+            return self.send_now();
+        }
+        if limit < MIN_REQUEST {
+            return Err(deadline::over_budget(format!(
+                "HTTP request to {} not sent: {} ms of the call were left",
+                self.url,
+                deadline::remaining().as_millis()
+            )));
+        }
+        self.timeout = limit;
+        self.cut = true;
+        self.send_now()
+    }
+
+    /// The error of `code`. A timeout is [`deadline::over_budget`]'s when the
+    /// request's timeouts were cut to the call's budget and the call is now at its
+    /// end; otherwise (a connect phase has a shorter cap of its own on the host) it
+    /// is the server's, as [`map_error`] says.
+    fn fail(&self, code: ErrorCode) -> Error {
+        use ErrorCode as C;
+        let timed_out = matches!(
+            code,
+            C::DnsTimeout
+                | C::ConnectionTimeout
+                | C::ConnectionReadTimeout
+                | C::ConnectionWriteTimeout
+                | C::HttpResponseTimeout
+        );
+        if self.cut && timed_out && deadline::remaining() <= CALL_KEEP + AT_THE_END {
+            return deadline::over_budget(format!(
+                "HTTP request to {}: no response within the {} ms left ({code:?})",
+                self.url,
+                self.timeout.as_millis()
+            ));
+        }
+        map_error(&self.url, code)
+    }
+
+    fn send_now(self) -> Result<Response> {
         let url = Url::parse(&self.url)?;
         let bad = |what: &str| {
             Error::invalid_argument(format!("HTTP request to {}: invalid {what}", self.url))
@@ -145,22 +207,22 @@ impl Request {
         let _ = options.set_first_byte_timeout(ns);
         let _ = options.set_between_bytes_timeout(ns);
 
-        let pending = outgoing_handler::handle(request, Some(options))
-            .map_err(|c| map_error(&self.url, c))?;
-        let written = write_body(&self.url, body, &self.body);
+        let pending = outgoing_handler::handle(request, Some(options)).map_err(|c| self.fail(c))?;
+        let fail = |c| self.fail(c);
+        let written = write_body(&self.url, &fail, body, &self.body);
 
         pending.subscribe().block();
         let outcome = pending.get();
         if let Err(e) = written {
             // A failed write usually has its real cause in the response.
             return Err(match outcome {
-                Some(Ok(Err(code))) => map_error(&self.url, code),
+                Some(Ok(Err(code))) => self.fail(code),
                 _ => e,
             });
         }
         let response = match outcome {
             Some(Ok(Ok(response))) => response,
-            Some(Ok(Err(code))) => return Err(map_error(&self.url, code)),
+            Some(Ok(Err(code))) => return Err(self.fail(code)),
             Some(Err(())) => {
                 return Err(Error::backend(format!(
                     "HTTP request to {}: response taken twice",
@@ -182,7 +244,7 @@ impl Request {
                 self.url
             ))
         })?;
-        let body = read_body(&self.url, &incoming)?;
+        let body = read_body(&self.url, &fail, &incoming)?;
         drop(IncomingBody::finish(incoming));
         Ok(Response {
             status,
@@ -213,7 +275,10 @@ impl Response {
     }
 }
 
-fn write_body(url: &str, body: OutgoingBody, bytes: &[u8]) -> Result<()> {
+/// Maps a `wasi:http` error code of one request onto the contract's error.
+type Fail<'a> = dyn Fn(ErrorCode) -> Error + 'a;
+
+fn write_body(url: &str, fail: &Fail<'_>, body: OutgoingBody, bytes: &[u8]) -> Result<()> {
     {
         let stream = body.write().map_err(|()| {
             Error::backend(format!("HTTP request to {url}: body stream unavailable"))
@@ -221,13 +286,13 @@ fn write_body(url: &str, body: OutgoingBody, bytes: &[u8]) -> Result<()> {
         for chunk in bytes.chunks(WRITE_CHUNK) {
             stream
                 .blocking_write_and_flush(chunk)
-                .map_err(|e| stream_error(url, e))?;
+                .map_err(|e| stream_error(url, fail, e))?;
         }
     }
-    OutgoingBody::finish(body, None).map_err(|c| map_error(url, c))
+    OutgoingBody::finish(body, None).map_err(fail)
 }
 
-fn read_body(url: &str, incoming: &IncomingBody) -> Result<Vec<u8>> {
+fn read_body(url: &str, fail: &Fail<'_>, incoming: &IncomingBody) -> Result<Vec<u8>> {
     let stream = incoming.stream().map_err(|()| {
         Error::backend(format!(
             "HTTP request to {url}: response body stream unavailable"
@@ -238,18 +303,18 @@ fn read_body(url: &str, incoming: &IncomingBody) -> Result<Vec<u8>> {
         match stream.blocking_read(READ_CHUNK) {
             Ok(chunk) => body.extend_from_slice(&chunk),
             Err(StreamError::Closed) => return Ok(body),
-            Err(e) => return Err(stream_error(url, e)),
+            Err(e) => return Err(stream_error(url, fail, e)),
         }
     }
 }
 
-fn stream_error(url: &str, e: StreamError) -> Error {
+fn stream_error(url: &str, fail: &Fail<'_>, e: StreamError) -> Error {
     match e {
         StreamError::Closed => {
             Error::backend(format!("HTTP request to {url}: stream closed early"))
         }
         StreamError::LastOperationFailed(io) => match wasi::http::types::http_error_code(&io) {
-            Some(code) => map_error(url, code),
+            Some(code) => fail(code),
             None => Error::backend(format!("HTTP request to {url}: {}", io.to_debug_string())),
         },
     }

@@ -155,12 +155,16 @@ pub struct GuestProvider {
 }
 
 impl GuestProvider {
-    /// The plugin's budget for one call.
-    pub fn call_budget(&self) -> Duration {
-        self.plugins
+    /// The longest timeout a guest command may ask for, milliseconds: the plugin's
+    /// call budget less what ending a command takes it (its manifest's
+    /// `exec-margin-ms`), so a command's own timeout ends it before the call's.
+    pub fn command_ceiling_ms(&self) -> u64 {
+        let (budget, margin) = self
+            .plugins
             .get(&self.plugin)
-            .map(|s| s.limits.call_timeout())
-            .unwrap_or(Duration::from_secs(30))
+            .map(|s| (s.limits.call_timeout_ms, s.exec_margin_ms))
+            .unwrap_or((30_000, 1_000));
+        budget.saturating_sub(margin).max(1)
     }
 }
 
@@ -179,8 +183,8 @@ pub struct ExecBody {
     /// Standard input, base64.
     #[serde(default)]
     pub stdin_b64: Option<String>,
-    /// Budget, milliseconds (at most the guest plugin's call budget less one second,
-    /// which is also the default, capped at 60 s).
+    /// Budget, milliseconds (at most the guest plugin's call budget less its exec
+    /// margin, which is also the default, capped at 60 s).
     #[serde(default)]
     pub timeout_ms: Option<u32>,
     /// Most bytes kept of stdout and of stderr each (default 1 MiB, at most 16 MiB).
@@ -223,15 +227,14 @@ impl AgentCore {
 
     /// Checks an exec request before it becomes an operation; fills in defaults.
     pub fn check_exec(&self, mut body: ExecBody) -> Result<ExecBody, ApiError> {
-        let budget = self.guest()?.call_budget().as_millis() as u64;
+        let ceiling = self.guest()?.command_ceiling_ms();
         if body.argv.is_empty() || body.argv[0].is_empty() {
             return Err(ApiError::bad_request("argv must name a program"));
         }
-        let ceiling = budget.saturating_sub(1000).max(1);
         let timeout = body.timeout_ms.map_or(ceiling.min(60_000), u64::from);
         if timeout == 0 || timeout > ceiling {
             return Err(ApiError::bad_request(format!(
-                "timeout-ms must be between 1 and {ceiling} (the guest plugin's call budget less 1 s), not {timeout}"
+                "timeout-ms must be between 1 and {ceiling} (the guest plugin's call budget less its exec margin), not {timeout}"
             )));
         }
         body.timeout_ms = Some(timeout as u32);

@@ -101,12 +101,11 @@ impl AgentCore {
             (Method::POST, "provision") => {
                 Self::require_running(&rec, "provision")?;
                 let body: ProvisionBody = read_json(req.into_body()).await?;
-                let ceiling = self.guest()?.call_budget().as_millis() as u64;
-                let ceiling = ceiling.saturating_sub(1000).max(1);
+                let ceiling = self.guest()?.command_ceiling_ms();
                 let timeout = u64::from(body.timeout_ms.unwrap_or(ceiling.min(600_000) as u32));
                 if timeout == 0 || timeout > ceiling {
                     return Err(ApiError::bad_request(format!(
-                        "timeout-ms must be between 1 and {ceiling} (the guest plugin's call budget less 1 s)"
+                        "timeout-ms must be between 1 and {ceiling} (the guest plugin's call budget less its exec margin)"
                     )));
                 }
                 // Refuse unknown or unreadable bundles before an operation exists.

@@ -84,6 +84,10 @@ pub struct PluginSummary {
     pub ignored_grants: Vec<String>,
     /// Its limits.
     pub limits: Limits,
+    /// What ending a guest command takes it (manifest `exec-margin-ms`), ms: the
+    /// agent allows exec timeouts of at most the call budget less this.
+    #[serde(default)]
+    pub exec_margin_ms: u64,
     /// Load generation; grows with every load or replace.
     pub generation: u64,
 }
@@ -353,6 +357,15 @@ impl PluginHost {
         if !effective.ignored.is_empty() {
             tracing::warn!(plugin = name, ignored = ?effective.ignored, "grants given but not requested by the manifest are not lent");
         }
+        let margin = bundle.manifest.limits.exec_margin_ms;
+        if exports.guest && margin >= spec.limits.call_timeout_ms {
+            tracing::warn!(
+                plugin = name,
+                exec_margin_ms = margin,
+                call_timeout_ms = spec.limits.call_timeout_ms,
+                "the call budget does not exceed the plugin's exec margin: guest commands get at most 1 ms; raise call-timeout-ms"
+            );
+        }
         let router = self
             .inner
             .guest_channel
@@ -472,6 +485,7 @@ fn summary(l: &Loaded) -> PluginSummary {
         granted,
         ignored_grants: e.ignored.clone(),
         limits: l.meta.limits,
+        exec_margin_ms: l.bundle.manifest.limits.exec_margin_ms,
         generation: l.meta.generation,
     }
 }

@@ -103,12 +103,7 @@ impl Instance {
     ) -> Result<T> {
         let (stopped, dropped_log, took) = {
             let data = self.store.data_mut();
-            let left = data
-                .limiter
-                .deadline
-                .take()
-                .map(|d| d.saturating_duration_since(std::time::Instant::now()))
-                .unwrap_or_default();
+            let left = data.limiter.disarm();
             (
                 data.limiter.stopped.take(),
                 data.log.end_call(),

@@ -64,6 +64,21 @@ impl Limiter {
         self.stopped = None;
     }
 
+    /// The time left before the current entry's deadline: zero once it passed, and
+    /// outside an entry (no deadline armed).
+    pub fn remaining(&self) -> Duration {
+        self.deadline
+            .map(|d| d.saturating_duration_since(Instant::now()))
+            .unwrap_or_default()
+    }
+
+    /// Disarms the deadline; returns the time that was left of it.
+    pub fn disarm(&mut self) -> Duration {
+        let left = self.remaining();
+        self.deadline = None;
+        left
+    }
+
     /// Called by the epoch callback: must the running code stop? It must when its
     /// deadline passed, and when no deadline is armed at all.
     pub fn deadline_passed(&mut self) -> bool {

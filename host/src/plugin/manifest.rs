@@ -33,11 +33,21 @@ pub struct DeclaredLimits {
     /// Instances per session the plugin tolerates at once; 1 means it keeps state
     /// in its own memory and calls on one session must be serialized.
     pub concurrency: u32,
+    /// What ending a guest command at its timeout and reading its output take the
+    /// plugin, milliseconds (default 1000, at most 60000): the agent allows an exec
+    /// or provision timeout of at most the call budget less this.
+    pub exec_margin_ms: u64,
 }
+
+/// The largest `exec-margin-ms` a manifest may declare.
+const MAX_EXEC_MARGIN_MS: u64 = 60_000;
 
 impl Default for DeclaredLimits {
     fn default() -> Self {
-        DeclaredLimits { concurrency: 1 }
+        DeclaredLimits {
+            concurrency: 1,
+            exec_margin_ms: 1_000,
+        }
     }
 }
 
@@ -167,6 +177,12 @@ impl Manifest {
                 self.limits.concurrency
             ));
         }
+        if self.limits.exec_margin_ms > MAX_EXEC_MARGIN_MS {
+            return Err(format!(
+                "limits.exec-margin-ms must be at most {MAX_EXEC_MARGIN_MS}, not {}",
+                self.limits.exec_margin_ms
+            ));
+        }
         Ok(())
     }
 }
@@ -224,5 +240,14 @@ concurrency = 4
         assert!(e.contains("version"), "{e}");
         let e = Manifest::parse(&GOOD.replace("concurrency = 4", "concurrency = 0")).unwrap_err();
         assert!(e.contains("concurrency"), "{e}");
+        assert_eq!(Manifest::parse(GOOD).unwrap().limits.exec_margin_ms, 1_000);
+        let slow = Manifest::parse(
+            &GOOD.replace("concurrency = 4", "concurrency = 4\nexec-margin-ms = 3000"),
+        )
+        .unwrap();
+        assert_eq!(slow.limits.exec_margin_ms, 3_000);
+        let e = Manifest::parse(&GOOD.replace("concurrency = 4", "exec-margin-ms = 60001"))
+            .unwrap_err();
+        assert!(e.contains("exec-margin-ms"), "{e}");
     }
 }

@@ -99,6 +99,14 @@ pub async fn running_vm(agent: &Agent, c: &Client, name: &str, memory_mib: u64) 
     vm
 }
 
+/// Starts shell `script` in the background in the guest of `vm`, detached from the
+/// exec that started it (which ends at once).
+pub async fn spawn_in_guest(c: &Client, vm: &str, script: &str) {
+    let detach = "sh -c \"$0\" >/dev/null 2>&1 </dev/null &";
+    let r = exec(c, vm, json!({ "argv": ["sh", "-c", detach, script] })).await;
+    assert_eq!(r.exit_code, Some(0), "{r:?}");
+}
+
 /// Runs a command through the agent and returns how it ended.
 pub async fn exec(c: &Client, vm: &str, body: Value) -> ExecOutput {
     let op = run_op(c, &format!("/v1/vms/{vm}/exec"), body).await;
@@ -465,13 +473,7 @@ async fn exec_copy_and_provision_on_a_real_guest() {
 for f in /tmp/deep/dir/.one.bin.gve-upload-*; do
 if [ -s "$f" ]; then printf X | dd of="$f" bs=1 count=1 conv=notrunc 2>/dev/null; exit 0; fi
 done; sleep 0.02; i=$((i+1)); done"#;
-    let r = exec(
-        &c,
-        id,
-        json!({ "argv": ["sh", "-c", "sh -c \"$0\" >/dev/null 2>&1 </dev/null &", tamper] }),
-    )
-    .await;
-    assert_eq!(r.exit_code, Some(0), "{r:?}");
+    spawn_in_guest(&c, id, tamper).await;
     let e = c
         .put_stream::<FileMeta>(
             &format!("/v1/vms/{id}/files?path=/tmp/deep/dir/one.bin"),

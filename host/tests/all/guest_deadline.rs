@@ -10,7 +10,7 @@ use gve::api::client::Client;
 use serde_json::json;
 use std::time::{Duration, Instant};
 
-use crate::guest::{exec, guest_spec, text};
+use crate::guest::{exec, guest_spec, spawn_in_guest, text};
 
 /// The call budget guest-install runs under here: below its per-command timeout
 /// (5 s), the shortest time it gave a checksum before it knew its deadline, as a
@@ -47,13 +47,7 @@ pub async fn checksums_stop_within_the_call_budget(agent: &Agent, c: &Client, id
 for f in /tmp/slow/.up.bin.gve-upload-*; do
 if [ -s "$f" ]; then rm -f "$f"; mkfifo "$f"; exit 0; fi
 done; sleep 0.02; i=$((i+1)); done"#;
-    let r = exec(
-        c,
-        id,
-        json!({ "argv": ["sh", "-c", "sh -c \"$0\" >/dev/null 2>&1 </dev/null &", pipe] }),
-    )
-    .await;
-    assert_eq!(r.exit_code, Some(0), "{r:?}");
+    spawn_in_guest(c, id, pipe).await;
 
     let failed_finishes = || {
         let text = agent.runtime.metrics_text().unwrap();
@@ -81,10 +75,7 @@ done; sleep 0.02; i=$((i+1)); done"#;
     // No call was stopped by the sandbox: both ended as the plugin's own errors.
     assert_eq!(failed_finishes(), failed_before + 1.0);
     let metrics = agent.runtime.metrics_text().unwrap();
-    let stopped: Vec<&str> = metrics
-        .lines()
-        .filter(|l| l.contains("plugin=\"guest-install\"") && l.contains("outcome=\"deadline\""))
-        .collect();
+    let stopped = crate::metrics::deadline_stops(&metrics, "guest-install");
     assert!(stopped.is_empty(), "{stopped:?}");
     // Nothing of either checksum runs on: killed with their children (the upload's
     // `sha256sum` ran under the check's shell). Live processes' command lines (a

@@ -37,5 +37,6 @@ mod tenancy;
 mod tls;
 mod up;
 mod vmware;
+mod vmware_deadline;
 mod xen;
 mod xen_migrate;

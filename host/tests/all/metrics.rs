@@ -307,3 +307,12 @@ async fn a_monitor_reads_the_metrics_and_nothing_else() {
         200
     );
 }
+
+/// The `gve_plugin_calls_total` series of `plugin`'s calls the sandbox stopped at
+/// their deadline.
+pub fn deadline_stops<'a>(text: &'a str, plugin: &str) -> Vec<&'a str> {
+    let plugin = format!("plugin=\"{plugin}\"");
+    text.lines()
+        .filter(|l| l.contains(&plugin) && l.contains("outcome=\"deadline\""))
+        .collect()
+}

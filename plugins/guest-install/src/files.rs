@@ -108,6 +108,17 @@ fn checksum_budget(agent: &Agent, path: &str, size: u64) -> Result<(u32, Option<
     }
 }
 
+/// Runs `argv`, a checksum of the `size` bytes at `path`, for its
+/// [`checksum_budget`]; one the call's deadline cut short is [`over_call_budget`].
+fn run_checksum(agent: &Agent, path: &str, size: u64, argv: &[&str]) -> Result<ExecResult> {
+    let (budget, bound) = checksum_budget(agent, path, size)?;
+    let r = run(agent, &helper(argv, budget))?;
+    match (r.timed_out, bound) {
+        (true, Some(left)) => Err(over_call_budget(agent, path, size, left)),
+        _ => Ok(r),
+    }
+}
+
 /// The error of a checksum of `size` bytes stopped at what was left of the call
 /// (`left_ms`).
 fn over_call_budget(agent: &Agent, path: &str, size: u64, left_ms: u32) -> Error {
@@ -189,11 +200,7 @@ pub fn stat(agent: &Agent, path: &str) -> Result<FileInfo> {
     regular(agent, path, raw)?;
     let (size, mode) = parse_stat(agent, path, size_mode)?;
     let argv = ["sha256sum", "--", path];
-    let (budget, bound) = checksum_budget(agent, path, size)?;
-    let r = run(agent, &helper(&argv, budget))?;
-    if let (true, Some(left)) = (r.timed_out, bound) {
-        return Err(over_call_budget(agent, path, size, left));
-    }
+    let r = run_checksum(agent, path, size, &argv)?;
     let out = succeeded(agent, &argv.join(" "), "checksum", r)?;
     let sha256 = parse_sum(agent, path, &String::from_utf8_lossy(&out))?;
     Ok(FileInfo { size, mode, sha256 })
@@ -334,11 +341,7 @@ impl Upload for GuestUpload {
             &sent,
             &size,
         ];
-        let (budget, bound) = checksum_budget(&self.agent, &self.path, self.size)?;
-        let r = run(&self.agent, &helper(&argv, budget))?;
-        if let (true, Some(left)) = (r.timed_out, bound) {
-            return Err(over_call_budget(&self.agent, &self.path, self.size, left));
-        }
+        let r = run_checksum(&self.agent, &self.path, self.size, &argv)?;
         if r.exit_code == Some(FINISH_DIRECTORY) {
             return Err(Error::invalid_argument(format!(
                 "{}: {} is a directory: an upload names the file to write",

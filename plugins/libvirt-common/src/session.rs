@@ -10,6 +10,10 @@ use crate::domain::{self, DomainView, TEMPLATE_LABEL};
 use crate::migration::{Abilities, MigrationConfig};
 use crate::Flavor;
 
+/// What a graceful shutdown leaves of the call's budget for powering off a guest
+/// that did not stop in time.
+const POWER_OFF_KEEP: Duration = Duration::from_secs(3);
+
 /// An open session: a libvirt connection and the node's host name.
 pub struct LibvirtSession<F: Flavor> {
     conn: Connection,
@@ -509,13 +513,15 @@ impl<F: Flavor> Session for LibvirtSession<F> {
                     2,
                 );
             }
+            // Within what is left of the call less what powering off takes.
+            let grace = gve_sdk::deadline::bounded(self.shutdown_timeout, POWER_OFF_KEEP);
             let off = |d: &Domain| d.state == DomainState::Shutoff;
-            if self.wait_for(&vm, off, self.shutdown_timeout)? {
+            if self.wait_for(&vm, off, grace)? {
                 return self.info(&vm);
             }
             gve_sdk::log::warn(&format!(
-                "{}: no graceful shutdown within {:?}; powering off",
-                d.name, self.shutdown_timeout
+                "{}: no graceful shutdown within {grace:?}; powering off",
+                d.name
             ));
         }
         match self.conn.destroy_domain(&d.name) {

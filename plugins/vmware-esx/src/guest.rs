@@ -5,7 +5,11 @@
 //!   to files in a fresh temporary directory of the guest; the driver polls
 //!   `ListProcessesInGuest` for the exit code (an ended process without `exitCode`
 //!   exited 0), ends it with `TerminateProcessInGuest` at its timeout, reads the
-//!   files back and removes the directory.
+//!   files back and removes the directory. Ending and reading take up to
+//!   [`END_KEEP`] of the call's budget; the manifest's `exec-margin-ms` (3000) tells
+//!   the agent to allow commands at most the budget less that and the setup. A
+//!   command the call's budget would still cut short (a slow setup) is ended there
+//!   and fails as a `timeout` naming `call-timeout-ms`, not as `timed-out`.
 //! - files: `InitiateFileTransferToGuest` / `FromGuest`, then one HTTP PUT / GET on
 //!   the URL the server returns (its authority must be granted too). Uploads are
 //!   buffered in the instance until `finish` (the transfer needs the size first), up
@@ -19,8 +23,8 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use gve_sdk::http::Request;
-use gve_sdk::log;
 use gve_sdk::prelude::*;
+use gve_sdk::{deadline, log};
 use sha2::{Digest, Sha256};
 
 use crate::inventory::Conn;
@@ -28,6 +32,13 @@ use crate::props;
 use crate::xml::{self, MoRef};
 
 type Shared = Rc<RefCell<Guest>>;
+
+/// What an exec keeps of its call's budget for ending the command, reading its
+/// output and removing its directory (about six SOAP and HTTP round trips, each
+/// bounded by what is left).
+const END_KEEP: Duration = Duration::from_secs(2);
+/// The least wait worth starting a command with.
+const LEAST_WAIT: Duration = Duration::from_millis(500);
 
 /// A guest session: the connection and the guest managers.
 pub struct Guest {
@@ -232,6 +243,13 @@ impl Guest {
                 "exec needs a program: argv is empty",
             ));
         }
+        let left = deadline::remaining();
+        if left < END_KEEP + LEAST_WAIT {
+            return Err(deadline::over_budget(format!(
+                "exec in {vm} not started: {} ms were left",
+                left.as_millis()
+            )));
+        }
         let id = self.vm(vm)?;
         let dir = self.temp_dir(&id)?;
         let r = self.exec_in(&id, &dir, req);
@@ -272,9 +290,23 @@ impl Guest {
             ));
         }
         spec.push_str("</spec>");
-        let budget =
-            Duration::from_millis(u64::from(req.timeout_ms)).min(self.conn.settings.task_timeout);
-        let until = Instant::now() + budget;
+        // The command's own timeout, within what is left of the call less what
+        // ending it takes.
+        let own = Duration::from_millis(u64::from(req.timeout_ms));
+        let wait = deadline::bounded(own, END_KEEP);
+        let by_call = wait < own;
+        let over_budget = |wait: Duration| {
+            deadline::over_budget(format!(
+                "exec in {}: the command was given {} ms of its {} ms timeout",
+                id.value,
+                wait.as_millis(),
+                req.timeout_ms
+            ))
+        };
+        if by_call && wait < LEAST_WAIT {
+            return Err(over_budget(wait));
+        }
+        let until = Instant::now() + wait;
         let pid: i64 = self.call(false, "StartProgramInGuest", id, &spec, |r| {
             xml::child_text(r, "returnval")
                 .and_then(|p| p.trim().parse().ok())
@@ -297,6 +329,9 @@ impl Guest {
             match self.call(false, "TerminateProcessInGuest", id, &args, |_| Ok(())) {
                 Ok(()) | Err(Error::NotFound(_)) => {}
                 Err(e) => log::warn(&format!("ending process {pid} in {}: {e}", id.value)),
+            }
+            if by_call {
+                return Err(over_budget(wait));
             }
         }
         let limit = req.output_limit as usize;

@@ -1,15 +1,19 @@
 //! The contract's driver operations on one vSphere session.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use gve_sdk::log;
 use gve_sdk::prelude::*;
+use gve_sdk::{deadline, log};
 
 use crate::inventory::Conn;
 use crate::props;
 use crate::task;
 use crate::vm::{self, LABEL_PREFIX};
 use crate::xml::{self, MoRef};
+
+/// What a graceful shutdown leaves of the call's budget for powering the VM off
+/// when its guest does not stop in time.
+const POWER_OFF_KEEP: Duration = Duration::from_secs(5);
 
 /// An open driver session.
 pub struct EsxSession {
@@ -24,10 +28,6 @@ impl EsxSession {
         })
     }
 
-    fn deadline(&self) -> Instant {
-        Instant::now() + self.conn.settings.task_timeout
-    }
-
     /// Calls a `..._Task` method on `this` and waits for it; returns its result.
     fn run_task(
         &mut self,
@@ -36,10 +36,10 @@ impl EsxSession {
         args: &str,
         context: &str,
     ) -> Result<Option<MoRef>> {
-        let deadline = self.deadline();
+        let want = self.conn.settings.task_timeout;
         let client = &mut self.conn.client;
         let t = client.call(method, this, args, |r| task::returned(r, method))?;
-        task::wait(client, &t, context, deadline)
+        task::wait(client, &t, context, want)
     }
 
     fn power(&mut self, vm: &str) -> Result<(MoRef, vm::Record)> {
@@ -172,7 +172,7 @@ impl EsxSession {
             if Instant::now() >= until {
                 return Ok(false);
             }
-            std::thread::sleep(std::time::Duration::from_millis(200));
+            std::thread::sleep(Duration::from_millis(200));
         }
     }
 }
@@ -400,7 +400,10 @@ impl Session for EsxSession {
         }
         let context = format!("shut down {}", rec.name);
         if !force {
-            let until = Instant::now() + self.conn.settings.shutdown_timeout;
+            // The guest's own shutdown, within what is left of the call less what
+            // powering it off takes.
+            let grace = deadline::bounded(self.conn.settings.shutdown_timeout, POWER_OFF_KEEP);
+            let until = Instant::now() + grace;
             self.conn
                 .client
                 .call("ShutdownGuest", &id, "", |_| Ok(()))?;
@@ -410,7 +413,7 @@ impl Session for EsxSession {
             log::warn(&format!(
                 "{}: the guest did not shut down in {} ms; powering off",
                 rec.name,
-                self.conn.settings.shutdown_timeout.as_millis()
+                grace.as_millis()
             ));
         }
         match self.run_task("PowerOffVM_Task", &id, "", &context) {

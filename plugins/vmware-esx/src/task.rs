@@ -2,7 +2,7 @@
 
 use std::time::{Duration, Instant};
 
-use gve_sdk::{Error, Result};
+use gve_sdk::{deadline, Error, Result};
 
 use crate::fault::Fault;
 use crate::props;
@@ -25,15 +25,21 @@ pub fn returned(response: roxmltree::Node<'_, '_>, method: &str) -> Result<MoRef
         .ok_or_else(|| Error::backend(format!("vSphere {method}: no task in the reply")))
 }
 
-/// Polls `task` until it ends or `deadline` passes (then `timeout`, saying the task
-/// goes on on the server). Fails with the task's fault mapped to the contract,
-/// prefixed by `context`.
+/// What a task's wait leaves of the call's budget for the steps after it.
+pub const KEEP: Duration = Duration::from_secs(1);
+
+/// Polls `task` until it ends or `want` passes, within what is left of the call
+/// less [`KEEP`] (then `timeout`, saying the task goes on on the server, and naming
+/// `call-timeout-ms` when the call's budget was the bound). Fails with the task's
+/// fault mapped to the contract, prefixed by `context`.
 pub fn wait(
     client: &mut Client,
     task: &MoRef,
     context: &str,
-    deadline: Instant,
+    want: Duration,
 ) -> Result<Option<MoRef>> {
+    let limit = deadline::bounded(want, KEEP);
+    let until = Instant::now() + limit;
     let mut pause = Duration::from_millis(50);
     loop {
         let mut outcome = None;
@@ -64,13 +70,19 @@ pub fn wait(
             None => {}
         }
         let now = Instant::now();
-        if now >= deadline {
-            return Err(Error::timeout(format!(
-                "{context}: task {} still running when the call's budget ran out; it goes on on the server",
-                task.value
-            )));
+        if now >= until {
+            let what = format!(
+                "{context}: task {} still running after {} ms; it goes on on the server",
+                task.value,
+                limit.as_millis()
+            );
+            return Err(if limit < want {
+                deadline::over_budget(what)
+            } else {
+                Error::timeout(format!("{what} (the plugin's `task-timeout-ms`)"))
+            });
         }
-        std::thread::sleep(pause.min(deadline - now));
+        std::thread::sleep(pause.min(until - now));
         pause = (pause * 2).min(Duration::from_millis(1000));
     }
 }

@@ -1,0 +1,191 @@
+//! vmware-esx's waits against its call budget (contract 0.1.2's `deadline`): a guest
+//! command runs for its own timeout (not the plugin's task timeout), the agent's
+//! default leaves the plugin its declared `exec-margin-ms`, and a command, a task or
+//! a SOAP request the call's budget would outlive is ended by the plugin and
+//! reported as its own `timeout` naming the limit, never stopped by the sandbox.
+
+use std::time::{Duration, Instant};
+
+use gve::agent::model::{OpError, OpState, Operation};
+use gve::agent::{Agent, AgentConfig};
+use gve::api::client::Client;
+use gve_harness::vsphere::{self, VsphereSim};
+use serde_json::json;
+
+use crate::agent::{run_op, TOKEN};
+use crate::guest::exec;
+use crate::vmware::esx_config;
+
+/// An agent on `sim` whose vmware-esx plugin has a `budget_ms` call budget.
+async fn agent_with_budget(
+    sim: &VsphereSim,
+    dir: &std::path::Path,
+    budget_ms: u64,
+    tweak: impl FnOnce(&mut AgentConfig),
+) -> (Agent, Client) {
+    let mut config = esx_config(sim, dir, &sim.tls_pin(), vsphere::PASSWORD);
+    config
+        .plugins
+        .get_mut("vmware-esx")
+        .unwrap()
+        .limits
+        .call_timeout_ms = budget_ms;
+    tweak(&mut config);
+    let agent = Agent::start(config).await.unwrap();
+    let c = Client::new(&format!("http://{}", agent.addr), Some(TOKEN.into())).unwrap();
+    (agent, c)
+}
+
+/// A running VM made from the simulator's template.
+async fn running_vm(c: &Client, name: &str) -> String {
+    let op = run_op(
+        c,
+        "/v1/vms",
+        json!({ "name": name, "template": vsphere::TEMPLATE, "main-memory-mib": 128 }),
+    )
+    .await;
+    assert_eq!(op.state, OpState::Succeeded, "{op:?}");
+    let id = op.result.unwrap().id;
+    let op = run_op(c, &format!("/v1/vms/{id}/start"), json!({})).await;
+    assert_eq!(op.state, OpState::Succeeded, "{op:?}");
+    id
+}
+
+/// The plugin's calls the sandbox stopped at their deadline (none expected).
+fn assert_no_sandbox_stop(agent: &Agent) {
+    let metrics = agent.runtime.metrics_text().unwrap();
+    let stopped = crate::metrics::deadline_stops(&metrics, "vmware-esx");
+    assert!(stopped.is_empty(), "{stopped:?}");
+}
+
+/// A simulator that holds the methods of `delays` (`-method-delay`), an agent whose
+/// plugin has a `budget_ms` call budget, and a running VM on it.
+struct SlowServer {
+    agent: Agent,
+    c: Client,
+    id: String,
+    _dir: tempfile::TempDir,
+    _sim: VsphereSim,
+}
+
+impl SlowServer {
+    async fn start(delays: &str, budget_ms: u64) -> SlowServer {
+        let sim = VsphereSim::start(&["-method-delay", delays]);
+        let dir = tempfile::tempdir().unwrap();
+        let (agent, c) = agent_with_budget(&sim, dir.path(), budget_ms, |_| {}).await;
+        let id = running_vm(&c, "esx-slow").await;
+        SlowServer {
+            agent,
+            c,
+            id,
+            _dir: dir,
+            _sim: sim,
+        }
+    }
+
+    /// Runs operation `action` on the VM; how it ended and how long it took.
+    async fn run(&self, action: &str, body: serde_json::Value) -> (Operation, Duration) {
+        let t = Instant::now();
+        let op = run_op(&self.c, &format!("/v1/vms/{}/{action}", self.id), body).await;
+        (op, t.elapsed())
+    }
+}
+
+/// `op` failed as the plugin's own `timeout` naming the limit to raise, and no
+/// call was stopped by the sandbox; its error.
+fn ended_by_the_plugin_over_budget(agent: &Agent, op: Operation) -> OpError {
+    assert_eq!(op.state, OpState::Failed, "{op:?}");
+    let err = op.error.unwrap();
+    assert_eq!(err.kind, "timeout", "{err:?}");
+    assert!(err.message.contains("call-timeout-ms"), "{err:?}");
+    assert_no_sandbox_stop(agent);
+    err
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_runs_for_its_own_timeout_and_the_default_leaves_the_exec_margin() {
+    let sim = VsphereSim::start(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let (agent, c) = agent_with_budget(&sim, dir.path(), 8_000, |config| {
+        // A task timeout shorter than the command: it used to cut the command
+        // short and call it timed out, though its own timeout had not passed.
+        config
+            .plugins
+            .get_mut("vmware-esx")
+            .unwrap()
+            .grants
+            .config
+            .insert("task-timeout-ms".into(), "1000".into());
+    })
+    .await;
+    let summary = agent.plugins.get("vmware-esx").unwrap();
+    assert_eq!(summary.exec_margin_ms, 3_000);
+    let id = running_vm(&c, "esx-exec").await;
+
+    let r = exec(
+        &c,
+        &id,
+        json!({ "argv": ["sleep", "2"], "timeout-ms": 4000 }),
+    )
+    .await;
+    assert_eq!((r.exit_code, r.timed_out), (Some(0), false), "{r:?}");
+
+    // Without a timeout the command gets the budget less the manifest's 3 s margin
+    // (5 s), and ends as a command that timed out, with the plugin's instance kept.
+    let t = Instant::now();
+    let op = run_op(
+        &c,
+        &format!("/v1/vms/{id}/exec"),
+        json!({ "argv": ["sleep", "10"] }),
+    )
+    .await;
+    let took = t.elapsed();
+    assert_eq!(op.state, OpState::Succeeded, "{op:?}");
+    let r = match op.output {
+        Some(gve::agent::model::OpOutput::Exec(o)) => o,
+        other => panic!("exec produced {other:?}"),
+    };
+    assert_eq!((r.exit_code, r.timed_out), (None, true), "{r:?}");
+    assert!(took >= Duration::from_millis(4_900), "{took:?}");
+    // More than the ceiling is refused before anything runs.
+    let e = crate::agent::post(
+        &c,
+        &format!("/v1/vms/{id}/exec"),
+        json!({ "argv": ["true"], "timeout-ms": 5001 }),
+    )
+    .await
+    .unwrap_err();
+    assert!(e.to_string().contains("between 1 and 5000"), "{e}");
+    assert_no_sandbox_stop(&agent);
+    agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_setup_ends_the_command_as_the_plugins_own_timeout() {
+    // Making the command's directory takes 2 s of an 8 s budget, so the default
+    // 5 s no longer fits before the 2 s the plugin keeps to end it.
+    let slow = SlowServer::start("CreateTemporaryDirectoryInGuest=2000", 8_000).await;
+    let (c, id) = (&slow.c, &slow.id);
+    let (op, took) = slow.run("exec", json!({ "argv": ["sleep", "10"] })).await;
+    let agent = &slow.agent;
+    let err = ended_by_the_plugin_over_budget(agent, op);
+    assert!(err.message.contains("of its 5000 ms timeout"), "{err:?}");
+    assert!(took >= Duration::from_millis(5_000), "{took:?}");
+    // The plugin answers afterwards.
+    let r = exec(c, id, json!({ "argv": ["hostname"] })).await;
+    assert_eq!(r.exit_code, Some(0), "{r:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chained_slow_requests_end_within_the_call_budget() {
+    // Destroying a running VM powers it off, then destroys it: two requests the
+    // server holds 2.5 s each, in a 4 s budget. The second is cut at what is left.
+    let slow = SlowServer::start("PowerOffVM_Task=2500,Destroy_Task=2500", 4_000).await;
+    let (op, took) = slow.run("destroy", json!({})).await;
+    let (agent, c) = (&slow.agent, &slow.c);
+    ended_by_the_plugin_over_budget(agent, op);
+    assert!(took < Duration::from_millis(4_500), "{took:?}");
+    // The plugin answers afterwards (the host's description comes from it).
+    let host: serde_json::Value = c.get("/v1/host").await.unwrap();
+    assert!(host["logical-cpus"].as_u64().unwrap_or(0) > 0, "{host}");
+}
