@@ -55,6 +55,8 @@ pub struct Request {
     timeout: Duration,
     /// The timeout is what was left of the call's budget, not the one asked for.
     cut: bool,
+    /// Time kept of the call's budget beyond [`CALL_KEEP`] ([`Request::keep`]).
+    kept: Duration,
 }
 
 /// A complete HTTP response.
@@ -79,6 +81,7 @@ impl Request {
             body: Vec::new(),
             timeout: DEFAULT_TIMEOUT,
             cut: false,
+            kept: Duration::ZERO,
         }
     }
 
@@ -110,19 +113,28 @@ impl Request {
         self
     }
 
+    /// Keeps `time` of the call's budget for what must follow the request (a clean-up
+    /// after its failure): its timeouts end that much earlier than they otherwise
+    /// would ([`Request::send`]).
+    pub fn keep(mut self, time: Duration) -> Request {
+        self.kept = time;
+        self
+    }
+
     /// Sends the request and reads the whole response. A body is sent with a
     /// `content-length` header (computed unless the request sets one), never chunked.
     ///
     /// Each of the request's timeouts (connect, first byte, between bytes; the host
     /// applies them per phase) is at most what is left of the plugin's call less
-    /// half a second ([`crate::deadline::bounded`]), so a server that stops
+    /// half a second and what [`Request::keep`] set aside
+    /// ([`crate::deadline::bounded`]), so a server that stops
     /// answering ends the request with an error the plugin can act on rather than
     /// the call being stopped by the host. A timeout that ran into that bound fails
     /// with [`crate::deadline::over_budget`]'s `timeout`; a request is not sent
-    /// with under 0.6 s of the call left.
+    /// with under 0.6 s of the call left (beyond what is kept).
     pub fn send(mut self) -> Result<Response> {
         let asked = self.timeout;
-        let limit = deadline::bounded(asked, CALL_KEEP);
+        let limit = deadline::bounded(asked, CALL_KEEP + self.kept);
         if limit >= asked {
             return self.send_now();
         }
@@ -152,7 +164,8 @@ impl Request {
                 | C::ConnectionWriteTimeout
                 | C::HttpResponseTimeout
         );
-        if self.cut && timed_out && deadline::remaining() <= CALL_KEEP + AT_THE_END {
+        let end = CALL_KEEP + self.kept + AT_THE_END;
+        if self.cut && timed_out && deadline::remaining() <= end {
             return deadline::over_budget(format!(
                 "HTTP request to {}: no response within the {} ms left ({code:?})",
                 self.url,

@@ -189,3 +189,31 @@ async fn chained_slow_requests_end_within_the_call_budget() {
     let host: serde_json::Value = c.get("/v1/host").await.unwrap();
     assert!(host["logical-cpus"].as_u64().unwrap_or(0) > 0, "{host}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clone_that_cannot_be_sized_in_time_is_removed() {
+    // The server holds the sizing of a new VM 10 s in an 8 s budget: the request is
+    // cut with time kept to remove the clone, which is then removed.
+    let sim = VsphereSim::start(&["-method-delay", "ReconfigVM_Task=10000"]);
+    let dir = tempfile::tempdir().unwrap();
+    let (agent, c) = agent_with_budget(&sim, dir.path(), 8_000, |_| {}).await;
+    let driver = agent.core().unwrap().driver.clone();
+    let before = driver.list_vms().await.unwrap().len();
+    let op = run_op(
+        &c,
+        "/v1/vms",
+        json!({ "name": "esx-unsized", "template": vsphere::TEMPLATE, "main-memory-mib": 128 }),
+    )
+    .await;
+    ended_by_the_plugin_over_budget(&agent, op);
+    let names: Vec<String> = driver
+        .list_vms()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|v| v.name)
+        .collect();
+    assert!(!names.iter().any(|n| n == "esx-unsized"), "{names:?}");
+    assert_eq!(names.len(), before, "{names:?}");
+    agent.stop().await;
+}

@@ -15,6 +15,10 @@ use crate::xml::{self, MoRef};
 /// when its guest does not stop in time.
 const POWER_OFF_KEEP: Duration = Duration::from_secs(5);
 
+/// What a step whose failure is cleaned up leaves of the call's budget for that
+/// clean-up (a `Destroy_Task` and its wait).
+const CLEAN_UP_KEEP: Duration = Duration::from_secs(3);
+
 /// An open driver session.
 pub struct EsxSession {
     conn: Conn,
@@ -299,8 +303,18 @@ impl Session for EsxSession {
                 let context = format!("size new VM {} ({})", profile.name, id.value);
                 let spec =
                     format!("<numCPUs>{cpus}</numCPUs><memoryMB>{memory}</memoryMB>{labels}");
-                if let Err(e) = self.reconfigure(&id, &spec, &context) {
-                    let _ = self.run_task("Destroy_Task", &id, "", "remove half-made VM");
+                // Sized with time kept to remove the clone should sizing fail.
+                self.conn.client.reserve = CLEAN_UP_KEEP;
+                let sized = self.reconfigure(&id, &spec, &context);
+                self.conn.client.reserve = Duration::ZERO;
+                if let Err(e) = sized {
+                    let gone = self.run_task("Destroy_Task", &id, "", "remove half-made VM");
+                    if let Err(left) = gone {
+                        log::warn(&format!(
+                            "{} ({}) was cloned but not sized, and is left on the server: {left}",
+                            profile.name, id.value
+                        ));
+                    }
                     return Err(e);
                 }
                 id

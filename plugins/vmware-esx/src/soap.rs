@@ -135,6 +135,9 @@ pub struct Client {
     cookie: Option<String>,
     /// Bumped at every (re-)login: objects made in an older session (views) are gone.
     pub generation: u64,
+    /// Time each request and task wait leaves of the call's budget for the clean-up
+    /// after a step that may fail (zero but around such a step).
+    pub reserve: Duration,
 }
 
 impl Client {
@@ -157,6 +160,7 @@ impl Client {
             action: FIRST_ACTION.into(),
             cookie: None,
             generation: 0,
+            reserve: Duration::ZERO,
         };
         client.content = client.call("RetrieveServiceContent", &si, "", |r| {
             let rv = xml::child(r, "returnval")
@@ -252,6 +256,7 @@ impl Client {
             .header("content-type", "text/xml; charset=utf-8")
             .header("soapaction", format!("\"{}\"", self.action))
             .timeout(self.endpoint.timeout)
+            .keep(self.reserve)
             .body(envelope.as_bytes().to_vec());
         if let Some(c) = &self.cookie {
             req = req.header("cookie", format!("{COOKIE}={c}"));
