@@ -131,7 +131,7 @@ impl Request {
     /// answering ends the request with an error the plugin can act on rather than
     /// the call being stopped by the host. A timeout that ran into that bound fails
     /// with [`crate::deadline::over_budget`]'s `timeout`; a request is not sent
-    /// with under 0.6 s of the call left (beyond what is kept).
+    /// with under 0.6 s of the call left beyond what [`Request::keep`] set aside.
     pub fn send(mut self) -> Result<Response> {
         let asked = self.timeout;
         let limit = deadline::bounded(asked, CALL_KEEP + self.kept);
@@ -140,9 +140,11 @@ impl Request {
         }
         if limit < MIN_REQUEST {
             return Err(deadline::over_budget(format!(
-                "HTTP request to {} not sent: {} ms of the call were left",
+                "HTTP request to {} not sent: {} ms of the call were left, {} ms of them \
+                 kept for what follows",
                 self.url,
-                deadline::remaining().as_millis()
+                deadline::remaining().as_millis(),
+                (CALL_KEEP + self.kept).as_millis()
             )));
         }
         self.timeout = limit;
@@ -167,7 +169,8 @@ impl Request {
         let end = CALL_KEEP + self.kept + AT_THE_END;
         if self.cut && timed_out && deadline::remaining() <= end {
             return deadline::over_budget(format!(
-                "HTTP request to {}: no response within the {} ms left ({code:?})",
+                "HTTP request to {}: no response within {} ms, what was left of the call \
+                 ({code:?})",
                 self.url,
                 self.timeout.as_millis()
             ));

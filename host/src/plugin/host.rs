@@ -86,10 +86,15 @@ pub struct PluginSummary {
     pub limits: Limits,
     /// What ending a guest command takes it (manifest `exec-margin-ms`), ms: the
     /// agent allows exec timeouts of at most the call budget less this.
-    #[serde(default)]
+    #[serde(default = "default_exec_margin_ms")]
     pub exec_margin_ms: u64,
     /// Load generation; grows with every load or replace.
     pub generation: u64,
+}
+
+/// The exec margin of a summary that does not say (an older agent's): the default.
+fn default_exec_margin_ms() -> u64 {
+    super::manifest::DeclaredLimits::default().exec_margin_ms
 }
 
 /// What one fresh instance of a plugin costs ([`PluginHost::footprint`]).

@@ -184,7 +184,8 @@ async fn chained_slow_requests_end_within_the_call_budget() {
     let (op, took) = slow.run("destroy", json!({})).await;
     let (agent, c) = (&slow.agent, &slow.c);
     ended_by_the_plugin_over_budget(agent, op);
-    assert!(took < Duration::from_millis(4_500), "{took:?}");
+    // A sandbox stop would show in the metric; this bounds the agent's own part.
+    assert!(took < Duration::from_millis(6_000), "{took:?}");
     // The plugin answers afterwards (the host's description comes from it).
     let host: serde_json::Value = c.get("/v1/host").await.unwrap();
     assert!(host["logical-cpus"].as_u64().unwrap_or(0) > 0, "{host}");
@@ -205,7 +206,9 @@ async fn a_clone_that_cannot_be_sized_in_time_is_removed() {
         json!({ "name": "esx-unsized", "template": vsphere::TEMPLATE, "main-memory-mib": 128 }),
     )
     .await;
-    ended_by_the_plugin_over_budget(&agent, op);
+    let err = ended_by_the_plugin_over_budget(&agent, op);
+    assert!(err.message.contains("ReconfigVM_Task"), "{err:?}");
+    assert!(err.message.contains("was removed"), "{err:?}");
     let names: Vec<String> = driver
         .list_vms()
         .await

@@ -191,6 +191,8 @@ const UNPLUG_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 /// keeps the transfer's record and tries again (a stopped VM lets go).
 fn wait_unplugged(conn: &Connection, vm: &str, path: &str) -> Result<()> {
     let start = std::time::Instant::now();
+    // Within what is left of the call less a second to report it.
+    let limit = gve_sdk::deadline::bounded(UNPLUG_WAIT, std::time::Duration::from_secs(1));
     loop {
         let held = match conn.domain_xml(vm, false) {
             Ok(xml) => DomainView::parse(&xml)?
@@ -203,11 +205,16 @@ fn wait_unplugged(conn: &Connection, vm: &str, path: &str) -> Result<()> {
         if !held {
             return Ok(());
         }
-        if start.elapsed() >= UNPLUG_WAIT {
-            return Err(Error::unavailable(format!(
-                "the guest of '{vm}' did not let go of staged disk {path} within {} s of its unplug",
-                UNPLUG_WAIT.as_secs()
-            )));
+        if start.elapsed() >= limit {
+            let what = format!(
+                "the guest of '{vm}' did not let go of staged disk {path} within {} ms of its unplug",
+                limit.as_millis()
+            );
+            return Err(if limit < UNPLUG_WAIT {
+                gve_sdk::deadline::over_budget(what)
+            } else {
+                Error::unavailable(what)
+            });
         }
         std::thread::sleep(std::time::Duration::from_millis(100));
     }

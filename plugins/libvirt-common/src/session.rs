@@ -314,7 +314,8 @@ impl<F: Flavor> LibvirtSession<F> {
         // after the guest powers off) is only made transient by the undefine and
         // goes when the cleanup ends: wait for that, so the VM is on one host only.
         // (Reading a domain in that cleanup can fail otherwise: only not-found ends it.)
-        let end = Instant::now() + Duration::from_secs(20);
+        let end = Instant::now()
+            + gve_sdk::deadline::bounded(Duration::from_secs(20), Duration::from_secs(1));
         while Instant::now() < end {
             match self.conn.lookup_domain(&d.uuid) {
                 Err(e) if e.kind() == "not-found" => break,

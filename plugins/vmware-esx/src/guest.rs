@@ -37,6 +37,8 @@ type Shared = Rc<RefCell<Guest>>;
 /// output and removing its directory (about six SOAP and HTTP round trips, each
 /// bounded by what is left).
 const END_KEEP: Duration = Duration::from_secs(2);
+/// What an exec's steps keep of the call's budget for removing its directory.
+const REMOVE_KEEP: Duration = Duration::from_secs(1);
 /// The least wait worth starting a command with.
 const LEAST_WAIT: Duration = Duration::from_millis(500);
 
@@ -180,6 +182,7 @@ impl Guest {
         let resp = Request::new("PUT", &url)
             .header("content-type", "application/octet-stream")
             .timeout(self.conn.settings.request_timeout)
+            .keep(self.conn.client.reserve)
             .body(bytes.to_vec())
             .send()?;
         if !resp.is_success() {
@@ -218,6 +221,7 @@ impl Guest {
         let url = self.transfer_url(&url);
         let resp = Request::get(&url)
             .timeout(self.conn.settings.request_timeout)
+            .keep(self.conn.client.reserve)
             .send()?;
         if !resp.is_success() {
             return Err(Error::backend(format!(
@@ -252,7 +256,10 @@ impl Guest {
         }
         let id = self.vm(vm)?;
         let dir = self.temp_dir(&id)?;
+        // Every step keeps a second of the call for removing the directory.
+        self.conn.client.reserve = REMOVE_KEEP;
         let r = self.exec_in(&id, &dir, req);
+        self.conn.client.reserve = Duration::ZERO;
         self.remove_dir(&id, &dir);
         r
     }

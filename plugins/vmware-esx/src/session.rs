@@ -309,13 +309,22 @@ impl Session for EsxSession {
                 self.conn.client.reserve = Duration::ZERO;
                 if let Err(e) = sized {
                     let gone = self.run_task("Destroy_Task", &id, "", "remove half-made VM");
-                    if let Err(left) = gone {
-                        log::warn(&format!(
-                            "{} ({}) was cloned but not sized, and is left on the server: {left}",
+                    return Err(match gone {
+                        Ok(_) => e.context(format_args!(
+                            "{}: its clone {} was removed",
                             profile.name, id.value
-                        ));
-                    }
-                    return Err(e);
+                        )),
+                        Err(left) => {
+                            log::warn(&format!(
+                                "{} ({}) was cloned but not sized, and its removal failed: {left}",
+                                profile.name, id.value
+                            ));
+                            e.context(format_args!(
+                                "{}: its clone {} may be left on the server ({left})",
+                                profile.name, id.value
+                            ))
+                        }
+                    });
                 }
                 id
             }
