@@ -74,9 +74,7 @@ done; sleep 0.02; i=$((i+1)); done"#;
     over_call_budget(&e, t);
     // No call was stopped by the sandbox: both ended as the plugin's own errors.
     assert_eq!(failed_finishes(), failed_before + 1.0);
-    let metrics = agent.runtime.metrics_text().unwrap();
-    let stopped = crate::metrics::deadline_stops(&metrics, "guest-install");
-    assert!(stopped.is_empty(), "{stopped:?}");
+    crate::metrics::assert_no_deadline_stop(agent, "guest-install");
     // Nothing of either checksum runs on: killed with their children (the upload's
     // `sha256sum` ran under the check's shell). Live processes' command lines (a
     // killed one the guest's init has not reaped has none).

@@ -212,9 +212,7 @@ async fn lifecycle_on_real_qemu_guests() {
     let op = run_op(&c, &format!("/v1/vms/{}/shutdown", vm.id), json!({})).await;
     assert_eq!(op.state, OpState::Succeeded, "{op:?}");
     assert!(t.elapsed() < Duration::from_secs(8), "{:?}", t.elapsed());
-    let metrics = agent.runtime.metrics_text().unwrap();
-    let stopped = crate::metrics::deadline_stops(&metrics, "kvm");
-    assert!(stopped.is_empty(), "{stopped:?}");
+    crate::metrics::assert_no_deadline_stop(&agent, "kvm");
     agent.plugins.replace("kvm", kvm_spec(&lv)).await.unwrap();
     assert_eq!(state(&c, &vm.id).await, VmState::Stopped);
     assert_eq!(lv.virsh(&["domstate", "k-1"]).trim(), "shut off");

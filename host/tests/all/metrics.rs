@@ -308,11 +308,14 @@ async fn a_monitor_reads_the_metrics_and_nothing_else() {
     );
 }
 
-/// The `gve_plugin_calls_total` series of `plugin`'s calls the sandbox stopped at
-/// their deadline.
-pub fn deadline_stops<'a>(text: &'a str, plugin: &str) -> Vec<&'a str> {
+/// No call of `plugin` in `agent` was stopped by the sandbox at its deadline (no
+/// `gve_plugin_calls_total` series of that outcome).
+pub fn assert_no_deadline_stop(agent: &gve::agent::Agent, plugin: &str) {
+    let text = agent.runtime.metrics_text().unwrap();
     let plugin = format!("plugin=\"{plugin}\"");
-    text.lines()
+    let stopped: Vec<&str> = text
+        .lines()
         .filter(|l| l.contains(&plugin) && l.contains("outcome=\"deadline\""))
-        .collect()
+        .collect();
+    assert!(stopped.is_empty(), "{stopped:?}");
 }

@@ -33,6 +33,12 @@ pub fn esx_spec(sim: &VsphereSim, pin: &str) -> PluginSpec {
     }
 }
 
+/// Sets the vmware-esx plugin's config value `key` in `config`.
+pub fn set_esx_config(config: &mut AgentConfig, key: &str, value: &str) {
+    let spec = config.plugins.get_mut("vmware-esx").unwrap();
+    spec.grants.config.insert(key.into(), value.into());
+}
+
 /// The agent's config for a vmware-esx driver on `sim`.
 pub fn esx_config(
     sim: &VsphereSim,
@@ -570,13 +576,7 @@ async fn plain_http_needs_the_operators_explicit_opt_in() {
 
     let dir = tempfile::tempdir().unwrap();
     config.data_dir = dir.path().to_path_buf();
-    config
-        .plugins
-        .get_mut("vmware-esx")
-        .unwrap()
-        .grants
-        .config
-        .insert("plain-http".into(), "true".into());
+    set_esx_config(&mut config, "plain-http", "true");
     let agent = Agent::start(config).await.unwrap();
     let driver = agent.core().unwrap().driver.clone();
     assert!(driver.get_vm(vsphere::TEMPLATE).await.unwrap().is_template);

@@ -14,7 +14,8 @@ use serde_json::json;
 
 use crate::agent::{run_op, TOKEN};
 use crate::guest::exec;
-use crate::vmware::esx_config;
+use crate::metrics::assert_no_deadline_stop;
+use crate::vmware::{esx_config, set_esx_config};
 
 /// An agent on `sim` whose vmware-esx plugin has a `budget_ms` call budget.
 async fn agent_with_budget(
@@ -49,13 +50,6 @@ async fn running_vm(c: &Client, name: &str) -> String {
     let op = run_op(c, &format!("/v1/vms/{id}/start"), json!({})).await;
     assert_eq!(op.state, OpState::Succeeded, "{op:?}");
     id
-}
-
-/// The plugin's calls the sandbox stopped at their deadline (none expected).
-fn assert_no_sandbox_stop(agent: &Agent) {
-    let metrics = agent.runtime.metrics_text().unwrap();
-    let stopped = crate::metrics::deadline_stops(&metrics, "vmware-esx");
-    assert!(stopped.is_empty(), "{stopped:?}");
 }
 
 /// A simulator that holds the methods of `delays` (`-method-delay`), an agent whose
@@ -98,7 +92,7 @@ fn ended_by_the_plugin_over_budget(agent: &Agent, op: Operation) -> OpError {
     let err = op.error.unwrap();
     assert_eq!(err.kind, "timeout", "{err:?}");
     assert!(err.message.contains("call-timeout-ms"), "{err:?}");
-    assert_no_sandbox_stop(agent);
+    assert_no_deadline_stop(agent, "vmware-esx");
     err
 }
 
@@ -109,13 +103,7 @@ async fn a_command_runs_for_its_own_timeout_and_the_default_leaves_the_exec_marg
     let (agent, c) = agent_with_budget(&sim, dir.path(), 8_000, |config| {
         // A task timeout shorter than the command: it used to cut the command
         // short and call it timed out, though its own timeout had not passed.
-        config
-            .plugins
-            .get_mut("vmware-esx")
-            .unwrap()
-            .grants
-            .config
-            .insert("task-timeout-ms".into(), "1000".into());
+        set_esx_config(config, "task-timeout-ms", "1000");
     })
     .await;
     let summary = agent.plugins.get("vmware-esx").unwrap();
@@ -156,7 +144,7 @@ async fn a_command_runs_for_its_own_timeout_and_the_default_leaves_the_exec_marg
     .await
     .unwrap_err();
     assert!(e.to_string().contains("between 1 and 5000"), "{e}");
-    assert_no_sandbox_stop(&agent);
+    assert_no_deadline_stop(&agent, "vmware-esx");
     agent.stop().await;
 }
 

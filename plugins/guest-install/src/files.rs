@@ -97,8 +97,9 @@ const LEAST_CHECKSUM_MS: u32 = 500;
 /// upload's drop removes it. `Some(left)` when the call's deadline is the bound.
 fn checksum_budget(agent: &Agent, path: &str, size: u64) -> Result<(u32, Option<u32>)> {
     let own = hash_budget(agent, size);
-    let left = gve_sdk::deadline::remaining().saturating_sub(STOP_MARGIN);
-    let left = u32::try_from(left.as_millis()).unwrap_or(u32::MAX);
+    let wait =
+        gve_sdk::deadline::bounded(std::time::Duration::from_millis(own.into()), STOP_MARGIN);
+    let left = u32::try_from(wait.as_millis()).unwrap_or(u32::MAX);
     if left >= own {
         Ok((own, None))
     } else if left < LEAST_CHECKSUM_MS {

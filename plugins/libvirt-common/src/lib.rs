@@ -8,8 +8,9 @@
 //!
 //! Config values every flavor reads: `storage-pool` (default `gve`),
 //! `shutdown-timeout-ms` (default 20000: a graceful shutdown that does not finish in
-//! time, or within what is left of the plugin's call less 3 s, is forced), `shared-storage` (default false: migration copies the disks where
-//! the flavor can; true: every destination sees the pool's disks at the same paths,
+//! time, or within what is left of the plugin's call less 3 s, is forced),
+//! `shared-storage` (default false: migration copies the disks where the flavor can;
+//! true: every destination sees the pool's disks at the same paths,
 //! so nothing is copied), `peer-to-peer` (default false: this client drives a live
 //! migration's steps on both daemons; true: the source's libvirtd drives it and
 //! connects to the destination URI itself, which must then resolve from the source

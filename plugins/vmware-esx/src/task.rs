@@ -29,9 +29,9 @@ pub fn returned(response: roxmltree::Node<'_, '_>, method: &str) -> Result<MoRef
 pub const KEEP: Duration = Duration::from_secs(1);
 
 /// Polls `task` until it ends or `want` passes, within what is left of the call
-/// less [`KEEP`] and the client's reserve (then `timeout`, saying the task goes on on the server, and naming
-/// `call-timeout-ms` when the call's budget was the bound). Fails with the task's
-/// fault mapped to the contract, prefixed by `context`.
+/// less [`KEEP`] and the client's reserve (then `timeout`, saying the task goes on
+/// on the server, and naming `call-timeout-ms` when the call's budget was the
+/// bound). Fails with the task's fault mapped to the contract, prefixed by `context`.
 pub fn wait(
     client: &mut Client,
     task: &MoRef,
