@@ -20,11 +20,13 @@
 
 use core::time::Duration;
 
+use wasi::clocks::monotonic_clock;
 use wasi::http::outgoing_handler;
 use wasi::http::types::{
     ErrorCode, Fields, IncomingBody, Method, OutgoingBody, OutgoingRequest, RequestOptions, Scheme,
 };
-use wasi::io::streams::StreamError;
+use wasi::io::poll::{poll, Pollable};
+use wasi::io::streams::{InputStream, OutputStream, StreamError};
 
 use crate::deadline;
 use crate::error::{Error, Result};
@@ -40,8 +42,6 @@ const MIN_REQUEST: Duration = Duration::from_millis(100);
 /// budget's doing (the time the host and plugin take to report it).
 const AT_THE_END: Duration = Duration::from_millis(250);
 
-/// Bytes written to the request body stream per call (the WASI limit per blocking write).
-const WRITE_CHUNK: usize = 4096;
 /// Bytes asked for per read of the response body.
 const READ_CHUNK: u64 = 64 * 1024;
 
@@ -127,8 +127,10 @@ impl Request {
     /// Each of the request's timeouts (connect, first byte, between bytes; the host
     /// applies them per phase) is at most what is left of the plugin's call less
     /// half a second and what [`Request::keep`] set aside
-    /// ([`crate::deadline::bounded`]), so a server that stops
-    /// answering ends the request with an error the plugin can act on rather than
+    /// ([`crate::deadline::bounded`]), and so is the whole request, from its body
+    /// sent to its response read (a server that trickles its answer ends it there,
+    /// whatever the timeouts). So a server that stops answering, or answers too
+    /// slowly, ends the request with an error the plugin can act on rather than
     /// the call being stopped by the host. A timeout that ran into that bound fails
     /// with [`crate::deadline::over_budget`]'s `timeout`; a request is not sent
     /// with under 0.6 s of the call left beyond what [`Request::keep`] set aside.
@@ -223,11 +225,13 @@ impl Request {
         let _ = options.set_first_byte_timeout(ns);
         let _ = options.set_between_bytes_timeout(ns);
 
+        // The whole request ends within what is left of the call less what is kept.
+        let until = Until::new(&self.url, CALL_KEEP + self.kept);
         let pending = outgoing_handler::handle(request, Some(options)).map_err(|c| self.fail(c))?;
         let fail = |c| self.fail(c);
-        let written = write_body(&self.url, &fail, body, &self.body);
+        let written = write_body(&self.url, &until, &fail, body, &self.body);
 
-        pending.subscribe().block();
+        until.wait(&pending.subscribe())?;
         let outcome = pending.get();
         if let Err(e) = written {
             // A failed write usually has its real cause in the response.
@@ -260,7 +264,7 @@ impl Request {
                 self.url
             ))
         })?;
-        let body = read_body(&self.url, &fail, &incoming)?;
+        let body = read_body(&self.url, &until, &fail, &incoming)?;
         drop(IncomingBody::finish(incoming));
         Ok(Response {
             status,
@@ -294,29 +298,104 @@ impl Response {
 /// Maps a `wasi:http` error code of one request onto the contract's error.
 type Fail<'a> = dyn Fn(ErrorCode) -> Error + 'a;
 
-fn write_body(url: &str, fail: &Fail<'_>, body: OutgoingBody, bytes: &[u8]) -> Result<()> {
+/// The instant by which a whole request must end: waits on the host end there.
+struct Until<'a> {
+    url: &'a str,
+    within: Duration,
+    timer: Pollable,
+}
+
+impl<'a> Until<'a> {
+    /// What is left of the call, less `keep`, from now.
+    fn new(url: &'a str, keep: Duration) -> Until<'a> {
+        let within = deadline::bounded(Duration::MAX, keep);
+        let ns = u64::try_from(within.as_nanos()).unwrap_or(u64::MAX);
+        let timer = monotonic_clock::subscribe_instant(monotonic_clock::now().saturating_add(ns));
+        Until { url, within, timer }
+    }
+
+    /// Waits until `p` is ready; the call's `timeout` when the instant comes first.
+    fn wait(&self, p: &Pollable) -> Result<()> {
+        if poll(&[p, &self.timer]).contains(&0) {
+            return Ok(());
+        }
+        Err(deadline::over_budget(format!(
+            "HTTP request to {}: not done within {} ms, what was left of the call",
+            self.url,
+            self.within.as_millis()
+        )))
+    }
+}
+
+fn write_body(
+    url: &str,
+    until: &Until<'_>,
+    fail: &Fail<'_>,
+    body: OutgoingBody,
+    bytes: &[u8],
+) -> Result<()> {
     {
         let stream = body.write().map_err(|()| {
             Error::backend(format!("HTTP request to {url}: body stream unavailable"))
         })?;
-        for chunk in bytes.chunks(WRITE_CHUNK) {
-            stream
-                .blocking_write_and_flush(chunk)
-                .map_err(|e| stream_error(url, fail, e))?;
-        }
+        write_all(url, until, fail, &stream, bytes)?;
     }
     OutgoingBody::finish(body, None).map_err(fail)
 }
 
-fn read_body(url: &str, fail: &Fail<'_>, incoming: &IncomingBody) -> Result<Vec<u8>> {
-    let stream = incoming.stream().map_err(|()| {
+/// Writes and flushes `bytes`, each wait for the stream bounded by `until`.
+fn write_all(
+    url: &str,
+    until: &Until<'_>,
+    fail: &Fail<'_>,
+    stream: &OutputStream,
+    mut bytes: &[u8],
+) -> Result<()> {
+    if bytes.is_empty() {
+        // Nothing to flush (a body-less request's stream may be closed already).
+        return Ok(());
+    }
+    let ready = stream.subscribe();
+    let error = |e| stream_error(url, fail, e);
+    while !bytes.is_empty() {
+        until.wait(&ready)?;
+        let n = stream.check_write().map_err(error)?;
+        // As much as the host takes now (its own chunk size).
+        let n = usize::try_from(n).unwrap_or(usize::MAX).min(bytes.len());
+        if n > 0 {
+            stream.write(&bytes[..n]).map_err(error)?;
+            bytes = &bytes[n..];
+        }
+    }
+    // A body written to its `content-length` may be closed by the host as soon
+    // as it is whole: closed then means sent.
+    match stream.flush() {
+        Err(StreamError::Closed) => return Ok(()),
+        other => other.map_err(error)?,
+    }
+    until.wait(&ready)?;
+    match stream.check_write() {
+        Ok(_) | Err(StreamError::Closed) => Ok(()),
+        Err(e) => Err(error(e)),
+    }
+}
+
+fn read_body(
+    url: &str,
+    until: &Until<'_>,
+    fail: &Fail<'_>,
+    incoming: &IncomingBody,
+) -> Result<Vec<u8>> {
+    let stream: InputStream = incoming.stream().map_err(|()| {
         Error::backend(format!(
             "HTTP request to {url}: response body stream unavailable"
         ))
     })?;
+    let ready = stream.subscribe();
     let mut body = Vec::new();
     loop {
-        match stream.blocking_read(READ_CHUNK) {
+        match stream.read(READ_CHUNK) {
+            Ok(chunk) if chunk.is_empty() => until.wait(&ready)?,
             Ok(chunk) => body.extend_from_slice(&chunk),
             Err(StreamError::Closed) => return Ok(body),
             Err(e) => return Err(stream_error(url, fail, e)),
@@ -331,7 +410,17 @@ fn stream_error(url: &str, fail: &Fail<'_>, e: StreamError) -> Error {
         }
         StreamError::LastOperationFailed(io) => match wasi::http::types::http_error_code(&io) {
             Some(code) => fail(code),
-            None => Error::backend(format!("HTTP request to {url}: {}", io.to_debug_string())),
+            // A body's error may come without its code (wasmtime 48 hands on only its
+            // text, then a backtrace): its first line says what happened.
+            None => {
+                let text = io.to_debug_string();
+                let what = text.lines().next().unwrap_or_default();
+                if what.contains("timeout") {
+                    fail(ErrorCode::HttpResponseTimeout)
+                } else {
+                    Error::backend(format!("HTTP request to {url}: {what}"))
+                }
+            }
         },
     }
 }

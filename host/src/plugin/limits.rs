@@ -5,10 +5,41 @@
 //! deadline first. Code that runs with no deadline armed is stopped at the next epoch
 //! tick, so an entry the host forgot to arm cannot spin for ever.
 
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 /// Most table elements an instance may have.
 const MAX_TABLE_ELEMENTS: usize = 100_000;
+
+/// What a wait on the host's side for a plugin (a libvirt call, an HTTP response)
+/// leaves of the call for the plugin to act on its outcome: such a wait ends that
+/// long before the call's deadline, at the latest.
+pub const HOST_WAIT_KEEP: Duration = Duration::from_millis(200);
+
+/// The deadline of an instance's current entry, shared with the capabilities that
+/// wait for the plugin on the host's side (HTTP bodies are read outside any one
+/// host call), so that none of their waits outlives the entry.
+#[derive(Debug, Clone, Default)]
+pub struct EntryDeadline(Arc<Mutex<Option<Instant>>>);
+
+impl EntryDeadline {
+    /// The deadline, if an entry is running.
+    pub fn get(&self) -> Option<Instant> {
+        *self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn set(&self, d: Option<Instant>) {
+        *self.0.lock().unwrap_or_else(PoisonError::into_inner) = d;
+    }
+
+    /// When a host-side wait begun now must end: [`HOST_WAIT_KEEP`] before the
+    /// deadline (now, when less is left); `None` outside an entry.
+    pub fn wait_until(&self) -> Option<Instant> {
+        let d = self.get()?;
+        let now = Instant::now();
+        Some(d.checked_sub(HOST_WAIT_KEEP).unwrap_or(now).max(now))
+    }
+}
 
 /// Why a call was stopped by the sandbox rather than failing on its own.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,7 +63,7 @@ pub struct Limiter {
     memory_cap: usize,
     memory_bytes: usize,
     /// When the current call must end, if a call is running.
-    pub deadline: Option<Instant>,
+    deadline: EntryDeadline,
     /// Set when the sandbox stopped the current call.
     pub stopped: Option<Stopped>,
 }
@@ -43,7 +74,7 @@ impl Limiter {
         Limiter {
             memory_cap,
             memory_bytes: 0,
-            deadline: None,
+            deadline: EntryDeadline::default(),
             stopped: None,
         }
     }
@@ -60,14 +91,26 @@ impl Limiter {
 
     /// Arms the deadline of one entry `budget` from now.
     pub fn arm(&mut self, budget: Duration) {
-        self.deadline = Some(Instant::now() + budget);
+        self.deadline.set(Some(Instant::now() + budget));
         self.stopped = None;
+    }
+
+    /// The current entry's deadline, shared (it follows every arm and disarm).
+    pub fn entry_deadline(&self) -> EntryDeadline {
+        self.deadline.clone()
+    }
+
+    /// How long a host-side wait begun now may last: what is left of the entry
+    /// less [`HOST_WAIT_KEEP`] (zero outside an entry).
+    pub fn host_wait(&self) -> Duration {
+        self.remaining().saturating_sub(HOST_WAIT_KEEP)
     }
 
     /// The time left before the current entry's deadline: zero once it passed, and
     /// outside an entry (no deadline armed).
     pub fn remaining(&self) -> Duration {
         self.deadline
+            .get()
             .map(|d| d.saturating_duration_since(Instant::now()))
             .unwrap_or_default()
     }
@@ -75,14 +118,14 @@ impl Limiter {
     /// Disarms the deadline; returns the time that was left of it.
     pub fn disarm(&mut self) -> Duration {
         let left = self.remaining();
-        self.deadline = None;
+        self.deadline.set(None);
         left
     }
 
     /// Called by the epoch callback: must the running code stop? It must when its
     /// deadline passed, and when no deadline is armed at all.
     pub fn deadline_passed(&mut self) -> bool {
-        match self.deadline {
+        match self.deadline.get() {
             Some(d) if Instant::now() < d => false,
             _ => {
                 self.stopped = Some(Stopped::Deadline);
@@ -139,5 +182,31 @@ impl wasmtime::ResourceLimiter for Limiter {
 
     fn memories(&self) -> usize {
         4
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A host-side wait shares the entry's deadline: it ends `HOST_WAIT_KEEP`
+    /// before it, at once when less is left, and has no bound outside an entry.
+    #[test]
+    fn host_waits_follow_the_entry_deadline() {
+        let mut l = Limiter::new(1 << 20);
+        let shared = l.entry_deadline();
+        assert_eq!(shared.wait_until(), None);
+        assert_eq!(l.host_wait(), Duration::ZERO);
+        l.arm(Duration::from_secs(10));
+        let until = shared.wait_until().expect("armed");
+        let left = until.saturating_duration_since(Instant::now());
+        assert!(left > Duration::from_millis(9_700) && left <= Duration::from_millis(9_800));
+        assert!(l.host_wait() <= Duration::from_millis(9_800));
+        l.arm(Duration::from_millis(100));
+        let until = shared.wait_until().expect("armed");
+        assert!(until <= Instant::now());
+        assert_eq!(l.host_wait(), Duration::ZERO);
+        l.disarm();
+        assert_eq!(shared.wait_until(), None);
     }
 }

@@ -47,16 +47,17 @@ impl HostState {
         table.set_max_capacity(limits.max_host_resources as usize);
         let mut http = WasiHttpCtx::new();
         http.set_field_size_limit(HTTP_FIELDS_MAX_BYTES);
+        let limiter = Limiter::new((limits.memory_mib as usize) << 20);
         Ok(HostState {
             plugin: plugin.clone(),
             wasi,
             table,
             http,
-            http_policy: policies.http.for_instance(),
+            http_policy: policies.http.for_instance(limiter.entry_deadline()),
             config: policies.config.clone(),
             libvirt: policies.libvirt.clone(),
             guest_channel: policies.guest_channel.clone(),
-            limiter: Limiter::new((limits.memory_mib as usize) << 20),
+            limiter,
             limits: *limits,
             log: LogBudget::new(u64::from(limits.log_kib_per_call) << 10),
         })

@@ -160,7 +160,7 @@ impl Loaded {
                 budget: self.meta.limits.call_timeout(),
             })?
             .map_err(runtime)?;
-        store.data_mut().limiter.deadline = None;
+        store.data_mut().limiter.disarm();
         let driver = match &self.driver {
             Some(ix) => Some(ix.load(&mut store, &instance).map_err(runtime)?),
             None => None,

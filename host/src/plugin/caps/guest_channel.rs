@@ -53,7 +53,15 @@ impl Host for HostState {
                 self.guest_channel.plugin
             ))));
         };
-        let timeout = Duration::from_millis(u64::from(timeout_ms.max(1)));
+        // A host-side wait: at most what is left of the call, less what the plugin
+        // needs to act on the answer.
+        let timeout =
+            Duration::from_millis(u64::from(timeout_ms.max(1))).min(self.limiter.host_wait());
+        if timeout.is_zero() {
+            return Ok(Err(Error::Timeout(
+                "guest agent command not sent: the plugin's call has no time left for it".into(),
+            )));
+        }
         Ok(router
             .agent_command(endpoint, vm, command, timeout)
             .await

@@ -310,22 +310,20 @@ impl HostState {
         f: impl FnOnce(&Connect) -> Result<T, Error> + Send + 'static,
     ) -> wasmtime::Result<Result<T, Error>> {
         let conn = self.table().get(this)?.conn.clone();
-        Ok(self.libvirt.blocking(op, move || f(&conn.get()?.0)).await)
+        let left = self.limiter.host_wait();
+        Ok(self
+            .libvirt
+            .blocking_within(op, left, move || f(&conn.get()?.0))
+            .await)
     }
 }
 
 impl LibvirtCap {
-    async fn blocking<T: Send + 'static>(
-        &self,
-        op: &'static str,
-        f: impl FnOnce() -> Result<T, Error> + Send + 'static,
-    ) -> Result<T, Error> {
-        self.blocking_within(op, self.timeout, f).await
-    }
-
     /// Runs `f` on a blocking thread; answers `timeout` after `limit` (at most the
-    /// call budget) even if libvirt has not, so a hung call cannot hold the plugin
-    /// (its thread finishes, or fails, on its own later).
+    /// call budget; callers pass at most what is left of the call, less what the
+    /// plugin needs to act on the answer) even if libvirt has not, so a hung call
+    /// cannot hold the plugin (its thread finishes, or fails, on its own later).
+    /// Nothing is started with no time left.
     async fn blocking_within<T: Send + 'static>(
         &self,
         op: &'static str,
@@ -333,6 +331,11 @@ impl LibvirtCap {
         f: impl FnOnce() -> Result<T, Error> + Send + 'static,
     ) -> Result<T, Error> {
         let limit = limit.min(self.timeout);
+        if limit.is_zero() {
+            return Err(Error::Timeout(format!(
+                "libvirt {op} not started: the plugin's call has no time left for it"
+            )));
+        }
         match tokio::time::timeout(limit, tokio::task::spawn_blocking(f)).await {
             Ok(Ok(r)) => r,
             Ok(Err(join)) => Err(Error::Backend(format!(
@@ -372,9 +375,10 @@ impl HostConnection for HostState {
                 .over_budget(crate::plugin::budget::LIBVIRT_CONNECTIONS, u64::from(limit)));
         }
         let u = uri.clone();
+        let left = self.limiter.host_wait();
         match self
             .libvirt
-            .blocking("open", move || open_blocking(&u))
+            .blocking_within("open", left, move || open_blocking(&u))
             .await
         {
             Ok(conn) => Ok(Ok(self.table().push(Connection {
@@ -836,6 +840,7 @@ impl HostConnection for HostState {
         // the caller's timeout is enforced here, not left to libvirt.
         let limit = Duration::from_secs(u64::try_from(timeout_seconds.max(1)).unwrap_or(1));
         let conn = self.table().get(&this)?.conn.clone();
+        let limit = limit.min(self.limiter.host_wait());
         Ok(self
             .libvirt
             .blocking_within("qemu-agent-command", limit, move || {

@@ -191,54 +191,57 @@ pub mod servers {
         pub requests: Arc<AtomicUsize>,
     }
 
+    /// Listens on a loopback port for 30 s, handing each connection (blocking) to
+    /// `serve` on a thread of its own; returns the port.
+    fn serve_each(serve: impl Fn(TcpStream) + Send + Sync + Clone + 'static) -> u16 {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        listener.set_nonblocking(true).unwrap();
+        std::thread::spawn(move || {
+            let end = Instant::now() + Duration::from_secs(30);
+            while Instant::now() < end {
+                match listener.accept() {
+                    Ok((stream, _)) => {
+                        stream.set_nonblocking(false).unwrap();
+                        let serve = serve.clone();
+                        std::thread::spawn(move || serve(stream));
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(2)),
+                }
+            }
+        });
+        port
+    }
+
     impl KeepAlive {
         /// Starts one; it stops accepting after 30 s.
         pub fn start() -> KeepAlive {
-            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-            let port = listener.local_addr().unwrap().port();
-            listener.set_nonblocking(true).unwrap();
             let (accepted, open, requests) = (Arc::default(), Arc::default(), Arc::default());
             let (a, o, r): (Arc<AtomicUsize>, Arc<AtomicUsize>, Arc<AtomicUsize>) = (
                 Arc::clone(&accepted),
                 Arc::clone(&open),
                 Arc::clone(&requests),
             );
-            std::thread::spawn(move || {
-                let end = Instant::now() + Duration::from_secs(30);
-                while Instant::now() < end {
-                    match listener.accept() {
-                        Ok((mut stream, _)) => {
-                            a.fetch_add(1, Ordering::SeqCst);
-                            o.fetch_add(1, Ordering::SeqCst);
-                            let (o, r) = (o.clone(), r.clone());
-                            std::thread::spawn(move || {
-                                stream.set_nonblocking(false).unwrap();
-                                stream
-                                    .set_read_timeout(Some(Duration::from_secs(40)))
-                                    .unwrap();
-                                let mut buf = Vec::new();
-                                let mut chunk = [0u8; 4096];
-                                loop {
-                                    match stream.read(&mut chunk) {
-                                        Ok(0) | Err(_) => break,
-                                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                                    }
-                                    while let Some(i) =
-                                        buf.windows(4).position(|w| w == b"\r\n\r\n")
-                                    {
-                                        buf.drain(..i + 4);
-                                        r.fetch_add(1, Ordering::SeqCst);
-                                        let _ = stream.write_all(
-                                            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
-                                        );
-                                    }
-                                }
-                                o.fetch_sub(1, Ordering::SeqCst);
-                            });
-                        }
-                        Err(_) => std::thread::sleep(Duration::from_millis(2)),
+            let port = serve_each(move |mut stream| {
+                a.fetch_add(1, Ordering::SeqCst);
+                o.fetch_add(1, Ordering::SeqCst);
+                stream
+                    .set_read_timeout(Some(Duration::from_secs(40)))
+                    .unwrap();
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    match stream.read(&mut chunk) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                    while let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        buf.drain(..i + 4);
+                        r.fetch_add(1, Ordering::SeqCst);
+                        let _ = stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok");
                     }
                 }
+                o.fetch_sub(1, Ordering::SeqCst);
             });
             KeepAlive {
                 port,
@@ -246,6 +249,44 @@ pub mod servers {
                 open,
                 requests,
             }
+        }
+    }
+
+    /// A server that answers each connection's request with a chunked body of one
+    /// byte every 100 ms (never pausing long enough for a between-bytes timeout),
+    /// for at most 20 s; counts the connections the client closed while it sent.
+    pub struct Trickle {
+        /// Its port.
+        pub port: u16,
+        /// Connections whose client went away before the body's end.
+        pub cut: Arc<AtomicUsize>,
+    }
+
+    impl Trickle {
+        /// Starts one; it stops accepting after 30 s.
+        pub fn start() -> Trickle {
+            let cut = Arc::new(AtomicUsize::new(0));
+            let c = cut.clone();
+            let port = serve_each(move |mut stream| {
+                stream
+                    .set_read_timeout(Some(Duration::from_secs(2)))
+                    .unwrap();
+                let mut buf = [0u8; 4096];
+                let _ = stream.read(&mut buf);
+                let head = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n";
+                if stream.write_all(head).is_err() {
+                    return;
+                }
+                for _ in 0..200 {
+                    std::thread::sleep(Duration::from_millis(100));
+                    if stream.write_all(b"1\r\nx\r\n").is_err() {
+                        c.fetch_add(1, Ordering::SeqCst);
+                        return;
+                    }
+                }
+                let _ = stream.write_all(b"0\r\n\r\n");
+            });
+            Trickle { port, cut }
         }
     }
 

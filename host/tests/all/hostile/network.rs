@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use gve::plugin::{ErrorKind, Grants, PluginError};
 
-use super::servers::{counting, Silent};
-use super::{bench, hostile, libvirt_test_grant};
+use super::servers::{counting, Silent, Trickle};
+use super::{bench, hostile, libvirt_test_grant, Bench};
 
 #[tokio::test]
 async fn http_to_a_host_not_granted_never_connects() {
@@ -98,18 +98,23 @@ async fn an_authority_with_userinfo_is_refused_before_connecting() {
     b.aftermath().await;
 }
 
+/// The hostile plugin granted `127.0.0.1:port`, with a 3 s call budget.
+async fn bench_granted_3s(port: u16) -> Bench {
+    let grants = Grants {
+        http: vec![format!("127.0.0.1:{port}")],
+        ..Default::default()
+    };
+    let mut sp = hostile(grants);
+    sp.limits.call_timeout_ms = 3_000;
+    bench(sp).await
+}
+
 /// A granted server that accepts and never answers the TLS handshake fails the
 /// request with a timeout the plugin sees, well before the call's deadline.
 #[tokio::test]
 async fn a_tls_handshake_that_never_ends_times_out_on_its_own() {
     let server = Silent::start();
-    let grants = Grants {
-        http: vec![format!("127.0.0.1:{}", server.port)],
-        ..Default::default()
-    };
-    let mut sp = hostile(grants);
-    sp.limits.call_timeout_ms = 3_000;
-    let b = bench(sp).await;
+    let b = bench_granted_3s(server.port).await;
     let t = Instant::now();
     let err = b
         .hostile
@@ -127,6 +132,104 @@ async fn a_tls_handshake_that_never_ends_times_out_on_its_own() {
         "handshake timeout after {took:?} (expected half the 3 s budget)"
     );
     assert_eq!(server.accepted(), 1);
+    b.aftermath().await;
+}
+
+/// A granted server that trickles its answer (a byte every 100 ms: no
+/// between-bytes timeout ever fires) cannot hold a call to the sandbox's
+/// deadline: the host ends the request just before the call's end, the SDK
+/// half a second before, and the plugin returns an error of its own (its
+/// instance kept). Before, both calls were stopped by the sandbox.
+#[tokio::test]
+async fn a_response_that_trickles_ends_within_the_call_budget() {
+    let server = Trickle::start();
+    let b = bench_granted_3s(server.port).await;
+    // Raw wasi:http, reading with no timeout or deadline of its own.
+    let t = Instant::now();
+    let err = b
+        .hostile
+        .get_vm(&format!("raw-read:127.0.0.1:{}", server.port))
+        .await
+        .unwrap_err();
+    let took = t.elapsed();
+    let Some(e) = err.driver_error() else {
+        panic!("the call was stopped, not ended by the plugin: {err}");
+    };
+    // wasmtime hands a body's error to the plugin without its code, only its text.
+    assert!(e.message.contains("connection read timeout"), "{err}");
+    assert!(
+        took >= Duration::from_millis(2_500) && took < Duration::from_millis(3_000),
+        "the host ended the body after {took:?} (expected just under the 3 s budget)"
+    );
+    // Through the SDK, with its own 5 s timeout: ends as the plugin's timeout
+    // naming the limit, half a second before the call's end.
+    let t = Instant::now();
+    let err = b
+        .hostile
+        .get_vm(&format!("http:http://127.0.0.1:{}/", server.port))
+        .await
+        .unwrap_err();
+    let took = t.elapsed();
+    let Some(e) = err.driver_error() else {
+        panic!("the call was stopped, not ended by the plugin: {err}");
+    };
+    assert_eq!(e.kind, ErrorKind::Timeout, "{err}");
+    assert!(e.message.contains("call-timeout-ms"), "{err}");
+    assert!(
+        took >= Duration::from_millis(2_200) && took < Duration::from_millis(2_800),
+        "the SDK ended the request after {took:?} (expected 2.5 s of the 3 s budget)"
+    );
+    // Both connections were closed on the server while it was still sending.
+    let end = Instant::now() + Duration::from_secs(2);
+    while server.cut.load(Ordering::SeqCst) < 2 && Instant::now() < end {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        server.cut.load(Ordering::SeqCst),
+        2,
+        "connections left open"
+    );
+    b.aftermath().await;
+}
+
+/// A libvirtd that stops answering (SIGSTOP) cannot hold a call to the
+/// sandbox's deadline either: the host gives up on the libvirt call just before
+/// the call's end, and the plugin returns the `timeout`. Before, the host waited
+/// the whole budget, so the plugin resumed only past its deadline.
+#[tokio::test]
+async fn a_frozen_libvirtd_ends_the_call_within_its_budget() {
+    let lv = gve_harness::Libvirtd::start();
+    let grants = Grants {
+        libvirt: vec![lv.uri.clone()],
+        ..Default::default()
+    };
+    let mut sp = hostile(grants);
+    sp.limits.call_timeout_ms = 3_000;
+    let b = bench(sp).await;
+    let ask = format!("libvirt:{}", lv.uri);
+    b.hostile.get_vm(&ask).await.expect("libvirtd answers");
+    let signal = |sig| {
+        // SAFETY: kill(2) on the pid of the libvirtd this test started.
+        assert_eq!(unsafe { libc::kill(lv.pid(), sig) }, 0);
+    };
+    signal(libc::SIGSTOP);
+    let t = Instant::now();
+    let outcome = b.hostile.get_vm(&ask).await;
+    let took = t.elapsed();
+    signal(libc::SIGCONT);
+    let err = outcome.unwrap_err();
+    let Some(e) = err.driver_error() else {
+        panic!("the call was stopped, not ended by the plugin: {err}");
+    };
+    assert_eq!(e.kind, ErrorKind::Timeout, "{err}");
+    assert!(
+        took >= Duration::from_millis(2_500) && took < Duration::from_millis(2_950),
+        "the libvirt call ended after {took:?} (expected just under the 3 s budget)"
+    );
+    b.hostile
+        .get_vm(&ask)
+        .await
+        .expect("libvirtd answers again");
     b.aftermath().await;
 }
 

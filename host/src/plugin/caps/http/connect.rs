@@ -31,6 +31,9 @@ pub struct Timeouts {
     pub first_byte: Duration,
     /// Between two chunks of the response body.
     pub between_bytes: Duration,
+    /// When the whole request, its body read to the end, must be over (the call
+    /// that sent it ends soon after); `None`: no such bound.
+    pub until: Option<tokio::time::Instant>,
 }
 
 /// Addresses each granted host name resolved to the first time it was used by this
@@ -282,8 +285,26 @@ impl Pool {
 }
 
 /// Sends `request` to `target`, on an idle connection of `pool` when there is one.
-/// `guard` is held until the response is read or dropped.
+/// `guard` is held until the response is read or dropped. Past `t.until` it fails
+/// with `http-response-timeout`, and its body with `connection-read-timeout`.
 pub async fn send<G: Send + 'static>(
+    pins: &Pins,
+    pool: &Arc<Pool>,
+    target: Target,
+    request: http::Request<WasiBody>,
+    t: Timeouts,
+    guard: G,
+) -> Result<(http::Response<WasiBody>, IoFuture), HttpError> {
+    let sending = send_within(pins, pool, target, request, t, guard);
+    match t.until {
+        Some(until) => tokio::time::timeout_at(until, sending)
+            .await
+            .map_err(|_| HttpError::HttpResponseTimeout)?,
+        None => sending.await,
+    }
+}
+
+async fn send_within<G: Send + 'static>(
     pins: &Pins,
     pool: &Arc<Pool>,
     target: Target,
@@ -343,8 +364,9 @@ pub async fn send<G: Send + 'static>(
     Ok(respond(response, c, pool, key, t, guard))
 }
 
-/// The response handed to the plugin: its body times out between chunks, holds the
-/// connection (and `guard`) until read, then gives the connection back to `pool`.
+/// The response handed to the plugin: its body times out between chunks and at
+/// `t.until`, holds the connection (and `guard`) until read, then gives the
+/// connection back to `pool`.
 fn respond(
     response: http::Response<hyper::body::Incoming>,
     conn: Conn,
@@ -361,6 +383,7 @@ fn respond(
             incoming,
             between,
             timer: Box::pin(tokio::time::sleep(between)),
+            until: t.until.map(|u| Box::pin(tokio::time::sleep_until(u))),
             reuse: Some((conn, pool, key)),
             _guard: guard,
         }
@@ -388,12 +411,14 @@ fn hyper_error(e: hyper::Error) -> HttpError {
     }
 }
 
-/// A response body that fails when no chunk arrives for `between`, and gives its
-/// connection back to the pool once read to the end.
+/// A response body that fails when no chunk arrives for `between`, or when it is
+/// not read to its end by `until`, and gives its connection back to the pool once
+/// read to the end.
 struct TimedBody {
     incoming: hyper::body::Incoming,
     between: Duration,
     timer: Pin<Box<tokio::time::Sleep>>,
+    until: Option<Pin<Box<tokio::time::Sleep>>>,
     reuse: Option<(Conn, Arc<Pool>, String)>,
     _guard: Box<dyn Send>,
 }
@@ -406,6 +431,13 @@ impl Body for TimedBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, HttpError>>> {
+        // Past the call's end nothing more is handed over, even a body that keeps
+        // coming (the connection is dropped with the body, not reused).
+        if let Some(until) = self.until.as_mut() {
+            if until.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Some(Err(HttpError::ConnectionReadTimeout)));
+            }
+        }
         match Pin::new(&mut self.incoming).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 let next = tokio::time::Instant::now() + self.between;

@@ -11,6 +11,10 @@
 //!   the plugin sees, well before the call's own deadline; first-byte and
 //!   between-bytes timeouts are clamped to the call budget (wasmtime's defaults are
 //!   600 s).
+//! - The whole request, through the last byte of its response body, ends
+//!   [`crate::plugin::limits::HOST_WAIT_KEEP`] before the deadline of the call that
+//!   sent it, whatever its timeouts: a server that trickles its answer fails it
+//!   with a timeout the plugin sees, not the call with the sandbox's stop.
 //! - Connections are kept alive: one whose response was read to its end waits (at
 //!   most [`connect::IDLE_FOR`], [`connect::IDLE_PER_AUTHORITY`] per authority) for
 //!   the plugin's next request to the same authority; anything abandoned is closed.
@@ -34,6 +38,7 @@ use wasmtime_wasi_http::{
 };
 
 use crate::plugin::budget;
+use crate::plugin::limits::EntryDeadline;
 use crate::plugin::state::HostState;
 
 /// Longest a DNS lookup, TCP connect, TLS or HTTP handshake may take, each.
@@ -74,6 +79,8 @@ pub struct HttpPolicy {
     max_in_flight: usize,
     in_flight: Arc<AtomicUsize>,
     refused: Arc<AtomicUsize>,
+    /// The deadline of the instance's current entry.
+    deadline: EntryDeadline,
 }
 
 /// Counts one request in flight until dropped (when its response is read or dropped).
@@ -106,14 +113,17 @@ impl HttpPolicy {
             max_in_flight: max_in_flight as usize,
             in_flight: Arc::default(),
             refused: Arc::default(),
+            deadline: EntryDeadline::default(),
         }
     }
 
-    /// The policy of one new instance: same grants and pins, its own counters.
-    pub fn for_instance(&self) -> HttpPolicy {
+    /// The policy of one new instance: same grants and pins, its own counters, and
+    /// the deadline of its entries (`deadline`, its limiter's).
+    pub fn for_instance(&self, deadline: EntryDeadline) -> HttpPolicy {
         HttpPolicy {
             in_flight: Arc::default(),
             refused: Arc::default(),
+            deadline,
             ..self.clone()
         }
     }
@@ -162,6 +172,10 @@ impl HttpPolicy {
             connect: clamp(o.connect_timeout, (max / 2).min(CONNECT_TIMEOUT_MAX)),
             first_byte: clamp(o.first_byte_timeout, max),
             between_bytes: clamp(o.between_bytes_timeout, max),
+            until: self
+                .deadline
+                .wait_until()
+                .map(tokio::time::Instant::from_std),
         }
     }
 
