@@ -317,13 +317,26 @@ impl<'a> Until<'a> {
     /// Waits until `p` is ready; the call's `timeout` when the instant comes first.
     fn wait(&self, p: &Pollable) -> Result<()> {
         if poll(&[p, &self.timer]).contains(&0) {
-            return Ok(());
+            return self.check();
         }
-        Err(deadline::over_budget(format!(
+        Err(self.passed())
+    }
+
+    /// The call's `timeout` once the instant has passed (a body that is always
+    /// ready to read never waits, so each pass asks).
+    fn check(&self) -> Result<()> {
+        if self.timer.ready() {
+            return Err(self.passed());
+        }
+        Ok(())
+    }
+
+    fn passed(&self) -> Error {
+        deadline::over_budget(format!(
             "HTTP request to {}: not done within {} ms, what was left of the call",
             self.url,
             self.within.as_millis()
-        )))
+        ))
     }
 }
 
@@ -358,6 +371,7 @@ fn write_all(
     let ready = stream.subscribe();
     let error = |e| stream_error(url, fail, e);
     while !bytes.is_empty() {
+        until.check()?;
         until.wait(&ready)?;
         let n = stream.check_write().map_err(error)?;
         // As much as the host takes now (its own chunk size).
@@ -394,6 +408,7 @@ fn read_body(
     let ready = stream.subscribe();
     let mut body = Vec::new();
     loop {
+        until.check()?;
         match stream.read(READ_CHUNK) {
             Ok(chunk) if chunk.is_empty() => until.wait(&ready)?,
             Ok(chunk) => body.extend_from_slice(&chunk),

@@ -328,7 +328,33 @@ async fn kill_9_of_agents_during_100_mixed_jobs_leaves_no_orphan_and_all_agree()
             .filter(|l| !l.is_empty())
             .collect();
         for d in &domains {
-            for line in lv.virsh(&["domblklist", d, "--details"]).lines() {
+            let out = std::process::Command::new("virsh")
+                .args(["-c", &lv.uri, "domblklist", d, "--details"])
+                .output()
+                .unwrap();
+            if !out.status.success() {
+                // Gone since the listing: something still acted after every job and
+                // operation had ended. Say what each agent did to it, and when.
+                let now_ms = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_millis();
+                let mut about = String::new();
+                for a in &agents {
+                    let ops: Vec<Value> = a.client().get("/v1/operations").await.unwrap();
+                    for op in ops.iter().filter(|o| o.to_string().contains(d.as_str())) {
+                        about += &format!("\nagent {}: {op}", a.id);
+                    }
+                }
+                panic!(
+                    "seed {seed}: domain {d} went between `virsh list` and `domblklist` at {now_ms} \
+                     ({}); listed now: {:?}; operations naming it:{about}\n{}",
+                    String::from_utf8_lossy(&out.stderr).trim(),
+                    lv.virsh(&["list", "--all", "--name"]),
+                    logs(&agents)
+                );
+            }
+            for line in String::from_utf8_lossy(&out.stdout).lines() {
                 if let Some(src) = line.split_whitespace().nth(3) {
                     disks_in_use.insert(PathBuf::from(src));
                 }

@@ -841,11 +841,15 @@ impl HostConnection for HostState {
         let limit = Duration::from_secs(u64::try_from(timeout_seconds.max(1)).unwrap_or(1));
         let conn = self.table().get(&this)?.conn.clone();
         let limit = limit.min(self.limiter.host_wait());
+        // libvirt is told the shorter wait too, so a command given up on here does
+        // not hold the guest agent (and the plugin's next command) much longer.
+        let seconds = i32::try_from(limit.as_secs().max(1))
+            .unwrap_or(i32::MAX)
+            .min(timeout_seconds.max(1));
         Ok(self
             .libvirt
             .blocking_within("qemu-agent-command", limit, move || {
-                conn.get()?
-                    .agent_command(&domain, &command, timeout_seconds)
+                conn.get()?.agent_command(&domain, &command, seconds)
             })
             .await)
     }

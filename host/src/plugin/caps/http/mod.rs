@@ -14,7 +14,8 @@
 //! - The whole request, through the last byte of its response body, ends
 //!   [`crate::plugin::limits::HOST_WAIT_KEEP`] before the deadline of the call that
 //!   sent it, whatever its timeouts: a server that trickles its answer fails it
-//!   with a timeout the plugin sees, not the call with the sandbox's stop.
+//!   with a timeout the plugin sees, not the call with the sandbox's stop. A
+//!   response (or its body) kept into a later call fails at its first read.
 //! - Connections are kept alive: one whose response was read to its end waits (at
 //!   most [`connect::IDLE_FOR`], [`connect::IDLE_PER_AUTHORITY`] per authority) for
 //!   the plugin's next request to the same authority; anything abandoned is closed.
