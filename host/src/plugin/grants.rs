@@ -79,6 +79,11 @@ pub struct Limits {
     pub max_libvirt_connections: u32,
     /// Log bytes one call may write; later lines are dropped and counted.
     pub log_kib_per_call: u32,
+    /// What ending a guest command takes the plugin, ms, when the operator knows
+    /// better than its manifest's `exec-margin-ms` (a slow vCenter): never below
+    /// the manifest's. The agent allows guest commands the call budget less this.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exec_margin_ms: Option<u64>,
 }
 
 impl Default for Limits {
@@ -94,6 +99,7 @@ impl Default for Limits {
             max_http_header_sets: 256,
             max_libvirt_connections: 8,
             log_kib_per_call: 64,
+            exec_margin_ms: None,
         }
     }
 }
@@ -142,6 +148,13 @@ impl Limits {
                     "{name} must be between 1 and {ceiling}, not {value}"
                 ));
             }
+        }
+        let most = super::manifest::MAX_EXEC_MARGIN_MS;
+        if self.exec_margin_ms.is_some_and(|m| m > most) {
+            return Err(format!(
+                "exec-margin-ms must be at most {most}, not {}",
+                self.exec_margin_ms.unwrap_or_default()
+            ));
         }
         if self.pool_size > self.max_instances {
             return Err(format!(

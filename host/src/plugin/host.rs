@@ -362,7 +362,15 @@ impl PluginHost {
         if !effective.ignored.is_empty() {
             tracing::warn!(plugin = name, ignored = ?effective.ignored, "grants given but not requested by the manifest are not lent");
         }
-        let margin = bundle.manifest.limits.exec_margin_ms;
+        let declared = bundle.manifest.limits.exec_margin_ms;
+        let margin = spec.limits.exec_margin_ms.unwrap_or(declared);
+        if margin < declared {
+            return Err(PluginError::Config(format!(
+                "limits.exec-margin-ms {margin} is below the {declared} ms plugin '{name}' \
+                 declares it needs to end a guest command: its default commands would end \
+                 as its own timeout, without their output"
+            )));
+        }
         if exports.guest && margin >= spec.limits.call_timeout_ms {
             tracing::warn!(
                 plugin = name,
@@ -490,7 +498,11 @@ fn summary(l: &Loaded) -> PluginSummary {
         granted,
         ignored_grants: e.ignored.clone(),
         limits: l.meta.limits,
-        exec_margin_ms: l.bundle.manifest.limits.exec_margin_ms,
+        exec_margin_ms: l
+            .meta
+            .limits
+            .exec_margin_ms
+            .unwrap_or(l.bundle.manifest.limits.exec_margin_ms),
         generation: l.meta.generation,
     }
 }

@@ -40,7 +40,7 @@ pub struct DeclaredLimits {
 }
 
 /// The largest `exec-margin-ms` a manifest may declare.
-const MAX_EXEC_MARGIN_MS: u64 = 60_000;
+pub const MAX_EXEC_MARGIN_MS: u64 = 60_000;
 
 impl Default for DeclaredLimits {
     fn default() -> Self {

@@ -30,6 +30,33 @@ fn kind(e: &PluginError) -> ErrorKind {
     e.kind()
 }
 
+/// An operator may raise a plugin's exec margin (a slow server) above what its
+/// manifest declares, up to 60 s, never below it: the summary, which the agent's
+/// guest-command ceiling follows, shows the margin in force.
+#[tokio::test]
+async fn an_operator_raises_the_exec_margin_never_below_the_manifest() {
+    let (host, _dir) = host();
+    let with = |margin: Option<u64>| {
+        let mut sp = spec("memory", Grants::default());
+        sp.limits.exec_margin_ms = margin;
+        sp
+    };
+    assert_eq!(host.load(with(None)).await.unwrap().exec_margin_ms, 1_000);
+    let raised = host.replace("memory", with(Some(4_000))).await.unwrap();
+    assert_eq!(raised.exec_margin_ms, 4_000);
+    assert_eq!(raised.limits.exec_margin_ms, Some(4_000));
+    for (margin, says) in [(999, "below the 1000 ms"), (60_001, "at most 60000")] {
+        let err = host
+            .replace("memory", with(Some(margin)))
+            .await
+            .unwrap_err();
+        assert_eq!(kind(&err), ErrorKind::InvalidArgument, "{err}");
+        assert!(err.to_string().contains(says), "{err}");
+    }
+    // A refused replace leaves the version in force.
+    assert_eq!(host.get("memory").unwrap().exec_margin_ms, 4_000);
+}
+
 #[tokio::test]
 async fn driver_lifecycle_through_the_host() {
     let (host, _dir) = host();
