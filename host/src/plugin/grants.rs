@@ -80,8 +80,9 @@ pub struct Limits {
     /// Log bytes one call may write; later lines are dropped and counted.
     pub log_kib_per_call: u32,
     /// What ending a guest command takes the plugin, ms, when the operator knows
-    /// better than its manifest's `exec-margin-ms` (a slow vCenter): never below
-    /// the manifest's. The agent allows guest commands the call budget less this.
+    /// better than its manifest's `exec-margin-ms` (a slow vCenter); a value below
+    /// the manifest's is not used. The agent allows guest commands the call budget
+    /// less the margin in force.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub exec_margin_ms: Option<u64>,
 }
@@ -150,11 +151,8 @@ impl Limits {
             }
         }
         let most = super::manifest::MAX_EXEC_MARGIN_MS;
-        if self.exec_margin_ms.is_some_and(|m| m > most) {
-            return Err(format!(
-                "exec-margin-ms must be at most {most}, not {}",
-                self.exec_margin_ms.unwrap_or_default()
-            ));
+        if let Some(m) = self.exec_margin_ms.filter(|m| *m > most) {
+            return Err(format!("exec-margin-ms must be at most {most}, not {m}"));
         }
         if self.pool_size > self.max_instances {
             return Err(format!(

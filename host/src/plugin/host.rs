@@ -84,12 +84,19 @@ pub struct PluginSummary {
     pub ignored_grants: Vec<String>,
     /// Its limits.
     pub limits: Limits,
-    /// What ending a guest command takes it (manifest `exec-margin-ms`), ms: the
-    /// agent allows exec timeouts of at most the call budget less this.
+    /// What ending a guest command takes it, ms: its manifest's `exec-margin-ms`,
+    /// or its limits' when higher. The agent allows exec timeouts of at most the
+    /// call budget less this.
     #[serde(default = "default_exec_margin_ms")]
     pub exec_margin_ms: u64,
     /// Load generation; grows with every load or replace.
     pub generation: u64,
+}
+
+/// The exec margin in force: the manifest's `declared`, or the operator's limit
+/// when higher (never lower: the plugin declares what it needs).
+fn exec_margin(limits: &Limits, declared: u64) -> u64 {
+    limits.exec_margin_ms.map_or(declared, |m| m.max(declared))
 }
 
 /// The exec margin of a summary that does not say (an older agent's): the default.
@@ -363,13 +370,16 @@ impl PluginHost {
             tracing::warn!(plugin = name, ignored = ?effective.ignored, "grants given but not requested by the manifest are not lent");
         }
         let declared = bundle.manifest.limits.exec_margin_ms;
-        let margin = spec.limits.exec_margin_ms.unwrap_or(declared);
-        if margin < declared {
-            return Err(PluginError::Config(format!(
-                "limits.exec-margin-ms {margin} is below the {declared} ms plugin '{name}' \
-                 declares it needs to end a guest command: its default commands would end \
-                 as its own timeout, without their output"
-            )));
+        let margin = exec_margin(&spec.limits, declared);
+        if let Some(asked) = spec.limits.exec_margin_ms.filter(|m| *m < declared) {
+            // Not refused: a bundle update that declares more must not keep the
+            // plugin (or the agent) from loading.
+            tracing::warn!(
+                plugin = name,
+                exec_margin_ms = asked,
+                declared,
+                "limits.exec-margin-ms is below what the plugin declares it needs to end a guest command; its own is used"
+            );
         }
         if exports.guest && margin >= spec.limits.call_timeout_ms {
             tracing::warn!(
@@ -498,11 +508,7 @@ fn summary(l: &Loaded) -> PluginSummary {
         granted,
         ignored_grants: e.ignored.clone(),
         limits: l.meta.limits,
-        exec_margin_ms: l
-            .meta
-            .limits
-            .exec_margin_ms
-            .unwrap_or(l.bundle.manifest.limits.exec_margin_ms),
+        exec_margin_ms: exec_margin(&l.meta.limits, l.bundle.manifest.limits.exec_margin_ms),
         generation: l.meta.generation,
     }
 }
