@@ -371,7 +371,6 @@ fn write_all(
     let ready = stream.subscribe();
     let error = |e| stream_error(url, fail, e);
     while !bytes.is_empty() {
-        until.check()?;
         until.wait(&ready)?;
         let n = stream.check_write().map_err(error)?;
         // As much as the host takes now (its own chunk size).

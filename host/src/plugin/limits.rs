@@ -103,7 +103,10 @@ impl Limiter {
     /// How long a host-side wait begun now may last: what is left of the entry
     /// less [`HOST_WAIT_KEEP`] (zero outside an entry).
     pub fn host_wait(&self) -> Duration {
-        self.remaining().saturating_sub(HOST_WAIT_KEEP)
+        self.deadline
+            .wait_until()
+            .map(|u| u.saturating_duration_since(Instant::now()))
+            .unwrap_or_default()
     }
 
     /// The time left before the current entry's deadline: zero once it passed, and

@@ -838,9 +838,9 @@ impl HostConnection for HostState {
         }
         // libvirt precedes every agent command with a guest-sync of its own (5 s):
         // the caller's timeout is enforced here, not left to libvirt.
-        let limit = Duration::from_secs(u64::try_from(timeout_seconds.max(1)).unwrap_or(1));
+        let limit = Duration::from_secs(u64::try_from(timeout_seconds.max(1)).unwrap_or(1))
+            .min(self.limiter.host_wait());
         let conn = self.table().get(&this)?.conn.clone();
-        let limit = limit.min(self.limiter.host_wait());
         // libvirt is told the shorter wait too, so a command given up on here does
         // not hold the guest agent (and the plugin's next command) much longer.
         let seconds = i32::try_from(limit.as_secs().max(1))

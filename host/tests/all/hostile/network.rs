@@ -5,7 +5,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use gve::plugin::{ErrorKind, Grants, PluginError};
+use gve::plugin::bindings::types::VmInfo;
+use gve::plugin::{DriverError, ErrorKind, Grants, PluginError};
 
 use super::servers::{counting, Silent, Trickle};
 use super::{bench, hostile, libvirt_test_grant, Bench};
@@ -109,6 +110,30 @@ async fn bench_granted_3s(port: u16) -> Bench {
     bench(sp).await
 }
 
+/// `get_vm(ask)` on the hostile plugin: its outcome and how long it took.
+async fn timed_get_vm(b: &Bench, ask: &str) -> (Result<VmInfo, PluginError>, Duration) {
+    let t = Instant::now();
+    let outcome = b.hostile.get_vm(ask).await;
+    (outcome, t.elapsed())
+}
+
+/// The plugin's own error: the call failed, and was not stopped by the sandbox.
+fn ended_by_the_plugin(outcome: Result<VmInfo, PluginError>) -> DriverError {
+    let err = outcome.unwrap_err();
+    match err.driver_error() {
+        Some(e) => e.clone(),
+        None => panic!("the call was stopped, not ended by the plugin: {err}"),
+    }
+}
+
+/// A wait the host ended 0.2 s before the 3 s budget took that long, give or take.
+fn assert_ended_before_the_budget(took: Duration, what: &str) {
+    assert!(
+        took >= Duration::from_millis(2_500) && took < Duration::from_millis(3_500),
+        "the host ended {what} after {took:?} (expected 0.2 s before the 3 s budget)"
+    );
+}
+
 /// A granted server that accepts and never answers the TLS handshake fails the
 /// request with a timeout the plugin sees, well before the call's deadline.
 #[tokio::test]
@@ -145,36 +170,18 @@ async fn a_response_that_trickles_ends_within_the_call_budget() {
     let server = Trickle::start();
     let b = bench_granted_3s(server.port).await;
     // Raw wasi:http, reading with no timeout or deadline of its own.
-    let t = Instant::now();
-    let err = b
-        .hostile
-        .get_vm(&format!("raw-read:127.0.0.1:{}", server.port))
-        .await
-        .unwrap_err();
-    let took = t.elapsed();
-    let Some(e) = err.driver_error() else {
-        panic!("the call was stopped, not ended by the plugin: {err}");
-    };
+    let (outcome, took) = timed_get_vm(&b, &format!("raw-read:127.0.0.1:{}", server.port)).await;
+    let e = ended_by_the_plugin(outcome);
     // wasmtime hands a body's error to the plugin without its code, only its text.
-    assert!(e.message.contains("connection read timeout"), "{err}");
-    assert!(
-        took >= Duration::from_millis(2_500) && took < Duration::from_millis(3_500),
-        "the host ended the body after {took:?} (expected 0.2 s before the 3 s budget)"
-    );
+    assert!(e.message.contains("connection read timeout"), "{e:?}");
+    assert_ended_before_the_budget(took, "the body");
     // Through the SDK, with its own 5 s timeout: ends as the plugin's timeout
     // naming the limit, half a second before the call's end.
-    let t = Instant::now();
-    let err = b
-        .hostile
-        .get_vm(&format!("http:http://127.0.0.1:{}/", server.port))
-        .await
-        .unwrap_err();
-    let took = t.elapsed();
-    let Some(e) = err.driver_error() else {
-        panic!("the call was stopped, not ended by the plugin: {err}");
-    };
-    assert_eq!(e.kind, ErrorKind::Timeout, "{err}");
-    assert!(e.message.contains("call-timeout-ms"), "{err}");
+    let (outcome, took) =
+        timed_get_vm(&b, &format!("http:http://127.0.0.1:{}/", server.port)).await;
+    let e = ended_by_the_plugin(outcome);
+    assert_eq!(e.kind, ErrorKind::Timeout, "{e:?}");
+    assert!(e.message.contains("call-timeout-ms"), "{e:?}");
     assert!(
         took >= Duration::from_millis(2_200) && took < Duration::from_millis(2_900),
         "the SDK ended the request after {took:?} (expected 2.5 s of the 3 s budget)"
@@ -199,21 +206,10 @@ async fn a_response_that_trickles_ends_within_the_call_budget() {
 async fn a_response_that_never_comes_ends_within_the_call_budget() {
     let server = Silent::start();
     let b = bench_granted_3s(server.port).await;
-    let t = Instant::now();
-    let err = b
-        .hostile
-        .get_vm(&format!("raw-get:127.0.0.1:{}", server.port))
-        .await
-        .unwrap_err();
-    let took = t.elapsed();
-    let Some(e) = err.driver_error() else {
-        panic!("the call was stopped, not ended by the plugin: {err}");
-    };
-    assert!(e.message.contains("HttpResponseTimeout"), "{err}");
-    assert!(
-        took >= Duration::from_millis(2_500) && took < Duration::from_millis(3_500),
-        "the host ended the wait after {took:?} (expected 0.2 s before the 3 s budget)"
-    );
+    let (outcome, took) = timed_get_vm(&b, &format!("raw-get:127.0.0.1:{}", server.port)).await;
+    let e = ended_by_the_plugin(outcome);
+    assert!(e.message.contains("HttpResponseTimeout"), "{e:?}");
+    assert_ended_before_the_budget(took, "the wait for the head");
     b.aftermath().await;
 }
 
@@ -238,19 +234,11 @@ async fn a_frozen_libvirtd_ends_the_call_within_its_budget() {
         assert_eq!(unsafe { libc::kill(lv.pid(), sig) }, 0);
     };
     signal(libc::SIGSTOP);
-    let t = Instant::now();
-    let outcome = b.hostile.get_vm(&ask).await;
-    let took = t.elapsed();
+    let (outcome, took) = timed_get_vm(&b, &ask).await;
     signal(libc::SIGCONT);
-    let err = outcome.unwrap_err();
-    let Some(e) = err.driver_error() else {
-        panic!("the call was stopped, not ended by the plugin: {err}");
-    };
-    assert_eq!(e.kind, ErrorKind::Timeout, "{err}");
-    assert!(
-        took >= Duration::from_millis(2_500) && took < Duration::from_millis(3_500),
-        "the libvirt call ended after {took:?} (expected 0.2 s before the 3 s budget)"
-    );
+    let e = ended_by_the_plugin(outcome);
+    assert_eq!(e.kind, ErrorKind::Timeout, "{e:?}");
+    assert_ended_before_the_budget(took, "the libvirt call");
     b.hostile
         .get_vm(&ask)
         .await
