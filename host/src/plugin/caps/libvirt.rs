@@ -15,6 +15,7 @@ use virt::storage_pool::StoragePool;
 use virt::storage_vol::StorageVol;
 use wasmtime::component::Resource;
 
+use super::libvirt_stranded::{Key, Stranded};
 use crate::plugin::bindings::gve::hypervisor::libvirt::{
     Domain, DomainState, Host, HostConnection, MigrateFlags, NodeInfo, UndefineFlags, Volume,
 };
@@ -27,6 +28,7 @@ pub struct LibvirtCap {
     plugin: Arc<str>,
     allowed: Arc<Vec<String>>,
     timeout: Duration,
+    stranded: Stranded,
 }
 
 impl LibvirtCap {
@@ -36,6 +38,7 @@ impl LibvirtCap {
             plugin,
             allowed: Arc::new(allowed),
             timeout,
+            stranded: Stranded::default(),
         }
     }
 
@@ -310,10 +313,14 @@ impl HostState {
         f: impl FnOnce(&Connect) -> Result<T, Error> + Send + 'static,
     ) -> wasmtime::Result<Result<T, Error>> {
         let conn = self.table().get(this)?.conn.clone();
+        let key = Key {
+            uri: conn.uri.clone(),
+            domain: None,
+        };
         let left = self.limiter.host_wait();
         Ok(self
             .libvirt
-            .blocking_within(op, left, move || f(&conn.get()?.0))
+            .blocking_within(op, key, left, move || f(&conn.get()?.0))
             .await)
     }
 }
@@ -322,11 +329,13 @@ impl LibvirtCap {
     /// Runs `f` on a blocking thread; answers `timeout` after `limit` (at most the
     /// call budget; callers pass at most what is left of the call, less what the
     /// plugin needs to act on the answer) even if libvirt has not, so a hung call
-    /// cannot hold the plugin (its thread finishes, or fails, on its own later).
-    /// Nothing is started with no time left.
+    /// cannot hold the plugin. Its thread finishes, or fails, on its own later,
+    /// counted under `key` until then; while too many are out there nothing more
+    /// is started ([`Stranded`]). Nothing is started with no time left.
     async fn blocking_within<T: Send + 'static>(
         &self,
         op: &'static str,
+        key: Key,
         limit: Duration,
         f: impl FnOnce() -> Result<T, Error> + Send + 'static,
     ) -> Result<T, Error> {
@@ -336,15 +345,29 @@ impl LibvirtCap {
                 "libvirt {op} not started: the plugin's call has no time left for it"
             )));
         }
-        match tokio::time::timeout(limit, tokio::task::spawn_blocking(f)).await {
+        self.stranded.admit(&key, op)?;
+        let mut thread = tokio::task::spawn_blocking(f);
+        match tokio::time::timeout(limit, &mut thread).await {
             Ok(Ok(r)) => r,
             Ok(Err(join)) => Err(Error::Backend(format!(
                 "libvirt {op} failed on its thread: {join}"
             ))),
-            Err(_) => Err(Error::Timeout(format!(
-                "libvirt {op} did not answer within {limit:?}"
-            ))),
+            Err(_) => {
+                let mark = self.stranded.mark(key, op);
+                tokio::spawn(async move {
+                    let _ = thread.await;
+                    drop(mark);
+                });
+                Err(Error::Timeout(format!(
+                    "libvirt {op} did not answer within {limit:?}"
+                )))
+            }
         }
+    }
+
+    /// Calls this plugin's instances stopped waiting for that still run in libvirt.
+    pub fn stranded(&self) -> usize {
+        self.stranded.count()
     }
 }
 
@@ -375,10 +398,14 @@ impl HostConnection for HostState {
                 .over_budget(crate::plugin::budget::LIBVIRT_CONNECTIONS, u64::from(limit)));
         }
         let u = uri.clone();
+        let key = Key {
+            uri: uri.clone(),
+            domain: None,
+        };
         let left = self.limiter.host_wait();
         match self
             .libvirt
-            .blocking_within("open", left, move || open_blocking(&u))
+            .blocking_within("open", key, left, move || open_blocking(&u))
             .await
         {
             Ok(conn) => Ok(Ok(self.table().push(Connection {
@@ -841,6 +868,10 @@ impl HostConnection for HostState {
         let limit = Duration::from_secs(u64::try_from(timeout_seconds.max(1)).unwrap_or(1))
             .min(self.limiter.host_wait());
         let conn = self.table().get(&this)?.conn.clone();
+        let key = Key {
+            uri: conn.uri.clone(),
+            domain: Some(domain.clone()),
+        };
         // libvirt is told the shorter wait too, so a command given up on here does
         // not hold the guest agent (and the plugin's next command) much longer.
         let seconds = i32::try_from(limit.as_secs().max(1))
@@ -848,7 +879,7 @@ impl HostConnection for HostState {
             .min(timeout_seconds.max(1));
         Ok(self
             .libvirt
-            .blocking_within("qemu-agent-command", limit, move || {
+            .blocking_within("qemu-agent-command", key, limit, move || {
                 conn.get()?.agent_command(&domain, &command, seconds)
             })
             .await)

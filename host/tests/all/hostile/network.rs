@@ -213,29 +213,38 @@ async fn a_response_that_never_comes_ends_within_the_call_budget() {
     b.aftermath().await;
 }
 
-/// A libvirtd that stops answering (SIGSTOP) cannot hold a call to the
-/// sandbox's deadline either: the host gives up on the libvirt call just before
-/// the call's end, and the plugin returns the `timeout`. Before, the host waited
-/// the whole budget, so the plugin resumed only past its deadline.
-#[tokio::test]
-async fn a_frozen_libvirtd_ends_the_call_within_its_budget() {
+/// A private libvirtd granted to the hostile plugin with a `budget_ms` call
+/// budget, the bench, and the plugin's verb that opens it (checked to answer).
+async fn libvirtd_bench(budget_ms: u64) -> (gve_harness::Libvirtd, Bench, String) {
     let lv = gve_harness::Libvirtd::start();
     let grants = Grants {
         libvirt: vec![lv.uri.clone()],
         ..Default::default()
     };
     let mut sp = hostile(grants);
-    sp.limits.call_timeout_ms = 3_000;
+    sp.limits.call_timeout_ms = budget_ms;
     let b = bench(sp).await;
     let ask = format!("libvirt:{}", lv.uri);
     b.hostile.get_vm(&ask).await.expect("libvirtd answers");
-    let signal = |sig| {
-        // SAFETY: kill(2) on the pid of the libvirtd this test started.
-        assert_eq!(unsafe { libc::kill(lv.pid(), sig) }, 0);
-    };
-    signal(libc::SIGSTOP);
+    (lv, b, ask)
+}
+
+/// Sends `sig` to the libvirtd a test started.
+fn signal(lv: &gve_harness::Libvirtd, sig: libc::c_int) {
+    // SAFETY: kill(2) on the pid of the libvirtd this test started.
+    assert_eq!(unsafe { libc::kill(lv.pid(), sig) }, 0);
+}
+
+/// A libvirtd that stops answering (SIGSTOP) cannot hold a call to the
+/// sandbox's deadline either: the host gives up on the libvirt call just before
+/// the call's end, and the plugin returns the `timeout`. Before, the host waited
+/// the whole budget, so the plugin resumed only past its deadline.
+#[tokio::test]
+async fn a_frozen_libvirtd_ends_the_call_within_its_budget() {
+    let (lv, b, ask) = libvirtd_bench(3_000).await;
+    signal(&lv, libc::SIGSTOP);
     let (outcome, took) = timed_get_vm(&b, &ask).await;
-    signal(libc::SIGCONT);
+    signal(&lv, libc::SIGCONT);
     let e = ended_by_the_plugin(outcome);
     assert_eq!(e.kind, ErrorKind::Timeout, "{e:?}");
     assert_ended_before_the_budget(took, "the libvirt call");
@@ -244,6 +253,91 @@ async fn a_frozen_libvirtd_ends_the_call_within_its_budget() {
         .await
         .expect("libvirtd answers again");
     b.aftermath().await;
+}
+
+/// Threads of the runtime [`a_frozen_libvirtd_holds_only_a_few_threads`] runs on.
+const FROZEN_RT: &str = "gve-frozen-lv";
+
+/// Threads of this process named `name` (a runtime's workers and blocking threads).
+fn threads_named(name: &str) -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .filter(|c| c.trim_end() == name)
+        .count()
+}
+
+/// A libvirtd that stops answering gets a few of the host's threads, not one per
+/// call: calls the host stopped waiting for are counted while their threads run,
+/// and past 8 on the URI the next ones are refused at once as `unavailable`
+/// naming them. Once the daemon answers, the threads end and calls work again.
+/// (Before: every call parked one more thread until the daemon woke.)
+#[test]
+fn a_frozen_libvirtd_holds_only_a_few_threads() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name(FROZEN_RT)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let (lv, b, ask) = libvirtd_bench(1_000).await;
+        let before = threads_named(FROZEN_RT);
+        signal(&lv, libc::SIGSTOP);
+        // Six waves of as many calls as the plugin has instances (8).
+        let (mut timed_out, mut refused) = (0, 0);
+        for _ in 0..6 {
+            let mut calls = tokio::task::JoinSet::new();
+            for _ in 0..8 {
+                let (s, ask) = (b.hostile.clone(), ask.clone());
+                calls.spawn(async move {
+                    let t = Instant::now();
+                    (s.get_vm(&ask).await, t.elapsed())
+                });
+            }
+            while let Some(r) = calls.join_next().await {
+                let (outcome, took) = r.unwrap();
+                let e = ended_by_the_plugin(outcome);
+                match e.kind {
+                    ErrorKind::Timeout => timed_out += 1,
+                    ErrorKind::Unavailable => {
+                        assert!(
+                            e.message.contains("has not answered")
+                                && e.message.contains(&lv.uri)
+                                && e.message.contains("open"),
+                            "{e:?}"
+                        );
+                        assert!(took < Duration::from_millis(500), "refused after {took:?}");
+                        refused += 1;
+                    }
+                    _ => panic!("{e:?}"),
+                }
+            }
+        }
+        let grown = threads_named(FROZEN_RT).saturating_sub(before);
+        signal(&lv, libc::SIGCONT);
+        // At most one pool's worth of calls starts before the first is counted.
+        assert!(
+            (8..=16).contains(&timed_out) && timed_out + refused == 48,
+            "{timed_out} calls timed out, {refused} refused"
+        );
+        assert!(
+            grown <= 20,
+            "{grown} more threads for 48 calls to a frozen libvirtd"
+        );
+        // The stranded calls end once the daemon answers, and so calls work again.
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            match b.hostile.get_vm(&ask).await {
+                Ok(_) => break,
+                Err(_) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("libvirtd answers again, the plugin does not: {e}"),
+            }
+        }
+        b.aftermath().await;
+    });
 }
 
 #[tokio::test]
