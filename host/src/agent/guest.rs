@@ -25,7 +25,7 @@ use super::ready::GUEST_WAIT;
 use super::AgentCore;
 use crate::api::{ApiError, Body};
 use crate::plugin::bindings::types::{EnvVar, ExecRequest, ExecResult, FileInfo};
-use crate::plugin::caps::guest_channel::GuestChannel;
+use crate::plugin::caps::{guest_channel::GuestChannel, libvirt_stranded};
 use crate::plugin::{DriverError, DriverSession, ErrorKind, GuestSession, PluginError, PluginHost};
 
 /// Bytes per chunk between the agent and the guest plugin: one guest-file-read of a
@@ -104,6 +104,9 @@ pub async fn channel_command(
         Pass::Probe(t) => {
             let r = send(driver, &t, vm, PROBE, PROBE_TIMEOUT_MS).await;
             if let Err(e) = r {
+                if libvirt_stranded::is_refusal(&e.message) {
+                    return Err(e);
+                }
                 return Err(DriverError::new(
                     ErrorKind::Unavailable,
                     format!(
@@ -121,7 +124,8 @@ pub async fn channel_command(
 }
 
 /// Sends one qemu-ga command and tells the gate how the guest agent answered (a
-/// wait for a driver instance says nothing about the guest).
+/// wait for a driver instance, or a command the host did not start because
+/// libvirt has not answered earlier ones, says nothing about the guest).
 async fn send(
     driver: &DriverSession,
     ticket: &Ticket,
@@ -135,7 +139,8 @@ async fn send(
         PluginError::Driver { error, .. } => error,
         other => DriverError::new(other.kind(), other.to_string()),
     });
-    if !busy {
+    let not_started = matches!(&r, Err(e) if libvirt_stranded::is_refusal(&e.message));
+    if !busy && !not_started {
         ticket.done(&r);
     }
     r

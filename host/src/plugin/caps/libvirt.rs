@@ -313,10 +313,7 @@ impl HostState {
         f: impl FnOnce(&Connect) -> Result<T, Error> + Send + 'static,
     ) -> wasmtime::Result<Result<T, Error>> {
         let conn = self.table().get(this)?.conn.clone();
-        let key = Key {
-            uri: conn.uri.clone(),
-            domain: None,
-        };
+        let key = Key::new(&conn.uri, false);
         let left = self.limiter.host_wait();
         Ok(self
             .libvirt
@@ -330,8 +327,8 @@ impl LibvirtCap {
     /// call budget; callers pass at most what is left of the call, less what the
     /// plugin needs to act on the answer) even if libvirt has not, so a hung call
     /// cannot hold the plugin. Its thread finishes, or fails, on its own later,
-    /// counted under `key` until then; while too many are out there nothing more
-    /// is started ([`Stranded`]). Nothing is started with no time left.
+    /// counted as stranded under `key` until then; while too many are, nothing
+    /// more is started there ([`Stranded`]). Nothing is started with no time left.
     async fn blocking_within<T: Send + 'static>(
         &self,
         op: &'static str,
@@ -345,29 +342,28 @@ impl LibvirtCap {
                 "libvirt {op} not started: the plugin's call has no time left for it"
             )));
         }
-        self.stranded.admit(&key, op)?;
-        let mut thread = tokio::task::spawn_blocking(f);
-        match tokio::time::timeout(limit, &mut thread).await {
-            Ok(Ok(r)) => r,
+        let (claim, watch) = self.stranded.start(key, op)?;
+        let thread = tokio::task::spawn_blocking(move || {
+            let r = f();
+            drop(claim);
+            r
+        });
+        // A wait cut off from outside drops `watch` too: the call is stranded.
+        match tokio::time::timeout(limit, thread).await {
+            Ok(Ok(r)) => {
+                watch.answered();
+                r
+            }
             Ok(Err(join)) => Err(Error::Backend(format!(
                 "libvirt {op} failed on its thread: {join}"
             ))),
             Err(_) => {
-                let mark = self.stranded.mark(key, op);
-                tokio::spawn(async move {
-                    let _ = thread.await;
-                    drop(mark);
-                });
+                drop(watch);
                 Err(Error::Timeout(format!(
                     "libvirt {op} did not answer within {limit:?}"
                 )))
             }
         }
-    }
-
-    /// Calls this plugin's instances stopped waiting for that still run in libvirt.
-    pub fn stranded(&self) -> usize {
-        self.stranded.count()
     }
 }
 
@@ -398,10 +394,7 @@ impl HostConnection for HostState {
                 .over_budget(crate::plugin::budget::LIBVIRT_CONNECTIONS, u64::from(limit)));
         }
         let u = uri.clone();
-        let key = Key {
-            uri: uri.clone(),
-            domain: None,
-        };
+        let key = Key::new(&uri, false);
         let left = self.limiter.host_wait();
         match self
             .libvirt
@@ -868,10 +861,7 @@ impl HostConnection for HostState {
         let limit = Duration::from_secs(u64::try_from(timeout_seconds.max(1)).unwrap_or(1))
             .min(self.limiter.host_wait());
         let conn = self.table().get(&this)?.conn.clone();
-        let key = Key {
-            uri: conn.uri.clone(),
-            domain: Some(domain.clone()),
-        };
+        let key = Key::new(&conn.uri, true);
         // libvirt is told the shorter wait too, so a command given up on here does
         // not hold the guest agent (and the plugin's next command) much longer.
         let seconds = i32::try_from(limit.as_secs().max(1))

@@ -1,16 +1,24 @@
 //! libvirt calls the host stopped waiting for whose threads still run.
 //!
 //! A libvirt call runs on a blocking thread; when the plugin's call has no time
-//! left for it the host answers `timeout` and the thread goes on until libvirt
-//! answers. A libvirtd that stops answering (frozen, swapped out, wedged on a
-//! storage call) would then get one more parked thread per call, without end, and
-//! in time take every blocking thread of the agent. [`Stranded`] counts those
-//! threads per URI of one plugin, and per domain for guest-agent commands, and
-//! refuses a new call as `unavailable` while [`PER_URI`] calls (or [`PER_DOMAIN`]
-//! commands to its domain, or [`TOTAL`] in all) are still out: the daemon is not
-//! answering, and one more thread would not help. A command to a guest whose agent
-//! hangs is ended by libvirt itself within its own wait, so a hung guest holds back
-//! only its own domain's commands, never other domains' or other calls.
+//! left for it (or is itself cut off) the host stops waiting and the thread goes on
+//! until libvirt answers. A libvirtd that stops answering (frozen, swapped out,
+//! wedged on a storage call) would then get one more parked thread per call,
+//! without end, and in time take every blocking thread of the agent.
+//!
+//! [`Stranded`] keeps every call of one plugin from its start to its thread's end,
+//! and counts those the host stopped waiting for ("stranded") per URI. Past
+//! [`PER_URI`] stranded calls on a URI it refuses the next call there as
+//! `unavailable` at once: the daemon is not answering, and one more thread would
+//! not help. Calls long by nature ([`LONG`]: a migration, a managed save, a
+//! snapshot, a volume clone, a pool refresh) go on after a budget legitimately and
+//! do not count. Guest-agent commands count apart ([`COMMANDS_PER_URI`]): libvirt
+//! ends each within its own wait, and the agent sends one at a time to a guest
+//! (`agent/guest_gate.rs`), so guests whose agents hang hold back only guest-agent
+//! commands, and only when very many hang at once, never other calls; a frozen
+//! daemon holds back everything. A slow guest is not refused: its commands queue in
+//! libvirt as before. A refusal's message carries [`NOT_STARTED`]: it says nothing
+//! of a guest.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -18,37 +26,62 @@ use std::time::Instant;
 
 use crate::plugin::bindings::types::Error;
 
-/// Calls other than guest-agent commands out on one URI before new ones are refused.
+/// Stranded calls (other than guest-agent commands) on one URI before new calls
+/// there are refused.
 pub const PER_URI: usize = 8;
-/// Guest-agent commands out to one domain before new ones to it are refused.
-pub const PER_DOMAIN: usize = 4;
-/// Calls of every kind out on one URI before any new one is refused.
-pub const TOTAL: usize = 64;
+/// Stranded guest-agent commands on one URI before new ones there are refused.
+pub const COMMANDS_PER_URI: usize = 128;
+/// Calls that may outlive a plugin's budget as libvirt's normal work: not counted.
+pub const LONG: [&str; 5] = [
+    "migrate-domain",
+    "managed-save",
+    "create-snapshot",
+    "clone-volume",
+    "refresh-storage-pool",
+];
+/// In every refusal's message: the host did not start the call.
+pub const NOT_STARTED: &str = "not started until one of them ends";
 
-/// What a call is counted under: its URI, and its domain for a guest-agent command.
+/// Whether `message` is a refusal of this module's (nothing reached libvirt).
+pub fn is_refusal(message: &str) -> bool {
+    message.contains(NOT_STARTED)
+}
+
+/// What a call is counted under: its URI, and whether it is a guest-agent command.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Key {
     /// The libvirt URI.
     pub uri: String,
-    /// The domain of a guest-agent command; `None` for every other call.
-    pub domain: Option<String>,
+    /// Whether it is a guest-agent command.
+    pub command: bool,
 }
 
-/// One stranded call: what it was and since when it has been out.
+impl Key {
+    /// The key of a call on `uri`; `command` for a guest-agent command.
+    pub fn new(uri: &str, command: bool) -> Key {
+        Key {
+            uri: uri.to_string(),
+            command,
+        }
+    }
+}
+
+/// One call from its start to its thread's end.
 #[derive(Debug)]
-struct Out {
+struct Call {
     id: u64,
     op: &'static str,
-    since: Instant,
+    /// When the host stopped waiting for it, if it did.
+    stranded: Option<Instant>,
 }
 
 #[derive(Default)]
 struct Inner {
     next: u64,
-    out: HashMap<Key, Vec<Out>>,
+    calls: HashMap<Key, Vec<Call>>,
 }
 
-/// The stranded calls of one plugin (shared by all its instances).
+/// The calls of one plugin version (shared by all its instances).
 #[derive(Clone, Default)]
 pub struct Stranded(Arc<Mutex<Inner>>);
 
@@ -58,21 +91,53 @@ impl std::fmt::Debug for Stranded {
     }
 }
 
-/// Counts one stranded call until dropped (when its thread has ended).
-pub struct Mark {
+/// Held by the call's thread: the call ends when it is dropped.
+pub struct Claim {
     of: Stranded,
     key: Key,
     id: u64,
 }
 
-impl Drop for Mark {
+impl Drop for Claim {
     fn drop(&mut self) {
         let mut s = self.of.lock();
-        if let Some(v) = s.out.get_mut(&self.key) {
-            v.retain(|o| o.id != self.id);
+        if let Some(v) = s.calls.get_mut(&self.key) {
+            v.retain(|c| c.id != self.id);
             if v.is_empty() {
-                s.out.remove(&self.key);
+                s.calls.remove(&self.key);
             }
+        }
+    }
+}
+
+/// Held by whoever waits for the call: dropped before [`Watch::answered`], it
+/// marks the call stranded (a timeout, or the wait itself cut off).
+pub struct Watch {
+    of: Stranded,
+    key: Key,
+    id: u64,
+    armed: bool,
+}
+
+impl Watch {
+    /// The call answered in time.
+    pub fn answered(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let mut s = self.of.lock();
+        if let Some(c) = s
+            .calls
+            .get_mut(&self.key)
+            .and_then(|v| v.iter_mut().find(|c| c.id == self.id))
+        {
+            c.stranded = Some(Instant::now());
         }
     }
 }
@@ -82,84 +147,84 @@ impl Stranded {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Refuses `op` under `key` while too many calls are out there (see the module).
-    pub fn admit(&self, key: &Key, op: &str) -> Result<(), Error> {
-        let s = self.lock();
-        let on_uri = s.out.iter().filter(|(k, _)| k.uri == key.uri);
-        let (mut total, mut calls) = (0, 0);
-        let mut oldest: Option<&Out> = None;
-        for (k, v) in on_uri {
-            total += v.len();
-            if k.domain.is_none() {
-                calls += v.len();
-            }
-            if let Some(o) = v.iter().min_by_key(|o| o.since) {
-                if oldest.is_none_or(|p| o.since < p.since) {
-                    oldest = Some(o);
-                }
-            }
-        }
-        let mine = s.out.get(key).map_or(0, Vec::len);
-        let why = if total >= TOTAL {
-            format!("{total} calls")
-        } else if calls >= PER_URI {
-            format!("{calls} calls")
-        } else if key.domain.is_some() && mine >= PER_DOMAIN {
-            let oldest = s
-                .out
-                .get(key)
-                .and_then(|v| v.iter().min_by_key(|o| o.since));
-            return Err(refusal(
-                key,
-                op,
-                &format!("{mine} guest-agent commands"),
-                oldest,
-            ));
-        } else {
-            return Ok(());
-        };
-        Err(refusal(key, op, &why, oldest))
-    }
-
-    /// Counts a call under `key` that the host stopped waiting for, until the
-    /// returned mark is dropped.
-    pub fn mark(&self, key: Key, op: &'static str) -> Mark {
+    /// Starts `op` under `key`, or refuses it while too many calls are stranded
+    /// there (see the module). The [`Claim`] goes with the call to its thread.
+    pub fn start(&self, key: Key, op: &'static str) -> Result<(Claim, Watch), Error> {
         let mut s = self.lock();
+        refuse(&s, &key, op)?;
         s.next += 1;
         let id = s.next;
-        s.out.entry(key.clone()).or_default().push(Out {
+        s.calls.entry(key.clone()).or_default().push(Call {
             id,
             op,
-            since: Instant::now(),
+            stranded: None,
         });
-        Mark {
+        let claim = Claim {
+            of: self.clone(),
+            key: key.clone(),
+            id,
+        };
+        let watch = Watch {
             of: self.clone(),
             key,
             id,
-        }
+            armed: true,
+        };
+        Ok((claim, watch))
     }
 
-    /// Calls out under every key, for tests and diagnostics.
+    /// Stranded calls under every key (the long ones too), for tests and diagnostics.
     pub fn count(&self) -> usize {
-        self.lock().out.values().map(Vec::len).sum()
+        let s = self.lock();
+        s.calls
+            .values()
+            .flatten()
+            .filter(|c| c.stranded.is_some())
+            .count()
     }
 }
 
-fn refusal(key: &Key, op: &str, what: &str, oldest: Option<&Out>) -> Error {
-    let whom = match &key.domain {
-        Some(d) => format!("libvirt at {} (domain {d})", key.uri),
-        None => format!("libvirt at {}", key.uri),
+/// The refusal of `op` under `key`, if the stranded calls say so.
+fn refuse(s: &Inner, key: &Key, op: &str) -> Result<(), Error> {
+    // The counted calls on `key`'s URI under the keys `which` picks.
+    let stranded = |which: &dyn Fn(&Key) -> bool| -> Vec<&Call> {
+        s.calls
+            .iter()
+            .filter(|(k, _)| k.uri == key.uri && which(k))
+            .flat_map(|(_, v)| v.iter())
+            .filter(|c| c.stranded.is_some() && !LONG.contains(&c.op))
+            .collect()
     };
-    let oldest = oldest.map_or(String::new(), |o| {
-        format!(
-            ", the oldest a {} out for {:.1} s",
-            o.op,
-            o.since.elapsed().as_secs_f64()
-        )
-    });
+    let calls = stranded(&|k| !k.command);
+    if calls.len() >= PER_URI {
+        return Err(refusal(key, op, "calls", &calls));
+    }
+    if !key.command {
+        return Ok(());
+    }
+    let commands = stranded(&|k| k.command);
+    if commands.len() >= COMMANDS_PER_URI {
+        return Err(refusal(key, op, "guest-agent commands", &commands));
+    }
+    Ok(())
+}
+
+fn refusal(key: &Key, op: &str, what: &str, out: &[&Call]) -> Error {
+    let whom = format!("libvirt at {}", key.uri);
+    let oldest = out
+        .iter()
+        .filter_map(|c| Some((c.stranded?, c.op)))
+        .min()
+        .map_or(String::new(), |(since, op)| {
+            format!(
+                ", the oldest ({op}) for {:.1} s",
+                since.elapsed().as_secs_f64()
+            )
+        });
     Error::Unavailable(format!(
-        "{whom} has not answered {what} the host stopped waiting for{oldest}: \
-         {op} not started until one ends"
+        "{whom} has not answered {} {what} the host stopped waiting for{oldest}: \
+         {op} {NOT_STARTED}",
+        out.len()
     ))
 }
 
@@ -167,65 +232,74 @@ fn refusal(key: &Key, op: &str, what: &str, oldest: Option<&Out>) -> Error {
 mod tests {
     use super::*;
 
-    fn key(uri: &str, domain: Option<&str>) -> Key {
-        Key {
-            uri: uri.into(),
-            domain: domain.map(Into::into),
+    fn strand(s: &Stranded, key: &Key, op: &'static str) -> Claim {
+        let (claim, watch) = s.start(key.clone(), op).unwrap();
+        drop(watch);
+        claim
+    }
+
+    fn refused(s: &Stranded, key: &Key, op: &'static str) -> String {
+        match s.start(key.clone(), op) {
+            Err(Error::Unavailable(m)) if is_refusal(&m) => m,
+            Err(e) => panic!("{e:?}"),
+            Ok(_) => panic!("{op} on {key:?} was started"),
         }
     }
 
     #[test]
-    fn calls_are_refused_per_uri_commands_per_domain_and_freed_as_they_end() {
+    fn stranded_calls_refuse_more_on_their_uri_until_their_threads_end() {
         let s = Stranded::default();
-        let a = key("qemu:///a", None);
-        let marks: Vec<_> = (0..PER_URI)
-            .map(|_| s.mark(a.clone(), "list-domains"))
+        let a = Key::new("qemu:///a", false);
+        // Calls in flight and calls answered count for nothing.
+        let busy: Vec<_> = (0..2 * PER_URI)
+            .map(|_| s.start(a.clone(), "lookup-domain").unwrap())
             .collect();
-        let e = s.admit(&a, "lookup-domain").unwrap_err();
-        let Error::Unavailable(m) = e else {
-            panic!("{e:?}")
-        };
+        let (claim, watch) = s.start(a.clone(), "lookup-domain").unwrap();
+        watch.answered();
+        drop(claim);
+        assert_eq!(s.count(), 0);
+        drop(busy);
+
+        let stuck: Vec<_> = (0..PER_URI)
+            .map(|_| strand(&s, &a, "list-domains"))
+            .collect();
+        assert_eq!(s.count(), PER_URI);
+        let m = refused(&s, &a, "open");
         assert!(
             m.contains("qemu:///a") && m.contains("8 calls") && m.contains("list-domains"),
             "{m}"
         );
-        // Another URI and guest-agent commands on this one go on.
-        s.admit(&key("qemu:///b", None), "open").unwrap();
-        // A frozen daemon's calls hold its guest-agent commands back too.
-        assert!(s
-            .admit(&key("qemu:///a", Some("vm1")), "qemu-agent-command")
-            .is_err());
-        drop(marks);
+        // A frozen daemon's calls hold its guest-agent commands back too; not another URI's.
+        refused(&s, &Key::new("qemu:///a", true), "qemu-agent-command");
+        drop(s.start(Key::new("qemu:///b", false), "open").unwrap());
+        drop(stuck);
         assert_eq!(s.count(), 0);
-        s.admit(&a, "lookup-domain").unwrap();
+        drop(s.start(a.clone(), "open").unwrap());
+    }
 
-        // A hung guest agent holds back only its own domain.
-        let vm1 = key("qemu:///a", Some("vm1"));
-        let cmds: Vec<_> = (0..PER_DOMAIN)
-            .map(|_| s.mark(vm1.clone(), "qemu-agent-command"))
+    #[test]
+    fn long_calls_and_guest_agent_commands_never_hold_other_calls_back() {
+        let s = Stranded::default();
+        let a = Key::new("qemu:///a", false);
+        let long: Vec<_> = LONG
+            .iter()
+            .cycle()
+            .take(4 * PER_URI)
+            .map(|op| strand(&s, &a, op))
             .collect();
-        assert!(s.admit(&vm1, "qemu-agent-command").is_err());
-        s.admit(&key("qemu:///a", Some("vm2")), "qemu-agent-command")
-            .unwrap();
-        s.admit(&a, "list-domains").unwrap();
-        drop(cmds);
-        s.admit(&vm1, "qemu-agent-command").unwrap();
+        drop(s.start(a.clone(), "list-domains").unwrap());
 
-        // Every kind together is bounded too.
-        let many: Vec<_> = (0..TOTAL)
-            .map(|i| {
-                s.mark(
-                    key("qemu:///a", Some(&format!("vm{}", i % 20))),
-                    "qemu-agent-command",
-                )
-            })
+        // Many hung guests hold back guest-agent commands, not the other calls.
+        let commands = Key::new("qemu:///a", true);
+        let mut many: Vec<_> = (0..COMMANDS_PER_URI - 1)
+            .map(|_| strand(&s, &commands, "qemu-agent-command"))
             .collect();
-        assert!(s.admit(&a, "list-domains").is_err());
-        assert!(s
-            .admit(&key("qemu:///a", Some("vm99")), "qemu-agent-command")
-            .is_err());
-        s.admit(&key("qemu:///b", None), "open").unwrap();
-        drop(many);
+        drop(s.start(commands.clone(), "qemu-agent-command").unwrap());
+        many.push(strand(&s, &commands, "qemu-agent-command"));
+        let m = refused(&s, &commands, "qemu-agent-command");
+        assert!(m.contains("128 guest-agent commands"), "{m}");
+        drop(s.start(a.clone(), "list-domains").unwrap());
+        drop((many, long));
         assert_eq!(s.count(), 0);
     }
 }
