@@ -44,6 +44,9 @@ pub struct LimitsPatch {
     pub max_instances: Option<u32>,
     /// Warm instances.
     pub pool_size: Option<u32>,
+    /// The operator's exec margin, ms (raises the manifest's); 0 drops it, so the
+    /// manifest's is in force.
+    pub exec_margin_ms: Option<u64>,
 }
 
 /// The body of `PUT /v1/plugins/{name}`: what changes; the rest is kept.
@@ -74,6 +77,9 @@ impl ReplaceSpec {
             m.call_timeout_ms = l.call_timeout_ms.unwrap_or(m.call_timeout_ms);
             m.max_instances = l.max_instances.unwrap_or(m.max_instances);
             m.pool_size = l.pool_size.unwrap_or(m.pool_size);
+            if let Some(margin) = l.exec_margin_ms {
+                m.exec_margin_ms = (margin != 0).then_some(margin);
+            }
         }
         spec
     }

@@ -107,6 +107,11 @@ pub struct SpecArgs {
     /// Budget of one call, milliseconds.
     #[arg(long)]
     pub call_timeout_ms: Option<u64>,
+    /// What ending a guest command takes the plugin, milliseconds, when more than
+    /// its manifest declares (at most 60000); guest commands get the call budget
+    /// less it. 0 drops a margin set before (replace).
+    #[arg(long)]
+    pub exec_margin_ms: Option<u64>,
 }
 
 impl SpecArgs {
@@ -120,13 +125,16 @@ impl SpecArgs {
             || !self.dirs.is_empty()
             || self.guest_channel
             || !self.config.is_empty();
-        let limits_given = self.memory_mib.is_some() || self.call_timeout_ms.is_some();
+        let limits_given = self.memory_mib.is_some()
+            || self.call_timeout_ms.is_some()
+            || self.exec_margin_ms.is_some();
         Ok(ReplaceSpec {
             bundle: Some(full.bundle),
             grants: grants_given.then_some(full.grants),
             limits: limits_given.then(|| LimitsPatch {
                 memory_mib: self.memory_mib,
                 call_timeout_ms: self.call_timeout_ms,
+                exec_margin_ms: self.exec_margin_ms,
                 ..Default::default()
             }),
         })
@@ -173,6 +181,7 @@ impl SpecArgs {
         if let Some(t) = self.call_timeout_ms {
             limits.call_timeout_ms = t;
         }
+        limits.exec_margin_ms = self.exec_margin_ms.filter(|m| *m != 0);
         let bundle = std::path::absolute(&self.bundle)
             .map_err(|e| ApiError::bad_request(format!("{}: {e}", self.bundle.display())))?;
         Ok(PluginSpec {
@@ -342,6 +351,7 @@ impl Inspection {
              exports       {exports}\n\
              hypervisor    {}\n\
              capabilities  {caps}\n\
+             exec margin   {} ms (guest commands get the call budget less it)\n\
              compile       {:.0} ms (no cache)\n\
              instantiate   {:.2} ms\n\
              first info    {:.2} ms\n\
@@ -353,6 +363,7 @@ impl Inspection {
             mib(self.component_bytes),
             p.sha256,
             p.hypervisor_kind.as_deref().unwrap_or("-"),
+            p.exec_margin_ms,
             self.compile_ms,
             self.instantiate_ms,
             self.info_ms,

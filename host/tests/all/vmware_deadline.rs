@@ -10,7 +10,7 @@ use gve::agent::model::{OpError, OpState, Operation};
 use gve::agent::{Agent, AgentConfig};
 use gve::api::client::Client;
 use gve_harness::vsphere::{self, VsphereSim};
-use serde_json::json;
+use serde_json::{json, Value};
 
 use crate::agent::{run_op, TOKEN};
 use crate::guest::exec;
@@ -144,6 +144,49 @@ async fn a_command_runs_for_its_own_timeout_and_the_default_leaves_the_exec_marg
     .await
     .unwrap_err();
     assert!(e.to_string().contains("between 1 and 5000"), "{e}");
+    // An operator's margin, changed at run time through the admin API (as
+    // `gve plugin replace --exec-margin-ms` sends it), moves the ceiling; one below
+    // the manifest's is not used; 0 drops it.
+    for (margin, in_force) in [(4_500, 4_500), (2_000, 3_000), (0, 3_000)] {
+        let _: Value = c
+            .call(
+                hyper::Method::PUT,
+                "/v1/plugins/vmware-esx",
+                Some(&json!({ "limits": { "exec-margin-ms": margin } })),
+            )
+            .await
+            .unwrap();
+        let summary = agent.plugins.get("vmware-esx").unwrap();
+        assert_eq!(summary.exec_margin_ms, in_force, "margin {margin}");
+        let kept = (margin != 0).then_some(margin);
+        assert_eq!(summary.limits.exec_margin_ms, kept, "margin {margin}");
+        let ceiling = 8_000 - in_force;
+        let e = crate::agent::post(
+            &c,
+            &format!("/v1/vms/{id}/exec"),
+            json!({ "argv": ["true"], "timeout-ms": ceiling + 1 }),
+        )
+        .await
+        .unwrap_err();
+        let bound = format!("between 1 and {ceiling}");
+        assert!(e.to_string().contains(&bound), "margin {margin}: {e}");
+        let r = exec(&c, &id, json!({ "argv": ["true"], "timeout-ms": ceiling })).await;
+        assert_eq!(r.exit_code, Some(0), "margin {margin}: {r:?}");
+    }
+    // More than 60 s is refused, and the margin in force stays.
+    let e = c
+        .call::<_, Value>(
+            hyper::Method::PUT,
+            "/v1/plugins/vmware-esx",
+            Some(&json!({ "limits": { "exec-margin-ms": 60_001 } })),
+        )
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("at most 60000"), "{e}");
+    assert_eq!(
+        agent.plugins.get("vmware-esx").unwrap().exec_margin_ms,
+        3_000
+    );
     assert_no_deadline_stop(&agent, "vmware-esx");
     agent.stop().await;
 }
