@@ -104,7 +104,7 @@ pub async fn channel_command(
         Pass::Probe(t) => {
             let r = send(driver, &t, vm, PROBE, PROBE_TIMEOUT_MS).await;
             if let Err(e) = r {
-                if libvirt_stranded::is_refusal(&e.message) {
+                if libvirt_stranded::is_refusal(e.kind, &e.message) {
                     return Err(e);
                 }
                 return Err(DriverError::new(
@@ -139,7 +139,7 @@ async fn send(
         PluginError::Driver { error, .. } => error,
         other => DriverError::new(other.kind(), other.to_string()),
     });
-    let not_started = matches!(&r, Err(e) if libvirt_stranded::is_refusal(&e.message));
+    let not_started = matches!(&r, Err(e) if libvirt_stranded::is_refusal(e.kind, &e.message));
     if !busy && !not_started {
         ticket.done(&r);
     }
@@ -288,7 +288,10 @@ impl AgentCore {
             output_limit: body.output_limit.unwrap_or(1 << 20),
         };
         let r = guest.session.exec(vm, &request).await.map_err(|e| {
-            if e.kind() == ErrorKind::Unavailable {
+            // A call the host did not start says nothing of the guest.
+            if e.kind() == ErrorKind::Unavailable
+                && !libvirt_stranded::is_refusal(e.kind(), &e.to_string())
+            {
                 self.guest_gates
                     .set_answered(self.driver.endpoint(), vm, false);
             }

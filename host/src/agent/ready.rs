@@ -15,6 +15,7 @@ use super::model::{OpError, VmState};
 use super::AgentCore;
 use crate::api::ApiError;
 use crate::plugin::bindings::types::ExecRequest;
+use crate::plugin::caps::libvirt_stranded;
 use crate::plugin::{ErrorKind, PluginError};
 
 /// How long a guest operation waits for the guest agent of a VM that is booting.
@@ -177,6 +178,10 @@ impl AgentCore {
                 // A guest agent that hangs (its circuit is open) is not waited for:
                 // that would hold this operation's turn for nothing.
                 Err(Some((_, e))) if self.guest_gates.hung(&endpoint, vm) => {
+                    return Ok(Readiness::not_ready(e))
+                }
+                // Nor while libvirt has not answered earlier calls: nothing was sent.
+                Err(Some((kind, e))) if libvirt_stranded::is_refusal(kind, &e) => {
                     return Ok(Readiness::not_ready(e))
                 }
                 Err(Some((ErrorKind::Unavailable | ErrorKind::Timeout, e))) => e,

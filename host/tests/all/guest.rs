@@ -304,6 +304,30 @@ async fn cut_upload(addr: std::net::SocketAddr, vm: &str, path: &str, whole: boo
     drop(s);
 }
 
+/// The pid of a shell just run in the guest (the guest's pids grow, so it places
+/// the processes started before and after it).
+async fn guest_pid(c: &Client, id: &str) -> i64 {
+    let r = exec(c, id, json!({ "argv": ["sh", "-c", "echo $$"] })).await;
+    text(&r.stdout_b64).trim().parse().expect("a pid")
+}
+
+/// The pids between `after` and `before` whose exec record qemu-ga keeps: processes
+/// started through it whose end nobody collected (each a leak in qemu-ga).
+fn uncollected(lv: &Libvirtd, domain: &str, after: i64, before: i64) -> Vec<i64> {
+    (after + 1..before)
+        .filter(|pid| {
+            let status =
+                format!(r#"{{"execute":"guest-exec-status","arguments":{{"pid":{pid}}}}}"#);
+            std::process::Command::new("virsh")
+                .args(["-c", &lv.uri, "qemu-agent-command", domain, &status])
+                .output()
+                .expect("virsh runs")
+                .status
+                .success()
+        })
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exec_copy_and_provision_on_a_real_guest() {
     let lv = Libvirtd::start();
@@ -404,6 +428,7 @@ async fn exec_copy_and_provision_on_a_real_guest() {
     );
 
     // A command that outlives its timeout is reported as timed out and killed.
+    let first = guest_pid(&c, id).await;
     let t = Instant::now();
     let r = exec(
         &c,
@@ -424,6 +449,13 @@ async fn exec_copy_and_provision_on_a_real_guest() {
     let ps = exec(&c, id, json!({ "argv": ["ps"] })).await;
     let ps = text(&ps.stdout_b64);
     assert!(!ps.contains("sleep 37") && !ps.contains("sleep 38"), "{ps}");
+    // qemu-ga forgets every process gve started for them, the kills included.
+    let last = guest_pid(&c, id).await;
+    let kept = uncollected(&lv, id, first, last);
+    assert!(
+        kept.is_empty(),
+        "qemu-ga still keeps the exec records of {kept:?}"
+    );
 
     // Binary-safe: every byte value in, the same bytes out of cat's stdout.
     let all: Vec<u8> = (0..=255u8).cycle().take(4096).collect();

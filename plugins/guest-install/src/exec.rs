@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use gve_sdk::prelude::*;
 
-use crate::qga::{decode_output, Agent};
+use crate::qga::{decode_output, Agent, ExecStatus};
 
 /// Runs the wrapper: `sh -c WRAPPER gve-exec CWD N NAME=VALUE... ARGV...`.
 const WRAPPER: &str = r#"d=$1; n=$2; shift 2
@@ -138,10 +138,9 @@ fn timed_out(agent: &Agent, pid: i64, request: &ExecRequest) -> ExecResult {
         "gve-kill".to_string(),
         pid_arg.clone(),
     ];
-    let killed = agent.exec_start("/bin/sh", &tree, &[]).is_ok()
-        || agent
-            .exec_start("kill", &["-KILL".to_string(), pid_arg], &[])
-            .is_ok();
+    let killer = agent
+        .exec_start("/bin/sh", &tree, &[])
+        .or_else(|_| agent.exec_start("kill", &["-KILL".to_string(), pid_arg], &[]));
     let mut result = ExecResult {
         exit_code: None,
         signal: None,
@@ -151,38 +150,49 @@ fn timed_out(agent: &Agent, pid: i64, request: &ExecRequest) -> ExecResult {
         stdout_truncated: false,
         stderr_truncated: false,
     };
-    if !killed {
+    let Ok(killer) = killer else {
         gve_sdk::log::warn(&format!(
             "{}: cannot kill timed-out guest process {pid}",
             agent.vm
         ));
         return result;
-    }
-    // Collect what it wrote (and let qemu-ga forget it) once it is gone, while the
-    // call has time left to answer.
-    for _ in 0..20 {
-        if gve_sdk::deadline::remaining() < Duration::from_millis(300) {
-            break;
-        }
-        match agent.exec_status(pid) {
-            Ok(s) if s.exited => {
-                let limit = request.output_limit as usize;
-                let out = decode_output(&agent.vm, s.out_data.as_deref()).unwrap_or_default();
-                let err = decode_output(&agent.vm, s.err_data.as_deref()).unwrap_or_default();
-                (result.stdout, result.stdout_truncated) = limited(out, limit, s.out_truncated);
-                (result.stderr, result.stderr_truncated) = limited(err, limit, s.err_truncated);
-                result.signal = s.signal;
-                if s.signal.is_none() && s.exitcode.is_some() {
-                    result.exit_code = s.exitcode;
-                    result.timed_out = false;
-                }
-                break;
-            }
-            Ok(_) => std::thread::sleep(Duration::from_millis(25)),
-            Err(_) => break,
+    };
+    // The process ends once everything under it was killed, however long a busy
+    // guest takes: wait for that, collect what it wrote, then the kill's own end,
+    // so that qemu-ga forgets both, while the call has time left to answer.
+    let until = Instant::now() + KILL_WAIT;
+    if let Some(s) = wait_exited(agent, pid, until) {
+        let limit = request.output_limit as usize;
+        let out = decode_output(&agent.vm, s.out_data.as_deref()).unwrap_or_default();
+        let err = decode_output(&agent.vm, s.err_data.as_deref()).unwrap_or_default();
+        (result.stdout, result.stdout_truncated) = limited(out, limit, s.out_truncated);
+        (result.stderr, result.stderr_truncated) = limited(err, limit, s.err_truncated);
+        result.signal = s.signal;
+        if s.signal.is_none() && s.exitcode.is_some() {
+            result.exit_code = s.exitcode;
+            result.timed_out = false;
         }
     }
+    wait_exited(agent, killer, until);
     result
+}
+
+/// Longest a timed-out command's kill is waited for (a process the guest cannot
+/// kill is reported timed out without its output after this).
+const KILL_WAIT: Duration = Duration::from_secs(5);
+
+/// Polls process `pid` until it has exited (its status, which qemu-ga then
+/// forgets), qemu-ga does not know it, `until` passes or the call has under
+/// 0.3 s left.
+fn wait_exited(agent: &Agent, pid: i64, until: Instant) -> Option<ExecStatus> {
+    while gve_sdk::deadline::remaining() >= Duration::from_millis(300) && Instant::now() < until {
+        match agent.exec_status(pid) {
+            Ok(s) if s.exited => return Some(s),
+            Ok(_) => std::thread::sleep(Duration::from_millis(25)),
+            Err(_) => return None,
+        }
+    }
+    None
 }
 
 /// Cuts `data` to `limit` bytes; the flag says whether anything was dropped.

@@ -343,20 +343,26 @@ impl LibvirtCap {
             )));
         }
         let (claim, watch) = self.stranded.start(key, op)?;
-        let thread = tokio::task::spawn_blocking(move || {
+        // The answer comes back on a channel, so that one nobody waits for any more
+        // (an opened connection, whose close may block) is dropped on its thread.
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        tokio::task::spawn_blocking(move || {
             let r = f();
             drop(claim);
-            r
+            let _ = tx.send(r);
         });
         // A wait cut off from outside drops `watch` too: the call is stranded.
-        match tokio::time::timeout(limit, thread).await {
+        match tokio::time::timeout(limit, rx).await {
             Ok(Ok(r)) => {
                 watch.answered();
                 r
             }
-            Ok(Err(join)) => Err(Error::Backend(format!(
-                "libvirt {op} failed on its thread: {join}"
-            ))),
+            Ok(Err(_)) => {
+                watch.answered();
+                Err(Error::Backend(format!(
+                    "libvirt {op} failed on its thread (it panicked)"
+                )))
+            }
             Err(_) => {
                 drop(watch);
                 Err(Error::Timeout(format!(

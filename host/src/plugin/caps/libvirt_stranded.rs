@@ -7,12 +7,13 @@
 //! without end, and in time take every blocking thread of the agent.
 //!
 //! [`Stranded`] keeps every call of one plugin from its start to its thread's end,
-//! and counts those the host stopped waiting for ("stranded") per URI. Past
-//! [`PER_URI`] stranded calls on a URI it refuses the next call there as
+//! and counts those the host stopped waiting for ("stranded") per URI. Once
+//! [`PER_URI`] calls on a URI are stranded it refuses the next call there as
 //! `unavailable` at once: the daemon is not answering, and one more thread would
 //! not help. Calls long by nature ([`LONG`]: a migration, a managed save, a
-//! snapshot, a volume clone, a pool refresh) go on after a budget legitimately and
-//! do not count. Guest-agent commands count apart ([`COMMANDS_PER_URI`]): libvirt
+//! snapshot, a volume clone, a pool refresh) go on after a budget legitimately:
+//! they count apart ([`LONG_PER_URI`]) and hold back only long calls. Guest-agent
+//! commands count apart too ([`COMMANDS_PER_URI`]): libvirt
 //! ends each within its own wait, and the agent sends one at a time to a guest
 //! (`agent/guest_gate.rs`), so guests whose agents hang hold back only guest-agent
 //! commands, and only when very many hang at once, never other calls; a frozen
@@ -31,7 +32,9 @@ use crate::plugin::bindings::types::Error;
 pub const PER_URI: usize = 8;
 /// Stranded guest-agent commands on one URI before new ones there are refused.
 pub const COMMANDS_PER_URI: usize = 128;
-/// Calls that may outlive a plugin's budget as libvirt's normal work: not counted.
+/// Stranded long calls ([`LONG`]) on one URI before new long calls there are refused.
+pub const LONG_PER_URI: usize = 32;
+/// Calls that may outlive a plugin's budget as libvirt's normal work.
 pub const LONG: [&str; 5] = [
     "migrate-domain",
     "managed-save",
@@ -42,9 +45,10 @@ pub const LONG: [&str; 5] = [
 /// In every refusal's message: the host did not start the call.
 pub const NOT_STARTED: &str = "not started until one of them ends";
 
-/// Whether `message` is a refusal of this module's (nothing reached libvirt).
-pub fn is_refusal(message: &str) -> bool {
-    message.contains(NOT_STARTED)
+/// Whether an error of `kind` with `message` (context may precede it) is a
+/// refusal of this module's: nothing reached libvirt, nor a guest.
+pub fn is_refusal(kind: crate::plugin::ErrorKind, message: &str) -> bool {
+    kind == crate::plugin::ErrorKind::Unavailable && message.ends_with(NOT_STARTED)
 }
 
 /// What a call is counted under: its URI, and whether it is a guest-agent command.
@@ -187,17 +191,22 @@ impl Stranded {
 /// The refusal of `op` under `key`, if the stranded calls say so.
 fn refuse(s: &Inner, key: &Key, op: &str) -> Result<(), Error> {
     // The counted calls on `key`'s URI under the keys `which` picks.
+    let long = |c: &&Call| LONG.contains(&c.op);
     let stranded = |which: &dyn Fn(&Key) -> bool| -> Vec<&Call> {
         s.calls
             .iter()
             .filter(|(k, _)| k.uri == key.uri && which(k))
             .flat_map(|(_, v)| v.iter())
-            .filter(|c| c.stranded.is_some() && !LONG.contains(&c.op))
+            .filter(|c| c.stranded.is_some())
             .collect()
     };
-    let calls = stranded(&|k| !k.command);
+    let (long_calls, calls): (Vec<&Call>, Vec<&Call>) =
+        stranded(&|k| !k.command).into_iter().partition(long);
     if calls.len() >= PER_URI {
         return Err(refusal(key, op, "calls", &calls));
+    }
+    if LONG.contains(&op) && long_calls.len() >= LONG_PER_URI {
+        return Err(refusal(key, op, "long calls", &long_calls));
     }
     if !key.command {
         return Ok(());
@@ -240,7 +249,9 @@ mod tests {
 
     fn refused(s: &Stranded, key: &Key, op: &'static str) -> String {
         match s.start(key.clone(), op) {
-            Err(Error::Unavailable(m)) if is_refusal(&m) => m,
+            Err(Error::Unavailable(m)) if is_refusal(crate::plugin::ErrorKind::Unavailable, &m) => {
+                m
+            }
             Err(e) => panic!("{e:?}"),
             Ok(_) => panic!("{op} on {key:?} was started"),
         }
@@ -284,10 +295,13 @@ mod tests {
         let long: Vec<_> = LONG
             .iter()
             .cycle()
-            .take(4 * PER_URI)
+            .take(LONG_PER_URI)
             .map(|op| strand(&s, &a, op))
             .collect();
         drop(s.start(a.clone(), "list-domains").unwrap());
+        // Long calls are bounded among themselves.
+        let m = refused(&s, &a, "clone-volume");
+        assert!(m.contains("32 long calls"), "{m}");
 
         // Many hung guests hold back guest-agent commands, not the other calls.
         let commands = Key::new("qemu:///a", true);

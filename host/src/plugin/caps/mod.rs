@@ -8,7 +8,7 @@
 //! | [`http`] | outgoing wasi:http | strict authority allow-list checked before DNS, resolved addresses pinned; every phase timed out; requests in flight and header sets budgeted |
 //! | [`libvirt`] | libvirt connections | URI allow-list, checked before connecting; calls off the executor; connections budgeted |
 //! | [`libvirt_io`] | volume bytes through libvirt streams, live disk attach/detach | at most 8 MiB a call, never past a volume's end; only file disks whose source is a pool volume; live only |
-//! | [`libvirt_stranded`] | libvirt calls the host stopped waiting for whose threads still run | past 8 stranded calls on a URI every call there is refused as `unavailable`; guest-agent commands count apart (128 a URI) and hold back only guest-agent commands; long calls (migration, snapshot, clone, ...) do not count |
+//! | [`libvirt_stranded`] | libvirt calls the host stopped waiting for whose threads still run | once 8 calls on a URI are stranded every call there is refused as `unavailable`; long calls (migration, snapshot, clone, ...) count apart (32) and hold back only long calls; guest-agent commands likewise (128) |
 //! | [`guest_channel`] | in-guest agent of a VM via its driver | granted or refused |
 //! | [`files`] | preopened directories (WASI) | only granted directories, read-only by default; no symlink creation; open files budgeted |
 //! | [`clocks`] | timers (WASI `subscribe-duration`) | never early; waits of 0.5 ms or more end in `nanosleep` (at most 2 ms of a blocking thread each), shorter ones on tokio's 1 ms timer |
