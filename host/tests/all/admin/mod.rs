@@ -379,6 +379,8 @@ async fn replace_keeps_grants_and_runtime_changes_survive_a_restart() {
             v2.path().to_str().unwrap(),
             "--memory-mib",
             "80",
+            "--exec-margin-ms",
+            "2500",
             "-o",
             "json",
         ],
@@ -389,6 +391,10 @@ async fn replace_keeps_grants_and_runtime_changes_survive_a_restart() {
     assert_eq!(
         (r[0].limits.memory_mib, r[0].limits.call_timeout_ms),
         (80, 30_000)
+    );
+    assert_eq!(
+        (r[0].limits.exec_margin_ms, r[0].exec_margin_ms),
+        (Some(2_500), 2_500)
     );
     assert_eq!(r[0].granted["http"], ["127.0.0.1:9"]);
     // A configured plugin unloaded at runtime stays unloaded.
@@ -432,13 +438,14 @@ async fn replace_keeps_grants_and_runtime_changes_survive_a_restart() {
 
     let again = Agent::start(memory_config(dir.path())).await.unwrap();
     let after = again.plugins.list();
-    let key = |l: &[PluginSummary]| -> Vec<(String, String, u64, Vec<String>)> {
+    let key = |l: &[PluginSummary]| -> Vec<(String, String, u64, u64, Vec<String>)> {
         l.iter()
             .map(|p| {
                 (
                     p.name.clone(),
                     p.version.clone(),
                     p.limits.memory_mib,
+                    p.exec_margin_ms,
                     p.granted.get("http").cloned().unwrap_or_default(),
                 )
             })
@@ -451,6 +458,7 @@ async fn replace_keeps_grants_and_runtime_changes_survive_a_restart() {
             "hostile".to_string(),
             "0.2.0".to_string(),
             80,
+            2_500,
             vec!["127.0.0.1:9".to_string()]
         )]
     );
