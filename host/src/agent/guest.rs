@@ -289,9 +289,10 @@ impl AgentCore {
         };
         let r = guest.session.exec(vm, &request).await.map_err(|e| {
             // A call the host did not start says nothing of the guest.
-            if e.kind() == ErrorKind::Unavailable
-                && !libvirt_stranded::is_refusal(e.kind(), &e.to_string())
-            {
+            let refused = e
+                .driver_error()
+                .is_some_and(|d| libvirt_stranded::is_refusal(d.kind, &d.message));
+            if e.kind() == ErrorKind::Unavailable && !refused {
                 self.guest_gates
                     .set_answered(self.driver.endpoint(), vm, false);
             }

@@ -154,10 +154,16 @@ impl AgentCore {
                 // The guest plugin's way in is the driver's qemu-ga channel: that
                 // agent answering a ping is what the plugin needs (a command run
                 // in a guest still booting can take far longer than the answer).
-                channel_command(&self.driver, &self.guest_gates, vm, PROBE, PROBE_TIMEOUT)
+                match channel_command(&self.driver, &self.guest_gates, vm, PROBE, PROBE_TIMEOUT)
                     .await
-                    .map(|_| ())
-                    .map_err(|e| Some((e.kind, e.to_string())))
+                {
+                    Ok(_) => Ok(()),
+                    // Nothing was sent: libvirt has not answered earlier calls.
+                    Err(e) if libvirt_stranded::is_refusal(e.kind, &e.message) => {
+                        return Ok(Readiness::not_ready(e.to_string()))
+                    }
+                    Err(e) => Err(Some((e.kind, e.to_string()))),
+                }
             } else {
                 let probe = ExecRequest {
                     argv: vec!["true".into()],
@@ -178,10 +184,6 @@ impl AgentCore {
                 // A guest agent that hangs (its circuit is open) is not waited for:
                 // that would hold this operation's turn for nothing.
                 Err(Some((_, e))) if self.guest_gates.hung(&endpoint, vm) => {
-                    return Ok(Readiness::not_ready(e))
-                }
-                // Nor while libvirt has not answered earlier calls: nothing was sent.
-                Err(Some((kind, e))) if libvirt_stranded::is_refusal(kind, &e) => {
                     return Ok(Readiness::not_ready(e))
                 }
                 Err(Some((ErrorKind::Unavailable | ErrorKind::Timeout, e))) => e,

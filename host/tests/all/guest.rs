@@ -451,6 +451,10 @@ async fn exec_copy_and_provision_on_a_real_guest() {
     assert!(!ps.contains("sleep 37") && !ps.contains("sleep 38"), "{ps}");
     // qemu-ga forgets every process gve started for them, the kills included.
     let last = guest_pid(&c, id).await;
+    assert!(
+        last > first,
+        "the guest's pids wrapped: {first} then {last}"
+    );
     let kept = uncollected(&lv, id, first, last);
     assert!(
         kept.is_empty(),

@@ -138,9 +138,14 @@ fn timed_out(agent: &Agent, pid: i64, request: &ExecRequest) -> ExecResult {
         "gve-kill".to_string(),
         pid_arg.clone(),
     ];
-    let killer = agent
-        .exec_start("/bin/sh", &tree, &[])
-        .or_else(|_| agent.exec_start("kill", &["-KILL".to_string(), pid_arg], &[]));
+    // `kill` alone only where the script could not start (a guest without
+    // `/bin/sh`), not where it may have started and its answer was late.
+    let killer = match agent.exec_start("/bin/sh", &tree, &[]) {
+        Err(e) if e.kind() != "timeout" => {
+            agent.exec_start("kill", &["-KILL".to_string(), pid_arg], &[])
+        }
+        r => r,
+    };
     let mut result = ExecResult {
         exit_code: None,
         signal: None,
@@ -157,11 +162,12 @@ fn timed_out(agent: &Agent, pid: i64, request: &ExecRequest) -> ExecResult {
         ));
         return result;
     };
-    // The process ends once everything under it was killed, however long a busy
-    // guest takes: wait for that, collect what it wrote, then the kill's own end,
-    // so that qemu-ga forgets both, while the call has time left to answer.
-    let until = Instant::now() + KILL_WAIT;
-    if let Some(s) = wait_exited(agent, pid, until) {
+    // The kill ends once everything under it is killed, however long a busy guest
+    // takes; then the process is reported ended (or soon: a daemon it started
+    // may hold its output open). Both are collected, so qemu-ga forgets them,
+    // while the call has time left to answer.
+    wait_exited(agent, killer, Instant::now() + KILL_WAIT);
+    if let Some(s) = wait_exited(agent, pid, Instant::now() + REPORT_WAIT) {
         let limit = request.output_limit as usize;
         let out = decode_output(&agent.vm, s.out_data.as_deref()).unwrap_or_default();
         let err = decode_output(&agent.vm, s.err_data.as_deref()).unwrap_or_default();
@@ -173,13 +179,13 @@ fn timed_out(agent: &Agent, pid: i64, request: &ExecRequest) -> ExecResult {
             result.timed_out = false;
         }
     }
-    wait_exited(agent, killer, until);
     result
 }
 
-/// Longest a timed-out command's kill is waited for (a process the guest cannot
-/// kill is reported timed out without its output after this).
+/// Longest a timed-out command's kill is waited for.
 const KILL_WAIT: Duration = Duration::from_secs(5);
+/// Longest a killed command is waited for to be reported ended, after its kill.
+const REPORT_WAIT: Duration = Duration::from_secs(1);
 
 /// Polls process `pid` until it has exited (its status, which qemu-ga then
 /// forgets), qemu-ga does not know it, `until` passes or the call has under

@@ -352,7 +352,8 @@ impl LibvirtCap {
             let _ = tx.send(r);
         });
         // A wait cut off from outside drops `watch` too: the call is stranded.
-        match tokio::time::timeout(limit, rx).await {
+        let mut rx = std::pin::pin!(rx);
+        match tokio::time::timeout(limit, rx.as_mut()).await {
             Ok(Ok(r)) => {
                 watch.answered();
                 r
@@ -360,10 +361,16 @@ impl LibvirtCap {
             Ok(Err(_)) => {
                 watch.answered();
                 Err(Error::Backend(format!(
-                    "libvirt {op} failed on its thread (it panicked)"
+                    "libvirt {op} ended on its thread without answering (it panicked)"
                 )))
             }
             Err(_) => {
+                // An answer that came as the time ran out is taken, not dropped here.
+                rx.close();
+                if let Ok(r) = rx.try_recv() {
+                    watch.answered();
+                    return r;
+                }
                 drop(watch);
                 Err(Error::Timeout(format!(
                     "libvirt {op} did not answer within {limit:?}"

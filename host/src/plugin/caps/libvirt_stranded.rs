@@ -27,8 +27,8 @@ use std::time::Instant;
 
 use crate::plugin::bindings::types::Error;
 
-/// Stranded calls (other than guest-agent commands) on one URI before new calls
-/// there are refused.
+/// Stranded calls (other than guest-agent commands and long calls) on one URI
+/// before new calls there are refused.
 pub const PER_URI: usize = 8;
 /// Stranded guest-agent commands on one URI before new ones there are refused.
 pub const COMMANDS_PER_URI: usize = 128;
