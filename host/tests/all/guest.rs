@@ -460,6 +460,36 @@ async fn exec_copy_and_provision_on_a_real_guest() {
         kept.is_empty(),
         "qemu-ga still keeps the exec records of {kept:?}"
     );
+    // Also where processes come and go while the kill reads /proc: a file named by
+    // the glob that is gone when read must not cost the children.
+    let churn = exec(
+        &c,
+        id,
+        json!({ "argv": ["sh", "-c", "( end=$(( $(date +%s) + 60 )); \
+            while [ \"$(date +%s)\" -lt $end ]; do sleep 0; done ) \
+            </dev/null >/dev/null 2>&1 & echo $!"] }),
+    )
+    .await;
+    let churn = text(&churn.stdout_b64).trim().to_string();
+    for n in 1..=3 {
+        let nested = format!("sh -c 'sleep 4{n}; :'; :");
+        let r = exec(
+            &c,
+            id,
+            json!({ "argv": ["sh", "-c", nested], "timeout-ms": 1500 }),
+        )
+        .await;
+        assert!(r.timed_out && r.exit_code.is_none(), "{r:?}");
+        let ps = exec(&c, id, json!({ "argv": ["ps"] })).await;
+        let ps = text(&ps.stdout_b64);
+        assert!(!ps.contains(&format!("sleep 4{n}")), "{ps}");
+    }
+    let r = exec(&c, id, json!({ "argv": ["kill", churn] })).await;
+    assert_eq!(
+        r.exit_code,
+        Some(0),
+        "the churn was running until now: {r:?}"
+    );
 
     // Binary-safe: every byte value in, the same bytes out of cat's stdout.
     let all: Vec<u8> = (0..=255u8).cycle().take(4096).collect();

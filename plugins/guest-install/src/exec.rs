@@ -115,16 +115,24 @@ pub fn run(agent: &Agent, request: &ExecRequest) -> Result<ExecResult> {
 /// would otherwise go on and hold the process's output open, so that qemu-ga never
 /// sees it end): nothing, if `$1` is no longer a child of this script's parent
 /// (qemu-ga, which may have reaped it and had its pid reused); else `$1` stopped, so
-/// it starts no other, its descendants as `/proc` names them stopped, then all killed.
-/// Where `awk` is missing, `$1` alone.
+/// it starts no other, then its children as `/proc` names them stopped, again until
+/// a pass finds none (a child may have started one before it was stopped; 64 passes
+/// at most), then all killed. `/proc` is read through `cat`, which goes past a process that ended
+/// after the glob named it; mawk and busybox awk would give up at its file, so a
+/// guest whose processes come and go would keep the children. Where `awk` is
+/// missing, `$1` alone.
 const KILL_TREE: &str = r#"grep -q "^PPid:[[:space:]]*$PPID\$" "/proc/$1/status" 2>/dev/null || exit 0
 kill -STOP "$1" 2>/dev/null
-k=$(awk -v root="$1" '/^Pid:/ { p = $2 } /^PPid:/ { up[p] = $2 }
-END { t[root] = 1
-  do { more = 0; for (p in up) if (!(p in t) && (up[p] in t)) { t[p] = 1; more = 1 } } while (more)
-  for (p in t) if (p != root) print p }' /proc/[0-9]*/status 2>/dev/null)
-if [ -n "$k" ]; then kill -STOP $k 2>/dev/null; kill -KILL $k 2>/dev/null; fi
-kill -KILL "$1""#;
+t=$1 i=0
+while [ $i -lt 64 ]; do
+  k=$(cat /proc/[0-9]*/status 2>/dev/null | awk -v t="$t" 'BEGIN { n = split(t, a, " "); for (j = 1; j <= n; j++) s[a[j]] = 1 }
+/^Pid:/ { p = $2 } /^PPid:/ { up[p] = $2 }
+END { do { more = 0; for (p in up) if (!(p in s) && (up[p] in s)) { s[p] = 1; more = 1; printf "%s ", p } } while (more) }')
+  [ -n "$k" ] || break
+  kill -STOP $k 2>/dev/null
+  t="$t $k" i=$((i + 1))
+done
+kill -KILL $t 2>/dev/null"#;
 
 /// Kills a process that outlived its budget (with every process under it where the
 /// guest has a POSIX shell) and reports what it wrote until then. A process that
