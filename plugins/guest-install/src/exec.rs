@@ -89,7 +89,13 @@ pub fn run(agent: &Agent, request: &ExecRequest) -> Result<ExecResult> {
         std::thread::sleep(pause.min(budget - elapsed));
         pause = (pause * 2).min(Duration::from_millis(50));
     };
-    let limit = request.output_limit as usize;
+    ended(agent, &status, request.output_limit)
+}
+
+/// What an ended process reported: its exit (none where a signal ended it) and
+/// its output, each cut to `limit` bytes.
+fn ended(agent: &Agent, status: &ExecStatus, limit: u32) -> Result<ExecResult> {
+    let limit = limit as usize;
     let (stdout, stdout_truncated) = limited(
         decode_output(&agent.vm, status.out_data.as_deref())?,
         limit,
@@ -113,15 +119,17 @@ pub fn run(agent: &Agent, request: &ExecRequest) -> Result<ExecResult> {
 
 /// Kills process `$1` and every process under it (a shell's running command, which
 /// would otherwise go on and hold the process's output open, so that qemu-ga never
-/// sees it end): nothing, if `$1` is no longer a child of this script's parent
+/// sees it end): nothing, if `$1` is this script or no longer a child of its parent
 /// (qemu-ga, which may have reaped it and had its pid reused); else `$1` stopped, so
 /// it starts no other, then its children as `/proc` names them stopped, again until
 /// a pass finds none (a child may have started one before it was stopped; 64 passes
-/// at most), then all killed. `/proc` is read through `cat`, which goes past a process that ended
-/// after the glob named it; mawk and busybox awk would give up at its file, so a
-/// guest whose processes come and go would keep the children. Where `awk` is
-/// missing, `$1` alone.
-const KILL_TREE: &str = r#"grep -q "^PPid:[[:space:]]*$PPID\$" "/proc/$1/status" 2>/dev/null || exit 0
+/// at most), then all killed. `/proc` is read through `cat`, which goes past a
+/// process that ended after the glob named it; mawk and busybox awk would give up
+/// at its file, so a guest whose processes come and go would keep the children.
+/// Where `awk` is missing, `$1` alone. A child that ends before it is stopped
+/// leaves its own children to init, out of reach.
+const KILL_TREE: &str = r#"[ "$1" != "$$" ] || exit 0
+grep -q "^PPid:[[:space:]]*$PPID\$" "/proc/$1/status" 2>/dev/null || exit 0
 kill -STOP "$1" 2>/dev/null
 t=$1 i=0
 while [ $i -lt 64 ]; do
@@ -154,7 +162,7 @@ fn timed_out(agent: &Agent, pid: i64, request: &ExecRequest) -> ExecResult {
         }
         r => r,
     };
-    let mut result = ExecResult {
+    let result = ExecResult {
         exit_code: None,
         signal: None,
         timed_out: true,
@@ -175,19 +183,24 @@ fn timed_out(agent: &Agent, pid: i64, request: &ExecRequest) -> ExecResult {
     // may hold its output open). Both are collected, so qemu-ga forgets them,
     // while the call has time left to answer.
     wait_exited(agent, killer, Instant::now() + KILL_WAIT);
-    if let Some(s) = wait_exited(agent, pid, Instant::now() + REPORT_WAIT) {
-        let limit = request.output_limit as usize;
-        let out = decode_output(&agent.vm, s.out_data.as_deref()).unwrap_or_default();
-        let err = decode_output(&agent.vm, s.err_data.as_deref()).unwrap_or_default();
-        (result.stdout, result.stdout_truncated) = limited(out, limit, s.out_truncated);
-        (result.stderr, result.stderr_truncated) = limited(err, limit, s.err_truncated);
-        result.signal = s.signal;
-        if s.signal.is_none() && s.exitcode.is_some() {
-            result.exit_code = s.exitcode;
-            result.timed_out = false;
+    let Some(s) = wait_exited(agent, pid, Instant::now() + REPORT_WAIT) else {
+        return result;
+    };
+    match ended(agent, &s, request.output_limit) {
+        // It ended on its own before the kill reached it.
+        Ok(r) if r.exit_code.is_some() => r,
+        Ok(r) => ExecResult {
+            timed_out: true,
+            ..r
+        },
+        Err(e) => {
+            gve_sdk::log::warn(&e.to_string());
+            ExecResult {
+                signal: s.signal,
+                ..result
+            }
         }
     }
-    result
 }
 
 /// Longest a timed-out command's kill is waited for.
