@@ -25,7 +25,7 @@ use super::ready::GUEST_WAIT;
 use super::AgentCore;
 use crate::api::{ApiError, Body};
 use crate::plugin::bindings::types::{EnvVar, ExecRequest, ExecResult, FileInfo};
-use crate::plugin::caps::{guest_channel::GuestChannel, libvirt_stranded};
+use crate::plugin::caps::guest_channel::GuestChannel;
 use crate::plugin::{DriverError, DriverSession, ErrorKind, GuestSession, PluginError, PluginHost};
 
 /// Bytes per chunk between the agent and the guest plugin: one guest-file-read of a
@@ -104,7 +104,7 @@ pub async fn channel_command(
         Pass::Probe(t) => {
             let r = send(driver, &t, vm, PROBE, PROBE_TIMEOUT_MS).await;
             if let Err(e) = r {
-                if libvirt_stranded::is_refusal(e.kind, &e.message) {
+                if e.not_started() {
                     return Err(e);
                 }
                 return Err(DriverError::new(
@@ -139,7 +139,7 @@ async fn send(
         PluginError::Driver { error, .. } => error,
         other => DriverError::new(other.kind(), other.to_string()),
     });
-    let not_started = matches!(&r, Err(e) if libvirt_stranded::is_refusal(e.kind, &e.message));
+    let not_started = matches!(&r, Err(e) if e.not_started());
     if !busy && !not_started {
         ticket.done(&r);
     }
@@ -289,9 +289,7 @@ impl AgentCore {
         };
         let r = guest.session.exec(vm, &request).await.map_err(|e| {
             // A call the host did not start says nothing of the guest.
-            let refused = e
-                .driver_error()
-                .is_some_and(|d| libvirt_stranded::is_refusal(d.kind, &d.message));
+            let refused = e.driver_error().is_some_and(DriverError::not_started);
             if e.kind() == ErrorKind::Unavailable && !refused {
                 self.guest_gates
                     .set_answered(self.driver.endpoint(), vm, false);

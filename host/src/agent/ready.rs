@@ -15,7 +15,6 @@ use super::model::{OpError, VmState};
 use super::AgentCore;
 use crate::api::ApiError;
 use crate::plugin::bindings::types::ExecRequest;
-use crate::plugin::caps::libvirt_stranded;
 use crate::plugin::{ErrorKind, PluginError};
 
 /// How long a guest operation waits for the guest agent of a VM that is booting.
@@ -159,9 +158,7 @@ impl AgentCore {
                 {
                     Ok(_) => Ok(()),
                     // Nothing was sent: libvirt has not answered earlier calls.
-                    Err(e) if libvirt_stranded::is_refusal(e.kind, &e.message) => {
-                        return Ok(Readiness::not_ready(e.to_string()))
-                    }
+                    Err(e) if e.not_started() => return Ok(Readiness::not_ready(e.to_string())),
                     Err(e) => Err(Some((e.kind, e.to_string()))),
                 }
             } else {

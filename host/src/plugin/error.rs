@@ -89,6 +89,12 @@ impl DriverError {
         }
     }
 
+    /// Whether the host refused to start the call behind this error because libvirt
+    /// has not answered earlier ones (nothing reached libvirt, nor a guest).
+    pub fn not_started(&self) -> bool {
+        super::caps::libvirt_stranded::is_refusal(self.kind, &self.message)
+    }
+
     /// The same error with its message cut to the host's limit (a plugin's message is
     /// stored in operation records and shown to users).
     pub fn bounded(self) -> Self {

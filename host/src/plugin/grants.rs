@@ -116,6 +116,22 @@ const BUDGET_CEILINGS: [(&str, u32); 6] = [
 ];
 
 impl Limits {
+    /// Limits as a newer release may report them (a plugin's summary): fields this
+    /// build does not know are left out rather than refusing the whole answer, so
+    /// an older CLI still reads a newer agent. An operator's configuration is read
+    /// strictly (a misspelt limit is an error).
+    pub fn lenient<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Limits, D::Error> {
+        use serde::de::Error as _;
+        let mut given = serde_json::Map::deserialize(d)?;
+        let every = Limits {
+            exec_margin_ms: Some(0),
+            ..Limits::default()
+        };
+        let known = serde_json::to_value(every).map_err(D::Error::custom)?;
+        given.retain(|k, _| known.get(k).is_some());
+        serde_json::from_value(serde_json::Value::Object(given)).map_err(D::Error::custom)
+    }
+
     /// The per-call budget.
     pub fn call_timeout(&self) -> Duration {
         Duration::from_millis(self.call_timeout_ms)
@@ -153,6 +169,14 @@ impl Limits {
         let most = super::manifest::MAX_EXEC_MARGIN_MS;
         if let Some(m) = self.exec_margin_ms.filter(|m| *m > most) {
             return Err(format!("exec-margin-ms must be at most {most}, not {m}"));
+        }
+        // Guest commands get the call budget less the margin: none would be left.
+        if let Some(m) = self.exec_margin_ms.filter(|m| *m >= self.call_timeout_ms) {
+            return Err(format!(
+                "exec-margin-ms ({m}) must be below call-timeout-ms ({}): guest \
+                 commands get the call budget less the margin",
+                self.call_timeout_ms
+            ));
         }
         if self.pool_size > self.max_instances {
             return Err(format!(
@@ -334,6 +358,30 @@ impl Grants {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn limits_from_a_newer_release_are_read_and_a_misspelt_limit_is_not() {
+        #[derive(Deserialize)]
+        struct Summary {
+            #[serde(deserialize_with = "Limits::lenient")]
+            limits: Limits,
+        }
+        let newer = r#"{"limits": {"memory-mib": 96, "exec-margin-ms": 2500,
+            "max-gpu-seconds": 7}}"#;
+        let s: Summary = serde_json::from_str(newer).unwrap();
+        assert_eq!(
+            s.limits,
+            Limits {
+                memory_mib: 96,
+                exec_margin_ms: Some(2500),
+                ..Limits::default()
+            }
+        );
+        let wrong = r#"{"limits": {"memory-mib": "lots"}}"#;
+        assert!(serde_json::from_str::<Summary>(wrong).is_err());
+        let e = serde_json::from_str::<Limits>(r#"{"memory-mb": 96}"#).unwrap_err();
+        assert!(e.to_string().contains("memory-mb"), "{e}");
+    }
 
     #[test]
     fn tls_grants_parse_and_must_name_a_granted_authority() {

@@ -83,6 +83,7 @@ pub struct PluginSummary {
     /// Grants given by the operator that the manifest did not request (not lent).
     pub ignored_grants: Vec<String>,
     /// Its limits.
+    #[serde(deserialize_with = "Limits::lenient")]
     pub limits: Limits,
     /// What ending a guest command takes it, ms: its manifest's `exec-margin-ms`,
     /// or its limits' when higher. The agent allows exec timeouts of at most the

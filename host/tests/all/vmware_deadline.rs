@@ -148,14 +148,7 @@ async fn a_command_runs_for_its_own_timeout_and_the_default_leaves_the_exec_marg
     // `gve plugin replace --exec-margin-ms` sends it), moves the ceiling; one below
     // the manifest's is not used; 0 drops it.
     for (margin, in_force) in [(4_500, 4_500), (2_000, 3_000), (0, 3_000)] {
-        let _: Value = c
-            .call(
-                hyper::Method::PUT,
-                "/v1/plugins/vmware-esx",
-                Some(&json!({ "limits": { "exec-margin-ms": margin } })),
-            )
-            .await
-            .unwrap();
+        set_margin(&c, margin).await.unwrap();
         let summary = agent.plugins.get("vmware-esx").unwrap();
         assert_eq!(summary.exec_margin_ms, in_force, "margin {margin}");
         let kept = (margin != 0).then_some(margin);
@@ -174,21 +167,28 @@ async fn a_command_runs_for_its_own_timeout_and_the_default_leaves_the_exec_marg
         assert_eq!(r.exit_code, Some(0), "margin {margin}: {r:?}");
     }
     // More than 60 s is refused, and the margin in force stays.
-    let e = c
-        .call::<_, Value>(
-            hyper::Method::PUT,
-            "/v1/plugins/vmware-esx",
-            Some(&json!({ "limits": { "exec-margin-ms": 60_001 } })),
-        )
-        .await
-        .unwrap_err();
+    let e = set_margin(&c, 60_001).await.unwrap_err();
     assert!(e.to_string().contains("at most 60000"), "{e}");
+    // So is a margin that leaves guest commands nothing of the 8 s budget.
+    let e = set_margin(&c, 8_000).await.unwrap_err();
+    assert!(
+        e.to_string().contains("below call-timeout-ms (8000)"),
+        "{e}"
+    );
     assert_eq!(
         agent.plugins.get("vmware-esx").unwrap().exec_margin_ms,
         3_000
     );
     assert_no_deadline_stop(&agent, "vmware-esx");
     agent.stop().await;
+}
+
+/// Sets vmware-esx's exec margin at run time, as `gve plugin replace
+/// --exec-margin-ms` does.
+async fn set_margin(c: &Client, margin: u64) -> Result<Value, gve::api::ApiError> {
+    let body = json!({ "limits": { "exec-margin-ms": margin } });
+    c.call(hyper::Method::PUT, "/v1/plugins/vmware-esx", Some(&body))
+        .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -190,8 +190,8 @@ impl Stranded {
 
 /// The refusal of `op` under `key`, if the stranded calls say so.
 fn refuse(s: &Inner, key: &Key, op: &str) -> Result<(), Error> {
-    // The counted calls on `key`'s URI under the keys `which` picks.
     let long = |c: &&Call| LONG.contains(&c.op);
+    // The counted calls on `key`'s URI under the keys `which` picks.
     let stranded = |which: &dyn Fn(&Key) -> bool| -> Vec<&Call> {
         s.calls
             .iter()
@@ -219,7 +219,6 @@ fn refuse(s: &Inner, key: &Key, op: &str) -> Result<(), Error> {
 }
 
 fn refusal(key: &Key, op: &str, what: &str, out: &[&Call]) -> Error {
-    let whom = format!("libvirt at {}", key.uri);
     let oldest = out
         .iter()
         .filter_map(|c| Some((c.stranded?, c.op)))
@@ -231,8 +230,9 @@ fn refusal(key: &Key, op: &str, what: &str, out: &[&Call]) -> Error {
             )
         });
     Error::Unavailable(format!(
-        "{whom} has not answered {} {what} the host stopped waiting for{oldest}: \
+        "libvirt at {} has not answered {} {what} the host stopped waiting for{oldest}: \
          {op} {NOT_STARTED}",
+        key.uri,
         out.len()
     ))
 }
