@@ -12,6 +12,7 @@ mod answers;
 mod cpu;
 mod descriptors;
 mod files;
+mod frozen_guest;
 mod logs;
 mod memory;
 mod network;

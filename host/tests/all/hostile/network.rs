@@ -256,10 +256,10 @@ async fn a_frozen_libvirtd_ends_the_call_within_its_budget() {
 }
 
 /// A libvirtd stopped (SIGSTOP) until this is dropped, even by a failing test.
-struct Frozen<'a>(&'a gve_harness::Libvirtd);
+pub(super) struct Frozen<'a>(&'a gve_harness::Libvirtd);
 
 impl<'a> Frozen<'a> {
-    fn new(lv: &'a gve_harness::Libvirtd) -> Frozen<'a> {
+    pub(super) fn new(lv: &'a gve_harness::Libvirtd) -> Frozen<'a> {
         signal(lv, libc::SIGSTOP);
         Frozen(lv)
     }
