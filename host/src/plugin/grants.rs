@@ -123,6 +123,7 @@ impl Limits {
     pub fn lenient<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Limits, D::Error> {
         use serde::de::Error as _;
         let mut given = serde_json::Map::deserialize(d)?;
+        // Every optional field set, so that every key is named.
         let every = Limits {
             exec_margin_ms: Some(0),
             ..Limits::default()
@@ -377,6 +378,15 @@ mod tests {
                 ..Limits::default()
             }
         );
+        // Every field is known: a new optional one must be set in `lenient`'s
+        // `every`, or a newer agent's value of it would be dropped unseen.
+        let every = serde_json::to_value(Limits {
+            exec_margin_ms: Some(1),
+            ..Limits::default()
+        })
+        .unwrap();
+        let all: Summary = serde_json::from_value(serde_json::json!({ "limits": every })).unwrap();
+        assert_eq!(serde_json::to_value(all.limits).unwrap(), every);
         let wrong = r#"{"limits": {"memory-mib": "lots"}}"#;
         assert!(serde_json::from_str::<Summary>(wrong).is_err());
         let e = serde_json::from_str::<Limits>(r#"{"memory-mb": 96}"#).unwrap_err();

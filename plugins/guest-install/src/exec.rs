@@ -193,10 +193,14 @@ fn timed_out(agent: &Agent, pid: i64, request: &ExecRequest) -> ExecResult {
             timed_out: true,
             ..r
         },
+        // Output that cannot be read is left out; how the process ended is not.
         Err(e) => {
             gve_sdk::log::warn(&e.to_string());
+            let exit_code = s.exitcode.filter(|_| s.signal.is_none());
             ExecResult {
+                exit_code,
                 signal: s.signal,
+                timed_out: exit_code.is_none(),
                 ..result
             }
         }

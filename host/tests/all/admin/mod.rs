@@ -463,6 +463,27 @@ async fn replace_keeps_grants_and_runtime_changes_survive_a_restart() {
         )]
     );
     again.stop().await;
+
+    // A record from before a margin had to be below the call budget: restored
+    // with the plugin's own margin, not left out.
+    let db = dir.path().join("agent.redb");
+    let registry = gve::agent::registry::Registry::open(&db).unwrap();
+    let mut rec: Value =
+        serde_json::from_str(&registry.meta("plugin:hostile").unwrap().unwrap()).unwrap();
+    let limits = &mut rec["spec"]["limits"];
+    limits["exec-margin-ms"] = limits["call-timeout-ms"].clone();
+    let rec = rec.to_string();
+    registry
+        .write(|t| t.set_meta("plugin:hostile", &rec))
+        .unwrap();
+    drop(registry);
+    let third = Agent::start(memory_config(dir.path())).await.unwrap();
+    let p = third.plugins.get("hostile").expect("restored");
+    assert_eq!(
+        (p.version.as_str(), p.limits.exec_margin_ms),
+        ("0.2.0", None)
+    );
+    third.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
