@@ -199,8 +199,9 @@ impl PluginAdmin {
     /// A recorded spec as it may be restored: each secret value the record has
     /// (inline or from a file) that the config file now reads from a file is
     /// taken from the config file's file; the record's other files are dropped
-    /// (a value an admin's replace dropped stays dropped); and no TLS file but
-    /// the config file's.
+    /// (a value an admin's replace dropped stays dropped); no TLS file but
+    /// the config file's; and no operator exec margin that is not below the call
+    /// budget (recorded before that was refused).
     fn restorable(&self, name: &str, mut spec: PluginSpec) -> Result<PluginSpec, ApiError> {
         let files = self
             .from_file
@@ -286,7 +287,8 @@ impl PluginAdmin {
                         }
                     };
                     // The record is to say what is in force: an inline value the
-                    // config file has since moved to a file leaves it.
+                    // config file has since moved to a file leaves it, as does a
+                    // margin dropped above.
                     let rewrite = |spec: &PluginSpec| {
                         if *recorded == *spec {
                             return;

@@ -123,7 +123,21 @@ impl Limits {
     pub fn lenient<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Limits, D::Error> {
         use serde::de::Error as _;
         let mut given = serde_json::Map::deserialize(d)?;
-        // Every optional field set, so that every key is named.
+        // Every field is named, so a new one breaks the build here: set it in
+        // `every` if it is optional (else its key would not be serialized).
+        let Limits {
+            memory_mib: _,
+            call_timeout_ms: _,
+            max_instances: _,
+            pool_size: _,
+            max_host_resources: _,
+            max_open_files: _,
+            max_http_requests: _,
+            max_http_header_sets: _,
+            max_libvirt_connections: _,
+            log_kib_per_call: _,
+            exec_margin_ms: _,
+        } = Limits::default();
         let every = Limits {
             exec_margin_ms: Some(0),
             ..Limits::default()
@@ -378,8 +392,7 @@ mod tests {
                 ..Limits::default()
             }
         );
-        // Every field is known: a new optional one must be set in `lenient`'s
-        // `every`, or a newer agent's value of it would be dropped unseen.
+        // Every field this build has is read back.
         let every = serde_json::to_value(Limits {
             exec_margin_ms: Some(1),
             ..Limits::default()

@@ -89,23 +89,25 @@ pub fn run(agent: &Agent, request: &ExecRequest) -> Result<ExecResult> {
         std::thread::sleep(pause.min(budget - elapsed));
         pause = (pause * 2).min(Duration::from_millis(50));
     };
-    ended(agent, &status, request.output_limit)
+    ended(agent, &status, request.output_limit, true)
 }
 
 /// What an ended process reported: its exit (none where a signal ended it) and
-/// its output, each cut to `limit` bytes.
-fn ended(agent: &Agent, status: &ExecStatus, limit: u32) -> Result<ExecResult> {
-    let limit = limit as usize;
-    let (stdout, stdout_truncated) = limited(
-        decode_output(&agent.vm, status.out_data.as_deref())?,
-        limit,
-        status.out_truncated,
-    );
-    let (stderr, stderr_truncated) = limited(
-        decode_output(&agent.vm, status.err_data.as_deref())?,
-        limit,
-        status.err_truncated,
-    );
+/// its output, each cut to `limit` bytes. Output qemu-ga sent as invalid base64
+/// is an error when `strict`, else left out and flagged cut.
+fn ended(agent: &Agent, status: &ExecStatus, limit: u32, strict: bool) -> Result<ExecResult> {
+    let output = |data: Option<&str>, cut: bool| -> Result<(Vec<u8>, bool)> {
+        match decode_output(&agent.vm, data) {
+            Ok(d) => Ok(limited(d, limit as usize, cut)),
+            Err(e) if strict => Err(e),
+            Err(e) => {
+                gve_sdk::log::warn(&e.to_string());
+                Ok((Vec::new(), true))
+            }
+        }
+    };
+    let (stdout, stdout_truncated) = output(status.out_data.as_deref(), status.out_truncated)?;
+    let (stderr, stderr_truncated) = output(status.err_data.as_deref(), status.err_truncated)?;
     Ok(ExecResult {
         exit_code: status.exitcode.filter(|_| status.signal.is_none()),
         signal: status.signal,
@@ -186,24 +188,13 @@ fn timed_out(agent: &Agent, pid: i64, request: &ExecRequest) -> ExecResult {
     let Some(s) = wait_exited(agent, pid, Instant::now() + REPORT_WAIT) else {
         return result;
     };
-    match ended(agent, &s, request.output_limit) {
-        // It ended on its own before the kill reached it.
-        Ok(r) if r.exit_code.is_some() => r,
+    match ended(agent, &s, request.output_limit, false) {
+        // Reported killed, or ended on its own before the kill reached it.
         Ok(r) => ExecResult {
-            timed_out: true,
+            timed_out: r.exit_code.is_none(),
             ..r
         },
-        // Output that cannot be read is left out; how the process ended is not.
-        Err(e) => {
-            gve_sdk::log::warn(&e.to_string());
-            let exit_code = s.exitcode.filter(|_| s.signal.is_none());
-            ExecResult {
-                exit_code,
-                signal: s.signal,
-                timed_out: exit_code.is_none(),
-                ..result
-            }
-        }
+        Err(_) => result,
     }
 }
 

@@ -484,6 +484,11 @@ async fn replace_keeps_grants_and_runtime_changes_survive_a_restart() {
         ("0.2.0", None)
     );
     third.stop().await;
+    // And the record says so.
+    let registry = gve::agent::registry::Registry::open(&db).unwrap();
+    let rec: Value =
+        serde_json::from_str(&registry.meta("plugin:hostile").unwrap().unwrap()).unwrap();
+    assert_eq!(rec["spec"]["limits"].get("exec-margin-ms"), None, "{rec}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
