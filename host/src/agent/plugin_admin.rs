@@ -218,14 +218,13 @@ impl PluginAdmin {
         self.tls_files_from_the_config_file(name, &spec.grants)?;
         // Recorded before a margin had to be below the call budget: the plugin's
         // own margin is in force rather than the plugin left out.
-        let l = &mut spec.limits;
-        if let Some(m) = l.exec_margin_ms.filter(|m| *m >= l.call_timeout_ms) {
+        if let Some(m) = spec.limits.exec_margin_past_budget() {
             tracing::warn!(
                 plugin = name,
                 "recorded exec-margin-ms {m} is not below call-timeout-ms {}: dropped",
-                l.call_timeout_ms
+                spec.limits.call_timeout_ms
             );
-            l.exec_margin_ms = None;
+            spec.limits.exec_margin_ms = None;
         }
         Ok(spec)
     }

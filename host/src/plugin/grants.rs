@@ -147,6 +147,12 @@ impl Limits {
         serde_json::from_value(serde_json::Value::Object(given)).map_err(D::Error::custom)
     }
 
+    /// The operator's exec margin when it is not below the call budget: guest
+    /// commands get the budget less the margin, so none would be left.
+    pub fn exec_margin_past_budget(&self) -> Option<u64> {
+        self.exec_margin_ms.filter(|m| *m >= self.call_timeout_ms)
+    }
+
     /// The per-call budget.
     pub fn call_timeout(&self) -> Duration {
         Duration::from_millis(self.call_timeout_ms)
@@ -185,8 +191,7 @@ impl Limits {
         if let Some(m) = self.exec_margin_ms.filter(|m| *m > most) {
             return Err(format!("exec-margin-ms must be at most {most}, not {m}"));
         }
-        // Guest commands get the call budget less the margin: none would be left.
-        if let Some(m) = self.exec_margin_ms.filter(|m| *m >= self.call_timeout_ms) {
+        if let Some(m) = self.exec_margin_past_budget() {
             return Err(format!(
                 "exec-margin-ms ({m}) must be below call-timeout-ms ({}): guest \
                  commands get the call budget less the margin",

@@ -264,7 +264,7 @@ async fn lifecycle_on_a_nested_xen_agrees_with_xl() {
 }
 
 /// Waits (up to 15 s) for the registry to show `vm` in `state`.
-async fn registry_shows(c: &Client, vm: &str, state: VmState) -> bool {
+pub(crate) async fn registry_shows(c: &Client, vm: &str, state: VmState) -> bool {
     let end = Instant::now() + Duration::from_secs(15);
     while Instant::now() < end {
         if record(c, vm).await.vm.state == state {
