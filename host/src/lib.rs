@@ -12,6 +12,7 @@ pub mod libvirt_log;
 pub mod metrics;
 pub mod plugin;
 pub mod private_fs;
+pub mod sealing;
 pub mod site;
 pub mod store_core;
 pub mod tls;

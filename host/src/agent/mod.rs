@@ -276,6 +276,12 @@ impl Agent {
             &config.data_dir.join("agent.redb"),
             config.database_cache_mib,
         )?;
+        // Credentials and plugin config values given at runtime are recorded
+        // sealed under this key, never in the clear.
+        let sealer = Arc::new(
+            crate::sealing::Sealer::open_or_create(&config.data_dir.join("agent.key"))
+                .map_err(|e| AgentError::Secret(e.to_string()))?,
+        );
         let policy = config
             .plugin_policy
             .clone()
@@ -283,6 +289,7 @@ impl Agent {
         let admin = Arc::new(plugin_admin::PluginAdmin::new(
             plugins.clone(),
             registry.clone(),
+            sealer.clone(),
             policy,
             &config.plugins,
         ));
@@ -295,21 +302,24 @@ impl Agent {
             plugins.clone(),
             registry,
             router,
+            sealer,
             config.bundles_dir.clone(),
         ));
         // The config file's driver, else the one an earlier run was given
         // (over the API: secret files are the config file's alone, whatever
         // a record says).
-        let driver = match (config.driver.clone(), runtime.recorded()) {
-            (Some(d), _) => Some(d),
-            (None, Some(d)) if d.password_file.is_some() || d.token_file.is_some() => {
-                return Err(AgentError::Secret(
-                    "the driver recorded at runtime names a password-file or token-file, \
-                     which only the config file may: give [driver] in the config file"
-                        .into(),
-                ))
-            }
-            (None, recorded) => recorded,
+        let driver = match config.driver.clone() {
+            Some(d) => Some(d),
+            None => match runtime.recorded().map_err(AgentError::Secret)? {
+                Some(d) if d.password_file.is_some() || d.token_file.is_some() => {
+                    return Err(AgentError::Secret(
+                        "the driver recorded at runtime names a password-file or token-file, \
+                         which only the config file may: give [driver] in the config file"
+                            .into(),
+                    ))
+                }
+                recorded => recorded,
+            },
         };
         if let Some(d) = driver {
             runtime.bring_up(&d).await?;

@@ -1,11 +1,12 @@
 //! Plugin administration at runtime, inside the operator's [`PluginPolicy`]: load,
 //! replace (keeping the running version's grants, limits and config unless new
 //! ones are given) and unload, each recorded in the agent's database so that a
-//! restarted agent comes back with exactly the plugins it had.
+//! restarted agent comes back with exactly the plugins it had. Config values in a
+//! record are sealed under `agent.key` ([`Sealer`]): they may be credentials.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use hyper::StatusCode;
 use serde::{Deserialize, Serialize};
@@ -15,6 +16,7 @@ use super::registry::Registry;
 use crate::api::ApiError;
 use crate::plugin::manifest::Bundle;
 use crate::plugin::{Grants, Limits, PluginError, PluginHost, PluginSpec, PluginSummary};
+use crate::sealing::Sealer;
 
 /// Registry meta keys of recorded plugins: `plugin:<name>`.
 const PREFIX: &str = "plugin:";
@@ -89,6 +91,8 @@ impl ReplaceSpec {
 pub struct PluginAdmin {
     host: PluginHost,
     registry: Registry,
+    /// Seals the config values of what is recorded.
+    sealer: Arc<Sealer>,
     policy: PluginPolicy,
     /// The spec in force of every loaded plugin.
     specs: Mutex<BTreeMap<String, PluginSpec>>,
@@ -159,12 +163,14 @@ impl PluginAdmin {
     pub fn new(
         host: PluginHost,
         registry: Registry,
+        sealer: Arc<Sealer>,
         policy: PluginPolicy,
         configured: &BTreeMap<String, PluginSpec>,
     ) -> PluginAdmin {
         PluginAdmin {
             host,
             registry,
+            sealer,
             policy,
             specs: Mutex::new(configured.clone()),
             from_file: configured
@@ -238,14 +244,36 @@ impl PluginAdmin {
         self.specs.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Records `spec` as the one in force of plugin `name`.
+    /// Records `spec` as the one in force of plugin `name`, its config values
+    /// sealed.
     fn record_loaded(&self, name: &str, spec: &PluginSpec) -> Result<(), ApiError> {
+        let mut sealed = spec.clone();
+        for v in sealed.grants.config.values_mut() {
+            *v = self.sealer.seal(v);
+        }
         self.record(
             name,
             &Recorded::Loaded {
-                spec: Box::new(spec.clone()),
+                spec: Box::new(sealed),
             },
         )
+    }
+
+    /// A recorded spec with its config values unsealed, and whether any was
+    /// recorded in the clear (by a release before they were sealed).
+    fn unsealed(&self, mut spec: PluginSpec) -> Result<(PluginSpec, bool), ApiError> {
+        let mut plain = false;
+        for (key, v) in spec.grants.config.iter_mut() {
+            let (open, was_plain) = self.sealer.open_recorded(v).map_err(|e| {
+                denied(format!(
+                    "its recorded config value '{key}' cannot be read ({e}): put back the \
+                     agent.key it was sealed under, or load the plugin again"
+                ))
+            })?;
+            *v = open;
+            plain |= was_plain;
+        }
+        Ok((spec, plain))
     }
 
     fn record(&self, name: &str, rec: &Recorded) -> Result<(), ApiError> {
@@ -277,8 +305,15 @@ impl PluginAdmin {
                     })
                     .map_err(ApiError::from),
                 Recorded::Unloaded => Ok(()),
-                Recorded::Loaded { spec: recorded } => {
-                    let spec = match self.restorable(&name, (*recorded).clone()) {
+                Recorded::Loaded { spec: sealed } => {
+                    let (recorded, plain) = match self.unsealed(*sealed) {
+                        Ok(r) => r,
+                        Err(e) => {
+                            tracing::error!(plugin = name, "not restored: {}", e.message);
+                            continue;
+                        }
+                    };
+                    let spec = match self.restorable(&name, recorded.clone()) {
                         Ok(spec) => spec,
                         Err(e) => {
                             tracing::error!(plugin = name, "not restored: {}", e.message);
@@ -287,9 +322,9 @@ impl PluginAdmin {
                     };
                     // The record is to say what is in force: an inline value the
                     // config file has since moved to a file leaves it, as does a
-                    // margin dropped above.
+                    // margin dropped above; and it holds no value in the clear.
                     let rewrite = |spec: &PluginSpec| {
-                        if *recorded == *spec {
+                        if recorded == *spec && !plain {
                             return;
                         }
                         if let Err(e) = self.record_loaded(&name, spec) {

@@ -18,6 +18,7 @@ use super::{open_guest, AgentCore, AgentError};
 use crate::api::ApiError;
 use crate::plugin::bindings::types::Credentials;
 use crate::plugin::PluginHost;
+use crate::sealing::Sealer;
 
 /// Registry meta key of a driver given at runtime.
 const DRIVER_KEY: &str = "driver";
@@ -29,6 +30,8 @@ pub struct Runtime {
     plugins: PluginHost,
     registry: Registry,
     router: Arc<GuestRouter>,
+    /// Seals the credentials of a driver given at runtime in its record.
+    sealer: Arc<Sealer>,
     bundles_dir: Option<PathBuf>,
     reconciler: Mutex<Option<tokio::task::JoinHandle<()>>>,
     setting: tokio::sync::Mutex<()>,
@@ -42,6 +45,7 @@ impl Runtime {
         plugins: PluginHost,
         registry: Registry,
         router: Arc<GuestRouter>,
+        sealer: Arc<Sealer>,
         bundles_dir: Option<PathBuf>,
     ) -> Runtime {
         Runtime {
@@ -50,6 +54,7 @@ impl Runtime {
             plugins,
             registry,
             router,
+            sealer,
             bundles_dir,
             reconciler: Mutex::new(None),
             setting: tokio::sync::Mutex::new(()),
@@ -76,11 +81,58 @@ impl Runtime {
     }
 
     /// The driver an earlier run was given at runtime, if any.
-    pub fn recorded(&self) -> Option<DriverConfig> {
-        let json = self.registry.meta(DRIVER_KEY).ok().flatten()?;
-        serde_json::from_str(&json)
-            .map_err(|e| tracing::error!("unreadable driver record: {e}"))
-            .ok()
+    /// Its password and token are unsealed; a record from before they were
+    /// sealed is sealed now. An unreadable record is logged and taken as none;
+    /// credentials that cannot be unsealed (`agent.key` lost or replaced) are an
+    /// error: the agent would otherwise log in with the wrong ones.
+    pub fn recorded(&self) -> Result<Option<DriverConfig>, String> {
+        let Some(json) = self.registry.meta(DRIVER_KEY).ok().flatten() else {
+            return Ok(None);
+        };
+        let mut d: DriverConfig = match serde_json::from_str(&json) {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::error!("unreadable driver record: {e}");
+                return Ok(None);
+            }
+        };
+        let mut plain = false;
+        for (what, value) in [("password", &mut d.password), ("token", &mut d.token)] {
+            if let Some(v) = value.as_mut() {
+                let (open, was_plain) = self.sealer.open_recorded(v).map_err(|e| {
+                    format!(
+                        "the driver recorded at runtime has a {what} that cannot be read ({e}): \
+                         put back the agent.key it was sealed under, or give [driver] in the \
+                         config file"
+                    )
+                })?;
+                *v = open;
+                plain |= was_plain;
+            }
+        }
+        if plain {
+            match self.record(&d) {
+                Ok(()) => tracing::info!("the driver's recorded credentials are sealed now"),
+                Err(e) => tracing::error!("the driver's record stays unsealed: {}", e.message),
+            }
+        }
+        Ok(Some(d))
+    }
+
+    /// Records `d` as the driver given at runtime, its password and token sealed.
+    fn record(&self, d: &DriverConfig) -> Result<(), ApiError> {
+        let mut sealed = d.clone();
+        for v in [&mut sealed.password, &mut sealed.token]
+            .into_iter()
+            .flatten()
+        {
+            *v = self.sealer.seal(v);
+        }
+        let json =
+            serde_json::to_string(&sealed).map_err(|e| ApiError::bad_request(e.to_string()))?;
+        self.registry
+            .write(|t| t.set_meta(DRIVER_KEY, &json))
+            .map_err(registry_error)
     }
 
     /// Checks a driver config against the loaded plugins.
@@ -206,10 +258,7 @@ impl Runtime {
                 e.to_string(),
             )
         })?;
-        let json = serde_json::to_string(&d).map_err(|e| ApiError::bad_request(e.to_string()))?;
-        self.registry
-            .write(|t| t.set_meta(DRIVER_KEY, &json))
-            .map_err(registry_error)?;
+        self.record(&d)?;
         // Who reads the log learns what was set, never a credential.
         let detail = serde_json::json!({
             "plugin": d.plugin,

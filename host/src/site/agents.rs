@@ -26,7 +26,7 @@ use crate::api::ApiError;
 pub struct Agents {
     store: Store,
     site_id: String,
-    sealer: super::sealing::Sealer,
+    sealer: crate::sealing::Sealer,
     tls: crate::api::tls::ClientTls,
     /// Per agent, its client and the registration (time) it was built for.
     clients: RwLock<HashMap<String, (Client, u64)>>,
@@ -103,13 +103,13 @@ impl Agents {
     pub fn new(
         store: Store,
         site_id: String,
-        sealer: super::sealing::Sealer,
+        sealer: crate::sealing::Sealer,
         tls: crate::api::tls::ClientTls,
         listing_counts: ListingCounts,
     ) -> Result<Agents, StoreError> {
         store.write(|t| {
             for mut a in t.agents()? {
-                if !super::sealing::Sealer::is_sealed(&a.token) {
+                if !crate::sealing::Sealer::is_sealed(&a.token) {
                     a.token = sealer.seal(&a.token);
                     t.put_agent(&a)?;
                 }
@@ -654,8 +654,7 @@ mod tests {
     fn a_client_built_before_a_re_registration_is_not_kept() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("site.redb")).unwrap();
-        let sealer =
-            super::super::sealing::Sealer::open_or_create(&dir.path().join("key")).unwrap();
+        let sealer = crate::sealing::Sealer::open_or_create(&dir.path().join("key")).unwrap();
         let rec = AgentRec::registered("a", "http://127.0.0.1:1", sealer.seal("secret"), None);
         store.write(|t| t.put_agent(&rec)).unwrap();
         let agents = Agents::new(

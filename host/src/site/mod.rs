@@ -24,7 +24,6 @@ pub mod ready;
 pub mod request;
 pub mod retention;
 pub mod scheduler;
-pub mod sealing;
 pub mod staging;
 pub mod store;
 pub mod vm_sync;
@@ -263,7 +262,7 @@ impl Site {
             t.put_user(&admin)?;
             t.set_meta("site-id", &config.site_id)
         })?;
-        let sealer = sealing::Sealer::open_or_create(&config.data_dir.join("site.key"))
+        let sealer = crate::sealing::Sealer::open_or_create(&config.data_dir.join("site.key"))
             .map_err(|e| SiteError::Config(e.to_string()))?;
         let metrics = crate::metrics::SiteMetrics::default();
         let agents = Arc::new(agents::Agents::new(

@@ -226,7 +226,7 @@ pub struct AgentRec {
     /// Base URL.
     pub url: String,
     /// The agent's secret (its admin token), sealed under the site's key
-    /// ([`super::sealing`]): the site authenticates with it.
+    /// ([`crate::sealing`]): the site authenticates with it.
     pub token: String,
     /// Reachable or not.
     pub status: AgentStatus,

@@ -117,7 +117,7 @@ async fn site_and_agent_speak_mutual_tls_and_the_agent_secret_is_sealed_at_rest(
 
     // At rest: the site's database holds the agent secret sealed, never in clear.
     let rec = site.core.store.agent("a-0").unwrap().unwrap();
-    assert!(gve::site::sealing::Sealer::is_sealed(&rec.token) && !rec.token.contains(AGENT_TOKEN));
+    assert!(gve::sealing::Sealer::is_sealed(&rec.token) && !rec.token.contains(AGENT_TOKEN));
     site.stop().await;
     let raw = std::fs::read(dir.path().join("site/site.redb")).unwrap();
     let needle = AGENT_TOKEN.as_bytes();

@@ -1,6 +1,7 @@
 //! The agent's plugin admin API, driven through the `gve plugin` CLI.
 
 mod files;
+mod sealed;
 
 use std::collections::BTreeMap;
 

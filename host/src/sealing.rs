@@ -1,7 +1,9 @@
-//! Agent secrets at rest: the site must present each agent's secret, so it cannot
-//! keep only a hash; it keeps them sealed (ChaCha20-Poly1305) under a key in
-//! `site.key` beside the database (0600), so a copy of `site.redb` alone (a
-//! backup, a support bundle) reveals no agent secret.
+//! Secrets at rest, sealed (ChaCha20-Poly1305) under a key file beside a
+//! service's database (0600), so a copy of the database alone (a backup, a
+//! support bundle) reveals none: the site keeps each agent's secret (it must
+//! present it, so it cannot keep only a hash) under `site.key`; an agent keeps
+//! the credentials and plugin config values given to it at runtime under
+//! `agent.key`.
 
 use std::path::Path;
 
@@ -77,6 +79,16 @@ impl Sealer {
         let mut out = nonce.to_vec();
         out.extend_from_slice(&buf);
         format!("{SEALED}{}", hex::encode(out))
+    }
+
+    /// A recorded value as it was given, and whether it was recorded in the
+    /// clear (by a release before it was sealed: to be sealed now).
+    pub fn open_recorded(&self, recorded: &str) -> Result<(String, bool), SealError> {
+        if Self::is_sealed(recorded) {
+            self.unseal(recorded).map(|v| (v, false))
+        } else {
+            Ok((recorded.to_string(), true))
+        }
     }
 
     /// The secret in `sealed`.
