@@ -13,7 +13,7 @@ use ring::rand::{SecureRandom, SystemRandom};
 /// The prefix of a sealed value.
 const SEALED: &str = "sealed-v1:";
 
-/// Seals and unseals secrets with the site's key.
+/// Seals and unseals secrets with one key file's key.
 pub struct Sealer {
     key: LessSafeKey,
     rng: SystemRandom,
@@ -23,7 +23,7 @@ pub struct Sealer {
 #[derive(Debug, thiserror::Error)]
 pub enum SealError {
     /// The key file could not be read or made.
-    #[error("site key {path}: {message}")]
+    #[error("key file {path}: {message}")]
     Key {
         /// The key file.
         path: std::path::PathBuf,
@@ -31,12 +31,13 @@ pub enum SealError {
         message: String,
     },
     /// A sealed value is damaged or was sealed under another key.
-    #[error("a sealed secret cannot be opened (damaged, or sealed under another site.key)")]
+    #[error("a sealed secret cannot be opened (damaged, or sealed under another key)")]
     Damaged,
 }
 
 impl Sealer {
     /// The sealer of the key in `path`, made (32 random bytes, 0600) if missing.
+    /// A key others may read is refused, as a secret file is.
     pub fn open_or_create(path: &Path) -> Result<Sealer, SealError> {
         let err = |m: String| SealError::Key {
             path: path.to_path_buf(),
@@ -44,7 +45,21 @@ impl Sealer {
         };
         let rng = SystemRandom::new();
         let bytes = match std::fs::read(path) {
-            Ok(b) => b,
+            Ok(b) => {
+                use std::os::unix::fs::PermissionsExt;
+                let mode = std::fs::metadata(path)
+                    .map_err(|e| err(e.to_string()))?
+                    .permissions()
+                    .mode();
+                if mode & 0o077 != 0 {
+                    return Err(err(format!(
+                        "others may read it (mode {:o}): make it the service user's alone \
+                         (chmod 600)",
+                        mode & 0o777
+                    )));
+                }
+                b
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let mut b = vec![0u8; 32];
                 rng.fill(&mut b).map_err(|_| err("no randomness".into()))?;

@@ -97,6 +97,9 @@ pub enum AgentError {
     /// The driver's password or token could not be read.
     #[error("driver credentials: {0}")]
     Secret(String),
+    /// The key sealing what is recorded (`agent.key`) could not be read or made.
+    #[error(transparent)]
+    Key(#[from] crate::sealing::SealError),
     /// Plugins recorded at runtime could not be read back.
     #[error("restoring plugins recorded at runtime: {0}")]
     Restore(String),
@@ -278,10 +281,9 @@ impl Agent {
         )?;
         // Credentials and plugin config values given at runtime are recorded
         // sealed under this key, never in the clear.
-        let sealer = Arc::new(
-            crate::sealing::Sealer::open_or_create(&config.data_dir.join("agent.key"))
-                .map_err(|e| AgentError::Secret(e.to_string()))?,
-        );
+        let sealer = Arc::new(crate::sealing::Sealer::open_or_create(
+            &config.data_dir.join("agent.key"),
+        )?);
         let policy = config
             .plugin_policy
             .clone()
@@ -309,7 +311,13 @@ impl Agent {
         // (over the API: secret files are the config file's alone, whatever
         // a record says).
         let driver = match config.driver.clone() {
-            Some(d) => Some(d),
+            Some(d) => {
+                // Read only to seal a record from before records were sealed.
+                if let Err(e) = runtime.recorded() {
+                    tracing::warn!("{e} (the config file's [driver] is in force)");
+                }
+                Some(d)
+            }
             None => match runtime.recorded().map_err(AgentError::Secret)? {
                 Some(d) if d.password_file.is_some() || d.token_file.is_some() => {
                     return Err(AgentError::Secret(

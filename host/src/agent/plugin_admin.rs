@@ -261,14 +261,14 @@ impl PluginAdmin {
 
     /// A recorded spec with its config values unsealed, and whether any was
     /// recorded in the clear (by a release before they were sealed).
-    fn unsealed(&self, mut spec: PluginSpec) -> Result<(PluginSpec, bool), ApiError> {
+    fn unsealed(&self, mut spec: PluginSpec) -> Result<(PluginSpec, bool), String> {
         let mut plain = false;
         for (key, v) in spec.grants.config.iter_mut() {
             let (open, was_plain) = self.sealer.open_recorded(v).map_err(|e| {
-                denied(format!(
+                format!(
                     "its recorded config value '{key}' cannot be read ({e}): put back the \
                      agent.key it was sealed under, or load the plugin again"
-                ))
+                )
             })?;
             *v = open;
             plain |= was_plain;
@@ -306,10 +306,22 @@ impl PluginAdmin {
                     .map_err(ApiError::from),
                 Recorded::Unloaded => Ok(()),
                 Recorded::Loaded { spec: sealed } => {
-                    let (recorded, plain) = match self.unsealed(*sealed) {
-                        Ok(r) => r,
+                    let recorded = match self.unsealed(*sealed) {
+                        Ok((recorded, plain)) => {
+                            // Sealed as it is, whether or not it is restored below.
+                            if plain {
+                                if let Err(e) = self.record_loaded(&name, &recorded) {
+                                    tracing::error!(
+                                        plugin = name,
+                                        "its record stays unsealed: {}",
+                                        e.message
+                                    );
+                                }
+                            }
+                            recorded
+                        }
                         Err(e) => {
-                            tracing::error!(plugin = name, "not restored: {}", e.message);
+                            tracing::error!(plugin = name, "not restored: {e}");
                             continue;
                         }
                     };
@@ -322,9 +334,9 @@ impl PluginAdmin {
                     };
                     // The record is to say what is in force: an inline value the
                     // config file has since moved to a file leaves it, as does a
-                    // margin dropped above; and it holds no value in the clear.
+                    // margin dropped above.
                     let rewrite = |spec: &PluginSpec| {
-                        if recorded == *spec && !plain {
+                        if recorded == *spec {
                             return;
                         }
                         if let Err(e) = self.record_loaded(&name, spec) {

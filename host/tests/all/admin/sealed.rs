@@ -69,6 +69,21 @@ fn records(db: &Path) -> (String, String) {
     )
 }
 
+/// Writes the driver's and the memory plugin's records with the password in the
+/// clear, as a release before sealing did; `edit` changes the plugin's record.
+fn write_clear_records(db: &Path, endpoint: &str, edit: impl Fn(&mut Value)) {
+    let r = Registry::open(db).unwrap();
+    let plain = json!({ "plugin": "memory", "endpoint": endpoint, "password": PASSWORD });
+    r.write(|t| t.set_meta("driver", &plain.to_string()))
+        .unwrap();
+    let plugin = r.meta("plugin:memory").unwrap().unwrap();
+    let mut rec: Value = serde_json::from_str(&plugin).unwrap();
+    rec["spec"]["grants"]["config"]["password"] = json!(PASSWORD);
+    edit(&mut rec);
+    r.write(|t| t.set_meta("plugin:memory", &rec.to_string()))
+        .unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn credentials_given_at_runtime_are_recorded_sealed_and_a_lost_key_is_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
@@ -119,17 +134,7 @@ async fn credentials_given_at_runtime_are_recorded_sealed_and_a_lost_key_is_a_cl
 
     // Records written in the clear (by a release before sealing) still start the
     // agent, and are sealed by that start.
-    {
-        let r = Registry::open(&db).unwrap();
-        let plain = json!({ "plugin": "memory", "endpoint": endpoint, "password": PASSWORD });
-        r.write(|t| t.set_meta("driver", &plain.to_string()))
-            .unwrap();
-        let plugin = r.meta("plugin:memory").unwrap().unwrap();
-        let mut rec: Value = serde_json::from_str(&plugin).unwrap();
-        rec["spec"]["grants"]["config"]["password"] = json!(PASSWORD);
-        r.write(|t| t.set_meta("plugin:memory", &rec.to_string()))
-            .unwrap();
-    }
+    write_clear_records(&db, &endpoint, |_| {});
     let old = Agent::start(memory_config(dir.path())).await.unwrap();
     assert!(driver_up(&old).await, "clear records from before are read");
     old.stop().await;
@@ -141,5 +146,49 @@ async fn credentials_given_at_runtime_are_recorded_sealed_and_a_lost_key_is_a_cl
     assert!(
         !plugin.contains(PASSWORD) && plugin.contains("sealed-v1:"),
         "{plugin}"
+    );
+}
+
+/// Clear records from before sealing are sealed at the next start also when they
+/// are not used: a driver record under a config file that now has `[driver]`, a
+/// plugin record the policy now refuses. A key others may read stops the start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clear_records_are_sealed_even_unused_and_a_key_others_may_read_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("agent.redb");
+    let endpoint = format!("memory:sealed-{}", uuid::Uuid::new_v4());
+    let agent = Agent::start(memory_config(dir.path())).await.unwrap();
+    set_up(&agent, &endpoint).await;
+    agent.stop().await;
+    // Beyond the test policy (HTTP to 127.0.0.1:9 only): not restored.
+    write_clear_records(&db, &endpoint, |rec| {
+        rec["spec"]["grants"]["http"] = json!(["192.0.2.1:443"])
+    });
+    let mut config = memory_config(dir.path());
+    config.driver = Some(crate::support::driver("memory", &endpoint));
+    let agent = Agent::start(config).await.unwrap();
+    // The config file's plugin (no password) and driver are in force.
+    assert!(driver_up(&agent).await);
+    agent.stop().await;
+    let (driver, plugin) = records(&db);
+    assert!(
+        !driver.contains(PASSWORD) && driver.contains("sealed-v1:"),
+        "{driver}"
+    );
+    assert!(
+        !plugin.contains(PASSWORD) && plugin.contains("sealed-v1:") && plugin.contains("192.0.2.1"),
+        "the record is sealed as it was: {plugin}"
+    );
+
+    let key = dir.path().join("agent.key");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let e = Agent::start(memory_config(dir.path()))
+        .await
+        .err()
+        .expect("a key others may read must not be used");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("agent.key") && msg.contains("chmod 600"),
+        "{msg}"
     );
 }
