@@ -195,8 +195,11 @@ impl AgentCore {
         }
     }
 
-    /// Serves `/v1/site`: the site this agent serves, as the site registered it.
+    /// Serves `/v1/site`: the site this agent serves, as the site registered it,
+    /// and this agent's `instance` id (one agent, one registration: the site
+    /// compares it with its other agents').
     pub async fn handle_site(&self, req: Request<Incoming>) -> Result<Response, ApiError> {
+        let instance = self.registry.instance().map_err(registry)?;
         match *req.method() {
             Method::GET => {
                 let site = self.registry.meta("site").map_err(registry)?;
@@ -208,7 +211,7 @@ impl AgentCore {
                         ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "backend", e.to_string())
                     })?
                     .unwrap_or(serde_json::Value::Null);
-                ok(&serde_json::json!({ "site": value }))
+                ok(&serde_json::json!({ "site": value, "instance": instance }))
             }
             Method::PUT => {
                 let body: serde_json::Value = read_json(req.into_body()).await?;
@@ -224,7 +227,7 @@ impl AgentCore {
                         t.event("site-registered", "", body.clone())
                     })
                     .map_err(registry)?;
-                ok(&serde_json::json!({ "site": body }))
+                ok(&serde_json::json!({ "site": body, "instance": instance }))
             }
             ref m => Err(ApiError::no_route(m, req.uri().path())),
         }

@@ -279,6 +279,8 @@ impl Agent {
             &config.data_dir.join("agent.redb"),
             config.database_cache_mib,
         )?;
+        let instance = registry.instance()?;
+        tracing::info!(instance, "agent instance");
         // Credentials and plugin config values given at runtime are recorded
         // sealed under this key, never in the clear.
         let sealer = Arc::new(crate::sealing::Sealer::open_or_create(

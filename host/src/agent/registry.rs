@@ -28,6 +28,8 @@ const OP_KEYS: TableDefinition<&str, &str> = TableDefinition::new("operation_key
 /// Meta key: `none` once no operation with an id from before ids were ordered
 /// by time is left (so retention no longer scans for them).
 const LEGACY_OPS: &str = "legacy-operations";
+/// Meta key of the agent's instance id ([`Registry::instance`]).
+const INSTANCE: &str = "instance";
 
 /// Whether an operation id is ordered by time (`op-<12 hex digits of ms>-…`).
 fn is_time_ordered(id: &str) -> bool {
@@ -694,6 +696,18 @@ impl Registry {
             Some(id) => self.operation(&id),
             None => Ok(None),
         }
+    }
+
+    /// This agent's instance id, made at random by the first call and kept: how a
+    /// site tells one agent from another, whatever URL reaches it. (Called once at
+    /// the agent's start, before it serves: two first calls at once could differ.)
+    pub fn instance(&self) -> Result<String, RegistryError> {
+        if let Some(id) = self.meta(INSTANCE)? {
+            return Ok(id);
+        }
+        let id = uuid::Uuid::new_v4().to_string();
+        self.write(|t| t.set_meta(INSTANCE, &id))?;
+        Ok(id)
     }
 
     /// A registry-wide value.

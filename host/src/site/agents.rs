@@ -251,34 +251,58 @@ impl Agents {
             Some(token.to_string()),
             &self.tls_for(fingerprint.as_deref()),
         )?;
+        let unavailable = |e: ApiError| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                format!(
+                    "agent '{id}' at {url} did not accept this site: {}",
+                    e.message
+                ),
+            )
+        };
+        // One agent, one registration (a second would offer its capacity twice
+        // and have two agents claim its VMs): known by the instance id the agent
+        // answers, not its URL (a host has many names).
+        let serving: Value = c.get("/v1/site").await.map_err(unavailable)?;
+        let twin = super::agent_twin::Twin::of(&serving, &self.site_id);
+        let refuse = |other: &str| {
+            ApiError::new(
+                StatusCode::CONFLICT,
+                "already-exists",
+                format!(
+                    "the agent at {url} is registered already as '{other}': unregister \
+                     '{other}' first to register it as '{id}'"
+                ),
+            )
+        };
+        if let Some(other) = twin.among(id, self.store.agents().map_err(db)?) {
+            return Err(refuse(&other));
+        }
         let site = json!({ "id": self.site_id, "agent-id": id, "at-ms": now_ms() });
         c.call::<_, Value>(Method::PUT, "/v1/site", Some(&site))
             .await
-            .map_err(|e| {
-                ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "unavailable",
-                    format!(
-                        "agent '{id}' at {url} did not accept this site: {}",
-                        e.message
-                    ),
-                )
-            })?;
-        let rec = AgentRec::registered(id, url, self.sealer.seal(token), fingerprint);
-        // Checked again in the transaction: two registrations of one id race.
-        let fresh = self.store.write(|t| {
+            .map_err(unavailable)?;
+        let mut rec = AgentRec::registered(id, url, self.sealer.seal(token), fingerprint);
+        rec.instance = twin.instance.clone();
+        // Checked again in the transaction: two registrations of one id (or of
+        // one agent) race.
+        let refused = self.store.write(|t| {
             if t.agent(id)?.is_some() {
-                return Ok(false);
+                return Ok(Some(ApiError::new(
+                    StatusCode::CONFLICT,
+                    "already-exists",
+                    format!("agent '{id}' is registered already"),
+                )));
+            }
+            if let Some(other) = twin.among(id, t.agents()?) {
+                return Ok(Some(refuse(&other)));
             }
             t.put_agent(&rec)?;
-            Ok(true)
+            Ok(None)
         });
-        if !fresh.map_err(db)? {
-            return Err(ApiError::new(
-                StatusCode::CONFLICT,
-                "already-exists",
-                format!("agent '{id}' is registered already"),
-            ));
+        if let Some(e) = refused.map_err(db)? {
+            return Err(e);
         }
         // Nothing an earlier registration under this id settled carries over.
         self.forget_client(id);

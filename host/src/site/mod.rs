@@ -9,6 +9,7 @@
 //! HTTP API with an idempotency key, long-polled) → the agent's operation.
 
 pub mod admin_api;
+pub mod agent_twin;
 pub mod agents;
 pub mod auth;
 pub mod bodies;

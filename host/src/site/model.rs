@@ -249,6 +249,10 @@ pub struct AgentRec {
     /// What each template it offers is (GLUE 2 publication reads it).
     #[serde(default)]
     pub offers: Vec<TemplateOffer>,
+    /// The agent's instance id at registration ([`super::agent_twin`]); none
+    /// from an agent or a record older than them.
+    #[serde(default)]
+    pub instance: Option<String>,
 }
 
 impl AgentRec {
@@ -268,6 +272,7 @@ impl AgentRec {
             registered_ms: now_ms(),
             fingerprint,
             offers: Vec::new(),
+            instance: None,
         }
     }
 }

@@ -115,6 +115,7 @@ mod tests {
             url: "http://127.0.0.1:1".into(),
             token: String::new(),
             fingerprint: None,
+            instance: None,
             status: if up {
                 AgentStatus::Up
             } else {

@@ -28,6 +28,7 @@ mod portal;
 mod proxy;
 mod races;
 mod ready;
+mod registration;
 mod roles;
 mod site;
 mod site_crash;
