@@ -199,9 +199,9 @@ impl AgentCore {
     /// and this agent's `instance` id (one agent, one registration: the site
     /// compares it with its other agents').
     pub async fn handle_site(&self, req: Request<Incoming>) -> Result<Response, ApiError> {
-        let instance = self.registry.instance().map_err(registry)?;
         match *req.method() {
             Method::GET => {
+                let instance = self.registry.instance().map_err(registry)?;
                 let site = self.registry.meta("site").map_err(registry)?;
                 let value: serde_json::Value = site
                     .as_deref()
@@ -221,6 +221,7 @@ impl AgentCore {
                     ));
                 }
                 let text = body.to_string();
+                let instance = self.registry.instance().map_err(registry)?;
                 self.registry
                     .write(|t| {
                         t.set_meta("site", &text)?;

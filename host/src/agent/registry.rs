@@ -251,6 +251,13 @@ impl Txn<'_> {
         Ok(())
     }
 
+    /// A meta value, as this transaction sees it.
+    pub fn meta(&self, key: &str) -> Result<Option<String>, RegistryError> {
+        let t = self.txn.open_table(META).map_err(storage)?;
+        let v = t.get(key).map_err(storage)?;
+        Ok(v.map(|v| v.value().to_string()))
+    }
+
     /// Removes a meta value (absent is fine).
     pub fn remove_meta(&mut self, key: &str) -> Result<(), RegistryError> {
         let mut t = self.txn.open_table(META).map_err(storage)?;
@@ -699,15 +706,19 @@ impl Registry {
     }
 
     /// This agent's instance id, made at random by the first call and kept: how a
-    /// site tells one agent from another, whatever URL reaches it. (Called once at
-    /// the agent's start, before it serves: two first calls at once could differ.)
+    /// site tells one agent from another, whatever URL reaches it.
     pub fn instance(&self) -> Result<String, RegistryError> {
         if let Some(id) = self.meta(INSTANCE)? {
             return Ok(id);
         }
-        let id = uuid::Uuid::new_v4().to_string();
-        self.write(|t| t.set_meta(INSTANCE, &id))?;
-        Ok(id)
+        self.write(|t| match t.meta(INSTANCE)? {
+            Some(id) => Ok(id),
+            None => {
+                let id = uuid::Uuid::new_v4().to_string();
+                t.set_meta(INSTANCE, &id)?;
+                Ok(id)
+            }
+        })
     }
 
     /// A registry-wide value.

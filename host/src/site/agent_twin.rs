@@ -3,9 +3,11 @@
 //! host's capacity twice and have two agents claim its VMs).
 //!
 //! An agent is known by the instance id it answers at `GET /v1/site` (made at
-//! random at its first start and kept in its database), not by its URL: a host has
-//! many names. A record from before instance ids (or an agent from before them)
-//! is matched by the registration the agent says it serves instead.
+//! random at its first start and kept in its database), not only by its URL: a
+//! host has many names. A registration at the URL of another (the same process
+//! for certain, whatever its instance: an agent whose database was made anew) is
+//! one too. A record from before instance ids, with an agent from before them,
+//! is matched by the registration the agent says it serves.
 
 use serde_json::Value;
 
@@ -32,17 +34,29 @@ impl Twin {
         }
     }
 
-    /// The id of the agent in `agents` (other than `id`) that is this one.
-    pub fn among(&self, id: &str, agents: Vec<AgentRec>) -> Option<String> {
+    /// The id of the agent in `agents` (other than `id`) that is this one, at
+    /// `url`.
+    pub fn among(&self, id: &str, url: &str, agents: Vec<AgentRec>) -> Option<String> {
+        let url = normal(url);
         agents
             .into_iter()
             .filter(|a| a.id != id)
-            .find(|a| match (&a.instance, &self.instance) {
-                (Some(theirs), Some(ours)) => theirs == ours,
-                _ => self.serving_as.as_deref() == Some(a.id.as_str()),
+            .find(|a| {
+                normal(&a.url) == url
+                    || match (&a.instance, &self.instance) {
+                        (Some(theirs), Some(ours)) => theirs == ours,
+                        // A record with an instance id is of an agent that has one.
+                        (Some(_), None) => false,
+                        (None, _) => self.serving_as.as_deref() == Some(a.id.as_str()),
+                    }
             })
             .map(|a| a.id)
     }
+}
+
+/// A URL as registrations compare them: no trailing `/`, in lower case.
+fn normal(url: &str) -> String {
+    url.trim_end_matches('/').to_ascii_lowercase()
 }
 
 #[cfg(test)]
@@ -60,24 +74,29 @@ mod tests {
     fn an_agent_is_matched_by_instance_else_by_the_registration_it_serves() {
         let answer = json!({ "site": { "id": "s", "agent-id": "x" }, "instance": "i-1" });
         let twin = Twin::of(&answer, "s");
+        let at = "http://other";
+        let of = |t: &Twin, id: &str, url: &str, agents: Vec<AgentRec>| t.among(id, url, agents);
         // The same instance under another id: a twin, whatever it serves.
         assert_eq!(
-            twin.among("new", vec![rec("y", Some("i-1"))]),
+            of(&twin, "new", at, vec![rec("y", Some("i-1"))]),
             Some("y".into())
         );
         // It serves x, but x is now another instance (another host took the name).
-        assert_eq!(twin.among("new", vec![rec("x", Some("i-2"))]), None);
+        assert_eq!(of(&twin, "new", at, vec![rec("x", Some("i-2"))]), None);
         // x recorded before instance ids: matched by what the agent serves.
-        assert_eq!(twin.among("new", vec![rec("x", None)]), Some("x".into()));
+        assert_eq!(of(&twin, "new", at, vec![rec("x", None)]), Some("x".into()));
         // Its own id is not a twin; another site's registration says nothing.
-        assert_eq!(twin.among("y", vec![rec("y", Some("i-1"))]), None);
+        assert_eq!(of(&twin, "y", at, vec![rec("y", Some("i-1"))]), None);
         let elsewhere = Twin::of(&answer, "other-site");
-        assert_eq!(elsewhere.among("new", vec![rec("x", None)]), None);
-        // An agent older than instance ids, serving nothing here.
-        let old = Twin::of(&json!({ "site": null }), "s");
-        assert_eq!(
-            old.among("new", vec![rec("x", Some("i-1")), rec("y", None)]),
-            None
-        );
+        assert_eq!(of(&elsewhere, "new", at, vec![rec("x", None)]), None);
+        // An agent older than instance ids, serving x: x's record has an instance,
+        // so it is another agent (this one was unregistered as x, x taken since).
+        let old = Twin::of(&json!({ "site": { "id": "s", "agent-id": "x" } }), "s");
+        let both = vec![rec("x", Some("i-1")), rec("y", None)];
+        assert_eq!(of(&old, "new", at, both), None);
+        // At a registered agent's URL: that agent, whatever its instance says.
+        let anew = Twin::of(&json!({ "site": null, "instance": "i-9" }), "s");
+        let x = vec![rec("x", Some("i-1"))];
+        assert_eq!(of(&anew, "new", "HTTP://h/", x), Some("x".into()));
     }
 }

@@ -276,7 +276,7 @@ impl Agents {
                 ),
             )
         };
-        if let Some(other) = twin.among(id, self.store.agents().map_err(db)?) {
+        if let Some(other) = twin.among(id, url, self.store.agents().map_err(db)?) {
             return Err(refuse(&other));
         }
         let site = json!({ "id": self.site_id, "agent-id": id, "at-ms": now_ms() });
@@ -295,7 +295,7 @@ impl Agents {
                     format!("agent '{id}' is registered already"),
                 )));
             }
-            if let Some(other) = twin.among(id, t.agents()?) {
+            if let Some(other) = twin.among(id, url, t.agents()?) {
                 return Ok(Some(refuse(&other)));
             }
             t.put_agent(&rec)?;

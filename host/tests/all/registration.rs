@@ -27,8 +27,8 @@ async fn register(
 /// An agent registered a second time under another id (an admin's typo fixed by
 /// registering again, or the same host by another name) would be two agents to
 /// the site: its capacity offered twice, its VMs claimed by both. The second
-/// registration is refused naming the first, by the agent's own record of which
-/// registration it serves, not by URL; once the first is unregistered it goes through.
+/// registration is refused naming the first, by the instance id the agent answers,
+/// not by URL; once the first is unregistered it goes through.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_agent_cannot_be_registered_twice_under_two_ids() {
     let e = env(1, |_| {}).await;
@@ -50,6 +50,18 @@ async fn one_agent_cannot_be_registered_twice_under_two_ids() {
     }
     let agents: Vec<Value> = e.admin.get("/v1/agents").await.unwrap();
     assert_eq!(agents.len(), 1, "{agents:?}");
+    let serving = |c: &gve::api::client::Client| {
+        let c = c.clone();
+        async move {
+            let v: Value = c.get("/v1/site").await.unwrap();
+            v["site"]["agent-id"].as_str().unwrap().to_string()
+        }
+    };
+    assert_eq!(
+        serving(&e.agents[0].1).await,
+        "a-0",
+        "told nothing by the refusals"
+    );
     // The agent still serves a-0: its VM stays there, the site's health checks
     // go on reading it.
     tokio::time::sleep(Duration::from_millis(700)).await;
@@ -73,5 +85,6 @@ async fn one_agent_cannot_be_registered_twice_under_two_ids() {
     let agents: Vec<Value> = e.admin.get("/v1/agents").await.unwrap();
     assert_eq!(agents.len(), 1, "{agents:?}");
     assert_eq!(agents[0]["id"], "a-new");
+    assert_eq!(serving(&e.agents[0].1).await, "a-new");
     e.site.stop().await;
 }
