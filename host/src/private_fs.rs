@@ -64,6 +64,22 @@ pub const MAX_SECRET_FILE: u64 = 64 * 1024;
 /// [`MAX_SECRET_FILE`] bytes of UTF-8, one trailing newline dropped. Errors say
 /// what is wrong with the file, never what it holds.
 pub fn read_secret(what: &str, path: &Path) -> Result<String, String> {
+    let shown = path.display();
+    let bytes = read_private(what, path)?;
+    let text = String::from_utf8(bytes).map_err(|_| format!("{what} {shown} is not UTF-8 text"))?;
+    let value = match text.strip_suffix('\n') {
+        Some(t) => t.strip_suffix('\r').unwrap_or(t),
+        None => &text,
+    };
+    if value.is_empty() {
+        return Err(format!("{what} {shown} is empty"));
+    }
+    Ok(value.to_string())
+}
+
+/// The bytes of file `path`, named `what` in errors: a regular file of this
+/// process's user that no other user may read, at most [`MAX_SECRET_FILE`] bytes.
+pub fn read_private(what: &str, path: &Path) -> Result<Vec<u8>, String> {
     use std::io::Read;
     use std::os::unix::fs::MetadataExt;
     let shown = path.display();
@@ -109,15 +125,7 @@ pub fn read_secret(what: &str, path: &Path) -> Result<String, String> {
             "{what} {shown} is larger than {MAX_SECRET_FILE} bytes"
         ));
     }
-    let text = String::from_utf8(bytes).map_err(|_| format!("{what} {shown} is not UTF-8 text"))?;
-    let value = match text.strip_suffix('\n') {
-        Some(t) => t.strip_suffix('\r').unwrap_or(t),
-        None => &text,
-    };
-    if value.is_empty() {
-        return Err(format!("{what} {shown} is empty"));
-    }
-    Ok(value.to_string())
+    Ok(bytes)
 }
 
 #[cfg(test)]

@@ -23,11 +23,11 @@ pub struct Sealer {
 #[derive(Debug, thiserror::Error)]
 pub enum SealError {
     /// The key file could not be read or made.
-    #[error("key file {path}: {message}")]
+    #[error("{message}")]
     Key {
         /// The key file.
         path: std::path::PathBuf,
-        /// Cause.
+        /// What is wrong with it, naming it.
         message: String,
     },
     /// A sealed value is damaged or was sealed under another key.
@@ -37,39 +37,32 @@ pub enum SealError {
 
 impl Sealer {
     /// The sealer of the key in `path`, made (32 random bytes, 0600) if missing.
-    /// A key others may read is refused, as a secret file is.
+    /// A key file must pass the checks of a secret file ([`crate::private_fs::read_private`]).
     pub fn open_or_create(path: &Path) -> Result<Sealer, SealError> {
         let err = |m: String| SealError::Key {
             path: path.to_path_buf(),
-            message: m,
+            message: format!("key file {}{m}", path.display()),
         };
         let rng = SystemRandom::new();
-        let bytes = match std::fs::read(path) {
-            Ok(b) => {
-                use std::os::unix::fs::PermissionsExt;
-                let mode = std::fs::metadata(path)
-                    .map_err(|e| err(e.to_string()))?
-                    .permissions()
-                    .mode();
-                if mode & 0o077 != 0 {
-                    return Err(err(format!(
-                        "others may read it (mode {:o}): make it the service user's alone \
-                         (chmod 600)",
-                        mode & 0o777
-                    )));
-                }
-                b
+        let bytes = match std::fs::symlink_metadata(path) {
+            // The checks of a secret file: a regular file of this user's alone.
+            Ok(_) => {
+                crate::private_fs::read_private("key file", path).map_err(|m| SealError::Key {
+                    path: path.to_path_buf(),
+                    message: m,
+                })?
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let mut b = vec![0u8; 32];
-                rng.fill(&mut b).map_err(|_| err("no randomness".into()))?;
-                crate::private_fs::write_private(path, &b).map_err(|e| err(e.to_string()))?;
+                rng.fill(&mut b)
+                    .map_err(|_| err(": no randomness".into()))?;
+                crate::private_fs::write_private(path, &b).map_err(|e| err(format!(": {e}")))?;
                 b
             }
-            Err(e) => return Err(err(e.to_string())),
+            Err(e) => return Err(err(format!(": {e}"))),
         };
         let key = UnboundKey::new(&CHACHA20_POLY1305, &bytes)
-            .map_err(|_| err(format!("must hold 32 bytes, not {}", bytes.len())))?;
+            .map_err(|_| err(format!(" must hold 32 bytes, not {}", bytes.len())))?;
         Ok(Sealer {
             key: LessSafeKey::new(key),
             rng,

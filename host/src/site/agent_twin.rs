@@ -54,9 +54,15 @@ impl Twin {
     }
 }
 
-/// A URL as registrations compare them: no trailing `/`, in lower case.
+/// A URL as registrations compare them: scheme and authority in lower case (as
+/// URLs compare them), no trailing `/`.
 fn normal(url: &str) -> String {
-    url.trim_end_matches('/').to_ascii_lowercase()
+    let url = url.trim_end_matches('/');
+    let path = url
+        .find("://")
+        .and_then(|s| url[s + 3..].find('/').map(|p| s + 3 + p))
+        .unwrap_or(url.len());
+    url[..path].to_ascii_lowercase() + &url[path..]
 }
 
 #[cfg(test)]
@@ -96,7 +102,10 @@ mod tests {
         assert_eq!(of(&old, "new", at, both), None);
         // At a registered agent's URL: that agent, whatever its instance says.
         let anew = Twin::of(&json!({ "site": null, "instance": "i-9" }), "s");
-        let x = vec![rec("x", Some("i-1"))];
-        assert_eq!(of(&anew, "new", "HTTP://h/", x), Some("x".into()));
+        let x = || vec![rec("x", Some("i-1"))];
+        assert_eq!(of(&anew, "new", "HTTP://H/", x()), Some("x".into()));
+        // A path is compared as it is.
+        assert_eq!(normal("HTTP://H:7070/Agent/"), "http://h:7070/Agent");
+        assert_eq!(of(&anew, "new", "http://h/other", x()), None);
     }
 }

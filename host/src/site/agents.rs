@@ -239,12 +239,15 @@ impl Agents {
             .transpose()
             .map_err(|e| ApiError::bad_request(e.to_string()))?;
         super::auth::validate_id("agent id", id)?;
-        if self.store.agent(id).map_err(db)?.is_some() {
-            return Err(ApiError::new(
+        let taken = || {
+            ApiError::new(
                 StatusCode::CONFLICT,
                 "already-exists",
                 format!("agent '{id}' is registered already"),
-            ));
+            )
+        };
+        if self.store.agent(id).map_err(db)?.is_some() {
+            return Err(taken());
         }
         let c = Client::with_tls(
             url,
@@ -266,13 +269,14 @@ impl Agents {
         // answers, not its URL (a host has many names).
         let serving: Value = c.get("/v1/site").await.map_err(unavailable)?;
         let twin = super::agent_twin::Twin::of(&serving, &self.site_id);
+        let instance = twin.instance.as_deref().unwrap_or("none");
         let refuse = |other: &str| {
             ApiError::new(
                 StatusCode::CONFLICT,
                 "already-exists",
                 format!(
-                    "the agent at {url} is registered already as '{other}': unregister \
-                     '{other}' first to register it as '{id}'"
+                    "the agent at {url} (instance {instance}) is registered already as \
+                     '{other}': unregister '{other}' first to register it as '{id}'"
                 ),
             )
         };
@@ -289,11 +293,7 @@ impl Agents {
         // one agent) race.
         let refused = self.store.write(|t| {
             if t.agent(id)?.is_some() {
-                return Ok(Some(ApiError::new(
-                    StatusCode::CONFLICT,
-                    "already-exists",
-                    format!("agent '{id}' is registered already"),
-                )));
+                return Ok(Some(taken()));
             }
             if let Some(other) = twin.among(id, url, t.agents()?) {
                 return Ok(Some(refuse(&other)));

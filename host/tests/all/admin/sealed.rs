@@ -188,7 +188,7 @@ async fn clear_records_are_sealed_even_unused_and_a_key_others_may_read_is_refus
         .expect("a key others may read must not be used");
     let msg = e.to_string();
     assert!(
-        msg.contains("agent.key") && msg.contains("chmod 600"),
+        msg.contains("agent.key") && msg.contains("open to other users"),
         "{msg}"
     );
 }
