@@ -8,6 +8,23 @@ use gve::agent::{Agent, AgentConfig};
 use gve::api::client::Client;
 use gve::plugin::PluginSpec;
 
+/// A `[driver]` of `plugin` on `endpoint`: no credentials, reconcile every second.
+pub fn driver(plugin: &str, endpoint: &str) -> DriverConfig {
+    DriverConfig {
+        plugin: plugin.into(),
+        endpoint: endpoint.into(),
+        username: None,
+        password: None,
+        token: None,
+        password_file: None,
+        token_file: None,
+        reconcile_period_ms: 1000,
+        reservation_seconds: 60,
+        guest_plugin: None,
+        migration_uri: None,
+    }
+}
+
 /// Starts an agent whose driver is `plugin` (from `spec`) on `endpoint`,
 /// reconciling only when asked (`POST /v1/reconcile`) unless `tune` says
 /// otherwise; returns it, a client holding its admin `token`, and its directory
@@ -40,17 +57,8 @@ pub async fn start_in(
         admin_token: token.into(),
         plugins: BTreeMap::from([(plugin.to_string(), spec)]),
         driver: Some(DriverConfig {
-            plugin: plugin.into(),
-            endpoint: endpoint.into(),
-            username: None,
-            password: None,
-            token: None,
-            password_file: None,
-            token_file: None,
             reconcile_period_ms: 600_000,
-            reservation_seconds: 60,
-            guest_plugin: None,
-            migration_uri: None,
+            ..driver(plugin, endpoint)
         }),
         bundles_dir: None,
         ..Default::default()

@@ -89,14 +89,29 @@ impl Sealer {
         format!("{SEALED}{}", hex::encode(out))
     }
 
-    /// A recorded value as it was given, and whether it was recorded in the
-    /// clear (by a release before it was sealed: to be sealed now).
-    pub fn open_recorded(&self, recorded: &str) -> Result<(String, bool), SealError> {
-        if Self::is_sealed(recorded) {
-            self.unseal(recorded).map(|v| (v, false))
-        } else {
-            Ok((recorded.to_string(), true))
+    /// Seals each of `values` in place (a record's secrets before it is written).
+    pub fn seal_all<'a>(&self, values: impl IntoIterator<Item = &'a mut String>) {
+        for v in values {
+            *v = self.seal(v);
         }
+    }
+
+    /// Opens each of the named recorded `values` in place; whether any was
+    /// recorded in the clear (by a release before they were sealed: to be sealed
+    /// now), or the name of the first that cannot be opened, and why.
+    pub fn open_all<'a>(
+        &self,
+        values: impl IntoIterator<Item = (&'a str, &'a mut String)>,
+    ) -> Result<bool, (&'a str, SealError)> {
+        let mut plain = false;
+        for (name, v) in values {
+            if Self::is_sealed(v) {
+                *v = self.unseal(v).map_err(|e| (name, e))?;
+            } else {
+                plain = true;
+            }
+        }
+        Ok(plain)
     }
 
     /// The secret in `sealed`.

@@ -248,9 +248,7 @@ impl PluginAdmin {
     /// sealed.
     fn record_loaded(&self, name: &str, spec: &PluginSpec) -> Result<(), ApiError> {
         let mut sealed = spec.clone();
-        for v in sealed.grants.config.values_mut() {
-            *v = self.sealer.seal(v);
-        }
+        self.sealer.seal_all(sealed.grants.config.values_mut());
         self.record(
             name,
             &Recorded::Loaded {
@@ -262,17 +260,16 @@ impl PluginAdmin {
     /// A recorded spec with its config values unsealed, and whether any was
     /// recorded in the clear (by a release before they were sealed).
     fn unsealed(&self, mut spec: PluginSpec) -> Result<(PluginSpec, bool), String> {
-        let mut plain = false;
-        for (key, v) in spec.grants.config.iter_mut() {
-            let (open, was_plain) = self.sealer.open_recorded(v).map_err(|e| {
+        let values = spec.grants.config.iter_mut();
+        let plain = self
+            .sealer
+            .open_all(values.map(|(key, v)| (key.as_str(), v)))
+            .map_err(|(key, e)| {
                 format!(
                     "its recorded config value '{key}' cannot be read ({e}): put back the \
                      agent.key it was sealed under, or load the plugin again"
                 )
             })?;
-            *v = open;
-            plain |= was_plain;
-        }
         Ok((spec, plain))
     }
 

@@ -96,20 +96,21 @@ impl Runtime {
                 return Ok(None);
             }
         };
-        let mut plain = false;
-        for (what, value) in [("password", &mut d.password), ("token", &mut d.token)] {
-            if let Some(v) = value.as_mut() {
-                let (open, was_plain) = self.sealer.open_recorded(v).map_err(|e| {
-                    format!(
-                        "the driver recorded at runtime has a {what} that cannot be read ({e}): \
-                         put back the agent.key it was sealed under, or give [driver] in the \
-                         config file"
-                    )
-                })?;
-                *v = open;
-                plain |= was_plain;
-            }
-        }
+        let secrets = [("password", &mut d.password), ("token", &mut d.token)];
+        let plain = self
+            .sealer
+            .open_all(
+                secrets
+                    .into_iter()
+                    .filter_map(|(what, v)| Some((what, v.as_mut()?))),
+            )
+            .map_err(|(what, e)| {
+                format!(
+                    "the driver recorded at runtime has a {what} that cannot be read ({e}): \
+                     put back the agent.key it was sealed under, or give [driver] in the \
+                     config file"
+                )
+            })?;
         if plain {
             match self.record(&d) {
                 Ok(()) => tracing::info!("the driver's recorded credentials are sealed now"),
@@ -122,12 +123,11 @@ impl Runtime {
     /// Records `d` as the driver given at runtime, its password and token sealed.
     fn record(&self, d: &DriverConfig) -> Result<(), ApiError> {
         let mut sealed = d.clone();
-        for v in [&mut sealed.password, &mut sealed.token]
-            .into_iter()
-            .flatten()
-        {
-            *v = self.sealer.seal(v);
-        }
+        self.sealer.seal_all(
+            [&mut sealed.password, &mut sealed.token]
+                .into_iter()
+                .flatten(),
+        );
         let json =
             serde_json::to_string(&sealed).map_err(|e| ApiError::bad_request(e.to_string()))?;
         self.registry

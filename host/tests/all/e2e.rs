@@ -42,17 +42,9 @@ pub async fn kvm_agent(lv: &Libvirtd, other: &Libvirtd, dir: &std::path::Path) -
         admin_token: AGENT_TOKEN.into(),
         plugins: BTreeMap::from([("kvm".to_string(), kvm), ("guest-install".to_string(), gi)]),
         driver: Some(DriverConfig {
-            plugin: "kvm".into(),
-            endpoint: lv.uri.clone(),
-            username: None,
-            password: None,
-            token: None,
-            password_file: None,
-            token_file: None,
-            reconcile_period_ms: 1000,
-            reservation_seconds: 60,
             guest_plugin: Some("guest-install".into()),
             migration_uri: Some(lv.migration_uri()),
+            ..gve_harness::agent::driver("kvm", &lv.uri)
         }),
         bundles_dir: None,
         ..Default::default()
@@ -450,19 +442,7 @@ async fn xen_agent(xen: &gve_harness::NestedXen, dir: &std::path::Path) -> Agent
         data_dir: dir.to_path_buf(),
         admin_token: AGENT_TOKEN.into(),
         plugins: BTreeMap::from([("xen".to_string(), crate::xen::xen_spec(xen))]),
-        driver: Some(DriverConfig {
-            plugin: "xen".into(),
-            endpoint: xen.uri.clone(),
-            username: None,
-            password: None,
-            token: None,
-            password_file: None,
-            token_file: None,
-            reconcile_period_ms: 1000,
-            reservation_seconds: 60,
-            guest_plugin: None,
-            migration_uri: None,
-        }),
+        driver: Some(gve_harness::agent::driver("xen", &xen.uri)),
         bundles_dir: None,
         ..Default::default()
     })

@@ -36,23 +36,6 @@ pub fn spec(name: &str, grants: Grants) -> PluginSpec {
     }
 }
 
-/// A `[driver]` of `plugin` on `endpoint`: no credentials, reconcile every second.
-pub fn driver(plugin: &str, endpoint: &str) -> gve::agent::config::DriverConfig {
-    gve::agent::config::DriverConfig {
-        plugin: plugin.into(),
-        endpoint: endpoint.into(),
-        username: None,
-        password: None,
-        token: None,
-        password_file: None,
-        token_file: None,
-        reconcile_period_ms: 1000,
-        reservation_seconds: 60,
-        guest_plugin: None,
-        migration_uri: None,
-    }
-}
-
 /// No credentials.
 pub fn no_creds() -> Credentials {
     Credentials {

@@ -54,17 +54,9 @@ pub fn esx_config(
         admin_token: TOKEN.into(),
         plugins,
         driver: Some(DriverConfig {
-            plugin: "vmware-esx".into(),
-            endpoint: sim.url.clone(),
             username: Some(vsphere::USERNAME.into()),
             password: Some(password.into()),
-            token: None,
-            password_file: None,
-            token_file: None,
-            reconcile_period_ms: 1000,
-            reservation_seconds: 60,
-            guest_plugin: None,
-            migration_uri: None,
+            ..gve_harness::agent::driver("vmware-esx", &sim.url)
         }),
         bundles_dir: None,
         ..Default::default()

@@ -165,7 +165,7 @@ async fn clear_records_are_sealed_even_unused_and_a_key_others_may_read_is_refus
         rec["spec"]["grants"]["http"] = json!(["192.0.2.1:443"])
     });
     let mut config = memory_config(dir.path());
-    config.driver = Some(crate::support::driver("memory", &endpoint));
+    config.driver = Some(gve_harness::agent::driver("memory", &endpoint));
     let agent = Agent::start(config).await.unwrap();
     // The config file's plugin (no password) and driver are in force.
     assert!(driver_up(&agent).await);
