@@ -23,6 +23,7 @@ use serde::Deserialize;
 use super::guest::ExecBody;
 use super::model::VmRecord;
 use super::ops::OpParams;
+use super::site_claim;
 use super::AgentCore;
 use crate::api::{ok, query_param, read_json, ApiError, Response};
 
@@ -197,22 +198,16 @@ impl AgentCore {
 
     /// Serves `/v1/site`: the site this agent serves, as the site registered it,
     /// and this agent's `instance` id (one agent, one registration: the site
-    /// compares it with its other agents').
+    /// compares it with its other agents'). One site at a time: another site's
+    /// `PUT` is refused until this one is released (`DELETE`; see
+    /// [`super::site_claim`]).
     pub async fn handle_site(&self, req: Request<Incoming>) -> Result<Response, ApiError> {
+        let instance = self.registry.instance().map_err(registry)?;
+        let answer = |site: &serde_json::Value| {
+            ok(&serde_json::json!({ "site": site, "instance": instance }))
+        };
         match *req.method() {
-            Method::GET => {
-                let instance = self.registry.instance().map_err(registry)?;
-                let site = self.registry.meta("site").map_err(registry)?;
-                let value: serde_json::Value = site
-                    .as_deref()
-                    .map(serde_json::from_str)
-                    .transpose()
-                    .map_err(|e| {
-                        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "backend", e.to_string())
-                    })?
-                    .unwrap_or(serde_json::Value::Null);
-                ok(&serde_json::json!({ "site": value, "instance": instance }))
-            }
+            Method::GET => answer(&site_claim::recorded(&self.registry).map_err(registry)?),
             Method::PUT => {
                 let body: serde_json::Value = read_json(req.into_body()).await?;
                 if !body.is_object() || !body["id"].is_string() {
@@ -220,15 +215,52 @@ impl AgentCore {
                         "the site record must be an object with a string id",
                     ));
                 }
-                let text = body.to_string();
-                let instance = self.registry.instance().map_err(registry)?;
-                self.registry
-                    .write(|t| {
-                        t.set_meta("site", &text)?;
-                        t.event("site-registered", "", body.clone())
-                    })
-                    .map_err(registry)?;
-                ok(&serde_json::json!({ "site": body, "instance": instance }))
+                match site_claim::record(&self.registry, &body).map_err(registry)? {
+                    None => answer(&body),
+                    Some(r) => Err(ApiError::new(
+                        StatusCode::CONFLICT,
+                        "already-exists",
+                        format!(
+                            "this agent serves {} already: that site must unregister it \
+                             first, or, if that site is gone, this agent's admin releases \
+                             it (`gve agent release`)",
+                            site_claim::describe(&r)
+                        ),
+                    )),
+                }
+            }
+            Method::DELETE => {
+                // A site unregistering this agent names its registration; the
+                // agent's admin releasing it from a site that is gone names none.
+                let mut claim = serde_json::Map::new();
+                for key in ["id", "instance", "agent-id"] {
+                    if let Some(v) = query_param(req.uri(), key)? {
+                        claim.insert(key.into(), v.into());
+                    }
+                }
+                let claim = (!claim.is_empty()).then_some(serde_json::Value::Object(claim));
+                match site_claim::release(&self.registry, claim.as_ref()).map_err(registry)? {
+                    site_claim::Release::Released(r) => {
+                        if let (Some(r), None) = (&r, &claim) {
+                            self.registry
+                                .audit("site.release", r["id"].as_str().unwrap_or(""), r.clone())
+                                .map_err(registry)?;
+                        }
+                        ok(&serde_json::json!({
+                            "site": null,
+                            "instance": instance,
+                            "released": r,
+                        }))
+                    }
+                    site_claim::Release::Other(r) => Err(ApiError::new(
+                        StatusCode::CONFLICT,
+                        "invalid-state",
+                        format!(
+                            "this agent serves {}, not the registration named; nothing released",
+                            site_claim::describe(&r)
+                        ),
+                    )),
+                }
             }
             ref m => Err(ApiError::no_route(m, req.uri().path())),
         }

@@ -21,6 +21,7 @@ pub mod ready_events;
 pub mod reconcile;
 pub mod registry;
 pub mod runtime;
+pub mod site_claim;
 pub mod vms_api;
 
 use std::net::SocketAddr;

@@ -35,7 +35,7 @@ pub enum DriverAction {
     },
 }
 
-/// How to reach one agent's admin API (`gve agent driver set`, `gve agent audit`).
+/// How to reach one agent's admin API (`gve agent driver set`, `audit`, `release`).
 #[derive(Debug, Clone, clap::Args)]
 pub struct AgentConn {
     /// The agent.
@@ -102,16 +102,22 @@ pub async fn driver(action: DriverAction, out: Output) -> i32 {
             .await
     }
     .await;
+    answered(r, |v| match out {
+        Output::Json => output::json(&v),
+        Output::Table => println!(
+            "driver {} on {} is up",
+            v["plugin"].as_str().unwrap_or_default(),
+            v["endpoint"].as_str().unwrap_or_default()
+        ),
+    })
+}
+
+/// The exit code of a command the agent answered `r` to; `show` prints a
+/// success, an error is printed here.
+fn answered<T>(r: Result<T, crate::api::ApiError>, show: impl FnOnce(T)) -> i32 {
     match r {
         Ok(v) => {
-            match out {
-                Output::Json => output::json(&v),
-                Output::Table => println!(
-                    "driver {} on {} is up",
-                    v["plugin"].as_str().unwrap_or_default(),
-                    v["endpoint"].as_str().unwrap_or_default()
-                ),
-            }
+            show(v);
             0
         }
         Err(e) => {
@@ -182,14 +188,27 @@ pub async fn audit(args: AgentAuditArgs, out: Output) -> i32 {
             .await
     }
     .await;
-    match r {
-        Ok(entries) => {
-            super::audit::print(out, &entries);
-            0
-        }
-        Err(e) => {
-            eprintln!("error: {}", e.message);
-            super::exit_code(&e)
-        }
+    answered(r, |entries| super::audit::print(out, &entries))
+}
+
+/// `gve agent release`: tells an agent it serves no site (it keeps its VMs);
+/// returns the exit code.
+pub async fn release(agent: AgentConn, out: Output) -> i32 {
+    let r = async {
+        agent
+            .client()?
+            .call::<(), serde_json::Value>(Method::DELETE, "/v1/site", None)
+            .await
     }
+    .await;
+    answered(r, |v| match out {
+        Output::Json => output::json(&v),
+        Output::Table => match v["released"]["id"].as_str() {
+            Some(site) => println!(
+                "released from site {site} (registered there as {})",
+                v["released"]["agent-id"].as_str().unwrap_or("?")
+            ),
+            None => println!("the agent served no site"),
+        },
+    })
 }

@@ -32,6 +32,10 @@ pub enum Action {
     Driver(super::agent::DriverAction),
     /// Read a running agent's audit log (talks to the agent, not the site).
     Audit(super::agent::AgentAuditArgs),
+    /// Release a running agent from the site it serves, so that another site may
+    /// register it (talks to the agent): for a site that is gone. A site that
+    /// unregisters an agent releases it itself.
+    Release(super::agent::AgentConn),
     /// List the site's agents.
     List,
     /// Register an agent with the site.
@@ -75,6 +79,7 @@ pub async fn run(args: AgentArgs) -> i32 {
         Action::Init(_) => Some(("init", false)),
         Action::Driver(_) => Some(("driver", true)),
         Action::Audit(_) => Some(("audit", true)),
+        Action::Release(_) => Some(("release", true)),
         _ => None,
     };
     if let Some((command, to_agent)) = direct {
@@ -87,6 +92,7 @@ pub async fn run(args: AgentArgs) -> i32 {
         Action::Init(i) => super::report(super::init::agent(i)),
         Action::Driver(d) => super::agent::driver(d, site_output(&args.site)).await,
         Action::Audit(a) => super::agent::audit(a, site_output(&args.site)).await,
+        Action::Release(a) => super::agent::release(a, site_output(&args.site)).await,
         action => super::report(manage(&args.site, action).await),
     }
 }
@@ -137,6 +143,7 @@ async fn manage(site: &SiteOpts, action: Action) -> Result<i32, CliError> {
         Action::Init(i) => return super::init::agent(i),
         Action::Driver(d) => return Ok(super::agent::driver(d, site.output).await),
         Action::Audit(a) => return Ok(super::agent::audit(a, site.output).await),
+        Action::Release(a) => return Ok(super::agent::release(a, site.output).await),
         Action::List => {
             let all: Vec<AgentView> = client.get_pages("/v1/agents", usize::MAX).await?;
             print(site.output, &all, false);
@@ -168,6 +175,13 @@ async fn manage(site: &SiteOpts, action: Action) -> Result<i32, CliError> {
             match site.output {
                 Output::Json => output::json(&v),
                 Output::Table => println!("removed agent {id}"),
+            }
+            if v["agent-released"] == false {
+                eprintln!(
+                    "warning: the agent was not told (it did not answer): it still names \
+                     this site, and another site cannot register it until it is released \
+                     with `gve agent release`"
+                );
             }
         }
     }

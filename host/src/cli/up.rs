@@ -303,10 +303,14 @@ async fn up(args: UpArgs) -> Result<(), UpError> {
             site.core.agents.check("local").await
         }
         other => {
+            // Its own agent, whatever site it served before (this data directory's
+            // site database made anew).
+            agent.runtime.release_site().map_err(UpError::Other)?;
             if other.is_some() {
                 site.core
                     .agents
                     .unregister("local", true)
+                    .await
                     .map_err(|e| UpError::Other(e.message))?;
             }
             site.core

@@ -293,7 +293,7 @@ impl SiteCore {
             }
             (Method::DELETE, ["v1", "agents", id]) => {
                 let force = query_param(req.uri(), "force")?.as_deref() == Some("true");
-                self.agents.unregister(id, force)?;
+                let released = self.agents.unregister(id, force).await?;
                 self.audit(
                     &caller.name,
                     "agent.remove",
@@ -301,7 +301,7 @@ impl SiteCore {
                     serde_json::json!({ "force": force }),
                 )
                 .await?;
-                ok(&serde_json::json!({ "removed": id }))
+                ok(&serde_json::json!({ "removed": id, "agent-released": released }))
             }
             (m, _) => Err(ApiError::no_route(&m, req.uri().path())),
         }

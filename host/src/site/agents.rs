@@ -19,6 +19,7 @@ use super::store::{Store, StoreError};
 pub use super::vm_sync::MISSING;
 use super::vm_sync::{Applied, Checked, Comparison, Forgetting, Listings};
 use crate::agent::model::{OpState, Operation, Vm};
+use crate::agent::site_claim;
 use crate::api::client::{Client, Paged};
 use crate::api::ApiError;
 
@@ -26,6 +27,9 @@ use crate::api::ApiError;
 pub struct Agents {
     store: Store,
     site_id: String,
+    /// This site's instance id, sent with its registrations (see
+    /// [`crate::agent::site_claim`]).
+    site_instance: String,
     sealer: crate::sealing::Sealer,
     tls: crate::api::tls::ClientTls,
     /// Per agent, its client and the registration (time) it was built for.
@@ -78,6 +82,9 @@ pub type ListingCounts = prometheus_client::metrics::family::Family<
 /// How long a check may take before its agent counts as down.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(15);
 
+/// How long an unregistration waits for the agent to take its release.
+const RELEASE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// The site-wide id of VM `vm` on agent `agent`: stable, and the same wherever it is
 /// computed (a job that creates a VM and a check that discovers it agree).
 pub fn site_vm_id(agent: &str, vm: &str) -> String {
@@ -98,11 +105,13 @@ pub fn agent_error(agent: &str, e: ApiError) -> OpError {
 }
 
 impl Agents {
-    /// The agents of `store`'s site, their secrets sealed by `sealer`. Secrets an
-    /// earlier version stored in the clear are sealed now.
+    /// The agents of `store`'s site (`site_id`, instance `site_instance`), their
+    /// secrets sealed by `sealer`. Secrets an earlier version stored in the clear
+    /// are sealed now.
     pub fn new(
         store: Store,
         site_id: String,
+        site_instance: String,
         sealer: crate::sealing::Sealer,
         tls: crate::api::tls::ClientTls,
         listing_counts: ListingCounts,
@@ -119,6 +128,7 @@ impl Agents {
         Ok(Agents {
             store,
             site_id,
+            site_instance,
             sealer,
             tls,
             clients: RwLock::new(HashMap::new()),
@@ -283,10 +293,35 @@ impl Agents {
         if let Some(other) = twin.among(id, url, self.store.agents().map_err(db)?) {
             return Err(refuse(&other));
         }
-        let site = json!({ "id": self.site_id, "agent-id": id, "at-ms": now_ms() });
+        // One agent, one site: an agent another site registered is refused here
+        // (for a clear answer) and by the agent itself (for two sites racing).
+        let site = json!({
+            "id": self.site_id,
+            "instance": self.site_instance,
+            "agent-id": id,
+            "at-ms": now_ms(),
+        });
+        let elsewhere = |message: String| {
+            ApiError::new(
+                StatusCode::CONFLICT,
+                "already-exists",
+                format!("agent '{id}' at {url}: {message}"),
+            )
+        };
+        let theirs = &serving["site"];
+        if theirs.is_object() && !site_claim::same_site(theirs, &site) {
+            return Err(elsewhere(format!(
+                "the agent serves {} already: that site must unregister it first, or, \
+                 if that site is gone, the agent's admin releases it (`gve agent release`)",
+                site_claim::describe(theirs)
+            )));
+        }
         c.call::<_, Value>(Method::PUT, "/v1/site", Some(&site))
             .await
-            .map_err(unavailable)?;
+            .map_err(|e| match e.status {
+                409 => elsewhere(e.message),
+                _ => unavailable(e),
+            })?;
         let mut rec = AgentRec::registered(id, url, self.sealer.seal(token), fingerprint);
         rec.instance = twin.instance.clone();
         // Checked again in the transaction: two registrations of one id (or of
@@ -313,8 +348,11 @@ impl Agents {
     }
 
     /// Unregisters an agent. Refused while users hold VMs on it, unless `force`
-    /// (their VMs are then forgotten and their quota given back).
-    pub fn unregister(&self, id: &str, force: bool) -> Result<(), ApiError> {
+    /// (their VMs are then forgotten and their quota given back). Then releases
+    /// the agent from this site, so that another may register it; answers
+    /// whether the agent was told (it may be down: `gve agent release` then).
+    pub async fn unregister(&self, id: &str, force: bool) -> Result<bool, ApiError> {
+        let client = self.client(id).ok();
         let r = self.store.write(|t| {
             if t.agent(id)?.is_none() {
                 return Ok(Err(ApiError::new(
@@ -340,7 +378,35 @@ impl Agents {
         });
         self.forget_client(id);
         self.listings.forget(id);
-        r.map_err(db)?
+        r.map_err(db)??;
+        let Some(c) = client else {
+            return Ok(false);
+        };
+        // Only this registration: the agent may be another site's by now.
+        let path = format!(
+            "/v1/site?id={}&instance={}&agent-id={}",
+            crate::api::percent_encode(&self.site_id),
+            crate::api::percent_encode(&self.site_instance),
+            crate::api::percent_encode(id)
+        );
+        let told = tokio::time::timeout(
+            RELEASE_TIMEOUT,
+            c.call::<(), Value>(Method::DELETE, &path, None),
+        )
+        .await;
+        Ok(match told {
+            Ok(Ok(_)) => true,
+            // It serves another registration: this one is not there to release.
+            Ok(Err(e)) if e.status == 409 => true,
+            Ok(Err(e)) => {
+                tracing::warn!(agent = id, error = %e, "unregistered agent not released");
+                false
+            }
+            Err(_) => {
+                tracing::warn!(agent = id, "unregistered agent did not answer its release");
+                false
+            }
+        })
     }
 
     /// Checks one agent: capacity, templates, endpoint and VMs; marks it up or down.
@@ -684,6 +750,7 @@ mod tests {
         let agents = Agents::new(
             store.clone(),
             "site".into(),
+            "instance".into(),
             sealer,
             Default::default(),
             Default::default(),

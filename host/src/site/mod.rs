@@ -245,7 +245,9 @@ impl Site {
         )?
         .with_max_events(config.max_job_events);
         let admin_hash = auth::hash(&config.admin_token);
-        store.write(|t| {
+        // The site's instance id (see `agent::site_claim`): made at its first
+        // start, kept in its database.
+        let instance = store.write(|t| {
             let admin = match t.user("admin")? {
                 Some(mut u) => {
                     u.token_sha256 = admin_hash.clone();
@@ -261,7 +263,15 @@ impl Site {
                 },
             };
             t.put_user(&admin)?;
-            t.set_meta("site-id", &config.site_id)
+            t.set_meta("site-id", &config.site_id)?;
+            match t.meta("instance")? {
+                Some(i) => Ok(i),
+                None => {
+                    let i = uuid::Uuid::new_v4().to_string();
+                    t.set_meta("instance", &i)?;
+                    Ok(i)
+                }
+            }
         })?;
         let sealer = crate::sealing::Sealer::open_or_create(&config.data_dir.join("site.key"))
             .map_err(|e| SiteError::Config(e.to_string()))?;
@@ -269,6 +279,7 @@ impl Site {
         let agents = Arc::new(agents::Agents::new(
             store.clone(),
             config.site_id.clone(),
+            instance,
             sealer,
             config.agent_tls.clone(),
             metrics.agent_listings.clone(),

@@ -226,6 +226,29 @@ async fn cli_manages_users_and_agents() {
             .code,
         3
     );
+    // `gve agent release` (to the agent): its site is gone, so another may
+    // register it. Then the site's own release finds nothing to release.
+    let release = || {
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_gve"));
+        cmd.args(["agent", "release", "--agent-url"])
+            .arg(format!("http://{}", e.agents[0].0.addr))
+            .env("GVE_AGENT_SECRET", crate::site::AGENT_TOKEN);
+        run(cmd)
+    };
+    let r = release().await.ok();
+    assert!(
+        r.out
+            .contains("released from site site (registered there as a-0)"),
+        "{}",
+        r.out
+    );
+    assert!(release().await.ok().out.contains("served no site"));
+    let r = gve(&u, ADMIN, &["agent", "remove", "a-0"]).await.ok();
+    assert!(
+        r.out.contains("removed agent a-0") && r.err.is_empty(),
+        "{}",
+        r.err
+    );
     e.site.stop().await;
 }
 

@@ -7,7 +7,7 @@ use gve::site::model::SiteVm;
 use hyper::Method;
 use serde_json::{json, Value};
 
-use crate::site::{env, job, AGENT_TOKEN};
+use crate::site::{env, job, ADMIN, AGENT_TOKEN};
 
 /// Registers the agent at `url` as `id`.
 async fn register(
@@ -87,4 +87,141 @@ async fn one_agent_cannot_be_registered_twice_under_two_ids() {
     assert_eq!(agents[0]["id"], "a-new");
     assert_eq!(serving(&e.agents[0].1).await, "a-new");
     e.site.stop().await;
+}
+
+/// Two sites sharing one agent would each take the other's VMs for strays and
+/// offer the host's capacity twice. An agent serves one site: a second site's
+/// registration is refused, by the site (naming the first) and by the agent
+/// itself (a site that does not check); the first site's unregistration releases
+/// it, a release naming another registration releases nothing, and the agent's
+/// admin can release it from a site that is gone. Both sites are named `site`
+/// (the default): they are told apart by their instance ids.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_agent_serves_one_site_until_it_is_released() {
+    let a = env(1, |_| {}).await;
+    let (agent, agent_admin) = (&a.agents[0].0, a.agents[0].1.clone());
+    let url = format!("http://{}", agent.addr);
+    let dave = a.user("dave", None).await;
+    let j = job(&dave, "/v1/vms", json!({ "main-memory-mib": 64 })).await;
+    let vm: SiteVm = serde_json::from_value(j.result.unwrap()).unwrap();
+    let b_dir = tempfile::tempdir().unwrap();
+    let mut config = gve::site::SiteConfig::new(b_dir.path().to_path_buf(), ADMIN.into());
+    config.listen = "127.0.0.1:0".parse().unwrap();
+    let b = gve::site::Site::start(config).await.unwrap();
+    let b_admin =
+        gve::api::client::Client::new(&format!("http://{}", b.addr), Some(ADMIN.into())).unwrap();
+    let serving = || {
+        let c = agent_admin.clone();
+        async move { c.get::<Value>("/v1/site").await.unwrap()["site"].clone() }
+    };
+    let first = serving().await;
+    assert_eq!(first["agent-id"], "a-0", "{first}");
+    assert!(first["instance"].is_string(), "{first}");
+
+    // Site b is refused, naming site a's registration; the agent serves a still.
+    let err = register(&b_admin, "b-0", &url).await.unwrap_err();
+    assert_eq!(
+        (err.status, err.kind.as_str()),
+        (409, "already-exists"),
+        "{err}"
+    );
+    assert!(err.message.contains("as 'a-0'"), "{err}");
+    assert!(
+        err.message.contains(first["instance"].as_str().unwrap()),
+        "{err}"
+    );
+    assert!(b_admin
+        .get::<Vec<Value>>("/v1/agents")
+        .await
+        .unwrap()
+        .is_empty());
+    // A site that does not check is refused by the agent.
+    for other in [
+        json!({ "id": "site", "instance": "another", "agent-id": "b-0", "at-ms": 1 }),
+        json!({ "id": "older-site", "agent-id": "b-0", "at-ms": 1 }),
+    ] {
+        let err = agent_admin
+            .call::<_, Value>(Method::PUT, "/v1/site", Some(&other))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            (err.status, err.kind.as_str()),
+            (409, "already-exists"),
+            "{err}"
+        );
+    }
+    assert_eq!(serving().await, first);
+    // A release naming another registration releases nothing.
+    let path = |instance: &str, agent_id: &str| {
+        format!("/v1/site?id=site&instance={instance}&agent-id={agent_id}")
+    };
+    let a_instance = first["instance"].as_str().unwrap();
+    for p in [path("another", "a-0"), path(a_instance, "a-1")] {
+        let err = agent_admin
+            .call::<(), Value>(Method::DELETE, &p, None)
+            .await
+            .unwrap_err();
+        assert_eq!(
+            (err.status, err.kind.as_str()),
+            (409, "invalid-state"),
+            "{p}: {err}"
+        );
+    }
+    assert_eq!(serving().await, first);
+    let v: SiteVm = dave.get(&format!("/v1/vms/{}", vm.id)).await.unwrap();
+    assert_eq!((v.agent.as_str(), v.state.as_str()), ("a-0", "running"));
+
+    // Site a unregisters it (forced: dave holds a VM there) and releases it.
+    let removed: Value = a
+        .admin
+        .call::<(), Value>(Method::DELETE, "/v1/agents/a-0?force=true", None)
+        .await
+        .unwrap();
+    assert_eq!(removed["agent-released"], true, "{removed}");
+    assert_eq!(serving().await, Value::Null);
+    register(&b_admin, "b-0", &url).await.unwrap();
+    let now = serving().await;
+    assert_eq!(now["agent-id"], "b-0", "{now}");
+    assert_ne!(now["instance"], first["instance"]);
+    let err = register(&a.admin, "a-0", &url).await.unwrap_err();
+    assert_eq!(
+        (err.status, err.kind.as_str()),
+        (409, "already-exists"),
+        "{err}"
+    );
+
+    // Site b is gone without unregistering it: the agent's admin releases it
+    // (`gve agent release`), which is audited, and site a may register it again.
+    b.stop().await;
+    let released: Value = agent_admin
+        .call::<(), Value>(Method::DELETE, "/v1/site", None)
+        .await
+        .unwrap();
+    assert_eq!(released["released"], now, "{released}");
+    let audit: Vec<Value> = agent_admin.get("/v1/audit").await.unwrap();
+    assert!(
+        audit
+            .iter()
+            .any(|e| e["action"] == "site.release" && e["detail"] == now),
+        "{audit:?}"
+    );
+    register(&a.admin, "a-1", &url).await.unwrap();
+    assert_eq!(serving().await["agent-id"], "a-1");
+
+    // An agent that does not answer its release is reported not told.
+    let crate::site::Env {
+        site,
+        admin,
+        agents,
+        ..
+    } = a;
+    for (agent, _) in agents {
+        agent.stop().await;
+    }
+    let removed: Value = admin
+        .call::<(), Value>(Method::DELETE, "/v1/agents/a-1", None)
+        .await
+        .unwrap();
+    assert_eq!(removed["agent-released"], false, "{removed}");
+    site.stop().await;
 }

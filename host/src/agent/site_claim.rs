@@ -1,0 +1,140 @@
+//! Which site an agent serves: one at a time. A site registering an agent sends
+//! it a record, `{"id", "instance", "agent-id", "at-ms"}` (`PUT /v1/site`); the
+//! agent keeps it and refuses another site's until that site unregisters it (a
+//! `DELETE /v1/site` naming its registration) or the agent's admin releases it
+//! (a `DELETE /v1/site` naming none). Two sites sharing one agent would each take
+//! the other's VMs for strays and offer the host's capacity twice.
+//!
+//! Sites are told apart by their instance id (made at random at a site's first
+//! start and kept in its database; a site id is a name, `site` unless set), and
+//! where either record has none (a site older than instance ids) by their id.
+
+use serde_json::Value;
+
+use super::registry::{Registry, RegistryError};
+
+/// The registry key of the site record.
+const SITE: &str = "site";
+
+/// What releasing the agent came to.
+pub enum Release {
+    /// Released from this site record (none: it served no site).
+    Released(Option<Value>),
+    /// It serves this other registration, which the release did not name.
+    Other(Value),
+}
+
+/// The site this agent serves (null: none).
+pub fn recorded(registry: &Registry) -> Result<Value, RegistryError> {
+    Ok(registry
+        .meta(SITE)?
+        .map_or(Value::Null, |text| parse(&text)))
+}
+
+/// Records `claim` as the site this agent serves, unless another site's record
+/// is there (checked in the same transaction: two sites racing); that one is
+/// answered then.
+pub fn record(registry: &Registry, claim: &Value) -> Result<Option<Value>, RegistryError> {
+    let text = claim.to_string();
+    registry.write(|t| {
+        if let Some(r) = t.meta(SITE)?.map(|text| parse(&text)) {
+            if r.is_object() && !same_site(&r, claim) {
+                return Ok(Some(r));
+            }
+        }
+        t.set_meta(SITE, &text)?;
+        t.event("site-registered", "", claim.clone())?;
+        Ok(None)
+    })
+}
+
+/// Releases the agent from the site it serves: from any (`None`, its admin's
+/// release) or only from the registration `claim` names (a site unregistering it).
+pub fn release(registry: &Registry, claim: Option<&Value>) -> Result<Release, RegistryError> {
+    registry.write(|t| {
+        let Some(r) = t.meta(SITE)?.map(|text| parse(&text)) else {
+            return Ok(Release::Released(None));
+        };
+        if claim.is_some_and(|c| !same_registration(&r, c)) {
+            return Ok(Release::Other(r));
+        }
+        t.remove_meta(SITE)?;
+        t.event("site-released", "", r.clone())?;
+        Ok(Release::Released(Some(r)))
+    })
+}
+
+/// A stored site record (JSON text; null if it does not parse).
+fn parse(text: &str) -> Value {
+    serde_json::from_str(text).unwrap_or(Value::Null)
+}
+
+/// Whether site records `a` and `b` name the same site.
+pub fn same_site(a: &Value, b: &Value) -> bool {
+    match (a["instance"].as_str(), b["instance"].as_str()) {
+        (Some(x), Some(y)) => x == y,
+        _ => a["id"].is_string() && a["id"] == b["id"],
+    }
+}
+
+/// Whether `recorded` is the registration `claim` names: the same site and, when
+/// `claim` names one, the same agent id there.
+pub fn same_registration(recorded: &Value, claim: &Value) -> bool {
+    same_site(recorded, claim)
+        && (claim["agent-id"].is_null() || recorded["agent-id"] == claim["agent-id"])
+}
+
+/// Site record `site` in words, for errors: its id, instance and the agent id
+/// it registered this agent as.
+pub fn describe(site: &Value) -> String {
+    let text = |k: &str| site[k].as_str().unwrap_or("?").to_string();
+    match site["instance"].as_str() {
+        Some(i) => format!(
+            "site '{}' (instance {i}) as '{}'",
+            text("id"),
+            text("agent-id")
+        ),
+        None => format!("site '{}' as '{}'", text("id"), text("agent-id")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn sites_are_told_apart_by_instance_else_by_id() {
+        let a = json!({ "id": "site", "instance": "i-a", "agent-id": "a-0" });
+        let b = json!({ "id": "site", "instance": "i-b", "agent-id": "a-0" });
+        let old = json!({ "id": "site", "agent-id": "a-0" });
+        let other = json!({ "id": "fzk", "agent-id": "a-0" });
+        assert!(same_site(&a, &a.clone()));
+        assert!(!same_site(&a, &b), "two sites both named 'site'");
+        assert!(
+            same_site(&a, &old) && same_site(&old, &b),
+            "an old record: by id"
+        );
+        assert!(!same_site(&old, &other));
+        assert!(!same_site(&json!(null), &json!(null)), "no id is no site");
+    }
+
+    #[test]
+    fn a_registration_is_its_site_and_agent_id() {
+        let rec = json!({ "id": "site", "instance": "i-a", "agent-id": "a-0" });
+        assert!(same_registration(
+            &rec,
+            &json!({ "instance": "i-a", "agent-id": "a-0" })
+        ));
+        assert!(same_registration(&rec, &json!({ "instance": "i-a" })));
+        assert!(!same_registration(
+            &rec,
+            &json!({ "instance": "i-a", "agent-id": "a-1" })
+        ));
+        assert!(!same_registration(
+            &rec,
+            &json!({ "instance": "i-b", "agent-id": "a-0" })
+        ));
+        assert_eq!(describe(&rec), "site 'site' (instance i-a) as 'a-0'");
+    }
+}
