@@ -23,7 +23,6 @@ use serde::Deserialize;
 use super::guest::ExecBody;
 use super::model::VmRecord;
 use super::ops::OpParams;
-use super::site_claim;
 use super::AgentCore;
 use crate::api::{ok, query_param, read_json, ApiError, Response};
 
@@ -193,76 +192,6 @@ impl AgentCore {
                 ok(&self.handle_ready(&rec.vm.id, wait).await?)
             }
             (m, _) => Err(ApiError::no_route(&m, req.uri().path())),
-        }
-    }
-
-    /// Serves `/v1/site`: the site this agent serves, as the site registered it,
-    /// and this agent's `instance` id (one agent, one registration: the site
-    /// compares it with its other agents'). One site at a time: another site's
-    /// `PUT` is refused until this one is released (`DELETE`; see
-    /// [`super::site_claim`]).
-    pub async fn handle_site(&self, req: Request<Incoming>) -> Result<Response, ApiError> {
-        let instance = self.registry.instance().map_err(registry)?;
-        let answer = |site: &serde_json::Value| {
-            ok(&serde_json::json!({ "site": site, "instance": instance }))
-        };
-        match *req.method() {
-            Method::GET => answer(&site_claim::recorded(&self.registry).map_err(registry)?),
-            Method::PUT => {
-                let body: serde_json::Value = read_json(req.into_body()).await?;
-                if !body.is_object() || !body["id"].is_string() {
-                    return Err(ApiError::bad_request(
-                        "the site record must be an object with a string id",
-                    ));
-                }
-                match site_claim::record(&self.registry, &body).map_err(registry)? {
-                    None => answer(&body),
-                    Some(r) => Err(ApiError::new(
-                        StatusCode::CONFLICT,
-                        "already-exists",
-                        format!(
-                            "this agent serves {} already: that site must unregister it \
-                             first, or, if that site is gone, this agent's admin releases \
-                             it (`gve agent release`)",
-                            site_claim::describe(&r)
-                        ),
-                    )),
-                }
-            }
-            Method::DELETE => {
-                // A site unregistering this agent names its registration; the
-                // agent's admin releasing it from a site that is gone names none.
-                let mut claim = serde_json::Map::new();
-                for key in ["id", "instance", "agent-id"] {
-                    if let Some(v) = query_param(req.uri(), key)? {
-                        claim.insert(key.into(), v.into());
-                    }
-                }
-                let claim = (!claim.is_empty()).then_some(serde_json::Value::Object(claim));
-                match site_claim::release(&self.registry, claim.as_ref()).map_err(registry)? {
-                    site_claim::Release::Released(r) => {
-                        if let (Some(r), None) = (&r, &claim) {
-                            self.registry
-                                .audit("site.release", r["id"].as_str().unwrap_or(""), r.clone())
-                                .map_err(registry)?;
-                        }
-                        ok(&serde_json::json!({
-                            "site": null,
-                            "instance": instance,
-                            "released": r,
-                        }))
-                    }
-                    site_claim::Release::Other(r) => Err(ApiError::new(
-                        StatusCode::CONFLICT,
-                        "invalid-state",
-                        format!(
-                            "this agent serves {}, not the registration named; nothing released",
-                            site_claim::describe(&r)
-                        ),
-                    )),
-                }
-            }
-            ref m => Err(ApiError::no_route(m, req.uri().path())),
         }
     }
 }

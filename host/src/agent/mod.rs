@@ -158,8 +158,9 @@ impl AgentApi {
                     "endpoint": core.driver.endpoint(),
                 }))
             }
-            (_, ["v1", "host" | "driver" | "vms" | "templates" | "operations" | "events" | "reconcile"
-            | "site", ..]) => match self.runtime.core.load_full() {
+            // The site it serves is the registry's, driver or none.
+            (_, ["v1", "site"]) => site_claim::handle(self.runtime.registry(), req).await,
+            (_, ["v1", "host" | "driver" | "vms" | "templates" | "operations" | "events" | "reconcile", ..]) => match self.runtime.core.load_full() {
                 Some(core) => core.handle_vms(req, &segs).await,
                 None => Err(ApiError::new(
                     hyper::StatusCode::SERVICE_UNAVAILABLE,

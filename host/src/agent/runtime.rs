@@ -80,12 +80,9 @@ impl Runtime {
         Ok(self.metrics.render())
     }
 
-    /// Releases this agent from whatever site it serves (`gve agent release`,
-    /// in process): `gve up`, about to register its own agent with its own site.
-    pub fn release_site(&self) -> Result<(), String> {
-        super::site_claim::release(&self.registry, None)
-            .map(|_| ())
-            .map_err(|e| e.to_string())
+    /// The registry database.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
     }
 
     /// The driver an earlier run was given at runtime, if any.

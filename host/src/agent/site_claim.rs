@@ -9,9 +9,12 @@
 //! start and kept in its database; a site id is a name, `site` unless set), and
 //! where either record has none (a site older than instance ids) by their id.
 
-use serde_json::Value;
+use hyper::body::Incoming;
+use hyper::{Method, Request, StatusCode};
+use serde_json::{json, Value};
 
 use super::registry::{Registry, RegistryError};
+use crate::api::{ok, query_param, read_json, ApiError, Response};
 
 /// The registry key of the site record.
 const SITE: &str = "site";
@@ -20,8 +23,72 @@ const SITE: &str = "site";
 pub enum Release {
     /// Released from this site record (none: it served no site).
     Released(Option<Value>),
-    /// It serves this other registration, which the release did not name.
+    /// It serves this other site, which the release did not name.
     Other(Value),
+}
+
+/// Serves `/v1/site` (a driver or none): `GET` the site this agent serves and
+/// its own `instance` id (the site compares it with its other agents': one agent,
+/// one registration), `PUT` a site's record (refused while another site's is
+/// kept), `DELETE` it.
+pub async fn handle(registry: &Registry, req: Request<Incoming>) -> Result<Response, ApiError> {
+    let instance = registry.instance().map_err(backend)?;
+    let answer = |site: &Value| ok(&json!({ "site": site, "instance": instance }));
+    match *req.method() {
+        Method::GET => answer(&recorded(registry).map_err(backend)?),
+        Method::PUT => {
+            let body: Value = read_json(req.into_body()).await?;
+            if !body.is_object() || !body["id"].is_string() {
+                return Err(ApiError::bad_request(
+                    "the site record must be an object with a string id",
+                ));
+            }
+            match record(registry, &body).map_err(backend)? {
+                None => answer(&body),
+                Some(r) => Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    "already-exists",
+                    format!(
+                        "this agent serves {} already: that site must unregister it first, \
+                         or, if that site is gone, this agent's admin releases it \
+                         (`gve agent release`)",
+                        describe(&r)
+                    ),
+                )),
+            }
+        }
+        Method::DELETE => {
+            // A site unregistering this agent names itself; the agent's admin
+            // releasing it from a site that is gone names none.
+            let mut claim = serde_json::Map::new();
+            for key in ["id", "instance", "agent-id"] {
+                if let Some(v) = query_param(req.uri(), key)? {
+                    claim.insert(key.into(), v.into());
+                }
+            }
+            let claim = (!claim.is_empty()).then_some(Value::Object(claim));
+            match release(registry, claim.as_ref()).map_err(backend)? {
+                Release::Released(r) => ok(&json!({
+                    "site": null,
+                    "instance": instance,
+                    "released": r,
+                })),
+                Release::Other(r) => Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    "invalid-state",
+                    format!(
+                        "this agent serves {}, not the site named; nothing released",
+                        describe(&r)
+                    ),
+                )),
+            }
+        }
+        ref m => Err(ApiError::no_route(m, req.uri().path())),
+    }
+}
+
+fn backend(e: RegistryError) -> ApiError {
+    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "backend", e.to_string())
 }
 
 /// The site this agent serves (null: none).
@@ -48,10 +115,11 @@ pub fn record(registry: &Registry, claim: &Value) -> Result<Option<Value>, Regis
     })
 }
 
-/// Releases the agent from the site it serves: from any (`None`, its admin's
-/// release) or only from the registration `claim` names (a site unregistering it).
+/// Releases the agent from the site it serves: from any (`None`: its admin's
+/// release, audited as `site.release`) or only from the site `claim` names (a
+/// site unregistering it; with an `agent-id`, only that registration there).
 pub fn release(registry: &Registry, claim: Option<&Value>) -> Result<Release, RegistryError> {
-    registry.write(|t| {
+    let released = registry.write(|t| {
         let Some(r) = t.meta(SITE)?.map(|text| parse(&text)) else {
             return Ok(Release::Released(None));
         };
@@ -61,7 +129,11 @@ pub fn release(registry: &Registry, claim: Option<&Value>) -> Result<Release, Re
         t.remove_meta(SITE)?;
         t.event("site-released", "", r.clone())?;
         Ok(Release::Released(Some(r)))
-    })
+    })?;
+    if let (Release::Released(Some(r)), None) = (&released, claim) {
+        registry.audit("site.release", r["id"].as_str().unwrap_or(""), r.clone())?;
+    }
+    Ok(released)
 }
 
 /// A stored site record (JSON text; null if it does not parse).

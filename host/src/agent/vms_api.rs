@@ -18,7 +18,6 @@
 //! | GET | /v1/operations, /v1/operations/{id}?wait-ms=N | | `[Operation]`, `Operation` (long poll up to N ≤ 60000 ms for its end) |
 //! | GET | /v1/events?after=N&limit=M | | `[Event]` |
 //! | POST | /v1/reconcile | | `ReconcileReport` |
-//! | GET, PUT | /v1/site | `{"id", ...}` | the site this agent serves |
 //!
 //! Every 202 names where its operation is followed (`Location`); a request
 //! that starts one, sent with `?wait-ms=N`, waits up to N ms for it to end
@@ -375,7 +374,6 @@ impl AgentCore {
                 let rec = self.record(id)?;
                 self.handle_guest(req, rec, a, key).await
             }
-            (_, ["v1", "site"]) => self.handle_site(req).await,
             // The REST spelling of `POST /v1/vms/{id}/destroy`: the same operation.
             (Method::DELETE, ["v1", "vms", id]) => {
                 let vm = self.record(id)?.vm.id;

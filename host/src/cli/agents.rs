@@ -178,9 +178,9 @@ async fn manage(site: &SiteOpts, action: Action) -> Result<i32, CliError> {
             }
             if v["agent-released"] == false {
                 eprintln!(
-                    "warning: the agent was not told (it did not answer): it still names \
-                     this site, and another site cannot register it until it is released \
-                     with `gve agent release`"
+                    "warning: the agent did not take its release (it did not answer, or \
+                     its version has none): it may still name this site, and another site \
+                     cannot register it until it is released with `gve agent release`"
                 );
             }
         }

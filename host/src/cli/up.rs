@@ -305,12 +305,12 @@ async fn up(args: UpArgs) -> Result<(), UpError> {
         other => {
             // Its own agent, whatever site it served before (this data directory's
             // site database made anew).
-            agent.runtime.release_site().map_err(UpError::Other)?;
+            crate::agent::site_claim::release(agent.runtime.registry(), None)
+                .map_err(|e| UpError::Other(e.to_string()))?;
             if other.is_some() {
                 site.core
                     .agents
                     .unregister("local", true)
-                    .await
                     .map_err(|e| UpError::Other(e.message))?;
             }
             site.core

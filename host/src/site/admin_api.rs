@@ -293,7 +293,7 @@ impl SiteCore {
             }
             (Method::DELETE, ["v1", "agents", id]) => {
                 let force = query_param(req.uri(), "force")?.as_deref() == Some("true");
-                let released = self.agents.unregister(id, force).await?;
+                let release = self.agents.unregister(id, force)?;
                 self.audit(
                     &caller.name,
                     "agent.remove",
@@ -301,6 +301,10 @@ impl SiteCore {
                     serde_json::json!({ "force": force }),
                 )
                 .await?;
+                let released = match release {
+                    Some(r) => self.agents.release(r).await,
+                    None => false,
+                };
                 ok(&serde_json::json!({ "removed": id, "agent-released": released }))
             }
             (m, _) => Err(ApiError::no_route(&m, req.uri().path())),

@@ -45,6 +45,17 @@ pub struct Agents {
     health_period_ms: std::sync::atomic::AtomicU64,
     /// Checks that may read and apply an agent's whole VM listing at once.
     full_reads: tokio::sync::Semaphore,
+    /// Held while an agent is told it serves this site again, or released
+    /// from it: a check that read the agent before an unregistration does
+    /// not hold it after the release.
+    claims: Arc<tokio::sync::Mutex<()>>,
+}
+
+/// An unregistered agent's release, to send (see [`Agents::release`]).
+pub struct PendingRelease {
+    agent: String,
+    client: Client,
+    path: String,
 }
 
 /// How many checks read and apply a whole VM listing at once: each holds what
@@ -137,6 +148,7 @@ impl Agents {
             listing_counts,
             health_period_ms: std::sync::atomic::AtomicU64::new(5_000),
             full_reads: tokio::sync::Semaphore::new(FULL_READS),
+            claims: Default::default(),
         })
     }
 
@@ -278,7 +290,7 @@ impl Agents {
         // and have two agents claim its VMs): known by the instance id the agent
         // answers, not its URL (a host has many names).
         let serving: Value = c.get("/v1/site").await.map_err(unavailable)?;
-        let twin = super::agent_twin::Twin::of(&serving, &self.site_id);
+        let twin = super::agent_twin::Twin::of(&serving, &self.claim(id));
         let instance = twin.instance.as_deref().unwrap_or("none");
         let refuse = |other: &str| {
             ApiError::new(
@@ -295,12 +307,7 @@ impl Agents {
         }
         // One agent, one site: an agent another site registered is refused here
         // (for a clear answer) and by the agent itself (for two sites racing).
-        let site = json!({
-            "id": self.site_id,
-            "instance": self.site_instance,
-            "agent-id": id,
-            "at-ms": now_ms(),
-        });
+        let site = self.claim(id);
         let elsewhere = |message: String| {
             ApiError::new(
                 StatusCode::CONFLICT,
@@ -309,7 +316,14 @@ impl Agents {
             )
         };
         let theirs = &serving["site"];
-        if theirs.is_object() && !site_claim::same_site(theirs, &site) {
+        // A record from before site instance ids names a site by its id only
+        // (`site` unless set): this site's only if it holds that registration.
+        let held_here = |agent: &str| self.store.agent(agent).map(|a| a.is_some());
+        let old_and_ours = match (theirs["instance"].is_null(), &twin.serving_as()) {
+            (true, Some(agent)) => held_here(agent).map_err(db)?,
+            _ => true,
+        };
+        if theirs.is_object() && (!site_claim::same_site(theirs, &site) || !old_and_ours) {
             return Err(elsewhere(format!(
                 "the agent serves {} already: that site must unregister it first, or, \
                  if that site is gone, the agent's admin releases it (`gve agent release`)",
@@ -347,11 +361,22 @@ impl Agents {
         Ok(AgentView::from(&rec))
     }
 
+    /// This site's record for the agent it registers as `id`, as the agent keeps
+    /// it (see [`site_claim`]).
+    fn claim(&self, id: &str) -> Value {
+        json!({
+            "id": self.site_id,
+            "instance": self.site_instance,
+            "agent-id": id,
+            "at-ms": now_ms(),
+        })
+    }
+
     /// Unregisters an agent. Refused while users hold VMs on it, unless `force`
-    /// (their VMs are then forgotten and their quota given back). Then releases
-    /// the agent from this site, so that another may register it; answers
-    /// whether the agent was told (it may be down: `gve agent release` then).
-    pub async fn unregister(&self, id: &str, force: bool) -> Result<bool, ApiError> {
+    /// (their VMs are then forgotten and their quota given back). Answers the
+    /// agent's release from this site, to send next (so that another site may
+    /// register it).
+    pub fn unregister(&self, id: &str, force: bool) -> Result<Option<PendingRelease>, ApiError> {
         let client = self.client(id).ok();
         let r = self.store.write(|t| {
             if t.agent(id)?.is_none() {
@@ -379,34 +404,51 @@ impl Agents {
         self.forget_client(id);
         self.listings.forget(id);
         r.map_err(db)??;
-        let Some(c) = client else {
-            return Ok(false);
-        };
-        // Only this registration: the agent may be another site's by now.
+        // From this site, whatever id it serves it as (a registration racing
+        // this one may have told it another; one still here holds it again at
+        // its next check); not from another site it may serve by now.
         let path = format!(
-            "/v1/site?id={}&instance={}&agent-id={}",
+            "/v1/site?id={}&instance={}",
             crate::api::percent_encode(&self.site_id),
             crate::api::percent_encode(&self.site_instance),
-            crate::api::percent_encode(id)
         );
-        let told = tokio::time::timeout(
-            RELEASE_TIMEOUT,
-            c.call::<(), Value>(Method::DELETE, &path, None),
-        )
-        .await;
-        Ok(match told {
-            Ok(Ok(_)) => true,
-            // It serves another registration: this one is not there to release.
-            Ok(Err(e)) if e.status == 409 => true,
-            Ok(Err(e)) => {
-                tracing::warn!(agent = id, error = %e, "unregistered agent not released");
-                false
+        Ok(client.map(|client| PendingRelease {
+            agent: id.to_string(),
+            client,
+            path,
+        }))
+    }
+
+    /// Sends an unregistered agent its release (at most 5 s; carried to its
+    /// end if the caller goes away); answers whether the agent no longer serves
+    /// this site (an agent that is down still does: `gve agent release` on it).
+    pub async fn release(&self, p: PendingRelease) -> bool {
+        let claims = self.claims.clone();
+        let task = tokio::spawn(async move {
+            let _one = claims.lock().await;
+            let told = tokio::time::timeout(
+                RELEASE_TIMEOUT,
+                p.client.call::<(), Value>(Method::DELETE, &p.path, None),
+            )
+            .await;
+            match told {
+                Ok(Ok(_)) => true,
+                // It serves another site: nothing of this one to release.
+                Ok(Err(e)) if e.status == 409 => true,
+                Ok(Err(e)) => {
+                    tracing::warn!(agent = p.agent, error = %e, "unregistered agent not released");
+                    false
+                }
+                Err(_) => {
+                    tracing::warn!(
+                        agent = p.agent,
+                        "unregistered agent did not answer its release"
+                    );
+                    false
+                }
             }
-            Err(_) => {
-                tracing::warn!(agent = id, "unregistered agent did not answer its release");
-                false
-            }
-        })
+        });
+        task.await.unwrap_or(false)
     }
 
     /// Checks one agent: capacity, templates, endpoint and VMs; marks it up or down.
@@ -427,7 +469,17 @@ impl Agents {
             let host: crate::agent::model::Host = c.get("/v1/host").await?;
             let templates: Vec<Vm> = c.get("/v1/templates").await?;
             let driver: Value = c.get("/v1/driver").await?;
-            Ok::<_, ApiError>((host, templates, driver))
+            // One agent, one site: the site it serves is this one.
+            let serving: Value = c.get("/v1/site").await?;
+            let still = || {
+                self.store
+                    .agent(id)
+                    .is_ok_and(|a| a.is_some_and(|a| a.registered_ms == registered_ms))
+            };
+            let instance =
+                super::agent_twin::Twin::hold(&c, &self.claim(id), &serving, &self.claims, still)
+                    .await?;
+            Ok::<_, ApiError>((host, templates, driver, instance))
         })
         .await
         .unwrap_or_else(|_| Err(late()));
@@ -472,7 +524,11 @@ impl Agents {
                 return Ok(None);
             };
             match about {
-                Ok((host, templates, driver)) => {
+                Ok((host, templates, driver, instance)) => {
+                    // A registration from before instance ids learns its agent's.
+                    if rec.instance.is_none() {
+                        rec.instance = instance;
+                    }
                     rec.status = AgentStatus::Up;
                     rec.error = None;
                     rec.seen_ms = now_ms();

@@ -205,8 +205,94 @@ async fn one_agent_serves_one_site_until_it_is_released() {
             .any(|e| e["action"] == "site.release" && e["detail"] == now),
         "{audit:?}"
     );
+    // A record from before site instance ids names its site by id alone, and
+    // every site is `site` unless named: site a does not hold 'zz', so the
+    // record is not taken for its own.
+    let put = |record: Value| {
+        let c = agent_admin.clone();
+        async move {
+            c.call::<_, Value>(Method::PUT, "/v1/site", Some(&record))
+                .await
+                .unwrap()
+        }
+    };
+    put(json!({ "id": "site", "agent-id": "zz", "at-ms": 1 })).await;
+    let err = register(&a.admin, "a-1", &url).await.unwrap_err();
+    assert_eq!(
+        (err.status, err.kind.as_str()),
+        (409, "already-exists"),
+        "{err}"
+    );
+    assert!(err.message.contains("as 'zz'"), "{err}");
+    let _: Value = agent_admin
+        .call::<(), Value>(Method::DELETE, "/v1/site", None)
+        .await
+        .unwrap();
     register(&a.admin, "a-1", &url).await.unwrap();
-    assert_eq!(serving().await["agent-id"], "a-1");
+    let held = serving().await;
+    assert_eq!(held["agent-id"], "a-1");
+
+    // Site a holds it at every check: released while site a is alive (its
+    // admin took it for gone), it is held again; its record from before site
+    // instance ids is sent again with the instance; taken by another site, it
+    // is down to site a, saying why.
+    let until = |what: &'static str, done: Box<dyn Fn(&Value) -> bool + Send>| {
+        let c = agent_admin.clone();
+        async move {
+            for _ in 0..100 {
+                let v: Value = c.get("/v1/site").await.unwrap();
+                if done(&v["site"]) {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            panic!("{what}: not within 10 s");
+        }
+    };
+    let _: Value = agent_admin
+        .call::<(), Value>(Method::DELETE, "/v1/site", None)
+        .await
+        .unwrap();
+    let instance = held["instance"].clone();
+    until(
+        "held again",
+        Box::new(move |s| s["agent-id"] == "a-1" && s["instance"] == instance),
+    )
+    .await;
+    put(json!({ "id": "site", "agent-id": "a-1", "at-ms": 1 })).await;
+    let instance = held["instance"].clone();
+    until(
+        "record upgraded",
+        Box::new(move |s| s["instance"] == instance),
+    )
+    .await;
+    let _: Value = agent_admin
+        .call::<(), Value>(Method::DELETE, "/v1/site", None)
+        .await
+        .unwrap();
+    put(json!({ "id": "site", "instance": "c", "agent-id": "c-0", "at-ms": 1 })).await;
+    let mut down = Value::Null;
+    for _ in 0..100 {
+        down = a.admin.get("/v1/agents/a-1").await.unwrap();
+        if down["status"] == "down" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(down["status"], "down", "{down}");
+    assert!(
+        down["error"]
+            .as_str()
+            .unwrap()
+            .contains("serves site 'site' (instance c) as 'c-0'"),
+        "{down}"
+    );
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(serving().await["instance"], "c", "site a took it back");
+    let _: Value = agent_admin
+        .call::<(), Value>(Method::DELETE, "/v1/site", None)
+        .await
+        .unwrap();
 
     // An agent that does not answer its release is reported not told.
     let crate::site::Env {
