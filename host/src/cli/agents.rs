@@ -215,6 +215,7 @@ fn print(out: Output, agents: &[AgentView], detail: bool) {
             ("status", status(a).into()),
             ("error", output::or_dash(a.error.as_ref())),
             ("url", a.url.clone()),
+            ("instance", output::or_dash(a.instance.as_ref())),
             (
                 "seen",
                 match a.seen_ms {

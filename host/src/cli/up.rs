@@ -311,7 +311,9 @@ async fn up(args: UpArgs) -> Result<(), UpError> {
                 site.core
                     .agents
                     .unregister("local", true)
-                    .map_err(|e| UpError::Other(e.message))?;
+                    .map_err(|e| UpError::Other(e.message))?
+                    .told()
+                    .await;
             }
             site.core
                 .agents

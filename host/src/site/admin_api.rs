@@ -301,10 +301,7 @@ impl SiteCore {
                     serde_json::json!({ "force": force }),
                 )
                 .await?;
-                let released = match release {
-                    Some(r) => self.agents.release(r).await,
-                    None => false,
-                };
+                let released = release.told().await;
                 ok(&serde_json::json!({ "removed": id, "agent-released": released }))
             }
             (m, _) => Err(ApiError::no_route(&m, req.uri().path())),

@@ -45,46 +45,58 @@ impl Twin {
     /// At a health check of registration `claim` (this site's record for the
     /// agent), with the agent's `answer` to `GET /v1/site`: holds the agent for
     /// this site. An agent that serves no site (released while this site still
-    /// holds it: its admin took this site for gone), serves this site under
-    /// another id, or holds this registration's record from before site instance
-    /// ids, is sent `claim` again, under `claims` (an unregistration's release
-    /// takes it too) and only while `still` says the registration is there. One
-    /// that serves another site is an error (the agent is down to this site
-    /// until it is unregistered here or released there). Answers the agent's
-    /// instance id.
+    /// holds it: its admin took this site for gone), serves this site under an
+    /// id no longer registered here (a registration racing this one told it),
+    /// or holds this registration's record from before site instance ids, is
+    /// sent `claim` again, under `lock` (the registration's: its release takes it
+    /// too) and only while `still` says the registration is there. One that
+    /// serves another site, or this site under another id `held_here` says is
+    /// registered too (two registrations from before twins were refused), is an
+    /// error: the agent is down to this registration until one is unregistered.
+    /// Answers the agent's instance id.
     pub async fn hold(
         c: &Client,
         claim: &Value,
         answer: &Value,
-        claims: &tokio::sync::Mutex<()>,
+        lock: &tokio::sync::Mutex<()>,
         still: impl Fn() -> bool,
+        held_here: impl Fn(&str) -> bool,
     ) -> Result<Option<String>, ApiError> {
         let theirs = &answer["site"];
         let instance = answer["instance"].as_str().map(str::to_string);
-        let ours = theirs["agent-id"] == claim["agent-id"];
-        // A record from before site instance ids is this site's only if it
-        // names this registration (every site is `site` unless named).
-        let elsewhere = theirs.is_object()
-            && (!site_claim::same_site(theirs, claim) || (theirs["instance"].is_null() && !ours));
-        if elsewhere {
-            return Err(ApiError::new(
-                StatusCode::CONFLICT,
-                "invalid-state",
-                format!(
-                    "the agent serves {} now (it was released from this site): \
-                     unregister it here",
-                    site_claim::describe(theirs)
-                ),
-            ));
-        }
-        if theirs.is_object() && ours && theirs["instance"] == claim["instance"] {
-            return Ok(instance);
+        let other_id = theirs["agent-id"]
+            .as_str()
+            .filter(|other| claim["agent-id"].as_str() != Some(*other));
+        let down = |message: String| ApiError::new(StatusCode::CONFLICT, "invalid-state", message);
+        let elsewhere = |theirs: &Value| {
+            down(format!(
+                "the agent serves {} now (it was released from this site): unregister it here",
+                site_claim::describe(theirs)
+            ))
+        };
+        if theirs.is_object() {
+            // A record from before site instance ids is this site's only if it
+            // names this registration (every site is `site` unless named).
+            if !site_claim::same_site(theirs, claim)
+                || (theirs["instance"].is_null() && other_id.is_some())
+            {
+                return Err(elsewhere(theirs));
+            }
+            match other_id {
+                Some(other) if held_here(other) => {
+                    return Err(down(format!(
+                        "the agent is registered here as '{other}' too: unregister one"
+                    )))
+                }
+                None if theirs["instance"] == claim["instance"] => return Ok(instance),
+                _ => {}
+            }
         }
         let mut again = claim.clone();
-        if theirs["at-ms"].is_u64() {
+        if theirs["at-ms"].is_u64() && other_id.is_none() {
             again["at-ms"] = theirs["at-ms"].clone();
         }
-        let _one = claims.lock().await;
+        let _one = lock.lock().await;
         if !still() {
             return Ok(instance);
         }
@@ -94,9 +106,19 @@ impl Twin {
                 "the agent serves no site: held for this one again"
             );
         }
-        c.call::<_, Value>(Method::PUT, "/v1/site", Some(&again))
-            .await?;
-        Ok(instance)
+        match c
+            .call::<_, Value>(Method::PUT, "/v1/site", Some(&again))
+            .await
+        {
+            Ok(_) => Ok(instance),
+            // Another site took it since it was read.
+            Err(e) if e.status == 409 => Err(down(format!(
+                "the agent serves another site now (it was released from this site): \
+                 unregister it here ({})",
+                e.message
+            ))),
+            Err(e) => Err(e),
+        }
     }
 
     /// The id this site registered the agent as, by the agent's record.
@@ -121,6 +143,58 @@ impl Twin {
                     }
             })
             .map(|a| a.id)
+    }
+}
+
+/// How long an unregistration's release may take, waiting for a check's hold
+/// included.
+const RELEASE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// An unregistered agent's release from its registration, under way.
+pub struct Release(Option<tokio::task::JoinHandle<bool>>);
+
+impl Release {
+    /// Starts releasing agent `agent` (through `client`, when its record gave
+    /// one) with `DELETE path`, under its claims' `lock`, at most 5 s; the task
+    /// runs to its end whether or not anyone waits for it.
+    pub fn send(
+        agent: &str,
+        client: Option<Client>,
+        path: String,
+        lock: std::sync::Arc<tokio::sync::Mutex<()>>,
+    ) -> Release {
+        let agent = agent.to_string();
+        Release(client.map(|c| {
+            tokio::spawn(async move {
+                let told = tokio::time::timeout(RELEASE_TIMEOUT, async {
+                    let _one = lock.lock().await;
+                    c.call::<(), Value>(Method::DELETE, &path, None).await
+                })
+                .await;
+                match told {
+                    Ok(Ok(_)) => true,
+                    // It serves another registration: nothing of this one to release.
+                    Ok(Err(e)) if e.status == 409 => true,
+                    Ok(Err(e)) => {
+                        tracing::warn!(agent, error = %e, "unregistered agent not released");
+                        false
+                    }
+                    Err(_) => {
+                        tracing::warn!(agent, "unregistered agent did not answer its release");
+                        false
+                    }
+                }
+            })
+        }))
+    }
+
+    /// Whether the agent no longer serves the registration (one that was down
+    /// still does: `gve agent release` on it).
+    pub async fn told(self) -> bool {
+        match self.0 {
+            Some(task) => task.await.unwrap_or(false),
+            None => false,
+        }
     }
 }
 

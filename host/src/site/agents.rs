@@ -12,6 +12,7 @@ use hyper::{Method, StatusCode};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
+pub use super::agent_twin::Release;
 use super::model::{
     now_ms, AgentRec, AgentStatus, AgentView, OpError, SiteVm, TemplateOffer, Usage,
 };
@@ -45,17 +46,10 @@ pub struct Agents {
     health_period_ms: std::sync::atomic::AtomicU64,
     /// Checks that may read and apply an agent's whole VM listing at once.
     full_reads: tokio::sync::Semaphore,
-    /// Held while an agent is told it serves this site again, or released
-    /// from it: a check that read the agent before an unregistration does
-    /// not hold it after the release.
-    claims: Arc<tokio::sync::Mutex<()>>,
-}
-
-/// An unregistered agent's release, to send (see [`Agents::release`]).
-pub struct PendingRelease {
-    agent: String,
-    client: Client,
-    path: String,
+    /// Per agent id, held while the agent is told it serves this site again,
+    /// or released from it: a check that read the agent before an
+    /// unregistration does not hold it after the release.
+    claims: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 /// How many checks read and apply a whole VM listing at once: each holds what
@@ -92,9 +86,6 @@ pub type ListingCounts = prometheus_client::metrics::family::Family<
 
 /// How long a check may take before its agent counts as down.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(15);
-
-/// How long an unregistration waits for the agent to take its release.
-const RELEASE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The site-wide id of VM `vm` on agent `agent`: stable, and the same wherever it is
 /// computed (a job that creates a VM and a check that discovers it agree).
@@ -372,11 +363,17 @@ impl Agents {
         })
     }
 
+    /// The lock of agent id `id`'s claims (see `claims`).
+    fn claim_lock(&self, id: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.claims.lock().unwrap_or_else(|p| p.into_inner());
+        locks.entry(id.to_string()).or_default().clone()
+    }
+
     /// Unregisters an agent. Refused while users hold VMs on it, unless `force`
-    /// (their VMs are then forgotten and their quota given back). Answers the
-    /// agent's release from this site, to send next (so that another site may
-    /// register it).
-    pub fn unregister(&self, id: &str, force: bool) -> Result<Option<PendingRelease>, ApiError> {
+    /// (their VMs are then forgotten and their quota given back). Then releases
+    /// the agent from this registration, so that another site may register it:
+    /// under way when this answers, carried to its end whatever the caller does.
+    pub fn unregister(&self, id: &str, force: bool) -> Result<Release, ApiError> {
         let client = self.client(id).ok();
         let r = self.store.write(|t| {
             if t.agent(id)?.is_none() {
@@ -404,51 +401,15 @@ impl Agents {
         self.forget_client(id);
         self.listings.forget(id);
         r.map_err(db)??;
-        // From this site, whatever id it serves it as (a registration racing
-        // this one may have told it another; one still here holds it again at
-        // its next check); not from another site it may serve by now.
+        // Only this registration: not another site's, nor one of this site's
+        // made since under another id.
         let path = format!(
-            "/v1/site?id={}&instance={}",
+            "/v1/site?id={}&instance={}&agent-id={}",
             crate::api::percent_encode(&self.site_id),
             crate::api::percent_encode(&self.site_instance),
+            crate::api::percent_encode(id),
         );
-        Ok(client.map(|client| PendingRelease {
-            agent: id.to_string(),
-            client,
-            path,
-        }))
-    }
-
-    /// Sends an unregistered agent its release (at most 5 s; carried to its
-    /// end if the caller goes away); answers whether the agent no longer serves
-    /// this site (an agent that is down still does: `gve agent release` on it).
-    pub async fn release(&self, p: PendingRelease) -> bool {
-        let claims = self.claims.clone();
-        let task = tokio::spawn(async move {
-            let _one = claims.lock().await;
-            let told = tokio::time::timeout(
-                RELEASE_TIMEOUT,
-                p.client.call::<(), Value>(Method::DELETE, &p.path, None),
-            )
-            .await;
-            match told {
-                Ok(Ok(_)) => true,
-                // It serves another site: nothing of this one to release.
-                Ok(Err(e)) if e.status == 409 => true,
-                Ok(Err(e)) => {
-                    tracing::warn!(agent = p.agent, error = %e, "unregistered agent not released");
-                    false
-                }
-                Err(_) => {
-                    tracing::warn!(
-                        agent = p.agent,
-                        "unregistered agent did not answer its release"
-                    );
-                    false
-                }
-            }
-        });
-        task.await.unwrap_or(false)
+        Ok(Release::send(id, client, path, self.claim_lock(id)))
     }
 
     /// Checks one agent: capacity, templates, endpoint and VMs; marks it up or down.
@@ -476,9 +437,16 @@ impl Agents {
                     .agent(id)
                     .is_ok_and(|a| a.is_some_and(|a| a.registered_ms == registered_ms))
             };
-            let instance =
-                super::agent_twin::Twin::hold(&c, &self.claim(id), &serving, &self.claims, still)
-                    .await?;
+            let held_here = |other: &str| self.store.agent(other).is_ok_and(|a| a.is_some());
+            let instance = super::agent_twin::Twin::hold(
+                &c,
+                &self.claim(id),
+                &serving,
+                &self.claim_lock(id),
+                still,
+                held_here,
+            )
+            .await?;
             Ok::<_, ApiError>((host, templates, driver, instance))
         })
         .await
@@ -525,8 +493,9 @@ impl Agents {
             };
             match about {
                 Ok((host, templates, driver, instance)) => {
-                    // A registration from before instance ids learns its agent's.
-                    if rec.instance.is_none() {
+                    // The agent's instance as it says now: learnt by a registration
+                    // from before instance ids, made anew with a database made anew.
+                    if instance.is_some() {
                         rec.instance = instance;
                     }
                     rec.status = AgentStatus::Up;

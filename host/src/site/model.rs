@@ -332,6 +332,10 @@ pub struct AgentView {
     pub host: Option<crate::agent::model::Host>,
     /// Templates.
     pub templates: Vec<String>,
+    /// The agent's instance id, as it last answered it (none before its first
+    /// answer, or from an agent older than instance ids).
+    #[serde(default)]
+    pub instance: Option<String>,
 }
 
 impl From<&AgentRec> for AgentView {
@@ -344,6 +348,7 @@ impl From<&AgentRec> for AgentView {
             seen_ms: a.seen_ms,
             host: a.host.clone(),
             templates: a.templates.clone(),
+            instance: a.instance.clone(),
         }
     }
 }

@@ -212,9 +212,14 @@ async fn cli_manages_users_and_agents() {
         .ok()
         .json();
     assert_eq!((&a["id"], &a["status"]), (&"a-0".into(), &"up".into()));
+    // The instance id the agent answers, as the site recorded it.
+    let answered: Value = e.agents[0].1.get("/v1/site").await.unwrap();
+    assert_eq!(a["instance"], answered["instance"], "{a}");
     let shown = gve(&u, ADMIN, &["agent", "show", "a-0"]).await.ok().out;
     assert!(
-        shown.contains("status:") && shown.contains("debian-12"),
+        shown.contains("status:")
+            && shown.contains("debian-12")
+            && shown.contains(answered["instance"].as_str().unwrap()),
         "{shown}"
     );
     assert_eq!(gve(&u, ADMIN, &["agent", "show", "a-9"]).await.code, 4);

@@ -266,11 +266,22 @@ async fn one_agent_serves_one_site_until_it_is_released() {
         Box::new(move |s| s["instance"] == instance),
     )
     .await;
-    let _: Value = agent_admin
-        .call::<(), Value>(Method::DELETE, "/v1/site", None)
-        .await
-        .unwrap();
-    put(json!({ "id": "site", "instance": "c", "agent-id": "c-0", "at-ms": 1 })).await;
+    // Released, then taken by site c before site a's next check holds it
+    // again (which may come first: then again).
+    let c_record = json!({ "id": "site", "instance": "c", "agent-id": "c-0", "at-ms": 1 });
+    let mut taken = false;
+    for _ in 0..50 {
+        let _: Value = agent_admin
+            .call::<(), Value>(Method::DELETE, "/v1/site", None)
+            .await
+            .unwrap();
+        let put = agent_admin.call::<_, Value>(Method::PUT, "/v1/site", Some(&c_record));
+        if put.await.is_ok() {
+            taken = true;
+            break;
+        }
+    }
+    assert!(taken, "site a held it again every time");
     let mut down = Value::Null;
     for _ in 0..100 {
         down = a.admin.get("/v1/agents/a-1").await.unwrap();
