@@ -99,13 +99,17 @@ pub fn recorded(registry: &Registry) -> Result<Value, RegistryError> {
 }
 
 /// Records `claim` as the site this agent serves, unless another site's record
-/// is there (checked in the same transaction: two sites racing); that one is
-/// answered then.
+/// is there, or a record with an instance id and `claim` has none (checked in
+/// the same transaction: two sites racing); that one is answered then.
 pub fn record(registry: &Registry, claim: &Value) -> Result<Option<Value>, RegistryError> {
     let text = claim.to_string();
     registry.write(|t| {
         if let Some(r) = t.meta(SITE)?.map(|text| parse(&text)) {
-            if r.is_object() && !same_site(&r, claim) {
+            // A record from before instance ids may be replaced by one with an
+            // instance (its site upgraded), never the other way round: an older
+            // site named like this one is not taken for it.
+            let older = r["instance"].is_string() && claim["instance"].is_null();
+            if r.is_object() && (!same_site(&r, claim) || older) {
                 return Ok(Some(r));
             }
         }

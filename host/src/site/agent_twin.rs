@@ -70,7 +70,7 @@ impl Twin {
         let down = |message: String| ApiError::new(StatusCode::CONFLICT, "invalid-state", message);
         let elsewhere = |theirs: &Value| {
             down(format!(
-                "the agent serves {} now (it was released from this site): unregister it here",
+                "the agent serves {} now: {TAKEN}",
                 site_claim::describe(theirs)
             ))
         };
@@ -113,8 +113,7 @@ impl Twin {
             Ok(_) => Ok(instance),
             // Another site took it since it was read.
             Err(e) if e.status == 409 => Err(down(format!(
-                "the agent serves another site now (it was released from this site): \
-                 unregister it here ({})",
+                "the agent serves another site now: {TAKEN} ({})",
                 e.message
             ))),
             Err(e) => Err(e),
@@ -145,6 +144,11 @@ impl Twin {
             .map(|a| a.id)
     }
 }
+
+/// What an admin does about an agent that serves another site.
+const TAKEN: &str = "if that is this site from before (its database restored from a \
+     backup older than its instance id), release the agent there (`gve agent release`) and \
+     this site holds it again at its next check; otherwise unregister it here";
 
 /// How long an unregistration's release may take, waiting for a check's hold
 /// included.

@@ -259,7 +259,28 @@ async fn one_agent_serves_one_site_until_it_is_released() {
         Box::new(move |s| s["agent-id"] == "a-1" && s["instance"] == instance),
     )
     .await;
-    put(json!({ "id": "site", "agent-id": "a-1", "at-ms": 1 })).await;
+    // An older site named `site` (no instance id) is refused over site a's
+    // record; this registration's record from before instance ids (released,
+    // then written anew) is upgraded.
+    let old_a1 = json!({ "id": "site", "agent-id": "a-1", "at-ms": 1 });
+    let err = agent_admin
+        .call::<_, Value>(Method::PUT, "/v1/site", Some(&old_a1))
+        .await
+        .unwrap_err();
+    assert_eq!(err.status, 409, "{err}");
+    let mut written = false;
+    for _ in 0..50 {
+        let _: Value = agent_admin
+            .call::<(), Value>(Method::DELETE, "/v1/site", None)
+            .await
+            .unwrap();
+        let put = agent_admin.call::<_, Value>(Method::PUT, "/v1/site", Some(&old_a1));
+        if put.await.is_ok() {
+            written = true;
+            break;
+        }
+    }
+    assert!(written, "site a held it again every time");
     let instance = held["instance"].clone();
     until(
         "record upgraded",
