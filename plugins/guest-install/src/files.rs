@@ -8,8 +8,8 @@
 //! temporary file must agree with what was sent: a file that does not (a write
 //! lost, a guest process that changed it before the check) is never moved into
 //! place. A change between the check and the rename is the guest's own race.
-//! A download takes the guest's size, mode and SHA-256 first and checks the bytes it
-//! read against them at end of file. Only regular files are copied (a symbolic
+//! A download takes the guest's size, mode and SHA-256 first (one guest command)
+//! and checks the bytes it read against them at end of file. Only regular files are copied (a symbolic
 //! link is followed). Paths must be absolute POSIX paths.
 
 use gve_sdk::prelude::*;
@@ -75,6 +75,21 @@ const FINISH_DIRECTORY: i32 = 21;
 /// [`FINISH`]'s exit code for a file that differs from what was sent.
 const FINISH_DIFFERS: i32 = 22;
 
+/// Before a download, in one guest command (one round of `guest-exec-status` polls
+/// instead of two): the file's (`$1`) `stat -L` (type bits in hex, size, mode),
+/// then, for a regular file only, its `sha256sum` (a directory cannot be hashed, a
+/// device or pipe reads forever). Prints the `stat` and `sha256sum` lines. Run as
+/// `sh -c STAT_SUM gve-stat PATH`, held to what is left of the call (the size is
+/// not known before). A file that is not regular ends it with
+/// [`STAT_SUM_IRREGULAR`].
+const STAT_SUM: &str = r#"st=$(stat -L -c %f:%s:%a -- "$1") || exit 8
+printf '%s\n' "$st"
+[ -f "$1" ] || exit 23
+sha256sum -- "$1""#;
+
+/// [`STAT_SUM`]'s exit code for a file that is not a regular file.
+const STAT_SUM_IRREGULAR: i32 = 23;
+
 /// The time hashing `size` bytes in the guest may take: the command timeout, plus a
 /// second per 2 MiB (a guest under TCG on a loaded host hashes 200 MiB in well over
 /// 10 s).
@@ -90,13 +105,14 @@ const STOP_MARGIN: std::time::Duration = std::time::Duration::from_secs(2);
 /// The least time worth starting a checksum with: below it the call ends at once.
 const LEAST_CHECKSUM_MS: u32 = 500;
 
-/// How long a checksum of `size` bytes may run in this call: [`hash_budget`], but
-/// never past the call's own deadline less [`STOP_MARGIN`]. Past that the host would
-/// stop the call and drop the instance, leaving a half-done upload's temporary file
-/// in the guest; killed in time, the call ends with [`over_call_budget`] and the
-/// upload's drop removes it. `Some(left)` when the call's deadline is the bound.
-fn checksum_budget(agent: &Agent, path: &str, size: u64) -> Result<(u32, Option<u32>)> {
-    let own = hash_budget(agent, size);
+/// How long a checksum of `size` bytes may run in this call: [`hash_budget`] (where
+/// the size is not known yet, before a download's, only the call bounds it), but
+/// never past the call's own deadline less [`STOP_MARGIN`]. Past that the host would stop the call
+/// and drop the instance, leaving a half-done upload's temporary file in the guest;
+/// killed in time, the call ends with [`over_call_budget`] and the upload's drop
+/// removes it. `Some(left)` when the call's deadline is the bound.
+fn checksum_budget(agent: &Agent, path: &str, size: Option<u64>) -> Result<(u32, Option<u32>)> {
+    let own = hash_budget(agent, size.unwrap_or(u64::MAX));
     let wait =
         gve_sdk::deadline::bounded(std::time::Duration::from_millis(own.into()), STOP_MARGIN);
     let left = u32::try_from(wait.as_millis()).unwrap_or(u32::MAX);
@@ -109,9 +125,10 @@ fn checksum_budget(agent: &Agent, path: &str, size: u64) -> Result<(u32, Option<
     }
 }
 
-/// Runs `argv`, a checksum of the `size` bytes at `path`, for its
-/// [`checksum_budget`]; one the call's deadline cut short is [`over_call_budget`].
-fn run_checksum(agent: &Agent, path: &str, size: u64, argv: &[&str]) -> Result<ExecResult> {
+/// Runs `argv`, a checksum of the `size` bytes at `path` (not known before a
+/// download's), for its [`checksum_budget`]; one the call's deadline cut short is
+/// [`over_call_budget`].
+fn run_checksum(agent: &Agent, path: &str, size: Option<u64>, argv: &[&str]) -> Result<ExecResult> {
     let (budget, bound) = checksum_budget(agent, path, size)?;
     let r = run(agent, &helper(argv, budget))?;
     match (r.timed_out, bound) {
@@ -120,11 +137,15 @@ fn run_checksum(agent: &Agent, path: &str, size: u64, argv: &[&str]) -> Result<E
     }
 }
 
-/// The error of a checksum of `size` bytes stopped at what was left of the call
-/// (`left_ms`).
-fn over_call_budget(agent: &Agent, path: &str, size: u64, left_ms: u32) -> Error {
+/// The error of a checksum of `size` bytes (where known) stopped at what was left
+/// of the call (`left_ms`).
+fn over_call_budget(agent: &Agent, path: &str, size: Option<u64>, left_ms: u32) -> Error {
+    let what = match size {
+        Some(size) => format!("checksum of {path} ({size} bytes)"),
+        None => format!("stat and checksum of {path}"),
+    };
     Error::timeout(format!(
-        "{}: the guest's checksum of {path} ({size} bytes) did not fit in the {:.1} s \
+        "{}: the guest's {what} did not fit in the {:.1} s \
          left of this plugin's call budget and was stopped; an operator raises the \
          budget with the guest plugin's `call-timeout-ms` limit",
         agent.vm,
@@ -192,18 +213,34 @@ fn regular(agent: &Agent, path: &str, raw: &str) -> Result<()> {
 }
 
 /// Size, mode and SHA-256 of a regular guest file (a symbolic link is followed),
-/// computed in the guest.
+/// computed in the guest by one command ([`STAT_SUM`]).
 pub fn stat(agent: &Agent, path: &str) -> Result<FileInfo> {
     check_path(path)?;
-    let out = must(agent, &["stat", "-L", "-c", "%f:%s:%a", "--", path], "stat")?;
-    let out = String::from_utf8_lossy(&out);
-    let (raw, size_mode) = out.trim().split_once(':').unwrap_or((&out, ""));
+    let argv = ["sh", "-c", STAT_SUM, "gve-stat", path];
+    let r = run_checksum(agent, path, None, &argv)?;
+    stat_sum_result(agent, path, r)
+}
+
+/// What [`STAT_SUM`] ended with, `r`: the file's figures, or why there are none.
+fn stat_sum_result(agent: &Agent, path: &str, r: ExecResult) -> Result<FileInfo> {
+    let code = r.exit_code;
+    let out = String::from_utf8_lossy(&r.stdout).into_owned();
+    let (stat_line, sum_line) = out.split_once('\n').unwrap_or((&out, ""));
+    if code == Some(STAT_SUM_IRREGULAR) {
+        let (raw, _) = stat_line.split_once(':').unwrap_or((stat_line, ""));
+        regular(agent, path, raw)?;
+        // Regular when stat looked, not when the shell did: replaced meanwhile.
+        return Err(Error::invalid_argument(format!(
+            "{}: {path} is not a regular file: only regular files are copied and checked",
+            agent.vm
+        )));
+    }
+    let shown = format!("stat -L, sha256sum {path}");
+    succeeded(agent, &shown, "stat and checksum", r)?;
+    let (raw, size_mode) = stat_line.split_once(':').unwrap_or((stat_line, ""));
     regular(agent, path, raw)?;
     let (size, mode) = parse_stat(agent, path, size_mode)?;
-    let argv = ["sha256sum", "--", path];
-    let r = run_checksum(agent, path, size, &argv)?;
-    let out = succeeded(agent, &argv.join(" "), "checksum", r)?;
-    let sha256 = parse_sum(agent, path, &String::from_utf8_lossy(&out))?;
+    let sha256 = parse_sum(agent, path, sum_line.trim_end())?;
     Ok(FileInfo { size, mode, sha256 })
 }
 
@@ -342,7 +379,7 @@ impl Upload for GuestUpload {
             &sent,
             &size,
         ];
-        let r = run_checksum(&self.agent, &self.path, self.size, &argv)?;
+        let r = run_checksum(&self.agent, &self.path, Some(self.size), &argv)?;
         if r.exit_code == Some(FINISH_DIRECTORY) {
             return Err(Error::invalid_argument(format!(
                 "{}: {} is a directory: an upload names the file to write",
@@ -561,6 +598,64 @@ mod tests {
                 .kind(),
             "backend"
         );
+    }
+
+    /// What [`STAT_SUM`] ends with when this host's `sh` runs it on `path`.
+    fn stat_sum_here(path: &str) -> ExecResult {
+        let out = std::process::Command::new("sh")
+            .args(["-c", STAT_SUM, "gve-stat", path])
+            .output()
+            .unwrap();
+        ExecResult {
+            exit_code: out.status.code(),
+            signal: None,
+            timed_out: false,
+            stdout: out.stdout,
+            stderr: out.stderr,
+            stdout_truncated: false,
+            stderr_truncated: false,
+        }
+    }
+
+    #[test]
+    fn one_command_stats_and_hashes_only_regular_files() {
+        let a = Agent::for_tests();
+        let dir = std::env::temp_dir().join(format!("gve-stat-sum-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let d = dir.to_str().unwrap();
+        let file = format!("{d}/f");
+        std::fs::write(&file, b"hello").unwrap();
+        let link = format!("{d}/link");
+        let pipe = format!("{d}/pipe");
+        let made = std::process::Command::new("sh")
+            .args(["-c", "ln -sf f \"$1\" && mkfifo \"$2\"", "-", &link, &pipe])
+            .status()
+            .unwrap();
+        assert!(made.success());
+        let hello = "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824";
+        // A symbolic link is followed.
+        for path in [&file, &link] {
+            let info = stat_sum_result(&a, path, stat_sum_here(path)).unwrap();
+            assert_eq!((info.size, info.sha256.as_str()), (5, hello), "{path}");
+        }
+        // Refused by their mode bits, before any read: a pipe would never end.
+        for (path, kind) in [(d, "a directory"), (pipe.as_str(), "a named pipe")] {
+            let e = stat_sum_result(&a, path, stat_sum_here(path)).unwrap_err();
+            assert_eq!(e.kind(), "invalid-argument", "{path}: {e}");
+            assert!(e.message().contains(kind), "{path}: {e}");
+        }
+        let gone = format!("{d}/gone");
+        let e = stat_sum_result(&a, &gone, stat_sum_here(&gone)).unwrap_err();
+        assert_eq!(e.kind(), "not-found", "{e}");
+        // Regular when `stat` looked, not when the shell did (replaced meanwhile).
+        let raced = ExecResult {
+            exit_code: Some(STAT_SUM_IRREGULAR),
+            stdout: b"81a4:5:644\n".to_vec(),
+            ..stat_sum_here(&file)
+        };
+        let e = stat_sum_result(&a, &file, raced).unwrap_err();
+        assert_eq!(e.kind(), "invalid-argument", "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
