@@ -48,12 +48,7 @@ pub async fn handle(registry: &Registry, req: Request<Incoming>) -> Result<Respo
                 Some(r) => Err(ApiError::new(
                     StatusCode::CONFLICT,
                     "already-exists",
-                    format!(
-                        "this agent serves {} already: that site must unregister it first, \
-                         or, if that site is gone, this agent's admin releases it \
-                         (`gve agent release`)",
-                        describe(&r)
-                    ),
+                    serves_already("this agent", &r),
                 )),
             }
         }
@@ -85,6 +80,16 @@ pub async fn handle(registry: &Registry, req: Request<Incoming>) -> Result<Respo
         }
         ref m => Err(ApiError::no_route(m, req.uri().path())),
     }
+}
+
+/// Why `agent` ("this agent", "the agent") is refused to a site: it serves the
+/// site of record `theirs`, and how it is freed.
+pub fn serves_already(agent: &str, theirs: &Value) -> String {
+    format!(
+        "{agent} serves {} already: that site must unregister it first, or, if that \
+         site is gone, {agent}'s admin releases it (`gve agent release`)",
+        describe(theirs)
+    )
 }
 
 fn backend(e: RegistryError) -> ApiError {

@@ -309,17 +309,12 @@ impl Agents {
         let theirs = &serving["site"];
         // A record from before site instance ids names a site by its id only
         // (`site` unless set): this site's only if it holds that registration.
-        let held_here = |agent: &str| self.store.agent(agent).map(|a| a.is_some());
         let old_and_ours = match (theirs["instance"].is_null(), &twin.serving_as()) {
-            (true, Some(agent)) => held_here(agent).map_err(db)?,
+            (true, Some(agent)) => self.holds(agent).map_err(db)?,
             _ => true,
         };
         if theirs.is_object() && (!site_claim::same_site(theirs, &site) || !old_and_ours) {
-            return Err(elsewhere(format!(
-                "the agent serves {} already: that site must unregister it first, or, \
-                 if that site is gone, the agent's admin releases it (`gve agent release`)",
-                site_claim::describe(theirs)
-            )));
+            return Err(elsewhere(site_claim::serves_already("the agent", theirs)));
         }
         c.call::<_, Value>(Method::PUT, "/v1/site", Some(&site))
             .await
@@ -361,6 +356,11 @@ impl Agents {
             "agent-id": id,
             "at-ms": now_ms(),
         })
+    }
+
+    /// Whether agent id `id` is registered here.
+    fn holds(&self, id: &str) -> Result<bool, StoreError> {
+        Ok(self.store.agent(id)?.is_some())
     }
 
     /// The lock of agent id `id`'s claims (see `claims`).
@@ -437,14 +437,13 @@ impl Agents {
                     .agent(id)
                     .is_ok_and(|a| a.is_some_and(|a| a.registered_ms == registered_ms))
             };
-            let held_here = |other: &str| self.store.agent(other).is_ok_and(|a| a.is_some());
             let instance = super::agent_twin::Twin::hold(
                 &c,
                 &self.claim(id),
                 &serving,
                 &self.claim_lock(id),
                 still,
-                held_here,
+                |other| self.holds(other).unwrap_or(false),
             )
             .await?;
             Ok::<_, ApiError>((host, templates, driver, instance))

@@ -236,6 +236,26 @@ async fn one_agent_serves_one_site_until_it_is_released() {
     // admin took it for gone), it is held again; its record from before site
     // instance ids is sent again with the instance; taken by another site, it
     // is down to site a, saying why.
+    // Releases the agent and sends `record` until the PUT comes before site a's
+    // check holds the agent again (it may come first: then again).
+    let released_then = |record: Value| {
+        let c = agent_admin.clone();
+        async move {
+            for _ in 0..50 {
+                let _: Value = c
+                    .call::<(), Value>(Method::DELETE, "/v1/site", None)
+                    .await
+                    .unwrap();
+                if c.call::<_, Value>(Method::PUT, "/v1/site", Some(&record))
+                    .await
+                    .is_ok()
+                {
+                    return;
+                }
+            }
+            panic!("site a held it again every time");
+        }
+    };
     let until = |what: &'static str, done: Box<dyn Fn(&Value) -> bool + Send>| {
         let c = agent_admin.clone();
         async move {
@@ -268,41 +288,15 @@ async fn one_agent_serves_one_site_until_it_is_released() {
         .await
         .unwrap_err();
     assert_eq!(err.status, 409, "{err}");
-    let mut written = false;
-    for _ in 0..50 {
-        let _: Value = agent_admin
-            .call::<(), Value>(Method::DELETE, "/v1/site", None)
-            .await
-            .unwrap();
-        let put = agent_admin.call::<_, Value>(Method::PUT, "/v1/site", Some(&old_a1));
-        if put.await.is_ok() {
-            written = true;
-            break;
-        }
-    }
-    assert!(written, "site a held it again every time");
+    released_then(old_a1).await;
     let instance = held["instance"].clone();
     until(
         "record upgraded",
         Box::new(move |s| s["instance"] == instance),
     )
     .await;
-    // Released, then taken by site c before site a's next check holds it
-    // again (which may come first: then again).
-    let c_record = json!({ "id": "site", "instance": "c", "agent-id": "c-0", "at-ms": 1 });
-    let mut taken = false;
-    for _ in 0..50 {
-        let _: Value = agent_admin
-            .call::<(), Value>(Method::DELETE, "/v1/site", None)
-            .await
-            .unwrap();
-        let put = agent_admin.call::<_, Value>(Method::PUT, "/v1/site", Some(&c_record));
-        if put.await.is_ok() {
-            taken = true;
-            break;
-        }
-    }
-    assert!(taken, "site a held it again every time");
+    // Released, then taken by site c before site a's next check holds it again.
+    released_then(json!({ "id": "site", "instance": "c", "agent-id": "c-0", "at-ms": 1 })).await;
     let mut down = Value::Null;
     for _ in 0..100 {
         down = a.admin.get("/v1/agents/a-1").await.unwrap();
