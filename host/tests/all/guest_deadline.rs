@@ -73,8 +73,9 @@ done; sleep 0.02; i=$((i+1)); done"#;
     // No call was stopped by the sandbox: both ended as the plugin's own errors.
     assert_eq!(failed_finishes(), failed_before + 1.0);
     crate::metrics::assert_no_deadline_stop(agent, "guest-install");
-    // Nothing of either checksum runs on: killed with their children (each
-    // `sha256sum` ran under the check's shell). Live processes' command lines (a
+    // Nothing of either checksum runs on: killed with their children (the upload's
+    // `sha256sum` ran under the check's shell; the download's shell, whose command
+    // line names `sha256sum` too, may have become its `sha256sum`). Live processes' command lines (a
     // killed one the guest's init has not reaped has none).
     let live = "cat /proc/[0-9]*/cmdline 2>/dev/null | tr '\\0' ' '";
     let r = exec(

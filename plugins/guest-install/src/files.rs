@@ -8,8 +8,9 @@
 //! temporary file must agree with what was sent: a file that does not (a write
 //! lost, a guest process that changed it before the check) is never moved into
 //! place. A change between the check and the rename is the guest's own race.
-//! A download takes the guest's size, mode and SHA-256 first (one guest command)
-//! and checks the bytes it read against them at end of file. Only regular files are copied (a symbolic
+//! A download takes the guest's size, mode and SHA-256 first (one guest command,
+//! held to what is left of the call) and checks the bytes it read against them
+//! at end of file. Only regular files are copied (a symbolic
 //! link is followed). Paths must be absolute POSIX paths.
 
 use gve_sdk::prelude::*;
@@ -140,14 +141,19 @@ fn run_checksum(agent: &Agent, path: &str, size: Option<u64>, argv: &[&str]) -> 
 /// The error of a checksum of `size` bytes (where known) stopped at what was left
 /// of the call (`left_ms`).
 fn over_call_budget(agent: &Agent, path: &str, size: Option<u64>, left_ms: u32) -> Error {
-    let what = match size {
-        Some(size) => format!("checksum of {path} ({size} bytes)"),
-        None => format!("stat and checksum of {path}"),
+    let (what, or) = match size {
+        Some(size) => (format!("checksum of {path} ({size} bytes)"), ""),
+        // Before a download the size is not known: the call's budget is the
+        // only bound, and a file that never reads to its end meets it too.
+        None => (
+            format!("stat and checksum of {path}"),
+            " (or the file does not read to its end, or the guest hangs)",
+        ),
     };
     Error::timeout(format!(
         "{}: the guest's {what} did not fit in the {:.1} s \
-         left of this plugin's call budget and was stopped; an operator raises the \
-         budget with the guest plugin's `call-timeout-ms` limit",
+         left of this plugin's call budget and was stopped{or}; an operator raises \
+         the budget with the guest plugin's `call-timeout-ms` limit",
         agent.vm,
         f64::from(left_ms) / 1000.0
     ))

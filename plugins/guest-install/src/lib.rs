@@ -6,10 +6,12 @@
 //!
 //! Config values: `command-timeout-ms` (default 10000): the budget of one qemu-ga
 //! command (a file chunk, a status poll); a guest agent that does not answer within
-//! it is reported as unavailable. A checksum in the guest may take a second per 2 MiB
-//! more, but never past what is left of the call (the host's `deadline`, the
-//! plugin's `call-timeout-ms` limit less 2 s): one that would is stopped and
-//! reported as a `timeout` naming that limit.
+//! it is reported as unavailable. An upload's checksum in the guest may take a
+//! second per 2 MiB more; a download's (and `stat`'s) stat and checksum, one guest
+//! command run before the size is known, are held only to the call. Neither runs
+//! past what is left of the call (the host's `deadline`, the plugin's
+//! `call-timeout-ms` limit less 2 s): one that would is stopped and reported as a
+//! `timeout` naming that limit.
 
 mod exec;
 mod files;
