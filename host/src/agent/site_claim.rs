@@ -61,6 +61,12 @@ pub async fn handle(registry: &Registry, req: Request<Incoming>) -> Result<Respo
                     claim.insert(key.into(), v.into());
                 }
             }
+            if let Some(v) = query_param(req.uri(), "at-ms")? {
+                let at: u64 = v.parse().map_err(|_| {
+                    ApiError::bad_request(format!("at-ms must be Unix ms, not '{v}'"))
+                })?;
+                claim.insert("at-ms".into(), at.into());
+            }
             let claim = (!claim.is_empty()).then_some(Value::Object(claim));
             match release(registry, claim.as_ref()).map_err(backend)? {
                 Release::Released(r) => ok(&json!({
@@ -68,14 +74,28 @@ pub async fn handle(registry: &Registry, req: Request<Incoming>) -> Result<Respo
                     "instance": instance,
                     "released": r,
                 })),
-                Release::Other(r) => Err(ApiError::new(
-                    StatusCode::CONFLICT,
-                    "invalid-state",
-                    format!(
-                        "this agent serves {}, not the site named; nothing released",
-                        describe(&r)
-                    ),
-                )),
+                Release::Other(r) => {
+                    // The same registration but for its time: the agent id was
+                    // registered there again since.
+                    let mut earlier = claim.unwrap_or_default();
+                    let again = earlier.is_object() && {
+                        earlier["at-ms"] = Value::Null;
+                        same_registration(&r, &earlier)
+                    };
+                    let which = if again {
+                        "a later registration there than the one named"
+                    } else {
+                        "not the site named"
+                    };
+                    Err(ApiError::new(
+                        StatusCode::CONFLICT,
+                        "invalid-state",
+                        format!(
+                            "this agent serves {}, {which}; nothing released",
+                            describe(&r)
+                        ),
+                    ))
+                }
             }
         }
         ref m => Err(ApiError::no_route(m, req.uri().path())),
@@ -159,10 +179,11 @@ pub fn same_site(a: &Value, b: &Value) -> bool {
 }
 
 /// Whether `recorded` is the registration `claim` names: the same site and, when
-/// `claim` names one, the same agent id there.
+/// `claim` names them, the same agent id there and the same time of registering
+/// (`at-ms`: an id unregistered and registered again is another registration).
 pub fn same_registration(recorded: &Value, claim: &Value) -> bool {
-    same_site(recorded, claim)
-        && (claim["agent-id"].is_null() || recorded["agent-id"] == claim["agent-id"])
+    let named = |k: &str| claim[k].is_null() || recorded[k] == claim[k];
+    same_site(recorded, claim) && named("agent-id") && named("at-ms")
 }
 
 /// Site record `site` in words, for errors: its id, instance and the agent id
@@ -208,6 +229,22 @@ mod tests {
             &json!({ "instance": "i-a", "agent-id": "a-0" })
         ));
         assert!(same_registration(&rec, &json!({ "instance": "i-a" })));
+        let timed = json!({ "id": "site", "instance": "i-a", "agent-id": "a-0", "at-ms": 5 });
+        assert!(same_registration(
+            &timed,
+            &json!({ "instance": "i-a", "agent-id": "a-0", "at-ms": 5 })
+        ));
+        assert!(
+            !same_registration(
+                &timed,
+                &json!({ "instance": "i-a", "agent-id": "a-0", "at-ms": 4 })
+            ),
+            "an earlier registration of the same id"
+        );
+        assert!(same_registration(
+            &timed,
+            &json!({ "instance": "i-a", "agent-id": "a-0" })
+        ));
         assert!(!same_registration(
             &rec,
             &json!({ "instance": "i-a", "agent-id": "a-1" })

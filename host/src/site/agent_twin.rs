@@ -47,8 +47,8 @@ impl Twin {
     /// this site. An agent that serves no site (released while this site still
     /// holds it: its admin took this site for gone), serves this site under an
     /// id no longer registered here (a registration racing this one told it),
-    /// or holds this registration's record from before site instance ids, is
-    /// sent `claim` again, under `lock` (the registration's: its release takes it
+    /// or holds this registration's record from before site instance ids or
+    /// registration times (`at-ms`, which a release names), is sent `claim` again, under `lock` (the registration's: its release takes it
     /// too) and only while `still` says the registration is there. One that
     /// serves another site, or this site under another id `held_here` says is
     /// registered too (two registrations from before twins were refused), is an
@@ -88,13 +88,13 @@ impl Twin {
                         "the agent is registered here as '{other}' too: unregister one"
                     )))
                 }
-                None if theirs["instance"] == claim["instance"] => return Ok(instance),
+                None if theirs["instance"] == claim["instance"]
+                    && theirs["at-ms"] == claim["at-ms"] =>
+                {
+                    return Ok(instance)
+                }
                 _ => {}
             }
-        }
-        let mut again = claim.clone();
-        if theirs["at-ms"].is_u64() && other_id.is_none() {
-            again["at-ms"] = theirs["at-ms"].clone();
         }
         let _one = lock.lock().await;
         if !still() {
@@ -107,7 +107,7 @@ impl Twin {
             );
         }
         match c
-            .call::<_, Value>(Method::PUT, "/v1/site", Some(&again))
+            .call::<_, Value>(Method::PUT, "/v1/site", Some(claim))
             .await
         {
             Ok(_) => Ok(instance),

@@ -281,7 +281,9 @@ impl Agents {
         // and have two agents claim its VMs): known by the instance id the agent
         // answers, not its URL (a host has many names).
         let serving: Value = c.get("/v1/site").await.map_err(unavailable)?;
-        let twin = super::agent_twin::Twin::of(&serving, &self.claim(id));
+        let mut rec = AgentRec::registered(id, url, self.sealer.seal(token), fingerprint);
+        let site = self.claim(id, rec.registered_ms);
+        let twin = super::agent_twin::Twin::of(&serving, &site);
         let instance = twin.instance.as_deref().unwrap_or("none");
         let refuse = |other: &str| {
             ApiError::new(
@@ -298,7 +300,6 @@ impl Agents {
         }
         // One agent, one site: an agent another site registered is refused here
         // (for a clear answer) and by the agent itself (for two sites racing).
-        let site = self.claim(id);
         let elsewhere = |message: String| {
             ApiError::new(
                 StatusCode::CONFLICT,
@@ -322,7 +323,6 @@ impl Agents {
                 409 => elsewhere(e.message),
                 _ => unavailable(e),
             })?;
-        let mut rec = AgentRec::registered(id, url, self.sealer.seal(token), fingerprint);
         rec.instance = twin.instance.clone();
         // Checked again in the transaction: two registrations of one id (or of
         // one agent) race.
@@ -347,14 +347,16 @@ impl Agents {
         Ok(AgentView::from(&rec))
     }
 
-    /// This site's record for the agent it registers as `id`, as the agent keeps
-    /// it (see [`site_claim`]).
-    fn claim(&self, id: &str) -> Value {
+    /// This site's record for the agent it registered as `id` at `registered_ms`,
+    /// as the agent keeps it (see [`site_claim`]): the time tells a registration
+    /// from a later one of the same id, which an earlier one's release must not
+    /// release.
+    fn claim(&self, id: &str, registered_ms: u64) -> Value {
         json!({
             "id": self.site_id,
             "instance": self.site_instance,
             "agent-id": id,
-            "at-ms": now_ms(),
+            "at-ms": registered_ms,
         })
     }
 
@@ -376,13 +378,13 @@ impl Agents {
     pub fn unregister(&self, id: &str, force: bool) -> Result<Release, ApiError> {
         let client = self.client(id).ok();
         let r = self.store.write(|t| {
-            if t.agent(id)?.is_none() {
+            let Some(rec) = t.agent(id)? else {
                 return Ok(Err(ApiError::new(
                     StatusCode::NOT_FOUND,
                     "not-found",
                     format!("no agent '{id}'"),
                 )));
-            }
+            };
             let vms: Vec<SiteVm> = t.vms_of_agent(id)?;
             let held = vms.iter().filter(|v| v.owner.is_some()).count();
             if held > 0 && !force {
@@ -396,15 +398,16 @@ impl Agents {
                 forget_vm(t, &v)?;
             }
             t.remove_agent(id)?;
-            Ok(Ok(()))
+            Ok(Ok(rec.registered_ms))
         });
         self.forget_client(id);
         self.listings.forget(id);
-        r.map_err(db)??;
+        let registered_ms = r.map_err(db)??;
         // Only this registration: not another site's, nor one of this site's
-        // made since under another id.
+        // made since under another id, or under this id again (a release sent
+        // late must not release that).
         let path = format!(
-            "/v1/site?id={}&instance={}&agent-id={}",
+            "/v1/site?id={}&instance={}&agent-id={}&at-ms={registered_ms}",
             crate::api::percent_encode(&self.site_id),
             crate::api::percent_encode(&self.site_instance),
             crate::api::percent_encode(id),
@@ -439,7 +442,7 @@ impl Agents {
             };
             let instance = super::agent_twin::Twin::hold(
                 &c,
-                &self.claim(id),
+                &self.claim(id, registered_ms),
                 &serving,
                 &self.claim_lock(id),
                 still,

@@ -156,7 +156,11 @@ async fn one_agent_serves_one_site_until_it_is_released() {
         format!("/v1/site?id=site&instance={instance}&agent-id={agent_id}")
     };
     let a_instance = first["instance"].as_str().unwrap();
-    for p in [path("another", "a-0"), path(a_instance, "a-1")] {
+    // The record's time is the registration's: a release sent late by an
+    // earlier registration of a-0 names an earlier one.
+    let at = first["at-ms"].as_u64().unwrap();
+    let earlier = format!("{}&at-ms={}", path(a_instance, "a-0"), at - 1);
+    for p in [path("another", "a-0"), path(a_instance, "a-1"), earlier] {
         let err = agent_admin
             .call::<(), Value>(Method::DELETE, &p, None)
             .await
@@ -166,7 +170,18 @@ async fn one_agent_serves_one_site_until_it_is_released() {
             (409, "invalid-state"),
             "{p}: {err}"
         );
+        assert_eq!(
+            err.message.contains("a later registration"),
+            p.contains("at-ms"),
+            "{err}"
+        );
     }
+    let bad = format!("{}&at-ms=soon", path(a_instance, "a-0"));
+    let err = agent_admin
+        .call::<(), Value>(Method::DELETE, &bad, None)
+        .await
+        .unwrap_err();
+    assert_eq!(err.status, 400, "{err}");
     assert_eq!(serving().await, first);
     let v: SiteVm = dave.get(&format!("/v1/vms/{}", vm.id)).await.unwrap();
     assert_eq!((v.agent.as_str(), v.state.as_str()), ("a-0", "running"));
@@ -295,6 +310,17 @@ async fn one_agent_serves_one_site_until_it_is_released() {
         Box::new(move |s| s["instance"] == instance),
     )
     .await;
+    // A record of this registration from before registration times (sent with
+    // the time of the request) is sent again with the registration's, which
+    // its release names.
+    let at = serving().await["at-ms"].clone();
+    let mut untimed = serving().await;
+    untimed["at-ms"] = json!(1);
+    let _: Value = agent_admin
+        .call::<_, Value>(Method::PUT, "/v1/site", Some(&untimed))
+        .await
+        .unwrap();
+    until("time restored", Box::new(move |s| s["at-ms"] == at)).await;
     // Released, then taken by site c before site a's next check holds it again.
     released_then(json!({ "id": "site", "instance": "c", "agent-id": "c-0", "at-ms": 1 })).await;
     let mut down = Value::Null;
