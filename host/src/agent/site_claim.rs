@@ -83,7 +83,7 @@ pub async fn handle(registry: &Registry, req: Request<Incoming>) -> Result<Respo
                         same_registration(&r, &earlier)
                     };
                     let which = if again {
-                        "a later registration there than the one named"
+                        "another registration there than the one named (another at-ms)"
                     } else {
                         "not the site named"
                     };

@@ -178,9 +178,10 @@ async fn manage(site: &SiteOpts, action: Action) -> Result<i32, CliError> {
             }
             if v["agent-released"] == false {
                 eprintln!(
-                    "warning: the agent did not take its release (it did not answer, or \
-                     its version has none): it may still name this site, and another site \
-                     cannot register it until it is released with `gve agent release`"
+                    "warning: the agent did not take its release yet (it did not answer, \
+                     or its version has none): this site sends it again about every minute \
+                     until the agent takes it; until then another site cannot register it \
+                     (or release it on the agent with `gve agent release`)"
                 );
             }
         }

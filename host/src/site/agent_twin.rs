@@ -158,24 +158,48 @@ const RELEASE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 pub struct Release(Option<tokio::task::JoinHandle<bool>>);
 
 impl Release {
-    /// Starts releasing agent `agent` (through `client`, when its record gave
-    /// one) with `DELETE path`, under its claims' `lock`, at most 5 s; the task
-    /// runs to its end whether or not anyone waits for it.
+    /// Starts releasing an agent from registration `claim` (this site's record
+    /// of it, `{"id", "instance", "agent-id", "at-ms"}`) through `client`, when
+    /// its record gave one, under its claims' `lock`, at most 5 s; the task runs
+    /// to its end whether or not anyone waits for it, and calls `told` once the
+    /// agent no longer serves the registration. A record of this registration
+    /// from before registration times (another `at-ms`) is released too while
+    /// `gone` says the agent id is not registered here again.
     pub fn send(
-        agent: &str,
         client: Option<Client>,
-        path: String,
+        claim: Value,
         lock: std::sync::Arc<tokio::sync::Mutex<()>>,
+        gone: impl Fn() -> bool + Send + Sync + 'static,
+        told: impl FnOnce() + Send + 'static,
     ) -> Release {
-        let agent = agent.to_string();
+        let agent = claim["agent-id"].as_str().unwrap_or("").to_string();
         Release(client.map(|c| {
             tokio::spawn(async move {
-                let told = tokio::time::timeout(RELEASE_TIMEOUT, async {
+                let sent = tokio::time::timeout(RELEASE_TIMEOUT, async {
                     let _one = lock.lock().await;
-                    c.call::<(), Value>(Method::DELETE, &path, None).await
+                    let path = release_path(&claim, true);
+                    match c.call::<(), Value>(Method::DELETE, &path, None).await {
+                        Err(e) if e.status == 409 => {
+                            let now: Value = c.get("/v1/site").await?;
+                            let mut untimed = now["site"].clone();
+                            if untimed.is_object() {
+                                untimed["at-ms"] = Value::Null;
+                            }
+                            if site_claim::same_registration(&claim, &untimed)
+                                && now["site"]["at-ms"] != claim["at-ms"]
+                                && gone()
+                            {
+                                let path = release_path(&claim, false);
+                                c.call::<(), Value>(Method::DELETE, &path, None).await
+                            } else {
+                                Err(e)
+                            }
+                        }
+                        r => r,
+                    }
                 })
                 .await;
-                match told {
+                let answered = match sent {
                     Ok(Ok(_)) => true,
                     // It serves another registration: nothing of this one to release.
                     Ok(Err(e)) if e.status == 409 => true,
@@ -187,7 +211,11 @@ impl Release {
                         tracing::warn!(agent, "unregistered agent did not answer its release");
                         false
                     }
+                };
+                if answered {
+                    told();
                 }
+                answered
             })
         }))
     }
@@ -200,6 +228,22 @@ impl Release {
             None => false,
         }
     }
+}
+
+/// The release of registration `claim`: `DELETE /v1/site` naming the site, the
+/// agent id there and, when `timed`, the time of registering.
+fn release_path(claim: &Value, timed: bool) -> String {
+    let text = |k: &str| crate::api::percent_encode(claim[k].as_str().unwrap_or(""));
+    let mut path = format!(
+        "/v1/site?id={}&instance={}&agent-id={}",
+        text("id"),
+        text("instance"),
+        text("agent-id")
+    );
+    if let (true, Some(at)) = (timed, claim["at-ms"].as_u64()) {
+        path.push_str(&format!("&at-ms={at}"));
+    }
+    path
 }
 
 /// A URL as registrations compare them: scheme and authority in lower case (as

@@ -16,7 +16,7 @@ pub use super::agent_twin::Release;
 use super::model::{
     now_ms, AgentRec, AgentStatus, AgentView, OpError, SiteVm, TemplateOffer, Usage,
 };
-use super::store::{Store, StoreError};
+use super::store::{OwedRelease, Store, StoreError};
 pub use super::vm_sync::MISSING;
 use super::vm_sync::{Applied, Checked, Comparison, Forgetting, Listings};
 use crate::agent::model::{OpState, Operation, Vm};
@@ -86,6 +86,10 @@ pub type ListingCounts = prometheus_client::metrics::family::Family<
 
 /// How long a check may take before its agent counts as down.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Every how many health rounds the releases still owed are sent again (about a
+/// minute at the default period).
+const RELEASE_OWED_EVERY: u64 = 12;
 
 /// The site-wide id of VM `vm` on agent `agent`: stable, and the same wherever it is
 /// computed (a job that creates a VM and a check that discovers it agree).
@@ -189,19 +193,24 @@ impl Agents {
                 format!("no agent '{id}'"),
             )
         })?;
+        let c = self.client_of(&rec)?;
+        Ok((generation, (c, rec.registered_ms)))
+    }
+
+    /// A client of the agent registration `rec` names (its URL, secret, pin).
+    fn client_of(&self, rec: &AgentRec) -> Result<Client, ApiError> {
         let secret = self.sealer.unseal(&rec.token).map_err(|e| {
             ApiError::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "backend",
-                format!("agent '{id}': {e}"),
+                format!("agent '{}': {e}", rec.id),
             )
         })?;
-        let c = Client::with_tls(
+        Client::with_tls(
             &rec.url,
             Some(secret),
             &self.tls_for(rec.fingerprint.as_deref()),
-        )?;
-        Ok((generation, (c, rec.registered_ms)))
+        )
     }
 
     /// Keeps agent `id`'s client `c`, built at `generation`, unless a
@@ -317,6 +326,10 @@ impl Agents {
         if theirs.is_object() && (!site_claim::same_site(theirs, &site) || !old_and_ours) {
             return Err(elsewhere(site_claim::serves_already("the agent", theirs)));
         }
+        // A check or release of an earlier registration of this id is not sent
+        // between this PUT and the record.
+        let claims = self.claim_lock(id);
+        let one = claims.lock().await;
         c.call::<_, Value>(Method::PUT, "/v1/site", Some(&site))
             .await
             .map_err(|e| match e.status {
@@ -336,6 +349,7 @@ impl Agents {
             t.put_agent(&rec)?;
             Ok(None)
         });
+        drop(one);
         if let Some(e) = refused.map_err(db)? {
             return Err(e);
         }
@@ -398,21 +412,55 @@ impl Agents {
                 forget_vm(t, &v)?;
             }
             t.remove_agent(id)?;
-            Ok(Ok(rec.registered_ms))
+            // Owed until the agent takes it: sent again if it does not now.
+            let owed = OwedRelease {
+                agent: rec,
+                since_ms: now_ms(),
+            };
+            t.owe_release(&owed)?;
+            Ok(Ok(owed))
         });
         self.forget_client(id);
         self.listings.forget(id);
-        let registered_ms = r.map_err(db)??;
-        // Only this registration: not another site's, nor one of this site's
-        // made since under another id, or under this id again (a release sent
-        // late must not release that).
-        let path = format!(
-            "/v1/site?id={}&instance={}&agent-id={}&at-ms={registered_ms}",
-            crate::api::percent_encode(&self.site_id),
-            crate::api::percent_encode(&self.site_instance),
-            crate::api::percent_encode(id),
-        );
-        Ok(Release::send(id, client, path, self.claim_lock(id)))
+        let owed = r.map_err(db)??;
+        Ok(self.release(&owed, client))
+    }
+
+    /// Sends the release `owed` (through `client`), and forgets it once the agent
+    /// took it. Only that registration: not another site's, nor one of this
+    /// site's made since under another id, or under this id again (a release
+    /// sent late must not release that).
+    fn release(&self, owed: &OwedRelease, client: Option<Client>) -> Release {
+        let id = owed.agent.id.clone();
+        let claim = self.claim(&id, owed.agent.registered_ms);
+        let store = self.store.clone();
+        let gone = move || store.agent(&id).is_ok_and(|a| a.is_none());
+        let (store, key) = (self.store.clone(), owed.key());
+        let settle = move || {
+            if let Err(e) = store.settle_release(&key) {
+                tracing::warn!(error = %e, "a release the agent took stays owed");
+            }
+        };
+        Release::send(client, claim, self.claim_lock(&owed.agent.id), gone, settle)
+    }
+
+    /// Sends every release still owed again (agents that were down, or whose
+    /// release a crash cut off), all at once; answers when each ended.
+    pub async fn release_owed(&self) {
+        let owed = match self.store.owed_releases() {
+            Ok(owed) => owed,
+            Err(e) => {
+                tracing::warn!(error = %e, "releases owed not read");
+                return;
+            }
+        };
+        let sent: Vec<Release> = owed
+            .iter()
+            .map(|o| self.release(o, self.client_of(&o.agent).ok()))
+            .collect();
+        for release in sent {
+            release.told().await;
+        }
     }
 
     /// Checks one agent: capacity, templates, endpoint and VMs; marks it up or down.
@@ -430,10 +478,8 @@ impl Agents {
             )
         };
         let about = tokio::time::timeout(CHECK_TIMEOUT, async {
-            let host: crate::agent::model::Host = c.get("/v1/host").await?;
-            let templates: Vec<Vm> = c.get("/v1/templates").await?;
-            let driver: Value = c.get("/v1/driver").await?;
-            // One agent, one site: the site it serves is this one.
+            // One agent, one site: the site it serves is this one (first: served
+            // without a driver, so an agent whose driver fails is held too).
             let serving: Value = c.get("/v1/site").await?;
             let still = || {
                 self.store
@@ -449,6 +495,9 @@ impl Agents {
                 |other| self.holds(other).unwrap_or(false),
             )
             .await?;
+            let host: crate::agent::model::Host = c.get("/v1/host").await?;
+            let templates: Vec<Vm> = c.get("/v1/templates").await?;
+            let driver: Value = c.get("/v1/driver").await?;
             Ok::<_, ApiError>((host, templates, driver, instance))
         })
         .await
@@ -663,7 +712,15 @@ impl Agents {
         );
         let me = self.clone();
         tokio::spawn(async move {
-            loop {
+            let mut owed: Option<tokio::task::JoinHandle<()>> = None;
+            for round in 0u64.. {
+                // Releases owed, now and then (one round of them at a time): an
+                // unregistered agent that was down may be back.
+                if round % RELEASE_OWED_EVERY == 0 && owed.as_ref().is_none_or(|o| o.is_finished())
+                {
+                    let me = me.clone();
+                    owed = Some(tokio::spawn(async move { me.release_owed().await }));
+                }
                 let ids: Vec<String> = me
                     .store
                     .agents()

@@ -171,7 +171,7 @@ async fn one_agent_serves_one_site_until_it_is_released() {
             "{p}: {err}"
         );
         assert_eq!(
-            err.message.contains("a later registration"),
+            err.message.contains("another registration there"),
             p.contains("at-ms"),
             "{err}"
         );
@@ -362,4 +362,81 @@ async fn one_agent_serves_one_site_until_it_is_released() {
         .unwrap();
     assert_eq!(removed["agent-released"], false, "{removed}");
     site.stop().await;
+}
+
+/// An agent that does not take its release when unregistered (down, or its
+/// answer lost) is owed it: the site sends it again now and then until the
+/// agent takes it, so the agent does not keep naming a site that let it go.
+/// And a release owed to an earlier registration of an id does not release a
+/// later one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_the_agent_did_not_take_is_sent_again_until_it_does() {
+    use crate::proxy::{pick, Proxy, Rule};
+
+    let a = env(1, |_| {}).await;
+    let (agent, agent_admin) = (&a.agents[0].0, a.agents[0].1.clone());
+    let serving = || {
+        let c = agent_admin.clone();
+        async move { c.get::<Value>("/v1/site").await.unwrap()["site"].clone() }
+    };
+    let removed: Value = a
+        .admin
+        .call::<(), Value>(Method::DELETE, "/v1/agents/a-0", None)
+        .await
+        .unwrap();
+    assert_eq!(removed["agent-released"], true, "{removed}");
+    // Registered as a-1 through a proxy, then unregistered while the proxy
+    // refuses every release.
+    let proxy = Proxy::start(agent.addr).await;
+    let unregistered_unreleased = || async {
+        register(&a.admin, "a-1", &proxy.url()).await.unwrap();
+        proxy.set(Rule::Refuse(pick(|m, p| {
+            m == Method::DELETE && p.starts_with("/v1/site")
+        })));
+        let removed: Value = a
+            .admin
+            .call::<(), Value>(Method::DELETE, "/v1/agents/a-1", None)
+            .await
+            .unwrap();
+        assert_eq!(removed["agent-released"], false, "{removed}");
+    };
+    unregistered_unreleased().await;
+    let first = serving().await;
+    assert_eq!(first["agent-id"], "a-1", "{first}");
+    // The agent answers again: the release owed reaches it.
+    proxy.set(Rule::Pass);
+    let mut now = first.clone();
+    for _ in 0..100 {
+        now = serving().await;
+        if now.is_null() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(now, Value::Null, "still serving after 10 s");
+
+    // Owed again to a-1, then a-1 registered anew: the owed release names the
+    // earlier registration, and the later one keeps the agent.
+    unregistered_unreleased().await;
+    proxy.set(Rule::Pass);
+    register(&a.admin, "a-1", &proxy.url()).await.unwrap();
+    let later = serving().await;
+    assert_eq!(later["agent-id"], "a-1", "{later}");
+    // Until the owed release was sent and settled (the agent: another
+    // registration), the later registration kept.
+    let owed = || a.site.core.store.owed_releases().unwrap().len();
+    assert_eq!(owed(), 1);
+    for _ in 0..100 {
+        if owed() == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(owed(), 0, "the owed release was not settled within 10 s");
+    assert_eq!(
+        serving().await,
+        later,
+        "the later registration was released"
+    );
+    a.site.stop().await;
 }

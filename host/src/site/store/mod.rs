@@ -16,10 +16,12 @@ mod directory;
 mod drift;
 mod events;
 mod finished;
+mod releases;
 mod vms;
 
 use building::build_index;
 pub use events::MAX_EVENTS;
+pub use releases::OwedRelease;
 pub use vms::{Page, Tally};
 
 use super::model::{now_ms, AgentRec, AuditEntry, Job, JobEvent, SiteVm, Usage, User};
@@ -318,6 +320,7 @@ impl Store {
             txn.open_table(TOKENS).map_err(|e| err(&e))?;
             txn.open_table(USAGE).map_err(|e| err(&e))?;
             txn.open_table(AGENTS).map_err(|e| err(&e))?;
+            txn.open_table(releases::RELEASES).map_err(|e| err(&e))?;
             txn.open_table(VMS).map_err(|e| err(&e))?;
             txn.open_table(JOBS).map_err(|e| err(&e))?;
             drift::drop_if_drifted(&txn).map_err(|e| err(&e))?;
