@@ -180,7 +180,7 @@ async fn manage(site: &SiteOpts, action: Action) -> Result<i32, CliError> {
                 eprintln!(
                     "warning: the agent did not take its release yet (it did not answer, \
                      or its version has none): this site sends it again about every minute \
-                     until the agent takes it; until then another site cannot register it \
+                     until the agent takes it (for up to 7 days); until then another site cannot register it \
                      (or release it on the agent with `gve agent release`)"
                 );
             }

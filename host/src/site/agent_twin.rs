@@ -158,13 +158,10 @@ const RELEASE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 pub struct Release(Option<tokio::task::JoinHandle<bool>>);
 
 impl Release {
-    /// Starts releasing an agent from registration `claim` (this site's record
-    /// of it, `{"id", "instance", "agent-id", "at-ms"}`) through `client`, when
-    /// its record gave one, under its claims' `lock`, at most 5 s; the task runs
-    /// to its end whether or not anyone waits for it, and calls `told` once the
-    /// agent no longer serves the registration. A record of this registration
-    /// from before registration times (another `at-ms`) is released too while
-    /// `gone` says the agent id is not registered here again.
+    /// Starts releasing an agent from registration `claim` through `client`, when
+    /// its record gave one ([`deliver`]); the task runs to its end whether or not
+    /// anyone waits for it, and calls `told` once the agent no longer serves the
+    /// registration.
     pub fn send(
         client: Option<Client>,
         claim: Value,
@@ -172,46 +169,9 @@ impl Release {
         gone: impl Fn() -> bool + Send + Sync + 'static,
         told: impl FnOnce() + Send + 'static,
     ) -> Release {
-        let agent = claim["agent-id"].as_str().unwrap_or("").to_string();
         Release(client.map(|c| {
             tokio::spawn(async move {
-                let sent = tokio::time::timeout(RELEASE_TIMEOUT, async {
-                    let _one = lock.lock().await;
-                    let path = release_path(&claim, true);
-                    match c.call::<(), Value>(Method::DELETE, &path, None).await {
-                        Err(e) if e.status == 409 => {
-                            let now: Value = c.get("/v1/site").await?;
-                            let mut untimed = now["site"].clone();
-                            if untimed.is_object() {
-                                untimed["at-ms"] = Value::Null;
-                            }
-                            if site_claim::same_registration(&claim, &untimed)
-                                && now["site"]["at-ms"] != claim["at-ms"]
-                                && gone()
-                            {
-                                let path = release_path(&claim, false);
-                                c.call::<(), Value>(Method::DELETE, &path, None).await
-                            } else {
-                                Err(e)
-                            }
-                        }
-                        r => r,
-                    }
-                })
-                .await;
-                let answered = match sent {
-                    Ok(Ok(_)) => true,
-                    // It serves another registration: nothing of this one to release.
-                    Ok(Err(e)) if e.status == 409 => true,
-                    Ok(Err(e)) => {
-                        tracing::warn!(agent, error = %e, "unregistered agent not released");
-                        false
-                    }
-                    Err(_) => {
-                        tracing::warn!(agent, "unregistered agent did not answer its release");
-                        false
-                    }
-                };
+                let answered = deliver(&c, &claim, &lock, gone, true).await;
                 if answered {
                     told();
                 }
@@ -228,6 +188,63 @@ impl Release {
             None => false,
         }
     }
+}
+
+/// Releases an agent (through `c`) from registration `claim` (this site's record
+/// of it, `{"id", "instance", "agent-id", "at-ms"}`), under its claims' `lock`,
+/// at most 5 s; answers whether the agent no longer serves the registration (it
+/// took the release, serves another, or has no site record to release). A
+/// record of this registration from before registration times (another
+/// `at-ms`) is released too while `gone` says the agent id is not registered
+/// here again. A failure is a warning when `loud`, else a debug line (a release
+/// sent again and again).
+pub async fn deliver(
+    c: &Client,
+    claim: &Value,
+    lock: &tokio::sync::Mutex<()>,
+    gone: impl Fn() -> bool,
+    loud: bool,
+) -> bool {
+    let agent = claim["agent-id"].as_str().unwrap_or("");
+    let sent = tokio::time::timeout(RELEASE_TIMEOUT, async {
+        let _one = lock.lock().await;
+        let path = release_path(claim, true);
+        match c.call::<(), Value>(Method::DELETE, &path, None).await {
+            Err(e) if e.status == 409 => {
+                let now: Value = c.get("/v1/site").await?;
+                let mut untimed = now["site"].clone();
+                if untimed.is_object() {
+                    untimed["at-ms"] = Value::Null;
+                }
+                if site_claim::same_registration(claim, &untimed)
+                    && untimed["instance"] == claim["instance"]
+                    && now["site"]["at-ms"] != claim["at-ms"]
+                    && gone()
+                {
+                    let path = release_path(claim, false);
+                    c.call::<(), Value>(Method::DELETE, &path, None).await
+                } else {
+                    Err(e)
+                }
+            }
+            r => r,
+        }
+    })
+    .await;
+    let failed = match sent {
+        Ok(Ok(_)) => return true,
+        // It serves another registration: nothing of this one to release; or it
+        // keeps no site record (older than them).
+        Ok(Err(e)) if e.status == 409 || e.status == 404 => return true,
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => "no answer within 5 s".to_string(),
+    };
+    if loud {
+        tracing::warn!(agent, error = failed, "unregistered agent not released");
+    } else {
+        tracing::debug!(agent, error = failed, "unregistered agent not released yet");
+    }
+    false
 }
 
 /// The release of registration `claim`: `DELETE /v1/site` naming the site, the

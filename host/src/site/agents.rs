@@ -87,9 +87,19 @@ pub type ListingCounts = prometheus_client::metrics::family::Family<
 /// How long a check may take before its agent counts as down.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(15);
 
+/// Forgets the release owed under `key` (the agent took it, or it was given up).
+fn settle(store: &Store, key: &str) {
+    if let Err(e) = store.settle_release(key) {
+        tracing::warn!(error = %e, "a release settled stays owed");
+    }
+}
+
 /// Every how many health rounds the releases still owed are sent again (about a
 /// minute at the default period).
 const RELEASE_OWED_EVERY: u64 = 12;
+
+/// How long a release is owed before it is given up.
+const RELEASE_OWED_FOR: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// The site-wide id of VM `vm` on agent `agent`: stable, and the same wherever it is
 /// computed (a job that creates a VM and a check that discovers it agree).
@@ -436,16 +446,14 @@ impl Agents {
         let store = self.store.clone();
         let gone = move || store.agent(&id).is_ok_and(|a| a.is_none());
         let (store, key) = (self.store.clone(), owed.key());
-        let settle = move || {
-            if let Err(e) = store.settle_release(&key) {
-                tracing::warn!(error = %e, "a release the agent took stays owed");
-            }
-        };
-        Release::send(client, claim, self.claim_lock(&owed.agent.id), gone, settle)
+        let told = move || settle(&store, &key);
+        Release::send(client, claim, self.claim_lock(&owed.agent.id), gone, told)
     }
 
     /// Sends every release still owed again (agents that were down, or whose
-    /// release a crash cut off), all at once; answers when each ended.
+    /// release a crash cut off), all at once; answers when each ended. One owed
+    /// for [`RELEASE_OWED_FOR`] is given up, with a warning: the agent's admin
+    /// releases it by hand (`gve agent release`).
     pub async fn release_owed(&self) {
         let owed = match self.store.owed_releases() {
             Ok(owed) => owed,
@@ -454,13 +462,37 @@ impl Agents {
                 return;
             }
         };
-        let sent: Vec<Release> = owed
-            .iter()
-            .map(|o| self.release(o, self.client_of(&o.agent).ok()))
-            .collect();
-        for release in sent {
-            release.told().await;
+        let mut sent = tokio::task::JoinSet::new();
+        for o in owed {
+            let id = o.agent.id.clone();
+            if now_ms().saturating_sub(o.since_ms) >= RELEASE_OWED_FOR.as_millis() as u64 {
+                tracing::warn!(
+                    agent = id,
+                    url = o.agent.url,
+                    "an unregistered agent did not take its release for 7 days: given up \
+                     (release it on the agent with `gve agent release`)"
+                );
+                settle(&self.store, &o.key());
+                continue;
+            }
+            let c = match self.client_of(&o.agent) {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::debug!(agent = id, error = %e, "owed release not sent");
+                    continue;
+                }
+            };
+            let claim = self.claim(&id, o.agent.registered_ms);
+            let lock = self.claim_lock(&id);
+            let store = self.store.clone();
+            sent.spawn(async move {
+                let gone = || store.agent(&id).is_ok_and(|a| a.is_none());
+                if super::agent_twin::deliver(&c, &claim, &lock, gone, false).await {
+                    settle(&store, &o.key());
+                }
+            });
         }
+        while sent.join_next().await.is_some() {}
     }
 
     /// Checks one agent: capacity, templates, endpoint and VMs; marks it up or down.
@@ -712,14 +744,15 @@ impl Agents {
         );
         let me = self.clone();
         tokio::spawn(async move {
-            let mut owed: Option<tokio::task::JoinHandle<()>> = None;
+            // Ended with this task (a stopped site sends none).
+            let mut owed = tokio::task::JoinSet::new();
             for round in 0u64.. {
                 // Releases owed, now and then (one round of them at a time): an
                 // unregistered agent that was down may be back.
-                if round % RELEASE_OWED_EVERY == 0 && owed.as_ref().is_none_or(|o| o.is_finished())
-                {
+                while owed.try_join_next().is_some() {}
+                if round % RELEASE_OWED_EVERY == 0 && owed.is_empty() {
                     let me = me.clone();
-                    owed = Some(tokio::spawn(async move { me.release_owed().await }));
+                    owed.spawn(async move { me.release_owed().await });
                 }
                 let ids: Vec<String> = me
                     .store

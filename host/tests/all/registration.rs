@@ -406,37 +406,53 @@ async fn a_release_the_agent_did_not_take_is_sent_again_until_it_does() {
     // The agent answers again: the release owed reaches it.
     proxy.set(Rule::Pass);
     let mut now = first.clone();
-    for _ in 0..100 {
+    for _ in 0..200 {
         now = serving().await;
         if now.is_null() {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert_eq!(now, Value::Null, "still serving after 10 s");
+    assert_eq!(now, Value::Null, "still serving after 20 s");
 
-    // Owed again to a-1, then a-1 registered anew: the owed release names the
-    // earlier registration, and the later one keeps the agent.
+    // Owed again to a-1, then a-1 registered anew (releases still refused): the
+    // owed release names the earlier registration, and the later one keeps the
+    // agent, not even released for a moment (a check would hold it again).
     unregistered_unreleased().await;
-    proxy.set(Rule::Pass);
+    let events = || {
+        let c = agent_admin.clone();
+        async move {
+            let all: Vec<Value> = c.get("/v1/events?after=0&limit=1000").await.unwrap();
+            all.iter().filter(|e| e["kind"] == "site-released").count()
+        }
+    };
+    let released = events().await;
     register(&a.admin, "a-1", &proxy.url()).await.unwrap();
     let later = serving().await;
     assert_eq!(later["agent-id"], "a-1", "{later}");
-    // Until the owed release was sent and settled (the agent: another
-    // registration), the later registration kept.
     let owed = || a.site.core.store.owed_releases().unwrap().len();
     assert_eq!(owed(), 1);
-    for _ in 0..100 {
-        if owed() == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert_eq!(owed(), 0, "the owed release was not settled within 10 s");
+    proxy.set(Rule::Pass);
+    a.site.core.agents.release_owed().await;
+    assert_eq!(owed(), 0, "the owed release was not settled");
     assert_eq!(
         serving().await,
         later,
         "the later registration was released"
     );
+    assert_eq!(events().await, released, "released for a moment");
+
+    // A release owed for 7 days is given up (the agent's admin releases it).
+    let mut gone =
+        gve::site::model::AgentRec::registered("gone", "http://127.0.0.1:9", "x".into(), None);
+    gone.registered_ms = 1;
+    let old = gve::site::store::OwedRelease {
+        agent: gone,
+        since_ms: 1,
+    };
+    a.site.core.store.write(|t| t.owe_release(&old)).unwrap();
+    assert_eq!(owed(), 1);
+    a.site.core.agents.release_owed().await;
+    assert_eq!(owed(), 0, "a release owed for 7 days was kept");
     a.site.stop().await;
 }
