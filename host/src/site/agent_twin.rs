@@ -181,7 +181,7 @@ impl Release {
     }
 
     /// Whether the agent no longer serves the registration (one that was down
-    /// still does: `gve agent release` on it).
+    /// still does: the release stays owed and is sent again).
     pub async fn told(self) -> bool {
         match self.0 {
             Some(task) => task.await.unwrap_or(false),

@@ -46,9 +46,10 @@ pub struct Agents {
     health_period_ms: std::sync::atomic::AtomicU64,
     /// Checks that may read and apply an agent's whole VM listing at once.
     full_reads: tokio::sync::Semaphore,
-    /// Per agent id, held while the agent is told it serves this site again,
-    /// or released from it: a check that read the agent before an
-    /// unregistration does not hold it after the release.
+    /// Per agent id, held while the agent is told it serves this site (a
+    /// registration's PUT and record, a check's hold) or released from it: a
+    /// check that read the agent before an unregistration does not hold it after
+    /// the release, nor a late release undo a registration.
     claims: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
@@ -398,7 +399,8 @@ impl Agents {
     /// Unregisters an agent. Refused while users hold VMs on it, unless `force`
     /// (their VMs are then forgotten and their quota given back). Then releases
     /// the agent from this registration, so that another site may register it:
-    /// under way when this answers, carried to its end whatever the caller does.
+    /// under way when this answers, carried to its end whatever the caller does,
+    /// and owed (recorded with the unregistration) until the agent takes it.
     pub fn unregister(&self, id: &str, force: bool) -> Result<Release, ApiError> {
         let client = self.client(id).ok();
         let r = self.store.write(|t| {

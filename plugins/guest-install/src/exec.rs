@@ -224,7 +224,7 @@ fn limited(mut data: Vec<u8>, limit: usize, already_cut: bool) -> (Vec<u8>, bool
     (data, cut || already_cut)
 }
 
-/// Runs a helper command (mkdir, chmod, stat, ...) that must succeed within the
+/// Runs a helper command (mkdir, chmod, rm, ...) that must succeed within the
 /// command timeout; returns its stdout.
 pub fn must(agent: &Agent, argv: &[&str], what: &str) -> Result<Vec<u8>> {
     let r = run(agent, &helper(argv, agent.command_timeout_ms))?;

@@ -1,9 +1,10 @@
 //! Releases owed: an unregistered agent's release from its registration
 //! (`DELETE /v1/site` on the agent) is recorded in the transaction that removes
 //! the agent, and forgotten once the agent took it (or answered that it serves
-//! another registration). Until then the site sends it again now and then, so an
-//! agent that was down when it was unregistered, or whose release a crash cut
-//! off, does not keep naming this site.
+//! another registration, or keeps no site record), or after 7 days (given up).
+//! Until then the site sends it again now and then, so an agent that was down
+//! when it was unregistered, or whose release a crash cut off, does not keep
+//! naming this site. The entry keeps the registration's sealed secret as long.
 
 use redb::TableDefinition;
 use serde::{Deserialize, Serialize};
@@ -47,7 +48,7 @@ impl Store {
         self.read(|r| all(&r.open_table(RELEASES).map_err(storage)?))
     }
 
-    /// Forgets the release owed under `key` (the agent took it).
+    /// Forgets the release owed under `key` (the agent took it, or it was given up).
     pub fn settle_release(&self, key: &str) -> Result<(), StoreError> {
         self.write(|t| {
             let mut table = t.txn.open_table(RELEASES).map_err(storage)?;
