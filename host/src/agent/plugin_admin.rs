@@ -42,6 +42,8 @@ pub struct LimitsPatch {
     pub memory_mib: Option<u64>,
     /// Budget of one call, ms.
     pub call_timeout_ms: Option<u64>,
+    /// What a call may wait beyond its budget for long host calls, ms.
+    pub long_call_timeout_ms: Option<u64>,
     /// Most instances at once.
     pub max_instances: Option<u32>,
     /// Warm instances.
@@ -77,6 +79,7 @@ impl ReplaceSpec {
             let m: &mut Limits = &mut spec.limits;
             m.memory_mib = l.memory_mib.unwrap_or(m.memory_mib);
             m.call_timeout_ms = l.call_timeout_ms.unwrap_or(m.call_timeout_ms);
+            m.long_call_timeout_ms = l.long_call_timeout_ms.unwrap_or(m.long_call_timeout_ms);
             m.max_instances = l.max_instances.unwrap_or(m.max_instances);
             m.pool_size = l.pool_size.unwrap_or(m.pool_size);
             if let Some(margin) = l.exec_margin_ms {
@@ -206,8 +209,8 @@ impl PluginAdmin {
     /// (inline or from a file) that the config file now reads from a file is
     /// taken from the config file's file; the record's other files are dropped
     /// (a value an admin's replace dropped stays dropped); no TLS file but
-    /// the config file's; and no operator exec margin that is not below the call
-    /// budget (recorded before that was refused).
+    /// the config file's; no operator exec margin that is not below the call
+    /// budget (recorded before that was refused); and no call budget over a day.
     fn restorable(&self, name: &str, mut spec: PluginSpec) -> Result<PluginSpec, ApiError> {
         let files = self
             .from_file
@@ -231,6 +234,16 @@ impl PluginAdmin {
                 spec.limits.call_timeout_ms
             );
             spec.limits.exec_margin_ms = None;
+        }
+        // Recorded before call budgets were bounded: the longest one allowed.
+        let most = crate::plugin::grants::MAX_TIMEOUT_MS;
+        if spec.limits.call_timeout_ms > most {
+            tracing::warn!(
+                plugin = name,
+                "recorded call-timeout-ms {} is over a day: {most} in force",
+                spec.limits.call_timeout_ms
+            );
+            spec.limits.call_timeout_ms = most;
         }
         Ok(spec)
     }

@@ -1,7 +1,7 @@
 //! The operator's ceiling on plugin administration (`[plugin-policy]` in the agent's
 //! config): from which directories the admin API may load bundles, and the most it
 //! may grant (HTTP authorities, libvirt URIs, directories and their writability, the
-//! guest channel, memory, call budget, instances). The config file itself is the
+//! guest channel, memory, call and long-call budgets, instances). The config file itself is the
 //! operator's word and is not held to it; everything sent over the API is.
 //!
 //! Without a `[plugin-policy]`, the ceiling is what the config file already gives:
@@ -51,6 +51,9 @@ pub struct PluginPolicy {
     /// Largest call budget, ms.
     #[serde(default = "default_timeout")]
     pub max_call_timeout_ms: u64,
+    /// Largest long-call budget (`long-call-timeout-ms`), ms.
+    #[serde(default = "default_long_timeout")]
+    pub max_long_call_timeout_ms: u64,
     /// Most instances per plugin.
     #[serde(default = "default_instances")]
     pub max_instances: u32,
@@ -62,6 +65,10 @@ fn default_memory() -> u64 {
 
 fn default_timeout() -> u64 {
     Limits::default().call_timeout_ms
+}
+
+fn default_long_timeout() -> u64 {
+    Limits::default().long_call_timeout_ms
 }
 
 fn default_instances() -> u32 {
@@ -89,6 +96,7 @@ impl PluginPolicy {
             guest_channel: false,
             max_memory_mib: default_memory(),
             max_call_timeout_ms: default_timeout(),
+            max_long_call_timeout_ms: default_long_timeout(),
             max_instances: default_instances(),
         };
         for s in specs {
@@ -110,6 +118,9 @@ impl PluginPolicy {
             p.guest_channel |= s.grants.guest_channel;
             p.max_memory_mib = p.max_memory_mib.max(s.limits.memory_mib);
             p.max_call_timeout_ms = p.max_call_timeout_ms.max(s.limits.call_timeout_ms);
+            p.max_long_call_timeout_ms = p
+                .max_long_call_timeout_ms
+                .max(s.limits.long_call_timeout_ms);
             p.max_instances = p.max_instances.max(s.limits.max_instances);
         }
         p.bundle_dirs.sort();
@@ -169,6 +180,12 @@ impl PluginPolicy {
             return Err(PolicyError(format!(
                 "call-timeout-ms {} is above the ceiling of {}",
                 l.call_timeout_ms, self.max_call_timeout_ms
+            )));
+        }
+        if l.long_call_timeout_ms > self.max_long_call_timeout_ms {
+            return Err(PolicyError(format!(
+                "long-call-timeout-ms {} is above the ceiling of {}",
+                l.long_call_timeout_ms, self.max_long_call_timeout_ms
             )));
         }
         if l.max_instances > self.max_instances {

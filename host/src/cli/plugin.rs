@@ -107,6 +107,10 @@ pub struct SpecArgs {
     /// Budget of one call, milliseconds.
     #[arg(long)]
     pub call_timeout_ms: Option<u64>,
+    /// What one call may wait beyond its budget, milliseconds, for libvirt calls
+    /// long by nature (migrations, full disk copies, snapshots); 0: none.
+    #[arg(long)]
+    pub long_call_timeout_ms: Option<u64>,
     /// What ending a guest command takes the plugin, milliseconds, when more than
     /// its manifest declares (at most 60000); guest commands get the call budget
     /// less it. 0 drops a margin set before (replace).
@@ -127,6 +131,7 @@ impl SpecArgs {
             || !self.config.is_empty();
         let limits_given = self.memory_mib.is_some()
             || self.call_timeout_ms.is_some()
+            || self.long_call_timeout_ms.is_some()
             || self.exec_margin_ms.is_some();
         Ok(ReplaceSpec {
             bundle: Some(full.bundle),
@@ -134,6 +139,7 @@ impl SpecArgs {
             limits: limits_given.then(|| LimitsPatch {
                 memory_mib: self.memory_mib,
                 call_timeout_ms: self.call_timeout_ms,
+                long_call_timeout_ms: self.long_call_timeout_ms,
                 exec_margin_ms: self.exec_margin_ms,
                 ..Default::default()
             }),
@@ -180,6 +186,9 @@ impl SpecArgs {
         }
         if let Some(t) = self.call_timeout_ms {
             limits.call_timeout_ms = t;
+        }
+        if let Some(t) = self.long_call_timeout_ms {
+            limits.long_call_timeout_ms = t;
         }
         limits.exec_margin_ms = self.exec_margin_ms.filter(|m| *m != 0);
         let bundle = std::path::absolute(&self.bundle)

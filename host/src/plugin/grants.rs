@@ -60,6 +60,10 @@ pub struct Limits {
     pub memory_mib: u64,
     /// Wall-clock budget of one contract call, milliseconds.
     pub call_timeout_ms: u64,
+    /// What one contract call may wait, milliseconds, beyond its budget for host
+    /// calls long by nature (a libvirt migration, managed save, snapshot, volume
+    /// clone or pool refresh), all of them together; 0: none.
+    pub long_call_timeout_ms: u64,
     /// Most instances of this plugin alive at once (across all sessions).
     pub max_instances: u32,
     /// Instances kept warm for calls, each with its sessions open; calls beyond it
@@ -92,6 +96,7 @@ impl Default for Limits {
         Limits {
             memory_mib: 64,
             call_timeout_ms: 30_000,
+            long_call_timeout_ms: 1_800_000,
             max_instances: 64,
             pool_size: 8,
             max_host_resources: 1_024,
@@ -104,6 +109,9 @@ impl Default for Limits {
         }
     }
 }
+
+/// The longest `call-timeout-ms` and `long-call-timeout-ms`: a day.
+pub const MAX_TIMEOUT_MS: u64 = 86_400_000;
 
 /// Ceilings of the per-instance budgets (name, ceiling), checked by [`Limits::validate`].
 const BUDGET_CEILINGS: [(&str, u32); 6] = [
@@ -128,6 +136,7 @@ impl Limits {
         let Limits {
             memory_mib: _,
             call_timeout_ms: _,
+            long_call_timeout_ms: _,
             max_instances: _,
             pool_size: _,
             max_host_resources: _,
@@ -158,6 +167,11 @@ impl Limits {
         Duration::from_millis(self.call_timeout_ms)
     }
 
+    /// What a call may wait for long host calls beyond its budget.
+    pub fn long_call_timeout(&self) -> Duration {
+        Duration::from_millis(self.long_call_timeout_ms)
+    }
+
     /// Checks the limits against the engine's ceilings.
     pub fn validate(&self, max_memory_mib: u64) -> Result<(), String> {
         if self.memory_mib == 0 || self.memory_mib > max_memory_mib {
@@ -166,8 +180,17 @@ impl Limits {
                 self.memory_mib
             ));
         }
-        if self.call_timeout_ms == 0 {
-            return Err("call-timeout-ms must be positive".into());
+        if self.call_timeout_ms == 0 || self.call_timeout_ms > MAX_TIMEOUT_MS {
+            return Err(format!(
+                "call-timeout-ms must be between 1 and {MAX_TIMEOUT_MS} (a day), not {}",
+                self.call_timeout_ms
+            ));
+        }
+        if self.long_call_timeout_ms > MAX_TIMEOUT_MS {
+            return Err(format!(
+                "long-call-timeout-ms must be at most {MAX_TIMEOUT_MS} (a day), not {}",
+                self.long_call_timeout_ms
+            ));
         }
         if self.max_instances == 0 || self.pool_size == 0 {
             return Err("max-instances and pool-size must be positive".into());
@@ -378,6 +401,29 @@ impl Grants {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Timeouts are bounded (a deadline past what an `Instant` holds would
+    /// panic the call that arms it); no long-call budget is allowed.
+    #[test]
+    fn timeouts_are_at_most_a_day() {
+        let with = |call: u64, long: u64| Limits {
+            call_timeout_ms: call,
+            long_call_timeout_ms: long,
+            ..Limits::default()
+        };
+        for (call, long) in [
+            (u64::MAX, 0),
+            (MAX_TIMEOUT_MS + 1, 0),
+            (1, u64::MAX),
+            (0, 0),
+        ] {
+            let e = with(call, long).validate(64).unwrap_err();
+            assert!(e.contains("timeout-ms must be"), "{e}");
+        }
+        for (call, long) in [(1, 0), (MAX_TIMEOUT_MS, MAX_TIMEOUT_MS)] {
+            assert_eq!(with(call, long).validate(64), Ok(()));
+        }
+    }
 
     #[test]
     fn limits_from_a_newer_release_are_read_and_a_misspelt_limit_is_not() {

@@ -14,7 +14,7 @@ use super::bindings::{bulk_export, driver_export, guest_export, types};
 use super::budget::{self, Holdings};
 use super::error::{DriverError, PluginError, Result};
 use super::grants::Limits;
-use super::limits::Stopped;
+use super::limits::{EntryDeadline, Stopped};
 use super::state::HostState;
 
 /// Extra time given to host-side awaits (libvirt, HTTP) beyond the call budget
@@ -63,13 +63,14 @@ pub struct Exported {
 }
 
 /// Arms the deadline of one entry into the instance of `store`; returns the budget
-/// and the backstop (budget + grace) for host-side awaits.
-pub fn arm(store: &mut Store<HostState>, meta: &Meta) -> (Duration, Duration) {
+/// and the deadline, whose [`EntryDeadline::backstop`] (with [`BACKSTOP_GRACE`])
+/// bounds host-side awaits.
+pub fn arm(store: &mut Store<HostState>, meta: &Meta) -> (Duration, EntryDeadline) {
     let budget = meta.limits.call_timeout();
     let data = store.data_mut();
-    data.limiter.arm(budget);
+    data.limiter.arm(budget, meta.limits.long_call_timeout());
     data.log.start_call();
-    (budget, budget + BACKSTOP_GRACE)
+    (budget, data.limiter.entry_deadline())
 }
 
 impl Instance {
@@ -103,12 +104,8 @@ impl Instance {
     ) -> Result<T> {
         let (stopped, dropped_log, took) = {
             let data = self.store.data_mut();
-            let left = data.limiter.disarm();
-            (
-                data.limiter.stopped.take(),
-                data.log.end_call(),
-                budget.saturating_sub(left),
-            )
+            let took = data.limiter.disarm();
+            (data.limiter.stopped.take(), data.log.end_call(), took)
         };
         let plugin = self.meta.name.to_string();
         if dropped_log > 0 {
@@ -207,15 +204,16 @@ impl Instance {
         if self.poisoned {
             return Ok(());
         }
-        let (budget, backstop) = arm(&mut self.store, &self.meta);
+        let (budget, deadline) = arm(&mut self.store, &self.meta);
         let store = &mut self.store;
-        let outcome = tokio::time::timeout(backstop, async move {
-            resource
-                .resource_drop_async(store)
-                .await
-                .map(Ok::<(), types::Error>)
-        })
-        .await;
+        let outcome = deadline
+            .backstop(BACKSTOP_GRACE, async move {
+                resource
+                    .resource_drop_async(store)
+                    .await
+                    .map(Ok::<(), types::Error>)
+            })
+            .await;
         self.finish(op, budget, outcome)
     }
 
@@ -247,9 +245,11 @@ macro_rules! guarded {
                 reason: concat!("it does not export the ", stringify!($which), " interface").into(),
             }),
             Some($ex) => {
-                let (budget, backstop) = $crate::plugin::instance::arm(&mut inst.store, &inst.meta);
+                let (budget, deadline) = $crate::plugin::instance::arm(&mut inst.store, &inst.meta);
                 let $store = &mut inst.store;
-                let outcome = tokio::time::timeout(backstop, $call).await;
+                let outcome = deadline
+                    .backstop($crate::plugin::instance::BACKSTOP_GRACE, $call)
+                    .await;
                 inst.finish($op, budget, outcome)
             }
         }

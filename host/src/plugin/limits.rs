@@ -39,6 +39,42 @@ impl EntryDeadline {
         let now = Instant::now();
         Some(d.checked_sub(HOST_WAIT_KEEP).unwrap_or(now).max(now))
     }
+
+    /// Waits for `call` while the entry's deadline (followed as it moves: a long
+    /// host call moves it on) has not been passed by `grace`; `Err` once it has.
+    /// This is the backstop of host-side awaits that no capability bounds itself.
+    pub async fn backstop<F: std::future::Future>(
+        &self,
+        grace: Duration,
+        call: F,
+    ) -> Result<F::Output, tokio::time::error::Elapsed> {
+        let mut call = std::pin::pin!(call);
+        loop {
+            let until = self.get().unwrap_or_else(Instant::now) + grace;
+            match tokio::time::timeout_at(until.into(), call.as_mut()).await {
+                Ok(v) => return Ok(v),
+                // The deadline moved on while it waited: wait to the new one.
+                Err(_) if self.get().is_some_and(|d| d + grace > Instant::now()) => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+/// A host call long by nature under way ([`Limiter::begin_long`]).
+#[derive(Debug)]
+#[must_use = "a long wait's time must be given back with Limiter::end_long"]
+pub struct LongWait {
+    began: Instant,
+    deadline: Instant,
+    limit: Duration,
+}
+
+impl LongWait {
+    /// The longest the call may be waited for.
+    pub fn limit(&self) -> Duration {
+        self.limit
+    }
 }
 
 /// Why a call was stopped by the sandbox rather than failing on its own.
@@ -64,6 +100,11 @@ pub struct Limiter {
     memory_bytes: usize,
     /// When the current call must end, if a call is running.
     deadline: EntryDeadline,
+    /// When the current call began.
+    armed_at: Option<Instant>,
+    /// What is left of the current call's budget for long host calls
+    /// (`long-call-timeout-ms`).
+    long_left: Duration,
     /// Set when the sandbox stopped the current call.
     pub stopped: Option<Stopped>,
 }
@@ -75,6 +116,8 @@ impl Limiter {
             memory_cap,
             memory_bytes: 0,
             deadline: EntryDeadline::default(),
+            armed_at: None,
+            long_left: Duration::ZERO,
             stopped: None,
         }
     }
@@ -89,10 +132,45 @@ impl Limiter {
         self.memory_cap
     }
 
-    /// Arms the deadline of one entry `budget` from now.
-    pub fn arm(&mut self, budget: Duration) {
-        self.deadline.set(Some(Instant::now() + budget));
+    /// Arms the deadline of one entry `budget` from now, with `long` for host calls
+    /// long by nature ([`Limiter::begin_long`]).
+    pub fn arm(&mut self, budget: Duration, long: Duration) {
+        let now = Instant::now();
+        self.deadline.set(Some(now + budget));
+        self.armed_at = Some(now);
+        self.long_left = long;
         self.stopped = None;
+    }
+
+    /// Begins a host call long by nature (a migration, a full disk copy: libvirt's
+    /// own work, not the plugin's). It may be waited for up to what is left of
+    /// the entry's long-call budget, and that wait is not charged to the entry:
+    /// the deadline moves on by as long as it took ([`Limiter::end_long`]), so
+    /// the plugin keeps the time it had to act on the answer. `None` when no long
+    /// budget is left, or not even [`HOST_WAIT_KEEP`] of the entry: the call is
+    /// then waited for like any other.
+    pub fn begin_long(&mut self) -> Option<LongWait> {
+        let deadline = self.deadline.get()?;
+        let now = Instant::now();
+        if self.long_left.is_zero() || deadline.saturating_duration_since(now) <= HOST_WAIT_KEEP {
+            return None;
+        }
+        let limit = self.long_left;
+        self.deadline.set(Some(deadline.checked_add(limit)?));
+        Some(LongWait {
+            began: now,
+            deadline,
+            limit,
+        })
+    }
+
+    /// Ends a long host call: the entry's deadline is the one before it moved on
+    /// by the time it took (at most its limit), and the long-call budget is that
+    /// much less.
+    pub fn end_long(&mut self, wait: LongWait) {
+        let took = wait.began.elapsed().min(wait.limit);
+        self.long_left = self.long_left.saturating_sub(took);
+        self.deadline.set(Some(wait.deadline + took));
     }
 
     /// The current entry's deadline, shared (it follows every arm and disarm).
@@ -118,11 +196,14 @@ impl Limiter {
             .unwrap_or_default()
     }
 
-    /// Disarms the deadline; returns the time that was left of it.
+    /// Disarms the deadline; returns how long the entry ran.
     pub fn disarm(&mut self) -> Duration {
-        let left = self.remaining();
         self.deadline.set(None);
-        left
+        self.long_left = Duration::ZERO;
+        self.armed_at
+            .take()
+            .map(|t| t.elapsed())
+            .unwrap_or_default()
     }
 
     /// Called by the epoch callback: must the running code stop? It must when its
@@ -200,16 +281,63 @@ mod tests {
         let shared = l.entry_deadline();
         assert_eq!(shared.wait_until(), None);
         assert_eq!(l.host_wait(), Duration::ZERO);
-        l.arm(Duration::from_secs(10));
+        l.arm(Duration::from_secs(10), Duration::ZERO);
         let until = shared.wait_until().expect("armed");
         let left = until.saturating_duration_since(Instant::now());
         assert!(left > Duration::from_millis(9_700) && left <= Duration::from_millis(9_800));
         assert!(l.host_wait() <= Duration::from_millis(9_800));
-        l.arm(Duration::from_millis(100));
+        l.arm(Duration::from_millis(100), Duration::ZERO);
         let until = shared.wait_until().expect("armed");
         assert!(until <= Instant::now());
         assert_eq!(l.host_wait(), Duration::ZERO);
         l.disarm();
         assert_eq!(shared.wait_until(), None);
+    }
+
+    /// A long host call moves the deadline on by its limit while it waits, then
+    /// back to the old deadline plus what it took; the long budget shrinks by
+    /// that. With none left, or no time left in the entry, nothing is long.
+    #[test]
+    fn a_long_wait_is_not_charged_to_the_entry() {
+        let mut l = Limiter::new(1 << 20);
+        let shared = l.entry_deadline();
+        assert!(l.begin_long().is_none(), "outside an entry");
+        l.arm(Duration::from_secs(10), Duration::from_secs(60));
+        let before = shared.get().unwrap();
+        let wait = l.begin_long().expect("long budget left");
+        assert_eq!(wait.limit(), Duration::from_secs(60));
+        assert_eq!(shared.get(), Some(before + Duration::from_secs(60)));
+        std::thread::sleep(Duration::from_millis(50));
+        l.end_long(wait);
+        let after = shared.get().unwrap();
+        let moved = after - before;
+        assert!(
+            moved >= Duration::from_millis(50) && moved < Duration::from_secs(1),
+            "{moved:?}"
+        );
+        let wait = l.begin_long().expect("long budget left");
+        assert_eq!(wait.limit(), Duration::from_secs(60) - moved);
+        l.end_long(wait);
+        assert!(l.disarm() >= Duration::from_millis(50));
+        l.arm(Duration::from_secs(10), Duration::ZERO);
+        assert!(l.begin_long().is_none(), "no long budget");
+        l.arm(HOST_WAIT_KEEP, Duration::from_secs(60));
+        assert!(l.begin_long().is_none(), "no time to act on the answer");
+    }
+
+    /// The backstop follows the deadline as it moves: a wait past the first
+    /// deadline ends well once the deadline moved on, and is cut otherwise.
+    #[tokio::test]
+    async fn the_backstop_follows_a_moved_deadline() {
+        let grace = Duration::from_millis(50);
+        let slow = || tokio::time::sleep(Duration::from_millis(700));
+        let mut l = Limiter::new(1 << 20);
+        l.arm(Duration::from_millis(300), Duration::from_secs(1));
+        let shared = l.entry_deadline();
+        assert!(shared.backstop(grace, slow()).await.is_err());
+        l.arm(Duration::from_millis(300), Duration::from_secs(1));
+        let wait = l.begin_long().unwrap();
+        assert!(shared.backstop(grace, slow()).await.is_ok());
+        l.end_long(wait);
     }
 }

@@ -151,8 +151,12 @@ impl Loaded {
             }
         });
         let runtime = |e| PluginError::runtime(&*self.name, "instantiate", e);
-        let (_, backstop) = super::instance::arm(&mut store, &self.meta);
-        let instance = tokio::time::timeout(backstop, self.pre.instantiate_async(&mut store))
+        let (_, deadline) = super::instance::arm(&mut store, &self.meta);
+        let instance = deadline
+            .backstop(
+                super::instance::BACKSTOP_GRACE,
+                self.pre.instantiate_async(&mut store),
+            )
             .await
             .map_err(|_| PluginError::Deadline {
                 plugin: self.name.to_string(),

@@ -304,6 +304,7 @@ async fn a_password_file_opens_the_driver_and_is_nowhere_recorded() {
         guest_channel: false,
         max_memory_mib: Limits::default().memory_mib,
         max_call_timeout_ms: 60_000,
+        max_long_call_timeout_ms: 1_800_000,
         max_instances: 64,
     });
     let agent = Agent::start(config.clone()).await.unwrap();

@@ -2,7 +2,9 @@
 //! `virt` crate) for the URIs the operator granted to the plugin. A URI not on the
 //! list is refused with `denied` before any connection is made; migration
 //! destinations are checked the same way. Every libvirt call runs on a blocking
-//! thread with the plugin's call budget, so a hung libvirtd cannot stall the executor.
+//! thread with the plugin's call budget, so a hung libvirtd cannot stall the executor;
+//! a call long by nature (a migration, a full volume copy) with the plugin's
+//! long-call budget (`long-call-timeout-ms`), which its call does not count.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -15,7 +17,7 @@ use virt::storage_pool::StoragePool;
 use virt::storage_vol::StorageVol;
 use wasmtime::component::Resource;
 
-use super::libvirt_stranded::{Key, Stranded};
+use super::libvirt_stranded::{Key, Stranded, LONG};
 use crate::plugin::bindings::gve::hypervisor::libvirt::{
     Domain, DomainState, Host, HostConnection, MigrateFlags, NodeInfo, UndefineFlags, Volume,
 };
@@ -305,7 +307,9 @@ fn open_blocking(uri: &str) -> Result<Conn, Error> {
 
 impl HostState {
     /// Runs `f` on the connection behind `this` on a blocking thread, within the
-    /// plugin's call budget.
+    /// plugin's call budget; a call long by nature ([`LONG`]) within what is left
+    /// of its long-call budget instead, not charged to the call
+    /// ([`Limiter::begin_long`](crate::plugin::limits::Limiter::begin_long)).
     async fn on_conn<T: Send + 'static>(
         &mut self,
         this: &Resource<Connection>,
@@ -314,19 +318,30 @@ impl HostState {
     ) -> wasmtime::Result<Result<T, Error>> {
         let conn = self.table().get(this)?.conn.clone();
         let key = Key::new(&conn.uri, false);
-        let left = self.limiter.host_wait();
-        Ok(self
+        let long = if LONG.contains(&op) {
+            self.limiter.begin_long()
+        } else {
+            None
+        };
+        let left = long
+            .as_ref()
+            .map_or_else(|| self.limiter.host_wait(), |w| w.limit());
+        let r = self
             .libvirt
             .blocking_within(op, key, left, move || f(&conn.get()?.0))
-            .await)
+            .await;
+        if let Some(w) = long {
+            self.limiter.end_long(w);
+        }
+        Ok(r)
     }
 }
 
 impl LibvirtCap {
     /// Runs `f` on a blocking thread; answers `timeout` after `limit` (at most the
-    /// call budget; callers pass at most what is left of the call, less what the
-    /// plugin needs to act on the answer) even if libvirt has not, so a hung call
-    /// cannot hold the plugin. Its thread finishes, or fails, on its own later,
+    /// call budget, but for a long call; callers pass at most what is left of the
+    /// call, less what the plugin needs to act on the answer, or of its long-call
+    /// budget) even if libvirt has not, so a hung call cannot hold the plugin. Its thread finishes, or fails, on its own later,
     /// counted as stranded under `key` until then; while too many are, nothing
     /// more is started there ([`Stranded`]). Nothing is started with no time left.
     async fn blocking_within<T: Send + 'static>(
@@ -336,7 +351,11 @@ impl LibvirtCap {
         limit: Duration,
         f: impl FnOnce() -> Result<T, Error> + Send + 'static,
     ) -> Result<T, Error> {
-        let limit = limit.min(self.timeout);
+        let limit = if LONG.contains(&op) {
+            limit
+        } else {
+            limit.min(self.timeout)
+        };
         if limit.is_zero() {
             return Err(Error::Timeout(format!(
                 "libvirt {op} not started: the plugin's call has no time left for it"

@@ -11,7 +11,8 @@
 //! [`PER_URI`] calls on a URI are stranded it refuses the next call there as
 //! `unavailable` at once: the daemon is not answering, and one more thread would
 //! not help. Calls long by nature ([`LONG`]: a migration, a managed save, a
-//! snapshot, a volume clone, a pool refresh) go on after a budget legitimately:
+//! snapshot, a volume clone, a pool refresh) are waited for within the plugin's
+//! long-call budget, not its call budget, and may go on after it legitimately:
 //! they count apart ([`LONG_PER_URI`]) and hold back only long calls. Guest-agent
 //! commands count apart too ([`COMMANDS_PER_URI`]): libvirt
 //! ends each within its own wait, and the agent sends one at a time to a guest

@@ -6,7 +6,7 @@
 //! | [`config`] | the plugin's own config values | always; only its own |
 //! | [`deadline`] | the time left in the current call | always; only its own call |
 //! | [`http`] | outgoing wasi:http | strict authority allow-list checked before DNS, resolved addresses pinned; every phase timed out; requests in flight and header sets budgeted |
-//! | [`libvirt`] | libvirt connections | URI allow-list, checked before connecting; calls off the executor; connections budgeted |
+//! | [`libvirt`] | libvirt connections | URI allow-list, checked before connecting; calls off the executor, within the call budget (long calls within the long-call budget); connections budgeted |
 //! | [`libvirt_io`] | volume bytes through libvirt streams, live disk attach/detach | at most 8 MiB a call, never past a volume's end; only file disks whose source is a pool volume; live only |
 //! | [`libvirt_stranded`] | libvirt calls the host stopped waiting for whose threads still run | once 8 calls on a URI are stranded every call there is refused as `unavailable`; long calls (migration, snapshot, clone, ...) count apart (32) and hold back only long calls; guest-agent commands likewise (128) |
 //! | [`guest_channel`] | in-guest agent of a VM via its driver | granted or refused |

@@ -54,6 +54,7 @@ fn test_policy() -> PluginPolicy {
         guest_channel: false,
         max_memory_mib: 128,
         max_call_timeout_ms: 60_000,
+        max_long_call_timeout_ms: 1_800_000,
         max_instances: 64,
     }
 }
@@ -259,6 +260,14 @@ async fn the_admin_api_grants_nothing_beyond_the_operators_policy() {
         (
             json!({ "bundle": hostile, "limits": { "memory-mib": 4096 } }),
             "memory-mib 4096",
+        ),
+        (
+            json!({ "bundle": hostile, "limits": { "long-call-timeout-ms": 1_800_001 } }),
+            "long-call-timeout-ms 1800001 is above the ceiling",
+        ),
+        (
+            json!({ "bundle": hostile, "limits": { "call-timeout-ms": u64::MAX } }),
+            "call-timeout-ms 18446744073709551615 is above the ceiling",
         ),
         // The agent would read the file and lend it to the plugin.
         (

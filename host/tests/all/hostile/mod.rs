@@ -14,6 +14,7 @@ mod descriptors;
 mod files;
 mod frozen_guest;
 mod logs;
+mod long_calls;
 mod memory;
 mod network;
 

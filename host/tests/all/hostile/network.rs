@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use gve::plugin::bindings::types::VmInfo;
-use gve::plugin::{DriverError, ErrorKind, Grants, PluginError};
+use gve::plugin::{DriverError, ErrorKind, Grants, Limits, PluginError};
 
 use super::servers::{counting, Silent, Trickle};
 use super::{bench, hostile, libvirt_test_grant, Bench};
@@ -111,7 +111,7 @@ async fn bench_granted_3s(port: u16) -> Bench {
 }
 
 /// `get_vm(ask)` on the hostile plugin: its outcome and how long it took.
-async fn timed_get_vm(b: &Bench, ask: &str) -> (Result<VmInfo, PluginError>, Duration) {
+pub(super) async fn timed_get_vm(b: &Bench, ask: &str) -> (Result<VmInfo, PluginError>, Duration) {
     let t = Instant::now();
     let outcome = b.hostile.get_vm(ask).await;
     (outcome, t.elapsed())
@@ -215,7 +215,15 @@ async fn a_response_that_never_comes_ends_within_the_call_budget() {
 
 /// A private libvirtd granted to the hostile plugin with a `budget_ms` call
 /// budget, the bench, and the plugin's verb that opens it (checked to answer).
-async fn libvirtd_bench(budget_ms: u64) -> (gve_harness::Libvirtd, Bench, String) {
+pub(super) async fn libvirtd_bench(budget_ms: u64) -> (gve_harness::Libvirtd, Bench, String) {
+    libvirtd_bench_long(budget_ms, Limits::default().long_call_timeout_ms).await
+}
+
+/// [`libvirtd_bench`] with a long-call budget of `long_ms`.
+pub(super) async fn libvirtd_bench_long(
+    budget_ms: u64,
+    long_ms: u64,
+) -> (gve_harness::Libvirtd, Bench, String) {
     let lv = gve_harness::Libvirtd::start();
     let grants = Grants {
         libvirt: vec![lv.uri.clone()],
@@ -223,6 +231,7 @@ async fn libvirtd_bench(budget_ms: u64) -> (gve_harness::Libvirtd, Bench, String
     };
     let mut sp = hostile(grants);
     sp.limits.call_timeout_ms = budget_ms;
+    sp.limits.long_call_timeout_ms = long_ms;
     let b = bench(sp).await;
     let ask = format!("libvirt:{}", lv.uri);
     b.hostile.get_vm(&ask).await.expect("libvirtd answers");

@@ -1,0 +1,52 @@
+//! Long host calls: a libvirt call long by nature (a migration, a full volume copy,
+//! a pool refresh) is waited for beyond the plugin's call budget, up to its
+//! long-call budget (`long-call-timeout-ms`), and a plugin cannot chain such calls
+//! to hold its call longer than the two budgets together.
+
+use std::time::Duration;
+
+use super::network::{libvirtd_bench_long, timed_get_vm, Frozen};
+
+/// A pool refresh that libvirtd answers only after 4 s (it is stopped until then)
+/// ends well in a call whose budget is 2 s: its wait is not charged to the call.
+/// Before, the host gave up on it at 1.8 s and the plugin's call failed.
+#[tokio::test]
+async fn a_long_libvirt_call_is_waited_for_beyond_the_call_budget() {
+    let (lv, b, _) = libvirtd_bench_long(2_000, 10_000).await;
+    let ask = format!("libvirt-long:{}|gve|1", lv.uri);
+    assert_eq!(b.hostile.get_vm(&ask).await.unwrap().name, "1");
+    let frozen = Frozen::new(&lv);
+    let ((outcome, took), ()) = tokio::join!(timed_get_vm(&b, &ask), async {
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        drop(frozen);
+    });
+    let vm = outcome.expect("the call ends well");
+    assert_eq!(vm.name, "1", "the refresh was not waited for");
+    assert!(
+        took >= Duration::from_secs(4) && took < Duration::from_secs(7),
+        "took {took:?}"
+    );
+    b.aftermath().await;
+}
+
+/// Against a libvirtd that never answers, a plugin that refreshes a pool again
+/// and again gets its long-call budget (3 s) once, over all its long calls, and
+/// then what is left of its call budget (2 s): its call ends by the two together,
+/// as the plugin's own answer, not stopped by the sandbox.
+#[tokio::test]
+async fn chained_long_calls_hold_a_call_no_longer_than_both_budgets() {
+    let (lv, b, _) = libvirtd_bench_long(2_000, 3_000).await;
+    let ask = |n: u32| format!("libvirt-long:{}|gve|{n}", lv.uri);
+    assert_eq!(b.hostile.get_vm(&ask(1)).await.unwrap().name, "1");
+    let ask = ask(1000);
+    let frozen = Frozen::new(&lv);
+    let (outcome, took) = timed_get_vm(&b, &ask).await;
+    drop(frozen);
+    let vm = outcome.expect("the plugin answers on its own");
+    assert_eq!(vm.name, "0", "no refresh answered");
+    assert!(
+        took >= Duration::from_secs(3) && took < Duration::from_millis(5_300),
+        "took {took:?} (budget 2 s, long-call budget 3 s)"
+    );
+    b.aftermath().await;
+}
