@@ -158,26 +158,13 @@ const RELEASE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 pub struct Release(Option<tokio::task::JoinHandle<bool>>);
 
 impl Release {
-    /// Starts releasing an agent from registration `claim` through `client`, when
-    /// its record gave one ([`deliver`]); the task runs to its end whether or not
-    /// anyone waits for it, and calls `told` once the agent no longer serves the
-    /// registration.
-    pub fn send(
-        client: Option<Client>,
-        claim: Value,
-        lock: std::sync::Arc<tokio::sync::Mutex<()>>,
-        gone: impl Fn() -> bool + Send + Sync + 'static,
-        told: impl FnOnce() + Send + 'static,
+    /// Starts `delivery` (a [`deliver`] and what follows it), when there is one
+    /// (the agent's record gave a client): it runs to its end whether or not
+    /// anyone waits for it.
+    pub fn spawn(
+        delivery: Option<impl std::future::Future<Output = bool> + Send + 'static>,
     ) -> Release {
-        Release(client.map(|c| {
-            tokio::spawn(async move {
-                let answered = deliver(&c, &claim, &lock, gone, true).await;
-                if answered {
-                    told();
-                }
-                answered
-            })
-        }))
+        Release(delivery.map(tokio::spawn))
     }
 
     /// Whether the agent no longer serves the registration (one that was down

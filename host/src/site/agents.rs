@@ -331,7 +331,7 @@ impl Agents {
         // A record from before site instance ids names a site by its id only
         // (`site` unless set): this site's only if it holds that registration.
         let old_and_ours = match (theirs["instance"].is_null(), &twin.serving_as()) {
-            (true, Some(agent)) => self.holds(agent).map_err(db)?,
+            (true, Some(agent)) => self.store.holds_agent(agent).map_err(db)?,
             _ => true,
         };
         if theirs.is_object() && (!site_claim::same_site(theirs, &site) || !old_and_ours) {
@@ -383,11 +383,6 @@ impl Agents {
             "agent-id": id,
             "at-ms": registered_ms,
         })
-    }
-
-    /// Whether agent id `id` is registered here.
-    fn holds(&self, id: &str) -> Result<bool, StoreError> {
-        Ok(self.store.agent(id)?.is_some())
     }
 
     /// The lock of agent id `id`'s claims (see `claims`).
@@ -443,13 +438,29 @@ impl Agents {
     /// site's made since under another id, or under this id again (a release
     /// sent late must not release that).
     fn release(&self, owed: &OwedRelease, client: Option<Client>) -> Release {
+        Release::spawn(client.map(|c| self.delivery(owed, c, true)))
+    }
+
+    /// The sending of release `owed` through `c` ([`deliver`](super::agent_twin::deliver),
+    /// `loud` as there), which forgets it once the agent took it; answers whether it did.
+    fn delivery(
+        &self,
+        owed: &OwedRelease,
+        c: Client,
+        loud: bool,
+    ) -> impl std::future::Future<Output = bool> + Send + 'static {
         let id = owed.agent.id.clone();
         let claim = self.claim(&id, owed.agent.registered_ms);
-        let store = self.store.clone();
-        let gone = move || store.agent(&id).is_ok_and(|a| a.is_none());
+        let lock = self.claim_lock(&id);
         let (store, key) = (self.store.clone(), owed.key());
-        let told = move || settle(&store, &key);
-        Release::send(client, claim, self.claim_lock(&owed.agent.id), gone, told)
+        async move {
+            let gone = || store.holds_agent(&id).is_ok_and(|held| !held);
+            let told = super::agent_twin::deliver(&c, &claim, &lock, gone, loud).await;
+            if told {
+                settle(&store, &key);
+            }
+            told
+        }
     }
 
     /// Sends every release still owed again (agents that were down, or whose
@@ -477,22 +488,12 @@ impl Agents {
                 settle(&self.store, &o.key());
                 continue;
             }
-            let c = match self.client_of(&o.agent) {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::debug!(agent = id, error = %e, "owed release not sent");
-                    continue;
+            match self.client_of(&o.agent) {
+                Ok(c) => {
+                    sent.spawn(self.delivery(&o, c, false));
                 }
-            };
-            let claim = self.claim(&id, o.agent.registered_ms);
-            let lock = self.claim_lock(&id);
-            let store = self.store.clone();
-            sent.spawn(async move {
-                let gone = || store.agent(&id).is_ok_and(|a| a.is_none());
-                if super::agent_twin::deliver(&c, &claim, &lock, gone, false).await {
-                    settle(&store, &o.key());
-                }
-            });
+                Err(e) => tracing::debug!(agent = id, error = %e, "owed release not sent"),
+            }
         }
         while sent.join_next().await.is_some() {}
     }
@@ -526,7 +527,7 @@ impl Agents {
                 &serving,
                 &self.claim_lock(id),
                 still,
-                |other| self.holds(other).unwrap_or(false),
+                |other| self.store.holds_agent(other).unwrap_or(false),
             )
             .await?;
             let host: crate::agent::model::Host = c.get("/v1/host").await?;

@@ -542,6 +542,11 @@ impl Store {
         self.read(|r| get(&r.open_table(AGENTS).map_err(storage)?, id))
     }
 
+    /// Whether agent id `id` is registered.
+    pub fn holds_agent(&self, id: &str) -> Result<bool, StoreError> {
+        Ok(self.agent(id)?.is_some())
+    }
+
     /// Every agent.
     pub fn agents(&self) -> Result<Vec<AgentRec>, StoreError> {
         self.read(|r| all(&r.open_table(AGENTS).map_err(storage)?))
