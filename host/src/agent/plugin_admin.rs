@@ -42,7 +42,9 @@ pub struct LimitsPatch {
     pub memory_mib: Option<u64>,
     /// Budget of one call, ms.
     pub call_timeout_ms: Option<u64>,
-    /// What a call may wait beyond its budget for long host calls, ms.
+    /// What a call may wait beyond its budget for long host calls, ms (left out
+    /// when not given, so that an agent older than it still takes the patch).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub long_call_timeout_ms: Option<u64>,
     /// Most instances at once.
     pub max_instances: Option<u32>,
@@ -210,7 +212,9 @@ impl PluginAdmin {
     /// taken from the config file's file; the record's other files are dropped
     /// (a value an admin's replace dropped stays dropped); no TLS file but
     /// the config file's; no operator exec margin that is not below the call
-    /// budget (recorded before that was refused); and no call budget over a day.
+    /// budget (recorded before that was refused); no call budget over a day; and
+    /// no long-call budget above the policy's ceiling (a record from before long
+    /// calls has the default).
     fn restorable(&self, name: &str, mut spec: PluginSpec) -> Result<PluginSpec, ApiError> {
         let files = self
             .from_file
@@ -244,6 +248,17 @@ impl PluginAdmin {
                 spec.limits.call_timeout_ms
             );
             spec.limits.call_timeout_ms = most;
+        }
+        // Recorded before long-call budgets: the default, unless the policy's
+        // ceiling is lower (a record of this release names its own).
+        let ceiling = self.policy.max_long_call_timeout_ms;
+        if spec.limits.long_call_timeout_ms > ceiling {
+            tracing::warn!(
+                plugin = name,
+                "recorded long-call-timeout-ms {} is above the policy's ceiling: {ceiling} in force",
+                spec.limits.long_call_timeout_ms
+            );
+            spec.limits.long_call_timeout_ms = ceiling;
         }
         Ok(spec)
     }

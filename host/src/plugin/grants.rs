@@ -62,7 +62,10 @@ pub struct Limits {
     pub call_timeout_ms: u64,
     /// What one contract call may wait, milliseconds, beyond its budget for host
     /// calls long by nature (a libvirt migration, managed save, snapshot, volume
-    /// clone or pool refresh), all of them together; 0: none.
+    /// clone or pool refresh), all of them together; 0: none. Left out of what is
+    /// written when it is the default, so that an agent older than it still takes
+    /// a spec this release's CLI sends.
+    #[serde(skip_serializing_if = "is_default_long")]
     pub long_call_timeout_ms: u64,
     /// Most instances of this plugin alive at once (across all sessions).
     pub max_instances: u32,
@@ -96,7 +99,7 @@ impl Default for Limits {
         Limits {
             memory_mib: 64,
             call_timeout_ms: 30_000,
-            long_call_timeout_ms: 1_800_000,
+            long_call_timeout_ms: DEFAULT_LONG_CALL_TIMEOUT_MS,
             max_instances: 64,
             pool_size: 8,
             max_host_resources: 1_024,
@@ -108,6 +111,13 @@ impl Default for Limits {
             exec_margin_ms: None,
         }
     }
+}
+
+/// The default `long-call-timeout-ms`: 30 minutes.
+const DEFAULT_LONG_CALL_TIMEOUT_MS: u64 = 1_800_000;
+
+fn is_default_long(ms: &u64) -> bool {
+    *ms == DEFAULT_LONG_CALL_TIMEOUT_MS
 }
 
 /// The longest `call-timeout-ms` and `long-call-timeout-ms`: a day.
@@ -149,6 +159,7 @@ impl Limits {
         } = Limits::default();
         let every = Limits {
             exec_margin_ms: Some(0),
+            long_call_timeout_ms: 0,
             ..Limits::default()
         };
         let known = serde_json::to_value(every).map_err(D::Error::custom)?;
@@ -446,9 +457,14 @@ mod tests {
         // Every field this build has is read back.
         let every = serde_json::to_value(Limits {
             exec_margin_ms: Some(1),
+            long_call_timeout_ms: 5,
             ..Limits::default()
         })
         .unwrap();
+        // A default long-call budget is left out, for agents older than it.
+        let default = serde_json::to_value(Limits::default()).unwrap();
+        assert_eq!(default.get("long-call-timeout-ms"), None, "{default}");
+        assert_eq!(every["long-call-timeout-ms"], 5);
         let all: Summary = serde_json::from_value(serde_json::json!({ "limits": every })).unwrap();
         assert_eq!(serde_json::to_value(all.limits).unwrap(), every);
         let wrong = r#"{"limits": {"memory-mib": "lots"}}"#;

@@ -14,11 +14,11 @@ use super::bindings::{bulk_export, driver_export, guest_export, types};
 use super::budget::{self, Holdings};
 use super::error::{DriverError, PluginError, Result};
 use super::grants::Limits;
-use super::limits::{EntryDeadline, Stopped};
+use super::limits::{EntryDeadline, Overran, Stopped};
 use super::state::HostState;
 
-/// Extra time given to host-side awaits (libvirt, HTTP) beyond the call budget
-/// before the call is abandoned.
+/// Extra time given to host-side awaits (libvirt, HTTP) beyond the call's deadline
+/// (its budget, moved on by its long host calls) before the call is abandoned.
 pub const BACKSTOP_GRACE: Duration = Duration::from_secs(1);
 
 /// What an instance needs to know about the version it came from.
@@ -99,7 +99,7 @@ impl Instance {
         budget: Duration,
         outcome: std::result::Result<
             wasmtime::Result<std::result::Result<T, types::Error>>,
-            tokio::time::error::Elapsed,
+            Overran,
         >,
     ) -> Result<T> {
         let (stopped, dropped_log, took) = {
@@ -123,7 +123,7 @@ impl Instance {
                 op,
                 error: DriverError::from(e).bounded(),
             }),
-            Err(_elapsed) => {
+            Err(Overran) => {
                 self.poisoned = true;
                 Err(PluginError::Deadline { plugin, op, budget })
             }

@@ -5,7 +5,7 @@
 //! deadline first. Code that runs with no deadline armed is stopped at the next epoch
 //! tick, so an entry the host forgot to arm cannot spin for ever.
 
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Most table elements an instance may have.
@@ -18,18 +18,29 @@ pub const HOST_WAIT_KEEP: Duration = Duration::from_millis(200);
 
 /// The deadline of an instance's current entry, shared with the capabilities that
 /// wait for the plugin on the host's side (HTTP bodies are read outside any one
-/// host call), so that none of their waits outlives the entry.
-#[derive(Debug, Clone, Default)]
-pub struct EntryDeadline(Arc<Mutex<Option<Instant>>>);
+/// host call), so that none of their waits outlives the entry. Its
+/// [`backstop`](EntryDeadline::backstop) follows every change.
+#[derive(Debug, Clone)]
+pub struct EntryDeadline(Arc<tokio::sync::watch::Sender<Option<Instant>>>);
+
+impl Default for EntryDeadline {
+    fn default() -> Self {
+        EntryDeadline(Arc::new(tokio::sync::watch::Sender::new(None)))
+    }
+}
+
+/// A wait the backstop cut: the entry's deadline passed by the grace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Overran;
 
 impl EntryDeadline {
     /// The deadline, if an entry is running.
     pub fn get(&self) -> Option<Instant> {
-        *self.0.lock().unwrap_or_else(PoisonError::into_inner)
+        *self.0.borrow()
     }
 
     fn set(&self, d: Option<Instant>) {
-        *self.0.lock().unwrap_or_else(PoisonError::into_inner) = d;
+        self.0.send_replace(d);
     }
 
     /// When a host-side wait begun now must end: [`HOST_WAIT_KEEP`] before the
@@ -40,22 +51,23 @@ impl EntryDeadline {
         Some(d.checked_sub(HOST_WAIT_KEEP).unwrap_or(now).max(now))
     }
 
-    /// Waits for `call` while the entry's deadline (followed as it moves: a long
-    /// host call moves it on) has not been passed by `grace`; `Err` once it has.
-    /// This is the backstop of host-side awaits that no capability bounds itself.
+    /// Waits for `call` until the entry's deadline is passed by `grace`, the
+    /// deadline followed as it moves (on, while a long host call runs, and back
+    /// when it ends); `Overran` then. The backstop of host-side awaits that no
+    /// capability bounds itself.
     pub async fn backstop<F: std::future::Future>(
         &self,
         grace: Duration,
         call: F,
-    ) -> Result<F::Output, tokio::time::error::Elapsed> {
+    ) -> Result<F::Output, Overran> {
         let mut call = std::pin::pin!(call);
+        let mut moved = self.0.subscribe();
         loop {
-            let until = self.get().unwrap_or_else(Instant::now) + grace;
-            match tokio::time::timeout_at(until.into(), call.as_mut()).await {
-                Ok(v) => return Ok(v),
-                // The deadline moved on while it waited: wait to the new one.
-                Err(_) if self.get().is_some_and(|d| d + grace > Instant::now()) => {}
-                Err(e) => return Err(e),
+            let until = moved.borrow_and_update().unwrap_or_else(Instant::now) + grace;
+            tokio::select! {
+                v = call.as_mut() => return Ok(v),
+                _ = tokio::time::sleep_until(until.into()) => return Err(Overran),
+                _ = moved.changed() => {}
             }
         }
     }
@@ -66,7 +78,12 @@ impl EntryDeadline {
 #[must_use = "a long wait's time must be given back with Limiter::end_long"]
 pub struct LongWait {
     began: Instant,
+    /// The entry's deadline before the call.
     deadline: Instant,
+    /// The long-call budget it may use.
+    long: Duration,
+    /// The longest it may be waited for: that, and what was left of the entry
+    /// less [`HOST_WAIT_KEEP`].
     limit: Duration,
 }
 
@@ -144,33 +161,36 @@ impl Limiter {
 
     /// Begins a host call long by nature (a migration, a full disk copy: libvirt's
     /// own work, not the plugin's). It may be waited for up to what is left of
-    /// the entry's long-call budget, and that wait is not charged to the entry:
-    /// the deadline moves on by as long as it took ([`Limiter::end_long`]), so
-    /// the plugin keeps the time it had to act on the answer. `None` when no long
+    /// the entry's long-call budget, and so long a wait is not charged to the
+    /// entry: the deadline moves on by it ([`Limiter::end_long`]), so the plugin
+    /// keeps the time it had to act on the answer; beyond that, up to what is left
+    /// of the entry less [`HOST_WAIT_KEEP`], as any host call. `None` when no long
     /// budget is left, or not even [`HOST_WAIT_KEEP`] of the entry: the call is
     /// then waited for like any other.
     pub fn begin_long(&mut self) -> Option<LongWait> {
         let deadline = self.deadline.get()?;
         let now = Instant::now();
-        if self.long_left.is_zero() || deadline.saturating_duration_since(now) <= HOST_WAIT_KEEP {
+        let left = deadline.saturating_duration_since(now);
+        if self.long_left.is_zero() || left <= HOST_WAIT_KEEP {
             return None;
         }
-        let limit = self.long_left;
-        self.deadline.set(Some(deadline.checked_add(limit)?));
+        let long = self.long_left;
+        self.deadline.set(Some(deadline.checked_add(long)?));
         Some(LongWait {
             began: now,
             deadline,
-            limit,
+            long,
+            limit: long + (left - HOST_WAIT_KEEP),
         })
     }
 
     /// Ends a long host call: the entry's deadline is the one before it moved on
-    /// by the time it took (at most its limit), and the long-call budget is that
-    /// much less.
+    /// by the time it took, as far as the long-call budget covered it, and that
+    /// budget is that much less.
     pub fn end_long(&mut self, wait: LongWait) {
-        let took = wait.began.elapsed().min(wait.limit);
-        self.long_left = self.long_left.saturating_sub(took);
-        self.deadline.set(Some(wait.deadline + took));
+        let covered = wait.began.elapsed().min(wait.long);
+        self.long_left = self.long_left.saturating_sub(covered);
+        self.deadline.set(Some(wait.deadline + covered));
     }
 
     /// The current entry's deadline, shared (it follows every arm and disarm).
@@ -305,7 +325,11 @@ mod tests {
         l.arm(Duration::from_secs(10), Duration::from_secs(60));
         let before = shared.get().unwrap();
         let wait = l.begin_long().expect("long budget left");
-        assert_eq!(wait.limit(), Duration::from_secs(60));
+        let limit = wait.limit();
+        assert!(
+            limit > Duration::from_millis(69_000) && limit <= Duration::from_millis(69_800),
+            "the long budget and what is left of the entry, less what the plugin keeps: {limit:?}"
+        );
         assert_eq!(shared.get(), Some(before + Duration::from_secs(60)));
         std::thread::sleep(Duration::from_millis(50));
         l.end_long(wait);
@@ -316,8 +340,19 @@ mod tests {
             "{moved:?}"
         );
         let wait = l.begin_long().expect("long budget left");
-        assert_eq!(wait.limit(), Duration::from_secs(60) - moved);
+        assert!(wait.limit() < Duration::from_secs(70) - moved);
         l.end_long(wait);
+        // A long budget almost used up: the call may still be waited for within
+        // the entry's time, as any other, but the deadline moves on only by the
+        // long budget.
+        l.arm(Duration::from_secs(10), Duration::from_millis(5));
+        let before = shared.get().unwrap();
+        let wait = l.begin_long().unwrap();
+        assert!(wait.limit() > Duration::from_millis(9_000), "{wait:?}");
+        std::thread::sleep(Duration::from_millis(50));
+        l.end_long(wait);
+        assert_eq!(shared.get(), Some(before + Duration::from_millis(5)));
+        assert!(l.begin_long().is_none(), "the long budget is used up");
         assert!(l.disarm() >= Duration::from_millis(50));
         l.arm(Duration::from_secs(10), Duration::ZERO);
         assert!(l.begin_long().is_none(), "no long budget");
@@ -339,5 +374,19 @@ mod tests {
         let wait = l.begin_long().unwrap();
         assert!(shared.backstop(grace, slow()).await.is_ok());
         l.end_long(wait);
+        // Moved on, then back while it waits: cut at the deadline it came back to.
+        l.arm(Duration::from_millis(300), Duration::from_secs(10));
+        let wait = l.begin_long().unwrap();
+        let t = Instant::now();
+        let (cut, ()) = tokio::join!(shared.backstop(grace, slow()), async {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            l.end_long(wait);
+        });
+        assert_eq!(cut, Err(Overran));
+        assert!(
+            t.elapsed() < Duration::from_millis(650),
+            "{:?}",
+            t.elapsed()
+        );
     }
 }

@@ -53,13 +53,37 @@ pub(crate) struct Pooled {
 /// Which calls an instance is taken for. Calls a VM's guest agent answers (a
 /// qemu-ga command) can hang for their whole timeout when the guest does; they
 /// take turns among their own instances so that control calls (operations,
-/// reconcile, host information) never wait behind them.
+/// reconcile, host information) never wait behind them. So do the operations
+/// that may wait for libvirt's long calls (a full disk copy, a migration) beyond
+/// the call budget, within the long-call budget.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub(crate) enum Lane {
     /// Everything but guest-agent commands.
     Control,
     /// Commands to a VM's in-guest agent.
     Guest,
+    /// Creates, clones and migrations ([`Lane::of`]).
+    Long,
+}
+
+impl Lane {
+    /// The lane of driver operation `op`.
+    pub(crate) fn of(op: &str) -> Lane {
+        match op {
+            "guest-agent-command" => Lane::Guest,
+            "create" | "clone" | "migrate" => Lane::Long,
+            _ => Lane::Control,
+        }
+    }
+
+    /// The lane's name, as errors say it.
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Lane::Control => "control",
+            Lane::Guest => "guest-agent",
+            Lane::Long => "long-operation",
+        }
+    }
 }
 
 /// The warm instances of one plugin version.
@@ -69,27 +93,33 @@ pub(crate) struct Pool {
     control: Arc<Semaphore>,
     /// The guest lane's own turns; the control lane's when the pool is one instance.
     guest: Arc<Semaphore>,
+    /// The long lane's own turns (as many as the control lane's); likewise.
+    long: Arc<Semaphore>,
 }
 
 impl Pool {
     /// A pool of at most `size` instances in use at once for control calls. With
     /// `lanes` (a driver, which guest-agent commands reach) the guest lane has
-    /// half as many again of its own, unless `size` is 1 (a plugin that runs as
-    /// one instance shares it between both lanes).
+    /// half as many again of its own, and the long lane as many again, unless
+    /// `size` is 1 (a plugin that runs as one instance shares it between lanes).
     pub(crate) fn new(name: Arc<str>, size: usize, lanes: bool) -> Pool {
         let size = size.max(1);
         let split = lanes && size >= 2;
         let control = Arc::new(Semaphore::new(size));
-        let guest = if split {
-            Arc::new(Semaphore::new(size / 2))
-        } else {
-            control.clone()
+        let own = |n: usize| {
+            if split {
+                Arc::new(Semaphore::new(n))
+            } else {
+                control.clone()
+            }
         };
+        let (guest, long) = (own(size / 2), own(size));
         Pool {
             name,
             idle: Mutex::new(Vec::new()),
             control,
             guest,
+            long,
         }
     }
 
@@ -98,6 +128,7 @@ impl Pool {
         let sem = match lane {
             Lane::Control => &self.control,
             Lane::Guest => &self.guest,
+            Lane::Long => &self.long,
         };
         sem.clone().acquire_owned().await.ok()
     }

@@ -58,10 +58,7 @@ impl Target {
             .map_err(|_| PluginError::Busy {
                 plugin: self.slot.name.to_string(),
                 op,
-                lane: match lane {
-                    Lane::Control => "control",
-                    Lane::Guest => "guest-agent",
-                },
+                lane: lane.name(),
                 waited: budget,
             })?
             .ok_or_else(|| PluginError::Unloaded(self.slot.name.clone()))?;
@@ -153,7 +150,7 @@ macro_rules! driver_op {
         $(#[$doc])*
         pub async fn $name(&self, $($arg: $ty),*) -> Result<$ret> {
             self.target.require($op, $cap)?;
-            let lane = if $op == "guest-agent-command" { Lane::Guest } else { Lane::Control };
+            let lane = Lane::of($op);
             let mut lease = self.target.lease($op, lane).await?;
             let s = lease.session;
             let r = guarded!(&mut lease.pooled.inst, $op, driver, |d, store| d.session().$call(store, s $(, $pass)*));

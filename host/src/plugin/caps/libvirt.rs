@@ -328,7 +328,7 @@ impl HostState {
             .map_or_else(|| self.limiter.host_wait(), |w| w.limit());
         let r = self
             .libvirt
-            .blocking_within(op, key, left, move || f(&conn.get()?.0))
+            .blocking_within(op, key, left, long.is_some(), move || f(&conn.get()?.0))
             .await;
         if let Some(w) = long {
             self.limiter.end_long(w);
@@ -339,9 +339,10 @@ impl HostState {
 
 impl LibvirtCap {
     /// Runs `f` on a blocking thread; answers `timeout` after `limit` (at most the
-    /// call budget, but for a long call; callers pass at most what is left of the
-    /// call, less what the plugin needs to act on the answer, or of its long-call
-    /// budget) even if libvirt has not, so a hung call cannot hold the plugin. Its thread finishes, or fails, on its own later,
+    /// call budget, unless `long`: a long call's wait; callers pass at most what
+    /// is left of the call, less what the plugin needs to act on the answer, and
+    /// of its long-call budget) even if libvirt has not, so a hung call cannot
+    /// hold the plugin. Its thread finishes, or fails, on its own later,
     /// counted as stranded under `key` until then; while too many are, nothing
     /// more is started there ([`Stranded`]). Nothing is started with no time left.
     async fn blocking_within<T: Send + 'static>(
@@ -349,13 +350,10 @@ impl LibvirtCap {
         op: &'static str,
         key: Key,
         limit: Duration,
+        long: bool,
         f: impl FnOnce() -> Result<T, Error> + Send + 'static,
     ) -> Result<T, Error> {
-        let limit = if LONG.contains(&op) {
-            limit
-        } else {
-            limit.min(self.timeout)
-        };
+        let limit = if long { limit } else { limit.min(self.timeout) };
         if limit.is_zero() {
             return Err(Error::Timeout(format!(
                 "libvirt {op} not started: the plugin's call has no time left for it"
@@ -430,7 +428,7 @@ impl HostConnection for HostState {
         let left = self.limiter.host_wait();
         match self
             .libvirt
-            .blocking_within("open", key, left, move || open_blocking(&u))
+            .blocking_within("open", key, left, false, move || open_blocking(&u))
             .await
         {
             Ok(conn) => Ok(Ok(self.table().push(Connection {
@@ -901,7 +899,7 @@ impl HostConnection for HostState {
             .min(timeout_seconds.max(1));
         Ok(self
             .libvirt
-            .blocking_within("qemu-agent-command", key, limit, move || {
+            .blocking_within("qemu-agent-command", key, limit, false, move || {
                 conn.get()?.agent_command(&domain, &command, seconds)
             })
             .await)

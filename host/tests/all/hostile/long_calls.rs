@@ -50,3 +50,40 @@ async fn chained_long_calls_hold_a_call_no_longer_than_both_budgets() {
     );
     b.aftermath().await;
 }
+
+/// Clones waiting for libvirt's long calls (every instance of the plugin's long
+/// lane, 4, held by a stopped libvirtd) never hold up a control call: `get-vm`
+/// answers at once. Before, they took the control lane's turns and `get-vm`
+/// waited for one.
+#[tokio::test]
+async fn long_operations_never_hold_up_control_calls() {
+    let (lv, b, _) = libvirtd_bench_long(2_000, 10_000).await;
+    let ask = format!("libvirt-long:{}|gve|1", lv.uri);
+    assert_eq!(
+        b.hostile.clone_vm(&ask, "c", false).await.unwrap().name,
+        "1"
+    );
+    let frozen = Frozen::new(&lv);
+    let mut clones = tokio::task::JoinSet::new();
+    for i in 0..4 {
+        let (s, ask) = (b.hostile.clone(), ask.clone());
+        clones.spawn(async move { s.clone_vm(&ask, &format!("c{i}"), false).await });
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let t = std::time::Instant::now();
+    let vm = b
+        .hostile
+        .get_vm("plain")
+        .await
+        .expect("a control call answers");
+    let took = t.elapsed();
+    assert_eq!(vm.name, "plain");
+    assert!(took < Duration::from_millis(400), "get-vm waited {took:?}");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    drop(frozen);
+    while let Some(r) = clones.join_next().await {
+        // The warmed instance waited for its refresh; fresh ones could not open.
+        let _ = r.unwrap();
+    }
+    b.aftermath().await;
+}
