@@ -55,6 +55,15 @@ pub struct LimitsPatch {
     pub exec_margin_ms: Option<u64>,
 }
 
+/// Lowers plugin `plugin`'s recorded limit `what` to `most`, when over it, with a
+/// warning saying `why`.
+fn lower(plugin: &str, what: &str, value: &mut u64, most: u64, why: &str) {
+    if *value > most {
+        tracing::warn!(plugin, "recorded {what} {value} is {why}: {most} in force");
+        *value = most;
+    }
+}
+
 /// The body of `PUT /v1/plugins/{name}`: what changes; the rest is kept.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
@@ -240,26 +249,26 @@ impl PluginAdmin {
             spec.limits.exec_margin_ms = None;
         }
         // Recorded before call budgets were bounded: the longest one allowed.
+        let limits = &mut spec.limits;
         let most = crate::plugin::grants::MAX_TIMEOUT_MS;
-        if spec.limits.call_timeout_ms > most {
-            tracing::warn!(
-                plugin = name,
-                "recorded call-timeout-ms {} is over a day: {most} in force",
-                spec.limits.call_timeout_ms
-            );
-            spec.limits.call_timeout_ms = most;
-        }
-        // Recorded before long-call budgets: the default, unless the policy's
-        // ceiling is lower (a record of this release names its own).
+        lower(
+            name,
+            "call-timeout-ms",
+            &mut limits.call_timeout_ms,
+            most,
+            "over a day",
+        );
+        // Recorded before long-call budgets (or with the default, which is not
+        // written): the default, unless the policy's ceiling is lower.
         let ceiling = self.policy.max_long_call_timeout_ms;
-        if spec.limits.long_call_timeout_ms > ceiling {
-            tracing::warn!(
-                plugin = name,
-                "recorded long-call-timeout-ms {} is above the policy's ceiling: {ceiling} in force",
-                spec.limits.long_call_timeout_ms
-            );
-            spec.limits.long_call_timeout_ms = ceiling;
-        }
+        let why = "above the policy's ceiling";
+        lower(
+            name,
+            "long-call-timeout-ms",
+            &mut limits.long_call_timeout_ms,
+            ceiling,
+            why,
+        );
         Ok(spec)
     }
 
