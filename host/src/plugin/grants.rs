@@ -60,8 +60,8 @@ pub struct Limits {
     pub memory_mib: u64,
     /// Wall-clock budget of one contract call, milliseconds.
     pub call_timeout_ms: u64,
-    /// What one contract call may wait, milliseconds, beyond its budget for host
-    /// calls long by nature (a libvirt migration, managed save, snapshot, volume
+    /// What one create, clone or migration may wait, milliseconds, beyond its
+    /// budget for host calls long by nature (a libvirt migration, managed save, snapshot, volume
     /// clone or pool refresh), all of them together; 0: none. Left out of what is
     /// written when it is the default, so that an agent older than it still takes
     /// a spec this release's CLI sends.
@@ -71,7 +71,8 @@ pub struct Limits {
     pub max_instances: u32,
     /// Instances kept warm for calls, each with its sessions open; calls beyond it
     /// wait. The manifest's `concurrency` lowers it further. A driver's calls into
-    /// guests (guest-agent commands) have half as many again of their own.
+    /// guests (guest-agent commands) have half as many again of their own, and its
+    /// creates, clones and migrations as many again (all within `max-instances`).
     pub pool_size: u32,
     /// Host resources (handles of every kind) one instance may hold at once.
     pub max_host_resources: u32,

@@ -15,6 +15,7 @@ use super::budget::{self, Holdings};
 use super::error::{DriverError, PluginError, Result};
 use super::grants::Limits;
 use super::limits::{EntryDeadline, Overran, Stopped};
+use super::pool::Lane;
 use super::state::HostState;
 
 /// Extra time given to host-side awaits (libvirt, HTTP) beyond the call's deadline
@@ -62,13 +63,20 @@ pub struct Exported {
     pub bulk: Option<bulk_export::Guest>,
 }
 
-/// Arms the deadline of one entry into the instance of `store`; returns the budget
-/// and the deadline, whose [`EntryDeadline::backstop`] (with [`BACKSTOP_GRACE`])
-/// bounds host-side awaits.
-pub fn arm(store: &mut Store<HostState>, meta: &Meta) -> (Duration, EntryDeadline) {
+/// Arms the deadline of one entry `op` into the instance of `store`; returns the
+/// budget and the deadline, whose [`EntryDeadline::backstop`] (with
+/// [`BACKSTOP_GRACE`]) bounds host-side awaits. Only an operation of the long lane
+/// ([`Lane::of`]) may wait for long host calls beyond its budget: the others share
+/// instances with reconcile and `get-vm`.
+pub fn arm(store: &mut Store<HostState>, meta: &Meta, op: &str) -> (Duration, EntryDeadline) {
     let budget = meta.limits.call_timeout();
+    let long = if Lane::of(op) == Lane::Long {
+        meta.limits.long_call_timeout()
+    } else {
+        Duration::ZERO
+    };
     let data = store.data_mut();
-    data.limiter.arm(budget, meta.limits.long_call_timeout());
+    data.limiter.arm(budget, long);
     data.log.start_call();
     (budget, data.limiter.entry_deadline())
 }
@@ -204,7 +212,7 @@ impl Instance {
         if self.poisoned {
             return Ok(());
         }
-        let (budget, deadline) = arm(&mut self.store, &self.meta);
+        let (budget, deadline) = arm(&mut self.store, &self.meta, op);
         let store = &mut self.store;
         let outcome = deadline
             .backstop(BACKSTOP_GRACE, async move {
@@ -245,7 +253,8 @@ macro_rules! guarded {
                 reason: concat!("it does not export the ", stringify!($which), " interface").into(),
             }),
             Some($ex) => {
-                let (budget, deadline) = $crate::plugin::instance::arm(&mut inst.store, &inst.meta);
+                let (budget, deadline) =
+                    $crate::plugin::instance::arm(&mut inst.store, &inst.meta, $op);
                 let $store = &mut inst.store;
                 let outcome = deadline
                     .backstop($crate::plugin::instance::BACKSTOP_GRACE, $call)

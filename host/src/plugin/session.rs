@@ -53,21 +53,30 @@ impl Target {
         let loaded = self.current()?;
         let pool = loaded.pool.clone();
         let budget = loaded.meta.limits.call_timeout();
-        let permit = tokio::time::timeout(budget, pool.permit(lane))
+        let busy = || PluginError::Busy {
+            plugin: self.slot.name.to_string(),
+            op,
+            lane: lane.name(),
+            waited: budget,
+        };
+        // A turn in the lane, then an idle instance or a slot for a new one
+        // (lanes together may want more than `max-instances`): within the budget.
+        let until = tokio::time::Instant::now() + budget;
+        let permit = tokio::time::timeout_at(until, pool.permit(lane))
             .await
-            .map_err(|_| PluginError::Busy {
-                plugin: self.slot.name.to_string(),
-                op,
-                lane: lane.name(),
-                waited: budget,
-            })?
+            .map_err(|_| busy())?
             .ok_or_else(|| PluginError::Unloaded(self.slot.name.clone()))?;
         let mut pooled = match pool.take_idle() {
             Some(p) => p,
-            None => Pooled {
-                inst: loaded.instantiate().await?,
-                sessions: HashMap::new(),
-            },
+            None => {
+                let slot = tokio::time::timeout_at(until, loaded.instance_slot())
+                    .await
+                    .map_err(|_| busy())??;
+                Pooled {
+                    inst: loaded.instantiate_in(slot).await?,
+                    sessions: HashMap::new(),
+                }
+            }
         };
         if let Some(&session) = pooled.sessions.get(&self.key) {
             return Ok(Lease {

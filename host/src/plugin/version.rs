@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use wasmtime::component::{InstancePre, Linker};
 use wasmtime::{Store, Trap, UpdateDeadline};
 
@@ -133,12 +133,21 @@ impl Loaded {
     /// Instantiates afresh, waiting for an instance slot if the plugin is at its cap.
     /// Instantiation runs the component's start code, so it is armed like a call.
     pub async fn instantiate(&self) -> Result<Instance> {
-        let permit = self
-            .instances
+        let permit = self.instance_slot().await?;
+        self.instantiate_in(permit).await
+    }
+
+    /// Waits for an instance slot (the plugin's `max-instances`).
+    pub async fn instance_slot(&self) -> Result<OwnedSemaphorePermit> {
+        self.instances
             .clone()
             .acquire_owned()
             .await
-            .map_err(|_| PluginError::Unloaded(self.name.to_string()))?;
+            .map_err(|_| PluginError::Unloaded(self.name.to_string()))
+    }
+
+    /// Instantiates afresh in instance slot `permit`.
+    pub async fn instantiate_in(&self, permit: OwnedSemaphorePermit) -> Result<Instance> {
         let state = HostState::new(self.name.clone(), &self.policies, &self.meta.limits)?;
         let mut store = Store::new(self.pre.engine(), state);
         store.limiter(|s| &mut s.limiter);
@@ -151,7 +160,7 @@ impl Loaded {
             }
         });
         let runtime = |e| PluginError::runtime(&*self.name, "instantiate", e);
-        let (_, deadline) = super::instance::arm(&mut store, &self.meta);
+        let (_, deadline) = super::instance::arm(&mut store, &self.meta, "instantiate");
         let instance = deadline
             .backstop(
                 super::instance::BACKSTOP_GRACE,
