@@ -315,9 +315,10 @@ mod tests {
         assert_eq!(shared.wait_until(), None);
     }
 
-    /// A long host call moves the deadline on by its limit while it waits, then
-    /// back to the old deadline plus what it took; the long budget shrinks by
-    /// that. With none left, or no time left in the entry, nothing is long.
+    /// A long host call moves the deadline on by the long budget while it waits,
+    /// then back to the old deadline plus what it took (as far as the long
+    /// budget covers it); the long budget shrinks by that. With none left, or no
+    /// time left in the entry, nothing is long.
     #[test]
     fn a_long_wait_is_not_charged_to_the_entry() {
         let mut l = Limiter::new(1 << 20);

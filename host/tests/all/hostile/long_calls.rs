@@ -12,6 +12,22 @@ use gve::plugin::PluginError;
 use super::network::{libvirtd_bench_long, timed_get_vm, Frozen};
 use super::Bench;
 
+/// A private libvirtd and the hostile plugin with a call budget of `budget_ms` and
+/// a long-call budget of `long_ms`, and what asks the plugin for `n` refreshes of
+/// its pool; one clone of one refresh is done first, with libvirtd answering, so
+/// that the instance keeps its connection open.
+async fn refreshing(
+    budget_ms: u64,
+    long_ms: u64,
+) -> (gve_harness::Libvirtd, Bench, impl Fn(u32) -> String) {
+    let (lv, b, _) = libvirtd_bench_long(budget_ms, long_ms).await;
+    let uri = lv.uri.clone();
+    let ask = move |n: u32| format!("libvirt-long:{uri}|gve|{n}");
+    let (outcome, _) = timed_clone(&b, &ask(1)).await;
+    assert_eq!(outcome.unwrap().name, "1");
+    (lv, b, ask)
+}
+
 /// `clone` of `source` on the hostile plugin (the fixture does what `get-vm` of
 /// it does): its outcome and how long it took.
 async fn timed_clone(b: &Bench, source: &str) -> (Result<VmInfo, PluginError>, Duration) {
@@ -25,14 +41,10 @@ async fn timed_clone(b: &Bench, source: &str) -> (Result<VmInfo, PluginError>, D
 /// Before, the host gave up on it at 1.8 s and the plugin's call failed.
 #[tokio::test]
 async fn a_long_libvirt_call_is_waited_for_beyond_the_call_budget() {
-    let (lv, b, _) = libvirtd_bench_long(2_000, 10_000).await;
-    let ask = format!("libvirt-long:{}|gve|1", lv.uri);
-    assert_eq!(
-        b.hostile.clone_vm(&ask, "c", false).await.unwrap().name,
-        "1"
-    );
+    let (lv, b, ask) = refreshing(2_000, 10_000).await;
+    let one = ask(1);
     let frozen = Frozen::new(&lv);
-    let ((outcome, took), ()) = tokio::join!(timed_clone(&b, &ask), async {
+    let ((outcome, took), ()) = tokio::join!(timed_clone(&b, &one), async {
         tokio::time::sleep(Duration::from_secs(4)).await;
         drop(frozen);
     });
@@ -52,12 +64,7 @@ async fn a_long_libvirt_call_is_waited_for_beyond_the_call_budget() {
 /// (a control call) it gets no long-call budget at all.
 #[tokio::test]
 async fn chained_long_calls_hold_a_call_no_longer_than_both_budgets() {
-    let (lv, b, _) = libvirtd_bench_long(2_000, 3_000).await;
-    let ask = |n: u32| format!("libvirt-long:{}|gve|{n}", lv.uri);
-    assert_eq!(
-        b.hostile.clone_vm(&ask(1), "c", false).await.unwrap().name,
-        "1"
-    );
+    let (lv, b, ask) = refreshing(2_000, 3_000).await;
     let frozen = Frozen::new(&lv);
     let (outcome, took) = timed_get_vm(&b, &ask(1)).await;
     assert_eq!(outcome.expect("the plugin answers").name, "0");
@@ -79,27 +86,16 @@ async fn chained_long_calls_hold_a_call_no_longer_than_both_budgets() {
 /// waited for one.
 #[tokio::test]
 async fn long_operations_never_hold_up_control_calls() {
-    let (lv, b, _) = libvirtd_bench_long(5_000, 10_000).await;
-    let ask = format!("libvirt-long:{}|gve|1", lv.uri);
-    assert_eq!(
-        b.hostile.clone_vm(&ask, "c", false).await.unwrap().name,
-        "1"
-    );
+    let (lv, b, ask) = refreshing(5_000, 10_000).await;
     let frozen = Frozen::new(&lv);
     let mut clones = tokio::task::JoinSet::new();
     for i in 0..4 {
-        let (s, ask) = (b.hostile.clone(), ask.clone());
+        let (s, ask) = (b.hostile.clone(), ask(1));
         clones.spawn(async move { s.clone_vm(&ask, &format!("c{i}"), false).await });
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let t = Instant::now();
-    let vm = b
-        .hostile
-        .get_vm("plain")
-        .await
-        .expect("a control call answers");
-    let took = t.elapsed();
-    assert_eq!(vm.name, "plain");
+    let (outcome, took) = timed_get_vm(&b, "plain").await;
+    assert_eq!(outcome.expect("a control call answers").name, "plain");
     assert!(took < Duration::from_secs(1), "get-vm waited {took:?}");
     tokio::time::sleep(Duration::from_secs(1)).await;
     drop(frozen);
