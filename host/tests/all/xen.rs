@@ -133,6 +133,29 @@ async fn ok(c: &Client, vm: &str, action: &str, body: serde_json::Value) -> Vm {
     op.result.unwrap_or_else(|| panic!("{action} gave no VM"))
 }
 
+/// Makes libxl's teardown of a domain `secs` longer while it lives: dom0's block
+/// hotplug script sleeps before it removes a disk.
+struct SlowTeardown<'a>(&'a NestedXen);
+
+impl<'a> SlowTeardown<'a> {
+    fn new(xen: &'a NestedXen, secs: u32) -> SlowTeardown<'a> {
+        let out = xen.shell(&format!(
+            "cd /etc/xen/scripts && cp block block.gve-real && \
+             printf '#!/bin/sh\\n[ \"$1\" = remove ] && sleep {secs}\\nexec /etc/xen/scripts/block.gve-real \"$@\"\\n' > block && \
+             chmod +x block && echo slowed"
+        ));
+        assert!(out.contains("slowed"), "{out}");
+        SlowTeardown(xen)
+    }
+}
+
+impl Drop for SlowTeardown<'_> {
+    fn drop(&mut self) {
+        self.0
+            .shell("cd /etc/xen/scripts && mv -f block.gve-real block");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lifecycle_on_a_nested_xen_agrees_with_xl() {
     let xen = gve_harness::xen::shared();
@@ -206,11 +229,26 @@ async fn lifecycle_on_a_nested_xen_agrees_with_xl() {
     assert!(e.message.contains("guest"), "{e}");
 
     // A graceful shutdown: the guest powers itself off (its kernel says so on the
-    // console) well before the 20 s deadline would force it.
+    // console) well before the 20 s deadline would force it. libxl's teardown of
+    // the domain is slowed by 3 s: libvirt reports it shut off meanwhile, and Xen
+    // still has it. The shutdown ends once the teardown has: Xen no longer lists
+    // it, and a clone of it right after finds it torn down.
+    let slow = SlowTeardown::new(&xen, 3);
     let t = Instant::now();
     let v = ok(&c, &vm.id, "shutdown", json!({ "force": false })).await;
+    let took = t.elapsed();
+    let xl = xen.xl_list();
+    drop(slow);
     assert_eq!(v.state, VmState::Stopped);
-    assert!(t.elapsed() < Duration::from_secs(18), "{:?}", t.elapsed());
+    assert!(
+        !xl.contains_key("xl-a"),
+        "Xen still has it: {xl:?} ({took:?})"
+    );
+    assert!(took < Duration::from_secs(18), "{took:?}");
+    assert!(
+        took >= Duration::from_secs(3),
+        "the teardown was not slowed: {took:?}"
+    );
     assert!(
         console_shows(&xen, "xl-a", "reboot: System halted", 5),
         "the guest did not power itself off: {}",

@@ -516,7 +516,10 @@ impl<F: Flavor> Session for LibvirtSession<F> {
             }
             // Within what is left of the call less what powering off takes.
             let grace = gve_sdk::deadline::bounded(self.shutdown_timeout, POWER_OFF_KEEP);
-            let off = |d: &Domain| d.state == DomainState::Shutoff;
+            // Off once libvirt has torn it down too: libxl reports a domain shut
+            // off before it destroys it in Xen (hotplug scripts, its memory freed),
+            // and forgets its id only after.
+            let off = |d: &Domain| d.state == DomainState::Shutoff && d.id.is_none();
             if self.wait_for(&vm, off, grace)? {
                 return self.info(&vm);
             }

@@ -224,8 +224,44 @@ pub(super) fn lookup(c: &Connect, domain: &str) -> Result<VirtDomain, Error> {
     r.map_err(map_err)
 }
 
+/// How long a domain's info is asked again while libxl has lost track of it
+/// (see [`info_of`]).
+const CATCH_UP_WAIT: Duration = Duration::from_secs(2);
+
+/// The domain's virDomainInfo. libvirt's libxl driver asks Xen for a domain's info
+/// while it takes the domain for active, and fails ("libxl_domain_info failed")
+/// when Xen has already removed it: a moment at the end of every shutdown (libvirt
+/// reports it shut off, then destroys it in Xen with the domain unlocked, then
+/// forgets its id), and until it handles the death of a domain destroyed behind
+/// its back. Such an error is asked past for up to [`CATCH_UP_WAIT`]: the domain
+/// is then described as it is, not answered as a backend error.
+fn info_of(d: &VirtDomain) -> Result<virt::domain::DomainInfo, Error> {
+    let lost_track = |e: &virt::error::Error| {
+        e.domain() == ErrorDomain::Libxl && e.code() == ErrorNumber::InternalError
+    };
+    patiently(CATCH_UP_WAIT, || d.get_info(), lost_track).map_err(map_err)
+}
+
+/// `get()`'s answer, asked again every 50 ms for up to `wait` while it fails with
+/// an error `passing` says passes.
+fn patiently<T, E>(
+    wait: Duration,
+    mut get: impl FnMut() -> Result<T, E>,
+    passing: impl Fn(&E) -> bool,
+) -> Result<T, E> {
+    let end = std::time::Instant::now() + wait;
+    loop {
+        match get() {
+            Err(e) if passing(&e) && std::time::Instant::now() < end => {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            answer => return answer,
+        }
+    }
+}
+
 fn describe(d: &VirtDomain) -> Result<Domain, Error> {
-    let info = d.get_info().map_err(map_err)?;
+    let info = info_of(d)?;
     let state = match info.state {
         1 => DomainState::Running,
         2 => DomainState::Blocked,
@@ -915,6 +951,56 @@ impl HostConnection for HostState {
 
 #[cfg(test)]
 mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::patiently;
+
+    #[test]
+    fn an_error_that_passes_is_asked_past_and_no_other() {
+        // Two passing errors, then the answer: asked three times, ~100 ms.
+        let mut n = 0;
+        let t = Instant::now();
+        let r = patiently(
+            Duration::from_secs(2),
+            || {
+                n += 1;
+                if n < 3 {
+                    Err("gone")
+                } else {
+                    Ok(n)
+                }
+            },
+            |e| *e == "gone",
+        );
+        assert_eq!(r, Ok(3));
+        assert!(
+            t.elapsed() >= Duration::from_millis(100),
+            "{:?}",
+            t.elapsed()
+        );
+        // Another error is answered at once.
+        let mut n = 0;
+        let r: Result<(), &str> = patiently(
+            Duration::from_secs(2),
+            || {
+                n += 1;
+                Err("broken")
+            },
+            |e| *e == "gone",
+        );
+        assert_eq!((r, n), (Err("broken"), 1));
+        // A passing error that stays is answered once the wait is over.
+        let t = Instant::now();
+        let r: Result<(), &str> =
+            patiently(Duration::from_millis(300), || Err("gone"), |e| *e == "gone");
+        assert_eq!(r, Err("gone"));
+        let took = t.elapsed();
+        assert!(
+            took >= Duration::from_millis(300) && took < Duration::from_secs(2),
+            "{took:?}"
+        );
+    }
+
     use super::*;
 
     #[test]
