@@ -123,27 +123,41 @@ fn answer(status: StatusCode, body: String) -> Response<Body> {
     r
 }
 
+/// One request counted in a count of held ones while it lives.
+struct Held<'a>(&'a AtomicUsize);
+
+impl<'a> Held<'a> {
+    fn new(count: &'a AtomicUsize) -> Held<'a> {
+        count.fetch_add(1, Ordering::SeqCst);
+        Held(count)
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 async fn handle(s: Arc<Shared>, mut req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
     let path = req
         .uri()
         .path_and_query()
         .map(|p| p.as_str().to_string())
         .unwrap_or_else(|| "/".into());
-    let mut holding = false;
+    // Counted as held while it waits, until it goes on or its client goes away
+    // (hyper then drops this future: a held request whose client died is never
+    // forwarded).
+    let mut holding: Option<Held> = None;
     loop {
         let rule = s.rule.lock().unwrap().clone();
         match rule {
             Rule::Hold(p) if p(req.method(), &path) => {
-                if !holding {
-                    holding = true;
-                    s.held.fetch_add(1, Ordering::SeqCst);
-                }
+                holding.get_or_insert_with(|| Held::new(&s.held));
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             Rule::Refuse(p) if p(req.method(), &path) => {
-                if holding {
-                    s.held.fetch_sub(1, Ordering::SeqCst);
-                }
+                drop(holding);
                 let body =
                     r#"{"error":{"kind":"unavailable","message":"refused by the test's proxy"}}"#;
                 return Ok(answer(StatusCode::SERVICE_UNAVAILABLE, body.into()));
@@ -151,9 +165,7 @@ async fn handle(s: Arc<Shared>, mut req: Request<Incoming>) -> Result<Response<B
             _ => break,
         }
     }
-    if holding {
-        s.held.fetch_sub(1, Ordering::SeqCst);
-    }
+    drop(holding);
     *req.uri_mut() = format!("http://{}{path}", s.target).parse().unwrap();
     Ok(match s.client.request(req).await {
         Ok(resp) => resp.map(|b| b.boxed()),

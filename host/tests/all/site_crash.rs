@@ -1,7 +1,8 @@
 //! kill -9 of a real `gve site` process at random points while 100 jobs run, then a
 //! restart: every accepted job reaches a terminal state, nothing ran twice, no VM
 //! leaked or was duplicated (the agents' registries agree with the site), and the
-//! quota usage adds up.
+//! quota usage adds up. And at chosen points: after a quiet period, and between an
+//! agent's unregistration and its release.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
@@ -395,6 +396,94 @@ async fn kill_9_after_a_quiet_period_changes_no_finished_job() {
         .sum();
     assert_eq!(resumed, 0, "a quiet site had unfinished jobs at its kill");
     eprintln!("no finished job changed after a kill -9 following each of {kinds:?}");
+    let _ = site.child.start_kill();
+    agent.stop().await;
+}
+
+/// An agent unregistered while its release is on its way, the site killed with -9
+/// at that moment (the unregistration durable, the release not taken): the
+/// restarted site does not list the agent again, and sends the release it owes in
+/// its first health round, so the agent stops naming a site that let it go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_between_an_unregistration_and_its_release_still_releases_the_agent() {
+    use crate::proxy::{pick, Proxy, Rule};
+
+    let (agent, agent_client, _adir) = start_agent(
+        "memory",
+        spec("memory", Default::default()),
+        &format!("memory:unreg-{}", uuid::Uuid::new_v4()),
+        60_000,
+    )
+    .await;
+    let proxy = Proxy::start(agent.addr).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("site.toml");
+    std::fs::write(
+        &config,
+        format!("listen = \"127.0.0.1:0\"\ndata-dir = \"data\"\nadmin-token = \"{ADMIN}\"\nhealth-period-ms = 300\n"),
+    )
+    .unwrap();
+    let log = dir.path().join("site.log");
+    let mut site = spawn_site(&config, &log).await;
+    let admin = |s: &SiteProcess| Client::new(&s.url, Some(ADMIN.into())).unwrap();
+    let _: Value = admin(&site)
+        .call(
+            Method::POST,
+            "/v1/agents",
+            Some(&json!({ "id": "a-0", "url": proxy.url(), "token": AGENT_TOKEN })),
+        )
+        .await
+        .unwrap();
+    let serving = || {
+        let c = agent_client.clone();
+        async move { c.get::<Value>("/v1/site").await.unwrap()["site"].clone() }
+    };
+    assert_eq!(serving().await["agent-id"], "a-0");
+
+    // The release is held on its way to the agent, and the site killed then.
+    let release = || pick(|m, p| m == Method::DELETE && p.starts_with("/v1/site"));
+    proxy.set(Rule::Hold(release()));
+    let c = admin(&site);
+    let unregister = tokio::spawn(async move {
+        c.call::<(), Value>(Method::DELETE, "/v1/agents/a-0", None)
+            .await
+    });
+    proxy.wait_held(Duration::from_secs(10)).await;
+    site.child.kill().await.unwrap();
+    assert!(
+        unregister.await.unwrap().is_err(),
+        "answered after a kill -9"
+    );
+    // The dead site's release is refused, never delivered: only the restarted
+    // site can release the agent.
+    proxy.set(Rule::Refuse(release()));
+    let t = Instant::now();
+    while proxy.held() > 0 {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the held release stays held"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        serving().await["agent-id"],
+        "a-0",
+        "released by the killed site"
+    );
+    proxy.set(Rule::Pass);
+
+    site = spawn_site(&config, &log).await;
+    let agents: Vec<Value> = admin(&site).get("/v1/agents").await.unwrap();
+    assert!(agents.is_empty(), "the unregistration was lost: {agents:?}");
+    let t = Instant::now();
+    while !serving().await.is_null() {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the restarted site did not send the release it owes; site log:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let _ = site.child.start_kill();
     agent.stop().await;
 }
