@@ -23,6 +23,24 @@ pub async fn spawn_site(config: &std::path::Path, log: &std::path::Path) -> Site
     crate::support::spawn_service("site", config, log).await
 }
 
+/// A site's config (listen on 127.0.0.1, data in `data`, the test admin token, a
+/// health check every `health_ms`, then `extra` lines) in a new directory; answers
+/// the directory, the config's path and the log's.
+pub fn site_files(
+    health_ms: u64,
+    extra: &str,
+) -> (tempfile::TempDir, std::path::PathBuf, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("site.toml");
+    std::fs::write(
+        &config,
+        format!("listen = \"127.0.0.1:0\"\ndata-dir = \"data\"\nadmin-token = \"{ADMIN}\"\nhealth-period-ms = {health_ms}\n{extra}"),
+    )
+    .unwrap();
+    let log = dir.path().join("site.log");
+    (dir, config, log)
+}
+
 /// The seed of a crash test's random choices: `GVE_CRASH_SEED`, or a new one
 /// each run (printed, to replay it), so runs explore new crash points.
 pub fn crash_seed(test: &str) -> u64 {
@@ -67,14 +85,7 @@ async fn kill_9_during_100_jobs_loses_nothing_runs_nothing_twice_and_quotas_add_
             .await,
         );
     }
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("site.toml");
-    std::fs::write(
-        &config,
-        format!("listen = \"127.0.0.1:0\"\ndata-dir = \"data\"\nadmin-token = \"{ADMIN}\"\nhealth-period-ms = 300\nparallel-jobs = 8\n"),
-    )
-    .unwrap();
-    let log = dir.path().join("site.log");
+    let (_dir, config, log) = site_files(300, "parallel-jobs = 8\n");
     let mut site = spawn_site(&config, &log).await;
     let admin = |s: &SiteProcess| Client::new(&s.url, Some(ADMIN.into())).unwrap();
     for (i, (a, _, _)) in agents.iter().enumerate() {
@@ -300,14 +311,7 @@ async fn kill_9_after_a_quiet_period_changes_no_finished_job() {
         60_000,
     )
     .await;
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("site.toml");
-    std::fs::write(
-        &config,
-        format!("listen = \"127.0.0.1:0\"\ndata-dir = \"data\"\nadmin-token = \"{ADMIN}\"\nhealth-period-ms = 60000\n"),
-    )
-    .unwrap();
-    let log = dir.path().join("site.log");
+    let (_dir, config, log) = site_files(60000, "");
     let mut site = spawn_site(&config, &log).await;
     let admin = |s: &SiteProcess| Client::new(&s.url, Some(ADMIN.into())).unwrap();
     let _: Value = admin(&site)
@@ -416,14 +420,7 @@ async fn kill_9_between_an_unregistration_and_its_release_still_releases_the_age
     )
     .await;
     let proxy = Proxy::start(agent.addr).await;
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("site.toml");
-    std::fs::write(
-        &config,
-        format!("listen = \"127.0.0.1:0\"\ndata-dir = \"data\"\nadmin-token = \"{ADMIN}\"\nhealth-period-ms = 300\n"),
-    )
-    .unwrap();
-    let log = dir.path().join("site.log");
+    let (_dir, config, log) = site_files(300, "");
     let mut site = spawn_site(&config, &log).await;
     let admin = |s: &SiteProcess| Client::new(&s.url, Some(ADMIN.into())).unwrap();
     let _: Value = admin(&site)

@@ -491,14 +491,7 @@ async fn usage_equals_what_each_user_holds_through_a_random_walk_with_kills() {
             .await,
         );
     }
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("site.toml");
-    std::fs::write(
-        &config,
-        format!("listen = \"127.0.0.1:0\"\ndata-dir = \"data\"\nadmin-token = \"{ADMIN}\"\nhealth-period-ms = 300\nparallel-jobs = 8\n"),
-    )
-    .unwrap();
-    let log = dir.path().join("site.log");
+    let (_dir, config, log) = crate::site_crash::site_files(300, "parallel-jobs = 8\n");
     let mut site = spawn_site(&config, &log).await;
     let admin = |s: &SiteProcess| Client::new(&s.url, Some(ADMIN.into())).unwrap();
     for (i, (a, _, _)) in agents.iter().enumerate() {
