@@ -388,7 +388,7 @@ impl Agents {
     /// The lock of agent id `id`'s claims (see `claims`).
     fn claim_lock(&self, id: &str) -> Arc<tokio::sync::Mutex<()>> {
         let mut locks = self.claims.lock().unwrap_or_else(|p| p.into_inner());
-        locks.entry(id.to_string()).or_default().clone()
+        lock_of(&mut locks, id)
     }
 
     /// Unregisters an agent. Refused while users hold VMs on it, unless `force`
@@ -853,9 +853,36 @@ pub fn forget_vm(t: &mut super::store::Txn<'_>, v: &SiteVm) -> Result<(), StoreE
     t.remove_vm(&v.id)
 }
 
+/// The lock of `id` in `locks`, made if there is none. The locks no one holds
+/// or waits for are dropped whenever the map has doubled (from 64): ids of agents
+/// long unregistered do not pile up.
+fn lock_of(
+    locks: &mut HashMap<String, Arc<tokio::sync::Mutex<()>>>,
+    id: &str,
+) -> Arc<tokio::sync::Mutex<()>> {
+    if !locks.contains_key(id) && locks.len() >= 64 && locks.len().is_power_of_two() {
+        locks.retain(|_, l| Arc::strong_count(l) > 1);
+    }
+    locks.entry(id.to_string()).or_default().clone()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn idle_claim_locks_do_not_pile_up() {
+        let mut locks = HashMap::new();
+        let held = lock_of(&mut locks, "kept");
+        // 10,000 ids come and go: the map stays within twice what is held, plus 64.
+        for i in 0..10_000 {
+            drop(lock_of(&mut locks, &format!("gone-{i}")));
+            assert!(locks.len() <= 128, "{} locks for 1 held", locks.len());
+        }
+        // The one held is the one answered again, never dropped.
+        assert!(locks.contains_key("kept"));
+        assert!(std::sync::Arc::ptr_eq(&held, &lock_of(&mut locks, "kept")));
+    }
 
     /// A check builds a client from the agent's record; the agent re-registers
     /// at another URL before the client is kept: the old URL's client is not
