@@ -140,7 +140,7 @@ struct SlowTeardown<'a>(&'a NestedXen);
 impl<'a> SlowTeardown<'a> {
     fn new(xen: &'a NestedXen, secs: u32) -> SlowTeardown<'a> {
         let out = xen.shell(&format!(
-            "cd /etc/xen/scripts && cp block block.gve-real && \
+            "cd /etc/xen/scripts && {{ [ -e block.gve-real ] || cp block block.gve-real; }} && \
              printf '#!/bin/sh\\n[ \"$1\" = remove ] && sleep {secs}\\nexec /etc/xen/scripts/block.gve-real \"$@\"\\n' > block && \
              chmod +x block && echo slowed"
         ));

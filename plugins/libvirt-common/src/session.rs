@@ -14,6 +14,16 @@ use crate::Flavor;
 /// that did not stop in time.
 const POWER_OFF_KEEP: Duration = Duration::from_secs(3);
 
+/// What waiting for a shut-off domain's teardown leaves of the call's budget for
+/// describing it.
+const TEARDOWN_KEEP: Duration = Duration::from_millis(500);
+
+/// Shut off and torn down: libxl reports a domain shut off before it destroys it
+/// in Xen (hotplug scripts, its memory freed), and forgets its id only after.
+fn torn_down(d: &Domain) -> bool {
+    d.state == DomainState::Shutoff && d.id.is_none()
+}
+
 /// An open session: a libvirt connection and the node's host name.
 pub struct LibvirtSession<F: Flavor> {
     conn: Connection,
@@ -516,11 +526,17 @@ impl<F: Flavor> Session for LibvirtSession<F> {
             }
             // Within what is left of the call less what powering off takes.
             let grace = gve_sdk::deadline::bounded(self.shutdown_timeout, POWER_OFF_KEEP);
-            // Off once libvirt has torn it down too: libxl reports a domain shut
-            // off before it destroys it in Xen (hotplug scripts, its memory freed),
-            // and forgets its id only after.
-            let off = |d: &Domain| d.state == DomainState::Shutoff && d.id.is_none();
-            if self.wait_for(&vm, off, grace)? {
+            if self.wait_for(&vm, torn_down, grace)? {
+                return self.info(&vm);
+            }
+            // Shut off and still being torn down: powering it off would only wait
+            // for that teardown (and its job); it is waited for instead.
+            if self.find(&vm)?.state == DomainState::Shutoff {
+                self.wait_for(
+                    &vm,
+                    torn_down,
+                    gve_sdk::deadline::bounded(Duration::MAX, TEARDOWN_KEEP),
+                )?;
                 return self.info(&vm);
             }
             gve_sdk::log::warn(&format!(
@@ -614,7 +630,24 @@ impl<F: Flavor> Session for LibvirtSession<F> {
         };
         let (_, view) = self.describe(&d)?;
         if d.state != DomainState::Shutoff {
-            self.conn.destroy_domain(&d.name)?;
+            match self.conn.destroy_domain(&d.name) {
+                Ok(()) => {}
+                // It reached shut-off on its own meanwhile.
+                Err(e) if e.kind() == "invalid-state" => {}
+                Err(e) => return Err(e),
+            }
+        }
+        // Its disks are let go once libvirt has torn it down (a shut-off domain
+        // libxl still destroys holds them), or it is gone (a transient one).
+        let end = Instant::now() + gve_sdk::deadline::bounded(Duration::MAX, TEARDOWN_KEEP);
+        loop {
+            match self.find(&vm) {
+                Ok(d) if !torn_down(&d) && Instant::now() < end => {
+                    std::thread::sleep(Duration::from_millis(100))
+                }
+                Err(e) if e.kind() != "not-found" => return Err(e),
+                _ => break,
+            }
         }
         // Delete the disks this VM owns (the ones gve made for it in the pool)
         // before the definition that names them: a destroy cut off between the two

@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use virt::connect::Connect;
 use virt::domain::Domain as VirtDomain;
@@ -224,8 +224,8 @@ pub(super) fn lookup(c: &Connect, domain: &str) -> Result<VirtDomain, Error> {
     r.map_err(map_err)
 }
 
-/// How long a domain's info is asked again while libxl has lost track of it
-/// (see [`info_of`]).
+/// How long one call asks domains' info again while libxl has lost track of them
+/// (see [`info_of`]): one window for all the domains of a listing.
 const CATCH_UP_WAIT: Duration = Duration::from_secs(2);
 
 /// The domain's virDomainInfo. libvirt's libxl driver asks Xen for a domain's info
@@ -233,26 +233,26 @@ const CATCH_UP_WAIT: Duration = Duration::from_secs(2);
 /// when Xen has already removed it: a moment at the end of every shutdown (libvirt
 /// reports it shut off, then destroys it in Xen with the domain unlocked, then
 /// forgets its id), and until it handles the death of a domain destroyed behind
-/// its back. Such an error is asked past for up to [`CATCH_UP_WAIT`]: the domain
-/// is then described as it is, not answered as a backend error.
-fn info_of(d: &VirtDomain) -> Result<virt::domain::DomainInfo, Error> {
+/// its back. Such an error is asked past until `until` (the call's
+/// [`CATCH_UP_WAIT`]): the domain is then described as it is, not answered as a
+/// backend error.
+fn info_of(d: &VirtDomain, until: Instant) -> Result<virt::domain::DomainInfo, Error> {
     let lost_track = |e: &virt::error::Error| {
         e.domain() == ErrorDomain::Libxl && e.code() == ErrorNumber::InternalError
     };
-    patiently(CATCH_UP_WAIT, || d.get_info(), lost_track).map_err(map_err)
+    patiently(until, || d.get_info(), lost_track).map_err(map_err)
 }
 
-/// `get()`'s answer, asked again every 50 ms for up to `wait` while it fails with
-/// an error `passing` says passes.
+/// `get()`'s answer, asked again every 50 ms until `end` while it fails with an
+/// error `passing` says passes.
 fn patiently<T, E>(
-    wait: Duration,
+    end: Instant,
     mut get: impl FnMut() -> Result<T, E>,
     passing: impl Fn(&E) -> bool,
 ) -> Result<T, E> {
-    let end = std::time::Instant::now() + wait;
     loop {
         match get() {
-            Err(e) if passing(&e) && std::time::Instant::now() < end => {
+            Err(e) if passing(&e) && Instant::now() < end => {
                 std::thread::sleep(Duration::from_millis(50));
             }
             answer => return answer,
@@ -260,8 +260,14 @@ fn patiently<T, E>(
     }
 }
 
+/// The domain as libvirt has it.
 fn describe(d: &VirtDomain) -> Result<Domain, Error> {
-    let info = info_of(d)?;
+    describe_until(d, Instant::now() + CATCH_UP_WAIT)
+}
+
+/// The domain as libvirt has it, waiting for libxl to catch up until `until`.
+fn describe_until(d: &VirtDomain, until: Instant) -> Result<Domain, Error> {
+    let info = info_of(d, until)?;
     let state = match info.state {
         1 => DomainState::Running,
         2 => DomainState::Blocked,
@@ -550,8 +556,9 @@ impl HostConnection for HostState {
         conn_op!(self, this, "list-domains", [], |c| {
             let all = c.list_all_domains(0).map_err(map_err)?;
             let mut out = Vec::with_capacity(all.len());
+            let until = Instant::now() + CATCH_UP_WAIT;
             for d in &all {
-                match describe(d) {
+                match describe_until(d, until) {
                     Ok(x) => out.push(x),
                     // Destroyed or undefined between the listing and its
                     // description: not there any more, so left out (a VM going
@@ -961,7 +968,7 @@ mod tests {
         let mut n = 0;
         let t = Instant::now();
         let r = patiently(
-            Duration::from_secs(2),
+            Instant::now() + Duration::from_secs(2),
             || {
                 n += 1;
                 if n < 3 {
@@ -981,7 +988,7 @@ mod tests {
         // Another error is answered at once.
         let mut n = 0;
         let r: Result<(), &str> = patiently(
-            Duration::from_secs(2),
+            Instant::now() + Duration::from_secs(2),
             || {
                 n += 1;
                 Err("broken")
@@ -991,8 +998,11 @@ mod tests {
         assert_eq!((r, n), (Err("broken"), 1));
         // A passing error that stays is answered once the wait is over.
         let t = Instant::now();
-        let r: Result<(), &str> =
-            patiently(Duration::from_millis(300), || Err("gone"), |e| *e == "gone");
+        let r: Result<(), &str> = patiently(
+            t + Duration::from_millis(300),
+            || Err("gone"),
+            |e| *e == "gone",
+        );
         assert_eq!(r, Err("gone"));
         let took = t.elapsed();
         assert!(
