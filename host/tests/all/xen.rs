@@ -313,6 +313,59 @@ pub(crate) async fn registry_shows(c: &Client, vm: &str, state: VmState) -> bool
     false
 }
 
+/// A guest that powered itself off while libxl's teardown of it is slow (10 s),
+/// destroyed with a call budget of 6 s: the destroy ends `timeout` and keeps the
+/// VM's disk and definition (none is deleted under a domain Xen still holds);
+/// asked again once the teardown has ended, it finishes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destroy_during_a_slow_teardown_keeps_the_disks_until_it_ends() {
+    let xen = gve_harness::xen::shared();
+    xen.clear("xt-");
+    let mut spec = xen_spec(&xen);
+    spec.limits.call_timeout_ms = 6_000;
+    let (_agent, c, _dir) = start_agent("xen", spec, &xen.uri, 1000).await;
+    let vm = create(&c, "xt-a").await;
+    // Started behind gve's back: a cold start may take longer than this budget.
+    xen.virsh(&["start", "xt-a"]);
+    let slow = SlowTeardown::new(&xen, 10);
+    let out = xen.shell("xl shutdown xt-a && echo asked");
+    assert!(out.contains("asked"), "{out}");
+    // Shut off for libvirt, still torn down (its id kept).
+    let end = Instant::now() + Duration::from_secs(30);
+    loop {
+        let info = xen.virsh(&["dominfo", "xt-a"]);
+        if info.contains("shut off") {
+            assert!(!info.contains("Id:             -"), "not slowed: {info}");
+            break;
+        }
+        assert!(Instant::now() < end, "never shut off: {info}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let op = act(&c, &vm.id, "destroy", json!({})).await;
+    let e = op.error.clone().unwrap_or_else(|| panic!("{op:?}"));
+    assert_eq!(
+        (op.state, e.kind.as_str()),
+        (OpState::Failed, "timeout"),
+        "{op:?}"
+    );
+    assert!(e.message.contains("its disks are kept"), "{e:?}");
+    assert!(volumes(&xen).contains(&"xt-a-disk0.img".into()));
+    drop(slow);
+    let end = Instant::now() + Duration::from_secs(30);
+    while !xen
+        .virsh(&["dominfo", "xt-a"])
+        .contains("Id:             -")
+    {
+        assert!(Instant::now() < end, "the teardown never ended");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let op = act(&c, &vm.id, "destroy", json!({})).await;
+    assert_eq!(op.state, OpState::Succeeded, "{op:?}");
+    assert!(!volumes(&xen).contains(&"xt-a-disk0.img".into()));
+    let all = xen.virsh(&["list", "--all", "--name"]);
+    assert!(!all.contains("xt-a"), "{all}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changes_made_with_xl_in_dom0_reach_the_registry() {
     let xen = gve_harness::xen::shared();

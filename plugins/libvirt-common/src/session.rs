@@ -532,11 +532,13 @@ impl<F: Flavor> Session for LibvirtSession<F> {
             // Shut off and still being torn down: powering it off would only wait
             // for that teardown (and its job); it is waited for instead.
             if self.find(&vm)?.state == DomainState::Shutoff {
-                self.wait_for(
-                    &vm,
-                    torn_down,
-                    gve_sdk::deadline::bounded(Duration::MAX, TEARDOWN_KEEP),
-                )?;
+                let rest = gve_sdk::deadline::bounded(Duration::MAX, TEARDOWN_KEEP);
+                if !self.wait_for(&vm, torn_down, rest)? {
+                    return Err(gve_sdk::deadline::over_budget(format_args!(
+                        "shut down {}: shut off, still being torn down",
+                        d.name
+                    )));
+                }
                 return self.info(&vm);
             }
             gve_sdk::log::warn(&format!(
@@ -640,15 +642,21 @@ impl<F: Flavor> Session for LibvirtSession<F> {
         // Its disks are let go once libvirt has torn it down (a shut-off domain
         // libxl still destroys holds them), or it is gone (a transient one).
         let end = Instant::now() + gve_sdk::deadline::bounded(Duration::MAX, TEARDOWN_KEEP);
-        loop {
+        let gone = loop {
             match self.find(&vm) {
-                Ok(d) if !torn_down(&d) && Instant::now() < end => {
-                    std::thread::sleep(Duration::from_millis(100))
+                Ok(now) if torn_down(&now) => break false,
+                // Still defined: a destroy asked again finishes it.
+                Ok(_) if Instant::now() >= end => {
+                    return Err(gve_sdk::deadline::over_budget(format_args!(
+                        "destroy {}: powered off, still being torn down; its disks are kept",
+                        d.name
+                    )))
                 }
-                Err(e) if e.kind() != "not-found" => return Err(e),
-                _ => break,
+                Ok(_) => std::thread::sleep(Duration::from_millis(100)),
+                Err(e) if e.kind() == "not-found" => break true,
+                Err(e) => return Err(e),
             }
-        }
+        };
         // Delete the disks this VM owns (the ones gve made for it in the pool)
         // before the definition that names them: a destroy cut off between the two
         // leaves a defined VM to destroy again, never disks nothing refers to.
@@ -668,7 +676,10 @@ impl<F: Flavor> Session for LibvirtSession<F> {
                 }
             }
         }
-        self.conn.undefine_domain(&d.name, F::undefine_flags())?;
+        // A transient domain is gone once powered off: nothing to undefine.
+        if !gone {
+            self.conn.undefine_domain(&d.name, F::undefine_flags())?;
+        }
         Ok(())
     }
 
