@@ -881,7 +881,7 @@ mod tests {
         }
         // The one held is the one answered again, never dropped.
         assert!(locks.contains_key("kept"));
-        assert!(std::sync::Arc::ptr_eq(&held, &lock_of(&mut locks, "kept")));
+        assert!(Arc::ptr_eq(&held, &lock_of(&mut locks, "kept")));
     }
 
     /// A check builds a client from the agent's record; the agent re-registers

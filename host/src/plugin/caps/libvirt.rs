@@ -958,9 +958,7 @@ impl HostConnection for HostState {
 
 #[cfg(test)]
 mod tests {
-    use std::time::{Duration, Instant};
-
-    use super::patiently;
+    use super::*;
 
     #[test]
     fn an_error_that_passes_is_asked_past_and_no_other() {
@@ -1010,8 +1008,6 @@ mod tests {
             "{took:?}"
         );
     }
-
-    use super::*;
 
     #[test]
     fn refuses_ungranted_uris_by_name() {
