@@ -103,7 +103,7 @@ var state = &guestState{vms: map[string]*guestVM{}, transfers: map[string]*trans
 
 // config is the parsed command line.
 type config struct {
-	listen, user, password, cert, key, delays, template string
+	listen, user, password, cert, key, delays, taskDelays, template string
 	esx, tls, trace                                     bool
 	model                                               *simulator.Model
 }
@@ -128,6 +128,7 @@ func parseFlags() *config {
 	flag.StringVar(&c.cert, "cert", "", "PEM certificate file (default: the simulator's self-signed one)")
 	flag.StringVar(&c.key, "key", "", "PEM private key file for -cert")
 	flag.StringVar(&c.delays, "method-delay", "", "NAME=MS,... delay of the named SOAP methods")
+	flag.StringVar(&c.taskDelays, "task-delay", "", "NAME=MS,... tasks of the named ..._Task methods run this long after the method answered")
 	flag.BoolVar(&c.trace, "trace", false, "write SOAP traffic to stderr")
 	flag.StringVar(&c.template, "template", "", "make a template of this name (a snapshotted copy of the first VM)")
 	flag.DurationVar(&simulator.SessionIdleTimeout, "session-idle", 0, "end sessions idle this long (0: never), e.g. 2s")
@@ -164,8 +165,8 @@ func loopback(addr string) (string, error) {
 	return net.JoinHostPort(host, port), nil
 }
 
-// parseDelays reads NAME=MS,... into the simulator's method delays.
-func parseDelays(s string) (map[string]int, error) {
+// parseDelays reads NAME=MS,... (the value of -flag) into delays by name.
+func parseDelays(flag, s string) (map[string]int, error) {
 	if s == "" {
 		return nil, nil
 	}
@@ -174,7 +175,7 @@ func parseDelays(s string) (map[string]int, error) {
 		kv := strings.SplitN(strings.TrimSpace(item), "=", 2)
 		ms, err := strconv.Atoi(strings.TrimSpace(kv[len(kv)-1]))
 		if len(kv) != 2 || kv[0] == "" || err != nil || ms < 0 {
-			return nil, fmt.Errorf("bad -method-delay item %q (want NAME=MS)", item)
+			return nil, fmt.Errorf("bad -%s item %q (want NAME=MS)", flag, item)
 		}
 		out[strings.TrimSpace(kv[0])] = ms
 	}
@@ -188,9 +189,17 @@ func main() {
 	if err != nil {
 		fail(2, "-l: %v", err)
 	}
-	delays, err := parseDelays(c.delays)
+	delays, err := parseDelays("method-delay", c.delays)
 	if err != nil {
 		fail(2, "%v", err)
+	}
+	if taskDelays, err = parseDelays("task-delay", c.taskDelays); err != nil {
+		fail(2, "%v", err)
+	}
+	for name := range taskDelays {
+		if !strings.HasSuffix(name, "_Task") {
+			fail(2, "-task-delay %s: not a ..._Task method", name)
+		}
 	}
 	if (c.cert == "") != (c.key == "") {
 		fail(2, "-cert and -key go together")
@@ -226,6 +235,14 @@ func main() {
 	m.Service.ServeMux = http.NewServeMux()
 	m.Service.ServeMux.HandleFunc("/guestFile", serveGuestFile)
 	server := start(m)
+	if len(taskDelays) > 0 {
+		// A pattern naming the host comes before the simulator's own "/sdk" (the
+		// mux matches the request's host without its port).
+		host, _, _ := net.SplitHostPort(server.URL.Host)
+		for _, h := range []string{host, "localhost"} {
+			m.Service.ServeMux.HandleFunc(h+simulator.Map.Path, serveDelayedTasks(m.Service))
+		}
+	}
 
 	scheme, thumb := "http", ""
 	if c.tls {

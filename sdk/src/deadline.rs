@@ -1,4 +1,5 @@
-//! The time left in the current call (`deadline` import, contract 0.1.2).
+//! The time left in the current call (`deadline` import, contract 0.1.2), and sleeps
+//! while a hypervisor's task long by nature runs (0.1.3).
 //!
 //! The host stops a call that outlives the plugin's `call-timeout-ms` limit and drops
 //! the instance it ran in: the call fails as a sandbox deadline, and what the call
@@ -17,6 +18,19 @@ use crate::error::Error;
 /// The time left before the host stops the current call (zero once it passed).
 pub fn remaining() -> Duration {
     Duration::from_millis(wit::remaining_ms())
+}
+
+/// Sleeps up to `pause` while the hypervisor does work long by nature on its own
+/// side (a clone or relocation task the plugin polls between sleeps). In `create`,
+/// `clone` and `migrate` the sleep is charged to the operator's
+/// `long-call-timeout-ms` as far as that covers it, not to the call ([`remaining`]
+/// is then what it was before); elsewhere, and once that budget is used up, it is a
+/// plain sleep that ends before the call's deadline. Returns what is left of the
+/// long-call budget (zero: none left, or none granted to this call). Needs a host of
+/// contract 0.1.3.
+pub fn long_wait(pause: Duration) -> Duration {
+    let ms = u64::try_from(pause.as_millis()).unwrap_or(u64::MAX);
+    Duration::from_millis(wit::long_wait(ms))
 }
 
 /// `want`, or less: at most what is left of the call once `keep` is set aside for

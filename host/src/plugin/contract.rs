@@ -14,7 +14,7 @@ pub const PACKAGE: &str = "gve:hypervisor";
 pub const ACCEPTED: &[ContractVersion] = &[ContractVersion {
     major: 0,
     minor: 1,
-    patch: 2,
+    patch: 3,
 }];
 
 /// A version of the `gve:hypervisor` package.

@@ -194,6 +194,12 @@ impl Limiter {
         self.deadline.set(Some(wait.deadline + covered));
     }
 
+    /// What is left of the current entry's long-call budget (zero outside an entry,
+    /// and in entries armed without one).
+    pub fn long_left(&self) -> Duration {
+        self.long_left
+    }
+
     /// The current entry's deadline, shared (it follows every arm and disarm).
     pub fn entry_deadline(&self) -> EntryDeadline {
         self.deadline.clone()

@@ -64,7 +64,7 @@ async fn driver_lifecycle_through_the_host() {
     let (host, _dir) = host();
     let summary = host.load(spec("memory", Grants::default())).await.unwrap();
     assert!(summary.driver && summary.guest);
-    assert_eq!(summary.contract, "gve:hypervisor@0.1.2");
+    assert_eq!(summary.contract, "gve:hypervisor@0.1.3");
     assert!(summary.capabilities.contains(&"live-migrate".to_string()));
 
     let info = host.driver_info("memory").await.unwrap();

@@ -37,14 +37,18 @@ async fn agent_with_budget(
     (agent, c)
 }
 
+/// Makes a VM of 128 MiB named `name` from the simulator's template: how the
+/// operation ended and how long it took.
+async fn create(c: &Client, name: &str) -> (Operation, Duration) {
+    let t = Instant::now();
+    let body = json!({ "name": name, "template": vsphere::TEMPLATE, "main-memory-mib": 128 });
+    let op = run_op(c, "/v1/vms", body).await;
+    (op, t.elapsed())
+}
+
 /// A running VM made from the simulator's template.
 async fn running_vm(c: &Client, name: &str) -> String {
-    let op = run_op(
-        c,
-        "/v1/vms",
-        json!({ "name": name, "template": vsphere::TEMPLATE, "main-memory-mib": 128 }),
-    )
-    .await;
+    let (op, _) = create(c, name).await;
     assert_eq!(op.state, OpState::Succeeded, "{op:?}");
     let id = op.result.unwrap().id;
     let op = run_op(c, &format!("/v1/vms/{id}/start"), json!({})).await;
@@ -231,12 +235,7 @@ async fn a_clone_that_cannot_be_sized_in_time_is_removed() {
     let (agent, c) = agent_with_budget(&sim, dir.path(), 8_000, |_| {}).await;
     let driver = agent.core().unwrap().driver.clone();
     let before = driver.list_vms().await.unwrap().len();
-    let op = run_op(
-        &c,
-        "/v1/vms",
-        json!({ "name": "esx-unsized", "template": vsphere::TEMPLATE, "main-memory-mib": 128 }),
-    )
-    .await;
+    let (op, _) = create(&c, "esx-unsized").await;
     let err = ended_by_the_plugin_over_budget(&agent, op);
     assert!(err.message.contains("ReconfigVM_Task"), "{err:?}");
     assert!(err.message.contains("was removed"), "{err:?}");
@@ -249,5 +248,54 @@ async fn a_clone_that_cannot_be_sized_in_time_is_removed() {
         .collect();
     assert!(!names.iter().any(|n| n == "esx-unsized"), "{names:?}");
     assert_eq!(names.len(), before, "{names:?}");
+    agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clone_task_longer_than_the_call_is_waited_for_on_the_long_call_budget() {
+    // The server's clone task runs 6 s after CloneVM_Task answered, as a real
+    // vCenter's does while it copies disks; the plugin's call budget is 4 s.
+    let sim = VsphereSim::start(&["-task-delay", "CloneVM_Task=6000"]);
+    let dir = tempfile::tempdir().unwrap();
+    let (agent, c) = agent_with_budget(&sim, dir.path(), 4_000, |_| {}).await;
+    let driver = agent.core().unwrap().driver.clone();
+    let (op, took) = create(&c, "esx-long").await;
+    assert_eq!(op.state, OpState::Succeeded, "{op:?}");
+    assert!(
+        took >= Duration::from_secs(6),
+        "the task was not delayed: {took:?}"
+    );
+    assert_no_deadline_stop(&agent, "vmware-esx");
+    let vm = driver.get_vm("esx-long").await.unwrap();
+    assert_eq!(vm.resources.main_memory_mib, 128, "{vm:?}");
+    agent.stop().await;
+
+    // With a long-call budget of 1 s the wait gives up at about 1 s + the call's
+    // 4 s less what it keeps, names both limits, and says the task goes on: the
+    // server makes the VM later.
+    let (agent, c) = agent_with_budget(&sim, dir.path(), 4_000, |config| {
+        let limits = &mut config.plugins.get_mut("vmware-esx").unwrap().limits;
+        limits.long_call_timeout_ms = 1_000;
+    })
+    .await;
+    let (op, took) = create(&c, "esx-cut").await;
+    let err = ended_by_the_plugin_over_budget(&agent, op);
+    assert!(err.message.contains("`long-call-timeout-ms`"), "{err:?}");
+    assert!(err.message.contains("`call-timeout-ms`"), "{err:?}");
+    assert!(err.message.contains("goes on on the server"), "{err:?}");
+    assert!(took < Duration::from_millis(5_500), "took {took:?}");
+    let driver = agent.core().unwrap().driver.clone();
+    let made = async {
+        loop {
+            let vms = driver.list_vms().await.unwrap();
+            if vms.iter().any(|v| v.name == "esx-cut") {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), made)
+        .await
+        .expect("the server finishes the clone it was asked for");
     agent.stop().await;
 }

@@ -43,7 +43,7 @@ impl EsxSession {
         let want = self.conn.settings.task_timeout;
         let client = &mut self.conn.client;
         let t = client.call(method, this, args, |r| task::returned(r, method))?;
-        task::wait(client, &t, context, want)
+        task::wait(client, &t, context, want, task::LONG.contains(&method))
     }
 
     fn power(&mut self, vm: &str) -> Result<(MoRef, vm::Record)> {

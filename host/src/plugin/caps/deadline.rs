@@ -1,14 +1,38 @@
 //! Deadline capability: the time left in the plugin's current call, so a plugin can
 //! end a slow wait itself (with its instance kept and its clean-up run) rather than
-//! be stopped by the sandbox. Always granted: it tells the plugin only its own limit.
+//! be stopped by the sandbox; and a sleep while a hypervisor's task long by nature
+//! runs, charged to the operator's long-call budget where the call has one. Always
+//! granted: it tells the plugin only its own limits, and its long sleeps are held to
+//! the same budget the host's long libvirt calls are.
+
+use std::time::Duration;
 
 use crate::plugin::bindings::gve::hypervisor::deadline::Host;
 use crate::plugin::state::HostState;
 
+/// Milliseconds, saturating.
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
 impl Host for HostState {
     async fn remaining_ms(&mut self) -> wasmtime::Result<u64> {
         // No deadline armed only outside a call, where the plugin cannot ask.
-        let left = self.limiter.remaining();
-        Ok(u64::try_from(left.as_millis()).unwrap_or(u64::MAX))
+        Ok(ms(self.limiter.remaining()))
+    }
+
+    async fn long_wait(&mut self, wanted: u64) -> wasmtime::Result<u64> {
+        let want = Duration::from_millis(wanted);
+        // A long wait moves the deadline on by the long budget while it sleeps and
+        // back by what it did not use: the plugin runs no code meanwhile, so only
+        // the sleep is left out of the call's budget.
+        match self.limiter.begin_long() {
+            Some(wait) => {
+                tokio::time::sleep(want.min(wait.limit())).await;
+                self.limiter.end_long(wait);
+            }
+            None => tokio::time::sleep(want.min(self.limiter.host_wait())).await,
+        }
+        Ok(ms(self.limiter.long_left()))
     }
 }

@@ -10,7 +10,8 @@ use gve::plugin::bindings::types::VmInfo;
 use gve::plugin::PluginError;
 
 use super::network::{libvirtd_bench_long, timed_get_vm, Frozen};
-use super::Bench;
+use super::{bench, hostile, Bench};
+use gve::plugin::Grants;
 
 /// A private libvirtd and the hostile plugin with a call budget of `budget_ms` and
 /// a long-call budget of `long_ms`, and what asks the plugin for `n` refreshes of
@@ -103,5 +104,50 @@ async fn long_operations_never_hold_up_control_calls() {
         // The warmed instance waited for its refresh; fresh ones could not open.
         let _ = r.unwrap();
     }
+    b.aftermath().await;
+}
+
+/// A plugin sleeping while a hypervisor's task runs (contract 0.1.3's
+/// `deadline.long-wait`): in a clone the sleeps come out of the long-call budget,
+/// not the call's (3 s asleep in a 2 s budget ends well, the call's time left as
+/// it was); once that budget is used up they are plain sleeps that end before the
+/// call's deadline; in `get-vm` they never were anything else. No call is stopped
+/// by the sandbox.
+#[tokio::test]
+async fn a_plugin_sleeps_on_its_long_call_budget_only_in_long_operations() {
+    let mut sp = hostile(Grants::default());
+    sp.limits.call_timeout_ms = 2_000;
+    sp.limits.long_call_timeout_ms = 5_000;
+    let b = bench(sp).await;
+    let left = |vm: VmInfo| -> (u64, u64) {
+        let (call, long) = vm.name.split_once('/').unwrap();
+        (call.parse().unwrap(), long.parse().unwrap())
+    };
+
+    let (outcome, took) = timed_clone(&b, "long-wait:1000:3").await;
+    let (call, long) = left(outcome.expect("3 s asleep in a 2 s call ends well"));
+    assert!(took >= Duration::from_secs(3), "took {took:?}");
+    assert!((1_500..=2_000).contains(&call), "call left {call}");
+    assert!(
+        (1_700..=2_000).contains(&long),
+        "long-call budget left {long}"
+    );
+
+    // 8 s asked: 5 s on the long budget, then what the call has less 0.2 s.
+    let (outcome, took) = timed_clone(&b, "long-wait:1000:8").await;
+    let (call, long) = left(outcome.expect("the plugin answers on its own"));
+    assert_eq!(long, 0);
+    assert!(call <= 400, "call left {call}");
+    assert!(
+        took >= Duration::from_millis(6_500) && took < Duration::from_millis(7_300),
+        "took {took:?} (budget 2 s, long-call budget 5 s)"
+    );
+
+    // get-vm has no long-call budget: 3 s asked, at most the call's 2 s given.
+    let (outcome, took) = timed_get_vm(&b, "long-wait:1000:3").await;
+    let (call, long) = left(outcome.expect("the plugin answers on its own"));
+    assert_eq!(long, 0);
+    assert!(call <= 400, "call left {call}");
+    assert!(took < Duration::from_millis(2_300), "get-vm took {took:?}");
     b.aftermath().await;
 }

@@ -3,7 +3,7 @@
 //! A complete driver whose "hypervisor" is a map in the component's own memory, one
 //! per endpoint string (`memory:<anything>`). It implements the whole contract,
 //! `driver` and `guest`, with the state machine and errors a real driver must have,
-//! so it doubles as the executable specification of `gve:hypervisor@0.1.2` and as
+//! so it doubles as the executable specification of `gve:hypervisor@0.1.3` and as
 //! the fixture of the host's tests.
 //!
 //! Because its VMs live in instance memory, its manifest declares
