@@ -104,8 +104,8 @@ var state = &guestState{vms: map[string]*guestVM{}, transfers: map[string]*trans
 // config is the parsed command line.
 type config struct {
 	listen, user, password, cert, key, delays, taskDelays, template string
-	esx, tls, trace                                     bool
-	model                                               *simulator.Model
+	esx, tls, trace                                                 bool
+	model                                                           *simulator.Model
 }
 
 // parseFlags reads the command line; sizes default to the simulator's vCenter model.
@@ -235,14 +235,6 @@ func main() {
 	m.Service.ServeMux = http.NewServeMux()
 	m.Service.ServeMux.HandleFunc("/guestFile", serveGuestFile)
 	server := start(m)
-	if len(taskDelays) > 0 {
-		// A pattern naming the host comes before the simulator's own "/sdk" (the
-		// mux matches the request's host without its port).
-		host, _, _ := net.SplitHostPort(server.URL.Host)
-		for _, h := range []string{host, "localhost"} {
-			m.Service.ServeMux.HandleFunc(h+simulator.Map.Path, serveDelayedTasks(m.Service))
-		}
-	}
 
 	scheme, thumb := "http", ""
 	if c.tls {
@@ -256,6 +248,15 @@ func main() {
 			server.Close()
 			m.Remove()
 			fail(1, "-template %s: %v", c.template, err)
+		}
+	}
+	if len(taskDelays) > 0 {
+		// Routed after the template's clone, which is not delayed. A pattern naming
+		// the host comes before the simulator's own "/sdk" (the mux matches the
+		// request's host without its port).
+		name, _, _ := net.SplitHostPort(host)
+		for _, h := range []string{name, "localhost"} {
+			m.Service.ServeMux.HandleFunc(h+simulator.Map.Path, serveDelayedTasks(m.Service))
 		}
 	}
 	state.mu.Lock()

@@ -26,8 +26,9 @@ pub fn remaining() -> Duration {
 /// `long-call-timeout-ms` as far as that covers it, not to the call ([`remaining`]
 /// is then what it was before); elsewhere, and once that budget is used up, it is a
 /// plain sleep that ends before the call's deadline. Returns what is left of the
-/// long-call budget (zero: none left, or none granted to this call). Needs a host of
-/// contract 0.1.3.
+/// long-call budget (zero: none left, none granted to this call, or too little of
+/// the call left to use it); sleep no longer than that, or the rest of the sleep is
+/// charged to the call. Needs a host of contract 0.1.3.
 pub fn long_wait(pause: Duration) -> Duration {
     let ms = u64::try_from(pause.as_millis()).unwrap_or(u64::MAX);
     Duration::from_millis(wit::long_wait(ms))

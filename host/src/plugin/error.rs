@@ -158,7 +158,11 @@ pub enum PluginError {
     #[error("plugin configuration: {0}")]
     Config(String),
     /// The call ran past its wall-clock budget and was stopped.
-    #[error("plugin '{plugin}': {op} stopped after its {budget:?} deadline")]
+    #[error(
+        "plugin '{plugin}': {op} stopped after running {ran:.1?}, past its {budget:?} \
+         budget (`call-timeout-ms`; waits on long calls, within `long-call-timeout-ms`, \
+         not counted)"
+    )]
     Deadline {
         /// Plugin name.
         plugin: String,
@@ -166,6 +170,8 @@ pub enum PluginError {
         op: &'static str,
         /// The budget it had.
         budget: Duration,
+        /// How long it ran, long waits included.
+        ran: Duration,
     },
     /// Every instance of the lane a call needed stayed busy for the call's budget.
     #[error("plugin '{plugin}': no instance free for {op} within {waited:?}: all of its {lane} instances are busy")]

@@ -133,11 +133,16 @@ impl Instance {
             }),
             Err(Overran) => {
                 self.poisoned = true;
-                Err(PluginError::Deadline { plugin, op, budget })
+                Err(PluginError::Deadline {
+                    plugin,
+                    op,
+                    budget,
+                    ran: took,
+                })
             }
             Ok(Err(trap)) => {
                 self.poisoned = true;
-                Err(self.trap_error(plugin, op, budget, stopped, trap))
+                Err(self.trap_error(plugin, op, budget, took, stopped, trap))
             }
         };
         let outcome = match &result {
@@ -159,11 +164,17 @@ impl Instance {
         plugin: String,
         op: &'static str,
         budget: Duration,
+        ran: Duration,
         stopped: Option<Stopped>,
         trap: wasmtime::Error,
     ) -> PluginError {
         match stopped {
-            Some(Stopped::Deadline) => PluginError::Deadline { plugin, op, budget },
+            Some(Stopped::Deadline) => PluginError::Deadline {
+                plugin,
+                op,
+                budget,
+                ran,
+            },
             Some(Stopped::Memory(asked)) => PluginError::MemoryCap {
                 plugin,
                 op,

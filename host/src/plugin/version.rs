@@ -166,14 +166,16 @@ impl Loaded {
                 super::instance::BACKSTOP_GRACE,
                 self.pre.instantiate_async(&mut store),
             )
-            .await
+            .await;
+        let ran = store.data_mut().limiter.disarm();
+        let instance = instance
             .map_err(|_| PluginError::Deadline {
                 plugin: self.name.to_string(),
                 op: "instantiate",
                 budget: self.meta.limits.call_timeout(),
+                ran,
             })?
             .map_err(runtime)?;
-        store.data_mut().limiter.disarm();
         let driver = match &self.driver {
             Some(ix) => Some(ix.load(&mut store, &instance).map_err(runtime)?),
             None => None,

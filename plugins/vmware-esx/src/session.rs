@@ -19,6 +19,11 @@ const POWER_OFF_KEEP: Duration = Duration::from_secs(5);
 /// clean-up (a `Destroy_Task` and its wait).
 const CLEAN_UP_KEEP: Duration = Duration::from_secs(3);
 
+/// What a new VM's clone leaves of the call's budget for sizing it (a
+/// `ReconfigVM_Task` and its wait), on top of [`CLEAN_UP_KEEP`] for removing it
+/// should sizing fail.
+const SIZE_KEEP: Duration = Duration::from_secs(3);
+
 /// An open driver session.
 pub struct EsxSession {
     conn: Conn,
@@ -40,10 +45,23 @@ impl EsxSession {
         args: &str,
         context: &str,
     ) -> Result<Option<MoRef>> {
+        self.run_task_keeping(method, this, args, context, Duration::ZERO)
+    }
+
+    /// [`Self::run_task`], its wait leaving `after` of the call for what follows.
+    fn run_task_keeping(
+        &mut self,
+        method: &str,
+        this: &MoRef,
+        args: &str,
+        context: &str,
+        after: Duration,
+    ) -> Result<Option<MoRef>> {
         let want = self.conn.settings.task_timeout;
         let client = &mut self.conn.client;
         let t = client.call(method, this, args, |r| task::returned(r, method))?;
-        task::wait(client, &t, context, want, task::LONG.contains(&method))
+        let long = task::LONG.contains(&method);
+        task::wait(client, &t, context, want, long, after)
     }
 
     fn power(&mut self, vm: &str) -> Result<(MoRef, vm::Record)> {
@@ -90,13 +108,15 @@ impl EsxSession {
     }
 
     /// Clones `source` to `name` (stopped, never a template); `config` is extra
-    /// `VirtualMachineConfigSpec` content (schema order).
+    /// `VirtualMachineConfigSpec` content (schema order); the wait for the clone
+    /// leaves `after` of the call for what follows.
     fn clone_to(
         &mut self,
         source: &MoRef,
         name: &str,
         linked: bool,
         config: &str,
+        after: Duration,
     ) -> Result<MoRef> {
         let mut parent = None;
         let mut pool = None;
@@ -158,7 +178,7 @@ impl EsxSession {
         );
         let what = if template { "template" } else { "VM" };
         let context = format!("clone {what} {} to '{name}'", source.value);
-        self.run_task("CloneVM_Task", source, &args, &context)?
+        self.run_task_keeping("CloneVM_Task", source, &args, &context, after)?
             .ok_or_else(|| Error::backend(format!("{context}: the task named no new VM")))
     }
 
@@ -299,7 +319,8 @@ impl Session for EsxSession {
         let id = match &profile.template {
             Some(t) => {
                 let source = self.conn.resolve(t)?;
-                let id = self.clone_to(&source, &profile.name, false, "")?;
+                let after = SIZE_KEEP + CLEAN_UP_KEEP;
+                let id = self.clone_to(&source, &profile.name, false, "", after)?;
                 let context = format!("size new VM {} ({})", profile.name, id.value);
                 let spec =
                     format!("<numCPUs>{cpus}</numCPUs><memoryMB>{memory}</memoryMB>{labels}");
@@ -377,7 +398,7 @@ impl Session for EsxSession {
     fn clone_vm(&mut self, source: String, name: String, linked: bool) -> Result<VmInfo> {
         let src = self.conn.resolve(&source)?;
         self.check_new_name(&name)?;
-        let id = self.clone_to(&src, &name, linked, "")?;
+        let id = self.clone_to(&src, &name, linked, "", Duration::ZERO)?;
         self.conn.info(&id)
     }
 

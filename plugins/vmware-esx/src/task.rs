@@ -34,54 +34,62 @@ pub const KEEP: Duration = Duration::from_secs(1);
 /// the operator's `long-call-timeout-ms` in `create`, `clone` and `migrate`.
 pub const LONG: &[&str] = &["CloneVM_Task", "RelocateVM_Task"];
 
-/// The longest pause between two polls of a long task: each poll is charged to the
-/// call, so a task of half an hour costs a few hundred polls, not thousands.
+/// The longest pause between two polls of a long task, as its run time goes
+/// (each poll is charged to the call; see [`long_pause`] for the other bound).
 const LONG_PAUSE_MAX: Duration = Duration::from_secs(5);
 
 /// Polls `task` until it ends or `want` passes, within what is left of the call
-/// less [`KEEP`] and the client's reserve (then `timeout`, saying the task goes on
-/// on the server, and naming `call-timeout-ms` when the call's budget was the
-/// bound). A `long` task ([`LONG`]) is first waited for within the operator's
-/// long-call budget, each pause an eighth of the time it has run (50 ms to 5 s);
-/// `want` and the call's budget count from when that is used up. Fails with the
-/// task's fault mapped to the contract, prefixed by `context`.
+/// less [`KEEP`], the client's reserve and `after` (what the caller needs once the
+/// task ended); then `timeout`, saying the task goes on on the server, and naming
+/// `call-timeout-ms` when the call's budget was the bound. A `long` task ([`LONG`])
+/// is first waited for within the operator's long-call budget ([`long_pause`]
+/// between polls); `want` and the call's budget count from when that is used up.
+/// Fails with the task's fault mapped to the contract, prefixed by `context`.
 pub fn wait(
     client: &mut Client,
     task: &MoRef,
     context: &str,
     want: Duration,
     long: bool,
+    after: Duration,
 ) -> Result<Option<MoRef>> {
     let began = Instant::now();
-    let keep = KEEP + client.reserve;
-    let mut on_long_budget = long;
+    let keep = KEEP + client.reserve + after;
+    // What is left of the long-call budget as far as known (`None`: none to use).
+    let mut long_left = long.then_some(Duration::MAX);
+    let mut long_used_up = false;
     let mut limit = deadline::bounded(want, keep);
     let mut until = began + limit;
     let mut pause = Duration::from_millis(50);
     loop {
-        if on_long_budget && deadline::remaining() <= keep {
-            // The polls themselves used up the call.
-            return Err(deadline::over_budget(still_running(
-                context, task, began, long,
-            )));
-        }
+        let polled = Instant::now();
         if let Some(r) = poll(client, task, context)? {
             return Ok(r);
         }
-        if on_long_budget {
-            let pause = (began.elapsed() / 8).clamp(Duration::from_millis(50), LONG_PAUSE_MAX);
-            if deadline::long_wait(pause).is_zero() {
-                // No long budget (left, or granted to this call): from here on the
-                // task is waited for like any other.
-                on_long_budget = false;
+        if let Some(left) = long_left {
+            if deadline::remaining() <= keep {
+                // The polls used up the call before the long budget ran out (or
+                // the call never had more than what must follow the task).
+                let what = still_running(context, task, began, false);
+                return Err(deadline::over_budget(what));
+            }
+            let p = long_pause(began.elapsed(), polled.elapsed(), left, keep).min(left);
+            let now_left = deadline::long_wait(p);
+            if now_left.is_zero() {
+                // None left (or never granted: the first sleep answered 0): from
+                // here on the task is waited for like any other.
+                long_used_up = left != Duration::MAX;
+                long_left = None;
                 limit = deadline::bounded(want, keep);
                 until = Instant::now() + limit;
+            } else {
+                long_left = Some(now_left);
             }
             continue;
         }
         let now = Instant::now();
         if now >= until {
-            let what = still_running(context, task, began, long);
+            let what = still_running(context, task, began, long_used_up);
             return Err(if limit < want {
                 deadline::over_budget(what)
             } else {
@@ -91,6 +99,21 @@ pub fn wait(
         std::thread::sleep(pause.min(until - now));
         pause = (pause * 2).min(Duration::from_millis(1000));
     }
+}
+
+/// The pause before the next poll of a long task that has run `ran`, whose last
+/// poll took `poll`, with `long_left` of the long-call budget: an eighth of its run
+/// time (50 ms to [`LONG_PAUSE_MAX`]), and never so short that polling through the
+/// rest of the long budget would take more than half of what is left of the call
+/// beyond `keep`.
+fn long_pause(ran: Duration, poll: Duration, long_left: Duration, keep: Duration) -> Duration {
+    let by_run = (ran / 8).clamp(Duration::from_millis(50), LONG_PAUSE_MAX);
+    let spare = deadline::remaining().saturating_sub(keep);
+    if spare.is_zero() || long_left == Duration::MAX {
+        return by_run;
+    }
+    let share = 2.0 * long_left.as_secs_f64() / spare.as_secs_f64();
+    by_run.max(poll.max(Duration::from_millis(5)).mul_f64(share.min(1e6)))
 }
 
 /// The task's end, once it ended: its result, or its fault as the error.
@@ -124,9 +147,10 @@ fn poll(client: &mut Client, task: &MoRef, context: &str) -> Result<Option<Optio
     }
 }
 
-/// What a wait that gave up says: the task goes on on the server.
-fn still_running(context: &str, task: &MoRef, began: Instant, long: bool) -> String {
-    let first = if long {
+/// What a wait that gave up says: the task goes on on the server (and, when
+/// `long_used_up`, that the long-call budget ran out first).
+fn still_running(context: &str, task: &MoRef, began: Instant, long_used_up: bool) -> String {
+    let first = if long_used_up {
         " (waited for within the operator's `long-call-timeout-ms` first)"
     } else {
         ""

@@ -30,9 +30,14 @@ impl Host for HostState {
             Some(wait) => {
                 tokio::time::sleep(want.min(wait.limit())).await;
                 self.limiter.end_long(wait);
+                Ok(ms(self.limiter.long_left()))
             }
-            None => tokio::time::sleep(want.min(self.limiter.host_wait())).await,
+            None => {
+                // No long budget, or no time left in the call to use it: a plain
+                // sleep, and 0 so that a loop on the answer does not spin.
+                tokio::time::sleep(want.min(self.limiter.host_wait())).await;
+                Ok(0)
+            }
         }
-        Ok(ms(self.limiter.long_left()))
     }
 }
