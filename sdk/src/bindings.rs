@@ -1,7 +1,7 @@
 //! The contract's guest bindings, generated from `wit/0.1`.
 //!
 //! [`driver_world`] (world `hypervisor-driver`) generates every interface the worlds
-//! share: `types`, `log`, `config`, `deadline` and `libvirt`, and the `driver` export.
+//! share: `types`, `log`, `config`, `deadline`, `digest` and `libvirt`, and the `driver` export.
 //! [`guest_world`] (world `guest-provider`) maps those onto the first module with
 //! `with`, so each WIT type has exactly one Rust type, and adds the `guest-channel`
 //! import and the `guest` export.
@@ -21,7 +21,7 @@
 //! [`crate::export_driver_with_guest!`] and [`crate::export_driver_with_bulk!`],
 //! never the generated macros directly.
 
-/// World `hypervisor-driver`: imports `log`, `config`, `deadline`, `libvirt`; exports `driver`.
+/// World `hypervisor-driver`: imports `log`, `config`, `deadline`, `digest`, `libvirt`; exports `driver`.
 #[allow(missing_docs, clippy::all)]
 pub mod driver_world {
     wit_bindgen::generate!({
@@ -37,7 +37,7 @@ pub mod driver_world {
     });
 }
 
-/// World `guest-provider`: imports `log`, `config`, `deadline`, `guest-channel`; exports `guest`.
+/// World `guest-provider`: imports `log`, `config`, `deadline`, `digest`, `guest-channel`; exports `guest`.
 #[allow(missing_docs, clippy::all)]
 pub mod guest_world {
     wit_bindgen::generate!({
@@ -48,6 +48,7 @@ pub mod guest_world {
             "gve:hypervisor/log@0.1.3": crate::bindings::driver_world::gve::hypervisor::log,
             "gve:hypervisor/config@0.1.3": crate::bindings::driver_world::gve::hypervisor::config,
             "gve:hypervisor/deadline@0.1.3": crate::bindings::driver_world::gve::hypervisor::deadline,
+            "gve:hypervisor/digest@0.1.3": crate::bindings::driver_world::gve::hypervisor::digest,
         },
         additional_derives: [PartialEq],
         pub_export_macro: true,
@@ -56,7 +57,7 @@ pub mod guest_world {
     });
 }
 
-/// World `bulk-provider`: imports `log`, `config`, `deadline`, `libvirt`; exports `bulk`.
+/// World `bulk-provider`: imports `log`, `config`, `deadline`, `digest`, `libvirt`; exports `bulk`.
 #[allow(missing_docs, clippy::all)]
 pub mod bulk_world {
     wit_bindgen::generate!({
@@ -67,6 +68,7 @@ pub mod bulk_world {
             "gve:hypervisor/log@0.1.3": crate::bindings::driver_world::gve::hypervisor::log,
             "gve:hypervisor/config@0.1.3": crate::bindings::driver_world::gve::hypervisor::config,
             "gve:hypervisor/deadline@0.1.3": crate::bindings::driver_world::gve::hypervisor::deadline,
+            "gve:hypervisor/digest@0.1.3": crate::bindings::driver_world::gve::hypervisor::digest,
             "gve:hypervisor/libvirt@0.1.3": crate::bindings::driver_world::gve::hypervisor::libvirt,
         },
         pub_export_macro: true,

@@ -10,7 +10,7 @@
 //! | both | all of the above | [`export_driver_with_guest!`] |
 //! | `driver` and `bulk` (0.1.1: capability `bulk-copy`) | [`Driver`] + [`BulkCopy`] + [`BulkTransfer`] | [`export_driver_with_bulk!`] |
 //!
-//! Host imports are wrapped in [`log`], [`config`], [`deadline`], [`libvirt`], [`guest_channel`],
+//! Host imports are wrapped in [`log`], [`config`], [`deadline`], [`digest`], [`libvirt`], [`guest_channel`],
 //! and `wasi:http` in [`http`]. Every contract type is in [`types`] (and re-exported
 //! here); the one error type is [`Error`]. See the crate's README for a walk-through
 //! from an empty crate to a driver loaded into a running agent.
@@ -51,6 +51,7 @@ pub mod bindings;
 mod bulk;
 pub mod config;
 pub mod deadline;
+pub mod digest;
 mod driver;
 pub mod error;
 mod guest;

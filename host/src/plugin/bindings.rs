@@ -10,6 +10,7 @@ wasmtime::component::bindgen!({
     exports: { default: async },
     with: {
         "gve:hypervisor/libvirt.connection": crate::plugin::caps::libvirt::Connection,
+        "gve:hypervisor/digest.sha256": crate::plugin::caps::digest::Sha256State,
     },
 });
 

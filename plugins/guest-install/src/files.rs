@@ -10,11 +10,12 @@
 //! place. A change between the check and the rename is the guest's own race.
 //! A download takes the guest's size, mode and SHA-256 first (one guest command,
 //! held to what is left of the call) and checks the bytes it read against them
-//! at end of file. Only regular files are copied (a symbolic
+//! at end of file. What is sent and read is hashed by the host (contract 0.1.3's
+//! `digest`, natively), not in WebAssembly. Only regular files are copied (a symbolic
 //! link is followed). Paths must be absolute POSIX paths.
 
+use gve_sdk::digest::Sha256;
 use gve_sdk::prelude::*;
-use sha2::{Digest, Sha256};
 
 use crate::exec::{helper, must, run, succeeded};
 use crate::qga::{Agent, MAX_READ};
@@ -373,7 +374,7 @@ impl Upload for GuestUpload {
         }
         self.handle = None;
         self.agent.file_close(handle)?;
-        let sent = hex::encode(self.hasher.clone().finalize());
+        let sent = self.hasher.hex();
         let size = self.size.to_string();
         let argv = [
             "sh",
@@ -476,7 +477,7 @@ impl GuestDownload {
         if let Some(handle) = self.handle.take() {
             self.agent.file_close(handle)?;
         }
-        let got = hex::encode(self.hasher.clone().finalize());
+        let got = self.hasher.hex();
         if self.read != self.expected.size || got != self.expected.sha256 {
             return Err(Error::backend(format!(
                 "{}: {} changed during the download: read {} bytes with SHA-256 {}, the guest reported {} bytes with SHA-256 {}",

@@ -55,9 +55,13 @@ pub fn wait(
 ) -> Result<Option<MoRef>> {
     let began = Instant::now();
     let keep = KEEP + client.reserve + after;
-    // What is left of the long-call budget as far as known (`None`: none to use).
-    let mut long_left = long.then_some(Duration::MAX);
+    // What is left of the long-call budget (`None`: none to use). A sleep of
+    // nothing asks the host for it.
+    let mut long_left = long
+        .then(|| deadline::long_wait(Duration::ZERO))
+        .filter(|left| !left.is_zero());
     let mut long_used_up = false;
+    let mut poll_cost: Option<Duration> = None;
     let mut limit = deadline::bounded(want, keep);
     let mut until = began + limit;
     let mut pause = Duration::from_millis(50);
@@ -66,6 +70,10 @@ pub fn wait(
         if let Some(r) = poll(client, task, context)? {
             return Ok(r);
         }
+        // A running average, so that one slow poll does not stretch every pause.
+        let cost = polled.elapsed();
+        let cost =
+            *poll_cost.insert(poll_cost.map_or(cost, |c| c.mul_f64(0.8) + cost.mul_f64(0.2)));
         if let Some(left) = long_left {
             if deadline::remaining() <= keep {
                 // The polls used up the call before the long budget ran out (or
@@ -73,12 +81,11 @@ pub fn wait(
                 let what = still_running(context, task, began, false);
                 return Err(deadline::over_budget(what));
             }
-            let p = long_pause(began.elapsed(), polled.elapsed(), left, keep).min(left);
+            let p = long_pause(began.elapsed(), cost, left, keep).min(left);
             let now_left = deadline::long_wait(p);
             if now_left.is_zero() {
-                // None left (or never granted: the first sleep answered 0): from
-                // here on the task is waited for like any other.
-                long_used_up = left != Duration::MAX;
+                // None left: from here on the task is waited for like any other.
+                long_used_up = true;
                 long_left = None;
                 limit = deadline::bounded(want, keep);
                 until = Instant::now() + limit;
@@ -101,15 +108,15 @@ pub fn wait(
     }
 }
 
-/// The pause before the next poll of a long task that has run `ran`, whose last
-/// poll took `poll`, with `long_left` of the long-call budget: an eighth of its run
-/// time (50 ms to [`LONG_PAUSE_MAX`]), and never so short that polling through the
-/// rest of the long budget would take more than half of what is left of the call
-/// beyond `keep`.
+/// The pause before the next poll of a long task that has run `ran`, whose polls
+/// take `poll` (a running average), with `long_left` of the long-call budget: an
+/// eighth of its run time (50 ms to [`LONG_PAUSE_MAX`]), and never so short that
+/// polling through the rest of the long budget would take more than half of what is
+/// left of the call beyond `keep`.
 fn long_pause(ran: Duration, poll: Duration, long_left: Duration, keep: Duration) -> Duration {
     let by_run = (ran / 8).clamp(Duration::from_millis(50), LONG_PAUSE_MAX);
     let spare = deadline::remaining().saturating_sub(keep);
-    if spare.is_zero() || long_left == Duration::MAX {
+    if spare.is_zero() {
         return by_run;
     }
     let share = 2.0 * long_left.as_secs_f64() / spare.as_secs_f64();

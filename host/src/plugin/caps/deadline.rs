@@ -15,6 +15,14 @@ fn ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
+/// Sleeps `d`; nothing at all for zero (a plugin asking what is left of its long
+/// budget sleeps zero).
+async fn nap(d: Duration) {
+    if !d.is_zero() {
+        tokio::time::sleep(d).await;
+    }
+}
+
 impl Host for HostState {
     async fn remaining_ms(&mut self) -> wasmtime::Result<u64> {
         // No deadline armed only outside a call, where the plugin cannot ask.
@@ -28,14 +36,14 @@ impl Host for HostState {
         // the sleep is left out of the call's budget.
         match self.limiter.begin_long() {
             Some(wait) => {
-                tokio::time::sleep(want.min(wait.limit())).await;
+                nap(want.min(wait.limit())).await;
                 self.limiter.end_long(wait);
                 Ok(ms(self.limiter.long_left()))
             }
             None => {
                 // No long budget, or no time left in the call to use it: a plain
                 // sleep, and 0 so that a loop on the answer does not spin.
-                tokio::time::sleep(want.min(self.limiter.host_wait())).await;
+                nap(want.min(self.limiter.host_wait())).await;
                 Ok(0)
             }
         }

@@ -4,7 +4,8 @@
 //! |---|---|---|
 //! | [`log`] | log lines tagged with the plugin name | always; lines capped in size, bytes per call capped |
 //! | [`config`] | the plugin's own config values | always; only its own |
-//! | [`deadline`] | the time left in the current call | always; only its own call |
+//! | [`deadline`] | the time left in the current call; sleeps on the long-call budget | always; only its own call; long sleeps only in creates, clones and migrations |
+//! | [`digest`] | SHA-256 computed natively | always; hashers are resource-table entries |
 //! | [`http`] | outgoing wasi:http | strict authority allow-list checked before DNS, resolved addresses pinned; every phase timed out; requests in flight and header sets budgeted |
 //! | [`libvirt`] | libvirt connections | URI allow-list, checked before connecting; calls off the executor, within the call budget (long calls within the long-call budget); connections budgeted |
 //! | [`libvirt_io`] | volume bytes through libvirt streams, live disk attach/detach | at most 8 MiB a call, never past a volume's end; only file disks whose source is a pool volume; live only |
@@ -16,6 +17,7 @@
 pub mod clocks;
 pub mod config;
 pub mod deadline;
+pub mod digest;
 pub mod files;
 pub mod guest_channel;
 pub mod http;

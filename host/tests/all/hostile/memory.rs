@@ -68,10 +68,27 @@ async fn every_host_resource_counts_against_the_table_budget() {
     sp.limits.max_http_header_sets = 4_096;
     sp.limits.max_host_resources = 300;
     let b = bench(sp).await;
-    let err = b.hostile.get_vm("fields:1000").await.unwrap_err();
-    assert!(
-        matches!(&err, PluginError::Budget { what, limit: 300, .. } if *what == "host resources"),
-        "{err}"
-    );
+    for ask in ["fields:1000", "hashers:1000"] {
+        let err = b.hostile.get_vm(ask).await.unwrap_err();
+        assert!(
+            matches!(&err, PluginError::Budget { what, limit: 300, .. } if *what == "host resources"),
+            "{ask}: {err}"
+        );
+    }
+    b.aftermath().await;
+}
+
+/// SHA-256 by the host (contract 0.1.3's `digest`): a plugin's hash of 5 MiB and 3
+/// bytes more (the host hashes it in pieces of 1 MiB) is the SHA-256 of those bytes.
+#[tokio::test]
+async fn the_hosts_sha256_is_the_sha256_of_what_the_plugin_gave() {
+    use sha2::{Digest, Sha256};
+    let b = bench(hostile(Grants::default())).await;
+    for n in [0usize, 1, (5 << 20) + 7] {
+        let mut data: Vec<u8> = (0..n).map(|i| (i * 31 % 251) as u8).collect();
+        data.extend_from_slice(b"end");
+        let vm = b.hostile.get_vm(&format!("digest:{n}")).await.unwrap();
+        assert_eq!(vm.name, hex::encode(Sha256::digest(&data)), "{n} bytes");
+    }
     b.aftermath().await;
 }
