@@ -14,9 +14,12 @@ impl Sha256 {
         Sha256(wit::Sha256::new())
     }
 
-    /// Adds `data`.
+    /// Adds `data` (handed to the host 1 MiB at a time, so the host never holds a
+    /// copy of more).
     pub fn update(&mut self, data: &[u8]) {
-        self.0.update(data);
+        for piece in data.chunks(1 << 20) {
+            self.0.update(piece);
+        }
     }
 
     /// The digest of everything added so far, 64 lower-case hex digits; more may

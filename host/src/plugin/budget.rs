@@ -2,7 +2,7 @@
 //!
 //! Everything a plugin instance holds on the host side is an entry in its store's
 //! resource table: open files, directory listings, wasi:http header sets, requests,
-//! responses and bodies, streams, libvirt connections. The budgets bound them while
+//! responses and bodies, streams, libvirt connections, SHA-256 hashers. The budgets bound them while
 //! the instance lives, counted across calls:
 //!
 //! - all entries together: the table's own capacity (`max-host-resources`);

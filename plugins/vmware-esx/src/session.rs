@@ -319,10 +319,9 @@ impl Session for EsxSession {
         let id = match &profile.template {
             Some(t) => {
                 let source = self.conn.resolve(t)?;
-                // What sizing and its clean-up want, within what the call can give
-                // (a budget under about 8 s sizes a long clone with less).
-                let after = (SIZE_KEEP + CLEAN_UP_KEEP)
-                    .min(deadline::remaining().saturating_sub(task::KEEP + Duration::from_secs(1)));
+                // Time kept for sizing it and its clean-up (the wait keeps at most
+                // half of what it has for them).
+                let after = SIZE_KEEP + CLEAN_UP_KEEP;
                 let id = self.clone_to(&source, &profile.name, false, "", after)?;
                 let context = format!("size new VM {} ({})", profile.name, id.value);
                 let spec =

@@ -38,6 +38,11 @@ pub const LONG: &[&str] = &["CloneVM_Task", "RelocateVM_Task"];
 /// (each poll is charged to the call; see [`long_pause`] for the other bound).
 const LONG_PAUSE_MAX: Duration = Duration::from_secs(5);
 
+/// The longest pause between two polls of a long task whatever the call's spare
+/// time (a call with almost none would otherwise sleep through its whole long
+/// budget before looking again).
+const LONG_STRETCH_MAX: Duration = Duration::from_secs(60);
+
 /// Polls `task` until it ends or `want` passes, within what is left of the call
 /// less [`KEEP`], the client's reserve and `after` (what the caller needs once the
 /// task ended); then `timeout`, saying the task goes on on the server, and naming
@@ -54,7 +59,11 @@ pub fn wait(
     after: Duration,
 ) -> Result<Option<MoRef>> {
     let began = Instant::now();
-    let keep = KEEP + client.reserve + after;
+    // What follows never takes more than half of what the wait could have: the
+    // polls always get a real share (a small budget sizes a new VM with less).
+    let own = KEEP + client.reserve;
+    let after = after.min(deadline::remaining().saturating_sub(own) / 2);
+    let keep = own + after;
     // What is left of the long-call budget (`None`: none to use). A sleep of
     // nothing asks the host for it.
     let mut long_left = long
@@ -112,7 +121,8 @@ pub fn wait(
 /// take `poll` (a running average), with `long_left` of the long-call budget: an
 /// eighth of its run time (50 ms to [`LONG_PAUSE_MAX`]), and never so short that
 /// polling through the rest of the long budget would take more than half of what is
-/// left of the call beyond `keep`.
+/// left of the call beyond `keep` (up to [`LONG_STRETCH_MAX`]: past it the polls
+/// may use up the call, which then ends the wait).
 fn long_pause(ran: Duration, poll: Duration, long_left: Duration, keep: Duration) -> Duration {
     let by_run = (ran / 8).clamp(Duration::from_millis(50), LONG_PAUSE_MAX);
     let spare = deadline::remaining().saturating_sub(keep);
@@ -120,7 +130,8 @@ fn long_pause(ran: Duration, poll: Duration, long_left: Duration, keep: Duration
         return by_run;
     }
     let share = 2.0 * long_left.as_secs_f64() / spare.as_secs_f64();
-    by_run.max(poll.max(Duration::from_millis(5)).mul_f64(share.min(1e6)))
+    let spaced = poll.max(Duration::from_millis(5)).mul_f64(share.min(1e6));
+    by_run.max(spaced.min(LONG_STRETCH_MAX))
 }
 
 /// The task's end, once it ended: its result, or its fault as the error.

@@ -78,8 +78,9 @@ async fn every_host_resource_counts_against_the_table_budget() {
     b.aftermath().await;
 }
 
-/// SHA-256 by the host (contract 0.1.3's `digest`): a plugin's hash of 5 MiB and 3
-/// bytes more (the host hashes it in pieces of 1 MiB) is the SHA-256 of those bytes.
+/// SHA-256 by the host (contract 0.1.3's `digest`): a plugin's hash of nothing, one
+/// byte, or 5 MiB + 7 bytes in one update (the host hashes it in pieces of 1 MiB),
+/// each then 3 bytes more, is the SHA-256 of those bytes.
 #[tokio::test]
 async fn the_hosts_sha256_is_the_sha256_of_what_the_plugin_gave() {
     use sha2::{Digest, Sha256};
