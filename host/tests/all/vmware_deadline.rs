@@ -252,11 +252,11 @@ async fn a_clone_that_cannot_be_sized_in_time_is_removed() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_clone_task_longer_than_the_call_is_waited_for_on_the_long_call_budget() {
+async fn clone_and_relocation_tasks_longer_than_the_call_are_waited_for_on_the_long_call_budget() {
     // The server's clone task runs 12 s after CloneVM_Task answered, as a real
     // vCenter's does while it copies disks; the plugin's call budget is 10 s, of
     // which the clone of a new VM keeps about 5.5 s for sizing it and what follows.
-    let sim = VsphereSim::start(&["-task-delay", "CloneVM_Task=12000"]);
+    let sim = VsphereSim::start(&["-task-delay", "CloneVM_Task=12000,RelocateVM_Task=12000"]);
     let dir = tempfile::tempdir().unwrap();
     let long_budget = |ms: u64| {
         move |config: &mut AgentConfig| {
@@ -275,6 +275,18 @@ async fn a_clone_task_longer_than_the_call_is_waited_for_on_the_long_call_budget
     assert_no_deadline_stop(&agent, "vmware-esx");
     let vm = driver.get_vm("esx-long").await.unwrap();
     assert_eq!(vm.resources.main_memory_mib, 128, "{vm:?}");
+    // A relocation's task likewise (a migration).
+    let id = op.result.unwrap().id;
+    let op = run_op(&c, &format!("/v1/vms/{id}/start"), json!({})).await;
+    assert_eq!(op.state, OpState::Succeeded, "{op:?}");
+    assert_ne!(driver.get_vm("esx-long").await.unwrap().host, "DC0_H0");
+    let t = Instant::now();
+    let body = json!({ "destination": "DC0_H0", "live": true });
+    let op = run_op(&c, &format!("/v1/vms/{id}/migrate"), body).await;
+    assert_eq!(op.state, OpState::Succeeded, "{op:?}");
+    assert!(t.elapsed() >= Duration::from_secs(12), "{:?}", t.elapsed());
+    assert_eq!(driver.get_vm("esx-long").await.unwrap().host, "DC0_H0");
+    assert_no_deadline_stop(&agent, "vmware-esx");
     agent.stop().await;
 
     // With a long-call budget of 1 s the wait gives up once that and the call's
