@@ -149,6 +149,21 @@ async fn a_plugin_sleeps_on_its_long_call_budget_only_in_long_operations() {
     assert_eq!(long, 0);
     assert!(call <= 400, "call left {call}");
     assert!(took < Duration::from_secs(3), "get-vm took {took:?}");
+
+    // A sleep of u64::MAX ms is held to the same bounds: the call's budget in
+    // get-vm, the long budget and the call's in a clone.
+    let forever = format!("long-wait:{}:1", u64::MAX);
+    let (outcome, took) = timed_get_vm(&b, &forever).await;
+    assert_eq!(left(outcome.expect("the plugin answers on its own")).1, 0);
+    assert!(took < Duration::from_secs(3), "get-vm took {took:?}");
+    let (outcome, took) = timed_clone(&b, &forever).await;
+    let (call, long) = left(outcome.expect("the plugin answers on its own"));
+    assert_eq!(long, 0);
+    assert!(call <= 400, "call left {call}");
+    assert!(
+        took >= Duration::from_millis(6_500) && took < Duration::from_secs(8),
+        "took {took:?} (budget 2 s, long-call budget 5 s)"
+    );
     b.aftermath().await;
 }
 
