@@ -15,6 +15,12 @@
 //! The measurement runs GVE_GUEST_RUNS times (default 3) on the same VM; the
 //! results give each run's figures, so the spread between runs shows. Writes
 //! bench/results/guest.md. Run with `bash bench/run.sh guest`.
+//!
+//! For an A/B or a profile: GVE_GUEST_ONLY=small (only the copies through the
+//! guest agent) or `exec` (only the execs and the pieces of one) write to
+//! target/ instead; GVE_GUEST_PINGS sets how many times each piece is measured
+//! (40), and GVE_GUEST_PROFILE=via|raw first sends that many guest-pings on one
+//! path alone, timed, for `perf record` to look at.
 
 #[path = "common.rs"]
 mod common;
@@ -191,6 +197,8 @@ async fn main() {
         .unwrap_or(3);
     // `small`: only the copies through the guest agent, written to target/ (an A/B).
     let only_small = std::env::var("GVE_GUEST_ONLY").is_ok_and(|v| v == "small");
+    // `exec`: only the execs and their breakdown, written to target/ (an A/B).
+    let only_exec = std::env::var("GVE_GUEST_ONLY").is_ok_and(|v| v == "exec");
     let status = std::process::Command::new("bash")
         .arg(gve_harness::root().join("scripts/build-plugins.sh"))
         .status()
@@ -237,7 +245,7 @@ async fn main() {
     let mut all = Vec::new();
     for run in 0..runs {
         let mut r = Run::default();
-        for round in 0..SMALL_ROUNDS {
+        for round in 0..if only_exec { 0 } else { SMALL_ROUNDS } {
             // Alternate which path goes first.
             for k in 0..2 {
                 if (round + k) % 2 == 0 {
@@ -258,13 +266,15 @@ async fn main() {
                 }
             }
         }
-        eprintln!(
+        if !only_exec {
+            eprintln!(
             "run {run}: {SMALL_MIB} MiB in agent {:.2} raw {:.2}, out agent {:.2} raw {:.2} MiB/s",
             small_mibps(median(r.small_agent_in.clone())),
             small_mibps(median(r.small_raw_in.clone())),
             small_mibps(median(r.small_agent_out.clone())),
             small_mibps(median(r.small_raw_out.clone())),
         );
+        }
         if only_small {
             all.push(r);
             continue;
@@ -300,7 +310,7 @@ async fn main() {
                 }
             }
         }
-        for _ in 0..COPY_ROUNDS {
+        for _ in 0..if only_exec { 0 } else { COPY_ROUNDS } {
             // Through the site: staged, then a job.
             let t = Instant::now();
             let j: Job = user
@@ -368,6 +378,29 @@ async fn main() {
         return;
     }
     let parts = breakdown(&agent, &agent_vm, &c, &raw).await;
+    if only_exec {
+        let mut md = String::new();
+        for (i, r) in all.iter().enumerate() {
+            let (a, w) = (median(r.agent_exec.clone()), median(r.raw_exec.clone()));
+            md += &format!(
+                "run {}: site {:.2} ms, agent {:.2} ms, raw {:.2} ms, agent - raw {:+.2} ms\n",
+                i + 1,
+                ms(median(r.site_exec.clone())),
+                ms(a),
+                ms(w),
+                ms(a) - ms(w)
+            );
+        }
+        for (what, cost, per) in &parts {
+            md += &format!("{what}: {cost:.3} ms x {per}\n");
+        }
+        eprintln!("{md}");
+        std::fs::write(gve_harness::root().join("target/guest-exec.md"), md).unwrap();
+        let _ = common::site_job(&user, &format!("/v1/vms/{id}/release"), json!({})).await;
+        site.stop().await;
+        agent.stop().await;
+        return;
+    }
     let _ = common::site_job(&user, &format!("/v1/vms/{id}/release"), json!({})).await;
     site.stop().await;
     agent.stop().await;
@@ -385,7 +418,11 @@ async fn breakdown(
     c: &Client,
     raw: &common::Raw,
 ) -> Vec<(&'static str, f64, String)> {
-    const N: usize = 40;
+    // GVE_GUEST_PINGS: more pieces measured (a profile's run).
+    let n: usize = std::env::var("GVE_GUEST_PINGS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(40);
     let ping = r#"{"execute":"guest-ping"}"#;
     let med = |mut v: Vec<Duration>| {
         v.sort();
@@ -394,34 +431,109 @@ async fn breakdown(
     let dir = tempfile::tempdir_in(gve_harness::target_dir()).unwrap();
     let db = redb::Database::create(dir.path().join("commit.redb")).unwrap();
     let mut commit = Vec::new();
-    for _ in 0..N {
+    for _ in 0..n {
         let t = Instant::now();
         db.begin_write().unwrap().commit().unwrap();
         commit.push(t.elapsed());
     }
-    let driver = agent.core().unwrap().driver.clone();
+    let core = agent.core().unwrap();
+    // What an exec's start costs the agent's own database: its audit entry
+    // committed lazily, then made durable (the operation's end is one such commit).
+    let mut registry_commit = Vec::new();
+    for _ in 0..n {
+        let t = Instant::now();
+        core.registry
+            .audit_lazy("bench.commit", vm, json!({}))
+            .unwrap();
+        core.registry.sync().unwrap();
+        registry_commit.push(t.elapsed());
+    }
+    let driver = core.driver.clone();
     let (mut via, mut direct, mut http) = (Vec::new(), Vec::new(), Vec::new());
-    for _ in 0..N {
+    let (mut gated, mut hop) = (Vec::new(), Vec::new());
+    // GVE_GUEST_PROFILE=via|raw: only that path, marked on stderr (profiling).
+    if let Ok(only) = std::env::var("GVE_GUEST_PROFILE") {
+        eprintln!("profile {only}: start");
+        let t = Instant::now();
+        for _ in 0..n {
+            if only == "via" {
+                driver.guest_agent_command(vm, ping, 5_000).await.unwrap();
+            } else {
+                raw.dom.qemu_agent_command(ping, 5, 0).unwrap();
+            }
+        }
+        eprintln!(
+            "profile {only}: end, {:.3} ms each",
+            ms(t.elapsed()) / n as f64
+        );
+    }
+    for _ in 0..n {
         let t = Instant::now();
         driver.guest_agent_command(vm, ping, 5_000).await.unwrap();
         via.push(t.elapsed());
         let t = Instant::now();
+        gve::agent::guest::channel_command(
+            &driver,
+            &core.guest_gates,
+            vm,
+            ping,
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+        gated.push(t.elapsed());
+        let t = Instant::now();
         raw.dom.qemu_agent_command(ping, 5, 0).unwrap();
         direct.push(t.elapsed());
+        let dom = raw.dom.clone();
+        let t = Instant::now();
+        tokio::task::spawn_blocking(move || dom.qemu_agent_command(ping, 5, 0).unwrap())
+            .await
+            .unwrap();
+        hop.push(t.elapsed());
         let t = Instant::now();
         let _: Value = c.get("/v1/health").await.unwrap();
         http.push(t.elapsed());
     }
+    // An exec of `true` through guest-install and the kvm plugin, with no
+    // operation and no HTTP around it, against the raw path in turn.
+    let body = core
+        .check_exec(serde_json::from_value(json!({ "argv": ["true"] })).unwrap())
+        .unwrap();
+    let (mut plugin_exec, mut raw_exec) = (Vec::new(), Vec::new());
+    for _ in 0..n {
+        let t = Instant::now();
+        core.guest_exec(vm, &body).await.unwrap();
+        plugin_exec.push(t.elapsed());
+        let t = Instant::now();
+        raw.exec("true", &[]);
+        raw_exec.push(t.elapsed());
+    }
     raw.calls.set(0);
-    for _ in 0..N {
+    for _ in 0..n {
         raw.exec("true", &[]);
     }
-    let polls = f64::from(raw.calls.get()) / N as f64;
+    let polls = f64::from(raw.calls.get()) / n as f64;
     vec![
         (
-            "a durable commit (redb, empty) on this disk",
+            "an exec of `true` through the plugins alone (no operation, no HTTP)",
+            med(plugin_exec),
+            "1 (the agent's operation and HTTP round trip around it)".into(),
+        ),
+        (
+            "an exec of `true`, raw, in turn with the one above",
+            med(raw_exec),
+            "the raw path".into(),
+        ),
+        (
+            "a durable commit (redb, empty, a new file) on this disk",
             med(commit),
-            "2 (the operation's start, with its audit entry, and its end)".into(),
+            "(the disk's floor)".into(),
+        ),
+        (
+            "a durable commit of the agent's registry (an audit entry, as an exec's start)",
+            med(registry_commit),
+            "2 (the operation's start, with its audit entry, made durable while it runs; its end, before the answer)".into(),
         ),
         (
             "guest-ping through the kvm plugin",
@@ -429,9 +541,19 @@ async fn breakdown(
             format!("{:.1} (guest-exec, then the status polls)", 1.0 + polls),
         ),
         (
+            "guest-ping through the VM's guest gate and the kvm plugin",
+            med(gated),
+            "the same, guest-install's path less its own call".into(),
+        ),
+        (
             "guest-ping, raw libvirt",
             med(direct),
             "the same, on the raw path".into(),
+        ),
+        (
+            "guest-ping, raw libvirt on a blocking thread",
+            med(hop),
+            "(what the host's hand-off to a blocking thread costs)".into(),
         ),
         (
             "an HTTP round trip to the agent (GET /v1/health)",

@@ -22,10 +22,10 @@ use std::cell::RefCell;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
+use gve_sdk::digest::Sha256;
 use gve_sdk::http::Request;
 use gve_sdk::prelude::*;
 use gve_sdk::{deadline, log};
-use sha2::{Digest, Sha256};
 
 use crate::inventory::Conn;
 use crate::props;
@@ -234,10 +234,13 @@ impl Guest {
 
     fn stat(&mut self, vm: &MoRef, path: &str) -> Result<FileInfo> {
         let (mode, bytes) = self.get(vm, path)?;
+        // Hashed by the host (contract 0.1.3's `digest`), natively.
+        let mut sha = Sha256::new();
+        sha.update(&bytes);
         Ok(FileInfo {
             size: bytes.len() as u64,
             mode,
-            sha256: hex::encode(Sha256::digest(&bytes)),
+            sha256: sha.hex(),
         })
     }
 
