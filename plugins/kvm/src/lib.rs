@@ -14,6 +14,13 @@
 //! paths, so nothing is copied), `peer-to-peer` (default false; true: the source's
 //! libvirtd drives a migration itself, see `gve-libvirt-common`).
 //!
+//! A template's processor (`<cpu>`: mode, `match`, `check`, `migratable`, model,
+//! features) is given to every VM created or cloned from it (`host-model` on a
+//! KVM host, `maximum` under TCG, a named model); its topology, NUMA cells, cache,
+//! `maxphysaddr` and vendor are not. A `host-passthrough` or `host-model` template
+//! made a TCG domain by `domain-type = "qemu"` does not start: libvirt refuses
+//! those modes under TCG.
+//!
 //! Exports `gve:hypervisor/bulk` too (capability `bulk-copy`): a copy's bytes go
 //! through a raw disk staged in the pool and attached live to the running VM.
 

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use gve_sdk::libvirt::{Domain, DomainState, LABELS_NAMESPACE};
+use gve_sdk::libvirt::{Cpu, Domain, DomainState, LABELS_NAMESPACE};
 use gve_sdk::{Error, Label, Result, VmInfo, VmResources, VmState};
 
 /// Label that marks a domain as a template.
@@ -59,6 +59,40 @@ pub struct DomainView {
     pub networks: Vec<String>,
     /// gve labels from the metadata.
     pub labels: BTreeMap<String, String>,
+    /// The processor (`<cpu>`), carried to the VMs made from this definition.
+    pub cpu: Option<Cpu>,
+}
+
+/// A definition's `<cpu>`: mode, check, model and features. Its topology and NUMA
+/// cells are left out (a VM made from a template has its own vCPU count and
+/// memory), and so are cache, `maxphysaddr` and vendor.
+fn cpu_of(cpu: roxmltree::Node<'_, '_>) -> Cpu {
+    let model = child(cpu, "model");
+    let attr = |name| cpu.attribute(name).map(str::to_string);
+    Cpu {
+        mode: attr("mode"),
+        matching: attr("match"),
+        check: attr("check"),
+        migratable: attr("migratable"),
+        model: model
+            .and_then(|m| m.text())
+            .map(|t| t.trim().to_string())
+            .filter(|t| !t.is_empty()),
+        fallback: model
+            .and_then(|m| m.attribute("fallback"))
+            .map(str::to_string),
+        features: cpu
+            .children()
+            .filter(|n| n.has_tag_name("feature"))
+            .filter_map(|n| {
+                let name = n.attribute("name")?;
+                Some((
+                    n.attribute("policy").unwrap_or("require").to_string(),
+                    name.to_string(),
+                ))
+            })
+            .collect(),
+    }
 }
 
 impl DomainView {
@@ -97,6 +131,7 @@ impl DomainView {
             v.initrd = text(os, "initrd");
             v.cmdline = text(os, "cmdline");
         }
+        v.cpu = child(root, "cpu").map(cpu_of);
         if let Some(devices) = child(root, "devices") {
             for d in devices
                 .children()
@@ -194,5 +229,51 @@ pub fn vm_info(d: &Domain, view: &DomainView, host: &str, disk_mib: Option<u64>)
                 value: v.clone(),
             })
             .collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_templates_cpu_is_read_without_its_topology() {
+        let xml = "<domain type='kvm'><name>t</name><memory unit='KiB'>524288</memory>\
+            <vcpu>2</vcpu><cpu mode='custom' match='exact' check='full'>\
+            <model fallback='forbid'> Skylake-Server </model><topology sockets='1' cores='2' threads='1'/>\
+            <feature policy='disable' name='avx512f'/><feature name='pcid'/></cpu></domain>";
+        let v = DomainView::parse(xml).unwrap();
+        assert_eq!(
+            v.cpu,
+            Some(Cpu {
+                mode: Some("custom".into()),
+                matching: Some("exact".into()),
+                check: Some("full".into()),
+                migratable: None,
+                model: Some("Skylake-Server".into()),
+                fallback: Some("forbid".into()),
+                features: vec![
+                    ("disable".into(), "avx512f".into()),
+                    ("require".into(), "pcid".into())
+                ],
+            })
+        );
+        let max = DomainView::parse(
+            "<domain type='qemu'><cpu mode='maximum' check='none' migratable='on'/></domain>",
+        )
+        .unwrap();
+        let max = max.cpu.unwrap();
+        assert_eq!(
+            (
+                max.mode.as_deref(),
+                max.check.as_deref(),
+                max.migratable.as_deref()
+            ),
+            (Some("maximum"), Some("none"), Some("on"))
+        );
+        assert_eq!(
+            DomainView::parse("<domain type='qemu'/>").unwrap().cpu,
+            None
+        );
     }
 }

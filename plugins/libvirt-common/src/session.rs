@@ -162,7 +162,10 @@ impl<F: Flavor> LibvirtSession<F> {
         disks: &[String],
         labels: &[(String, String)],
     ) -> Result<VmInfo> {
-        let mut xml = F::skeleton(name, base).memory_mib(memory_mib).vcpus(vcpus);
+        let mut xml = F::skeleton(name, base)
+            .memory_mib(memory_mib)
+            .vcpus(vcpus)
+            .cpu(base.cpu.clone());
         if let Some(a) = &base.arch {
             xml = xml.arch(a.clone());
         }

@@ -14,6 +14,31 @@ pub enum OsType {
     Xen,
 }
 
+/// The guest's processor (`<cpu>`): its mode (`host-model`, `host-passthrough`,
+/// `maximum`, `custom`), a named model and features, and how libvirt checks them.
+/// A driver carries a template's CPU to the VMs made from it with this; topology,
+/// NUMA cells, cache, `maxphysaddr` and vendor are not part of it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Cpu {
+    /// `mode`, as libvirt spells it; none for libvirt's default (`custom`).
+    pub mode: Option<String>,
+    /// `check`: `none`, `partial` or `full`. libvirt writes `none` with the
+    /// default CPU it gives a domain defined without one (`qemu64` is not
+    /// runnable on every KVM host); without it a KVM host checks and may refuse.
+    pub check: Option<String>,
+    /// `migratable` (`on`, `off`) of `host-passthrough` and `maximum`.
+    pub migratable: Option<String>,
+    /// `<model>`: a named CPU model (`Skylake-Server`, `qemu64`).
+    pub model: Option<String>,
+    /// `<model fallback>`: `allow` or `forbid`.
+    pub fallback: Option<String>,
+    /// `match` of a custom CPU: `exact`, `minimum` or `strict`.
+    pub matching: Option<String>,
+    /// `<feature policy name>`: each feature and its policy (`require`, `disable`,
+    /// `force`, `optional`, `forbid`).
+    pub features: Vec<(String, String)>,
+}
+
 /// Format of a disk image (`<driver type>`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DiskFormat {
@@ -126,6 +151,7 @@ pub struct DomainXml {
     xen_console: bool,
     guest_agent: bool,
     labels: Vec<(String, String)>,
+    cpu: Option<Cpu>,
 }
 
 impl DomainXml {
@@ -150,6 +176,7 @@ impl DomainXml {
             xen_console: false,
             guest_agent: false,
             labels: Vec::new(),
+            cpu: None,
         }
     }
 
@@ -264,6 +291,12 @@ impl DomainXml {
         self
     }
 
+    /// The guest's processor (none: the hypervisor's default).
+    pub fn cpu(mut self, cpu: Option<Cpu>) -> Self {
+        self.cpu = cpu;
+        self
+    }
+
     /// Stores a label in the domain's `<metadata>` (namespace [`LABELS_NAMESPACE`]).
     pub fn label(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
         self.labels.push((key.into(), value.into()));
@@ -308,6 +341,9 @@ impl fmt::Display for DomainXml {
         if self.acpi {
             writeln!(f, "  <features>\n    <acpi/>\n  </features>")?;
         }
+        if let Some(cpu) = &self.cpu {
+            write_cpu(f, cpu)?;
+        }
         writeln!(f, "  <devices>")?;
         for d in &self.disks {
             write_disk(f, d)?;
@@ -342,6 +378,45 @@ impl fmt::Display for DomainXml {
         writeln!(f, "  </devices>")?;
         f.write_str("</domain>\n")
     }
+}
+
+fn write_cpu(f: &mut fmt::Formatter<'_>, cpu: &Cpu) -> fmt::Result {
+    f.write_str("  <cpu")?;
+    if let Some(mode) = &cpu.mode {
+        write!(f, " mode='{}'", Esc(mode))?;
+    }
+    for (name, value) in [
+        ("match", &cpu.matching),
+        ("check", &cpu.check),
+        ("migratable", &cpu.migratable),
+    ] {
+        if let Some(v) = value {
+            write!(f, " {name}='{}'", Esc(v))?;
+        }
+    }
+    if cpu.model.is_none() && cpu.fallback.is_none() && cpu.features.is_empty() {
+        return writeln!(f, "/>");
+    }
+    writeln!(f, ">")?;
+    if cpu.model.is_some() || cpu.fallback.is_some() {
+        f.write_str("    <model")?;
+        if let Some(fb) = &cpu.fallback {
+            write!(f, " fallback='{}'", Esc(fb))?;
+        }
+        match &cpu.model {
+            Some(model) => writeln!(f, ">{}</model>", Esc(model))?,
+            None => writeln!(f, "/>")?,
+        }
+    }
+    for (policy, name) in &cpu.features {
+        writeln!(
+            f,
+            "    <feature policy='{}' name='{}'/>",
+            Esc(policy),
+            Esc(name)
+        )?;
+    }
+    writeln!(f, "  </cpu>")
 }
 
 impl DomainXml {
@@ -556,6 +631,40 @@ mod tests {
         ));
         assert!(xml.contains("<console type='pty'>\n      <target type='xen' port='0'/>"));
         assert!(!xml.contains("<serial"));
+    }
+
+    #[test]
+    fn a_cpu_is_written_after_the_features_with_its_model_and_features() {
+        let plain = DomainXml::new("a").cpu(Some(Cpu {
+            mode: Some("maximum".into()),
+            ..Cpu::default()
+        }));
+        assert!(plain
+            .to_xml()
+            .contains("  </features>\n  <cpu mode='maximum'/>\n  <devices>"));
+        let custom = DomainXml::new("b").cpu(Some(Cpu {
+            mode: Some("custom".into()),
+            matching: Some("exact".into()),
+            check: Some("none".into()),
+            model: Some("Skylake'".into()),
+            fallback: Some("forbid".into()),
+            features: vec![("disable".into(), "avx512f".into())],
+            ..Cpu::default()
+        }));
+        assert!(custom.to_xml().contains(
+            "  <cpu mode='custom' match='exact' check='none'>\n    <model fallback='forbid'>Skylake&apos;</model>\n    \
+             <feature policy='disable' name='avx512f'/>\n  </cpu>\n"
+        ));
+        let host = DomainXml::new("h").cpu(Some(Cpu {
+            mode: Some("host-passthrough".into()),
+            migratable: Some("off".into()),
+            fallback: Some("allow".into()),
+            ..Cpu::default()
+        }));
+        assert!(host.to_xml().contains(
+            "  <cpu mode='host-passthrough' migratable='off'>\n    <model fallback='allow'/>\n  </cpu>\n"
+        ));
+        assert!(!DomainXml::new("c").to_xml().contains("<cpu"));
     }
 
     #[test]

@@ -22,5 +22,6 @@ pub use crate::bindings::driver_world::gve::hypervisor::libvirt::{
     Connection, Domain, DomainState, MigrateFlags, NodeInfo, UndefineFlags, Volume,
 };
 pub use domain_xml::{
-    escape, Disk, DiskBackend, DiskBus, DiskFormat, DomainXml, Interface, OsType, LABELS_NAMESPACE,
+    escape, Cpu, Disk, DiskBackend, DiskBus, DiskFormat, DomainXml, Interface, OsType,
+    LABELS_NAMESPACE,
 };
