@@ -21,6 +21,7 @@ mod init;
 mod isolation;
 mod job_indexes;
 mod kvm;
+mod kvm_cpu;
 mod kvm_migrate;
 mod lifecycle;
 mod metrics;
