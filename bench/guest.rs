@@ -368,19 +368,21 @@ async fn main() {
         );
         all.push(r);
     }
+    // The pieces are measured while the agent still serves; then one shutdown.
+    let parts = match only_small {
+        true => Vec::new(),
+        false => pieces::breakdown(&agent, &agent_vm, &c, &raw).await,
+    };
+    let _ = common::site_job(&user, &format!("/v1/vms/{id}/release"), json!({})).await;
+    site.stop().await;
+    agent.stop().await;
     if only_small {
         let md = small_table(&all);
         eprintln!("{md}");
         let out = gve_harness::root().join("target/guest-small.md");
         std::fs::write(&out, md).unwrap();
         eprintln!("written to {}", out.display());
-        let _ = common::site_job(&user, &format!("/v1/vms/{id}/release"), json!({})).await;
-        site.stop().await;
-        agent.stop().await;
-        return;
-    }
-    let parts = pieces::breakdown(&agent, &agent_vm, &c, &raw).await;
-    if only_exec {
+    } else if only_exec {
         let mut md = String::new();
         for (i, r) in all.iter().enumerate() {
             let (a, w) = (median(r.agent_exec.clone()), median(r.raw_exec.clone()));
@@ -398,15 +400,9 @@ async fn main() {
         }
         eprintln!("{md}");
         std::fs::write(gve_harness::root().join("target/guest-exec.md"), md).unwrap();
-        let _ = common::site_job(&user, &format!("/v1/vms/{id}/release"), json!({})).await;
-        site.stop().await;
-        agent.stop().await;
-        return;
+    } else {
+        write(&all, &parts);
     }
-    let _ = common::site_job(&user, &format!("/v1/vms/{id}/release"), json!({})).await;
-    site.stop().await;
-    agent.stop().await;
-    write(&all, &parts);
 }
 
 fn write(runs: &[Run], parts: &[(&str, f64, String)]) {

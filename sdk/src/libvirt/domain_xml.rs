@@ -382,10 +382,8 @@ impl fmt::Display for DomainXml {
 
 fn write_cpu(f: &mut fmt::Formatter<'_>, cpu: &Cpu) -> fmt::Result {
     f.write_str("  <cpu")?;
-    if let Some(mode) = &cpu.mode {
-        write!(f, " mode='{}'", Esc(mode))?;
-    }
     for (name, value) in [
+        ("mode", &cpu.mode),
         ("match", &cpu.matching),
         ("check", &cpu.check),
         ("migratable", &cpu.migratable),
