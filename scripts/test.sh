@@ -10,6 +10,9 @@
 # tier's wall time is printed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# A failing test shows where it panicked; and the hostile tests check that errors
+# handed to plugins carry no backtrace of the host even with backtraces on.
+export RUST_BACKTRACE=1
 
 tier=all
 case "${1:-}" in
