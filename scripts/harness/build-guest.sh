@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds the tiny real guest the kvm tests boot under QEMU (TCG): Debian's cloud kernel
-# and an initramfs of busybox, the virtio modules and the QEMU guest agent (qemu-ga)
-# with the libraries it links. Output: $OUT/{vmlinuz,initrd.img,base.qcow2}, where
+# and an initramfs of busybox, the virtio modules, the QEMU guest agent (qemu-ga) and
+# openssl (as most real guests have it; gve's bulk copies hash with it when there),
+# with the libraries they link. Output: $OUT/{vmlinuz,initrd.img,base.qcow2}, where
 # OUT defaults to target/guest. Nothing is installed on the host. Skips work already done.
 #
 # The guest's init finds the virtio-serial port named org.qemu.guest_agent.0, starts
@@ -17,16 +18,17 @@ if [ -s "$out/vmlinuz" ] && [ -s "$out/initrd.img" ] && [ -s "$out/base.qcow2" ]
 fi
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-mkdir -p "$out" "$work/debs" "$work/kernel" "$work/qga" "$work/root"
+mkdir -p "$out" "$work/debs" "$work/kernel" "$work/qga" "$work/ssl" "$work/root"
 
 kernel_pkg=$(apt-cache depends linux-image-cloud-amd64 2>/dev/null | awk '/Depends:/ {print $2; exit}')
 if [ -z "$kernel_pkg" ]; then
     echo "build-guest: cannot resolve linux-image-cloud-amd64 (run apt-get update)" >&2
     exit 1
 fi
-(cd "$work/debs" && apt-get -o APT::Sandbox::User=root download -qq "$kernel_pkg" qemu-guest-agent)
+(cd "$work/debs" && apt-get -o APT::Sandbox::User=root download -qq "$kernel_pkg" qemu-guest-agent openssl)
 dpkg -x "$work"/debs/linux-image-*.deb "$work/kernel"
 dpkg -x "$work"/debs/qemu-guest-agent_*.deb "$work/qga"
+dpkg -x "$work"/debs/openssl_*.deb "$work/ssl"
 kver=$(ls "$work/kernel/lib/modules")
 
 root=$work/root
@@ -43,8 +45,9 @@ for m in $modules; do
     cp "$found" "$root/lib/modules/"
 done
 cp "$work/qga/usr/sbin/qemu-ga" "$root/usr/sbin/qemu-ga"
-# qemu-ga is linked dynamically: copy every library ldd names (the host is the same release).
-for lib in $(ldd "$work/qga/usr/sbin/qemu-ga" | grep -o '/[^ )]*'); do
+cp "$work/ssl/usr/bin/openssl" "$root/usr/bin/openssl"
+# Both are linked dynamically: copy every library ldd names (the host is the same release).
+for lib in $(for b in "$work/qga/usr/sbin/qemu-ga" "$work/ssl/usr/bin/openssl"; do ldd "$b"; done | grep -o '/[^ )]*' | sort -u); do
     mkdir -p "$root$(dirname "$lib")"
     cp -L "$lib" "$root$lib"
 done
@@ -81,4 +84,4 @@ mv "$out/initrd.img.tmp" "$out/initrd.img"
 # The template disk: the guest boots from kernel + initrd; clones are overlays of this.
 rm -f "$out/base.qcow2"
 qemu-img create -q -f qcow2 "$out/base.qcow2" 64M
-echo "build-guest: $kernel_pkg + qemu-ga in $out ($(du -h "$out/initrd.img" | cut -f1) initrd)"
+echo "build-guest: $kernel_pkg + qemu-ga + openssl in $out ($(du -h "$out/initrd.img" | cut -f1) initrd)"

@@ -32,7 +32,7 @@ const S_IFREG: u32 = 0o100_000;
 const GUEST_OUT: &str = r#"path=$2 size=$3
 [ "$(stat -L -c %s -- "$path" 2>/dev/null)" = "$size" ] || { echo "$path changed size or is gone" >&2; exit 4; }
 dd if="$path" of="$dev" bs=4M conv=sync oflag=direct 2>/dev/null || { echo "dd to $dev failed" >&2; exit 6; }
-got=$(sha256sum -- "$path") || exit 8
+got=$(sum "$path") || exit 8
 [ "$(stat -L -c %s -- "$path" 2>/dev/null)" = "$size" ] || { echo "$path changed size during the copy" >&2; exit 4; }
 echo "${got%% *}"
 "#;

@@ -20,6 +20,7 @@ use crate::kvm::{guest_sh, kvm_spec, spawn_agent, wait_for_guest_agent};
 use crate::metrics::{sample, scrape};
 use crate::support::{host, no_creds, spec};
 
+mod hash;
 mod job;
 mod migrate;
 mod out;
