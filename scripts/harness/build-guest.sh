@@ -47,7 +47,13 @@ done
 cp "$work/qga/usr/sbin/qemu-ga" "$root/usr/sbin/qemu-ga"
 cp "$work/ssl/usr/bin/openssl" "$root/usr/bin/openssl"
 # Both are linked dynamically: copy every library ldd names (the host is the same release).
-for lib in $(for b in "$work/qga/usr/sbin/qemu-ga" "$work/ssl/usr/bin/openssl"; do ldd "$b"; done | grep -o '/[^ )]*' | sort -u); do
+libs=$(for b in "$work/qga/usr/sbin/qemu-ga" "$work/ssl/usr/bin/openssl"; do ldd "$b"; done)
+if grep -q 'not found' <<<"$libs"; then
+    echo "build-guest: this host lacks a library the guest's tools link:" >&2
+    grep 'not found' <<<"$libs" >&2
+    exit 1
+fi
+for lib in $(grep -o '/[^ )]*' <<<"$libs" | sort -u); do
     mkdir -p "$root$(dirname "$lib")"
     cp -L "$lib" "$root$lib"
 done
